@@ -1,0 +1,43 @@
+"""mogile_middleware: put files stored in MogileFS on the web from any WSGI application.
+
+The public names: :class:`Client` (a Python 3 tracker client with pymogile's method names),
+:class:`Admin`, :class:`FileInfo` and the exceptions. The embedded development MogileFS lives in
+:mod:`mogile_middleware.devserver`.
+"""
+
+from .client import Admin, Client, FileInfo
+from .exceptions import (
+    BadKeyError,
+    KeyExistsError,
+    MogileFSError,
+    NoneMatchError,
+    ProtocolError,
+    StorageError,
+    TrackerError,
+    TrackerUnavailableError,
+    UnknownKeyError,
+    UnregClassError,
+    UnregDomainError,
+    UploadError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Admin",
+    "BadKeyError",
+    "Client",
+    "FileInfo",
+    "KeyExistsError",
+    "MogileFSError",
+    "NoneMatchError",
+    "ProtocolError",
+    "StorageError",
+    "TrackerError",
+    "TrackerUnavailableError",
+    "UnknownKeyError",
+    "UnregClassError",
+    "UnregDomainError",
+    "UploadError",
+    "__version__",
+]

@@ -1,0 +1,160 @@
+"""The exceptions raised by mogile_middleware.
+
+Every error derives from :class:`MogileFSError`. A tracker's ``ERR <code> <text>`` reply becomes
+the :class:`TrackerError` subclass registered for that code (or :class:`TrackerError` itself for
+a code this module does not know), with the code and the tracker's text kept on the exception.
+"""
+
+from __future__ import annotations
+
+
+class MogileFSError(Exception):
+    """Base class of every error raised by this package."""
+
+
+class BadKeyError(MogileFSError, ValueError):
+    """A key the client refuses to send: empty, over 255 bytes, or holding NUL, CR or LF."""
+
+
+class ProtocolError(MogileFSError):
+    """The tracker sent something that is not a reply line: garbage, a cut line, an oversized line.
+
+    The connection it came on is discarded.
+    """
+
+
+class TrackerUnavailableError(MogileFSError):
+    """No tracker could be reached or none answered in time (all dead, refused or timed out)."""
+
+
+class StorageError(MogileFSError):
+    """A storage node refused, dropped or failed an HTTP request (connection error or non-2xx)."""
+
+    def __init__(self, message: str, url: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
+
+
+class UploadError(MogileFSError):
+    """An upload did not complete; the key was not pointed at the new data."""
+
+
+class TrackerError(MogileFSError):
+    """The tracker answered ``ERR <code> <text>``; ``code`` and ``text`` keep what it said."""
+
+    code: str = ""
+
+    def __init__(self, code: str, text: str = "") -> None:
+        super().__init__(f"{code}: {text}" if text and text != code else code)
+        self.code = code
+        self.text = text
+
+
+class UnknownKeyError(TrackerError):
+    """The key does not exist in the domain (``unknown_key``)."""
+
+
+class InvalidKeyError(UnknownKeyError):
+    """``updateclass`` on a key that does not exist (``invalid_key``)."""
+
+
+class NoKeyError(TrackerError):
+    """The command needs a key and got none or an empty one (``no_key``)."""
+
+
+class NoDomainError(TrackerError):
+    """The command needs a domain and got none or an empty one (``no_domain``)."""
+
+
+class UnregDomainError(TrackerError):
+    """The domain is not registered on the tracker (``unreg_domain``): check the domain name."""
+
+
+class DomainNotFoundError(TrackerError):
+    """An admin command named a domain that does not exist (``domain_not_found``)."""
+
+
+class DomainExistsError(TrackerError):
+    """``create_domain`` for a domain that already exists (``domain_exists``)."""
+
+
+class UnregClassError(TrackerError):
+    """The class is not registered in the domain (``unreg_class``): create it first."""
+
+
+class ClassNotFoundError(TrackerError):
+    """The class does not exist in the domain (``class_not_found``)."""
+
+
+class ClassExistsError(TrackerError):
+    """``create_class`` for a class that already exists (``class_exists``)."""
+
+
+class NoClassError(TrackerError):
+    """The command needs a class and got none (``no_class``)."""
+
+
+class KeyExistsError(TrackerError):
+    """``rename`` onto a key that already exists (``key_exists``)."""
+
+
+class NoneMatchError(TrackerError):
+    """``list_keys`` found no key with that prefix after that value (``none_match``)."""
+
+
+class AfterMismatchError(TrackerError):
+    """``list_keys`` with an ``after`` value that does not start with the prefix."""
+
+
+class NoDevicesError(TrackerError):
+    """The tracker has no writable device for a new file (``no_devices``)."""
+
+
+class SizeMismatchError(TrackerError):
+    """``create_close`` found a stored size other than the one sent (``size_mismatch``)."""
+
+
+class SizeVerifyError(TrackerError):
+    """``create_close`` could not find or reach the uploaded file (``size_verify_error``)."""
+
+
+class ChecksumMismatchError(TrackerError):
+    """``create_close`` found a stored checksum other than the one sent (``checksum_mismatch``)."""
+
+
+class NoTempFileError(TrackerError):
+    """``create_close`` for a file that is not open or already closed (``no_temp_file``)."""
+
+
+class UnknownCommandError(TrackerError):
+    """The tracker does not know the command (``unknown_command``)."""
+
+
+_ERRORS_BY_CODE: dict[str, type[TrackerError]] = {
+    "unknown_key": UnknownKeyError,
+    "invalid_key": InvalidKeyError,
+    "no_key": NoKeyError,
+    "no_domain": NoDomainError,
+    "unreg_domain": UnregDomainError,
+    "domain_not_found": DomainNotFoundError,
+    "domain_exists": DomainExistsError,
+    "unreg_class": UnregClassError,
+    "class_not_found": ClassNotFoundError,
+    "class_exists": ClassExistsError,
+    "no_class": NoClassError,
+    "key_exists": KeyExistsError,
+    "none_match": NoneMatchError,
+    "after_mismatch": AfterMismatchError,
+    "no_devices": NoDevicesError,
+    "size_mismatch": SizeMismatchError,
+    "size_verify_error": SizeVerifyError,
+    "checksum_mismatch": ChecksumMismatchError,
+    "no_temp_file": NoTempFileError,
+    "unknown_command": UnknownCommandError,
+}
+
+
+def tracker_error(code: str, text: str) -> TrackerError:
+    """Build the exception registered for a tracker error code."""
+    return _ERRORS_BY_CODE.get(code, TrackerError)(code, text)

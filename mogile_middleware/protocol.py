@@ -1,0 +1,158 @@
+"""The MogileFS tracker line protocol, without I/O.
+
+A request is one line, ``<command> <name>=<value>&<name>=<value>\\r\\n``, every name and value
+URL-encoded (so ``&``, ``=``, ``%``, ``+``, spaces, ``/``, non-ASCII and control bytes never break
+the line). A reply is one line, ``OK <args>`` or ``ERR <code> <text>``, with values encoded the
+way mogilefsd's ``eurl`` does it. Keys are byte strings to the tracker; here they are ``str``
+decoded from UTF-8 with ``surrogateescape``, so that any stored byte string round-trips.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from urllib.parse import quote_plus
+
+from .exceptions import BadKeyError, ProtocolError, tracker_error
+
+#: The longest key mogilefsd's schema holds (``dkey VARCHAR(255)``).
+MAX_KEY_BYTES = 255
+
+ArgValue = str | bytes | int | None
+
+_FORBIDDEN_KEY_BYTES = (b"\x00", b"\r", b"\n")
+
+
+def to_bytes(text: str | bytes) -> bytes:
+    """UTF-8 bytes of ``text``, keeping the raw bytes of surrogate-escaped characters."""
+    return text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
+
+
+def to_text(data: bytes) -> str:
+    """``data`` decoded from UTF-8, undecodable bytes kept as surrogate escapes."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+def check_key(key: str | bytes) -> bytes:
+    """Return the key's bytes, or raise :class:`BadKeyError` if a tracker must never see it."""
+    raw = to_bytes(key)
+    if not raw:
+        raise BadKeyError("empty key")
+    if len(raw) > MAX_KEY_BYTES:
+        raise BadKeyError(f"key is {len(raw)} bytes long; MogileFS keys hold at most {MAX_KEY_BYTES}")
+    for forbidden in _FORBIDDEN_KEY_BYTES:
+        if forbidden in raw:
+            raise BadKeyError(f"key contains the control byte {forbidden!r}")
+    return raw
+
+
+def encode_request(command: str, args: Mapping[str, ArgValue] | None = None) -> bytes:
+    """The request line for ``command`` with ``args`` (``None`` values are left out)."""
+    pairs = [
+        f"{quote_plus(name, safe='')}={quote_plus(_arg_bytes(value), safe='')}"
+        for name, value in (args or {}).items()
+        if value is not None
+    ]
+    line = f"{command} {'&'.join(pairs)}" if pairs else command
+    return line.encode("ascii") + b"\r\n"
+
+
+def _arg_bytes(value: str | bytes | int) -> bytes:
+    if isinstance(value, bool):
+        return b"1" if value else b"0"
+    if isinstance(value, int):
+        return str(value).encode("ascii")
+    return to_bytes(value)
+
+
+def _unescape(data: bytes) -> bytes:
+    """mogilefsd's unescaping: ``+`` is a space, ``%XX`` (either case) a byte, a lone ``%`` stays."""
+    data = data.replace(b"+", b" ")
+    if b"%" not in data:
+        return data
+    parts = data.split(b"%")
+    out = bytearray(parts[0])
+    for part in parts[1:]:
+        try:
+            if len(part) < 2:
+                raise ValueError
+            out.append(int(part[:2], 16))
+            out += part[2:]
+        except ValueError:
+            out += b"%" + part
+    return bytes(out)
+
+
+def decode_args(data: bytes) -> dict[str, str]:
+    """Decode ``k=v&k=v`` as mogilefsd does.
+
+    Empty pairs are skipped, a raw ``=`` inside a value cuts the value, a repeated name joins its
+    values with NUL.
+    """
+    args: dict[str, str] = {}
+    for pair in data.split(b"&"):
+        if not pair or pair == b"0":
+            continue
+        fields = pair.split(b"=")
+        name = to_text(_unescape(fields[0]))
+        value = to_text(_unescape(fields[1])) if len(fields) > 1 else ""
+        args[name] = f"{args[name]}\x00{value}" if args.get(name) else value
+    return args
+
+
+_EURL_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_,-./\\:")
+_EURL_TABLE = tuple(
+    chr(byte) if byte in _EURL_SAFE else "+" if byte == 0x20 else f"%{byte:02X}" for byte in range(256)
+)
+
+
+def eurl(value: str | bytes | int) -> str:
+    """Encode a reply value as mogilefsd does: a few characters raw, space as ``+``, ``%XX`` else."""
+    return "".join(_EURL_TABLE[byte] for byte in _arg_bytes(value))
+
+
+def format_ok(args: Mapping[str, str | bytes | int] | None = None) -> bytes:
+    """An ``OK`` reply line (``OK \\r\\n`` when there is nothing to say)."""
+    body = "&".join(f"{eurl(name)}={eurl(value)}" for name, value in (args or {}).items())
+    return f"OK {body}\r\n".encode("ascii")
+
+
+def format_err(code: str, text: str | None = None, callid: str | None = None) -> bytes:
+    """An ``ERR <code> <text>`` reply line; the text defaults to the code, as mogilefsd does."""
+    tail = f" {eurl(callid)}" if callid is not None else ""
+    return f"ERR {code} {eurl(text or code)}{tail}\r\n".encode("ascii")
+
+
+_REQUEST_LINE = re.compile(rb"\s*(\w+)\s*(.*)", re.DOTALL)
+
+
+def parse_request(line: bytes) -> tuple[str, dict[str, str]] | None:
+    """The lower-cased command and decoded arguments of a request line (without its line end).
+
+    ``None`` when the line does not start with a command word; mogilefsd answers that with
+    ``ERR unknown_command``.
+    """
+    match = _REQUEST_LINE.match(line)
+    if match is None:
+        return None
+    return match.group(1).decode("ascii").lower(), decode_args(match.group(2))
+
+
+def parse_reply(line: bytes) -> dict[str, str]:
+    """The arguments of an ``OK`` line; raise the matching :class:`TrackerError` for ``ERR``.
+
+    Anything else is a :class:`ProtocolError`.
+    """
+    if not line.endswith(b"\n"):
+        raise ProtocolError(f"reply line not terminated: {line[:80]!r}")
+    body = line.rstrip(b"\r\n")
+    if body == b"OK" or body.startswith(b"OK "):
+        return decode_args(body[3:])
+    if body.startswith(b"ERR "):
+        fields = body[4:].split(b" ")
+        code = to_text(fields[0])
+        if not code:
+            raise ProtocolError(f"ERR reply without a code: {line[:80]!r}")
+        text = to_text(_unescape(fields[1])) if len(fields) > 1 else code
+        raise tracker_error(code, text)
+    raise ProtocolError(f"not a tracker reply: {line[:80]!r}")

@@ -1,0 +1,165 @@
+"""HTTP to MogileFS storage nodes: streaming GET with replica failover, and streaming PUT.
+
+Storage nodes (``mogstored``) are plain HTTP servers. Bodies move in bounded chunks, so memory
+stays flat whatever the file size, and every response object closes its connection.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+from collections.abc import Iterator, Sequence
+from urllib.parse import urlsplit
+
+from .exceptions import StorageError
+
+#: Bytes moved per read or write: large enough for throughput, small enough to stay flat.
+CHUNK_SIZE = 64 * 1024
+
+
+def _connect(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise StorageError(f"not an http:// storage URL: {url!r}", url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout), path
+
+
+class ReplicaResponse(io.RawIOBase):
+    """The body of one replica as a readable, closeable stream (``read``, ``iter_chunks``)."""
+
+    def __init__(self, url: str, connection: http.client.HTTPConnection,
+                 response: http.client.HTTPResponse) -> None:
+        super().__init__()
+        self.url = url
+        self.status = response.status
+        self.headers = response.headers
+        self._connection = connection
+        self._response = response
+
+    @property
+    def length(self) -> int | None:
+        """The body length the node announced (``Content-Length``), if any."""
+        value = self.headers.get("Content-Length")
+        return int(value) if value is not None and value.isdigit() else None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        return self._response.readinto(buffer)
+
+    def iter_chunks(self, size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        """Yield the body in chunks of at most ``size`` bytes; raise if it ends short."""
+        remaining = self.length
+        while True:
+            chunk = self._response.read(size)
+            if not chunk:
+                break
+            if remaining is not None:
+                remaining -= len(chunk)
+            yield chunk
+        if remaining:
+            raise StorageError(f"{self.url} ended {remaining} bytes short of its length", self.url)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._response.close()
+            self._connection.close()
+        super().close()
+
+
+def open_replica(
+    urls: Sequence[str],
+    *,
+    method: str = "GET",
+    byte_range: tuple[int, int] | None = None,
+    timeout: float = 10.0,
+) -> ReplicaResponse:
+    """Open the first of ``urls`` that answers 2xx, trying the next on a refusal or an error.
+
+    ``byte_range`` is an absolute, inclusive ``(first, last)`` pair sent as ``Range``: storage
+    nodes answer suffix ranges (``bytes=-N``) wrongly, so callers resolve them first. Raises
+    :class:`StorageError` naming every failure when no replica answers.
+    """
+    headers = {"Range": f"bytes={byte_range[0]}-{byte_range[1]}"} if byte_range else {}
+    failures: list[str] = []
+    last_status: int | None = None
+    for url in urls:
+        connection = None
+        try:
+            connection, path = _connect(url, timeout)
+            connection.request(method, path, headers=headers)
+            response = connection.getresponse()
+        except (OSError, http.client.HTTPException, StorageError) as error:
+            if connection is not None:
+                connection.close()
+            failures.append(f"{url}: {error or type(error).__name__}")
+            continue
+        if 200 <= response.status < 300:
+            return ReplicaResponse(url, connection, response)
+        last_status = response.status
+        failures.append(f"{url}: HTTP {response.status}")
+        response.close()
+        connection.close()
+    raise StorageError("no replica answered: " + ("; ".join(failures) or "no paths"),
+                       urls[0] if urls else "", last_status)
+
+
+class PutStream:
+    """A PUT to a storage node whose body is written piece by piece.
+
+    With ``length`` the body is sent with ``Content-Length``, otherwise chunked (mogstored takes
+    both). :meth:`finish` reads the node's answer; :meth:`abort` drops the connection so the node
+    never sees a complete body.
+    """
+
+    def __init__(self, url: str, *, length: int | None = None, timeout: float = 10.0) -> None:
+        self.url = url
+        self._chunked = length is None
+        try:
+            self._connection, path = _connect(url, timeout)
+            self._connection.putrequest("PUT", path, skip_accept_encoding=True)
+            if length is None:
+                self._connection.putheader("Transfer-Encoding", "chunked")
+            else:
+                self._connection.putheader("Content-Length", str(length))
+            self._connection.endheaders()
+        except (OSError, http.client.HTTPException) as error:
+            self.abort()
+            raise StorageError(f"PUT {url} refused: {error or type(error).__name__}", url) from error
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send the next piece of the body."""
+        if not data:
+            return
+        try:
+            if self._chunked:
+                self._connection.send(b"%X\r\n" % len(data))
+                self._connection.send(data)
+                self._connection.send(b"\r\n")
+            else:
+                self._connection.send(data)
+        except OSError as error:
+            self.abort()
+            raise StorageError(f"PUT {self.url} dropped: {error or type(error).__name__}", self.url) from error
+
+    def finish(self) -> None:
+        """End the body and check that the node stored it (2xx)."""
+        try:
+            if self._chunked:
+                self._connection.send(b"0\r\n\r\n")
+            response = self._connection.getresponse()
+            response.read()
+        except (OSError, http.client.HTTPException) as error:
+            raise StorageError(f"PUT {self.url} failed: {error or type(error).__name__}", self.url) from error
+        finally:
+            self._connection.close()
+        if not 200 <= response.status < 300:
+            raise StorageError(f"PUT {self.url} answered HTTP {response.status}", self.url, response.status)
+
+    def abort(self) -> None:
+        """Drop the connection without finishing the body."""
+        connection = getattr(self, "_connection", None)
+        if connection is not None:
+            connection.close()

@@ -1,0 +1,245 @@
+"""Connections to MogileFS trackers: kept open, shared between threads, failed over.
+
+:class:`TrackerPool` sends one request line and reads one reply line on a kept-open connection
+to the first tracker that is not marked dead. A tracker that cannot be reached is skipped for
+``dead_seconds``; a command that is safe to repeat is retried on the next tracker when its
+connection fails midway. Connections are plain ``socket`` objects (so gevent patching applies),
+dropped in a child process after ``fork()``, and discarded after any error.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+from .exceptions import ProtocolError, TrackerError, TrackerUnavailableError
+from .protocol import ArgValue, encode_request, parse_reply
+
+Address = tuple[str, int]
+
+#: A reply longer than this is refused (1000 listed keys of 255 bytes, each up to 3x escaped).
+MAX_REPLY_BYTES = 4 * 1024 * 1024
+
+#: Commands whose repetition changes nothing, so a failure midway can be retried elsewhere.
+IDEMPOTENT_COMMANDS = frozenset(
+    {"noop", "get_paths", "file_info", "file_debug", "list_keys", "list_fids", "get_domains",
+     "get_hosts", "get_devices", "server_settings"}
+)
+
+
+def parse_address(tracker: str | Address) -> Address:
+    """``"host:port"`` (or ``"host"``, port 7001; ``"[::1]:7001"``) as a ``(host, port)`` pair."""
+    if isinstance(tracker, tuple):
+        return tracker[0], int(tracker[1])
+    host, sep, port = tracker.strip().rpartition(":")
+    if not sep or host.endswith(":") and not host.startswith("["):
+        host, port = tracker.strip(), "7001"
+    if not host or not port.isdigit():
+        raise ValueError(f"tracker address {tracker!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def parse_trackers(trackers: str | Iterable[str | Address]) -> list[Address]:
+    """Tracker addresses from a list or a whitespace- or comma-separated string."""
+    items = trackers.replace(",", " ").split() if isinstance(trackers, str) else list(trackers)
+    addresses = [parse_address(item) for item in items]
+    if not addresses:
+        raise ValueError("no tracker address given")
+    return addresses
+
+
+class TrackerConnection:
+    """One TCP connection to a tracker: send a request line, read a reply line."""
+
+    def __init__(self, address: Address, connect_timeout: float, io_timeout: float) -> None:
+        self.address = address
+        self._sock = socket.create_connection(address, timeout=connect_timeout)
+        self._sock.settimeout(io_timeout)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._reader = self._sock.makefile("rb")
+
+    def is_stale(self) -> bool:
+        """True if the idle connection has something to read: the tracker closed it or misspoke."""
+        readable, _, _ = select.select([self._sock], [], [], 0)
+        return bool(readable)
+
+    def roundtrip(self, request: bytes) -> bytes:
+        """Send one request line and return the reply line, raising on EOF or an oversized line."""
+        self._sock.sendall(request)
+        line = self._reader.readline(MAX_REPLY_BYTES + 1)
+        if not line:
+            raise ConnectionResetError("tracker closed the connection")
+        if not line.endswith(b"\n"):
+            if len(line) > MAX_REPLY_BYTES:
+                raise ProtocolError(f"tracker reply longer than {MAX_REPLY_BYTES} bytes")
+            raise ProtocolError(f"tracker reply cut short: {line[:80]!r}")
+        return line
+
+    def close(self) -> None:
+        """Close the socket; the connection is not used again."""
+        self._reader.close()
+        self._sock.close()
+
+
+class TrackerPool:
+    """Kept-open connections to a set of trackers, with a dead-tracker table and failover.
+
+    :param trackers: ``"host:port"`` strings or ``(host, port)`` pairs, tried in order.
+    :param connect_timeout: seconds to wait for a TCP connect; a dead tracker costs at most this.
+    :param io_timeout: seconds to wait for a reply once a request is sent.
+    :param dead_seconds: how long a tracker that failed is skipped.
+    :param clock: a monotonic clock (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        trackers: str | Iterable[str | Address],
+        *,
+        connect_timeout: float = 1.0,
+        io_timeout: float = 5.0,
+        dead_seconds: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.addresses = parse_trackers(trackers)
+        self.connect_timeout = connect_timeout
+        self.io_timeout = io_timeout
+        self.dead_seconds = dead_seconds
+        self._clock = clock
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._idle: dict[Address, list[TrackerConnection]] = {address: [] for address in self.addresses}
+        self._dead_until: dict[Address, float] = {}
+
+    def _check_fork(self) -> None:
+        # Sockets inherited through fork() are shared with the parent: forget them, never use them.
+        if os.getpid() != self._pid:
+            self._reset()
+
+    def live_trackers(self) -> list[Address]:
+        """The trackers not marked dead now, in the configured order."""
+        now = self._clock()
+        return [address for address in self.addresses if self._dead_until.get(address, 0.0) <= now]
+
+    def mark_dead(self, address: Address) -> None:
+        """Skip ``address`` for ``dead_seconds`` and drop its idle connections."""
+        with self._lock:
+            self._dead_until[address] = self._clock() + self.dead_seconds
+            stale, self._idle[address] = self._idle[address], []
+        for connection in stale:
+            connection.close()
+
+    def _take_idle(self, address: Address) -> TrackerConnection | None:
+        while True:
+            with self._lock:
+                if not self._idle[address]:
+                    return None
+                connection = self._idle[address].pop()
+            if not connection.is_stale():
+                return connection
+            connection.close()
+
+    def _give_back(self, connection: TrackerConnection) -> None:
+        with self._lock:
+            if os.getpid() == self._pid:
+                self._idle[connection.address].append(connection)
+                return
+        connection.close()
+
+    def request(
+        self,
+        command: str,
+        args: Mapping[str, ArgValue] | None = None,
+        *,
+        tracker: Address | None = None,
+    ) -> tuple[dict[str, str], Address]:
+        """Send ``command`` and return the decoded ``OK`` arguments and the tracker that answered.
+
+        With ``tracker``, only that tracker is asked (``create_close`` must reach the tracker that
+        answered ``create_open``). Raises the :class:`TrackerError` for an ``ERR`` reply,
+        :class:`ProtocolError` for garbage and :class:`TrackerUnavailableError` when no tracker
+        answered.
+        """
+        self._check_fork()
+        line = encode_request(command, args)
+        retry_midway = command in IDEMPOTENT_COMMANDS
+        candidates: Sequence[Address] = [tracker] if tracker is not None else self.live_trackers()
+        if not candidates:
+            raise TrackerUnavailableError(
+                f"every tracker is marked dead for up to {self.dead_seconds:g}s: {self._describe()}"
+            )
+        failures: list[str] = []
+        for address in candidates:
+            try:
+                return self._request_on(address, line, retry_midway), address
+            except _SentAndLost as lost:
+                raise TrackerUnavailableError(
+                    f"{_describe(address)} failed after '{command}' was sent ({lost.__cause__}); "
+                    "it may or may not have been carried out"
+                ) from lost.__cause__
+            except OSError as error:
+                failures.append(f"{_describe(address)}: {error or type(error).__name__}")
+        raise TrackerUnavailableError("no tracker answered: " + "; ".join(failures))
+
+    def _request_on(self, address: Address, line: bytes, retry_midway: bool) -> dict[str, str]:
+        """One request to one tracker: on a pooled connection, else on a new one."""
+        connection = self._take_idle(address)
+        if connection is not None:
+            try:
+                return self._roundtrip(connection, line)
+            except (OSError, ProtocolError) as error:
+                if not retry_midway:
+                    raise _SentAndLost() from error
+                # The tracker may close kept-open connections at any time: try once on a new one.
+        try:
+            connection = TrackerConnection(address, self.connect_timeout, self.io_timeout)
+        except OSError:
+            self.mark_dead(address)
+            raise
+        try:
+            return self._roundtrip(connection, line)
+        except OSError as error:
+            self.mark_dead(address)
+            if not retry_midway:
+                raise _SentAndLost() from error
+            raise
+
+    def _roundtrip(self, connection: TrackerConnection, line: bytes) -> dict[str, str]:
+        """Ask on ``connection``; keep it after an ``OK`` or ``ERR`` reply, close it after anything else."""
+        try:
+            reply = parse_reply(connection.roundtrip(line))
+        except TrackerError:
+            self._give_back(connection)
+            raise
+        except BaseException:
+            connection.close()
+            raise
+        self._give_back(connection)
+        return reply
+
+    def _describe(self) -> str:
+        return ", ".join(_describe(address) for address in self.addresses)
+
+    def close(self) -> None:
+        """Close every idle connection (connections in use close when their request ends)."""
+        with self._lock:
+            idle = [connection for connections in self._idle.values() for connection in connections]
+            for connections in self._idle.values():
+                connections.clear()
+        for connection in idle:
+            connection.close()
+
+
+class _SentAndLost(Exception):
+    """A non-idempotent request was sent and its connection failed before the reply."""
+
+
+def _describe(address: Address) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,303 @@
+"""The Client against the embedded MogileFS over real sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from conftest import DOMAIN
+from wiretools import CountingRelay, ScriptedTracker
+
+from mogile_middleware import Admin, BadKeyError, Client, KeyExistsError, UnknownKeyError, UploadError
+from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.exceptions import UnregClassError, UnregDomainError
+
+AWKWARD_KEYS = [
+    "with space.txt",
+    "amp&ersand",
+    "equals=sign",
+    "100%",
+    "plus+sign",
+    "dir/sub/file.jpg",
+    "café-日本.png",
+    "a,b:c\\d~e \"<x>'",
+    "k" * 255,
+    "é" * 127 + "k",  # 255 bytes of UTF-8
+]
+
+
+@pytest.fixture
+def client(devmogile: DevMogileFS):
+    client = Client(DOMAIN, devmogile.trackers)
+    yield client
+    client.close()
+
+
+@pytest.mark.parametrize("key", AWKWARD_KEYS)
+def test_awkward_keys_round_trip(client: Client, key: str) -> None:
+    data = f"content of {key}".encode()
+    assert client.store_content(key, data, cls="thumb") == len(data)
+    assert client.get_file_data(key) == data
+    info = client.file_info(key)
+    assert (info.key, info.length, info.cls, info.domain) == (key, len(data), "thumb", DOMAIN)
+    assert key in client.list_keys(key[:3])
+    client.rename(key, key[:200] + ".moved")
+    assert client.get_file_data(key[:200] + ".moved") == data
+    with pytest.raises(UnknownKeyError):
+        client.get_paths(key)
+    client.delete(key[:200] + ".moved")
+    with pytest.raises(UnknownKeyError):
+        client.file_info(key[:200] + ".moved")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        pytest.param("k" * 256, id="256-bytes"),
+        pytest.param("é" * 128, id="256-utf8-bytes"),
+        pytest.param("a\x00b", id="nul"),
+        pytest.param("a\rb", id="cr"),
+        pytest.param("a\nb", id="lf"),
+        pytest.param("", id="empty"),
+    ],
+)
+def test_bad_keys_are_refused_before_anything_is_sent(key: str) -> None:
+    tracker = ScriptedTracker(lambda line: b"OK \r\n")
+    try:
+        client = Client(DOMAIN, [tracker.tracker])
+        for call in (
+            lambda: client.get_paths(key),
+            lambda: client.file_info(key),
+            lambda: client.store_content(key, b"x"),
+            lambda: client.new_file(key),
+            lambda: client.delete(key),
+            lambda: client.rename(key, "ok"),
+            lambda: client.rename("ok", key),
+            lambda: client.update_class(key, "thumb"),
+        ):
+            with pytest.raises(BadKeyError):
+                call()
+        assert tracker.requests == [] and tracker.connections == 0
+    finally:
+        tracker.stop()
+
+
+def test_classes_set_replica_counts(client: Client) -> None:
+    client.store_content("two-copies", b"avatar bytes", cls="avatar")
+    client.store_content("one-copy", b"thumb bytes", cls="thumb")
+    two, one = client.get_paths("two-copies"), client.get_paths("one-copy")
+    assert len(two) == 2 and len(set(two)) == 2 and len(one) == 1
+    assert client.file_info("two-copies").devcount == 2
+    client.update_class("one-copy", "avatar")
+    assert len(client.get_paths("one-copy")) == 2
+    assert client.file_info("one-copy").cls == "avatar"
+
+
+def test_unknown_class_names_the_class_and_the_domain(client: Client) -> None:
+    with pytest.raises(UnregClassError, match="'nosuch'.*'testdom'"):
+        client.store_content("k", b"x", cls="nosuch")
+    with pytest.raises(UnknownKeyError):
+        client.file_info("k")
+
+
+def test_unknown_domain(devmogile: DevMogileFS) -> None:
+    with pytest.raises(UnregDomainError):
+        Client("nosuchdomain", devmogile.trackers).get_paths("k")
+
+
+def test_new_file_streams_and_commits_on_close(client: Client) -> None:
+    digest = hashlib.md5()
+    with client.new_file("streamed.bin", cls="thumb") as upload:
+        for i in range(64):
+            block = bytes([i]) * 65536
+            upload.write(block)
+            digest.update(block)
+    with client.read_file("streamed.bin") as body:
+        received = hashlib.md5()
+        for chunk in body.iter_chunks():
+            received.update(chunk)
+    assert received.hexdigest() == digest.hexdigest()
+    assert client.file_info("streamed.bin").length == 64 * 65536
+
+
+def test_an_exception_inside_new_file_leaves_no_key(client: Client) -> None:
+    with pytest.raises(RuntimeError):
+        with client.new_file("aborted", cls="thumb") as upload:
+            upload.write(b"half of it")
+            raise RuntimeError("the producer failed")
+    with pytest.raises(UnknownKeyError):
+        client.file_info("aborted")
+
+
+def test_overwrite_keeps_old_data_until_the_new_upload_commits(client: Client) -> None:
+    client.store_content("doc", b"version 1", cls="thumb")
+    old_fid = client.file_info("doc").fid
+    with pytest.raises(RuntimeError):
+        with client.new_file("doc", cls="thumb") as upload:
+            upload.write(b"version 2, never finished")
+            raise RuntimeError
+    assert client.get_file_data("doc") == b"version 1"
+    client.store_content("doc", b"version 2", cls="thumb")
+    assert client.get_file_data("doc") == b"version 2"
+    assert client.file_info("doc").fid != old_fid
+
+
+def test_keys_pages_through_every_key(client: Client) -> None:
+    names = [f"many/{n:04d}" for n in range(25)]
+    for name in names:
+        client.store_content(name, b"x", cls="thumb")
+    assert client.list_keys("many/", limit=10) == names[:10]
+    assert client.list_keys("many/", after=names[9], limit=10) == names[10:20]
+    assert list(client.keys("many/")) == names
+    assert client.list_keys("nothing/") == []
+
+
+def test_rename_onto_an_existing_key(client: Client) -> None:
+    client.store_content("a", b"A", cls="thumb")
+    client.store_content("b", b"B", cls="thumb")
+    with pytest.raises(KeyExistsError):
+        client.rename("a", "b")
+    assert client.get_file_data("b") == b"B"
+    assert client.get_file_data("a") == b"A"  # the connection is still good
+
+
+def test_on_change_hears_every_write_rename_and_delete(devmogile: DevMogileFS) -> None:
+    changed: list[str] = []
+    client = Client(DOMAIN, devmogile.trackers, on_change=changed.append)
+    client.store_content("x", b"1", cls="thumb")
+    with client.new_file("y", cls="thumb") as upload:
+        upload.write(b"2")
+    client.rename("x", "z")
+    client.delete("z")
+    assert changed == ["x", "y", "x", "z", "z"]
+
+
+def test_admin_creates_domains_and_classes(devmogile: DevMogileFS) -> None:
+    admin = Admin(devmogile.trackers)
+    admin.create_domain("photos")
+    admin.create_class("photos", "original", 2, hashtype="MD5")
+    assert admin.get_domains()["photos"] == {"default": 2, "original": 2}
+    client = Client("photos", devmogile.trackers)
+    client.store_content("p.jpg", b"jpeg", cls="original")
+    assert client.file_info("p.jpg").checksum == "MD5:" + hashlib.md5(b"jpeg").hexdigest()
+
+
+def test_one_thousand_get_paths_open_one_connection(devmogile: DevMogileFS, client: Client) -> None:
+    client.store_content("hot", b"x", cls="thumb")
+    relay = CountingRelay(devmogile.tracker_address)
+    try:
+        counted = Client(DOMAIN, [relay.tracker])
+        for _ in range(1000):
+            assert counted.get_paths("hot")
+        assert relay.connections == 1
+    finally:
+        relay.stop()
+
+
+def test_failover_to_the_second_tracker_and_dead_time(devmogile: DevMogileFS, client: Client,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    client.store_content("fo", b"x", cls="thumb")
+    first = CountingRelay(devmogile.tracker_address)
+    second = CountingRelay(devmogile.tracker_address)
+    now = [0.0]
+    dials: list[tuple[str, int]] = []
+    real_connect = socket.create_connection
+
+    def counting_connect(address, *args, **kwargs):
+        dials.append(tuple(address))
+        return real_connect(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", counting_connect)
+    try:
+        failing = Client(DOMAIN, [first.tracker, second.tracker], dead_seconds=30)
+        failing.pool._clock = lambda: now[0]
+        assert failing.get_paths("fo")
+        first.stop()
+        for _ in range(20):
+            assert failing.get_paths("fo")
+            now[0] += 1
+        assert dials.count(first.address) == 2  # the first connect, and the failed one
+        now[0] += 10  # past the dead time: dialled again (still refused), then skipped again
+        assert failing.get_paths("fo")
+        assert dials.count(first.address) == 3
+    finally:
+        first.stop()
+        second.stop()
+
+
+class _DroppingStorageNode(BaseHTTPRequestHandler):
+    """A storage node that reads part of a PUT body and hangs up."""
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self.rfile.read(1000)
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def dropping_node():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _DroppingStorageNode)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _scripted_open(destinations: list[str]) -> ScriptedTracker:
+    """A tracker whose create_open offers ``destinations`` in that order and accepts create_close."""
+    def script(line: bytes) -> bytes:
+        if line.startswith(b"create_open"):
+            pairs = "&".join(f"devid_{n}={n}&path_{n}={url}/dev{n}/0/000/000/0000000007.fid"
+                             for n, url in enumerate(destinations, 1))
+            return f"OK fid=7&dev_count={len(destinations)}&{pairs}\r\n".encode()
+        return b"OK \r\n"
+    return ScriptedTracker(script)
+
+
+def test_upload_falls_back_to_the_next_destination(devmogile: DevMogileFS, dropping_node: str) -> None:
+    refusing = f"http://127.0.0.1:{devmogile.nodes[0].port}"
+    devmogile.nodes[0].stop()
+    good = devmogile.nodes[1].url.rstrip("/")
+    tracker = _scripted_open([refusing, dropping_node, good])
+    try:
+        client = Client(DOMAIN, [tracker.tracker])
+        payload = bytes(range(256)) * 400
+        client.store_file("fallback", io.BytesIO(payload), cls="thumb")
+        close = [line for line in tracker.requests if line.startswith(b"create_close")]
+        assert len(close) == 1 and b"devid=3" in close[0] and f"size={len(payload)}".encode() in close[0]
+        assert f"checksum=MD5%3A{hashlib.md5(payload).hexdigest()}".encode() in close[0]
+    finally:
+        tracker.stop()
+
+
+def test_a_dropped_put_of_a_stream_fails_without_create_close(dropping_node: str) -> None:
+    tracker = _scripted_open([dropping_node])
+    try:
+        client = Client(DOMAIN, [tracker.tracker])
+        with pytest.raises(UploadError, match="dropped|failed"):
+            with client.new_file("stream") as upload:
+                for _ in range(100):
+                    upload.write(b"x" * 65536)
+        assert not any(line.startswith(b"create_close") for line in tracker.requests)
+    finally:
+        tracker.stop()
+
+
+def test_a_rejected_create_close_is_an_upload_error(devmogile: DevMogileFS) -> None:
+    path = devmogile.nodes[0].url.rstrip("/") + "/dev1/0/000/000/0000000007.fid"
+
+    def script(line: bytes) -> bytes:
+        if line.startswith(b"create_open"):
+            return f"OK fid=7&devid=1&path={path}\r\n".encode()
+        return b"ERR size_mismatch Expected:+5%3B+actual:+3\r\n"
+
+    tracker = ScriptedTracker(script)
+    try:
+        with pytest.raises(UploadError, match="size_mismatch") as raised:
+            Client(DOMAIN, [tracker.tracker]).store_content("sized", b"123")
+        assert raised.value.__cause__.code == "size_mismatch"
+    finally:
+        tracker.stop()

@@ -1,0 +1,216 @@
+"""TrackerPool over real loopback sockets against scripted trackers: reuse, failover, faults."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+from wiretools import ScriptedTracker, ok
+
+from mogile_middleware import Client
+from mogile_middleware.exceptions import ProtocolError, TrackerUnavailableError, UnknownKeyError
+from mogile_middleware.tracker import TrackerPool, parse_address, parse_trackers
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def tracker():
+    server = ScriptedTracker(ok)
+    yield server
+    server.stop()
+
+
+def test_consecutive_requests_share_one_connection(tracker: ScriptedTracker) -> None:
+    client = Client("d", [tracker.tracker])
+    for _ in range(1000):
+        assert client.get_paths("k")
+    assert tracker.connections == 1
+    assert len(tracker.requests) == 1000
+
+
+def test_threads_get_their_own_connections_and_all_replies_match(tracker: ScriptedTracker) -> None:
+    tracker.script = lambda line: b"OK echo=" + line.rstrip().split(b"key=")[1] + b"\r\n"
+    pool = TrackerPool([tracker.tracker])
+    errors: list[str] = []
+
+    def worker(n: int) -> None:
+        for i in range(100):
+            key = f"t{n}-{i}"
+            reply, _ = pool.request("get_paths", {"key": key})
+            if reply["echo"] != key:
+                errors.append(f"{key} got {reply['echo']}")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert tracker.connections <= 8
+
+
+def test_a_refused_tracker_is_skipped_until_its_dead_time_passes(tracker: ScriptedTracker) -> None:
+    clock = FakeClock()
+    dead_port = free_port()
+    pool = TrackerPool([f"127.0.0.1:{dead_port}", tracker.tracker], dead_seconds=5, clock=clock)
+    assert pool.request("noop")[1] == tracker.address
+    assert pool.live_trackers() == [tracker.address]
+    pool.request("noop")
+    clock.now += 4.9
+    assert pool.live_trackers() == [tracker.address]
+    clock.now += 0.2
+    assert pool.live_trackers() == [("127.0.0.1", dead_port), tracker.address]
+    assert pool.request("noop")[1] == tracker.address
+
+
+def test_every_tracker_dead_raises_at_once_without_dialling() -> None:
+    clock = FakeClock()
+    pool = TrackerPool([f"127.0.0.1:{free_port()}"], dead_seconds=5, clock=clock)
+    with pytest.raises(TrackerUnavailableError, match="no tracker answered"):
+        pool.request("noop")
+    started = time.monotonic()
+    with pytest.raises(TrackerUnavailableError, match="marked dead"):
+        pool.request("noop")
+    assert time.monotonic() - started < 0.05
+
+
+def test_a_tracker_that_never_answers_costs_the_io_timeout_then_the_next_one_answers(tracker) -> None:
+    silent = ScriptedTracker(lambda line: b"")
+    try:
+        pool = TrackerPool([silent.tracker, tracker.tracker], io_timeout=0.3)
+        started = time.monotonic()
+        assert pool.request("get_paths", {"key": "k"})[1] == tracker.address
+        assert 0.3 <= time.monotonic() - started < 2
+        # and it is now skipped
+        started = time.monotonic()
+        pool.request("get_paths", {"key": "k"})
+        assert time.monotonic() - started < 0.2
+    finally:
+        silent.stop()
+
+
+def test_a_connection_closed_by_the_tracker_between_commands_is_replaced(tracker: ScriptedTracker) -> None:
+    pool = TrackerPool([tracker.tracker])
+    pool.request("create_open", {"key": "k"})
+    tracker.drop_connections()
+    time.sleep(0.05)
+    # Not idempotent, yet safe: the stale connection is noticed before anything is sent.
+    pool.request("create_close", {"key": "k"})
+    assert tracker.connections == 2
+    assert len(tracker.requests) == 2
+
+
+def test_an_idempotent_command_cut_midway_is_retried_on_a_new_connection() -> None:
+    calls = []
+
+    def hang_up_once(line: bytes) -> bytes | None:
+        calls.append(line)
+        return None if len(calls) == 2 else ok(line)
+
+    server = ScriptedTracker(hang_up_once)
+    try:
+        pool = TrackerPool([server.tracker])
+        pool.request("get_paths", {"key": "k"})
+        assert pool.request("get_paths", {"key": "k"})[0]["paths"] == "1"
+        assert server.connections == 2 and len(calls) == 3
+    finally:
+        server.stop()
+
+
+def test_a_non_idempotent_command_cut_midway_is_not_repeated() -> None:
+    calls = []
+
+    def hang_up_once(line: bytes) -> bytes | None:
+        calls.append(line)
+        return None if line.startswith(b"rename") else b"OK \r\n"
+
+    server = ScriptedTracker(hang_up_once)
+    try:
+        pool = TrackerPool([server.tracker])
+        pool.request("noop")
+        with pytest.raises(TrackerUnavailableError, match="may or may not have been carried out"):
+            pool.request("rename", {"from_key": "a", "to_key": "b"})
+        assert sum(line.startswith(b"rename") for line in calls) == 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        pytest.param(b"HELLO there\r\n", id="unknown-reply"),
+        pytest.param(b"OK paths=1&path1=http://x", id="cut-line-then-close"),
+        pytest.param(b"OK " + b"k=v&" * (1024 * 1024 + 10) + b"\r\n", id="oversized"),
+    ],
+)
+def test_garbage_is_a_protocol_error_and_the_connection_is_not_reused(reply: bytes) -> None:
+    replies = iter([reply, b"OK \r\n"])
+    server = ScriptedTracker(lambda line: next(replies))
+    try:
+        pool = TrackerPool([server.tracker], io_timeout=2)
+        with pytest.raises((ProtocolError, TrackerUnavailableError)):
+            pool.request("get_paths", {"key": "k"})
+        assert pool.request("noop")[0] == {}
+        assert server.connections == 2
+    finally:
+        server.stop()
+
+
+def test_an_error_reply_keeps_the_connection(tracker: ScriptedTracker) -> None:
+    tracker.script = lambda line: b"ERR unknown_key unknown_key\r\n"
+    pool = TrackerPool([tracker.tracker])
+    for _ in range(3):
+        with pytest.raises(UnknownKeyError):
+            pool.request("get_paths", {"key": "k"})
+    assert tracker.connections == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
+def test_a_forked_child_opens_its_own_connection(tracker: ScriptedTracker) -> None:
+    pool = TrackerPool([tracker.tracker])
+    pool.request("noop")
+    pid = os.fork()
+    if pid == 0:  # child: must not touch the parent's socket
+        try:
+            pool.request("noop")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    pool.request("noop")
+    assert tracker.connections == 2  # the parent's one, kept, and the child's own
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("10.0.0.1:7001", ("10.0.0.1", 7001)),
+        ("tracker", ("tracker", 7001)),
+        ("[::1]:7002", ("::1", 7002)),
+    ],
+)
+def test_tracker_addresses(text: str, expected: tuple[str, int]) -> None:
+    assert parse_address(text) == expected
+
+
+def test_tracker_lists() -> None:
+    assert parse_trackers("a:1, b:2\nc:3") == [("a", 1), ("b", 2), ("c", 3)]
+    with pytest.raises(ValueError, match="no tracker"):
+        parse_trackers("")
+    with pytest.raises(ValueError, match="not host:port"):
+        parse_trackers(["a:b"])
