@@ -1,0 +1,218 @@
+"""The path cache: a key's replica URLs without a tracker round trip on every request.
+
+Values live in a small :class:`CacheBackend`, in process by default or shared (memcached), so they
+must be picklable. :class:`PathCache` adds the TTL, one lookup per key at a time, stale-if-error.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
+
+from .exceptions import TrackerUnavailableError
+
+V = TypeVar("V")
+T = TypeVar("T")
+
+log = logging.getLogger("mogile_middleware")
+
+#: Seconds between two warnings about a failing backend, so an outage does not flood the log.
+BACKEND_WARNING_INTERVAL = 60.0
+
+#: Marks a flight whose leader ended without a value or an exception of its own.
+_UNSET: Any = object()
+
+
+class CacheBackend(Protocol):
+    """Where cached values live: in process (:class:`MemoryCache`) or shared (e.g. memcached)."""
+
+    def get(self, key: str) -> tuple[Any, float] | None:
+        """``(value, stored_at)`` (wall-clock seconds) for ``key``, or None if not kept."""
+
+    def set(self, key: str, value: Any, stored_at: float, keep_seconds: float) -> None:
+        """Keep ``value`` for ``key`` at most ``keep_seconds``."""
+
+    def delete(self, key: str) -> None:
+        """Forget ``key`` (no error if it is not kept)."""
+
+
+class MemoryCache:
+    """An in-process :class:`CacheBackend`: a thread-safe LRU bounded to ``max_entries`` keys.
+
+    ``len()`` counts entries not yet evicted, including expired ones nobody has asked for since.
+    """
+
+    def __init__(self, max_entries: int = 10_000, clock: Callable[[], float] = time.time) -> None:
+        self._max_entries = max_entries
+        self._clock = clock
+        self._lock = threading.Lock()
+        # key -> ((value, stored_at), expires_at): get() hands out the inner tuple without copying.
+        self._entries: OrderedDict[str, tuple[tuple[Any, float], float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> tuple[Any, float] | None:
+        """``(value, stored_at)`` for ``key`` unless missing or expired; marks it recently used."""
+        now = self._clock()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            if entry[1] <= now:
+                del self._entries[key]
+                return None
+            self._entries.move_to_end(key)
+            return entry[0]
+
+    def set(self, key: str, value: Any, stored_at: float, keep_seconds: float) -> None:
+        """Keep ``value`` for ``keep_seconds`` from now, evicting the least recently used keys."""
+        entry = ((value, stored_at), self._clock() + keep_seconds)
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
+
+    def delete(self, key: str) -> None:
+        """Forget ``key``."""
+        with self._lock:
+            self._entries.pop(key, None)
+
+
+class _Flight:
+    """One lookup in progress: its waiters block on ``done``, then read its outcome."""
+
+    __slots__ = ("done", "lock", "invalidated", "value", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.lock = threading.Lock()  # makes "not invalidated, so store" atomic against invalidate()
+        self.invalidated = False
+        self.value: Any = _UNSET
+        self.error: Exception | None = None
+
+
+class PathCache(Generic[V]):
+    """key → value (paths and what the ETag needs), with TTL, single flight and stale-if-error.
+
+    ``lookup`` asks the trackers (e.g. ``client.get_paths``); its value is served ``ttl_seconds``
+    (0: never stored), and ``stale_seconds`` more while every tracker is unavailable. A request
+    waits ``wait_seconds`` at most for another thread's lookup of the same key. ``clock`` is wall
+    time because a shared backend compares ``stored_at`` across hosts.
+    """
+
+    def __init__(self, lookup: Callable[[str], V], *, backend: CacheBackend | None = None,
+                 ttl_seconds: float = 60.0, stale_seconds: float = 300.0, max_entries: int = 10_000,
+                 clock: Callable[[], float] = time.time, wait_seconds: float = 10.0) -> None:
+        self._lookup = lookup
+        self._backend: CacheBackend = backend if backend is not None else MemoryCache(max_entries, clock)
+        self._ttl = ttl_seconds
+        # With no TTL nothing is stored, so nothing may be served stale either.
+        self._keep = ttl_seconds + stale_seconds if ttl_seconds > 0 else 0.0
+        self._clock = clock
+        self._wait_seconds = wait_seconds
+        self._lock = threading.Lock()
+        self._flights: dict[str, _Flight] = {}
+        self._stale_keys: set[str] = set()  # keys already warned about in the current outage
+        self._backend_warned_at = float("-inf")
+        self.lookups = 0
+
+    def get(self, key: str) -> V:
+        """The value for ``key``: the cached one while fresh, else looked up (see the class doc)."""
+        try:
+            entry = self._backend.get(key)
+        except Exception as error:  # a broken shared cache must not take the site down with it
+            self._backend_failed(error)
+            entry = None
+        if entry is not None and self._clock() - entry[1] < self._ttl:
+            return entry[0]
+        return self._refresh(key)
+
+    def invalidate(self, key: str) -> None:
+        """Forget ``key``, and keep a lookup already in progress from storing its outdated value."""
+        with self._lock:
+            # Later requests must not join that lookup either: they start a new one.
+            flight = self._flights.pop(key, None)
+        if flight is not None:
+            with flight.lock:
+                flight.invalidated = True
+        self._safely(self._backend.delete, key)
+
+    def _refresh(self, key: str) -> V:
+        with self._lock:
+            flight = self._flights.get(key)
+            leading = flight is None
+            if flight is None:
+                flight = self._flights[key] = _Flight()
+        if not leading:
+            return self._join(key, flight)
+        try:
+            flight.value = self._fetch(key, flight)
+            return flight.value
+        except Exception as error:
+            flight.error = error
+            raise
+        finally:
+            with self._lock:
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
+            flight.done.set()
+
+    def _join(self, key: str, flight: _Flight) -> V:
+        if not flight.done.wait(self._wait_seconds):
+            cause = TrackerUnavailableError(f"no answer for {key!r} within {self._wait_seconds} s")
+            return self._stale_or_raise(key, cause)
+        if flight.error is not None:
+            raise flight.error
+        if flight.value is _UNSET:  # the leader was interrupted (e.g. a killed greenlet): try again
+            return self._refresh(key)
+        return flight.value
+
+    def _fetch(self, key: str, flight: _Flight) -> V:
+        # Another thread may have stored a fresh value between our miss and our taking the lead.
+        entry = self._safely(self._backend.get, key)
+        if entry is not None and self._clock() - entry[1] < self._ttl:
+            return entry[0]
+        with self._lock:
+            self.lookups += 1
+        try:
+            value = self._lookup(key)
+        except TrackerUnavailableError as error:
+            return self._stale_or_raise(key, error)
+        if self._stale_keys:  # a tracker answered: the outage is over
+            with self._lock:
+                self._stale_keys.clear()
+        if self._ttl > 0:
+            with flight.lock:
+                if not flight.invalidated:
+                    self._safely(self._backend.set, key, value, self._clock(), self._keep)
+        return value
+
+    def _stale_or_raise(self, key: str, error: TrackerUnavailableError) -> V:
+        entry = self._safely(self._backend.get, key)
+        if entry is None or self._clock() - entry[1] >= self._keep:
+            raise error
+        with self._lock:
+            first = key not in self._stale_keys
+            self._stale_keys.add(key)
+        if first:
+            log.warning("serving stale paths for %r: %s", key, error)
+        return entry[0]
+
+    def _safely(self, method: Callable[..., T], *args: Any) -> T | None:
+        try:
+            return method(*args)
+        except Exception as error:  # as in get(): a miss, or a value left unstored
+            self._backend_failed(error)
+            return None
+
+    def _backend_failed(self, error: Exception) -> None:
+        now = self._clock()
+        if now - self._backend_warned_at >= BACKEND_WARNING_INTERVAL:
+            self._backend_warned_at = now
+            log.warning("path cache backend failed, asking the trackers instead: %r", error)

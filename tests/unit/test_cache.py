@@ -1,0 +1,513 @@
+"""The path cache: TTL, single flight, stale-if-error, invalidation, LRU bound, broken backends."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from mogile_middleware.cache import MemoryCache, PathCache
+from mogile_middleware.exceptions import TrackerUnavailableError, UnknownKeyError
+
+TTL = 60.0
+STALE = 300.0
+
+
+class Clock:
+    """A wall clock that only moves when a test moves it."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Lookup:
+    """A tracker stand-in: counts its calls; answers a new list per call, or raises ``error``."""
+
+    def __init__(self, delay: float = 0.0, hold: int = 0) -> None:
+        self.calls = 0
+        self.delay = delay
+        self.error: Exception | None = None
+        self.hold = hold  # this call (1 = the first) waits for ``release`` once ``entered`` is set
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self, key: str) -> list[str]:
+        with self._lock:
+            self.calls += 1
+            call = self.calls
+        if call == self.hold:
+            self.entered.set()
+            self.release.wait(5)
+        time.sleep(self.delay)
+        if self.error is not None:
+            raise self.error
+        return [f"http://10.0.0.5:7500/dev1/{key}?v={call}", f"http://10.0.0.6:7500/dev2/{key}?v={call}"]
+
+
+class FailingBackend(MemoryCache):
+    """A shared cache whose ``failing`` methods raise, as memcached does while it is down."""
+
+    def __init__(self, failing: set[str], clock: Clock) -> None:
+        super().__init__(clock=clock)
+        self.failing = failing
+
+    def _check(self, method: str) -> None:
+        if method in self.failing:
+            raise ConnectionRefusedError(f"memcached down during {method}")
+
+    def get(self, key: str) -> tuple[Any, float] | None:
+        self._check("get")
+        return super().get(key)
+
+    def set(self, key: str, value: Any, stored_at: float, keep_seconds: float) -> None:
+        self._check("set")
+        super().set(key, value, stored_at, keep_seconds)
+
+    def delete(self, key: str) -> None:
+        self._check("delete")
+        super().delete(key)
+
+
+class LaxBackend(MemoryCache):
+    """A shared cache that keeps values longer than asked, as memcached rounding expiry up does."""
+
+    def set(self, key: str, value: Any, stored_at: float, keep_seconds: float) -> None:
+        super().set(key, value, stored_at, keep_seconds + 3600)
+
+
+class PausingBackend(MemoryCache):
+    """A backend whose first get() once ``armed`` waits for ``resume``, then answers "not there"."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock=clock)
+        self.armed = False
+        self.paused = threading.Event()
+        self.resume = threading.Event()
+
+    def get(self, key: str) -> tuple[Any, float] | None:
+        if self.armed and not self.paused.is_set():
+            self.paused.set()
+            self.resume.wait(5)
+            return None
+        return super().get(key)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def lookup() -> Lookup:
+    return Lookup()
+
+
+def make_cache(lookup: Callable[[str], list[str]], clock: Clock, **options: Any) -> PathCache[list[str]]:
+    return PathCache(lookup, clock=clock, **{"ttl_seconds": TTL, "stale_seconds": STALE, **options})
+
+
+def version(paths: list[str]) -> str:
+    """Which call of the lookup produced ``paths``: ``"v1"``, ``"v2"``..."""
+    return paths[0].rpartition("?")[2].replace("=", "")
+
+
+def warnings_in(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "mogile_middleware" and r.levelno == logging.WARNING]
+
+
+def run_together(count: int, target: Callable[[int], Any]) -> list[Any]:
+    """Call ``target(n)`` from ``count`` threads released at once; each result or exception."""
+    barrier = threading.Barrier(count)
+    results: list[Any] = [None] * count
+
+    def run(index: int) -> None:
+        barrier.wait()
+        try:
+            results[index] = target(index)
+        except Exception as error:
+            results[index] = error
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    return results
+
+
+def start_thread(target: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Run ``target`` in a thread; the list receives its result or exception."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(target())
+        except Exception as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def test_hot_key_is_looked_up_once(lookup: Lookup, clock: Clock) -> None:
+    cache = make_cache(lookup, clock)
+    values = [cache.get("hot") for _ in range(100)]
+    assert lookup.calls == cache.lookups == 1
+    assert values[0][0] == "http://10.0.0.5:7500/dev1/hot?v=1"
+    assert all(value == values[0] for value in values)
+
+
+def test_each_key_has_its_own_value(lookup: Lookup, clock: Clock) -> None:
+    cache = make_cache(lookup, clock)
+    assert "/a?" in cache.get("a")[0] and "/b?" in cache.get("b")[0]
+    assert "/a?" in cache.get("a")[0]
+    assert lookup.calls == 2
+
+
+@pytest.mark.parametrize(
+    ("elapsed", "expected"),
+    [
+        pytest.param(TTL - 0.001, "v1", id="just-before-ttl"),
+        pytest.param(TTL, "v2", id="at-ttl"),
+        pytest.param(TTL + STALE + 1000, "v2", id="long-after"),
+    ],
+)
+def test_ttl_expiry_looks_up_again(lookup: Lookup, clock: Clock, elapsed: float, expected: str) -> None:
+    cache = make_cache(lookup, clock)
+    cache.get("k")
+    clock.advance(elapsed)
+    assert version(cache.get("k")) == expected
+    assert lookup.calls == int(expected[1:])
+
+
+def test_concurrent_misses_make_one_lookup(clock: Clock) -> None:
+    lookup = Lookup(delay=0.1)
+    cache = make_cache(lookup, clock)
+    values = run_together(20, lambda n: cache.get("hot"))
+    assert lookup.calls == 1
+    assert isinstance(values[0], list) and version(values[0]) == "v1"
+    assert all(value is values[0] for value in values)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param(UnknownKeyError("unknown_key"), id="unknown-key"),
+        pytest.param(TrackerUnavailableError("all trackers down"), id="trackers-down-nothing-stale"),
+    ],
+)
+def test_concurrent_misses_all_get_the_exception(clock: Clock, error: Exception) -> None:
+    lookup = Lookup(delay=0.1)
+    lookup.error = error
+    cache = make_cache(lookup, clock)
+    outcomes = run_together(20, lambda n: cache.get("k"))
+    assert lookup.calls == 1
+    assert all(outcome is error for outcome in outcomes)
+
+
+def test_miss_that_races_a_finishing_lookup_does_not_look_up_again(lookup: Lookup, clock: Clock) -> None:
+    backend = PausingBackend(clock=clock)
+    lookup.hold = 1
+    cache = make_cache(lookup, clock, backend=backend)
+    first, first_outcome = start_thread(lambda: cache.get("k"))
+    assert lookup.entered.wait(2)
+    backend.armed = True
+    second, second_outcome = start_thread(lambda: cache.get("k"))
+    assert backend.paused.wait(2)  # the second request saw no value...
+    lookup.release.set()
+    first.join(2)  # ...and the first one's lookup ends and stores its value before it goes on
+    backend.resume.set()
+    second.join(2)
+    assert lookup.calls == 1
+    assert second_outcome == first_outcome
+
+
+def test_different_keys_do_not_wait_for_each_other(clock: Clock) -> None:
+    both_inside = threading.Barrier(2)
+
+    def lookup(key: str) -> list[str]:
+        both_inside.wait(timeout=2)  # broken if one key's lookup waits for the other's
+        return [key]
+
+    cache = make_cache(lookup, clock)
+    assert run_together(2, lambda n: cache.get(f"k{n}")) == [["k0"], ["k1"]]
+
+
+@pytest.mark.parametrize(
+    ("elapsed", "served"),
+    [
+        pytest.param(TTL, True, id="just-expired"),
+        pytest.param(TTL + STALE / 2, True, id="mid-stale-window"),
+        pytest.param(TTL + STALE - 0.001, True, id="end-of-stale-window"),
+        pytest.param(TTL + STALE, False, id="stale-window-over"),
+        pytest.param(TTL + STALE + 1000, False, id="long-after"),
+    ],
+)
+@pytest.mark.parametrize("backend_type", [pytest.param(MemoryCache, id="memory"), pytest.param(LaxBackend, id="lax")])
+def test_stale_value_while_trackers_are_down(
+    lookup: Lookup, clock: Clock, elapsed: float, served: bool, backend_type: type[MemoryCache]
+) -> None:
+    cache = make_cache(lookup, clock, backend=backend_type(clock=clock))
+    first = cache.get("k")
+    clock.advance(elapsed)
+    lookup.error = down = TrackerUnavailableError("no tracker answered")
+    if served:
+        assert cache.get("k") == first
+    else:
+        with pytest.raises(TrackerUnavailableError) as raised:
+            cache.get("k")
+        assert raised.value is down
+    assert lookup.calls == 2
+    lookup.error = None
+    assert version(cache.get("k")) == "v3"
+
+
+def test_stale_warning_once_per_key_per_outage(
+    lookup: Lookup, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = make_cache(lookup, clock)
+    cache.get("a")
+    cache.get("b")
+    clock.advance(TTL)
+    caplog.set_level(logging.WARNING, logger="mogile_middleware")
+    lookup.error = TrackerUnavailableError("no tracker answered")
+    for _ in range(3):
+        cache.get("a")
+        cache.get("b")
+    first_outage = warnings_in(caplog)
+    assert len(first_outage) == 2
+    assert "'a'" in first_outage[0] and "no tracker answered" in first_outage[0]
+    assert "'b'" in first_outage[1]
+    lookup.error = None
+    cache.get("c")  # a tracker answers again: that outage is over
+    lookup.error = TrackerUnavailableError("no tracker answered")
+    cache.get("a")
+    assert len(warnings_in(caplog)) == 3
+
+
+def test_unknown_key_is_not_cached(lookup: Lookup, clock: Clock) -> None:
+    cache = make_cache(lookup, clock)
+    lookup.error = UnknownKeyError("unknown_key")
+    for _ in range(2):
+        with pytest.raises(UnknownKeyError):
+            cache.get("new")
+    lookup.error = None
+    assert version(cache.get("new")) == "v3"
+
+
+def test_an_error_other_than_unavailable_keeps_the_stored_value(lookup: Lookup, clock: Clock) -> None:
+    cache = make_cache(lookup, clock)
+    first = cache.get("k")
+    clock.advance(TTL)
+    lookup.error = UnknownKeyError("unknown_key")
+    with pytest.raises(UnknownKeyError):
+        cache.get("k")
+    lookup.error = TrackerUnavailableError("no tracker answered")
+    assert cache.get("k") == first
+
+
+def test_invalidate_forces_a_new_lookup(lookup: Lookup, clock: Clock) -> None:
+    cache = make_cache(lookup, clock)
+    cache.get("k")
+    cache.invalidate("k")
+    cache.invalidate("never-seen")
+    assert version(cache.get("k")) == "v2"
+    assert version(cache.get("k")) == "v2"
+    assert lookup.calls == 2
+
+
+def test_invalidate_drops_what_stale_if_error_would_serve(lookup: Lookup, clock: Clock) -> None:
+    cache = make_cache(lookup, clock)
+    cache.get("k")
+    cache.invalidate("k")
+    lookup.error = TrackerUnavailableError("no tracker answered")
+    with pytest.raises(TrackerUnavailableError):
+        cache.get("k")
+
+
+@pytest.mark.parametrize("request_meanwhile", [pytest.param(False, id="quiet"), pytest.param(True, id="busy")])
+def test_invalidate_during_a_lookup_is_not_undone(clock: Clock, request_meanwhile: bool) -> None:
+    lookup = Lookup(hold=1)
+    cache = make_cache(lookup, clock, wait_seconds=1.0)
+    thread, outcome = start_thread(lambda: cache.get("k"))
+    assert lookup.entered.wait(2)
+    cache.invalidate("k")
+    if request_meanwhile:
+        # A request after the invalidation does not join the outdated lookup.
+        assert version(cache.get("k")) == "v2"
+    lookup.release.set()
+    thread.join(2)
+    assert version(outcome[0]) == "v1"  # the request made before the invalidation keeps its answer
+    assert version(cache.get("k")) == "v2"
+    assert lookup.calls == 2
+
+
+def test_waiters_retry_when_the_looking_up_thread_is_interrupted(clock: Clock) -> None:
+    class Interrupted(BaseException):
+        """Like a killed greenlet: not an error to hand to the other requests."""
+
+    calls: list[str] = []
+    entered, release, interrupted = threading.Event(), threading.Event(), threading.Event()
+
+    def lookup(key: str) -> list[str]:
+        calls.append(key)
+        if len(calls) == 1:
+            entered.set()
+            release.wait(5)
+            raise Interrupted
+        return ["v2"]
+
+    def lead() -> None:
+        try:
+            cache.get("k")
+        except Interrupted:
+            interrupted.set()
+
+    cache = make_cache(lookup, clock)
+    leader = threading.Thread(target=lead)
+    leader.start()
+    assert entered.wait(2)
+    waiter, outcome = start_thread(lambda: cache.get("k"))
+    time.sleep(0.05)  # lets the waiter join the lookup about to be interrupted
+    release.set()
+    leader.join(2)
+    waiter.join(2)
+    assert interrupted.is_set()
+    assert outcome == [["v2"]] and len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("hold", "expected"),
+    [
+        pytest.param(1, None, id="nothing-cached-raises"),
+        pytest.param(2, "v1", id="stale-value-served"),
+    ],
+)
+def test_waiting_for_a_stuck_lookup_is_bounded(clock: Clock, hold: int, expected: str | None) -> None:
+    lookup = Lookup(hold=hold)
+    cache = make_cache(lookup, clock, wait_seconds=0.05)
+    if hold == 2:
+        cache.get("k")
+        clock.advance(TTL)
+    thread, _ = start_thread(lambda: cache.get("k"))
+    assert lookup.entered.wait(2)
+    started = time.monotonic()
+    try:
+        if expected is None:
+            with pytest.raises(TrackerUnavailableError, match="'k'"):
+                cache.get("k")
+        else:
+            assert version(cache.get("k")) == expected
+        assert time.monotonic() - started < 1.0
+        assert lookup.calls == hold
+    finally:
+        lookup.release.set()
+        thread.join(2)
+
+
+@pytest.mark.parametrize(
+    ("keys", "evicted"),
+    [
+        pytest.param("abcd", "a", id="oldest-evicted"),
+        pytest.param("abcad", "b", id="recently-read-kept"),
+    ],
+)
+def test_default_backend_is_bounded_lru(lookup: Lookup, clock: Clock, keys: str, evicted: str) -> None:
+    cache = make_cache(lookup, clock, max_entries=3)
+    for key in keys:
+        cache.get(key)
+    looked_up = lookup.calls
+    for key in sorted(set(keys) - {evicted}):
+        cache.get(key)
+    assert lookup.calls == looked_up
+    cache.get(evicted)
+    assert lookup.calls == looked_up + 1
+
+
+def test_memory_cache_keeps_max_entries(clock: Clock) -> None:
+    backend = MemoryCache(max_entries=3, clock=clock)
+    for n, key in enumerate("abcd"):
+        backend.set(key, [key], clock() + n, 100)
+    assert len(backend) == 3
+    assert backend.get("a") is None
+    assert backend.get("d") == (["d"], clock() + 3)
+
+
+@pytest.mark.parametrize(
+    ("elapsed", "kept"), [pytest.param(9.999, True, id="kept"), pytest.param(10, False, id="gone")]
+)
+def test_memory_cache_expires_entries(clock: Clock, elapsed: float, kept: bool) -> None:
+    backend = MemoryCache(clock=clock)
+    backend.set("k", ["p"], clock(), 10)
+    clock.advance(elapsed)
+    assert (backend.get("k") is not None) is kept
+    backend.delete("k")
+    assert backend.get("k") is None
+
+
+@pytest.mark.parametrize(
+    "failing",
+    [
+        pytest.param({"get"}, id="get"),
+        pytest.param({"set"}, id="set"),
+        pytest.param({"delete"}, id="delete"),
+        pytest.param({"get", "set", "delete"}, id="all"),
+    ],
+)
+def test_failing_backend_never_breaks_get(
+    lookup: Lookup, clock: Clock, caplog: pytest.LogCaptureFixture, failing: set[str]
+) -> None:
+    cache = make_cache(lookup, clock, backend=FailingBackend(failing, clock))
+    caplog.set_level(logging.WARNING, logger="mogile_middleware")
+    for _ in range(3):
+        assert cache.get("k")[0].startswith("http://10.0.0.5:7500/dev1/k?v=")
+        cache.invalidate("k")
+    assert len(warnings_in(caplog)) == 1
+    assert "memcached down" in warnings_in(caplog)[0]
+    clock.advance(60)
+    cache.get("k")
+    cache.invalidate("k")
+    assert len(warnings_in(caplog)) == 2
+
+
+def test_failing_backend_with_trackers_down_raises_the_tracker_error(lookup: Lookup, clock: Clock) -> None:
+    cache = make_cache(lookup, clock, backend=FailingBackend({"get", "set", "delete"}, clock))
+    lookup.error = TrackerUnavailableError("no tracker answered")
+    with pytest.raises(TrackerUnavailableError):
+        cache.get("k")
+
+
+def test_ttl_zero_never_caches(lookup: Lookup, clock: Clock) -> None:
+    backend = LaxBackend(clock=clock)
+    cache = make_cache(lookup, clock, backend=backend, ttl_seconds=0)
+    assert [version(cache.get("k")) for _ in range(3)] == ["v1", "v2", "v3"]
+    assert len(backend) == 0
+
+
+def test_ttl_zero_serves_nothing_stale(lookup: Lookup, clock: Clock) -> None:
+    backend = MemoryCache(clock=clock)
+    backend.set("k", ["http://10.0.0.5:7500/dev1/k?v=0"], clock(), TTL + STALE)  # another process's
+    cache = make_cache(lookup, clock, backend=backend, ttl_seconds=0)
+    lookup.error = TrackerUnavailableError("no tracker answered")
+    with pytest.raises(TrackerUnavailableError):
+        cache.get("k")
+
+
+def test_ttl_zero_is_still_single_flight(clock: Clock) -> None:
+    lookup = Lookup(delay=0.1)
+    cache = make_cache(lookup, clock, ttl_seconds=0)
+    values = run_together(20, lambda n: cache.get("k"))
+    assert lookup.calls == 1
+    assert all(value is values[0] for value in values)
