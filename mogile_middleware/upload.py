@@ -57,6 +57,8 @@ class NewFile(io.RawIOBase):
         storage_timeout: float = 10.0,
     ) -> None:
         super().__init__()
+        self._stream: PutStream | None = None
+        self._put_done = False
         check_key(key)
         self.key = key
         self._pool = pool
@@ -72,7 +74,6 @@ class NewFile(io.RawIOBase):
             raise UnregClassError(error.code, f"class {cls!r} is not registered in domain {domain!r}") from None
         self.fid = reply["fid"]
         self._destinations = _destinations(reply)
-        self._stream: PutStream | None = None
         self._devid = self._path = ""
         self._reset_body()
 
@@ -107,7 +108,8 @@ class NewFile(io.RawIOBase):
         return len(data)
 
     def write_from(self, fileobj: BinaryIO) -> int:
-        """Copy ``fileobj`` to its end, trying the next destination if a node drops the PUT."""
+        """Copy ``fileobj`` to its end and finish the PUT, trying the next destination if a node
+        refuses or drops it (rewinding ``fileobj``, which must then be seekable)."""
         start = fileobj.tell() if fileobj.seekable() else None
         while True:
             stream = self._stream or self._open_stream()
@@ -116,6 +118,8 @@ class NewFile(io.RawIOBase):
                     stream.write(chunk)
                     self._md5.update(chunk)
                     self.size += len(chunk)
+                stream.finish()
+                self._put_done = True
                 return self.size
             except StorageError as error:
                 self._stream = None
@@ -142,8 +146,8 @@ class NewFile(io.RawIOBase):
 
     def _commit(self) -> None:
         try:
-            stream = self._stream or self._open_stream()
-            stream.finish()
+            if not self._put_done:
+                (self._stream or self._open_stream()).finish()
             self._pool.request(
                 "create_close",
                 {

@@ -54,6 +54,10 @@ class _LoopbackServer:
 
     def stop(self) -> None:
         """Stop listening and close every connection."""
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        except OSError:
+            pass
         self._listener.close()
         self.drop_connections()
 
