@@ -1,7 +1,7 @@
 """The ``mogile-middleware`` command line.
 
-Each subcommand is an ``add_arguments(parser)`` function that sets ``parser.set_defaults(run=...)``;
-``run(args)`` returns the exit code. Errors of this package are printed as one line, exit code 1.
+Each subcommand is an ``add_arguments(parser)`` function and a ``run(args)`` function that returns
+the exit code. Errors of this package are printed as one line, exit code 1.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ from . import __version__
 from .devserver import cli as devserver_cli
 from .exceptions import MogileFSError
 
-#: name → (one-line help, add_arguments)
-SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+#: name → (one-line help, add_arguments, run)
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "devserver": (
-        "run the embedded development MogileFS (a tracker and storage nodes) in the foreground",
+        "run the embedded development MogileFS (a tracker and storage nodes) in the foreground; "
+        "for development and tests, not production",
         devserver_cli.add_arguments,
+        devserver_cli.run,
     ),
 }
 
@@ -31,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    for name, (summary, add_arguments) in SUBCOMMANDS.items():
-        add_arguments(subparsers.add_parser(name, help=summary, description=summary))
+    for name, (summary, add_arguments, run) in SUBCOMMANDS.items():
+        subparser = subparsers.add_parser(name, help=summary, description=summary)
+        add_arguments(subparser)
+        subparser.set_defaults(run=run)
     return parser
 
 

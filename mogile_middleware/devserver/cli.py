@@ -1,0 +1,99 @@
+"""``mogile-middleware devserver``: run a development tracker and storage nodes in the foreground.
+
+For development and tests only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from typing import Any
+
+from .cluster import DevMogileFS
+
+
+def _ports(text: str) -> list[int]:
+    try:
+        ports = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of ports: {text!r}") from None
+    if not ports or any(not 0 <= port < 65536 for port in ports):
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of ports: {text!r}")
+    return ports
+
+
+class _DomainLayout(argparse.Action):
+    """Collects ``--domain D`` and the ``--class NAME=MINDEVCOUNT`` options following it."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        domains: dict[str, dict[str, int]] = dict(getattr(namespace, self.dest) or {})
+        if option_string == "--domain":
+            domains.setdefault(values, {})
+        else:
+            name, _, count = str(values).partition("=")
+            if not domains:
+                parser.error("--class needs a --domain before it")
+            if not name or not count.isdigit() or int(count) < 1:
+                parser.error(f"--class wants NAME=MINDEVCOUNT with MINDEVCOUNT >= 1, not {values!r}")
+            domains[list(domains)[-1]][name] = int(count)
+        setattr(namespace, self.dest, domains)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the development server's options to ``parser`` (standalone or a sub-command's)."""
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on and to put in paths (default: %(default)s)"
+    )
+    parser.add_argument("--port", type=int, default=7001, help="tracker port (default: %(default)s)")
+    parser.add_argument(
+        "--storage-ports",
+        type=_ports,
+        default=[7500, 7502],
+        metavar="PORT,PORT",
+        help="one storage node (and device) per port (default: 7500,7502)",
+    )
+    parser.add_argument("--data", metavar="DIR", help="data directory, kept between runs (default: a temporary one)")
+    parser.add_argument("--domain", dest="domains", action=_DomainLayout, metavar="DOMAIN", help="create this domain")
+    parser.add_argument(
+        "--class",
+        dest="domains",
+        action=_DomainLayout,
+        metavar="NAME=MINDEVCOUNT",
+        help="create a class in the last --domain (repeatable)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT or SIGTERM, then stop cleanly; 0 on a clean stop, 1 if it cannot start."""
+    mogile = DevMogileFS(
+        args.data, host=args.host, tracker_port=args.port, storage_ports=args.storage_ports, domains=args.domains
+    )
+    stopping = threading.Event()
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        try:
+            mogile.start()
+        except OSError as exc:
+            print(f"devserver: cannot start: {exc}", file=sys.stderr)
+            return 1
+        print(f"tracker {mogile.trackers[0]}")
+        for number, node in enumerate(mogile.nodes, 1):
+            print(f"storage dev{number} {node.url} (docroot {node.docroot})")
+        print(f"data {mogile.data_dir}", flush=True)
+        while not stopping.wait(0.2):
+            pass
+        return 0
+    finally:
+        mogile.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

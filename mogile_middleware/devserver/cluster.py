@@ -1,0 +1,155 @@
+"""``DevMogileFS``: a tracker and storage nodes on local ports, started and stopped together.
+
+For development and tests only. Layout of the data directory: ``tracker/mogilefs.sqlite3`` (the
+metadata) and ``stor<N>/dev<N>/...`` (the docroot of storage node N, holding device N). Reusing a
+data directory keeps domains, classes, keys and files.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from ..exceptions import TrackerError
+from ..protocol import encode_request, parse_reply
+from .metadata import MetadataStore
+from .netutil import BackgroundServer
+from .storage_node import StorageNode
+from .tracker_server import TrackerServer
+
+
+class DevMogileFS:
+    """A development MogileFS: one tracker and ``storage_nodes`` nodes (one device each) on ``host``.
+
+    For development and tests only; not a replacement for MogileFS. Port 0 means a free port;
+    ``storage_ports`` overrides ``storage_nodes``. ``data_dir=None`` uses a temporary directory,
+    removed on :meth:`stop`. ``domains`` maps domain names to ``{class: mindevcount}``; they are
+    created (or their classes updated) through the tracker protocol on start, as a user would.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path | None = None,
+        *,
+        host: str = "127.0.0.1",
+        tracker_port: int = 0,
+        storage_ports: Sequence[int] | None = None,
+        storage_nodes: int = 2,
+        domains: Mapping[str, Mapping[str, int]] | None = None,
+    ) -> None:
+        self.host = host
+        self._requested_data_dir = Path(data_dir) if data_dir is not None else None
+        self._storage_ports = list(storage_ports) if storage_ports is not None else [0] * storage_nodes
+        self._domains = {domain: dict(classes) for domain, classes in (domains or {}).items()}
+        self.data_dir: Path | None = None
+        self.store: MetadataStore | None = None
+        self.tracker: TrackerServer | None = None
+        self.nodes: list[StorageNode] = []
+        self._tracker_port = tracker_port
+
+    # -- addresses ----------------------------------------------------------------------------
+
+    @property
+    def tracker_address(self) -> tuple[str, int]:
+        """``(host, port)`` of the tracker."""
+        return self._running_tracker().address
+
+    @property
+    def trackers(self) -> list[str]:
+        """The tracker as a client wants it: ``["127.0.0.1:7001"]``."""
+        host, port = self.tracker_address
+        return [f"{host}:{port}"]
+
+    def _running_tracker(self) -> TrackerServer:
+        if self.tracker is None:
+            raise RuntimeError("DevMogileFS is not started")
+        return self.tracker
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> DevMogileFS:
+        """Start the storage nodes and the tracker, then create the configured domains and classes."""
+        if self.tracker is not None:
+            return self
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        data_dir = self._requested_data_dir or Path(tempfile.mkdtemp(prefix="mogile-dev-"))
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = MetadataStore(data_dir / "tracker" / "mogilefs.sqlite3")
+        for number, port in enumerate(self._storage_ports, 1):
+            node = StorageNode(data_dir / f"stor{number}", self.host, port)
+            self.nodes.append(node)
+            node.start()
+            self.store.register_device(number, f"stor{number}", self.host, node.port)
+        self.tracker = TrackerServer(self.store, self.host, self._tracker_port)
+        self.tracker.start()
+        self._configure()
+
+    def stop(self) -> None:
+        """Stop everything (all servers at once); a temporary data directory is removed."""
+        servers: list[BackgroundServer] = [*self.nodes, *([self.tracker] if self.tracker else [])]
+        stoppers = [threading.Thread(target=server.stop) for server in servers]
+        for stopper in stoppers:
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join()
+        self.tracker, self.nodes = None, []
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        if self._requested_data_dir is None and self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.data_dir = None
+
+    def stop_tracker(self) -> None:
+        """Stop only the tracker (its clients' connections are cut); the nodes keep serving."""
+        self._running_tracker().stop()
+
+    def start_tracker(self) -> None:
+        """Start the tracker again, on the same port."""
+        self._running_tracker().start()
+
+    def __enter__(self) -> DevMogileFS:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- configuration over the wire ----------------------------------------------------------
+
+    def _configure(self) -> None:
+        """Create the configured domains and classes with tracker commands (existing ones are kept)."""
+        if not self._domains:
+            return
+        with socket.create_connection(self.tracker_address, timeout=30) as sock, sock.makefile("rb") as replies:
+
+            def ask(command: str, args: dict[str, str | int], tolerated: str) -> bool:
+                sock.sendall(encode_request(command, args))
+                try:
+                    parse_reply(replies.readline())
+                except TrackerError as exc:
+                    if exc.code != tolerated:
+                        raise
+                    return False
+                return True
+
+            for domain, classes in self._domains.items():
+                ask("create_domain", {"domain": domain}, "domain_exists")
+                for name, mindevcount in classes.items():
+                    args: dict[str, str | int] = {"domain": domain, "class": name, "mindevcount": mindevcount}
+                    if not ask("create_class", args, "class_exists"):
+                        ask("update_class", args, "")

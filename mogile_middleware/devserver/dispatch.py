@@ -1,0 +1,106 @@
+"""Command dispatch of the development tracker: one request line in, one reply line out.
+
+Handlers take the decoded arguments and return the ``OK`` arguments, or raise
+:class:`CommandError`; here the reply is formatted as mogilefsd does it (error texts, ``callid``
+echo), and any other exception becomes ``ERR failure``, so no input can take the tracker down.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from ..protocol import format_err, format_ok, parse_request
+from .metadata import MetadataStore
+from .monitor import DeviceMonitor
+
+log = logging.getLogger(__name__)
+
+#: mogilefsd's texts for error codes; any other code is sent with the code as its text.
+ERROR_TEXTS = {
+    "after_mismatch": "Pattern does not match the after-value?",
+    "class_exists": "That class already exists in that domain",
+    "class_not_found": "Class not found",
+    "domain_exists": "That domain already exists",
+    "domain_not_found": "Domain not found",
+    "failure": "Operation failed",
+    "invalid_mindevcount": "The mindevcount must be at least 1",
+    "key_exists": "Target key name already exists; can't overwrite.",
+    "no_class": "No class provided",
+    "no_devices": "No devices found to store file",
+    "no_domain": "No domain provided",
+    "no_temp_file": "No tempfile or file already closed",
+    "none_match": "No keys match that pattern and after-value (if any).",
+    "unknown_command": "Unknown server command",
+    "unreg_domain": "Domain name invalid/not found",
+}
+
+_PERL_NUMBER = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)")
+
+Reply = Mapping[str, str | int] | None
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a command handler works with: the metadata and the live view of the devices."""
+
+    store: MetadataStore
+    monitor: DeviceMonitor
+
+
+Handler = Callable[[Context, dict[str, str]], Reply]
+
+
+class CommandError(Exception):
+    """Answer the current request with ``ERR <code> <text>``."""
+
+    def __init__(self, code: str, text: str | None = None) -> None:
+        super().__init__(code)
+        self.code = code
+        self.text = text
+
+
+def perl_true(value: str | None) -> bool:
+    """Truth of an argument as Perl sees it: missing, empty and ``"0"`` are false."""
+    return value not in (None, "", "0")
+
+
+def perl_int(value: str | None) -> int:
+    """An argument as a Perl number, truncated: its leading number, or 0 (``"12abc"`` is 12)."""
+    match = _PERL_NUMBER.match(value or "")
+    return int(float(match.group(1))) if match else 0
+
+
+def require_domain(ctx: Context, args: Mapping[str, str]) -> int:
+    """The dmid of the ``domain`` argument (``no_domain`` / ``unreg_domain`` otherwise)."""
+    domain = args.get("domain")
+    if not domain:
+        raise CommandError("no_domain")
+    dmid = ctx.store.domain_id(domain)
+    if dmid is None:
+        raise CommandError("unreg_domain")
+    return dmid
+
+
+def respond(ctx: Context, handlers: Mapping[str, Handler], line: bytes) -> bytes:
+    """The reply line for one request line (its terminator already removed)."""
+    parsed = parse_request(line)
+    if parsed is None:
+        return format_err("unknown_command", ERROR_TEXTS["unknown_command"])
+    command, args = parsed
+    callid = args.get("callid")
+    try:
+        handler = handlers.get(command)
+        if handler is None:
+            raise CommandError("unknown_command")
+        reply = dict(handler(ctx, args) or {})
+    except CommandError as exc:
+        return format_err(exc.code, exc.text or ERROR_TEXTS.get(exc.code), callid)
+    except Exception:
+        log.exception("command %r failed", command)
+        return format_err("failure", ERROR_TEXTS["failure"], callid)
+    if callid is not None:
+        reply["callid"] = callid
+    return format_ok(reply)

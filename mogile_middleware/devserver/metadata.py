@@ -1,0 +1,394 @@
+"""SQLite metadata of the development tracker: domains, classes, hosts, devices, files, replicas.
+
+One connection guarded by a lock, so every tracker thread can use it; the file lives in the data
+directory, so stopping and starting the tracker on the same directory keeps everything. Keys and
+names are stored as BLOBs of their raw bytes (as the tracker treats them), which also makes the
+key order byte-wise.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..protocol import to_bytes, to_text
+
+#: The class every domain has without creating it (classid 0), as in mogilefsd.
+DEFAULT_CLASS = "default"
+DEFAULT_MINDEVCOUNT = 2
+#: Version of this store's own schema (reported by ``server_settings``).
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS domain (
+    dmid INTEGER PRIMARY KEY, namespace BLOB NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS class (
+    dmid INTEGER NOT NULL, classid INTEGER NOT NULL, classname BLOB NOT NULL,
+    mindevcount INTEGER NOT NULL, hashtype TEXT,
+    PRIMARY KEY (dmid, classid), UNIQUE (dmid, classname));
+CREATE TABLE IF NOT EXISTS host (
+    hostid INTEGER PRIMARY KEY, hostname TEXT NOT NULL UNIQUE, hostip TEXT NOT NULL,
+    http_port INTEGER NOT NULL, status TEXT NOT NULL DEFAULT 'alive');
+CREATE TABLE IF NOT EXISTS device (
+    devid INTEGER PRIMARY KEY, hostid INTEGER NOT NULL, status TEXT NOT NULL DEFAULT 'alive',
+    weight INTEGER NOT NULL DEFAULT 100);
+CREATE TABLE IF NOT EXISTS file (
+    fid INTEGER PRIMARY KEY, dmid INTEGER NOT NULL, dkey BLOB NOT NULL, length INTEGER NOT NULL,
+    classid INTEGER NOT NULL, UNIQUE (dmid, dkey));
+CREATE TABLE IF NOT EXISTS file_on (
+    fid INTEGER NOT NULL, devid INTEGER NOT NULL, PRIMARY KEY (fid, devid));
+CREATE TABLE IF NOT EXISTS tempfile (
+    fid INTEGER PRIMARY KEY AUTOINCREMENT, createtime INTEGER NOT NULL, dmid INTEGER NOT NULL,
+    dkey BLOB NOT NULL, classid INTEGER NOT NULL, devids TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS checksum (
+    fid INTEGER PRIMARY KEY, hashtype TEXT NOT NULL, checksum TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS server_settings (field TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def fid_path(devid: int, fid: int) -> str:
+    """The path of a fid on a device, as mogilefsd builds it: ``/dev1/0/000/000/0000000123.fid``."""
+    digits = f"{fid:010d}"
+    return f"/dev{devid}/{digits[0]}/{digits[1:4]}/{digits[4:7]}/{digits}.fid"
+
+
+@dataclass(frozen=True)
+class ClassRow:
+    """A storage class of a domain; ``hashtype`` is ``"MD5"`` or ``None``."""
+
+    dmid: int
+    classid: int
+    name: str
+    mindevcount: int
+    hashtype: str | None
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    """A device and the host (storage node) that serves it over HTTP."""
+
+    devid: int
+    hostid: int
+    hostname: str
+    hostip: str
+    http_port: int
+    status: str
+    weight: int
+
+    @property
+    def base_url(self) -> str:
+        """The storage node's URL, ``http://IP:PORT``."""
+        return f"http://{self.hostip}:{self.http_port}"
+
+    def url_for(self, fid: int) -> str:
+        """The URL of ``fid`` on this device."""
+        return self.base_url + fid_path(self.devid, fid)
+
+
+@dataclass(frozen=True)
+class FileRow:
+    """A stored key and the fid holding its data; ``devcount`` counts its replicas."""
+
+    fid: int
+    dmid: int
+    key: str
+    length: int
+    classid: int
+    devcount: int
+
+
+@dataclass(frozen=True)
+class TempfileRow:
+    """A fid handed out by ``create_open`` and not closed yet; ``devids`` as sent, ``"1,2"``."""
+
+    fid: int
+    dmid: int
+    key: str
+    classid: int
+    devids: str
+
+
+_FILE_COLUMNS = "f.fid, f.dmid, f.dkey, f.length, f.classid, (SELECT COUNT(*) FROM file_on o WHERE o.fid = f.fid)"
+
+
+def _file_row(row: tuple[int, int, bytes, int, int, int]) -> FileRow:
+    return FileRow(row[0], row[1], to_text(row[2]), row[3], row[4], row[5])
+
+
+class MetadataStore:
+    """The tracker's database; every method is one short, thread-safe transaction."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        with self._tx() as db:
+            db.executescript(_SCHEMA)
+            db.execute(
+                "INSERT OR IGNORE INTO server_settings (field, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._db:
+            yield self._db
+
+    def close(self) -> None:
+        """Close the database connection."""
+        with self._lock:
+            self._db.close()
+
+    # -- domains and classes ------------------------------------------------------------------
+
+    def domain_id(self, name: str) -> int | None:
+        """The dmid of a domain, or ``None``."""
+        with self._tx() as db:
+            row = db.execute("SELECT dmid FROM domain WHERE namespace = ?", (to_bytes(name),)).fetchone()
+        return row[0] if row else None
+
+    def domains(self) -> list[tuple[int, str]]:
+        """Every domain as ``(dmid, name)``."""
+        with self._tx() as db:
+            rows = db.execute("SELECT dmid, namespace FROM domain ORDER BY dmid").fetchall()
+        return [(dmid, to_text(name)) for dmid, name in rows]
+
+    def create_domain(self, name: str) -> bool:
+        """Create a domain; ``False`` when it already exists."""
+        with self._tx() as db:
+            cursor = db.execute("INSERT OR IGNORE INTO domain (namespace) VALUES (?)", (to_bytes(name),))
+        return cursor.rowcount == 1
+
+    def classes(self, dmid: int) -> list[ClassRow]:
+        """The classes of a domain, the default class first (implicit unless it was created)."""
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT classid, classname, mindevcount, hashtype FROM class WHERE dmid = ? ORDER BY classid", (dmid,)
+            ).fetchall()
+        classes = [ClassRow(dmid, cid, to_text(name), mdc, hashtype) for cid, name, mdc, hashtype in rows]
+        if not classes or classes[0].classid != 0:
+            classes.insert(0, ClassRow(dmid, 0, DEFAULT_CLASS, DEFAULT_MINDEVCOUNT, None))
+        return classes
+
+    def class_by_name(self, dmid: int, name: str) -> ClassRow | None:
+        """A class of a domain by name (``default`` always exists)."""
+        return next((cls for cls in self.classes(dmid) if cls.name == name), None)
+
+    def class_by_id(self, dmid: int, classid: int) -> ClassRow:
+        """A class of a domain by id; an unknown id reads as the default class."""
+        classes = self.classes(dmid)
+        return next((cls for cls in classes if cls.classid == classid), classes[0])
+
+    def create_class(self, dmid: int, name: str, mindevcount: int, hashtype: str | None) -> bool:
+        """Create a class (``default`` takes classid 0); ``False`` when it already exists."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM class WHERE dmid = ? AND classname = ?", (dmid, to_bytes(name))).fetchone():
+                return False
+            if name == DEFAULT_CLASS:
+                classid = 0
+            else:
+                (top,) = db.execute("SELECT COALESCE(MAX(classid), 0) FROM class WHERE dmid = ?", (dmid,)).fetchone()
+                classid = top + 1
+            db.execute(
+                "INSERT INTO class (dmid, classid, classname, mindevcount, hashtype) VALUES (?, ?, ?, ?, ?)",
+                (dmid, classid, to_bytes(name), mindevcount, hashtype),
+            )
+        return True
+
+    def update_class(self, dmid: int, classid: int, mindevcount: int, hashtype: str | None, set_hashtype: bool) -> None:
+        """Change a class's mindevcount (and hashtype when ``set_hashtype``)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE class SET mindevcount = ?, hashtype = CASE WHEN ? THEN ? ELSE hashtype END"
+                " WHERE dmid = ? AND classid = ?",
+                (mindevcount, set_hashtype, hashtype, dmid, classid),
+            )
+
+    # -- hosts and devices --------------------------------------------------------------------
+
+    def register_device(self, devid: int, hostname: str, hostip: str, http_port: int) -> None:
+        """Add or update a device and its host (the storage node at ``http://hostip:http_port``)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO host (hostname, hostip, http_port) VALUES (?, ?, ?)"
+                " ON CONFLICT (hostname) DO UPDATE SET hostip = excluded.hostip, http_port = excluded.http_port",
+                (hostname, hostip, http_port),
+            )
+            (hostid,) = db.execute("SELECT hostid FROM host WHERE hostname = ?", (hostname,)).fetchone()
+            db.execute(
+                "INSERT INTO device (devid, hostid) VALUES (?, ?)"
+                " ON CONFLICT (devid) DO UPDATE SET hostid = excluded.hostid",
+                (devid, hostid),
+            )
+
+    def devices(self) -> list[DeviceRow]:
+        """Every device with its host, by devid."""
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT d.devid, d.hostid, h.hostname, h.hostip, h.http_port, d.status, d.weight"
+                " FROM device d JOIN host h ON h.hostid = d.hostid ORDER BY d.devid"
+            ).fetchall()
+        return [DeviceRow(*row) for row in rows]
+
+    def hosts(self) -> list[dict[str, str | int]]:
+        """Every host as the fields ``get_hosts`` reports."""
+        with self._tx() as db:
+            rows = db.execute("SELECT hostid, hostname, hostip, http_port, status FROM host ORDER BY hostid").fetchall()
+        return [
+            {"hostid": hid, "status": status, "hostname": name, "hostip": ip, "http_port": port}
+            for hid, name, ip, port, status in rows
+        ]
+
+    # -- tempfiles ----------------------------------------------------------------------------
+
+    def open_tempfile(self, dmid: int, key: str, classid: int, devids: list[int], fid: int | None = None) -> int | None:
+        """Hand out the next fid (or ``fid``) for an upload; ``None`` when ``fid`` is taken."""
+        try:
+            with self._tx() as db:
+                cursor = db.execute(
+                    "INSERT INTO tempfile (fid, createtime, dmid, dkey, classid, devids) VALUES (?, ?, ?, ?, ?, ?)",
+                    (fid, int(time.time()), dmid, to_bytes(key), classid, ",".join(map(str, devids))),
+                )
+        except sqlite3.IntegrityError:
+            return None
+        return cursor.lastrowid
+
+    def tempfile(self, fid: int) -> TempfileRow | None:
+        """An open tempfile by fid."""
+        with self._tx() as db:
+            row = db.execute("SELECT fid, dmid, dkey, classid, devids FROM tempfile WHERE fid = ?", (fid,)).fetchone()
+        return TempfileRow(row[0], row[1], to_text(row[2]), row[3], row[4]) if row else None
+
+    def take_tempfile(self, fid: int) -> TempfileRow | None:
+        """Remove and return an open tempfile (so a second close of the same fid finds nothing)."""
+        row = self.tempfile(fid)
+        with self._tx() as db:
+            taken = db.execute("DELETE FROM tempfile WHERE fid = ?", (fid,)).rowcount
+        return row if taken else None
+
+    # -- files and replicas -------------------------------------------------------------------
+
+    def file_by_key(self, dmid: int, key: str) -> FileRow | None:
+        """The file a key points at."""
+        with self._tx() as db:
+            row = db.execute(
+                f"SELECT {_FILE_COLUMNS} FROM file f WHERE f.dmid = ? AND f.dkey = ?", (dmid, to_bytes(key))
+            ).fetchone()
+        return _file_row(row) if row else None
+
+    def file_by_fid(self, fid: int) -> FileRow | None:
+        """A file by fid."""
+        with self._tx() as db:
+            row = db.execute(f"SELECT {_FILE_COLUMNS} FROM file f WHERE f.fid = ?", (fid,)).fetchone()
+        return _file_row(row) if row else None
+
+    def store_file(self, fid: int, dmid: int, key: str, length: int, classid: int, devid: int) -> tuple[int, list[int]]:
+        """Point ``key`` at ``fid`` (held on ``devid``); returns the fid it replaced (0 if none) and its devids.
+
+        The replaced fid's rows are gone when this returns; its data is the caller's to delete.
+        """
+        with self._tx() as db:
+            old = db.execute("SELECT fid FROM file WHERE dmid = ? AND dkey = ?", (dmid, to_bytes(key))).fetchone()
+            old_fid = old[0] if old else 0
+            old_devids = _delete_fid(db, old_fid) if old else []
+            db.execute(
+                "INSERT INTO file (fid, dmid, dkey, length, classid) VALUES (?, ?, ?, ?, ?)",
+                (fid, dmid, to_bytes(key), length, classid),
+            )
+            db.execute("INSERT OR IGNORE INTO file_on (fid, devid) VALUES (?, ?)", (fid, devid))
+        return old_fid, old_devids
+
+    def delete_file(self, fid: int) -> list[int]:
+        """Forget a file; returns the devids that held it (their data is the caller's to delete)."""
+        with self._tx() as db:
+            return _delete_fid(db, fid)
+
+    def rename_file(self, fid: int, new_key: str) -> bool:
+        """Point another key at a file; ``False`` when the new key is taken by another file."""
+        try:
+            with self._tx() as db:
+                db.execute("UPDATE file SET dkey = ? WHERE fid = ?", (to_bytes(new_key), fid))
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def set_file_class(self, fid: int, classid: int) -> None:
+        """Move a file to another class."""
+        with self._tx() as db:
+            db.execute("UPDATE file SET classid = ? WHERE fid = ?", (classid, fid))
+
+    def replica_devids(self, fid: int) -> list[int]:
+        """The devices holding a copy of ``fid``."""
+        with self._tx() as db:
+            rows = db.execute("SELECT devid FROM file_on WHERE fid = ? ORDER BY devid", (fid,)).fetchall()
+        return [devid for (devid,) in rows]
+
+    def add_replica(self, fid: int, devid: int) -> bool:
+        """Record a copy of ``fid`` on ``devid``; ``False`` when the file no longer exists."""
+        with self._tx() as db:
+            if not db.execute("SELECT 1 FROM file WHERE fid = ?", (fid,)).fetchone():
+                return False
+            db.execute("INSERT OR IGNORE INTO file_on (fid, devid) VALUES (?, ?)", (fid, devid))
+        return True
+
+    def under_replicated(self) -> list[int]:
+        """The fids with fewer copies than their class's mindevcount."""
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT f.fid FROM file f LEFT JOIN class c ON c.dmid = f.dmid AND c.classid = f.classid"
+                " WHERE (SELECT COUNT(*) FROM file_on o WHERE o.fid = f.fid) < COALESCE(c.mindevcount, ?)"
+                " ORDER BY f.fid",
+                (DEFAULT_MINDEVCOUNT,),
+            ).fetchall()
+        return [fid for (fid,) in rows]
+
+    def list_keys(self, dmid: int, prefix: str, after: str, limit: int) -> list[str]:
+        """Keys starting with ``prefix`` (ASCII case-insensitive, as SQLite LIKE), above ``after``, byte order."""
+        pattern = to_bytes(prefix).replace(b"\\", b"\\\\").replace(b"%", b"\\%").replace(b"_", b"\\_") + b"%"
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT dkey FROM file WHERE dmid = ? AND CAST(dkey AS TEXT) LIKE CAST(? AS TEXT) ESCAPE '\\'"
+                " AND dkey > ? ORDER BY dkey LIMIT ?",
+                (dmid, pattern, to_bytes(after), limit),
+            ).fetchall()
+        return [to_text(key) for (key,) in rows]
+
+    def list_fids(self, after_fid: int, count: int) -> list[FileRow]:
+        """Up to ``count`` files with a fid above ``after_fid``, by fid."""
+        with self._tx() as db:
+            rows = db.execute(
+                f"SELECT {_FILE_COLUMNS} FROM file f WHERE f.fid > ? ORDER BY f.fid LIMIT ?", (after_fid, count)
+            ).fetchall()
+        return [_file_row(row) for row in rows]
+
+    # -- checksums and settings ---------------------------------------------------------------
+
+    def checksum(self, fid: int) -> str | None:
+        """The stored checksum of a fid as ``MD5:<hex>``."""
+        with self._tx() as db:
+            row = db.execute("SELECT hashtype, checksum FROM checksum WHERE fid = ?", (fid,)).fetchone()
+        return f"{row[0]}:{row[1]}" if row else None
+
+    def set_checksum(self, fid: int, hashtype: str, hexdigest: str) -> None:
+        """Store the checksum of a fid."""
+        with self._tx() as db:
+            db.execute("REPLACE INTO checksum (fid, hashtype, checksum) VALUES (?, ?, ?)", (fid, hashtype, hexdigest))
+
+    def server_settings(self) -> list[tuple[str, str]]:
+        """Every server setting as ``(name, value)``."""
+        with self._tx() as db:
+            return db.execute("SELECT field, value FROM server_settings ORDER BY field").fetchall()
+
+
+def _delete_fid(db: sqlite3.Connection, fid: int) -> list[int]:
+    devids = [devid for (devid,) in db.execute("SELECT devid FROM file_on WHERE fid = ?", (fid,))]
+    for table in ("file", "file_on", "checksum"):
+        db.execute(f"DELETE FROM {table} WHERE fid = ?", (fid,))
+    return devids

@@ -1,0 +1,106 @@
+"""Plumbing shared by the development tracker and storage nodes.
+
+A :class:`BackgroundServer` runs a ``socketserver`` server in a daemon thread, can be stopped and
+started again on the same port, and on stop also closes the connections it is serving, so a
+stopped node or tracker really looks dead to its clients (as a killed process would).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import socketserver
+import threading
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: Size of every read and write when bodies are streamed: memory stays flat with file size.
+CHUNK_SIZE = 64 * 1024
+
+
+class TrackingThreadingMixIn(socketserver.ThreadingMixIn):
+    """A threading server that remembers its open connections so :meth:`close_connections` can cut them."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Remember the connection, then serve it in a thread."""
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        """Forget the connection and close it."""
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)  # type: ignore[misc]  # BaseServer provides it
+
+    def close_connections(self) -> None:
+        """Shut down every connection still open, so the threads serving them end."""
+        with self._connections_lock:
+            connections = list(self._connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log a handler failure quietly: a bad client must never make noise or stop the server."""
+        log.debug("error while serving %s", client_address, exc_info=True)
+
+
+class BackgroundServer:
+    """A ``socketserver`` server run in a daemon thread; restartable on the port it first got."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._server: socketserver.BaseServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def _make_server(self) -> socketserver.BaseServer:
+        """Build the (bound, listening) server; subclasses say which one."""
+        raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        """Whether the server is accepting connections."""
+        return self._server is not None
+
+    def start(self) -> None:
+        """Bind and serve in the background (on the same port as before when restarted)."""
+        if self._server is not None:
+            return
+        server = self._make_server()
+        address = server.server_address
+        assert isinstance(address, tuple)
+        self.port = int(address[1])
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.02},
+            name=f"{type(self).__name__}:{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop accepting, close the listening socket and cut every open connection."""
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        self._server = self._thread = None
+        server.shutdown()
+        server.server_close()
+        if isinstance(server, TrackingThreadingMixIn):
+            server.close_connections()
+        if thread is not None:
+            thread.join(timeout=5)

@@ -1,0 +1,272 @@
+"""A development storage node that answers HTTP the way mogstored (Perlbal 1.80 web_server) does.
+
+For development and tests only. It serves one docroot (holding ``dev<N>/`` directories) with
+GET/HEAD (single ranges, If-Modified-Since), PUT (atomic: written to a temporary file and renamed
+into place once the whole body arrived), DELETE, and refuses MKCOL, like the real node. Bodies are
+streamed in bounded chunks, so memory stays flat whatever the file size.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.server
+import logging
+import os
+import re
+import socketserver
+import tempfile
+from contextlib import suppress
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import unquote
+
+from .netutil import CHUNK_SIZE, BackgroundServer, TrackingThreadingMixIn
+
+log = logging.getLogger(__name__)
+
+_REASONS = {
+    200: "OK",
+    204: "No Content",
+    206: "Partial Content",
+    304: "Not Modified",
+    400: "Bad request",
+    404: "Not Found",
+    416: "Request range not satisfiable",
+    500: "Internal Server Error",
+}
+_SINGLE_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+class _BodyCut(Exception):
+    """The client went away before the whole request body arrived."""
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int, int]:
+    """``(status, first, last)`` for a Range header, exactly as Perlbal 1.80 decides it.
+
+    Only a single ``bytes=a-b`` range counts (anything else is a plain 200). Faithful to the real
+    node, a suffix range ``bytes=-N`` is answered as bytes ``0..N`` (the first N+1 bytes), not as
+    the last N bytes: clients that rely on suffix ranges get the same wrong answer here as there.
+    """
+    match = _SINGLE_RANGE.match(header or "")
+    if match is None or match.group(0) == "bytes=-":
+        return 200, 0, size - 1
+    first = int(match.group(1)) if match.group(1) else None
+    last = int(match.group(2)) if match.group(2) else None
+    if first is not None and last is not None and first > last:
+        return 416, 0, 0
+    if first is None and last == 0:
+        return 416, 0, 0
+    if first is not None and size <= first:
+        return 416, 0, 0
+    first = first or 0
+    if last is None or last >= size:
+        last = size - 1
+    return 206, first, last
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """One client connection; HTTP/1.0 status lines, keep-alive unless the client asks to close."""
+
+    protocol_version = "HTTP/1.0"
+    server_version = "mogile-middleware-devserver"
+    sys_version = ""
+    timeout = 30  # idle keep-alive connections are dropped after this, as Perlbal does
+    server: _HTTPServer
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Access log lines go to the debug log, not to stderr."""
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def version_string(self) -> str:
+        """The Server header."""
+        return self.server_version
+
+    def _keep_alive(self) -> bool:
+        connection = self.headers.get("Connection", "").lower()
+        if self.request_version == "HTTP/1.1":
+            return connection != "close"
+        return connection == "keep-alive"
+
+    def _start(self, code: int, headers: list[tuple[str, str | int]], close: bool = False) -> None:
+        """Send the status line and headers; ``close`` ends the connection after this response."""
+        self.close_connection = close or not self._keep_alive()
+        self.send_response(code, _REASONS.get(code, ""))
+        for name, value in headers:
+            self.send_header(name, str(value))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        else:
+            self.send_header("Connection", "keep-alive")
+            self.send_header("Keep-Alive", f"timeout={self.timeout}, max=100")
+        self.end_headers()
+
+    def _page(self, code: int, extra: str = "", close: bool = False) -> None:
+        body = f"<h1>{code} - {_REASONS[code]}</h1>\n{extra}".encode()
+        self._start(code, [("Content-Type", "text/html"), ("Content-Length", len(body))], close)
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _local_path(self) -> Path | None:
+        """The file a request path names under the docroot; ``None`` for paths escaping it."""
+        parts = [part for part in unquote(self.path.split("?", 1)[0]).split("/") if part]
+        if any(part in (".", "..") or "\x00" in part for part in parts):
+            return None
+        return self.server.docroot.joinpath(*parts)
+
+    # -- GET and HEAD -------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        """Send a file (whole, or one byte range), a directory notice or a 404."""
+        path = self._local_path()
+        if path is None:
+            self._page(400, close=True)
+            return
+        if path.is_dir():
+            self._page(200, "Directory listing disabled")
+            return
+        try:
+            stream = path.open("rb")
+        except OSError:
+            self._page(404)
+            return
+        with stream:
+            self._send_file(stream, os.fstat(stream.fileno()))
+
+    do_HEAD = do_GET
+
+    def _send_file(self, stream: BinaryIO, stat: os.stat_result) -> None:
+        size = stat.st_size
+        last_modified = email.utils.formatdate(stat.st_mtime, usegmt=True)
+        common: list[tuple[str, str | int]] = [("Last-Modified", last_modified), ("Accept-Ranges", "bytes")]
+        if self.headers.get("If-Modified-Since") == last_modified:
+            self._start(304, common)
+            return
+        status, first, last = parse_range(self.headers.get("Range"), size)
+        if status == 416:
+            self._start(416, [("Content-Range", f"bytes */{size}"), ("Content-Length", 0), *common])
+            return
+        headers = [*common, ("Content-Type", "text/plain")]
+        if status == 206:
+            headers.append(("Content-Range", f"bytes {first}-{last}/{size}"))
+        length = max(last - first + 1, 0)
+        self._start(status, [*headers, ("Content-Length", length)])
+        if self.command == "HEAD":
+            return
+        stream.seek(first)
+        while length > 0:
+            chunk = stream.read(min(CHUNK_SIZE, length))
+            if not chunk:
+                self.close_connection = True  # the file shrank under us; the client sees a short body
+                return
+            self.wfile.write(chunk)
+            length -= len(chunk)
+
+    # -- PUT, DELETE, MKCOL -------------------------------------------------------------------
+
+    def do_PUT(self) -> None:
+        """Store the body at the path, creating directories; the file appears only when complete."""
+        path = self._local_path()
+        if path is None or path.parent == self.server.docroot or path == self.server.docroot:
+            self._page(400, "" if path is None else "Does not meet minimum directory requirement", close=True)
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        except OSError:
+            log.warning("cannot write under %s", path.parent, exc_info=True)
+            self._page(500, close=True)
+            return
+        try:
+            with os.fdopen(fd, "wb") as out:
+                self._receive_body(out)
+        except (_BodyCut, OSError, ValueError) as exc:
+            log.debug("PUT %s abandoned: %s", self.path, exc)
+            _discard(temp_name)
+            self.close_connection = True  # the client is gone or sent garbage: no answer
+            return
+        try:
+            os.chmod(temp_name, 0o644)
+            os.replace(temp_name, path)
+        except OSError:
+            log.warning("cannot store %s", path, exc_info=True)
+            _discard(temp_name)
+            self._page(500, close=True)
+            return
+        self._page(200)
+
+    def _receive_body(self, out: BinaryIO) -> None:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            while size := self._chunk_size():
+                self._copy_body(out, size)
+                self.rfile.readline(1024)
+            while self.rfile.readline(1024).strip():  # trailers, then the blank line
+                pass
+        else:
+            self._copy_body(out, int(self.headers.get("Content-Length") or 0))
+
+    def _chunk_size(self) -> int:
+        line = self.rfile.readline(1024)
+        if not line:
+            raise _BodyCut("chunked body cut")
+        return int(line.split(b";")[0].strip(), 16)
+
+    def _copy_body(self, out: BinaryIO, remaining: int) -> None:
+        while remaining > 0:
+            chunk = self.rfile.read(min(CHUNK_SIZE, remaining))
+            if not chunk:
+                raise _BodyCut(f"{remaining} bytes missing")
+            out.write(chunk)
+            remaining -= len(chunk)
+
+    def do_DELETE(self) -> None:
+        """Remove a file: 204, or 404 when there is none."""
+        path = self._local_path()
+        try:
+            if path is None or not path.is_file():
+                raise FileNotFoundError(self.path)
+            path.unlink()
+        except OSError:
+            self._page(404)
+            return
+        self._start(204, [])
+
+    def do_MKCOL(self) -> None:
+        """Refuse, as mogstored does (the tracker then relies on PUT creating directories)."""
+        self._page(400, close=True)
+
+
+def _discard(name: str) -> None:
+    with suppress(OSError):
+        os.unlink(name)
+
+
+class _HTTPServer(TrackingThreadingMixIn, http.server.HTTPServer):
+    """A threaded HTTP server that knows its docroot."""
+
+    def __init__(self, address: tuple[str, int], docroot: Path) -> None:
+        self.docroot = docroot
+        super().__init__(address, _Handler)
+
+
+class StorageNode(BackgroundServer):
+    """A storage node serving ``docroot`` (which holds ``dev<N>/``) at ``http://host:port``.
+
+    For development and tests only. :meth:`stop` makes it unreachable (connections cut),
+    :meth:`start` brings it back on the same port.
+    """
+
+    def __init__(self, docroot: str | Path, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(host, port)
+        self.docroot = Path(docroot).resolve()
+
+    @property
+    def url(self) -> str:
+        """The node's base URL, ``http://host:port``."""
+        return f"http://{self.host}:{self.port}"
+
+    def _make_server(self) -> socketserver.BaseServer:
+        self.docroot.mkdir(parents=True, exist_ok=True)
+        return _HTTPServer((self.host, self.port), self.docroot)
