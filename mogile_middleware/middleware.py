@@ -114,8 +114,7 @@ class MogileFSMiddleware:
             else NginxReproxy(location=nginx_location, extra_headers=extra) if reproxy == "nginx"
             else None
         )
-        self.serve = Serve(extra_headers=[extra[0]], cache_control=cache_control,
-                           storage_timeout=storage_timeout, on_failure=self._replicas_failed)
+        self.serve = Serve(extra_headers=extra, storage_timeout=storage_timeout, on_failure=self._replicas_failed)
         # Bodies are served whenever some client may not be a trusted proxy: then the length is needed.
         self._needs_length = reproxy is None or self.trusted_proxies is not None
         self.paths = PathCache(self._locate, backend=cache_backend, ttl_seconds=path_cache_seconds,

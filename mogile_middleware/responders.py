@@ -196,15 +196,16 @@ class ReplicaBody:
 class Serve:
     """Serve mode: stream the body from a storage node, with HEAD, ranges and 304 done by WebOb."""
 
-    def __init__(self, *, extra_headers: Headers, cache_control: str | None, storage_timeout: float,
+    def __init__(self, *, extra_headers: Headers, storage_timeout: float,
                  on_failure: Callable[[Location, Exception], None]) -> None:
         self.extra_headers = extra_headers
-        self.cache_control = cache_control
         self.storage_timeout = storage_timeout
         self.on_failure = on_failure
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse, location: Location,
                  headers: Headers | None = None) -> Any:
+        if not_modified(environ, location.etag):  # WebOb would not match "If-None-Match: *"
+            return _not_modified_response(location, self.extra_headers, start_response)
         body = ReplicaBody(location, start_response, timeout=self.storage_timeout, on_failure=self.on_failure)
         response = Response(
             app_iter=body,
@@ -216,8 +217,6 @@ class Serve:
         response.headers["Content-Type"] = location.content_type
         response.etag = location.etag
         response.accept_ranges = "bytes"
-        if self.cache_control:
-            response.cache_control = self.cache_control
         response.headerlist.extend(self.extra_headers)
         try:
             return response.conditional_response_app(environ, start_response)

@@ -1,0 +1,325 @@
+"""MogileFSMiddleware through WebTest (lint on) over the embedded MogileFS."""
+
+from __future__ import annotations
+
+import threading
+import time
+from urllib.parse import quote
+
+import pytest
+from conftest import DOMAIN
+from webtest import TestApp
+
+from mogile_middleware import Client
+from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.middleware import MogileFSMiddleware
+
+BODY = b"0123456789abcdefghijklmnopqrstuvwxyz\n"
+KEYS = ["plain.txt", "with space.png", "100%.jpg", "a+b.gif", "x&y=z.txt", "café/日本.css", "dir/sub/file"]
+
+
+def wrapped_app(environ, start_response):
+    """The application behind the middleware: echoes the path, streams in two pieces."""
+    start_response("201 Created", [("Content-Type", "text/x-app"), ("X-App", "yes")])
+    return [b"app:", environ["PATH_INFO"].encode("latin-1")]
+
+
+class CountingClient(Client):
+    """A Client that counts its get_paths calls (the tracker round trips of the middleware)."""
+
+    def __init__(self, *args, delay: float = 0.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.get_paths_calls = 0
+        self.delay = delay
+
+    def get_paths(self, key, *args, **kwargs):
+        self.get_paths_calls += 1
+        time.sleep(self.delay)
+        return super().get_paths(key, *args, **kwargs)
+
+
+@pytest.fixture
+def client(devmogile: DevMogileFS) -> Client:
+    client = Client(DOMAIN, devmogile.trackers)
+    for key in KEYS:
+        client.store_content(key, BODY, cls="avatar")
+    return client
+
+
+def make(devmogile: DevMogileFS, **options) -> tuple[TestApp, MogileFSMiddleware, CountingClient]:
+    counting = CountingClient(DOMAIN, devmogile.trackers, dead_seconds=1)
+    middleware = MogileFSMiddleware(wrapped_app, client=counting, **options)
+    return TestApp(middleware, lint=True), middleware, counting
+
+
+def url(key: str) -> str:
+    return "/mogilefs/" + quote(key)
+
+
+MODES = [pytest.param(None, id="serve"), pytest.param("perlbal", id="perlbal"), pytest.param("nginx", id="nginx")]
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_serve_mode_returns_the_bytes(devmogile: DevMogileFS, client: Client, key: str) -> None:
+    app, _, _ = make(devmogile)
+    response = app.get(url(key))
+    assert response.body == BODY
+    assert response.headers["Content-Length"] == str(len(BODY))
+    assert response.headers["Accept-Ranges"] == "bytes"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["ETag"].startswith('"fid-')
+
+
+@pytest.mark.parametrize(
+    ("key", "content_type"),
+    [("with space.png", "image/png"), ("café/日本.css", "text/css"), ("dir/sub/file", "application/octet-stream")],
+)
+def test_content_type_comes_from_the_extension(devmogile: DevMogileFS, client: Client, key: str,
+                                               content_type: str) -> None:
+    app, _, _ = make(devmogile)
+    assert app.get(url(key)).headers["Content-Type"] == content_type
+
+
+@pytest.mark.parametrize("reproxy", MODES)
+def test_other_paths_pass_through_untouched(devmogile: DevMogileFS, reproxy: str | None) -> None:
+    app, _, counting = make(devmogile, reproxy=reproxy)
+    for path in ("/", "/mogilefs", "/other/mogilefs/x", "/MOGILEFS/x"):
+        response = app.post(path, status=201)
+        assert response.body == b"app:" + path.encode()
+        assert response.headers["X-App"] == "yes" and response.headers["Content-Type"] == "text/x-app"
+    assert counting.get_paths_calls == 0
+
+
+def test_mounted_under_a_script_name(devmogile: DevMogileFS, client: Client) -> None:
+    app, _, _ = make(devmogile, prefix="/media")
+    response = app.get("/site/media/plain.txt", extra_environ={"SCRIPT_NAME": "/site", "PATH_INFO": "/media/plain.txt"})
+    assert response.body == BODY
+
+
+def test_head_sends_headers_without_a_body(devmogile: DevMogileFS, client: Client) -> None:
+    app, _, _ = make(devmogile)
+    response = app.head(url("plain.txt"))
+    assert response.body == b"" and response.headers["Content-Length"] == str(len(BODY))
+
+
+@pytest.mark.parametrize(
+    ("range_header", "status", "content_range", "body"),
+    [
+        pytest.param("bytes=0-9", 206, "bytes 0-9/37", BODY[:10], id="first-ten"),
+        pytest.param("bytes=10-", 206, "bytes 10-36/37", BODY[10:], id="open-end"),
+        pytest.param("bytes=-5", 206, "bytes 32-36/37", BODY[-5:], id="suffix"),
+        pytest.param("bytes=100-200", 416, "bytes */37", None, id="past-the-end"),
+    ],
+)
+def test_ranges(devmogile: DevMogileFS, client: Client, range_header: str, status: int, content_range: str,
+                body: bytes | None) -> None:
+    app, _, _ = make(devmogile)
+    response = app.get(url("plain.txt"), headers={"Range": range_header}, status=status)
+    assert response.headers["Content-Range"] == content_range
+    if body is not None:
+        assert response.body == body
+
+
+@pytest.mark.parametrize("reproxy", ["perlbal", "nginx"])
+def test_a_suffix_range_is_served_not_reproxied(devmogile: DevMogileFS, client: Client, reproxy: str) -> None:
+    # Storage nodes answer bytes=-N with the first N+1 bytes: the middleware sends an absolute range.
+    app, _, _ = make(devmogile, reproxy=reproxy)
+    response = app.get(url("plain.txt"), headers={"Range": "bytes=-5"}, status=206)
+    assert response.body == BODY[-5:] and response.headers["Content-Range"] == "bytes 32-36/37"
+    assert not any(name.upper().startswith(("X-REPROXY", "X-ACCEL")) for name in response.headers)
+
+
+@pytest.mark.parametrize("reproxy", MODES)
+def test_if_none_match_gives_304(devmogile: DevMogileFS, client: Client, reproxy: str | None) -> None:
+    app, _, _ = make(devmogile, reproxy=reproxy)
+    etag = app.get(url("plain.txt")).headers["ETag"]
+    for header in (etag, f'"other", {etag}', f"W/{etag}", "*"):
+        response = app.get(url("plain.txt"), headers={"If-None-Match": header}, status=304)
+        assert response.headers["ETag"] == etag
+        assert not any(name.upper().startswith(("X-REPROXY", "X-ACCEL")) for name in response.headers)
+    app.get(url("plain.txt"), headers={"If-None-Match": '"fid-0"'}, status=200)
+
+
+def test_overwrite_gives_a_new_etag(devmogile: DevMogileFS, client: Client) -> None:
+    app, middleware, _ = make(devmogile)
+    first = app.get(url("plain.txt")).headers["ETag"]
+    middleware.client.store_content("plain.txt", b"new content", cls="thumb")  # drops the cached paths
+    response = app.get(url("plain.txt"))
+    assert response.body == b"new content" and response.headers["ETag"] != first
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS"])
+def test_other_methods_get_405(devmogile: DevMogileFS, client: Client, method: str) -> None:
+    app, _, counting = make(devmogile)
+    response = app.request(url("plain.txt"), method=method, status=405)
+    assert response.headers["Allow"] == "GET, HEAD"
+    assert counting.get_paths_calls == 0
+
+
+@pytest.mark.parametrize("path", ["/mogilefs/missing.png", "/mogilefs/"])
+def test_unknown_and_empty_keys_get_404(devmogile: DevMogileFS, path: str) -> None:
+    app, _, _ = make(devmogile)
+    app.get(path, status=404)
+
+
+@pytest.mark.parametrize(
+    "raw_path",
+    [
+        pytest.param("/mogilefs/a%00b", id="nul"),
+        pytest.param("/mogilefs/a%0D%0Ab", id="crlf"),
+        pytest.param("/mogilefs/a%1Bb", id="escape"),
+        pytest.param("/mogilefs/a%7Fb", id="del"),
+        pytest.param("/mogilefs/caf%E9", id="latin-1"),
+        pytest.param("/mogilefs/%FF%FE", id="invalid-utf8"),
+        pytest.param("/mogilefs/" + "k" * 256, id="256-bytes"),
+        pytest.param("/mogilefs/" + "%C3%A9" * 128, id="256-utf8-bytes"),
+    ],
+)
+def test_bad_keys_get_400_without_a_tracker_call(devmogile: DevMogileFS, raw_path: str) -> None:
+    app, _, counting = make(devmogile)
+    response = app.get(raw_path, status=400)
+    assert b"Traceback" not in response.body
+    assert counting.get_paths_calls == 0
+
+
+def test_a_255_byte_key_is_served(devmogile: DevMogileFS, client: Client) -> None:
+    client.store_content("é" * 127 + "k", BODY, cls="thumb")
+    app, _, _ = make(devmogile)
+    assert app.get(url("é" * 127 + "k")).body == BODY
+
+
+def test_trackers_down_gives_503_with_retry_after(devmogile: DevMogileFS) -> None:
+    app, _, _ = make(devmogile)
+    devmogile.stop_tracker()
+    started = time.monotonic()
+    response = app.get(url("plain.txt"), status=503)
+    assert response.headers["Retry-After"] == "5"
+    assert time.monotonic() - started < 2
+
+
+def test_stale_paths_are_served_while_the_tracker_is_down(devmogile: DevMogileFS, client: Client) -> None:
+    app, _, counting = make(devmogile, path_cache_seconds=0.05, stale_seconds=60)
+    assert app.get(url("plain.txt")).body == BODY
+    devmogile.stop_tracker()
+    time.sleep(0.1)
+    assert app.get(url("plain.txt")).body == BODY
+    assert counting.get_paths_calls == 2  # it did ask, and fell back to the stale paths
+    app.get(url("a+b.gif"), status=503)  # never cached: nothing to fall back to
+    devmogile.start_tracker()
+    time.sleep(1.1)  # the dead time of the make() client
+    assert app.get(url("a+b.gif")).body == BODY
+
+
+def _node_of(devmogile: DevMogileFS, path: str):
+    return next(node for node in devmogile.nodes if f":{node.port}/" in path)
+
+
+def test_failover_when_the_first_replica_is_down(devmogile: DevMogileFS, client: Client) -> None:
+    app, middleware, _ = make(devmogile)
+    app.get(url("plain.txt"))
+    location, _ = middleware.paths.get("plain.txt")
+    assert len(location.paths) == 2
+    _node_of(devmogile, location.paths[0]).stop()
+    assert app.get(url("plain.txt")).body == BODY
+    assert app.get(url("plain.txt"), headers={"Range": "bytes=1-2"}, status=206).body == BODY[1:3]
+
+
+def test_every_replica_down_gives_502(devmogile: DevMogileFS, client: Client) -> None:
+    app, _, _ = make(devmogile)
+    app.get(url("plain.txt"))
+    for node in devmogile.nodes:
+        node.stop()
+    assert app.get(url("plain.txt"), status=502).headers["Content-Type"].startswith("text/plain")
+    app.get(url("plain.txt"), headers={"Range": "bytes=0-1"}, status=502)
+    app.get(url("x&y=z.txt"), status=502)  # not cached: the length cannot be had either
+
+
+def test_perlbal_answer(devmogile: DevMogileFS, client: Client) -> None:
+    app, _, _ = make(devmogile, reproxy="perlbal", cache_control="public, max-age=60")
+    response = app.get(url("with space.png"))
+    paths = client.get_paths("with space.png")
+    assert response.body == b""
+    assert sorted(response.headers["X-REPROXY-URL"].split(" ")) == sorted(paths)
+    assert response.headers["Content-Type"] == "image/png"
+    assert response.headers["Content-Length"] == "0"
+    assert response.headers["Cache-Control"] == "public, max-age=60"
+    assert "X-REPROXY-CACHE-FOR" not in response.headers
+
+
+def test_perlbal_cache_for_and_expected_size(devmogile: DevMogileFS, client: Client) -> None:
+    app, _, _ = make(devmogile, reproxy="perlbal", perlbal_cache_seconds=30, trusted_proxies=["127.0.0.1"])
+    response = app.get(url("plain.txt"), extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+    assert response.headers["X-REPROXY-CACHE-FOR"] == "30; Content-Type ETag"
+    assert response.headers["X-REPROXY-EXPECTED-SIZE"] == str(len(BODY))
+    ranged = app.get(url("plain.txt"), headers={"Range": "bytes=0-1"}, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+    assert "X-REPROXY-EXPECTED-SIZE" not in ranged.headers
+
+
+def test_nginx_answer(devmogile: DevMogileFS, client: Client) -> None:
+    app, _, _ = make(devmogile, reproxy="nginx", nginx_location="/internal-reproxy")
+    response = app.get(url("café/日本.css"))
+    assert response.headers["X-Accel-Redirect"] == "/internal-reproxy"
+    urls = [response.headers["X-Reproxy-URL"], response.headers["X-Reproxy-URL-2"]]
+    assert sorted(urls) == sorted(client.get_paths("café/日本.css"))
+    assert response.headers["Content-Type"] == "text/css"
+
+
+@pytest.mark.parametrize("reproxy", ["perlbal", "nginx"])
+def test_reproxy_headers_are_withheld_from_untrusted_clients(devmogile: DevMogileFS, client: Client,
+                                                            reproxy: str) -> None:
+    app, _, _ = make(devmogile, reproxy=reproxy, trusted_proxies=["10.0.0.0/8", "192.168.1.7"])
+    for address in ("127.0.0.1", "10.1.1.1", "192.168.1.7"):
+        response = app.get(url("plain.txt"), extra_environ={"REMOTE_ADDR": address})
+        reproxied = any(name.upper().startswith(("X-REPROXY", "X-ACCEL")) for name in response.headers)
+        assert reproxied == (address != "127.0.0.1")
+        assert response.body == (b"" if reproxied else BODY)
+        assert b"http://" not in response.body
+
+
+def test_require_proxy_header(devmogile: DevMogileFS, client: Client) -> None:
+    app, _, _ = make(devmogile, reproxy="perlbal", trusted_proxies=["127.0.0.1"], require_proxy_header=True)
+    trusted = {"REMOTE_ADDR": "127.0.0.1"}
+    assert app.get(url("plain.txt"), extra_environ=trusted).body == BODY
+    response = app.get(url("plain.txt"), extra_environ=trusted, headers={"X-Proxy-Capabilities": "reproxy-file"})
+    assert "X-REPROXY-URL" in response.headers
+
+
+def test_key_for_path_maps_urls_to_keys(devmogile: DevMogileFS, client: Client) -> None:
+    client.store_content("avatar:42", BODY, cls="thumb")
+    app, _, _ = make(devmogile, prefix="/avatars/",
+                     key_for_path=lambda path: f"avatar:{path[:-4]}" if path.endswith(".png") else None)
+    assert app.get("/avatars/42.png").body == BODY
+    app.get("/avatars/42.gif", status=404)
+
+
+def test_a_hot_key_costs_one_tracker_call(devmogile: DevMogileFS, client: Client) -> None:
+    app, _, counting = make(devmogile, reproxy="perlbal")
+    for _ in range(50):
+        app.get(url("plain.txt"))
+    assert counting.get_paths_calls == 1
+
+
+def test_concurrent_first_requests_make_one_tracker_call(devmogile: DevMogileFS, client: Client) -> None:
+    counting = CountingClient(DOMAIN, devmogile.trackers, delay=0.2)
+    app = TestApp(MogileFSMiddleware(wrapped_app, client=counting), lint=True)
+    barrier = threading.Barrier(20)
+    bodies: list[bytes] = []
+
+    def request() -> None:
+        barrier.wait(5)
+        bodies.append(app.get(url("plain.txt")).body)
+
+    threads = [threading.Thread(target=request) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert bodies == [BODY] * 20
+    assert counting.get_paths_calls == 1
+
+
+def test_configuration_errors_are_clear() -> None:
+    with pytest.raises(ValueError, match="reproxy"):
+        MogileFSMiddleware(wrapped_app, domain="d", trackers=["127.0.0.1:7001"], reproxy="squid")
+    with pytest.raises(ValueError, match="client, or a domain and trackers"):
+        MogileFSMiddleware(wrapped_app, domain="d")
