@@ -1,10 +1,12 @@
 """mogile_middleware: put files stored in MogileFS on the web from any WSGI application.
 
-The public names: :class:`Client` (a Python 3 tracker client with pymogile's method names),
-:class:`Admin`, :class:`FileInfo` and the exceptions. The embedded development MogileFS lives in
+The public names: :class:`MogileFSMiddleware` (serve or reproxy files under a URL prefix),
+:class:`Client` (a Python 3 tracker client with pymogile's method names), :class:`Admin`,
+:class:`FileInfo`, the path cache backends and the exceptions. The embedded development MogileFS lives in
 :mod:`mogile_middleware.devserver`.
 """
 
+from .cache import CacheBackend, MemoryCache
 from .client import Admin, Client, FileInfo
 from .exceptions import (
     BadKeyError,
@@ -20,16 +22,20 @@ from .exceptions import (
     UnregDomainError,
     UploadError,
 )
+from .middleware import MogileFSMiddleware
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Admin",
     "BadKeyError",
+    "CacheBackend",
     "Client",
     "FileInfo",
     "KeyExistsError",
+    "MemoryCache",
     "MogileFSError",
+    "MogileFSMiddleware",
     "NoneMatchError",
     "ProtocolError",
     "StorageError",

@@ -214,3 +214,22 @@ def test_tracker_lists() -> None:
         parse_trackers("")
     with pytest.raises(ValueError, match="not host:port"):
         parse_trackers(["a:b"])
+
+
+def test_create_close_goes_to_the_tracker_that_answered_create_open() -> None:
+    def script(line: bytes) -> bytes:
+        if line.startswith(b"create_open"):
+            return b"OK fid=7&devid=1&path=http://127.0.0.1:1/dev1/0/000/000/0000000007.fid\r\n"
+        return b"OK \r\n"
+
+    first, second = ScriptedTracker(script), ScriptedTracker(script)
+    try:
+        pool = TrackerPool([first.tracker, second.tracker])
+        _, opened_on = pool.request("create_open", {"key": "k"})
+        pool.mark_dead(opened_on)  # the next free choice would be the other tracker
+        assert pool.request("create_close", {"key": "k", "fid": 7}, tracker=opened_on)[1] == opened_on
+        assert [line[:12] for line in first.requests] == [b"create_open ", b"create_close"]
+        assert second.requests == []
+    finally:
+        first.stop()
+        second.stop()
