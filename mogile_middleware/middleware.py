@@ -29,7 +29,7 @@ from webob.exc import HTTPBadGateway, HTTPBadRequest, HTTPMethodNotAllowed, HTTP
 
 from .cache import CacheBackend, PathCache
 from .client import Client
-from .exceptions import MogileFSError, TrackerUnavailableError, UnknownKeyError
+from .exceptions import BadKeyError, MogileFSError, StorageError, TrackerUnavailableError, UnknownKeyError
 from .protocol import MAX_KEY_BYTES
 from .responders import Location, NginxReproxy, PerlbalReproxy, Serve, StartResponse, etag_for, is_suffix_range
 from .storage import open_replica
@@ -136,6 +136,8 @@ class MogileFSMiddleware:
             location, headers = self.paths.get(key)
         except UnknownKeyError:
             return HTTPNotFound()(environ, start_response)
+        except BadKeyError as error:  # key_for_path made a key the tracker cannot hold
+            return HTTPBadRequest(str(error))(environ, start_response)
         except TrackerUnavailableError as error:
             log.error("no tracker answered for %r: %s", key, error)
             unavailable = HTTPServiceUnavailable(headers={"Retry-After": str(self.retry_after_seconds)})
@@ -192,7 +194,7 @@ class MogileFSMiddleware:
         """Ask the trackers (and, if bodies may be served, a storage node for the length)."""
         paths = tuple(self.client.get_paths(key))
         if not paths:
-            raise UnknownKeyError("unknown_key", f"{key!r} has no replica")
+            raise StorageError(f"the tracker knows no live replica of {key!r}")
         length = self._length(paths) if self._needs_length else None
         content_type = mimetypes.guess_type(key, strict=False)[0] or "application/octet-stream"
         location = Location(key, paths, etag_for(paths), content_type, length)

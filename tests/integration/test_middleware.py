@@ -323,3 +323,9 @@ def test_configuration_errors_are_clear() -> None:
         MogileFSMiddleware(wrapped_app, domain="d", trackers=["127.0.0.1:7001"], reproxy="squid")
     with pytest.raises(ValueError, match="client, or a domain and trackers"):
         MogileFSMiddleware(wrapped_app, domain="d")
+
+
+def test_a_mapped_key_the_tracker_cannot_hold_is_a_400(devmogile: DevMogileFS) -> None:
+    app, _, counting = make(devmogile, key_for_path=lambda path: "x" * 200 + path)
+    app.get("/mogilefs/" + "y" * 100, status=400)
+    assert counting.get_paths_calls == 0
