@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from . import __version__
+from . import __version__, demo
 from .devserver import cli as devserver_cli
 from .exceptions import MogileFSError
 
@@ -21,6 +21,11 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
         "for development and tests, not production",
         devserver_cli.add_arguments,
         devserver_cli.run,
+    ),
+    "demo": (
+        "store sample files in a development MogileFS and serve them with the middleware under gunicorn",
+        demo.add_arguments,
+        demo.run,
     ),
 }
 

@@ -6,11 +6,11 @@ For development and tests only.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
 from typing import Any
 
+from ..signals import on_stop_signal
 from .cluster import DevMogileFS
 
 
@@ -77,23 +77,19 @@ def run(args: argparse.Namespace) -> int:
         args.data, host=args.host, tracker_port=args.port, storage_ports=args.storage_ports, domains=args.domains
     )
     stopping = threading.Event()
-    previous = {
-        sig: signal.signal(sig, lambda signum, frame: stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
+    with on_stop_signal(lambda signum, frame: stopping.set()):
         try:
-            mogile.start()
-        except OSError as exc:
-            print(f"devserver: cannot start: {exc}", file=sys.stderr)
-            return 1
-        print(f"tracker {mogile.trackers[0]}")
-        for number, node in enumerate(mogile.nodes, 1):
-            print(f"storage dev{number} {node.url} (docroot {node.docroot})")
-        print(f"data {mogile.data_dir}", flush=True)
-        while not stopping.wait(0.2):
-            pass
-        return 0
-    finally:
-        mogile.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            try:
+                mogile.start()
+            except OSError as exc:
+                print(f"devserver: cannot start: {exc}", file=sys.stderr)
+                return 1
+            print(f"tracker {mogile.trackers[0]}")
+            for number, node in enumerate(mogile.nodes, 1):
+                print(f"storage dev{number} {node.url} (docroot {node.docroot})")
+            print(f"data {mogile.data_dir}", flush=True)
+            while not stopping.wait(0.2):
+                pass
+            return 0
+        finally:
+            mogile.stop()

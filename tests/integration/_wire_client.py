@@ -179,6 +179,13 @@ def http_request(
         conn.close()
 
 
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def upload(
     client: LineClient, domain: str, key: str, data: bytes, cls: str | None = None, **close_args: ArgValue
 ) -> bytes:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DOMAIN
+from integration._wire_client import free_port
 
 from mogile_middleware import Client
 from mogile_middleware.devserver import DevMogileFS
@@ -48,12 +49,6 @@ def pattern_md5(size: int) -> str:
     while chunk := source.read(MIB):
         digest.update(chunk)
     return digest.hexdigest()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def memory_kib(pid: int, field: str) -> int:

@@ -329,3 +329,30 @@ def test_a_mapped_key_the_tracker_cannot_hold_is_a_400(devmogile: DevMogileFS) -
     app, _, counting = make(devmogile, key_for_path=lambda path: "x" * 200 + path)
     app.get("/mogilefs/" + "y" * 100, status=400)
     assert counting.get_paths_calls == 0
+
+
+def _established_to(port: int) -> int:
+    """Established TCP connections whose server side is ``port`` (from /proc/net/tcp)."""
+    count = 0
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        if state == "01" and int(local.split(":")[1], 16) == port:
+            count += 1
+    return count
+
+
+def test_closing_the_response_midway_closes_the_storage_connection(devmogile: DevMogileFS, client: Client) -> None:
+    client.store_content("big.bin", b"x" * (4 * 1024 * 1024), cls="thumb")
+    middleware = MogileFSMiddleware(wrapped_app, client=client)
+    node = _node_of(devmogile, client.get_paths("big.bin")[0])
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/mogilefs/big.bin", "SERVER_NAME": "x", "SERVER_PORT": "80",
+               "wsgi.url_scheme": "http", "wsgi.input": None}
+    result = middleware(environ, lambda status, headers, exc_info=None: None)
+    chunks = iter(result)
+    assert len(next(chunks)) > 0
+    assert _established_to(node.port) == 1
+    result.close()  # what a server does when the client goes away
+    deadline = time.monotonic() + 5
+    while _established_to(node.port) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _established_to(node.port) == 0
