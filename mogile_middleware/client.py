@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from .exceptions import NoneMatchError
-from .protocol import check_key
+from .protocol import check_key, parse_domains
 from .storage import ReplicaResponse, open_replica
 from .tracker import Address, TrackerPool
 from .upload import NewFile, remaining_size
@@ -69,7 +69,8 @@ class Client:
         self.storage_timeout = storage_timeout
         self.on_change = on_change
 
-    def _changed(self, key: str) -> None:
+    def notify_changed(self, key: str) -> None:
+        """Tell ``on_change`` that ``key`` was written, renamed or deleted."""
         if self.on_change is not None:
             self.on_change(key)
 
@@ -111,7 +112,7 @@ class Client:
                          verify_checksum=verify_checksum, storage_timeout=self.storage_timeout)
         with upload:
             upload.write_from(fileobj)
-        self._changed(key)
+        self.notify_changed(key)
         return upload.size
 
     def store_content(self, key: str, data: bytes, cls: str | None = None) -> int:
@@ -133,7 +134,7 @@ class Client:
         try:
             self._ask("delete", key=key)
         finally:
-            self._changed(key)
+            self.notify_changed(key)
 
     def rename(self, from_key: str, to_key: str) -> None:
         """Rename ``from_key`` to ``to_key`` (raises :class:`KeyExistsError` if that exists)."""
@@ -142,8 +143,8 @@ class Client:
         try:
             self._ask("rename", from_key=from_key, to_key=to_key)
         finally:
-            self._changed(from_key)
-            self._changed(to_key)
+            self.notify_changed(from_key)
+            self.notify_changed(to_key)
 
     def update_class(self, key: str, cls: str) -> None:
         """Move ``key`` to class ``cls`` (the tracker then adjusts its replica count)."""
@@ -187,7 +188,7 @@ class _NotifyingNewFile(NewFile):
         was_open = not self.closed
         super().close()
         if was_open:
-            self._client._changed(self.key)
+            self._client.notify_changed(self.key)
 
 
 class Admin:
@@ -209,12 +210,6 @@ class Admin:
 
     def get_domains(self) -> dict[str, dict[str, int]]:
         """Every domain with its classes and their ``mindevcount``."""
-        reply = self.pool.request("get_domains")[0]
-        domains: dict[str, dict[str, int]] = {}
-        for d in range(1, int(reply.get("domains", "0")) + 1):
-            prefix = f"domain{d}"
-            domains[reply[prefix]] = {
-                reply[f"{prefix}class{c}name"]: int(reply[f"{prefix}class{c}mindevcount"])
-                for c in range(1, int(reply.get(f"{prefix}classes", "0")) + 1)
-            }
-        return domains
+        domains = parse_domains(self.pool.request("get_domains")[0])
+        return {domain: {cls: mindevcount for cls, (mindevcount, _) in classes.items()}
+                for domain, classes in domains.items()}

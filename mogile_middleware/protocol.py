@@ -156,3 +156,18 @@ def parse_reply(line: bytes) -> dict[str, str]:
         text = to_text(_unescape(fields[1])) if len(fields) > 1 else code
         raise tracker_error(code, text)
     raise ProtocolError(f"not a tracker reply: {line[:80]!r}")
+
+
+def parse_domains(reply: Mapping[str, str]) -> dict[str, dict[str, tuple[int, str]]]:
+    """A ``get_domains`` reply as ``{domain: {class: (mindevcount, hashtype)}}``."""
+    domains: dict[str, dict[str, tuple[int, str]]] = {}
+    for d in range(1, int(reply.get("domains", "0")) + 1):
+        prefix = f"domain{d}"
+        domains[reply[prefix]] = {
+            reply[f"{prefix}class{c}name"]: (
+                int(reply[f"{prefix}class{c}mindevcount"]),
+                reply.get(f"{prefix}class{c}hashtype") or "NONE",
+            )
+            for c in range(1, int(reply.get(f"{prefix}classes", "0")) + 1)
+        }
+    return domains

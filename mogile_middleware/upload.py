@@ -2,7 +2,13 @@
 
 The key points at the new data only after the storage node has taken the whole body and the
 tracker has checked its size (and MD5 checksum, when asked): a failure at any step raises
-:class:`UploadError` and leaves the key as it was.
+:class:`UploadError` and leaves the key as it was. :class:`Uploader` is the helper for
+applications: any source, a class per key, checksums verified where the class keeps them.
+
+Example::
+
+    uploader = Uploader(client)
+    uploader.upload("avatars/42.png", "/tmp/upload.png", cls="avatar")
 """
 
 from __future__ import annotations
@@ -10,13 +16,23 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Iterable
-from typing import BinaryIO
+import threading
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, BinaryIO, Union
 
 from .exceptions import MogileFSError, StorageError, UnregClassError, UploadError
-from .protocol import check_key
+from .protocol import check_key, parse_domains
 from .storage import CHUNK_SIZE, PutStream
 from .tracker import TrackerPool
+
+if TYPE_CHECKING:
+    from .client import Client
+
+#: What :meth:`Uploader.upload` stores: bytes, a path, a binary file object or chunks of bytes.
+Source = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", BinaryIO, Iterable[bytes]]
+
+#: Called with the number of bytes sent so far.
+Progress = Callable[[int], None]
 
 
 def _destinations(reply: dict[str, str]) -> list[tuple[str, str]]:
@@ -97,27 +113,32 @@ class NewFile(io.RawIOBase):
         raise UploadError(f"no storage node took {self.key!r}: " + "; ".join(failures or ["no destination"]))
 
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
-        stream = self._stream or self._open_stream()
         try:
-            stream.write(data)
+            self._send(self._stream or self._open_stream(), data)
         except StorageError as error:
             self.abort()
             raise UploadError(f"upload of {self.key!r} failed: {error}") from error
-        self._md5.update(data)
-        self.size += len(data)
         return len(data)
 
-    def write_from(self, fileobj: BinaryIO) -> int:
+    def _send(self, stream: PutStream, data: bytes | bytearray | memoryview) -> None:
+        stream.write(data)
+        self._md5.update(data)
+        self.size += len(data)
+
+    def write_from(self, fileobj: BinaryIO, progress: Progress | None = None) -> int:
         """Copy ``fileobj`` to its end and finish the PUT, trying the next destination if a node
-        refuses or drops it (rewinding ``fileobj``, which must then be seekable)."""
+        refuses or drops it (rewinding ``fileobj``, which must then be seekable).
+
+        ``progress`` is called with the bytes sent so far after each chunk.
+        """
         start = fileobj.tell() if fileobj.seekable() else None
         while True:
             stream = self._stream or self._open_stream()
             try:
                 for chunk in iter(lambda: fileobj.read(CHUNK_SIZE), b""):
-                    stream.write(chunk)
-                    self._md5.update(chunk)
-                    self.size += len(chunk)
+                    self._send(stream, chunk)
+                    if progress is not None:
+                        progress(self.size)
                 stream.finish()
                 self._put_done = True
                 return self.size
@@ -129,10 +150,12 @@ class NewFile(io.RawIOBase):
                 fileobj.seek(start)
                 self._reset_body()
 
-    def write_chunks(self, chunks: Iterable[bytes]) -> int:
-        """Write every chunk of ``chunks`` (e.g. Django's ``File.chunks()``)."""
+    def write_chunks(self, chunks: Iterable[bytes], progress: Progress | None = None) -> int:
+        """Write every chunk of ``chunks`` (e.g. Django's ``File.chunks()``); see :meth:`write_from`."""
         for chunk in chunks:
             self.write(chunk)
+            if progress is not None:
+                progress(self.size)
         return self.size
 
     def close(self) -> None:
@@ -184,3 +207,56 @@ class NewFile(io.RawIOBase):
         # An abandoned file must never commit half its data: dropping it aborts.
         if not self.closed:
             self.abort()
+
+
+class Uploader:
+    """Store keys with a chosen class from bytes, a path, a file object or an iterable of chunks.
+
+    Bytes are streamed, never held whole; the size and MD5 checksum go with ``create_close``, and
+    with ``verify_checksums`` the tracker is asked to check the stored file's MD5 whenever the
+    key's class keeps checksums (its ``hashtype``). After a success the client's ``on_change``
+    hears of the key, so a path cache drops it.
+    """
+
+    def __init__(self, client: Client, *, verify_checksums: bool = True) -> None:
+        self.client = client
+        self.verify_checksums = verify_checksums
+        self._hashtypes: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def upload(self, key: str, source: Source, cls: str | None = None, *, progress: Progress | None = None) -> int:
+        """Store ``source`` under ``key`` in class ``cls``; return the number of bytes stored.
+
+        Raises :class:`UploadError` (the key keeps its old data) or :class:`UnregClassError`.
+        """
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as fileobj:
+                return self.upload(key, fileobj, cls, progress=progress)
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            source = io.BytesIO(source)
+        readable = hasattr(source, "read")
+        upload = NewFile(
+            self.client.pool, self.client.domain, key, cls,
+            size=remaining_size(source) if readable else None,  # type: ignore[arg-type]
+            verify_checksum=self.verify_checksums and self._keeps_checksums(cls),
+            storage_timeout=self.client.storage_timeout,
+        )
+        with upload:
+            if readable:
+                upload.write_from(source, progress)  # type: ignore[arg-type]
+            else:
+                upload.write_chunks(source, progress)  # type: ignore[arg-type]
+        self.client.notify_changed(key)
+        return upload.size
+
+    def _keeps_checksums(self, cls: str | None) -> bool:
+        """True if the tracker keeps checksums for ``cls`` (asked once, again for a class not seen)."""
+        name = cls or "default"
+        with self._lock:
+            if name not in self._hashtypes:
+                self._hashtypes = self._class_hashtypes()
+            return self._hashtypes.get(name, "NONE") != "NONE"
+
+    def _class_hashtypes(self) -> dict[str, str]:
+        domains = parse_domains(self.client.pool.request("get_domains")[0])
+        return {cls: hashtype for cls, (_, hashtype) in domains.get(self.client.domain, {}).items()}

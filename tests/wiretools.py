@@ -1,7 +1,9 @@
-"""Small loopback servers for tests: a scripted tracker and a connection-counting TCP relay."""
+"""Test helpers: a scripted tracker, a connection-counting TCP relay, generated file content."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import socket
 import threading
 from collections.abc import Callable
@@ -126,3 +128,27 @@ def _pump(source: socket.socket, sink: socket.socket) -> None:
 def ok(line: bytes) -> bytes:
     """A script that answers every request ``OK paths=1&path1=...`` (enough for get_paths)."""
     return b"OK paths=1&path1=http://127.0.0.1:1/dev1/0/000/000/0000000001.fid\r\n"
+
+
+class PatternFile(io.RawIOBase):
+    """``size`` deterministic bytes, produced on demand (the test never holds the whole file)."""
+
+    def __init__(self, size: int) -> None:
+        self.remaining = size
+        self.block = bytes(range(256)) * 256
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = min(len(buffer), self.remaining, len(self.block))
+        buffer[:count] = self.block[:count]
+        self.remaining -= count
+        return count
+
+
+def pattern_md5(size: int) -> str:
+    digest, source = hashlib.md5(), PatternFile(size)
+    while chunk := source.read(1024 * 1024):
+        digest.update(chunk)
+    return digest.hexdigest()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import io
 import os
 import socket
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import DOMAIN
 from integration._wire_client import free_port
+from wiretools import PatternFile, pattern_md5
 
 from mogile_middleware import Client
 from mogile_middleware.devserver import DevMogileFS
@@ -25,30 +25,6 @@ HERE = Path(__file__).parent
 REPO = HERE.parent.parent
 SIZE = 256 * 1024 * 1024
 MIB = 1024 * 1024
-
-
-class PatternFile(io.RawIOBase):
-    """``size`` deterministic bytes, produced on demand (the test never holds the whole file)."""
-
-    def __init__(self, size: int) -> None:
-        self.remaining = size
-        self.block = bytes(range(256)) * 256
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        count = min(len(buffer), self.remaining, len(self.block))
-        buffer[:count] = self.block[:count]
-        self.remaining -= count
-        return count
-
-
-def pattern_md5(size: int) -> str:
-    digest, source = hashlib.md5(), PatternFile(size)
-    while chunk := source.read(MIB):
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 def memory_kib(pid: int, field: str) -> int:

@@ -1,0 +1,108 @@
+"""The upload helper against the embedded MogileFS: sources, classes, checksums, failures."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from conftest import DOMAIN
+from wiretools import PatternFile, pattern_md5
+
+from mogile_middleware import Admin, Client, UnknownKeyError, UnregClassError, UploadError
+from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.upload import Uploader
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def client(devmogile: DevMogileFS) -> Client:
+    Admin(devmogile.trackers).create_class(DOMAIN, "original", 2, hashtype="MD5")
+    return Client(DOMAIN, devmogile.trackers)
+
+
+def test_64_mib_with_a_class_streams_in_flat_memory(client: Client) -> None:
+    seen: list[int] = []
+    tracemalloc.start()
+    try:
+        stored = Uploader(client).upload("video.bin", PatternFile(64 * MIB), cls="original", progress=seen.append)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert stored == 64 * MIB
+    assert peak < 8 * MIB, f"peak {peak / MIB:.1f} MiB of Python allocations"
+    info = client.file_info("video.bin")
+    assert (info.cls, info.length, info.devcount) == ("original", 64 * MIB, 2)
+    assert info.checksum == f"MD5:{pattern_md5(64 * MIB)}"
+    assert seen[-1] == 64 * MIB and seen == sorted(seen) and len(seen) > 100
+
+
+@pytest.mark.parametrize(
+    "make_source",
+    [
+        pytest.param(lambda data, tmp: data, id="bytes"),
+        pytest.param(lambda data, tmp: _written(tmp / "file.bin", data), id="path-str"),
+        pytest.param(lambda data, tmp: Path(_written(tmp / "file.bin", data)), id="pathlike"),
+        pytest.param(lambda data, tmp: io.BytesIO(data), id="file-object"),
+        pytest.param(lambda data, tmp: iter([data[:1000], data[1000:]]), id="chunks"),
+    ],
+)
+def test_every_kind_of_source(client: Client, tmp_path: Path, make_source) -> None:
+    data = bytes(range(256)) * 100
+    assert Uploader(client).upload("doc", make_source(data, tmp_path), cls="thumb") == len(data)
+    assert client.get_file_data("doc") == data
+    assert client.file_info("doc").cls == "thumb"
+
+
+def _written(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def test_the_tracker_verifies_checksums_where_the_class_keeps_them(client: Client, devmogile: DevMogileFS) -> None:
+    requests: list[str] = []
+    real_request = client.pool.request
+
+    def recording(command, args=None, **kwargs):
+        requests.append(command + " " + " ".join(f"{k}={v}" for k, v in (args or {}).items() if v is not None))
+        return real_request(command, args, **kwargs)
+
+    client.pool.request = recording  # type: ignore[method-assign]
+    uploader = Uploader(client)
+    uploader.upload("kept", b"with checksum", cls="original")
+    uploader.upload("plain", b"without", cls="thumb")
+    closes = [line for line in requests if line.startswith("create_close")]
+    assert "checksumverify=1" in closes[0] and "checksumverify" not in closes[1]
+    assert f"checksum=MD5:{hashlib.md5(b'without').hexdigest()}" in closes[1]
+    assert sum(line.startswith("get_domains") for line in requests) == 1
+
+
+def test_an_unknown_class_names_the_class_and_the_domain(client: Client) -> None:
+    with pytest.raises(UnregClassError, match="'portrait'.*'testdom'"):
+        Uploader(client).upload("k", b"x", cls="portrait")
+
+
+def test_storage_nodes_dying_midway_leave_no_key(client: Client, devmogile: DevMogileFS) -> None:
+    def chunks():
+        yield b"a" * MIB
+        for node in devmogile.nodes:
+            node.stop()
+        for _ in range(16):
+            yield b"b" * MIB
+
+    with pytest.raises(UploadError):
+        Uploader(client).upload("half", chunks(), cls="thumb")
+    for node in devmogile.nodes:
+        node.start()
+    with pytest.raises(UnknownKeyError):
+        client.file_info("half")
+
+
+def test_a_successful_upload_drops_cached_paths(client: Client) -> None:
+    dropped: list[str] = []
+    client.on_change = dropped.append
+    Uploader(client).upload("cached", b"x", cls="thumb")
+    assert dropped == ["cached"]
