@@ -1,7 +1,8 @@
 """mogile_middleware: put files stored in MogileFS on the web from any WSGI application.
 
 The public names: :class:`MogileFSMiddleware` (serve or reproxy files under a URL prefix),
-:class:`Client` (a Python 3 tracker client with pymogile's method names), :class:`Admin`,
+:class:`Client` (a Python 3 tracker client with pymogile's method names), :class:`Uploader`
+(writes keys with a class from any source), :class:`Admin`,
 :class:`FileInfo`, the path cache backends and the exceptions. The embedded development MogileFS lives in
 :mod:`mogile_middleware.devserver`.
 """
@@ -23,6 +24,7 @@ from .exceptions import (
     UploadError,
 )
 from .middleware import MogileFSMiddleware
+from .upload import Uploader
 
 __version__ = "0.1.0"
 
@@ -45,5 +47,6 @@ __all__ = [
     "UnregClassError",
     "UnregDomainError",
     "UploadError",
+    "Uploader",
     "__version__",
 ]
