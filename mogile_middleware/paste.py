@@ -1,0 +1,88 @@
+"""PasteDeploy filter factory: ``use = egg:mogile_middleware`` in a ``[filter:...]`` section.
+
+The options are the keyword arguments of :class:`MogileFSMiddleware`, given as strings in the ini
+file and converted here, so that a mistake fails when the application is loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import pkgutil
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from paste.deploy.converters import asbool, asint, aslist
+
+from .middleware import REPROXY_MODES, MogileFSMiddleware, WSGIApp
+
+REQUIRED = ("domain", "trackers")
+
+
+def _reproxy(value: str) -> str | None:
+    """``none``, ``perlbal`` or ``nginx``: the middleware's ``reproxy`` mode."""
+    name = value.strip().lower()
+    mode = None if name == "none" else name
+    if mode not in REPROXY_MODES:
+        raise ValueError(f"{value!r} is not one of none, perlbal, nginx")
+    return mode
+
+
+def _networks(value: str) -> list[str]:
+    """Addresses or networks, one per line or separated by spaces, checked here to fail early."""
+    networks = aslist(value)
+    for network in networks:
+        ipaddress.ip_network(network, strict=False)
+    return networks
+
+
+def _callable(value: str) -> Callable[..., Any]:
+    """A ``module:name`` (or ``module.name``) reference to a function, imported at load time."""
+    try:
+        found = pkgutil.resolve_name(value.strip())
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot import {value!r}: {error}") from error
+    if not callable(found):  # a bad value in the ini: PasteDeploy users expect ValueError, not TypeError
+        raise ValueError(f"{value!r} is not callable")  # noqa: TRY004
+    return found
+
+
+#: Every option the filter takes, with the converter from its ini string.
+OPTIONS: Mapping[str, Callable[[str], Any]] = {
+    "domain": str,
+    "trackers": aslist,
+    "prefix": str,
+    "reproxy": _reproxy,
+    "trusted_proxies": _networks,
+    "require_proxy_header": asbool,
+    "key_for_path": _callable,
+    "cache_control": str,
+    "path_cache_seconds": float,
+    "stale_seconds": float,
+    "nginx_location": str,
+    "perlbal_cache_seconds": asint,
+    "storage_timeout": float,
+    "retry_after_seconds": asint,
+}
+
+
+def filter_factory(global_conf: Mapping[str, str], **local_conf: str) -> Callable[[WSGIApp], MogileFSMiddleware]:
+    """Convert the ``[filter:...]`` options and return the filter wrapping the next application.
+
+    Raises ``ValueError`` naming the option for an unknown, missing or malformed one.
+    ``global_conf`` (the ini's ``[DEFAULT]`` values and ``here``) holds no options.
+    """
+    unknown = sorted(set(local_conf) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown mogile_middleware option(s) {', '.join(unknown)}; "
+                         f"the options are: {', '.join(sorted(OPTIONS))}")
+    options: dict[str, Any] = {}
+    for name, value in local_conf.items():
+        try:
+            options[name] = OPTIONS[name](value)
+        except ValueError as error:
+            raise ValueError(f"mogile_middleware option {name}: {error}") from error
+    for name in REQUIRED:
+        if not options.get(name):
+            raise ValueError(f"mogile_middleware option {name} is required")
+    return functools.partial(MogileFSMiddleware, **options)

@@ -1,0 +1,198 @@
+"""The PasteDeploy filter: examples/pipeline.ini loaded in process and under ``gunicorn --paste``."""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import inspect
+import ipaddress
+import posixpath
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import DOMAIN
+from integration._wire_client import free_port
+from paste.deploy import loadapp, loadfilter
+from webtest import TestApp
+
+from mogile_middleware import Client
+from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.middleware import MogileFSMiddleware
+from mogile_middleware.paste import OPTIONS, filter_factory
+from mogile_middleware.responders import PerlbalReproxy
+
+REPO = Path(__file__).parent.parent.parent
+PIPELINE = "config:examples/pipeline.ini"
+BODY = b"Hello from MogileFS\n"
+
+
+def overrides(devmogile: DevMogileFS) -> dict[str, str]:
+    """The global values that point examples/pipeline.ini at the test MogileFS."""
+    return {"mogile_domain": DOMAIN, "mogile_trackers": devmogile.trackers[0]}
+
+
+def load_filter(tmp_path: Path, options: str) -> MogileFSMiddleware:
+    """Load a ``[filter:mogile]`` section holding ``options`` and wrap a dummy application."""
+    ini = tmp_path / "filter.ini"
+    ini.write_text(f"[filter:mogile]\nuse = egg:mogile_middleware\n{options}\n")
+    make_filter = loadfilter(f"config:{ini}", name="mogile")
+    return make_filter(lambda environ, start_response: [])
+
+
+@pytest.fixture
+def examples_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The ini's [app:app] imports examples.app, as gunicorn does from the repository root.
+    monkeypatch.syspath_prepend(str(REPO))
+
+
+@pytest.mark.usefixtures("examples_importable")
+def test_the_example_pipeline_serves_files_and_passes_the_rest(devmogile: DevMogileFS) -> None:
+    Client(DOMAIN, devmogile.trackers).store_content("hello.txt", BODY, cls="thumb")
+    app = TestApp(loadapp(PIPELINE, relative_to=str(REPO), global_conf=overrides(devmogile)))
+
+    file = app.get("/mogilefs/hello.txt")
+    assert file.body == BODY and file.content_type == "text/plain"
+    assert file.headers["Cache-Control"] == "public, max-age=3600"
+    app.get("/mogilefs/missing.txt", status=404)
+    page = app.get("/")
+    assert page.content_type == "text/html" and b'href="/mogilefs/hello.txt"' in page.body
+    app.get("/elsewhere", status=404)
+
+
+@pytest.mark.usefixtures("examples_importable")
+def test_the_example_defaults_are_the_development_mogilefs() -> None:
+    middleware = loadapp(PIPELINE, relative_to=str(REPO))
+    assert middleware.client.domain == "media"
+    assert middleware.client.pool.addresses == [("127.0.0.1", 7001), ("127.0.0.1", 7002)]
+    assert (middleware.prefix, middleware.reproxy) == ("/mogilefs/", None)
+
+
+GOOD = "domain = media\ntrackers = 127.0.0.1:7001"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        pytest.param(GOOD + "\ncolour = blue", r"colour.*options are: cache_control, domain", id="unknown-option"),
+        pytest.param("trackers = 127.0.0.1:7001", r"option domain is required", id="missing-domain"),
+        pytest.param("domain = media", r"option trackers is required", id="missing-trackers"),
+        pytest.param("domain = media\ntrackers =", r"option trackers is required", id="empty-trackers"),
+        pytest.param(GOOD + "\npath_cache_seconds = soon", r"option path_cache_seconds: .*soon", id="not-a-number"),
+        pytest.param(GOOD + "\nretry_after_seconds = 2.5", r"option retry_after_seconds: .*2\.5", id="not-an-integer"),
+        pytest.param(GOOD + "\nreproxy = squid", r"option reproxy: 'squid' is not one of", id="unknown-reproxy"),
+        pytest.param(GOOD + "\nrequire_proxy_header = maybe", r"option require_proxy_header: .*maybe", id="not-a-bool"),
+        pytest.param(GOOD + "\ntrusted_proxies = 10.0.0.300", r"option trusted_proxies: .*10\.0\.0\.300",
+                     id="bad-network"),
+        pytest.param(GOOD + "\nkey_for_path = posixpath:nowhere", r"option key_for_path: cannot import",
+                     id="bad-callable"),
+    ],
+)
+def test_a_bad_configuration_fails_at_load_time_naming_the_option(tmp_path: Path, options: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_filter(tmp_path, options)
+
+
+def test_options_reach_the_middleware_converted(tmp_path: Path) -> None:
+    middleware = load_filter(tmp_path, """
+domain = media
+trackers =
+    10.0.0.1:7001
+    10.0.0.2:7001  10.0.0.3:7001
+prefix = /files
+reproxy = Perlbal
+trusted_proxies = 10.0.0.0/24
+    192.168.1.7
+require_proxy_header = yes
+key_for_path = posixpath:basename
+perlbal_cache_seconds = 30
+storage_timeout = 2.5
+retry_after_seconds = 9
+""")
+    assert middleware.client.pool.addresses == [("10.0.0.1", 7001), ("10.0.0.2", 7001), ("10.0.0.3", 7001)]
+    assert (middleware.prefix, middleware.reproxy, middleware.require_proxy_header) == ("/files/", "perlbal", True)
+    assert middleware.trusted_proxies == (ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("192.168.1.7"))
+    assert middleware.key_for_path is posixpath.basename
+    assert isinstance(middleware.reproxy_responder, PerlbalReproxy)
+    assert middleware.reproxy_responder.cache_for == "30; Content-Type ETag"
+    assert middleware.storage_timeout == 2.5 and middleware.client.storage_timeout == 2.5
+    assert middleware.retry_after_seconds == 9
+
+
+def test_numbers_and_flags_are_typed_before_the_middleware_sees_them() -> None:
+    make_filter = filter_factory(
+        {"here": "/ignored"}, domain="media", trackers="127.0.0.1:7001", require_proxy_header="off",
+        path_cache_seconds="1.5", stale_seconds="30", perlbal_cache_seconds="60", retry_after_seconds="3",
+        storage_timeout="4", cache_control="no-cache", nginx_location="/internal", reproxy="none",
+    )
+    assert isinstance(make_filter, functools.partial)
+    typed = {name: (value, type(value)) for name, value in make_filter.keywords.items()}
+    assert typed == {
+        "domain": ("media", str), "trackers": (["127.0.0.1:7001"], list), "require_proxy_header": (False, bool),
+        "path_cache_seconds": (1.5, float), "stale_seconds": (30.0, float), "perlbal_cache_seconds": (60, int),
+        "retry_after_seconds": (3, int), "storage_timeout": (4.0, float), "cache_control": ("no-cache", str),
+        "nginx_location": ("/internal", str), "reproxy": (None, type(None)),
+    }
+
+
+def test_every_string_keyword_of_the_middleware_is_an_option() -> None:
+    keywords = set(inspect.signature(MogileFSMiddleware).parameters)
+    assert set(OPTIONS) == keywords - {"app", "client", "cache_backend"}
+
+
+@pytest.fixture
+def gunicorn_paste(devmogile: DevMogileFS, tmp_path: Path) -> Iterator[int]:
+    """``gunicorn --paste examples/pipeline.ini`` from the repository root; yields its port."""
+    pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
+    port = free_port()
+    globals_ = [arg for name, value in overrides(devmogile).items() for arg in ("--paste-global", f"{name}={value}")]
+    log = tmp_path / "gunicorn.log"
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--paste", "examples/pipeline.ini", "--bind", f"127.0.0.1:{port}",
+             "--workers", "1", *globals_],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr,
+        )
+    try:
+        wait_for_http(port, process, log)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+def wait_for_http(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Return once the server answers on ``port``; fail with its log if it exits or takes 15 s."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            connection.request("HEAD", "/")
+            connection.getresponse()
+            connection.close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"gunicorn --paste did not start: {log.read_text()[-2000:]}")
+
+
+def test_gunicorn_paste_serves_the_example_pipeline(devmogile: DevMogileFS, gunicorn_paste: int) -> None:
+    Client(DOMAIN, devmogile.trackers).store_content("hello.txt", BODY, cls="avatar")
+    connection = http.client.HTTPConnection("127.0.0.1", gunicorn_paste, timeout=10)
+    try:
+        connection.request("GET", "/mogilefs/hello.txt")
+        response = connection.getresponse()
+        assert (response.status, response.read()) == (200, BODY)
+        assert response.headers["Cache-Control"] == "public, max-age=3600"
+        connection.request("GET", "/")
+        response = connection.getresponse()
+        assert response.status == 200 and b"/mogilefs/hello.txt" in response.read()
+    finally:
+        connection.close()
