@@ -1,7 +1,8 @@
 """The ``mogile-middleware`` command line.
 
 Each subcommand is an ``add_arguments(parser)`` function and a ``run(args)`` function that returns
-the exit code. Errors of this package are printed as one line, exit code 1.
+the exit code. Errors of this package are printed as one line, exit code 1 (3 for a key that
+does not exist).
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from . import __version__, demo
+from . import __version__, commands, demo
 from .devserver import cli as devserver_cli
-from .exceptions import MogileFSError
+from .exceptions import MogileFSError, UnknownKeyError
 
 #: name → (one-line help, add_arguments, run)
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    **commands.SUBCOMMANDS,
     "devserver": (
         "run the embedded development MogileFS (a tracker and storage nodes) in the foreground; "
         "for development and tests, not production",
@@ -35,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mogile-middleware",
         description="Serve files stored in MogileFS from WSGI applications, and work with MogileFS.",
+        epilog=commands.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
@@ -52,6 +56,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except MogileFSError as error:
         print(f"mogile-middleware: {error}", file=sys.stderr)
-        return 1
+        return 3 if isinstance(error, UnknownKeyError) else 1
     except KeyboardInterrupt:
         return 130

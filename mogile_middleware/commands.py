@@ -1,0 +1,309 @@
+"""The everyday subcommands: ``upload``, ``get``, ``ls``, ``info``, ``rm``, ``mv`` and ``paths``.
+
+Each talks to the trackers of ``--trackers`` (or ``$MOGILEFS_TRACKERS``) about the keys of
+``--domain`` (or ``$MOGILEFS_DOMAIN``). Errors of this package go up to :func:`cli.main`, which
+prints them as one line; local file errors are printed here the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, BinaryIO
+
+from .client import Client, FileInfo
+from .exceptions import UnknownKeyError
+from .progress import ProgressBar
+from .storage import ReplicaResponse
+from .tracker import Address, parse_trackers
+from .upload import Uploader, remaining_size
+
+Subcommand = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+#: The epilog of ``mogile-middleware --help``.
+EPILOG = """\
+examples:
+  export MOGILEFS_TRACKERS=10.0.0.1:7001,10.0.0.2:7001 MOGILEFS_DOMAIN=media
+  mogile-middleware upload avatars/42.png 42.png --class avatar
+  mogile-middleware upload photos/2024/ ~/Pictures/2024 --recursive
+  tar -c logs | mogile-middleware upload backups/logs.tar -
+  mogile-middleware get avatars/42.png -o 42.png
+  mogile-middleware ls photos/ --long
+  mogile-middleware info avatars/42.png
+  mogile-middleware mv avatars/42.png avatars/43.png
+  mogile-middleware rm avatars/43.png
+  mogile-middleware devserver --domain media --class avatar=2
+
+exit codes:
+  0  success (also when the reader of stdout stops early, as head does)
+  1  failure: no tracker answered, a storage node failed, an upload failed,
+     an unknown class or domain, a local file could not be read or written
+  2  usage error: a bad or missing option (--trackers, --domain)
+  3  no such key
+"""
+
+
+def _required(option: str, variable: str, convert: Callable[[str], object]) -> Callable[[str], object]:
+    """An argparse ``type`` for ``option``: its default, ``$variable``, goes through it too, so an
+    empty or unset value is a usage error naming both."""
+
+    def parse(text: str) -> object:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"required: pass {option} or set {variable}")
+        return convert(text)
+
+    return parse
+
+
+def _trackers(text: str) -> list[Address]:
+    try:
+        return parse_trackers(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--trackers`` and ``--domain``, defaulting to their environment variables."""
+    # argparse converts a string default like a given value, so an unset variable reaches _required too.
+    parser.add_argument(
+        "--trackers", default=os.environ.get("MOGILEFS_TRACKERS", ""), metavar="HOST:PORT,...",
+        type=_required("--trackers", "MOGILEFS_TRACKERS", _trackers),
+        help="trackers, comma or space separated (default: $MOGILEFS_TRACKERS)",
+    )
+    parser.add_argument(
+        "--domain", default=os.environ.get("MOGILEFS_DOMAIN", ""),
+        type=_required("--domain", "MOGILEFS_DOMAIN", str),
+        help="MogileFS domain of the keys (default: $MOGILEFS_DOMAIN)",
+    )
+
+
+def _command(body: Callable[[argparse.Namespace, Client], int]) -> Callable[[argparse.Namespace], int]:
+    """A subcommand's ``run`` from ``body``: give it a client for the options, then close it; name
+    the key in a no-such-key error; print a local file error as one line (exit 1); end quietly
+    when the reader of stdout has gone."""
+
+    def run(args: argparse.Namespace) -> int:
+        client = Client(args.domain, args.trackers)
+        try:
+            code = body(args, client)
+            sys.stdout.flush()  # here, where a closed pipe is caught, rather than at exit
+            return code
+        except UnknownKeyError as error:  # the tracker does not say which key; every command with one calls it "key"
+            raise type(error)(error.code, f"no key {args.key!r} in domain {args.domain!r}") from None
+        except BrokenPipeError:
+            _detach_stdout()
+            return 0
+        except OSError as error:
+            print(f"mogile-middleware: {_describe(error)}", file=sys.stderr)
+            return 1
+        finally:
+            client.close()
+
+    return run
+
+
+def _describe(error: OSError) -> str:
+    if error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)
+
+
+def _detach_stdout() -> None:
+    """Point stdout at the null device, so the flush at exit does not fail on the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+# -- upload -----------------------------------------------------------------------------------
+
+
+def _add_upload_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``upload``."""
+    _connection_options(parser)
+    parser.add_argument("key", metavar="KEY", help="key to store under; with --recursive, the prefix of the keys")
+    parser.add_argument("source", metavar="FILE", help="file to store, - for stdin; with --recursive, a directory")
+    parser.add_argument("--class", dest="cls", metavar="CLASS", help="MogileFS class (default: the domain's default)")
+    parser.add_argument(
+        "-r", "--recursive", action="store_true",
+        help="store every file under the directory as KEY + its relative path (end KEY with / for a folder)",
+    )
+
+
+def _upload(args: argparse.Namespace, client: Client) -> int:
+    uploader = Uploader(client)
+    if args.recursive:
+        for path, relative in _files_under(Path(args.source)):
+            with open(path, "rb") as source:
+                _store(uploader, args.key + relative, source, args.cls)
+    elif args.source == "-":
+        _store(uploader, args.key, sys.stdin.buffer, args.cls)
+    else:
+        with open(args.source, "rb") as source:
+            _store(uploader, args.key, source, args.cls)
+    return 0
+
+
+def _store(uploader: Uploader, key: str, source: BinaryIO, cls: str | None) -> None:
+    """Upload ``source`` under ``key`` with a progress bar, then print the key and its size."""
+    with ProgressBar(remaining_size(source), sys.stderr, label=key) as bar:
+        size = uploader.upload(key, source, cls, progress=bar.update)
+    print(f"{size}\t{key}", flush=True)  # flushed: a later failure must not hide what was stored
+
+
+def _files_under(root: Path) -> Iterator[tuple[Path, str]]:
+    """Every regular file under ``root`` with its path relative to it in POSIX form, sorted per directory."""
+    if not root.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(root))
+    for directory, subdirectories, names in os.walk(root, onerror=_reraise):
+        subdirectories.sort()
+        for name in sorted(names):
+            path = Path(directory, name)
+            if path.is_file():  # not a FIFO or a socket, which would block or fail
+                yield path, path.relative_to(root).as_posix()
+
+
+def _reraise(error: OSError) -> None:
+    raise error  # os.walk would otherwise skip an unreadable directory without a word
+
+
+# -- get --------------------------------------------------------------------------------------
+
+
+def _add_get_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``get``."""
+    _connection_options(parser)
+    parser.add_argument("key", metavar="KEY", help="key to fetch")
+    parser.add_argument(
+        "-o", "--output", metavar="FILE",
+        help="write to FILE, replaced only once the whole content has arrived (default: stdout)",
+    )
+
+
+def _get(args: argparse.Namespace, client: Client) -> int:
+    with client.read_file(args.key) as body, ProgressBar(body.length, sys.stderr, label=args.key) as bar:
+        if args.output is None:
+            _copy(body, sys.stdout.buffer, bar)
+            sys.stdout.buffer.flush()
+        else:
+            with _replacing(Path(args.output)) as target:
+                _copy(body, target, bar)
+    return 0
+
+
+def _copy(body: ReplicaResponse, target: IO[bytes], bar: ProgressBar) -> None:
+    done = 0
+    for chunk in body.iter_chunks():
+        target.write(chunk)
+        done += len(chunk)
+        bar.update(done)
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[IO[bytes]]:
+    """A temporary file beside ``path``, renamed to it only when the block completes: a failure
+    leaves neither a partial file nor a changed one."""
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False)
+    try:
+        with handle:
+            yield handle
+        os.chmod(handle.name, 0o666 & ~_umask())  # as open() would create it, not private like a temporary file
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    return umask
+
+
+# -- ls, info, paths, rm, mv ------------------------------------------------------------------
+
+
+def _add_ls_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``ls``."""
+    _connection_options(parser)
+    parser.add_argument("prefix", metavar="PREFIX", nargs="?", default="", help="list only keys starting with it")
+    parser.add_argument("-l", "--long", action="store_true", help="print size<TAB>class<TAB>key")
+
+
+def _ls(args: argparse.Namespace, client: Client) -> int:
+    for key in client.keys(args.prefix):
+        if not args.long:
+            print(key)
+            continue
+        try:
+            info = client.file_info(key)
+        except UnknownKeyError:  # deleted since it was listed
+            continue
+        print(f"{info.length}\t{info.cls}\t{key}")
+    return 0
+
+
+def _add_key_argument(parser: argparse.ArgumentParser) -> None:
+    """Options of ``info``, ``paths`` and ``rm``: the connection and one key."""
+    _connection_options(parser)
+    parser.add_argument("key", metavar="KEY")
+
+
+def _all_paths(client: Client, info: FileInfo) -> list[str]:
+    """The URLs of every replica of the key (the tracker gives two unless asked for more)."""
+    return client.get_paths(info.key, pathcount=info.devcount)
+
+
+def _info(args: argparse.Namespace, client: Client) -> int:
+    info = client.file_info(args.key)
+    fields: list[tuple[str, object]] = [
+        ("key", info.key), ("domain", info.domain), ("fid", info.fid), ("length", info.length),
+        ("class", info.cls), ("devcount", info.devcount),
+    ]
+    if info.checksum:
+        fields.append(("checksum", info.checksum))
+    fields += [("path", path) for path in _all_paths(client, info)]
+    for name, value in fields:
+        print(f"{name:<9}{value}")
+    return 0
+
+
+def _paths(args: argparse.Namespace, client: Client) -> int:
+    for path in _all_paths(client, client.file_info(args.key)):
+        print(path)
+    return 0
+
+
+def _rm(args: argparse.Namespace, client: Client) -> int:
+    client.delete(args.key)
+    return 0
+
+
+def _add_mv_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``mv``."""
+    _connection_options(parser)
+    parser.add_argument("key", metavar="FROM", help="key to rename")
+    parser.add_argument("to", metavar="TO", help="new name; it must not exist")
+
+
+def _mv(args: argparse.Namespace, client: Client) -> int:
+    client.rename(args.key, args.to)
+    return 0
+
+
+#: name → (one-line help, add_arguments, run), merged into :data:`cli.SUBCOMMANDS`.
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "upload": ("store a file, stdin or a directory tree under keys", _add_upload_arguments, _command(_upload)),
+    "get": ("write a key's content to a file or stdout", _add_get_arguments, _command(_get)),
+    "ls": ("list the keys, or those starting with a prefix", _add_ls_arguments, _command(_ls)),
+    "info": ("show a key's fid, length, class, replicas, checksum and paths", _add_key_argument, _command(_info)),
+    "paths": ("print the URLs of a key's replicas, one a line", _add_key_argument, _command(_paths)),
+    "rm": ("delete a key", _add_key_argument, _command(_rm)),
+    "mv": ("rename a key", _add_mv_arguments, _command(_mv)),
+}

@@ -1,0 +1,101 @@
+"""A one-line progress bar for transfers on a terminal: percentage, bytes and rate.
+
+Used by the ``upload`` and ``get`` subcommands on stderr, so their stdout stays the data or the
+list of keys.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import TextIO
+
+UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+#: Terminal width assumed when the stream cannot tell its own.
+DEFAULT_COLUMNS = 80
+
+
+def human_size(count: float) -> str:
+    """``count`` bytes in binary units, for people: ``512 B``, ``1.5 KiB``, ``12.0 MiB``."""
+    unit = 0
+    while count >= 1024 and unit < len(UNITS) - 1:
+        count /= 1024
+        unit += 1
+    return f"{count:.0f} B" if unit == 0 else f"{count:.1f} {UNITS[unit]}"
+
+
+class ProgressBar:
+    """Shows how far a transfer of ``total`` bytes is, redrawn in place on ``stream``.
+
+    It writes nothing unless ``stream`` is a terminal and ``total`` is known, so piped or logged
+    output stays clean. Redrawn at most once per ``interval`` seconds (and always on reaching the
+    total); :meth:`close` clears the line.
+    """
+
+    def __init__(
+        self,
+        total: int | None,
+        stream: TextIO,
+        *,
+        label: str = "",
+        interval: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.total = total
+        self.stream = stream
+        self.label = label
+        self.interval = interval
+        self._clock = clock
+        self._enabled = total is not None and stream.isatty()
+        self._started = clock()
+        self._drawn_at: float | None = None
+        self._width = 0  # of the line on screen, to blank it
+
+    def update(self, done: int) -> None:
+        """Note that ``done`` bytes are through; redraw when the interval has passed or all are."""
+        if not self._enabled or self.total is None:
+            return
+        now = self._clock()
+        if done < self.total and self._drawn_at is not None and now - self._drawn_at < self.interval:
+            return
+        self._drawn_at = now
+        self._draw(self._line(done, self.total, now - self._started))
+
+    def _line(self, done: int, total: int, elapsed: float) -> str:
+        percent = min(done * 100 // total, 100) if total else 100
+        rate = f"{human_size(done / elapsed)}/s" if elapsed > 0 else "-"
+        stats = f"{percent:3d}% {human_size(done)} / {human_size(total)} {rate}"
+        room = self._columns() - 2 - len(stats)  # a space before the stats; the last column stays free
+        if not self.label or room < 2:
+            return stats
+        label = self.label if len(self.label) <= room else "…" + self.label[len(self.label) - room + 1 :]
+        return f"{label} {stats}"
+
+    def _columns(self) -> int:
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):  # a stream without a terminal behind it
+            return DEFAULT_COLUMNS
+
+    def _draw(self, line: str) -> None:
+        self.stream.write("\r" + line.ljust(self._width))
+        self.stream.flush()
+        self._width = len(line)
+
+    def close(self) -> None:
+        """Clear the bar, leaving the cursor where the line began."""
+        if self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,286 @@
+"""The everyday subcommands against the embedded MogileFS: round trips, exit codes, progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import DOMAIN
+
+from mogile_middleware.cli import main
+from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.exceptions import StorageError
+from mogile_middleware.progress import ProgressBar, human_size
+from mogile_middleware.storage import ReplicaResponse
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Result:
+    """What one in-process run of the command line gave."""
+
+    code: int
+    out: bytes
+    err: str
+
+    @property
+    def lines(self) -> list[str]:
+        return self.out.decode().splitlines()
+
+
+Run = Callable[..., Result]
+
+
+class FakeTerminal(io.StringIO):
+    """A stderr that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def cli(devmogile: DevMogileFS, monkeypatch: pytest.MonkeyPatch, capsysbinary: pytest.CaptureFixture[bytes]) -> Run:
+    """Runs ``mogile-middleware ARGS...`` in-process against the fixture's tracker and domain."""
+    monkeypatch.setenv("MOGILEFS_TRACKERS", devmogile.trackers[0])
+    monkeypatch.setenv("MOGILEFS_DOMAIN", DOMAIN)
+
+    def run(*argv: str) -> Result:
+        code = main(list(argv))
+        out, err = capsysbinary.readouterr()
+        return Result(code, out, err.decode())
+
+    return run
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """A directory tree: nested directories, a name with a space and non-ASCII, an empty file."""
+    root = tmp_path / "tree"
+    files = {
+        "index.html": b"<h1>hello</h1>\n",
+        "assets/img/logo.bin": random.Random(1).randbytes(300_000),  # several chunks
+        "docs/café menu.txt": "Café crème\n".encode(),
+        "docs/empty": b"",
+    }
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content)
+    return root
+
+
+def contents(root: Path, prefix: str) -> dict[str, bytes]:
+    return {prefix + path.relative_to(root).as_posix(): path.read_bytes() for path in root.rglob("*") if path.is_file()}
+
+
+def subprocess_env(**variables: str) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if not name.startswith("MOGILEFS_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**env, **variables}
+
+
+@contextlib.contextmanager
+def unused_address() -> Iterator[str]:
+    """A loopback address where nothing listens: bound (so no one else takes it) but not listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+# -- round trips ------------------------------------------------------------------------------
+
+
+def test_a_directory_tree_round_trips(cli: Run, tree: Path, tmp_path: Path) -> None:
+    expected = contents(tree, "site/")
+    uploaded = cli("upload", "site/", str(tree), "--recursive", "--class", "avatar")
+    assert uploaded.code == 0, uploaded.err
+    assert dict(line.split("\t")[::-1] for line in uploaded.lines) == {
+        key: str(len(data)) for key, data in expected.items()
+    }
+    assert cli("upload", "elsewhere", str(tree / "index.html")).code == 0
+
+    assert cli("ls", "site/").lines == sorted(expected)
+    assert cli("ls").lines == sorted([*expected, "elsewhere"])
+    menu = "site/docs/café menu.txt"
+    long_listing = [f"{len(expected[menu])}\tavatar\t{menu}", "0\tavatar\tsite/docs/empty"]
+    assert cli("ls", "--long", "site/docs/").lines == long_listing
+    for key, data in expected.items():
+        assert cli("get", key).out == data, key
+
+    key = "site/assets/img/logo.bin"
+    assert cli("get", key, "-o", str(tmp_path / "logo.bin")).code == 0
+    assert (tmp_path / "logo.bin").read_bytes() == expected[key]
+    info = dict(line.split(None, 1) for line in cli("info", key).lines if not line.startswith("path"))
+    assert (info["class"], info["length"], info["devcount"]) == ("avatar", "300000", "2")
+    paths = cli("paths", key).lines
+    assert len(paths) == 2 and all(path.startswith("http://127.0.0.1:") for path in paths)
+    with urllib.request.urlopen(paths[0], timeout=5) as response:
+        assert response.read() == expected[key]
+
+    assert cli("mv", key, "moved/logo.bin").code == 0
+    assert cli("get", "moved/logo.bin").out == expected[key]
+    assert cli("get", key).code == 3
+    assert cli("rm", "moved/logo.bin").code == 0
+    assert cli("info", "moved/logo.bin").code == 3
+    assert "moved/logo.bin" not in cli("ls").lines
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_an_unknown_key_is_exit_code_3_naming_the_key(cli: Run) -> None:
+    for command in (["get", "no/such"], ["info", "no/such"], ["paths", "no/such"], ["rm", "no/such"],
+                    ["mv", "no/such", "other"]):
+        result = cli(*command)
+        assert (result.code, result.out) == (3, b""), command
+        assert result.err == f"mogile-middleware: unknown_key: no key 'no/such' in domain '{DOMAIN}'\n"
+
+
+def test_an_unknown_class_names_the_class_and_the_domain(cli: Run, tree: Path) -> None:
+    result = cli("upload", "k", str(tree / "index.html"), "--class", "nosuch")
+    assert result.code == 1 and result.err.count("\n") == 1
+    assert "nosuch" in result.err and DOMAIN in result.err
+    assert cli("ls").lines == []
+
+
+def test_a_missing_local_file_is_one_line(cli: Run, tmp_path: Path) -> None:
+    result = cli("upload", "k", str(tmp_path / "absent"))
+    assert result.code == 1
+    assert result.err == f"mogile-middleware: {tmp_path / 'absent'}: No such file or directory\n"
+    assert cli("upload", "k/", str(tmp_path / "absent"), "--recursive").code == 1
+
+
+def test_a_dead_tracker_fails_fast(capsys: pytest.CaptureFixture[str]) -> None:
+    with unused_address() as address:
+        started = time.monotonic()
+        assert main(["ls", "--trackers", address, "--domain", DOMAIN]) == 1
+        assert time.monotonic() - started < 3
+    err = capsys.readouterr().err
+    assert err.startswith("mogile-middleware: no tracker answered") and err.count("\n") == 1
+
+
+def test_a_missing_domain_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("MOGILEFS_DOMAIN", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        main(["ls", "--trackers", "127.0.0.1:7001"])
+    assert stopped.value.code == 2
+    assert "--domain" in capsys.readouterr().err
+
+
+def test_get_leaves_no_file_when_the_only_node_is_down(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with DevMogileFS(tmp_path / "mog", storage_nodes=1, domains={DOMAIN: {"thumb": 1}}) as mogile:
+        options = ["--trackers", mogile.trackers[0], "--domain", DOMAIN]
+        (tmp_path / "source").write_bytes(b"only copy")
+        assert main(["upload", *options, "key", str(tmp_path / "source"), "--class", "thumb"]) == 0
+        mogile.nodes[0].stop()
+        out = tmp_path / "out"
+        out.mkdir()
+        assert main(["get", *options, "key", "-o", str(out / "file")]) == 1
+    assert list(out.iterdir()) == []
+    assert capsys.readouterr().err.startswith("mogile-middleware: no replica answered")
+
+
+def test_get_keeps_the_old_file_when_the_transfer_breaks(
+    cli: Run, tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert cli("upload", "big", str(tree / "assets/img/logo.bin")).code == 0
+    original = ReplicaResponse.iter_chunks
+
+    def broken(self: ReplicaResponse, size: int = 65536) -> Iterator[bytes]:
+        yield next(original(self, size))
+        raise StorageError("connection reset midway", self.url)
+
+    monkeypatch.setattr(ReplicaResponse, "iter_chunks", broken)
+    target = tmp_path / "out" / "file"
+    target.parent.mkdir()
+    target.write_bytes(b"previous")
+    result = cli("get", "big", "-o", str(target))
+    assert (result.code, result.err) == (1, "mogile-middleware: connection reset midway\n")
+    assert list(target.parent.iterdir()) == [target] and target.read_bytes() == b"previous"
+
+
+# -- the real entry point ---------------------------------------------------------------------
+
+
+def test_the_entry_point_streams_stdin_and_sets_exit_codes(devmogile: DevMogileFS) -> None:
+    command = [sys.executable, "-m", "mogile_middleware"]
+    env = subprocess_env(MOGILEFS_TRACKERS=devmogile.trackers[0], MOGILEFS_DOMAIN=DOMAIN)
+    data = random.Random(2).randbytes(2_000_000)
+
+    def run(*argv: str, stdin: bytes = b"", environment: dict[str, str] = env) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [*command, *argv], check=False, input=stdin, env=environment, capture_output=True, timeout=20
+        )
+
+    stored = run("upload", "piped", "-", stdin=data)
+    assert (stored.returncode, stored.stdout) == (0, b"2000000\tpiped\n"), stored.stderr
+    assert run("get", "piped").stdout == data
+    assert run("get", "absent").returncode == 3
+    no_domain = run("ls", environment=subprocess_env(MOGILEFS_TRACKERS=devmogile.trackers[0]))
+    assert no_domain.returncode == 2 and b"MOGILEFS_DOMAIN" in no_domain.stderr
+
+    # A reader that stops early (as head does) ends the command quietly, without a traceback.
+    reader = subprocess.Popen([*command, "get", "piped"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert reader.stdout is not None and reader.stderr is not None
+    assert reader.stdout.read(10) == data[:10]
+    reader.stdout.close()
+    assert reader.wait(timeout=10) == 0
+    assert reader.stderr.read() == b""
+    reader.stderr.close()
+
+
+# -- progress bar -----------------------------------------------------------------------------
+
+
+def test_upload_and_get_draw_a_bar_on_a_terminal_only(cli: Run, tree: Path) -> None:
+    logo = str(tree / "assets/img/logo.bin")
+    for command in (["upload", "logo", logo], ["get", "logo"]):
+        terminal = FakeTerminal()
+        with contextlib.redirect_stderr(terminal):
+            assert cli(*command).code == 0
+        frames = terminal.getvalue().split("\r")  # "", the bars, the blanking, ""
+        last_bar, blanking = frames[-3], frames[-2]
+        assert last_bar.startswith("logo ") and "100% 293.0 KiB / 293.0 KiB" in last_bar, frames
+        assert blanking.strip() == "" and len(blanking) >= len(last_bar.rstrip()) and frames[-1] == ""
+
+        piped = io.StringIO()
+        with contextlib.redirect_stderr(piped):
+            assert cli(*command).code == 0
+        assert piped.getvalue() == ""
+
+
+def test_the_bar_is_redrawn_at_most_ten_times_a_second() -> None:
+    now = [0.0]
+    terminal = FakeTerminal()
+    with ProgressBar(1000, terminal, label="key", clock=lambda: now[0]) as bar:
+        for done in range(0, 1000, 10):
+            now[0] += 1 / 64  # exact in binary, so the comparisons with the interval are too
+            bar.update(done)
+        bar.update(1000)
+    drawn = [line for line in terminal.getvalue().split("\r") if line.strip()]
+    assert len(drawn) == 16  # the 1st of the 100 updates and every 7th after it (7/64 s >= 0.1 s), then the end
+    assert drawn[-1].startswith("key 100% 1000 B / 1000 B")
+    assert terminal.getvalue().endswith("\r" + " " * len(drawn[-1]) + "\r")
+
+
+def test_no_bar_without_a_total() -> None:
+    terminal = FakeTerminal()
+    with ProgressBar(None, terminal) as bar:
+        bar.update(5)
+    assert terminal.getvalue() == ""
+
+
+def test_human_sizes() -> None:
+    assert [human_size(n) for n in (0, 1023, 1024, 1536, 5 * 1024**3)] == ["0 B", "1023 B", "1.0 KiB", "1.5 KiB",
+                                                                          "5.0 GiB"]
