@@ -1,0 +1,1 @@
+"""The example app: profiles with an avatar, and a thumbnail made from each avatar."""

@@ -1,0 +1,1 @@
+"""Integrations of mogile_middleware with web frameworks, one subpackage each."""

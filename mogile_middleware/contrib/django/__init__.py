@@ -1,0 +1,22 @@
+"""Django integration: a file storage on MogileFS and the wrapper that serves its files.
+
+In ``settings.py``::
+
+    MOGILEFS_DOMAIN = "media"
+    MOGILEFS_TRACKERS = ["10.0.0.1:7001", "10.0.0.2:7001"]
+    MOGILEFS_MEDIA_URL = "/media/"
+    STORAGES = {
+        "default": {"BACKEND": "mogile_middleware.contrib.django.MogileFSStorage"},
+        "thumbs": {"BACKEND": "mogile_middleware.contrib.django.MogileFSStorage",
+                   "OPTIONS": {"mogile_class": "thumb"}},
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
+
+and in ``wsgi.py``: ``application = wrap_wsgi(get_wsgi_application())``.
+"""
+
+from .clients import close_clients, get_client
+from .storage import MogileFSStorage
+from .wsgi import wrap_wsgi
+
+__all__ = ["MogileFSStorage", "close_clients", "get_client", "wrap_wsgi"]

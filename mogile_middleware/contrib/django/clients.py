@@ -1,0 +1,51 @@
+"""One :class:`Client` (and its :class:`Uploader`) per process for each domain and set of trackers.
+
+The wrapped WSGI application and every storage share it, so a file saved through a storage drops
+the paths the middleware cached for that key (the middleware listens to ``client.on_change``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+from ...client import Client
+from ...tracker import Address, parse_trackers
+from ...upload import Uploader
+from . import conf
+
+#: Tracker addresses as ``Client`` takes them: ``"host:port"`` strings or ``(host, port)`` pairs.
+Trackers = str | Iterable[str | Address] | None
+
+_lock = threading.Lock()
+_shared: dict[tuple[str, tuple[Address, ...]], tuple[Client, Uploader]] = {}
+
+
+def _get(domain: str | None, trackers: Trackers) -> tuple[Client, Uploader]:
+    # Parsed before use as a key, so "h:7001" and ("h", 7001) share one client.
+    key = (domain or conf.domain(), tuple(parse_trackers(trackers)) if trackers else conf.trackers())
+    with _lock:
+        if key not in _shared:
+            client = Client(*key)
+            _shared[key] = client, Uploader(client)
+        return _shared[key]
+
+
+def get_client(domain: str | None = None, trackers: Trackers = None) -> Client:
+    """The shared client of ``domain`` and ``trackers`` (``MOGILEFS_DOMAIN`` and
+    ``MOGILEFS_TRACKERS`` when not given)."""
+    return _get(domain, trackers)[0]
+
+
+def get_uploader(domain: str | None = None, trackers: Trackers = None) -> Uploader:
+    """The uploader of :func:`get_client`'s client (it remembers which classes keep checksums)."""
+    return _get(domain, trackers)[1]
+
+
+def close_clients() -> None:
+    """Close and forget every shared client, e.g. between tests that start their own trackers."""
+    with _lock:
+        clients = [client for client, _ in _shared.values()]
+        _shared.clear()
+    for client in clients:
+        client.close()

@@ -1,0 +1,165 @@
+"""The MOGILEFS_* settings, read and checked each time they are needed.
+
+Nothing is read at import, so ``override_settings`` works; a missing or wrong setting raises
+``ImproperlyConfigured`` naming it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import ipaddress
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+from ...middleware import REPROXY_MODES, MogileFSMiddleware
+from ...tracker import Address, parse_trackers
+
+T = TypeVar("T")
+
+#: Middleware arguments that have a setting of their own, so MOGILEFS_MIDDLEWARE_OPTIONS may not set them.
+_OWN_SETTINGS = {
+    "client": "MOGILEFS_DOMAIN and MOGILEFS_TRACKERS",
+    "domain": "MOGILEFS_DOMAIN",
+    "trackers": "MOGILEFS_TRACKERS",
+    "prefix": "MOGILEFS_MEDIA_URL",
+    "reproxy": "MOGILEFS_REPROXY",
+    "trusted_proxies": "MOGILEFS_TRUSTED_PROXIES",
+    "cache_control": "MOGILEFS_CACHE_CONTROL",
+    "path_cache_seconds": "MOGILEFS_PATH_CACHE_SECONDS",
+    "nginx_location": "MOGILEFS_NGINX_LOCATION",
+}
+_MIDDLEWARE_ARGUMENTS = frozenset(inspect.signature(MogileFSMiddleware).parameters) - {"app"}
+
+
+def validated(name: str, value: object, check: Callable[[Any], T]) -> T:
+    """``check(value)``, with its complaint turned into ``ImproperlyConfigured`` naming ``name``."""
+    try:
+        return check(value)
+    except (TypeError, ValueError) as error:
+        raise ImproperlyConfigured(f"{name}: {error}") from None
+
+
+def text(value: object) -> str:
+    """A non-empty string (a domain, a class)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def flag(value: object) -> bool:
+    """``True`` or ``False``, not merely truthy."""
+    if not isinstance(value, bool):
+        raise TypeError(f"expected True or False, got {value!r}")
+    return value
+
+
+def tracker_addresses(value: object) -> tuple[Address, ...]:
+    """Tracker addresses from a list of ``"host:port"`` strings or one comma-separated string."""
+    if not isinstance(value, (str, list, tuple)) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f'expected a list of "host:port" strings or one string, got {value!r}')
+    return tuple(parse_trackers(value))
+
+
+def url_prefix(value: object) -> str:
+    """A URL ending with ``/`` whose path is absolute: ``"/media/"`` or ``"https://cdn.example/media/"``."""
+    if not isinstance(value, str) or not urlsplit(value).path.startswith("/") or not value.endswith("/"):
+        raise ValueError(f'expected a URL path starting and ending with "/" (e.g. "/media/"), got {value!r}')
+    return value
+
+
+def _required(name: str) -> Any:
+    if not hasattr(settings, name):
+        raise ImproperlyConfigured(f"{name} is not set: the MogileFS storage and middleware need it")
+    return getattr(settings, name)
+
+
+def domain() -> str:
+    """``MOGILEFS_DOMAIN``: the domain of every key."""
+    return validated("MOGILEFS_DOMAIN", _required("MOGILEFS_DOMAIN"), text)
+
+
+def trackers() -> tuple[Address, ...]:
+    """``MOGILEFS_TRACKERS``: the trackers' addresses."""
+    return validated("MOGILEFS_TRACKERS", _required("MOGILEFS_TRACKERS"), tracker_addresses)
+
+
+def media_url() -> str:
+    """``MOGILEFS_MEDIA_URL``: where the files are on the web, and the middleware's prefix."""
+    return validated("MOGILEFS_MEDIA_URL", _required("MOGILEFS_MEDIA_URL"), url_prefix)
+
+
+def _reproxy_mode(value: object) -> str | None:
+    if value not in REPROXY_MODES:
+        raise ValueError(f"expected one of {REPROXY_MODES}, got {value!r}")
+    return value
+
+
+def _networks(value: object) -> list[str]:
+    # A lone string would be read as a list of one-character addresses.
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"expected a list of addresses or networks, got {value!r}")
+    for network in value:
+        ipaddress.ip_network(network, strict=False)
+    return list(value)
+
+
+def _header_value(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"expected a number of seconds >= 0, got {value!r}")
+    return value
+
+
+def _location(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f'expected a location starting with "/", got {value!r}')
+    return value
+
+
+def _extra_options(value: object) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a dict of MogileFSMiddleware arguments, got {value!r}")
+    for option in value:
+        if option in _OWN_SETTINGS:
+            raise ValueError(f"{option!r} has its own setting: use {_OWN_SETTINGS[option]}")
+        if option not in _MIDDLEWARE_ARGUMENTS:
+            raise ValueError(f"MogileFSMiddleware has no argument {option!r}")
+    return value
+
+
+#: Optional settings → (middleware argument, check); unset or ``None`` leaves the middleware's default.
+_OPTIONAL: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "MOGILEFS_TRUSTED_PROXIES": ("trusted_proxies", _networks),
+    "MOGILEFS_CACHE_CONTROL": ("cache_control", _header_value),
+    "MOGILEFS_PATH_CACHE_SECONDS": ("path_cache_seconds", _seconds),
+    "MOGILEFS_NGINX_LOCATION": ("nginx_location", _location),
+}
+
+
+def reproxy() -> str | None:
+    """``MOGILEFS_REPROXY`` if set, else ``"perlbal"`` when the classic ``SERVE_WITH_PERLBAL`` is on."""
+    if hasattr(settings, "MOGILEFS_REPROXY"):
+        return validated("MOGILEFS_REPROXY", settings.MOGILEFS_REPROXY, _reproxy_mode)
+    perlbal = validated("SERVE_WITH_PERLBAL", getattr(settings, "SERVE_WITH_PERLBAL", False), flag)
+    return "perlbal" if perlbal else None
+
+
+def middleware_options() -> dict[str, Any]:
+    """The :class:`MogileFSMiddleware` arguments the settings give, besides the client."""
+    options = validated("MOGILEFS_MIDDLEWARE_OPTIONS", getattr(settings, "MOGILEFS_MIDDLEWARE_OPTIONS", {}),
+                        _extra_options)
+    options = {**options, "prefix": urlsplit(media_url()).path, "reproxy": reproxy()}
+    for name, (argument, check) in _OPTIONAL.items():
+        value = getattr(settings, name, None)
+        if value is not None:
+            options[argument] = validated(name, value, check)
+    return options

@@ -1,0 +1,153 @@
+"""``MogileFSStorage``: a Django file storage keeping each file as a key of a MogileFS class."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import django
+from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
+from django.core.files import File
+from django.core.files.storage import Storage
+from django.utils.deconstruct import deconstructible
+from django.utils.encoding import filepath_to_uri
+
+from ...client import Client
+from ...exceptions import BadKeyError, UnknownKeyError
+from ...tracker import Address
+from ...upload import Uploader
+from . import conf
+from .clients import get_client, get_uploader
+
+
+@contextmanager
+def _checked_key() -> Iterator[None]:
+    """Report a name MogileFS cannot hold as a key the way Django reports unsafe file names."""
+    try:
+        yield
+    except BadKeyError as error:
+        raise SuspiciousFileOperation(str(error)) from error
+
+
+@deconstructible(path="mogile_middleware.contrib.django.MogileFSStorage")
+class MogileFSStorage(Storage):
+    """Files stored in MogileFS, each name a key of the storage's class, served at ``media_url``.
+
+    As in the classic django-storages backend the class belongs to the storage: set
+    ``mogile_class`` on a subclass, or give it as an option (``STORAGES``' ``OPTIONS``).
+    ``domain``, ``trackers`` and ``media_url`` default to the ``MOGILEFS_*`` settings, read at
+    each call. ``allow_overwrite`` reuses a taken name (the key gets the new data) instead of
+    Django's suffixing, as ``FileSystemStorage`` does.
+    """
+
+    mogile_class: str | None = None
+
+    def __init__(
+        self,
+        *,
+        mogile_class: str | None = None,
+        domain: str | None = None,
+        trackers: str | list[str] | None = None,
+        media_url: str | None = None,
+        allow_overwrite: bool = False,
+        **unknown: Any,
+    ) -> None:
+        name = type(self).__name__
+        if unknown:
+            raise ImproperlyConfigured(f"{name} has no option {', '.join(map(repr, sorted(unknown)))}")
+
+        def option(key: str, value: Any, check: Callable[[Any], Any]) -> Any:
+            return None if value is None else conf.validated(f"{name} option {key!r}", value, check)
+
+        if mogile_class is not None:
+            self.mogile_class = option("mogile_class", mogile_class, conf.text)
+        self._domain: str | None = option("domain", domain, conf.text)
+        self._trackers: tuple[Address, ...] | None = option("trackers", trackers, conf.tracker_addresses)
+        self._media_url: str | None = option("media_url", media_url, conf.url_prefix)
+        self.allow_overwrite: bool = option("allow_overwrite", allow_overwrite, conf.flag)
+        # Django before 5.1 never asks is_name_available: suffixing the same name would loop forever.
+        if self.allow_overwrite and django.VERSION < (5, 1):
+            raise ImproperlyConfigured(f"{name} option 'allow_overwrite' needs Django 5.1 or newer")
+
+    @property
+    def client(self) -> Client:
+        """The process's shared client for this storage's domain and trackers."""
+        return get_client(self._domain, self._trackers)
+
+    @property
+    def _uploader(self) -> Uploader:
+        return get_uploader(self._domain, self._trackers)
+
+    def _save(self, name: str, content: File) -> str:
+        """Stream ``content`` into the key ``name`` of the storage's class; return ``name``."""
+        with _checked_key():
+            self._uploader.upload(name, content.chunks(), self.mogile_class)
+        return name
+
+    def _open(self, name: str, mode: str = "rb") -> File:
+        """A read-only, streaming (not seekable) file over the first replica that answers."""
+        if mode != "rb":
+            raise ValueError(f"MogileFS files are opened with mode 'rb' only, not {mode!r}")
+        with _checked_key():
+            try:
+                body = self.client.read_file(name)
+            except UnknownKeyError:
+                raise FileNotFoundError(f"no MogileFS key {name!r}") from None
+        file = File(body, name)
+        if body.length is not None:
+            file.size = body.length  # known from the headers: File would otherwise seek to measure
+        return file
+
+    def exists(self, name: str) -> bool:
+        """True if the key exists."""
+        with _checked_key():
+            try:
+                self.client.file_info(name)
+            except UnknownKeyError:
+                return False
+        return True
+
+    def delete(self, name: str) -> None:
+        """Delete the key; a name that does not exist is not an error, as in Django's storages."""
+        with _checked_key(), suppress(UnknownKeyError):
+            self.client.delete(name)
+
+    def size(self, name: str) -> int:
+        """The file's length in bytes, from the tracker."""
+        with _checked_key():
+            try:
+                return self.client.file_info(name).length
+            except UnknownKeyError:
+                raise FileNotFoundError(f"no MogileFS key {name!r}") from None
+
+    def url(self, name: str) -> str:
+        """The media URL followed by the name, percent-encoded as UTF-8."""
+        media_url = self._media_url or conf.media_url()
+        return media_url + filepath_to_uri(name).lstrip("/")
+
+    def listdir(self, path: str) -> tuple[list[str], list[str]]:
+        """The "directories" and files right under ``path``: MogileFS has flat keys, so every key
+        under the prefix is listed, and the parts between slashes play the directories."""
+        prefix = path.strip("/") + "/" if path.strip("/") else ""
+        directories: set[str] = set()
+        files: list[str] = []
+        for key in self.client.keys(prefix):
+            head, slash, _ = key[len(prefix):].partition("/")
+            if slash:
+                directories.add(head)
+            else:
+                files.append(head)
+        return sorted(directories), files
+
+    def is_name_available(self, name: str, max_length: int | None = None) -> bool:
+        """With ``allow_overwrite`` every name that fits is available, as in ``FileSystemStorage``."""
+        if self.allow_overwrite:
+            return not (max_length and len(name) > max_length)
+        return super().is_name_available(name, max_length=max_length)
+
+    def get_alternative_name(self, file_root: str, file_ext: str) -> str:
+        """With ``allow_overwrite`` the name is kept (only shortened to fit), as in ``FileSystemStorage``."""
+        if self.allow_overwrite:
+            return f"{file_root}{file_ext}"
+        return super().get_alternative_name(file_root, file_ext)

@@ -1,0 +1,323 @@
+"""The Django integration over the embedded MogileFS: the example site's models, its upload page,
+the storage API, the settings and the wrapped WSGI application (WebTest, lint on)."""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import django
+import pytest
+from conftest import DOMAIN
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
+from django.core.files.base import ContentFile
+from django.core.management import call_command
+from django.core.wsgi import get_wsgi_application
+from django.db.migrations.writer import MigrationWriter
+from django.test import override_settings
+from django.utils.module_loading import import_string
+from PIL import Image
+from webtest import TestApp, Upload
+
+from mogile_middleware.contrib.django import MogileFSStorage, close_clients, get_client, wrap_wsgi
+from mogile_middleware.devserver import DevMogileFS
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "djangosite"
+
+
+def _configure_django() -> None:
+    """The example site's settings with an in-memory database, once per process."""
+    if str(EXAMPLE) not in sys.path:
+        sys.path.insert(0, str(EXAMPLE))
+    if settings.configured:
+        return
+    from djangosite import settings as site
+
+    options = {name: getattr(site, name) for name in dir(site) if name.isupper()}
+    options["DATABASES"] = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
+    settings.configure(**options)
+    django.setup()
+
+
+_configure_django()
+
+from gallery.models import Profile, Thumbnail  # needs the settings above
+from gallery.storage import AvatarStorage
+
+#: Marks a setting to remove in ``with_settings``.
+MISSING = object()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def database() -> None:
+    """The example's migrations applied to the in-memory database."""
+    call_command("migrate", verbosity=0)
+
+
+@pytest.fixture(autouse=True)
+def fresh_clients() -> Iterator[None]:
+    """Each test's shared clients are closed after it: its trackers go away."""
+    yield
+    close_clients()
+
+
+@pytest.fixture
+def mogile(devmogile: DevMogileFS) -> Iterator[DevMogileFS]:
+    """The settings pointed at the test MogileFS (domain ``testdom``: avatar=2, thumb=1)."""
+    with override_settings(MOGILEFS_DOMAIN=DOMAIN, MOGILEFS_TRACKERS=devmogile.trackers):
+        yield devmogile
+
+
+@pytest.fixture
+def app(mogile: DevMogileFS) -> TestApp:
+    """The example site's application as its ``wsgi.py`` wraps it."""
+    return TestApp(wrap_wsgi(get_wsgi_application()), lint=True)
+
+
+def png(color: tuple[int, int, int], size: tuple[int, int] = (12, 8)) -> bytes:
+    """A tiny real PNG."""
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, format="PNG")
+    return out.getvalue()
+
+
+@contextmanager
+def with_settings(**changes: Any) -> Iterator[None]:
+    """``override_settings`` that also removes the settings given as ``MISSING``."""
+    with override_settings(**{name: value for name, value in changes.items() if value is not MISSING}):
+        for name in [name for name, value in changes.items() if value is MISSING]:
+            delattr(settings, name)
+        yield
+
+
+# -- models and the upload page -----------------------------------------------------------------
+
+
+def test_image_fields_store_in_their_classes_and_are_served(app: TestApp) -> None:
+    avatar, thumb = png((200, 30, 30)), png((30, 30, 200), size=(4, 4))
+    profile = Profile(name="Ada")
+    profile.avatar.save("ada.png", ContentFile(avatar))
+    thumbnail = Thumbnail(profile=profile)
+    thumbnail.image.save("ada.png", ContentFile(thumb))
+
+    client = get_client()
+    assert (client.file_info(profile.avatar.name).cls, client.file_info(profile.avatar.name).devcount) == ("avatar", 2)
+    assert (client.file_info(thumbnail.image.name).cls, client.file_info(thumbnail.image.name).devcount) == ("thumb", 1)
+    for field, data in [(profile.avatar, avatar), (thumbnail.image, thumb)]:
+        response = app.get(field.url)
+        assert (response.status_int, response.content_type, response.body) == (200, "image/png", data)
+    stored = Profile.objects.get(pk=profile.pk).avatar
+    with stored.open() as file:
+        assert (file.size, file.read()) == (len(avatar), avatar)
+
+
+def test_upload_page_stores_avatar_and_thumbnail(app: TestApp) -> None:
+    avatar = png((10, 160, 10), size=(200, 100))
+    form = app.get("/").forms[0]
+    form["name"] = "Grace"
+    form["avatar"] = Upload("grace hopper.png", avatar, "image/png")
+    page = form.submit().follow()
+
+    avatar_url, thumbnail_url = re.findall(r'<img src="([^"]+)"', page.text)[:2]  # the newest profile
+    assert (avatar_url, thumbnail_url) == ("/media/avatars/grace_hopper.png", "/media/thumbs/grace_hopper.png")
+    assert app.get(avatar_url).body == avatar
+    with Image.open(io.BytesIO(app.get(thumbnail_url).body)) as thumbnail:
+        assert thumbnail.size == (64, 32)
+    client = get_client()
+    assert [client.file_info(name).cls for name in ("avatars/grace_hopper.png", "thumbs/grace_hopper.png")] == [
+        "avatar", "thumb"]
+
+
+def test_upload_page_refuses_a_post_without_csrf_token(app: TestApp) -> None:
+    app.post("/", {"name": "Eve"}, status=403)
+
+
+def test_migrations_match_the_models() -> None:
+    call_command("makemigrations", "gallery", check=True, dry_run=True, verbosity=0)
+
+
+# -- the storage API ----------------------------------------------------------------------------
+
+
+def test_missing_names(mogile: DevMogileFS) -> None:
+    storage = MogileFSStorage()
+    assert not storage.exists("nothing.txt")
+    storage.delete("nothing.txt")
+    with pytest.raises(FileNotFoundError):
+        storage.size("nothing.txt")
+    with pytest.raises(FileNotFoundError):
+        storage.open("nothing.txt")
+
+
+def test_save_exists_size_open_delete(mogile: DevMogileFS) -> None:
+    storage = MogileFSStorage(mogile_class="thumb")
+    name = storage.save("docs/a.txt", ContentFile(b"hello"))
+    assert name == "docs/a.txt"
+    assert storage.exists(name) and storage.size(name) == 5
+    assert get_client().file_info(name).cls == "thumb"
+    with storage.open(name) as file:
+        assert (file.name, file.size, file.read()) == (name, 5, b"hello")
+    with pytest.raises(ValueError):
+        storage.open(name, "wb")
+    storage.delete(name)
+    assert not storage.exists(name)
+
+
+def test_listdir(mogile: DevMogileFS) -> None:
+    storage = MogileFSStorage()
+    for name in ["docs/a.txt", "docs/sub/b.txt", "docs/sub/c.txt", "top.txt"]:
+        storage.save(name, ContentFile(b"x"))
+    assert storage.listdir("") == (["docs"], ["top.txt"])
+    assert storage.listdir("docs") == storage.listdir("/docs/") == (["sub"], ["a.txt"])
+    assert storage.listdir("empty") == ([], [])
+
+
+def test_url_quotes_spaces_and_non_ascii_and_is_served(app: TestApp) -> None:
+    storage = MogileFSStorage()
+    name = storage.save("with space/café 日本.png", ContentFile(b"pixels"))
+    url = storage.url(name)
+    assert url == "/media/with%20space/caf%C3%A9%20%E6%97%A5%E6%9C%AC.png"
+    assert app.get(url).body == b"pixels"
+    assert MogileFSStorage(media_url="https://cdn.example/files/").url("a b") == "https://cdn.example/files/a%20b"
+
+
+def test_available_name_is_suffixed_unless_overwrite_is_allowed(mogile: DevMogileFS) -> None:
+    storage = MogileFSStorage()
+    assert storage.get_available_name("docs/a.txt") == "docs/a.txt"
+    storage.save("docs/a.txt", ContentFile(b"first"))
+    assert re.fullmatch(r"docs/a_\w{7}\.txt", storage.get_available_name("docs/a.txt"))
+
+    overwriting = MogileFSStorage(allow_overwrite=True)
+    assert overwriting.get_available_name("docs/a.txt") == "docs/a.txt"
+    assert overwriting.save("docs/a.txt", ContentFile(b"second")) == "docs/a.txt"
+    assert storage.size("docs/a.txt") == 6
+
+
+@pytest.mark.parametrize("call", [
+    pytest.param(lambda storage: storage.exists("line\nbreak"), id="exists-newline"),
+    pytest.param(lambda storage: storage.save("é" * 130 + ".txt", ContentFile(b"x")), id="save-too-long"),
+    pytest.param(lambda storage: storage.open("nul\x00"), id="open-nul"),
+])
+def test_names_mogilefs_cannot_hold_are_suspicious(mogile: DevMogileFS, call: Callable[[Any], Any]) -> None:
+    with pytest.raises(SuspiciousFileOperation):
+        call(MogileFSStorage())
+
+
+def test_deconstruct_round_trip() -> None:
+    storage = MogileFSStorage(mogile_class="thumb", trackers="127.0.0.1:7001", allow_overwrite=True)
+    path, args, kwargs = storage.deconstruct()
+    assert path == "mogile_middleware.contrib.django.MogileFSStorage"
+    rebuilt = import_string(path)(*args, **kwargs)
+    assert (rebuilt.mogile_class, rebuilt.allow_overwrite) == ("thumb", True)
+    assert rebuilt.deconstruct() == (path, args, kwargs)
+    assert AvatarStorage().deconstruct() == ("gallery.storage.AvatarStorage", (), {})
+    assert MigrationWriter.serialize(storage)[0] == (
+        "mogile_middleware.contrib.django.MogileFSStorage("
+        "allow_overwrite=True, mogile_class='thumb', trackers='127.0.0.1:7001')"
+    )
+
+
+# -- the wrapped application --------------------------------------------------------------------
+
+
+def test_a_save_through_a_storage_drops_the_cached_paths(app: TestApp) -> None:
+    storage = MogileFSStorage(allow_overwrite=True)
+    assert storage.client is app.app.client
+    name = storage.save("news.txt", ContentFile(b"old news"))
+    url = storage.url(name)
+    assert app.get(url).body == b"old news"
+    assert app.get(url).body == b"old news"  # now from the path cache
+    assert storage.save(name, ContentFile(b"fresh news")) == name
+    assert app.get(url).body == b"fresh news"
+    storage.delete(name)
+    app.get(url, status=404)
+
+
+def test_other_paths_reach_django(app: TestApp) -> None:
+    assert "<form" in app.get("/").text
+    app.get("/nothing-here/", status=404)
+
+
+def test_settings_reach_the_middleware(mogile: DevMogileFS) -> None:
+    MogileFSStorage().save("a.png", ContentFile(b"pixels"))
+    with with_settings(MOGILEFS_CACHE_CONTROL="public, max-age=60", MOGILEFS_PATH_CACHE_SECONDS=0,
+                       MOGILEFS_MIDDLEWARE_OPTIONS={"retry_after_seconds": 9}):
+        middleware = wrap_wsgi(get_wsgi_application())
+    app = TestApp(middleware, lint=True)
+    assert app.get("/media/a.png").headers["Cache-Control"] == "public, max-age=60"
+    app.get("/media/a.png")
+    assert (middleware.paths.lookups, middleware.retry_after_seconds) == (2, 9)
+
+    with with_settings(SERVE_WITH_PERLBAL=True, MOGILEFS_TRUSTED_PROXIES=["10.0.0.0/8"]):
+        app = TestApp(wrap_wsgi(get_wsgi_application()), lint=True)
+    assert "X-REPROXY-URL" in app.get("/media/a.png", extra_environ={"REMOTE_ADDR": "10.1.2.3"}).headers
+    assert app.get("/media/a.png", extra_environ={"REMOTE_ADDR": "192.0.2.1"}).body == b"pixels"
+
+    with with_settings(SERVE_WITH_PERLBAL=True, MOGILEFS_REPROXY="nginx", MOGILEFS_NGINX_LOCATION="/internal"):
+        app = TestApp(wrap_wsgi(get_wsgi_application()), lint=True)
+    assert app.get("/media/a.png").headers["X-Accel-Redirect"].startswith("/internal")
+
+    with with_settings(SERVE_WITH_PERLBAL=True, MOGILEFS_REPROXY=None, MOGILEFS_MEDIA_URL="https://cdn.example/m/"):
+        app = TestApp(wrap_wsgi(get_wsgi_application()), lint=True)
+        assert MogileFSStorage().url("a.png") == "https://cdn.example/m/a.png"
+    assert app.get("/m/a.png").body == b"pixels"
+
+
+# -- configuration errors -----------------------------------------------------------------------
+
+
+def _wrap() -> object:
+    return wrap_wsgi(get_wsgi_application())
+
+
+SETTINGS_ERRORS = [
+    pytest.param("MOGILEFS_DOMAIN", MISSING, _wrap, id="domain-missing"),
+    pytest.param("MOGILEFS_DOMAIN", "", _wrap, id="domain-empty"),
+    pytest.param("MOGILEFS_DOMAIN", 42, lambda: MogileFSStorage().exists("a"), id="domain-not-text-storage"),
+    pytest.param("MOGILEFS_TRACKERS", MISSING, _wrap, id="trackers-missing"),
+    pytest.param("MOGILEFS_TRACKERS", [], _wrap, id="trackers-empty"),
+    pytest.param("MOGILEFS_TRACKERS", ["127.0.0.1:port"], _wrap, id="trackers-bad-port"),
+    pytest.param("MOGILEFS_TRACKERS", 7001, lambda: MogileFSStorage().exists("a"), id="trackers-number-storage"),
+    pytest.param("MOGILEFS_MEDIA_URL", MISSING, _wrap, id="media-url-missing"),
+    pytest.param("MOGILEFS_MEDIA_URL", "media/", _wrap, id="media-url-relative"),
+    pytest.param("MOGILEFS_MEDIA_URL", "/media", lambda: MogileFSStorage().url("a"), id="media-url-no-slash-storage"),
+    pytest.param("MOGILEFS_REPROXY", "apache", _wrap, id="reproxy-unknown"),
+    pytest.param("SERVE_WITH_PERLBAL", "yes", _wrap, id="perlbal-not-bool"),
+    pytest.param("MOGILEFS_TRUSTED_PROXIES", "10.0.0.0/8", _wrap, id="proxies-string"),
+    pytest.param("MOGILEFS_TRUSTED_PROXIES", ["10.0.0.0/8", "proxy"], _wrap, id="proxies-bad-address"),
+    pytest.param("MOGILEFS_CACHE_CONTROL", 3600, _wrap, id="cache-control-number"),
+    pytest.param("MOGILEFS_PATH_CACHE_SECONDS", -1, _wrap, id="path-cache-negative"),
+    pytest.param("MOGILEFS_PATH_CACHE_SECONDS", "60", _wrap, id="path-cache-string"),
+    pytest.param("MOGILEFS_NGINX_LOCATION", "reproxy", _wrap, id="nginx-location-relative"),
+    pytest.param("MOGILEFS_MIDDLEWARE_OPTIONS", ["stale_seconds"], _wrap, id="options-not-dict"),
+    pytest.param("MOGILEFS_MIDDLEWARE_OPTIONS", {"no_such": 1}, _wrap, id="options-unknown"),
+    pytest.param("MOGILEFS_MIDDLEWARE_OPTIONS", {"reproxy": "nginx"}, _wrap, id="options-own-setting"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "call"), SETTINGS_ERRORS)
+def test_wrong_or_missing_setting(name: str, value: object, call: Callable[[], object]) -> None:
+    with with_settings(**{name: value}), pytest.raises(ImproperlyConfigured, match=name):
+        call()
+
+
+STORAGE_OPTION_ERRORS = [
+    pytest.param({"bucket": "media"}, "'bucket'", id="unknown"),
+    pytest.param({"mogile_class": ""}, "'mogile_class'", id="class-empty"),
+    pytest.param({"domain": 5}, "'domain'", id="domain-number"),
+    pytest.param({"trackers": "tracker:port"}, "'trackers'", id="trackers-bad"),
+    pytest.param({"media_url": "media/"}, "'media_url'", id="media-url-relative"),
+    pytest.param({"allow_overwrite": "yes"}, "'allow_overwrite'", id="overwrite-not-bool"),
+]
+
+
+@pytest.mark.parametrize(("options", "named"), STORAGE_OPTION_ERRORS)
+def test_wrong_storage_option(options: dict[str, object], named: str) -> None:
+    with pytest.raises(ImproperlyConfigured, match=named):
+        MogileFSStorage(**options)
