@@ -356,3 +356,12 @@ def test_closing_the_response_midway_closes_the_storage_connection(devmogile: De
     while _established_to(node.port) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert _established_to(node.port) == 0
+
+
+def test_if_range_sends_the_range_only_while_the_etag_matches(devmogile: DevMogileFS, client: Client) -> None:
+    app, _, _ = make(devmogile)
+    etag = app.get(url("plain.txt")).headers["ETag"]
+    same = app.get(url("plain.txt"), headers={"Range": "bytes=0-3", "If-Range": etag}, status=206)
+    assert same.body == BODY[:4]
+    changed = app.get(url("plain.txt"), headers={"Range": "bytes=0-3", "If-Range": '"fid-0"'}, status=200)
+    assert changed.body == BODY
