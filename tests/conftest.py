@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,3 +22,19 @@ def devmogile(tmp_path: Path) -> Iterator[DevMogileFS]:
     """A running tracker with two storage nodes, domain ``testdom`` and classes avatar/thumb."""
     with DevMogileFS(data_dir=tmp_path / "mogdata", storage_nodes=2, domains={DOMAIN: CLASSES}) as mogile:
         yield mogile
+
+
+def require_program(program: str, package: str) -> str:
+    """The path of ``program``; without it the test fails in CI (``CI=true``) and skips elsewhere.
+
+    The test command installs these Debian packages; a developer machine may not have them.
+    """
+    path = shutil.which(program) or next(
+        (str(candidate) for candidate in (Path("/usr/sbin") / program, Path("/usr/bin") / program)
+         if candidate.exists()), None)
+    if path:
+        return path
+    message = f"{program} is missing: install the Debian package {package!r} (apt-get install {package})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
