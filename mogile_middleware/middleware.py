@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import mimetypes
+import re
 from dataclasses import replace
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -40,6 +41,7 @@ WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 REPROXY_MODES = (None, "perlbal", "nginx")
 _CONTROL_CHARACTERS = frozenset(chr(c) for c in [*range(0x20), 0x7F])
+_URL_SAFE = re.compile(r"[!-~]+")  # printable ASCII, no blank
 
 
 class MogileFSMiddleware:
@@ -65,6 +67,9 @@ class MogileFSMiddleware:
         keys (off by default: Perlbal then forwards suffix ranges, which storage nodes get wrong).
     :param storage_timeout: seconds for connects and reads on storage nodes in serve mode.
     :param retry_after_seconds: the ``Retry-After`` of a 503 when no tracker answers.
+    :param allow_app_reproxy: let the wrapped application send its own reproxy headers
+        (``X-REPROXY-*``, ``X-Accel-Redirect``); by default they are removed from its responses,
+        so that it cannot be made to fetch internal URLs through the front proxy.
     """
 
     def __init__(
@@ -87,6 +92,7 @@ class MogileFSMiddleware:
         perlbal_cache_seconds: int | None = None,
         storage_timeout: float = 10.0,
         retry_after_seconds: int = 5,
+        allow_app_reproxy: bool = False,
     ) -> None:
         if reproxy not in REPROXY_MODES:
             raise ValueError(f"reproxy must be one of {REPROXY_MODES}, not {reproxy!r}")
@@ -105,6 +111,7 @@ class MogileFSMiddleware:
         self.require_proxy_header = require_proxy_header
         self.key_for_path = key_for_path
         self.retry_after_seconds = retry_after_seconds
+        self.allow_app_reproxy = allow_app_reproxy
         self.storage_timeout = storage_timeout
         extra = [("X-Content-Type-Options", "nosniff")]
         if cache_control:
@@ -125,7 +132,9 @@ class MogileFSMiddleware:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if not path.startswith(self.prefix):
-            return self.app(environ, start_response)
+            if self.allow_app_reproxy:
+                return self.app(environ, start_response)
+            return self.app(environ, _without_reproxy_headers(start_response))
         method = environ.get("REQUEST_METHOD", "GET")
         if method not in ("GET", "HEAD"):
             return HTTPMethodNotAllowed(headers={"Allow": "GET, HEAD"})(environ, start_response)
@@ -192,7 +201,7 @@ class MogileFSMiddleware:
 
     def _locate(self, key: str) -> tuple[Location, list[tuple[str, str]]]:
         """Ask the trackers (and, if bodies may be served, a storage node for the length)."""
-        paths = tuple(self.client.get_paths(key))
+        paths = tuple(path for path in self.client.get_paths(key) if _is_clean_url(path))
         if not paths:
             raise StorageError(f"the tracker knows no live replica of {key!r}")
         length = self._length(paths) if self._needs_length else None
@@ -210,6 +219,31 @@ class MogileFSMiddleware:
         # The cached paths may be outdated (the key was overwritten elsewhere): ask again next time.
         log.error("no replica of %r answered: %s", location.key, error)
         self.paths.invalidate(location.key)
+
+
+def _is_clean_url(url: str) -> bool:
+    """True for an http(s) URL that can go into a header as it is (no blank, no control byte)."""
+    if url.startswith(("http://", "https://")) and _URL_SAFE.fullmatch(url):
+        return True
+    log.warning("ignoring a replica URL that cannot go into a header: %r", url)
+    return False
+
+
+def _is_reproxy_header(name: str) -> bool:
+    # Perlbal acts on every X-REPROXY-* header; of nginx's X-Accel-* only the redirect fetches.
+    lowered = name.lower()
+    return lowered.startswith("x-reproxy") or lowered == "x-accel-redirect"
+
+
+def _without_reproxy_headers(start_response: StartResponse) -> StartResponse:
+    """``start_response`` for the wrapped app, dropping the reproxy headers only we may send."""
+
+    def filtered(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        if any(_is_reproxy_header(name) for name, _ in headers):
+            headers = [(name, value) for name, value in headers if not _is_reproxy_header(name)]
+        return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
+
+    return filtered
 
 
 def _both(first: Callable[[str], None], second: Callable[[str], None]) -> Callable[[str], None]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from webob import Response
+from webob.byterange import Range
 from webob.etag import ETagMatcher
 from webob.exc import HTTPBadGateway
 
@@ -62,6 +63,14 @@ def is_suffix_range(environ: dict[str, Any]) -> bool:
     """True for ``Range: bytes=-N``, which storage nodes answer wrongly (with the first N+1 bytes)."""
     value = environ.get("HTTP_RANGE", "")
     return value.replace(" ", "").lower().startswith("bytes=-")
+
+
+def _parsable_range(header: str | None) -> bool:
+    try:
+        Range.parse(header)
+    except ValueError:
+        return False
+    return True
 
 
 def _not_modified_response(location: Location, extra: Headers, start_response: StartResponse) -> list[bytes]:
@@ -206,6 +215,9 @@ class Serve:
                  headers: Headers | None = None) -> Any:
         if not_modified(environ, location.etag):  # WebOb would not match "If-None-Match: *"
             return _not_modified_response(location, self.extra_headers, start_response)
+        if not _parsable_range(environ.get("HTTP_RANGE")):
+            # An invalid Range is ignored (RFC 9110, 14.2); WebOb would raise on some ("bytes=-").
+            environ = {name: value for name, value in environ.items() if name != "HTTP_RANGE"}
         body = ReplicaBody(location, start_response, timeout=self.storage_timeout, on_failure=self.on_failure)
         response = Response(
             app_iter=body,

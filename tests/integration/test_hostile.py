@@ -1,0 +1,236 @@
+"""Hostile input under the prefix: every answer is documented, never a 500, never a leak."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import DOMAIN
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from integration.test_middleware import BODY, CountingClient, wrapped_app
+from webtest import TestApp
+
+from mogile_middleware import Client
+from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.middleware import MogileFSMiddleware
+
+OK, MISSING, BAD = {200}, {404}, {400}
+RANGED = {200, 206, 416}
+NOT_ALLOWED = {405}
+
+# (id, method, PATH_INFO as a server gives it (percent-decoded bytes as latin-1), headers, statuses)
+HOSTILE: list[tuple[str, str, str, dict[str, str], set[int]]] = [
+    ("dotdot", "GET", "/mogilefs/../etc/passwd", {}, MISSING),
+    ("encoded-dotdot", "GET", "/mogilefs/%2e%2e/secret", {}, MISSING),
+    ("decoded-dotdot", "GET", "/mogilefs/a/../../b", {}, MISSING),
+    ("encoded-slash", "GET", "/mogilefs/a%2Fb", {}, MISSING),
+    ("backslashes", "GET", "/mogilefs/..\\..\\windows", {}, MISSING),
+    ("double-slash", "GET", "/mogilefs//etc/passwd", {}, MISSING),
+    ("absolute-url-key", "GET", "/mogilefs/http://169.254.169.254/latest", {}, MISSING),
+    ("nul", "GET", "/mogilefs/plain.txt\x00.png", {}, BAD),
+    ("cr", "GET", "/mogilefs/plain.txt\r", {}, BAD),
+    ("lf", "GET", "/mogilefs/plain.txt\n", {}, BAD),
+    ("crlf-header-injection", "GET", "/mogilefs/a\r\nX-REPROXY-URL: http://evil/", {}, BAD),
+    ("crlf-location-injection", "GET", "/mogilefs/a\r\nLocation: http://evil/", {}, BAD),
+    ("tab", "GET", "/mogilefs/a\tb", {}, BAD),
+    ("escape", "GET", "/mogilefs/a\x1b[31m", {}, BAD),
+    ("del", "GET", "/mogilefs/a\x7f", {}, BAD),
+    ("overlong-256", "GET", "/mogilefs/" + "k" * 256, {}, BAD),
+    ("overlong-10000", "GET", "/mogilefs/" + "k" * 10000, {}, BAD),
+    ("invalid-utf8-ff", "GET", "/mogilefs/\xff", {}, BAD),
+    ("invalid-utf8-truncated", "GET", "/mogilefs/\xc3", {}, BAD),
+    ("invalid-utf8-overlong-slash", "GET", "/mogilefs/\xc0\xaf", {}, BAD),
+    ("invalid-utf8-surrogate", "GET", "/mogilefs/\xed\xa0\x80", {}, BAD),
+    ("invalid-utf8-5-byte", "GET", "/mogilefs/\xf8\x88\x80\x80\x80", {}, BAD),
+    ("latin1-byte", "GET", "/mogilefs/caf\xe9", {}, BAD),
+    ("range-empty-suffix", "GET", "/mogilefs/plain.txt", {"Range": "bytes=-"}, RANGED),
+    ("range-letters", "GET", "/mogilefs/plain.txt", {"Range": "bytes=abc"}, RANGED),
+    ("range-reversed", "GET", "/mogilefs/plain.txt", {"Range": "bytes=5-1"}, RANGED),
+    ("range-many", "GET", "/mogilefs/plain.txt", {"Range": "bytes=" + ",".join(f"{n}-{n}" for n in range(500))}, RANGED),
+    ("range-huge-start", "GET", "/mogilefs/plain.txt", {"Range": "bytes=99999999999999999999999-"}, RANGED),
+    ("range-huge-end", "GET", "/mogilefs/plain.txt", {"Range": "bytes=0-18446744073709551616"}, RANGED),
+    ("range-zero-suffix", "GET", "/mogilefs/plain.txt", {"Range": "bytes=-0"}, RANGED),
+    ("range-huge-suffix", "GET", "/mogilefs/plain.txt", {"Range": "bytes=-99999999999999999999"}, RANGED),
+    ("range-other-unit", "GET", "/mogilefs/plain.txt", {"Range": "items=0-1"}, RANGED),
+    ("range-spaces", "GET", "/mogilefs/plain.txt", {"Range": "bytes = 0 - 1"}, RANGED),
+    ("range-negative", "GET", "/mogilefs/plain.txt", {"Range": "bytes=-5-10"}, RANGED),
+    ("range-empty", "GET", "/mogilefs/plain.txt", {"Range": ""}, RANGED),
+    ("head-bogus-range", "HEAD", "/mogilefs/plain.txt", {"Range": "bytes=x-y"}, RANGED),
+    ("if-none-match-empty", "GET", "/mogilefs/plain.txt", {"If-None-Match": ""}, {200}),
+    ("if-none-match-garbage", "GET", "/mogilefs/plain.txt", {"If-None-Match": "garbage"}, {200}),
+    ("if-none-match-unterminated", "GET", "/mogilefs/plain.txt", {"If-None-Match": '"fid-1'}, {200, 304}),
+    ("if-none-match-bare-weak", "GET", "/mogilefs/plain.txt", {"If-None-Match": "W/"}, {200}),
+    ("if-none-match-stars", "GET", "/mogilefs/plain.txt", {"If-None-Match": "*,*"}, {200, 304}),
+    ("if-none-match-long-list", "GET", "/mogilefs/plain.txt",
+     {"If-None-Match": ", ".join(f'"fid-{n}0000"' for n in range(2000))}, {200}),
+    ("if-range-garbage", "GET", "/mogilefs/plain.txt", {"If-Range": "\x01garbage", "Range": "bytes=0-1"}, RANGED),
+    ("if-modified-since-garbage", "GET", "/mogilefs/plain.txt", {"If-Modified-Since": "yesterday"}, {200}),
+    ("huge-user-agent", "GET", "/mogilefs/plain.txt", {"User-Agent": "x" * 65536}, {200}),
+    ("huge-cookie", "GET", "/mogilefs/plain.txt", {"Cookie": "a=" + "b" * 65536}, {200}),
+    ("proxy-capabilities-spoof", "GET", "/mogilefs/plain.txt", {"X-Proxy-Capabilities": "reproxy-file"}, {200}),
+    ("sendfile-type-spoof", "GET", "/mogilefs/plain.txt", {"X-Sendfile-Type": "X-Accel-Redirect"}, {200}),
+    ("forwarded-for-spoof", "GET", "/mogilefs/plain.txt", {"X-Forwarded-For": "10.0.0.1"}, {200}),
+    ("post", "POST", "/mogilefs/plain.txt", {}, NOT_ALLOWED),
+    ("put", "PUT", "/mogilefs/plain.txt", {}, NOT_ALLOWED),
+    ("delete", "DELETE", "/mogilefs/plain.txt", {}, NOT_ALLOWED),
+    ("patch", "PATCH", "/mogilefs/plain.txt", {}, NOT_ALLOWED),
+    ("options", "OPTIONS", "/mogilefs/plain.txt", {}, NOT_ALLOWED),
+    ("trace", "TRACE", "/mogilefs/plain.txt", {}, NOT_ALLOWED),
+    ("connect", "CONNECT", "/mogilefs/plain.txt", {}, NOT_ALLOWED),
+    ("lower-case-get", "get", "/mogilefs/plain.txt", {}, NOT_ALLOWED),
+    ("made-up-method", "GETX", "/mogilefs/plain.txt", {}, NOT_ALLOWED),
+    ("empty-key", "GET", "/mogilefs/", {}, MISSING),
+    ("query-injection", "GET", "/mogilefs/plain.txt", {}, OK),
+]
+
+MODES = {
+    "serve": {},
+    "perlbal-untrusted": {"reproxy": "perlbal", "trusted_proxies": ["10.9.9.9"]},
+    "nginx-untrusted": {"reproxy": "nginx", "trusted_proxies": ["10.9.9.9"]},
+    "perlbal-trusted": {"reproxy": "perlbal", "trusted_proxies": ["127.0.0.1"]},
+    "nginx-trusted": {"reproxy": "nginx", "trusted_proxies": ["127.0.0.1"]},
+}
+
+
+def call(app: Any, method: str, path_info: str, headers: dict[str, str], query: str = "") -> tuple[int, list, bytes]:
+    """Call ``app`` as a WSGI server would, with a raw PATH_INFO; return status, headers, body."""
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": method, "PATH_INFO": path_info, "QUERY_STRING": query, "SCRIPT_NAME": "",
+        "SERVER_NAME": "localhost", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "127.0.0.1",
+        "wsgi.url_scheme": "http", "wsgi.input": None, "wsgi.errors": None, "wsgi.version": (1, 0),
+        "wsgi.multithread": False, "wsgi.multiprocess": False, "wsgi.run_once": False,
+    }
+    environ.update({"HTTP_" + name.upper().replace("-", "_"): value for name, value in headers.items()})
+    started: list[Any] = []
+
+    def start_response(status: str, response_headers: list, exc_info: Any = None) -> None:
+        started[:] = [status, response_headers]
+
+    result = app(environ, start_response)
+    try:
+        body = b"".join(result)
+    finally:
+        if hasattr(result, "close"):
+            result.close()
+    return int(started[0].split()[0]), started[1], body
+
+
+@pytest.fixture
+def stored(devmogile: DevMogileFS) -> Client:
+    client = Client(DOMAIN, devmogile.trackers)
+    client.store_content("plain.txt", BODY, cls="avatar")
+    return client
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_hostile_requests_get_documented_answers(devmogile: DevMogileFS, stored: Client, mode: str) -> None:
+    counting = CountingClient(DOMAIN, devmogile.trackers)
+    app = MogileFSMiddleware(wrapped_app, client=counting, **MODES[mode])
+    storage_ports = [str(node.port) for node in devmogile.nodes]
+    trusted = mode.endswith("-trusted")
+    failures = []
+    for name, method, path_info, headers, statuses in HOSTILE:
+        query = "x=%0D%0ASet-Cookie:+a" if name == "query-injection" else ""
+        status, response_headers, body = call(app, method, path_info, headers, query)
+        if status not in statuses:
+            failures.append(f"{name}: {status}, expected {sorted(statuses)}")
+        for header, value in response_headers:
+            if any(c in header + value for c in "\r\n\x00"):
+                failures.append(f"{name}: control character in {header}: {value!r}")
+        if not trusted:
+            leaked = [h for h, v in response_headers if h.upper().startswith(("X-REPROXY", "X-ACCEL"))
+                      or any(port in v for port in storage_ports)]
+            if leaked or any(port.encode() in body for port in storage_ports):
+                failures.append(f"{name}: internal URL or reproxy header leaked: {leaked}")
+        if b"Traceback" in body:
+            failures.append(f"{name}: traceback in the body")
+    assert failures == []
+    assert len(HOSTILE) >= 50
+
+
+def test_bad_keys_never_reach_the_tracker(devmogile: DevMogileFS) -> None:
+    counting = CountingClient(DOMAIN, devmogile.trackers)
+    app = MogileFSMiddleware(wrapped_app, client=counting)
+    for _, method, path_info, headers, statuses in HOSTILE:
+        if statuses in (BAD, NOT_ALLOWED):
+            call(app, method, path_info, headers)
+    assert counting.get_paths_calls == 0
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["X-REPROXY-URL", "X-Reproxy-URL", "x-reproxy-url-2", "X-REPROXY-FILE", "X-REPROXY-SERVICE",
+     "X-REPROXY-CACHE-FOR", "X-Accel-Redirect", "x-accel-redirect"],
+)
+def test_the_wrapped_app_cannot_send_reproxy_headers(devmogile: DevMogileFS, header: str) -> None:
+    def sneaky(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain"), (header, "http://10.0.0.5:7500/secret"),
+                                  ("X-Accel-Buffering", "no")])
+        return [b"sneaky"]
+
+    for reproxy in (None, "perlbal", "nginx"):
+        blocked = TestApp(MogileFSMiddleware(sneaky, domain=DOMAIN, trackers=devmogile.trackers, reproxy=reproxy))
+        response = blocked.get("/page")
+        assert header.lower() not in {name.lower() for name in response.headers}
+        assert response.headers["X-Accel-Buffering"] == "no" and response.body == b"sneaky"
+    allowed = TestApp(MogileFSMiddleware(sneaky, domain=DOMAIN, trackers=devmogile.trackers, allow_app_reproxy=True))
+    assert allowed.get("/page").headers[header] == "http://10.0.0.5:7500/secret"
+
+
+def test_replica_urls_that_cannot_go_into_a_header_are_dropped(devmogile: DevMogileFS, stored: Client) -> None:
+    class Hostile(Client):
+        def get_paths(self, key, *args, **kwargs):
+            return ["http://10.0.0.5:7500/a\r\nX-Evil: 1", "http://x/ y", *super().get_paths(key)]
+
+    app = TestApp(MogileFSMiddleware(wrapped_app, client=Hostile(DOMAIN, devmogile.trackers), reproxy="perlbal"))
+    urls = app.get("/mogilefs/plain.txt").headers["X-REPROXY-URL"].split(" ")
+    assert sorted(urls) == sorted(stored.get_paths("plain.txt"))
+
+
+# Keys a site may hold: any text without control characters, at most 255 bytes of UTF-8.
+valid_keys = st.text(
+    st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=60
+).filter(lambda key: len(key.encode()) <= 255)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=valid_keys, data=st.binary(min_size=0, max_size=2000))
+def test_every_valid_key_round_trips(devmogile: DevMogileFS, key: str, data: bytes) -> None:
+    client = Client(DOMAIN, devmogile.trackers)
+    client.store_content(key, data, cls="thumb")
+    path_info = "/mogilefs/" + key.encode().decode("latin-1")
+    served = call(MogileFSMiddleware(wrapped_app, client=client), "GET", path_info, {})
+    assert served[0] == 200 and served[2] == data
+    status, headers, body = call(MogileFSMiddleware(wrapped_app, client=client, reproxy="perlbal"), "GET", path_info, {})
+    reproxy = dict(headers)
+    assert status == 200 and body == b""
+    assert reproxy["ETag"] == dict(served[1])["ETag"] and reproxy["Content-Type"] == dict(served[1])["Content-Type"]
+    assert sorted(reproxy["X-REPROXY-URL"].split(" ")) == sorted(client.get_paths(key))
+
+
+invalid_keys = st.one_of(
+    st.text(min_size=0, max_size=20).flatmap(
+        lambda prefix: st.sampled_from([chr(c) for c in [*range(0x20), 0x7F]]).map(lambda bad: prefix + bad)
+    ).map(lambda key: key.encode("utf-8", "surrogatepass").decode("latin-1")),
+    st.binary(min_size=1, max_size=20).filter(lambda raw: not _is_utf8(raw)).map(lambda raw: raw.decode("latin-1")),
+    st.text(st.characters(min_codepoint=0x80, max_codepoint=0x7FF), min_size=128, max_size=140).map(
+        lambda key: key.encode().decode("latin-1")),
+)
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw_key=invalid_keys)
+def test_every_invalid_key_is_a_400_without_a_tracker_call(devmogile: DevMogileFS, raw_key: str) -> None:
+    counting = CountingClient(DOMAIN, devmogile.trackers)
+    status, _, _ = call(MogileFSMiddleware(wrapped_app, client=counting), "GET", "/mogilefs/" + raw_key, {})
+    assert status == 400
+    assert counting.get_paths_calls == 0
