@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from .exceptions import NoneMatchError
-from .protocol import check_key, parse_domains
+from .protocol import Reply, check_key, parse_domains
 from .storage import ReplicaResponse, open_replica
 from .tracker import Address, TrackerPool
 from .upload import NewFile, remaining_size
@@ -74,14 +74,14 @@ class Client:
         if self.on_change is not None:
             self.on_change(key)
 
-    def _ask(self, command: str, **args: str | int | None) -> dict[str, str]:
+    def _ask(self, command: str, **args: str | int | None) -> Reply:
         return self.pool.request(command, {"domain": self.domain, **args})[0]
 
     def get_paths(self, key: str, noverify: bool = True, zone: str | None = None, pathcount: int = 2) -> list[str]:
         """The URLs of the key's replicas, in the tracker's order (try them in that order)."""
         check_key(key)
         reply = self._ask("get_paths", key=key, noverify=1 if noverify else 0, zone=zone, pathcount=pathcount)
-        return [reply[f"path{n}"] for n in range(1, int(reply["paths"]) + 1)]
+        return [reply[f"path{n}"] for n in range(1, reply.number("paths") + 1)]
 
     def file_info(self, key: str) -> FileInfo:
         """The key's fid, length, class and replica count."""
@@ -89,11 +89,11 @@ class Client:
         reply = self._ask("file_info", key=key)
         return FileInfo(
             key=reply["key"],
-            fid=int(reply["fid"]),
-            length=int(reply["length"]),
+            fid=reply.number("fid"),
+            length=reply.number("length"),
             cls=reply["class"],
             domain=reply["domain"],
-            devcount=int(reply["devcount"]),
+            devcount=reply.number("devcount"),
             checksum=reply.get("checksum"),
         )
 
@@ -160,7 +160,7 @@ class Client:
             reply = self._ask("list_keys", prefix=prefix or None, after=after, limit=limit)
         except NoneMatchError:
             return [], None
-        keys = [reply[f"key_{n}"] for n in range(1, int(reply["key_count"]) + 1)]
+        keys = [reply[f"key_{n}"] for n in range(1, reply.number("key_count") + 1)]
         return keys, reply.get("next_after")
 
     def keys(self, prefix: str = "") -> Iterator[str]:

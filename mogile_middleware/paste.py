@@ -63,6 +63,7 @@ OPTIONS: Mapping[str, Callable[[str], Any]] = {
     "perlbal_cache_seconds": asint,
     "storage_timeout": float,
     "retry_after_seconds": asint,
+    "allow_app_reproxy": asbool,
 }
 
 

@@ -138,7 +138,21 @@ def parse_request(line: bytes) -> tuple[str, dict[str, str]] | None:
     return match.group(1).decode("ascii").lower(), decode_args(match.group(2))
 
 
-def parse_reply(line: bytes) -> dict[str, str]:
+class Reply(dict[str, str]):
+    """The arguments of an ``OK`` reply: a missing or malformed one is a :class:`ProtocolError`."""
+
+    def __missing__(self, name: str) -> str:
+        raise ProtocolError(f"the tracker's reply has no {name!r}")
+
+    def number(self, name: str) -> int:
+        """The argument ``name`` as a whole number."""
+        value = self[name]
+        if not value.isdigit():
+            raise ProtocolError(f"the tracker's reply has {name}={value!r}, not a number")
+        return int(value)
+
+
+def parse_reply(line: bytes) -> Reply:
     """The arguments of an ``OK`` line; raise the matching :class:`TrackerError` for ``ERR``.
 
     Anything else is a :class:`ProtocolError`.
@@ -147,7 +161,7 @@ def parse_reply(line: bytes) -> dict[str, str]:
         raise ProtocolError(f"reply line not terminated: {line[:80]!r}")
     body = line.rstrip(b"\r\n")
     if body == b"OK" or body.startswith(b"OK "):
-        return decode_args(body[3:])
+        return Reply(decode_args(body[3:]))
     if body.startswith(b"ERR "):
         fields = body[4:].split(b" ")
         code = to_text(fields[0])
@@ -158,16 +172,16 @@ def parse_reply(line: bytes) -> dict[str, str]:
     raise ProtocolError(f"not a tracker reply: {line[:80]!r}")
 
 
-def parse_domains(reply: Mapping[str, str]) -> dict[str, dict[str, tuple[int, str]]]:
+def parse_domains(reply: Reply) -> dict[str, dict[str, tuple[int, str]]]:
     """A ``get_domains`` reply as ``{domain: {class: (mindevcount, hashtype)}}``."""
     domains: dict[str, dict[str, tuple[int, str]]] = {}
-    for d in range(1, int(reply.get("domains", "0")) + 1):
+    for d in range(1, reply.number("domains") + 1):
         prefix = f"domain{d}"
         domains[reply[prefix]] = {
             reply[f"{prefix}class{c}name"]: (
-                int(reply[f"{prefix}class{c}mindevcount"]),
+                reply.number(f"{prefix}class{c}mindevcount"),
                 reply.get(f"{prefix}class{c}hashtype") or "NONE",
             )
-            for c in range(1, int(reply.get(f"{prefix}classes", "0")) + 1)
+            for c in range(1, reply.number(f"{prefix}classes") + 1)
         }
     return domains

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from .exceptions import ProtocolError, TrackerError, TrackerUnavailableError
-from .protocol import ArgValue, encode_request, parse_reply
+from .protocol import ArgValue, Reply, encode_request, parse_reply
 
 Address = tuple[str, int]
 
@@ -158,7 +158,7 @@ class TrackerPool:
         args: Mapping[str, ArgValue] | None = None,
         *,
         tracker: Address | None = None,
-    ) -> tuple[dict[str, str], Address]:
+    ) -> tuple[Reply, Address]:
         """Send ``command`` and return the decoded ``OK`` arguments and the tracker that answered.
 
         With ``tracker``, only that tracker is asked (``create_close`` must reach the tracker that
@@ -187,7 +187,7 @@ class TrackerPool:
                 failures.append(f"{_describe(address)}: {error or type(error).__name__}")
         raise TrackerUnavailableError("no tracker answered: " + "; ".join(failures))
 
-    def _request_on(self, address: Address, line: bytes, retry_midway: bool) -> dict[str, str]:
+    def _request_on(self, address: Address, line: bytes, retry_midway: bool) -> Reply:
         """One request to one tracker: on a pooled connection, else on a new one."""
         connection = self._take_idle(address)
         if connection is not None:
@@ -210,7 +210,7 @@ class TrackerPool:
                 raise _SentAndLost() from error
             raise
 
-    def _roundtrip(self, connection: TrackerConnection, line: bytes) -> dict[str, str]:
+    def _roundtrip(self, connection: TrackerConnection, line: bytes) -> Reply:
         """Ask on ``connection``; keep it after an ``OK`` or ``ERR`` reply, close it after anything else."""
         try:
             reply = parse_reply(connection.roundtrip(line))

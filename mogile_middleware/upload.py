@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, BinaryIO, Union
 
 from .exceptions import MogileFSError, StorageError, UnregClassError, UploadError
-from .protocol import check_key, parse_domains
+from .protocol import Reply, check_key, parse_domains
 from .storage import CHUNK_SIZE, PutStream
 from .tracker import TrackerPool
 
@@ -35,10 +35,10 @@ Source = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", BinaryIO, 
 Progress = Callable[[int], None]
 
 
-def _destinations(reply: dict[str, str]) -> list[tuple[str, str]]:
+def _destinations(reply: Reply) -> list[tuple[str, str]]:
     """``(devid, path)`` pairs of a ``create_open`` reply, with or without ``multi_dest``."""
     if "dev_count" in reply:
-        return [(reply[f"devid_{n}"], reply[f"path_{n}"]) for n in range(1, int(reply["dev_count"]) + 1)]
+        return [(reply[f"devid_{n}"], reply[f"path_{n}"]) for n in range(1, reply.number("dev_count") + 1)]
     return [(reply["devid"], reply["path"])]
 
 

@@ -1,0 +1,157 @@
+"""Injected faults: trackers and storage nodes dying, hanging or talking garbage, under load."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from conftest import DOMAIN
+from integration.test_hostile import call
+from integration.test_middleware import BODY, wrapped_app
+from wiretools import CountingRelay, ScriptedTracker
+
+from mogile_middleware import Client, UnknownKeyError, UploadError
+from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.middleware import MogileFSMiddleware
+
+
+@pytest.fixture
+def stored(devmogile: DevMogileFS) -> Client:
+    client = Client(DOMAIN, devmogile.trackers)
+    for n in range(20):
+        client.store_content(f"load/{n}", BODY + str(n).encode(), cls="avatar")
+    return client
+
+
+def test_first_tracker_killed_during_load_fails_no_request(devmogile: DevMogileFS, stored: Client) -> None:
+    first, second = CountingRelay(devmogile.tracker_address), CountingRelay(devmogile.tracker_address)
+    try:
+        client = Client(DOMAIN, [first.tracker, second.tracker], connect_timeout=0.5)
+        # Paths cached for 10 ms only: nearly every request asks a tracker.
+        app = MogileFSMiddleware(wrapped_app, client=client, reproxy="perlbal", path_cache_seconds=0.01)
+        statuses: list[int] = []
+
+        def request(n: int) -> None:
+            if n == 150:
+                first.stop()  # killed midway, with connections open
+            statuses.append(call(app, "GET", f"/mogilefs/load/{n % 20}", {})[0])
+            time.sleep(0.002)
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(request, range(400), timeout=60))
+        assert statuses == [200] * 400
+        assert second.connections >= 1
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_a_tracker_that_never_answers_costs_the_io_timeout(devmogile: DevMogileFS, stored: Client) -> None:
+    silent = ScriptedTracker(lambda line: b"")
+    try:
+        app = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [silent.tracker], io_timeout=0.3))
+        for n in range(3):
+            started = time.monotonic()
+            status, headers, _ = call(app, "GET", f"/mogilefs/load/{n}", {})
+            assert status == 503 and dict(headers)["Retry-After"] == "5"
+            assert time.monotonic() - started < 1.5
+    finally:
+        silent.stop()
+
+
+def test_every_tracker_down_answers_503_within_the_connect_timeout(devmogile: DevMogileFS, stored: Client) -> None:
+    app = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, devmogile.trackers, connect_timeout=0.5))
+    devmogile.stop_tracker()
+    for n in range(5):
+        started = time.monotonic()
+        assert call(app, "GET", f"/mogilefs/load/{n}", {})[0] == 503
+        assert time.monotonic() - started < 0.6
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        pytest.param(b"OK paths=2&path1=http://x", id="truncated-line"),
+        pytest.param(b"HELLO\r\n", id="unknown-reply"),
+        pytest.param(b"OK " + b"a" * (5 * 1024 * 1024) + b"\r\n", id="oversized-line"),
+        pytest.param(b"OK paths=two\r\n", id="bad-number"),
+        pytest.param(b"OK paths=1\r\n", id="missing-path"),
+        pytest.param(None, id="disconnect"),
+    ],
+)
+def test_garbage_from_the_tracker_is_a_502_or_503_never_a_500(reply: bytes | None) -> None:
+    tracker = ScriptedTracker(lambda line: reply)
+    try:
+        app = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker.tracker], io_timeout=1))
+        status, _, body = call(app, "GET", "/mogilefs/k", {})
+        assert status in (502, 503) and b"Traceback" not in body
+    finally:
+        tracker.stop()
+
+
+class _HalfBody(BaseHTTPRequestHandler):
+    """A storage node that announces a length, sends part of it and hangs up."""
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._headers()
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._headers()
+        self.wfile.write(b"x" * 70000)
+        self.wfile.flush()
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _headers(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "1000000")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_transfer_cut_midway_ends_short_and_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    node = ThreadingHTTPServer(("127.0.0.1", 0), _HalfBody)
+    threading.Thread(target=node.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{node.server_address[1]}/dev1/0/000/000/0000000009.fid"
+    tracker = ScriptedTracker(lambda line: f"OK paths=1&path1={url}\r\n".encode())
+    try:
+        app = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker.tracker]))
+        with pytest.raises(Exception):  # the server then closes the connection short of Content-Length
+            call(app, "GET", "/mogilefs/cut.bin", {})
+        assert any("cut midway" in record.getMessage() for record in caplog.records)
+    finally:
+        tracker.stop()
+        node.shutdown()
+        node.server_close()
+
+
+def test_the_tracker_dying_between_open_and_close_leaves_no_key(devmogile: DevMogileFS) -> None:
+    client = Client(DOMAIN, devmogile.trackers)
+    with pytest.raises(UploadError):
+        with client.new_file("orphan", cls="thumb") as upload:
+            upload.write(b"data")
+            devmogile.stop_tracker()
+    devmogile.start_tracker()
+    with pytest.raises(UnknownKeyError):
+        Client(DOMAIN, devmogile.trackers).file_info("orphan")
+
+
+def test_several_hundred_concurrent_uploads_read_back_intact(devmogile: DevMogileFS) -> None:
+    client = Client(DOMAIN, devmogile.trackers)
+    contents = {f"many/{n:03d}": os.urandom(100 + n * 37) for n in range(300)}
+
+    def upload(item: tuple[str, bytes]) -> None:
+        client.store_content(item[0], item[1], cls="avatar" if len(item[1]) % 2 else "thumb")
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(upload, contents.items(), timeout=120))
+    for key, data in contents.items():
+        assert hashlib.md5(client.get_file_data(key)).digest() == hashlib.md5(data).digest(), key
+    assert sorted(client.keys("many/")) == sorted(contents)
