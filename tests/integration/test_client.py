@@ -289,18 +289,27 @@ def test_a_dropped_put_of_a_stream_fails_without_create_close(dropping_node: str
         tracker.stop()
 
 
-def test_a_rejected_create_close_is_an_upload_error(devmogile: DevMogileFS) -> None:
+@pytest.mark.parametrize(
+    ("error_line", "code"),
+    [
+        pytest.param(b"ERR size_mismatch Expected:+5%3B+actual:+3\r\n", "size_mismatch", id="size"),
+        pytest.param(b"ERR checksum_mismatch Expected:+MD5:00%3B+actual:+MD5:11\r\n", "checksum_mismatch",
+                     id="checksum"),
+    ],
+)
+def test_a_rejected_create_close_is_an_upload_error_naming_the_cause(devmogile: DevMogileFS, error_line: bytes,
+                                                                     code: str) -> None:
     path = devmogile.nodes[0].url.rstrip("/") + "/dev1/0/000/000/0000000007.fid"
 
     def script(line: bytes) -> bytes:
         if line.startswith(b"create_open"):
             return f"OK fid=7&devid=1&path={path}\r\n".encode()
-        return b"ERR size_mismatch Expected:+5%3B+actual:+3\r\n"
+        return error_line
 
     tracker = ScriptedTracker(script)
     try:
-        with pytest.raises(UploadError, match="size_mismatch") as raised:
+        with pytest.raises(UploadError, match=code) as raised:
             Client(DOMAIN, [tracker.tracker]).store_content("sized", b"123")
-        assert raised.value.__cause__.code == "size_mismatch"
+        assert raised.value.__cause__.code == code
     finally:
         tracker.stop()
