@@ -1,7 +1,8 @@
 """PasteDeploy filter factory: ``use = egg:mogile_middleware`` in a ``[filter:...]`` section.
 
-The options are the keyword arguments of :class:`MogileFSMiddleware`, given as strings in the ini
-file and converted here, so that a mistake fails when the application is loaded.
+The options are the keyword arguments of :class:`MogileFSMiddleware` (``memcached_servers`` gives
+``cache_backend``), given as strings in the ini file and converted here, so that a mistake fails
+when the application is loaded.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ import functools
 import ipaddress
 import pkgutil
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from paste.deploy.converters import asbool, asint, aslist
 
 from .middleware import REPROXY_MODES, MogileFSMiddleware, WSGIApp
+
+if TYPE_CHECKING:
+    from .memcache import MemcachedBackend
 
 REQUIRED = ("domain", "trackers")
 
@@ -47,6 +51,18 @@ def _callable(value: str) -> Callable[..., Any]:
     return found
 
 
+def _memcached(value: str) -> MemcachedBackend | None:
+    """``host:port`` servers for a shared path cache in memcached; none: the in-process cache."""
+    servers = aslist(value)
+    if not servers:
+        return None
+    try:
+        from .memcache import MemcachedBackend  # pymemcache is an optional extra
+    except ImportError as error:
+        raise ValueError(f"needs pymemcache: pip install 'mogile_middleware[memcached]' ({error})") from error
+    return MemcachedBackend(servers)
+
+
 #: Every option the filter takes, with the converter from its ini string.
 OPTIONS: Mapping[str, Callable[[str], Any]] = {
     "domain": str,
@@ -64,7 +80,11 @@ OPTIONS: Mapping[str, Callable[[str], Any]] = {
     "storage_timeout": float,
     "retry_after_seconds": asint,
     "allow_app_reproxy": asbool,
+    "memcached_servers": _memcached,
 }
+
+#: The middleware keyword of each option not named after it.
+KEYWORDS: Mapping[str, str] = {"memcached_servers": "cache_backend"}
 
 
 def filter_factory(global_conf: Mapping[str, str], **local_conf: str) -> Callable[[WSGIApp], MogileFSMiddleware]:
@@ -80,7 +100,7 @@ def filter_factory(global_conf: Mapping[str, str], **local_conf: str) -> Callabl
     options: dict[str, Any] = {}
     for name, value in local_conf.items():
         try:
-            options[name] = OPTIONS[name](value)
+            options[KEYWORDS.get(name, name)] = OPTIONS[name](value)
         except ValueError as error:
             raise ValueError(f"mogile_middleware option {name}: {error}") from error
     for name in REQUIRED:

@@ -1,24 +1,65 @@
 """A WSGI application for tests under a real gunicorn: MogileFSMiddleware over a tiny app.
 
-Configured by environment variables: MOGILE_DOMAIN, MOGILE_TRACKERS, MOGILE_REPROXY.
+Configured by environment variables: MOGILE_DOMAIN, MOGILE_TRACKERS, MOGILE_REPROXY, and optionally
+MOGILE_MEMCACHED (servers), MOGILE_TRUSTED_PROXIES (comma separated), MOGILE_PERLBAL_CACHE_SECONDS,
+MOGILE_REQUIRE_PROXY_HEADER ("1"), and the counters MOGILE_COUNT_FILE (a line per tracker
+get_paths) and MOGILE_APP_HITS_FILE (a line per request the tiny app answers); each line is a PID.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
+from mogile_middleware.client import Client
 from mogile_middleware.middleware import MogileFSMiddleware
 
 
+def append_line(path: str) -> None:
+    """Append this process's PID as one line: one ``write`` of an ``O_APPEND`` file never interleaves."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, f"{os.getpid()}\n".encode())
+    finally:
+        os.close(descriptor)
+
+
 def hello(environ, start_response):
+    if hits := os.environ.get("MOGILE_APP_HITS_FILE"):
+        append_line(hits)
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"hello from the app\n"]
 
 
+class CountingClient(Client):
+    """A Client recording each ``get_paths`` in a file, so tests can count tracker lookups of all workers."""
+
+    def __init__(self, count_file: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.count_file = count_file
+
+    def get_paths(self, *args: Any, **kwargs: Any) -> Any:
+        append_line(self.count_file)
+        return super().get_paths(*args, **kwargs)
+
+
 def make_app() -> MogileFSMiddleware:
-    return MogileFSMiddleware(
-        hello,
-        domain=os.environ["MOGILE_DOMAIN"],
-        trackers=os.environ["MOGILE_TRACKERS"],
-        reproxy=os.environ.get("MOGILE_REPROXY") or None,
-    )
+    env = os.environ
+    options: dict[str, Any] = {}
+    if env.get("MOGILE_MEMCACHED"):
+        from mogile_middleware.memcache import (
+            MemcachedBackend,  # pymemcache is an optional extra
+        )
+
+        options["cache_backend"] = MemcachedBackend(env["MOGILE_MEMCACHED"])
+    if env.get("MOGILE_TRUSTED_PROXIES"):
+        options["trusted_proxies"] = env["MOGILE_TRUSTED_PROXIES"].replace(",", " ").split()
+    if env.get("MOGILE_PERLBAL_CACHE_SECONDS"):
+        options["perlbal_cache_seconds"] = int(env["MOGILE_PERLBAL_CACHE_SECONDS"])
+    if env.get("MOGILE_REQUIRE_PROXY_HEADER"):
+        options["require_proxy_header"] = env["MOGILE_REQUIRE_PROXY_HEADER"] == "1"
+    if env.get("MOGILE_COUNT_FILE"):
+        options["client"] = CountingClient(env["MOGILE_COUNT_FILE"], env["MOGILE_DOMAIN"], env["MOGILE_TRACKERS"])
+    else:
+        options.update(domain=env["MOGILE_DOMAIN"], trackers=env["MOGILE_TRACKERS"])
+    return MogileFSMiddleware(hello, reproxy=env.get("MOGILE_REPROXY") or None, **options)

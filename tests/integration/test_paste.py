@@ -21,8 +21,9 @@ from webtest import TestApp
 
 from mogile_middleware import Client
 from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.memcache import MemcachedBackend
 from mogile_middleware.middleware import MogileFSMiddleware
-from mogile_middleware.paste import OPTIONS, filter_factory
+from mogile_middleware.paste import KEYWORDS, OPTIONS, filter_factory
 from mogile_middleware.responders import PerlbalReproxy
 
 REPO = Path(__file__).parent.parent.parent
@@ -140,7 +141,17 @@ def test_numbers_and_flags_are_typed_before_the_middleware_sees_them() -> None:
 
 def test_every_string_keyword_of_the_middleware_is_an_option() -> None:
     keywords = set(inspect.signature(MogileFSMiddleware).parameters)
-    assert set(OPTIONS) == keywords - {"app", "client", "cache_backend"}
+    assert {KEYWORDS.get(name, name) for name in OPTIONS} == keywords - {"app", "client"}
+
+
+def test_memcached_servers_build_a_shared_cache_backend() -> None:
+    make_filter = filter_factory({}, domain="media", trackers="127.0.0.1:7001",
+                                 memcached_servers="10.0.0.5:11211\n  10.0.0.6:11212")
+    backend = make_filter.keywords["cache_backend"]
+    assert isinstance(backend, MemcachedBackend)
+    assert backend.servers == [("10.0.0.5", 11211), ("10.0.0.6", 11212)]
+    empty = filter_factory({}, domain="media", trackers="127.0.0.1:7001", memcached_servers="")
+    assert empty.keywords["cache_backend"] is None  # the in-process cache
 
 
 @pytest.fixture

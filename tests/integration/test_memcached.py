@@ -1,0 +1,230 @@
+"""The shared path cache in a real memcached: the backend, an outage, and two gunicorn workers sharing it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import DOMAIN
+from integration._gunicorn import run_gunicorn
+from integration._memcached import MemcachedServer, start_memcached
+from integration._wire_client import eventually, http_request
+from pymemcache.client.base import Client as MemcacheClient
+from pymemcache.exceptions import MemcacheError
+from webtest import TestApp
+
+from mogile_middleware import Client
+from mogile_middleware.cache import PathCache
+from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.memcache import MemcachedBackend
+from mogile_middleware.middleware import MogileFSMiddleware
+from mogile_middleware.responders import Location
+
+LOCATION = Location("avatars/42.png", ("http://10.0.0.1:7500/dev1/0/000/000/0000000042.fid",), "fid-42",
+                    "image/png", 1234)
+VALUE = (LOCATION, [("X-REPROXY-URL", "http://10.0.0.1:7500/dev1/0/000/000/0000000042.fid")])
+BODY = b"shared by every worker\n"
+#: What pymemcache raises for a server that is down, hung or marked dead.
+DOWN = (MemcacheError, OSError)
+
+
+@pytest.fixture
+def memcached() -> Iterator[MemcachedServer]:
+    """A memcached of the test's own, which it may stop."""
+    with start_memcached() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def shared_memcached() -> Iterator[MemcachedServer]:
+    # memcached takes a second to stop: the tests that leave it running share one.
+    with start_memcached() as server:
+        yield server
+
+
+@pytest.fixture
+def backend(shared_memcached: MemcachedServer) -> MemcachedBackend:
+    return MemcachedBackend(shared_memcached.address)
+
+
+def hello(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"app\n"]
+
+
+# The backend against a running memcached.
+
+def test_a_location_and_its_headers_come_back_equal(backend: MemcachedBackend) -> None:
+    backend.set("avatars/42.png", VALUE, 1700000000.5, 60)
+    assert backend.get("avatars/42.png") == (VALUE, 1700000000.5)
+    assert backend.get("avatars/43.png") is None
+
+
+def test_an_entry_expires_after_keep_seconds(backend: MemcachedBackend) -> None:
+    backend.set("brief", VALUE, time.time(), 1)
+    assert backend.get("brief") is not None
+    # memcached counts whole seconds on its own clock: gone within 1 to 2 s, allow a margin.
+    assert eventually(lambda: backend.get("brief"), lambda entry: entry is None, timeout=4.0, every=0.1) is None
+
+
+def test_delete_forgets_a_key(backend: MemcachedBackend) -> None:
+    backend.set("gone", VALUE, time.time(), 60)
+    backend.delete("gone")
+    backend.delete("never-set")
+    assert backend.get("gone") is None
+
+
+def test_keys_memcached_could_not_hold_work_and_stay_distinct(backend: MemcachedBackend) -> None:
+    keys = ["with spaces in it", " leading blank", "ünïcødé/файл.png", "tab\there", "k" * 255, "k" * 253 + "é"]
+    for number, key in enumerate(keys):
+        backend.set(key, number, 1.0, 60)
+    assert [backend.get(key) for key in keys] == [(number, 1.0) for number in range(len(keys))]
+
+
+def test_a_prefix_memcached_cannot_take_is_refused() -> None:
+    with pytest.raises(ValueError, match="prefix"):
+        MemcachedBackend(prefix="my site:")
+
+
+def test_keys_spread_over_several_servers(memcached: MemcachedServer) -> None:
+    with start_memcached() as second:
+        backend = MemcachedBackend(f"{memcached.address}, {second.address}")
+        for number in range(40):
+            backend.set(f"key{number}", number, 1.0, 60)
+        assert [backend.get(f"key{number}") for number in range(40)] == [(number, 1.0) for number in range(40)]
+        items = [int(MemcacheClient(server.address).stats()[b"curr_items"]) for server in (memcached, second)]
+        assert sum(items) == 40 and min(items) > 0, items
+
+
+def test_threads_share_a_backend(backend: MemcachedBackend) -> None:
+    failures: list[object] = []
+
+    def work(thread: int) -> None:
+        try:
+            for number in range(50):
+                key = f"thread{thread}/{number}"
+                backend.set(key, (thread, number), 1.0, 60)
+                if (entry := backend.get(key)) != ((thread, number), 1.0):
+                    failures.append(entry)
+        except Exception as error:  # noqa: BLE001 - an exception in a thread would not fail the test
+            failures.append(error)
+
+    threads = [threading.Thread(target=work, args=(thread,)) for thread in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert failures == []
+
+
+def test_a_forked_child_uses_its_own_connection(backend: MemcachedBackend) -> None:
+    backend.set("parent", "P", 1.0, 60)
+    backend.set("child", "C", 1.0, 60)  # the parent's connection is open before the fork
+    pid = os.fork()
+    if pid == 0:  # the child: a shared socket would mix its replies with the parent's
+        ok = all(backend.get("child") == ("C", 1.0) for _ in range(300))
+        os._exit(0 if ok else 1)
+    parent_ok = all(backend.get("parent") == ("P", 1.0) for _ in range(300))
+    _, status = os.waitpid(pid, 0)
+    assert parent_ok and os.waitstatus_to_exitcode(status) == 0
+
+
+# memcached down: errors are quick, and the trackers answer instead.
+
+def test_a_stopped_memcached_fails_fast(memcached: MemcachedServer) -> None:
+    backend = MemcachedBackend(memcached.address)
+    backend.set("key", VALUE, 1.0, 60)
+    memcached.stop()
+    for _ in range(3):
+        started = time.monotonic()
+        with pytest.raises(DOWN):
+            backend.get("key")
+        assert time.monotonic() - started < 1.0
+
+
+def test_a_silent_memcached_costs_one_timeout_then_is_skipped() -> None:
+    # It accepts connections (the kernel's backlog) but never answers, like a hung memcached.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        backend = MemcachedBackend(f"127.0.0.1:{silent.getsockname()[1]}", timeout=0.3)
+        started = time.monotonic()
+        with pytest.raises(DOWN):
+            backend.get("key")
+        assert 0.25 < time.monotonic() - started < 1.0
+        started = time.monotonic()
+        for _ in range(20):  # marked dead: no connection, no wait
+            with pytest.raises(DOWN):
+                backend.set("key", VALUE, 1.0, 60)
+        assert time.monotonic() - started < 0.2
+
+
+def test_the_path_cache_asks_the_lookup_while_memcached_is_down(memcached: MemcachedServer) -> None:
+    cache = PathCache(lambda key: f"paths of {key}", backend=MemcachedBackend(memcached.address))
+    assert [cache.get("a") for _ in range(3)] == ["paths of a"] * 3 and cache.lookups == 1
+    memcached.stop()
+    assert [cache.get("a") for _ in range(3)] == ["paths of a"] * 3 and cache.lookups == 4
+
+
+def test_the_site_answers_from_a_shared_cache_and_without_it(devmogile: DevMogileFS,
+                                                             memcached: MemcachedServer) -> None:
+    Client(DOMAIN, devmogile.trackers).store_content("hello.txt", BODY, cls="thumb")
+
+    def site() -> tuple[TestApp, MogileFSMiddleware]:
+        middleware = MogileFSMiddleware(hello, domain=DOMAIN, trackers=devmogile.trackers,
+                                        cache_backend=MemcachedBackend(memcached.address))
+        return TestApp(middleware, lint=True), middleware
+
+    (first, first_middleware), (second, second_middleware) = site(), site()
+    assert first.get("/mogilefs/hello.txt").body == BODY
+    assert second.get("/mogilefs/hello.txt").body == BODY
+    assert (first_middleware.paths.lookups, second_middleware.paths.lookups) == (1, 0)
+
+    memcached.stop()
+    for _ in range(3):
+        assert second.get("/mogilefs/hello.txt").body == BODY
+    assert second_middleware.paths.lookups == 3
+    assert second.get("/").body == b"app\n"
+
+
+# Two gunicorn workers, one cache.
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_two_gunicorn_workers_share_one_lookup(devmogile: DevMogileFS, memcached: MemcachedServer,
+                                               tmp_path: Path) -> None:
+    pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
+    Client(DOMAIN, devmogile.trackers).store_content("shared.txt", BODY, cls="thumb")
+    counts, hits, access = tmp_path / "get_paths", tmp_path / "app_hits", tmp_path / "access.log"
+    env = {"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": devmogile.trackers[0], "MOGILE_MEMCACHED": memcached.address,
+           "MOGILE_COUNT_FILE": str(counts), "MOGILE_APP_HITS_FILE": str(hits)}
+    # %(p)s is the worker's PID: which worker answered each request.
+    log_args = ["--access-logfile", str(access), "--access-logformat", "%(p)s %(U)s %(s)s"]
+    with run_gunicorn(env, workers=2, extra_args=log_args) as server:
+        url = f"http://127.0.0.1:{server.port}/mogilefs/shared.txt"
+        # A sync worker reads one request at a time: while one holds this unfinished request,
+        # the other worker must answer the next, so both serve the key.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as held:
+            held.sendall(b"GET /mogilefs/shared.txt HTTP/1.0\r\nHost: test\r\n")
+            assert http_request(url).body == BODY
+            held.sendall(b"\r\n")
+            assert held.makefile("rb").read().endswith(BODY)
+        replies = [http_request(url) for _ in range(40)]  # a new connection each
+        assert {(reply.status, reply.body) for reply in replies} == {(200, BODY)}
+        assert len(lines(counts)) == 1, "one tracker lookup for both workers"
+
+        served = eventually(lambda: [line.split() for line in lines(access)], lambda got: len(got) >= 42)
+        workers = {pid for pid, path, status in served if path == "/mogilefs/shared.txt" and status == "200"}
+        assert len(workers) == 2 and {pid.strip("<>") for pid in workers} == set(map(str, server.worker_pids()))
+        assert http_request(f"http://127.0.0.1:{server.port}/").body == b"hello from the app\n"
+        assert len(lines(hits)) == 1 and int(lines(hits)[0]) in server.worker_pids()
+
+        memcached.stop()
+        replies = [http_request(url) for _ in range(5)]
+        assert {(reply.status, reply.body) for reply in replies} == {(200, BODY)}
+        assert len(lines(counts)) == 6, "without memcached, each request asks the tracker"
