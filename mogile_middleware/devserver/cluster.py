@@ -2,7 +2,8 @@
 
 For development and tests only. Layout of the data directory: ``tracker/mogilefs.sqlite3`` (the
 metadata) and ``stor<N>/dev<N>/...`` (the docroot of storage node N, holding device N). Reusing a
-data directory keeps domains, classes, keys and files.
+data directory keeps domains, classes, keys and files. Storage nodes running elsewhere (a real
+Perlbal ``web_server``, as mogstored runs it) join as more devices with :meth:`DevMogileFS.add_storage_node`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class DevMogileFS:
     ``storage_ports`` overrides ``storage_nodes``. ``data_dir=None`` uses a temporary directory,
     removed on :meth:`stop`. ``domains`` maps domain names to ``{class: mindevcount}``; they are
     created (or their classes updated) through the tracker protocol on start, as a user would.
+    ``storage_nodes=0`` with :meth:`add_storage_node` keeps every file on external nodes.
     """
 
     def __init__(
@@ -112,6 +114,19 @@ class DevMogileFS:
         if self._requested_data_dir is None and self.data_dir is not None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             self.data_dir = None
+
+    def add_storage_node(self, host: str, port: int) -> int:
+        """Register a running storage node at ``http://host:port`` as one more device; returns its devid.
+
+        The tracker reaches storage only over HTTP (GET, HEAD, PUT creating directories, DELETE), so
+        any node answering as mogstored does will do. It must hold ``dev<devid>/`` in its docroot,
+        and the caller starts and stops it.
+        """
+        if self.store is None:
+            raise RuntimeError("DevMogileFS is not started")
+        devid = max((device.devid for device in self.store.devices()), default=0) + 1
+        self.store.register_device(devid, f"stor{devid}", host, port)
+        return devid
 
     def stop_tracker(self) -> None:
         """Stop only the tracker (its clients' connections are cut); the nodes keep serving."""
