@@ -18,6 +18,7 @@ can reach the application directly.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import mimetypes
@@ -108,6 +109,8 @@ class MogileFSMiddleware:
             None if trusted_proxies is None
             else tuple(ipaddress.ip_network(proxy, strict=False) for proxy in trusted_proxies)
         )
+        # The few proxy addresses recur on every request: decide each once (bounded for the rest).
+        self._is_trusted = functools.lru_cache(maxsize=1024)(self._address_is_trusted)
         self.require_proxy_header = require_proxy_header
         self.key_for_path = key_for_path
         self.retry_after_seconds = retry_after_seconds
@@ -186,13 +189,14 @@ class MogileFSMiddleware:
             return False  # storage nodes answer bytes=-N wrongly: serve it with an absolute range
         if self.require_proxy_header and not self._proxy_header_present(environ):
             return False
-        if self.trusted_proxies is None:
-            return True
+        return self.trusted_proxies is None or self._is_trusted(environ.get("REMOTE_ADDR", ""))
+
+    def _address_is_trusted(self, remote_addr: str) -> bool:
         try:
-            address = ipaddress.ip_address(environ.get("REMOTE_ADDR", ""))
+            address = ipaddress.ip_address(remote_addr)
         except ValueError:
             return False
-        return any(address in network for network in self.trusted_proxies)
+        return any(address in network for network in self.trusted_proxies or ())
 
     def _proxy_header_present(self, environ: dict[str, Any]) -> bool:
         if self.reproxy == "perlbal":

@@ -45,10 +45,12 @@ def _destinations(reply: Reply) -> list[tuple[str, str]]:
 def remaining_size(fileobj: BinaryIO) -> int | None:
     """Bytes left to read in ``fileobj`` when that can be known without reading, else ``None``."""
     try:
+        if not fileobj.seekable():
+            return None
         position = fileobj.tell()
-        if isinstance(fileobj, io.BytesIO):
-            return len(fileobj.getbuffer()) - position
-        return os.fstat(fileobj.fileno()).st_size - position
+        end = fileobj.seek(0, io.SEEK_END)  # no copy, unlike BytesIO.getbuffer()
+        fileobj.seek(position)
+        return end - position
     except (AttributeError, OSError, ValueError):
         return None
 
