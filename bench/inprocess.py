@@ -1,0 +1,165 @@
+"""Figures measured in this process: the hot path (1), a cache miss (3) and an upload (6)."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import socket
+import statistics
+import time
+import timeit
+from collections.abc import Callable
+from typing import Any
+
+from mogile_middleware.protocol import encode_request
+
+from .apps import WSGIApp, answer_headers, constant_app, pattern, proxied_environ
+from .cluster import CLASS, DOMAIN, SMALL_PATH, Cluster
+from .measure import Deadline, Spread, interleaved, ratios, rotated
+from .report import Figure, Target
+from .servers import HOST
+
+#: Calls per timing batch, and batches per repetition of which the fastest counts (timeit's rule:
+#: it is the one the rest of the machine disturbed least).
+HOT_CALLS = 20_000
+HOT_BATCHES = 3
+#: Fresh keys per repetition for the middleware, and as many for the raw tracker requests.
+MISS_KEYS = 100
+UPLOAD_SIZE = 64 * 1024 * 1024
+MIB = 1024 * 1024
+
+
+def _ignore(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+    """A ``start_response`` that costs as little as possible."""
+
+
+def hot_path(cluster: Cluster, repeat: int, name: str, options: dict[str, Any]) -> Figure:
+    """1. µs per reproxy answer from a warm path cache, against an app returning the same headers."""
+    wrapped = cluster.middleware(**options)
+    bare = constant_app(answer_headers(wrapped, SMALL_PATH))  # which also warms the path cache
+    environ = proxied_environ(SMALL_PATH)
+    deadline = Deadline(120, "the hot path loop")
+
+    def per_call(app: WSGIApp) -> Callable[[], float]:
+        timer = timeit.Timer("app(environ, start_response)",
+                             globals={"app": app, "environ": environ, "start_response": _ignore})
+
+        def run() -> float:
+            deadline.check()
+            return min(timer.repeat(HOT_BATCHES, HOT_CALLS)) / HOT_CALLS * 1e6
+        return run
+
+    samples = interleaved(repeat, {"bare": per_call(bare), "wrapped": per_call(wrapped)})
+    overhead = [value - base for value, base in zip(samples["wrapped"], samples["bare"])]
+    return Figure(name, "µs/request", "bare app, same headers", Spread.of(samples["bare"]),
+                  Spread.of(samples["wrapped"]), Spread.of(ratios(samples["wrapped"], samples["bare"])),
+                  Target("overhead", "<", 5, " µs", stretch=3), Spread.of(overhead))
+
+
+class _TrackerLine:
+    """A kept-open connection to the tracker that times request lines, with nothing on top."""
+
+    def __init__(self, address: str) -> None:
+        host, port = address.split(":")
+        self.sock = socket.create_connection((host, int(port)))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as the middleware's client does
+        self.replies = self.sock.makefile("rb")
+
+    def seconds(self, line: bytes) -> float:
+        start = time.perf_counter()
+        self.sock.sendall(line)
+        self.replies.readline()
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        self.replies.close()
+        self.sock.close()
+
+
+def _seconds(app: WSGIApp, environ: dict[str, Any]) -> float:
+    start = time.perf_counter()
+    app(environ, _ignore)
+    return time.perf_counter() - start
+
+
+def _miss_times(wrapped: WSGIApp, raw: _TrackerLine, mine: list[str], theirs: list[str]) -> dict[str, list[float]]:
+    """Seconds per request: the middleware for each of ``mine``, a raw ``get_paths`` for each of
+    ``theirs`` and a raw ``noop``, taking turns, since a connection used just before answers faster."""
+    environs = [proxied_environ("/mogilefs/" + key) for key in mine]
+    lines = [encode_request("get_paths", {"domain": DOMAIN, "key": key, "noverify": 1, "pathcount": 2})
+             for key in theirs]
+    noop = encode_request("noop", {})
+    steps: dict[str, Callable[[int], float]] = {
+        "wrapped": lambda n: _seconds(wrapped, environs[n]), "raw": lambda n: raw.seconds(lines[n]),
+        "noop": lambda n: raw.seconds(noop)}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for n in range(len(mine)):
+        for name in rotated(list(steps), n):
+            times[name].append(steps[name](n))
+    return times
+
+
+def cache_miss(cluster: Cluster, repeat: int) -> Figure:
+    """3. A request for a key never asked for, against a raw ``get_paths`` on a kept-open socket."""
+    keys = [f"miss/{n}" for n in range(2 * repeat * MISS_KEYS)]
+    deadline = Deadline(120, "storing the keys for the cache miss")
+    for key in keys:
+        deadline.check()
+        cluster.client.store_file(key, io.BytesIO(b"x"), cls=CLASS)
+    # Without trusted_proxies a miss costs one tracker round trip (no HEAD for the length).
+    wrapped = cluster.middleware(reproxy="perlbal")
+    wrapped.client.pool.request("noop")  # its tracker connection is open, as the raw one is
+    raw = _TrackerLine(cluster.tracker)
+    samples: dict[str, list[float]] = {"wrapped": [], "raw": [], "noop": []}
+    deadline = Deadline(120, "the cache miss loop")
+    try:
+        for rep in range(repeat):
+            deadline.check()
+            times = _miss_times(wrapped, raw, keys[2 * rep * MISS_KEYS:][:MISS_KEYS],
+                                keys[(2 * rep + 1) * MISS_KEYS:][:MISS_KEYS])
+            for name, values in times.items():
+                samples[name].append(statistics.median(values) * 1e6)
+    finally:
+        raw.close()
+    noop_times = Spread.of(samples["noop"])
+    return Figure("3. cache miss, in process", "µs/request", "raw get_paths", Spread.of(samples["raw"]),
+                  Spread.of(samples["wrapped"]), Spread.of(ratios(samples["wrapped"], samples["raw"])),
+                  Target("ratio", "<=", 1.1),
+                  note=f"raw noop: {noop_times.median:.0f} µs [{noop_times.low:.0f}–{noop_times.high:.0f}]")
+
+
+def upload(cluster: Cluster, repeat: int) -> Figure:
+    """6. ``store_file`` of 64 MiB against a raw HTTP PUT of the same bytes to the storage node."""
+    data = pattern(UPLOAD_SIZE)
+    numbers = iter(range(2 * repeat))
+    deadline = Deadline(300, "the upload loop")
+
+    def stored() -> float:
+        deadline.check()
+        key = f"upload/{next(numbers)}"
+        start = time.perf_counter()
+        cluster.client.store_file(key, io.BytesIO(data), cls=CLASS)
+        elapsed = time.perf_counter() - start
+        cluster.client.delete(key)  # the node's memory (tmpfs) holds one upload at a time
+        return UPLOAD_SIZE / MIB / elapsed
+
+    def raw() -> float:
+        deadline.check()
+        path = f"/dev1/raw/{next(numbers)}.fid"
+        connection = http.client.HTTPConnection(HOST, cluster.node, timeout=60)
+        start = time.perf_counter()
+        connection.request("PUT", path, body=data)
+        response = connection.getresponse()
+        response.read()
+        elapsed = time.perf_counter() - start
+        if response.status != 200:
+            raise RuntimeError(f"PUT {path} answered {response.status}")
+        connection.request("DELETE", path)
+        connection.getresponse().read()
+        connection.close()
+        return UPLOAD_SIZE / MIB / elapsed
+
+    speeds = interleaved(repeat, {"raw": raw, "stored": stored})
+    return Figure("6. upload 64 MiB", "MiB/s", "raw PUT to the node", Spread.of(speeds["raw"]),
+                  Spread.of(speeds["stored"]), Spread.of(ratios(speeds["stored"], speeds["raw"])),
+                  Target("ratio", ">=", 0.9))

@@ -1,0 +1,168 @@
+"""The servers under test, each a child process on 127.0.0.1 that is stopped by its PID on exit.
+
+Storage nodes are Perlbal ``web_server`` services, as mogstored is; the tracker is the
+development tracker (:mod:`bench.tracker`) with those nodes as its devices; applications run
+under gunicorn (:mod:`bench.apps`); the front proxy is a Perlbal reverse proxy.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+HOST = "127.0.0.1"
+START_SECONDS = 20.0
+STOP_SECONDS = 10.0
+#: gunicorn workers (sync): one per core of the 2-core reference machine.
+WORKERS = 2
+#: The checkout, so that child processes import this ``bench`` package.
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def child(argv: Sequence[str], ports: Sequence[int], log: Path,
+          env: Mapping[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``argv`` for the duration of the block, ready once every one of ``ports`` accepts."""
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + START_SECONDS
+        for port in ports:
+            while not _accepts(port):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{argv[0]} did not start:\n{log.read_text()[-2000:]}")
+                time.sleep(0.05)
+        yield process
+    finally:
+        _stop(process)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection((HOST, port), timeout=0.2).close()
+    except OSError:
+        return False
+    return True
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    os.kill(process.pid, signal.SIGTERM)
+    try:
+        process.wait(STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _cpu_seconds(pid: int) -> float:
+    # utime and stime are fields 14 and 15 of /proc/PID/stat, counted after the ")" ending the name.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _perlbal(workdir: Path, name: str, services: Mapping[str, Sequence[str]], pools: Mapping[str, int],
+             ports: Sequence[int]) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    """One Perlbal process running ``services`` (name → ``SET`` lines), with one-server ``pools``."""
+    lines = [line for pool, port in pools.items()
+             for line in (f"CREATE POOL {pool}", f"  POOL {pool} ADD {HOST}:{port}")]
+    for service, settings in services.items():
+        lines += [f"CREATE SERVICE {service}", *(f"  SET {setting}" for setting in settings), f"ENABLE {service}"]
+    config = workdir / f"{name}.conf"
+    config.write_text("\n".join(lines) + "\n")
+    return child(["perlbal", f"--config={config}"], ports, workdir / f"{name}.log")
+
+
+@contextmanager
+def storage_node(workdir: Path, devid: int) -> Iterator[int]:
+    """A storage node holding device ``devN`` (GET, HEAD, PUT, DELETE, as mogstored); yields its port."""
+    port = free_port()
+    docroot = workdir / f"stor{devid}"
+    (docroot / f"dev{devid}").mkdir(parents=True)
+    settings = ["role = web_server", f"listen = {HOST}:{port}", f"docroot = {docroot}", "dirindexing = 0",
+                "enable_put = 1", "enable_delete = 1", "min_put_directory = 1", "persist_client = 1"]
+    with _perlbal(workdir, f"stor{devid}", {f"stor{devid}": settings}, {}, [port]):
+        yield port
+
+
+@contextmanager
+def tracker(workdir: Path, domain: str, classes: Mapping[str, int], nodes: Sequence[int]) -> Iterator[str]:
+    """The development tracker with the storage nodes at ``nodes`` as devices 1, 2...; yields ``host:port``."""
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.tracker", "--data", str(workdir / "tracker"), "--port", str(port),
+            "--domain", domain]
+    argv += [arg for name, count in classes.items() for arg in ("--class", f"{name}={count}")]
+    argv += [arg for node in nodes for arg in ("--node", str(node))]
+    with child(argv, [port], workdir / "tracker.log"):
+        yield f"{HOST}:{port}"
+
+
+@dataclass(frozen=True)
+class Gunicorn:
+    """A running gunicorn: where it listens, and its master's PID (whose children are the workers)."""
+
+    port: int
+    pid: int
+
+    def url(self, path: str) -> str:
+        return f"http://{HOST}:{self.port}{path}"
+
+    def workers(self) -> list[int]:
+        """The PIDs of the worker processes."""
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        return [int(pid) for pid in children]
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user and system) the workers have used."""
+        return sum(_cpu_seconds(pid) for pid in self.workers())
+
+
+@contextmanager
+def gunicorn(workdir: Path, name: str, app_env: Mapping[str, str]) -> Iterator[Gunicorn]:
+    """:func:`bench.apps.make_app` under gunicorn (``WORKERS`` sync workers), configured by ``app_env``."""
+    port = free_port()
+    argv = [sys.executable, "-m", "gunicorn", "--workers", str(WORKERS), "--worker-class", "sync",
+            "--bind", f"{HOST}:{port}", "--backlog", "2048", "--timeout", "120", "bench.apps:make_app()"]
+    with child(argv, [port], workdir / f"gunicorn-{name}.log", {**os.environ, **app_env}) as process:
+        server = Gunicorn(port, process.pid)
+        deadline = time.monotonic() + START_SECONDS
+        while len(server.workers()) < WORKERS:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gunicorn {name} started {len(server.workers())} of {WORKERS} workers")
+            time.sleep(0.05)
+        yield server
+
+
+#: The front proxy's settings, the same for every service. Backend connections are kept open
+#: where the backend allows it (the storage node; gunicorn's sync workers close every one), as
+#: Perlbal keeps its reproxy connections to storage nodes open.
+FRONT_SETTINGS = ("role = reverse_proxy", "enable_reproxy = true", "reproxy_cache_maxsize = 1000",
+                  "persist_client = on", "persist_backend = on", "verify_backend = off")
+
+
+@contextmanager
+def front_proxy(workdir: Path, backends: Mapping[str, int]) -> Iterator[dict[str, int]]:
+    """A Perlbal reverse proxy with one service per backend (name → port); yields name → its port."""
+    ports = {name: free_port() for name in backends}
+    services = {name: [*FRONT_SETTINGS, f"listen = {HOST}:{ports[name]}", f"pool = {name}_pool"]
+                for name in backends}
+    pools = {f"{name}_pool": port for name, port in backends.items()}
+    with _perlbal(workdir, "front", services, pools, list(ports.values())):
+        yield ports
