@@ -9,7 +9,6 @@ Example::
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -18,7 +17,7 @@ from .exceptions import NoneMatchError
 from .protocol import Reply, check_key, parse_domains
 from .storage import ReplicaResponse, open_replica
 from .tracker import Address, TrackerPool
-from .upload import NewFile, remaining_size
+from .upload import NewFile, Uploader
 
 
 @dataclass(frozen=True)
@@ -106,18 +105,14 @@ class Client:
         """Store the rest of ``fileobj`` under ``key``; return the number of bytes stored.
 
         A seekable ``fileobj`` is sent again to the next storage node if one drops the PUT.
-        ``verify_checksum`` asks the tracker to check the stored file's MD5 before committing.
+        ``verify_checksum`` asks the tracker to check the stored file's MD5 before committing, for
+        classes that keep checksums.
         """
-        upload = NewFile(self.pool, self.domain, key, cls, size=remaining_size(fileobj),
-                         verify_checksum=verify_checksum, storage_timeout=self.storage_timeout)
-        with upload:
-            upload.write_from(fileobj)
-        self.notify_changed(key)
-        return upload.size
+        return Uploader(self, verify_checksums=verify_checksum).upload(key, fileobj, cls)
 
     def store_content(self, key: str, data: bytes, cls: str | None = None) -> int:
         """Store ``data`` under ``key``; return the number of bytes stored."""
-        return self.store_file(key, io.BytesIO(data), cls)
+        return Uploader(self, verify_checksums=False).upload(key, data, cls)
 
     def read_file(self, key: str) -> ReplicaResponse:
         """A streaming, closeable file object over the first replica that answers."""

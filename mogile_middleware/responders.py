@@ -211,8 +211,7 @@ class Serve:
         self.storage_timeout = storage_timeout
         self.on_failure = on_failure
 
-    def __call__(self, environ: dict[str, Any], start_response: StartResponse, location: Location,
-                 headers: Headers | None = None) -> Any:
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse, location: Location) -> Any:
         if not_modified(environ, location.etag):  # WebOb would not match "If-None-Match: *"
             return _not_modified_response(location, self.extra_headers, start_response)
         if not _parsable_range(environ.get("HTTP_RANGE")):

@@ -44,14 +44,22 @@ def _request(method: str, url: str, headers: dict[str, str] | None = None) -> It
         conn.close()
 
 
-def head_size(url: str) -> int | None:
-    """The size of the file at ``url``; ``-1`` when the node says it is missing, ``None`` when unreachable."""
+def _answer(method: str, url: str) -> http.client.HTTPResponse | None:
+    """The node's (read) answer to a body-less ``method url``; ``None`` when it cannot be reached."""
     try:
-        with _request("HEAD", url) as conn:
+        with _request(method, url) as conn:
             response = conn.getresponse()
             response.read()
+            return response
     except StorageHTTPError as exc:
         log.debug("%s", exc)
+        return None
+
+
+def head_size(url: str) -> int | None:
+    """The size of the file at ``url``; ``-1`` when the node says it is missing, ``None`` when unreachable."""
+    response = _answer("HEAD", url)
+    if response is None:
         return None
     if response.status == 404:
         return -1
@@ -63,14 +71,8 @@ def head_size(url: str) -> int | None:
 
 def delete(url: str) -> bool:
     """Delete the file at ``url``; ``True`` when it is gone (deleted now or already missing)."""
-    try:
-        with _request("DELETE", url) as conn:
-            response = conn.getresponse()
-            response.read()
-    except StorageHTTPError as exc:
-        log.debug("%s", exc)
-        return False
-    return response.status in (200, 204, 404)
+    response = _answer("DELETE", url)
+    return response is not None and response.status in (200, 204, 404)
 
 
 def md5_hex(url: str) -> str:
