@@ -6,6 +6,7 @@ For development and tests only.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import threading
 from typing import Any
@@ -22,6 +23,17 @@ def _ports(text: str) -> list[int]:
     if not ports or any(not 0 <= port < 65536 for port in ports):
         raise argparse.ArgumentTypeError(f"not a comma-separated list of ports: {text!r}")
     return ports
+
+
+def _delay(text: str) -> float:
+    """A finite number of seconds, 0 or more (negative, NaN or infinite is a usage error)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise argparse.ArgumentTypeError(f"not a number of seconds >= 0: {text!r}")
+    return seconds
 
 
 class _DomainLayout(argparse.Action):
@@ -69,12 +81,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=MINDEVCOUNT",
         help="create a class in the last --domain (repeatable)",
     )
+    parser.add_argument(
+        "--replication-delay",
+        type=_delay,
+        default=0.0,
+        metavar="SECONDS",
+        help="make the extra copies and delete dropped data this long after the command answered, as mogilefsd"
+        " does (default: 0, before it answers)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM, then stop cleanly; 0 on a clean stop, 1 if it cannot start."""
     mogile = DevMogileFS(
-        args.data, host=args.host, tracker_port=args.port, storage_ports=args.storage_ports, domains=args.domains
+        args.data,
+        host=args.host,
+        tracker_port=args.port,
+        storage_ports=args.storage_ports,
+        domains=args.domains,
+        replication_delay=args.replication_delay,
     )
     stopping = threading.Event()
     with on_stop_signal(lambda signum, frame: stopping.set()):

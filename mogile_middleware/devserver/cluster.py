@@ -32,6 +32,13 @@ class DevMogileFS:
     removed on :meth:`stop`. ``domains`` maps domain names to ``{class: mindevcount}``; they are
     created (or their classes updated) through the tracker protocol on start, as a user would.
     ``storage_nodes=0`` with :meth:`add_storage_node` keeps every file on external nodes.
+
+    ``replication_delay`` 0 replicates and deletes synchronously: a new file has all its copies
+    when ``create_close`` answers, and dropped data is gone when ``delete`` answers. Above 0 it
+    works as mogilefsd does: a new file (or one moved to a class with more copies) gets its
+    other copies, and the files of a deleted or overwritten fid are deleted from the nodes, that
+    many seconds later; the metadata changes at once. Work not yet due when :meth:`stop` is
+    called is dropped (see :class:`~.replication.BackgroundWork`).
     """
 
     def __init__(
@@ -43,8 +50,12 @@ class DevMogileFS:
         storage_ports: Sequence[int] | None = None,
         storage_nodes: int = 2,
         domains: Mapping[str, Mapping[str, int]] | None = None,
+        replication_delay: float = 0.0,
     ) -> None:
+        if replication_delay < 0:
+            raise ValueError(f"the replication delay cannot be negative: {replication_delay}")
         self.host = host
+        self.replication_delay = replication_delay
         self._requested_data_dir = Path(data_dir) if data_dir is not None else None
         self._storage_ports = list(storage_ports) if storage_ports is not None else [0] * storage_nodes
         self._domains = {domain: dict(classes) for domain, classes in (domains or {}).items()}
@@ -95,12 +106,17 @@ class DevMogileFS:
             self.nodes.append(node)
             node.start()
             self.store.register_device(number, f"stor{number}", self.host, node.port)
-        self.tracker = TrackerServer(self.store, self.host, self._tracker_port)
+        self.tracker = TrackerServer(
+            self.store, self.host, self._tracker_port, replication_delay=self.replication_delay
+        )
         self.tracker.start()
         self._configure()
 
     def stop(self) -> None:
-        """Stop everything (all servers at once); a temporary data directory is removed."""
+        """Stop everything (all servers at once; delayed work not yet due is dropped).
+
+        A temporary data directory is removed.
+        """
         servers: list[BackgroundServer] = [*self.nodes, *([self.tracker] if self.tracker else [])]
         stoppers = [threading.Thread(target=server.stop) for server in servers]
         for stopper in stoppers:

@@ -2,8 +2,8 @@
 
 create_open / create_close, get_paths, file_info, file_debug, delete, rename, updateclass,
 list_keys and list_fids: validation order, error codes and reply fields follow the real
-tracker; the differences (synchronous replication, immediate deletion) are documented where
-they happen.
+tracker. Replication and the deletion of dropped data are synchronous unless the tracker has a
+replication delay (see :class:`~.replication.BackgroundWork`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import re
 from . import httpstore
 from .dispatch import CommandError, Context, Handler, Reply, perl_int, perl_true, require_domain
 from .metadata import DeviceRow, FileRow
-from .replication import remove_data, replicate
 
 _CHECKSUM = re.compile(r"\AMD5:[0-9a-fA-F]{32}\Z")
 
@@ -73,9 +72,10 @@ def create_open(ctx: Context, args: dict[str, str]) -> Reply:
 
 
 def create_close(ctx: Context, args: dict[str, str]) -> Reply:
-    """Check the upload, point the key at it and replicate it (synchronously) to mindevcount.
+    """Check the upload, point the key at it, replicate it to mindevcount and delete the data it replaced.
 
-    Once the tempfile is taken, every failure deletes the upload: no key points at it.
+    Once the tempfile is taken, every failure deletes the upload: no key points at it. The copies
+    and the deletion are made before answering, or after the replication delay if there is one.
     """
     dmid = require_domain(ctx, args)
     for name in ("fid", "devid", "path"):
@@ -117,10 +117,11 @@ def create_close(ctx: Context, args: dict[str, str]) -> Reply:
         if actual != checksum:
             raise fail("checksum_mismatch", f"Expected: {checksum}; actual: {actual}; path: {path}")
     old_fid, old_devids = ctx.store.store_file(fid, dmid, key, size, temp.classid, devid)
-    remove_data(ctx, old_fid, old_devids)
+    if old_devids:
+        ctx.work.remove(ctx, old_fid, old_devids)
     if checksum and ctx.store.class_by_id(dmid, temp.classid).hashtype:
         ctx.store.set_checksum(fid, "MD5", checksum[4:])
-    replicate(ctx, fid)
+    ctx.work.replicate(ctx, fid)
     return None
 
 
@@ -201,9 +202,9 @@ def file_debug(ctx: Context, args: dict[str, str]) -> Reply:
 
 
 def delete(ctx: Context, args: dict[str, str]) -> Reply:
-    """Forget a key and delete its copies from the storage nodes (right away, not in the background)."""
+    """Forget a key and delete its copies from the storage nodes (at once, or after the replication delay)."""
     row = _file_for_key(ctx, args)
-    remove_data(ctx, row.fid, ctx.store.delete_file(row.fid))
+    ctx.work.remove(ctx, row.fid, ctx.store.delete_file(row.fid))
     return None
 
 
@@ -219,7 +220,7 @@ def rename(ctx: Context, args: dict[str, str]) -> Reply:
 
 
 def updateclass(ctx: Context, args: dict[str, str]) -> Reply:
-    """Move a key to another class and replicate (synchronously) up to that class's mindevcount."""
+    """Move a key to another class and replicate up to its mindevcount (at once, or after the replication delay)."""
     dmid = require_domain(ctx, args)
     if not args.get("key"):
         raise CommandError("no_key")
@@ -235,7 +236,7 @@ def updateclass(ctx: Context, args: dict[str, str]) -> Reply:
         raise CommandError("no_devices")
     if row.classid != cls.classid:
         ctx.store.set_file_class(row.fid, cls.classid)
-        replicate(ctx, row.fid)
+        ctx.work.replicate(ctx, row.fid)
     return None
 
 

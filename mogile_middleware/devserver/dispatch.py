@@ -11,10 +11,14 @@ import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..protocol import format_err, format_ok, parse_request
 from .metadata import MetadataStore
 from .monitor import DeviceMonitor
+
+if TYPE_CHECKING:  # replication imports this module
+    from .replication import BackgroundWork
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +48,11 @@ Reply = Mapping[str, str | int] | None
 
 @dataclass(frozen=True)
 class Context:
-    """What a command handler works with: the metadata and the live view of the devices."""
+    """What a command handler works with: the metadata, the live view of the devices, the work it leaves."""
 
     store: MetadataStore
     monitor: DeviceMonitor
+    work: BackgroundWork
 
 
 Handler = Callable[[Context, dict[str, str]], Reply]

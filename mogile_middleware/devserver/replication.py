@@ -1,10 +1,11 @@
 """Placing a file's data on devices: replicating up to the class's mindevcount, and removing it.
 
-Unlike mogilefsd's background replicator, replication here runs synchronously (the command that
-needs it answers once the copies exist), which makes tests deterministic. Copies that could not
-be made then, for want of a live device, are made by :class:`Repairer` once a device comes back.
-Copies go over HTTP, streamed from a node holding the file to a live device on a host that holds
-no copy yet.
+By default this runs synchronously (the command that needs it answers once the copies exist and
+the dropped data is gone), which makes tests deterministic. With a delay, :class:`BackgroundWork`
+does it that many seconds later on a :class:`~.scheduler.Scheduler` thread, as mogilefsd's
+replicate and delete jobs do. Copies that could not be made, for want of a live device, are made
+by :class:`Repairer` once a device comes back. Copies go over HTTP, streamed from a node holding
+the file to a live device on a host that holds no copy yet.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from __future__ import annotations
 import logging
 import random
 import threading
+from collections import Counter
+from functools import partial
 
 from . import httpstore
 from .dispatch import Context
 from .metadata import DeviceRow
+from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +78,69 @@ def remove_data(ctx: Context, fid: int, devids: list[int]) -> None:
             log.info("could not delete fid %d from dev%d", fid, devid)
 
 
+class BackgroundWork:
+    """The work a command leaves behind: copies up to mindevcount, deleting the data of dropped fids.
+
+    With ``delay`` 0 it is done at once, inside the command. With a delay it is done ``delay``
+    seconds later on a scheduler thread, and a repair pass leaves a fid whose copies are not due
+    yet alone. On :meth:`stop` the work not yet due is dropped: missing copies are then made by
+    the next repair pass (run when a device is seen coming up, as on a new tracker's first
+    check), and the files of dropped fids stay on the nodes as orphans, as when a node is down.
+    """
+
+    def __init__(self, delay: float = 0.0) -> None:
+        if delay < 0:
+            raise ValueError(f"the replication delay cannot be negative: {delay}")
+        self.delay = delay
+        self._scheduler = Scheduler()
+        self._copies_due: Counter[int] = Counter()  # fid -> delayed replications not run yet
+        self._lock = threading.Lock()
+
+    def replicate(self, ctx: Context, fid: int) -> None:
+        """Copy ``fid`` up to its class's mindevcount, now or after the delay."""
+        if not self.delay:
+            replicate(ctx, fid)
+            return
+        with self._lock:
+            self._copies_due[fid] += 1
+        self._scheduler.call_later(self.delay, partial(self._replicate_when_due, ctx, fid))
+
+    def _replicate_when_due(self, ctx: Context, fid: int) -> None:
+        with self._lock:
+            self._copies_due[fid] -= 1
+            if not self._copies_due[fid]:
+                del self._copies_due[fid]
+        replicate(ctx, fid)
+
+    def remove(self, ctx: Context, fid: int, devids: list[int]) -> None:
+        """Delete the copies of a fid that is gone from the metadata, now or after the delay."""
+        if self.delay:
+            self._scheduler.call_later(self.delay, partial(remove_data, ctx, fid, devids))
+        else:
+            remove_data(ctx, fid, devids)
+
+    def copies_due(self, fid: int) -> bool:
+        """Whether ``fid`` still has a delayed replication to come."""
+        with self._lock:
+            return fid in self._copies_due
+
+    def start(self) -> None:
+        """Start the scheduler thread (none is needed without a delay)."""
+        if self.delay:
+            self._scheduler.start()
+
+    def stop(self) -> None:
+        """Drop the work not yet due; return once the action in progress, if any, is done."""
+        self._scheduler.stop()
+        with self._lock:
+            self._copies_due.clear()
+
+
 class Repairer:
-    """A daemon thread that, when asked, replicates every file short of its mindevcount."""
+    """A daemon thread that, when asked, replicates every file short of its mindevcount.
+
+    Files whose delayed copies are still to come (see :class:`BackgroundWork`) are left alone.
+    """
 
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
@@ -108,6 +173,7 @@ class Repairer:
                 for fid in self._ctx.store.under_replicated():
                     if self._stopping.is_set():
                         return
-                    replicate(self._ctx, fid)
+                    if not self._ctx.work.copies_due(fid):
+                        replicate(self._ctx, fid)
             except Exception:  # a failed pass must not end the worker
                 log.warning("repair pass failed", exc_info=True)

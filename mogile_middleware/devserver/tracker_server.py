@@ -21,7 +21,7 @@ from .dispatch import Context, Handler, respond
 from .metadata import MetadataStore
 from .monitor import DeviceMonitor
 from .netutil import CHUNK_SIZE, BackgroundServer, TrackingThreadingMixIn
-from .replication import Repairer
+from .replication import BackgroundWork, Repairer
 
 #: The longest request line accepted; a connection sending more without a line end is closed.
 MAX_LINE = 64 * 1024
@@ -70,14 +70,18 @@ class TrackerServer(BackgroundServer):
     """The development tracker: metadata in ``store``, devices watched by a monitor thread.
 
     For development and tests only. :meth:`stop` also cuts open client connections (as a dead
-    tracker would); :meth:`start` serves again on the same port.
+    tracker would) and drops the delayed work not yet due; :meth:`start` serves again on the
+    same port. ``replication_delay`` (seconds, 0: synchronous) delays the copies up to
+    mindevcount and the deletion of dropped data, as mogilefsd's background jobs do.
     """
 
-    def __init__(self, store: MetadataStore, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, store: MetadataStore, host: str = "127.0.0.1", port: int = 0, *, replication_delay: float = 0.0
+    ) -> None:
         super().__init__(host, port)
         self.store = store
         self.monitor = DeviceMonitor(store, on_recovery=self._request_repair)
-        self._context = Context(store, self.monitor)
+        self._context = Context(store, self.monitor, BackgroundWork(replication_delay))
         self._repairer = Repairer(self._context)
         self._handlers: dict[str, Handler] = {**FILE_COMMANDS, **ADMIN_COMMANDS}
         self._started = time.monotonic()
@@ -96,15 +100,17 @@ class TrackerServer(BackgroundServer):
         """Check the devices once, then serve and keep watching them (and repairing replica counts)."""
         if self.running:
             return
+        self._context.work.start()
         self._repairer.start()
         self.monitor.start()
         super().start()
 
     def stop(self) -> None:
-        """Stop serving, watching and repairing."""
+        """Stop serving, watching, repairing and the delayed work."""
         super().stop()
         self.monitor.stop()
         self._repairer.stop()
+        self._context.work.stop()
 
     def _request_repair(self) -> None:
         self._repairer.request()
