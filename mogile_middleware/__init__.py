@@ -14,6 +14,7 @@ from .exceptions import (
     KeyExistsError,
     MogileFSError,
     NoneMatchError,
+    OutcomeUnknownError,
     ProtocolError,
     StorageError,
     TrackerError,
@@ -22,6 +23,7 @@ from .exceptions import (
     UnregClassError,
     UnregDomainError,
     UploadError,
+    UploadOutcomeUnknownError,
 )
 from .middleware import MogileFSMiddleware
 from .upload import Uploader
@@ -39,6 +41,7 @@ __all__ = [
     "MogileFSError",
     "MogileFSMiddleware",
     "NoneMatchError",
+    "OutcomeUnknownError",
     "ProtocolError",
     "StorageError",
     "TrackerError",
@@ -47,6 +50,7 @@ __all__ = [
     "UnregClassError",
     "UnregDomainError",
     "UploadError",
+    "UploadOutcomeUnknownError",
     "Uploader",
     "__version__",
 ]

@@ -1,7 +1,8 @@
-"""The path cache: a key's replica URLs without a tracker round trip on every request.
+"""The path cache: what a key's replicas are, without a tracker round trip on every request.
 
-Values live in a small :class:`CacheBackend`, in process by default or shared (memcached), so they
-must be picklable. :class:`PathCache` adds the TTL, one lookup per key at a time, stale-if-error.
+Values live in a small :class:`CacheBackend`, in process by default or shared (memcached).
+:class:`PathCache` adds the time to live (per value), one lookup per key at a time,
+stale-if-error, and replacing a value found outdated.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ BACKEND_WARNING_INTERVAL = 60.0
 
 #: Marks a flight whose leader ended without a value or an exception of its own.
 _UNSET: Any = object()
+
+
+def entry_key(domain: str, key: str) -> str:
+    """The backend key of ``key`` in ``domain``: applications of two domains never share an entry."""
+    return f"{len(domain)}:{domain}:{key}"
 
 
 class CacheBackend(Protocol):
@@ -101,19 +107,21 @@ class PathCache(Generic[V]):
     """key → value (paths and what the ETag needs), with TTL, single flight and stale-if-error.
 
     ``lookup`` asks the trackers (e.g. ``client.get_paths``); its value is served ``ttl_seconds``
-    (0: never stored), and ``stale_seconds`` more while every tracker is unavailable. A request
-    waits ``wait_seconds`` at most for another thread's lookup of the same key. ``clock`` is wall
-    time because a shared backend compares ``stored_at`` across hosts.
+    (0: never stored), or ``ttl_for(value)`` when given, and ``stale_seconds`` more while every
+    tracker is unavailable. A request waits ``wait_seconds`` at most for another thread's lookup
+    of the same key. ``clock`` is wall time because a shared backend compares ``stored_at``
+    across hosts.
     """
 
     def __init__(self, lookup: Callable[[str], V], *, backend: CacheBackend | None = None,
                  ttl_seconds: float = 60.0, stale_seconds: float = 300.0, max_entries: int = 10_000,
-                 clock: Callable[[], float] = time.time, wait_seconds: float = 10.0) -> None:
+                 clock: Callable[[], float] = time.time, wait_seconds: float = 10.0,
+                 ttl_for: Callable[[V], float] | None = None) -> None:
         self._lookup = lookup
         self._backend: CacheBackend = backend if backend is not None else MemoryCache(max_entries, clock)
         self._ttl = ttl_seconds
-        # With no TTL nothing is stored, so nothing may be served stale either.
-        self._keep = ttl_seconds + stale_seconds if ttl_seconds > 0 else 0.0
+        self._ttl_for = ttl_for
+        self._stale_seconds = stale_seconds
         self._clock = clock
         self._wait_seconds = wait_seconds
         self._lock = threading.Lock()
@@ -129,9 +137,25 @@ class PathCache(Generic[V]):
         except Exception as error:  # a broken shared cache must not take the site down with it
             self._backend_failed(error)
             entry = None
-        if entry is not None and self._clock() - entry[1] < self._ttl:
+        if entry is not None and self._fresh(entry):
             return entry[0]
         return self._refresh(key)
+
+    def refresh(self, key: str, outdated: V) -> V:
+        """The value for ``key`` looked up anew because ``outdated`` proved wrong (e.g. every replica
+        it names is gone), unless another thread has already replaced it."""
+        entry = self._safely(self._backend.get, key)
+        if entry is not None:
+            if entry[0] != outdated and self._fresh(entry):
+                return entry[0]
+            self.invalidate(key)
+        return self._refresh(key)
+
+    def _fresh(self, entry: tuple[Any, float]) -> bool:
+        return self._clock() - entry[1] < self._ttl_of(entry[0])
+
+    def _ttl_of(self, value: Any) -> float:
+        return self._ttl if self._ttl_for is None else self._ttl_for(value)
 
     def invalidate(self, key: str) -> None:
         """Forget ``key``, and keep a lookup already in progress from storing its outdated value."""
@@ -176,7 +200,7 @@ class PathCache(Generic[V]):
     def _fetch(self, key: str, flight: _Flight) -> V:
         # Another thread may have stored a fresh value between our miss and our taking the lead.
         entry = self._safely(self._backend.get, key)
-        if entry is not None and self._clock() - entry[1] < self._ttl:
+        if entry is not None and self._fresh(entry):
             return entry[0]
         with self._lock:
             self.lookups += 1
@@ -187,15 +211,18 @@ class PathCache(Generic[V]):
         if self._stale_keys:  # a tracker answered: the outage is over
             with self._lock:
                 self._stale_keys.clear()
-        if self._ttl > 0:
+        ttl = self._ttl_of(value)
+        if ttl > 0:  # with no time to live nothing is stored, so nothing is served stale either
             with flight.lock:
                 if not flight.invalidated:
-                    self._safely(self._backend.set, key, value, self._clock(), self._keep)
+                    self._safely(self._backend.set, key, value, self._clock(), ttl + self._stale_seconds)
         return value
 
     def _stale_or_raise(self, key: str, error: TrackerUnavailableError) -> V:
         entry = self._safely(self._backend.get, key)
-        if entry is None or self._clock() - entry[1] >= self._keep:
+        # Another process's backend may keep longer than we would: serve only within our window.
+        ttl = 0.0 if entry is None else self._ttl_of(entry[0])
+        if entry is None or ttl <= 0 or self._clock() - entry[1] >= ttl + self._stale_seconds:
             raise error
         with self._lock:
             first = key not in self._stale_keys

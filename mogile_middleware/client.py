@@ -5,19 +5,33 @@ Example::
     client = Client("media", ["10.0.0.1:7001", "10.0.0.2:7001"])
     client.store_content("avatars/42.png", png_bytes, cls="avatar")
     client.get_paths("avatars/42.png")   # ['http://10.0.0.5:7500/dev3/0/000/000/0000000123.fid', ...]
+
+Every key the client writes, renames or deletes goes to its change listeners, and is dropped
+from a shared path cache (``cache_backend``), so the middleware of every process and host
+sharing it sees the change at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import functools
+import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from .cache import CacheBackend, entry_key
 from .exceptions import NoneMatchError
 from .protocol import Reply, check_key, parse_domains
 from .storage import ReplicaResponse, open_replica
 from .tracker import Address, TrackerPool
-from .upload import NewFile, Uploader
+from .upload import ChangeListener, NewFile, Uploader
+
+log = logging.getLogger("mogile_middleware")
+
+
+def _drop_shared_entry(backend: CacheBackend, domain: str, key: str) -> None:
+    """Delete ``key``'s paths from a shared path cache, for every process and host that reads it."""
+    backend.delete(entry_key(domain, key))
 
 
 @dataclass(frozen=True)
@@ -43,8 +57,10 @@ class Client:
     :param dead_seconds: how long a tracker that failed is skipped.
     :param storage_timeout: seconds for connects and reads on storage nodes.
     :param pool: a :class:`TrackerPool` to share (then the three tracker options are ignored).
-    :param on_change: called with a key after this client wrote, renamed or deleted it (a path
-        cache drops the key there).
+    :param on_change: the first change listener (see :meth:`add_change_listener`).
+    :param cache_backend: a path cache shared with the middleware of other processes and hosts
+        (e.g. :class:`~mogile_middleware.memcache.MemcachedBackend`): every key this client
+        changes is deleted from it.
     """
 
     def __init__(
@@ -57,7 +73,8 @@ class Client:
         dead_seconds: float = 5.0,
         storage_timeout: float = 10.0,
         pool: TrackerPool | None = None,
-        on_change: Callable[[str], None] | None = None,
+        on_change: ChangeListener | None = None,
+        cache_backend: CacheBackend | None = None,
     ) -> None:
         if not domain:
             raise ValueError("a MogileFS domain is required")
@@ -66,12 +83,27 @@ class Client:
             trackers, connect_timeout=connect_timeout, io_timeout=io_timeout, dead_seconds=dead_seconds
         )
         self.storage_timeout = storage_timeout
-        self.on_change = on_change
+        self.cache_backend = cache_backend
+        self._change_listeners: tuple[ChangeListener, ...] = ()
+        if on_change is not None:
+            self.add_change_listener(on_change)
+        if cache_backend is not None:
+            self.add_change_listener(functools.partial(_drop_shared_entry, cache_backend, domain))
+        # One uploader for store_file and store_content: it remembers which classes keep checksums.
+        self._uploader = Uploader(self, verify_checksums=False)
 
-    def notify_changed(self, key: str) -> None:
-        """Tell ``on_change`` that ``key`` was written, renamed or deleted."""
-        if self.on_change is not None:
-            self.on_change(key)
+    def add_change_listener(self, listener: ChangeListener) -> None:
+        """Call ``listener`` with every key this client writes, renames or deletes, also when the
+        tracker's answer was lost (the key may have changed). A listener that raises is logged."""
+        self._change_listeners = (*self._change_listeners, listener)  # a new tuple: _changed reads a snapshot
+
+    def _changed(self, key: str) -> None:
+        """Tell every change listener that ``key`` was (or may have been) written, renamed or deleted."""
+        for listener in self._change_listeners:
+            try:
+                listener(key)
+            except Exception as error:  # the write is done: a listener must not hide its outcome
+                log.warning("change listener %r failed for key %r: %r", listener, key, error)
 
     def _ask(self, command: str, **args: str | int | None) -> Reply:
         return self.pool.request(command, {"domain": self.domain, **args})[0]
@@ -96,9 +128,14 @@ class Client:
             checksum=reply.get("checksum"),
         )
 
-    def new_file(self, key: str, cls: str | None = None, *, size: int | None = None) -> NewFile:
-        """A writable file for ``key``; the key points at the bytes once it is closed."""
-        return _NotifyingNewFile(self, key, cls, size)
+    def new_file(self, key: str, cls: str | None = None, *, size: int | None = None,
+                 verify_checksum: bool = False) -> NewFile:
+        """A writable file for ``key``; the key points at the bytes once it is closed.
+
+        ``verify_checksum`` asks the tracker to check the stored file's MD5 before committing.
+        """
+        return NewFile(self.pool, self.domain, key, cls, size=size, verify_checksum=verify_checksum,
+                       storage_timeout=self.storage_timeout, on_change=self._changed)
 
     def store_file(self, key: str, fileobj: BinaryIO, cls: str | None = None, *,
                    verify_checksum: bool = False) -> int:
@@ -108,11 +145,11 @@ class Client:
         ``verify_checksum`` asks the tracker to check the stored file's MD5 before committing, for
         classes that keep checksums.
         """
-        return Uploader(self, verify_checksums=verify_checksum).upload(key, fileobj, cls)
+        return self._uploader.upload(key, fileobj, cls, verify_checksum=verify_checksum)
 
     def store_content(self, key: str, data: bytes, cls: str | None = None) -> int:
         """Store ``data`` under ``key``; return the number of bytes stored."""
-        return Uploader(self, verify_checksums=False).upload(key, data, cls)
+        return self._uploader.upload(key, data, cls)
 
     def read_file(self, key: str) -> ReplicaResponse:
         """A streaming, closeable file object over the first replica that answers."""
@@ -129,7 +166,7 @@ class Client:
         try:
             self._ask("delete", key=key)
         finally:
-            self.notify_changed(key)
+            self._changed(key)
 
     def rename(self, from_key: str, to_key: str) -> None:
         """Rename ``from_key`` to ``to_key`` (raises :class:`KeyExistsError` if that exists)."""
@@ -138,8 +175,8 @@ class Client:
         try:
             self._ask("rename", from_key=from_key, to_key=to_key)
         finally:
-            self.notify_changed(from_key)
-            self.notify_changed(to_key)
+            self._changed(from_key)
+            self._changed(to_key)
 
     def update_class(self, key: str, cls: str) -> None:
         """Move ``key`` to class ``cls`` (the tracker then adjusts its replica count)."""
@@ -170,20 +207,6 @@ class Client:
     def close(self) -> None:
         """Close the kept-open tracker connections."""
         self.pool.close()
-
-
-class _NotifyingNewFile(NewFile):
-    """A :class:`NewFile` that tells its client once the key has changed."""
-
-    def __init__(self, client: Client, key: str, cls: str | None, size: int | None) -> None:
-        super().__init__(client.pool, client.domain, key, cls, size=size, storage_timeout=client.storage_timeout)
-        self._client = client
-
-    def close(self) -> None:
-        was_open = not self.closed
-        super().close()
-        if was_open:
-            self._client.notify_changed(self.key)
 
 
 class Admin:

@@ -1,8 +1,9 @@
 """The everyday subcommands: ``upload``, ``get``, ``ls``, ``info``, ``rm``, ``mv`` and ``paths``.
 
 Each talks to the trackers of ``--trackers`` (or ``$MOGILEFS_TRACKERS``) about the keys of
-``--domain`` (or ``$MOGILEFS_DOMAIN``). Errors of this package go up to :func:`cli.main`, which
-prints them as one line; local file errors are printed here the same way.
+``--domain`` (or ``$MOGILEFS_DOMAIN``); those that write also drop the keys they change from the
+shared path cache of ``--memcached`` (or ``$MOGILEFS_MEMCACHED``). Errors of this package go up
+to :func:`cli.main`, which prints them as one line; local file errors are printed here the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO
 
 from .client import Client, FileInfo
 from .exceptions import UnknownKeyError
@@ -23,6 +24,9 @@ from .progress import ProgressBar
 from .storage import ReplicaResponse
 from .tracker import Address, parse_trackers
 from .upload import Uploader, remaining_size
+
+if TYPE_CHECKING:
+    from .memcache import MemcachedBackend
 
 Subcommand = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
@@ -37,7 +41,7 @@ examples:
   mogile-middleware ls photos/ --long
   mogile-middleware info avatars/42.png
   mogile-middleware mv avatars/42.png avatars/43.png
-  mogile-middleware rm avatars/43.png
+  mogile-middleware rm avatars/43.png --memcached 10.0.0.9:11211
   mogile-middleware devserver --domain media --class avatar=2
 
 exit codes:
@@ -83,13 +87,38 @@ def _connection_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _memcached(text: str) -> MemcachedBackend | None:
+    """The shared path cache on the ``host:port`` servers of ``text``; none for an empty one."""
+    if not text.strip():
+        return None
+    try:
+        from .memcache import MemcachedBackend  # pymemcache is an optional extra
+    except ImportError:
+        raise argparse.ArgumentTypeError("needs pymemcache: pip install 'mogile_middleware[memcached]'") from None
+    try:
+        return MemcachedBackend(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+
+
+def _write_options(parser: argparse.ArgumentParser) -> None:
+    """Add the connection options and ``--memcached``, for the subcommands that change keys."""
+    _connection_options(parser)
+    parser.add_argument(
+        "--memcached", default=os.environ.get("MOGILEFS_MEMCACHED", ""), metavar="HOST:PORT,...", type=_memcached,
+        help="drop the changed keys from the middleware's path cache in these memcached servers, so every "
+             "process sharing it sees the change at once (default: $MOGILEFS_MEMCACHED; empty: none)",
+    )
+
+
 def _command(body: Callable[[argparse.Namespace, Client], int]) -> Callable[[argparse.Namespace], int]:
     """A subcommand's ``run`` from ``body``: give it a client for the options, then close it; name
     the key in a no-such-key error; print a local file error as one line (exit 1); end quietly
     when the reader of stdout has gone."""
 
     def run(args: argparse.Namespace) -> int:
-        client = Client(args.domain, args.trackers)
+        # Only the subcommands that change keys have --memcached.
+        client = Client(args.domain, args.trackers, cache_backend=getattr(args, "memcached", None))
         try:
             code = body(args, client)
             sys.stdout.flush()  # here, where a closed pipe is caught, rather than at exit
@@ -126,7 +155,7 @@ def _detach_stdout() -> None:
 
 def _add_upload_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``upload``."""
-    _connection_options(parser)
+    _write_options(parser)
     parser.add_argument("key", metavar="KEY", help="key to store under; with --recursive, the prefix of the keys")
     parser.add_argument("source", metavar="FILE", help="file to store, - for stdin; with --recursive, a directory")
     parser.add_argument("--class", dest="cls", metavar="CLASS", help="MogileFS class (default: the domain's default)")
@@ -250,9 +279,15 @@ def _ls(args: argparse.Namespace, client: Client) -> int:
 
 
 def _add_key_argument(parser: argparse.ArgumentParser) -> None:
-    """Options of ``info``, ``paths`` and ``rm``: the connection and one key."""
+    """Options of ``info`` and ``paths``: the connection and one key."""
     _connection_options(parser)
     parser.add_argument("key", metavar="KEY")
+
+
+def _add_rm_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``rm``."""
+    _write_options(parser)
+    parser.add_argument("key", metavar="KEY", help="key to delete")
 
 
 def _all_paths(client: Client, info: FileInfo) -> list[str]:
@@ -287,7 +322,7 @@ def _rm(args: argparse.Namespace, client: Client) -> int:
 
 def _add_mv_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``mv``."""
-    _connection_options(parser)
+    _write_options(parser)
     parser.add_argument("key", metavar="FROM", help="key to rename")
     parser.add_argument("to", metavar="TO", help="new name; it must not exist")
 
@@ -304,6 +339,6 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "ls": ("list the keys, or those starting with a prefix", _add_ls_arguments, _command(_ls)),
     "info": ("show a key's fid, length, class, replicas, checksum and paths", _add_key_argument, _command(_info)),
     "paths": ("print the URLs of a key's replicas, one a line", _add_key_argument, _command(_paths)),
-    "rm": ("delete a key", _add_key_argument, _command(_rm)),
+    "rm": ("delete a key", _add_rm_arguments, _command(_rm)),
     "mv": ("rename a key", _add_mv_arguments, _command(_mv)),
 }

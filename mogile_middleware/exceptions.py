@@ -27,6 +27,11 @@ class TrackerUnavailableError(MogileFSError):
     """No tracker could be reached or none answered in time (all dead, refused or timed out)."""
 
 
+class OutcomeUnknownError(TrackerUnavailableError):
+    """A command that is not safe to repeat reached a tracker, and its answer was lost: it may or
+    may not have been carried out."""
+
+
 class StorageError(MogileFSError):
     """A storage node refused, dropped or failed an HTTP request (connection error or non-2xx)."""
 
@@ -38,6 +43,11 @@ class StorageError(MogileFSError):
 
 class UploadError(MogileFSError):
     """An upload did not complete; the key was not pointed at the new data."""
+
+
+class UploadOutcomeUnknownError(UploadError):
+    """``create_close`` was sent but its answer was lost (the tracker or the network failed):
+    the key may or may not point at the new data. Read it back, or upload again, to know."""
 
 
 class TrackerError(MogileFSError):

@@ -21,28 +21,28 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
-import mimetypes
-import re
-from dataclasses import replace
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from webob.exc import HTTPBadGateway, HTTPBadRequest, HTTPMethodNotAllowed, HTTPNotFound, HTTPServiceUnavailable
-
-from .cache import CacheBackend, PathCache
+from . import http
+from .cache import CacheBackend
 from .client import Client
-from .exceptions import BadKeyError, MogileFSError, StorageError, TrackerUnavailableError, UnknownKeyError
+from .exceptions import BadKeyError, MogileFSError, TrackerUnavailableError, UnknownKeyError
+from .http import Answer, FileRequest
+from .locate import Locator
 from .protocol import MAX_KEY_BYTES
-from .responders import Location, NginxReproxy, PerlbalReproxy, Serve, StartResponse, etag_for, is_suffix_range
-from .storage import open_replica
+from .responders import NginxReproxy, PerlbalReproxy, Reproxy, Serve, StreamedAnswer
 
 log = logging.getLogger("mogile_middleware")
 
+StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 REPROXY_MODES = (None, "perlbal", "nginx")
 _CONTROL_CHARACTERS = frozenset(chr(c) for c in [*range(0x20), 0x7F])
-_URL_SAFE = re.compile(r"[!-~]+")  # printable ASCII, no blank
+_NOT_UTF8 = http.error(400, "The file name is not valid UTF-8.")
+_CONTROL = http.error(400, "The file name contains control characters.")
+_TOO_LONG = http.error(400, f"The file name is longer than {MAX_KEY_BYTES} bytes.")
 
 
 class MogileFSMiddleware:
@@ -61,6 +61,9 @@ class MogileFSMiddleware:
     :param key_for_path: turns the URL path after the prefix into a key (or ``None``: 404).
     :param cache_control: a ``Cache-Control`` value for files (e.g. ``"public, max-age=3600"``).
     :param path_cache_seconds: how long a key's paths are reused without asking a tracker.
+    :param missing_seconds: how long "no such key" is reused (0: every request asks).
+    :param replicating_seconds: how long the paths of a file still short of its class's copies
+        are reused (a real tracker replicates a new file in the background).
     :param stale_seconds: how much longer they are served while every tracker is down.
     :param cache_backend: a shared path cache (the in-process one by default).
     :param nginx_location: the internal nginx location for ``X-Accel-Redirect``.
@@ -87,6 +90,8 @@ class MogileFSMiddleware:
         key_for_path: Callable[[str], str | None] | None = None,
         cache_control: str | None = None,
         path_cache_seconds: float = 60.0,
+        missing_seconds: float = 3.0,
+        replicating_seconds: float = 2.0,
         stale_seconds: float = 300.0,
         cache_backend: CacheBackend | None = None,
         nginx_location: str = "/reproxy",
@@ -104,7 +109,6 @@ class MogileFSMiddleware:
         self.app = app
         self.client = client
         self.prefix = "/" + prefix.strip("/") + "/" if prefix.strip("/") else "/"
-        self.reproxy = reproxy
         self.trusted_proxies = (
             None if trusted_proxies is None
             else tuple(ipaddress.ip_network(proxy, strict=False) for proxy in trusted_proxies)
@@ -113,24 +117,26 @@ class MogileFSMiddleware:
         self._is_trusted = functools.lru_cache(maxsize=1024)(self._address_is_trusted)
         self.require_proxy_header = require_proxy_header
         self.key_for_path = key_for_path
-        self.retry_after_seconds = retry_after_seconds
         self.allow_app_reproxy = allow_app_reproxy
-        self.storage_timeout = storage_timeout
+        self.unavailable = http.service_unavailable(retry_after_seconds)
         extra = [("X-Content-Type-Options", "nosniff")]
         if cache_control:
             extra.append(("Cache-Control", cache_control))
-        self.reproxy_responder: PerlbalReproxy | NginxReproxy | None = (
+        self.reproxy = reproxy
+        self.retry_after_seconds = retry_after_seconds
+        self.storage_timeout = storage_timeout
+        self.reproxy_responder: Reproxy | None = (
             PerlbalReproxy(extra_headers=extra, cache_for_seconds=perlbal_cache_seconds) if reproxy == "perlbal"
             else NginxReproxy(location=nginx_location, extra_headers=extra) if reproxy == "nginx"
             else None
         )
-        self.serve = Serve(extra_headers=extra, storage_timeout=storage_timeout, on_failure=self._replicas_failed)
         # Bodies are served whenever some client may not be a trusted proxy: then the length is needed.
-        self._needs_length = reproxy is None or self.trusted_proxies is not None
-        self.paths = PathCache(self._locate, backend=cache_backend, ttl_seconds=path_cache_seconds,
-                               stale_seconds=stale_seconds)
-        previous = client.on_change
-        client.on_change = self.paths.invalidate if previous is None else _both(previous, self.paths.invalidate)
+        self.locator = Locator(
+            client, with_length=reproxy is None or self.trusted_proxies is not None, cache_backend=cache_backend,
+            path_cache_seconds=path_cache_seconds, missing_seconds=missing_seconds,
+            replicating_seconds=replicating_seconds, stale_seconds=stale_seconds,
+        )
+        self.serve = Serve(self.locator, extra_headers=extra, storage_timeout=storage_timeout)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -138,56 +144,65 @@ class MogileFSMiddleware:
             if self.allow_app_reproxy:
                 return self.app(environ, start_response)
             return self.app(environ, _without_reproxy_headers(start_response))
-        method = environ.get("REQUEST_METHOD", "GET")
-        if method not in ("GET", "HEAD"):
-            return HTTPMethodNotAllowed(headers={"Allow": "GET, HEAD"})(environ, start_response)
-        key = self._key(path[len(self.prefix):])
-        if not isinstance(key, str):
-            return (key or HTTPNotFound())(environ, start_response)
+        answer = self.answer(environ, path[len(self.prefix):])
+        if isinstance(answer, Answer):
+            start_response(answer.status, answer.headers)
+            return [answer.body] if answer.body else []
         try:
-            location, headers = self.paths.get(key)
-        except UnknownKeyError:
-            return HTTPNotFound()(environ, start_response)
-        except BadKeyError as error:  # key_for_path made a key the tracker cannot hold
-            return HTTPBadRequest(str(error))(environ, start_response)
-        except TrackerUnavailableError as error:
-            log.error("no tracker answered for %r: %s", key, error)
-            unavailable = HTTPServiceUnavailable(headers={"Retry-After": str(self.retry_after_seconds)})
-            return unavailable(environ, start_response)
-        except MogileFSError as error:  # garbage from a tracker, no replica answering a HEAD
-            log.error("cannot locate %r: %s", key, error)
-            return HTTPBadGateway()(environ, start_response)
-        if self.reproxy_responder is not None and self._may_reproxy(environ):
-            return self.reproxy_responder(environ, start_response, location, headers)
-        if location.length is None:  # located for reproxying only, served this once
-            try:
-                location = replace(location, length=self._length(location.paths))
-            except MogileFSError as error:
-                self._replicas_failed(location, error)
-                return HTTPBadGateway()(environ, start_response)
-        return self.serve(environ, start_response, location)
+            start_response(answer.status, answer.headers)
+        except BaseException:
+            answer.body.close()
+            raise
+        return answer.body
 
-    def _key(self, raw_path: str) -> str | HTTPBadRequest | None:
-        """The key for the URL path after the prefix; ``None`` (404) or a 400 for a bad one."""
+    def answer(self, environ: dict[str, Any], path: str) -> Answer | StreamedAnswer:
+        """The answer for the URL ``path`` after the prefix: decided, not yet started."""
+        if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
+            return http.METHOD_NOT_ALLOWED
+        key = self._key(path)
+        if not isinstance(key, str):
+            return key
+        try:
+            location = self.locator.locate(key)
+            responder = self.reproxy_responder
+            if responder is not None and self._may_reproxy(environ, responder):
+                if not (responder.failed_header and environ.get(responder.failed_header)):
+                    return responder.answer(location, environ.get("HTTP_IF_NONE_MATCH"), "HTTP_RANGE" in environ)
+                # The proxy tried every URL it was given: the key changed elsewhere, serve what it is now.
+                location = self.locator.relocate(location)
+            return self.serve.answer(_file_request(environ), location)
+        except UnknownKeyError:
+            return http.NOT_FOUND
+        except BadKeyError as error:  # key_for_path made a key the tracker cannot hold
+            return http.error(400, str(error))
+        except TrackerUnavailableError as error:
+            log.error("no tracker answered for %r: %r", key, error)
+            return self.unavailable
+        except MogileFSError as error:  # garbage from a tracker, no live replica listed
+            log.error("cannot locate %r: %r", key, error)
+            return http.BAD_GATEWAY
+
+    def _key(self, raw_path: str) -> str | Answer:
+        """The key for the URL path after the prefix, or the 404 or 400 answer for a bad one."""
         try:
             # PEP 3333 gives PATH_INFO as the raw bytes decoded as latin-1.
             path = raw_path.encode("latin-1").decode("utf-8")
         except UnicodeError:
-            return HTTPBadRequest("The file name is not valid UTF-8.")
+            return _NOT_UTF8
         if not _CONTROL_CHARACTERS.isdisjoint(path):
-            return HTTPBadRequest("The file name contains control characters.")
+            return _CONTROL
         key = self.key_for_path(path) if self.key_for_path is not None else path
         if not key:
-            return None
+            return http.NOT_FOUND
         if len(key.encode("utf-8")) > MAX_KEY_BYTES:
-            return HTTPBadRequest(f"The file name is longer than {MAX_KEY_BYTES} bytes.")
+            return _TOO_LONG
         return key
 
-    def _may_reproxy(self, environ: dict[str, Any]) -> bool:
+    def _may_reproxy(self, environ: dict[str, Any], responder: Reproxy) -> bool:
         """True if this request may see storage URLs: from a trusted proxy that can reproxy."""
-        if is_suffix_range(environ):
+        if http.is_suffix_range(environ.get("HTTP_RANGE")):
             return False  # storage nodes answer bytes=-N wrongly: serve it with an absolute range
-        if self.require_proxy_header and not self._proxy_header_present(environ):
+        if self.require_proxy_header and not responder.proxy_asks(environ.get(responder.request_header, "")):
             return False
         return self.trusted_proxies is None or self._is_trusted(environ.get("REMOTE_ADDR", ""))
 
@@ -198,39 +213,12 @@ class MogileFSMiddleware:
             return False
         return any(address in network for network in self.trusted_proxies or ())
 
-    def _proxy_header_present(self, environ: dict[str, Any]) -> bool:
-        if self.reproxy == "perlbal":
-            return "reproxy-file" in environ.get("HTTP_X_PROXY_CAPABILITIES", "")
-        return environ.get("HTTP_X_SENDFILE_TYPE", "").lower() == "x-accel-redirect"
 
-    def _locate(self, key: str) -> tuple[Location, list[tuple[str, str]]]:
-        """Ask the trackers (and, if bodies may be served, a storage node for the length)."""
-        paths = tuple(path for path in self.client.get_paths(key) if _is_clean_url(path))
-        if not paths:
-            raise StorageError(f"the tracker knows no live replica of {key!r}")
-        length = self._length(paths) if self._needs_length else None
-        content_type = mimetypes.guess_type(key, strict=False)[0] or "application/octet-stream"
-        location = Location(key, paths, etag_for(paths), content_type, length)
-        headers = self.reproxy_responder.headers(location) if self.reproxy_responder else []
-        return location, headers
-
-    def _length(self, paths: tuple[str, ...]) -> int | None:
-        """The file's length, from a HEAD to the first replica that answers."""
-        with open_replica(paths, method="HEAD", timeout=self.storage_timeout) as head:
-            return head.length
-
-    def _replicas_failed(self, location: Location, error: Exception) -> None:
-        # The cached paths may be outdated (the key was overwritten elsewhere): ask again next time.
-        log.error("no replica of %r answered: %s", location.key, error)
-        self.paths.invalidate(location.key)
-
-
-def _is_clean_url(url: str) -> bool:
-    """True for an http(s) URL that can go into a header as it is (no blank, no control byte)."""
-    if url.startswith(("http://", "https://")) and _URL_SAFE.fullmatch(url):
-        return True
-    log.warning("ignoring a replica URL that cannot go into a header: %r", url)
-    return False
+def _file_request(environ: dict[str, Any]) -> FileRequest:
+    return FileRequest(
+        environ.get("REQUEST_METHOD", "GET"), environ.get("HTTP_IF_MATCH"), environ.get("HTTP_IF_NONE_MATCH"),
+        environ.get("HTTP_RANGE"), environ.get("HTTP_IF_RANGE"),
+    )
 
 
 def _is_reproxy_header(name: str) -> bool:
@@ -248,10 +236,3 @@ def _without_reproxy_headers(start_response: StartResponse) -> StartResponse:
         return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
 
     return filtered
-
-
-def _both(first: Callable[[str], None], second: Callable[[str], None]) -> Callable[[str], None]:
-    def call_both(key: str) -> None:
-        first(key)
-        second(key)
-    return call_both

@@ -8,6 +8,7 @@ when the application is loaded.
 from __future__ import annotations
 
 import functools
+import inspect
 import ipaddress
 import pkgutil
 from collections.abc import Callable, Mapping
@@ -63,25 +64,33 @@ def _memcached(value: str) -> MemcachedBackend | None:
     return MemcachedBackend(servers)
 
 
-#: Every option the filter takes, with the converter from its ini string.
-OPTIONS: Mapping[str, Callable[[str], Any]] = {
-    "domain": str,
+#: Converters of the options whose type alone does not say how to read them.
+_SPECIAL: Mapping[str, Callable[[str], Any]] = {
     "trackers": aslist,
-    "prefix": str,
     "reproxy": _reproxy,
     "trusted_proxies": _networks,
-    "require_proxy_header": asbool,
     "key_for_path": _callable,
-    "cache_control": str,
-    "path_cache_seconds": float,
-    "stale_seconds": float,
-    "nginx_location": str,
-    "perlbal_cache_seconds": asint,
-    "storage_timeout": float,
-    "retry_after_seconds": asint,
-    "allow_app_reproxy": asbool,
-    "memcached_servers": _memcached,
 }
+
+#: Converters by the middleware's annotation of an argument (``X | None`` reads as ``X``).
+_BY_TYPE: Mapping[str, Callable[[str], Any]] = {"str": str, "float": float, "int": asint, "bool": asbool}
+
+#: The middleware's arguments that an ini file cannot give as such (``memcached_servers`` gives ``cache_backend``).
+_NOT_OPTIONS = {"app", "client", "cache_backend"}
+
+
+def _options() -> dict[str, Callable[[str], Any]]:
+    """Every option the filter takes, read from the middleware's signature, with its converter."""
+    options: dict[str, Callable[[str], Any]] = {}
+    for name, parameter in inspect.signature(MogileFSMiddleware).parameters.items():
+        if name in _NOT_OPTIONS:
+            continue
+        options[name] = _SPECIAL.get(name) or _BY_TYPE[str(parameter.annotation).removesuffix(" | None")]
+    return {**options, "memcached_servers": _memcached}
+
+
+#: Every option the filter takes, with the converter from its ini string.
+OPTIONS: Mapping[str, Callable[[str], Any]] = _options()
 
 #: The middleware keyword of each option not named after it.
 KEYWORDS: Mapping[str, str] = {"memcached_servers": "cache_backend"}

@@ -1,236 +1,210 @@
 """The answers for a located key: serve the body, or let Perlbal or nginx fetch it (reproxy).
 
-A :class:`Location` is what the path cache keeps for a key: its replica URLs in tracker order,
-a strong ETag (MogileFS gives every overwrite a new fid, so the fid names a version), the
-Content-Type, and the length when it was asked for. Each responder turns a request and a
-:class:`Location` into a WSGI response; the reproxy ones build plain header lists, since they
-sit on the hot path.
+Each responder owns its way of answering: the reproxy ones know their proxy's request header
+and response headers (plain lists, built once per location since they sit on the hot path);
+:class:`Serve` opens a replica before anything is promised, and asks the trackers once more when
+the replicas it was given are gone. Every answer is decided here and started by the middleware.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
-from webob import Response
-from webob.byterange import Range
-from webob.etag import ETagMatcher
-from webob.exc import HTTPBadGateway
-
+from . import http
 from .exceptions import StorageError
+from .http import Answer, FileRequest, Headers
+from .locate import Location, Locator
 from .storage import CHUNK_SIZE, ReplicaResponse, open_replica
 
 log = logging.getLogger("mogile_middleware")
 
-StartResponse = Callable[..., Any]
-Headers = list[tuple[str, str]]
-
-_FID_PATH = re.compile(r"/0*(\d+)\.fid$")
-
 
 @dataclass(frozen=True)
-class Location:
-    """Where a key's bytes are, and the headers that describe them."""
+class StreamedAnswer:
+    """An answer whose body comes from a storage node, already open."""
 
-    key: str
-    paths: tuple[str, ...]
-    etag: str
-    content_type: str
-    length: int | None = None
+    status: str
+    headers: Headers
+    body: ReplicaBody
 
 
-def etag_for(paths: tuple[str, ...]) -> str:
-    """A strong ETag naming this version of the file: its fid, read from a replica's path."""
-    match = _FID_PATH.search(paths[0]) if paths else None
-    if match:
-        return f"fid-{match.group(1)}"
-    # Paths not shaped like mogstored's: name the version by the set of its URLs.
-    return "paths-" + hashlib.sha1(" ".join(sorted(paths)).encode()).hexdigest()[:16]
+def representation_headers(location: Location, extra_headers: Headers) -> Headers:
+    """The headers that describe the file itself, in every mode: type, ETag, and the site's own."""
+    return [("Content-Type", location.content_type), ("ETag", f'"{location.etag}"'), *extra_headers]
 
 
-def not_modified(environ: dict[str, Any], etag: str) -> bool:
-    """True if the request's ``If-None-Match`` (weak comparison, lists, ``*``) names ``etag``."""
-    header = environ.get("HTTP_IF_NONE_MATCH")
-    return bool(header) and etag in ETagMatcher.parse(header, strong=False)
+class Reproxy:
+    """What both reproxy answers share: 304 answered here, headers built once per location.
+
+    A subclass gives its proxy's ``headers`` for a location and the request headers it reads.
+    """
+
+    #: The request header (WSGI name) by which the proxy says it reproxies.
+    request_header = ""
+    #: The request header (WSGI name) of the proxy's request after every URL it was given failed.
+    failed_header: str | None = None
+
+    def __init__(self, *, extra_headers: Headers) -> None:
+        self.extra_headers = extra_headers
+
+    @staticmethod
+    def proxy_asks(value: str) -> bool:
+        """True if the request header's ``value`` says the proxy reproxies."""
+        raise NotImplementedError
+
+    def headers(self, location: Location) -> Headers:
+        """The response headers for ``location`` (built once per location, not per request)."""
+        raise NotImplementedError
+
+    def for_range(self, headers: Headers) -> Headers:
+        """``headers`` for a request with a ``Range``, which the proxy forwards to the node."""
+        return headers
+
+    def answer(self, location: Location, if_none_match: str | None, ranged: bool) -> Answer:
+        """304 if the client holds this version, else the answer that sends the proxy to the replicas."""
+        headers = location.memo.get(self)
+        if headers is None:
+            headers = location.memo[self] = self.headers(location)
+        if if_none_match is not None and http.etag_matches(if_none_match, location.etag, weak=True):
+            return http.not_modified(representation_headers(location, self.extra_headers))
+        return Answer("200 OK", self.for_range(headers) if ranged else headers)
 
 
-def is_suffix_range(environ: dict[str, Any]) -> bool:
-    """True for ``Range: bytes=-N``, which storage nodes answer wrongly (with the first N+1 bytes)."""
-    value = environ.get("HTTP_RANGE", "")
-    return value.replace(" ", "").lower().startswith("bytes=-")
-
-
-def _parsable_range(header: str | None) -> bool:
-    try:
-        Range.parse(header)
-    except ValueError:
-        return False
-    return True
-
-
-def _not_modified_response(location: Location, extra: Headers, start_response: StartResponse) -> list[bytes]:
-    start_response("304 Not Modified", [("ETag", f'"{location.etag}"'), *extra])
-    return []
-
-
-class PerlbalReproxy:
+class PerlbalReproxy(Reproxy):
     """Perlbal reproxy: an empty 200 whose ``X-REPROXY-URL`` lists every replica, in order.
 
     Perlbal fetches the first URL that answers and passes the client this response's headers,
     without any ``X-REPROXY-*``; it passes on none of the storage node's validators, so ``304``
     is answered here. ``cache_for_seconds`` sends ``X-REPROXY-CACHE-FOR`` so that Perlbal answers
-    repeated requests without asking the application at all.
+    repeated requests without asking the application at all. When every URL fails Perlbal
+    answers 503 itself; the application never hears of it.
     """
 
+    request_header = "HTTP_X_PROXY_CAPABILITIES"
+
     def __init__(self, *, extra_headers: Headers, cache_for_seconds: int | None = None) -> None:
-        self.extra_headers = extra_headers
+        super().__init__(extra_headers=extra_headers)
         self.cache_for = f"{cache_for_seconds}; Content-Type ETag" if cache_for_seconds else None
 
+    @staticmethod
+    def proxy_asks(value: str) -> bool:
+        """True if ``X-Proxy-Capabilities`` says Perlbal reproxies."""
+        return "reproxy-file" in value
+
     def headers(self, location: Location) -> Headers:
-        """The response headers for ``location`` (built once per lookup, not per request)."""
+        """Type, ETag, the replicas, and the length Perlbal should get (when known)."""
         headers = [
-            ("Content-Type", location.content_type),
-            ("ETag", f'"{location.etag}"'),
+            *representation_headers(location, self.extra_headers),
             ("Content-Length", "0"),
             ("X-REPROXY-URL", " ".join(location.paths)),
-            *self.extra_headers,
         ]
         if self.cache_for:
             headers.append(("X-REPROXY-CACHE-FOR", self.cache_for))
+        if location.length is not None:
+            headers.append(("X-REPROXY-EXPECTED-SIZE", str(location.length)))
         return headers
 
-    def __call__(self, environ: dict[str, Any], start_response: StartResponse, location: Location,
-                 headers: Headers) -> list[bytes]:
-        if not_modified(environ, location.etag):
-            return _not_modified_response(location, self.extra_headers, start_response)
-        if location.length is not None and "HTTP_RANGE" not in environ:
-            headers = [*headers, ("X-REPROXY-EXPECTED-SIZE", str(location.length))]
-        start_response("200 OK", list(headers))
-        return []
+    def for_range(self, headers: Headers) -> Headers:
+        """Without ``X-REPROXY-EXPECTED-SIZE``: a ranged answer is shorter than the file."""
+        return [header for header in headers if header[0] != "X-REPROXY-EXPECTED-SIZE"]
 
 
-class NginxReproxy:
+class NginxReproxy(Reproxy):
     """nginx ``X-Accel-Redirect``: an internal location proxies to ``X-Reproxy-URL``.
 
     nginx takes one URL per header, so the replicas go in ``X-Reproxy-URL``, ``X-Reproxy-URL-2``,
-    ... and the shipped ``examples/nginx.conf`` falls back from the first to the next on error.
+    ... and the shipped ``examples/nginx.conf`` falls back from the first to the next on error;
+    when the last fails too it asks the application again with ``X-Reproxy-Failed``, and the
+    middleware then looks the key up anew and serves the body itself.
     """
 
+    request_header = "HTTP_X_SENDFILE_TYPE"
+    failed_header = "HTTP_X_REPROXY_FAILED"
+
     def __init__(self, *, location: str = "/reproxy", extra_headers: Headers) -> None:
+        super().__init__(extra_headers=extra_headers)
         self.location = location
-        self.extra_headers = extra_headers
+
+    @staticmethod
+    def proxy_asks(value: str) -> bool:
+        """True if ``X-Sendfile-Type`` says nginx reproxies."""
+        return value.lower() == "x-accel-redirect"
 
     def headers(self, location: Location) -> Headers:
-        """The response headers for ``location`` (built once per lookup, not per request)."""
+        """Type, ETag, the internal location and one header per replica."""
         urls = [("X-Reproxy-URL" if n == 1 else f"X-Reproxy-URL-{n}", url)
                 for n, url in enumerate(location.paths, 1)]
         return [
-            ("Content-Type", location.content_type),
-            ("ETag", f'"{location.etag}"'),
+            *representation_headers(location, self.extra_headers),
             ("Content-Length", "0"),
             ("X-Accel-Redirect", self.location),
             *urls,
-            *self.extra_headers,
         ]
-
-    def __call__(self, environ: dict[str, Any], start_response: StartResponse, location: Location,
-                 headers: Headers) -> list[bytes]:
-        if not_modified(environ, location.etag):
-            return _not_modified_response(location, self.extra_headers, start_response)
-        start_response("200 OK", list(headers))
-        return []
 
 
 class ReplicaBody:
-    """A WSGI body streamed from the first replica that answers; WebOb asks it for ranges.
+    """The body of an open replica, chunk by chunk; closing it closes the storage connection.
 
-    Nothing is fetched until the body is iterated (so HEAD and 304 cost no transfer). A range is
-    sent to the storage node as an absolute ranged GET, never read and discarded. If no replica
-    answers before the first byte, the response becomes a 502 (through ``start_response`` with
-    ``exc_info``); a transfer cut midway raises, so the server closes the connection short of
+    A transfer cut midway raises, so the server closes the connection short of
     ``Content-Length`` instead of presenting a truncated file as complete.
     """
 
-    def __init__(self, location: Location, start_response: StartResponse, *, timeout: float,
-                 on_failure: Callable[[Location, Exception], None]) -> None:
-        self.location = location
-        self._start_response = start_response
-        self._timeout = timeout
-        self._on_failure = on_failure
-        self._upstream: ReplicaResponse | None = None
-
-    def _open(self, byte_range: tuple[int, int] | None) -> ReplicaResponse:
-        self._upstream = open_replica(self.location.paths, byte_range=byte_range, timeout=self._timeout)
-        expected = self.location.length if byte_range is None else byte_range[1] - byte_range[0] + 1
-        if self._upstream.length != expected:
-            self.close()
-            raise StorageError(f"{self.location.key!r}: replica length {self._upstream.length}, expected {expected}")
-        return self._upstream
+    def __init__(self, key: str, upstream: ReplicaResponse) -> None:
+        self._key = key
+        self._upstream = upstream
 
     def __iter__(self) -> Iterator[bytes]:
         try:
-            upstream = self._open(None)
-        except StorageError as error:
-            self._on_failure(self.location, error)
-            body = b"Bad Gateway: no replica of this file answered\n"
-            self._start_response("502 Bad Gateway", [("Content-Type", "text/plain"),
-                                                     ("Content-Length", str(len(body)))], sys.exc_info())
-            return iter([body])
-        return self._stream(upstream)
-
-    def app_iter_range(self, start: int, stop: int) -> Iterator[bytes]:
-        """The bytes ``start`` to ``stop - 1``, fetched as a ranged GET (called before headers go out)."""
-        return self._stream(self._open((start, stop - 1)))
-
-    def _stream(self, upstream: ReplicaResponse) -> Iterator[bytes]:
-        try:
-            yield from upstream.iter_chunks(CHUNK_SIZE)
+            yield from self._upstream.iter_chunks(CHUNK_SIZE)
         except (OSError, StorageError) as error:
-            log.error("transfer of %r from %s cut midway: %s", self.location.key, upstream.url, error)
+            log.error("transfer of %r from %s cut midway: %r", self._key, self._upstream.url, error)
             raise
         finally:
-            upstream.close()
+            self._upstream.close()
 
     def close(self) -> None:
-        """Close the storage node connection (WSGI servers call this, also when the client left)."""
-        if self._upstream is not None:
-            self._upstream.close()
+        """Close the storage node connection (servers call this, also when the client left)."""
+        self._upstream.close()
 
 
 class Serve:
-    """Serve mode: stream the body from a storage node, with HEAD, ranges and 304 done by WebOb."""
+    """Serve mode: the body streamed from a storage node, opened before the answer is started.
 
-    def __init__(self, *, extra_headers: Headers, storage_timeout: float,
-                 on_failure: Callable[[Location, Exception], None]) -> None:
+    304, 412 and 416 ask no storage node, HEAD only asks one whether the file is there (with a
+    HEAD, no body). When no replica of a location answers, the trackers
+    are asked once more (the key may have been overwritten or deleted by another process, whose
+    old files are gone): the new version is served, or a 404; a 502 only when the replicas the
+    trackers name now fail too.
+    """
+
+    def __init__(self, locator: Locator, *, extra_headers: Headers, storage_timeout: float) -> None:
+        self.locator = locator
         self.extra_headers = extra_headers
         self.storage_timeout = storage_timeout
-        self.on_failure = on_failure
 
-    def __call__(self, environ: dict[str, Any], start_response: StartResponse, location: Location) -> Any:
-        if not_modified(environ, location.etag):  # WebOb would not match "If-None-Match: *"
-            return _not_modified_response(location, self.extra_headers, start_response)
-        if not _parsable_range(environ.get("HTTP_RANGE")):
-            # An invalid Range is ignored (RFC 9110, 14.2); WebOb would raise on some ("bytes=-").
-            environ = {name: value for name, value in environ.items() if name != "HTTP_RANGE"}
-        body = ReplicaBody(location, start_response, timeout=self.storage_timeout, on_failure=self.on_failure)
-        response = Response(
-            app_iter=body,
-            content_type=None,
-            content_length=location.length,
-            conditional_response=True,
-            charset=None,
-        )
-        response.headers["Content-Type"] = location.content_type
-        response.etag = location.etag
-        response.accept_ranges = "bytes"
-        response.headerlist.extend(self.extra_headers)
-        try:
-            return response.conditional_response_app(environ, start_response)
-        except StorageError as error:  # a ranged GET is opened before the headers go out
-            self.on_failure(location, error)
-            return HTTPBadGateway("No replica of this file answered.")(environ, start_response)
+    def answer(self, request: FileRequest, location: Location) -> Answer | StreamedAnswer:
+        """The answer to ``request``; raises the locator's errors (no such key, no tracker)."""
+        for attempt in range(2):
+            if attempt:
+                location = self.locator.relocate(location)
+            location = self.locator.with_length_of(location)
+            assert location.length is not None
+            plan = http.file_plan(request, location.etag, location.length,
+                                  representation_headers(location, self.extra_headers))
+            if isinstance(plan, Answer):
+                return plan
+            expected = location.length if plan.byte_range is None else plan.byte_range[1] - plan.byte_range[0] + 1
+            try:
+                upstream = open_replica(location.paths, method=request.method, byte_range=plan.byte_range,
+                                        length=expected, timeout=self.storage_timeout)
+            except StorageError as error:
+                then = "" if attempt else ", asking the trackers again"
+                (log.error if attempt else log.warning)("no replica of %r answered%s: %r", location.key, then, error)
+                continue
+            if request.method == "HEAD":
+                upstream.close()
+                return Answer(plan.status, plan.headers)
+            return StreamedAnswer(plan.status, plan.headers, ReplicaBody(location.key, upstream))
+        return http.BAD_GATEWAY

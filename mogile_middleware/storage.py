@@ -74,9 +74,11 @@ def open_replica(
     *,
     method: str = "GET",
     byte_range: tuple[int, int] | None = None,
+    length: int | None = None,
     timeout: float = 10.0,
 ) -> ReplicaResponse:
-    """Open the first of ``urls`` that answers 2xx, trying the next on a refusal or an error.
+    """Open the first of ``urls`` that answers 2xx (with a body of ``length`` bytes, when given),
+    trying the next on a refusal, an error or another length.
 
     ``byte_range`` is an absolute, inclusive ``(first, last)`` pair sent as ``Range``: storage
     nodes answer suffix ranges (``bytes=-N``) wrongly, so callers resolve them first. Raises
@@ -91,17 +93,18 @@ def open_replica(
             connection, path = _connect(url, timeout)
             connection.request(method, path, headers=headers)
             response = connection.getresponse()
-        except (OSError, http.client.HTTPException, StorageError) as error:
+        except (OSError, http.client.HTTPException, StorageError, ValueError) as error:  # ValueError: a bad port
             if connection is not None:
                 connection.close()
             failures.append(f"{url}: {error or type(error).__name__}")
             continue
-        if 200 <= response.status < 300:
-            return ReplicaResponse(url, connection, response)
+        replica = ReplicaResponse(url, connection, response)
+        if 200 <= response.status < 300 and (length is None or replica.length == length):
+            return replica
         last_status = response.status
-        failures.append(f"{url}: HTTP {response.status}")
-        response.close()
-        connection.close()
+        failures.append(f"{url}: HTTP {response.status}" if response.status >= 300
+                        else f"{url}: {replica.length} bytes, expected {length}")
+        replica.close()
     raise StorageError("no replica answered: " + ("; ".join(failures) or "no paths"),
                        urls[0] if urls else "", last_status)
 

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from .exceptions import ProtocolError, TrackerError, TrackerUnavailableError
+from .exceptions import OutcomeUnknownError, ProtocolError, TrackerError, TrackerUnavailableError
 from .protocol import ArgValue, Reply, encode_request, parse_reply
 
 Address = tuple[str, int]
@@ -179,7 +179,7 @@ class TrackerPool:
             try:
                 return self._request_on(address, line, retry_midway), address
             except _SentAndLost as lost:
-                raise TrackerUnavailableError(
+                raise OutcomeUnknownError(
                     f"{_describe(address)} failed after '{command}' was sent ({lost.__cause__}); "
                     "it may or may not have been carried out"
                 ) from lost.__cause__

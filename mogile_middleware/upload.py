@@ -2,8 +2,9 @@
 
 The key points at the new data only after the storage node has taken the whole body and the
 tracker has checked its size (and MD5 checksum, when asked): a failure at any step raises
-:class:`UploadError` and leaves the key as it was. :class:`Uploader` is the helper for
-applications: any source, a class per key, checksums verified where the class keeps them.
+:class:`UploadError` and leaves the key as it was, except that a lost answer to ``create_close``
+raises :class:`UploadOutcomeUnknownError`. :class:`Uploader` is the helper for applications: any
+source, a class per key, checksums verified where the class keeps them.
 
 Example::
 
@@ -18,21 +19,29 @@ import io
 import os
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, BinaryIO, Union
+from typing import BinaryIO, Protocol, Union
 
-from .exceptions import MogileFSError, StorageError, UnregClassError, UploadError
+from .exceptions import (
+    MogileFSError,
+    OutcomeUnknownError,
+    ProtocolError,
+    StorageError,
+    UnregClassError,
+    UploadError,
+    UploadOutcomeUnknownError,
+)
 from .protocol import Reply, check_key, parse_domains
 from .storage import CHUNK_SIZE, PutStream
 from .tracker import TrackerPool
-
-if TYPE_CHECKING:
-    from .client import Client
 
 #: What :meth:`Uploader.upload` stores: bytes, a path, a binary file object or chunks of bytes.
 Source = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", BinaryIO, Iterable[bytes]]
 
 #: Called with the number of bytes sent so far.
 Progress = Callable[[int], None]
+
+#: Called with a key that now points, or may point, at new data.
+ChangeListener = Callable[[str], None]
 
 
 def _destinations(reply: Reply) -> list[tuple[str, str]]:
@@ -55,12 +64,18 @@ def remaining_size(fileobj: BinaryIO) -> int | None:
         return None
 
 
+def _answer_lost(error: MogileFSError) -> bool:
+    """True if a request reached a tracker but no usable answer came back: it may have been carried out."""
+    return isinstance(error, (OutcomeUnknownError, ProtocolError))
+
+
 class NewFile(io.RawIOBase):
     """A writable file for a new key; closing it commits the key, an exception inside ``with`` aborts.
 
     Bytes are streamed to the first storage node of ``create_open``'s destinations that accepts
     the connection; :meth:`write_from` can also rewind a seekable source and fall back to the next
-    destination when a node drops the PUT midway.
+    destination when a node drops the PUT midway. ``on_change`` is called with the key once
+    ``create_close`` succeeded, or was sent and its answer lost.
     """
 
     def __init__(
@@ -73,6 +88,7 @@ class NewFile(io.RawIOBase):
         size: int | None = None,
         verify_checksum: bool = False,
         storage_timeout: float = 10.0,
+        on_change: ChangeListener | None = None,
     ) -> None:
         super().__init__()
         self._stream: PutStream | None = None
@@ -84,6 +100,7 @@ class NewFile(io.RawIOBase):
         self._declared_size = size
         self._verify_checksum = verify_checksum
         self._timeout = storage_timeout
+        self._on_change = on_change
         try:
             reply, self._tracker = pool.request(
                 "create_open", {"domain": domain, "key": key, "class": cls, "multi_dest": 1, "size": size}
@@ -188,9 +205,20 @@ class NewFile(io.RawIOBase):
                 tracker=self._tracker,
             )
         except MogileFSError as error:
+            if _answer_lost(error):
+                self._changed()
+                raise UploadOutcomeUnknownError(
+                    f"upload of {self.key!r}: the answer to create_close was lost, so the key may or may "
+                    f"not point at the new data ({error})"
+                ) from error
             if isinstance(error, UploadError):
                 raise
             raise UploadError(f"upload of {self.key!r} failed: {error}") from error
+        self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.key)
 
     def abort(self) -> None:
         """Give up: drop the PUT and never ``create_close``, so the key keeps its old data."""
@@ -211,44 +239,57 @@ class NewFile(io.RawIOBase):
             self.abort()
 
 
+class UploadClient(Protocol):
+    """What an :class:`Uploader` writes through: a :class:`~mogile_middleware.client.Client`."""
+
+    domain: str
+    pool: TrackerPool
+
+    def new_file(self, key: str, cls: str | None = None, *, size: int | None = None,
+                 verify_checksum: bool = False) -> NewFile:
+        """A writable file for ``key`` that tells the client's change listeners once it commits."""
+
+
 class Uploader:
     """Store keys with a chosen class from bytes, a path, a file object or an iterable of chunks.
 
     Bytes are streamed, never held whole; the size and MD5 checksum go with ``create_close``, and
     with ``verify_checksums`` the tracker is asked to check the stored file's MD5 whenever the
-    key's class keeps checksums (its ``hashtype``). After a success the client's ``on_change``
-    hears of the key, so a path cache drops it.
+    key's class keeps checksums (its ``hashtype``). Files are made by ``client.new_file``, so the
+    client's change listeners hear of every key written (a path cache drops it).
     """
 
-    def __init__(self, client: Client, *, verify_checksums: bool = True) -> None:
+    def __init__(self, client: UploadClient, *, verify_checksums: bool = True) -> None:
         self.client = client
         self.verify_checksums = verify_checksums
         self._hashtypes: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def upload(self, key: str, source: Source, cls: str | None = None, *, progress: Progress | None = None) -> int:
+    def upload(self, key: str, source: Source, cls: str | None = None, *, progress: Progress | None = None,
+               verify_checksum: bool | None = None) -> int:
         """Store ``source`` under ``key`` in class ``cls``; return the number of bytes stored.
 
-        Raises :class:`UploadError` (the key keeps its old data) or :class:`UnregClassError`.
+        ``verify_checksum`` overrides ``verify_checksums`` for this upload. Raises
+        :class:`UploadError` (the key keeps its old data), :class:`UploadOutcomeUnknownError` or
+        :class:`UnregClassError`.
         """
         if isinstance(source, (str, os.PathLike)):
             with open(source, "rb") as fileobj:
-                return self.upload(key, fileobj, cls, progress=progress)
+                return self.upload(key, fileobj, cls, progress=progress, verify_checksum=verify_checksum)
         if isinstance(source, (bytes, bytearray, memoryview)):
             source = io.BytesIO(source)
         readable = hasattr(source, "read")
-        upload = NewFile(
-            self.client.pool, self.client.domain, key, cls,
+        verify = self.verify_checksums if verify_checksum is None else verify_checksum
+        upload = self.client.new_file(
+            key, cls,
             size=remaining_size(source) if readable else None,  # type: ignore[arg-type]
-            verify_checksum=self.verify_checksums and self._keeps_checksums(cls),
-            storage_timeout=self.client.storage_timeout,
+            verify_checksum=verify and self._keeps_checksums(cls),
         )
         with upload:
             if readable:
                 upload.write_from(source, progress)  # type: ignore[arg-type]
             else:
                 upload.write_chunks(source, progress)  # type: ignore[arg-type]
-        self.client.notify_changed(key)
         return upload.size
 
     def _keeps_checksums(self, cls: str | None) -> bool:

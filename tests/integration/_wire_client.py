@@ -106,13 +106,17 @@ class Receiver(Protocol):
 
 @dataclass
 class HTTPReply:
-    """A parsed HTTP response: status code, reason, headers (lower-cased names) and body."""
+    """A parsed HTTP response: status code, reason, headers (lower-cased names) and body.
+
+    ``fields`` keeps every header line in order, repeated names included.
+    """
 
     status: int
     reason: str
     version: str
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
+    fields: list[tuple[str, str]] = field(default_factory=list)
 
 
 def read_http_reply(
@@ -129,11 +133,9 @@ def read_http_reply(
     head, _, data = data.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     version, status, reason = [*status_line.split(" ", 2), ""][:3]
-    headers = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    reply = HTTPReply(int(status), reason, version, headers)
+    fields = [(name.strip().lower(), value.strip()) for name, _, value in (line.partition(":") for line in header_lines)]
+    reply = HTTPReply(int(status), reason, version, dict(fields), fields=fields)
+    headers = reply.headers
     if method == "HEAD" or reply.status in (204, 304):
         return reply, data
     if "content-length" in headers:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from conftest import DOMAIN
 from wiretools import CountingRelay, ScriptedTracker
 
-from mogile_middleware import Admin, BadKeyError, Client, KeyExistsError, UnknownKeyError, UploadError
+from mogile_middleware import Admin, BadKeyError, Client, KeyExistsError, MemoryCache, UnknownKeyError, UploadError
+from mogile_middleware.cache import entry_key
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.exceptions import UnregClassError, UnregDomainError
 
@@ -168,15 +171,70 @@ def test_rename_onto_an_existing_key(client: Client) -> None:
     assert client.get_file_data("a") == b"A"  # the connection is still good
 
 
-def test_on_change_hears_every_write_rename_and_delete(devmogile: DevMogileFS) -> None:
+def test_change_listeners_hear_every_write_rename_and_delete(devmogile: DevMogileFS) -> None:
     changed: list[str] = []
+    also_changed: list[str] = []
     client = Client(DOMAIN, devmogile.trackers, on_change=changed.append)
+    client.add_change_listener(also_changed.append)
     client.store_content("x", b"1", cls="thumb")
     with client.new_file("y", cls="thumb") as upload:
         upload.write(b"2")
     client.rename("x", "z")
     client.delete("z")
     assert changed == ["x", "y", "x", "z", "z"]
+    assert also_changed == changed
+
+
+class _BrokenBackend(MemoryCache):
+    """A shared path cache that is down."""
+
+    def delete(self, key: str) -> None:
+        raise ConnectionRefusedError("memcached is down")
+
+
+def test_a_failing_listener_or_backend_is_logged_and_the_write_stands(devmogile: DevMogileFS,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    heard: list[str] = []
+
+    def broken(key: str) -> None:
+        raise RuntimeError("listener bug")
+
+    client = Client(DOMAIN, devmogile.trackers, on_change=broken, cache_backend=_BrokenBackend())
+    client.add_change_listener(heard.append)
+    with caplog.at_level(logging.WARNING, logger="mogile_middleware"):
+        assert client.store_content("kept", b"data", cls="thumb") == 4
+    assert client.get_file_data("kept") == b"data"
+    assert heard == ["kept"]  # the listeners after the failing ones still ran
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("RuntimeError('listener bug')" in message and "'kept'" in message for message in messages)
+    assert any("ConnectionRefusedError('memcached is down')" in message for message in messages)
+
+
+def test_a_shared_cache_backend_loses_every_changed_key(devmogile: DevMogileFS) -> None:
+    backend = MemoryCache()
+    client = Client(DOMAIN, devmogile.trackers, cache_backend=backend)
+
+    def cache(*keys: str) -> None:
+        for key in keys:
+            backend.set(entry_key(DOMAIN, key), "paths", time.time(), 60)
+
+    def cached(key: str) -> bool:
+        return backend.get(entry_key(DOMAIN, key)) is not None
+
+    cache("x", "y")
+    backend.set(entry_key("otherdom", "x"), "paths", time.time(), 60)
+    client.store_content("x", b"1", cls="thumb")
+    assert not cached("x") and cached("y")
+    with client.new_file("y", cls="thumb") as upload:
+        upload.write(b"2")
+    assert not cached("y")
+    cache("x", "z")
+    client.rename("x", "z")
+    assert not cached("x") and not cached("z")
+    cache("z")
+    client.delete("z")
+    assert not cached("z")
+    assert backend.get(entry_key("otherdom", "x")) is not None  # the same key in another domain stays
 
 
 def test_admin_creates_domains_and_classes(devmogile: DevMogileFS) -> None:

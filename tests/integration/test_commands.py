@@ -17,10 +17,13 @@ from pathlib import Path
 
 import pytest
 from conftest import DOMAIN
+from integration._memcached import start_memcached
 
+from mogile_middleware.cache import entry_key
 from mogile_middleware.cli import main
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.exceptions import StorageError
+from mogile_middleware.memcache import MemcachedBackend
 from mogile_middleware.progress import ProgressBar, human_size
 from mogile_middleware.storage import ReplicaResponse
 
@@ -55,6 +58,7 @@ def cli(devmogile: DevMogileFS, monkeypatch: pytest.MonkeyPatch, capsysbinary: p
     """Runs ``mogile-middleware ARGS...`` in-process against the fixture's tracker and domain."""
     monkeypatch.setenv("MOGILEFS_TRACKERS", devmogile.trackers[0])
     monkeypatch.setenv("MOGILEFS_DOMAIN", DOMAIN)
+    monkeypatch.delenv("MOGILEFS_MEMCACHED", raising=False)
 
     def run(*argv: str) -> Result:
         code = main(list(argv))
@@ -136,6 +140,32 @@ def test_a_directory_tree_round_trips(cli: Run, tree: Path, tmp_path: Path) -> N
     assert "moved/logo.bin" not in cli("ls").lines
 
 
+def test_writes_drop_the_changed_keys_from_memcached(cli: Run, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "file.txt"
+    source.write_bytes(b"content")
+    with start_memcached() as server:
+        backend = MemcachedBackend(server.address)
+
+        def cache(*keys: str) -> None:
+            for key in keys:
+                backend.set(entry_key(DOMAIN, key), "x", time.time(), 60)
+
+        def cached(key: str) -> bool:
+            return backend.get(entry_key(DOMAIN, key)) is not None
+
+        cache("a", "b")
+        assert cli("upload", "a", str(source), "--memcached", server.address).code == 0
+        assert not cached("a") and cached("b")
+        cache("a")
+        monkeypatch.setenv("MOGILEFS_MEMCACHED", server.address)  # the default of --memcached
+        assert cli("mv", "a", "b").code == 0
+        assert not cached("a") and not cached("b")
+        cache("b")
+        assert cli("rm", "b").code == 0
+        assert not cached("b")
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 
@@ -168,6 +198,15 @@ def test_a_dead_tracker_fails_fast(capsys: pytest.CaptureFixture[str]) -> None:
         assert time.monotonic() - started < 3
     err = capsys.readouterr().err
     assert err.startswith("mogile-middleware: no tracker answered") and err.count("\n") == 1
+
+
+def test_memcached_without_pymemcache_is_a_one_line_usage_error(monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "mogile_middleware.memcache", None)  # as if pymemcache were missing
+    with pytest.raises(SystemExit) as stopped:
+        main(["rm", "k", "--trackers", "127.0.0.1:7001", "--domain", DOMAIN, "--memcached", "127.0.0.1:11211"])
+    assert stopped.value.code == 2
+    assert "--memcached: needs pymemcache: pip install 'mogile_middleware[memcached]'\n" in capsys.readouterr().err
 
 
 def test_a_missing_domain_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

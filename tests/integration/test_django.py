@@ -6,7 +6,10 @@ from __future__ import annotations
 import io
 import re
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,11 +25,15 @@ from django.core.wsgi import get_wsgi_application
 from django.db.migrations.writer import MigrationWriter
 from django.test import override_settings
 from django.utils.module_loading import import_string
+from integration._memcached import start_memcached
 from PIL import Image
 from webtest import TestApp, Upload
 
+from mogile_middleware.cache import entry_key
 from mogile_middleware.contrib.django import MogileFSStorage, close_clients, get_client, wrap_wsgi
+from mogile_middleware.contrib.django.storage import TEMPORARY_PREFIX
 from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.memcache import MemcachedBackend
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "djangosite"
 
@@ -199,6 +206,58 @@ def test_available_name_is_suffixed_unless_overwrite_is_allowed(mogile: DevMogil
     assert storage.size("docs/a.txt") == 6
 
 
+def test_concurrent_saves_of_one_name_keep_every_file(mogile: DevMogileFS) -> None:
+    storage = MogileFSStorage(mogile_class="thumb")
+    start = threading.Barrier(8)
+
+    def save(n: int) -> str:
+        content = ContentFile(f"saved by thread {n}".encode())
+        start.wait()
+        return storage.save("race/same.txt", content)
+
+    with ThreadPoolExecutor(8) as pool:
+        names = list(pool.map(save, range(8), timeout=60))
+    assert len(set(names)) == 8 and "race/same.txt" in names
+    assert all(re.fullmatch(r"race/same(_\w{7})?\.txt", name) for name in names)
+    for n, name in enumerate(names):
+        with storage.open(name) as file:
+            assert file.read() == f"saved by thread {n}".encode()
+    assert get_client().list_keys(TEMPORARY_PREFIX) == []
+
+
+class _BrokenContent(ContentFile):
+    """Content whose reading fails after the first chunk, as an interrupted request body would."""
+
+    def chunks(self, chunk_size: int | None = None) -> Iterator[bytes]:
+        yield b"the first part"
+        raise OSError("the request body was cut")
+
+
+def test_a_failed_upload_leaves_no_temporary_key(mogile: DevMogileFS) -> None:
+    storage = MogileFSStorage()
+    with pytest.raises(OSError, match="cut"):
+        storage.save("broken.txt", _BrokenContent(b""))
+    assert not storage.exists("broken.txt")
+    assert get_client().list_keys(TEMPORARY_PREFIX) == []
+
+
+class _NoAlternativeStorage(MogileFSStorage):
+    """Offers the name asked for even when it is taken, so a save's rename cannot succeed."""
+
+    def get_available_name(self, name: str, max_length: int | None = None) -> str:
+        return name
+
+
+def test_a_save_that_cannot_be_renamed_deletes_its_temporary_key(mogile: DevMogileFS) -> None:
+    storage = _NoAlternativeStorage()
+    storage.save("taken.txt", ContentFile(b"first"))
+    with pytest.raises(FileExistsError, match="'taken.txt'"):
+        storage.save("taken.txt", ContentFile(b"second"))
+    with storage.open("taken.txt") as file:
+        assert file.read() == b"first"
+    assert get_client().list_keys(TEMPORARY_PREFIX) == []
+
+
 @pytest.mark.parametrize("call", [
     pytest.param(lambda storage: storage.exists("line\nbreak"), id="exists-newline"),
     pytest.param(lambda storage: storage.save("é" * 130 + ".txt", ContentFile(b"x")), id="save-too-long"),
@@ -239,6 +298,42 @@ def test_a_save_through_a_storage_drops_the_cached_paths(app: TestApp) -> None:
     app.get(url, status=404)
 
 
+def test_writes_drop_the_key_from_the_shared_memcached(mogile: DevMogileFS) -> None:
+    with start_memcached() as server, with_settings(MOGILEFS_MEMCACHED_SERVERS=f"{server.address},"):
+        backend = MemcachedBackend([server.address])
+
+        def cache(name: str) -> None:
+            backend.set(entry_key(DOMAIN, name), "x", time.time(), 60)
+
+        def cached(name: str) -> bool:
+            return backend.get(entry_key(DOMAIN, name)) is not None
+
+        storage, overwriting = MogileFSStorage(), MogileFSStorage(allow_overwrite=True)
+        cache("shared.txt")
+        assert storage.save("shared.txt", ContentFile(b"v1")) == "shared.txt" and not cached("shared.txt")
+        cache("shared.txt")
+        overwriting.save("shared.txt", ContentFile(b"v2"))
+        assert not cached("shared.txt")
+        cache("shared.txt")
+        storage.delete("shared.txt")
+        assert not cached("shared.txt")
+
+        middleware = wrap_wsgi(get_wsgi_application())
+        assert middleware.client is get_client() and get_client().cache_backend is not None
+        app = TestApp(middleware, lint=True)
+        overwriting.save("served.txt", ContentFile(b"old"))
+        assert app.get("/media/served.txt").body == b"old"
+        overwriting.save("served.txt", ContentFile(b"new"))
+        assert app.get("/media/served.txt").body == b"new"
+
+
+def test_the_middleware_cache_is_chosen_by_one_setting_only(mogile: DevMogileFS) -> None:
+    with with_settings(MOGILEFS_MEMCACHED_SERVERS="127.0.0.1:11211",
+                       MOGILEFS_MIDDLEWARE_OPTIONS={"cache_backend": MemcachedBackend("127.0.0.1:11211")}):
+        with pytest.raises(ImproperlyConfigured, match="MOGILEFS_MEMCACHED_SERVERS"):
+            _wrap()
+
+
 def test_other_paths_reach_django(app: TestApp) -> None:
     assert "<form" in app.get("/").text
     app.get("/nothing-here/", status=404)
@@ -252,7 +347,7 @@ def test_settings_reach_the_middleware(mogile: DevMogileFS) -> None:
     app = TestApp(middleware, lint=True)
     assert app.get("/media/a.png").headers["Cache-Control"] == "public, max-age=60"
     app.get("/media/a.png")
-    assert (middleware.paths.lookups, middleware.retry_after_seconds) == (2, 9)
+    assert (middleware.locator.paths.lookups, middleware.retry_after_seconds) == (2, 9)
 
     with with_settings(SERVE_WITH_PERLBAL=True, MOGILEFS_TRUSTED_PROXIES=["10.0.0.0/8"]):
         app = TestApp(wrap_wsgi(get_wsgi_application()), lint=True)
@@ -298,6 +393,9 @@ SETTINGS_ERRORS = [
     pytest.param("MOGILEFS_MIDDLEWARE_OPTIONS", ["stale_seconds"], _wrap, id="options-not-dict"),
     pytest.param("MOGILEFS_MIDDLEWARE_OPTIONS", {"no_such": 1}, _wrap, id="options-unknown"),
     pytest.param("MOGILEFS_MIDDLEWARE_OPTIONS", {"reproxy": "nginx"}, _wrap, id="options-own-setting"),
+    pytest.param("MOGILEFS_MEMCACHED_SERVERS", 11211, _wrap, id="memcached-number"),
+    pytest.param("MOGILEFS_MEMCACHED_SERVERS", ["127.0.0.1:port"], lambda: MogileFSStorage().exists("a"),
+                 id="memcached-bad-port-storage"),
 ]
 
 

@@ -120,7 +120,11 @@ def test_a_transfer_cut_midway_ends_short_and_is_logged(caplog: pytest.LogCaptur
     node = ThreadingHTTPServer(("127.0.0.1", 0), _HalfBody)
     threading.Thread(target=node.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{node.server_address[1]}/dev1/0/000/000/0000000009.fid"
-    tracker = ScriptedTracker(lambda line: f"OK paths=1&path1={url}\r\n".encode())
+    replies = {b"get_paths": f"OK paths=1&path1={url}\r\n".encode(),
+               b"file_info": b"OK fid=9&domain=testdom&class=thumb&key=cut.bin&length=1000000&devcount=1\r\n",
+               b"get_domains": b"OK domains=1&domain1=testdom&domain1classes=1&domain1class1name=thumb"
+                               b"&domain1class1mindevcount=1\r\n"}
+    tracker = ScriptedTracker(lambda line: replies[line.split()[0]])
     try:
         app = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker.tracker]))
         with pytest.raises(Exception):  # the server then closes the connection short of Content-Length

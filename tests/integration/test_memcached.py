@@ -181,12 +181,12 @@ def test_the_site_answers_from_a_shared_cache_and_without_it(devmogile: DevMogil
     (first, first_middleware), (second, second_middleware) = site(), site()
     assert first.get("/mogilefs/hello.txt").body == BODY
     assert second.get("/mogilefs/hello.txt").body == BODY
-    assert (first_middleware.paths.lookups, second_middleware.paths.lookups) == (1, 0)
+    assert (first_middleware.locator.paths.lookups, second_middleware.locator.paths.lookups) == (1, 0)
 
     memcached.stop()
     for _ in range(3):
         assert second.get("/mogilefs/hello.txt").body == BODY
-    assert second_middleware.paths.lookups == 3
+    assert second_middleware.locator.paths.lookups == 3
     assert second.get("/").body == b"app\n"
 
 

@@ -217,7 +217,7 @@ def _node_of(devmogile: DevMogileFS, path: str):
 def test_failover_when_the_first_replica_is_down(devmogile: DevMogileFS, client: Client) -> None:
     app, middleware, _ = make(devmogile)
     app.get(url("plain.txt"))
-    location, _ = middleware.paths.get("plain.txt")
+    location = middleware.locator.locate("plain.txt")
     assert len(location.paths) == 2
     _node_of(devmogile, location.paths[0]).stop()
     assert app.get(url("plain.txt")).body == BODY

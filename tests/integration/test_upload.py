@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
+import time
 import tracemalloc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from conftest import DOMAIN
-from wiretools import PatternFile, pattern_md5
+from wiretools import PatternFile, ScriptedTracker, pattern_md5
 
-from mogile_middleware import Admin, Client, UnknownKeyError, UnregClassError, UploadError
+from mogile_middleware import (
+    Admin,
+    Client,
+    MemoryCache,
+    UnknownKeyError,
+    UnregClassError,
+    UploadError,
+    UploadOutcomeUnknownError,
+)
+from mogile_middleware.cache import entry_key
 from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.tracker import TrackerConnection
 from mogile_middleware.upload import Uploader
 
 MIB = 1024 * 1024
@@ -103,6 +117,39 @@ def test_storage_nodes_dying_midway_leave_no_key(client: Client, devmogile: DevM
 
 def test_a_successful_upload_drops_cached_paths(client: Client) -> None:
     dropped: list[str] = []
-    client.on_change = dropped.append
+    client.add_change_listener(dropped.append)
     Uploader(client).upload("cached", b"x", cls="thumb")
     assert dropped == ["cached"]
+
+
+@contextmanager
+def _losing_create_close_answers(devmogile: DevMogileFS) -> Iterator[ScriptedTracker]:
+    """A relay to the tracker that hangs up on the client once the tracker has answered
+    ``create_close``: the upload is carried out and its answer lost."""
+    upstream = TrackerConnection(devmogile.tracker_address, 1.0, 5.0)
+    lock = threading.Lock()
+
+    def forward(line: bytes) -> bytes | None:
+        with lock:
+            reply = upstream.roundtrip(line)
+        return None if line.startswith(b"create_close") else reply
+
+    relay = ScriptedTracker(forward)
+    try:
+        yield relay
+    finally:
+        relay.stop()
+        upstream.close()
+
+
+def test_a_lost_create_close_answer_is_an_unknown_outcome_and_drops_cached_paths(devmogile: DevMogileFS) -> None:
+    with _losing_create_close_answers(devmogile) as relay:
+        backend = MemoryCache()
+        backend.set(entry_key(DOMAIN, "lost"), "old paths", time.time(), 60)
+        dropped: list[str] = []
+        client = Client(DOMAIN, [relay.tracker], cache_backend=backend, on_change=dropped.append)
+        with pytest.raises(UploadOutcomeUnknownError, match="'lost'.*may or may not point at the new data"):
+            Uploader(client).upload("lost", b"new data", cls="thumb")
+        assert dropped == ["lost"] and backend.get(entry_key(DOMAIN, "lost")) is None
+        assert sum(line.startswith(b"create_close") for line in relay.requests) == 1  # never repeated
+    assert Client(DOMAIN, devmogile.trackers).get_file_data("lost") == b"new data"  # here, it was carried out

@@ -1,7 +1,10 @@
-"""One :class:`Client` (and its :class:`Uploader`) per process for each domain and set of trackers.
+"""One :class:`Client` (and its :class:`Uploader`) per process for each domain, set of trackers and
+shared path cache.
 
 The wrapped WSGI application and every storage share it, so a file saved through a storage drops
-the paths the middleware cached for that key (the middleware listens to ``client.on_change``).
+the paths the middleware cached for that key (the middleware is one of the client's change
+listeners); with ``MOGILEFS_MEMCACHED_SERVERS`` the client also drops the key from that memcached,
+for every process and host that shares it.
 """
 
 from __future__ import annotations
@@ -18,15 +21,17 @@ from . import conf
 Trackers = str | Iterable[str | Address] | None
 
 _lock = threading.Lock()
-_shared: dict[tuple[str, tuple[Address, ...]], tuple[Client, Uploader]] = {}
+_shared: dict[tuple[str, tuple[Address, ...], tuple[str, ...]], tuple[Client, Uploader]] = {}
 
 
 def _get(domain: str | None, trackers: Trackers) -> tuple[Client, Uploader]:
     # Parsed before use as a key, so "h:7001" and ("h", 7001) share one client.
-    key = (domain or conf.domain(), tuple(parse_trackers(trackers)) if trackers else conf.trackers())
+    key = (domain or conf.domain(), tuple(parse_trackers(trackers)) if trackers else conf.trackers(),
+           conf.memcached_servers())
     with _lock:
         if key not in _shared:
-            client = Client(*key)
+            domain, addresses, servers = key
+            client = Client(domain, addresses, cache_backend=conf.memcached_backend(servers))
             _shared[key] = client, Uploader(client)
         return _shared[key]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import ipaddress
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from django.conf import settings
@@ -17,6 +17,9 @@ from django.core.exceptions import ImproperlyConfigured
 
 from ...middleware import REPROXY_MODES, MogileFSMiddleware
 from ...tracker import Address, parse_trackers
+
+if TYPE_CHECKING:
+    from ...memcache import MemcachedBackend
 
 T = TypeVar("T")
 
@@ -57,11 +60,16 @@ def flag(value: object) -> bool:
     return value
 
 
-def tracker_addresses(value: object) -> tuple[Address, ...]:
-    """Tracker addresses from a list of ``"host:port"`` strings or one comma-separated string."""
+def _host_ports(value: object) -> tuple[str, ...]:
+    """``"host:port"`` strings from a list of them or one comma- or space-separated string."""
     if not isinstance(value, (str, list, tuple)) or not all(isinstance(item, str) for item in value):
         raise ValueError(f'expected a list of "host:port" strings or one string, got {value!r}')
-    return tuple(parse_trackers(value))
+    return tuple(value.replace(",", " ").split() if isinstance(value, str) else value)
+
+
+def tracker_addresses(value: object) -> tuple[Address, ...]:
+    """Tracker addresses from a list of ``"host:port"`` strings or one comma-separated string."""
+    return tuple(parse_trackers(_host_ports(value)))
 
 
 def url_prefix(value: object) -> str:
@@ -90,6 +98,29 @@ def trackers() -> tuple[Address, ...]:
 def media_url() -> str:
     """``MOGILEFS_MEDIA_URL``: where the files are on the web, and the middleware's prefix."""
     return validated("MOGILEFS_MEDIA_URL", _required("MOGILEFS_MEDIA_URL"), url_prefix)
+
+
+def memcached_servers() -> tuple[str, ...]:
+    """``MOGILEFS_MEMCACHED_SERVERS``: the memcached of a path cache shared by every process and
+    host (a list or a comma-separated string); none when unset."""
+    value = getattr(settings, "MOGILEFS_MEMCACHED_SERVERS", None)
+    return () if value is None else validated("MOGILEFS_MEMCACHED_SERVERS", value, _host_ports)
+
+
+def memcached_backend(servers: tuple[str, ...]) -> MemcachedBackend | None:
+    """The shared path cache on ``servers`` (from :func:`memcached_servers`), or None for none."""
+    if not servers:
+        return None
+    try:
+        from ...memcache import MemcachedBackend  # pymemcache is an optional extra
+    except ImportError as error:
+        raise ImproperlyConfigured(
+            f"MOGILEFS_MEMCACHED_SERVERS needs pymemcache: pip install 'mogile_middleware[memcached]' ({error})"
+        ) from error
+    try:
+        return MemcachedBackend(servers)
+    except ValueError as error:
+        raise ImproperlyConfigured(f"MOGILEFS_MEMCACHED_SERVERS: {list(servers)!r}: {error}") from None
 
 
 def _reproxy_mode(value: object) -> str | None:
@@ -157,6 +188,11 @@ def middleware_options() -> dict[str, Any]:
     """The :class:`MogileFSMiddleware` arguments the settings give, besides the client."""
     options = validated("MOGILEFS_MIDDLEWARE_OPTIONS", getattr(settings, "MOGILEFS_MIDDLEWARE_OPTIONS", {}),
                         _extra_options)
+    if "cache_backend" in options and memcached_servers():
+        raise ImproperlyConfigured(
+            "MOGILEFS_MIDDLEWARE_OPTIONS: 'cache_backend' and MOGILEFS_MEMCACHED_SERVERS both choose the path cache; "
+            "set one of them"
+        )
     options = {**options, "prefix": urlsplit(media_url()).path, "reproxy": reproxy()}
     for name, (argument, check) in _OPTIONAL.items():
         value = getattr(settings, name, None)

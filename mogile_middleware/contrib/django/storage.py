@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from typing import Any
 
 import django
@@ -14,11 +17,21 @@ from django.utils.deconstruct import deconstructible
 from django.utils.encoding import filepath_to_uri
 
 from ...client import Client
-from ...exceptions import BadKeyError, UnknownKeyError
+from ...exceptions import BadKeyError, KeyExistsError, MogileFSError, UnknownKeyError
+from ...protocol import check_key
 from ...tracker import Address
 from ...upload import Uploader
 from . import conf
 from .clients import get_client, get_uploader
+
+log = logging.getLogger("mogile_middleware")
+
+#: Where a save uploads before renaming to its name: ``TEMPORARY_PREFIX`` + 32 hex digits, so
+#: that a name of any allowed length still has a temporary key.
+TEMPORARY_PREFIX = ".mogile-upload/"
+
+#: The ``max_length`` of the save in progress, for the name taken instead of one found taken.
+_max_length: ContextVar[int | None] = ContextVar("max_length", default=None)
 
 
 @contextmanager
@@ -38,7 +51,8 @@ class MogileFSStorage(Storage):
     ``mogile_class`` on a subclass, or give it as an option (``STORAGES``' ``OPTIONS``).
     ``domain``, ``trackers`` and ``media_url`` default to the ``MOGILEFS_*`` settings, read at
     each call. ``allow_overwrite`` reuses a taken name (the key gets the new data) instead of
-    Django's suffixing, as ``FileSystemStorage`` does.
+    Django's suffixing, as ``FileSystemStorage`` does; without it a save never replaces a file,
+    not even one saved under the same name at the same moment.
     """
 
     mogile_class: str | None = None
@@ -79,11 +93,54 @@ class MogileFSStorage(Storage):
     def _uploader(self) -> Uploader:
         return get_uploader(self._domain, self._trackers)
 
+    def save(self, name: str | None, content: Any, max_length: int | None = None) -> str:
+        """Django's save, with ``max_length`` kept for :meth:`_save`, which Django does not give it."""
+        token = _max_length.set(max_length)
+        try:
+            return super().save(name, content, max_length=max_length)
+        finally:
+            _max_length.reset(token)
+
     def _save(self, name: str, content: File) -> str:
-        """Stream ``content`` into the key ``name`` of the storage's class; return ``name``."""
+        """Stream ``content`` into the key ``name`` of the storage's class; return the name used.
+
+        Without ``allow_overwrite`` the upload goes to a temporary key, renamed to ``name`` only if
+        nobody took it since Django checked (else to the next available name), so that concurrent
+        saves of one name all keep their files. The temporary key is deleted on any failure.
+        """
         with _checked_key():
-            self._uploader.upload(name, content.chunks(), self.mogile_class)
-        return name
+            check_key(name)  # before uploading, not at the rename
+            if self.allow_overwrite:
+                self._uploader.upload(name, content.chunks(), self.mogile_class)
+                return name
+            temporary = TEMPORARY_PREFIX + uuid.uuid4().hex
+            try:
+                self._uploader.upload(temporary, content.chunks(), self.mogile_class)
+                return self._rename_to_available(temporary, name)
+            except BaseException:
+                self._delete_temporary(temporary)
+                raise
+
+    def _rename_to_available(self, temporary: str, name: str) -> str:
+        """Rename ``temporary`` to ``name``, or to the next available name while the one tried is taken."""
+        candidate = name
+        while True:
+            try:
+                self.client.rename(temporary, candidate)
+                return candidate
+            except KeyExistsError:
+                taken, candidate = candidate, self.get_available_name(name, max_length=_max_length.get())
+                if candidate == taken:  # a get_available_name that offers the taken name would loop forever
+                    raise FileExistsError(f"MogileFS key {taken!r} is taken and no other name is available") from None
+
+    def _delete_temporary(self, key: str) -> None:
+        """Delete a save's temporary key; one never written (or already renamed) is not an error."""
+        try:
+            self.client.delete(key)
+        except UnknownKeyError:
+            pass
+        except MogileFSError as error:
+            log.warning("could not delete the temporary key %r of a failed save: %r", key, error)
 
     def _open(self, name: str, mode: str = "rb") -> File:
         """A read-only, streaming (not seekable) file over the first replica that answers."""

@@ -12,5 +12,11 @@ def wrap_wsgi(application: WSGIApp) -> MogileFSMiddleware:
     the ``MOGILEFS_DOMAIN`` domain, with the shared client so saves drop cached paths.
 
     ``application = wrap_wsgi(get_wsgi_application())``; the settings are read by this call.
+    With ``MOGILEFS_MEMCACHED_SERVERS`` the middleware caches paths in the memcached from which
+    the client's writes drop them.
     """
-    return MogileFSMiddleware(application, client=get_client(), **conf.middleware_options())
+    client = get_client()
+    options = conf.middleware_options()
+    if client.cache_backend is not None:
+        options["cache_backend"] = client.cache_backend
+    return MogileFSMiddleware(application, client=client, **options)

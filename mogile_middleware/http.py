@@ -1,0 +1,161 @@
+"""The HTTP decisions of a file answer, free of WSGI and ASGI (RFC 9110).
+
+Which answer a request gets (304, 412, 416, 206, 200 or an error), the headers each answer
+carries, and the error answers themselves: built here once, so that every middleware sends the
+same bytes and no error answer ever carries a file's headers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from http import HTTPStatus
+
+Headers = list[tuple[str, str]]
+
+#: RFC 9110's reason phrases where older Pythons' ``HTTPStatus`` still has RFC 7231's.
+_PHRASES = {416: "Range Not Satisfiable"}
+
+_ENTITY_TAG = re.compile(r'\s*(?:W/)?"([^"]*)"\s*(?:,|$)')
+_BYTE_RANGE = re.compile(r"(\d*)-(\d*)")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A complete HTTP answer: status line, headers and a body small enough to hold."""
+
+    status: str
+    headers: Headers
+    body: bytes = b""
+
+
+@dataclass(frozen=True)
+class FileRequest:
+    """What of a request decides a file answer: the method and the conditional headers."""
+
+    method: str = "GET"
+    if_match: str | None = None
+    if_none_match: str | None = None
+    range: str | None = None
+    if_range: str | None = None
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """An answer with the file's bytes: status, headers, and the part to fetch.
+
+    ``byte_range`` is the absolute, inclusive ``(first, last)`` pair to ask a storage node for,
+    or ``None`` for the whole file.
+    """
+
+    status: str
+    headers: Headers
+    byte_range: tuple[int, int] | None = None
+
+
+def error(code: int, reason: str = "", headers: Headers | None = None) -> Answer:
+    """A short ``text/plain`` error answer with exactly one ``Content-Length``, stored by no cache."""
+    status = f"{code} {_PHRASES.get(code) or HTTPStatus(code).phrase}"
+    body = f"{status}\n{reason}\n".encode() if reason else f"{status}\n".encode()
+    return Answer(
+        status,
+        [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            ("X-Content-Type-Options", "nosniff"),
+            *(headers or []),
+        ],
+        body,
+    )
+
+
+NOT_FOUND = error(404)
+METHOD_NOT_ALLOWED = error(405, headers=[("Allow", "GET, HEAD")])
+BAD_GATEWAY = error(502, "No replica of this file answered.")
+
+
+def service_unavailable(retry_after_seconds: int) -> Answer:
+    """The 503 for "no tracker answered", telling clients when to try again."""
+    return error(503, "No tracker answered.", [("Retry-After", str(retry_after_seconds))])
+
+
+def etag_matches(header: str | None, etag: str, *, weak: bool) -> bool:
+    """True if the entity-tag list of ``If-Match``/``If-None-Match``/``If-Range`` names ``etag``
+    (``*`` names any); ``weak`` compares as ``If-None-Match`` does, ignoring ``W/``."""
+    if header is None:
+        return False
+    header = header.strip()
+    if header == "*":
+        return True
+    position = 0
+    while position < len(header):
+        match = _ENTITY_TAG.match(header, position)
+        if match is None:
+            return False  # not a list of entity-tags: it names nothing
+        if match.group(1) == etag and (weak or not match.group(0).lstrip().startswith("W/")):
+            return True
+        position = match.end()
+    return False
+
+
+def is_suffix_range(header: str | None) -> bool:
+    """True for ``Range: bytes=-N``, which storage nodes answer wrongly (with the first N+1 bytes)."""
+    return header is not None and header.replace(" ", "").lower().startswith("bytes=-")
+
+
+def byte_range(header: str | None, length: int) -> tuple[int, int] | None | bool:
+    """The one range ``header`` asks of ``length`` bytes as ``(first, last)``; ``None`` to send the
+    whole file (no header, an invalid one, or several ranges, which RFC 9110 lets a server
+    ignore); ``False`` when the range is unsatisfiable (416)."""
+    if header is None:
+        return None
+    unit, _, ranges = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in ranges:
+        return None
+    match = _BYTE_RANGE.fullmatch(ranges.strip())
+    if match is None or match.groups() == ("", ""):
+        return None
+    first, last = match.groups()
+    if not first:  # a suffix: the last N bytes
+        suffix = int(last)
+        return (max(length - suffix, 0), length - 1) if suffix and length else False
+    if last and int(last) < int(first):
+        return None
+    if int(first) >= length:
+        return False
+    return int(first), min(int(last), length - 1) if last else length - 1
+
+
+def file_plan(request: FileRequest, etag: str, length: int, headers: Headers) -> Answer | FilePlan:
+    """The answer to ``request`` for a file of ``length`` bytes with the strong ``etag`` (unquoted)
+    and the representation ``headers`` (type, ETag, caching; not framing): a complete
+    :class:`Answer` when the file is not needed (304, 412, 416), else a :class:`FilePlan` (also
+    for HEAD, whose 200 promises that the file is there)."""
+    if request.if_match is not None and not etag_matches(request.if_match, etag, weak=False):
+        return error(412)
+    if request.if_none_match is not None and etag_matches(request.if_none_match, etag, weak=True):
+        return not_modified(headers)
+    requested = None
+    if request.method != "HEAD" and (request.if_range is None or etag_matches(request.if_range, etag, weak=False)):
+        requested = byte_range(request.range, length)
+    if requested is False:
+        etag_headers = [header for header in headers if header[0] == "ETag"]
+        return error(416, "The range is outside the file.",
+                     [("Content-Range", f"bytes */{length}"), ("Accept-Ranges", "bytes"), *etag_headers])
+    if requested is None:
+        plan = FilePlan("200 OK", [*headers, ("Accept-Ranges", "bytes"), ("Content-Length", str(length))])
+    else:
+        first, last = requested
+        plan = FilePlan(
+            "206 Partial Content",
+            [*headers, ("Accept-Ranges", "bytes"), ("Content-Range", f"bytes {first}-{last}/{length}"),
+             ("Content-Length", str(last - first + 1))],
+            requested,
+        )
+    return plan
+
+
+def not_modified(headers: Headers) -> Answer:
+    """The 304 for a file with the representation ``headers``: its validators and caching, no type."""
+    return Answer("304 Not Modified", [header for header in headers if header[0] != "Content-Type"])

@@ -1,0 +1,186 @@
+"""Locating a key: its replica URLs, length, ETag and type, through the path cache and the trackers.
+
+A :class:`Location` holds only facts about one version of a file. MogileFS gives every overwrite
+a new fid, so the fid names the version: it is the strong ETag. The :class:`Locator` keeps
+locations in the path cache, each for as long as it can be trusted: a file still short of its
+class's copies (a real tracker replicates in the background) or a key that does not exist
+only for a few seconds; and it looks a key up anew when the cached replicas turn out to be gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import mimetypes
+import re
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .cache import CacheBackend, PathCache, entry_key
+from .client import Client
+from .exceptions import MogileFSError, StorageError, UnknownKeyError
+from .protocol import parse_domains
+
+log = logging.getLogger("mogile_middleware")
+
+_FID_PATH = re.compile(r"/0*(\d+)\.fid$")
+_URL_SAFE = re.compile(r"[!-~]+")  # printable ASCII, no blank
+
+#: How many replica URLs are asked of the tracker: enough for failover.
+PATH_COUNT = 2
+#: Seconds the copy counts of the domain's classes are reused before being asked again.
+CLASSES_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where one version of a key's bytes are, and what describes them.
+
+    ``complete`` is False while the file has fewer copies than its class keeps (and than
+    :data:`PATH_COUNT`); ``length`` is ``None`` when it was not needed. ``memo`` lets responders
+    keep what they derive from the location (their headers) beside it; it is not a fact.
+    """
+
+    key: str
+    paths: tuple[str, ...]
+    etag: str
+    content_type: str
+    length: int | None = None
+    complete: bool = True
+    memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A shared cache keeps the facts only, never what one process derived from them.
+        return Location, (self.key, self.paths, self.etag, self.content_type, self.length, self.complete)
+
+
+def etag_for(paths: tuple[str, ...]) -> str:
+    """A strong ETag naming this version of the file: its fid, read from a replica's path."""
+    fid = _fid_of(paths[0]) if paths else None
+    if fid is not None:
+        return f"fid-{fid}"
+    # Paths not shaped like mogstored's: name the version by the set of its URLs.
+    return "paths-" + hashlib.sha1(" ".join(sorted(paths)).encode()).hexdigest()[:16]
+
+
+def _fid_of(path: str) -> int | None:
+    match = _FID_PATH.search(path)
+    return int(match.group(1)) if match else None
+
+
+def content_type_for(key: str) -> str:
+    """The type of ``key`` from its extension (``application/octet-stream`` when unknown)."""
+    return mimetypes.guess_type(key, strict=False)[0] or "application/octet-stream"
+
+
+class Locator:
+    """key → :class:`Location` through a :class:`PathCache` and the client's trackers.
+
+    :param client: asks the trackers (``get_paths``, and ``file_info`` for the length or when a
+        file may still be replicating).
+    :param with_length: always learn the length (needed whenever a body may be served).
+    :param path_cache_seconds: how long a complete location is reused.
+    :param replicating_seconds: how long a location short of its copies is reused.
+    :param missing_seconds: how long "no such key" is reused (0: never).
+    """
+
+    def __init__(self, client: Client, *, with_length: bool, cache_backend: CacheBackend | None = None,
+                 path_cache_seconds: float = 60.0, replicating_seconds: float = 2.0,
+                 missing_seconds: float = 3.0, stale_seconds: float = 300.0) -> None:
+        self.client = client
+        self.with_length = with_length
+        self._seconds = path_cache_seconds
+        self._replicating_seconds = min(replicating_seconds, path_cache_seconds)
+        self._missing_seconds = min(missing_seconds, path_cache_seconds)
+        self._entry_prefix = entry_key(client.domain, "")
+        self._copies: dict[str, int] = {}
+        self._copies_until = 0.0
+        self._copies_lock = threading.Lock()
+        self.paths: PathCache[Location | None] = PathCache(
+            self._lookup, backend=cache_backend, ttl_seconds=path_cache_seconds, stale_seconds=stale_seconds,
+            ttl_for=self._seconds_for,
+        )
+        client.add_change_listener(self.forget)
+
+    def locate(self, key: str) -> Location:
+        """The location of ``key``; raises :class:`UnknownKeyError`, or the tracker's errors."""
+        location = self.paths.get(self._entry_prefix + key)
+        if location is None:
+            raise UnknownKeyError("unknown_key", key)
+        return location
+
+    def relocate(self, outdated: Location) -> Location:
+        """The location of ``outdated.key`` asked of the trackers again, because the replicas of
+        ``outdated`` failed: after an outside overwrite or delete they are gone."""
+        location = self.paths.refresh(self._entry_prefix + outdated.key, outdated)
+        if location is None:
+            raise UnknownKeyError("unknown_key", outdated.key)
+        return location
+
+    def with_length_of(self, location: Location) -> Location:
+        """``location`` with its length, asked of the trackers when it was located without one."""
+        if location.length is not None:
+            return location
+        info = self.client.file_info(location.key)
+        if f"fid-{info.fid}" != location.etag:  # overwritten meanwhile
+            return self.relocate(location)
+        return replace(location, length=info.length, memo={})
+
+    def forget(self, key: str) -> None:
+        """Drop the cached location of ``key`` (it was written, renamed or deleted)."""
+        self.paths.invalidate(self._entry_prefix + key)
+
+    def _seconds_for(self, location: Location | None) -> float:
+        if location is None:
+            return self._missing_seconds
+        return self._seconds if location.complete else self._replicating_seconds
+
+    def _lookup(self, entry: str) -> Location | None:
+        key = entry[len(self._entry_prefix):]
+        for _ in range(2):  # once more if the key was overwritten between the two tracker calls
+            try:
+                location = self._ask(key)
+            except UnknownKeyError:
+                return None
+            if location is not None:
+                return location
+        raise StorageError(f"{key!r} changed during its lookup twice in a row")
+
+    def _ask(self, key: str) -> Location | None:
+        """The location from ``get_paths`` (and ``file_info`` when needed); ``None`` if the two
+        answers name different versions."""
+        paths = tuple(path for path in self.client.get_paths(key, pathcount=PATH_COUNT) if _is_clean_url(path))
+        if not paths:
+            raise StorageError(f"the tracker knows no live replica of {key!r}")
+        etag = etag_for(paths)
+        if len(paths) >= PATH_COUNT and not self.with_length:
+            return Location(key, paths, etag, content_type_for(key))
+        info = self.client.file_info(key)
+        if etag.startswith("fid-") and etag != f"fid-{info.fid}":
+            return None
+        complete = len(paths) >= PATH_COUNT or len(paths) >= self._copies_of(info.cls)
+        return Location(key, paths, f"fid-{info.fid}", content_type_for(key), info.length, complete)
+
+    def _copies_of(self, cls: str) -> int:
+        """How many copies the class keeps (asked of the trackers when a class is new to us)."""
+        with self._copies_lock:
+            if cls not in self._copies or time.monotonic() >= self._copies_until:
+                try:
+                    domains = parse_domains(self.client.pool.request("get_domains")[0])
+                except MogileFSError as error:
+                    log.warning("cannot learn the classes of %r: %r", self.client.domain, error)
+                    return PATH_COUNT  # unknown: trust the location only briefly
+                self._copies = {name: copies for name, (copies, _) in domains.get(self.client.domain, {}).items()}
+                self._copies_until = time.monotonic() + CLASSES_SECONDS
+                self._copies.setdefault(cls, PATH_COUNT)  # not listed: ask again only when the table is renewed
+            return self._copies[cls]
+
+
+def _is_clean_url(url: str) -> bool:
+    """True for an http(s) URL that can go into a header as it is (no blank, no control byte)."""
+    if url.startswith(("http://", "https://")) and _URL_SAFE.fullmatch(url):
+        return True
+    log.warning("ignoring a replica URL that cannot go into a header: %r", url)
+    return False

@@ -1,0 +1,218 @@
+"""Files changing under the middleware, through a real gunicorn read with raw sockets.
+
+Writers here are other processes' clients (no shared cache), over the development MogileFS in
+its real-tracker-like mode: replicas follow a new file later, and an overwritten or deleted fid's
+files vanish from the storage nodes later. Error answers are read byte for byte, since merged or
+duplicated headers are invisible to WSGI-level tests.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import CLASSES, DOMAIN
+from integration._gunicorn import GunicornServer, run_gunicorn
+from integration._memcached import start_memcached
+from integration._proxies import run_nginx_front, run_perlbal_front
+from integration._wire_client import HTTPReply, eventually, http_request, read_http_reply
+
+from mogile_middleware import Client
+from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.memcache import MemcachedBackend
+
+pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
+
+#: Seconds the development tracker waits before replicating and before deleting old files.
+DELAY = 0.5
+CACHE_CONTROL = "public, max-age=3600"
+#: Headers that describe a file: an error answer carries none of them (416: RFC 9110 allows ETag).
+FILE_HEADERS = {"etag", "accept-ranges", "content-range", "x-reproxy-url", "x-accel-redirect"}
+
+WORKERS = [
+    pytest.param(("sync", 1), id="sync-1"),
+    pytest.param(("sync", 2), id="sync-2"),
+    pytest.param(("gthread", 1), id="gthread-1"),
+    pytest.param(("gthread", 2), id="gthread-2"),
+]
+
+
+@pytest.fixture
+def mogile(tmp_path: Path) -> Iterator[DevMogileFS]:
+    with DevMogileFS(tmp_path / "mogdata", domains={DOMAIN: CLASSES}, replication_delay=DELAY) as mogile:
+        yield mogile
+
+
+def serve(mogile: DevMogileFS, workers: tuple[str, int] = ("sync", 1), **env: str):
+    kind, count = workers
+    extra = ["--worker-class", "gthread", "--threads", "4"] if kind == "gthread" else []
+    return run_gunicorn({"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": mogile.trackers[0],
+                         "MOGILE_CACHE_CONTROL": CACHE_CONTROL, **env}, workers=count, extra_args=extra)
+
+
+def ask(server: GunicornServer, path: str, method: str = "GET", headers: dict[str, str] | None = None) -> HTTPReply:
+    """One request on a new connection, read raw (every header line kept)."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close",
+             *(f"{name}: {value}" for name, value in (headers or {}).items())]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        reply, _ = read_http_reply(sock, method, timeout=15)
+    return reply
+
+
+def names(reply: HTTPReply) -> list[str]:
+    return [name for name, _ in reply.fields]
+
+
+def assert_clean_error(reply: HTTPReply, status: int, method: str = "GET") -> None:
+    """One framing header, none of a file's headers, and nothing a cache would keep."""
+    assert reply.status == status, reply
+    assert names(reply).count("content-length") == 1 and "transfer-encoding" not in names(reply), reply.fields
+    assert int(reply.headers["content-length"]) == len(reply.body) or method == "HEAD"
+    assert names(reply).count("content-type") == 1 and reply.headers["content-type"].startswith("text/plain")
+    assert reply.headers.get("cache-control") == "no-store" and names(reply).count("cache-control") == 1
+    allowed = {"etag", "accept-ranges", "content-range"} if status == 416 else set()
+    assert not (FILE_HEADERS - allowed) & set(names(reply)), reply.fields
+
+
+def old_files_gone(urls: list[str]) -> bool:
+    return all(http_request(url, "HEAD").status == 404 for url in urls)
+
+
+def wait_until_gone(urls: list[str]) -> None:
+    assert eventually(lambda: old_files_gone(urls), bool, timeout=10 * DELAY + 5), f"{urls} still answer"
+
+
+def test_every_error_answer_is_framed_once_and_carries_no_file_headers(mogile: DevMogileFS) -> None:
+    client = Client(DOMAIN, mogile.trackers)
+    client.store_content("small.txt", b"0123456789", cls="thumb")
+    client.store_content("gone.txt", b"soon unreachable", cls="thumb")
+    with serve(mogile) as server:
+        assert_clean_error(ask(server, "/mogilefs/%ff"), 400)
+        assert_clean_error(ask(server, "/mogilefs/no-such-key"), 404)
+        assert_clean_error(ask(server, "/mogilefs/small.txt", "POST"), 405)
+        assert ask(server, "/mogilefs/small.txt", "DELETE").headers["allow"] == "GET, HEAD"
+        unsatisfiable = ask(server, "/mogilefs/small.txt", headers={"Range": "bytes=10-"})
+        assert_clean_error(unsatisfiable, 416)
+        assert unsatisfiable.headers["content-range"] == "bytes */10"
+        assert_clean_error(ask(server, "/mogilefs/small.txt", headers={"If-Match": '"fid-0"'}), 412)
+        ok = ask(server, "/mogilefs/gone.txt")
+        assert (ok.status, ok.body, ok.headers["cache-control"]) == (200, b"soon unreachable", CACHE_CONTROL)
+        for node in mogile.nodes:
+            node.stop()
+        assert_clean_error(ask(server, "/mogilefs/gone.txt"), 502)
+        assert_clean_error(ask(server, "/mogilefs/gone.txt", headers={"Range": "bytes=0-3"}), 502)
+        mogile.stop_tracker()
+        unavailable = ask(server, "/mogilefs/never-asked.txt")
+        assert_clean_error(unavailable, 503)
+        assert unavailable.headers["retry-after"] == "5"
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_outside_overwrite_and_delete_heal_in_serve_mode(mogile: DevMogileFS, workers: tuple[str, int]) -> None:
+    writer = Client(DOMAIN, mogile.trackers)  # another process: it shares no cache with the server
+    writer.store_content("photo.png", b"first version", cls="avatar")
+    with serve(mogile, workers) as server:
+        for _ in range(2 * workers[1]):  # warm every worker's path cache
+            assert ask(server, "/mogilefs/photo.png").body == b"first version"
+        first_etag = ask(server, "/mogilefs/photo.png", "HEAD").headers["etag"]
+        old_urls = writer.get_paths("photo.png")
+
+        writer.store_content("photo.png", b"second version!", cls="avatar")
+        wait_until_gone(old_urls)
+        for _ in range(2 * workers[1]):
+            full = ask(server, "/mogilefs/photo.png")
+            assert (full.status, full.body) == (200, b"second version!")
+            assert full.headers["etag"] != first_etag
+            head = ask(server, "/mogilefs/photo.png", "HEAD")
+            assert (head.status, head.headers["content-length"]) == (200, "15")
+            part = ask(server, "/mogilefs/photo.png", headers={"Range": "bytes=7-"})
+            assert (part.status, part.body) == (206, b"version!")
+
+        old_urls = writer.get_paths("photo.png")
+        writer.delete("photo.png")
+        wait_until_gone(old_urls)
+        for _ in range(2 * workers[1]):
+            for method, headers in [("GET", {}), ("HEAD", {}), ("GET", {"Range": "bytes=0-1"})]:
+                assert_clean_error(ask(server, "/mogilefs/photo.png", method, headers), 404, method)
+
+
+def test_a_new_file_lists_its_second_replica_within_seconds(mogile: DevMogileFS) -> None:
+    writer = Client(DOMAIN, mogile.trackers)
+    with serve(mogile, MOGILE_REPROXY="perlbal") as server:
+        writer.store_content("new.png", b"fresh", cls="avatar")
+        first = ask(server, "/mogilefs/new.png").headers["x-reproxy-url"].split()
+        assert len(first) == 1  # the tracker knows one copy yet
+        started = time.monotonic()
+        urls = eventually(lambda: ask(server, "/mogilefs/new.png").headers["x-reproxy-url"].split(),
+                          lambda urls: len(urls) == 2, timeout=10)
+        assert len(urls) == 2, "the second replica never reached the reproxy answer"
+        assert time.monotonic() - started < 10
+
+
+def test_an_unknown_key_costs_one_tracker_call_and_a_write_is_seen_at_once(mogile: DevMogileFS,
+                                                                            tmp_path: Path) -> None:
+    count_file = tmp_path / "lookups"
+    with serve(mogile, MOGILE_COUNT_FILE=str(count_file)) as server:
+        for _ in range(100):
+            assert ask(server, "/mogilefs/missing.txt").status == 404
+        assert len(count_file.read_text().splitlines()) == 1
+    # The writer here is the middleware's own client: its write drops the "unknown" at once.
+    from mogile_middleware.middleware import MogileFSMiddleware
+
+    middleware = MogileFSMiddleware(lambda environ, start_response: [], domain=DOMAIN, trackers=mogile.trackers)
+    assert middleware.answer({"REQUEST_METHOD": "GET"}, "later.txt").status.startswith("404")
+    middleware.client.store_content("later.txt", b"now here", cls="thumb")
+    answer = middleware.answer({"REQUEST_METHOD": "GET"}, "later.txt")
+    assert answer.status == "200 OK" and b"".join(answer.body) == b"now here"
+
+
+def front_get(port: int, path: str, headers: dict[str, str] | None = None) -> HTTPReply:
+    return http_request(f"http://127.0.0.1:{port}{path}", headers=headers)
+
+
+def test_through_nginx_an_outside_change_is_seen_once_the_old_files_are_gone(mogile: DevMogileFS) -> None:
+    """nginx falls back to the application when every URL fails; the middleware looks again."""
+    writer = Client(DOMAIN, mogile.trackers)
+    writer.store_content("doc.txt", b"version one", cls="thumb")
+    with serve(mogile, MOGILE_REPROXY="nginx", MOGILE_TRUSTED_PROXIES="127.0.0.1",
+               MOGILE_REQUIRE_PROXY_HEADER="1") as server, run_nginx_front(server.port) as nginx:
+        assert front_get(nginx.port, "/mogilefs/doc.txt").body == b"version one"
+        old_urls = writer.get_paths("doc.txt")
+        writer.store_content("doc.txt", b"version two", cls="thumb")
+        wait_until_gone(old_urls)
+        for _ in range(3):
+            reply = front_get(nginx.port, "/mogilefs/doc.txt")
+            assert (reply.status, reply.body) == (200, b"version two")
+            assert not any("x-reproxy" in name or "x-accel" in name for name in reply.headers)
+        assert front_get(nginx.port, "/mogilefs/doc.txt", {"Range": "bytes=8-"}).body == b"two"
+        old_urls = writer.get_paths("doc.txt")
+        writer.delete("doc.txt")
+        wait_until_gone(old_urls)
+        assert front_get(nginx.port, "/mogilefs/doc.txt").status == 404
+
+
+@pytest.mark.parametrize("front", ["perlbal", "nginx"])
+def test_a_writer_sharing_memcached_is_seen_through_the_proxy_at_once(mogile: DevMogileFS, front: str) -> None:
+    """Perlbal answers 503 itself when every URL fails: only a writer that drops the shared entry
+    (here a plain Client, as a script or another host would use) makes the change visible at once."""
+    run_front = run_perlbal_front if front == "perlbal" else run_nginx_front
+    with start_memcached() as memcached, serve(
+        mogile, ("sync", 2), MOGILE_REPROXY=front, MOGILE_TRUSTED_PROXIES="127.0.0.1",
+        MOGILE_MEMCACHED=memcached.address,
+    ) as server, run_front(server.port) as proxy:
+        writer = Client(DOMAIN, mogile.trackers, cache_backend=MemcachedBackend(memcached.address))
+        writer.store_content("pic.png", b"old picture", cls="thumb")
+        for _ in range(4):
+            assert front_get(proxy.port, "/mogilefs/pic.png").body == b"old picture"
+        old_urls = writer.get_paths("pic.png")
+        writer.store_content("pic.png", b"new picture", cls="thumb")
+        wait_until_gone(old_urls)
+        for _ in range(4):
+            reply = front_get(proxy.port, "/mogilefs/pic.png")
+            assert (reply.status, reply.body) == (200, b"new picture")
+        writer.delete("pic.png")
+        assert front_get(proxy.port, "/mogilefs/pic.png").status == 404

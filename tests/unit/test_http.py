@@ -1,0 +1,119 @@
+"""The WSGI-free HTTP decisions: conditional requests, ranges and error answers (RFC 9110)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mogile_middleware import http
+from mogile_middleware.http import Answer, FilePlan, FileRequest
+
+ETAG = "fid-42"
+HEADERS = [("Content-Type", "image/png"), ("ETag", f'"{ETAG}"'), ("Cache-Control", "public, max-age=60")]
+
+
+def plan(length: int = 100, **request: str) -> Answer | FilePlan:
+    return http.file_plan(FileRequest(**request), ETAG, length, HEADERS)
+
+
+@pytest.mark.parametrize(("header", "weak", "expected"), [
+    pytest.param('"fid-42"', False, True, id="strong"),
+    pytest.param('W/"fid-42"', True, True, id="weak-compared-weakly"),
+    pytest.param('W/"fid-42"', False, False, id="weak-compared-strongly"),
+    pytest.param('"a", "fid-42"', False, True, id="list"),
+    pytest.param("*", False, True, id="star"),
+    pytest.param('"fid-4"', True, False, id="other"),
+    pytest.param("fid-42", True, False, id="unquoted"),
+    pytest.param('"fid-42" garbage', True, False, id="garbage-after"),
+    pytest.param("", True, False, id="empty"),
+])
+def test_etag_matching(header: str, weak: bool, expected: bool) -> None:
+    assert http.etag_matches(header, ETAG, weak=weak) is expected
+
+
+@pytest.mark.parametrize(("header", "length", "expected"), [
+    pytest.param(None, 100, None, id="none"),
+    pytest.param("bytes=0-9", 100, (0, 9), id="first-ten"),
+    pytest.param("bytes=90-", 100, (90, 99), id="open"),
+    pytest.param("bytes=-10", 100, (90, 99), id="suffix"),
+    pytest.param("bytes=-1000", 100, (0, 99), id="suffix-longer-than-file"),
+    pytest.param("bytes=50-1000", 100, (50, 99), id="last-clamped"),
+    pytest.param("bytes=-0", 100, False, id="empty-suffix"),
+    pytest.param("bytes=100-", 100, False, id="past-the-end"),
+    pytest.param("bytes=0-0", 0, False, id="empty-file"),
+    pytest.param("bytes=-5", 0, False, id="suffix-of-empty-file"),
+    pytest.param("bytes=0-1,5-6", 100, None, id="several-ignored"),
+    pytest.param("bytes=5-1", 100, None, id="reversed-ignored"),
+    pytest.param("bytes=-", 100, None, id="no-numbers"),
+    pytest.param("items=0-1", 100, None, id="other-unit"),
+    pytest.param("bytes=a-b", 100, None, id="not-numbers"),
+])
+def test_byte_range(header: str | None, length: int, expected: object) -> None:
+    assert http.byte_range(header, length) == expected
+
+
+def test_whole_file() -> None:
+    answer = plan()
+    assert isinstance(answer, FilePlan) and answer.byte_range is None
+    assert answer.status == "200 OK"
+    assert dict(answer.headers)["Content-Length"] == "100"
+    assert dict(answer.headers)["Accept-Ranges"] == "bytes"
+
+
+def test_a_range_is_fetched_as_an_absolute_range() -> None:
+    answer = plan(range="bytes=-10")
+    assert isinstance(answer, FilePlan)
+    assert (answer.status, answer.byte_range) == ("206 Partial Content", (90, 99))
+    assert dict(answer.headers)["Content-Range"] == "bytes 90-99/100"
+    assert dict(answer.headers)["Content-Length"] == "10"
+
+
+def test_head_ignores_the_range_and_keeps_the_length() -> None:
+    answer = plan(method="HEAD", range="bytes=0-9")
+    assert isinstance(answer, FilePlan) and answer.byte_range is None
+    assert (answer.status, dict(answer.headers)["Content-Length"]) == ("200 OK", "100")
+
+
+@pytest.mark.parametrize("if_none_match", ['"fid-42"', 'W/"fid-42"', '"x", "fid-42"', "*"])
+def test_not_modified_keeps_validators_and_caching_but_not_the_type(if_none_match: str) -> None:
+    answer = plan(if_none_match=if_none_match, range="bytes=0-1")
+    assert isinstance(answer, Answer) and answer.status == "304 Not Modified" and answer.body == b""
+    assert dict(answer.headers) == {"ETag": '"fid-42"', "Cache-Control": "public, max-age=60"}
+
+
+def test_if_match_of_another_version_is_412_without_file_headers() -> None:
+    answer = plan(if_match='"fid-41"')
+    assert isinstance(answer, Answer) and answer.status.startswith("412")
+    assert "ETag" not in dict(answer.headers) and "public" not in str(answer.headers)
+    assert isinstance(plan(if_match='"fid-42"'), FilePlan)
+
+
+def test_unsatisfiable_range_is_416_with_the_length_and_no_cache_control() -> None:
+    answer = plan(range="bytes=-0")
+    assert isinstance(answer, Answer) and answer.status == "416 Range Not Satisfiable"
+    headers = dict(answer.headers)
+    assert headers["Content-Range"] == "bytes */100"
+    assert headers["ETag"] == '"fid-42"' and headers["Cache-Control"] == "no-store"
+    assert headers["Content-Length"] == str(len(answer.body))
+
+
+@pytest.mark.parametrize(("if_range", "ranged"), [
+    pytest.param('"fid-42"', True, id="same-version"),
+    pytest.param('"fid-41"', False, id="other-version"),
+    pytest.param('W/"fid-42"', False, id="weak-never-matches"),
+    pytest.param("Tue, 01 Dec 2026 10:00:00 GMT", False, id="date-without-last-modified"),
+])
+def test_if_range(if_range: str, ranged: bool) -> None:
+    answer = plan(range="bytes=0-9", if_range=if_range)
+    assert isinstance(answer, FilePlan) and (answer.byte_range is not None) is ranged
+
+
+@pytest.mark.parametrize("answer", [
+    http.NOT_FOUND, http.METHOD_NOT_ALLOWED, http.BAD_GATEWAY, http.service_unavailable(7), http.error(400, "bad"),
+    http.error(416, "x", [("Content-Range", "bytes */3")]),
+])
+def test_error_answers_frame_themselves_once_and_are_never_stored(answer: Answer) -> None:
+    names = [name.lower() for name, _ in answer.headers]
+    assert names.count("content-length") == 1 and names.count("content-type") == 1
+    assert dict(answer.headers)["Content-Length"] == str(len(answer.body))
+    assert dict(answer.headers)["Cache-Control"] == "no-store"
+    assert answer.body.decode().startswith(answer.status.split()[0])
