@@ -135,9 +135,10 @@ class Gunicorn:
 
 
 @contextmanager
-def gunicorn(workdir: Path, name: str, app_env: Mapping[str, str]) -> Iterator[Gunicorn]:
-    """:func:`bench.apps.make_app` under gunicorn (``WORKERS`` sync workers), configured by ``app_env``."""
-    port = free_port()
+def gunicorn(workdir: Path, name: str, app_env: Mapping[str, str], port: int | None = None) -> Iterator[Gunicorn]:
+    """:func:`bench.apps.make_app` under gunicorn (``WORKERS`` sync workers), configured by
+    ``app_env``, on ``port`` (a free one by default)."""
+    port = port or free_port()
     argv = [sys.executable, "-m", "gunicorn", "--workers", str(WORKERS), "--worker-class", "sync",
             "--bind", f"{HOST}:{port}", "--backlog", "2048", "--timeout", "120", "bench.apps:make_app()"]
     with child(argv, [port], workdir / f"gunicorn-{name}.log", {**os.environ, **app_env}) as process:

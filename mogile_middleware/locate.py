@@ -87,7 +87,7 @@ class Locator:
     """
 
     def __init__(self, client: Client, *, with_length: bool, cache_backend: CacheBackend | None = None,
-                 path_cache_seconds: float = 60.0, replicating_seconds: float = 2.0,
+                 path_cache_seconds: float = 10.0, replicating_seconds: float = 2.0,
                  missing_seconds: float = 3.0, stale_seconds: float = 300.0) -> None:
         self.client = client
         self.with_length = with_length

@@ -21,8 +21,10 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+from urllib.parse import quote
 
 from . import http
 from .cache import CacheBackend
@@ -69,6 +71,9 @@ class MogileFSMiddleware:
     :param nginx_location: the internal nginx location for ``X-Accel-Redirect``.
     :param perlbal_cache_seconds: send ``X-REPROXY-CACHE-FOR`` so Perlbal skips the app for hot
         keys (off by default: Perlbal then forwards suffix ranges, which storage nodes get wrong).
+    :param perlbal_fallback_url: the application as Perlbal reaches it (``http://10.0.0.5:8000``):
+        sent as the last reproxy URL, so that when every replica fails (the key was overwritten or
+        deleted elsewhere) Perlbal asks the application, which looks the key up anew.
     :param storage_timeout: seconds for connects and reads on storage nodes in serve mode.
     :param retry_after_seconds: the ``Retry-After`` of a 503 when no tracker answers.
     :param allow_app_reproxy: let the wrapped application send its own reproxy headers
@@ -89,19 +94,22 @@ class MogileFSMiddleware:
         require_proxy_header: bool = False,
         key_for_path: Callable[[str], str | None] | None = None,
         cache_control: str | None = None,
-        path_cache_seconds: float = 60.0,
+        path_cache_seconds: float = 10.0,
         missing_seconds: float = 3.0,
         replicating_seconds: float = 2.0,
         stale_seconds: float = 300.0,
         cache_backend: CacheBackend | None = None,
         nginx_location: str = "/reproxy",
         perlbal_cache_seconds: int | None = None,
+        perlbal_fallback_url: str | None = None,
         storage_timeout: float = 10.0,
         retry_after_seconds: int = 5,
         allow_app_reproxy: bool = False,
     ) -> None:
         if reproxy not in REPROXY_MODES:
             raise ValueError(f"reproxy must be one of {REPROXY_MODES}, not {reproxy!r}")
+        if perlbal_fallback_url is not None and not re.fullmatch(r"http://[!-~]+", perlbal_fallback_url):
+            raise ValueError(f"perlbal_fallback_url must be an http:// URL, not {perlbal_fallback_url!r}")
         if client is None:
             if not domain or not trackers:
                 raise ValueError("give a client, or a domain and trackers")
@@ -126,7 +134,8 @@ class MogileFSMiddleware:
         self.retry_after_seconds = retry_after_seconds
         self.storage_timeout = storage_timeout
         self.reproxy_responder: Reproxy | None = (
-            PerlbalReproxy(extra_headers=extra, cache_for_seconds=perlbal_cache_seconds) if reproxy == "perlbal"
+            PerlbalReproxy(extra_headers=extra, cache_for_seconds=perlbal_cache_seconds,
+                           fallback_url=perlbal_fallback_url) if reproxy == "perlbal"
             else NginxReproxy(location=nginx_location, extra_headers=extra) if reproxy == "nginx"
             else None
         )
@@ -166,10 +175,8 @@ class MogileFSMiddleware:
             location = self.locator.locate(key)
             responder = self.reproxy_responder
             if responder is not None and self._may_reproxy(environ, responder):
-                if not (responder.failed_header and environ.get(responder.failed_header)):
-                    return responder.answer(location, environ.get("HTTP_IF_NONE_MATCH"), "HTTP_RANGE" in environ)
-                # The proxy tried every URL it was given: the key changed elsewhere, serve what it is now.
-                location = self.locator.relocate(location)
+                return responder.answer(location, environ.get("HTTP_IF_NONE_MATCH"), "HTTP_RANGE" in environ,
+                                        _request_target(environ) if responder.wants_target else "")
             return self.serve.answer(_file_request(environ), location)
         except UnknownKeyError:
             return http.NOT_FOUND
@@ -204,6 +211,8 @@ class MogileFSMiddleware:
             return False  # storage nodes answer bytes=-N wrongly: serve it with an absolute range
         if self.require_proxy_header and not responder.proxy_asks(environ.get(responder.request_header, "")):
             return False
+        if responder.fell_back(environ):
+            return False  # every URL the proxy was given failed: serve it, looking the key up anew
         return self.trusted_proxies is None or self._is_trusted(environ.get("REMOTE_ADDR", ""))
 
     def _address_is_trusted(self, remote_addr: str) -> bool:
@@ -219,6 +228,14 @@ def _file_request(environ: dict[str, Any]) -> FileRequest:
         environ.get("REQUEST_METHOD", "GET"), environ.get("HTTP_IF_MATCH"), environ.get("HTTP_IF_NONE_MATCH"),
         environ.get("HTTP_RANGE"), environ.get("HTTP_IF_RANGE"),
     )
+
+
+def _request_target(environ: dict[str, Any]) -> str:
+    """The request's path and query, percent-encoded as a client sends them."""
+    path = quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""), safe="/:@!$&'()*+,;=~",
+                 encoding="latin-1")
+    query = environ.get("QUERY_STRING")
+    return f"{path}?{query}" if query else path
 
 
 def _is_reproxy_header(name: str) -> bool:

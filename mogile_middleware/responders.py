@@ -9,8 +9,10 @@ the replicas it was given are gone. Every answer is decided here and started by 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from . import http
 from .exceptions import StorageError
@@ -19,6 +21,10 @@ from .locate import Location, Locator
 from .storage import CHUNK_SIZE, ReplicaResponse, open_replica
 
 log = logging.getLogger("mogile_middleware")
+
+#: The query parameter that marks Perlbal's request of the fallback URL.
+FALLBACK_MARK = "mogilefs-fallback"
+_URL_SAFE = re.compile(r"[!-~]+")  # printable ASCII, no blank
 
 
 @dataclass(frozen=True)
@@ -43,8 +49,8 @@ class Reproxy:
 
     #: The request header (WSGI name) by which the proxy says it reproxies.
     request_header = ""
-    #: The request header (WSGI name) of the proxy's request after every URL it was given failed.
-    failed_header: str | None = None
+    #: True if :meth:`answer` needs the request's target (path and query as the client sent them).
+    wants_target = False
 
     def __init__(self, *, extra_headers: Headers) -> None:
         self.extra_headers = extra_headers
@@ -54,22 +60,28 @@ class Reproxy:
         """True if the request header's ``value`` says the proxy reproxies."""
         raise NotImplementedError
 
+    def fell_back(self, environ: dict[str, Any]) -> bool:
+        """True for the proxy's own request after every URL it was given failed: the key changed
+        elsewhere, so this one is served by the middleware, which then looks the key up anew."""
+        return False
+
     def headers(self, location: Location) -> Headers:
         """The response headers for ``location`` (built once per location, not per request)."""
         raise NotImplementedError
 
-    def for_range(self, headers: Headers) -> Headers:
-        """``headers`` for a request with a ``Range``, which the proxy forwards to the node."""
+    def for_request(self, headers: Headers, ranged: bool, target: str) -> Headers:
+        """``headers`` for one request: with a ``Range`` (which the proxy forwards to the node) or
+        for the request ``target`` (when :attr:`wants_target`)."""
         return headers
 
-    def answer(self, location: Location, if_none_match: str | None, ranged: bool) -> Answer:
+    def answer(self, location: Location, if_none_match: str | None, ranged: bool, target: str = "") -> Answer:
         """304 if the client holds this version, else the answer that sends the proxy to the replicas."""
         headers = location.memo.get(self)
         if headers is None:
             headers = location.memo[self] = self.headers(location)
         if if_none_match is not None and http.etag_matches(if_none_match, location.etag, weak=True):
             return http.not_modified(representation_headers(location, self.extra_headers))
-        return Answer("200 OK", self.for_range(headers) if ranged else headers)
+        return Answer("200 OK", self.for_request(headers, ranged, target) if ranged or target else headers)
 
 
 class PerlbalReproxy(Reproxy):
@@ -78,15 +90,27 @@ class PerlbalReproxy(Reproxy):
     Perlbal fetches the first URL that answers and passes the client this response's headers,
     without any ``X-REPROXY-*``; it passes on none of the storage node's validators, so ``304``
     is answered here. ``cache_for_seconds`` sends ``X-REPROXY-CACHE-FOR`` so that Perlbal answers
-    repeated requests without asking the application at all. When every URL fails Perlbal
-    answers 503 itself; the application never hears of it.
+    repeated requests without asking the application at all.
+
+    When every URL fails Perlbal answers 503 itself and never tells the application. With
+    ``fallback_url`` (the application as Perlbal reaches it, ``http://10.0.0.5:8000``) the last
+    URL is the request itself there, marked with :data:`FALLBACK_MARK`: the middleware serves it
+    after looking the key up anew (without ``X-REPROXY-EXPECTED-SIZE``, which would refuse a new
+    version of another length). Perlbal sends that body under the first answer's headers.
     """
 
     request_header = "HTTP_X_PROXY_CAPABILITIES"
 
-    def __init__(self, *, extra_headers: Headers, cache_for_seconds: int | None = None) -> None:
+    def __init__(self, *, extra_headers: Headers, cache_for_seconds: int | None = None,
+                 fallback_url: str | None = None) -> None:
         super().__init__(extra_headers=extra_headers)
         self.cache_for = f"{cache_for_seconds}; Content-Type ETag" if cache_for_seconds else None
+        self.fallback_url = fallback_url.rstrip("/") if fallback_url else None
+        self.wants_target = fallback_url is not None
+
+    def fell_back(self, environ: dict[str, Any]) -> bool:
+        """True for Perlbal's request of the fallback URL."""
+        return self.fallback_url is not None and environ.get("QUERY_STRING", "").endswith(FALLBACK_MARK)
 
     @staticmethod
     def proxy_asks(value: str) -> bool:
@@ -102,13 +126,21 @@ class PerlbalReproxy(Reproxy):
         ]
         if self.cache_for:
             headers.append(("X-REPROXY-CACHE-FOR", self.cache_for))
-        if location.length is not None:
+        if location.length is not None and self.fallback_url is None:
+            # Perlbal refuses a body of another length, so the fallback could not bring a new version.
             headers.append(("X-REPROXY-EXPECTED-SIZE", str(location.length)))
         return headers
 
-    def for_range(self, headers: Headers) -> Headers:
-        """Without ``X-REPROXY-EXPECTED-SIZE``: a ranged answer is shorter than the file."""
-        return [header for header in headers if header[0] != "X-REPROXY-EXPECTED-SIZE"]
+    def for_request(self, headers: Headers, ranged: bool, target: str) -> Headers:
+        """Without ``X-REPROXY-EXPECTED-SIZE`` for a range (the answer is shorter than the file);
+        with the fallback URL of ``target`` last, when it can go into the header."""
+        if ranged:
+            headers = [header for header in headers if header[0] != "X-REPROXY-EXPECTED-SIZE"]
+        if target and _URL_SAFE.fullmatch(target):
+            separator = "&" if "?" in target else "?"
+            fallback = f"{self.fallback_url}{target}{separator}{FALLBACK_MARK}"
+            headers = [(name, f"{value} {fallback}" if name == "X-REPROXY-URL" else value) for name, value in headers]
+        return headers
 
 
 class NginxReproxy(Reproxy):
@@ -121,7 +153,10 @@ class NginxReproxy(Reproxy):
     """
 
     request_header = "HTTP_X_SENDFILE_TYPE"
-    failed_header = "HTTP_X_REPROXY_FAILED"
+
+    def fell_back(self, environ: dict[str, Any]) -> bool:
+        """True for nginx's request with ``X-Reproxy-Failed``, sent by ``examples/nginx.conf``."""
+        return "HTTP_X_REPROXY_FAILED" in environ
 
     def __init__(self, *, location: str = "/reproxy", extra_headers: Headers) -> None:
         super().__init__(extra_headers=extra_headers)

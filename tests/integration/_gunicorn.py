@@ -44,12 +44,13 @@ class GunicornServer:
 
 @contextmanager
 def run_gunicorn(env: dict[str, str], *, workers: int = 1, app: str = "_gunicorn_app:make_app()",
-                 extra_args: Sequence[str] = ()) -> Iterator[GunicornServer]:
+                 extra_args: Sequence[str] = (), port: int | None = None) -> Iterator[GunicornServer]:
     """Start gunicorn with ``env`` added to this environment; yield it once its workers are up.
 
-    ``app`` is imported from the repository root or this directory; gunicorn is stopped on exit.
+    ``app`` is imported from the repository root or this directory; gunicorn listens on ``port``
+    (a free one by default) and is stopped on exit.
     """
-    port = free_port()
+    port = port or free_port()
     environment = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE)])}
     # A file, not a pipe: a pipe nobody reads would block gunicorn once its log fills the buffer.
     with tempfile.TemporaryFile() as log:

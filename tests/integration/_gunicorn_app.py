@@ -2,7 +2,7 @@
 
 Configured by environment variables: MOGILE_DOMAIN, MOGILE_TRACKERS, MOGILE_REPROXY, and optionally
 MOGILE_MEMCACHED (servers), MOGILE_TRUSTED_PROXIES (comma separated), MOGILE_PERLBAL_CACHE_SECONDS,
-MOGILE_REQUIRE_PROXY_HEADER ("1"), MOGILE_CACHE_CONTROL, MOGILE_PATH_CACHE_SECONDS, and the counters MOGILE_COUNT_FILE (a line per tracker
+MOGILE_REQUIRE_PROXY_HEADER ("1"), MOGILE_CACHE_CONTROL, MOGILE_PATH_CACHE_SECONDS, MOGILE_PERLBAL_FALLBACK_URL, and the counters MOGILE_COUNT_FILE (a line per tracker
 get_paths) and MOGILE_APP_HITS_FILE (a line per request the tiny app answers); each line is a PID.
 """
 
@@ -60,6 +60,8 @@ def make_app() -> MogileFSMiddleware:
         options["require_proxy_header"] = env["MOGILE_REQUIRE_PROXY_HEADER"] == "1"
     if env.get("MOGILE_CACHE_CONTROL"):
         options["cache_control"] = env["MOGILE_CACHE_CONTROL"]
+    if env.get("MOGILE_PERLBAL_FALLBACK_URL"):
+        options["perlbal_fallback_url"] = env["MOGILE_PERLBAL_FALLBACK_URL"]
     if env.get("MOGILE_PATH_CACHE_SECONDS"):
         options["path_cache_seconds"] = float(env["MOGILE_PATH_CACHE_SECONDS"])
     if env.get("MOGILE_COUNT_FILE"):

@@ -18,7 +18,7 @@ from conftest import CLASSES, DOMAIN
 from integration._gunicorn import GunicornServer, run_gunicorn
 from integration._memcached import start_memcached
 from integration._proxies import run_nginx_front, run_perlbal_front
-from integration._wire_client import HTTPReply, eventually, http_request, read_http_reply
+from integration._wire_client import HTTPReply, eventually, free_port, http_request, read_http_reply
 
 from mogile_middleware import Client
 from mogile_middleware.devserver import DevMogileFS
@@ -46,11 +46,11 @@ def mogile(tmp_path: Path) -> Iterator[DevMogileFS]:
         yield mogile
 
 
-def serve(mogile: DevMogileFS, workers: tuple[str, int] = ("sync", 1), **env: str):
+def serve(mogile: DevMogileFS, workers: tuple[str, int] = ("sync", 1), port: int | None = None, **env: str):
     kind, count = workers
     extra = ["--worker-class", "gthread", "--threads", "4"] if kind == "gthread" else []
     return run_gunicorn({"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": mogile.trackers[0],
-                         "MOGILE_CACHE_CONTROL": CACHE_CONTROL, **env}, workers=count, extra_args=extra)
+                         "MOGILE_CACHE_CONTROL": CACHE_CONTROL, **env}, workers=count, extra_args=extra, port=port)
 
 
 def ask(server: GunicornServer, path: str, method: str = "GET", headers: dict[str, str] | None = None) -> HTTPReply:
@@ -216,3 +216,30 @@ def test_a_writer_sharing_memcached_is_seen_through_the_proxy_at_once(mogile: De
             assert (reply.status, reply.body) == (200, b"new picture")
         writer.delete("pic.png")
         assert front_get(proxy.port, "/mogilefs/pic.png").status == 404
+
+
+def test_through_perlbal_the_fallback_url_heals_an_outside_change_in_one_request(mogile: DevMogileFS) -> None:
+    """Perlbal tries the application last; it looks again, so only the first request after the
+    old files vanished can fail (Perlbal checks the old length: a delete answers 404, not 200)."""
+    writer = Client(DOMAIN, mogile.trackers)
+    writer.store_content("song.mp3", b"old tune", cls="thumb")
+    port = free_port()
+    with serve(mogile, port=port, MOGILE_REPROXY="perlbal", MOGILE_TRUSTED_PROXIES="127.0.0.1",
+               MOGILE_PERLBAL_FALLBACK_URL=f"http://127.0.0.1:{port}") as server, \
+            run_perlbal_front(server.port) as perlbal:
+        assert front_get(perlbal.port, "/mogilefs/song.mp3").body == b"old tune"
+        old_urls = writer.get_paths("song.mp3")
+        writer.store_content("song.mp3", b"new tune", cls="thumb")  # the same length
+        wait_until_gone(old_urls)
+        first = front_get(perlbal.port, "/mogilefs/song.mp3")
+        assert (first.status, first.body) == (200, b"new tune")  # the fallback, under the old headers
+        healed = front_get(perlbal.port, "/mogilefs/song.mp3")
+        assert (healed.status, healed.body) == (200, b"new tune")
+        assert healed.headers["etag"] != first.headers["etag"]
+
+        old_urls = writer.get_paths("song.mp3")
+        writer.delete("song.mp3")
+        wait_until_gone(old_urls)
+        assert front_get(perlbal.port, "/mogilefs/song.mp3").status == 503  # Perlbal's own: 404 is a failure
+        for _ in range(3):
+            assert front_get(perlbal.port, "/mogilefs/song.mp3").status == 404

@@ -255,6 +255,28 @@ def test_perlbal_cache_for_and_expected_size(devmogile: DevMogileFS, client: Cli
     assert "X-REPROXY-EXPECTED-SIZE" not in ranged.headers
 
 
+def test_perlbal_fallback_url_comes_last_and_its_request_is_served(devmogile: DevMogileFS, client: Client) -> None:
+    app, _, _ = make(devmogile, reproxy="perlbal", trusted_proxies=["127.0.0.1"],
+                     perlbal_fallback_url="http://10.0.0.5:8000/")
+    proxy = {"REMOTE_ADDR": "127.0.0.1"}
+    response = app.get(url("café/日本.css") + "?v=2", extra_environ=proxy)
+    *replicas, fallback = response.headers["X-REPROXY-URL"].split(" ")
+    assert sorted(replicas) == sorted(client.get_paths("café/日本.css"))
+    assert fallback == "http://10.0.0.5:8000" + url("café/日本.css") + "?v=2&mogilefs-fallback"
+    assert "X-REPROXY-EXPECTED-SIZE" not in response.headers  # it would refuse a new version's length
+    served = app.get(fallback[len("http://10.0.0.5:8000"):], extra_environ=proxy)
+    assert served.body == BODY and "X-REPROXY-URL" not in served.headers
+    with pytest.raises(ValueError, match="perlbal_fallback_url"):
+        make(devmogile, reproxy="perlbal", perlbal_fallback_url="10.0.0.5:8000")
+
+
+def test_nginx_fallback_request_is_served(devmogile: DevMogileFS, client: Client) -> None:
+    app, _, _ = make(devmogile, reproxy="nginx")
+    assert app.get(url("plain.txt")).headers["X-Accel-Redirect"] == "/reproxy"
+    served = app.get(url("plain.txt"), headers={"X-Reproxy-Failed": "1"})
+    assert served.body == BODY and "X-Accel-Redirect" not in served.headers
+
+
 def test_nginx_answer(devmogile: DevMogileFS, client: Client) -> None:
     app, _, _ = make(devmogile, reproxy="nginx", nginx_location="/internal-reproxy")
     response = app.get(url("café/日本.css"))
