@@ -1,6 +1,7 @@
 """Locating a key: its replica URLs, length, ETag and type, through the path cache and the trackers.
 
-A :class:`Location` holds only facts about one version of a file. MogileFS gives every overwrite
+A :class:`Location` holds only facts about one version of a file (what a browser is told about
+it is the responders' business). MogileFS gives every overwrite
 a new fid, so the fid names the version: it is the strong ETag. The :class:`Locator` keeps
 locations in the path cache, each for as long as it can be trusted: a file still short of its
 class's copies (a real tracker replicates in the background) or a key that does not exist
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import mimetypes
 import re
 import threading
 import time
@@ -36,7 +36,7 @@ CLASSES_SECONDS = 300.0
 
 @dataclass(frozen=True)
 class Location:
-    """Where one version of a key's bytes are, and what describes them.
+    """Where one version of a key's bytes are: replica URLs, ETag, length.
 
     ``complete`` is False while the file has fewer copies than its class keeps (and than
     :data:`PATH_COUNT`); ``length`` is ``None`` when it was not needed. ``memo`` lets responders
@@ -46,14 +46,13 @@ class Location:
     key: str
     paths: tuple[str, ...]
     etag: str
-    content_type: str
     length: int | None = None
     complete: bool = True
     memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A shared cache keeps the facts only, never what one process derived from them.
-        return Location, (self.key, self.paths, self.etag, self.content_type, self.length, self.complete)
+        return Location, (self.key, self.paths, self.etag, self.length, self.complete)
 
 
 def etag_for(paths: tuple[str, ...]) -> str:
@@ -68,11 +67,6 @@ def etag_for(paths: tuple[str, ...]) -> str:
 def _fid_of(path: str) -> int | None:
     match = _FID_PATH.search(path)
     return int(match.group(1)) if match else None
-
-
-def content_type_for(key: str) -> str:
-    """The type of ``key`` from its extension (``application/octet-stream`` when unknown)."""
-    return mimetypes.guess_type(key, strict=False)[0] or "application/octet-stream"
 
 
 class Locator:
@@ -106,7 +100,11 @@ class Locator:
 
     def locate(self, key: str) -> Location:
         """The location of ``key``; raises :class:`UnknownKeyError`, or the tracker's errors."""
-        location = self.paths.get(self._entry_prefix + key)
+        entry = self._entry_prefix + key
+        location = self.paths.get(entry)
+        if location is not None and location.key != key:  # a shared cache's entry for another key
+            log.warning("ignoring a cached location of %r for %r", location.key, key)
+            location = self.paths.refresh(entry, location)
         if location is None:
             raise UnknownKeyError("unknown_key", key)
         return location
@@ -151,17 +149,17 @@ class Locator:
     def _ask(self, key: str) -> Location | None:
         """The location from ``get_paths`` (and ``file_info`` when needed); ``None`` if the two
         answers name different versions."""
-        paths = tuple(path for path in self.client.get_paths(key, pathcount=PATH_COUNT) if _is_clean_url(path))
+        paths = tuple(path for path in self.client.get_paths(key, pathcount=PATH_COUNT) if _usable(path))
         if not paths:
             raise StorageError(f"the tracker knows no live replica of {key!r}")
         etag = etag_for(paths)
         if len(paths) >= PATH_COUNT and not self.with_length:
-            return Location(key, paths, etag, content_type_for(key))
+            return Location(key, paths, etag)
         info = self.client.file_info(key)
         if etag.startswith("fid-") and etag != f"fid-{info.fid}":
             return None
         complete = len(paths) >= PATH_COUNT or len(paths) >= self._copies_of(info.cls)
-        return Location(key, paths, f"fid-{info.fid}", content_type_for(key), info.length, complete)
+        return Location(key, paths, f"fid-{info.fid}", info.length, complete)
 
     def _copies_of(self, cls: str) -> int:
         """How many copies the class keeps (asked of the trackers when a class is new to us)."""
@@ -178,9 +176,13 @@ class Locator:
             return self._copies[cls]
 
 
-def _is_clean_url(url: str) -> bool:
+def is_clean_url(url: str) -> bool:
     """True for an http(s) URL that can go into a header as it is (no blank, no control byte)."""
-    if url.startswith(("http://", "https://")) and _URL_SAFE.fullmatch(url):
+    return url.startswith(("http://", "https://")) and _URL_SAFE.fullmatch(url) is not None
+
+
+def _usable(url: str) -> bool:
+    if is_clean_url(url):
         return True
     log.warning("ignoring a replica URL that cannot go into a header: %r", url)
     return False

@@ -1,14 +1,22 @@
 """A memcached :class:`~mogile_middleware.cache.CacheBackend`: one path cache for every process and host.
 
-Needs the ``memcached`` extra (pymemcache). Values are pickled: whoever can write to this memcached
-can run code in the application, so it must be reachable by the application hosts only.
+Needs the ``memcached`` extra (pymemcache). An entry is plain JSON holding only what was located
+(replica URLs, ETag, length; or "no such key") and the cache key it was stored for, checked on
+every read: an entry that does not validate, names another key, or holds a URL that is not a
+clean ``http://`` one is a miss, logged, never a header and never code run. With ``secret`` every
+entry is signed (HMAC-SHA256), so nobody without the secret can forge one. memcached should still
+be reachable by the application hosts only: whoever can write to it can drop entries.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import json
+import logging
 import math
 import os
+import re
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -16,7 +24,10 @@ from typing import Any
 from pymemcache.client.base import check_key_helper, normalize_server_spec
 from pymemcache.client.hash import HashClient
 from pymemcache.exceptions import MemcacheIllegalInputError
-from pymemcache.serde import pickle_serde
+
+from .locate import Location, is_clean_url
+
+log = logging.getLogger("mogile_middleware")
 
 #: Seconds a server that failed is skipped, so a dead memcached costs one connect attempt per thread
 #: this often rather than one per request.
@@ -25,18 +36,31 @@ DEAD_SECONDS = 5.0
 #: memcached reads a larger expiry as a Unix timestamp, so longer keeps are cut to this (30 days).
 MAX_EXPIRE_SECONDS = 30 * 24 * 3600
 
+#: The version of the entry format, first in every entry.
+FORMAT = 1
+_ETAG = re.compile(r"fid-(\d{1,20})|paths-[0-9a-f]{16}")
+#: A replica URL as MogileFS makes them: a device directory and the fid's file.
+_REPLICA_URL = re.compile(r"http://[!-~]+/dev\d+(?:/\d+)*/0*(\d+)\.fid")
+
+
+class InvalidEntry(ValueError):
+    """A memcached entry that is not one this backend wrote for the key asked."""
+
 
 class MemcachedBackend:
-    """Path cache entries in memcached, shared by gunicorn workers and application hosts.
+    """Path cache entries (a :class:`~mogile_middleware.locate.Location`, or ``None`` for "no such
+    key") in memcached, shared by gunicorn workers and application hosts.
 
     ``servers`` are ``host:port`` strings (a list, or one string separated by commas or spaces).
     Errors reach :class:`~mogile_middleware.cache.PathCache`, which treats them as misses; a failed
-    server is skipped for :data:`DEAD_SECONDS`. A ready pymemcache ``client`` is used as given, and
-    must then be safe to share between the threads (and forks) of the application.
+    server is skipped for :data:`DEAD_SECONDS`. ``secret`` (bytes or text, the same on every host)
+    signs the entries. A ready pymemcache ``client`` is used as given, and must then be safe to
+    share between the threads (and forks) of the application.
     """
 
     def __init__(self, servers: str | Sequence[str] = "127.0.0.1:11211", *, prefix: str = "mogile:",
-                 connect_timeout: float = 0.2, timeout: float = 0.5, client: Any = None) -> None:
+                 connect_timeout: float = 0.2, timeout: float = 0.5, client: Any = None,
+                 secret: str | bytes | None = None) -> None:
         items = servers.replace(",", " ").split() if isinstance(servers, str) else list(servers)
         if client is None and not items:
             raise ValueError("no memcached server given")
@@ -49,20 +73,54 @@ class MemcachedBackend:
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self._given = client
+        self._secret = secret.encode() if isinstance(secret, str) else secret
         self._pid = os.getpid()
         self._local = threading.local()
 
-    def get(self, key: str) -> tuple[Any, float] | None:
-        """``(value, stored_at)`` for ``key``, or None if memcached does not hold it."""
-        return self._client().get(self._memcached_key(key))
+    def get(self, key: str) -> tuple[Location | None, float] | None:
+        """``(location, stored_at)`` for ``key``, or None if memcached holds no valid entry for it."""
+        data = self._client().get(self._memcached_key(key))
+        if data is None:
+            return None
+        try:
+            return self._decode(key, data)
+        except InvalidEntry as error:
+            log.warning("ignoring an invalid memcached entry for %r: %s", key, error)
+            return None
 
-    def set(self, key: str, value: Any, stored_at: float, keep_seconds: float) -> None:
+    def set(self, key: str, value: Location | None, stored_at: float, keep_seconds: float) -> None:
         """Keep ``value`` for ``keep_seconds`` (rounded up to whole seconds, as memcached counts)."""
         if keep_seconds <= 0:
             return  # memcached would read an expiry of 0 as "keep forever"
         expire = min(math.ceil(keep_seconds), MAX_EXPIRE_SECONDS)
         # noreply=False: wait for memcached's answer, so a failed store raises instead of vanishing.
-        self._client().set(self._memcached_key(key), (value, stored_at), expire=expire, noreply=False)
+        self._client().set(self._memcached_key(key), self._encode(key, value, stored_at), expire=expire,
+                           noreply=False)
+
+    def _encode(self, key: str, value: Location | None, stored_at: float) -> bytes:
+        if value is not None and not isinstance(value, Location):
+            raise TypeError(f"memcached keeps locations, not {type(value).__name__}")
+        located = None if value is None else [value.key, list(value.paths), value.etag, value.length, value.complete]
+        payload = json.dumps([FORMAT, key, stored_at, located], ensure_ascii=True, separators=(",", ":")).encode()
+        return self._signature(payload) + payload
+
+    def _decode(self, key: str, data: bytes) -> tuple[Location | None, float]:
+        signature = self._signature(b"")
+        if signature:
+            signature, data = data[:len(signature)], data[len(signature):]
+            if not hmac.compare_digest(signature, self._signature(data)):
+                raise InvalidEntry("its signature does not match")
+        try:
+            version, stored_for, stored_at, located = json.loads(data)
+        except (ValueError, TypeError) as error:
+            raise InvalidEntry(f"not an entry of this format: {error}") from None
+        if version != FORMAT or stored_for != key or not isinstance(stored_at, (int, float)):
+            raise InvalidEntry("another format, or stored for another key")
+        return (None if located is None else _location(located)), float(stored_at)
+
+    def _signature(self, payload: bytes) -> bytes:
+        """64 hex digits of HMAC-SHA256 over ``payload`` (nothing without a secret)."""
+        return hmac.new(self._secret, payload, hashlib.sha256).hexdigest().encode() if self._secret else b""
 
     def delete(self, key: str) -> None:
         """Forget ``key``."""
@@ -85,7 +143,25 @@ class MemcachedBackend:
             # One client per thread, because HashClient's bookkeeping of failed servers is not
             # thread-safe. retry_attempts=0 marks a failing server dead at once, for DEAD_SECONDS.
             client = self._local.client = HashClient(
-                self.servers, serde=pickle_serde, connect_timeout=self.connect_timeout, timeout=self.timeout,
+                self.servers, connect_timeout=self.connect_timeout, timeout=self.timeout,
                 no_delay=True, retry_attempts=0, dead_timeout=DEAD_SECONDS,
             )
         return client
+
+
+def _location(fields: object) -> Location:
+    """A :class:`Location` from its stored fields, each checked: nothing unchecked reaches a header."""
+    try:
+        key, paths, etag, length, complete = fields  # type: ignore[misc]
+    except (TypeError, ValueError):
+        raise InvalidEntry("a location of another shape") from None
+    if not (isinstance(key, str) and isinstance(paths, list) and paths and isinstance(etag, str)
+            and _ETAG.fullmatch(etag) and (length is None or type(length) is int and length >= 0)
+            and isinstance(complete, bool)):
+        raise InvalidEntry("a location with fields of the wrong type")
+    fid = _ETAG.fullmatch(etag).group(1)  # type: ignore[union-attr]
+    for path in paths:
+        replica = _REPLICA_URL.fullmatch(path) if isinstance(path, str) and is_clean_url(path) else None
+        if replica is None or fid is not None and int(replica.group(1)) != int(fid):
+            raise InvalidEntry(f"a URL that is not a replica of {etag}: {path!r}")
+    return Location(key, tuple(paths), etag, length, complete)

@@ -22,18 +22,19 @@ import functools
 import ipaddress
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
 from . import http
 from .cache import CacheBackend
 from .client import Client
+from .content import ContentPolicy
 from .exceptions import BadKeyError, MogileFSError, TrackerUnavailableError, UnknownKeyError
 from .http import Answer, FileRequest
 from .locate import Locator
 from .protocol import MAX_KEY_BYTES
-from .responders import NginxReproxy, PerlbalReproxy, Reproxy, Serve, StreamedAnswer
+from .responders import NginxReproxy, PerlbalReproxy, Representation, Reproxy, Serve, StreamedAnswer
 
 log = logging.getLogger("mogile_middleware")
 
@@ -41,6 +42,8 @@ StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 REPROXY_MODES = (None, "perlbal", "nginx")
+#: In ``trusted_proxies``: the peer of a unix socket (an empty ``REMOTE_ADDR``).
+UNIX_SOCKET = "unix"
 _CONTROL_CHARACTERS = frozenset(chr(c) for c in [*range(0x20), 0x7F])
 _NOT_UTF8 = http.error(400, "The file name is not valid UTF-8.")
 _CONTROL = http.error(400, "The file name contains control characters.")
@@ -56,12 +59,20 @@ class MogileFSMiddleware:
         ``avatars/42.png``), relative to ``SCRIPT_NAME``.
     :param reproxy: ``None`` to serve bodies, ``"perlbal"`` (``X-REPROXY-URL``) or ``"nginx"``
         (``X-Accel-Redirect``).
-    :param trusted_proxies: addresses or networks of the front proxies; when given, only their
-        requests get reproxy headers and every other client gets the body.
+    :param trusted_proxies: addresses or networks of the front proxies (``"unix"``: a proxy on a
+        unix socket); when given, only their requests get reproxy headers and every other client
+        gets the body. IPv4-mapped IPv6 addresses are compared as IPv4.
     :param require_proxy_header: also require the proxy's own request header before reproxying
         (Perlbal's ``X-Proxy-Capabilities: reproxy-file``, nginx's ``X-Sendfile-Type``).
     :param key_for_path: turns the URL path after the prefix into a key (or ``None``: 404).
     :param cache_control: a ``Cache-Control`` value for files (e.g. ``"public, max-age=3600"``).
+    :param mimetypes: extensions (or name endings) → types, before the standard table.
+    :param charset: the charset of text types (``None``: none sent).
+    :param trusted_files: the MogileFS holds only the site's own assets: serve HTML, SVG, XML
+        and JavaScript as they are. By default, users' files cannot run script on the site: HTML,
+        SVG and XML get ``Content-Security-Policy: sandbox``, JavaScript is sent as text.
+    :param content_disposition: ``"attachment"`` or ``"inline"`` with the key's file name
+        (RFC 6266), or ``None`` (no header).
     :param path_cache_seconds: how long a key's paths are reused without asking a tracker.
     :param missing_seconds: how long "no such key" is reused (0: every request asks).
     :param replicating_seconds: how long the paths of a file still short of its class's copies
@@ -94,6 +105,10 @@ class MogileFSMiddleware:
         require_proxy_header: bool = False,
         key_for_path: Callable[[str], str | None] | None = None,
         cache_control: str | None = None,
+        mimetypes: Mapping[str, str] | None = None,
+        charset: str | None = "utf-8",
+        trusted_files: bool = False,
+        content_disposition: str | None = None,
         path_cache_seconds: float = 10.0,
         missing_seconds: float = 3.0,
         replicating_seconds: float = 2.0,
@@ -117,13 +132,15 @@ class MogileFSMiddleware:
         self.app = app
         self.client = client
         self.prefix = "/" + prefix.strip("/") + "/" if prefix.strip("/") else "/"
-        self.trusted_proxies = (
-            None if trusted_proxies is None
-            else tuple(ipaddress.ip_network(proxy, strict=False) for proxy in trusted_proxies)
-        )
+        self.trusted_proxies = None if trusted_proxies is None else parse_trusted_proxies(trusted_proxies)
+        self._trust_unix_socket = self.trusted_proxies is not None and UNIX_SOCKET in self.trusted_proxies
         # The few proxy addresses recur on every request: decide each once (bounded for the rest).
         self._is_trusted = functools.lru_cache(maxsize=1024)(self._address_is_trusted)
         self.require_proxy_header = require_proxy_header
+        if reproxy is not None and trusted_proxies is None:
+            log.warning("reproxy=%r without trusted_proxies: every client that reaches the application directly "
+                        "gets storage URLs%s", reproxy,
+                        ", whatever proxy header it sends" if require_proxy_header else "")
         self.key_for_path = key_for_path
         self.allow_app_reproxy = allow_app_reproxy
         self.unavailable = http.service_unavailable(retry_after_seconds)
@@ -133,10 +150,13 @@ class MogileFSMiddleware:
         self.reproxy = reproxy
         self.retry_after_seconds = retry_after_seconds
         self.storage_timeout = storage_timeout
+        policy = ContentPolicy(mimetypes=mimetypes, charset=charset, trusted_files=trusted_files,
+                               content_disposition=content_disposition)
+        representation = Representation(policy, extra)
         self.reproxy_responder: Reproxy | None = (
-            PerlbalReproxy(extra_headers=extra, cache_for_seconds=perlbal_cache_seconds,
+            PerlbalReproxy(representation, cache_for_seconds=perlbal_cache_seconds,
                            fallback_url=perlbal_fallback_url) if reproxy == "perlbal"
-            else NginxReproxy(location=nginx_location, extra_headers=extra) if reproxy == "nginx"
+            else NginxReproxy(representation, location=nginx_location) if reproxy == "nginx"
             else None
         )
         # Bodies are served whenever some client may not be a trusted proxy: then the length is needed.
@@ -145,7 +165,7 @@ class MogileFSMiddleware:
             path_cache_seconds=path_cache_seconds, missing_seconds=missing_seconds,
             replicating_seconds=replicating_seconds, stale_seconds=stale_seconds,
         )
-        self.serve = Serve(self.locator, extra_headers=extra, storage_timeout=storage_timeout)
+        self.serve = Serve(self.locator, representation, storage_timeout=storage_timeout)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -216,11 +236,29 @@ class MogileFSMiddleware:
         return self.trusted_proxies is None or self._is_trusted(environ.get("REMOTE_ADDR", ""))
 
     def _address_is_trusted(self, remote_addr: str) -> bool:
+        if not remote_addr:  # a unix socket's peer has no address
+            return self._trust_unix_socket
         try:
             address = ipaddress.ip_address(remote_addr)
         except ValueError:
             return False
-        return any(address in network for network in self.trusted_proxies or ())
+        if address.version == 6 and address.ipv4_mapped:  # 127.0.0.1 behind a dual-stack [::] bind
+            address = address.ipv4_mapped
+        return any(address in network for network in self.trusted_proxies or () if network != UNIX_SOCKET)
+
+
+def parse_trusted_proxies(proxies: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network | str, ...]:
+    """Addresses and networks (``"10.0.0.0/24"``, ``"::1"``), and :data:`UNIX_SOCKET` for the peer of
+    a unix socket; raises ``ValueError`` naming a bad one."""
+    if isinstance(proxies, str):
+        raise ValueError(f"expected a list of addresses or networks, not the string {proxies!r}")
+    parsed: list[ipaddress.IPv4Network | ipaddress.IPv6Network | str] = []
+    for proxy in proxies:
+        try:
+            parsed.append(UNIX_SOCKET if proxy == UNIX_SOCKET else ipaddress.ip_network(proxy, strict=False))
+        except ValueError as error:
+            raise ValueError(f"trusted proxy {proxy!r} is not an address, a network or {UNIX_SOCKET!r}: {error}") from None
+    return tuple(parsed)
 
 
 def _file_request(environ: dict[str, Any]) -> FileRequest:

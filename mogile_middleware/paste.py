@@ -1,22 +1,21 @@
 """PasteDeploy filter factory: ``use = egg:mogile_middleware`` in a ``[filter:...]`` section.
 
-The options are the keyword arguments of :class:`MogileFSMiddleware` (``memcached_servers`` gives
-``cache_backend``), given as strings in the ini file and converted here, so that a mistake fails
-when the application is loaded.
+The options are the keyword arguments of :class:`MogileFSMiddleware` (``memcached_servers`` and
+``memcached_secret`` give ``cache_backend``), given as strings in the ini file and converted here,
+so that a mistake fails when the application is loaded.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import ipaddress
 import pkgutil
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from paste.deploy.converters import asbool, asint, aslist
 
-from .middleware import REPROXY_MODES, MogileFSMiddleware, WSGIApp
+from .middleware import REPROXY_MODES, MogileFSMiddleware, WSGIApp, parse_trusted_proxies
 
 if TYPE_CHECKING:
     from .memcache import MemcachedBackend
@@ -34,10 +33,9 @@ def _reproxy(value: str) -> str | None:
 
 
 def _networks(value: str) -> list[str]:
-    """Addresses or networks, one per line or separated by spaces, checked here to fail early."""
+    """Addresses or networks (or ``unix``), one per line or separated by spaces, checked here to fail early."""
     networks = aslist(value)
-    for network in networks:
-        ipaddress.ip_network(network, strict=False)
+    parse_trusted_proxies(networks)
     return networks
 
 
@@ -52,16 +50,23 @@ def _callable(value: str) -> Callable[..., Any]:
     return found
 
 
-def _memcached(value: str) -> MemcachedBackend | None:
-    """``host:port`` servers for a shared path cache in memcached; none: the in-process cache."""
-    servers = aslist(value)
+def _memcached(servers: list[str] | None, secret: str | None) -> MemcachedBackend | None:
+    """A shared path cache in memcached on ``host:port`` ``servers``; none: the in-process cache."""
     if not servers:
         return None
     try:
         from .memcache import MemcachedBackend  # pymemcache is an optional extra
     except ImportError as error:
         raise ValueError(f"needs pymemcache: pip install 'mogile_middleware[memcached]' ({error})") from error
-    return MemcachedBackend(servers)
+    return MemcachedBackend(servers, secret=secret or None)
+
+
+def _mimetypes(value: str) -> dict[str, str]:
+    """``.ext=type`` pairs, one per line or separated by spaces (``.webp=image/webp``)."""
+    pairs = [item.partition("=") for item in aslist(value)]
+    if any(not sep for _, sep, _ in pairs):
+        raise ValueError(f"expected .ext=type pairs, got {value!r}")
+    return {ending: media_type for ending, _, media_type in pairs}
 
 
 #: Converters of the options whose type alone does not say how to read them.
@@ -70,6 +75,7 @@ _SPECIAL: Mapping[str, Callable[[str], Any]] = {
     "reproxy": _reproxy,
     "trusted_proxies": _networks,
     "key_for_path": _callable,
+    "mimetypes": _mimetypes,
 }
 
 #: Converters by the middleware's annotation of an argument (``X | None`` reads as ``X``).
@@ -86,14 +92,14 @@ def _options() -> dict[str, Callable[[str], Any]]:
         if name in _NOT_OPTIONS:
             continue
         options[name] = _SPECIAL.get(name) or _BY_TYPE[str(parameter.annotation).removesuffix(" | None")]
-    return {**options, "memcached_servers": _memcached}
+    return {**options, "memcached_servers": aslist, "memcached_secret": str}
 
 
 #: Every option the filter takes, with the converter from its ini string.
 OPTIONS: Mapping[str, Callable[[str], Any]] = _options()
 
-#: The middleware keyword of each option not named after it.
-KEYWORDS: Mapping[str, str] = {"memcached_servers": "cache_backend"}
+#: The options that together give the middleware's ``cache_backend``.
+CACHE_BACKEND_OPTIONS = ("memcached_servers", "memcached_secret")
 
 
 def filter_factory(global_conf: Mapping[str, str], **local_conf: str) -> Callable[[WSGIApp], MogileFSMiddleware]:
@@ -109,9 +115,14 @@ def filter_factory(global_conf: Mapping[str, str], **local_conf: str) -> Callabl
     options: dict[str, Any] = {}
     for name, value in local_conf.items():
         try:
-            options[KEYWORDS.get(name, name)] = OPTIONS[name](value)
+            options[name] = OPTIONS[name](value)
         except ValueError as error:
             raise ValueError(f"mogile_middleware option {name}: {error}") from error
+    if any(name in options for name in CACHE_BACKEND_OPTIONS):
+        try:
+            options["cache_backend"] = _memcached(*(options.pop(name, None) for name in CACHE_BACKEND_OPTIONS))
+        except ValueError as error:
+            raise ValueError(f"mogile_middleware option memcached_servers: {error}") from error
     for name in REQUIRED:
         if not options.get(name):
             raise ValueError(f"mogile_middleware option {name} is required")

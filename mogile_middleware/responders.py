@@ -16,6 +16,7 @@ from typing import Any
 
 from . import http
 from .exceptions import StorageError
+from .content import ContentPolicy
 from .http import Answer, FileRequest, Headers
 from .locate import Location, Locator
 from .storage import CHUNK_SIZE, ReplicaResponse, open_replica
@@ -36,9 +37,21 @@ class StreamedAnswer:
     body: ReplicaBody
 
 
-def representation_headers(location: Location, extra_headers: Headers) -> Headers:
-    """The headers that describe the file itself, in every mode: type, ETag, and the site's own."""
-    return [("Content-Type", location.content_type), ("ETag", f'"{location.etag}"'), *extra_headers]
+class Representation:
+    """The headers that describe a file in every mode: what the content policy says of its key
+    (type, sandbox, disposition), its ETag, and the site's own (``nosniff``, ``Cache-Control``)."""
+
+    def __init__(self, policy: ContentPolicy, extra_headers: Headers) -> None:
+        self.policy = policy
+        self.extra_headers = extra_headers
+
+    def headers(self, location: Location) -> Headers:
+        """The headers of ``location`` (built once per location, kept beside it)."""
+        headers = location.memo.get(self)
+        if headers is None:
+            headers = location.memo[self] = [*self.policy.headers(location.key), ("ETag", f'"{location.etag}"'),
+                                              *self.extra_headers]
+        return headers
 
 
 class Reproxy:
@@ -52,8 +65,8 @@ class Reproxy:
     #: True if :meth:`answer` needs the request's target (path and query as the client sent them).
     wants_target = False
 
-    def __init__(self, *, extra_headers: Headers) -> None:
-        self.extra_headers = extra_headers
+    def __init__(self, representation: Representation) -> None:
+        self.representation = representation
 
     @staticmethod
     def proxy_asks(value: str) -> bool:
@@ -80,7 +93,7 @@ class Reproxy:
         if headers is None:
             headers = location.memo[self] = self.headers(location)
         if if_none_match is not None and http.etag_matches(if_none_match, location.etag, weak=True):
-            return http.not_modified(representation_headers(location, self.extra_headers))
+            return http.not_modified(self.representation.headers(location))
         return Answer("200 OK", self.for_request(headers, ranged, target) if ranged or target else headers)
 
 
@@ -101,9 +114,9 @@ class PerlbalReproxy(Reproxy):
 
     request_header = "HTTP_X_PROXY_CAPABILITIES"
 
-    def __init__(self, *, extra_headers: Headers, cache_for_seconds: int | None = None,
+    def __init__(self, representation: Representation, *, cache_for_seconds: int | None = None,
                  fallback_url: str | None = None) -> None:
-        super().__init__(extra_headers=extra_headers)
+        super().__init__(representation)
         self.cache_for = f"{cache_for_seconds}; Content-Type ETag" if cache_for_seconds else None
         self.fallback_url = fallback_url.rstrip("/") if fallback_url else None
         self.wants_target = fallback_url is not None
@@ -120,7 +133,7 @@ class PerlbalReproxy(Reproxy):
     def headers(self, location: Location) -> Headers:
         """Type, ETag, the replicas, and the length Perlbal should get (when known)."""
         headers = [
-            *representation_headers(location, self.extra_headers),
+            *self.representation.headers(location),
             ("Content-Length", "0"),
             ("X-REPROXY-URL", " ".join(location.paths)),
         ]
@@ -158,8 +171,8 @@ class NginxReproxy(Reproxy):
         """True for nginx's request with ``X-Reproxy-Failed``, sent by ``examples/nginx.conf``."""
         return "HTTP_X_REPROXY_FAILED" in environ
 
-    def __init__(self, *, location: str = "/reproxy", extra_headers: Headers) -> None:
-        super().__init__(extra_headers=extra_headers)
+    def __init__(self, representation: Representation, *, location: str = "/reproxy") -> None:
+        super().__init__(representation)
         self.location = location
 
     @staticmethod
@@ -172,7 +185,7 @@ class NginxReproxy(Reproxy):
         urls = [("X-Reproxy-URL" if n == 1 else f"X-Reproxy-URL-{n}", url)
                 for n, url in enumerate(location.paths, 1)]
         return [
-            *representation_headers(location, self.extra_headers),
+            *self.representation.headers(location),
             ("Content-Length", "0"),
             ("X-Accel-Redirect", self.location),
             *urls,
@@ -214,9 +227,9 @@ class Serve:
     trackers name now fail too.
     """
 
-    def __init__(self, locator: Locator, *, extra_headers: Headers, storage_timeout: float) -> None:
+    def __init__(self, locator: Locator, representation: Representation, *, storage_timeout: float) -> None:
         self.locator = locator
-        self.extra_headers = extra_headers
+        self.representation = representation
         self.storage_timeout = storage_timeout
 
     def answer(self, request: FileRequest, location: Location) -> Answer | StreamedAnswer:
@@ -226,8 +239,7 @@ class Serve:
                 location = self.locator.relocate(location)
             location = self.locator.with_length_of(location)
             assert location.length is not None
-            plan = http.file_plan(request, location.etag, location.length,
-                                  representation_headers(location, self.extra_headers))
+            plan = http.file_plan(request, location.etag, location.length, self.representation.headers(location))
             if isinstance(plan, Answer):
                 return plan
             expected = location.length if plan.byte_range is None else plan.byte_range[1] - plan.byte_range[0] + 1

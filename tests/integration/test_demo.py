@@ -28,7 +28,7 @@ from mogile_middleware.demo import sample_files
 pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
 
 REPO = Path(__file__).resolve().parents[2]
-CONTENT_TYPES = {".png": "image/png", ".mp4": "video/mp4", ".txt": "text/plain"}
+CONTENT_TYPES = {".png": "image/png", ".mp4": "video/mp4", ".txt": "text/plain; charset=utf-8"}
 LISTED = re.compile(r'<li><a href="([^"]+)">([^<]+)</a> (\d+) bytes, class (\w+)</li>')
 
 

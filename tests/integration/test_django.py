@@ -303,7 +303,7 @@ def test_writes_drop_the_key_from_the_shared_memcached(mogile: DevMogileFS) -> N
         backend = MemcachedBackend([server.address])
 
         def cache(name: str) -> None:
-            backend.set(entry_key(DOMAIN, name), "x", time.time(), 60)
+            backend.set(entry_key(DOMAIN, name), None, time.time(), 60)  # a cached "no such key"
 
         def cached(name: str) -> bool:
             return backend.get(entry_key(DOMAIN, name)) is not None

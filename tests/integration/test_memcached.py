@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import socket
 import threading
 import time
@@ -23,11 +25,15 @@ from mogile_middleware.cache import PathCache
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.memcache import MemcachedBackend
 from mogile_middleware.middleware import MogileFSMiddleware
-from mogile_middleware.responders import Location
+from mogile_middleware.locate import Location
 
-LOCATION = Location("avatars/42.png", ("http://10.0.0.1:7500/dev1/0/000/000/0000000042.fid",), "fid-42",
-                    "image/png", 1234)
-VALUE = (LOCATION, [("X-REPROXY-URL", "http://10.0.0.1:7500/dev1/0/000/000/0000000042.fid")])
+
+def location(fid: int, key: str = "avatars/42.png") -> Location:
+    """A location of ``key`` as the tracker would give it, with one replica of ``fid``."""
+    return Location(key, (f"http://10.0.0.1:7500/dev1/0/000/000/{fid:010d}.fid",), f"fid-{fid}", fid * 10, True)
+
+
+LOCATION = location(42)
 BODY = b"shared by every worker\n"
 #: What pymemcache raises for a server that is down, hung or marked dead.
 DOWN = (MemcacheError, OSError)
@@ -59,21 +65,25 @@ def hello(environ, start_response):
 
 # The backend against a running memcached.
 
-def test_a_location_and_its_headers_come_back_equal(backend: MemcachedBackend) -> None:
-    backend.set("avatars/42.png", VALUE, 1700000000.5, 60)
-    assert backend.get("avatars/42.png") == (VALUE, 1700000000.5)
+def test_a_location_and_no_such_key_come_back_equal(backend: MemcachedBackend) -> None:
+    backend.set("avatars/42.png", LOCATION, 1700000000.5, 60)
+    backend.set("avatars/missing.png", None, 1700000000.5, 60)
+    assert backend.get("avatars/42.png") == (LOCATION, 1700000000.5)
+    assert backend.get("avatars/missing.png") == (None, 1700000000.5)
     assert backend.get("avatars/43.png") is None
+    with pytest.raises(TypeError, match="locations"):
+        backend.set("other", "paths of other", 1.0, 60)
 
 
 def test_an_entry_expires_after_keep_seconds(backend: MemcachedBackend) -> None:
-    backend.set("brief", VALUE, time.time(), 1)
+    backend.set("brief", LOCATION, time.time(), 1)
     assert backend.get("brief") is not None
     # memcached counts whole seconds on its own clock: gone within 1 to 2 s, allow a margin.
     assert eventually(lambda: backend.get("brief"), lambda entry: entry is None, timeout=4.0, every=0.1) is None
 
 
 def test_delete_forgets_a_key(backend: MemcachedBackend) -> None:
-    backend.set("gone", VALUE, time.time(), 60)
+    backend.set("gone", LOCATION, time.time(), 60)
     backend.delete("gone")
     backend.delete("never-set")
     assert backend.get("gone") is None
@@ -82,8 +92,8 @@ def test_delete_forgets_a_key(backend: MemcachedBackend) -> None:
 def test_keys_memcached_could_not_hold_work_and_stay_distinct(backend: MemcachedBackend) -> None:
     keys = ["with spaces in it", " leading blank", "ünïcødé/файл.png", "tab\there", "k" * 255, "k" * 253 + "é"]
     for number, key in enumerate(keys):
-        backend.set(key, number, 1.0, 60)
-    assert [backend.get(key) for key in keys] == [(number, 1.0) for number in range(len(keys))]
+        backend.set(key, location(number, key), 1.0, 60)
+    assert [backend.get(key) for key in keys] == [(location(number, key), 1.0) for number, key in enumerate(keys)]
 
 
 def test_a_prefix_memcached_cannot_take_is_refused() -> None:
@@ -95,8 +105,9 @@ def test_keys_spread_over_several_servers(memcached: MemcachedServer) -> None:
     with start_memcached() as second:
         backend = MemcachedBackend(f"{memcached.address}, {second.address}")
         for number in range(40):
-            backend.set(f"key{number}", number, 1.0, 60)
-        assert [backend.get(f"key{number}") for number in range(40)] == [(number, 1.0) for number in range(40)]
+            backend.set(f"key{number}", location(number, f"key{number}"), 1.0, 60)
+        assert [backend.get(f"key{number}") for number in range(40)] == [
+            (location(number, f"key{number}"), 1.0) for number in range(40)]
         items = [int(MemcacheClient(server.address).stats()[b"curr_items"]) for server in (memcached, second)]
         assert sum(items) == 40 and min(items) > 0, items
 
@@ -108,8 +119,8 @@ def test_threads_share_a_backend(backend: MemcachedBackend) -> None:
         try:
             for number in range(50):
                 key = f"thread{thread}/{number}"
-                backend.set(key, (thread, number), 1.0, 60)
-                if (entry := backend.get(key)) != ((thread, number), 1.0):
+                backend.set(key, location(thread * 100 + number, key), 1.0, 60)
+                if (entry := backend.get(key)) != (location(thread * 100 + number, key), 1.0):
                     failures.append(entry)
         except Exception as error:  # noqa: BLE001 - an exception in a thread would not fail the test
             failures.append(error)
@@ -123,22 +134,86 @@ def test_threads_share_a_backend(backend: MemcachedBackend) -> None:
 
 
 def test_a_forked_child_uses_its_own_connection(backend: MemcachedBackend) -> None:
-    backend.set("parent", "P", 1.0, 60)
-    backend.set("child", "C", 1.0, 60)  # the parent's connection is open before the fork
+    parent, child = location(1, "parent"), location(2, "child")
+    backend.set("parent", parent, 1.0, 60)
+    backend.set("child", child, 1.0, 60)  # the parent's connection is open before the fork
     pid = os.fork()
     if pid == 0:  # the child: a shared socket would mix its replies with the parent's
-        ok = all(backend.get("child") == ("C", 1.0) for _ in range(300))
+        ok = all(backend.get("child") == (child, 1.0) for _ in range(300))
         os._exit(0 if ok else 1)
-    parent_ok = all(backend.get("parent") == ("P", 1.0) for _ in range(300))
+    parent_ok = all(backend.get("parent") == (parent, 1.0) for _ in range(300))
     _, status = os.waitpid(pid, 0)
     assert parent_ok and os.waitstatus_to_exitcode(status) == 0
+
+
+# Entries that cannot be forged or mixed up.
+
+class _Boom:
+    """A pickle payload that would run code in whoever unpickles it."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (Path.touch, (RAN,))
+
+
+RAN = Path("/tmp/mogile-memcached-pickle-ran")
+
+
+@pytest.mark.parametrize("forged", [
+    pytest.param(lambda: pickle.dumps((_Boom(), 1.0)), id="pickle-payload"),
+    pytest.param(lambda: json.dumps([1, "k", 1.0, ["k", ["http://169.254.169.254/latest/meta-data/"], "fid-1", 5,
+                                                   True]]).encode(), id="foreign-url"),
+    pytest.param(lambda: json.dumps([1, "k", 1.0, ["k", ["http://10.0.0.1:7500/dev1/0/000/000/0000000002.fid"],
+                                                   "fid-1", 5, True]]).encode(), id="another-fids-replica"),
+    pytest.param(lambda: json.dumps([1, "k", 1.0, ["k", ["http://10.0.0.1:7500/dev1/0/000/000/0000000001.fid\r\n"
+                                                         "X-Evil: 1"], "fid-1", 5, True]]).encode(), id="header-break"),
+    pytest.param(lambda: json.dumps([1, "k", 1.0, ["k", [], "fid-1", 5, True]]).encode(), id="no-paths"),
+    pytest.param(lambda: json.dumps([1, "other", 1.0, None]).encode(), id="stored-for-another-key"),
+    pytest.param(lambda: b"\x80garbage", id="garbage"),
+])
+def test_a_forged_entry_is_a_miss_and_runs_nothing(backend: MemcachedBackend, shared_memcached: MemcachedServer,
+                                                   forged, caplog: pytest.LogCaptureFixture) -> None:
+    RAN.unlink(missing_ok=True)
+    MemcacheClient(shared_memcached.address).set(backend._memcached_key("k"), forged())
+    assert backend.get("k") is None
+    assert not RAN.exists()
+    assert "invalid memcached entry" in caplog.text
+
+
+def test_a_secret_signs_every_entry(shared_memcached: MemcachedServer) -> None:
+    signed = MemcachedBackend(shared_memcached.address, secret="s3cret")
+    unsigned = MemcachedBackend(shared_memcached.address)
+    other = MemcachedBackend(shared_memcached.address, secret=b"another")
+    signed.set("signed", LOCATION, 1.0, 60)
+    assert signed.get("signed") == (LOCATION, 1.0)
+    assert other.get("signed") is None and unsigned.get("signed") is None
+    unsigned.set("unsigned", LOCATION, 1.0, 60)  # valid, but not signed: a forgery to the signed backend
+    assert signed.get("unsigned") is None
+    entry = MemcacheClient(shared_memcached.address).get(signed._memcached_key("signed"))
+    tampered = entry.replace(b"0000000042.fid", b"0000000043.fid").replace(b"fid-42", b"fid-43")
+    MemcacheClient(shared_memcached.address).set(signed._memcached_key("signed"), tampered)
+    assert signed.get("signed") is None
+
+
+def test_two_domains_on_one_memcached_each_get_their_own_bytes(tmp_path: Path,
+                                                               shared_memcached: MemcachedServer) -> None:
+    with DevMogileFS(tmp_path / "mogdata", domains={"photos": {"one": 1}, "music": {"one": 1}}) as mogile:
+        sites = {}
+        for domain in ("photos", "music"):
+            Client(domain, mogile.trackers).store_content("same/name.txt", f"from {domain}".encode(), cls="one")
+            sites[domain] = TestApp(MogileFSMiddleware(
+                hello, domain=domain, trackers=mogile.trackers, reproxy="perlbal",
+                cache_backend=MemcachedBackend(shared_memcached.address)))
+        for _ in range(2):
+            for domain, site in sites.items():
+                urls = site.get("/mogilefs/same/name.txt").headers["X-REPROXY-URL"].split()
+                assert {http_request(url).body for url in urls} == {f"from {domain}".encode()}
 
 
 # memcached down: errors are quick, and the trackers answer instead.
 
 def test_a_stopped_memcached_fails_fast(memcached: MemcachedServer) -> None:
     backend = MemcachedBackend(memcached.address)
-    backend.set("key", VALUE, 1.0, 60)
+    backend.set("key", LOCATION, 1.0, 60)
     memcached.stop()
     for _ in range(3):
         started = time.monotonic()
@@ -158,15 +233,15 @@ def test_a_silent_memcached_costs_one_timeout_then_is_skipped() -> None:
         started = time.monotonic()
         for _ in range(20):  # marked dead: no connection, no wait
             with pytest.raises(DOWN):
-                backend.set("key", VALUE, 1.0, 60)
+                backend.set("key", LOCATION, 1.0, 60)
         assert time.monotonic() - started < 0.2
 
 
 def test_the_path_cache_asks_the_lookup_while_memcached_is_down(memcached: MemcachedServer) -> None:
-    cache = PathCache(lambda key: f"paths of {key}", backend=MemcachedBackend(memcached.address))
-    assert [cache.get("a") for _ in range(3)] == ["paths of a"] * 3 and cache.lookups == 1
+    cache = PathCache(lambda key: location(7, key), backend=MemcachedBackend(memcached.address))
+    assert [cache.get("a") for _ in range(3)] == [location(7, "a")] * 3 and cache.lookups == 1
     memcached.stop()
-    assert [cache.get("a") for _ in range(3)] == ["paths of a"] * 3 and cache.lookups == 4
+    assert [cache.get("a") for _ in range(3)] == [location(7, "a")] * 3 and cache.lookups == 4
 
 
 def test_the_site_answers_from_a_shared_cache_and_without_it(devmogile: DevMogileFS,

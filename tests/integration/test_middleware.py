@@ -72,7 +72,8 @@ def test_serve_mode_returns_the_bytes(devmogile: DevMogileFS, client: Client, ke
 
 @pytest.mark.parametrize(
     ("key", "content_type"),
-    [("with space.png", "image/png"), ("café/日本.css", "text/css"), ("dir/sub/file", "application/octet-stream")],
+    [("with space.png", "image/png"), ("café/日本.css", "text/css; charset=utf-8"),
+     ("dir/sub/file", "application/octet-stream")],
 )
 def test_content_type_comes_from_the_extension(devmogile: DevMogileFS, client: Client, key: str,
                                                content_type: str) -> None:
@@ -283,7 +284,7 @@ def test_nginx_answer(devmogile: DevMogileFS, client: Client) -> None:
     assert response.headers["X-Accel-Redirect"] == "/internal-reproxy"
     urls = [response.headers["X-Reproxy-URL"], response.headers["X-Reproxy-URL-2"]]
     assert sorted(urls) == sorted(client.get_paths("café/日本.css"))
-    assert response.headers["Content-Type"] == "text/css"
+    assert response.headers["Content-Type"] == "text/css; charset=utf-8"
 
 
 @pytest.mark.parametrize("reproxy", ["perlbal", "nginx"])

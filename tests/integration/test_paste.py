@@ -23,7 +23,7 @@ from mogile_middleware import Client
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.memcache import MemcachedBackend
 from mogile_middleware.middleware import MogileFSMiddleware
-from mogile_middleware.paste import KEYWORDS, OPTIONS, filter_factory
+from mogile_middleware.paste import CACHE_BACKEND_OPTIONS, OPTIONS, filter_factory
 from mogile_middleware.responders import PerlbalReproxy
 
 REPO = Path(__file__).parent.parent.parent
@@ -78,7 +78,7 @@ GOOD = "domain = media\ntrackers = 127.0.0.1:7001"
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        pytest.param(GOOD + "\ncolour = blue", r"colour.*options are: .*cache_control, domain", id="unknown-option"),
+        pytest.param(GOOD + "\ncolour = blue", r"colour.*options are: .*cache_control, charset, content_disposition, domain", id="unknown-option"),
         pytest.param("trackers = 127.0.0.1:7001", r"option domain is required", id="missing-domain"),
         pytest.param("domain = media", r"option trackers is required", id="missing-trackers"),
         pytest.param("domain = media\ntrackers =", r"option trackers is required", id="empty-trackers"),
@@ -141,7 +141,7 @@ def test_numbers_and_flags_are_typed_before_the_middleware_sees_them() -> None:
 
 def test_every_string_keyword_of_the_middleware_is_an_option() -> None:
     keywords = set(inspect.signature(MogileFSMiddleware).parameters)
-    assert {KEYWORDS.get(name, name) for name in OPTIONS} == keywords - {"app", "client"}
+    assert set(OPTIONS) - set(CACHE_BACKEND_OPTIONS) == keywords - {"app", "client", "cache_backend"}
 
 
 def test_memcached_servers_build_a_shared_cache_backend() -> None:
@@ -152,6 +152,9 @@ def test_memcached_servers_build_a_shared_cache_backend() -> None:
     assert backend.servers == [("10.0.0.5", 11211), ("10.0.0.6", 11212)]
     empty = filter_factory({}, domain="media", trackers="127.0.0.1:7001", memcached_servers="")
     assert empty.keywords["cache_backend"] is None  # the in-process cache
+    signed = filter_factory({}, domain="media", trackers="127.0.0.1:7001", memcached_servers="10.0.0.5:11211",
+                            memcached_secret="s3cret").keywords["cache_backend"]
+    assert signed._signature(b"x") and not backend._signature(b"x")
 
 
 @pytest.fixture

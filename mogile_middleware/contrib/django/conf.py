@@ -7,7 +7,6 @@ Nothing is read at import, so ``override_settings`` works; a missing or wrong se
 from __future__ import annotations
 
 import inspect
-import ipaddress
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
@@ -15,7 +14,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from ...middleware import REPROXY_MODES, MogileFSMiddleware
+from ...middleware import REPROXY_MODES, MogileFSMiddleware, parse_trusted_proxies
 from ...tracker import Address, parse_trackers
 
 if TYPE_CHECKING:
@@ -108,7 +107,8 @@ def memcached_servers() -> tuple[str, ...]:
 
 
 def memcached_backend(servers: tuple[str, ...]) -> MemcachedBackend | None:
-    """The shared path cache on ``servers`` (from :func:`memcached_servers`), or None for none."""
+    """The shared path cache on ``servers`` (from :func:`memcached_servers`), signed with
+    ``MOGILEFS_MEMCACHED_SECRET`` when set, or None for none."""
     if not servers:
         return None
     try:
@@ -117,8 +117,10 @@ def memcached_backend(servers: tuple[str, ...]) -> MemcachedBackend | None:
         raise ImproperlyConfigured(
             f"MOGILEFS_MEMCACHED_SERVERS needs pymemcache: pip install 'mogile_middleware[memcached]' ({error})"
         ) from error
+    secret = getattr(settings, "MOGILEFS_MEMCACHED_SECRET", None)
     try:
-        return MemcachedBackend(servers)
+        return MemcachedBackend(servers, secret=None if secret is None else validated(
+            "MOGILEFS_MEMCACHED_SECRET", secret, text))
     except ValueError as error:
         raise ImproperlyConfigured(f"MOGILEFS_MEMCACHED_SERVERS: {list(servers)!r}: {error}") from None
 
@@ -133,8 +135,7 @@ def _networks(value: object) -> list[str]:
     # A lone string would be read as a list of one-character addresses.
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"expected a list of addresses or networks, got {value!r}")
-    for network in value:
-        ipaddress.ip_network(network, strict=False)
+    parse_trusted_proxies(value)
     return list(value)
 
 

@@ -1,0 +1,114 @@
+"""What a browser does with a stored file: its type, its charset, and whether it may run script.
+
+The type comes from the extension of the key's last segment through a fixed table (Python's own
+``mimetypes`` data, a few web types it lacks, and the site's additions), never from anything
+else in the key. Users' files are kept from running script on the site's origin: HTML, SVG and
+XML answers carry ``Content-Security-Policy: sandbox``, and JavaScript is sent as text, so a
+``<script src>`` pointing at an upload cannot use it. A site whose MogileFS holds only its own
+assets turns that off with ``trusted_files``.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from collections.abc import Mapping
+from urllib.parse import quote
+
+Headers = list[tuple[str, str]]
+
+#: Web types Python's table lacks, and compressed files as the bytes they are (no tar type
+#: without a Content-Encoding, which a browser would undo).
+_MORE_TYPES = {
+    ".atom": "application/atom+xml", ".br": "application/x-brotli", ".bz2": "application/x-bzip2",
+    ".gz": "application/gzip", ".ics": "text/calendar", ".jsonld": "application/ld+json",
+    ".map": "application/json", ".md": "text/markdown", ".mjs": "text/javascript", ".rss": "application/rss+xml",
+    ".svgz": "application/gzip", ".taz": "application/gzip", ".tbz2": "application/x-bzip2",
+    ".tgz": "application/gzip", ".txz": "application/x-xz", ".tz": "application/gzip", ".webmanifest":
+    "application/manifest+json", ".webp": "image/webp", ".woff": "font/woff", ".woff2": "font/woff2",
+    ".xhtml": "application/xhtml+xml", ".xz": "application/x-xz", ".Z": "application/x-compress",
+    ".zst": "application/zstd",
+}
+
+#: Types a browser runs script in when it opens them as a page.
+_DOCUMENT_TYPES = frozenset({"text/html", "application/xhtml+xml", "image/svg+xml", "text/xml", "application/xml",
+                             "text/xsl"})
+#: Types a browser runs as a script from ``<script src>``.
+_SCRIPT_TYPES = frozenset({"application/javascript", "text/javascript", "application/ecmascript",
+                           "application/x-javascript", "text/ecmascript"})
+#: Text types outside ``text/*`` that get a charset.
+_TEXT_TYPES = frozenset({"application/javascript", "application/json", "application/xml", "application/ld+json",
+                         "application/manifest+json"})
+
+DEFAULT = "application/octet-stream"
+DISPOSITIONS = (None, "inline", "attachment")
+
+
+def _standard_types() -> dict[str, str]:
+    """Python's own table (not the machine's ``/etc/mime.types``), so every host agrees."""
+    table = mimetypes.MimeTypes()
+    return {**table.types_map[False], **table.types_map[True], **_MORE_TYPES}
+
+
+class ContentPolicy:
+    """The headers that describe a key's bytes to a browser: type, sandbox, disposition.
+
+    :param mimetypes: extra extensions (or name endings such as ``".tar.gz"``) → types; they take
+        precedence over the table.
+    :param charset: added to text types (``text/*``, JavaScript, JSON, XML); ``None``: none.
+    :param trusted_files: serve HTML, SVG, XML and JavaScript as they are, for a MogileFS holding
+        only the site's own assets (never users' uploads).
+    :param content_disposition: ``"attachment"`` (download, with the key's file name),
+        ``"inline"`` (with the file name), or ``None`` (no header).
+    """
+
+    def __init__(self, *, mimetypes: Mapping[str, str] | None = None, charset: str | None = "utf-8",
+                 trusted_files: bool = False, content_disposition: str | None = None) -> None:
+        if content_disposition not in DISPOSITIONS:
+            raise ValueError(f"content_disposition must be one of {DISPOSITIONS}, not {content_disposition!r}")
+        for ending, media_type in (mimetypes or {}).items():
+            if not ending.startswith(".") or "/" not in media_type or not media_type.isascii():
+                raise ValueError(f"mimetypes maps a name ending like '.webp' to a type like 'image/webp', "
+                                 f"not {ending!r} to {media_type!r}")
+        self._types = {ending.lower(): media_type for ending, media_type in _standard_types().items()}
+        self._endings = sorted((ending.lower() for ending in mimetypes or {}), key=len, reverse=True)
+        self._types.update({ending.lower(): media_type for ending, media_type in (mimetypes or {}).items()})
+        self.charset = charset
+        self.trusted_files = trusted_files
+        self.content_disposition = content_disposition
+
+    def media_type(self, key: str) -> str:
+        """The type of ``key`` from its last segment's extension (the site's endings first)."""
+        name = key.rpartition("/")[2].lower()
+        for ending in self._endings:
+            if name.endswith(ending) and len(name) > len(ending):
+                return self._types[ending]
+        stem, dot, extension = name.rpartition(".")
+        return self._types.get(dot + extension, DEFAULT) if dot and stem else DEFAULT
+
+    def headers(self, key: str) -> Headers:
+        """``Content-Type`` and, as the policy says, ``Content-Security-Policy`` and ``Content-Disposition``."""
+        media_type = self.media_type(key)
+        headers: Headers = []
+        if not self.trusted_files:
+            if media_type in _SCRIPT_TYPES:
+                media_type = "text/plain"  # readable as text, never run as a script of the site
+            elif media_type in _DOCUMENT_TYPES or media_type.endswith("+xml"):
+                headers.append(("Content-Security-Policy", "sandbox"))
+        if self.charset and (media_type.startswith("text/") or media_type in _TEXT_TYPES
+                             or media_type.endswith(("+xml", "+json"))):
+            media_type = f"{media_type}; charset={self.charset}"
+        headers.insert(0, ("Content-Type", media_type))
+        if self.content_disposition:
+            headers.append(("Content-Disposition", content_disposition(self.content_disposition, key)))
+        return headers
+
+
+def content_disposition(disposition: str, key: str) -> str:
+    """``Content-Disposition`` naming the key's last segment (RFC 6266): an ASCII ``filename`` for
+    old clients and the exact name as UTF-8 in ``filename*`` (RFC 8187)."""
+    name = key.rpartition("/")[2] or "download"
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\%' else "_" for c in name)
+    value = f'{disposition}; filename="{fallback}"'
+    if fallback != name:
+        value += f"; filename*=UTF-8''{quote(name, safe='')}"
+    return value

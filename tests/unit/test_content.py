@@ -1,0 +1,89 @@
+"""What a browser is told about a stored file: type from the extension only, charset, sandbox."""
+
+from __future__ import annotations
+
+import pytest
+
+from mogile_middleware.content import ContentPolicy, content_disposition
+
+POLICY = ContentPolicy()
+
+
+@pytest.mark.parametrize(("key", "media_type"), [
+    pytest.param("a/b/photo.PNG", "image/png", id="upper-case-extension"),
+    pytest.param("data:text/html,x.png", "image/png", id="data-url-key"),
+    pytest.param("data:text/€,x", "application/octet-stream", id="data-url-without-extension"),
+    pytest.param("page.html?x=.png", "image/png", id="a-question-mark-is-part-of-the-name"),
+    pytest.param("dir.png/file", "application/octet-stream", id="extension-of-a-directory"),
+    pytest.param(".png", "application/octet-stream", id="only-an-extension"),
+    pytest.param("logs.tar.gz", "application/gzip", id="tar-gz"),
+    pytest.param("logs.tgz", "application/gzip", id="tgz"),
+    pytest.param("logs.tar", "application/x-tar", id="tar"),
+    pytest.param("icon.svgz", "application/gzip", id="svgz"),
+    pytest.param("font.woff2", "font/woff2", id="woff2"),
+    pytest.param("pic.webp", "image/webp", id="webp"),
+])
+def test_media_type_comes_from_the_last_segments_extension(key: str, media_type: str) -> None:
+    assert POLICY.media_type(key) == media_type
+
+
+@pytest.mark.parametrize(("key", "content_type", "sandboxed"), [
+    pytest.param("evil.html", "text/html; charset=utf-8", True, id="html"),
+    pytest.param("evil.xhtml", "application/xhtml+xml; charset=utf-8", True, id="xhtml"),
+    pytest.param("evil.svg", "image/svg+xml; charset=utf-8", True, id="svg"),
+    pytest.param("evil.xml", "text/xml; charset=utf-8", True, id="xml"),
+    pytest.param("feed.atom", "application/atom+xml; charset=utf-8", True, id="other-xml"),
+    pytest.param("evil.js", "text/plain; charset=utf-8", False, id="javascript-as-text"),
+    pytest.param("evil.mjs", "text/plain; charset=utf-8", False, id="module-as-text"),
+    pytest.param("notes.txt", "text/plain; charset=utf-8", False, id="text"),
+    pytest.param("data.json", "application/json; charset=utf-8", False, id="json"),
+    pytest.param("photo.jpg", "image/jpeg", False, id="image"),
+])
+def test_users_files_cannot_run_script_by_default(key: str, content_type: str, sandboxed: bool) -> None:
+    headers = dict(POLICY.headers(key))
+    assert headers["Content-Type"] == content_type
+    assert (headers.get("Content-Security-Policy") == "sandbox") is sandboxed
+    assert "Content-Disposition" not in headers
+
+
+def test_trusted_files_are_served_as_they_are() -> None:
+    policy = ContentPolicy(trusted_files=True)
+    assert policy.headers("app.js") == [("Content-Type", "application/javascript; charset=utf-8")]
+    assert policy.headers("index.html") == [("Content-Type", "text/html; charset=utf-8")]
+
+
+def test_charset_can_be_changed_or_dropped() -> None:
+    assert dict(ContentPolicy(charset="iso-8859-1").headers("a.txt"))["Content-Type"] == "text/plain; charset=iso-8859-1"
+    assert dict(ContentPolicy(charset=None).headers("a.txt"))["Content-Type"] == "text/plain"
+
+
+def test_site_types_come_first_longest_ending_first() -> None:
+    policy = ContentPolicy(mimetypes={".gz": "application/x-gzip", ".tar.gz": "application/x-gtar", ".avif": "image/x-avif"})
+    assert policy.media_type("a.tar.gz") == "application/x-gtar"
+    assert policy.media_type("a.gz") == "application/x-gzip"
+    assert policy.media_type("A.AVIF") == "image/x-avif"
+
+
+@pytest.mark.parametrize("mapping", [{"webp": "image/webp"}, {".webp": "webp"}, {".x": "text/€"}])
+def test_bad_site_types_are_refused(mapping: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="mimetypes"):
+        ContentPolicy(mimetypes=mapping)
+
+
+@pytest.mark.parametrize(("key", "expected"), [
+    pytest.param("dir/report.pdf", 'attachment; filename="report.pdf"', id="ascii"),
+    pytest.param("café/naïve résumé.txt", "attachment; filename=\"na_ve r_sum_.txt\"; "
+                 "filename*=UTF-8''na%C3%AFve%20r%C3%A9sum%C3%A9.txt", id="utf-8"),
+    pytest.param('a"b\\c%d.txt', "attachment; filename=\"a_b_c_d.txt\"; filename*=UTF-8''a%22b%5Cc%25d.txt",
+                 id="quotes-and-percent"),
+    pytest.param("dir/", 'attachment; filename="download"', id="no-name"),
+])
+def test_content_disposition_names_the_file_for_every_client(key: str, expected: str) -> None:
+    assert content_disposition("attachment", key) == expected
+    value = dict(ContentPolicy(content_disposition="attachment").headers(key))["Content-Disposition"]
+    assert value == expected and value.isascii()
+
+
+def test_unknown_disposition_is_refused() -> None:
+    with pytest.raises(ValueError, match="content_disposition"):
+        ContentPolicy(content_disposition="download")
