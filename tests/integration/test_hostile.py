@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -234,3 +235,35 @@ def test_every_invalid_key_is_a_400_without_a_tracker_call(devmogile: DevMogileF
     status, _, _ = call(MogileFSMiddleware(wrapped_app, client=counting), "GET", "/mogilefs/" + raw_key, {})
     assert status == 400
     assert counting.get_paths_calls == 0
+
+
+# Any key a site may hold, URL-like ones too: never a 500, every header value latin-1 without
+# control characters, whatever the mode and the content policy.
+url_like_keys = st.one_of(
+    valid_keys,
+    st.tuples(st.sampled_from(["data:text/html,", "data:text/€,", "javascript:", "http://evil/", "//x/", "?a=",
+                               "#", "../", "%2e%2e/", "file:///"]), valid_keys).map("".join),
+).filter(lambda key: len(key.encode()) <= 255)
+HEADER_SAFE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+
+
+def assert_headers_are_safe(headers: list[tuple[str, str]]) -> None:
+    for name, value in headers:
+        assert HEADER_SAFE.fullmatch(value), (name, value)
+        value.encode("latin-1")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=url_like_keys, stored=st.booleans())
+def test_any_key_gets_safe_headers_in_every_mode(devmogile: DevMogileFS, key: str, stored: bool) -> None:
+    client = Client(DOMAIN, devmogile.trackers)
+    if stored:
+        client.store_content(key, b"bytes", cls="thumb")
+    path_info = "/mogilefs/" + key.encode().decode("latin-1")
+    for options in ({}, {"reproxy": "perlbal"}, {"reproxy": "nginx"}, {"content_disposition": "attachment"},
+                    {"trusted_files": True, "reproxy": "perlbal", "content_disposition": "inline"}):
+        status, headers, _ = call(MogileFSMiddleware(wrapped_app, client=client, **options), "GET", path_info, {})
+        assert status in ((200,) if stored else (404,)), (options, status)
+        assert_headers_are_safe(headers)
+    if stored:
+        client.delete(key)

@@ -1,0 +1,101 @@
+"""What a browser gets for a stored file, read raw through a real gunicorn: types, script, ranges."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from urllib.parse import quote
+
+import pytest
+from conftest import DOMAIN
+from integration._gunicorn import GunicornServer, run_gunicorn
+from integration._wire_client import HTTPReply, read_http_reply
+from wiretools import ScriptedTracker
+
+from mogile_middleware import Client
+from mogile_middleware.devserver import DevMogileFS
+
+pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
+
+FILES = {
+    "data:text/html,x.png": "image/png",
+    "data:text/€,x": "application/octet-stream",
+    "notes/café.txt": "text/plain; charset=utf-8",
+    "logs.tar.gz": "application/gzip",
+    "logs.tgz": "application/gzip",
+    "evil.html": "text/html; charset=utf-8",
+    "evil.svg": "image/svg+xml; charset=utf-8",
+    "evil.xml": "text/xml; charset=utf-8",
+    "evil.js": "text/plain; charset=utf-8",
+}
+SANDBOXED = {"evil.html", "evil.svg", "evil.xml"}
+
+
+def ask(server: GunicornServer, key: str, headers: dict[str, str] | None = None) -> HTTPReply:
+    lines = [f"GET /mogilefs/{quote(key)} HTTP/1.1", "Host: media", "Connection: close",
+             *(f"{name}: {value}" for name, value in (headers or {}).items())]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        reply, _ = read_http_reply(sock, "GET")
+    return reply
+
+
+@pytest.fixture
+def server(devmogile: DevMogileFS) -> Iterator[GunicornServer]:
+    client = Client(DOMAIN, devmogile.trackers)
+    for key in FILES:
+        client.store_content(key, b"0123456789", cls="thumb")
+    with run_gunicorn({"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": devmogile.trackers[0]}) as server:
+        yield server
+
+
+def test_types_come_from_the_extension_and_users_files_run_no_script(server: GunicornServer) -> None:
+    for key, content_type in FILES.items():
+        reply = ask(server, key)
+        assert (reply.status, reply.headers["content-type"]) == (200, content_type), key
+        assert ("content-security-policy" in reply.headers) is (key in SANDBOXED), key
+        assert "content-encoding" not in reply.headers
+        if key in SANDBOXED:
+            assert reply.headers["content-security-policy"] == "sandbox"
+
+
+@pytest.mark.parametrize(("range_header", "status", "body"), [
+    pytest.param("bytes=-0", 416, None, id="empty-suffix"),
+    pytest.param("bytes=0-1,5-6", 200, b"0123456789", id="several-ranges-ignored"),
+    pytest.param("bytes=-3", 206, b"789", id="suffix"),
+    pytest.param("bytes=8-100", 206, b"89", id="past-the-end"),
+    pytest.param("bytes=10-", 416, None, id="from-the-end"),
+])
+def test_ranges_as_rfc_9110_says(server: GunicornServer, range_header: str, status: int, body: bytes | None) -> None:
+    reply = ask(server, "notes/café.txt", {"Range": range_header})
+    assert reply.status == status
+    if body is not None:
+        assert reply.body == body
+    else:
+        assert reply.headers["content-range"] == "bytes */10" and "cache-control" in reply.headers
+
+
+def test_bad_replica_urls_from_a_tracker_are_skipped(devmogile: DevMogileFS) -> None:
+    client = Client(DOMAIN, devmogile.trackers)
+    client.store_content("good.txt", b"good bytes", cls="thumb")
+    [good] = client.get_paths("good.txt")
+    fid = int(good.rsplit("/", 1)[1].split(".")[0])
+    bad = ["http://127.0.0.1:99999/dev1/x.fid", "http://127.0.0.1:abc/dev1/x.fid", "http://[::1/dev1/x.fid"]
+    paths = [*bad, good]
+    replies = {
+        b"get_paths": ("OK paths=4&" + "&".join(f"path{n}={p}" for n, p in enumerate(paths, 1)) + "\r\n").encode(),
+        b"file_info": f"OK fid={fid}&domain={DOMAIN}&class=thumb&key=good.txt&length=10&devcount=1\r\n".encode(),
+        b"get_domains": f"OK domains=1&domain1={DOMAIN}&domain1classes=1&domain1class1name=thumb"
+                        f"&domain1class1mindevcount=1\r\n".encode(),
+    }
+    tracker = ScriptedTracker(lambda line: replies[line.split()[0]])
+    try:
+        with run_gunicorn({"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": tracker.tracker}) as server:
+            reply = ask(server, "good.txt")
+            assert (reply.status, reply.body) == (200, b"good bytes")
+            paths[-1] = "http://127.0.0.1:1/dev1/0/000/000/0000000001.fid"  # nothing listens there
+            replies[b"get_paths"] = ("OK paths=4&" + "&".join(f"path{n}={p}" for n, p in enumerate(paths, 1))
+                                     + "\r\n").encode()
+            assert ask(server, "other.txt").status == 502
+    finally:
+        tracker.stop()
