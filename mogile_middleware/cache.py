@@ -137,8 +137,10 @@ class PathCache(Generic[V]):
         except Exception as error:  # a broken shared cache must not take the site down with it
             self._backend_failed(error)
             entry = None
-        if entry is not None and self._fresh(entry):
-            return entry[0]
+        if entry is not None:  # (inlined _fresh: this is the hot path)
+            ttl = self._ttl if self._ttl_for is None else self._ttl_for(entry[0])
+            if self._clock() - entry[1] < ttl:
+                return entry[0]
         return self._refresh(key)
 
     def refresh(self, key: str, outdated: V) -> V:

@@ -153,27 +153,31 @@ class Locator:
         if not paths:
             raise StorageError(f"the tracker knows no live replica of {key!r}")
         etag = etag_for(paths)
-        if len(paths) >= PATH_COUNT and not self.with_length:
+        # No class of the domain keeps more copies than listed: complete, whatever its class.
+        most_copies = max(self._class_copies().values(), default=PATH_COUNT)
+        if not self.with_length and len(paths) >= min(PATH_COUNT, most_copies):
             return Location(key, paths, etag)
         info = self.client.file_info(key)
         if etag.startswith("fid-") and etag != f"fid-{info.fid}":
             return None
-        complete = len(paths) >= PATH_COUNT or len(paths) >= self._copies_of(info.cls)
+        complete = len(paths) >= min(PATH_COUNT, self._class_copies(info.cls).get(info.cls, PATH_COUNT))
         return Location(key, paths, f"fid-{info.fid}", info.length, complete)
 
-    def _copies_of(self, cls: str) -> int:
-        """How many copies the class keeps (asked of the trackers when a class is new to us)."""
+    def _class_copies(self, cls: str | None = None) -> dict[str, int]:
+        """How many copies each class of the domain keeps, asked of the trackers every
+        :data:`CLASSES_SECONDS` and when ``cls`` is new to us; empty while they cannot say."""
         with self._copies_lock:
-            if cls not in self._copies or time.monotonic() >= self._copies_until:
+            if time.monotonic() >= self._copies_until or cls is not None and cls not in self._copies:
                 try:
                     domains = parse_domains(self.client.pool.request("get_domains")[0])
                 except MogileFSError as error:
                     log.warning("cannot learn the classes of %r: %r", self.client.domain, error)
-                    return PATH_COUNT  # unknown: trust the location only briefly
+                    return {}  # unknown: a short path is trusted only briefly
                 self._copies = {name: copies for name, (copies, _) in domains.get(self.client.domain, {}).items()}
                 self._copies_until = time.monotonic() + CLASSES_SECONDS
-                self._copies.setdefault(cls, PATH_COUNT)  # not listed: ask again only when the table is renewed
-            return self._copies[cls]
+                if cls is not None:
+                    self._copies.setdefault(cls, PATH_COUNT)  # not listed: ask again only when renewed
+            return self._copies
 
 
 def is_clean_url(url: str) -> bool:

@@ -175,7 +175,8 @@ class MogileFSMiddleware:
             return self.app(environ, _without_reproxy_headers(start_response))
         answer = self.answer(environ, path[len(self.prefix):])
         if isinstance(answer, Answer):
-            start_response(answer.status, answer.headers)
+            # A copy: answers are shared between requests, and a server may change the list it gets.
+            start_response(answer.status, answer.headers.copy())
             return [answer.body] if answer.body else []
         try:
             start_response(answer.status, answer.headers)
@@ -213,17 +214,20 @@ class MogileFSMiddleware:
         """The key for the URL path after the prefix, or the 404 or 400 answer for a bad one."""
         try:
             # PEP 3333 gives PATH_INFO as the raw bytes decoded as latin-1.
-            path = raw_path.encode("latin-1").decode("utf-8")
+            raw = raw_path.encode("latin-1")
+            path = raw.decode("utf-8")
         except UnicodeError:
             return _NOT_UTF8
         if not _CONTROL_CHARACTERS.isdisjoint(path):
             return _CONTROL
-        key = self.key_for_path(path) if self.key_for_path is not None else path
-        if not key:
+        if self.key_for_path is not None:
+            path = self.key_for_path(path)  # type: ignore[assignment]
+            raw = path.encode("utf-8") if path else b""
+        if not path:
             return http.NOT_FOUND
-        if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        if len(raw) > MAX_KEY_BYTES:
             return _TOO_LONG
-        return key
+        return path
 
     def _may_reproxy(self, environ: dict[str, Any], responder: Reproxy) -> bool:
         """True if this request may see storage URLs: from a trusted proxy that can reproxy."""
@@ -257,7 +261,8 @@ def parse_trusted_proxies(proxies: Iterable[str]) -> tuple[ipaddress.IPv4Network
         try:
             parsed.append(UNIX_SOCKET if proxy == UNIX_SOCKET else ipaddress.ip_network(proxy, strict=False))
         except ValueError as error:
-            raise ValueError(f"trusted proxy {proxy!r} is not an address, a network or {UNIX_SOCKET!r}: {error}") from None
+            raise ValueError(
+                f"trusted proxy {proxy!r} is not an address, a network or {UNIX_SOCKET!r}: {error}") from None
     return tuple(parsed)
 
 

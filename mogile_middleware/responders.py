@@ -89,12 +89,14 @@ class Reproxy:
 
     def answer(self, location: Location, if_none_match: str | None, ranged: bool, target: str = "") -> Answer:
         """304 if the client holds this version, else the answer that sends the proxy to the replicas."""
-        headers = location.memo.get(self)
-        if headers is None:
-            headers = location.memo[self] = self.headers(location)
+        answer = location.memo.get(self)
+        if answer is None:  # one answer object per location: the hot path allocates nothing
+            answer = location.memo[self] = Answer("200 OK", self.headers(location))
         if if_none_match is not None and http.etag_matches(if_none_match, location.etag, weak=True):
             return http.not_modified(self.representation.headers(location))
-        return Answer("200 OK", self.for_request(headers, ranged, target) if ranged or target else headers)
+        if ranged or target:
+            return Answer("200 OK", self.for_request(answer.headers, ranged, target))
+        return answer
 
 
 class PerlbalReproxy(Reproxy):

@@ -388,3 +388,21 @@ def test_if_range_sends_the_range_only_while_the_etag_matches(devmogile: DevMogi
     assert same.body == BODY[:4]
     changed = app.get(url("plain.txt"), headers={"Range": "bytes=0-3", "If-Range": '"fid-0"'}, status=200)
     assert changed.body == BODY
+
+
+@pytest.mark.parametrize("reproxy", [None, "perlbal", "nginx"])
+def test_a_server_changing_the_header_list_changes_no_later_answer(devmogile: DevMogileFS, client: Client,
+                                                                   reproxy: str | None) -> None:
+    """PEP 3333 lets a server change the list given to start_response in any way it likes."""
+    _, middleware, _ = make(devmogile, reproxy=reproxy)
+
+    def vandal(status: str, headers: list[tuple[str, str]], exc_info: object = None) -> None:
+        answers.append((status, list(headers)))
+        headers.clear()
+
+    for path in (url("plain.txt"), url("plain.txt"), url("missing"), url("missing"), "/mogilefs/%ff", "/mogilefs/%ff"):
+        answers: list[tuple[str, list[tuple[str, str]]]] = []
+        for _ in range(2):
+            body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": path}, vandal)
+            getattr(body, "close", lambda: None)()
+        assert answers[0] == answers[1] and answers[0][1], path
