@@ -39,6 +39,10 @@ class DevMogileFS:
     other copies, and the files of a deleted or overwritten fid are deleted from the nodes, that
     many seconds later; the metadata changes at once. Work not yet due when :meth:`stop` is
     called is dropped (see :class:`~.replication.BackgroundWork`).
+
+    ``tracker_idle_timeout`` (60 s), ``tracker_line_timeout`` (10 s) and ``tracker_max_connections``
+    (200) are the tracker's ``idle_timeout``, ``line_timeout`` and ``max_connections``
+    (see :class:`~.tracker_server.TrackerServer`).
     """
 
     def __init__(
@@ -51,11 +55,17 @@ class DevMogileFS:
         storage_nodes: int = 2,
         domains: Mapping[str, Mapping[str, int]] | None = None,
         replication_delay: float = 0.0,
+        tracker_idle_timeout: float = 60.0,
+        tracker_line_timeout: float = 10.0,
+        tracker_max_connections: int = 200,
     ) -> None:
         if replication_delay < 0:
             raise ValueError(f"the replication delay cannot be negative: {replication_delay}")
         self.host = host
         self.replication_delay = replication_delay
+        self.tracker_idle_timeout = tracker_idle_timeout
+        self.tracker_line_timeout = tracker_line_timeout
+        self.tracker_max_connections = tracker_max_connections
         self._requested_data_dir = Path(data_dir) if data_dir is not None else None
         self._storage_ports = list(storage_ports) if storage_ports is not None else [0] * storage_nodes
         self._domains = {domain: dict(classes) for domain, classes in (domains or {}).items()}
@@ -107,7 +117,13 @@ class DevMogileFS:
             node.start()
             self.store.register_device(number, f"stor{number}", self.host, node.port)
         self.tracker = TrackerServer(
-            self.store, self.host, self._tracker_port, replication_delay=self.replication_delay
+            self.store,
+            self.host,
+            self._tracker_port,
+            replication_delay=self.replication_delay,
+            idle_timeout=self.tracker_idle_timeout,
+            line_timeout=self.tracker_line_timeout,
+            max_connections=self.tracker_max_connections,
         )
         self.tracker.start()
         self._configure()

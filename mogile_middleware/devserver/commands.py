@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import re
 
+from ..protocol import MAX_KEY_BYTES
 from . import httpstore
 from .dispatch import CommandError, Context, Handler, Reply, perl_int, perl_true, require_domain
 from .metadata import DeviceRow, FileRow
@@ -240,16 +241,34 @@ def updateclass(ctx: Context, args: dict[str, str]) -> Reply:
     return None
 
 
+def _compiles(prefix: str) -> bool:
+    """Whether ``prefix`` is a valid regex (Python's syntax standing in for Perl's).
+
+    Only prefixes as long as a key are compiled: that takes a fraction of a millisecond, while a
+    64 KiB pattern takes about 0.1 s and stays in ``re``'s cache. A longer prefix matches no key.
+    """
+    if len(prefix) > MAX_KEY_BYTES:
+        return True
+    try:
+        re.compile(prefix)
+    except (re.error, RecursionError):  # deep nesting overflows the parser
+        return False
+    return True
+
+
 def list_keys(ctx: Context, args: dict[str, str]) -> Reply:
-    """Keys by prefix (literal, ASCII case-insensitive) after ``after``, in byte order, 1000 at most."""
+    """Keys by prefix (literal, ASCII case-insensitive) after ``after``, in byte order, 1000 at most.
+
+    Knowingly unlike mogilefsd, which checks ``after =~ /^$prefix/``, ``after`` must start with the
+    prefix literally: matching a client's regex lets one line such as ``(a+)+$`` stall the tracker.
+    A prefix that is no valid regex still fails as there, so code that breaks there breaks here.
+    """
     dmid = require_domain(ctx, args)
     prefix, after = args.get("prefix") or "", args.get("after") or ""
-    if prefix and perl_true(after):  # mogilefsd checks after =~ /^$prefix/, the prefix being a regex
-        try:
-            matches = re.match(prefix, after) is not None
-        except re.error:
-            raise CommandError("failure") from None
-        if not matches:
+    if prefix and perl_true(after):
+        if not _compiles(prefix):
+            raise CommandError("failure")
+        if not after.startswith(prefix):
             raise CommandError("after_mismatch")
     limit = perl_int(args["limit"]) if perl_true(args.get("limit")) else 1000
     keys = ctx.store.list_keys(dmid, prefix, after, min(limit, 1000))

@@ -21,11 +21,17 @@ CHUNK_SIZE = 64 * 1024
 
 
 class TrackingThreadingMixIn(socketserver.ThreadingMixIn):
-    """A threading server that remembers its open connections so :meth:`close_connections` can cut them."""
+    """A threading server that remembers its open connections so :meth:`close_connections` can cut them.
+
+    With ``max_connections`` set, a connection arriving while that many are served is closed at
+    once rather than left in the kernel backlog: its client fails over to another server at once
+    instead of hanging until some other connection ends.
+    """
 
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    max_connections: int | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._connections: set[socket.socket] = set()
@@ -33,9 +39,15 @@ class TrackingThreadingMixIn(socketserver.ThreadingMixIn):
         super().__init__(*args, **kwargs)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Remember the connection, then serve it in a thread."""
+        """Remember the connection and serve it in a thread, or close it when the server is full."""
         with self._connections_lock:
-            self._connections.add(request)
+            full = self.max_connections is not None and len(self._connections) >= self.max_connections
+            if not full:
+                self._connections.add(request)
+        if full:
+            log.warning("%d connections open: refusing %s", self.max_connections, client_address)
+            self.shutdown_request(request)
+            return
         super().process_request(request, client_address)
 
     def shutdown_request(self, request: Any) -> None:

@@ -3,18 +3,23 @@
 For development and tests only. It serves one docroot (holding ``dev<N>/`` directories) with
 GET/HEAD (single ranges, If-Modified-Since), PUT (atomic: written to a temporary file and renamed
 into place once the whole body arrived), DELETE, and refuses MKCOL, like the real node. Bodies are
-streamed in bounded chunks, so memory stays flat whatever the file size.
+streamed in bounded chunks, so memory stays flat whatever the file size. A connection is closed
+when it waits ``idle_timeout`` for data, or when a request line and headers take longer than
+``head_timeout`` from their first byte (so a half-sent request cannot hold a thread).
 """
 
 from __future__ import annotations
 
 import email.utils
 import http.server
+import io
 import logging
 import os
 import re
+import socket
 import socketserver
 import tempfile
+import time
 from contextlib import suppress
 from pathlib import Path
 from typing import BinaryIO
@@ -39,6 +44,41 @@ _SINGLE_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 class _BodyCut(Exception):
     """The client went away before the whole request body arrived."""
+
+
+class _SocketReader(io.RawIOBase):
+    """Reads a socket waiting ``idle_timeout`` per read, and a request head ``head_timeout`` from its first byte.
+
+    The deadline covers the whole head, so a client trickling a byte at a time is cut too.
+    """
+
+    def __init__(self, sock: socket.socket, idle_timeout: float, head_timeout: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._idle_timeout = idle_timeout
+        self._head_timeout = head_timeout
+        self._in_head = False
+        self._head_deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def start_head(self) -> None:
+        """The next bytes begin a request head: its deadline starts with the first of them."""
+        self._in_head, self._head_deadline = True, None
+
+    def end_head(self) -> None:
+        """The head is read: the body and the next request wait ``idle_timeout`` per read again."""
+        self._in_head, self._head_deadline = False, None
+        self._sock.settimeout(self._idle_timeout)
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]  # any writable buffer
+        if self._head_deadline is not None:
+            self._sock.settimeout(max(self._head_deadline - time.monotonic(), 0.001))
+        count = self._sock.recv_into(buffer)
+        if self._in_head and self._head_deadline is None:
+            self._head_deadline = time.monotonic() + self._head_timeout
+        return count
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int, int]:
@@ -71,10 +111,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
     server_version = "mogile-middleware-devserver"
     sys_version = ""
-    timeout = 30  # idle keep-alive connections are dropped after this, as Perlbal does
     server: _HTTPServer
+    _reader: _SocketReader
 
     # -- plumbing -----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Read through a :class:`_SocketReader`, so request heads have a deadline."""
+        self.timeout = self.server.idle_timeout
+        super().setup()
+        self.rfile.close()  # the plain reader made by StreamRequestHandler; the socket stays open
+        self._reader = _SocketReader(self.connection, self.server.idle_timeout, self.server.head_timeout)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        """Serve one request, its head read within ``head_timeout``."""
+        self._reader.start_head()
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        """Parse the request line and headers; reading them is done, the head deadline ends."""
+        parsed = super().parse_request()
+        self._reader.end_head()
+        return parsed
 
     def log_message(self, format: str, *args: object) -> None:
         """Access log lines go to the debug log, not to stderr."""
@@ -100,7 +159,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         else:
             self.send_header("Connection", "keep-alive")
-            self.send_header("Keep-Alive", f"timeout={self.timeout}, max=100")
+            self.send_header("Keep-Alive", f"timeout={self.timeout:g}, max=100")
         self.end_headers()
 
     def _page(self, code: int, extra: str = "", close: bool = False) -> None:
@@ -244,10 +303,12 @@ def _discard(name: str) -> None:
 
 
 class _HTTPServer(TrackingThreadingMixIn, http.server.HTTPServer):
-    """A threaded HTTP server that knows its docroot."""
+    """A threaded HTTP server that knows its docroot and its handlers' timeouts."""
 
-    def __init__(self, address: tuple[str, int], docroot: Path) -> None:
+    def __init__(self, address: tuple[str, int], docroot: Path, idle_timeout: float, head_timeout: float) -> None:
         self.docroot = docroot
+        self.idle_timeout = idle_timeout
+        self.head_timeout = head_timeout
         super().__init__(address, _Handler)
 
 
@@ -256,11 +317,28 @@ class StorageNode(BackgroundServer):
 
     For development and tests only. :meth:`stop` makes it unreachable (connections cut),
     :meth:`start` brings it back on the same port.
+
+    :param idle_timeout: seconds a connection may wait for data (between keep-alive requests, or
+        for the next piece of a body) before it is closed; 30 by default, as Perlbal does.
+    :param head_timeout: seconds a request line and headers may take from their first byte; 10
+        by default, so half-sent requests do not hold a thread each.
     """
 
-    def __init__(self, docroot: str | Path, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        docroot: str | Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        idle_timeout: float = 30.0,
+        head_timeout: float = 10.0,
+    ) -> None:
+        if idle_timeout <= 0 or head_timeout <= 0:
+            raise ValueError(f"timeouts must be positive: idle {idle_timeout}, head {head_timeout}")
         super().__init__(host, port)
         self.docroot = Path(docroot).resolve()
+        self.idle_timeout = idle_timeout
+        self.head_timeout = head_timeout
 
     @property
     def url(self) -> str:
@@ -269,4 +347,4 @@ class StorageNode(BackgroundServer):
 
     def _make_server(self) -> socketserver.BaseServer:
         self.docroot.mkdir(parents=True, exist_ok=True)
-        return _HTTPServer((self.host, self.port), self.docroot)
+        return _HTTPServer((self.host, self.port), self.docroot, self.idle_timeout, self.head_timeout)

@@ -4,8 +4,10 @@ For development and tests only, not a replacement for mogilefsd. Framing is mogi
 ends at ``\n`` (one ``\r`` before it is dropped, a ``\r`` elsewhere stays in the line), empty
 lines get no reply, pipelined lines get one reply each in order, nothing is answered before the
 line end arrives. Lines starting with ``!`` are admin lines answered with lines ending in ``.``.
-A line longer than :data:`MAX_LINE` closes that connection; nothing a client sends can stop the
-server. Storage is reached only over HTTP, so external storage nodes can be registered too.
+A connection is closed on a line longer than :data:`MAX_LINE`, after ``idle_timeout`` without a
+line, or when a line is not complete ``line_timeout`` after its first byte; connections beyond
+``max_connections`` are closed at once (see :class:`TrackerServer`). Nothing a client sends can
+stop the server. Storage is reached only over HTTP, so external storage nodes can be registered too.
 """
 
 from __future__ import annotations
@@ -35,13 +37,24 @@ class _Connection(socketserver.BaseRequestHandler):
     server: _TCPServer
 
     def handle(self) -> None:
-        """Serve the connection until the client leaves or sends an oversized line."""
+        """Serve the connection until the client leaves, times out or sends an oversized line."""
         sock: socket.socket = self.request
+        tracker = self.server.tracker
         pending = bytearray()
+        line_deadline = 0.0  # when the partial line in ``pending`` must be complete
         try:
-            while data := sock.recv(CHUNK_SIZE):
+            while True:
+                if pending:
+                    sock.settimeout(max(line_deadline - time.monotonic(), 0.001))
+                else:
+                    sock.settimeout(tracker.idle_timeout)
+                data = sock.recv(CHUNK_SIZE)
+                if not data:
+                    return
+                new_line = not pending
                 pending += data
                 while (end := pending.find(b"\n")) >= 0:
+                    new_line = True
                     line = bytes(pending[:end])
                     del pending[: end + 1]
                     if line.endswith(b"\r"):
@@ -49,10 +62,13 @@ class _Connection(socketserver.BaseRequestHandler):
                     if len(line) > MAX_LINE:
                         return
                     if line:
-                        sock.sendall(self.server.tracker.answer(line))
+                        sock.settimeout(tracker.idle_timeout)  # a client not reading its replies is cut too
+                        sock.sendall(tracker.answer(line))
                 if len(pending) > MAX_LINE:
                     return
-        except OSError:
+                if new_line:
+                    line_deadline = time.monotonic() + tracker.line_timeout
+        except OSError:  # TimeoutError included
             return
 
 
@@ -63,6 +79,7 @@ class _TCPServer(TrackingThreadingMixIn, socketserver.TCPServer):
 
     def __init__(self, address: tuple[str, int], tracker: TrackerServer) -> None:
         self.tracker = tracker
+        self.max_connections = tracker.max_connections
         super().__init__(address, _Connection)
 
 
@@ -71,14 +88,39 @@ class TrackerServer(BackgroundServer):
 
     For development and tests only. :meth:`stop` also cuts open client connections (as a dead
     tracker would) and drops the delayed work not yet due; :meth:`start` serves again on the
-    same port. ``replication_delay`` (seconds, 0: synchronous) delays the copies up to
-    mindevcount and the deletion of dropped data, as mogilefsd's background jobs do.
+    same port.
+
+    :param replication_delay: seconds (0: synchronous) by which the copies up to mindevcount and
+        the deletion of dropped data are delayed, as mogilefsd's background jobs do.
+    :param idle_timeout: seconds a connection may wait between lines (or take to read a reply)
+        before it is closed; 60 by default, so a client keeping a connection open between
+        requests sends at least one request a minute.
+    :param line_timeout: seconds a line may take from its first byte to its line end; 10 by
+        default, so half-sent lines do not hold a thread each.
+    :param max_connections: connections served at once (one thread each); 200 by default. Any
+        more are closed as soon as they are accepted, so the client fails over to another
+        tracker; connections already served are not affected.
     """
 
     def __init__(
-        self, store: MetadataStore, host: str = "127.0.0.1", port: int = 0, *, replication_delay: float = 0.0
+        self,
+        store: MetadataStore,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        replication_delay: float = 0.0,
+        idle_timeout: float = 60.0,
+        line_timeout: float = 10.0,
+        max_connections: int = 200,
     ) -> None:
+        if idle_timeout <= 0 or line_timeout <= 0:
+            raise ValueError(f"timeouts must be positive: idle {idle_timeout}, line {line_timeout}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1: {max_connections}")
         super().__init__(host, port)
+        self.idle_timeout = idle_timeout
+        self.line_timeout = line_timeout
+        self.max_connections = max_connections
         self.store = store
         self.monitor = DeviceMonitor(store, on_recovery=self._request_repair)
         self._context = Context(store, self.monitor, BackgroundWork(replication_delay))

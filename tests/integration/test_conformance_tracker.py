@@ -49,6 +49,12 @@ DIVERGENCES: dict[int, Divergence] = {
         "mogilefsd replicates in the background (1 path right after create_close); the embedded tracker "
         "replicates before answering create_close, so both copies are there",
     ),
+    113: Divergence(
+        "list_keys prefix 'lk/a.' with after (regex dot)",
+        "skip",
+        "mogilefsd matches the after-value against the prefix as a regex; the embedded tracker matches it "
+        "literally (a client's regex could stall the tracker)",
+    ),
     238: Divergence(
         "GET /dev1/usage (disk usage file the tracker monitor reads)",
         "skip",
