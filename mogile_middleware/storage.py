@@ -6,23 +6,68 @@ stays flat whatever the file size, and every response object closes its connecti
 
 from __future__ import annotations
 
+import functools
 import http.client
 import io
+import socket
+import time
 from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit
 
 from .exceptions import StorageError
+from .deadline import DeadlineReader, time_left
 
 #: Bytes moved per read or write: large enough for throughput, small enough to stay flat.
 CHUNK_SIZE = 64 * 1024
 
 
 def _connect(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
-    parts = urlsplit(url)
+    """An unconnected connection to the node of ``url`` and the path to ask it for."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # a ValueError for a port out of range or not a number
+    except ValueError as error:
+        raise StorageError(f"bad storage URL {url!r}: {error}", url) from None
     if parts.scheme != "http" or not parts.hostname:
         raise StorageError(f"not an http:// storage URL: {url!r}", url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
-    return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout), path
+    return http.client.HTTPConnection(parts.hostname, port or 80, timeout=timeout), path
+
+
+class _HeadByDeadline(http.client.HTTPResponse):
+    """A response whose status line and headers must all have arrived by ``deadline`` (a
+    :func:`time.monotonic` time), however slowly they trickle in; each read of the body then
+    waits up to ``read_timeout`` again, so a slow but live transfer goes on."""
+
+    def __init__(self, sock: socket.socket, *args: object, deadline: float, read_timeout: float,
+                 **kwargs: object) -> None:
+        super().__init__(sock, *args, **kwargs)  # type: ignore[arg-type]
+        self.fp.close()  # http.client's reader: replaced by one that keeps the deadline
+        self._head_reader = DeadlineReader(sock, deadline)
+        self.fp = io.BufferedReader(self._head_reader)
+        self._read_timeout = read_timeout
+
+    def begin(self) -> None:
+        super().begin()
+        self._head_reader.deadline = None
+        self._head_reader.sock.settimeout(self._read_timeout)
+
+
+def _get(url: str, method: str, headers: dict[str, str], timeout: float
+         ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """Send ``method`` to ``url`` and read the response head, all within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    connection, path = _connect(url, timeout)
+    try:
+        connection.response_class = functools.partial(  # type: ignore[misc]
+            _HeadByDeadline, deadline=deadline, read_timeout=timeout)
+        connection.connect()
+        connection.sock.settimeout(time_left(deadline))  # sendall() counts it for the whole request
+        connection.request(method, path, headers=headers)
+        return connection, connection.getresponse()
+    except BaseException:
+        connection.close()
+        raise
 
 
 class ReplicaResponse(io.RawIOBase):
@@ -83,19 +128,18 @@ def open_replica(
     ``byte_range`` is an absolute, inclusive ``(first, last)`` pair sent as ``Range``: storage
     nodes answer suffix ranges (``bytes=-N``) wrongly, so callers resolve them first. Raises
     :class:`StorageError` naming every failure when no replica answers.
+
+    ``timeout`` bounds the connect, the request and the whole response head of each replica
+    together, then each read of the body (a slow but live transfer goes on).
     """
     headers = {"Range": f"bytes={byte_range[0]}-{byte_range[1]}"} if byte_range else {}
     failures: list[str] = []
     last_status: int | None = None
     for url in urls:
-        connection = None
         try:
-            connection, path = _connect(url, timeout)
-            connection.request(method, path, headers=headers)
-            response = connection.getresponse()
-        except (OSError, http.client.HTTPException, StorageError, ValueError) as error:  # ValueError: a bad port
-            if connection is not None:
-                connection.close()
+            connection, response = _get(url, method, headers, timeout)
+        # ValueError: a host name the resolver refuses (UnicodeError from IDNA, a NUL byte).
+        except (OSError, http.client.HTTPException, StorageError, ValueError) as error:
             failures.append(f"{url}: {error or type(error).__name__}")
             continue
         replica = ReplicaResponse(url, connection, response)
@@ -128,7 +172,8 @@ class PutStream:
             else:
                 self._connection.putheader("Content-Length", str(length))
             self._connection.endheaders()
-        except (OSError, http.client.HTTPException) as error:
+        # ValueError: a host name the resolver refuses (UnicodeError from IDNA, a NUL byte).
+        except (OSError, http.client.HTTPException, ValueError) as error:
             self.abort()
             raise StorageError(f"PUT {url} refused: {error or type(error).__name__}", url) from error
 

@@ -5,10 +5,14 @@ to the first tracker that is not marked dead. A tracker that cannot be reached i
 ``dead_seconds``; a command that is safe to repeat is retried on the next tracker when its
 connection fails midway. Connections are plain ``socket`` objects (so gevent patching applies),
 dropped in a child process after ``fork()``, and discarded after any error.
+
+``io_timeout`` is a deadline, not an idle timeout: a tracker that sends its reply one byte at a
+time cannot hold a request longer than a silent one (see :class:`TrackerPool`).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import select
 import socket
@@ -17,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from .exceptions import OutcomeUnknownError, ProtocolError, TrackerError, TrackerUnavailableError
+from .deadline import DeadlineReader
 from .protocol import ArgValue, Reply, encode_request, parse_reply
 
 Address = tuple[str, int]
@@ -53,23 +58,32 @@ def parse_trackers(trackers: str | Iterable[str | Address]) -> list[Address]:
 
 
 class TrackerConnection:
-    """One TCP connection to a tracker: send a request line, read a reply line."""
+    """One TCP connection to a tracker: send a request line, read a reply line.
+
+    :param io_timeout: seconds a :meth:`roundtrip` without a ``deadline`` may take, send and reply.
+    """
 
     def __init__(self, address: Address, connect_timeout: float, io_timeout: float) -> None:
         self.address = address
+        self.io_timeout = io_timeout
         self._sock = socket.create_connection(address, timeout=connect_timeout)
-        self._sock.settimeout(io_timeout)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._reader = self._sock.makefile("rb")
+        self._raw = DeadlineReader(self._sock)
+        self._reader = io.BufferedReader(self._raw)
 
     def is_stale(self) -> bool:
         """True if the idle connection has something to read: the tracker closed it or misspoke."""
         readable, _, _ = select.select([self._sock], [], [], 0)
         return bool(readable)
 
-    def roundtrip(self, request: bytes) -> bytes:
-        """Send one request line and return the reply line, raising on EOF or an oversized line."""
-        self._sock.sendall(request)
+    def roundtrip(self, request: bytes, deadline: float | None = None) -> bytes:
+        """Send one request line and return the reply line, raising on EOF or an oversized line.
+
+        The whole line must have arrived by ``deadline`` (a :func:`time.monotonic` time; by default
+        ``io_timeout`` from now), else :class:`TimeoutError`; after it the connection is unusable.
+        """
+        self._raw.set_deadline(time.monotonic() + self.io_timeout if deadline is None else deadline)
+        self._sock.sendall(request)  # its timeout counts for the whole line, not for each piece
         line = self._reader.readline(MAX_REPLY_BYTES + 1)
         if not line:
             raise ConnectionResetError("tracker closed the connection")
@@ -90,7 +104,11 @@ class TrackerPool:
 
     :param trackers: ``"host:port"`` strings or ``(host, port)`` pairs, tried in order.
     :param connect_timeout: seconds to wait for a TCP connect; a dead tracker costs at most this.
-    :param io_timeout: seconds to wait for a reply once a request is sent.
+    :param io_timeout: seconds from sending a command to a tracker until its whole reply line has
+        arrived, however slowly it comes. The retry of an idempotent command on a new connection,
+        after a kept-open one failed, gets only what is left of the same deadline (plus its
+        connect). A request thus costs at most ``connect_timeout + io_timeout`` per tracker tried
+        (name resolution aside), and a tracker that misses the deadline is marked dead.
     :param dead_seconds: how long a tracker that failed is skipped.
     :param clock: a monotonic clock (tests pass a fake one).
     """
@@ -189,13 +207,18 @@ class TrackerPool:
 
     def _request_on(self, address: Address, line: bytes, retry_midway: bool) -> Reply:
         """One request to one tracker: on a pooled connection, else on a new one."""
+        deadline = None
         connection = self._take_idle(address)
         if connection is not None:
+            deadline = time.monotonic() + self.io_timeout
             try:
-                return self._roundtrip(connection, line)
+                return self._roundtrip(connection, line, deadline)
             except (OSError, ProtocolError) as error:
                 if not retry_midway:
                     raise _SentAndLost() from error
+                if time.monotonic() >= deadline:  # too slow, not closed: a new connection would be no faster
+                    self.mark_dead(address)
+                    raise TimeoutError(f"no reply within {self.io_timeout:g}s") from error
                 # The tracker may close kept-open connections at any time: try once on a new one.
         try:
             connection = TrackerConnection(address, self.connect_timeout, self.io_timeout)
@@ -203,17 +226,17 @@ class TrackerPool:
             self.mark_dead(address)
             raise
         try:
-            return self._roundtrip(connection, line)
+            return self._roundtrip(connection, line, deadline)
         except OSError as error:
             self.mark_dead(address)
             if not retry_midway:
                 raise _SentAndLost() from error
             raise
 
-    def _roundtrip(self, connection: TrackerConnection, line: bytes) -> Reply:
+    def _roundtrip(self, connection: TrackerConnection, line: bytes, deadline: float | None) -> Reply:
         """Ask on ``connection``; keep it after an ``OK`` or ``ERR`` reply, close it after anything else."""
         try:
-            reply = parse_reply(connection.roundtrip(line))
+            reply = parse_reply(connection.roundtrip(line, deadline))
         except TrackerError:
             self._give_back(connection)
             raise

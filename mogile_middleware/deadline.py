@@ -1,0 +1,68 @@
+"""Deadlines on socket reads: a peer that trickles its answer cannot hold a request past them.
+
+A socket timeout restarts with every byte that arrives; the tracker client and the storage
+client both read through :class:`DeadlineReader` to bound a whole reply instead.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+
+
+def time_left(deadline: float, now: float | None = None) -> float:
+    """Seconds until ``deadline`` (a :func:`time.monotonic` time); :class:`TimeoutError` once it has passed."""
+    left = deadline - (time.monotonic() if now is None else now)
+    if left <= 0:
+        raise TimeoutError("timed out")
+    return left
+
+
+class DeadlineReader(io.RawIOBase):
+    """The bytes of a socket, for an :class:`io.BufferedReader`, each read waiting only until ``deadline``.
+
+    A socket timeout restarts with every byte that arrives, so a peer that trickles a line holds a
+    plain reader for ever; here the socket timeout is cut to the time left before a read. With
+    ``deadline`` ``None`` the socket's own timeout applies.
+    """
+
+    #: A read may end this many seconds past the deadline: the socket timeout is set again only
+    #: when more time has passed since it was last set, so the reply read right after a request
+    #: (the usual case) costs no extra system call.
+    SLACK = 0.001
+
+    def __init__(self, sock: socket.socket, deadline: float | None = None) -> None:
+        super().__init__()
+        self.sock = sock
+        self.deadline = deadline
+        self._timeout_set_at = float("-inf")
+        # Held, not read from: a reader from makefile() is counted, so closing the socket (as
+        # http.client does when the response will close it) leaves the descriptor open until this
+        # reader is closed too. Reading the socket directly saves a call on every reply.
+        self._raw = sock.makefile("rb", buffering=0)
+
+    def set_deadline(self, deadline: float) -> None:
+        """Read until ``deadline`` from now on; the socket timeout is cut to it at once (for a send too)."""
+        self._timeout_set_at = now = time.monotonic()
+        self.deadline = deadline
+        self.sock.settimeout(time_left(deadline, now))
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self.deadline is not None:
+            now = time.monotonic()
+            if now - self._timeout_set_at > self.SLACK:
+                self.sock.settimeout(time_left(self.deadline, now))
+                self._timeout_set_at = now
+        return self.sock.recv_into(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
