@@ -230,7 +230,7 @@ class PathCache(Generic[V]):
             first = key not in self._stale_keys
             self._stale_keys.add(key)
         if first:
-            log.warning("serving stale paths for %r: %s", key, error)
+            log.warning("serving stale paths for %r: %r", key, error)
         return entry[0]
 
     def _safely(self, method: Callable[..., T], *args: Any) -> T | None:

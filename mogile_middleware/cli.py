@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from . import __version__, commands, demo
 from .devserver import cli as devserver_cli
 from .exceptions import MogileFSError, UnknownKeyError
+from .progress import printable
 
 #: name → (one-line help, add_arguments, run)
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except MogileFSError as error:
-        print(f"mogile-middleware: {error}", file=sys.stderr)
+        print(f"mogile-middleware: {printable(str(error))}", file=sys.stderr)
         return 3 if isinstance(error, UnknownKeyError) else 1
     except KeyboardInterrupt:
         return 130

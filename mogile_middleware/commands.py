@@ -4,6 +4,8 @@ Each talks to the trackers of ``--trackers`` (or ``$MOGILEFS_TRACKERS``) about t
 ``--domain`` (or ``$MOGILEFS_DOMAIN``); those that write also drop the keys they change from the
 shared path cache of ``--memcached`` (or ``$MOGILEFS_MEMCACHED``). Errors of this package go up
 to :func:`cli.main`, which prints them as one line; local file errors are printed here the same way.
+Keys, paths and messages pass through :func:`~.progress.printable` on their way to the terminal:
+they come from trackers and file names, and may hold control characters.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import IO, TYPE_CHECKING, BinaryIO
 
 from .client import Client, FileInfo
 from .exceptions import UnknownKeyError
-from .progress import ProgressBar
+from .progress import ProgressBar, printable
 from .storage import ReplicaResponse
 from .tracker import Address, parse_trackers
 from .upload import Uploader, remaining_size
@@ -129,7 +131,7 @@ def _command(body: Callable[[argparse.Namespace, Client], int]) -> Callable[[arg
             _detach_stdout()
             return 0
         except OSError as error:
-            print(f"mogile-middleware: {_describe(error)}", file=sys.stderr)
+            print(f"mogile-middleware: {printable(_describe(error))}", file=sys.stderr)
             return 1
         finally:
             client.close()
@@ -183,7 +185,7 @@ def _store(uploader: Uploader, key: str, source: BinaryIO, cls: str | None) -> N
     """Upload ``source`` under ``key`` with a progress bar, then print the key and its size."""
     with ProgressBar(remaining_size(source), sys.stderr, label=key) as bar:
         size = uploader.upload(key, source, cls, progress=bar.update)
-    print(f"{size}\t{key}", flush=True)  # flushed: a later failure must not hide what was stored
+    print(f"{size}\t{printable(key)}", flush=True)  # flushed: a later failure must not hide what was stored
 
 
 def _files_under(root: Path) -> Iterator[tuple[Path, str]]:
@@ -268,13 +270,13 @@ def _add_ls_arguments(parser: argparse.ArgumentParser) -> None:
 def _ls(args: argparse.Namespace, client: Client) -> int:
     for key in client.keys(args.prefix):
         if not args.long:
-            print(key)
+            print(printable(key))
             continue
         try:
             info = client.file_info(key)
         except UnknownKeyError:  # deleted since it was listed
             continue
-        print(f"{info.length}\t{info.cls}\t{key}")
+        print(f"{info.length}\t{printable(info.cls)}\t{printable(key)}")
     return 0
 
 
@@ -305,13 +307,13 @@ def _info(args: argparse.Namespace, client: Client) -> int:
         fields.append(("checksum", info.checksum))
     fields += [("path", path) for path in _all_paths(client, info)]
     for name, value in fields:
-        print(f"{name:<9}{value}")
+        print(f"{name:<9}{printable(str(value))}")
     return 0
 
 
 def _paths(args: argparse.Namespace, client: Client) -> int:
     for path in _all_paths(client, client.file_info(args.key)):
-        print(path)
+        print(printable(path))
     return 0
 
 

@@ -85,7 +85,7 @@ class MemcachedBackend:
         try:
             return self._decode(key, data)
         except InvalidEntry as error:
-            log.warning("ignoring an invalid memcached entry for %r: %s", key, error)
+            log.warning("ignoring an invalid memcached entry for %r: %r", key, str(error))
             return None
 
     def set(self, key: str, value: Location | None, stored_at: float, keep_seconds: float) -> None:

@@ -1,4 +1,5 @@
-"""A one-line progress bar for transfers on a terminal: percentage, bytes and rate.
+"""A one-line progress bar for transfers on a terminal: percentage, bytes and rate; and
+:func:`printable`, which makes text from the network safe to show there.
 
 Used by the ``upload`` and ``get`` subcommands on stderr, so their stdout stays the data or the
 list of keys.
@@ -16,6 +17,26 @@ UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 #: Terminal width assumed when the stream cannot tell its own.
 DEFAULT_COLUMNS = 80
+
+
+def _escapes() -> dict[int, str]:
+    table = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+    table.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"})
+    # A byte that is not UTF-8 arrives as a surrogate escape (see protocol): shown as that byte,
+    # never written raw (a lone 0x9B is CSI to some terminals).
+    table.update({code: f"\\u{code:04x}" for code in range(0xD800, 0xE000)})
+    table.update({0xDC00 + byte: f"\\x{byte:02x}" for byte in range(0x80, 0x100)})
+    return table
+
+
+_ESCAPES = _escapes()
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters (C0, DEL, C1) and undecodable bytes as escapes
+    (``\\n``, ``\\x1b``): a key or a tracker's message then cannot recolour the terminal, move
+    its cursor or forge a line of output. Printable Unicode is kept as it is."""
+    return text.translate(_ESCAPES)
 
 
 def human_size(count: float) -> str:
@@ -46,7 +67,7 @@ class ProgressBar:
     ) -> None:
         self.total = total
         self.stream = stream
-        self.label = label
+        self.label = printable(label)
         self.interval = interval
         self._clock = clock
         self._enabled = total is not None and stream.isatty()

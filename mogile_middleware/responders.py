@@ -209,7 +209,7 @@ class ReplicaBody:
         try:
             yield from self._upstream.iter_chunks(CHUNK_SIZE)
         except (OSError, StorageError) as error:
-            log.error("transfer of %r from %s cut midway: %r", self._key, self._upstream.url, error)
+            log.error("transfer of %r from %r cut midway: %r", self._key, self._upstream.url, error)
             raise
         finally:
             self._upstream.close()

@@ -52,7 +52,7 @@ def _answer(method: str, url: str) -> http.client.HTTPResponse | None:
             response.read()
             return response
     except StorageHTTPError as exc:
-        log.debug("%s", exc)
+        log.debug("%r", exc)
         return None
 
 

@@ -59,7 +59,7 @@ def _copy(ctx: Context, fid: int, length: int, source: DeviceRow, target: Device
         return False
     known = ctx.store.checksum(fid)
     if hashed and known is not None and known != f"MD5:{digest}":
-        log.warning("replica of fid %d on dev%d has MD5 %s, expected %s", fid, target.devid, digest, known)
+        log.warning("replica of fid %d on dev%d has MD5 %s, expected %r", fid, target.devid, digest, known)
         httpstore.delete(url)
         return False
     if not ctx.store.add_replica(fid, target.devid):  # the key was deleted meanwhile

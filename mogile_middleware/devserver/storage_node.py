@@ -137,7 +137,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         """Access log lines go to the debug log, not to stderr."""
-        log.debug("%s %s", self.address_string(), format % args)
+        log.debug("%s %r", self.address_string(), format % args)
 
     def version_string(self) -> str:
         """The Server header."""
@@ -235,14 +235,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         except OSError:
-            log.warning("cannot write under %s", path.parent, exc_info=True)
+            log.warning("cannot write under %r", str(path.parent), exc_info=True)
             self._page(500, close=True)
             return
         try:
             with os.fdopen(fd, "wb") as out:
                 self._receive_body(out)
         except (_BodyCut, OSError, ValueError) as exc:
-            log.debug("PUT %s abandoned: %s", self.path, exc)
+            log.debug("PUT %r abandoned: %r", self.path, exc)
             _discard(temp_name)
             self.close_connection = True  # the client is gone or sent garbage: no answer
             return
@@ -250,7 +250,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             os.chmod(temp_name, 0o644)
             os.replace(temp_name, path)
         except OSError:
-            log.warning("cannot store %s", path, exc_info=True)
+            log.warning("cannot store %r", str(path), exc_info=True)
             _discard(temp_name)
             self._page(500, close=True)
             return

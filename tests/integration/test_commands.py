@@ -18,13 +18,15 @@ from pathlib import Path
 import pytest
 from conftest import DOMAIN
 from integration._memcached import start_memcached
+from wiretools import ScriptedTracker
 
+from mogile_middleware import Client
 from mogile_middleware.cache import entry_key
 from mogile_middleware.cli import main
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.exceptions import StorageError
 from mogile_middleware.memcache import MemcachedBackend
-from mogile_middleware.progress import ProgressBar, human_size
+from mogile_middleware.progress import ProgressBar, human_size, printable
 from mogile_middleware.storage import ReplicaResponse
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,7 +151,7 @@ def test_writes_drop_the_changed_keys_from_memcached(cli: Run, tmp_path: Path,
 
         def cache(*keys: str) -> None:
             for key in keys:
-                backend.set(entry_key(DOMAIN, key), "x", time.time(), 60)
+                backend.set(entry_key(DOMAIN, key), None, time.time(), 60)  # a cached "no such key"
 
         def cached(key: str) -> bool:
             return backend.get(entry_key(DOMAIN, key)) is not None
@@ -247,6 +249,67 @@ def test_get_keeps_the_old_file_when_the_transfer_breaks(
     result = cli("get", "big", "-o", str(target))
     assert (result.code, result.err) == (1, "mogile-middleware: connection reset midway\n")
     assert list(target.parent.iterdir()) == [target] and target.read_bytes() == b"previous"
+
+
+# -- control characters -----------------------------------------------------------------------
+
+#: A key a tracker accepts (no NUL, CR or LF) that would recolour a terminal, ring its bell, break
+#: the columns of ``ls --long``, and end with a byte that is not UTF-8 (a raw CSI to some terminals).
+HOSTILE_KEY = "red\x1b[31m bell\x07 tab\t del\x7f c1\x9b café \udc9b"
+ESCAPED_KEY = "red\\x1b[31m bell\\x07 tab\\t del\\x7f c1\\x9b café \\x9b"
+RAW_CONTROLS = [b"\x1b", b"\x07", b"\t", b"\x7f", b"\xc2\x9b", b"\x9b", b"\r"]
+
+
+def assert_no_raw_controls(text: bytes, allowed: bytes = b"") -> None:
+    for raw in RAW_CONTROLS:
+        assert raw in allowed or raw not in text, (raw, text)
+
+
+def test_keys_with_control_characters_are_printed_escaped(cli: Run, devmogile: DevMogileFS, tmp_path: Path) -> None:
+    Client(DOMAIN, devmogile.trackers).store_content(HOSTILE_KEY, b"12345", cls="thumb")
+
+    listed = cli("ls")
+    assert listed.out == ESCAPED_KEY.encode() + b"\n"
+    assert_no_raw_controls(listed.out)
+    long_listed = cli("ls", "--long")
+    assert long_listed.out == f"5\tthumb\t{ESCAPED_KEY}\n".encode()
+    assert_no_raw_controls(long_listed.out, allowed=b"\t")  # only the two column separators
+    assert long_listed.out.count(b"\t") == 2
+    info = cli("info", HOSTILE_KEY)
+    assert f"key      {ESCAPED_KEY}\n".encode() in info.out and b"length   5\n" in info.out
+    assert_no_raw_controls(info.out)
+
+    (tmp_path / "file").write_bytes(b"data")
+    terminal = FakeTerminal()
+    with contextlib.redirect_stderr(terminal):
+        uploaded = cli("upload", "up\x1b]0;title\x07", str(tmp_path / "file"))
+    assert uploaded.out == b"4\tup\\x1b]0;title\\x07\n"
+    assert terminal.getvalue().split("\r")[1].startswith("up\\x1b]0;title\\x07 100% 4 B")  # the bar's label
+    assert_no_raw_controls(terminal.getvalue().encode(), allowed=b"\r")  # the bar's own, to redraw
+
+
+def test_a_hostile_trackers_keys_cannot_forge_lines(capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    def script(line: bytes) -> bytes:
+        if line.startswith(b"list_keys"):
+            return b"OK key_count=2&key_1=a%0D%0Aforged+line%1B%5B2J&key_2=b\r\n"
+        return b"ERR unknown_command unknown\r\n"
+
+    tracker = ScriptedTracker(script)
+    try:
+        assert main(["ls", "--trackers", tracker.tracker, "--domain", DOMAIN]) == 0
+    finally:
+        tracker.stop()
+    out = capsysbinary.readouterr().out
+    assert out == b"a\\r\\nforged line\\x1b[2J\nb\n"
+    assert_no_raw_controls(out)
+
+
+def test_printable_escapes_controls_only() -> None:
+    assert printable("plain/key.jpg") == "plain/key.jpg"
+    assert printable("日本語 café ☃ \\x1b") == "日本語 café ☃ \\x1b"  # printable Unicode, a literal backslash
+    assert printable("\x00\x1f\x7f\x80\x9f\xa0") == "\\x00\\x1f\\x7f\\x80\\x9f\xa0"
+    assert printable("\n\r\t") == "\\n\\r\\t"
+    assert printable("\udcff") == "\\xff"  # an undecodable byte, as the protocol keeps it
 
 
 # -- the real entry point ---------------------------------------------------------------------

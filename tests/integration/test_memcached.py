@@ -173,7 +173,7 @@ RAN = Path("/tmp/mogile-memcached-pickle-ran")
 def test_a_forged_entry_is_a_miss_and_runs_nothing(backend: MemcachedBackend, shared_memcached: MemcachedServer,
                                                    forged, caplog: pytest.LogCaptureFixture) -> None:
     RAN.unlink(missing_ok=True)
-    MemcacheClient(shared_memcached.address).set(backend._memcached_key("k"), forged())
+    MemcacheClient(shared_memcached.address).set(backend._memcached_key("k"), forged(), noreply=False)
     assert backend.get("k") is None
     assert not RAN.exists()
     assert "invalid memcached entry" in caplog.text
@@ -190,7 +190,7 @@ def test_a_secret_signs_every_entry(shared_memcached: MemcachedServer) -> None:
     assert signed.get("unsigned") is None
     entry = MemcacheClient(shared_memcached.address).get(signed._memcached_key("signed"))
     tampered = entry.replace(b"0000000042.fid", b"0000000043.fid").replace(b"fid-42", b"fid-43")
-    MemcacheClient(shared_memcached.address).set(signed._memcached_key("signed"), tampered)
+    MemcacheClient(shared_memcached.address).set(signed._memcached_key("signed"), tampered, noreply=False)
     assert signed.get("signed") is None
 
 
