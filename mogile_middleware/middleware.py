@@ -195,7 +195,7 @@ class MogileFSMiddleware:
         try:
             location = self.locator.locate(key)
             responder = self.reproxy_responder
-            if responder is not None and self._may_reproxy(environ, responder):
+            if responder is not None and self._may_reproxy(environ, responder, location.etag):
                 return responder.answer(location, environ.get("HTTP_IF_NONE_MATCH"), "HTTP_RANGE" in environ,
                                         _request_target(environ) if responder.wants_target else "")
             return self.serve.answer(_file_request(environ), location)
@@ -229,10 +229,12 @@ class MogileFSMiddleware:
             return _TOO_LONG
         return path
 
-    def _may_reproxy(self, environ: dict[str, Any], responder: Reproxy) -> bool:
+    def _may_reproxy(self, environ: dict[str, Any], responder: Reproxy, etag: str) -> bool:
         """True if this request may see storage URLs: from a trusted proxy that can reproxy."""
-        if http.is_suffix_range(environ.get("HTTP_RANGE")):
-            return False  # storage nodes answer bytes=-N wrongly: serve it with an absolute range
+        ranged = environ.get("HTTP_RANGE")
+        if ranged is not None and (http.is_suffix_range(ranged) or not _if_range_holds(environ, etag)):
+            # Storage nodes answer bytes=-N wrongly, and check no If-Range: serve those here.
+            return False
         if self.require_proxy_header and not responder.proxy_asks(environ.get(responder.request_header, "")):
             return False
         if responder.fell_back(environ):
@@ -264,6 +266,12 @@ def parse_trusted_proxies(proxies: Iterable[str]) -> tuple[ipaddress.IPv4Network
             raise ValueError(
                 f"trusted proxy {proxy!r} is not an address, a network or {UNIX_SOCKET!r}: {error}") from None
     return tuple(parsed)
+
+
+def _if_range_holds(environ: dict[str, Any], etag: str) -> bool:
+    """True without ``If-Range``, or when it names this version (so the range may be sent as asked)."""
+    if_range = environ.get("HTTP_IF_RANGE")
+    return if_range is None or http.etag_matches(if_range, etag, weak=False)
 
 
 def _file_request(environ: dict[str, Any]) -> FileRequest:

@@ -2,8 +2,12 @@
 
 Configured by environment variables: MOGILE_DOMAIN, MOGILE_TRACKERS, MOGILE_REPROXY, and optionally
 MOGILE_MEMCACHED (servers), MOGILE_TRUSTED_PROXIES (comma separated), MOGILE_PERLBAL_CACHE_SECONDS,
-MOGILE_REQUIRE_PROXY_HEADER ("1"), MOGILE_CACHE_CONTROL, MOGILE_PATH_CACHE_SECONDS, MOGILE_PERLBAL_FALLBACK_URL, and the counters MOGILE_COUNT_FILE (a line per tracker
+MOGILE_REQUIRE_PROXY_HEADER ("1"), MOGILE_CACHE_CONTROL, MOGILE_CONTENT_DISPOSITION ("attachment" or "inline"),
+MOGILE_PATH_CACHE_SECONDS, MOGILE_PERLBAL_FALLBACK_URL, and the counters MOGILE_COUNT_FILE (a line per tracker
 get_paths) and MOGILE_APP_HITS_FILE (a line per request the tiny app answers); each line is a PID.
+
+``make_reproxying_app()`` is a stand-in for the middleware behind nginx, naming storage nodes the
+test runs itself: MOGILE_REPLICA_URLS (blank separated).
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ def make_app() -> MogileFSMiddleware:
         options["require_proxy_header"] = env["MOGILE_REQUIRE_PROXY_HEADER"] == "1"
     if env.get("MOGILE_CACHE_CONTROL"):
         options["cache_control"] = env["MOGILE_CACHE_CONTROL"]
+    if env.get("MOGILE_CONTENT_DISPOSITION"):
+        options["content_disposition"] = env["MOGILE_CONTENT_DISPOSITION"]
     if env.get("MOGILE_PERLBAL_FALLBACK_URL"):
         options["perlbal_fallback_url"] = env["MOGILE_PERLBAL_FALLBACK_URL"]
     if env.get("MOGILE_PATH_CACHE_SECONDS"):
@@ -69,3 +75,34 @@ def make_app() -> MogileFSMiddleware:
     else:
         options.update(domain=env["MOGILE_DOMAIN"], trackers=env["MOGILE_TRACKERS"])
     return MogileFSMiddleware(hello, reproxy=env.get("MOGILE_REPROXY") or None, **options)
+
+
+#: The version the reproxying app names for every file.
+STAND_IN_ETAG = '"fid-1"'
+#: What the reproxying app answers at a path of its own, to tell its answers from a storage node's.
+APP_PAGES = {"/secret/": b"an internal page of the application\n", "/reproxy-report": b"the application's report\n"}
+
+
+def make_reproxying_app():
+    """Every path under ``/mogilefs/`` is sent to the replicas in MOGILE_REPLICA_URLS, in order,
+    as MogileFSMiddleware(reproxy="nginx") sends it; :data:`APP_PAGES` and the rest are answered
+    here, unless nginx marks the request with X-Reproxy-Failed."""
+    urls = os.environ["MOGILE_REPLICA_URLS"].split()
+
+    def app(environ, start_response):
+        path = environ["PATH_INFO"]
+        if "HTTP_X_REPROXY_FAILED" in environ:
+            # nginx's word that every replica failed: with no file of its own, a 502 (and a path
+            # reached this way, not as the client asked for it, shows as that).
+            start_response("502 Bad Gateway", [("Content-Type", "text/plain"), ("Content-Length", "0")])
+            return [b""]
+        if not path.startswith("/mogilefs/"):
+            page = APP_PAGES.get(path, b"hello from the app\n")
+            start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(page)))])
+            return [page]
+        replicas = [("X-Reproxy-URL" if n == 1 else f"X-Reproxy-URL-{n}", url) for n, url in enumerate(urls, 1)]
+        start_response("200 OK", [("Content-Type", "application/pdf"), ("ETag", STAND_IN_ETAG), ("Content-Length", "0"),
+                                  ("X-Accel-Redirect", "/reproxy"), *replicas])
+        return [b""]
+
+    return app

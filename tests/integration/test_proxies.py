@@ -4,28 +4,33 @@ Debian's ``perlbal`` and ``nginx`` (with the shipped ``examples/nginx.conf``) ru
 in front of gunicorn; the files are in the development MogileFS, or on storage nodes that are
 real Perlbal ``web_server``s, as mogstored runs them. Requests that reached the application are
 read from gunicorn's access log, whatever the proxy; it also logs how many body bytes the
-application sent, which is 0 when the proxy fetched the file itself.
+application sent, which is 0 when the proxy fetched the file itself. The storage nodes that nginx
+must not trust are a small recording server of this module's own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import http.server
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import pytest
 from conftest import CLASSES, DOMAIN
 from integration._gunicorn import run_gunicorn
+from integration._gunicorn_app import APP_PAGES, STAND_IN_ETAG
 from integration._proxies import (
     Proxy,
     run_nginx_front,
     run_perlbal_front,
     run_perlbal_storage,
 )
+from integration._wire_client import HTTPReply, eventually, free_port, raw_http
 from wiretools import PatternFile, pattern_md5
 
 from mogile_middleware import Client
@@ -84,6 +89,12 @@ def fetch(port: int, path: str, headers: Mapping[str, str] | None = None, method
         connection.close()
 
 
+def get_with(port: int, path: str, headers: Mapping[str, str]) -> HTTPReply:
+    """One GET on a new connection to ``127.0.0.1:port``, read off the socket: every header line is kept."""
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return raw_http(port, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{lines}\r\n".encode())
+
+
 @dataclass(frozen=True)
 class Stack:
     """A front proxy before gunicorn (one sync worker) with the middleware, before a MogileFS."""
@@ -96,10 +107,21 @@ class Stack:
     def get(self, path: str, headers: Mapping[str, str] | None = None, method: str = "GET") -> Fetched:
         """A request through the proxy; fails if the answer shows a reproxy header or a storage URL."""
         fetched = fetch(self.proxy_port, path, headers, method)
-        markers = (*INTERNAL_MARKERS, *(f"127.0.0.1:{port}" for port in self.storage_ports))
-        exposed = [marker for marker in markers if marker in fetched.text()]
-        assert not exposed, f"the client saw {exposed}: {fetched.text()}"
+        self.assert_hidden(fetched.text())
         return fetched
+
+    def get_fields(self, path: str) -> HTTPReply:
+        """A GET through the proxy read off the socket, every header line kept (repeats too)."""
+        reply = get_with(self.proxy_port, path, {})
+        head = "\n".join(f"{name}: {value}" for name, value in reply.fields)
+        self.assert_hidden(f"{head}\n{reply.body[:1024].decode('latin-1')}".lower())
+        return reply
+
+    def assert_hidden(self, text: str) -> None:
+        """Fail if ``text`` (lower case) shows a reproxy header or a storage URL."""
+        markers = (*INTERNAL_MARKERS, *(f"127.0.0.1:{port}" for port in self.storage_ports))
+        exposed = [marker for marker in markers if marker in text]
+        assert not exposed, f"the client saw {exposed}: {text}"
 
     def direct(self, path: str, headers: Mapping[str, str] | None = None) -> Fetched:
         """A request straight to gunicorn, past the proxy."""
@@ -210,6 +232,8 @@ def test_a_stopped_first_replica_is_skipped(front: str, devmogile: DevMogileFS, 
         assert (answer.status, answer.md5) == (200, PHOTO_MD5)
         assert answer.headers["Content-Type"] == "image/jpeg"
         assert answer.headers["ETag"]
+        ranged = stack.get("/mogilefs/photos/1.jpg", {"Range": "bytes=0-9", "If-Range": answer.headers["ETag"]})
+        assert (ranged.status, ranged.start) == (206, PHOTO[:10])
         # The middleware's cached answer still names the stopped node first: the proxy moved on.
         assert reproxy_ports(stack, "/mogilefs/photos/1.jpg") == ports
 
@@ -235,6 +259,178 @@ def test_only_the_proxy_gets_reproxy_headers(front: str, devmogile: DevMogileFS,
         assert not [name for name in direct.headers if name.lower().startswith(("x-reproxy", "x-accel"))]
         assert stack.get("/mogilefs/photos/3.jpg").md5 == PHOTO_MD5
         assert stack.app_requests("/mogilefs/photos/3.jpg") == [("200", len(PHOTO)), ("200", 0)]
+
+
+@pytest.mark.parametrize("front", ["perlbal", "nginx"])
+def test_a_range_of_another_version_gets_the_whole_file(front: str, devmogile: DevMogileFS, tmp_path: Path) -> None:
+    """A resumed download whose key was overwritten meanwhile: the whole new file, never a splice."""
+    Client(DOMAIN, devmogile.trackers).store_content("photos/4.jpg", PHOTO, cls="avatar")
+    with serving(devmogile, front, tmp_path) as stack:
+        etag = stack.get("/mogilefs/photos/4.jpg").headers["ETag"]
+        same = stack.get("/mogilefs/photos/4.jpg", {"Range": "bytes=0-9", "If-Range": etag})
+        assert (same.status, same.start) == (206, PHOTO[:10])
+        # Another version, this one's as a weak ETag (which never matches), a date (the application sends none).
+        for other in ('"fid-0"', f"W/{etag}", "Tue, 01 Dec 2026 23:09:04 GMT"):
+            answer = stack.get("/mogilefs/photos/4.jpg", {"Range": "bytes=0-9", "If-Range": other})
+            assert (answer.status, answer.md5) == (200, PHOTO_MD5), other
+
+
+# What browsers are told about users' files: every header once, from either replica.
+
+
+CACHE_CONTROL = "public, max-age=600"
+#: A key, and the headers its answer carries besides the ones every file gets (None: absent).
+POLICY_CASES = [
+    pytest.param("evil.html", {"Content-Type": "text/html; charset=utf-8", "Content-Security-Policy": "sandbox",
+                               "Content-Disposition": 'attachment; filename="evil.html"'}, id="html"),
+    pytest.param("evil.svg", {"Content-Type": "image/svg+xml; charset=utf-8", "Content-Security-Policy": "sandbox",
+                              "Content-Disposition": 'attachment; filename="evil.svg"'}, id="svg"),
+    pytest.param("evil.js", {"Content-Type": "text/plain; charset=utf-8", "Content-Security-Policy": None,
+                             "Content-Disposition": 'attachment; filename="evil.js"'}, id="js"),
+    pytest.param("dir/naïve résumé.pdf", {
+        "Content-Type": "application/pdf", "Content-Security-Policy": None,
+        "Content-Disposition": 'attachment; filename="na_ve r_sum_.pdf"; '
+                               "filename*=UTF-8''na%C3%AFve%20r%C3%A9sum%C3%A9.pdf",
+    }, id="non-ascii-name"),
+]
+
+
+def content_of(key: str) -> bytes:
+    """What ``key`` holds: a script, which no browser may run on the site."""
+    return f"<script>alert('{key}')</script>\n".encode()
+
+
+@pytest.fixture(scope="module", params=sorted(FRONTS))
+def policed(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, DevMogileFS]]:
+    """Each front proxy before the middleware with a Cache-Control and attachments, and the MogileFS
+    holding every key of :data:`POLICY_CASES` on both its nodes."""
+    with DevMogileFS(tmp_path_factory.mktemp("mogdata"), domains={DOMAIN: CLASSES}) as mogile:
+        client = Client(DOMAIN, mogile.trackers)
+        keys = [str(case.values[0]) for case in POLICY_CASES]
+        for key in keys:
+            client.store_content(key, content_of(key), cls="avatar")
+        # The tracker copies a new file in the background, and the middleware would cache one path.
+        copied = eventually(lambda: [len(client.get_paths(key)) for key in keys], lambda counts: set(counts) == {2})
+        assert set(copied) == {2}
+        with serving(mogile, request.param, tmp_path_factory.mktemp(request.param),
+                     MOGILE_CACHE_CONTROL=CACHE_CONTROL, MOGILE_CONTENT_DISPOSITION="attachment") as stack:
+            yield stack, mogile
+
+
+@pytest.mark.parametrize("replica", ["first", "second"])
+@pytest.mark.parametrize(("key", "expected"), POLICY_CASES)
+def test_every_file_header_arrives_once_from_either_replica(policed: tuple[Stack, DevMogileFS], key: str,
+                                                            expected: dict[str, str | None], replica: str) -> None:
+    stack, mogile = policed
+    path = "/mogilefs/" + quote(key)
+    expected = {**expected, "Cache-Control": CACHE_CONTROL, "X-Content-Type-Options": "nosniff",
+                "ETag": stack.direct(path).headers["ETag"]}
+    with ExitStack() as stopped:
+        if replica == "second":
+            # nginx gets there through error_page (@reproxy2), where the application's headers are gone.
+            ports = reproxy_ports(stack, path)
+            assert len(ports) == 2
+            node = next(node for node in mogile.nodes if node.port == ports[0])
+            node.stop()
+            stopped.callback(node.start)
+        reply = stack.get_fields(path)
+    assert (reply.status, reply.body) == (200, content_of(key))
+    for name, value in expected.items():
+        assert [got for field, got in reply.fields if field == name.lower()] == ([value] if value else []), name
+
+
+# nginx does not trust the storage nodes, and keeps its internal location to itself.
+
+
+NODE_BODY = b"the bytes of the file, from the storage node\n"
+#: What the client sends nginx, of which a storage node needs only the Range (If-Range is nginx's to check).
+CLIENT_HEADERS = {"Cookie": "session=s3cret", "Authorization": "Basic dXNlcjpwYXNz", "User-Agent": "test",
+                  "Range": "bytes=0-4", "If-Range": STAND_IN_ETAG}
+
+
+class MeddlingNode(http.server.ThreadingHTTPServer):
+    """A storage node that records the header fields of each request, and answers with the file
+    and headers that would make nginx serve an internal page, set a cookie and stop buffering."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _MeddlingHandler)
+        self.requests: list[list[tuple[str, str]]] = []
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/dev1/0/000/000/0000000001.fid"
+
+
+class _MeddlingHandler(http.server.BaseHTTPRequestHandler):
+    server: MeddlingNode
+
+    def do_GET(self) -> None:
+        self.server.requests.append([(name.lower(), value) for name, value in self.headers.items()])
+        self.send_response(200)
+        for name, value in (("Content-Type", "text/plain"), ("Content-Length", str(len(NODE_BODY))),
+                            ("X-Accel-Redirect", "/secret/"), ("Set-Cookie", "a=b"), ("X-Accel-Buffering", "no")):
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(NODE_BODY)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def nginx_before_replicas(urls: list[str]) -> Iterator[Proxy]:
+    """nginx before a stand-in for the middleware that sends every ``/mogilefs/`` path to ``urls``."""
+    with (run_gunicorn({"MOGILE_REPLICA_URLS": " ".join(urls)}, app="_gunicorn_app:make_reproxying_app()") as app,
+          run_nginx_front(app.port) as nginx):
+        yield nginx
+
+
+@pytest.fixture(params=["first", "second"])
+def meddling(request: pytest.FixtureRequest) -> Iterator[tuple[Proxy, MeddlingNode]]:
+    """nginx sent to a :class:`MeddlingNode` as the first replica, or as the second after one that refuses."""
+    node = MeddlingNode()
+    thread = threading.Thread(target=node.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    refusing = f"http://127.0.0.1:{free_port()}/dev2/0/000/000/0000000001.fid"
+    try:
+        with nginx_before_replicas([node.url] if request.param == "first" else [refusing, node.url]) as nginx:
+            yield nginx, node
+    finally:
+        node.shutdown()
+        node.server_close()
+        thread.join(5)
+
+
+def test_a_storage_node_gets_only_the_headers_that_choose_the_bytes(meddling: tuple[Proxy, MeddlingNode]) -> None:
+    nginx, node = meddling
+    assert get_with(nginx.port, "/mogilefs/report.pdf", CLIENT_HEADERS).status == 200
+    [received] = node.requests
+    assert ("range", "bytes=0-4") in received
+    assert {name for name, _ in received} == {"host", "connection", "range"}  # no Cookie, no Authorization
+
+
+def test_a_storage_node_cannot_redirect_nginx_nor_set_cookies(meddling: tuple[Proxy, MeddlingNode]) -> None:
+    nginx, _ = meddling
+    reply = get_with(nginx.port, "/mogilefs/report.pdf", CLIENT_HEADERS)
+    assert (reply.status, reply.body) == (200, NODE_BODY)  # not the page at /secret/
+    names = [name for name, _ in reply.fields]
+    assert "set-cookie" not in names
+    assert not [name for name in names if name.startswith("x-accel")]
+    assert [value for name, value in reply.fields if name == "content-type"] == ["application/pdf"]
+
+
+def test_a_client_cannot_say_that_every_replica_failed(meddling: tuple[Proxy, MeddlingNode]) -> None:
+    nginx, _ = meddling
+    # The stand-in application answers 502 to X-Reproxy-Failed; the middleware would stream the file itself.
+    reply = get_with(nginx.port, "/mogilefs/report.pdf", {"X-Reproxy-Failed": "1"})
+    assert (reply.status, reply.body) == (200, NODE_BODY)
+
+
+def test_only_the_exact_internal_location_is_nginxs_and_outside_requests_get_404() -> None:
+    with nginx_before_replicas([f"http://127.0.0.1:{free_port()}/dev1/0/000/000/0000000001.fid"]) as nginx:
+        report = get_with(nginx.port, "/reproxy-report", {})
+        assert (report.status, report.body) == (200, APP_PAGES["/reproxy-report"])
+        # nginx's own 404: the stand-in application answers 200, or 502 when nginx says X-Reproxy-Failed.
+        for path in ("/reproxy", "/reproxy?x=1"):
+            assert get_with(nginx.port, path, {}).status == 404, path
 
 
 # Perlbal as the storage nodes.
