@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from integration.test_middleware import BODY, CountingClient, wrapped_app
 from webtest import TestApp
+from wiretools import ScriptedTracker
 
 from mogile_middleware import Client
 from mogile_middleware.devserver import DevMogileFS
@@ -267,3 +268,18 @@ def test_any_key_gets_safe_headers_in_every_mode(devmogile: DevMogileFS, key: st
         assert_headers_are_safe(headers)
     if stored:
         client.delete(key)
+
+
+def test_a_trackers_text_cannot_forge_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    """An error text that decodes to CR/LF is logged escaped, on the line of the error."""
+    forged = b"ERR failure oops%0D%0A2026-12-01+INFO+forged+line\r\n"
+    tracker = ScriptedTracker(lambda line: forged)
+    try:
+        middleware = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker.tracker]))
+        status, _, _ = call(middleware, "GET", "/mogilefs/any.txt", {})
+    finally:
+        tracker.stop()
+    assert status == 502
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("forged" in message for message in messages)
+    assert not any("\n" in message or "\r" in message for message in messages)
