@@ -70,7 +70,10 @@ def make_app() -> MogileFSMiddleware:
         options["perlbal_fallback_url"] = env["MOGILE_PERLBAL_FALLBACK_URL"]
     if env.get("MOGILE_PATH_CACHE_SECONDS"):
         options["path_cache_seconds"] = float(env["MOGILE_PATH_CACHE_SECONDS"])
-    if env.get("MOGILE_COUNT_FILE"):
+    if env.get("MOGILE_IO_TIMEOUT"):
+        options["client"] = Client(env["MOGILE_DOMAIN"], env["MOGILE_TRACKERS"],
+                                   io_timeout=float(env["MOGILE_IO_TIMEOUT"]))
+    elif env.get("MOGILE_COUNT_FILE"):
         options["client"] = CountingClient(env["MOGILE_COUNT_FILE"], env["MOGILE_DOMAIN"], env["MOGILE_TRACKERS"])
     else:
         options.update(domain=env["MOGILE_DOMAIN"], trackers=env["MOGILE_TRACKERS"])

@@ -1,19 +1,28 @@
-"""What a browser gets for a stored file, read raw through a real gunicorn: types, script, ranges."""
+"""What a client gets, read raw through a real gunicorn: types, script, ranges, and what a hostile
+tracker, storage node or memcached entry cannot make of an answer."""
 
 from __future__ import annotations
 
+import pickle
 import socket
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from conftest import DOMAIN
 from integration._gunicorn import GunicornServer, run_gunicorn
+from integration._memcached import start_memcached
 from integration._wire_client import HTTPReply, read_http_reply
+from pymemcache.client.base import Client as MemcacheClient
 from wiretools import ScriptedTracker
 
 from mogile_middleware import Client
+from mogile_middleware.cache import entry_key
 from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.memcache import MemcachedBackend
 
 pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
 
@@ -99,3 +108,69 @@ def test_bad_replica_urls_from_a_tracker_are_skipped(devmogile: DevMogileFS) -> 
             assert ask(server, "other.txt").status == 502
     finally:
         tracker.stop()
+
+
+def test_a_dripping_tracker_costs_one_deadline_then_a_503(devmogile: DevMogileFS) -> None:
+    """A tracker that sends its reply a byte at a time cannot hold a worker past ``io_timeout``."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.recv(4096)
+                for byte in b"OK paths=1&path1=http://127.0.0.1:1/dev1/0/000/000/0000000001.fid\r\n":
+                    if stop.is_set():
+                        break
+                    try:
+                        conn.sendall(bytes([byte]))
+                    except OSError:
+                        break
+                    time.sleep(0.2)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        env = {"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": f"127.0.0.1:{listener.getsockname()[1]}",
+               "MOGILE_IO_TIMEOUT": "1"}
+        with run_gunicorn(env) as server:
+            started = time.monotonic()
+            reply = ask(server, "any.txt")
+            assert reply.status == 503 and time.monotonic() - started < 3
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def test_a_forged_memcached_entry_is_a_miss_through_gunicorn(devmogile: DevMogileFS, tmp_path: Path) -> None:
+    """A pickle payload and a foreign URL in memcached: the file comes from the tracker, nothing runs."""
+    ran = tmp_path / "ran"
+
+    class Boom:
+        def __reduce__(self) -> tuple[object, ...]:
+            return (ran.touch, ())
+
+    Client(DOMAIN, devmogile.trackers).store_content("real.txt", b"the real bytes", cls="thumb")
+    with start_memcached() as memcached:
+        backend = MemcachedBackend(memcached.address)
+        raw = MemcacheClient(memcached.address)
+        env = {"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": devmogile.trackers[0], "MOGILE_MEMCACHED": memcached.address,
+               "MOGILE_REPROXY": "nginx", "MOGILE_TRUSTED_PROXIES": "127.0.0.1"}
+        with run_gunicorn(env) as server:
+            memcached_key = backend._memcached_key(entry_key(DOMAIN, "real.txt"))
+            raw.set(memcached_key, pickle.dumps((Boom(), 1e12)), noreply=False)
+            first = ask(server, "real.txt")
+            foreign = f'[1,"{entry_key(DOMAIN, "real.txt")}",1e12,["real.txt",' \
+                      '["http://169.254.169.254/latest/meta-data/"],"fid-1",5,true]]'
+            raw.set(memcached_key, foreign.encode(), noreply=False)
+            second = ask(server, "real.txt")
+    assert not ran.exists()
+    for reply in (first, second):
+        assert reply.status == 200 and "169.254" not in reply.headers["x-reproxy-url"]
+        assert reply.headers["x-reproxy-url"].endswith(".fid")
