@@ -1,0 +1,275 @@
+"""What the WSGI and ASGI middlewares share: their options, and every decision that needs no I/O.
+
+A request under the prefix reads one way: the method and the key (or a 405, 400, 404), the
+location of the key (the subclass's locator: a thread's or an event loop's), then whether this
+client may be sent to the storage nodes (trust, the proxy's own headers, ranges a node gets
+wrong) and that answer, or the body served by the subclass. The request is read from a mapping
+of CGI names (``REQUEST_METHOD``, ``HTTP_RANGE``, ...): the WSGI environ itself, or one built
+from an ASGI scope.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+from urllib.parse import quote
+
+from . import http
+from .cache import CacheBackend
+from .content import ContentPolicy
+from .exceptions import BadKeyError, MogileFSError, TrackerUnavailableError, UnknownKeyError
+from .http import Answer, FileRequest
+from .protocol import MAX_KEY_BYTES
+from .responders import NginxReproxy, PerlbalReproxy, Representation, Reproxy
+
+log = logging.getLogger("mogile_middleware")
+
+#: A request as CGI names its parts: the WSGI environ, or one made from an ASGI scope.
+Environ = Mapping[str, Any]
+
+REPROXY_MODES = (None, "perlbal", "nginx")
+#: In ``trusted_proxies``: the peer of a unix socket (an empty ``REMOTE_ADDR``).
+UNIX_SOCKET = "unix"
+_CONTROL_CHARACTERS = frozenset(chr(c) for c in [*range(0x20), 0x7F])
+_NOT_UTF8 = http.error(400, "The file name is not valid UTF-8.")
+_CONTROL = http.error(400, "The file name contains control characters.")
+_TOO_LONG = http.error(400, f"The file name is longer than {MAX_KEY_BYTES} bytes.")
+
+
+class MiddlewareCore:
+    """Serve or reproxy files stored in MogileFS under ``prefix``; everything else goes to ``app``.
+
+    The options of both middlewares; a subclass names its ``client_class`` and ``locator_class``.
+
+    :param app: the application to wrap.
+    :param client: a client of :attr:`client_class`; or give ``domain`` and ``trackers`` to make one.
+    :param prefix: the URL path under which keys are served (``/mogilefs/avatars/42.png`` →
+        ``avatars/42.png``), relative to ``SCRIPT_NAME``.
+    :param reproxy: ``None`` to serve bodies, ``"perlbal"`` (``X-REPROXY-URL``) or ``"nginx"``
+        (``X-Accel-Redirect``).
+    :param trusted_proxies: addresses or networks of the front proxies (``"unix"``: a proxy on a
+        unix socket); when given, only their requests get reproxy headers and every other client
+        gets the body. IPv4-mapped IPv6 addresses are compared as IPv4.
+    :param require_proxy_header: also require the proxy's own request header before reproxying
+        (Perlbal's ``X-Proxy-Capabilities: reproxy-file``, nginx's ``X-Sendfile-Type``).
+    :param key_for_path: turns the URL path after the prefix into a key (or ``None``: 404).
+    :param cache_control: a ``Cache-Control`` value for files (e.g. ``"public, max-age=3600"``).
+    :param mimetypes: extensions (or name endings) → types, before the standard table.
+    :param charset: the charset of text types (``None``: none sent).
+    :param trusted_files: the MogileFS holds only the site's own assets: serve HTML, SVG, XML
+        and JavaScript as they are. By default, users' files cannot run script on the site: HTML,
+        SVG and XML get ``Content-Security-Policy: sandbox``, JavaScript is sent as text.
+    :param content_disposition: ``"attachment"`` or ``"inline"`` with the key's file name
+        (RFC 6266), or ``None`` (no header).
+    :param path_cache_seconds: how long a key's paths are reused without asking a tracker.
+    :param missing_seconds: how long "no such key" is reused (0: every request asks).
+    :param replicating_seconds: how long the paths of a file still short of its class's copies
+        are reused (a real tracker replicates a new file in the background).
+    :param stale_seconds: how much longer they are served while every tracker is down.
+    :param cache_backend: a shared path cache (the in-process one by default).
+    :param nginx_location: the internal nginx location for ``X-Accel-Redirect``.
+    :param perlbal_cache_seconds: send ``X-REPROXY-CACHE-FOR`` so Perlbal skips the app for hot
+        keys (off by default: Perlbal then forwards suffix ranges, which storage nodes get wrong).
+    :param perlbal_fallback_url: the application as Perlbal reaches it (``http://10.0.0.5:8000``):
+        sent as the last reproxy URL, so that when every replica fails (the key was overwritten or
+        deleted elsewhere) Perlbal asks the application, which looks the key up anew.
+    :param storage_timeout: seconds for connects and reads on storage nodes in serve mode.
+    :param retry_after_seconds: the ``Retry-After`` of a 503 when no tracker answers.
+    :param allow_app_reproxy: let the wrapped application send its own reproxy headers
+        (``X-REPROXY-*``, ``X-Accel-Redirect``); by default they are removed from its responses,
+        so that it cannot be made to fetch internal URLs through the front proxy.
+    """
+
+    #: The client made from ``domain`` and ``trackers``, and the locator over it.
+    client_class: ClassVar[Any]
+    locator_class: ClassVar[Any]
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        client: Any = None,
+        domain: str | None = None,
+        trackers: str | Sequence[str] | None = None,
+        prefix: str = "/mogilefs/",
+        reproxy: str | None = None,
+        trusted_proxies: Iterable[str] | None = None,
+        require_proxy_header: bool = False,
+        key_for_path: Callable[[str], str | None] | None = None,
+        cache_control: str | None = None,
+        mimetypes: Mapping[str, str] | None = None,
+        charset: str | None = "utf-8",
+        trusted_files: bool = False,
+        content_disposition: str | None = None,
+        path_cache_seconds: float = 10.0,
+        missing_seconds: float = 3.0,
+        replicating_seconds: float = 2.0,
+        stale_seconds: float = 300.0,
+        cache_backend: CacheBackend | None = None,
+        nginx_location: str = "/reproxy",
+        perlbal_cache_seconds: int | None = None,
+        perlbal_fallback_url: str | None = None,
+        storage_timeout: float = 10.0,
+        retry_after_seconds: int = 5,
+        allow_app_reproxy: bool = False,
+    ) -> None:
+        if reproxy not in REPROXY_MODES:
+            raise ValueError(f"reproxy must be one of {REPROXY_MODES}, not {reproxy!r}")
+        if perlbal_fallback_url is not None and not re.fullmatch(r"http://[!-~]+", perlbal_fallback_url):
+            raise ValueError(f"perlbal_fallback_url must be an http:// URL, not {perlbal_fallback_url!r}")
+        if client is None:
+            if not domain or not trackers:
+                raise ValueError("give a client, or a domain and trackers")
+            client = self.client_class(domain, trackers, storage_timeout=storage_timeout)
+        self.app = app
+        self.client = client
+        self.prefix = "/" + prefix.strip("/") + "/" if prefix.strip("/") else "/"
+        self.trusted_proxies = None if trusted_proxies is None else parse_trusted_proxies(trusted_proxies)
+        self._trust_unix_socket = self.trusted_proxies is not None and UNIX_SOCKET in self.trusted_proxies
+        # The few proxy addresses recur on every request: decide each once (bounded for the rest).
+        self._is_trusted = functools.lru_cache(maxsize=1024)(self._address_is_trusted)
+        self.require_proxy_header = require_proxy_header
+        if reproxy is not None and trusted_proxies is None:
+            log.warning("reproxy=%r without trusted_proxies: every client that reaches the application directly "
+                        "gets storage URLs%s", reproxy,
+                        ", whatever proxy header it sends" if require_proxy_header else "")
+        self.key_for_path = key_for_path
+        self.allow_app_reproxy = allow_app_reproxy
+        self.unavailable = http.service_unavailable(retry_after_seconds)
+        extra = [("X-Content-Type-Options", "nosniff")]
+        if cache_control:
+            extra.append(("Cache-Control", cache_control))
+        self.reproxy = reproxy
+        self.retry_after_seconds = retry_after_seconds
+        self.storage_timeout = storage_timeout
+        policy = ContentPolicy(mimetypes=mimetypes, charset=charset, trusted_files=trusted_files,
+                               content_disposition=content_disposition)
+        self.representation = Representation(policy, extra)
+        self.reproxy_responder: Reproxy | None = (
+            PerlbalReproxy(self.representation, cache_for_seconds=perlbal_cache_seconds,
+                           fallback_url=perlbal_fallback_url) if reproxy == "perlbal"
+            else NginxReproxy(self.representation, location=nginx_location) if reproxy == "nginx"
+            else None
+        )
+        # Bodies are served whenever some client may not be a trusted proxy: then the length is needed.
+        self.locator = self.locator_class(
+            client, with_length=reproxy is None or self.trusted_proxies is not None, cache_backend=cache_backend,
+            path_cache_seconds=path_cache_seconds, missing_seconds=missing_seconds,
+            replicating_seconds=replicating_seconds, stale_seconds=stale_seconds,
+        )
+
+    def key_for(self, environ: Environ, path: str) -> str | Answer:
+        """The key of the URL ``path`` after the prefix, or the 405, 400 or 404 answer."""
+        if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
+            return http.METHOD_NOT_ALLOWED
+        return self._key(path)
+
+    def reproxy_answer(self, environ: Environ, location: Any) -> Answer | None:
+        """The answer that sends a trusted proxy to the replicas, or ``None``: serve the body."""
+        responder = self.reproxy_responder
+        if responder is not None and self._may_reproxy(environ, responder, location.etag):
+            return responder.answer(location, environ.get("HTTP_IF_NONE_MATCH"), "HTTP_RANGE" in environ,
+                                    _request_target(environ) if responder.wants_target else "")
+        return None
+
+    def error_answer(self, error: MogileFSError, key: str) -> Answer:
+        """The answer for a lookup that failed: 404, 400, 503 or 502 (logged)."""
+        if isinstance(error, UnknownKeyError):
+            return http.NOT_FOUND
+        if isinstance(error, BadKeyError):  # key_for_path made a key the tracker cannot hold
+            return http.error(400, str(error))
+        if isinstance(error, TrackerUnavailableError):
+            log.error("no tracker answered for %r: %r", key, error)
+            return self.unavailable
+        log.error("cannot locate %r: %r", key, error)  # garbage from a tracker, no live replica listed
+        return http.BAD_GATEWAY
+
+    def _key(self, raw_path: str) -> str | Answer:
+        """The key for the URL path after the prefix, or the 404 or 400 answer for a bad one."""
+        try:
+            # PEP 3333 gives PATH_INFO as the raw bytes decoded as latin-1.
+            raw = raw_path.encode("latin-1")
+            path = raw.decode("utf-8")
+        except UnicodeError:
+            return _NOT_UTF8
+        if not _CONTROL_CHARACTERS.isdisjoint(path):
+            return _CONTROL
+        if self.key_for_path is not None:
+            path = self.key_for_path(path)  # type: ignore[assignment]
+            raw = path.encode("utf-8") if path else b""
+        if not path:
+            return http.NOT_FOUND
+        if len(raw) > MAX_KEY_BYTES:
+            return _TOO_LONG
+        return path
+
+    def _may_reproxy(self, environ: Environ, responder: Reproxy, etag: str) -> bool:
+        """True if this request may see storage URLs: from a trusted proxy that can reproxy."""
+        ranged = environ.get("HTTP_RANGE")
+        if ranged is not None and (http.is_suffix_range(ranged) or not _if_range_holds(environ, etag)):
+            # Storage nodes answer bytes=-N wrongly, and check no If-Range: serve those here.
+            return False
+        if self.require_proxy_header and not responder.proxy_asks(environ.get(responder.request_header, "")):
+            return False
+        if responder.fell_back(environ):
+            return False  # every URL the proxy was given failed: serve it, looking the key up anew
+        return self.trusted_proxies is None or self._is_trusted(environ.get("REMOTE_ADDR", ""))
+
+    def _address_is_trusted(self, remote_addr: str) -> bool:
+        if not remote_addr:  # a unix socket's peer has no address
+            return self._trust_unix_socket
+        try:
+            address = ipaddress.ip_address(remote_addr)
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped:  # 127.0.0.1 behind a dual-stack [::] bind
+            address = address.ipv4_mapped
+        return any(address in network for network in self.trusted_proxies or () if network != UNIX_SOCKET)
+
+
+def parse_trusted_proxies(proxies: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network | str, ...]:
+    """Addresses and networks (``"10.0.0.0/24"``, ``"::1"``), and :data:`UNIX_SOCKET` for the peer of
+    a unix socket; raises ``ValueError`` naming a bad one."""
+    if isinstance(proxies, str):
+        raise ValueError(f"expected a list of addresses or networks, not the string {proxies!r}")
+    parsed: list[ipaddress.IPv4Network | ipaddress.IPv6Network | str] = []
+    for proxy in proxies:
+        try:
+            parsed.append(UNIX_SOCKET if proxy == UNIX_SOCKET else ipaddress.ip_network(proxy, strict=False))
+        except ValueError as error:
+            raise ValueError(
+                f"trusted proxy {proxy!r} is not an address, a network or {UNIX_SOCKET!r}: {error}") from None
+    return tuple(parsed)
+
+
+def _if_range_holds(environ: Environ, etag: str) -> bool:
+    """True without ``If-Range``, or when it names this version (so the range may be sent as asked)."""
+    if_range = environ.get("HTTP_IF_RANGE")
+    return if_range is None or http.etag_matches(if_range, etag, weak=False)
+
+
+def file_request(environ: Environ) -> FileRequest:
+    """The parts of a request that decide a file answer."""
+    return FileRequest(
+        environ.get("REQUEST_METHOD", "GET"), environ.get("HTTP_IF_MATCH"), environ.get("HTTP_IF_NONE_MATCH"),
+        environ.get("HTTP_RANGE"), environ.get("HTTP_IF_RANGE"),
+    )
+
+
+def _request_target(environ: Environ) -> str:
+    """The request's path and query, percent-encoded as a client sends them."""
+    path = quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""), safe="/:@!$&'()*+,;=~",
+                 encoding="latin-1")
+    query = environ.get("QUERY_STRING")
+    return f"{path}?{query}" if query else path
+
+
+def is_reproxy_header(name: str) -> bool:
+    """True for the headers only the middleware may send (Perlbal acts on every ``X-REPROXY-*``;
+    of nginx's ``X-Accel-*`` only the redirect fetches)."""
+    lowered = name.lower()
+    return lowered.startswith("x-reproxy") or lowered == "x-accel-redirect"
