@@ -7,11 +7,12 @@ stale-if-error, and replacing a value found outdated.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 from .exceptions import TrackerUnavailableError
@@ -210,18 +211,27 @@ class PathCache(Generic[V]):
             value = self._lookup(key)
         except TrackerUnavailableError as error:
             return self._stale_or_raise(key, error)
-        if self._stale_keys:  # a tracker answered: the outage is over
+        keep = self._looked_up(value)
+        if keep:
+            with flight.lock:
+                if not flight.invalidated:
+                    self._safely(self._backend.set, key, value, self._clock(), keep)
+        return value
+
+    def _looked_up(self, value: Any) -> float:
+        """Seconds to keep a value a tracker just gave (0: not at all); the outage, if any, is over."""
+        if self._stale_keys:
             with self._lock:
                 self._stale_keys.clear()
         ttl = self._ttl_of(value)
-        if ttl > 0:  # with no time to live nothing is stored, so nothing is served stale either
-            with flight.lock:
-                if not flight.invalidated:
-                    self._safely(self._backend.set, key, value, self._clock(), ttl + self._stale_seconds)
-        return value
+        # With no time to live nothing is stored, so nothing is served stale either.
+        return ttl + self._stale_seconds if ttl > 0 else 0.0
 
     def _stale_or_raise(self, key: str, error: TrackerUnavailableError) -> V:
-        entry = self._safely(self._backend.get, key)
+        return self._stale_value(key, self._safely(self._backend.get, key), error)
+
+    def _stale_value(self, key: str, entry: tuple[Any, float] | None, error: TrackerUnavailableError) -> V:
+        """``entry``'s value while every tracker is down, if within the stale window; else ``error``."""
         # Another process's backend may keep longer than we would: serve only within our window.
         ttl = 0.0 if entry is None else self._ttl_of(entry[0])
         if entry is None or ttl <= 0 or self._clock() - entry[1] >= ttl + self._stale_seconds:
@@ -245,3 +255,88 @@ class PathCache(Generic[V]):
         if now - self._backend_warned_at >= BACKEND_WARNING_INTERVAL:
             self._backend_warned_at = now
             log.warning("path cache backend failed, asking the trackers instead: %r", error)
+
+
+class _AsyncFlight:
+    """One lookup in progress on an event loop: its waiters await ``done``."""
+
+    __slots__ = ("done", "lock", "invalidated")
+
+    def __init__(self) -> None:
+        self.done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.lock = threading.Lock()  # what PathCache.invalidate takes (never held across an await)
+        self.invalidated = False
+
+
+class AsyncPathCache(PathCache[V]):
+    """:class:`PathCache` for asyncio: ``lookup`` is a coroutine, and concurrent misses of a key on
+    the event loop await one lookup. A backend with I/O (memcached) is asked from a thread, so the
+    loop never waits on it; the in-process :class:`MemoryCache` is asked directly.
+    """
+
+    def __init__(self, lookup: Callable[[str], Awaitable[V]], **options: Any) -> None:
+        super().__init__(lookup, **options)  # type: ignore[arg-type]
+        self._async_lookup = lookup
+        self._in_process = isinstance(self._backend, MemoryCache)
+
+    async def get(self, key: str) -> V:  # type: ignore[override]
+        """The value for ``key``: the cached one while fresh, else looked up."""
+        entry = self._backend.get(key) if self._in_process else await self._backend_call(self._backend.get, key)
+        if entry is not None and self._fresh(entry):
+            return entry[0]
+        return await self._refresh(key)
+
+    async def refresh(self, key: str, outdated: V) -> V:  # type: ignore[override]
+        """As :meth:`PathCache.refresh`, awaited."""
+        entry = await self._backend_call(self._backend.get, key)
+        if entry is not None:
+            if entry[0] != outdated and self._fresh(entry):
+                return entry[0]
+            self.invalidate(key)
+        return await self._refresh(key)
+
+    async def _refresh(self, key: str) -> V:  # type: ignore[override]
+        flight = self._flights.get(key)
+        if flight is not None:
+            try:
+                value = await asyncio.wait_for(asyncio.shield(flight.done), self._wait_seconds)
+            except asyncio.TimeoutError:
+                cause = TrackerUnavailableError(f"no answer for {key!r} within {self._wait_seconds} s")
+                return self._stale_value(key, await self._backend_call(self._backend.get, key), cause)
+            # The leader's task was cancelled (its client went away): look up for ourselves.
+            return await self._refresh(key) if value is _UNSET else value
+        flight = self._flights[key] = _AsyncFlight()  # type: ignore[assignment]
+        try:
+            value = await self._fetch_async(key, flight)  # type: ignore[arg-type]
+        except Exception as error:
+            flight.done.set_exception(error)
+            flight.done.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            raise
+        except BaseException:
+            flight.done.set_result(_UNSET)
+            raise
+        else:
+            flight.done.set_result(value)
+            return value
+        finally:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+
+    async def _fetch_async(self, key: str, flight: _AsyncFlight) -> V:
+        entry = await self._backend_call(self._backend.get, key)
+        if entry is not None and self._fresh(entry):
+            return entry[0]
+        self.lookups += 1
+        try:
+            value = await self._async_lookup(key)
+        except TrackerUnavailableError as error:
+            return self._stale_value(key, await self._backend_call(self._backend.get, key), error)
+        keep = self._looked_up(value)
+        if keep and not flight.invalidated:
+            await self._backend_call(self._backend.set, key, value, self._clock(), keep)
+        return value
+
+    async def _backend_call(self, method: Callable[..., T], *args: Any) -> T | None:
+        if self._in_process:
+            return self._safely(method, *args)
+        return await asyncio.to_thread(self._safely, method, *args)

@@ -13,17 +13,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import threading
 import time
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
-from .cache import CacheBackend, PathCache, entry_key
+from .cache import AsyncPathCache, CacheBackend, PathCache, entry_key
 from .client import Client
 from .exceptions import MogileFSError, StorageError, UnknownKeyError
 from .protocol import parse_domains
 
 log = logging.getLogger("mogile_middleware")
+
+T = TypeVar("T")
 
 _FID_PATH = re.compile(r"/0*(\d+)\.fid$")
 _URL_SAFE = re.compile(r"[!-~]+")  # printable ASCII, no blank
@@ -80,6 +82,8 @@ class Locator:
     :param missing_seconds: how long "no such key" is reused (0: never).
     """
 
+    path_cache_class: type[PathCache[Any]] = PathCache
+
     def __init__(self, client: Client, *, with_length: bool, cache_backend: CacheBackend | None = None,
                  path_cache_seconds: float = 10.0, replicating_seconds: float = 2.0,
                  missing_seconds: float = 3.0, stale_seconds: float = 300.0) -> None:
@@ -91,8 +95,7 @@ class Locator:
         self._entry_prefix = entry_key(client.domain, "")
         self._copies: dict[str, int] = {}
         self._copies_until = 0.0
-        self._copies_lock = threading.Lock()
-        self.paths: PathCache[Location | None] = PathCache(
+        self.paths: PathCache[Location | None] = self.path_cache_class(
             self._lookup, backend=cache_backend, ttl_seconds=path_cache_seconds, stale_seconds=stale_seconds,
             ttl_for=self._seconds_for,
         )
@@ -103,19 +106,13 @@ class Locator:
         entry = self._entry_prefix + key
         location = self.paths.get(entry)
         if location is not None and location.key != key:  # a shared cache's entry for another key
-            log.warning("ignoring a cached location of %r for %r", location.key, key)
-            location = self.paths.refresh(entry, location)
-        if location is None:
-            raise UnknownKeyError("unknown_key", key)
-        return location
+            location = self.paths.refresh(entry, _foreign(location, key))
+        return _found(location, key)
 
     def relocate(self, outdated: Location) -> Location:
         """The location of ``outdated.key`` asked of the trackers again, because the replicas of
         ``outdated`` failed: after an outside overwrite or delete they are gone."""
-        location = self.paths.refresh(self._entry_prefix + outdated.key, outdated)
-        if location is None:
-            raise UnknownKeyError("unknown_key", outdated.key)
-        return location
+        return _found(self.paths.refresh(self._entry_prefix + outdated.key, outdated), outdated.key)
 
     def with_length_of(self, location: Location) -> Location:
         """``location`` with its length, asked of the trackers when it was located without one."""
@@ -136,48 +133,144 @@ class Locator:
         return self._seconds if location.complete else self._replicating_seconds
 
     def _lookup(self, entry: str) -> Location | None:
+        return run_steps(self._lookup_steps(entry), self._call)
+
+    def _call(self, name: str, *args: Any) -> Any:
+        """One tracker call a step asks for: ``get_paths``, ``file_info`` or ``classes``."""
+        if name == "classes":
+            return self.client.pool.request("get_domains")[0]
+        return getattr(self.client, name)(*args)
+
+    def _lookup_steps(self, entry: str) -> Steps[Location | None]:
+        """The lookup of a cache entry's key, as the tracker calls it needs (see :func:`run_steps`)."""
         key = entry[len(self._entry_prefix):]
         for _ in range(2):  # once more if the key was overwritten between the two tracker calls
             try:
-                location = self._ask(key)
+                location = yield from self._ask_steps(key)
             except UnknownKeyError:
                 return None
             if location is not None:
                 return location
         raise StorageError(f"{key!r} changed during its lookup twice in a row")
 
-    def _ask(self, key: str) -> Location | None:
+    def _ask_steps(self, key: str) -> Steps[Location | None]:
         """The location from ``get_paths`` (and ``file_info`` when needed); ``None`` if the two
         answers name different versions."""
-        paths = tuple(path for path in self.client.get_paths(key, pathcount=PATH_COUNT) if _usable(path))
+        listed = yield ("get_paths", key, True, None, PATH_COUNT)
+        paths = tuple(path for path in listed if _usable(path))
         if not paths:
             raise StorageError(f"the tracker knows no live replica of {key!r}")
         etag = etag_for(paths)
         # No class of the domain keeps more copies than listed: complete, whatever its class.
-        most_copies = max(self._class_copies().values(), default=PATH_COUNT)
-        if not self.with_length and len(paths) >= min(PATH_COUNT, most_copies):
+        copies = yield from self._class_copies_steps()
+        if not self.with_length and len(paths) >= min(PATH_COUNT, max(copies.values(), default=PATH_COUNT)):
             return Location(key, paths, etag)
-        info = self.client.file_info(key)
+        info = yield ("file_info", key)
         if etag.startswith("fid-") and etag != f"fid-{info.fid}":
             return None
-        complete = len(paths) >= min(PATH_COUNT, self._class_copies(info.cls).get(info.cls, PATH_COUNT))
+        copies = yield from self._class_copies_steps(info.cls)
+        complete = len(paths) >= min(PATH_COUNT, copies.get(info.cls, PATH_COUNT))
         return Location(key, paths, f"fid-{info.fid}", info.length, complete)
 
-    def _class_copies(self, cls: str | None = None) -> dict[str, int]:
+    def _class_copies_steps(self, cls: str | None = None) -> Steps[dict[str, int]]:
         """How many copies each class of the domain keeps, asked of the trackers every
         :data:`CLASSES_SECONDS` and when ``cls`` is new to us; empty while they cannot say."""
-        with self._copies_lock:
-            if time.monotonic() >= self._copies_until or cls is not None and cls not in self._copies:
-                try:
-                    domains = parse_domains(self.client.pool.request("get_domains")[0])
-                except MogileFSError as error:
-                    log.warning("cannot learn the classes of %r: %r", self.client.domain, error)
-                    return {}  # unknown: a short path is trusted only briefly
-                self._copies = {name: copies for name, (copies, _) in domains.get(self.client.domain, {}).items()}
-                self._copies_until = time.monotonic() + CLASSES_SECONDS
-                if cls is not None:
-                    self._copies.setdefault(cls, PATH_COUNT)  # not listed: ask again only when renewed
+        if time.monotonic() < self._copies_until and (cls is None or cls in self._copies):
             return self._copies
+        try:
+            domains = parse_domains((yield ("classes",)))
+        except MogileFSError as error:
+            log.warning("cannot learn the classes of %r: %r", self.client.domain, error)
+            return {}  # unknown: a short path is trusted only briefly
+        self._copies = {name: copies for name, (copies, _) in domains.get(self.client.domain, {}).items()}
+        self._copies_until = time.monotonic() + CLASSES_SECONDS
+        if cls is not None:
+            self._copies.setdefault(cls, PATH_COUNT)  # not listed: ask again only when renewed
+        return self._copies
+
+
+class AsyncLocator(Locator):
+    """:class:`Locator` over an :class:`~mogile_middleware.async_client.AsyncClient`, on an event
+    loop: the same lookup (its steps are shared), awaited, with single flight among tasks."""
+
+    path_cache_class = AsyncPathCache
+
+    async def locate(self, key: str) -> Location:  # type: ignore[override]
+        """As :meth:`Locator.locate`, awaited."""
+        entry = self._entry_prefix + key
+        location = await self.paths.get(entry)  # type: ignore[misc]
+        if location is not None and location.key != key:
+            location = await self.paths.refresh(entry, _foreign(location, key))  # type: ignore[misc]
+        return _found(location, key)
+
+    async def relocate(self, outdated: Location) -> Location:  # type: ignore[override]
+        """As :meth:`Locator.relocate`, awaited."""
+        location = await self.paths.refresh(self._entry_prefix + outdated.key, outdated)  # type: ignore[misc]
+        return _found(location, outdated.key)
+
+    async def with_length_of(self, location: Location) -> Location:  # type: ignore[override]
+        """As :meth:`Locator.with_length_of`, awaited."""
+        if location.length is not None:
+            return location
+        info = await self.client.file_info(location.key)
+        if f"fid-{info.fid}" != location.etag:
+            return await self.relocate(location)
+        return replace(location, length=info.length, memo={})
+
+    async def _lookup(self, entry: str) -> Location | None:  # type: ignore[override]
+        return await arun_steps(self._lookup_steps(entry), self._call)
+
+    async def _call(self, name: str, *args: Any) -> Any:  # type: ignore[override]
+        if name == "classes":
+            return (await self.client.pool.request("get_domains"))[0]
+        return await getattr(self.client, name)(*args)
+
+
+def _foreign(location: Location, key: str) -> Location:
+    """A shared cache's entry for another key than asked: logged, then replaced."""
+    log.warning("ignoring a cached location of %r for %r", location.key, key)
+    return location
+
+
+def _found(location: Location | None, key: str) -> Location:
+    if location is None:
+        raise UnknownKeyError("unknown_key", key)
+    return location
+
+
+#: A lookup written once for both clients: it yields the tracker calls it needs, ``(name, *args)``,
+#: and is sent their results (or thrown their errors) by :func:`run_steps` or :func:`arun_steps`.
+Steps = Generator[tuple[Any, ...], Any, T]
+
+
+def run_steps(steps: Steps[T], call: Callable[..., Any]) -> T:
+    """Drive ``steps`` with a blocking ``call``."""
+    try:
+        step = next(steps)
+        while True:
+            try:
+                result = call(*step)
+            except Exception as error:
+                step = steps.throw(error)
+            else:
+                step = steps.send(result)
+    except StopIteration as done:
+        return done.value
+
+
+async def arun_steps(steps: Steps[T], call: Callable[..., Awaitable[Any]]) -> T:
+    """Drive ``steps`` with an awaited ``call``."""
+    try:
+        step = next(steps)
+        while True:
+            try:
+                result = await call(*step)
+            except Exception as error:
+                step = steps.throw(error)
+            else:
+                step = steps.send(result)
+    except StopIteration as done:
+        return done.value
 
 
 def is_clean_url(url: str) -> bool:

@@ -1,0 +1,150 @@
+"""The path cache on an event loop: single flight among tasks, TTL, stale-if-error, a thread for I/O."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+from mogile_middleware.cache import AsyncPathCache, MemoryCache
+from mogile_middleware.exceptions import TrackerUnavailableError, UnknownKeyError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Lookup:
+    """An async lookup that counts its calls and can be made to wait, fail or be slow."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.error: Exception | None = None
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self, key: str) -> str:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.error is not None:
+            raise self.error
+        return f"{key}@{self.calls}"
+
+
+def make(lookup: Lookup, clock: Clock, **options: Any) -> AsyncPathCache[str]:
+    return AsyncPathCache(lookup, clock=clock, ttl_seconds=10, stale_seconds=30, **options)
+
+
+def test_concurrent_misses_await_one_lookup() -> None:
+    async def scenario() -> None:
+        lookup, clock = Lookup(), Clock()
+        cache = make(lookup, clock)
+        lookup.gate = asyncio.Event()
+        tasks = [asyncio.create_task(cache.get("k")) for _ in range(50)]
+        await asyncio.sleep(0)
+        lookup.gate.set()
+        assert set(await asyncio.gather(*tasks)) == {"k@1"} and lookup.calls == cache.lookups == 1
+        assert await cache.get("k") == "k@1"
+        clock.now += 11
+        assert await cache.get("k") == "k@2"
+    asyncio.run(scenario())
+
+
+def test_a_lookup_error_reaches_every_waiter_and_nothing_is_stored() -> None:
+    async def scenario() -> None:
+        lookup, clock = Lookup(), Clock()
+        cache = make(lookup, clock)
+        lookup.gate, lookup.error = asyncio.Event(), UnknownKeyError("unknown_key")
+        tasks = [asyncio.create_task(cache.get("k")) for _ in range(5)]
+        await asyncio.sleep(0)
+        lookup.gate.set()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(outcome, UnknownKeyError) for outcome in outcomes) and lookup.calls == 1
+        lookup.error = None
+        assert await cache.get("k") == "k@2"
+    asyncio.run(scenario())
+
+
+def test_stale_paths_while_the_trackers_are_down_then_fresh_ones() -> None:
+    async def scenario() -> None:
+        lookup, clock = Lookup(), Clock()
+        cache = make(lookup, clock)
+        assert await cache.get("k") == "k@1"
+        clock.now += 20
+        lookup.error = TrackerUnavailableError("down")
+        assert await cache.get("k") == "k@1"  # within ttl + stale
+        clock.now += 30
+        with pytest.raises(TrackerUnavailableError):
+            await cache.get("k")
+        lookup.error = None
+        assert await cache.get("k") == "k@4"
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_leader_lets_its_waiters_look_up_for_themselves() -> None:
+    async def scenario() -> None:
+        lookup, clock = Lookup(), Clock()
+        cache = make(lookup, clock)
+        lookup.gate = asyncio.Event()
+        leader = asyncio.create_task(cache.get("k"))
+        await asyncio.sleep(0)
+        waiter = asyncio.create_task(cache.get("k"))
+        await asyncio.sleep(0)
+        leader.cancel()
+        await asyncio.sleep(0)
+        lookup.gate.set()
+        assert await waiter == "k@2"
+        with pytest.raises(asyncio.CancelledError):
+            await leader
+    asyncio.run(scenario())
+
+
+def test_invalidate_and_refresh() -> None:
+    async def scenario() -> None:
+        lookup, clock = Lookup(), Clock()
+        cache = make(lookup, clock)
+        first = await cache.get("k")
+        cache.invalidate("k")
+        second = await cache.get("k")
+        assert (first, second) == ("k@1", "k@2")
+        assert await cache.refresh("k", "k@1") == "k@2"  # already replaced: no lookup
+        assert await cache.refresh("k", "k@2") == "k@3" and lookup.calls == 3
+    asyncio.run(scenario())
+
+
+class SlowBackend:
+    """A backend with I/O, as memcached is: records the thread of every call."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.memory = MemoryCache(clock=clock)
+        self.threads: set[int] = set()
+
+    def get(self, key: str) -> Any:
+        self.threads.add(threading.get_ident())
+        return self.memory.get(key)
+
+    def set(self, key: str, value: Any, stored_at: float, keep_seconds: float) -> None:
+        self.threads.add(threading.get_ident())
+        self.memory.set(key, value, stored_at, keep_seconds)
+
+    def delete(self, key: str) -> None:
+        self.memory.delete(key)
+
+
+def test_a_backend_with_io_is_asked_from_a_thread_never_the_loop() -> None:
+    async def scenario() -> set[int]:
+        lookup, clock = Lookup(), Clock()
+        backend = SlowBackend(clock)
+        cache = make(lookup, clock, backend=backend)
+        assert await cache.get("k") == "k@1" and await cache.get("k") == "k@1"
+        return backend.threads
+
+    loop_thread = threading.get_ident()  # asyncio.run runs the loop in this thread
+    threads = asyncio.run(scenario())
+    assert threads and loop_thread not in threads
