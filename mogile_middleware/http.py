@@ -44,12 +44,13 @@ class FileRequest:
 class FilePlan:
     """An answer with the file's bytes: status, headers, and the part to fetch.
 
-    ``byte_range`` is the absolute, inclusive ``(first, last)`` pair to ask a storage node for,
-    or ``None`` for the whole file.
+    ``length`` is the body's length; ``byte_range`` is the absolute, inclusive ``(first, last)``
+    pair to ask a storage node for, or ``None`` for the whole file.
     """
 
     status: str
     headers: Headers
+    length: int
     byte_range: tuple[int, int] | None = None
 
 
@@ -144,13 +145,14 @@ def file_plan(request: FileRequest, etag: str, length: int, headers: Headers) ->
         return error(416, "The range is outside the file.",
                      [("Content-Range", f"bytes */{length}"), ("Accept-Ranges", "bytes"), *etag_headers])
     if requested is None:
-        plan = FilePlan("200 OK", [*headers, ("Accept-Ranges", "bytes"), ("Content-Length", str(length))])
+        plan = FilePlan("200 OK", [*headers, ("Accept-Ranges", "bytes"), ("Content-Length", str(length))], length)
     else:
         first, last = requested
         plan = FilePlan(
             "206 Partial Content",
             [*headers, ("Accept-Ranges", "bytes"), ("Content-Range", f"bytes {first}-{last}/{length}"),
              ("Content-Length", str(last - first + 1))],
+            last - first + 1,
             requested,
         )
     return plan

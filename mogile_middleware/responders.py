@@ -244,10 +244,9 @@ class Serve:
             plan = http.file_plan(request, location.etag, location.length, self.representation.headers(location))
             if isinstance(plan, Answer):
                 return plan
-            expected = location.length if plan.byte_range is None else plan.byte_range[1] - plan.byte_range[0] + 1
             try:
                 upstream = open_replica(location.paths, method=request.method, byte_range=plan.byte_range,
-                                        length=expected, timeout=self.storage_timeout)
+                                        length=plan.length, timeout=self.storage_timeout)
             except StorageError as error:
                 then = "" if attempt else ", asking the trackers again"
                 (log.error if attempt else log.warning)("no replica of %r answered%s: %r", location.key, then, error)

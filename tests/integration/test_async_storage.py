@@ -1,0 +1,453 @@
+"""The asyncio storage client: replica failover, deadlines, closing and backpressure, streaming PUT.
+
+Real loopback sockets: a development MogileFS for the real node's answers, and small scripted
+nodes for the misbehaving ones. No pytest plugin: every test runs its coroutine with asyncio.run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import tracemalloc
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from wiretools import _LoopbackServer
+
+from mogile_middleware import Client
+from mogile_middleware.async_storage import AsyncPutStream, AsyncReplicaResponse, open_replica
+from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.exceptions import StorageError
+
+CONTENT = bytes(range(256)) * 400 + b"the end"  # 102,407 bytes: more than one chunk
+OTHER = b"another file, another length"
+
+BAD_URLS = [
+    pytest.param("http://127.0.0.1:99999/dev1/0/000/000/0000000001.fid", id="port-out-of-range"),
+    pytest.param("http://127.0.0.1:abc/dev1/0/000/000/0000000001.fid", id="port-not-a-number"),
+    pytest.param("http://[::1/dev1/0/000/000/0000000001.fid", id="unclosed-ipv6-bracket"),
+]
+
+
+def run(coroutine: Coroutine[Any, Any, Any], seconds: float = 30) -> Any:
+    """Run ``coroutine`` in a new event loop, cut after ``seconds`` so a hang fails the test."""
+    async def bounded() -> Any:
+        return await asyncio.wait_for(coroutine, seconds)
+
+    return asyncio.run(bounded())
+
+
+def eventually(condition: Callable[[], bool], seconds: float = 2.0) -> bool:
+    end = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+async def eventually_async(condition: Callable[[], bool], seconds: float = 1.0) -> bool:
+    """:func:`eventually` without blocking the event loop (whose turns may be what is awaited)."""
+    end = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def refused_url() -> str:
+    """A URL on a loopback port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/dev1/0/000/000/0000000001.fid"
+
+
+async def read_all(replica: AsyncReplicaResponse) -> bytes:
+    async with replica:
+        return b"".join([chunk async for chunk in replica.chunks()])
+
+
+@pytest.fixture(scope="module")
+def mogile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevMogileFS]:
+    with DevMogileFS(tmp_path_factory.mktemp("mogdata"), storage_nodes=1, domains={"d": {"c": 1}}) as mogile:
+        client = Client("d", mogile.trackers)
+        client.store_content("content", CONTENT, "c")
+        client.store_content("other", OTHER, "c")
+        client.close()
+        yield mogile
+
+
+@pytest.fixture(scope="module")
+def urls(mogile: DevMogileFS) -> dict[str, str]:
+    """The replica URLs of ``content`` and ``other``, and one the node answers 404."""
+    client = Client("d", mogile.trackers)
+    (content,), (other,) = client.get_paths("content"), client.get_paths("other")
+    client.close()
+    return {"content": content, "other": other, "missing": content.rsplit("/", 1)[0] + "/9999999999.fid"}
+
+
+# -- GET from the development node ------------------------------------------------------------
+
+def test_get_reads_the_whole_file(urls: dict[str, str]) -> None:
+    async def main() -> tuple[AsyncReplicaResponse, bytes]:
+        replica = await open_replica([urls["content"]], timeout=5)
+        return replica, await read_all(replica)
+
+    replica, body = run(main())
+    assert body == CONTENT
+    assert (replica.url, replica.status, replica.length) == (urls["content"], 200, len(CONTENT))
+    assert replica.headers["content-length"] == str(len(CONTENT))  # names lower-cased
+
+
+def test_get_a_range_reads_those_bytes(urls: dict[str, str]) -> None:
+    async def main() -> tuple[AsyncReplicaResponse, bytes, bytes]:
+        replica = await open_replica([urls["content"]], byte_range=(1000, 70999), timeout=5)
+        body = await read_all(replica)
+        return replica, body, await replica.read(10)
+
+    replica, body, after = run(main())
+    assert (replica.status, replica.length) == (206, 70000)
+    assert replica.headers["content-range"] == f"bytes 1000-70999/{len(CONTENT)}"
+    assert body == CONTENT[1000:71000]
+    assert after == b""  # and b"" again at the end
+
+
+def test_a_read_size_below_one_is_refused(urls: dict[str, str]) -> None:
+    async def main() -> bytes:
+        async with await open_replica([urls["content"]], timeout=5) as replica:
+            with pytest.raises(ValueError, match="positive"):
+                await replica.read(-1)  # would read the whole body at once
+            return await replica.read(10)
+
+    assert run(main()) == CONTENT[:10]
+
+
+def test_head_has_the_length_and_no_body(urls: dict[str, str]) -> None:
+    async def main() -> tuple[AsyncReplicaResponse, bytes]:
+        async with await open_replica([urls["content"]], method="HEAD", timeout=5) as replica:
+            return replica, await replica.read(100)
+
+    replica, body = run(main())
+    assert (replica.status, replica.length, body) == (200, len(CONTENT), b"")
+
+
+# -- failover ---------------------------------------------------------------------------------
+
+def test_failover_past_refused_404_wrong_length_and_bad_urls(urls: dict[str, str]) -> None:
+    bad = [param.values[0] for param in BAD_URLS]
+    tried = [refused_url(), urls["missing"], urls["other"], *bad, urls["content"]]
+
+    async def main() -> tuple[str, bytes]:
+        replica = await open_replica(tried, length=len(CONTENT), timeout=5)
+        return replica.url, await read_all(replica)
+
+    assert run(main()) == (urls["content"], CONTENT)
+
+
+def test_all_replicas_failing_is_a_storage_error_naming_each(urls: dict[str, str]) -> None:
+    bad = [param.values[0] for param in BAD_URLS]
+    refused = refused_url()
+    with pytest.raises(StorageError, match="no replica answered") as raised:
+        run(open_replica([refused, urls["other"], urls["missing"], *bad], length=len(CONTENT), timeout=5))
+    message = str(raised.value)
+    assert f"{refused}: " in message
+    assert f"{urls['missing']}: HTTP 404" in message
+    assert f"{urls['other']}: {len(OTHER)} bytes, expected {len(CONTENT)}" in message
+    assert all(f"{url}: bad storage URL" in message for url in bad)
+    assert raised.value.status == 404  # the last status seen
+
+
+def test_no_urls_is_a_storage_error() -> None:
+    with pytest.raises(StorageError, match="no paths"):
+        run(open_replica([], timeout=1))
+
+
+# -- scripted nodes ---------------------------------------------------------------------------
+
+RESPONSE_HEAD = b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n"
+
+
+class ScriptedNode(_LoopbackServer):
+    """Reads a request head, then ``behaviour(conn)`` answers; counts connections still open."""
+
+    def __init__(self, behaviour: Callable[[socket.socket], None]) -> None:
+        self.behaviour = behaviour
+        self.open = 0
+        super().__init__()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with self._lock:
+            self.open += 1
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head and (data := conn.recv(4096)):
+                head += data
+            self.behaviour(conn)
+            while conn.recv(65536):  # until the client closes its end
+                pass
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            with self._lock:
+                self.open -= 1
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/dev1/0/000/000/0000000001.fid"
+
+
+@pytest.fixture
+def nodes() -> Iterator[Callable[[Callable[[socket.socket], None]], ScriptedNode]]:
+    started: list[ScriptedNode] = []
+
+    def start(behaviour: Callable[[socket.socket], None]) -> ScriptedNode:
+        started.append(ScriptedNode(behaviour))
+        return started[-1]
+
+    yield start
+    for node in started:
+        node.stop()
+
+
+def good_node(conn: socket.socket) -> None:
+    conn.sendall(RESPONSE_HEAD % 5 + b"hello")
+    conn.shutdown(socket.SHUT_WR)
+
+
+def dripping_node(conn: socket.socket) -> None:
+    for byte in RESPONSE_HEAD % 5 + b"hello":  # 13 s in all
+        conn.sendall(bytes([byte]))
+        time.sleep(0.3)
+
+
+def endless_node(conn: socket.socket) -> None:
+    """A head announcing 10 MB, the first 1000 bytes, then nothing: the body is still coming."""
+    conn.sendall(RESPONSE_HEAD % 10_000_000 + b"x" * 1000)
+
+
+def test_a_node_dripping_its_head_costs_the_timeout_then_the_next_replica_answers(nodes) -> None:
+    dripping, good = nodes(dripping_node), nodes(good_node)
+
+    async def main() -> tuple[str, bytes, float]:
+        started = time.monotonic()
+        replica = await open_replica([dripping.url, good.url], timeout=1)
+        return replica.url, await read_all(replica), time.monotonic() - started
+
+    url, body, elapsed = run(main())
+    assert (url, body) == (good.url, b"hello")
+    assert 0.9 <= elapsed < 2.0
+    assert eventually(lambda: dripping.open == 0)  # the dripping connection was dropped
+
+
+def test_a_node_dripping_its_head_alone_is_a_storage_error_at_the_deadline(nodes) -> None:
+    dripping = nodes(dripping_node)
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="no status line and headers within 1s"):
+        run(open_replica([dripping.url], timeout=1))
+    assert 0.9 <= time.monotonic() - started < 2.0
+
+
+def test_a_slow_but_live_body_is_read_to_the_end(nodes) -> None:
+    chunks = [bytes([65 + n]) * 1000 for n in range(7)]
+
+    def slow_body(conn: socket.socket) -> None:
+        conn.sendall(RESPONSE_HEAD % sum(map(len, chunks)))
+        for chunk in chunks:  # one every 0.3 s: 2.1 s in all, each well within the timeout
+            time.sleep(0.3)
+            conn.sendall(chunk)
+
+    node = nodes(slow_body)
+
+    async def main() -> bytes:
+        return await read_all(await open_replica([node.url], timeout=1))
+
+    started = time.monotonic()
+    assert run(main()) == b"".join(chunks)
+    assert time.monotonic() - started >= 2  # longer than the timeout, and not cut
+
+
+def test_a_silent_body_is_a_storage_error_after_the_timeout(nodes) -> None:
+    node = nodes(endless_node)
+
+    async def main() -> None:
+        await read_all(await open_replica([node.url], timeout=1))
+
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="sent nothing for 1s"):
+        run(main())
+    assert 0.9 <= time.monotonic() - started < 2.0
+    assert eventually(lambda: node.open == 0)
+
+
+def test_a_body_cut_short_is_a_storage_error_from_chunks(nodes) -> None:
+    def cut(conn: socket.socket) -> None:
+        conn.sendall(RESPONSE_HEAD % 100 + b"x" * 60)
+        conn.shutdown(socket.SHUT_WR)
+
+    node = nodes(cut)
+    received: list[bytes] = []
+
+    async def main() -> None:
+        async with await open_replica([node.url], timeout=5) as replica:
+            async for chunk in replica.chunks():
+                received.append(chunk)
+
+    with pytest.raises(StorageError, match="ended 40 bytes short of its length"):
+        run(main())
+    assert b"".join(received) == b"x" * 60
+
+
+def test_aclose_closes_the_connection(nodes) -> None:
+    node = nodes(endless_node)
+
+    async def main() -> None:
+        replica = await open_replica([node.url], timeout=5)
+        assert await replica.read(100) == b"x" * 100
+        assert node.open == 1
+        await replica.aclose()
+        assert await eventually_async(lambda: node.open == 0)  # within the loop, not by its end
+        await replica.aclose()  # again: nothing happens
+        with pytest.raises(ValueError, match="closed"):
+            await replica.read(100)
+
+    run(main())
+    assert node.connections == 1
+
+
+def test_a_task_cancelled_while_reading_closes_the_connection(nodes) -> None:
+    node = nodes(endless_node)
+
+    async def main() -> list[bytes]:
+        received: list[bytes] = []
+        replica = await open_replica([node.url], timeout=30)
+
+        async def consume() -> None:
+            async for chunk in replica.chunks():  # no async with: the cancellation alone must close it
+                received.append(chunk)
+
+        task = asyncio.create_task(consume())
+        while not received:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # now waiting for more of the body
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await eventually_async(lambda: node.open == 0)  # while the response is still referenced
+        assert replica.status == 200
+        return received
+
+    assert b"".join(run(main())) == b"x" * 1000
+
+
+def test_a_body_read_slowly_is_not_read_ahead(nodes) -> None:
+    size = 64 * 1024 * 1024
+    block = memoryview(bytes(1024 * 1024))  # sent again and again: the node allocates nothing
+
+    def fast_node(conn: socket.socket) -> None:
+        conn.sendall(RESPONSE_HEAD % size)
+        for _ in range(size // len(block)):
+            conn.sendall(block)
+
+    node = nodes(fast_node)
+
+    async def main() -> int:
+        total = 0
+        async with await open_replica([node.url], timeout=10) as replica:
+            async for chunk in replica.chunks():
+                total += len(chunk)
+                await asyncio.sleep(0.001)  # slower than the node sends
+        return total
+
+    tracemalloc.start()
+    try:
+        assert run(main(), seconds=60) == size
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB while reading 64 MiB"
+
+
+# -- PUT --------------------------------------------------------------------------------------
+
+def node_url(mogile: DevMogileFS, path: str) -> str:
+    return f"{mogile.nodes[0].url}/dev1/7/777/777/{path}"
+
+
+@pytest.mark.parametrize("with_length", [pytest.param(True, id="content-length"), pytest.param(False, id="chunked")])
+def test_put_stores_the_body_byte_exact(mogile: DevMogileFS, with_length: bool) -> None:
+    url = node_url(mogile, f"put-{with_length}.fid")
+    pieces = [CONTENT[:1], CONTENT[1:70000], b"", CONTENT[70000:]]
+
+    async def main() -> bytes:
+        put = await AsyncPutStream.open(url, length=len(CONTENT) if with_length else None, timeout=5)
+        buffer = bytearray(len(CONTENT))
+        for piece in pieces:
+            buffer[:len(piece)] = piece  # one buffer filled again and again, as a reader would
+            await put.write(memoryview(buffer)[:len(piece)])
+        await put.finish()
+        return await read_all(await open_replica([url], timeout=5))
+
+    assert run(main()) == CONTENT
+
+
+@pytest.mark.parametrize("with_length", [pytest.param(True, id="content-length"), pytest.param(False, id="chunked")])
+def test_an_aborted_put_leaves_no_file(mogile: DevMogileFS, with_length: bool) -> None:
+    name = f"aborted-{with_length}.fid"
+    url = node_url(mogile, name)
+
+    async def main() -> None:
+        put = await AsyncPutStream.open(url, length=len(CONTENT) if with_length else None, timeout=5)
+        await put.write(CONTENT[:50000])
+        put.abort()
+        put.abort()  # again: nothing happens
+        with pytest.raises(StorageError, match="aborted"):
+            await put.write(b"more")
+        await asyncio.sleep(0.2)  # for the node to see the connection end
+
+    run(main())
+    directory = Path(mogile.nodes[0].docroot) / "dev1/7/777/777"
+    assert eventually(lambda: not any(directory.glob(f"*{name}*")))  # neither the file nor its temporary
+    with pytest.raises(StorageError, match="HTTP 404"):
+        run(open_replica([url], timeout=5))
+
+
+def test_put_to_a_refused_port_is_a_storage_error() -> None:
+    with pytest.raises(StorageError, match="refused"):
+        run(AsyncPutStream.open(refused_url(), length=1, timeout=1))
+
+
+@pytest.mark.parametrize("url", BAD_URLS)
+def test_put_to_a_bad_url_is_a_storage_error(url: str) -> None:
+    with pytest.raises(StorageError, match="bad storage URL"):
+        run(AsyncPutStream.open(url, length=1, timeout=1))
+
+
+def test_put_answered_non_2xx_is_a_storage_error_with_the_status(mogile: DevMogileFS) -> None:
+    async def main() -> None:
+        put = await AsyncPutStream.open(f"{mogile.nodes[0].url}/toplevel.fid", length=2, timeout=5)
+        await put.write(b"no")
+        await put.finish()
+
+    with pytest.raises(StorageError, match="answered HTTP 400") as raised:
+        run(main())
+    assert raised.value.status == 400
+
+
+def test_put_shorter_than_its_length_is_a_storage_error(mogile: DevMogileFS) -> None:
+    url = node_url(mogile, "short.fid")
+
+    async def main() -> None:
+        put = await AsyncPutStream.open(url, length=10, timeout=5)
+        await put.write(b"12345")
+        await put.finish()
+
+    with pytest.raises(StorageError, match="5 of the 10 bytes"):
+        run(main())
+    with pytest.raises(StorageError, match="HTTP 404"):
+        run(open_replica([url], timeout=5))
