@@ -7,6 +7,7 @@ The public names: :class:`MogileFSMiddleware` (serve or reproxy files under a UR
 :mod:`mogile_middleware.devserver`.
 """
 
+from .async_client import AsyncClient
 from .cache import CacheBackend, MemoryCache
 from .client import Admin, Client, FileInfo
 from .exceptions import (
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Admin",
+    "AsyncClient",
     "BadKeyError",
     "CacheBackend",
     "Client",

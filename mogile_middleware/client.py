@@ -17,13 +17,13 @@ import functools
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from .cache import CacheBackend, entry_key
 from .exceptions import NoneMatchError
-from .protocol import Reply, check_key, parse_domains
+from .protocol import ArgValue, Reply, check_key, parse_domains
 from .storage import ReplicaResponse, open_replica
-from .tracker import Address, TrackerPool
+from .tracker import Address, TrackerPool, TrackerPoolBase
 from .upload import ChangeListener, NewFile, Uploader
 
 log = logging.getLogger("mogile_middleware")
@@ -47,7 +47,126 @@ class FileInfo:
     checksum: str | None = None
 
 
-class Client:
+class Request(NamedTuple):
+    """A command of a client: its name, its arguments (the domain aside) and the keys it may change."""
+
+    command: str
+    args: dict[str, ArgValue]
+    changes: tuple[str, ...] = ()
+
+
+def get_paths_request(key: str, noverify: bool = True, zone: str | None = None, pathcount: int = 2) -> Request:
+    """``get_paths`` for ``key`` (checked: a :class:`BadKeyError` before anything is sent)."""
+    check_key(key)
+    return Request("get_paths", {"key": key, "noverify": 1 if noverify else 0, "zone": zone, "pathcount": pathcount})
+
+
+def paths_of(reply: Reply) -> list[str]:
+    """The replica URLs of a ``get_paths`` reply, in the tracker's order."""
+    return [reply[f"path{n}"] for n in range(1, reply.number("paths") + 1)]
+
+
+def file_info_request(key: str) -> Request:
+    """``file_info`` for ``key`` (checked)."""
+    check_key(key)
+    return Request("file_info", {"key": key})
+
+
+def file_info_of(reply: Reply) -> FileInfo:
+    """The :class:`FileInfo` of a ``file_info`` reply."""
+    return FileInfo(
+        key=reply["key"],
+        fid=reply.number("fid"),
+        length=reply.number("length"),
+        cls=reply["class"],
+        domain=reply["domain"],
+        devcount=reply.number("devcount"),
+        checksum=reply.get("checksum"),
+    )
+
+
+def delete_request(key: str) -> Request:
+    """``delete`` of ``key`` (checked), which changes it."""
+    check_key(key)
+    return Request("delete", {"key": key}, (key,))
+
+
+def rename_request(from_key: str, to_key: str) -> Request:
+    """``rename`` of ``from_key`` to ``to_key`` (both checked), which changes both."""
+    check_key(from_key)
+    check_key(to_key)
+    return Request("rename", {"from_key": from_key, "to_key": to_key}, (from_key, to_key))
+
+
+def update_class_request(key: str, cls: str) -> Request:
+    """``updateclass`` of ``key`` (checked) to class ``cls``."""
+    check_key(key)
+    return Request("updateclass", {"key": key, "class": cls})
+
+
+def list_keys_request(prefix: str = "", after: str | None = None, limit: int | None = None) -> Request:
+    """``list_keys`` starting with ``prefix``, after ``after``."""
+    return Request("list_keys", {"prefix": prefix or None, "after": after, "limit": limit})
+
+
+def keys_page_of(reply: Reply) -> tuple[list[str], str | None]:
+    """The keys of a ``list_keys`` reply and the ``after`` value of the next page."""
+    return [reply[f"key_{n}"] for n in range(1, reply.number("key_count") + 1)], reply.get("next_after")
+
+
+class ClientBase:
+    """What :class:`Client` and :class:`~mogile_middleware.async_client.AsyncClient` share: the
+    arguments, the tracker pool (of the class ``pool_class``) and the change listeners (see
+    :class:`Client` for the arguments)."""
+
+    pool_class: type[TrackerPoolBase]
+
+    def __init__(
+        self,
+        domain: str,
+        trackers: str | Iterable[str | Address] = (),
+        *,
+        connect_timeout: float = 1.0,
+        io_timeout: float = 5.0,
+        dead_seconds: float = 5.0,
+        storage_timeout: float = 10.0,
+        pool: TrackerPoolBase | None = None,
+        on_change: ChangeListener | None = None,
+        cache_backend: CacheBackend | None = None,
+    ) -> None:
+        if not domain:
+            raise ValueError("a MogileFS domain is required")
+        self.domain = domain
+        self.pool = pool or self.pool_class(
+            trackers, connect_timeout=connect_timeout, io_timeout=io_timeout, dead_seconds=dead_seconds
+        )
+        self.storage_timeout = storage_timeout
+        self.cache_backend = cache_backend
+        self._change_listeners: tuple[ChangeListener, ...] = ()
+        if on_change is not None:
+            self.add_change_listener(on_change)
+        if cache_backend is not None:
+            self.add_change_listener(functools.partial(_drop_shared_entry, cache_backend, domain))
+
+    def add_change_listener(self, listener: ChangeListener) -> None:
+        """Call ``listener`` with every key this client writes, renames or deletes, also when the
+        tracker's answer was lost (the key may have changed). A listener that raises is logged."""
+        self._change_listeners = (*self._change_listeners, listener)  # a new tuple: _changed reads a snapshot
+
+    def _changed(self, *keys: str) -> None:
+        """Tell every change listener that ``keys`` were (or may have been) written, renamed or deleted."""
+        for key in keys:
+            for listener in self._change_listeners:
+                try:
+                    listener(key)
+                except Exception as error:  # the write is done: a listener must not hide its outcome
+                    log.warning("change listener %r failed for key %r: %r", listener, key, error)
+
+    def _args(self, request: Request) -> dict[str, ArgValue]:
+        return {"domain": self.domain, **request.args}
+
+
+class Client(ClientBase):
     """A MogileFS client for one domain.
 
     :param domain: the MogileFS domain every key belongs to.
@@ -63,70 +182,27 @@ class Client:
         changes is deleted from it.
     """
 
-    def __init__(
-        self,
-        domain: str,
-        trackers: str | Iterable[str | Address] = (),
-        *,
-        connect_timeout: float = 1.0,
-        io_timeout: float = 5.0,
-        dead_seconds: float = 5.0,
-        storage_timeout: float = 10.0,
-        pool: TrackerPool | None = None,
-        on_change: ChangeListener | None = None,
-        cache_backend: CacheBackend | None = None,
-    ) -> None:
-        if not domain:
-            raise ValueError("a MogileFS domain is required")
-        self.domain = domain
-        self.pool = pool or TrackerPool(
-            trackers, connect_timeout=connect_timeout, io_timeout=io_timeout, dead_seconds=dead_seconds
-        )
-        self.storage_timeout = storage_timeout
-        self.cache_backend = cache_backend
-        self._change_listeners: tuple[ChangeListener, ...] = ()
-        if on_change is not None:
-            self.add_change_listener(on_change)
-        if cache_backend is not None:
-            self.add_change_listener(functools.partial(_drop_shared_entry, cache_backend, domain))
-        # One uploader for store_file and store_content: it remembers which classes keep checksums.
-        self._uploader = Uploader(self, verify_checksums=False)
+    pool_class = TrackerPool
+    pool: TrackerPool
 
-    def add_change_listener(self, listener: ChangeListener) -> None:
-        """Call ``listener`` with every key this client writes, renames or deletes, also when the
-        tracker's answer was lost (the key may have changed). A listener that raises is logged."""
-        self._change_listeners = (*self._change_listeners, listener)  # a new tuple: _changed reads a snapshot
+    @functools.cached_property
+    def _uploader(self) -> Uploader:
+        """One uploader for store_file and store_content: it remembers which classes keep checksums."""
+        return Uploader(self, verify_checksums=False)
 
-    def _changed(self, key: str) -> None:
-        """Tell every change listener that ``key`` was (or may have been) written, renamed or deleted."""
-        for listener in self._change_listeners:
-            try:
-                listener(key)
-            except Exception as error:  # the write is done: a listener must not hide its outcome
-                log.warning("change listener %r failed for key %r: %r", listener, key, error)
-
-    def _ask(self, command: str, **args: str | int | None) -> Reply:
-        return self.pool.request(command, {"domain": self.domain, **args})[0]
+    def _ask(self, request: Request) -> Reply:
+        try:
+            return self.pool.request(request.command, self._args(request))[0]
+        finally:
+            self._changed(*request.changes)
 
     def get_paths(self, key: str, noverify: bool = True, zone: str | None = None, pathcount: int = 2) -> list[str]:
         """The URLs of the key's replicas, in the tracker's order (try them in that order)."""
-        check_key(key)
-        reply = self._ask("get_paths", key=key, noverify=1 if noverify else 0, zone=zone, pathcount=pathcount)
-        return [reply[f"path{n}"] for n in range(1, reply.number("paths") + 1)]
+        return paths_of(self._ask(get_paths_request(key, noverify, zone, pathcount)))
 
     def file_info(self, key: str) -> FileInfo:
         """The key's fid, length, class and replica count."""
-        check_key(key)
-        reply = self._ask("file_info", key=key)
-        return FileInfo(
-            key=reply["key"],
-            fid=reply.number("fid"),
-            length=reply.number("length"),
-            cls=reply["class"],
-            domain=reply["domain"],
-            devcount=reply.number("devcount"),
-            checksum=reply.get("checksum"),
-        )
+        return file_info_of(self._ask(file_info_request(key)))
 
     def new_file(self, key: str, cls: str | None = None, *, size: int | None = None,
                  verify_checksum: bool = False) -> NewFile:
@@ -162,26 +238,15 @@ class Client:
 
     def delete(self, key: str) -> None:
         """Delete ``key`` (raises :class:`UnknownKeyError` if it does not exist)."""
-        check_key(key)
-        try:
-            self._ask("delete", key=key)
-        finally:
-            self._changed(key)
+        self._ask(delete_request(key))
 
     def rename(self, from_key: str, to_key: str) -> None:
         """Rename ``from_key`` to ``to_key`` (raises :class:`KeyExistsError` if that exists)."""
-        check_key(from_key)
-        check_key(to_key)
-        try:
-            self._ask("rename", from_key=from_key, to_key=to_key)
-        finally:
-            self._changed(from_key)
-            self._changed(to_key)
+        self._ask(rename_request(from_key, to_key))
 
     def update_class(self, key: str, cls: str) -> None:
         """Move ``key`` to class ``cls`` (the tracker then adjusts its replica count)."""
-        check_key(key)
-        self._ask("updateclass", key=key, **{"class": cls})
+        self._ask(update_class_request(key, cls))
 
     def list_keys(self, prefix: str = "", after: str | None = None, limit: int | None = None) -> list[str]:
         """Up to ``limit`` (at most 1000) keys starting with ``prefix``, sorted, after ``after``."""
@@ -189,11 +254,9 @@ class Client:
 
     def _list_page(self, prefix: str, after: str | None, limit: int | None) -> tuple[list[str], str | None]:
         try:
-            reply = self._ask("list_keys", prefix=prefix or None, after=after, limit=limit)
+            return keys_page_of(self._ask(list_keys_request(prefix, after, limit)))
         except NoneMatchError:
             return [], None
-        keys = [reply[f"key_{n}"] for n in range(1, reply.number("key_count") + 1)]
-        return keys, reply.get("next_after")
 
     def keys(self, prefix: str = "") -> Iterator[str]:
         """Every key starting with ``prefix``, page by page."""

@@ -8,17 +8,23 @@ dropped in a child process after ``fork()``, and discarded after any error.
 
 ``io_timeout`` is a deadline, not an idle timeout: a tracker that sends its reply one byte at a
 time cannot hold a request longer than a silent one (see :class:`TrackerPool`).
+
+The failover itself has no I/O: :meth:`TrackerPoolBase.steps` yields the steps of a request
+(take an idle connection, dial, ask) for a pool to carry out, so that this pool and the asyncio
+one (:mod:`mogile_middleware.async_tracker`) share one copy of it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol, Union
 
 from .exceptions import OutcomeUnknownError, ProtocolError, TrackerError, TrackerUnavailableError
 from .deadline import DeadlineReader
@@ -99,19 +105,83 @@ class TrackerConnection:
         self._sock.close()
 
 
-class TrackerPool:
-    """Kept-open connections to a set of trackers, with a dead-tracker table and failover.
+class TakeIdle(NamedTuple):
+    """A step of a request: an idle connection to ``address`` that passed the stale check, or ``None``."""
 
-    :param trackers: ``"host:port"`` strings or ``(host, port)`` pairs, tried in order.
-    :param connect_timeout: seconds to wait for a TCP connect; a dead tracker costs at most this.
-    :param io_timeout: seconds from sending a command to a tracker until its whole reply line has
-        arrived, however slowly it comes. The retry of an idempotent command on a new connection,
-        after a kept-open one failed, gets only what is left of the same deadline (plus its
-        connect). A request thus costs at most ``connect_timeout + io_timeout`` per tracker tried
-        (name resolution aside), and a tracker that misses the deadline is marked dead.
-    :param dead_seconds: how long a tracker that failed is skipped.
-    :param clock: a monotonic clock (tests pass a fake one).
+    address: Address
+
+
+class Dial(NamedTuple):
+    """A step of a request: a new connection to ``address`` (an :class:`OSError` if refused or late)."""
+
+    address: Address
+
+
+class Ask(NamedTuple):
+    """A step of a request: the parsed reply to ``line`` on ``connection``, whole by ``deadline`` (a
+    :func:`time.monotonic` time; ``None``: ``io_timeout`` from now). The connection is kept after an
+    ``OK`` or ``ERR`` reply and closed after anything else."""
+
+    connection: Any
+    line: bytes
+    deadline: float | None
+
+
+#: What a pool carries out for :meth:`TrackerPoolBase.steps`: the only I/O of a request.
+Step = Union[TakeIdle, Dial, Ask]
+
+#: The steps of one request, ending with its reply and the tracker that answered.
+Steps = Generator[Step, Any, "tuple[Reply, Address]"]
+
+
+class StepRunner:
+    """Drives :data:`Steps`: iterating gives each step; set ``result`` or ``error`` before the next.
+
+    At the end ``value`` holds what the steps returned. It lets a blocking pool and an asyncio pool
+    run the same failover logic, each doing the I/O its own way.
     """
+
+    def __init__(self, steps: Steps) -> None:
+        self._steps = steps
+        self.result: Any = None
+        self.error: Exception | None = None
+        self.value: tuple[Reply, Address]  # set when the steps end
+
+    def __iter__(self) -> StepRunner:
+        return self
+
+    def __next__(self) -> Step:
+        result, error, self.result, self.error = self.result, self.error, None, None
+        try:
+            return self._steps.send(result) if error is None else self._steps.throw(error)
+        except StopIteration as done:
+            self.value = done.value
+            raise StopIteration from None
+
+
+class _Closeable(Protocol):
+    def close(self) -> None: ...
+
+
+@contextlib.contextmanager
+def kept_if_answered(connection: _Closeable, give_back: Callable[[Any], None]) -> Iterator[None]:
+    """Around a roundtrip: ``give_back`` the connection after an ``OK`` or ``ERR`` reply, close it
+    after anything else (a cut reply, a timeout, a cancellation: the rest of the reply may come)."""
+    try:
+        yield
+    except TrackerError:
+        give_back(connection)
+        raise
+    except BaseException:
+        connection.close()
+        raise
+    give_back(connection)
+
+
+class TrackerPoolBase:
+    """What the blocking and the asyncio tracker pools share, without I/O: the tracker list, the
+    dead-tracker table and the failover of a request (:meth:`steps`). See :class:`TrackerPool`
+    for the arguments."""
 
     def __init__(
         self,
@@ -130,15 +200,8 @@ class TrackerPool:
         self._reset()
 
     def _reset(self) -> None:
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
-        self._idle: dict[Address, list[TrackerConnection]] = {address: [] for address in self.addresses}
+        """Start with no tracker marked dead (and, in a pool, no connection)."""
         self._dead_until: dict[Address, float] = {}
-
-    def _check_fork(self) -> None:
-        # Sockets inherited through fork() are shared with the parent: forget them, never use them.
-        if os.getpid() != self._pid:
-            self._reset()
 
     def live_trackers(self) -> list[Address]:
         """The trackers not marked dead now, in the configured order."""
@@ -147,8 +210,94 @@ class TrackerPool:
 
     def mark_dead(self, address: Address) -> None:
         """Skip ``address`` for ``dead_seconds`` and drop its idle connections."""
+        self._dead_until[address] = self._clock() + self.dead_seconds
+        self._drop_idle(address)
+
+    def _drop_idle(self, address: Address) -> None:
+        """Close the idle connections to ``address`` (a pool's own bookkeeping)."""
+        raise NotImplementedError
+
+    def steps(self, command: str, args: Mapping[str, ArgValue] | None, tracker: Address | None) -> Steps:
+        """The steps of one request (see :meth:`TrackerPool.request`), for a pool to carry out."""
+        line = encode_request(command, args)
+        retry_midway = command in IDEMPOTENT_COMMANDS
+        candidates: Sequence[Address] = [tracker] if tracker is not None else self.live_trackers()
+        if not candidates:
+            raise TrackerUnavailableError(
+                f"every tracker is marked dead for up to {self.dead_seconds:g}s: {self._describe()}"
+            )
+        failures: list[str] = []
+        for address in candidates:
+            try:
+                return (yield from self._steps_on(address, line, retry_midway)), address
+            except _SentAndLost as lost:
+                raise OutcomeUnknownError(
+                    f"{_describe(address)} failed after '{command}' was sent ({lost.__cause__}); "
+                    "it may or may not have been carried out"
+                ) from lost.__cause__
+            except OSError as error:
+                failures.append(f"{_describe(address)}: {error or type(error).__name__}")
+        raise TrackerUnavailableError("no tracker answered: " + "; ".join(failures))
+
+    def _steps_on(self, address: Address, line: bytes, retry_midway: bool) -> Generator[Step, Any, Reply]:
+        """One request to one tracker: on a pooled connection, else on a new one."""
+        deadline = None
+        connection = yield TakeIdle(address)
+        if connection is not None:
+            deadline = time.monotonic() + self.io_timeout
+            try:
+                return (yield Ask(connection, line, deadline))
+            except (OSError, ProtocolError) as error:
+                if not retry_midway:
+                    raise _SentAndLost() from error
+                if time.monotonic() >= deadline:  # too slow, not closed: a new connection would be no faster
+                    self.mark_dead(address)
+                    raise TimeoutError(f"no reply within {self.io_timeout:g}s") from error
+                # The tracker may close kept-open connections at any time: try once on a new one.
+        try:
+            connection = yield Dial(address)
+        except OSError:
+            self.mark_dead(address)
+            raise
+        try:
+            return (yield Ask(connection, line, deadline))
+        except OSError as error:
+            self.mark_dead(address)
+            if not retry_midway:
+                raise _SentAndLost() from error
+            raise
+
+    def _describe(self) -> str:
+        return ", ".join(_describe(address) for address in self.addresses)
+
+
+class TrackerPool(TrackerPoolBase):
+    """Kept-open connections to a set of trackers, with a dead-tracker table and failover.
+
+    :param trackers: ``"host:port"`` strings or ``(host, port)`` pairs, tried in order.
+    :param connect_timeout: seconds to wait for a TCP connect; a dead tracker costs at most this.
+    :param io_timeout: seconds from sending a command to a tracker until its whole reply line has
+        arrived, however slowly it comes. The retry of an idempotent command on a new connection,
+        after a kept-open one failed, gets only what is left of the same deadline (plus its
+        connect). A request thus costs at most ``connect_timeout + io_timeout`` per tracker tried
+        (name resolution aside), and a tracker that misses the deadline is marked dead.
+    :param dead_seconds: how long a tracker that failed is skipped.
+    :param clock: a monotonic clock (tests pass a fake one).
+    """
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._idle: dict[Address, list[TrackerConnection]] = {address: [] for address in self.addresses}
+
+    def _check_fork(self) -> None:
+        # Sockets inherited through fork() are shared with the parent: forget them, never use them.
+        if os.getpid() != self._pid:
+            self._reset()
+
+    def _drop_idle(self, address: Address) -> None:
         with self._lock:
-            self._dead_until[address] = self._clock() + self.dead_seconds
             stale, self._idle[address] = self._idle[address], []
         for connection in stale:
             connection.close()
@@ -185,69 +334,24 @@ class TrackerPool:
         answered.
         """
         self._check_fork()
-        line = encode_request(command, args)
-        retry_midway = command in IDEMPOTENT_COMMANDS
-        candidates: Sequence[Address] = [tracker] if tracker is not None else self.live_trackers()
-        if not candidates:
-            raise TrackerUnavailableError(
-                f"every tracker is marked dead for up to {self.dead_seconds:g}s: {self._describe()}"
-            )
-        failures: list[str] = []
-        for address in candidates:
+        runner = StepRunner(self.steps(command, args, tracker))
+        for step in runner:
             try:
-                return self._request_on(address, line, retry_midway), address
-            except _SentAndLost as lost:
-                raise OutcomeUnknownError(
-                    f"{_describe(address)} failed after '{command}' was sent ({lost.__cause__}); "
-                    "it may or may not have been carried out"
-                ) from lost.__cause__
-            except OSError as error:
-                failures.append(f"{_describe(address)}: {error or type(error).__name__}")
-        raise TrackerUnavailableError("no tracker answered: " + "; ".join(failures))
+                runner.result = self._carry_out(step)
+            except Exception as error:
+                runner.error = error
+        return runner.value
 
-    def _request_on(self, address: Address, line: bytes, retry_midway: bool) -> Reply:
-        """One request to one tracker: on a pooled connection, else on a new one."""
-        deadline = None
-        connection = self._take_idle(address)
-        if connection is not None:
-            deadline = time.monotonic() + self.io_timeout
-            try:
-                return self._roundtrip(connection, line, deadline)
-            except (OSError, ProtocolError) as error:
-                if not retry_midway:
-                    raise _SentAndLost() from error
-                if time.monotonic() >= deadline:  # too slow, not closed: a new connection would be no faster
-                    self.mark_dead(address)
-                    raise TimeoutError(f"no reply within {self.io_timeout:g}s") from error
-                # The tracker may close kept-open connections at any time: try once on a new one.
-        try:
-            connection = TrackerConnection(address, self.connect_timeout, self.io_timeout)
-        except OSError:
-            self.mark_dead(address)
-            raise
-        try:
-            return self._roundtrip(connection, line, deadline)
-        except OSError as error:
-            self.mark_dead(address)
-            if not retry_midway:
-                raise _SentAndLost() from error
-            raise
+    def _carry_out(self, step: Step) -> object:
+        if isinstance(step, TakeIdle):
+            return self._take_idle(step.address)
+        if isinstance(step, Dial):
+            return TrackerConnection(step.address, self.connect_timeout, self.io_timeout)
+        return self._roundtrip(step.connection, step.line, step.deadline)
 
     def _roundtrip(self, connection: TrackerConnection, line: bytes, deadline: float | None) -> Reply:
-        """Ask on ``connection``; keep it after an ``OK`` or ``ERR`` reply, close it after anything else."""
-        try:
-            reply = parse_reply(connection.roundtrip(line, deadline))
-        except TrackerError:
-            self._give_back(connection)
-            raise
-        except BaseException:
-            connection.close()
-            raise
-        self._give_back(connection)
-        return reply
-
-    def _describe(self) -> str:
-        return ", ".join(_describe(address) for address in self.addresses)
+        with kept_if_answered(connection, self._give_back):
+            return parse_reply(connection.roundtrip(line, deadline))
 
     def close(self) -> None:
         """Close every idle connection (connections in use close when their request ends)."""

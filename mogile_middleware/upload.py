@@ -14,11 +14,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO, Protocol, Union
 
 from .exceptions import (
@@ -30,7 +31,7 @@ from .exceptions import (
     UploadError,
     UploadOutcomeUnknownError,
 )
-from .protocol import Reply, check_key, parse_domains
+from .protocol import ArgValue, Reply, check_key, parse_domains
 from .storage import CHUNK_SIZE, PutStream
 from .tracker import TrackerPool
 
@@ -44,11 +45,63 @@ Progress = Callable[[int], None]
 ChangeListener = Callable[[str], None]
 
 
-def _destinations(reply: Reply) -> list[tuple[str, str]]:
+def create_open_args(domain: str, key: str, cls: str | None, size: int | None) -> dict[str, ArgValue]:
+    """The arguments of ``create_open`` for ``key``, asking for every destination (``multi_dest``)."""
+    return {"domain": domain, "key": key, "class": cls, "multi_dest": 1, "size": size}
+
+
+@contextlib.contextmanager
+def class_named(cls: str | None, domain: str) -> Iterator[None]:
+    """Around ``create_open``: an unregistered class names the class and the domain."""
+    try:
+        yield
+    except UnregClassError as error:
+        raise UnregClassError(error.code, f"class {cls!r} is not registered in domain {domain!r}") from None
+
+
+def destinations(reply: Reply) -> list[tuple[str, str]]:
     """``(devid, path)`` pairs of a ``create_open`` reply, with or without ``multi_dest``."""
     if "dev_count" in reply:
         return [(reply[f"devid_{n}"], reply[f"path_{n}"]) for n in range(1, reply.number("dev_count") + 1)]
     return [(reply["devid"], reply["path"])]
+
+
+def create_close_args(domain: str, key: str, fid: str, destination: tuple[str, str], size: int, md5: str,
+                      verify_checksum: bool) -> dict[str, ArgValue]:
+    """The arguments of ``create_close``: where the body went, its size and MD5 (hex) checksum."""
+    devid, path = destination
+    return {"domain": domain, "key": key, "fid": fid, "devid": devid, "path": path, "size": size,
+            "checksum": f"MD5:{md5}", "checksumverify": 1 if verify_checksum else None}
+
+
+def upload_failed(key: str, error: Exception) -> UploadError:
+    """The :class:`UploadError` of an upload that failed with ``error`` before ``create_close``."""
+    return UploadError(f"upload of {key!r} failed: {error}")
+
+
+def no_storage_node(key: str, failures: list[str]) -> UploadError:
+    """The :class:`UploadError` of an upload that no destination took."""
+    return UploadError(f"no storage node took {key!r}: " + "; ".join(failures or ["no destination"]))
+
+
+@contextlib.contextmanager
+def committing(key: str, changed: Callable[[], None]) -> Iterator[None]:
+    """Around the end of an upload (the PUT, then ``create_close``): ``changed()`` once the key
+    points, or may point, at the new data; a failure becomes an :class:`UploadError`, or an
+    :class:`UploadOutcomeUnknownError` when ``create_close``'s answer was lost."""
+    try:
+        yield
+    except MogileFSError as error:
+        if _answer_lost(error):
+            changed()
+            raise UploadOutcomeUnknownError(
+                f"upload of {key!r}: the answer to create_close was lost, so the key may or may "
+                f"not point at the new data ({error})"
+            ) from error
+        if isinstance(error, UploadError):
+            raise
+        raise upload_failed(key, error) from error
+    changed()
 
 
 def remaining_size(fileobj: BinaryIO) -> int | None:
@@ -101,14 +154,10 @@ class NewFile(io.RawIOBase):
         self._verify_checksum = verify_checksum
         self._timeout = storage_timeout
         self._on_change = on_change
-        try:
-            reply, self._tracker = pool.request(
-                "create_open", {"domain": domain, "key": key, "class": cls, "multi_dest": 1, "size": size}
-            )
-        except UnregClassError as error:
-            raise UnregClassError(error.code, f"class {cls!r} is not registered in domain {domain!r}") from None
+        with class_named(cls, domain):
+            reply, self._tracker = pool.request("create_open", create_open_args(domain, key, cls, size))
         self.fid = reply["fid"]
-        self._destinations = _destinations(reply)
+        self._destinations = destinations(reply)
         self._devid = self._path = ""
         self._reset_body()
 
@@ -129,14 +178,14 @@ class NewFile(io.RawIOBase):
                 return self._stream
             except StorageError as error:
                 failures.append(str(error))
-        raise UploadError(f"no storage node took {self.key!r}: " + "; ".join(failures or ["no destination"]))
+        raise no_storage_node(self.key, failures)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
         try:
             self._send(self._stream or self._open_stream(), data)
         except StorageError as error:
             self.abort()
-            raise UploadError(f"upload of {self.key!r} failed: {error}") from error
+            raise upload_failed(self.key, error) from error
         return len(data)
 
     def _send(self, stream: PutStream, data: bytes | bytearray | memoryview) -> None:
@@ -165,7 +214,7 @@ class NewFile(io.RawIOBase):
                 self._stream = None
                 if start is None or not self._destinations:
                     self.abort()
-                    raise UploadError(f"upload of {self.key!r} failed: {error}") from error
+                    raise upload_failed(self.key, error) from error
                 fileobj.seek(start)
                 self._reset_body()
 
@@ -187,34 +236,15 @@ class NewFile(io.RawIOBase):
             super().close()
 
     def _commit(self) -> None:
-        try:
+        with committing(self.key, self._changed):
             if not self._put_done:
                 (self._stream or self._open_stream()).finish()
             self._pool.request(
                 "create_close",
-                {
-                    "domain": self._domain,
-                    "key": self.key,
-                    "fid": self.fid,
-                    "devid": self._devid,
-                    "path": self._path,
-                    "size": self.size,
-                    "checksum": f"MD5:{self._md5.hexdigest()}",
-                    "checksumverify": 1 if self._verify_checksum else None,
-                },
+                create_close_args(self._domain, self.key, self.fid, (self._devid, self._path), self.size,
+                                  self._md5.hexdigest(), self._verify_checksum),
                 tracker=self._tracker,
             )
-        except MogileFSError as error:
-            if _answer_lost(error):
-                self._changed()
-                raise UploadOutcomeUnknownError(
-                    f"upload of {self.key!r}: the answer to create_close was lost, so the key may or may "
-                    f"not point at the new data ({error})"
-                ) from error
-            if isinstance(error, UploadError):
-                raise
-            raise UploadError(f"upload of {self.key!r} failed: {error}") from error
-        self._changed()
 
     def _changed(self) -> None:
         if self._on_change is not None:

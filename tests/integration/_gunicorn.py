@@ -1,4 +1,4 @@
-"""Run gunicorn as a subprocess over a test application, on a free loopback port.
+"""Run gunicorn (or uvicorn) as a subprocess over a test application, on a free loopback port.
 
 Shared by the tests that need a real pre-fork server (and the front proxies placed before it).
 """
@@ -62,6 +62,32 @@ def run_gunicorn(env: dict[str, str], *, workers: int = 1, app: str = "_gunicorn
         try:
             server = GunicornServer(port, process.pid)
             _wait_until_ready(server, workers, process, log)
+            yield server
+        finally:
+            stop_process(process)
+
+
+@contextmanager
+def run_uvicorn(env: dict[str, str], *, app: str = "_gunicorn_app:make_asgi_app",
+                extra_args: Sequence[str] = ()) -> Iterator[GunicornServer]:
+    """Start uvicorn (one process, the ASGI middleware from ``app``, a factory) with ``env``; yield
+    it once it accepts connections; stopped on exit."""
+    port = free_port()
+    environment = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE)])}
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", app, "--host", "127.0.0.1", "--port", str(port),
+             "--lifespan", "on", "--no-access-log", *extra_args],
+            env=environment, stdout=subprocess.DEVNULL, stderr=log,
+        )
+        try:
+            server = GunicornServer(port, process.pid)
+            deadline = time.monotonic() + START_SECONDS
+            while not port_accepts(port):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise AssertionError(f"uvicorn did not start: {log.read().decode(errors='replace')[-2000:]}")
+                time.sleep(0.05)
             yield server
         finally:
             stop_process(process)

@@ -1,9 +1,10 @@
-"""A WSGI application for tests under a real gunicorn: MogileFSMiddleware over a tiny app.
+"""Applications for tests under a real server: MogileFSMiddleware over a tiny app, for gunicorn
+(``make_app``) and for uvicorn (``make_asgi_app``).
 
 Configured by environment variables: MOGILE_DOMAIN, MOGILE_TRACKERS, MOGILE_REPROXY, and optionally
 MOGILE_MEMCACHED (servers), MOGILE_TRUSTED_PROXIES (comma separated), MOGILE_PERLBAL_CACHE_SECONDS,
 MOGILE_REQUIRE_PROXY_HEADER ("1"), MOGILE_CACHE_CONTROL, MOGILE_CONTENT_DISPOSITION ("attachment" or "inline"),
-MOGILE_PATH_CACHE_SECONDS, MOGILE_PERLBAL_FALLBACK_URL, and the counters MOGILE_COUNT_FILE (a line per tracker
+MOGILE_PATH_CACHE_SECONDS, MOGILE_PERLBAL_FALLBACK_URL, MOGILE_IO_TIMEOUT, and the counters MOGILE_COUNT_FILE (a line per tracker
 get_paths) and MOGILE_APP_HITS_FILE (a line per request the tiny app answers); each line is a PID.
 
 ``make_reproxying_app()`` is a stand-in for the middleware behind nginx, naming storage nodes the
@@ -13,6 +14,7 @@ test runs itself: MOGILE_REPLICA_URLS (blank separated).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from mogile_middleware.client import Client
@@ -47,8 +49,8 @@ class CountingClient(Client):
         return super().get_paths(*args, **kwargs)
 
 
-def make_app() -> MogileFSMiddleware:
-    env = os.environ
+def middleware_options(env: Mapping[str, str]) -> dict[str, Any]:
+    """The middleware's options that the environment gives, besides its client."""
     options: dict[str, Any] = {}
     if env.get("MOGILE_MEMCACHED"):
         from mogile_middleware.memcache import (
@@ -70,6 +72,12 @@ def make_app() -> MogileFSMiddleware:
         options["perlbal_fallback_url"] = env["MOGILE_PERLBAL_FALLBACK_URL"]
     if env.get("MOGILE_PATH_CACHE_SECONDS"):
         options["path_cache_seconds"] = float(env["MOGILE_PATH_CACHE_SECONDS"])
+    return {**options, "reproxy": env.get("MOGILE_REPROXY") or None}
+
+
+def make_app() -> MogileFSMiddleware:
+    env = os.environ
+    options = middleware_options(env)
     if env.get("MOGILE_IO_TIMEOUT"):
         options["client"] = Client(env["MOGILE_DOMAIN"], env["MOGILE_TRACKERS"],
                                    io_timeout=float(env["MOGILE_IO_TIMEOUT"]))
@@ -77,7 +85,29 @@ def make_app() -> MogileFSMiddleware:
         options["client"] = CountingClient(env["MOGILE_COUNT_FILE"], env["MOGILE_DOMAIN"], env["MOGILE_TRACKERS"])
     else:
         options.update(domain=env["MOGILE_DOMAIN"], trackers=env["MOGILE_TRACKERS"])
-    return MogileFSMiddleware(hello, reproxy=env.get("MOGILE_REPROXY") or None, **options)
+    return MogileFSMiddleware(hello, **options)
+
+
+async def hello_asgi(scope, receive, send):
+    """The ASGI application behind the middleware: the same answer as :func:`hello`; lifespan accepted."""
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    if hits := os.environ.get("MOGILE_APP_HITS_FILE"):
+        append_line(hits)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"hello from the app\n"})
+
+
+def make_asgi_app() -> Any:
+    """The ASGI middleware over :func:`hello_asgi`, configured as :func:`make_app` is (for uvicorn --factory)."""
+    from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
+
+    env = os.environ
+    return ASGIMiddleware(hello_asgi, domain=env["MOGILE_DOMAIN"], trackers=env["MOGILE_TRACKERS"],
+                          **middleware_options(env))
 
 
 #: The version the reproxying app names for every file.

@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import pytest
 from conftest import DOMAIN
-from integration._gunicorn import GunicornServer, run_gunicorn
+from integration._gunicorn import GunicornServer, run_gunicorn, run_uvicorn
 from integration._memcached import start_memcached
 from integration._wire_client import HTTPReply, read_http_reply
 from pymemcache.client.base import Client as MemcacheClient
@@ -49,12 +49,16 @@ def ask(server: GunicornServer, key: str, headers: dict[str, str] | None = None)
     return reply
 
 
-@pytest.fixture
-def server(devmogile: DevMogileFS) -> Iterator[GunicornServer]:
+#: The same tests through both middlewares: WSGI under gunicorn, ASGI under uvicorn.
+SERVERS = {"gunicorn": run_gunicorn, "uvicorn": run_uvicorn}
+
+
+@pytest.fixture(params=sorted(SERVERS))
+def server(request: pytest.FixtureRequest, devmogile: DevMogileFS) -> Iterator[GunicornServer]:
     client = Client(DOMAIN, devmogile.trackers)
     for key in FILES:
         client.store_content(key, b"0123456789", cls="thumb")
-    with run_gunicorn({"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": devmogile.trackers[0]}) as server:
+    with SERVERS[request.param]({"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": devmogile.trackers[0]}) as server:
         yield server
 
 

@@ -1,4 +1,5 @@
-"""The Client against the embedded MogileFS over real sockets."""
+"""The Client, and the AsyncClient through a blocking facade (``@both_flavours``), against the
+embedded MogileFS over real sockets."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from conftest import DOMAIN
+from integration._async_facade import Flavour, both_flavours, flavour  # noqa: F401 (a fixture)
 from wiretools import CountingRelay, ScriptedTracker
 
 from mogile_middleware import Admin, BadKeyError, Client, KeyExistsError, MemoryCache, UnknownKeyError, UploadError
@@ -34,12 +36,13 @@ AWKWARD_KEYS = [
 
 
 @pytest.fixture
-def client(devmogile: DevMogileFS):
-    client = Client(DOMAIN, devmogile.trackers)
+def client(devmogile: DevMogileFS, flavour: Flavour):
+    client = flavour.Client(DOMAIN, devmogile.trackers)
     yield client
     client.close()
 
 
+@both_flavours
 @pytest.mark.parametrize("key", AWKWARD_KEYS, ids=lambda key: key[:20])
 def test_awkward_keys_round_trip(client: Client, key: str) -> None:
     data = f"content of {key}".encode()
@@ -71,20 +74,24 @@ def test_awkward_keys_round_trip(client: Client, key: str) -> None:
         pytest.param("", id="empty"),
     ],
 )
-def test_bad_keys_are_refused_before_anything_is_sent(key: str) -> None:
+@both_flavours
+def test_bad_keys_are_refused_before_anything_is_sent(flavour: Flavour, key: str) -> None:
     tracker = ScriptedTracker(lambda line: b"OK \r\n")
     try:
-        client = Client(DOMAIN, [tracker.tracker])
-        for call in (
+        client = flavour.Client(DOMAIN, [tracker.tracker])
+        calls = [
             lambda: client.get_paths(key),
             lambda: client.file_info(key),
             lambda: client.store_content(key, b"x"),
-            lambda: client.new_file(key),
+            lambda: client.store_file(key, io.BytesIO(b"x")),
             lambda: client.delete(key),
             lambda: client.rename(key, "ok"),
             lambda: client.rename("ok", key),
             lambda: client.update_class(key, "thumb"),
-        ):
+        ]
+        if flavour.name == "sync":
+            calls.append(lambda: client.new_file(key))
+        for call in calls:
             with pytest.raises(BadKeyError):
                 call()
         assert tracker.requests == [] and tracker.connections == 0
@@ -92,6 +99,7 @@ def test_bad_keys_are_refused_before_anything_is_sent(key: str) -> None:
         tracker.stop()
 
 
+@both_flavours
 def test_classes_set_replica_counts(client: Client) -> None:
     client.store_content("two-copies", b"avatar bytes", cls="avatar")
     client.store_content("one-copy", b"thumb bytes", cls="thumb")
@@ -103,6 +111,7 @@ def test_classes_set_replica_counts(client: Client) -> None:
     assert client.file_info("one-copy").cls == "avatar"
 
 
+@both_flavours
 def test_unknown_class_names_the_class_and_the_domain(client: Client) -> None:
     with pytest.raises(UnregClassError, match="'nosuch'.*'testdom'"):
         client.store_content("k", b"x", cls="nosuch")
@@ -110,9 +119,10 @@ def test_unknown_class_names_the_class_and_the_domain(client: Client) -> None:
         client.file_info("k")
 
 
-def test_unknown_domain(devmogile: DevMogileFS) -> None:
+@both_flavours
+def test_unknown_domain(devmogile: DevMogileFS, flavour: Flavour) -> None:
     with pytest.raises(UnregDomainError):
-        Client("nosuchdomain", devmogile.trackers).get_paths("k")
+        flavour.Client("nosuchdomain", devmogile.trackers).get_paths("k")
 
 
 def test_new_file_streams_and_commits_on_close(client: Client) -> None:
@@ -152,6 +162,7 @@ def test_overwrite_keeps_old_data_until_the_new_upload_commits(client: Client) -
     assert client.file_info("doc").fid != old_fid
 
 
+@both_flavours
 def test_keys_pages_through_every_key(client: Client) -> None:
     names = [f"many/{n:04d}" for n in range(25)]
     for name in names:
@@ -162,6 +173,7 @@ def test_keys_pages_through_every_key(client: Client) -> None:
     assert client.list_keys("nothing/") == []
 
 
+@both_flavours
 def test_rename_onto_an_existing_key(client: Client) -> None:
     client.store_content("a", b"A", cls="thumb")
     client.store_content("b", b"B", cls="thumb")
@@ -171,18 +183,27 @@ def test_rename_onto_an_existing_key(client: Client) -> None:
     assert client.get_file_data("a") == b"A"  # the connection is still good
 
 
-def test_change_listeners_hear_every_write_rename_and_delete(devmogile: DevMogileFS) -> None:
+@both_flavours
+def test_change_listeners_hear_every_write_rename_and_delete(devmogile: DevMogileFS, flavour: Flavour) -> None:
     changed: list[str] = []
     also_changed: list[str] = []
-    client = Client(DOMAIN, devmogile.trackers, on_change=changed.append)
+    client = flavour.Client(DOMAIN, devmogile.trackers, on_change=changed.append)
     client.add_change_listener(also_changed.append)
     client.store_content("x", b"1", cls="thumb")
-    with client.new_file("y", cls="thumb") as upload:
-        upload.write(b"2")
+    client.store_file("y", io.BytesIO(b"2"), cls="thumb")
     client.rename("x", "z")
     client.delete("z")
     assert changed == ["x", "y", "x", "z", "z"]
     assert also_changed == changed
+
+
+def test_a_new_file_tells_the_change_listeners_once_it_commits(devmogile: DevMogileFS) -> None:
+    changed: list[str] = []
+    client = Client(DOMAIN, devmogile.trackers, on_change=changed.append)
+    with client.new_file("y", cls="thumb") as upload:
+        upload.write(b"2")
+        assert changed == []
+    assert changed == ["y"]
 
 
 class _BrokenBackend(MemoryCache):
@@ -192,14 +213,15 @@ class _BrokenBackend(MemoryCache):
         raise ConnectionRefusedError("memcached is down")
 
 
-def test_a_failing_listener_or_backend_is_logged_and_the_write_stands(devmogile: DevMogileFS,
+@both_flavours
+def test_a_failing_listener_or_backend_is_logged_and_the_write_stands(devmogile: DevMogileFS, flavour: Flavour,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     heard: list[str] = []
 
     def broken(key: str) -> None:
         raise RuntimeError("listener bug")
 
-    client = Client(DOMAIN, devmogile.trackers, on_change=broken, cache_backend=_BrokenBackend())
+    client = flavour.Client(DOMAIN, devmogile.trackers, on_change=broken, cache_backend=_BrokenBackend())
     client.add_change_listener(heard.append)
     with caplog.at_level(logging.WARNING, logger="mogile_middleware"):
         assert client.store_content("kept", b"data", cls="thumb") == 4
@@ -210,9 +232,10 @@ def test_a_failing_listener_or_backend_is_logged_and_the_write_stands(devmogile:
     assert any("ConnectionRefusedError('memcached is down')" in message for message in messages)
 
 
-def test_a_shared_cache_backend_loses_every_changed_key(devmogile: DevMogileFS) -> None:
+@both_flavours
+def test_a_shared_cache_backend_loses_every_changed_key(devmogile: DevMogileFS, flavour: Flavour) -> None:
     backend = MemoryCache()
-    client = Client(DOMAIN, devmogile.trackers, cache_backend=backend)
+    client = flavour.Client(DOMAIN, devmogile.trackers, cache_backend=backend)
 
     def cache(*keys: str) -> None:
         for key in keys:
@@ -225,8 +248,7 @@ def test_a_shared_cache_backend_loses_every_changed_key(devmogile: DevMogileFS) 
     backend.set(entry_key("otherdom", "x"), "paths", time.time(), 60)
     client.store_content("x", b"1", cls="thumb")
     assert not cached("x") and cached("y")
-    with client.new_file("y", cls="thumb") as upload:
-        upload.write(b"2")
+    client.store_file("y", io.BytesIO(b"2"), cls="thumb")
     assert not cached("y")
     cache("x", "z")
     client.rename("x", "z")
@@ -237,21 +259,23 @@ def test_a_shared_cache_backend_loses_every_changed_key(devmogile: DevMogileFS) 
     assert backend.get(entry_key("otherdom", "x")) is not None  # the same key in another domain stays
 
 
-def test_admin_creates_domains_and_classes(devmogile: DevMogileFS) -> None:
+@both_flavours
+def test_admin_creates_domains_and_classes(devmogile: DevMogileFS, flavour: Flavour) -> None:
     admin = Admin(devmogile.trackers)
     admin.create_domain("photos")
     admin.create_class("photos", "original", 2, hashtype="MD5")
     assert admin.get_domains()["photos"] == {"default": 2, "original": 2}
-    client = Client("photos", devmogile.trackers)
+    client = flavour.Client("photos", devmogile.trackers)
     client.store_content("p.jpg", b"jpeg", cls="original")
     assert client.file_info("p.jpg").checksum == "MD5:" + hashlib.md5(b"jpeg").hexdigest()
 
 
-def test_one_thousand_get_paths_open_one_connection(devmogile: DevMogileFS, client: Client) -> None:
+@both_flavours
+def test_one_thousand_get_paths_open_one_connection(devmogile: DevMogileFS, flavour: Flavour, client: Client) -> None:
     client.store_content("hot", b"x", cls="thumb")
     relay = CountingRelay(devmogile.tracker_address)
     try:
-        counted = Client(DOMAIN, [relay.tracker])
+        counted = flavour.Client(DOMAIN, [relay.tracker])
         for _ in range(1000):
             assert counted.get_paths("hot")
         assert relay.connections == 1
@@ -318,13 +342,15 @@ def _scripted_open(destinations: list[str]) -> ScriptedTracker:
     return ScriptedTracker(script)
 
 
-def test_upload_falls_back_to_the_next_destination(devmogile: DevMogileFS, dropping_node: str) -> None:
+@both_flavours
+def test_upload_falls_back_to_the_next_destination(devmogile: DevMogileFS, flavour: Flavour,
+                                                  dropping_node: str) -> None:
     refusing = f"http://127.0.0.1:{devmogile.nodes[0].port}"
     devmogile.nodes[0].stop()
     good = devmogile.nodes[1].url.rstrip("/")
     tracker = _scripted_open([refusing, dropping_node, good])
     try:
-        client = Client(DOMAIN, [tracker.tracker])
+        client = flavour.Client(DOMAIN, [tracker.tracker])
         payload = bytes(range(256)) * 400
         client.store_file("fallback", io.BytesIO(payload), cls="thumb")
         close = [line for line in tracker.requests if line.startswith(b"create_close")]
@@ -347,6 +373,7 @@ def test_a_dropped_put_of_a_stream_fails_without_create_close(dropping_node: str
         tracker.stop()
 
 
+@both_flavours
 @pytest.mark.parametrize(
     ("error_line", "code"),
     [
@@ -355,8 +382,8 @@ def test_a_dropped_put_of_a_stream_fails_without_create_close(dropping_node: str
                      id="checksum"),
     ],
 )
-def test_a_rejected_create_close_is_an_upload_error_naming_the_cause(devmogile: DevMogileFS, error_line: bytes,
-                                                                     code: str) -> None:
+def test_a_rejected_create_close_is_an_upload_error_naming_the_cause(devmogile: DevMogileFS, flavour: Flavour,
+                                                                     error_line: bytes, code: str) -> None:
     path = devmogile.nodes[0].url.rstrip("/") + "/dev1/0/000/000/0000000007.fid"
 
     def script(line: bytes) -> bytes:
@@ -367,7 +394,7 @@ def test_a_rejected_create_close_is_an_upload_error_naming_the_cause(devmogile: 
     tracker = ScriptedTracker(script)
     try:
         with pytest.raises(UploadError, match=code) as raised:
-            Client(DOMAIN, [tracker.tracker]).store_content("sized", b"123")
+            flavour.Client(DOMAIN, [tracker.tracker]).store_content("sized", b"123")
         assert raised.value.__cause__.code == code
     finally:
         tracker.stop()

@@ -1,4 +1,5 @@
-"""TrackerPool over real loopback sockets against scripted trackers: reuse, failover, faults."""
+"""TrackerPool (and AsyncTrackerPool, through a blocking facade) over real loopback sockets against
+scripted trackers: reuse, failover, faults."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import threading
 import time
 
 import pytest
+from integration._async_facade import Flavour, both_flavours, flavour  # noqa: F401 (a fixture)
 from wiretools import ScriptedTracker, ok
 
 from mogile_middleware import Client
@@ -36,8 +38,9 @@ def tracker():
     server.stop()
 
 
-def test_consecutive_requests_share_one_connection(tracker: ScriptedTracker) -> None:
-    client = Client("d", [tracker.tracker])
+@both_flavours
+def test_consecutive_requests_share_one_connection(tracker: ScriptedTracker, flavour: Flavour) -> None:
+    client = flavour.Client("d", [tracker.tracker])
     for _ in range(1000):
         assert client.get_paths("k")
     assert tracker.connections == 1
@@ -65,10 +68,11 @@ def test_threads_get_their_own_connections_and_all_replies_match(tracker: Script
     assert tracker.connections <= 8
 
 
-def test_a_refused_tracker_is_skipped_until_its_dead_time_passes(tracker: ScriptedTracker) -> None:
+@both_flavours
+def test_a_refused_tracker_is_skipped_until_its_dead_time_passes(tracker: ScriptedTracker, flavour: Flavour) -> None:
     clock = FakeClock()
     dead_port = free_port()
-    pool = TrackerPool([f"127.0.0.1:{dead_port}", tracker.tracker], dead_seconds=5, clock=clock)
+    pool = flavour.TrackerPool([f"127.0.0.1:{dead_port}", tracker.tracker], dead_seconds=5, clock=clock)
     assert pool.request("noop")[1] == tracker.address
     assert pool.live_trackers() == [tracker.address]
     pool.request("noop")
@@ -79,9 +83,10 @@ def test_a_refused_tracker_is_skipped_until_its_dead_time_passes(tracker: Script
     assert pool.request("noop")[1] == tracker.address
 
 
-def test_every_tracker_dead_raises_at_once_without_dialling() -> None:
+@both_flavours
+def test_every_tracker_dead_raises_at_once_without_dialling(flavour: Flavour) -> None:
     clock = FakeClock()
-    pool = TrackerPool([f"127.0.0.1:{free_port()}"], dead_seconds=5, clock=clock)
+    pool = flavour.TrackerPool([f"127.0.0.1:{free_port()}"], dead_seconds=5, clock=clock)
     with pytest.raises(TrackerUnavailableError, match="no tracker answered"):
         pool.request("noop")
     started = time.monotonic()
@@ -90,10 +95,12 @@ def test_every_tracker_dead_raises_at_once_without_dialling() -> None:
     assert time.monotonic() - started < 0.05
 
 
-def test_a_tracker_that_never_answers_costs_the_io_timeout_then_the_next_one_answers(tracker) -> None:
+@both_flavours
+def test_a_tracker_that_never_answers_costs_the_io_timeout_then_the_next_one_answers(tracker: ScriptedTracker,
+                                                                                     flavour: Flavour) -> None:
     silent = ScriptedTracker(lambda line: b"")
     try:
-        pool = TrackerPool([silent.tracker, tracker.tracker], io_timeout=0.3)
+        pool = flavour.TrackerPool([silent.tracker, tracker.tracker], io_timeout=0.3)
         started = time.monotonic()
         assert pool.request("get_paths", {"key": "k"})[1] == tracker.address
         assert 0.3 <= time.monotonic() - started < 2
@@ -105,8 +112,10 @@ def test_a_tracker_that_never_answers_costs_the_io_timeout_then_the_next_one_ans
         silent.stop()
 
 
-def test_a_connection_closed_by_the_tracker_between_commands_is_replaced(tracker: ScriptedTracker) -> None:
-    pool = TrackerPool([tracker.tracker])
+@both_flavours
+def test_a_connection_closed_by_the_tracker_between_commands_is_replaced(tracker: ScriptedTracker,
+                                                                         flavour: Flavour) -> None:
+    pool = flavour.TrackerPool([tracker.tracker])
     pool.request("create_open", {"key": "k"})
     tracker.drop_connections()
     time.sleep(0.05)
@@ -116,7 +125,8 @@ def test_a_connection_closed_by_the_tracker_between_commands_is_replaced(tracker
     assert len(tracker.requests) == 2
 
 
-def test_an_idempotent_command_cut_midway_is_retried_on_a_new_connection() -> None:
+@both_flavours
+def test_an_idempotent_command_cut_midway_is_retried_on_a_new_connection(flavour: Flavour) -> None:
     calls = []
 
     def hang_up_once(line: bytes) -> bytes | None:
@@ -125,7 +135,7 @@ def test_an_idempotent_command_cut_midway_is_retried_on_a_new_connection() -> No
 
     server = ScriptedTracker(hang_up_once)
     try:
-        pool = TrackerPool([server.tracker])
+        pool = flavour.TrackerPool([server.tracker])
         pool.request("get_paths", {"key": "k"})
         assert pool.request("get_paths", {"key": "k"})[0]["paths"] == "1"
         assert server.connections == 2 and len(calls) == 3
@@ -133,7 +143,8 @@ def test_an_idempotent_command_cut_midway_is_retried_on_a_new_connection() -> No
         server.stop()
 
 
-def test_a_non_idempotent_command_cut_midway_is_not_repeated() -> None:
+@both_flavours
+def test_a_non_idempotent_command_cut_midway_is_not_repeated(flavour: Flavour) -> None:
     calls = []
 
     def hang_up_once(line: bytes) -> bytes | None:
@@ -142,7 +153,7 @@ def test_a_non_idempotent_command_cut_midway_is_not_repeated() -> None:
 
     server = ScriptedTracker(hang_up_once)
     try:
-        pool = TrackerPool([server.tracker])
+        pool = flavour.TrackerPool([server.tracker])
         pool.request("noop")
         with pytest.raises(TrackerUnavailableError, match="may or may not have been carried out"):
             pool.request("rename", {"from_key": "a", "to_key": "b"})
@@ -151,6 +162,7 @@ def test_a_non_idempotent_command_cut_midway_is_not_repeated() -> None:
         server.stop()
 
 
+@both_flavours
 @pytest.mark.parametrize(
     "reply",
     [
@@ -159,11 +171,11 @@ def test_a_non_idempotent_command_cut_midway_is_not_repeated() -> None:
         pytest.param(b"OK " + b"k=v&" * (1024 * 1024 + 10) + b"\r\n", id="oversized"),
     ],
 )
-def test_garbage_is_a_protocol_error_and_the_connection_is_not_reused(reply: bytes) -> None:
+def test_garbage_is_a_protocol_error_and_the_connection_is_not_reused(reply: bytes, flavour: Flavour) -> None:
     replies = iter([reply, b"OK \r\n"])
     server = ScriptedTracker(lambda line: next(replies))
     try:
-        pool = TrackerPool([server.tracker], io_timeout=2)
+        pool = flavour.TrackerPool([server.tracker], io_timeout=2)
         with pytest.raises((ProtocolError, TrackerUnavailableError)):
             pool.request("get_paths", {"key": "k"})
         assert pool.request("noop")[0] == {}
@@ -172,9 +184,10 @@ def test_garbage_is_a_protocol_error_and_the_connection_is_not_reused(reply: byt
         server.stop()
 
 
-def test_an_error_reply_keeps_the_connection(tracker: ScriptedTracker) -> None:
+@both_flavours
+def test_an_error_reply_keeps_the_connection(tracker: ScriptedTracker, flavour: Flavour) -> None:
     tracker.script = lambda line: b"ERR unknown_key unknown_key\r\n"
-    pool = TrackerPool([tracker.tracker])
+    pool = flavour.TrackerPool([tracker.tracker])
     for _ in range(3):
         with pytest.raises(UnknownKeyError):
             pool.request("get_paths", {"key": "k"})
@@ -216,7 +229,8 @@ def test_tracker_lists() -> None:
         parse_trackers(["a:b"])
 
 
-def test_create_close_goes_to_the_tracker_that_answered_create_open() -> None:
+@both_flavours
+def test_create_close_goes_to_the_tracker_that_answered_create_open(flavour: Flavour) -> None:
     def script(line: bytes) -> bytes:
         if line.startswith(b"create_open"):
             return b"OK fid=7&devid=1&path=http://127.0.0.1:1/dev1/0/000/000/0000000007.fid\r\n"
@@ -224,7 +238,7 @@ def test_create_close_goes_to_the_tracker_that_answered_create_open() -> None:
 
     first, second = ScriptedTracker(script), ScriptedTracker(script)
     try:
-        pool = TrackerPool([first.tracker, second.tracker])
+        pool = flavour.TrackerPool([first.tracker, second.tracker])
         _, opened_on = pool.request("create_open", {"key": "k"})
         pool.mark_dead(opened_on)  # the next free choice would be the other tracker
         assert pool.request("create_close", {"key": "k", "fid": 7}, tracker=opened_on)[1] == opened_on

@@ -1,0 +1,178 @@
+"""MogileFSMiddleware for ASGI: the WSGI middleware's options and answers, natively async.
+
+Example (Starlette, FastAPI)::
+
+    from mogile_middleware.asgi import MogileFSMiddleware
+
+    app.add_middleware(MogileFSMiddleware, domain="media", trackers=["10.0.0.1:7001"],
+                       reproxy="nginx", trusted_proxies=["10.0.0.2"])
+
+or around any ASGI application: ``application = MogileFSMiddleware(application, domain=...)``.
+Every decision is :class:`~mogile_middleware.core.MiddlewareCore`'s, as in WSGI; the trackers
+are asked through an :class:`~mogile_middleware.async_client.AsyncClient`, and bodies stream
+from storage nodes at the client's pace (each chunk is sent before the next is read). A client
+that goes away, or a cancelled task, closes the storage node's connection. Everything that is
+not an HTTP request under the prefix (``lifespan``, ``websocket``, other paths) goes to the
+wrapped application untouched, except that its responses may not carry reproxy headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from . import http
+from .async_client import AsyncClient
+from .async_storage import AsyncReplicaResponse, open_replica
+from .core import MiddlewareCore, file_request, is_reproxy_header
+from .exceptions import MogileFSError, StorageError
+from .http import Answer, FileRequest, Headers
+from .locate import AsyncLocator, Location
+
+log = logging.getLogger("mogile_middleware")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+#: An answer whose body comes from an open replica: status, headers, the replica.
+Streamed = tuple[str, Headers, AsyncReplicaResponse]
+
+
+class MogileFSMiddleware(MiddlewareCore):
+    """The ASGI 3 middleware: serve or reproxy files under ``prefix``, pass the rest to ``app``."""
+
+    client_class = AsyncClient
+    locator_class = AsyncLocator
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = _path_info(scope) if scope["type"] == "http" else None
+        if path is None or not path.startswith(self.prefix):
+            await self.app(scope, receive, send if self.allow_app_reproxy else _without_reproxy_headers(send))
+            return
+        environ = _environ(scope, path)
+        answer = await self.answer(environ, path[len(self.prefix):])
+        if isinstance(answer, Answer):
+            await send({"type": "http.response.start", "status": int(answer.status[:3]),
+                        "headers": _encoded(answer.headers)})
+            await send({"type": "http.response.body", "body": answer.body})
+            return
+        status, headers, upstream = answer
+        try:
+            await send({"type": "http.response.start", "status": int(status[:3]), "headers": _encoded(headers)})
+            await _stream(upstream, send, receive)
+        finally:
+            await upstream.aclose()
+
+    async def answer(self, environ: dict[str, Any], path: str) -> Answer | Streamed:
+        """The answer for the URL ``path`` after the prefix: decided, with its replica open."""
+        key = self.key_for(environ, path)
+        if not isinstance(key, str):
+            return key
+        try:
+            location = await self.locator.locate(key)
+            return self.reproxy_answer(environ, location) or await self._serve(file_request(environ), location)
+        except MogileFSError as error:
+            return self.error_answer(error, key)
+
+    async def _serve(self, request: FileRequest, location: Location) -> Answer | Streamed:
+        """Serve mode, as :class:`~mogile_middleware.responders.Serve` does it: the replica open
+        before anything is sent, and the trackers asked once more when its replicas are gone."""
+        for attempt in range(2):
+            if attempt:
+                location = await self.locator.relocate(location)
+            location = await self.locator.with_length_of(location)
+            assert location.length is not None
+            plan = http.file_plan(request, location.etag, location.length, self.representation.headers(location))
+            if isinstance(plan, Answer):
+                return plan
+            try:
+                upstream = await open_replica(location.paths, method=request.method, byte_range=plan.byte_range,
+                                              length=plan.length,
+                                              timeout=self.storage_timeout)
+            except StorageError as error:
+                then = "" if attempt else ", asking the trackers again"
+                (log.error if attempt else log.warning)("no replica of %r answered%s: %r", location.key, then, error)
+                continue
+            if request.method == "HEAD":
+                await upstream.aclose()
+                return Answer(plan.status, plan.headers)
+            return plan.status, plan.headers, upstream
+        return http.BAD_GATEWAY
+
+
+async def _stream(upstream: AsyncReplicaResponse, send: Send, receive: Receive) -> None:
+    """Send the body chunk by chunk until it ends or the client goes away."""
+    sending = asyncio.ensure_future(_send_body(upstream, send))
+    leaving = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({sending, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        leaving.cancel()
+        if not sending.done():
+            sending.cancel()  # the client left: stop reading the node
+    await asyncio.gather(sending, leaving, return_exceptions=True)
+    if sending.done() and not sending.cancelled() and sending.exception() is not None:
+        raise sending.exception()  # type: ignore[misc] # a transfer cut midway: the server closes short
+
+
+async def _send_body(upstream: AsyncReplicaResponse, send: Send) -> None:
+    try:
+        async for chunk in upstream.chunks():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except (OSError, StorageError) as error:
+        log.error("transfer from %r cut midway: %r", upstream.url, error)
+        raise
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _path_info(scope: Scope) -> str:
+    """The path as WSGI's ``PATH_INFO`` has it (percent-decoded bytes as latin-1), below ``root_path``."""
+    raw = scope.get("raw_path")
+    path = unquote_to_bytes(raw.split(b"?", 1)[0]).decode("latin-1") if raw else \
+        scope["path"].encode("utf-8", "surrogateescape").decode("latin-1")
+    root = scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def _environ(scope: Scope, path: str) -> dict[str, Any]:
+    """The request as the CGI names the shared decisions read (headers joined as WSGI servers do)."""
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": scope["method"],
+        "SCRIPT_NAME": scope.get("root_path", ""),
+        "PATH_INFO": path,
+        "QUERY_STRING": scope.get("query_string", b"").decode("latin-1"),
+        "REMOTE_ADDR": (scope.get("client") or ("",))[0],
+    }
+    for name, value in scope.get("headers", ()):
+        key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
+        text = value.decode("latin-1")
+        environ[key] = f"{environ[key]}, {text}" if key in environ else text
+    return environ
+
+
+def _encoded(headers: Headers) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+
+
+def _without_reproxy_headers(send: Send) -> Send:
+    """``send`` for the wrapped app, dropping the reproxy headers only the middleware may send."""
+
+    async def filtered(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = message.get("headers", ())
+            kept = [(name, value) for name, value in headers if not is_reproxy_header(name.decode("latin-1"))]
+            if len(kept) != len(headers):
+                message = {**message, "headers": kept}
+        await send(message)
+
+    return filtered

@@ -1,0 +1,198 @@
+"""The MogileFS client for asyncio: :class:`~mogile_middleware.client.Client`'s methods as coroutines.
+
+Requests are shaped and replies read by the same functions as the blocking client
+(:mod:`mogile_middleware.client`), uploads keep the same promises (:mod:`mogile_middleware.upload`),
+over :class:`~mogile_middleware.async_tracker.AsyncTrackerPool` and
+:mod:`mogile_middleware.async_storage`. Example::
+
+    client = AsyncClient("media", ["10.0.0.1:7001", "10.0.0.2:7001"])
+    await client.store_content("avatars/42.png", png_bytes, cls="avatar")
+    await client.get_paths("avatars/42.png")   # ['http://10.0.0.5:7500/dev3/0/000/000/0000000123.fid', ...]
+    await client.aclose()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import BinaryIO, Union
+
+from .async_storage import CHUNK_SIZE, AsyncPutStream, AsyncReplicaResponse, open_replica
+from .async_tracker import AsyncTrackerPool
+from .client import (
+    ClientBase,
+    FileInfo,
+    Request,
+    delete_request,
+    file_info_of,
+    file_info_request,
+    get_paths_request,
+    keys_page_of,
+    list_keys_request,
+    paths_of,
+    rename_request,
+    update_class_request,
+)
+from .exceptions import NoneMatchError, StorageError
+from .protocol import Reply, check_key
+from .upload import (
+    class_named,
+    committing,
+    create_close_args,
+    create_open_args,
+    destinations,
+    no_storage_node,
+    remaining_size,
+    upload_failed,
+)
+
+#: What :meth:`AsyncClient.store_file` stores: a binary file object or an async iterable of bytes.
+Body = Union[BinaryIO, AsyncIterable[bytes]]
+
+
+class AsyncClient(ClientBase):
+    """A MogileFS client for one domain, for asyncio.
+
+    The arguments are :class:`~mogile_middleware.client.Client`'s, with an
+    :class:`~mogile_middleware.async_tracker.AsyncTrackerPool` as ``pool``. Change listeners are
+    plain functions, called in the event loop.
+    """
+
+    pool_class = AsyncTrackerPool
+    pool: AsyncTrackerPool
+
+    async def _ask(self, request: Request) -> Reply:
+        try:
+            return (await self.pool.request(request.command, self._args(request)))[0]
+        finally:
+            self._changed(*request.changes)
+
+    async def get_paths(self, key: str, noverify: bool = True, zone: str | None = None,
+                        pathcount: int = 2) -> list[str]:
+        """The URLs of the key's replicas, in the tracker's order (try them in that order)."""
+        return paths_of(await self._ask(get_paths_request(key, noverify, zone, pathcount)))
+
+    async def file_info(self, key: str) -> FileInfo:
+        """The key's fid, length, class and replica count."""
+        return file_info_of(await self._ask(file_info_request(key)))
+
+    async def delete(self, key: str) -> None:
+        """Delete ``key`` (raises :class:`UnknownKeyError` if it does not exist)."""
+        await self._ask(delete_request(key))
+
+    async def rename(self, from_key: str, to_key: str) -> None:
+        """Rename ``from_key`` to ``to_key`` (raises :class:`KeyExistsError` if that exists)."""
+        await self._ask(rename_request(from_key, to_key))
+
+    async def update_class(self, key: str, cls: str) -> None:
+        """Move ``key`` to class ``cls`` (the tracker then adjusts its replica count)."""
+        await self._ask(update_class_request(key, cls))
+
+    async def list_keys(self, prefix: str = "", after: str | None = None, limit: int | None = None) -> list[str]:
+        """Up to ``limit`` (at most 1000) keys starting with ``prefix``, sorted, after ``after``."""
+        return (await self._list_page(prefix, after, limit))[0]
+
+    async def _list_page(self, prefix: str, after: str | None, limit: int | None) -> tuple[list[str], str | None]:
+        try:
+            return keys_page_of(await self._ask(list_keys_request(prefix, after, limit)))
+        except NoneMatchError:
+            return [], None
+
+    async def keys(self, prefix: str = "") -> AsyncIterator[str]:
+        """Every key starting with ``prefix``, page by page."""
+        page, after = await self._list_page(prefix, None, None)
+        while page:
+            for key in page:
+                yield key
+            if after is None:
+                return
+            page, after = await self._list_page(prefix, after, None)
+
+    async def read_file(self, key: str) -> AsyncReplicaResponse:
+        """The body of the first replica that answers, to read and then ``aclose``."""
+        return await open_replica(await self.get_paths(key), timeout=self.storage_timeout)
+
+    async def get_file_data(self, key: str) -> bytes:
+        """The whole content of ``key`` (for small files; use :meth:`read_file` to stream)."""
+        async with await self.read_file(key) as body:
+            return b"".join([chunk async for chunk in body.chunks()])
+
+    async def store_content(self, key: str, data: bytes, cls: str | None = None) -> int:
+        """Store ``data`` under ``key``; return the number of bytes stored."""
+        return await self.store_file(key, io.BytesIO(data), cls)
+
+    async def store_file(self, key: str, fileobj: Body, cls: str | None = None, *,
+                         verify_checksum: bool = False) -> int:
+        """Store the rest of ``fileobj`` (read in the event loop, chunk by chunk) or every chunk of
+        an async iterable under ``key``; return the number of bytes stored.
+
+        As :meth:`Client.store_file <mogile_middleware.client.Client.store_file>`: a seekable
+        ``fileobj`` is sent again to the next destination if a node drops the PUT; any failure
+        before ``create_close`` is an :class:`UploadError` and leaves the key as it was; a lost
+        answer to ``create_close`` is an :class:`UploadOutcomeUnknownError`.
+        """
+        check_key(key)
+        size = None if isinstance(fileobj, AsyncIterable) else remaining_size(fileobj)
+        with class_named(cls, self.domain):
+            reply, tracker = await self.pool.request("create_open", create_open_args(self.domain, key, cls, size))
+        destination, stored, md5 = await self._put(key, fileobj, destinations(reply), size)
+        close = create_close_args(self.domain, key, reply["fid"], destination, stored, md5, verify_checksum)
+        try:
+            with committing(key, lambda: self._changed(key)):
+                await self.pool.request("create_close", close, tracker=tracker)
+        except asyncio.CancelledError:  # create_close may have been carried out
+            self._changed(key)
+            raise
+        return stored
+
+    async def _put(self, key: str, body: Body, targets: list[tuple[str, str]], size: int | None
+                   ) -> tuple[tuple[str, str], int, str]:
+        """PUT ``body`` whole to the first of ``targets`` that takes it: the destination, the size
+        and the MD5 (hex) of what was sent. A body that cannot be rewound is sent only once."""
+        start = None if isinstance(body, AsyncIterable) or not body.seekable() else body.tell()
+        failures: list[str] = []
+        for destination in targets:
+            try:
+                stream = await AsyncPutStream.open(destination[1], length=size, timeout=self.storage_timeout)
+            except StorageError as error:
+                failures.append(str(error))
+                continue
+            try:
+                stored, md5 = await _send(stream, body)
+                await stream.finish()
+                return destination, stored, md5
+            except StorageError as error:
+                stream.abort()
+                if start is None:
+                    raise upload_failed(key, error) from error
+                failures.append(str(error))
+                body.seek(start)  # type: ignore[union-attr]  # start is set: a file object
+            except BaseException:
+                stream.abort()
+                raise
+        raise no_storage_node(key, failures)
+
+    async def aclose(self) -> None:
+        """Close the running event loop's kept-open tracker connections."""
+        await self.pool.aclose()
+
+
+async def _send(stream: AsyncPutStream, body: Body) -> tuple[int, str]:
+    """Write every chunk of ``body`` to ``stream``: the number of bytes and their MD5 (hex)."""
+    digest, stored = hashlib.md5(), 0
+    async for chunk in _chunks(body):
+        await stream.write(chunk)
+        digest.update(chunk)
+        stored += len(chunk)
+    return stored, digest.hexdigest()
+
+
+async def _chunks(body: Body) -> AsyncIterator[bytes]:
+    if isinstance(body, AsyncIterable):
+        async for chunk in body:
+            yield chunk
+    else:
+        while chunk := body.read(CHUNK_SIZE):
+            yield chunk

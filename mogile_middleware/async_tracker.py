@@ -1,0 +1,174 @@
+"""Connections to MogileFS trackers for asyncio: kept open per event loop, failed over.
+
+:class:`AsyncTrackerPool` is :class:`~mogile_middleware.tracker.TrackerPool` for coroutines: the
+same dead-tracker table, retries and deadline (both run the steps of
+:meth:`~mogile_middleware.tracker.TrackerPoolBase.steps`), over :func:`asyncio.open_connection`.
+A connection belongs to the event loop that opened it: a pool used from several loops (one per
+thread, or one ``asyncio.run`` after another) keeps their connections apart and never touches
+another loop's.
+
+Example::
+
+    pool = AsyncTrackerPool(["10.0.0.1:7001", "10.0.0.2:7001"])
+    reply, tracker = await pool.request("get_paths", {"domain": "media", "key": "avatars/42.png"})
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .deadline import time_left
+from .exceptions import ProtocolError
+from .protocol import ArgValue, Reply, parse_reply
+from .tracker import MAX_REPLY_BYTES, Address, Dial, Step, StepRunner, TakeIdle, TrackerPoolBase, kept_if_answered
+
+
+class AsyncTrackerConnection:
+    """One TCP connection to a tracker on the running event loop: send a line, read a line."""
+
+    def __init__(self, address: Address, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.address = address
+        self._reader = reader
+        self._writer = writer
+
+    @classmethod
+    async def open(cls, address: Address, connect_timeout: float) -> AsyncTrackerConnection:
+        """Connect to ``address`` within ``connect_timeout`` seconds."""
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(*address, limit=MAX_REPLY_BYTES), connect_timeout
+            )
+        except asyncio.TimeoutError:  # not an OSError before Python 3.11
+            raise TimeoutError(f"no connection within {connect_timeout:g}s") from None
+        return cls(address, reader, writer)
+
+    def is_stale(self) -> bool:
+        """True if the idle connection has something to read: the tracker closed it or misspoke."""
+        # StreamReader shows no buffered bytes publicly; an idle connection must have none.
+        return self._writer.is_closing() or self._reader.at_eof() or bool(self._reader._buffer)
+
+    async def roundtrip(self, request: bytes, deadline: float) -> bytes:
+        """Send one request line and return the reply line, whole by ``deadline`` (a
+        :func:`time.monotonic` time), else :class:`TimeoutError`; raises on EOF or an oversized line."""
+        try:
+            return await asyncio.wait_for(self._roundtrip(request), time_left(deadline))
+        except asyncio.TimeoutError:  # not an OSError before Python 3.11
+            raise TimeoutError("timed out") from None
+
+    async def _roundtrip(self, request: bytes) -> bytes:
+        self._writer.write(request)
+        await self._writer.drain()
+        try:
+            return await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:
+            raise ProtocolError(f"tracker reply longer than {MAX_REPLY_BYTES} bytes") from None
+        except asyncio.IncompleteReadError as error:
+            if not error.partial:
+                raise ConnectionResetError("tracker closed the connection") from None
+            raise ProtocolError(f"tracker reply cut short: {error.partial[:80]!r}") from None
+
+    def close(self) -> None:
+        """Close the connection; it is not used again."""
+        self._writer.close()
+
+
+@dataclass
+class _LoopConnections:
+    """The connections of one event loop: idle ones per tracker, and the requests in flight."""
+
+    slots: asyncio.Semaphore
+    idle: dict[Address, list[AsyncTrackerConnection]] = field(default_factory=dict)
+
+
+class AsyncTrackerPool(TrackerPoolBase):
+    """Kept-open connections to a set of trackers for asyncio, with a dead-tracker table and failover.
+
+    The arguments are :class:`~mogile_middleware.tracker.TrackerPool`'s. At most
+    :attr:`max_connections` requests are in flight at once per event loop, each on its own
+    connection (so at most that many connections per tracker and loop); the others wait their turn.
+    """
+
+    #: Requests in flight at once per event loop (set it on a pool before its first request).
+    max_connections = 10
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._lock = threading.Lock()  # guards _loops: loops in other threads may share the pool
+        self._loops: dict[asyncio.AbstractEventLoop, _LoopConnections] = {}
+
+    def _connections(self) -> _LoopConnections:
+        """The running loop's connections (a loop seen for the first time forgets the closed ones)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            connections = self._loops.get(loop)
+            if connections is None:
+                # A closed loop's transports cannot be closed any more: drop them, their sockets close on collection.
+                self._loops = {other: kept for other, kept in self._loops.items() if not other.is_closed()}
+                connections = self._loops[loop] = _LoopConnections(asyncio.Semaphore(self.max_connections))
+            return connections
+
+    def _drop_idle(self, address: Address) -> None:
+        """Close the running loop's idle connections to ``address`` (other loops' are not touched)."""
+        try:
+            idle = self._connections().idle
+        except RuntimeError:  # no running loop: no connection of ours to close
+            return
+        for connection in idle.pop(address, []):
+            connection.close()
+
+    async def request(
+        self,
+        command: str,
+        args: Mapping[str, ArgValue] | None = None,
+        *,
+        tracker: Address | None = None,
+    ) -> tuple[Reply, Address]:
+        """Send ``command`` and return the decoded ``OK`` arguments and the tracker that answered.
+
+        As :meth:`TrackerPool.request <mogile_middleware.tracker.TrackerPool.request>`. A
+        cancelled request closes the connection it was using.
+        """
+        connections = self._connections()
+        async with connections.slots:
+            runner = StepRunner(self.steps(command, args, tracker))
+            for step in runner:
+                try:
+                    runner.result = await self._carry_out(connections, step)
+                except Exception as error:
+                    runner.error = error
+            return runner.value
+
+    async def _carry_out(self, connections: _LoopConnections, step: Step) -> object:
+        if isinstance(step, TakeIdle):
+            return self._take_idle(connections, step.address)
+        if isinstance(step, Dial):
+            return await AsyncTrackerConnection.open(step.address, self.connect_timeout)
+        return await self._roundtrip(connections, step.connection, step.line, step.deadline)
+
+    @staticmethod
+    def _take_idle(connections: _LoopConnections, address: Address) -> AsyncTrackerConnection | None:
+        idle = connections.idle.get(address, [])
+        while idle:
+            connection = idle.pop()
+            if not connection.is_stale():
+                return connection
+            connection.close()
+        return None
+
+    async def _roundtrip(self, connections: _LoopConnections, connection: AsyncTrackerConnection, line: bytes,
+                         deadline: float | None) -> Reply:
+        with kept_if_answered(connection, lambda kept: connections.idle.setdefault(kept.address, []).append(kept)):
+            return parse_reply(await connection.roundtrip(
+                line, time.monotonic() + self.io_timeout if deadline is None else deadline))
+
+    async def aclose(self) -> None:
+        """Close the running loop's idle connections (connections in use stay until their request ends)."""
+        connections = self._connections()
+        idle = [connection for kept in connections.idle.values() for connection in kept]
+        connections.idle.clear()
+        for connection in idle:
+            connection.close()

@@ -1,0 +1,175 @@
+"""The ASGI middleware: what it leaves to the wrapped app, and streaming under a real uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import DOMAIN
+from integration._gunicorn import run_uvicorn
+from integration._wire_client import read_http_reply
+from wiretools import PatternFile, pattern_md5
+
+from mogile_middleware import Client
+from mogile_middleware.asgi import MogileFSMiddleware
+from mogile_middleware.devserver import DevMogileFS
+
+pytest.importorskip("uvicorn", reason="uvicorn is installed by the test command ('.[dev]')")
+
+MIB = 1024 * 1024
+
+
+class Recorder:
+    """An ASGI app that records what reached it and answers with a reproxy header of its own."""
+
+    def __init__(self) -> None:
+        self.scopes: list[dict[str, Any]] = []
+        self.received: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.scopes.append(scope)
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                self.received.append(message)
+                await send({"type": "lifespan.startup.complete"})
+            self.received.append(message)
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] == "websocket":
+            self.received.append(await receive())
+            await send({"type": "websocket.accept"})
+            return
+        await send({"type": "http.response.start", "status": 201, "headers": [
+            (b"content-type", b"text/x-app"), (b"x-reproxy-url", b"http://10.0.0.5/secret"),
+            (b"x-accel-redirect", b"/internal"), (b"x-accel-buffering", b"no")]})
+        await send({"type": "http.response.body", "body": b"app"})
+
+
+def run(app: Any, scope: dict[str, Any], incoming: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Call ``app`` with ``scope``, feeding it ``incoming``; the messages it sent."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0) if incoming else await asyncio.sleep(3600)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
+    return sent
+
+
+def http_scope(path: str, method: str = "GET") -> dict[str, Any]:
+    return {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
+            "headers": [], "client": ("10.0.0.9", 5000), "root_path": ""}
+
+
+@pytest.fixture
+def wrapped() -> tuple[MogileFSMiddleware, Recorder]:
+    recorder = Recorder()
+    return MogileFSMiddleware(recorder, domain=DOMAIN, trackers=["127.0.0.1:1"]), recorder
+
+
+def test_lifespan_and_websockets_reach_the_app_untouched(wrapped: tuple[MogileFSMiddleware, Recorder]) -> None:
+    middleware, recorder = wrapped
+    lifespan = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    sent = run(middleware, lifespan, [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    assert [message["type"] for message in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    websocket = {"type": "websocket", "path": "/mogilefs/chat", "raw_path": b"/mogilefs/chat", "headers": []}
+    assert run(middleware, websocket, [{"type": "websocket.connect"}]) == [{"type": "websocket.accept"}]
+    assert recorder.scopes[0] is lifespan and recorder.scopes[1] is websocket
+
+
+def test_other_paths_reach_the_app_without_its_reproxy_headers(wrapped: tuple[MogileFSMiddleware, Recorder]) -> None:
+    middleware, recorder = wrapped
+    start, body = run(middleware, http_scope("/app/page"), [])
+    assert start["status"] == 201 and body["body"] == b"app"
+    assert dict(start["headers"]) == {b"content-type": b"text/x-app", b"x-accel-buffering": b"no"}
+    allowing = MogileFSMiddleware(recorder, domain=DOMAIN, trackers=["127.0.0.1:1"], allow_app_reproxy=True)
+    assert b"x-reproxy-url" in dict(run(allowing, http_scope("/app/page"), [])[0]["headers"])
+
+
+def test_a_method_other_than_get_or_head_is_405_without_the_app(wrapped: tuple[MogileFSMiddleware,
+                                                                                 Recorder]) -> None:
+    middleware, recorder = wrapped
+    start, body = run(middleware, http_scope("/mogilefs/a.txt", "POST"), [])
+    assert start["status"] == 405 and dict(start["headers"])[b"allow"] == b"GET, HEAD"
+    assert not recorder.scopes
+
+
+def node_connections(port: int) -> int:
+    """Established TCP connections to the loopback ``port`` (from /proc/net/tcp)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].split(":")[1], 16)
+        if local_port == port and fields[3] == "01":  # 01: ESTABLISHED
+            count += 1
+    return count
+
+
+def thread_count(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/task").iterdir()))
+
+
+def test_slow_clients_share_one_worker_and_a_client_that_leaves_frees_its_node(devmogile: DevMogileFS) -> None:
+    """40 clients reading slowly from one uvicorn worker: all get their first 64 KiB at once, the
+    process keeps few threads, and closing them closes their storage connections."""
+    client = Client(DOMAIN, devmogile.trackers)
+    client.store_file("movie.mp4", PatternFile(32 * MIB), cls="thumb")  # more than the kernel's buffers hold
+    [node_port] = {int(path.split(":")[2].split("/")[0]) for path in client.get_paths("movie.mp4")}
+    with run_uvicorn({"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": devmogile.trackers[0]}) as server:
+        sockets = []
+        started = time.monotonic()
+        for _ in range(40):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # before connecting, to count
+            sock.settimeout(15)
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(b"GET /mogilefs/movie.mp4 HTTP/1.1\r\nHost: media\r\n\r\n")
+            sockets.append(sock)
+        for sock in sockets:  # every client gets its first 64 KiB while the others stay open
+            received = b""
+            while len(received) < 64 * 1024:
+                received += sock.recv(64 * 1024)
+        assert time.monotonic() - started < 10
+        assert thread_count(server.pid) < 10
+        assert node_connections(node_port) >= 30  # an unfinished download holds its node connection
+        for sock in sockets:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while node_connections(node_port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert node_connections(node_port) == 0, "clients left, their storage connections stayed"
+
+
+def rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+def test_a_256_mib_file_streams_with_flat_memory(devmogile: DevMogileFS) -> None:
+    size = 256 * MIB
+    client = Client(DOMAIN, devmogile.trackers, storage_timeout=60)
+    client.store_file("big.bin", PatternFile(size), cls="thumb")
+    with run_uvicorn({"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": devmogile.trackers[0]}) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+            sock.sendall(b"GET /mogilefs/big.bin HTTP/1.1\r\nHost: media\r\nConnection: close\r\n\r\n")
+            Path(f"/proc/{server.pid}/clear_refs").write_text("5")
+            before = rss_kib(server.pid, "VmRSS")
+            reply, rest = read_http_reply(sock, "HEAD")  # the head only: the body is streamed below
+            assert reply.status == 200 and int(reply.headers["content-length"]) == size
+            digest, received = hashlib.md5(rest), len(rest)
+            while chunk := sock.recv(MIB):
+                digest.update(chunk)
+                received += len(chunk)
+        growth_mib = (rss_kib(server.pid, "VmHWM") - before) / 1024
+    assert received == size and digest.hexdigest() == pattern_md5(size)
+    assert growth_mib < 32, f"uvicorn grew by {growth_mib:.1f} MiB"

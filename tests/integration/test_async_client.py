@@ -1,0 +1,155 @@
+"""The asyncio client and tracker pool on their own event loops: what a blocking facade cannot show.
+
+Kept-open connections per event loop, many coroutines on one pool, cancellation, dead trackers,
+deadlines. Plain test functions that run ``asyncio.run`` (no pytest plugin needed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import DOMAIN
+from integration._async_facade import LoopThread
+from integration.test_deadlines import ScriptedServer, answer_first_then_drip
+from wiretools import CountingRelay, ScriptedTracker, ok
+
+from mogile_middleware import AsyncClient, BadKeyError, TrackerUnavailableError
+from mogile_middleware.async_tracker import AsyncTrackerPool
+from mogile_middleware.devserver import DevMogileFS
+
+
+@pytest.fixture
+def relay(devmogile: DevMogileFS) -> Iterator[CountingRelay]:
+    """A relay to the embedded tracker that counts connections, with the key ``hot`` stored."""
+    asyncio.run(AsyncClient(DOMAIN, devmogile.trackers).store_content("hot", b"x", cls="thumb"))
+    relay = CountingRelay(devmogile.tracker_address)
+    yield relay
+    relay.stop()
+
+
+def test_one_thousand_get_paths_open_one_connection(relay: CountingRelay) -> None:
+    async def main() -> None:
+        client = AsyncClient(DOMAIN, [relay.tracker])
+        for _ in range(1000):
+            assert await client.get_paths("hot")
+        await client.aclose()
+
+    asyncio.run(main())
+    assert relay.connections == 1
+
+
+def test_each_event_loop_has_its_own_connections(relay: CountingRelay) -> None:
+    client = AsyncClient(DOMAIN, [relay.tracker])
+    other = LoopThread()
+    try:
+        assert other.run(client.get_paths("hot"))
+        assert asyncio.run(client.get_paths("hot"))  # a loop of its own: a connection of its own
+        assert relay.connections == 2
+        assert other.run(client.get_paths("hot"))  # the first loop's connection was left alone
+        assert asyncio.run(client.get_paths("hot"))  # the loop before was closed: a new one again
+        assert relay.connections == 3
+    finally:
+        other.stop()
+
+
+def test_a_hundred_concurrent_requests_share_a_bounded_number_of_connections(relay: CountingRelay) -> None:
+    pool = AsyncTrackerPool([relay.tracker])
+    client = AsyncClient(DOMAIN, pool=pool)
+
+    async def main() -> list[list[str]]:
+        return await asyncio.gather(*(client.get_paths("hot") for _ in range(100)))
+
+    answers = asyncio.run(main())
+    assert len(answers) == 100 and all(len(paths) == 1 for paths in answers)
+    assert 1 <= relay.connections <= pool.max_connections
+
+
+def test_a_cancelled_request_closes_its_connection() -> None:
+    replies = iter([b""])  # the first request gets silence, the next ones an answer
+    tracker = ScriptedTracker(lambda line: next(replies, ok(line)))
+
+    async def main() -> list[str]:
+        client = AsyncClient(DOMAIN, [tracker.tracker])
+        waiting = asyncio.create_task(client.get_paths("k"))
+        await asyncio.sleep(0.2)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        return await client.get_paths("k")
+
+    try:
+        assert asyncio.run(main()) == ["http://127.0.0.1:1/dev1/0/000/000/0000000001.fid"]
+        assert tracker.connections == 2  # the silent connection was not reused
+    finally:
+        tracker.stop()
+
+
+def test_a_dead_tracker_is_skipped_until_its_dead_time_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead = unused.getsockname()[:2]
+    tracker = ScriptedTracker(ok)
+    now = [0.0]
+    dials: list[tuple[str, int]] = []
+    real_open_connection = asyncio.open_connection
+
+    def counting_open_connection(host, port, **kwargs):
+        dials.append((host, port))
+        return real_open_connection(host, port, **kwargs)
+
+    monkeypatch.setattr(asyncio, "open_connection", counting_open_connection)
+    pool = AsyncTrackerPool([dead, tracker.tracker], dead_seconds=30, clock=lambda: now[0])
+
+    async def main(requests: int) -> None:
+        for _ in range(requests):
+            assert (await pool.request("noop"))[1] == tracker.address
+            now[0] += 1
+
+    try:
+        asyncio.run(main(20))
+        assert dials.count(dead) == 1 and pool.live_trackers() == [tracker.address]
+        now[0] += 10  # past the dead time: dialled again (still refused), then skipped again
+        asyncio.run(main(2))
+        assert dials.count(dead) == 2
+    finally:
+        tracker.stop()
+
+
+def test_a_bad_key_is_refused_before_any_connection() -> None:
+    tracker = ScriptedTracker(lambda line: b"OK \r\n")
+    client = AsyncClient(DOMAIN, [tracker.tracker])
+    bad = "a\nb"
+
+    async def main() -> None:
+        for call in (client.get_paths(bad), client.file_info(bad), client.delete(bad), client.rename(bad, "ok"),
+                     client.update_class(bad, "thumb"), client.store_content(bad, b"x")):
+            with pytest.raises(BadKeyError):
+                await call
+
+    try:
+        asyncio.run(main())
+        assert tracker.connections == 0
+    finally:
+        tracker.stop()
+
+
+def test_a_dripping_tracker_costs_the_io_timeout_and_no_retry() -> None:
+    tracker = ScriptedServer(answer_first_then_drip)
+    client = AsyncClient("d", [tracker.tracker], io_timeout=1)
+
+    async def main() -> None:
+        assert await client.get_paths("k")  # kept open, and it passes the stale check next time
+        started = time.monotonic()
+        with pytest.raises(TrackerUnavailableError, match="timed out|no reply within 1s"):
+            await client.get_paths("k")
+        assert 0.9 <= time.monotonic() - started < 2.5
+
+    try:
+        asyncio.run(main())
+        assert tracker.connections == 1  # the deadline passed: no retry on a new connection
+    finally:
+        tracker.stop()
