@@ -296,8 +296,12 @@ class AsyncPathCache(PathCache[V]):
         return await self._refresh(key)
 
     async def _refresh(self, key: str) -> V:  # type: ignore[override]
-        flight = self._flights.get(key)
-        if flight is not None:
+        with self._lock:  # invalidate() may run in another thread (a sync client's listener)
+            flight = self._flights.get(key)
+            leading = flight is None
+            if leading:
+                flight = self._flights[key] = _AsyncFlight()  # type: ignore[assignment]
+        if not leading:
             try:
                 value = await asyncio.wait_for(asyncio.shield(flight.done), self._wait_seconds)
             except asyncio.TimeoutError:
@@ -305,7 +309,6 @@ class AsyncPathCache(PathCache[V]):
                 return self._stale_value(key, await self._backend_call(self._backend.get, key), cause)
             # The leader's task was cancelled (its client went away): look up for ourselves.
             return await self._refresh(key) if value is _UNSET else value
-        flight = self._flights[key] = _AsyncFlight()  # type: ignore[assignment]
         try:
             value = await self._fetch_async(key, flight)  # type: ignore[arg-type]
         except Exception as error:
@@ -319,8 +322,9 @@ class AsyncPathCache(PathCache[V]):
             flight.done.set_result(value)
             return value
         finally:
-            if self._flights.get(key) is flight:
-                del self._flights[key]
+            with self._lock:
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
 
     async def _fetch_async(self, key: str, flight: _AsyncFlight) -> V:
         entry = await self._backend_call(self._backend.get, key)
@@ -332,9 +336,15 @@ class AsyncPathCache(PathCache[V]):
         except TrackerUnavailableError as error:
             return self._stale_value(key, await self._backend_call(self._backend.get, key), error)
         keep = self._looked_up(value)
-        if keep and not flight.invalidated:
-            await self._backend_call(self._backend.set, key, value, self._clock(), keep)
+        if keep:
+            await self._backend_call(self._store, flight, key, value, keep)
         return value
+
+    def _store(self, flight: _AsyncFlight, key: str, value: V, keep: float) -> None:
+        """Keep ``value`` unless the key was invalidated meanwhile (atomic against invalidate())."""
+        with flight.lock:
+            if not flight.invalidated:
+                self._backend.set(key, value, self._clock(), keep)
 
     async def _backend_call(self, method: Callable[..., T], *args: Any) -> T | None:
         if self._in_process:

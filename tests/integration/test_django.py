@@ -1,8 +1,11 @@
 """The Django integration over the embedded MogileFS: the example site's models, its upload page,
-the storage API, the settings and the wrapped WSGI application (WebTest, lint on)."""
+the storage API, the settings, the wrapped WSGI application (WebTest, lint on) and the wrapped
+ASGI application (in process, and a tiny project under a real uvicorn)."""
 
 from __future__ import annotations
 
+import asyncio
+import http.client
 import io
 import re
 import sys
@@ -16,8 +19,9 @@ from typing import Any
 
 import django
 import pytest
-from conftest import DOMAIN
+from conftest import CLASSES, DOMAIN
 from django.conf import settings
+from django.core.asgi import get_asgi_application
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files.base import ContentFile
 from django.core.management import call_command
@@ -25,12 +29,16 @@ from django.core.wsgi import get_wsgi_application
 from django.db.migrations.writer import MigrationWriter
 from django.test import override_settings
 from django.utils.module_loading import import_string
+from integration._gunicorn import run_uvicorn
 from integration._memcached import start_memcached
 from PIL import Image
 from webtest import TestApp, Upload
 
+from mogile_middleware import Client
+from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
+from mogile_middleware.async_client import AsyncClient
 from mogile_middleware.cache import entry_key
-from mogile_middleware.contrib.django import MogileFSStorage, close_clients, get_client, wrap_wsgi
+from mogile_middleware.contrib.django import MogileFSStorage, close_clients, get_client, wrap_asgi, wrap_wsgi
 from mogile_middleware.contrib.django.storage import TEMPORARY_PREFIX
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.memcache import MemcachedBackend
@@ -362,6 +370,126 @@ def test_settings_reach_the_middleware(mogile: DevMogileFS) -> None:
         app = TestApp(wrap_wsgi(get_wsgi_application()), lint=True)
         assert MogileFSStorage().url("a.png") == "https://cdn.example/m/a.png"
     assert app.get("/m/a.png").body == b"pixels"
+
+
+# -- the wrapped ASGI application ---------------------------------------------------------------
+
+
+def asgi_get(middleware: ASGIMiddleware, path: str, client: str = "127.0.0.1") -> tuple[int, dict[str, str], bytes]:
+    """GET ``path`` from ``middleware`` on an event loop of its own: the status, headers and body."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(3600)  # the client stays until the answer ends
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def get() -> None:
+        scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "root_path": "", "headers": [(b"host", b"testserver")], "client": (client, 50000)}
+        try:
+            await asyncio.wait_for(middleware(scope, receive, send), 10)
+        finally:
+            await middleware.client.aclose()  # this loop's tracker connections
+
+    asyncio.run(get())
+    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in sent[0]["headers"]}
+    return sent[0]["status"], headers, b"".join(message.get("body", b"") for message in sent[1:])
+
+
+@pytest.fixture
+def lingering_mogile(tmp_path: Path) -> Iterator[DevMogileFS]:
+    """As ``mogile``, but the files of an overwritten version stay on the nodes for a minute, as on
+    a real tracker: a stale cached location still serves the old bytes, so only a dropped cache
+    entry shows the new ones."""
+    with DevMogileFS(data_dir=tmp_path / "mogdata", domains={DOMAIN: CLASSES}, replication_delay=60) as devmogile, \
+            override_settings(MOGILEFS_DOMAIN=DOMAIN, MOGILEFS_TRACKERS=devmogile.trackers):
+        yield devmogile
+
+
+def test_asgi_settings_reach_the_middleware(mogile: DevMogileFS) -> None:
+    MogileFSStorage().save("a.png", ContentFile(b"pixels"))
+    with with_settings(MOGILEFS_CACHE_CONTROL="public, max-age=60", MOGILEFS_PATH_CACHE_SECONDS=0,
+                       MOGILEFS_MIDDLEWARE_OPTIONS={"retry_after_seconds": 9}):
+        middleware = wrap_asgi(get_asgi_application())
+    assert isinstance(middleware, ASGIMiddleware) and isinstance(middleware.client, AsyncClient)
+    status, headers, body = asgi_get(middleware, "/media/a.png")
+    assert (status, headers["content-type"], headers["cache-control"], body) == (
+        200, "image/png", "public, max-age=60", b"pixels")
+    asgi_get(middleware, "/media/a.png")
+    assert (middleware.locator.paths.lookups, middleware.retry_after_seconds) == (2, 9)
+
+    with with_settings(SERVE_WITH_PERLBAL=True, MOGILEFS_TRUSTED_PROXIES=["10.0.0.0/8"]):
+        middleware = wrap_asgi(get_asgi_application())
+    assert "x-reproxy-url" in asgi_get(middleware, "/media/a.png", client="10.1.2.3")[1]
+    assert asgi_get(middleware, "/media/a.png", client="192.0.2.1")[2] == b"pixels"
+
+    with with_settings(SERVE_WITH_PERLBAL=True, MOGILEFS_REPROXY="nginx", MOGILEFS_NGINX_LOCATION="/internal"):
+        middleware = wrap_asgi(get_asgi_application())
+    assert asgi_get(middleware, "/media/a.png")[1]["x-accel-redirect"].startswith("/internal")
+
+    with with_settings(MOGILEFS_MEDIA_URL="https://cdn.example/m/"):
+        middleware = wrap_asgi(get_asgi_application())
+    assert asgi_get(middleware, "/m/a.png")[2] == b"pixels"
+
+    with with_settings(MOGILEFS_REPROXY="apache"), pytest.raises(ImproperlyConfigured, match="MOGILEFS_REPROXY"):
+        wrap_asgi(get_asgi_application())
+
+
+def test_a_storage_save_drops_the_asgi_middlewares_cached_paths(lingering_mogile: DevMogileFS) -> None:
+    middleware = wrap_asgi(get_asgi_application())
+    storage = MogileFSStorage(mogile_class="thumb", allow_overwrite=True)  # one copy: cached as complete
+    storage.save("news.txt", ContentFile(b"old news"))
+    assert asgi_get(middleware, "/media/news.txt")[2] == b"old news"
+    assert asgi_get(middleware, "/media/news.txt")[2] == b"old news"  # now from the path cache
+    storage.save("news.txt", ContentFile(b"fresh news"))  # the old version's file stays on its node
+    assert asgi_get(middleware, "/media/news.txt")[2] == b"fresh news"
+    assert middleware.locator.paths.lookups == 2
+    storage.delete("news.txt")
+    assert asgi_get(middleware, "/media/news.txt")[0] == 404
+
+
+def test_the_asgi_middleware_caches_paths_in_the_shared_memcached(lingering_mogile: DevMogileFS) -> None:
+    with start_memcached() as server, with_settings(MOGILEFS_MEMCACHED_SERVERS=[server.address]):
+        backend = MemcachedBackend([server.address])
+        middleware = wrap_asgi(get_asgi_application())
+        storage = MogileFSStorage(mogile_class="thumb", allow_overwrite=True)
+        storage.save("shared.txt", ContentFile(b"v1"))
+        assert asgi_get(middleware, "/media/shared.txt")[2] == b"v1"
+        assert backend.get(entry_key(DOMAIN, "shared.txt")) is not None
+        storage.save("shared.txt", ContentFile(b"v2"))
+        assert backend.get(entry_key(DOMAIN, "shared.txt")) is None
+        assert asgi_get(middleware, "/media/shared.txt")[2] == b"v2"
+
+
+def _request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, str, bytes]:
+    """One request to the loopback ``port``: the status, ``Content-Type`` and body."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request(method, path, body=body)
+        response = connection.getresponse()
+        return response.status, response.getheader("Content-Type", ""), response.read()
+    finally:
+        connection.close()
+
+
+def test_wrap_asgi_under_uvicorn(lingering_mogile: DevMogileFS) -> None:
+    """``tests/integration/_django_asgi_app.py`` under uvicorn: files, Django's pages, and a save in
+    a view (in Django's thread for synchronous views) that the next request sees."""
+    pytest.importorskip("uvicorn", reason="uvicorn is installed by the test command ('.[dev]')")
+    Client(DOMAIN, lingering_mogile.trackers).store_content("news.txt", b"old news", cls="thumb")
+    env = {"MOGILEFS_DOMAIN": DOMAIN, "MOGILEFS_TRACKERS": lingering_mogile.trackers[0]}
+    # Django's ASGI handler answers only HTTP: no lifespan.
+    with run_uvicorn(env, app="_django_asgi_app:make_app", extra_args=["--lifespan", "off"]) as server:
+        assert _request(server.port, "GET", "/media/news.txt") == (200, "text/plain; charset=utf-8", b"old news")
+        assert _request(server.port, "GET", "/media/news.txt")[2] == b"old news"  # now from the path cache
+        assert _request(server.port, "GET", "/") == (200, "text/plain", b"hello from django\n")
+        assert _request(server.port, "GET", "/nothing-here/")[0] == 404
+        assert _request(server.port, "GET", "/media/nothing.txt")[0] == 404
+        assert _request(server.port, "POST", "/save/news.txt", b"fresh news") == (200, "text/plain", b"news.txt")
+        assert _request(server.port, "GET", "/media/news.txt")[2] == b"fresh news"
 
 
 # -- configuration errors -----------------------------------------------------------------------

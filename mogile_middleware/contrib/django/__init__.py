@@ -12,11 +12,13 @@ In ``settings.py``::
         "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
     }
 
-and in ``wsgi.py``: ``application = wrap_wsgi(get_wsgi_application())``.
+and in ``wsgi.py``: ``application = wrap_wsgi(get_wsgi_application())``, or in ``asgi.py``:
+``application = wrap_asgi(get_asgi_application())``.
 """
 
+from .asgi import wrap_asgi
 from .clients import close_clients, get_client
 from .storage import MogileFSStorage
 from .wsgi import wrap_wsgi
 
-__all__ = ["MogileFSStorage", "close_clients", "get_client", "wrap_wsgi"]
+__all__ = ["MogileFSStorage", "close_clients", "get_client", "wrap_asgi", "wrap_wsgi"]

@@ -1,0 +1,33 @@
+"""The one call for a project's ``asgi.py``: serve ``MOGILEFS_MEDIA_URL`` from MogileFS, natively async."""
+
+from __future__ import annotations
+
+from ...asgi import ASGIApp, MogileFSMiddleware
+from ...async_client import AsyncClient
+from . import conf
+from .clients import get_client
+
+
+def wrap_asgi(application: ASGIApp) -> MogileFSMiddleware:
+    """Wrap Django's ASGI application as :func:`~.wsgi.wrap_wsgi` wraps the WSGI one: the same
+    settings, the same answers, with an :class:`~mogile_middleware.async_client.AsyncClient`.
+
+    ``application = wrap_asgi(get_asgi_application())``; the settings are read by this call.
+    With ``MOGILEFS_MEMCACHED_SERVERS`` the middleware caches paths in the memcached of the shared
+    client (asked from a thread, so the event loop never waits on it).
+
+    Storages are synchronous and write through the shared blocking client, so the middleware's
+    locator listens to that client too: a save drops the cached paths of its key before it
+    returns. Django runs a synchronous view in a thread of its own, so the listener runs there,
+    not on the event loop; it only marks the key's lookup in flight as outdated (under the path
+    cache's locks) and deletes the entry from the backend, which is thread-safe (the in-process
+    cache takes a lock, the memcached backend has a connection per thread).
+    """
+    client = get_client()
+    options = conf.middleware_options()
+    if client.cache_backend is not None:
+        options["cache_backend"] = client.cache_backend
+    # One per call, in practice one per process: its tracker connections are kept per event loop.
+    middleware = MogileFSMiddleware(application, client=AsyncClient(conf.domain(), conf.trackers()), **options)
+    client.add_change_listener(middleware.locator.forget)
+    return middleware
