@@ -138,8 +138,10 @@ async def _disconnected(receive: Receive) -> None:
 def _path_info(scope: Scope) -> str:
     """The path as WSGI's ``PATH_INFO`` has it (percent-decoded bytes as latin-1), below ``root_path``."""
     raw = scope.get("raw_path")
-    path = unquote_to_bytes(raw.split(b"?", 1)[0]).decode("latin-1") if raw else \
-        scope["path"].encode("utf-8", "surrogateescape").decode("latin-1")
+    if raw:  # without a fragment, which some servers keep (no client should send one)
+        path = unquote_to_bytes(raw.split(b"#", 1)[0].split(b"?", 1)[0]).decode("latin-1")
+    else:
+        path = scope["path"].partition("#")[0].encode("utf-8", "surrogateescape").decode("latin-1")
     root = scope.get("root_path", "")
     return path[len(root):] if root and path.startswith(root) else path
 
@@ -150,7 +152,7 @@ def _environ(scope: Scope, path: str) -> dict[str, Any]:
         "REQUEST_METHOD": scope["method"],
         "SCRIPT_NAME": scope.get("root_path", ""),
         "PATH_INFO": path,
-        "QUERY_STRING": scope.get("query_string", b"").decode("latin-1"),
+        "QUERY_STRING": scope.get("query_string", b"").split(b"#", 1)[0].decode("latin-1"),
         "REMOTE_ADDR": (scope.get("client") or ("",))[0],
     }
     for name, value in scope.get("headers", ()):

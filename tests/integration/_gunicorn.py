@@ -69,15 +69,16 @@ def run_gunicorn(env: dict[str, str], *, workers: int = 1, app: str = "_gunicorn
 
 @contextmanager
 def run_uvicorn(env: dict[str, str], *, app: str = "_gunicorn_app:make_asgi_app",
-                extra_args: Sequence[str] = ()) -> Iterator[GunicornServer]:
+                extra_args: Sequence[str] = (), port: int | None = None) -> Iterator[GunicornServer]:
     """Start uvicorn (one process, the ASGI middleware from ``app``, a factory) with ``env``; yield
-    it once it accepts connections; stopped on exit."""
-    port = free_port()
+    it once it accepts connections on ``port`` (a free one by default); stopped on exit. It runs
+    with ``--no-proxy-headers``, as the README says: ``trusted_proxies`` must see the proxy's address."""
+    port = port or free_port()
     environment = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE)])}
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--factory", app, "--host", "127.0.0.1", "--port", str(port),
-             "--lifespan", "on", "--no-access-log", *extra_args],
+             "--lifespan", "on", "--no-access-log", "--no-proxy-headers", *extra_args],
             env=environment, stdout=subprocess.DEVNULL, stderr=log,
         )
         try:

@@ -6,6 +6,8 @@ MOGILE_MEMCACHED (servers), MOGILE_TRUSTED_PROXIES (comma separated), MOGILE_PER
 MOGILE_REQUIRE_PROXY_HEADER ("1"), MOGILE_CACHE_CONTROL, MOGILE_CONTENT_DISPOSITION ("attachment" or "inline"),
 MOGILE_PATH_CACHE_SECONDS, MOGILE_PERLBAL_FALLBACK_URL, MOGILE_IO_TIMEOUT, and the counters MOGILE_COUNT_FILE (a line per tracker
 get_paths) and MOGILE_APP_HITS_FILE (a line per request the tiny app answers); each line is a PID.
+For uvicorn, whose access log has no byte count, MOGILE_ACCESS_LOG names a file that gets gunicorn's
+``%(m)s %(U)s %(s)s %(B)s`` line for each request (see :class:`AccessLog`).
 
 ``make_reproxying_app()`` is a stand-in for the middleware behind nginx, naming storage nodes the
 test runs itself: MOGILE_REPLICA_URLS (blank separated).
@@ -17,15 +19,16 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from mogile_middleware.async_client import AsyncClient
 from mogile_middleware.client import Client
 from mogile_middleware.middleware import MogileFSMiddleware
 
 
-def append_line(path: str) -> None:
-    """Append this process's PID as one line: one ``write`` of an ``O_APPEND`` file never interleaves."""
+def append_line(path: str, line: str | None = None) -> None:
+    """Append ``line`` (by default this process's PID): one ``write`` of an ``O_APPEND`` file never interleaves."""
     descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(descriptor, f"{os.getpid()}\n".encode())
+        os.write(descriptor, f"{os.getpid() if line is None else line}\n".encode())
     finally:
         os.close(descriptor)
 
@@ -47,6 +50,28 @@ class CountingClient(Client):
     def get_paths(self, *args: Any, **kwargs: Any) -> Any:
         append_line(self.count_file)
         return super().get_paths(*args, **kwargs)
+
+
+class AsyncCountingClient(AsyncClient):
+    """:class:`CountingClient` for the ASGI middleware."""
+
+    def __init__(self, count_file: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.count_file = count_file
+
+    async def get_paths(self, *args: Any, **kwargs: Any) -> Any:
+        append_line(self.count_file)
+        return await super().get_paths(*args, **kwargs)
+
+
+def client_options(env: Mapping[str, str], client_class: type, counting_class: type) -> dict[str, Any]:
+    """The middleware's client as the environment asks for it, or the domain and trackers to make one."""
+    domain, trackers = env["MOGILE_DOMAIN"], env["MOGILE_TRACKERS"]
+    if env.get("MOGILE_IO_TIMEOUT"):
+        return {"client": client_class(domain, trackers, io_timeout=float(env["MOGILE_IO_TIMEOUT"]))}
+    if env.get("MOGILE_COUNT_FILE"):
+        return {"client": counting_class(env["MOGILE_COUNT_FILE"], domain, trackers)}
+    return {"domain": domain, "trackers": trackers}
 
 
 def middleware_options(env: Mapping[str, str]) -> dict[str, Any]:
@@ -77,15 +102,7 @@ def middleware_options(env: Mapping[str, str]) -> dict[str, Any]:
 
 def make_app() -> MogileFSMiddleware:
     env = os.environ
-    options = middleware_options(env)
-    if env.get("MOGILE_IO_TIMEOUT"):
-        options["client"] = Client(env["MOGILE_DOMAIN"], env["MOGILE_TRACKERS"],
-                                   io_timeout=float(env["MOGILE_IO_TIMEOUT"]))
-    elif env.get("MOGILE_COUNT_FILE"):
-        options["client"] = CountingClient(env["MOGILE_COUNT_FILE"], env["MOGILE_DOMAIN"], env["MOGILE_TRACKERS"])
-    else:
-        options.update(domain=env["MOGILE_DOMAIN"], trackers=env["MOGILE_TRACKERS"])
-    return MogileFSMiddleware(hello, **options)
+    return MogileFSMiddleware(hello, **client_options(env, Client, CountingClient), **middleware_options(env))
 
 
 async def hello_asgi(scope, receive, send):
@@ -101,13 +118,55 @@ async def hello_asgi(scope, receive, send):
     await send({"type": "http.response.body", "body": b"hello from the app\n"})
 
 
+class AccessLog:
+    """An ASGI wrapper logging each HTTP request to ``path`` as gunicorn's access log with
+    ``%(m)s %(U)s %(s)s %(B)s`` does: method, path, status, and the body bytes the application sent
+    (0 when a front proxy fetches the file itself).
+
+    The line is written before the response's last message goes to the server, so once a client
+    has read an answer to its end, that answer's line is in the file (a response cut short is
+    logged when the application returns).
+    """
+
+    def __init__(self, app: Any, path: str) -> None:
+        self.app = app
+        self.path = path
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status, sent, logged = "-", 0, False
+
+        def log() -> None:
+            nonlocal logged
+            if not logged:
+                logged = True
+                append_line(self.path, f"{scope['method']} {scope['path']} {status} {sent}")
+
+        async def counting_send(message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    log()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            log()
+
+
 def make_asgi_app() -> Any:
     """The ASGI middleware over :func:`hello_asgi`, configured as :func:`make_app` is (for uvicorn --factory)."""
     from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 
     env = os.environ
-    return ASGIMiddleware(hello_asgi, domain=env["MOGILE_DOMAIN"], trackers=env["MOGILE_TRACKERS"],
-                          **middleware_options(env))
+    app = ASGIMiddleware(hello_asgi, **client_options(env, AsyncClient, AsyncCountingClient), **middleware_options(env))
+    return AccessLog(app, env["MOGILE_ACCESS_LOG"]) if env.get("MOGILE_ACCESS_LOG") else app
 
 
 #: The version the reproxying app names for every file.

@@ -1,4 +1,5 @@
-"""Files changing under the middleware, through a real gunicorn read with raw sockets.
+"""Files changing under the middleware, through a real gunicorn (WSGI) or uvicorn (ASGI) read
+with raw sockets.
 
 Writers here are other processes' clients (no shared cache), over the development MogileFS in
 its real-tracker-like mode: replicas follow a new file later, and an overwritten or deleted fid's
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import CLASSES, DOMAIN
-from integration._gunicorn import GunicornServer, run_gunicorn
+from integration._gunicorn import GunicornServer, run_gunicorn, run_uvicorn
 from integration._memcached import start_memcached
 from integration._proxies import run_nginx_front, run_perlbal_front
 from integration._wire_client import HTTPReply, eventually, free_port, http_request, read_http_reply
@@ -32,12 +33,17 @@ CACHE_CONTROL = "public, max-age=3600"
 #: Headers that describe a file: an error answer carries none of them (416: RFC 9110 allows ETag).
 FILE_HEADERS = {"etag", "accept-ranges", "content-range", "x-reproxy-url", "x-accel-redirect"}
 
+#: How the middleware is served: a gunicorn worker class and count (WSGI), or uvicorn (ASGI, one process).
+UVICORN = ("uvicorn", 1)
 WORKERS = [
     pytest.param(("sync", 1), id="sync-1"),
     pytest.param(("sync", 2), id="sync-2"),
     pytest.param(("gthread", 1), id="gthread-1"),
     pytest.param(("gthread", 2), id="gthread-2"),
+    pytest.param(UVICORN, id="uvicorn-1"),
 ]
+#: One of each server, for the tests that do not depend on the worker model.
+SERVERS = [pytest.param(("sync", 1), id="gunicorn"), pytest.param(UVICORN, id="uvicorn")]
 
 
 @pytest.fixture
@@ -48,9 +54,13 @@ def mogile(tmp_path: Path) -> Iterator[DevMogileFS]:
 
 def serve(mogile: DevMogileFS, workers: tuple[str, int] = ("sync", 1), port: int | None = None, **env: str):
     kind, count = workers
+    environment = {"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": mogile.trackers[0],
+                   "MOGILE_CACHE_CONTROL": CACHE_CONTROL, **env}
+    if kind == "uvicorn":
+        assert count == 1, "run_uvicorn runs one process"
+        return run_uvicorn(environment, port=port)
     extra = ["--worker-class", "gthread", "--threads", "4"] if kind == "gthread" else []
-    return run_gunicorn({"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": mogile.trackers[0],
-                         "MOGILE_CACHE_CONTROL": CACHE_CONTROL, **env}, workers=count, extra_args=extra, port=port)
+    return run_gunicorn(environment, workers=count, extra_args=extra, port=port)
 
 
 def ask(server: GunicornServer, path: str, method: str = "GET", headers: dict[str, str] | None = None) -> HTTPReply:
@@ -86,11 +96,13 @@ def wait_until_gone(urls: list[str]) -> None:
     assert eventually(lambda: old_files_gone(urls), bool, timeout=10 * DELAY + 5), f"{urls} still answer"
 
 
-def test_every_error_answer_is_framed_once_and_carries_no_file_headers(mogile: DevMogileFS) -> None:
+@pytest.mark.parametrize("workers", SERVERS)
+def test_every_error_answer_is_framed_once_and_carries_no_file_headers(mogile: DevMogileFS,
+                                                                       workers: tuple[str, int]) -> None:
     client = Client(DOMAIN, mogile.trackers)
     client.store_content("small.txt", b"0123456789", cls="thumb")
     client.store_content("gone.txt", b"soon unreachable", cls="thumb")
-    with serve(mogile) as server:
+    with serve(mogile, workers) as server:
         assert_clean_error(ask(server, "/mogilefs/%ff"), 400)
         assert_clean_error(ask(server, "/mogilefs/no-such-key"), 404)
         assert_clean_error(ask(server, "/mogilefs/small.txt", "POST"), 405)
@@ -140,9 +152,10 @@ def test_outside_overwrite_and_delete_heal_in_serve_mode(mogile: DevMogileFS, wo
                 assert_clean_error(ask(server, "/mogilefs/photo.png", method, headers), 404, method)
 
 
-def test_a_new_file_lists_its_second_replica_within_seconds(mogile: DevMogileFS) -> None:
+@pytest.mark.parametrize("workers", SERVERS)
+def test_a_new_file_lists_its_second_replica_within_seconds(mogile: DevMogileFS, workers: tuple[str, int]) -> None:
     writer = Client(DOMAIN, mogile.trackers)
-    with serve(mogile, MOGILE_REPROXY="perlbal") as server:
+    with serve(mogile, workers, MOGILE_REPROXY="perlbal") as server:
         writer.store_content("new.png", b"fresh", cls="avatar")
         first = ask(server, "/mogilefs/new.png").headers["x-reproxy-url"].split()
         assert len(first) == 1  # the tracker knows one copy yet
@@ -153,14 +166,17 @@ def test_a_new_file_lists_its_second_replica_within_seconds(mogile: DevMogileFS)
         assert time.monotonic() - started < 10
 
 
-def test_an_unknown_key_costs_one_tracker_call_and_a_write_is_seen_at_once(mogile: DevMogileFS,
-                                                                            tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", SERVERS)
+def test_an_unknown_key_costs_one_tracker_call(mogile: DevMogileFS, tmp_path: Path, workers: tuple[str, int]) -> None:
     count_file = tmp_path / "lookups"
-    with serve(mogile, MOGILE_COUNT_FILE=str(count_file)) as server:
+    with serve(mogile, workers, MOGILE_COUNT_FILE=str(count_file)) as server:
         for _ in range(100):
             assert ask(server, "/mogilefs/missing.txt").status == 404
         assert len(count_file.read_text().splitlines()) == 1
-    # The writer here is the middleware's own client: its write drops the "unknown" at once.
+
+
+def test_a_write_by_the_middlewares_own_client_is_seen_at_once(mogile: DevMogileFS) -> None:
+    """The writer here is the middleware's own client: its write drops the "unknown" at once."""
     from mogile_middleware.middleware import MogileFSMiddleware
 
     middleware = MogileFSMiddleware(lambda environ, start_response: [], domain=DOMAIN, trackers=mogile.trackers)
@@ -174,11 +190,13 @@ def front_get(port: int, path: str, headers: dict[str, str] | None = None) -> HT
     return http_request(f"http://127.0.0.1:{port}{path}", headers=headers)
 
 
-def test_through_nginx_an_outside_change_is_seen_once_the_old_files_are_gone(mogile: DevMogileFS) -> None:
+@pytest.mark.parametrize("workers", SERVERS)
+def test_through_nginx_an_outside_change_is_seen_once_the_old_files_are_gone(mogile: DevMogileFS,
+                                                                             workers: tuple[str, int]) -> None:
     """nginx falls back to the application when every URL fails; the middleware looks again."""
     writer = Client(DOMAIN, mogile.trackers)
     writer.store_content("doc.txt", b"version one", cls="thumb")
-    with serve(mogile, MOGILE_REPROXY="nginx", MOGILE_TRUSTED_PROXIES="127.0.0.1",
+    with serve(mogile, workers, MOGILE_REPROXY="nginx", MOGILE_TRUSTED_PROXIES="127.0.0.1",
                MOGILE_REQUIRE_PROXY_HEADER="1") as server, run_nginx_front(server.port) as nginx:
         assert front_get(nginx.port, "/mogilefs/doc.txt").body == b"version one"
         old_urls = writer.get_paths("doc.txt")
@@ -195,13 +213,15 @@ def test_through_nginx_an_outside_change_is_seen_once_the_old_files_are_gone(mog
         assert front_get(nginx.port, "/mogilefs/doc.txt").status == 404
 
 
+@pytest.mark.parametrize("workers", [pytest.param(("sync", 2), id="gunicorn"), pytest.param(UVICORN, id="uvicorn")])
 @pytest.mark.parametrize("front", ["perlbal", "nginx"])
-def test_a_writer_sharing_memcached_is_seen_through_the_proxy_at_once(mogile: DevMogileFS, front: str) -> None:
+def test_a_writer_sharing_memcached_is_seen_through_the_proxy_at_once(mogile: DevMogileFS, front: str,
+                                                                       workers: tuple[str, int]) -> None:
     """Perlbal answers 503 itself when every URL fails: only a writer that drops the shared entry
     (here a plain Client, as a script or another host would use) makes the change visible at once."""
     run_front = run_perlbal_front if front == "perlbal" else run_nginx_front
     with start_memcached() as memcached, serve(
-        mogile, ("sync", 2), MOGILE_REPROXY=front, MOGILE_TRUSTED_PROXIES="127.0.0.1",
+        mogile, workers, MOGILE_REPROXY=front, MOGILE_TRUSTED_PROXIES="127.0.0.1",
         MOGILE_MEMCACHED=memcached.address,
     ) as server, run_front(server.port) as proxy:
         writer = Client(DOMAIN, mogile.trackers, cache_backend=MemcachedBackend(memcached.address))
@@ -218,13 +238,15 @@ def test_a_writer_sharing_memcached_is_seen_through_the_proxy_at_once(mogile: De
         assert front_get(proxy.port, "/mogilefs/pic.png").status == 404
 
 
-def test_through_perlbal_the_fallback_url_heals_an_outside_change_in_one_request(mogile: DevMogileFS) -> None:
+@pytest.mark.parametrize("workers", SERVERS)
+def test_through_perlbal_the_fallback_url_heals_an_outside_change_in_one_request(mogile: DevMogileFS,
+                                                                                 workers: tuple[str, int]) -> None:
     """Perlbal tries the application last; it looks again, so only the first request after the
     old files vanished can fail (Perlbal checks the old length: a delete answers 404, not 200)."""
     writer = Client(DOMAIN, mogile.trackers)
     writer.store_content("song.mp3", b"old tune", cls="thumb")
     port = free_port()
-    with serve(mogile, port=port, MOGILE_REPROXY="perlbal", MOGILE_TRUSTED_PROXIES="127.0.0.1",
+    with serve(mogile, workers, port=port, MOGILE_REPROXY="perlbal", MOGILE_TRUSTED_PROXIES="127.0.0.1",
                MOGILE_PERLBAL_FALLBACK_URL=f"http://127.0.0.1:{port}") as server, \
             run_perlbal_front(server.port) as perlbal:
         assert front_get(perlbal.port, "/mogilefs/song.mp3").body == b"old tune"

@@ -1,11 +1,15 @@
-"""End to end through the real front proxies: client → Perlbal or nginx → gunicorn with the middleware.
+"""End to end through the real front proxies: client → Perlbal or nginx → the middleware, WSGI
+under gunicorn and ASGI under uvicorn.
 
 Debian's ``perlbal`` and ``nginx`` (with the shipped ``examples/nginx.conf``) run on loopback ports
-in front of gunicorn; the files are in the development MogileFS, or on storage nodes that are
-real Perlbal ``web_server``s, as mogstored runs them. Requests that reached the application are
-read from gunicorn's access log, whatever the proxy; it also logs how many body bytes the
-application sent, which is 0 when the proxy fetched the file itself. The storage nodes that nginx
-must not trust are a small recording server of this module's own.
+in front of the application server; the files are in the development MogileFS, or on storage nodes
+that are real Perlbal ``web_server``s, as mogstored runs them. Requests that reached the
+application are read from an access log, whatever the proxy: gunicorn's own, or for uvicorn (whose
+log has no byte count) the same line written by the test application's
+:class:`~integration._gunicorn_app.AccessLog`. It holds how many body bytes the application sent,
+which is 0 when the proxy fetched the file itself. The storage nodes that nginx must not trust are
+a small recording server of this module's own; the application before them is a WSGI stand-in
+for the middleware, so those tests run under gunicorn only.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import http.server
+import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -22,7 +27,7 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 from conftest import CLASSES, DOMAIN
-from integration._gunicorn import run_gunicorn
+from integration._gunicorn import GunicornServer, run_gunicorn, run_uvicorn
 from integration._gunicorn_app import APP_PAGES, STAND_IN_ETAG
 from integration._proxies import (
     Proxy,
@@ -30,7 +35,7 @@ from integration._proxies import (
     run_perlbal_front,
     run_perlbal_storage,
 )
-from integration._wire_client import HTTPReply, eventually, free_port, raw_http
+from integration._wire_client import HTTPReply, eventually, free_port, read_http_reply
 from wiretools import PatternFile, pattern_md5
 
 from mogile_middleware import Client
@@ -45,6 +50,8 @@ FRONTS: dict[str, Callable[[int], AbstractContextManager[Proxy]]] = {
     "perlbal": run_perlbal_front,
     "nginx": run_nginx_front,
 }
+#: The application servers: gunicorn with the WSGI middleware, uvicorn with the ASGI one.
+SERVERS = ("gunicorn", "uvicorn")
 #: Method, path, status and the body bytes the application sent.
 ACCESS_LOG_FORMAT = "%(m)s %(U)s %(s)s %(B)s"
 #: What a front proxy's client must never see (compared in lower case).
@@ -89,15 +96,20 @@ def fetch(port: int, path: str, headers: Mapping[str, str] | None = None, method
         connection.close()
 
 
-def get_with(port: int, path: str, headers: Mapping[str, str]) -> HTTPReply:
-    """One GET on a new connection to ``127.0.0.1:port``, read off the socket: every header line is kept."""
+def get_with(port: int, path: str, headers: Mapping[str, str], source: str = "127.0.0.1") -> HTTPReply:
+    """One GET on a new connection from ``source`` to ``127.0.0.1:port``, read off the socket: every
+    header line is kept."""
     lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-    return raw_http(port, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{lines}\r\n".encode())
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{lines}\r\n".encode())
+        reply, _ = read_http_reply(sock, "GET")
+    return reply
 
 
 @dataclass(frozen=True)
 class Stack:
-    """A front proxy before gunicorn (one sync worker) with the middleware, before a MogileFS."""
+    """A front proxy before the application server with the middleware (gunicorn with one sync
+    worker, or uvicorn), before a MogileFS."""
 
     proxy_port: int
     backend_port: int
@@ -124,34 +136,51 @@ class Stack:
         assert not exposed, f"the client saw {exposed}: {text}"
 
     def direct(self, path: str, headers: Mapping[str, str] | None = None) -> Fetched:
-        """A request straight to gunicorn, past the proxy."""
+        """A request straight to the application server, past the proxy."""
         return fetch(self.backend_port, path, headers)
 
     def app_requests(self, path: str) -> list[tuple[str, int]]:
-        """The requests for ``path`` that reached gunicorn, as ``(status, body bytes sent)``."""
-        # One sync worker logs each request before it accepts the next: once this one is
-        # answered, every earlier line is in the file.
+        """The requests for ``path`` that reached the application, as ``(status, body bytes sent)``."""
+        # One sync worker logs each request before it accepts the next, and AccessLog before the
+        # last message of the answer: once this one is answered, every earlier line is in the file.
         self.direct("/")
         lines = [line.split() for line in self.access_log.read_text().splitlines()]
         return [(status, int(sent)) for _, logged, status, sent in lines if logged == path]
 
 
 @contextmanager
-def serving(mogile: DevMogileFS, front: str, tmp: Path, **env: str) -> Iterator[Stack]:
-    """gunicorn with the middleware reproxying for ``front`` (trusted on loopback), then the proxy."""
+def logged_server(server: str, env: dict[str, str], access_log: Path) -> Iterator[GunicornServer]:
+    """gunicorn (one sync worker) or uvicorn over the middleware, each request logged to ``access_log``."""
+    if server == "gunicorn":
+        logging = ["--access-logfile", str(access_log), "--access-logformat", ACCESS_LOG_FORMAT]
+        with run_gunicorn(env, extra_args=logging) as running:
+            yield running
+    else:
+        with run_uvicorn({**env, "MOGILE_ACCESS_LOG": str(access_log)}) as running:
+            yield running
+
+
+@contextmanager
+def serving(mogile: DevMogileFS, server: str, front: str, tmp: Path, **env: str) -> Iterator[Stack]:
+    """``server`` with the middleware reproxying for ``front`` (trusted on loopback), then the proxy."""
     access_log = tmp / "access.log"
     environment = {"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": mogile.trackers[0], "MOGILE_REPROXY": front,
                    "MOGILE_TRUSTED_PROXIES": "127.0.0.1", **env}
-    logging = ["--access-logfile", str(access_log), "--access-logformat", ACCESS_LOG_FORMAT]
     assert mogile.store is not None
     storage_ports = tuple(device.http_port for device in mogile.store.devices())
-    with run_gunicorn(environment, extra_args=logging) as gunicorn, FRONTS[front](gunicorn.port) as proxy:
-        yield Stack(proxy.port, gunicorn.port, storage_ports, access_log)
+    with logged_server(server, environment, access_log) as app, FRONTS[front](app.port) as proxy:
+        yield Stack(proxy.port, app.port, storage_ports, access_log)
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def server(request: pytest.FixtureRequest) -> str:
+    """Each application server in turn: a test that takes this runs under gunicorn and uvicorn."""
+    return request.param
 
 
 def reproxy_ports(stack: Stack, path: str) -> list[int]:
     """The storage ports of the replica URLs the middleware gives the proxy for ``path``, in order."""
-    # The test client is on loopback too, so gunicorn takes it for the trusted proxy.
+    # The test client is on loopback too, so the middleware takes it for the trusted proxy.
     # Perlbal's X-REPROXY-URL lists them all; nginx's X-Reproxy-URL, X-Reproxy-URL-2 name one each.
     urls = [url for name, value in stack.direct(path).headers.items()
             if name.lower().startswith("x-reproxy-url") for url in value.split()]
@@ -172,10 +201,10 @@ def sized_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevMogileF
 
 
 @pytest.fixture(scope="module", params=sorted(FRONTS))
-def through(request: pytest.FixtureRequest, sized_files: DevMogileFS,
+def through(request: pytest.FixtureRequest, server: str, sized_files: DevMogileFS,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Each front proxy in turn, serving the files of ``sized_files``."""
-    with serving(sized_files, request.param, tmp_path_factory.mktemp(request.param)) as stack:
+    """Each front proxy in turn before each server, serving the files of ``sized_files``."""
+    with serving(sized_files, server, request.param, tmp_path_factory.mktemp(request.param)) as stack:
         yield stack
 
 
@@ -216,13 +245,31 @@ def test_an_unknown_key_is_the_applications_404(through: Stack) -> None:
     assert through.get("/mogilefs/sizes/none.mp4").status == 404
 
 
+def test_a_fragment_in_the_request_target_is_not_part_of_the_key(through: Stack) -> None:
+    """No browser sends one, but both proxies pass it on (and uvicorn keeps it in the path)."""
+    reply = get_with(through.proxy_port, "/mogilefs/sizes/1.mp4#frag", {})
+    assert (reply.status, reply.body) == (200, b"\x00")
+
+
+def test_the_proxy_fetches_the_file_whatever_the_clients_address(through: Stack) -> None:
+    """The middleware trusts the proxy's own address: neither the client's address (which Perlbal
+    sends as X-Forwarded-For) nor a forwarded-for header the client sends itself (which the shipped
+    nginx.conf passes on) may turn reproxying off. (uvicorn runs with --no-proxy-headers, as the
+    README says it must: by default it puts X-Forwarded-For in place of the proxy's address.)"""
+    path = "/mogilefs/sizes/65535.mp4"
+    replies = [get_with(through.proxy_port, path, {}, source="127.0.0.2"),
+               get_with(through.proxy_port, path, {"X-Forwarded-For": "203.0.113.9"})]
+    assert [(reply.status, len(reply.body)) for reply in replies] == [(200, 65_535)] * 2
+    assert through.app_requests(path)[-2:] == [("200", 0)] * 2
+
+
 # Failover, the reproxy cache and untrusted clients, each on a MogileFS of its own.
 
 
 @pytest.mark.parametrize("front", sorted(FRONTS))
-def test_a_stopped_first_replica_is_skipped(front: str, devmogile: DevMogileFS, tmp_path: Path) -> None:
+def test_a_stopped_first_replica_is_skipped(server: str, front: str, devmogile: DevMogileFS, tmp_path: Path) -> None:
     Client(DOMAIN, devmogile.trackers).store_content("photos/1.jpg", PHOTO, cls="avatar")
-    with serving(devmogile, front, tmp_path) as stack:
+    with serving(devmogile, server, front, tmp_path) as stack:
         assert stack.get("/mogilefs/photos/1.jpg").md5 == PHOTO_MD5
         ports = reproxy_ports(stack, "/mogilefs/photos/1.jpg")
         assert len(ports) == 2
@@ -238,9 +285,10 @@ def test_a_stopped_first_replica_is_skipped(front: str, devmogile: DevMogileFS, 
         assert reproxy_ports(stack, "/mogilefs/photos/1.jpg") == ports
 
 
-def test_perlbal_answers_cached_keys_without_the_application(devmogile: DevMogileFS, tmp_path: Path) -> None:
+def test_perlbal_answers_cached_keys_without_the_application(server: str, devmogile: DevMogileFS,
+                                                            tmp_path: Path) -> None:
     Client(DOMAIN, devmogile.trackers).store_content("photos/2.jpg", PHOTO, cls="avatar")
-    with serving(devmogile, "perlbal", tmp_path, MOGILE_PERLBAL_CACHE_SECONDS="30") as stack:
+    with serving(devmogile, server, "perlbal", tmp_path, MOGILE_PERLBAL_CACHE_SECONDS="30") as stack:
         answers = [stack.get("/mogilefs/photos/2.jpg") for _ in range(5)]
         assert stack.app_requests("/mogilefs/photos/2.jpg") == [("200", 0)]
     for answer in answers:
@@ -250,10 +298,10 @@ def test_perlbal_answers_cached_keys_without_the_application(devmogile: DevMogil
 
 
 @pytest.mark.parametrize("front", sorted(FRONTS))
-def test_only_the_proxy_gets_reproxy_headers(front: str, devmogile: DevMogileFS, tmp_path: Path) -> None:
+def test_only_the_proxy_gets_reproxy_headers(server: str, front: str, devmogile: DevMogileFS, tmp_path: Path) -> None:
     Client(DOMAIN, devmogile.trackers).store_content("photos/3.jpg", PHOTO, cls="avatar")
     # Client and proxy share 127.0.0.1: the proxy is told apart by the request header it adds.
-    with serving(devmogile, front, tmp_path, MOGILE_REQUIRE_PROXY_HEADER="1") as stack:
+    with serving(devmogile, server, front, tmp_path, MOGILE_REQUIRE_PROXY_HEADER="1") as stack:
         direct = stack.direct("/mogilefs/photos/3.jpg")
         assert (direct.status, direct.md5) == (200, PHOTO_MD5)
         assert not [name for name in direct.headers if name.lower().startswith(("x-reproxy", "x-accel"))]
@@ -262,10 +310,11 @@ def test_only_the_proxy_gets_reproxy_headers(front: str, devmogile: DevMogileFS,
 
 
 @pytest.mark.parametrize("front", ["perlbal", "nginx"])
-def test_a_range_of_another_version_gets_the_whole_file(front: str, devmogile: DevMogileFS, tmp_path: Path) -> None:
+def test_a_range_of_another_version_gets_the_whole_file(server: str, front: str, devmogile: DevMogileFS,
+                                                        tmp_path: Path) -> None:
     """A resumed download whose key was overwritten meanwhile: the whole new file, never a splice."""
     Client(DOMAIN, devmogile.trackers).store_content("photos/4.jpg", PHOTO, cls="avatar")
-    with serving(devmogile, front, tmp_path) as stack:
+    with serving(devmogile, server, front, tmp_path) as stack:
         etag = stack.get("/mogilefs/photos/4.jpg").headers["ETag"]
         same = stack.get("/mogilefs/photos/4.jpg", {"Range": "bytes=0-9", "If-Range": etag})
         assert (same.status, same.start) == (206, PHOTO[:10])
@@ -301,10 +350,10 @@ def content_of(key: str) -> bytes:
 
 
 @pytest.fixture(scope="module", params=sorted(FRONTS))
-def policed(request: pytest.FixtureRequest,
+def policed(request: pytest.FixtureRequest, server: str,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, DevMogileFS]]:
-    """Each front proxy before the middleware with a Cache-Control and attachments, and the MogileFS
-    holding every key of :data:`POLICY_CASES` on both its nodes."""
+    """Each front proxy before the middleware (under each server) with a Cache-Control and
+    attachments, and the MogileFS holding every key of :data:`POLICY_CASES` on both its nodes."""
     with DevMogileFS(tmp_path_factory.mktemp("mogdata"), domains={DOMAIN: CLASSES}) as mogile:
         client = Client(DOMAIN, mogile.trackers)
         keys = [str(case.values[0]) for case in POLICY_CASES]
@@ -313,7 +362,7 @@ def policed(request: pytest.FixtureRequest,
         # The tracker copies a new file in the background, and the middleware would cache one path.
         copied = eventually(lambda: [len(client.get_paths(key)) for key in keys], lambda counts: set(counts) == {2})
         assert set(copied) == {2}
-        with serving(mogile, request.param, tmp_path_factory.mktemp(request.param),
+        with serving(mogile, server, request.param, tmp_path_factory.mktemp(request.param),
                      MOGILE_CACHE_CONTROL=CACHE_CONTROL, MOGILE_CONTENT_DISPOSITION="attachment") as stack:
             yield stack, mogile
 
@@ -436,7 +485,7 @@ def test_only_the_exact_internal_location_is_nginxs_and_outside_requests_get_404
 # Perlbal as the storage nodes.
 
 
-def test_perlbal_storage_nodes_take_replicate_serve_and_delete_files(tmp_path: Path) -> None:
+def test_perlbal_storage_nodes_take_replicate_serve_and_delete_files(server: str, tmp_path: Path) -> None:
     docroots = [tmp_path / "stor1", tmp_path / "stor2"]
     size = 8 * MIB + 3
     node_urls: list[str] = []
@@ -456,7 +505,7 @@ def test_perlbal_storage_nodes_take_replicate_serve_and_delete_files(tmp_path: P
         assert [len(files) for files in replicas] == [1, 1]
         assert {hashlib.md5(files[0].read_bytes()).hexdigest() for files in replicas} == {pattern_md5(size)}
 
-        stack = running.enter_context(serving(mogile, "perlbal", tmp_path, MOGILE_REQUIRE_PROXY_HEADER="1"))
+        stack = running.enter_context(serving(mogile, server, "perlbal", tmp_path, MOGILE_REQUIRE_PROXY_HEADER="1"))
         for answer in (stack.direct("/mogilefs/videos/1.mp4"), stack.get("/mogilefs/videos/1.mp4")):
             assert (answer.status, answer.length, answer.md5) == (200, size, pattern_md5(size))
         for answer in (stack.direct("/mogilefs/videos/1.mp4", {"Range": "bytes=5-14"}),
