@@ -10,14 +10,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import inprocess, reproxy, serving
+from . import inprocess, reproxy, serving, slow_clients
 from .cluster import PERLBAL_OPTIONS, SMALL_KEY, SMALL_SIZE, cluster
 from .report import Figure, notes, table, write_json
 from .servers import FRONT_SETTINGS, WORKERS
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 PROGRAMS = ("wrk", "perlbal")
-MODULES = ("gunicorn",)
+MODULES = ("gunicorn", "uvicorn")
 
 
 def main() -> int:
@@ -45,7 +45,11 @@ def main() -> int:
             ("3. cache miss", lambda: [inprocess.cache_miss(mogile, args.repeat)]),
             ("6. upload", lambda: [inprocess.upload(mogile, args.repeat)]),
             ("2, 5, 7a. reproxy", lambda: reproxy.reproxy(mogile, args.repeat)),
-            ("4, 7b. serve mode", lambda: serving.serve(mogile, args.repeat)),
+            ("4, 7b, 8c. serve mode", lambda: serving.serve(mogile, args.repeat)),
+            ("8a. ASGI hot path", lambda: [
+                inprocess.asgi_hot_path(mogile, args.repeat, "8a. ASGI hot path, trusted_proxies", PERLBAL_OPTIONS)]),
+            ("8b. reproxy under uvicorn", lambda: [reproxy.asgi_reproxy(mogile, args.repeat)]),
+            ("8d. slow clients", lambda: slow_clients.slow_clients(mogile, args.repeat)),
         ]
         for title, step in steps:
             print(f"{title}...", file=sys.stderr, flush=True)
@@ -56,11 +60,18 @@ def main() -> int:
     print(notes(figures))
     print(f"{len(figures)} figures, {sum('PASS' in f.result for f in figures)} targets met, in {seconds:.0f} s")
     settings = {"repeat": args.repeat, "gunicorn_workers": WORKERS, "perlbal_options": PERLBAL_OPTIONS,
+                "uvicorn": {"workers": {"8b": WORKERS, "8c": 1, "8d": 1}, "http": _installed("httptools", "h11"),
+                            "loop": _installed("uvloop", "asyncio")},
                 "storage": "one Perlbal web_server node, one replica per key", "front": list(FRONT_SETTINGS),
                 "wrk_seconds": {"gunicorn": reproxy.STRAIGHT_SECONDS, "perlbal": reproxy.FRONT_SECONDS}}
     write_json(args.output, figures, settings, seconds)
     print(f"saved {args.output}", file=sys.stderr)
     return 0
+
+
+def _installed(module: str, otherwise: str) -> str:
+    """``module`` if it is installed, else ``otherwise``: what uvicorn picks by default."""
+    return module if importlib.util.find_spec(module) is not None else otherwise
 
 
 if __name__ == "__main__":

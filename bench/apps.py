@@ -1,6 +1,7 @@
-"""The WSGI applications under test, built from environment variables when run under gunicorn.
+"""The applications under test, built from environment variables when run under gunicorn
+(:func:`make_app`, WSGI) or uvicorn (:func:`make_asgi_app`, ASGI).
 
-``BENCH_APP=middleware``: :class:`MogileFSMiddleware` over a tiny app, for ``BENCH_DOMAIN`` on
+``BENCH_APP=middleware``: the middleware over a tiny app, for ``BENCH_DOMAIN`` on
 ``BENCH_TRACKERS``, with ``BENCH_OPTIONS`` (JSON keyword arguments). ``BENCH_APP=constant``:
 the baseline, answering every request with the headers in ``BENCH_HEADERS`` (JSON pairs) and
 ``BENCH_BODY_SIZE`` bytes of :func:`pattern`.
@@ -8,6 +9,7 @@ the baseline, answering every request with the headers in ``BENCH_HEADERS`` (JSO
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -16,6 +18,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from mogile_middleware import MogileFSMiddleware
+from mogile_middleware.asgi import ASGIApp, Message, Receive, Scope, Send
+from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 
 Headers = list[tuple[str, str]]
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -57,13 +61,53 @@ def constant_env(headers: Headers, body_size: int = 0) -> dict[str, str]:
     return {"BENCH_APP": "constant", "BENCH_HEADERS": json.dumps(headers), "BENCH_BODY_SIZE": str(body_size)}
 
 
+def _constant_answer() -> tuple[Headers, bytes] | None:
+    """The constant app's headers and body if the environment asks for it, else ``None``."""
+    if os.environ["BENCH_APP"] != "constant":
+        return None
+    headers = [(name, value) for name, value in json.loads(os.environ["BENCH_HEADERS"])]
+    return headers, pattern(int(os.environ.get("BENCH_BODY_SIZE", "0")))
+
+
+def _middleware_arguments() -> dict[str, Any]:
+    """The middleware's keyword arguments that the environment gives."""
+    return {"domain": os.environ["BENCH_DOMAIN"], "trackers": os.environ["BENCH_TRACKERS"],
+            **json.loads(os.environ.get("BENCH_OPTIONS", "{}"))}
+
+
 def make_app() -> WSGIApp:
-    """The application that the environment describes (see the module doc)."""
-    if os.environ["BENCH_APP"] == "constant":
-        headers = [(name, value) for name, value in json.loads(os.environ["BENCH_HEADERS"])]
-        return constant_app(headers, pattern(int(os.environ.get("BENCH_BODY_SIZE", "0"))))
-    return MogileFSMiddleware(hello, domain=os.environ["BENCH_DOMAIN"], trackers=os.environ["BENCH_TRACKERS"],
-                              **json.loads(os.environ.get("BENCH_OPTIONS", "{}")))
+    """The WSGI application that the environment describes (see the module doc)."""
+    constant = _constant_answer()
+    if constant is not None:
+        return constant_app(*constant)
+    return MogileFSMiddleware(hello, **_middleware_arguments())
+
+
+def constant_asgi_app(headers: Headers, body: bytes = b"") -> ASGIApp:
+    """The ASGI :func:`constant_app`: the two messages the middleware sends, encoded once."""
+    start = {"type": "http.response.start", "status": 200,
+             "headers": [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]}
+    end = {"type": "http.response.body", "body": body}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(start)
+        await send(end)
+
+    return app
+
+
+async def hello_asgi(scope: Scope, receive: Receive, send: Send) -> None:
+    """The wrapped ASGI application, for requests outside the prefix (uvicorn runs with ``--lifespan off``)."""
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"hello\n"})
+
+
+def make_asgi_app() -> ASGIApp:
+    """The ASGI application that the environment describes (see the module doc), for ``uvicorn --factory``."""
+    constant = _constant_answer()
+    if constant is not None:
+        return constant_asgi_app(*constant)
+    return ASGIMiddleware(hello_asgi, **_middleware_arguments())
 
 
 def proxied_environ(path: str) -> dict[str, Any]:
@@ -85,4 +129,44 @@ def answer_headers(app: WSGIApp, path: str) -> Headers:
     close = getattr(body, "close", None)
     if close is not None:
         close()
+    return answer[0]
+
+
+def proxied_scope(path: str) -> Scope:
+    """The scope uvicorn builds for the request of :func:`proxied_environ`, for calling apps directly."""
+    environ = proxied_environ(path)
+    headers = [(name[5:].lower().replace("_", "-").encode("latin-1"), value.encode("latin-1"))
+               for name, value in environ.items() if name.startswith("HTTP_")]
+    return {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": environ["SERVER_PROTOCOL"].partition("/")[2], "scheme": environ["wsgi.url_scheme"],
+        "server": (environ["SERVER_NAME"], int(environ["SERVER_PORT"])),
+        "client": (environ["REMOTE_ADDR"], int(environ["REMOTE_PORT"])),
+        "method": environ["REQUEST_METHOD"], "root_path": "", "path": path, "raw_path": path.encode("latin-1"),
+        "query_string": b"", "headers": headers, "state": {},
+    }
+
+
+def get_receive() -> Receive:
+    """A ``receive`` as a server gives one for a GET: its empty body, then nothing (the client stays)."""
+    messages: list[Message] = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> Message:
+        if messages:
+            return messages.pop()
+        await asyncio.get_running_loop().create_future()  # never done: cancelled with the request
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def asgi_answer_headers(app: ASGIApp, path: str) -> Headers:
+    """The headers ``app`` answers a proxied ``GET path`` with (its body is dropped)."""
+    answer: list[Headers] = []
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            answer.append([(name.decode("latin-1"), value.decode("latin-1")) for name, value in message["headers"]])
+
+    await app(proxied_scope(path), get_receive(), send)
     return answer[0]

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from mogile_middleware import Client, MogileFSMiddleware
+from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
+from mogile_middleware.async_client import AsyncClient
 
 from . import apps, servers
 
@@ -56,8 +58,13 @@ class Cluster:
         """The middleware with ``options``, in this process, with a tracker connection of its own."""
         return MogileFSMiddleware(apps.hello, client=Client(DOMAIN, [self.tracker]), **options)
 
+    def asgi_middleware(self, **options: Any) -> ASGIMiddleware:
+        """The ASGI middleware with ``options``, in this process: its tracker connection is made in
+        the event loop that first calls it (close it there with ``client.aclose()``)."""
+        return ASGIMiddleware(apps.hello_asgi, client=AsyncClient(DOMAIN, [self.tracker]), **options)
+
     def middleware_env(self, **options: Any) -> dict[str, str]:
-        """The environment for gunicorn to run the middleware with ``options``."""
+        """The environment for gunicorn or uvicorn to run the middleware with ``options``."""
         return apps.middleware_env(DOMAIN, self.tracker, options)
 
 

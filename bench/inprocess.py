@@ -1,7 +1,8 @@
-"""Figures measured in this process: the hot path (1), a cache miss (3) and an upload (6)."""
+"""Figures measured in this process: the hot paths (1, 8a), a cache miss (3) and an upload (6)."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import io
 import socket
@@ -11,9 +12,11 @@ import timeit
 from collections.abc import Callable
 from typing import Any
 
+from mogile_middleware.asgi import ASGIApp, Message
 from mogile_middleware.protocol import encode_request
 
-from .apps import WSGIApp, answer_headers, constant_app, pattern, proxied_environ
+from .apps import (WSGIApp, answer_headers, asgi_answer_headers, constant_app, constant_asgi_app, get_receive,
+                   pattern, proxied_environ, proxied_scope)
 from .cluster import CLASS, DOMAIN, SMALL_PATH, Cluster
 from .measure import Deadline, Spread, interleaved, ratios, rotated
 from .report import Figure, Target
@@ -34,19 +37,57 @@ def _ignore(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -
 
 
 def hot_path(cluster: Cluster, repeat: int, name: str, options: dict[str, Any]) -> Figure:
-    """1. µs per reproxy answer from a warm path cache, against an app returning the same headers."""
+    """1. µs per reproxy answer from a warm path cache, against an app returning the same headers
+    (timeit's loop: gc off, one environ)."""
     wrapped = cluster.middleware(**options)
     bare = constant_app(answer_headers(wrapped, SMALL_PATH))  # which also warms the path cache
     environ = proxied_environ(SMALL_PATH)
+
+    def calls(app: WSGIApp) -> Callable[[int], float]:
+        return timeit.Timer("app(environ, start_response)",
+                            globals={"app": app, "environ": environ, "start_response": _ignore}).timeit
+
+    return _hot_path_figure(name, repeat, calls(bare), calls(wrapped))
+
+
+def asgi_hot_path(cluster: Cluster, repeat: int, name: str, options: dict[str, Any]) -> Figure:
+    """8a. The ASGI hot path: awaited in an event loop with gc on, a scope copied per call (a server
+    makes a new one per request), a ``send`` doing nothing; against an app sending the same headers."""
+    loop = asyncio.new_event_loop()
+    wrapped = cluster.asgi_middleware(**options)
+    try:
+        # Which also warms the path cache, with the tracker connection in this loop.
+        bare = constant_asgi_app(loop.run_until_complete(asgi_answer_headers(wrapped, SMALL_PATH)))
+        scope = proxied_scope(SMALL_PATH)
+        receive = get_receive()  # a reproxy answer never reads the request
+
+        async def awaited(app: ASGIApp, count: int) -> float:
+            start = time.perf_counter()
+            for _ in range(count):
+                await app(dict(scope), receive, _drop)
+            return time.perf_counter() - start
+
+        def calls(app: ASGIApp) -> Callable[[int], float]:
+            return lambda count: loop.run_until_complete(awaited(app, count))
+
+        return _hot_path_figure(name, repeat, calls(bare), calls(wrapped))
+    finally:
+        loop.run_until_complete(wrapped.client.aclose())
+        loop.close()
+
+
+async def _drop(message: Message) -> None:
+    """A ``send`` that costs as little as possible."""
+
+
+def _hot_path_figure(name: str, repeat: int, bare: Callable[[int], float], wrapped: Callable[[int], float]) -> Figure:
+    """The hot path row from two timers of ``count`` calls (seconds): µs per call of each, and the overhead."""
     deadline = Deadline(120, "the hot path loop")
 
-    def per_call(app: WSGIApp) -> Callable[[], float]:
-        timer = timeit.Timer("app(environ, start_response)",
-                             globals={"app": app, "environ": environ, "start_response": _ignore})
-
+    def per_call(calls: Callable[[int], float]) -> Callable[[], float]:
         def run() -> float:
             deadline.check()
-            return min(timer.repeat(HOT_BATCHES, HOT_CALLS)) / HOT_CALLS * 1e6
+            return min(calls(HOT_CALLS) for _ in range(HOT_BATCHES)) / HOT_CALLS * 1e6
         return run
 
     samples = interleaved(repeat, {"bare": per_call(bare), "wrapped": per_call(wrapped)})

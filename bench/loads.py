@@ -42,9 +42,9 @@ class Rate:
         return result.rate
 
 
-def cpu_note(server: Rate, baseline: Rate) -> str:
-    """The CPU per request of the servers behind two rates, as a note."""
-    return (f"gunicorn workers' CPU {Spread.of(server.cpu_per_request).median:.0f} µs/request against "
+def cpu_note(server: Rate, baseline: Rate, name: str = "gunicorn") -> str:
+    """The CPU per request of the servers (``name``'s workers) behind two rates, as a note."""
+    return (f"{name} workers' CPU {Spread.of(server.cpu_per_request).median:.0f} µs/request against "
             f"{Spread.of(baseline.cpu_per_request).median:.0f} µs")
 
 

@@ -1,18 +1,20 @@
-"""Reproxy answers under gunicorn, straight (2) and through Perlbal (5, 7a)."""
+"""Reproxy answers under gunicorn, straight (2) and through Perlbal (5, 7a), and under uvicorn (8b)."""
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import ExitStack
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from . import servers
-from .apps import answer_headers, constant_env
+from .apps import Headers, answer_headers, asgi_answer_headers, constant_env
 from .cluster import PERLBAL_OPTIONS, SMALL_KEY, SMALL_PATH, Cluster
 from .loads import Rate, concurrency, cpu_note, throughput
 from .measure import interleaved
 from .report import Figure
 
-#: wrk runs straight to gunicorn, with a few connections.
+#: wrk runs straight to gunicorn or uvicorn, with a few connections.
 STRAIGHT_SECONDS = 5.0
 STRAIGHT_CONNECTIONS = 4
 #: wrk runs through Perlbal, with more connections, as Perlbal waits on two backends per request.
@@ -39,14 +41,11 @@ def reproxy(cluster: Cluster, repeat: int) -> list[Figure]:
         def via(service: str) -> str:
             return f"http://{servers.HOST}:{ports[service]}{direct_path if service == 'direct' else SMALL_PATH}"
 
-        def proxied(service: str, server: servers.Gunicorn | None = None, *, close: bool = False) -> Rate:
+        def proxied(service: str, server: servers.Server | None = None, *, close: bool = False) -> Rate:
             return Rate(via(service), workdir, connections=FRONT_CONNECTIONS, seconds=FRONT_SECONDS, close=close,
                         cpu=server.cpu_seconds if server else None)
 
-        straight = {name: Rate(server.url(SMALL_PATH), workdir, connections=STRAIGHT_CONNECTIONS,
-                               seconds=STRAIGHT_SECONDS, cpu=server.cpu_seconds)
-                    for name, server in (("bare", ceiling), ("wrapped", wrapped))}
-        straight_rates = interleaved(repeat, straight)
+        straight_figure = straight("2. reproxy under gunicorn", wrapped, ceiling, workdir, repeat, "gunicorn")
         front = {"ceiling": proxied("ceiling", ceiling), "reproxy": proxied("reproxy", wrapped),
                  "cached": proxied("cached"), "direct": proxied("direct"),
                  "cached, closing": proxied("cached", close=True), "direct, closing": proxied("direct", close=True)}
@@ -54,8 +53,7 @@ def reproxy(cluster: Cluster, repeat: int) -> list[Figure]:
         concurrent = concurrency("7a. 32 clients, reproxy via Perlbal", "ceiling app", via("reproxy"),
                                  via("ceiling"), workdir, repeat)
     return [
-        throughput("2. reproxy under gunicorn", "bare app, same headers", straight_rates, "wrapped", "bare", 0.95,
-                   note=cpu_note(straight["wrapped"], straight["bare"])),
+        straight_figure,
         throughput("5a. via Perlbal, no reproxy cache", "ceiling app", front_rates, "reproxy", "ceiling", 0.95,
                    note=cpu_note(front["reproxy"], front["ceiling"])),
         throughput("5b. via Perlbal, reproxy cache", "Perlbal → node", front_rates, "cached", "direct", 0.9,
@@ -65,3 +63,32 @@ def reproxy(cluster: Cluster, repeat: int) -> list[Figure]:
                    "direct, closing", 0.9, note="a new client connection per request, for both"),
         concurrent,
     ]
+
+
+def asgi_reproxy(cluster: Cluster, repeat: int) -> Figure:
+    """8b. The ASGI middleware under uvicorn (as many workers as gunicorn's), against an ASGI app
+    sending the same headers under the same uvicorn."""
+    headers = asyncio.run(_asgi_headers(cluster))
+    with servers.uvicorn(cluster.workdir, "ceiling", constant_env(headers), servers.WORKERS) as ceiling, \
+            servers.uvicorn(cluster.workdir, "reproxy", cluster.middleware_env(**PERLBAL_OPTIONS),
+                            servers.WORKERS) as wrapped:
+        return straight("8b. reproxy under uvicorn", wrapped, ceiling, cluster.workdir, repeat, "uvicorn")
+
+
+async def _asgi_headers(cluster: Cluster) -> Headers:
+    """The headers of the ASGI middleware's reproxy answer for :data:`SMALL_PATH`."""
+    middleware = cluster.asgi_middleware(**PERLBAL_OPTIONS)
+    try:
+        return await asgi_answer_headers(middleware, SMALL_PATH)
+    finally:
+        await middleware.client.aclose()
+
+
+def straight(name: str, wrapped: servers.Server, bare: servers.Server, workdir: Path, repeat: int,
+             server_name: str) -> Figure:
+    """wrk straight to the middleware's server against the bare app's, held to ``ratio >= 0.95``."""
+    rates = {which: Rate(server.url(SMALL_PATH), workdir, connections=STRAIGHT_CONNECTIONS, seconds=STRAIGHT_SECONDS,
+                         cpu=server.cpu_seconds)
+             for which, server in (("bare", bare), ("wrapped", wrapped))}
+    return throughput(name, "bare app, same headers", interleaved(repeat, rates), "wrapped", "bare", 0.95,
+                      note=cpu_note(rates["wrapped"], rates["bare"], server_name))

@@ -2,7 +2,7 @@
 
 Storage nodes are Perlbal ``web_server`` services, as mogstored is; the tracker is the
 development tracker (:mod:`bench.tracker`) with those nodes as its devices; applications run
-under gunicorn (:mod:`bench.apps`); the front proxy is a Perlbal reverse proxy.
+under gunicorn or uvicorn (:mod:`bench.apps`); the front proxy is a Perlbal reverse proxy.
 """
 
 from __future__ import annotations
@@ -115,17 +115,21 @@ def tracker(workdir: Path, domain: str, classes: Mapping[str, int], nodes: Seque
 
 
 @dataclass(frozen=True)
-class Gunicorn:
-    """A running gunicorn: where it listens, and its master's PID (whose children are the workers)."""
+class Server:
+    """A running application server: where it listens, and its PID, that of a master whose
+    children are the workers, or (``master=False``) of the only process, which serves."""
 
     port: int
     pid: int
+    master: bool = True
 
     def url(self, path: str) -> str:
         return f"http://{HOST}:{self.port}{path}"
 
     def workers(self) -> list[int]:
         """The PIDs of the worker processes."""
+        if not self.master:
+            return [self.pid]
         children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
         return [int(pid) for pid in children]
 
@@ -135,20 +139,40 @@ class Gunicorn:
 
 
 @contextmanager
-def gunicorn(workdir: Path, name: str, app_env: Mapping[str, str], port: int | None = None) -> Iterator[Gunicorn]:
+def _app_server(argv: Sequence[str], port: int, log: Path, app_env: Mapping[str, str], workers: int,
+                master: bool) -> Iterator[Server]:
+    """Run an application server (``argv``) on ``port``, ready once it accepts and has ``workers``."""
+    with child(argv, [port], log, {**os.environ, **app_env}) as process:
+        server = Server(port, process.pid, master)
+        deadline = time.monotonic() + START_SECONDS
+        while len(server.workers()) < workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{log.stem} started {len(server.workers())} of {workers} workers")
+            time.sleep(0.05)
+        yield server
+
+
+def gunicorn(workdir: Path, name: str, app_env: Mapping[str, str],
+             port: int | None = None) -> AbstractContextManager[Server]:
     """:func:`bench.apps.make_app` under gunicorn (``WORKERS`` sync workers), configured by
     ``app_env``, on ``port`` (a free one by default)."""
     port = port or free_port()
     argv = [sys.executable, "-m", "gunicorn", "--workers", str(WORKERS), "--worker-class", "sync",
             "--bind", f"{HOST}:{port}", "--backlog", "2048", "--timeout", "120", "bench.apps:make_app()"]
-    with child(argv, [port], workdir / f"gunicorn-{name}.log", {**os.environ, **app_env}) as process:
-        server = Gunicorn(port, process.pid)
-        deadline = time.monotonic() + START_SECONDS
-        while len(server.workers()) < WORKERS:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gunicorn {name} started {len(server.workers())} of {WORKERS} workers")
-            time.sleep(0.05)
-        yield server
+    return _app_server(argv, port, workdir / f"gunicorn-{name}.log", app_env, WORKERS, master=True)
+
+
+def uvicorn(workdir: Path, name: str, app_env: Mapping[str, str], workers: int = 1) -> AbstractContextManager[Server]:
+    """:func:`bench.apps.make_asgi_app` under uvicorn, configured by ``app_env``, on a free port.
+
+    One worker is the serving process itself; more are the children of a supervisor. uvicorn
+    picks its defaults: the asyncio loop and h11, unless uvloop and httptools are installed.
+    """
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", "--factory", "bench.apps:make_asgi_app", "--host", HOST,
+            "--port", str(port), "--workers", str(workers), "--backlog", "2048", "--lifespan", "off",
+            "--no-access-log"]
+    return _app_server(argv, port, workdir / f"uvicorn-{name}.log", app_env, workers, master=workers > 1)
 
 
 #: The front proxy's settings, the same for every service. Backend connections are kept open

@@ -1,4 +1,4 @@
-"""Serve mode under gunicorn: a 256 MiB file (4) and small files under concurrency (7b)."""
+"""Serve mode: a 256 MiB file under gunicorn (4) and uvicorn (8c), small files under concurrency (7b)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from . import servers
 from .apps import answer_headers, constant_env
 from .cluster import SMALL_PATH, SMALL_SIZE, Cluster
 from .loads import WARM_SECONDS, concurrency, throughput
-from .measure import Deadline, Spread, interleaved, wrk
+from .measure import Deadline, Spread, interleaved, ratios, wrk
 from .report import Figure, Target
 
 BIG_KEY = "big.bin"
@@ -49,35 +49,55 @@ def memory_mib(pid: int, field: str) -> float:
 
 
 def serve(cluster: Cluster, repeat: int) -> list[Figure]:
-    """4a–b and 7b: against a GET straight from the storage node, and an app answering the same body."""
+    """4a–b, 7b and 8c: against a GET straight from the storage node, and an app answering the same
+    body; the 256 MiB downloads through gunicorn and uvicorn take turns with the direct one."""
     cluster.store(BIG_KEY, BIG_SIZE)
     direct_url = cluster.replica(BIG_KEY)
     body_headers = answer_headers(cluster.middleware(**SERVE_OPTIONS), SMALL_PATH)
     workdir = cluster.workdir
-    with servers.gunicorn(workdir, "serve", cluster.middleware_env(**SERVE_OPTIONS)) as server, \
-            servers.gunicorn(workdir, "body", constant_env(body_headers, SMALL_SIZE)) as body:
-        wrk(server.url(SMALL_PATH), workdir, connections=servers.WORKERS * 2, seconds=WARM_SECONDS)
-        memory: list[tuple[float, float]] = []  # (RSS before, peak during) of the worker that served
-
-        def served() -> float:
-            workers = server.workers()
-            before = {}
-            for pid in workers:
-                Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the RSS
-                before[pid] = memory_mib(pid, "VmRSS")
-            speed = download(server.url("/mogilefs/" + BIG_KEY), BIG_SIZE)
-            memory.append(max(((before[pid], memory_mib(pid, "VmHWM")) for pid in workers),
-                              key=lambda sizes: sizes[1] - sizes[0]))
-            return speed
-
-        speeds = interleaved(repeat, {"direct": lambda: download(direct_url, BIG_SIZE), "served": served})
+    serve_env = cluster.middleware_env(**SERVE_OPTIONS)
+    with servers.gunicorn(workdir, "serve", serve_env) as server, \
+            servers.gunicorn(workdir, "body", constant_env(body_headers, SMALL_SIZE)) as body, \
+            servers.uvicorn(workdir, "serve", serve_env) as asgi_server:
+        for warmed in (server, asgi_server):
+            wrk(warmed.url(SMALL_PATH), workdir, connections=servers.WORKERS * 2, seconds=WARM_SECONDS)
+        memory: dict[str, list[tuple[float, float]]] = {"gunicorn": [], "uvicorn": []}
+        speeds = interleaved(repeat, {"direct": lambda: download(direct_url, BIG_SIZE),
+                                      "gunicorn": lambda: served(server, memory["gunicorn"]),
+                                      "uvicorn": lambda: served(asgi_server, memory["uvicorn"])})
         concurrent = concurrency("7b. 32 clients, serve mode", "app with the same body", server.url(SMALL_PATH),
                                  body.url(SMALL_PATH), workdir, repeat)
-    before, peak = [sizes[0] for sizes in memory], [sizes[1] for sizes in memory]
-    return [
-        throughput("4a. serve 256 MiB", "GET from the node", speeds, "served", "direct", 0.8, unit="MiB/s"),
-        Figure("4b. serve 256 MiB, worker memory", "MiB", "RSS before", Spread.of(before), Spread.of(peak),
-               Spread.of([high / low for low, high in memory]), Target("growth", "<", 32, " MiB", worst=True),
-               Spread.of([high - low for low, high in memory])),
-        concurrent,
-    ]
+    wsgi = throughput("4a. serve 256 MiB", "GET from the node", speeds, "gunicorn", "direct", 0.8, unit="MiB/s")
+    # At least 0.8, and at least what gunicorn does in the same run.
+    asgi_limit = round(max(0.8, wsgi.ratio.median), 3)
+    versus = Spread.of(ratios(speeds["uvicorn"], speeds["gunicorn"]))
+    asgi_growth = Spread.of([high - low for low, high in memory["uvicorn"]])
+    asgi = throughput("8c. serve 256 MiB under uvicorn", "GET from the node", speeds, "uvicorn", "direct",
+                      asgi_limit, unit="MiB/s",
+                      note=f"limit: the higher of 0.8 and 4a's median ratio; uvicorn/gunicorn per repetition "
+                           f"{versus.median:.3g} [{versus.low:.3g}–{versus.high:.3g}]; uvicorn's peak RSS growth "
+                           f"{asgi_growth.high:.0f} MiB at most (one worker)")
+    return [wsgi, memory_figure("4b. serve 256 MiB, worker memory", memory["gunicorn"], 32), concurrent, asgi]
+
+
+def served(server: servers.Server, memory: list[tuple[float, float]]) -> float:
+    """MiB/s of a download of the big file through ``server``; appends to ``memory`` the RSS
+    before and the peak during of the worker that grew most (the one that served)."""
+    workers = server.workers()
+    before = {}
+    for pid in workers:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the RSS
+        before[pid] = memory_mib(pid, "VmRSS")
+    speed = download(server.url("/mogilefs/" + BIG_KEY), BIG_SIZE)
+    memory.append(max(((before[pid], memory_mib(pid, "VmHWM")) for pid in workers),
+                      key=lambda sizes: sizes[1] - sizes[0]))
+    return speed
+
+
+def memory_figure(name: str, memory: list[tuple[float, float]], growth_mib: float, note: str = "") -> Figure:
+    """A worker's peak RSS against its RSS before, held to a growth under ``growth_mib`` in every repetition."""
+    before, peak = [low for low, _ in memory], [high for _, high in memory]
+    return Figure(name, "MiB", "RSS before", Spread.of(before), Spread.of(peak),
+                  Spread.of([high / low for low, high in memory]),
+                  Target("growth", "<", growth_mib, " MiB", worst=True),
+                  Spread.of([high - low for low, high in memory]), note)

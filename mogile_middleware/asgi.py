@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import cached_property
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -39,6 +40,9 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+#: The request headers the shared decisions read, by their ASGI name, as CGI names them.
+_READ_HEADERS = {name.encode(): "HTTP_" + name.upper().replace("-", "_") for name in (
+    "range", "if-range", "if-match", "if-none-match", "x-proxy-capabilities", "x-sendfile-type", "x-reproxy-failed")}
 #: An answer whose body comes from an open replica: status, headers, the replica.
 Streamed = tuple[str, Headers, AsyncReplicaResponse]
 
@@ -49,6 +53,10 @@ class MogileFSMiddleware(MiddlewareCore):
     client_class = AsyncClient
     locator_class = AsyncLocator
 
+    @cached_property
+    def _encoded_answers(self) -> _EncodedAnswers:
+        return _EncodedAnswers()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = _path_info(scope) if scope["type"] == "http" else None
         if path is None or not path.startswith(self.prefix):
@@ -57,8 +65,9 @@ class MogileFSMiddleware(MiddlewareCore):
         environ = _environ(scope, path)
         answer = await self.answer(environ, path[len(self.prefix):])
         if isinstance(answer, Answer):
+            # A copy: a server may change the list it gets, and the encoded list is kept.
             await send({"type": "http.response.start", "status": int(answer.status[:3]),
-                        "headers": _encoded(answer.headers)})
+                        "headers": self._encoded_answers.headers(answer).copy()})
             await send({"type": "http.response.body", "body": answer.body})
             return
         status, headers, upstream = answer
@@ -74,7 +83,7 @@ class MogileFSMiddleware(MiddlewareCore):
         if not isinstance(key, str):
             return key
         try:
-            location = await self.locator.locate(key)
+            location = self.locator.cached(key) or await self.locator.locate(key)
             return self.reproxy_answer(environ, location) or await self._serve(file_request(environ), location)
         except MogileFSError as error:
             return self.error_answer(error, key)
@@ -147,7 +156,8 @@ def _path_info(scope: Scope) -> str:
 
 
 def _environ(scope: Scope, path: str) -> dict[str, Any]:
-    """The request as the CGI names the shared decisions read (headers joined as WSGI servers do)."""
+    """The request as the CGI names the shared decisions read: only the headers they read, repeated
+    ones joined as WSGI servers do."""
     environ: dict[str, Any] = {
         "REQUEST_METHOD": scope["method"],
         "SCRIPT_NAME": scope.get("root_path", ""),
@@ -156,14 +166,31 @@ def _environ(scope: Scope, path: str) -> dict[str, Any]:
         "REMOTE_ADDR": (scope.get("client") or ("",))[0],
     }
     for name, value in scope.get("headers", ()):
-        key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
-        text = value.decode("latin-1")
-        environ[key] = f"{environ[key]}, {text}" if key in environ else text
+        key = _READ_HEADERS.get(name.lower())
+        if key is not None:
+            text = value.decode("latin-1")
+            environ[key] = f"{environ[key]}, {text}" if key in environ else text
     return environ
 
 
 def _encoded(headers: Headers) -> list[tuple[bytes, bytes]]:
     return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+
+
+class _EncodedAnswers:
+    """The ASGI form of answers that recur (reproxy answers, errors), encoded once each."""
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self._max_entries = max_entries
+        self._entries: dict[int, tuple[Answer, list[tuple[bytes, bytes]]]] = {}
+
+    def headers(self, answer: Answer) -> list[tuple[bytes, bytes]]:
+        entry = self._entries.get(id(answer))
+        if entry is None or entry[0] is not answer:  # the answer itself is held: its id is not reused
+            if len(self._entries) >= self._max_entries:
+                self._entries.pop(next(iter(self._entries)))
+            entry = self._entries[id(answer)] = (answer, _encoded(answer.headers))
+        return entry[1]
 
 
 def _without_reproxy_headers(send: Send) -> Send:

@@ -279,6 +279,15 @@ class AsyncPathCache(PathCache[V]):
         self._async_lookup = lookup
         self._in_process = isinstance(self._backend, MemoryCache)
 
+    def cached(self, key: str) -> V | None:
+        """The fresh value of ``key`` if the in-process backend holds one, without awaiting (the
+        hot path of a warm cache); else ``None``: await :meth:`get`."""
+        if self._in_process:
+            entry = self._backend.get(key)
+            if entry is not None and self._fresh(entry):
+                return entry[0]
+        return None
+
     async def get(self, key: str) -> V:  # type: ignore[override]
         """The value for ``key``: the cached one while fresh, else looked up."""
         entry = self._backend.get(key) if self._in_process else await self._backend_call(self._backend.get, key)

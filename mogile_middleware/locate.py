@@ -195,6 +195,12 @@ class AsyncLocator(Locator):
 
     path_cache_class = AsyncPathCache
 
+    def cached(self, key: str) -> Location | None:
+        """The location of ``key`` if the in-process cache holds it fresh, without awaiting; else
+        ``None`` (and :meth:`locate` asks)."""
+        location = self.paths.cached(self._entry_prefix + key)  # type: ignore[attr-defined]
+        return location if location is not None and location.key == key else None
+
     async def locate(self, key: str) -> Location:  # type: ignore[override]
         """As :meth:`Locator.locate`, awaited."""
         entry = self._entry_prefix + key

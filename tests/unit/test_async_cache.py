@@ -148,3 +148,18 @@ def test_a_backend_with_io_is_asked_from_a_thread_never_the_loop() -> None:
     loop_thread = threading.get_ident()  # asyncio.run runs the loop in this thread
     threads = asyncio.run(scenario())
     assert threads and loop_thread not in threads
+
+
+def test_a_warm_in_process_entry_is_had_without_awaiting() -> None:
+    async def scenario() -> None:
+        lookup, clock = Lookup(), Clock()
+        cache = make(lookup, clock)
+        assert cache.cached("k") is None
+        assert await cache.get("k") == "k@1"
+        assert cache.cached("k") == "k@1"
+        clock.now += 11
+        assert cache.cached("k") is None  # stale: get() decides, with stale-if-error
+        slow = make(lookup, clock, backend=SlowBackend(clock))
+        await slow.get("k")
+        assert slow.cached("k") is None  # a backend with I/O is never asked on the loop
+    asyncio.run(scenario())
