@@ -30,7 +30,7 @@ from typing import TypeVar
 
 from . import storage
 from .exceptions import StorageError
-from .storage import CHUNK_SIZE
+from .storage import CHUNK_SIZE, ReplicaFailures, range_header
 
 __all__ = ["CHUNK_SIZE", "AsyncPutStream", "AsyncReplicaResponse", "open_replica"]
 
@@ -279,24 +279,19 @@ async def open_replica(
     ``timeout`` bounds the connect, the request and the whole response head of each replica
     together, then each read of the body (a slow but live transfer goes on).
     """
-    headers = {"Range": f"bytes={byte_range[0]}-{byte_range[1]}"} if byte_range else {}
-    failures: list[str] = []
-    last_status: int | None = None
+    headers = range_header(byte_range)
+    failures = ReplicaFailures()
     for url in urls:
         try:
             replica = await _request(url, method, headers, timeout)
         # ValueError: a host name the resolver refuses (UnicodeError from IDNA, a NUL byte).
         except (OSError, StorageError, ValueError) as error:
-            failures.append(f"{url}: {error or type(error).__name__}")
+            failures.failed(url, error)
             continue
-        if 200 <= replica.status < 300 and (length is None or replica.length == length):
+        if failures.accepts(url, replica.status, replica.length, length):
             return replica
-        last_status = replica.status
-        failures.append(f"{url}: HTTP {replica.status}" if replica.status >= 300
-                        else f"{url}: {replica.length} bytes, expected {length}")
         await replica.aclose()
-    raise StorageError("no replica answered: " + ("; ".join(failures) or "no paths"),
-                       urls[0] if urls else "", last_status)
+    raise failures.error(urls)
 
 
 class AsyncPutStream:

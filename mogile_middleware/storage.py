@@ -132,25 +132,50 @@ def open_replica(
     ``timeout`` bounds the connect, the request and the whole response head of each replica
     together, then each read of the body (a slow but live transfer goes on).
     """
-    headers = {"Range": f"bytes={byte_range[0]}-{byte_range[1]}"} if byte_range else {}
-    failures: list[str] = []
-    last_status: int | None = None
+    headers = range_header(byte_range)
+    failures = ReplicaFailures()
     for url in urls:
         try:
             connection, response = _get(url, method, headers, timeout)
         # ValueError: a host name the resolver refuses (UnicodeError from IDNA, a NUL byte).
         except (OSError, http.client.HTTPException, StorageError, ValueError) as error:
-            failures.append(f"{url}: {error or type(error).__name__}")
+            failures.failed(url, error)
             continue
         replica = ReplicaResponse(url, connection, response)
-        if 200 <= response.status < 300 and (length is None or replica.length == length):
+        if failures.accepts(url, replica.status, replica.length, length):
             return replica
-        last_status = response.status
-        failures.append(f"{url}: HTTP {response.status}" if response.status >= 300
-                        else f"{url}: {replica.length} bytes, expected {length}")
         replica.close()
-    raise StorageError("no replica answered: " + ("; ".join(failures) or "no paths"),
-                       urls[0] if urls else "", last_status)
+    raise failures.error(urls)
+
+
+def range_header(byte_range: tuple[int, int] | None) -> dict[str, str]:
+    """The ``Range`` header asking for an absolute, inclusive ``(first, last)`` pair (or none)."""
+    return {"Range": f"bytes={byte_range[0]}-{byte_range[1]}"} if byte_range else {}
+
+
+class ReplicaFailures:
+    """What went wrong with each replica tried, for the error raised when none answered."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.last_status: int | None = None
+
+    def failed(self, url: str, error: BaseException) -> None:
+        """``url`` could not be asked (refused, timed out, a bad URL)."""
+        self.lines.append(f"{url}: {error or type(error).__name__}")
+
+    def accepts(self, url: str, status: int, length: int | None, expected: int | None) -> bool:
+        """True for a 2xx with the ``expected`` length (when given); else noted as a failure."""
+        if 200 <= status < 300 and (expected is None or length == expected):
+            return True
+        self.last_status = status
+        self.lines.append(f"{url}: HTTP {status}" if status >= 300 else f"{url}: {length} bytes, expected {expected}")
+        return False
+
+    def error(self, urls: Sequence[str]) -> StorageError:
+        """The error naming every failure."""
+        return StorageError("no replica answered: " + ("; ".join(self.lines) or "no paths"),
+                            urls[0] if urls else "", self.last_status)
 
 
 class PutStream:
