@@ -32,7 +32,16 @@ from . import storage
 from .exceptions import StorageError
 from .storage import CHUNK_SIZE, ReplicaFailures, range_header
 
-__all__ = ["CHUNK_SIZE", "AsyncPutStream", "AsyncReplicaResponse", "open_replica"]
+__all__ = ["BODY_CHUNK_SIZE", "CHUNK_SIZE", "AsyncPutStream", "AsyncReplicaResponse", "open_replica"]
+
+#: The size of a read of a response body, and the stream reader's limit: the transport stops
+#: reading once twice that is buffered, so a body is read ahead by at most about 512 KiB. Larger
+#: than ``CHUNK_SIZE`` because each read through a stream costs a few copies and calls whatever
+#: its size, and pausing and resuming the transport on every 64 KiB was a good part of the cost.
+BODY_CHUNK_SIZE = 256 * 1024
+
+#: The longest response head taken (the same as the synchronous client's chunk).
+_MAX_HEAD = CHUNK_SIZE
 
 #: What a request target may not hold (as ``http.client`` checks it): controls and spaces would
 #: let a path forged by whoever wrote it into the tracker add headers or requests.
@@ -42,6 +51,10 @@ _UNSAFE_IN_PATH = re.compile(r"[\x00-\x20\x7f]")
 _NO_BODY = frozenset({204, 304})
 
 T = TypeVar("T")
+
+
+class _Silent(Exception):
+    """Set on a response's stream reader by its watchdog: no data within the read timeout."""
 
 
 async def _within(seconds: float, awaitable: Awaitable[T]) -> T:
@@ -100,7 +113,7 @@ class _Connection:
     async def open(cls, target: _Target) -> _Connection:
         # The reader's limit is also its flow control: the transport stops reading once twice
         # that is buffered, so a body is read ahead by at most a chunk or two (and one recv).
-        reader, writer = await asyncio.open_connection(target.host, target.port, limit=CHUNK_SIZE)
+        reader, writer = await asyncio.open_connection(target.host, target.port, limit=BODY_CHUNK_SIZE)
         return cls(reader, writer)
 
     async def read_head(self, url: str) -> tuple[int, dict[str, str]]:
@@ -109,8 +122,10 @@ class _Connection:
             head = await self.reader.readuntil(b"\r\n\r\n")
         except asyncio.IncompleteReadError:
             raise StorageError(f"{url} closed the connection before its status line and headers", url) from None
-        except asyncio.LimitOverrunError:
-            raise StorageError(f"{url} sent a response head over {CHUNK_SIZE} bytes", url) from None
+        except asyncio.LimitOverrunError:  # over the reader's limit, BODY_CHUNK_SIZE
+            head = None
+        if head is None or len(head) > _MAX_HEAD:
+            raise StorageError(f"{url} sent a response head over {_MAX_HEAD} bytes", url)
         return _parse_head(url, head)
 
     def close(self, reusable: bool = False) -> None:
@@ -169,8 +184,27 @@ class AsyncReplicaResponse:
         self._timeout = timeout
         #: Bytes of body still to come; None: until the node closes the connection.
         self._remaining = 0 if method == "HEAD" or status in _NO_BODY or status < 200 else self.length
+        # The read timeout: one timer per response rather than one per read (asyncio.timeout
+        # per read cost a timer and a cancel scope each). Each read moves the deadline; the
+        # timer, when it fires, re-arms itself for a moved deadline, and stops a read still
+        # waiting past its deadline by setting _Silent on the stream reader (never a cancel,
+        # so a cancellation from outside stays one). Should data arrive in that very turn of
+        # the loop, the read returns it and the next read is the timeout.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._reading = False
 
-    async def read(self, size: int = CHUNK_SIZE) -> bytes:
+    def _watch(self) -> None:
+        self._watchdog = None
+        if self._connection is None or not self._reading or self._loop is None:
+            return  # the next read arms it again
+        if self._loop.time() < self._deadline:
+            self._watchdog = self._loop.call_at(self._deadline, self._watch)
+        else:
+            self._connection.reader.set_exception(_Silent())
+
+    async def read(self, size: int = BODY_CHUNK_SIZE) -> bytes:
         """At most ``size`` bytes of the body, waiting up to ``timeout`` for them; ``b""`` at its end.
 
         A body that ends short of its ``Content-Length``, a node that goes silent and a dropped
@@ -184,10 +218,16 @@ class AsyncReplicaResponse:
         if self._connection is None:
             raise ValueError(f"read of the closed response from {self.url}")
         reader = self._connection.reader
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + self._timeout
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(self._deadline, self._watch)
+        self._reading = True
         try:
-            chunk = await _within(
-                self._timeout, reader.read(size if self._remaining is None else min(size, self._remaining)))
-        except asyncio.TimeoutError:
+            chunk = await reader.read(size if self._remaining is None else min(size, self._remaining))
+        except _Silent:
             self._end()
             raise StorageError(f"{self.url} sent nothing for {self._timeout:g}s", self.url) from None
         except OSError as error:
@@ -197,6 +237,8 @@ class AsyncReplicaResponse:
         except BaseException:  # cancelled: whoever reads next would get the rest of a body
             self._end()
             raise
+        finally:
+            self._reading = False
         if not chunk:
             self._end()
             if self._remaining is not None:
@@ -209,12 +251,15 @@ class AsyncReplicaResponse:
                 self._end(reusable=True)
         return chunk
 
-    async def chunks(self, size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
+    async def chunks(self, size: int = BODY_CHUNK_SIZE) -> AsyncIterator[bytes]:
         """Yield the body in chunks of at most ``size`` bytes; :class:`StorageError` if it ends short."""
         while chunk := await self.read(size):
             yield chunk
 
     def _end(self, reusable: bool = False) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.close(reusable)

@@ -18,7 +18,7 @@ import pytest
 from wiretools import _LoopbackServer
 
 from mogile_middleware import Client
-from mogile_middleware.async_storage import AsyncPutStream, AsyncReplicaResponse, open_replica
+from mogile_middleware.async_storage import BODY_CHUNK_SIZE, AsyncPutStream, AsyncReplicaResponse, open_replica
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.exceptions import StorageError
 
@@ -283,6 +283,76 @@ def test_a_silent_body_is_a_storage_error_after_the_timeout(nodes) -> None:
         run(main())
     assert 0.9 <= time.monotonic() - started < 2.0
     assert eventually(lambda: node.open == 0)
+
+
+def test_a_caller_pausing_longer_than_the_timeout_between_reads_is_not_cut(nodes) -> None:
+    def two_parts(conn: socket.socket) -> None:
+        conn.sendall(RESPONSE_HEAD % 2000 + b"a" * 1000)
+        time.sleep(0.5)
+        conn.sendall(b"b" * 1000)  # long buffered by the time the caller reads on
+
+    node = nodes(two_parts)
+
+    async def main() -> bytes:
+        async with await open_replica([node.url], timeout=0.3) as replica:
+            first = await replica.read(1000)
+            await asyncio.sleep(1)  # the timeout is per read, not for the caller's own pace
+            return first + b"".join([chunk async for chunk in replica.chunks()])
+
+    assert run(main()) == b"a" * 1000 + b"b" * 1000
+
+
+def test_a_silent_body_after_a_live_part_is_a_storage_error_after_the_timeout(nodes) -> None:
+    def live_then_silent(conn: socket.socket) -> None:
+        conn.sendall(RESPONSE_HEAD % 10_000)
+        for _ in range(4):  # 1.2 s of a live body, each part within the timeout
+            conn.sendall(b"x" * 100)
+            time.sleep(0.3)
+
+    node = nodes(live_then_silent)
+    received: list[bytes] = []
+
+    async def main() -> None:
+        async with await open_replica([node.url], timeout=0.8) as replica:
+            async for chunk in replica.chunks():
+                received.append(chunk)
+
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=r"sent nothing for 0\.8s"):
+        run(main())
+    assert 1.7 <= time.monotonic() - started < 2.8  # 0.8 s after the last part, not after the first
+    assert b"".join(received) == b"x" * 400
+    assert eventually(lambda: node.open == 0)
+
+
+@pytest.mark.parametrize("size", [70 * 1024, 1024 * 1024])
+def test_a_response_head_over_64_kib_is_refused(nodes, size: int) -> None:
+    def big_head(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.0 200 OK\r\nX-Padding: " + b"p" * size + b"\r\nContent-Length: 0\r\n\r\n")
+
+    node = nodes(big_head)
+    with pytest.raises(StorageError, match="sent a response head over 65536 bytes"):
+        run(open_replica([node.url], timeout=5))
+    assert eventually(lambda: node.open == 0)
+
+
+def test_chunks_are_at_most_the_size_asked(nodes) -> None:
+    size = 3 * 1024 * 1024
+
+    def big_body(conn: socket.socket) -> None:
+        conn.sendall(RESPONSE_HEAD % size + bytes(size))
+
+    node = nodes(big_body)
+
+    async def main(chunk_size: int | None) -> list[int]:
+        async with await open_replica([node.url], timeout=5) as replica:
+            chunks = replica.chunks() if chunk_size is None else replica.chunks(chunk_size)
+            return [len(chunk) async for chunk in chunks]
+
+    default = run(main(None))
+    assert sum(default) == size and max(default) <= BODY_CHUNK_SIZE
+    small = run(main(1000))
+    assert sum(small) == size and max(small) <= 1000
 
 
 def test_a_body_cut_short_is_a_storage_error_from_chunks(nodes) -> None:
