@@ -63,7 +63,10 @@ class MogileFSMiddleware(MiddlewareCore):
             await self.app(scope, receive, send if self.allow_app_reproxy else _without_reproxy_headers(send))
             return
         environ = _environ(scope, path)
-        answer = await self.answer(environ, path[len(self.prefix):])
+        key = self.key_for(environ, path[len(self.prefix):])
+        # A warm reproxy answer needs nothing awaited: decided here, without a coroutine of its own.
+        answer = key if not isinstance(key, str) else (
+            self._warm_answer(environ, key) or await self._answer(environ, key))
         if isinstance(answer, Answer):
             # A copy: a server may change the list it gets, and the encoded list is kept.
             await send({"type": "http.response.start", "status": int(answer.status[:3]),
@@ -77,11 +80,13 @@ class MogileFSMiddleware(MiddlewareCore):
         finally:
             await upstream.aclose()
 
-    async def answer(self, environ: dict[str, Any], path: str) -> Answer | Streamed:
-        """The answer for the URL ``path`` after the prefix: decided, with its replica open."""
-        key = self.key_for(environ, path)
-        if not isinstance(key, str):
-            return key
+    def _warm_answer(self, environ: dict[str, Any], key: str) -> Answer | None:
+        """The answer when it comes from the in-process cache without I/O (a reproxy answer), else None."""
+        location = self.locator.cached(key)
+        return None if location is None else self.reproxy_answer(environ, location)
+
+    async def _answer(self, environ: dict[str, Any], key: str) -> Answer | Streamed:
+        """The answer for ``key``: decided, with its replica open."""
         try:
             location = self.locator.cached(key) or await self.locator.locate(key)
             return self.reproxy_answer(environ, location) or await self._serve(file_request(environ), location)
@@ -148,7 +153,8 @@ def _path_info(scope: Scope) -> str:
     """The path as WSGI's ``PATH_INFO`` has it (percent-decoded bytes as latin-1), below ``root_path``."""
     raw = scope.get("raw_path")
     if raw:  # without a fragment, which some servers keep (no client should send one)
-        path = unquote_to_bytes(raw.split(b"#", 1)[0].split(b"?", 1)[0]).decode("latin-1")
+        raw = raw.split(b"#", 1)[0].split(b"?", 1)[0]
+        path = (unquote_to_bytes(raw) if b"%" in raw else raw).decode("latin-1")
     else:
         path = scope["path"].partition("#")[0].encode("utf-8", "surrogateescape").decode("latin-1")
     root = scope.get("root_path", "")
