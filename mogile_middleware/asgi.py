@@ -25,13 +25,13 @@ from functools import cached_property
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from . import http
 from .async_client import AsyncClient
 from .async_storage import AsyncReplicaResponse, open_replica
 from .core import MiddlewareCore, file_request, is_reproxy_header
 from .exceptions import MogileFSError, StorageError
 from .http import Answer, FileRequest, Headers
-from .locate import AsyncLocator, Location
+from .locate import AsyncLocator, Location, arun_steps
+from .responders import serve_steps
 
 log = logging.getLogger("mogile_middleware")
 
@@ -94,29 +94,23 @@ class MogileFSMiddleware(MiddlewareCore):
             return self.error_answer(error, key)
 
     async def _serve(self, request: FileRequest, location: Location) -> Answer | Streamed:
-        """Serve mode, as :class:`~mogile_middleware.responders.Serve` does it: the replica open
-        before anything is sent, and the trackers asked once more when its replicas are gone."""
-        for attempt in range(2):
-            if attempt:
-                location = await self.locator.relocate(location)
-            location = await self.locator.with_length_of(location)
-            assert location.length is not None
-            plan = http.file_plan(request, location.etag, location.length, self.representation.headers(location))
-            if isinstance(plan, Answer):
-                return plan
-            try:
-                upstream = await open_replica(location.paths, method=request.method, byte_range=plan.byte_range,
-                                              length=plan.length,
-                                              timeout=self.storage_timeout)
-            except StorageError as error:
-                then = "" if attempt else ", asking the trackers again"
-                (log.error if attempt else log.warning)("no replica of %r answered%s: %r", location.key, then, error)
-                continue
-            if request.method == "HEAD":
-                await upstream.aclose()
-                return Answer(plan.status, plan.headers)
-            return plan.status, plan.headers, upstream
-        return http.BAD_GATEWAY
+        """Serve mode: :func:`~mogile_middleware.responders.serve_steps`, awaited."""
+        opened = await arun_steps(serve_steps(request, location, self.representation), self._call)
+        if isinstance(opened, Answer):
+            return opened
+        _, plan, upstream = opened
+        if request.method == "HEAD":
+            await upstream.aclose()
+            return Answer(plan.status, plan.headers)
+        return plan.status, plan.headers, upstream
+
+    async def _call(self, name: str, *args: Any) -> Any:
+        """One step of :func:`~mogile_middleware.responders.serve_steps`: ask the locator, or open a replica."""
+        if name == "open_replica":
+            paths, method, byte_range, length = args
+            return await open_replica(paths, method=method, byte_range=byte_range, length=length,
+                                      timeout=self.storage_timeout)
+        return await getattr(self.locator, name)(*args)
 
 
 async def _stream(upstream: AsyncReplicaResponse, send: Send, receive: Receive) -> None:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import http
-from .exceptions import StorageError
 from .content import ContentPolicy
+from .exceptions import StorageError
 from .http import Answer, FileRequest, Headers
-from .locate import Location, Locator
+from .locate import Location, Locator, Steps, run_steps
 from .storage import CHUNK_SIZE, ReplicaResponse, open_replica
 
 log = logging.getLogger("mogile_middleware")
@@ -236,23 +236,41 @@ class Serve:
 
     def answer(self, request: FileRequest, location: Location) -> Answer | StreamedAnswer:
         """The answer to ``request``; raises the locator's errors (no such key, no tracker)."""
-        for attempt in range(2):
-            if attempt:
-                location = self.locator.relocate(location)
-            location = self.locator.with_length_of(location)
-            assert location.length is not None
-            plan = http.file_plan(request, location.etag, location.length, self.representation.headers(location))
-            if isinstance(plan, Answer):
-                return plan
-            try:
-                upstream = open_replica(location.paths, method=request.method, byte_range=plan.byte_range,
-                                        length=plan.length, timeout=self.storage_timeout)
-            except StorageError as error:
-                then = "" if attempt else ", asking the trackers again"
-                (log.error if attempt else log.warning)("no replica of %r answered%s: %r", location.key, then, error)
-                continue
-            if request.method == "HEAD":
-                upstream.close()
-                return Answer(plan.status, plan.headers)
-            return StreamedAnswer(plan.status, plan.headers, ReplicaBody(location.key, upstream))
-        return http.BAD_GATEWAY
+        opened = run_steps(serve_steps(request, location, self.representation), self._call)
+        if isinstance(opened, Answer):
+            return opened
+        location, plan, upstream = opened
+        if request.method == "HEAD":
+            upstream.close()
+            return Answer(plan.status, plan.headers)
+        return StreamedAnswer(plan.status, plan.headers, ReplicaBody(location.key, upstream))
+
+    def _call(self, name: str, *args: Any) -> Any:
+        """One step of :func:`serve_steps`: ask the locator, or open a replica."""
+        if name == "open_replica":
+            paths, method, byte_range, length = args
+            return open_replica(paths, method=method, byte_range=byte_range, length=length,
+                                timeout=self.storage_timeout)
+        return getattr(self.locator, name)(*args)
+
+
+def serve_steps(request: FileRequest, location: Location, representation: Representation) -> Steps[Any]:
+    """Serve mode's decisions, for both middlewares (driven by :func:`~mogile_middleware.locate.run_steps`
+    or ``arun_steps``): the replica open before anything is sent, and the trackers asked once more
+    when its replicas are gone. Returns a complete :class:`Answer`, or the location, the plan and the open replica."""
+    for attempt in range(2):
+        if attempt:
+            location = yield ("relocate", location)
+        location = yield ("with_length_of", location)
+        assert location.length is not None
+        plan = http.file_plan(request, location.etag, location.length, representation.headers(location))
+        if isinstance(plan, Answer):
+            return plan
+        try:
+            upstream = yield ("open_replica", location.paths, request.method, plan.byte_range, plan.length)
+        except StorageError as error:
+            then = "" if attempt else ", asking the trackers again"
+            (log.error if attempt else log.warning)("no replica of %r answered%s: %r", location.key, then, error)
+            continue
+        return location, plan, upstream
+    return http.BAD_GATEWAY
