@@ -175,6 +175,14 @@ def uvicorn(workdir: Path, name: str, app_env: Mapping[str, str], workers: int =
     return _app_server(argv, port, workdir / f"uvicorn-{name}.log", app_env, workers, master=workers > 1)
 
 
+@contextmanager
+def relay(workdir: Path, url: str) -> Iterator[int]:
+    """:mod:`bench.relay` passing on the response to ``url``; yields its port."""
+    port = free_port()
+    with child([sys.executable, "-m", "bench.relay", str(port), url], [port], workdir / "relay.log"):
+        yield port
+
+
 #: The front proxy's settings, the same for every service. Backend connections are kept open
 #: where the backend allows it (the storage node; gunicorn's sync workers close every one), as
 #: Perlbal keeps its reproxy connections to storage nodes open.

@@ -50,7 +50,7 @@ def memory_mib(pid: int, field: str) -> float:
 
 def serve(cluster: Cluster, repeat: int) -> list[Figure]:
     """4a–b, 7b and 8c: against a GET straight from the storage node, and an app answering the same
-    body; the 256 MiB downloads through gunicorn and uvicorn take turns with the direct one."""
+    body; the 256 MiB downloads through gunicorn, uvicorn and a raw relay take turns with the direct one."""
     cluster.store(BIG_KEY, BIG_SIZE)
     direct_url = cluster.replica(BIG_KEY)
     body_headers = answer_headers(cluster.middleware(**SERVE_OPTIONS), SMALL_PATH)
@@ -58,23 +58,29 @@ def serve(cluster: Cluster, repeat: int) -> list[Figure]:
     serve_env = cluster.middleware_env(**SERVE_OPTIONS)
     with servers.gunicorn(workdir, "serve", serve_env) as server, \
             servers.gunicorn(workdir, "body", constant_env(body_headers, SMALL_SIZE)) as body, \
-            servers.uvicorn(workdir, "serve", serve_env) as asgi_server:
+            servers.uvicorn(workdir, "serve", serve_env) as asgi_server, \
+            servers.relay(workdir, direct_url) as relay_port:
         for warmed in (server, asgi_server):
             wrk(warmed.url(SMALL_PATH), workdir, connections=servers.WORKERS * 2, seconds=WARM_SECONDS)
         memory: dict[str, list[tuple[float, float]]] = {"gunicorn": [], "uvicorn": []}
         speeds = interleaved(repeat, {"direct": lambda: download(direct_url, BIG_SIZE),
+                                      "relay": lambda: download(f"http://{servers.HOST}:{relay_port}/", BIG_SIZE),
                                       "gunicorn": lambda: served(server, memory["gunicorn"]),
                                       "uvicorn": lambda: served(asgi_server, memory["uvicorn"])})
         concurrent = concurrency("7b. 32 clients, serve mode", "app with the same body", server.url(SMALL_PATH),
                                  body.url(SMALL_PATH), workdir, repeat)
-    wsgi = throughput("4a. serve 256 MiB", "GET from the node", speeds, "gunicorn", "direct", 0.8, unit="MiB/s")
+    ceiling = Spread.of(ratios(speeds["relay"], speeds["direct"]))
+    relayed = (f"a raw relay of the node's response (bench.relay: no HTTP, 1 MiB reads) reaches "
+               f"{ceiling.median:.3g} [{ceiling.low:.3g}–{ceiling.high:.3g}]")
+    wsgi = throughput("4a. serve 256 MiB", "GET from the node", speeds, "gunicorn", "direct", 0.8, unit="MiB/s",
+                      note=relayed)
     # At least 0.8, and at least what gunicorn does in the same run.
     asgi_limit = round(max(0.8, wsgi.ratio.median), 3)
     versus = Spread.of(ratios(speeds["uvicorn"], speeds["gunicorn"]))
     asgi_growth = Spread.of([high - low for low, high in memory["uvicorn"]])
     asgi = throughput("8c. serve 256 MiB under uvicorn", "GET from the node", speeds, "uvicorn", "direct",
                       asgi_limit, unit="MiB/s",
-                      note=f"limit: the higher of 0.8 and 4a's median ratio; uvicorn/gunicorn per repetition "
+                      note=f"limit: the higher of 0.8 and 4a's median ratio; {relayed}; uvicorn/gunicorn per repetition "
                            f"{versus.median:.3g} [{versus.low:.3g}–{versus.high:.3g}]; uvicorn's peak RSS growth "
                            f"{asgi_growth.high:.0f} MiB at most (one worker)")
     return [wsgi, memory_figure("4b. serve 256 MiB, worker memory", memory["gunicorn"], 32), concurrent, asgi]

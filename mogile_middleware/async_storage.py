@@ -12,10 +12,10 @@ connection, also when the task reading it is cancelled. ::
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
 Storage nodes (mogstored's Perlbal, the development node) answer plain HTTP/1.x and give every
-body a ``Content-Length``; none chunks a response. So asyncio's streams and a status-line-and-
+body a ``Content-Length``; none chunks a response. So an asyncio protocol and a status-line-and-
 headers parser are all this needs: ``python -m bench.async_storage`` measured them against h11,
-httpx and aiohttp on the development node; none was faster at small GETs, only aiohttp as fast
-on a large body, and h11 and httpx were slower at both.
+httpx and aiohttp on the development node; none was faster at small GETs, and on a 256 MiB body
+aiohttp reached two thirds of their speed, h11 and httpx less than half.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import asyncio
 import http.client
 import re
 import sys
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from types import TracebackType
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from . import storage
 from .exceptions import StorageError
@@ -34,11 +35,11 @@ from .storage import CHUNK_SIZE, ReplicaFailures, range_header
 
 __all__ = ["BODY_CHUNK_SIZE", "CHUNK_SIZE", "AsyncPutStream", "AsyncReplicaResponse", "open_replica"]
 
-#: The size of a read of a response body. Larger than ``CHUNK_SIZE`` (the stream reader's limit,
-#: which bounds the read-ahead) because each read through a stream costs a few copies and calls
-#: whatever its size; not larger, because every slow client holds about one read in the server's
-#: buffers (measured: 256 KiB made 200 slow clients cost 64-103 MiB, 128 KiB 51 MiB).
-BODY_CHUNK_SIZE = 128 * 1024
+#: The largest piece of a response body a read returns: a transport reads up to 256 KiB at
+#: once, but a slow client holds about one piece in the server's buffers, so pieces are cut to
+#: this (measured with 200 slow clients under uvicorn: 74 MiB instead of 151 MiB at 256 KiB, and
+#: no slower for one fast client).
+BODY_CHUNK_SIZE = CHUNK_SIZE
 
 #: The longest response head taken (the same as the synchronous client's chunk).
 _MAX_HEAD = CHUNK_SIZE
@@ -54,7 +55,7 @@ T = TypeVar("T")
 
 
 class _Silent(Exception):
-    """Set on a response's stream reader by its watchdog: no data within the read timeout."""
+    """Raised in a waiting read by a response's watchdog: no data within the read timeout."""
 
 
 async def _within(seconds: float, awaitable: Awaitable[T]) -> T:
@@ -98,49 +99,171 @@ class _Target:
         return "\r\n".join(lines).encode("ascii")
 
 
-class _Connection:
-    """One connection to a storage node: a stream reader and writer.
+class _Connection(asyncio.Protocol):
+    """One connection to a storage node, as an asyncio protocol: what arrives is handed to the
+    reader in the pieces the transport read, copied only when a piece is cut (a stream reader
+    copies every byte in and out of its buffer: a third of the CPU of a large transfer);
+    reading pauses while a piece waits unread, so a slow reader slows the node.
 
     The single place connections are made and ended, so a pool can take over :meth:`open` and
     :meth:`close` (``reusable`` tells it whether the last response was read to its end).
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        self._pieces: deque[bytes] = deque()
+        self._start = 0  # how much of the first piece was read
+        self._reading_paused = False
+        self._eof = False
+        self._error: BaseException | None = None
+        self._data_waiter: asyncio.Future[None] | None = None
+        self._writing_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._closed: asyncio.Future[None] = loop.create_future()
 
     @classmethod
     async def open(cls, target: _Target) -> _Connection:
-        # The reader's limit is also its flow control: the transport stops reading once twice
-        # that is buffered, so a body is read ahead by at most 128 KiB (and one recv).
-        reader, writer = await asyncio.open_connection(target.host, target.port, limit=CHUNK_SIZE)
-        return cls(reader, writer)
+        loop = asyncio.get_running_loop()
+        _, connection = await loop.create_connection(lambda: cls(loop), target.host, target.port)
+        return connection
+
+    # -- the protocol's side ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
+
+    def data_received(self, data: bytes) -> None:
+        self._pieces.append(data)
+        if not self._reading_paused and self._transport is not None:
+            self._reading_paused = True
+            self._transport.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake_reader()
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        if exc is not None and self._error is None:
+            self._error = exc
+        self._wake_reader()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_exception(exc or ConnectionResetError("connection lost"))
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def interrupt(self, error: BaseException) -> None:
+        """Make a read waiting for data raise ``error`` (unless data came first in this turn of the loop)."""
+        if self._data_waiter is not None and not self._data_waiter.done():
+            self._data_waiter.set_exception(error)
+
+    def _wake_reader(self) -> None:
+        if self._data_waiter is not None and not self._data_waiter.done():
+            self._data_waiter.set_result(None)
+
+    # -- the reader's and writer's side -------------------------------------------------------
+
+    async def read(self, limit: int) -> bytes:
+        """The next piece of at most ``limit`` bytes, as it arrived; ``b""`` once the node closed.
+        Raises what ended the connection, or what :meth:`interrupt` gave."""
+        while not self._pieces:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            self._data_waiter = self._loop.create_future()
+            try:
+                await self._data_waiter
+            finally:
+                self._data_waiter = None
+        piece, start = self._pieces[0], self._start
+        if start == 0 and len(piece) <= limit:
+            self._pieces.popleft()
+        else:  # a part of a larger piece: one copy of that part, however many parts it takes
+            end = min(start + limit, len(piece))
+            piece, self._start = piece[start:end], end
+            if end == len(self._pieces[0]):
+                self._pieces.popleft()
+                self._start = 0
+        if self._reading_paused and not self._pieces and self._transport is not None:
+            self._reading_paused = False
+            self._transport.resume_reading()
+        return piece
 
     async def read_head(self, url: str) -> tuple[int, dict[str, str]]:
         """The status and headers (names lower-cased) of the next response."""
-        try:
-            head = await self.reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError:
-            raise StorageError(f"{url} closed the connection before its status line and headers", url) from None
-        except asyncio.LimitOverrunError:  # over the reader's limit, CHUNK_SIZE
-            head = None
-        if head is None or len(head) > _MAX_HEAD:
+        data = b""
+        while (end := data.find(b"\r\n\r\n")) < 0:
+            if len(data) > _MAX_HEAD:
+                break
+            piece = await self.read(_MAX_HEAD + 4)
+            if not piece:
+                raise StorageError(f"{url} closed the connection before its status line and headers", url)
+            data += piece
+        if end < 0 or end + 4 > _MAX_HEAD:
             raise StorageError(f"{url} sent a response head over {_MAX_HEAD} bytes", url)
-        return _parse_head(url, head)
+        if end + 4 < len(data):  # the start of the body
+            self._unread(data[end + 4:])
+        return _parse_head(url, data[:end + 4])
+
+    def _unread(self, data: bytes) -> None:
+        """Put ``data`` back in front of what is buffered."""
+        if self._start:
+            self._pieces[0] = self._pieces[0][self._start:]
+            self._start = 0
+        self._pieces.appendleft(data)
+
+    async def skip(self, size: int) -> None:
+        """Read and drop ``size`` bytes; EOFError if the connection ends first."""
+        while size > 0:
+            piece = await self.read(size)
+            if not piece:
+                raise EOFError(f"the connection ended {size} bytes short")
+            size -= len(piece)
+
+    def write(self, *data: bytes) -> None:
+        """Queue ``data`` for sending (the pieces in one system call where the transport can)."""
+        if self._transport is None or self._transport.is_closing():
+            raise ConnectionResetError("connection lost")
+        self._transport.writelines(data) if len(data) > 1 else self._transport.write(data[0])
+
+    async def drain(self) -> None:
+        """Wait until the transport's buffer is low again."""
+        if self._error is not None:
+            raise self._error
+        if self._transport is None or self._transport.is_closing():
+            await asyncio.sleep(0)  # let connection_lost say why, as a stream writer does
+            raise ConnectionResetError("connection lost")
+        if self._writing_paused:
+            self._drain_waiter = self._loop.create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
 
     def close(self, reusable: bool = False) -> None:
         """End the connection (its socket is closed on the next turn of the event loop)."""
-        self.writer.close()
+        if self._transport is not None:
+            self._transport.close()
 
     def abort(self) -> None:
         """End the connection at once, dropping whatever is still to be sent."""
-        self.writer.transport.abort()
+        if self._transport is not None:
+            self._transport.abort()
 
     async def wait_closed(self) -> None:
-        try:
-            await self.writer.wait_closed()
-        except (OSError, RuntimeError):  # the peer reset it: closed all the same
-            pass
+        await asyncio.shield(self._closed)
 
 
 def _parse_head(url: str, head: bytes) -> tuple[int, dict[str, str]]:
@@ -187,9 +310,8 @@ class AsyncReplicaResponse:
         # The read timeout: one timer per response rather than one per read (asyncio.timeout
         # per read cost a timer and a cancel scope each). Each read moves the deadline; the
         # timer, when it fires, re-arms itself for a moved deadline, and stops a read still
-        # waiting past its deadline by setting _Silent on the stream reader (never a cancel,
-        # so a cancellation from outside stays one). Should data arrive in that very turn of
-        # the loop, the read returns it and the next read is the timeout.
+        # waiting past its deadline by raising _Silent in it (never a cancel, so a cancellation
+        # from outside stays one); data that came earlier in the same turn of the loop wins.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._deadline = 0.0
@@ -202,7 +324,7 @@ class AsyncReplicaResponse:
         if self._loop.time() < self._deadline:
             self._watchdog = self._loop.call_at(self._deadline, self._watch)
         else:
-            self._connection.reader.set_exception(_Silent())
+            self._connection.interrupt(_Silent())
 
     async def read(self, size: int = BODY_CHUNK_SIZE) -> bytes:
         """At most ``size`` bytes of the body, waiting up to ``timeout`` for them; ``b""`` at its end.
@@ -217,7 +339,7 @@ class AsyncReplicaResponse:
             return b""
         if self._connection is None:
             raise ValueError(f"read of the closed response from {self.url}")
-        reader = self._connection.reader
+        connection = self._connection
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
@@ -226,7 +348,7 @@ class AsyncReplicaResponse:
             self._watchdog = loop.call_at(self._deadline, self._watch)
         self._reading = True
         try:
-            chunk = await reader.read(size if self._remaining is None else min(size, self._remaining))
+            chunk = await connection.read(size if self._remaining is None else min(size, self._remaining))
         except _Silent:
             self._end()
             raise StorageError(f"{self.url} sent nothing for {self._timeout:g}s", self.url) from None
@@ -285,8 +407,8 @@ class AsyncReplicaResponse:
 async def _exchange(target: _Target, request: bytes, method: str, timeout: float) -> AsyncReplicaResponse:
     connection = await _Connection.open(target)
     try:
-        connection.writer.write(request)
-        await connection.writer.drain()
+        connection.write(request)
+        await connection.drain()
         status, headers = await connection.read_head(target.url)
         if "chunked" in headers.get("transfer-encoding", "").lower():
             # Storage nodes never chunk a response; refusing one keeps the reader simple.
@@ -366,8 +488,8 @@ class AsyncPutStream:
         async def connect() -> _Connection:
             connection = await _Connection.open(target)
             try:
-                connection.writer.write(request)
-                await connection.writer.drain()
+                connection.write(request)
+                await connection.drain()
             except BaseException:
                 connection.abort()
                 raise
@@ -401,10 +523,10 @@ class AsyncPutStream:
             raise StorageError(f"PUT {self.url}: more than the {self._length} bytes announced", self.url)
         try:
             if self._length is None:
-                connection.writer.writelines([b"%X\r\n" % size, data, b"\r\n"])
+                connection.write(b"%X\r\n" % size, data, b"\r\n")
             else:
-                connection.writer.write(data)
-            await _within(self._timeout, connection.writer.drain())
+                connection.write(data)
+            await _within(self._timeout, connection.drain())
         except asyncio.TimeoutError:
             self.abort()
             raise StorageError(f"PUT {self.url} stalled: the node took nothing for {self._timeout:g}s",
@@ -428,10 +550,10 @@ class AsyncPutStream:
 
         async def answer() -> int:
             if self._length is None:
-                connection.writer.write(b"0\r\n\r\n")
-            await connection.writer.drain()
+                connection.write(b"0\r\n\r\n")
+            await connection.drain()
             status, headers = await connection.read_head(self.url)
-            await connection.reader.readexactly(min(_content_length(headers) or 0, CHUNK_SIZE))
+            await connection.skip(min(_content_length(headers) or 0, CHUNK_SIZE))
             return status
 
         try:
