@@ -1,8 +1,9 @@
-"""The administrative commands of the development tracker: domains, classes, hosts, devices.
+"""The namespace and maintenance commands of the development tracker: domains, classes, noop, caches.
 
-create_domain, create_class / update_class, get_domains, get_hosts, get_devices, noop and
-server_settings, with mogilefsd's validation order, error codes and reply fields. Every class
-uses the ``MultipleHosts()`` replication policy; ``hashtype`` may be ``MD5`` or ``NONE``.
+create_domain / delete_domain, create_class / update_class / delete_class, get_domains, noop,
+clear_cache and replicate_now, with mogilefsd's validation order, error codes and reply fields.
+Every class uses the ``MultipleHosts()`` replication policy; ``hashtype`` may be ``MD5`` or
+``NONE``. Hosts and devices are in :mod:`.hosts`, server settings in :mod:`.settings`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,20 @@ def create_domain(ctx: Context, args: dict[str, str]) -> Reply:
         raise CommandError("no_domain")
     if not ctx.store.create_domain(domain):
         raise CommandError("domain_exists")
+    return {"domain": domain}
+
+
+def delete_domain(ctx: Context, args: dict[str, str]) -> Reply:
+    """Delete a domain that has no files and no classes (a stored default class does not count)."""
+    domain = args.get("domain", "")
+    if not perl_true(domain):
+        raise CommandError("no_domain")
+    dmid = ctx.store.domain_id(domain)
+    if dmid is None:
+        raise CommandError("domain_not_found")
+    refusal = ctx.store.delete_domain(dmid)
+    if refusal is not None:
+        raise CommandError(f"domain_{refusal}")
     return {"domain": domain}
 
 
@@ -67,6 +82,24 @@ def update_class(ctx: Context, args: dict[str, str]) -> Reply:
     return create_class(ctx, {**args, "update": "1"})
 
 
+def delete_class(ctx: Context, args: dict[str, str]) -> Reply:
+    """Delete a class that has no files (never the default class)."""
+    domain, name = args.get("domain", ""), args.get("class", "")
+    if not domain:
+        raise CommandError("no_domain")
+    if name == DEFAULT_CLASS:
+        raise CommandError("nodel_default_class")
+    dmid = ctx.store.domain_id(domain)
+    if dmid is None:
+        raise CommandError("domain_not_found")
+    cls = ctx.store.class_by_name(dmid, name) if name else None
+    if cls is None:
+        raise CommandError("class_not_found")
+    if not ctx.store.delete_class(dmid, cls.classid):
+        raise CommandError("class_has_files")
+    return {"domain": domain, "class": name}
+
+
 def get_domains(ctx: Context, args: dict[str, str]) -> Reply:
     """Every domain with its classes (the default class included)."""
     reply: dict[str, str | int] = {"domains": 0}
@@ -84,51 +117,25 @@ def get_domains(ctx: Context, args: dict[str, str]) -> Reply:
     return reply
 
 
-def get_hosts(ctx: Context, args: dict[str, str]) -> Reply:
-    """Every storage host (``hostid=N`` for one)."""
-    hosts = [host for host in ctx.store.hosts() if "hostid" not in args or host["hostid"] == perl_int(args["hostid"])]
-    reply: dict[str, str | int] = {"hosts": len(hosts)}
-    for number, host in enumerate(hosts, 1):
-        fields = {**host, "http_get_port": "", "altip": "", "altmask": ""}
-        reply.update({f"host{number}_{name}": value for name, value in fields.items()})
-    return reply
+def clear_cache(ctx: Context, args: dict[str, str]) -> Reply:
+    """Answer after a monitor round (mogilefsd also reloads its caches), echoing the arguments."""
+    ctx.monitor.check_all()
+    return args
 
 
-def get_devices(ctx: Context, args: dict[str, str]) -> Reply:
-    """Every device (``devid=N`` for one) with its observed state; disk figures are not collected."""
-    devices = [dev for dev in ctx.store.devices() if "devid" not in args or dev.devid == perl_int(args["devid"])]
-    reply: dict[str, str | int] = {"devices": len(devices)}
-    for number, device in enumerate(devices, 1):
-        fields: dict[str, str | int] = {
-            "devid": device.devid,
-            "hostid": device.hostid,
-            "status": device.status,
-            "observed_state": "writeable" if ctx.monitor.is_up(device) else "unreachable",
-            "weight": device.weight,
-            "reject_bad_md5": 1,
-        }
-        fields.update(dict.fromkeys(("mb_total", "mb_used", "mb_free", "mb_asof", "utilization"), ""))
-        reply.update({f"dev{number}_{name}": value for name, value in fields.items()})
-    return reply
-
-
-def server_settings(ctx: Context, args: dict[str, str]) -> Reply:
-    """The server settings, as ``key_N`` / ``value_N``."""
-    settings = ctx.store.server_settings()
-    reply: dict[str, str | int] = {"key_count": len(settings)}
-    for number, (name, value) in enumerate(settings, 1):
-        reply[f"key_{number}"] = name
-        reply[f"value_{number}"] = value
-    return reply
+def replicate_now(ctx: Context, args: dict[str, str]) -> Reply:
+    """Make the delayed copies now; ``count`` is the number of files that had copies to come."""
+    return {"count": ctx.work.replicate_now(ctx)}
 
 
 ADMIN_COMMANDS: dict[str, Handler] = {
     "noop": noop,
     "create_domain": create_domain,
+    "delete_domain": delete_domain,
     "create_class": create_class,
     "update_class": update_class,
+    "delete_class": delete_class,
     "get_domains": get_domains,
-    "get_hosts": get_hosts,
-    "get_devices": get_devices,
-    "server_settings": server_settings,
+    "clear_cache": clear_cache,
+    "replicate_now": replicate_now,
 }

@@ -2,8 +2,11 @@
 
 For development and tests only. Layout of the data directory: ``tracker/mogilefs.sqlite3`` (the
 metadata) and ``stor<N>/dev<N>/...`` (the docroot of storage node N, holding device N). Reusing a
-data directory keeps domains, classes, keys and files. Storage nodes running elsewhere (a real
-Perlbal ``web_server``, as mogstored runs it) join as more devices with :meth:`DevMogileFS.add_storage_node`.
+data directory keeps domains, classes, hosts, devices, settings, keys and files. Hosts and
+devices can also be added with the admin commands (``mogadm host add``, ``mogadm device add``):
+a device on one of these nodes is a ``dev<devid>`` directory in its docroot, as with mogstored.
+Storage nodes running elsewhere (a real Perlbal ``web_server``, as mogstored runs it) join as more
+devices with :meth:`DevMogileFS.add_storage_node`.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ class DevMogileFS:
         self.store = MetadataStore(data_dir / "tracker" / "mogilefs.sqlite3")
         for number, port in enumerate(self._storage_ports, 1):
             node = StorageNode(data_dir / f"stor{number}", self.host, port)
+            (node.docroot / f"dev{number}").mkdir(parents=True, exist_ok=True)  # a device is a directory
             self.nodes.append(node)
             node.start()
             self.store.register_device(number, f"stor{number}", self.host, node.port)

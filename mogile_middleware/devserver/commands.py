@@ -127,7 +127,10 @@ def create_close(ctx: Context, args: dict[str, str]) -> Reply:
 
 
 def get_paths(ctx: Context, args: dict[str, str]) -> Reply:
-    """The URLs of a key's live copies in random order; the first one is size-checked unless noverify."""
+    """The URLs of a key's readable copies in random order, draining devices last.
+
+    The first one is size-checked unless ``noverify``; with no readable copy, an unreadable one.
+    """
     row = _file_for_key(ctx, args)
     pathcount = max(perl_int(args.get("pathcount")) or 2, 2)
     noverify = perl_true(args.get("noverify"))
@@ -135,17 +138,22 @@ def get_paths(ctx: Context, args: dict[str, str]) -> Reply:
     holders = [devices[devid] for devid in ctx.store.replica_devids(row.fid) if devid in devices]
     random.shuffle(holders)
     paths: list[str] = []
+    draining: list[str] = []  # devices being drained may lose the file soon: their paths go last
     backup = None
     for device in holders:
         url = device.url_for(row.fid)
-        if not ctx.monitor.is_up(device):
+        if not ctx.monitor.readable(device):
             backup = url
             continue
         if not paths and not noverify and httpstore.head_size(url) != row.length:
             continue
+        if device.status == "drain":
+            draining.append(url)
+            continue
         paths.append(url)
         if len(paths) == pathcount:
             break
+    paths.extend(draining[: max(pathcount - len(paths), 0)])
     if not paths and backup:
         paths.append(backup)  # as mogilefsd: better a possibly dead path than none
     reply: dict[str, str | int] = {"paths": len(paths)}
@@ -257,7 +265,7 @@ def _compiles(prefix: str) -> bool:
 
 
 def list_keys(ctx: Context, args: dict[str, str]) -> Reply:
-    """Keys by prefix (literal, ASCII case-insensitive) after ``after``, in byte order, 1000 at most.
+    """Keys by prefix (literal, ASCII case-insensitive unless set otherwise) after ``after``, byte order, 1000 at most.
 
     Knowingly unlike mogilefsd, which checks ``after =~ /^$prefix/``, ``after`` must start with the
     prefix literally: matching a client's regex lets one line such as ``(a+)+$`` stall the tracker.
@@ -271,7 +279,8 @@ def list_keys(ctx: Context, args: dict[str, str]) -> Reply:
         if not after.startswith(prefix):
             raise CommandError("after_mismatch")
     limit = perl_int(args["limit"]) if perl_true(args.get("limit")) else 1000
-    keys = ctx.store.list_keys(dmid, prefix, after, min(limit, 1000))
+    case_sensitive = ctx.store.server_setting("case_sensitive_list_keys") == "1"
+    keys = ctx.store.list_keys(dmid, prefix, after, min(limit, 1000), case_sensitive)
     if not keys:
         raise CommandError("none_match")
     reply: dict[str, str | int] = {"key_count": len(keys), "next_after": keys[-1]}

@@ -27,10 +27,15 @@ class StorageHTTPError(Exception):
 
 
 @contextmanager
-def _request(method: str, url: str, headers: dict[str, str] | None = None) -> Iterator[http.client.HTTPConnection]:
+def _request(
+    method: str, url: str, headers: dict[str, str] | None = None, timeout: float = TIMEOUT
+) -> Iterator[http.client.HTTPConnection]:
     """An open connection with ``method url`` sent (headers only); closed afterwards."""
     parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=TIMEOUT)
+    try:
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=timeout)
+    except ValueError as exc:  # a host registered with a port that is no port
+        raise StorageHTTPError(f"{method} {url}: {exc}") from exc
     try:
         conn.putrequest(method, parts.path or "/", skip_accept_encoding=True)
         for name, value in (headers or {}).items():
@@ -53,6 +58,17 @@ def _answer(method: str, url: str) -> http.client.HTTPResponse | None:
             return response
     except StorageHTTPError as exc:
         log.debug("%r", exc)
+        return None
+
+
+def fetch(url: str, timeout: float, limit: int = 64 * 1024) -> tuple[int, bytes] | None:
+    """Status and body (at most ``limit`` bytes) of a GET of a small file; ``None`` when unreachable."""
+    try:
+        with _request("GET", url, timeout=timeout) as conn:
+            response = conn.getresponse()
+            return response.status, response.read(limit)
+    except (StorageHTTPError, OSError, http.client.HTTPException) as exc:
+        log.debug("GET %s: %r", url, exc)
         return None
 
 

@@ -21,8 +21,8 @@ from ..protocol import to_bytes, to_text
 #: The class every domain has without creating it (classid 0), as in mogilefsd.
 DEFAULT_CLASS = "default"
 DEFAULT_MINDEVCOUNT = 2
-#: Version of this store's own schema (reported by ``server_settings``).
-SCHEMA_VERSION = 1
+#: The schema version mogilefsd 2.73 reports in ``server_settings`` (this store keeps what it needs of it).
+SCHEMA_VERSION = 17
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS domain (
@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS class (
     PRIMARY KEY (dmid, classid), UNIQUE (dmid, classname));
 CREATE TABLE IF NOT EXISTS host (
     hostid INTEGER PRIMARY KEY, hostname TEXT NOT NULL UNIQUE, hostip TEXT NOT NULL,
-    http_port INTEGER NOT NULL, status TEXT NOT NULL DEFAULT 'alive');
+    http_port INTEGER NOT NULL, status TEXT NOT NULL DEFAULT 'alive',
+    http_get_port INTEGER, altip TEXT, altmask TEXT);
 CREATE TABLE IF NOT EXISTS device (
     devid INTEGER PRIMARY KEY, hostid INTEGER NOT NULL, status TEXT NOT NULL DEFAULT 'alive',
     weight INTEGER NOT NULL DEFAULT 100);
@@ -49,6 +50,8 @@ CREATE TABLE IF NOT EXISTS checksum (
     fid INTEGER PRIMARY KEY, hashtype TEXT NOT NULL, checksum TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS server_settings (field TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+#: Columns added to table ``host`` since the first version of this store (added on open).
+_ADDED_HOST_COLUMNS = {"http_get_port": "INTEGER", "altip": "TEXT", "altmask": "TEXT"}
 
 
 def fid_path(devid: int, fid: int) -> str:
@@ -69,8 +72,22 @@ class ClassRow:
 
 
 @dataclass(frozen=True)
+class HostRow:
+    """A storage host as ``get_hosts`` reports it; the optional fields are ``None`` when unset."""
+
+    hostid: int
+    hostname: str
+    hostip: str
+    http_port: int
+    status: str
+    http_get_port: int | None
+    altip: str | None
+    altmask: str | None
+
+
+@dataclass(frozen=True)
 class DeviceRow:
-    """A device and the host (storage node) that serves it over HTTP."""
+    """A device and the host (storage node) that serves it over HTTP, with both their states."""
 
     devid: int
     hostid: int
@@ -79,6 +96,7 @@ class DeviceRow:
     http_port: int
     status: str
     weight: int
+    host_status: str
 
     @property
     def base_url(self) -> str:
@@ -113,6 +131,8 @@ class TempfileRow:
     devids: str
 
 
+_HOST_COLUMNS = "hostid, hostname, hostip, http_port, status, http_get_port, altip, altmask"
+_UPDATABLE_HOST_COLUMNS = ("status", "hostip", "http_port", "http_get_port", "altip", "altmask")
 _FILE_COLUMNS = "f.fid, f.dmid, f.dkey, f.length, f.classid, (SELECT COUNT(*) FROM file_on o WHERE o.fid = f.fid)"
 
 
@@ -131,9 +151,12 @@ class MetadataStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         with self._tx() as db:
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(host)")}
+            for name, kind in _ADDED_HOST_COLUMNS.items():
+                if name not in columns:
+                    db.execute(f"ALTER TABLE host ADD COLUMN {name} {kind}")
             db.execute(
-                "INSERT OR IGNORE INTO server_settings (field, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
+                "REPLACE INTO server_settings (field, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
 
     @contextmanager
@@ -202,6 +225,25 @@ class MetadataStore:
             )
         return True
 
+    def delete_domain(self, dmid: int) -> str | None:
+        """Delete a domain (and its stored default class); ``"has_files"`` / ``"has_classes"`` if it may not."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM file WHERE dmid = ? LIMIT 1", (dmid,)).fetchone():
+                return "has_files"
+            if db.execute("SELECT 1 FROM class WHERE dmid = ? AND classid != 0 LIMIT 1", (dmid,)).fetchone():
+                return "has_classes"
+            db.execute("DELETE FROM domain WHERE dmid = ?", (dmid,))
+            db.execute("DELETE FROM class WHERE dmid = ?", (dmid,))
+        return None
+
+    def delete_class(self, dmid: int, classid: int) -> bool:
+        """Delete a class; ``False`` while files of it exist."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM file WHERE dmid = ? AND classid = ? LIMIT 1", (dmid, classid)).fetchone():
+                return False
+            db.execute("DELETE FROM class WHERE dmid = ? AND classid = ?", (dmid, classid))
+        return True
+
     def update_class(self, dmid: int, classid: int, mindevcount: int, hashtype: str | None, set_hashtype: bool) -> None:
         """Change a class's mindevcount (and hashtype when ``set_hashtype``)."""
         with self._tx() as db:
@@ -232,19 +274,73 @@ class MetadataStore:
         """Every device with its host, by devid."""
         with self._tx() as db:
             rows = db.execute(
-                "SELECT d.devid, d.hostid, h.hostname, h.hostip, h.http_port, d.status, d.weight"
+                "SELECT d.devid, d.hostid, h.hostname, h.hostip, h.http_port, d.status, d.weight, h.status"
                 " FROM device d JOIN host h ON h.hostid = d.hostid ORDER BY d.devid"
             ).fetchall()
         return [DeviceRow(*row) for row in rows]
 
-    def hosts(self) -> list[dict[str, str | int]]:
-        """Every host as the fields ``get_hosts`` reports."""
+    def device(self, devid: int) -> DeviceRow | None:
+        """A device by devid."""
+        return next((device for device in self.devices() if device.devid == devid), None)
+
+    def hosts(self) -> list[HostRow]:
+        """Every host, by hostid."""
         with self._tx() as db:
-            rows = db.execute("SELECT hostid, hostname, hostip, http_port, status FROM host ORDER BY hostid").fetchall()
-        return [
-            {"hostid": hid, "status": status, "hostname": name, "hostip": ip, "http_port": port}
-            for hid, name, ip, port, status in rows
-        ]
+            rows = db.execute(f"SELECT {_HOST_COLUMNS} FROM host ORDER BY hostid").fetchall()
+        return [HostRow(*row) for row in rows]
+
+    def host_by_name(self, hostname: str) -> HostRow | None:
+        """A host by name."""
+        with self._tx() as db:
+            row = db.execute(f"SELECT {_HOST_COLUMNS} FROM host WHERE hostname = ?", (hostname,)).fetchone()
+        return HostRow(*row) if row else None
+
+    def create_host(self, hostname: str, hostip: str) -> int:
+        """Add a host (status ``down``, port 7500 until updated); returns its hostid."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT INTO host (hostname, hostip, http_port, status) VALUES (?, ?, 7500, 'down')", (hostname, hostip)
+            )
+        return cursor.lastrowid or 0
+
+    def update_host(self, hostid: int, fields: dict[str, str]) -> None:
+        """Set some of a host's ``status``, ``hostip``, ``http_port``, ``http_get_port``, ``altip``, ``altmask``."""
+        names = [name for name in _UPDATABLE_HOST_COLUMNS if name in fields]
+        if not names:
+            return
+        with self._tx() as db:
+            assignments = ", ".join(f"{name} = ?" for name in names)
+            db.execute(f"UPDATE host SET {assignments} WHERE hostid = ?", [*(fields[name] for name in names), hostid])
+
+    def delete_host(self, hostid: int) -> None:
+        """Remove a host (the caller has checked that it holds no device)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM host WHERE hostid = ?", (hostid,))
+
+    def create_device(self, devid: int, hostid: int, status: str) -> bool:
+        """Add a device to a host (weight 100); ``False`` when the devid is taken."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO device (devid, hostid, status) VALUES (?, ?, ?)", (devid, hostid, status)
+            )
+        return cursor.rowcount == 1
+
+    def set_device_state(self, devid: int, status: str) -> None:
+        """Change a device's administrative state."""
+        with self._tx() as db:
+            db.execute("UPDATE device SET status = ? WHERE devid = ?", (status, devid))
+
+    def drop_device_replicas(self, devid: int) -> list[int]:
+        """Forget every copy on a device (marked dead: its files are lost); returns the fids it held."""
+        with self._tx() as db:
+            fids = [fid for (fid,) in db.execute("SELECT fid FROM file_on WHERE devid = ? ORDER BY fid", (devid,))]
+            db.execute("DELETE FROM file_on WHERE devid = ?", (devid,))
+        return fids
+
+    def set_device_weight(self, devid: int, weight: int) -> None:
+        """Change a device's weight."""
+        with self._tx() as db:
+            db.execute("UPDATE device SET weight = ? WHERE devid = ?", (weight, devid))
 
     # -- tempfiles ----------------------------------------------------------------------------
 
@@ -349,10 +445,15 @@ class MetadataStore:
             ).fetchall()
         return [fid for (fid,) in rows]
 
-    def list_keys(self, dmid: int, prefix: str, after: str, limit: int) -> list[str]:
-        """Keys starting with ``prefix`` (ASCII case-insensitive, as SQLite LIKE), above ``after``, byte order."""
+    def list_keys(self, dmid: int, prefix: str, after: str, limit: int, case_sensitive: bool = False) -> list[str]:
+        """Keys starting with ``prefix`` above ``after``, in byte order.
+
+        The prefix matches ASCII case-insensitively, as SQLite's LIKE does for mogilefsd, unless
+        ``case_sensitive`` (its ``case_sensitive_list_keys`` setting).
+        """
         pattern = to_bytes(prefix).replace(b"\\", b"\\\\").replace(b"%", b"\\%").replace(b"_", b"\\_") + b"%"
         with self._tx() as db:
+            db.execute(f"PRAGMA case_sensitive_like = {'ON' if case_sensitive else 'OFF'}")
             rows = db.execute(
                 "SELECT dkey FROM file WHERE dmid = ? AND CAST(dkey AS TEXT) LIKE CAST(? AS TEXT) ESCAPE '\\'"
                 " AND dkey > ? ORDER BY dkey LIMIT ?",
@@ -385,6 +486,29 @@ class MetadataStore:
         """Every server setting as ``(name, value)``."""
         with self._tx() as db:
             return db.execute("SELECT field, value FROM server_settings ORDER BY field").fetchall()
+
+    def server_setting(self, name: str) -> str | None:
+        """One server setting's value."""
+        with self._tx() as db:
+            row = db.execute("SELECT value FROM server_settings WHERE field = ?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def set_server_setting(self, name: str, value: str | None) -> None:
+        """Store a server setting; ``None`` removes it."""
+        with self._tx() as db:
+            if value is None:
+                db.execute("DELETE FROM server_settings WHERE field = ?", (name,))
+            else:
+                db.execute("REPLACE INTO server_settings (field, value) VALUES (?, ?)", (name, value))
+
+    def increment_server_setting(self, name: str) -> None:
+        """Add one to a numeric server setting (1 when unset)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO server_settings (field, value) VALUES (?, '1')"
+                " ON CONFLICT (field) DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+                (name,),
+            )
 
 
 def _delete_fid(db: sqlite3.Connection, fid: int) -> list[int]:

@@ -34,7 +34,7 @@ def replicate(ctx: Context, fid: int) -> None:
     devices = {device.devid: device for device in store.devices()}
     holders = [devices[devid] for devid in store.replica_devids(fid) if devid in devices]
     live = ctx.monitor.live_devices()
-    sources = [device for device in holders if device in live]
+    sources = [device for device in holders if ctx.monitor.readable(device)]
     used_hosts = {device.hostid for device in holders}
     targets = [device for device in live if device.hostid not in used_hosts]
     random.shuffle(targets)
@@ -118,6 +118,14 @@ class BackgroundWork:
             self._scheduler.call_later(self.delay, partial(remove_data, ctx, fid, devids))
         else:
             remove_data(ctx, fid, devids)
+
+    def replicate_now(self, ctx: Context) -> int:
+        """Make the delayed copies at once; returns how many files had copies to come."""
+        with self._lock:
+            fids = list(self._copies_due)
+        for fid in fids:
+            replicate(ctx, fid)
+        return len(fids)
 
     def copies_due(self, fid: int) -> bool:
         """Whether ``fid`` still has a delayed replication to come."""

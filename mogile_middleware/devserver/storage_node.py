@@ -2,10 +2,12 @@
 
 For development and tests only. It serves one docroot (holding ``dev<N>/`` directories) with
 GET/HEAD (single ranges, If-Modified-Since), PUT (atomic: written to a temporary file and renamed
-into place once the whole body arrived), DELETE, and refuses MKCOL, like the real node. Bodies are
-streamed in bounded chunks, so memory stays flat whatever the file size. A connection is closed
-when it waits ``idle_timeout`` for data, or when a request line and headers take longer than
-``head_timeout`` from their first byte (so a half-sent request cannot hold a thread).
+into place once the whole body arrived), DELETE, and refuses MKCOL, like the real node. Every
+device directory has mogstored's disk usage file, ``devN/usage``, written when it is requested
+and older than 10 seconds (see :mod:`.diskusage`). Bodies are streamed in bounded chunks, so
+memory stays flat whatever the file size. A connection is closed when it waits ``idle_timeout``
+for data, or when a request line and headers take longer than ``head_timeout`` from their first
+byte (so a half-sent request cannot hold a thread).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote
 
+from . import diskusage
 from .netutil import CHUNK_SIZE, BackgroundServer, TrackingThreadingMixIn
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,7 @@ _REASONS = {
     500: "Internal Server Error",
 }
 _SINGLE_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_DEVICE_DIRECTORY = re.compile(r"dev\d+")
 
 
 class _BodyCut(Exception):
@@ -109,6 +113,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     """One client connection; HTTP/1.0 status lines, keep-alive unless the client asks to close."""
 
     protocol_version = "HTTP/1.0"
+    #: Headers and body leave in separate writes: without TCP_NODELAY, a kept-alive client's
+    #: next response would wait for its delayed ACK (~40 ms).
+    disable_nagle_algorithm = True
     server_version = "mogile-middleware-devserver"
     sys_version = ""
     server: _HTTPServer
@@ -186,6 +193,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if path.is_dir():
             self._page(200, "Directory listing disabled")
             return
+        if self._is_usage_file(path):
+            try:
+                diskusage.refresh(path.parent)
+            except OSError:
+                log.warning("cannot write %r", str(path), exc_info=True)
         try:
             stream = path.open("rb")
         except OSError:
@@ -195,6 +207,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send_file(stream, os.fstat(stream.fileno()))
 
     do_HEAD = do_GET
+
+    def _is_usage_file(self, path: Path) -> bool:
+        """Whether ``path`` is the usage file of an existing device directory (``<docroot>/devN/usage``)."""
+        directory = path.parent
+        return (
+            path.name == diskusage.USAGE_FILE
+            and directory.parent == self.server.docroot
+            and _DEVICE_DIRECTORY.fullmatch(directory.name) is not None
+            and directory.is_dir()
+        )
 
     def _send_file(self, stream: BinaryIO, stat: os.stat_result) -> None:
         size = stat.st_size
@@ -304,6 +326,9 @@ def _discard(name: str) -> None:
 
 class _HTTPServer(TrackingThreadingMixIn, http.server.HTTPServer):
     """A threaded HTTP server that knows its docroot and its handlers' timeouts."""
+
+    #: A burst of clients waits in the backlog (socketserver's default, 5, drops connections).
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], docroot: Path, idle_timeout: float, head_timeout: float) -> None:
         self.docroot = docroot

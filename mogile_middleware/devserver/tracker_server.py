@@ -20,10 +20,12 @@ import time
 from .admin import ADMIN_COMMANDS
 from .commands import FILE_COMMANDS
 from .dispatch import Context, Handler, respond
+from .hosts import HOST_COMMANDS
 from .metadata import MetadataStore
 from .monitor import DeviceMonitor
 from .netutil import CHUNK_SIZE, BackgroundServer, TrackingThreadingMixIn
 from .replication import BackgroundWork, Repairer
+from .settings import SETTINGS_COMMANDS
 
 #: The longest request line accepted; a connection sending more without a line end is closed.
 MAX_LINE = 64 * 1024
@@ -125,7 +127,7 @@ class TrackerServer(BackgroundServer):
         self.monitor = DeviceMonitor(store, on_recovery=self._request_repair)
         self._context = Context(store, self.monitor, BackgroundWork(replication_delay))
         self._repairer = Repairer(self._context)
-        self._handlers: dict[str, Handler] = {**FILE_COMMANDS, **ADMIN_COMMANDS}
+        self._handlers: dict[str, Handler] = {**FILE_COMMANDS, **ADMIN_COMMANDS, **HOST_COMMANDS, **SETTINGS_COMMANDS}
         self._started = time.monotonic()
         self._queries = 0
         self._queries_lock = threading.Lock()
