@@ -43,7 +43,7 @@ def main() -> int:
                 inprocess.hot_path(mogile, args.repeat, "1a. hot path, open", {"reproxy": "perlbal"}),
                 inprocess.hot_path(mogile, args.repeat, "1b. hot path, trusted_proxies", PERLBAL_OPTIONS)]),
             ("3. cache miss", lambda: [inprocess.cache_miss(mogile, args.repeat)]),
-            ("6. upload", lambda: [inprocess.upload(mogile, args.repeat)]),
+            ("6. upload", lambda: inprocess.upload(mogile, args.repeat)),
             ("2, 5, 7a. reproxy", lambda: reproxy.reproxy(mogile, args.repeat)),
             ("4, 7b, 8c. serve mode", lambda: serving.serve(mogile, args.repeat)),
             ("8a. ASGI hot path", lambda: [

@@ -204,14 +204,16 @@ class Client(ClientBase):
         """The key's fid, length, class and replica count."""
         return file_info_of(self._ask(file_info_request(key)))
 
-    def new_file(self, key: str, cls: str | None = None, *, size: int | None = None,
+    def new_file(self, key: str, cls: str | None = None, *, size: int | None = None, checksum: bool = True,
                  verify_checksum: bool = False) -> NewFile:
         """A writable file for ``key``; the key points at the bytes once it is closed.
 
+        ``checksum=False`` sends no MD5 checksum (the tracker still checks the size);
         ``verify_checksum`` asks the tracker to check the stored file's MD5 before committing.
         """
-        return NewFile(self.pool, self.domain, key, cls, size=size, verify_checksum=verify_checksum,
-                       storage_timeout=self.storage_timeout, on_change=self._changed)
+        return NewFile(self.pool, self.domain, key, cls, size=size, checksum=checksum,
+                       verify_checksum=verify_checksum, storage_timeout=self.storage_timeout,
+                       on_change=self._changed)
 
     def store_file(self, key: str, fileobj: BinaryIO, cls: str | None = None, *,
                    verify_checksum: bool = False) -> int:

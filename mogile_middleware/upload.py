@@ -19,7 +19,9 @@ import hashlib
 import io
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, Protocol, Union
 
 from .exceptions import (
@@ -44,6 +46,28 @@ Progress = Callable[[int], None]
 #: Called with a key that now points, or may point, at new data.
 ChangeListener = Callable[[str], None]
 
+#: What :meth:`NewFile.write_from` reads at a time: large enough that handing each piece to the
+#: hashing thread costs little beside hashing and sending it, small enough to keep memory flat.
+READ_SIZE = 1024 * 1024
+
+#: How long :class:`Uploader` trusts what it learned of a class's checksums (``mogadm class
+#: modify --hashtype`` may change it).
+CLASSES_SECONDS = 300.0
+
+_hasher: tuple[int, ThreadPoolExecutor] | None = None
+_hasher_lock = threading.Lock()
+
+
+def hasher() -> ThreadPoolExecutor:
+    """The threads that compute MD5 checksums while uploads send (hashlib releases the GIL on
+    large buffers); made again in a forked child, where the parent's threads do not exist."""
+    global _hasher
+    with _hasher_lock:
+        if _hasher is None or _hasher[0] != os.getpid():
+            _hasher = os.getpid(), ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                                      thread_name_prefix="mogilefs-md5")
+        return _hasher[1]
+
 
 def create_open_args(domain: str, key: str, cls: str | None, size: int | None) -> dict[str, ArgValue]:
     """The arguments of ``create_open`` for ``key``, asking for every destination (``multi_dest``)."""
@@ -66,12 +90,14 @@ def destinations(reply: Reply) -> list[tuple[str, str]]:
     return [(reply["devid"], reply["path"])]
 
 
-def create_close_args(domain: str, key: str, fid: str, destination: tuple[str, str], size: int, md5: str,
-                      verify_checksum: bool) -> dict[str, ArgValue]:
-    """The arguments of ``create_close``: where the body went, its size and MD5 (hex) checksum."""
+def create_close_args(domain: str, key: str, fid: str, destination: tuple[str, str], size: int,
+                      md5: str | None, verify_checksum: bool) -> dict[str, ArgValue]:
+    """The arguments of ``create_close``: where the body went, its size and MD5 (hex) checksum,
+    if one was computed (the tracker checks the size either way)."""
     devid, path = destination
     return {"domain": domain, "key": key, "fid": fid, "devid": devid, "path": path, "size": size,
-            "checksum": f"MD5:{md5}", "checksumverify": 1 if verify_checksum else None}
+            "checksum": None if md5 is None else f"MD5:{md5}",
+            "checksumverify": 1 if verify_checksum and md5 is not None else None}
 
 
 def upload_failed(key: str, error: Exception) -> UploadError:
@@ -128,7 +154,8 @@ class NewFile(io.RawIOBase):
     Bytes are streamed to the first storage node of ``create_open``'s destinations that accepts
     the connection; :meth:`write_from` can also rewind a seekable source and fall back to the next
     destination when a node drops the PUT midway. ``on_change`` is called with the key once
-    ``create_close`` succeeded, or was sent and its answer lost.
+    ``create_close`` succeeded, or was sent and its answer lost. With ``checksum`` (the default)
+    the MD5 checksum is computed as the bytes are sent and given to ``create_close``.
     """
 
     def __init__(
@@ -139,6 +166,7 @@ class NewFile(io.RawIOBase):
         cls: str | None = None,
         *,
         size: int | None = None,
+        checksum: bool = True,
         verify_checksum: bool = False,
         storage_timeout: float = 10.0,
         on_change: ChangeListener | None = None,
@@ -151,6 +179,7 @@ class NewFile(io.RawIOBase):
         self._pool = pool
         self._domain = domain
         self._declared_size = size
+        self._checksum = checksum
         self._verify_checksum = verify_checksum
         self._timeout = storage_timeout
         self._on_change = on_change
@@ -162,7 +191,7 @@ class NewFile(io.RawIOBase):
         self._reset_body()
 
     def _reset_body(self) -> None:
-        self._md5 = hashlib.md5()
+        self._md5 = hashlib.md5() if self._checksum else None
         self.size = 0
 
     def writable(self) -> bool:
@@ -189,8 +218,17 @@ class NewFile(io.RawIOBase):
         return len(data)
 
     def _send(self, stream: PutStream, data: bytes | bytearray | memoryview) -> None:
-        stream.write(data)
-        self._md5.update(data)
+        """Send ``data`` while another thread adds it to the checksum; both are done on return."""
+        if self._md5 is None or len(data) < CHUNK_SIZE:  # a small piece costs more to hand over
+            stream.write(data)
+            if self._md5 is not None:
+                self._md5.update(data)
+        else:
+            hashing = hasher().submit(self._md5.update, data)
+            try:
+                stream.write(data)
+            finally:
+                hashing.result()
         self.size += len(data)
 
     def write_from(self, fileobj: BinaryIO, progress: Progress | None = None) -> int:
@@ -203,7 +241,7 @@ class NewFile(io.RawIOBase):
         while True:
             stream = self._stream or self._open_stream()
             try:
-                for chunk in iter(lambda: fileobj.read(CHUNK_SIZE), b""):
+                for chunk in iter(lambda: fileobj.read(READ_SIZE), b""):
                     self._send(stream, chunk)
                     if progress is not None:
                         progress(self.size)
@@ -227,7 +265,7 @@ class NewFile(io.RawIOBase):
         return self.size
 
     def close(self) -> None:
-        """Finish the PUT and ``create_close`` the key with its size and MD5 checksum."""
+        """Finish the PUT and ``create_close`` the key with its size and MD5 checksum (if computed)."""
         if self.closed:
             return
         try:
@@ -242,7 +280,7 @@ class NewFile(io.RawIOBase):
             self._pool.request(
                 "create_close",
                 create_close_args(self._domain, self.key, self.fid, (self._devid, self._path), self.size,
-                                  self._md5.hexdigest(), self._verify_checksum),
+                                  None if self._md5 is None else self._md5.hexdigest(), self._verify_checksum),
                 tracker=self._tracker,
             )
 
@@ -275,7 +313,7 @@ class UploadClient(Protocol):
     domain: str
     pool: TrackerPool
 
-    def new_file(self, key: str, cls: str | None = None, *, size: int | None = None,
+    def new_file(self, key: str, cls: str | None = None, *, size: int | None = None, checksum: bool = True,
                  verify_checksum: bool = False) -> NewFile:
         """A writable file for ``key`` that tells the client's change listeners once it commits."""
 
@@ -283,16 +321,22 @@ class UploadClient(Protocol):
 class Uploader:
     """Store keys with a chosen class from bytes, a path, a file object or an iterable of chunks.
 
-    Bytes are streamed, never held whole; the size and MD5 checksum go with ``create_close``, and
-    with ``verify_checksums`` the tracker is asked to check the stored file's MD5 whenever the
-    key's class keeps checksums (its ``hashtype``). Files are made by ``client.new_file``, so the
-    client's change listeners hear of every key written (a path cache drops it).
+    Bytes are streamed, never held whole; the size and MD5 checksum go with ``create_close``, the
+    checksum computed as the bytes are sent. With ``checksums="kept"`` it is computed only where
+    the key's class keeps checksums (its ``hashtype``): a tracker drops the checksum of a class
+    that keeps none, and MD5 costs about as much CPU as the sending. With ``verify_checksums`` the
+    tracker is asked to check the stored file's MD5 whenever the class keeps checksums. Files are made by ``client.new_file``, so the client's change listeners hear
+    of every key written (a path cache drops it).
     """
 
-    def __init__(self, client: UploadClient, *, verify_checksums: bool = True) -> None:
+    def __init__(self, client: UploadClient, *, verify_checksums: bool = True, checksums: str = "always") -> None:
+        if checksums not in ("kept", "always"):
+            raise ValueError(f"checksums must be 'kept' or 'always', not {checksums!r}")
         self.client = client
         self.verify_checksums = verify_checksums
+        self.checksums = checksums
         self._hashtypes: dict[str, str] = {}
+        self._hashtypes_asked = 0.0
         self._lock = threading.Lock()
 
     def upload(self, key: str, source: Source, cls: str | None = None, *, progress: Progress | None = None,
@@ -303,6 +347,7 @@ class Uploader:
         :class:`UploadError` (the key keeps its old data), :class:`UploadOutcomeUnknownError` or
         :class:`UnregClassError`.
         """
+        check_key(key)  # before asking the tracker anything
         if isinstance(source, (str, os.PathLike)):
             with open(source, "rb") as fileobj:
                 return self.upload(key, fileobj, cls, progress=progress, verify_checksum=verify_checksum)
@@ -310,10 +355,12 @@ class Uploader:
             source = io.BytesIO(source)
         readable = hasattr(source, "read")
         verify = self.verify_checksums if verify_checksum is None else verify_checksum
+        kept = (verify or self.checksums == "kept") and self._keeps_checksums(cls)
         upload = self.client.new_file(
             key, cls,
             size=remaining_size(source) if readable else None,  # type: ignore[arg-type]
-            verify_checksum=verify and self._keeps_checksums(cls),
+            checksum=self.checksums == "always" or kept,
+            verify_checksum=verify and kept,
         )
         with upload:
             if readable:
@@ -323,11 +370,13 @@ class Uploader:
         return upload.size
 
     def _keeps_checksums(self, cls: str | None) -> bool:
-        """True if the tracker keeps checksums for ``cls`` (asked once, again for a class not seen)."""
+        """True if the tracker keeps checksums for ``cls`` (asked every ``CLASSES_SECONDS``, and
+        again for a class not seen)."""
         name = cls or "default"
         with self._lock:
-            if name not in self._hashtypes:
+            if name not in self._hashtypes or time.monotonic() - self._hashtypes_asked > CLASSES_SECONDS:
                 self._hashtypes = self._class_hashtypes()
+                self._hashtypes_asked = time.monotonic()
             return self._hashtypes.get(name, "NONE") != "NONE"
 
     def _class_hashtypes(self) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import threading
 import time
 import tracemalloc
@@ -109,11 +110,21 @@ def test_the_tracker_verifies_checksums_where_the_class_keeps_them(client: Clien
     client.pool.request = recording  # type: ignore[method-assign]
     uploader = Uploader(client)
     uploader.upload("kept", b"with checksum", cls="original")
-    uploader.upload("plain", b"without", cls="thumb")
+    uploader.upload("plain", b"always", cls="thumb")
+    Uploader(client, checksums="kept").upload("skipped", b"without", cls="thumb")
     closes = [line for line in requests if line.startswith("create_close")]
-    assert "checksumverify=1" in closes[0] and "checksumverify" not in closes[1]
-    assert f"checksum=MD5:{hashlib.md5(b'without').hexdigest()}" in closes[1]
-    assert sum(line.startswith("get_domains") for line in requests) == 1
+    assert f"checksum=MD5:{hashlib.md5(b'with checksum').hexdigest()} checksumverify=1" in closes[0]
+    assert f"checksum=MD5:{hashlib.md5(b'always').hexdigest()}" in closes[1] and "checksumverify" not in closes[1]
+    # checksums="kept": a class that keeps no checksum gets none (the tracker would drop it).
+    assert "checksum" not in closes[2] and "size=7" in closes[2]
+    assert sum(line.startswith("get_domains") for line in requests) == 2
+
+
+def test_a_large_upload_hashed_beside_its_sending_passes_the_trackers_check(client: Client) -> None:
+    data = os.urandom(5 * 1024 * 1024 + 12345)  # several pieces for the hashing thread, and a tail
+    assert Uploader(client).upload("large", io.BytesIO(data), cls="original") == len(data)
+    assert client.file_info("large").checksum == f"MD5:{hashlib.md5(data).hexdigest()}"
+    assert client.read_file("large").read() == data
 
 
 @both_flavours
@@ -180,3 +191,27 @@ def test_a_lost_create_close_answer_is_an_unknown_outcome_and_drops_cached_paths
         assert dropped == ["lost"] and backend.get(entry_key(DOMAIN, "lost")) is None
         assert sum(line.startswith(b"create_close") for line in relay.requests) == 1  # never repeated
     assert Client(DOMAIN, devmogile.trackers).get_file_data("lost") == b"new data"  # here, it was carried out
+
+
+def test_checksums_must_be_kept_or_always(client: Client) -> None:
+    with pytest.raises(ValueError, match="'kept' or 'always'"):
+        Uploader(client, checksums="never")
+
+
+def test_a_forked_child_hashes_its_uploads_on_threads_of_its_own(client: Client) -> None:
+    data = os.urandom(3 * 1024 * 1024)
+    Uploader(client).upload("before-fork", data, cls="original")  # the parent's hashing threads run
+    pid = os.fork()
+    if pid == 0:  # the child: its upload would wait forever on the parent's threads, absent here
+        try:
+            Uploader(client).upload("in-child", data, cls="original")
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 30
+    while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if waited[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the child's upload hung")
+    assert client.file_info("in-child").checksum == f"MD5:{hashlib.md5(data).hexdigest()}"
