@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import inprocess, reproxy, serving, slow_clients
+from . import devnode, inprocess, reproxy, serving, slow_clients
 from .cluster import PERLBAL_OPTIONS, SMALL_KEY, SMALL_SIZE, cluster
 from .report import Figure, notes, table, write_json
 from .servers import FRONT_SETTINGS, WORKERS
@@ -50,6 +50,7 @@ def main() -> int:
                 inprocess.asgi_hot_path(mogile, args.repeat, "8a. ASGI hot path, trusted_proxies", PERLBAL_OPTIONS)]),
             ("8b. reproxy under uvicorn", lambda: [reproxy.asgi_reproxy(mogile, args.repeat)]),
             ("8d. slow clients", lambda: slow_clients.slow_clients(mogile, args.repeat)),
+            ("9. development storage node", lambda: devnode.devnode(mogile, args.repeat)),
         ]
         for title, step in steps:
             print(f"{title}...", file=sys.stderr, flush=True)
