@@ -8,6 +8,7 @@ what this relay reaches is what serve mode could reach with nothing else to do.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
 from urllib.parse import urlsplit
@@ -20,7 +21,8 @@ BUFFER = 1024 * 1024
 def relay(client: socket.socket, url: str) -> None:
     """Read the client's request head, then relay the node's whole response to ``url``."""
     parts = urlsplit(url)
-    client.recv(BUFFER)
+    if not client.recv(BUFFER):
+        return  # a readiness probe, which connects and closes
     with socket.create_connection((parts.hostname or "", parts.port or 80)) as node:
         node.sendall(f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n".encode())
         buffer = bytearray(BUFFER)
@@ -34,7 +36,7 @@ def main() -> None:
     with socket.create_server((HOST, port)) as listener:
         while True:  # one client at a time; stopped by the benchmark with SIGTERM
             client, _ = listener.accept()
-            with client:
+            with client, contextlib.suppress(OSError):  # a client that left early
                 relay(client, url)
 
 

@@ -1,7 +1,8 @@
 """HTTP to MogileFS storage nodes: streaming GET with replica failover, and streaming PUT.
 
 Storage nodes (``mogstored``) are plain HTTP servers. Bodies move in bounded chunks, so memory
-stays flat whatever the file size, and every response object closes its connection.
+stays flat whatever the file size. A GET's connection is kept open for the next request to the
+same node (:mod:`.nodepool`) once its body was read to the end; closing a response early closes it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import time
 from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit
 
-from .exceptions import StorageError
 from .deadline import DeadlineReader, time_left
+from .exceptions import StorageError
+from .nodepool import Node, NodePool, nodes
 
 #: Bytes moved per read or write: large enough for throughput, small enough to stay flat.
 CHUNK_SIZE = 64 * 1024
@@ -53,34 +55,48 @@ class _HeadByDeadline(http.client.HTTPResponse):
         self._head_reader.sock.settimeout(self._read_timeout)
 
 
-def _get(url: str, method: str, headers: dict[str, str], timeout: float
+def _get(url: str, method: str, headers: dict[str, str], timeout: float, pool: NodePool
          ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-    """Send ``method`` to ``url`` and read the response head, all within ``timeout`` seconds."""
+    """Send ``method`` to ``url`` and read the response head, all within ``timeout`` seconds, on
+    a kept-alive connection to its node if the pool has one (a fresh one if that fails before
+    any answer: the node may have closed it meanwhile)."""
     deadline = time.monotonic() + timeout
     connection, path = _connect(url, timeout)
+    kept = pool.take((connection.host, connection.port))
+    if kept is not None:
+        try:
+            return kept, _ask(kept, method, path, headers, deadline, timeout)
+        except (OSError, http.client.HTTPException):
+            kept.close()
     try:
-        connection.response_class = functools.partial(  # type: ignore[misc]
-            _HeadByDeadline, deadline=deadline, read_timeout=timeout)
         connection.connect()
-        connection.sock.settimeout(time_left(deadline))  # sendall() counts it for the whole request
-        connection.request(method, path, headers=headers)
-        return connection, connection.getresponse()
+        return connection, _ask(connection, method, path, headers, deadline, timeout)
     except BaseException:
         connection.close()
         raise
+
+
+def _ask(connection: http.client.HTTPConnection, method: str, path: str, headers: dict[str, str],
+         deadline: float, timeout: float) -> http.client.HTTPResponse:
+    connection.response_class = functools.partial(  # type: ignore[misc]
+        _HeadByDeadline, deadline=deadline, read_timeout=timeout)
+    connection.sock.settimeout(time_left(deadline))  # sendall() counts it for the whole request
+    connection.request(method, path, headers=headers)
+    return connection.getresponse()
 
 
 class ReplicaResponse(io.RawIOBase):
     """The body of one replica as a readable, closeable stream (``read``, ``iter_chunks``)."""
 
     def __init__(self, url: str, connection: http.client.HTTPConnection,
-                 response: http.client.HTTPResponse) -> None:
+                 response: http.client.HTTPResponse, pool: NodePool) -> None:
         super().__init__()
         self.url = url
         self.status = response.status
         self.headers = response.headers
         self._connection = connection
         self._response = response
+        self._pool = pool
 
     @property
     def length(self) -> int | None:
@@ -108,10 +124,20 @@ class ReplicaResponse(io.RawIOBase):
             raise StorageError(f"{self.url} ended {remaining} bytes short of its length", self.url)
 
     def close(self) -> None:
+        """Close the response; its connection is kept for reuse if the body was read to its end
+        and the node keeps it alive, else closed."""
         if not self.closed:
+            complete = self._response.length == 0 and not self._response.will_close
             self._response.close()
-            self._connection.close()
+            if complete:
+                self._pool.give(self.node, self._connection)
+            else:
+                self._connection.close()
         super().close()
+
+    @property
+    def node(self) -> Node:
+        return self._connection.host, self._connection.port
 
 
 def open_replica(
@@ -121,9 +147,11 @@ def open_replica(
     byte_range: tuple[int, int] | None = None,
     length: int | None = None,
     timeout: float = 10.0,
+    pool: NodePool = nodes,
 ) -> ReplicaResponse:
     """Open the first of ``urls`` that answers 2xx (with a body of ``length`` bytes, when given),
-    trying the next on a refusal, an error or another length.
+    trying the next on a refusal, an error or another length. Connections come from ``pool``
+    and go back to it once a response was read to its end.
 
     ``byte_range`` is an absolute, inclusive ``(first, last)`` pair sent as ``Range``: storage
     nodes answer suffix ranges (``bytes=-N``) wrongly, so callers resolve them first. Raises
@@ -136,12 +164,12 @@ def open_replica(
     failures = ReplicaFailures()
     for url in urls:
         try:
-            connection, response = _get(url, method, headers, timeout)
+            connection, response = _get(url, method, headers, timeout, pool)
         # ValueError: a host name the resolver refuses (UnicodeError from IDNA, a NUL byte).
         except (OSError, http.client.HTTPException, StorageError, ValueError) as error:
             failures.failed(url, error)
             continue
-        replica = ReplicaResponse(url, connection, response)
+        replica = ReplicaResponse(url, connection, response, pool)
         if failures.accepts(url, replica.status, replica.length, length):
             return replica
         replica.close()

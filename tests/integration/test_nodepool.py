@@ -1,0 +1,172 @@
+"""Serve mode's connections to storage nodes: kept alive and reused, never when unsafe."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mogile_middleware.devserver.storage_node import StorageNode
+from mogile_middleware.nodepool import NodePool
+from mogile_middleware.storage import open_replica
+
+BODY = bytes(range(256)) * 1024  # 256 KiB: more than one read
+
+
+def established(port: int) -> int:
+    """Established TCP connections to the loopback ``port`` (from /proc/net/tcp)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":
+            count += 1
+    return count
+
+
+def settle(port: int, expected: int) -> int:
+    """The node's established connections once they reach ``expected`` (or after 5 s)."""
+    deadline = time.monotonic() + 5
+    while (count := established(port)) != expected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return count
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[StorageNode]:
+    (tmp_path / "dev1").mkdir()
+    (tmp_path / "dev1" / "file.fid").write_bytes(BODY)
+    storage = StorageNode(tmp_path, host="127.0.0.1", port=0)
+    storage.start()
+    yield storage
+    storage.stop()
+
+
+def url(node: StorageNode) -> str:
+    return f"http://127.0.0.1:{node.port}/dev1/file.fid"
+
+
+def read_all(node: StorageNode, pool: NodePool, **options: object) -> bytes:
+    with open_replica([url(node)], pool=pool, **options) as replica:  # type: ignore[arg-type]
+        return b"".join(replica.iter_chunks())
+
+
+def test_responses_read_to_the_end_share_one_connection(node: StorageNode) -> None:
+    pool = NodePool()
+    for _ in range(5):
+        assert read_all(node, pool) == BODY
+    assert read_all(node, pool, byte_range=(10, 19)) == BODY[10:20]
+    with open_replica([url(node)], method="HEAD", pool=pool) as replica:
+        assert replica.length == len(BODY)
+    assert settle(node.port, 1) == 1
+    pool.close()
+    assert settle(node.port, 0) == 0
+
+
+def test_a_response_left_mid_body_closes_its_connection(node: StorageNode) -> None:
+    pool = NodePool()
+    with open_replica([url(node)], pool=pool) as replica:
+        assert replica.read(10) == BODY[:10]
+    assert settle(node.port, 0) == 0
+    assert read_all(node, pool) == BODY  # a new connection, and the whole body on it
+
+
+def test_a_connection_the_node_closed_while_idle_is_not_used(node: StorageNode) -> None:
+    pool = NodePool()
+    assert read_all(node, pool) == BODY
+    node.stop()  # closes every connection, as a restarted mogstored would
+    node.start()
+    assert read_all(node, pool) == BODY
+
+
+def test_idle_connections_are_bounded_per_node(node: StorageNode) -> None:
+    pool = NodePool(per_node=2)
+    replicas = [open_replica([url(node)], pool=pool) for _ in range(4)]
+    for replica in replicas:
+        assert b"".join(replica.iter_chunks()) == BODY
+        replica.close()
+    assert settle(node.port, 2) == 2
+    pool.close()
+
+
+def test_threads_sharing_a_pool_each_get_their_bytes(node: StorageNode) -> None:
+    pool = NodePool()
+    results: list[bytes] = []
+    lock = threading.Lock()
+
+    def fetch() -> None:
+        for first in range(0, 200, 10):
+            with open_replica([url(node)], pool=pool, byte_range=(first, first + 9)) as replica:
+                part = replica.read()
+            with lock:
+                results.append(part if part == BODY[first:first + 10] else b"wrong")
+
+    threads = [threading.Thread(target=fetch) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(results) == 160 and b"wrong" not in results
+    assert established(node.port) <= 8
+    pool.close()
+
+
+def test_a_forked_child_opens_connections_of_its_own(node: StorageNode) -> None:
+    pool = NodePool()
+    assert read_all(node, pool) == BODY
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's idle socket must not be used here
+        code = 1
+        try:
+            code = 0 if pool.take(("127.0.0.1", node.port)) is None and read_all(node, pool) == BODY else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert read_all(node, pool) == BODY  # the parent's connection is still good
+
+
+class ClosingAfterOneAnswer:
+    """A node that keeps a connection alive after its first answer, then closes it when the next
+    request arrives, unanswered: the race a kept-alive connection can lose."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\nhello")
+            conn.recv(65536)  # the next request: dropped unanswered
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_kept_connection_dropped_at_the_next_request_is_retried_on_a_fresh_one() -> None:
+    node = ClosingAfterOneAnswer()
+    try:
+        pool = NodePool()
+        path = f"http://127.0.0.1:{node.port}/dev1/x.fid"
+        for _ in range(3):
+            with open_replica([path], pool=pool) as replica:
+                assert replica.read() == b"hello"
+        assert node.connections == 3  # each reuse failed before any answer, and was retried
+    finally:
+        node.close()
