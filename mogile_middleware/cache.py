@@ -64,17 +64,22 @@ class MemoryCache:
         return len(self._entries)
 
     def get(self, key: str) -> tuple[Any, float] | None:
-        """``(value, stored_at)`` for ``key`` unless missing or expired; marks it recently used."""
-        now = self._clock()
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return None
-            if entry[1] <= now:
-                del self._entries[key]
-                return None
+        """``(value, stored_at)`` for ``key`` unless missing or expired; marks it recently used.
+
+        Without the lock (each dict operation is atomic): the worst a race can do is drop an
+        entry another thread just stored, which costs a lookup, never a wrong answer.
+        """
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[1] <= self._clock():
+            self._entries.pop(key, None)
+            return None
+        try:
             self._entries.move_to_end(key)
-            return entry[0]
+        except KeyError:  # evicted or deleted meanwhile: this lookup still had it
+            pass
+        return entry[0]
 
     def set(self, key: str, value: Any, stored_at: float, keep_seconds: float) -> None:
         """Keep ``value`` for ``keep_seconds`` from now, evicting the least recently used keys."""

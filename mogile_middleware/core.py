@@ -190,20 +190,20 @@ class MiddlewareCore:
 
     def _key(self, raw_path: str) -> str | Answer:
         """The key for the URL path after the prefix, or the 404 or 400 answer for a bad one."""
-        try:
-            # PEP 3333 gives PATH_INFO as the raw bytes decoded as latin-1.
-            raw = raw_path.encode("latin-1")
-            path = raw.decode("utf-8")
-        except UnicodeError:
-            return _NOT_UTF8
+        path = raw_path
+        if not path.isascii():  # else the bytes are the characters (the usual case)
+            try:
+                # PEP 3333 gives PATH_INFO as the raw bytes decoded as latin-1.
+                path = raw_path.encode("latin-1").decode("utf-8")
+            except UnicodeError:
+                return _NOT_UTF8
         if not _CONTROL_CHARACTERS.isdisjoint(path):
             return _CONTROL
         if self.key_for_path is not None:
             path = self.key_for_path(path)  # type: ignore[assignment]
-            raw = path.encode("utf-8") if path else b""
         if not path:
             return http.NOT_FOUND
-        if len(raw) > MAX_KEY_BYTES:
+        if (len(path) if path.isascii() else len(path.encode("utf-8"))) > MAX_KEY_BYTES:
             return _TOO_LONG
         return path
 
