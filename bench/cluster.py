@@ -78,4 +78,6 @@ def cluster() -> Iterator[Cluster]:
         tracker = stack.enter_context(servers.tracker(path, DOMAIN, {CLASS: 1}, [node]))
         client = Client(DOMAIN, [tracker], storage_timeout=60)
         stack.callback(client.close)
+        # One node holds one copy: no class can keep more, the default one (2 copies) included.
+        client.pool.request("update_class", {"domain": DOMAIN, "class": "default", "mindevcount": 1})
         yield Cluster(path, node, tracker, client)

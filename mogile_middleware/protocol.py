@@ -49,12 +49,21 @@ def check_key(key: str | bytes) -> bytes:
 def encode_request(command: str, args: Mapping[str, ArgValue] | None = None) -> bytes:
     """The request line for ``command`` with ``args`` (``None`` values are left out)."""
     pairs = [
-        f"{quote_plus(name, safe='')}={quote_plus(_arg_bytes(value), safe='')}"
+        f"{_escaped(name.encode('utf-8'))}={_escaped(_arg_bytes(value))}"
         for name, value in (args or {}).items()
         if value is not None
     ]
     line = f"{command} {'&'.join(pairs)}" if pairs else command
     return line.encode("ascii") + b"\r\n"
+
+
+#: What a request argument may hold unescaped (the bytes ``quote_plus`` never changes).
+_UNESCAPED = re.compile(rb"[A-Za-z0-9_.~-]*")
+
+
+def _escaped(data: bytes) -> str:
+    """``data`` URL-escaped as mogilefsd unescapes it; names and most values need nothing done."""
+    return data.decode("ascii") if _UNESCAPED.fullmatch(data) else quote_plus(data, safe="")
 
 
 def _arg_bytes(value: str | bytes | int) -> bytes:
