@@ -146,8 +146,9 @@ async def _disconnected(receive: Receive) -> None:
 def _path_info(scope: Scope) -> str:
     """The path as WSGI's ``PATH_INFO`` has it (percent-decoded bytes as latin-1), below ``root_path``."""
     raw = scope.get("raw_path")
-    if raw:  # without a fragment, which some servers keep (no client should send one)
-        raw = raw.split(b"#", 1)[0].split(b"?", 1)[0]
+    if raw:
+        if b"#" in raw or b"?" in raw:  # a fragment, which some servers keep (no client should send one)
+            raw = raw.split(b"#", 1)[0].split(b"?", 1)[0]
         path = (unquote_to_bytes(raw) if b"%" in raw else raw).decode("latin-1")
     else:
         path = scope["path"].partition("#")[0].encode("utf-8", "surrogateescape").decode("latin-1")
@@ -158,11 +159,12 @@ def _path_info(scope: Scope) -> str:
 def _environ(scope: Scope, path: str) -> dict[str, Any]:
     """The request as the CGI names the shared decisions read: only the headers they read, repeated
     ones joined as WSGI servers do."""
+    query = scope.get("query_string")
     environ: dict[str, Any] = {
         "REQUEST_METHOD": scope["method"],
         "SCRIPT_NAME": scope.get("root_path", ""),
         "PATH_INFO": path,
-        "QUERY_STRING": scope.get("query_string", b"").split(b"#", 1)[0].decode("latin-1"),
+        "QUERY_STRING": query.split(b"#", 1)[0].decode("latin-1") if query else "",
         "REMOTE_ADDR": (scope.get("client") or ("",))[0],
     }
     for name, value in scope.get("headers", ()):
