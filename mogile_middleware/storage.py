@@ -111,10 +111,11 @@ class ReplicaResponse(io.RawIOBase):
         return self._response.readinto(buffer)
 
     def iter_chunks(self, size: int = CHUNK_SIZE) -> Iterator[bytes]:
-        """Yield the body in chunks of at most ``size`` bytes; raise if it ends short."""
+        """Yield the body in chunks of at most ``size`` bytes, each as one read from the node
+        returned it (no copy); raise if it ends short."""
         remaining = self.length
         while True:
-            chunk = self._response.read(size)
+            chunk = self._response.read1(size)
             if not chunk:
                 break
             if remaining is not None:
