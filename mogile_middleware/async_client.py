@@ -19,7 +19,7 @@ import io
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import BinaryIO, Union
 
-from .async_storage import CHUNK_SIZE, AsyncPutStream, AsyncReplicaResponse, open_replica
+from .async_storage import CHUNK_SIZE, AsyncPutStream, AsyncReplicaResponse, close_idle_connections, open_replica
 from .async_tracker import AsyncTrackerPool
 from .client import (
     ClientBase,
@@ -175,8 +175,9 @@ class AsyncClient(ClientBase):
         raise no_storage_node(key, failures)
 
     async def aclose(self) -> None:
-        """Close the running event loop's kept-open tracker connections."""
+        """Close the running event loop's kept-open tracker and storage node connections."""
         await self.pool.aclose()
+        close_idle_connections()
 
 
 async def _send(stream: AsyncPutStream, body: Body) -> tuple[int, str]:

@@ -3,8 +3,9 @@
 The asyncio counterpart of :mod:`.storage`, with its guarantees: one deadline per replica until
 its status line and headers have arrived, however slowly they trickle in, then ``timeout`` per
 read of the body, so a slow but live transfer goes on; bodies move in bounded chunks at the
-caller's pace, so memory stays flat whatever the file size; every response closes its
-connection, also when the task reading it is cancelled. ::
+caller's pace, so memory stays flat whatever the file size. A response read to its end leaves
+its connection open for the event loop's next request to that node (as :mod:`.nodepool` does for
+threads); one closed early, or whose task is cancelled, closes it. ::
 
     replica = await open_replica(paths, timeout=5)
     async with replica:
@@ -24,6 +25,7 @@ import asyncio
 import http.client
 import re
 import sys
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from types import TracebackType
@@ -31,6 +33,7 @@ from typing import TypeVar, cast
 
 from . import storage
 from .exceptions import StorageError
+from .nodepool import IDLE_PER_NODE, IDLE_SECONDS, Node
 from .storage import CHUNK_SIZE, ReplicaFailures, range_header
 
 __all__ = ["BODY_CHUNK_SIZE", "CHUNK_SIZE", "AsyncPutStream", "AsyncReplicaResponse", "open_replica"]
@@ -84,14 +87,18 @@ class _Target:
         self.port: int = connection.port
         self.path = path
 
-    def request_head(self, method: str, headers: Mapping[str, str]) -> bytes:
-        """The request line and headers of ``method`` on this target."""
+    @property
+    def node(self) -> Node:
+        return self.host, self.port
+
+    def request_head(self, method: str, headers: Mapping[str, str], *, keep_alive: bool = False) -> bytes:
+        """The request line and headers of ``method`` on this target; HTTP/1.1 keeps the connection
+        open unless ``keep_alive`` is false."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         lines = [
             f"{method} {self.path} HTTP/1.1",
             f"Host: {host}" if self.port == 80 else f"Host: {host}:{self.port}",
-            # One connection per request for now; a pool would drop this to keep them open.
-            "Connection: close",
+            *(() if keep_alive else ("Connection: close",)),
             *(f"{name}: {value}" for name, value in headers.items()),
             "",
             "",
@@ -111,6 +118,11 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self.node: Node = ("", 0)
+        #: Whether it was kept from an earlier response, and whether anything came on it since.
+        self.reused = self.received = False
+        #: Whether the node keeps the connection open after the last response head read.
+        self.keep_alive = False
         self._transport: asyncio.Transport | None = None
         self._pieces: deque[bytes] = deque()
         self._start = 0  # how much of the first piece was read
@@ -123,9 +135,16 @@ class _Connection(asyncio.Protocol):
         self._closed: asyncio.Future[None] = loop.create_future()
 
     @classmethod
-    async def open(cls, target: _Target) -> _Connection:
+    async def open(cls, target: _Target, *, kept: bool = False) -> _Connection:
+        """A connection to the node of ``target``: with ``kept``, one kept open by an earlier
+        response if this event loop has one."""
         loop = asyncio.get_running_loop()
+        connection = _idle_connections(loop).take(target.node) if kept else None
+        if connection is not None:
+            connection.reused, connection.received = True, False
+            return connection
         _, connection = await loop.create_connection(lambda: cls(loop), target.host, target.port)
+        connection.node = target.node
         return connection
 
     # -- the protocol's side ------------------------------------------------------------------
@@ -134,6 +153,7 @@ class _Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
 
     def data_received(self, data: bytes) -> None:
+        self.received = True
         self._pieces.append(data)
         if not self._reading_paused and self._transport is not None:
             self._reading_paused = True
@@ -215,7 +235,8 @@ class _Connection(asyncio.Protocol):
             raise StorageError(f"{url} sent a response head over {_MAX_HEAD} bytes", url)
         if end + 4 < len(data):  # the start of the body
             self._unread(data[end + 4:])
-        return _parse_head(url, data[:end + 4])
+        status, headers, self.keep_alive = _parse_head(url, data[:end + 4])
+        return status, headers
 
     def _unread(self, data: bytes) -> None:
         """Put ``data`` back in front of what is buffered."""
@@ -253,9 +274,20 @@ class _Connection(asyncio.Protocol):
                 self._drain_waiter = None
 
     def close(self, reusable: bool = False) -> None:
-        """End the connection (its socket is closed on the next turn of the event loop)."""
-        if self._transport is not None:
+        """End the connection (its socket is closed on the next turn of the event loop), or with
+        ``reusable`` (its last response was read to the end) keep it for the next request to its
+        node if it is still open and the node keeps it alive."""
+        if self._transport is None:
+            return
+        if reusable and self.usable():
+            _idle_connections(self._loop).give(self)
+        else:
             self._transport.close()
+
+    def usable(self) -> bool:
+        """True if a new request may be sent: open, kept alive, nothing unread."""
+        return (self.keep_alive and not self._pieces and not self._eof and self._error is None
+                and self._transport is not None and not self._transport.is_closing())
 
     def abort(self) -> None:
         """End the connection at once, dropping whatever is still to be sent."""
@@ -266,8 +298,57 @@ class _Connection(asyncio.Protocol):
         await asyncio.shield(self._closed)
 
 
-def _parse_head(url: str, head: bytes) -> tuple[int, dict[str, str]]:
-    """The status and headers of a response head (CRLF line ends, as storage nodes send)."""
+class _IdleConnections:
+    """The kept-alive connections of one event loop, per node: at most ``IDLE_PER_NODE`` each,
+    none older than ``IDLE_SECONDS`` (as the WSGI side's :class:`~.nodepool.NodePool`, for the
+    loop's one thread)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._idle: dict[Node, list[tuple[float, _Connection]]] = {}
+
+    def take(self, node: Node) -> _Connection | None:
+        idle = self._idle.get(node)
+        now = self._loop.time()
+        while idle:
+            since, connection = idle.pop()
+            if now - since < IDLE_SECONDS and connection.usable():
+                return connection
+            connection.abort()
+        return None
+
+    def give(self, connection: _Connection) -> None:
+        idle = self._idle.setdefault(connection.node, [])
+        if len(idle) >= IDLE_PER_NODE:
+            idle.pop(0)[1].abort()
+        idle.append((self._loop.time(), connection))
+
+    def close(self) -> None:
+        idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for _, connection in connections:
+                connection.abort()
+
+
+_idle_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _IdleConnections] = weakref.WeakKeyDictionary()
+
+
+def _idle_connections(loop: asyncio.AbstractEventLoop) -> _IdleConnections:
+    idle = _idle_by_loop.get(loop)
+    if idle is None:
+        idle = _idle_by_loop[loop] = _IdleConnections(loop)
+    return idle
+
+
+def close_idle_connections() -> None:
+    """Close the running event loop's kept-alive connections to storage nodes."""
+    _idle_connections(asyncio.get_running_loop()).close()
+
+
+def _parse_head(url: str, head: bytes) -> tuple[int, dict[str, str], bool]:
+    """The status and headers of a response head (CRLF line ends, as storage nodes send), and
+    whether the node keeps the connection open after it (mogstored answers HTTP/1.0 with
+    ``Connection: keep-alive``)."""
     status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
     version, _, rest = status_line.partition(" ")
     status = rest[:3]
@@ -280,7 +361,9 @@ def _parse_head(url: str, head: bytes) -> tuple[int, dict[str, str]]:
             raise StorageError(f"{url} sent a bad header line: {line[:80]!r}", url)
         name, value = name.lower(), value.strip()
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    return int(status), headers
+    connection = {token.strip() for token in headers.get("connection", "").lower().split(",")}
+    keep_alive = "keep-alive" in connection if version == "HTTP/1.0" else "close" not in connection
+    return int(status), headers, keep_alive
 
 
 def _content_length(headers: Mapping[str, str]) -> int | None:
@@ -387,10 +470,11 @@ class AsyncReplicaResponse:
             connection.close(reusable)
 
     async def aclose(self) -> None:
-        """Close the connection (at once, whatever is left of the body); closing again does nothing."""
+        """Close the connection at once, unless no body is left (a HEAD, a 304: then it is kept
+        for the next request to the node); closing again does nothing."""
         connection = self._connection
-        self._end()
-        if connection is not None:
+        self._end(reusable=self._remaining == 0)
+        if connection is not None and self._remaining != 0:
             await connection.wait_closed()
 
     async def __aenter__(self) -> AsyncReplicaResponse:
@@ -405,25 +489,39 @@ class AsyncReplicaResponse:
 
 
 async def _exchange(target: _Target, request: bytes, method: str, timeout: float) -> AsyncReplicaResponse:
-    connection = await _Connection.open(target)
+    """The response head on a kept connection to the node, or on a fresh one if that one was
+    closed before any answer (the node may have closed it while it was idle)."""
+    connection = await _Connection.open(target, kept=True)
+    try:
+        status, headers = await _ask(connection, target.url, request)
+    except (OSError, StorageError):
+        if not connection.reused or connection.received:
+            raise
+        connection = await _Connection.open(target)
+        status, headers = await _ask(connection, target.url, request)
+    return AsyncReplicaResponse(target.url, connection, status, headers, method=method, timeout=timeout)
+
+
+async def _ask(connection: _Connection, url: str, request: bytes) -> tuple[int, dict[str, str]]:
     try:
         connection.write(request)
         await connection.drain()
-        status, headers = await connection.read_head(target.url)
+        status, headers = await connection.read_head(url)
         if "chunked" in headers.get("transfer-encoding", "").lower():
             # Storage nodes never chunk a response; refusing one keeps the reader simple.
-            raise StorageError(f"{target.url} sent a chunked response, which storage nodes do not", target.url)
+            raise StorageError(f"{url} sent a chunked response, which storage nodes do not", url)
     except BaseException:
         connection.abort()
         raise
-    return AsyncReplicaResponse(target.url, connection, status, headers, method=method, timeout=timeout)
+    return status, headers
 
 
 async def _request(url: str, method: str, headers: Mapping[str, str], timeout: float) -> AsyncReplicaResponse:
     """Send ``method`` to ``url`` and read the response head, all within ``timeout`` seconds."""
     target = _Target(url)
     try:
-        return await _within(timeout, _exchange(target, target.request_head(method, headers), method, timeout))
+        return await _within(timeout, _exchange(target, target.request_head(method, headers, keep_alive=True), method,
+                                                timeout))
     except asyncio.TimeoutError:
         raise StorageError(f"no status line and headers within {timeout:g}s", url) from None
 

@@ -1,7 +1,9 @@
-"""Serve mode's connections to storage nodes: kept alive and reused, never when unsafe."""
+"""Serve mode's connections to storage nodes: kept alive and reused, never when unsafe (the
+WSGI side's thread-safe pool, and the asyncio side's, per event loop)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import threading
@@ -11,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from mogile_middleware.async_storage import close_idle_connections
+from mogile_middleware.async_storage import open_replica as async_open_replica
 from mogile_middleware.devserver.storage_node import StorageNode
 from mogile_middleware.nodepool import NodePool
 from mogile_middleware.storage import open_replica
@@ -170,3 +174,63 @@ def test_a_kept_connection_dropped_at_the_next_request_is_retried_on_a_fresh_one
         assert node.connections == 3  # each reuse failed before any answer, and was retried
     finally:
         node.close()
+
+
+# -- the same for the asyncio side --------------------------------------------------------------
+
+async def aread_all(node_url: str, **options: object) -> bytes:
+    async with await async_open_replica([node_url], **options) as replica:  # type: ignore[arg-type]
+        return b"".join([chunk async for chunk in replica.chunks()])
+
+
+def test_async_responses_read_to_the_end_share_one_connection(node: StorageNode) -> None:
+    async def main() -> int:
+        for _ in range(5):
+            assert await aread_all(url(node)) == BODY
+        assert await aread_all(url(node), byte_range=(10, 19)) == BODY[10:20]
+        async with await async_open_replica([url(node)], method="HEAD") as replica:
+            assert replica.length == len(BODY)
+        kept = settle(node.port, 1)
+        close_idle_connections()
+        return kept
+
+    assert asyncio.run(main()) == 1
+    assert settle(node.port, 0) == 0
+
+
+def test_async_a_response_left_mid_body_closes_its_connection(node: StorageNode) -> None:
+    async def main() -> None:
+        async with await async_open_replica([url(node)]) as replica:
+            assert (await replica.read(10)) == BODY[:10]
+        assert settle(node.port, 0) == 0
+        assert await aread_all(url(node)) == BODY
+        close_idle_connections()
+
+    asyncio.run(main())
+
+
+def test_async_a_connection_the_node_closed_while_idle_is_not_used(node: StorageNode) -> None:
+    async def main() -> None:
+        assert await aread_all(url(node)) == BODY
+        node.stop()
+        node.start()
+        await asyncio.sleep(0.1)  # the loop sees the connection close
+        assert await aread_all(url(node)) == BODY
+        close_idle_connections()
+
+    asyncio.run(main())
+
+
+def test_async_a_kept_connection_dropped_at_the_next_request_is_retried_on_a_fresh_one() -> None:
+    racing = ClosingAfterOneAnswer()
+
+    async def main() -> None:
+        for _ in range(3):
+            assert await aread_all(f"http://127.0.0.1:{racing.port}/dev1/x.fid") == b"hello"
+        close_idle_connections()
+
+    try:
+        asyncio.run(main())
+        assert racing.connections == 3
+    finally:
+        racing.close()
