@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import shutil
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import devnode, inprocess, reproxy, serving, slow_clients
+from . import devnode, growth, inprocess, reproxy, scaling, serving, slow_clients, workers
 from .cluster import PERLBAL_OPTIONS, SMALL_KEY, SMALL_SIZE, cluster
 from .report import Figure, notes, table, write_json
 from .servers import FRONT_SETTINGS, WORKERS
@@ -51,11 +52,15 @@ def main() -> int:
             ("8b. reproxy under uvicorn", lambda: [reproxy.asgi_reproxy(mogile, args.repeat)]),
             ("8d. slow clients", lambda: slow_clients.slow_clients(mogile, args.repeat)),
             ("9. development storage node", lambda: devnode.devnode(mogile, args.repeat)),
+            ("10a–b. path cache growth", lambda: growth.path_cache(mogile, args.repeat)),
+            ("10c–d. workers sharing memcached", lambda: workers.shared_cache(mogile, args.repeat)),
+            ("10e–f. tracker client, 64 threads", lambda: scaling.threaded_client(mogile, args.repeat)),
+            ("10g. serve mode, 1 to 128 clients", lambda: scaling.serve_clients(mogile, args.repeat)),
         ]
         for title, step in steps:
             print(f"{title}...", file=sys.stderr, flush=True)
             figures += step()
-    figures.sort(key=lambda figure: figure.name)
+    figures.sort(key=_numbered)
     seconds = time.monotonic() - started
     print(table(figures))
     print(notes(figures))
@@ -68,6 +73,12 @@ def main() -> int:
     write_json(args.output, figures, settings, seconds)
     print(f"saved {args.output}", file=sys.stderr)
     return 0
+
+
+def _numbered(figure: Figure) -> tuple[int, str]:
+    """The order of a figure by its number, so that 10a comes after 9b."""
+    number, rest = re.match(r"(\d*)(.*)", figure.name).groups()  # type: ignore[union-attr]
+    return int(number or 0), rest
 
 
 def _installed(module: str, otherwise: str) -> str:

@@ -102,7 +102,7 @@ def _hot_path_figure(name: str, repeat: int, bare: Callable[[int], float], wrapp
                   target, Spread.of(overhead))
 
 
-class _TrackerLine:
+class TrackerLine:
     """A kept-open connection to the tracker that times request lines, with nothing on top."""
 
     def __init__(self, address: str) -> None:
@@ -128,7 +128,7 @@ def _seconds(app: WSGIApp, environ: dict[str, Any]) -> float:
     return time.perf_counter() - start
 
 
-def _miss_times(wrapped: WSGIApp, raw: _TrackerLine, mine: list[str], theirs: list[str]) -> dict[str, list[float]]:
+def _miss_times(wrapped: WSGIApp, raw: TrackerLine, mine: list[str], theirs: list[str]) -> dict[str, list[float]]:
     """Seconds per request: the middleware for each of ``mine``, a raw ``get_paths`` for each of
     ``theirs`` and a raw ``noop``, taking turns, since a connection used just before answers faster."""
     environs = [proxied_environ("/mogilefs/" + key) for key in mine]
@@ -155,7 +155,7 @@ def cache_miss(cluster: Cluster, repeat: int) -> Figure:
     # Without trusted_proxies a miss costs one tracker round trip (no HEAD for the length).
     wrapped = cluster.middleware(reproxy="perlbal")
     wrapped.client.pool.request("noop")  # its tracker connection is open, as the raw one is
-    raw = _TrackerLine(cluster.tracker)
+    raw = TrackerLine(cluster.tracker)
     samples: dict[str, list[float]] = {"wrapped": [], "raw": [], "noop": []}
     deadline = Deadline(120, "the cache miss loop")
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import subprocess
@@ -103,15 +104,16 @@ class WrkResult:
 
 
 def wrk(url: str, workdir: Path, *, connections: int, seconds: float, count: int | None = None,
-        close: bool = False) -> WrkResult:
+        close: bool = False, lua: str = "") -> WrkResult:
     """Load ``url`` with wrk for ``seconds`` (or until ``count`` responses, whichever comes first).
 
-    ``close`` asks for a new connection per request. Errors are socket errors plus answers other
-    than 2xx and 3xx.
+    ``close`` asks for a new connection per request; ``lua`` adds to wrk's script (e.g. a
+    ``request()`` choosing the path). Errors are socket errors plus answers other than 2xx and 3xx.
     """
-    script = workdir / ("wrk-count.lua" if count else "wrk-summary.lua")
+    text = (_COUNT_LUA if count else _SUMMARY_LUA) + lua
+    script = workdir / f"wrk-{hashlib.sha1(text.encode()).hexdigest()[:12]}.lua"
     if not script.exists():
-        script.write_text(_COUNT_LUA if count else _SUMMARY_LUA)
+        script.write_text(text)
     argv = ["wrk", "--threads=1", f"--connections={connections}", f"--duration={seconds:g}s",
             "--timeout=10s", "--latency", f"--script={script}", url]
     if close:

@@ -152,14 +152,14 @@ def _app_server(argv: Sequence[str], port: int, log: Path, app_env: Mapping[str,
         yield server
 
 
-def gunicorn(workdir: Path, name: str, app_env: Mapping[str, str],
-             port: int | None = None) -> AbstractContextManager[Server]:
-    """:func:`bench.apps.make_app` under gunicorn (``WORKERS`` sync workers), configured by
-    ``app_env``, on ``port`` (a free one by default)."""
+def gunicorn(workdir: Path, name: str, app_env: Mapping[str, str], port: int | None = None, *,
+             workers: int = WORKERS, app: str = "bench.apps:make_app()") -> AbstractContextManager[Server]:
+    """``app`` (:func:`bench.apps.make_app` by default) under gunicorn with ``workers`` sync
+    workers, configured by ``app_env``, on ``port`` (a free one by default)."""
     port = port or free_port()
-    argv = [sys.executable, "-m", "gunicorn", "--workers", str(WORKERS), "--worker-class", "sync",
-            "--bind", f"{HOST}:{port}", "--backlog", "2048", "--timeout", "120", "bench.apps:make_app()"]
-    return _app_server(argv, port, workdir / f"gunicorn-{name}.log", app_env, WORKERS, master=True)
+    argv = [sys.executable, "-m", "gunicorn", "--workers", str(workers), "--worker-class", "sync",
+            "--bind", f"{HOST}:{port}", "--backlog", "2048", "--timeout", "120", app]
+    return _app_server(argv, port, workdir / f"gunicorn-{name}.log", app_env, workers, master=True)
 
 
 def uvicorn(workdir: Path, name: str, app_env: Mapping[str, str], workers: int = 1) -> AbstractContextManager[Server]:
