@@ -36,7 +36,7 @@ PATH_COUNT = 2
 CLASSES_SECONDS = 300.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a cache holds many (about 150 bytes less each)
 class Location:
     """Where one version of a key's bytes are: replica URLs, ETag, length.
 
