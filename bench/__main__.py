@@ -17,8 +17,8 @@ from .report import Figure, notes, table, write_json
 from .servers import FRONT_SETTINGS, WORKERS
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
-PROGRAMS = ("wrk", "perlbal")
-MODULES = ("gunicorn", "uvicorn")
+PROGRAMS = ("wrk", "perlbal", "memcached")
+MODULES = ("gunicorn", "uvicorn", "pymemcache", "paste.deploy")
 
 
 def main() -> int:
@@ -75,10 +75,10 @@ def main() -> int:
     return 0
 
 
-def _numbered(figure: Figure) -> tuple[int, str]:
-    """The order of a figure by its number, so that 10a comes after 9b."""
-    number, rest = re.match(r"(\d*)(.*)", figure.name).groups()  # type: ignore[union-attr]
-    return int(number or 0), rest
+def _numbered(figure: Figure) -> list[int | str]:
+    """The order of figures by the numbers in their names, so that 10a comes after 9b and
+    8 clients before 32."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", figure.name)]
 
 
 def _installed(module: str, otherwise: str) -> str:
