@@ -1,4 +1,4 @@
-"""The everyday subcommands: ``upload``, ``get``, ``ls``, ``info``, ``rm``, ``mv`` and ``paths``.
+"""The everyday subcommands: ``upload``, ``get``, ``ls``, ``info``, ``rm``, ``mv``, ``paths`` and ``check``.
 
 Each talks to the trackers of ``--trackers`` (or ``$MOGILEFS_TRACKERS``) about the keys of
 ``--domain`` (or ``$MOGILEFS_DOMAIN``); those that write also drop the keys they change from the
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 
+from . import health
 from .client import Client, FileInfo
 from .exceptions import UnknownKeyError
 from .progress import ProgressBar, printable
@@ -44,6 +46,7 @@ examples:
   mogile-middleware info avatars/42.png
   mogile-middleware mv avatars/42.png avatars/43.png
   mogile-middleware rm avatars/43.png --memcached 10.0.0.9:11211
+  mogile-middleware check --json
   mogile-middleware devserver --domain media --class avatar=2
 
 exit codes:
@@ -335,6 +338,43 @@ def _mv(args: argparse.Namespace, client: Client) -> int:
 
 
 #: name → (one-line help, add_arguments, run), merged into :data:`cli.SUBCOMMANDS`.
+def _add_check_arguments(parser: argparse.ArgumentParser) -> None:
+    _connection_options(parser)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
+                        help="connect and answer timeout per tracker (default: 3)")
+
+
+def _check(args: argparse.Namespace) -> int:
+    """Print the health report; each problem also as one line on stderr; exit 1 if there is any."""
+    report = health.check(args.trackers, args.domain, timeout=args.timeout)
+    if args.json:
+        json.dump(report.as_dict(), sys.stdout, indent=2)
+        print()
+    else:
+        _print_health(report)
+    for problem in report.problems:
+        print(f"mogile-middleware: check: {printable(problem)}", file=sys.stderr)
+    return 1 if report.problems else 0
+
+
+def _print_health(report: health.Health) -> None:
+    print("trackers:")
+    for tracker in report.trackers:
+        state = f"OK  {tracker.rtt_ms:.2f} ms" if tracker.reachable else f"FAILED  {tracker.error}"
+        print(f"  {tracker.address}  {printable(state)}")
+    classes = ", ".join(f"{name} ({copies} cop{'y' if copies == 1 else 'ies'})" for name, copies in report.classes.items())
+    print(f"domain {printable(report.domain)}: {printable(classes) or 'no classes'}")
+    print("hosts:")
+    for host in report.hosts:
+        print(f"  [{host.hostid}] {printable(host.name)}  {host.address}  {host.status}")
+    print("devices:")
+    for device in report.devices:
+        space = "" if device.mb_free is None else f"  {device.mb_free / 1024:.1f} of {(device.mb_total or 0) / 1024:.1f} GiB free"
+        print(f"  [dev{device.devid}] {printable(device.host)}  {device.status}  {device.observed or 'not yet seen'}{space}")
+    print(f"{len(report.problems)} problem(s)" if report.problems else "all well")
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "upload": ("store a file, stdin or a directory tree under keys", _add_upload_arguments, _command(_upload)),
     "get": ("write a key's content to a file or stdout", _add_get_arguments, _command(_get)),
@@ -343,4 +383,6 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "paths": ("print the URLs of a key's replicas, one a line", _add_key_argument, _command(_paths)),
     "rm": ("delete a key", _add_rm_arguments, _command(_rm)),
     "mv": ("rename a key", _add_mv_arguments, _command(_mv)),
+    "check": ("check the trackers, the domain's classes, the hosts and the devices (like mogadm check); "
+              "exit 1 with a line per problem", _add_check_arguments, _check),
 }

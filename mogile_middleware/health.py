@@ -1,0 +1,165 @@
+"""A MogileFS health check, as ``mogadm check`` does it: what an operator alerts on.
+
+:func:`check` asks every tracker (reachable? round-trip time of a ``noop``), then one that
+answered for the domain and its classes, the hosts and the devices, and lists the problems, each
+a one-line reason:
+
+* a tracker that does not answer;
+* a domain the trackers do not know;
+* a host or device the trackers mark ``down``;
+* an ``alive`` device the trackers cannot reach (observed ``unreachable``) or cannot write to;
+* a device with less free space than mogilefsd keeps unused (``min_free_space``, 100 MB);
+* a class keeping more copies than there are writeable devices on distinct hosts.
+
+Hosts and devices an operator retired (``dead``) or set aside (``readonly``, ``drain``) are
+reported, not counted as problems.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .exceptions import MogileFSError
+from .protocol import Reply, parse_domains
+from .tracker import Address, TrackerPool
+
+#: What mogilefsd leaves free on every device (its ``min_free_space`` default), in MB.
+MIN_FREE_MB = 100
+
+
+@dataclass(frozen=True)
+class TrackerHealth:
+    address: str
+    reachable: bool
+    rtt_ms: float | None = None
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class HostHealth:
+    hostid: str
+    name: str
+    address: str
+    status: str
+
+
+@dataclass(frozen=True)
+class DeviceHealth:
+    devid: int
+    host: str
+    status: str
+    observed: str
+    mb_total: int | None
+    mb_free: int | None
+
+
+@dataclass
+class Health:
+    """What :func:`check` found; ``problems`` is empty when all is well."""
+
+    trackers: list[TrackerHealth] = field(default_factory=list)
+    domain: str = ""
+    classes: dict[str, int] = field(default_factory=dict)
+    hosts: list[HostHealth] = field(default_factory=list)
+    devices: list[DeviceHealth] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check(trackers: list[Address], domain: str, *, timeout: float = 3.0) -> Health:
+    """The health of the MogileFS behind ``trackers``, for ``domain``."""
+    health = Health(domain=domain)
+    answering = [address for address in trackers if _ask_tracker(address, timeout, health)]
+    if not answering:
+        health.problems.append("no tracker answered")
+        return health
+    pool = TrackerPool(answering, connect_timeout=timeout, io_timeout=timeout)
+    try:
+        domains = parse_domains(pool.request("get_domains")[0])
+        hosts = pool.request("get_hosts")[0]
+        devices = pool.request("get_devices")[0]
+    except MogileFSError as error:
+        health.problems.append(f"the trackers could not say how the cluster is: {error}")
+        return health
+    finally:
+        pool.close()
+    if domain not in domains:
+        health.problems.append(f"domain {domain!r} is not registered")
+    health.classes = {name: copies for name, (copies, _) in sorted(domains.get(domain, {}).items())}
+    _read_hosts(hosts, health)
+    _read_devices(devices, health)
+    health.devices.sort(key=lambda device: device.devid)
+    alive_hosts = {host.name for host in health.hosts if host.status == "alive"}
+    writeable_hosts = {device.host for device in health.devices if device.host in alive_hosts and _writeable(device)}
+    for name, copies in health.classes.items():
+        if copies > len(writeable_hosts):
+            health.problems.append(f"class {name!r} keeps {copies} copies, but only {len(writeable_hosts)} "
+                                   f"host(s) have a writeable device")
+    return health
+
+
+def _ask_tracker(address: Address, timeout: float, health: Health) -> bool:
+    """``noop`` on a connection of its own: reachable, and how fast."""
+    pool = TrackerPool([address], connect_timeout=timeout, io_timeout=timeout, dead_seconds=0)
+    name = f"{address[0]}:{address[1]}"
+    try:
+        pool.request("noop")  # the connection, made once
+        start = time.perf_counter()
+        pool.request("noop")
+        rtt_ms = (time.perf_counter() - start) * 1000
+    except MogileFSError as error:
+        reason = str(error).rpartition(f"{name}: ")[2]  # the pool's message names the tracker already
+        health.trackers.append(TrackerHealth(name, False, error=reason))
+        health.problems.append(f"tracker {name} does not answer: {reason}")
+        return False
+    finally:
+        pool.close()
+    health.trackers.append(TrackerHealth(name, True, round(rtt_ms, 3)))
+    return True
+
+
+def _read_hosts(reply: Reply, health: Health) -> None:
+    for n in range(1, reply.number("hosts") + 1):
+        host = HostHealth(reply[f"host{n}_hostid"], reply[f"host{n}_hostname"],
+                          f"{reply[f'host{n}_hostip']}:{reply[f'host{n}_http_port']}", reply[f"host{n}_status"])
+        health.hosts.append(host)
+        if host.status == "down":
+            health.problems.append(f"host {host.name} is down")
+
+
+def _read_devices(reply: Reply, health: Health) -> None:
+    names = {host.hostid: host.name for host in health.hosts}
+    for n in range(1, reply.number("devices") + 1):
+        hostid = reply[f"dev{n}_hostid"]
+        device = DeviceHealth(
+            devid=reply.number(f"dev{n}_devid"),
+            host=names.get(hostid, f"host {hostid}"),
+            status=reply[f"dev{n}_status"],
+            observed=reply[f"dev{n}_observed_state"],
+            mb_total=_megabytes(reply[f"dev{n}_mb_total"]),
+            mb_free=_megabytes(reply[f"dev{n}_mb_free"]),
+        )
+        health.devices.append(device)
+        where = f"dev{device.devid} on {device.host}"
+        if device.status == "down":
+            health.problems.append(f"{where} is down")
+        elif device.status == "alive" and device.observed == "unreachable":
+            health.problems.append(f"{where} is alive but the trackers cannot reach it")
+        elif device.status == "alive" and device.observed == "readable":
+            health.problems.append(f"{where} is alive but cannot be written to")
+        if device.status == "alive" and device.mb_free is not None and device.mb_free < MIN_FREE_MB:
+            health.problems.append(f"{where} has {device.mb_free} MB free, under the {MIN_FREE_MB} MB "
+                                   f"MogileFS leaves unused: it takes no new files")
+
+
+def _writeable(device: DeviceHealth) -> bool:
+    return device.status == "alive" and device.observed == "writeable" and (
+        device.mb_free is None or device.mb_free >= MIN_FREE_MB)
+
+
+def _megabytes(value: str) -> int | None:
+    return int(value) if value.isdigit() else None

@@ -1,0 +1,78 @@
+"""``mogile-middleware check``: the report an operator reads, and the exit status a script tests."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+from conftest import DOMAIN
+
+from mogile_middleware.cli import main
+from mogile_middleware.devserver import DevMogileFS
+
+
+def run_check(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, list[str]]:
+    code = main(["check", *args])
+    out, err = capsys.readouterr()
+    return code, out, err.splitlines()
+
+
+def refused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_healthy_cluster_exits_0_with_its_trackers_classes_hosts_and_devices(
+        devmogile: DevMogileFS, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_check(capsys, "--trackers", devmogile.trackers[0], "--domain", DOMAIN)
+    assert code == 0 and err == []
+    assert f"{devmogile.trackers[0]}  OK" in out
+    assert "avatar (2 copies)" in out and "thumb (1 copy)" in out
+    assert out.count("  alive  writeable  ") == 2 and "GiB free" in out
+    assert out.rstrip().endswith("all well")
+
+
+def test_json_reports_the_same_for_scripts(devmogile: DevMogileFS, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_check(capsys, "--trackers", devmogile.trackers[0], "--domain", DOMAIN, "--json")
+    report = json.loads(out)
+    assert code == 0 and report["problems"] == []
+    assert report["classes"] == {"avatar": 2, "default": 2, "thumb": 1}
+    assert [tracker["reachable"] for tracker in report["trackers"]] == [True]
+    assert report["trackers"][0]["rtt_ms"] > 0
+    assert len(report["hosts"]) == 2 and {host["status"] for host in report["hosts"]} == {"alive"}
+    devices = report["devices"]
+    assert [device["observed"] for device in devices] == ["writeable", "writeable"]
+    assert all(0 < device["mb_free"] <= device["mb_total"] for device in devices)
+
+
+def test_a_dead_tracker_and_an_unknown_domain_are_one_line_each(
+        devmogile: DevMogileFS, capsys: pytest.CaptureFixture[str]) -> None:
+    dead = f"127.0.0.1:{refused_port()}"
+    code, out, err = run_check(capsys, "--trackers", f"{devmogile.trackers[0]},{dead}", "--domain", "nosuch")
+    assert code == 1
+    assert err == [f"mogile-middleware: check: tracker {dead} does not answer: [Errno 111] Connection refused",
+                   "mogile-middleware: check: domain 'nosuch' is not registered"]
+    assert f"{dead}  FAILED" in out and "2 problem(s)" in out
+
+
+def test_no_tracker_answering_is_a_problem(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_check(capsys, "--trackers", f"127.0.0.1:{refused_port()}", "--domain", DOMAIN, "--timeout", "1")
+    assert code == 1 and err[-1] == "mogile-middleware: check: no tracker answered"
+
+
+def test_a_stopped_storage_node_is_reported_with_what_it_leaves_short(
+        devmogile: DevMogileFS, capsys: pytest.CaptureFixture[str]) -> None:
+    devmogile.nodes[1].stop()
+    deadline = time.monotonic() + 15
+    while True:  # until the tracker's monitor has seen it
+        code, out, err = run_check(capsys, "--trackers", devmogile.trackers[0], "--domain", DOMAIN)
+        if code or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert code == 1 and "unreachable" in out
+    assert any(line.endswith("is alive but the trackers cannot reach it") for line in err)
+    assert "mogile-middleware: check: class 'avatar' keeps 2 copies, but only 1 host(s) have a writeable device" in err
+    assert not any("'thumb'" in line for line in err)  # one copy: one node is enough
