@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import itertools
 import json
 import os
 import sys
@@ -23,7 +24,7 @@ from typing import IO, TYPE_CHECKING, BinaryIO
 
 from . import health
 from .client import Client, FileInfo
-from .exceptions import UnknownKeyError
+from .exceptions import UnknownKeyError, UnregDomainError
 from .progress import ProgressBar, printable
 from .storage import ReplicaResponse
 from .tracker import Address, parse_trackers
@@ -130,6 +131,8 @@ def _command(body: Callable[[argparse.Namespace, Client], int]) -> Callable[[arg
             return code
         except UnknownKeyError as error:  # the tracker does not say which key; every command with one calls it "key"
             raise type(error)(error.code, f"no key {args.key!r} in domain {args.domain!r}") from None
+        except UnregDomainError as error:  # nor which domain
+            raise type(error)(error.code, f"no domain {args.domain!r} on the trackers") from None
         except BrokenPipeError:
             _detach_stdout()
             return 0
@@ -216,24 +219,41 @@ def _add_get_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("key", metavar="KEY", help="key to fetch")
     parser.add_argument(
         "-o", "--output", metavar="FILE",
-        help="write to FILE, replaced only once the whole content has arrived (default: stdout)",
+        help="write to FILE, replaced only once the whole content has arrived; - for stdout, also for a "
+             "binary file on a terminal (default: stdout, text only on a terminal)",
     )
 
 
 def _get(args: argparse.Namespace, client: Client) -> int:
     with client.read_file(args.key) as body, ProgressBar(body.length, sys.stderr, label=args.key) as bar:
-        if args.output is None:
-            _copy(body, sys.stdout.buffer, bar)
+        chunks = body.iter_chunks()
+        first = next(chunks, b"")
+        if args.output in (None, "-"):
+            if args.output is None and sys.stdout.isatty() and _binary(first):
+                print(f"mogile-middleware: {printable(args.key)} is binary: not written to the terminal "
+                      f"(-o FILE writes it to a file, -o - here anyway)", file=sys.stderr)
+                return 1
+            _copy(first, chunks, sys.stdout.buffer, bar)
             sys.stdout.buffer.flush()
         else:
             with _replacing(Path(args.output)) as target:
-                _copy(body, target, bar)
+                _copy(first, chunks, target, bar)
     return 0
 
 
-def _copy(body: ReplicaResponse, target: IO[bytes], bar: ProgressBar) -> None:
+def _binary(data: bytes) -> bool:
+    """True if ``data`` (the start of a file) is not text a terminal shows as it is."""
+    try:
+        data[:4096].decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < min(len(data), 4096) - 3:  # not just a character cut at the end
+            return True
+    return b"\0" in data[:4096]
+
+
+def _copy(first: bytes, rest: Iterator[bytes], target: IO[bytes], bar: ProgressBar) -> None:
     done = 0
-    for chunk in body.iter_chunks():
+    for chunk in itertools.chain([first], rest):
         target.write(chunk)
         done += len(chunk)
         bar.update(done)
@@ -243,7 +263,12 @@ def _copy(body: ReplicaResponse, target: IO[bytes], bar: ProgressBar) -> None:
 def _replacing(path: Path) -> Iterator[IO[bytes]]:
     """A temporary file beside ``path``, renamed to it only when the block completes: a failure
     leaves neither a partial file nor a changed one."""
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory: give a file name", str(path))
+    try:
+        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False)
+    except OSError as error:  # name the user's path, not the temporary file's
+        raise type(error)(error.errno, error.strerror, str(path)) from None
     try:
         with handle:
             yield handle

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 mogile.start()
             except OSError as exc:
-                print(f"devserver: cannot start: {exc}", file=sys.stderr)
+                print(f"devserver: cannot start: {exc.strerror or exc}", file=sys.stderr)
                 return 1
             print(f"tracker {mogile.trackers[0]}")
             for number, node in enumerate(mogile.nodes, 1):

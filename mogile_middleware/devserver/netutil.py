@@ -91,7 +91,11 @@ class BackgroundServer:
         """Bind and serve in the background (on the same port as before when restarted)."""
         if self._server is not None:
             return
-        server = self._make_server()
+        try:
+            server = self._make_server()
+        except OSError as error:  # name the address: the bind error itself does not
+            raise type(error)(error.errno, f"cannot listen on {self.host}:{self.port}: "
+                                           f"{error.strerror or error}") from error
         address = server.server_address
         assert isinstance(address, tuple)
         self.port = int(address[1])

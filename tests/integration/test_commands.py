@@ -386,3 +386,65 @@ def test_no_bar_without_a_total() -> None:
 def test_human_sizes() -> None:
     assert [human_size(n) for n in (0, 1023, 1024, 1536, 5 * 1024**3)] == ["0 B", "1023 B", "1.0 KiB", "1.5 KiB",
                                                                           "5.0 GiB"]
+
+
+# -- errors that name what the user gave ------------------------------------------------------
+
+def test_an_unknown_domain_is_named(cli: Run) -> None:
+    result = cli("ls", "--domain", "nosuch")
+    assert result.code == 1 and "no domain 'nosuch' on the trackers" in result.err
+
+
+def test_get_into_a_directory_or_a_missing_one_names_the_path_given(cli: Run, tmp_path: Path) -> None:
+    tmp_path = tmp_path / "work"
+    tmp_path.mkdir()
+    source = tmp_path / "source.txt"
+    source.write_bytes(b"content")
+    assert cli("upload", "doc", str(source), "--class", "thumb").code == 0
+    into_directory = cli("get", "doc", "-o", str(tmp_path))
+    assert into_directory.code == 1
+    assert f"{tmp_path}: is a directory" in into_directory.err and ".part" not in into_directory.err
+    missing = tmp_path / "no" / "file.txt"
+    into_missing = cli("get", "doc", "-o", str(missing))
+    assert into_missing.code == 1
+    assert f"{missing}: No such file or directory" in into_missing.err and ".part" not in into_missing.err
+    assert [path.name for path in tmp_path.iterdir()] == ["source.txt"]  # nothing left behind
+
+
+def run_on_terminal(devmogile: DevMogileFS, *argv: str) -> tuple[int, bytes, str]:
+    """``mogile-middleware ARGV`` with a pseudo-terminal as stdout: exit code, what the terminal got, stderr."""
+    master, slave = os.openpty()
+    env = {**os.environ, "MOGILEFS_TRACKERS": devmogile.trackers[0], "MOGILEFS_DOMAIN": DOMAIN}
+    try:
+        process = subprocess.run([sys.executable, "-m", "mogile_middleware", *argv], stdout=slave,
+                                 stderr=subprocess.PIPE, env=env, timeout=30, cwd=REPO)
+        os.set_blocking(master, False)
+        shown = b""
+        with contextlib.suppress(BlockingIOError, OSError):
+            while chunk := os.read(master, 65536):
+                shown += chunk
+    finally:
+        os.close(master)
+        os.close(slave)
+    return process.returncode, shown, process.stderr.decode()
+
+
+def test_binary_content_reaches_a_terminal_only_with_dash(devmogile: DevMogileFS) -> None:
+    client = Client(DOMAIN, devmogile.trackers)
+    client.store_content("picture.bin", bytes(range(256)) * 16, cls="thumb")
+    client.store_content("note.txt", "héllo\n".encode(), cls="thumb")
+    code, shown, err = run_on_terminal(devmogile, "get", "picture.bin")
+    assert code == 1 and shown == b"" and "picture.bin is binary: not written to the terminal" in err
+    code, shown, _ = run_on_terminal(devmogile, "get", "picture.bin", "-o", "-")
+    assert code == 0 and len(shown) >= 256 * 16
+    code, shown, _ = run_on_terminal(devmogile, "get", "note.txt")
+    assert code == 0 and shown.replace(b"\r\n", b"\n") == "héllo\n".encode()
+
+
+def test_devserver_names_the_address_it_cannot_listen_on() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        process = subprocess.run([sys.executable, "-m", "mogile_middleware", "devserver", "--port", str(port),
+                                  "--storage-ports", "0"], capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert process.returncode == 1
+    assert f"devserver: cannot start: cannot listen on 127.0.0.1:{port}: Address already in use" in process.stderr
