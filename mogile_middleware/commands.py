@@ -26,7 +26,6 @@ from . import health
 from .client import Client, FileInfo
 from .exceptions import UnknownKeyError, UnregDomainError
 from .progress import ProgressBar, printable
-from .storage import ReplicaResponse
 from .tracker import Address, parse_trackers
 from .upload import Uploader, remaining_size
 
