@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 
 from . import __version__, commands, demo
 from .devserver import cli as devserver_cli
-from .exceptions import MogileFSError, UnknownKeyError
+from .exceptions import MogileFSError, TrackerUnavailableError, UnknownKeyError
 from .progress import printable
+from .tracker import DEFAULT_PORT
 
 #: name → (one-line help, add_arguments, run)
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
@@ -56,7 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except MogileFSError as error:
-        print(f"mogile-middleware: {printable(str(error))}", file=sys.stderr)
+        message = str(error)
+        if isinstance(error, TrackerUnavailableError) and getattr(getattr(args, "trackers", None), "port_assumed", False):
+            message += f" (no port given: {DEFAULT_PORT} assumed)"
+        print(f"mogile-middleware: {printable(message)}", file=sys.stderr)
         return 3 if isinstance(error, UnknownKeyError) else 1
     except KeyboardInterrupt:
         return 130

@@ -70,11 +70,19 @@ def _required(option: str, variable: str, convert: Callable[[str], object]) -> C
     return parse
 
 
-def _trackers(text: str) -> list[Address]:
+class Trackers(list[Address]):
+    """The trackers of ``--trackers``; ``port_assumed`` if one was given without its port."""
+
+    port_assumed = False
+
+
+def _trackers(text: str) -> Trackers:
     try:
-        return parse_trackers(text)
+        trackers = Trackers(parse_trackers(text))
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+    trackers.port_assumed = any(":" not in item.rpartition("]")[2] for item in text.replace(",", " ").split())
+    return trackers
 
 
 def _connection_options(parser: argparse.ArgumentParser) -> None:

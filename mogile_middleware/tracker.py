@@ -42,13 +42,17 @@ IDEMPOTENT_COMMANDS = frozenset(
 )
 
 
+#: The port of a tracker given without one: mogilefsd's.
+DEFAULT_PORT = 7001
+
+
 def parse_address(tracker: str | Address) -> Address:
     """``"host:port"`` (or ``"host"``, port 7001; ``"[::1]:7001"``) as a ``(host, port)`` pair."""
     if isinstance(tracker, tuple):
         return tracker[0], int(tracker[1])
     host, sep, port = tracker.strip().rpartition(":")
     if not sep or host.endswith(":") and not host.startswith("["):
-        host, port = tracker.strip(), "7001"
+        host, port = tracker.strip(), str(DEFAULT_PORT)
     if not host or not port.isdigit():
         raise ValueError(f"tracker address {tracker!r} is not host:port")
     return host.strip("[]"), int(port)
@@ -79,8 +83,9 @@ class TrackerConnection:
 
     def is_stale(self) -> bool:
         """True if the idle connection has something to read: the tracker closed it or misspoke."""
-        readable, _, _ = select.select([self._sock], [], [], 0)
-        return bool(readable)
+        poll = select.poll()  # not select(): descriptors past 1023 are common in a busy worker
+        poll.register(self._sock, select.POLLIN)
+        return bool(poll.poll(0))
 
     def roundtrip(self, request: bytes, deadline: float | None = None) -> bytes:
         """Send one request line and return the reply line, raising on EOF or an oversized line.

@@ -448,3 +448,20 @@ def test_devserver_names_the_address_it_cannot_listen_on() -> None:
                                   "--storage-ports", "0"], capture_output=True, text=True, timeout=30, cwd=REPO)
     assert process.returncode == 1
     assert f"devserver: cannot start: cannot listen on 127.0.0.1:{port}: Address already in use" in process.stderr
+
+
+def test_a_tracker_given_without_a_port_says_which_was_assumed(monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("MOGILEFS_TRACKERS", raising=False)
+    with socket.socket() as probe:  # 7001 is free here unless a tracker runs: then this test says nothing new
+        if probe.connect_ex(("127.0.0.1", 7001)) == 0:
+            pytest.skip("a tracker listens on 127.0.0.1:7001")
+    assert main(["ls", "--trackers", "127.0.0.1", "--domain", DOMAIN]) == 1
+    assert capsys.readouterr().err.rstrip().endswith("(no port given: 7001 assumed)")
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    try:
+        assert main(["ls", "--trackers", f"127.0.0.1:{dead.getsockname()[1]}", "--domain", DOMAIN]) == 1
+        assert "assumed" not in capsys.readouterr().err
+    finally:
+        dead.close()

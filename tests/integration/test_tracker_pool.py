@@ -4,15 +4,18 @@ scripted trackers: reuse, failover, faults."""
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import threading
 import time
 
 import pytest
+from conftest import DOMAIN
 from integration._async_facade import Flavour, both_flavours, flavour  # noqa: F401 (a fixture)
 from wiretools import ScriptedTracker, ok
 
 from mogile_middleware import Client
+from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.exceptions import ProtocolError, TrackerUnavailableError, UnknownKeyError
 from mogile_middleware.tracker import TrackerPool, parse_address, parse_trackers
 
@@ -247,3 +250,20 @@ def test_create_close_goes_to_the_tracker_that_answered_create_open(flavour: Fla
     finally:
         first.stop()
         second.stop()
+
+
+def test_kept_connections_work_past_descriptor_1023(devmogile: DevMogileFS) -> None:
+    """A busy worker has many descriptors open: reusing a tracker connection numbered past
+    select()'s limit must work (each reuse checks the idle connection first)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        client = Client(DOMAIN, devmogile.trackers)
+        client.store_content("busy", b"x", cls="thumb")
+        assert all(client.get_paths("busy") for _ in range(3))
+        client.close()
+    finally:
+        for descriptor in filler:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
