@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands.connection_options(parser, before_command=True)
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for name, (summary, add_arguments, run) in SUBCOMMANDS.items():
         subparser = subparsers.add_parser(name, help=summary, description=summary)
@@ -53,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands.resolve_connection_options(parser, args)
     try:
         return args.run(args)
     except MogileFSError as error:

@@ -59,8 +59,8 @@ exit codes:
 
 
 def _required(option: str, variable: str, convert: Callable[[str], object]) -> Callable[[str], object]:
-    """An argparse ``type`` for ``option``: its default, ``$variable``, goes through it too, so an
-    empty or unset value is a usage error naming both."""
+    """An argparse ``type`` for ``option`` (and its default, ``$variable``): an empty value is a
+    usage error naming both."""
 
     def parse(text: str) -> object:
         if not text.strip():
@@ -85,19 +85,36 @@ def _trackers(text: str) -> Trackers:
     return trackers
 
 
-def _connection_options(parser: argparse.ArgumentParser) -> None:
-    """Add ``--trackers`` and ``--domain``, defaulting to their environment variables."""
-    # argparse converts a string default like a given value, so an unset variable reaches _required too.
-    parser.add_argument(
-        "--trackers", default=os.environ.get("MOGILEFS_TRACKERS", ""), metavar="HOST:PORT,...",
-        type=_required("--trackers", "MOGILEFS_TRACKERS", _trackers),
-        help="trackers, comma or space separated (default: $MOGILEFS_TRACKERS)",
-    )
-    parser.add_argument(
-        "--domain", default=os.environ.get("MOGILEFS_DOMAIN", ""),
-        type=_required("--domain", "MOGILEFS_DOMAIN", str),
-        help="MogileFS domain of the keys (default: $MOGILEFS_DOMAIN)",
-    )
+#: The options of every command that talks to trackers, given before or after its name:
+#: option → (its environment variable, what makes its value).
+_CONNECTION = {"--trackers": ("MOGILEFS_TRACKERS", _trackers), "--domain": ("MOGILEFS_DOMAIN", str)}
+_CONNECTION_HELP = {"--trackers": "trackers, comma or space separated (default: $MOGILEFS_TRACKERS)",
+                    "--domain": "MogileFS domain of the keys (default: $MOGILEFS_DOMAIN)"}
+
+
+def connection_options(parser: argparse.ArgumentParser, *, before_command: bool = False) -> None:
+    """Add ``--trackers`` and ``--domain`` to ``parser``: the main parser (``before_command``) or
+    a command's. They are set only when given; :func:`resolve_connection_options` does the rest."""
+    for option, (variable, convert) in _CONNECTION.items():
+        # SUPPRESS: a command's parser sets nothing when the option comes before the command.
+        parser.add_argument(option, default=argparse.SUPPRESS, metavar="HOST:PORT,..." if option == "--trackers" else None,
+                            type=_required(option, variable, convert),
+                            help=_CONNECTION_HELP[option] + ("; also after the command" if before_command else ""))
+    if not before_command:
+        parser.set_defaults(talks_to_trackers=True)
+
+
+def resolve_connection_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """For a command that talks to trackers: the options not given take their environment
+    variable's value; a usage error (exit 2) if that is unset or bad."""
+    if not getattr(args, "talks_to_trackers", False):
+        return
+    for option, (variable, convert) in _CONNECTION.items():
+        if not hasattr(args, option[2:]):
+            try:
+                setattr(args, option[2:], _required(option, variable, convert)(os.environ.get(variable, "")))
+            except argparse.ArgumentTypeError as error:
+                parser.error(f"argument {option}: {error}")
 
 
 def _memcached(text: str) -> MemcachedBackend | None:
@@ -116,7 +133,7 @@ def _memcached(text: str) -> MemcachedBackend | None:
 
 def _write_options(parser: argparse.ArgumentParser) -> None:
     """Add the connection options and ``--memcached``, for the subcommands that change keys."""
-    _connection_options(parser)
+    connection_options(parser)
     parser.add_argument(
         "--memcached", default=os.environ.get("MOGILEFS_MEMCACHED", ""), metavar="HOST:PORT,...", type=_memcached,
         help="drop the changed keys from the middleware's path cache in these memcached servers, so every "
@@ -222,7 +239,7 @@ def _reraise(error: OSError) -> None:
 
 def _add_get_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``get``."""
-    _connection_options(parser)
+    connection_options(parser)
     parser.add_argument("key", metavar="KEY", help="key to fetch")
     parser.add_argument(
         "-o", "--output", metavar="FILE",
@@ -297,7 +314,7 @@ def _umask() -> int:
 
 def _add_ls_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ls``."""
-    _connection_options(parser)
+    connection_options(parser)
     parser.add_argument("prefix", metavar="PREFIX", nargs="?", default="", help="list only keys starting with it")
     parser.add_argument("-l", "--long", action="store_true", help="print size<TAB>class<TAB>key")
 
@@ -317,7 +334,7 @@ def _ls(args: argparse.Namespace, client: Client) -> int:
 
 def _add_key_argument(parser: argparse.ArgumentParser) -> None:
     """Options of ``info`` and ``paths``: the connection and one key."""
-    _connection_options(parser)
+    connection_options(parser)
     parser.add_argument("key", metavar="KEY")
 
 
@@ -371,7 +388,7 @@ def _mv(args: argparse.Namespace, client: Client) -> int:
 
 #: name → (one-line help, add_arguments, run), merged into :data:`cli.SUBCOMMANDS`.
 def _add_check_arguments(parser: argparse.ArgumentParser) -> None:
-    _connection_options(parser)
+    connection_options(parser)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
                         help="connect and answer timeout per tracker (default: 3)")

@@ -465,3 +465,23 @@ def test_a_tracker_given_without_a_port_says_which_was_assumed(monkeypatch: pyte
         assert "assumed" not in capsys.readouterr().err
     finally:
         dead.close()
+
+
+def test_trackers_and_domain_work_before_or_after_the_command(
+        devmogile: DevMogileFS, monkeypatch: pytest.MonkeyPatch, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    monkeypatch.delenv("MOGILEFS_TRACKERS", raising=False)
+    monkeypatch.delenv("MOGILEFS_DOMAIN", raising=False)
+    Client(DOMAIN, devmogile.trackers).store_content("placed", b"x", cls="thumb")
+    tracker = devmogile.trackers[0]
+    for argv in (["--trackers", tracker, "--domain", DOMAIN, "ls"],
+                 ["ls", "--trackers", tracker, "--domain", DOMAIN],
+                 ["--trackers", tracker, "ls", "--domain", DOMAIN],
+                 ["--trackers", "127.0.0.1:1", "ls", "--trackers", tracker, "--domain", DOMAIN]):  # after wins
+        assert main(argv) == 0, argv
+        assert capsysbinary.readouterr().out == b"placed\n", argv
+    with pytest.raises(SystemExit) as usage:
+        main(["--trackers", tracker, "ls"])
+    assert usage.value.code == 2
+    assert b"required: pass --domain or set MOGILEFS_DOMAIN" in capsysbinary.readouterr().err
+    monkeypatch.setenv("MOGILEFS_DOMAIN", DOMAIN)
+    assert main(["--trackers", tracker, "ls"]) == 0  # the environment fills in what is not given
