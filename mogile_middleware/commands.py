@@ -46,6 +46,7 @@ examples:
   mogile-middleware info avatars/42.png
   mogile-middleware mv avatars/42.png avatars/43.png
   mogile-middleware rm avatars/43.png --memcached 10.0.0.9:11211
+  mogile-middleware rm --prefix tmp/ --yes
   mogile-middleware check --json
   mogile-middleware devserver --domain media --class avatar=2
 
@@ -341,7 +342,9 @@ def _add_key_argument(parser: argparse.ArgumentParser) -> None:
 def _add_rm_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``rm``."""
     _write_options(parser)
-    parser.add_argument("key", metavar="KEY", help="key to delete")
+    parser.add_argument("keys", metavar="KEY", nargs="*", help="keys to delete")
+    parser.add_argument("--prefix", help="delete every key starting with PREFIX (asks first, unless --yes)")
+    parser.add_argument("-y", "--yes", action="store_true", help="do not ask before deleting by --prefix")
 
 
 def _all_paths(client: Client, info: FileInfo) -> list[str]:
@@ -370,8 +373,38 @@ def _paths(args: argparse.Namespace, client: Client) -> int:
 
 
 def _rm(args: argparse.Namespace, client: Client) -> int:
-    client.delete(args.key)
-    return 0
+    """Delete the keys given, then (with ``--prefix``) those listed under it, once confirmed.
+    A key that does not exist is reported and the others still deleted; exit 3 then."""
+    if not args.keys and args.prefix is None:
+        print("mogile-middleware: rm: give keys, or --prefix PREFIX", file=sys.stderr)
+        return 2
+    keys = list(args.keys)
+    if args.prefix is not None:
+        listed = list(client.keys(args.prefix))
+        if not _confirmed(f"delete the {len(listed)} key(s) starting with {printable(args.prefix)!r}", args.yes):
+            print("mogile-middleware: rm: nothing deleted", file=sys.stderr)
+            return 1
+        keys += listed
+    missing = 0
+    for key in keys:
+        try:
+            client.delete(key)
+        except UnknownKeyError as error:  # named as the other commands name it
+            named = type(error)(error.code, f"no key {key!r} in domain {args.domain!r}")
+            print(f"mogile-middleware: {printable(str(named))}", file=sys.stderr)
+            missing += 1
+    return 3 if missing else 0
+
+
+def _confirmed(question: str, yes: bool) -> bool:
+    """True with ``--yes``; else the answer to ``question`` on a terminal (never without one)."""
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        print(f"mogile-middleware: rm: {question}? Not on a terminal to ask: pass --yes", file=sys.stderr)
+        return False
+    print(f"{question}? [y/N] ", end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 def _add_mv_arguments(parser: argparse.ArgumentParser) -> None:
@@ -386,7 +419,6 @@ def _mv(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
-#: name → (one-line help, add_arguments, run), merged into :data:`cli.SUBCOMMANDS`.
 def _add_check_arguments(parser: argparse.ArgumentParser) -> None:
     connection_options(parser)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -424,13 +456,14 @@ def _print_health(report: health.Health) -> None:
     print(f"{len(report.problems)} problem(s)" if report.problems else "all well")
 
 
+#: name → (one-line help, add_arguments, run), merged into :data:`cli.SUBCOMMANDS`.
 SUBCOMMANDS: dict[str, Subcommand] = {
     "upload": ("store a file, stdin or a directory tree under keys", _add_upload_arguments, _command(_upload)),
     "get": ("write a key's content to a file or stdout", _add_get_arguments, _command(_get)),
     "ls": ("list the keys, or those starting with a prefix", _add_ls_arguments, _command(_ls)),
     "info": ("show a key's fid, length, class, replicas, checksum and paths", _add_key_argument, _command(_info)),
     "paths": ("print the URLs of a key's replicas, one a line", _add_key_argument, _command(_paths)),
-    "rm": ("delete a key", _add_rm_arguments, _command(_rm)),
+    "rm": ("delete keys, or every key under a prefix", _add_rm_arguments, _command(_rm)),
     "mv": ("rename a key", _add_mv_arguments, _command(_mv)),
     "check": ("check the trackers, the domain's classes, the hosts and the devices (like mogadm check); "
               "exit 1 with a line per problem", _add_check_arguments, _check),

@@ -485,3 +485,37 @@ def test_trackers_and_domain_work_before_or_after_the_command(
     assert b"required: pass --domain or set MOGILEFS_DOMAIN" in capsysbinary.readouterr().err
     monkeypatch.setenv("MOGILEFS_DOMAIN", DOMAIN)
     assert main(["--trackers", tracker, "ls"]) == 0  # the environment fills in what is not given
+
+
+def test_rm_deletes_several_keys_and_reports_each_missing_one(cli: Run, devmogile: DevMogileFS) -> None:
+    client = Client(DOMAIN, devmogile.trackers)
+    for key in ("one", "two", "three"):
+        client.store_content(key, b"x", cls="thumb")
+    result = cli("rm", "one", "ghost", "two")
+    assert result.code == 3 and "no key 'ghost' in domain 'testdom'" in result.err
+    assert list(client.keys("")) == ["three"]  # the others went, whatever came between
+
+
+def test_rm_by_prefix_asks_first_unless_yes(cli: Run, devmogile: DevMogileFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = Client(DOMAIN, devmogile.trackers)
+    for key in ("logs/a", "logs/b", "logs2/c", "keep"):
+        client.store_content(key, b"x", cls="thumb")
+    refused = cli("rm", "--prefix", "logs/")  # stdin is no terminal here: nothing to ask, nothing deleted
+    assert refused.code == 1 and "pass --yes" in refused.err and "nothing deleted" in refused.err
+    monkeypatch.setattr("sys.stdin", TerminalInput("n\n"))
+    assert cli("rm", "--prefix", "logs/").code == 1
+    assert sorted(client.keys("")) == ["keep", "logs/a", "logs/b", "logs2/c"]
+    monkeypatch.setattr("sys.stdin", TerminalInput("y\n"))
+    asked = cli("rm", "--prefix", "logs/")
+    assert asked.code == 0 and "delete the 2 key(s) starting with 'logs/'? [y/N]" in asked.err
+    assert sorted(client.keys("")) == ["keep", "logs2/c"]
+    assert cli("rm", "--prefix", "logs", "--yes").code == 0
+    assert list(client.keys("")) == ["keep"]
+    assert cli("rm").code == 2
+
+
+class TerminalInput(io.StringIO):
+    """A stdin that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
