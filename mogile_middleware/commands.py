@@ -1,4 +1,4 @@
-"""The everyday subcommands: ``upload``, ``get``, ``ls``, ``info``, ``rm``, ``mv``, ``paths`` and ``check``.
+"""The everyday subcommands: ``upload``, ``get``, ``ls``, ``info``, ``rm``, ``mv``, ``cp``, ``paths`` and ``check``.
 
 Each talks to the trackers of ``--trackers`` (or ``$MOGILEFS_TRACKERS``) about the keys of
 ``--domain`` (or ``$MOGILEFS_DOMAIN``); those that write also drop the keys they change from the
@@ -45,6 +45,7 @@ examples:
   mogile-middleware ls photos/ --long
   mogile-middleware info avatars/42.png
   mogile-middleware mv avatars/42.png avatars/43.png
+  mogile-middleware cp avatars/43.png backup/43.png --class thumb
   mogile-middleware rm avatars/43.png --memcached 10.0.0.9:11211
   mogile-middleware rm --prefix tmp/ --yes
   mogile-middleware check --json
@@ -407,6 +408,22 @@ def _confirmed(question: str, yes: bool) -> bool:
     return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
+def _add_cp_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``cp``."""
+    _write_options(parser)
+    parser.add_argument("key", metavar="FROM", help="key to copy")
+    parser.add_argument("to", metavar="TO", help="key to write (replaced if it exists)")
+    parser.add_argument("--class", dest="cls", metavar="CLASS", help="class of the copy (default: FROM's)")
+
+
+def _cp(args: argparse.Namespace, client: Client) -> int:
+    """Stream FROM's content into TO, which points at it only once the whole copy is stored."""
+    cls = args.cls or client.file_info(args.key).cls
+    with client.read_file(args.key) as source:
+        _store(Uploader(client), args.to, source, cls)  # type: ignore[arg-type]
+    return 0
+
+
 def _add_mv_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``mv``."""
     _write_options(parser)
@@ -465,6 +482,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "paths": ("print the URLs of a key's replicas, one a line", _add_key_argument, _command(_paths)),
     "rm": ("delete keys, or every key under a prefix", _add_rm_arguments, _command(_rm)),
     "mv": ("rename a key", _add_mv_arguments, _command(_mv)),
+    "cp": ("copy a key's content to another key, in its class or another", _add_cp_arguments, _command(_cp)),
     "check": ("check the trackers, the domain's classes, the hosts and the devices (like mogadm check); "
               "exit 1 with a line per problem", _add_check_arguments, _check),
 }

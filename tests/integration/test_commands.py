@@ -519,3 +519,19 @@ class TerminalInput(io.StringIO):
 
     def isatty(self) -> bool:
         return True
+
+
+def test_cp_copies_the_content_in_the_same_class_or_another(cli: Run, devmogile: DevMogileFS) -> None:
+    client = Client(DOMAIN, devmogile.trackers)
+    data = bytes(range(256)) * 1000  # several chunks
+    client.store_content("original", data, cls="avatar")
+    assert cli("cp", "original", "copy").code == 0
+    assert cli("cp", "original", "thumbnail", "--class", "thumb").code == 0
+    for key, cls in (("copy", "avatar"), ("thumbnail", "thumb")):
+        info = client.file_info(key)
+        assert (info.length, info.cls) == (len(data), cls)
+        assert client.read_file(key).read() == data
+    assert client.file_info("original").fid not in (client.file_info("copy").fid, client.file_info("thumbnail").fid)
+    missing = cli("cp", "ghost", "other")
+    assert missing.code == 3 and "no key 'ghost'" in missing.err
+    assert "other" not in list(client.keys(""))
