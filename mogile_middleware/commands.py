@@ -42,6 +42,7 @@ examples:
   mogile-middleware upload photos/2024/ ~/Pictures/2024 --recursive
   tar -c logs | mogile-middleware upload backups/logs.tar -
   mogile-middleware get avatars/42.png -o 42.png
+  mogile-middleware get photos/2024/ -o ~/Pictures/2024 --recursive
   mogile-middleware ls photos/ --long
   mogile-middleware info avatars/42.png
   mogile-middleware mv avatars/42.png avatars/43.png
@@ -242,15 +243,20 @@ def _reraise(error: OSError) -> None:
 def _add_get_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``get``."""
     connection_options(parser)
-    parser.add_argument("key", metavar="KEY", help="key to fetch")
+    parser.add_argument("key", metavar="KEY", help="key to fetch (with --recursive: the prefix of the keys)")
     parser.add_argument(
         "-o", "--output", metavar="FILE",
         help="write to FILE, replaced only once the whole content has arrived; - for stdout, also for a "
-             "binary file on a terminal (default: stdout, text only on a terminal)",
+             "binary file on a terminal (default: stdout, text only on a terminal); with --recursive, the directory",
     )
+    parser.add_argument("-r", "--recursive", action="store_true",
+                        help="fetch every key starting with KEY into the directory -o DIR, as files named by the "
+                             "rest of the key")
 
 
 def _get(args: argparse.Namespace, client: Client) -> int:
+    if args.recursive:
+        return _get_recursive(args, client)
     with client.read_file(args.key) as body, ProgressBar(body.length, sys.stderr, label=args.key) as bar:
         chunks = body.iter_chunks()
         first = next(chunks, b"")
@@ -265,6 +271,43 @@ def _get(args: argparse.Namespace, client: Client) -> int:
             with _replacing(Path(args.output)) as target:
                 _copy(first, chunks, target, bar)
     return 0
+
+
+def _get_recursive(args: argparse.Namespace, client: Client) -> int:
+    """Every key under the prefix into a file under ``-o DIR``; a key that would not name a file
+    inside it (``..``, an empty segment, a backslash, a control character) is skipped, and exit 1."""
+    if args.output in (None, "-"):
+        print("mogile-middleware: get --recursive: give the directory to write to with -o DIR", file=sys.stderr)
+        return 2
+    root, skipped = Path(args.output), 0
+    for key in client.keys(args.key):
+        parts = _file_name_parts(key[len(args.key):], after_slash=args.key.endswith("/"))
+        if parts is None:
+            print(f"mogile-middleware: {printable(key)!r} names no file under {printable(str(root))}: skipped",
+                  file=sys.stderr)
+            skipped += 1
+            continue
+        target = root.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with client.read_file(key) as body, ProgressBar(body.length, sys.stderr, label=key) as bar, \
+                    _replacing(target) as out:
+                _copy(b"", body.iter_chunks(), out, bar)
+        except UnknownKeyError:  # deleted since it was listed
+            continue
+        print(f"{target.stat().st_size}\t{printable(key)}", flush=True)
+    return 1 if skipped else 0
+
+
+def _file_name_parts(rest: str, *, after_slash: bool) -> list[str] | None:
+    """The path segments of a key after the prefix, or None if they would not name a file inside
+    the directory: a key is written by whoever stored it, and may be hostile."""
+    if rest.startswith("/") and not after_slash:  # prefix "photos", key "photos/a.jpg"
+        rest = rest[1:]
+    parts = rest.split("/")
+    if not rest or "\\" in rest or not rest.isprintable() or any(part in ("", ".", "..") for part in parts):
+        return None
+    return parts
 
 
 def _binary(data: bytes) -> bool:

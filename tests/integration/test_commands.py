@@ -535,3 +535,21 @@ def test_cp_copies_the_content_in_the_same_class_or_another(cli: Run, devmogile:
     missing = cli("cp", "ghost", "other")
     assert missing.code == 3 and "no key 'ghost'" in missing.err
     assert "other" not in list(client.keys(""))
+
+
+def test_get_recursive_writes_the_keys_under_a_prefix_and_never_outside(cli: Run, devmogile: DevMogileFS,
+                                                                         tmp_path: Path) -> None:
+    client = Client(DOMAIN, devmogile.trackers)
+    contents = {"site/index.html": b"<p>hi</p>", "site/img/logo.png": bytes(range(256)) * 300,
+                "site/../escape.txt": b"out", "site//double": b"odd", "site/a\\\\b": b"back", "other/x": b"no"}
+    for key, data in contents.items():
+        client.store_content(key, data, cls="thumb")
+    target = tmp_path / "out"
+    result = cli("get", "site", "-o", str(target), "--recursive")
+    assert result.code == 1  # some keys named no file inside the directory
+    assert sorted(str(path.relative_to(target)) for path in target.rglob("*") if path.is_file()) == [
+        "img/logo.png", "index.html"]
+    assert (target / "img" / "logo.png").read_bytes() == contents["site/img/logo.png"]
+    assert not (tmp_path / "escape.txt").exists() and result.err.count("skipped") == 3
+    assert result.lines == [f"{256 * 300}\tsite/img/logo.png", "9\tsite/index.html"]
+    assert cli("get", "site/", "--recursive").code == 2  # no directory given
