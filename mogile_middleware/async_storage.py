@@ -33,7 +33,7 @@ from typing import TypeVar, cast
 
 from . import storage
 from .exceptions import StorageError
-from .nodepool import IDLE_PER_NODE, IDLE_SECONDS, Node
+from .nodepool import IdlePool, Node
 from .storage import CHUNK_SIZE, ReplicaFailures, range_header
 
 __all__ = ["BODY_CHUNK_SIZE", "CHUNK_SIZE", "AsyncPutStream", "AsyncReplicaResponse", "open_replica"]
@@ -280,7 +280,7 @@ class _Connection(asyncio.Protocol):
         if self._transport is None:
             return
         if reusable and self.usable():
-            _idle_connections(self._loop).give(self)
+            _idle_connections(self._loop).give(self.node, self)
         else:
             self._transport.close()
 
@@ -298,36 +298,14 @@ class _Connection(asyncio.Protocol):
         await asyncio.shield(self._closed)
 
 
-class _IdleConnections:
-    """The kept-alive connections of one event loop, per node: at most ``IDLE_PER_NODE`` each,
-    none older than ``IDLE_SECONDS`` (as the WSGI side's :class:`~.nodepool.NodePool`, for the
-    loop's one thread)."""
+class _IdleConnections(IdlePool[_Connection]):
+    """The kept-alive connections of one event loop (its one thread takes the pool's lock uncontended)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._idle: dict[Node, list[tuple[float, _Connection]]] = {}
+    def usable(self, connection: _Connection) -> bool:
+        return connection.usable()
 
-    def take(self, node: Node) -> _Connection | None:
-        idle = self._idle.get(node)
-        now = self._loop.time()
-        while idle:
-            since, connection = idle.pop()
-            if now - since < IDLE_SECONDS and connection.usable():
-                return connection
-            connection.abort()
-        return None
-
-    def give(self, connection: _Connection) -> None:
-        idle = self._idle.setdefault(connection.node, [])
-        if len(idle) >= IDLE_PER_NODE:
-            idle.pop(0)[1].abort()
-        idle.append((self._loop.time(), connection))
-
-    def close(self) -> None:
-        idle, self._idle = self._idle, {}
-        for connections in idle.values():
-            for _, connection in connections:
-                connection.abort()
+    def discard(self, connection: _Connection) -> None:
+        connection.abort()
 
 
 _idle_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _IdleConnections] = weakref.WeakKeyDictionary()
@@ -336,7 +314,7 @@ _idle_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _IdleConnect
 def _idle_connections(loop: asyncio.AbstractEventLoop) -> _IdleConnections:
     idle = _idle_by_loop.get(loop)
     if idle is None:
-        idle = _idle_by_loop[loop] = _IdleConnections(loop)
+        idle = _idle_by_loop[loop] = _IdleConnections()
     return idle
 
 

@@ -7,6 +7,7 @@ client both read through :class:`DeadlineReader` to bound a whole reply instead.
 from __future__ import annotations
 
 import io
+import select
 import socket
 import time
 
@@ -17,6 +18,13 @@ def time_left(deadline: float, now: float | None = None) -> float:
     if left <= 0:
         raise TimeoutError("timed out")
     return left
+
+
+def readable_now(sock: socket.socket) -> bool:
+    """True if ``sock`` has something to read (or was closed by its peer), without waiting."""
+    poll = select.poll()  # not select(): descriptors past 1023 are common in a busy worker
+    poll.register(sock, select.POLLIN)
+    return bool(poll.poll(0))
 
 
 class DeadlineReader(io.RawIOBase):

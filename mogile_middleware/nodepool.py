@@ -1,9 +1,10 @@
 """Kept-alive connections to storage nodes, reused by the next request to the same node.
 
 A connection to a storage node costs a TCP handshake and, on the node, a new client (mogstored's
-Perlbal keeps HTTP/1.1 clients alive for 30 s). :class:`NodePool` keeps the idle ones of each
+Perlbal keeps HTTP/1.1 clients alive for 30 s). :class:`IdlePool` keeps the idle ones of each
 node: bounded in number and age, thread-safe, and empty again in a forked child (a gunicorn
-worker never uses its master's sockets). Only a connection whose response was read to its end,
+worker never uses its master's sockets); :class:`NodePool` is the WSGI side's, and the asyncio
+side keeps one per event loop. Only a connection whose response was read to its end,
 and that the node keeps open, comes back; one that failed or was left mid-body is closed.
 """
 
@@ -11,9 +12,11 @@ from __future__ import annotations
 
 import http.client
 import os
-import select
 import threading
 import time
+from typing import Generic, TypeVar
+
+from .deadline import readable_now
 
 #: Idle connections kept per node; more are closed.
 IDLE_PER_NODE = 16
@@ -22,20 +25,28 @@ IDLE_PER_NODE = 16
 IDLE_SECONDS = 10.0
 
 Node = tuple[str, int]
+C = TypeVar("C")
 
 
-class NodePool:
-    """Idle kept-alive ``http.client`` connections, per ``(host, port)``."""
+class IdlePool(Generic[C]):
+    """Idle kept-alive connections of any kind, per ``(host, port)``: :meth:`usable` says whether
+    one may still be used, :meth:`discard` closes one."""
 
     def __init__(self, per_node: int = IDLE_PER_NODE, idle_seconds: float = IDLE_SECONDS) -> None:
         self.per_node = per_node
         self.idle_seconds = idle_seconds
         self._lock = threading.Lock()
-        self._idle: dict[Node, list[tuple[float, http.client.HTTPConnection]]] = {}
+        self._idle: dict[Node, list[tuple[float, C]]] = {}
         self._pid = os.getpid()
 
-    def take(self, node: Node) -> http.client.HTTPConnection | None:
-        """The most recently used idle connection to ``node`` that is still open, if any."""
+    def usable(self, connection: C) -> bool:
+        raise NotImplementedError
+
+    def discard(self, connection: C) -> None:
+        raise NotImplementedError
+
+    def take(self, node: Node) -> C | None:
+        """The most recently used idle connection to ``node`` that is still usable, if any."""
         now = time.monotonic()
         stale = []
         found = None
@@ -44,15 +55,15 @@ class NodePool:
             idle = self._idle.get(node)
             while idle and found is None:
                 since, connection = idle.pop()
-                if now - since < self.idle_seconds and _open(connection):
+                if now - since < self.idle_seconds and self.usable(connection):
                     found = connection
                 else:
                     stale.append(connection)
         for connection in stale:
-            connection.close()
+            self.discard(connection)
         return found
 
-    def give(self, node: Node, connection: http.client.HTTPConnection) -> None:
+    def give(self, node: Node, connection: C) -> None:
         """Keep ``connection`` (idle, its last response read to the end) for the next request to ``node``."""
         dropped = None
         with self._lock:
@@ -62,7 +73,7 @@ class NodePool:
                 _, dropped = idle.pop(0)  # the oldest
             idle.append((time.monotonic(), connection))
         if dropped is not None:
-            dropped.close()
+            self.discard(dropped)
 
     def close(self) -> None:
         """Close every idle connection."""
@@ -70,7 +81,7 @@ class NodePool:
             idle, self._idle = self._idle, {}
         for connections in idle.values():
             for _, connection in connections:
-                connection.close()
+                self.discard(connection)
 
     def _forget_parents(self) -> None:
         # In a forked child the parent's connections are shared sockets: never used, and closed
@@ -79,19 +90,19 @@ class NodePool:
             self._pid = os.getpid()
             for connections in self._idle.values():
                 for _, connection in connections:
-                    connection.close()
+                    self.discard(connection)
             self._idle = {}
 
 
-def _open(connection: http.client.HTTPConnection) -> bool:
-    """True if the idle connection has nothing to read: a node that closed it (or sent anything
-    unasked) makes it readable."""
-    sock = connection.sock
-    if sock is None:
-        return False
-    poll = select.poll()  # not select(): descriptors past 1023 are common in a busy worker
-    poll.register(sock, select.POLLIN)
-    return not poll.poll(0)
+class NodePool(IdlePool[http.client.HTTPConnection]):
+    """Idle kept-alive ``http.client`` connections (the WSGI side's), shared by threads."""
+
+    def usable(self, connection: http.client.HTTPConnection) -> bool:
+        # Readable while idle: the node closed it (or sent something unasked).
+        return connection.sock is not None and not readable_now(connection.sock)
+
+    def discard(self, connection: http.client.HTTPConnection) -> None:
+        connection.close()
 
 
 #: The pool of this process, used by :func:`~mogile_middleware.storage.open_replica`.

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import select
 import socket
 import threading
 import time
@@ -27,7 +26,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Se
 from typing import Any, NamedTuple, Protocol, Union
 
 from .exceptions import OutcomeUnknownError, ProtocolError, TrackerError, TrackerUnavailableError
-from .deadline import DeadlineReader
+from .deadline import DeadlineReader, readable_now
 from .protocol import ArgValue, Reply, encode_request, parse_reply
 
 Address = tuple[str, int]
@@ -83,9 +82,7 @@ class TrackerConnection:
 
     def is_stale(self) -> bool:
         """True if the idle connection has something to read: the tracker closed it or misspoke."""
-        poll = select.poll()  # not select(): descriptors past 1023 are common in a busy worker
-        poll.register(self._sock, select.POLLIN)
-        return bool(poll.poll(0))
+        return readable_now(self._sock)
 
     def roundtrip(self, request: bytes, deadline: float | None = None) -> bytes:
         """Send one request line and return the reply line, raising on EOF or an oversized line.
