@@ -26,7 +26,7 @@ from mogile_middleware.cli import main
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.exceptions import StorageError
 from mogile_middleware.memcache import MemcachedBackend
-from mogile_middleware.progress import ProgressBar, human_size, printable
+from mogile_middleware.cli.progress import ProgressBar, human_size, printable
 from mogile_middleware.storage import ReplicaResponse
 
 REPO = Path(__file__).resolve().parents[2]

@@ -23,7 +23,7 @@ import pytest
 from integration._wire_client import free_port, http_request
 
 from mogile_middleware.cli import main
-from mogile_middleware.demo import sample_files
+from mogile_middleware.cli.demo import sample_files
 
 pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
 

@@ -22,15 +22,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 
-from . import health
-from .client import Client, FileInfo
-from .exceptions import UnknownKeyError, UnregDomainError
+from .. import health
+from ..client import Client, FileInfo
+from ..exceptions import UnknownKeyError, UnregDomainError
+from ..tracker import Address, parse_trackers
+from ..upload import Uploader, remaining_size
 from .progress import ProgressBar, printable
-from .tracker import Address, parse_trackers
-from .upload import Uploader, remaining_size
 
 if TYPE_CHECKING:
-    from .memcache import MemcachedBackend
+    from ..memcache import MemcachedBackend
 
 Subcommand = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
@@ -125,7 +125,7 @@ def _memcached(text: str) -> MemcachedBackend | None:
     if not text.strip():
         return None
     try:
-        from .memcache import MemcachedBackend  # pymemcache is an optional extra
+        from ..memcache import MemcachedBackend  # pymemcache is an optional extra
     except ImportError:
         raise argparse.ArgumentTypeError("needs pymemcache: pip install 'mogile_middleware[memcached]'") from None
     try:

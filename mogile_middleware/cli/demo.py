@@ -23,9 +23,9 @@ from webob import Request, Response
 from webob.dec import wsgify
 from webob.exc import HTTPNotFound
 
-from .client import Client
-from .devserver import DevMogileFS
-from .middleware import MogileFSMiddleware, WSGIApp
+from ..client import Client
+from ..devserver import DevMogileFS
+from ..middleware import MogileFSMiddleware, WSGIApp
 from .signals import on_stop_signal
 
 DOMAIN = "demo"

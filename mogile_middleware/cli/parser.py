@@ -11,11 +11,11 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from . import __version__, commands, demo
-from .devserver import cli as devserver_cli
-from .exceptions import MogileFSError, TrackerUnavailableError, UnknownKeyError
+from .. import __version__
+from ..exceptions import MogileFSError, TrackerUnavailableError, UnknownKeyError
+from ..tracker import DEFAULT_PORT
+from . import commands, demo, devserver
 from .progress import printable
-from .tracker import DEFAULT_PORT
 
 #: name → (one-line help, add_arguments, run)
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
@@ -23,8 +23,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
     "devserver": (
         "run the embedded development MogileFS (a tracker and storage nodes) in the foreground; "
         "for development and tests, not production",
-        devserver_cli.add_arguments,
-        devserver_cli.run,
+        devserver.add_arguments,
+        devserver.run,
     ),
     "demo": (
         "store sample files in a development MogileFS and serve them with the middleware under gunicorn",

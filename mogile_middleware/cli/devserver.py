@@ -11,8 +11,8 @@ import sys
 import threading
 from typing import Any
 
-from ..signals import on_stop_signal
-from .cluster import DevMogileFS
+from ..devserver import DevMogileFS
+from .signals import on_stop_signal
 
 
 def _ports(text: str) -> list[int]:
