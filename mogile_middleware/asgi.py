@@ -25,6 +25,7 @@ from functools import cached_property
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from . import metrics
 from .async_client import AsyncClient
 from .async_storage import AsyncReplicaResponse, open_replica
 from .core import MiddlewareCore, file_request, is_reproxy_header
@@ -64,31 +65,32 @@ class MogileFSMiddleware(MiddlewareCore):
             return
         environ = _environ(scope, path)
         key = self.key_for(environ, path[len(self.prefix):])
-        # A warm reproxy answer needs nothing awaited: decided here, without a coroutine of its own.
-        answer = key if not isinstance(key, str) else (
-            self._warm_answer(environ, key) or await self._answer(environ, key))
+        if isinstance(key, str):
+            # A warm reproxy answer needs nothing awaited: decided here, without a coroutine of its own.
+            location = self.locator.cached(key)
+            warm = None if location is None else self.reproxy_answer(environ, location)
+            answer = warm or await self._answer(environ, key, location)
+        else:
+            answer = key
         if isinstance(answer, Answer):
+            metrics.recorder.request(answer.reproxy or "serve", answer.status)
             # A copy: a server may change the list it gets, and the encoded list is kept.
             await send({"type": "http.response.start", "status": int(answer.status[:3]),
                         "headers": self._encoded_answers.headers(answer).copy()})
             await send({"type": "http.response.body", "body": answer.body})
             return
         status, headers, upstream = answer
+        metrics.recorder.request("serve", status)
         try:
             await send({"type": "http.response.start", "status": int(status[:3]), "headers": _encoded(headers)})
             await _stream(upstream, send, receive)
         finally:
             await upstream.aclose()
 
-    def _warm_answer(self, environ: dict[str, Any], key: str) -> Answer | None:
-        """The answer when it comes from the in-process cache without I/O (a reproxy answer), else None."""
-        location = self.locator.cached(key)
-        return None if location is None else self.reproxy_answer(environ, location)
-
-    async def _answer(self, environ: dict[str, Any], key: str) -> Answer | Streamed:
-        """The answer for ``key``: decided, with its replica open."""
+    async def _answer(self, environ: dict[str, Any], key: str, location: Location | None) -> Answer | Streamed:
+        """The answer for ``key`` (at ``location`` when the cache held it): decided, with its replica open."""
         try:
-            location = self.locator.cached(key) or await self.locator.locate(key)
+            location = location or await self.locator.locate(key)
             return self.reproxy_answer(environ, location) or await self._serve(file_request(environ), location)
         except MogileFSError as error:
             return self.error_answer(error, key)
@@ -129,12 +131,16 @@ async def _stream(upstream: AsyncReplicaResponse, send: Send, receive: Receive) 
 
 
 async def _send_body(upstream: AsyncReplicaResponse, send: Send) -> None:
+    sent = 0
     try:
         async for chunk in upstream.chunks():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            sent += len(chunk)
     except (OSError, StorageError) as error:
         log.error("transfer from %r cut midway: %r", upstream.url, error)
         raise
+    finally:
+        metrics.recorder.bytes_served(sent)
     await send({"type": "http.response.body", "body": b""})
 
 

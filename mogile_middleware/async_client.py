@@ -19,6 +19,7 @@ import io
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import BinaryIO, Union
 
+from . import metrics
 from .async_storage import CHUNK_SIZE, AsyncPutStream, AsyncReplicaResponse, close_idle_connections, open_replica
 from .async_tracker import AsyncTrackerPool
 from .client import (
@@ -137,10 +138,14 @@ class AsyncClient(ClientBase):
         size = None if isinstance(fileobj, AsyncIterable) else remaining_size(fileobj)
         with class_named(cls, self.domain):
             reply, tracker = await self.pool.request("create_open", create_open_args(self.domain, key, cls, size))
-        destination, stored, md5 = await self._put(key, fileobj, destinations(reply), size)
+        try:
+            destination, stored, md5 = await self._put(key, fileobj, destinations(reply), size)
+        except BaseException:
+            metrics.recorder.upload("failed", 0)
+            raise
         close = create_close_args(self.domain, key, reply["fid"], destination, stored, md5, verify_checksum)
         try:
-            with committing(key, lambda: self._changed(key)):
+            with committing(key, stored, lambda: self._changed(key)):
                 await self.pool.request("create_close", close, tracker=tracker)
         except asyncio.CancelledError:  # create_close may have been carried out
             self._changed(key)

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
+from . import metrics
 from .exceptions import TrackerUnavailableError
 
 V = TypeVar("V")
@@ -146,7 +147,9 @@ class PathCache(Generic[V]):
         if entry is not None:  # (inlined _fresh: this is the hot path)
             ttl = self._ttl if self._ttl_for is None else self._ttl_for(entry[0])
             if self._clock() - entry[1] < ttl:
+                metrics.recorder.cache_hit()
                 return entry[0]
+        metrics.recorder.cache_miss()
         return self._refresh(key)
 
     def refresh(self, key: str, outdated: V) -> V:
@@ -174,6 +177,12 @@ class PathCache(Generic[V]):
             with flight.lock:
                 flight.invalidated = True
         self._safely(self._backend.delete, key)
+        metrics.recorder.cache_invalidated()
+        self._report_size()
+
+    def _report_size(self) -> None:
+        if isinstance(self._backend, MemoryCache):
+            metrics.recorder.cache_size(len(self._backend))
 
     def _refresh(self, key: str) -> V:
         with self._lock:
@@ -221,6 +230,7 @@ class PathCache(Generic[V]):
             with flight.lock:
                 if not flight.invalidated:
                     self._safely(self._backend.set, key, value, self._clock(), keep)
+            self._report_size()
         return value
 
     def _looked_up(self, value: Any) -> float:
@@ -246,6 +256,7 @@ class PathCache(Generic[V]):
             self._stale_keys.add(key)
         if first:
             log.warning("serving stale paths for %r: %r", key, error)
+        metrics.recorder.cache_stale()
         return entry[0]
 
     def _safely(self, method: Callable[..., T], *args: Any) -> T | None:
@@ -290,6 +301,7 @@ class AsyncPathCache(PathCache[V]):
         if self._in_process:
             entry = self._backend.get(key)
             if entry is not None and self._fresh(entry):
+                metrics.recorder.cache_hit()
                 return entry[0]
         return None
 
@@ -297,7 +309,9 @@ class AsyncPathCache(PathCache[V]):
         """The value for ``key``: the cached one while fresh, else looked up."""
         entry = self._backend.get(key) if self._in_process else await self._backend_call(self._backend.get, key)
         if entry is not None and self._fresh(entry):
+            metrics.recorder.cache_hit()
             return entry[0]
+        metrics.recorder.cache_miss()
         return await self._refresh(key)
 
     async def refresh(self, key: str, outdated: V) -> V:  # type: ignore[override]
@@ -352,6 +366,7 @@ class AsyncPathCache(PathCache[V]):
         keep = self._looked_up(value)
         if keep:
             await self._backend_call(self._store, flight, key, value, keep)
+            self._report_size()
         return value
 
     def _store(self, flight: _AsyncFlight, key: str, value: V, keep: float) -> None:

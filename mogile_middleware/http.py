@@ -22,11 +22,15 @@ _BYTE_RANGE = re.compile(r"(\d*)-(\d*)")
 
 @dataclass(frozen=True)
 class Answer:
-    """A complete HTTP answer: status line, headers and a body small enough to hold."""
+    """A complete HTTP answer: status line, headers and a body small enough to hold.
+
+    ``reproxy`` names the proxy the answer sends to the replicas (``"perlbal"``, ``"nginx"``).
+    """
 
     status: str
     headers: Headers
     body: bytes = b""
+    reproxy: str | None = None
 
 
 @dataclass(frozen=True)

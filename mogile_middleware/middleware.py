@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from functools import cached_property
 from typing import Any
 
+from . import metrics
 from .client import Client
 from .core import REPROXY_MODES, UNIX_SOCKET, MiddlewareCore, file_request, is_reproxy_header, parse_trusted_proxies
 from .exceptions import MogileFSError
@@ -53,6 +54,7 @@ class MogileFSMiddleware(MiddlewareCore):
                 return self.app(environ, start_response)
             return self.app(environ, _without_reproxy_headers(start_response))
         answer = self.answer(environ, path[len(self.prefix):])
+        metrics.recorder.request(answer.reproxy or "serve", answer.status)
         if isinstance(answer, Answer):
             # A copy: answers are shared between requests, and a server may change the list it gets.
             start_response(answer.status, answer.headers.copy())

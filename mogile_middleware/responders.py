@@ -12,9 +12,9 @@ import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from . import http
+from . import http, metrics
 from .content import ContentPolicy
 from .exceptions import StorageError
 from .http import Answer, FileRequest, Headers
@@ -35,6 +35,8 @@ class StreamedAnswer:
     status: str
     headers: Headers
     body: ReplicaBody
+    #: As :attr:`Answer.reproxy <mogile_middleware.http.Answer>`: the body is this answer's own.
+    reproxy: ClassVar[None] = None
 
 
 class Representation:
@@ -60,6 +62,8 @@ class Reproxy:
     A subclass gives its proxy's ``headers`` for a location and the request headers it reads.
     """
 
+    #: The proxy's name, as the middleware's ``reproxy`` option gives it.
+    name = ""
     #: The request header (WSGI name) by which the proxy says it reproxies.
     request_header = ""
     #: True if :meth:`answer` needs the request's target (path and query as the client sent them).
@@ -91,11 +95,11 @@ class Reproxy:
         """304 if the client holds this version, else the answer that sends the proxy to the replicas."""
         answer = location.memo.get(self)
         if answer is None:  # one answer object per location: the hot path allocates nothing
-            answer = location.memo[self] = Answer("200 OK", self.headers(location))
+            answer = location.memo[self] = Answer("200 OK", self.headers(location), reproxy=self.name)
         if if_none_match is not None and http.etag_matches(if_none_match, location.etag, weak=True):
             return http.not_modified(self.representation.headers(location))
         if ranged or target:
-            return Answer("200 OK", self.for_request(answer.headers, ranged, target))
+            return Answer("200 OK", self.for_request(answer.headers, ranged, target), reproxy=self.name)
         return answer
 
 
@@ -114,6 +118,7 @@ class PerlbalReproxy(Reproxy):
     version of another length). Perlbal sends that body under the first answer's headers.
     """
 
+    name = "perlbal"
     request_header = "HTTP_X_PROXY_CAPABILITIES"
 
     def __init__(self, representation: Representation, *, cache_for_seconds: int | None = None,
@@ -167,6 +172,7 @@ class NginxReproxy(Reproxy):
     middleware then looks the key up anew and serves the body itself.
     """
 
+    name = "nginx"
     request_header = "HTTP_X_SENDFILE_TYPE"
 
     def fell_back(self, environ: dict[str, Any]) -> bool:
@@ -206,13 +212,17 @@ class ReplicaBody:
         self._upstream = upstream
 
     def __iter__(self) -> Iterator[bytes]:
+        sent = 0
         try:
-            yield from self._upstream.iter_chunks(CHUNK_SIZE)
+            for chunk in self._upstream.iter_chunks(CHUNK_SIZE):
+                yield chunk
+                sent += len(chunk)
         except (OSError, StorageError) as error:
             log.error("transfer of %r from %r cut midway: %r", self._key, self._upstream.url, error)
             raise
         finally:
             self._upstream.close()
+            metrics.recorder.bytes_served(sent)
 
     def close(self) -> None:
         """Close the storage node connection (servers call this, also when the client left)."""

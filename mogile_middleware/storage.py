@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit
 
+from . import metrics
 from .deadline import DeadlineReader, time_left
 from .exceptions import StorageError
 from .nodepool import Node, NodePool, nodes
@@ -192,6 +193,7 @@ class ReplicaFailures:
     def failed(self, url: str, error: BaseException) -> None:
         """``url`` could not be asked (refused, timed out, a bad URL)."""
         self.lines.append(f"{url}: {error or type(error).__name__}")
+        metrics.recorder.replica_failover()
 
     def accepts(self, url: str, status: int, length: int | None, expected: int | None) -> bool:
         """True for a 2xx with the ``expected`` length (when given); else noted as a failure."""
@@ -199,6 +201,7 @@ class ReplicaFailures:
             return True
         self.last_status = status
         self.lines.append(f"{url}: HTTP {status}" if status >= 300 else f"{url}: {length} bytes, expected {expected}")
+        metrics.recorder.replica_failover()
         return False
 
     def error(self, urls: Sequence[str]) -> StorageError:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol, Union
 
+from . import metrics
 from .exceptions import OutcomeUnknownError, ProtocolError, TrackerError, TrackerUnavailableError
 from .deadline import DeadlineReader, readable_now
 from .protocol import ArgValue, Reply, encode_request, parse_reply
@@ -228,10 +229,20 @@ class TrackerPoolBase:
             raise TrackerUnavailableError(
                 f"every tracker is marked dead for up to {self.dead_seconds:g}s: {self._describe()}"
             )
+        if tracker is None and len(candidates) < len(self.addresses):
+            for address in self.addresses:
+                if address not in candidates:
+                    metrics.recorder.tracker_skipped(_describe(address))
         failures: list[str] = []
         for address in candidates:
+            started, outcome = time.monotonic(), "failed"
             try:
-                return (yield from self._steps_on(address, line, retry_midway)), address
+                reply = yield from self._steps_on(address, line, retry_midway)
+                outcome = "ok"
+                return reply, address
+            except TrackerError:
+                outcome = "error"
+                raise
             except _SentAndLost as lost:
                 raise OutcomeUnknownError(
                     f"{_describe(address)} failed after '{command}' was sent ({lost.__cause__}); "
@@ -239,6 +250,8 @@ class TrackerPoolBase:
                 ) from lost.__cause__
             except OSError as error:
                 failures.append(f"{_describe(address)}: {error or type(error).__name__}")
+            finally:
+                metrics.recorder.tracker_call(_describe(address), command, time.monotonic() - started, outcome)
         raise TrackerUnavailableError("no tracker answered: " + "; ".join(failures))
 
     def _steps_on(self, address: Address, line: bytes, retry_midway: bool) -> Generator[Step, Any, Reply]:

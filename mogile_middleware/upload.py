@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, Protocol, Union
 
+from . import metrics
 from .exceptions import (
     MogileFSError,
     OutcomeUnknownError,
@@ -111,22 +112,25 @@ def no_storage_node(key: str, failures: list[str]) -> UploadError:
 
 
 @contextlib.contextmanager
-def committing(key: str, changed: Callable[[], None]) -> Iterator[None]:
-    """Around the end of an upload (the PUT, then ``create_close``): ``changed()`` once the key
-    points, or may point, at the new data; a failure becomes an :class:`UploadError`, or an
-    :class:`UploadOutcomeUnknownError` when ``create_close``'s answer was lost."""
+def committing(key: str, size: int, changed: Callable[[], None]) -> Iterator[None]:
+    """Around the end of an upload of ``size`` bytes (the PUT, then ``create_close``): ``changed()``
+    once the key points, or may point, at the new data; a failure becomes an :class:`UploadError`,
+    or an :class:`UploadOutcomeUnknownError` when ``create_close``'s answer was lost."""
     try:
         yield
     except MogileFSError as error:
         if _answer_lost(error):
+            metrics.recorder.upload("unknown", size)
             changed()
             raise UploadOutcomeUnknownError(
                 f"upload of {key!r}: the answer to create_close was lost, so the key may or may "
                 f"not point at the new data ({error})"
             ) from error
+        metrics.recorder.upload("failed", size)
         if isinstance(error, UploadError):
             raise
         raise upload_failed(key, error) from error
+    metrics.recorder.upload("stored", size)
     changed()
 
 
@@ -274,7 +278,7 @@ class NewFile(io.RawIOBase):
             super().close()
 
     def _commit(self) -> None:
-        with committing(self.key, self._changed):
+        with committing(self.key, self.size, self._changed):
             if not self._put_done:
                 (self._stream or self._open_stream()).finish()
             self._pool.request(
@@ -293,6 +297,8 @@ class NewFile(io.RawIOBase):
         if self._stream is not None:
             self._stream.abort()
             self._stream = None
+        if not self.closed:
+            metrics.recorder.upload("failed", self.size)
         super().close()
 
     def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:

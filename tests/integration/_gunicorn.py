@@ -43,11 +43,12 @@ class GunicornServer:
 
 
 @contextmanager
-def run_gunicorn(env: dict[str, str], *, workers: int = 1, app: str = "_gunicorn_app:make_app()",
+def run_gunicorn(env: dict[str, str], *, workers: int = 1, app: str | None = "_gunicorn_app:make_app()",
                  extra_args: Sequence[str] = (), port: int | None = None) -> Iterator[GunicornServer]:
     """Start gunicorn with ``env`` added to this environment; yield it once its workers are up.
 
-    ``app`` is imported from the repository root or this directory; gunicorn listens on ``port``
+    ``app`` is imported from the repository root or this directory (``None``: ``extra_args`` name
+    it, e.g. with ``--paste``); gunicorn listens on ``port``
     (a free one by default) and is stopped on exit.
     """
     port = port or free_port()
@@ -56,7 +57,7 @@ def run_gunicorn(env: dict[str, str], *, workers: int = 1, app: str = "_gunicorn
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--workers", str(workers), "--bind", f"127.0.0.1:{port}",
-             "--timeout", "60", *extra_args, app],
+             "--timeout", "60", *extra_args, *([app] if app else [])],
             env=environment, stdout=subprocess.DEVNULL, stderr=log,
         )
         try:

@@ -1,0 +1,36 @@
+"""gunicorn settings for Prometheus metrics with several workers (``gunicorn -c examples/gunicorn_metrics.py``).
+
+Each worker counts in files under ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess
+mode), and every scrape sums them, whichever worker or port answers it. The directory is made
+here when the environment gives none, and emptied at start when it does: counts of an earlier
+run must not be added to this one's.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before prometheus_client is imported, here or in a worker: it picks its storage at import.
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+        stale.unlink()
+else:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mogile-metrics-")
+
+from prometheus_client import multiprocess, start_http_server  # noqa: E402
+
+workers = 2
+#: The master's own metrics port (METRICS_PORT=0: none), so a scrape never waits behind requests.
+metrics_port = int(os.environ.get("METRICS_PORT", "9101"))
+
+
+def when_ready(server):
+    if metrics_port:
+        from mogile_middleware.prometheus import registry
+
+        start_http_server(metrics_port, addr="127.0.0.1", registry=registry())
+
+
+def child_exit(server, worker):
+    # A worker's gauges leave with it; its counters stay in the sums.
+    multiprocess.mark_process_dead(worker.pid)

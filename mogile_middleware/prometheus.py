@@ -1,0 +1,149 @@
+"""Prometheus metrics: a :class:`~mogile_middleware.metrics.Recorder` for ``prometheus_client``.
+
+``record()`` starts counting (once per process, before gunicorn forks its workers or in each);
+``registry()`` is what to expose: the default registry, or, when ``PROMETHEUS_MULTIPROC_DIR``
+is set (gunicorn with several workers), one that sums every worker's files. ``MetricsEndpoint``
+answers ``GET /metrics`` in front of any WSGI application, and is the PasteDeploy filter
+``egg:mogile_middleware#metrics``. Needs the ``prometheus`` extra.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app, multiprocess
+
+from . import metrics
+from .middleware import StartResponse, WSGIApp
+
+#: Tracker round trips are milliseconds; a timeout is seconds.
+TRACKER_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class PrometheusRecorder(metrics.Recorder):
+    """Every event as a ``prometheus_client`` counter, histogram or gauge named ``<namespace>_...``."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY, namespace: str = "mogile_middleware") -> None:
+        def counter(name: str, documentation: str, labels: Iterable[str] = ()) -> Counter:
+            return Counter(name, documentation, labels, namespace=namespace, registry=registry)
+
+        # Label lookups cost more than the increment: each combination's child is looked up once.
+        self._requests = _Children(counter("requests", "Requests under the prefix, by how they were answered "
+                                           "and status", ["mode", "status"]),
+                                   lambda mode, status: (mode, status[:3]))
+        self._bytes_served = counter("served_bytes", "Body bytes streamed from storage nodes in serve mode")
+        self._tracker_calls = _Children(counter("tracker_calls", "Tracker commands, by tracker, command and "
+                                                "outcome (ok, error: an ERR reply, failed: no usable reply)",
+                                                ["tracker", "command", "outcome"]))
+        self._tracker_seconds = _Children(Histogram(
+            "tracker_call_seconds", "Tracker command round trips", ["command"],
+            namespace=namespace, registry=registry, buckets=TRACKER_SECONDS_BUCKETS))
+        self._tracker_skips = _Children(counter("dead_tracker_skips", "Requests that skipped a tracker marked dead",
+                                                ["tracker"]))
+        self._cache_hits = counter("path_cache_hits", "Path cache answers with fresh paths")
+        self._cache_misses = counter("path_cache_misses", "Path cache misses (the trackers are asked)")
+        self._cache_stale = counter("path_cache_stale", "Stale paths served while no tracker answered")
+        self._cache_invalidations = counter("path_cache_invalidations", "Keys dropped from the path cache")
+        self._cache_entries = Gauge("path_cache_entries", "Keys in the in-process path cache",
+                                    namespace=namespace, registry=registry, multiprocess_mode="livesum")
+        self._failovers = counter("replica_failovers", "Replicas that failed, so the next was asked")
+        self._uploads = _Children(counter("uploads", "Uploads, by outcome (stored, failed, unknown)", ["outcome"]))
+        self._uploaded_bytes = counter("uploaded_bytes", "Bytes sent by uploads")
+
+    def request(self, mode: str, status: str) -> None:
+        self._requests[mode, status].inc()
+
+    def bytes_served(self, count: int) -> None:
+        self._bytes_served.inc(count)
+
+    def tracker_call(self, tracker: str, command: str, seconds: float, outcome: str) -> None:
+        self._tracker_calls[tracker, command, outcome].inc()
+        self._tracker_seconds[command,].observe(seconds)
+
+    def tracker_skipped(self, tracker: str) -> None:
+        self._tracker_skips[tracker,].inc()
+
+    def cache_hit(self) -> None:
+        self._cache_hits.inc()
+
+    def cache_miss(self) -> None:
+        self._cache_misses.inc()
+
+    def cache_stale(self) -> None:
+        self._cache_stale.inc()
+
+    def cache_invalidated(self) -> None:
+        self._cache_invalidations.inc()
+
+    def cache_size(self, entries: int) -> None:
+        self._cache_entries.set(entries)
+
+    def replica_failover(self) -> None:
+        self._failovers.inc()
+
+    def upload(self, outcome: str, size: int) -> None:
+        self._uploads[outcome,].inc()
+        self._uploaded_bytes.inc(size)
+
+
+class _Children(dict):  # type: ignore[type-arg]
+    """A labelled metric's children by the values an event gives, each made on first use."""
+
+    def __init__(self, metric: Any, labels: Callable[..., tuple[str, ...]] | None = None) -> None:
+        super().__init__()
+        self._metric = metric
+        self._labels = labels
+
+    def __missing__(self, key: tuple[str, ...]) -> Any:
+        child = self[key] = self._metric.labels(*(self._labels(*key) if self._labels else key))
+        return child
+
+
+_started: PrometheusRecorder | None = None
+_starting = threading.Lock()
+
+
+def record() -> PrometheusRecorder:
+    """Count every event of this process in the default registry from now on (idempotent)."""
+    global _started
+    with _starting:
+        if _started is None:
+            _started = PrometheusRecorder()
+        metrics.use(_started)
+        return _started
+
+
+def registry() -> CollectorRegistry:
+    """The registry to expose: every worker's metrics when ``PROMETHEUS_MULTIPROC_DIR`` is set, else this process's."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    collected = CollectorRegistry()
+    multiprocess.MultiProcessCollector(collected)
+    return collected
+
+
+class MetricsEndpoint:
+    """Answers ``GET path`` with the metrics in Prometheus' text format; passes the rest to ``app``.
+
+    Put it behind a proxy rule or on an internal port: it shows the trackers' addresses and the
+    site's traffic to whoever can reach it.
+    """
+
+    def __init__(self, app: WSGIApp, *, path: str = "/metrics") -> None:
+        self.app = app
+        self.path = path
+        self._exposition = make_wsgi_app(registry())
+        record()
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == self.path:
+            return self._exposition(environ, start_response)
+        return self.app(environ, start_response)
+
+
+def filter_factory(global_conf: dict[str, str], *, path: str = "/metrics") -> Any:
+    """PasteDeploy: ``[filter:metrics]`` with ``use = egg:mogile_middleware#metrics`` (``path`` optional)."""
+    return lambda app: MetricsEndpoint(app, path=path)

@@ -1,0 +1,213 @@
+"""Metrics: the events of the WSGI and ASGI middlewares, the clients and the uploads, counted by
+the Prometheus recorder; the ``/metrics`` endpoint of a Paste pipeline under gunicorn with two
+workers (and the master's own port), and the Django view."""
+
+from __future__ import annotations
+
+import http.client
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import DOMAIN
+from integration._gunicorn import REPO, run_gunicorn
+from integration._wire_client import free_port
+from integration.test_asgi import http_scope, run
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from webtest import TestApp
+
+from mogile_middleware import Client, MogileFSMiddleware, metrics
+from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
+from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.prometheus import PrometheusRecorder
+
+CONTENT = b"metrics " * 1000
+
+
+def not_found(environ: dict, start_response: object) -> list[bytes]:
+    start_response("404 Not Found", [("Content-Type", "text/plain")])  # type: ignore[operator]
+    return [b"app"]
+
+
+class Counts:
+    """The recorder's values, read from its own registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def __call__(self, name: str, **labels: str) -> float:
+        """The sum of the samples of ``name`` that carry ``labels`` (and any others)."""
+        return sum(sample.value for family in self.registry.collect() for sample in family.samples
+                   if sample.name == f"mogile_middleware_{name}" and labels.items() <= sample.labels.items())
+
+
+@pytest.fixture
+def counts() -> Iterator[Counts]:
+    """A Prometheus recorder in use for the test, on a registry of its own."""
+    registry = CollectorRegistry()
+    previous = metrics.use(PrometheusRecorder(registry))
+    try:
+        yield Counts(registry)
+    finally:
+        metrics.use(previous)
+
+
+def test_serve_mode_counts_requests_bytes_tracker_calls_and_the_cache(devmogile: DevMogileFS, counts: Counts) -> None:
+    Client(DOMAIN, devmogile.trackers).store_content("a.txt", CONTENT, "avatar")
+    app = TestApp(MogileFSMiddleware(not_found, domain=DOMAIN, trackers=devmogile.trackers, prefix="/m/"))
+    assert app.get("/m/a.txt").body == CONTENT
+    assert app.get("/m/a.txt").body == CONTENT
+    app.head("/m/a.txt")
+    app.get("/m/a.txt", headers={"Range": "bytes=0-9"}, status=206)
+    app.get("/m/missing", status=404)
+    app.get("/elsewhere", status=404)  # the app's own 404: not counted
+
+    assert counts("requests_total", mode="serve", status="200") == 3
+    assert counts("requests_total", mode="serve", status="206") == 1
+    assert counts("requests_total", mode="serve", status="404") == 1
+    assert counts("served_bytes_total") == 2 * len(CONTENT) + 10
+    assert counts("path_cache_misses_total") == 2  # a.txt once, missing once
+    assert counts("path_cache_hits_total") >= 3
+    tracker = devmogile.trackers[0]
+    assert counts("tracker_calls_total", tracker=tracker, command="get_paths", outcome="ok") >= 1
+    assert counts("tracker_calls_total", tracker=tracker, command="get_paths", outcome="error") == 1  # unknown_key
+    assert counts("tracker_call_seconds_count", command="get_paths") == counts(
+        "tracker_calls_total", tracker=tracker, command="get_paths", outcome="ok") + 1
+    assert counts("path_cache_entries") == 2
+
+
+def test_reproxy_answers_are_counted_by_proxy(devmogile: DevMogileFS, counts: Counts) -> None:
+    Client(DOMAIN, devmogile.trackers).store_content("a.txt", CONTENT, "avatar")
+    for mode in ("perlbal", "nginx"):
+        app = TestApp(MogileFSMiddleware(not_found, domain=DOMAIN, trackers=devmogile.trackers, reproxy=mode))
+        answer = app.get("/mogilefs/a.txt")
+        app.get("/mogilefs/a.txt", headers={"If-None-Match": answer.headers["ETag"]}, status=304)
+        assert counts("requests_total", mode=mode, status="200") == 1
+        assert counts("requests_total", mode=mode, status="304") == 0  # answered here, not by the proxy
+    assert counts("requests_total", mode="serve", status="304") == 2
+    assert counts("served_bytes_total") == 0
+
+
+def test_changes_dead_trackers_failovers_and_stale_paths(devmogile: DevMogileFS, counts: Counts) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    client = Client(DOMAIN, [dead, *devmogile.trackers])
+    client.store_content("a.txt", CONTENT, "avatar")
+    assert counts("tracker_calls_total", tracker=dead, outcome="failed") == 1  # then skipped while dead
+    middleware = MogileFSMiddleware(not_found, client=client, path_cache_seconds=0.5, replicating_seconds=0.5)
+    app = TestApp(middleware)
+    app.get("/mogilefs/a.txt")
+    assert counts("dead_tracker_skips_total", tracker=dead) >= 1
+    assert counts("tracker_calls_total", tracker=dead) == 1
+
+    client.store_content("a.txt", CONTENT[:10], "avatar")  # the client tells the middleware's cache
+    assert counts("path_cache_invalidations_total") == 1
+    assert counts("uploads_total", outcome="stored") == 2
+    assert counts("uploaded_bytes_total") == len(CONTENT) + 10
+    with client.new_file("b.txt", "avatar") as new:
+        new.write(b"half")
+        new.abort()
+    assert counts("uploads_total", outcome="failed") == 1
+    assert counts("uploaded_bytes_total") == len(CONTENT) + 10 + 4
+
+    # The node of the first replica the middleware knows stops: the second serves, a failover is counted.
+    assert app.get("/mogilefs/a.txt").body == CONTENT[:10]
+    first = middleware.locator.locate("a.txt").paths[0]
+    next(node for node in devmogile.nodes if f":{node.port}/" in first).stop()
+    assert app.get("/mogilefs/a.txt").body == CONTENT[:10]
+    assert counts("replica_failovers_total") == 1
+
+    time.sleep(0.6)  # past the paths' time, then every tracker goes away
+    devmogile.stop_tracker()
+    assert app.get("/mogilefs/a.txt").body == CONTENT[:10]
+    assert counts("path_cache_stale_total") == 1
+
+
+def test_the_asgi_middleware_counts_the_same_events(devmogile: DevMogileFS, counts: Counts) -> None:
+    Client(DOMAIN, devmogile.trackers).store_content("a.txt", CONTENT, "avatar")
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        raise AssertionError("not reached")
+
+    middleware = ASGIMiddleware(app, domain=DOMAIN, trackers=devmogile.trackers)
+    for path in ("/mogilefs/a.txt", "/mogilefs/a.txt", "/mogilefs/missing"):
+        run(middleware, http_scope(path), [{"type": "http.request"}])
+    reproxied = ASGIMiddleware(app, domain=DOMAIN, trackers=devmogile.trackers, reproxy="perlbal")
+    run(reproxied, http_scope("/mogilefs/a.txt"), [{"type": "http.request"}])
+
+    assert counts("requests_total", mode="serve", status="200") == 2
+    assert counts("requests_total", mode="serve", status="404") == 1
+    assert counts("requests_total", mode="perlbal", status="200") == 1
+    assert counts("served_bytes_total") == 2 * len(CONTENT)
+    assert counts("path_cache_hits_total") == 1  # each middleware has its own cache
+    assert counts("path_cache_misses_total") == 3
+    assert counts("tracker_calls_total", tracker=devmogile.trackers[0], command="get_paths", outcome="error") == 1
+
+
+def scrape(port: int, path: str = "/metrics") -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a ``/metrics`` page: (name, sorted labels) → value."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request("GET", path)
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.getheader("Content-Type", "").startswith("text/plain")
+    text = response.read().decode()
+    connection.close()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def get(port: int, path: str) -> bytes:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request("GET", path, headers={"Connection": "close"})
+    response = connection.getresponse()
+    body = response.read()
+    connection.close()
+    assert response.status == 200, (path, response.status)
+    return body
+
+
+def test_gunicorn_with_two_workers_sums_both_in_every_scrape(devmogile: DevMogileFS, tmp_path: Path) -> None:
+    """examples/metrics.ini under examples/gunicorn_metrics.py: the app's /metrics and the master's port."""
+    Client(DOMAIN, devmogile.trackers).store_content("a.txt", CONTENT, "avatar")
+    multiproc, master_port = tmp_path / "prometheus", free_port()
+    multiproc.mkdir()
+    (multiproc / "counter_1.db").write_bytes(b"left from an earlier run")  # emptied at start
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(multiproc), "METRICS_PORT": str(master_port)}
+    args = ["-c", str(REPO / "examples" / "gunicorn_metrics.py"), "--paste", str(REPO / "examples" / "metrics.ini"),
+            "--paste-global", f"mogile_domain={DOMAIN}", "--paste-global", f"mogile_trackers={devmogile.trackers[0]}"]
+    requests = 40
+    with run_gunicorn(env, workers=2, app=None, extra_args=args) as server:
+        with ThreadPoolExecutor(8) as pool:
+            bodies = list(pool.map(lambda _: get(server.port, "/mogilefs/a.txt"), range(requests)))
+        assert bodies == [CONTENT] * requests
+        counted = {path.name for path in multiproc.glob("counter_*.db")}
+        assert len(counted) == 2, f"both workers should have answered: {counted}"  # one file per worker pid
+        for samples in (scrape(server.port), scrape(master_port)):
+            assert samples[("mogile_middleware_requests_total", (("mode", "serve"), ("status", "200")))] == requests
+            assert samples[("mogile_middleware_served_bytes_total", ())] == requests * len(CONTENT)
+            hits = samples[("mogile_middleware_path_cache_hits_total", ())]
+            misses = samples[("mogile_middleware_path_cache_misses_total", ())]
+            assert hits + misses == requests and 1 <= misses <= 2  # one lookup per worker at most
+            assert samples[("mogile_middleware_path_cache_entries", ())] == misses  # the live workers' sum
+
+
+def test_the_django_view_answers_with_the_metrics(devmogile: DevMogileFS, counts: Counts) -> None:
+    pytest.importorskip("django")
+    from django.conf import settings
+
+    if not settings.configured:
+        settings.configure()
+    from django.test import RequestFactory
+
+    from mogile_middleware.contrib.django.metrics import view
+    from mogile_middleware.prometheus import record
+
+    record()  # what wsgi.py does: counts in the default registry, which the view shows
+    response = view(RequestFactory().get("/metrics"))
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/plain")
+    names = {family.name for family in text_string_to_metric_families(response.content.decode())}
+    assert "mogile_middleware_requests" in names
