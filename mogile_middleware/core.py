@@ -78,6 +78,8 @@ class MiddlewareCore:
         sent as the last reproxy URL, so that when every replica fails (the key was overwritten or
         deleted elsewhere) Perlbal asks the application, which looks the key up anew.
     :param storage_timeout: seconds for connects and reads on storage nodes in serve mode.
+    :param connect_timeout: ``io_timeout``, ``dead_seconds``: for the client made from ``domain``
+        and ``trackers`` (see :class:`~mogile_middleware.tracker.TrackerPool`; ``None``: its default).
     :param retry_after_seconds: the ``Retry-After`` of a 503 when no tracker answers.
     :param allow_app_reproxy: let the wrapped application send its own reproxy headers
         (``X-REPROXY-*``, ``X-Accel-Redirect``); by default they are removed from its responses,
@@ -114,6 +116,9 @@ class MiddlewareCore:
         perlbal_cache_seconds: int | None = None,
         perlbal_fallback_url: str | None = None,
         storage_timeout: float = 10.0,
+        connect_timeout: float | None = None,
+        io_timeout: float | None = None,
+        dead_seconds: float | None = None,
         retry_after_seconds: int = 5,
         allow_app_reproxy: bool = False,
     ) -> None:
@@ -121,10 +126,14 @@ class MiddlewareCore:
             raise ValueError(f"reproxy must be one of {REPROXY_MODES}, not {reproxy!r}")
         if perlbal_fallback_url is not None and not re.fullmatch(r"http://[!-~]+", perlbal_fallback_url):
             raise ValueError(f"perlbal_fallback_url must be an http:// URL, not {perlbal_fallback_url!r}")
+        timeouts = {name: value for name, value in [("connect_timeout", connect_timeout), ("io_timeout", io_timeout),
+                                                    ("dead_seconds", dead_seconds)] if value is not None}
         if client is None:
             if not domain or not trackers:
                 raise ValueError("give a client, or a domain and trackers")
-            client = self.client_class(domain, trackers, storage_timeout=storage_timeout)
+            client = self.client_class(domain, trackers, storage_timeout=storage_timeout, **timeouts)
+        elif timeouts:
+            raise ValueError(f"{', '.join(timeouts)}: the given client has its own; set them on it")
         self.app = app
         self.client = client
         self.prefix = "/" + prefix.strip("/") + "/" if prefix.strip("/") else "/"

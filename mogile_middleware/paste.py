@@ -16,11 +16,20 @@ from typing import TYPE_CHECKING, Any
 from paste.deploy.converters import asbool, asint, aslist
 
 from .middleware import REPROXY_MODES, MogileFSMiddleware, WSGIApp, parse_trusted_proxies
+from .tracker import parse_trackers
 
 if TYPE_CHECKING:
     from .memcache import MemcachedBackend
 
 REQUIRED = ("domain", "trackers")
+
+
+def _trackers(value: str) -> list[str]:
+    """``host:port`` addresses, one per line or separated by spaces or commas, checked here to fail early."""
+    addresses = value.replace(",", " ").split()
+    if addresses:  # none: "is required" below
+        parse_trackers(addresses)
+    return addresses
 
 
 def _reproxy(value: str) -> str | None:
@@ -71,7 +80,7 @@ def _mimetypes(value: str) -> dict[str, str]:
 
 #: Converters of the options whose type alone does not say how to read them.
 _SPECIAL: Mapping[str, Callable[[str], Any]] = {
-    "trackers": aslist,
+    "trackers": _trackers,
     "reproxy": _reproxy,
     "trusted_proxies": _networks,
     "key_for_path": _callable,

@@ -371,6 +371,21 @@ def test_settings_reach_the_middleware(mogile: DevMogileFS) -> None:
         assert MogileFSStorage().url("a.png") == "https://cdn.example/m/a.png"
     assert app.get("/m/a.png").body == b"pixels"
 
+    with with_settings(SERVE_WITH_PERLBAL=None, MOGILEFS_MIDDLEWARE_OPTIONS=None):  # None: as if unset
+        app = TestApp(wrap_wsgi(get_wsgi_application()), lint=True)
+    assert app.get("/media/a.png").body == b"pixels"
+
+
+def test_client_options_reach_the_storages_and_both_middlewares(mogile: DevMogileFS) -> None:
+    options = {"connect_timeout": 0.25, "io_timeout": 3, "dead_seconds": 30, "storage_timeout": 4}
+    with with_settings(MOGILEFS_CLIENT_OPTIONS=options):
+        wsgi, asgi = wrap_wsgi(get_wsgi_application()), wrap_asgi(get_asgi_application())
+        storage_client = get_client()
+    for client in (storage_client, wsgi.client, asgi.client):
+        pool = client.pool
+        assert (pool.connect_timeout, pool.io_timeout, pool.dead_seconds, client.storage_timeout) == (0.25, 3, 30, 4)
+    assert wsgi.storage_timeout == asgi.storage_timeout == 4
+
 
 # -- the wrapped ASGI application ---------------------------------------------------------------
 
@@ -521,6 +536,10 @@ SETTINGS_ERRORS = [
     pytest.param("MOGILEFS_MIDDLEWARE_OPTIONS", ["stale_seconds"], _wrap, id="options-not-dict"),
     pytest.param("MOGILEFS_MIDDLEWARE_OPTIONS", {"no_such": 1}, _wrap, id="options-unknown"),
     pytest.param("MOGILEFS_MIDDLEWARE_OPTIONS", {"reproxy": "nginx"}, _wrap, id="options-own-setting"),
+    pytest.param("MOGILEFS_MIDDLEWARE_OPTIONS", {"io_timeout": 3}, _wrap, id="options-client-timeout"),
+    pytest.param("MOGILEFS_CLIENT_OPTIONS", {"timeout": 3}, _wrap, id="client-options-unknown"),
+    pytest.param("MOGILEFS_CLIENT_OPTIONS", {"io_timeout": "3"}, lambda: MogileFSStorage().exists("a"),
+                 id="client-options-string-storage"),
     pytest.param("MOGILEFS_MEMCACHED_SERVERS", 11211, _wrap, id="memcached-number"),
     pytest.param("MOGILEFS_MEMCACHED_SERVERS", ["127.0.0.1:port"], lambda: MogileFSStorage().exists("a"),
                  id="memcached-bad-port-storage"),

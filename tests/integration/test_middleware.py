@@ -346,6 +346,8 @@ def test_configuration_errors_are_clear() -> None:
         MogileFSMiddleware(wrapped_app, domain="d", trackers=["127.0.0.1:7001"], reproxy="squid")
     with pytest.raises(ValueError, match="client, or a domain and trackers"):
         MogileFSMiddleware(wrapped_app, domain="d")
+    with pytest.raises(ValueError, match="io_timeout: the given client has its own"):
+        MogileFSMiddleware(wrapped_app, client=Client("d", ["127.0.0.1:7001"]), io_timeout=2)
 
 
 def test_a_mapped_key_the_tracker_cannot_hold_is_a_400(devmogile: DevMogileFS) -> None:

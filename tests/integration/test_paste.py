@@ -78,7 +78,7 @@ GOOD = "domain = media\ntrackers = 127.0.0.1:7001"
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        pytest.param(GOOD + "\ncolour = blue", r"colour.*options are: .*cache_control, charset, content_disposition, domain", id="unknown-option"),
+        pytest.param(GOOD + "\ncolour = blue", r"colour.*options are: .*cache_control, charset, connect_timeout, content_disposition, dead_seconds, domain", id="unknown-option"),
         pytest.param("trackers = 127.0.0.1:7001", r"option domain is required", id="missing-domain"),
         pytest.param("domain = media", r"option trackers is required", id="missing-trackers"),
         pytest.param("domain = media\ntrackers =", r"option trackers is required", id="empty-trackers"),
@@ -90,6 +90,9 @@ GOOD = "domain = media\ntrackers = 127.0.0.1:7001"
                      id="bad-network"),
         pytest.param(GOOD + "\nkey_for_path = posixpath:nowhere", r"option key_for_path: cannot import",
                      id="bad-callable"),
+        pytest.param("domain = media\ntrackers = 10.0.0.1:7001,10.0.0.2:port", r"option trackers: .*10\.0\.0\.2:port",
+                     id="bad-tracker"),
+        pytest.param(GOOD + "\nio_timeout = soon", r"option io_timeout: .*soon", id="bad-timeout"),
     ],
 )
 def test_a_bad_configuration_fails_at_load_time_naming_the_option(tmp_path: Path, options: str, message: str) -> None:
@@ -102,7 +105,7 @@ def test_options_reach_the_middleware_converted(tmp_path: Path) -> None:
 domain = media
 trackers =
     10.0.0.1:7001
-    10.0.0.2:7001  10.0.0.3:7001
+    10.0.0.2:7001, 10.0.0.3:7001
 prefix = /files
 reproxy = Perlbal
 trusted_proxies = 10.0.0.0/24
@@ -112,6 +115,9 @@ key_for_path = posixpath:basename
 perlbal_cache_seconds = 30
 storage_timeout = 2.5
 retry_after_seconds = 9
+connect_timeout = 0.25
+io_timeout = 3
+dead_seconds = 30
 """)
     assert middleware.client.pool.addresses == [("10.0.0.1", 7001), ("10.0.0.2", 7001), ("10.0.0.3", 7001)]
     assert (middleware.prefix, middleware.reproxy, middleware.require_proxy_header) == ("/files/", "perlbal", True)
@@ -121,6 +127,8 @@ retry_after_seconds = 9
     assert middleware.reproxy_responder.cache_for == "30; Content-Type ETag"
     assert middleware.storage_timeout == 2.5 and middleware.client.storage_timeout == 2.5
     assert middleware.retry_after_seconds == 9
+    pool = middleware.client.pool
+    assert (pool.connect_timeout, pool.io_timeout, pool.dead_seconds) == (0.25, 3.0, 30.0)
 
 
 def test_numbers_and_flags_are_typed_before_the_middleware_sees_them() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from typing import Any
 
 from ...client import Client
 from ...tracker import Address, parse_trackers
@@ -21,17 +22,17 @@ from . import conf
 Trackers = str | Iterable[str | Address] | None
 
 _lock = threading.Lock()
-_shared: dict[tuple[str, tuple[Address, ...], tuple[str, ...]], tuple[Client, Uploader]] = {}
+_shared: dict[tuple[Any, ...], tuple[Client, Uploader]] = {}
 
 
 def _get(domain: str | None, trackers: Trackers) -> tuple[Client, Uploader]:
     # Parsed before use as a key, so "h:7001" and ("h", 7001) share one client.
     key = (domain or conf.domain(), tuple(parse_trackers(trackers)) if trackers else conf.trackers(),
-           conf.memcached_servers())
+           conf.memcached_servers(), tuple(sorted(conf.client_options().items())))
     with _lock:
         if key not in _shared:
-            domain, addresses, servers = key
-            client = Client(domain, addresses, cache_backend=conf.memcached_backend(servers))
+            domain, addresses, servers, options = key
+            client = Client(domain, addresses, cache_backend=conf.memcached_backend(servers), **dict(options))
             _shared[key] = client, Uploader(client)
         return _shared[key]
 

@@ -33,7 +33,12 @@ _OWN_SETTINGS = {
     "cache_control": "MOGILEFS_CACHE_CONTROL",
     "path_cache_seconds": "MOGILEFS_PATH_CACHE_SECONDS",
     "nginx_location": "MOGILEFS_NGINX_LOCATION",
+    "connect_timeout": "MOGILEFS_CLIENT_OPTIONS",
+    "io_timeout": "MOGILEFS_CLIENT_OPTIONS",
+    "dead_seconds": "MOGILEFS_CLIENT_OPTIONS",
 }
+#: What MOGILEFS_CLIENT_OPTIONS may set: the timeouts of the clients of the storages and the middleware.
+CLIENT_OPTIONS = ("connect_timeout", "io_timeout", "dead_seconds", "storage_timeout")
 _MIDDLEWARE_ARGUMENTS = frozenset(inspect.signature(MogileFSMiddleware).parameters) - {"app"}
 
 
@@ -177,17 +182,33 @@ _OPTIONAL: dict[str, tuple[str, Callable[[Any], Any]]] = {
 }
 
 
+def _client_options(value: object) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a dict of {', '.join(CLIENT_OPTIONS)}, got {value!r}")
+    for option, seconds in value.items():
+        if option not in CLIENT_OPTIONS:
+            raise ValueError(f"{option!r} is not one of {', '.join(CLIENT_OPTIONS)}")
+        _seconds(seconds)
+    return value
+
+
+def client_options() -> dict[str, float]:
+    """``MOGILEFS_CLIENT_OPTIONS``: the tracker and storage timeouts of every client (unset: their defaults)."""
+    value = getattr(settings, "MOGILEFS_CLIENT_OPTIONS", None)
+    return {} if value is None else validated("MOGILEFS_CLIENT_OPTIONS", value, _client_options)
+
+
 def reproxy() -> str | None:
     """``MOGILEFS_REPROXY`` if set, else ``"perlbal"`` when the classic ``SERVE_WITH_PERLBAL`` is on."""
     if hasattr(settings, "MOGILEFS_REPROXY"):
         return validated("MOGILEFS_REPROXY", settings.MOGILEFS_REPROXY, _reproxy_mode)
-    perlbal = validated("SERVE_WITH_PERLBAL", getattr(settings, "SERVE_WITH_PERLBAL", False), flag)
+    perlbal = validated("SERVE_WITH_PERLBAL", getattr(settings, "SERVE_WITH_PERLBAL", None) or False, flag)
     return "perlbal" if perlbal else None
 
 
 def middleware_options() -> dict[str, Any]:
     """The :class:`MogileFSMiddleware` arguments the settings give, besides the client."""
-    options = validated("MOGILEFS_MIDDLEWARE_OPTIONS", getattr(settings, "MOGILEFS_MIDDLEWARE_OPTIONS", {}),
+    options = validated("MOGILEFS_MIDDLEWARE_OPTIONS", getattr(settings, "MOGILEFS_MIDDLEWARE_OPTIONS", None) or {},
                         _extra_options)
     if "cache_backend" in options and memcached_servers():
         raise ImproperlyConfigured(
@@ -195,6 +216,8 @@ def middleware_options() -> dict[str, Any]:
             "set one of them"
         )
     options = {**options, "prefix": urlsplit(media_url()).path, "reproxy": reproxy()}
+    if "storage_timeout" in client_options():  # serve mode reads storage nodes as the clients do
+        options.setdefault("storage_timeout", client_options()["storage_timeout"])
     for name, (argument, check) in _OPTIONAL.items():
         value = getattr(settings, name, None)
         if value is not None:
