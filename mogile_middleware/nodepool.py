@@ -48,20 +48,19 @@ class IdlePool(Generic[C]):
     def take(self, node: Node) -> C | None:
         """The most recently used idle connection to ``node`` that is still usable, if any."""
         now = time.monotonic()
-        stale = []
-        found = None
-        with self._lock:
-            self._forget_parents()
-            idle = self._idle.get(node)
-            while idle and found is None:
+        while True:
+            # usable() is asked outside the lock: under gevent its poll yields to other greenlets,
+            # and a lock made before monkey-patching (gunicorn --preload) is the thread's, so one
+            # of them taking it meanwhile would stop the whole worker.
+            with self._lock:
+                self._forget_parents()
+                idle = self._idle.get(node)
+                if not idle:
+                    return None
                 since, connection = idle.pop()
-                if now - since < self.idle_seconds and self.usable(connection):
-                    found = connection
-                else:
-                    stale.append(connection)
-        for connection in stale:
+            if now - since < self.idle_seconds and self.usable(connection):
+                return connection
             self.discard(connection)
-        return found
 
     def give(self, node: Node, connection: C) -> None:
         """Keep ``connection`` (idle, its last response read to the end) for the next request to ``node``."""

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from conftest import DOMAIN
 from integration._gunicorn import run_uvicorn
+from integration._slow_clients import node_connections, read_first_bytes, slow_downloads, storage_port, thread_count
 from integration._wire_client import read_http_reply
 from wiretools import PatternFile, pattern_md5
 
@@ -102,46 +103,20 @@ def test_a_method_other_than_get_or_head_is_405_without_the_app(wrapped: tuple[M
     assert not recorder.scopes
 
 
-def node_connections(port: int) -> int:
-    """Established TCP connections to the loopback ``port`` (from /proc/net/tcp)."""
-    count = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local_port = int(fields[1].split(":")[1], 16)
-        if local_port == port and fields[3] == "01":  # 01: ESTABLISHED
-            count += 1
-    return count
-
-
-def thread_count(pid: int) -> int:
-    return len(list(Path(f"/proc/{pid}/task").iterdir()))
-
-
 def test_slow_clients_share_one_worker_and_a_client_that_leaves_frees_its_node(devmogile: DevMogileFS) -> None:
     """40 clients reading slowly from one uvicorn worker: all get their first 64 KiB at once, the
     process keeps few threads, and closing them closes their storage connections."""
     client = Client(DOMAIN, devmogile.trackers)
     client.store_file("movie.mp4", PatternFile(32 * MIB), cls="thumb")  # more than the kernel's buffers hold
-    [node_port] = {int(path.split(":")[2].split("/")[0]) for path in client.get_paths("movie.mp4")}
+    node_port = storage_port(client, "movie.mp4")
     with run_uvicorn({"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": devmogile.trackers[0]}) as server:
-        sockets = []
         started = time.monotonic()
-        for _ in range(40):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # before connecting, to count
-            sock.settimeout(15)
-            sock.connect(("127.0.0.1", server.port))
-            sock.sendall(b"GET /mogilefs/movie.mp4 HTTP/1.1\r\nHost: media\r\n\r\n")
-            sockets.append(sock)
-        for sock in sockets:  # every client gets its first 64 KiB while the others stay open
-            received = b""
-            while len(received) < 64 * 1024:
-                received += sock.recv(64 * 1024)
-        assert time.monotonic() - started < 10
-        assert thread_count(server.pid) < 10
-        assert node_connections(node_port) >= 30  # an unfinished download holds its node connection
-        for sock in sockets:
-            sock.close()
+        with slow_downloads(server.port, "/mogilefs/movie.mp4", 40) as sockets:
+            for sock in sockets:  # every client gets its first 64 KiB while the others stay open
+                read_first_bytes(sock)
+            assert time.monotonic() - started < 10
+            assert thread_count(server.pid) < 10
+            assert node_connections(node_port) >= 30  # an unfinished download holds its node connection
         deadline = time.monotonic() + 10
         while node_connections(node_port) and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -20,7 +20,7 @@ import pytest
 
 from mogile_middleware import Client
 from mogile_middleware.devserver import DevMogileFS
-from mogile_middleware.devserver import cli as devserver_cli
+from mogile_middleware.cli import devserver as devserver_cli
 from mogile_middleware.exceptions import UnknownKeyError
 
 DELAY = 0.5

@@ -1,0 +1,124 @@
+"""The WSGI middleware under ``gunicorn -k gevent``: one worker, a greenlet per client.
+
+Under gevent's monkey patching the storage client's sockets, timeouts and ``poll`` are gevent's,
+so a download waiting on its client or its storage node lets every other one go on; its locks are
+gevent's too, unless the application was imported before the worker patched (``--preload``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import DOMAIN
+from integration._gunicorn import run_gunicorn
+from integration._slow_clients import node_connections, read_first_bytes, slow_downloads, storage_port, thread_count
+from integration._wire_client import eventually, read_http_reply
+from wiretools import PatternFile, pattern_md5
+
+from mogile_middleware import Client
+from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.nodepool import IDLE_PER_NODE
+
+pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
+pytest.importorskip("gevent", reason="gevent is installed by the test command ('.[dev]')")
+
+MIB = 1024 * 1024
+#: Twice what a stalled client and the worker's send buffer hold (4 MiB at most, tcp_wmem), so
+#: an unfinished download is still reading from its storage node.
+SIZE = 8 * MIB
+CLIENTS = 100
+#: gevent resolves names (even 127.0.0.1) in a pool of at most 10 threads; a thread per client
+#: would be many more.
+MAX_THREADS = 12
+#: The front proxy, trusted; every other client (127.0.0.1) is served the body.
+PROXY = "127.0.0.2"
+
+
+def env_for(mogile: DevMogileFS) -> dict[str, str]:
+    return {"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": mogile.trackers[0], "MOGILE_REPROXY": "perlbal",
+            "MOGILE_TRUSTED_PROXIES": PROXY}
+
+
+def reproxy_answer(port: int, path: str) -> dict[str, str]:
+    """The headers the middleware answers Perlbal at :data:`PROXY` with (a 200, no body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(PROXY, 0)) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: media\r\nConnection: close\r\n\r\n".encode())
+        reply, _ = read_http_reply(sock, "GET", timeout=5)
+    assert reply.status == 200 and reply.body == b""
+    return reply.headers
+
+
+def test_slow_clients_share_one_gevent_worker_and_a_client_that_leaves_frees_its_node(devmogile: DevMogileFS) -> None:
+    """100 clients reading slowly from one gevent worker all get their first 64 KiB at once; the
+    proxy is still answered, the few that read on get every byte, and one that leaves mid-file
+    closes its storage connection."""
+    client = Client(DOMAIN, devmogile.trackers)
+    client.store_file("movie.mp4", PatternFile(SIZE), cls="thumb")
+    node_port = storage_port(client, "movie.mp4")
+    with run_gunicorn(env_for(devmogile), extra_args=["--worker-class", "gevent"]) as server:
+        [worker] = server.worker_pids()
+        started = time.monotonic()
+        with slow_downloads(server.port, "/mogilefs/movie.mp4", CLIENTS) as sockets:
+            first = [read_first_bytes(sock) for sock in sockets]  # each while the others stay open
+            assert time.monotonic() - started < 10
+            assert thread_count(worker) <= MAX_THREADS
+            assert node_connections(node_port) >= CLIENTS  # an unfinished download holds its node connection
+
+            reproxied = reproxy_answer(server.port, "/mogilefs/movie.mp4")
+            assert f":{node_port}/" in reproxied["x-reproxy-url"]
+            assert reproxied["x-reproxy-expected-size"] == str(SIZE)
+
+            leaving = sockets.pop()
+            open_before = node_connections(node_port)
+            leaving.close()
+            assert eventually(lambda: node_connections(node_port), lambda n: n < open_before, timeout=10) \
+                == open_before - 1, "a client left mid-file, its storage connection stayed"
+
+            expected = pattern_md5(SIZE)
+            for sock, received in zip(sockets[:3], first):
+                reply, _ = read_http_reply(sock, "GET", pending=received, timeout=15)
+                assert reply.status == 200 and len(reply.body) == SIZE
+                assert hashlib.md5(reply.body).hexdigest() == expected
+        # What stays open is the pool's: a connection whose body was read to its end, kept for reuse.
+        assert eventually(lambda: node_connections(node_port), lambda n: n <= 3, timeout=10) <= 3, \
+            "clients left, their storage connections stayed"
+
+
+@pytest.mark.parametrize("preload", [
+    pytest.param([], id="imported-by-the-worker"),
+    # The application is imported before the worker monkey-patches: its module-level locks are
+    # the thread's, and one held across a wait for gevent would stop the whole worker.
+    pytest.param(["--preload"], id="preloaded"),
+])
+def test_greenlets_share_the_kept_alive_node_connections(devmogile: DevMogileFS, preload: list[str]) -> None:
+    """Many concurrent requests take and give back kept-alive storage connections; none waits
+    on another for ever."""
+    client = Client(DOMAIN, devmogile.trackers)
+    client.store_content("small.txt", b"small file\n" * 100, cls="thumb")
+    node_port = storage_port(client, "small.txt")
+    # A worker that stops answering is killed (--timeout) and the server stops without waiting long.
+    args = ["--worker-class", "gevent", "--timeout", "5", "--graceful-timeout", "2", *preload]
+    with run_gunicorn(env_for(devmogile), extra_args=args) as server:
+
+        def requests(count: int) -> int:
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+            try:
+                for _ in range(count):
+                    connection.request("GET", "/mogilefs/small.txt")
+                    response = connection.getresponse()
+                    assert response.status == 200 and response.read() == b"small file\n" * 100
+            finally:
+                connection.close()
+            return count
+
+        with ThreadPoolExecutor(40) as pool:
+            assert sum(pool.map(requests, [15] * 40)) == 600
+        # Kept for reuse, within the pool's bound (the last response may reach its client before
+        # its worker has closed the connection the pool had no room for).
+        kept = eventually(lambda: node_connections(node_port), lambda n: n <= IDLE_PER_NODE, timeout=5)
+        assert 1 <= kept <= IDLE_PER_NODE
