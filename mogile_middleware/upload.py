@@ -178,6 +178,7 @@ class NewFile(io.RawIOBase):
         super().__init__()
         self._stream: PutStream | None = None
         self._put_done = False
+        self._opened = False  # create_open answered: an upload has begun
         check_key(key)
         self.key = key
         self._pool = pool
@@ -193,6 +194,7 @@ class NewFile(io.RawIOBase):
         self._destinations = destinations(reply)
         self._devid = self._path = ""
         self._reset_body()
+        self._opened = True
 
     def _reset_body(self) -> None:
         self._md5 = hashlib.md5() if self._checksum else None
@@ -297,7 +299,7 @@ class NewFile(io.RawIOBase):
         if self._stream is not None:
             self._stream.abort()
             self._stream = None
-        if not self.closed:
+        if self._opened and not self.closed:
             metrics.recorder.upload("failed", self.size)
         super().close()
 
