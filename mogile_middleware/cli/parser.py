@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from .. import __version__
 from ..exceptions import MogileFSError, TrackerUnavailableError, UnknownKeyError
 from ..tracker import DEFAULT_PORT
-from . import commands, demo, devserver
+from . import commands, demo, devserver, serve
 from .progress import printable
 
 #: name → (one-line help, add_arguments, run)
@@ -25,6 +25,12 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
         "for development and tests, not production",
         devserver.add_arguments,
         devserver.run,
+    ),
+    "serve": (
+        "serve a domain's files with the middleware under gunicorn, in front of existing trackers, "
+        "for a quick look (a list of the keys at /)",
+        serve.add_arguments,
+        serve.run,
     ),
     "demo": (
         "store sample files in a development MogileFS and serve them with the middleware under gunicorn",

@@ -1,0 +1,142 @@
+"""The gunicorn master of the commands that serve the middleware (``serve``, ``demo``).
+
+Their shared options (``--bind``, ``--workers``, ``--reproxy``, ``--trusted-proxy``), the checks
+made before anything starts, so that a missing gunicorn or a taken port is one line of error
+rather than a traceback or gunicorn's retries, and the master itself. gunicorn is an optional
+extra: it is imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..core import REPROXY_MODES, parse_trusted_proxies
+from ..middleware import WSGIApp
+
+#: Who may get reproxy answers unless ``--trusted-proxy`` says otherwise: a proxy on this machine.
+LOOPBACK = ("127.0.0.1", "::1")
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _bind_address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}")
+    return host, int(port)
+
+
+def positive(text: str) -> int:
+    """An argparse ``type``: a whole number from 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
+    return int(text)
+
+
+def _reproxy_mode(text: str) -> str | None:
+    """``none`` and the middleware's reproxy modes; ``none`` is ``None``, its name there."""
+    modes = {mode or "none": mode for mode in REPROXY_MODES}
+    if text not in modes:
+        raise argparse.ArgumentTypeError(f"not one of {', '.join(modes)}: {text!r}")
+    return modes[text]
+
+
+def _trusted_proxy(text: str) -> str:
+    try:
+        parse_trusted_proxies([text])
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the web server's options to ``parser``; :func:`trusted_proxies` reads the last one."""
+    parser.add_argument(
+        "--bind", type=_bind_address, default=("127.0.0.1", 8000), metavar="HOST:PORT",
+        help="address of the web server; port 0 picks a free one (default: 127.0.0.1:8000)",
+    )
+    parser.add_argument("--workers", type=positive, default=2, help="gunicorn worker processes (default: %(default)s)")
+    parser.add_argument(
+        "--reproxy", type=_reproxy_mode, default=None, metavar="{none,perlbal,nginx}",
+        help="answer a trusted proxy with reproxy headers for Perlbal or nginx instead of the bodies (default: none)",
+    )
+    parser.add_argument(
+        "--trusted-proxy", dest="trusted_proxies", action="append", type=_trusted_proxy, metavar="ADDRESS",
+        help="address or network of a front proxy that may get reproxy answers, again for more; every other "
+             f"client gets the body (default: {' and '.join(LOOPBACK)})",
+    )
+
+
+def trusted_proxies(args: argparse.Namespace) -> Sequence[str]:
+    """The ``--trusted-proxy`` values, or :data:`LOOPBACK` when none was given."""
+    return args.trusted_proxies or LOOPBACK
+
+
+def load_gunicorn(command: str) -> Any:
+    """gunicorn's ``BaseApplication``, or ``None`` when gunicorn is missing, having said on one line
+    of stderr, prefixed with ``command``, which extra installs it."""
+    try:
+        from gunicorn.app.base import BaseApplication
+    except ImportError:
+        print(f"{command}: gunicorn is missing: pip install 'mogile_middleware[gunicorn]'", file=sys.stderr)
+        return None
+    return BaseApplication
+
+
+def can_listen(command: str, bind: tuple[str, int]) -> bool:
+    """True if ``bind`` is free to listen on; else False, having said why on one line of stderr."""
+    host, port = bind
+    try:
+        socket.create_server(bind, family=socket.AF_INET6 if ":" in host else socket.AF_INET).close()
+    except OSError as exc:  # its strerror repeats the address: the errno's text alone
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        print(f"{command}: cannot listen on {host_port(host, port)}: {reason}", file=sys.stderr)
+        return False
+    return True
+
+
+def serve_until_stopped(
+    base: Any, bind: tuple[str, int], workers: int, make_app: Callable[[], WSGIApp], announce: Callable[[str], None]
+) -> int:
+    """Run a gunicorn master (``base`` is :func:`load_gunicorn`'s) on ``bind`` with ``workers``
+    until SIGINT or SIGTERM; its exit status.
+
+    Each worker builds its own application with ``make_app`` after the fork, so no tracker
+    connection crosses one. ``announce`` gets the base URL (``http://host:port``) once the
+    address is bound, with the port chosen when 0 was asked for.
+    """
+
+    def when_ready(arbiter: Any) -> None:
+        announce("http://" + host_port(*arbiter.LISTENERS[0].getsockname()[:2]))
+
+    settings: dict[str, Any] = {"bind": [host_port(*bind)], "workers": workers, "when_ready": when_ready}
+    try:
+        _gunicorn_master(base, settings, make_app).run()
+    except SystemExit as stop:  # how gunicorn's master, and each forked worker, always end
+        return int(stop.code or 0)
+    return 0
+
+
+def _gunicorn_master(base: Any, settings: dict[str, Any], make_app: Callable[[], WSGIApp]) -> Any:
+    """A gunicorn master with ``settings`` whose workers each load ``make_app()``."""
+
+    class Server(base):  # type: ignore[misc]
+        def load_config(self) -> None:
+            for name, value in settings.items():
+                self.cfg.set(name, value)
+            if "control_socket_disable" in self.cfg.settings:  # gunicorn 25.1+ would leave a control socket behind
+                self.cfg.set("control_socket_disable", True)
+
+        def load(self) -> WSGIApp:
+            return make_app()
+
+    return Server()

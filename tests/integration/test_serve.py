@@ -1,0 +1,192 @@
+"""``mogile-middleware serve`` end to end: the real command in front of a development MogileFS,
+asked over real HTTP: files, ranges, the index and its links, reproxy and trust, start-up errors."""
+
+from __future__ import annotations
+
+import html
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import quote
+
+import pytest
+from conftest import DOMAIN
+from integration._proxies import run_perlbal_front
+from integration._wire_client import http_request
+from integration.test_commands import subprocess_env, unused_address
+from integration.test_demo import child_pids, read_until, stdout_lines
+
+from mogile_middleware import Client
+from mogile_middleware.cli import main
+from mogile_middleware.devserver import DevMogileFS
+
+pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
+
+COMMAND = [sys.executable, "-m", "mogile_middleware"]
+#: Seconds for the command to check the trackers, start gunicorn and announce its address.
+START_SECONDS = 30
+#: Listed by the index (sorted, as the tracker lists them): a %, an &, a space and non-ASCII.
+FILES = {
+    "100% a&b.txt": b"per cent and ampersand\n",
+    "café menu.txt": "Café crème, crêpes.\n".encode(),
+    "docs/readme.txt": b"served from MogileFS\n",
+    "video.mp4": random.Random(11).randbytes(1_000_000),
+}
+#: Stored after them, and past the index's ``--index-keys 4``.
+UNLISTED = "zz/last.txt"
+LISTED = re.compile(r'<li><a href="([^"]+)">([^<]+)</a> (\d+) bytes, class (\w+)</li>')
+
+
+@pytest.fixture
+def stored(devmogile: DevMogileFS) -> DevMogileFS:
+    """The development MogileFS with :data:`FILES` and :data:`UNLISTED` stored."""
+    client = Client(DOMAIN, devmogile.trackers)
+    try:
+        for key, content in {**FILES, UNLISTED: b"last\n"}.items():
+            client.store_content(key, content, "thumb")
+    finally:
+        client.close()
+    return devmogile
+
+
+class Served(NamedTuple):
+    """A running ``serve``: its process, its base URL and the URL it announced for the files."""
+
+    process: subprocess.Popen[str]
+    base: str
+    files: str
+
+
+@contextmanager
+def serving(tmp_path: Path, *options: str, env: dict[str, str] | None = None) -> Iterator[Served]:
+    """``serve OPTIONS`` with one worker on a port the system picks, once it has announced where;
+    whatever is left of its process group is killed afterwards."""
+    command = [*COMMAND, "serve", "--bind", "127.0.0.1:0", "--workers", "1", *options]
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, env=env or subprocess_env(),
+                                   cwd=tmp_path, text=True, start_new_session=True)
+    try:
+        files, page = read_until(stdout_lines(process), "page ", timeout=START_SECONDS)
+        assert files.startswith("files http://127.0.0.1:") and page.startswith("page http://127.0.0.1:"), (files, page)
+        yield Served(process, page.removeprefix("page ").removesuffix("/"), files.removeprefix("files "))
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=15)
+
+
+def connection(mogile: DevMogileFS, domain: str = DOMAIN) -> list[str]:
+    return ["--trackers", mogile.trackers[0], "--domain", domain]
+
+
+def test_serve_answers_files_and_the_index_then_stops_on_sigterm(stored: DevMogileFS, tmp_path: Path) -> None:
+    with serving(tmp_path, *connection(stored), "--index-keys", "4") as (process, base, files):
+        assert files == f"{base}/mogilefs/"
+        readme = http_request(f"{base}/mogilefs/docs/readme.txt")
+        assert (readme.status, readme.body) == (200, FILES["docs/readme.txt"])
+        assert readme.headers["content-type"] == "text/plain; charset=utf-8"
+        assert readme.headers["content-length"] == str(len(FILES["docs/readme.txt"]))
+        assert readme.headers["accept-ranges"] == "bytes" and readme.headers["etag"]
+
+        video = FILES["video.mp4"]
+        whole = http_request(f"{base}/mogilefs/video.mp4")
+        head = http_request(f"{base}/mogilefs/video.mp4", method="HEAD")
+        assert (head.status, head.body, head.headers["content-length"]) == (200, b"", str(len(video)))
+        assert head.headers["etag"] == whole.headers["etag"] and whole.body == video
+        ranged = http_request(f"{base}/mogilefs/video.mp4", headers={"Range": "bytes=1000-250999"})
+        assert (ranged.status, ranged.headers["content-range"]) == (206, f"bytes 1000-250999/{len(video)}")
+        assert ranged.body == video[1000:251000]
+
+        assert http_request(f"{base}/mogilefs/absent.txt").status == 404
+        assert http_request(f"{base}/elsewhere").status == 404
+
+        index = http_request(f"{base}/")
+        assert index.status == 200 and index.headers["content-type"] == "text/html; charset=utf-8"
+        page = index.body.decode()
+        listed = LISTED.findall(page)
+        assert [html.unescape(name) for _, name, _, _ in listed] == list(FILES)
+        for href, name, size, cls in listed:
+            key = html.unescape(name)
+            assert html.unescape(href) == "/mogilefs/" + quote(key) and cls == "thumb"
+            reply = http_request(base + html.unescape(href))
+            assert (reply.status, reply.body, int(size)) == (200, FILES[key], len(FILES[key])), key
+        assert "Only the first 4 keys are listed." in page and UNLISTED not in page
+
+        workers = child_pids(process.pid)
+        assert len(workers) == 1, workers
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0, (tmp_path / "stderr.txt").read_text()[-2000:]
+        assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a gunicorn worker outlived serve"
+
+
+def test_a_prefix_moves_the_files_and_the_links(stored: DevMogileFS, tmp_path: Path) -> None:
+    env = subprocess_env(MOGILEFS_TRACKERS=stored.trackers[0], MOGILEFS_DOMAIN=DOMAIN)  # from the environment
+    with serving(tmp_path, "--prefix", "/media/", env=env) as (_, base, files):
+        assert files == f"{base}/media/"
+        assert http_request(f"{base}/media/docs/readme.txt").body == FILES["docs/readme.txt"]
+        assert http_request(f"{base}/mogilefs/docs/readme.txt").status == 404
+        page = http_request(f"{base}/").body.decode()
+        assert f'<a href="/media/{quote("café menu.txt")}">' in page and "Only the first" not in page
+
+
+def test_the_index_says_when_the_trackers_have_gone(stored: DevMogileFS, tmp_path: Path) -> None:
+    with serving(tmp_path, *connection(stored)) as (_, base, _):
+        assert http_request(f"{base}/").status == 200
+        stored.stop_tracker()
+        gone = http_request(f"{base}/")
+        assert gone.status == 503 and b"no tracker answered" in gone.body
+
+
+@pytest.mark.parametrize(("trust", "reproxied"), [
+    pytest.param([], True, id="loopback-trusted-by-default"),
+    pytest.param(["--trusted-proxy", "192.0.2.1"], False, id="only-the-proxy-given"),
+])
+def test_perlbal_reproxy_reaches_trusted_proxies_only(stored: DevMogileFS, tmp_path: Path, trust: list[str],
+                                                       reproxied: bool) -> None:
+    content = FILES["café menu.txt"]
+    path = "/mogilefs/" + quote("café menu.txt")
+    with serving(tmp_path, *connection(stored), "--reproxy", "perlbal", *trust) as (_, base, _):
+        direct = http_request(base + path)
+        assert direct.status == 200
+        if reproxied:  # this client, on loopback, may be the proxy: it is sent to the storage nodes
+            assert direct.body == b"" and direct.headers["content-type"] == "text/plain; charset=utf-8"
+            replicas = direct.headers["x-reproxy-url"].split()
+            assert replicas and all(http_request(url).body == content for url in replicas)
+        else:
+            assert direct.body == content and not [name for name in direct.headers if name.startswith("x-reproxy")]
+        with run_perlbal_front(int(base.rpartition(":")[2])) as perlbal:  # what a user behind Perlbal sees
+            proxied = http_request(f"http://127.0.0.1:{perlbal.port}{path}")
+        assert (proxied.status, proxied.body) == (200, content)
+        assert not [name for name in proxied.headers if name.startswith("x-reproxy")]
+
+
+@pytest.mark.parametrize("problem", ["domain", "tracker", "port"])
+def test_what_stops_it_starting_is_one_line_and_exit_1(stored: DevMogileFS, tmp_path: Path, problem: str) -> None:
+    with unused_address() as nobody, socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        argv, expected = {
+            "domain": (connection(stored, "nosuch"), "mogile-middleware: unreg_domain: no domain 'nosuch' on the trackers\n"),
+            "tracker": (["--trackers", nobody, "--domain", DOMAIN], f"mogile-middleware: no tracker answered: {nobody}: "),
+            "port": ([*connection(stored), "--bind", f"127.0.0.1:{port}"],
+                     f"serve: cannot listen on 127.0.0.1:{port}: Address already in use\n"),
+        }[problem]
+        # The connection options before the command, as the other commands take them too.
+        done = subprocess.run([*COMMAND, *argv[:4], "serve", *argv[4:]], capture_output=True, text=True,
+                              env=subprocess_env(), cwd=tmp_path, timeout=START_SECONDS)
+    assert (done.returncode, done.stdout) == (1, ""), done.stderr
+    assert done.stderr.startswith(expected) and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_without_gunicorn_it_says_what_to_install(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "gunicorn.app.base", None)  # makes the import fail as if not installed
+    assert main(["serve", "--trackers", "127.0.0.1:7001", "--domain", DOMAIN]) == 1
+    assert capsys.readouterr().err == "serve: gunicorn is missing: pip install 'mogile_middleware[gunicorn]'\n"
