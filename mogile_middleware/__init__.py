@@ -2,7 +2,8 @@
 
 The public names: :class:`MogileFSMiddleware` (serve or reproxy files under a URL prefix),
 :class:`Client` (a Python 3 tracker client with pymogile's method names), :class:`Uploader`
-(writes keys with a class from any source), :class:`Admin`,
+(writes keys with a class from any source), :func:`serve_header` (a view's answer that the
+middleware replaces with a key's file), :class:`Admin`,
 :class:`FileInfo`, the path cache backends and the exceptions. The embedded development MogileFS lives in
 :mod:`mogile_middleware.devserver`.
 """
@@ -26,6 +27,7 @@ from .exceptions import (
     UploadError,
     UploadOutcomeUnknownError,
 )
+from .core import serve_header
 from .middleware import MogileFSMiddleware
 from .upload import Uploader
 
@@ -55,4 +57,5 @@ __all__ = [
     "UploadOutcomeUnknownError",
     "Uploader",
     "__version__",
+    "serve_header",
 ]

@@ -19,16 +19,29 @@ wrapped application untouched, except that its responses may not carry reproxy h
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from functools import cached_property
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from . import metrics
+from . import http, metrics
 from .async_client import AsyncClient
 from .async_storage import AsyncReplicaResponse, open_replica
-from .core import MiddlewareCore, file_request, is_reproxy_header
+from .core import (
+    SERVE_HEADER_LOWER,
+    WRAPPED_BY,
+    MiddlewareCore,
+    as_view_request,
+    file_request,
+    is_internal_header,
+    is_reproxy_header,
+    serve_header,
+    served_file,
+    view_headers,
+)
 from .exceptions import MogileFSError, StorageError
 from .http import Answer, FileRequest, Headers
 from .locate import AsyncLocator, Location, arun_steps
@@ -46,6 +59,7 @@ _READ_HEADERS = {name.encode(): "HTTP_" + name.upper().replace("-", "_") for nam
     "range", "if-range", "if-match", "if-none-match", "x-proxy-capabilities", "x-sendfile-type", "x-reproxy-failed")}
 #: An answer whose body comes from an open replica: status, headers, the replica.
 Streamed = tuple[str, Headers, AsyncReplicaResponse]
+_SERVE = SERVE_HEADER_LOWER.encode("latin-1")
 
 
 class MogileFSMiddleware(MiddlewareCore):
@@ -59,19 +73,51 @@ class MogileFSMiddleware(MiddlewareCore):
         return _EncodedAnswers()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = _path_info(scope) if scope["type"] == "http" else None
-        if path is None or not path.startswith(self.prefix):
-            await self.app(scope, receive, send if self.allow_app_reproxy else _without_reproxy_headers(send))
+        if scope["type"] != "http":  # lifespan, websocket: nothing of the middleware's
+            await self.app(scope, receive, send)
+            return
+        path = _path_info(scope)
+        if not path.startswith(self.prefix):
+            await self._pass(scope, receive, send)
             return
         environ = _environ(scope, path)
         key = self.key_for(environ, path[len(self.prefix):])
-        if isinstance(key, str):
+        if not isinstance(key, str):
+            answer: Answer | Streamed = key
+        elif self.authorize is not None and not await _allows(self.authorize, scope, key):
+            answer = http.FORBIDDEN
+        else:
             # A warm reproxy answer needs nothing awaited: decided here, without a coroutine of its own.
             location = self.locator.cached(key)
             warm = None if location is None else self.reproxy_answer(environ, location)
             answer = warm or await self._answer(environ, key, location)
-        else:
-            answer = key
+        await self._send(answer, send, receive)
+
+    async def respond_with(self, scope: Scope, receive: Receive, send: Send, key: str, *,
+                           filename: str | None = None) -> None:
+        """Answer an ASGI request with ``key``'s file, as under the prefix, after the caller's own
+        permission checks; ``filename`` makes it a download of that name. In an application this
+        middleware wraps, the answer is the middleware's (see :func:`~mogile_middleware.core.serve_header`)."""
+        name, value = serve_header(key, filename)
+        if scope.get(WRAPPED_BY) is self:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(name.lower().encode("latin-1"), value.encode("latin-1"))]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await self._send(await self._file_answer_for_view(scope, value), send, receive)
+
+    async def _file_answer_for_view(self, scope: Scope, value: str) -> Answer | Streamed:
+        key, filename = served_file(value)
+        environ = as_view_request(_environ(scope, _path_info(scope)))
+        answer = await self._answer(environ, key, self.locator.cached(key))  # type: ignore[arg-type]
+        if isinstance(answer, Answer):
+            headers = view_headers(answer.status, answer.headers, filename)
+            # An error answer is kept as it is: its encoded form is kept by its identity.
+            return answer if headers is answer.headers else dataclasses.replace(answer, headers=headers)
+        status, headers, upstream = answer
+        return status, view_headers(status, headers, filename), upstream
+
+    async def _send(self, answer: Answer | Streamed, send: Send, receive: Receive) -> None:
         if isinstance(answer, Answer):
             metrics.recorder.request(answer.reproxy or "serve", answer.status)
             # A copy: a server may change the list it gets, and the encoded list is kept.
@@ -86,6 +132,29 @@ class MogileFSMiddleware(MiddlewareCore):
             await _stream(upstream, send, receive)
         finally:
             await upstream.aclose()
+
+    async def _pass(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The application's answer, without the reproxy headers only the middleware may send; or,
+        when it answered with :data:`~mogile_middleware.core.SERVE_HEADER`, the file it asks for."""
+        asked: list[str] = []
+
+        async def filtered(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = message.get("headers", ())
+                if any(is_internal_header(name.decode("latin-1")) for name, _ in headers):
+                    asked.extend(value.decode("latin-1") for name, value in headers if name.lower() == _SERVE)
+                    if asked:
+                        return
+                    if not self.allow_app_reproxy:
+                        message = {**message, "headers": [
+                            (name, value) for name, value in headers if not is_reproxy_header(name.decode("latin-1"))]}
+            elif asked:
+                return  # the body of the answer the file replaces
+            await send(message)
+
+        await self.app({**scope, WRAPPED_BY: self}, receive, filtered)
+        if asked:
+            await self._send(await self._file_answer_for_view(scope, asked[0]), send, receive)
 
     async def _answer(self, environ: dict[str, Any], key: str, location: Location | None) -> Answer | Streamed:
         """The answer for ``key`` (at ``location`` when the cache held it): decided, with its replica open."""
@@ -201,15 +270,7 @@ class _EncodedAnswers:
         return entry[1]
 
 
-def _without_reproxy_headers(send: Send) -> Send:
-    """``send`` for the wrapped app, dropping the reproxy headers only the middleware may send."""
-
-    async def filtered(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            headers = message.get("headers", ())
-            kept = [(name, value) for name, value in headers if not is_reproxy_header(name.decode("latin-1"))]
-            if len(kept) != len(headers):
-                message = {**message, "headers": kept}
-        await send(message)
-
-    return filtered
+async def _allows(authorize: Callable[[Scope, str], Any], scope: Scope, key: str) -> bool:
+    """``authorize(scope, key)``, awaited when it is a coroutine function."""
+    allowed = authorize(scope, key)
+    return bool(await allowed if inspect.isawaitable(allowed) else allowed)

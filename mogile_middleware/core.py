@@ -16,15 +16,16 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote, urlencode
 
 from . import http
 from .cache import CacheBackend
-from .content import ContentPolicy
+from .content import ContentPolicy, content_disposition
 from .exceptions import BadKeyError, MogileFSError, TrackerUnavailableError, UnknownKeyError
-from .http import Answer, FileRequest
-from .protocol import MAX_KEY_BYTES
-from .responders import NginxReproxy, PerlbalReproxy, Representation, Reproxy
+from .http import Answer, FileRequest, Headers
+from .protocol import MAX_KEY_BYTES, check_key
+from .responders import FALLBACK_MARK, NginxReproxy, PerlbalReproxy, Representation, Reproxy
+from .signing import BAD_SIGNATURE, EXPIRED, UNSIGNED, Secret, URLSigner
 
 log = logging.getLogger("mogile_middleware")
 
@@ -38,6 +39,14 @@ _CONTROL_CHARACTERS = frozenset(chr(c) for c in [*range(0x20), 0x7F])
 _NOT_UTF8 = http.error(400, "The file name is not valid UTF-8.")
 _CONTROL = http.error(400, "The file name contains control characters.")
 _TOO_LONG = http.error(400, f"The file name is longer than {MAX_KEY_BYTES} bytes.")
+_FORBIDDEN = {reason: http.error(403, reason) for reason in (UNSIGNED, BAD_SIGNATURE, EXPIRED)}
+#: Where a middleware marks the requests it passes to its application (the WSGI environ, a copy
+#: of the ASGI scope): an answer with :data:`SERVE_HEADER` will be turned into a file's.
+WRAPPED_BY = "mogile_middleware.wrapped_by"
+#: The header by which the wrapped application asks for a key's file (see :func:`serve_header`);
+#: never sent on.
+SERVE_HEADER = "X-Mogile-Middleware-Serve"
+SERVE_HEADER_LOWER = SERVE_HEADER.lower()
 
 
 class MiddlewareCore:
@@ -84,6 +93,15 @@ class MiddlewareCore:
     :param allow_app_reproxy: let the wrapped application send its own reproxy headers
         (``X-REPROXY-*``, ``X-Accel-Redirect``); by default they are removed from its responses,
         so that it cannot be made to fetch internal URLs through the front proxy.
+    :param authorize: ``authorize(request, key)`` is asked before any tracker call (``request``:
+        the WSGI environ, or the ASGI scope; an ASGI one may be a coroutine function); false
+        answers 403. A site that prefers to hide what exists answers 404 through ``key_for_path``.
+    :param signing_key: every request under the prefix must carry a valid, unexpired signature
+        for its path, made by :meth:`url_for` (a secret, or a list of them: the first signs, each
+        verifies); anything else is a 403 without any tracker call.
+
+    With ``authorize`` or ``signing_key`` and no ``cache_control``, files are sent with
+    ``Cache-Control: private``, so that shared caches keep them for no one else.
     """
 
     #: The client made from ``domain`` and ``trackers``, and the locator over it.
@@ -121,9 +139,15 @@ class MiddlewareCore:
         dead_seconds: float | None = None,
         retry_after_seconds: int = 5,
         allow_app_reproxy: bool = False,
+        authorize: Callable[[Any, str], Any] | None = None,
+        signing_key: Secret | Sequence[Secret] | None = None,
     ) -> None:
         if reproxy not in REPROXY_MODES:
             raise ValueError(f"reproxy must be one of {REPROXY_MODES}, not {reproxy!r}")
+        private = authorize is not None or signing_key is not None
+        if private and perlbal_cache_seconds:
+            raise ValueError("perlbal_cache_seconds lets Perlbal answer repeated requests without asking the "
+                             "middleware, which would skip authorize and signing_key")
         if perlbal_fallback_url is not None and not re.fullmatch(r"http://[!-~]+", perlbal_fallback_url):
             raise ValueError(f"perlbal_fallback_url must be an http:// URL, not {perlbal_fallback_url!r}")
         timeouts = {name: value for name, value in [("connect_timeout", connect_timeout), ("io_timeout", io_timeout),
@@ -148,10 +172,12 @@ class MiddlewareCore:
                         ", whatever proxy header it sends" if require_proxy_header else "")
         self.key_for_path = key_for_path
         self.allow_app_reproxy = allow_app_reproxy
+        self.authorize = authorize
+        self.signer = None if signing_key is None else URLSigner(signing_key, client.domain)
         self.unavailable = http.service_unavailable(retry_after_seconds)
         extra = [("X-Content-Type-Options", "nosniff")]
-        if cache_control:
-            extra.append(("Cache-Control", cache_control))
+        if cache_control or private:
+            extra.append(("Cache-Control", cache_control or "private"))
         self.reproxy = reproxy
         self.retry_after_seconds = retry_after_seconds
         self.storage_timeout = storage_timeout
@@ -172,10 +198,35 @@ class MiddlewareCore:
         )
 
     def key_for(self, environ: Environ, path: str) -> str | Answer:
-        """The key of the URL ``path`` after the prefix, or the 405, 400 or 404 answer."""
+        """The key of the URL ``path`` after the prefix, or the 405, 400, 404 or 403 (signature) answer."""
         if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
             return http.METHOD_NOT_ALLOWED
-        return self._key(path)
+        decoded = self._decoded(path)
+        if self.signer is not None:
+            # What the URL names is signed: no signed URL names a path that is not UTF-8.
+            refusal = self.signer.refusal(decoded if isinstance(decoded, str) else "", self._signed_query(
+                environ.get("QUERY_STRING", "")))
+            if refusal is not None:
+                return _FORBIDDEN[refusal]
+        return self._key(decoded) if isinstance(decoded, str) else decoded
+
+    def url_for(self, key: str, *, expires_in: float = 3600, path: str | None = None) -> str:
+        """The URL path (below the application's root) that serves ``key``, with a query signed for
+        ``expires_in`` seconds when there is a ``signing_key``. With ``key_for_path``, give the
+        ``path`` after the prefix that it maps to ``key``: the signature covers the path, and so
+        the key it maps to."""
+        check_key(key)
+        if self.key_for_path is not None and path is None:
+            raise ValueError("with key_for_path, url_for needs the path that maps to the key")
+        named = key if path is None else path
+        url = self.prefix + quote(named, safe="/")
+        return url if self.signer is None else f"{url}?{self.signer.query(named, expires_in)}"
+
+    def _signed_query(self, query: str) -> str:
+        """The query as :meth:`url_for` made it: without the mark of Perlbal's fallback request."""
+        if isinstance(self.reproxy_responder, PerlbalReproxy) and self.reproxy_responder.fallback_url:
+            return query.removesuffix("&" + FALLBACK_MARK).removesuffix(FALLBACK_MARK)
+        return query
 
     def reproxy_answer(self, environ: Environ, location: Any) -> Answer | None:
         """The answer that sends a trusted proxy to the replicas, or ``None``: serve the body."""
@@ -197,15 +248,19 @@ class MiddlewareCore:
         log.error("cannot locate %r: %r", key, error)  # garbage from a tracker, no live replica listed
         return http.BAD_GATEWAY
 
-    def _key(self, raw_path: str) -> str | Answer:
-        """The key for the URL path after the prefix, or the 404 or 400 answer for a bad one."""
-        path = raw_path
-        if not path.isascii():  # else the bytes are the characters (the usual case)
-            try:
-                # PEP 3333 gives PATH_INFO as the raw bytes decoded as latin-1.
-                path = raw_path.encode("latin-1").decode("utf-8")
-            except UnicodeError:
-                return _NOT_UTF8
+    @staticmethod
+    def _decoded(raw_path: str) -> str | Answer:
+        """The URL path after the prefix as the characters it names, or the 400 answer if not UTF-8."""
+        if raw_path.isascii():  # the bytes are the characters (the usual case)
+            return raw_path
+        try:
+            # PEP 3333 gives PATH_INFO as the raw bytes decoded as latin-1.
+            return raw_path.encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            return _NOT_UTF8
+
+    def _key(self, path: str) -> str | Answer:
+        """The key for the (decoded) URL path after the prefix, or the 404 or 400 answer for a bad one."""
         if not _CONTROL_CHARACTERS.isdisjoint(path):
             return _CONTROL
         if self.key_for_path is not None:
@@ -238,6 +293,40 @@ class MiddlewareCore:
         if address.version == 6 and address.ipv4_mapped:  # 127.0.0.1 behind a dual-stack [::] bind
             address = address.ipv4_mapped
         return any(address in network for network in self.trusted_proxies or () if network != UNIX_SOCKET)
+
+
+def serve_header(key: str, filename: str | None = None) -> tuple[str, str]:
+    """The header with which a view of the wrapped application has the middleware answer with
+    ``key``'s file (a download named ``filename``, when given), after its own permission checks:
+    as any request under the prefix is answered, but without ``authorize`` or a signature."""
+    check_key(key)
+    return SERVE_HEADER, urlencode({"key": key, **({"filename": filename} if filename else {})})
+
+
+def served_file(value: str) -> tuple[str, str | None]:
+    """The key and file name a :data:`SERVE_HEADER` value asks for."""
+    fields = dict(parse_qsl(value, keep_blank_values=True))
+    return fields.get("key", ""), fields.get("filename") or None
+
+
+def view_headers(status: str, headers: Headers, filename: str | None) -> Headers:
+    """The headers of a file a view answered with: ``Cache-Control: private`` (the view checked
+    who asked), and ``Content-Disposition: attachment`` naming ``filename`` (RFC 6266) when given.
+    An error answer's headers as they are: they are not the file's."""
+    if status[0] not in "23":
+        return headers
+    replaced = ("Cache-Control", "Content-Disposition") if filename else ("Cache-Control",)
+    kept = [header for header in headers if header[0] not in replaced]
+    kept.append(("Cache-Control", "private"))
+    if filename:
+        kept.append(("Content-Disposition", content_disposition("attachment", filename.replace("/", "_"))))
+    return kept
+
+
+def as_view_request(environ: Environ) -> Environ:
+    """A view's request, of any method, asking for the file as a GET (or a HEAD) would."""
+    method = environ.get("REQUEST_METHOD", "GET")
+    return environ if method in ("GET", "HEAD") else {**environ, "REQUEST_METHOD": "GET"}
 
 
 def parse_trusted_proxies(proxies: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network | str, ...]:
@@ -282,3 +371,9 @@ def is_reproxy_header(name: str) -> bool:
     of nginx's ``X-Accel-*`` only the redirect fetches)."""
     lowered = name.lower()
     return lowered.startswith("x-reproxy") or lowered == "x-accel-redirect"
+
+
+def is_internal_header(name: str) -> bool:
+    """True for the reproxy headers and :data:`SERVE_HEADER`: what the application's answers are checked for."""
+    lowered = name.lower()
+    return lowered.startswith("x-reproxy") or lowered in ("x-accel-redirect", SERVE_HEADER_LOWER)

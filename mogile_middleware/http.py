@@ -76,6 +76,7 @@ def error(code: int, reason: str = "", headers: Headers | None = None) -> Answer
 
 
 NOT_FOUND = error(404)
+FORBIDDEN = error(403)
 METHOD_NOT_ALLOWED = error(405, headers=[("Allow", "GET, HEAD")])
 BAD_GATEWAY = error(502, "No replica of this file answered.")
 

@@ -18,13 +18,29 @@ can reach the application directly. The options are :class:`~mogile_middleware.c
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from functools import cached_property
 from typing import Any
 
-from . import metrics
+from . import http, metrics
 from .client import Client
-from .core import REPROXY_MODES, UNIX_SOCKET, MiddlewareCore, file_request, is_reproxy_header, parse_trusted_proxies
+from .core import (
+    REPROXY_MODES,
+    SERVE_HEADER,
+    SERVE_HEADER_LOWER,
+    UNIX_SOCKET,
+    WRAPPED_BY,
+    MiddlewareCore,
+    as_view_request,
+    file_request,
+    is_internal_header,
+    is_reproxy_header,
+    parse_trusted_proxies,
+    serve_header,
+    served_file,
+    view_headers,
+)
 from .exceptions import MogileFSError
 from .http import Answer
 from .locate import Locator
@@ -50,10 +66,44 @@ class MogileFSMiddleware(MiddlewareCore):
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if not path.startswith(self.prefix):
-            if self.allow_app_reproxy:
-                return self.app(environ, start_response)
-            return self.app(environ, _without_reproxy_headers(start_response))
-        answer = self.answer(environ, path[len(self.prefix):])
+            return self._pass(environ, start_response)
+        return self._send(self.answer(environ, path[len(self.prefix):]), start_response)
+
+    def answer(self, environ: dict[str, Any], path: str) -> Answer | StreamedAnswer:
+        """The answer for the URL ``path`` after the prefix: decided, not yet started."""
+        key = self.key_for(environ, path)
+        if not isinstance(key, str):
+            return key
+        if self.authorize is not None and not self.authorize(environ, key):
+            return http.FORBIDDEN
+        return self.file_answer(environ, key)
+
+    def file_answer(self, environ: dict[str, Any], key: str) -> Answer | StreamedAnswer:
+        """The answer with ``key``'s file for this request: reproxied, served, 304, 206, or the error."""
+        try:
+            location = self.locator.locate(key)
+            return self.reproxy_answer(environ, location) or self.serve.answer(file_request(environ), location)
+        except MogileFSError as error:
+            return self.error_answer(error, key)
+
+    def respond_with(self, environ: dict[str, Any], start_response: StartResponse, key: str, *,
+                     filename: str | None = None) -> Iterable[bytes]:
+        """Answer a WSGI request with ``key``'s file, as under the prefix (reproxied for a trusted
+        proxy, else served, with HEAD, ranges and 304), after the caller's own permission checks;
+        ``filename`` makes it a download of that name. In an application this middleware wraps, the
+        answer is the middleware's (see :func:`~mogile_middleware.core.serve_header`)."""
+        name, value = serve_header(key, filename)
+        if environ.get(WRAPPED_BY) is self:
+            start_response("200 OK", [(name, value)])
+            return []
+        return self._send(self._file_answer_for_view(environ, value), start_response)
+
+    def _file_answer_for_view(self, environ: dict[str, Any], value: str) -> Answer | StreamedAnswer:
+        key, filename = served_file(value)
+        answer = self.file_answer(as_view_request(environ), key)  # type: ignore[arg-type]
+        return dataclasses.replace(answer, headers=view_headers(answer.status, answer.headers, filename))
+
+    def _send(self, answer: Answer | StreamedAnswer, start_response: StartResponse) -> Iterable[bytes]:
         metrics.recorder.request(answer.reproxy or "serve", answer.status)
         if isinstance(answer, Answer):
             # A copy: answers are shared between requests, and a server may change the list it gets.
@@ -66,24 +116,32 @@ class MogileFSMiddleware(MiddlewareCore):
             raise
         return answer.body
 
-    def answer(self, environ: dict[str, Any], path: str) -> Answer | StreamedAnswer:
-        """The answer for the URL ``path`` after the prefix: decided, not yet started."""
-        key = self.key_for(environ, path)
-        if not isinstance(key, str):
-            return key
-        try:
-            location = self.locator.locate(key)
-            return self.reproxy_answer(environ, location) or self.serve.answer(file_request(environ), location)
-        except MogileFSError as error:
-            return self.error_answer(error, key)
+    def _pass(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        """The application's answer, without the reproxy headers only the middleware may send; or,
+        when it answered with :data:`~mogile_middleware.core.SERVE_HEADER`, the file it asks for."""
+        environ[WRAPPED_BY] = self
+        asked: list[str] = []
+
+        def filtered(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            if any(is_internal_header(name) for name, _ in headers):
+                asked.extend(value for name, value in headers if name.lower() == SERVE_HEADER_LOWER)
+                if asked:
+                    if body_returned:
+                        raise RuntimeError(f"{SERVE_HEADER} must be sent before the application returns its body")
+                    return _discard
+                if not self.allow_app_reproxy:
+                    headers = [(name, value) for name, value in headers if not is_reproxy_header(name)]
+            return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
+
+        body_returned = False
+        body = self.app(environ, filtered)
+        body_returned = True
+        if not asked:
+            return body
+        if hasattr(body, "close"):
+            body.close()
+        return self._send(self._file_answer_for_view(environ, asked[0]), start_response)
 
 
-def _without_reproxy_headers(start_response: StartResponse) -> StartResponse:
-    """``start_response`` for the wrapped app, dropping the reproxy headers only we may send."""
-
-    def filtered(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-        if any(is_reproxy_header(name) for name, _ in headers):
-            headers = [(name, value) for name, value in headers if not is_reproxy_header(name)]
-        return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
-
-    return filtered
+def _discard(data: bytes) -> None:
+    """The ``write`` of an answer that is replaced by the file's."""

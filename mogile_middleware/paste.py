@@ -70,6 +70,14 @@ def _memcached(servers: list[str] | None, secret: str | None) -> MemcachedBacken
     return MemcachedBackend(servers, secret=secret or None)
 
 
+def _secrets(value: str) -> list[str]:
+    """Signing secrets, one per line or separated by spaces: the first signs, each verifies."""
+    secrets = aslist(value)
+    if not secrets:
+        raise ValueError("no secret given")
+    return secrets
+
+
 def _mimetypes(value: str) -> dict[str, str]:
     """``.ext=type`` pairs, one per line or separated by spaces (``.webp=image/webp``)."""
     pairs = [item.partition("=") for item in aslist(value)]
@@ -84,6 +92,8 @@ _SPECIAL: Mapping[str, Callable[[str], Any]] = {
     "reproxy": _reproxy,
     "trusted_proxies": _networks,
     "key_for_path": _callable,
+    "authorize": _callable,
+    "signing_key": _secrets,
     "mimetypes": _mimetypes,
 }
 

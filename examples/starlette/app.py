@@ -11,10 +11,14 @@ import os
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from mogile_middleware import serve_header
 from mogile_middleware.asgi import MogileFSMiddleware
+
+#: Who may read the files under private/: a stand-in for the site's own sessions or tokens.
+TOKEN = os.environ.get("PRIVATE_TOKEN", "let-me-in")
 
 PAGE = """<!DOCTYPE html>
 <title>Hello</title>
@@ -30,7 +34,19 @@ async def homepage(request: Request) -> HTMLResponse:
     return HTMLResponse(PAGE.format(base=html.escape(request.scope.get("root_path", ""))))
 
 
-app = Starlette(routes=[Route("/", homepage)])
+async def private_file(request: Request) -> Response:
+    """``/private/<name>``: the file ``private/<name>`` to a client showing the token, as a download.
+
+    The endpoint only decides who may read it; the middleware that wraps the application answers
+    with the file (HEAD, ranges, 304; reproxied for a trusted proxy), ``Cache-Control: private``.
+    """
+    if request.headers.get("authorization") != f"Bearer {TOKEN}":
+        return PlainTextResponse("not yours\n", status_code=403)
+    name = request.path_params["name"]
+    return Response(headers=dict([serve_header(f"private/{name}", filename=name.rpartition("/")[2])]))
+
+
+app = Starlette(routes=[Route("/", homepage), Route("/private/{name:path}", private_file)])
 # The WSGI middleware's options; requests outside the prefix reach the routes above untouched.
 app.add_middleware(
     MogileFSMiddleware,

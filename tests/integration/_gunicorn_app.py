@@ -4,10 +4,15 @@
 Configured by environment variables: MOGILE_DOMAIN, MOGILE_TRACKERS, MOGILE_REPROXY, and optionally
 MOGILE_MEMCACHED (servers), MOGILE_TRUSTED_PROXIES (comma separated), MOGILE_PERLBAL_CACHE_SECONDS,
 MOGILE_REQUIRE_PROXY_HEADER ("1"), MOGILE_CACHE_CONTROL, MOGILE_CONTENT_DISPOSITION ("attachment" or "inline"),
-MOGILE_PATH_CACHE_SECONDS, MOGILE_PERLBAL_FALLBACK_URL, MOGILE_IO_TIMEOUT, and the counters MOGILE_COUNT_FILE (a line per tracker
+MOGILE_PATH_CACHE_SECONDS, MOGILE_PERLBAL_FALLBACK_URL, MOGILE_IO_TIMEOUT, MOGILE_SIGNING_KEY (blank separated),
+MOGILE_AUTHORIZE ("1": keys under ``private/`` refused), and the counters MOGILE_COUNT_FILE (a line per tracker
 get_paths) and MOGILE_APP_HITS_FILE (a line per request the tiny app answers); each line is a PID.
 For uvicorn, whose access log has no byte count, MOGILE_ACCESS_LOG names a file that gets gunicorn's
 ``%(m)s %(U)s %(s)s %(B)s`` line for each request (see :class:`AccessLog`).
+
+The tiny app answers ``/view/<key>`` with the key's file through :func:`serve_header`, as a view
+that checked who asks would, when the request has ``X-Test-User: allowed`` (``?download=NAME``:
+as a download of that name); without it, the app's own 403.
 
 ``make_reproxying_app()`` is a stand-in for the middleware behind nginx, naming storage nodes the
 test runs itself: MOGILE_REPLICA_URLS (blank separated).
@@ -17,10 +22,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from http import HTTPStatus
 from typing import Any
+from urllib.parse import parse_qs
 
 from mogile_middleware.async_client import AsyncClient
 from mogile_middleware.client import Client
+from mogile_middleware.core import serve_header
 from mogile_middleware.middleware import MogileFSMiddleware
 
 
@@ -33,11 +41,28 @@ def append_line(path: str, line: str | None = None) -> None:
         os.close(descriptor)
 
 
+def view_answer(path: str, user: str | None, query: str) -> tuple[int, list[tuple[str, str]], bytes]:
+    """The tiny app's answer to ``path``: ``/view/<key>`` serves the key to the allowed user."""
+    if not path.startswith("/view/"):
+        return 200, [("Content-Type", "text/plain")], b"hello from the app\n"
+    if user != "allowed":
+        return 403, [("Content-Type", "text/plain")], b"not yours\n"
+    filename = parse_qs(query).get("download", [None])[0]
+    return 200, [serve_header(path[len("/view/"):], filename), ("X-App-Header", "dropped")], b"ignored body"
+
+
 def hello(environ, start_response):
     if hits := os.environ.get("MOGILE_APP_HITS_FILE"):
         append_line(hits)
-    start_response("200 OK", [("Content-Type", "text/plain")])
-    return [b"hello from the app\n"]
+    path = environ["PATH_INFO"].encode("latin-1").decode("utf-8")
+    status, headers, body = view_answer(path, environ.get("HTTP_X_TEST_USER"), environ.get("QUERY_STRING", ""))
+    start_response(f"{status} {HTTPStatus(status).phrase}", headers)
+    return [body]
+
+
+def refuse_private(request: Any, key: str) -> bool:
+    """``authorize``: keys under ``private/`` are no one's."""
+    return not key.startswith("private/")
 
 
 class CountingClient(Client):
@@ -97,6 +122,10 @@ def middleware_options(env: Mapping[str, str]) -> dict[str, Any]:
         options["perlbal_fallback_url"] = env["MOGILE_PERLBAL_FALLBACK_URL"]
     if env.get("MOGILE_PATH_CACHE_SECONDS"):
         options["path_cache_seconds"] = float(env["MOGILE_PATH_CACHE_SECONDS"])
+    if env.get("MOGILE_SIGNING_KEY"):
+        options["signing_key"] = env["MOGILE_SIGNING_KEY"].split()
+    if env.get("MOGILE_AUTHORIZE") == "1":
+        options["authorize"] = refuse_private
     return {**options, "reproxy": env.get("MOGILE_REPROXY") or None}
 
 
@@ -114,8 +143,11 @@ async def hello_asgi(scope, receive, send):
         return
     if hits := os.environ.get("MOGILE_APP_HITS_FILE"):
         append_line(hits)
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
-    await send({"type": "http.response.body", "body": b"hello from the app\n"})
+    user = next((value.decode() for name, value in scope["headers"] if name == b"x-test-user"), None)
+    status, headers, body = view_answer(scope["path"], user, scope["query_string"].decode("latin-1"))
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(name.lower().encode(), value.encode()) for name, value in headers]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class AccessLog:

@@ -40,6 +40,7 @@ from mogile_middleware.async_client import AsyncClient
 from mogile_middleware.cache import entry_key
 from mogile_middleware.contrib.django import MogileFSStorage, close_clients, get_client, wrap_asgi, wrap_wsgi
 from mogile_middleware.contrib.django.storage import TEMPORARY_PREFIX
+from mogile_middleware.core import WRAPPED_BY
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.memcache import MemcachedBackend
 
@@ -376,6 +377,38 @@ def test_settings_reach_the_middleware(mogile: DevMogileFS) -> None:
     assert app.get("/media/a.png").body == b"pixels"
 
 
+def test_signed_urls_from_the_storage_open_their_file_until_they_expire(mogile: DevMogileFS) -> None:
+    MogileFSStorage().save("docs/ré sumé.pdf", ContentFile(b"%PDF private"))
+    with with_settings(MOGILEFS_SIGNING_KEY=["new-secret", "old-secret"], MOGILEFS_URL_EXPIRES=60):
+        app = TestApp(wrap_wsgi(get_wsgi_application()), lint=True)
+        url = MogileFSStorage().url("docs/ré sumé.pdf")
+    path, _, query = url.partition("?")
+    assert path == "/media/docs/r%C3%A9%20sum%C3%A9.pdf"
+    expires = int(re.fullmatch(r"expires=(\d+)&signature=[\w-]{43}", query)[1])
+    assert 55 <= expires - time.time() <= 61
+    assert app.get(url).body == b"%PDF private"
+    assert app.get(url).headers["Cache-Control"] == "public, max-age=3600"  # the site's MOGILEFS_CACHE_CONTROL
+    assert b"signed link" in app.get(path, status=403).body
+    with with_settings(MOGILEFS_SIGNING_KEY="old-secret"):  # signed with the key being retired: still valid
+        old_url = MogileFSStorage().url("docs/ré sumé.pdf")
+    assert app.get(old_url).body == b"%PDF private"
+    with with_settings(MOGILEFS_SIGNING_KEY="a-stranger"):
+        assert b"not valid" in app.get(MogileFSStorage().url("docs/ré sumé.pdf"), status=403).body
+
+
+def test_serve_needs_the_wrapped_application(mogile: DevMogileFS) -> None:
+    from django.test import RequestFactory
+
+    from mogile_middleware.contrib.django import serve
+
+    with pytest.raises(ImproperlyConfigured, match="wrap_wsgi"):
+        serve(RequestFactory().get("/private/a.png"), "a.png")
+    wrapped = RequestFactory().get("/private/", **{WRAPPED_BY: object()})
+    for name in ("a" * 300, "x\x00y"):  # what the view gives, not a file that exists: Django's 400
+        with pytest.raises(SuspiciousFileOperation, match="cannot be a MogileFS key"):
+            serve(wrapped, name)
+
+
 def test_client_options_reach_the_storages_and_both_middlewares(mogile: DevMogileFS) -> None:
     options = {"connect_timeout": 0.25, "io_timeout": 3, "dead_seconds": 30, "storage_timeout": 4}
     with with_settings(MOGILEFS_CLIENT_OPTIONS=options):
@@ -540,6 +573,9 @@ SETTINGS_ERRORS = [
     pytest.param("MOGILEFS_CLIENT_OPTIONS", {"timeout": 3}, _wrap, id="client-options-unknown"),
     pytest.param("MOGILEFS_CLIENT_OPTIONS", {"io_timeout": "3"}, lambda: MogileFSStorage().exists("a"),
                  id="client-options-string-storage"),
+    pytest.param("MOGILEFS_SIGNING_KEY", "", _wrap, id="signing-key-empty"),
+    pytest.param("MOGILEFS_SIGNING_KEY", 42, lambda: MogileFSStorage().url("a"), id="signing-key-number-storage"),
+    pytest.param("MOGILEFS_URL_EXPIRES", -5, lambda: MogileFSStorage().url("a"), id="url-expires-negative"),
     pytest.param("MOGILEFS_MEMCACHED_SERVERS", 11211, _wrap, id="memcached-number"),
     pytest.param("MOGILEFS_MEMCACHED_SERVERS", ["127.0.0.1:port"], lambda: MogileFSStorage().exists("a"),
                  id="memcached-bad-port-storage"),

@@ -25,6 +25,7 @@ from mogile_middleware.memcache import MemcachedBackend
 from mogile_middleware.middleware import MogileFSMiddleware
 from mogile_middleware.paste import CACHE_BACKEND_OPTIONS, OPTIONS, filter_factory
 from mogile_middleware.responders import PerlbalReproxy
+from mogile_middleware.signing import URLSigner
 
 REPO = Path(__file__).parent.parent.parent
 PIPELINE = "config:examples/pipeline.ini"
@@ -93,6 +94,9 @@ GOOD = "domain = media\ntrackers = 127.0.0.1:7001"
         pytest.param("domain = media\ntrackers = 10.0.0.1:7001,10.0.0.2:port", r"option trackers: .*10\.0\.0\.2:port",
                      id="bad-tracker"),
         pytest.param(GOOD + "\nio_timeout = soon", r"option io_timeout: .*soon", id="bad-timeout"),
+        pytest.param(GOOD + "\nsigning_key =", r"option signing_key: no secret", id="empty-signing-key"),
+        pytest.param(GOOD + "\nsigning_key = s\nperlbal_cache_seconds = 30", r"perlbal_cache_seconds .* signing_key",
+                     id="signing-and-perlbal-cache"),
     ],
 )
 def test_a_bad_configuration_fails_at_load_time_naming_the_option(tmp_path: Path, options: str, message: str) -> None:
@@ -129,6 +133,20 @@ dead_seconds = 30
     assert middleware.retry_after_seconds == 9
     pool = middleware.client.pool
     assert (pool.connect_timeout, pool.io_timeout, pool.dead_seconds) == (0.25, 3.0, 30.0)
+
+
+
+def test_private_file_options_reach_the_middleware(tmp_path: Path) -> None:
+    middleware = load_filter(tmp_path, GOOD + """
+signing_key = new-secret
+    old-secret
+authorize = posixpath:isabs
+""")
+    assert middleware.authorize is posixpath.isabs
+    signed = URLSigner("old-secret", "media").query("a.txt", 60)  # the second secret verifies
+    assert middleware.key_for({"QUERY_STRING": signed}, "a.txt") == "a.txt"
+    only_new = URLSigner("new-secret", "media")  # the first secret signs
+    assert only_new.refusal("a.txt", middleware.url_for("a.txt").partition("?")[2]) is None
 
 
 def test_numbers_and_flags_are_typed_before_the_middleware_sees_them() -> None:

@@ -16,19 +16,26 @@ DEBUG = True
 ALLOWED_HOSTS = ["127.0.0.1", "localhost", "[::1]"]
 
 INSTALLED_APPS = [
+    "django.contrib.auth",
     "django.contrib.contenttypes",
+    "django.contrib.sessions",
     "gallery",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "djangosite.urls"
 WSGI_APPLICATION = "djangosite.wsgi.application"
+# /private/<name> sends whoever is not logged in to Django's login page, then back.
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "upload"
 
 TEMPLATES = [
     {
@@ -46,6 +53,15 @@ MOGILEFS_DOMAIN = os.environ.get("MOGILEFS_DOMAIN", "media")
 MOGILEFS_TRACKERS = os.environ.get("MOGILEFS_TRACKERS", "127.0.0.1:7001")
 MOGILEFS_MEDIA_URL = "/media/"
 MOGILEFS_CACHE_CONTROL = "public, max-age=3600"
+
+
+def public_key(path: str) -> str | None:
+    """The key of a path under MOGILEFS_MEDIA_URL, or None (404) for the private files: only the
+    view ``gallery.views.private_file`` sends those, to logged-in users."""
+    return None if path.startswith("private/") else path
+
+
+MOGILEFS_MIDDLEWARE_OPTIONS = {"key_for_path": public_key}
 
 STORAGES = {
     # Uploads without a storage of their own go to MogileFS' default class.

@@ -13,12 +13,15 @@ In ``settings.py``::
     }
 
 and in ``wsgi.py``: ``application = wrap_wsgi(get_wsgi_application())``, or in ``asgi.py``:
-``application = wrap_asgi(get_asgi_application())``.
+``application = wrap_asgi(get_asgi_application())``. A view that checked who asks answers with a
+private file through :func:`serve`; with ``MOGILEFS_SIGNING_KEY``, ``url()`` gives signed,
+expiring URLs and the middleware answers no other.
 """
 
 from .asgi import wrap_asgi
 from .clients import close_clients, get_client
 from .storage import MogileFSStorage
+from .views import serve
 from .wsgi import wrap_wsgi
 
-__all__ = ["MogileFSStorage", "close_clients", "get_client", "wrap_asgi", "wrap_wsgi"]
+__all__ = ["MogileFSStorage", "close_clients", "get_client", "serve", "wrap_asgi", "wrap_wsgi"]

@@ -33,6 +33,7 @@ _OWN_SETTINGS = {
     "cache_control": "MOGILEFS_CACHE_CONTROL",
     "path_cache_seconds": "MOGILEFS_PATH_CACHE_SECONDS",
     "nginx_location": "MOGILEFS_NGINX_LOCATION",
+    "signing_key": "MOGILEFS_SIGNING_KEY",
     "connect_timeout": "MOGILEFS_CLIENT_OPTIONS",
     "io_timeout": "MOGILEFS_CLIENT_OPTIONS",
     "dead_seconds": "MOGILEFS_CLIENT_OPTIONS",
@@ -156,6 +157,32 @@ def _seconds(value: object) -> float:
     return value
 
 
+def _secrets(value: object) -> Any:
+    if not isinstance(value, (str, bytes, list, tuple)) or not value or any(
+            not isinstance(secret, (str, bytes)) or not secret for secret in
+            ([value] if isinstance(value, (str, bytes)) else value)):
+        raise ValueError(f"expected a non-empty string or bytes, or a list of them, got {type(value).__name__}")
+    return value
+
+
+def signing_key() -> Any:
+    """``MOGILEFS_SIGNING_KEY``: the secret (or secrets, the first signing) of signed URLs; none when unset."""
+    value = getattr(settings, "MOGILEFS_SIGNING_KEY", None)
+    return None if value is None else validated("MOGILEFS_SIGNING_KEY", value, _secrets)
+
+
+def _positive_seconds(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"expected a number of seconds > 0, got {value!r}")
+    return value
+
+
+def url_expires() -> float:
+    """``MOGILEFS_URL_EXPIRES``: how long a signed URL of ``MogileFSStorage.url`` opens its file (an hour)."""
+    return validated("MOGILEFS_URL_EXPIRES", getattr(settings, "MOGILEFS_URL_EXPIRES", None) or 3600,
+                     _positive_seconds)
+
+
 def _location(value: object) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
         raise ValueError(f'expected a location starting with "/", got {value!r}')
@@ -179,6 +206,7 @@ _OPTIONAL: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "MOGILEFS_CACHE_CONTROL": ("cache_control", _header_value),
     "MOGILEFS_PATH_CACHE_SECONDS": ("path_cache_seconds", _seconds),
     "MOGILEFS_NGINX_LOCATION": ("nginx_location", _location),
+    "MOGILEFS_SIGNING_KEY": ("signing_key", _secrets),
 }
 
 

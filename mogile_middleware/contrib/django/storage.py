@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from typing import Any
+from urllib.parse import unquote
 
 import django
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
@@ -19,6 +20,7 @@ from django.utils.encoding import filepath_to_uri
 from ...client import Client
 from ...exceptions import BadKeyError, KeyExistsError, MogileFSError, UnknownKeyError
 from ...protocol import check_key
+from ...signing import URLSigner
 from ...tracker import Address
 from ...upload import Uploader
 from . import conf
@@ -179,9 +181,14 @@ class MogileFSStorage(Storage):
                 raise FileNotFoundError(f"no MogileFS key {name!r}") from None
 
     def url(self, name: str) -> str:
-        """The media URL followed by the name, percent-encoded as UTF-8."""
+        """The media URL followed by the name, percent-encoded as UTF-8; with ``MOGILEFS_SIGNING_KEY``,
+        signed for ``MOGILEFS_URL_EXPIRES`` seconds (as django-storages' S3 ``querystring_auth``)."""
         media_url = self._media_url or conf.media_url()
-        return media_url + filepath_to_uri(name).lstrip("/")
+        path = filepath_to_uri(name).lstrip("/")
+        secrets, expires_in = conf.signing_key(), conf.url_expires()  # both checked, even when unsigned
+        if secrets is None:
+            return media_url + path
+        return f"{media_url}{path}?{URLSigner(secrets, self._domain or conf.domain()).query(unquote(path), expires_in)}"
 
     def listdir(self, path: str) -> tuple[list[str], list[str]]:
         """The "directories" and files right under ``path``: MogileFS has flat keys, so every key

@@ -1,0 +1,70 @@
+"""Signed, expiring URLs: an HMAC-SHA256 of the domain, the path and the expiry time.
+
+The path is what the URL names after the prefix, decoded: the key itself, or what the middleware's
+``key_for_path`` maps to one. A URL under the prefix then carries exactly
+``?expires=<unix time>&signature=<43 characters>``: anything else in the query (another parameter,
+a repeated one, another order) is refused, and so is a signature made for another path, another
+domain or another time. Several secrets may be
+given, for rotation: the first signs, every one verifies, each compared in constant time.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import time
+from collections.abc import Callable, Sequence
+
+#: The only query a signed URL has.
+_QUERY = re.compile(r"expires=([0-9]{1,12})&signature=([A-Za-z0-9_-]{43})")
+#: Signatures of this scheme never verify under another.
+_SCHEME = b"mogile_middleware signed URL v1\n"
+
+#: Why a request was refused (the reason of its 403).
+UNSIGNED = "This file needs a signed link."
+BAD_SIGNATURE = "The link's signature is not valid."
+EXPIRED = "The link has expired."
+
+Secret = str | bytes
+
+
+class URLSigner:
+    """Signs and checks the query of a URL path in ``domain`` with ``secrets`` (one, or several for rotation)."""
+
+    def __init__(self, secrets: Secret | Sequence[Secret], domain: str,
+                 clock: Callable[[], float] = time.time) -> None:
+        given = [secrets] if isinstance(secrets, (str, bytes)) else list(secrets)
+        if not given or any(not secret for secret in given):
+            raise ValueError("signing_key must be a non-empty string or bytes, or a list of them")
+        if any(not isinstance(secret, (str, bytes)) for secret in given):
+            raise ValueError(f"signing_key must be strings or bytes, not {given!r}")
+        self._secrets = [secret.encode("utf-8") if isinstance(secret, str) else secret for secret in given]
+        self._domain = domain.encode("utf-8")
+        self._clock = clock
+
+    def query(self, key: str, expires_in: float) -> str:
+        """The query string that opens the path ``key`` for ``expires_in`` seconds from now."""
+        if not expires_in > 0:
+            raise ValueError(f"expires_in must be a number of seconds > 0, not {expires_in!r}")
+        expires = int(self._clock() + expires_in)
+        return f"expires={expires}&signature={self._signature(self._secrets[0], key, expires)}"
+
+    def refusal(self, key: str, query: str) -> str | None:
+        """``None`` when ``query`` is a valid, unexpired signature for ``key``; else the reason to refuse."""
+        match = _QUERY.fullmatch(query)
+        if match is None:
+            return UNSIGNED if not query else BAD_SIGNATURE
+        expires, signature = int(match[1]), match[2]
+        valid = False
+        for secret in self._secrets:  # every one, so the time taken does not say which matched
+            valid |= hmac.compare_digest(self._signature(secret, key, expires), signature)
+        if not valid:
+            return BAD_SIGNATURE
+        return EXPIRED if expires < self._clock() else None
+
+    def _signature(self, secret: bytes, key: str, expires: int) -> str:
+        message = b"%s%s\n%s\n%d" % (_SCHEME, self._domain, key.encode("utf-8"), expires)
+        digest = hmac.new(secret, message, hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")

@@ -1,0 +1,313 @@
+"""Private files: signed, expiring URLs, ``authorize``, and a key's file answered from a view.
+
+Through gunicorn (the WSGI middleware) and uvicorn (the ASGI one) over the development MogileFS,
+every answer read off a real connection; the tracker lookups counted by the test application's
+client; then through real Perlbal and nginx. Property tests of the signatures run in process.
+"""
+
+from __future__ import annotations
+
+import http.client
+import string
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from conftest import CLASSES, DOMAIN
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from integration._gunicorn import run_gunicorn, run_uvicorn
+from integration.test_asgi import run
+from integration.test_proxies import SERVERS, serving
+
+from mogile_middleware import Client, MogileFSMiddleware
+from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
+from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.signing import BAD_SIGNATURE, EXPIRED, UNSIGNED, URLSigner
+
+pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
+
+SECRET, OLD_SECRET = "signing-secret-2026", "signing-secret-2025"
+FILES = {
+    "plain.txt": b"plain\n" * 50,
+    "with space.txt": b"a name with a space\n" * 50,
+    "naïve/résumé.pdf": b"%PDF utf-8 name\n" * 50,
+    "a&b=c?.txt": b"ampersand, equals, question mark\n" * 50,
+    "100%.txt": b"a percent sign\n" * 50,
+    "private/doc.txt": b"no one's but the view's\n" * 50,
+}
+#: Headers only a file's answer carries.
+FILE_HEADERS = ("etag", "content-disposition", "x-reproxy-url", "x-accel-redirect", "accept-ranges")
+
+
+def signer(secret: str = SECRET, clock: float | None = None) -> URLSigner:
+    return URLSigner(secret, DOMAIN, clock=(lambda: clock) if clock is not None else time.time)
+
+
+def signed_url(key: str, *, secret: str = SECRET, expires_in: float = 300, clock: float | None = None) -> str:
+    """The URL :meth:`MogileFSMiddleware.url_for` gives, made here for any secret and time."""
+    return f"/mogilefs/{quote(key)}?{signer(secret, clock).query(key, expires_in)}"
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class Server:
+    """A running application server with the middleware, asked on one kept-alive connection."""
+
+    def __init__(self, port: int, count_file: Path) -> None:
+        self.port = port
+        self.count_file = count_file
+        self._connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+    def get(self, target: str, headers: dict[str, str] | None = None, method: str = "GET") -> Answer:
+        self._connection.request(method, target, headers=headers or {})
+        response = self._connection.getresponse()
+        body = response.read()
+        if response.getheader("Connection", "").lower() == "close":
+            self._connection.close()
+        return Answer(response.status, {name.lower(): value for name, value in response.getheaders()}, body)
+
+    def lookups(self) -> int:
+        """Tracker lookups made by the application so far."""
+        return len(self.count_file.read_text().splitlines()) if self.count_file.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevMogileFS]:
+    with DevMogileFS(tmp_path_factory.mktemp("mogdata"), domains={DOMAIN: CLASSES}) as mogile:
+        client = Client(DOMAIN, mogile.trackers)
+        for key, content in FILES.items():
+            client.store_content(key, content, "avatar")
+        client.close()
+        yield mogile
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def server(request: pytest.FixtureRequest, stored: DevMogileFS, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[Server]:
+    """gunicorn and uvicorn in turn, signing with SECRET (OLD_SECRET still accepted), refusing private/ keys."""
+    count_file = tmp_path_factory.mktemp("count") / "lookups"
+    env = {"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": stored.trackers[0], "MOGILE_SIGNING_KEY": f"{SECRET} {OLD_SECRET}",
+           "MOGILE_AUTHORIZE": "1", "MOGILE_COUNT_FILE": str(count_file)}
+    run = run_gunicorn if request.param == "gunicorn" else run_uvicorn
+    with run(env) as running:
+        yield Server(running.port, count_file)
+
+
+def assert_refused(answer: Answer, reason: str | None = None) -> None:
+    """A 403 with a short reason, carrying nothing of any file."""
+    assert answer.status == 403, answer
+    assert not any(name in answer.headers for name in FILE_HEADERS), answer.headers
+    assert answer.headers["cache-control"] == "no-store"
+    assert not any(content in answer.body for content in FILES.values())
+    if reason:
+        assert reason.encode() in answer.body
+
+
+def test_url_for_signs_as_the_middleware_checks() -> None:
+    middleware = MogileFSMiddleware(lambda e, s: [], domain=DOMAIN, trackers=["127.0.0.1:1"], signing_key=SECRET)
+    url = middleware.url_for("with space.txt", expires_in=60)
+    assert url.startswith("/mogilefs/with%20space.txt?expires=")
+    path, _, query = url.partition("?")
+    assert middleware.key_for({"QUERY_STRING": query}, "with space.txt") == "with space.txt"
+    plain = MogileFSMiddleware(lambda e, s: [], domain=DOMAIN, trackers=["127.0.0.1:1"])
+    assert plain.url_for("a&b=c?.txt") == "/mogilefs/a%26b%3Dc%3F.txt"
+
+
+@pytest.mark.parametrize("key", [key for key in FILES if not key.startswith("private/")])
+def test_a_signed_url_serves_its_key(server: Server, key: str) -> None:
+    answer = server.get(signed_url(key))
+    assert (answer.status, answer.body) == (200, FILES[key])
+    assert answer.headers["cache-control"] == "private"  # no shared cache keeps it for others
+    assert server.get(signed_url(key, secret=OLD_SECRET)).body == FILES[key]  # the secret before: still valid
+
+
+def refused_targets(key: str) -> Iterator[tuple[str, str, str]]:
+    """(name, request target, reason) of every way a request for ``key`` must be refused."""
+    url = signed_url(key)
+    path, _, query = url.partition("?")
+    yield "unsigned", path, UNSIGNED
+    other = "with space.txt" if key == "plain.txt" else "plain.txt"
+    yield "another key's", f"{path}?{signed_url(other).partition('?')[2]}", BAD_SIGNATURE
+    yield "expired", signed_url(key, expires_in=10, clock=time.time() - 60), EXPIRED
+    yield "unknown secret", signed_url(key, secret="a guess"), BAD_SIGNATURE
+    yield "extra parameter", f"{url}&download=1", BAD_SIGNATURE
+    yield "repeated parameter", f"{url}&{query.split('&')[1]}", BAD_SIGNATURE
+    yield "reordered", f"{path}?{'&'.join(reversed(query.split('&')))}", BAD_SIGNATURE
+    yield "longer expiry", url.replace("expires=", "expires=1", 1), BAD_SIGNATURE
+    for position in range(len("/mogilefs/"), len(url)):
+        if url[position] in "?&=":
+            continue
+        flipped = url[:position] + _other(url[position]) + url[position + 1:]
+        yield f"changed at {position}", flipped, ""
+
+
+def _other(character: str) -> str:
+    """Another character of the same kind, so the URL stays well formed."""
+    alphabet = string.digits if character.isdigit() else string.ascii_letters
+    return alphabet[(alphabet.find(character) + 1) % len(alphabet)] if character.isalnum() else "x"
+
+
+@pytest.mark.parametrize("key", ["plain.txt", "naïve/résumé.pdf", "a&b=c?.txt"])
+def test_anything_but_the_exact_signed_url_is_refused_without_asking_a_tracker(server: Server, key: str) -> None:
+    before = server.lookups()
+    for name, target, reason in refused_targets(key):
+        answer = server.get(target)
+        assert answer.status == 403, (name, target)
+        assert_refused(answer, reason)
+    assert server.lookups() == before
+
+
+def test_head_ranges_and_revalidation_with_a_valid_signature(server: Server) -> None:
+    url = signed_url("plain.txt")
+    whole = server.get(url)
+    head = server.get(url, method="HEAD")
+    assert (head.status, head.body, head.headers["content-length"]) == (200, b"", str(len(FILES["plain.txt"])))
+    ranged = server.get(url, {"Range": "bytes=6-11"})
+    assert (ranged.status, ranged.body) == (206, FILES["plain.txt"][6:12])
+    assert server.get(url, {"Range": "bytes=5000-"}).status == 416
+    assert server.get(url, {"If-None-Match": whole.headers["etag"]}).status == 304
+    assert_refused(server.get(signed_url("plain.txt").partition("?")[0], {"If-None-Match": whole.headers["etag"]}))
+
+
+def test_authorize_refuses_even_a_valid_signature_without_asking_a_tracker(server: Server) -> None:
+    before = server.lookups()
+    assert_refused(server.get(signed_url("private/doc.txt")))
+    assert server.lookups() == before
+
+
+def test_paths_outside_the_prefix_are_the_applications(server: Server) -> None:
+    assert (server.get("/elsewhere").status, server.get("/elsewhere").body) == (200, b"hello from the app\n")
+
+
+def test_a_view_serves_a_key_after_its_own_check(server: Server) -> None:
+    allowed = {"X-Test-User": "allowed"}
+    assert server.get("/view/private/doc.txt").status == 403  # the view's own refusal
+    answer = server.get("/view/private/doc.txt", allowed)
+    assert (answer.status, answer.body) == (200, FILES["private/doc.txt"])
+    assert answer.headers["cache-control"] == "private"
+    assert "x-app-header" not in answer.headers and "x-mogile-middleware-serve" not in answer.headers
+    download = server.get(f"/view/{quote('naïve/résumé.pdf')}?download={quote('Résumé 2026.pdf')}", allowed)
+    assert download.body == FILES["naïve/résumé.pdf"]
+    assert download.headers["content-disposition"] == (
+        "attachment; filename=\"R_sum_ 2026.pdf\"; filename*=UTF-8''R%C3%A9sum%C3%A9%202026.pdf")
+    head = server.get("/view/plain.txt", allowed, method="HEAD")
+    assert (head.status, head.body) == (200, b"")
+    ranged = server.get("/view/plain.txt", {**allowed, "Range": "bytes=0-4"})
+    assert (ranged.status, ranged.body) == (206, b"plain")
+    etag = server.get("/view/plain.txt", allowed).headers["etag"]
+    assert server.get("/view/plain.txt", {**allowed, "If-None-Match": etag}).status == 304
+    missing = server.get("/view/no/such.txt?download=x.txt", allowed)
+    assert missing.status == 404 and not any(name in missing.headers for name in FILE_HEADERS)
+
+
+@pytest.mark.parametrize("front", ["perlbal", "nginx"])
+@pytest.mark.parametrize("server_name", SERVERS)
+def test_through_the_front_proxies(stored: DevMogileFS, server_name: str, front: str, tmp_path: Path) -> None:
+    with serving(stored, server_name, front, tmp_path, MOGILE_SIGNING_KEY=SECRET, MOGILE_AUTHORIZE="1") as stack:
+        url = signed_url("plain.txt")
+        answer = stack.get(url)  # fails if the client sees a storage URL or a reproxy header
+        assert (answer.status, answer.length) == (200, len(FILES["plain.txt"]))
+        assert stack.app_requests(url.partition("?")[0]) == [("200", 0)]  # the proxy fetched the bytes
+        for target in (url.partition("?")[0], signed_url("private/doc.txt"), url + "&x=1"):
+            refused = stack.get(target)
+            assert refused.status == 403 and refused.length < 200, target
+        viewed = stack.get("/view/private/doc.txt", {"X-Test-User": "allowed"})
+        assert (viewed.status, viewed.length) == (200, len(FILES["private/doc.txt"]))
+        assert stack.app_requests("/view/private/doc.txt")[-1] == ("200", 0)
+        assert stack.get("/view/private/doc.txt").status == 403
+
+
+# Property tests: the signature covers exactly the key, the domain and the time.
+
+KEYS = st.text(st.characters(blacklist_categories=["Cs", "Cc"]), min_size=1, max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=KEYS, expires_in=st.integers(1, 10**8))
+def test_any_key_signs_and_verifies(key: str, expires_in: int) -> None:
+    url_signer = signer(clock=1_700_000_000)
+    assert url_signer.refusal(key, url_signer.query(key, expires_in)) is None
+
+
+@settings(max_examples=500, deadline=None)
+@given(key=KEYS, data=st.data())
+def test_no_change_to_a_signed_query_or_key_verifies(key: str, data: st.DataObject) -> None:
+    url_signer = signer(clock=1_700_000_000)
+    query = url_signer.query(key, 600)
+    position = data.draw(st.integers(0, len(query) - 1))
+    replacement = data.draw(st.characters(min_codepoint=33, max_codepoint=126).filter(lambda c: c != query[position]))
+    changed_query = query[:position] + replacement + query[position + 1:]
+    assert url_signer.refusal(key, changed_query) is not None
+    other_key = data.draw(KEYS.filter(lambda other: other != key))
+    assert url_signer.refusal(other_key, query) is not None
+    assert URLSigner(SECRET, "another domain", clock=lambda: 1_700_000_000).refusal(key, query) is not None
+    assert url_signer.refusal(key, query + data.draw(st.text(min_size=1, max_size=5))) is not None
+
+
+# Serving from a view in process: the WSGI respond_with, wrapped or on its own; the ASGI one;
+# a Starlette endpoint of examples/starlette.
+
+
+def test_wsgi_respond_with_answers_alone_or_through_the_middleware_that_wraps_it(stored: DevMogileFS) -> None:
+    from webtest import TestApp
+
+    def view(environ: dict, start_response: Any) -> Any:
+        return middleware.respond_with(environ, start_response, "private/doc.txt", filename="doc.txt")
+
+    middleware = MogileFSMiddleware(view, domain=DOMAIN, trackers=stored.trackers, reproxy="perlbal",
+                                    trusted_proxies=["10.0.0.1"])
+    for app in (TestApp(middleware), TestApp(view)):  # the view wrapped by its middleware, then alone
+        answer = app.post("/download")  # a view may serve on any method: the file as for a GET
+        assert answer.body == FILES["private/doc.txt"]
+        assert answer.headers["Content-Disposition"] == 'attachment; filename="doc.txt"'
+        assert answer.headers["Cache-Control"] == "private"
+        reproxied = app.get("/download", extra_environ={"REMOTE_ADDR": "10.0.0.1"})
+        assert reproxied.body == b"" and reproxied.headers["X-REPROXY-URL"].startswith("http://")
+        assert app.head("/download").body == b""
+
+
+def asgi_call(app: Any, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """GET ``path`` from the ASGI ``app`` on an event loop of its own."""
+    scope = {"type": "http", "method": "GET", "path": path, "raw_path": quote(path).encode(), "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 5000), "http_version": "1.1", "scheme": "http",
+             "server": ("127.0.0.1", 8000),
+             "headers": [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]}
+    sent = run(app, scope, [{"type": "http.request"}])
+    head = {name.decode(): value.decode() for name, value in sent[0]["headers"]}
+    return sent[0]["status"], head, b"".join(message.get("body", b"") for message in sent[1:])
+
+
+def test_asgi_respond_with_answers_alone_or_through_the_middleware_that_wraps_it(stored: DevMogileFS) -> None:
+    async def view(scope: dict, receive: Any, send: Any) -> None:
+        await middleware.respond_with(scope, receive, send, "naïve/résumé.pdf")
+
+    middleware = ASGIMiddleware(view, domain=DOMAIN, trackers=stored.trackers)
+    for app in (middleware, view):
+        status, headers, body = asgi_call(app, "/download")
+        assert (status, body, headers["cache-control"]) == (200, FILES["naïve/résumé.pdf"], "private")
+        assert "x-mogile-middleware-serve" not in headers
+
+
+def test_the_starlette_example_serves_a_private_file_to_its_endpoint(stored: DevMogileFS,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOGILEFS_DOMAIN", DOMAIN)
+    monkeypatch.setenv("MOGILEFS_TRACKERS", stored.trackers[0])
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2]))
+    from examples.starlette.app import TOKEN, app
+
+    assert asgi_call(app, "/private/doc.txt")[0] == 403
+    status, headers, body = asgi_call(app, "/private/doc.txt", {"Authorization": f"Bearer {TOKEN}"})
+    assert (status, body) == (200, FILES["private/doc.txt"])
+    assert headers["content-disposition"] == 'attachment; filename="doc.txt"'
+    assert asgi_call(app, "/private/missing.txt", {"Authorization": f"Bearer {TOKEN}"})[0] == 404
+    assert asgi_call(app, "/mogilefs/plain.txt")[2] == FILES["plain.txt"]
