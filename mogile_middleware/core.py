@@ -201,7 +201,7 @@ class MiddlewareCore:
         """The key of the URL ``path`` after the prefix, or the 405, 400, 404 or 403 (signature) answer."""
         if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
             return http.METHOD_NOT_ALLOWED
-        decoded = self._decoded(path)
+        decoded = path if path.isascii() else self._decoded(path)
         if self.signer is not None:
             # What the URL names is signed: no signed URL names a path that is not UTF-8.
             refusal = self.signer.refusal(decoded if isinstance(decoded, str) else "", self._signed_query(

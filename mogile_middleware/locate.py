@@ -105,9 +105,11 @@ class Locator:
         """The location of ``key``; raises :class:`UnknownKeyError`, or the tracker's errors."""
         entry = self._entry_prefix + key
         location = self.paths.get(entry)
-        if location is not None and location.key != key:  # a shared cache's entry for another key
-            location = self.paths.refresh(entry, _foreign(location, key))
-        return _found(location, key)
+        if location is None:  # (_found, inlined: this is the hot path)
+            raise UnknownKeyError("unknown_key", key)
+        if location.key != key:  # a shared cache's entry for another key
+            return _found(self.paths.refresh(entry, _foreign(location, key)), key)
+        return location
 
     def relocate(self, outdated: Location) -> Location:
         """The location of ``outdated.key`` asked of the trackers again, because the replicas of

@@ -311,3 +311,29 @@ def test_the_starlette_example_serves_a_private_file_to_its_endpoint(stored: Dev
     assert headers["content-disposition"] == 'attachment; filename="doc.txt"'
     assert asgi_call(app, "/private/missing.txt", {"Authorization": f"Bearer {TOKEN}"})[0] == 404
     assert asgi_call(app, "/mogilefs/plain.txt")[2] == FILES["plain.txt"]
+
+
+def test_perlbals_fallback_request_keeps_its_signature(stored: DevMogileFS) -> None:
+    from webtest import TestApp
+
+    middleware = MogileFSMiddleware(lambda e, s: [], domain=DOMAIN, trackers=stored.trackers, reproxy="perlbal",
+                                    signing_key=SECRET, perlbal_fallback_url="http://127.0.0.1:8000")
+    app = TestApp(middleware)
+    url = signed_url("plain.txt")
+    fallback = app.get(url).headers["X-REPROXY-URL"].split()[-1]
+    assert fallback == f"http://127.0.0.1:8000{url}&mogilefs-fallback"  # what Perlbal asks when every replica failed
+    assert app.get(fallback.removeprefix("http://127.0.0.1:8000")).body == FILES["plain.txt"]
+    app.get("/mogilefs/plain.txt?mogilefs-fallback", status=403)
+
+
+def test_an_async_authorize_is_awaited(stored: DevMogileFS) -> None:
+    asked: list[tuple[str, str]] = []
+
+    async def authorize(scope: dict, key: str) -> bool:
+        asked.append((scope["path"], key))
+        return dict(scope["headers"]).get(b"x-test-user") == b"allowed"
+
+    middleware = ASGIMiddleware(None, domain=DOMAIN, trackers=stored.trackers, authorize=authorize)
+    assert asgi_call(middleware, "/mogilefs/plain.txt")[0] == 403
+    assert asgi_call(middleware, "/mogilefs/plain.txt", {"X-Test-User": "allowed"})[2] == FILES["plain.txt"]
+    assert asked == [("/mogilefs/plain.txt", "plain.txt")] * 2
