@@ -10,6 +10,7 @@ be reachable by the application hosts only: whoever can write to it can drop ent
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -18,7 +19,7 @@ import math
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pymemcache.client.base import check_key_helper, normalize_server_spec
@@ -29,9 +30,11 @@ from .locate import Location, is_clean_url
 
 log = logging.getLogger("mogile_middleware")
 
-#: Seconds a server that failed is skipped, so a dead memcached costs one connect attempt per thread
+#: Seconds a server that failed is skipped, so a dead memcached costs one connect attempt per client
 #: this often rather than one per request.
 DEAD_SECONDS = 5.0
+#: Idle clients kept for the next request (more are made while more requests run at once).
+MAX_IDLE_CLIENTS = 32
 
 #: memcached reads a larger expiry as a Unix timestamp, so longer keeps are cut to this (30 days).
 MAX_EXPIRE_SECONDS = 30 * 24 * 3600
@@ -75,11 +78,13 @@ class MemcachedBackend:
         self._given = client
         self._secret = secret.encode() if isinstance(secret, str) else secret
         self._pid = os.getpid()
-        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._idle: list[HashClient] = []
 
     def get(self, key: str) -> tuple[Location | None, float] | None:
         """``(location, stored_at)`` for ``key``, or None if memcached holds no valid entry for it."""
-        data = self._client().get(self._memcached_key(key))
+        with self._client() as client:
+            data = client.get(self._memcached_key(key))
         if data is None:
             return None
         try:
@@ -94,8 +99,8 @@ class MemcachedBackend:
             return  # memcached would read an expiry of 0 as "keep forever"
         expire = min(math.ceil(keep_seconds), MAX_EXPIRE_SECONDS)
         # noreply=False: wait for memcached's answer, so a failed store raises instead of vanishing.
-        self._client().set(self._memcached_key(key), self._encode(key, value, stored_at), expire=expire,
-                           noreply=False)
+        with self._client() as client:
+            client.set(self._memcached_key(key), self._encode(key, value, stored_at), expire=expire, noreply=False)
 
     def _encode(self, key: str, value: Location | None, stored_at: float) -> bytes:
         if value is not None and not isinstance(value, Location):
@@ -124,29 +129,40 @@ class MemcachedBackend:
 
     def delete(self, key: str) -> None:
         """Forget ``key``."""
-        self._client().delete(self._memcached_key(key), noreply=False)
+        with self._client() as client:
+            client.delete(self._memcached_key(key), noreply=False)
 
     def _memcached_key(self, key: str) -> str:
         # memcached keys are at most 250 bytes of ASCII without blanks or control characters, while
         # MogileFS keys can be longer and hold any of them: a digest fits every key.
         return self.prefix + hashlib.sha1(key.encode("utf-8")).hexdigest()
 
-    def _client(self) -> Any:
+    @contextlib.contextmanager
+    def _client(self) -> Iterator[Any]:
+        """A client for one call, used by nobody else meanwhile: HashClient's bookkeeping of failed
+        servers is not thread-safe. Idle ones are kept for later calls, by whatever thread or
+        greenlet (a client per thread would be one per request under gevent)."""
         if self._given is not None:
-            return self._given
-        if os.getpid() != self._pid:
-            # A forked child shares its parent's sockets: start afresh, never touch the inherited ones.
-            self._pid = os.getpid()
-            self._local = threading.local()
-        client = getattr(self._local, "client", None)
+            yield self._given
+            return
+        with self._lock:
+            if os.getpid() != self._pid:
+                # A forked child shares its parent's sockets: start afresh, never touch the inherited ones.
+                self._pid, self._idle = os.getpid(), []
+            client = self._idle.pop() if self._idle else None
         if client is None:
-            # One client per thread, because HashClient's bookkeeping of failed servers is not
-            # thread-safe. retry_attempts=0 marks a failing server dead at once, for DEAD_SECONDS.
-            client = self._local.client = HashClient(
-                self.servers, connect_timeout=self.connect_timeout, timeout=self.timeout,
-                no_delay=True, retry_attempts=0, dead_timeout=DEAD_SECONDS,
-            )
-        return client
+            # retry_attempts=0 marks a failing server dead at once, for DEAD_SECONDS.
+            client = HashClient(self.servers, connect_timeout=self.connect_timeout, timeout=self.timeout,
+                                no_delay=True, retry_attempts=0, dead_timeout=DEAD_SECONDS)
+        try:
+            yield client
+        finally:
+            with self._lock:
+                kept = os.getpid() == self._pid and len(self._idle) < MAX_IDLE_CLIENTS
+                if kept:
+                    self._idle.append(client)
+            if not kept:
+                client.close()
 
 
 def _location(fields: object) -> Location:

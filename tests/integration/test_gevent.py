@@ -122,3 +122,33 @@ def test_greenlets_share_the_kept_alive_node_connections(devmogile: DevMogileFS,
         # its worker has closed the connection the pool had no room for).
         kept = eventually(lambda: node_connections(node_port), lambda n: n <= IDLE_PER_NODE, timeout=5)
         assert 1 <= kept <= IDLE_PER_NODE
+
+
+def memcached_connections_made(port: int) -> int:
+    """memcached's count of the connections it has accepted since it started."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"stats\r\n")
+        data = b""
+        while not data.endswith(b"END\r\n"):
+            data += sock.recv(65536)
+    stats = dict(line.split()[1:3] for line in data.decode().splitlines() if line.startswith("STAT "))
+    return int(stats["total_connections"])
+
+
+def test_greenlets_share_the_memcached_connections(devmogile: DevMogileFS) -> None:
+    """Each request asks the shared path cache; the worker keeps its memcached clients for the
+    next requests rather than one per greenlet, that is one per request."""
+    from integration._memcached import start_memcached
+
+    Client(DOMAIN, devmogile.trackers).store_content("cached.txt", b"cached\n", cls="thumb")
+    with start_memcached() as memcached, run_gunicorn(
+            {**env_for(devmogile), "MOGILE_MEMCACHED": memcached.address},
+            extra_args=["--worker-class", "gevent"]) as server:
+        before = memcached_connections_made(memcached.port)
+        for _ in range(50):
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+            connection.request("GET", "/mogilefs/cached.txt")
+            assert connection.getresponse().read() == b"cached\n"
+            connection.close()
+        made = memcached_connections_made(memcached.port) - before - 1  # less the stats connection
+        assert made <= 2, f"{made} memcached connections for 50 requests"
