@@ -14,13 +14,12 @@ import time
 import tracemalloc
 from collections.abc import Callable
 
-from mogile_middleware.cache import MemoryCache, entry_key
 from mogile_middleware.devserver import fid_path
 from mogile_middleware.locate import Location
 from mogile_middleware.middleware import MogileFSMiddleware
 
 from .apps import proxied_environ
-from .cluster import DOMAIN, PERLBAL_OPTIONS, Cluster
+from .cluster import PERLBAL_OPTIONS, Cluster
 from .measure import Deadline, Spread, interleaved, ratios
 from .report import Figure, Target
 
@@ -62,9 +61,10 @@ class FilledCache:
 
     def __init__(self, cluster: Cluster, size: int, deadline: Deadline) -> None:
         self.size = size
-        backend = MemoryCache(max_entries=size)
         self.middleware: MogileFSMiddleware = cluster.middleware(
-            cache_backend=backend, path_cache_seconds=CACHE_SECONDS, **PERLBAL_OPTIONS)
+            path_cache_entries=size, path_cache_seconds=CACHE_SECONDS, **PERLBAL_OPTIONS)
+        locator = self.middleware.locator
+        backend = locator.paths.backend
         tracemalloc.start()
         try:
             before = tracemalloc.get_traced_memory()[0]
@@ -72,11 +72,11 @@ class FilledCache:
                 if number % 10_000 == 0:
                     deadline.check()
                 location = stored_location(number)
-                backend.set(entry_key(DOMAIN, location.key), location, time.time(), CACHE_SECONDS)
+                backend.set(locator.cache_key(location.key), location, time.time(), CACHE_SECONDS)
             self.bytes = tracemalloc.get_traced_memory()[0] - before
         finally:
             tracemalloc.stop()
-        if len(backend) != size:
+        if len(backend) != size:  # type: ignore[arg-type]
             raise RuntimeError(f"the path cache kept {len(backend)} of {size} entries")
 
     def answered_bytes(self, count: int) -> float:

@@ -8,10 +8,10 @@ stale-if-error, and replacing a value found outdated.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -38,8 +38,9 @@ def entry_key(domain: str, key: str) -> str:
 class CacheBackend(Protocol):
     """Where cached values live: in process (:class:`MemoryCache`) or shared (e.g. memcached)."""
 
-    def get(self, key: str) -> tuple[Any, float] | None:
-        """``(value, stored_at)`` (wall-clock seconds) for ``key``, or None if not kept."""
+    def get(self, key: str) -> tuple[Any, ...] | None:
+        """``(value, stored_at, ...)`` (wall-clock seconds) for ``key``, or None if not kept: a
+        tuple whose first two items are these (a backend may keep more beside them)."""
 
     def set(self, key: str, value: Any, stored_at: float, keep_seconds: float) -> None:
         """Keep ``value`` for ``key`` at most ``keep_seconds``."""
@@ -49,23 +50,27 @@ class CacheBackend(Protocol):
 
 
 class MemoryCache:
-    """An in-process :class:`CacheBackend`: a thread-safe LRU bounded to ``max_entries`` keys.
+    """An in-process :class:`CacheBackend` bounded to ``max_entries`` keys, thread-safe.
 
-    ``len()`` counts entries not yet evicted, including expired ones nobody has asked for since.
+    When full it evicts the entries stored longest ago, about 1% at a time: a path cache stores
+    a key again each time its paths are looked up anew, so the keys still asked for are the ones
+    stored last. ``len()`` counts entries not yet evicted, including expired ones nobody has asked
+    for since.
     """
 
     def __init__(self, max_entries: int = 10_000, clock: Callable[[], float] = time.time) -> None:
         self._max_entries = max_entries
+        self._evicted_at_once = max(1, max_entries // 100)
         self._clock = clock
         self._lock = threading.Lock()
-        # key -> ((value, stored_at), expires_at): get() hands out the inner tuple without copying.
-        self._entries: OrderedDict[str, tuple[tuple[Any, float], float]] = OrderedDict()
+        # key -> (value, stored_at, expires_at), in the order stored: one tuple, handed out as it is.
+        self._entries: dict[str, tuple[Any, float, float]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: str) -> tuple[Any, float] | None:
-        """``(value, stored_at)`` for ``key`` unless missing or expired; marks it recently used.
+    def get(self, key: str) -> tuple[Any, float, float] | None:
+        """``(value, stored_at, expires_at)`` for ``key`` unless missing or expired.
 
         Without the lock (each dict operation is atomic): the worst a race can do is drop an
         entry another thread just stored, which costs a lookup, never a wrong answer.
@@ -73,23 +78,22 @@ class MemoryCache:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if entry[1] <= self._clock():
+        if entry[2] <= self._clock():
             self._entries.pop(key, None)
             return None
-        try:
-            self._entries.move_to_end(key)
-        except KeyError:  # evicted or deleted meanwhile: this lookup still had it
-            pass
-        return entry[0]
+        return entry
 
     def set(self, key: str, value: Any, stored_at: float, keep_seconds: float) -> None:
-        """Keep ``value`` for ``keep_seconds`` from now, evicting the least recently used keys."""
-        entry = ((value, stored_at), self._clock() + keep_seconds)
+        """Keep ``value`` for ``keep_seconds`` from now, evicting the entries stored longest ago."""
+        entry = (value, stored_at, self._clock() + keep_seconds)
         with self._lock:
+            self._entries.pop(key, None)  # stored again: last in the order of eviction
             self._entries[key] = entry
-            self._entries.move_to_end(key)
-            while len(self._entries) > self._max_entries:
-                self._entries.popitem(last=False)
+            if len(self._entries) > self._max_entries:
+                # In one pass: a dict has no cheap "first item" once its head has been deleted.
+                oldest = list(itertools.islice(self._entries, self._evicted_at_once))
+                for old in oldest:
+                    self._entries.pop(old, None)  # get() may have dropped it, expired, meanwhile
 
     def delete(self, key: str) -> None:
         """Forget ``key``."""
@@ -136,6 +140,11 @@ class PathCache(Generic[V]):
         self._stale_keys: set[str] = set()  # keys already warned about in the current outage
         self._backend_warned_at = float("-inf")
         self.lookups = 0
+
+    @property
+    def backend(self) -> CacheBackend:
+        """Where the values are kept."""
+        return self._backend
 
     def get(self, key: str) -> V:
         """The value for ``key``: the cached one while fresh, else looked up (see the class doc)."""

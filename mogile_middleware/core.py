@@ -75,6 +75,8 @@ class MiddlewareCore:
     :param content_disposition: ``"attachment"`` or ``"inline"`` with the key's file name
         (RFC 6266), or ``None`` (no header).
     :param path_cache_seconds: how long a key's paths are reused without asking a tracker.
+    :param path_cache_entries: how many keys the in-process path cache holds (when full, the
+        ones stored longest ago go first); each takes about 700 bytes.
     :param missing_seconds: how long "no such key" is reused (0: every request asks).
     :param replicating_seconds: how long the paths of a file still short of its class's copies
         are reused (a real tracker replicates a new file in the background).
@@ -126,6 +128,7 @@ class MiddlewareCore:
         trusted_files: bool = False,
         content_disposition: str | None = None,
         path_cache_seconds: float = 10.0,
+        path_cache_entries: int = 10_000,
         missing_seconds: float = 3.0,
         replicating_seconds: float = 2.0,
         stale_seconds: float = 300.0,
@@ -193,7 +196,8 @@ class MiddlewareCore:
         # Bodies are served whenever some client may not be a trusted proxy: then the length is needed.
         self.locator = self.locator_class(
             client, with_length=reproxy is None or self.trusted_proxies is not None, cache_backend=cache_backend,
-            path_cache_seconds=path_cache_seconds, missing_seconds=missing_seconds,
+            path_cache_seconds=path_cache_seconds, path_cache_entries=path_cache_entries,
+            missing_seconds=missing_seconds,
             replicating_seconds=replicating_seconds, stale_seconds=stale_seconds,
         )
 

@@ -78,6 +78,7 @@ class Locator:
         file may still be replicating).
     :param with_length: always learn the length (needed whenever a body may be served).
     :param path_cache_seconds: how long a complete location is reused.
+    :param path_cache_entries: the size of the in-process cache (when ``cache_backend`` is none).
     :param replicating_seconds: how long a location short of its copies is reused.
     :param missing_seconds: how long "no such key" is reused (0: never).
     """
@@ -85,19 +86,21 @@ class Locator:
     path_cache_class: type[PathCache[Any]] = PathCache
 
     def __init__(self, client: Client, *, with_length: bool, cache_backend: CacheBackend | None = None,
-                 path_cache_seconds: float = 10.0, replicating_seconds: float = 2.0,
-                 missing_seconds: float = 3.0, stale_seconds: float = 300.0) -> None:
+                 path_cache_seconds: float = 10.0, path_cache_entries: int = 10_000,
+                 replicating_seconds: float = 2.0, missing_seconds: float = 3.0,
+                 stale_seconds: float = 300.0) -> None:
         self.client = client
         self.with_length = with_length
         self._seconds = path_cache_seconds
         self._replicating_seconds = min(replicating_seconds, path_cache_seconds)
         self._missing_seconds = min(missing_seconds, path_cache_seconds)
-        self._entry_prefix = entry_key(client.domain, "")
+        # A backend of its own holds this domain's keys only: as they are, each shared with its location.
+        self._entry_prefix = "" if cache_backend is None else entry_key(client.domain, "")
         self._copies: dict[str, int] = {}
         self._copies_until = 0.0
         self.paths: PathCache[Location | None] = self.path_cache_class(
             self._lookup, backend=cache_backend, ttl_seconds=path_cache_seconds, stale_seconds=stale_seconds,
-            ttl_for=self._seconds_for,
+            max_entries=path_cache_entries, ttl_for=self._seconds_for,
         )
         client.add_change_listener(self.forget)
 
@@ -124,6 +127,10 @@ class Locator:
         if f"fid-{info.fid}" != location.etag:  # overwritten meanwhile
             return self.relocate(location)
         return replace(location, length=info.length, memo={})
+
+    def cache_key(self, key: str) -> str:
+        """The key under which the path cache's backend keeps the location of ``key``."""
+        return self._entry_prefix + key
 
     def forget(self, key: str) -> None:
         """Drop the cached location of ``key`` (it was written, renamed or deleted)."""

@@ -421,10 +421,11 @@ def test_waiting_for_a_stuck_lookup_is_bounded(clock: Clock, hold: int, expected
     ("keys", "evicted"),
     [
         pytest.param("abcd", "a", id="oldest-evicted"),
-        pytest.param("abcad", "b", id="recently-read-kept"),
+        pytest.param("abcad", "a", id="read-again-still-oldest"),
     ],
 )
-def test_default_backend_is_bounded_lru(lookup: Lookup, clock: Clock, keys: str, evicted: str) -> None:
+def test_default_backend_is_bounded_and_evicts_what_was_stored_longest_ago(
+        lookup: Lookup, clock: Clock, keys: str, evicted: str) -> None:
     cache = make_cache(lookup, clock, max_entries=3)
     for key in keys:
         cache.get(key)
@@ -442,7 +443,17 @@ def test_memory_cache_keeps_max_entries(clock: Clock) -> None:
         backend.set(key, [key], clock() + n, 100)
     assert len(backend) == 3
     assert backend.get("a") is None
-    assert backend.get("d") == (["d"], clock() + 3)
+    assert backend.get("d")[:2] == (["d"], clock() + 3)
+    backend.set("b", ["b2"], clock(), 100)  # stored again: now the last to go
+    backend.set("e", ["e"], clock(), 100)
+    assert [key for key in "bcde" if backend.get(key) is not None] == ["b", "d", "e"]
+
+
+def test_memory_cache_evicts_a_hundredth_at_a_time(clock: Clock) -> None:
+    backend = MemoryCache(max_entries=1000, clock=clock)
+    for n in range(1001):
+        backend.set(str(n), n, clock(), 100)
+    assert len(backend) == 991 and backend.get("9") is None and backend.get("10") is not None
 
 
 @pytest.mark.parametrize(
