@@ -9,6 +9,7 @@ decoded from UTF-8 with ``surrogateescape``, so that any stored byte string roun
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from urllib.parse import quote_plus
@@ -48,22 +49,33 @@ def check_key(key: str | bytes) -> bytes:
 
 def encode_request(command: str, args: Mapping[str, ArgValue] | None = None) -> bytes:
     """The request line for ``command`` with ``args`` (``None`` values are left out)."""
-    pairs = [
-        f"{_escaped(name.encode('utf-8'))}={_escaped(_arg_bytes(value))}"
-        for name, value in (args or {}).items()
-        if value is not None
-    ]
+    pairs = [f"{_escaped_name(name)}={_escaped_value(value)}" for name, value in (args or {}).items()
+             if value is not None]
     line = f"{command} {'&'.join(pairs)}" if pairs else command
     return line.encode("ascii") + b"\r\n"
 
 
 #: What a request argument may hold unescaped (the bytes ``quote_plus`` never changes).
 _UNESCAPED = re.compile(rb"[A-Za-z0-9_.~-]*")
+_UNESCAPED_TEXT = re.compile(r"[A-Za-z0-9_.~-]*")
 
 
 def _escaped(data: bytes) -> str:
     """``data`` URL-escaped as mogilefsd unescapes it; names and most values need nothing done."""
     return data.decode("ascii") if _UNESCAPED.fullmatch(data) else quote_plus(data, safe="")
+
+
+@functools.lru_cache(maxsize=64)
+def _escaped_name(name: str) -> str:
+    """An argument's name, escaped (the few names of the protocol, each escaped once)."""
+    return _escaped(name.encode("utf-8"))
+
+
+def _escaped_value(value: str | bytes | int) -> str:
+    """An argument's value, escaped: text that needs nothing done is used as it is."""
+    if isinstance(value, str) and _UNESCAPED_TEXT.fullmatch(value):
+        return value
+    return _escaped(_arg_bytes(value))
 
 
 def _arg_bytes(value: str | bytes | int) -> bytes:
