@@ -27,7 +27,7 @@ from .exceptions import (
     UploadError,
     UploadOutcomeUnknownError,
 )
-from .core import serve_header
+from .views import serve_header
 from .middleware import MogileFSMiddleware
 from .upload import Uploader
 

@@ -30,22 +30,19 @@ from urllib.parse import unquote_to_bytes
 from . import http, metrics
 from .async_client import AsyncClient
 from .async_storage import AsyncReplicaResponse, open_replica
-from .core import (
-    SERVE_HEADER_LOWER,
-    WRAPPED_BY,
-    MiddlewareCore,
-    as_view_request,
-    file_request,
-    is_internal_header,
-    is_reproxy_header,
-    serve_header,
-    served_file,
-    view_headers,
-)
+from .core import MiddlewareCore, file_request, is_internal_header, is_reproxy_header
 from .exceptions import MogileFSError, StorageError
 from .http import Answer, FileRequest, Headers
 from .locate import AsyncLocator, Location, arun_steps
 from .responders import serve_steps
+from .views import (
+    SERVE_HEADER_LOWER,
+    WRAPPED_BY,
+    as_view_request,
+    serve_header,
+    served_file,
+    view_headers,
+)
 
 log = logging.getLogger("mogile_middleware")
 
@@ -97,7 +94,7 @@ class MogileFSMiddleware(MiddlewareCore):
                            filename: str | None = None) -> None:
         """Answer an ASGI request with ``key``'s file, as under the prefix, after the caller's own
         permission checks; ``filename`` makes it a download of that name. In an application this
-        middleware wraps, the answer is the middleware's (see :func:`~mogile_middleware.core.serve_header`)."""
+        middleware wraps, the answer is the middleware's (see :func:`~mogile_middleware.views.serve_header`)."""
         name, value = serve_header(key, filename)
         if scope.get(WRAPPED_BY) is self:
             await send({"type": "http.response.start", "status": 200,
@@ -135,7 +132,7 @@ class MogileFSMiddleware(MiddlewareCore):
 
     async def _pass(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The application's answer, without the reproxy headers only the middleware may send; or,
-        when it answered with :data:`~mogile_middleware.core.SERVE_HEADER`, the file it asks for."""
+        when it answered with :data:`~mogile_middleware.views.SERVE_HEADER`, the file it asks for."""
         asked: list[str] = []
 
         async def filtered(message: Message) -> None:

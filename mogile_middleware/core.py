@@ -16,16 +16,17 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import quote
 
 from . import http
 from .cache import CacheBackend
-from .content import ContentPolicy, content_disposition
+from .content import ContentPolicy
 from .exceptions import BadKeyError, MogileFSError, TrackerUnavailableError, UnknownKeyError
-from .http import Answer, FileRequest, Headers
+from .http import Answer, FileRequest
 from .protocol import MAX_KEY_BYTES, check_key
 from .responders import FALLBACK_MARK, NginxReproxy, PerlbalReproxy, Representation, Reproxy
 from .signing import BAD_SIGNATURE, EXPIRED, UNSIGNED, Secret, URLSigner
+from .views import SERVE_HEADER_LOWER
 
 log = logging.getLogger("mogile_middleware")
 
@@ -40,13 +41,6 @@ _NOT_UTF8 = http.error(400, "The file name is not valid UTF-8.")
 _CONTROL = http.error(400, "The file name contains control characters.")
 _TOO_LONG = http.error(400, f"The file name is longer than {MAX_KEY_BYTES} bytes.")
 _FORBIDDEN = {reason: http.error(403, reason) for reason in (UNSIGNED, BAD_SIGNATURE, EXPIRED)}
-#: Where a middleware marks the requests it passes to its application (the WSGI environ, a copy
-#: of the ASGI scope): an answer with :data:`SERVE_HEADER` will be turned into a file's.
-WRAPPED_BY = "mogile_middleware.wrapped_by"
-#: The header by which the wrapped application asks for a key's file (see :func:`serve_header`);
-#: never sent on.
-SERVE_HEADER = "X-Mogile-Middleware-Serve"
-SERVE_HEADER_LOWER = SERVE_HEADER.lower()
 
 
 class MiddlewareCore:
@@ -299,40 +293,6 @@ class MiddlewareCore:
         return any(address in network for network in self.trusted_proxies or () if network != UNIX_SOCKET)
 
 
-def serve_header(key: str, filename: str | None = None) -> tuple[str, str]:
-    """The header with which a view of the wrapped application has the middleware answer with
-    ``key``'s file (a download named ``filename``, when given), after its own permission checks:
-    as any request under the prefix is answered, but without ``authorize`` or a signature."""
-    check_key(key)
-    return SERVE_HEADER, urlencode({"key": key, **({"filename": filename} if filename else {})})
-
-
-def served_file(value: str) -> tuple[str, str | None]:
-    """The key and file name a :data:`SERVE_HEADER` value asks for."""
-    fields = dict(parse_qsl(value, keep_blank_values=True))
-    return fields.get("key", ""), fields.get("filename") or None
-
-
-def view_headers(status: str, headers: Headers, filename: str | None) -> Headers:
-    """The headers of a file a view answered with: ``Cache-Control: private`` (the view checked
-    who asked), and ``Content-Disposition: attachment`` naming ``filename`` (RFC 6266) when given.
-    An error answer's headers as they are: they are not the file's."""
-    if status[0] not in "23":
-        return headers
-    replaced = ("Cache-Control", "Content-Disposition") if filename else ("Cache-Control",)
-    kept = [header for header in headers if header[0] not in replaced]
-    kept.append(("Cache-Control", "private"))
-    if filename:
-        kept.append(("Content-Disposition", content_disposition("attachment", filename.replace("/", "_"))))
-    return kept
-
-
-def as_view_request(environ: Environ) -> Environ:
-    """A view's request, of any method, asking for the file as a GET (or a HEAD) would."""
-    method = environ.get("REQUEST_METHOD", "GET")
-    return environ if method in ("GET", "HEAD") else {**environ, "REQUEST_METHOD": "GET"}
-
-
 def parse_trusted_proxies(proxies: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network | str, ...]:
     """Addresses and networks (``"10.0.0.0/24"``, ``"::1"``), and :data:`UNIX_SOCKET` for the peer of
     a unix socket; raises ``ValueError`` naming a bad one."""
@@ -378,6 +338,7 @@ def is_reproxy_header(name: str) -> bool:
 
 
 def is_internal_header(name: str) -> bool:
-    """True for the reproxy headers and :data:`SERVE_HEADER`: what the application's answers are checked for."""
+    """True for the reproxy headers and :data:`~mogile_middleware.views.SERVE_HEADER`: what the
+    application's answers are checked for."""
     lowered = name.lower()
     return lowered.startswith("x-reproxy") or lowered in ("x-accel-redirect", SERVE_HEADER_LOWER)

@@ -27,24 +27,26 @@ from . import http, metrics
 from .client import Client
 from .core import (
     REPROXY_MODES,
-    SERVE_HEADER,
-    SERVE_HEADER_LOWER,
     UNIX_SOCKET,
-    WRAPPED_BY,
     MiddlewareCore,
-    as_view_request,
     file_request,
     is_internal_header,
     is_reproxy_header,
     parse_trusted_proxies,
-    serve_header,
-    served_file,
-    view_headers,
 )
 from .exceptions import MogileFSError
 from .http import Answer
 from .locate import Locator
 from .responders import Serve, StreamedAnswer
+from .views import (
+    SERVE_HEADER,
+    SERVE_HEADER_LOWER,
+    WRAPPED_BY,
+    as_view_request,
+    serve_header,
+    served_file,
+    view_headers,
+)
 
 __all__ = ["REPROXY_MODES", "UNIX_SOCKET", "MogileFSMiddleware", "WSGIApp", "parse_trusted_proxies"]
 
@@ -101,7 +103,7 @@ class MogileFSMiddleware(MiddlewareCore):
         """Answer a WSGI request with ``key``'s file, as under the prefix (reproxied for a trusted
         proxy, else served, with HEAD, ranges and 304), after the caller's own permission checks;
         ``filename`` makes it a download of that name. In an application this middleware wraps, the
-        answer is the middleware's (see :func:`~mogile_middleware.core.serve_header`)."""
+        answer is the middleware's (see :func:`~mogile_middleware.views.serve_header`)."""
         name, value = serve_header(key, filename)
         if environ.get(WRAPPED_BY) is self:
             start_response("200 OK", [(name, value)])
@@ -131,7 +133,7 @@ class MogileFSMiddleware(MiddlewareCore):
 
     def _pass(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         """The application's answer, without the reproxy headers only the middleware may send; or,
-        when it answered with :data:`~mogile_middleware.core.SERVE_HEADER`, the file it asks for."""
+        when it answered with :data:`~mogile_middleware.views.SERVE_HEADER`, the file it asks for."""
         environ[WRAPPED_BY] = self
         asked: list[str] = []
 

@@ -28,7 +28,7 @@ from urllib.parse import parse_qs
 
 from mogile_middleware.async_client import AsyncClient
 from mogile_middleware.client import Client
-from mogile_middleware.core import serve_header
+from mogile_middleware.views import serve_header
 from mogile_middleware.middleware import MogileFSMiddleware
 
 

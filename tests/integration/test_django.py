@@ -40,7 +40,7 @@ from mogile_middleware.async_client import AsyncClient
 from mogile_middleware.cache import entry_key
 from mogile_middleware.contrib.django import MogileFSStorage, close_clients, get_client, wrap_asgi, wrap_wsgi
 from mogile_middleware.contrib.django.storage import TEMPORARY_PREFIX
-from mogile_middleware.core import WRAPPED_BY
+from mogile_middleware.views import WRAPPED_BY
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.memcache import MemcachedBackend
 

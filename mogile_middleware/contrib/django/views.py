@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.http import HttpRequest, HttpResponse
 
-from ...core import WRAPPED_BY, serve_header
+from ...views import WRAPPED_BY, serve_header
 from ...exceptions import BadKeyError
 
 

@@ -1,0 +1,59 @@
+"""Serving a key's file from a view: the header by which the wrapped application asks for it.
+
+A view of any framework checks who asks, then answers with :func:`serve_header`; the middleware
+that wraps the application (which marks each request it passes on with :data:`WRAPPED_BY`)
+replaces that answer, and the view's other headers, with the file's, as it answers a request
+under its prefix, but ``Cache-Control: private`` and, when asked, as a download.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from .content import content_disposition
+from .http import Headers
+from .protocol import check_key
+
+#: Where a middleware marks the requests it passes to its application (the WSGI environ, a copy
+#: of the ASGI scope): an answer with :data:`SERVE_HEADER` will be turned into a file's.
+WRAPPED_BY = "mogile_middleware.wrapped_by"
+#: The header by which the wrapped application asks for a key's file (see :func:`serve_header`);
+#: never sent on.
+SERVE_HEADER = "X-Mogile-Middleware-Serve"
+SERVE_HEADER_LOWER = SERVE_HEADER.lower()
+
+
+def serve_header(key: str, filename: str | None = None) -> tuple[str, str]:
+    """The header with which a view of the wrapped application has the middleware answer with
+    ``key``'s file (a download named ``filename``, when given), after its own permission checks:
+    as any request under the prefix is answered, but without ``authorize`` or a signature."""
+    check_key(key)
+    return SERVE_HEADER, urlencode({"key": key, **({"filename": filename} if filename else {})})
+
+
+def served_file(value: str) -> tuple[str, str | None]:
+    """The key and file name a :data:`SERVE_HEADER` value asks for."""
+    fields = dict(parse_qsl(value, keep_blank_values=True))
+    return fields.get("key", ""), fields.get("filename") or None
+
+
+def view_headers(status: str, headers: Headers, filename: str | None) -> Headers:
+    """The headers of a file a view answered with: ``Cache-Control: private`` (the view checked
+    who asked), and ``Content-Disposition: attachment`` naming ``filename`` (RFC 6266) when given.
+    An error answer's headers as they are: they are not the file's."""
+    if status[0] not in "23":
+        return headers
+    replaced = ("Cache-Control", "Content-Disposition") if filename else ("Cache-Control",)
+    kept = [header for header in headers if header[0] not in replaced]
+    kept.append(("Cache-Control", "private"))
+    if filename:
+        kept.append(("Content-Disposition", content_disposition("attachment", filename.replace("/", "_"))))
+    return kept
+
+
+def as_view_request(environ: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A view's request, of any method, asking for the file as a GET (or a HEAD) would."""
+    method = environ.get("REQUEST_METHOD", "GET")
+    return environ if method in ("GET", "HEAD") else {**environ, "REQUEST_METHOD": "GET"}
