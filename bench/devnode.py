@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
-from mogile_middleware import Client
+from mogile_middleware import Client, UnregClassError, UnregDomainError
 
 from . import servers
 from .apps import pattern
@@ -43,7 +43,16 @@ def development_node(cluster: Cluster) -> Iterator[str]:
     with servers.child(argv, [tracker, node], cluster.workdir / "devmogile.log"):
         client = Client(DOMAIN, [f"{servers.HOST}:{tracker}"])
         try:
-            client.store_content(SMALL_KEY, pattern(SMALL_SIZE), cls=CLASS)
+            # The tracker listens before it has created the domain and class (as a user would, through it).
+            deadline = time.monotonic() + servers.START_SECONDS
+            while True:
+                try:
+                    client.store_content(SMALL_KEY, pattern(SMALL_SIZE), cls=CLASS)
+                    break
+                except (UnregDomainError, UnregClassError):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
             yield client.get_paths(SMALL_KEY)[0]
         finally:
             client.close()
