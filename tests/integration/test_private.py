@@ -8,6 +8,7 @@ client; then through real Perlbal and nginx. Property tests of the signatures ru
 from __future__ import annotations
 
 import http.client
+import socket
 import string
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from conftest import CLASSES, DOMAIN
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from integration._gunicorn import run_gunicorn, run_uvicorn
+from integration._wire_client import read_http_reply
 from integration.test_asgi import run
 from integration.test_proxies import SERVERS, serving
 
@@ -208,6 +210,29 @@ def test_a_view_serves_a_key_after_its_own_check(server: Server) -> None:
     assert server.get("/view/plain.txt", {**allowed, "If-None-Match": etag}).status == 304
     missing = server.get("/view/no/such.txt?download=x.txt", allowed)
     assert missing.status == 404 and not any(name in missing.headers for name in FILE_HEADERS)
+
+
+@pytest.mark.parametrize("target, headers, status", [
+    pytest.param(signed_url("plain.txt"), {}, 200, id="signed"),
+    pytest.param("/mogilefs/plain.txt", {}, 403, id="unsigned"),
+    pytest.param(f"/view/plain.txt?download={quote('Résumé.txt')}", {"X-Test-User": "allowed"}, 200, id="view"),
+    pytest.param("/view/no/such.txt", {"X-Test-User": "allowed"}, 404, id="view-missing"),
+])
+def test_every_header_arrives_once_off_the_socket(server: Server, target: str, headers: dict[str, str],
+                                                   status: int) -> None:
+    """Read raw: a header the view sent and the file's answer both carry would show twice here."""
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: media\r\nConnection: close\r\n{lines}\r\n".encode())
+        reply, _ = read_http_reply(sock, "GET")
+    assert reply.status == status
+    names = [name.lower() for name, _ in reply.fields]
+    repeated = sorted({name for name in names if names.count(name) > 1} - {"set-cookie"})
+    assert not repeated, reply.fields
+    assert reply.headers["cache-control"] == ("private" if status == 200 else "no-store")
+    assert "x-mogile-middleware-serve" not in names and "x-app-header" not in names
+    if status == 200:
+        assert reply.body == FILES["plain.txt"]
 
 
 @pytest.mark.parametrize("front", ["perlbal", "nginx"])
