@@ -103,16 +103,17 @@ class MogileFSMiddleware(MiddlewareCore):
             return
         await self._send(await self._file_answer_for_view(scope, value), send, receive)
 
-    async def _file_answer_for_view(self, scope: Scope, value: str) -> Answer | Streamed:
+    async def _file_answer_for_view(self, scope: Scope, value: str, cookies: list[str] | None = None
+                                    ) -> Answer | Streamed:
         key, filename = served_file(value)
         environ = as_view_request(_environ(scope, _path_info(scope)))
         answer = await self._answer(environ, key, self.locator.cached(key))  # type: ignore[arg-type]
         if isinstance(answer, Answer):
-            headers = view_headers(answer.status, answer.headers, filename)
+            headers = view_headers(answer.status, answer.headers, filename, cookies or ())
             # An error answer is kept as it is: its encoded form is kept by its identity.
             return answer if headers is answer.headers else dataclasses.replace(answer, headers=headers)
         status, headers, upstream = answer
-        return status, view_headers(status, headers, filename), upstream
+        return status, view_headers(status, headers, filename, cookies or ()), upstream
 
     async def _send(self, answer: Answer | Streamed, send: Send, receive: Receive) -> None:
         if isinstance(answer, Answer):
@@ -134,6 +135,7 @@ class MogileFSMiddleware(MiddlewareCore):
         """The application's answer, without the reproxy headers only the middleware may send; or,
         when it answered with :data:`~mogile_middleware.views.SERVE_HEADER`, the file it asks for."""
         asked: list[str] = []
+        cookies: list[str] = []
 
         async def filtered(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -141,6 +143,8 @@ class MogileFSMiddleware(MiddlewareCore):
                 if any(is_internal_header(name.decode("latin-1")) for name, _ in headers):
                     asked.extend(value.decode("latin-1") for name, value in headers if name.lower() == _SERVE)
                     if asked:
+                        cookies.extend(value.decode("latin-1") for name, value in headers
+                                       if name.lower() == b"set-cookie")
                         return
                     if not self.allow_app_reproxy:
                         message = {**message, "headers": [
@@ -151,7 +155,7 @@ class MogileFSMiddleware(MiddlewareCore):
 
         await self.app({**scope, WRAPPED_BY: self}, receive, filtered)
         if asked:
-            await self._send(await self._file_answer_for_view(scope, asked[0]), send, receive)
+            await self._send(await self._file_answer_for_view(scope, asked[0], cookies), send, receive)
 
     async def _answer(self, environ: dict[str, Any], key: str, location: Location | None) -> Answer | Streamed:
         """The answer for ``key`` (at ``location`` when the cache held it): decided, with its replica open."""

@@ -110,10 +110,11 @@ class MogileFSMiddleware(MiddlewareCore):
             return []
         return self._send(self._file_answer_for_view(environ, value), start_response)
 
-    def _file_answer_for_view(self, environ: dict[str, Any], value: str) -> Answer | StreamedAnswer:
+    def _file_answer_for_view(self, environ: dict[str, Any], value: str, cookies: list[str] | None = None
+                              ) -> Answer | StreamedAnswer:
         key, filename = served_file(value)
         answer = self.file_answer(as_view_request(environ), key)  # type: ignore[arg-type]
-        return dataclasses.replace(answer, headers=view_headers(answer.status, answer.headers, filename))
+        return dataclasses.replace(answer, headers=view_headers(answer.status, answer.headers, filename, cookies or ()))
 
     def _send(self, answer: Answer | StreamedAnswer, start_response: StartResponse) -> Iterable[bytes]:
         metrics.recorder.request(answer.reproxy or "serve", answer.status)
@@ -136,11 +137,13 @@ class MogileFSMiddleware(MiddlewareCore):
         when it answered with :data:`~mogile_middleware.views.SERVE_HEADER`, the file it asks for."""
         environ[WRAPPED_BY] = self
         asked: list[str] = []
+        cookies: list[str] = []
 
         def filtered(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             if any(is_internal_header(name) for name, _ in headers):
                 asked.extend(value for name, value in headers if name.lower() == SERVE_HEADER_LOWER)
                 if asked:
+                    cookies.extend(value for name, value in headers if name.lower() == "set-cookie")
                     if body_returned:
                         raise RuntimeError(f"{SERVE_HEADER} must be sent before the application returns its body")
                     return _discard
@@ -155,7 +158,7 @@ class MogileFSMiddleware(MiddlewareCore):
             return body
         if hasattr(body, "close"):
             body.close()
-        return self._send(self._file_answer_for_view(environ, asked[0]), start_response)
+        return self._send(self._file_answer_for_view(environ, asked[0], cookies), start_response)
 
 
 def _discard(data: bytes) -> None:

@@ -2,13 +2,13 @@
 
 A view of any framework checks who asks, then answers with :func:`serve_header`; the middleware
 that wraps the application (which marks each request it passes on with :data:`WRAPPED_BY`)
-replaces that answer, and the view's other headers, with the file's, as it answers a request
-under its prefix, but ``Cache-Control: private`` and, when asked, as a download.
+replaces that answer, and the view's other headers but its cookies, with the file's, as it
+answers a request under its prefix, but ``Cache-Control: private`` and, when asked, as a download.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -39,18 +39,19 @@ def served_file(value: str) -> tuple[str, str | None]:
     return fields.get("key", ""), fields.get("filename") or None
 
 
-def view_headers(status: str, headers: Headers, filename: str | None) -> Headers:
+def view_headers(status: str, headers: Headers, filename: str | None, cookies: Sequence[str] = ()) -> Headers:
     """The headers of a file a view answered with: ``Cache-Control: private`` (the view checked
-    who asked), and ``Content-Disposition: attachment`` naming ``filename`` (RFC 6266) when given.
-    An error answer's headers as they are: they are not the file's."""
-    if status[0] not in "23":
-        return headers
-    replaced = ("Cache-Control", "Content-Disposition") if filename else ("Cache-Control",)
-    kept = [header for header in headers if header[0] not in replaced]
-    kept.append(("Cache-Control", "private"))
-    if filename:
-        kept.append(("Content-Disposition", content_disposition("attachment", filename.replace("/", "_"))))
-    return kept
+    who asked), and ``Content-Disposition: attachment`` naming ``filename`` (RFC 6266) when given;
+    an error answer's as they are, since they are not the file's. On any answer, the view's own
+    ``cookies`` (``Set-Cookie`` values: a session it refreshed, a token it rotated)."""
+    kept = headers
+    if status[0] in "23":
+        replaced = ("Cache-Control", "Content-Disposition") if filename else ("Cache-Control",)
+        kept = [header for header in headers if header[0] not in replaced]
+        kept.append(("Cache-Control", "private"))
+        if filename:
+            kept.append(("Content-Disposition", content_disposition("attachment", filename.replace("/", "_"))))
+    return [*kept, *(("Set-Cookie", cookie) for cookie in cookies)] if cookies else kept
 
 
 def as_view_request(environ: Mapping[str, Any]) -> Mapping[str, Any]:

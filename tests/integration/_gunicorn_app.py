@@ -12,7 +12,7 @@ For uvicorn, whose access log has no byte count, MOGILE_ACCESS_LOG names a file 
 
 The tiny app answers ``/view/<key>`` with the key's file through :func:`serve_header`, as a view
 that checked who asks would, when the request has ``X-Test-User: allowed`` (``?download=NAME``:
-as a download of that name); without it, the app's own 403.
+as a download of that name), renewing a session cookie; without it, the app's own 403.
 
 ``make_reproxying_app()`` is a stand-in for the middleware behind nginx, naming storage nodes the
 test runs itself: MOGILE_REPLICA_URLS (blank separated).
@@ -48,7 +48,8 @@ def view_answer(path: str, user: str | None, query: str) -> tuple[int, list[tupl
     if user != "allowed":
         return 403, [("Content-Type", "text/plain")], b"not yours\n"
     filename = parse_qs(query).get("download", [None])[0]
-    return 200, [serve_header(path[len("/view/"):], filename), ("X-App-Header", "dropped")], b"ignored body"
+    return 200, [serve_header(path[len("/view/"):], filename), ("X-App-Header", "dropped"),
+                 ("Set-Cookie", "session=renewed; HttpOnly")], b"ignored body"
 
 
 def hello(environ, start_response):

@@ -14,7 +14,7 @@ def serve(request: HttpRequest, name: str, *, filename: str | None = None) -> Ht
     proxy, else streamed, with HEAD, ranges and 304; ``Cache-Control: private``); ``filename``
     makes it a download of that name. Return it from a view that checked who asks, e.g. one under
     ``@login_required``. The application must be wrapped by ``wrap_wsgi`` or ``wrap_asgi``, which
-    replace this response, and the view's other headers, by the file's.
+    replace this response, and the view's other headers but its cookies (a refreshed session), by the file's.
 
     The same key is also answered under ``MOGILEFS_MEDIA_URL`` to anyone, unless the middleware
     keeps it out there (``key_for_path`` mapping it to ``None``, ``authorize``, or signed URLs).
