@@ -366,3 +366,20 @@ def test_an_async_authorize_is_awaited(stored: DevMogileFS) -> None:
     assert asgi_call(middleware, "/mogilefs/plain.txt")[0] == 403
     assert asgi_call(middleware, "/mogilefs/plain.txt", {"X-Test-User": "allowed"})[2] == FILES["plain.txt"]
     assert asked == [("/mogilefs/plain.txt", "plain.txt")] * 2
+
+
+@pytest.mark.parametrize("server_name", SERVERS)
+def test_nginx_asks_again_with_the_signature_when_the_replicas_are_gone(devmogile: DevMogileFS, server_name: str,
+                                                                        tmp_path: Path) -> None:
+    """Another process overwrites the key: the replicas the middleware gave nginx are gone, so
+    nginx asks the application again (the shipped config passes the request URI, query included),
+    and the signed request is served the new version."""
+    writer = Client(DOMAIN, devmogile.trackers)
+    writer.store_content("report.txt", b"version 1\n" * 100, "avatar")
+    with serving(devmogile, server_name, "nginx", tmp_path, MOGILE_SIGNING_KEY=SECRET) as stack:
+        url = signed_url("report.txt")
+        assert stack.get(url).length == len(b"version 1\n" * 100)
+        writer.store_content("report.txt", b"version 2, longer\n" * 100, "avatar")  # the old files go at once
+        again = stack.get(url)
+        assert (again.status, again.length) == (200, len(b"version 2, longer\n" * 100))
+        assert stack.get(url.partition("?")[0]).status == 403
