@@ -69,13 +69,7 @@ class MogileFSMiddleware(MiddlewareCore):
         path = environ.get("PATH_INFO", "")
         if not path.startswith(self.prefix):
             return self._pass(environ, start_response)
-        answer = self.answer(environ, path[len(self.prefix):])
-        metrics.recorder.request(answer.reproxy or "serve", answer.status)
-        if isinstance(answer, Answer):
-            # A copy: answers are shared between requests, and a server may change the list it gets.
-            start_response(answer.status, answer.headers.copy())
-            return [answer.body] if answer.body else []
-        return self._start_streamed(answer, start_response)
+        return self._send(self.answer(environ, path[len(self.prefix):]), start_response)
 
     def answer(self, environ: dict[str, Any], path: str) -> Answer | StreamedAnswer:
         """The answer for the URL ``path`` after the prefix: decided, not yet started."""
@@ -84,11 +78,7 @@ class MogileFSMiddleware(MiddlewareCore):
             return key
         if self.authorize is not None and not self.authorize(environ, key):
             return http.FORBIDDEN
-        try:  # (file_answer, inlined: this is the hot path)
-            location = self.locator.locate(key)
-            return self.reproxy_answer(environ, location) or self.serve.answer(file_request(environ), location)
-        except MogileFSError as error:
-            return self.error_answer(error, key)
+        return self.file_answer(environ, key)
 
     def file_answer(self, environ: dict[str, Any], key: str) -> Answer | StreamedAnswer:
         """The answer with ``key``'s file for this request: reproxied, served, 304, 206, or the error."""
@@ -119,12 +109,9 @@ class MogileFSMiddleware(MiddlewareCore):
     def _send(self, answer: Answer | StreamedAnswer, start_response: StartResponse) -> Iterable[bytes]:
         metrics.recorder.request(answer.reproxy or "serve", answer.status)
         if isinstance(answer, Answer):
+            # A copy: answers are shared between requests, and a server may change the list it gets.
             start_response(answer.status, answer.headers.copy())
             return [answer.body] if answer.body else []
-        return self._start_streamed(answer, start_response)
-
-    @staticmethod
-    def _start_streamed(answer: StreamedAnswer, start_response: StartResponse) -> Iterable[bytes]:
         try:
             start_response(answer.status, answer.headers)
         except BaseException:
