@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import devnode, growth, inprocess, reproxy, scaling, serving, slow_clients, workers
-from .cluster import PERLBAL_OPTIONS, SMALL_KEY, SMALL_SIZE, cluster
+from .cluster import MEDIUM_KEY, MEDIUM_SIZE, PERLBAL_OPTIONS, SMALL_KEY, SMALL_SIZE, cluster
 from .report import Figure, notes, table, write_json
 from .servers import FRONT_SETTINGS, WORKERS
 
@@ -39,6 +39,7 @@ def main() -> int:
     figures: list[Figure] = []
     with cluster() as mogile:
         mogile.store(SMALL_KEY, SMALL_SIZE)
+        mogile.store(MEDIUM_KEY, MEDIUM_SIZE)
         steps: list[tuple[str, Callable[[], list[Figure]]]] = [
             ("1. hot path", lambda: [
                 inprocess.hot_path(mogile, args.repeat, "1a. hot path, open", {"reproxy": "perlbal"}),
@@ -46,7 +47,8 @@ def main() -> int:
             ("3. cache miss", lambda: [inprocess.cache_miss(mogile, args.repeat)]),
             ("6. upload", lambda: inprocess.upload(mogile, args.repeat)),
             ("2, 5, 7a. reproxy", lambda: reproxy.reproxy(mogile, args.repeat)),
-            ("4, 7b, 8c. serve mode", lambda: serving.serve(mogile, args.repeat)),
+            ("4, 8c. serve mode", lambda: serving.serve(mogile, args.repeat)),
+            ("7b–c. serve mode, 32 clients", lambda: serving.small_files(mogile, args.repeat)),
             ("8a. ASGI hot path", lambda: [
                 inprocess.asgi_hot_path(mogile, args.repeat, "8a. ASGI hot path, trusted_proxies", PERLBAL_OPTIONS)]),
             ("8b. reproxy under uvicorn", lambda: [reproxy.asgi_reproxy(mogile, args.repeat)]),

@@ -24,6 +24,10 @@ CLASS = "one"
 SMALL_KEY = "small.bin"
 SMALL_SIZE = 10 * 1024
 SMALL_PATH = "/mogilefs/" + SMALL_KEY
+#: The file of the serve mode loads (7b-c, 10g), as the issue sets them: a 100 KiB image.
+MEDIUM_KEY = "medium.bin"
+MEDIUM_SIZE = 100 * 1024
+MEDIUM_PATH = "/mogilefs/" + MEDIUM_KEY
 #: The middleware behind Perlbal, as the README deploys it.
 PERLBAL_OPTIONS: dict[str, Any] = {"reproxy": "perlbal", "trusted_proxies": [servers.HOST]}
 #: Where the work directory goes: memory, so that the disk is not what is measured.

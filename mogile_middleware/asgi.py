@@ -29,12 +29,12 @@ from urllib.parse import unquote_to_bytes
 
 from . import http, metrics
 from .async_client import AsyncClient
-from .async_storage import AsyncReplicaResponse, open_replica
+from .async_storage import AsyncReplicaResponse, open_replica, read_replica
 from .core import MiddlewareCore, file_request, is_internal_header, is_reproxy_header
 from .exceptions import MogileFSError, StorageError
 from .http import Answer, FileRequest, Headers
 from .locate import AsyncLocator, Location, arun_steps
-from .responders import serve_steps
+from .responders import kept_answer, serve_steps
 from .views import (
     SERVE_HEADER_LOWER,
     WRAPPED_BY,
@@ -54,8 +54,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: The request headers the shared decisions read, by their ASGI name, as CGI names them.
 _READ_HEADERS = {name.encode(): "HTTP_" + name.upper().replace("-", "_") for name in (
     "range", "if-range", "if-match", "if-none-match", "x-proxy-capabilities", "x-sendfile-type", "x-reproxy-failed")}
-#: An answer whose body comes from an open replica: status, headers, the replica.
-Streamed = tuple[str, Headers, AsyncReplicaResponse]
+#: An answer made for one request: status, headers, and the open replica its body comes from, or
+#: the body itself (a file the body cache keeps; empty for HEAD).
+Streamed = tuple[str, Headers, AsyncReplicaResponse | bytes]
 _SERVE = SERVE_HEADER_LOWER.encode("latin-1")
 
 
@@ -125,6 +126,10 @@ class MogileFSMiddleware(MiddlewareCore):
             return
         status, headers, upstream = answer
         metrics.recorder.request("serve", status)
+        if isinstance(upstream, bytes):
+            await send({"type": "http.response.start", "status": int(status[:3]), "headers": _encoded(headers)})
+            await send({"type": "http.response.body", "body": upstream})
+            return
         try:
             await send({"type": "http.response.start", "status": int(status[:3]), "headers": _encoded(headers)})
             await _stream(upstream, send, receive)
@@ -167,21 +172,28 @@ class MogileFSMiddleware(MiddlewareCore):
 
     async def _serve(self, request: FileRequest, location: Location) -> Answer | Streamed:
         """Serve mode: :func:`~mogile_middleware.responders.serve_steps`, awaited."""
-        opened = await arun_steps(serve_steps(request, location, self.representation), self._call)
+        opened = await arun_steps(serve_steps(request, location, self.representation, self.bodies), self._call)
         if isinstance(opened, Answer):
             return opened
         _, plan, upstream = opened
+        if isinstance(upstream, bytes):
+            kept = kept_answer(request, plan, upstream)
+            return kept.status, kept.headers, kept.body
         if request.method == "HEAD":
             await upstream.aclose()
             return Answer(plan.status, plan.headers)
         return plan.status, plan.headers, upstream
 
     async def _call(self, name: str, *args: Any) -> Any:
-        """One step of :func:`~mogile_middleware.responders.serve_steps`: ask the locator, or open a replica."""
+        """One step of :func:`~mogile_middleware.responders.serve_steps`: ask the locator, or open or
+        read a replica."""
         if name == "open_replica":
             paths, method, byte_range, length = args
             return await open_replica(paths, method=method, byte_range=byte_range, length=length,
                                       timeout=self.storage_timeout)
+        if name == "read_replica":
+            paths, length = args
+            return await read_replica(paths, length=length, timeout=self.storage_timeout)
         return await getattr(self.locator, name)(*args)
 
 

@@ -34,7 +34,7 @@ from typing import TypeVar, cast
 from . import storage
 from .exceptions import StorageError
 from .nodepool import IdlePool, Node
-from .storage import CHUNK_SIZE, ReplicaFailures, range_header
+from .storage import CHUNK_SIZE, ReplicaFailures, cut_midway, range_header
 
 __all__ = ["BODY_CHUNK_SIZE", "CHUNK_SIZE", "AsyncPutStream", "AsyncReplicaResponse", "open_replica"]
 
@@ -535,6 +535,20 @@ async def open_replica(
             return replica
         await replica.aclose()
     raise failures.error(urls)
+
+
+async def read_replica(urls: Sequence[str], *, length: int, timeout: float = 10.0) -> bytes:
+    """The whole body of a small file of ``length`` bytes from the first of ``urls`` that sends
+    it all (:func:`open_replica`, then the next replica when a transfer is cut midway)."""
+    remaining = list(urls)
+    while True:
+        replica = await open_replica(remaining, length=length, timeout=timeout)
+        try:
+            return b"".join([chunk async for chunk in replica.chunks()])
+        except StorageError as error:
+            remaining = cut_midway(remaining, replica.url, error)
+        finally:
+            await replica.aclose()
 
 
 class AsyncPutStream:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from urllib.parse import quote
 
 from . import http
+from .bodies import BodyCache
 from .cache import CacheBackend
 from .content import ContentPolicy
 from .exceptions import BadKeyError, MogileFSError, TrackerUnavailableError, UnknownKeyError
@@ -70,12 +71,16 @@ class MiddlewareCore:
         (RFC 6266), or ``None`` (no header).
     :param path_cache_seconds: how long a key's paths are reused without asking a tracker.
     :param path_cache_entries: how many keys the in-process path cache holds (when full, the
-        ones stored longest ago go first); each takes about 700 bytes.
+        ones stored longest ago go first); each takes about 550 bytes.
     :param missing_seconds: how long "no such key" is reused (0: every request asks).
     :param replicating_seconds: how long the paths of a file still short of its class's copies
         are reused (a real tracker replicates a new file in the background).
     :param stale_seconds: how much longer they are served while every tracker is down.
     :param cache_backend: a shared path cache (the in-process one by default).
+    :param body_cache_bytes: memory for the bodies of small files in serve mode, per process (0:
+        none kept): a kept file is answered without a storage node round trip. A fid's bytes
+        never change, so a kept body is as fresh as the path cache's answer for its key.
+    :param body_cache_file_bytes: the largest file whose body is kept.
     :param nginx_location: the internal nginx location for ``X-Accel-Redirect``.
     :param perlbal_cache_seconds: send ``X-REPROXY-CACHE-FOR`` so Perlbal skips the app for hot
         keys (off by default: Perlbal then forwards suffix ranges, which storage nodes get wrong).
@@ -127,6 +132,8 @@ class MiddlewareCore:
         replicating_seconds: float = 2.0,
         stale_seconds: float = 300.0,
         cache_backend: CacheBackend | None = None,
+        body_cache_bytes: int = 0,
+        body_cache_file_bytes: int = 256 * 1024,
         nginx_location: str = "/reproxy",
         perlbal_cache_seconds: int | None = None,
         perlbal_fallback_url: str | None = None,
@@ -178,6 +185,7 @@ class MiddlewareCore:
         self.reproxy = reproxy
         self.retry_after_seconds = retry_after_seconds
         self.storage_timeout = storage_timeout
+        self.bodies = BodyCache(body_cache_bytes, body_cache_file_bytes) if body_cache_bytes else None
         policy = ContentPolicy(mimetypes=mimetypes, charset=charset, trusted_files=trusted_files,
                                content_disposition=content_disposition)
         self.representation = Representation(policy, extra)

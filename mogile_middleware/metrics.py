@@ -44,6 +44,9 @@ class Recorder:
     def cache_size(self, entries: int) -> None:
         """The in-process path cache now holds ``entries`` keys (a shared backend reports none)."""
 
+    def body_cache(self, hit: bool) -> None:
+        """The body cache was asked for a small file's bytes: kept (``hit``), or to be read from a node."""
+
     def replica_failover(self) -> None:
         """A replica failed (refused, errored, or answered another status or length), so the next
         one, or the trackers, are asked."""

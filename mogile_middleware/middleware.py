@@ -63,7 +63,7 @@ class MogileFSMiddleware(MiddlewareCore):
     @cached_property
     def serve(self) -> Serve:
         """Serve mode: the body streamed from a storage node."""
-        return Serve(self.locator, self.representation, storage_timeout=self.storage_timeout)
+        return Serve(self.locator, self.representation, storage_timeout=self.storage_timeout, bodies=self.bodies)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")

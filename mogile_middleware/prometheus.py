@@ -49,6 +49,8 @@ class PrometheusRecorder(metrics.Recorder):
         self._cache_invalidations = counter("path_cache_invalidations", "Keys dropped from the path cache")
         self._cache_entries = Gauge("path_cache_entries", "Keys in the in-process path cache",
                                     namespace=namespace, registry=registry, multiprocess_mode="livesum")
+        self._body_cache = _Children(counter("body_cache_lookups", "Body cache lookups, by result (hit, miss)",
+                                             ["result"]), lambda hit: ("hit" if hit else "miss",))
         self._failovers = counter("replica_failovers", "Replicas that failed, so the next was asked")
         self._uploads = _Children(counter("uploads", "Uploads, by outcome (stored, failed, unknown)", ["outcome"]))
         self._uploaded_bytes = counter("uploaded_bytes", "Bytes sent by uploads")
@@ -80,6 +82,9 @@ class PrometheusRecorder(metrics.Recorder):
 
     def cache_size(self, entries: int) -> None:
         self._cache_entries.set(entries)
+
+    def body_cache(self, hit: bool) -> None:
+        self._body_cache[hit,].inc()
 
     def replica_failover(self) -> None:
         self._failovers.inc()

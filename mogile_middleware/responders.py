@@ -17,9 +17,10 @@ from typing import Any, ClassVar
 from . import http, metrics
 from .content import ContentPolicy
 from .exceptions import StorageError
-from .http import Answer, FileRequest, Headers
+from .bodies import BodyCache
+from .http import Answer, FilePlan, FileRequest, Headers
 from .locate import Location, Locator, Steps, run_steps
-from .storage import CHUNK_SIZE, ReplicaResponse, open_replica
+from .storage import CHUNK_SIZE, ReplicaResponse, open_replica, read_replica
 
 log = logging.getLogger("mogile_middleware")
 
@@ -49,10 +50,11 @@ class Representation:
 
     def headers(self, location: Location) -> Headers:
         """The headers of ``location`` (built once per location, kept beside it)."""
-        headers = location.memo.get(self)
+        memo = location.memo
+        headers = None if memo is None else memo.get(self)
         if headers is None:
-            headers = location.memo[self] = [*self.policy.headers(location.key), ("ETag", f'"{location.etag}"'),
-                                              *self.extra_headers]
+            headers = location.remember(self, [*self.policy.headers(location.key), ("ETag", f'"{location.etag}"'),
+                                               *self.extra_headers])
         return headers
 
 
@@ -93,9 +95,10 @@ class Reproxy:
 
     def answer(self, location: Location, if_none_match: str | None, ranged: bool, target: str = "") -> Answer:
         """304 if the client holds this version, else the answer that sends the proxy to the replicas."""
-        answer = location.memo.get(self)
+        memo = location.memo
+        answer = None if memo is None else memo.get(self)
         if answer is None:  # one answer object per location: the hot path allocates nothing
-            answer = location.memo[self] = Answer("200 OK", self.headers(location), reproxy=self.name)
+            answer = location.remember(self, Answer("200 OK", self.headers(location), reproxy=self.name))
         if if_none_match is not None and http.etag_matches(if_none_match, location.etag, weak=True):
             return http.not_modified(self.representation.headers(location))
         if ranged or target:
@@ -142,7 +145,7 @@ class PerlbalReproxy(Reproxy):
         headers = [
             *self.representation.headers(location),
             ("Content-Length", "0"),
-            ("X-REPROXY-URL", " ".join(location.paths)),
+            ("X-REPROXY-URL", location.urls),
         ]
         if self.cache_for:
             headers.append(("X-REPROXY-CACHE-FOR", self.cache_for))
@@ -239,35 +242,53 @@ class Serve:
     trackers name now fail too.
     """
 
-    def __init__(self, locator: Locator, representation: Representation, *, storage_timeout: float) -> None:
+    def __init__(self, locator: Locator, representation: Representation, *, storage_timeout: float,
+                 bodies: BodyCache | None = None) -> None:
         self.locator = locator
         self.representation = representation
         self.storage_timeout = storage_timeout
+        self.bodies = bodies
 
     def answer(self, request: FileRequest, location: Location) -> Answer | StreamedAnswer:
         """The answer to ``request``; raises the locator's errors (no such key, no tracker)."""
-        opened = run_steps(serve_steps(request, location, self.representation), self._call)
+        opened = run_steps(serve_steps(request, location, self.representation, self.bodies), self._call)
         if isinstance(opened, Answer):
             return opened
         location, plan, upstream = opened
+        if isinstance(upstream, bytes):
+            return kept_answer(request, plan, upstream)
         if request.method == "HEAD":
             upstream.close()
             return Answer(plan.status, plan.headers)
         return StreamedAnswer(plan.status, plan.headers, ReplicaBody(location.key, upstream))
 
     def _call(self, name: str, *args: Any) -> Any:
-        """One step of :func:`serve_steps`: ask the locator, or open a replica."""
+        """One step of :func:`serve_steps`: ask the locator, or open or read a replica."""
         if name == "open_replica":
             paths, method, byte_range, length = args
             return open_replica(paths, method=method, byte_range=byte_range, length=length,
                                 timeout=self.storage_timeout)
+        if name == "read_replica":
+            paths, length = args
+            return read_replica(paths, length=length, timeout=self.storage_timeout)
         return getattr(self.locator, name)(*args)
 
 
-def serve_steps(request: FileRequest, location: Location, representation: Representation) -> Steps[Any]:
+def kept_answer(request: FileRequest, plan: FilePlan, part: bytes) -> Answer:
+    """The answer with ``part``, the planned bytes of a file the body cache holds."""
+    if request.method == "HEAD":
+        return Answer(plan.status, plan.headers)
+    metrics.recorder.bytes_served(len(part))
+    return Answer(plan.status, plan.headers, part)
+
+
+def serve_steps(request: FileRequest, location: Location, representation: Representation,
+                bodies: BodyCache | None = None) -> Steps[Any]:
     """Serve mode's decisions, for both middlewares (driven by :func:`~mogile_middleware.locate.run_steps`
     or ``arun_steps``): the replica open before anything is sent, and the trackers asked once more
-    when its replicas are gone. Returns a complete :class:`Answer`, or the location, the plan and the open replica."""
+    when its replicas are gone. Returns a complete :class:`Answer`, or the location, the plan and
+    the open replica, or instead of it the planned bytes of a file ``bodies`` keeps (read whole
+    from a replica the first time)."""
     for attempt in range(2):
         if attempt:
             location = yield ("relocate", location)
@@ -277,6 +298,14 @@ def serve_steps(request: FileRequest, location: Location, representation: Repres
         if isinstance(plan, Answer):
             return plan
         try:
+            if bodies is not None and bodies.keeps(location.etag, location.length):
+                body = bodies.get(location.etag)
+                if body is None:
+                    body = yield ("read_replica", location.paths, location.length)
+                    bodies.put(location.etag, body)
+                if plan.byte_range is not None:
+                    body = body[plan.byte_range[0]:plan.byte_range[1] + 1]
+                return location, plan, body
             upstream = yield ("open_replica", location.paths, request.method, plan.byte_range, plan.length)
         except StorageError as error:
             then = "" if attempt else ", asking the trackers again"

@@ -178,6 +178,29 @@ def open_replica(
     raise failures.error(urls)
 
 
+def read_replica(urls: Sequence[str], *, length: int, timeout: float = 10.0, pool: NodePool = nodes) -> bytes:
+    """The whole body of a small file of ``length`` bytes from the first of ``urls`` that sends
+    it all (:func:`open_replica`, then the next replica when a transfer is cut midway)."""
+    remaining = list(urls)
+    while True:
+        replica = open_replica(remaining, length=length, timeout=timeout, pool=pool)
+        try:
+            return b"".join(replica.iter_chunks())
+        except (OSError, StorageError) as error:
+            remaining = cut_midway(remaining, replica.url, error)
+        finally:
+            replica.close()
+
+
+def cut_midway(urls: list[str], url: str, error: BaseException) -> list[str]:
+    """The replicas after ``url``, whose transfer was cut by ``error``; raises when none is left."""
+    metrics.recorder.replica_failover()
+    rest = urls[urls.index(url) + 1:]
+    if not rest:
+        raise StorageError(f"{url} was cut midway: {error or type(error).__name__}", url) from error
+    return rest
+
+
 def range_header(byte_range: tuple[int, int] | None) -> dict[str, str]:
     """The ``Range`` header asking for an absolute, inclusive ``(first, last)`` pair (or none)."""
     return {"Range": f"bytes={byte_range[0]}-{byte_range[1]}"} if byte_range else {}

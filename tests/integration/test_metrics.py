@@ -79,6 +79,18 @@ def test_serve_mode_counts_requests_bytes_tracker_calls_and_the_cache(devmogile:
     assert counts("path_cache_entries") == 2
 
 
+def test_the_body_cache_counts_hits_misses_and_the_bytes_it_serves(devmogile: DevMogileFS, counts: Counts) -> None:
+    Client(DOMAIN, devmogile.trackers).store_content("a.txt", CONTENT, "avatar")
+    app = TestApp(MogileFSMiddleware(not_found, domain=DOMAIN, trackers=devmogile.trackers, body_cache_bytes=1 << 20))
+    assert app.get("/mogilefs/a.txt").body == CONTENT
+    assert app.get("/mogilefs/a.txt", headers={"Range": "bytes=0-9"}, status=206).body == CONTENT[:10]
+    app.head("/mogilefs/a.txt")
+    assert counts("body_cache_lookups_total", result="miss") == 1
+    assert counts("body_cache_lookups_total", result="hit") == 2
+    assert counts("served_bytes_total") == len(CONTENT) + 10  # HEAD sends none
+    assert counts("requests_total", mode="serve", status="200") == 2
+
+
 def test_reproxy_answers_are_counted_by_proxy(devmogile: DevMogileFS, counts: Counts) -> None:
     Client(DOMAIN, devmogile.trackers).store_content("a.txt", CONTENT, "avatar")
     for mode in ("perlbal", "nginx"):

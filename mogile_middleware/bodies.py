@@ -1,0 +1,47 @@
+"""The body cache: small files' bytes kept in memory, so serve mode answers them without a
+storage node round trip.
+
+MogileFS never changes a stored fid's bytes (an overwrite makes a new fid), so a body kept under
+its fid is never stale: which version a key names is the path cache's business alone. Only
+versions named by their fid (``fid-N`` ETags) are kept; the total is bounded in bytes, and when it
+is full the bodies stored longest ago go first.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from . import metrics
+
+
+class BodyCache:
+    """Bodies of at most ``max_file_bytes`` bytes by ETag, ``max_bytes`` in all (per process)."""
+
+    def __init__(self, max_bytes: int, max_file_bytes: int = 256 * 1024) -> None:
+        if max_bytes < 0 or max_file_bytes < 0:
+            raise ValueError(f"body cache sizes must be >= 0, not {max_bytes} and {max_file_bytes}")
+        self.max_bytes = max_bytes
+        self.max_file_bytes = min(max_file_bytes, max_bytes)
+        self.size = 0
+        self._bodies: dict[str, bytes] = {}
+        self._lock = threading.Lock()  # for puts only: a get is one dict lookup
+
+    def keeps(self, etag: str, length: int) -> bool:
+        """True if a file of ``length`` bytes and this ``etag`` is kept here once read."""
+        return length <= self.max_file_bytes and etag.startswith("fid-")
+
+    def get(self, etag: str) -> bytes | None:
+        """The body of this version, if kept."""
+        body = self._bodies.get(etag)
+        metrics.recorder.body_cache(body is not None)
+        return body
+
+    def put(self, etag: str, body: bytes) -> None:
+        """Keep ``body`` as this version's, dropping the oldest bodies to stay within ``max_bytes``."""
+        with self._lock:
+            if etag in self._bodies:
+                return
+            self._bodies[etag] = body
+            self.size += len(body)
+            while self.size > self.max_bytes:
+                self.size -= len(self._bodies.pop(next(iter(self._bodies))))

@@ -1,0 +1,56 @@
+"""The body cache: bounded in bytes, oldest first, fid-named versions only."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from mogile_middleware.bodies import BodyCache
+
+
+def test_it_keeps_small_fid_versions_only() -> None:
+    bodies = BodyCache(1000, max_file_bytes=100)
+    assert bodies.keeps("fid-7", 100)
+    assert not bodies.keeps("fid-7", 101)  # too large: streamed every time
+    assert not bodies.keeps("paths-0123abcd", 10)  # not named by a fid: its URLs may be rewritten
+
+
+def test_a_file_larger_than_the_whole_cache_is_never_kept() -> None:
+    assert not BodyCache(50, max_file_bytes=100).keeps("fid-1", 60)
+
+
+def test_the_oldest_bodies_go_first_and_the_total_stays_bounded() -> None:
+    bodies = BodyCache(250, max_file_bytes=100)
+    for fid in range(1, 6):
+        bodies.put(f"fid-{fid}", bytes([fid]) * 100)
+        assert bodies.size <= 250
+    assert [bodies.get(f"fid-{fid}") is not None for fid in range(1, 6)] == [False, False, False, True, True]
+    assert bodies.get("fid-5") == b"\x05" * 100
+
+
+def test_putting_a_kept_version_again_counts_it_once() -> None:
+    bodies = BodyCache(1000)
+    bodies.put("fid-1", b"x" * 10)
+    bodies.put("fid-1", b"x" * 10)
+    assert bodies.size == 10
+
+
+def test_threads_putting_at_once_keep_the_count_exact() -> None:
+    bodies = BodyCache(5000, max_file_bytes=100)
+
+    def fill(thread: int) -> None:
+        for n in range(500):
+            bodies.put(f"fid-{thread}-{n}", b"y" * (n % 100 + 1))
+
+    threads = [threading.Thread(target=fill, args=(thread,)) for thread in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert bodies.size == sum(len(body) for body in bodies._bodies.values()) <= 5000
+
+
+def test_negative_sizes_are_refused() -> None:
+    with pytest.raises(ValueError, match="body cache sizes"):
+        BodyCache(-1)
