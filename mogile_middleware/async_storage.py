@@ -25,6 +25,7 @@ import asyncio
 import http.client
 import re
 import sys
+import threading
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
@@ -38,14 +39,16 @@ from .storage import CHUNK_SIZE, ReplicaFailures, cut_midway, range_header
 
 __all__ = ["BODY_CHUNK_SIZE", "CHUNK_SIZE", "AsyncPutStream", "AsyncReplicaResponse", "open_replica"]
 
-#: The largest piece of a response body a read returns: a transport reads up to 256 KiB at
-#: once, but a slow client holds about one piece in the server's buffers, so pieces are cut to
-#: this (measured with 200 slow clients under uvicorn: 74 MiB instead of 151 MiB at 256 KiB, and
-#: no slower for one fast client).
+#: The most a connection reads at once, and so the largest piece of a body a read returns: a
+#: slow client holds about one piece in the server's buffers and one unread here (measured with
+#: 200 slow clients under uvicorn: 54 MiB, where uvloop's own 256 KiB reads cost 74-90 MiB and
+#: were no faster for one fast client).
 BODY_CHUNK_SIZE = CHUNK_SIZE
 
 #: The longest response head taken (the same as the synchronous client's chunk).
 _MAX_HEAD = CHUNK_SIZE
+#: Where storage node connections read (see :meth:`_Connection.get_buffer`): one per thread.
+_read_buffer = threading.local()
 
 #: What a request target may not hold (as ``http.client`` checks it): controls and spaces would
 #: let a path forged by whoever wrote it into the tracker add headers or requests.
@@ -106,11 +109,12 @@ class _Target:
         return "\r\n".join(lines).encode("ascii")
 
 
-class _Connection(asyncio.Protocol):
-    """One connection to a storage node, as an asyncio protocol: what arrives is handed to the
-    reader in the pieces the transport read, copied only when a piece is cut (a stream reader
-    copies every byte in and out of its buffer: a third of the CPU of a large transfer);
-    reading pauses while a piece waits unread, so a slow reader slows the node.
+class _Connection(asyncio.BufferedProtocol):
+    """One connection to a storage node, as an asyncio protocol: each read of at most
+    :data:`BODY_CHUNK_SIZE` is copied once out of the thread's read buffer and handed to the
+    reader as it is (a stream reader copies every byte in and out of its buffer: a third of the
+    CPU of a large transfer); reading pauses while a piece waits unread, so a slow reader slows
+    the node and a connection holds one piece at most.
 
     The single place connections are made and ended, so a pool can take over :meth:`open` and
     :meth:`close` (``reusable`` tells it whether the last response was read to its end).
@@ -151,6 +155,17 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # The loop reads into it and calls buffer_updated at once: one buffer per thread serves
+        # every connection, and what a connection holds is the bytes it read, never more.
+        buffer = getattr(_read_buffer, "view", None)
+        if buffer is None:
+            buffer = _read_buffer.view = memoryview(bytearray(BODY_CHUNK_SIZE))
+        return buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(_read_buffer.view[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         self.received = True
