@@ -13,12 +13,13 @@ from pathlib import Path
 
 from . import devnode, growth, inprocess, reproxy, scaling, serving, slow_clients, workers
 from .cluster import MEDIUM_KEY, MEDIUM_SIZE, PERLBAL_OPTIONS, SMALL_KEY, SMALL_SIZE, cluster
-from .report import Figure, notes, table, write_json
+from .report import RESULTS, Figure, notes, row, table, write_json
 from .servers import FRONT_SETTINGS, WORKERS
 
-RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 PROGRAMS = ("wrk", "perlbal", "memcached")
 MODULES = ("gunicorn", "uvicorn", "pymemcache", "paste.deploy")
+#: The plot of 10g–h, beside the JSON.
+PLOT = "concurrency.svg"
 
 
 def main() -> int:
@@ -57,15 +58,17 @@ def main() -> int:
             ("10a–b. path cache growth", lambda: growth.path_cache(mogile, args.repeat)),
             ("10c–d. workers sharing memcached", lambda: workers.shared_cache(mogile, args.repeat)),
             ("10e–f. tracker client, 64 threads", lambda: scaling.threaded_client(mogile, args.repeat)),
-            ("10g. serve mode, 1 to 128 clients", lambda: scaling.serve_clients(mogile, args.repeat)),
+            ("10g–h. serve mode, 1 to 128 clients", lambda: scaling.serve_clients(
+                mogile, args.repeat, args.output.with_name(PLOT))),
         ]
         for title, step in steps:
             print(f"{title}...", file=sys.stderr, flush=True)
             figures += step()
     figures.sort(key=_numbered)
     seconds = time.monotonic() - started
-    print(table(figures))
-    print(notes(figures))
+    rows = [row(figure) for figure in figures]
+    print(table(rows))
+    print(notes(rows))
     print(f"{len(figures)} figures, {sum('PASS' in f.result for f in figures)} targets met, in {seconds:.0f} s")
     settings = {"repeat": args.repeat, "gunicorn_workers": WORKERS, "perlbal_options": PERLBAL_OPTIONS,
                 "uvicorn": {"workers": {"8b": WORKERS, "8c": 1, "8d": 1}, "http": _installed("httptools", "h11"),

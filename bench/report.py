@@ -1,12 +1,18 @@
-"""Figures against their targets: the table (reStructuredText, printed and published) and the JSON."""
+"""Figures against their targets: the table (reStructuredText, printed and published) and the JSON.
+
+``python -m bench.report [RUN.json]`` prints the table of a saved run (by default the last one).
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
 import operator
 import os
 import platform
 import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,27 +84,44 @@ def _number(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
-def _cell(spread: Spread) -> str:
-    return f"{_number(spread.median)} [{_number(spread.low)}–{_number(spread.high)}]"
+#: Where a run is saved by default.
+RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
+#: The columns of the table and their widths: with the borders, as wide as the README's text.
+COLUMNS = (("Figure", 26), ("Measured (baseline)", 25), ("Ratio [min–max]", 17), ("Target: result", 19))
 
 
-def table(figures: list[Figure]) -> str:
-    """The figures as a reStructuredText simple table (medians, [min–max] over the repetitions)."""
-    head = ["Figure", "Unit", "Baseline", "Baseline value", "Measured", "Ratio", "Target", "Result"]
-    rows = [[f.name, f.unit, f.baseline_label, _cell(f.baseline), _cell(f.value), _cell(f.ratio), str(f.target),
-             f.result] for f in figures]
-    widths = [max(len(row[column]) for row in [head, *rows]) for column in range(len(head))]
-    rule = "  ".join("=" * width for width in widths)
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
-
-    return "\n".join([rule, line(head), rule, *map(line, rows), rule])
+def row(figure: Figure) -> dict[str, Any]:
+    """``figure`` as plain values: what the JSON keeps and the table shows."""
+    return {**asdict(figure), "target": str(figure.target), "result": figure.result}
 
 
-def notes(figures: list[Figure]) -> str:
-    """The figures' notes, one per line, after their names."""
-    return "\n".join(f"* {f.name}: {f.note}" for f in figures if f.note)
+def table(rows: list[dict[str, Any]]) -> str:
+    """The figures (as :func:`row` gives them, or as the JSON keeps them) as a reStructuredText grid
+    table: medians, and each ratio's [min–max] over the repetitions."""
+    cells = [[name for name, _ in COLUMNS]] + [[
+        f["name"],
+        f"{_number(f['value']['median'])} {f['unit']} against {_number(f['baseline']['median'])} "
+        f"({f['baseline_label']})",
+        f"{_number(f['ratio']['median'])} [{_number(f['ratio']['low'])}–{_number(f['ratio']['high'])}]",
+        f"{f['target']}: {f['result']}",
+    ] for f in rows]
+    widths = [width for _, width in COLUMNS]
+
+    def rule(fill: str) -> str:
+        return "+" + "+".join(fill * (width + 2) for width in widths) + "+"
+
+    lines = [rule("-")]
+    for number, texts in enumerate(cells):
+        wrapped = [textwrap.wrap(text, width, break_on_hyphens=False) or [""] for text, width in zip(texts, widths)]
+        for line in itertools.zip_longest(*wrapped, fillvalue=""):
+            lines.append("| " + " | ".join(part.ljust(width) for part, width in zip(line, widths)) + " |")
+        lines.append(rule("=" if number == 0 else "-"))
+    return "\n".join(lines)
+
+
+def notes(rows: list[dict[str, Any]]) -> str:
+    """The figures' notes (of :func:`row` or the JSON), one per line, after their names."""
+    return "\n".join(f"* {f['name']}: {f['note']}" for f in rows if f["note"])
 
 
 def write_json(path: Path, figures: list[Figure], settings: dict[str, Any], seconds: float) -> None:
@@ -107,8 +130,8 @@ def write_json(path: Path, figures: list[Figure], settings: dict[str, Any], seco
     machine = {"python": platform.python_version(), "platform": platform.platform(), "cpu": _cpu_model(),
                "cores": len(os.sched_getaffinity(0)), "perlbal": _first_line(["perlbal", "--version"]),
                "wrk": _first_line(["wrk", "--version"])}
-    figures_json = [{**asdict(f), "target": str(f.target), "result": f.result} for f in figures]
-    document = {"machine": machine, "settings": settings, "seconds": round(seconds, 1), "figures": figures_json}
+    document = {"machine": machine, "settings": settings, "seconds": round(seconds, 1),
+                "figures": [row(f) for f in figures]}
     path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -123,3 +146,14 @@ def _first_line(argv: list[str]) -> str:
     # wrk prints its version with a non-zero status: the output is all that counts.
     result = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=10)
     return (result.stdout or result.stderr).strip().splitlines()[0]
+
+
+def main(argv: list[str]) -> None:
+    """Print the table and the notes of a saved run."""
+    document = json.loads((Path(argv[0]) if argv else RESULTS).read_text())
+    print(table(document["figures"]))
+    print(notes(document["figures"]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

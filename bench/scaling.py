@@ -1,16 +1,20 @@
-"""10e–g. The tracker client under 64 threads, and serve mode under 1 to 128 clients.
+"""10e–h. The tracker client under 64 threads, and serve mode under 1 to 128 clients.
 
 10e–f: ``Client.get_paths`` from 64 threads at once against 64 raw kept-open sockets sending the
-same request line: the rate, and how many connections the client's pool opened for it. 10g:
-small files in serve mode under gunicorn (two sync workers) against the app answering the same
-body; beyond two clients the requests queue, which is what the rows show.
+same request line: the rate, and how many connections the client's pool opened for it. 10g–h:
+a 100 KiB file in serve mode with the body cache, under gunicorn (two sync workers) and under
+uvicorn (two workers), against an app of the same server answering the same body; beyond a few
+clients the requests queue, which is what the rows and the plot show.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
 
 from mogile_middleware import Client
 from mogile_middleware.protocol import encode_request
@@ -22,6 +26,7 @@ from .cluster import DOMAIN, MEDIUM_PATH, MEDIUM_SIZE, SMALL_KEY, Cluster
 from .inprocess import TrackerLine
 from .loads import WARM_SECONDS
 from .measure import Deadline, Spread, WrkResult, interleaved, ratios, wrk
+from .plot import Curve, concurrency_svg
 from .report import Figure, Target
 from .serving import BODY_CACHE_OPTIONS, SERVE_OPTIONS
 
@@ -118,35 +123,51 @@ def threaded_client(cluster: Cluster, repeat: int) -> list[Figure]:
     ]
 
 
-def serve_clients(cluster: Cluster, repeat: int) -> list[Figure]:
-    """10g. Serve mode's requests/s, with the body cache, with 1, 8, 32 and 128 clients on a 100 KiB
-    file against the app answering the same body, held to ``SERVE_RATIO``; a run with an error is refused."""
+#: The servers of 10g (gunicorn, sync workers) and 10h (uvicorn), each with ``servers.WORKERS`` workers.
+SERVE_SERVERS: dict[str, tuple[str, Callable[..., AbstractContextManager[servers.Server]]]] = {
+    "gunicorn": ("10g", servers.gunicorn),
+    "uvicorn": ("10h", functools.partial(servers.uvicorn, workers=servers.WORKERS)),
+}
+
+
+def serve_clients(cluster: Cluster, repeat: int, plot: Path) -> list[Figure]:
+    """10g–h. Serve mode's requests/s, with the body cache, under gunicorn and under uvicorn, with
+    1, 8, 32 and 128 clients on a 100 KiB file, against an app of the same server answering the same
+    body, held to ``SERVE_RATIO``; a run with an error is refused. Their curves go to ``plot`` (SVG)."""
     body_headers = answer_headers(cluster.middleware(**SERVE_OPTIONS), MEDIUM_PATH)
     workdir = cluster.workdir
-    runs: dict[tuple[int, str], list[WrkResult]] = {}
+    runs: dict[tuple[str, int, str], list[WrkResult]] = {}
 
-    def run(url: str, clients: int, which: str) -> Callable[[], float]:
+    def run(url: str, key: tuple[str, int, str]) -> Callable[[], float]:
         def once() -> float:
-            result = wrk(url, workdir, connections=clients, seconds=SERVE_LIMIT_SECONDS, count=SERVE_REQUESTS)
+            result = wrk(url, workdir, connections=key[1], seconds=SERVE_LIMIT_SECONDS, count=SERVE_REQUESTS)
             if result.errors:
-                raise RuntimeError(f"{url}, {clients} clients: {result.errors} errors in {result.requests} requests")
-            runs.setdefault((clients, which), []).append(result)
+                raise RuntimeError(f"{url}, {key[1]} clients: {result.errors} errors in {result.requests} requests")
+            runs.setdefault(key, []).append(result)
             return result.rate
         return once
 
-    with servers.gunicorn(workdir, "serve-clients", cluster.middleware_env(**BODY_CACHE_OPTIONS)) as server, \
-            servers.gunicorn(workdir, "body-clients", constant_env(body_headers, MEDIUM_SIZE)) as body:
-        for warmed in (server, body):
-            wrk(warmed.url(MEDIUM_PATH), workdir, connections=servers.WORKERS * 2, seconds=WARM_SECONDS)
-        figures = []
-        for clients in SERVE_CLIENTS:
-            rates = interleaved(repeat, {"serve": run(server.url(MEDIUM_PATH), clients, "serve"),
-                                         "body": run(body.url(MEDIUM_PATH), clients, "body")})
-            p99 = {which: Spread.of([result.p99_ms for result in runs[clients, which]]) for which in ("serve", "body")}
-            figures.append(Figure(
-                f"10g. serve mode, body cache, {clients} clients", "requests/s", "app with the same body",
-                Spread.of(rates["body"]), Spread.of(rates["serve"]), Spread.of(ratios(rates["serve"], rates["body"])),
-                Target("ratio", ">=", SERVE_RATIO),
-                note=f"p99 {p99['serve'].median:.3g} ms [{p99['serve'].low:.3g}–{p99['serve'].high:.3g}] against "
-                     f"{p99['body'].median:.3g} ms; {SERVE_REQUESTS} requests per run, {servers.WORKERS} sync workers"))
+    figures = []
+    curves: dict[str, Curve] = {}
+    for kind, (number, start) in SERVE_SERVERS.items():
+        with start(workdir, "serve-clients", cluster.middleware_env(**BODY_CACHE_OPTIONS)) as server, \
+                start(workdir, "body-clients", constant_env(body_headers, MEDIUM_SIZE)) as body:
+            for warmed in (server, body):
+                wrk(warmed.url(MEDIUM_PATH), workdir, connections=servers.WORKERS * 2, seconds=WARM_SECONDS)
+            for clients in SERVE_CLIENTS:
+                rates = interleaved(repeat, {"serve": run(server.url(MEDIUM_PATH), (kind, clients, "serve")),
+                                             "body": run(body.url(MEDIUM_PATH), (kind, clients, "body"))})
+                p99 = {which: Spread.of([result.p99_ms for result in runs[kind, clients, which]])
+                       for which in ("serve", "body")}
+                for which, name in (("serve", f"{kind}, serve mode, body cache"), ("body", f"{kind}, in memory")):
+                    curves.setdefault(name, []).append((clients, Spread.of(rates[which]).median, p99[which].median))
+                figures.append(Figure(
+                    f"{number}. serve mode, {kind}, {clients} clients", "requests/s", "app with the same body",
+                    Spread.of(rates["body"]), Spread.of(rates["serve"]), Spread.of(ratios(rates["serve"], rates["body"])),
+                    Target("ratio", ">=", SERVE_RATIO),
+                    note=f"body cache; p99 {p99['serve'].median:.3g} ms [{p99['serve'].low:.3g}–{p99['serve'].high:.3g}]"
+                         f" against {p99['body'].median:.3g} ms; {SERVE_REQUESTS} requests per run, "
+                         f"{servers.WORKERS} workers"))
+    concurrency_svg(plot, curves, f"A {MEDIUM_SIZE // 1024} KiB file: serve mode with the body cache against an app "
+                                  f"answering it from memory ({servers.WORKERS} workers)")
     return figures
