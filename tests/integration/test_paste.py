@@ -122,6 +122,8 @@ retry_after_seconds = 9
 connect_timeout = 0.25
 io_timeout = 3
 dead_seconds = 30
+body_cache_bytes = 8388608
+body_cache_file_bytes = 65536
 """)
     assert middleware.client.pool.addresses == [("10.0.0.1", 7001), ("10.0.0.2", 7001), ("10.0.0.3", 7001)]
     assert (middleware.prefix, middleware.reproxy, middleware.require_proxy_header) == ("/files/", "perlbal", True)
@@ -133,6 +135,8 @@ dead_seconds = 30
     assert middleware.retry_after_seconds == 9
     pool = middleware.client.pool
     assert (pool.connect_timeout, pool.io_timeout, pool.dead_seconds) == (0.25, 3.0, 30.0)
+    assert middleware.bodies is not None
+    assert (middleware.bodies.max_bytes, middleware.bodies.max_file_bytes) == (8 * 1024 * 1024, 64 * 1024)
 
 
 
