@@ -126,12 +126,13 @@ class MogileFSMiddleware(MiddlewareCore):
             return
         status, headers, upstream = answer
         metrics.recorder.request("serve", status)
+        start = {"type": "http.response.start", "status": int(status[:3]), "headers": _encoded(headers)}
         if isinstance(upstream, bytes):
-            await send({"type": "http.response.start", "status": int(status[:3]), "headers": _encoded(headers)})
+            await send(start)
             await send({"type": "http.response.body", "body": upstream})
             return
         try:
-            await send({"type": "http.response.start", "status": int(status[:3]), "headers": _encoded(headers)})
+            await send(start)
             await _stream(upstream, send, receive)
         finally:
             await upstream.aclose()
