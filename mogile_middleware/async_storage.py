@@ -22,8 +22,6 @@ aiohttp reached two thirds of their speed, h11 and httpx less than half.
 from __future__ import annotations
 
 import asyncio
-import http.client
-import re
 import sys
 import threading
 import weakref
@@ -32,10 +30,19 @@ from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from types import TracebackType
 from typing import TypeVar, cast
 
-from . import storage
 from .exceptions import StorageError
 from .nodepool import IdlePool, Node
-from .storage import CHUNK_SIZE, ReplicaFailures, cut_midway, range_header
+from .storage import (
+    CHUNK_SIZE,
+    MAX_HEAD,
+    NO_BODY,
+    ReplicaFailures,
+    Target,
+    content_length,
+    cut_midway,
+    parse_head,
+    range_header,
+)
 
 __all__ = ["BODY_CHUNK_SIZE", "CHUNK_SIZE", "AsyncPutStream", "AsyncReplicaResponse", "open_replica"]
 
@@ -45,17 +52,8 @@ __all__ = ["BODY_CHUNK_SIZE", "CHUNK_SIZE", "AsyncPutStream", "AsyncReplicaRespo
 #: were no faster for one fast client).
 BODY_CHUNK_SIZE = CHUNK_SIZE
 
-#: The longest response head taken (the same as the synchronous client's chunk).
-_MAX_HEAD = CHUNK_SIZE
 #: Where storage node connections read (see :meth:`_Connection.get_buffer`): one per thread.
 _read_buffer = threading.local()
-
-#: What a request target may not hold (as ``http.client`` checks it): controls and spaces would
-#: let a path forged by whoever wrote it into the tracker add headers or requests.
-_UNSAFE_IN_PATH = re.compile(r"[\x00-\x20\x7f]")
-
-#: Statuses whose response never has a body, whatever its headers say.
-_NO_BODY = frozenset({204, 304})
 
 T = TypeVar("T")
 
@@ -71,42 +69,6 @@ async def _within(seconds: float, awaitable: Awaitable[T]) -> T:
         async with asyncio.timeout(seconds):
             return await awaitable
     return await asyncio.wait_for(awaitable, seconds)
-
-
-class _Target:
-    """Where a storage URL points: ``host``, ``port`` and the request target ``path``."""
-
-    def __init__(self, url: str) -> None:
-        try:
-            # The sync client's URL checks (scheme, host, port range), without its connection.
-            connection, path = storage._connect(url, 0)
-        except http.client.HTTPException as error:  # InvalidURL: a control character in the host
-            raise StorageError(f"bad storage URL {url!r}: {error}", url) from None
-        path = path or "/"
-        if not path.isascii() or _UNSAFE_IN_PATH.search(path):
-            raise StorageError(f"bad storage URL {url!r}: a space, control or non-ASCII character", url)
-        self.url = url
-        self.host: str = connection.host
-        self.port: int = connection.port
-        self.path = path
-
-    @property
-    def node(self) -> Node:
-        return self.host, self.port
-
-    def request_head(self, method: str, headers: Mapping[str, str], *, keep_alive: bool = False) -> bytes:
-        """The request line and headers of ``method`` on this target; HTTP/1.1 keeps the connection
-        open unless ``keep_alive`` is false."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        lines = [
-            f"{method} {self.path} HTTP/1.1",
-            f"Host: {host}" if self.port == 80 else f"Host: {host}:{self.port}",
-            *(() if keep_alive else ("Connection: close",)),
-            *(f"{name}: {value}" for name, value in headers.items()),
-            "",
-            "",
-        ]
-        return "\r\n".join(lines).encode("ascii")
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -139,7 +101,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._closed: asyncio.Future[None] = loop.create_future()
 
     @classmethod
-    async def open(cls, target: _Target, *, kept: bool = False) -> _Connection:
+    async def open(cls, target: Target, *, kept: bool = False) -> _Connection:
         """A connection to the node of ``target``: with ``kept``, one kept open by an earlier
         response if this event loop has one."""
         loop = asyncio.get_running_loop()
@@ -240,17 +202,17 @@ class _Connection(asyncio.BufferedProtocol):
         """The status and headers (names lower-cased) of the next response."""
         data = b""
         while (end := data.find(b"\r\n\r\n")) < 0:
-            if len(data) > _MAX_HEAD:
+            if len(data) > MAX_HEAD:
                 break
-            piece = await self.read(_MAX_HEAD + 4)
+            piece = await self.read(MAX_HEAD + 4)
             if not piece:
                 raise StorageError(f"{url} closed the connection before its status line and headers", url)
             data += piece
-        if end < 0 or end + 4 > _MAX_HEAD:
-            raise StorageError(f"{url} sent a response head over {_MAX_HEAD} bytes", url)
+        if end < 0 or end + 4 > MAX_HEAD:
+            raise StorageError(f"{url} sent a response head over {MAX_HEAD} bytes", url)
         if end + 4 < len(data):  # the start of the body
             self._unread(data[end + 4:])
-        status, headers, self.keep_alive = _parse_head(url, data[:end + 4])
+        status, headers, self.keep_alive = parse_head(url, data[:end])
         return status, headers
 
     def _unread(self, data: bytes) -> None:
@@ -338,32 +300,6 @@ def close_idle_connections() -> None:
     _idle_connections(asyncio.get_running_loop()).close()
 
 
-def _parse_head(url: str, head: bytes) -> tuple[int, dict[str, str], bool]:
-    """The status and headers of a response head (CRLF line ends, as storage nodes send), and
-    whether the node keeps the connection open after it (mogstored answers HTTP/1.0 with
-    ``Connection: keep-alive``)."""
-    status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
-    version, _, rest = status_line.partition(" ")
-    status = rest[:3]
-    if not version.startswith("HTTP/1.") or not (status.isascii() and status.isdigit()) or rest[3:4] not in ("", " "):
-        raise StorageError(f"{url} sent no HTTP/1.x status line: {status_line[:80]!r}", url)
-    headers: dict[str, str] = {}
-    for line in lines:
-        name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip():
-            raise StorageError(f"{url} sent a bad header line: {line[:80]!r}", url)
-        name, value = name.lower(), value.strip()
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    connection = {token.strip() for token in headers.get("connection", "").lower().split(",")}
-    keep_alive = "keep-alive" in connection if version == "HTTP/1.0" else "close" not in connection
-    return int(status), headers, keep_alive
-
-
-def _content_length(headers: Mapping[str, str]) -> int | None:
-    value = headers.get("content-length")
-    return int(value) if value is not None and value.isascii() and value.isdigit() else None
-
-
 class AsyncReplicaResponse:
     """The answer of one replica: ``url``, ``status``, ``headers`` (lower-cased names), ``length``
     (its ``Content-Length``, if any), and the body read with :meth:`read` or :meth:`chunks`.
@@ -378,11 +314,11 @@ class AsyncReplicaResponse:
         self.url = url
         self.status = status
         self.headers = headers
-        self.length = _content_length(headers)
+        self.length = content_length(headers)
         self._connection: _Connection | None = connection
         self._timeout = timeout
         #: Bytes of body still to come; None: until the node closes the connection.
-        self._remaining = 0 if method == "HEAD" or status in _NO_BODY or status < 200 else self.length
+        self._remaining = 0 if method == "HEAD" or status in NO_BODY or status < 200 else self.length
         # The read timeout: one timer per response rather than one per read (asyncio.timeout
         # per read cost a timer and a cancel scope each). Each read moves the deadline; the
         # timer, when it fires, re-arms itself for a moved deadline, and stops a read still
@@ -481,7 +417,7 @@ class AsyncReplicaResponse:
         return f"<{type(self).__name__} {self.status} {self.url!r}>"
 
 
-async def _exchange(target: _Target, request: bytes, method: str, timeout: float) -> AsyncReplicaResponse:
+async def _exchange(target: Target, request: bytes, method: str, timeout: float) -> AsyncReplicaResponse:
     """The response head on a kept connection to the node, or on a fresh one if that one was
     closed before any answer (the node may have closed it while it was idle)."""
     connection = await _Connection.open(target, kept=True)
@@ -500,9 +436,6 @@ async def _ask(connection: _Connection, url: str, request: bytes) -> tuple[int, 
         connection.write(request)
         await connection.drain()
         status, headers = await connection.read_head(url)
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            # Storage nodes never chunk a response; refusing one keeps the reader simple.
-            raise StorageError(f"{url} sent a chunked response, which storage nodes do not", url)
     except BaseException:
         connection.abort()
         raise
@@ -511,7 +444,7 @@ async def _ask(connection: _Connection, url: str, request: bytes) -> tuple[int, 
 
 async def _request(url: str, method: str, headers: Mapping[str, str], timeout: float) -> AsyncReplicaResponse:
     """Send ``method`` to ``url`` and read the response head, all within ``timeout`` seconds."""
-    target = _Target(url)
+    target = Target(url)
     try:
         return await _within(timeout, _exchange(target, target.request_head(method, headers, keep_alive=True), method,
                                                 timeout))
@@ -586,7 +519,7 @@ class AsyncPutStream:
     @classmethod
     async def open(cls, url: str, *, length: int | None = None, timeout: float = 10.0) -> AsyncPutStream:
         """Connect to the node of ``url`` and send the request head, within ``timeout`` seconds."""
-        target = _Target(url)
+        target = Target(url)
         framing = {"Transfer-Encoding": "chunked"} if length is None else {"Content-Length": str(length)}
         request = target.request_head("PUT", framing)
 
@@ -658,7 +591,7 @@ class AsyncPutStream:
                 connection.write(b"0\r\n\r\n")
             await connection.drain()
             status, headers = await connection.read_head(self.url)
-            await connection.skip(min(_content_length(headers) or 0, CHUNK_SIZE))
+            await connection.skip(min(content_length(headers) or 0, CHUNK_SIZE))
             return status
 
         try:

@@ -10,13 +10,15 @@ and that the node keeps open, comes back; one that failed or was left mid-body i
 
 from __future__ import annotations
 
-import http.client
 import os
 import threading
 import time
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from .deadline import readable_now
+
+if TYPE_CHECKING:
+    from .storage import NodeConnection
 
 #: Idle connections kept per node; more are closed.
 IDLE_PER_NODE = 16
@@ -93,14 +95,14 @@ class IdlePool(Generic[C]):
             self._idle = {}
 
 
-class NodePool(IdlePool[http.client.HTTPConnection]):
-    """Idle kept-alive ``http.client`` connections (the WSGI side's), shared by threads."""
+class NodePool(IdlePool["NodeConnection"]):
+    """Idle kept-alive connections of the WSGI side, shared by threads."""
 
-    def usable(self, connection: http.client.HTTPConnection) -> bool:
+    def usable(self, connection: NodeConnection) -> bool:
         # Readable while idle: the node closed it (or sent something unasked).
-        return connection.sock is not None and not readable_now(connection.sock)
+        return not readable_now(connection.sock)
 
-    def discard(self, connection: http.client.HTTPConnection) -> None:
+    def discard(self, connection: NodeConnection) -> None:
         connection.close()
 
 

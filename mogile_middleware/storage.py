@@ -3,16 +3,21 @@
 Storage nodes (``mogstored``) are plain HTTP servers. Bodies move in bounded chunks, so memory
 stays flat whatever the file size. A GET's connection is kept open for the next request to the
 same node (:mod:`.nodepool`) once its body was read to the end; closing a response early closes it.
+
+A GET is written and read here, the asyncio side's way (:func:`parse_head` is both sides'):
+storage nodes answer plain HTTP/1.x with a ``Content-Length`` and never chunk a body, and
+``http.client``'s head parsing alone took more CPU than the rest of a 100 KiB file's answer
+(200 µs against 70 µs per GET, measured in process). PUTs still go through ``http.client``.
 """
 
 from __future__ import annotations
 
-import functools
 import http.client
 import io
+import re
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from . import metrics
@@ -24,114 +29,204 @@ from .nodepool import Node, NodePool, nodes
 CHUNK_SIZE = 64 * 1024
 
 
-def _connect(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
-    """An unconnected connection to the node of ``url`` and the path to ask it for."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port  # a ValueError for a port out of range or not a number
-    except ValueError as error:
-        raise StorageError(f"bad storage URL {url!r}: {error}", url) from None
-    if parts.scheme != "http" or not parts.hostname:
-        raise StorageError(f"not an http:// storage URL: {url!r}", url)
-    path = parts.path + (f"?{parts.query}" if parts.query else "")
-    return http.client.HTTPConnection(parts.hostname, port or 80, timeout=timeout), path
+#: The longest response head taken.
+MAX_HEAD = CHUNK_SIZE
+#: Statuses whose response has no body, whatever its headers say.
+NO_BODY = frozenset({204, 304})
+#: What a request target or a host may not hold (as ``http.client`` checks them): controls and
+#: spaces would let a URL forged by whoever wrote it into the tracker add headers or requests.
+_UNSAFE = re.compile(r"[\x00-\x20\x7f]")
+#: Bytes read at a time while waiting for a response head (the body is read straight from the socket).
+_HEAD_READ = 4096
 
 
-class _HeadByDeadline(http.client.HTTPResponse):
-    """A response whose status line and headers must all have arrived by ``deadline`` (a
-    :func:`time.monotonic` time), however slowly they trickle in; each read of the body then
-    waits up to ``read_timeout`` again, so a slow but live transfer goes on."""
+class Target:
+    """Where a storage URL points: ``host``, ``port`` and the request target ``path``.
 
-    def __init__(self, sock: socket.socket, *args: object, deadline: float, read_timeout: float,
-                 **kwargs: object) -> None:
-        super().__init__(sock, *args, **kwargs)  # type: ignore[arg-type]
-        self.fp.close()  # http.client's reader: replaced by one that keeps the deadline
-        self._head_reader = DeadlineReader(sock, deadline)
-        self.fp = io.BufferedReader(self._head_reader)
-        self._read_timeout = read_timeout
+    A URL that is not a plain ``http://`` one whose parts a request line can hold is a
+    :class:`StorageError`.
+    """
 
-    def begin(self) -> None:
-        super().begin()
-        self._head_reader.deadline = None
-        self._head_reader.sock.settimeout(self._read_timeout)
+    def __init__(self, url: str) -> None:
+        try:
+            parts = urlsplit(url)
+            port = parts.port  # a ValueError for a port out of range or not a number
+        except ValueError as error:
+            raise StorageError(f"bad storage URL {url!r}: {error}", url) from None
+        if parts.scheme != "http" or not parts.hostname:
+            raise StorageError(f"not an http:// storage URL: {url!r}", url)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        if not path.isascii() or _UNSAFE.search(path) or _UNSAFE.search(parts.hostname):
+            raise StorageError(f"bad storage URL {url!r}: a space, control or non-ASCII character", url)
+        self.url = url
+        self.host: str = parts.hostname
+        self.port: int = port or 80
+        self.path = path
+
+    @property
+    def node(self) -> Node:
+        return self.host, self.port
+
+    def request_head(self, method: str, headers: Mapping[str, str], *, keep_alive: bool = False) -> bytes:
+        """The request line and headers of ``method`` on this target; HTTP/1.1 keeps the connection
+        open unless ``keep_alive`` is false."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        lines = [
+            f"{method} {self.path} HTTP/1.1",
+            f"Host: {host}" if self.port == 80 else f"Host: {host}:{self.port}",
+            *(() if keep_alive else ("Connection: close",)),
+            *(f"{name}: {value}" for name, value in headers.items()),
+            "",
+            "",
+        ]
+        return "\r\n".join(lines).encode("ascii")
 
 
-def _get(url: str, method: str, headers: dict[str, str], timeout: float, pool: NodePool
-         ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+def parse_head(url: str, head: bytes) -> tuple[int, dict[str, str], bool]:
+    """The status and headers (names lower-cased) of a response head, without its blank line (CRLF
+    line ends, as storage nodes send), and whether the node keeps the connection open after it
+    (mogstored answers HTTP/1.0 with ``Connection: keep-alive``). A chunked response is refused:
+    storage nodes never chunk one, which keeps the readers simple."""
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    version, _, rest = status_line.partition(" ")
+    status = rest[:3]
+    if not version.startswith("HTTP/1.") or not (status.isascii() and status.isdigit()) or rest[3:4] not in ("", " "):
+        raise StorageError(f"{url} sent no HTTP/1.x status line: {status_line[:80]!r}", url)
+    headers: dict[str, str] = {}
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise StorageError(f"{url} sent a bad header line: {line[:80]!r}", url)
+        name, value = name.lower(), value.strip()
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        raise StorageError(f"{url} sent a chunked response, which storage nodes do not", url)
+    connection = {token.strip() for token in headers.get("connection", "").lower().split(",")}
+    keep_alive = "keep-alive" in connection if version == "HTTP/1.0" else "close" not in connection
+    return int(status), headers, keep_alive
+
+
+def content_length(headers: Mapping[str, str]) -> int | None:
+    """The ``content-length`` of lower-cased ``headers``, if it is a number."""
+    value = headers.get("content-length")
+    return int(value) if value is not None and value.isascii() and value.isdigit() else None
+
+
+class NodeConnection:
+    """One connection to a storage node: a request written whole, its response head read by a
+    deadline, then its body straight from the socket (kept alive by a :class:`NodePool` between
+    responses)."""
+
+    def __init__(self, node: Node, timeout: float) -> None:
+        self.node = node
+        self.sock = socket.create_connection(node, timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._reader = DeadlineReader(self.sock)
+        self._buffer = memoryview(bytearray(_HEAD_READ))
+
+    def exchange(self, request: bytes, url: str, deadline: float, read_timeout: float
+                 ) -> tuple[int, dict[str, str], bool, bytes]:
+        """Send ``request``; the status, headers and keep-alive of the response, all arrived by
+        ``deadline`` however slowly they trickle in, and the start of its body that came with
+        them. Each read of the body may then wait ``read_timeout``."""
+        self._reader.set_deadline(deadline)
+        self.sock.sendall(request)
+        data = b""
+        while (end := data.find(b"\r\n\r\n")) < 0:
+            if len(data) > MAX_HEAD:
+                break
+            count = self._reader.readinto(self._buffer)
+            if not count:
+                raise StorageError(f"{url} closed the connection before its status line and headers", url)
+            data += self._buffer[:count]
+        if end < 0 or end + 4 > MAX_HEAD:
+            raise StorageError(f"{url} sent a response head over {MAX_HEAD} bytes", url)
+        self._reader.deadline = None
+        self.sock.settimeout(read_timeout)
+        return (*parse_head(url, data[:end]), data[end + 4:])
+
+    def close(self) -> None:
+        """Close the socket; the connection is not used again."""
+        self._reader.close()
+        self.sock.close()
+
+
+def _get(url: str, method: str, headers: dict[str, str], timeout: float, pool: NodePool) -> ReplicaResponse:
     """Send ``method`` to ``url`` and read the response head, all within ``timeout`` seconds, on
     a kept-alive connection to its node if the pool has one (a fresh one if that fails before
     any answer: the node may have closed it meanwhile)."""
     deadline = time.monotonic() + timeout
-    connection, path = _connect(url, timeout)
-    kept = pool.take((connection.host, connection.port))
+    target = Target(url)
+    request = target.request_head(method, headers, keep_alive=True)
+    kept = pool.take(target.node)
     if kept is not None:
         try:
-            return kept, _ask(kept, method, path, headers, deadline, timeout)
-        except (OSError, http.client.HTTPException):
+            return ReplicaResponse(url, kept, *kept.exchange(request, url, deadline, timeout), method, pool)
+        except (OSError, StorageError):
             kept.close()
+    connection = NodeConnection(target.node, time_left(deadline))
     try:
-        connection.connect()
-        return connection, _ask(connection, method, path, headers, deadline, timeout)
+        return ReplicaResponse(url, connection, *connection.exchange(request, url, deadline, timeout), method, pool)
     except BaseException:
         connection.close()
         raise
 
 
-def _ask(connection: http.client.HTTPConnection, method: str, path: str, headers: dict[str, str],
-         deadline: float, timeout: float) -> http.client.HTTPResponse:
-    connection.response_class = functools.partial(  # type: ignore[misc]
-        _HeadByDeadline, deadline=deadline, read_timeout=timeout)
-    connection.sock.settimeout(time_left(deadline))  # sendall() counts it for the whole request
-    connection.request(method, path, headers=headers)
-    return connection.getresponse()
-
-
 class ReplicaResponse(io.RawIOBase):
-    """The body of one replica as a readable, closeable stream (``read``, ``iter_chunks``)."""
+    """The answer of one replica: ``url``, ``status``, ``headers`` (lower-cased names), ``length``
+    (its ``Content-Length``, if any), and the body as a readable, closeable stream (``read``,
+    ``iter_chunks``)."""
 
-    def __init__(self, url: str, connection: http.client.HTTPConnection,
-                 response: http.client.HTTPResponse, pool: NodePool) -> None:
+    def __init__(self, url: str, connection: NodeConnection, status: int, headers: dict[str, str],
+                 keep_alive: bool, early: bytes, method: str, pool: NodePool) -> None:
         super().__init__()
         self.url = url
-        self.status = response.status
-        self.headers = response.headers
+        self.status = status
+        self.headers = headers
+        self.length = content_length(headers)
         self._connection = connection
-        self._response = response
         self._pool = pool
-
-    @property
-    def length(self) -> int | None:
-        """The body length the node announced (``Content-Length``), if any."""
-        value = self.headers.get("Content-Length")
-        return int(value) if value is not None and value.isdigit() else None
+        #: Bytes of body still to come; None: until the node closes the connection.
+        self._remaining = 0 if method == "HEAD" or status in NO_BODY or status < 200 else self.length
+        #: The start of the body, read with the head; more than the body means the node misspoke.
+        self._early = early
+        self._reusable = keep_alive and self._remaining is not None and len(early) <= self._remaining
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        return self._response.readinto(buffer)
+        chunk = self._read(len(buffer))
+        memoryview(buffer).cast("B")[:len(chunk)] = chunk
+        return len(chunk)
 
     def iter_chunks(self, size: int = CHUNK_SIZE) -> Iterator[bytes]:
         """Yield the body in chunks of at most ``size`` bytes, each as one read from the node
-        returned it (no copy); raise if it ends short."""
-        remaining = self.length
-        while True:
-            chunk = self._response.read1(size)
-            if not chunk:
-                break
-            if remaining is not None:
-                remaining -= len(chunk)
+        returned it; raise if it ends short."""
+        while chunk := self._read(size):
             yield chunk
-        if remaining:
-            raise StorageError(f"{self.url} ended {remaining} bytes short of its length", self.url)
+
+    def _read(self, size: int) -> bytes:
+        """At most ``size`` bytes of the body; ``b""`` at its end; :class:`StorageError` if it ends short."""
+        remaining = self._remaining
+        if remaining == 0:
+            return b""
+        limit = size if remaining is None else min(size, remaining)
+        if self._early:
+            chunk, self._early = self._early[:limit], self._early[limit:]
+        else:
+            chunk = self._connection.sock.recv(limit)
+        if remaining is not None:
+            if not chunk:
+                raise StorageError(f"{self.url} ended {remaining} bytes short of its length", self.url)
+            self._remaining = remaining - len(chunk)
+        return chunk
 
     def close(self) -> None:
         """Close the response; its connection is kept for reuse if the body was read to its end
         and the node keeps it alive, else closed."""
         if not self.closed:
-            complete = self._response.length == 0 and not self._response.will_close
-            self._response.close()
-            if complete:
+            if self._reusable and self._remaining == 0:
                 self._pool.give(self.node, self._connection)
             else:
                 self._connection.close()
@@ -139,7 +234,7 @@ class ReplicaResponse(io.RawIOBase):
 
     @property
     def node(self) -> Node:
-        return self._connection.host, self._connection.port
+        return self._connection.node
 
 
 def open_replica(
@@ -166,12 +261,11 @@ def open_replica(
     failures = ReplicaFailures()
     for url in urls:
         try:
-            connection, response = _get(url, method, headers, timeout, pool)
-        # ValueError: a host name the resolver refuses (UnicodeError from IDNA, a NUL byte).
-        except (OSError, http.client.HTTPException, StorageError, ValueError) as error:
+            replica = _get(url, method, headers, timeout, pool)
+        # ValueError: a host name the resolver refuses (UnicodeError from IDNA).
+        except (OSError, StorageError, ValueError) as error:
             failures.failed(url, error)
             continue
-        replica = ReplicaResponse(url, connection, response, pool)
         if failures.accepts(url, replica.status, replica.length, length):
             return replica
         replica.close()
@@ -245,8 +339,9 @@ class PutStream:
         self.url = url
         self._chunked = length is None
         try:
-            self._connection, path = _connect(url, timeout)
-            self._connection.putrequest("PUT", path, skip_accept_encoding=True)
+            target = Target(url)
+            self._connection = http.client.HTTPConnection(target.host, target.port, timeout=timeout)
+            self._connection.putrequest("PUT", target.path, skip_accept_encoding=True)
             if length is None:
                 self._connection.putheader("Transfer-Encoding", "chunked")
             else:

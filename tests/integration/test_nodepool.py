@@ -234,3 +234,78 @@ def test_async_a_kept_connection_dropped_at_the_next_request_is_retried_on_a_fre
         assert racing.connections == 3
     finally:
         racing.close()
+
+
+class ScriptedNode:
+    """A node answering every request on every connection with ``answer`` (kept alive), counting
+    the connections it accepted."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/dev1/x.fid"
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            while conn.recv(65536):
+                conn.sendall(self.answer)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def overlong() -> Iterator[ScriptedNode]:
+    """A node that sends five bytes more than the Content-Length it announces."""
+    node = ScriptedNode(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloEXTRA")
+    yield node
+    node.close()
+
+
+def test_a_connection_whose_node_sent_more_than_its_body_is_not_reused(overlong: ScriptedNode) -> None:
+    pool = NodePool()
+    for _ in range(3):
+        with open_replica([overlong.url], pool=pool) as replica:
+            assert b"".join(replica.iter_chunks()) == b"hello"
+    assert overlong.connections == 3  # the extra bytes would have been read as the next answer
+
+
+def test_async_a_connection_whose_node_sent_more_than_its_body_is_not_reused(overlong: ScriptedNode) -> None:
+    async def main() -> None:
+        for _ in range(3):
+            assert await aread_all(overlong.url) == b"hello"
+        close_idle_connections()
+
+    asyncio.run(main())
+    assert overlong.connections == 3
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_chunked_answer_is_refused_and_the_next_replica_serves(node: StorageNode, flavour: str) -> None:
+    chunked = ScriptedNode(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    try:
+        if flavour == "sync":
+            with open_replica([chunked.url, url(node)], pool=NodePool()) as replica:
+                assert (replica.url, b"".join(replica.iter_chunks())) == (url(node), BODY)
+        else:
+            async def main() -> bytes:
+                async with await async_open_replica([chunked.url, url(node)]) as replica:
+                    assert replica.url == url(node)
+                    body = b"".join([chunk async for chunk in replica.chunks()])
+                close_idle_connections()
+                return body
+
+            assert asyncio.run(main()) == BODY
+    finally:
+        chunked.close()
