@@ -13,7 +13,7 @@ from collections.abc import Callable
 Script = Callable[[bytes], "bytes | None"]
 
 
-class _LoopbackServer:
+class LoopbackServer:
     """A listening socket on 127.0.0.1 with one thread per accepted connection."""
 
     def __init__(self) -> None:
@@ -64,7 +64,7 @@ class _LoopbackServer:
         self.drop_connections()
 
 
-class ScriptedTracker(_LoopbackServer):
+class ScriptedTracker(LoopbackServer):
     """A fake tracker answering each request line with ``script(line)``."""
 
     def __init__(self, script: Script) -> None:
@@ -92,7 +92,7 @@ class ScriptedTracker(_LoopbackServer):
                     return
 
 
-class CountingRelay(_LoopbackServer):
+class CountingRelay(LoopbackServer):
     """A TCP relay to ``target`` that counts the connections made through it."""
 
     def __init__(self, target: tuple[str, int]) -> None:

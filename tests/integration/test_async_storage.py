@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from wiretools import _LoopbackServer
+from wiretools import LoopbackServer
 
 from mogile_middleware import Client
 from mogile_middleware.async_storage import BODY_CHUNK_SIZE, AsyncPutStream, AsyncReplicaResponse, open_replica
@@ -172,7 +172,7 @@ def test_no_urls_is_a_storage_error() -> None:
 RESPONSE_HEAD = b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n"
 
 
-class ScriptedNode(_LoopbackServer):
+class ScriptedNode(LoopbackServer):
     """Reads a request head, then ``behaviour(conn)`` answers; counts connections still open."""
 
     def __init__(self, behaviour: Callable[[socket.socket], None]) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from urllib.parse import quote
 
 import pytest
-from wiretools import ScriptedTracker, _LoopbackServer, ok
+from wiretools import ScriptedTracker, LoopbackServer, ok
 
 from mogile_middleware import Client, UploadError
 from mogile_middleware.exceptions import OutcomeUnknownError, StorageError, TrackerUnavailableError
@@ -30,7 +30,7 @@ def drip(conn: socket.socket, data: bytes, count: int | None = None) -> None:
         time.sleep(DRIP)
 
 
-class ScriptedServer(_LoopbackServer):
+class ScriptedServer(LoopbackServer):
     """Reads requests (a line for a tracker, a head for HTTP) and answers with ``behaviour``."""
 
     def __init__(self, behaviour: Behaviour, *, http: bool = False) -> None:
@@ -64,7 +64,7 @@ class ScriptedServer(_LoopbackServer):
 @pytest.fixture
 def servers() -> Iterator[Callable[..., ScriptedServer]]:
     """Starts :class:`ScriptedServer` instances and stops them all after the test."""
-    started: list[_LoopbackServer] = []
+    started: list[LoopbackServer] = []
 
     def start(behaviour: Behaviour, **options: bool) -> ScriptedServer:
         server = ScriptedServer(behaviour, **options)

@@ -18,6 +18,7 @@ from mogile_middleware.async_storage import open_replica as async_open_replica
 from mogile_middleware.devserver.storage_node import StorageNode
 from mogile_middleware.nodepool import NodePool
 from mogile_middleware.storage import open_replica
+from wiretools import LoopbackServer
 
 BODY = bytes(range(256)) * 1024  # 256 KiB: more than one read
 
@@ -134,33 +135,15 @@ def test_a_forked_child_opens_connections_of_its_own(node: StorageNode) -> None:
     assert read_all(node, pool) == BODY  # the parent's connection is still good
 
 
-class ClosingAfterOneAnswer:
+class ClosingAfterOneAnswer(LoopbackServer):
     """A node that keeps a connection alive after its first answer, then closes it when the next
     request arrives, unanswered: the race a kept-alive connection can lose."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.connections = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             conn.recv(65536)
             conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\nhello")
             conn.recv(65536)  # the next request: dropped unanswered
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 def test_a_kept_connection_dropped_at_the_next_request_is_retried_on_a_fresh_one() -> None:
@@ -173,7 +156,7 @@ def test_a_kept_connection_dropped_at_the_next_request_is_retried_on_a_fresh_one
                 assert replica.read() == b"hello"
         assert node.connections == 3  # each reuse failed before any answer, and was retried
     finally:
-        node.close()
+        node.stop()
 
 
 # -- the same for the asyncio side --------------------------------------------------------------
@@ -233,47 +216,32 @@ def test_async_a_kept_connection_dropped_at_the_next_request_is_retried_on_a_fre
         asyncio.run(main())
         assert racing.connections == 3
     finally:
-        racing.close()
+        racing.stop()
 
 
-class ScriptedNode:
-    """A node answering every request on every connection with ``answer`` (kept alive), counting
-    the connections it accepted."""
+class AnsweringNode(LoopbackServer):
+    """A node answering every request on every connection with ``answer`` (kept alive)."""
 
     def __init__(self, answer: bytes) -> None:
         self.answer = answer
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/dev1/x.fid"
-        self.connections = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__()
+        self.url = f"http://127.0.0.1:{self.port}/dev1/x.fid"
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             while conn.recv(65536):
                 conn.sendall(self.answer)
 
-    def close(self) -> None:
-        self.listener.close()
-
 
 @pytest.fixture
-def overlong() -> Iterator[ScriptedNode]:
+def overlong() -> Iterator[AnsweringNode]:
     """A node that sends five bytes more than the Content-Length it announces."""
-    node = ScriptedNode(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloEXTRA")
+    node = AnsweringNode(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloEXTRA")
     yield node
-    node.close()
+    node.stop()
 
 
-def test_a_connection_whose_node_sent_more_than_its_body_is_not_reused(overlong: ScriptedNode) -> None:
+def test_a_connection_whose_node_sent_more_than_its_body_is_not_reused(overlong: AnsweringNode) -> None:
     pool = NodePool()
     for _ in range(3):
         with open_replica([overlong.url], pool=pool) as replica:
@@ -281,7 +249,7 @@ def test_a_connection_whose_node_sent_more_than_its_body_is_not_reused(overlong:
     assert overlong.connections == 3  # the extra bytes would have been read as the next answer
 
 
-def test_async_a_connection_whose_node_sent_more_than_its_body_is_not_reused(overlong: ScriptedNode) -> None:
+def test_async_a_connection_whose_node_sent_more_than_its_body_is_not_reused(overlong: AnsweringNode) -> None:
     async def main() -> None:
         for _ in range(3):
             assert await aread_all(overlong.url) == b"hello"
@@ -293,7 +261,7 @@ def test_async_a_connection_whose_node_sent_more_than_its_body_is_not_reused(ove
 
 @pytest.mark.parametrize("flavour", ["sync", "async"])
 def test_a_chunked_answer_is_refused_and_the_next_replica_serves(node: StorageNode, flavour: str) -> None:
-    chunked = ScriptedNode(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    chunked = AnsweringNode(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
     try:
         if flavour == "sync":
             with open_replica([chunked.url, url(node)], pool=NodePool()) as replica:
@@ -308,4 +276,4 @@ def test_a_chunked_answer_is_refused_and_the_next_replica_serves(node: StorageNo
 
             assert asyncio.run(main()) == BODY
     finally:
-        chunked.close()
+        chunked.stop()
