@@ -196,31 +196,40 @@ class ReplicaResponse(io.RawIOBase):
         return True
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        chunk = self._read(len(buffer))
-        memoryview(buffer).cast("B")[:len(chunk)] = chunk
-        return len(chunk)
+        """Read into ``buffer`` (straight from the socket once the bytes read with the head are used)."""
+        view = memoryview(buffer).cast("B")[:self._limit(len(buffer))]
+        if not view:
+            return 0
+        if self._early:
+            count = min(len(view), len(self._early))
+            view[:count], self._early = self._early[:count], self._early[count:]
+        else:
+            count = self._connection.sock.recv_into(view)
+        return self._took(count)
 
     def iter_chunks(self, size: int = CHUNK_SIZE) -> Iterator[bytes]:
         """Yield the body in chunks of at most ``size`` bytes, each as one read from the node
         returned it; raise if it ends short."""
-        while chunk := self._read(size):
+        while limit := self._limit(size):
+            if self._early:
+                chunk, self._early = self._early[:limit], self._early[limit:]
+            else:
+                chunk = self._connection.sock.recv(limit)
+            if not self._took(len(chunk)):
+                return
             yield chunk
 
-    def _read(self, size: int) -> bytes:
-        """At most ``size`` bytes of the body; ``b""`` at its end; :class:`StorageError` if it ends short."""
-        remaining = self._remaining
-        if remaining == 0:
-            return b""
-        limit = size if remaining is None else min(size, remaining)
-        if self._early:
-            chunk, self._early = self._early[:limit], self._early[limit:]
-        else:
-            chunk = self._connection.sock.recv(limit)
-        if remaining is not None:
-            if not chunk:
-                raise StorageError(f"{self.url} ended {remaining} bytes short of its length", self.url)
-            self._remaining = remaining - len(chunk)
-        return chunk
+    def _limit(self, size: int) -> int:
+        """How much of the body the next read may take: at most ``size``, 0 once it was all read."""
+        return size if self._remaining is None else min(size, self._remaining)
+
+    def _took(self, count: int) -> int:
+        """Count ``count`` bytes read; a read of none before the announced length is a :class:`StorageError`."""
+        if self._remaining is not None:
+            if not count:
+                raise StorageError(f"{self.url} ended {self._remaining} bytes short of its length", self.url)
+            self._remaining -= count
+        return count
 
     def close(self) -> None:
         """Close the response; its connection is kept for reuse if the body was read to its end

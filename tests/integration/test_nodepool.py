@@ -17,6 +17,7 @@ from mogile_middleware.async_storage import close_idle_connections
 from mogile_middleware.async_storage import open_replica as async_open_replica
 from mogile_middleware.devserver.storage_node import StorageNode
 from mogile_middleware.nodepool import NodePool
+from mogile_middleware.exceptions import StorageError
 from mogile_middleware.storage import open_replica
 from wiretools import LoopbackServer
 
@@ -277,3 +278,32 @@ def test_a_chunked_answer_is_refused_and_the_next_replica_serves(node: StorageNo
             assert asyncio.run(main()) == BODY
     finally:
         chunked.stop()
+
+
+class ShortNode(LoopbackServer):
+    """A node that announces ten bytes, sends five and hangs up."""
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+
+
+def test_reads_into_buffers_of_any_size_give_the_body_and_a_short_one_raises(node: StorageNode) -> None:
+    pool = NodePool()
+    with open_replica([url(node)], pool=pool) as replica:
+        parts = []
+        while part := replica.read(1000):  # RawIOBase.read: readinto, as Django's File reads
+            parts.append(part)
+    assert b"".join(parts) == BODY
+    assert settle(node.port, 1) == 1  # read to its end through readinto: kept
+    pool.close()
+    short = ShortNode()
+    try:
+        with open_replica([f"http://127.0.0.1:{short.port}/dev1/x.fid"], pool=pool) as replica:
+            assert replica.read(3) == b"hel"
+            with pytest.raises(StorageError, match="ended 5 bytes short"):
+                while replica.read(3):
+                    pass
+    finally:
+        short.stop()
