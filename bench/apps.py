@@ -4,7 +4,9 @@
 ``BENCH_APP=middleware``: the middleware over a tiny app, for ``BENCH_DOMAIN`` on
 ``BENCH_TRACKERS``, with ``BENCH_OPTIONS`` (JSON keyword arguments). ``BENCH_APP=constant``:
 the baseline, answering every request with the headers in ``BENCH_HEADERS`` (JSON pairs) and
-``BENCH_BODY_SIZE`` bytes of :func:`pattern`.
+``BENCH_BODY_SIZE`` bytes of :func:`pattern`. ``BENCH_APP=lookup`` (ASGI only): the floor of
+any middleware, answering the path ``BENCH_PATH`` with the headers in ``BENCH_HEADERS`` from a
+dict, and passing every other request on.
 """
 
 from __future__ import annotations
@@ -61,18 +63,27 @@ def constant_env(headers: Headers, body_size: int = 0) -> dict[str, str]:
     return {"BENCH_APP": "constant", "BENCH_HEADERS": json.dumps(headers), "BENCH_BODY_SIZE": str(body_size)}
 
 
+def lookup_env(headers: Headers, path: str) -> dict[str, str]:
+    """The environment for :func:`make_asgi_app` to build :func:`lookup_asgi_middleware`."""
+    return {"BENCH_APP": "lookup", "BENCH_HEADERS": json.dumps(headers), "BENCH_PATH": path}
+
+
 def _constant_answer() -> tuple[Headers, bytes] | None:
     """The constant app's headers and body if the environment asks for it, else ``None``."""
     if os.environ["BENCH_APP"] != "constant":
         return None
-    headers = [(name, value) for name, value in json.loads(os.environ["BENCH_HEADERS"])]
-    return headers, pattern(int(os.environ.get("BENCH_BODY_SIZE", "0")))
+    return _headers(), pattern(int(os.environ.get("BENCH_BODY_SIZE", "0")))
 
 
 def _middleware_arguments() -> dict[str, Any]:
     """The middleware's keyword arguments that the environment gives."""
     return {"domain": os.environ["BENCH_DOMAIN"], "trackers": os.environ["BENCH_TRACKERS"],
             **json.loads(os.environ.get("BENCH_OPTIONS", "{}"))}
+
+
+def _headers() -> Headers:
+    """The answer's headers that ``BENCH_HEADERS`` gives."""
+    return [(name, value) for name, value in json.loads(os.environ["BENCH_HEADERS"])]
 
 
 def make_app() -> WSGIApp:
@@ -96,6 +107,23 @@ def constant_asgi_app(headers: Headers, body: bytes = b"") -> ASGIApp:
     return app
 
 
+def lookup_asgi_middleware(app: ASGIApp, answers: dict[str, Headers]) -> ASGIApp:
+    """The least any middleware does: the answer for a request's path from a dict, else ``app``'s.
+    No key, trust, conditional or range decision: what is left of a request's cost is the server's."""
+    encoded = {path.encode("latin-1"): [(name.lower().encode("latin-1"), value.encode("latin-1"))
+                                        for name, value in headers] for path, headers in answers.items()}
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        headers = encoded.get(scope.get("raw_path", b"")) if scope["type"] == "http" else None
+        if headers is None:
+            await app(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": list(headers)})
+        await send({"type": "http.response.body", "body": b""})
+
+    return middleware
+
+
 async def hello_asgi(scope: Scope, receive: Receive, send: Send) -> None:
     """The wrapped ASGI application, for requests outside the prefix (uvicorn runs with ``--lifespan off``)."""
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
@@ -107,6 +135,8 @@ def make_asgi_app() -> ASGIApp:
     constant = _constant_answer()
     if constant is not None:
         return constant_asgi_app(*constant)
+    if os.environ["BENCH_APP"] == "lookup":
+        return lookup_asgi_middleware(hello_asgi, {os.environ["BENCH_PATH"]: _headers()})
     return ASGIMiddleware(hello_asgi, **_middleware_arguments())
 
 

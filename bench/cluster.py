@@ -41,7 +41,7 @@ class Cluster:
     """The running storage node and tracker, a client, and the work directory for servers' files."""
 
     workdir: Path
-    node: int
+    node: servers.Server
     tracker: str
     client: Client
 
@@ -79,7 +79,7 @@ def cluster() -> Iterator[Cluster]:
     with tempfile.TemporaryDirectory(prefix="mogile-bench-", dir=parent) as workdir, ExitStack() as stack:
         path = Path(workdir)
         node = stack.enter_context(servers.storage_node(path, 1))
-        tracker = stack.enter_context(servers.tracker(path, DOMAIN, {CLASS: 1}, [node]))
+        tracker = stack.enter_context(servers.tracker(path, DOMAIN, {CLASS: 1}, [node.port]))
         client = Client(DOMAIN, [tracker], storage_timeout=60)
         stack.callback(client.close)
         # One node holds one copy: no class can keep more, the default one (2 copies) included.

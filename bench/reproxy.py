@@ -8,10 +8,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from . import servers
-from .apps import Headers, answer_headers, asgi_answer_headers, constant_env
+from .apps import Headers, answer_headers, asgi_answer_headers, constant_env, lookup_env
 from .cluster import PERLBAL_OPTIONS, SMALL_KEY, SMALL_PATH, Cluster
 from .loads import Rate, concurrency, cpu_note, throughput
-from .measure import interleaved
+from .measure import Spread, interleaved, ratios
 from .report import Figure
 
 #: wrk runs straight to gunicorn or uvicorn, with a few connections.
@@ -35,7 +35,7 @@ def reproxy(cluster: Cluster, repeat: int) -> list[Figure]:
         cached = stack.enter_context(servers.gunicorn(
             workdir, "cached", cluster.middleware_env(**PERLBAL_OPTIONS, perlbal_cache_seconds=PERLBAL_CACHE_SECONDS)))
         ports = stack.enter_context(servers.front_proxy(workdir, {
-            "ceiling": ceiling.port, "reproxy": wrapped.port, "cached": cached.port, "direct": cluster.node}))
+            "ceiling": ceiling.port, "reproxy": wrapped.port, "cached": cached.port, "direct": cluster.node.port}))
         direct_path = urlsplit(cluster.replica(SMALL_KEY)).path
 
         def via(service: str) -> str:
@@ -67,12 +67,14 @@ def reproxy(cluster: Cluster, repeat: int) -> list[Figure]:
 
 def asgi_reproxy(cluster: Cluster, repeat: int) -> Figure:
     """8b. The ASGI middleware under uvicorn (as many workers as gunicorn's), against an ASGI app
-    sending the same headers under the same uvicorn."""
+    sending the same headers under the same uvicorn; the note adds the floor of any middleware
+    (:func:`~bench.apps.lookup_asgi_middleware`) against the same app."""
     headers = asyncio.run(_asgi_headers(cluster))
     with servers.uvicorn(cluster.workdir, "ceiling", constant_env(headers), servers.WORKERS) as ceiling, \
             servers.uvicorn(cluster.workdir, "reproxy", cluster.middleware_env(**PERLBAL_OPTIONS),
-                            servers.WORKERS) as wrapped:
-        return straight("8b. reproxy under uvicorn", wrapped, ceiling, cluster.workdir, repeat, "uvicorn")
+                            servers.WORKERS) as wrapped, \
+            servers.uvicorn(cluster.workdir, "lookup", lookup_env(headers, SMALL_PATH), servers.WORKERS) as floor:
+        return straight("8b. reproxy under uvicorn", wrapped, ceiling, cluster.workdir, repeat, "uvicorn", floor)
 
 
 async def _asgi_headers(cluster: Cluster) -> Headers:
@@ -85,10 +87,18 @@ async def _asgi_headers(cluster: Cluster) -> Headers:
 
 
 def straight(name: str, wrapped: servers.Server, bare: servers.Server, workdir: Path, repeat: int,
-             server_name: str) -> Figure:
-    """wrk straight to the middleware's server against the bare app's, held to ``ratio >= 0.95``."""
+             server_name: str, floor: servers.Server | None = None) -> Figure:
+    """wrk straight to the middleware's server against the bare app's, held to ``ratio >= 0.95``;
+    with ``floor``, the note gives that server's ratio against the bare app's too."""
+    servers_measured = {"bare": bare, "wrapped": wrapped, **({"floor": floor} if floor else {})}
     rates = {which: Rate(server.url(SMALL_PATH), workdir, connections=STRAIGHT_CONNECTIONS, seconds=STRAIGHT_SECONDS,
                          cpu=server.cpu_seconds)
-             for which, server in (("bare", bare), ("wrapped", wrapped))}
-    return throughput(name, "bare app, same headers", interleaved(repeat, rates), "wrapped", "bare", 0.95,
-                      note=cpu_note(rates["wrapped"], rates["bare"], server_name))
+             for which, server in servers_measured.items()}
+    samples = interleaved(repeat, rates)
+    note = cpu_note(rates["wrapped"], rates["bare"], server_name)
+    if floor:
+        floor_ratio = Spread.of(ratios(samples["floor"], samples["bare"]))
+        note += (f"; a middleware answering from a dict by path (the floor of any): ratio {floor_ratio.median:.3g} "
+                 f"[{floor_ratio.low:.3g}–{floor_ratio.high:.3g}], "
+                 f"{Spread.of(rates['floor'].cpu_per_request).median:.0f} µs/request")
+    return throughput(name, "bare app, same headers", samples, "wrapped", "bare", 0.95, note=note)

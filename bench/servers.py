@@ -91,15 +91,15 @@ def _perlbal(workdir: Path, name: str, services: Mapping[str, Sequence[str]], po
 
 
 @contextmanager
-def storage_node(workdir: Path, devid: int) -> Iterator[int]:
-    """A storage node holding device ``devN`` (GET, HEAD, PUT, DELETE, as mogstored); yields its port."""
+def storage_node(workdir: Path, devid: int) -> Iterator[Server]:
+    """A storage node holding device ``devN`` (GET, HEAD, PUT, DELETE, as mogstored), one process."""
     port = free_port()
     docroot = workdir / f"stor{devid}"
     (docroot / f"dev{devid}").mkdir(parents=True)
     settings = ["role = web_server", f"listen = {HOST}:{port}", f"docroot = {docroot}", "dirindexing = 0",
                 "enable_put = 1", "enable_delete = 1", "min_put_directory = 1", "persist_client = 1"]
-    with _perlbal(workdir, f"stor{devid}", {f"stor{devid}": settings}, {}, [port]):
-        yield port
+    with _perlbal(workdir, f"stor{devid}", {f"stor{devid}": settings}, {}, [port]) as process:
+        yield Server(port, process.pid, master=False)
 
 
 @contextmanager
