@@ -144,15 +144,15 @@ def _miss_times(wrapped: WSGIApp, client: Client, raw: TrackerLine, keys: list[l
     return times
 
 
-def _after_reply(raw: TrackerLine, line: bytes, size: int) -> float:
+def _after_reply(raw: TrackerLine, line: bytes, tag: int) -> float:
     """Seconds :func:`_python_work` takes right after the reply to ``line``, as a client's work does."""
     raw.seconds(line)
-    return _timed(_python_work, size)
+    return _timed(_python_work, tag)
 
 
-def _python_work(size: int) -> list[str]:
+def _python_work(tag: int) -> list[str]:
     """Plain Python (dict, str and tuple work in ~60 steps), to time alone and right after a reply."""
-    table = {str(number): (number, size) for number in range(60)}
+    table = {str(number): (number, tag) for number in range(60)}
     return sorted(table)
 
 
