@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping
-from urllib.parse import quote_plus
 
 from .exceptions import BadKeyError, ProtocolError, tracker_error
 
@@ -56,13 +55,15 @@ def encode_request(command: str, args: Mapping[str, ArgValue] | None = None) -> 
 
 
 #: What a request argument may hold unescaped (the bytes ``quote_plus`` never changes).
-_UNESCAPED = re.compile(rb"[A-Za-z0-9_.~-]*")
 _UNESCAPED_TEXT = re.compile(r"[A-Za-z0-9_.~-]*")
+#: ``quote_plus`` as a table over bytes read as latin-1: one ``str.translate`` escapes a value.
+_ESCAPES = {byte: "+" if byte == 0x20 else f"%{byte:02X}" for byte in range(256)
+            if not _UNESCAPED_TEXT.fullmatch(chr(byte))}
 
 
 def _escaped(data: bytes) -> str:
-    """``data`` URL-escaped as mogilefsd unescapes it; names and most values need nothing done."""
-    return data.decode("ascii") if _UNESCAPED.fullmatch(data) else quote_plus(data, safe="")
+    """``data`` URL-escaped as mogilefsd unescapes it, as ``quote_plus`` does it."""
+    return data.decode("latin-1").translate(_ESCAPES)
 
 
 @functools.lru_cache(maxsize=64)
@@ -73,9 +74,11 @@ def _escaped_name(name: str) -> str:
 
 def _escaped_value(value: str | bytes | int) -> str:
     """An argument's value, escaped: text that needs nothing done is used as it is."""
-    if isinstance(value, str) and _UNESCAPED_TEXT.fullmatch(value):
-        return value
-    return _escaped(_arg_bytes(value))
+    if isinstance(value, str):
+        return value if _UNESCAPED_TEXT.fullmatch(value) else _escaped(to_bytes(value))
+    if isinstance(value, int):  # digits and a minus sign need nothing done (a bool is 1 or 0)
+        return str(int(value))
+    return _escaped(value)
 
 
 def _arg_bytes(value: str | bytes | int) -> bytes:

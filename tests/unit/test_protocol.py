@@ -120,6 +120,16 @@ def test_request_keys_round_trip_through_the_trackers_decoder(key: str) -> None:
     assert parse_request(line[:-2]) == ("get_paths", {"domain": "testdom", "key": key, "noverify": "1"})
 
 
+def test_every_byte_of_a_value_crosses_the_line_as_itself() -> None:
+    for byte in range(256):
+        value = b"a" + bytes([byte]) + b"z"
+        line = encode_request("get_paths", {"key": value, "noverify": True, "pathcount": -1})
+        assert line.endswith(b"\r\n") and b"\r" not in line[:-2] and b"\n" not in line[:-2]
+        assert b" " not in line.partition(b" ")[2] and line.count(b"&") == 2 and line.count(b"=") == 3
+        assert parse_request(line[:-2]) == ("get_paths", {
+            "key": value.decode("utf-8", "surrogateescape"), "noverify": "1", "pathcount": "-1"})
+
+
 def test_request_encoding_matches_the_captured_client_lines() -> None:
     # A create_close line exactly as the capture client sent it (02-create-upload.txt).
     assert encode_request(
