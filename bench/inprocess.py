@@ -15,7 +15,7 @@ import timeit
 from collections.abc import Callable
 from typing import Any
 
-from mogile_middleware import Client
+from mogile_middleware import MogileFSMiddleware
 from mogile_middleware.asgi import ASGIApp, Message
 from mogile_middleware.protocol import encode_request
 from mogile_middleware.upload import READ_SIZE, Uploader
@@ -124,7 +124,7 @@ class TrackerLine:
         self.sock.close()
 
 
-def _miss_times(wrapped: WSGIApp, client: Client, raw: TrackerLine, keys: list[list[str]]) -> dict[str, list[float]]:
+def _miss_times(wrapped: MogileFSMiddleware, raw: TrackerLine, keys: list[list[str]]) -> dict[str, list[float]]:
     """Seconds per request: the middleware for each key of ``keys[0]``, its client's ``get_paths``
     for each of ``keys[1]``, a raw ``get_paths`` for each of ``keys[2]``, and :func:`_python_work`
     right after a raw ``noop``, taking turns, since a connection used just before answers faster."""
@@ -135,7 +135,7 @@ def _miss_times(wrapped: WSGIApp, client: Client, raw: TrackerLine, keys: list[l
     noop = encode_request("noop", {})
     steps: dict[str, Callable[[int], float]] = {
         "wrapped": lambda n: _timed(lambda environ: wrapped(environ, _ignore), environs[n]),
-        "client": lambda n: _timed(client.get_paths, clients[n]),
+        "client": lambda n: _timed(wrapped.client.get_paths, clients[n]),
         "raw": lambda n: raw.seconds(lines[n]), "after reply": lambda n: _after_reply(raw, noop, n)}
     times: dict[str, list[float]] = {name: [] for name in steps}
     for n in range(len(mine)):
@@ -182,7 +182,7 @@ def cache_miss(cluster: Cluster, repeat: int) -> Figure:
         for rep in range(repeat):
             deadline.check()
             turn = keys[3 * rep * MISS_KEYS:]
-            times = _miss_times(wrapped, wrapped.client, raw, [turn[i * MISS_KEYS:][:MISS_KEYS] for i in range(3)])
+            times = _miss_times(wrapped, raw, [turn[i * MISS_KEYS:][:MISS_KEYS] for i in range(3)])
             for name, values in times.items():
                 samples[name].append(statistics.median(values) * 1e6)
     finally:
