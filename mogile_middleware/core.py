@@ -238,7 +238,8 @@ class MiddlewareCore:
         """The answer that sends a trusted proxy to the replicas, or ``None``: serve the body."""
         responder = self.reproxy_responder
         if responder is not None and self._may_reproxy(environ, responder, location.etag):
-            return responder.answer(location, environ.get("HTTP_IF_NONE_MATCH"), "HTTP_RANGE" in environ,
+            return responder.answer(location, environ.get("HTTP_IF_MATCH"), environ.get("HTTP_IF_NONE_MATCH"),
+                                    "HTTP_RANGE" in environ,
                                     _request_target(environ) if responder.wants_target else "")
         return None
 

@@ -133,15 +133,26 @@ def byte_range(header: str | None, length: int) -> tuple[int, int] | None | bool
     return int(first), min(int(last), length - 1) if last else length - 1
 
 
+def precondition_answer(if_match: str | None, if_none_match: str | None, etag: str,
+                        headers: Headers) -> Answer | None:
+    """The answer the preconditions decide for the version ``etag`` with the representation
+    ``headers``, before any range: ``412`` when ``If-Match`` names none of its tags, ``304``
+    when ``If-None-Match`` names one (RFC 9110 13.2.2); ``None`` when neither does."""
+    if if_match is not None and not etag_matches(if_match, etag, weak=False):
+        return error(412)
+    if if_none_match is not None and etag_matches(if_none_match, etag, weak=True):
+        return not_modified(headers)
+    return None
+
+
 def file_plan(request: FileRequest, etag: str, length: int, headers: Headers) -> Answer | FilePlan:
     """The answer to ``request`` for a file of ``length`` bytes with the strong ``etag`` (unquoted)
     and the representation ``headers`` (type, ETag, caching; not framing): a complete
     :class:`Answer` when the file is not needed (304, 412, 416), else a :class:`FilePlan` (also
     for HEAD, whose 200 promises that the file is there)."""
-    if request.if_match is not None and not etag_matches(request.if_match, etag, weak=False):
-        return error(412)
-    if request.if_none_match is not None and etag_matches(request.if_none_match, etag, weak=True):
-        return not_modified(headers)
+    decided = precondition_answer(request.if_match, request.if_none_match, etag, headers)
+    if decided is not None:
+        return decided
     requested = None
     if request.method != "HEAD" and (request.if_range is None or etag_matches(request.if_range, etag, weak=False)):
         requested = byte_range(request.range, length)

@@ -93,14 +93,19 @@ class Reproxy:
         for the request ``target`` (when :attr:`wants_target`)."""
         return headers
 
-    def answer(self, location: Location, if_none_match: str | None, ranged: bool, target: str = "") -> Answer:
-        """304 if the client holds this version, else the answer that sends the proxy to the replicas."""
+    def answer(self, location: Location, if_match: str | None, if_none_match: str | None, ranged: bool,
+               target: str = "") -> Answer:
+        """412 or 304 as the preconditions decide (the proxy checks none), else the answer that
+        sends the proxy to the replicas."""
         memo = location.memo
         answer = None if memo is None else memo.get(self)
         if answer is None:  # one answer object per location: the hot path allocates nothing
             answer = location.remember(self, Answer("200 OK", self.headers(location), reproxy=self.name))
-        if if_none_match is not None and http.etag_matches(if_none_match, location.etag, weak=True):
-            return http.not_modified(self.representation.headers(location))
+        if if_match is not None or if_none_match is not None:
+            decided = http.precondition_answer(if_match, if_none_match, location.etag,
+                                               self.representation.headers(location))
+            if decided is not None:
+                return decided
         if ranged or target:
             return Answer("200 OK", self.for_request(answer.headers, ranged, target), reproxy=self.name)
         return answer

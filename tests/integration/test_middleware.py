@@ -141,6 +141,21 @@ def test_if_none_match_gives_304(devmogile: DevMogileFS, client: Client, reproxy
     app.get(url("plain.txt"), headers={"If-None-Match": '"fid-0"'}, status=200)
 
 
+@pytest.mark.parametrize("reproxy", MODES)
+def test_if_match_of_another_version_gives_412_in_every_mode(devmogile: DevMogileFS, client: Client,
+                                                             reproxy: str | None) -> None:
+    # Neither proxy checks If-Match, and a storage node does not know the fid's ETag.
+    app, _, _ = make(devmogile, reproxy=reproxy)
+    etag = app.get(url("plain.txt")).headers["ETag"]
+    for method in ("GET", "HEAD"):
+        for header in ('"fid-0"', f"W/{etag}", '"other", W/' + etag):
+            response = app.request(url("plain.txt"), method=method, headers={"If-Match": header}, status=412)
+            assert "ETag" not in response.headers
+            assert not any(name.upper().startswith(("X-REPROXY", "X-ACCEL")) for name in response.headers)
+        for header in (etag, f'"other", {etag}', "*"):
+            app.request(url("plain.txt"), method=method, headers={"If-Match": header}, status=200)
+
+
 def test_overwrite_gives_a_new_etag(devmogile: DevMogileFS, client: Client) -> None:
     app, middleware, _ = make(devmogile)
     first = app.get(url("plain.txt")).headers["ETag"]

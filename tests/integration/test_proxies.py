@@ -234,11 +234,14 @@ def test_a_range_gets_206_and_those_bytes(through: Stack, first: int, last: int)
     assert answer.headers["Content-Range"] == f"bytes {first}-{last}/65537"
 
 
-def test_the_etag_revalidates_to_304(through: Stack) -> None:
+def test_the_etag_revalidates_to_304_and_another_version_is_412(through: Stack) -> None:
     etag = through.get("/mogilefs/sizes/65535.mp4").headers["ETag"]
     assert etag
     answer = through.get("/mogilefs/sizes/65535.mp4", {"If-None-Match": etag})
     assert (answer.status, answer.length) == (304, 0)
+    assert through.get("/mogilefs/sizes/65535.mp4", {"If-Match": '"fid-0"'}).status == 412
+    answer = through.get("/mogilefs/sizes/65535.mp4", {"If-Match": etag})
+    assert (answer.status, answer.length) == (200, 65535)
 
 
 def test_an_unknown_key_is_the_applications_404(through: Stack) -> None:
