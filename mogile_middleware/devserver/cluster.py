@@ -12,7 +12,6 @@ devices with :meth:`DevMogileFS.add_storage_node`.
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
@@ -129,8 +128,8 @@ class DevMogileFS:
             line_timeout=self.tracker_line_timeout,
             max_connections=self.tracker_max_connections,
         )
+        self._configure(self.tracker)
         self.tracker.start()
-        self._configure()
 
     def stop(self) -> None:
         """Stop everything (all servers at once; delayed work not yet due is dropped).
@@ -180,27 +179,24 @@ class DevMogileFS:
     ) -> None:
         self.stop()
 
-    # -- configuration over the wire ----------------------------------------------------------
+    # -- configuration by tracker commands ----------------------------------------------------
 
-    def _configure(self) -> None:
-        """Create the configured domains and classes with tracker commands (existing ones are kept)."""
-        if not self._domains:
-            return
-        with socket.create_connection(self.tracker_address, timeout=30) as sock, sock.makefile("rb") as replies:
+    def _configure(self, tracker: TrackerServer) -> None:
+        """Create the configured domains and classes with tracker commands (existing ones are kept),
+        answered before the tracker listens: no client ever finds it without them."""
 
-            def ask(command: str, args: dict[str, str | int], tolerated: str) -> bool:
-                sock.sendall(encode_request(command, args))
-                try:
-                    parse_reply(replies.readline())
-                except TrackerError as exc:
-                    if exc.code != tolerated:
-                        raise
-                    return False
-                return True
+        def ask(command: str, args: dict[str, str | int], tolerated: str) -> bool:
+            try:
+                parse_reply(tracker.answer(encode_request(command, args).rstrip(b"\r\n")))
+            except TrackerError as exc:
+                if exc.code != tolerated:
+                    raise
+                return False
+            return True
 
-            for domain, classes in self._domains.items():
-                ask("create_domain", {"domain": domain}, "domain_exists")
-                for name, mindevcount in classes.items():
-                    args: dict[str, str | int] = {"domain": domain, "class": name, "mindevcount": mindevcount}
-                    if not ask("create_class", args, "class_exists"):
-                        ask("update_class", args, "")
+        for domain, classes in self._domains.items():
+            ask("create_domain", {"domain": domain}, "domain_exists")
+            for name, mindevcount in classes.items():
+                args: dict[str, str | int] = {"domain": domain, "class": name, "mindevcount": mindevcount}
+                if not ask("create_class", args, "class_exists"):
+                    ask("update_class", args, "")

@@ -7,12 +7,13 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import CLASSES, DOMAIN
-from integration._wire_client import LineClient, eventually, http_request, paths_of, upload
+from integration._wire_client import LineClient, eventually, free_port, http_request, paths_of, upload
 
 from mogile_middleware.cli import build_parser
 from mogile_middleware.devserver import DevMogileFS
@@ -381,6 +382,34 @@ def test_state_survives_a_restart_on_the_same_data_dir(tmp_path: Path) -> None:
         domains = client.ok("get_domains")
         assert {"avatar", "thumb", "extra", "default"} == {v for k, v in domains.items() if k.endswith("name")}
         assert int(client.ok("create_open", domain=DOMAIN, key="next")["fid"]) > first_fid
+
+
+def test_the_first_client_to_connect_finds_the_configured_domains(tmp_path: Path) -> None:
+    """A client that connects the moment the port accepts (as scripts starting a tracker do);
+    three starts, as the moment is short."""
+    for start in range(3):
+        port = free_port()
+        first_reply: list[bytes] = []
+
+        def connect_at_once() -> None:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    with LineClient(("127.0.0.1", port)) as client:
+                        first_reply.append(client.call("get_domains"))
+                        return
+                except OSError:
+                    continue
+
+        thread = threading.Thread(target=connect_at_once)
+        thread.start()
+        try:
+            with DevMogileFS(tmp_path / f"data{start}", tracker_port=port, domains={DOMAIN: CLASSES}):
+                thread.join(10)
+        finally:
+            thread.join(10)
+        [reply] = first_reply
+        assert decode_args(reply[3:].rstrip(b"\r\n")).get("domain1") == DOMAIN, reply
 
 
 def test_a_temporary_data_dir_is_removed_on_stop() -> None:
