@@ -1,0 +1,136 @@
+"""WSGI under gunicorn and ASGI under uvicorn answer the same requests alike, read off the socket.
+
+Each configuration starts both servers over the same MogileFS and sends every request of a corpus
+(methods, awkward paths, ranges, conditionals, proxy headers, a view) to each. Status code, header
+lines and body must match, apart from what the server owns rather than the middleware: ``Date``,
+``Server``, ``Connection``, the body's framing, and the reason phrase (ASGI has none to give).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from conftest import DOMAIN
+from integration._gunicorn import run_gunicorn, run_uvicorn
+from integration._wire_client import HTTPReply, free_port, raw_http
+
+from mogile_middleware import Client
+from mogile_middleware.devserver import DevMogileFS
+
+pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
+pytest.importorskip("uvicorn", reason="uvicorn is installed by the test command ('.[dev]')")
+
+FILES = {"a.txt": b"0123456789", "empty.txt": b"", "dir/b.bin": bytes(range(256)), "café.txt": b"cafe",
+         " a.txt": b"leading space"}
+#: Answer headers the server writes, not the middleware; with the framing, left out of the comparison.
+SERVERS_OWN = {"date", "server", "connection", "transfer-encoding"}
+METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")
+PATHS = (
+    "/mogilefs/a.txt", "/mogilefs/missing.txt", "/mogilefs/", "/mogilefs", "/MOGILEFS/a.txt", "/other",
+    "/mogilefs/../a.txt", "/mogilefs/%2e%2e/a.txt", "/mogilefs/a%00b", "/mogilefs/%ff", "/mogilefs/a%0d%0aX:1",
+    "/mogilefs/" + "k" * 3000, "/mogilefs/a//b", "/mogilefs/a.txt;x", "/mogilefs/a.txt?x=1", "/mogilefs%2fa.txt",
+    "/mogilefs/dir%2fb.bin", "/mogilefs/caf%C3%A9.txt", "/mogilefs/%20a.txt", "/mogilefs/a.txt%20",
+    "/mogilefs/a.txt#frag", "http://media/mogilefs/a.txt",
+)
+#: Header sets sent with GET and HEAD of a stored, an empty and a missing key; ETAG is the key's own.
+HEADERS = (
+    (), ("Range: bytes=0-0",), ("Range: bytes=1-1",), ("Range: bytes=-1",), ("Range: bytes=0-",),
+    ("Range: bytes=-0",), ("Range: bytes=5-2",), ("Range: bytes=abc",), ("Range: bytes=0-1,2-3",),
+    ("Range: bytes=-99999",), ("Range: bytes=99999999999999999999-",), ("Range: items=0-1",),
+    ("Range: BYTES=0-1",), ("Range: bytes=0-1", "Range: bytes=2-3"),
+    ("If-None-Match: *",), ("If-None-Match: ETAG",), ('If-None-Match: "other"',), ("If-None-Match: W/ETAG, *",),
+    ("If-Match: ETAG",), ('If-Match: "other"',), ("If-Match: *",),
+    ("If-Range: ETAG", "Range: bytes=0-1"), ('If-Range: "other"', "Range: bytes=0-1"),
+    ("If-Range: W/ETAG", "Range: bytes=0-1"), ("If-Range: Sun, 06 Nov 2094 08:49:37 GMT", "Range: bytes=0-1"),
+    ("If-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT",), ("If-Modified-Since: garbage",),
+    ("If-Unmodified-Since: Sun, 06 Nov 1994 08:49:37 GMT",), ("Range: bytes=0-1", "If-None-Match: *"),
+    ("X-Proxy-Capabilities: reproxy-file",), ("X-Sendfile-Type: X-Accel-Redirect",),
+    ("X-Forwarded-For: 10.1.2.3",), ("X-Reproxy-URL: http://10.0.0.5/",), ("Accept-Encoding: gzip",),
+)
+VIEWS = (("/view/a.txt", ("X-Test-User: allowed",)), ("/view/a.txt?download=r%C3%A9sum%C3%A9.txt",
+         ("X-Test-User: allowed",)), ("/view/a.txt", ()), ("/view/missing.txt", ("X-Test-User: allowed",)))
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a client can tell of an answer: status, the middleware's header lines (sorted), body."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+    @classmethod
+    def of(cls, reply: HTTPReply) -> Answer:
+        body = _unchunked(reply.body) if reply.headers.get("transfer-encoding") == "chunked" else reply.body
+        return cls(reply.status, tuple(sorted((name, value) for name, value in reply.fields if name not in SERVERS_OWN)),
+                   body)
+
+
+def _unchunked(data: bytes) -> bytes:
+    body = b""
+    while True:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            return body
+        body, data = body + data[:size], data[size + 2:]
+
+
+def corpus(etag: str) -> Iterator[tuple[str, str, tuple[str, ...]]]:
+    """Every request sent: method, target and header lines."""
+    for path in PATHS:
+        for method in METHODS:
+            yield method, path, ()
+    for key in ("a.txt", "empty.txt", "missing.txt"):
+        for method in ("GET", "HEAD"):
+            for headers in HEADERS:
+                yield method, f"/mogilefs/{key}", tuple(line.replace("ETAG", etag) for line in headers)
+    for target, headers in VIEWS:
+        for method in ("GET", "HEAD"):
+            yield method, target, headers
+    yield "GET", "/mogilefs/a.txt", ("HTTP/1.0",)
+
+
+def ask(port: int, method: str, target: str, headers: tuple[str, ...]) -> Answer:
+    version = "HTTP/1.0" if headers == ("HTTP/1.0",) else "HTTP/1.1"
+    lines = [f"{method} {target} {version}", "Host: media", "Connection: close",
+             *(line for line in headers if line != "HTTP/1.0")]
+    return Answer.of(raw_http(port, ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"), method))
+
+
+@pytest.fixture(scope="module")
+def mogile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevMogileFS]:
+    with DevMogileFS(data_dir=tmp_path_factory.mktemp("mogdata"), storage_nodes=2,
+                     domains={DOMAIN: {"thumb": 1}}) as mogile:
+        client = Client(DOMAIN, mogile.trackers)
+        for key, data in FILES.items():
+            client.store_content(key, data, cls="thumb")
+        yield mogile
+
+
+#: Each configuration: the test application's environment, and statuses its corpus must include.
+CONFIGURATIONS = {
+    "serve": ({}, {200, 206, 304, 400, 403, 404, 405, 412, 416}),
+    "perlbal": ({"MOGILE_REPROXY": "perlbal"}, {200, 206, 304, 400, 403, 404, 405, 412, 416}),
+    "nginx-trusted-proxy-header": ({"MOGILE_REPROXY": "nginx", "MOGILE_TRUSTED_PROXIES": "127.0.0.1",
+                                    "MOGILE_REQUIRE_PROXY_HEADER": "1"}, {200, 206, 304, 400, 403, 404, 405, 412, 416}),
+    "tracker-down": ({"MOGILE_TRACKERS": f"127.0.0.1:{free_port()}"}, {200, 400, 405, 503}),
+}
+
+
+@pytest.mark.parametrize("configuration", sorted(CONFIGURATIONS))
+def test_both_servers_give_the_same_answers(mogile: DevMogileFS, configuration: str) -> None:
+    extra, statuses = CONFIGURATIONS[configuration]
+    env = {"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": mogile.trackers[0], **extra}
+    etag = Client(DOMAIN, mogile.trackers).file_info("a.txt").fid
+    differences, seen = [], set()
+    with run_gunicorn(env) as gunicorn, run_uvicorn(env) as uvicorn:
+        for method, target, headers in corpus(f'"fid-{etag}"'):
+            wsgi, asgi = ask(gunicorn.port, method, target, headers), ask(uvicorn.port, method, target, headers)
+            seen.add(wsgi.status)
+            if wsgi != asgi:
+                differences.append(f"{method} {target[:60]} {headers}:\n  gunicorn {wsgi}\n  uvicorn  {asgi}")
+    assert not differences, "\n".join(differences)
+    assert statuses <= seen, f"the corpus no longer reaches {statuses - seen}"
