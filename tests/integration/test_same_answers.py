@@ -113,7 +113,15 @@ def mogile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevMogileFS]:
 #: Each configuration: the test application's environment, and statuses its corpus must include.
 CONFIGURATIONS = {
     "serve": ({}, {200, 206, 304, 400, 403, 404, 405, 412, 416}),
+    "serve-body-cache-download-cache-control": ({"MOGILE_BODY_CACHE_BYTES": "1048576",
+                                                 "MOGILE_CONTENT_DISPOSITION": "attachment",
+                                                 "MOGILE_CACHE_CONTROL": "public, max-age=60"},
+                                                {200, 206, 304, 400, 403, 404, 405, 412, 416}),
     "perlbal": ({"MOGILE_REPROXY": "perlbal"}, {200, 206, 304, 400, 403, 404, 405, 412, 416}),
+    "perlbal-trusted-cache-fallback": ({"MOGILE_REPROXY": "perlbal", "MOGILE_TRUSTED_PROXIES": "127.0.0.1",
+                                        "MOGILE_PERLBAL_CACHE_SECONDS": "30",
+                                        "MOGILE_PERLBAL_FALLBACK_URL": "http://127.0.0.1:8000"},
+                                       {200, 206, 304, 400, 403, 404, 405, 412, 416}),
     "nginx-trusted-proxy-header": ({"MOGILE_REPROXY": "nginx", "MOGILE_TRUSTED_PROXIES": "127.0.0.1",
                                     "MOGILE_REQUIRE_PROXY_HEADER": "1"}, {200, 206, 304, 400, 403, 404, 405, 412, 416}),
     "tracker-down": ({"MOGILE_TRACKERS": f"127.0.0.1:{free_port()}"}, {200, 400, 405, 503}),
