@@ -46,6 +46,12 @@ async def private_file(request: Request) -> Response:
     return Response(headers=dict([serve_header(f"private/{name}", filename=name.rpartition("/")[2])]))
 
 
+def public_key(path: str) -> str | None:
+    """The key of a path under ``/mogilefs/``, or None (404) for the private files: only the
+    endpoint :func:`private_file` sends those, to a client showing the token."""
+    return None if path.startswith("private/") else path
+
+
 app = Starlette(routes=[Route("/", homepage), Route("/private/{name:path}", private_file)])
 # The WSGI middleware's options; requests outside the prefix reach the routes above untouched.
 app.add_middleware(
@@ -53,5 +59,6 @@ app.add_middleware(
     domain=os.environ.get("MOGILEFS_DOMAIN", "media"),
     trackers=os.environ.get("MOGILEFS_TRACKERS", "127.0.0.1:7001"),
     prefix="/mogilefs/",
+    key_for_path=public_key,
     cache_control="public, max-age=3600",
 )

@@ -340,6 +340,10 @@ def test_the_starlette_example_serves_a_private_file_to_its_endpoint(stored: Dev
     assert headers["content-disposition"] == 'attachment; filename="doc.txt"'
     assert asgi_call(app, "/private/missing.txt", {"Authorization": f"Bearer {TOKEN}"})[0] == 404
     assert asgi_call(app, "/mogilefs/plain.txt")[2] == FILES["plain.txt"]
+    # Nor under the prefix, where no endpoint checks the token.
+    for headers in ({}, {"Authorization": f"Bearer {TOKEN}"}):
+        status, _, body = asgi_call(app, "/mogilefs/private/doc.txt", headers)
+        assert status == 404 and FILES["private/doc.txt"] not in body
 
 
 def test_perlbals_fallback_request_keeps_its_signature(stored: DevMogileFS) -> None:
