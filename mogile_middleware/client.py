@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
 
 from .cache import CacheBackend, entry_key
+from .deadline import checked_seconds
 from .exceptions import NoneMatchError
 from .protocol import ArgValue, Reply, check_key, parse_domains
 from .storage import ReplicaResponse, open_replica
@@ -140,7 +141,7 @@ class ClientBase:
         self.pool = pool or self.pool_class(
             trackers, connect_timeout=connect_timeout, io_timeout=io_timeout, dead_seconds=dead_seconds
         )
-        self.storage_timeout = storage_timeout
+        self.storage_timeout = checked_seconds("storage_timeout", storage_timeout)
         self.cache_backend = cache_backend
         self._change_listeners: tuple[ChangeListener, ...] = ()
         if on_change is not None:

@@ -66,7 +66,8 @@ class ContentPolicy:
         if content_disposition not in DISPOSITIONS:
             raise ValueError(f"content_disposition must be one of {DISPOSITIONS}, not {content_disposition!r}")
         for ending, media_type in (mimetypes or {}).items():
-            if not ending.startswith(".") or "/" not in media_type or not media_type.isascii():
+            if not ending.startswith(".") or "/" not in media_type or not media_type.isascii() \
+                    or not media_type.isprintable():
                 raise ValueError(f"mimetypes maps a name ending like '.webp' to a type like 'image/webp', "
                                  f"not {ending!r} to {media_type!r}")
         self._types = {ending.lower(): media_type for ending, media_type in _standard_types().items()}

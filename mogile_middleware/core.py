@@ -22,6 +22,7 @@ from . import http
 from .bodies import BodyCache
 from .cache import CacheBackend
 from .content import ContentPolicy
+from .deadline import checked_seconds
 from .exceptions import BadKeyError, MogileFSError, TrackerUnavailableError, UnknownKeyError
 from .http import Answer, FileRequest
 from .protocol import MAX_KEY_BYTES, check_key
@@ -38,6 +39,8 @@ REPROXY_MODES = (None, "perlbal", "nginx")
 #: In ``trusted_proxies``: the peer of a unix socket (an empty ``REMOTE_ADDR``).
 UNIX_SOCKET = "unix"
 _CONTROL_CHARACTERS = frozenset(chr(c) for c in [*range(0x20), 0x7F])
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 5.6.2
+_NGINX_LOCATION = re.compile(r"[/@][!-~]*")
 _NOT_UTF8 = http.error(400, "The file name is not valid UTF-8.")
 _CONTROL = http.error(400, "The file name contains control characters.")
 _TOO_LONG = http.error(400, f"The file name is longer than {MAX_KEY_BYTES} bytes.")
@@ -148,6 +151,13 @@ class MiddlewareCore:
     ) -> None:
         if reproxy not in REPROXY_MODES:
             raise ValueError(f"reproxy must be one of {REPROXY_MODES}, not {reproxy!r}")
+        _refuse_unusable(cache_control=cache_control, charset=charset, nginx_location=nginx_location,
+                         perlbal_cache_seconds=perlbal_cache_seconds, retry_after_seconds=retry_after_seconds,
+                         path_cache_entries=path_cache_entries)
+        for name, seconds in [("path_cache_seconds", path_cache_seconds), ("missing_seconds", missing_seconds),
+                              ("replicating_seconds", replicating_seconds), ("stale_seconds", stale_seconds)]:
+            checked_seconds(name, seconds, zero=True)
+        checked_seconds("storage_timeout", storage_timeout)
         private = authorize is not None or signing_key is not None
         if private and perlbal_cache_seconds:
             raise ValueError("perlbal_cache_seconds lets Perlbal answer repeated requests without asking the "
@@ -300,6 +310,37 @@ class MiddlewareCore:
         if address.version == 6 and address.ipv4_mapped:  # 127.0.0.1 behind a dual-stack [::] bind
             address = address.ipv4_mapped
         return any(address in network for network in self.trusted_proxies or () if network != UNIX_SOCKET)
+
+
+def _refuse_unusable(*, cache_control: object, charset: object, nginx_location: object,
+                     perlbal_cache_seconds: object, retry_after_seconds: object, path_cache_entries: object) -> None:
+    """Raise ValueError naming the first option no request could use: a header value that is not
+    printable ASCII (a line break would end the header), a location nginx would not take, a
+    count below what it counts."""
+    checks = [
+        ("cache_control", cache_control, cache_control is None or _is_header_value(cache_control), "a header value"),
+        ("charset", charset, charset is None or isinstance(charset, str) and bool(_TOKEN.fullmatch(charset)),
+         "a charset name such as 'utf-8', or None"),
+        ("nginx_location", nginx_location,
+         isinstance(nginx_location, str) and bool(_NGINX_LOCATION.fullmatch(nginx_location)),
+         "an nginx location such as '/reproxy' or '@reproxy'"),
+        ("perlbal_cache_seconds", perlbal_cache_seconds,
+         perlbal_cache_seconds is None or _is_count(perlbal_cache_seconds, 0), "a whole number of seconds >= 0"),
+        ("retry_after_seconds", retry_after_seconds, _is_count(retry_after_seconds, 0),
+         "a whole number of seconds >= 0"),
+        ("path_cache_entries", path_cache_entries, _is_count(path_cache_entries, 1), "a whole number >= 1"),
+    ]
+    for name, value, valid, expected in checks:
+        if not valid:
+            raise ValueError(f"{name} must be {expected}, not {value!r}")
+
+
+def _is_header_value(value: object) -> bool:
+    return isinstance(value, str) and value.isascii() and value.isprintable() and value.strip() == value != ""
+
+
+def _is_count(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def parse_trusted_proxies(proxies: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network | str, ...]:

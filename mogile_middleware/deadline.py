@@ -12,6 +12,14 @@ import socket
 import time
 
 
+def checked_seconds(name: str, value: float, *, zero: bool = False) -> float:
+    """``value`` if it is a number of seconds above 0 (or 0 itself, with ``zero``); otherwise a
+    ValueError naming the option ``name``, raised where it is given rather than at a request."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 if zero else value > 0):
+        raise ValueError(f"{name} must be a number of seconds {'>=' if zero else '>'} 0, not {value!r}")
+    return value
+
+
 def time_left(deadline: float, now: float | None = None) -> float:
     """Seconds until ``deadline`` (a :func:`time.monotonic` time); :class:`TimeoutError` once it has passed."""
     left = deadline - (time.monotonic() if now is None else now)

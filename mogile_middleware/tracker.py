@@ -26,7 +26,7 @@ from typing import Any, NamedTuple, Protocol, Union
 
 from . import metrics
 from .exceptions import OutcomeUnknownError, ProtocolError, TrackerError, TrackerUnavailableError
-from .deadline import DeadlineReader, readable_now
+from .deadline import DeadlineReader, checked_seconds, readable_now
 from .protocol import ArgValue, Reply, encode_request, parse_reply
 
 Address = tuple[str, int]
@@ -48,11 +48,12 @@ DEFAULT_PORT = 7001
 def parse_address(tracker: str | Address) -> Address:
     """``"host:port"`` (or ``"host"``, port 7001; ``"[::1]:7001"``) as a ``(host, port)`` pair."""
     if isinstance(tracker, tuple):
-        return tracker[0], int(tracker[1])
-    host, sep, port = tracker.strip().rpartition(":")
-    if not sep or host.endswith(":") and not host.startswith("["):
-        host, port = tracker.strip(), str(DEFAULT_PORT)
-    if not host or not port.isdigit():
+        host, port = tracker[0], str(tracker[1])
+    else:
+        host, sep, port = tracker.strip().rpartition(":")
+        if not sep or host.endswith(":") and not host.startswith("["):
+            host, port = tracker.strip(), str(DEFAULT_PORT)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"tracker address {tracker!r} is not host:port")
     return host.strip("[]"), int(port)
 
@@ -201,9 +202,9 @@ class TrackerPoolBase:
     ) -> None:
         self.addresses = parse_trackers(trackers)
         self._names = {address: _describe(address) for address in self.addresses}
-        self.connect_timeout = connect_timeout
-        self.io_timeout = io_timeout
-        self.dead_seconds = dead_seconds
+        self.connect_timeout = checked_seconds("connect_timeout", connect_timeout)
+        self.io_timeout = checked_seconds("io_timeout", io_timeout)
+        self.dead_seconds = checked_seconds("dead_seconds", dead_seconds, zero=True)
         self._clock = clock
         self._reset()
 

@@ -1,0 +1,59 @@
+"""Options no request could use are refused where they are given, naming the option: not a 500,
+a 503 or a broken header at every request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from mogile_middleware import AsyncClient, Client, MogileFSMiddleware
+from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
+
+BAD_OPTIONS = [
+    pytest.param({"cache_control": "public\r\nSet-Cookie: a=b"}, "cache_control", id="cache-control-line-break"),
+    pytest.param({"cache_control": 3600}, "cache_control", id="cache-control-number"),
+    pytest.param({"charset": "utf-8\n"}, "charset", id="charset-line-break"),
+    pytest.param({"mimetypes": {".txt": "text/plain\r\nX: y"}}, "mimetypes", id="mimetype-line-break"),
+    pytest.param({"reproxy": "nginx", "nginx_location": "reproxy"}, "nginx_location", id="nginx-location-relative"),
+    pytest.param({"reproxy": "nginx", "nginx_location": "/re proxy"}, "nginx_location", id="nginx-location-blank"),
+    pytest.param({"reproxy": "perlbal", "perlbal_cache_seconds": -30}, "perlbal_cache_seconds",
+                 id="perlbal-cache-negative"),
+    pytest.param({"reproxy": "perlbal", "perlbal_cache_seconds": 1.5}, "perlbal_cache_seconds",
+                 id="perlbal-cache-fraction"),
+    pytest.param({"retry_after_seconds": -1}, "retry_after_seconds", id="retry-after-negative"),
+    pytest.param({"path_cache_entries": 0}, "path_cache_entries", id="no-cache-entries"),
+    pytest.param({"path_cache_seconds": -1}, "path_cache_seconds", id="path-cache-negative"),
+    pytest.param({"missing_seconds": "3"}, "missing_seconds", id="missing-seconds-text"),
+    pytest.param({"stale_seconds": float("nan")}, "stale_seconds", id="stale-nan"),
+    pytest.param({"storage_timeout": 0}, "storage_timeout", id="storage-timeout-zero"),
+    pytest.param({"io_timeout": 0}, "io_timeout", id="io-timeout-zero"),
+    pytest.param({"connect_timeout": -1}, "connect_timeout", id="connect-timeout-negative"),
+    pytest.param({"dead_seconds": -5}, "dead_seconds", id="dead-seconds-negative"),
+    pytest.param({"trackers": ["127.0.0.1:99999"]}, "127.0.0.1:99999", id="tracker-port-out-of-range"),
+    pytest.param({"trackers": "127.0.0.1:0"}, "127.0.0.1:0", id="tracker-port-zero"),
+]
+
+
+@pytest.mark.parametrize("middleware", [MogileFSMiddleware, ASGIMiddleware], ids=["wsgi", "asgi"])
+@pytest.mark.parametrize(("options", "named"), BAD_OPTIONS)
+def test_a_middleware_refuses_an_option_no_request_could_use(middleware: type, options: dict[str, Any],
+                                                             named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        middleware(lambda *args: None, **{"domain": "media", "trackers": "127.0.0.1:7001", **options})
+
+
+@pytest.mark.parametrize("client", [Client, AsyncClient])
+@pytest.mark.parametrize("options", [{"storage_timeout": 0}, {"io_timeout": -1}, {"connect_timeout": 0},
+                                     {"dead_seconds": -1}])
+def test_a_client_refuses_a_timeout_no_request_could_use(client: type, options: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match=next(iter(options))):
+        client("media", "127.0.0.1:7001", **options)
+
+
+def test_usable_edge_values_are_taken() -> None:
+    middleware = MogileFSMiddleware(lambda *args: None, domain="media", trackers=[("127.0.0.1", 65535)],
+                                    reproxy="nginx", nginx_location="@mogilefs", path_cache_seconds=0,
+                                    missing_seconds=0, stale_seconds=0, retry_after_seconds=0, dead_seconds=0,
+                                    cache_control="public, max-age=60", charset=None)
+    assert middleware.client.pool.addresses == [("127.0.0.1", 65535)]
