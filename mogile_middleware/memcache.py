@@ -26,6 +26,7 @@ from pymemcache.client.base import check_key_helper, normalize_server_spec
 from pymemcache.client.hash import HashClient
 from pymemcache.exceptions import MemcacheIllegalInputError
 
+from .deadline import checked_seconds
 from .locate import Location, is_clean_url
 
 log = logging.getLogger("mogile_middleware")
@@ -67,14 +68,14 @@ class MemcachedBackend:
         items = servers.replace(",", " ").split() if isinstance(servers, str) else list(servers)
         if client is None and not items:
             raise ValueError("no memcached server given")
-        self.servers = [normalize_server_spec(item) for item in items]
+        self.servers = [_server(item) for item in items]
         self.prefix = prefix
         try:  # a bad prefix would otherwise turn every request into a logged miss
             check_key_helper(self._memcached_key(""), allow_unicode_keys=False)
         except MemcacheIllegalInputError as error:
             raise ValueError(f"prefix {prefix!r} cannot start a memcached key: {error}") from error
-        self.connect_timeout = connect_timeout
-        self.timeout = timeout
+        self.connect_timeout = checked_seconds("connect_timeout", connect_timeout)
+        self.timeout = checked_seconds("timeout", timeout)
         self._given = client
         self._secret = secret.encode() if isinstance(secret, str) else secret
         self._pid = os.getpid()
@@ -163,6 +164,18 @@ class MemcachedBackend:
                     self._idle.append(client)
             if not kept:
                 client.close()
+
+
+def _server(spec: str) -> tuple[str, int] | str:
+    """A memcached server as pymemcache takes it: ``host:port`` (port 11211 by default), or the
+    path of a unix socket; ValueError naming ``spec`` when its port is not one."""
+    try:
+        server = normalize_server_spec(spec)
+    except ValueError:
+        server = None
+    if server is None or isinstance(server, tuple) and not 0 < server[1] < 65536:
+        raise ValueError(f"memcached server {spec!r} is not host:port or a unix socket path")
+    return server
 
 
 def _location(fields: object) -> Location:

@@ -101,6 +101,15 @@ def test_a_prefix_memcached_cannot_take_is_refused() -> None:
         MemcachedBackend(prefix="my site:")
 
 
+@pytest.mark.parametrize(("options", "named"), [
+    ({"servers": "127.0.0.1:99999"}, "127.0.0.1:99999"), ({"servers": ["127.0.0.1:11211", "cache:abc"]}, "cache:abc"),
+    ({"timeout": 0}, "timeout"), ({"connect_timeout": -1}, "connect_timeout"),
+])
+def test_servers_and_timeouts_no_request_could_use_are_refused(options: dict[str, object], named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        MemcachedBackend(**options)  # type: ignore[arg-type]
+
+
 def test_keys_spread_over_several_servers(memcached: MemcachedServer) -> None:
     with start_memcached() as second:
         backend = MemcachedBackend(f"{memcached.address}, {second.address}")
