@@ -247,7 +247,7 @@ class MiddlewareCore:
     def reproxy_answer(self, environ: Environ, location: Any) -> Answer | None:
         """The answer that sends a trusted proxy to the replicas, or ``None``: serve the body."""
         responder = self.reproxy_responder
-        if responder is not None and self._may_reproxy(environ, responder, location.etag):
+        if responder is not None and self._may_reproxy(environ, responder, location):
             return responder.answer(location, environ.get("HTTP_IF_MATCH"), environ.get("HTTP_IF_NONE_MATCH"),
                                     "HTTP_RANGE" in environ,
                                     _request_target(environ) if responder.wants_target else "")
@@ -288,11 +288,13 @@ class MiddlewareCore:
             return _TOO_LONG
         return path
 
-    def _may_reproxy(self, environ: Environ, responder: Reproxy, etag: str) -> bool:
+    def _may_reproxy(self, environ: Environ, responder: Reproxy, location: Any) -> bool:
         """True if this request may see storage URLs: from a trusted proxy that can reproxy."""
         ranged = environ.get("HTTP_RANGE")
-        if ranged is not None and (http.is_suffix_range(ranged) or not _if_range_holds(environ, etag)):
-            # Storage nodes answer bytes=-N wrongly, and check no If-Range: serve those here.
+        if ranged is not None and (http.is_suffix_range(ranged) or not _if_range_holds(environ, location.etag)
+                                   or _past_the_end(ranged, location.length)):
+            # Storage nodes answer bytes=-N wrongly and check no If-Range, and the proxy would send a
+            # node's 416 with the file's headers: serve those here.
             return False
         if self.require_proxy_header and not responder.proxy_asks(environ.get(responder.request_header, "")):
             return False
@@ -356,6 +358,11 @@ def parse_trusted_proxies(proxies: Iterable[str]) -> tuple[ipaddress.IPv4Network
             raise ValueError(
                 f"trusted proxy {proxy!r} is not an address, a network or {UNIX_SOCKET!r}: {error}") from None
     return tuple(parsed)
+
+
+def _past_the_end(range_header: str, length: int | None) -> bool:
+    """True when the file's ``length`` is known and ``range_header`` asks only past its end (a 416)."""
+    return length is not None and http.byte_range(range_header, length) is False
 
 
 def _if_range_holds(environ: Environ, etag: str) -> bool:

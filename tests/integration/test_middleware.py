@@ -130,6 +130,19 @@ def test_a_suffix_range_is_served_not_reproxied(devmogile: DevMogileFS, client: 
     assert not any(name.upper().startswith(("X-REPROXY", "X-ACCEL")) for name in response.headers)
 
 
+@pytest.mark.parametrize("reproxy", ["perlbal", "nginx"])
+def test_a_range_past_the_end_of_a_known_length_is_416_here(devmogile: DevMogileFS, client: Client,
+                                                             reproxy: str) -> None:
+    app, _, _ = make(devmogile, reproxy=reproxy, trusted_proxies=["10.0.0.1"])
+    proxy = {"REMOTE_ADDR": "10.0.0.1"}
+    for past in ("bytes=37-", "bytes=100-200"):
+        response = app.get(url("plain.txt"), headers={"Range": past}, extra_environ=proxy, status=416)
+        assert response.headers["Content-Range"] == "bytes */37"
+        assert not any(name.upper().startswith(("X-REPROXY", "X-ACCEL")) for name in response.headers)
+    inside = app.get(url("plain.txt"), headers={"Range": "bytes=36-"}, extra_environ=proxy)
+    assert any(name.upper().startswith(("X-REPROXY", "X-ACCEL")) for name in inside.headers)
+
+
 @pytest.mark.parametrize("reproxy", MODES)
 def test_if_none_match_gives_304(devmogile: DevMogileFS, client: Client, reproxy: str | None) -> None:
     app, _, _ = make(devmogile, reproxy=reproxy)

@@ -234,6 +234,18 @@ def test_a_range_gets_206_and_those_bytes(through: Stack, first: int, last: int)
     assert answer.headers["Content-Range"] == f"bytes {first}-{last}/65537"
 
 
+@pytest.mark.parametrize("range_header", ["bytes=65537-", "bytes=70000-70010"])
+def test_a_range_past_the_end_is_the_applications_416(through: Stack, range_header: str) -> None:
+    """Not the storage node's, which the proxy would send with the file's type and ETag."""
+    path = "/mogilefs/sizes/65537.mp4"
+    earlier = len(through.app_requests(path))
+    answer = through.get(path, {"Range": range_header})
+    assert answer.status == 416 and answer.headers["Content-Range"] == "bytes */65537"
+    assert answer.headers["Content-Type"] == "text/plain; charset=utf-8"
+    [(status, sent)] = through.app_requests(path)[earlier:]
+    assert status == "416" and sent == answer.length > 0
+
+
 def test_the_etag_revalidates_to_304_and_another_version_is_412(through: Stack) -> None:
     etag = through.get("/mogilefs/sizes/65535.mp4").headers["ETag"]
     assert etag
