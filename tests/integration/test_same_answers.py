@@ -64,8 +64,8 @@ class Answer:
     @classmethod
     def of(cls, reply: HTTPReply) -> Answer:
         body = _unchunked(reply.body) if reply.headers.get("transfer-encoding") == "chunked" else reply.body
-        return cls(reply.status, tuple(sorted((name, value) for name, value in reply.fields if name not in SERVERS_OWN)),
-                   body)
+        fields = sorted((name, value) for name, value in reply.fields if name not in SERVERS_OWN)
+        return cls(reply.status, tuple(fields), body)
 
 
 def _unchunked(data: bytes) -> bytes:
@@ -78,26 +78,33 @@ def _unchunked(data: bytes) -> bytes:
         body, data = body + data[:size], data[size + 2:]
 
 
-def corpus(etag: str) -> Iterator[tuple[str, str, tuple[str, ...]]]:
-    """Every request sent: method, target and header lines."""
+@dataclass(frozen=True)
+class Request:
+    """One request of the corpus."""
+
+    method: str
+    target: str
+    headers: tuple[str, ...] = ()
+    version: str = "HTTP/1.1"
+
+    def send(self, port: int) -> Answer:
+        lines = [f"{self.method} {self.target} {self.version}", "Host: media", "Connection: close", *self.headers]
+        return Answer.of(raw_http(port, ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"), self.method))
+
+
+def corpus(etag: str) -> Iterator[Request]:
+    """Every request sent; ETAG in a header line stands for ``etag``."""
     for path in PATHS:
         for method in METHODS:
-            yield method, path, ()
+            yield Request(method, path)
     for key in ("a.txt", "empty.txt", "missing.txt"):
         for method in ("GET", "HEAD"):
             for headers in HEADERS:
-                yield method, f"/mogilefs/{key}", tuple(line.replace("ETAG", etag) for line in headers)
+                yield Request(method, f"/mogilefs/{key}", tuple(line.replace("ETAG", etag) for line in headers))
     for target, headers in VIEWS:
         for method in ("GET", "HEAD"):
-            yield method, target, headers
-    yield "GET", "/mogilefs/a.txt", ("HTTP/1.0",)
-
-
-def ask(port: int, method: str, target: str, headers: tuple[str, ...]) -> Answer:
-    version = "HTTP/1.0" if headers == ("HTTP/1.0",) else "HTTP/1.1"
-    lines = [f"{method} {target} {version}", "Host: media", "Connection: close",
-             *(line for line in headers if line != "HTTP/1.0")]
-    return Answer.of(raw_http(port, ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"), method))
+            yield Request(method, target, headers)
+    yield Request("GET", "/mogilefs/a.txt", version="HTTP/1.0")
 
 
 @pytest.fixture(scope="module")
@@ -110,20 +117,20 @@ def mogile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevMogileFS]:
         yield mogile
 
 
+#: Every status a file answer can have, and the application's 403 (a view refused).
+FILE_STATUSES = {200, 206, 304, 400, 403, 404, 405, 412, 416}
 #: Each configuration: the test application's environment, and statuses its corpus must include.
 CONFIGURATIONS = {
-    "serve": ({}, {200, 206, 304, 400, 403, 404, 405, 412, 416}),
+    "serve": ({}, FILE_STATUSES),
     "serve-body-cache-download-cache-control": ({"MOGILE_BODY_CACHE_BYTES": "1048576",
                                                  "MOGILE_CONTENT_DISPOSITION": "attachment",
-                                                 "MOGILE_CACHE_CONTROL": "public, max-age=60"},
-                                                {200, 206, 304, 400, 403, 404, 405, 412, 416}),
-    "perlbal": ({"MOGILE_REPROXY": "perlbal"}, {200, 206, 304, 400, 403, 404, 405, 412, 416}),
+                                                 "MOGILE_CACHE_CONTROL": "public, max-age=60"}, FILE_STATUSES),
+    "perlbal": ({"MOGILE_REPROXY": "perlbal"}, FILE_STATUSES),
     "perlbal-trusted-cache-fallback": ({"MOGILE_REPROXY": "perlbal", "MOGILE_TRUSTED_PROXIES": "127.0.0.1",
                                         "MOGILE_PERLBAL_CACHE_SECONDS": "30",
-                                        "MOGILE_PERLBAL_FALLBACK_URL": "http://127.0.0.1:8000"},
-                                       {200, 206, 304, 400, 403, 404, 405, 412, 416}),
+                                        "MOGILE_PERLBAL_FALLBACK_URL": "http://127.0.0.1:8000"}, FILE_STATUSES),
     "nginx-trusted-proxy-header": ({"MOGILE_REPROXY": "nginx", "MOGILE_TRUSTED_PROXIES": "127.0.0.1",
-                                    "MOGILE_REQUIRE_PROXY_HEADER": "1"}, {200, 206, 304, 400, 403, 404, 405, 412, 416}),
+                                    "MOGILE_REQUIRE_PROXY_HEADER": "1"}, FILE_STATUSES),
     "tracker-down": ({"MOGILE_TRACKERS": f"127.0.0.1:{free_port()}"}, {200, 400, 405, 503}),
 }
 
@@ -135,10 +142,10 @@ def test_both_servers_give_the_same_answers(mogile: DevMogileFS, configuration: 
     etag = Client(DOMAIN, mogile.trackers).file_info("a.txt").fid
     differences, seen = [], set()
     with run_gunicorn(env) as gunicorn, run_uvicorn(env) as uvicorn:
-        for method, target, headers in corpus(f'"fid-{etag}"'):
-            wsgi, asgi = ask(gunicorn.port, method, target, headers), ask(uvicorn.port, method, target, headers)
+        for request in corpus(f'"fid-{etag}"'):
+            wsgi, asgi = request.send(gunicorn.port), request.send(uvicorn.port)
             seen.add(wsgi.status)
             if wsgi != asgi:
-                differences.append(f"{method} {target[:60]} {headers}:\n  gunicorn {wsgi}\n  uvicorn  {asgi}")
+                differences.append(f"{request}:\n  gunicorn {wsgi}\n  uvicorn  {asgi}")
     assert not differences, "\n".join(differences)
     assert statuses <= seen, f"the corpus no longer reaches {statuses - seen}"
