@@ -338,10 +338,12 @@ def _refuse_unusable(*, cache_control: object, charset: object, nginx_location: 
 
 
 def _is_header_value(value: object) -> bool:
+    """True for a string a header line can carry as it is: printable ASCII, no blank at either end."""
     return isinstance(value, str) and value.isascii() and value.isprintable() and value.strip() == value != ""
 
 
 def _is_count(value: object, minimum: int) -> bool:
+    """True for a whole number (not a bool) of at least ``minimum``."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 

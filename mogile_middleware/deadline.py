@@ -1,7 +1,8 @@
 """Deadlines on socket reads: a peer that trickles its answer cannot hold a request past them.
 
 A socket timeout restarts with every byte that arrives; the tracker client and the storage
-client both read through :class:`DeadlineReader` to bound a whole reply instead.
+client both read through :class:`DeadlineReader` to bound a whole reply instead. The timeouts
+themselves are checked where they are given (:func:`checked_seconds`).
 """
 
 from __future__ import annotations
