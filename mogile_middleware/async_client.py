@@ -41,6 +41,7 @@ from .protocol import Reply, check_key
 from .upload import (
     class_named,
     committing,
+    content_bytes,
     create_close_args,
     create_open_args,
     destinations,
@@ -121,8 +122,8 @@ class AsyncClient(ClientBase):
             return b"".join([chunk async for chunk in body.chunks()])
 
     async def store_content(self, key: str, data: bytes, cls: str | None = None) -> int:
-        """Store ``data`` under ``key``; return the number of bytes stored."""
-        return await self.store_file(key, io.BytesIO(data), cls)
+        """Store ``data`` (bytes) under ``key``; return the number of bytes stored."""
+        return await self.store_file(key, io.BytesIO(content_bytes(key, data)), cls)
 
     async def store_file(self, key: str, fileobj: Body, cls: str | None = None, *,
                          verify_checksum: bool = False) -> int:

@@ -25,7 +25,7 @@ from .exceptions import NoneMatchError
 from .protocol import ArgValue, Reply, check_key, parse_domains
 from .storage import ReplicaResponse, open_replica
 from .tracker import Address, TrackerPool, TrackerPoolBase
-from .upload import ChangeListener, NewFile, Uploader
+from .upload import ChangeListener, NewFile, Uploader, content_bytes
 
 log = logging.getLogger("mogile_middleware")
 
@@ -227,8 +227,8 @@ class Client(ClientBase):
         return self._uploader.upload(key, fileobj, cls, verify_checksum=verify_checksum)
 
     def store_content(self, key: str, data: bytes, cls: str | None = None) -> int:
-        """Store ``data`` under ``key``; return the number of bytes stored."""
-        return self._uploader.upload(key, data, cls)
+        """Store ``data`` (bytes) under ``key``; return the number of bytes stored."""
+        return self._uploader.upload(key, content_bytes(key, data), cls)
 
     def read_file(self, key: str) -> ReplicaResponse:
         """A streaming, closeable file object over the first replica that answers."""

@@ -134,6 +134,15 @@ def committing(key: str, size: int, changed: Callable[[], None]) -> Iterator[Non
     changed()
 
 
+def content_bytes(key: str, data: object) -> bytes | bytearray | memoryview:
+    """``data`` for ``store_content`` of ``key`` if it is bytes-like; a TypeError otherwise. Text is
+    neither encoded for the caller nor taken for the path of a file to send."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        hint = ": encode the text first" if isinstance(data, str) else ""
+        raise TypeError(f"store_content of {key!r} takes bytes, not {type(data).__name__}{hint}")
+    return data
+
+
 def remaining_size(fileobj: BinaryIO) -> int | None:
     """Bytes left to read in ``fileobj`` when that can be known without reading, else ``None``."""
     try:
@@ -333,8 +342,9 @@ class Uploader:
     checksum computed as the bytes are sent. With ``checksums="kept"`` it is computed only where
     the key's class keeps checksums (its ``hashtype``): a tracker drops the checksum of a class
     that keeps none, and MD5 costs about as much CPU as the sending. With ``verify_checksums`` the
-    tracker is asked to check the stored file's MD5 whenever the class keeps checksums. Files are made by ``client.new_file``, so the client's change listeners hear
-    of every key written (a path cache drops it).
+    tracker is asked to check the stored file's MD5 whenever the class keeps checksums. Files are
+    made by ``client.new_file``, so the client's change listeners hear of every key written (a
+    path cache drops it).
     """
 
     def __init__(self, client: UploadClient, *, verify_checksums: bool = True, checksums: str = "always") -> None:
@@ -362,6 +372,9 @@ class Uploader:
         if isinstance(source, (bytes, bytearray, memoryview)):
             source = io.BytesIO(source)
         readable = hasattr(source, "read")
+        if isinstance(source, io.TextIOBase) or not readable and not isinstance(source, Iterable):
+            raise TypeError(f"upload of {key!r} takes bytes, a path, a file opened in binary mode or "
+                            f"an iterable of bytes, not {type(source).__name__}")
         verify = self.verify_checksums if verify_checksum is None else verify_checksum
         kept = (verify or self.checksums == "kept") and self._keeps_checksums(cls)
         upload = self.client.new_file(

@@ -94,6 +94,33 @@ def test_every_kind_of_source(client: Client, tmp_path: Path, make_source) -> No
     assert client.file_info("doc").cls == "thumb"
 
 
+@pytest.mark.parametrize("source", [
+    pytest.param(lambda tmp: io.StringIO("text"), id="text-file"),
+    pytest.param(lambda tmp: open(_written(tmp / "t.txt", b"t")), id="file-in-text-mode"),
+    pytest.param(lambda tmp: 12345, id="number"),
+])
+def test_a_source_of_another_kind_is_refused_naming_it_and_the_key_keeps_its_data(client: Client, tmp_path: Path,
+                                                                                   source) -> None:
+    client.store_content("doc", b"old", cls="thumb")
+    given = source(tmp_path)
+    with pytest.raises(TypeError, match=f"'doc'.*not {type(given).__name__}"):
+        Uploader(client).upload("doc", given, cls="thumb")
+    if hasattr(given, "close"):
+        given.close()
+    assert client.get_file_data("doc") == b"old"
+
+
+@both_flavours
+def test_store_content_takes_bytes_and_never_text_for_a_path(flavour: Flavour, client: Client,
+                                                             tmp_path: Path) -> None:
+    secret = _written(tmp_path / "secret.txt", b"a local file's bytes")
+    for data in (secret, 42):
+        with pytest.raises(TypeError, match="store_content of 'notes.txt' takes bytes"):
+            client.store_content("notes.txt", data, cls="thumb")  # type: ignore[arg-type]
+    with pytest.raises(UnknownKeyError):
+        client.file_info("notes.txt")
+
+
 def _written(path: Path, data: bytes) -> str:
     path.write_bytes(data)
     return str(path)
