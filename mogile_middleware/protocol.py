@@ -34,7 +34,10 @@ def to_text(data: bytes) -> str:
 
 
 def check_key(key: str | bytes) -> bytes:
-    """Return the key's bytes, or raise :class:`BadKeyError` if a tracker must never see it."""
+    """Return the key's bytes, or raise :class:`BadKeyError` if a tracker must never see it (a
+    TypeError if it is not text or bytes at all)."""
+    if not isinstance(key, (str, bytes)):
+        raise TypeError(f"a key is a str, not {type(key).__name__}")
     raw = to_bytes(key)
     if not raw:
         raise BadKeyError("empty key")

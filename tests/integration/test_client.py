@@ -99,6 +99,21 @@ def test_bad_keys_are_refused_before_anything_is_sent(flavour: Flavour, key: str
         tracker.stop()
 
 
+@pytest.mark.parametrize("key", [None, 42, ["a"]], ids=["none", "number", "list"])
+@both_flavours
+def test_a_key_that_is_not_text_is_a_type_error_before_anything_is_sent(flavour: Flavour, key: object) -> None:
+    tracker = ScriptedTracker(lambda line: b"OK \r\n")
+    try:
+        client = flavour.Client(DOMAIN, [tracker.tracker])
+        for call in (client.get_paths, client.file_info, client.delete, lambda key: client.rename("ok", key),
+                     lambda key: client.store_content(key, b"x")):
+            with pytest.raises(TypeError, match=f"a key is a str, not {type(key).__name__}"):
+                call(key)
+        assert tracker.requests == [] and tracker.connections == 0
+    finally:
+        tracker.stop()
+
+
 @both_flavours
 def test_classes_set_replica_counts(client: Client) -> None:
     client.store_content("two-copies", b"avatar bytes", cls="avatar")
