@@ -225,6 +225,8 @@ class NewFile(io.RawIOBase):
         raise no_storage_node(self.key, failures)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        if not isinstance(data, (bytes, bytearray, memoryview)):  # before a byte of it is sent
+            raise TypeError(f"upload of {self.key!r} takes bytes, not {type(data).__name__}")
         try:
             self._send(self._stream or self._open_stream(), data)
         except StorageError as error:

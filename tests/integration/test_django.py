@@ -185,6 +185,15 @@ def test_save_exists_size_open_delete(mogile: DevMogileFS) -> None:
     assert not storage.exists(name)
 
 
+@pytest.mark.parametrize("allow_overwrite", [False, True])
+def test_text_content_is_stored_as_utf8_as_djangos_own_storages_take_it(mogile: DevMogileFS,
+                                                                        allow_overwrite: bool) -> None:
+    storage = MogileFSStorage(mogile_class="thumb", allow_overwrite=allow_overwrite)
+    name = storage.save("docs/note.txt", ContentFile("héllo, text"))
+    with storage.open(name) as file:
+        assert file.read() == "héllo, text".encode()
+
+
 def test_listdir(mogile: DevMogileFS) -> None:
     storage = MogileFSStorage()
     for name in ["docs/a.txt", "docs/sub/b.txt", "docs/sub/c.txt", "top.txt"]:

@@ -110,6 +110,15 @@ def test_a_source_of_another_kind_is_refused_naming_it_and_the_key_keeps_its_dat
     assert client.get_file_data("doc") == b"old"
 
 
+def test_a_new_file_written_text_is_a_type_error_and_the_bytes_around_it_go_through(client: Client) -> None:
+    with client.new_file("doc", cls="thumb") as file:
+        file.write(b"bytes, ")
+        with pytest.raises(TypeError, match="upload of 'doc' takes bytes, not str"):
+            file.write("text")
+        file.write(b"more bytes")
+    assert client.get_file_data("doc") == b"bytes, more bytes"
+
+
 @both_flavours
 def test_store_content_takes_bytes_and_never_text_for_a_path(flavour: Flavour, client: Client,
                                                              tmp_path: Path) -> None:

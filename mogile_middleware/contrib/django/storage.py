@@ -36,6 +36,13 @@ TEMPORARY_PREFIX = ".mogile-upload/"
 _max_length: ContextVar[int | None] = ContextVar("max_length", default=None)
 
 
+def _bytes_of(content: File) -> Iterator[bytes]:
+    """The chunks of ``content``, text ones as UTF-8: Django's ``ContentFile`` holds either, and
+    its own storages take both."""
+    for chunk in content.chunks():
+        yield chunk.encode("utf-8") if isinstance(chunk, str) else chunk
+
+
 @contextmanager
 def _checked_key() -> Iterator[None]:
     """Report a name MogileFS cannot hold as a key the way Django reports unsafe file names."""
@@ -113,11 +120,11 @@ class MogileFSStorage(Storage):
         with _checked_key():
             check_key(name)  # before uploading, not at the rename
             if self.allow_overwrite:
-                self._uploader.upload(name, content.chunks(), self.mogile_class)
+                self._uploader.upload(name, _bytes_of(content), self.mogile_class)
                 return name
             temporary = TEMPORARY_PREFIX + uuid.uuid4().hex
             try:
-                self._uploader.upload(temporary, content.chunks(), self.mogile_class)
+                self._uploader.upload(temporary, _bytes_of(content), self.mogile_class)
                 return self._rename_to_available(temporary, name)
             except BaseException:
                 self._delete_temporary(temporary)
