@@ -59,6 +59,8 @@ class MemoryCache:
     """
 
     def __init__(self, max_entries: int = 10_000, clock: Callable[[], float] = time.time) -> None:
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(f"max_entries must be a whole number >= 1, not {max_entries!r}")
         self._max_entries = max_entries
         self._evicted_at_once = max(1, max_entries // 100)
         self._clock = clock

@@ -170,8 +170,9 @@ class MiddlewareCore:
             if not domain or not trackers:
                 raise ValueError("give a client, or a domain and trackers")
             client = self.client_class(domain, trackers, storage_timeout=storage_timeout, **timeouts)
-        elif timeouts:
-            raise ValueError(f"{', '.join(timeouts)}: the given client has its own; set them on it")
+        elif timeouts or domain or trackers:
+            given = [*timeouts, *(["domain"] if domain else []), *(["trackers"] if trackers else [])]
+            raise ValueError(f"{', '.join(given)}: the given client has its own; set them on it")
         self.app = app
         self.client = client
         self.prefix = "/" + prefix.strip("/") + "/" if prefix.strip("/") else "/"

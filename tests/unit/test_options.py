@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from mogile_middleware import AsyncClient, Client, MogileFSMiddleware
+from mogile_middleware import AsyncClient, Client, MemoryCache, MogileFSMiddleware
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 
 BAD_OPTIONS = [
@@ -57,3 +57,17 @@ def test_usable_edge_values_are_taken() -> None:
                                     missing_seconds=0, stale_seconds=0, retry_after_seconds=0, dead_seconds=0,
                                     cache_control="public, max-age=60", charset=None)
     assert middleware.client.pool.addresses == [("127.0.0.1", 65535)]
+
+
+@pytest.mark.parametrize("middleware", [MogileFSMiddleware, ASGIMiddleware], ids=["wsgi", "asgi"])
+def test_a_client_given_with_a_domain_or_trackers_is_refused_naming_them(middleware: type) -> None:
+    client = Client("media", "127.0.0.1:7001") if middleware is MogileFSMiddleware else AsyncClient(
+        "media", "127.0.0.1:7001")
+    with pytest.raises(ValueError, match="domain, trackers: the given client has its own"):
+        middleware(lambda *args: None, client=client, domain="other", trackers="10.0.0.1:7001")
+
+
+@pytest.mark.parametrize("max_entries", [0, -1, "10", True])
+def test_a_memory_cache_holds_at_least_one_entry(max_entries: object) -> None:
+    with pytest.raises(ValueError, match="max_entries must be a whole number >= 1"):
+        MemoryCache(max_entries=max_entries)  # type: ignore[arg-type]
