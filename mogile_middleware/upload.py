@@ -40,6 +40,8 @@ from .tracker import TrackerPool
 
 #: What :meth:`Uploader.upload` stores: bytes, a path, a binary file object or chunks of bytes.
 Source = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", BinaryIO, Iterable[bytes]]
+#: What an upload sends as it is.
+BYTES_LIKE = (bytes, bytearray, memoryview)
 
 #: Called with the number of bytes sent so far.
 Progress = Callable[[int], None]
@@ -137,7 +139,7 @@ def committing(key: str, size: int, changed: Callable[[], None]) -> Iterator[Non
 def content_bytes(key: str, data: object) -> bytes | bytearray | memoryview:
     """``data`` for ``store_content`` of ``key`` if it is bytes-like; a TypeError otherwise. Text is
     neither encoded for the caller nor taken for the path of a file to send."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
+    if not isinstance(data, BYTES_LIKE):
         hint = ": encode the text first" if isinstance(data, str) else ""
         raise TypeError(f"store_content of {key!r} takes bytes, not {type(data).__name__}{hint}")
     return data
@@ -225,7 +227,7 @@ class NewFile(io.RawIOBase):
         raise no_storage_node(self.key, failures)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
-        if not isinstance(data, (bytes, bytearray, memoryview)):  # before a byte of it is sent
+        if not isinstance(data, BYTES_LIKE):  # before a byte of it is sent
             raise TypeError(f"upload of {self.key!r} takes bytes, not {type(data).__name__}")
         try:
             self._send(self._stream or self._open_stream(), data)
@@ -371,7 +373,7 @@ class Uploader:
         if isinstance(source, (str, os.PathLike)):
             with open(source, "rb") as fileobj:
                 return self.upload(key, fileobj, cls, progress=progress, verify_checksum=verify_checksum)
-        if isinstance(source, (bytes, bytearray, memoryview)):
+        if isinstance(source, BYTES_LIKE):
             source = io.BytesIO(source)
         readable = hasattr(source, "read")
         if isinstance(source, io.TextIOBase) or not readable and not isinstance(source, Iterable):

@@ -122,9 +122,9 @@ class Stack:
         self.assert_hidden(fetched.text())
         return fetched
 
-    def get_fields(self, path: str) -> HTTPReply:
+    def get_fields(self, path: str, headers: Mapping[str, str] | None = None) -> HTTPReply:
         """A GET through the proxy read off the socket, every header line kept (repeats too)."""
-        reply = get_with(self.proxy_port, path, {})
+        reply = get_with(self.proxy_port, path, dict(headers or {}))
         head = "\n".join(f"{name}: {value}" for name, value in reply.fields)
         self.assert_hidden(f"{head}\n{reply.body[:1024].decode('latin-1')}".lower())
         return reply
@@ -244,6 +244,15 @@ def test_a_range_past_the_end_is_the_applications_416(through: Stack, range_head
     assert answer.headers["Content-Type"] == "text/plain; charset=utf-8"
     [(status, sent)] = through.app_requests(path)[earlier:]
     assert status == "416" and sent == answer.length > 0
+    assert_error_fields(through.get_fields(path, {"Range": range_header}), 416)
+
+
+def assert_error_fields(reply: HTTPReply, status: int) -> None:
+    """An error answer read off the socket: each header once, a text body, none of the file's headers."""
+    names = [name for name, _ in reply.fields]
+    assert reply.status == status and len(names) == len(set(names)), reply.fields
+    assert reply.headers["content-type"] == "text/plain; charset=utf-8"
+    assert not {"content-disposition", "content-security-policy", "x-reproxy-expected-size"} & set(names)
 
 
 def test_the_etag_revalidates_to_304_and_another_version_is_412(through: Stack) -> None:
@@ -252,6 +261,9 @@ def test_the_etag_revalidates_to_304_and_another_version_is_412(through: Stack) 
     answer = through.get("/mogilefs/sizes/65535.mp4", {"If-None-Match": etag})
     assert (answer.status, answer.length) == (304, 0)
     assert through.get("/mogilefs/sizes/65535.mp4", {"If-Match": '"fid-0"'}).status == 412
+    failed = through.get_fields("/mogilefs/sizes/65535.mp4", {"If-Match": '"fid-0"'})
+    assert_error_fields(failed, 412)
+    assert "etag" not in failed.headers
     answer = through.get("/mogilefs/sizes/65535.mp4", {"If-Match": etag})
     assert (answer.status, answer.length) == (200, 65535)
 
