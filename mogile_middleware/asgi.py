@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import inspect
 import logging
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from functools import cached_property
 from typing import Any
@@ -58,6 +59,9 @@ _READ_HEADERS = {name.encode(): "HTTP_" + name.upper().replace("-", "_") for nam
 #: the body itself (a file the body cache keeps; empty for HEAD).
 Streamed = tuple[str, Headers, AsyncReplicaResponse | bytes]
 _SERVE = SERVE_HEADER_LOWER.encode("latin-1")
+#: The scheme and authority of an absolute-form target (``GET http://host/path``), which a server
+#: must accept (RFC 9112, 3.2.2) and daphne and hypercorn pass on as the path.
+_ABSOLUTE_FORM = re.compile(r"\A[A-Za-z][A-Za-z0-9+.-]*://[^/]*")
 
 
 class MogileFSMiddleware(MiddlewareCore):
@@ -241,6 +245,8 @@ def _path_info(scope: Scope) -> str:
         path = (unquote_to_bytes(raw) if b"%" in raw else raw).decode("latin-1")
     else:
         path = scope["path"].partition("#")[0].encode("utf-8", "surrogateescape").decode("latin-1")
+    if not path.startswith("/"):
+        path = _ABSOLUTE_FORM.sub("", path, 1)
     root = scope.get("root_path", "")
     return path[len(root):] if root and path.startswith(root) else path
 

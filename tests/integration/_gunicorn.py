@@ -1,4 +1,4 @@
-"""Run gunicorn (or uvicorn) as a subprocess over a test application, on a free loopback port.
+"""Run gunicorn (or uvicorn, or daphne) as a subprocess over a test application, on a free loopback port.
 
 Shared by the tests that need a real pre-fork server (and the front proxies placed before it).
 """
@@ -75,20 +75,34 @@ def run_uvicorn(env: dict[str, str], *, app: str = "_gunicorn_app:make_asgi_app"
     it once it accepts connections on ``port`` (a free one by default); stopped on exit. It runs
     with ``--no-proxy-headers``, as the README says: ``trusted_proxies`` must see the proxy's address."""
     port = port or free_port()
+    with _run_asgi_server("uvicorn", env, port, [
+            "--factory", app, "--host", "127.0.0.1", "--port", str(port), "--lifespan", "on", "--no-access-log",
+            "--no-proxy-headers", *extra_args]) as server:
+        yield server
+
+
+@contextmanager
+def run_daphne(env: dict[str, str]) -> Iterator[GunicornServer]:
+    """Start daphne, Django's ASGI server, over the ASGI test application with ``env``, as :func:`run_uvicorn`."""
+    port = free_port()
+    with _run_asgi_server("daphne", env, port, [
+            "--bind", "127.0.0.1", "--port", str(port), "--verbosity", "0", "_daphne_app:application"]) as server:
+        yield server
+
+
+@contextmanager
+def _run_asgi_server(name: str, env: dict[str, str], port: int, args: list[str]) -> Iterator[GunicornServer]:
     environment = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE)])}
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", app, "--host", "127.0.0.1", "--port", str(port),
-             "--lifespan", "on", "--no-access-log", "--no-proxy-headers", *extra_args],
-            env=environment, stdout=subprocess.DEVNULL, stderr=log,
-        )
+        process = subprocess.Popen([sys.executable, "-m", name, *args], env=environment,
+                                   stdout=subprocess.DEVNULL, stderr=log)
         try:
             server = GunicornServer(port, process.pid)
             deadline = time.monotonic() + START_SECONDS
             while not port_accepts(port):
                 if process.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
-                    raise AssertionError(f"uvicorn did not start: {log.read().decode(errors='replace')[-2000:]}")
+                    raise AssertionError(f"{name} did not start: {log.read().decode(errors='replace')[-2000:]}")
                 time.sleep(0.05)
             yield server
         finally:

@@ -1,7 +1,7 @@
-"""WSGI under gunicorn and ASGI under uvicorn answer the same requests alike, read off the socket.
+"""WSGI under gunicorn and ASGI under uvicorn and daphne answer the same requests alike, read off the socket.
 
-Each configuration starts both servers over the same MogileFS and sends every request of a corpus
-(methods, awkward paths, ranges, conditionals, proxy headers, a view) to each. Status code, header
+Each configuration starts gunicorn and an ASGI server over the same MogileFS and sends every request
+of a corpus (methods, awkward paths, ranges, conditionals, proxy headers, a view) to each. Status code, header
 lines and body must match, apart from what the server owns rather than the middleware: ``Date``,
 ``Server``, ``Connection``, the body's framing, and the reason phrase (ASGI has none to give).
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 from conftest import DOMAIN
-from integration._gunicorn import run_gunicorn, run_uvicorn
+from integration._gunicorn import run_daphne, run_gunicorn, run_uvicorn
 from integration._wire_client import HTTPReply, free_port, raw_http
 
 from mogile_middleware import Client
@@ -21,6 +21,7 @@ from mogile_middleware.devserver import DevMogileFS
 
 pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
 pytest.importorskip("uvicorn", reason="uvicorn is installed by the test command ('.[dev]')")
+pytest.importorskip("daphne", reason="daphne is installed by the test command ('.[dev]')")
 
 FILES = {"a.txt": b"0123456789", "empty.txt": b"", "dir/b.bin": bytes(range(256)), "café.txt": b"cafe",
          " a.txt": b"leading space"}
@@ -32,7 +33,7 @@ PATHS = (
     "/mogilefs/../a.txt", "/mogilefs/%2e%2e/a.txt", "/mogilefs/a%00b", "/mogilefs/%ff", "/mogilefs/a%0d%0aX:1",
     "/mogilefs/" + "k" * 3000, "/mogilefs/a//b", "/mogilefs/a.txt;x", "/mogilefs/a.txt?x=1", "/mogilefs%2fa.txt",
     "/mogilefs/dir%2fb.bin", "/mogilefs/caf%C3%A9.txt", "/mogilefs/%20a.txt", "/mogilefs/a.txt%20",
-    "/mogilefs/a.txt#frag", "http://media/mogilefs/a.txt",
+    "/mogilefs/a.txt#frag", "http://media/mogilefs/a.txt", "HTTP://media:80/mogilefs/dir%2fb.bin?x=1",
 )
 #: Header sets sent with GET and HEAD of a stored, an empty and a missing key; ETAG is the key's own.
 HEADERS = (
@@ -135,17 +136,22 @@ CONFIGURATIONS = {
 }
 
 
+#: The ASGI servers, each compared with gunicorn.
+ASGI_SERVERS = {"uvicorn": run_uvicorn, "daphne": run_daphne}
+
+
+@pytest.mark.parametrize("asgi_server", sorted(ASGI_SERVERS))
 @pytest.mark.parametrize("configuration", sorted(CONFIGURATIONS))
-def test_both_servers_give_the_same_answers(mogile: DevMogileFS, configuration: str) -> None:
+def test_both_servers_give_the_same_answers(mogile: DevMogileFS, configuration: str, asgi_server: str) -> None:
     extra, statuses = CONFIGURATIONS[configuration]
     env = {"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": mogile.trackers[0], **extra}
     etag = Client(DOMAIN, mogile.trackers).file_info("a.txt").fid
     differences, seen = [], set()
-    with run_gunicorn(env) as gunicorn, run_uvicorn(env) as uvicorn:
+    with run_gunicorn(env) as gunicorn, ASGI_SERVERS[asgi_server](env) as asgi_server_process:
         for request in corpus(f'"fid-{etag}"'):
-            wsgi, asgi = request.send(gunicorn.port), request.send(uvicorn.port)
+            wsgi, asgi = request.send(gunicorn.port), request.send(asgi_server_process.port)
             seen.add(wsgi.status)
             if wsgi != asgi:
-                differences.append(f"{request}:\n  gunicorn {wsgi}\n  uvicorn  {asgi}")
+                differences.append(f"{request}:\n  gunicorn {wsgi}\n  {asgi_server}  {asgi}")
     assert not differences, "\n".join(differences)
     assert statuses <= seen, f"the corpus no longer reaches {statuses - seen}"
