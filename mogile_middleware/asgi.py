@@ -76,7 +76,8 @@ class MogileFSMiddleware(MiddlewareCore):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan, websocket: nothing of the middleware's
-            await self.app(scope, receive, send)
+            websocket = scope["type"] == "websocket" and not self.allow_app_reproxy
+            await self.app(scope, receive, _without_reproxy_headers(send) if websocket else send)
             return
         path = _path_info(scope)
         if not path.startswith(self.prefix):
@@ -93,7 +94,7 @@ class MogileFSMiddleware(MiddlewareCore):
             location = self.locator.cached(key)
             warm = None if location is None else self.reproxy_answer(environ, location)
             answer = warm or await self._answer(environ, key, location)
-        await self._send(answer, send, receive)
+        await self._send(answer, send, receive, scope["method"] == "HEAD")
 
     async def respond_with(self, scope: Scope, receive: Receive, send: Send, key: str, *,
                            filename: str | None = None) -> None:
@@ -106,7 +107,8 @@ class MogileFSMiddleware(MiddlewareCore):
                         "headers": [(name.lower().encode("latin-1"), value.encode("latin-1"))]})
             await send({"type": "http.response.body", "body": b""})
             return
-        await self._send(await self._file_answer_for_view(scope, value), send, receive)
+        answer = await self._file_answer_for_view(scope, value)
+        await self._send(answer, send, receive, scope["method"] == "HEAD")
 
     async def _file_answer_for_view(self, scope: Scope, value: str, cookies: list[str] | None = None
                                     ) -> Answer | Streamed:
@@ -120,13 +122,13 @@ class MogileFSMiddleware(MiddlewareCore):
         status, headers, upstream = answer
         return status, view_headers(status, headers, filename, cookies or ()), upstream
 
-    async def _send(self, answer: Answer | Streamed, send: Send, receive: Receive) -> None:
+    async def _send(self, answer: Answer | Streamed, send: Send, receive: Receive, head: bool) -> None:
         if isinstance(answer, Answer):
             metrics.recorder.request(answer.reproxy or "serve", answer.status)
             # A copy: a server may change the list it gets, and the encoded list is kept.
             await send({"type": "http.response.start", "status": int(answer.status[:3]),
                         "headers": self._encoded_answers.headers(answer).copy()})
-            await send({"type": "http.response.body", "body": answer.body})
+            await send({"type": "http.response.body", "body": b"" if head else answer.body})  # HEAD: a GET's headers
             return
         status, headers, upstream = answer
         metrics.recorder.request("serve", status)
@@ -150,6 +152,8 @@ class MogileFSMiddleware(MiddlewareCore):
         async def filtered(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = message.get("headers", ())
+                if not isinstance(headers, (list, tuple)):  # any iterable of pairs: read once
+                    message = {**message, "headers": (headers := list(headers))}
                 if any(is_internal_header(name.decode("latin-1")) for name, _ in headers):
                     asked.extend(value.decode("latin-1") for name, value in headers if name.lower() == _SERVE)
                     if asked:
@@ -157,15 +161,15 @@ class MogileFSMiddleware(MiddlewareCore):
                                        if name.lower() == b"set-cookie")
                         return
                     if not self.allow_app_reproxy:
-                        message = {**message, "headers": [
-                            (name, value) for name, value in headers if not is_reproxy_header(name.decode("latin-1"))]}
+                        message = _reproxy_headers_removed(message)
             elif asked:
                 return  # the body of the answer the file replaces
             await send(message)
 
         await self.app({**scope, WRAPPED_BY: self}, receive, filtered)
         if asked:
-            await self._send(await self._file_answer_for_view(scope, asked[0], cookies), send, receive)
+            await self._send(await self._file_answer_for_view(scope, asked[0], cookies), send, receive,
+                             scope["method"] == "HEAD")
 
     async def _answer(self, environ: dict[str, Any], key: str, location: Location | None) -> Answer | Streamed:
         """The answer for ``key`` (at ``location`` when the cache held it): decided, with its replica open."""
@@ -219,16 +223,22 @@ async def _stream(upstream: AsyncReplicaResponse, send: Send, receive: Receive) 
 
 async def _send_body(upstream: AsyncReplicaResponse, send: Send) -> None:
     sent = 0
+    sending = False  # whether an error comes from send (the client's side) or the node
     try:
         async for chunk in upstream.chunks():
+            sending = True
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            sending = False
             sent += len(chunk)
+        sending = True
+        await send({"type": "http.response.body", "body": b""})
     except (OSError, StorageError) as error:
+        if sending and isinstance(error, OSError):
+            return  # the server's word that the client has gone (ASGI 2.4): nothing to say
         log.error("transfer from %r cut midway: %r", upstream.url, error)
         raise
     finally:
         metrics.recorder.bytes_served(sent)
-    await send({"type": "http.response.body", "body": b""})
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -268,6 +278,23 @@ def _environ(scope: Scope, path: str) -> dict[str, Any]:
             text = value.decode("latin-1")
             environ[key] = f"{environ[key]}, {text}" if key in environ else text
     return environ
+
+
+def _without_reproxy_headers(send: Send) -> Send:
+    """``send`` for an application's websocket: its handshake answers (``websocket.accept``, a
+    denial's ``websocket.http.response.start``) go out without reproxy headers, as its HTTP answers do."""
+    async def filtered(message: Message) -> None:
+        await send(_reproxy_headers_removed(message) if message.get("headers") else message)
+    return filtered
+
+
+def _reproxy_headers_removed(message: Message) -> Message:
+    """``message`` with its ``headers`` (a list or tuple) less the reproxy headers only the middleware may send."""
+    headers = message["headers"]
+    if not isinstance(headers, (list, tuple)):
+        headers = list(headers)
+    return {**message, "headers": [(name, value) for name, value in headers
+                                   if not is_reproxy_header(name.decode("latin-1"))]}
 
 
 def _encoded(headers: Headers) -> list[tuple[bytes, bytes]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import socket
 import time
 from pathlib import Path
@@ -14,9 +15,12 @@ from conftest import DOMAIN
 from integration._gunicorn import run_uvicorn
 from integration._slow_clients import node_connections, read_first_bytes, slow_downloads, storage_port, thread_count
 from integration._wire_client import read_http_reply
+from integration.test_hostile import call
+from integration.test_middleware import wrapped_app
 from wiretools import PatternFile, pattern_md5
 
 from mogile_middleware import Client
+from mogile_middleware import MogileFSMiddleware as WSGIMiddleware
 from mogile_middleware.asgi import MogileFSMiddleware
 from mogile_middleware.devserver import DevMogileFS
 
@@ -101,6 +105,81 @@ def test_a_method_other_than_get_or_head_is_405_without_the_app(wrapped: tuple[M
     start, body = run(middleware, http_scope("/mogilefs/a.txt", "POST"), [])
     assert start["status"] == 405 and dict(start["headers"])[b"allow"] == b"GET, HEAD"
     assert not recorder.scopes
+
+
+#: An application's handshake headers: one of its own, and the reproxy headers only the middleware may send.
+HANDSHAKE_HEADERS = [(b"sec-websocket-protocol", b"chat"), (b"x-accel-redirect", b"/internal"),
+                     (b"x-reproxy-url", b"http://10.0.0.5/secret")]
+
+
+async def websocket_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Accepts a websocket with :data:`HANDSHAKE_HEADERS`, or under ``/deny`` refuses it with an HTTP answer."""
+    await receive()
+    if scope["path"] == "/deny":
+        await send({"type": "websocket.http.response.start", "status": 403, "headers": HANDSHAKE_HEADERS})
+        await send({"type": "websocket.http.response.body", "body": b"no"})
+    else:
+        await send({"type": "websocket.accept", "headers": HANDSHAKE_HEADERS})
+
+
+@pytest.mark.parametrize("path", ["/chat", "/deny"])
+def test_an_apps_websocket_handshake_goes_out_without_reproxy_headers(path: str) -> None:
+    websocket = {"type": "websocket", "path": path, "raw_path": path.encode(), "headers": []}
+    middleware = MogileFSMiddleware(websocket_app, domain=DOMAIN, trackers=["127.0.0.1:1"])
+    handshake = run(middleware, websocket, [{"type": "websocket.connect"}])[0]
+    assert handshake["headers"] == [(b"sec-websocket-protocol", b"chat")]
+    allowing = MogileFSMiddleware(websocket_app, domain=DOMAIN, trackers=["127.0.0.1:1"], allow_app_reproxy=True)
+    assert run(allowing, websocket, [{"type": "websocket.connect"}])[0]["headers"] == HANDSHAKE_HEADERS
+
+
+@pytest.mark.parametrize("reproxy_header", [False, True])
+def test_an_apps_headers_given_as_any_iterable_reach_the_client(reproxy_header: bool) -> None:
+    headers = [(b"content-type", b"text/x-app"), (b"set-cookie", b"session=1")]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        given = [*headers, *([(b"x-reproxy-url", b"http://10.0.0.5/")] if reproxy_header else [])]
+        await send({"type": "http.response.start", "status": 200, "headers": (pair for pair in given)})
+        await send({"type": "http.response.body", "body": b"app"})
+
+    start, _ = run(MogileFSMiddleware(app, domain=DOMAIN, trackers=["127.0.0.1:1"]), http_scope("/page"), [])
+    assert list(start["headers"]) == headers
+
+
+@pytest.mark.parametrize("path", ["/mogilefs/", "/mogilefs/a%00b", "/mogilefs/a.txt"])
+def test_a_head_error_answer_has_the_gets_headers_and_no_body(path: str) -> None:
+    """404 (no key), 400 (a control character), 503 (no tracker): no body after a HEAD's head, in
+    either middleware (a server would drop it, gunicorn with a warning in its log each time)."""
+    options = {"domain": DOMAIN, "trackers": ["127.0.0.1:1"]}
+    wsgi = WSGIMiddleware(wrapped_app, **options)
+    status, headers, body = call(wsgi, "HEAD", path.replace("%00", "\0"), {})
+    assert status >= 400 and body == b""
+    assert headers == call(wsgi, "GET", path.replace("%00", "\0"), {})[1]
+    asgi = MogileFSMiddleware(Recorder(), **options)
+    start, end = run(asgi, http_scope(path, "HEAD"), [])
+    assert start["status"] == status and end["body"] == b""
+    assert start["headers"] == run(asgi, http_scope(path), [])[0]["headers"]
+
+
+def test_a_client_gone_as_a_piece_is_sent_ends_the_transfer_quietly(devmogile: DevMogileFS,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A server's ``send`` raises an OSError once the client has gone (ASGI 2.4): no error is logged
+    or raised, as when the server says so with ``http.disconnect``."""
+    Client(DOMAIN, devmogile.trackers).store_content("long.bin", bytes(MIB), cls="thumb")
+    middleware = MogileFSMiddleware(Recorder(), domain=DOMAIN, trackers=devmogile.trackers)
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if len(sent) == 2:
+            raise ConnectionResetError("the client has gone")
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(3600)
+        return {}
+
+    asyncio.run(asyncio.wait_for(middleware(http_scope("/mogilefs/long.bin"), receive, send), 10))
+    assert sent[0]["status"] == 200 and len(sent[1]["body"]) < MIB
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
 def test_slow_clients_share_one_worker_and_a_client_that_leaves_frees_its_node(devmogile: DevMogileFS) -> None:
