@@ -289,11 +289,8 @@ def _without_reproxy_headers(send: Send) -> Send:
 
 
 def _reproxy_headers_removed(message: Message) -> Message:
-    """``message`` with its ``headers`` (a list or tuple) less the reproxy headers only the middleware may send."""
-    headers = message["headers"]
-    if not isinstance(headers, (list, tuple)):
-        headers = list(headers)
-    return {**message, "headers": [(name, value) for name, value in headers
+    """``message`` with its ``headers`` (any iterable of pairs) less the reproxy headers only the middleware may send."""
+    return {**message, "headers": [(name, value) for name, value in message["headers"]
                                    if not is_reproxy_header(name.decode("latin-1"))]}
 
 
