@@ -283,7 +283,10 @@ class TrackerPoolBase:
         try:
             return (yield Ask(connection, line, deadline))
         except OSError as error:
-            self.mark_dead(address)
+            # A tracker that accepts and never answers is skipped. One that closes a new connection
+            # is alive (mogilefsd does it when one of its workers misspeaks): only this request fails.
+            if isinstance(error, TimeoutError):
+                self.mark_dead(address)
             if not retry_midway:
                 raise _SentAndLost() from error
             raise

@@ -243,6 +243,37 @@ def test_concurrent_saves_of_one_name_keep_every_file(mogile: DevMogileFS) -> No
     assert get_client().list_keys(TEMPORARY_PREFIX) == []
 
 
+class _ContentTakingItsName(ContentFile):
+    """Content whose reading stores another file under ``name``, as a concurrent save would."""
+
+    def __init__(self, content: bytes, name: str) -> None:
+        super().__init__(content)
+        self.taken_name = name
+
+    def chunks(self, chunk_size: int | None = None) -> Iterator[bytes]:
+        get_client().store_content(self.taken_name, b"saved meanwhile")
+        yield from super().chunks(chunk_size)
+
+
+def test_a_name_taken_during_the_upload_is_not_renamed_onto(mogile: DevMogileFS,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """mogilefsd 2.73 answers a rename onto a taken key with ERR and then OK, and closes the
+    connection of whichever request its worker serves next: the storage asks before renaming."""
+    renamed_to: list[str] = []
+    rename = Client.rename
+
+    def recorded_rename(client: Client, key: str, new_key: str) -> None:
+        renamed_to.append(new_key)
+        rename(client, key, new_key)
+
+    monkeypatch.setattr(Client, "rename", recorded_rename)
+    storage = MogileFSStorage()
+    name = storage.save("during.txt", _ContentTakingItsName(b"mine", "during.txt"))
+    assert re.fullmatch(r"during_\w{7}\.txt", name) and renamed_to == [name]
+    with storage.open(name) as mine, storage.open("during.txt") as theirs:
+        assert (mine.read(), theirs.read()) == (b"mine", b"saved meanwhile")
+
+
 class _BrokenContent(ContentFile):
     """Content whose reading fails after the first chunk, as an interrupted request body would."""
 

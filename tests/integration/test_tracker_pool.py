@@ -116,6 +116,23 @@ def test_a_tracker_that_never_answers_costs_the_io_timeout_then_the_next_one_ans
 
 
 @both_flavours
+@pytest.mark.parametrize("command", ["get_paths", "rename"])
+def test_a_tracker_that_closes_a_new_connection_is_not_marked_dead(flavour: Flavour, command: str) -> None:
+    """mogilefsd closes a client's connection when a worker misspeaks (its rename answers a taken
+    key twice): that request fails, the tracker stays in use."""
+    closes = [True]
+    closing = ScriptedTracker(lambda line: None if closes and closes.pop() else b"OK \r\n")
+    try:
+        pool = flavour.TrackerPool([closing.tracker], dead_seconds=5)
+        with pytest.raises(TrackerUnavailableError, match="closed the connection"):
+            pool.request(command, {"key": "k"})
+        assert pool.live_trackers() == [closing.address]
+        assert pool.request(command, {"key": "k"})[1] == closing.address
+    finally:
+        closing.stop()
+
+
+@both_flavours
 def test_a_connection_closed_by_the_tracker_between_commands_is_replaced(tracker: ScriptedTracker,
                                                                          flavour: Flavour) -> None:
     pool = flavour.TrackerPool([tracker.tracker])

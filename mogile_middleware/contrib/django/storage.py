@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -34,6 +35,8 @@ TEMPORARY_PREFIX = ".mogile-upload/"
 
 #: The ``max_length`` of the save in progress, for the name taken instead of one found taken.
 _max_length: ContextVar[int | None] = ContextVar("max_length", default=None)
+#: Held while a save checks a name and renames onto it: the threads of a process never race for one.
+_renaming = threading.Lock()
 
 
 def _bytes_of(content: File) -> Iterator[bytes]:
@@ -134,13 +137,18 @@ class MogileFSStorage(Storage):
         """Rename ``temporary`` to ``name``, or to the next available name while the one tried is taken."""
         candidate = name
         while True:
-            try:
-                self.client.rename(temporary, candidate)
-                return candidate
-            except KeyExistsError:
-                taken, candidate = candidate, self.get_available_name(name, max_length=_max_length.get())
-                if candidate == taken:  # a get_available_name that offers the taken name would loop forever
-                    raise FileExistsError(f"MogileFS key {taken!r} is taken and no other name is available") from None
+            # Asked again: the name may have been taken during the upload, and mogilefsd 2.73 answers a
+            # rename onto a taken key twice, which costs some other request its tracker connection.
+            with _renaming:
+                if not self.exists(candidate):
+                    try:
+                        self.client.rename(temporary, candidate)
+                        return candidate
+                    except KeyExistsError:
+                        pass  # taken by another process between the two requests
+            taken, candidate = candidate, self.get_available_name(name, max_length=_max_length.get())
+            if candidate == taken:  # a get_available_name that offers the taken name would loop forever
+                raise FileExistsError(f"MogileFS key {taken!r} is taken and no other name is available")
 
     def _delete_temporary(self, key: str) -> None:
         """Delete a save's temporary key; one never written (or already renamed) is not an error."""
