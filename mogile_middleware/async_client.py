@@ -32,6 +32,8 @@ from .client import (
     get_paths_request,
     keys_page_of,
     list_keys_request,
+    listed_prefix,
+    next_after,
     paths_of,
     rename_request,
     update_class_request,
@@ -103,14 +105,16 @@ class AsyncClient(ClientBase):
             return [], None
 
     async def keys(self, prefix: str = "") -> AsyncIterator[str]:
-        """Every key starting with ``prefix``, page by page."""
-        page, after = await self._list_page(prefix, None, None)
-        while page:
+        """Every key starting with ``prefix`` (exactly, unlike ``list_keys``), page by page."""
+        listed, after = prefix, None  # the next pages by listed_prefix(prefix)
+        while True:
+            page = (await self._list_page(listed, after, self.keys_page))[0]
             for key in page:
-                yield key
-            if after is None:
+                if key.startswith(prefix):
+                    yield key
+            listed = listed_prefix(prefix)
+            if (after := next_after(listed, page, self.keys_page)) is None:
                 return
-            page, after = await self._list_page(prefix, after, None)
 
     async def read_file(self, key: str) -> AsyncReplicaResponse:
         """The body of the first replica that answers, to read and then ``aclose``."""

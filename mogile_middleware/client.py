@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
@@ -115,12 +116,39 @@ def keys_page_of(reply: Reply) -> tuple[list[str], str | None]:
     return [reply[f"key_{n}"] for n in range(1, reply.number("key_count") + 1)], reply.get("next_after")
 
 
+#: What a Perl regular expression reads as more than itself: mogilefsd 2.73 refuses an ``after``
+#: that does not match ``/^$prefix/``, the prefix unescaped (``cmd_list_keys``).
+_PERL_METACHARACTERS = re.compile(r"[\\.^$|?*+()\[\]{}]")
+
+
+def listed_prefix(prefix: str) -> str:
+    """The prefix :meth:`Client.keys` lists its second and later pages by: ``prefix`` up to its
+    first regular expression metacharacter, so that the tracker takes their ``after``."""
+    return _PERL_METACHARACTERS.split(prefix, 1)[0]
+
+
+def next_after(listed: str, page: list[str], page_size: int) -> str | None:
+    """The ``after`` of the page of keys listed by ``listed`` that follows ``page`` (of at most
+    ``page_size`` keys), or ``None`` when no key starting with ``listed`` can follow. The tracker matches the prefix whatever the
+    case (SQL ``LIKE``) and sorts keys bytewise, so a page may end on a key outside those that
+    start with ``listed`` exactly: past them, the listing is complete; before them, it goes on
+    from ``listed`` itself (a key equal to ``listed`` is then not listed)."""
+    if len(page) < page_size:
+        return None
+    last = max(page)
+    if last.startswith(listed):
+        return last
+    return listed if last < listed else None
+
+
 class ClientBase:
     """What :class:`Client` and :class:`~mogile_middleware.async_client.AsyncClient` share: the
     arguments, the tracker pool (of the class ``pool_class``) and the change listeners (see
     :class:`Client` for the arguments)."""
 
     pool_class: type[TrackerPoolBase]
+    #: Keys asked for per ``list_keys`` request of :meth:`keys`: the most a tracker gives at once.
+    keys_page = 1000
 
     def __init__(
         self,
@@ -262,12 +290,13 @@ class Client(ClientBase):
             return [], None
 
     def keys(self, prefix: str = "") -> Iterator[str]:
-        """Every key starting with ``prefix``, page by page."""
-        after = None
+        """Every key starting with ``prefix`` (exactly, unlike ``list_keys``), page by page."""
+        listed, after = prefix, None  # the next pages by listed_prefix(prefix)
         while True:
-            page, after = self._list_page(prefix, after, None)
-            yield from page
-            if not page or after is None:
+            page = self._list_page(listed, after, self.keys_page)[0]
+            yield from (key for key in page if key.startswith(prefix))
+            listed = listed_prefix(prefix)
+            if (after := next_after(listed, page, self.keys_page)) is None:
                 return
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ from wiretools import CountingRelay, ScriptedTracker
 
 from mogile_middleware import Admin, BadKeyError, Client, KeyExistsError, MemoryCache, UnknownKeyError, UploadError
 from mogile_middleware.cache import entry_key
+from mogile_middleware.client import ClientBase
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.exceptions import UnregClassError, UnregDomainError
 
@@ -186,6 +187,22 @@ def test_keys_pages_through_every_key(client: Client) -> None:
     assert client.list_keys("many/", after=names[9], limit=10) == names[10:20]
     assert list(client.keys("many/")) == names
     assert client.list_keys("nothing/") == []
+
+
+@both_flavours
+def test_keys_pages_through_prefixes_the_tracker_matches_loosely(client: Client,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tracker matches a prefix whatever its case, and mogilefsd refuses an ``after`` that does
+    not match the prefix read as a regular expression: keys() gives the keys that start with the
+    prefix exactly, over pages of 10 here (1000 against a tracker)."""
+    monkeypatch.setattr(ClientBase, "keys_page", 10)
+    names = {prefix: [f"{prefix}{n:02d}" for n in range(15)] for prefix in ("Photos/", "photos/", "c++/", "c/")}
+    for name in sum(names.values(), []):
+        client.store_content(name, b"x", cls="thumb")
+    for prefix, expected in names.items():
+        assert list(client.keys(prefix)) == expected
+    assert list(client.keys("c++/1")) == names["c++/"][10:]
+    assert list(client.keys("nothing/")) == []
 
 
 @both_flavours
