@@ -41,6 +41,7 @@ from .client import (
 from .exceptions import NoneMatchError, StorageError
 from .protocol import Reply, check_key
 from .upload import (
+    BYTES_LIKE,
     class_named,
     committing,
     content_bytes,
@@ -129,10 +130,10 @@ class AsyncClient(ClientBase):
         """Store ``data`` (bytes) under ``key``; return the number of bytes stored."""
         return await self.store_file(key, io.BytesIO(content_bytes(key, data)), cls)
 
-    async def store_file(self, key: str, fileobj: Body, cls: str | None = None, *,
+    async def store_file(self, key: str, fileobj: Body | bytes, cls: str | None = None, *,
                          verify_checksum: bool = False) -> int:
-        """Store the rest of ``fileobj`` (read in the event loop, chunk by chunk) or every chunk of
-        an async iterable under ``key``; return the number of bytes stored.
+        """Store the rest of ``fileobj`` (read in the event loop, chunk by chunk), bytes, or every
+        chunk of an async iterable under ``key``; return the number of bytes stored.
 
         As :meth:`Client.store_file <mogile_middleware.client.Client.store_file>`: a seekable
         ``fileobj`` is sent again to the next destination if a node drops the PUT; any failure
@@ -140,6 +141,7 @@ class AsyncClient(ClientBase):
         answer to ``create_close`` is an :class:`UploadOutcomeUnknownError`.
         """
         check_key(key)
+        fileobj = _body(key, fileobj)
         size = None if isinstance(fileobj, AsyncIterable) else remaining_size(fileobj)
         with class_named(cls, self.domain):
             reply, tracker = await self.pool.request("create_open", create_open_args(self.domain, key, cls, size))
@@ -161,7 +163,7 @@ class AsyncClient(ClientBase):
                    ) -> tuple[tuple[str, str], int, str]:
         """PUT ``body`` whole to the first of ``targets`` that takes it: the destination, the size
         and the MD5 (hex) of what was sent. A body that cannot be rewound is sent only once."""
-        start = None if isinstance(body, AsyncIterable) or not body.seekable() else body.tell()
+        start = None if isinstance(body, AsyncIterable) or remaining_size(body) is None else body.tell()
         failures: list[str] = []
         for destination in targets:
             try:
@@ -188,6 +190,17 @@ class AsyncClient(ClientBase):
         """Close the running event loop's kept-open tracker and storage node connections."""
         await self.pool.aclose()
         close_idle_connections()
+
+
+def _body(key: str, source: object) -> Body:
+    """What :meth:`AsyncClient.store_file` sends of ``source`` (bytes as a file); a TypeError, before
+    the tracker is asked anything, for what it cannot send."""
+    if isinstance(source, BYTES_LIKE):
+        return io.BytesIO(source)
+    if isinstance(source, AsyncIterable) or hasattr(source, "read") and not isinstance(source, io.TextIOBase):
+        return source  # type: ignore[return-value]
+    raise TypeError(f"store_file of {key!r} takes bytes, a file opened in binary mode or an async iterable "
+                    f"of bytes, not {type(source).__name__}")
 
 
 async def _send(stream: AsyncPutStream, body: Body) -> tuple[int, str]:

@@ -347,6 +347,8 @@ class PutStream:
     def __init__(self, url: str, *, length: int | None = None, timeout: float = 10.0) -> None:
         self.url = url
         self._chunked = length is None
+        self._length = length
+        self._written = 0
         try:
             target = Target(url)
             self._connection = http.client.HTTPConnection(target.host, target.port, timeout=timeout)
@@ -365,6 +367,9 @@ class PutStream:
         """Send the next piece of the body."""
         if not data:
             return
+        if self._length is not None and self._written + len(data) > self._length:
+            self.abort()
+            raise StorageError(f"PUT {self.url}: more than the {self._length} bytes announced", self.url)
         try:
             if self._chunked:
                 self._connection.send(b"%X\r\n" % len(data))
@@ -375,9 +380,14 @@ class PutStream:
         except OSError as error:
             self.abort()
             raise StorageError(f"PUT {self.url} dropped: {error or type(error).__name__}", self.url) from error
+        self._written += len(data)
 
     def finish(self) -> None:
         """End the body and check that the node stored it (2xx)."""
+        if self._length is not None and self._written != self._length:  # the node would wait for the rest
+            self.abort()
+            raise StorageError(f"PUT {self.url}: {self._written} of the {self._length} bytes announced written",
+                               self.url)
         try:
             if self._chunked:
                 self._connection.send(b"0\r\n\r\n")

@@ -227,6 +227,7 @@ class NewFile(io.RawIOBase):
         raise no_storage_node(self.key, failures)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        self._checkClosed()  # closed or aborted: nothing more goes to the node
         if not isinstance(data, BYTES_LIKE):  # before a byte of it is sent
             raise TypeError(f"upload of {self.key!r} takes bytes, not {type(data).__name__}")
         try:
@@ -256,6 +257,7 @@ class NewFile(io.RawIOBase):
 
         ``progress`` is called with the bytes sent so far after each chunk.
         """
+        self._checkClosed()
         start = fileobj.tell() if fileobj.seekable() else None
         while True:
             stream = self._stream or self._open_stream()

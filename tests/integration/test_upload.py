@@ -3,6 +3,7 @@ promises from the asyncio client's ``store_content`` and ``store_file``."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
@@ -21,6 +22,7 @@ from wiretools import PatternFile, ScriptedTracker, pattern_md5
 
 from mogile_middleware import (
     Admin,
+    AsyncClient,
     Client,
     MemoryCache,
     UnknownKeyError,
@@ -184,6 +186,83 @@ def test_storage_nodes_dying_midway_leave_no_key(flavour: Flavour, client: Clien
         node.start()
     with pytest.raises(UnknownKeyError):
         client.file_info("half")
+
+
+class _ShortFile(io.RawIOBase):
+    """A seekable file that says it holds 3000 bytes from where it is and gives 1000."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.position = 3000 if whence == io.SEEK_END else offset
+        return self.position
+
+    def readinto(self, buffer: bytearray) -> int:  # type: ignore[override]
+        size = max(0, min(len(buffer), 1000 - self.position))
+        buffer[:size] = b"x" * size
+        self.position += size
+        return size
+
+
+@both_flavours
+def test_a_file_shorter_than_its_size_fails_naming_it_and_the_key_keeps_its_data(flavour: Flavour,
+                                                                                   client: Client) -> None:
+    """The node would wait for the rest until storage_timeout: the PUT is dropped at once instead."""
+    store(flavour, client, "doc", b"old", "thumb")
+    with pytest.raises(UploadError, match="1000 of the 3000 bytes announced"):
+        store(flavour, client, "doc", _ShortFile(), "thumb")
+    assert client.get_file_data("doc") == b"old"
+
+
+def test_a_new_file_closed_or_aborted_takes_no_more_bytes(client: Client) -> None:
+    with client.new_file("doc", cls="thumb") as file:
+        file.write(b"kept")
+    aborted = client.new_file("other", cls="thumb")
+    aborted.write(b"dropped")
+    aborted.abort()
+    for closed in (file, aborted):
+        with pytest.raises(ValueError, match="closed file"):
+            closed.write(b"more")
+        with pytest.raises(ValueError, match="closed file"):
+            closed.write_from(io.BytesIO(b"more"))
+    assert client.get_file_data("doc") == b"kept"
+    with pytest.raises(UnknownKeyError):
+        client.file_info("other")
+
+
+@pytest.mark.parametrize("source", [
+    pytest.param(lambda tmp: _written(tmp / "file.bin", b"data"), id="path"),
+    pytest.param(lambda tmp: [b"chunk"], id="list"),
+    pytest.param(lambda tmp: io.StringIO("text"), id="text-file"),
+    pytest.param(lambda tmp: None, id="none"),
+])
+def test_the_asyncio_store_file_refuses_what_it_cannot_send_naming_it(devmogile: DevMogileFS, tmp_path: Path,
+                                                                       source) -> None:
+    given = source(tmp_path)
+
+    async def refused_then_bytes() -> bytes:
+        client = AsyncClient(DOMAIN, devmogile.trackers)
+        await client.store_content("doc", b"old", "thumb")
+        with pytest.raises(TypeError, match=f"store_file of 'doc' takes .*not {type(given).__name__}"):
+            await client.store_file("doc", given, "thumb")
+        kept = await client.get_file_data("doc")
+        assert await client.store_file("doc", bytearray(b"new"), "thumb") == 3
+        await client.aclose()
+        return kept
+
+    assert asyncio.run(refused_then_bytes()) == b"old"
+    assert Client(DOMAIN, devmogile.trackers).get_file_data("doc") == b"new"
 
 
 @both_flavours
