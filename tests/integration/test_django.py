@@ -24,6 +24,7 @@ from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files.base import ContentFile
+from django.core.files.storage import FileSystemStorage
 from django.core.management import call_command
 from django.core.wsgi import get_wsgi_application
 from django.db.migrations.writer import MigrationWriter
@@ -183,6 +184,23 @@ def test_save_exists_size_open_delete(mogile: DevMogileFS) -> None:
         storage.open(name, "wb")
     storage.delete(name)
     assert not storage.exists(name)
+
+
+@pytest.mark.parametrize("allow_overwrite", [False, True])
+def test_names_are_saved_normalised_as_the_file_system_storage_saves_them(mogile: DevMogileFS, tmp_path: Path,
+                                                                          allow_overwrite: bool) -> None:
+    """A URL with ``//`` or ``/./`` reaches the application normalised (by the browser, or nginx):
+    the file must be saved under the name that URL asks for."""
+    storage = MogileFSStorage(allow_overwrite=allow_overwrite)
+    files = FileSystemStorage(location=tmp_path)
+    for name in ("a//b/x.txt", "./dot.txt", "q/./r//dot.txt"):
+        saved = storage.save(name, ContentFile(b"x"))
+        assert saved == files.save(name, ContentFile(b"x"))
+        assert storage.exists(saved) and storage.url(saved) == settings.MOGILEFS_MEDIA_URL + saved
+    for name in ("/abs.txt", "a/../b.txt", "a/./"):
+        with pytest.raises(SuspiciousFileOperation):
+            storage.save(name, ContentFile(b"x"))
+    assert storage.url(None) == settings.MOGILEFS_MEDIA_URL  # as files.url(None) is its base URL
 
 
 @pytest.mark.parametrize("allow_overwrite", [False, True])

@@ -46,6 +46,15 @@ def _bytes_of(content: File) -> Iterator[bytes]:
         yield chunk.encode("utf-8") if isinstance(chunk, str) else chunk
 
 
+def _normalised(name: str | None) -> str | None:
+    """``name`` without empty and ``.`` directories; an absolute name, ``..`` and the file name
+    itself are left for Django to judge."""
+    if not isinstance(name, str) or name.startswith("/") or ("//" not in name and "./" not in name):
+        return name
+    *directories, file_name = name.split("/")
+    return "/".join([*(part for part in directories if part not in ("", ".")), file_name])
+
+
 @contextmanager
 def _checked_key() -> Iterator[None]:
     """Report a name MogileFS cannot hold as a key the way Django reports unsafe file names."""
@@ -106,10 +115,12 @@ class MogileFSStorage(Storage):
         return get_uploader(self._domain, self._trackers)
 
     def save(self, name: str | None, content: Any, max_length: int | None = None) -> str:
-        """Django's save, with ``max_length`` kept for :meth:`_save`, which Django does not give it."""
+        """Django's save, with ``max_length`` kept for :meth:`_save`, which Django does not give it,
+        and the name normalised as ``FileSystemStorage`` does (``a//b/./c.txt`` is saved as
+        ``a/b/c.txt``): a browser or proxy would normalise the URL of the other key and miss it."""
         token = _max_length.set(max_length)
         try:
-            return super().save(name, content, max_length=max_length)
+            return super().save(_normalised(name), content, max_length=max_length)
         finally:
             _max_length.reset(token)
 
@@ -195,13 +206,13 @@ class MogileFSStorage(Storage):
             except UnknownKeyError:
                 raise FileNotFoundError(f"no MogileFS key {name!r}") from None
 
-    def url(self, name: str) -> str:
+    def url(self, name: str | None) -> str:
         """The media URL followed by the name, percent-encoded as UTF-8; with ``MOGILEFS_SIGNING_KEY``,
         signed for ``MOGILEFS_URL_EXPIRES`` seconds (as django-storages' S3 ``querystring_auth``)."""
         media_url = self._media_url or conf.media_url()
-        path = filepath_to_uri(name).lstrip("/")
+        path = filepath_to_uri(name or "").lstrip("/")  # None: the media URL, as FileSystemStorage gives
         secrets, expires_in = conf.signing_key(), conf.url_expires()  # both checked, even when unsigned
-        if secrets is None:
+        if secrets is None or not path:
             return media_url + path
         return f"{media_url}{path}?{URLSigner(secrets, self._domain or conf.domain()).query(unquote(path), expires_in)}"
 
