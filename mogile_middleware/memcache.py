@@ -43,8 +43,8 @@ MAX_EXPIRE_SECONDS = 30 * 24 * 3600
 #: The version of the entry format, first in every entry.
 FORMAT = 1
 _ETAG = re.compile(r"fid-(\d{1,20})|paths-[0-9a-f]{16}")
-#: A replica URL as MogileFS makes them: a device directory and the fid's file.
-_REPLICA_URL = re.compile(r"http://[!-~]+/dev\d+(?:/\d+)*/0*(\d+)\.fid")
+#: A replica URL as MogileFS makes them: a device directory and the fid's file, no query or fragment.
+_REPLICA_URL = re.compile(r"http://[^?#]+/dev\d+(?:/\d+)*/0*(\d+)\.fid")
 
 
 class InvalidEntry(ValueError):

@@ -132,7 +132,7 @@ class PerlbalReproxy(Reproxy):
     def __init__(self, representation: Representation, *, cache_for_seconds: int | None = None,
                  fallback_url: str | None = None) -> None:
         super().__init__(representation)
-        self.cache_for = f"{cache_for_seconds}; Content-Type ETag" if cache_for_seconds else None
+        self.cache_for_seconds = cache_for_seconds
         self.fallback_url = fallback_url.rstrip("/") if fallback_url else None
         self.wants_target = fallback_url is not None
 
@@ -147,13 +147,12 @@ class PerlbalReproxy(Reproxy):
 
     def headers(self, location: Location) -> Headers:
         """Type, ETag, the replicas, and the length Perlbal should get (when known)."""
-        headers = [
-            *self.representation.headers(location),
-            ("Content-Length", "0"),
-            ("X-REPROXY-URL", location.urls),
-        ]
-        if self.cache_for:
-            headers.append(("X-REPROXY-CACHE-FOR", self.cache_for))
+        described = self.representation.headers(location)
+        headers = [*described, ("Content-Length", "0"), ("X-REPROXY-URL", location.urls)]
+        if self.cache_for_seconds:
+            # A cache hit gets only the headers named here: all of the file's (its sandbox, nosniff...).
+            names = " ".join(name for name, _ in described)
+            headers.append(("X-REPROXY-CACHE-FOR", f"{self.cache_for_seconds}; {names}"))
         if location.length is not None and self.fallback_url is None:
             # Perlbal refuses a body of another length, so the fallback could not bring a new version.
             headers.append(("X-REPROXY-EXPECTED-SIZE", str(location.length)))

@@ -41,12 +41,14 @@ def served_file(value: str) -> tuple[str, str | None]:
 
 def view_headers(status: str, headers: Headers, filename: str | None, cookies: Sequence[str] = ()) -> Headers:
     """The headers of a file a view answered with: ``Cache-Control: private`` (the view checked
-    who asked), and ``Content-Disposition: attachment`` naming ``filename`` (RFC 6266) when given;
-    an error answer's as they are, since they are not the file's. On any answer, the view's own
-    ``cookies`` (``Set-Cookie`` values: a session it refreshed, a token it rotated)."""
+    who asked), no ``X-REPROXY-CACHE-FOR``, and ``Content-Disposition: attachment`` naming
+    ``filename`` (RFC 6266) when given; an error answer's as they are, since they are not the
+    file's. On any answer, the view's own ``cookies`` (``Set-Cookie`` values: a session it
+    refreshed, a token it rotated)."""
     kept = headers
     if status[0] in "23":
-        replaced = ("Cache-Control", "Content-Disposition") if filename else ("Cache-Control",)
+        # Never X-REPROXY-CACHE-FOR: Perlbal would answer the next client itself, without the view.
+        replaced = ("Cache-Control", "X-REPROXY-CACHE-FOR", *(("Content-Disposition",) if filename else ()))
         kept = [header for header in headers if header[0] not in replaced]
         kept.append(("Cache-Control", "private"))
         if filename:

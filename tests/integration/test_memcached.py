@@ -171,6 +171,10 @@ RAN = Path("/tmp/mogile-memcached-pickle-ran")
     pytest.param(lambda: pickle.dumps((_Boom(), 1.0)), id="pickle-payload"),
     pytest.param(lambda: json.dumps([1, "k", 1.0, ["k", ["http://169.254.169.254/latest/meta-data/"], "fid-1", 5,
                                                    True]]).encode(), id="foreign-url"),
+    pytest.param(lambda: json.dumps([1, "k", 1.0, ["k", ["http://169.254.169.254/latest/meta-data/?/dev1/1.fid"],
+                                                   "fid-1", 5, True]]).encode(), id="foreign-url-replica-in-query"),
+    pytest.param(lambda: json.dumps([1, "k", 1.0, ["k", ["http://10.0.0.9/internal/admin#/dev1/1.fid"],
+                                                   "fid-1", 5, True]]).encode(), id="foreign-url-replica-in-fragment"),
     pytest.param(lambda: json.dumps([1, "k", 1.0, ["k", ["http://10.0.0.1:7500/dev1/0/000/000/0000000002.fid"],
                                                    "fid-1", 5, True]]).encode(), id="another-fids-replica"),
     pytest.param(lambda: json.dumps([1, "k", 1.0, ["k", ["http://10.0.0.1:7500/dev1/0/000/000/0000000001.fid\r\n"

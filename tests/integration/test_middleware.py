@@ -278,7 +278,7 @@ def test_perlbal_answer(devmogile: DevMogileFS, client: Client) -> None:
 def test_perlbal_cache_for_and_expected_size(devmogile: DevMogileFS, client: Client) -> None:
     app, _, _ = make(devmogile, reproxy="perlbal", perlbal_cache_seconds=30, trusted_proxies=["127.0.0.1"])
     response = app.get(url("plain.txt"), extra_environ={"REMOTE_ADDR": "127.0.0.1"})
-    assert response.headers["X-REPROXY-CACHE-FOR"] == "30; Content-Type ETag"
+    assert response.headers["X-REPROXY-CACHE-FOR"] == "30; Content-Type ETag X-Content-Type-Options"
     assert response.headers["X-REPROXY-EXPECTED-SIZE"] == str(len(BODY))
     ranged = app.get(url("plain.txt"), headers={"Range": "bytes=0-1"}, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
     assert "X-REPROXY-EXPECTED-SIZE" not in ranged.headers

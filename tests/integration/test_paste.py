@@ -130,7 +130,7 @@ body_cache_file_bytes = 65536
     assert middleware.trusted_proxies == (ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("192.168.1.7"))
     assert middleware.key_for_path is posixpath.basename
     assert isinstance(middleware.reproxy_responder, PerlbalReproxy)
-    assert middleware.reproxy_responder.cache_for == "30; Content-Type ETag"
+    assert middleware.reproxy_responder.cache_for_seconds == 30
     assert middleware.storage_timeout == 2.5 and middleware.client.storage_timeout == 2.5
     assert middleware.retry_after_seconds == 9
     pool = middleware.client.pool

@@ -320,8 +320,34 @@ def test_perlbal_answers_cached_keys_without_the_application(server: str, devmog
         assert stack.app_requests("/mogilefs/photos/2.jpg") == [("200", 0)]
     for answer in answers:
         assert (answer.status, answer.md5) == (200, PHOTO_MD5)
-        # A cache hit carries only the headers that X-REPROXY-CACHE-FOR names: these two.
+        # A cache hit carries only the headers that X-REPROXY-CACHE-FOR names: every one of the file's.
         assert (answer.headers["Content-Type"], answer.headers["ETag"]) == ("image/jpeg", answers[0].headers["ETag"])
+        assert answer.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_perlbals_cache_keeps_an_uploads_sandbox(server: str, devmogile: DevMogileFS, tmp_path: Path) -> None:
+    """A user's SVG runs script on the site's origin without its sandbox: a cache hit keeps it."""
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(document.domain)</script></svg>'
+    Client(DOMAIN, devmogile.trackers).store_content("uploads/evil.svg", svg, cls="avatar")
+    with serving(devmogile, server, "perlbal", tmp_path, MOGILE_PERLBAL_CACHE_SECONDS="30",
+                 MOGILE_CONTENT_DISPOSITION="attachment") as stack:
+        answers = [stack.get("/mogilefs/uploads/evil.svg") for _ in range(3)]
+        assert stack.app_requests("/mogilefs/uploads/evil.svg") == [("200", 0)]
+    for answer in answers:
+        assert answer.status == 200 and answer.headers["Content-Security-Policy"] == "sandbox"
+        assert answer.headers["X-Content-Type-Options"] == "nosniff"
+        assert answer.headers["Content-Disposition"] == 'attachment; filename="evil.svg"'
+
+
+def test_perlbals_cache_never_answers_for_a_view(server: str, devmogile: DevMogileFS, tmp_path: Path) -> None:
+    """A view checks who asks each time: its file is not left in Perlbal's cache for the next client."""
+    Client(DOMAIN, devmogile.trackers).store_content("private/invoice.txt", b"alice's invoice", cls="avatar")
+    with serving(devmogile, server, "perlbal", tmp_path, MOGILE_PERLBAL_CACHE_SECONDS="30") as stack:
+        allowed = stack.get("/view/private/invoice.txt", {"X-Test-User": "allowed"})
+        refused = stack.get("/view/private/invoice.txt")
+        assert stack.app_requests("/view/private/invoice.txt") == [("200", 0), ("403", len(b"not yours\n"))]
+    assert (allowed.status, allowed.length) == (200, len(b"alice's invoice"))
+    assert refused.status == 403 and b"alice" not in refused.start
 
 
 @pytest.mark.parametrize("front", sorted(FRONTS))

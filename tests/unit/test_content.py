@@ -66,7 +66,15 @@ def test_site_types_come_first_longest_ending_first() -> None:
     assert policy.media_type("A.AVIF") == "image/x-avif"
 
 
-@pytest.mark.parametrize("mapping", [{"webp": "image/webp"}, {".webp": "webp"}, {".x": "text/€"}])
+def test_a_site_type_written_in_capitals_gets_the_sandbox_of_its_type() -> None:
+    policy = ContentPolicy(mimetypes={".page": "TEXT/HTML", ".run": "Application/JavaScript"})
+    assert dict(policy.headers("a.page")) == {"Content-Type": "text/html; charset=utf-8",
+                                              "Content-Security-Policy": "sandbox"}
+    assert dict(policy.headers("a.run"))["Content-Type"] == "text/plain; charset=utf-8"
+
+
+@pytest.mark.parametrize("mapping", [{"webp": "image/webp"}, {".webp": "webp"}, {".x": "text/€"},
+                                     {".html": "text/html; charset=utf-8"}, {".x": "text/ html"}])
 def test_bad_site_types_are_refused(mapping: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="mimetypes"):
         ContentPolicy(mimetypes=mapping)
