@@ -138,7 +138,8 @@ class PerlbalReproxy(Reproxy):
 
     def fell_back(self, environ: dict[str, Any]) -> bool:
         """True for Perlbal's request of the fallback URL."""
-        return self.fallback_url is not None and environ.get("QUERY_STRING", "").endswith(FALLBACK_MARK)
+        query = environ.get("QUERY_STRING", "")
+        return self.fallback_url is not None and (query == FALLBACK_MARK or query.endswith("&" + FALLBACK_MARK))
 
     @staticmethod
     def proxy_asks(value: str) -> bool:

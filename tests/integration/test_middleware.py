@@ -295,6 +295,8 @@ def test_perlbal_fallback_url_comes_last_and_its_request_is_served(devmogile: De
     assert "X-REPROXY-EXPECTED-SIZE" not in response.headers  # it would refuse a new version's length
     served = app.get(fallback[len("http://10.0.0.5:8000"):], extra_environ=proxy)
     assert served.body == BODY and "X-REPROXY-URL" not in served.headers
+    for query in ("?xmogilefs-fallback", "?v=2&amogilefs-fallback"):  # another parameter: reproxied
+        assert "X-REPROXY-URL" in app.get(url("café/日本.css") + query, extra_environ=proxy).headers
     with pytest.raises(ValueError, match="perlbal_fallback_url"):
         make(devmogile, reproxy="perlbal", perlbal_fallback_url="10.0.0.5:8000")
 
