@@ -13,11 +13,18 @@ import socket
 import time
 
 
+#: The longest duration an option takes: a year (the system's clocks and timeouts take no infinity).
+MAX_SECONDS = 365 * 24 * 3600
+
+
 def checked_seconds(name: str, value: float, *, zero: bool = False) -> float:
-    """``value`` if it is a number of seconds above 0 (or 0 itself, with ``zero``); otherwise a
-    ValueError naming the option ``name``, raised where it is given rather than at a request."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 if zero else value > 0):
-        raise ValueError(f"{name} must be a number of seconds {'>=' if zero else '>'} 0, not {value!r}")
+    """``value`` if it is a number of seconds above 0 (or 0 itself, with ``zero``) and at most
+    :data:`MAX_SECONDS`; otherwise a ValueError naming the option ``name``, raised where it is
+    given rather than at a request."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not ((value >= 0 if zero else value > 0) and value <= MAX_SECONDS):
+        raise ValueError(f"{name} must be a number of seconds {'>=' if zero else '>'} 0 and at most a year "
+                         f"({MAX_SECONDS}), not {value!r}")
     return value
 
 

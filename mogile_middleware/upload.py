@@ -73,8 +73,10 @@ def hasher() -> ThreadPoolExecutor:
 
 
 def create_open_args(domain: str, key: str, cls: str | None, size: int | None) -> dict[str, ArgValue]:
-    """The arguments of ``create_open`` for ``key``, asking for every destination (``multi_dest``)."""
-    return {"domain": domain, "key": key, "class": cls, "multi_dest": 1, "size": size}
+    """The arguments of ``create_open`` for ``key``, asking for every destination (``multi_dest``).
+    The ``default`` class (which ``file_info`` names) is asked for by no class: mogilefsd 2.73
+    refuses it by name."""
+    return {"domain": domain, "key": key, "class": None if cls == "default" else cls, "multi_dest": 1, "size": size}
 
 
 @contextlib.contextmanager

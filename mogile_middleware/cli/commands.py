@@ -15,6 +15,7 @@ import errno
 import itertools
 import json
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from typing import IO, TYPE_CHECKING, BinaryIO
 
 from .. import health
 from ..client import Client, FileInfo
+from ..deadline import checked_seconds
 from ..exceptions import UnknownKeyError, UnregDomainError
 from ..tracker import Address, parse_trackers
 from ..upload import Uploader, remaining_size
@@ -58,6 +60,7 @@ exit codes:
      an unknown class or domain, a local file could not be read or written
   2  usage error: a bad or missing option (--trackers, --domain)
   3  no such key
+  130, 143  stopped by Ctrl-C (SIGINT) or SIGTERM, leaving no partial file
 """
 
 
@@ -146,30 +149,41 @@ def _write_options(parser: argparse.ArgumentParser) -> None:
 
 def _command(body: Callable[[argparse.Namespace, Client], int]) -> Callable[[argparse.Namespace], int]:
     """A subcommand's ``run`` from ``body``: give it a client for the options, then close it; name
-    the key in a no-such-key error; print a local file error as one line (exit 1); end quietly
-    when the reader of stdout has gone."""
+    the key in a no-such-key error (and see :func:`_local_errors`)."""
 
+    @_local_errors
     def run(args: argparse.Namespace) -> int:
         # Only the subcommands that change keys have --memcached.
         client = Client(args.domain, args.trackers, cache_backend=getattr(args, "memcached", None))
         try:
-            code = body(args, client)
-            sys.stdout.flush()  # here, where a closed pipe is caught, rather than at exit
-            return code
+            return body(args, client)
         except UnknownKeyError as error:  # the tracker does not say which key; every command with one calls it "key"
             raise type(error)(error.code, f"no key {args.key!r} in domain {args.domain!r}") from None
         except UnregDomainError as error:  # nor which domain
             raise type(error)(error.code, f"no domain {args.domain!r} on the trackers") from None
+        finally:
+            client.close()
+
+    return run
+
+
+def _local_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``run`` that prints a local file error as one line (exit 1), and ends quietly (exit 0) when
+    the reader of stdout has gone."""
+
+    def guarded(args: argparse.Namespace) -> int:
+        try:
+            code = run(args)
+            sys.stdout.flush()  # here, where a closed pipe is caught, rather than at exit
+            return code
         except BrokenPipeError:
             _detach_stdout()
             return 0
         except OSError as error:
             print(f"mogile-middleware: {printable(_describe(error))}", file=sys.stderr)
             return 1
-        finally:
-            client.close()
 
-    return run
+    return guarded
 
 
 def _describe(error: OSError) -> str:
@@ -331,18 +345,31 @@ def _copy(first: bytes, rest: Iterator[bytes], target: IO[bytes], bar: ProgressB
 @contextmanager
 def _replacing(path: Path) -> Iterator[IO[bytes]]:
     """A temporary file beside ``path``, renamed to it only when the block completes: a failure
-    leaves neither a partial file nor a changed one."""
-    if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "is a directory: give a file name", str(path))
+    leaves neither a partial file nor a changed one. As ``cp`` does, a symbolic link is written
+    through, a file keeps its mode, and a device or a pipe (``/dev/null``) is written as it is."""
     try:
-        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False)
+        mode: int | None = path.stat().st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as error:
+        raise type(error)(error.errno, error.strerror, str(path)) from None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, "is a directory: give a file name", str(path))
+    if mode is not None and not stat.S_ISREG(mode):
+        with open(path, "wb") as device:
+            yield device
+        return
+    real = Path(os.path.realpath(path))
+    try:
+        handle = tempfile.NamedTemporaryFile(dir=real.parent, prefix=f".{real.name}.", suffix=".part", delete=False)
     except OSError as error:  # name the user's path, not the temporary file's
         raise type(error)(error.errno, error.strerror, str(path)) from None
     try:
         with handle:
             yield handle
-        os.chmod(handle.name, 0o666 & ~_umask())  # as open() would create it, not private like a temporary file
-        os.replace(handle.name, path)
+        # The file's own mode, or as open() would create it: not private like a temporary file.
+        os.chmod(handle.name, stat.S_IMODE(mode) if mode is not None else 0o666 & ~_umask())
+        os.replace(handle.name, real)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
@@ -482,10 +509,19 @@ def _mv(args: argparse.Namespace, client: Client) -> int:
 def _add_check_arguments(parser: argparse.ArgumentParser) -> None:
     connection_options(parser)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
+    parser.add_argument("--timeout", type=_seconds, default=3.0, metavar="SECONDS",
                         help="connect and answer timeout per tracker (default: 3)")
 
 
+def _seconds(text: str) -> float:
+    """A timeout given on the command line: a number of seconds above 0, at most a year."""
+    try:
+        return checked_seconds("the timeout", float(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+@_local_errors
 def _check(args: argparse.Namespace) -> int:
     """Print the health report; each problem also as one line on stderr; exit 1 if there is any."""
     report = health.check(args.trackers, args.domain, timeout=args.timeout)

@@ -15,14 +15,21 @@ from ..devserver import DevMogileFS
 from .signals import on_stop_signal
 
 
+def _port(text: str) -> int:
+    """A TCP port: 0 (a free one) to 65535."""
+    if not text.strip().isdigit() or not 0 <= int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r}")
+    return int(text)
+
+
 def _ports(text: str) -> list[int]:
+    parts = [part for part in text.split(",") if part.strip()]
     try:
-        ports = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
+        if not parts:
+            raise argparse.ArgumentTypeError(text)
+        return [_port(part) for part in parts]
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of ports: {text!r}") from None
-    if not ports or any(not 0 <= port < 65536 for port in ports):
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of ports: {text!r}")
-    return ports
 
 
 def _delay(text: str) -> float:
@@ -64,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on and to put in paths (default: %(default)s)"
     )
-    parser.add_argument("--port", type=int, default=7001, help="tracker port (default: %(default)s)")
+    parser.add_argument("--port", type=_port, default=7001, help="tracker port (default: %(default)s)")
     parser.add_argument(
         "--storage-ports",
         type=_ports,

@@ -8,6 +8,7 @@ does not exist).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -16,6 +17,7 @@ from ..exceptions import MogileFSError, TrackerUnavailableError, UnknownKeyError
 from ..tracker import DEFAULT_PORT
 from . import commands, demo, devserver, serve
 from .progress import printable
+from .signals import on_stop_signal
 
 #: name → (one-line help, add_arguments, run)
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
@@ -64,12 +66,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     commands.resolve_connection_options(parser, args)
     try:
-        return args.run(args)
+        with on_stop_signal(_stop):  # SIGTERM too unwinds, so no command leaves a partial file
+            return args.run(args)
     except MogileFSError as error:
         message = str(error)
         if isinstance(error, TrackerUnavailableError) and getattr(getattr(args, "trackers", None), "port_assumed", False):
             message += f" (no port given: {DEFAULT_PORT} assumed)"
         print(f"mogile-middleware: {printable(message)}", file=sys.stderr)
         return 3 if isinstance(error, UnknownKeyError) else 1
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as stopped:
+        return 128 + getattr(stopped, "signal", signal.SIGINT)
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised where the command was, so that it cleans up on its way out."""
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__()
+        self.signal = signal_number
+
+
+def _stop(signal_number: int, frame: object) -> None:
+    raise _Stopped(signal_number)

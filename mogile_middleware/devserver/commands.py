@@ -53,7 +53,7 @@ def create_open(ctx: Context, args: dict[str, str]) -> Reply:
     classid = 0
     if perl_true(args.get("class")):
         cls = ctx.store.class_by_name(dmid, args["class"])
-        if cls is None:
+        if cls is None or cls.classid == 0:  # mogilefsd's "->id or return err_line": default is asked by no name
             raise CommandError("unreg_class")
         classid = cls.classid
     dests = _pick_devices(ctx, 3 if multi else 1)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import io
 import os
 import random
+import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -535,6 +538,79 @@ def test_cp_copies_the_content_in_the_same_class_or_another(cli: Run, devmogile:
     missing = cli("cp", "ghost", "other")
     assert missing.code == 3 and "no key 'ghost'" in missing.err
     assert "other" not in list(client.keys(""))
+
+
+def test_cp_keeps_a_key_of_the_default_class_in_it(cli: Run, devmogile: DevMogileFS) -> None:
+    """file_info names the class "default", which mogilefsd refuses by name in create_open."""
+    client = Client(DOMAIN, devmogile.trackers)
+    client.store_content("plain", b"in the default class")
+    assert cli("cp", "plain", "copy").code == 0
+    assert cli("upload", "named", "/dev/null", "--class", "default").code == 0
+    assert client.file_info("copy").cls == client.file_info("named").cls == "default"
+
+
+def test_get_writes_through_a_link_keeps_a_files_mode_and_writes_a_pipe_as_it_is(cli: Run, devmogile: DevMogileFS,
+                                                                                   tmp_path: Path) -> None:
+    """As cp and curl -o do: only a regular file is replaced, and then with its own mode."""
+    Client(DOMAIN, devmogile.trackers).store_content("doc", b"the content")
+    tmp_path = tmp_path / "out"
+    tmp_path.mkdir()
+    private = tmp_path / "private.txt"
+    private.write_bytes(b"old")
+    private.chmod(0o600)
+    assert cli("get", "doc", "-o", str(private)).code == 0
+    assert private.read_bytes() == b"the content" and private.stat().st_mode & 0o777 == 0o600
+    (tmp_path / "link").symlink_to(tmp_path / "target.txt")
+    assert cli("get", "doc", "-o", str(tmp_path / "link")).code == 0
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target.txt").read_bytes() == b"the content"
+    os.mkfifo(tmp_path / "fifo")
+    with concurrent.futures.ThreadPoolExecutor(1) as reader:
+        read = reader.submit((tmp_path / "fifo").read_bytes)
+        assert cli("get", "doc", "-o", str(tmp_path / "fifo")).code == 0
+        assert read.result(timeout=10) == b"the content"
+    assert stat.S_ISFIFO((tmp_path / "fifo").stat().st_mode)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["fifo", "link", "private.txt", "target.txt"]
+
+
+def test_sigterm_during_get_leaves_neither_a_partial_file_nor_a_changed_one(
+    cli: Run, tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert cli("upload", "big", str(tree / "assets/img/logo.bin")).code == 0
+    original = ReplicaResponse.iter_chunks
+
+    def terminated(self: ReplicaResponse, size: int = 65536) -> Iterator[bytes]:
+        yield next(original(self, size))
+        os.kill(os.getpid(), signal.SIGTERM)
+        yield from original(self, size)
+
+    monkeypatch.setattr(ReplicaResponse, "iter_chunks", terminated)
+    target = tmp_path / "out" / "file"
+    target.parent.mkdir()
+    target.write_bytes(b"previous")
+
+    def ignored(signal_number: int, frame: object) -> None:  # outside the command: the test runs on
+        pass
+
+    previous = signal.signal(signal.SIGTERM, ignored)
+    try:
+        assert cli("get", "big", "-o", str(target)).code == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is ignored  # the command's handler went with it
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list(target.parent.iterdir()) == [target] and target.read_bytes() == b"previous"
+
+
+def test_check_refuses_a_timeout_it_cannot_use_and_reports_a_full_disk_in_one_line(devmogile: DevMogileFS) -> None:
+    env = subprocess_env(MOGILEFS_TRACKERS=devmogile.trackers[0], MOGILEFS_DOMAIN=DOMAIN)
+    for timeout in ("inf", "nan", "0", "-1"):
+        refused = subprocess.run([sys.executable, "-m", "mogile_middleware", "check", "--timeout", timeout],
+                                 env=env, capture_output=True, timeout=20, check=False)
+        assert refused.returncode == 2 and b"--timeout" in refused.stderr and b"Traceback" not in refused.stderr
+    with open("/dev/full", "wb") as full:
+        written = subprocess.run([sys.executable, "-m", "mogile_middleware", "check", "--json"], env=env,
+                                 stdout=full, stderr=subprocess.PIPE, timeout=20, check=False)
+    assert written.returncode == 1 and written.stderr.decode().splitlines() == [
+        "mogile-middleware: [Errno 28] No space left on device"]
 
 
 def test_get_recursive_writes_the_keys_under_a_prefix_and_never_outside(cli: Run, devmogile: DevMogileFS,

@@ -9,6 +9,7 @@ import pytest
 
 from mogile_middleware import AsyncClient, Client, MemoryCache, MogileFSMiddleware
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
+from mogile_middleware.deadline import MAX_SECONDS
 
 BAD_OPTIONS = [
     pytest.param({"cache_control": "public\r\nSet-Cookie: a=b"}, "cache_control", id="cache-control-line-break"),
@@ -27,6 +28,9 @@ BAD_OPTIONS = [
     pytest.param({"missing_seconds": "3"}, "missing_seconds", id="missing-seconds-text"),
     pytest.param({"stale_seconds": float("nan")}, "stale_seconds", id="stale-nan"),
     pytest.param({"storage_timeout": 0}, "storage_timeout", id="storage-timeout-zero"),
+    pytest.param({"storage_timeout": float("inf")}, "storage_timeout", id="storage-timeout-infinite"),
+    pytest.param({"io_timeout": 1e10}, "io_timeout", id="io-timeout-past-the-clocks"),
+    pytest.param({"path_cache_seconds": float("inf")}, "path_cache_seconds", id="path-cache-infinite"),
     pytest.param({"io_timeout": 0}, "io_timeout", id="io-timeout-zero"),
     pytest.param({"connect_timeout": -1}, "connect_timeout", id="connect-timeout-negative"),
     pytest.param({"dead_seconds": -5}, "dead_seconds", id="dead-seconds-negative"),
@@ -54,7 +58,8 @@ def test_a_client_refuses_a_timeout_no_request_could_use(client: type, options: 
 def test_usable_edge_values_are_taken() -> None:
     middleware = MogileFSMiddleware(lambda *args: None, domain="media", trackers=[("127.0.0.1", 65535)],
                                     reproxy="nginx", nginx_location="@mogilefs", path_cache_seconds=0,
-                                    missing_seconds=0, stale_seconds=0, retry_after_seconds=0, dead_seconds=0,
+                                    stale_seconds=MAX_SECONDS, storage_timeout=MAX_SECONDS,
+                                    missing_seconds=0, retry_after_seconds=0, dead_seconds=0,
                                     cache_control="public, max-age=60", charset=None)
     assert middleware.client.pool.addresses == [("127.0.0.1", 65535)]
 
