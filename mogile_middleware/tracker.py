@@ -231,14 +231,14 @@ class TrackerPoolBase:
         line = encode_request(command, args)
         retry_midway = command in IDEMPOTENT_COMMANDS
         candidates: Sequence[Address] = [tracker] if tracker is not None else self.live_trackers()
-        if not candidates:
-            raise TrackerUnavailableError(
-                f"every tracker is marked dead for up to {self.dead_seconds:g}s: {self._describe()}"
-            )
         if tracker is None and len(candidates) < len(self.addresses):
             for address in self.addresses:
                 if address not in candidates:
                     metrics.recorder.tracker_skipped(self._names[address])
+        if not candidates:
+            raise TrackerUnavailableError(
+                f"every tracker is marked dead for up to {self.dead_seconds:g}s: {self._describe()}"
+            )
         failures: list[str] = []
         for address in candidates:
             started, outcome = time.monotonic(), "failed"

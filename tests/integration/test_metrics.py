@@ -103,6 +103,15 @@ def test_reproxy_answers_are_counted_by_proxy(devmogile: DevMogileFS, counts: Co
     assert counts("served_bytes_total") == 0
 
 
+def test_a_skip_is_counted_when_every_tracker_is_marked_dead(counts: Counts) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    app = TestApp(MogileFSMiddleware(not_found, client=Client(DOMAIN, [dead])))
+    app.get("/mogilefs/a.txt", status=503)  # refused: marked dead
+    app.get("/mogilefs/b.txt", status=503)  # skipped, without a call
+    assert counts("tracker_calls_total", tracker=dead, outcome="failed") == 1
+    assert counts("dead_tracker_skips_total", tracker=dead) == 1
+
+
 def test_changes_dead_trackers_failovers_and_stale_paths(devmogile: DevMogileFS, counts: Counts) -> None:
     dead = f"127.0.0.1:{free_port()}"
     client = Client(DOMAIN, [dead, *devmogile.trackers])
