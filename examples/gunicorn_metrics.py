@@ -3,7 +3,8 @@
 Each worker counts in files under ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess
 mode), and every scrape sums them, whichever worker or port answers it. The directory is made
 here when the environment gives none, and emptied at start when it does: counts of an earlier
-run must not be added to this one's.
+run must not be added to this one's. Only at start: gunicorn reads this file again on SIGHUP,
+and the counts go on across that reload.
 """
 
 import os
@@ -11,11 +12,13 @@ import tempfile
 from pathlib import Path
 
 # Before prometheus_client is imported, here or in a worker: it picks its storage at import.
-if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
-        stale.unlink()
-else:
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mogile-metrics-")
+if not os.environ.get("MOGILE_METRICS_DIR_READY"):  # this master's first reading of the file
+    os.environ["MOGILE_METRICS_DIR_READY"] = "1"
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+            stale.unlink()
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mogile-metrics-")
 
 from prometheus_client import multiprocess, start_http_server  # noqa: E402
 

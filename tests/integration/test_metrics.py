@@ -5,6 +5,8 @@ workers (and the master's own port), and the Django view."""
 from __future__ import annotations
 
 import http.client
+import os
+import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -213,6 +215,15 @@ def test_gunicorn_with_two_workers_sums_both_in_every_scrape(devmogile: DevMogil
             misses = samples[("mogile_middleware_path_cache_misses_total", ())]
             assert hits + misses == requests and 1 <= misses <= 2  # one lookup per worker at most
             assert samples[("mogile_middleware_path_cache_entries", ())] == misses  # the live workers' sum
+        old_workers = set(server.worker_pids())
+        os.kill(server.pid, signal.SIGHUP)  # gunicorn reads its settings again and replaces the workers
+        deadline = time.monotonic() + 20
+        while (old_workers & set(server.worker_pids()) or len(server.worker_pids()) < 2) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert get(server.port, "/mogilefs/a.txt") == CONTENT
+        samples = scrape(master_port)
+        assert samples[("mogile_middleware_requests_total", (("mode", "serve"), ("status", "200")))] == requests + 1
 
 
 def test_the_django_view_answers_with_the_metrics(devmogile: DevMogileFS, counts: Counts) -> None:
