@@ -78,6 +78,18 @@ def _secrets(value: str) -> list[str]:
     return secrets
 
 
+def _prefix(value: str) -> str:
+    """The URL path under which keys are served; an empty value is refused rather than taken for ``/``."""
+    if not value.strip():
+        raise ValueError("give a URL path such as /mogilefs/ (/ for every path)")
+    return value.strip()
+
+
+def _charset(value: str) -> str | None:
+    """The charset of text types; empty: none."""
+    return value.strip() or None
+
+
 def _mimetypes(value: str) -> dict[str, str]:
     """``.ext=type`` pairs, one per line or separated by spaces (``.webp=image/webp``)."""
     pairs = [item.partition("=") for item in aslist(value)]
@@ -95,6 +107,8 @@ _SPECIAL: Mapping[str, Callable[[str], Any]] = {
     "authorize": _callable,
     "signing_key": _secrets,
     "mimetypes": _mimetypes,
+    "prefix": _prefix,
+    "charset": _charset,
 }
 
 #: Converters by the middleware's annotation of an argument (``X | None`` reads as ``X``).

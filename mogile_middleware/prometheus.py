@@ -139,7 +139,7 @@ class MetricsEndpoint:
 
     def __init__(self, app: WSGIApp, *, path: str = "/metrics") -> None:
         self.app = app
-        self.path = path
+        self.path = _metrics_path(path)
         self._exposition = make_wsgi_app(registry())
         record()
 
@@ -149,6 +149,18 @@ class MetricsEndpoint:
         return self.app(environ, start_response)
 
 
-def filter_factory(global_conf: dict[str, str], *, path: str = "/metrics") -> Any:
-    """PasteDeploy: ``[filter:metrics]`` with ``use = egg:mogile_middleware#metrics`` (``path`` optional)."""
+def filter_factory(global_conf: dict[str, str], **local_conf: str) -> Any:
+    """PasteDeploy: ``[filter:metrics]`` with ``use = egg:mogile_middleware#metrics`` (``path``
+    optional); ``ValueError`` for another option or a path that is not one, at load time."""
+    unknown = sorted(set(local_conf) - {"path"})
+    if unknown:
+        raise ValueError(f"unknown metrics option(s) {', '.join(unknown)}; the option is: path")
+    path = _metrics_path(local_conf.get("path", "/metrics"))
     return lambda app: MetricsEndpoint(app, path=path)
+
+
+def _metrics_path(path: object) -> str:
+    """``path`` if a request can ask for it (``/metrics``); a ValueError naming it otherwise."""
+    if not isinstance(path, str) or not path.startswith("/") or not path.isprintable() or " " in path:
+        raise ValueError(f"the metrics path must be a URL path such as '/metrics', not {path!r}")
+    return path

@@ -243,3 +243,12 @@ def test_the_django_view_answers_with_the_metrics(devmogile: DevMogileFS, counts
     assert response["Content-Type"].startswith("text/plain")
     names = {family.name for family in text_string_to_metric_families(response.content.decode())}
     assert "mogile_middleware_requests" in names
+
+
+@pytest.mark.parametrize(("options", "named"), [({"path": "metrics"}, "'metrics'"), ({"path": ""}, "''"),
+                                                ({"path": "/metrics", "port": "9101"}, "port")])
+def test_the_metrics_filter_refuses_at_load_what_no_request_could_reach(options: dict[str, str], named: str) -> None:
+    from mogile_middleware.prometheus import filter_factory
+
+    with pytest.raises(ValueError, match=named):
+        filter_factory({}, **options)

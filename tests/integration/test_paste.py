@@ -97,6 +97,8 @@ GOOD = "domain = media\ntrackers = 127.0.0.1:7001"
         pytest.param(GOOD + "\nsigning_key =", r"option signing_key: no secret", id="empty-signing-key"),
         pytest.param(GOOD + "\nsigning_key = s\nperlbal_cache_seconds = 30", r"perlbal_cache_seconds .* signing_key",
                      id="signing-and-perlbal-cache"),
+        pytest.param(GOOD + "\nprefix =", r"option prefix: give a URL path", id="empty-prefix"),
+        pytest.param(GOOD + "\nstorage_timeout = inf", r"storage_timeout .*inf", id="infinite-timeout"),
     ],
 )
 def test_a_bad_configuration_fails_at_load_time_naming_the_option(tmp_path: Path, options: str, message: str) -> None:
@@ -137,6 +139,11 @@ body_cache_file_bytes = 65536
     assert (pool.connect_timeout, pool.io_timeout, pool.dead_seconds) == (0.25, 3.0, 30.0)
     assert middleware.bodies is not None
     assert (middleware.bodies.max_bytes, middleware.bodies.max_file_bytes) == (8 * 1024 * 1024, 64 * 1024)
+
+
+def test_an_empty_charset_means_none(tmp_path: Path) -> None:
+    middleware = load_filter(tmp_path, GOOD + "\ncharset =")
+    assert middleware.representation.policy.charset is None
 
 
 
