@@ -32,8 +32,13 @@ log = logging.getLogger("mogile_middleware")
 
 
 def _drop_shared_entry(backend: CacheBackend, domain: str, key: str) -> None:
-    """Delete ``key``'s paths from a shared path cache, for every process and host that reads it."""
-    backend.delete(entry_key(domain, key))
+    """Delete ``key``'s paths from a shared path cache, for every process and host that reads it;
+    a failure is logged (the write stands, and the entry expires in its time)."""
+    try:
+        backend.delete(entry_key(domain, key))
+    except Exception as error:
+        log.warning("could not drop %r from the shared path cache, whose readers may use its old paths until "
+                    "they expire: %r", key, error)
 
 
 @dataclass(frozen=True)

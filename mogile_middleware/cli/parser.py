@@ -8,6 +8,7 @@ does not exist).
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -65,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     commands.resolve_connection_options(parser, args)
+    # The package's warnings (a shared cache that could not be told) as the command's own lines.
+    logging.basicConfig(format=f"{parser.prog}: %(message)s", level=logging.WARNING)
     try:
         with on_stop_signal(_stop):  # SIGTERM too unwinds, so no command leaves a partial file
             return args.run(args)

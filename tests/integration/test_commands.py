@@ -171,6 +171,19 @@ def test_writes_drop_the_changed_keys_from_memcached(cli: Run, tmp_path: Path,
         assert not cached("b")
 
 
+def test_a_write_told_to_an_unreachable_memcached_stands_and_says_so_in_one_line(devmogile: DevMogileFS,
+                                                                                   tmp_path: Path) -> None:
+    env = subprocess_env(MOGILEFS_TRACKERS=devmogile.trackers[0], MOGILEFS_DOMAIN=DOMAIN)
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{unused.getsockname()[1]}"
+    done = subprocess.run([sys.executable, "-m", "mogile_middleware", "upload", "a", "/dev/null", "--memcached",
+                           closed], env=env, capture_output=True, timeout=20, check=False)
+    assert done.returncode == 0 and Client(DOMAIN, devmogile.trackers).file_info("a").length == 0
+    (line,) = done.stderr.decode().splitlines()
+    assert line.startswith("mogile-middleware: could not drop 'a' from the shared path cache")
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 
