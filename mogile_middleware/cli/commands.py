@@ -271,7 +271,9 @@ def _add_get_arguments(parser: argparse.ArgumentParser) -> None:
 def _get(args: argparse.Namespace, client: Client) -> int:
     if args.recursive:
         return _get_recursive(args, client)
-    with client.read_file(args.key) as body, ProgressBar(body.length, sys.stderr, label=args.key) as bar:
+    to_terminal = args.output in (None, "-") and sys.stdout.isatty()  # where a bar would draw over the text
+    with client.read_file(args.key) as body, \
+            ProgressBar(None if to_terminal else body.length, sys.stderr, label=args.key) as bar:
         chunks = body.iter_chunks()
         first = next(chunks, b"")
         if args.output in (None, "-"):

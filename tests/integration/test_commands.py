@@ -378,6 +378,16 @@ def test_upload_and_get_draw_a_bar_on_a_terminal_only(cli: Run, tree: Path) -> N
         assert piped.getvalue() == ""
 
 
+def test_get_to_a_terminal_draws_no_bar_over_the_text_it_writes(cli: Run, tree: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    assert cli("upload", "menu", str(tree / "docs/café menu.txt")).code == 0
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # stdout and stderr the same terminal
+    terminal = FakeTerminal()
+    with contextlib.redirect_stderr(terminal):
+        result = cli("get", "menu")
+    assert result.code == 0 and result.out == "Café crème\n".encode() and terminal.getvalue() == ""
+
+
 def test_the_bar_is_redrawn_at_most_ten_times_a_second() -> None:
     now = [0.0]
     terminal = FakeTerminal()
