@@ -53,7 +53,7 @@ def parse_address(tracker: str | Address) -> Address:
         host, sep, port = tracker.strip().rpartition(":")
         if not sep or host.endswith(":") and not host.startswith("["):
             host, port = tracker.strip(), str(DEFAULT_PORT)
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:  # "/": a URL, not an address
         raise ValueError(f"tracker address {tracker!r} is not host:port")
     return host.strip("[]"), int(port)
 

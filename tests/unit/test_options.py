@@ -36,6 +36,7 @@ BAD_OPTIONS = [
     pytest.param({"dead_seconds": -5}, "dead_seconds", id="dead-seconds-negative"),
     pytest.param({"trackers": ["127.0.0.1:99999"]}, "127.0.0.1:99999", id="tracker-port-out-of-range"),
     pytest.param({"trackers": "127.0.0.1:0"}, "127.0.0.1:0", id="tracker-port-zero"),
+    pytest.param({"trackers": "http://127.0.0.1:7001"}, "http://127.0.0.1:7001", id="tracker-url"),
 ]
 
 
