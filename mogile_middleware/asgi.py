@@ -94,7 +94,7 @@ class MogileFSMiddleware(MiddlewareCore):
             location = self.locator.cached(key)
             warm = None if location is None else self.reproxy_answer(environ, location)
             answer = warm or await self._answer(environ, key, location)
-        await self._send(answer, send, receive, scope["method"] == "HEAD")
+        await self._send(answer, send, receive, scope)
 
     async def respond_with(self, scope: Scope, receive: Receive, send: Send, key: str, *,
                            filename: str | None = None) -> None:
@@ -107,8 +107,7 @@ class MogileFSMiddleware(MiddlewareCore):
                         "headers": [(name.lower().encode("latin-1"), value.encode("latin-1"))]})
             await send({"type": "http.response.body", "body": b""})
             return
-        answer = await self._file_answer_for_view(scope, value)
-        await self._send(answer, send, receive, scope["method"] == "HEAD")
+        await self._send(await self._file_answer_for_view(scope, value), send, receive, scope)
 
     async def _file_answer_for_view(self, scope: Scope, value: str, cookies: list[str] | None = None
                                     ) -> Answer | Streamed:
@@ -122,13 +121,15 @@ class MogileFSMiddleware(MiddlewareCore):
         status, headers, upstream = answer
         return status, view_headers(status, headers, filename, cookies or ()), upstream
 
-    async def _send(self, answer: Answer | Streamed, send: Send, receive: Receive, head: bool) -> None:
+    async def _send(self, answer: Answer | Streamed, send: Send, receive: Receive, scope: Scope) -> None:
         if isinstance(answer, Answer):
             metrics.recorder.request(answer.reproxy or "serve", answer.status)
             # A copy: a server may change the list it gets, and the encoded list is kept.
             await send({"type": "http.response.start", "status": int(answer.status[:3]),
                         "headers": self._encoded_answers.headers(answer).copy()})
-            await send({"type": "http.response.body", "body": b"" if head else answer.body})  # HEAD: a GET's headers
+            # HEAD: a GET's headers, no body (a reproxy answer has none to begin with).
+            body = answer.body and (b"" if scope["method"] == "HEAD" else answer.body)
+            await send({"type": "http.response.body", "body": body})
             return
         status, headers, upstream = answer
         metrics.recorder.request("serve", status)
@@ -168,8 +169,7 @@ class MogileFSMiddleware(MiddlewareCore):
 
         await self.app({**scope, WRAPPED_BY: self}, receive, filtered)
         if asked:
-            await self._send(await self._file_answer_for_view(scope, asked[0], cookies), send, receive,
-                             scope["method"] == "HEAD")
+            await self._send(await self._file_answer_for_view(scope, asked[0], cookies), send, receive, scope)
 
     async def _answer(self, environ: dict[str, Any], key: str, location: Location | None) -> Answer | Streamed:
         """The answer for ``key`` (at ``location`` when the cache held it): decided, with its replica open."""
@@ -289,7 +289,8 @@ def _without_reproxy_headers(send: Send) -> Send:
 
 
 def _reproxy_headers_removed(message: Message) -> Message:
-    """``message`` with its ``headers`` (any iterable of pairs) less the reproxy headers only the middleware may send."""
+    """``message`` with its ``headers`` (any iterable of pairs) less the reproxy headers only the
+    middleware may send."""
     return {**message, "headers": [(name, value) for name, value in message["headers"]
                                    if not is_reproxy_header(name.decode("latin-1"))]}
 

@@ -69,7 +69,7 @@ class MogileFSMiddleware(MiddlewareCore):
         path = environ.get("PATH_INFO", "")
         if not path.startswith(self.prefix):
             return self._pass(environ, start_response)
-        return self._send(self.answer(environ, path[len(self.prefix):]), start_response, _is_head(environ))
+        return self._send(self.answer(environ, path[len(self.prefix):]), start_response, environ)
 
     def answer(self, environ: dict[str, Any], path: str) -> Answer | StreamedAnswer:
         """The answer for the URL ``path`` after the prefix: decided, not yet started."""
@@ -98,7 +98,7 @@ class MogileFSMiddleware(MiddlewareCore):
         if environ.get(WRAPPED_BY) is self:
             start_response("200 OK", [(name, value)])
             return []
-        return self._send(self._file_answer_for_view(environ, value), start_response, _is_head(environ))
+        return self._send(self._file_answer_for_view(environ, value), start_response, environ)
 
     def _file_answer_for_view(self, environ: dict[str, Any], value: str, cookies: list[str] | None = None
                               ) -> Answer | StreamedAnswer:
@@ -106,12 +106,14 @@ class MogileFSMiddleware(MiddlewareCore):
         answer = self.file_answer(as_view_request(environ), key)  # type: ignore[arg-type]
         return dataclasses.replace(answer, headers=view_headers(answer.status, answer.headers, filename, cookies or ()))
 
-    def _send(self, answer: Answer | StreamedAnswer, start_response: StartResponse, head: bool) -> Iterable[bytes]:
+    def _send(self, answer: Answer | StreamedAnswer, start_response: StartResponse,
+              environ: dict[str, Any]) -> Iterable[bytes]:
         metrics.recorder.request(answer.reproxy or "serve", answer.status)
         if isinstance(answer, Answer):
             # A copy: answers are shared between requests, and a server may change the list it gets.
             start_response(answer.status, answer.headers.copy())
-            return [answer.body] if answer.body and not head else []  # HEAD: the headers of a GET
+            # HEAD: a GET's headers, no body (a reproxy answer has none to begin with).
+            return [answer.body] if answer.body and environ.get("REQUEST_METHOD") != "HEAD" else []
         try:
             start_response(answer.status, answer.headers)
         except BaseException:
@@ -145,12 +147,7 @@ class MogileFSMiddleware(MiddlewareCore):
             return body
         if hasattr(body, "close"):
             body.close()
-        return self._send(self._file_answer_for_view(environ, asked[0], cookies), start_response, _is_head(environ))
-
-
-def _is_head(environ: dict[str, Any]) -> bool:
-    """True for a HEAD request: its answer has a GET's headers and no body."""
-    return environ.get("REQUEST_METHOD") == "HEAD"
+        return self._send(self._file_answer_for_view(environ, asked[0], cookies), start_response, environ)
 
 
 def _discard(data: bytes) -> None:

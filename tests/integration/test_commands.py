@@ -248,20 +248,37 @@ def test_get_leaves_no_file_when_the_only_node_is_down(tmp_path: Path, capsys: p
     assert capsys.readouterr().err.startswith("mogile-middleware: no replica answered")
 
 
+def interrupt_after_the_first_piece(monkeypatch: pytest.MonkeyPatch,
+                                   interrupt: Callable[[ReplicaResponse], None]) -> None:
+    """Every replica body calls ``interrupt`` once its first piece is read, then goes on (if it may)."""
+    original = ReplicaResponse.iter_chunks
+
+    def interrupted(self: ReplicaResponse, size: int = 65536) -> Iterator[bytes]:
+        yield next(original(self, size))
+        interrupt(self)
+        yield from original(self, size)
+
+    monkeypatch.setattr(ReplicaResponse, "iter_chunks", interrupted)
+
+
+def previous_file(tmp_path: Path) -> Path:
+    """``out/file`` holding what an earlier ``get`` wrote, alone in its directory."""
+    target = tmp_path / "out" / "file"
+    target.parent.mkdir()
+    target.write_bytes(b"previous")
+    return target
+
+
 def test_get_keeps_the_old_file_when_the_transfer_breaks(
     cli: Run, tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert cli("upload", "big", str(tree / "assets/img/logo.bin")).code == 0
-    original = ReplicaResponse.iter_chunks
 
-    def broken(self: ReplicaResponse, size: int = 65536) -> Iterator[bytes]:
-        yield next(original(self, size))
-        raise StorageError("connection reset midway", self.url)
+    def broken(replica: ReplicaResponse) -> None:
+        raise StorageError("connection reset midway", replica.url)
 
-    monkeypatch.setattr(ReplicaResponse, "iter_chunks", broken)
-    target = tmp_path / "out" / "file"
-    target.parent.mkdir()
-    target.write_bytes(b"previous")
+    interrupt_after_the_first_piece(monkeypatch, broken)
+    target = previous_file(tmp_path)
     result = cli("get", "big", "-o", str(target))
     assert (result.code, result.err) == (1, "mogile-middleware: connection reset midway\n")
     assert list(target.parent.iterdir()) == [target] and target.read_bytes() == b"previous"
@@ -599,17 +616,8 @@ def test_sigterm_during_get_leaves_neither_a_partial_file_nor_a_changed_one(
     cli: Run, tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert cli("upload", "big", str(tree / "assets/img/logo.bin")).code == 0
-    original = ReplicaResponse.iter_chunks
-
-    def terminated(self: ReplicaResponse, size: int = 65536) -> Iterator[bytes]:
-        yield next(original(self, size))
-        os.kill(os.getpid(), signal.SIGTERM)
-        yield from original(self, size)
-
-    monkeypatch.setattr(ReplicaResponse, "iter_chunks", terminated)
-    target = tmp_path / "out" / "file"
-    target.parent.mkdir()
-    target.write_bytes(b"previous")
+    interrupt_after_the_first_piece(monkeypatch, lambda replica: os.kill(os.getpid(), signal.SIGTERM))
+    target = previous_file(tmp_path)
 
     def ignored(signal_number: int, frame: object) -> None:  # outside the command: the test runs on
         pass
