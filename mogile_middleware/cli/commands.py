@@ -238,6 +238,7 @@ def _store(uploader: Uploader, key: str, source: BinaryIO, cls: str | None) -> N
 def _files_under(root: Path) -> Iterator[tuple[Path, str]]:
     """Every regular file under ``root`` with its path relative to it in POSIX form, sorted per directory."""
     if not root.is_dir():
+        root.stat()  # a path that is not there says so (FileNotFoundError) rather than "not a directory"
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(root))
     for directory, subdirectories, names in os.walk(root, onerror=_reraise):
         subdirectories.sort()

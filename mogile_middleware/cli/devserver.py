@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
             try:
                 mogile.start()
             except OSError as exc:
-                print(f"devserver: cannot start: {exc.strerror or exc}", file=sys.stderr)
+                where = f"{exc.filename}: " if exc.filename else ""  # a data directory that is a file...
+                print(f"devserver: cannot start: {where}{exc.strerror or exc}", file=sys.stderr)
                 return 1
             print(f"tracker {mogile.trackers[0]}")
             for number, node in enumerate(mogile.nodes, 1):

@@ -206,7 +206,11 @@ def test_a_missing_local_file_is_one_line(cli: Run, tmp_path: Path) -> None:
     result = cli("upload", "k", str(tmp_path / "absent"))
     assert result.code == 1
     assert result.err == f"mogile-middleware: {tmp_path / 'absent'}: No such file or directory\n"
-    assert cli("upload", "k/", str(tmp_path / "absent"), "--recursive").code == 1
+    recursive = cli("upload", "k/", str(tmp_path / "absent"), "--recursive")
+    assert (recursive.code, recursive.err) == (1, result.err)
+    (tmp_path / "file").write_bytes(b"")
+    not_a_directory = cli("upload", "k/", str(tmp_path / "file"), "--recursive")
+    assert not_a_directory.err == f"mogile-middleware: {tmp_path / 'file'}: Not a directory\n"
 
 
 def test_a_dead_tracker_fails_fast(capsys: pytest.CaptureFixture[str]) -> None:
@@ -491,6 +495,15 @@ def test_devserver_names_the_address_it_cannot_listen_on() -> None:
                                   "--storage-ports", "0"], capture_output=True, text=True, timeout=30, cwd=REPO)
     assert process.returncode == 1
     assert f"devserver: cannot start: cannot listen on 127.0.0.1:{port}: Address already in use" in process.stderr
+
+
+def test_devserver_names_a_data_directory_it_cannot_use(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_bytes(b"")
+    command = ["devserver", "--data", str(tmp_path / "a-file"), "--port", "0", "--storage-ports", "0"]
+    process = subprocess.run([sys.executable, "-m", "mogile_middleware", *command], capture_output=True, text=True,
+                             timeout=30, cwd=REPO)
+    assert process.returncode == 1
+    assert process.stderr == f"devserver: cannot start: {tmp_path / 'a-file'}: File exists\n"
 
 
 def test_a_tracker_given_without_a_port_says_which_was_assumed(monkeypatch: pytest.MonkeyPatch,
