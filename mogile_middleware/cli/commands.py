@@ -305,12 +305,16 @@ def _get_recursive(args: argparse.Namespace, client: Client) -> int:
             skipped += 1
             continue
         target = root.joinpath(*parts)
-        target.parent.mkdir(parents=True, exist_ok=True)
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             with client.read_file(key) as body, ProgressBar(body.length, sys.stderr, label=key) as bar, \
                     _replacing(target) as out:
                 _copy(b"", body.iter_chunks(), out, bar)
         except UnknownKeyError:  # deleted since it was listed
+            continue
+        except (FileExistsError, IsADirectoryError, NotADirectoryError) as error:  # "a" and "a/b" both keys
+            print(f"mogile-middleware: {printable(key)!r}: {printable(_describe(error))}: skipped", file=sys.stderr)
+            skipped += 1
             continue
         print(f"{target.stat().st_size}\t{printable(key)}", flush=True)
     return 1 if skipped else 0

@@ -673,3 +673,13 @@ def test_get_recursive_writes_the_keys_under_a_prefix_and_never_outside(cli: Run
     assert not (tmp_path / "escape.txt").exists() and result.err.count("skipped") == 3
     assert result.lines == [f"{256 * 300}\tsite/img/logo.png", "9\tsite/index.html"]
     assert cli("get", "site/", "--recursive").code == 2  # no directory given
+
+
+def test_get_recursive_skips_a_key_that_is_also_a_directory_and_goes_on(cli: Run, devmogile: DevMogileFS,
+                                                                         tmp_path: Path) -> None:
+    client = Client(DOMAIN, devmogile.trackers)
+    for key in ("tree/a", "tree/a/b", "tree/c"):
+        client.store_content(key, key.encode(), cls="thumb")
+    result = cli("get", "tree/", "-o", str(tmp_path / "out"), "--recursive")
+    assert result.code == 1 and result.lines == ["6\ttree/a", "6\ttree/c"]
+    assert result.err.startswith("mogile-middleware: 'tree/a/b': ") and result.err.endswith(": skipped\n")
