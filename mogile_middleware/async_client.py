@@ -114,7 +114,7 @@ class AsyncClient(ClientBase):
                 if key.startswith(prefix):
                     yield key
             listed = listed_prefix(prefix)
-            if (after := next_after(listed, page, self.keys_page)) is None:
+            if (after := next_after(prefix, listed, page, self.keys_page)) is None:
                 return
 
     async def read_file(self, key: str) -> AsyncReplicaResponse:

@@ -132,15 +132,19 @@ def listed_prefix(prefix: str) -> str:
     return _PERL_METACHARACTERS.split(prefix, 1)[0]
 
 
-def next_after(listed: str, page: list[str], page_size: int) -> str | None:
+def next_after(prefix: str, listed: str, page: list[str], page_size: int) -> str | None:
     """The ``after`` of the page of keys listed by ``listed`` that follows ``page`` (of at most
-    ``page_size`` keys), or ``None`` when no key starting with ``listed`` can follow. The tracker matches the prefix whatever the
-    case (SQL ``LIKE``) and sorts keys bytewise, so a page may end on a key outside those that
-    start with ``listed`` exactly: past them, the listing is complete; before them, it goes on
-    from ``listed`` itself (a key equal to ``listed`` is then not listed)."""
+    ``page_size`` keys), or ``None`` when no key starting with ``prefix`` can follow.
+
+    Keys come in bytewise order, so those that start with ``prefix`` come together: a page that
+    ends past them ends the listing. The tracker matches ``listed`` whatever its case (SQL
+    ``LIKE``), so a page may also end on a key that does not start with ``listed`` exactly, before
+    those that do: the listing goes on from ``listed`` itself (a key equal to it is then missed)."""
     if len(page) < page_size:
         return None
     last = max(page)
+    if last > prefix and not last.startswith(prefix):
+        return None
     if last.startswith(listed):
         return last
     return listed if last < listed else None
@@ -301,7 +305,7 @@ class Client(ClientBase):
             page = self._list_page(listed, after, self.keys_page)[0]
             yield from (key for key in page if key.startswith(prefix))
             listed = listed_prefix(prefix)
-            if (after := next_after(listed, page, self.keys_page)) is None:
+            if (after := next_after(prefix, listed, page, self.keys_page)) is None:
                 return
 
     def close(self) -> None:

@@ -4,21 +4,33 @@ embedded MogileFS over real sockets."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 from conftest import DOMAIN
 from integration._async_facade import Flavour, both_flavours, flavour  # noqa: F401 (a fixture)
 from wiretools import CountingRelay, ScriptedTracker
 
-from mogile_middleware import Admin, BadKeyError, Client, KeyExistsError, MemoryCache, UnknownKeyError, UploadError
+from mogile_middleware import (
+    Admin,
+    AsyncClient,
+    BadKeyError,
+    Client,
+    KeyExistsError,
+    MemoryCache,
+    UnknownKeyError,
+    UploadError,
+)
 from mogile_middleware.cache import entry_key
-from mogile_middleware.client import ClientBase
+from mogile_middleware.client import ClientBase, Request
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.exceptions import UnregClassError, UnregDomainError
 
@@ -203,6 +215,28 @@ def test_keys_pages_through_prefixes_the_tracker_matches_loosely(client: Client,
         assert list(client.keys(prefix)) == expected
     assert list(client.keys("c++/1")) == names["c++/"][10:]
     assert list(client.keys("nothing/")) == []
+    # "(x" lists its second page by no prefix at all: it ends with the page that goes past its keys.
+    brackets = [f"(x/{n:02d}" for n in range(11)]
+    for name in brackets:
+        client.store_content(name, b"x", cls="thumb")
+    requests: list[str] = []
+    for cls in (Client, AsyncClient):
+        monkeypatch.setattr(cls, "_ask", _counted(cls._ask, requests))
+    assert list(client.keys("(x")) == brackets and requests == ["list_keys", "list_keys"]
+
+
+def _counted(ask: Callable[..., Any], requests: list[str]) -> Callable[..., Any]:
+    """A client's ``_ask`` (plain or a coroutine function) that appends each command to ``requests``."""
+    if inspect.iscoroutinefunction(ask):
+        async def counted_async(client: Any, request: Request) -> Any:
+            requests.append(request.command)
+            return await ask(client, request)
+        return counted_async
+
+    def counted(client: Any, request: Request) -> Any:
+        requests.append(request.command)
+        return ask(client, request)
+    return counted
 
 
 @both_flavours
