@@ -83,7 +83,7 @@ def create_close(ctx: Context, args: dict[str, str]) -> Reply:
         if not perl_true(args.get(name)):
             raise CommandError(f"no_{name}")
     fid, devid, path = perl_int(args["fid"]), perl_int(args["devid"]), args["path"]
-    checksum = args.get("checksum", "")
+    checksum = args["checksum"] if perl_true(args.get("checksum")) else ""  # "0" is Perl's false: none
     if checksum and not _CHECKSUM.match(checksum):
         raise CommandError("invalid_checksum_format")
     checksum = checksum.lower().replace("md5:", "MD5:")

@@ -345,9 +345,12 @@ class MetadataStore:
     # -- tempfiles ----------------------------------------------------------------------------
 
     def open_tempfile(self, dmid: int, key: str, classid: int, devids: list[int], fid: int | None = None) -> int | None:
-        """Hand out the next fid (or ``fid``) for an upload; ``None`` when ``fid`` is taken."""
+        """Hand out the next fid (or ``fid``) for an upload; ``None`` when ``fid`` is taken (by an
+        upload or a file) or is not above 0, as mogilefsd answers ``fid_in_use``."""
         try:
             with self._tx() as db:
+                if fid is not None and (fid <= 0 or db.execute("SELECT 1 FROM file WHERE fid = ?", (fid,)).fetchone()):
+                    return None
                 cursor = db.execute(
                     "INSERT INTO tempfile (fid, createtime, dmid, dkey, classid, devids) VALUES (?, ?, ?, ?, ?, ?)",
                     (fid, int(time.time()), dmid, to_bytes(key), classid, ",".join(map(str, devids))),
@@ -433,6 +436,11 @@ class MetadataStore:
                 return False
             db.execute("INSERT OR IGNORE INTO file_on (fid, devid) VALUES (?, ?)", (fid, devid))
         return True
+
+    def remove_replica(self, fid: int, devid: int) -> None:
+        """Forget the copy of ``fid`` on ``devid`` (one more than its class keeps)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM file_on WHERE fid = ? AND devid = ?", (fid, devid))
 
     def under_replicated(self) -> list[int]:
         """The fids with fewer copies than their class's mindevcount."""

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 def replicate(ctx: Context, fid: int) -> None:
-    """Copy ``fid`` to more live devices (one per host) until its class's mindevcount is met."""
+    """Copy ``fid`` to more live devices (one per host) until its class's mindevcount is met, or
+    drop the copies beyond it (a class that keeps fewer: mogilefsd's "too happy" files)."""
     store = ctx.store
     row = store.file_by_fid(fid)
     if row is None:
@@ -33,8 +34,14 @@ def replicate(ctx: Context, fid: int) -> None:
     cls = store.class_by_id(row.dmid, row.classid)
     devices = {device.devid: device for device in store.devices()}
     holders = [devices[devid] for devid in store.replica_devids(fid) if devid in devices]
-    live = ctx.monitor.live_devices()
     sources = [device for device in holders if ctx.monitor.readable(device)]
+    if len(sources) > cls.mindevcount:
+        extra = [device for device in holders if device not in sources] + sources[cls.mindevcount:]
+        for device in extra[:len(holders) - cls.mindevcount]:
+            store.remove_replica(fid, device.devid)
+            remove_data(ctx, fid, [device.devid])
+        return
+    live = ctx.monitor.live_devices()
     used_hosts = {device.hostid for device in holders}
     targets = [device for device in live if device.hostid not in used_hosts]
     random.shuffle(targets)

@@ -253,6 +253,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if path is None or path.parent == self.server.docroot or path == self.server.docroot:
             self._page(400, "" if path is None else "Does not meet minimum directory requirement", close=True)
             return
+        # As mogstored's min_put_directory = 1: the device's directory must be there; deeper ones are made.
+        if not self.server.docroot.joinpath(path.relative_to(self.server.docroot).parts[0]).is_dir():
+            self._page(404, "Base directory does not exist", close=True)
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -398,10 +398,11 @@ def dropping_node():
 
 
 def _scripted_open(destinations: list[str]) -> ScriptedTracker:
-    """A tracker whose create_open offers ``destinations`` in that order and accepts create_close."""
+    """A tracker whose create_open offers ``destinations`` (device URLs, ``http://host:port/devN``)
+    in that order, as devids 1, 2, ..., and accepts create_close."""
     def script(line: bytes) -> bytes:
         if line.startswith(b"create_open"):
-            pairs = "&".join(f"devid_{n}={n}&path_{n}={url}/dev{n}/0/000/000/0000000007.fid"
+            pairs = "&".join(f"devid_{n}={n}&path_{n}={url}/0/000/000/0000000007.fid"
                              for n, url in enumerate(destinations, 1))
             return f"OK fid=7&dev_count={len(destinations)}&{pairs}\r\n".encode()
         return b"OK \r\n"
@@ -413,8 +414,8 @@ def test_upload_falls_back_to_the_next_destination(devmogile: DevMogileFS, flavo
                                                   dropping_node: str) -> None:
     refusing = f"http://127.0.0.1:{devmogile.nodes[0].port}"
     devmogile.nodes[0].stop()
-    good = devmogile.nodes[1].url.rstrip("/")
-    tracker = _scripted_open([refusing, dropping_node, good])
+    good = devmogile.nodes[1].url.rstrip("/") + "/dev2"  # the second node's device
+    tracker = _scripted_open([refusing + "/dev1", dropping_node + "/dev2", good])
     try:
         client = flavour.Client(DOMAIN, [tracker.tracker])
         payload = bytes(range(256)) * 400
@@ -427,7 +428,7 @@ def test_upload_falls_back_to_the_next_destination(devmogile: DevMogileFS, flavo
 
 
 def test_a_dropped_put_of_a_stream_fails_without_create_close(dropping_node: str) -> None:
-    tracker = _scripted_open([dropping_node])
+    tracker = _scripted_open([dropping_node + "/dev1"])
     try:
         client = Client(DOMAIN, [tracker.tracker])
         with pytest.raises(UploadError, match="dropped|failed"):

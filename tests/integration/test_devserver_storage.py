@@ -20,11 +20,12 @@ FILE = "/dev2/0/000/000/0000000046.fid"
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[StorageNode]:
-    """A storage node whose docroot holds one 37-byte file at :data:`FILE`."""
+    """A storage node with devices dev1 and dev2, whose docroot holds one 37-byte file at :data:`FILE`."""
     docroot = tmp_path / "stor2"
     target = docroot / FILE.lstrip("/")
     target.parent.mkdir(parents=True)
     target.write_bytes(CONTENT)
+    (docroot / "dev1").mkdir()
     storage = StorageNode(docroot)
     storage.start()
     yield storage
@@ -127,6 +128,13 @@ def test_put_chunked_and_without_body(node: StorageNode) -> None:
     empty = b"PUT /dev1/0/000/000/6666666666.fid HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     assert raw_http(node.port, empty).status == 200
     assert http_request(f"{node.url}/dev1/0/000/000/6666666666.fid").headers["content-length"] == "0"
+
+
+def test_put_under_a_device_directory_the_node_lacks_is_404(node: StorageNode) -> None:
+    """As mogstored (min_put_directory = 1): an unmounted or mistyped device is no place to write."""
+    reply = http_request(f"{node.url}/dev99/0/000/000/0000000001.fid", "PUT", b"x")
+    assert (reply.status, reply.body) == (404, b"<h1>404 - Not Found</h1>\nBase directory does not exist")
+    assert not (node.docroot / "dev99").exists()
 
 
 def test_put_at_top_level_is_refused(node: StorageNode) -> None:

@@ -154,6 +154,16 @@ def test_clients_leaving_mid_line_or_mid_reply_do_no_harm(devmogile: DevMogileFS
 # -- storing and replication ------------------------------------------------------------------
 
 
+def test_create_open_refuses_a_fid_a_file_has_and_create_close_takes_checksum_0_for_none(client: LineClient) -> None:
+    """As mogilefsd: an explicit fid must be new and above 0; "0" is Perl's false, so no checksum."""
+    assert upload(client, DOMAIN, "fid/kept", b"kept") == b"OK \r\n"
+    kept = client.ok("file_info", domain=DOMAIN, key="fid/kept")["fid"]
+    for fid in (kept, "-1"):
+        assert client.ask(f"create_open domain={DOMAIN}&key=fid/other&fid={fid}".encode()) == \
+            b"ERR fid_in_use fid_in_use\r\n"
+    assert upload(client, DOMAIN, "fid/sum", b"data", checksum="0") == b"OK \r\n"
+
+
 def test_upload_replicates_to_mindevcount_before_create_close_answers(client: LineClient) -> None:
     assert upload(client, DOMAIN, "rep/avatar", b"avatar-bytes", "avatar") == b"OK \r\n"
     assert upload(client, DOMAIN, "rep/thumb", b"thumb-bytes", "thumb") == b"OK \r\n"
@@ -325,6 +335,18 @@ def test_updateclass_replicates_to_the_new_mindevcount(client: LineClient) -> No
     assert client.call("updateclass", domain=DOMAIN, key="uc/file", **{"class": "avatar"}) == b"OK \r\n"
     info = client.ok("file_info", domain=DOMAIN, key="uc/file")
     assert (info["class"], info["devcount"]) == ("avatar", "2")
+
+
+def test_updateclass_to_fewer_copies_drops_the_extra_ones(client: LineClient) -> None:
+    """As mogilefsd's replicator does with a file that has more copies than its class keeps."""
+    assert upload(client, DOMAIN, "uc/shrink", b"shrink", "avatar") == b"OK \r\n"
+    before = paths_of(client.call("get_paths", domain=DOMAIN, key="uc/shrink", noverify=1))
+    assert client.call("updateclass", domain=DOMAIN, key="uc/shrink", **{"class": "thumb"}) == b"OK \r\n"
+    info = client.ok("file_info", domain=DOMAIN, key="uc/shrink")
+    assert (info["class"], info["devcount"]) == ("thumb", "1")
+    (kept,) = paths_of(client.call("get_paths", domain=DOMAIN, key="uc/shrink", noverify=1))
+    (dropped,) = set(before) - {kept}
+    assert http_request(kept).body == b"shrink" and http_request(dropped).status == 404
 
 
 def test_md5_classes_keep_and_verify_checksums(client: LineClient) -> None:
