@@ -374,8 +374,9 @@ def _replacing(path: Path) -> Iterator[IO[bytes]]:
     try:
         with handle:
             yield handle
-        # The file's own mode, or as open() would create it: not private like a temporary file.
-        os.chmod(handle.name, stat.S_IMODE(mode) if mode is not None else 0o666 & ~_umask())
+        # The file's own permissions (not its setuid bits), or as open() would create it: not
+        # private like a temporary file.
+        os.chmod(handle.name, mode & 0o777 if mode is not None else 0o666 & ~_umask())
         os.replace(handle.name, real)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
