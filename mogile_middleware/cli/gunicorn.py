@@ -98,7 +98,10 @@ def can_listen(command: str, bind: tuple[str, int]) -> bool:
     try:
         socket.create_server(bind, family=socket.AF_INET6 if ":" in host else socket.AF_INET).close()
     except OSError as exc:  # its strerror repeats the address: the errno's text alone
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        if exc.errno is not None and exc.errno < 0:  # the resolver's (EAI_*), which os.strerror does not know
+            reason = (exc.strerror or str(exc)).split(" (while attempting", 1)[0]
+        else:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
         print(f"{command}: cannot listen on {host_port(host, port)}: {reason}", file=sys.stderr)
         return False
     return True

@@ -168,7 +168,7 @@ def test_perlbal_reproxy_reaches_trusted_proxies_only(stored: DevMogileFS, tmp_p
         assert not [name for name in proxied.headers if name.startswith("x-reproxy")]
 
 
-@pytest.mark.parametrize("problem", ["domain", "tracker", "port"])
+@pytest.mark.parametrize("problem", ["domain", "tracker", "port", "host"])
 def test_what_stops_it_starting_is_one_line_and_exit_1(stored: DevMogileFS, tmp_path: Path, problem: str) -> None:
     with unused_address() as nobody, socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
@@ -177,12 +177,15 @@ def test_what_stops_it_starting_is_one_line_and_exit_1(stored: DevMogileFS, tmp_
             "tracker": (["--trackers", nobody, "--domain", DOMAIN], f"mogile-middleware: no tracker answered: {nobody}: "),
             "port": ([*connection(stored), "--bind", f"127.0.0.1:{port}"],
                      f"serve: cannot listen on 127.0.0.1:{port}: Address already in use\n"),
+            # The resolver's own words (no such name, or no name server at all), not "Unknown error -2".
+            "host": ([*connection(stored), "--bind", "nohost.invalid:0"], "serve: cannot listen on nohost.invalid:0: "),
         }[problem]
         # The connection options before the command, as the other commands take them too.
         done = subprocess.run([*COMMAND, *argv[:4], "serve", *argv[4:]], capture_output=True, text=True,
                               env=subprocess_env(), cwd=tmp_path, timeout=START_SECONDS)
     assert (done.returncode, done.stdout) == (1, ""), done.stderr
     assert done.stderr.startswith(expected) and done.stderr.count("\n") == 1, done.stderr
+    assert "Unknown error" not in done.stderr
 
 
 def test_without_gunicorn_it_says_what_to_install(monkeypatch: pytest.MonkeyPatch,
