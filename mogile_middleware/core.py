@@ -26,7 +26,7 @@ from .deadline import checked_seconds
 from .exceptions import BadKeyError, MogileFSError, TrackerUnavailableError, UnknownKeyError
 from .http import Answer, FileRequest
 from .protocol import MAX_KEY_BYTES, check_key
-from .responders import FALLBACK_MARK, NginxReproxy, PerlbalReproxy, Representation, Reproxy
+from .responders import NginxReproxy, PerlbalReproxy, Representation, Reproxy
 from .signing import BAD_SIGNATURE, EXPIRED, UNSIGNED, Secret, URLSigner
 from .views import SERVE_HEADER_LOWER
 
@@ -242,7 +242,8 @@ class MiddlewareCore:
     def _signed_query(self, query: str) -> str:
         """The query as :meth:`url_for` made it: without the mark of Perlbal's fallback request."""
         if isinstance(self.reproxy_responder, PerlbalReproxy) and self.reproxy_responder.fallback_url:
-            return query.removesuffix("&" + FALLBACK_MARK).removesuffix(FALLBACK_MARK)
+            unmarked = self.reproxy_responder.unmarked(query)
+            return query if unmarked is None else unmarked
         return query
 
     def reproxy_answer(self, environ: Environ, location: Any) -> Answer | None:

@@ -138,8 +138,14 @@ class PerlbalReproxy(Reproxy):
 
     def fell_back(self, environ: dict[str, Any]) -> bool:
         """True for Perlbal's request of the fallback URL."""
-        query = environ.get("QUERY_STRING", "")
-        return self.fallback_url is not None and (query == FALLBACK_MARK or query.endswith("&" + FALLBACK_MARK))
+        return self.fallback_url is not None and self.unmarked(environ.get("QUERY_STRING", "")) is not None
+
+    @staticmethod
+    def unmarked(query: str) -> str | None:
+        """``query`` without the :data:`FALLBACK_MARK` parameter it ends with, or ``None`` without it."""
+        if query == FALLBACK_MARK:
+            return ""
+        return query.removesuffix("&" + FALLBACK_MARK) if query.endswith("&" + FALLBACK_MARK) else None
 
     @staticmethod
     def proxy_asks(value: str) -> bool:
