@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import io
 import itertools
 import json
 import os
@@ -21,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO, NoReturn
 
 from .. import health
 from ..client import Client, FileInfo
@@ -172,6 +173,9 @@ def _local_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argpars
     the reader of stdout has gone."""
 
     def guarded(args: argparse.Namespace) -> int:
+        for name in ("stdin", "stdout"):
+            if getattr(sys, name) is None:  # closed when the command started
+                setattr(sys, name, _ClosedStream(name))
         try:
             code = run(args)
             sys.stdout.flush()  # here, where a closed pipe is caught, rather than at exit
@@ -184,6 +188,30 @@ def _local_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argpars
             return 1
 
     return guarded
+
+
+class _ClosedStream(io.TextIOBase):
+    """A standard stream that was closed when the command started (Python leaves it None): reading
+    or writing it is the one-line error of a closed descriptor (exit 1), as with cat; flushing
+    nothing and asking for a terminal are not errors."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def isatty(self) -> bool:
+        return False
+
+    def flush(self) -> None:
+        pass
+
+    def _closed(self, *args: object) -> NoReturn:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF), self._name)
+
+    write = read = readline = fileno = _closed  # type: ignore[assignment]
+
+    @property
+    def buffer(self) -> NoReturn:
+        self._closed()
 
 
 def _describe(error: OSError) -> str:
@@ -452,15 +480,18 @@ def _paths(args: argparse.Namespace, client: Client) -> int:
 
 
 def _rm(args: argparse.Namespace, client: Client) -> int:
-    """Delete the keys given, then (with ``--prefix``) those listed under it, once confirmed.
-    A key that does not exist is reported and the others still deleted; exit 3 then."""
+    """Delete the keys given, then (with ``--prefix``) those listed under it, once confirmed (a
+    prefix no key starts with is said, and not an error). A key that does not exist is reported
+    and the others still deleted; exit 3 then."""
     if not args.keys and args.prefix is None:
         print("mogile-middleware: rm: give keys, or --prefix PREFIX", file=sys.stderr)
         return 2
     keys = list(args.keys)
     if args.prefix is not None:
         listed = list(client.keys(args.prefix))
-        if not _confirmed(f"delete the {len(listed)} key(s) starting with {printable(args.prefix)!r}", args.yes):
+        if not listed:  # nothing to ask about
+            print(f"mogile-middleware: rm: no key starts with {printable(args.prefix)!r}", file=sys.stderr)
+        elif not _confirmed(f"delete the {len(listed)} key(s) starting with {printable(args.prefix)!r}", args.yes):
             print("mogile-middleware: rm: nothing deleted", file=sys.stderr)
             return 1
         keys += listed

@@ -378,6 +378,20 @@ def test_the_entry_point_streams_stdin_and_sets_exit_codes(devmogile: DevMogileF
     assert reader.stderr.read() == b""
     reader.stderr.close()
 
+    # A standard stream closed before the command started (Python makes it None) is the error of a
+    # closed descriptor, in one line, where the command needs it, and no error where it does not.
+    def closed(stream: int, *argv: str) -> tuple[int, str]:
+        started = subprocess.run([*command, *argv], check=False, env=env, capture_output=True, timeout=20,
+                                 preexec_fn=lambda: os.close(stream))
+        return started.returncode, started.stderr.decode()
+
+    assert closed(1, "get", "piped") == (1, "mogile-middleware: stdout: Bad file descriptor\n")
+    assert closed(1, "ls") == (1, "mogile-middleware: stdout: Bad file descriptor\n")
+    assert closed(0, "upload", "other", "-") == (1, "mogile-middleware: stdin: Bad file descriptor\n")
+    assert closed(0, "rm", "--prefix", "piped")[0] == 1  # no terminal to ask on
+    assert closed(1, "rm", "piped") == (0, "")
+    assert run("ls").stdout == b""
+
 
 # -- progress bar -----------------------------------------------------------------------------
 
@@ -568,6 +582,10 @@ def test_rm_by_prefix_asks_first_unless_yes(cli: Run, devmogile: DevMogileFS, mo
     assert cli("rm", "--prefix", "logs", "--yes").code == 0
     assert list(client.keys("")) == ["keep"]
     assert cli("rm").code == 2
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # no terminal, and yet nothing to ask about
+    nothing = cli("rm", "--prefix", "logs")
+    assert (nothing.code, nothing.err) == (0, "mogile-middleware: rm: no key starts with 'logs'\n")
+    assert list(client.keys("")) == ["keep"]
 
 
 class TerminalInput(io.StringIO):
