@@ -18,6 +18,8 @@ _PHRASES = {416: "Range Not Satisfiable"}
 
 _ENTITY_TAG = re.compile(r'\s*(?:W/)?"([^"]*)"\s*(?:,|$)')
 _BYTE_RANGE = re.compile(r"(\d*)-(\d*)")
+#: Digits enough for any file's length (below 2**63): a longer position is past every end.
+_POSITION_DIGITS = 19
 
 
 @dataclass(frozen=True)
@@ -122,15 +124,25 @@ def byte_range(header: str | None, length: int) -> tuple[int, int] | None | bool
     match = _BYTE_RANGE.fullmatch(ranges.strip())
     if match is None or match.groups() == ("", ""):
         return None
-    first, last = match.groups()
-    if not first:  # a suffix: the last N bytes
-        suffix = int(last)
-        return (max(length - suffix, 0), length - 1) if suffix and length else False
-    if last and int(last) < int(first):
+    first, last = (_position(digits) for digits in match.groups())
+    if first is None:  # a suffix: the last N bytes, or all of a shorter file (none is no range)
+        if not last:
+            return False
+        return (max(length - last, 0), length - 1) if length else None  # no 206 can hold 0 bytes
+    if last is not None and last < first:
         return None
-    if int(first) >= length:
+    if first >= length:
         return False
-    return int(first), min(int(last), length - 1) if last else length - 1
+    return first, length - 1 if last is None else min(last, length - 1)
+
+
+def _position(digits: str) -> int | None:
+    """The number ``digits`` of a byte range spell (``None`` for none), past every file's end when
+    it has more digits than any length (where Python's ``int`` refuses thousands of them)."""
+    if not digits:
+        return None
+    significant = digits.lstrip("0") or "0"
+    return int(significant) if len(significant) <= _POSITION_DIGITS else 10 ** _POSITION_DIGITS
 
 
 def precondition_answer(if_match: str | None, if_none_match: str | None, etag: str,
