@@ -23,7 +23,7 @@ from typing import BinaryIO, NamedTuple
 from .cache import CacheBackend, entry_key
 from .deadline import checked_seconds
 from .exceptions import NoneMatchError
-from .protocol import ArgValue, Reply, check_key, parse_domains
+from .protocol import ArgValue, Reply, check_key, key_bytes, parse_domains
 from .storage import ReplicaResponse, open_replica
 from .tracker import Address, TrackerPool, TrackerPoolBase
 from .upload import ChangeListener, NewFile, Uploader, content_bytes
@@ -113,6 +113,9 @@ def update_class_request(key: str, cls: str) -> Request:
 
 def list_keys_request(prefix: str = "", after: str | None = None, limit: int | None = None) -> Request:
     """``list_keys`` starting with ``prefix``, after ``after``."""
+    for what, text in (("prefix", prefix), ("after", after)):
+        if text:
+            key_bytes(text, what)
     return Request("list_keys", {"prefix": prefix or None, "after": after, "limit": limit})
 
 

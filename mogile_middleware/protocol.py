@@ -33,12 +33,21 @@ def to_text(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
+def key_bytes(text: str | bytes, what: str = "key") -> bytes:
+    """The bytes of a key or of the start of keys (``what``); :class:`BadKeyError` for text UTF-8
+    cannot hold (a lone surrogate, which no file name or URL decodes to)."""
+    try:
+        return to_bytes(text)
+    except UnicodeEncodeError as error:
+        raise BadKeyError(f"{what} holds {error.object[error.start]!r}, which is not UTF-8 text") from None
+
+
 def check_key(key: str | bytes) -> bytes:
     """Return the key's bytes, or raise :class:`BadKeyError` if a tracker must never see it (a
     TypeError if it is not text or bytes at all)."""
     if not isinstance(key, (str, bytes)):
         raise TypeError(f"a key is a str, not {type(key).__name__}")
-    raw = to_bytes(key)
+    raw = key_bytes(key)
     if not raw:
         raise BadKeyError("empty key")
     if len(raw) > MAX_KEY_BYTES:

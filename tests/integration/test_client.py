@@ -85,6 +85,7 @@ def test_awkward_keys_round_trip(client: Client, key: str) -> None:
         pytest.param("a\rb", id="cr"),
         pytest.param("a\nb", id="lf"),
         pytest.param("", id="empty"),
+        pytest.param("a\ud800b", id="lone-surrogate"),
     ],
 )
 @both_flavours
@@ -107,6 +108,19 @@ def test_bad_keys_are_refused_before_anything_is_sent(flavour: Flavour, key: str
         for call in calls:
             with pytest.raises(BadKeyError):
                 call()
+        assert tracker.requests == [] and tracker.connections == 0
+    finally:
+        tracker.stop()
+
+
+@both_flavours
+def test_a_prefix_that_is_not_utf8_text_is_refused_before_anything_is_sent(flavour: Flavour) -> None:
+    tracker = ScriptedTracker(lambda line: b"OK key_count=0\r\n")
+    try:
+        client = flavour.Client(DOMAIN, [tracker.tracker])
+        for prefix, after in (("a\ud800", None), ("a", "a\ud800")):
+            with pytest.raises(BadKeyError, match="not UTF-8 text"):
+                client.list_keys(prefix, after)
         assert tracker.requests == [] and tracker.connections == 0
     finally:
         tracker.stop()

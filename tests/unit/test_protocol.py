@@ -189,6 +189,7 @@ def test_a_dash_ends_the_command_word() -> None:
         pytest.param("a\x00b", "control", id="nul"),
         pytest.param("a\rb", "control", id="cr"),
         pytest.param("a\nb", "control", id="lf"),
+        pytest.param("a\ud800b", "not UTF-8 text", id="lone-surrogate"),
     ],
 )
 def test_keys_a_tracker_must_not_see_are_refused(key: str, problem: str) -> None:
