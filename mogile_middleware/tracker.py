@@ -254,7 +254,7 @@ class TrackerPoolBase:
                     f"{_describe(address)} failed after '{command}' was sent ({lost.__cause__}); "
                     "it may or may not have been carried out"
                 ) from lost.__cause__
-            except OSError as error:
+            except (OSError, ProtocolError) as error:  # an idempotent command: the next tracker may answer
                 failures.append(f"{_describe(address)}: {error or type(error).__name__}")
             finally:
                 metrics.recorder.tracker_call(self._names.get(address) or _describe(address), command, time.monotonic() - started, outcome)
@@ -282,9 +282,10 @@ class TrackerPoolBase:
             raise
         try:
             return (yield Ask(connection, line, deadline))
-        except OSError as error:
+        except (OSError, ProtocolError) as error:
             # A tracker that accepts and never answers is skipped. One that closes a new connection
-            # is alive (mogilefsd does it when one of its workers misspeaks): only this request fails.
+            # or cuts its reply is alive (mogilefsd closes it when one of its workers misspeaks):
+            # only this request fails there.
             if isinstance(error, TimeoutError):
                 self.mark_dead(address)
             if not retry_midway:
@@ -353,9 +354,10 @@ class TrackerPool(TrackerPoolBase):
         """Send ``command`` and return the decoded ``OK`` arguments and the tracker that answered.
 
         With ``tracker``, only that tracker is asked (``create_close`` must reach the tracker that
-        answered ``create_open``). Raises the :class:`TrackerError` for an ``ERR`` reply,
-        :class:`ProtocolError` for garbage and :class:`TrackerUnavailableError` when no tracker
-        answered.
+        answered ``create_open``). Raises the :class:`TrackerError` for an ``ERR`` reply and
+        :class:`TrackerUnavailableError` when no tracker answered (refused, late, closed, or sent
+        garbage); :class:`OutcomeUnknownError` when a command that is not safe to repeat was sent
+        and got no reply.
         """
         self._check_fork()
         runner = StepRunner(self.steps(command, args, tracker))

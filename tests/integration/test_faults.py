@@ -95,6 +95,26 @@ def test_garbage_from_the_tracker_is_a_502_or_503_never_a_500(reply: bytes | Non
         tracker.stop()
 
 
+def test_a_tracker_that_misspeaks_is_passed_over_and_cached_paths_outlive_it(devmogile: DevMogileFS,
+                                                                             stored: Client) -> None:
+    garbled = ScriptedTracker(lambda line: b"HTTP/1.1 400 Bad Request\r\n")  # a web server on its port
+    relay = CountingRelay(devmogile.tracker_address)
+    try:
+        both = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [garbled.tracker, *devmogile.trackers]))
+        assert call(both, "GET", "/mogilefs/load/1", {})[:3:2] == (200, BODY + b"1")
+        # The only tracker starts to misspeak once the paths are cached: they are served while stale.
+        alone = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [relay.tracker]), path_cache_seconds=0.05)
+        assert call(alone, "GET", "/mogilefs/load/2", {})[0] == 200
+        relay.target = garbled.address
+        relay.drop_connections()
+        time.sleep(0.1)
+        assert call(alone, "GET", "/mogilefs/load/2", {})[:3:2] == (200, BODY + b"2")
+        assert call(alone, "GET", "/mogilefs/load/3", {})[0] == 503  # never cached: no answer to give
+    finally:
+        garbled.stop()
+        relay.stop()
+
+
 class _HalfBody(BaseHTTPRequestHandler):
     """A storage node that announces a length, sends part of it and hangs up."""
 

@@ -16,7 +16,7 @@ from wiretools import ScriptedTracker, ok
 
 from mogile_middleware import Client
 from mogile_middleware.devserver import DevMogileFS
-from mogile_middleware.exceptions import ProtocolError, TrackerUnavailableError, UnknownKeyError
+from mogile_middleware.exceptions import OutcomeUnknownError, TrackerUnavailableError, UnknownKeyError
 from mogile_middleware.tracker import TrackerPool, parse_address, parse_trackers
 
 
@@ -196,12 +196,32 @@ def test_garbage_is_a_protocol_error_and_the_connection_is_not_reused(reply: byt
     server = ScriptedTracker(lambda line: next(replies))
     try:
         pool = flavour.TrackerPool([server.tracker], io_timeout=2)
-        with pytest.raises((ProtocolError, TrackerUnavailableError)):
+        with pytest.raises(TrackerUnavailableError, match="no tracker answered: .*tracker reply"):
             pool.request("get_paths", {"key": "k"})
-        assert pool.request("noop")[0] == {}
+        assert pool.request("noop")[0] == {}  # not marked dead, on a new connection
         assert server.connections == 2
     finally:
         server.stop()
+
+
+@both_flavours
+@pytest.mark.parametrize("reply", [b"ERR\r\n", b"HTTP/1.1 400 Bad Request\r\n", b"OK paths=1&pa"],
+                         ids=["bare-err", "http", "cut"])
+def test_a_tracker_that_misspeaks_is_passed_over_for_a_command_safe_to_repeat(reply: bytes, flavour: Flavour) -> None:
+    garbled = ScriptedTracker(lambda line: reply)
+    good = ScriptedTracker(lambda line: b"OK paths=1&path1=http://n/dev1/0/000/000/0000000001.fid\r\n")
+    try:
+        pool = flavour.TrackerPool([garbled.tracker, good.tracker], io_timeout=2)
+        for _ in range(2):  # not marked dead: asked first each time, as a tracker that closes is
+            reply_args, answered = pool.request("get_paths", {"key": "k"})
+            assert (reply_args["paths"], answered) == ("1", good.address)
+        assert len(garbled.requests) == 2
+        with pytest.raises(OutcomeUnknownError, match="may or may not have been carried out"):
+            pool.request("delete", {"domain": "d", "key": "k"})
+        assert len(good.requests) == 2  # the delete was not repeated there
+    finally:
+        garbled.stop()
+        good.stop()
 
 
 @both_flavours
