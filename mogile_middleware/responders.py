@@ -299,7 +299,9 @@ def serve_steps(request: FileRequest, location: Location, representation: Repres
     or ``arun_steps``): the replica open before anything is sent, and the trackers asked once more
     when its replicas are gone. Returns a complete :class:`Answer`, or the location, the plan and
     the open replica, or instead of it the planned bytes of a file ``bodies`` keeps (read whole
-    from a replica the first time)."""
+    from a replica the first time). A replica that failed is not tried again: when the trackers
+    name no other, the answer is a 502 at once, not after another storage timeout."""
+    failed: set[str] = set()
     for attempt in range(2):
         if attempt:
             location = yield ("relocate", location)
@@ -308,17 +310,22 @@ def serve_steps(request: FileRequest, location: Location, representation: Repres
         plan = http.file_plan(request, location.etag, location.length, representation.headers(location))
         if isinstance(plan, Answer):
             return plan
+        paths = [path for path in location.paths if path not in failed]
+        if not paths:
+            log.error("no replica of %r answered, and the trackers name no other", location.key)
+            break
         try:
             if bodies is not None and bodies.keeps(location.etag, location.length):
                 body = bodies.get(location.etag)
                 if body is None:
-                    body = yield ("read_replica", location.paths, location.length)
+                    body = yield ("read_replica", paths, location.length)
                     bodies.put(location.etag, body)
                 if plan.byte_range is not None:
                     body = body[plan.byte_range[0]:plan.byte_range[1] + 1]
                 return location, plan, body
-            upstream = yield ("open_replica", location.paths, request.method, plan.byte_range, plan.length)
+            upstream = yield ("open_replica", paths, request.method, plan.byte_range, plan.length)
         except StorageError as error:
+            failed.update(paths)
             then = "" if attempt else ", asking the trackers again"
             (log.error if attempt else log.warning)("no replica of %r answered%s: %r", location.key, then, error)
             continue

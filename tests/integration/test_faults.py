@@ -14,7 +14,7 @@ import pytest
 from conftest import DOMAIN
 from integration.test_hostile import call
 from integration.test_middleware import BODY, wrapped_app
-from wiretools import CountingRelay, ScriptedTracker
+from wiretools import CountingRelay, LoopbackServer, ScriptedTracker
 
 from mogile_middleware import Client, UnknownKeyError, UploadError
 from mogile_middleware.devserver import DevMogileFS
@@ -154,6 +154,33 @@ def test_a_transfer_cut_midway_ends_short_and_is_logged(caplog: pytest.LogCaptur
         tracker.stop()
         node.shutdown()
         node.server_close()
+
+
+class _SilentNode(LoopbackServer):
+    """A storage node that accepts connections and never answers, as a stopped one does."""
+
+    def _serve(self, conn: socket.socket) -> None:
+        pass  # held open until stop()
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_silent_replica_is_not_waited_for_twice(method: str) -> None:
+    node = _SilentNode()
+    url = f"http://127.0.0.1:{node.port}/dev1/0/000/000/0000000009.fid"
+    replies = {b"get_paths": f"OK paths=1&path1={url}\r\n".encode(),
+               b"file_info": b"OK fid=9&domain=testdom&class=thumb&key=k&length=10&devcount=1\r\n",
+               b"get_domains": b"OK domains=1&domain1=testdom&domain1classes=1&domain1class1name=thumb"
+                               b"&domain1class1mindevcount=1\r\n"}
+    tracker = ScriptedTracker(lambda line: replies[line.split()[0]])
+    try:
+        app = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker.tracker]), storage_timeout=0.3)
+        assert call(app, method, "/mogilefs/k", {})[0] == 502
+        # The trackers were asked again and named the same replica: it was not tried a second time.
+        assert [line.split()[0] for line in tracker.requests].count(b"get_paths") == 2
+        assert node.connections == 1
+    finally:
+        tracker.stop()
+        node.stop()
 
 
 def test_the_tracker_dying_between_open_and_close_leaves_no_key(devmogile: DevMogileFS) -> None:
