@@ -136,15 +136,20 @@ class _HalfBody(BaseHTTPRequestHandler):
         pass
 
 
+def one_file_tracker(node_port: int, key: str, length: int) -> ScriptedTracker:
+    """A tracker that knows one file, ``key`` of ``length`` bytes (fid 9), on the node at ``node_port``."""
+    url = f"http://127.0.0.1:{node_port}/dev1/0/000/000/0000000009.fid"
+    replies = {b"get_paths": f"OK paths=1&path1={url}\r\n".encode(),
+               b"file_info": f"OK fid=9&domain=testdom&class=thumb&key={key}&length={length}&devcount=1\r\n".encode(),
+               b"get_domains": b"OK domains=1&domain1=testdom&domain1classes=1&domain1class1name=thumb"
+                               b"&domain1class1mindevcount=1\r\n"}
+    return ScriptedTracker(lambda line: replies[line.split()[0]])
+
+
 def test_a_transfer_cut_midway_ends_short_and_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     node = ThreadingHTTPServer(("127.0.0.1", 0), _HalfBody)
     threading.Thread(target=node.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{node.server_address[1]}/dev1/0/000/000/0000000009.fid"
-    replies = {b"get_paths": f"OK paths=1&path1={url}\r\n".encode(),
-               b"file_info": b"OK fid=9&domain=testdom&class=thumb&key=cut.bin&length=1000000&devcount=1\r\n",
-               b"get_domains": b"OK domains=1&domain1=testdom&domain1classes=1&domain1class1name=thumb"
-                               b"&domain1class1mindevcount=1\r\n"}
-    tracker = ScriptedTracker(lambda line: replies[line.split()[0]])
+    tracker = one_file_tracker(node.server_address[1], "cut.bin", 1000000)
     try:
         app = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker.tracker]))
         with pytest.raises(Exception):  # the server then closes the connection short of Content-Length
@@ -166,12 +171,7 @@ class _SilentNode(LoopbackServer):
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
 def test_a_silent_replica_is_not_waited_for_twice(method: str) -> None:
     node = _SilentNode()
-    url = f"http://127.0.0.1:{node.port}/dev1/0/000/000/0000000009.fid"
-    replies = {b"get_paths": f"OK paths=1&path1={url}\r\n".encode(),
-               b"file_info": b"OK fid=9&domain=testdom&class=thumb&key=k&length=10&devcount=1\r\n",
-               b"get_domains": b"OK domains=1&domain1=testdom&domain1classes=1&domain1class1name=thumb"
-                               b"&domain1class1mindevcount=1\r\n"}
-    tracker = ScriptedTracker(lambda line: replies[line.split()[0]])
+    tracker = one_file_tracker(node.port, "k", 10)
     try:
         app = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker.tracker]), storage_timeout=0.3)
         assert call(app, method, "/mogilefs/k", {})[0] == 502
