@@ -13,7 +13,6 @@ over :class:`~mogile_middleware.async_tracker.AsyncTrackerPool` and
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 from collections.abc import AsyncIterable, AsyncIterator
@@ -151,12 +150,8 @@ class AsyncClient(ClientBase):
             metrics.recorder.upload("failed", 0)
             raise
         close = create_close_args(self.domain, key, reply["fid"], destination, stored, md5, verify_checksum)
-        try:
-            with committing(key, stored, lambda: self._changed(key)):
-                await self.pool.request("create_close", close, tracker=tracker)
-        except asyncio.CancelledError:  # create_close may have been carried out
-            self._changed(key)
-            raise
+        with committing(key, stored, lambda: self._changed(key)):
+            await self.pool.request("create_close", close, tracker=tracker)
         return stored
 
     async def _put(self, key: str, body: Body, targets: list[tuple[str, str]], size: int | None

@@ -118,8 +118,9 @@ def no_storage_node(key: str, failures: list[str]) -> UploadError:
 @contextlib.contextmanager
 def committing(key: str, size: int, changed: Callable[[], None]) -> Iterator[None]:
     """Around the end of an upload of ``size`` bytes (the PUT, then ``create_close``): ``changed()``
-    once the key points, or may point, at the new data; a failure becomes an :class:`UploadError`,
-    or an :class:`UploadOutcomeUnknownError` when ``create_close``'s answer was lost."""
+    once the key points, or may point, at the new data (also when interrupted); a failure becomes
+    an :class:`UploadError`, or an :class:`UploadOutcomeUnknownError` when ``create_close``'s
+    answer was lost."""
     try:
         yield
     except MogileFSError as error:
@@ -134,6 +135,10 @@ def committing(key: str, size: int, changed: Callable[[], None]) -> Iterator[Non
         if isinstance(error, UploadError):
             raise
         raise upload_failed(key, error) from error
+    except BaseException:  # interrupted (Ctrl-C, a cancelled task): create_close may have been carried out
+        metrics.recorder.upload("unknown", size)
+        changed()
+        raise
     metrics.recorder.upload("stored", size)
     changed()
 

@@ -4,6 +4,7 @@ promises from the asyncio client's ``store_content`` and ``store_file``."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import io
 import os
@@ -13,7 +14,7 @@ import tracemalloc
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pytest
 from conftest import DOMAIN
@@ -271,6 +272,34 @@ def test_a_successful_upload_drops_cached_paths(flavour: Flavour, client: Client
     client.add_change_listener(dropped.append)
     store(flavour, client, "cached", b"x", "thumb")
     assert dropped == ["cached"]
+
+
+@both_flavours
+def test_an_upload_interrupted_at_create_close_drops_cached_paths(flavour: Flavour, devmogile: DevMogileFS,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    dropped: list[str] = []
+    client = flavour.Client(DOMAIN, devmogile.trackers, on_change=dropped.append)
+    pool, interruption = client.pool, KeyboardInterrupt if flavour.name == "sync" else asyncio.CancelledError
+    carried_out = pool.request
+
+    def interrupted(command: str, *args: Any, **kwargs: Any) -> Any:
+        """The request, then Ctrl-C (a cancelled task) as its answer comes: create_close was carried out."""
+        if command != "create_close":
+            return carried_out(command, *args, **kwargs)
+        if flavour.name == "sync":
+            carried_out(command, *args, **kwargs)
+            raise interruption()
+
+        async def cancelled() -> Any:
+            await carried_out(command, *args, **kwargs)
+            raise interruption()
+        return cancelled()
+
+    monkeypatch.setattr(pool, "request", interrupted)
+    with pytest.raises((KeyboardInterrupt, asyncio.CancelledError, concurrent.futures.CancelledError)):
+        store(flavour, client, "interrupted", b"new data", "thumb")
+    assert dropped == ["interrupted"]
+    assert Client(DOMAIN, devmogile.trackers).get_file_data("interrupted") == b"new data"
 
 
 @contextmanager
