@@ -25,7 +25,7 @@ from .content import ContentPolicy
 from .deadline import checked_seconds
 from .exceptions import BadKeyError, MogileFSError, TrackerUnavailableError, UnknownKeyError
 from .http import Answer, FileRequest
-from .protocol import MAX_KEY_BYTES, check_key
+from .protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_key
 from .responders import NginxReproxy, PerlbalReproxy, Representation, Reproxy
 from .signing import BAD_SIGNATURE, EXPIRED, UNSIGNED, Secret, URLSigner
 from .views import SERVE_HEADER_LOWER
@@ -38,7 +38,6 @@ Environ = Mapping[str, Any]
 REPROXY_MODES = (None, "perlbal", "nginx")
 #: In ``trusted_proxies``: the peer of a unix socket (an empty ``REMOTE_ADDR``).
 UNIX_SOCKET = "unix"
-_CONTROL_CHARACTERS = frozenset(chr(c) for c in [*range(0x20), 0x7F])
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 5.6.2
 _NGINX_LOCATION = re.compile(r"[/@][!-~]*")
 _NOT_UTF8 = http.error(400, "The file name is not valid UTF-8.")
@@ -280,7 +279,7 @@ class MiddlewareCore:
 
     def _key(self, path: str) -> str | Answer:
         """The key for the (decoded) URL path after the prefix, or the 404 or 400 answer for a bad one."""
-        if not _CONTROL_CHARACTERS.isdisjoint(path):
+        if not CONTROL_CHARACTERS.isdisjoint(path):
             return _CONTROL
         if self.key_for_path is not None:
             path = self.key_for_path(path)  # type: ignore[assignment]

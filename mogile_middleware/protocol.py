@@ -21,6 +21,8 @@ MAX_KEY_BYTES = 255
 ArgValue = str | bytes | int | None
 
 _FORBIDDEN_KEY_BYTES = (b"\x00", b"\r", b"\n")
+#: What no key served on the web may hold: the middleware answers 400 to a path with any of them.
+CONTROL_CHARACTERS = frozenset(chr(c) for c in [*range(0x20), 0x7F])
 
 
 def to_bytes(text: str | bytes) -> bytes:

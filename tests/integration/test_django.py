@@ -186,6 +186,31 @@ def test_save_exists_size_open_delete(mogile: DevMogileFS) -> None:
     assert not storage.exists(name)
 
 
+def test_an_opened_file_opened_again_reads_the_key_again(mogile: DevMogileFS, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # where a local file has the stored file's name
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "report.txt").write_bytes(b"a local file")
+    storage = MogileFSStorage()
+    name = storage.save("docs/report.txt", ContentFile(b"stored"))
+    file = storage.open(name)
+    assert file.read(3) == b"sto"
+    with file.open():  # still open: from the start again, not a seek the stream cannot do
+        assert file.read() == b"stored"
+    assert file.closed
+    with file.open():  # closed: the key again, never the local file
+        assert (file.read(), file.size) == (b"stored", 6)
+
+
+def test_names_with_control_characters_are_refused_as_the_middleware_would_not_serve_them(
+        mogile: DevMogileFS) -> None:
+    storage = MogileFSStorage()
+    for name in ("tab\there.txt", "del\x7f.txt", "esc\x1b[31m.txt"):
+        with pytest.raises(SuspiciousFileOperation, match="control characters"):
+            storage.save(name, ContentFile(b"x"))
+    assert list(get_client().keys("")) == []
+
+
 @pytest.mark.parametrize("allow_overwrite", [False, True])
 def test_names_are_saved_normalised_as_the_file_system_storage_saves_them(mogile: DevMogileFS, tmp_path: Path,
                                                                           allow_overwrite: bool) -> None:

@@ -20,7 +20,8 @@ from django.utils.encoding import filepath_to_uri
 
 from ...client import Client
 from ...exceptions import BadKeyError, KeyExistsError, MogileFSError, UnknownKeyError
-from ...protocol import check_key
+from ...protocol import CONTROL_CHARACTERS, check_key
+from ...storage import ReplicaResponse
 from ...signing import URLSigner
 from ...tracker import Address
 from ...upload import Uploader
@@ -133,6 +134,8 @@ class MogileFSStorage(Storage):
         """
         with _checked_key():
             check_key(name)  # before uploading, not at the rename
+            if not CONTROL_CHARACTERS.isdisjoint(name):  # stored, but never served: the middleware answers 400
+                raise SuspiciousFileOperation(f"the file name {name!r} holds control characters")
             if self.allow_overwrite:
                 self._uploader.upload(name, _bytes_of(content), self.mogile_class)
                 return name
@@ -172,17 +175,17 @@ class MogileFSStorage(Storage):
 
     def _open(self, name: str, mode: str = "rb") -> File:
         """A read-only, streaming (not seekable) file over the first replica that answers."""
+        return MogileFSFile(self, name, mode)
+
+    def _read(self, name: str, mode: str) -> ReplicaResponse:
+        """The body of the key ``name``, streamed from the first replica that answers."""
         if mode != "rb":
             raise ValueError(f"MogileFS files are opened with mode 'rb' only, not {mode!r}")
         with _checked_key():
             try:
-                body = self.client.read_file(name)
+                return self.client.read_file(name)
             except UnknownKeyError:
                 raise FileNotFoundError(f"no MogileFS key {name!r}") from None
-        file = File(body, name)
-        if body.length is not None:
-            file.size = body.length  # known from the headers: File would otherwise seek to measure
-        return file
 
     def exists(self, name: str) -> bool:
         """True if the key exists."""
@@ -241,3 +244,23 @@ class MogileFSStorage(Storage):
         if self.allow_overwrite:
             return f"{file_root}{file_ext}"
         return super().get_alternative_name(file_root, file_ext)
+
+
+class MogileFSFile(File):
+    """A key's file as :meth:`MogileFSStorage.open` gives it: read-only and streamed, so not
+    seekable; opening it again reads the key again from its start (Django's ``File`` would seek,
+    or open a local file of the same name)."""
+
+    def __init__(self, storage: MogileFSStorage, name: str, mode: str = "rb") -> None:
+        self._storage = storage
+        super().__init__(None, name)
+        self.open(mode)
+
+    def open(self, mode: str | None = None, *args: Any, **kwargs: Any) -> MogileFSFile:
+        body = self._storage._read(self.name, mode or "rb")
+        if self.file is not None:
+            self.file.close()
+        self.file = body
+        if body.length is not None:
+            self.size = body.length  # known from the headers: File would otherwise seek to measure
+        return self
