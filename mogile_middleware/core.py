@@ -250,7 +250,7 @@ class MiddlewareCore:
         responder = self.reproxy_responder
         if responder is not None and self._may_reproxy(environ, responder, location):
             return responder.answer(location, environ.get("HTTP_IF_MATCH"), environ.get("HTTP_IF_NONE_MATCH"),
-                                    "HTTP_RANGE" in environ,
+                                    environ.get("HTTP_RANGE"),
                                     _request_target(environ) if responder.wants_target else "")
         return None
 
@@ -292,10 +292,12 @@ class MiddlewareCore:
     def _may_reproxy(self, environ: Environ, responder: Reproxy, location: Any) -> bool:
         """True if this request may see storage URLs: from a trusted proxy that can reproxy."""
         ranged = environ.get("HTTP_RANGE")
-        if ranged is not None and (http.is_suffix_range(ranged) or not _if_range_holds(environ, location.etag)
+        if ranged is not None and (environ.get("REQUEST_METHOD") == "HEAD" or http.is_suffix_range(ranged)
+                                   or not _if_range_holds(environ, location.etag)
                                    or _past_the_end(ranged, location.length)):
-            # Storage nodes answer bytes=-N wrongly and check no If-Range, and the proxy would send a
-            # node's 416 with the file's headers: serve those here.
+            # A HEAD ignores a Range (RFC 9110 14.2), which the proxy would send on to the node;
+            # storage nodes answer bytes=-N wrongly and check no If-Range, and the proxy would send
+            # a node's 416 with the file's headers: serve those here.
             return False
         if self.require_proxy_header and not responder.proxy_asks(environ.get(responder.request_header, "")):
             return False

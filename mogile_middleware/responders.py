@@ -88,13 +88,13 @@ class Reproxy:
         """The response headers for ``location`` (built once per location, not per request)."""
         raise NotImplementedError
 
-    def for_request(self, headers: Headers, ranged: bool, target: str) -> Headers:
+    def for_request(self, headers: Headers, location: Location, range_header: str | None, target: str) -> Headers:
         """``headers`` for one request: with a ``Range`` (which the proxy forwards to the node) or
         for the request ``target`` (when :attr:`wants_target`)."""
         return headers
 
-    def answer(self, location: Location, if_match: str | None, if_none_match: str | None, ranged: bool,
-               target: str = "") -> Answer:
+    def answer(self, location: Location, if_match: str | None, if_none_match: str | None,
+               range_header: str | None, target: str = "") -> Answer:
         """412 or 304 as the preconditions decide (the proxy checks none), else the answer that
         sends the proxy to the replicas."""
         memo = location.memo
@@ -106,8 +106,8 @@ class Reproxy:
                                                self.representation.headers(location))
             if decided is not None:
                 return decided
-        if ranged or target:
-            return Answer("200 OK", self.for_request(answer.headers, ranged, target), reproxy=self.name)
+        if range_header is not None or target:
+            return Answer("200 OK", self.for_request(answer.headers, location, range_header, target), reproxy=self.name)
         return answer
 
 
@@ -165,11 +165,16 @@ class PerlbalReproxy(Reproxy):
             headers.append(("X-REPROXY-EXPECTED-SIZE", str(location.length)))
         return headers
 
-    def for_request(self, headers: Headers, ranged: bool, target: str) -> Headers:
-        """Without ``X-REPROXY-EXPECTED-SIZE`` for a range (the answer is shorter than the file);
-        with the fallback URL of ``target`` last, when it can go into the header."""
-        if ranged:
+    def for_request(self, headers: Headers, location: Location, range_header: str | None, target: str) -> Headers:
+        """For a range, ``X-REPROXY-EXPECTED-SIZE`` of the part the node will send, when it is one
+        range of a known length (else none: a node that sends another length is not refused); with
+        the fallback URL of ``target`` last, when it can go into the header."""
+        if range_header is not None:
+            expected = [header for header in headers if header[0] == "X-REPROXY-EXPECTED-SIZE"]
             headers = [header for header in headers if header[0] != "X-REPROXY-EXPECTED-SIZE"]
+            part = http.byte_range(range_header, location.length) if expected and location.length is not None else None
+            if isinstance(part, tuple):
+                headers.append(("X-REPROXY-EXPECTED-SIZE", str(part[1] - part[0] + 1)))
         if target and _URL_SAFE.fullmatch(target):
             separator = "&" if "?" in target else "?"
             fallback = f"{self.fallback_url}{target}{separator}{FALLBACK_MARK}"

@@ -280,8 +280,22 @@ def test_perlbal_cache_for_and_expected_size(devmogile: DevMogileFS, client: Cli
     response = app.get(url("plain.txt"), extra_environ={"REMOTE_ADDR": "127.0.0.1"})
     assert response.headers["X-REPROXY-CACHE-FOR"] == "30; Content-Type ETag X-Content-Type-Options"
     assert response.headers["X-REPROXY-EXPECTED-SIZE"] == str(len(BODY))
-    ranged = app.get(url("plain.txt"), headers={"Range": "bytes=0-1"}, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
-    assert "X-REPROXY-EXPECTED-SIZE" not in ranged.headers
+    # One range of a known length: the size of the part, so that Perlbal refuses a short replica.
+    for header, expected in [("bytes=0-1", "2"), ("bytes=30-", str(len(BODY) - 30)), ("bytes=3-9999", str(len(BODY) - 3))]:
+        ranged = app.get(url("plain.txt"), headers={"Range": header}, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+        assert ranged.headers.getall("X-REPROXY-EXPECTED-SIZE") == [expected], header
+    for header in ("bytes=0-1,4-5", "bytes=5-2", "lines=1-2"):  # the node may answer them any way: no size
+        ranged = app.get(url("plain.txt"), headers={"Range": header}, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+        assert "X-REPROXY-URL" in ranged.headers and "X-REPROXY-EXPECTED-SIZE" not in ranged.headers, header
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_head_ignores_its_range_in_every_mode(devmogile: DevMogileFS, client: Client, mode: str | None) -> None:
+    """RFC 9110 14.2: no range for a HEAD. A proxy would send it on to the node with the HEAD."""
+    app, _, _ = make(devmogile, reproxy=mode, trusted_proxies=["127.0.0.1"])
+    response = app.head(url("plain.txt"), headers={"Range": "bytes=0-1"}, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+    assert response.status_int == 200 and response.headers["Content-Length"] == str(len(BODY))
+    assert not {"Content-Range", "X-REPROXY-URL", "X-Accel-Redirect"} & set(response.headers)
 
 
 def test_perlbal_fallback_url_comes_last_and_its_request_is_served(devmogile: DevMogileFS, client: Client) -> None:
