@@ -339,6 +339,23 @@ def test_perlbals_cache_keeps_an_uploads_sandbox(server: str, devmogile: DevMogi
         assert answer.headers["Content-Disposition"] == 'attachment; filename="evil.svg"'
 
 
+def test_nginx_asking_again_passes_a_views_headers_on_once(server: str, devmogile: DevMogileFS, tmp_path: Path) -> None:
+    """Another process overwrites the key a view serves: its replicas given to nginx are gone, so
+    nginx asks the application again, and holds the first answer's headers meanwhile."""
+    writer = Client(DOMAIN, devmogile.trackers)
+    writer.store_content("viewed.txt", b"version 1\n" * 100, "avatar")
+    user = {"X-Test-User": "allowed"}
+    with serving(devmogile, server, "nginx", tmp_path) as stack:
+        assert stack.get("/view/viewed.txt?download=mine.txt", user).status == 200  # its replicas cached
+        writer.store_content("viewed.txt", b"version 2, longer\n" * 100, "avatar")  # the old files go at once
+        again = stack.get_fields("/view/viewed.txt?download=mine.txt", user)
+        assert (again.status, again.body) == (200, b"version 2, longer\n" * 100)
+        names = [name.lower() for name, _ in again.fields]
+        assert [name for name in set(names) if names.count(name) > 1 and name != "cache-control"] == []
+        assert {"set-cookie", "content-disposition", "etag"} <= set(names)
+        assert all(value == "private" for name, value in again.fields if name.lower() == "cache-control")
+
+
 def test_perlbals_cache_never_answers_for_a_view(server: str, devmogile: DevMogileFS, tmp_path: Path) -> None:
     """A view checks who asks each time: its file is not left in Perlbal's cache for the next client."""
     Client(DOMAIN, devmogile.trackers).store_content("private/invoice.txt", b"alice's invoice", cls="avatar")
