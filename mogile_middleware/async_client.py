@@ -39,6 +39,7 @@ from .client import (
 )
 from .exceptions import NoneMatchError, StorageError
 from .protocol import Reply, check_key
+from .storage import LengthMismatchError
 from .upload import (
     BYTES_LIKE,
     class_named,
@@ -172,7 +173,7 @@ class AsyncClient(ClientBase):
                 return destination, stored, md5
             except StorageError as error:
                 stream.abort()
-                if start is None:
+                if start is None or isinstance(error, LengthMismatchError):
                     raise upload_failed(key, error) from error
                 failures.append(str(error))
                 body.seek(start)  # type: ignore[union-attr]  # start is set: a file object

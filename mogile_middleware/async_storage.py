@@ -35,6 +35,7 @@ from .nodepool import IdlePool, Node
 from .storage import (
     CHUNK_SIZE,
     MAX_HEAD,
+    LengthMismatchError,
     NO_BODY,
     ReplicaFailures,
     Target,
@@ -558,7 +559,7 @@ class AsyncPutStream:
         size = len(data)
         if self._length is not None and self._written + size > self._length:
             self.abort()
-            raise StorageError(f"PUT {self.url}: more than the {self._length} bytes announced", self.url)
+            raise LengthMismatchError(f"PUT {self.url}: more than the {self._length} bytes announced", self.url)
         try:
             if self._length is None:
                 connection.write(b"%X\r\n" % size, data, b"\r\n")
@@ -582,7 +583,7 @@ class AsyncPutStream:
         connection = self._open_connection()
         if self._length is not None and self._written != self._length:
             self.abort()
-            raise StorageError(f"PUT {self.url}: {self._written} of the {self._length} bytes announced written",
+            raise LengthMismatchError(f"PUT {self.url}: {self._written} of the {self._length} bytes announced written",
                                self.url)
         self._connection = None
 

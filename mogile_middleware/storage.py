@@ -336,6 +336,11 @@ class ReplicaFailures:
                             urls[0] if urls else "", self.last_status)
 
 
+class LengthMismatchError(StorageError):
+    """A PUT body that is not the length announced: the source's doing, so no other node would
+    take it either."""
+
+
 class PutStream:
     """A PUT to a storage node whose body is written piece by piece.
 
@@ -369,7 +374,7 @@ class PutStream:
             return
         if self._length is not None and self._written + len(data) > self._length:
             self.abort()
-            raise StorageError(f"PUT {self.url}: more than the {self._length} bytes announced", self.url)
+            raise LengthMismatchError(f"PUT {self.url}: more than the {self._length} bytes announced", self.url)
         try:
             if self._chunked:
                 self._connection.send(b"%X\r\n" % len(data))
@@ -386,7 +391,7 @@ class PutStream:
         """End the body and check that the node stored it (2xx)."""
         if self._length is not None and self._written != self._length:  # the node would wait for the rest
             self.abort()
-            raise StorageError(f"PUT {self.url}: {self._written} of the {self._length} bytes announced written",
+            raise LengthMismatchError(f"PUT {self.url}: {self._written} of the {self._length} bytes announced written",
                                self.url)
         try:
             if self._chunked:

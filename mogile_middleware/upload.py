@@ -35,7 +35,7 @@ from .exceptions import (
     UploadOutcomeUnknownError,
 )
 from .protocol import ArgValue, Reply, check_key, parse_domains
-from .storage import CHUNK_SIZE, PutStream
+from .storage import CHUNK_SIZE, LengthMismatchError, PutStream
 from .tracker import TrackerPool
 
 #: What :meth:`Uploader.upload` stores: bytes, a path, a binary file object or chunks of bytes.
@@ -265,7 +265,7 @@ class NewFile(io.RawIOBase):
         ``progress`` is called with the bytes sent so far after each chunk.
         """
         self._checkClosed()
-        start = fileobj.tell() if fileobj.seekable() else None
+        start = None if remaining_size(fileobj) is None else fileobj.tell()
         while True:
             stream = self._stream or self._open_stream()
             try:
@@ -278,7 +278,7 @@ class NewFile(io.RawIOBase):
                 return self.size
             except StorageError as error:
                 self._stream = None
-                if start is None or not self._destinations:
+                if start is None or not self._destinations or isinstance(error, LengthMismatchError):
                     self.abort()
                     raise upload_failed(self.key, error) from error
                 fileobj.seek(start)

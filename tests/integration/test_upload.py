@@ -190,11 +190,15 @@ def test_storage_nodes_dying_midway_leave_no_key(flavour: Flavour, client: Clien
 
 
 class _ShortFile(io.RawIOBase):
-    """A seekable file that says it holds 3000 bytes from where it is and gives 1000."""
+    """A seekable file that says it holds 3000 bytes from where it is and gives 1000 (or, as
+    another ``_LongFile``, says 1000 and gives 3000); ``reads_from_start`` counts its readings."""
+
+    said, holds = 3000, 1000
 
     def __init__(self) -> None:
         super().__init__()
         self.position = 0
+        self.reads_from_start = 0
 
     def readable(self) -> bool:
         return True
@@ -206,24 +210,48 @@ class _ShortFile(io.RawIOBase):
         return self.position
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self.position = 3000 if whence == io.SEEK_END else offset
+        self.position = self.said if whence == io.SEEK_END else offset
         return self.position
 
     def readinto(self, buffer: bytearray) -> int:  # type: ignore[override]
-        size = max(0, min(len(buffer), 1000 - self.position))
+        size = max(0, min(len(buffer), self.holds - self.position))
         buffer[:size] = b"x" * size
+        self.reads_from_start += self.position == 0 and size > 0
         self.position += size
         return size
 
 
+class _LongFile(_ShortFile):
+    said, holds = 1000, 3000
+
+
 @both_flavours
-def test_a_file_shorter_than_its_size_fails_naming_it_and_the_key_keeps_its_data(flavour: Flavour,
-                                                                                   client: Client) -> None:
+def test_a_file_shorter_or_longer_than_its_size_fails_naming_it_and_the_key_keeps_its_data(
+        flavour: Flavour, client: Client) -> None:
     """The node would wait for the rest until storage_timeout: the PUT is dropped at once instead."""
     store(flavour, client, "doc", b"old", "thumb")
-    with pytest.raises(UploadError, match="1000 of the 3000 bytes announced"):
-        store(flavour, client, "doc", _ShortFile(), "thumb")
+    for source, problem in ((_ShortFile(), "1000 of the 3000 bytes announced"), (_LongFile(), "more than the 1000")):
+        with pytest.raises(UploadError, match=problem):
+            store(flavour, client, "doc", source, "thumb")
+        assert source.reads_from_start == 1  # the source's fault: no other node is tried
     assert client.get_file_data("doc") == b"old"
+
+
+class _OnlyRead:
+    """A source with nothing but ``read``, as some wrappers of sockets and archives are."""
+
+    def __init__(self, data: bytes) -> None:
+        self._rest = io.BytesIO(data)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._rest.read(size)
+
+
+@both_flavours
+def test_a_source_with_only_read_is_sent_once(flavour: Flavour, client: Client) -> None:
+    data = os.urandom(200_000)
+    assert store(flavour, client, "read-only", _OnlyRead(data), "thumb") == len(data)  # type: ignore[arg-type]
+    assert client.get_file_data("read-only") == data
 
 
 def test_a_new_file_closed_or_aborted_takes_no_more_bytes(client: Client) -> None:
