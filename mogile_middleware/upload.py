@@ -235,6 +235,7 @@ class NewFile(io.RawIOBase):
 
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
         self._checkClosed()  # closed or aborted: nothing more goes to the node
+        self._check_not_sent()
         if not isinstance(data, BYTES_LIKE):  # before a byte of it is sent
             raise TypeError(f"upload of {self.key!r} takes bytes, not {type(data).__name__}")
         try:
@@ -265,6 +266,7 @@ class NewFile(io.RawIOBase):
         ``progress`` is called with the bytes sent so far after each chunk.
         """
         self._checkClosed()
+        self._check_not_sent()
         start = None if remaining_size(fileobj) is None else fileobj.tell()
         while True:
             stream = self._stream or self._open_stream()
@@ -283,6 +285,11 @@ class NewFile(io.RawIOBase):
                     raise upload_failed(self.key, error) from error
                 fileobj.seek(start)
                 self._reset_body()
+
+    def _check_not_sent(self) -> None:
+        """A ValueError once :meth:`write_from` has finished the PUT: the node has the whole body."""
+        if self._put_done:
+            raise ValueError(f"upload of {self.key!r}: write_from sent the whole body; close the file to commit it")
 
     def write_chunks(self, chunks: Iterable[bytes], progress: Progress | None = None) -> int:
         """Write every chunk of ``chunks`` (e.g. Django's ``File.chunks()``); see :meth:`write_from`."""

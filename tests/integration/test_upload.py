@@ -254,6 +254,15 @@ def test_a_source_with_only_read_is_sent_once(flavour: Flavour, client: Client) 
     assert client.get_file_data("read-only") == data
 
 
+def test_a_new_file_takes_no_more_bytes_once_write_from_sent_the_body(client: Client) -> None:
+    with client.new_file("doc", cls="thumb") as file:
+        file.write_from(io.BytesIO(b"whole"))
+        for more in (lambda: file.write(b"more"), lambda: file.write_from(io.BytesIO(b"more"))):
+            with pytest.raises(ValueError, match="write_from sent the whole body"):
+                more()
+    assert client.get_file_data("doc") == b"whole"
+
+
 def test_a_new_file_closed_or_aborted_takes_no_more_bytes(client: Client) -> None:
     with client.new_file("doc", cls="thumb") as file:
         file.write(b"kept")
