@@ -43,10 +43,11 @@ class CacheBackend(Protocol):
         tuple whose first two items are these (a backend may keep more beside them)."""
 
     def set(self, key: str, value: Any, stored_at: float, keep_seconds: float) -> None:
-        """Keep ``value`` for ``key`` at most ``keep_seconds``."""
+        """Keep ``value`` for ``key`` at most ``keep_seconds``; ``stored_at`` is when the lookup
+        that found it began (a shared backend keeps it only if no process changed ``key`` since)."""
 
     def delete(self, key: str) -> None:
-        """Forget ``key`` (no error if it is not kept)."""
+        """Forget ``key``, which a process changed (no error if it is not kept)."""
 
 
 class MemoryCache:
@@ -232,6 +233,7 @@ class PathCache(Generic[V]):
             return entry[0]
         with self._lock:
             self.lookups += 1
+        started = self._clock()
         try:
             value = self._lookup(key)
         except TrackerUnavailableError as error:
@@ -240,7 +242,7 @@ class PathCache(Generic[V]):
         if keep:
             with flight.lock:
                 if not flight.invalidated:
-                    self._safely(self._backend.set, key, value, self._clock(), keep)
+                    self._safely(self._backend.set, key, value, started, keep)
             self._report_size()
         return value
 
@@ -370,21 +372,22 @@ class AsyncPathCache(PathCache[V]):
         if entry is not None and self._fresh(entry):
             return entry[0]
         self.lookups += 1
+        started = self._clock()
         try:
             value = await self._async_lookup(key)
         except TrackerUnavailableError as error:
             return self._stale_value(key, await self._backend_call(self._backend.get, key), error)
         keep = self._looked_up(value)
         if keep:
-            await self._backend_call(self._store, flight, key, value, keep)
+            await self._backend_call(self._store, flight, key, value, started, keep)
             self._report_size()
         return value
 
-    def _store(self, flight: _AsyncFlight, key: str, value: V, keep: float) -> None:
+    def _store(self, flight: _AsyncFlight, key: str, value: V, started: float, keep: float) -> None:
         """Keep ``value`` unless the key was invalidated meanwhile (atomic against invalidate())."""
         with flight.lock:
             if not flight.invalidated:
-                self._backend.set(key, value, self._clock(), keep)
+                self._backend.set(key, value, started, keep)
 
     async def _backend_call(self, method: Callable[..., T], *args: Any) -> T | None:
         if self._in_process:

@@ -19,11 +19,13 @@ import math
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pymemcache.client.base import check_key_helper, normalize_server_spec
 from pymemcache.client.hash import HashClient
+from pymemcache.client.rendezvous import RendezvousHash
 from pymemcache.exceptions import MemcacheIllegalInputError
 
 from .deadline import checked_seconds
@@ -39,9 +41,18 @@ MAX_IDLE_CLIENTS = 32
 
 #: memcached reads a larger expiry as a Unix timestamp, so longer keeps are cut to this (30 days).
 MAX_EXPIRE_SECONDS = 30 * 24 * 3600
+#: An entry stored further ahead of this host's clock than this is invalid: it would stay fresh.
+MAX_CLOCK_AHEAD_SECONDS = 60
 
+#: How long a changed key's mark stays: longer than any lookup takes (every tracker's connect and
+#: I/O timeouts), so that no lookup that began before the change stores what it found.
+CHANGED_MARK_SECONDS = 300
+#: Nor does a lookup that began less than this after the change: hosts' clocks may differ as much.
+CLOCK_SKEW_SECONDS = 1.0
 #: The version of the entry format, first in every entry.
 FORMAT = 1
+#: In place of a location: the entry marks the key changed at its time (see :meth:`MemcachedBackend.delete`).
+_CHANGED = "changed"
 _ETAG = re.compile(r"fid-(\d{1,20})|paths-[0-9a-f]{16}")
 #: A replica URL as MogileFS makes them: a device directory and the fid's file, no query or fragment.
 _REPLICA_URL = re.compile(r"http://[^?#]+/dev\d+(?:/\d+)*/0*(\d+)\.fid")
@@ -83,9 +94,44 @@ class MemcachedBackend:
         self._idle: list[HashClient] = []
 
     def get(self, key: str) -> tuple[Location | None, float] | None:
-        """``(location, stored_at)`` for ``key``, or None if memcached holds no valid entry for it."""
+        """``(location, stored_at)`` for ``key``, or None if memcached holds no valid entry for it
+        (or the mark of a change)."""
         with self._client() as client:
             data = client.get(self._memcached_key(key))
+        entry = self._read(key, data)
+        return None if entry is None or entry[0] is _CHANGED else entry  # type: ignore[return-value]
+
+    def set(self, key: str, value: Location | None, stored_at: float, keep_seconds: float) -> None:
+        """Keep ``value`` for ``keep_seconds`` (rounded up to whole seconds, as memcached counts),
+        unless memcached holds something newer than the lookup that began at ``stored_at``: the
+        mark of a change since (any process's :meth:`delete`), or a later lookup's finding. The
+        check and the store are one (memcached's ``gets`` then ``cas``, or ``add``)."""
+        if keep_seconds <= 0:
+            return  # memcached would read an expiry of 0 as "keep forever"
+        expire = min(math.ceil(keep_seconds), MAX_EXPIRE_SECONDS)
+        name, data = self._memcached_key(key), self._encode(key, value, stored_at)
+        # noreply=False: wait for memcached's answer, so a failed store raises instead of vanishing.
+        with self._client() as client:
+            held, token = client.gets(name)
+            if held is None:
+                client.add(name, data, expire=expire, noreply=False)
+                return
+            entry = self._read(key, held)
+            if entry is not None and entry[1] + (CLOCK_SKEW_SECONDS if entry[0] is _CHANGED else 0) >= stored_at:
+                return
+            client.cas(name, data, token, expire=expire, noreply=False)
+
+    def _encode(self, key: str, value: Location | None | str, stored_at: float) -> bytes:
+        if value is not None and value is not _CHANGED and not isinstance(value, Location):
+            raise TypeError(f"memcached keeps locations, not {type(value).__name__}")
+        located = value if not isinstance(value, Location) else [
+            value.key, list(value.paths), value.etag, value.length, value.complete]
+        payload = json.dumps([FORMAT, key, stored_at, located], ensure_ascii=True, separators=(",", ":")).encode()
+        return self._signature(payload) + payload
+
+    def _read(self, key: str, data: bytes | None) -> tuple[Location | str | None, float] | None:
+        """The entry ``data`` holds for ``key`` (its location is :data:`_CHANGED` for the mark of a
+        change); None if there is none or it is invalid (logged)."""
         if data is None:
             return None
         try:
@@ -94,23 +140,7 @@ class MemcachedBackend:
             log.warning("ignoring an invalid memcached entry for %r: %r", key, str(error))
             return None
 
-    def set(self, key: str, value: Location | None, stored_at: float, keep_seconds: float) -> None:
-        """Keep ``value`` for ``keep_seconds`` (rounded up to whole seconds, as memcached counts)."""
-        if keep_seconds <= 0:
-            return  # memcached would read an expiry of 0 as "keep forever"
-        expire = min(math.ceil(keep_seconds), MAX_EXPIRE_SECONDS)
-        # noreply=False: wait for memcached's answer, so a failed store raises instead of vanishing.
-        with self._client() as client:
-            client.set(self._memcached_key(key), self._encode(key, value, stored_at), expire=expire, noreply=False)
-
-    def _encode(self, key: str, value: Location | None, stored_at: float) -> bytes:
-        if value is not None and not isinstance(value, Location):
-            raise TypeError(f"memcached keeps locations, not {type(value).__name__}")
-        located = None if value is None else [value.key, list(value.paths), value.etag, value.length, value.complete]
-        payload = json.dumps([FORMAT, key, stored_at, located], ensure_ascii=True, separators=(",", ":")).encode()
-        return self._signature(payload) + payload
-
-    def _decode(self, key: str, data: bytes) -> tuple[Location | None, float]:
+    def _decode(self, key: str, data: bytes) -> tuple[Location | str | None, float]:
         signature = self._signature(b"")
         if signature:
             signature, data = data[:len(signature)], data[len(signature):]
@@ -122,6 +152,10 @@ class MemcachedBackend:
             raise InvalidEntry(f"not an entry of this format: {error}") from None
         if version != FORMAT or stored_for != key or not isinstance(stored_at, (int, float)):
             raise InvalidEntry("another format, or stored for another key")
+        if not (math.isfinite(stored_at) and stored_at < time.time() + MAX_CLOCK_AHEAD_SECONDS):
+            raise InvalidEntry(f"stored at an impossible time: {stored_at!r}")  # it would never grow old
+        if located == _CHANGED:
+            return _CHANGED, float(stored_at)
         return (None if located is None else _location(located)), float(stored_at)
 
     def _signature(self, payload: bytes) -> bytes:
@@ -129,9 +163,13 @@ class MemcachedBackend:
         return hmac.new(self._secret, payload, hashlib.sha256).hexdigest().encode() if self._secret else b""
 
     def delete(self, key: str) -> None:
-        """Forget ``key``."""
+        """Forget ``key``, which a process changed: in its place, for :data:`CHANGED_MARK_SECONDS`,
+        the mark of the change, a miss for every reader that no lookup begun before can replace
+        (a lookup that began before the change but ended after it would bring the old version
+        back for every process and host)."""
         with self._client() as client:
-            client.delete(self._memcached_key(key), noreply=False)
+            client.set(self._memcached_key(key), self._encode(key, _CHANGED, time.time()),
+                       expire=CHANGED_MARK_SECONDS, noreply=False)
 
     def _memcached_key(self, key: str) -> str:
         # memcached keys are at most 250 bytes of ASCII without blanks or control characters, while
@@ -153,8 +191,8 @@ class MemcachedBackend:
             client = self._idle.pop() if self._idle else None
         if client is None:
             # retry_attempts=0 marks a failing server dead at once, for DEAD_SECONDS.
-            client = HashClient(self.servers, connect_timeout=self.connect_timeout, timeout=self.timeout,
-                                no_delay=True, retry_attempts=0, dead_timeout=DEAD_SECONDS)
+            client = HashClient(self.servers, hasher=_EveryServer, connect_timeout=self.connect_timeout,
+                                timeout=self.timeout, no_delay=True, retry_attempts=0, dead_timeout=DEAD_SECONDS)
         try:
             yield client
         finally:
@@ -164,6 +202,27 @@ class MemcachedBackend:
                     self._idle.append(client)
             if not kept:
                 client.close()
+
+
+class _EveryServer(RendezvousHash):
+    """pymemcache's hashing of keys over every server, dead or not: the keys of a server marked
+    dead fail (a miss; a store or a drop not done) until it is back, rather than move to another
+    server, where a copy stored meanwhile would outlive a writer's drop once the first is back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._dead: set[str] = set()
+
+    def add_node(self, node: str) -> None:
+        self._dead.discard(node)
+        super().add_node(node)
+
+    def remove_node(self, node: str) -> None:
+        self._dead.add(node)
+
+    def get_node(self, key: str) -> str | None:
+        node = super().get_node(key)
+        return None if node in self._dead else node
 
 
 def _server(spec: str) -> tuple[str, int] | str:

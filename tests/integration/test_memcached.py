@@ -17,13 +17,14 @@ from integration._gunicorn import run_gunicorn
 from integration._memcached import MemcachedServer, start_memcached
 from integration._wire_client import eventually, http_request
 from pymemcache.client.base import Client as MemcacheClient
+from pymemcache.client.rendezvous import RendezvousHash
 from pymemcache.exceptions import MemcacheError
 from webtest import TestApp
 
 from mogile_middleware import Client
-from mogile_middleware.cache import PathCache
+from mogile_middleware.cache import PathCache, entry_key
 from mogile_middleware.devserver import DevMogileFS
-from mogile_middleware.memcache import MemcachedBackend
+from mogile_middleware.memcache import CLOCK_SKEW_SECONDS, MemcachedBackend
 from mogile_middleware.middleware import MogileFSMiddleware
 from mogile_middleware.locate import Location
 
@@ -89,6 +90,50 @@ def test_delete_forgets_a_key(backend: MemcachedBackend) -> None:
     assert backend.get("gone") is None
 
 
+def test_a_lookup_that_began_before_another_processs_change_stores_nothing(backend: MemcachedBackend) -> None:
+    began = time.time()
+    MemcachedBackend(backend.servers).delete("changed")  # another process's write, as the lookup runs
+    backend.set("changed", location(1, "changed"), began, 60)  # what the lookup found: the old version
+    assert backend.get("changed") is None
+    after = time.time() + CLOCK_SKEW_SECONDS + 0.1
+    backend.set("changed", location(2, "changed"), after, 60)  # a lookup that began after the change
+    backend.set("changed", location(1, "changed"), after - 0.05, 60)  # an earlier finding, stored late
+    assert backend.get("changed") == (location(2, "changed"), after)
+
+
+def test_a_worker_never_brings_back_the_version_a_writer_replaced(devmogile: DevMogileFS,
+                                                                  shared_memcached: MemcachedServer) -> None:
+    """Worker A looks a key up; another process overwrites the key and drops it from memcached while
+    A's answer is on its way: A must not store the old version for every other worker."""
+    writer = Client(DOMAIN, devmogile.trackers, cache_backend=MemcachedBackend(shared_memcached.address))
+    writer.store_content("raced.txt", b"old", "thumb")
+    reader = Client(DOMAIN, devmogile.trackers)
+    looked_up, release = threading.Event(), threading.Event()
+
+    def lookup(entry: str) -> Location:  # the cache's entries are by domain, as the middleware's
+        key = entry.split(":", 2)[2]
+        info = reader.file_info(key)
+        return Location(key, tuple(reader.get_paths(key)), f"fid-{info.fid}", info.length, True)
+
+    def slow_lookup(entry: str) -> Location:
+        paths = lookup(entry)
+        looked_up.set()
+        release.wait(10)
+        return paths
+
+    worker_a = PathCache(slow_lookup, backend=MemcachedBackend(shared_memcached.address), ttl_seconds=60)
+    other_worker = PathCache(lookup, backend=MemcachedBackend(shared_memcached.address), ttl_seconds=60)
+    racing = threading.Thread(target=worker_a.get, args=(entry_key(DOMAIN, "raced.txt"),))
+    racing.start()
+    assert looked_up.wait(10)
+    writer.store_content("raced.txt", b"new", "thumb")  # drops the key from memcached, then returns
+    release.set()
+    racing.join(10)
+    assert other_worker.get(entry_key(DOMAIN, "raced.txt")).etag == f"fid-{reader.file_info('raced.txt').fid}"
+    assert other_worker.lookups == 1  # a miss: worker A stored nothing
+    assert worker_a.get(entry_key(DOMAIN, "raced.txt")) == other_worker.get(entry_key(DOMAIN, "raced.txt"))
+
+
 def test_keys_memcached_could_not_hold_work_and_stay_distinct(backend: MemcachedBackend) -> None:
     keys = ["with spaces in it", " leading blank", "ünïcødé/файл.png", "tab\there", "k" * 255, "k" * 253 + "é"]
     for number, key in enumerate(keys):
@@ -119,6 +164,23 @@ def test_keys_spread_over_several_servers(memcached: MemcachedServer) -> None:
             (location(number, f"key{number}"), 1.0) for number in range(40)]
         items = [int(MemcacheClient(server.address).stats()[b"curr_items"]) for server in (memcached, second)]
         assert sum(items) == 40 and min(items) > 0, items
+
+
+def test_a_dead_servers_keys_do_not_move_to_another_server(memcached: MemcachedServer) -> None:
+    """Stored on another server meanwhile, a key would outlive a writer's drop on its own server."""
+    with start_memcached() as second:
+        backend = MemcachedBackend(f"{memcached.address}, {second.address}")
+        ring = RendezvousHash([memcached.address, second.address])
+        first_keys = [key for key in (f"key{number}" for number in range(40))
+                      if ring.get_node(backend._memcached_key(key)) == memcached.address][:5]
+        assert len(first_keys) == 5
+        memcached.stop()
+        for key in first_keys:
+            with pytest.raises(DOWN):
+                backend.set(key, location(1, key), time.time(), 60)
+            with pytest.raises(DOWN):
+                backend.get(key)
+        assert int(MemcacheClient(second.address).stats()[b"curr_items"]) == 0
 
 
 def test_threads_share_a_backend(backend: MemcachedBackend) -> None:
@@ -182,6 +244,9 @@ RAN = Path("/tmp/mogile-memcached-pickle-ran")
     pytest.param(lambda: json.dumps([1, "k", 1.0, ["k", [], "fid-1", 5, True]]).encode(), id="no-paths"),
     pytest.param(lambda: json.dumps([1, "other", 1.0, None]).encode(), id="stored-for-another-key"),
     pytest.param(lambda: b"\x80garbage", id="garbage"),
+    # Times at which an entry would never grow old: "no such key" for ever.
+    pytest.param(lambda: b'[1, "k", 1e400, null]', id="stored-at-infinity"),
+    pytest.param(lambda: json.dumps([1, "k", time.time() + 3600, None]).encode(), id="stored-in-an-hour"),
 ])
 def test_a_forged_entry_is_a_miss_and_runs_nothing(backend: MemcachedBackend, shared_memcached: MemcachedServer,
                                                    forged, caplog: pytest.LogCaptureFixture) -> None:
