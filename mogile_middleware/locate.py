@@ -189,11 +189,15 @@ class Locator:
     def _lookup_steps(self, entry: str) -> Steps[Location | None]:
         """The lookup of a cache entry's key, as the tracker calls it needs (see :func:`run_steps`)."""
         key = entry[len(self._entry_prefix):]
-        for _ in range(2):  # once more if the key was overwritten between the two tracker calls
+        for attempt in range(2):  # once more if the key was being overwritten (see _ask_steps)
             try:
                 location = yield from self._ask_steps(key)
             except UnknownKeyError:
                 return None
+            except StorageError:  # no live replica listed: a tracker can say so amid an overwrite
+                if attempt:
+                    raise
+                continue
             if location is not None:
                 return location
         raise StorageError(f"{key!r} changed during its lookup twice in a row")

@@ -19,6 +19,7 @@ from wiretools import CountingRelay, LoopbackServer, ScriptedTracker
 from mogile_middleware import Client, UnknownKeyError, UploadError
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.middleware import MogileFSMiddleware
+from mogile_middleware.tracker import TrackerConnection
 
 
 @pytest.fixture
@@ -134,6 +135,26 @@ class _HalfBody(BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+def test_a_key_listed_without_replicas_amid_an_overwrite_is_asked_again(devmogile: DevMogileFS,
+                                                                          stored: Client) -> None:
+    """A tracker reading a key's fid and then its replicas can find none while another client
+    replaces the file: the lookup asks once more before answering 502."""
+    upstream = TrackerConnection(devmogile.tracker_address, 1.0, 5.0)
+    emptied = [b"OK paths=0\r\n"]  # the answer to the first get_paths only
+
+    def script(line: bytes) -> bytes:
+        return emptied.pop() if line.startswith(b"get_paths") and emptied else upstream.roundtrip(line)
+
+    relay = ScriptedTracker(script)
+    try:
+        app = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [relay.tracker]))
+        assert call(app, "GET", "/mogilefs/load/4", {})[:3:2] == (200, BODY + b"4")
+        assert sum(line.startswith(b"get_paths") for line in relay.requests) == 2
+    finally:
+        relay.stop()
+        upstream.close()
 
 
 def one_file_tracker(node_port: int, key: str, length: int) -> ScriptedTracker:
