@@ -6,6 +6,10 @@ every read: an entry that does not validate, names another key, or holds a URL t
 clean ``http://`` one is a miss, logged, never a header and never code run. With ``secret`` every
 entry is signed (HMAC-SHA256), so nobody without the secret can forge one. memcached should still
 be reachable by the application hosts only: whoever can write to it can drop entries.
+
+A key some process changed is not deleted but marked changed, and what a lookup found is stored
+only over nothing newer than the lookup's start (``gets`` and ``cas``): a lookup that raced
+another process's write cannot put the old version back for every process and host.
 """
 
 from __future__ import annotations
