@@ -27,10 +27,10 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from pymemcache.client.base import check_key_helper, normalize_server_spec
+from pymemcache.client.base import Client, check_key_helper, normalize_server_spec
 from pymemcache.client.hash import HashClient
 from pymemcache.client.rendezvous import RendezvousHash
-from pymemcache.exceptions import MemcacheIllegalInputError
+from pymemcache.exceptions import MemcacheError, MemcacheIllegalInputError
 
 from .deadline import checked_seconds
 from .locate import Location, is_clean_url
@@ -170,10 +170,23 @@ class MemcachedBackend:
         """Forget ``key``, which a process changed: in its place, for :data:`CHANGED_MARK_SECONDS`,
         the mark of the change, a miss for every reader that no lookup begun before can replace
         (a lookup that began before the change but ended after it would bring the old version
-        back for every process and host)."""
+        back for every process and host). A server this process marked dead is asked all the
+        same: it may be back, and a mark not left lets other hosts serve the old version."""
+        name, mark = self._memcached_key(key), self._encode(key, _CHANGED, time.time())
         with self._client() as client:
-            client.set(self._memcached_key(key), self._encode(key, _CHANGED, time.time()),
-                       expire=CHANGED_MARK_SECONDS, noreply=False)
+            try:
+                client.set(name, mark, expire=CHANGED_MARK_SECONDS, noreply=False)
+                return
+            except MemcacheError:
+                if self._given is not None:
+                    raise
+        servers = {_node(server): server for server in self.servers}  # the key's server, as HashClient hashes
+        direct = Client(servers[RendezvousHash(list(servers)).get_node(name)], connect_timeout=self.connect_timeout,
+                        timeout=self.timeout, no_delay=True)
+        try:
+            direct.set(name, mark, expire=CHANGED_MARK_SECONDS, noreply=False)
+        finally:
+            direct.close()
 
     def _memcached_key(self, key: str) -> str:
         # memcached keys are at most 250 bytes of ASCII without blanks or control characters, while
@@ -227,6 +240,11 @@ class _EveryServer(RendezvousHash):
     def get_node(self, key: str) -> str | None:
         node = super().get_node(key)
         return None if node in self._dead else node
+
+
+def _node(server: tuple[str, int] | str) -> str:
+    """The name pymemcache's hashing knows ``server`` by."""
+    return "%s:%s" % server if isinstance(server, tuple) else server
 
 
 def _server(spec: str) -> tuple[str, int] | str:

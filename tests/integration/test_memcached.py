@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import socket
 import threading
 import time
@@ -313,6 +314,24 @@ def test_a_silent_memcached_costs_one_timeout_then_is_skipped() -> None:
             with pytest.raises(DOWN):
                 backend.set("key", LOCATION, 1.0, 60)
         assert time.monotonic() - started < 0.2
+
+
+def test_a_writer_marks_a_change_on_a_server_it_took_for_dead_once_it_is_back(memcached: MemcachedServer) -> None:
+    """Other hosts may read that server again already: without the mark they would serve the old version."""
+    with start_memcached() as second:
+        writer = MemcachedBackend(f"{memcached.address}, {second.address}", timeout=0.3)
+        reader = MemcachedBackend(f"{memcached.address}, {second.address}")
+        reader.set("k", location(1, "k"), time.time(), 60)
+        os.kill(memcached.process.pid, signal.SIGSTOP)
+        os.kill(second.process.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(DOWN):
+                writer.get("k")  # a timeout: the key's server is marked dead for a few seconds
+        finally:
+            os.kill(memcached.process.pid, signal.SIGCONT)
+            os.kill(second.process.pid, signal.SIGCONT)
+        writer.delete("k")  # the change, with the server back
+        assert reader.get("k") is None
 
 
 def test_the_path_cache_asks_the_lookup_while_memcached_is_down(memcached: MemcachedServer) -> None:
