@@ -152,15 +152,17 @@ class MemcachedBackend:
                 raise InvalidEntry("its signature does not match")
         try:
             version, stored_for, stored_at, located = json.loads(data)
-        except (ValueError, TypeError) as error:
-            raise InvalidEntry(f"not an entry of this format: {error}") from None
-        if version != FORMAT or stored_for != key or not isinstance(stored_at, (int, float)):
+            stored_at = float(stored_at) if isinstance(stored_at, (int, float)) else None
+        # RecursionError: nesting deeper than the parser goes; OverflowError: no float holds the time.
+        except (ValueError, TypeError, RecursionError, OverflowError) as error:
+            raise InvalidEntry(f"not an entry of this format: {error!r}") from None
+        if version != FORMAT or stored_for != key or stored_at is None:
             raise InvalidEntry("another format, or stored for another key")
         if not (math.isfinite(stored_at) and stored_at < time.time() + MAX_CLOCK_AHEAD_SECONDS):
             raise InvalidEntry(f"stored at an impossible time: {stored_at!r}")  # it would never grow old
         if located == _CHANGED:
-            return _CHANGED, float(stored_at)
-        return (None if located is None else _location(located)), float(stored_at)
+            return _CHANGED, stored_at
+        return (None if located is None else _location(located)), stored_at
 
     def _signature(self, payload: bytes) -> bytes:
         """64 hex digits of HMAC-SHA256 over ``payload`` (nothing without a secret)."""

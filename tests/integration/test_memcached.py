@@ -248,6 +248,8 @@ RAN = Path("/tmp/mogile-memcached-pickle-ran")
     # Times at which an entry would never grow old: "no such key" for ever.
     pytest.param(lambda: b'[1, "k", 1e400, null]', id="stored-at-infinity"),
     pytest.param(lambda: json.dumps([1, "k", time.time() + 3600, None]).encode(), id="stored-in-an-hour"),
+    pytest.param(lambda: b'[1, "k", 1' + b"0" * 400 + b", null]", id="stored-at-a-time-no-float-holds"),
+    pytest.param(lambda: b"[" * 100_000 + b"]" * 100_000, id="nested-deeper-than-the-parser-goes"),
 ])
 def test_a_forged_entry_is_a_miss_and_runs_nothing(backend: MemcachedBackend, shared_memcached: MemcachedServer,
                                                    forged, caplog: pytest.LogCaptureFixture) -> None:
@@ -256,6 +258,8 @@ def test_a_forged_entry_is_a_miss_and_runs_nothing(backend: MemcachedBackend, sh
     assert backend.get("k") is None
     assert not RAN.exists()
     assert "invalid memcached entry" in caplog.text
+    backend.set("k", location(3, "k"), time.time(), 60)  # what a lookup finds replaces it
+    assert backend.get("k")[0] == location(3, "k")  # type: ignore[index]
 
 
 def test_a_secret_signs_every_entry(shared_memcached: MemcachedServer) -> None:
