@@ -28,6 +28,8 @@ BACKEND_WARNING_INTERVAL = 60.0
 
 #: Marks a flight whose leader ended without a value or an exception of its own.
 _UNSET: Any = object()
+#: The version of an entry in a backend that keeps none (see :meth:`PathCache._watched`).
+_UNVERSIONED: Any = object()
 
 
 def entry_key(domain: str, key: str) -> str:
@@ -43,11 +45,17 @@ class CacheBackend(Protocol):
         tuple whose first two items are these (a backend may keep more beside them)."""
 
     def set(self, key: str, value: Any, stored_at: float, keep_seconds: float) -> None:
-        """Keep ``value`` for ``key`` at most ``keep_seconds``; ``stored_at`` is when the lookup
-        that found it began (a shared backend keeps it only if no process changed ``key`` since)."""
+        """Keep ``value`` for ``key`` at most ``keep_seconds``."""
 
     def delete(self, key: str) -> None:
-        """Forget ``key``, which a process changed (no error if it is not kept)."""
+        """Forget ``key`` (no error if it is not kept).
+
+        A backend shared by processes may also have ``get_versioned(key)``, giving the entry as
+        ``get`` does and the version of what it holds for ``key``, and ``set_if_unchanged(key,
+        value, stored_at, keep_seconds, version)``, storing only over that version: then a lookup
+        that raced another process's change (its ``delete``) stores nothing (see
+        :class:`~mogile_middleware.memcache.MemcachedBackend`).
+        """
 
 
 class MemoryCache:
@@ -228,12 +236,11 @@ class PathCache(Generic[V]):
 
     def _fetch(self, key: str, flight: _Flight) -> V:
         # Another thread may have stored a fresh value between our miss and our taking the lead.
-        entry = self._safely(self._backend.get, key)
+        entry, version = self._watched(key)
         if entry is not None and self._fresh(entry):
             return entry[0]
         with self._lock:
             self.lookups += 1
-        started = self._clock()
         try:
             value = self._lookup(key)
         except TrackerUnavailableError as error:
@@ -242,9 +249,25 @@ class PathCache(Generic[V]):
         if keep:
             with flight.lock:
                 if not flight.invalidated:
-                    self._safely(self._backend.set, key, value, started, keep)
+                    self._safely(self._store, key, value, keep, version)
             self._report_size()
         return value
+
+    def _watched(self, key: str) -> tuple[tuple[Any, float] | None, Any]:
+        """The entry of ``key`` before a lookup, and the version a store after it must find: from
+        a backend without versions :data:`_UNVERSIONED`; ``None`` when it cannot be read (the
+        lookup's value is then not stored)."""
+        get_versioned = getattr(self._backend, "get_versioned", None)
+        if get_versioned is None:
+            return self._safely(self._backend.get, key), _UNVERSIONED
+        return self._safely(get_versioned, key) or (None, _UNSET)
+
+    def _store(self, key: str, value: V, keep: float, version: Any) -> None:
+        """Keep what a lookup found, unless the backend's entry changed since it began (``version``)."""
+        if version is _UNVERSIONED:
+            self._backend.set(key, value, self._clock(), keep)
+        elif version is not _UNSET:
+            self._backend.set_if_unchanged(key, value, self._clock(), keep, version)  # type: ignore[attr-defined]
 
     def _looked_up(self, value: Any) -> float:
         """Seconds to keep a value a tracker just gave (0: not at all); the outage, if any, is over."""
@@ -368,26 +391,25 @@ class AsyncPathCache(PathCache[V]):
                     del self._flights[key]
 
     async def _fetch_async(self, key: str, flight: _AsyncFlight) -> V:
-        entry = await self._backend_call(self._backend.get, key)
+        entry, version = await self._backend_call(self._watched, key) or (None, _UNSET)
         if entry is not None and self._fresh(entry):
             return entry[0]
         self.lookups += 1
-        started = self._clock()
         try:
             value = await self._async_lookup(key)
         except TrackerUnavailableError as error:
             return self._stale_value(key, await self._backend_call(self._backend.get, key), error)
         keep = self._looked_up(value)
         if keep:
-            await self._backend_call(self._store, flight, key, value, started, keep)
+            await self._backend_call(self._store_unless_invalidated, flight, key, value, keep, version)
             self._report_size()
         return value
 
-    def _store(self, flight: _AsyncFlight, key: str, value: V, started: float, keep: float) -> None:
-        """Keep ``value`` unless the key was invalidated meanwhile (atomic against invalidate())."""
+    def _store_unless_invalidated(self, flight: _AsyncFlight, key: str, value: V, keep: float, version: Any) -> None:
+        """:meth:`_store`, unless the key was invalidated meanwhile (atomic against invalidate())."""
         with flight.lock:
             if not flight.invalidated:
-                self._backend.set(key, value, started, keep)
+                self._store(key, value, keep, version)
 
     async def _backend_call(self, method: Callable[..., T], *args: Any) -> T | None:
         if self._in_process:

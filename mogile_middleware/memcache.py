@@ -8,8 +8,9 @@ entry is signed (HMAC-SHA256), so nobody without the secret can forge one. memca
 be reachable by the application hosts only: whoever can write to it can drop entries.
 
 A key some process changed is not deleted but marked changed, and what a lookup found is stored
-only over nothing newer than the lookup's start (``gets`` and ``cas``): a lookup that raced
-another process's write cannot put the old version back for every process and host.
+only over the entry it saw before it began (memcached's ``gets`` then ``cas``, or ``add`` over
+none): a lookup that raced another process's write cannot put the old version back for every
+process and host.
 """
 
 from __future__ import annotations
@@ -45,18 +46,19 @@ MAX_IDLE_CLIENTS = 32
 
 #: memcached reads a larger expiry as a Unix timestamp, so longer keeps are cut to this (30 days).
 MAX_EXPIRE_SECONDS = 30 * 24 * 3600
-#: An entry stored further ahead of this host's clock than this is invalid: it would stay fresh.
-MAX_CLOCK_AHEAD_SECONDS = 60
+#: An entry stored further ahead of this host's clock than this (a day) is invalid: it would stay
+#: fresh for ever.
+MAX_CLOCK_AHEAD_SECONDS = 24 * 3600
 
-#: How long a changed key's mark stays: longer than any lookup takes (every tracker's connect and
-#: I/O timeouts), so that no lookup that began before the change stores what it found.
-CHANGED_MARK_SECONDS = 300
-#: Nor does a lookup that began less than this after the change: hosts' clocks may differ as much.
-CLOCK_SKEW_SECONDS = 1.0
+#: How long the mark of a changed key stays: longer than a lookup takes (the trackers' connect
+#: and I/O timeouts), so that no lookup begun before the change can store what it found.
+CHANGED_MARK_SECONDS = 30
 #: The version of the entry format, first in every entry.
 FORMAT = 1
 #: In place of a location: the entry marks the key changed at its time (see :meth:`MemcachedBackend.delete`).
 _CHANGED = "changed"
+#: The version :meth:`MemcachedBackend._store` stores over whatever memcached holds.
+_ANY = object()
 _ETAG = re.compile(r"fid-(\d{1,20})|paths-[0-9a-f]{16}")
 #: A replica URL as MogileFS makes them: a device directory and the fid's file, no query or fragment.
 _REPLICA_URL = re.compile(r"http://[^?#]+/dev\d+(?:/\d+)*/0*(\d+)\.fid")
@@ -96,34 +98,48 @@ class MemcachedBackend:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._idle: list[HashClient] = []
+        #: Until when a server marked dead is not asked again for a mark (see :meth:`delete`).
+        self._asked_dead_until: dict[str, float] = {}
 
     def get(self, key: str) -> tuple[Location | None, float] | None:
         """``(location, stored_at)`` for ``key``, or None if memcached holds no valid entry for it
         (or the mark of a change)."""
         with self._client() as client:
             data = client.get(self._memcached_key(key))
-        entry = self._read(key, data)
-        return None if entry is None or entry[0] is _CHANGED else entry  # type: ignore[return-value]
+        return self._entry(key, data)
+
+    def get_versioned(self, key: str) -> tuple[tuple[Location | None, float] | None, bytes | None]:
+        """What :meth:`get` gives, and the version of what memcached holds for ``key`` (its CAS
+        token; None for nothing), which :meth:`set_if_unchanged` must find."""
+        with self._client() as client:
+            data, version = client.gets(self._memcached_key(key)) or (None, None)
+        return self._entry(key, data), version
 
     def set(self, key: str, value: Location | None, stored_at: float, keep_seconds: float) -> None:
-        """Keep ``value`` for ``keep_seconds`` (rounded up to whole seconds, as memcached counts),
-        unless memcached holds something newer than the lookup that began at ``stored_at``: the
-        mark of a change since (any process's :meth:`delete`), or a later lookup's finding. The
-        check and the store are one (memcached's ``gets`` then ``cas``, or ``add``)."""
+        """Keep ``value`` for ``keep_seconds`` (rounded up to whole seconds, as memcached counts)."""
+        self._store(key, value, stored_at, keep_seconds, _ANY)
+
+    def set_if_unchanged(self, key: str, value: Location | None, stored_at: float, keep_seconds: float,
+                         version: bytes | None) -> None:
+        """As :meth:`set`, only if memcached still holds the ``version`` that :meth:`get_versioned`
+        gave before the lookup: not if a process marked the key changed meanwhile, or another
+        lookup stored its finding, or memcached lost the entry."""
+        self._store(key, value, stored_at, keep_seconds, version)
+
+    def _store(self, key: str, value: Location | None, stored_at: float, keep_seconds: float,
+               version: bytes | None | object) -> None:
         if keep_seconds <= 0:
             return  # memcached would read an expiry of 0 as "keep forever"
         expire = min(math.ceil(keep_seconds), MAX_EXPIRE_SECONDS)
         name, data = self._memcached_key(key), self._encode(key, value, stored_at)
         # noreply=False: wait for memcached's answer, so a failed store raises instead of vanishing.
         with self._client() as client:
-            held, token = client.gets(name)
-            if held is None:
+            if version is _ANY:
+                client.set(name, data, expire=expire, noreply=False)
+            elif version is None:
                 client.add(name, data, expire=expire, noreply=False)
-                return
-            entry = self._read(key, held)
-            if entry is not None and entry[1] + (CLOCK_SKEW_SECONDS if entry[0] is _CHANGED else 0) >= stored_at:
-                return
-            client.cas(name, data, token, expire=expire, noreply=False)
+            else:
+                client.cas(name, data, version, expire=expire, noreply=False)
 
     def _encode(self, key: str, value: Location | None | str, stored_at: float) -> bytes:
         if value is not None and value is not _CHANGED and not isinstance(value, Location):
@@ -133,16 +149,17 @@ class MemcachedBackend:
         payload = json.dumps([FORMAT, key, stored_at, located], ensure_ascii=True, separators=(",", ":")).encode()
         return self._signature(payload) + payload
 
-    def _read(self, key: str, data: bytes | None) -> tuple[Location | str | None, float] | None:
-        """The entry ``data`` holds for ``key`` (its location is :data:`_CHANGED` for the mark of a
-        change); None if there is none or it is invalid (logged)."""
+    def _entry(self, key: str, data: bytes | None) -> tuple[Location | None, float] | None:
+        """The entry ``data`` holds for ``key``; None for none, the mark of a change, or an invalid
+        one (logged)."""
         if data is None:
             return None
         try:
-            return self._decode(key, data)
+            entry = self._decode(key, data)
         except InvalidEntry as error:
             log.warning("ignoring an invalid memcached entry for %r: %r", key, str(error))
             return None
+        return None if entry[0] is _CHANGED else entry  # type: ignore[return-value]
 
     def _decode(self, key: str, data: bytes) -> tuple[Location | str | None, float]:
         signature = self._signature(b"")
@@ -173,22 +190,30 @@ class MemcachedBackend:
         the mark of the change, a miss for every reader that no lookup begun before can replace
         (a lookup that began before the change but ended after it would bring the old version
         back for every process and host). A server this process marked dead is asked all the
-        same: it may be back, and a mark not left lets other hosts serve the old version."""
+        same, at most once per :data:`DEAD_SECONDS`: it may be back, and a mark not left lets
+        other hosts serve the old version."""
         name, mark = self._memcached_key(key), self._encode(key, _CHANGED, time.time())
         with self._client() as client:
             try:
                 client.set(name, mark, expire=CHANGED_MARK_SECONDS, noreply=False)
                 return
-            except MemcacheError:
+            except MemcacheError as error:  # the key's server is marked dead
                 if self._given is not None:
                     raise
-        servers = {_node(server): server for server in self.servers}  # the key's server, as HashClient hashes
-        direct = Client(servers[RendezvousHash(list(servers)).get_node(name)], connect_timeout=self.connect_timeout,
-                        timeout=self.timeout, no_delay=True)
+                skipped = error
+        servers = {_node(server): server for server in self.servers}
+        node = RendezvousHash(list(servers)).get_node(name)  # the key's server, as HashClient hashes
+        with self._lock:
+            if time.monotonic() < self._asked_dead_until.get(node, 0.0):
+                raise skipped
+            self._asked_dead_until[node] = time.monotonic() + DEAD_SECONDS
+        direct = Client(servers[node], connect_timeout=self.connect_timeout, timeout=self.timeout, no_delay=True)
         try:
             direct.set(name, mark, expire=CHANGED_MARK_SECONDS, noreply=False)
         finally:
             direct.close()
+        with self._lock:
+            self._asked_dead_until.pop(node, None)  # it is back: the next mark may ask it as well
 
     def _memcached_key(self, key: str) -> str:
         # memcached keys are at most 250 bytes of ASCII without blanks or control characters, while

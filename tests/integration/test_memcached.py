@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pickle
@@ -9,7 +10,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,9 @@ from pymemcache.exceptions import MemcacheError
 from webtest import TestApp
 
 from mogile_middleware import Client
-from mogile_middleware.cache import PathCache, entry_key
+from mogile_middleware.cache import AsyncPathCache, PathCache, entry_key
 from mogile_middleware.devserver import DevMogileFS
-from mogile_middleware.memcache import CLOCK_SKEW_SECONDS, MemcachedBackend
+from mogile_middleware.memcache import MemcachedBackend
 from mogile_middleware.middleware import MogileFSMiddleware
 from mogile_middleware.locate import Location
 
@@ -91,15 +92,21 @@ def test_delete_forgets_a_key(backend: MemcachedBackend) -> None:
     assert backend.get("gone") is None
 
 
-def test_a_lookup_that_began_before_another_processs_change_stores_nothing(backend: MemcachedBackend) -> None:
-    began = time.time()
-    MemcachedBackend(backend.servers).delete("changed")  # another process's write, as the lookup runs
-    backend.set("changed", location(1, "changed"), began, 60)  # what the lookup found: the old version
-    assert backend.get("changed") is None
-    after = time.time() + CLOCK_SKEW_SECONDS + 0.1
-    backend.set("changed", location(2, "changed"), after, 60)  # a lookup that began after the change
-    backend.set("changed", location(1, "changed"), after - 0.05, 60)  # an earlier finding, stored late
-    assert backend.get("changed") == (location(2, "changed"), after)
+def test_a_lookup_stores_its_finding_only_over_the_entry_it_saw(backend: MemcachedBackend) -> None:
+    other_process, key = MemcachedBackend(backend.servers), "versioned"
+    old, new = location(1, key), location(2, key)
+    for before in (lambda: None, lambda: backend.set(key, old, time.time(), 60)):  # no entry, or one
+        before()
+        _, version = backend.get_versioned(key)
+        other_process.delete(key)  # a write elsewhere, as the lookup runs
+        backend.set_if_unchanged(key, old, time.time(), 60, version)  # what the lookup found: the old version
+        assert backend.get(key) is None  # the mark of the change: a miss for everyone
+    seen, version = backend.get_versioned(key)  # a lookup that began after the change
+    assert seen is None and version is not None
+    backend.set_if_unchanged(key, new, time.time(), 60, version)
+    assert backend.get(key)[0] == new  # type: ignore[index]
+    other_process.set_if_unchanged(key, old, time.time(), 60, version)  # over a finding stored meanwhile: no
+    assert backend.get(key)[0] == new  # type: ignore[index]
 
 
 def test_a_worker_never_brings_back_the_version_a_writer_replaced(devmogile: DevMogileFS,
@@ -133,6 +140,42 @@ def test_a_worker_never_brings_back_the_version_a_writer_replaced(devmogile: Dev
     assert other_worker.get(entry_key(DOMAIN, "raced.txt")).etag == f"fid-{reader.file_info('raced.txt').fid}"
     assert other_worker.lookups == 1  # a miss: worker A stored nothing
     assert worker_a.get(entry_key(DOMAIN, "raced.txt")) == other_worker.get(entry_key(DOMAIN, "raced.txt"))
+
+
+def test_the_lookup_after_a_change_is_stored_at_once(backend: MemcachedBackend) -> None:
+    """A change marks the key; the first lookup after it replaces the mark, for every process."""
+    key, found = "after-change", iter([location(1, "after-change"), location(2, "after-change")])
+    cache = PathCache(lambda _: next(found), backend=backend, ttl_seconds=60)
+    async_cache = AsyncPathCache(_async(lambda _: location(3, key)), backend=MemcachedBackend(backend.servers),
+                                 ttl_seconds=60)
+    assert cache.get(key) == location(1, key)
+    cache.invalidate(key)  # a write through this process's client, or replicas that failed
+    assert [cache.get(key) for _ in range(3)] == [location(2, key)] * 3 and cache.lookups == 2
+    assert asyncio.run(async_cache.get(key)) == location(2, key) and async_cache.lookups == 0
+    async_cache.invalidate(key)
+    assert [asyncio.run(async_cache.get(key)) for _ in range(3)] == [location(3, key)] * 3
+    assert async_cache.lookups == 1 and cache.get(key) == location(3, key) and cache.lookups == 2
+
+
+def _async(lookup: Callable[[str], Location]) -> Callable[[str], Awaitable[Location]]:
+    async def looked_up(key: str) -> Location:
+        return lookup(key)
+    return looked_up
+
+
+def test_a_mark_asks_a_server_taken_for_dead_once_per_dead_time(memcached: MemcachedServer) -> None:
+    backend = MemcachedBackend(memcached.address, timeout=0.3)
+    os.kill(memcached.process.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(DOWN):
+            backend.get("k")  # a timeout: marked dead
+        for waited in (0.25, 0.0, 0.0):  # the server asked once all the same, then skipped
+            started = time.monotonic()
+            with pytest.raises(DOWN):
+                backend.delete("k")
+            assert waited <= time.monotonic() - started < waited + 0.2
+    finally:
+        os.kill(memcached.process.pid, signal.SIGCONT)
 
 
 def test_keys_memcached_could_not_hold_work_and_stay_distinct(backend: MemcachedBackend) -> None:
@@ -247,7 +290,7 @@ RAN = Path("/tmp/mogile-memcached-pickle-ran")
     pytest.param(lambda: b"\x80garbage", id="garbage"),
     # Times at which an entry would never grow old: "no such key" for ever.
     pytest.param(lambda: b'[1, "k", 1e400, null]', id="stored-at-infinity"),
-    pytest.param(lambda: json.dumps([1, "k", time.time() + 3600, None]).encode(), id="stored-in-an-hour"),
+    pytest.param(lambda: json.dumps([1, "k", time.time() + 2 * 86400, None]).encode(), id="stored-in-two-days"),
     pytest.param(lambda: b'[1, "k", 1' + b"0" * 400 + b", null]", id="stored-at-a-time-no-float-holds"),
     pytest.param(lambda: b"[" * 100_000 + b"]" * 100_000, id="nested-deeper-than-the-parser-goes"),
 ])
