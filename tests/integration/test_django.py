@@ -29,6 +29,7 @@ from django.core.management import call_command
 from django.core.wsgi import get_wsgi_application
 from django.db.migrations.writer import MigrationWriter
 from django.test import override_settings
+from django.urls import clear_script_prefix, set_script_prefix
 from django.utils.module_loading import import_string
 from integration._gunicorn import run_uvicorn
 from integration._memcached import start_memcached
@@ -209,6 +210,21 @@ def test_names_with_control_characters_are_refused_as_the_middleware_would_not_s
         with pytest.raises(SuspiciousFileOperation, match="control characters"):
             storage.save(name, ContentFile(b"x"))
     assert list(get_client().keys("")) == []
+
+
+def test_a_relative_media_url_links_and_serves_below_the_script_prefix(mogile: DevMogileFS) -> None:
+    """As Django reads a relative MEDIA_URL: a site under /app (SCRIPT_NAME, FORCE_SCRIPT_NAME or
+    ASGI's root_path) links its files at /app/media/..., and serves them there."""
+    name = MogileFSStorage().save("sub/path.txt", ContentFile(b"below the script prefix"))
+    with with_settings(MOGILEFS_MEDIA_URL="media/"):
+        set_script_prefix("/app/")  # what Django's handler does for a request under /app
+        try:
+            assert MogileFSStorage().url(name) == "/app/media/sub/path.txt"
+        finally:
+            clear_script_prefix()
+        assert MogileFSStorage().url(name) == "/media/sub/path.txt"  # a site at the root
+        site = TestApp(wrap_wsgi(get_wsgi_application()), extra_environ={"SCRIPT_NAME": "/app"})
+        assert site.get("/media/sub/path.txt").body == b"below the script prefix"  # the URL /app/media/...
 
 
 @pytest.mark.parametrize("allow_overwrite", [False, True])
@@ -639,7 +655,7 @@ SETTINGS_ERRORS = [
     pytest.param("MOGILEFS_TRACKERS", ["127.0.0.1:port"], _wrap, id="trackers-bad-port"),
     pytest.param("MOGILEFS_TRACKERS", 7001, lambda: MogileFSStorage().exists("a"), id="trackers-number-storage"),
     pytest.param("MOGILEFS_MEDIA_URL", MISSING, _wrap, id="media-url-missing"),
-    pytest.param("MOGILEFS_MEDIA_URL", "media/", _wrap, id="media-url-relative"),
+    pytest.param("MOGILEFS_MEDIA_URL", "media/?v=2/", _wrap, id="media-url-query"),
     pytest.param("MOGILEFS_MEDIA_URL", "/media", lambda: MogileFSStorage().url("a"), id="media-url-no-slash-storage"),
     pytest.param("MOGILEFS_REPROXY", "apache", _wrap, id="reproxy-unknown"),
     pytest.param("SERVE_WITH_PERLBAL", "yes", _wrap, id="perlbal-not-bool"),
@@ -676,7 +692,7 @@ STORAGE_OPTION_ERRORS = [
     pytest.param({"mogile_class": ""}, "'mogile_class'", id="class-empty"),
     pytest.param({"domain": 5}, "'domain'", id="domain-number"),
     pytest.param({"trackers": "tracker:port"}, "'trackers'", id="trackers-bad"),
-    pytest.param({"media_url": "media/"}, "'media_url'", id="media-url-relative"),
+    pytest.param({"media_url": "media"}, "'media_url'", id="media-url-no-slash"),
     pytest.param({"allow_overwrite": "yes"}, "'allow_overwrite'", id="overwrite-not-bool"),
 ]
 

@@ -78,10 +78,19 @@ def tracker_addresses(value: object) -> tuple[Address, ...]:
 
 
 def url_prefix(value: object) -> str:
-    """A URL ending with ``/`` whose path is absolute: ``"/media/"`` or ``"https://cdn.example/media/"``."""
-    if not isinstance(value, str) or not urlsplit(value).path.startswith("/") or not value.endswith("/"):
-        raise ValueError(f'expected a URL path starting and ending with "/" (e.g. "/media/"), got {value!r}')
-    return value
+    """A URL ending with ``/``: ``"/media/"``, ``"https://cdn.example/media/"``, or, as Django's
+    ``MEDIA_URL`` may be, a path relative to the site's script prefix: ``"media/"``."""
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if (parts is None or not value.endswith("/") or parts.query or parts.fragment  # type: ignore[union-attr]
+            or not (parts.path.startswith("/") or not (parts.scheme or parts.netloc or value.startswith("/")))):
+        raise ValueError(f'expected a URL path ending with "/" (e.g. "/media/" or "media/"), got {value!r}')
+    return value  # type: ignore[return-value]
+
+
+def script_relative(media_url: str) -> bool:
+    """True for a media URL below the site's script prefix (``"media/"``), as Django reads a
+    relative ``MEDIA_URL``: its links start with ``SCRIPT_NAME`` (or ``FORCE_SCRIPT_NAME``)."""
+    return not urlsplit(media_url).path.startswith("/")
 
 
 def _required(name: str) -> Any:
@@ -243,7 +252,8 @@ def middleware_options() -> dict[str, Any]:
             "MOGILEFS_MIDDLEWARE_OPTIONS: 'cache_backend' and MOGILEFS_MEMCACHED_SERVERS both choose the path cache; "
             "set one of them"
         )
-    options = {**options, "prefix": urlsplit(media_url()).path, "reproxy": reproxy()}
+    path = urlsplit(media_url()).path
+    options = {**options, "prefix": "/" + path if script_relative(path) else path, "reproxy": reproxy()}
     if "storage_timeout" in client_options():  # serve mode reads storage nodes as the clients do
         options.setdefault("storage_timeout", client_options()["storage_timeout"])
     for name, (argument, check) in _OPTIONAL.items():

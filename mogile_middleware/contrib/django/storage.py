@@ -15,6 +15,7 @@ import django
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files import File
 from django.core.files.storage import Storage
+from django.urls import get_script_prefix
 from django.utils.deconstruct import deconstructible
 from django.utils.encoding import filepath_to_uri
 
@@ -213,6 +214,8 @@ class MogileFSStorage(Storage):
         """The media URL followed by the name, percent-encoded as UTF-8; with ``MOGILEFS_SIGNING_KEY``,
         signed for ``MOGILEFS_URL_EXPIRES`` seconds (as django-storages' S3 ``querystring_auth``)."""
         media_url = self._media_url or conf.media_url()
+        if conf.script_relative(media_url):  # as Django's relative MEDIA_URL: below the request's script prefix
+            media_url = get_script_prefix() + media_url
         path = filepath_to_uri(name or "").lstrip("/")  # None: the media URL, as FileSystemStorage gives
         secrets, expires_in = conf.signing_key(), conf.url_expires()  # both checked, even when unsigned
         if secrets is None or not path:
