@@ -13,12 +13,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
 
 #: The only query a signed URL has.
-_QUERY = re.compile(r"expires=([0-9]{1,12})&signature=([A-Za-z0-9_-]{43})")
+_QUERY = re.compile(r"expires=([1-9][0-9]{0,11})&signature=([A-Za-z0-9_-]{43})")  # one spelling per time
+#: The latest expiry (Unix time) the query holds: 12 digits.
+LATEST_EXPIRY = 10**12 - 1
 #: Signatures of this scheme never verify under another.
 _SCHEME = b"mogile_middleware signed URL v1\n"
 
@@ -46,9 +49,12 @@ class URLSigner:
 
     def query(self, key: str, expires_in: float) -> str:
         """The query string that opens the path ``key`` for ``expires_in`` seconds from now."""
-        if not expires_in > 0:
+        if not 0 < expires_in < math.inf:
             raise ValueError(f"expires_in must be a number of seconds > 0, not {expires_in!r}")
-        expires = int(self._clock() + expires_in)
+        expires = math.ceil(self._clock() + expires_in)  # whole seconds, never shorter than asked
+        if expires > LATEST_EXPIRY:
+            raise ValueError(f"expires_in {expires_in!r} ends after the latest time a signed URL holds "
+                             f"({LATEST_EXPIRY})")
         return f"expires={expires}&signature={self._signature(self._secrets[0], key, expires)}"
 
     def refusal(self, key: str, query: str) -> str | None:

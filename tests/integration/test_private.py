@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import socket
 import string
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -113,6 +114,18 @@ def assert_refused(answer: Answer, reason: str | None = None) -> None:
     assert not any(content in answer.body for content in FILES.values())
     if reason:
         assert reason.encode() in answer.body
+
+
+def test_a_signed_url_lasts_at_least_what_was_asked_and_has_one_spelling() -> None:
+    url_signer = signer(clock=1_800_000_000.6)
+    query = url_signer.query("a.txt", 0.3)  # within the same second: not expired when made
+    assert query.startswith("expires=1800000001&") and url_signer.refusal("a.txt", query) is None
+    assert url_signer.refusal("a.txt", query.replace("expires=", "expires=0")) is not None  # the same time, spelt again
+    with pytest.raises(ValueError, match="latest time a signed URL holds"):
+        url_signer.query("a.txt", 1e12)  # a URL nothing would verify
+    for never in (0, -1, math.inf, math.nan):
+        with pytest.raises(ValueError, match="expires_in"):
+            url_signer.query("a.txt", never)
 
 
 def test_url_for_signs_as_the_middleware_checks() -> None:
