@@ -152,7 +152,8 @@ class MiddlewareCore:
             raise ValueError(f"reproxy must be one of {REPROXY_MODES}, not {reproxy!r}")
         _refuse_unusable(cache_control=cache_control, charset=charset, nginx_location=nginx_location,
                          perlbal_cache_seconds=perlbal_cache_seconds, retry_after_seconds=retry_after_seconds,
-                         path_cache_entries=path_cache_entries)
+                         path_cache_entries=path_cache_entries, body_cache_bytes=body_cache_bytes,
+                         body_cache_file_bytes=body_cache_file_bytes)
         for name, seconds in [("path_cache_seconds", path_cache_seconds), ("missing_seconds", missing_seconds),
                               ("replicating_seconds", replicating_seconds), ("stale_seconds", stale_seconds)]:
             checked_seconds(name, seconds, zero=True)
@@ -318,7 +319,8 @@ class MiddlewareCore:
 
 
 def _refuse_unusable(*, cache_control: object, charset: object, nginx_location: object,
-                     perlbal_cache_seconds: object, retry_after_seconds: object, path_cache_entries: object) -> None:
+                     perlbal_cache_seconds: object, retry_after_seconds: object, path_cache_entries: object,
+                     body_cache_bytes: object, body_cache_file_bytes: object) -> None:
     """Raise ValueError naming the first option no request could use: a header value that is not
     printable ASCII (a line break would end the header), a location nginx would not take, a
     count below what it counts."""
@@ -334,6 +336,9 @@ def _refuse_unusable(*, cache_control: object, charset: object, nginx_location: 
         ("retry_after_seconds", retry_after_seconds, _is_count(retry_after_seconds, 0),
          "a whole number of seconds >= 0"),
         ("path_cache_entries", path_cache_entries, _is_count(path_cache_entries, 1), "a whole number >= 1"),
+        ("body_cache_bytes", body_cache_bytes, _is_count(body_cache_bytes, 0), "a whole number of bytes >= 0"),
+        ("body_cache_file_bytes", body_cache_file_bytes, _is_count(body_cache_file_bytes, 0),
+         "a whole number of bytes >= 0"),  # checked even while body_cache_bytes keeps the cache off
     ]
     for name, value, valid, expected in checks:
         if not valid:

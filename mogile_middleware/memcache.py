@@ -281,7 +281,7 @@ def _server(spec: str) -> tuple[str, int] | str:
         server = normalize_server_spec(spec)
     except ValueError:
         server = None
-    if server is None or isinstance(server, tuple) and not 0 < server[1] < 65536:
+    if server is None or isinstance(server, tuple) and not (server[0] and 0 < server[1] < 65536):
         raise ValueError(f"memcached server {spec!r} is not host:port or a unix socket path")
     return server
 

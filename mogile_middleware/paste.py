@@ -62,6 +62,8 @@ def _callable(value: str) -> Callable[..., Any]:
 def _memcached(servers: list[str] | None, secret: str | None) -> MemcachedBackend | None:
     """A shared path cache in memcached on ``host:port`` ``servers``; none: the in-process cache."""
     if not servers:
+        if secret:
+            raise ValueError("memcached_secret signs the entries of memcached_servers, which is not set")
         return None
     try:
         from .memcache import MemcachedBackend  # pymemcache is an optional extra

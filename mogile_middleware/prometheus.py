@@ -145,6 +145,9 @@ class MetricsEndpoint:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("PATH_INFO") == self.path:
+            if environ.get("REQUEST_METHOD") == "HEAD":  # a GET's headers, without the body (RFC 9110 9.3.2)
+                self._exposition({**environ, "REQUEST_METHOD": "GET"}, start_response)
+                return []
             return self._exposition(environ, start_response)
         return self.app(environ, start_response)
 
@@ -161,6 +164,9 @@ def filter_factory(global_conf: dict[str, str], **local_conf: str) -> Any:
 
 def _metrics_path(path: object) -> str:
     """``path`` if a request can ask for it (``/metrics``); a ValueError naming it otherwise."""
-    if not isinstance(path, str) or not path.startswith("/") or not path.isprintable() or " " in path:
+    # A query or a fragment is never part of a request's path; a non-ASCII one would have to match
+    # the UTF-8 a client sends as PATH_INFO's latin-1.
+    if not isinstance(path, str) or not path.startswith("/") or not path.isascii() or not path.isprintable() \
+            or any(character in path for character in " ?#"):
         raise ValueError(f"the metrics path must be a URL path such as '/metrics', not {path!r}")
     return path

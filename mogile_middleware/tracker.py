@@ -17,7 +17,9 @@ one (:mod:`mogile_middleware.async_tracker`) share one copy of it.
 from __future__ import annotations
 
 import io
+import ipaddress
 import os
+import re
 import socket
 import threading
 import time
@@ -43,19 +45,36 @@ IDEMPOTENT_COMMANDS = frozenset(
 
 #: The port of a tracker given without one: mogilefsd's.
 DEFAULT_PORT = 7001
+#: A host name or an IPv4 address: letters, digits, dots, hyphens and underscores.
+_HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def parse_address(tracker: str | Address) -> Address:
-    """``"host:port"`` (or ``"host"``, port 7001; ``"[::1]:7001"``) as a ``(host, port)`` pair."""
+    """``"host:port"`` (or ``"host"``, port 7001; ``"[::1]:7001"``, or ``"::1"`` with no port) as a
+    ``(host, port)`` pair; a ValueError for anything else (a URL, two addresses run together)."""
     if isinstance(tracker, tuple):
         host, port = tracker[0], str(tracker[1])
     else:
-        host, sep, port = tracker.strip().rpartition(":")
-        if not sep or host.endswith(":") and not host.startswith("["):
-            host, port = tracker.strip(), str(DEFAULT_PORT)
-    if not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:  # "/": a URL, not an address
+        text = tracker.strip()
+        if text.count(":") > 1 and not text.startswith("["):  # an IPv6 address: its colons are its own
+            host, port = text, str(DEFAULT_PORT)
+        else:
+            host, sep, port = text.rpartition(":") if not text.endswith("]") else ("", "", "")
+            if not sep:
+                host, port = text, str(DEFAULT_PORT)
+    bracketed = host.startswith("[") and host.endswith("]")
+    name = host[1:-1] if bracketed else host
+    named = _is_ipv6(name) if bracketed else bool(_HOST_NAME.fullmatch(name)) or _is_ipv6(name)
+    if not port.isdigit() or not 0 < int(port) < 65536 or not named:
         raise ValueError(f"tracker address {tracker!r} is not host:port")
-    return host.strip("[]"), int(port)
+    return name, int(port)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address)
+    except ValueError:
+        return False
 
 
 def parse_trackers(trackers: str | Iterable[str | Address]) -> list[Address]:

@@ -676,6 +676,7 @@ SETTINGS_ERRORS = [
     pytest.param("MOGILEFS_SIGNING_KEY", 42, lambda: MogileFSStorage().url("a"), id="signing-key-number-storage"),
     pytest.param("MOGILEFS_URL_EXPIRES", -5, lambda: MogileFSStorage().url("a"), id="url-expires-negative"),
     pytest.param("MOGILEFS_MEMCACHED_SERVERS", 11211, _wrap, id="memcached-number"),
+    pytest.param("MOGILEFS_MEMCACHED_SECRET", "s3cret", _wrap, id="memcached-secret-without-servers"),
     pytest.param("MOGILEFS_MEMCACHED_SERVERS", ["127.0.0.1:port"], lambda: MogileFSStorage().exists("a"),
                  id="memcached-bad-port-storage"),
 ]

@@ -226,6 +226,16 @@ def test_gunicorn_with_two_workers_sums_both_in_every_scrape(devmogile: DevMogil
         assert samples[("mogile_middleware_requests_total", (("mode", "serve"), ("status", "200")))] == requests + 1
 
 
+def test_the_metrics_filter_answers_head_as_get_without_the_body(counts: Counts) -> None:
+    from webtest import TestApp
+
+    from mogile_middleware.prometheus import MetricsEndpoint
+
+    app = TestApp(MetricsEndpoint(lambda environ, start_response: []))
+    got, head = app.get("/metrics"), app.head("/metrics")
+    assert head.status_int == 200 and head.body == b"" and head.headers["Content-Type"] == got.headers["Content-Type"]
+
+
 def test_the_django_view_answers_with_the_metrics(devmogile: DevMogileFS, counts: Counts) -> None:
     pytest.importorskip("django")
     from django.conf import settings
@@ -245,8 +255,9 @@ def test_the_django_view_answers_with_the_metrics(devmogile: DevMogileFS, counts
     assert "mogile_middleware_requests" in names
 
 
-@pytest.mark.parametrize(("options", "named"), [({"path": "metrics"}, "'metrics'"), ({"path": ""}, "''"),
-                                                ({"path": "/metrics", "port": "9101"}, "port")])
+@pytest.mark.parametrize(("options", "named"), [
+    ({"path": "metrics"}, "'metrics'"), ({"path": ""}, "''"), ({"path": "/metrics", "port": "9101"}, "port"),
+    ({"path": "/metrics?x=1"}, "x=1"), ({"path": "/métrics"}, "'/métrics'")])
 def test_the_metrics_filter_refuses_at_load_what_no_request_could_reach(options: dict[str, str], named: str) -> None:
     from mogile_middleware.prometheus import filter_factory
 

@@ -99,6 +99,12 @@ GOOD = "domain = media\ntrackers = 127.0.0.1:7001"
                      id="signing-and-perlbal-cache"),
         pytest.param(GOOD + "\nprefix =", r"option prefix: give a URL path", id="empty-prefix"),
         pytest.param(GOOD + "\nstorage_timeout = inf", r"storage_timeout .*inf", id="infinite-timeout"),
+        pytest.param(GOOD + "\nmemcached_secret = s3cret", r"memcached_secret .* memcached_servers, which is not set",
+                     id="secret-without-memcached"),
+        pytest.param(GOOD + "\nmemcached_servers = :11211", r"':11211'", id="memcached-without-host"),
+        pytest.param(GOOD + "\nbody_cache_file_bytes = -1", r"body_cache_file_bytes", id="negative-body-file-size"),
+        pytest.param("domain = media\ntrackers = 10.0.0.1:7001;10.0.0.2:7001", r"option trackers: .*10\.0\.0\.1:7001;",
+                     id="trackers-run-together"),
     ],
 )
 def test_a_bad_configuration_fails_at_load_time_naming_the_option(tmp_path: Path, options: str, message: str) -> None:

@@ -255,10 +255,20 @@ def test_a_forked_child_opens_its_own_connection(tracker: ScriptedTracker) -> No
         ("10.0.0.1:7001", ("10.0.0.1", 7001)),
         ("tracker", ("tracker", 7001)),
         ("[::1]:7002", ("::1", 7002)),
+        ("fe80::1:2", ("fe80::1:2", 7001)),  # a bare IPv6 address has no port: its colons are its own
+        ("tracker-1.example_site.com:7002", ("tracker-1.example_site.com", 7002)),
     ],
 )
 def test_tracker_addresses(text: str, expected: tuple[str, int]) -> None:
     assert parse_address(text) == expected
+
+
+@pytest.mark.parametrize("text", ["10.0.0.1:7001;10.0.0.2:7001", "10.0.0.1:7001:7002", "http://tracker:7001",
+                                  "[tracker]:7001", "tracker:0", ":7001", "a b:7001"])
+def test_a_tracker_address_that_names_no_host_and_port_is_refused(text: str) -> None:
+    """Two addresses run together would otherwise load, and then answer every request with a 503."""
+    with pytest.raises(ValueError, match="not host:port"):
+        parse_address(text)
 
 
 def test_tracker_lists() -> None:

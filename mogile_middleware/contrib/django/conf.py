@@ -125,6 +125,9 @@ def memcached_backend(servers: tuple[str, ...]) -> MemcachedBackend | None:
     """The shared path cache on ``servers`` (from :func:`memcached_servers`), signed with
     ``MOGILEFS_MEMCACHED_SECRET`` when set, or None for none."""
     if not servers:
+        if getattr(settings, "MOGILEFS_MEMCACHED_SECRET", None) is not None:
+            raise ImproperlyConfigured("MOGILEFS_MEMCACHED_SECRET signs the entries of MOGILEFS_MEMCACHED_SERVERS, "
+                                       "which is not set")
         return None
     try:
         from ...memcache import MemcachedBackend  # pymemcache is an optional extra
