@@ -224,6 +224,10 @@ def test_head_sends_the_headers_only(through: Stack) -> None:
     assert (answer.status, answer.length) == (200, 0)
     assert answer.headers["Content-Length"] == "1048583"
     assert answer.headers["Content-Type"] == "video/mp4"
+    # A HEAD has no range (RFC 9110 14.2): the GET's 200 head, not the node's 206.
+    ranged = through.get("/mogilefs/sizes/1048583.mp4", {"Range": "bytes=0-9"}, method="HEAD")
+    assert (ranged.status, ranged.length, ranged.headers.get_all("Content-Length")) == (200, 0, ["1048583"])
+    assert "Content-Range" not in ranged.headers
 
 
 @pytest.mark.parametrize(("first", "last"), [(0, 9), (65_530, 65_536)])
