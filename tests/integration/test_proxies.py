@@ -316,6 +316,19 @@ def test_a_stopped_first_replica_is_skipped(server: str, front: str, devmogile: 
         assert reproxy_ports(stack, "/mogilefs/photos/1.jpg") == ports
 
 
+def test_perlbal_passes_over_a_truncated_replica_for_a_range_too(server: str, devmogile: DevMogileFS,
+                                                                 tmp_path: Path) -> None:
+    """The middleware tells Perlbal the size of the part a range asks for, so a short replica (a
+    truncated .fid file) is passed over as it is for a whole-file GET."""
+    Client(DOMAIN, devmogile.trackers).store_content("photos/3.jpg", PHOTO, cls="avatar")
+    with serving(devmogile, server, "perlbal", tmp_path) as stack:
+        first_url = stack.direct("/mogilefs/photos/3.jpg").headers["X-REPROXY-URL"].split()[0]
+        node = next(node for node in devmogile.nodes if node.port == urlsplit(first_url).port)
+        (node.docroot / urlsplit(first_url).path.lstrip("/")).write_bytes(PHOTO[:20])
+        ranged = stack.get("/mogilefs/photos/3.jpg", {"Range": "bytes=10-40"})
+        assert (ranged.status, ranged.start) == (206, PHOTO[10:41])
+
+
 def test_perlbal_answers_cached_keys_without_the_application(server: str, devmogile: DevMogileFS,
                                                             tmp_path: Path) -> None:
     Client(DOMAIN, devmogile.trackers).store_content("photos/2.jpg", PHOTO, cls="avatar")
