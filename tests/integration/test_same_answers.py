@@ -40,7 +40,7 @@ HEADERS = (
     (), ("Range: bytes=0-0",), ("Range: bytes=1-1",), ("Range: bytes=-1",), ("Range: bytes=0-",),
     ("Range: bytes=-0",), ("Range: bytes=5-2",), ("Range: bytes=abc",), ("Range: bytes=0-1,2-3",),
     ("Range: bytes=-99999",), ("Range: bytes=99999999999999999999-",), ("Range: items=0-1",),
-    ("Range: BYTES=0-1",), ("Range: bytes=0-1", "Range: bytes=2-3"),
+    ("Range: BYTES=0-1",), ("Range: bytes=0-1", "Range: bytes=2-3"), ("Range: bytes=" + "9" * 5000 + "-",),
     ("If-None-Match: *",), ("If-None-Match: ETAG",), ('If-None-Match: "other"',), ("If-None-Match: W/ETAG, *",),
     ("If-Match: ETAG",), ('If-Match: "other"',), ("If-Match: *",),
     ("If-Range: ETAG", "Range: bytes=0-1"), ('If-Range: "other"', "Range: bytes=0-1"),
@@ -155,3 +155,4 @@ def test_both_servers_give_the_same_answers(mogile: DevMogileFS, configuration: 
                 differences.append(f"{request}:\n  gunicorn {wsgi}\n  {asgi_server}  {asgi}")
     assert not differences, "\n".join(differences)
     assert statuses <= seen, f"the corpus no longer reaches {statuses - seen}"
+    assert 500 not in seen
