@@ -255,7 +255,7 @@ class PathCache(Generic[V]):
 
     def _watched(self, key: str) -> tuple[tuple[Any, float] | None, Any]:
         """The entry of ``key`` before a lookup, and the version a store after it must find: from
-        a backend without versions :data:`_UNVERSIONED`; ``None`` when it cannot be read (the
+        a backend without versions :data:`_UNVERSIONED`; :data:`_UNSET` when it cannot be read (the
         lookup's value is then not stored)."""
         get_versioned = getattr(self._backend, "get_versioned", None)
         if get_versioned is None:

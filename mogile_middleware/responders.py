@@ -170,9 +170,9 @@ class PerlbalReproxy(Reproxy):
         range of a known length (else none: a node that sends another length is not refused); with
         the fallback URL of ``target`` last, when it can go into the header."""
         if range_header is not None:
-            expected = [header for header in headers if header[0] == "X-REPROXY-EXPECTED-SIZE"]
+            sized = any(name == "X-REPROXY-EXPECTED-SIZE" for name, _ in headers)  # a known length, no fallback
             headers = [header for header in headers if header[0] != "X-REPROXY-EXPECTED-SIZE"]
-            part = http.byte_range(range_header, location.length) if expected and location.length is not None else None
+            part = http.byte_range(range_header, location.length) if sized and location.length is not None else None
             if isinstance(part, tuple):
                 headers.append(("X-REPROXY-EXPECTED-SIZE", str(part[1] - part[0] + 1)))
         if target and _URL_SAFE.fullmatch(target):
