@@ -124,9 +124,9 @@ class MogileFSMiddleware(MiddlewareCore):
     async def _send(self, answer: Answer | Streamed, send: Send, receive: Receive, scope: Scope) -> None:
         if isinstance(answer, Answer):
             metrics.recorder.request(answer.reproxy or "serve", answer.status)
+            status, headers = self._encoded_answers.start(answer)
             # A copy: a server may change the list it gets, and the encoded list is kept.
-            await send({"type": "http.response.start", "status": int(answer.status[:3]),
-                        "headers": self._encoded_answers.headers(answer).copy()})
+            await send({"type": "http.response.start", "status": status, "headers": headers.copy()})
             # HEAD: a GET's headers, no body (a reproxy answer has none to begin with).
             body = answer.body and (b"" if scope["method"] == "HEAD" else answer.body)
             await send({"type": "http.response.body", "body": body})
@@ -250,9 +250,11 @@ def _path_info(scope: Scope) -> str:
     """The path as WSGI's ``PATH_INFO`` has it (percent-decoded bytes as latin-1), below ``root_path``."""
     raw = scope.get("raw_path")
     if raw:
-        if b"#" in raw or b"?" in raw:  # a fragment, which some servers keep (no client should send one)
-            raw = raw.split(b"#", 1)[0].split(b"?", 1)[0]
-        path = (unquote_to_bytes(raw) if b"%" in raw else raw).decode("latin-1")
+        path = raw.decode("latin-1")  # then searched as text: faster than bytes for short paths
+        if "#" in path or "?" in path:  # a fragment, which some servers keep (no client should send one)
+            path = path.partition("#")[0].partition("?")[0]
+        if "%" in path:
+            path = unquote_to_bytes(path.encode("latin-1")).decode("latin-1")
     else:
         path = scope["path"].partition("#")[0].encode("utf-8", "surrogateescape").decode("latin-1")
     if not path.startswith("/"):
@@ -304,15 +306,16 @@ class _EncodedAnswers:
 
     def __init__(self, max_entries: int = 4096) -> None:
         self._max_entries = max_entries
-        self._entries: dict[int, tuple[Answer, list[tuple[bytes, bytes]]]] = {}
+        self._entries: dict[int, tuple[Answer, int, list[tuple[bytes, bytes]]]] = {}
 
-    def headers(self, answer: Answer) -> list[tuple[bytes, bytes]]:
+    def start(self, answer: Answer) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """The status code and the encoded headers of ``answer``."""
         entry = self._entries.get(id(answer))
         if entry is None or entry[0] is not answer:  # the answer itself is held: its id is not reused
             if len(self._entries) >= self._max_entries:
                 self._entries.pop(next(iter(self._entries)))
-            entry = self._entries[id(answer)] = (answer, _encoded(answer.headers))
-        return entry[1]
+            entry = self._entries[id(answer)] = (answer, int(answer.status[:3]), _encoded(answer.headers))
+        return entry[1], entry[2]
 
 
 async def _allows(authorize: Callable[[Scope, str], Any], scope: Scope, key: str) -> bool:

@@ -280,7 +280,7 @@ class MiddlewareCore:
 
     def _key(self, path: str) -> str | Answer:
         """The key for the (decoded) URL path after the prefix, or the 404 or 400 answer for a bad one."""
-        if not CONTROL_CHARACTERS.isdisjoint(path):
+        if not path.isprintable() and not CONTROL_CHARACTERS.isdisjoint(path):  # printable: none (fast)
             return _CONTROL
         if self.key_for_path is not None:
             path = self.key_for_path(path)  # type: ignore[assignment]

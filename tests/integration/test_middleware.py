@@ -198,6 +198,7 @@ def test_unknown_and_empty_keys_get_404(devmogile: DevMogileFS, path: str) -> No
         pytest.param("/mogilefs/a%0D%0Ab", id="crlf"),
         pytest.param("/mogilefs/a%1Bb", id="escape"),
         pytest.param("/mogilefs/a%7Fb", id="del"),
+        pytest.param("/mogilefs/caf%C3%A9%01", id="after-utf8"),
         pytest.param("/mogilefs/caf%E9", id="latin-1"),
         pytest.param("/mogilefs/%FF%FE", id="invalid-utf8"),
         pytest.param("/mogilefs/" + "k" * 256, id="256-bytes"),
@@ -209,6 +210,14 @@ def test_bad_keys_get_400_without_a_tracker_call(devmogile: DevMogileFS, raw_pat
     response = app.get(raw_path, status=400)
     assert b"Traceback" not in response.body
     assert counting.get_paths_calls == 0
+
+
+@pytest.mark.parametrize("key", ["no\u00a0break", "line\u2028separator", "soft\u00adhyphen", "\u200b"])
+def test_keys_of_unprintable_text_without_control_characters_are_served(devmogile: DevMogileFS, client: Client,
+                                                                         key: str) -> None:
+    client.store_content(key, BODY, cls="thumb")
+    app, _, _ = make(devmogile)
+    assert app.get(url(key)).body == BODY
 
 
 def test_a_255_byte_key_is_served(devmogile: DevMogileFS, client: Client) -> None:
