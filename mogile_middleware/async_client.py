@@ -13,6 +13,7 @@ over :class:`~mogile_middleware.async_tracker.AsyncTrackerPool` and
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 from collections.abc import AsyncIterable, AsyncIterator
@@ -21,6 +22,7 @@ from typing import BinaryIO, Union
 from . import metrics
 from .async_storage import CHUNK_SIZE, AsyncPutStream, AsyncReplicaResponse, close_idle_connections, open_replica
 from .async_tracker import AsyncTrackerPool
+from .cache import CacheBackend
 from .client import (
     ClientBase,
     FileInfo,
@@ -62,7 +64,9 @@ class AsyncClient(ClientBase):
 
     The arguments are :class:`~mogile_middleware.client.Client`'s, with an
     :class:`~mogile_middleware.async_tracker.AsyncTrackerPool` as ``pool``. Change listeners are
-    plain functions, called in the event loop.
+    plain functions, called in the event loop, or coroutine functions, awaited: a call that
+    changes a key returns once every listener is done with it (the shared cache's runs in a
+    thread, so that the event loop never waits on it).
     """
 
     pool_class = AsyncTrackerPool
@@ -72,7 +76,19 @@ class AsyncClient(ClientBase):
         try:
             return (await self.pool.request(request.command, self._args(request)))[0]
         finally:
-            self._changed(*request.changes)
+            if request.changes:
+                await self._tell(*request.changes)
+
+    async def _tell(self, *keys: str) -> None:
+        """:meth:`_changed`, with what the coroutine function listeners started awaited to the end,
+        also when this task is cancelled meanwhile."""
+        started = self._changed(*keys)
+        if started:
+            await asyncio.shield(asyncio.gather(*started))
+
+    async def _drop_shared_entry(self, backend: CacheBackend, key: str) -> None:  # type: ignore[override]
+        """As the blocking client's, from a thread: the event loop never waits on a shared cache."""
+        await asyncio.to_thread(super()._drop_shared_entry, backend, key)
 
     async def get_paths(self, key: str, noverify: bool = True, zone: str | None = None,
                         pathcount: int = 2) -> list[str]:
@@ -151,8 +167,12 @@ class AsyncClient(ClientBase):
             metrics.recorder.upload("failed", 0)
             raise
         close = create_close_args(self.domain, key, reply["fid"], destination, stored, md5, verify_checksum)
-        with committing(key, stored, lambda: self._changed(key)):
-            await self.pool.request("create_close", close, tracker=tracker)
+        changed: list[str] = []
+        try:
+            with committing(key, stored, lambda: changed.append(key)):
+                await self.pool.request("create_close", close, tracker=tracker)
+        finally:
+            await self._tell(*changed)
         return stored
 
     async def _put(self, key: str, body: Body, targets: list[tuple[str, str]], size: int | None

@@ -185,13 +185,20 @@ class PathCache(Generic[V]):
 
     def invalidate(self, key: str) -> None:
         """Forget ``key``, and keep a lookup already in progress from storing its outdated value."""
+        self._outdate_lookup(key)
+        self._safely(self._backend.delete, key)
+        self._invalidated()
+
+    def _outdate_lookup(self, key: str) -> None:
+        """Keep a lookup of ``key`` in progress from storing its value."""
         with self._lock:
             # Later requests must not join that lookup either: they start a new one.
             flight = self._flights.pop(key, None)
         if flight is not None:
             with flight.lock:
                 flight.invalidated = True
-        self._safely(self._backend.delete, key)
+
+    def _invalidated(self) -> None:
         metrics.recorder.cache_invalidated()
         self._report_size()
 
@@ -351,8 +358,15 @@ class AsyncPathCache(PathCache[V]):
         if entry is not None:
             if entry[0] != outdated and self._fresh(entry):
                 return entry[0]
-            self.invalidate(key)
+            await self.ainvalidate(key)
         return await self._refresh(key)
+
+    async def ainvalidate(self, key: str) -> None:
+        """As :meth:`PathCache.invalidate`, with a backend that does I/O asked from a thread. The
+        plain :meth:`~PathCache.invalidate` stays for a synchronous writer's thread."""
+        self._outdate_lookup(key)
+        await self._backend_call(self._backend.delete, key)
+        self._invalidated()
 
     async def _refresh(self, key: str) -> V:  # type: ignore[override]
         with self._lock:  # invalidate() may run in another thread (a sync client's listener)

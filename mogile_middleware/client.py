@@ -14,11 +14,12 @@ sharing it sees the change at once.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 from .cache import CacheBackend, entry_key
 from .deadline import checked_seconds
@@ -29,16 +30,6 @@ from .tracker import Address, TrackerPool, TrackerPoolBase
 from .upload import ChangeListener, NewFile, Uploader, content_bytes
 
 log = logging.getLogger("mogile_middleware")
-
-
-def _drop_shared_entry(backend: CacheBackend, domain: str, key: str) -> None:
-    """Delete ``key``'s paths from a shared path cache, for every process and host that reads it;
-    a failure is logged (the write stands, and the entry expires in its time)."""
-    try:
-        backend.delete(entry_key(domain, key))
-    except Exception as error:
-        log.warning("could not drop %r from the shared path cache, whose readers may use its old paths until "
-                    "they expire: %r", key, error)
 
 
 @dataclass(frozen=True)
@@ -187,24 +178,52 @@ class ClientBase:
         if on_change is not None:
             self.add_change_listener(on_change)
         if cache_backend is not None:
-            self.add_change_listener(functools.partial(_drop_shared_entry, cache_backend, domain))
+            self.add_change_listener(functools.partial(self._drop_shared_entry, cache_backend))
 
     def add_change_listener(self, listener: ChangeListener) -> None:
         """Call ``listener`` with every key this client writes, renames or deletes, also when the
         tracker's answer was lost (the key may have changed). A listener that raises is logged."""
         self._change_listeners = (*self._change_listeners, listener)  # a new tuple: _changed reads a snapshot
 
-    def _changed(self, *keys: str) -> None:
-        """Tell every change listener that ``keys`` were (or may have been) written, renamed or deleted."""
+    def _changed(self, *keys: str) -> list[Awaitable[None]]:
+        """Tell every change listener that ``keys`` were (or may have been) written, renamed or
+        deleted. What a coroutine function among them started is returned, for the asyncio client
+        to await (a blocking client's listeners are plain functions)."""
+        started = []
         for key in keys:
             for listener in self._change_listeners:
                 try:
-                    listener(key)
+                    result = listener(key)
                 except Exception as error:  # the write is done: a listener must not hide its outcome
-                    log.warning("change listener %r failed for key %r: %r", listener, key, error)
+                    _listener_failed(listener, key, error)
+                else:
+                    if inspect.isawaitable(result):
+                        started.append(_awaited(result, listener, key))
+        return started
+
+    def _drop_shared_entry(self, backend: CacheBackend, key: str) -> None:
+        """Delete ``key``'s paths from a shared path cache, for every process and host that reads it;
+        a failure is logged (the write stands, and the entry expires in its time)."""
+        try:
+            backend.delete(entry_key(self.domain, key))
+        except Exception as error:
+            log.warning("could not drop %r from the shared path cache, whose readers may use its old paths until "
+                        "they expire: %r", key, error)
 
     def _args(self, request: Request) -> dict[str, ArgValue]:
         return {"domain": self.domain, **request.args}
+
+
+def _listener_failed(listener: ChangeListener, key: str, error: Exception) -> None:
+    log.warning("change listener %r failed for key %r: %r", listener, key, error)
+
+
+async def _awaited(started: Awaitable[Any], listener: ChangeListener, key: str) -> None:
+    """What a coroutine function listener started, awaited; its failure logged."""
+    try:
+        await started
+    except Exception as error:
+        _listener_failed(listener, key, error)
 
 
 class Client(ClientBase):

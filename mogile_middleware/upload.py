@@ -20,7 +20,7 @@ import io
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, Protocol, Union
 
@@ -46,8 +46,9 @@ BYTES_LIKE = (bytes, bytearray, memoryview)
 #: Called with the number of bytes sent so far.
 Progress = Callable[[int], None]
 
-#: Called with a key that now points, or may point, at new data.
-ChangeListener = Callable[[str], None]
+#: Called with a key that now points, or may point, at new data (for the asyncio client, it may be
+#: a coroutine function).
+ChangeListener = Callable[[str], Union[None, Awaitable[None]]]
 
 #: What :meth:`NewFile.write_from` reads at a time: large enough that handing each piece to the
 #: hashing thread costs little beside hashing and sending it, small enough to keep memory flat.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,3 +55,40 @@ def start_memcached() -> Iterator[MemcachedServer]:
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def writes_delayed(server: MemcachedServer, seconds: float) -> Iterator[str]:
+    """A relay to ``server`` that holds every ``set`` command ``seconds`` before passing it on, as a
+    memcached on a host that stalls; reads pass at once. Yields its address (``host:port``)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    sockets: list[socket.socket] = [listener]
+
+    def pump(source: socket.socket, sink: socket.socket, delayed: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if delayed and data.startswith(b"set "):
+                    time.sleep(seconds)
+                sink.sendall(data)
+        except OSError:
+            pass  # the relay closed, or the other side went away
+        finally:
+            sink.close()
+
+    def accept() -> None:
+        try:
+            while True:
+                client, _ = listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", server.port))
+                sockets.extend((client, upstream))
+                threading.Thread(target=pump, args=(client, upstream, True), daemon=True).start()
+                threading.Thread(target=pump, args=(upstream, client, False), daemon=True).start()
+        except OSError:
+            pass  # the listener closed
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -153,3 +153,30 @@ def test_a_dripping_tracker_costs_the_io_timeout_and_no_retry() -> None:
         assert tracker.connections == 1  # the deadline passed: no retry on a new connection
     finally:
         tracker.stop()
+
+
+def test_a_coroutine_listener_is_awaited_before_the_change_returns(devmogile: DevMogileFS,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    heard: list[str] = []
+
+    async def slow(key: str) -> None:
+        await asyncio.sleep(0.05)
+        heard.append(key)
+
+    async def broken(key: str) -> None:
+        raise RuntimeError("async listener bug")
+
+    async def main() -> list[list[str]]:
+        client = AsyncClient(DOMAIN, devmogile.trackers, on_change=slow)
+        client.add_change_listener(broken)
+        seen = []
+        try:
+            for change in (client.store_content("a", b"x", cls="thumb"), client.rename("a", "b"), client.delete("b")):
+                await change
+                seen.append(list(heard))
+        finally:
+            await client.aclose()
+        return seen
+
+    assert asyncio.run(main()) == [["a"], ["a", "a", "b"], ["a", "a", "b", "b"]]
+    assert caplog.text.count("RuntimeError('async listener bug')") == 4  # logged; the writes stand

@@ -12,18 +12,20 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from conftest import DOMAIN
 from integration._gunicorn import run_gunicorn
-from integration._memcached import MemcachedServer, start_memcached
+from integration._memcached import MemcachedServer, start_memcached, writes_delayed
 from integration._wire_client import eventually, http_request
 from pymemcache.client.base import Client as MemcacheClient
 from pymemcache.client.rendezvous import RendezvousHash
 from pymemcache.exceptions import MemcacheError
 from webtest import TestApp
 
-from mogile_middleware import Client
+from mogile_middleware import AsyncClient, Client
+from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.cache import AsyncPathCache, PathCache, entry_key
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.memcache import MemcachedBackend
@@ -407,6 +409,120 @@ def test_the_site_answers_from_a_shared_cache_and_without_it(devmogile: DevMogil
         assert second.get("/mogilefs/hello.txt").body == BODY
     assert second_middleware.locator.paths.lookups == 3
     assert second.get("/").body == b"app\n"
+
+
+# Under asyncio: the event loop never waits on memcached, which a write or a relocation marks.
+
+T = TypeVar("T")
+#: The longest the event loop may go without running a task ready to run (a memcached call takes
+#: 0.3 s or more in these tests).
+STALL = 0.15
+
+
+async def longest_stall(work: Awaitable[T]) -> tuple[T, float]:
+    """``work``'s result, and the longest meanwhile between two turns of a task ticking every 10 ms
+    (or between its last turn and the end of ``work``)."""
+    gaps = [0.0]
+    turns = [time.monotonic()]
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(0.01)
+            turns.append(time.monotonic())
+            gaps.append(turns[-1] - turns[-2])
+
+    ticker = asyncio.ensure_future(tick())
+    try:
+        result = await work
+        return result, max(*gaps, time.monotonic() - turns[-1])
+    finally:
+        ticker.cancel()
+
+
+async def asgi_get(app: ASGIMiddleware, path: str) -> tuple[int, bytes]:
+    """The status and body of ``GET path`` from ``app``."""
+    sent: list[dict[str, Any]] = []
+    incoming = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop() if incoming else await asyncio.sleep(3600)  # the client stays
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app({"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
+               "headers": [], "client": ("127.0.0.1", 5000), "root_path": ""}, receive, send)
+    return sent[0]["status"], b"".join(message.get("body", b"") for message in sent[1:])
+
+
+async def hello_asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"app\n"})
+
+
+@pytest.fixture
+def hung_memcached() -> Iterator[str]:
+    """The address of a memcached that accepts connections and never answers."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        yield f"127.0.0.1:{silent.getsockname()[1]}"
+
+
+def test_an_async_writer_marks_its_changes_without_stalling_the_event_loop(
+        devmogile: DevMogileFS, hung_memcached: str, caplog: pytest.LogCaptureFixture) -> None:
+    async def write() -> list[tuple[float, bool]]:
+        client = AsyncClient(DOMAIN, devmogile.trackers, cache_backend=MemcachedBackend(hung_memcached, timeout=0.3))
+        outcomes = []
+        try:
+            for change in (client.store_content("a.txt", BODY, cls="thumb"), client.rename("a.txt", "b.txt"),
+                           client.delete("b.txt")):
+                caplog.clear()
+                _, stall = await longest_stall(change)
+                # The call returns once the mark was tried: here, once it failed.
+                outcomes.append((stall, "could not drop" in caplog.text))
+        finally:
+            await client.aclose()
+        return outcomes
+
+    outcomes = asyncio.run(write())
+    assert all(stall < STALL for stall, _ in outcomes), outcomes
+    assert all(told for _, told in outcomes), outcomes
+
+
+def test_the_asgi_middleware_forgets_what_its_client_changes_without_stalling_the_event_loop(
+        devmogile: DevMogileFS, hung_memcached: str) -> None:
+    middleware = ASGIMiddleware(hello_asgi, domain=DOMAIN, trackers=devmogile.trackers,
+                                cache_backend=MemcachedBackend(hung_memcached, timeout=0.3))
+
+    async def write() -> list[float]:
+        try:
+            stored = await longest_stall(middleware.client.store_content("a.txt", BODY, cls="thumb"))
+            deleted = await longest_stall(middleware.client.delete("a.txt"))
+            return [stored[1], deleted[1]]
+        finally:
+            await middleware.client.aclose()
+
+    assert all(stall < STALL for stall in asyncio.run(write()))
+
+
+def test_a_relocation_marks_the_change_without_stalling_the_event_loop(devmogile: DevMogileFS,
+                                                                       memcached: MemcachedServer) -> None:
+    elsewhere = Client(DOMAIN, devmogile.trackers)  # a writer no listener of the middleware hears
+    elsewhere.store_content("moved.txt", BODY, cls="thumb")
+    with writes_delayed(memcached, 0.4) as address:
+        middleware = ASGIMiddleware(hello_asgi, domain=DOMAIN, trackers=devmogile.trackers,
+                                    cache_backend=MemcachedBackend(address, timeout=2))
+
+        async def read_twice() -> tuple[tuple[int, bytes], tuple[tuple[int, bytes], float]]:
+            try:
+                first = await asgi_get(middleware, "/mogilefs/moved.txt")
+                elsewhere.delete("moved.txt")  # the cached paths now name no file
+                return first, await longest_stall(asgi_get(middleware, "/mogilefs/moved.txt"))
+            finally:
+                await middleware.client.aclose()
+
+        first, (second, stall) = asyncio.run(read_twice())
+    assert first == (200, BODY)
+    assert second[0] == 404 and stall < STALL, (second, stall)
 
 
 # Two gunicorn workers, one cache.
