@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import io
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import BinaryIO, Union
 
 from . import metrics
@@ -51,11 +52,13 @@ from .upload import (
     create_open_args,
     destinations,
     no_storage_node,
+    pieces_of,
     remaining_size,
     upload_failed,
 )
 
-#: What :meth:`AsyncClient.store_file` stores: a binary file object or an async iterable of bytes.
+#: What :meth:`AsyncClient.store_file` stores: a binary file object (its ``read`` plain or a
+#: coroutine function) or an async iterable of bytes.
 Body = Union[BinaryIO, AsyncIterable[bytes]]
 
 
@@ -148,7 +151,8 @@ class AsyncClient(ClientBase):
 
     async def store_file(self, key: str, fileobj: Body | bytes, cls: str | None = None, *,
                          verify_checksum: bool = False) -> int:
-        """Store the rest of ``fileobj`` (read in the event loop, chunk by chunk), bytes, or every
+        """Store the rest of ``fileobj`` (read in the event loop, chunk by chunk; a ``read`` that
+        is a coroutine function, as Starlette's ``UploadFile`` has, is awaited), bytes, or every
         chunk of an async iterable under ``key``; return the number of bytes stored.
 
         As :meth:`Client.store_file <mogile_middleware.client.Client.store_file>`: a seekable
@@ -213,7 +217,10 @@ def _body(key: str, source: object) -> Body:
     the tracker is asked anything, for what it cannot send."""
     if isinstance(source, BYTES_LIKE):
         return io.BytesIO(source)
-    if isinstance(source, AsyncIterable) or hasattr(source, "read") and not isinstance(source, io.TextIOBase):
+    read = getattr(source, "read", None)
+    if inspect.iscoroutinefunction(read):  # Starlette's UploadFile, aiofiles: read awaited, sent once
+        return _read_awaited(read)
+    if isinstance(source, AsyncIterable) or read is not None and not isinstance(source, io.TextIOBase):
         return source  # type: ignore[return-value]
     raise TypeError(f"store_file of {key!r} takes bytes, a file opened in binary mode or an async iterable "
                     f"of bytes, not {type(source).__name__}")
@@ -234,5 +241,11 @@ async def _chunks(body: Body) -> AsyncIterator[bytes]:
         async for chunk in body:
             yield chunk
     else:
-        while chunk := body.read(CHUNK_SIZE):
+        for chunk in pieces_of(body, CHUNK_SIZE):
             yield chunk
+
+
+async def _read_awaited(read: Callable[[int], Awaitable[bytes]]) -> AsyncIterator[bytes]:
+    """The pieces of a file whose ``read`` is a coroutine function, up to its end."""
+    while piece := await read(CHUNK_SIZE):
+        yield piece

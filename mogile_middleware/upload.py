@@ -153,6 +153,17 @@ def content_bytes(key: str, data: object) -> bytes | bytearray | memoryview:
     return data
 
 
+def pieces_of(fileobj: BinaryIO, size: int) -> Iterator[bytes]:
+    """The pieces ``fileobj.read(size)`` gives up to its end; a TypeError for a read that gives
+    ``None``, as a non-blocking file with no data ready does: its end is not reached, and the
+    upload would otherwise stop short."""
+    while piece := fileobj.read(size):
+        yield piece
+    if piece is None:
+        raise TypeError(f"{fileobj!r} is a non-blocking file with no data ready: give a blocking one "
+                        "(or, to the asyncio client, an async iterable of bytes)")
+
+
 def remaining_size(fileobj: BinaryIO) -> int | None:
     """Bytes left to read in ``fileobj`` when that can be known without reading, else ``None``."""
     try:
@@ -272,7 +283,7 @@ class NewFile(io.RawIOBase):
         while True:
             stream = self._stream or self._open_stream()
             try:
-                for chunk in iter(lambda: fileobj.read(READ_SIZE), b""):
+                for chunk in pieces_of(fileobj, READ_SIZE):
                     self._send(stream, chunk)
                     if progress is not None:
                         progress(self.size)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -180,3 +181,22 @@ def test_a_coroutine_listener_is_awaited_before_the_change_returns(devmogile: De
 
     assert asyncio.run(main()) == [["a"], ["a", "a", "b"], ["a", "a", "b", "b"]]
     assert caplog.text.count("RuntimeError('async listener bug')") == 4  # logged; the writes stand
+
+
+def test_a_file_a_starlette_app_received_is_stored_as_it_is_read(devmogile: DevMogileFS) -> None:
+    starlette = pytest.importorskip("starlette.datastructures", reason="starlette is installed by '.[dev]'")
+    data = bytes(range(256)) * 1000  # several pieces
+
+    async def main() -> tuple[int, bytes]:
+        client = AsyncClient(DOMAIN, devmogile.trackers)
+        upload = starlette.UploadFile(tempfile.SpooledTemporaryFile(max_size=64 * 1024), filename="a.bin")
+        try:
+            await upload.write(data)  # past max_size: on disk, where its read() runs in a thread
+            await upload.seek(0)
+            stored = await client.store_file("uploaded.bin", upload, cls="thumb")
+            return stored, await client.get_file_data("uploaded.bin")
+        finally:
+            await upload.close()
+            await client.aclose()
+
+    assert asyncio.run(main()) == (len(data), data)

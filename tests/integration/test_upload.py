@@ -396,3 +396,17 @@ def test_a_forked_child_hashes_its_uploads_on_threads_of_its_own(client: Client)
         os.waitpid(pid, 0)
         pytest.fail("the child's upload hung")
     assert client.file_info("in-child").checksum == f"MD5:{hashlib.md5(data).hexdigest()}"
+
+
+@both_flavours
+def test_a_non_blocking_file_without_data_ready_is_refused_and_the_key_kept(flavour: Flavour, client: Client) -> None:
+    store(flavour, client, "k", b"old", "thumb")
+    reading, writing = os.pipe()
+    os.set_blocking(reading, False)  # as an event loop's pipe is: read() gives None until data comes
+    os.write(writing, b"a" * 60_000)  # the first part (less than a pipe holds); the rest would come later
+    try:
+        with open(reading, "rb") as source, pytest.raises(TypeError, match="non-blocking file with no data ready"):
+            store(flavour, client, "k", source, "thumb")
+    finally:
+        os.close(writing)
+    assert client.get_file_data("k") == b"old"
