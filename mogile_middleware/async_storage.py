@@ -22,14 +22,14 @@ aiohttp reached two thirds of their speed, h11 and httpx less than half.
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
-from typing import TypeVar, cast
+from typing import cast
 
+from .deadline import within
 from .exceptions import StorageError
 from .nodepool import IdlePool, Node
 from .storage import (
@@ -56,20 +56,9 @@ BODY_CHUNK_SIZE = CHUNK_SIZE
 #: Where storage node connections read (see :meth:`_Connection.get_buffer`): one per thread.
 _read_buffer = threading.local()
 
-T = TypeVar("T")
-
 
 class _Silent(Exception):
     """Raised in a waiting read by a response's watchdog: no data within the read timeout."""
-
-
-async def _within(seconds: float, awaitable: Awaitable[T]) -> T:
-    """``await awaitable``, or :class:`asyncio.TimeoutError` after ``seconds``."""
-    if sys.version_info >= (3, 11):
-        # A timer per read of a body, rather than the task per call that wait_for starts.
-        async with asyncio.timeout(seconds):
-            return await awaitable
-    return await asyncio.wait_for(awaitable, seconds)
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -447,7 +436,7 @@ async def _request(url: str, method: str, headers: Mapping[str, str], timeout: f
     """Send ``method`` to ``url`` and read the response head, all within ``timeout`` seconds."""
     target = Target(url)
     try:
-        return await _within(timeout, _exchange(target, target.request_head(method, headers, keep_alive=True), method,
+        return await within(timeout, _exchange(target, target.request_head(method, headers, keep_alive=True), method,
                                                 timeout))
     except asyncio.TimeoutError:
         raise StorageError(f"no status line and headers within {timeout:g}s", url) from None
@@ -535,7 +524,7 @@ class AsyncPutStream:
             return connection
 
         try:
-            connection = await _within(timeout, connect())
+            connection = await within(timeout, connect())
         except asyncio.TimeoutError:
             raise StorageError(f"PUT {url} refused: no connection within {timeout:g}s", url) from None
         # ValueError: a host name the resolver refuses (UnicodeError from IDNA, a NUL byte).
@@ -565,7 +554,7 @@ class AsyncPutStream:
                 connection.write(b"%X\r\n" % size, data, b"\r\n")
             else:
                 connection.write(data)
-            await _within(self._timeout, connection.drain())
+            await within(self._timeout, connection.drain())
         except asyncio.TimeoutError:
             self.abort()
             raise StorageError(f"PUT {self.url} stalled: the node took nothing for {self._timeout:g}s",
@@ -596,7 +585,7 @@ class AsyncPutStream:
             return status
 
         try:
-            status = await _within(self._timeout, answer())
+            status = await within(self._timeout, answer())
         except asyncio.TimeoutError:
             connection.abort()
             raise StorageError(f"PUT {self.url} failed: no answer within {self._timeout:g}s", self.url) from None

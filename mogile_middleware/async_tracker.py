@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .deadline import time_left
+from .deadline import readable_now, time_left, within
 from .exceptions import ProtocolError
 from .protocol import ArgValue, Reply, parse_reply
 from .tracker import MAX_REPLY_BYTES, Address, Dial, Step, StepRunner, TakeIdle, TrackerPoolBase, kept_if_answered
@@ -39,23 +39,23 @@ class AsyncTrackerConnection:
     async def open(cls, address: Address, connect_timeout: float) -> AsyncTrackerConnection:
         """Connect to ``address`` within ``connect_timeout`` seconds."""
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(*address, limit=MAX_REPLY_BYTES), connect_timeout
-            )
+            reader, writer = await within(connect_timeout, asyncio.open_connection(*address, limit=MAX_REPLY_BYTES))
         except asyncio.TimeoutError:  # not an OSError before Python 3.11
             raise TimeoutError(f"no connection within {connect_timeout:g}s") from None
         return cls(address, reader, writer)
 
     def is_stale(self) -> bool:
         """True if the idle connection has something to read: the tracker closed it or misspoke."""
-        # StreamReader shows no buffered bytes publicly; an idle connection must have none.
-        return self._writer.is_closing() or self._reader.at_eof() or bool(self._reader._buffer)
+        # StreamReader shows no buffered bytes publicly; an idle connection must have none. The
+        # socket is asked too: a close that arrived while the loop was busy is not read yet.
+        return (self._writer.is_closing() or self._reader.at_eof() or bool(self._reader._buffer)
+                or readable_now(self._writer.get_extra_info("socket")))
 
     async def roundtrip(self, request: bytes, deadline: float) -> bytes:
         """Send one request line and return the reply line, whole by ``deadline`` (a
         :func:`time.monotonic` time), else :class:`TimeoutError`; raises on EOF or an oversized line."""
         try:
-            return await asyncio.wait_for(self._roundtrip(request), time_left(deadline))
+            return await within(time_left(deadline), self._roundtrip(request))
         except asyncio.TimeoutError:  # not an OSError before Python 3.11
             raise TimeoutError("timed out") from None
 

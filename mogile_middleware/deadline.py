@@ -7,10 +7,16 @@ themselves are checked where they are given (:func:`checked_seconds`).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import select
 import socket
+import sys
 import time
+from collections.abc import Awaitable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 #: The longest duration an option takes: a year (the system's clocks and timeouts take no infinity).
@@ -41,6 +47,17 @@ def readable_now(sock: socket.socket) -> bool:
     poll = select.poll()  # not select(): descriptors past 1023 are common in a busy worker
     poll.register(sock, select.POLLIN)
     return bool(poll.poll(0))
+
+
+async def within(seconds: float, awaitable: Awaitable[T]) -> T:
+    """``await awaitable``, or :class:`asyncio.TimeoutError` after ``seconds``. A cancellation
+    that lands as ``awaitable`` finishes still cancels, where ``asyncio.wait_for`` before Python
+    3.12 returns the result and drops it (CPython gh-86296), so that a cancelled call would run
+    on; Python 3.10 has only ``wait_for``."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):  # a timer, rather than the task per call of wait_for
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
 
 
 class DeadlineReader(io.RawIOBase):

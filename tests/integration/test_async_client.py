@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import DOMAIN
@@ -18,7 +20,7 @@ from integration._async_facade import LoopThread
 from integration.test_deadlines import ScriptedServer, answer_first_then_drip
 from wiretools import CountingRelay, ScriptedTracker, ok
 
-from mogile_middleware import AsyncClient, BadKeyError, TrackerUnavailableError
+from mogile_middleware import AsyncClient, BadKeyError, TrackerUnavailableError, UnknownKeyError
 from mogile_middleware.async_tracker import AsyncTrackerPool
 from mogile_middleware.devserver import DevMogileFS
 
@@ -200,3 +202,48 @@ def test_a_file_a_starlette_app_received_is_stored_as_it_is_read(devmogile: DevM
             await client.aclose()
 
     assert asyncio.run(main()) == (len(data), data)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Python 3.10's asyncio.wait_for may drop a cancellation")
+def test_a_cancelled_call_never_runs_on(devmogile: DevMogileFS) -> None:
+    """Cancelled at every turn of the event loop in turn, a call ends cancelled: never with its
+    result, as when a cancellation lands just as the tracker's reply arrives."""
+    data = b"x" * 100_000
+
+    async def main() -> list[int]:
+        client = AsyncClient(DOMAIN, devmogile.trackers)
+        ran_on = []
+        try:
+            for turns in range(40):
+                call = asyncio.ensure_future(client.store_content(f"k{turns}", data, cls="thumb"))
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                if call.done():
+                    break
+                call.cancel()
+                try:
+                    await call
+                    ran_on.append(turns)
+                except asyncio.CancelledError:
+                    pass
+        finally:
+            await client.aclose()
+        return ran_on
+
+    assert asyncio.run(main()) == []
+
+
+def test_a_connection_the_tracker_closed_while_the_loop_was_busy_is_not_used(tmp_path: Path) -> None:
+    with DevMogileFS(data_dir=tmp_path, domains={DOMAIN: {"thumb": 1}}, tracker_idle_timeout=0.2) as mogile:
+        async def main() -> None:
+            client = AsyncClient(DOMAIN, mogile.trackers)
+            try:
+                await client.store_content("k", b"x", cls="thumb")
+                time.sleep(0.5)  # busy: the tracker's close has arrived, the loop has not read it
+                await client.delete("k")  # not sent on the closed connection: carried out
+                with pytest.raises(UnknownKeyError):
+                    await client.get_paths("k")
+            finally:
+                await client.aclose()
+
+        asyncio.run(main())
