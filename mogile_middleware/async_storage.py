@@ -22,8 +22,9 @@ aiohttp reached two thirds of their speed, h11 and httpx less than half.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import threading
-import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
@@ -258,7 +259,13 @@ class _Connection(asyncio.BufferedProtocol):
 
     def abort(self) -> None:
         """End the connection at once, dropping whatever is still to be sent."""
-        if self._transport is not None:
+        if self._transport is None:
+            return
+        if self._loop.is_closed():
+            # Its loop can close it no more: end the TCP connection; the socket closes when collected.
+            with contextlib.suppress(OSError):
+                self._transport.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+        else:
             self._transport.abort()
 
     async def wait_closed(self) -> None:
@@ -275,13 +282,19 @@ class _IdleConnections(IdlePool[_Connection]):
         connection.abort()
 
 
-_idle_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _IdleConnections] = weakref.WeakKeyDictionary()
+#: Each event loop's idle connections; a loop seen for the first time ends the closed loops'.
+_idle_by_loop: dict[asyncio.AbstractEventLoop, _IdleConnections] = {}
+_idle_by_loop_lock = threading.Lock()
 
 
 def _idle_connections(loop: asyncio.AbstractEventLoop) -> _IdleConnections:
     idle = _idle_by_loop.get(loop)
     if idle is None:
-        idle = _idle_by_loop[loop] = _IdleConnections()
+        with _idle_by_loop_lock:
+            closed = [_idle_by_loop.pop(other) for other in list(_idle_by_loop) if other.is_closed()]
+            idle = _idle_by_loop.setdefault(loop, _IdleConnections())
+        for pool in closed:
+            pool.close()
     return idle
 
 
@@ -595,7 +608,7 @@ class AsyncPutStream:
         except BaseException:
             connection.abort()
             raise
-        connection.close(reusable=True)
+        connection.close()  # never kept: the request said Connection: close, whatever the node answered
         await connection.wait_closed()
         if not 200 <= status < 300:
             raise StorageError(f"PUT {self.url} answered HTTP {status}", self.url, status)

@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 from conftest import DOMAIN
 from integration._async_facade import LoopThread
+from integration._slow_clients import node_connections, storage_port
+from integration._wire_client import eventually
 from integration.test_deadlines import ScriptedServer, answer_first_then_drip
 from wiretools import CountingRelay, ScriptedTracker, ok
 
-from mogile_middleware import AsyncClient, BadKeyError, TrackerUnavailableError, UnknownKeyError
+from mogile_middleware import AsyncClient, BadKeyError, Client, TrackerUnavailableError, UnknownKeyError
 from mogile_middleware.async_tracker import AsyncTrackerPool
 from mogile_middleware.devserver import DevMogileFS
 
@@ -247,3 +249,12 @@ def test_a_connection_the_tracker_closed_while_the_loop_was_busy_is_not_used(tmp
                 await client.aclose()
 
         asyncio.run(main())
+
+
+def test_event_loops_one_after_another_leave_no_storage_connection_open(devmogile: DevMogileFS) -> None:
+    Client(DOMAIN, devmogile.trackers).store_content("k", b"x" * 1000, cls="thumb")
+    port = storage_port(Client(DOMAIN, devmogile.trackers), "k")
+    client = AsyncClient(DOMAIN, devmogile.trackers)
+    for _ in range(20):  # each loop keeps its storage connection for the next read, then closes
+        assert asyncio.run(client.get_file_data("k")) == b"x" * 1000
+    assert eventually(lambda: node_connections(port), lambda count: count <= 1) <= 1  # the last loop's, at most

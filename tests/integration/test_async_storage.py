@@ -521,3 +521,20 @@ def test_put_shorter_than_its_length_is_a_storage_error(mogile: DevMogileFS) -> 
         run(main())
     with pytest.raises(StorageError, match="HTTP 404"):
         run(open_replica([url], timeout=5))
+
+
+def test_a_put_answered_on_a_connection_the_node_keeps_open_ends_at_once(nodes) -> None:
+    def answers_and_stays(conn: socket.socket) -> None:  # deaf to the request's Connection: close
+        conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+
+    node = nodes(answers_and_stays)
+
+    async def main() -> float:
+        put = await AsyncPutStream.open(node.url, length=5, timeout=2)
+        await put.write(b"hello")
+        started = time.monotonic()
+        await put.finish()
+        return time.monotonic() - started
+
+    assert run(main(), seconds=10) < 1
+    assert eventually(lambda: node.open == 0)  # and its connection closed
