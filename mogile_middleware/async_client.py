@@ -158,7 +158,10 @@ class AsyncClient(ClientBase):
         As :meth:`Client.store_file <mogile_middleware.client.Client.store_file>`: a seekable
         ``fileobj`` is sent again to the next destination if a node drops the PUT; any failure
         before ``create_close`` is an :class:`UploadError` and leaves the key as it was; a lost
-        answer to ``create_close`` is an :class:`UploadOutcomeUnknownError`.
+        answer to ``create_close`` is an :class:`UploadOutcomeUnknownError`. Unlike it,
+        ``verify_checksum`` asks the tracker to check the MD5 whatever the class (this client does
+        not ask for the classes): mogilefsd then reads the file back even for a class that keeps
+        no checksum.
         """
         check_key(key)
         fileobj = _body(key, fileobj)
