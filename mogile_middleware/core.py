@@ -11,6 +11,7 @@ from an ASGI scope.
 from __future__ import annotations
 
 import functools
+import inspect
 import ipaddress
 import logging
 import re
@@ -173,6 +174,10 @@ class MiddlewareCore:
         elif timeouts or domain or trackers:
             given = [*timeouts, *(["domain"] if domain else []), *(["trackers"] if trackers else [])]
             raise ValueError(f"{', '.join(given)}: the given client has its own; set them on it")
+        elif inspect.iscoroutinefunction(getattr(client, "get_paths", None)) != \
+                inspect.iscoroutinefunction(self.client_class.get_paths):
+            raise TypeError(f"{type(self).__module__}.{type(self).__name__} needs a client of class "
+                            f"{self.client_class.__name__} (or one with its methods), not {type(client).__name__}")
         self.app = app
         self.client = client
         self.prefix = "/" + prefix.strip("/") + "/" if prefix.strip("/") else "/"

@@ -125,7 +125,9 @@ def resolve_connection_options(parser: argparse.ArgumentParser, args: argparse.N
 
 
 def _memcached(text: str) -> MemcachedBackend | None:
-    """The shared path cache on the ``host:port`` servers of ``text``; none for an empty one."""
+    """The shared path cache on the ``host:port`` servers of ``text``, its entries signed with
+    ``$MOGILEFS_MEMCACHED_SECRET`` when set (never an option: ``ps`` shows a command's arguments);
+    none for an empty ``text``."""
     if not text.strip():
         return None
     try:
@@ -133,7 +135,7 @@ def _memcached(text: str) -> MemcachedBackend | None:
     except ImportError:
         raise argparse.ArgumentTypeError("needs pymemcache: pip install 'mogile_middleware[memcached]'") from None
     try:
-        return MemcachedBackend(text)
+        return MemcachedBackend(text, secret=os.environ.get("MOGILEFS_MEMCACHED_SECRET") or None)
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
 
@@ -144,7 +146,8 @@ def _write_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--memcached", default=os.environ.get("MOGILEFS_MEMCACHED", ""), metavar="HOST:PORT,...", type=_memcached,
         help="drop the changed keys from the middleware's path cache in these memcached servers, so every "
-             "process sharing it sees the change at once (default: $MOGILEFS_MEMCACHED; empty: none)",
+             "process sharing it sees the change at once (default: $MOGILEFS_MEMCACHED; empty: none), "
+             "signed with $MOGILEFS_MEMCACHED_SECRET when set (the middleware's memcached_secret)",
     )
 
 

@@ -19,7 +19,7 @@ from integration.test_hostile import call
 from integration.test_middleware import wrapped_app
 from wiretools import PatternFile, pattern_md5
 
-from mogile_middleware import Client
+from mogile_middleware import AsyncClient, Client
 from mogile_middleware import MogileFSMiddleware as WSGIMiddleware
 from mogile_middleware.asgi import MogileFSMiddleware
 from mogile_middleware.devserver import DevMogileFS
@@ -227,3 +227,10 @@ def test_a_256_mib_file_streams_with_flat_memory(devmogile: DevMogileFS) -> None
         growth_mib = (rss_kib(server.pid, "VmHWM") - before) / 1024
     assert received == size and digest.hexdigest() == pattern_md5(size)
     assert growth_mib < 32, f"uvicorn grew by {growth_mib:.1f} MiB"
+
+
+def test_a_client_of_the_other_kind_is_refused_when_the_middleware_is_made() -> None:
+    with pytest.raises(TypeError, match="class AsyncClient .* not Client"):
+        MogileFSMiddleware(Recorder(), client=Client(DOMAIN, ["127.0.0.1:1"]))
+    with pytest.raises(TypeError, match="class Client .* not AsyncClient"):
+        WSGIMiddleware(wrapped_app, client=AsyncClient(DOMAIN, ["127.0.0.1:1"]))

@@ -64,6 +64,7 @@ def cli(devmogile: DevMogileFS, monkeypatch: pytest.MonkeyPatch, capsysbinary: p
     monkeypatch.setenv("MOGILEFS_TRACKERS", devmogile.trackers[0])
     monkeypatch.setenv("MOGILEFS_DOMAIN", DOMAIN)
     monkeypatch.delenv("MOGILEFS_MEMCACHED", raising=False)
+    monkeypatch.delenv("MOGILEFS_MEMCACHED_SECRET", raising=False)
 
     def run(*argv: str) -> Result:
         code = main(list(argv))
@@ -169,6 +170,21 @@ def test_writes_drop_the_changed_keys_from_memcached(cli: Run, tmp_path: Path,
         cache("b")
         assert cli("rm", "b").code == 0
         assert not cached("b")
+
+
+def test_writes_sign_their_marks_with_the_sites_memcached_secret(cli: Run, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    source = tmp_path / "file.txt"
+    source.write_bytes(b"content")
+    with start_memcached() as server:
+        site = MemcachedBackend(server.address, secret="the site's secret")
+        site.set(entry_key(DOMAIN, "a"), None, time.time(), 60)
+        monkeypatch.setenv("MOGILEFS_MEMCACHED_SECRET", "the site's secret")
+        assert cli("upload", "a", str(source), "--memcached", server.address).code == 0
+        caplog.clear()
+        assert site.get(entry_key(DOMAIN, "a")) is None  # the mark of the change: a miss
+        assert "invalid memcached entry" not in caplog.text  # signed as the site signs its own
 
 
 def test_a_write_told_to_an_unreachable_memcached_stands_and_says_so_in_one_line(devmogile: DevMogileFS,
