@@ -17,13 +17,16 @@ import io
 import re
 import socket
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from . import metrics
 from .deadline import DeadlineReader, time_left
 from .exceptions import StorageError
 from .nodepool import Node, NodePool, nodes
+
+T = TypeVar("T")
 
 #: Bytes moved per read or write: large enough for throughput, small enough to stay flat.
 CHUNK_SIZE = 64 * 1024
@@ -204,7 +207,7 @@ class ReplicaResponse(io.RawIOBase):
             count = min(len(view), len(self._early))
             view[:count], self._early = self._early[:count], self._early[count:]
         else:
-            count = self._connection.sock.recv_into(view)
+            count = self._received(self._connection.sock.recv_into, view)
         return self._took(count)
 
     def iter_chunks(self, size: int = CHUNK_SIZE) -> Iterator[bytes]:
@@ -214,10 +217,21 @@ class ReplicaResponse(io.RawIOBase):
             if self._early:
                 chunk, self._early = self._early[:limit], self._early[limit:]
             else:
-                chunk = self._connection.sock.recv(limit)
+                chunk = self._received(self._connection.sock.recv, limit)
             if not self._took(len(chunk)):
                 return
             yield chunk
+
+    def _received(self, receive: Callable[[Any], T], into: Any) -> T:
+        """``receive(into)`` from the node; a node gone silent or away is a :class:`StorageError`
+        naming the replica (as the asyncio client's), not the socket's bare error."""
+        try:
+            return receive(into)
+        except TimeoutError:
+            raise StorageError(f"{self.url} sent nothing for {self._connection.sock.gettimeout():g}s",
+                               self.url) from None
+        except OSError as error:
+            raise StorageError(f"{self.url} dropped the connection: {error}", self.url) from error
 
     def _limit(self, size: int) -> int:
         """How much of the body the next read may take: at most ``size``, 0 once it was all read."""

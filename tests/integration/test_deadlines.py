@@ -4,6 +4,7 @@ costs no more than a silent one. Real loopback sockets, servers scripted byte by
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from urllib.parse import quote
@@ -241,3 +242,26 @@ def test_a_bad_create_open_path_is_an_upload_error(url: str) -> None:
             Client("d", [tracker.tracker]).store_content("k", b"data")
     finally:
         tracker.stop()
+
+
+def _head_then_silent(conn: socket.socket, n: int) -> None:
+    conn.sendall(RESPONSE_HEAD % 1000 + b"x" * 100)
+    time.sleep(3)
+
+
+def _head_then_reset(conn: socket.socket, n: int) -> None:
+    conn.sendall(RESPONSE_HEAD % 1000 + b"x" * 100)
+    time.sleep(0.2)  # the part sent is read first
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # closed at once: a reset
+    raise ConnectionAbortedError("the server closes the connection")
+
+
+@pytest.mark.parametrize("node, reason", [(_head_then_silent, "sent nothing for 1s"),
+                                          (_head_then_reset, "dropped the connection")])
+@pytest.mark.parametrize("read", ["iter_chunks", "read"])
+def test_a_node_failing_midway_through_a_body_is_a_storage_error_naming_it(servers, node, reason: str,
+                                                                            read: str) -> None:
+    server = servers(node, http=True)
+    with open_replica([server.url], timeout=1) as replica, pytest.raises(StorageError, match=reason) as raised:
+        b"".join(replica.iter_chunks()) if read == "iter_chunks" else replica.read()
+    assert raised.value.url == server.url
