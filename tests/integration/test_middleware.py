@@ -226,6 +226,15 @@ def test_a_255_byte_key_is_served(devmogile: DevMogileFS, client: Client) -> Non
     assert app.get(url("é" * 127 + "k")).body == BODY
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_domain_the_tracker_does_not_know_is_a_502_that_says_the_tracker_refused(
+        devmogile: DevMogileFS, client: Client, mode: str | None, caplog: pytest.LogCaptureFixture) -> None:
+    app = TestApp(MogileFSMiddleware(wrapped_app, domain="misspelt", trackers=devmogile.trackers, reproxy=mode))
+    response = app.get(url("plain.txt"), status=502)
+    assert response.text == "502 Bad Gateway\nThe tracker refused to look the file up.\n"
+    assert "UnregDomainError" in caplog.text
+
+
 def test_trackers_down_gives_503_with_retry_after(devmogile: DevMogileFS) -> None:
     app, _, _ = make(devmogile)
     devmogile.stop_tracker()
