@@ -68,12 +68,14 @@ class AsyncClient(ClientBase):
     The arguments are :class:`~mogile_middleware.client.Client`'s, with an
     :class:`~mogile_middleware.async_tracker.AsyncTrackerPool` as ``pool``. Change listeners are
     plain functions, called in the event loop, or coroutine functions, awaited: a call that
-    changes a key returns once every listener is done with it (the shared cache's runs in a
-    thread, so that the event loop never waits on it).
+    changes a key returns once every listener is done with it, and one cancelled meanwhile leaves
+    them to run to their end (the shared cache's runs in a thread, so that the event loop never
+    waits on it).
     """
 
     pool_class = AsyncTrackerPool
     pool: AsyncTrackerPool
+    awaits_listeners = True
 
     async def _ask(self, request: Request) -> Reply:
         try:
@@ -249,6 +251,9 @@ async def _chunks(body: Body) -> AsyncIterator[bytes]:
 
 
 async def _read_awaited(read: Callable[[int], Awaitable[bytes]]) -> AsyncIterator[bytes]:
-    """The pieces of a file whose ``read`` is a coroutine function, up to its end."""
+    """The pieces of a file whose ``read`` is a coroutine function, up to its end (a ``None`` from
+    it is refused, as :func:`~mogile_middleware.upload.pieces_of` refuses it)."""
     while piece := await read(CHUNK_SIZE):
         yield piece
+    if piece is None:
+        raise TypeError(f"the read() of {read.__self__!r} gave None, not bytes")  # type: ignore[attr-defined]

@@ -262,9 +262,12 @@ class _Connection(asyncio.BufferedProtocol):
         if self._transport is None:
             return
         if self._loop.is_closed():
-            # Its loop can close it no more: end the TCP connection; the socket closes when collected.
-            with contextlib.suppress(OSError):
-                self._transport.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+            # Its loop can close it no more: end the TCP connection; the socket closes when collected
+            # (uvloop has closed it with the loop, and gives no socket then).
+            sock = self._transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
         else:
             self._transport.abort()
 

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 from . import metrics
+from .deadline import within
 from .exceptions import TrackerUnavailableError
 
 V = TypeVar("V")
@@ -199,6 +200,7 @@ class PathCache(Generic[V]):
                 flight.invalidated = True
 
     def _invalidated(self) -> None:
+        """Count an invalidation, and the in-process cache's size after it."""
         metrics.recorder.cache_invalidated()
         self._report_size()
 
@@ -376,7 +378,7 @@ class AsyncPathCache(PathCache[V]):
                 flight = self._flights[key] = _AsyncFlight()  # type: ignore[assignment]
         if not leading:
             try:
-                value = await asyncio.wait_for(asyncio.shield(flight.done), self._wait_seconds)
+                value = await within(self._wait_seconds, asyncio.shield(flight.done))
             except asyncio.TimeoutError:
                 cause = TrackerUnavailableError(f"no answer for {key!r} within {self._wait_seconds} s")
                 return self._stale_value(key, await self._backend_call(self._backend.get, key), cause)

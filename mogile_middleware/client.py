@@ -150,6 +150,8 @@ class ClientBase:
     :class:`Client` for the arguments)."""
 
     pool_class: type[TrackerPoolBase]
+    #: Whether listeners that are coroutine functions are awaited (the asyncio client's are).
+    awaits_listeners = False
     #: Keys asked for per ``list_keys`` request of :meth:`keys`: the most a tracker gives at once.
     keys_page = 1000
 
@@ -183,6 +185,9 @@ class ClientBase:
     def add_change_listener(self, listener: ChangeListener) -> None:
         """Call ``listener`` with every key this client writes, renames or deletes, also when the
         tracker's answer was lost (the key may have changed). A listener that raises is logged."""
+        if inspect.iscoroutinefunction(listener) and not self.awaits_listeners:
+            raise TypeError(f"{type(self).__name__} calls its change listeners without awaiting them: "
+                            f"{listener!r} is a coroutine function (the asyncio client awaits them)")
         self._change_listeners = (*self._change_listeners, listener)  # a new tuple: _changed reads a snapshot
 
     def _changed(self, *keys: str) -> list[Awaitable[None]]:

@@ -138,7 +138,7 @@ class Locator:
             self._lookup, backend=cache_backend, ttl_seconds=path_cache_seconds, stale_seconds=stale_seconds,
             max_entries=path_cache_entries, ttl_for=self._seconds_for,
         )
-        client.add_change_listener(self._on_change)
+        client.add_change_listener(self.changed)
 
     def locate(self, key: str) -> Location:
         """The location of ``key``; raises :class:`UnknownKeyError`, or the tracker's errors."""
@@ -172,8 +172,9 @@ class Locator:
         """Drop the cached location of ``key`` (it was written, renamed or deleted)."""
         self.paths.invalidate(self._entry_prefix + key)
 
-    #: The listener of the client's changes.
-    _on_change = forget
+    def changed(self, key: str) -> None:
+        """The listener of the client's changes: :meth:`forget`."""
+        self.forget(key)
 
     def _seconds_for(self, location: Location | None) -> float:
         if location is None:
@@ -248,11 +249,13 @@ class AsyncLocator(Locator):
     path_cache_class = AsyncPathCache
 
     async def aforget(self, key: str) -> None:
-        """As :meth:`~Locator.forget`, awaited: a shared cache is asked from a thread. The client's
-        changes come here; :meth:`~Locator.forget` stays for a synchronous writer's thread."""
+        """As :meth:`~Locator.forget`, awaited: a shared cache is asked from a thread.
+        :meth:`~Locator.forget` stays for a synchronous writer's thread."""
         await self.paths.ainvalidate(self._entry_prefix + key)  # type: ignore[attr-defined]
 
-    _on_change = aforget  # type: ignore[assignment]
+    async def changed(self, key: str) -> None:  # type: ignore[override]
+        """The listener of the client's changes: :meth:`aforget`."""
+        await self.aforget(key)
 
     def cached(self, key: str) -> Location | None:
         """The location of ``key`` if the in-process cache holds it fresh, without awaiting; else

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -63,6 +64,14 @@ def writes_delayed(server: MemcachedServer, seconds: float) -> Iterator[str]:
     memcached on a host that stalls; reads pass at once. Yields its address (``host:port``)."""
     listener = socket.create_server(("127.0.0.1", 0))
     sockets: list[socket.socket] = [listener]
+    threads: list[threading.Thread] = []
+    lock = threading.Lock()
+
+    def start(target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        with lock:
+            threads.append(thread)
+        thread.start()
 
     def pump(source: socket.socket, sink: socket.socket, delayed: bool) -> None:
         try:
@@ -73,22 +82,33 @@ def writes_delayed(server: MemcachedServer, seconds: float) -> Iterator[str]:
         except OSError:
             pass  # the relay closed, or the other side went away
         finally:
-            sink.close()
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_RDWR)
 
     def accept() -> None:
         try:
             while True:
                 client, _ = listener.accept()
                 upstream = socket.create_connection(("127.0.0.1", server.port))
-                sockets.extend((client, upstream))
-                threading.Thread(target=pump, args=(client, upstream, True), daemon=True).start()
-                threading.Thread(target=pump, args=(upstream, client, False), daemon=True).start()
+                with lock:
+                    sockets.extend((client, upstream))
+                start(pump, client, upstream, True)
+                start(pump, upstream, client, False)
         except OSError:
             pass  # the listener closed
 
-    threading.Thread(target=accept, daemon=True).start()
+    start(accept)
     try:
         yield f"127.0.0.1:{listener.getsockname()[1]}"
     finally:
-        for sock in sockets:
+        with lock:
+            opened = list(sockets)
+        for sock in opened:  # a shutdown wakes the threads blocked on them, which closing would not
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        with lock:
+            started = list(threads)
+        for thread in started:
+            thread.join(5)
+        for sock in opened:
             sock.close()

@@ -11,10 +11,12 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvloop
 from conftest import DOMAIN
 from integration._async_facade import LoopThread
 from integration._slow_clients import node_connections, storage_port
@@ -251,10 +253,58 @@ def test_a_connection_the_tracker_closed_while_the_loop_was_busy_is_not_used(tmp
         asyncio.run(main())
 
 
-def test_event_loops_one_after_another_leave_no_storage_connection_open(devmogile: DevMogileFS) -> None:
+@pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+def test_event_loops_one_after_another_leave_no_storage_connection_open(devmogile: DevMogileFS,
+                                                                        new_loop: Callable[[], Any]) -> None:
     Client(DOMAIN, devmogile.trackers).store_content("k", b"x" * 1000, cls="thumb")
     port = storage_port(Client(DOMAIN, devmogile.trackers), "k")
     client = AsyncClient(DOMAIN, devmogile.trackers)
     for _ in range(20):  # each loop keeps its storage connection for the next read, then closes
-        assert asyncio.run(client.get_file_data("k")) == b"x" * 1000
+        loop = new_loop()
+        try:
+            assert loop.run_until_complete(client.get_file_data("k")) == b"x" * 1000
+        finally:
+            loop.close()
     assert eventually(lambda: node_connections(port), lambda count: count <= 1) <= 1  # the last loop's, at most
+
+
+def test_listeners_run_to_their_end_when_the_call_is_cancelled_meanwhile(devmogile: DevMogileFS) -> None:
+    heard: list[str] = []
+
+    async def main() -> bool:
+        started = asyncio.Event()
+
+        async def slow(key: str) -> None:
+            started.set()
+            await asyncio.sleep(0.2)
+            heard.append(key)
+
+        client = AsyncClient(DOMAIN, devmogile.trackers, on_change=slow)
+        try:
+            call = asyncio.ensure_future(client.store_content("k", b"x", cls="thumb"))
+            await started.wait()
+            call.cancel()  # while the listener runs: the call ends cancelled, the listener does not
+            await asyncio.sleep(0.4)
+            return call.cancelled()
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(main()) and heard == ["k"]
+
+
+def test_an_awaited_read_that_gives_none_is_refused_and_stores_nothing(devmogile: DevMogileFS) -> None:
+    class NotReady:
+        async def read(self, size: int) -> None:
+            return None
+
+    async def main() -> None:
+        client = AsyncClient(DOMAIN, devmogile.trackers)
+        try:
+            with pytest.raises(TypeError, match="gave None"):
+                await client.store_file("k", NotReady(), cls="thumb")
+            with pytest.raises(UnknownKeyError):
+                await client.get_paths("k")
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())

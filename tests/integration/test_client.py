@@ -263,6 +263,17 @@ def test_rename_onto_an_existing_key(client: Client) -> None:
     assert client.get_file_data("a") == b"A"  # the connection is still good
 
 
+def test_the_blocking_client_refuses_a_listener_it_could_not_await(devmogile: DevMogileFS) -> None:
+    async def listener(key: str) -> None:
+        pass
+
+    client = Client(DOMAIN, devmogile.trackers)
+    with pytest.raises(TypeError, match="coroutine function"):
+        client.add_change_listener(listener)
+    with pytest.raises(TypeError, match="coroutine function"):
+        Client(DOMAIN, devmogile.trackers, on_change=listener)
+
+
 @both_flavours
 def test_change_listeners_hear_every_write_rename_and_delete(devmogile: DevMogileFS, flavour: Flavour) -> None:
     changed: list[str] = []
