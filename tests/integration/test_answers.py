@@ -114,6 +114,16 @@ def test_bad_replica_urls_from_a_tracker_are_skipped(devmogile: DevMogileFS) -> 
         tracker.stop()
 
 
+@pytest.mark.parametrize("run", [run_gunicorn, run_uvicorn], ids=["gunicorn", "uvicorn"])
+def test_a_domain_the_tracker_does_not_know_is_one_plain_502(devmogile: DevMogileFS, run) -> None:
+    with run({"MOGILE_DOMAIN": "misspelt", "MOGILE_TRACKERS": devmogile.trackers[0]}) as server:
+        reply = ask(server, "a.txt")
+    assert (reply.status, reply.body) == (502, b"502 Bad Gateway\nThe tracker refused to look the file up.\n")
+    names = [name for name, _ in reply.fields]
+    assert names.count("content-length") == 1 and names.count("content-type") == 1
+    assert reply.headers["cache-control"] == "no-store" and "etag" not in reply.headers
+
+
 def test_a_dripping_tracker_costs_one_deadline_then_a_503(devmogile: DevMogileFS) -> None:
     """A tracker that sends its reply a byte at a time cannot hold a worker past ``io_timeout``."""
     listener = socket.create_server(("127.0.0.1", 0))
