@@ -51,6 +51,7 @@ from .upload import (
     create_close_args,
     create_open_args,
     destinations,
+    in_bytes,
     no_storage_node,
     pieces_of,
     remaining_size,
@@ -234,7 +235,8 @@ def _body(key: str, source: object) -> Body:
 async def _send(stream: AsyncPutStream, body: Body) -> tuple[int, str]:
     """Write every chunk of ``body`` to ``stream``: the number of bytes and their MD5 (hex)."""
     digest, stored = hashlib.md5(), 0
-    async for chunk in _chunks(body):
+    async for piece in _chunks(body):
+        chunk = in_bytes(piece)
         await stream.write(chunk)
         digest.update(chunk)
         stored += len(chunk)

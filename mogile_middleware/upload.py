@@ -153,6 +153,12 @@ def content_bytes(key: str, data: object) -> bytes | bytearray | memoryview:
     return data
 
 
+def in_bytes(data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
+    """``data`` as a buffer whose length counts bytes: a memoryview of wider items (an ``array``'s)
+    cast to bytes, where its length would count the items."""
+    return data.cast("B") if isinstance(data, memoryview) and data.itemsize != 1 else data
+
+
 def pieces_of(fileobj: BinaryIO, size: int) -> Iterator[bytes]:
     """The pieces ``fileobj.read(size)`` gives up to its end; a TypeError for a read that gives
     ``None``, as a non-blocking file with no data ready does: its end is not reached, and the
@@ -250,6 +256,7 @@ class NewFile(io.RawIOBase):
         self._check_not_sent()
         if not isinstance(data, BYTES_LIKE):  # before a byte of it is sent
             raise TypeError(f"upload of {self.key!r} takes bytes, not {type(data).__name__}")
+        data = in_bytes(data)
         try:
             self._send(self._stream or self._open_stream(), data)
         except StorageError as error:

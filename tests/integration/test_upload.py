@@ -3,6 +3,7 @@ promises from the asyncio client's ``store_content`` and ``store_file``."""
 
 from __future__ import annotations
 
+import array
 import asyncio
 import concurrent.futures
 import hashlib
@@ -410,3 +411,11 @@ def test_a_non_blocking_file_without_data_ready_is_refused_and_the_key_kept(flav
     finally:
         os.close(writing)
     assert client.get_file_data("k") == b"old"
+
+
+@both_flavours
+def test_chunks_of_items_wider_than_a_byte_are_counted_in_bytes(flavour: Flavour, client: Client) -> None:
+    numbers = array.array("i", range(10_000))  # 4 bytes an item
+    chunks = [memoryview(numbers), memoryview(numbers)]
+    assert store(flavour, client, "numbers", chunks, "thumb") == 2 * len(numbers.tobytes())
+    assert client.get_file_data("numbers") == numbers.tobytes() * 2
