@@ -258,4 +258,4 @@ async def _read_awaited(read: Callable[[int], Awaitable[bytes]]) -> AsyncIterato
     while piece := await read(CHUNK_SIZE):
         yield piece
     if piece is None:
-        raise TypeError(f"the read() of {read.__self__!r} gave None, not bytes")  # type: ignore[attr-defined]
+        raise TypeError(f"{read!r} gave None, not bytes: a file with no data ready?")
