@@ -129,14 +129,16 @@ class _Flight:
 class PathCache(Generic[V]):
     """key → value (paths and what the ETag needs), with TTL, single flight and stale-if-error.
 
-    ``lookup`` asks the trackers (e.g. ``client.get_paths``); its value is served ``ttl_seconds``
+    ``lookup(key, previous)`` asks the trackers (e.g. ``client.get_paths``); ``previous`` is the
+    value last known for ``key`` (expired, or found outdated by :meth:`refresh`), else None, so a
+    lookup can doubt an answer that contradicts it. Its value is served ``ttl_seconds``
     (0: never stored), or ``ttl_for(value)`` when given, and ``stale_seconds`` more while every
     tracker is unavailable. A request waits ``wait_seconds`` at most for another thread's lookup
     of the same key. ``clock`` is wall time because a shared backend compares ``stored_at``
     across hosts.
     """
 
-    def __init__(self, lookup: Callable[[str], V], *, backend: CacheBackend | None = None,
+    def __init__(self, lookup: Callable[[str, V | None], V], *, backend: CacheBackend | None = None,
                  ttl_seconds: float = 60.0, stale_seconds: float = 300.0, max_entries: int = 10_000,
                  clock: Callable[[], float] = time.time, wait_seconds: float = 10.0,
                  ttl_for: Callable[[V], float] | None = None) -> None:
@@ -179,7 +181,7 @@ class PathCache(Generic[V]):
             if entry[0] != outdated and self._fresh(entry):
                 return entry[0]
             self.invalidate(key)
-        return self._refresh(key)
+        return self._refresh(key, outdated)
 
     def _fresh(self, entry: tuple[Any, float]) -> bool:
         return self._clock() - entry[1] < self._ttl_of(entry[0])
@@ -208,7 +210,7 @@ class PathCache(Generic[V]):
         if isinstance(self._backend, MemoryCache):
             metrics.recorder.cache_size(len(self._backend))
 
-    def _refresh(self, key: str) -> V:
+    def _refresh(self, key: str, previous: V | None = None) -> V:
         with self._lock:
             flight = self._flights.get(key)
             leading = flight is None
@@ -217,7 +219,7 @@ class PathCache(Generic[V]):
         if not leading:
             return self._join(key, flight)
         try:
-            flight.value = self._fetch(key, flight)
+            flight.value = self._fetch(key, flight, previous)
             return flight.value
         except Exception as error:
             flight.error = error
@@ -238,7 +240,7 @@ class PathCache(Generic[V]):
             return self._refresh(key)
         return flight.value
 
-    def _fetch(self, key: str, flight: _Flight) -> V:
+    def _fetch(self, key: str, flight: _Flight, previous: V | None) -> V:
         # Another thread may have stored a fresh value between our miss and our taking the lead.
         entry, version = self._watched(key)
         if entry is not None and self._fresh(entry):
@@ -246,7 +248,7 @@ class PathCache(Generic[V]):
         with self._lock:
             self.lookups += 1
         try:
-            value = self._lookup(key)
+            value = self._lookup(key, previous if entry is None else entry[0])
         except TrackerUnavailableError as error:
             return self._stale_or_raise(key, error)
         keep = self._looked_up(value)
@@ -330,7 +332,7 @@ class AsyncPathCache(PathCache[V]):
     loop never waits on it; the in-process :class:`MemoryCache` is asked directly.
     """
 
-    def __init__(self, lookup: Callable[[str], Awaitable[V]], **options: Any) -> None:
+    def __init__(self, lookup: Callable[[str, V | None], Awaitable[V]], **options: Any) -> None:
         super().__init__(lookup, **options)  # type: ignore[arg-type]
         self._async_lookup = lookup
         self._in_process = isinstance(self._backend, MemoryCache)
@@ -361,7 +363,7 @@ class AsyncPathCache(PathCache[V]):
             if entry[0] != outdated and self._fresh(entry):
                 return entry[0]
             await self.ainvalidate(key)
-        return await self._refresh(key)
+        return await self._refresh(key, outdated)
 
     async def ainvalidate(self, key: str) -> None:
         """As :meth:`PathCache.invalidate`, with a backend that does I/O asked from a thread. The
@@ -370,7 +372,7 @@ class AsyncPathCache(PathCache[V]):
         await self._backend_call(self._backend.delete, key)
         self._invalidated()
 
-    async def _refresh(self, key: str) -> V:  # type: ignore[override]
+    async def _refresh(self, key: str, previous: V | None = None) -> V:  # type: ignore[override]
         with self._lock:  # invalidate() may run in another thread (a sync client's listener)
             flight = self._flights.get(key)
             leading = flight is None
@@ -383,9 +385,9 @@ class AsyncPathCache(PathCache[V]):
                 cause = TrackerUnavailableError(f"no answer for {key!r} within {self._wait_seconds} s")
                 return self._stale_value(key, await self._backend_call(self._backend.get, key), cause)
             # The leader's task was cancelled (its client went away): look up for ourselves.
-            return await self._refresh(key) if value is _UNSET else value
+            return await self._refresh(key, previous) if value is _UNSET else value
         try:
-            value = await self._fetch_async(key, flight)  # type: ignore[arg-type]
+            value = await self._fetch_async(key, flight, previous)  # type: ignore[arg-type]
         except Exception as error:
             flight.done.set_exception(error)
             flight.done.exception()  # retrieved: no "never retrieved" warning when nobody waits
@@ -401,13 +403,13 @@ class AsyncPathCache(PathCache[V]):
                 if self._flights.get(key) is flight:
                     del self._flights[key]
 
-    async def _fetch_async(self, key: str, flight: _AsyncFlight) -> V:
+    async def _fetch_async(self, key: str, flight: _AsyncFlight, previous: V | None) -> V:
         entry, version = await self._backend_call(self._watched, key) or (None, _UNSET)
         if entry is not None and self._fresh(entry):
             return entry[0]
         self.lookups += 1
         try:
-            value = await self._async_lookup(key)
+            value = await self._async_lookup(key, previous if entry is None else entry[0])
         except TrackerUnavailableError as error:
             return self._stale_value(key, await self._backend_call(self._backend.get, key), error)
         keep = self._looked_up(value)

@@ -10,6 +10,7 @@ only for a few seconds; and it looks a key up anew when the cached replicas turn
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
@@ -33,6 +34,11 @@ _URL_SAFE = re.compile(r"[!-~]+")  # printable ASCII, no blank
 PATH_COUNT = 2
 #: Seconds the copy counts of the domain's classes are reused before being asked again.
 CLASSES_SECONDS = 300.0
+#: Seconds waited before each new ask about a key caught mid-overwrite. mogilefsd's ``create_close``
+#: drops the old file before it records the new one, in separate statements, so meanwhile the key is
+#: unknown (for up to 0.2 s measured on MogileFS 2.73); a key that existed a moment ago is asked
+#: again over 0.3 s before it is called missing.
+SETTLING_PAUSES = (0.02, 0.08, 0.2)
 
 
 class Location:
@@ -159,8 +165,11 @@ class Locator:
         """``location`` with its length, asked of the trackers when it was located without one."""
         if location.length is not None:
             return location
-        info = self.client.file_info(location.key)
-        if f"fid-{info.fid}" != location.etag:  # overwritten meanwhile
+        try:
+            info = self.client.file_info(location.key)
+        except UnknownKeyError:  # deleted, or amid an overwrite: relocating tells which
+            info = None
+        if info is None or f"fid-{info.fid}" != location.etag:  # overwritten meanwhile
             return self.relocate(location)
         return location.with_length(info.length)
 
@@ -181,34 +190,53 @@ class Locator:
             return self._missing_seconds
         return self._seconds if location.complete else self._replicating_seconds
 
-    def _lookup(self, entry: str) -> Location | None:
-        return run_steps(self._lookup_steps(entry), self._call)
+    def _lookup(self, entry: str, previous: Location | None) -> Location | None:
+        return run_steps(self._lookup_steps(entry, previous), self._call)
 
     def _call(self, name: str, *args: Any) -> Any:
-        """One tracker call a step asks for: ``get_paths``, ``file_info`` or ``classes``."""
+        """One call a step asks for: ``get_paths``, ``file_info``, ``classes`` or ``pause``."""
         if name == "classes":
             return self.client.pool.request("get_domains")[0]
+        if name == "pause":
+            return time.sleep(*args)
         return getattr(self.client, name)(*args)
 
-    def _lookup_steps(self, entry: str) -> Steps[Location | None]:
-        """The lookup of a cache entry's key, as the tracker calls it needs (see :func:`run_steps`)."""
+    def _lookup_steps(self, entry: str, previous: Location | None) -> Steps[Location | None]:
+        """The lookup of a cache entry's key, as the calls it needs (see :func:`run_steps`).
+
+        A key caught mid-overwrite (it existed a moment ago, or changed between two answers) is
+        asked again after each of the :data:`SETTLING_PAUSES`; a key never seen is missing at once.
+        """
         key = entry[len(self._entry_prefix):]
-        for attempt in range(2):  # once more if the key was being overwritten (see _ask_steps)
+        existed = previous is not None and previous.key == key
+        pauses = iter(SETTLING_PAUSES)
+        listed_no_replica = False
+        while True:
             try:
                 location = yield from self._ask_steps(key)
             except UnknownKeyError:
-                return None
+                if not existed:
+                    return None
+                changing = False
             except StorageError:  # no live replica listed: a tracker can say so amid an overwrite
-                if attempt:
+                if listed_no_replica:
                     raise
+                listed_no_replica = True
                 continue
-            if location is not None:
-                return location
-        raise StorageError(f"{key!r} changed during its lookup twice in a row")
+            else:
+                if location is not None:
+                    return location
+                existed = changing = True  # it changed between two answers: some version exists
+            pause = next(pauses, None)
+            if pause is None:
+                if changing:
+                    raise StorageError(f"{key!r} kept changing during its lookup")
+                return None
+            yield ("pause", pause)
 
     def _ask_steps(self, key: str) -> Steps[Location | None]:
         """The location from ``get_paths`` (and ``file_info`` when needed); ``None`` if the two
-        answers name different versions."""
+        answers name different versions, or ``file_info`` no longer knows the key."""
         listed = yield ("get_paths", key, True, None, PATH_COUNT)
         paths = tuple(path for path in listed if _usable(path))
         if not paths:
@@ -218,7 +246,10 @@ class Locator:
         copies = yield from self._class_copies_steps()
         if not self.with_length and len(paths) >= min(PATH_COUNT, max(copies.values(), default=PATH_COUNT)):
             return Location(key, paths, etag)
-        info = yield ("file_info", key)
+        try:
+            info = yield ("file_info", key)
+        except UnknownKeyError:
+            return None
         if etag.startswith("fid-") and etag != f"fid-{info.fid}":
             return None
         copies = yield from self._class_copies_steps(info.cls)
@@ -280,17 +311,22 @@ class AsyncLocator(Locator):
         """As :meth:`Locator.with_length_of`, awaited."""
         if location.length is not None:
             return location
-        info = await self.client.file_info(location.key)
-        if f"fid-{info.fid}" != location.etag:
+        try:
+            info = await self.client.file_info(location.key)
+        except UnknownKeyError:  # deleted, or amid an overwrite: relocating tells which
+            info = None
+        if info is None or f"fid-{info.fid}" != location.etag:  # overwritten meanwhile
             return await self.relocate(location)
         return location.with_length(info.length)
 
-    async def _lookup(self, entry: str) -> Location | None:  # type: ignore[override]
-        return await arun_steps(self._lookup_steps(entry), self._call)
+    async def _lookup(self, entry: str, previous: Location | None) -> Location | None:  # type: ignore[override]
+        return await arun_steps(self._lookup_steps(entry, previous), self._call)
 
     async def _call(self, name: str, *args: Any) -> Any:  # type: ignore[override]
         if name == "classes":
             return (await self.client.pool.request("get_domains"))[0]
+        if name == "pause":
+            return await asyncio.sleep(*args)
         return await getattr(self.client, name)(*args)
 
 

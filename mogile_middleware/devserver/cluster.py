@@ -40,7 +40,9 @@ class DevMogileFS:
     works as mogilefsd does: a new file (or one moved to a class with more copies) gets its
     other copies, and the files of a deleted or overwritten fid are deleted from the nodes, that
     many seconds later; the metadata changes at once. Work not yet due when :meth:`stop` is
-    called is dropped (see :class:`~.replication.BackgroundWork`).
+    called is dropped (see :class:`~.replication.BackgroundWork`). ``overwrite_gap`` seconds (0 by
+    default) leave an overwritten key unknown between its old file and its new one, as mogilefsd
+    does for a moment.
 
     ``tracker_idle_timeout`` (60 s), ``tracker_line_timeout`` (10 s) and ``tracker_max_connections``
     (200) are the tracker's ``idle_timeout``, ``line_timeout`` and ``max_connections``
@@ -57,14 +59,16 @@ class DevMogileFS:
         storage_nodes: int = 2,
         domains: Mapping[str, Mapping[str, int]] | None = None,
         replication_delay: float = 0.0,
+        overwrite_gap: float = 0.0,
         tracker_idle_timeout: float = 60.0,
         tracker_line_timeout: float = 10.0,
         tracker_max_connections: int = 200,
     ) -> None:
-        if replication_delay < 0:
-            raise ValueError(f"the replication delay cannot be negative: {replication_delay}")
+        if replication_delay < 0 or overwrite_gap < 0:
+            raise ValueError(f"delays cannot be negative: replication {replication_delay}, overwrite {overwrite_gap}")
         self.host = host
         self.replication_delay = replication_delay
+        self.overwrite_gap = overwrite_gap
         self.tracker_idle_timeout = tracker_idle_timeout
         self.tracker_line_timeout = tracker_line_timeout
         self.tracker_max_connections = tracker_max_connections
@@ -124,6 +128,7 @@ class DevMogileFS:
             self.host,
             self._tracker_port,
             replication_delay=self.replication_delay,
+            overwrite_gap=self.overwrite_gap,
             idle_timeout=self.tracker_idle_timeout,
             line_timeout=self.tracker_line_timeout,
             max_connections=self.tracker_max_connections,

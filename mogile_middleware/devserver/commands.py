@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+import time
 
 from ..protocol import MAX_KEY_BYTES
 from . import httpstore
@@ -117,6 +118,8 @@ def create_close(ctx: Context, args: dict[str, str]) -> Reply:
         actual = f"MD5:{httpstore.md5_hex(path)}"
         if actual != checksum:
             raise fail("checksum_mismatch", f"Expected: {checksum}; actual: {actual}; path: {path}")
+    if ctx.overwrite_gap:
+        _drop_overwritten(ctx, dmid, key)
     old_fid, old_devids = ctx.store.store_file(fid, dmid, key, size, temp.classid, devid)
     if old_devids:
         ctx.work.remove(ctx, old_fid, old_devids)
@@ -124,6 +127,15 @@ def create_close(ctx: Context, args: dict[str, str]) -> Reply:
         ctx.store.set_checksum(fid, "MD5", checksum[4:])
     ctx.work.replicate(ctx, fid)
     return None
+
+
+def _drop_overwritten(ctx: Context, dmid: int, key: str) -> None:
+    """Drop the file ``key`` names, then wait: mogilefsd drops it and records the new one in
+    separate statements, so another client may find the key unknown in between."""
+    old = ctx.store.file_by_key(dmid, key)
+    if old is not None:
+        ctx.work.remove(ctx, old.fid, ctx.store.delete_file(old.fid))
+        time.sleep(ctx.overwrite_gap)
 
 
 def get_paths(ctx: Context, args: dict[str, str]) -> Reply:

@@ -63,11 +63,13 @@ Reply = Mapping[str, str | int] | None
 
 @dataclass(frozen=True)
 class Context:
-    """What a command handler works with: the metadata, the live view of the devices, the work it leaves."""
+    """What a command handler works with: the metadata, the live view of the devices, the work it
+    leaves, and the seconds an overwrite leaves its key unknown (see :class:`~.tracker_server.TrackerServer`)."""
 
     store: MetadataStore
     monitor: DeviceMonitor
     work: BackgroundWork
+    overwrite_gap: float = 0.0
 
 
 Handler = Callable[[Context, dict[str, str]], Reply]

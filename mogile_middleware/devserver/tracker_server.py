@@ -94,6 +94,8 @@ class TrackerServer(BackgroundServer):
 
     :param replication_delay: seconds (0: synchronous) by which the copies up to mindevcount and
         the deletion of dropped data are delayed, as mogilefsd's background jobs do.
+    :param overwrite_gap: seconds (0: none) between dropping the file an overwrite replaces and
+        recording the new one, during which the key is unknown, as in mogilefsd's ``create_close``.
     :param idle_timeout: seconds a connection may wait between lines (or take to read a reply)
         before it is closed; 60 by default, so a client keeping a connection open between
         requests sends at least one request a minute.
@@ -111,6 +113,7 @@ class TrackerServer(BackgroundServer):
         port: int = 0,
         *,
         replication_delay: float = 0.0,
+        overwrite_gap: float = 0.0,
         idle_timeout: float = 60.0,
         line_timeout: float = 10.0,
         max_connections: int = 200,
@@ -125,7 +128,7 @@ class TrackerServer(BackgroundServer):
         self.max_connections = max_connections
         self.store = store
         self.monitor = DeviceMonitor(store, on_recovery=self._request_repair)
-        self._context = Context(store, self.monitor, BackgroundWork(replication_delay))
+        self._context = Context(store, self.monitor, BackgroundWork(replication_delay), overwrite_gap)
         self._repairer = Repairer(self._context)
         self._handlers: dict[str, Handler] = {**FILE_COMMANDS, **ADMIN_COMMANDS, **HOST_COMMANDS, **SETTINGS_COMMANDS}
         self._started = time.monotonic()

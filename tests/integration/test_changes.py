@@ -10,6 +10,7 @@ duplicated headers are invisible to WSGI-level tests.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,12 +24,16 @@ from integration._wire_client import HTTPReply, eventually, free_port, http_requ
 
 from mogile_middleware import Client
 from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.exceptions import UnknownKeyError
+from mogile_middleware.locate import SETTLING_PAUSES
 from mogile_middleware.memcache import MemcachedBackend
 
 pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
 
 #: Seconds the development tracker waits before replicating and before deleting old files.
 DELAY = 0.5
+#: Seconds an overwrite leaves its key unknown, as mogilefsd's ``create_close`` does for a moment.
+GAP = 0.25
 CACHE_CONTROL = "public, max-age=3600"
 #: Headers that describe a file: an error answer carries none of them (416: RFC 9110 allows ETag).
 FILE_HEADERS = {"etag", "accept-ranges", "content-range", "x-reproxy-url", "x-accel-redirect"}
@@ -49,6 +54,14 @@ SERVERS = [pytest.param(("sync", 1), id="gunicorn"), pytest.param(UVICORN, id="u
 @pytest.fixture
 def mogile(tmp_path: Path) -> Iterator[DevMogileFS]:
     with DevMogileFS(tmp_path / "mogdata", domains={DOMAIN: CLASSES}, replication_delay=DELAY) as mogile:
+        yield mogile
+
+
+@pytest.fixture
+def gapped(tmp_path: Path) -> Iterator[DevMogileFS]:
+    """The same, with overwrites that leave their key unknown for :data:`GAP` seconds."""
+    with DevMogileFS(tmp_path / "mogdata", domains={DOMAIN: CLASSES}, replication_delay=DELAY,
+                     overwrite_gap=GAP) as mogile:
         yield mogile
 
 
@@ -173,6 +186,54 @@ def test_an_unknown_key_costs_one_tracker_call(mogile: DevMogileFS, tmp_path: Pa
         for _ in range(100):
             assert ask(server, "/mogilefs/missing.txt").status == 404
         assert len(count_file.read_text().splitlines()) == 1
+
+
+def key_unknown(client: Client, key: str) -> bool:
+    try:
+        client.get_paths(key)
+    except UnknownKeyError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("workers", SERVERS)
+def test_a_request_amid_an_outside_overwrite_gets_the_new_file_not_a_404(gapped: DevMogileFS,
+                                                                         workers: tuple[str, int]) -> None:
+    """The cached replicas are gone and the tracker, amid another overwrite, does not know the key
+    for a moment: the middleware asks again rather than answer (and keep) a 404."""
+    writer, watcher = Client(DOMAIN, gapped.trackers), Client(DOMAIN, gapped.trackers)
+    writer.store_content("hot.png", b"one", cls="avatar")
+    with serve(gapped, workers) as server:
+        assert ask(server, "/mogilefs/hot.png").body == b"one"
+        old_urls = writer.get_paths("hot.png")
+        writer.store_content("hot.png", b"two", cls="avatar")
+        wait_until_gone(old_urls)
+        overwrite = threading.Thread(target=writer.store_content, args=("hot.png", b"three", "avatar"))
+        overwrite.start()
+        try:
+            assert eventually(lambda: key_unknown(watcher, "hot.png"), bool, timeout=5, every=0.005)
+            amid = ask(server, "/mogilefs/hot.png")
+        finally:
+            overwrite.join(10)
+        assert (amid.status, amid.body) == (200, b"three")
+        assert ask(server, "/mogilefs/hot.png").body == b"three"
+
+
+@pytest.mark.parametrize("workers", SERVERS)
+def test_a_deleted_key_is_asked_again_briefly_then_its_404_is_kept(mogile: DevMogileFS, tmp_path: Path,
+                                                                   workers: tuple[str, int]) -> None:
+    """Asking again about a key that existed a moment ago is bounded: a few asks, then one 404 kept."""
+    count_file = tmp_path / "lookups"
+    writer = Client(DOMAIN, mogile.trackers)
+    writer.store_content("gone.png", b"soon deleted", cls="thumb")
+    with serve(mogile, workers, MOGILE_COUNT_FILE=str(count_file)) as server:
+        assert ask(server, "/mogilefs/gone.png").status == 200
+        old_urls = writer.get_paths("gone.png")
+        writer.delete("gone.png")
+        wait_until_gone(old_urls)
+        for _ in range(20):
+            assert_clean_error(ask(server, "/mogilefs/gone.png"), 404)
+        assert len(count_file.read_text().splitlines()) == 1 + 1 + len(SETTLING_PAUSES)
 
 
 def test_a_write_by_the_middlewares_own_client_is_seen_at_once(mogile: DevMogileFS) -> None:

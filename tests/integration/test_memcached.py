@@ -120,13 +120,13 @@ def test_a_worker_never_brings_back_the_version_a_writer_replaced(devmogile: Dev
     reader = Client(DOMAIN, devmogile.trackers)
     looked_up, release = threading.Event(), threading.Event()
 
-    def lookup(entry: str) -> Location:  # the cache's entries are by domain, as the middleware's
+    def lookup(entry: str, previous: Location | None = None) -> Location:  # entries by domain, as the middleware's
         key = entry.split(":", 2)[2]
         info = reader.file_info(key)
         return Location(key, tuple(reader.get_paths(key)), f"fid-{info.fid}", info.length, True)
 
-    def slow_lookup(entry: str) -> Location:
-        paths = lookup(entry)
+    def slow_lookup(entry: str, previous: Location | None) -> Location:
+        paths = lookup(entry, previous)
         looked_up.set()
         release.wait(10)
         return paths
@@ -147,9 +147,9 @@ def test_a_worker_never_brings_back_the_version_a_writer_replaced(devmogile: Dev
 def test_the_lookup_after_a_change_is_stored_at_once(backend: MemcachedBackend) -> None:
     """A change marks the key; the first lookup after it replaces the mark, for every process."""
     key, found = "after-change", iter([location(1, "after-change"), location(2, "after-change")])
-    cache = PathCache(lambda _: next(found), backend=backend, ttl_seconds=60)
-    async_cache = AsyncPathCache(_async(lambda _: location(3, key)), backend=MemcachedBackend(backend.servers),
-                                 ttl_seconds=60)
+    cache = PathCache(lambda key, previous: next(found), backend=backend, ttl_seconds=60)
+    async_cache = AsyncPathCache(_async(lambda key, previous: location(3, key)),
+                                 backend=MemcachedBackend(backend.servers), ttl_seconds=60)
     assert cache.get(key) == location(1, key)
     cache.invalidate(key)  # a write through this process's client, or replicas that failed
     assert [cache.get(key) for _ in range(3)] == [location(2, key)] * 3 and cache.lookups == 2
@@ -159,9 +159,10 @@ def test_the_lookup_after_a_change_is_stored_at_once(backend: MemcachedBackend) 
     assert async_cache.lookups == 1 and cache.get(key) == location(3, key) and cache.lookups == 2
 
 
-def _async(lookup: Callable[[str], Location]) -> Callable[[str], Awaitable[Location]]:
-    async def looked_up(key: str) -> Location:
-        return lookup(key)
+def _async(lookup: Callable[[str, Location | None], Location]
+           ) -> Callable[[str, Location | None], Awaitable[Location]]:
+    async def looked_up(key: str, previous: Location | None) -> Location:
+        return lookup(key, previous)
     return looked_up
 
 
@@ -384,7 +385,7 @@ def test_a_writer_marks_a_change_on_a_server_it_took_for_dead_once_it_is_back(me
 
 
 def test_the_path_cache_asks_the_lookup_while_memcached_is_down(memcached: MemcachedServer) -> None:
-    cache = PathCache(lambda key: location(7, key), backend=MemcachedBackend(memcached.address))
+    cache = PathCache(lambda key, previous: location(7, key), backend=MemcachedBackend(memcached.address))
     assert [cache.get("a") for _ in range(3)] == [location(7, "a")] * 3 and cache.lookups == 1
     memcached.stop()
     assert [cache.get("a") for _ in range(3)] == [location(7, "a")] * 3 and cache.lookups == 4

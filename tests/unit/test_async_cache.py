@@ -25,11 +25,13 @@ class Lookup:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.previous: list[str | None] = []  # what each call was told was last known
         self.error: Exception | None = None
         self.gate: asyncio.Event | None = None
 
-    async def __call__(self, key: str) -> str:
+    async def __call__(self, key: str, previous: str | None) -> str:
         self.calls += 1
+        self.previous.append(previous)
         if self.gate is not None:
             await self.gate.wait()
         if self.error is not None:
@@ -115,6 +117,7 @@ def test_invalidate_and_refresh() -> None:
         assert (first, second) == ("k@1", "k@2")
         assert await cache.refresh("k", "k@1") == "k@2"  # already replaced: no lookup
         assert await cache.refresh("k", "k@2") == "k@3" and lookup.calls == 3
+        assert lookup.previous == [None, None, "k@2"]  # the refresh told what proved outdated
     asyncio.run(scenario())
 
 

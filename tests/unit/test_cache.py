@@ -35,6 +35,7 @@ class Lookup:
 
     def __init__(self, delay: float = 0.0, hold: int = 0) -> None:
         self.calls = 0
+        self.previous: list[Any] = []  # what each call was told was last known
         self.delay = delay
         self.error: Exception | None = None
         self.hold = hold  # this call (1 = the first) waits for ``release`` once ``entered`` is set
@@ -42,9 +43,10 @@ class Lookup:
         self.release = threading.Event()
         self._lock = threading.Lock()
 
-    def __call__(self, key: str) -> list[str]:
+    def __call__(self, key: str, previous: list[str] | None) -> list[str]:
         with self._lock:
             self.calls += 1
+            self.previous.append(previous)
             call = self.calls
         if call == self.hold:
             self.entered.set()
@@ -192,6 +194,20 @@ def test_ttl_expiry_looks_up_again(lookup: Lookup, clock: Clock, elapsed: float,
     assert lookup.calls == int(expected[1:])
 
 
+def test_a_lookup_is_told_the_value_last_known(lookup: Lookup, clock: Clock) -> None:
+    """An expired value still kept, or the one a refresh found outdated, is handed to the lookup."""
+    cache = make_cache(lookup, clock)
+    first = cache.get("k")
+    clock.advance(TTL)
+    second = cache.get("k")
+    cache.refresh("k", second)
+    cache.invalidate("k")
+    cache.get("k")
+    clock.advance(TTL + STALE)  # no longer kept
+    cache.get("k")
+    assert lookup.previous == [None, first, second, None, None]
+
+
 def test_concurrent_misses_make_one_lookup(clock: Clock) -> None:
     lookup = Lookup(delay=0.1)
     cache = make_cache(lookup, clock)
@@ -237,7 +253,7 @@ def test_miss_that_races_a_finishing_lookup_does_not_look_up_again(lookup: Looku
 def test_different_keys_do_not_wait_for_each_other(clock: Clock) -> None:
     both_inside = threading.Barrier(2)
 
-    def lookup(key: str) -> list[str]:
+    def lookup(key: str, previous: list[str] | None) -> list[str]:
         both_inside.wait(timeout=2)  # broken if one key's lookup waits for the other's
         return [key]
 
@@ -361,7 +377,7 @@ def test_waiters_retry_when_the_looking_up_thread_is_interrupted(clock: Clock) -
     calls: list[str] = []
     entered, release, interrupted = threading.Event(), threading.Event(), threading.Event()
 
-    def lookup(key: str) -> list[str]:
+    def lookup(key: str, previous: list[str] | None) -> list[str]:
         calls.append(key)
         if len(calls) == 1:
             entered.set()
