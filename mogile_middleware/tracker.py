@@ -294,22 +294,29 @@ class TrackerPoolBase:
                     self.mark_dead(address)
                     raise TimeoutError(f"no reply within {self.io_timeout:g}s") from error
                 # The tracker may close kept-open connections at any time: try once on a new one.
-        try:
-            connection = yield Dial(address)
-        except OSError:
-            self.mark_dead(address)
-            raise
-        try:
-            return (yield Ask(connection, line, deadline))
-        except (OSError, ProtocolError) as error:
-            # A tracker that accepts and never answers is skipped. One that closes a new connection
-            # or cuts its reply is alive (mogilefsd closes it when one of its workers misspeaks):
-            # only this request fails there.
-            if isinstance(error, TimeoutError):
+        # mogilefsd closes a new connection too, when one of its workers misspoke to another client
+        # (a rename onto a taken key): a command safe to repeat is sent on up to two more.
+        closes_allowed = 2 if retry_midway else 0
+        while True:
+            try:
+                connection = yield Dial(address)
+            except OSError:
                 self.mark_dead(address)
-            if not retry_midway:
-                raise _SentAndLost() from error
-            raise
+                raise
+            if deadline is None:
+                deadline = time.monotonic() + self.io_timeout
+            try:
+                return (yield Ask(connection, line, deadline))
+            except (OSError, ProtocolError) as error:
+                # A tracker that accepts and never answers is skipped. One that closes a new
+                # connection or cuts its reply is alive: only this request fails there.
+                if isinstance(error, TimeoutError):
+                    self.mark_dead(address)
+                if not retry_midway:
+                    raise _SentAndLost() from error
+                if not closes_allowed or not isinstance(error, ConnectionError) or time.monotonic() >= deadline:
+                    raise
+                closes_allowed -= 1
 
     def _describe(self) -> str:
         return ", ".join(_describe(address) for address in self.addresses)
@@ -322,9 +329,10 @@ class TrackerPool(TrackerPoolBase):
     :param connect_timeout: seconds to wait for a TCP connect; a dead tracker costs at most this.
     :param io_timeout: seconds from sending a command to a tracker until its whole reply line has
         arrived, however slowly it comes. The retry of an idempotent command on a new connection,
-        after a kept-open one failed, gets only what is left of the same deadline (plus its
-        connect). A request thus costs at most ``connect_timeout + io_timeout`` per tracker tried
-        (name resolution aside), and a tracker that misses the deadline is marked dead.
+        after a kept-open one failed or a new one was closed before its reply, gets only what is
+        left of the same deadline (plus its connect). A request thus costs at most ``io_timeout``
+        and a ``connect_timeout`` per connection opened (three at most) per tracker tried (name
+        resolution aside), and a tracker that misses the deadline is marked dead.
     :param dead_seconds: how long a tracker that failed is skipped.
     :param clock: a monotonic clock (tests pass a fake one).
     """

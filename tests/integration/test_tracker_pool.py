@@ -116,18 +116,39 @@ def test_a_tracker_that_never_answers_costs_the_io_timeout_then_the_next_one_ans
 
 
 @both_flavours
-@pytest.mark.parametrize("command", ["get_paths", "rename"])
-def test_a_tracker_that_closes_a_new_connection_is_not_marked_dead(flavour: Flavour, command: str) -> None:
+@pytest.mark.parametrize(("closes", "answered"), [(1, True), (2, True), (3, False)])
+def test_a_command_safe_to_repeat_is_sent_once_more_when_a_new_connection_is_closed(
+        flavour: Flavour, closes: int, answered: bool) -> None:
     """mogilefsd closes a client's connection when a worker misspeaks (its rename answers a taken
-    key twice): that request fails, the tracker stays in use."""
+    key twice): get_paths is sent again on up to two more new connections; the tracker stays in use."""
+    left = [True] * closes
+    closing = ScriptedTracker(lambda line: None if left and left.pop() else ok(line))
+    try:
+        pool = flavour.TrackerPool([closing.tracker], dead_seconds=5)
+        if answered:
+            assert pool.request("get_paths", {"key": "k"})[1] == closing.address
+        else:
+            with pytest.raises(TrackerUnavailableError, match="closed the connection"):
+                pool.request("get_paths", {"key": "k"})
+        tries = min(closes + 1, 3)
+        assert (closing.connections, len(closing.requests)) == (tries, tries)
+        assert pool.live_trackers() == [closing.address]
+        assert pool.request("get_paths", {"key": "k"})[1] == closing.address
+    finally:
+        closing.stop()
+
+
+@both_flavours
+def test_a_command_not_safe_to_repeat_is_not_sent_again_when_a_new_connection_is_closed(flavour: Flavour) -> None:
     closes = [True]
     closing = ScriptedTracker(lambda line: None if closes and closes.pop() else b"OK \r\n")
     try:
         pool = flavour.TrackerPool([closing.tracker], dead_seconds=5)
-        with pytest.raises(TrackerUnavailableError, match="closed the connection"):
-            pool.request(command, {"key": "k"})
+        with pytest.raises(OutcomeUnknownError, match="closed the connection"):
+            pool.request("rename", {"from_key": "a", "to_key": "b"})
+        assert len(closing.requests) == 1
         assert pool.live_trackers() == [closing.address]
-        assert pool.request(command, {"key": "k"})[1] == closing.address
+        assert pool.request("rename", {"from_key": "a", "to_key": "b"})[1] == closing.address
     finally:
         closing.stop()
 
