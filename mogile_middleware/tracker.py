@@ -41,6 +41,10 @@ IDEMPOTENT_COMMANDS = frozenset(
     {"noop", "get_paths", "file_info", "file_debug", "list_keys", "list_fids", "get_domains",
      "get_hosts", "get_devices", "server_settings"}
 )
+#: Commands whose answer waits on a storage node (mogilefsd checks the new file's size there, and
+#: its MD5 when asked to): a tracker that misses their deadline is not marked dead for it.
+ANSWERED_AFTER_STORAGE = frozenset({"create_close"})
+_NOOP = b"noop\r\n"
 
 
 #: The port of a tracker given without one: mogilefsd's.
@@ -229,7 +233,10 @@ class TrackerPoolBase:
 
     def _reset(self) -> None:
         """Start with no tracker marked dead (and, in a pool, no connection)."""
+        # A tracker stays here after its dead time, until it answers again (see _probe_steps).
         self._dead_until: dict[Address, float] = {}
+        self._probing: set[Address] = set()
+        self._probing_lock = threading.Lock()
 
     def live_trackers(self) -> list[Address]:
         """The trackers not marked dead now, in the configured order."""
@@ -249,6 +256,7 @@ class TrackerPoolBase:
         """The steps of one request (see :meth:`TrackerPool.request`), for a pool to carry out."""
         line = encode_request(command, args)
         retry_midway = command in IDEMPOTENT_COMMANDS
+        may_take_long = command in ANSWERED_AFTER_STORAGE
         candidates: Sequence[Address] = [tracker] if tracker is not None else self.live_trackers()
         if tracker is None and len(candidates) < len(self.addresses):
             for address in self.addresses:
@@ -260,9 +268,14 @@ class TrackerPoolBase:
             )
         failures: list[str] = []
         for address in candidates:
+            if tracker is None and address in self._dead_until:
+                not_back = yield from self._probe_steps(address)
+                if not_back:
+                    failures.append(f"{_describe(address)}: {not_back}")
+                    continue
             started, outcome = time.monotonic(), "failed"
             try:
-                reply = yield from self._steps_on(address, line, retry_midway)
+                reply = yield from self._steps_on(address, line, retry_midway, may_take_long)
                 outcome = "ok"
                 return reply, address
             except TrackerError:
@@ -279,7 +292,31 @@ class TrackerPoolBase:
                 metrics.recorder.tracker_call(self._names.get(address) or _describe(address), command, time.monotonic() - started, outcome)
         raise TrackerUnavailableError("no tracker answered: " + "; ".join(failures))
 
-    def _steps_on(self, address: Address, line: bytes, retry_midway: bool) -> Generator[Step, Any, Reply]:
+    def _probe_steps(self, address: Address) -> Generator[Step, Any, str | None]:
+        """Whether a tracker whose dead time has passed is back: ``None`` once it answered a
+        ``noop`` within ``connect_timeout`` (so one that still hangs costs that, not
+        ``io_timeout``), else why not. One request at a time asks; the others skip it meanwhile."""
+        with self._probing_lock:
+            if address in self._probing:
+                metrics.recorder.tracker_skipped(self._names[address])
+                return "another request is asking whether it is back"
+            self._probing.add(address)
+        try:
+            connection = yield Dial(address)
+            yield Ask(connection, _NOOP, time.monotonic() + min(self.connect_timeout, self.io_timeout))
+        except TrackerError:
+            pass  # an answer all the same
+        except (OSError, ProtocolError) as error:
+            self.mark_dead(address)
+            return f"still no answer ({error or type(error).__name__})"
+        finally:
+            with self._probing_lock:
+                self._probing.discard(address)
+        self._dead_until.pop(address, None)
+        return None
+
+    def _steps_on(self, address: Address, line: bytes, retry_midway: bool,
+                  may_take_long: bool) -> Generator[Step, Any, Reply]:
         """One request to one tracker: on a pooled connection, else on a new one."""
         deadline = None
         connection = yield TakeIdle(address)
@@ -310,7 +347,7 @@ class TrackerPoolBase:
             except (OSError, ProtocolError) as error:
                 # A tracker that accepts and never answers is skipped. One that closes a new
                 # connection or cuts its reply is alive: only this request fails there.
-                if isinstance(error, TimeoutError):
+                if isinstance(error, TimeoutError) and not may_take_long:
                     self.mark_dead(address)
                 if not retry_midway:
                     raise _SentAndLost() from error

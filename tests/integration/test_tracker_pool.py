@@ -99,6 +99,81 @@ def test_every_tracker_dead_raises_at_once_without_dialling(flavour: Flavour) ->
 
 
 @both_flavours
+def test_whether_a_hung_tracker_is_back_is_asked_with_a_noop_within_the_connect_timeout(flavour: Flavour) -> None:
+    """Every tracker hangs, as when their database does: once its dead time has passed, a tracker
+    costs a request connect_timeout (a noop), not io_timeout, until it answers again."""
+    clock = FakeClock()
+    hung = ScriptedTracker(lambda line: b"")
+    try:
+        pool = flavour.TrackerPool([hung.tracker], connect_timeout=0.1, io_timeout=1.0, dead_seconds=5, clock=clock)
+        started = time.monotonic()
+        with pytest.raises(TrackerUnavailableError, match="no tracker answered"):
+            pool.request("get_paths", {"key": "k"})
+        assert 1.0 <= time.monotonic() - started < 1.8
+        clock.now += 5
+        started = time.monotonic()
+        with pytest.raises(TrackerUnavailableError, match="still no answer"):
+            pool.request("get_paths", {"key": "k"})
+        assert time.monotonic() - started < 0.6
+        assert hung.requests[-1] == b"noop\r\n"
+        with pytest.raises(TrackerUnavailableError, match="marked dead"):  # for dead_seconds again
+            pool.request("get_paths", {"key": "k"})
+        hung.script = ok  # back
+        clock.now += 5
+        assert pool.request("get_paths", {"key": "k"})[1] == hung.address
+        assert pool.request("get_paths", {"key": "k2"})[1] == hung.address
+        assert [line.split()[0] for line in hung.requests[-3:]] == [b"noop", b"get_paths", b"get_paths"]
+    finally:
+        hung.stop()
+
+
+@both_flavours
+def test_while_one_request_asks_whether_a_tracker_is_back_the_others_skip_it(flavour: Flavour) -> None:
+    clock = FakeClock()
+    asked = threading.Event()
+
+    def slow_noop(line: bytes) -> bytes:
+        if line == b"noop\r\n":
+            asked.set()
+            time.sleep(0.5)
+        return ok(line)
+
+    tracker = ScriptedTracker(slow_noop)
+    try:
+        pool = flavour.TrackerPool([tracker.tracker], connect_timeout=2, dead_seconds=5, clock=clock)
+        pool.mark_dead(tracker.address)
+        clock.now += 5
+        outcome: list[object] = []
+        asking = threading.Thread(target=lambda: outcome.append(pool.request("get_paths", {"key": "k"})[1]))
+        asking.start()
+        assert asked.wait(5)
+        started = time.monotonic()
+        with pytest.raises(TrackerUnavailableError, match="another request is asking whether it is back"):
+            pool.request("get_paths", {"key": "k"})
+        assert time.monotonic() - started < 0.3
+        asking.join(5)
+        assert outcome == [tracker.address]
+        assert pool.request("get_paths", {"key": "k"})[1] == tracker.address
+    finally:
+        tracker.stop()
+
+
+@both_flavours
+def test_a_create_close_past_its_deadline_leaves_the_tracker_alive(flavour: Flavour) -> None:
+    """mogilefsd answers create_close once it has checked the file on the storage node: a slow
+    node makes it late, which says nothing of the tracker."""
+    tracker = ScriptedTracker(lambda line: b"" if line.startswith(b"create_close") else ok(line))
+    try:
+        pool = flavour.TrackerPool([tracker.tracker], io_timeout=0.3, dead_seconds=5)
+        with pytest.raises(OutcomeUnknownError, match="may or may not"):
+            pool.request("create_close", {"key": "k", "fid": "1"}, tracker=tracker.address)
+        assert pool.live_trackers() == [tracker.address]
+        assert pool.request("get_paths", {"key": "k"})[1] == tracker.address
+    finally:
+        tracker.stop()
+
+
+@both_flavours
 def test_a_tracker_that_never_answers_costs_the_io_timeout_then_the_next_one_answers(tracker: ScriptedTracker,
                                                                                      flavour: Flavour) -> None:
     silent = ScriptedTracker(lambda line: b"")
