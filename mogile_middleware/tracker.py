@@ -301,15 +301,18 @@ class TrackerPoolBase:
                 metrics.recorder.tracker_skipped(self._names[address])
                 return "another request is asking whether it is back"
             self._probing.add(address)
+        started, outcome = time.monotonic(), "ok"
         try:
             connection = yield Dial(address)
-            yield Ask(connection, _NOOP, time.monotonic() + min(self.connect_timeout, self.io_timeout))
+            yield Ask(connection, _NOOP, started + min(self.connect_timeout, self.io_timeout))
         except TrackerError:
-            pass  # an answer all the same
+            outcome = "error"  # an answer all the same
         except (OSError, ProtocolError) as error:
+            outcome = "failed"
             self.mark_dead(address)
             return f"still no answer ({error or type(error).__name__})"
         finally:
+            metrics.recorder.tracker_call(self._names[address], "noop", time.monotonic() - started, outcome)
             with self._probing_lock:
                 self._probing.discard(address)
         self._dead_until.pop(address, None)

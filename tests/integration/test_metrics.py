@@ -114,6 +114,15 @@ def test_a_skip_is_counted_when_every_tracker_is_marked_dead(counts: Counts) -> 
     assert counts("dead_tracker_skips_total", tracker=dead) == 1
 
 
+def test_asking_whether_a_dead_tracker_is_back_is_counted_as_a_noop(counts: Counts) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    app = TestApp(MogileFSMiddleware(not_found, client=Client(DOMAIN, [dead], dead_seconds=0)))
+    app.get("/mogilefs/a.txt", status=503)  # refused: marked dead, for no time
+    app.get("/mogilefs/b.txt", status=503)  # asked whether it is back: refused again
+    assert counts("tracker_calls_total", tracker=dead, command="get_paths", outcome="failed") == 1
+    assert counts("tracker_calls_total", tracker=dead, command="noop", outcome="failed") == 1
+
+
 def test_changes_dead_trackers_failovers_and_stale_paths(devmogile: DevMogileFS, counts: Counts) -> None:
     dead = f"127.0.0.1:{free_port()}"
     client = Client(DOMAIN, [dead, *devmogile.trackers])
