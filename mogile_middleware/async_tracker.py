@@ -135,11 +135,14 @@ class AsyncTrackerPool(TrackerPoolBase):
         connections = self._connections()
         async with connections.slots:
             runner = StepRunner(self.steps(command, args, tracker))
-            for step in runner:
-                try:
-                    runner.result = await self._carry_out(connections, step)
-                except Exception as error:
-                    runner.error = error
+            try:
+                for step in runner:
+                    try:
+                        runner.result = await self._carry_out(connections, step)
+                    except Exception as error:
+                        runner.error = error
+            finally:
+                runner.close()
             return runner.value
 
     async def _carry_out(self, connections: _LoopConnections, step: Step) -> object:

@@ -217,7 +217,7 @@ class PathCache(Generic[V]):
             if flight is None:
                 flight = self._flights[key] = _Flight()
         if not leading:
-            return self._join(key, flight)
+            return self._join(key, flight, previous)
         try:
             flight.value = self._fetch(key, flight, previous)
             return flight.value
@@ -230,14 +230,14 @@ class PathCache(Generic[V]):
                     del self._flights[key]
             flight.done.set()
 
-    def _join(self, key: str, flight: _Flight) -> V:
+    def _join(self, key: str, flight: _Flight, previous: V | None) -> V:
         if not flight.done.wait(self._wait_seconds):
             cause = TrackerUnavailableError(f"no answer for {key!r} within {self._wait_seconds} s")
             return self._stale_or_raise(key, cause)
         if flight.error is not None:
             raise flight.error
         if flight.value is _UNSET:  # the leader was interrupted (e.g. a killed greenlet): try again
-            return self._refresh(key)
+            return self._refresh(key, previous)
         return flight.value
 
     def _fetch(self, key: str, flight: _Flight, previous: V | None) -> V:
@@ -256,7 +256,9 @@ class PathCache(Generic[V]):
             with flight.lock:
                 if not flight.invalidated:
                     self._safely(self._store, key, value, keep, version)
-            self._report_size()
+        elif entry is not None:  # an old value would be served stale, and taken as the last known
+            self._safely(self._backend.delete, key)
+        self._report_size()
         return value
 
     def _watched(self, key: str) -> tuple[tuple[Any, float] | None, Any]:
@@ -415,7 +417,9 @@ class AsyncPathCache(PathCache[V]):
         keep = self._looked_up(value)
         if keep:
             await self._backend_call(self._store_unless_invalidated, flight, key, value, keep, version)
-            self._report_size()
+        elif entry is not None:  # as in PathCache._fetch
+            await self._backend_call(self._backend.delete, key)
+        self._report_size()
         return value
 
     def _store_unless_invalidated(self, flight: _AsyncFlight, key: str, value: V, keep: float, version: Any) -> None:

@@ -238,7 +238,7 @@ class Client(ClientBase):
     :param trackers: ``"host:port"`` strings (or one whitespace/comma-separated string).
     :param connect_timeout: seconds for a TCP connect to a tracker.
     :param io_timeout: seconds to wait for a tracker's reply.
-    :param dead_seconds: how long a tracker that failed is skipped.
+    :param dead_seconds: how long a tracker that failed is skipped; then a ``noop`` asks whether it is back.
     :param storage_timeout: seconds for connects and reads on storage nodes.
     :param pool: a :class:`TrackerPool` to share (then the three tracker options are ignored).
     :param on_change: the first change listener (see :meth:`add_change_listener`).

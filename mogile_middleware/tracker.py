@@ -44,7 +44,12 @@ IDEMPOTENT_COMMANDS = frozenset(
 #: Commands whose answer waits on a storage node (mogilefsd checks the new file's size there, and
 #: its MD5 when asked to): a tracker that misses their deadline is not marked dead for it.
 ANSWERED_AFTER_STORAGE = frozenset({"create_close"})
+#: New connections on which a command safe to repeat is sent again when the tracker closes one
+#: before its reply (mogilefsd does, to an unrelated request, after a rename onto a taken key).
+CLOSED_RETRIES = 2
 _NOOP = b"noop\r\n"
+#: What :meth:`TrackerPoolBase._probe_steps` says of a tracker another request is asking already.
+_ASKED_BY_ANOTHER = "another request is asking whether it is back"
 
 
 #: The port of a tracker given without one: mogilefsd's.
@@ -184,6 +189,10 @@ class StepRunner:
             self.value = done.value
             raise StopIteration from None
 
+    def close(self) -> None:
+        """End the steps where they are (a request interrupted), so that their ``finally`` runs."""
+        self._steps.close()
+
 
 class _Closeable(Protocol):
     def close(self) -> None: ...
@@ -267,9 +276,15 @@ class TrackerPoolBase:
                 f"every tracker is marked dead for up to {self.dead_seconds:g}s: {self._describe()}"
             )
         failures: list[str] = []
-        for address in candidates:
+        queue, deferred = list(candidates), set()
+        while queue:
+            address = queue.pop(0)
             if tracker is None and address in self._dead_until:
-                not_back = yield from self._probe_steps(address)
+                not_back = yield from self._probe_steps(address, alone=address not in deferred)
+                if not_back is _ASKED_BY_ANOTHER:  # the other trackers first, then ask it too
+                    deferred.add(address)
+                    queue.append(address)
+                    continue
                 if not_back:
                     failures.append(f"{_describe(address)}: {not_back}")
                     continue
@@ -292,15 +307,22 @@ class TrackerPoolBase:
                 metrics.recorder.tracker_call(self._names.get(address) or _describe(address), command, time.monotonic() - started, outcome)
         raise TrackerUnavailableError("no tracker answered: " + "; ".join(failures))
 
-    def _probe_steps(self, address: Address) -> Generator[Step, Any, str | None]:
+    def _probe_steps(self, address: Address, alone: bool) -> Generator[Step, Any, str | None]:
         """Whether a tracker whose dead time has passed is back: ``None`` once it answered a
         ``noop`` within ``connect_timeout`` (so one that still hangs costs that, not
-        ``io_timeout``), else why not. One request at a time asks; the others skip it meanwhile."""
-        with self._probing_lock:
-            if address in self._probing:
-                metrics.recorder.tracker_skipped(self._names[address])
-                return "another request is asking whether it is back"
-            self._probing.add(address)
+        ``io_timeout``), else why not. ``alone``: unless another request is asking it already
+        (then :data:`_ASKED_BY_ANOTHER`, and this one tries the other trackers first)."""
+        until = self._dead_until.get(address)
+        if until is None:
+            return None  # another request has heard from it
+        if until > self._clock():  # marked dead again meanwhile
+            metrics.recorder.tracker_skipped(self._names[address])
+            return "marked dead"
+        if alone:
+            with self._probing_lock:
+                if address in self._probing:
+                    return _ASKED_BY_ANOTHER
+                self._probing.add(address)
         started, outcome = time.monotonic(), "ok"
         try:
             connection = yield Dial(address)
@@ -313,8 +335,9 @@ class TrackerPoolBase:
             return f"still no answer ({error or type(error).__name__})"
         finally:
             metrics.recorder.tracker_call(self._names[address], "noop", time.monotonic() - started, outcome)
-            with self._probing_lock:
-                self._probing.discard(address)
+            if alone:
+                with self._probing_lock:
+                    self._probing.discard(address)
         self._dead_until.pop(address, None)
         return None
 
@@ -335,8 +358,8 @@ class TrackerPoolBase:
                     raise TimeoutError(f"no reply within {self.io_timeout:g}s") from error
                 # The tracker may close kept-open connections at any time: try once on a new one.
         # mogilefsd closes a new connection too, when one of its workers misspoke to another client
-        # (a rename onto a taken key): a command safe to repeat is sent on up to two more.
-        closes_allowed = 2 if retry_midway else 0
+        # (a rename onto a taken key): a command safe to repeat is sent on a few more.
+        closes_allowed = CLOSED_RETRIES if retry_midway else 0
         while True:
             try:
                 connection = yield Dial(address)
@@ -371,9 +394,11 @@ class TrackerPool(TrackerPoolBase):
         arrived, however slowly it comes. The retry of an idempotent command on a new connection,
         after a kept-open one failed or a new one was closed before its reply, gets only what is
         left of the same deadline (plus its connect). A request thus costs at most ``io_timeout``
-        and a ``connect_timeout`` per connection opened (three at most) per tracker tried (name
-        resolution aside), and a tracker that misses the deadline is marked dead.
-    :param dead_seconds: how long a tracker that failed is skipped.
+        and a ``connect_timeout`` per connection opened (four at most, with the ``noop`` that asks
+        whether a tracker marked dead is back) per tracker tried (name resolution aside), and a
+        tracker that misses the deadline of any command but ``create_close`` is marked dead.
+    :param dead_seconds: how long a tracker that failed is skipped; then a ``noop`` asks whether it
+        is back, within ``connect_timeout``.
     :param clock: a monotonic clock (tests pass a fake one).
     """
 
@@ -428,11 +453,14 @@ class TrackerPool(TrackerPoolBase):
         """
         self._check_fork()
         runner = StepRunner(self.steps(command, args, tracker))
-        for step in runner:
-            try:
-                runner.result = self._carry_out(step)
-            except Exception as error:
-                runner.error = error
+        try:
+            for step in runner:
+                try:
+                    runner.result = self._carry_out(step)
+                except Exception as error:
+                    runner.error = error
+        finally:
+            runner.close()
         return runner.value
 
     def _carry_out(self, step: Step) -> object:

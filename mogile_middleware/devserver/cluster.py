@@ -23,7 +23,7 @@ from ..protocol import encode_request, parse_reply
 from .metadata import MetadataStore
 from .netutil import BackgroundServer
 from .storage_node import StorageNode
-from .tracker_server import TrackerServer
+from .tracker_server import TrackerServer, check_delays
 
 
 class DevMogileFS:
@@ -64,8 +64,7 @@ class DevMogileFS:
         tracker_line_timeout: float = 10.0,
         tracker_max_connections: int = 200,
     ) -> None:
-        if replication_delay < 0 or overwrite_gap < 0:
-            raise ValueError(f"delays cannot be negative: replication {replication_delay}, overwrite {overwrite_gap}")
+        check_delays(replication_delay, overwrite_gap)
         self.host = host
         self.replication_delay = replication_delay
         self.overwrite_gap = overwrite_gap

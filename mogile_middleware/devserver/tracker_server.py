@@ -85,6 +85,12 @@ class _TCPServer(TrackingThreadingMixIn, socketserver.TCPServer):
         super().__init__(address, _Connection)
 
 
+def check_delays(replication_delay: float, overwrite_gap: float) -> None:
+    """Refuse a negative ``replication_delay`` or ``overwrite_gap`` (see :class:`TrackerServer`)."""
+    if replication_delay < 0 or overwrite_gap < 0:
+        raise ValueError(f"delays cannot be negative: replication {replication_delay}, overwrite {overwrite_gap}")
+
+
 class TrackerServer(BackgroundServer):
     """The development tracker: metadata in ``store``, devices watched by a monitor thread.
 
@@ -122,6 +128,7 @@ class TrackerServer(BackgroundServer):
             raise ValueError(f"timeouts must be positive: idle {idle_timeout}, line {line_timeout}")
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1: {max_connections}")
+        check_delays(replication_delay, overwrite_gap)
         super().__init__(host, port)
         self.idle_timeout = idle_timeout
         self.line_timeout = line_timeout

@@ -236,6 +236,59 @@ def test_a_deleted_key_is_asked_again_briefly_then_its_404_is_kept(mogile: DevMo
         assert len(count_file.read_text().splitlines()) == 1 + 1 + len(SETTLING_PAUSES)
 
 
+def test_a_key_overwritten_between_get_paths_and_file_info_is_asked_again(gapped: DevMogileFS) -> None:
+    """get_paths names the old file; another client's overwrite then leaves the key unknown to
+    file_info for a moment: that is a change, not a missing key."""
+    from mogile_middleware.middleware import MogileFSMiddleware
+
+    writer, watcher = Client(DOMAIN, gapped.trackers), Client(DOMAIN, gapped.trackers)
+    writer.store_content("moving.txt", b"old", cls="thumb")
+    overwrites: list[threading.Thread] = []
+
+    class OverwrittenAfterGetPaths(Client):
+        def get_paths(self, *args: object, **kwargs: object) -> list[str]:
+            paths = super().get_paths(*args, **kwargs)  # type: ignore[arg-type]
+            if not overwrites:
+                overwrites.append(threading.Thread(target=writer.store_content, args=("moving.txt", b"new", "thumb")))
+                overwrites[0].start()
+                assert eventually(lambda: key_unknown(watcher, "moving.txt"), bool, timeout=5, every=0.005)
+            return paths
+
+    middleware = MogileFSMiddleware(lambda environ, start_response: [],
+                                    client=OverwrittenAfterGetPaths(DOMAIN, gapped.trackers))
+    try:
+        answer = middleware.answer({"REQUEST_METHOD": "GET"}, "moving.txt")
+        assert answer.status == "200 OK" and b"".join(answer.body) == b"new"
+    finally:
+        overwrites[0].join(10)
+
+
+def test_with_missing_seconds_0_a_deleted_key_is_asked_again_briefly_only_once(mogile: DevMogileFS) -> None:
+    """Nothing is kept of a key found missing, its expired location included: the next request asks once."""
+    from mogile_middleware.middleware import MogileFSMiddleware
+
+    class CountingClient(Client):
+        asked = 0
+
+        def get_paths(self, *args: object, **kwargs: object) -> list[str]:
+            CountingClient.asked += 1
+            return super().get_paths(*args, **kwargs)  # type: ignore[arg-type]
+
+    writer = Client(DOMAIN, mogile.trackers)
+    writer.store_content("brief.txt", b"soon gone", cls="thumb")
+    middleware = MogileFSMiddleware(lambda environ, start_response: [], missing_seconds=0, path_cache_seconds=0.5,
+                                    client=CountingClient(DOMAIN, mogile.trackers))
+    answer = middleware.answer({"REQUEST_METHOD": "GET"}, "brief.txt")
+    assert answer.status == "200 OK" and b"".join(answer.body) == b"soon gone"
+    old_urls = writer.get_paths("brief.txt")
+    writer.delete("brief.txt")
+    wait_until_gone(old_urls)
+    time.sleep(0.5)  # the cached location has expired, and is kept to be served stale
+    for _ in range(3):
+        assert middleware.answer({"REQUEST_METHOD": "GET"}, "brief.txt").status.startswith("404")
+    assert CountingClient.asked == 1 + (1 + len(SETTLING_PAUSES)) + 2
+
+
 def test_a_write_by_the_middlewares_own_client_is_seen_at_once(mogile: DevMogileFS) -> None:
     """The writer here is the middleware's own client: its write drops the "unknown" at once."""
     from mogile_middleware.middleware import MogileFSMiddleware

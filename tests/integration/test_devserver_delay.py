@@ -20,6 +20,8 @@ import pytest
 
 from mogile_middleware import Client
 from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.devserver.metadata import MetadataStore
+from mogile_middleware.devserver.tracker_server import TrackerServer
 from mogile_middleware.cli import devserver as devserver_cli
 from mogile_middleware.exceptions import UnknownKeyError
 
@@ -205,6 +207,14 @@ def test_command_line_option() -> None:
         assert exited.value.code == 2
 
 
-def test_a_negative_delay_is_refused() -> None:
+def test_a_negative_delay_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="negative"):
         DevMogileFS(replication_delay=-1)
+    with pytest.raises(ValueError, match="negative"):
+        DevMogileFS(overwrite_gap=-0.1)
+    store = MetadataStore(tmp_path / "tracker.sqlite3")
+    try:
+        with pytest.raises(ValueError, match="negative"):  # before it could drop an overwritten file
+            TrackerServer(store, overwrite_gap=-0.1)
+    finally:
+        store.close()

@@ -8,6 +8,7 @@ import resource
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from conftest import DOMAIN
@@ -127,35 +128,61 @@ def test_whether_a_hung_tracker_is_back_is_asked_with_a_noop_within_the_connect_
         hung.stop()
 
 
-@both_flavours
-def test_while_one_request_asks_whether_a_tracker_is_back_the_others_skip_it(flavour: Flavour) -> None:
-    clock = FakeClock()
-    asked = threading.Event()
-
-    def slow_noop(line: bytes) -> bytes:
+def slow_noop(asked: threading.Event) -> Callable[[bytes], bytes]:
+    """A tracker script answering every line, a noop only after 0.5 s (``asked`` set meanwhile)."""
+    def script(line: bytes) -> bytes:
         if line == b"noop\r\n":
             asked.set()
             time.sleep(0.5)
         return ok(line)
+    return script
 
-    tracker = ScriptedTracker(slow_noop)
+
+@both_flavours
+def test_while_one_request_asks_whether_a_tracker_is_back_the_others_try_the_next_first(flavour: Flavour) -> None:
+    clock, asked = FakeClock(), threading.Event()
+    returning, other = ScriptedTracker(slow_noop(asked)), ScriptedTracker(ok)
     try:
-        pool = flavour.TrackerPool([tracker.tracker], connect_timeout=2, dead_seconds=5, clock=clock)
-        pool.mark_dead(tracker.address)
+        pool = flavour.TrackerPool([returning.tracker, other.tracker], connect_timeout=2, dead_seconds=5,
+                                   clock=clock)
+        pool.mark_dead(returning.address)
         clock.now += 5
         outcome: list[object] = []
         asking = threading.Thread(target=lambda: outcome.append(pool.request("get_paths", {"key": "k"})[1]))
         asking.start()
         assert asked.wait(5)
         started = time.monotonic()
-        with pytest.raises(TrackerUnavailableError, match="another request is asking whether it is back"):
-            pool.request("get_paths", {"key": "k"})
+        assert pool.request("get_paths", {"key": "k"})[1] == other.address
         assert time.monotonic() - started < 0.3
         asking.join(5)
-        assert outcome == [tracker.address]
-        assert pool.request("get_paths", {"key": "k"})[1] == tracker.address
+        assert outcome == [returning.address]
+        assert len(returning.requests) == 2  # the noop, then the first request's get_paths
     finally:
-        tracker.stop()
+        returning.stop()
+        other.stop()
+
+
+@both_flavours
+def test_failover_to_a_tracker_another_request_is_asking_fails_no_request(flavour: Flavour) -> None:
+    """Killing one of two trackers fails no request, though the other was marked dead long ago
+    and many requests reach it while the first of them asks whether it is back."""
+    clock, asked = FakeClock(), threading.Event()
+    returning = ScriptedTracker(slow_noop(asked))
+    try:
+        pool = flavour.TrackerPool([f"127.0.0.1:{free_port()}", returning.tracker], connect_timeout=2,
+                                   dead_seconds=5, clock=clock)
+        pool.mark_dead(returning.address)
+        clock.now += 3600
+        answered: list[object] = []
+        threads = [threading.Thread(target=lambda: answered.append(pool.request("get_paths", {"key": "k"})[1]))
+                   for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert answered == [returning.address] * 8
+    finally:
+        returning.stop()
 
 
 @both_flavours

@@ -115,7 +115,7 @@ def lookup() -> Lookup:
     return Lookup()
 
 
-def make_cache(lookup: Callable[[str], list[str]], clock: Clock, **options: Any) -> PathCache[list[str]]:
+def make_cache(lookup: Callable[[str, list[str] | None], list[str]], clock: Clock, **options: Any) -> PathCache[list[str]]:
     return PathCache(lookup, clock=clock, **{"ttl_seconds": TTL, "stale_seconds": STALE, **options})
 
 
