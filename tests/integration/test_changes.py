@@ -23,6 +23,7 @@ from integration._proxies import run_nginx_front, run_perlbal_front
 from integration._wire_client import HTTPReply, eventually, free_port, http_request, read_http_reply
 
 from mogile_middleware import Client
+from mogile_middleware.client import FileInfo
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.exceptions import UnknownKeyError
 from mogile_middleware.locate import SETTLING_PAUSES
@@ -261,6 +262,36 @@ def test_a_key_overwritten_between_get_paths_and_file_info_is_asked_again(gapped
         assert answer.status == "200 OK" and b"".join(answer.body) == b"new"
     finally:
         overwrites[0].join(10)
+
+
+def test_after_a_lookup_the_key_kept_changing_through_one_unknown_key_is_not_missing(mogile: DevMogileFS) -> None:
+    """A lookup that failed because the key changed between every get_paths and file_info (a 502;
+    mogilefsd under 30 overwrites a second) leaves no last known value: the next lookup still
+    does not take one unknown_key for a missing key."""
+    import dataclasses
+
+    from mogile_middleware.middleware import MogileFSMiddleware
+
+    Client(DOMAIN, mogile.trackers).store_content("busy.txt", b"busy", cls="thumb")
+    tracker = {"changing": True, "unknown_once": False}
+
+    class AsUnderOverwrites(Client):
+        def file_info(self, key: str) -> FileInfo:  # type: ignore[override]
+            info = super().file_info(key)
+            return dataclasses.replace(info, fid=info.fid + 1) if tracker["changing"] else info
+
+        def get_paths(self, key: str, *args: object, **kwargs: object) -> list[str]:
+            if tracker["unknown_once"]:
+                tracker["unknown_once"] = False
+                raise UnknownKeyError("unknown_key", key)
+            return super().get_paths(key, *args, **kwargs)  # type: ignore[arg-type]
+
+    middleware = MogileFSMiddleware(lambda environ, start_response: [],
+                                    client=AsUnderOverwrites(DOMAIN, mogile.trackers))
+    assert middleware.answer({"REQUEST_METHOD": "GET"}, "busy.txt").status.startswith("502")
+    tracker.update(changing=False, unknown_once=True)
+    answer = middleware.answer({"REQUEST_METHOD": "GET"}, "busy.txt")
+    assert answer.status == "200 OK" and b"".join(answer.body) == b"busy"
 
 
 def test_with_missing_seconds_0_a_deleted_key_is_asked_again_briefly_only_once(mogile: DevMogileFS) -> None:
