@@ -209,8 +209,9 @@ class Locator:
     def _lookup_steps(self, entry: str, previous: Location | None) -> Steps[Location | None]:
         """The lookup of a cache entry's key, as the calls it needs (see :func:`run_steps`).
 
-        A key caught mid-overwrite (it existed a moment ago, or changed between two answers) is
-        asked again after each of the :data:`SETTLING_PAUSES`; a key never seen is missing at once.
+        A key caught mid-overwrite (it existed a moment ago, changed between two answers, or kept
+        changing through a lookup in the last :data:`CHANGING_SECONDS`) is asked again after each
+        of the :data:`SETTLING_PAUSES`; a key never seen is missing at once.
         """
         key = entry[len(self._entry_prefix):]
         existed = previous is not None and previous.key == key or self._changed_lately(key)
