@@ -47,7 +47,7 @@ ANSWERED_AFTER_STORAGE = frozenset({"create_close"})
 #: New connections on which a command safe to repeat is sent again when the tracker closes one
 #: before its reply (mogilefsd does, to an unrelated request, after a rename onto a taken key).
 CLOSED_RETRIES = 2
-_NOOP = b"noop\r\n"
+_NOOP = encode_request("noop", None)
 #: What :meth:`TrackerPoolBase._probe_steps` says of a tracker another request is asking already.
 _ASKED_BY_ANOTHER = "another request is asking whether it is back"
 
