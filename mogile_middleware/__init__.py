@@ -13,6 +13,7 @@ from .cache import CacheBackend, MemoryCache
 from .client import Admin, Client, FileInfo
 from .exceptions import (
     BadKeyError,
+    KeyChangingError,
     KeyExistsError,
     MogileFSError,
     NoneMatchError,
@@ -40,6 +41,7 @@ __all__ = [
     "CacheBackend",
     "Client",
     "FileInfo",
+    "KeyChangingError",
     "KeyExistsError",
     "MemoryCache",
     "MogileFSError",

@@ -24,7 +24,14 @@ from .bodies import BodyCache
 from .cache import CacheBackend
 from .content import ContentPolicy
 from .deadline import checked_seconds
-from .exceptions import BadKeyError, MogileFSError, TrackerError, TrackerUnavailableError, UnknownKeyError
+from .exceptions import (
+    BadKeyError,
+    KeyChangingError,
+    MogileFSError,
+    TrackerError,
+    TrackerUnavailableError,
+    UnknownKeyError,
+)
 from .http import Answer, FileRequest
 from .protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_key
 from .responders import NginxReproxy, PerlbalReproxy, Representation, Reproxy
@@ -45,6 +52,7 @@ _NOT_UTF8 = http.error(400, "The file name is not valid UTF-8.")
 _CONTROL = http.error(400, "The file name contains control characters.")
 _TOO_LONG = http.error(400, f"The file name is longer than {MAX_KEY_BYTES} bytes.")
 _TRACKER_REFUSED = http.error(502, "The tracker refused to look the file up.")
+_BEING_REPLACED = http.error(503, "The file is being replaced.", [("Retry-After", "1")])
 _FORBIDDEN = {reason: http.error(403, reason) for reason in (UNSIGNED, BAD_SIGNATURE, EXPIRED)}
 
 
@@ -270,6 +278,9 @@ class MiddlewareCore:
         if isinstance(error, TrackerUnavailableError):
             log.error("no tracker answered for %r: %r", key, error)
             return self.unavailable
+        if isinstance(error, KeyChangingError):  # in a second, the writer may have paused
+            log.warning("cannot locate %r: %s", key, error)
+            return _BEING_REPLACED
         log.error("cannot locate %r: %r", key, error)  # garbage from a tracker, no live replica listed
         # A tracker's refusal (a domain it does not know) is no replica's failure.
         return _TRACKER_REFUSED if isinstance(error, TrackerError) else http.BAD_GATEWAY

@@ -42,6 +42,11 @@ class StorageError(MogileFSError):
         self.status = status
 
 
+class KeyChangingError(MogileFSError):
+    """A key was replaced again and again while it was looked up, so which file it names is not
+    known yet: a writer overwriting it many times a second."""
+
+
 class UploadError(MogileFSError):
     """An upload did not complete; the key was not pointed at the new data."""
 

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from .cache import AsyncPathCache, CacheBackend, PathCache, entry_key
 from .client import Client
-from .exceptions import MogileFSError, StorageError, UnknownKeyError
+from .exceptions import KeyChangingError, MogileFSError, StorageError, UnknownKeyError
 from .protocol import parse_domains
 
 log = logging.getLogger("mogile_middleware")
@@ -237,7 +237,7 @@ class Locator:
             if pause is None:
                 if changing:
                     self._note_changing(key)
-                    raise StorageError(f"{key!r} kept changing during its lookup")
+                    raise KeyChangingError(f"{key!r} kept changing during its lookup")
                 return None
             yield ("pause", pause)
 

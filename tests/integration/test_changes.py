@@ -265,9 +265,9 @@ def test_a_key_overwritten_between_get_paths_and_file_info_is_asked_again(gapped
 
 
 def test_after_a_lookup_the_key_kept_changing_through_one_unknown_key_is_not_missing(mogile: DevMogileFS) -> None:
-    """A lookup that failed because the key changed between every get_paths and file_info (a 502;
-    mogilefsd under 30 overwrites a second) leaves no last known value: the next lookup still
-    does not take one unknown_key for a missing key."""
+    """A lookup that failed because the key changed between every get_paths and file_info
+    (mogilefsd under 30 overwrites a second) is a 503 to try again in a second, and leaves no
+    last known value: the next lookup still does not take one unknown_key for a missing key."""
     import dataclasses
 
     from mogile_middleware.middleware import MogileFSMiddleware
@@ -288,7 +288,9 @@ def test_after_a_lookup_the_key_kept_changing_through_one_unknown_key_is_not_mis
 
     middleware = MogileFSMiddleware(lambda environ, start_response: [],
                                     client=AsUnderOverwrites(DOMAIN, mogile.trackers))
-    assert middleware.answer({"REQUEST_METHOD": "GET"}, "busy.txt").status.startswith("502")
+    busy = middleware.answer({"REQUEST_METHOD": "GET"}, "busy.txt")
+    assert busy.status == "503 Service Unavailable" and ("Retry-After", "1") in busy.headers
+    assert bytes(busy.body).endswith(b"The file is being replaced.\n")
     tracker.update(changing=False, unknown_once=True)
     answer = middleware.answer({"REQUEST_METHOD": "GET"}, "busy.txt")
     assert answer.status == "200 OK" and b"".join(answer.body) == b"busy"
