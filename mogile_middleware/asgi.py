@@ -55,9 +55,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: The request headers the shared decisions read, by their ASGI name, as CGI names them.
 _READ_HEADERS = {name.encode(): "HTTP_" + name.upper().replace("-", "_") for name in (
     "range", "if-range", "if-match", "if-none-match", "x-proxy-capabilities", "x-sendfile-type", "x-reproxy-failed")}
-#: An answer made for one request: status, headers, and the open replica its body comes from, or
-#: the body itself (a file the body cache keeps; empty for HEAD).
-Streamed = tuple[str, Headers, AsyncReplicaResponse | bytes]
+#: An answer made for one request: status, headers, the open replica its body comes from or the
+#: body itself (a file the body cache keeps; empty for HEAD), and the key (for the log).
+Streamed = tuple[str, Headers, AsyncReplicaResponse | bytes, str]
 _SERVE = SERVE_HEADER_LOWER.encode("latin-1")
 #: The scheme and authority of an absolute-form target (``GET http://host/path``), which a server
 #: must accept (RFC 9112, 3.2.2) and daphne and hypercorn pass on as the path.
@@ -118,8 +118,8 @@ class MogileFSMiddleware(MiddlewareCore):
             headers = view_headers(answer.status, answer.headers, filename, cookies or ())
             # An error answer is kept as it is: its encoded form is kept by its identity.
             return answer if headers is answer.headers else dataclasses.replace(answer, headers=headers)
-        status, headers, upstream = answer
-        return status, view_headers(status, headers, filename, cookies or ()), upstream
+        status, headers, upstream, key = answer
+        return status, view_headers(status, headers, filename, cookies or ()), upstream, key
 
     async def _send(self, answer: Answer | Streamed, send: Send, receive: Receive, scope: Scope) -> None:
         if isinstance(answer, Answer):
@@ -131,7 +131,7 @@ class MogileFSMiddleware(MiddlewareCore):
             body = answer.body and (b"" if scope["method"] == "HEAD" else answer.body)
             await send({"type": "http.response.body", "body": body})
             return
-        status, headers, upstream = answer
+        status, headers, upstream, key = answer
         metrics.recorder.request("serve", status)
         start = {"type": "http.response.start", "status": int(status[:3]), "headers": _encoded(headers)}
         if isinstance(upstream, bytes):
@@ -140,7 +140,7 @@ class MogileFSMiddleware(MiddlewareCore):
             return
         try:
             await send(start)
-            await _stream(upstream, send, receive)
+            await _stream(key, upstream, send, receive)
         finally:
             await upstream.aclose()
 
@@ -187,11 +187,11 @@ class MogileFSMiddleware(MiddlewareCore):
         _, plan, upstream = opened
         if isinstance(upstream, bytes):
             kept = kept_answer(request, plan, upstream)
-            return kept.status, kept.headers, kept.body
+            return kept.status, kept.headers, kept.body, location.key
         if request.method == "HEAD":
             await upstream.aclose()
             return Answer(plan.status, plan.headers)
-        return plan.status, plan.headers, upstream
+        return plan.status, plan.headers, upstream, location.key
 
     async def _call(self, name: str, *args: Any) -> Any:
         """One step of :func:`~mogile_middleware.responders.serve_steps`: ask the locator, or open or
@@ -206,9 +206,9 @@ class MogileFSMiddleware(MiddlewareCore):
         return await getattr(self.locator, name)(*args)
 
 
-async def _stream(upstream: AsyncReplicaResponse, send: Send, receive: Receive) -> None:
-    """Send the body chunk by chunk until it ends or the client goes away."""
-    sending = asyncio.ensure_future(_send_body(upstream, send))
+async def _stream(key: str, upstream: AsyncReplicaResponse, send: Send, receive: Receive) -> None:
+    """Send the body of ``key`` chunk by chunk until it ends or the client goes away."""
+    sending = asyncio.ensure_future(_send_body(key, upstream, send))
     leaving = asyncio.ensure_future(_disconnected(receive))
     try:
         await asyncio.wait({sending, leaving}, return_when=asyncio.FIRST_COMPLETED)
@@ -221,7 +221,7 @@ async def _stream(upstream: AsyncReplicaResponse, send: Send, receive: Receive) 
         raise sending.exception()  # type: ignore[misc] # a transfer cut midway: the server closes short
 
 
-async def _send_body(upstream: AsyncReplicaResponse, send: Send) -> None:
+async def _send_body(key: str, upstream: AsyncReplicaResponse, send: Send) -> None:
     sent = 0
     sending = False  # whether an error comes from send (the client's side) or the node
     try:
@@ -235,7 +235,7 @@ async def _send_body(upstream: AsyncReplicaResponse, send: Send) -> None:
     except (OSError, StorageError) as error:
         if sending and isinstance(error, OSError):
             return  # the server's word that the client has gone (ASGI 2.4): nothing to say
-        log.error("transfer from %r cut midway: %r", upstream.url, error)
+        log.error("transfer of %r from %r cut midway: %r", key, upstream.url, error)
         raise
     finally:
         metrics.recorder.bytes_served(sent)

@@ -12,11 +12,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from conftest import DOMAIN
+from integration.test_asgi import Recorder, http_scope, run
 from integration.test_hostile import call
 from integration.test_middleware import BODY, wrapped_app
 from wiretools import CountingRelay, LoopbackServer, ScriptedTracker
 
-from mogile_middleware import Client, UnknownKeyError, UploadError
+from mogile_middleware import Client, StorageError, UnknownKeyError, UploadError
+from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.middleware import MogileFSMiddleware
 from mogile_middleware.tracker import TrackerConnection
@@ -167,15 +169,23 @@ def one_file_tracker(node_port: int, key: str, length: int) -> ScriptedTracker:
     return ScriptedTracker(lambda line: replies[line.split()[0]])
 
 
-def test_a_transfer_cut_midway_ends_short_and_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
+def test_a_transfer_cut_midway_ends_short_and_is_logged_with_its_key(caplog: pytest.LogCaptureFixture,
+                                                                      flavour: str) -> None:
     node = ThreadingHTTPServer(("127.0.0.1", 0), _HalfBody)
     threading.Thread(target=node.serve_forever, daemon=True).start()
     tracker = one_file_tracker(node.server_address[1], "cut.bin", 1000000)
     try:
-        app = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker.tracker]))
-        with pytest.raises(Exception):  # the server then closes the connection short of Content-Length
-            call(app, "GET", "/mogilefs/cut.bin", {})
-        assert any("cut midway" in record.getMessage() for record in caplog.records)
+        if flavour == "wsgi":
+            app = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker.tracker]))
+            with pytest.raises(Exception):  # the server then closes the connection short of Content-Length
+                call(app, "GET", "/mogilefs/cut.bin", {})
+        else:
+            asgi = ASGIMiddleware(Recorder(), domain=DOMAIN, trackers=[tracker.tracker])
+            with pytest.raises(StorageError):  # as in WSGI: the server closes short
+                run(asgi, http_scope("/mogilefs/cut.bin"), [])
+        assert any("cut midway" in record.getMessage() and "'cut.bin'" in record.getMessage()
+                   for record in caplog.records)
     finally:
         tracker.stop()
         node.shutdown()
