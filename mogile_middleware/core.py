@@ -51,6 +51,8 @@ _NGINX_LOCATION = re.compile(r"[/@][!-~]*")
 _NOT_UTF8 = http.error(400, "The file name is not valid UTF-8.")
 _CONTROL = http.error(400, "The file name contains control characters.")
 _TOO_LONG = http.error(400, f"The file name is longer than {MAX_KEY_BYTES} bytes.")
+#: The length of a file not known yet, as a range is read: past any range a client asks of it.
+_ANY_LENGTH = 2 ** 63
 _TRACKER_REFUSED = http.error(502, "The tracker refused to look the file up.")
 _BEING_REPLACED = http.error(503, "The file is being replaced.", [("Retry-After", "1")])
 _FORBIDDEN = {reason: http.error(403, reason) for reason in (UNSIGNED, BAD_SIGNATURE, EXPIRED)}
@@ -311,12 +313,11 @@ class MiddlewareCore:
     def _may_reproxy(self, environ: Environ, responder: Reproxy, location: Any) -> bool:
         """True if this request may see storage URLs: from a trusted proxy that can reproxy."""
         ranged = environ.get("HTTP_RANGE")
-        if ranged is not None and (environ.get("REQUEST_METHOD") == "HEAD" or http.is_suffix_range(ranged)
-                                   or not _if_range_holds(environ, location.etag)
-                                   or _past_the_end(ranged, location.length)):
+        if ranged is not None and (environ.get("REQUEST_METHOD") == "HEAD"
+                                   or not http.if_range_holds(environ.get("HTTP_IF_RANGE"), location.etag)
+                                   or not _node_reads_alike(ranged, location.length)):
             # A HEAD ignores a Range (RFC 9110 14.2), which the proxy would send on to the node;
-            # storage nodes answer bytes=-N wrongly and check no If-Range, and the proxy would send
-            # a node's 416 with the file's headers: serve those here.
+            # storage nodes check no If-Range: serve those here.
             return False
         if self.require_proxy_header and not responder.proxy_asks(environ.get(responder.request_header, "")):
             return False
@@ -388,15 +389,18 @@ def parse_trusted_proxies(proxies: Iterable[str]) -> tuple[ipaddress.IPv4Network
     return tuple(parsed)
 
 
-def _past_the_end(range_header: str, length: int | None) -> bool:
-    """True when the file's ``length`` is known and ``range_header`` asks only past its end (a 416)."""
-    return length is not None and http.byte_range(range_header, length) is False
+def _node_reads_alike(range_header: str, length: int | None) -> bool:
+    """True when a storage node answers ``range_header`` as RFC 9110 reads it, with a 206 or a 200.
 
-
-def _if_range_holds(environ: Environ, etag: str) -> bool:
-    """True without ``If-Range``, or when it names this version (so the range may be sent as asked)."""
-    if_range = environ.get("HTTP_IF_RANGE")
-    return if_range is None or http.etag_matches(if_range, etag, weak=False)
+    Else the request is served here: a suffix range (the node sends the first bytes), one spelled
+    otherwise (``BYTES=0-1``: the node sends all of it, which Perlbal refuses as the wrong size),
+    an invalid one (its 416, which RFC 9110 lets a server ignore) and, the length known, one past
+    the end (the node's 416 would carry the file's headers).
+    """
+    size = _ANY_LENGTH if length is None else length
+    status, first, last = http.storage_node_range(range_header, size)
+    ours = http.byte_range(range_header, size)
+    return ours is None if status == 200 else status == 206 and ours == (first, last)
 
 
 def file_request(environ: Environ) -> FileRequest:

@@ -16,8 +16,12 @@ Headers = list[tuple[str, str]]
 #: RFC 9110's reason phrases where older Pythons' ``HTTPStatus`` still has RFC 7231's.
 _PHRASES = {416: "Range Not Satisfiable"}
 
-_ENTITY_TAG = re.compile(r'\s*(?:W/)?"([^"]*)"\s*(?:,|$)')
+_ENTITY_TAG = re.compile(r'(?:W/)?"([^"]*)"[ \t]*(?:,|$)')
+#: Blanks and the commas of empty elements, which a list may have anywhere (RFC 9110 5.6.1.2).
+_LIST_GAP = re.compile(r"[ \t,]*")
 _BYTE_RANGE = re.compile(r"(\d*)-(\d*)")
+#: The one spelling of a range a storage node reads (Perlbal 1.80's, which mogstored serves with).
+_NODE_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 #: Digits enough for any file's length (below 2**63): a longer position is past every end.
 _POSITION_DIGITS = 19
 
@@ -96,20 +100,37 @@ def etag_matches(header: str | None, etag: str, *, weak: bool) -> bool:
     header = header.strip()
     if header == "*":
         return True
-    position = 0
+    position = _LIST_GAP.match(header).end()  # type: ignore[union-attr] # it matches anything
     while position < len(header):
         match = _ENTITY_TAG.match(header, position)
         if match is None:
             return False  # not a list of entity-tags: it names nothing
-        if match.group(1) == etag and (weak or not match.group(0).lstrip().startswith("W/")):
+        if match.group(1) == etag and (weak or not match.group(0).startswith("W/")):
             return True
-        position = match.end()
+        position = _LIST_GAP.match(header, match.end()).end()  # type: ignore[union-attr]
     return False
 
 
-def is_suffix_range(header: str | None) -> bool:
-    """True for ``Range: bytes=-N``, which storage nodes answer wrongly (with the first N+1 bytes)."""
-    return header is not None and header.replace(" ", "").lower().startswith("bytes=-")
+def if_range_holds(header: str | None, etag: str) -> bool:
+    """True without ``If-Range``, or when it is the strong entity-tag ``etag`` itself: a list, ``*``,
+    a weak tag or a date (files have no ``Last-Modified``) hold for no version (RFC 9110 13.1.5)."""
+    return header is None or header.strip() == f'"{etag}"'
+
+
+def storage_node_range(header: str | None, size: int) -> tuple[int, int, int]:
+    """``(status, first, last)`` for ``Range: header`` of a file of ``size`` bytes, as a storage
+    node decides it: Perlbal 1.80, which mogstored serves with. Only one ``bytes=a-b`` spelled
+    so counts (anything else is a 200 with all of it), and a suffix range ``bytes=-N`` is the
+    first N+1 bytes, not the last N: what a proxy sent to the node gets."""
+    match = _NODE_RANGE.match(header or "")
+    if match is None or match.group(0) == "bytes=-":
+        return 200, 0, size - 1
+    first, last = (_position(digits) for digits in match.groups())
+    if first is not None and last is not None and first > last or first is None and last == 0:
+        return 416, 0, 0
+    if first is not None and size <= first:
+        return 416, 0, 0
+    return 206, first or 0, size - 1 if last is None or last >= size else last
 
 
 def byte_range(header: str | None, length: int) -> tuple[int, int] | None | bool:
@@ -166,7 +187,7 @@ def file_plan(request: FileRequest, etag: str, length: int, headers: Headers) ->
     if decided is not None:
         return decided
     requested = None
-    if request.method != "HEAD" and (request.if_range is None or etag_matches(request.if_range, etag, weak=False)):
+    if request.method != "HEAD" and if_range_holds(request.if_range, etag):
         requested = byte_range(request.range, length)
     if requested is False:
         etag_headers = [header for header in headers if header[0] == "ETag"]

@@ -166,15 +166,13 @@ class PerlbalReproxy(Reproxy):
         return headers
 
     def for_request(self, headers: Headers, location: Location, range_header: str | None, target: str) -> Headers:
-        """For a range, ``X-REPROXY-EXPECTED-SIZE`` of the part the node will send, when it is one
-        range of a known length (else none: a node that sends another length is not refused); with
-        the fallback URL of ``target`` last, when it can go into the header."""
-        if range_header is not None:
-            sized = any(name == "X-REPROXY-EXPECTED-SIZE" for name, _ in headers)  # a known length, no fallback
-            headers = [header for header in headers if header[0] != "X-REPROXY-EXPECTED-SIZE"]
-            part = http.byte_range(range_header, location.length) if sized and location.length is not None else None
-            if isinstance(part, tuple):
-                headers.append(("X-REPROXY-EXPECTED-SIZE", str(part[1] - part[0] + 1)))
+        """For one range, ``X-REPROXY-EXPECTED-SIZE`` of the part the node will send (a range is
+        reproxied only when the node reads it as the middleware does); with the fallback URL of
+        ``target`` last, when it can go into the header."""
+        part = None if range_header is None or location.length is None else http.byte_range(range_header, location.length)
+        if isinstance(part, tuple):
+            size = str(part[1] - part[0] + 1)
+            headers = [(name, size if name == "X-REPROXY-EXPECTED-SIZE" else value) for name, value in headers]
         if target and _URL_SAFE.fullmatch(target):
             separator = "&" if "?" in target else "?"
             fallback = f"{self.fallback_url}{target}{separator}{FALLBACK_MARK}"

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote
 
+from ..http import storage_node_range
 from . import diskusage
 from .netutil import CHUNK_SIZE, BackgroundServer, TrackingThreadingMixIn
 
@@ -42,7 +43,6 @@ _REASONS = {
     416: "Request range not satisfiable",
     500: "Internal Server Error",
 }
-_SINGLE_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _DEVICE_DIRECTORY = re.compile(r"dev\d+")
 
 
@@ -83,30 +83,6 @@ class _SocketReader(io.RawIOBase):
         if self._in_head and self._head_deadline is None:
             self._head_deadline = time.monotonic() + self._head_timeout
         return count
-
-
-def parse_range(header: str | None, size: int) -> tuple[int, int, int]:
-    """``(status, first, last)`` for a Range header, exactly as Perlbal 1.80 decides it.
-
-    Only a single ``bytes=a-b`` range counts (anything else is a plain 200). Faithful to the real
-    node, a suffix range ``bytes=-N`` is answered as bytes ``0..N`` (the first N+1 bytes), not as
-    the last N bytes: clients that rely on suffix ranges get the same wrong answer here as there.
-    """
-    match = _SINGLE_RANGE.match(header or "")
-    if match is None or match.group(0) == "bytes=-":
-        return 200, 0, size - 1
-    first = int(match.group(1)) if match.group(1) else None
-    last = int(match.group(2)) if match.group(2) else None
-    if first is not None and last is not None and first > last:
-        return 416, 0, 0
-    if first is None and last == 0:
-        return 416, 0, 0
-    if first is not None and size <= first:
-        return 416, 0, 0
-    first = first or 0
-    if last is None or last >= size:
-        last = size - 1
-    return 206, first, last
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -225,7 +201,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.headers.get("If-Modified-Since") == last_modified:
             self._start(304, common)
             return
-        status, first, last = parse_range(self.headers.get("Range"), size)
+        status, first, last = storage_node_range(self.headers.get("Range"), size)
         if status == 416:
             self._start(416, [("Content-Range", f"bytes */{size}"), ("Content-Length", 0), *common])
             return

@@ -238,6 +238,23 @@ def test_a_range_gets_206_and_those_bytes(through: Stack, first: int, last: int)
     assert answer.headers["Content-Range"] == f"bytes {first}-{last}/65537"
 
 
+@pytest.mark.parametrize(("range_header", "first", "last"), [("BYTES=0-9", 0, 9), ("bytes = 5-9", 5, 9),
+                                                          ("bytes=-3", 65_534, 65_536)])
+def test_a_range_the_storage_node_reads_otherwise_gets_206_and_those_bytes(through: Stack, range_header: str,
+                                                                           first: int, last: int) -> None:
+    """mogstored reads only ``bytes=a-b`` so spelled, and a suffix as the first bytes: such a range
+    is served by the application, not sent on (through Perlbal, its whole file was a 503)."""
+    answer = through.get("/mogilefs/sizes/65537.mp4", {"Range": range_header})
+    assert (answer.status, answer.headers["Content-Range"]) == (206, f"bytes {first}-{last}/65537")
+    assert answer.start == pattern_bytes(first, last)
+
+
+def test_an_invalid_range_is_ignored_not_the_storage_nodes_416(through: Stack) -> None:
+    answer = through.get("/mogilefs/sizes/65537.mp4", {"Range": "bytes=9-0"})
+    assert (answer.status, answer.length, answer.start) == (200, 65537, pattern_bytes(0, 1023))
+    assert "Content-Range" not in answer.headers
+
+
 @pytest.mark.parametrize("range_header", ["bytes=65537-", "bytes=70000-70010"])
 def test_a_range_past_the_end_is_the_applications_416(through: Stack, range_header: str) -> None:
     """Not the storage node's, which the proxy would send with the file's type and ETag."""

@@ -25,6 +25,10 @@ def plan(length: int = 100, **request: str) -> Answer | FilePlan:
     pytest.param("fid-42", True, False, id="unquoted"),
     pytest.param('"fid-42" garbage', True, False, id="garbage-after"),
     pytest.param("", True, False, id="empty"),
+    # Empty elements are ignored wherever they are (RFC 9110 5.6.1.2).
+    pytest.param('"a", , "fid-42"', False, True, id="empty-element"),
+    pytest.param(', "fid-42",', True, True, id="empty-first-and-last"),
+    pytest.param(" , ,", True, False, id="only-empty-elements"),
 ])
 def test_etag_matching(header: str, weak: bool, expected: bool) -> None:
     assert http.etag_matches(header, ETAG, weak=weak) is expected
@@ -56,6 +60,26 @@ def test_etag_matching(header: str, weak: bool, expected: bool) -> None:
 ])
 def test_byte_range(header: str | None, length: int, expected: object) -> None:
     assert http.byte_range(header, length) == expected
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    pytest.param("bytes=0-9", (206, 0, 9), id="first-ten"),
+    pytest.param("bytes=90-", (206, 90, 99), id="open"),
+    pytest.param("bytes=50-1000", (206, 50, 99), id="last-clamped"),
+    pytest.param("bytes=-10", (206, 0, 10), id="suffix-as-the-first-bytes"),
+    pytest.param("bytes=-0", (416, 0, 0), id="empty-suffix"),
+    pytest.param("bytes=5-1", (416, 0, 0), id="reversed"),
+    pytest.param("bytes=100-", (416, 0, 0), id="past-the-end"),
+    pytest.param("bytes=" + "9" * 5000 + "-", (416, 0, 0), id="huge-first"),
+    pytest.param("bytes=-", (200, 0, 99), id="no-numbers"),
+    pytest.param("BYTES=0-9", (200, 0, 99), id="unit-in-capitals"),
+    pytest.param("bytes= 0-9", (200, 0, 99), id="blank"),
+    pytest.param("bytes=0-1,5-6", (200, 0, 99), id="several"),
+    pytest.param(None, (200, 0, 99), id="none"),
+])
+def test_storage_node_range_reads_as_perlbal_does(header: str | None, expected: tuple[int, int, int]) -> None:
+    """Perlbal 1.80's ``Perlbal::HTTPHeaders::range``, which mogstored answers with."""
+    assert http.storage_node_range(header, 100) == expected
 
 
 def test_whole_file() -> None:
@@ -108,6 +132,10 @@ def test_unsatisfiable_range_is_416_with_the_length_and_no_cache_control() -> No
     pytest.param('"fid-41"', False, id="other-version"),
     pytest.param('W/"fid-42"', False, id="weak-never-matches"),
     pytest.param("Tue, 01 Dec 2026 10:00:00 GMT", False, id="date-without-last-modified"),
+    # One validator (RFC 9110 13.1.5): a list or "*" is none, whatever it names.
+    pytest.param("*", False, id="star"),
+    pytest.param('"fid-41", "fid-42"', False, id="list"),
+    pytest.param(' "fid-42" ', True, id="blanks-around"),
 ])
 def test_if_range(if_range: str, ranged: bool) -> None:
     answer = plan(range="bytes=0-9", if_range=if_range)
