@@ -31,6 +31,7 @@ from types import TracebackType
 from typing import cast
 
 from .deadline import within
+from .downnodes import down_nodes
 from .exceptions import StorageError
 from .nodepool import IdlePool, Node
 from .storage import (
@@ -467,7 +468,8 @@ async def open_replica(
     timeout: float = 10.0,
 ) -> AsyncReplicaResponse:
     """Open the first of ``urls`` that answers 2xx (with a body of ``length`` bytes, when given),
-    trying the next on a refusal, an error, another status or another length, or a bad URL.
+    trying the next on a refusal, an error, another status or another length, or a bad URL; a
+    node that did not answer lately is not asked (:mod:`.downnodes`).
 
     ``byte_range`` is an absolute, inclusive ``(first, last)`` pair sent as ``Range``: storage
     nodes answer suffix ranges (``bytes=-N``) wrongly, so callers resolve them first. Raises
@@ -478,13 +480,17 @@ async def open_replica(
     """
     headers = range_header(byte_range)
     failures = ReplicaFailures()
-    for url in urls:
+    for url in down_nodes.ordered(urls):
+        if not failures.may_ask(url):
+            continue
         try:
             replica = await _request(url, method, headers, timeout)
         # ValueError: a host name the resolver refuses (UnicodeError from IDNA, a NUL byte).
         except (OSError, StorageError, ValueError) as error:
             failures.failed(url, error)
             continue
+        finally:
+            down_nodes.done(url)
         if failures.accepts(url, replica.status, replica.length, length):
             return replica
         await replica.aclose()

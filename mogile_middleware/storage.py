@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from . import metrics
 from .deadline import DeadlineReader, time_left
+from .downnodes import down_nodes
 from .exceptions import StorageError
 from .nodepool import Node, NodePool, nodes
 
@@ -270,8 +271,9 @@ def open_replica(
     pool: NodePool = nodes,
 ) -> ReplicaResponse:
     """Open the first of ``urls`` that answers 2xx (with a body of ``length`` bytes, when given),
-    trying the next on a refusal, an error or another length. Connections come from ``pool``
-    and go back to it once a response was read to its end.
+    trying the next on a refusal, an error or another length; a node that did not answer lately
+    is not asked (:mod:`.downnodes`). Connections come from ``pool`` and go back to it once a
+    response was read to its end.
 
     ``byte_range`` is an absolute, inclusive ``(first, last)`` pair sent as ``Range``: storage
     nodes answer suffix ranges (``bytes=-N``) wrongly, so callers resolve them first. Raises
@@ -282,13 +284,17 @@ def open_replica(
     """
     headers = range_header(byte_range)
     failures = ReplicaFailures()
-    for url in urls:
+    for url in down_nodes.ordered(urls):
+        if not failures.may_ask(url):
+            continue
         try:
             replica = _get(url, method, headers, timeout, pool)
         # ValueError: a host name the resolver refuses (UnicodeError from IDNA).
         except (OSError, StorageError, ValueError) as error:
             failures.failed(url, error)
             continue
+        finally:
+            down_nodes.done(url)
         if failures.accepts(url, replica.status, replica.length, length):
             return replica
         replica.close()
@@ -330,13 +336,22 @@ class ReplicaFailures:
         self.lines: list[str] = []
         self.last_status: int | None = None
 
+    def may_ask(self, url: str) -> bool:
+        """True unless the node of ``url`` is marked down (then noted as a failure)."""
+        if down_nodes.may_ask(url):
+            return True
+        self.lines.append(f"{url}: not asked, its node failed lately (again in {down_nodes.seconds_down(url):.1f}s)")
+        return False
+
     def failed(self, url: str, error: BaseException) -> None:
-        """``url`` could not be asked (refused, timed out, a bad URL)."""
+        """``url`` could not be asked (refused, timed out, a bad URL): its node is marked down."""
         self.lines.append(f"{url}: {error or type(error).__name__}")
+        down_nodes.failed(url, error)
         metrics.recorder.replica_failover()
 
     def accepts(self, url: str, status: int, length: int | None, expected: int | None) -> bool:
         """True for a 2xx with the ``expected`` length (when given); else noted as a failure."""
+        down_nodes.answered(url)
         if 200 <= status < 300 and (expected is None or length == expected):
             return True
         self.last_status = status

@@ -10,11 +10,20 @@ from pathlib import Path
 import pytest
 
 from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.downnodes import down_nodes
 
 DOMAIN = "testdom"
 #: The classes of the captured transcripts: avatar kept twice, thumb once (plus "default", 2).
 CLASSES = {"avatar": 2, "thumb": 1}
 WIRE_DATA = Path(__file__).parent / "data" / "mogile-wire"
+
+
+@pytest.fixture(autouse=True)
+def no_node_marked_down() -> Iterator[None]:
+    """Each test starts with no storage node marked down by an earlier one (whose ports may be reused)."""
+    down_nodes.clear()
+    yield
+    down_nodes.clear()
 
 
 @pytest.fixture

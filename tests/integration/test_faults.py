@@ -9,6 +9,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
 
 import pytest
 from conftest import DOMAIN
@@ -212,6 +213,67 @@ def test_a_silent_replica_is_not_waited_for_twice(method: str) -> None:
     finally:
         tracker.stop()
         node.stop()
+
+
+class _TenBytes(BaseHTTPRequestHandler):
+    """A storage node holding every file, ten bytes each."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Length", "10")
+        self.end_headers()
+        self.wfile.write(b"0123456789")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
+def test_a_node_that_did_not_answer_is_passed_by_for_a_while(flavour: str) -> None:
+    """A hung node holding a file's first replica costs the first request the storage timeout;
+    the next are served from the other replica without asking it, and a file it alone holds is a
+    502 without the wait (mogilefsd goes on listing a hung node)."""
+    silent, live = _SilentNode(), ThreadingHTTPServer(("127.0.0.1", 0), _TenBytes)
+    threading.Thread(target=live.serve_forever, daemon=True).start()
+    hung_url = f"http://127.0.0.1:{silent.port}/dev1/0/000/000/0000000009.fid"
+    live_url = f"http://127.0.0.1:{live.server_address[1]}/dev2/0/000/000/0000000009.fid"
+    paths = {"two": f"paths=2&path1={hung_url}&path2={live_url}", "one": f"paths=1&path1={hung_url}"}
+
+    def script(line: bytes) -> bytes:
+        command, _, args = line.partition(b" ")
+        if command == b"get_domains":
+            return (b"OK domains=1&domain1=testdom&domain1classes=1&domain1class1name=thumb"
+                    b"&domain1class1mindevcount=1\r\n")
+        key = parse_qs(args.strip().decode()).get("key", [""])[0]
+        if command == b"get_paths":
+            return f"OK {paths[key]}\r\n".encode()
+        if command == b"file_info":
+            return f"OK fid=9&domain=testdom&class=thumb&key={key}&length=10&devcount=1\r\n".encode()
+        return b"OK \r\n"
+
+    tracker = ScriptedTracker(script)
+    try:
+        if flavour == "wsgi":
+            app = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker.tracker]), storage_timeout=0.3)
+
+            def get(path: str) -> tuple[int, bytes]:
+                status, _, body = call(app, "GET", path, {})
+                return status, body
+        else:
+            asgi = ASGIMiddleware(Recorder(), domain=DOMAIN, trackers=[tracker.tracker], storage_timeout=0.3)
+
+            def get(path: str) -> tuple[int, bytes]:
+                sent = run(asgi, http_scope(path), [])
+                return sent[0]["status"], b"".join(message.get("body", b"") for message in sent[1:])
+        assert get("/mogilefs/two") == (200, b"0123456789") and silent.connections == 1
+        assert get("/mogilefs/two") == (200, b"0123456789")
+        assert get("/mogilefs/one")[0] == 502
+        assert silent.connections == 1
+    finally:
+        tracker.stop()
+        silent.stop()
+        live.shutdown()
+        live.server_close()
 
 
 def test_the_tracker_dying_between_open_and_close_leaves_no_key(devmogile: DevMogileFS) -> None:
