@@ -3,7 +3,8 @@
 The key points at the new data only after the storage node has taken the whole body and the
 tracker has checked its size (and MD5 checksum, when asked): a failure at any step raises
 :class:`UploadError` and leaves the key as it was, except that a lost answer to ``create_close``
-raises :class:`UploadOutcomeUnknownError`. :class:`Uploader` is the helper for applications: any
+raises :class:`UploadOutcomeUnknownError`, and a ``create_close`` failing inside mogilefsd may
+have dropped the key's old version (the error says so). :class:`Uploader` is the helper for applications: any
 source, a class per key, checksums verified where the class keeps them.
 
 Example::
@@ -30,6 +31,7 @@ from .exceptions import (
     OutcomeUnknownError,
     ProtocolError,
     StorageError,
+    TrackerError,
     UnregClassError,
     UploadError,
     UploadOutcomeUnknownError,
@@ -116,6 +118,12 @@ def no_storage_node(key: str, failures: list[str]) -> UploadError:
     return UploadError(f"no storage node took {key!r}: " + "; ".join(failures or ["no destination"]))
 
 
+#: The errors of ``create_close`` mogilefsd may answer once it has dropped the key's old file, which
+#: it does before recording the new one: a database error ("failure") or a ``file_stored`` hook's
+#: veto (``MogileFS::Worker::Query::cmd_create_close``). Its other refusals come before any change.
+_FAILED_AFTER_DROPPING_OLD = frozenset({"failure", "plugin_aborted"})
+
+
 @contextlib.contextmanager
 def committing(key: str, size: int, changed: Callable[[], None]) -> Iterator[None]:
     """Around the end of an upload of ``size`` bytes (the PUT, then ``create_close``): ``changed()``
@@ -135,6 +143,10 @@ def committing(key: str, size: int, changed: Callable[[], None]) -> Iterator[Non
         metrics.recorder.upload("failed", size)
         if isinstance(error, UploadError):
             raise
+        if isinstance(error, TrackerError) and error.code in _FAILED_AFTER_DROPPING_OLD:
+            changed()
+            raise UploadError(f"upload of {key!r} failed: the tracker failed create_close ({error}), maybe after "
+                              f"dropping the key's old version") from error
         raise upload_failed(key, error) from error
     except BaseException:  # interrupted (Ctrl-C, a cancelled task): create_close may have been carried out
         metrics.recorder.upload("unknown", size)

@@ -375,6 +375,25 @@ def test_a_lost_create_close_answer_is_an_unknown_outcome_and_drops_cached_paths
     assert Client(DOMAIN, devmogile.trackers).get_file_data("lost") == b"new data"  # here, it was carried out
 
 
+@both_flavours
+def test_a_create_close_failing_in_the_tracker_says_the_old_version_may_be_gone(devmogile: DevMogileFS,
+                                                                               flavour: Flavour) -> None:
+    """mogilefsd drops the key's old file before it records the new one: a database error then
+    is ``ERR failure``, after which the key may be missing. The cached paths are dropped."""
+    upstream = TrackerConnection(devmogile.tracker_address, 1.0, 5.0)
+    relay = ScriptedTracker(lambda line: b"ERR failure Operation+failed\r\n" if line.startswith(b"create_close")
+                            else upstream.roundtrip(line))
+    try:
+        dropped: list[str] = []
+        client = flavour.Client(DOMAIN, [relay.tracker], on_change=dropped.append)
+        with pytest.raises(UploadError, match="'failed'.*create_close.*maybe after dropping the key's old version"):
+            store(flavour, client, "failed", b"new data", "thumb")
+        assert dropped == ["failed"]
+    finally:
+        relay.stop()
+        upstream.close()
+
+
 def test_checksums_must_be_kept_or_always(client: Client) -> None:
     with pytest.raises(ValueError, match="'kept' or 'always'"):
         Uploader(client, checksums="never")
