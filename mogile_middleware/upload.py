@@ -299,6 +299,7 @@ class NewFile(io.RawIOBase):
         self._checkClosed()
         self._check_not_sent()
         start = None if remaining_size(fileobj) is None else fileobj.tell()
+        dropped: list[str] = []  # by the nodes tried, for the error when none is left
         while True:
             stream = self._stream or self._open_stream()
             try:
@@ -311,9 +312,11 @@ class NewFile(io.RawIOBase):
                 return self.size
             except StorageError as error:
                 self._stream = None
+                dropped.append(str(error))
                 if start is None or not self._destinations or isinstance(error, LengthMismatchError):
                     self.abort()
-                    raise upload_failed(self.key, error) from error
+                    raise (no_storage_node(self.key, dropped) if len(dropped) > 1
+                           else upload_failed(self.key, error)) from error
                 fileobj.seek(start)
                 self._reset_body()
 

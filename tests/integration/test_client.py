@@ -452,6 +452,18 @@ def test_upload_falls_back_to_the_next_destination(devmogile: DevMogileFS, flavo
         tracker.stop()
 
 
+@both_flavours
+def test_an_upload_every_destination_dropped_names_each(flavour: Flavour, dropping_node: str) -> None:
+    tracker = _scripted_open([dropping_node + "/dev1", dropping_node + "/dev2"])
+    try:
+        with pytest.raises(UploadError) as raised:
+            flavour.Client(DOMAIN, [tracker.tracker]).store_file("dropped", io.BytesIO(bytes(300_000)), cls="thumb")
+        assert "/dev1/" in str(raised.value) and "/dev2/" in str(raised.value)
+        assert not any(line.startswith(b"create_close") for line in tracker.requests)
+    finally:
+        tracker.stop()
+
+
 def test_a_dropped_put_of_a_stream_fails_without_create_close(dropping_node: str) -> None:
     tracker = _scripted_open([dropping_node + "/dev1"])
     try:
