@@ -8,6 +8,8 @@ a one-line reason:
 * a domain the trackers do not know;
 * a host or device the trackers mark ``down``;
 * an ``alive`` device the trackers cannot reach (observed ``unreachable``) or cannot write to;
+* an ``alive`` device whose storage node does not answer HTTP within the timeout, which the
+  trackers may not have noticed (mogilefsd goes on calling a hung mogstored writeable);
 * a device with less free space than mogilefsd keeps unused (``min_free_space``, 100 MB);
 * a class keeping more copies than there are writeable devices on distinct hosts.
 
@@ -17,16 +19,21 @@ reported, not counted as problems.
 
 from __future__ import annotations
 
+import http.client
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .exceptions import MogileFSError
+from .exceptions import MogileFSError, StorageError
 from .protocol import Reply, parse_domains
+from .storage import Target
 from .tracker import Address, TrackerPool
 
 #: What mogilefsd leaves free on every device (its ``min_free_space`` default), in MB.
 MIN_FREE_MB = 100
+#: Storage nodes asked at once.
+_NODES_AT_ONCE = 16
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,7 @@ def check(trackers: list[Address], domain: str, *, timeout: float = 3.0) -> Heal
     _read_hosts(hosts, health)
     _read_devices(devices, health)
     health.devices.sort(key=lambda device: device.devid)
+    _ask_storage_nodes(health, timeout)
     alive_hosts = {host.name for host in health.hosts if host.status == "alive"}
     writeable_hosts = {device.host for device in health.devices if device.host in alive_hosts and _writeable(device)}
     for name, copies in health.classes.items():
@@ -154,6 +162,37 @@ def _read_devices(reply: Reply, health: Health) -> None:
         if device.status == "alive" and device.mb_free is not None and device.mb_free < MIN_FREE_MB:
             health.problems.append(f"{where} has {device.mb_free} MB free, under the {MIN_FREE_MB} MB "
                                    f"MogileFS leaves unused: it takes no new files")
+
+
+def _ask_storage_nodes(health: Health, timeout: float) -> None:
+    """A problem for each device the trackers call reachable whose node does not answer a ``HEAD``
+    of its usage file (any status is an answer), as ``mogadm check`` asks them."""
+    addresses = {host.name: host.address for host in health.hosts if host.status == "alive"}
+    asked = [device for device in health.devices
+             if device.status == "alive" and device.observed != "unreachable" and device.host in addresses]
+    urls = [f"http://{addresses[device.host]}/dev{device.devid}/usage" for device in asked]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(urls), _NODES_AT_ONCE))) as pool:
+        reasons = list(pool.map(lambda url: _why_silent(url, timeout), urls))
+    for device, reason in zip(asked, reasons):
+        if reason is not None:
+            health.problems.append(f"dev{device.devid} on {device.host} ({addresses[device.host]}) "
+                                   f"does not answer HTTP: {reason}")
+
+
+def _why_silent(url: str, timeout: float) -> str | None:
+    """``None`` once the node of ``url`` answers a ``HEAD`` within ``timeout``, else why not."""
+    connection = None
+    try:
+        target = Target(url)
+        connection = http.client.HTTPConnection(target.host, target.port, timeout=timeout)
+        connection.request("HEAD", target.path)
+        connection.getresponse()
+    except (OSError, http.client.HTTPException, StorageError, ValueError) as error:
+        return str(error) or type(error).__name__
+    finally:
+        if connection is not None:
+            connection.close()
+    return None
 
 
 def _writeable(device: DeviceHealth) -> bool:

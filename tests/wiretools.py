@@ -64,6 +64,13 @@ class LoopbackServer:
         self.drop_connections()
 
 
+class SilentServer(LoopbackServer):
+    """Accepts connections and never answers, as a stopped (SIGSTOP) server does."""
+
+    def _serve(self, conn: socket.socket) -> None:
+        pass  # held open until stop()
+
+
 class ScriptedTracker(LoopbackServer):
     """A fake tracker answering each request line with ``script(line)``."""
 

@@ -16,7 +16,7 @@ from conftest import DOMAIN
 from integration.test_asgi import Recorder, http_scope, run
 from integration.test_hostile import call
 from integration.test_middleware import BODY, wrapped_app
-from wiretools import CountingRelay, LoopbackServer, ScriptedTracker
+from wiretools import CountingRelay, ScriptedTracker, SilentServer
 
 from mogile_middleware import Client, StorageError, UnknownKeyError, UploadError
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
@@ -193,16 +193,9 @@ def test_a_transfer_cut_midway_ends_short_and_is_logged_with_its_key(caplog: pyt
         node.server_close()
 
 
-class _SilentNode(LoopbackServer):
-    """A storage node that accepts connections and never answers, as a stopped one does."""
-
-    def _serve(self, conn: socket.socket) -> None:
-        pass  # held open until stop()
-
-
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
 def test_a_silent_replica_is_not_waited_for_twice(method: str) -> None:
-    node = _SilentNode()
+    node = SilentServer()
     tracker = one_file_tracker(node.port, "k", 10)
     try:
         app = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker.tracker]), storage_timeout=0.3)
@@ -233,7 +226,7 @@ def test_a_node_that_did_not_answer_is_passed_by_for_a_while(flavour: str) -> No
     """A hung node holding a file's first replica costs the first request the storage timeout;
     the next are served from the other replica without asking it, and a file it alone holds is a
     502 without the wait (mogilefsd goes on listing a hung node)."""
-    silent, live = _SilentNode(), ThreadingHTTPServer(("127.0.0.1", 0), _TenBytes)
+    silent, live = SilentServer(), ThreadingHTTPServer(("127.0.0.1", 0), _TenBytes)
     threading.Thread(target=live.serve_forever, daemon=True).start()
     hung_url = f"http://127.0.0.1:{silent.port}/dev1/0/000/000/0000000009.fid"
     live_url = f"http://127.0.0.1:{live.server_address[1]}/dev2/0/000/000/0000000009.fid"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 
 import pytest
 from conftest import DOMAIN
+from wiretools import ScriptedTracker, SilentServer
 
 from mogile_middleware.cli import main
 from mogile_middleware.devserver import DevMogileFS
@@ -63,16 +65,60 @@ def test_no_tracker_answering_is_a_problem(capsys: pytest.CaptureFixture[str]) -
     assert code == 1 and err[-1] == "mogile-middleware: check: no tracker answered"
 
 
+def test_a_hung_storage_node_the_trackers_call_writeable_is_a_problem(capsys: pytest.CaptureFixture[str]) -> None:
+    """mogilefsd goes on calling a stopped (SIGSTOP) mogstored writeable: check asks the node itself."""
+    hung, answering = SilentServer(), socket.create_server(("127.0.0.1", 0))
+    hosts = {1: ("store1", hung.port), 2: ("store2", answering.getsockname()[1])}
+    replies = {
+        b"noop": b"OK \r\n",
+        b"get_domains": b"OK domains=1&domain1=testdom&domain1classes=1&domain1class1name=thumb"
+                        b"&domain1class1mindevcount=1\r\n",
+        b"get_hosts": ("OK hosts=2&" + "&".join(
+            f"host{n}_hostid={n}&host{n}_hostname={name}&host{n}_hostip=127.0.0.1&host{n}_http_port={port}"
+            f"&host{n}_status=alive" for n, (name, port) in hosts.items()) + "\r\n").encode(),
+        b"get_devices": ("OK devices=2&" + "&".join(
+            f"dev{n}_devid={n}&dev{n}_hostid={n}&dev{n}_status=alive&dev{n}_observed_state=writeable"
+            f"&dev{n}_mb_total=100000&dev{n}_mb_free=90000" for n in hosts) + "\r\n").encode(),
+    }
+    tracker = ScriptedTracker(lambda line: replies[line.split()[0]])
+    threading.Thread(target=lambda: _answer_heads(answering), daemon=True).start()
+    try:
+        code, _, err = run_check(capsys, "--trackers", tracker.tracker, "--domain", DOMAIN, "--timeout", "0.5")
+        assert code == 1
+        assert err == [f"mogile-middleware: check: dev1 on store1 (127.0.0.1:{hung.port}) does not answer HTTP: "
+                       "timed out"]
+    finally:
+        tracker.stop()
+        hung.stop()
+        answering.close()
+
+
+def _answer_heads(server: socket.socket) -> None:
+    """A storage node that answers 404 to every request (an answer all the same)."""
+    while True:
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            return
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+
+
 def test_a_stopped_storage_node_is_reported_with_what_it_leaves_short(
         devmogile: DevMogileFS, capsys: pytest.CaptureFixture[str]) -> None:
     devmogile.nodes[1].stop()
     deadline = time.monotonic() + 15
     while True:  # until the tracker's monitor has seen it
         code, out, err = run_check(capsys, "--trackers", devmogile.trackers[0], "--domain", DOMAIN)
-        if code or time.monotonic() > deadline:
+        if "unreachable" in out or time.monotonic() > deadline:
             break
+        # Before that, check asked the node itself.
+        assert code == 1 and any(line.endswith("does not answer HTTP: [Errno 111] Connection refused")
+                                 for line in err), err
         time.sleep(0.2)
     assert code == 1 and "unreachable" in out
+    assert not any("does not answer HTTP" in line for line in err)  # the trackers' word, once
     assert any(line.endswith("is alive but the trackers cannot reach it") for line in err)
     assert "mogile-middleware: check: class 'avatar' keeps 2 copies, but only 1 host(s) have a writeable device" in err
     assert not any("'thumb'" in line for line in err)  # one copy: one node is enough
