@@ -149,6 +149,7 @@ class PathCache(Generic[V]):
         self._stale_seconds = stale_seconds
         self._clock = clock
         self._wait_seconds = wait_seconds
+        self._versioned = hasattr(self._backend, "get_versioned")
         self._lock = threading.Lock()
         self._flights: dict[str, _Flight] = {}
         self._stale_keys: set[str] = set()  # keys already warned about in the current outage
@@ -210,14 +211,14 @@ class PathCache(Generic[V]):
         if isinstance(self._backend, MemoryCache):
             metrics.recorder.cache_size(len(self._backend))
 
-    def _refresh(self, key: str, previous: V | None = None) -> V:
+    def _refresh(self, key: str, previous: V | None = None, *, recheck: bool = True) -> V:
         with self._lock:
             flight = self._flights.get(key)
             leading = flight is None
             if flight is None:
                 flight = self._flights[key] = _Flight()
         if not leading:
-            return self._join(key, flight, previous)
+            return self._join(key, flight, previous, recheck)
         try:
             flight.value = self._fetch(key, flight, previous)
             return flight.value
@@ -230,7 +231,7 @@ class PathCache(Generic[V]):
                     del self._flights[key]
             flight.done.set()
 
-    def _join(self, key: str, flight: _Flight, previous: V | None) -> V:
+    def _join(self, key: str, flight: _Flight, previous: V | None, recheck: bool) -> V:
         if not flight.done.wait(self._wait_seconds):
             cause = TrackerUnavailableError(f"no answer for {key!r} within {self._wait_seconds} s")
             return self._stale_or_raise(key, cause)
@@ -238,7 +239,21 @@ class PathCache(Generic[V]):
             raise flight.error
         if flight.value is _UNSET:  # the leader was interrupted (e.g. a killed greenlet): try again
             return self._refresh(key, previous)
-        return flight.value
+        if not (recheck and self._versioned):
+            return flight.value
+        value = self._joined(flight.value, self._watched(key))
+        return self._refresh(key, previous, recheck=False) if value is _UNSET else value
+
+    def _joined(self, found: V, watched: tuple[tuple[Any, float] | None, Any]) -> V:
+        """What a request that joined another's lookup in a shared backend answers, given what the
+        backend holds after it (``watched``): its fresh entry; else what the lookup ``found`` when
+        the backend cannot say; else :data:`_UNSET`: a lookup begun after this one's (once). The
+        lookup it joined may have begun before another process's change, whose mark then kept it
+        from storing: its finding is the old version, where this request came after the change."""
+        entry, version = watched
+        if entry is not None and self._fresh(entry):
+            return entry[0]
+        return found if version is _UNSET else _UNSET
 
     def _fetch(self, key: str, flight: _Flight, previous: V | None) -> V:
         # Another thread may have stored a fresh value between our miss and our taking the lead.
@@ -374,7 +389,8 @@ class AsyncPathCache(PathCache[V]):
         await self._backend_call(self._backend.delete, key)
         self._invalidated()
 
-    async def _refresh(self, key: str, previous: V | None = None) -> V:  # type: ignore[override]
+    async def _refresh(self, key: str, previous: V | None = None, *,  # type: ignore[override]
+                       recheck: bool = True) -> V:
         with self._lock:  # invalidate() may run in another thread (a sync client's listener)
             flight = self._flights.get(key)
             leading = flight is None
@@ -386,8 +402,12 @@ class AsyncPathCache(PathCache[V]):
             except asyncio.TimeoutError:
                 cause = TrackerUnavailableError(f"no answer for {key!r} within {self._wait_seconds} s")
                 return self._stale_value(key, await self._backend_call(self._backend.get, key), cause)
-            # The leader's task was cancelled (its client went away): look up for ourselves.
-            return await self._refresh(key, previous) if value is _UNSET else value
+            if value is _UNSET:  # the leader's task was cancelled (its client went away): look up for ourselves
+                return await self._refresh(key, previous)
+            if not (recheck and self._versioned):
+                return value
+            value = self._joined(value, await self._backend_call(self._watched, key) or (None, _UNSET))
+            return await self._refresh(key, previous, recheck=False) if value is _UNSET else value
         try:
             value = await self._fetch_async(key, flight, previous)  # type: ignore[arg-type]
         except Exception as error:

@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -157,6 +158,57 @@ def test_the_lookup_after_a_change_is_stored_at_once(backend: MemcachedBackend) 
     async_cache.invalidate(key)
     assert [asyncio.run(async_cache.get(key)) for _ in range(3)] == [location(3, key)] * 3
     assert async_cache.lookups == 1 and cache.get(key) == location(3, key) and cache.lookups == 2
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_request_after_a_change_does_not_join_a_lookup_begun_before_it(backend: MemcachedBackend,
+                                                                         flavour: str) -> None:
+    """A lookup is in progress when another process changes the key (its mark in memcached); a
+    request that comes after the change and joins that lookup must not answer its old finding."""
+    key = f"joined-{flavour}"
+    started, release = threading.Event(), threading.Event()
+    found = iter([location(1, key), location(2, key)])  # before the change, then after it
+
+    def lookup(entry: str, previous: Location | None) -> Location:
+        value = next(found)
+        if value.etag == "fid-1":
+            started.set()
+            release.wait(10)
+        return value
+
+    writer = MemcachedBackend(backend.servers)
+    if flavour == "sync":
+        cache = PathCache(lookup, backend=backend, ttl_seconds=60)
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(cache.get, key)
+            assert started.wait(10)
+            writer.delete(key)  # another process's write
+            after = pool.submit(cache.get, key)  # joins the lookup begun before the write
+            time.sleep(0.2)
+            release.set()
+            assert first.result(10) == location(1, key)  # it began before the change
+            assert after.result(10) == location(2, key)
+    else:
+        async_cache = AsyncPathCache(_async_in_thread(lookup), backend=backend, ttl_seconds=60)
+
+        async def race() -> tuple[Location, Location]:
+            first = asyncio.ensure_future(async_cache.get(key))
+            assert await asyncio.to_thread(started.wait, 10)
+            await asyncio.to_thread(writer.delete, key)
+            after = asyncio.ensure_future(async_cache.get(key))
+            await asyncio.sleep(0.2)
+            release.set()
+            return await first, await after
+
+        assert asyncio.run(race()) == (location(1, key), location(2, key))
+    assert backend.get(key)[0] == location(2, key)  # type: ignore[index]
+
+
+def _async_in_thread(lookup: Callable[[str, Location | None], Location]
+                     ) -> Callable[[str, Location | None], Awaitable[Location]]:
+    async def looked_up(key: str, previous: Location | None) -> Location:
+        return await asyncio.to_thread(lookup, key, previous)
+    return looked_up
 
 
 def _async(lookup: Callable[[str, Location | None], Location]
