@@ -168,7 +168,7 @@ class PathCache(Generic[V]):
         except Exception as error:  # a broken shared cache must not take the site down with it
             self._backend_failed(error)
             entry = None
-        if entry is not None and self._clock() - entry[1] < self._ttl_of(entry[0]):  # (inlined _fresh: hot path)
+        if entry is not None and 0 <= self._clock() - entry[1] < self._ttl_of(entry[0]):  # (inlined _fresh: hot path)
             metrics.recorder.cache_hit()
             return entry[0]
         metrics.recorder.cache_miss()
@@ -185,7 +185,7 @@ class PathCache(Generic[V]):
         return self._refresh(key, outdated)
 
     def _fresh(self, entry: tuple[Any, float]) -> bool:
-        return self._clock() - entry[1] < self._ttl_of(entry[0])
+        return 0 <= self._clock() - entry[1] < self._ttl_of(entry[0])
 
     def invalidate(self, key: str) -> None:
         """Forget ``key``, and keep a lookup already in progress from storing its outdated value."""
@@ -359,7 +359,7 @@ class AsyncPathCache(PathCache[V]):
         hot path of a warm cache); else ``None``: await :meth:`get`."""
         if self._in_process:
             entry = self._backend.get(key)
-            if entry is not None and self._clock() - entry[1] < self._ttl_of(entry[0]):  # (inlined _fresh)
+            if entry is not None and 0 <= self._clock() - entry[1] < self._ttl_of(entry[0]):  # (inlined _fresh)
                 metrics.recorder.cache_hit()
                 return entry[0]
         return None

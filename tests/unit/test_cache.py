@@ -194,6 +194,15 @@ def test_ttl_expiry_looks_up_again(lookup: Lookup, clock: Clock, elapsed: float,
     assert lookup.calls == int(expected[1:])
 
 
+def test_an_entry_stored_ahead_of_this_clock_is_not_fresh(lookup: Lookup, clock: Clock) -> None:
+    """A shared cache's entry from a host whose clock is an hour ahead would stay fresh for that
+    hour: it is looked up again (and the lookup stores its finding by this clock)."""
+    cache = make_cache(lookup, clock)
+    cache.backend.set("k", ["http://10.0.0.9:7500/dev1/k?v=0"], clock() + 3600, 7200)
+    assert version(cache.get("k")) == "v1" and lookup.calls == 1
+    assert version(cache.get("k")) == "v1" and lookup.calls == 1
+
+
 def test_a_lookup_is_told_the_value_last_known(lookup: Lookup, clock: Clock) -> None:
     """An expired value still kept, or the one a refresh found outdated, is handed to the lookup."""
     cache = make_cache(lookup, clock)
