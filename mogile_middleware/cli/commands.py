@@ -27,7 +27,7 @@ from typing import IO, TYPE_CHECKING, BinaryIO, NoReturn
 from .. import health
 from ..client import Client, FileInfo
 from ..deadline import checked_seconds
-from ..exceptions import UnknownKeyError, UnregDomainError
+from ..exceptions import StorageError, UnknownKeyError, UnregDomainError
 from ..tracker import Address, parse_trackers
 from ..upload import Uploader, remaining_size
 from .progress import ProgressBar, printable
@@ -165,6 +165,11 @@ def _command(body: Callable[[argparse.Namespace, Client], int]) -> Callable[[arg
             raise type(error)(error.code, f"no key {args.key!r} in domain {args.domain!r}") from None
         except UnregDomainError as error:  # nor which domain
             raise type(error)(error.code, f"no domain {args.domain!r} on the trackers") from None
+        except StorageError as error:  # the replicas it names: the key too
+            key = getattr(args, "key", None)
+            if key is None or not isinstance(key, str):
+                raise
+            raise StorageError(f"{key!r}: {error}", error.url, error.status) from error
         finally:
             client.close()
 

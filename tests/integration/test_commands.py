@@ -265,7 +265,7 @@ def test_get_leaves_no_file_when_the_only_node_is_down(tmp_path: Path, capsys: p
         out.mkdir()
         assert main(["get", *options, "key", "-o", str(out / "file")]) == 1
     assert list(out.iterdir()) == []
-    assert capsys.readouterr().err.startswith("mogile-middleware: no replica answered")
+    assert capsys.readouterr().err.startswith("mogile-middleware: 'key': no replica answered")
 
 
 def interrupt_after_the_first_piece(monkeypatch: pytest.MonkeyPatch,
@@ -300,7 +300,7 @@ def test_get_keeps_the_old_file_when_the_transfer_breaks(
     interrupt_after_the_first_piece(monkeypatch, broken)
     target = previous_file(tmp_path)
     result = cli("get", "big", "-o", str(target))
-    assert (result.code, result.err) == (1, "mogile-middleware: connection reset midway\n")
+    assert (result.code, result.err) == (1, "mogile-middleware: 'big': connection reset midway\n")
     assert list(target.parent.iterdir()) == [target] and target.read_bytes() == b"previous"
 
 
