@@ -73,7 +73,7 @@ class DownNodes:
             self._until[node] = time.monotonic() + self.seconds
             self._asking.discard(node)
         if not marked:
-            log.warning("storage node %s:%d failed (%s): not asked for %gs", *node, error or type(error).__name__,
+            log.warning("storage node %s:%d failed (%s): not asked for %gs", *node, str(error) or type(error).__name__,
                         self.seconds)
 
     def answered(self, url: str) -> None:

@@ -4,8 +4,8 @@ The key points at the new data only after the storage node has taken the whole b
 tracker has checked its size (and MD5 checksum, when asked): a failure at any step raises
 :class:`UploadError` and leaves the key as it was, except that a lost answer to ``create_close``
 raises :class:`UploadOutcomeUnknownError`, and a ``create_close`` failing inside mogilefsd may
-have dropped the key's old version (the error says so). :class:`Uploader` is the helper for applications: any
-source, a class per key, checksums verified where the class keeps them.
+have dropped the key's old version (the error says so). :class:`Uploader` is the helper for
+applications: any source, a class per key, checksums verified where the class keeps them.
 
 Example::
 
