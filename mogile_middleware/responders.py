@@ -169,8 +169,9 @@ class PerlbalReproxy(Reproxy):
         """For one range, ``X-REPROXY-EXPECTED-SIZE`` of the part the node will send (a range is
         reproxied only when the node reads it as the middleware does); with the fallback URL of
         ``target`` last, when it can go into the header."""
-        part = None if range_header is None or location.length is None else \
-            http.byte_range(range_header, location.length)
+        part = None
+        if range_header is not None and location.length is not None:
+            part = http.byte_range(range_header, location.length)
         if isinstance(part, tuple):
             size = str(part[1] - part[0] + 1)
             headers = [(name, size if name == "X-REPROXY-EXPECTED-SIZE" else value) for name, value in headers]
