@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
@@ -479,15 +480,16 @@ async def open_replica(
     together, then each read of the body (a slow but live transfer goes on).
     """
     headers = range_header(byte_range)
-    failures = ReplicaFailures()
+    failures = ReplicaFailures(timeout)
     for url in down_nodes.ordered(urls):
         if not failures.may_ask(url):
             continue
+        started = time.monotonic()
         try:
             replica = await _request(url, method, headers, timeout)
         # ValueError: a host name the resolver refuses (UnicodeError from IDNA, a NUL byte).
         except (OSError, StorageError, ValueError) as error:
-            failures.failed(url, error)
+            failures.failed(url, error, time.monotonic() - started)
             continue
         finally:
             down_nodes.done(url)

@@ -2,8 +2,9 @@
 
 A hung storage node (stopped, its disk stuck, a network black hole) costs each request that asks
 it a whole ``storage_timeout``, and mogilefsd goes on listing it (its monitor notices no hang).
-So a node that could not be asked (refused, silent past the timeout, gone before its answer's
-head) is marked down for :data:`DOWN_SECONDS`, as a tracker is marked dead: meanwhile it is not
+So a node that made a request wait before failing it (silent past the timeout, or slow to refuse:
+see :class:`~mogile_middleware.storage.ReplicaFailures`) is marked down for :data:`DOWN_SECONDS`,
+as a tracker is marked dead (a quick refusal costs nothing, so it marks nothing): meanwhile it is not
 asked, so a file with a replica elsewhere is read from there at once and one it alone holds
 fails at once, rather than each request holding a worker for the timeout. Then one request at a
 time asks it again (the others still pass it by); any answer, a 404 too, clears the mark, and

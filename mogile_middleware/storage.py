@@ -33,6 +33,9 @@ T = TypeVar("T")
 CHUNK_SIZE = 64 * 1024
 
 
+#: A replica that failed after this long (or half the timeout) marks its node down (:mod:`.downnodes`).
+SLOW_FAILURE_SECONDS = 0.5
+
 #: The longest response head taken.
 MAX_HEAD = CHUNK_SIZE
 #: Statuses whose response has no body, whatever its headers say.
@@ -283,15 +286,16 @@ def open_replica(
     together, then each read of the body (a slow but live transfer goes on).
     """
     headers = range_header(byte_range)
-    failures = ReplicaFailures()
+    failures = ReplicaFailures(timeout)
     for url in down_nodes.ordered(urls):
         if not failures.may_ask(url):
             continue
+        started = time.monotonic()
         try:
             replica = _get(url, method, headers, timeout, pool)
         # ValueError: a host name the resolver refuses (UnicodeError from IDNA).
         except (OSError, StorageError, ValueError) as error:
-            failures.failed(url, error)
+            failures.failed(url, error, time.monotonic() - started)
             continue
         finally:
             down_nodes.done(url)
@@ -330,11 +334,14 @@ def range_header(byte_range: tuple[int, int] | None) -> dict[str, str]:
 
 
 class ReplicaFailures:
-    """What went wrong with each replica tried, for the error raised when none answered."""
+    """What went wrong with each replica tried, for the error raised when none answered; a node
+    that made a request wait (half its ``timeout``, or :data:`SLOW_FAILURE_SECONDS`) before
+    failing is marked down (a refusal costs nothing, and a node restarting soon answers)."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float) -> None:
         self.lines: list[str] = []
         self.last_status: int | None = None
+        self._slow = min(SLOW_FAILURE_SECONDS, timeout / 2)
 
     def may_ask(self, url: str) -> bool:
         """True unless the node of ``url`` is marked down (then noted as a failure)."""
@@ -343,10 +350,11 @@ class ReplicaFailures:
         self.lines.append(f"{url}: not asked, its node failed lately (again in {down_nodes.seconds_down(url):.1f}s)")
         return False
 
-    def failed(self, url: str, error: BaseException) -> None:
-        """``url`` could not be asked (refused, timed out, a bad URL): its node is marked down."""
+    def failed(self, url: str, error: BaseException, seconds: float) -> None:
+        """``url`` could not be asked (refused, timed out, a bad URL), which took ``seconds``."""
         self.lines.append(f"{url}: {error or type(error).__name__}")
-        down_nodes.failed(url, error)
+        if seconds >= self._slow:
+            down_nodes.failed(url, error)
         metrics.recorder.replica_failover()
 
     def accepts(self, url: str, status: int, length: int | None, expected: int | None) -> bool:

@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs
@@ -221,6 +222,50 @@ class _TenBytes(BaseHTTPRequestHandler):
         pass
 
 
+def ten_byte_files(node_port: int) -> ScriptedTracker:
+    """A tracker that knows every key as a file of ten bytes (fid 9) on the node at ``node_port``."""
+    url = f"http://127.0.0.1:{node_port}/dev1/0/000/000/0000000009.fid"
+    return ScriptedTracker(lambda line: {
+        b"get_paths": f"OK paths=1&path1={url}\r\n".encode(),
+        b"file_info": b"OK fid=9&domain=testdom&class=thumb&key=k&length=10&devcount=1\r\n",
+        b"get_domains": b"OK domains=1&domain1=testdom&domain1classes=1&domain1class1name=thumb"
+                        b"&domain1class1mindevcount=1\r\n"}.get(line.split()[0], b"OK \r\n"))
+
+
+@pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
+def test_a_node_that_refuses_at_once_is_asked_again_at_once(flavour: str) -> None:
+    """A refusal costs nothing: a node restarting is asked by the next request, not passed by."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tracker = ten_byte_files(port)
+    get = _getter(flavour, tracker.tracker)
+    node = None
+    try:
+        assert get("/mogilefs/k")[0] == 502  # refused
+        node = ThreadingHTTPServer(("127.0.0.1", port), _TenBytes)  # back
+        threading.Thread(target=node.serve_forever, daemon=True).start()
+        assert get("/mogilefs/k") == (200, b"0123456789")
+    finally:
+        tracker.stop()
+        if node is not None:
+            node.shutdown()
+            node.server_close()
+
+
+def _getter(flavour: str, tracker: str) -> Callable[[str], tuple[int, bytes]]:
+    """GET a path of the WSGI or the ASGI middleware over ``tracker``: status and body."""
+    if flavour == "wsgi":
+        app = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker]), storage_timeout=0.3)
+        return lambda path: (lambda answer: (answer[0], answer[2]))(call(app, "GET", path, {}))
+    asgi = ASGIMiddleware(Recorder(), domain=DOMAIN, trackers=[tracker], storage_timeout=0.3)
+
+    def get(path: str) -> tuple[int, bytes]:
+        sent = run(asgi, http_scope(path), [])
+        return sent[0]["status"], b"".join(message.get("body", b"") for message in sent[1:])
+    return get
+
+
 @pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
 def test_a_node_that_did_not_answer_is_passed_by_for_a_while(flavour: str) -> None:
     """A hung node holding a file's first replica costs the first request the storage timeout;
@@ -246,18 +291,7 @@ def test_a_node_that_did_not_answer_is_passed_by_for_a_while(flavour: str) -> No
 
     tracker = ScriptedTracker(script)
     try:
-        if flavour == "wsgi":
-            app = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker.tracker]), storage_timeout=0.3)
-
-            def get(path: str) -> tuple[int, bytes]:
-                status, _, body = call(app, "GET", path, {})
-                return status, body
-        else:
-            asgi = ASGIMiddleware(Recorder(), domain=DOMAIN, trackers=[tracker.tracker], storage_timeout=0.3)
-
-            def get(path: str) -> tuple[int, bytes]:
-                sent = run(asgi, http_scope(path), [])
-                return sent[0]["status"], b"".join(message.get("body", b"") for message in sent[1:])
+        get = _getter(flavour, tracker.tracker)
         assert get("/mogilefs/two") == (200, b"0123456789") and silent.connections == 1
         assert get("/mogilefs/two") == (200, b"0123456789")
         assert get("/mogilefs/one")[0] == 502
