@@ -80,11 +80,11 @@ class MogileFSMiddleware(MiddlewareCore):
             await self.app(scope, receive, _without_reproxy_headers(send) if websocket else send)
             return
         path = _path_info(scope)
-        if not path.startswith(self.prefix):
+        if not path.startswith(self.path_prefix):
             await self._pass(scope, receive, send)
             return
         environ = _environ(scope, path)
-        key = self.key_for(environ, path[len(self.prefix):])
+        key = self.key_for(environ, path[len(self.path_prefix):])
         if not isinstance(key, str):
             answer: Answer | Streamed = key
         elif self.authorize is not None and not await _allows(self.authorize, scope, key):

@@ -17,7 +17,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
 from . import http
 from .bodies import BodyCache
@@ -191,7 +191,9 @@ class MiddlewareCore:
                             f"{self.client_class.__name__} (or one with its methods), not {type(client).__name__}")
         self.app = app
         self.client = client
-        self.prefix = "/" + prefix.strip("/") + "/" if prefix.strip("/") else "/"
+        #: The URL path under which keys are served, as text (percent-escapes decoded), and as a
+        #: request's path holds it (PEP 3333: its UTF-8 bytes as latin-1) to be matched against.
+        self.prefix, self.path_prefix = _url_prefix(prefix)
         self.trusted_proxies = None if trusted_proxies is None else parse_trusted_proxies(trusted_proxies)
         self._trust_unix_socket = self.trusted_proxies is not None and UNIX_SOCKET in self.trusted_proxies
         # The few proxy addresses recur on every request: decide each once (bounded for the rest).
@@ -252,7 +254,7 @@ class MiddlewareCore:
         if self.key_for_path is not None and path is None:
             raise ValueError("with key_for_path, url_for needs the path that maps to the key")
         named = key if path is None else path
-        url = self.prefix + quote(named, safe="/")
+        url = quote(self.prefix + named, safe="/")
         return url if self.signer is None else f"{url}?{self.signer.query(named, expires_in)}"
 
     def _signed_query(self, query: str) -> str:
@@ -335,6 +337,18 @@ class MiddlewareCore:
         if address.version == 6 and address.ipv4_mapped:  # 127.0.0.1 behind a dual-stack [::] bind
             address = address.ipv4_mapped
         return any(address in network for network in self.trusted_proxies or () if network != UNIX_SOCKET)
+
+
+def _url_prefix(prefix: str) -> tuple[str, str]:
+    """``prefix`` with a slash at either end, as text and as PEP 3333 gives a path; a ValueError
+    for one no request path could start with (a query, a fragment, escapes of bytes not UTF-8)."""
+    if not isinstance(prefix, str) or "?" in prefix or "#" in prefix:
+        raise ValueError(f"prefix must be a URL path such as '/mogilefs/', not {prefix!r}")
+    raw = unquote_to_bytes("/" + prefix.strip("/") + "/" if prefix.strip("/") else "/")
+    try:
+        return raw.decode("utf-8"), raw.decode("latin-1")
+    except UnicodeDecodeError:
+        raise ValueError(f"prefix must be UTF-8 once percent-decoded, not {prefix!r}") from None
 
 
 def _refuse_unusable(*, cache_control: object, charset: object, nginx_location: object,

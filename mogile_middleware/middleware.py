@@ -67,9 +67,9 @@ class MogileFSMiddleware(MiddlewareCore):
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
-        if not path.startswith(self.prefix):
+        if not path.startswith(self.path_prefix):
             return self._pass(environ, start_response)
-        return self._send(self.answer(environ, path[len(self.prefix):]), start_response, environ)
+        return self._send(self.answer(environ, path[len(self.path_prefix):]), start_response, environ)
 
     def answer(self, environ: dict[str, Any], path: str) -> Answer | StreamedAnswer:
         """The answer for the URL ``path`` after the prefix: decided, not yet started."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
 import pytest
 from conftest import DOMAIN
@@ -487,3 +487,22 @@ def test_a_server_changing_the_header_list_changes_no_later_answer(devmogile: De
             body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": path}, vandal)
             getattr(body, "close", lambda: None)()
         assert answers[0] == answers[1] and answers[0][1], path
+
+
+@pytest.mark.parametrize("prefix", ["/médias/", "/m%C3%A9dias/", "médias"])
+def test_a_prefix_beyond_ascii_serves_the_paths_clients_send(devmogile: DevMogileFS, client: Client,
+                                                              prefix: str) -> None:
+    """Given as text or percent-encoded, it matches the path a browser sends (UTF-8, percent-encoded),
+    in both middlewares, and url_for gives that path."""
+    from integration.test_asgi import Recorder, http_scope, run
+    from integration.test_hostile import call
+
+    from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
+
+    sent = "/m%C3%A9dias/plain.txt"
+    wsgi = MogileFSMiddleware(wrapped_app, client=client, prefix=prefix)
+    status, _, body = call(wsgi, "GET", unquote_to_bytes(sent).decode("latin-1"), {})  # PATH_INFO, as PEP 3333
+    assert (status, body) == (200, BODY) and wsgi.url_for("plain.txt") == sent
+    messages = run(ASGIMiddleware(Recorder(), domain=DOMAIN, trackers=devmogile.trackers, prefix=prefix),
+                   http_scope(sent), [])
+    assert (messages[0]["status"], messages[1]["body"]) == (200, BODY)

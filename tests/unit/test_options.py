@@ -41,6 +41,9 @@ BAD_OPTIONS = [
     pytest.param({"trackers": ["127.0.0.1:99999"]}, "127.0.0.1:99999", id="tracker-port-out-of-range"),
     pytest.param({"trackers": "127.0.0.1:0"}, "127.0.0.1:0", id="tracker-port-zero"),
     pytest.param({"trackers": "http://127.0.0.1:7001"}, "http://127.0.0.1:7001", id="tracker-url"),
+    pytest.param({"prefix": "/files/?a=1"}, "prefix", id="prefix-with-a-query"),
+    pytest.param({"prefix": "/files#top/"}, "prefix", id="prefix-with-a-fragment"),
+    pytest.param({"prefix": "/%FF/"}, "prefix", id="prefix-escaping-no-utf8"),
 ]
 
 

@@ -28,7 +28,7 @@ def wrap_asgi(application: ASGIApp) -> MogileFSMiddleware:
     if client.cache_backend is not None:
         options["cache_backend"] = client.cache_backend
     # One per call, in practice one per process: its tracker connections are kept per event loop.
-    middleware = MogileFSMiddleware(application, client=AsyncClient(conf.domain(), conf.trackers(), **conf.client_options()),
-                                    **options)
+    middleware = conf.configured(lambda: MogileFSMiddleware(
+        application, client=AsyncClient(conf.domain(), conf.trackers(), **conf.client_options()), **options))
     client.add_change_listener(middleware.locator.forget)
     return middleware

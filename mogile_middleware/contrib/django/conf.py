@@ -191,8 +191,8 @@ def _positive_seconds(value: object) -> float:
 
 def url_expires() -> float:
     """``MOGILEFS_URL_EXPIRES``: how long a signed URL of ``MogileFSStorage.url`` opens its file (an hour)."""
-    return validated("MOGILEFS_URL_EXPIRES", getattr(settings, "MOGILEFS_URL_EXPIRES", None) or 3600,
-                     _positive_seconds)
+    value = getattr(settings, "MOGILEFS_URL_EXPIRES", None)
+    return validated("MOGILEFS_URL_EXPIRES", 3600 if value is None else value, _positive_seconds)
 
 
 def _location(value: object) -> str:
@@ -228,7 +228,10 @@ def _client_options(value: object) -> dict[str, float]:
     for option, seconds in value.items():
         if option not in CLIENT_OPTIONS:
             raise ValueError(f"{option!r} is not one of {', '.join(CLIENT_OPTIONS)}")
-        _seconds(seconds)
+        try:  # a timeout of 0 would fail every request; a tracker may be skipped for 0 s
+            _seconds(seconds) if option == "dead_seconds" else _positive_seconds(seconds)
+        except ValueError as error:
+            raise ValueError(f"{option}: {error}") from None
     return value
 
 
@@ -246,6 +249,16 @@ def reproxy() -> str | None:
     return "perlbal" if perlbal else None
 
 
+def configured(make: Callable[[], T]) -> T:
+    """``make()`` (the middleware, from the settings), its refusal of a value turned into
+    ``ImproperlyConfigured`` naming the setting that gave it."""
+    try:
+        return make()
+    except (TypeError, ValueError) as error:
+        option = str(error).partition(" ")[0].rstrip(":")
+        raise ImproperlyConfigured(f"{_OWN_SETTINGS.get(option, 'MOGILEFS_MIDDLEWARE_OPTIONS')}: {error}") from None
+
+
 def middleware_options() -> dict[str, Any]:
     """The :class:`MogileFSMiddleware` arguments the settings give, besides the client."""
     options = validated("MOGILEFS_MIDDLEWARE_OPTIONS", getattr(settings, "MOGILEFS_MIDDLEWARE_OPTIONS", None) or {},
@@ -256,6 +269,11 @@ def middleware_options() -> dict[str, Any]:
             "set one of them"
         )
     path = urlsplit(media_url()).path
+    if path == "/":
+        raise ImproperlyConfigured(
+            f"MOGILEFS_MEDIA_URL: {media_url()!r} puts the files at the root, where the middleware would answer "
+            'every request and Django none: give them a path of their own (e.g. "https://media.example.com/files/")'
+        )
     options = {**options, "prefix": "/" + path if script_relative(path) else path, "reproxy": reproxy()}
     if "storage_timeout" in client_options():  # serve mode reads storage nodes as the clients do
         options.setdefault("storage_timeout", client_options()["storage_timeout"])

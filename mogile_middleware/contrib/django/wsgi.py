@@ -19,4 +19,4 @@ def wrap_wsgi(application: WSGIApp) -> MogileFSMiddleware:
     options = conf.middleware_options()
     if client.cache_backend is not None:
         options["cache_backend"] = client.cache_backend
-    return MogileFSMiddleware(application, client=client, **options)
+    return conf.configured(lambda: MogileFSMiddleware(application, client=client, **options))
