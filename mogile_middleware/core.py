@@ -203,6 +203,8 @@ class MiddlewareCore:
             log.warning("reproxy=%r without trusted_proxies: every client that reaches the application directly "
                         "gets storage URLs%s", reproxy,
                         ", whatever proxy header it sends" if require_proxy_header else "")
+        elif reproxy is not None and not self.trusted_proxies:
+            log.warning("reproxy=%r with no trusted proxy: every request is served, none reproxied", reproxy)
         self.key_for_path = key_for_path
         self.allow_app_reproxy = allow_app_reproxy
         self.authorize = authorize

@@ -51,9 +51,10 @@ def test_ipv4_mapped_peers_and_the_unix_socket(devmogile: DevMogileFS, tmp_path:
     pytest.param({"reproxy": "perlbal"}, "without trusted_proxies", id="reproxy"),
     pytest.param({"reproxy": "nginx", "require_proxy_header": True}, "whatever proxy header", id="proxy-header"),
     pytest.param({"reproxy": "nginx", "trusted_proxies": ["10.0.0.1"]}, None, id="trusted"),
+    pytest.param({"reproxy": "perlbal", "trusted_proxies": []}, "none reproxied", id="no-trusted-proxy"),
     pytest.param({}, None, id="serve"),
 ])
-def test_spoofable_reproxy_is_warned_about_at_start(caplog: pytest.LogCaptureFixture, options: dict,
+def test_spoofable_or_idle_reproxy_is_warned_about_at_start(caplog: pytest.LogCaptureFixture, options: dict,
                                                     warned: str | None) -> None:
     with caplog.at_level(logging.WARNING, logger="mogile_middleware"):
         MogileFSMiddleware(lambda environ, start_response: [], domain=DOMAIN, trackers="127.0.0.1:1", **options)
