@@ -31,7 +31,7 @@ from urllib.parse import unquote_to_bytes
 from . import http, metrics
 from .async_client import AsyncClient
 from .async_storage import AsyncReplicaResponse, open_replica, read_replica
-from .core import MiddlewareCore, file_request, is_internal_header, is_reproxy_header
+from .core import MiddlewareCore, is_internal_header, is_reproxy_header
 from .exceptions import MogileFSError, StorageError
 from .http import Answer, FileRequest, Headers
 from .locate import AsyncLocator, Location, arun_steps
@@ -54,7 +54,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: The request headers the shared decisions read, by their ASGI name, as CGI names them.
 _READ_HEADERS = {name.encode(): "HTTP_" + name.upper().replace("-", "_") for name in (
-    "range", "if-range", "if-match", "if-none-match", "x-proxy-capabilities", "x-sendfile-type", "x-reproxy-failed")}
+    "range", "if-range", "if-match", "if-none-match", "x-proxy-capabilities", "x-sendfile-type", "x-reproxy-failed",
+    "x-forwarded-for")}
 #: An answer made for one request: status, headers, the open replica its body comes from or the
 #: body itself (a file the body cache keeps; empty for HEAD), and the key (for the log).
 Streamed = tuple[str, Headers, AsyncReplicaResponse | bytes, str]
@@ -175,7 +176,7 @@ class MogileFSMiddleware(MiddlewareCore):
         """The answer for ``key`` (at ``location`` when the cache held it): decided, with its replica open."""
         try:
             location = location or await self.locator.locate(key)
-            return self.reproxy_answer(environ, location) or await self._serve(file_request(environ), location)
+            return self.reproxy_answer(environ, location) or await self._serve(self.request_of(environ), location)
         except MogileFSError as error:
             return self.error_answer(error, key)
 

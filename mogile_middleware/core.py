@@ -10,6 +10,7 @@ from an ASGI scope.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import ipaddress
@@ -266,6 +267,17 @@ class MiddlewareCore:
             return query if unmarked is None else unmarked
         return query
 
+    def request_of(self, environ: Environ) -> FileRequest:
+        """What of the request decides a file answer served here. Perlbal sends its fallback
+        request the client's ``Range`` but not its ``If-Range``, and the part it gets under the
+        first answer's ``ETag``: a part of a new version would be joined to the client's copy of
+        the old one, so that request gets all of the file."""
+        request = file_request(environ)
+        if request.range is not None and isinstance(self.reproxy_responder, PerlbalReproxy) \
+                and self.reproxy_responder.fell_back(environ):
+            return dataclasses.replace(request, range=None)
+        return request
+
     def reproxy_answer(self, environ: Environ, location: Any) -> Answer | None:
         """The answer that sends a trusted proxy to the replicas, or ``None``: serve the body."""
         responder = self.reproxy_responder
@@ -413,6 +425,8 @@ def _node_reads_alike(range_header: str, length: int | None) -> bool:
     an invalid one (its 416, which RFC 9110 lets a server ignore) and, the length known, one past
     the end (the node's 416 would carry the file's headers).
     """
+    if range_header.count("=") > 1:  # Range fields joined: nginx sends the node the first alone
+        return False
     size = _ANY_LENGTH if length is None else length
     status, first, last = http.storage_node_range(range_header, size)
     ours = http.byte_range(range_header, size)

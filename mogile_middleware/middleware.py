@@ -29,7 +29,6 @@ from .core import (
     REPROXY_MODES,
     UNIX_SOCKET,
     MiddlewareCore,
-    file_request,
     is_internal_header,
     is_reproxy_header,
     parse_trusted_proxies,
@@ -84,7 +83,7 @@ class MogileFSMiddleware(MiddlewareCore):
         """The answer with ``key``'s file for this request: reproxied, served, 304, 206, or the error."""
         try:
             location = self.locator.locate(key)
-            return self.reproxy_answer(environ, location) or self.serve.answer(file_request(environ), location)
+            return self.reproxy_answer(environ, location) or self.serve.answer(self.request_of(environ), location)
         except MogileFSError as error:
             return self.error_answer(error, key)
 

@@ -137,8 +137,12 @@ class PerlbalReproxy(Reproxy):
         self.wants_target = fallback_url is not None
 
     def fell_back(self, environ: dict[str, Any]) -> bool:
-        """True for Perlbal's request of the fallback URL."""
-        return self.fallback_url is not None and self.unmarked(environ.get("QUERY_STRING", "")) is not None
+        """True for Perlbal's request of the fallback URL: marked, and without the headers Perlbal
+        adds to every request it forwards (its reproxy fetch sends ``Host`` and ``Range`` alone),
+        so a client adding the mark through Perlbal does not make the application serve it."""
+        return (self.fallback_url is not None and "HTTP_X_FORWARDED_FOR" not in environ
+                and "HTTP_X_PROXY_CAPABILITIES" not in environ
+                and self.unmarked(environ.get("QUERY_STRING", "")) is not None)
 
     @staticmethod
     def unmarked(query: str) -> str | None:
@@ -155,7 +159,8 @@ class PerlbalReproxy(Reproxy):
     def headers(self, location: Location) -> Headers:
         """Type, ETag, the replicas, and the length Perlbal should get (when known)."""
         described = self.representation.headers(location)
-        headers = [*described, ("Content-Length", "0"), ("X-REPROXY-URL", location.urls)]
+        # Accept-Ranges: Perlbal passes on none of the node's headers but its Content-* ones.
+        headers = [*described, ("Accept-Ranges", "bytes"), ("Content-Length", "0"), ("X-REPROXY-URL", location.urls)]
         if self.cache_for_seconds:
             # A cache hit gets only the headers named here: all of the file's (its sandbox, nosniff...).
             names = " ".join(name for name, _ in described)

@@ -350,6 +350,41 @@ def test_perlbal_fallback_url_comes_last_and_its_request_is_served(devmogile: De
         make(devmogile, reproxy="perlbal", perlbal_fallback_url="10.0.0.5:8000")
 
 
+def test_a_client_marking_its_request_as_perlbals_fallback_is_still_reproxied(devmogile: DevMogileFS,
+                                                                              client: Client) -> None:
+    """Perlbal adds X-Forwarded-For and X-Proxy-Capabilities to every request it forwards, and
+    neither to its own fetch of a reproxy URL: a client's mark would make the application stream
+    the file itself, holding a worker for as long as the client cares to read."""
+    app, _, _ = make(devmogile, reproxy="perlbal", trusted_proxies=["127.0.0.1"],
+                     perlbal_fallback_url="http://10.0.0.5:8000/")
+    forwarded = {"X-Forwarded-For": "203.0.113.9", "X-Proxy-Capabilities": "reproxy-file"}
+    for headers in (forwarded, {"X-Forwarded-For": "203.0.113.9"}, {"X-Proxy-Capabilities": "reproxy-file"}):
+        response = app.get(url("plain.txt") + "?mogilefs-fallback", headers=headers,
+                           extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+        assert "X-REPROXY-URL" in response.headers and response.body == b"", headers
+
+
+def test_perlbals_fallback_request_gets_all_of_the_file_whatever_its_range(devmogile: DevMogileFS,
+                                                                          client: Client) -> None:
+    """Perlbal sends its fallback request the client's Range without its If-Range, and the answer
+    under the first answer's ETag: a part would join the new version to the client's old copy."""
+    app, _, _ = make(devmogile, reproxy="perlbal", trusted_proxies=["127.0.0.1"],
+                     perlbal_fallback_url="http://10.0.0.5:8000/")
+    served = app.get(url("plain.txt") + "?mogilefs-fallback", headers={"Range": "bytes=5-9"},
+                     extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+    assert (served.status_int, served.body) == (200, BODY) and "Content-Range" not in served.headers
+
+
+@pytest.mark.parametrize("mode", ["perlbal", "nginx"])
+def test_range_fields_joined_are_served_here(devmogile: DevMogileFS, client: Client, mode: str) -> None:
+    """Two Range fields reach the application joined; nginx would send the node the first alone."""
+    app, _, _ = make(devmogile, reproxy=mode, trusted_proxies=["127.0.0.1"])
+    response = app.get(url("plain.txt"), headers={"Range": "bytes=0-0, bytes=5-9"},
+                       extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+    assert (response.status_int, response.body) == (200, BODY)
+    assert not {"X-REPROXY-URL", "X-Accel-Redirect"} & set(response.headers)
+
+
 def test_nginx_fallback_request_is_served(devmogile: DevMogileFS, client: Client) -> None:
     app, _, _ = make(devmogile, reproxy="nginx")
     assert app.get(url("plain.txt")).headers["X-Accel-Redirect"] == "/reproxy"

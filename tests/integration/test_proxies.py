@@ -479,7 +479,7 @@ def test_every_file_header_arrives_once_from_either_replica(policed: tuple[Stack
     path = "/mogilefs/" + quote(key)
     # The fid's ETag is the one validator: each replica has its own Last-Modified, of its node.
     expected = {**expected, "Cache-Control": CACHE_CONTROL, "X-Content-Type-Options": "nosniff",
-                "ETag": stack.direct(path).headers["ETag"], "Last-Modified": None}
+                "ETag": stack.direct(path).headers["ETag"], "Last-Modified": None, "Accept-Ranges": "bytes"}
     with ExitStack() as stopped:
         if replica == "second":
             # nginx gets there through error_page (@reproxy2), where the application's headers are gone.
