@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 
 import pytest
 from conftest import DOMAIN
-from wiretools import ScriptedTracker, SilentServer
+from wiretools import LoopbackServer, ScriptedTracker, SilentServer
 
 from mogile_middleware.cli import main
 from mogile_middleware.devserver import DevMogileFS
@@ -67,8 +66,8 @@ def test_no_tracker_answering_is_a_problem(capsys: pytest.CaptureFixture[str]) -
 
 def test_a_hung_storage_node_the_trackers_call_writeable_is_a_problem(capsys: pytest.CaptureFixture[str]) -> None:
     """mogilefsd goes on calling a stopped (SIGSTOP) mogstored writeable: check asks the node itself."""
-    hung, answering = SilentServer(), socket.create_server(("127.0.0.1", 0))
-    hosts = {1: ("store1", hung.port), 2: ("store2", answering.getsockname()[1])}
+    hung, answering = SilentServer(), _NotFound()
+    hosts = {1: ("store1", hung.port), 2: ("store2", answering.port)}
     replies = {
         b"noop": b"OK \r\n",
         b"get_domains": b"OK domains=1&domain1=testdom&domain1classes=1&domain1class1name=thumb"
@@ -81,7 +80,6 @@ def test_a_hung_storage_node_the_trackers_call_writeable_is_a_problem(capsys: py
             f"&dev{n}_mb_total=100000&dev{n}_mb_free=90000" for n in hosts) + "\r\n").encode(),
     }
     tracker = ScriptedTracker(lambda line: replies[line.split()[0]])
-    threading.Thread(target=lambda: _answer_heads(answering), daemon=True).start()
     try:
         code, _, err = run_check(capsys, "--trackers", tracker.tracker, "--domain", DOMAIN, "--timeout", "0.5")
         assert code == 1
@@ -90,16 +88,13 @@ def test_a_hung_storage_node_the_trackers_call_writeable_is_a_problem(capsys: py
     finally:
         tracker.stop()
         hung.stop()
-        answering.close()
+        answering.stop()
 
 
-def _answer_heads(server: socket.socket) -> None:
+class _NotFound(LoopbackServer):
     """A storage node that answers 404 to every request (an answer all the same)."""
-    while True:
-        try:
-            conn, _ = server.accept()
-        except OSError:
-            return
+
+    def _serve(self, conn: socket.socket) -> None:
         with conn:
             conn.recv(65536)
             conn.sendall(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n")
