@@ -74,10 +74,10 @@ def test_slow_clients_share_one_gevent_worker_and_a_client_that_leaves_frees_its
             assert reproxied["x-reproxy-expected-size"] == str(SIZE)
 
             leaving = sockets.pop()
-            open_before = node_connections(node_port)
             leaving.close()
-            assert eventually(lambda: node_connections(node_port), lambda n: n < open_before, timeout=10) \
-                == open_before - 1, "a client left mid-file, its storage connection stayed"
+            # The others keep theirs (the node's own monitor may hold one more for a moment).
+            assert eventually(lambda: node_connections(node_port), lambda n: n <= CLIENTS - 1, timeout=10) \
+                == CLIENTS - 1, "a client left mid-file, its storage connection stayed"
 
             expected = pattern_md5(SIZE)
             for sock, received in zip(sockets[:3], first):
