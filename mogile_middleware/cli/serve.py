@@ -14,7 +14,7 @@ import html
 import inspect
 import itertools
 from collections.abc import Sequence
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from webob import Request, Response
 from webob.dec import wsgify
@@ -84,6 +84,7 @@ def index_app(client: Client, prefix: str, reproxy: str | None, trusted: Sequenc
 
 
 def _prefix(text: str) -> str:
+    text = unquote(text)  # given percent-encoded or not, as the middleware reads it
     name = text.strip("/")
     if not name or text != f"/{name}/":  # as the middleware would write it, and not /, where the index is
         raise argparse.ArgumentTypeError(f"not /NAME/: {text!r}")

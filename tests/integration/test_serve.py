@@ -127,14 +127,16 @@ def test_serve_answers_files_and_the_index_then_stops_on_sigterm(stored: DevMogi
         assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a gunicorn worker outlived serve"
 
 
-def test_a_prefix_moves_the_files_and_the_links(stored: DevMogileFS, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("prefix", "sent"), [("/media/", "/media/"), ("/m%C3%A9dias/", "/m%C3%A9dias/"),
+                                            ("/médias/", "/m%C3%A9dias/")])
+def test_a_prefix_moves_the_files_and_the_links(stored: DevMogileFS, tmp_path: Path, prefix: str, sent: str) -> None:
     env = subprocess_env(MOGILEFS_TRACKERS=stored.trackers[0], MOGILEFS_DOMAIN=DOMAIN)  # from the environment
-    with serving(tmp_path, "--prefix", "/media/", env=env) as (_, base, files):
-        assert files == f"{base}/media/"
-        assert http_request(f"{base}/media/docs/readme.txt").body == FILES["docs/readme.txt"]
+    with serving(tmp_path, "--prefix", prefix, env=env) as (_, base, files):
+        assert files == f"{base}{sent}"
+        assert http_request(f"{base}{sent}docs/readme.txt").body == FILES["docs/readme.txt"]
         assert http_request(f"{base}/mogilefs/docs/readme.txt").status == 404
         page = http_request(f"{base}/").body.decode()
-        assert f'<a href="/media/{quote("café menu.txt")}">' in page and "Only the first" not in page
+        assert f'<a href="{sent}{quote("café menu.txt")}">' in page and "Only the first" not in page
 
 
 def test_the_index_says_when_the_trackers_have_gone(stored: DevMogileFS, tmp_path: Path) -> None:
