@@ -8,6 +8,7 @@ gave each download a thread (or blocked on one) would show it.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,15 +28,33 @@ def storage_port(client: Client, key: str) -> int:
     return port
 
 
-def node_connections(port: int) -> int:
-    """Established TCP connections to the loopback ``port`` (from /proc/net/tcp)."""
+def node_connections(port: int, pid: int | None = None) -> int:
+    """Established TCP connections to the loopback ``port`` (from /proc/net/tcp); with ``pid``, only
+    those of that process (the node's own monitor, in the test's process, connects every 0.5 s)."""
+    sockets = None if pid is None else _socket_inodes(pid)
     count = 0
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        local_port = int(fields[1].split(":")[1], 16)
-        if local_port == port and fields[3] == "01":  # 01: ESTABLISHED
-            count += 1
+        if fields[3] != "01":  # 01: ESTABLISHED
+            continue
+        if sockets is None:
+            count += int(fields[1].split(":")[1], 16) == port  # the node's side
+        else:
+            count += int(fields[2].split(":")[1], 16) == port and fields[9] in sockets  # the process's side
     return count
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets process ``pid`` holds open."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    return inodes
 
 
 def thread_count(pid: int) -> int:

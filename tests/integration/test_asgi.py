@@ -195,11 +195,11 @@ def test_slow_clients_share_one_worker_and_a_client_that_leaves_frees_its_node(d
                 read_first_bytes(sock)
             assert time.monotonic() - started < 10
             assert thread_count(server.pid) < 10
-            assert node_connections(node_port) >= 30  # an unfinished download holds its node connection
+            assert node_connections(node_port, server.pid) >= 30  # an unfinished download holds its node connection
         deadline = time.monotonic() + 10
-        while node_connections(node_port) and time.monotonic() < deadline:
+        while node_connections(node_port, server.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert node_connections(node_port) == 0, "clients left, their storage connections stayed"
+        assert node_connections(node_port, server.pid) == 0, "clients left, their storage connections stayed"
 
 
 def rss_kib(pid: int, field: str) -> int:

@@ -67,7 +67,7 @@ def test_slow_clients_share_one_gevent_worker_and_a_client_that_leaves_frees_its
             first = [read_first_bytes(sock) for sock in sockets]  # each while the others stay open
             assert time.monotonic() - started < 10
             assert thread_count(worker) <= MAX_THREADS
-            assert node_connections(node_port) >= CLIENTS  # an unfinished download holds its node connection
+            assert node_connections(node_port, worker) >= CLIENTS  # an unfinished download holds its node connection
 
             reproxied = reproxy_answer(server.port, "/mogilefs/movie.mp4")
             assert f":{node_port}/" in reproxied["x-reproxy-url"]
@@ -75,8 +75,7 @@ def test_slow_clients_share_one_gevent_worker_and_a_client_that_leaves_frees_its
 
             leaving = sockets.pop()
             leaving.close()
-            # The others keep theirs (the node's own monitor may hold one more for a moment).
-            assert eventually(lambda: node_connections(node_port), lambda n: n <= CLIENTS - 1, timeout=10) \
+            assert eventually(lambda: node_connections(node_port, worker), lambda n: n < CLIENTS, timeout=10) \
                 == CLIENTS - 1, "a client left mid-file, its storage connection stayed"
 
             expected = pattern_md5(SIZE)
@@ -85,7 +84,7 @@ def test_slow_clients_share_one_gevent_worker_and_a_client_that_leaves_frees_its
                 assert reply.status == 200 and len(reply.body) == SIZE
                 assert hashlib.md5(reply.body).hexdigest() == expected
         # What stays open is the pool's: a connection whose body was read to its end, kept for reuse.
-        assert eventually(lambda: node_connections(node_port), lambda n: n <= 3, timeout=10) <= 3, \
+        assert eventually(lambda: node_connections(node_port, worker), lambda n: n <= 3, timeout=10) <= 3, \
             "clients left, their storage connections stayed"
 
 
