@@ -185,6 +185,7 @@ def test_a_request_after_a_change_does_not_join_a_lookup_begun_before_it(backend
             writer.delete(key)  # another process's write
             after = pool.submit(cache.get, key)  # joins the lookup begun before the write
             time.sleep(0.2)
+            assert not after.done()  # waiting on that lookup (a lookup of its own would not wait)
             release.set()
             assert first.result(10) == location(1, key)  # it began before the change
             assert after.result(10) == location(2, key)
@@ -197,6 +198,7 @@ def test_a_request_after_a_change_does_not_join_a_lookup_begun_before_it(backend
             await asyncio.to_thread(writer.delete, key)
             after = asyncio.ensure_future(async_cache.get(key))
             await asyncio.sleep(0.2)
+            assert not after.done()  # waiting on that lookup (a lookup of its own would not wait)
             release.set()
             return await first, await after
 
