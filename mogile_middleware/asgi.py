@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from . import http, metrics
+from .cache import evict_oldest
 from .async_client import AsyncClient
 from .async_storage import AsyncReplicaResponse, open_replica, read_replica
 from .core import MiddlewareCore, is_internal_header, is_reproxy_header
@@ -56,6 +57,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 _READ_HEADERS = {name.encode(): "HTTP_" + name.upper().replace("-", "_") for name in (
     "range", "if-range", "if-match", "if-none-match", "x-proxy-capabilities", "x-sendfile-type", "x-reproxy-failed",
     "x-forwarded-for")}
+#: The request headers of which only the presence decides (whether a request is a proxy's
+#: fallback): a warm answer is kept whatever their value, which a proxy's X-Forwarded-For varies by client.
+_PRESENCE_ONLY = frozenset((b"x-forwarded-for", b"x-reproxy-failed"))
 #: An answer made for one request: status, headers, the open replica its body comes from or the
 #: body itself (a file the body cache keeps; empty for HEAD), and the key (for the log).
 Streamed = tuple[str, Headers, AsyncReplicaResponse | bytes, str]
@@ -75,11 +79,30 @@ class MogileFSMiddleware(MiddlewareCore):
     def _encoded_answers(self) -> _EncodedAnswers:
         return _EncodedAnswers()
 
+    @cached_property
+    def _warm_answers(self) -> _WarmAnswers:
+        return _WarmAnswers()
+
+    @cached_property
+    def _answers_repeat(self) -> bool:
+        """True if a request's answer is decided by the request and the location alone: no
+        signature that expires, no ``authorize`` or ``key_for_path`` of the application's."""
+        return self.signer is None and self.authorize is None and self.key_for_path is None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan, websocket: nothing of the middleware's
             websocket = scope["type"] == "websocket" and not self.allow_app_reproxy
             await self.app(scope, receive, _without_reproxy_headers(send) if websocket else send)
             return
+        raw_path = scope.get("raw_path")
+        variants = self._warm_answers.variants(raw_path)  # None for paths the app answers
+        inputs = None
+        if variants is not None:
+            inputs = _inputs(scope)
+            kept = variants.get(inputs)
+            if kept is not None and self.locator.cached(kept.key) is kept.location:
+                await self._send(kept.answer, send, receive, scope)
+                return
         path = _path_info(scope)
         if not path.startswith(self.path_prefix):
             await self._pass(scope, receive, send)
@@ -94,6 +117,8 @@ class MogileFSMiddleware(MiddlewareCore):
             # A warm reproxy answer needs nothing awaited: decided here, without a coroutine of its own.
             location = self.locator.cached(key)
             warm = None if location is None else self.reproxy_answer(environ, location)
+            if warm is not None and raw_path and self._answers_repeat:
+                self._warm_answers.keep(raw_path, inputs or _inputs(scope), _WarmAnswer(key, location, warm))
             answer = warm or await self._answer(environ, key, location)
         await self._send(answer, send, receive, scope)
 
@@ -283,6 +308,17 @@ def _environ(scope: Scope, path: str) -> dict[str, Any]:
     return environ
 
 
+def _inputs(scope: Scope) -> tuple[Any, ...]:
+    """All that the decisions read of a request but its path (:func:`_path_info`, :func:`_environ`):
+    which of its answers kept for the path (:class:`_WarmAnswers`) is its own."""
+    inputs = [scope["method"], scope.get("root_path", ""), scope.get("query_string"), (scope.get("client") or ("",))[0]]
+    for name, value in scope.get("headers", ()):
+        lowered = name.lower()
+        if lowered in _READ_HEADERS:
+            inputs += (lowered, b"" if lowered in _PRESENCE_ONLY else value)
+    return tuple(inputs)
+
+
 def _without_reproxy_headers(send: Send) -> Send:
     """``send`` for an application's websocket: its handshake answers (``websocket.accept``, a
     denial's ``websocket.http.response.start``) go out without reproxy headers, as its HTTP answers do."""
@@ -314,9 +350,46 @@ class _EncodedAnswers:
         entry = self._entries.get(id(answer))
         if entry is None or entry[0] is not answer:  # the answer itself is held: its id is not reused
             if len(self._entries) >= self._max_entries:
-                self._entries.pop(next(iter(self._entries)))
+                evict_oldest(self._entries, self._max_entries // 100 or 1)
             entry = self._entries[id(answer)] = (answer, int(answer.status[:3]), _encoded(answer.headers))
         return entry[1], entry[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class _WarmAnswer:
+    """An answer decided from ``location``, the path cache's for ``key``: good while it holds it."""
+
+    key: str
+    location: Location
+    answer: Answer
+
+
+class _WarmAnswers:
+    """The answers decided from the path cache's locations, by the request's raw path, then by
+    the rest of what the decisions read (:func:`_inputs`). The same request again, as a proxy
+    sends it for a popular file, is answered without deciding anew while the path cache holds
+    the location it was decided from. At most ``max_paths`` paths of ``max_variants`` requests.
+    """
+
+    def __init__(self, max_paths: int = 4096, max_variants: int = 8) -> None:
+        self._max_paths = max_paths
+        self._max_variants = max_variants
+        self._by_path: dict[bytes, dict[tuple[Any, ...], _WarmAnswer]] = {}
+
+    def variants(self, raw_path: bytes | None) -> dict[tuple[Any, ...], _WarmAnswer] | None:
+        """The answers kept for ``raw_path`` by :func:`_inputs`, or ``None``."""
+        return self._by_path.get(raw_path)  # type: ignore[arg-type]
+
+    def keep(self, raw_path: bytes, inputs: tuple[Any, ...], warm: _WarmAnswer) -> None:
+        """Keep ``warm`` for the request of ``raw_path`` and ``inputs``."""
+        variants = self._by_path.get(raw_path)
+        if variants is None:
+            if len(self._by_path) >= self._max_paths:
+                evict_oldest(self._by_path, self._max_paths // 100 or 1)
+            variants = self._by_path[raw_path] = {}
+        elif len(variants) >= self._max_variants:
+            variants.clear()  # a client varying its headers: the next ones start anew
+        variants[inputs] = warm
 
 
 async def _allows(authorize: Callable[[Scope, str], Any], scope: Scope, key: str) -> bool:

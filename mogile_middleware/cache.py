@@ -38,6 +38,13 @@ def entry_key(domain: str, key: str) -> str:
     return f"{len(domain)}:{domain}:{key}"
 
 
+def evict_oldest(entries: dict[Any, Any], count: int) -> None:
+    """Drop the ``count`` entries stored first (a dict keeps the order of storing), in one pass:
+    a dict has no cheap "first item" once its head has been deleted."""
+    for old in list(itertools.islice(entries, count)):
+        entries.pop(old, None)  # another thread may have dropped it meanwhile
+
+
 class CacheBackend(Protocol):
     """Where cached values live: in process (:class:`MemoryCache`) or shared (e.g. memcached)."""
 
@@ -102,10 +109,7 @@ class MemoryCache:
             self._entries.pop(key, None)  # stored again: last in the order of eviction
             self._entries[key] = entry
             if len(self._entries) > self._max_entries:
-                # In one pass: a dict has no cheap "first item" once its head has been deleted.
-                oldest = list(itertools.islice(self._entries, self._evicted_at_once))
-                for old in oldest:
-                    self._entries.pop(old, None)  # get() may have dropped it, expired, meanwhile
+                evict_oldest(self._entries, self._evicted_at_once)
 
     def delete(self, key: str) -> None:
         """Forget ``key``."""

@@ -21,7 +21,9 @@ from wiretools import PatternFile, pattern_md5
 
 from mogile_middleware import AsyncClient, Client
 from mogile_middleware import MogileFSMiddleware as WSGIMiddleware
-from mogile_middleware.asgi import MogileFSMiddleware
+from mogile_middleware.asgi import MogileFSMiddleware, _WarmAnswer, _WarmAnswers
+from mogile_middleware.http import Answer
+from mogile_middleware.locate import Location
 from mogile_middleware.devserver import DevMogileFS
 
 pytest.importorskip("uvicorn", reason="uvicorn is installed by the test command ('.[dev]')")
@@ -234,3 +236,172 @@ def test_a_client_of_the_other_kind_is_refused_when_the_middleware_is_made() -> 
         MogileFSMiddleware(Recorder(), client=Client(DOMAIN, ["127.0.0.1:1"]))
     with pytest.raises(TypeError, match="class Client .* not AsyncClient"):
         WSGIMiddleware(wrapped_app, client=AsyncClient(DOMAIN, ["127.0.0.1:1"]))
+
+
+PROXY = "10.0.0.9"
+#: Requests for one file that the decisions tell apart (``reproxy``: the mode they are for).
+VARIANTS = {
+    "perlbal": {
+        "plain": {},
+        "untrusted": {"client": "10.0.0.8"},
+        "post": {"method": "POST"},
+        "proxied": {"headers": [(b"x-proxy-capabilities", b"reproxy-file"), (b"x-forwarded-for", b"192.0.2.1")]},
+        "another client": {"headers": [(b"x-proxy-capabilities", b"reproxy-file"), (b"x-forwarded-for", b"192.0.2.2")]},
+        "head": {"method": "HEAD", "headers": [(b"x-proxy-capabilities", b"reproxy-file")]},
+        "range": {"headers": [(b"range", b"bytes=0-4")]},
+        "head, range": {"method": "HEAD", "headers": [(b"range", b"bytes=0-4")]},
+        "suffix range": {"headers": [(b"range", b"bytes=-5")]},
+        "suffix range, name not lowercased": {"headers": [(b"Range", b"bytes=-5")]},
+        "stale if-range": {"headers": [(b"range", b"bytes=0-4"), (b"if-range", b'"fid-0"')]},
+        "if-none-match": {"headers": [(b"if-none-match", b"*")]},
+        "if-match": {"headers": [(b"if-match", b'"fid-0"')]},
+        "query": {"query": b"v=2"},
+        "fallback": {"query": b"mogilefs-fallback"},
+        "marked by a client": {"query": b"mogilefs-fallback", "headers": [(b"x-forwarded-for", b"192.0.2.1")]},
+        "mounted": {"path": "/site/mogilefs/a.txt", "root": "/site"},
+        "not mounted": {"path": "/site/mogilefs/a.txt"},
+    },
+    "nginx": {
+        "proxied": {"headers": [(b"x-sendfile-type", b"X-Accel-Redirect")]},
+        "fallback": {"headers": [(b"x-sendfile-type", b"X-Accel-Redirect"), (b"x-reproxy-failed", b"1")]},
+        "other proxy header": {"headers": [(b"x-sendfile-type", b"X-Sendfile")]},
+        "no proxy header": {},
+    },
+}
+#: (status, reproxied) of the answers to :data:`VARIANTS`.
+KINDS = {"perlbal": {(200, True), (200, False), (201, False), (206, False), (304, False), (405, False), (412, False)},
+         "nginx": {(200, True), (200, False)}}
+OPTIONS = {"perlbal": {"perlbal_fallback_url": "http://10.0.0.7:8000"}, "nginx": {"require_proxy_header": True}}
+
+
+def variant_scope(method: str = "GET", headers: list[tuple[bytes, bytes]] | None = None, client: str = PROXY,
+                  query: bytes = b"", path: str = "/mogilefs/a.txt", root: str = "") -> dict[str, Any]:
+    return {**http_scope(path, method), "headers": headers or [], "client": (client, 5000), "query_string": query,
+            "root_path": root}
+
+
+@pytest.mark.parametrize("reproxy", sorted(VARIANTS))
+def test_the_answer_to_a_request_does_not_depend_on_the_requests_before_it(devmogile: DevMogileFS,
+                                                                         reproxy: str) -> None:
+    """Answers of a warm path are kept for the same request: never given to one that differs
+    in what the decisions read (client, method, query, a header's value, or its presence)."""
+    Client(DOMAIN, devmogile.trackers).store_content("a.txt", b"0123456789" * 3, cls="thumb")
+    variants = VARIANTS[reproxy]
+
+    def middleware() -> MogileFSMiddleware:
+        return MogileFSMiddleware(Recorder(), domain=DOMAIN, trackers=devmogile.trackers, reproxy=reproxy,
+                                  trusted_proxies=[PROXY], **OPTIONS[reproxy])
+
+    async def answers(app: MogileFSMiddleware, names: list[str]) -> list[tuple[Any, ...]]:
+        got = []
+        for name in names:
+            sent: list[dict[str, Any]] = []
+            await app(variant_scope(**variants[name]), get_receive(), _append_to(sent))
+            got.append((name, sent[0]["status"], sent[0]["headers"], b"".join(m.get("body", b"") for m in sent[1:])))
+        await app.client.aclose()
+        return got
+
+    async def compared() -> None:
+        # Each asked alone of a middleware of its own: decided with nothing kept.
+        alone = [(await answers(middleware(), [name]))[0] for name in variants]
+        names = list(variants)
+        order = names + names[::-1] + names  # every one after every other, and again after itself
+        assert await answers(middleware(), order) == [alone[names.index(name)] for name in order]
+        # Not a vacuous comparison: the variants get answers of every kind.
+        assert {(status, reproxied(headers)) for _, status, headers, _ in alone} == KINDS[reproxy]
+
+    asyncio.run(asyncio.wait_for(compared(), 30))
+
+
+def reproxied(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name in (b"x-reproxy-url", b"x-accel-redirect") for name, _ in headers)
+
+
+def get_receive() -> Any:
+    """A ``receive`` for a GET: its empty body, then nothing (the client stays)."""
+    messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop() if messages else await asyncio.sleep(3600)
+    return receive
+
+
+def _append_to(sent: list[dict[str, Any]]) -> Any:
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+    return send
+
+
+def test_a_kept_answer_lasts_as_long_as_the_path_cache_holds_its_location(devmogile: DevMogileFS) -> None:
+    writer = Client(DOMAIN, devmogile.trackers)
+    writer.store_content("a.txt", b"one", cls="thumb")
+
+    async def scenario() -> None:
+        app = MogileFSMiddleware(Recorder(), domain=DOMAIN, trackers=devmogile.trackers, reproxy="perlbal",
+                                 trusted_proxies=[PROXY], path_cache_seconds=0.5)
+
+        async def etag() -> bytes:
+            sent: list[dict[str, Any]] = []
+            await app(variant_scope(), get_receive(), _append_to(sent))
+            return dict(sent[0]["headers"])[b"etag"]
+
+        first = {await etag() for _ in range(3)}  # looked up, decided from the cache, then as kept
+        writer.store_content("a.txt", b"two", cls="thumb")  # another process's write
+        assert {await etag()} == first  # the path cache holds the old location for its time
+        await asyncio.sleep(0.6)
+        second = await etag()
+        await app.client.store_content("a.txt", b"three", cls="thumb")  # a write of its own: forgotten at once
+        third = await etag()
+        await app.client.aclose()
+        assert len(first | {second, third}) == 3
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+@pytest.mark.parametrize("code", ["authorize", "key_for_path", "signing_key"])
+def test_the_applications_own_decisions_are_asked_for_every_request(devmogile: DevMogileFS, code: str) -> None:
+    writer = Client(DOMAIN, devmogile.trackers)
+    for key in ("a.txt", "b.txt"):
+        writer.store_content(key, key.encode(), cls="thumb")
+    allowed = {"a.txt": True}
+    mapped = {"a.txt": "a.txt"}
+    options: dict[str, Any] = {
+        "authorize": {"authorize": lambda scope, key: allowed[key]},
+        "key_for_path": {"key_for_path": lambda path: mapped[path]},
+        "signing_key": {"signing_key": b"k" * 32},
+    }[code]
+
+    async def scenario() -> list[int | bytes]:
+        app = MogileFSMiddleware(Recorder(), domain=DOMAIN, trackers=devmogile.trackers, reproxy="perlbal",
+                                 trusted_proxies=[PROXY], **options)
+        path, _, query = app.url_for("a.txt", expires_in=1, **({"path": "a.txt"} if code == "key_for_path" else {})
+                                     ).partition("?")
+        answers: list[int | bytes] = []
+        for turn in range(4):
+            if turn == 3:  # the application changes its mind, or the signature expires
+                allowed["a.txt"] = False
+                mapped["a.txt"] = "b.txt"
+                await asyncio.sleep(2.1 if code == "signing_key" else 0)  # expiry: whole seconds, rounded up
+            sent: list[dict[str, Any]] = []
+            await app(variant_scope(path=path, query=query.encode()), get_receive(), _append_to(sent))
+            answers.append(dict(sent[0]["headers"]).get(b"x-reproxy-url", sent[0]["status"]))
+        await app.client.aclose()
+        return answers
+
+    answers = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert answers[0] == answers[1] == answers[2] != answers[3]
+    assert answers[3] in (403, 404) or b"/" in answers[3]  # refused, or another file's replicas
+
+
+def test_answers_kept_are_bounded_in_paths_and_in_requests_of_a_path() -> None:
+    """A client asking for many files, or for one with ever other headers, grows no memory."""
+    warm = _WarmAnswer("a.txt", Location("a.txt", ["http://10.0.0.1:7500/dev1/0.fid"], "fid-1"), Answer("200 OK", []))
+    kept = _WarmAnswers(max_paths=100, max_variants=4)
+    paths = [b"/mogilefs/%d" % n for n in range(1000)]
+    for path in paths:
+        kept.keep(path, ("GET",), warm)
+    assert 90 <= sum(kept.variants(path) is not None for path in paths) <= 100
+    assert kept.variants(paths[-1]) == {("GET",): warm} and kept.variants(paths[0]) is None
+    for n in range(1000):
+        kept.keep(paths[-1], ("GET", n), warm)
+    assert 1 <= len(kept.variants(paths[-1]) or {}) <= 4 and ("GET", 999) in (kept.variants(paths[-1]) or {})

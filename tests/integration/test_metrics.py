@@ -167,13 +167,14 @@ def test_the_asgi_middleware_counts_the_same_events(devmogile: DevMogileFS, coun
     for path in ("/mogilefs/a.txt", "/mogilefs/a.txt", "/mogilefs/missing"):
         run(middleware, http_scope(path), [{"type": "http.request"}])
     reproxied = ASGIMiddleware(app, domain=DOMAIN, trackers=devmogile.trackers, reproxy="perlbal")
-    run(reproxied, http_scope("/mogilefs/a.txt"), [{"type": "http.request"}])
+    for _ in range(3):  # the third is the answer kept for the second request, counted as well
+        run(reproxied, http_scope("/mogilefs/a.txt"), [{"type": "http.request"}])
 
     assert counts("requests_total", mode="serve", status="200") == 2
     assert counts("requests_total", mode="serve", status="404") == 1
-    assert counts("requests_total", mode="perlbal", status="200") == 1
+    assert counts("requests_total", mode="perlbal", status="200") == 3
     assert counts("served_bytes_total") == 2 * len(CONTENT)
-    assert counts("path_cache_hits_total") == 1  # each middleware has its own cache
+    assert counts("path_cache_hits_total") == 3  # each middleware has its own cache
     assert counts("path_cache_misses_total") == 3
     assert counts("tracker_calls_total", tracker=devmogile.trackers[0], command="get_paths", outcome="error") == 1
 
