@@ -355,7 +355,7 @@ class _EncodedAnswers:
         return entry[1], entry[2]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class _WarmAnswer:
     """An answer decided from ``location``, the path cache's for ``key``: good while it holds it."""
 
@@ -368,12 +368,14 @@ class _WarmAnswers:
     """The answers decided from the path cache's locations, by the request's raw path, then by
     the rest of what the decisions read (:func:`_inputs`). The same request again, as a proxy
     sends it for a popular file, is answered without deciding anew while the path cache holds
-    the location it was decided from. At most ``max_paths`` paths of ``max_variants`` requests.
+    the location it was decided from. At most ``max_paths`` paths of ``max_variants`` requests,
+    each of ``max_bytes`` at most (path, query, headers): a client's long headers are not kept.
     """
 
-    def __init__(self, max_paths: int = 4096, max_variants: int = 8) -> None:
+    def __init__(self, max_paths: int = 2048, max_variants: int = 4, max_bytes: int = 256) -> None:
         self._max_paths = max_paths
         self._max_variants = max_variants
+        self._max_bytes = max_bytes
         self._by_path: dict[bytes, dict[tuple[Any, ...], _WarmAnswer]] = {}
 
     def variants(self, raw_path: bytes | None) -> dict[tuple[Any, ...], _WarmAnswer] | None:
@@ -381,7 +383,9 @@ class _WarmAnswers:
         return self._by_path.get(raw_path)  # type: ignore[arg-type]
 
     def keep(self, raw_path: bytes, inputs: tuple[Any, ...], warm: _WarmAnswer) -> None:
-        """Keep ``warm`` for the request of ``raw_path`` and ``inputs``."""
+        """Keep ``warm`` for the request of ``raw_path`` and ``inputs``, unless they are too long."""
+        if len(raw_path) + sum(len(item) for item in inputs if item) > self._max_bytes:
+            return
         variants = self._by_path.get(raw_path)
         if variants is None:
             if len(self._by_path) >= self._max_paths:

@@ -403,5 +403,7 @@ def test_answers_kept_are_bounded_in_paths_and_in_requests_of_a_path() -> None:
     assert 90 <= sum(kept.variants(path) is not None for path in paths) <= 100
     assert kept.variants(paths[-1]) == {("GET",): warm} and kept.variants(paths[0]) is None
     for n in range(1000):
-        kept.keep(paths[-1], ("GET", n), warm)
-    assert 1 <= len(kept.variants(paths[-1]) or {}) <= 4 and ("GET", 999) in (kept.variants(paths[-1]) or {})
+        kept.keep(paths[-1], ("GET", b"%d" % n), warm)
+    assert 1 <= len(kept.variants(paths[-1]) or {}) <= 4 and ("GET", b"999") in (kept.variants(paths[-1]) or {})
+    kept.keep(b"/mogilefs/long", ("GET", b"if-none-match", b'"%s"' % (b"x" * 1000)), warm)
+    assert kept.variants(b"/mogilefs/long") is None
