@@ -14,8 +14,11 @@ from .loads import Rate, concurrency, cpu_note, throughput
 from .measure import Spread, interleaved, ratios
 from .report import Figure
 
-#: wrk runs straight to gunicorn or uvicorn, with a few connections.
-STRAIGHT_SECONDS = 5.0
+#: wrk runs straight to gunicorn or uvicorn, with a few connections: short runs, several per
+#: repetition, as the machine's pace changes within seconds and the median of many short runs
+#: moves less from one measurement to the next than that of a few long ones.
+STRAIGHT_SECONDS = 1.0
+STRAIGHT_RUNS = 5
 STRAIGHT_CONNECTIONS = 4
 #: wrk runs through Perlbal, with more connections, as Perlbal waits on two backends per request.
 FRONT_SECONDS = 3.0
@@ -65,15 +68,21 @@ def reproxy(cluster: Cluster, repeat: int) -> list[Figure]:
     ]
 
 
+#: uvicorn workers in 8b: one, as wrk's few connections would go to several at random (the
+#: kernel gives each to whichever worker accepts first; all to one in a third of the runs seen),
+#: and the rate would measure that draw. One worker on one core, wrk on the other, measures the app.
+ASGI_WORKERS = 1
+
+
 def asgi_reproxy(cluster: Cluster, repeat: int) -> Figure:
-    """8b. The ASGI middleware under uvicorn (as many workers as gunicorn's), against an ASGI app
-    sending the same headers under the same uvicorn; the note adds the floor of any middleware
+    """8b. The ASGI middleware under a uvicorn worker, against an ASGI app sending the same
+    headers under the same uvicorn; the note adds the floor of any middleware
     (:func:`~bench.apps.lookup_asgi_middleware`) against the same app."""
     headers = asyncio.run(_asgi_headers(cluster))
-    with servers.uvicorn(cluster.workdir, "ceiling", constant_env(headers), servers.WORKERS) as ceiling, \
+    with servers.uvicorn(cluster.workdir, "ceiling", constant_env(headers), ASGI_WORKERS) as ceiling, \
             servers.uvicorn(cluster.workdir, "reproxy", cluster.middleware_env(**PERLBAL_OPTIONS),
-                            servers.WORKERS) as wrapped, \
-            servers.uvicorn(cluster.workdir, "lookup", lookup_env(headers, SMALL_PATH), servers.WORKERS) as floor:
+                            ASGI_WORKERS) as wrapped, \
+            servers.uvicorn(cluster.workdir, "lookup", lookup_env(headers, SMALL_PATH), ASGI_WORKERS) as floor:
         return straight("8b. reproxy under uvicorn", wrapped, ceiling, cluster.workdir, repeat, "uvicorn", floor)
 
 
@@ -94,7 +103,7 @@ def straight(name: str, wrapped: servers.Server, bare: servers.Server, workdir: 
     rates = {which: Rate(server.url(SMALL_PATH), workdir, connections=STRAIGHT_CONNECTIONS, seconds=STRAIGHT_SECONDS,
                          cpu=server.cpu_seconds)
              for which, server in servers_measured.items()}
-    samples = interleaved(repeat, rates)
+    samples = interleaved(repeat * STRAIGHT_RUNS, rates)
     note = cpu_note(rates["wrapped"], rates["bare"], server_name)
     if floor:
         floor_ratio = Spread.of(ratios(samples["floor"], samples["bare"]))
