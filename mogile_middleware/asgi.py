@@ -166,7 +166,7 @@ class MogileFSMiddleware(MiddlewareCore):
             return
         try:
             await send(start)
-            await _stream(key, upstream, send, receive)
+            await _stream(key, upstream, send, receive, self.client_timeout)
         finally:
             await upstream.aclose()
 
@@ -232,29 +232,53 @@ class MogileFSMiddleware(MiddlewareCore):
         return await getattr(self.locator, name)(*args)
 
 
-async def _stream(key: str, upstream: AsyncReplicaResponse, send: Send, receive: Receive) -> None:
-    """Send the body of ``key`` chunk by chunk until it ends or the client goes away."""
-    sending = asyncio.ensure_future(_send_body(key, upstream, send))
+async def _stream(key: str, upstream: AsyncReplicaResponse, send: Send, receive: Receive,
+                  client_timeout: float) -> None:
+    """Send the body of ``key`` chunk by chunk until it ends, the client goes away, or a whole
+    ``client_timeout`` passes without a piece read or sent (a client that stopped taking them
+    would hold the storage connection for as long as it keeps its own open)."""
+    progress = _Progress()
+    sending = asyncio.ensure_future(_send_body(key, upstream, send, progress))
     leaving = asyncio.ensure_future(_disconnected(receive))
     try:
-        await asyncio.wait({sending, leaving}, return_when=asyncio.FIRST_COMPLETED)
+        pieces = -1
+        while pieces != progress.pieces:
+            pieces = progress.pieces
+            done, _ = await asyncio.wait({sending, leaving}, timeout=client_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if done:
+                break
+        else:
+            log.warning("transfer of %r ended: nothing read or sent for %g s (a client taking nothing)",
+                        key, client_timeout)
     finally:
         leaving.cancel()
         if not sending.done():
-            sending.cancel()  # the client left: stop reading the node
+            sending.cancel()  # the client left, or stopped reading: stop reading the node
     await asyncio.gather(sending, leaving, return_exceptions=True)
     if sending.done() and not sending.cancelled() and sending.exception() is not None:
         raise sending.exception()  # type: ignore[misc] # a transfer cut midway: the server closes short
 
 
-async def _send_body(key: str, upstream: AsyncReplicaResponse, send: Send) -> None:
+class _Progress:
+    """How many pieces of a body have been read or sent so far."""
+
+    __slots__ = ("pieces",)
+
+    def __init__(self) -> None:
+        self.pieces = 0
+
+
+async def _send_body(key: str, upstream: AsyncReplicaResponse, send: Send, progress: _Progress) -> None:
     sent = 0
     sending = False  # whether an error comes from send (the client's side) or the node
     try:
         async for chunk in upstream.chunks():
+            progress.pieces += 1
             sending = True
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             sending = False
+            progress.pieces += 1
             sent += len(chunk)
         sending = True
         await send({"type": "http.response.body", "body": b""})

@@ -103,6 +103,9 @@ class MiddlewareCore:
         sent as the last reproxy URL, so that when every replica fails (the key was overwritten or
         deleted elsewhere) Perlbal asks the application, which looks the key up anew.
     :param storage_timeout: seconds for connects and reads on storage nodes in serve mode.
+    :param client_timeout: ASGI: seconds a streamed body may go without a piece taken by the
+        client before the transfer ends and its storage connection is closed. A WSGI server
+        writes the body itself (gunicorn's ``--timeout`` bounds a sync worker).
     :param connect_timeout: ``io_timeout``, ``dead_seconds``: for the client made from ``domain``
         and ``trackers`` (see :class:`~mogile_middleware.tracker.TrackerPool`; ``None``: its default).
     :param retry_after_seconds: the ``Retry-After`` of a 503 when no tracker answers.
@@ -153,6 +156,7 @@ class MiddlewareCore:
         perlbal_cache_seconds: int | None = None,
         perlbal_fallback_url: str | None = None,
         storage_timeout: float = 10.0,
+        client_timeout: float = 60.0,
         connect_timeout: float | None = None,
         io_timeout: float | None = None,
         dead_seconds: float | None = None,
@@ -171,6 +175,7 @@ class MiddlewareCore:
                               ("replicating_seconds", replicating_seconds), ("stale_seconds", stale_seconds)]:
             checked_seconds(name, seconds, zero=True)
         checked_seconds("storage_timeout", storage_timeout)
+        checked_seconds("client_timeout", client_timeout)
         private = authorize is not None or signing_key is not None
         if private and perlbal_cache_seconds:
             raise ValueError("perlbal_cache_seconds lets Perlbal answer repeated requests without asking the "
@@ -217,6 +222,7 @@ class MiddlewareCore:
         self.reproxy = reproxy
         self.retry_after_seconds = retry_after_seconds
         self.storage_timeout = storage_timeout
+        self.client_timeout = client_timeout
         self.bodies = BodyCache(body_cache_bytes, body_cache_file_bytes) if body_cache_bytes else None
         policy = ContentPolicy(mimetypes=mimetypes, charset=charset, trusted_files=trusted_files,
                                content_disposition=content_disposition)

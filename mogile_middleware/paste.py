@@ -116,8 +116,9 @@ _SPECIAL: Mapping[str, Callable[[str], Any]] = {
 #: Converters by the middleware's annotation of an argument (``X | None`` reads as ``X``).
 _BY_TYPE: Mapping[str, Callable[[str], Any]] = {"str": str, "float": float, "int": asint, "bool": asbool}
 
-#: The middleware's arguments that an ini file cannot give as such (``memcached_servers`` gives ``cache_backend``).
-_NOT_OPTIONS = {"app", "client", "cache_backend"}
+#: The middleware's arguments that an ini file cannot give as such (``memcached_servers`` gives
+#: ``cache_backend``), or that the WSGI middleware ignores (``client_timeout``: the server writes the body).
+_NOT_OPTIONS = {"app", "client", "cache_backend", "client_timeout"}
 
 
 def _options() -> dict[str, Callable[[str], Any]]:

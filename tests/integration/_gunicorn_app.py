@@ -5,7 +5,7 @@ Configured by environment variables: MOGILE_DOMAIN, MOGILE_TRACKERS, MOGILE_REPR
 MOGILE_MEMCACHED (servers), MOGILE_TRUSTED_PROXIES (comma separated), MOGILE_PERLBAL_CACHE_SECONDS,
 MOGILE_REQUIRE_PROXY_HEADER ("1"), MOGILE_CACHE_CONTROL, MOGILE_CONTENT_DISPOSITION ("attachment" or "inline"),
 MOGILE_PATH_CACHE_SECONDS, MOGILE_PERLBAL_FALLBACK_URL, MOGILE_IO_TIMEOUT, MOGILE_SIGNING_KEY (blank separated),
-MOGILE_AUTHORIZE ("1": keys under ``private/`` refused), MOGILE_BODY_CACHE_BYTES, and the counters MOGILE_COUNT_FILE (a line per tracker
+MOGILE_AUTHORIZE ("1": keys under ``private/`` refused), MOGILE_BODY_CACHE_BYTES, MOGILE_CLIENT_TIMEOUT, and the counters MOGILE_COUNT_FILE (a line per tracker
 get_paths) and MOGILE_APP_HITS_FILE (a line per request the tiny app answers); each line is a PID.
 For uvicorn, whose access log has no byte count, MOGILE_ACCESS_LOG names a file that gets gunicorn's
 ``%(m)s %(U)s %(s)s %(B)s`` line for each request (see :class:`AccessLog`).
@@ -129,6 +129,8 @@ def middleware_options(env: Mapping[str, str]) -> dict[str, Any]:
         options["body_cache_bytes"] = int(env["MOGILE_BODY_CACHE_BYTES"])
     if env.get("MOGILE_AUTHORIZE") == "1":
         options["authorize"] = refuse_private
+    if env.get("MOGILE_CLIENT_TIMEOUT"):
+        options["client_timeout"] = float(env["MOGILE_CLIENT_TIMEOUT"])
     return {**options, "reproxy": env.get("MOGILE_REPROXY") or None}
 
 

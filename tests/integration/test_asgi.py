@@ -204,6 +204,40 @@ def test_slow_clients_share_one_worker_and_a_client_that_leaves_frees_its_node(d
         assert node_connections(node_port, server.pid) == 0, "clients left, their storage connections stayed"
 
 
+def test_a_client_that_stops_taking_the_body_frees_its_storage_connection(devmogile: DevMogileFS) -> None:
+    """A client that keeps its connection open but reads nothing more: after ``client_timeout``
+    without a piece taken, the transfer ends and its storage connection closes; a slow reader that
+    takes a piece now and then is served to the end."""
+    client = Client(DOMAIN, devmogile.trackers)
+    client.store_file("movie.mp4", PatternFile(32 * MIB), cls="thumb")  # more than the kernel's buffers hold
+    node_port = storage_port(client, "movie.mp4")
+    with run_uvicorn({"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": devmogile.trackers[0],
+                      "MOGILE_CLIENT_TIMEOUT": "1.5"}) as server:
+        with slow_downloads(server.port, "/mogilefs/movie.mp4", 3) as stalled:
+            for sock in stalled:
+                read_first_bytes(sock)  # then nothing more, the connection kept open
+            assert node_connections(node_port, server.pid) == 3
+            deadline = time.monotonic() + 10
+            while node_connections(node_port, server.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert node_connections(node_port, server.pid) == 0, "stalled clients hold their storage connections"
+            assert time.monotonic() - deadline + 10 >= 1.5  # not before client_timeout
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.sendall(b"GET /mogilefs/movie.mp4 HTTP/1.1\r\nHost: media\r\nConnection: close\r\n\r\n")
+            reply, rest = read_http_reply(sock, "HEAD")
+            digest, received = hashlib.md5(rest), len(rest)
+            pauses = 0
+            while chunk := sock.recv(MIB):
+                digest.update(chunk)
+                received += len(chunk)
+                if received > (pauses + 1) * 8 * MIB:  # a pause under client_timeout, now and then
+                    pauses += 1
+                    time.sleep(0.5)
+        assert reply.status == 200 and pauses == 3
+        assert received == 32 * MIB and digest.hexdigest() == pattern_md5(32 * MIB)
+
+
 def rss_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):

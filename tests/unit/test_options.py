@@ -33,6 +33,7 @@ BAD_OPTIONS = [
     pytest.param({"stale_seconds": float("nan")}, "stale_seconds", id="stale-nan"),
     pytest.param({"storage_timeout": 0}, "storage_timeout", id="storage-timeout-zero"),
     pytest.param({"storage_timeout": float("inf")}, "storage_timeout", id="storage-timeout-infinite"),
+    pytest.param({"client_timeout": 0}, "client_timeout", id="client-timeout-zero"),
     pytest.param({"io_timeout": 1e10}, "io_timeout", id="io-timeout-past-the-clocks"),
     pytest.param({"path_cache_seconds": float("inf")}, "path_cache_seconds", id="path-cache-infinite"),
     pytest.param({"io_timeout": 0}, "io_timeout", id="io-timeout-zero"),
