@@ -97,12 +97,15 @@ class MogileFSMiddleware(MiddlewareCore):
         raw_path = scope.get("raw_path")
         variants = self._warm_answers.variants(raw_path)  # None for paths the app answers
         inputs = None
+        held = None  # the path cache's location for a kept answer's key, once asked
         if variants is not None:
             inputs = _inputs(scope)
             kept = variants.get(inputs)
-            if kept is not None and self.locator.cached(kept.key) is kept.location:
-                await self._send(kept.answer, send, receive, scope)
-                return
+            if kept is not None:
+                held = self.locator.cached(kept.key)
+                if held is kept.location:
+                    await self._send(kept.answer, send, receive, scope)
+                    return
         path = _path_info(scope)
         if not path.startswith(self.path_prefix):
             await self._pass(scope, receive, send)
@@ -115,7 +118,8 @@ class MogileFSMiddleware(MiddlewareCore):
             answer = http.FORBIDDEN
         else:
             # A warm reproxy answer needs nothing awaited: decided here, without a coroutine of its own.
-            location = self.locator.cached(key)
+            # The same request made the same key: asked once, the cache counts one hit.
+            location = held or self.locator.cached(key)
             warm = None if location is None else self.reproxy_answer(environ, location)
             if warm is not None and raw_path and self._answers_repeat:
                 self._warm_answers.keep(raw_path, inputs or _inputs(scope), _WarmAnswer(key, location, warm))

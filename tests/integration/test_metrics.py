@@ -4,6 +4,7 @@ workers (and the master's own port), and the Django view."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import os
 import signal
@@ -177,6 +178,38 @@ def test_the_asgi_middleware_counts_the_same_events(devmogile: DevMogileFS, coun
     assert counts("path_cache_hits_total") == 3  # each middleware has its own cache
     assert counts("path_cache_misses_total") == 3
     assert counts("tracker_calls_total", tracker=devmogile.trackers[0], command="get_paths", outcome="error") == 1
+
+
+def test_a_repeated_asgi_request_counts_one_cache_hit_as_its_location_changes(devmogile: DevMogileFS,
+                                                                               counts: Counts) -> None:
+    Client(DOMAIN, devmogile.trackers).store_content("a.txt", CONTENT, "thumb")
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        raise AssertionError("not reached")
+
+    async def scenario() -> None:
+        middleware = ASGIMiddleware(app, domain=DOMAIN, trackers=devmogile.trackers, reproxy="perlbal")
+        for turn in range(4):
+            if turn == 2:  # a new version through the middleware's client: the cached location is dropped
+                await middleware.client.store_content("a.txt", CONTENT[::-1], "thumb")
+            sent: list[dict] = []
+
+            async def send(message: dict) -> None:
+                sent.append(message)
+
+            async def receive() -> dict:
+                return {"type": "http.request"}
+
+            await middleware(http_scope("/mogilefs/a.txt"), receive, send)
+            assert sent[0]["status"] == 200
+        await middleware.client.aclose()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+    # Looked up, found, looked up anew after the write, found: the last one's answer was kept for
+    # the old location, and the cache asked once for it.
+    assert counts("path_cache_misses_total") == 2
+    assert counts("path_cache_hits_total") == 2
+    assert counts("requests_total", mode="perlbal", status="200") == 4
 
 
 def scrape(port: int, path: str = "/metrics") -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
