@@ -238,17 +238,15 @@ class MogileFSMiddleware(MiddlewareCore):
 
 async def _stream(key: str, upstream: AsyncReplicaResponse, send: Send, receive: Receive,
                   client_timeout: float) -> None:
-    """Send the body of ``key`` chunk by chunk until it ends, the client goes away, or a whole
+    """Send the body of ``key`` chunk by chunk until it ends, the client goes away, or
     ``client_timeout`` passes without a piece read or sent (a client that stopped taking them
     would hold the storage connection for as long as it keeps its own open)."""
-    progress = _Progress()
+    progress = _Progress(asyncio.get_running_loop().time)
     sending = asyncio.ensure_future(_send_body(key, upstream, send, progress))
     leaving = asyncio.ensure_future(_disconnected(receive))
     try:
-        pieces = -1
-        while pieces != progress.pieces:
-            pieces = progress.pieces
-            done, _ = await asyncio.wait({sending, leaving}, timeout=client_timeout,
+        while (idle := progress.clock() - progress.at) < client_timeout:
+            done, _ = await asyncio.wait({sending, leaving}, timeout=client_timeout - idle,
                                          return_when=asyncio.FIRST_COMPLETED)
             if done:
                 break
@@ -265,12 +263,16 @@ async def _stream(key: str, upstream: AsyncReplicaResponse, send: Send, receive:
 
 
 class _Progress:
-    """How many pieces of a body have been read or sent so far."""
+    """When a piece of a body was last read or sent, by ``clock``."""
 
-    __slots__ = ("pieces",)
+    __slots__ = ("clock", "at")
 
-    def __init__(self) -> None:
-        self.pieces = 0
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.at = clock()
+
+    def made(self) -> None:
+        self.at = self.clock()
 
 
 async def _send_body(key: str, upstream: AsyncReplicaResponse, send: Send, progress: _Progress) -> None:
@@ -278,11 +280,11 @@ async def _send_body(key: str, upstream: AsyncReplicaResponse, send: Send, progr
     sending = False  # whether an error comes from send (the client's side) or the node
     try:
         async for chunk in upstream.chunks():
-            progress.pieces += 1
+            progress.made()
             sending = True
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             sending = False
-            progress.pieces += 1
+            progress.made()
             sent += len(chunk)
         sending = True
         await send({"type": "http.response.body", "body": b""})

@@ -103,9 +103,10 @@ class MiddlewareCore:
         sent as the last reproxy URL, so that when every replica fails (the key was overwritten or
         deleted elsewhere) Perlbal asks the application, which looks the key up anew.
     :param storage_timeout: seconds for connects and reads on storage nodes in serve mode.
-    :param client_timeout: ASGI: seconds a streamed body may go without a piece taken by the
-        client before the transfer ends and its storage connection is closed. A WSGI server
-        writes the body itself (gunicorn's ``--timeout`` bounds a sync worker).
+    :param client_timeout: ASGI: seconds a streamed body may go without a piece read from the
+        node or taken by the server (which takes one when the client's socket has room) before
+        the transfer ends and its storage connection is closed. A WSGI server writes the body
+        itself (gunicorn's ``--timeout`` bounds a sync worker).
     :param connect_timeout: ``io_timeout``, ``dead_seconds``: for the client made from ``domain``
         and ``trackers`` (see :class:`~mogile_middleware.tracker.TrackerPool`; ``None``: its default).
     :param retry_after_seconds: the ``Retry-After`` of a 503 when no tracker answers.
@@ -156,7 +157,7 @@ class MiddlewareCore:
         perlbal_cache_seconds: int | None = None,
         perlbal_fallback_url: str | None = None,
         storage_timeout: float = 10.0,
-        client_timeout: float = 60.0,
+        client_timeout: float = 300.0,
         connect_timeout: float | None = None,
         io_timeout: float | None = None,
         dead_seconds: float | None = None,
