@@ -71,8 +71,8 @@ def main() -> int:
     print(notes(rows))
     print(f"{len(figures)} figures, {sum('PASS' in f.result for f in figures)} targets met, in {seconds:.0f} s")
     settings = {"repeat": args.repeat, "gunicorn_workers": WORKERS, "perlbal_options": PERLBAL_OPTIONS,
-                "uvicorn": {"workers": {"8b": reproxy.ASGI_WORKERS, "8c": 1, "8d": 1}, "http": _installed("httptools", "h11"),
-                            "loop": _installed("uvloop", "asyncio")},
+                "uvicorn": {"workers": {"8b": reproxy.ASGI_WORKERS, "8c": 1, "8d": 1},
+                            "http": _installed("httptools", "h11"), "loop": _installed("uvloop", "asyncio")},
                 "storage": "one Perlbal web_server node, one replica per key", "front": list(FRONT_SETTINGS),
                 "wrk_seconds": {"straight": reproxy.STRAIGHT_SECONDS, "perlbal": reproxy.FRONT_SECONDS},
                 "wrk_runs_per_repeat": {"straight": reproxy.STRAIGHT_RUNS}}
