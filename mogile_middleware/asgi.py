@@ -380,7 +380,7 @@ class _EncodedAnswers:
         entry = self._entries.get(id(answer))
         if entry is None or entry[0] is not answer:  # the answer itself is held: its id is not reused
             if len(self._entries) >= self._max_entries:
-                evict_oldest(self._entries, self._max_entries // 100 or 1)
+                evict_oldest(self._entries)
             entry = self._entries[id(answer)] = (answer, int(answer.status[:3]), _encoded(answer.headers))
         return entry[1], entry[2]
 
@@ -419,7 +419,7 @@ class _WarmAnswers:
         variants = self._by_path.get(raw_path)
         if variants is None:
             if len(self._by_path) >= self._max_paths:
-                evict_oldest(self._by_path, self._max_paths // 100 or 1)
+                evict_oldest(self._by_path)
             variants = self._by_path[raw_path] = {}
         elif len(variants) >= self._max_variants:
             variants.clear()  # a client varying its headers: the next ones start anew

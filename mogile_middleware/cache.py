@@ -38,10 +38,10 @@ def entry_key(domain: str, key: str) -> str:
     return f"{len(domain)}:{domain}:{key}"
 
 
-def evict_oldest(entries: dict[Any, Any], count: int) -> None:
-    """Drop the ``count`` entries stored first (a dict keeps the order of storing), in one pass:
-    a dict has no cheap "first item" once its head has been deleted."""
-    for old in list(itertools.islice(entries, count)):
+def evict_oldest(entries: dict[Any, Any]) -> None:
+    """Drop the 1% of ``entries`` stored first (at least one; a dict keeps the order of storing),
+    in one pass: a dict has no cheap "first item" once its head has been deleted."""
+    for old in list(itertools.islice(entries, max(1, len(entries) // 100))):
         entries.pop(old, None)  # another thread may have dropped it meanwhile
 
 
@@ -79,7 +79,6 @@ class MemoryCache:
         if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
             raise ValueError(f"max_entries must be a whole number >= 1, not {max_entries!r}")
         self._max_entries = max_entries
-        self._evicted_at_once = max(1, max_entries // 100)
         self._clock = clock
         self._lock = threading.Lock()
         # key -> (value, stored_at, expires_at), in the order stored: one tuple, handed out as it is.
@@ -109,7 +108,7 @@ class MemoryCache:
             self._entries.pop(key, None)  # stored again: last in the order of eviction
             self._entries[key] = entry
             if len(self._entries) > self._max_entries:
-                evict_oldest(self._entries, self._evicted_at_once)
+                evict_oldest(self._entries)
 
     def delete(self, key: str) -> None:
         """Forget ``key``."""
