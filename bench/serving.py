@@ -74,16 +74,18 @@ def serve(cluster: Cluster, repeat: int) -> list[Figure]:
         for warmed in (server, asgi_server):
             wrk(warmed.url(SMALL_PATH), workdir, connections=servers.WORKERS * 2, seconds=WARM_SECONDS)
         memory: dict[str, list[tuple[float, float]]] = {"gunicorn": [], "uvicorn": []}
+        cpu: dict[str, list[float]] = {"gunicorn": [], "uvicorn": []}
         speeds = interleaved(repeat, {
             "direct": best(lambda: download(direct_url, BIG_SIZE)),
             "relay": best(lambda: download(f"http://{servers.HOST}:{relay_port}/", BIG_SIZE)),
-            "gunicorn": best(lambda: served(server, memory["gunicorn"])),
-            "uvicorn": best(lambda: served(asgi_server, memory["uvicorn"]))})
+            "gunicorn": best(lambda: served(server, memory["gunicorn"], cpu["gunicorn"])),
+            "uvicorn": best(lambda: served(asgi_server, memory["uvicorn"], cpu["uvicorn"]))})
     ceiling = Spread.of(ratios(speeds["relay"], speeds["direct"]))
     relayed = (f"a raw relay of the node's response (bench.relay: no HTTP, 1 MiB reads) reaches "
                f"{ceiling.median:.3g} [{ceiling.low:.3g}–{ceiling.high:.3g}]")
+    work = {name: Spread.of([seconds * 1000 for seconds in spent]) for name, spent in cpu.items()}
     wsgi = throughput("4a. serve 256 MiB", "GET from the node", speeds, "gunicorn", "direct", BIG_RATIO,
-                      unit="MiB/s", note=relayed)
+                      unit="MiB/s", note=f"{relayed}; the worker's CPU per download {work['gunicorn'].median:.0f} ms")
     # The issue's ASGI goal: at least 0.8, and at least what gunicorn does in the same run.
     asgi_limit = round(max(0.8, wsgi.ratio.median), 3)
     versus = Spread.of(ratios(speeds["uvicorn"], speeds["gunicorn"]))
@@ -92,7 +94,8 @@ def serve(cluster: Cluster, repeat: int) -> list[Figure]:
                       asgi_limit, unit="MiB/s",
                       note=f"limit: the higher of 0.8 and 4a's median ratio; {relayed}; uvicorn/gunicorn per repetition "
                            f"{versus.median:.3g} [{versus.low:.3g}–{versus.high:.3g}]; uvicorn's peak RSS growth "
-                           f"{asgi_growth.high:.0f} MiB at most (one worker)")
+                           f"{asgi_growth.high:.0f} MiB at most (one worker), its CPU per download "
+                           f"{work['uvicorn'].median:.0f} ms")
     return [wsgi, memory_figure("4b. serve 256 MiB, worker memory", memory["gunicorn"], 32), asgi]
 
 
@@ -133,15 +136,18 @@ def small_files(cluster: Cluster, repeat: int) -> list[Figure]:
     return [kept, dataclasses.replace(streamed, note=streamed.note + ceiling)]
 
 
-def served(server: servers.Server, memory: list[tuple[float, float]]) -> float:
+def served(server: servers.Server, memory: list[tuple[float, float]], cpu: list[float]) -> float:
     """MiB/s of a download of the big file through ``server``; appends to ``memory`` the RSS
-    before and the peak during of the worker that grew most (the one that served)."""
+    before and the peak during of the worker that grew most (the one that served), and to ``cpu``
+    the seconds of CPU its workers spent."""
     workers = server.workers()
     before = {}
     for pid in workers:
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the RSS
         before[pid] = memory_mib(pid, "VmRSS")
+    spent = server.cpu_seconds()
     speed = download(server.url("/mogilefs/" + BIG_KEY), BIG_SIZE)
+    cpu.append(server.cpu_seconds() - spent)
     memory.append(max(((before[pid], memory_mib(pid, "VmHWM")) for pid in workers),
                       key=lambda sizes: sizes[1] - sizes[0]))
     return speed

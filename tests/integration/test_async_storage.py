@@ -7,6 +7,7 @@ nodes for the misbehaving ones. No pytest plugin: every test runs its coroutine 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import time
 import tracemalloc
@@ -18,7 +19,15 @@ import pytest
 from wiretools import LoopbackServer
 
 from mogile_middleware import Client
-from mogile_middleware.async_storage import BODY_CHUNK_SIZE, AsyncPutStream, AsyncReplicaResponse, open_replica
+from mogile_middleware.async_storage import (
+    BODY_CHUNK_SIZE,
+    SMALL_PIECE_SIZE,
+    SMALL_PIECES_FIRST,
+    AsyncPutStream,
+    AsyncReplicaResponse,
+    close_idle_connections,
+    open_replica,
+)
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.exceptions import StorageError
 
@@ -426,21 +435,63 @@ def test_a_body_read_slowly_is_not_read_ahead(nodes) -> None:
 
     node = nodes(fast_node)
 
-    async def main() -> int:
-        total = 0
+    async def main() -> list[int]:
+        pieces = []
         async with await open_replica([node.url], timeout=10) as replica:
             async for chunk in replica.chunks():
-                total += len(chunk)
+                pieces.append(len(chunk))
                 await asyncio.sleep(0.001)  # slower than the node sends
-        return total
+        return pieces
 
     tracemalloc.start()
     try:
-        assert run(main(), seconds=60) == size
+        pieces = run(main(), seconds=60)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+    assert sum(pieces) == size
+    assert max(pieces) <= SMALL_PIECE_SIZE  # past the first 16 MiB too: a slow reader gets small pieces
     assert peak < 8 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB while reading 64 MiB"
+
+
+def test_a_reader_that_keeps_up_gets_larger_pieces_past_the_first_16_mib(nodes) -> None:
+    """Every response, also the next one on a kept connection, starts in small pieces (a client
+    seems fast while the kernel's buffers towards it fill); past them, a reader waiting for its
+    pieces gets larger ones, up to BODY_CHUNK_SIZE."""
+    size = SMALL_PIECES_FIRST + 8 * 1024 * 1024
+    block = memoryview(bytes(1024 * 1024))
+    connections = []
+
+    def keep_alive_node(conn: socket.socket) -> None:
+        connections.append(conn)
+        for answer in range(2):
+            head = b""
+            while answer and b"\r\n\r\n" not in head and (data := conn.recv(4096)):
+                head += data  # the second request, on the same connection
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+            for _ in range(size // len(block)):
+                conn.sendall(block)
+
+    node = nodes(keep_alive_node)
+
+    async def pieces() -> list[int]:
+        async with await open_replica([node.url], timeout=10) as replica:
+            return [len(chunk) async for chunk in replica.chunks()]
+
+    async def main() -> list[list[int]]:
+        try:
+            return [await pieces(), await pieces()]
+        finally:
+            close_idle_connections()
+
+    responses = run(main(), seconds=60)
+    assert len(connections) == 1  # the second response came on the connection the first left open
+    for sizes in responses:
+        assert sum(sizes) == size
+        starts = itertools.accumulate([0] + sizes)
+        early = [piece for piece, start in zip(sizes, starts) if start + piece < SMALL_PIECES_FIRST - 4096]
+        assert max(early) <= SMALL_PIECE_SIZE
+        assert SMALL_PIECE_SIZE < max(sizes) <= BODY_CHUNK_SIZE
 
 
 # -- PUT --------------------------------------------------------------------------------------
