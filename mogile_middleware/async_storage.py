@@ -48,24 +48,25 @@ from .storage import (
     range_header,
 )
 
-__all__ = ["BODY_CHUNK_SIZE", "CHUNK_SIZE", "SMALL_PIECES_FIRST", "SMALL_PIECE_SIZE", "AsyncPutStream",
+__all__ = ["BODY_CHUNK_SIZE", "CHUNK_SIZE", "GROW_AFTER_BYTES", "SMALL_PIECE_SIZE", "AsyncPutStream",
            "AsyncReplicaResponse", "open_replica"]
 
 #: The most a connection reads at once (as uvloop's own reads), and so the largest piece of a
-#: body a read returns, reached by a reader that keeps up past :data:`SMALL_PIECES_FIRST`: under
-#: uvicorn a 256 MiB download took about a third less of the worker's CPU than in 64 KiB pieces.
-#: A client that stops reading past that point holds one such piece more in the server (about
-#: 450 KiB in all, where one that stops earlier holds 300).
+#: body a read returns, reached by a reader that keeps up past :data:`GROW_AFTER_BYTES` and asks
+#: for that much: under uvicorn a 256 MiB download took about a third less of the worker's CPU
+#: than in 64 KiB pieces. A client that stops reading past that point holds one such piece more
+#: in the server (about 450 KiB in all, where one that stops earlier holds 300).
 BODY_CHUNK_SIZE = 256 * 1024
-#: A connection's reads until then, and every read made while its reader is busy sending: a slow
-#: client holds about one piece in the server's buffers and one unread here (200 slow clients
-#: under uvicorn: 54 MiB, where 256 KiB pieces from the start cost 116 MiB).
+#: A connection's reads until :data:`GROW_AFTER_BYTES`, and every read made while its reader is
+#: busy elsewhere (sending to a client): a slow client holds about one piece in the server's
+#: buffers and one unread here (200 slow clients under uvicorn: 54 MiB, where 256 KiB pieces
+#: from the start cost 116 MiB).
 SMALL_PIECE_SIZE = CHUNK_SIZE
 #: Bytes read on a connection for a response before its reads may grow. Until the kernel's
 #: buffers towards a client are full, sending to it takes no time, however slowly it reads; by
 #: default Linux lets them grow to 10 MiB (4 MiB to send, 6 MiB to receive), and on loopback a
 #: client reading nothing took 4 MiB.
-SMALL_PIECES_FIRST = 16 * 1024 * 1024
+GROW_AFTER_BYTES = 16 * 1024 * 1024
 
 #: Where storage node connections read (see :meth:`_Connection.get_buffer`): one per thread.
 _read_buffer = threading.local()
@@ -79,9 +80,10 @@ class _Connection(asyncio.BufferedProtocol):
     """One connection to a storage node, as an asyncio protocol: each read is copied once out of
     the thread's read buffer and handed to the reader as it is (a stream reader copies every byte
     in and out of its buffer: a third of the CPU of a large transfer). Reading pauses while a
-    piece waits unread, so a slow reader slows the node. Past :data:`SMALL_PIECES_FIRST`, a read
-    made while the reader waits for it is twice as large as the last; one made while it is busy
-    elsewhere is small, so a connection holds one small piece unread at most.
+    piece waits unread, so a slow reader slows the node. Past :data:`GROW_AFTER_BYTES`, a read
+    made while the reader waits for it may take twice as much as the last could, up to what the
+    reader asked for; one made while it is busy elsewhere is small, so a connection holds one
+    small piece unread at most.
 
     The single place connections are made and ended, so a pool can take over :meth:`open` and
     :meth:`close` (``reusable`` tells it whether the last response was read to its end).
@@ -98,9 +100,11 @@ class _Connection(asyncio.BufferedProtocol):
         self._pieces: deque[bytes] = deque()
         self._start = 0  # how much of the first piece was read
         self._reading_paused = False
-        #: Bytes read since the request was sent, and the size of the last read (see :meth:`get_buffer`).
+        #: Bytes read since the request was sent; the size of the buffer last offered to the loop,
+        #: and the most the reader waiting asked for (see :meth:`get_buffer`).
         self._bytes_read = 0
         self._piece_size = SMALL_PIECE_SIZE
+        self._wanted = SMALL_PIECE_SIZE
         self._eof = False
         self._error: BaseException | None = None
         self._data_waiter: asyncio.Future[None] | None = None
@@ -116,7 +120,7 @@ class _Connection(asyncio.BufferedProtocol):
         connection = _idle_connections(loop).take(target.node) if kept else None
         if connection is not None:
             connection.reused, connection.received = True, False
-            connection._bytes_read, connection._piece_size = 0, SMALL_PIECE_SIZE  # a new reader
+            connection._bytes_read = 0  # a new response: small pieces first
             return connection
         _, connection = await loop.create_connection(lambda: cls(loop), target.host, target.port)
         connection.node = target.node
@@ -136,8 +140,8 @@ class _Connection(asyncio.BufferedProtocol):
         # A reader waiting for this read keeps up: a larger piece, fewer turns of the loop per
         # byte. One busy elsewhere gets a small piece, the most a connection leaves unread.
         waiting = self._data_waiter is not None and not self._data_waiter.done()
-        if waiting and self._bytes_read >= SMALL_PIECES_FIRST:
-            self._piece_size = min(2 * self._piece_size, BODY_CHUNK_SIZE)
+        if waiting and self._bytes_read >= GROW_AFTER_BYTES:
+            self._piece_size = min(2 * self._piece_size, BODY_CHUNK_SIZE, max(self._wanted, SMALL_PIECE_SIZE))
         else:
             self._piece_size = SMALL_PIECE_SIZE
         return buffer[:self._piece_size]
@@ -196,6 +200,7 @@ class _Connection(asyncio.BufferedProtocol):
                 raise self._error
             if self._eof:
                 return b""
+            self._wanted = limit
             self._data_waiter = self._loop.create_future()
             try:
                 await self._data_waiter

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 from wiretools import LoopbackServer
 
 from mogile_middleware import Client
 from mogile_middleware.async_storage import (
     BODY_CHUNK_SIZE,
     SMALL_PIECE_SIZE,
-    SMALL_PIECES_FIRST,
+    GROW_AFTER_BYTES,
     AsyncPutStream,
     AsyncReplicaResponse,
     close_idle_connections,
@@ -454,11 +455,13 @@ def test_a_body_read_slowly_is_not_read_ahead(nodes) -> None:
     assert peak < 8 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB while reading 64 MiB"
 
 
-def test_a_reader_that_keeps_up_gets_larger_pieces_past_the_first_16_mib(nodes) -> None:
+@pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+def test_a_reader_that_keeps_up_gets_larger_pieces_past_the_first_16_mib(nodes, new_loop: Callable[[], Any]) -> None:
     """Every response, also the next one on a kept connection, starts in small pieces (a client
     seems fast while the kernel's buffers towards it fill); past them, a reader waiting for its
-    pieces gets larger ones, up to BODY_CHUNK_SIZE."""
-    size = SMALL_PIECES_FIRST + 8 * 1024 * 1024
+    pieces gets larger ones, up to BODY_CHUNK_SIZE, and small ones again once it falls behind."""
+    size = GROW_AFTER_BYTES + 8 * 1024 * 1024
+    slow_from = GROW_AFTER_BYTES + 4 * 1024 * 1024  # where the second reader starts to dawdle
     block = memoryview(bytes(1024 * 1024))
     connections = []
 
@@ -474,24 +477,35 @@ def test_a_reader_that_keeps_up_gets_larger_pieces_past_the_first_16_mib(nodes) 
 
     node = nodes(keep_alive_node)
 
-    async def pieces() -> list[int]:
+    async def pieces(slow_from: int = size) -> list[int]:
+        sizes: list[int] = []
         async with await open_replica([node.url], timeout=10) as replica:
-            return [len(chunk) async for chunk in replica.chunks()]
+            async for chunk in replica.chunks():
+                sizes.append(len(chunk))
+                if sum(sizes) > slow_from:
+                    await asyncio.sleep(0.001)  # slower than the node sends
+        return sizes
 
     async def main() -> list[list[int]]:
         try:
-            return [await pieces(), await pieces()]
+            return [await pieces(), await pieces(slow_from)]
         finally:
             close_idle_connections()
 
-    responses = run(main(), seconds=60)
+    loop = new_loop()
+    try:
+        fast, turning = loop.run_until_complete(asyncio.wait_for(main(), 60))
+    finally:
+        loop.close()
     assert len(connections) == 1  # the second response came on the connection the first left open
-    for sizes in responses:
+    for sizes in (fast, turning):
         assert sum(sizes) == size
         starts = itertools.accumulate([0] + sizes)
-        early = [piece for piece, start in zip(sizes, starts) if start + piece < SMALL_PIECES_FIRST - 4096]
+        early = [piece for piece, start in zip(sizes, starts) if start + piece < GROW_AFTER_BYTES - 4096]
         assert max(early) <= SMALL_PIECE_SIZE
         assert SMALL_PIECE_SIZE < max(sizes) <= BODY_CHUNK_SIZE
+    turned = next(index for index, start in enumerate(itertools.accumulate(turning)) if start > slow_from)
+    assert max(turning[turned + 2:]) <= SMALL_PIECE_SIZE  # past the piece read as it turned aside
 
 
 # -- PUT --------------------------------------------------------------------------------------
