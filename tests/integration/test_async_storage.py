@@ -22,8 +22,8 @@ from wiretools import LoopbackServer
 from mogile_middleware import Client
 from mogile_middleware.async_storage import (
     BODY_CHUNK_SIZE,
-    SMALL_PIECE_SIZE,
     GROW_AFTER_BYTES,
+    SMALL_PIECE_SIZE,
     AsyncPutStream,
     AsyncReplicaResponse,
     close_idle_connections,
@@ -477,12 +477,12 @@ def test_a_reader_that_keeps_up_gets_larger_pieces_past_the_first_16_mib(nodes, 
 
     node = nodes(keep_alive_node)
 
-    async def pieces(slow_from: int = size) -> list[int]:
+    async def pieces(slow_after: int = size) -> list[int]:
         sizes: list[int] = []
         async with await open_replica([node.url], timeout=10) as replica:
             async for chunk in replica.chunks():
                 sizes.append(len(chunk))
-                if sum(sizes) > slow_from:
+                if sum(sizes) > slow_after:
                     await asyncio.sleep(0.001)  # slower than the node sends
         return sizes
 
