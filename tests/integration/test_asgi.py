@@ -366,6 +366,30 @@ def _append_to(sent: list[dict[str, Any]]) -> Any:
     return send
 
 
+def test_a_repeated_proxy_request_gets_the_same_header_fields_each_once_through_uvicorn(devmogile: DevMogileFS) -> None:
+    """The answer kept for a repeated request goes out as the first did, field for field, on one
+    kept-alive connection of a real server (a list sent twice, or shared, would show here)."""
+    Client(DOMAIN, devmogile.trackers).store_content("kept.txt", b"kept", cls="thumb")
+    request = (b"GET /mogilefs/kept.txt HTTP/1.1\r\nHost: media\r\nX-Proxy-Capabilities: reproxy-file\r\n"
+               b"X-Forwarded-For: 192.0.2.%d\r\n\r\n")
+    with run_uvicorn({"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": devmogile.trackers[0], "MOGILE_REPROXY": "perlbal",
+                      "MOGILE_TRUSTED_PROXIES": "127.0.0.1"}) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            replies = []
+            for client in range(1, 5):
+                sock.sendall(request % client)
+                reply, rest = read_http_reply(sock, "GET")
+                assert rest == b""
+                replies.append(reply)
+    first = replies[0]
+    assert first.status == 200 and "x-reproxy-url" in first.headers
+    names = [name for name, _ in first.fields if name != "date"]
+    assert len(names) == len(set(names)), first.fields
+    for reply in replies[1:]:
+        assert [field for field in reply.fields if field[0] != "date"] == [
+            field for field in first.fields if field[0] != "date"]
+
+
 def test_a_kept_answer_lasts_as_long_as_the_path_cache_holds_its_location(devmogile: DevMogileFS) -> None:
     writer = Client(DOMAIN, devmogile.trackers)
     writer.store_content("a.txt", b"one", cls="thumb")
