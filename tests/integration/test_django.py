@@ -465,6 +465,9 @@ def test_settings_reach_the_middleware(mogile: DevMogileFS) -> None:
     with with_settings(SERVE_WITH_PERLBAL=True, MOGILEFS_REPROXY="nginx", MOGILEFS_NGINX_LOCATION="/internal"):
         app = TestApp(wrap_wsgi(get_wsgi_application()), lint=True)
     assert app.get("/media/a.png").headers["X-Accel-Redirect"].startswith("/internal")
+    with with_settings(SERVE_WITH_PERLBAL=True, MOGILEFS_REPROXY="nginx", MOGILEFS_NGINX_LOCATION="@reproxy"):
+        app = TestApp(wrap_wsgi(get_wsgi_application()), lint=True)
+    assert app.get("/media/a.png").headers["X-Accel-Redirect"] == "@reproxy"
 
     with with_settings(SERVE_WITH_PERLBAL=True, MOGILEFS_REPROXY=None, MOGILEFS_MEDIA_URL="https://cdn.example/m/"):
         app = TestApp(wrap_wsgi(get_wsgi_application()), lint=True)

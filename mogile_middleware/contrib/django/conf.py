@@ -195,12 +195,6 @@ def url_expires() -> float:
     return validated("MOGILEFS_URL_EXPIRES", 3600 if value is None else value, _positive_seconds)
 
 
-def _location(value: object) -> str:
-    if not isinstance(value, str) or not value.startswith("/"):
-        raise ValueError(f'expected a location starting with "/", got {value!r}')
-    return value
-
-
 def _extra_options(value: object) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise TypeError(f"expected a dict of MogileFSMiddleware arguments, got {value!r}")
@@ -217,7 +211,7 @@ _OPTIONAL: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "MOGILEFS_TRUSTED_PROXIES": ("trusted_proxies", _networks),
     "MOGILEFS_CACHE_CONTROL": ("cache_control", _header_value),
     "MOGILEFS_PATH_CACHE_SECONDS": ("path_cache_seconds", _seconds),
-    "MOGILEFS_NGINX_LOCATION": ("nginx_location", _location),
+    "MOGILEFS_NGINX_LOCATION": ("nginx_location", text),  # a path or a named location: the middleware checks
     "MOGILEFS_SIGNING_KEY": ("signing_key", _secrets),
 }
 
