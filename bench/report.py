@@ -5,13 +5,13 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import operator
 import os
 import platform
 import subprocess
-import sys
 import textwrap
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -148,12 +148,14 @@ def _first_line(argv: list[str]) -> str:
     return (result.stdout or result.stderr).strip().splitlines()[0]
 
 
-def main(argv: list[str]) -> None:
+def main() -> None:
     """Print the table and the notes of a saved run."""
-    document = json.loads((Path(argv[0]) if argv else RESULTS).read_text())
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description="Print the table of a saved run.")
+    parser.add_argument("run", nargs="?", type=Path, default=RESULTS, help="the JSON file of a run (default: bench/results/latest.json)")
+    document = json.loads(parser.parse_args().run.read_text())
     print(table(document["figures"]))
     print(notes(document["figures"]))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
