@@ -35,12 +35,12 @@ from .client import (
     keys_page_of,
     list_keys_request,
     listed_prefix,
-    next_after,
+    next_page,
     paths_of,
     rename_request,
     update_class_request,
 )
-from .exceptions import NoneMatchError, StorageError
+from .exceptions import BadKeyError, NoneMatchError, StorageError, UnknownKeyError
 from .protocol import Reply, check_key
 from .storage import LengthMismatchError
 from .upload import (
@@ -136,8 +136,18 @@ class AsyncClient(ClientBase):
                 if key.startswith(prefix):
                     yield key
             listed = listed_prefix(prefix)
-            if (after := next_after(prefix, listed, page, self.keys_page)) is None:
+            after, passed = next_page(prefix, listed, page, self.keys_page)
+            if passed is not None and await self._exists(passed):
+                yield passed
+            if after is None:
                 return
+
+    async def _exists(self, key: str) -> bool:
+        try:
+            await self.file_info(key)
+        except (UnknownKeyError, BadKeyError):  # BadKeyError: a prefix no key could equal
+            return False
+        return True
 
     async def read_file(self, key: str) -> AsyncReplicaResponse:
         """The body of the first replica that answers, to read and then ``aclose``."""

@@ -23,8 +23,8 @@ from typing import Any, BinaryIO, NamedTuple
 
 from .cache import CacheBackend, entry_key
 from .deadline import checked_seconds
-from .exceptions import NoneMatchError
-from .protocol import ArgValue, Reply, check_key, key_bytes, parse_domains
+from .exceptions import BadKeyError, NoneMatchError, UnknownKeyError
+from .protocol import ArgValue, Reply, check_key, key_bytes, parse_domains, to_bytes
 from .storage import ReplicaResponse, open_replica
 from .tracker import Address, TrackerPool, TrackerPoolBase
 from .upload import ChangeListener, NewFile, Uploader, content_bytes
@@ -126,22 +126,33 @@ def listed_prefix(prefix: str) -> str:
     return _PERL_METACHARACTERS.split(prefix, 1)[0]
 
 
-def next_after(prefix: str, listed: str, page: list[str], page_size: int) -> str | None:
-    """The ``after`` of the page of keys listed by ``listed`` that follows ``page`` (of at most
-    ``page_size`` keys), or ``None`` when no key starting with ``prefix`` can follow.
+class NextPage(NamedTuple):
+    """Where :meth:`Client.keys` goes on after a page: the ``after`` of the next page (``None``
+    when none follows), and a key that page passes over, to ask for alone (``None`` when none)."""
 
-    Keys come in bytewise order, so those that start with ``prefix`` come together: a page that
-    ends past them ends the listing. The tracker matches ``listed`` whatever its case (SQL
-    ``LIKE``), so a page may also end on a key that does not start with ``listed`` exactly, before
-    those that do: the listing goes on from ``listed`` itself (a key equal to it is then missed)."""
+    after: str | None
+    passed: str | None = None
+
+
+def next_page(prefix: str, listed: str, page: list[str], page_size: int) -> NextPage:
+    """Where the listing by ``listed`` goes on after ``page`` (of at most ``page_size`` keys).
+
+    Keys come in bytewise order (a key that is not UTF-8 holds surrogates, which Python would
+    sort elsewhere), so those that start with ``prefix`` come together: a page that ends past them
+    ends the listing. The tracker matches ``listed`` whatever its case (SQL ``LIKE``), so a page
+    may also end on a key that does not start with ``listed`` exactly, before those that do: the
+    listing goes on from ``listed`` itself, which passes over a key equal to it."""
     if len(page) < page_size:
-        return None
-    last = max(page)
-    if last > prefix and not last.startswith(prefix):
-        return None
-    if last.startswith(listed):
-        return last
-    return listed if last < listed else None
+        return NextPage(None)
+    last = max(page, key=to_bytes)
+    ordered_last, ordered_prefix, ordered_listed = to_bytes(last), to_bytes(prefix), to_bytes(listed)
+    if ordered_last > ordered_prefix and not ordered_last.startswith(ordered_prefix):
+        return NextPage(None)
+    if ordered_last.startswith(ordered_listed):
+        return NextPage(last)
+    if ordered_last < ordered_listed:
+        return NextPage(listed, listed if listed == prefix else None)
+    return NextPage(None)
 
 
 class ClientBase:
@@ -332,8 +343,18 @@ class Client(ClientBase):
             page = self._list_page(listed, after, self.keys_page)[0]
             yield from (key for key in page if key.startswith(prefix))
             listed = listed_prefix(prefix)
-            if (after := next_after(prefix, listed, page, self.keys_page)) is None:
+            after, passed = next_page(prefix, listed, page, self.keys_page)
+            if passed is not None and self._exists(passed):
+                yield passed
+            if after is None:
                 return
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self.file_info(key)
+        except (UnknownKeyError, BadKeyError):  # BadKeyError: a prefix no key could equal
+            return False
+        return True
 
     def close(self) -> None:
         """Close the kept-open tracker connections."""

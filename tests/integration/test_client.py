@@ -239,6 +239,31 @@ def test_keys_pages_through_prefixes_the_tracker_matches_loosely(client: Client,
     assert list(client.keys("(x")) == brackets and requests == ["list_keys", "list_keys"]
 
 
+@both_flavours
+def test_keys_gives_the_key_equal_to_the_prefix_after_a_page_of_other_cases(client: Client,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page filled with keys in another case ends before the prefix itself, and the next page,
+    after the prefix, cannot hold it: it is asked for alone, and given only where it exists."""
+    monkeypatch.setattr(ClientBase, "keys_page", 10)
+    for name in [*(f"EQ/{n:02d}" for n in range(11)), "eq", "eq/1"]:
+        client.store_content(name, b"x", cls="thumb")
+    assert list(client.keys("eq")) == ["eq", "eq/1"]
+    client.delete("eq")
+    assert list(client.keys("eq")) == ["eq/1"]
+
+
+@both_flavours
+def test_keys_pages_in_the_trackers_byte_order_through_keys_that_are_not_utf8(client: Client,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A byte that is no UTF-8 comes back as a surrogate, which Python sorts below most emoji where
+    the tracker sorts the byte above them: each key comes once, in the tracker's order."""
+    monkeypatch.setattr(ClientBase, "keys_page", 10)
+    names = [*(f"raw/\U0001F600{n}" for n in range(9)), *(f"raw/\udcff{n}" for n in range(5))]
+    for name in names:
+        client.store_content(name, b"x", cls="thumb")
+    assert list(client.keys("raw/")) == names
+
+
 def _counted(ask: Callable[..., Any], requests: list[str]) -> Callable[..., Any]:
     """A client's ``_ask`` (plain or a coroutine function) that appends each command to ``requests``."""
     if inspect.iscoroutinefunction(ask):
