@@ -21,7 +21,14 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import BinaryIO, Union
 
 from . import metrics
-from .async_storage import CHUNK_SIZE, AsyncPutStream, AsyncReplicaResponse, close_idle_connections, open_replica
+from .async_storage import (
+    CHUNK_SIZE,
+    AsyncPutStream,
+    AsyncReplicaResponse,
+    close_idle_connections,
+    open_replica,
+    read_replica,
+)
 from .async_tracker import AsyncTrackerPool
 from .cache import CacheBackend
 from .client import (
@@ -154,9 +161,9 @@ class AsyncClient(ClientBase):
         return await open_replica(await self.get_paths(key), timeout=self.storage_timeout)
 
     async def get_file_data(self, key: str) -> bytes:
-        """The whole content of ``key`` (for small files; use :meth:`read_file` to stream)."""
-        async with await self.read_file(key) as body:
-            return b"".join([chunk async for chunk in body.chunks()])
+        """The whole content of ``key`` (for small files; use :meth:`read_file` to stream), from the
+        next replica when a transfer is cut midway."""
+        return await read_replica(await self.get_paths(key), timeout=self.storage_timeout)
 
     async def store_content(self, key: str, data: bytes, cls: str | None = None) -> int:
         """Store ``data`` (bytes) under ``key``; return the number of bytes stored."""

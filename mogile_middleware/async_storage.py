@@ -528,12 +528,12 @@ async def open_replica(
     raise failures.error(urls)
 
 
-async def read_replica(urls: Sequence[str], *, length: int, timeout: float = 10.0) -> bytes:
-    """The whole body of a small file of ``length`` bytes from the first of ``urls`` that sends
-    it all (:func:`open_replica`, then the next replica when a transfer is cut midway)."""
+async def read_replica(urls: Sequence[str], *, length: int | None = None, timeout: float = 10.0) -> bytes:
+    """As :func:`mogile_middleware.storage.read_replica`, awaited."""
     remaining = list(urls)
     while True:
         replica = await open_replica(remaining, length=length, timeout=timeout)
+        length = replica.length  # the same file on every replica
         try:
             return b"".join([chunk async for chunk in replica.chunks()])
         except StorageError as error:

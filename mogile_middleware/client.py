@@ -25,7 +25,7 @@ from .cache import CacheBackend, entry_key
 from .deadline import checked_seconds
 from .exceptions import BadKeyError, NoneMatchError, UnknownKeyError
 from .protocol import ArgValue, Reply, check_key, key_bytes, parse_domains, to_bytes
-from .storage import ReplicaResponse, open_replica
+from .storage import ReplicaResponse, open_replica, read_replica
 from .tracker import Address, TrackerPool, TrackerPoolBase
 from .upload import ChangeListener, NewFile, Uploader, content_bytes
 
@@ -310,9 +310,9 @@ class Client(ClientBase):
         return open_replica(self.get_paths(key), timeout=self.storage_timeout)
 
     def get_file_data(self, key: str) -> bytes:
-        """The whole content of ``key`` (for small files; use :meth:`read_file` to stream)."""
-        with self.read_file(key) as body:
-            return b"".join(body.iter_chunks())
+        """The whole content of ``key`` (for small files; use :meth:`read_file` to stream), from the
+        next replica when a transfer is cut midway."""
+        return read_replica(self.get_paths(key), timeout=self.storage_timeout)
 
     def delete(self, key: str) -> None:
         """Delete ``key`` (raises :class:`UnknownKeyError` if it does not exist)."""

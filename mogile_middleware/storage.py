@@ -305,12 +305,15 @@ def open_replica(
     raise failures.error(urls)
 
 
-def read_replica(urls: Sequence[str], *, length: int, timeout: float = 10.0, pool: NodePool = nodes) -> bytes:
-    """The whole body of a small file of ``length`` bytes from the first of ``urls`` that sends
-    it all (:func:`open_replica`, then the next replica when a transfer is cut midway)."""
+def read_replica(urls: Sequence[str], *, length: int | None = None, timeout: float = 10.0,
+                 pool: NodePool = nodes) -> bytes:
+    """The whole body of a small file from the first of ``urls`` that sends it all
+    (:func:`open_replica`, then the next replica when a transfer is cut midway): of ``length``
+    bytes, or else of the length the first replica to answer gave."""
     remaining = list(urls)
     while True:
         replica = open_replica(remaining, length=length, timeout=timeout, pool=pool)
+        length = replica.length  # the same file on every replica
         try:
             return b"".join(replica.iter_chunks())
         except (OSError, StorageError) as error:

@@ -22,7 +22,7 @@ from integration.test_hostile import call
 from integration.test_middleware import wrapped_app
 from wiretools import ScriptedTracker
 
-from mogile_middleware import Client, metrics
+from mogile_middleware import AsyncClient, Client, metrics
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.middleware import MogileFSMiddleware
@@ -199,3 +199,21 @@ def test_a_transfer_cut_midway_is_read_from_the_next_replica(tracker: str, flavo
         metrics.use(previous)
     assert got == [(200, SMALL), (200, SMALL)]
     assert counted.lookups == [False, True] and counted.failovers == 1
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_get_file_data_reads_a_transfer_cut_midway_from_the_next_replica(tracker: str, flavour: str) -> None:
+    """Not the body cache's, but the same reader: a client's ``get_file_data`` does not fail on
+    the first replica's cut transfer while the next one holds the file."""
+    if flavour == "sync":
+        assert Client(DOMAIN, [tracker]).get_file_data("k") == SMALL
+        return
+
+    async def get() -> bytes:
+        client = AsyncClient(DOMAIN, [tracker])
+        try:
+            return await client.get_file_data("k")
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(asyncio.wait_for(get(), 10)) == SMALL
