@@ -205,6 +205,20 @@ def test_overwrite_keeps_old_data_until_the_new_upload_commits(client: Client) -
 
 
 @both_flavours
+def test_an_upload_goes_to_the_next_tracker_when_the_first_never_answers(devmogile: DevMogileFS,
+                                                                        flavour: Flavour) -> None:
+    """create_open only reserves a file number: asked again of the next tracker, the upload goes on."""
+    silent = ScriptedTracker(lambda line: b"")
+    client = flavour.Client(DOMAIN, [silent.tracker, *devmogile.trackers], io_timeout=0.3)
+    try:
+        assert client.store_content("via-the-second", b"data", cls="thumb") == 4
+        assert client.get_file_data("via-the-second") == b"data"
+    finally:
+        client.close()
+        silent.stop()
+
+
+@both_flavours
 def test_keys_pages_through_every_key(client: Client) -> None:
     names = [f"many/{n:04d}" for n in range(25)]
     for name in names:
