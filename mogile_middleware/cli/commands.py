@@ -385,6 +385,11 @@ def _copy(first: bytes, rest: Iterator[bytes], target: IO[bytes], bar: ProgressB
         bar.update(done)
 
 
+#: What the temporary file beside a target keeps of its name: with its dot, random part and
+#: ``.part`` (15 bytes), a target of 255 bytes (most file systems' longest name) still has one.
+_PART_STEM_BYTES = 240
+
+
 @contextmanager
 def _replacing(path: Path) -> Iterator[IO[bytes]]:
     """A temporary file beside ``path``, renamed to it only when the block completes: a failure
@@ -404,7 +409,8 @@ def _replacing(path: Path) -> Iterator[IO[bytes]]:
         return
     real = Path(os.path.realpath(path))
     try:
-        handle = tempfile.NamedTemporaryFile(dir=real.parent, prefix=f".{real.name}.", suffix=".part", delete=False)
+        stem = os.fsdecode(os.fsencode(real.name)[:_PART_STEM_BYTES])  # a name of 255 bytes too
+        handle = tempfile.NamedTemporaryFile(dir=real.parent, prefix=f".{stem}.", suffix=".part", delete=False)
     except OSError as error:  # name the user's path, not the temporary file's
         raise type(error)(error.errno, error.strerror, str(path)) from None
     try:

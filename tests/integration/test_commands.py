@@ -709,6 +709,21 @@ def test_get_recursive_writes_the_keys_under_a_prefix_and_never_outside(cli: Run
     assert cli("get", "site/", "--recursive").code == 2  # no directory given
 
 
+def test_get_writes_a_file_whose_name_is_as_long_as_the_file_system_allows(cli: Run, devmogile: DevMogileFS,
+                                                                          tmp_path: Path) -> None:
+    """The temporary file beside it has a shorter name of its own: 255 bytes (a 250-byte segment
+    after ``long/``), written alone and among others."""
+    name = "n" * 250
+    client = Client(DOMAIN, devmogile.trackers)
+    for key in (f"long/{name}", "long/short"):
+        client.store_content(key, key.encode(), cls="thumb")
+    assert cli("get", f"long/{name}", "-o", str(tmp_path / name)).code == 0
+    assert (tmp_path / name).read_bytes() == f"long/{name}".encode()
+    result = cli("get", "long/", "-o", str(tmp_path / "tree"), "--recursive")
+    assert result.code == 0 and result.lines == [f"255\tlong/{name}", "10\tlong/short"]
+    assert sorted(path.name for path in (tmp_path / "tree").iterdir()) == [name, "short"]
+
+
 def test_get_recursive_skips_a_key_that_is_also_a_directory_and_goes_on(cli: Run, devmogile: DevMogileFS,
                                                                          tmp_path: Path) -> None:
     client = Client(DOMAIN, devmogile.trackers)
