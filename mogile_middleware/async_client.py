@@ -47,12 +47,11 @@ from .client import (
     rename_request,
     update_class_request,
 )
-from .exceptions import BadKeyError, NoneMatchError, StorageError, UnknownKeyError
+from .exceptions import BadKeyError, NoneMatchError, StorageError, UnknownKeyError, named_errors
 from .protocol import Reply, check_key
 from .storage import LengthMismatchError
 from .upload import (
     BYTES_LIKE,
-    class_named,
     committing,
     content_bytes,
     create_close_args,
@@ -87,7 +86,8 @@ class AsyncClient(ClientBase):
 
     async def _ask(self, request: Request) -> Reply:
         try:
-            return (await self.pool.request(request.command, self._args(request)))[0]
+            with named_errors(request.args, self.domain):
+                return (await self.pool.request(request.command, self._args(request)))[0]
         finally:
             if request.changes:
                 await self._tell(*request.changes)
@@ -186,8 +186,9 @@ class AsyncClient(ClientBase):
         check_key(key)
         fileobj = _body(key, fileobj)
         size = None if isinstance(fileobj, AsyncIterable) else remaining_size(fileobj)
-        with class_named(cls, self.domain):
-            reply, tracker = await self.pool.request("create_open", create_open_args(self.domain, key, cls, size))
+        opening = create_open_args(self.domain, key, cls, size)
+        with named_errors(opening, self.domain):
+            reply, tracker = await self.pool.request("create_open", opening)
         try:
             destination, stored, md5 = await self._put(key, fileobj, destinations(reply), size)
         except BaseException:

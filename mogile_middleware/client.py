@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 from .cache import CacheBackend, entry_key
 from .deadline import checked_seconds
-from .exceptions import BadKeyError, NoneMatchError, UnknownKeyError
+from .exceptions import BadKeyError, NoneMatchError, UnknownKeyError, named_errors
 from .protocol import ArgValue, Reply, check_key, key_bytes, parse_domains, to_bytes
 from .storage import ReplicaResponse, open_replica, read_replica
 from .tracker import Address, TrackerPool, TrackerPoolBase
@@ -268,7 +268,8 @@ class Client(ClientBase):
 
     def _ask(self, request: Request) -> Reply:
         try:
-            return self.pool.request(request.command, self._args(request))[0]
+            with named_errors(request.args, self.domain):
+                return self.pool.request(request.command, self._args(request))[0]
         finally:
             self._changed(*request.changes)
 

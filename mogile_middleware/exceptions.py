@@ -7,6 +7,9 @@ a code this module does not know), with the code and the tracker's text kept on 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Mapping
+
 
 class MogileFSError(Exception):
     """Base class of every error raised by this package."""
@@ -174,3 +177,29 @@ _ERRORS_BY_CODE: dict[str, type[TrackerError]] = {
 def tracker_error(code: str, text: str) -> TrackerError:
     """Build the exception registered for a tracker error code."""
     return _ERRORS_BY_CODE.get(code, TrackerError)(code, text)
+
+
+def named(error: TrackerError, args: Mapping[str, object], domain: str) -> TrackerError:
+    """``error`` (of the same class and code) naming what it is about, from the arguments of the
+    command it answers: the tracker's words name no key, class or domain (``unknown_key``)."""
+    key = args.get("key", args.get("from_key"))
+    if isinstance(error, UnknownKeyError) and key is not None:
+        text = f"no key {key!r} in domain {domain!r}"
+    elif isinstance(error, KeyExistsError) and "to_key" in args:
+        text = f"key {args['to_key']!r} exists already in domain {domain!r}"
+    elif isinstance(error, (UnregDomainError, DomainNotFoundError)):
+        text = f"no domain {domain!r} on the trackers"
+    elif isinstance(error, (UnregClassError, ClassNotFoundError)) and args.get("class") is not None:
+        text = f"class {args['class']!r} is not registered in domain {domain!r}"
+    else:
+        return error
+    return type(error)(error.code, text)
+
+
+@contextlib.contextmanager
+def named_errors(args: Mapping[str, object], domain: str) -> Iterator[None]:
+    """Around a command with ``args`` in ``domain``: its tracker errors :func:`named`."""
+    try:
+        yield
+    except TrackerError as error:
+        raise named(error, args, domain) from None

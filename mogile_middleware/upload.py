@@ -32,9 +32,9 @@ from .exceptions import (
     ProtocolError,
     StorageError,
     TrackerError,
-    UnregClassError,
     UploadError,
     UploadOutcomeUnknownError,
+    named_errors,
 )
 from .protocol import ArgValue, Reply, check_key, parse_domains
 from .storage import CHUNK_SIZE, LengthMismatchError, PutStream
@@ -80,15 +80,6 @@ def create_open_args(domain: str, key: str, cls: str | None, size: int | None) -
     The ``default`` class (which ``file_info`` names) is asked for by no class: mogilefsd 2.73
     refuses it by name."""
     return {"domain": domain, "key": key, "class": None if cls == "default" else cls, "multi_dest": 1, "size": size}
-
-
-@contextlib.contextmanager
-def class_named(cls: str | None, domain: str) -> Iterator[None]:
-    """Around ``create_open``: an unregistered class names the class and the domain."""
-    try:
-        yield
-    except UnregClassError as error:
-        raise UnregClassError(error.code, f"class {cls!r} is not registered in domain {domain!r}") from None
 
 
 def destinations(reply: Reply) -> list[tuple[str, str]]:
@@ -236,8 +227,9 @@ class NewFile(io.RawIOBase):
         self._verify_checksum = verify_checksum
         self._timeout = storage_timeout
         self._on_change = on_change
-        with class_named(cls, domain):
-            reply, self._tracker = pool.request("create_open", create_open_args(domain, key, cls, size))
+        opening = create_open_args(domain, key, cls, size)
+        with named_errors(opening, domain):
+            reply, self._tracker = pool.request("create_open", opening)
         self.fid = reply["fid"]
         self._destinations = destinations(reply)
         self._devid = self._path = ""

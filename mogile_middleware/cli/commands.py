@@ -27,7 +27,7 @@ from typing import IO, TYPE_CHECKING, BinaryIO, NoReturn
 from .. import health
 from ..client import Client, FileInfo
 from ..deadline import checked_seconds
-from ..exceptions import StorageError, UnknownKeyError, UnregDomainError
+from ..exceptions import StorageError, UnknownKeyError
 from ..tracker import Address, parse_trackers
 from ..upload import Uploader, remaining_size
 from .progress import ProgressBar, printable
@@ -153,7 +153,7 @@ def _write_options(parser: argparse.ArgumentParser) -> None:
 
 def _command(body: Callable[[argparse.Namespace, Client], int]) -> Callable[[argparse.Namespace], int]:
     """A subcommand's ``run`` from ``body``: give it a client for the options, then close it; name
-    the key in a no-such-key error (and see :func:`_local_errors`)."""
+    the key in a storage node's error (and see :func:`_local_errors`)."""
 
     @_local_errors
     def run(args: argparse.Namespace) -> int:
@@ -161,10 +161,6 @@ def _command(body: Callable[[argparse.Namespace, Client], int]) -> Callable[[arg
         client = Client(args.domain, args.trackers, cache_backend=getattr(args, "memcached", None))
         try:
             return body(args, client)
-        except UnknownKeyError as error:  # the tracker does not say which key; every command with one calls it "key"
-            raise type(error)(error.code, f"no key {args.key!r} in domain {args.domain!r}") from None
-        except UnregDomainError as error:  # nor which domain
-            raise type(error)(error.code, f"no domain {args.domain!r} on the trackers") from None
         except StorageError as error:  # the replicas it names: the key too
             key = getattr(args, "key", None)
             if key is None or not isinstance(key, str):
@@ -513,9 +509,8 @@ def _rm(args: argparse.Namespace, client: Client) -> int:
     for key in keys:
         try:
             client.delete(key)
-        except UnknownKeyError as error:  # named as the other commands name it
-            named = type(error)(error.code, f"no key {key!r} in domain {args.domain!r}")
-            print(f"mogile-middleware: {printable(str(named))}", file=sys.stderr)
+        except UnknownKeyError as error:
+            print(f"mogile-middleware: {printable(str(error))}", file=sys.stderr)
             missing += 1
     return 3 if missing else 0
 

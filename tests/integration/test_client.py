@@ -32,7 +32,7 @@ from mogile_middleware import (
 from mogile_middleware.cache import entry_key
 from mogile_middleware.client import ClientBase, Request
 from mogile_middleware.devserver import DevMogileFS
-from mogile_middleware.exceptions import UnregClassError, UnregDomainError
+from mogile_middleware.exceptions import TrackerError, UnregClassError, UnregDomainError
 
 AWKWARD_KEYS = [
     "with space.txt",
@@ -157,14 +157,29 @@ def test_classes_set_replica_counts(client: Client) -> None:
 def test_unknown_class_names_the_class_and_the_domain(client: Client) -> None:
     with pytest.raises(UnregClassError, match="'nosuch'.*'testdom'"):
         client.store_content("k", b"x", cls="nosuch")
-    with pytest.raises(UnknownKeyError):
+    with pytest.raises(UnknownKeyError, match="^unknown_key: no key 'k' in domain 'testdom'$"):
         client.file_info("k")
+    client.store_content("k", b"x", cls="thumb")
+    with pytest.raises(TrackerError, match="class 'nosuch' is not registered in domain 'testdom'") as raised:
+        client.update_class("k", "nosuch")
+    assert raised.value.code in ("unreg_class", "class_not_found")
+
+
+@both_flavours
+def test_errors_name_the_key_they_are_about(client: Client) -> None:
+    """The tracker's ``ERR unknown_key unknown_key`` names no key: the error does."""
+    for call, key in [(lambda: client.get_paths("gone/1"), "gone/1"), (lambda: client.delete("gone/2"), "gone/2"),
+                      (lambda: client.rename("gone/3", "other"), "gone/3"), (lambda: client.read_file("gone/4"), "gone/4")]:
+        with pytest.raises(UnknownKeyError, match=f"^unknown_key: no key '{key}' in domain 'testdom'$"):
+            call()
 
 
 @both_flavours
 def test_unknown_domain(devmogile: DevMogileFS, flavour: Flavour) -> None:
-    with pytest.raises(UnregDomainError):
+    with pytest.raises(UnregDomainError, match="no domain 'nosuchdomain' on the trackers"):
         flavour.Client("nosuchdomain", devmogile.trackers).get_paths("k")
+    with pytest.raises(UnregDomainError, match="no domain 'nosuchdomain' on the trackers"):
+        flavour.Client("nosuchdomain", devmogile.trackers).store_content("k", b"x")
 
 
 def test_new_file_streams_and_commits_on_close(client: Client) -> None:
@@ -296,7 +311,7 @@ def _counted(ask: Callable[..., Any], requests: list[str]) -> Callable[..., Any]
 def test_rename_onto_an_existing_key(client: Client) -> None:
     client.store_content("a", b"A", cls="thumb")
     client.store_content("b", b"B", cls="thumb")
-    with pytest.raises(KeyExistsError):
+    with pytest.raises(KeyExistsError, match="key 'b' exists already in domain 'testdom'"):
         client.rename("a", "b")
     assert client.get_file_data("b") == b"B"
     assert client.get_file_data("a") == b"A"  # the connection is still good
