@@ -322,6 +322,32 @@ def read_replica(urls: Sequence[str], *, length: int | None = None, timeout: flo
             replica.close()
 
 
+def resumed_chunks(replica: ReplicaResponse, urls: Sequence[str], *, timeout: float = 10.0,
+                   pool: NodePool = nodes) -> Iterator[bytes]:
+    """The body of ``replica``, opened from ``urls``, chunk by chunk; when its transfer is cut
+    midway, the rest of it from the next of ``urls`` (a ``Range`` from the first byte not yet
+    read), so that a long download ends whole. ``replica`` stays the caller's to close."""
+    total, done, remaining, current = replica.length, 0, list(urls), replica
+    try:
+        while True:
+            try:
+                for chunk in current.iter_chunks():
+                    done += len(chunk)
+                    yield chunk
+                return
+            except (OSError, StorageError) as error:
+                if total is None:  # no length: where the rest starts is unknown
+                    raise
+                remaining = cut_midway(remaining, current.url, error)
+            if current is not replica:
+                current.close()
+            current = open_replica(remaining, byte_range=(done, total - 1), length=total - done, timeout=timeout,
+                                   pool=pool)
+    finally:
+        if current is not replica:
+            current.close()
+
+
 def cut_midway(urls: list[str], url: str, error: BaseException) -> list[str]:
     """The replicas after ``url``, whose transfer was cut by ``error``; raises when none is left."""
     metrics.recorder.replica_failover()

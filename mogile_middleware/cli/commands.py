@@ -28,6 +28,7 @@ from .. import health
 from ..client import Client, FileInfo
 from ..deadline import checked_seconds
 from ..exceptions import StorageError, UnknownKeyError
+from ..storage import open_replica, resumed_chunks
 from ..tracker import Address, parse_trackers
 from ..upload import Uploader, remaining_size
 from .progress import ProgressBar, printable
@@ -305,9 +306,8 @@ def _get(args: argparse.Namespace, client: Client) -> int:
     if args.recursive:
         return _get_recursive(args, client)
     to_terminal = args.output in (None, "-") and sys.stdout.isatty()  # where a bar would draw over the text
-    with client.read_file(args.key) as body, \
-            ProgressBar(None if to_terminal else body.length, sys.stderr, label=args.key) as bar:
-        chunks = body.iter_chunks()
+    with _download(client, args.key) as (length, chunks), \
+            ProgressBar(None if to_terminal else length, sys.stderr, label=args.key) as bar:
         first = next(chunks, b"")
         if args.output in (None, "-"):
             if args.output is None and sys.stdout.isatty() and _binary(first):
@@ -339,9 +339,9 @@ def _get_recursive(args: argparse.Namespace, client: Client) -> int:
         target = root.joinpath(*parts)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            with client.read_file(key) as body, ProgressBar(body.length, sys.stderr, label=key) as bar, \
+            with _download(client, key) as (length, chunks), ProgressBar(length, sys.stderr, label=key) as bar, \
                     _replacing(target) as out:
-                _copy(b"", body.iter_chunks(), out, bar)
+                _copy(b"", chunks, out, bar)
         except UnknownKeyError:  # deleted since it was listed
             continue
         except (FileExistsError, IsADirectoryError, NotADirectoryError) as error:  # "a" and "a/b" both keys
@@ -350,6 +350,19 @@ def _get_recursive(args: argparse.Namespace, client: Client) -> int:
             continue
         print(f"{target.stat().st_size}\t{printable(key)}", flush=True)
     return 1 if skipped else 0
+
+
+@contextmanager
+def _download(client: Client, key: str) -> Iterator[tuple[int | None, Iterator[bytes]]]:
+    """The length of ``key``'s file and its body chunk by chunk, the rest from the next replica
+    when a transfer is cut midway (:func:`~mogile_middleware.storage.resumed_chunks`)."""
+    paths = client.get_paths(key)
+    with open_replica(paths, timeout=client.storage_timeout) as body:
+        chunks = resumed_chunks(body, paths, timeout=client.storage_timeout)
+        try:
+            yield body.length, chunks
+        finally:
+            chunks.close()
 
 
 def _file_name_parts(rest: str, *, after_slash: bool) -> list[str] | None:

@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import random
+import re
 import signal
 import socket
 import stat
@@ -300,8 +301,30 @@ def test_get_keeps_the_old_file_when_the_transfer_breaks(
     interrupt_after_the_first_piece(monkeypatch, broken)
     target = previous_file(tmp_path)
     result = cli("get", "big", "-o", str(target))
-    assert (result.code, result.err) == (1, "mogile-middleware: 'big': connection reset midway\n")
+    assert result.code == 1
+    assert re.fullmatch(r"mogile-middleware: 'big': http://\S+\.fid was cut midway: connection reset midway\n", result.err)
     assert list(target.parent.iterdir()) == [target] and target.read_bytes() == b"previous"
+
+
+def test_get_reads_the_rest_from_the_next_replica_when_a_transfer_breaks(
+    cli: Run, devmogile: DevMogileFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first replica's transfer breaks after its first piece; the other replica sends the rest
+    (a Range from there), and the file is whole."""
+    data = random.Random(7).randbytes(1_000_000)
+    Client(DOMAIN, devmogile.trackers).store_content("two", data, cls="avatar")
+    broken: list[str] = []
+
+    def break_once(replica: ReplicaResponse) -> None:
+        if not broken:
+            broken.append(replica.url)
+            raise StorageError("connection reset midway", replica.url)
+
+    interrupt_after_the_first_piece(monkeypatch, break_once)
+    target = tmp_path / "two.bin"
+    result = cli("get", "two", "-o", str(target))
+    assert (result.code, result.err) == (0, "")
+    assert target.read_bytes() == data and len(broken) == 1
 
 
 # -- control characters -----------------------------------------------------------------------
