@@ -48,7 +48,7 @@ from .client import (
     update_class_request,
 )
 from .exceptions import BadKeyError, NoneMatchError, StorageError, UnknownKeyError, named_errors
-from .protocol import Reply, check_key
+from .protocol import Reply, check_key, key_bytes, to_text
 from .storage import LengthMismatchError
 from .upload import (
     BYTES_LIKE,
@@ -134,8 +134,9 @@ class AsyncClient(ClientBase):
         except NoneMatchError:
             return [], None
 
-    async def keys(self, prefix: str = "") -> AsyncIterator[str]:
-        """Every key starting with ``prefix`` (exactly, unlike ``list_keys``), page by page."""
+    async def keys(self, prefix: str | bytes = "") -> AsyncIterator[str]:
+        """Every key starting with ``prefix`` (text or bytes; exactly, unlike ``list_keys``), page by page."""
+        prefix = to_text(key_bytes(prefix, "prefix"))
         listed, after = prefix, None  # the next pages by listed_prefix(prefix)
         while True:
             page = (await self._list_page(listed, after, self.keys_page))[0]

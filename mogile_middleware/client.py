@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, NamedTuple
 from .cache import CacheBackend, entry_key
 from .deadline import checked_seconds
 from .exceptions import BadKeyError, NoneMatchError, UnknownKeyError, named_errors
-from .protocol import ArgValue, Reply, check_key, key_bytes, parse_domains, to_bytes
+from .protocol import ArgValue, Reply, check_key, key_bytes, parse_domains, to_bytes, to_text
 from .storage import ReplicaResponse, open_replica, read_replica
 from .tracker import Address, TrackerPool, TrackerPoolBase
 from .upload import ChangeListener, NewFile, Uploader, content_bytes
@@ -337,8 +337,9 @@ class Client(ClientBase):
         except NoneMatchError:
             return [], None
 
-    def keys(self, prefix: str = "") -> Iterator[str]:
-        """Every key starting with ``prefix`` (exactly, unlike ``list_keys``), page by page."""
+    def keys(self, prefix: str | bytes = "") -> Iterator[str]:
+        """Every key starting with ``prefix`` (text or bytes; exactly, unlike ``list_keys``), page by page."""
+        prefix = to_text(key_bytes(prefix, "prefix"))
         listed, after = prefix, None  # the next pages by listed_prefix(prefix)
         while True:
             page = self._list_page(listed, after, self.keys_page)[0]

@@ -241,6 +241,7 @@ def test_keys_pages_through_every_key(client: Client) -> None:
     assert client.list_keys("many/", limit=10) == names[:10]
     assert client.list_keys("many/", after=names[9], limit=10) == names[10:20]
     assert list(client.keys("many/")) == names
+    assert list(client.keys(b"many/")) == names  # a prefix as bytes, as keys may be
     assert client.list_keys("nothing/") == []
 
 
