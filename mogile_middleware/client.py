@@ -103,10 +103,13 @@ def update_class_request(key: str, cls: str) -> Request:
 
 
 def list_keys_request(prefix: str = "", after: str | None = None, limit: int | None = None) -> Request:
-    """``list_keys`` starting with ``prefix``, after ``after``."""
+    """``list_keys`` starting with ``prefix``, after ``after``; a ``ValueError`` for a ``limit``
+    below 1, which mogilefsd would read as 1000 (0) or as no limit at all (a negative one)."""
     for what, text in (("prefix", prefix), ("after", after)):
         if text:
             key_bytes(text, what)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a whole number >= 1 (the tracker gives 1000 at most), not {limit!r}")
     return Request("list_keys", {"prefix": prefix or None, "after": after, "limit": limit})
 
 
