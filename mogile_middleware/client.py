@@ -148,12 +148,12 @@ def next_page(prefix: str, listed: str, page: list[str], page_size: int) -> Next
     if len(page) < page_size:
         return NextPage(None)
     last = max(page, key=to_bytes)
-    ordered_last, ordered_prefix, ordered_listed = to_bytes(last), to_bytes(prefix), to_bytes(listed)
-    if ordered_last > ordered_prefix and not ordered_last.startswith(ordered_prefix):
+    raw_last, raw_prefix, raw_listed = to_bytes(last), to_bytes(prefix), to_bytes(listed)
+    if raw_last > raw_prefix and not raw_last.startswith(raw_prefix):
         return NextPage(None)
-    if ordered_last.startswith(ordered_listed):
+    if raw_last.startswith(raw_listed):
         return NextPage(last)
-    if ordered_last < ordered_listed:
+    if raw_last < raw_listed:
         return NextPage(listed, listed if listed == prefix else None)
     return NextPage(None)
 
