@@ -16,6 +16,7 @@ import inspect
 import ipaddress
 import logging
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import quote, unquote_to_bytes
@@ -57,6 +58,9 @@ _ANY_LENGTH = 2 ** 63
 _TRACKER_REFUSED = http.error(502, "The tracker refused to look the file up.")
 _BEING_REPLACED = http.error(503, "The file is being replaced.", [("Retry-After", "1")])
 _FORBIDDEN = {reason: http.error(403, reason) for reason in (UNSIGNED, BAD_SIGNATURE, EXPIRED)}
+#: Seconds between two lines about requests no tracker answered: an outage fails every request,
+#: and the log says so once per this time, counting those it left out, not once per request.
+OUTAGE_LOG_INTERVAL = 10.0
 
 
 class MiddlewareCore:
@@ -217,6 +221,7 @@ class MiddlewareCore:
         self.authorize = authorize
         self.signer = None if signing_key is None else URLSigner(signing_key, client.domain)
         self.unavailable = http.service_unavailable(retry_after_seconds)
+        self._outage_log = _OutageLog()
         extra = [("X-Content-Type-Options", "nosniff")]
         if cache_control or private:
             extra.append(("Cache-Control", cache_control or "private"))
@@ -301,7 +306,7 @@ class MiddlewareCore:
         if isinstance(error, BadKeyError):  # key_for_path made a key the tracker cannot hold
             return http.error(400, str(error))
         if isinstance(error, TrackerUnavailableError):
-            log.error("no tracker answered for %r: %r", key, error)
+            self._outage_log.failed(key, error)
             return self.unavailable
         if isinstance(error, KeyChangingError):  # in a second, the writer may have paused
             log.warning("cannot locate %r: %s", key, error)
@@ -370,6 +375,25 @@ def _url_prefix(prefix: str) -> tuple[str, str]:
         return raw.decode("utf-8"), raw.decode("latin-1")
     except UnicodeDecodeError:
         raise ValueError(f"prefix must be UTF-8 once percent-decoded, not {prefix!r}") from None
+
+
+class _OutageLog:
+    """The log of requests no tracker answered: the first at once, then one line per
+    :data:`OUTAGE_LOG_INTERVAL` saying how many were left out (threads racing may miscount one,
+    never hide an outage; the metrics count every 503)."""
+
+    def __init__(self) -> None:
+        self._logged_at = float("-inf")
+        self._left_out = 0
+
+    def failed(self, key: str, error: MogileFSError) -> None:
+        now = time.monotonic()
+        if now - self._logged_at < OUTAGE_LOG_INTERVAL:
+            self._left_out += 1
+            return
+        left_out, self._left_out, self._logged_at = self._left_out, 0, now
+        log.error("no tracker answered for %r: %r%s", key, error,
+                  f" ({left_out} more requests since the last line like this)" if left_out else "")
 
 
 def _refuse_unusable(*, cache_control: object, charset: object, nginx_location: object,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 import threading
@@ -19,7 +20,7 @@ from integration.test_hostile import call
 from integration.test_middleware import BODY, wrapped_app
 from wiretools import CountingRelay, ScriptedTracker, SilentServer
 
-from mogile_middleware import Client, StorageError, UnknownKeyError, UploadError
+from mogile_middleware import Client, StorageError, UnknownKeyError, UploadError, core
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.middleware import MogileFSMiddleware
@@ -77,6 +78,36 @@ def test_every_tracker_down_answers_503_within_the_connect_timeout(devmogile: De
         started = time.monotonic()
         assert call(app, "GET", f"/mogilefs/load/{n}", {})[0] == 503
         assert time.monotonic() - started < 0.6
+
+
+@pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
+def test_an_outage_of_the_trackers_is_logged_once_per_interval_not_per_request(
+        devmogile: DevMogileFS, stored: Client, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch, flavour: str) -> None:
+    """Every request fails while no tracker answers: the first is logged at once, the next ones
+    only once the interval has passed, in one line counting those left out."""
+    monkeypatch.setattr(core, "OUTAGE_LOG_INTERVAL", 0.5)
+    options = {"domain": DOMAIN, "trackers": devmogile.trackers, "connect_timeout": 0.2}
+    if flavour == "wsgi":
+        app = MogileFSMiddleware(wrapped_app, **options)
+
+        def status(n: int) -> int:
+            return call(app, "GET", f"/mogilefs/load/{n}", {})[0]
+    else:
+        asgi = ASGIMiddleware(wrapped_app, **options)
+
+        def status(n: int) -> int:
+            return run(asgi, http_scope(f"/mogilefs/load/{n}"), [])[0]["status"]
+    devmogile.stop_tracker()
+    caplog.set_level(logging.ERROR, logger="mogile_middleware")
+    assert [status(n) for n in range(5)] == [503] * 5
+    time.sleep(0.6)
+    assert status(5) == 503
+    lines = [record.getMessage() for record in caplog.records if "no tracker answered" in record.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("no tracker answered for 'load/0'") and "more requests" not in lines[0]
+    assert lines[1].startswith("no tracker answered for 'load/5'")
+    assert lines[1].endswith("(4 more requests since the last line like this)")
 
 
 @pytest.mark.parametrize(
