@@ -125,7 +125,8 @@ class AsyncClient(ClientBase):
         await self._ask(update_class_request(key, cls))
 
     async def list_keys(self, prefix: str = "", after: str | None = None, limit: int | None = None) -> list[str]:
-        """Up to ``limit`` (at most 1000) keys starting with ``prefix``, sorted, after ``after``."""
+        """Up to ``limit`` (at most 1000) keys starting with ``prefix`` whatever its case (the
+        tracker's SQL ``LIKE``; :meth:`keys` matches it exactly), in byte order, after ``after``."""
         return (await self._list_page(prefix, after, limit))[0]
 
     async def _list_page(self, prefix: str, after: str | None, limit: int | None) -> tuple[list[str], str | None]:

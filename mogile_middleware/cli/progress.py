@@ -21,7 +21,8 @@ DEFAULT_COLUMNS = 80
 
 def _escapes() -> dict[int, str]:
     table = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
-    table.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"})
+    # A backslash doubled: no key shows as another's escapes (a key "\\xff" is not the byte 0xff).
+    table.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r", ord("\\"): "\\\\"})
     # A byte that is not UTF-8 arrives as a surrogate escape (see protocol): shown as that byte,
     # never written raw (a lone 0x9B is CSI to some terminals).
     table.update({code: f"\\u{code:04x}" for code in range(0xD800, 0xE000)})
@@ -34,8 +35,9 @@ _ESCAPES = _escapes()
 
 def printable(text: str) -> str:
     """``text`` with its control characters (C0, DEL, C1) and undecodable bytes as escapes
-    (``\\n``, ``\\x1b``): a key or a tracker's message then cannot recolour the terminal, move
-    its cursor or forge a line of output. Printable Unicode is kept as it is."""
+    (``\\n``, ``\\x1b``), and its backslashes doubled: a key or a tracker's message then cannot
+    recolour the terminal, move its cursor, forge a line of output or pass for another key.
+    Printable Unicode is kept as it is."""
     return text.translate(_ESCAPES)
 
 

@@ -380,9 +380,11 @@ def test_a_hostile_trackers_keys_cannot_forge_lines(capsysbinary: pytest.Capture
     assert_no_raw_controls(out)
 
 
-def test_printable_escapes_controls_only() -> None:
+def test_printable_escapes_controls_and_doubles_backslashes() -> None:
     assert printable("plain/key.jpg") == "plain/key.jpg"
-    assert printable("日本語 café ☃ \\x1b") == "日本語 café ☃ \\x1b"  # printable Unicode, a literal backslash
+    assert printable("日本語 café ☃") == "日本語 café ☃"  # printable Unicode as it is
+    # A key holding a backslash never shows as another key's escape (as GNU ls --escape shows it).
+    assert printable("\\x1b") == "\\\\x1b" and printable("\\xff") != printable("\udcff")
     assert printable("\x00\x1f\x7f\x80\x9f\xa0") == "\\x00\\x1f\\x7f\\x80\\x9f\xa0"
     assert printable("\n\r\t") == "\\n\\r\\t"
     assert printable("\udcff") == "\\xff"  # an undecodable byte, as the protocol keeps it
