@@ -533,7 +533,6 @@ async def read_replica(urls: Sequence[str], *, length: int | None = None, timeou
     remaining = list(urls)
     while True:
         replica = await open_replica(remaining, length=length, timeout=timeout)
-        length = replica.length  # the same file on every replica
         try:
             return b"".join([chunk async for chunk in replica.chunks()])
         except StorageError as error:

@@ -378,9 +378,9 @@ def _url_prefix(prefix: str) -> tuple[str, str]:
 
 
 class _OutageLog:
-    """The log of requests no tracker answered: the first at once, then one line per
-    :data:`OUTAGE_LOG_INTERVAL` saying how many were left out (threads racing may miscount one,
-    never hide an outage; the metrics count every 503)."""
+    """The log of requests no tracker answered: one line at most per :data:`OUTAGE_LOG_INTERVAL`,
+    each counting the failures since the line before (threads racing may miscount one); failures
+    after the last line are counted in the next one. The metrics count every 503."""
 
     def __init__(self) -> None:
         self._logged_at = float("-inf")

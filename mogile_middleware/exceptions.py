@@ -180,8 +180,9 @@ def tracker_error(code: str, text: str) -> TrackerError:
 
 
 def named(error: TrackerError, args: Mapping[str, object], domain: str) -> TrackerError:
-    """``error`` (of the same class and code) naming what it is about, from the arguments of the
-    command it answers: the tracker's words name no key, class or domain (``unknown_key``)."""
+    """``error`` (of the same class, code and ``text``) with a message naming what it is about,
+    from the arguments of the command it answers: the tracker's words name no key, class or
+    domain (``ERR unknown_key unknown_key``)."""
     key = args.get("key", args.get("from_key"))
     if isinstance(error, UnknownKeyError) and key is not None:
         text = f"no key {key!r} in domain {domain!r}"
@@ -193,7 +194,9 @@ def named(error: TrackerError, args: Mapping[str, object], domain: str) -> Track
         text = f"class {args['class']!r} is not registered in domain {domain!r}"
     else:
         return error
-    return type(error)(error.code, text)
+    described = type(error)(error.code, text)
+    described.text = error.text
+    return described
 
 
 @contextlib.contextmanager

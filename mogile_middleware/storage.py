@@ -307,13 +307,11 @@ def open_replica(
 
 def read_replica(urls: Sequence[str], *, length: int | None = None, timeout: float = 10.0,
                  pool: NodePool = nodes) -> bytes:
-    """The whole body of a small file from the first of ``urls`` that sends it all
-    (:func:`open_replica`, then the next replica when a transfer is cut midway): of ``length``
-    bytes, or else of the length the first replica to answer gave."""
+    """The whole body of a small file (of ``length`` bytes, when given) from the first of ``urls``
+    that sends it all (:func:`open_replica`, then the next replica when a transfer is cut midway)."""
     remaining = list(urls)
     while True:
         replica = open_replica(remaining, length=length, timeout=timeout, pool=pool)
-        length = replica.length  # the same file on every replica
         try:
             return b"".join(replica.iter_chunks())
         except (OSError, StorageError) as error:
@@ -331,6 +329,9 @@ def resumed_chunks(replica: ReplicaResponse, urls: Sequence[str], *, timeout: fl
     try:
         while True:
             try:
+                if done and not _resumes_at(current, done):
+                    raise StorageError(f"{current.url} answered a range from byte {done} with "
+                                       f"{current.headers.get('content-range') or current.status}", current.url)
                 for chunk in current.iter_chunks():
                     done += len(chunk)
                     yield chunk
@@ -346,6 +347,11 @@ def resumed_chunks(replica: ReplicaResponse, urls: Sequence[str], *, timeout: fl
     finally:
         if current is not replica:
             current.close()
+
+
+def _resumes_at(replica: ReplicaResponse, first: int) -> bool:
+    """True if ``replica`` answered a range starting at byte ``first`` (a 206 that says so)."""
+    return replica.status == 206 and replica.headers.get("content-range", "").startswith(f"bytes {first}-")
 
 
 def cut_midway(urls: list[str], url: str, error: BaseException) -> list[str]:

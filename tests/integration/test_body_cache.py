@@ -206,7 +206,11 @@ def test_get_file_data_reads_a_transfer_cut_midway_from_the_next_replica(tracker
     """Not the body cache's, but the same reader: a client's ``get_file_data`` does not fail on
     the first replica's cut transfer while the next one holds the file."""
     if flavour == "sync":
-        assert Client(DOMAIN, [tracker]).get_file_data("k") == SMALL
+        client = Client(DOMAIN, [tracker])
+        try:
+            assert client.get_file_data("k") == SMALL
+        finally:
+            client.close()
         return
 
     async def get() -> bytes:

@@ -315,8 +315,9 @@ def _counted(ask: Callable[..., Any], requests: list[str]) -> Callable[..., Any]
 def test_rename_onto_an_existing_key(client: Client) -> None:
     client.store_content("a", b"A", cls="thumb")
     client.store_content("b", b"B", cls="thumb")
-    with pytest.raises(KeyExistsError, match="key 'b' exists already in domain 'testdom'"):
+    with pytest.raises(KeyExistsError, match="key 'b' exists already in domain 'testdom'") as raised:
         client.rename("a", "b")
+    assert raised.value.text == "Target key name already exists; can't overwrite."  # the tracker's words, kept
     assert client.get_file_data("b") == b"B"
     assert client.get_file_data("a") == b"A"  # the connection is still good
 

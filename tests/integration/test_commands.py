@@ -13,10 +13,12 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -325,6 +327,83 @@ def test_get_reads_the_rest_from_the_next_replica_when_a_transfer_breaks(
     result = cli("get", "two", "-o", str(target))
     assert (result.code, result.err) == (0, "")
     assert target.read_bytes() == data and len(broken) == 1
+
+
+RESUMED = random.Random(11).randbytes(300_000)
+#: Where the first node cuts its transfer, and so where the rest must start.
+CUT_AT = 100_000
+
+
+class _Node(BaseHTTPRequestHandler):
+    """A storage node holding :data:`RESUMED`; the ranges it was asked for go to ``asked``."""
+
+    asked: list[str | None] = []
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.asked.append(self.headers.get("Range"))
+        first, last = self.answered_range()
+        self.send_response(206 if (first, last) != (0, len(RESUMED) - 1) else 200)
+        if self.headers.get("Range"):
+            self.send_header("Content-Range", f"bytes {first}-{last}/{len(RESUMED)}")
+        self.send_header("Content-Length", str(last - first + 1))
+        self.end_headers()
+        self.send_body(RESUMED[first:last + 1])
+
+    def answered_range(self) -> tuple[int, int]:
+        text = self.headers.get("Range")
+        if not text:
+            return 0, len(RESUMED) - 1
+        first, _, last = text.removeprefix("bytes=").partition("-")
+        return int(first), int(last)
+
+    def send_body(self, body: bytes) -> None:
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _CuttingNode(_Node):
+    asked: list[str | None] = []
+
+    def send_body(self, body: bytes) -> None:
+        self.wfile.write(body[:CUT_AT])
+        self.wfile.flush()
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+
+class _MisplacedRangeNode(_Node):
+    """Answers a range with a 206 of the right length, but from the file's first byte."""
+
+    asked: list[str | None] = []
+
+    def answered_range(self) -> tuple[int, int]:
+        first, last = super().answered_range()
+        return 0, last - first
+
+
+def test_get_resumes_from_the_byte_it_broke_at_and_refuses_a_range_answered_from_elsewhere(
+        tmp_path: Path) -> None:
+    """The first replica cuts its transfer; the second answers the Range from the wrong place (a
+    206 of the right length): refused; the third sends the rest, asked for with a Range."""
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), handler) for handler in (_CuttingNode, _MisplacedRangeNode, _Node)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    urls = [f"http://127.0.0.1:{server.server_address[1]}/dev{n}/0/000/000/0000000009.fid"
+            for n, server in enumerate(servers, 1)]
+    paths = "&".join(f"path{n}={url}" for n, url in enumerate(urls, 1))
+    tracker = ScriptedTracker(lambda line: f"OK paths=3&{paths}\r\n".encode())
+    try:
+        target = tmp_path / "resumed.bin"
+        assert main(["get", "--trackers", tracker.tracker, "--domain", DOMAIN, "k", "-o", str(target)]) == 0
+    finally:
+        tracker.stop()
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert target.read_bytes() == RESUMED
+    rest = f"bytes={CUT_AT}-{len(RESUMED) - 1}"
+    assert (_CuttingNode.asked, _MisplacedRangeNode.asked, _Node.asked) == ([None], [rest], [rest])
 
 
 # -- control characters -----------------------------------------------------------------------
