@@ -382,8 +382,8 @@ def write_json(path: Path, phases: list[Phase], elapsed: float) -> None:
 
 def main() -> int:
     """Measure both fronts over one development MogileFS, print the table, save the JSON."""
-    argparse.ArgumentParser(prog="python -m bench.changes", description=(
-        "What clients of a real front proxy see while another process overwrites, then deletes, a key.")).parse_args()
+    description = "What clients of a real front proxy see while another process overwrites, then deletes, a key."
+    argparse.ArgumentParser(prog="python -m bench.changes", description=description).parse_args()
     started = time.monotonic()
     phases: list[Phase] = []
     with tempfile.TemporaryDirectory(prefix="mogile-changes-") as directory:

@@ -151,7 +151,8 @@ def _first_line(argv: list[str]) -> str:
 def main() -> None:
     """Print the table and the notes of a saved run."""
     parser = argparse.ArgumentParser(prog="python -m bench.report", description="Print the table of a saved run.")
-    parser.add_argument("run", nargs="?", type=Path, default=RESULTS, help="the JSON file of a run (default: bench/results/latest.json)")
+    parser.add_argument("run", nargs="?", type=Path, default=RESULTS,
+                        help="the JSON file of a run (default: bench/results/latest.json)")
     document = json.loads(parser.parse_args().run.read_text())
     print(table(document["figures"]))
     print(notes(document["figures"]))

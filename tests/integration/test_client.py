@@ -168,8 +168,10 @@ def test_unknown_class_names_the_class_and_the_domain(client: Client) -> None:
 @both_flavours
 def test_errors_name_the_key_they_are_about(client: Client) -> None:
     """The tracker's ``ERR unknown_key unknown_key`` names no key: the error does."""
-    for call, key in [(lambda: client.get_paths("gone/1"), "gone/1"), (lambda: client.delete("gone/2"), "gone/2"),
-                      (lambda: client.rename("gone/3", "other"), "gone/3"), (lambda: client.read_file("gone/4"), "gone/4")]:
+    for call, key in [(lambda: client.get_paths("gone/1"), "gone/1"),
+                      (lambda: client.delete("gone/2"), "gone/2"),
+                      (lambda: client.rename("gone/3", "other"), "gone/3"),
+                      (lambda: client.read_file("gone/4"), "gone/4")]:
         with pytest.raises(UnknownKeyError, match=f"^unknown_key: no key '{key}' in domain 'testdom'$"):
             call()
 

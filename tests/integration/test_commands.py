@@ -304,7 +304,8 @@ def test_get_keeps_the_old_file_when_the_transfer_breaks(
     target = previous_file(tmp_path)
     result = cli("get", "big", "-o", str(target))
     assert result.code == 1
-    assert re.fullmatch(r"mogile-middleware: 'big': http://\S+\.fid was cut midway: connection reset midway\n", result.err)
+    assert re.fullmatch(r"mogile-middleware: 'big': http://\S+\.fid was cut midway: connection reset midway\n",
+                        result.err)
     assert list(target.parent.iterdir()) == [target] and target.read_bytes() == b"previous"
 
 
@@ -386,7 +387,8 @@ def test_get_resumes_from_the_byte_it_broke_at_and_refuses_a_range_answered_from
         tmp_path: Path) -> None:
     """The first replica cuts its transfer; the second answers the Range from the wrong place (a
     206 of the right length): refused; the third sends the rest, asked for with a Range."""
-    servers = [ThreadingHTTPServer(("127.0.0.1", 0), handler) for handler in (_CuttingNode, _MisplacedRangeNode, _Node)]
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), handler)
+               for handler in (_CuttingNode, _MisplacedRangeNode, _Node)]
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     urls = [f"http://127.0.0.1:{server.server_address[1]}/dev{n}/0/000/000/0000000009.fid"
