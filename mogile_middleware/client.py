@@ -204,12 +204,13 @@ class ClientBase:
                             f"{listener!r} is a coroutine function (the asyncio client awaits them)")
         self._change_listeners = (*self._change_listeners, listener)  # a new tuple: _changed reads a snapshot
 
-    def _changed(self, *keys: str) -> list[Awaitable[None]]:
+    def _changed(self, *keys: str | bytes) -> list[Awaitable[None]]:
         """Tell every change listener that ``keys`` were (or may have been) written, renamed or
-        deleted. What a coroutine function among them started is returned, for the asyncio client
-        to await (a blocking client's listeners are plain functions)."""
+        deleted, each as text, as the path caches hold keys (a key given as bytes too). What a
+        coroutine function among them started is returned, for the asyncio client to await (a
+        blocking client's listeners are plain functions)."""
         started = []
-        for key in keys:
+        for key in (key if isinstance(key, str) else to_text(key) for key in keys):
             for listener in self._change_listeners:
                 try:
                     result = listener(key)

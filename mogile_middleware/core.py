@@ -35,7 +35,7 @@ from .exceptions import (
     UnknownKeyError,
 )
 from .http import Answer, FileRequest
-from .protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_key
+from .protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_url_key
 from .responders import NginxReproxy, PerlbalReproxy, Representation, Reproxy
 from .signing import BAD_SIGNATURE, EXPIRED, UNSIGNED, Secret, URLSigner
 from .views import SERVE_HEADER_LOWER
@@ -265,7 +265,7 @@ class MiddlewareCore:
         ``expires_in`` seconds when there is a ``signing_key``. With ``key_for_path``, give the
         ``path`` after the prefix that it maps to ``key``: the signature covers the path, and so
         the key it maps to."""
-        check_key(key)
+        key = check_url_key(key)
         if self.key_for_path is not None and path is None:
             raise ValueError("with key_for_path, url_for needs the path that maps to the key")
         named = key if path is None else path

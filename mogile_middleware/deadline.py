@@ -77,6 +77,8 @@ class DeadlineReader(io.RawIOBase):
         super().__init__()
         self.sock = sock
         self.deadline = deadline
+        #: Bytes received so far: what a buffered reader over this one holds beyond what it gave out.
+        self.received = 0
         self._timeout_set_at = float("-inf")
         # Held, not read from: a reader from makefile() is counted, so closing the socket (as
         # http.client does when the response will close it) leaves the descriptor open until this
@@ -101,7 +103,9 @@ class DeadlineReader(io.RawIOBase):
             if now - self._timeout_set_at > self.SLACK:
                 self.sock.settimeout(time_left(self.deadline, now))
                 self._timeout_set_at = now
-        return self.sock.recv_into(buffer)
+        count = self.sock.recv_into(buffer)
+        self.received += count
+        return count
 
     def close(self) -> None:
         if not self.closed:

@@ -60,6 +60,17 @@ def check_key(key: str | bytes) -> bytes:
     return raw
 
 
+def check_url_key(key: str | bytes) -> str:
+    """Return the key as the text a URL names it by, or raise as :func:`check_key` does, and
+    :class:`BadKeyError` for a key of bytes that are not UTF-8: no URL names it, since the
+    middleware answers a path that is not UTF-8 with a 400."""
+    raw = check_key(key)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadKeyError(f"key {to_text(raw)!r} is not UTF-8: no URL names it") from None
+
+
 def encode_request(command: str, args: Mapping[str, ArgValue] | None = None) -> bytes:
     """The request line for ``command`` with ``args`` (``None`` values are left out)."""
     pairs = [f"{_escaped_name(name)}={_escaped_value(value)}" for name, value in (args or {}).items()

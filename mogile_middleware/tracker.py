@@ -49,6 +49,10 @@ ANSWERED_AFTER_STORAGE = frozenset({"create_close"})
 #: New connections on which a command safe to repeat is sent again when the tracker closes one
 #: before its reply (mogilefsd does, to an unrelated request, after a rename onto a taken key).
 CLOSED_RETRIES = 2
+#: Idle connections a blocking pool keeps per tracker; more are closed as their requests end,
+#: so that a burst (hundreds of gevent greenlets) does not hold the tracker's descriptors for
+#: the life of the process. The asyncio pool has at most ``max_connections`` per event loop.
+IDLE_PER_TRACKER = 16
 _NOOP = encode_request("noop", None)
 #: What :meth:`TrackerPoolBase._probe_steps` says of a tracker another request is asking already.
 _ASKED_BY_ANOTHER = "another request is asking whether it is back"
@@ -110,10 +114,12 @@ class TrackerConnection:
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._raw = DeadlineReader(self._sock)
         self._reader = io.BufferedReader(self._raw)
+        self._replied = 0  # bytes of the reply lines read: any more received is a line nobody asked for
 
     def is_stale(self) -> bool:
-        """True if the idle connection has something to read: the tracker closed it or misspoke."""
-        return readable_now(self._sock)
+        """True if the idle connection has something to read: the tracker closed it or misspoke
+        (a line after its reply, which the reader's buffer may hold already)."""
+        return self._raw.received > self._replied or readable_now(self._sock)
 
     def roundtrip(self, request: bytes, deadline: float | None = None) -> bytes:
         """Send one request line and return the reply line, raising on EOF or an oversized line.
@@ -130,6 +136,7 @@ class TrackerConnection:
             if len(line) > MAX_REPLY_BYTES:
                 raise ProtocolError(f"tracker reply longer than {MAX_REPLY_BYTES} bytes")
             raise ProtocolError(f"tracker reply cut short: {line[:80]!r}")
+        self._replied += len(line)
         return line
 
     def close(self) -> None:
@@ -433,8 +440,9 @@ class TrackerPool(TrackerPoolBase):
 
     def _give_back(self, connection: TrackerConnection) -> None:
         with self._lock:
-            if os.getpid() == self._pid:
-                self._idle[connection.address].append(connection)
+            idle = self._idle[connection.address]
+            if os.getpid() == self._pid and len(idle) < IDLE_PER_TRACKER:
+                idle.append(connection)
                 return
         connection.close()
 

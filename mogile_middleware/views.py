@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from .content import content_disposition
 from .http import Headers
-from .protocol import check_key
+from .protocol import check_url_key
 
 #: Where a middleware marks the requests it passes to its application (the WSGI environ, a copy
 #: of the ASGI scope): an answer with :data:`SERVE_HEADER` will be turned into a file's.
@@ -29,8 +29,7 @@ def serve_header(key: str, filename: str | None = None) -> tuple[str, str]:
     """The header with which a view of the wrapped application has the middleware answer with
     ``key``'s file (a download named ``filename``, when given), after its own permission checks:
     as any request under the prefix is answered, but without ``authorize`` or a signature."""
-    check_key(key)
-    return SERVE_HEADER, urlencode({"key": key, **({"filename": filename} if filename else {})})
+    return SERVE_HEADER, urlencode({"key": check_url_key(key), **({"filename": filename} if filename else {})})
 
 
 def served_file(value: str) -> tuple[str, str | None]:

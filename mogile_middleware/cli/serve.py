@@ -21,11 +21,13 @@ from webob.dec import wsgify
 from webob.exc import HTTPNotFound, HTTPServiceUnavailable
 
 from ..client import Client
-from ..exceptions import MogileFSError, UnknownKeyError, UnregDomainError
+from ..exceptions import BadKeyError, MogileFSError, UnknownKeyError, UnregDomainError
 from ..middleware import MogileFSMiddleware, WSGIApp
+from ..protocol import check_url_key
 from ..tracker import Address
 from .commands import connection_options
 from .gunicorn import add_server_arguments, can_listen, load_gunicorn, positive, serve_until_stopped, trusted_proxies
+from .progress import printable
 
 #: The middleware's own default, so that ``serve`` serves where an application would.
 DEFAULT_PREFIX: str = inspect.signature(MogileFSMiddleware).parameters["prefix"].default
@@ -71,8 +73,12 @@ class FileIndex:
             info = self.client.file_info(key)
         except UnknownKeyError:
             return ""
-        href = html.escape(file_path(self.prefix, key, script_name))
-        return f'<li><a href="{href}">{html.escape(key)}</a> {info.length} bytes, class {html.escape(info.cls)}</li>'
+        about = f"{info.length} bytes, class {html.escape(info.cls)}"
+        try:
+            href = html.escape(file_path(self.prefix, check_url_key(key), script_name))
+        except BadKeyError:  # bytes that are not UTF-8: named, escaped, with no link (no URL serves it)
+            return f"<li>{html.escape(printable(key))} {about}, not served: not UTF-8</li>"
+        return f'<li><a href="{href}">{html.escape(key)}</a> {about}</li>'
 
 
 def index_app(client: Client, prefix: str, reproxy: str | None, trusted: Sequence[str],

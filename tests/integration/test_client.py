@@ -412,6 +412,25 @@ def test_a_shared_cache_backend_loses_every_changed_key(devmogile: DevMogileFS, 
 
 
 @both_flavours
+def test_a_key_written_as_bytes_reaches_the_listeners_and_the_shared_cache_as_text(devmogile: DevMogileFS,
+                                                                                     flavour: Flavour) -> None:
+    # The path caches hold keys as text (bytes beyond UTF-8 as surrogate escapes): a listener given
+    # the bytes dropped nothing, and every host kept the old paths of a key deleted as bytes.
+    changed: list[str] = []
+    backend = MemoryCache()
+    client = flavour.Client(DOMAIN, devmogile.trackers, on_change=changed.append, cache_backend=backend)
+    for key in ("b.txt", "b\udcff"):
+        backend.set(entry_key(DOMAIN, key), "paths", time.time(), 60)
+    client.store_content(b"b.txt", b"1", cls="thumb")
+    client.store_file(b"b\xff", io.BytesIO(b"2"), cls="thumb")
+    client.rename(b"b.txt", b"c.txt")
+    client.delete(b"c.txt")
+    assert changed == ["b.txt", "b\udcff", "b.txt", "c.txt", "c.txt"]
+    assert backend.get(entry_key(DOMAIN, "b.txt")) is None
+    assert backend.get(entry_key(DOMAIN, "b\udcff")) is None
+
+
+@both_flavours
 def test_admin_creates_domains_and_classes(devmogile: DevMogileFS, flavour: Flavour) -> None:
     admin = Admin(devmogile.trackers)
     admin.create_domain("photos")

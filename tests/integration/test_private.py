@@ -27,7 +27,7 @@ from integration._wire_client import read_http_reply
 from integration.test_asgi import run
 from integration.test_proxies import SERVERS, serving
 
-from mogile_middleware import Client, MogileFSMiddleware
+from mogile_middleware import BadKeyError, Client, MogileFSMiddleware, serve_header
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.signing import BAD_SIGNATURE, EXPIRED, UNSIGNED, URLSigner
@@ -136,6 +136,17 @@ def test_url_for_signs_as_the_middleware_checks() -> None:
     assert middleware.key_for({"QUERY_STRING": query}, "with space.txt") == "with space.txt"
     plain = MogileFSMiddleware(lambda e, s: [], domain=DOMAIN, trackers=["127.0.0.1:1"])
     assert plain.url_for("a&b=c?.txt") == "/mogilefs/a%26b%3Dc%3F.txt"
+    assert plain.url_for("café.txt".encode()) == "/mogilefs/caf%C3%A9.txt"
+
+
+@pytest.mark.parametrize("key", ["x\udcff", b"x\xff"], ids=["surrogate-escaped", "bytes"])
+def test_a_key_that_is_not_utf8_is_refused_where_a_url_or_a_view_would_name_it(key: str | bytes) -> None:
+    # The middleware answers a path that is not UTF-8 with a 400: no URL serves such a key.
+    middleware = MogileFSMiddleware(lambda e, s: [], domain=DOMAIN, trackers=["127.0.0.1:1"], signing_key=SECRET)
+    with pytest.raises(BadKeyError, match="not UTF-8: no URL names it"):
+        middleware.url_for(key)
+    with pytest.raises(BadKeyError, match="not UTF-8: no URL names it"):
+        serve_header(key)
 
 
 @pytest.mark.parametrize("key", [key for key in FILES if not key.startswith("private/")])

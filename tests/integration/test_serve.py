@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 import pytest
 from conftest import DOMAIN
+from webob import Request
 from integration._proxies import run_perlbal_front
 from integration._wire_client import http_request
 from integration.test_commands import subprocess_env, unused_address
@@ -26,6 +27,7 @@ from integration.test_demo import child_pids, read_until, stdout_lines
 
 from mogile_middleware import Client
 from mogile_middleware.cli import main
+from mogile_middleware.cli.serve import FileIndex
 from mogile_middleware.devserver import DevMogileFS
 
 pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
@@ -125,6 +127,21 @@ def test_serve_answers_files_and_the_index_then_stops_on_sigterm(stored: DevMogi
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0, (tmp_path / "stderr.txt").read_text()[-2000:]
         assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a gunicorn worker outlived serve"
+
+
+def test_the_index_lists_a_key_no_url_serves_without_a_link(devmogile: DevMogileFS) -> None:
+    # A key of bytes that are not UTF-8 (list_keys gives them as surrogate escapes) made the
+    # whole page fail: the middleware answers such a path with a 400, so it gets no link.
+    client = Client(DOMAIN, devmogile.trackers)
+    try:
+        client.store_content("a.txt", b"a", "thumb")
+        client.store_content(b"b\xff.bin", b"bb", "thumb")
+        page = Request.blank("/").get_response(FileIndex(client, "/mogilefs/", 10))
+    finally:
+        client.close()
+    assert page.status_int == 200
+    assert '<li><a href="/mogilefs/a.txt">a.txt</a> 1 bytes, class thumb</li>' in page.text
+    assert "<li>b\\xff.bin 2 bytes, class thumb, not served: not UTF-8</li>" in page.text
 
 
 @pytest.mark.parametrize(("prefix", "sent"), [("/media/", "/media/"), ("/m%C3%A9dias/", "/m%C3%A9dias/"),

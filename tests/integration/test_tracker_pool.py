@@ -18,7 +18,7 @@ from wiretools import ScriptedTracker, ok
 from mogile_middleware import Client
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.exceptions import OutcomeUnknownError, TrackerUnavailableError, UnknownKeyError
-from mogile_middleware.tracker import TrackerPool, parse_address, parse_trackers
+from mogile_middleware.tracker import IDLE_PER_TRACKER, TrackerPool, parse_address, parse_trackers
 
 
 class FakeClock:
@@ -70,6 +70,50 @@ def test_threads_get_their_own_connections_and_all_replies_match(tracker: Script
         thread.join(30)
     assert errors == []
     assert tracker.connections <= 8
+
+
+def test_a_burst_of_requests_leaves_a_bounded_number_of_connections_open() -> None:
+    # 40 requests in flight at once (gevent's greenlets make hundreds): each needs a connection,
+    # and before the bound every one of them stayed open, idle, for the life of the process.
+    burst = 40
+    arrived = threading.Barrier(burst)
+    open_now = 0
+    lock = threading.Lock()
+
+    class Counting(ScriptedTracker):
+        def _serve(self, conn: socket.socket) -> None:
+            nonlocal open_now
+            with lock:
+                open_now += 1
+            try:
+                super()._serve(conn)
+            finally:
+                with lock:
+                    open_now -= 1
+
+    def once_all_arrived(line: bytes) -> bytes:
+        arrived.wait(10)
+        return ok(line)
+
+    tracker = Counting(once_all_arrived)
+    try:
+        pool = TrackerPool([tracker.tracker])
+        threads = [threading.Thread(target=pool.request, args=("noop",)) for _ in range(burst)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(15)
+        assert tracker.connections == burst
+        deadline = time.monotonic() + 5
+        while open_now > IDLE_PER_TRACKER and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert open_now == IDLE_PER_TRACKER
+        tracker.script = ok
+        for _ in range(100):
+            pool.request("noop")
+        assert tracker.connections == burst  # the kept ones serve what follows
+    finally:
+        tracker.stop()
 
 
 @both_flavours
@@ -266,6 +310,24 @@ def test_a_connection_closed_by_the_tracker_between_commands_is_replaced(tracker
     pool.request("create_close", {"key": "k"})
     assert tracker.connections == 2
     assert len(tracker.requests) == 2
+
+
+@both_flavours
+def test_a_line_sent_after_a_reply_is_never_taken_for_the_next_reply(flavour: Flavour) -> None:
+    # Sent in one packet with the reply, the stray line waits in the reader's buffer, where a
+    # check of the socket alone does not see it: the next request took it for its own reply.
+    def echo_then_stray(line: bytes) -> bytes:
+        reply = b"OK key=" + line.rstrip().split(b"key=")[1] + b"\r\n"
+        return reply + b"OK key=stray\r\n" if b"key=first" in line else reply
+
+    server = ScriptedTracker(echo_then_stray)
+    try:
+        pool = flavour.TrackerPool([server.tracker])
+        assert pool.request("get_paths", {"key": "first"})[0]["key"] == "first"
+        assert pool.request("get_paths", {"key": "second"})[0]["key"] == "second"
+        assert server.connections == 2
+    finally:
+        server.stop()
 
 
 @both_flavours
