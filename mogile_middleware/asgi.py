@@ -303,20 +303,40 @@ async def _disconnected(receive: Receive) -> None:
 
 
 def _path_info(scope: Scope) -> str:
-    """The path as WSGI's ``PATH_INFO`` has it (percent-decoded bytes as latin-1), below ``root_path``."""
+    """The path as WSGI's ``PATH_INFO`` has it (percent-decoded bytes as latin-1), below
+    ``root_path``: the raw path's bytes, unless a middleware in front rewrote ``path``."""
     raw = scope.get("raw_path")
+    given = _as_wsgi(scope["path"])
     if raw:
         path = raw.decode("latin-1")  # then searched as text: faster than bytes for short paths
         if "#" in path or "?" in path:  # a fragment, which some servers keep (no client should send one)
             path = path.partition("#")[0].partition("?")[0]
         if "%" in path:
             path = unquote_to_bytes(path.encode("latin-1")).decode("latin-1")
+        if path != given and given.partition("#")[0] != path and _is_utf8(path):
+            path = given  # rewritten by a middleware in front, which changes the path, never the raw path
     else:
-        path = scope["path"].partition("#")[0].encode("utf-8", "surrogateescape").decode("latin-1")
+        path = given.partition("#")[0]
     if not path.startswith("/"):
         path = _ABSOLUTE_FORM.sub("", path, 1)
-    root = scope.get("root_path", "")
+    root = _as_wsgi(scope.get("root_path", ""))
     return path[len(root):] if root and path.startswith(root) else path
+
+
+def _is_utf8(path: str) -> bool:
+    """True if the bytes of a WSGI path (as latin-1) are UTF-8: else the server could only give
+    ``path`` with replacement characters, and the raw bytes are what the request named."""
+    try:
+        path.encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _as_wsgi(text: str) -> str:
+    """An ASGI path's characters as WSGI gives them: their UTF-8 bytes as latin-1 (a mount point
+    beyond ASCII, ``/médias``, then matches the raw path's bytes)."""
+    return text if text.isascii() else text.encode("utf-8", "surrogateescape").decode("latin-1")
 
 
 def _environ(scope: Scope, path: str) -> dict[str, Any]:
@@ -325,7 +345,7 @@ def _environ(scope: Scope, path: str) -> dict[str, Any]:
     query = scope.get("query_string")
     environ: dict[str, Any] = {
         "REQUEST_METHOD": scope["method"],
-        "SCRIPT_NAME": scope.get("root_path", ""),
+        "SCRIPT_NAME": _as_wsgi(scope.get("root_path", "")),
         "PATH_INFO": path,
         "QUERY_STRING": query.split(b"#", 1)[0].decode("latin-1") if query else "",
         "REMOTE_ADDR": (scope.get("client") or ("",))[0],
@@ -339,9 +359,11 @@ def _environ(scope: Scope, path: str) -> dict[str, Any]:
 
 
 def _inputs(scope: Scope) -> tuple[Any, ...]:
-    """All that the decisions read of a request but its path (:func:`_path_info`, :func:`_environ`):
-    which of its answers kept for the path (:class:`_WarmAnswers`) is its own."""
-    inputs = [scope["method"], scope.get("root_path", ""), scope.get("query_string"), (scope.get("client") or ("",))[0]]
+    """All that the decisions read of a request but its raw path (:func:`_path_info`,
+    :func:`_environ`), ``path`` among them: which of its answers kept for the raw path
+    (:class:`_WarmAnswers`) is its own."""
+    inputs = [scope["method"], scope["path"], scope.get("root_path", ""), scope.get("query_string"),
+              (scope.get("client") or ("",))[0]]
     for name, value in scope.get("headers", ()):
         lowered = name.lower()
         if lowered in _READ_HEADERS:

@@ -9,6 +9,7 @@ import socket
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 from conftest import DOMAIN
@@ -72,7 +73,8 @@ def run(app: Any, scope: dict[str, Any], incoming: list[dict[str, Any]]) -> list
 
 
 def http_scope(path: str, method: str = "GET") -> dict[str, Any]:
-    return {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
+    """The scope of a request for ``path`` (percent-encoded), as uvicorn makes it."""
+    return {"type": "http", "method": method, "path": unquote(path), "raw_path": path.encode(), "query_string": b"",
             "headers": [], "client": ("10.0.0.9", 5000), "root_path": ""}
 
 
@@ -99,6 +101,40 @@ def test_other_paths_reach_the_app_without_its_reproxy_headers(wrapped: tuple[Mo
     assert dict(start["headers"]) == {b"content-type": b"text/x-app", b"x-accel-buffering": b"no"}
     allowing = MogileFSMiddleware(recorder, domain=DOMAIN, trackers=["127.0.0.1:1"], allow_app_reproxy=True)
     assert b"x-reproxy-url" in dict(run(allowing, http_scope("/app/page"), [])[0]["headers"])
+
+
+def test_a_mount_point_beyond_ascii_is_below_the_prefix(devmogile: DevMogileFS) -> None:
+    # Starlette's Mount("/médias", ...) gives root_path as text, the path's bytes come raw: the
+    # mount point was never taken off, and every file went to the application.
+    Client(DOMAIN, devmogile.trackers).store_content("a.txt", b"mounted", cls="thumb")
+    scope = {**http_scope("/médias/mogilefs/a.txt"), "raw_path": b"/m%C3%A9dias/mogilefs/a.txt", "root_path": "/médias"}
+    served = run(MogileFSMiddleware(Recorder(), domain=DOMAIN, trackers=devmogile.trackers), scope, [])
+    assert (served[0]["status"], b"".join(message.get("body", b"") for message in served)) == (200, b"mounted")
+    perlbal = MogileFSMiddleware(Recorder(), domain=DOMAIN, trackers=devmogile.trackers, reproxy="perlbal",
+                                 trusted_proxies=["10.0.0.9"], perlbal_fallback_url="http://10.0.0.7:8000")
+    reproxied = run(perlbal, scope, [])[0]
+    # Perlbal's fallback asks for the same URL: the mount point's UTF-8, percent-encoded.
+    assert b" http://10.0.0.7:8000/m%C3%A9dias/mogilefs/a.txt?" in dict(reproxied["headers"])[b"x-reproxy-url"]
+
+
+def test_a_path_rewritten_by_a_middleware_in_front_is_the_one_answered(devmogile: DevMogileFS) -> None:
+    # A middleware in front changes scope["path"] (as Starlette's routing and Django read it),
+    # never the raw path, which the server received: the rewrite was ignored, a rule that sends
+    # a path elsewhere served the file all the same, also from an answer kept for the raw path.
+    Client(DOMAIN, devmogile.trackers).store_content("hello.txt", b"hello", cls="thumb")
+    recorder = Recorder()
+    middleware = MogileFSMiddleware(recorder, domain=DOMAIN, trackers=devmogile.trackers, reproxy="perlbal",
+                                    trusted_proxies=["10.0.0.9"])
+
+    def rewritten(raw: str, path: str) -> dict[str, Any]:
+        return {**http_scope(raw), "path": path}
+
+    moved = run(middleware, rewritten("/files/hello.txt", "/mogilefs/hello.txt"), [])[0]
+    assert moved["status"] == 200 and b"x-reproxy-url" in dict(moved["headers"])
+    kept = run(middleware, http_scope("/mogilefs/hello.txt"), [])[0]  # its answer kept for the raw path
+    assert kept["status"] == 200 and b"x-reproxy-url" in dict(kept["headers"])
+    denied = run(middleware, rewritten("/mogilefs/hello.txt", "/denied"), [])[0]
+    assert denied["status"] == 201 and recorder.scopes[-1]["path"] == "/denied"
 
 
 def test_a_method_other_than_get_or_head_is_405_without_the_app(wrapped: tuple[MogileFSMiddleware,
