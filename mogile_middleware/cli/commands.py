@@ -219,8 +219,8 @@ class _ClosedStream(io.TextIOBase):
         self._closed()
 
 
-def _describe(error: OSError) -> str:
-    if error.filename is not None and error.strerror:
+def _describe(error: OSError | StorageError) -> str:
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
         return f"{error.filename}: {error.strerror}"
     return str(error)
 
@@ -324,7 +324,8 @@ def _get(args: argparse.Namespace, client: Client) -> int:
 
 def _get_recursive(args: argparse.Namespace, client: Client) -> int:
     """Every key under the prefix into a file under ``-o DIR``; a key that would not name a file
-    inside it (``..``, an empty segment, a backslash, a control character) is skipped, and exit 1."""
+    inside it (``..``, an empty segment, a backslash, a control character), or none of whose
+    replicas answered, is skipped, named, and exit 1."""
     if args.output in (None, "-"):
         print("mogile-middleware: get --recursive: give the directory to write to with -o DIR", file=sys.stderr)
         return 2
@@ -344,7 +345,8 @@ def _get_recursive(args: argparse.Namespace, client: Client) -> int:
                 _copy(b"", chunks, out, bar)
         except UnknownKeyError:  # deleted since it was listed
             continue
-        except (FileExistsError, IsADirectoryError, NotADirectoryError) as error:  # "a" and "a/b" both keys
+        except (FileExistsError, IsADirectoryError, NotADirectoryError,  # "a" and "a/b" both keys
+                StorageError) as error:  # no replica of this key answered: the others may
             print(f"mogile-middleware: {printable(key)!r}: {printable(_describe(error))}: skipped", file=sys.stderr)
             skipped += 1
             continue

@@ -815,6 +815,20 @@ def test_get_recursive_writes_the_keys_under_a_prefix_and_never_outside(cli: Run
     assert cli("get", "site/", "--recursive").code == 2  # no directory given
 
 
+def test_get_recursive_names_a_key_no_replica_serves_and_goes_on(cli: Run, devmogile: DevMogileFS,
+                                                                 tmp_path: Path) -> None:
+    # It stopped at the first such key, naming the prefix: the keys after it were never fetched.
+    client = Client(DOMAIN, devmogile.trackers)
+    for key in ("tree/a", "tree/b", "tree/c"):
+        client.store_content(key, key.encode(), cls="thumb")
+    for url in client.get_paths("tree/b"):  # its only replica gone from its node
+        urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=5).close()
+    result = cli("get", "tree/", "-o", str(tmp_path / "out"), "--recursive")
+    assert result.code == 1 and result.lines == ["6\ttree/a", "6\ttree/c"]
+    assert result.err.startswith("mogile-middleware: 'tree/b': ") and result.err.endswith(": skipped\n")
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["a", "c"]
+
+
 def test_get_writes_a_file_whose_name_is_as_long_as_the_file_system_allows(cli: Run, devmogile: DevMogileFS,
                                                                           tmp_path: Path) -> None:
     """The temporary file beside it has a shorter name of its own: 255 bytes (a 250-byte segment

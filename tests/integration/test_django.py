@@ -46,6 +46,8 @@ from mogile_middleware.views import WRAPPED_BY
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.memcache import MemcachedBackend
 
+from integration.test_client import _scripted_open, dropping_node  # noqa: F401 (a fixture)
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "djangosite"
 
 #: ``allow_overwrite`` needs Django 5.1 or newer (the storage says so when made with it before).
@@ -375,6 +377,39 @@ def test_a_save_that_cannot_be_renamed_deletes_its_temporary_key(mogile: DevMogi
     assert get_client().list_keys(TEMPORARY_PREFIX) == []
 
 
+@overwriting
+def test_a_save_goes_on_to_the_next_storage_node_when_one_drops_it(mogile: DevMogileFS, dropping_node: str) -> None:
+    # The storage gave the upload the file's chunks, which are sent once: a node that dropped the
+    # PUT midway failed the save that store_file of the same file survives.
+    good = mogile.nodes[1].url.rstrip("/") + "/dev2"
+    tracker = _scripted_open([dropping_node + "/dev1", good])
+    opening = tracker.script
+    tracker.script = lambda line: (  # the upload asks whether the class keeps checksums
+        f"OK domains=1&domain1={DOMAIN}&domain1classes=1&domain1class1name=thumb&domain1class1mindevcount=1\r\n"
+        .encode() if line.startswith(b"get_domains") else opening(line))
+    try:
+        payload = bytes(range(256)) * 400
+        storage = MogileFSStorage(trackers=tracker.tracker, allow_overwrite=True)
+        assert storage.save("fallback.bin", ContentFile(payload)) == "fallback.bin"
+        close = [line for line in tracker.requests if line.startswith(b"create_close")]
+        assert len(close) == 1 and b"devid=2" in close[0] and f"size={len(payload)}".encode() in close[0]
+    finally:
+        tracker.stop()
+
+
+def test_a_name_longer_than_any_key_is_shortened_to_the_fields_max_length(mogile: DevMogileFS) -> None:
+    # A FileField saves with max_length=100: Django shortens the name when exists() allows it,
+    # where exists() raised for a name over 255 bytes and the save failed.
+    name = "docs/" + "n" * 300 + ".txt"
+    storage = MogileFSStorage()
+    assert not storage.exists(name)
+    saved = storage.save(name, ContentFile(b"long"), max_length=100)
+    assert re.fullmatch(r"docs/n+_\w{7}\.txt", saved) and len(saved) == 100
+    assert storage.size(saved) == 4
+    with pytest.raises(SuspiciousFileOperation, match="at most 255"):  # no max_length: it cannot fit
+        storage.save(name, ContentFile(b"long"))
+
+
 @pytest.mark.parametrize("call", [
     pytest.param(lambda storage: storage.exists("line\nbreak"), id="exists-newline"),
     pytest.param(lambda storage: storage.save("é" * 130 + ".txt", ContentFile(b"x")), id="save-too-long"),
@@ -441,9 +476,9 @@ def test_writes_drop_the_key_from_the_shared_memcached(mogile: DevMogileFS) -> N
         middleware = wrap_wsgi(get_wsgi_application())
         assert middleware.client is get_client() and get_client().cache_backend is not None
         app = TestApp(middleware, lint=True)
-        overwriting.save("served.txt", ContentFile(b"old"))
+        overwriter.save("served.txt", ContentFile(b"old"))
         assert app.get("/media/served.txt").body == b"old"
-        overwriting.save("served.txt", ContentFile(b"new"))
+        overwriter.save("served.txt", ContentFile(b"new"))
         assert app.get("/media/served.txt").body == b"new"
 
 

@@ -21,7 +21,7 @@ from django.utils.encoding import filepath_to_uri
 
 from ...client import Client
 from ...exceptions import BadKeyError, KeyExistsError, MogileFSError, UnknownKeyError
-from ...protocol import CONTROL_CHARACTERS, check_key
+from ...protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_key, key_bytes
 from ...storage import ReplicaResponse
 from ...signing import URLSigner
 from ...tracker import Address
@@ -41,11 +41,15 @@ _max_length: ContextVar[int | None] = ContextVar("max_length", default=None)
 _renaming = threading.Lock()
 
 
-def _bytes_of(content: File) -> Iterator[bytes]:
-    """The chunks of ``content``, text ones as UTF-8: Django's ``ContentFile`` holds either, and
-    its own storages take both."""
-    for chunk in content.chunks():
-        yield chunk.encode("utf-8") if isinstance(chunk, str) else chunk
+def _source_of(content: File) -> File | Iterator[bytes]:
+    """``content`` itself, from its start, when it is a seekable file of bytes read by Django's own
+    ``chunks()``: an upload sends it again to the next storage node when one drops it midway.
+    Else its chunks (a ``chunks()`` of its own decides what is stored), text ones as UTF-8:
+    Django's ``ContentFile`` holds either, and its own storages take both."""
+    if type(content).chunks is File.chunks and content.seekable() and isinstance(content.read(0), bytes):
+        content.seek(0)  # as chunks() reads it
+        return content
+    return (chunk.encode("utf-8") if isinstance(chunk, str) else chunk for chunk in content.chunks())
 
 
 def _normalised(name: str | None) -> str | None:
@@ -131,18 +135,19 @@ class MogileFSStorage(Storage):
 
         Without ``allow_overwrite`` the upload goes to a temporary key, renamed to ``name`` only if
         nobody took it since Django checked (else to the next available name), so that concurrent
-        saves of one name all keep their files. The temporary key is deleted on any failure.
+        saves of one name all keep their files. The temporary key is deleted on any failure (a
+        warning names it when the trackers cannot delete it either).
         """
         with _checked_key():
             check_key(name)  # before uploading, not at the rename
             if not CONTROL_CHARACTERS.isdisjoint(name):  # stored, but never served: the middleware answers 400
                 raise SuspiciousFileOperation(f"the file name {name!r} holds control characters")
             if self.allow_overwrite:
-                self._uploader.upload(name, _bytes_of(content), self.mogile_class)
+                self._uploader.upload(name, _source_of(content), self.mogile_class)
                 return name
             temporary = TEMPORARY_PREFIX + uuid.uuid4().hex
             try:
-                self._uploader.upload(temporary, _bytes_of(content), self.mogile_class)
+                self._uploader.upload(temporary, _source_of(content), self.mogile_class)
                 return self._rename_to_available(temporary, name)
             except BaseException:
                 self._delete_temporary(temporary)
@@ -189,8 +194,11 @@ class MogileFSStorage(Storage):
                 raise FileNotFoundError(f"no MogileFS key {name!r}") from None
 
     def exists(self, name: str) -> bool:
-        """True if the key exists."""
+        """True if the key exists; false for a name longer than any key, so that Django's
+        ``get_available_name`` shortens it to the field's ``max_length``, as for files on disk."""
         with _checked_key():
+            if len(key_bytes(name)) > MAX_KEY_BYTES:
+                return False
             try:
                 self.client.file_info(name)
             except UnknownKeyError:
