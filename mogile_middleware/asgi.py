@@ -307,20 +307,32 @@ def _path_info(scope: Scope) -> str:
     ``root_path``: the raw path's bytes, unless a middleware in front rewrote ``path``."""
     raw = scope.get("raw_path")
     given = _as_wsgi(scope["path"])
+    root = _as_wsgi(scope.get("root_path", ""))
     if raw:
-        path = raw.decode("latin-1")  # then searched as text: faster than bytes for short paths
-        if "#" in path or "?" in path:  # a fragment, which some servers keep (no client should send one)
-            path = path.partition("#")[0].partition("?")[0]
-        if "%" in path:
-            path = unquote_to_bytes(path.encode("latin-1")).decode("latin-1")
-        if path != given and given.partition("#")[0] != path and _is_utf8(path):
+        target = raw.decode("latin-1")  # then searched as text: faster than bytes for short paths
+        path = _decoded(target.partition("#")[0].partition("?")[0])  # a fragment, which some servers keep
+        if path != given and not _names_alike(target, path, given, root):
             path = given  # rewritten by a middleware in front, which changes the path, never the raw path
     else:
         path = given.partition("#")[0]
     if not path.startswith("/"):
         path = _ABSOLUTE_FORM.sub("", path, 1)
-    root = _as_wsgi(scope.get("root_path", ""))
     return path[len(root):] if root and path.startswith(root) else path
+
+
+def _names_alike(target: str, path: str, given: str, root: str) -> bool:
+    """True if the server's ``path`` (``given``) names what the raw request ``target`` does (its
+    ``path`` decoded), as servers and routers make it: with the fragment (h11, daphne), without
+    the mount point (Starlette before 0.33), or with replacement characters for bytes that are
+    not UTF-8 (then only the raw bytes say what was asked). Else a middleware rewrote it."""
+    if given == _decoded(target.partition("?")[0]) or not _is_utf8(path):
+        return True
+    return bool(root) and path.startswith(root) and path[len(root):] == given
+
+
+def _decoded(path: str) -> str:
+    """A WSGI path with its percent-escapes decoded (bytes as latin-1)."""
+    return unquote_to_bytes(path.encode("latin-1")).decode("latin-1") if "%" in path else path
 
 
 def _is_utf8(path: str) -> bool:
@@ -435,8 +447,10 @@ class _WarmAnswers:
         return self._by_path.get(raw_path)  # type: ignore[arg-type]
 
     def keep(self, raw_path: bytes, inputs: tuple[Any, ...], warm: _WarmAnswer) -> None:
-        """Keep ``warm`` for the request of ``raw_path`` and ``inputs``, unless they are too long."""
-        if len(raw_path) + sum(len(item) for item in inputs if item) > self._max_bytes:
+        """Keep ``warm`` for the request of ``raw_path`` and ``inputs``, unless they are too long
+        (the path counted once, as the raw path: ``inputs[1]``, the server's, is the same but for
+        a rewrite)."""
+        if len(raw_path) + sum(len(item) for item in (inputs[0], *inputs[2:]) if item) > self._max_bytes:
             return
         variants = self._by_path.get(raw_path)
         if variants is None:

@@ -44,15 +44,15 @@ def key_bytes(text: str | bytes, what: str = "key") -> bytes:
         raise BadKeyError(f"{what} holds {error.object[error.start]!r}, which is not UTF-8 text") from None
 
 
-def check_key(key: str | bytes) -> bytes:
+def check_key(key: str | bytes, *, length: bool = True) -> bytes:
     """Return the key's bytes, or raise :class:`BadKeyError` if a tracker must never see it (a
-    TypeError if it is not text or bytes at all)."""
+    TypeError if it is not text or bytes at all); with ``length`` false, whatever its length."""
     if not isinstance(key, (str, bytes)):
         raise TypeError(f"a key is a str, not {type(key).__name__}")
     raw = key_bytes(key)
     if not raw:
         raise BadKeyError("empty key")
-    if len(raw) > MAX_KEY_BYTES:
+    if length and len(raw) > MAX_KEY_BYTES:
         raise BadKeyError(f"key is {len(raw)} bytes long; MogileFS keys hold at most {MAX_KEY_BYTES}")
     for forbidden in _FORBIDDEN_KEY_BYTES:
         if forbidden in raw:

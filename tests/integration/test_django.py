@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import django
@@ -23,7 +23,8 @@ from conftest import CLASSES, DOMAIN
 from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
-from django.core.files.base import ContentFile
+from django.core.files.base import ContentFile, File
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.files.storage import FileSystemStorage
 from django.core.management import call_command
 from django.core.wsgi import get_wsgi_application
@@ -378,7 +379,10 @@ def test_a_save_that_cannot_be_renamed_deletes_its_temporary_key(mogile: DevMogi
 
 
 @overwriting
-def test_a_save_goes_on_to_the_next_storage_node_when_one_drops_it(mogile: DevMogileFS, dropping_node: str) -> None:
+@pytest.mark.parametrize("content", [ContentFile, lambda data: SimpleUploadedFile("up.bin", data)],
+                         ids=["content-file", "uploaded-in-memory"])
+def test_a_save_goes_on_to_the_next_storage_node_when_one_drops_it(mogile: DevMogileFS, dropping_node: str,
+                                                                   content: Callable[[bytes], File]) -> None:
     # The storage gave the upload the file's chunks, which are sent once: a node that dropped the
     # PUT midway failed the save that store_file of the same file survives.
     good = mogile.nodes[1].url.rstrip("/") + "/dev2"
@@ -390,7 +394,7 @@ def test_a_save_goes_on_to_the_next_storage_node_when_one_drops_it(mogile: DevMo
     try:
         payload = bytes(range(256)) * 400
         storage = MogileFSStorage(trackers=tracker.tracker, allow_overwrite=True)
-        assert storage.save("fallback.bin", ContentFile(payload)) == "fallback.bin"
+        assert storage.save("fallback.bin", content(payload)) == "fallback.bin"
         close = [line for line in tracker.requests if line.startswith(b"create_close")]
         assert len(close) == 1 and b"devid=2" in close[0] and f"size={len(payload)}".encode() in close[0]
     finally:
@@ -408,6 +412,24 @@ def test_a_name_longer_than_any_key_is_shortened_to_the_fields_max_length(mogile
     assert storage.size(saved) == 4
     with pytest.raises(SuspiciousFileOperation, match="at most 255"):  # no max_length: it cannot fit
         storage.save(name, ContentFile(b"long"))
+    with pytest.raises(SuspiciousFileOperation, match="control byte"):  # too long, and no key at any length
+        storage.exists(name + "\x00")
+    with pytest.raises(TypeError, match="a key is a str"):
+        storage.exists(PurePosixPath("docs/a.txt"))
+
+
+def test_a_file_object_with_read_alone_is_saved(mogile: DevMogileFS) -> None:
+    class ReadOnly:
+        def __init__(self) -> None:
+            self.parts = [b"read ", b"alone", b""]
+
+        def read(self, size: int = -1) -> bytes:
+            return self.parts.pop(0)
+
+    storage = MogileFSStorage()
+    name = storage.save("read-alone.txt", File(ReadOnly()))
+    with storage.open(name) as file:
+        assert file.read() == b"read alone"
 
 
 @pytest.mark.parametrize("call", [

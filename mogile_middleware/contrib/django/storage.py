@@ -15,13 +15,14 @@ import django
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files import File
 from django.core.files.storage import Storage
+from django.core.files.uploadedfile import InMemoryUploadedFile
 from django.urls import get_script_prefix
 from django.utils.deconstruct import deconstructible
 from django.utils.encoding import filepath_to_uri
 
 from ...client import Client
 from ...exceptions import BadKeyError, KeyExistsError, MogileFSError, UnknownKeyError
-from ...protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_key, key_bytes
+from ...protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_key
 from ...storage import ReplicaResponse
 from ...signing import URLSigner
 from ...tracker import Address
@@ -41,14 +42,22 @@ _max_length: ContextVar[int | None] = ContextVar("max_length", default=None)
 _renaming = threading.Lock()
 
 
+#: Django's own ``chunks()``, which read the file from its start: a file read so may be read again.
+_READING_CHUNKS = (File.chunks, InMemoryUploadedFile.chunks)
+
+
 def _source_of(content: File) -> File | Iterator[bytes]:
     """``content`` itself, from its start, when it is a seekable file of bytes read by Django's own
-    ``chunks()``: an upload sends it again to the next storage node when one drops it midway.
+    ``chunks()`` (an uploaded file, in memory or spooled to disk, a ``ContentFile``, a ``File``
+    over an open file): an upload sends it again to the next storage node when one drops it midway.
     Else its chunks (a ``chunks()`` of its own decides what is stored), text ones as UTF-8:
     Django's ``ContentFile`` holds either, and its own storages take both."""
-    if type(content).chunks is File.chunks and content.seekable() and isinstance(content.read(0), bytes):
-        content.seek(0)  # as chunks() reads it
-        return content
+    try:
+        if type(content).chunks in _READING_CHUNKS and content.seekable() and isinstance(content.read(0), bytes):
+            content.seek(0)  # as chunks() reads it
+            return content
+    except (AttributeError, OSError, ValueError):  # a file object with read() alone, as chunks() takes it
+        pass
     return (chunk.encode("utf-8") if isinstance(chunk, str) else chunk for chunk in content.chunks())
 
 
@@ -197,7 +206,7 @@ class MogileFSStorage(Storage):
         """True if the key exists; false for a name longer than any key, so that Django's
         ``get_available_name`` shortens it to the field's ``max_length``, as for files on disk."""
         with _checked_key():
-            if len(key_bytes(name)) > MAX_KEY_BYTES:
+            if len(check_key(name, length=False)) > MAX_KEY_BYTES:
                 return False
             try:
                 self.client.file_info(name)
