@@ -206,6 +206,21 @@ def make_asgi_app() -> Any:
     return AccessLog(app, env["MOGILE_ACCESS_LOG"]) if env.get("MOGILE_ACCESS_LOG") else app
 
 
+def make_rewriting_asgi_app() -> Any:
+    """:func:`make_asgi_app` behind a middleware that rewrites ``path`` (never ``raw_path``), as
+    routing middlewares do: ``/files/...`` to ``/mogilefs/...``, ``/mogilefs/private/...`` to ``/denied``."""
+    inner = make_asgi_app()
+
+    async def rewriting(scope, receive, send):
+        path = scope.get("path", "")
+        if path.startswith("/files/"):
+            scope = {**scope, "path": "/mogilefs/" + path[len("/files/"):]}
+        elif path.startswith("/mogilefs/private/"):
+            scope = {**scope, "path": "/denied"}
+        await inner(scope, receive, send)
+    return rewriting
+
+
 #: The version the reproxying app names for every file.
 STAND_IN_ETAG = '"fid-1"'
 #: What the reproxying app answers at a path of its own, to tell its answers from a storage node's.

@@ -103,6 +103,26 @@ def test_other_paths_reach_the_app_without_its_reproxy_headers(wrapped: tuple[Mo
     assert b"x-reproxy-url" in dict(run(allowing, http_scope("/app/page"), [])[0]["headers"])
 
 
+def test_a_rewrite_in_front_is_followed_through_uvicorn(devmogile: DevMogileFS) -> None:
+    """Read off a real server's socket: the rewritten path's answer, the application's for a path
+    rewritten away from a file, each header once, also for a request repeated on the connection."""
+    client = Client(DOMAIN, devmogile.trackers)
+    client.store_content("hello.txt", b"hello", cls="thumb")
+    client.store_content("private/x.txt", b"secret", cls="thumb")
+    with run_uvicorn({"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": devmogile.trackers[0]},
+                     app="_gunicorn_app:make_rewriting_asgi_app") as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            for target in (b"/files/hello.txt", b"/files/hello.txt", b"/mogilefs/private/x.txt"):
+                sock.sendall(b"GET %s HTTP/1.1\r\nHost: media\r\n\r\n" % target)
+                reply, rest = read_http_reply(sock, "GET")
+                names = [name for name, _ in reply.fields]
+                assert rest == b"" and len(names) == len(set(names)), reply.fields
+                if target.startswith(b"/files/"):
+                    assert (reply.status, reply.body, reply.headers["etag"]) == (200, b"hello", '"fid-1"')
+                else:  # the application's own page, not the file
+                    assert reply.status == 200 and b"hello from the app" in reply.body and "etag" not in reply.headers
+
+
 def test_a_mount_point_beyond_ascii_is_below_the_prefix(devmogile: DevMogileFS) -> None:
     # Starlette's Mount("/médias", ...) gives root_path as text, the path's bytes come raw: the
     # mount point was never taken off, and every file went to the application.
