@@ -310,7 +310,7 @@ def _path_info(scope: Scope) -> str:
     root = _as_wsgi(scope.get("root_path", ""))
     if raw:
         target = raw.decode("latin-1")  # then searched as text: faster than bytes for short paths
-        path = _decoded(target.partition("#")[0].partition("?")[0])  # a fragment, which some servers keep
+        path = _unquoted(target.partition("#")[0].partition("?")[0])  # a fragment, which some servers keep
         if path != given and not _names_alike(target, path, given, root):
             path = given  # rewritten by a middleware in front, which changes the path, never the raw path
     else:
@@ -325,12 +325,12 @@ def _names_alike(target: str, path: str, given: str, root: str) -> bool:
     ``path`` decoded), as servers and routers make it: with the fragment (h11, daphne), without
     the mount point (Starlette before 0.33), or with replacement characters for bytes that are
     not UTF-8 (then only the raw bytes say what was asked). Else a middleware rewrote it."""
-    if given == _decoded(target.partition("?")[0]) or not _is_utf8(path):
+    if given == _unquoted(target.partition("?")[0]) or not _is_utf8(path):
         return True
     return bool(root) and path.startswith(root) and path[len(root):] == given
 
 
-def _decoded(path: str) -> str:
+def _unquoted(path: str) -> str:
     """A WSGI path with its percent-escapes decoded (bytes as latin-1)."""
     return unquote_to_bytes(path.encode("latin-1")).decode("latin-1") if "%" in path else path
 

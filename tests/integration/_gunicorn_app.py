@@ -221,6 +221,14 @@ def make_rewriting_asgi_app() -> Any:
     return rewriting
 
 
+def make_mounted_asgi_app() -> Any:
+    """:func:`make_asgi_app` mounted by Starlette at ``/médias``, a mount point beyond ASCII."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    return Starlette(routes=[Mount("/médias", app=make_asgi_app())])
+
+
 #: The version the reproxying app names for every file.
 STAND_IN_ETAG = '"fid-1"'
 #: What the reproxying app answers at a path of its own, to tell its answers from a storage node's.

@@ -123,6 +123,21 @@ def test_a_rewrite_in_front_is_followed_through_uvicorn(devmogile: DevMogileFS) 
                     assert reply.status == 200 and b"hello from the app" in reply.body and "etag" not in reply.headers
 
 
+def test_a_mount_point_beyond_ascii_through_uvicorn(devmogile: DevMogileFS) -> None:
+    """Starlette's Mount("/médias") under uvicorn: the file answered off the socket, each header once.
+    (uvicorn's own --root-path takes ASCII only: it encodes it so.)"""
+    pytest.importorskip("starlette", reason="starlette is installed by the test command ('.[dev]')")
+    Client(DOMAIN, devmogile.trackers).store_content("hello.txt", b"hello", cls="thumb")
+    with run_uvicorn({"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": devmogile.trackers[0]},
+                     app="_gunicorn_app:make_mounted_asgi_app") as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"GET /m%C3%A9dias/mogilefs/hello.txt HTTP/1.1\r\nHost: media\r\n\r\n")
+            reply, rest = read_http_reply(sock, "GET")
+    names = [name for name, _ in reply.fields]
+    assert rest == b"" and len(names) == len(set(names)), reply.fields
+    assert (reply.status, reply.body, reply.headers["etag"]) == (200, b"hello", '"fid-1"')
+
+
 def test_a_mount_point_beyond_ascii_is_below_the_prefix(devmogile: DevMogileFS) -> None:
     # Starlette's Mount("/médias", ...) gives root_path as text, the path's bytes come raw: the
     # mount point was never taken off, and every file went to the application.
