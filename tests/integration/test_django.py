@@ -37,7 +37,8 @@ from integration._memcached import start_memcached
 from PIL import Image
 from webtest import TestApp, Upload
 
-from mogile_middleware import Client
+from mogile_middleware import Client, TrackerUnavailableError
+from mogile_middleware.cli import main
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.async_client import AsyncClient
 from mogile_middleware.cache import entry_key
@@ -358,6 +359,24 @@ def test_a_failed_upload_leaves_no_temporary_key(mogile: DevMogileFS) -> None:
     with pytest.raises(OSError, match="cut"):
         storage.save("broken.txt", _BrokenContent(b""))
     assert not storage.exists("broken.txt")
+    assert get_client().list_keys(TEMPORARY_PREFIX) == []
+
+
+def test_a_temporary_key_the_trackers_could_not_delete_is_named_with_how_to_delete_it(
+        mogile: DevMogileFS, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def unavailable(self: Client, *args: Any) -> None:
+        raise TrackerUnavailableError("every tracker failed")
+
+    monkeypatch.setattr(Client, "rename", unavailable)
+    monkeypatch.setattr(Client, "delete", unavailable)
+    with pytest.raises(TrackerUnavailableError):
+        MogileFSStorage().save("outage.txt", ContentFile(b"kept aside"))
+    [temporary] = get_client().list_keys(TEMPORARY_PREFIX)
+    monkeypatch.undo()
+    [warning] = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    command = warning.split("delete it with: ")[1]
+    assert repr(temporary) in warning and command == f"mogile-middleware rm {temporary}"
+    assert main(["--trackers", ",".join(mogile.trackers), "--domain", DOMAIN, *command.split()[1:]]) == 0
     assert get_client().list_keys(TEMPORARY_PREFIX) == []
 
 

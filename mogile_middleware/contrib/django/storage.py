@@ -186,7 +186,8 @@ class MogileFSStorage(Storage):
         except UnknownKeyError:
             pass
         except MogileFSError as error:
-            log.warning("could not delete the temporary key %r of a failed save: %r", key, error)
+            log.warning("could not delete the temporary key %r of a failed save: %r; once the trackers answer, "
+                        "delete it with: mogile-middleware rm %s", key, error, key)
 
     def _open(self, name: str, mode: str = "rb") -> File:
         """A read-only, streaming (not seekable) file over the first replica that answers."""
