@@ -53,7 +53,7 @@ def public_key(path: str) -> str | None:
 
 
 app = Starlette(routes=[Route("/", homepage), Route("/private/{name:path}", private_file)])
-# The WSGI middleware's options; requests outside the prefix reach the routes above untouched.
+# The ASGI middleware, with the WSGI one's options; requests outside the prefix reach the routes above untouched.
 app.add_middleware(
     MogileFSMiddleware,
     domain=os.environ.get("MOGILEFS_DOMAIN", "media"),

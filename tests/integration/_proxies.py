@@ -18,8 +18,9 @@ from conftest import require_program
 from integration._gunicorn import port_accepts, stop_process
 from integration._wire_client import free_port
 
-#: The nginx configuration shipped to users; the tests run it with only its ports changed.
+#: The configurations shipped to users; the tests run them with only their ports changed.
 SHIPPED_NGINX_CONF = Path(__file__).parents[2] / "examples" / "nginx.conf"
+SHIPPED_PERLBAL_CONF = SHIPPED_NGINX_CONF.with_name("perlbal.conf")
 #: Seconds for a server to accept connections.
 START_SECONDS = 10.0
 
@@ -43,30 +44,13 @@ class StorageProxy:
 
 @contextmanager
 def run_perlbal_front(backend_port: int) -> Iterator[Proxy]:
-    """Perlbal reverse-proxying to ``127.0.0.1:backend_port`` with ``X-REPROXY-*`` handling on.
-
-    The configuration observed to work (``tests/data/mogile-wire/perlbal-reproxy.txt``): a reproxy
-    cache, so that ``X-REPROXY-CACHE-FOR`` is honoured, and a management service to inspect it.
-    """
+    """Perlbal with the shipped ``examples/perlbal.conf``, its three ports replaced by free ones:
+    the configuration observed to work (``tests/data/mogile-wire/perlbal-reproxy.txt``), with a
+    reproxy cache, so that ``X-REPROXY-CACHE-FOR`` is honoured."""
     port, management_port = free_port(), free_port()
-    config = f"""
-CREATE POOL backends
-  POOL backends ADD 127.0.0.1:{backend_port}
-CREATE SERVICE front
-  SET role = reverse_proxy
-  SET listen = 127.0.0.1:{port}
-  SET pool = backends
-  SET enable_reproxy = true
-  SET reproxy_cache_maxsize = 100
-  SET persist_client = on
-  SET persist_backend = off
-  SET verify_backend = off
-ENABLE front
-CREATE SERVICE management
-  SET role = management
-  SET listen = 127.0.0.1:{management_port}
-ENABLE management
-"""
+    config = _shipped(SHIPPED_PERLBAL_CONF, {"= 127.0.0.1:8080": f"= 127.0.0.1:{port}",
+                                             "ADD 127.0.0.1:8000": f"ADD 127.0.0.1:{backend_port}",
+                                             "= 127.0.0.1:60000": f"= 127.0.0.1:{management_port}"})
     with _perlbal(config, [port, management_port]) as pid:
         yield Proxy(port, pid)
 
@@ -100,12 +84,8 @@ def run_nginx_front(backend_port: int) -> Iterator[Proxy]:
     """nginx with the shipped ``examples/nginx.conf``, its two ports replaced by free ones."""
     program = require_program("nginx", "nginx")
     port = free_port()
-    config = SHIPPED_NGINX_CONF.read_text()
-    for shipped, ours in (("listen 127.0.0.1:8080;", f"listen 127.0.0.1:{port};"),
-                          ("server 127.0.0.1:8000;", f"server 127.0.0.1:{backend_port};")):
-        # Exactly one of each, or the test would not run the configuration users get.
-        assert config.count(shipped) == 1, f"{SHIPPED_NGINX_CONF} should hold {shipped!r} once"
-        config = config.replace(shipped, ours)
+    config = _shipped(SHIPPED_NGINX_CONF, {"listen 127.0.0.1:8080;": f"listen 127.0.0.1:{port};",
+                                           "server 127.0.0.1:8000;": f"server 127.0.0.1:{backend_port};"})
     with tempfile.TemporaryDirectory(prefix="nginx-") as directory:
         prefix = Path(directory)
         (prefix / "nginx.conf").write_text(config)
@@ -114,6 +94,16 @@ def run_nginx_front(backend_port: int) -> Iterator[Proxy]:
         command = [program, "-p", f"{prefix}/", "-c", "nginx.conf", "-e", "stderr"]
         with _running(command, [port], prefix) as pid:
             yield Proxy(port, pid)
+
+
+def _shipped(path: Path, ports: dict[str, str]) -> str:
+    """The configuration shipped at ``path`` with each line of a port in ``ports`` replaced."""
+    config = path.read_text()
+    for shipped, ours in ports.items():
+        # Exactly one of each, or the test would not run the configuration users get.
+        assert config.count(shipped) == 1, f"{path} should hold {shipped!r} once"
+        config = config.replace(shipped, ours)
+    return config
 
 
 @contextmanager

@@ -559,3 +559,36 @@ def test_answers_kept_are_bounded_in_paths_and_in_requests_of_a_path() -> None:
     longer = {**scope, "headers": [(b"range", b"bytes=0-" + b"9" * 60)]}
     kept.keep(scope["raw_path"], _inputs(longer), warm)
     assert _inputs(longer) not in (kept.variants(scope["raw_path"]) or {})
+
+
+def test_the_readmes_starlette_stack_answers_cross_origin_ranges_for_its_host_only(devmogile: DevMogileFS) -> None:
+    """The README's order: GZip inside the middleware, CORS and TrustedHost outside it."""
+    pytest.importorskip("starlette", reason="starlette is installed by the test command ('.[dev]')")
+    from starlette.applications import Starlette
+    from starlette.middleware.cors import CORSMiddleware
+    from starlette.middleware.gzip import GZipMiddleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    Client(DOMAIN, devmogile.trackers).store_content("clip.txt", b"0123456789" * 100, cls="thumb")
+    app = Starlette()
+    app.add_middleware(GZipMiddleware, minimum_size=0)
+    app.add_middleware(MogileFSMiddleware, domain=DOMAIN, trackers=devmogile.trackers)
+    app.add_middleware(CORSMiddleware, allow_origins=["https://example.com"], allow_headers=["range"],
+                       expose_headers=["content-range"])
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=["example.com"])
+
+    def answer(method: str, host: bytes, *headers: tuple[bytes, bytes]) -> tuple[int, dict[bytes, bytes], bytes]:
+        scope = {**http_scope("/mogilefs/clip.txt", method), "scheme": "https", "server": ("example.com", 443),
+                 "headers": [(b"host", host), (b"origin", b"https://example.com"), *headers]}
+        start, *rest = run(app, scope, [{"type": "http.request", "body": b""}])
+        return start["status"], dict(start["headers"]), b"".join(message.get("body", b"") for message in rest)
+
+    status, headers, _ = answer("OPTIONS", b"example.com", (b"access-control-request-method", b"GET"),
+                                (b"access-control-request-headers", b"range"))
+    assert status == 200 and b"range" in headers[b"access-control-allow-headers"].lower()
+    status, headers, body = answer("GET", b"example.com", (b"range", b"bytes=0-3"), (b"accept-encoding", b"gzip"))
+    assert (status, body, headers[b"content-range"]) == (206, b"0123", b"bytes 0-3/1000")
+    assert headers[b"access-control-allow-origin"] == b"https://example.com"
+    assert headers[b"access-control-expose-headers"].lower() == b"content-range"
+    assert b"content-encoding" not in headers
+    assert answer("GET", b"elsewhere.example")[0] == 400

@@ -1,9 +1,9 @@
 """End to end through the real front proxies: client → Perlbal or nginx → the middleware, WSGI
 under gunicorn and ASGI under uvicorn.
 
-Debian's ``perlbal`` and ``nginx`` (with the shipped ``examples/nginx.conf``) run on loopback ports
-in front of the application server; the files are in the development MogileFS, or on storage nodes
-that are real Perlbal ``web_server``s, as mogstored runs them. Requests that reached the
+Debian's ``perlbal`` and ``nginx``, with the shipped ``examples/perlbal.conf`` and ``nginx.conf``,
+run on loopback ports in front of the application server; the files are in the development
+MogileFS, or on storage nodes that are real Perlbal ``web_server``s, as mogstored runs them. Requests that reached the
 application are read from an access log, whatever the proxy: gunicorn's own, or for uvicorn (whose
 log has no byte count) the same line written by the test application's
 :class:`~integration._gunicorn_app.AccessLog`. It holds how many body bytes the application sent,
