@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mogile_middleware import exceptions
+from mogile_middleware.client import file_info_of, paths_of
 from mogile_middleware.protocol import (
     check_key,
     decode_args,
@@ -105,6 +107,17 @@ def test_garbage_is_a_protocol_error(line: bytes) -> None:
     with pytest.raises(exceptions.ProtocolError):
         parse_reply(line)
 
+
+
+@pytest.mark.parametrize(("line", "read"), [
+    pytest.param(b"OK paths=2&path1=http://10.0.0.1:7500/dev1/0/000/000/0000000001.fid\r\n", paths_of,
+                 id="a-path-missing"),
+    pytest.param(b"OK paths=two\r\n", paths_of, id="a-count-not-a-number"),
+    pytest.param(b"OK fid=1&key=a&length=5\r\n", file_info_of, id="no-class"),
+])
+def test_an_ok_reply_without_what_the_command_reads_is_a_protocol_error(line: bytes, read: Any) -> None:
+    with pytest.raises(exceptions.ProtocolError, match="the tracker's reply has"):
+        read(parse_reply(line))
 
 # The key values of the encoding transcript (08-key-encoding.txt).
 AWKWARD_KEYS = [
