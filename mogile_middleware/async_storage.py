@@ -44,6 +44,7 @@ from .storage import (
     Target,
     content_length,
     cut_midway,
+    is_interim,
     parse_head,
     range_header,
 )
@@ -221,20 +222,24 @@ class _Connection(asyncio.BufferedProtocol):
         return piece
 
     async def read_head(self, url: str) -> tuple[int, dict[str, str]]:
-        """The status and headers (names lower-cased) of the next response."""
+        """The status and headers (names lower-cased) of the next final response (past any 1xx)."""
         data = b""
-        while (end := data.find(b"\r\n\r\n")) < 0:
-            if len(data) > MAX_HEAD:
+        while True:
+            while (end := data.find(b"\r\n\r\n")) < 0:
+                if len(data) > MAX_HEAD:
+                    break
+                piece = await self.read(MAX_HEAD + 4)
+                if not piece:
+                    raise StorageError(f"{url} closed the connection before its status line and headers", url)
+                data += piece
+            if end < 0 or end + 4 > MAX_HEAD:
+                raise StorageError(f"{url} sent a response head over {MAX_HEAD} bytes", url)
+            status, headers, self.keep_alive = parse_head(url, data[:end])
+            data = data[end + 4:]
+            if not is_interim(url, status):
                 break
-            piece = await self.read(MAX_HEAD + 4)
-            if not piece:
-                raise StorageError(f"{url} closed the connection before its status line and headers", url)
-            data += piece
-        if end < 0 or end + 4 > MAX_HEAD:
-            raise StorageError(f"{url} sent a response head over {MAX_HEAD} bytes", url)
-        if end + 4 < len(data):  # the start of the body
-            self._unread(data[end + 4:])
-        status, headers, self.keep_alive = parse_head(url, data[:end])
+        if data:  # the start of the body
+            self._unread(data)
         return status, headers
 
     def _unread(self, data: bytes) -> None:
@@ -355,7 +360,7 @@ class AsyncReplicaResponse:
         self._connection: _Connection | None = connection
         self._timeout = timeout
         #: Bytes of body still to come; None: until the node closes the connection.
-        self._remaining = 0 if method == "HEAD" or status in NO_BODY or status < 200 else self.length
+        self._remaining = 0 if method == "HEAD" or status in NO_BODY else self.length
         # The read timeout: one timer per response rather than one per read (asyncio.timeout
         # per read cost a timer and a cancel scope each). Each read moves the deadline; the
         # timer, when it fires, re-arms itself for a moved deadline, and stops a read still
@@ -522,7 +527,7 @@ async def open_replica(
             continue
         finally:
             down_nodes.done(url)
-        if failures.accepts(url, replica.status, replica.length, length):
+        if failures.accepts(url, replica.status, replica.headers, byte_range, length):
             return replica
         await replica.aclose()
     raise failures.error(urls)

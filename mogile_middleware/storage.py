@@ -92,8 +92,9 @@ class Target:
 def parse_head(url: str, head: bytes) -> tuple[int, dict[str, str], bool]:
     """The status and headers (names lower-cased) of a response head, without its blank line (CRLF
     line ends, as storage nodes send), and whether the node keeps the connection open after it
-    (mogstored answers HTTP/1.0 with ``Connection: keep-alive``). A chunked response is refused:
-    storage nodes never chunk one, which keeps the readers simple."""
+    (mogstored answers HTTP/1.0 with ``Connection: keep-alive``). A ``Transfer-Encoding`` is
+    refused: storage nodes never send one, which keeps the readers simple; so is a
+    ``Content-Length`` that is not one number (RFC 9112 6.3: where the body ends is unknown)."""
     status_line, *lines = head.decode("latin-1").split("\r\n")
     version, _, rest = status_line.partition(" ")
     status = rest[:3]
@@ -106,17 +107,33 @@ def parse_head(url: str, head: bytes) -> tuple[int, dict[str, str], bool]:
             raise StorageError(f"{url} sent a bad header line: {line[:80]!r}", url)
         name, value = name.lower(), value.strip()
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        raise StorageError(f"{url} sent a chunked response, which storage nodes do not", url)
+    if "transfer-encoding" in headers:
+        raise StorageError(f"{url} sent Transfer-Encoding: {headers['transfer-encoding'][:80]!r}, "
+                           "which storage nodes do not", url)
+    if "content-length" in headers:
+        # The same length repeated is one length (RFC 9110 8.6); anything else ends the body nowhere.
+        lengths = {value.strip() for value in headers["content-length"].split(",")}
+        length = lengths.pop()
+        if lengths or not (length.isascii() and length.isdigit()):
+            raise StorageError(f"{url} sent Content-Length: {headers['content-length'][:80]!r}", url)
+        headers["content-length"] = length
     connection = {token.strip() for token in headers.get("connection", "").lower().split(",")}
     keep_alive = "keep-alive" in connection if version == "HTTP/1.0" else "close" not in connection
     return int(status), headers, keep_alive
 
 
 def content_length(headers: Mapping[str, str]) -> int | None:
-    """The ``content-length`` of lower-cased ``headers``, if it is a number."""
+    """The ``content-length`` of lower-cased ``headers`` checked by :func:`parse_head`, if any."""
     value = headers.get("content-length")
-    return int(value) if value is not None and value.isascii() and value.isdigit() else None
+    return None if value is None else int(value)
+
+
+def is_interim(url: str, status: int) -> bool:
+    """True for a 1xx status, whose head the final answer follows (RFC 9110 15.2: a client reads
+    past them, expected or not); a switch of protocols, as no GET asks for, is a :class:`StorageError`."""
+    if status == 101:
+        raise StorageError(f"{url} switched protocols", url)
+    return status < 200
 
 
 class NodeConnection:
@@ -139,18 +156,23 @@ class NodeConnection:
         self._reader.set_deadline(deadline)
         self.sock.sendall(request)
         data = b""
-        while (end := data.find(b"\r\n\r\n")) < 0:
-            if len(data) > MAX_HEAD:
+        while True:
+            while (end := data.find(b"\r\n\r\n")) < 0:
+                if len(data) > MAX_HEAD:
+                    break
+                count = self._reader.readinto(self._buffer)
+                if not count:
+                    raise StorageError(f"{url} closed the connection before its status line and headers", url)
+                data += self._buffer[:count]
+            if end < 0 or end + 4 > MAX_HEAD:
+                raise StorageError(f"{url} sent a response head over {MAX_HEAD} bytes", url)
+            status, headers, keep_alive = parse_head(url, data[:end])
+            data = data[end + 4:]
+            if not is_interim(url, status):
                 break
-            count = self._reader.readinto(self._buffer)
-            if not count:
-                raise StorageError(f"{url} closed the connection before its status line and headers", url)
-            data += self._buffer[:count]
-        if end < 0 or end + 4 > MAX_HEAD:
-            raise StorageError(f"{url} sent a response head over {MAX_HEAD} bytes", url)
         self._reader.deadline = None
         self.sock.settimeout(read_timeout)
-        return (*parse_head(url, data[:end]), data[end + 4:])
+        return status, headers, keep_alive, data
 
     def close(self) -> None:
         """Close the socket; the connection is not used again."""
@@ -194,7 +216,7 @@ class ReplicaResponse(io.RawIOBase):
         self._connection = connection
         self._pool = pool
         #: Bytes of body still to come; None: until the node closes the connection.
-        self._remaining = 0 if method == "HEAD" or status in NO_BODY or status < 200 else self.length
+        self._remaining = 0 if method == "HEAD" or status in NO_BODY else self.length
         #: The start of the body, read with the head; more than the body means the node misspoke.
         self._early = early
         self._reusable = keep_alive and self._remaining is not None and len(early) <= self._remaining
@@ -299,7 +321,7 @@ def open_replica(
             continue
         finally:
             down_nodes.done(url)
-        if failures.accepts(url, replica.status, replica.length, length):
+        if failures.accepts(url, replica.status, replica.headers, byte_range, length):
             return replica
         replica.close()
     raise failures.error(urls)
@@ -329,9 +351,6 @@ def resumed_chunks(replica: ReplicaResponse, urls: Sequence[str], *, timeout: fl
     try:
         while True:
             try:
-                if done and not _resumes_at(current, done):
-                    raise StorageError(f"{current.url} answered a range from byte {done} with "
-                                       f"{current.headers.get('content-range') or current.status}", current.url)
                 for chunk in current.iter_chunks():
                     done += len(chunk)
                     yield chunk
@@ -347,11 +366,6 @@ def resumed_chunks(replica: ReplicaResponse, urls: Sequence[str], *, timeout: fl
     finally:
         if current is not replica:
             current.close()
-
-
-def _resumes_at(replica: ReplicaResponse, first: int) -> bool:
-    """True if ``replica`` answered a range starting at byte ``first`` (a 206 that says so)."""
-    return replica.status == 206 and replica.headers.get("content-range", "").startswith(f"bytes {first}-")
 
 
 def cut_midway(urls: list[str], url: str, error: BaseException) -> list[str]:
@@ -392,13 +406,26 @@ class ReplicaFailures:
             down_nodes.failed(url, error)
         metrics.recorder.replica_failover()
 
-    def accepts(self, url: str, status: int, length: int | None, expected: int | None) -> bool:
-        """True for a 2xx with the ``expected`` length (when given); else noted as a failure."""
+    def accepts(self, url: str, status: int, headers: Mapping[str, str], byte_range: tuple[int, int] | None,
+                expected: int | None) -> bool:
+        """True for the answer asked for, with the ``expected`` length (when given): a 200, or for
+        ``byte_range`` a 206 of that range; else noted as a failure."""
         down_nodes.answered(url)
-        if 200 <= status < 300 and (expected is None or length == expected):
+        length = content_length(headers)
+        if byte_range is None:
+            answered = status == 200
+        else:
+            answered = status == 206 and headers.get("content-range", "").startswith(
+                f"bytes {byte_range[0]}-{byte_range[1]}/")
+        if answered and (expected is None or length == expected):
             return True
         self.last_status = status
-        self.lines.append(f"{url}: HTTP {status}" if status >= 300 else f"{url}: {length} bytes, expected {expected}")
+        if answered:
+            self.lines.append(f"{url}: {length} bytes, expected {expected}")
+        else:
+            told = f" ({headers['content-range']})" if "content-range" in headers else ""
+            asked = f" to Range: {range_header(byte_range)['Range']}" if byte_range else ""
+            self.lines.append(f"{url}: HTTP {status}{told}{asked}")
         metrics.recorder.replica_failover()
         return False
 

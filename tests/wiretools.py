@@ -1,12 +1,14 @@
-"""Test helpers: a scripted tracker, a connection-counting TCP relay, generated file content."""
+"""Test helpers: a scripted tracker and storage node, a connection-counting TCP relay, generated file content."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import socket
+import re
 import threading
 from collections.abc import Callable
+from urllib.parse import parse_qs
 
 #: What a scripted tracker does with one request line: reply bytes, or None to hang up. A reply
 #: without a line end is sent and then the connection is closed; b"" says nothing and waits.
@@ -97,6 +99,72 @@ class ScriptedTracker(LoopbackServer):
                 conn.sendall(reply)
                 if reply and not reply.endswith(b"\n"):
                     return
+
+
+class KeptAliveNode(LoopbackServer):
+    """A storage node answering each request head (without its blank line) of a kept-open
+    connection with the bytes ``answer(head)`` gives; ``requests`` keeps the heads. With
+    ``closes``, it closes the connection after its first answer, so a body of no known length ends."""
+
+    def __init__(self, answer: Callable[[bytes], bytes], *, closes: bool = False) -> None:
+        self.answer = answer
+        self.closes = closes
+        self.requests: list[bytes] = []
+        super().__init__()
+
+    def _serve(self, conn: socket.socket) -> None:
+        data = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in data:
+                    piece = conn.recv(4096)
+                    if not piece:
+                        return
+                    data += piece
+                head, _, data = data.partition(b"\r\n\r\n")
+                self.requests.append(head)
+                conn.sendall(self.answer(head))
+                if self.closes:
+                    return
+        except OSError:
+            pass  # the client went away
+        finally:
+            conn.close()
+
+    def url(self, fid: int) -> str:
+        return f"http://127.0.0.1:{self.port}/dev1/0/000/000/{fid:010d}.fid"
+
+
+def files_tracker(files: dict[str, tuple[int, int, list[str]]]) -> ScriptedTracker:
+    """A tracker that knows ``files``: key → its fid, its length and the URLs of its replicas."""
+    def script(line: bytes) -> bytes:
+        command, _, args = line.partition(b" ")
+        if command == b"get_domains":
+            return (b"OK domains=1&domain1=testdom&domain1classes=1&domain1class1name=thumb"
+                    b"&domain1class1mindevcount=1\r\n")
+        if command not in (b"get_paths", b"file_info"):
+            return b"OK \r\n"
+        key = parse_qs(args.strip().decode())["key"][0]
+        fid, length, urls = files[key]
+        if command == b"get_paths":
+            return ("OK paths=%d&" % len(urls) + "&".join(f"path{n}={url}" for n, url in enumerate(urls, 1))
+                    + "\r\n").encode()
+        return f"OK fid={fid}&domain=testdom&class=thumb&key={key}&length={length}&devcount={len(urls)}\r\n".encode()
+    return ScriptedTracker(script)
+
+
+TEN = b"0123456789"
+
+
+def honest(head: bytes) -> bytes:
+    """A storage node's answer to ``head``, for a file of :data:`TEN`: its range, as Perlbal
+    answers one ``bytes=a-b``, else all of it."""
+    wanted = re.search(rb"\r\nRange: bytes=(\d+)-(\d+)", head)
+    if wanted is None:
+        return b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 10\r\n\r\n" + TEN
+    first, last = int(wanted[1]), int(wanted[2])
+    return (b"HTTP/1.0 206 Partial Content\r\nConnection: keep-alive\r\nContent-Range: bytes %d-%d/10\r\n"
+            b"Content-Length: %d\r\n\r\n" % (first, last, last - first + 1) + TEN[first:last + 1])
 
 
 class CountingRelay(LoopbackServer):

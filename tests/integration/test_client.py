@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from conftest import DOMAIN
 from integration._async_facade import Flavour, both_flavours, flavour  # noqa: F401 (a fixture)
-from wiretools import CountingRelay, ScriptedTracker
+from wiretools import TEN, CountingRelay, KeptAliveNode, ScriptedTracker, files_tracker, honest
 
 from mogile_middleware import (
     Admin,
@@ -233,6 +233,27 @@ def test_an_upload_goes_to_the_next_tracker_when_the_first_never_answers(devmogi
     finally:
         client.close()
         silent.stop()
+
+
+@both_flavours
+@pytest.mark.parametrize("wrong", [
+    pytest.param(b"HTTP/1.0 206 Partial Content\r\nContent-Range: bytes 0-9/20\r\nContent-Length: 10\r\n\r\n" + TEN,
+                 id="206-to-a-get"),
+    pytest.param(b"HTTP/1.0 200 OK\r\nContent-Length: 10, 11\r\n\r\n" + TEN, id="two-lengths"),
+    pytest.param(b"HTTP/1.0 200 OK\r\nContent-Length: +10\r\n\r\n" + TEN, id="signed-length"),
+])
+def test_a_replica_whose_answer_is_not_the_whole_file_is_passed_over(flavour: Flavour, wrong: bytes) -> None:
+    """Without the file's length to check, the client took a part, or a body of no known end, as the file."""
+    bad, good = KeptAliveNode(lambda head: wrong, closes=True), KeptAliveNode(honest)
+    tracker = files_tracker({"k": (9, 10, [bad.url(9), good.url(9)])})
+    client = flavour.Client(DOMAIN, [tracker.tracker])
+    try:
+        assert client.get_file_data("k") == TEN
+        assert len(bad.requests) == len(good.requests) == 1
+    finally:
+        client.close()
+        for server in (tracker, bad, good):
+            server.stop()
 
 
 @both_flavours

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs
+from typing import Any
 
 import pytest
 from conftest import DOMAIN
+from integration._async_facade import LoopThread
 from integration.test_asgi import Recorder, http_scope, run
 from integration.test_hostile import call
 from integration.test_middleware import BODY, wrapped_app
-from wiretools import CountingRelay, ScriptedTracker, SilentServer
+from wiretools import TEN, CountingRelay, KeptAliveNode, ScriptedTracker, SilentServer, files_tracker, honest
 
 from mogile_middleware import Client, StorageError, UnknownKeyError, UploadError, core
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
@@ -194,12 +196,7 @@ def test_a_key_listed_without_replicas_amid_an_overwrite_is_asked_again(devmogil
 
 def one_file_tracker(node_port: int, key: str, length: int) -> ScriptedTracker:
     """A tracker that knows one file, ``key`` of ``length`` bytes (fid 9), on the node at ``node_port``."""
-    url = f"http://127.0.0.1:{node_port}/dev1/0/000/000/0000000009.fid"
-    replies = {b"get_paths": f"OK paths=1&path1={url}\r\n".encode(),
-               b"file_info": f"OK fid=9&domain=testdom&class=thumb&key={key}&length={length}&devcount=1\r\n".encode(),
-               b"get_domains": b"OK domains=1&domain1=testdom&domain1classes=1&domain1class1name=thumb"
-                               b"&domain1class1mindevcount=1\r\n"}
-    return ScriptedTracker(lambda line: replies[line.split()[0]])
+    return files_tracker({key: (9, length, [f"http://127.0.0.1:{node_port}/dev1/0/000/000/0000000009.fid"])})
 
 
 @pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
@@ -264,13 +261,13 @@ def ten_byte_files(node_port: int) -> ScriptedTracker:
 
 
 @pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
-def test_a_node_that_refuses_at_once_is_asked_again_at_once(flavour: str) -> None:
+def test_a_node_that_refuses_at_once_is_asked_again_at_once(getter: Getter) -> None:
     """A refusal costs nothing: a node restarting is asked by the next request, not passed by."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     tracker = ten_byte_files(port)
-    get = _getter(flavour, tracker.tracker)
+    get = getter(tracker.tracker)
     node = None
     try:
         assert get("/mogilefs/k")[0] == 502  # refused
@@ -284,21 +281,104 @@ def test_a_node_that_refuses_at_once_is_asked_again_at_once(flavour: str) -> Non
             node.server_close()
 
 
-def _getter(flavour: str, tracker: str) -> Callable[[str], tuple[int, bytes]]:
-    """GET a path of the WSGI or the ASGI middleware over ``tracker``: status and body."""
-    if flavour == "wsgi":
+#: ``getter(tracker)``: the ``get(path, byte_range=None)`` of a middleware over ``tracker``.
+Getter = Callable[[str], Callable[..., tuple[int, bytes]]]
+
+
+@pytest.fixture
+def getter(flavour: str) -> Iterator[Getter]:
+    """``getter(tracker)``: :func:`_getter` of the test's ``flavour``; the ASGI middleware's
+    requests all on one event loop, as under a server."""
+    loop = LoopThread() if flavour == "asgi" else None
+    yield lambda tracker: _getter(tracker, loop)
+    if loop is not None:
+        loop.stop()
+
+
+def _getter(tracker: str, loop: LoopThread | None) -> Callable[..., tuple[int, bytes]]:
+    """GET a path of the WSGI middleware, or with ``loop`` of the ASGI one on it, over
+    ``tracker``, with a ``Range`` if given: status and body."""
+    if loop is None:
         app = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker]), storage_timeout=0.3)
-        return lambda path: (lambda answer: (answer[0], answer[2]))(call(app, "GET", path, {}))
+
+        def get_wsgi(path: str, byte_range: str | None = None) -> tuple[int, bytes]:
+            status, _, body = call(app, "GET", path, {"Range": byte_range} if byte_range else {})
+            return status, body
+        return get_wsgi
     asgi = ASGIMiddleware(Recorder(), domain=DOMAIN, trackers=[tracker], storage_timeout=0.3)
 
-    def get(path: str) -> tuple[int, bytes]:
-        sent = run(asgi, http_scope(path), [])
+    def get(path: str, byte_range: str | None = None) -> tuple[int, bytes]:
+        scope = {**http_scope(path), "headers": [(b"range", byte_range.encode())] if byte_range else []}
+        sent: list[dict[str, Any]] = []
+        incoming = [{"type": "http.request", "body": b""}]
+
+        async def receive() -> dict[str, Any]:
+            return incoming.pop() if incoming else await asyncio.sleep(3600)  # the client stays
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        loop.run(asgi(scope, receive, send))
         return sent[0]["status"], b"".join(message.get("body", b"") for message in sent[1:])
     return get
 
 
 @pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
-def test_a_node_that_did_not_answer_is_passed_by_for_a_while(flavour: str) -> None:
+@pytest.mark.parametrize("interim", [b"HTTP/1.1 100 Continue\r\n\r\n",
+                                     b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"],
+                         ids=["100", "103"])
+def test_a_nodes_interim_answer_is_read_past_and_its_connection_serves_the_next_file(getter: Getter,
+                                                                                     interim: bytes) -> None:
+    """RFC 9110 15.2: a 1xx before the answer is read past. (Taken as the answer, it left the
+    real one unread on a connection kept for the next request, which got this file's bytes.)"""
+    node = KeptAliveNode(lambda head: (interim if b"0000000001.fid" in head else b"")
+                         + b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\n"
+                         + (b"AAAAA" if b"0000000001.fid" in head else b"BBBBB"))
+    tracker = files_tracker({"a": (1, 5, [node.url(1)]), "b": (2, 5, [node.url(2)])})
+    try:
+        get = getter(tracker.tracker)
+        assert get("/mogilefs/a") == (200, b"AAAAA")
+        assert get("/mogilefs/b") == (200, b"BBBBB")
+        assert node.connections == 1
+    finally:
+        tracker.stop()
+        node.stop()
+
+
+@pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
+@pytest.mark.parametrize(("byte_range", "wrong"), [
+    pytest.param(None, b"HTTP/1.0 204 No Content\r\nContent-Length: 10\r\n\r\n", id="204-to-a-get"),
+    pytest.param(None, b"HTTP/1.0 206 Partial Content\r\nContent-Range: bytes 0-9/20\r\nContent-Length: 10\r\n\r\n"
+                 + TEN, id="206-to-a-get"),
+    pytest.param(None, b"HTTP/1.0 200 OK\r\nContent-Length: 10, 11\r\n\r\n" + TEN, id="two-lengths"),
+    pytest.param(None, b"HTTP/1.0 200 OK\r\nContent-Length: +10\r\n\r\n" + TEN, id="signed-length"),
+    pytest.param(None, b"HTTP/1.0 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 10\r\n\r\n" + TEN,
+                 id="transfer-encoding"),
+    pytest.param("bytes=2-3", b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n01", id="200-to-a-range"),
+    pytest.param("bytes=2-3", b"HTTP/1.0 206 Partial Content\r\nContent-Range: bytes 0-1/10\r\n"
+                 b"Content-Length: 2\r\n\r\n01", id="206-of-another-range"),
+    pytest.param("bytes=2-3", b"HTTP/1.0 206 Partial Content\r\nContent-Length: 2\r\n\r\n01",
+                 id="206-without-content-range"),
+])
+def test_a_replica_answering_other_than_asked_is_passed_over(getter: Getter, byte_range: str | None,
+                                                             wrong: bytes) -> None:
+    """Only a 200 answers a GET and only a 206 of that range a Range, each with one length:
+    anything else was taken as the file (a 204's empty body under the file's length, another
+    range's bytes under this one's Content-Range)."""
+    bad, good = KeptAliveNode(lambda head: wrong), KeptAliveNode(honest)
+    tracker = files_tracker({"k": (9, 10, [bad.url(9), good.url(9)])})
+    try:
+        expected = (206, b"23") if byte_range else (200, TEN)
+        assert getter(tracker.tracker)("/mogilefs/k", byte_range) == expected
+        assert len(bad.requests) == 1 and len(good.requests) == 1
+    finally:
+        tracker.stop()
+        bad.stop()
+        good.stop()
+
+
+@pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
+def test_a_node_that_did_not_answer_is_passed_by_for_a_while(getter: Getter) -> None:
     """A hung node holding a file's first replica costs the first request the storage timeout;
     the next are served from the other replica without asking it, and a file it alone holds is a
     502 without the wait (mogilefsd goes on listing a hung node)."""
@@ -306,23 +386,9 @@ def test_a_node_that_did_not_answer_is_passed_by_for_a_while(flavour: str) -> No
     threading.Thread(target=live.serve_forever, daemon=True).start()
     hung_url = f"http://127.0.0.1:{silent.port}/dev1/0/000/000/0000000009.fid"
     live_url = f"http://127.0.0.1:{live.server_address[1]}/dev2/0/000/000/0000000009.fid"
-    paths = {"two": f"paths=2&path1={hung_url}&path2={live_url}", "one": f"paths=1&path1={hung_url}"}
-
-    def script(line: bytes) -> bytes:
-        command, _, args = line.partition(b" ")
-        if command == b"get_domains":
-            return (b"OK domains=1&domain1=testdom&domain1classes=1&domain1class1name=thumb"
-                    b"&domain1class1mindevcount=1\r\n")
-        key = parse_qs(args.strip().decode()).get("key", [""])[0]
-        if command == b"get_paths":
-            return f"OK {paths[key]}\r\n".encode()
-        if command == b"file_info":
-            return f"OK fid=9&domain=testdom&class=thumb&key={key}&length=10&devcount=1\r\n".encode()
-        return b"OK \r\n"
-
-    tracker = ScriptedTracker(script)
+    tracker = files_tracker({"two": (9, 10, [hung_url, live_url]), "one": (9, 10, [hung_url])})
     try:
-        get = _getter(flavour, tracker.tracker)
+        get = getter(tracker.tracker)
         assert get("/mogilefs/two") == (200, b"0123456789") and silent.connections == 1
         assert get("/mogilefs/two") == (200, b"0123456789")
         assert get("/mogilefs/one")[0] == 502
