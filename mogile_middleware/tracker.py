@@ -49,10 +49,12 @@ ANSWERED_AFTER_STORAGE = frozenset({"create_close"})
 #: New connections on which a command safe to repeat is sent again when the tracker closes one
 #: before its reply (mogilefsd does, to an unrelated request, after a rename onto a taken key).
 CLOSED_RETRIES = 2
-#: Idle connections a blocking pool keeps per tracker; more are closed as their requests end,
-#: so that a burst (hundreds of gevent greenlets) does not hold the tracker's descriptors for
-#: the life of the process. The asyncio pool has at most ``max_connections`` per event loop.
-IDLE_PER_TRACKER = 16
+#: Seconds a blocking pool keeps a connection unused. The one used last is taken first, so a
+#: steady load of any number of threads goes on reusing its own, while those a burst opened
+#: (hundreds of gevent greenlets) sink unused and are closed as the pool is next used: the
+#: tracker's descriptors are not held for the life of the process. The asyncio pool has at
+#: most ``max_connections`` per event loop.
+IDLE_SECONDS = 30.0
 _NOOP = encode_request("noop", None)
 #: What :meth:`TrackerPoolBase._probe_steps` says of a tracker another request is asking already.
 _ASKED_BY_ANOTHER = "another request is asking whether it is back"
@@ -415,7 +417,8 @@ class TrackerPool(TrackerPoolBase):
         super()._reset()
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._idle: dict[Address, list[TrackerConnection]] = {address: [] for address in self.addresses}
+        # Per tracker, the idle connections with when each was given back, the one used last at the end.
+        self._idle: dict[Address, list[tuple[TrackerConnection, float]]] = {address: [] for address in self.addresses}
 
     def _check_fork(self) -> None:
         # Sockets inherited through fork() are shared with the parent: forget them, never use them.
@@ -425,7 +428,7 @@ class TrackerPool(TrackerPoolBase):
     def _drop_idle(self, address: Address) -> None:
         with self._lock:
             stale, self._idle[address] = self._idle[address], []
-        for connection in stale:
+        for connection, _ in stale:
             connection.close()
 
     def _take_idle(self, address: Address) -> TrackerConnection | None:
@@ -433,18 +436,27 @@ class TrackerPool(TrackerPoolBase):
             with self._lock:
                 if not self._idle[address]:
                     return None
-                connection = self._idle[address].pop()
+                connection, _ = self._idle[address].pop()
             if not connection.is_stale():
                 return connection
             connection.close()
 
     def _give_back(self, connection: TrackerConnection) -> None:
+        now = self._clock()
+        closing = []
         with self._lock:
             idle = self._idle[connection.address]
-            if os.getpid() == self._pid and len(idle) < IDLE_PER_TRACKER:
-                idle.append(connection)
-                return
-        connection.close()
+            if os.getpid() == self._pid:
+                idle.append((connection, now))
+            else:
+                closing.append(connection)
+            unused = 0  # from the start: the ones used longest ago
+            while unused < len(idle) and now - idle[unused][1] > IDLE_SECONDS:
+                unused += 1
+            closing += [connection for connection, _ in idle[:unused]]
+            del idle[:unused]
+        for connection in closing:
+            connection.close()
 
     def request(
         self,
@@ -487,7 +499,7 @@ class TrackerPool(TrackerPoolBase):
     def close(self) -> None:
         """Close every idle connection (connections in use close when their request ends)."""
         with self._lock:
-            idle = [connection for connections in self._idle.values() for connection in connections]
+            idle = [connection for connections in self._idle.values() for connection, _ in connections]
             for connections in self._idle.values():
                 connections.clear()
         for connection in idle:

@@ -18,7 +18,7 @@ from wiretools import ScriptedTracker, ok
 from mogile_middleware import Client
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.exceptions import OutcomeUnknownError, TrackerUnavailableError, UnknownKeyError
-from mogile_middleware.tracker import IDLE_PER_TRACKER, TrackerPool, parse_address, parse_trackers
+from mogile_middleware.tracker import IDLE_SECONDS, TrackerPool, parse_address, parse_trackers
 
 
 class FakeClock:
@@ -72,13 +72,14 @@ def test_threads_get_their_own_connections_and_all_replies_match(tracker: Script
     assert tracker.connections <= 8
 
 
-def test_a_burst_of_requests_leaves_a_bounded_number_of_connections_open() -> None:
-    # 40 requests in flight at once (gevent's greenlets make hundreds): each needs a connection,
-    # and before the bound every one of them stayed open, idle, for the life of the process.
+def test_a_bursts_connections_serve_the_next_and_close_once_unused_for_a_while() -> None:
+    # 40 requests in flight at once (gevent's greenlets make hundreds), each on a connection of its
+    # own. Before, all stayed open for the life of the process; then, with 16 kept at most, a steady
+    # load of more threads than that opened new connections all the time (the bench's 10f).
     burst = 40
-    arrived = threading.Barrier(burst)
     open_now = 0
     lock = threading.Lock()
+    clock = FakeClock()
 
     class Counting(ScriptedTracker):
         def _serve(self, conn: socket.socket) -> None:
@@ -91,27 +92,29 @@ def test_a_burst_of_requests_leaves_a_bounded_number_of_connections_open() -> No
                 with lock:
                     open_now -= 1
 
-    def once_all_arrived(line: bytes) -> bytes:
-        arrived.wait(10)
-        return ok(line)
-
-    tracker = Counting(once_all_arrived)
-    try:
-        pool = TrackerPool([tracker.tracker])
+    def all_at_once() -> None:
+        arrived = threading.Barrier(burst)
+        tracker.script = lambda line: (arrived.wait(10), ok(line))[1]
         threads = [threading.Thread(target=pool.request, args=("noop",)) for _ in range(burst)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(15)
-        assert tracker.connections == burst
-        deadline = time.monotonic() + 5
-        while open_now > IDLE_PER_TRACKER and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert open_now == IDLE_PER_TRACKER
         tracker.script = ok
-        for _ in range(100):
+
+    tracker = Counting(ok)
+    try:
+        pool = TrackerPool([tracker.tracker], clock=clock)
+        all_at_once()
+        all_at_once()
+        assert tracker.connections == burst  # the second burst on the first one's connections
+        for _ in range(100):  # one at a time for twice IDLE_SECONDS: the one used last, each time
+            clock.now += IDLE_SECONDS / 50
             pool.request("noop")
-        assert tracker.connections == burst  # the kept ones serve what follows
+        deadline = time.monotonic() + 5
+        while open_now > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert open_now == 1 and tracker.connections == burst
     finally:
         tracker.stop()
 
