@@ -34,6 +34,7 @@ def reproxy(cluster: Cluster, repeat: int) -> list[Figure]:
     workdir = cluster.workdir
     with ExitStack() as stack:
         ceiling = stack.enter_context(servers.gunicorn(workdir, "ceiling", constant_env(ceiling_headers)))
+        twin = stack.enter_context(servers.gunicorn(workdir, "twin", constant_env(ceiling_headers)))
         wrapped = stack.enter_context(servers.gunicorn(workdir, "reproxy", cluster.middleware_env(**PERLBAL_OPTIONS)))
         cached = stack.enter_context(servers.gunicorn(
             workdir, "cached", cluster.middleware_env(**PERLBAL_OPTIONS, perlbal_cache_seconds=PERLBAL_CACHE_SECONDS)))
@@ -48,7 +49,7 @@ def reproxy(cluster: Cluster, repeat: int) -> list[Figure]:
             return Rate(via(service), workdir, connections=FRONT_CONNECTIONS, seconds=FRONT_SECONDS, close=close,
                         cpu=server.cpu_seconds if server else None)
 
-        straight_figure = straight("2. reproxy under gunicorn", wrapped, ceiling, workdir, repeat, "gunicorn")
+        straight_figure = straight("2. reproxy under gunicorn", wrapped, ceiling, twin, workdir, repeat, "gunicorn")
         front = {"ceiling": proxied("ceiling", ceiling), "reproxy": proxied("reproxy", wrapped),
                  "cached": proxied("cached"), "direct": proxied("direct"),
                  "cached, closing": proxied("cached", close=True), "direct, closing": proxied("direct", close=True)}
@@ -80,10 +81,12 @@ def asgi_reproxy(cluster: Cluster, repeat: int) -> Figure:
     (:func:`~bench.apps.lookup_asgi_middleware`) against the same app."""
     headers = asyncio.run(_asgi_headers(cluster))
     with servers.uvicorn(cluster.workdir, "ceiling", constant_env(headers), ASGI_WORKERS) as ceiling, \
+            servers.uvicorn(cluster.workdir, "twin", constant_env(headers), ASGI_WORKERS) as twin, \
             servers.uvicorn(cluster.workdir, "reproxy", cluster.middleware_env(**PERLBAL_OPTIONS),
                             ASGI_WORKERS) as wrapped, \
             servers.uvicorn(cluster.workdir, "lookup", lookup_env(headers, SMALL_PATH), ASGI_WORKERS) as floor:
-        return straight("8b. reproxy under uvicorn", wrapped, ceiling, cluster.workdir, repeat, "uvicorn", floor)
+        return straight("8b. reproxy under uvicorn", wrapped, ceiling, twin, cluster.workdir, repeat, "uvicorn",
+                        floor)
 
 
 async def _asgi_headers(cluster: Cluster) -> Headers:
@@ -95,19 +98,24 @@ async def _asgi_headers(cluster: Cluster) -> Headers:
         await middleware.client.aclose()
 
 
-def straight(name: str, wrapped: servers.Server, bare: servers.Server, workdir: Path, repeat: int,
-             server_name: str, floor: servers.Server | None = None) -> Figure:
-    """wrk straight to the middleware's server against the bare app's, held to ``ratio >= 0.95``;
-    with ``floor``, the note gives that server's ratio against the bare app's too."""
-    servers_measured = {"bare": bare, "wrapped": wrapped, **({"floor": floor} if floor else {})}
+def straight(name: str, wrapped: servers.Server, bare: servers.Server, twin: servers.Server, workdir: Path,
+             repeat: int, server_name: str, floor: servers.Server | None = None) -> Figure:
+    """wrk straight to the middleware's server against the bare app's, held to ``ratio >= 0.95``.
+    In the same turns, for the note: ``twin``, a second server of the bare app, whose ratio against
+    the first is what the figure can tell apart on the machine; with ``floor``, that server's ratio."""
+    servers_measured = {"bare": bare, "wrapped": wrapped, "twin": twin, **({"floor": floor} if floor else {})}
     rates = {which: Rate(server.url(SMALL_PATH), workdir, connections=STRAIGHT_CONNECTIONS, seconds=STRAIGHT_SECONDS,
                          cpu=server.cpu_seconds)
              for which, server in servers_measured.items()}
     samples = interleaved(repeat * STRAIGHT_RUNS, rates)
-    note = cpu_note(rates["wrapped"], rates["bare"], server_name)
+
+    def against_bare(which: str) -> str:
+        ratio = Spread.of(ratios(samples[which], samples["bare"]))
+        return (f"ratio {ratio.median:.3g} [{ratio.low:.3g}–{ratio.high:.3g}], "
+                f"{Spread.of(rates[which].cpu_per_request).median:.0f} µs/request")
+
+    note = (cpu_note(rates["wrapped"], rates["bare"], server_name)
+            + f"; a second server of the bare app (what the figure tells apart): {against_bare('twin')}")
     if floor:
-        floor_ratio = Spread.of(ratios(samples["floor"], samples["bare"]))
-        note += (f"; a middleware answering from a dict by path (the floor of any): ratio {floor_ratio.median:.3g} "
-                 f"[{floor_ratio.low:.3g}–{floor_ratio.high:.3g}], "
-                 f"{Spread.of(rates['floor'].cpu_per_request).median:.0f} µs/request")
+        note += f"; a middleware answering from a dict by path (the floor of any): {against_bare('floor')}"
     return throughput(name, "bare app, same headers", samples, "wrapped", "bare", 0.95, note=note)
