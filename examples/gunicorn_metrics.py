@@ -2,12 +2,13 @@
 
 Each worker counts in files under ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess
 mode), and every scrape sums them, whichever worker or port answers it. The directory is made
-here when the environment gives none, and emptied at start when it does: counts of an earlier
-run must not be added to this one's. Only at start: gunicorn reads this file again on SIGHUP,
-and the counts go on across that reload.
+here when the environment gives none (and removed when gunicorn exits), and emptied at start
+when it does: counts of an earlier run must not be added to this one's. Only at start: gunicorn
+reads this file again on SIGHUP, and the counts go on across that reload.
 """
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ if not os.environ.get("MOGILE_METRICS_DIR_READY"):  # this master's first readin
             stale.unlink()
     else:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mogile-metrics-")
+        os.environ["MOGILE_METRICS_DIR_MADE"] = "1"
 
 from prometheus_client import multiprocess, start_http_server  # noqa: E402
 
@@ -32,6 +34,11 @@ def when_ready(server):
         from mogile_middleware.prometheus import registry
 
         start_http_server(metrics_port, addr="127.0.0.1", registry=registry())
+
+
+def on_exit(server):
+    if os.environ.get("MOGILE_METRICS_DIR_MADE"):
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 def child_exit(server, worker):

@@ -267,6 +267,20 @@ def test_gunicorn_with_two_workers_sums_both_in_every_scrape(devmogile: DevMogil
         assert get(server.port, "/mogilefs/a.txt") == CONTENT
         samples = scrape(master_port)
         assert samples[("mogile_middleware_requests_total", (("mode", "serve"), ("status", "200")))] == requests + 1
+    assert list(multiproc.glob("counter_*.db"))  # a directory the environment gave stays, with the counts
+
+
+def test_the_metrics_directory_made_for_gunicorn_goes_when_it_exits(devmogile: DevMogileFS, tmp_path: Path) -> None:
+    Client(DOMAIN, devmogile.trackers).store_content("a.txt", CONTENT, "avatar")
+    env = {"TMPDIR": str(tmp_path), "METRICS_PORT": "0"}
+    args = ["-c", str(REPO / "examples" / "gunicorn_metrics.py"), "--paste", str(REPO / "examples" / "metrics.ini"),
+            "--paste-global", f"mogile_domain={DOMAIN}", "--paste-global", f"mogile_trackers={devmogile.trackers[0]}"]
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+    with run_gunicorn(env, workers=1, app=None, extra_args=args) as server:
+        assert get(server.port, "/mogilefs/a.txt") == CONTENT
+        [made] = tmp_path.glob("mogile-metrics-*")
+        assert list(made.glob("counter_*.db"))
+    assert not made.exists()
 
 
 def test_the_metrics_filter_answers_head_as_get_without_the_body(counts: Counts) -> None:
