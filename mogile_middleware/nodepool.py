@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from .deadline import readable_now
@@ -32,14 +33,23 @@ C = TypeVar("C")
 
 class IdlePool(Generic[C]):
     """Idle kept-alive connections of any kind, per ``(host, port)``: :meth:`usable` says whether
-    one may still be used, :meth:`discard` closes one."""
+    one may still be used, :meth:`discard` closes one.
 
-    def __init__(self, per_node: int = IDLE_PER_NODE, idle_seconds: float = IDLE_SECONDS) -> None:
+    The one used last is taken first, so those a burst opened beyond the steady load sink unused;
+    any idle for ``idle_seconds`` are closed as the pool is next used (each node's when a
+    connection comes back to it, every node's once per ``idle_seconds``), and beyond ``per_node``
+    (``None``: no bound) the oldest is closed at once.
+    """
+
+    def __init__(self, per_node: int | None = IDLE_PER_NODE, idle_seconds: float = IDLE_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.per_node = per_node
         self.idle_seconds = idle_seconds
+        self._clock = clock
         self._lock = threading.Lock()
         self._idle: dict[Node, list[tuple[float, C]]] = {}
         self._pid = os.getpid()
+        self._swept_at = clock()
 
     def usable(self, connection: C) -> bool:
         raise NotImplementedError
@@ -49,7 +59,7 @@ class IdlePool(Generic[C]):
 
     def take(self, node: Node) -> C | None:
         """The most recently used idle connection to ``node`` that is still usable, if any."""
-        now = time.monotonic()
+        now = self._clock()
         while True:
             # usable() is asked outside the lock: under gevent its poll yields to other greenlets,
             # and a lock made before monkey-patching (gunicorn --preload) is the thread's, so one
@@ -66,15 +76,36 @@ class IdlePool(Generic[C]):
 
     def give(self, node: Node, connection: C) -> None:
         """Keep ``connection`` (idle, its last response read to the end) for the next request to ``node``."""
-        dropped = None
+        now = self._clock()
         with self._lock:
             self._forget_parents()
             idle = self._idle.setdefault(node, [])
-            if len(idle) >= self.per_node:
-                _, dropped = idle.pop(0)  # the oldest
-            idle.append((time.monotonic(), connection))
-        if dropped is not None:
-            self.discard(dropped)
+            idle.append((now, connection))
+            dropped = self._unused(idle, now)
+            if self.per_node is not None and len(idle) > self.per_node:
+                dropped.append(idle.pop(0)[1])  # the oldest
+            if now - self._swept_at >= self.idle_seconds:
+                self._swept_at = now
+                for other in self._idle.values():
+                    dropped += self._unused(other, now)
+        for stale in dropped:
+            self.discard(stale)
+
+    def _unused(self, idle: list[tuple[float, C]], now: float) -> list[C]:
+        """Take out of ``idle`` (the oldest first) the connections idle for ``idle_seconds``."""
+        count = 0
+        while count < len(idle) and now - idle[count][0] >= self.idle_seconds:
+            count += 1
+        unused = [connection for _, connection in idle[:count]]
+        del idle[:count]
+        return unused
+
+    def drop(self, node: Node) -> None:
+        """Close every idle connection to ``node``."""
+        with self._lock:
+            idle = self._idle.pop(node, [])
+        for _, connection in idle:
+            self.discard(connection)
 
     def close(self) -> None:
         """Close every idle connection."""

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple, Protocol, Union
 from . import metrics
 from .exceptions import OutcomeUnknownError, ProtocolError, TrackerError, TrackerUnavailableError
 from .deadline import DeadlineReader, checked_seconds, readable_now
+from .nodepool import IdlePool
 from .protocol import ArgValue, Reply, encode_request, parse_reply
 
 Address = tuple[str, int]
@@ -49,11 +50,10 @@ ANSWERED_AFTER_STORAGE = frozenset({"create_close"})
 #: New connections on which a command safe to repeat is sent again when the tracker closes one
 #: before its reply (mogilefsd does, to an unrelated request, after a rename onto a taken key).
 CLOSED_RETRIES = 2
-#: Seconds a blocking pool keeps a connection unused. The one used last is taken first, so a
-#: steady load of any number of threads goes on reusing its own, while those a burst opened
-#: (hundreds of gevent greenlets) sink unused and are closed as the pool is next used: the
-#: tracker's descriptors are not held for the life of the process. The asyncio pool has at
-#: most ``max_connections`` per event loop.
+#: Seconds a blocking pool keeps a connection unused (:class:`~.nodepool.IdlePool`: the one used
+#: last is taken first). A steady load of any number of threads goes on reusing its own, while
+#: those a burst opened (hundreds of gevent greenlets) sink unused and are closed as the pool is
+#: next used. The asyncio pool has at most ``max_connections`` per event loop.
 IDLE_SECONDS = 30.0
 _NOOP = encode_request("noop", None)
 #: What :meth:`TrackerPoolBase._probe_steps` says of a tracker another request is asking already.
@@ -416,9 +416,7 @@ class TrackerPool(TrackerPoolBase):
     def _reset(self) -> None:
         super()._reset()
         self._pid = os.getpid()
-        self._lock = threading.Lock()
-        # Per tracker, the idle connections with when each was given back, the one used last at the end.
-        self._idle: dict[Address, list[tuple[TrackerConnection, float]]] = {address: [] for address in self.addresses}
+        self._idle = _IdleConnections(per_node=None, idle_seconds=IDLE_SECONDS, clock=self._clock)
 
     def _check_fork(self) -> None:
         # Sockets inherited through fork() are shared with the parent: forget them, never use them.
@@ -426,37 +424,13 @@ class TrackerPool(TrackerPoolBase):
             self._reset()
 
     def _drop_idle(self, address: Address) -> None:
-        with self._lock:
-            stale, self._idle[address] = self._idle[address], []
-        for connection, _ in stale:
-            connection.close()
+        self._idle.drop(address)
 
     def _take_idle(self, address: Address) -> TrackerConnection | None:
-        while True:
-            with self._lock:
-                if not self._idle[address]:
-                    return None
-                connection, _ = self._idle[address].pop()
-            if not connection.is_stale():
-                return connection
-            connection.close()
+        return self._idle.take(address)
 
     def _give_back(self, connection: TrackerConnection) -> None:
-        now = self._clock()
-        closing = []
-        with self._lock:
-            idle = self._idle[connection.address]
-            if os.getpid() == self._pid:
-                idle.append((connection, now))
-            else:
-                closing.append(connection)
-            unused = 0  # from the start: the ones used longest ago
-            while unused < len(idle) and now - idle[unused][1] > IDLE_SECONDS:
-                unused += 1
-            closing += [connection for connection, _ in idle[:unused]]
-            del idle[:unused]
-        for connection in closing:
-            connection.close()
+        self._idle.give(connection.address, connection)
 
     def request(
         self,
@@ -498,12 +472,18 @@ class TrackerPool(TrackerPoolBase):
 
     def close(self) -> None:
         """Close every idle connection (connections in use close when their request ends)."""
-        with self._lock:
-            idle = [connection for connections in self._idle.values() for connection, _ in connections]
-            for connections in self._idle.values():
-                connections.clear()
-        for connection in idle:
-            connection.close()
+        self._idle.close()
+
+
+class _IdleConnections(IdlePool[TrackerConnection]):
+    """A blocking pool's idle connections, per tracker: as many as the requests at once needed,
+    until unused for :data:`IDLE_SECONDS`."""
+
+    def usable(self, connection: TrackerConnection) -> bool:
+        return not connection.is_stale()
+
+    def discard(self, connection: TrackerConnection) -> None:
+        connection.close()
 
 
 class _SentAndLost(Exception):

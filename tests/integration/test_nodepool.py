@@ -9,7 +9,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ import pytest
 from mogile_middleware.async_storage import close_idle_connections
 from mogile_middleware.async_storage import open_replica as async_open_replica
 from mogile_middleware.devserver.storage_node import StorageNode
-from mogile_middleware.nodepool import NodePool
+from mogile_middleware.nodepool import IdlePool, NodePool
 from mogile_middleware.exceptions import StorageError
 from mogile_middleware.storage import open_replica
 from wiretools import LoopbackServer
@@ -98,6 +98,36 @@ def test_idle_connections_are_bounded_per_node(node: StorageNode) -> None:
         replica.close()
     assert settle(node.port, 2) == 2
     pool.close()
+
+
+class _Recorded(IdlePool[str]):
+    """A pool of names standing for connections, recording those it closes."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__(idle_seconds=10, clock=clock)
+        self.closed: list[str] = []
+
+    def usable(self, connection: str) -> bool:
+        return True
+
+    def discard(self, connection: str) -> None:
+        self.closed.append(connection)
+
+
+def test_connections_idle_for_their_time_close_as_the_pool_is_next_used_for_any_node() -> None:
+    # A node no request goes to any more (its files moved, a burst's extra connections) kept its
+    # idle connections, half-closed by the node, for the life of the process.
+    now = [0.0]
+    pool = _Recorded(lambda: now[0])
+    pool.give(("a", 1), "a1")
+    pool.give(("a", 1), "a2")
+    now[0] = 5
+    pool.give(("b", 1), "b1")
+    assert pool.closed == []
+    now[0] = 11
+    pool.give(("b", 1), "b2")
+    assert pool.closed == ["a1", "a2"]
+    assert (pool.take(("b", 1)), pool.take(("b", 1)), pool.take(("a", 1))) == ("b2", "b1", None)
 
 
 def test_threads_sharing_a_pool_each_get_their_bytes(node: StorageNode) -> None:

@@ -72,25 +72,36 @@ def test_threads_get_their_own_connections_and_all_replies_match(tracker: Script
     assert tracker.connections <= 8
 
 
+class OpenCounting(ScriptedTracker):
+    """A scripted tracker that counts the connections open now."""
+
+    def __init__(self, script: Callable[[bytes], bytes | None]) -> None:
+        self.open_now = 0
+        super().__init__(script)
+
+    def _serve(self, conn: socket.socket) -> None:
+        with self._lock:
+            self.open_now += 1
+        try:
+            super()._serve(conn)
+        finally:
+            with self._lock:
+                self.open_now -= 1
+
+    def open_eventually(self, count: int) -> int:
+        """The connections open once they are ``count``, or after 5 s."""
+        deadline = time.monotonic() + 5
+        while self.open_now != count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.open_now
+
+
 def test_a_bursts_connections_serve_the_next_and_close_once_unused_for_a_while() -> None:
     # 40 requests in flight at once (gevent's greenlets make hundreds), each on a connection of its
     # own. Before, all stayed open for the life of the process; then, with 16 kept at most, a steady
     # load of more threads than that opened new connections all the time (the bench's 10f).
     burst = 40
-    open_now = 0
-    lock = threading.Lock()
     clock = FakeClock()
-
-    class Counting(ScriptedTracker):
-        def _serve(self, conn: socket.socket) -> None:
-            nonlocal open_now
-            with lock:
-                open_now += 1
-            try:
-                super()._serve(conn)
-            finally:
-                with lock:
-                    open_now -= 1
 
     def all_at_once() -> None:
         arrived = threading.Barrier(burst)
@@ -102,7 +113,7 @@ def test_a_bursts_connections_serve_the_next_and_close_once_unused_for_a_while()
             thread.join(15)
         tracker.script = ok
 
-    tracker = Counting(ok)
+    tracker = OpenCounting(ok)
     try:
         pool = TrackerPool([tracker.tracker], clock=clock)
         all_at_once()
@@ -111,12 +122,24 @@ def test_a_bursts_connections_serve_the_next_and_close_once_unused_for_a_while()
         for _ in range(100):  # one at a time for twice IDLE_SECONDS: the one used last, each time
             clock.now += IDLE_SECONDS / 50
             pool.request("noop")
-        deadline = time.monotonic() + 5
-        while open_now > 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert open_now == 1 and tracker.connections == burst
+        assert tracker.open_eventually(1) == 1 and tracker.connections == burst
     finally:
         tracker.stop()
+
+
+def test_the_idle_connections_of_a_tracker_no_longer_asked_close_once_unused_for_a_while() -> None:
+    clock = FakeClock()
+    first, second = OpenCounting(ok), OpenCounting(ok)
+    try:
+        pool = TrackerPool([first.tracker, second.tracker], clock=clock)
+        pool.request("noop", tracker=second.address)
+        assert second.open_eventually(1) == 1
+        clock.now += IDLE_SECONDS
+        pool.request("noop", tracker=first.address)
+        assert second.open_eventually(0) == 0
+    finally:
+        first.stop()
+        second.stop()
 
 
 @both_flavours
