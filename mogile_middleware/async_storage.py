@@ -441,7 +441,7 @@ class AsyncReplicaResponse:
             connection.close(reusable)
 
     async def aclose(self) -> None:
-        """Close the connection at once, unless no body is left (a HEAD, a 304: then it is kept
+        """Close the connection at once, unless no body is left (a HEAD or a 204: then it is kept
         for the next request to the node); closing again does nothing."""
         connection = self._connection
         self._end(reusable=self._remaining == 0)
@@ -502,8 +502,9 @@ async def open_replica(
     length: int | None = None,
     timeout: float = 10.0,
 ) -> AsyncReplicaResponse:
-    """Open the first of ``urls`` that answers 2xx (with a body of ``length`` bytes, when given),
-    trying the next on a refusal, an error, another status or another length, or a bad URL; a
+    """Open the first of ``urls`` that answers as asked (:meth:`~.storage.ReplicaFailures.accepts`:
+    a body of ``length`` bytes, when given), trying the next on a refusal, an error, another answer
+    or a bad URL; a
     node that did not answer lately is not asked (:mod:`.downnodes`).
 
     ``byte_range`` is an absolute, inclusive ``(first, last)`` pair sent as ``Range``: storage

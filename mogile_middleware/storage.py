@@ -38,6 +38,8 @@ SLOW_FAILURE_SECONDS = 0.5
 
 #: The longest response head taken.
 MAX_HEAD = CHUNK_SIZE
+#: The most digits a ``Content-Length`` may have (an exabyte): more is no file a node holds.
+MAX_LENGTH_DIGITS = 18
 #: Statuses whose response has no body, whatever its headers say.
 NO_BODY = frozenset({204, 304})
 #: What a request target or a host may not hold (as ``http.client`` checks them): controls and
@@ -114,7 +116,7 @@ def parse_head(url: str, head: bytes) -> tuple[int, dict[str, str], bool]:
         # The same length repeated is one length (RFC 9110 8.6); anything else ends the body nowhere.
         lengths = {value.strip() for value in headers["content-length"].split(",")}
         length = lengths.pop()
-        if lengths or not (length.isascii() and length.isdigit()):
+        if lengths or not (length.isascii() and length.isdigit()) or len(length) > MAX_LENGTH_DIGITS:
             raise StorageError(f"{url} sent Content-Length: {headers['content-length'][:80]!r}", url)
         headers["content-length"] = length
     connection = {token.strip() for token in headers.get("connection", "").lower().split(",")}
@@ -174,6 +176,11 @@ class NodeConnection:
         self.sock.settimeout(read_timeout)
         return status, headers, keep_alive, data
 
+    @property
+    def received(self) -> int:
+        """Bytes received on this connection so far."""
+        return self._reader.received
+
     def close(self) -> None:
         """Close the socket; the connection is not used again."""
         self._reader.close()
@@ -189,10 +196,13 @@ def _get(url: str, method: str, headers: dict[str, str], timeout: float, pool: N
     request = target.request_head(method, headers, keep_alive=True)
     kept = pool.take(target.node)
     if kept is not None:
+        received = kept.received
         try:
             return ReplicaResponse(url, kept, *kept.exchange(request, url, deadline, timeout), method, pool)
         except (OSError, StorageError):
             kept.close()
+            if kept.received > received:  # the node answered, wrongly: not asked again
+                raise
     connection = NodeConnection(target.node, time_left(deadline))
     try:
         return ReplicaResponse(url, connection, *connection.exchange(request, url, deadline, timeout), method, pool)
@@ -295,10 +305,10 @@ def open_replica(
     timeout: float = 10.0,
     pool: NodePool = nodes,
 ) -> ReplicaResponse:
-    """Open the first of ``urls`` that answers 2xx (with a body of ``length`` bytes, when given),
-    trying the next on a refusal, an error or another length; a node that did not answer lately
-    is not asked (:mod:`.downnodes`). Connections come from ``pool`` and go back to it once a
-    response was read to its end.
+    """Open the first of ``urls`` that answers as asked (:meth:`ReplicaFailures.accepts`: a body of
+    ``length`` bytes, when given), trying the next on a refusal, an error or another answer; a node
+    that did not answer lately is not asked (:mod:`.downnodes`). Connections come from ``pool``
+    and go back to it once a response was read to its end.
 
     ``byte_range`` is an absolute, inclusive ``(first, last)`` pair sent as ``Range``: storage
     nodes answer suffix ranges (``bytes=-N``) wrongly, so callers resolve them first. Raises
@@ -408,24 +418,28 @@ class ReplicaFailures:
 
     def accepts(self, url: str, status: int, headers: Mapping[str, str], byte_range: tuple[int, int] | None,
                 expected: int | None) -> bool:
-        """True for the answer asked for, with the ``expected`` length (when given): a 200, or for
-        ``byte_range`` a 206 of that range; else noted as a failure."""
+        """True for the answer asked for, with a ``Content-Length`` (storage nodes always send
+        one), the ``expected`` one when given: a 200, or for ``byte_range`` a 206 of that range (or
+        a 200 of the whole file, when the range is all of it); else noted as a failure."""
         down_nodes.answered(url)
         length = content_length(headers)
         if byte_range is None:
             answered = status == 200
         else:
-            answered = status == 206 and headers.get("content-range", "").startswith(
-                f"bytes {byte_range[0]}-{byte_range[1]}/")
-        if answered and (expected is None or length == expected):
+            first, last = byte_range
+            answered = (status == 206 and headers.get("content-range", "").startswith(f"bytes {first}-{last}/")
+                        or status == 200 and first == 0 and length == last + 1)
+        if answered and length is not None and (expected is None or length == expected):
             return True
         self.last_status = status
-        if answered:
-            self.lines.append(f"{url}: {length} bytes, expected {expected}")
-        else:
+        if not answered:
             told = f" ({headers['content-range']})" if "content-range" in headers else ""
             asked = f" to Range: {range_header(byte_range)['Range']}" if byte_range else ""
             self.lines.append(f"{url}: HTTP {status}{told}{asked}")
+        elif length is None:
+            self.lines.append(f"{url}: HTTP {status} without a Content-Length")
+        else:
+            self.lines.append(f"{url}: {length} bytes, expected {expected}")
         metrics.recorder.replica_failover()
         return False
 

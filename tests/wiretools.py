@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import socket
 import re
+import socket
 import threading
+import time
 from collections.abc import Callable
 from urllib.parse import parse_qs
 
@@ -103,10 +104,11 @@ class ScriptedTracker(LoopbackServer):
 
 class KeptAliveNode(LoopbackServer):
     """A storage node answering each request head (without its blank line) of a kept-open
-    connection with the bytes ``answer(head)`` gives; ``requests`` keeps the heads. With
-    ``closes``, it closes the connection after its first answer, so a body of no known length ends."""
+    connection with the bytes ``answer(head)`` gives (a tuple of them: sent 50 ms apart);
+    ``requests`` keeps the heads. With ``closes``, it closes the connection after its first
+    answer, so a body of no known length ends."""
 
-    def __init__(self, answer: Callable[[bytes], bytes], *, closes: bool = False) -> None:
+    def __init__(self, answer: Callable[[bytes], bytes | tuple[bytes, ...]], *, closes: bool = False) -> None:
         self.answer = answer
         self.closes = closes
         self.requests: list[bytes] = []
@@ -123,7 +125,11 @@ class KeptAliveNode(LoopbackServer):
                     data += piece
                 head, _, data = data.partition(b"\r\n\r\n")
                 self.requests.append(head)
-                conn.sendall(self.answer(head))
+                answer = self.answer(head)
+                for n, part in enumerate(answer if isinstance(answer, tuple) else (answer,)):
+                    if n:
+                        time.sleep(0.05)
+                    conn.sendall(part)
                 if self.closes:
                     return
         except OSError:

@@ -603,3 +603,17 @@ def test_a_put_answered_on_a_connection_the_node_keeps_open_ends_at_once(nodes) 
 
     assert run(main(), seconds=10) < 1
     assert eventually(lambda: node.open == 0)  # and its connection closed
+
+
+def test_a_put_answered_with_a_length_of_no_file_is_a_storage_error(nodes) -> None:
+    """A Content-Length of thousands of digits, past what int() reads, was a ValueError, which
+    an upload does not take as a node's failure."""
+    node = nodes(lambda conn: conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 1" + b"0" * 4400 + b"\r\n\r\n"))
+
+    async def main() -> None:
+        put = await AsyncPutStream.open(node.url, length=5, timeout=2)
+        await put.write(b"hello")
+        await put.finish()
+
+    with pytest.raises(StorageError, match="Content-Length"):
+        run(main(), seconds=10)

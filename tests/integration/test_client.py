@@ -241,9 +241,12 @@ def test_an_upload_goes_to_the_next_tracker_when_the_first_never_answers(devmogi
                  id="206-to-a-get"),
     pytest.param(b"HTTP/1.0 200 OK\r\nContent-Length: 10, 11\r\n\r\n" + TEN, id="two-lengths"),
     pytest.param(b"HTTP/1.0 200 OK\r\nContent-Length: +10\r\n\r\n" + TEN, id="signed-length"),
+    pytest.param(b"HTTP/1.0 200 OK\r\nContent-Length: 1" + b"0" * 4400 + b"\r\n\r\n" + TEN, id="huge-length"),
+    pytest.param(b"HTTP/1.0 200 OK\r\n\r\n" + TEN[:5], id="no-length-cut-short"),
 ])
 def test_a_replica_whose_answer_is_not_the_whole_file_is_passed_over(flavour: Flavour, wrong: bytes) -> None:
-    """Without the file's length to check, the client took a part, or a body of no known end, as the file."""
+    """Without the file's length to check, the client took a part, or a body of no known end, as the
+    file (storage nodes always send a Content-Length)."""
     bad, good = KeptAliveNode(lambda head: wrong, closes=True), KeptAliveNode(honest)
     tracker = files_tracker({"k": (9, 10, [bad.url(9), good.url(9)])})
     client = flavour.Client(DOMAIN, [tracker.tracker])

@@ -20,7 +20,7 @@ from mogile_middleware.devserver.storage_node import StorageNode
 from mogile_middleware.nodepool import IdlePool, NodePool
 from mogile_middleware.exceptions import StorageError
 from mogile_middleware.storage import open_replica
-from wiretools import LoopbackServer
+from wiretools import TEN, KeptAliveNode, LoopbackServer, honest
 
 BODY = bytes(range(256)) * 1024  # 256 KiB: more than one read
 
@@ -338,3 +338,20 @@ def test_reads_into_buffers_of_any_size_give_the_body_and_a_short_one_raises(nod
                     pass
     finally:
         short.stop()
+
+
+def test_a_kept_connection_answered_wrongly_is_not_asked_again_on_a_new_one() -> None:
+    """A kept connection that fails before any answer is replaced by a fresh one (the node may
+    have closed it meanwhile); one the node answered wrongly is that node's answer."""
+    answers = iter([honest(b"GET"), b"HTTP/1.0 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"])
+    node = KeptAliveNode(lambda head: next(answers, b""))
+    pool = NodePool()
+    try:
+        with open_replica([node.url(9)], pool=pool) as replica:
+            assert replica.read() == TEN
+        with pytest.raises(StorageError, match="Transfer-Encoding"):
+            open_replica([node.url(9)], pool=pool)
+        assert len(node.requests) == 2 and node.connections == 1
+    finally:
+        pool.close()
+        node.stop()

@@ -108,7 +108,6 @@ def test_garbage_is_a_protocol_error(line: bytes) -> None:
         parse_reply(line)
 
 
-
 @pytest.mark.parametrize(("line", "read"), [
     pytest.param(b"OK paths=2&path1=http://10.0.0.1:7500/dev1/0/000/000/0000000001.fid\r\n", paths_of,
                  id="a-path-missing"),
@@ -118,6 +117,7 @@ def test_garbage_is_a_protocol_error(line: bytes) -> None:
 def test_an_ok_reply_without_what_the_command_reads_is_a_protocol_error(line: bytes, read: Any) -> None:
     with pytest.raises(exceptions.ProtocolError, match="the tracker's reply has"):
         read(parse_reply(line))
+
 
 # The key values of the encoding transcript (08-key-encoding.txt).
 AWKWARD_KEYS = [
