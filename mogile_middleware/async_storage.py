@@ -639,7 +639,8 @@ class AsyncPutStream:
                 connection.write(b"0\r\n\r\n")
             await connection.drain()
             status, headers = await connection.read_head(self.url)
-            await connection.skip(min(content_length(headers) or 0, CHUNK_SIZE))
+            if status not in NO_BODY:
+                await connection.skip(min(content_length(headers) or 0, CHUNK_SIZE))
             return status
 
         try:
@@ -653,10 +654,13 @@ class AsyncPutStream:
         except BaseException:
             connection.abort()
             raise
+        if not 200 <= status < 300:
+            # Perhaps before the whole body: what is left of it is not waited on (close() would
+            # wait to send it to a node that reads no more).
+            connection.abort()
+            raise StorageError(f"PUT {self.url} answered HTTP {status}", self.url, status)
         connection.close()  # never kept: the request said Connection: close, whatever the node answered
         await connection.wait_closed()
-        if not 200 <= status < 300:
-            raise StorageError(f"PUT {self.url} answered HTTP {status}", self.url, status)
 
     def abort(self) -> None:
         """Drop the connection without finishing the body; aborting again does nothing."""

@@ -243,9 +243,10 @@ class NewFile(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def _open_stream(self) -> PutStream:
-        """Start the PUT on the next destination that accepts it."""
-        failures = []
+    def _open_stream(self, failures: list[str] | None = None) -> PutStream:
+        """Start the PUT on the next destination that accepts it; ``failures`` (of the destinations
+        tried before, which the error names too) grows with each that refuses."""
+        failures = [] if failures is None else failures
         while self._destinations:
             self._devid, self._path = self._destinations.pop(0)
             try:
@@ -293,10 +294,10 @@ class NewFile(io.RawIOBase):
         start = None if remaining_size(fileobj) is None else fileobj.tell()
         dropped: list[str] = []  # by the nodes tried, for the error when none is left
         while True:
-            stream = self._stream or self._open_stream()
+            stream = self._stream or self._open_stream(dropped)
             try:
                 for chunk in pieces_of(fileobj, READ_SIZE):
-                    self._send(stream, chunk)
+                    self._send(stream, in_bytes(chunk))
                     if progress is not None:
                         progress(self.size)
                 stream.finish()

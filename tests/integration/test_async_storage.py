@@ -31,6 +31,7 @@ from mogile_middleware.async_storage import (
 )
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.exceptions import StorageError
+from mogile_middleware.storage import PutStream, Target
 
 CONTENT = bytes(range(256)) * 400 + b"the end"  # 102,407 bytes: more than one chunk
 OTHER = b"another file, another length"
@@ -617,3 +618,66 @@ def test_a_put_answered_with_a_length_of_no_file_is_a_storage_error(nodes) -> No
 
     with pytest.raises(StorageError, match="Content-Length"):
         run(main(), seconds=10)
+
+
+def _put(kind: str, url: str, body: bytes, timeout: float) -> None:
+    """PUT ``body`` to ``url`` with the blocking or the asyncio stream."""
+    if kind == "sync":
+        put = PutStream(url, length=len(body), timeout=timeout)
+        put.write(body)
+        put.finish()
+        return
+
+    async def main() -> None:
+        stream = await AsyncPutStream.open(url, length=len(body), timeout=timeout)
+        await stream.write(body)
+        await stream.finish()
+    run(main(), seconds=timeout + 10)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_puts_answer_read_past_interim_ones(nodes, kind: str) -> None:
+    node = nodes(lambda conn: conn.sendall(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"))
+    _put(kind, node.url, b"hello", timeout=2)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("answer", [
+    pytest.param(lambda conn: [conn.sendall(bytes([byte])) or time.sleep(0.2) for byte in b"HTTP/1.1 201 Created\r\n\r\n"],
+                 id="trickled"),
+    pytest.param(lambda conn: [conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n") or time.sleep(0.2) for _ in range(40)],
+                 id="endless-interim"),
+])
+def test_a_puts_answer_comes_within_the_timeout(nodes, kind: str, answer: Callable[[socket.socket], None]) -> None:
+    """The blocking PUT waited on each piece of the answer anew: a node trickling it took minutes."""
+    node = nodes(answer)
+    started = time.monotonic()
+    with pytest.raises(StorageError):
+        _put(kind, node.url, b"hello", timeout=1)
+    assert time.monotonic() - started < 2.5
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_puts_answer_body_is_not_read(nodes, kind: str) -> None:
+    """The blocking PUT read the whole body of the node's answer into memory (and waited for it)."""
+    node = nodes(lambda conn: conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 300000000\r\n\r\n" + b"x" * 100000))
+    started = time.monotonic()
+    _put(kind, node.url, b"hello", timeout=2)
+    assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("url", ["http://ex\u00e4mple.invalid:7500/dev1/0/000/000/0000000001.fid",
+                                 "http://127.0.0.1:0/dev1/0/000/000/0000000001.fid"], ids=["non-ascii-host", "port-0"])
+def test_a_storage_url_no_request_can_reach_is_a_storage_error(url: str) -> None:
+    with pytest.raises(StorageError, match="bad storage URL"):
+        Target(url)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_put_answered_204_with_a_length_is_done_at_once(nodes, kind: str) -> None:
+    """A 204 has no body whatever its Content-Length says: the asyncio PUT waited for one."""
+    node = nodes(lambda conn: conn.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n"))
+    started = time.monotonic()
+    _put(kind, node.url, b"hello", timeout=2)
+    assert time.monotonic() - started < 1

@@ -3,6 +3,7 @@ embedded MogileFS over real sockets."""
 
 from __future__ import annotations
 
+import array
 import hashlib
 import inspect
 import io
@@ -557,8 +558,13 @@ def test_upload_falls_back_to_the_next_destination(devmogile: DevMogileFS, flavo
 
 
 @both_flavours
-def test_an_upload_every_destination_dropped_names_each(flavour: Flavour, dropping_node: str) -> None:
-    tracker = _scripted_open([dropping_node + "/dev1", dropping_node + "/dev2"])
+@pytest.mark.parametrize("second", ["dropping", "refusing"])
+def test_an_upload_every_destination_dropped_names_each(flavour: Flavour, dropping_node: str, second: str) -> None:
+    """A node that refused after one that dropped the PUT: the blocking upload named only the last."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        refusing = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    tracker = _scripted_open([dropping_node + "/dev1", (dropping_node if second == "dropping" else refusing) + "/dev2"])
     try:
         with pytest.raises(UploadError) as raised:
             flavour.Client(DOMAIN, [tracker.tracker]).store_file("dropped", io.BytesIO(bytes(300_000)), cls="thumb")
@@ -606,3 +612,20 @@ def test_a_rejected_create_close_is_an_upload_error_naming_the_cause(devmogile: 
         assert raised.value.__cause__.code == code
     finally:
         tracker.stop()
+
+
+def test_a_file_read_as_wide_items_is_stored_as_its_bytes(devmogile: DevMogileFS) -> None:
+    """A memoryview of 4-byte items was sent with its item count as the chunk's length."""
+    class Wide(io.RawIOBase):
+        def __init__(self) -> None:
+            self.left = [memoryview(array.array("I", range(250)))]
+
+        def readable(self) -> bool:
+            return True
+
+        def read(self, size: int = -1) -> memoryview | bytes:  # type: ignore[override]
+            return self.left.pop() if self.left else b""
+
+    client = Client(DOMAIN, devmogile.trackers)
+    assert client.store_file("wide", Wide(), cls="thumb") == 1000
+    assert client.get_file_data("wide") == array.array("I", range(250)).tobytes()
