@@ -47,6 +47,10 @@ IDEMPOTENT_COMMANDS = frozenset(
 #: Commands whose answer waits on a storage node (mogilefsd checks the new file's size there, and
 #: its MD5 when asked to): a tracker that misses their deadline is not marked dead for it.
 ANSWERED_AFTER_STORAGE = frozenset({"create_close"})
+#: How fast a tracker is assumed to read a new file back to check its MD5 (``create_close`` with
+#: ``checksumverify``): the deadline grows by the file's size at this pace. mogilefsd 2.73 read
+#: 440 MiB/s from a local node; a busy disk across a network is slower.
+VERIFIED_BYTES_PER_SECOND = 16 * 1024 * 1024
 #: New connections on which a command safe to repeat is sent again when the tracker closes one
 #: before its reply (mogilefsd does, to an unrelated request, after a rename onto a taken key).
 CLOSED_RETRIES = 2
@@ -277,6 +281,7 @@ class TrackerPoolBase:
         line = encode_request(command, args)
         retry_midway = command in IDEMPOTENT_COMMANDS
         may_take_long = command in ANSWERED_AFTER_STORAGE
+        seconds = self.io_timeout + _verifying_seconds(command, args)
         candidates: Sequence[Address] = [tracker] if tracker is not None else self.live_trackers()
         if tracker is None and len(candidates) < len(self.addresses):
             for address in self.addresses:
@@ -301,7 +306,7 @@ class TrackerPoolBase:
                     continue
             started, outcome = time.monotonic(), "failed"
             try:
-                reply = yield from self._steps_on(address, line, retry_midway, may_take_long)
+                reply = yield from self._steps_on(address, line, retry_midway, may_take_long, seconds)
                 outcome = "ok"
                 return reply, address
             except TrackerError:
@@ -353,12 +358,13 @@ class TrackerPoolBase:
         return None
 
     def _steps_on(self, address: Address, line: bytes, retry_midway: bool,
-                  may_take_long: bool) -> Generator[Step, Any, Reply]:
-        """One request to one tracker: on a pooled connection, else on a new one."""
+                  may_take_long: bool, seconds: float) -> Generator[Step, Any, Reply]:
+        """One request to one tracker, its reply due within ``seconds``: on a pooled connection,
+        else on a new one."""
         deadline = None
         connection = yield TakeIdle(address)
         if connection is not None:
-            deadline = time.monotonic() + self.io_timeout
+            deadline = time.monotonic() + seconds
             try:
                 return (yield Ask(connection, line, deadline))
             except (OSError, ProtocolError) as error:
@@ -366,7 +372,7 @@ class TrackerPoolBase:
                     raise _SentAndLost() from error
                 if time.monotonic() >= deadline:  # too slow, not closed: a new connection would be no faster
                     self.mark_dead(address)
-                    raise TimeoutError(f"no reply within {self.io_timeout:g}s") from error
+                    raise TimeoutError(f"no reply within {seconds:g}s") from error
                 # The tracker may close kept-open connections at any time: try once on a new one.
         # mogilefsd closes a new connection too, when one of its workers misspoke to another client
         # (a rename onto a taken key): a command safe to repeat is sent on a few more.
@@ -378,7 +384,7 @@ class TrackerPoolBase:
                 self.mark_dead(address)
                 raise
             if deadline is None:
-                deadline = time.monotonic() + self.io_timeout
+                deadline = time.monotonic() + seconds
             try:
                 return (yield Ask(connection, line, deadline))
             except (OSError, ProtocolError) as error:
@@ -394,6 +400,14 @@ class TrackerPoolBase:
 
     def _describe(self) -> str:
         return ", ".join(_describe(address) for address in self.addresses)
+
+
+def _verifying_seconds(command: str, args: Mapping[str, ArgValue] | None) -> float:
+    """The time a tracker may take beyond ``io_timeout`` to answer ``command``: reading a new file
+    back to check its MD5, for a ``create_close`` with ``checksumverify``."""
+    if command != "create_close" or not args or not args.get("checksumverify"):
+        return 0.0
+    return int(args.get("size") or 0) / VERIFIED_BYTES_PER_SECOND
 
 
 class TrackerPool(TrackerPoolBase):

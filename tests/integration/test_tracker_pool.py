@@ -18,7 +18,7 @@ from wiretools import ScriptedTracker, ok
 from mogile_middleware import Client
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.exceptions import OutcomeUnknownError, TrackerUnavailableError, UnknownKeyError
-from mogile_middleware.tracker import IDLE_SECONDS, TrackerPool, parse_address, parse_trackers
+from mogile_middleware.tracker import IDLE_SECONDS, VERIFIED_BYTES_PER_SECOND, TrackerPool, parse_address, parse_trackers
 
 
 class FakeClock:
@@ -525,3 +525,24 @@ def test_kept_connections_work_past_descriptor_1023(devmogile: DevMogileFS) -> N
         for descriptor in filler:
             os.close(descriptor)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@both_flavours
+def test_a_verified_create_close_may_take_the_time_to_read_the_file_back(flavour: Flavour) -> None:
+    """mogilefsd reads a new file back to check its MD5 before it answers: within io_timeout alone,
+    the upload of a large file to a class that keeps checksums had an unknown outcome."""
+    def slow_close(line: bytes) -> bytes:
+        if line.startswith(b"create_close"):
+            time.sleep(0.8)
+        return b"OK \r\n"
+
+    tracker = ScriptedTracker(slow_close)
+    pool = flavour.TrackerPool([tracker.tracker], io_timeout=0.5)
+    try:
+        size = VERIFIED_BYTES_PER_SECOND  # a second more
+        pool.request("create_close", {"fid": 7, "size": size, "checksum": "MD5:" + "0" * 32, "checksumverify": 1})
+        with pytest.raises(OutcomeUnknownError):
+            pool.request("create_close", {"fid": 7, "size": size, "checksum": "MD5:" + "0" * 32})
+    finally:
+        pool.close()
+        tracker.stop()
