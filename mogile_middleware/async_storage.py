@@ -626,7 +626,8 @@ class AsyncPutStream:
         self._written += size
 
     async def finish(self) -> None:
-        """End the body and check that the node stored it (2xx)."""
+        """End the body and check that the node stored it (2xx), its answer's head read within
+        ``timeout`` (its body, if any, is not read: the connection is closed)."""
         connection = self._open_connection()
         if self._length is not None and self._written != self._length:
             self.abort()
@@ -638,9 +639,7 @@ class AsyncPutStream:
             if self._length is None:
                 connection.write(b"0\r\n\r\n")
             await connection.drain()
-            status, headers = await connection.read_head(self.url)
-            if status not in NO_BODY:
-                await connection.skip(min(content_length(headers) or 0, CHUNK_SIZE))
+            status, _ = await connection.read_head(self.url)
             return status
 
         try:
@@ -654,13 +653,13 @@ class AsyncPutStream:
         except BaseException:
             connection.abort()
             raise
-        if not 200 <= status < 300:
-            # Perhaps before the whole body: what is left of it is not waited on (close() would
-            # wait to send it to a node that reads no more).
-            connection.abort()
-            raise StorageError(f"PUT {self.url} answered HTTP {status}", self.url, status)
-        connection.close()  # never kept: the request said Connection: close, whatever the node answered
+        # Never kept (the request said Connection: close), and its answer is all that was wanted:
+        # what the transport still holds is not waited on (close() would wait to send it to a
+        # node that answered early and reads no more).
+        connection.abort()
         await connection.wait_closed()
+        if not 200 <= status < 300:
+            raise StorageError(f"PUT {self.url} answered HTTP {status}", self.url, status)
 
     def abort(self) -> None:
         """Drop the connection without finishing the body; aborting again does nothing."""

@@ -681,3 +681,13 @@ def test_a_put_answered_204_with_a_length_is_done_at_once(nodes, kind: str) -> N
     started = time.monotonic()
     _put(kind, node.url, b"hello", timeout=2)
     assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_put_refused_is_told_by_its_status_whatever_its_body(nodes, kind: str) -> None:
+    """The asyncio PUT waited for the refusal's body, which never came, and reported a timeout."""
+    node = nodes(lambda conn: conn.sendall(b"HTTP/1.1 507 Insufficient Storage\r\nContent-Length: 20\r\n\r\n"))
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="HTTP 507"):
+        _put(kind, node.url, b"hello", timeout=2)
+    assert time.monotonic() - started < 1
