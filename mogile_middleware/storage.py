@@ -470,6 +470,7 @@ class PutStream:
         self._length = length
         self._written = 0
         self._timeout = timeout
+        self._connection: NodeConnection | None = None
         target = Target(url)
         try:
             self._connection = NodeConnection(target.node, timeout)
@@ -480,14 +481,19 @@ class PutStream:
             self.abort()
             raise StorageError(f"PUT {url} refused: {error or type(error).__name__}", url) from error
 
+    def _open_connection(self) -> NodeConnection:
+        if self._connection is None:
+            raise StorageError(f"PUT {self.url} is already finished or aborted", self.url)
+        return self._connection
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send the next piece of the body."""
+        sock = self._open_connection().sock
         if not data:
             return
         if self._length is not None and self._written + len(data) > self._length:
             self.abort()
             raise LengthMismatchError(f"PUT {self.url}: more than the {self._length} bytes announced", self.url)
-        sock = self._connection.sock
         try:
             if self._chunked:
                 sock.sendall(b"%X\r\n" % len(data))
@@ -503,22 +509,24 @@ class PutStream:
     def finish(self) -> None:
         """End the body and check that the node stored it (2xx), its answer's head read within
         ``timeout`` (its body, if any, is not read: the connection is closed)."""
+        connection = self._open_connection()
         if self._length is not None and self._written != self._length:  # the node would wait for the rest
             self.abort()
             raise LengthMismatchError(f"PUT {self.url}: {self._written} of the {self._length} bytes announced written",
                                self.url)
+        self._connection = None
         try:
             end = b"0\r\n\r\n" if self._chunked else b""
-            status, *_ = self._connection.exchange(end, self.url, time.monotonic() + self._timeout, self._timeout)
+            status, *_ = connection.exchange(end, self.url, time.monotonic() + self._timeout, self._timeout)
         except (OSError, StorageError) as error:
             raise StorageError(f"PUT {self.url} failed: {error or type(error).__name__}", self.url) from error
         finally:
-            self._connection.close()
+            connection.close()
         if not 200 <= status < 300:
             raise StorageError(f"PUT {self.url} answered HTTP {status}", self.url, status)
 
     def abort(self) -> None:
-        """Drop the connection without finishing the body."""
-        connection = getattr(self, "_connection", None)
+        """Drop the connection without finishing the body; aborting again does nothing."""
+        connection, self._connection = self._connection, None
         if connection is not None:
             connection.close()

@@ -691,3 +691,28 @@ def test_a_put_refused_is_told_by_its_status_whatever_its_body(nodes, kind: str)
     with pytest.raises(StorageError, match="HTTP 507"):
         _put(kind, node.url, b"hello", timeout=2)
     assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_put_finished_or_aborted_takes_nothing_more(nodes, kind: str) -> None:
+    """The blocking PUT answered a write or a finish after its end with a socket's error."""
+    node = nodes(lambda conn: conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"))
+    if kind == "sync":
+        finished, aborted = PutStream(node.url, timeout=2), PutStream(node.url, timeout=2)
+        finished.write(b"hello")
+        finished.finish()
+        aborted.abort()
+        for late in (lambda: finished.write(b"more"), finished.finish, lambda: aborted.write(b"more"), aborted.finish):
+            with pytest.raises(StorageError, match="already finished or aborted"):
+                late()
+        return
+
+    async def main() -> None:
+        finished, aborted = await AsyncPutStream.open(node.url, timeout=2), await AsyncPutStream.open(node.url, timeout=2)
+        await finished.write(b"hello")
+        await finished.finish()
+        aborted.abort()
+        for late in (lambda: finished.write(b"more"), finished.finish, lambda: aborted.write(b"more"), aborted.finish):
+            with pytest.raises(StorageError, match="already finished or aborted"):
+                await late()
+    run(main(), seconds=10)
