@@ -238,26 +238,16 @@ def test_a_silent_replica_is_not_waited_for_twice(method: str) -> None:
 
 
 class _TenBytes(BaseHTTPRequestHandler):
-    """A storage node holding every file, ten bytes each."""
+    """A storage node holding every file, ten bytes each (:data:`~wiretools.TEN`)."""
 
     def do_GET(self) -> None:  # noqa: N802
         self.send_response(200)
         self.send_header("Content-Length", "10")
         self.end_headers()
-        self.wfile.write(b"0123456789")
+        self.wfile.write(TEN)
 
     def log_message(self, format: str, *args: object) -> None:
         pass
-
-
-def ten_byte_files(node_port: int) -> ScriptedTracker:
-    """A tracker that knows every key as a file of ten bytes (fid 9) on the node at ``node_port``."""
-    url = f"http://127.0.0.1:{node_port}/dev1/0/000/000/0000000009.fid"
-    return ScriptedTracker(lambda line: {
-        b"get_paths": f"OK paths=1&path1={url}\r\n".encode(),
-        b"file_info": b"OK fid=9&domain=testdom&class=thumb&key=k&length=10&devcount=1\r\n",
-        b"get_domains": b"OK domains=1&domain1=testdom&domain1classes=1&domain1class1name=thumb"
-                        b"&domain1class1mindevcount=1\r\n"}.get(line.split()[0], b"OK \r\n"))
 
 
 @pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
@@ -266,7 +256,7 @@ def test_a_node_that_refuses_at_once_is_asked_again_at_once(getter: Getter) -> N
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    tracker = ten_byte_files(port)
+    tracker = one_file_tracker(port, "k", 10)
     get = getter(tracker.tracker)
     node = None
     try:
