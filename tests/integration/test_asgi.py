@@ -138,6 +138,39 @@ def test_a_mount_point_beyond_ascii_through_uvicorn(devmogile: DevMogileFS) -> N
     assert (reply.status, reply.body, reply.headers["etag"]) == (200, b"hello", '"fid-1"')
 
 
+def test_a_fastapi_app_under_uvicorn_keeps_its_routes_lifespan_and_private_endpoint(devmogile: DevMogileFS) -> None:
+    """FastAPI's add_middleware, on the socket: files under the prefix, the app's JSON route with
+    its lifespan's state, and its endpoint answering with a private file behind a dependency."""
+    pytest.importorskip("fastapi", reason="fastapi is installed by the test command ('.[dev]')")
+    from integration._fastapi_app import TOKEN
+
+    client = Client(DOMAIN, devmogile.trackers)
+    client.store_content("hello.txt", b"hello", cls="thumb")
+    client.store_content("private/doc.txt", b"the private doc", cls="thumb")
+    with run_uvicorn({"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": devmogile.trackers[0]},
+                     app="_fastapi_app:make_app") as server:
+        def get(target: str, *headers: str) -> Any:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall("\r\n".join([f"GET {target} HTTP/1.1", "Host: media", *headers, "", ""]).encode())
+                reply, rest = read_http_reply(sock, "GET")
+            names = [name for name, _ in reply.fields]
+            assert rest == b"" and len(names) == len(set(names)), reply.fields
+            return reply
+
+        served = get("/mogilefs/hello.txt")
+        assert (served.status, served.body, served.headers["etag"]) == (200, b"hello", '"fid-1"')
+        assert get("/hello").body == b'{"greeting":"hello from FastAPI"}'
+        refused = get("/private/doc.txt")
+        assert (refused.status, refused.body) == (403, b'{"detail":"not yours"}')
+        private = get("/private/doc.txt", f"Authorization: Bearer {TOKEN}")
+        assert (private.status, private.body) == (200, b"the private doc")
+        assert private.headers["content-disposition"] == 'attachment; filename="doc.txt"'
+        assert "x-mogile-middleware-serve" not in private.headers
+        ranged = get("/private/doc.txt", f"Authorization: Bearer {TOKEN}", "Range: bytes=4-10")
+        assert (ranged.status, ranged.body) == (206, b"private")
+        assert get("/private/missing.txt", f"Authorization: Bearer {TOKEN}").status == 404
+        assert get("/mogilefs/private/doc.txt").status == 404  # no endpoint checks the token there
+
 def test_a_mount_point_beyond_ascii_is_below_the_prefix(devmogile: DevMogileFS) -> None:
     # Starlette's Mount("/médias", ...) gives root_path as text, the path's bytes come raw: the
     # mount point was never taken off, and every file went to the application.
