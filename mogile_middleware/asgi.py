@@ -74,6 +74,7 @@ class MogileFSMiddleware(MiddlewareCore):
 
     client_class = AsyncClient
     locator_class = AsyncLocator
+    awaits_authorize = True
 
     @cached_property
     def _encoded_answers(self) -> _EncodedAnswers:
@@ -355,6 +356,8 @@ def _environ(scope: Scope, path: str) -> dict[str, Any]:
     """The request as the CGI names the shared decisions read: only the headers they read, repeated
     ones joined as WSGI servers do."""
     query = scope.get("query_string")
+    if query and b"#" in (scope.get("raw_path") or b""):
+        query = b""  # h11 cut "/a#x?q" at the "?": a "?" after the "#" is the fragment's (RFC 3986, 3.5)
     environ: dict[str, Any] = {
         "REQUEST_METHOD": scope["method"],
         "SCRIPT_NAME": _as_wsgi(scope.get("root_path", "")),

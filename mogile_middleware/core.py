@@ -63,6 +63,12 @@ _FORBIDDEN = {reason: http.error(403, reason) for reason in (UNSIGNED, BAD_SIGNA
 OUTAGE_LOG_INTERVAL = 10.0
 
 
+def is_coroutine_function(function: Any) -> bool:
+    """True if calling ``function`` makes a coroutine: a coroutine function, a partial of one, or
+    an object whose ``__call__`` is one. Its answer, never awaited, would be a true value."""
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(getattr(function, "__call__", None))
+
+
 class MiddlewareCore:
     """Serve or reproxy files stored in MogileFS under ``prefix``; everything else goes to ``app``.
 
@@ -118,7 +124,7 @@ class MiddlewareCore:
         (``X-REPROXY-*``, ``X-Accel-Redirect``); by default they are removed from its responses,
         so that it cannot be made to fetch internal URLs through the front proxy.
     :param authorize: ``authorize(request, key)`` is asked before any tracker call (``request``:
-        the WSGI environ, or the ASGI scope; an ASGI one may be a coroutine function); false
+        the WSGI environ, or the ASGI scope; only an ASGI one may be a coroutine function); false
         answers 403. A site that prefers to hide what exists answers 404 through ``key_for_path``.
     :param signing_key: every request under the prefix must carry a valid, unexpired signature
         for its path, made by :meth:`url_for` (a secret, or a list of them: the first signs, each
@@ -131,6 +137,8 @@ class MiddlewareCore:
     #: The client made from ``domain`` and ``trackers``, and the locator over it.
     client_class: ClassVar[Any]
     locator_class: ClassVar[Any]
+    #: Whether an ``authorize`` that is a coroutine function is awaited (ASGI).
+    awaits_authorize: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -216,6 +224,11 @@ class MiddlewareCore:
                         ", whatever proxy header it sends" if require_proxy_header else "")
         elif reproxy is not None and not self.trusted_proxies:
             log.warning("reproxy=%r with no trusted proxy: every request is served, none reproxied", reproxy)
+        if is_coroutine_function(key_for_path):
+            raise TypeError("key_for_path must be a plain function: the middleware calls it without awaiting")
+        if is_coroutine_function(authorize) and not self.awaits_authorize:
+            raise TypeError(f"authorize must be a plain function: {type(self).__name__} calls it without "
+                            "awaiting (the ASGI middleware awaits a coroutine function)")
         self.key_for_path = key_for_path
         self.allow_app_reproxy = allow_app_reproxy
         self.authorize = authorize

@@ -19,7 +19,8 @@ can reach the application directly. The options are :class:`~mogile_middleware.c
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+import inspect
+from collections.abc import Callable, Iterable, Iterator
 from functools import cached_property
 from typing import Any
 
@@ -75,7 +76,7 @@ class MogileFSMiddleware(MiddlewareCore):
         key = self.key_for(environ, path)
         if not isinstance(key, str):
             return key
-        if self.authorize is not None and not self.authorize(environ, key):
+        if self.authorize is not None and not _allows(self.authorize, environ, key):
             return http.FORBIDDEN
         return self.file_answer(environ, key)
 
@@ -126,8 +127,11 @@ class MogileFSMiddleware(MiddlewareCore):
         environ[WRAPPED_BY] = self
         asked: list[str] = []
         cookies: list[str] = []
+        started = False
 
         def filtered(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            nonlocal started
+            started = True
             if any(is_internal_header(name) for name, _ in headers):
                 asked.extend(value for name, value in headers if name.lower() == SERVE_HEADER_LOWER)
                 if asked:
@@ -141,12 +145,50 @@ class MogileFSMiddleware(MiddlewareCore):
 
         body_returned = False
         body = self.app(environ, filtered)
+        if not started:  # PEP 3333: an application may start its answer on its body's first iteration
+            body = _ReadAhead(body)
         body_returned = True
         if not asked:
             return body
         if hasattr(body, "close"):
             body.close()
         return self._send(self._file_answer_for_view(environ, asked[0], cookies), start_response, environ)
+
+
+def _allows(authorize: Callable[[dict[str, Any], str], Any], environ: dict[str, Any], key: str) -> bool:
+    """``authorize(environ, key)``; an answer to await (from a function that hands on a
+    coroutine) is refused, never taken for a yes."""
+    allowed = authorize(environ, key)
+    if inspect.isawaitable(allowed):
+        getattr(allowed, "close", lambda: None)()  # not awaited: no warning that it never was
+        raise TypeError(f"authorize answered {type(allowed).__name__}, to await: the WSGI middleware needs "
+                        "a true or false answer")
+    return bool(allowed)
+
+
+class _ReadAhead:
+    """An application's body with its first piece read at once, then the rest as it comes: what
+    the application answers is known before the server is given the body."""
+
+    def __init__(self, body: Iterable[bytes]) -> None:
+        self._body = body
+        self._rest = iter(body)
+        try:
+            self._first = [next(self._rest)]
+        except StopIteration:
+            self._first = []
+        except BaseException:
+            self.close()
+            raise
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._first
+        yield from self._rest
+
+    def close(self) -> None:
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            close()
 
 
 def _discard(data: bytes) -> None:

@@ -431,6 +431,12 @@ def test_a_name_longer_than_any_key_is_shortened_to_the_fields_max_length(mogile
     assert storage.size(saved) == 4
     with pytest.raises(SuspiciousFileOperation, match="at most 255"):  # no max_length: it cannot fit
         storage.save(name, ContentFile(b"long"))
+    # Within the field's max_length, but not within a key: 100 characters of 3 bytes each, or 286
+    # ASCII ones under max_length=300, were refused at the upload.
+    for long_name, max_length in (("docs/" + "中" * 91 + ".txt", 100), ("docs/" + "n" * 277 + ".txt", 300)):
+        saved = storage.save(long_name, ContentFile(b"long"), max_length=max_length)
+        assert len(saved.encode()) <= 255 and saved.startswith(long_name[:10]) and saved.endswith(".txt")
+        assert storage.size(saved) == 4
     with pytest.raises(SuspiciousFileOperation, match="control byte"):  # too long, and no key at any length
         storage.exists(name + "\x00")
     with pytest.raises(TypeError, match="a key is a str"):

@@ -7,11 +7,13 @@ client; then through real Perlbal and nginx. Property tests of the signatures ru
 
 from __future__ import annotations
 
+import functools
 import http.client
 import socket
 import string
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,15 +96,19 @@ def stored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevMogileFS]:
         yield mogile
 
 
-@pytest.fixture(scope="module", params=SERVERS)
+@pytest.fixture(scope="module", params=[*SERVERS, "uvicorn-h11"])
 def server(request: pytest.FixtureRequest, stored: DevMogileFS, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[Server]:
-    """gunicorn and uvicorn in turn, signing with SECRET (OLD_SECRET still accepted), refusing private/ keys."""
+    """gunicorn, uvicorn and uvicorn with h11 (its other HTTP parser) in turn, signing with SECRET
+    (OLD_SECRET still accepted), refusing private/ keys."""
     count_file = tmp_path_factory.mktemp("count") / "lookups"
     env = {"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": stored.trackers[0], "MOGILE_SIGNING_KEY": f"{SECRET} {OLD_SECRET}",
            "MOGILE_AUTHORIZE": "1", "MOGILE_COUNT_FILE": str(count_file)}
-    run = run_gunicorn if request.param == "gunicorn" else run_uvicorn
-    with run(env) as running:
+    if request.param == "gunicorn":
+        running_server = run_gunicorn(env)
+    else:
+        running_server = run_uvicorn(env, extra_args=["--http", "h11"] if request.param == "uvicorn-h11" else [])
+    with running_server as running:
         yield Server(running.port, count_file)
 
 
@@ -170,6 +176,8 @@ def refused_targets(key: str) -> Iterator[tuple[str, str, str]]:
     yield "repeated parameter", f"{url}&{query.split('&')[1]}", BAD_SIGNATURE
     yield "reordered", f"{path}?{'&'.join(reversed(query.split('&')))}", BAD_SIGNATURE
     yield "longer expiry", url.replace("expires=", "expires=1", 1), BAD_SIGNATURE
+    # A "?" after the "#" is the fragment's (RFC 3986, 3.5): h11 cuts the target at the "?" first.
+    yield "query inside the fragment", f"{path}#x?{query}", UNSIGNED
     for position in range(len("/mogilefs/"), len(url)):
         if url[position] in "?&=":
             continue
@@ -329,6 +337,29 @@ def test_wsgi_respond_with_answers_alone_or_through_the_middleware_that_wraps_it
         assert app.head("/download").body == b""
 
 
+def test_a_wsgi_view_may_start_its_answer_on_its_first_iteration(stored: DevMogileFS) -> None:
+    # PEP 3333 lets an application call start_response when its body is first iterated: a view
+    # answering with serve_header so got a 500; one answering with its own body streams it, closed.
+    from webtest import TestApp
+
+    closed: list[str] = []
+
+    def lazy(environ: dict, start_response: Any) -> Iterator[bytes]:
+        try:
+            if environ["PATH_INFO"] == "/download":
+                start_response("200 OK", [serve_header("private/doc.txt", filename="doc.txt")])
+                yield b"the view's own body, replaced"
+            else:
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                yield from (b"one, ", b"two")
+        finally:
+            closed.append(environ["PATH_INFO"])
+
+    app = TestApp(MogileFSMiddleware(lazy, domain=DOMAIN, trackers=stored.trackers))
+    answer = app.get("/download")
+    assert (answer.body, answer.headers["Content-Disposition"]) == (FILES["private/doc.txt"], 'attachment; filename="doc.txt"')
+    assert app.get("/page").body == b"one, two" and closed == ["/download", "/page"]
+
 def asgi_call(app: Any, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     """GET ``path`` from the ASGI ``app`` on an event loop of its own."""
     scope = {"type": "http", "method": "GET", "path": path, "raw_path": quote(path).encode(), "query_string": b"",
@@ -395,6 +426,40 @@ def test_an_async_authorize_is_awaited(stored: DevMogileFS) -> None:
     assert asgi_call(middleware, "/mogilefs/plain.txt", {"X-Test-User": "allowed"})[2] == FILES["plain.txt"]
     assert asked == [("/mogilefs/plain.txt", "plain.txt")] * 2
 
+
+
+class _AsyncCall:
+    async def __call__(self, request: Any, key: str) -> bool:
+        return False
+
+
+async def _refuse(request: Any, key: str) -> bool:
+    return False
+
+
+@pytest.mark.parametrize("refuse", [_refuse, _AsyncCall(), functools.partial(_refuse)],
+                         ids=["coroutine-function", "async-call", "partial"])
+def test_the_wsgi_middleware_refuses_an_authorize_it_would_not_await(refuse: Any) -> None:
+    # Never awaited, the coroutine it made was a true answer: every file was served to everyone.
+    with pytest.raises(TypeError, match="authorize must be a plain function: MogileFSMiddleware"):
+        MogileFSMiddleware(None, domain=DOMAIN, trackers=["127.0.0.1:7001"], authorize=refuse)
+    ASGIMiddleware(None, domain=DOMAIN, trackers=["127.0.0.1:7001"], authorize=refuse)  # which awaits it
+    for middleware in (MogileFSMiddleware, ASGIMiddleware):  # neither awaits key_for_path
+        with pytest.raises(TypeError, match="key_for_path must be a plain function"):
+            middleware(None, domain=DOMAIN, trackers=["127.0.0.1:7001"], key_for_path=refuse)
+
+
+def test_a_wsgi_authorize_that_hands_on_a_coroutine_serves_nothing(stored: DevMogileFS) -> None:
+    from webtest import TestApp
+
+    def hands_on(environ: dict, key: str) -> Any:
+        return _refuse(environ, key)
+
+    app = TestApp(MogileFSMiddleware(None, domain=DOMAIN, trackers=stored.trackers, authorize=hands_on))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the coroutine is closed: no "never awaited" warning
+        with pytest.raises(TypeError, match="authorize answered coroutine, to await"):
+            app.get("/mogilefs/plain.txt")
 
 @pytest.mark.parametrize("server_name", SERVERS)
 def test_nginx_asks_again_with_the_signature_when_the_replicas_are_gone(devmogile: DevMogileFS, server_name: str,

@@ -33,7 +33,7 @@ PATHS = (
     "/mogilefs/../a.txt", "/mogilefs/%2e%2e/a.txt", "/mogilefs/a%00b", "/mogilefs/%ff", "/mogilefs/a%0d%0aX:1",
     "/mogilefs/" + "k" * 3000, "/mogilefs/a//b", "/mogilefs/a.txt;x", "/mogilefs/a.txt?x=1", "/mogilefs%2fa.txt",
     "/mogilefs/dir%2fb.bin", "/mogilefs/caf%C3%A9.txt", "/mogilefs/%20a.txt", "/mogilefs/a.txt%20",
-    "/mogilefs/a.txt#frag", "http://media/mogilefs/a.txt", "HTTP://media:80/mogilefs/dir%2fb.bin?x=1",
+    "/mogilefs/a.txt#frag", "/mogilefs/a.txt#frag?x=1", "http://media/mogilefs/a.txt", "HTTP://media:80/mogilefs/dir%2fb.bin?x=1",
 )
 #: Header sets sent with GET and HEAD of a stored, an empty and a missing key; ETAG is the key's own.
 HEADERS = (

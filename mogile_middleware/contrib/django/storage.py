@@ -254,6 +254,19 @@ class MogileFSStorage(Storage):
                 files.append(head)
         return sorted(directories), files
 
+    def get_available_name(self, name: str, max_length: int | None = None) -> str:
+        """Django's, shortened to fit a key as well when ``max_length`` lets Django shorten it: a
+        field's ``max_length`` counts characters, and 100 of them may be 400 bytes of UTF-8."""
+        available = super().get_available_name(name, max_length=max_length)
+        while max_length is not None:
+            with _checked_key():
+                excess = len(check_key(available, length=False)) - MAX_KEY_BYTES
+            if excess <= 0:
+                break
+            max_length = len(available) - excess  # a character is a byte at least: shorter each time
+            available = super().get_available_name(name, max_length=max_length)
+        return available
+
     def is_name_available(self, name: str, max_length: int | None = None) -> bool:
         """With ``allow_overwrite`` every name that fits is available, as in ``FileSystemStorage``."""
         if self.allow_overwrite:
