@@ -274,6 +274,11 @@ def _node(server: tuple[str, int] | str) -> str:
     return "%s:%s" % server if isinstance(server, tuple) else server
 
 
+#: What separates servers in a list, and is never part of a host: one server of "a:1,b:2" was
+#: host "a:1,b" (port 2), which no lookup finds, and the shared cache was off.
+_SEPARATORS = frozenset(",; \t\r\n")
+
+
 def _server(spec: str) -> tuple[str, int] | str:
     """A memcached server as pymemcache takes it: ``host:port`` (port 11211 by default), or the
     path of a unix socket; ValueError naming ``spec`` when its port is not one."""
@@ -281,7 +286,8 @@ def _server(spec: str) -> tuple[str, int] | str:
         server = normalize_server_spec(spec)
     except ValueError:
         server = None
-    if server is None or isinstance(server, tuple) and not (server[0] and 0 < server[1] < 65536):
+    if server is None or isinstance(server, tuple) and not (
+            server[0] and 0 < server[1] < 65536 and _SEPARATORS.isdisjoint(server[0])):  # "a:1,b:2": two
         raise ValueError(f"memcached server {spec!r} is not host:port or a unix socket path")
     return server
 

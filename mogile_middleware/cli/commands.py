@@ -27,7 +27,8 @@ from typing import IO, TYPE_CHECKING, BinaryIO, NoReturn
 from .. import health
 from ..client import Client, FileInfo
 from ..deadline import checked_seconds
-from ..exceptions import StorageError, UnknownKeyError
+from ..exceptions import BadKeyError, StorageError, UnknownKeyError
+from ..protocol import check_key
 from ..storage import open_replica, resumed_chunks
 from ..tracker import Address, parse_trackers
 from ..upload import Uploader, remaining_size
@@ -239,7 +240,8 @@ def _add_upload_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``upload``."""
     _write_options(parser)
     parser.add_argument("key", metavar="KEY", help="key to store under; with --recursive, the prefix of the keys")
-    parser.add_argument("source", metavar="FILE", help="file to store, - for stdin; with --recursive, a directory")
+    parser.add_argument("source", metavar="FILE", type=_path_argument,
+                        help="file to store, - for stdin; with --recursive, a directory")
     parser.add_argument("--class", dest="cls", metavar="CLASS", help="MogileFS class (default: the domain's default)")
     parser.add_argument(
         "-r", "--recursive", action="store_true",
@@ -247,18 +249,44 @@ def _add_upload_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _path_argument(value: str) -> str:
+    """A path given on the command line. An empty one (an unset variable) is refused: taken for
+    the current directory, ``upload -r`` stored all of it and ``get -r`` wrote into it."""
+    if not value:
+        raise argparse.ArgumentTypeError("an empty path (give . for the current directory)")
+    return value
+
+
 def _upload(args: argparse.Namespace, client: Client) -> int:
     uploader = Uploader(client)
     if args.recursive:
-        for path, relative in _files_under(Path(args.source)):
+        files = [(path, args.key + relative) for path, relative in _files_under(Path(args.source))]
+        if _bad_keys(files):
+            return 1
+        for path, key in files:
             with open(path, "rb") as source:
-                _store(uploader, args.key + relative, source, args.cls)
+                _store(uploader, key, source, args.cls)
     elif args.source == "-":
         _store(uploader, args.key, sys.stdin.buffer, args.cls)
     else:
         with open(args.source, "rb") as source:
             _store(uploader, args.key, source, args.cls)
     return 0
+
+
+def _bad_keys(files: list[tuple[Path, str]]) -> int:
+    """How many of the ``(file, key)`` pairs make a key no tracker takes, each named on stderr
+    (before anything is stored: the tree is stored whole or not at all)."""
+    bad = 0
+    for path, key in files:
+        try:
+            check_key(key)
+        except BadKeyError as error:
+            print(f"mogile-middleware: {printable(str(path))}: {error}", file=sys.stderr)
+            bad += 1
+    if bad:
+        print(f"mogile-middleware: nothing stored: {bad} file name(s) make no key", file=sys.stderr)
+    return bad
 
 
 def _store(uploader: Uploader, key: str, source: BinaryIO, cls: str | None) -> None:
@@ -293,7 +321,7 @@ def _add_get_arguments(parser: argparse.ArgumentParser) -> None:
     connection_options(parser)
     parser.add_argument("key", metavar="KEY", help="key to fetch (with --recursive: the prefix of the keys)")
     parser.add_argument(
-        "-o", "--output", metavar="FILE",
+        "-o", "--output", metavar="FILE", type=_path_argument,
         help="write to FILE, replaced only once the whole content has arrived; - for stdout, also for a "
              "binary file on a terminal (default: stdout, text only on a terminal); with --recursive, the directory",
     )
@@ -314,7 +342,7 @@ def _get(args: argparse.Namespace, client: Client) -> int:
                 print(f"mogile-middleware: {printable(args.key)} is binary: not written to the terminal "
                       f"(-o FILE writes it to a file, -o - here anyway)", file=sys.stderr)
                 return 1
-            _copy(first, chunks, sys.stdout.buffer, bar)
+            _copy(first, chunks, _Output(sys.stdout.buffer, "stdout"), bar)
             sys.stdout.buffer.flush()
         else:
             with _replacing(Path(args.output)) as target:
@@ -388,7 +416,7 @@ def _binary(data: bytes) -> bool:
     return b"\0" in data[:4096]
 
 
-def _copy(first: bytes, rest: Iterator[bytes], target: IO[bytes], bar: ProgressBar) -> None:
+def _copy(first: bytes, rest: Iterator[bytes], target: _Output, bar: ProgressBar) -> None:
     done = 0
     for chunk in itertools.chain([first], rest):
         target.write(chunk)
@@ -401,8 +429,36 @@ def _copy(first: bytes, rest: Iterator[bytes], target: IO[bytes], bar: ProgressB
 _PART_STEM_BYTES = 240
 
 
+class _Output:
+    """A binary file whose write errors name ``name``: the user's path, not a temporary file's
+    (a full disk said only "No space left on device")."""
+
+    def __init__(self, file: IO[bytes], name: str) -> None:
+        self._file = file
+        self._name = name
+
+    def write(self, data: bytes) -> None:
+        with _named(self._name):
+            self._file.write(data)
+
+    def flush(self) -> None:
+        with _named(self._name):
+            self._file.flush()
+
+
 @contextmanager
-def _replacing(path: Path) -> Iterator[IO[bytes]]:
+def _named(name: str) -> Iterator[None]:
+    """Inside the block, an OSError that names no file names ``name``."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None or error.errno is None:
+            raise
+        raise type(error)(error.errno, error.strerror, name) from None
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[_Output]:
     """A temporary file beside ``path``, renamed to it only when the block completes: a failure
     leaves neither a partial file nor a changed one. As ``cp`` does, a symbolic link is written
     through, a file keeps its mode, and a device or a pipe (``/dev/null``) is written as it is."""
@@ -416,7 +472,8 @@ def _replacing(path: Path) -> Iterator[IO[bytes]]:
         raise IsADirectoryError(errno.EISDIR, "is a directory: give a file name", str(path))
     if mode is not None and not stat.S_ISREG(mode):
         with open(path, "wb") as device:
-            yield device
+            yield (output := _Output(device, str(path)))
+            output.flush()  # a full device shows here at the latest, named
         return
     real = Path(os.path.realpath(path))
     try:
@@ -426,7 +483,8 @@ def _replacing(path: Path) -> Iterator[IO[bytes]]:
         raise type(error)(error.errno, error.strerror, str(path)) from None
     try:
         with handle:
-            yield handle
+            yield (output := _Output(handle, str(path)))
+            output.flush()  # a full disk shows here at the latest, named
         # The file's own permissions (not its setuid bits), or as open() would create it: not
         # private like a temporary file.
         os.chmod(handle.name, mode & 0o777 if mode is not None else 0o666 & ~_umask())

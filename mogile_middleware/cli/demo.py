@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import signal
 import struct
 import sys
 import zlib
@@ -19,7 +18,6 @@ from ..devserver import DevMogileFS
 from ..middleware import WSGIApp
 from .gunicorn import add_server_arguments, can_listen, load_gunicorn, serve_until_stopped, trusted_proxies
 from .serve import file_path, index_app
-from .signals import on_stop_signal
 
 DOMAIN = "demo"
 CLASSES = {"image": 2, "file": 1}
@@ -73,29 +71,29 @@ def run(args: argparse.Namespace) -> int:
         return 1
     master = os.getpid()
     mogile = DevMogileFS(args.data, domains={DOMAIN: CLASSES})
-    # Until gunicorn installs its own handlers, SIGTERM interrupts like Ctrl-C, so the finally below still runs.
-    with on_stop_signal(signal.default_int_handler):
+    # SIGINT and SIGTERM unwind through the finally below until gunicorn installs its own handlers
+    # (the command line's, which give the exit code of the signal).
+    try:
         try:
-            try:
-                mogile.start()
-            except OSError as exc:
-                print(f"demo: cannot start the development MogileFS: {exc}", file=sys.stderr)
-                return 1
-            keys = _store_samples(Client(DOMAIN, mogile.trackers))
-            print(f"tracker {mogile.trackers[0]}", flush=True)
+            mogile.start()
+        except OSError as exc:
+            print(f"demo: cannot start the development MogileFS: {exc}", file=sys.stderr)
+            return 1
+        keys = _store_samples(Client(DOMAIN, mogile.trackers))
+        print(f"tracker {mogile.trackers[0]}", flush=True)
 
-            def announce(url: str) -> None:
-                for key in keys:
-                    print(f"file {url}{file_path(PREFIX, key)}")
-                print(f"page {url}/", flush=True)  # last, where it is seen
+        def announce(url: str) -> None:
+            for key in keys:
+                print(f"file {url}{file_path(PREFIX, key)}")
+            print(f"page {url}/", flush=True)  # last, where it is seen
 
-            def make_app() -> WSGIApp:
-                return index_app(Client(DOMAIN, mogile.trackers), PREFIX, args.reproxy, trusted_proxies(args))
+        def make_app() -> WSGIApp:
+            return index_app(Client(DOMAIN, mogile.trackers), PREFIX, args.reproxy, trusted_proxies(args))
 
-            return serve_until_stopped(base, args.bind, args.workers, make_app, announce)
-        finally:
-            if os.getpid() == master:  # forked workers leave through this frame too; the master owns the cluster
-                mogile.stop()
+        return serve_until_stopped(base, args.bind, args.workers, make_app, announce)
+    finally:
+        if os.getpid() == master:  # forked workers leave through this frame too; the master owns the cluster
+            mogile.stop()
 
 
 def _store_samples(client: Client) -> list[str]:

@@ -8,6 +8,7 @@ does not exist).
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import signal
 import sys
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
+    for stream in (sys.stdout, sys.stderr):  # a key the locale cannot show is escaped, not a traceback
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     commands.resolve_connection_options(parser, args)

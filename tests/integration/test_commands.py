@@ -518,6 +518,61 @@ def test_the_entry_point_streams_stdin_and_sets_exit_codes(devmogile: DevMogileF
 # -- progress bar -----------------------------------------------------------------------------
 
 
+def test_a_key_the_locale_cannot_show_is_printed_escaped(devmogile: DevMogileFS, tmp_path: Path) -> None:
+    # Stored, then a UnicodeEncodeError traceback and exit 1; get -r stopped after one file.
+    env = subprocess_env(MOGILEFS_TRACKERS=devmogile.trackers[0], MOGILEFS_DOMAIN=DOMAIN, PYTHONIOENCODING="ascii")
+    source = tmp_path / "menu.txt"
+    source.write_bytes(b"menu")
+
+    def run(*argv: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([sys.executable, "-m", "mogile_middleware", *argv], env=env, capture_output=True,
+                              timeout=20, check=False)
+
+    for key in ("caf\u00e9/menu.txt", "caf\u00e9/carte.txt"):
+        stored = run("upload", key, str(source))
+        assert (stored.returncode, stored.stderr) == (0, b"")
+        assert stored.stdout == f"4\t{key.encode('ascii', 'backslashreplace').decode()}\n".encode()
+    fetched = run("get", "caf\u00e9/", "-r", "-o", str(tmp_path / "out"))
+    assert (fetched.returncode, fetched.stdout.count(b"\\xe9")) == (0, 2), fetched.stderr
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["carte.txt", "menu.txt"]
+
+
+def test_a_write_error_names_the_output(cli: Run, tmp_path: Path) -> None:
+    # A full disk said "[Errno 28] No space left on device", naming nothing (/dev/full: every write is ENOSPC).
+    source = tmp_path / "big.bin"
+    source.write_bytes(b"x" * 300_000)
+    assert cli("upload", "big", str(source)).code == 0
+    full = cli("get", "big", "-o", "/dev/full")
+    assert (full.code, full.err) == (1, "mogile-middleware: /dev/full: No space left on device\n")
+
+def test_upload_recursive_names_each_file_that_makes_no_key_and_stores_nothing(cli: Run, tmp_path: Path) -> None:
+    # It stopped at the first such file with "key contains the control byte", naming no file.
+    root = tmp_path / "tree"
+    root.mkdir()
+    for name in ("a.txt", "bad\nname", "z" * 200 + "/" + "z" * 100):
+        (root / name).parent.mkdir(exist_ok=True)
+        (root / name).write_bytes(b"x")
+    done = cli("upload", "-r", "up/", str(root))
+    assert done.code == 1 and done.out == b""
+    assert f"{root}/bad\\nname: key contains the control byte" in done.err
+    assert f"{root}/{'z' * 200}/{'z' * 100}: key is 304 bytes long" in done.err
+    assert cli("ls", "up/").out == b""
+
+
+@pytest.mark.parametrize("argv", [("upload", "-r", "up/", ""), ("upload", "up", ""), ("get", "up/", "-r", "-o", ""),
+                                  ("get", "up", "-o", "")], ids=["upload-r", "upload", "get-r", "get"])
+def test_an_empty_path_is_a_usage_error_not_the_current_directory(cli: Run, argv: tuple[str, ...],
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    # An unset variable made upload -r store the working directory, and get -r write into it.
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    (tmp_path / "cwd" / "here.txt").write_bytes(b"here")
+    with pytest.raises(SystemExit) as exited:
+        cli(*argv)
+    assert exited.value.code == 2
+    assert cli("ls", "up").out == b"" and os.listdir(tmp_path / "cwd") == ["here.txt"]
+
 def test_upload_and_get_draw_a_bar_on_a_terminal_only(cli: Run, tree: Path) -> None:
     logo = str(tree / "assets/img/logo.bin")
     for command in (["upload", "logo", logo], ["get", "logo"]):

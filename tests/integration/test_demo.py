@@ -154,3 +154,22 @@ def test_without_gunicorn_it_says_what_to_install(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setitem(sys.modules, "gunicorn.app.base", None)  # makes the import fail as if not installed
     assert main(["demo"]) == 1
     assert capsys.readouterr().err == "demo: gunicorn is missing: pip install 'mogile_middleware[gunicorn]'\n"
+
+
+def test_sigterm_before_gunicorn_serves_exits_143_and_stops_the_cluster(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    # The demo's own handler made SIGTERM a plain Ctrl-C until gunicorn started: exit 130.
+    from mogile_middleware.cli import demo
+
+    stopped: list[bool] = []
+
+    def terminated(*args: object) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        return 0
+
+    original_stop = demo.DevMogileFS.stop
+    monkeypatch.setattr(demo, "serve_until_stopped", terminated)
+    monkeypatch.setattr(demo.DevMogileFS, "stop", lambda self: (stopped.append(True), original_stop(self))[1])
+    assert main(["demo", "--bind", f"127.0.0.1:{free_port()}", "--data", str(tmp_path / "data")]) == 128 + signal.SIGTERM
+    assert stopped == [True]

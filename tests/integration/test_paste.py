@@ -194,6 +194,13 @@ def test_memcached_servers_build_a_shared_cache_backend() -> None:
     backend = make_filter.keywords["cache_backend"]
     assert isinstance(backend, MemcachedBackend)
     assert backend.servers == [("10.0.0.5", 11211), ("10.0.0.6", 11212)]
+    # Separated by commas, as trackers are: one server "10.0.0.5:11211,10.0.0.6", port 11212, and
+    # the shared cache silently off.
+    commas = filter_factory({}, domain="media", trackers="127.0.0.1:7001",
+                            memcached_servers="10.0.0.5:11211,10.0.0.6:11212").keywords["cache_backend"]
+    assert commas.servers == backend.servers
+    with pytest.raises(ValueError, match="'10.0.0.5:11211;10.0.0.6:11212' is not host:port"):
+        filter_factory({}, domain="media", trackers="127.0.0.1:7001", memcached_servers="10.0.0.5:11211;10.0.0.6:11212")
     empty = filter_factory({}, domain="media", trackers="127.0.0.1:7001", memcached_servers="")
     assert empty.keywords["cache_backend"] is None  # the in-process cache
     signed = filter_factory({}, domain="media", trackers="127.0.0.1:7001", memcached_servers="10.0.0.5:11211",
