@@ -380,6 +380,65 @@ def resumed_chunks(replica: ReplicaResponse, urls: Sequence[str], *, timeout: fl
             current.close()
 
 
+class SeekableBody(io.RawIOBase):
+    """The body of a file at ``urls`` (its replicas), read from the first that answers and
+    seekable, as Django and Pillow use files: a read elsewhere than where the transfer is opens a
+    replica again from there (a ``Range``), of the same version (the same URLs). ``length`` is
+    known from the first answer."""
+
+    def __init__(self, urls: Sequence[str], *, timeout: float = 10.0, pool: NodePool = nodes) -> None:
+        super().__init__()
+        self._urls = list(urls)
+        self._timeout = timeout
+        self._pool = pool
+        self._replica: ReplicaResponse | None = open_replica(self._urls, timeout=timeout, pool=pool)
+        self.length: int = self._replica.length  # type: ignore[assignment] # accepts() requires one
+        self._position = 0  # where the next read starts
+        self._transfer_at = 0  # where the open transfer is
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence not in (io.SEEK_SET, io.SEEK_CUR, io.SEEK_END):
+            raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
+        position = offset + (0, self._position, self.length)[whence]
+        if position < 0:
+            raise ValueError(f"negative seek position {position}")
+        self._position = position
+        return position
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._position >= self.length:
+            return 0
+        if self._replica is None or self._transfer_at != self._position:
+            self._reopen()
+        count = self._replica.readinto(buffer)  # type: ignore[union-attr]
+        self._position += count
+        self._transfer_at += count
+        return count
+
+    def _reopen(self) -> None:
+        """A replica's body from the position on (the transfer left midway is closed)."""
+        if self._replica is not None:
+            self._replica.close()
+            self._replica = None
+        self._replica = open_replica(self._urls, byte_range=(self._position, self.length - 1),
+                                     length=self.length - self._position, timeout=self._timeout, pool=self._pool)
+        self._transfer_at = self._position
+
+    def close(self) -> None:
+        if self._replica is not None:
+            self._replica.close()
+            self._replica = None
+        super().close()
+
 def cut_midway(urls: list[str], url: str, error: BaseException) -> list[str]:
     """The replicas after ``url``, whose transfer was cut by ``error``; raises when none is left."""
     metrics.recorder.replica_failover()

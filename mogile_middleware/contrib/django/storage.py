@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import uuid
@@ -23,7 +24,7 @@ from django.utils.encoding import filepath_to_uri
 from ...client import Client
 from ...exceptions import BadKeyError, KeyExistsError, MogileFSError, UnknownKeyError
 from ...protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_key
-from ...storage import ReplicaResponse
+from ...storage import SeekableBody
 from ...signing import URLSigner
 from ...tracker import Address
 from ...upload import Uploader
@@ -190,18 +191,19 @@ class MogileFSStorage(Storage):
                         "delete it with: mogile-middleware rm %s", key, error, key)
 
     def _open(self, name: str, mode: str = "rb") -> File:
-        """A read-only, streaming (not seekable) file over the first replica that answers."""
+        """A read-only file streamed from the first replica that answers, seekable (see :class:`MogileFSFile`)."""
         return MogileFSFile(self, name, mode)
 
-    def _read(self, name: str, mode: str) -> ReplicaResponse:
+    def _read(self, name: str, mode: str) -> SeekableBody:
         """The body of the key ``name``, streamed from the first replica that answers."""
         if mode != "rb":
             raise ValueError(f"MogileFS files are opened with mode 'rb' only, not {mode!r}")
         with _checked_key():
             try:
-                return self.client.read_file(name)
+                paths = self.client.get_paths(name)
             except UnknownKeyError:
                 raise FileNotFoundError(f"no MogileFS key {name!r}") from None
+            return SeekableBody(paths, timeout=self.client.storage_timeout)
 
     def exists(self, name: str) -> bool:
         """True if the key exists; false for a name longer than any key, so that Django's
@@ -281,9 +283,11 @@ class MogileFSStorage(Storage):
 
 
 class MogileFSFile(File):
-    """A key's file as :meth:`MogileFSStorage.open` gives it: read-only and streamed, so not
-    seekable; opening it again reads the key again from its start (Django's ``File`` would seek,
-    or open a local file of the same name)."""
+    """A key's file as :meth:`MogileFSStorage.open` gives it: read-only, streamed, and seekable,
+    as Django's ``ImageField`` (``width``) and Pillow use files: a seek elsewhere than where the
+    transfer is opens a replica again from there (a ``Range``). A ``read(n)`` gives ``n`` bytes
+    unless the file ends first, as a file on disk does. Opening it again reads the key again
+    (Django's ``File`` would open a local file of the same name)."""
 
     def __init__(self, storage: MogileFSStorage, name: str, mode: str = "rb") -> None:
         self._storage = storage
@@ -294,7 +298,6 @@ class MogileFSFile(File):
         body = self._storage._read(self.name, mode or "rb")
         if self.file is not None:
             self.file.close()
-        self.file = body
-        if body.length is not None:
-            self.size = body.length  # known from the headers: File would otherwise seek to measure
+        self.file = io.BufferedReader(body)  # reads of the size asked for, not of what one recv brought
+        self.size = body.length  # known from the headers: File would otherwise seek to measure
         return self
