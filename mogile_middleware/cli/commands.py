@@ -90,8 +90,16 @@ def _trackers(text: str) -> Trackers:
         trackers = Trackers(parse_trackers(text))
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-    trackers.port_assumed = any(":" not in item.rpartition("]")[2] for item in text.replace(",", " ").split())
+    trackers.port_assumed = not all(map(_names_a_port, text.replace(",", " ").split()))
     return trackers
+
+
+def _names_a_port(tracker: str) -> bool:
+    """True if a tracker address gives its port: ``host:port``, ``[::1]:7001``; not ``::1``,
+    whose colons are the address's own (as :func:`~mogile_middleware.tracker.parse_address` reads it)."""
+    if tracker.startswith("["):
+        return tracker.rpartition("]")[2].startswith(":")
+    return tracker.count(":") == 1
 
 
 #: The options of every command that talks to trackers, given before or after its name:

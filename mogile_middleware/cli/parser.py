@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
+    if sys.stderr is None:  # closed (2>&-): messages go nowhere, never into stdout, the command's data
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 # for the life of the process
     for stream in (sys.stdout, sys.stderr):  # a key the locale cannot show is escaped, not a traceback
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")

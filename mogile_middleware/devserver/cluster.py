@@ -11,6 +11,9 @@ devices with :meth:`DevMogileFS.add_storage_node`.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 import shutil
 import tempfile
 import threading
@@ -79,6 +82,7 @@ class DevMogileFS:
         self.tracker: TrackerServer | None = None
         self.nodes: list[StorageNode] = []
         self._tracker_port = tracker_port
+        self._lock: int | None = None  # the descriptor holding the data directory's lock
 
     # -- addresses ----------------------------------------------------------------------------
 
@@ -115,6 +119,7 @@ class DevMogileFS:
         data_dir = self._requested_data_dir or Path(tempfile.mkdtemp(prefix="mogile-dev-"))
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = _locked(data_dir)
         self.store = MetadataStore(data_dir / "tracker" / "mogilefs.sqlite3")
         for number, port in enumerate(self._storage_ports, 1):
             node = StorageNode(data_dir / f"stor{number}", self.host, port)
@@ -150,6 +155,9 @@ class DevMogileFS:
         if self.store is not None:
             self.store.close()
             self.store = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
         if self._requested_data_dir is None and self.data_dir is not None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             self.data_dir = None
@@ -204,3 +212,19 @@ class DevMogileFS:
                 args: dict[str, str | int] = {"domain": domain, "class": name, "mindevcount": mindevcount}
                 if not ask("create_class", args, "class_exists"):
                     ask("update_class", args, "")
+
+
+def _locked(data_dir: Path) -> int:
+    """A descriptor holding the lock of ``data_dir`` for this process (released when it is closed,
+    or the process ends). Another development MogileFS on the same directory registered its own
+    nodes' ports there, and the first one's tracker sent every client to them."""
+    descriptor = os.open(data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise OSError(errno.EBUSY, "in use by another development MogileFS", str(data_dir)) from None
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor

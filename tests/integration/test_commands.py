@@ -537,6 +537,13 @@ def test_a_key_the_locale_cannot_show_is_printed_escaped(devmogile: DevMogileFS,
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["carte.txt", "menu.txt"]
 
 
+def test_with_stderr_closed_an_error_never_lands_in_stdout(devmogile: DevMogileFS) -> None:
+    # print(file=sys.stderr) with sys.stderr None wrote the error into stdout, the command's data.
+    env = subprocess_env(MOGILEFS_TRACKERS=devmogile.trackers[0], MOGILEFS_DOMAIN=DOMAIN)
+    done = subprocess.run([sys.executable, "-m", "mogile_middleware", "get", "absent"], env=env, capture_output=True,
+                          timeout=20, check=False, preexec_fn=lambda: os.close(2))
+    assert (done.returncode, done.stdout) == (3, b"")
+
 def test_a_write_error_names_the_output(cli: Run, tmp_path: Path) -> None:
     # A full disk said "[Errno 28] No space left on device", naming nothing (/dev/full: every write is ENOSPC).
     source = tmp_path / "big.bin"
@@ -697,14 +704,32 @@ def test_devserver_names_a_data_directory_it_cannot_use(tmp_path: Path) -> None:
     assert process.stderr == f"devserver: cannot start: {tmp_path / 'a-file'}: File exists\n"
 
 
+def test_devserver_refuses_a_data_directory_another_one_runs_on(tmp_path: Path) -> None:
+    # The second registered its own nodes' ports in the shared metadata: the first one's tracker
+    # then sent every client to them, and failed every upload and read once they stopped.
+    data = tmp_path / "shared"
+    with DevMogileFS(data, domains={DOMAIN: {"thumb": 1}}) as first:
+        Client(DOMAIN, first.trackers).store_content("kept.txt", b"kept", "thumb")
+        command = ["devserver", "--data", str(data), "--port", "0", "--storage-ports", "0"]
+        process = subprocess.run([sys.executable, "-m", "mogile_middleware", *command], capture_output=True,
+                                 text=True, timeout=30, cwd=REPO)
+        assert process.returncode == 1
+        assert process.stderr == f"devserver: cannot start: {data}: in use by another development MogileFS\n"
+        client = Client(DOMAIN, first.trackers)
+        client.store_content("new.txt", b"new", "thumb")
+        assert (client.get_file_data("kept.txt"), client.get_file_data("new.txt")) == (b"kept", b"new")
+    with DevMogileFS(data) as again:  # the lock goes with the one that held it
+        assert Client(DOMAIN, again.trackers).get_file_data("kept.txt") == b"kept"
+
 def test_a_tracker_given_without_a_port_says_which_was_assumed(monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("MOGILEFS_TRACKERS", raising=False)
     with socket.socket() as probe:  # 7001 is free here unless a tracker runs: then this test says nothing new
         if probe.connect_ex(("127.0.0.1", 7001)) == 0:
             pytest.skip("a tracker listens on 127.0.0.1:7001")
-    assert main(["ls", "--trackers", "127.0.0.1", "--domain", DOMAIN]) == 1
-    assert capsys.readouterr().err.rstrip().endswith("(no port given: 7001 assumed)")
+    for without_port in ("127.0.0.1", "::1", "[::1]"):  # a bare IPv6 address's colons are its own
+        assert main(["ls", "--trackers", without_port, "--domain", DOMAIN]) == 1
+        assert capsys.readouterr().err.rstrip().endswith("(no port given: 7001 assumed)"), without_port
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))
     try:
