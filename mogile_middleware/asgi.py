@@ -138,11 +138,12 @@ class MogileFSMiddleware(MiddlewareCore):
                         "headers": [(name.lower().encode("latin-1"), value.encode("latin-1"))]})
             await send({"type": "http.response.body", "body": b""})
             return
-        await self._send(await self._file_answer_for_view(scope, value), send, receive, scope)
+        await self._send(await self._file_answer_for_view(scope, served_file(value)), send, receive,  # type: ignore[arg-type]
+                         scope)
 
-    async def _file_answer_for_view(self, scope: Scope, value: str, cookies: list[str] | None = None
-                                    ) -> Answer | Streamed:
-        key, filename = served_file(value)
+    async def _file_answer_for_view(self, scope: Scope, served: tuple[str, str | None],
+                                    cookies: list[str] | None = None) -> Answer | Streamed:
+        key, filename = served
         environ = as_view_request(_environ(scope, _path_info(scope)))
         answer = await self._answer(environ, key, self.locator.cached(key))  # type: ignore[arg-type]
         if isinstance(answer, Answer):
@@ -178,7 +179,7 @@ class MogileFSMiddleware(MiddlewareCore):
     async def _pass(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The application's answer, without the reproxy headers only the middleware may send; or,
         when it answered with :data:`~mogile_middleware.views.SERVE_HEADER`, the file it asks for."""
-        asked: list[str] = []
+        asked: list[tuple[str, str | None]] = []
         cookies: list[str] = []
 
         async def filtered(message: Message) -> None:
@@ -187,13 +188,13 @@ class MogileFSMiddleware(MiddlewareCore):
                 if not isinstance(headers, (list, tuple)):  # any iterable of pairs: read once
                     message = {**message, "headers": (headers := list(headers))}
                 if any(is_internal_header(name.decode("latin-1")) for name, _ in headers):
-                    asked.extend(value.decode("latin-1") for name, value in headers if name.lower() == _SERVE)
+                    asked.extend(filter(None, (served_file(value.decode("latin-1")) for name, value in headers
+                                               if name.lower() == _SERVE)))
                     if asked:
                         cookies.extend(value.decode("latin-1") for name, value in headers
                                        if name.lower() == b"set-cookie")
                         return
-                    if not self.allow_app_reproxy:
-                        message = _reproxy_headers_removed(message)
+                    message = _internal_headers_removed(message, keep_reproxy=self.allow_app_reproxy)
             elif asked:
                 return  # the body of the answer the file replaces
             await send(message)
@@ -390,15 +391,16 @@ def _without_reproxy_headers(send: Send) -> Send:
     """``send`` for an application's websocket: its handshake answers (``websocket.accept``, a
     denial's ``websocket.http.response.start``) go out without reproxy headers, as its HTTP answers do."""
     async def filtered(message: Message) -> None:
-        await send(_reproxy_headers_removed(message) if message.get("headers") else message)
+        await send(_internal_headers_removed(message) if message.get("headers") else message)
     return filtered
 
 
-def _reproxy_headers_removed(message: Message) -> Message:
-    """``message`` with its ``headers`` (any iterable of pairs) less the reproxy headers only the
-    middleware may send."""
-    return {**message, "headers": [(name, value) for name, value in message["headers"]
-                                   if not is_reproxy_header(name.decode("latin-1"))]}
+def _internal_headers_removed(message: Message, *, keep_reproxy: bool = False) -> Message:
+    """``message`` with its ``headers`` (any iterable of pairs) less those only the middleware may
+    send: a :data:`~mogile_middleware.views.SERVE_HEADER` not made by ``serve_header`` here, and
+    the reproxy headers unless ``keep_reproxy``."""
+    return {**message, "headers": [(name, value) for name, value in message["headers"] if name.lower() != _SERVE
+                                   and (keep_reproxy or not is_reproxy_header(name.decode("latin-1")))]}
 
 
 def _encoded(headers: Headers) -> list[tuple[bytes, bytes]]:

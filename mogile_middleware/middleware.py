@@ -98,11 +98,12 @@ class MogileFSMiddleware(MiddlewareCore):
         if environ.get(WRAPPED_BY) is self:
             start_response("200 OK", [(name, value)])
             return []
-        return self._send(self._file_answer_for_view(environ, value), start_response, environ)
+        return self._send(self._file_answer_for_view(environ, served_file(value)), start_response,  # type: ignore[arg-type]
+                          environ)
 
-    def _file_answer_for_view(self, environ: dict[str, Any], value: str, cookies: list[str] | None = None
-                              ) -> Answer | StreamedAnswer:
-        key, filename = served_file(value)
+    def _file_answer_for_view(self, environ: dict[str, Any], served: tuple[str, str | None],
+                              cookies: list[str] | None = None) -> Answer | StreamedAnswer:
+        key, filename = served
         answer = self.file_answer(as_view_request(environ), key)  # type: ignore[arg-type]
         return dataclasses.replace(answer, headers=view_headers(answer.status, answer.headers, filename, cookies or ()))
 
@@ -125,7 +126,7 @@ class MogileFSMiddleware(MiddlewareCore):
         """The application's answer, without the reproxy headers only the middleware may send; or,
         when it answered with :data:`~mogile_middleware.views.SERVE_HEADER`, the file it asks for."""
         environ[WRAPPED_BY] = self
-        asked: list[str] = []
+        asked: list[tuple[str, str | None]] = []
         cookies: list[str] = []
         started = False
 
@@ -133,14 +134,15 @@ class MogileFSMiddleware(MiddlewareCore):
             nonlocal started
             started = True
             if any(is_internal_header(name) for name, _ in headers):
-                asked.extend(value for name, value in headers if name.lower() == SERVE_HEADER_LOWER)
+                asked.extend(filter(None, (served_file(value) for name, value in headers
+                                           if name.lower() == SERVE_HEADER_LOWER)))
                 if asked:
                     cookies.extend(value for name, value in headers if name.lower() == "set-cookie")
                     if body_returned:
                         raise RuntimeError(f"{SERVE_HEADER} must be sent before the application returns its body")
                     return _discard
-                if not self.allow_app_reproxy:
-                    headers = [(name, value) for name, value in headers if not is_reproxy_header(name)]
+                headers = [(name, value) for name, value in headers if name.lower() != SERVE_HEADER_LOWER
+                           and (self.allow_app_reproxy or not is_reproxy_header(name))]
             return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
 
         body_returned = False

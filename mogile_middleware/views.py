@@ -8,6 +8,9 @@ answers a request under its prefix, but ``Cache-Control: private`` and, when ask
 
 from __future__ import annotations
 
+import hmac
+import logging
+import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -16,6 +19,8 @@ from .content import content_disposition
 from .http import Headers
 from .protocol import check_url_key
 
+log = logging.getLogger("mogile_middleware")
+
 #: Where a middleware marks the requests it passes to its application (the WSGI environ, a copy
 #: of the ASGI scope): an answer with :data:`SERVE_HEADER` will be turned into a file's.
 WRAPPED_BY = "mogile_middleware.wrapped_by"
@@ -23,18 +28,28 @@ WRAPPED_BY = "mogile_middleware.wrapped_by"
 #: never sent on.
 SERVE_HEADER = "X-Mogile-Middleware-Serve"
 SERVE_HEADER_LOWER = SERVE_HEADER.lower()
+#: What shows that a :data:`SERVE_HEADER` value was made by :func:`serve_header` in this process
+#: (where the middleware runs), made anew at each start: an application that passes on the
+#: headers of another server's answer (a proxying view) cannot be made to serve any key.
+_PROOF = secrets.token_urlsafe(16)
 
 
 def serve_header(key: str, filename: str | None = None) -> tuple[str, str]:
     """The header with which a view of the wrapped application has the middleware answer with
     ``key``'s file (a download named ``filename``, when given), after its own permission checks:
     as any request under the prefix is answered, but without ``authorize`` or a signature."""
-    return SERVE_HEADER, urlencode({"key": check_url_key(key), **({"filename": filename} if filename else {})})
+    return SERVE_HEADER, urlencode({"key": check_url_key(key), **({"filename": filename} if filename else {}),
+                                    "proof": _PROOF})
 
 
-def served_file(value: str) -> tuple[str, str | None]:
-    """The key and file name a :data:`SERVE_HEADER` value asks for."""
+def served_file(value: str) -> tuple[str, str | None] | None:
+    """The key and file name a :data:`SERVE_HEADER` value asks for; ``None`` for a value that
+    :func:`serve_header` did not make in this process (copied from another server's answer)."""
     fields = dict(parse_qsl(value, keep_blank_values=True))
+    if not hmac.compare_digest(fields.get("proof", "").encode(), _PROOF.encode()):
+        log.warning("%s not made by serve_header in this process, removed from the application's answer "
+                    "(a view passing on another server's headers?): %r", SERVE_HEADER, value[:200])
+        return None
     return fields.get("key", ""), fields.get("filename") or None
 
 

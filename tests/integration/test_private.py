@@ -11,6 +11,8 @@ import functools
 import http.client
 import socket
 import string
+import subprocess
+import sys
 import math
 import time
 import warnings
@@ -336,6 +338,33 @@ def test_wsgi_respond_with_answers_alone_or_through_the_middleware_that_wraps_it
         assert reproxied.body == b"" and reproxied.headers["X-REPROXY-URL"].startswith("http://")
         assert app.head("/download").body == b""
 
+
+def test_a_serve_header_serve_header_did_not_make_serves_nothing(stored: DevMogileFS,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    # An application passing on another server's answer, headers and all (a proxying view),
+    # served whatever key that server named; made in another process, the header is not this one's.
+    forged = subprocess.run([sys.executable, "-c", "from mogile_middleware import serve_header; "
+                             "print(serve_header('private/doc.txt')[1])"], capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).parents[2]).stdout.strip()
+    upstream = [("Content-Type", "text/plain"), ("X-Mogile-Middleware-Serve", forged),
+                ("X-Mogile-Middleware-Serve", "key=private%2Fdoc.txt")]
+
+    def proxying(environ: dict, start_response: Any) -> list[bytes]:
+        start_response("200 OK", list(upstream))
+        return [b"the upstream's body"]
+
+    async def proxying_asgi(scope: dict, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(name.lower().encode(), value.encode()) for name, value in upstream]})
+        await send({"type": "http.response.body", "body": b"the upstream's body"})
+
+    from webtest import TestApp
+
+    answer = TestApp(MogileFSMiddleware(proxying, domain=DOMAIN, trackers=stored.trackers)).get("/view")
+    assert answer.body == b"the upstream's body" and "X-Mogile-Middleware-Serve" not in answer.headers
+    status, headers, body = asgi_call(ASGIMiddleware(proxying_asgi, domain=DOMAIN, trackers=stored.trackers), "/view")
+    assert (status, body) == (200, b"the upstream's body") and "x-mogile-middleware-serve" not in headers
+    assert caplog.text.count("not made by serve_header in this process") == 4
 
 def test_a_wsgi_view_may_start_its_answer_on_its_first_iteration(stored: DevMogileFS) -> None:
     # PEP 3333 lets an application call start_response when its body is first iterated: a view
