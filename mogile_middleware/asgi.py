@@ -357,8 +357,8 @@ def _environ(scope: Scope, path: str) -> dict[str, Any]:
     """The request as the CGI names the shared decisions read: only the headers they read, repeated
     ones joined as WSGI servers do."""
     query = scope.get("query_string")
-    if query and b"#" in (scope.get("raw_path") or b""):
-        query = b""  # h11 cut "/a#x?q" at the "?": a "?" after the "#" is the fragment's (RFC 3986, 3.5)
+    if query and _kept_a_fragment(scope):
+        query = b""  # h11 and daphne cut "/a#x?q" at the "?": a "?" after the "#" is the fragment's (RFC 3986, 3.5)
     environ: dict[str, Any] = {
         "REQUEST_METHOD": scope["method"],
         "SCRIPT_NAME": _as_wsgi(scope.get("root_path", "")),
@@ -372,6 +372,13 @@ def _environ(scope: Scope, path: str) -> dict[str, Any]:
             text = value.decode("latin-1")
             environ[key] = f"{environ[key]}, {text}" if key in environ else text
     return environ
+
+
+def _kept_a_fragment(scope: Scope) -> bool:
+    """True if the server kept the target's fragment in the path, as :func:`_path_info` reads it
+    (in the raw path; without one, in ``path``), where it should have dropped it."""
+    raw = scope.get("raw_path")
+    return b"#" in raw if raw else "#" in scope["path"]
 
 
 def _inputs(scope: Scope) -> tuple[Any, ...]:
@@ -470,4 +477,6 @@ class _WarmAnswers:
 async def _allows(authorize: Callable[[Scope, str], Any], scope: Scope, key: str) -> bool:
     """``authorize(scope, key)``, awaited when it is a coroutine function."""
     allowed = authorize(scope, key)
+    if inspect.isasyncgen(allowed):
+        raise TypeError("authorize answered an async generator: the middleware needs a true or false answer")
     return bool(await allowed if inspect.isawaitable(allowed) else allowed)

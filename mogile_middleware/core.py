@@ -63,10 +63,19 @@ _FORBIDDEN = {reason: http.error(403, reason) for reason in (UNSIGNED, BAD_SIGNA
 OUTAGE_LOG_INTERVAL = 10.0
 
 
-def is_coroutine_function(function: Any) -> bool:
-    """True if calling ``function`` makes a coroutine: a coroutine function, a partial of one, or
-    an object whose ``__call__`` is one. Its answer, never awaited, would be a true value."""
-    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(getattr(function, "__call__", None))
+def async_kind(function: Any) -> str | None:
+    """``"a coroutine"`` or ``"an async generator"`` if that is what calling ``function`` makes
+    (a partial of it, or an object whose ``__call__`` does, too), else ``None``: either, not
+    awaited, is a true answer."""
+    while isinstance(function, functools.partial):
+        function = function.func
+    # A class's __call__ is its instances': calling the class makes an instance.
+    for candidate in (function, None if isinstance(function, type) else getattr(function, "__call__", None)):
+        if inspect.iscoroutinefunction(candidate):
+            return "a coroutine"
+        if inspect.isasyncgenfunction(candidate):
+            return "an async generator"
+    return None
 
 
 class MiddlewareCore:
@@ -224,11 +233,13 @@ class MiddlewareCore:
                         ", whatever proxy header it sends" if require_proxy_header else "")
         elif reproxy is not None and not self.trusted_proxies:
             log.warning("reproxy=%r with no trusted proxy: every request is served, none reproxied", reproxy)
-        if is_coroutine_function(key_for_path):
-            raise TypeError("key_for_path must be a plain function: the middleware calls it without awaiting")
-        if is_coroutine_function(authorize) and not self.awaits_authorize:
-            raise TypeError(f"authorize must be a plain function: {type(self).__name__} calls it without "
-                            "awaiting (the ASGI middleware awaits a coroutine function)")
+        if made := async_kind(key_for_path):
+            raise TypeError(f"key_for_path must be a plain function: it makes {made}, and the middleware "
+                            "calls it without awaiting")
+        if (made := async_kind(authorize)) and (made != "a coroutine" or not self.awaits_authorize):
+            raise TypeError(f"authorize must be a plain function: it makes {made}, and {type(self).__name__} "
+                            "needs a true or false answer" + ("" if self.awaits_authorize else
+                                                               " (the ASGI middleware awaits a coroutine)"))
         self.key_for_path = key_for_path
         self.allow_app_reproxy = allow_app_reproxy
         self.authorize = authorize

@@ -161,10 +161,10 @@ def _allows(authorize: Callable[[dict[str, Any], str], Any], environ: dict[str, 
     """``authorize(environ, key)``; an answer to await (from a function that hands on a
     coroutine) is refused, never taken for a yes."""
     allowed = authorize(environ, key)
-    if inspect.isawaitable(allowed):
-        getattr(allowed, "close", lambda: None)()  # not awaited: no warning that it never was
-        raise TypeError(f"authorize answered {type(allowed).__name__}, to await: the WSGI middleware needs "
-                        "a true or false answer")
+    if inspect.isawaitable(allowed) or inspect.isasyncgen(allowed):
+        getattr(allowed, "close", lambda: None)()  # a coroutine not awaited: no warning that it never was
+        raise TypeError(f"authorize answered {type(allowed).__name__}: the WSGI middleware needs a true or "
+                        "false answer")
     return bool(allowed)
 
 

@@ -59,7 +59,7 @@ def _callable(value: str) -> Callable[..., Any]:
     return found
 
 
-def _memcached(servers: str | None, secret: str | None) -> MemcachedBackend | None:
+def _memcached(servers: list[str] | None, secret: str | None) -> MemcachedBackend | None:
     """A shared path cache in memcached on ``host:port`` ``servers``; none: the in-process cache."""
     if not servers:
         if secret:
@@ -128,8 +128,12 @@ def _options() -> dict[str, Callable[[str], Any]]:
         if name in _NOT_OPTIONS:
             continue
         options[name] = _SPECIAL.get(name) or _BY_TYPE[str(parameter.annotation).removesuffix(" | None")]
-    # The servers as one string, split by MemcachedBackend on commas and spaces, as trackers are.
-    return {**options, "memcached_servers": str, "memcached_secret": str}
+    return {**options, "memcached_servers": _servers, "memcached_secret": str}
+
+
+def _servers(value: str) -> list[str]:
+    """``host:port`` items separated by commas, spaces or lines, as ``trackers`` are."""
+    return value.replace(",", " ").split()
 
 
 #: Every option the filter takes, with the converter from its ini string.

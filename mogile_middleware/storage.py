@@ -381,10 +381,10 @@ def resumed_chunks(replica: ReplicaResponse, urls: Sequence[str], *, timeout: fl
 
 
 class SeekableBody(io.RawIOBase):
-    """The body of a file at ``urls`` (its replicas), read from the first that answers and
-    seekable, as Django and Pillow use files: a read elsewhere than where the transfer is opens a
-    replica again from there (a ``Range``), of the same version (the same URLs). ``length`` is
-    known from the first answer."""
+    """The body of a file at ``urls`` (its replicas), read from the first that answers, and
+    seekable: a read elsewhere than where the transfer is opens a replica again from there (a
+    ``Range``) of the same version (the same URLs), and so does a transfer cut midway, from the
+    next replica. ``length`` is known from the first answer."""
 
     def __init__(self, urls: Sequence[str], *, timeout: float = 10.0, pool: NodePool = nodes) -> None:
         super().__init__()
@@ -403,9 +403,12 @@ class SeekableBody(io.RawIOBase):
         return True
 
     def tell(self) -> int:
+        self._checkClosed()  # type: ignore[attr-defined]
         return self._position
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Move where the next read starts (nothing is asked of a replica until then)."""
+        self._checkClosed()  # type: ignore[attr-defined]
         if whence not in (io.SEEK_SET, io.SEEK_CUR, io.SEEK_END):
             raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
         position = offset + (0, self._position, self.length)[whence]
@@ -415,29 +418,40 @@ class SeekableBody(io.RawIOBase):
         return position
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        if self._position >= self.length:
-            return 0
-        if self._replica is None or self._transfer_at != self._position:
-            self._reopen()
-        count = self._replica.readinto(buffer)  # type: ignore[union-attr]
-        self._position += count
-        self._transfer_at += count
-        return count
+        """Read from the position into ``buffer``: from the open transfer when it is there, else
+        from a replica opened there; a transfer cut midway goes on from the next replica."""
+        self._checkClosed()  # type: ignore[attr-defined]
+        while self._position < self.length:
+            if self._replica is None or self._transfer_at != self._position:
+                self._reopen()
+            try:
+                count = self._replica.readinto(buffer)  # type: ignore[union-attr]
+            except (OSError, StorageError) as error:
+                self._urls = cut_midway(self._urls, self._replica.url, error)  # type: ignore[union-attr]
+                self._drop_transfer()
+                continue
+            self._position += count
+            self._transfer_at += count
+            return count
+        return 0
 
     def _reopen(self) -> None:
         """A replica's body from the position on (the transfer left midway is closed)."""
-        if self._replica is not None:
-            self._replica.close()
-            self._replica = None
+        self._drop_transfer()
         self._replica = open_replica(self._urls, byte_range=(self._position, self.length - 1),
                                      length=self.length - self._position, timeout=self._timeout, pool=self._pool)
         self._transfer_at = self._position
 
-    def close(self) -> None:
+    def _drop_transfer(self) -> None:
         if self._replica is not None:
             self._replica.close()
             self._replica = None
+
+    def close(self) -> None:
+        """Close the open transfer, if any."""
+        self._drop_transfer()
         super().close()
+
 
 def cut_midway(urls: list[str], url: str, error: BaseException) -> list[str]:
     """The replicas after ``url``, whose transfer was cut by ``error``; raises when none is left."""

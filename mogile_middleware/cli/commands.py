@@ -20,7 +20,7 @@ import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO, NoReturn
 
@@ -199,6 +199,8 @@ def _local_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argpars
             return 0
         except OSError as error:
             print(f"mogile-middleware: {printable(_describe(error))}", file=sys.stderr)
+            if error.filename == "stdout" and not isinstance(sys.stdout, _ClosedStream):
+                _detach_stdout()  # what its buffer holds would fail again at exit (exit 120)
             return 1
 
     return guarded
@@ -350,8 +352,9 @@ def _get(args: argparse.Namespace, client: Client) -> int:
                 print(f"mogile-middleware: {printable(args.key)} is binary: not written to the terminal "
                       f"(-o FILE writes it to a file, -o - here anyway)", file=sys.stderr)
                 return 1
-            _copy(first, chunks, _Output(sys.stdout.buffer, "stdout"), bar)
-            sys.stdout.buffer.flush()
+            stdout = _Output(sys.stdout.buffer, "stdout")
+            _copy(first, chunks, stdout, bar)
+            stdout.flush()
         else:
             with _replacing(Path(args.output)) as target:
                 _copy(first, chunks, target, bar)
@@ -466,6 +469,23 @@ def _named(name: str) -> Iterator[None]:
 
 
 @contextmanager
+def _written(file: IO[bytes], name: str) -> Iterator[_Output]:
+    """``file`` written through an :class:`_Output` naming ``name``, flushed and closed after the
+    block. Closed after an error, it flushes the same bytes again: its own error, naming nothing,
+    must not hide the first."""
+    output = _Output(file, name)
+    try:
+        yield output
+        output.flush()  # a full disk shows here at the latest, named
+    except BaseException:
+        with suppress(OSError):
+            file.close()
+        raise
+    with _named(name):
+        file.close()
+
+
+@contextmanager
 def _replacing(path: Path) -> Iterator[_Output]:
     """A temporary file beside ``path``, renamed to it only when the block completes: a failure
     leaves neither a partial file nor a changed one. As ``cp`` does, a symbolic link is written
@@ -479,9 +499,8 @@ def _replacing(path: Path) -> Iterator[_Output]:
     if mode is not None and stat.S_ISDIR(mode):
         raise IsADirectoryError(errno.EISDIR, "is a directory: give a file name", str(path))
     if mode is not None and not stat.S_ISREG(mode):
-        with open(path, "wb") as device:
-            yield (output := _Output(device, str(path)))
-            output.flush()  # a full device shows here at the latest, named
+        with _written(open(path, "wb"), str(path)) as output:  # noqa: SIM115 # closed by _written
+            yield output
         return
     real = Path(os.path.realpath(path))
     try:
@@ -490,9 +509,8 @@ def _replacing(path: Path) -> Iterator[_Output]:
     except OSError as error:  # name the user's path, not the temporary file's
         raise type(error)(error.errno, error.strerror, str(path)) from None
     try:
-        with handle:
-            yield (output := _Output(handle, str(path)))
-            output.flush()  # a full disk shows here at the latest, named
+        with _written(handle, str(path)) as output:
+            yield output
         # The file's own permissions (not its setuid bits), or as open() would create it: not
         # private like a temporary file.
         os.chmod(handle.name, mode & 0o777 if mode is not None else 0o666 & ~_umask())

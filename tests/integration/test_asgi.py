@@ -171,6 +171,7 @@ def test_a_fastapi_app_under_uvicorn_keeps_its_routes_lifespan_and_private_endpo
         assert get("/private/missing.txt", f"Authorization: Bearer {TOKEN}").status == 404
         assert get("/mogilefs/private/doc.txt").status == 404  # no endpoint checks the token there
 
+
 def test_a_mount_point_beyond_ascii_is_below_the_prefix(devmogile: DevMogileFS) -> None:
     # Starlette's Mount("/médias", ...) gives root_path as text, the path's bytes come raw: the
     # mount point was never taken off, and every file went to the application.

@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import random
+import resource
 import re
 import signal
 import socket
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import DOMAIN
@@ -544,13 +546,30 @@ def test_with_stderr_closed_an_error_never_lands_in_stdout(devmogile: DevMogileF
                           timeout=20, check=False, preexec_fn=lambda: os.close(2))
     assert (done.returncode, done.stdout) == (3, b"")
 
-def test_a_write_error_names_the_output(cli: Run, tmp_path: Path) -> None:
-    # A full disk said "[Errno 28] No space left on device", naming nothing (/dev/full: every write is ENOSPC).
-    source = tmp_path / "big.bin"
-    source.write_bytes(b"x" * 300_000)
-    assert cli("upload", "big", str(source)).code == 0
-    full = cli("get", "big", "-o", "/dev/full")
-    assert (full.code, full.err) == (1, "mogile-middleware: /dev/full: No space left on device\n")
+
+def test_a_write_error_names_the_output(devmogile: DevMogileFS, tmp_path: Path) -> None:
+    # A full disk said "[Errno 28] No space left on device", naming nothing (/dev/full: every write
+    # is ENOSPC; a file size limit makes a file too large at its first kilobyte).
+    Client(DOMAIN, devmogile.trackers).store_content("big", b"x" * 300_000)
+    Client(DOMAIN, devmogile.trackers).store_content("small", b"x" * 3000)
+    env = {name: value for name, value in subprocess_env(MOGILEFS_TRACKERS=devmogile.trackers[0],
+                                                         MOGILEFS_DOMAIN=DOMAIN).items() if name != "PYTHONUNBUFFERED"}
+
+    def get(key: str, output: str, **options: Any) -> tuple[int, str]:
+        done = subprocess.run([sys.executable, "-m", "mogile_middleware", "get", key, "-o", output], env=env,
+                              stderr=subprocess.PIPE, text=True, timeout=20, check=False,
+                              **{"stdout": subprocess.DEVNULL, **options})
+        return done.returncode, done.stderr
+
+    for key in ("big", "small"):
+        assert get(key, "/dev/full") == (1, "mogile-middleware: /dev/full: No space left on device\n")
+        (tmp_path / "out").mkdir(exist_ok=True)
+        target = tmp_path / "out" / f"{key}.bin"
+        limited = get(key, str(target), preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024)))
+        assert limited == (1, f"mogile-middleware: {target}: File too large\n") and not list(target.parent.iterdir())
+        with open("/dev/full", "wb") as full:  # stdout buffered, its rest flushed again at exit: exit 120
+            assert get(key, "-", stdout=full) == (1, "mogile-middleware: stdout: No space left on device\n")
+
 
 def test_upload_recursive_names_each_file_that_makes_no_key_and_stores_nothing(cli: Run, tmp_path: Path) -> None:
     # It stopped at the first such file with "key contains the control byte", naming no file.
@@ -579,6 +598,7 @@ def test_an_empty_path_is_a_usage_error_not_the_current_directory(cli: Run, argv
         cli(*argv)
     assert exited.value.code == 2
     assert cli("ls", "up").out == b"" and os.listdir(tmp_path / "cwd") == ["here.txt"]
+
 
 def test_upload_and_get_draw_a_bar_on_a_terminal_only(cli: Run, tree: Path) -> None:
     logo = str(tree / "assets/img/logo.bin")
@@ -720,6 +740,7 @@ def test_devserver_refuses_a_data_directory_another_one_runs_on(tmp_path: Path) 
         assert (client.get_file_data("kept.txt"), client.get_file_data("new.txt")) == (b"kept", b"new")
     with DevMogileFS(data) as again:  # the lock goes with the one that held it
         assert Client(DOMAIN, again.trackers).get_file_data("kept.txt") == b"kept"
+
 
 def test_a_tracker_given_without_a_port_says_which_was_assumed(monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture[str]) -> None:

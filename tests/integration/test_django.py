@@ -234,6 +234,7 @@ def test_an_opened_file_reads_what_is_asked_and_seeks_anywhere(mogile: DevMogile
         with pytest.raises(ValueError, match="negative seek position"):
             file.seek(-1)
 
+
 def test_names_with_control_characters_are_refused_as_the_middleware_would_not_serve_them(
         mogile: DevMogileFS) -> None:
     storage = MogileFSStorage()
@@ -455,7 +456,9 @@ def test_a_name_longer_than_any_key_is_shortened_to_the_fields_max_length(mogile
         storage.save(name, ContentFile(b"long"))
     # Within the field's max_length, but not within a key: 100 characters of 3 bytes each, or 286
     # ASCII ones under max_length=300, were refused at the upload.
-    for long_name, max_length in (("docs/" + "中" * 91 + ".txt", 100), ("docs/" + "n" * 277 + ".txt", 300)):
+    for long_name, max_length in (("docs/" + "中" * 91 + ".txt", 100), ("docs/" + "n" * 277 + ".txt", 300),
+                                  ("docs/" + "\U00020000" * 85 + ".txt", 100), ("docs/" + "中" * 127 + "é.txt", 255),
+                                  ("docs/" + "\U0001f600" * 90 + ".txt", 100)):  # 4-byte characters: cut by 4
         saved = storage.save(long_name, ContentFile(b"long"), max_length=max_length)
         assert len(saved.encode()) <= 255 and saved.startswith(long_name[:10]) and saved.endswith(".txt")
         assert storage.size(saved) == 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import socket
 import threading
@@ -19,7 +20,7 @@ from mogile_middleware.async_storage import open_replica as async_open_replica
 from mogile_middleware.devserver.storage_node import StorageNode
 from mogile_middleware.nodepool import IdlePool, NodePool
 from mogile_middleware.exceptions import StorageError
-from mogile_middleware.storage import open_replica
+from mogile_middleware.storage import SeekableBody, open_replica
 from wiretools import TEN, KeptAliveNode, LoopbackServer, honest
 
 BODY = bytes(range(256)) * 1024  # 256 KiB: more than one read
@@ -355,3 +356,23 @@ def test_a_kept_connection_answered_wrongly_is_not_asked_again_on_a_new_one() ->
     finally:
         pool.close()
         node.stop()
+
+
+def test_a_seekable_body_reads_elsewhere_with_a_range_and_goes_on_from_the_next_replica() -> None:
+    cut = KeptAliveNode(lambda head: b"HTTP/1.0 200 OK\r\nContent-Length: 10\r\n\r\n0123", closes=True)
+    whole = KeptAliveNode(honest)
+    try:
+        body = SeekableBody([cut.url(1), whole.url(1)], timeout=5)
+        assert (body.length, body.read(10)) == (10, b"0123")
+        assert body.read(10) == b"456789"  # cut after 4 bytes: the rest from the next replica, from there
+        assert body.seek(2) == 2 and body.read(3) == b"234"
+        assert body.seek(-1, io.SEEK_END) == 9 and body.read() == b"9" and body.read() == b""
+        ranges = [head.split(b"Range: ")[1].split(b"\r\n")[0] for head in whole.requests]
+        assert ranges == [b"bytes=4-9", b"bytes=2-9", b"bytes=9-9"]
+        body.close()
+        with pytest.raises(ValueError, match="closed file"):
+            body.read(1)  # not a new connection
+        assert len(whole.requests) == 3
+    finally:
+        cut.stop()
+        whole.stop()

@@ -152,7 +152,6 @@ def test_an_empty_charset_means_none(tmp_path: Path) -> None:
     assert middleware.representation.policy.charset is None
 
 
-
 def test_private_file_options_reach_the_middleware(tmp_path: Path) -> None:
     middleware = load_filter(tmp_path, GOOD + """
 signing_key = new-secret

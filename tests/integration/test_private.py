@@ -16,7 +16,7 @@ import sys
 import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,6 +203,16 @@ def test_anything_but_the_exact_signed_url_is_refused_without_asking_a_tracker(s
     assert server.lookups() == before
 
 
+def test_a_query_after_a_fragment_is_the_fragments_also_without_a_raw_path(stored: DevMogileFS) -> None:
+    # raw_path is optional in ASGI: the path's "#" is then the only sign of the fragment.
+    middleware = ASGIMiddleware(None, domain=DOMAIN, trackers=stored.trackers, signing_key=SECRET)
+    path, _, query = signed_url("plain.txt").partition("?")
+    scope = {"type": "http", "method": "GET", "path": f"{path}#x", "query_string": query.encode(), "root_path": "",
+             "client": ("127.0.0.1", 5000), "http_version": "1.1", "scheme": "http", "headers": []}
+    assert run(middleware, scope, [{"type": "http.request"}])[0]["status"] == 403
+    assert run(middleware, {**scope, "path": path}, [{"type": "http.request"}])[0]["status"] == 200
+
+
 def test_head_ranges_and_revalidation_with_a_valid_signature(server: Server) -> None:
     url = signed_url("plain.txt")
     whole = server.get(url)
@@ -366,6 +376,7 @@ def test_a_serve_header_serve_header_did_not_make_serves_nothing(stored: DevMogi
     assert (status, body) == (200, b"the upstream's body") and "x-mogile-middleware-serve" not in headers
     assert caplog.text.count("not made by serve_header in this process") == 4
 
+
 def test_a_wsgi_view_may_start_its_answer_on_its_first_iteration(stored: DevMogileFS) -> None:
     # PEP 3333 lets an application call start_response when its body is first iterated: a view
     # answering with serve_header so got a 500; one answering with its own body streams it, closed.
@@ -388,6 +399,7 @@ def test_a_wsgi_view_may_start_its_answer_on_its_first_iteration(stored: DevMogi
     answer = app.get("/download")
     assert (answer.body, answer.headers["Content-Disposition"]) == (FILES["private/doc.txt"], 'attachment; filename="doc.txt"')
     assert app.get("/page").body == b"one, two" and closed == ["/download", "/page"]
+
 
 def asgi_call(app: Any, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     """GET ``path`` from the ASGI ``app`` on an event loop of its own."""
@@ -456,7 +468,6 @@ def test_an_async_authorize_is_awaited(stored: DevMogileFS) -> None:
     assert asked == [("/mogilefs/plain.txt", "plain.txt")] * 2
 
 
-
 class _AsyncCall:
     async def __call__(self, request: Any, key: str) -> bool:
         return False
@@ -466,16 +477,34 @@ async def _refuse(request: Any, key: str) -> bool:
     return False
 
 
-@pytest.mark.parametrize("refuse", [_refuse, _AsyncCall(), functools.partial(_refuse)],
-                         ids=["coroutine-function", "async-call", "partial"])
+async def _refusing_generator(request: Any, key: str) -> AsyncIterator[bool]:
+    yield False
+
+
+@pytest.mark.parametrize("refuse", [_refuse, _AsyncCall(), functools.partial(_refuse),
+                                    functools.partial(_AsyncCall()), _AsyncCall().__call__],
+                         ids=["coroutine-function", "async-call", "partial", "partial-of-async-call", "bound-method"])
 def test_the_wsgi_middleware_refuses_an_authorize_it_would_not_await(refuse: Any) -> None:
     # Never awaited, the coroutine it made was a true answer: every file was served to everyone.
-    with pytest.raises(TypeError, match="authorize must be a plain function: MogileFSMiddleware"):
+    with pytest.raises(TypeError, match="authorize must be a plain function: it makes a coroutine, and "
+                                        "MogileFSMiddleware needs a true or false answer"):
         MogileFSMiddleware(None, domain=DOMAIN, trackers=["127.0.0.1:7001"], authorize=refuse)
     ASGIMiddleware(None, domain=DOMAIN, trackers=["127.0.0.1:7001"], authorize=refuse)  # which awaits it
     for middleware in (MogileFSMiddleware, ASGIMiddleware):  # neither awaits key_for_path
-        with pytest.raises(TypeError, match="key_for_path must be a plain function"):
+        with pytest.raises(TypeError, match="key_for_path must be a plain function: it makes a coroutine"):
             middleware(None, domain=DOMAIN, trackers=["127.0.0.1:7001"], key_for_path=refuse)
+
+
+def test_neither_middleware_takes_an_async_generator_for_an_answer() -> None:
+    # Neither a coroutine to await nor a false value: the generator served every file.
+    for middleware in (MogileFSMiddleware, ASGIMiddleware):
+        with pytest.raises(TypeError, match="authorize must be a plain function: it makes an async generator"):
+            middleware(None, domain=DOMAIN, trackers=["127.0.0.1:7001"], authorize=_refusing_generator)
+
+
+def test_a_class_whose_instances_are_async_is_a_plain_authorize() -> None:
+    # Calling the class makes an instance (a true answer of its own): nothing to await, not refused.
+    MogileFSMiddleware(None, domain=DOMAIN, trackers=["127.0.0.1:7001"], authorize=_AsyncCall)
 
 
 def test_a_wsgi_authorize_that_hands_on_a_coroutine_serves_nothing(stored: DevMogileFS) -> None:
@@ -484,11 +513,22 @@ def test_a_wsgi_authorize_that_hands_on_a_coroutine_serves_nothing(stored: DevMo
     def hands_on(environ: dict, key: str) -> Any:
         return _refuse(environ, key)
 
+    def hands_on_a_generator(environ: dict, key: str) -> Any:
+        return _refusing_generator(environ, key)
+
     app = TestApp(MogileFSMiddleware(None, domain=DOMAIN, trackers=stored.trackers, authorize=hands_on))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the coroutine is closed: no "never awaited" warning
-        with pytest.raises(TypeError, match="authorize answered coroutine, to await"):
+        with pytest.raises(TypeError, match="authorize answered coroutine: the WSGI middleware needs"):
             app.get("/mogilefs/plain.txt")
+    generated = TestApp(MogileFSMiddleware(None, domain=DOMAIN, trackers=stored.trackers,
+                                           authorize=hands_on_a_generator))
+    with pytest.raises(TypeError, match="authorize answered async_generator"):
+        generated.get("/mogilefs/plain.txt")
+    with pytest.raises(TypeError, match="authorize answered an async generator"):
+        asgi_call(ASGIMiddleware(None, domain=DOMAIN, trackers=stored.trackers, authorize=hands_on_a_generator),
+                  "/mogilefs/plain.txt")
+
 
 @pytest.mark.parametrize("server_name", SERVERS)
 def test_nginx_asks_again_with_the_signature_when_the_replicas_are_gone(devmogile: DevMogileFS, server_name: str,

@@ -265,7 +265,9 @@ class MogileFSStorage(Storage):
                 excess = len(check_key(available, length=False)) - MAX_KEY_BYTES
             if excess <= 0:
                 break
-            max_length = len(available) - excess  # a character is a byte at least: shorter each time
+            max_length = len(available) - -(-excess // 4)  # a character is 4 bytes at most: shorter each time
+            if max_length < 1:  # Django takes 0 for no limit
+                raise SuspiciousFileOperation(f"no name of {name!r} fits a MogileFS key")
             available = super().get_available_name(name, max_length=max_length)
         return available
 
