@@ -33,7 +33,11 @@ def when_ready(server):
     if metrics_port:
         from mogile_middleware.prometheus import registry
 
-        start_http_server(metrics_port, addr="127.0.0.1", registry=registry())
+        try:
+            start_http_server(metrics_port, addr="127.0.0.1", registry=registry())
+        except OSError as error:  # taken (an old master during a USR2 upgrade): serve the site all the same
+            server.log.warning("metrics not served on port %d (%s); the application's /metrics still answers",
+                               metrics_port, error)
 
 
 def on_exit(server):

@@ -359,11 +359,12 @@ class AsyncPathCache(PathCache[V]):
 
     def cached(self, key: str) -> V | None:
         """The fresh value of ``key`` if the in-process backend holds one, without awaiting (the
-        hot path of a warm cache); else ``None``: await :meth:`get`."""
+        hot path of a warm cache); else ``None``: await :meth:`get`, which counts the lookup (a
+        value of ``None`` too: "no such key", held as any other)."""
         if self._in_process:
             entry = self._backend.get(key)
-            if entry is not None and 0 <= self._clock() - entry[1] < self._ttl_of(entry[0]):  # (inlined _fresh)
-                metrics.recorder.cache_hit()
+            if entry is not None and entry[0] is not None and 0 <= self._clock() - entry[1] < self._ttl_of(entry[0]):
+                metrics.recorder.cache_hit()  # (fresh: _fresh inlined on this hot path)
                 return entry[0]
         return None
 

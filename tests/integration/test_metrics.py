@@ -8,6 +8,7 @@ import asyncio
 import http.client
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -212,6 +213,20 @@ def test_a_repeated_asgi_request_counts_one_cache_hit_as_its_location_changes(de
     assert counts("requests_total", mode="perlbal", status="200") == 4
 
 
+def test_a_key_cached_as_missing_counts_one_hit_per_request_as_in_wsgi(devmogile: DevMogileFS,
+                                                                        counts: Counts) -> None:
+    # The ASGI middleware counted a hit as it looked for a warm answer, then another as it answered.
+    async def app(scope: dict, receive: object, send: object) -> None:
+        raise AssertionError("not reached")
+
+    middleware = ASGIMiddleware(app, domain=DOMAIN, trackers=devmogile.trackers)
+    for _ in range(3):
+        assert run(middleware, http_scope("/mogilefs/missing"), [{"type": "http.request"}])[0]["status"] == 404
+    wsgi = TestApp(MogileFSMiddleware(None, domain=DOMAIN, trackers=devmogile.trackers))
+    for _ in range(3):
+        wsgi.get("/mogilefs/missing", status=404)
+    assert (counts("path_cache_misses_total"), counts("path_cache_hits_total")) == (2, 4)
+
 def scrape(port: int, path: str = "/metrics") -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of a ``/metrics`` page: (name, sorted labels) → value."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -281,6 +296,19 @@ def test_the_metrics_directory_made_for_gunicorn_goes_when_it_exits(devmogile: D
         [made] = tmp_path.glob("mogile-metrics-*")
         assert list(made.glob("counter_*.db"))
     assert not made.exists()
+
+
+def test_a_taken_metrics_port_leaves_gunicorn_serving(devmogile: DevMogileFS, tmp_path: Path) -> None:
+    # The master died at start (and a USR2 upgrade always failed: the old master holds the port).
+    Client(DOMAIN, devmogile.trackers).store_content("a.txt", CONTENT, "avatar")
+    args = ["-c", str(REPO / "examples" / "gunicorn_metrics.py"), "--paste", str(REPO / "examples" / "metrics.ini"),
+            "--paste-global", f"mogile_domain={DOMAIN}", "--paste-global", f"mogile_trackers={devmogile.trackers[0]}"]
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        env = {"TMPDIR": str(tmp_path), "METRICS_PORT": str(taken.getsockname()[1])}
+        with run_gunicorn(env, workers=1, app=None, extra_args=args) as server:
+            assert get(server.port, "/mogilefs/a.txt") == CONTENT
+            assert scrape(server.port)[("mogile_middleware_served_bytes_total", ())] == len(CONTENT)
+    assert not list(tmp_path.glob("mogile-metrics-*"))
 
 
 def test_the_metrics_filter_answers_head_as_get_without_the_body(counts: Counts) -> None:
