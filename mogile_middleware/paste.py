@@ -88,8 +88,9 @@ def _prefix(value: str) -> str:
 
 
 def _charset(value: str) -> str | None:
-    """The charset of text types; empty: none."""
-    return value.strip() or None
+    """The charset of text types; empty or ``none``: none (as ``reproxy = none``)."""
+    name = value.strip()
+    return None if name.lower() in ("", "none") else name
 
 
 def _mimetypes(value: str) -> dict[str, str]:
