@@ -139,7 +139,7 @@ class MogileFSMiddleware(MiddlewareCore):
             await send({"type": "http.response.body", "body": b""})
             return
         await self._send(await self._file_answer_for_view(scope, served_file(value)), send, receive,  # type: ignore[arg-type]
-                         scope)
+                         scope, recurring=False)
 
     async def _file_answer_for_view(self, scope: Scope, served: tuple[str, str | None],
                                     cookies: list[str] | None = None) -> Answer | Streamed:
@@ -153,12 +153,18 @@ class MogileFSMiddleware(MiddlewareCore):
         status, headers, upstream, key = answer
         return status, view_headers(status, headers, filename, cookies or ()), upstream, key
 
-    async def _send(self, answer: Answer | Streamed, send: Send, receive: Receive, scope: Scope) -> None:
+    async def _send(self, answer: Answer | Streamed, send: Send, receive: Receive, scope: Scope, *,
+                    recurring: bool = True) -> None:
+        """Send ``answer``; unless ``recurring`` (a view's, made for one request: its cookies are a
+        user's), its encoded form is kept for the next time."""
         if isinstance(answer, Answer):
             metrics.recorder.request(answer.reproxy or "serve", answer.status)
-            status, headers = self._encoded_answers.start(answer)
-            # A copy: a server may change the list it gets, and the encoded list is kept.
-            await send({"type": "http.response.start", "status": status, "headers": headers.copy()})
+            if recurring:
+                status, headers = self._encoded_answers.start(answer)
+                headers = headers.copy()  # a server may change the list it gets, and the encoded list is kept
+            else:
+                status, headers = int(answer.status[:3]), _encoded(answer.headers)
+            await send({"type": "http.response.start", "status": status, "headers": headers})
             # HEAD: a GET's headers, no body (a reproxy answer has none to begin with).
             body = answer.body and (b"" if scope["method"] == "HEAD" else answer.body)
             await send({"type": "http.response.body", "body": body})
@@ -201,7 +207,8 @@ class MogileFSMiddleware(MiddlewareCore):
 
         await self.app({**scope, WRAPPED_BY: self}, receive, filtered)
         if asked:
-            await self._send(await self._file_answer_for_view(scope, asked[0], cookies), send, receive, scope)
+            await self._send(await self._file_answer_for_view(scope, asked[0], cookies), send, receive, scope,
+                             recurring=False)
 
     async def _answer(self, environ: dict[str, Any], key: str, location: Location | None) -> Answer | Streamed:
         """The answer for ``key`` (at ``location`` when the cache held it): decided, with its replica open."""

@@ -423,6 +423,24 @@ def test_asgi_respond_with_answers_alone_or_through_the_middleware_that_wraps_it
         assert "x-mogile-middleware-serve" not in headers
 
 
+def test_the_asgi_middleware_keeps_no_view_answer_with_its_users_cookies(stored: DevMogileFS) -> None:
+    # Each was kept, encoded, among the answers that recur (4096 of them): users' session
+    # cookies in memory, and the reproxy answers worth keeping pushed out.
+    async def view(scope: dict, receive: Any, send: Any) -> None:
+        cookie = f"session=secret-{scope['path'][-1]}".encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (name.lower().encode(), value.encode()) for name, value in [serve_header("plain.txt")]] + [
+            (b"set-cookie", cookie)]})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = ASGIMiddleware(view, domain=DOMAIN, trackers=stored.trackers, reproxy="perlbal",
+                                trusted_proxies=["127.0.0.1"])
+    for user in "123":
+        status, headers, body = asgi_call(middleware, f"/download/{user}")
+        assert (status, headers["set-cookie"], body) == (200, f"session=secret-{user}", b"")
+        assert headers["x-reproxy-url"].startswith("http://")
+    assert b"secret" not in repr(middleware._encoded_answers._entries).encode()
+
 def test_the_starlette_example_serves_a_private_file_to_its_endpoint(stored: DevMogileFS,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOGILEFS_DOMAIN", DOMAIN)
