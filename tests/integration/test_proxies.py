@@ -584,8 +584,9 @@ def test_only_the_exact_internal_location_is_nginxs_and_outside_requests_get_404
         report = get_with(nginx.port, "/reproxy-report", {})
         assert (report.status, report.body) == (200, APP_PAGES["/reproxy-report"])
         # nginx's own 404: the stand-in application answers 200, or 502 when nginx says X-Reproxy-Failed.
-        for path in ("/reproxy", "/reproxy?x=1"):
+        for path in ("/reproxy", "/reproxy?x=1", "/metrics"):  # the metrics are not the public's either
             assert get_with(nginx.port, path, {}).status == 404, path
+        assert get_with(nginx.port, "/metrics-page", {}).status == 200  # only that path
 
 
 # Perlbal as the storage nodes.
