@@ -11,6 +11,7 @@ import json
 import operator
 import os
 import platform
+import re
 import subprocess
 import textwrap
 from collections.abc import Callable
@@ -99,7 +100,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     """The figures (as :func:`row` gives them, or as the JSON keeps them) as a reStructuredText grid
     table: medians, and each ratio's [min–max] over the repetitions."""
     cells = [[name for name, _ in COLUMNS]] + [[
-        f["name"],
+        re.sub(r"^(\d+)\. ", r"\1\\. ", f["name"]),  # "2. reproxy ...": text, not an enumerated list
         f"{_number(f['value']['median'])} {f['unit']} against {_number(f['baseline']['median'])} "
         f"({f['baseline_label']})",
         f"{_number(f['ratio']['median'])} [{_number(f['ratio']['low'])}–{_number(f['ratio']['high'])}]",
