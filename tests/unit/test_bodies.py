@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from mogile_middleware.bodies import BodyCache
+from mogile_middleware.bodies import ENTRY_BYTES, BodyCache
 
 
 def test_it_keeps_small_fid_versions_only() -> None:
@@ -21,10 +21,10 @@ def test_a_file_larger_than_the_whole_cache_is_never_kept() -> None:
 
 
 def test_the_oldest_bodies_go_first_and_the_total_stays_bounded() -> None:
-    bodies = BodyCache(250, max_file_bytes=100)
+    bodies = BodyCache(2 * (100 + ENTRY_BYTES) + 50, max_file_bytes=100)
     for fid in range(1, 6):
         bodies.put(f"fid-{fid}", bytes([fid]) * 100)
-        assert bodies.size <= 250
+        assert bodies.size <= bodies.max_bytes
     assert [bodies.get(f"fid-{fid}") is not None for fid in range(1, 6)] == [False, False, False, True, True]
     assert bodies.get("fid-5") == b"\x05" * 100
 
@@ -33,11 +33,19 @@ def test_putting_a_kept_version_again_counts_it_once() -> None:
     bodies = BodyCache(1000)
     bodies.put("fid-1", b"x" * 10)
     bodies.put("fid-1", b"x" * 10)
-    assert bodies.size == 10
+    assert bodies.size == 10 + ENTRY_BYTES
+
+
+def test_the_bound_counts_each_entry_not_only_its_bytes() -> None:
+    # Empty files added nothing to the count: 500,000 of them were all kept, 45 MiB over the bound.
+    bodies = BodyCache(100_000)
+    for fid in range(10_000):
+        bodies.put(f"fid-{fid}", b"")
+    assert len(bodies._bodies) == 100_000 // ENTRY_BYTES and bodies.size <= 100_000
 
 
 def test_threads_putting_at_once_keep_the_count_exact() -> None:
-    bodies = BodyCache(5000, max_file_bytes=100)
+    bodies = BodyCache(50_000, max_file_bytes=100)
 
     def fill(thread: int) -> None:
         for n in range(500):
@@ -48,7 +56,7 @@ def test_threads_putting_at_once_keep_the_count_exact() -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    assert bodies.size == sum(len(body) for body in bodies._bodies.values()) <= 5000
+    assert bodies.size == sum(len(body) + ENTRY_BYTES for body in bodies._bodies.values()) <= 50_000
 
 
 def test_negative_sizes_are_refused() -> None:
