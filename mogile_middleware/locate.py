@@ -271,7 +271,9 @@ class Locator:
             return None
         copies = yield from self._class_copies_steps(info.cls)
         complete = len(paths) >= min(PATH_COUNT, copies.get(info.cls, PATH_COUNT))
-        return Location(key, paths, f"fid-{info.fid}", info.length, complete)
+        # Paths that name no fid keep their own ETag: named by file_info's fid, they could be the
+        # version before it (an overwrite between the two answers), and the body cache keeps fids.
+        return Location(key, paths, etag, info.length, complete)
 
     def _class_copies_steps(self, cls: str | None = None) -> Steps[dict[str, int]]:
         """How many copies each class of the domain keeps, asked of the trackers every
