@@ -10,6 +10,8 @@ reads this file again on SIGHUP, and the counts go on across that reload.
 import os
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 # Before prometheus_client is imported, here or in a worker: it picks its storage at import.
@@ -33,11 +35,24 @@ def when_ready(server):
     if metrics_port:
         from mogile_middleware.prometheus import registry
 
+        collected = registry()
         try:
-            start_http_server(metrics_port, addr="127.0.0.1", registry=registry())
-        except OSError as error:  # taken (an old master during a USR2 upgrade): serve the site all the same
-            server.log.warning("metrics not served on port %d (%s); the application's /metrics still answers",
-                               metrics_port, error)
+            start_http_server(metrics_port, addr="127.0.0.1", registry=collected)
+        except OSError as error:  # taken, as by the old master during a USR2 upgrade: the site is served all the same
+            server.log.warning("metrics port %d: %s; served once it is free", metrics_port, error)
+            threading.Thread(target=serve_once_free, args=(collected,), daemon=True).start()
+
+
+def serve_once_free(collected):
+    """Serve the metrics on the master's port once it is free. Nothing is logged or imported here:
+    a lock this thread held as gunicorn forked a worker would stay held in the worker."""
+    while True:
+        time.sleep(1)
+        try:
+            start_http_server(metrics_port, addr="127.0.0.1", registry=collected)
+            return
+        except OSError:
+            pass
 
 
 def on_exit(server):

@@ -148,22 +148,22 @@ class MogileFSMiddleware(MiddlewareCore):
         answer = await self._answer(environ, key, self.locator.cached(key))  # type: ignore[arg-type]
         if isinstance(answer, Answer):
             headers = view_headers(answer.status, answer.headers, filename, cookies or ())
-            # An error answer is kept as it is: its encoded form is kept by its identity.
+            # An error answer without the view's cookies is the shared one, as it is.
             return answer if headers is answer.headers else dataclasses.replace(answer, headers=headers)
         status, headers, upstream, key = answer
         return status, view_headers(status, headers, filename, cookies or ()), upstream, key
 
     async def _send(self, answer: Answer | Streamed, send: Send, receive: Receive, scope: Scope, *,
                     recurring: bool = True) -> None:
-        """Send ``answer``; unless ``recurring`` (a view's, made for one request: its cookies are a
-        user's), its encoded form is kept for the next time."""
+        """Send ``answer``. The encoded form of a ``recurring`` one is kept for the next time; not
+        that of a view's, made for one request (with its user's cookies)."""
         if isinstance(answer, Answer):
             metrics.recorder.request(answer.reproxy or "serve", answer.status)
             if recurring:
                 status, headers = self._encoded_answers.start(answer)
                 headers = headers.copy()  # a server may change the list it gets, and the encoded list is kept
             else:
-                status, headers = int(answer.status[:3]), _encoded(answer.headers)
+                status, headers = _start_of(answer)
             await send({"type": "http.response.start", "status": status, "headers": headers})
             # HEAD: a GET's headers, no body (a reproxy answer has none to begin with).
             body = answer.body and (b"" if scope["method"] == "HEAD" else answer.body)
@@ -421,6 +421,11 @@ def _encoded(headers: Headers) -> list[tuple[bytes, bytes]]:
     return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
 
 
+def _start_of(answer: Answer) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """The status code and the encoded headers of ``answer``."""
+    return int(answer.status[:3]), _encoded(answer.headers)
+
+
 class _EncodedAnswers:
     """The ASGI form of answers that recur (reproxy answers, errors), encoded once each."""
 
@@ -434,7 +439,7 @@ class _EncodedAnswers:
         if entry is None or entry[0] is not answer:  # the answer itself is held: its id is not reused
             if len(self._entries) >= self._max_entries:
                 evict_oldest(self._entries)
-            entry = self._entries[id(answer)] = (answer, int(answer.status[:3]), _encoded(answer.headers))
+            entry = self._entries[id(answer)] = (answer, *_start_of(answer))
         return entry[1], entry[2]
 
 

@@ -10,7 +10,6 @@ assets turns that off with ``trusted_files``.
 
 from __future__ import annotations
 
-import codecs
 import mimetypes
 import re
 from collections.abc import Mapping
@@ -77,11 +76,6 @@ class ContentPolicy:
         self._types = {ending.lower(): media_type for ending, media_type in _standard_types().items()}
         self._endings = sorted((ending.lower() for ending in mimetypes or {}), key=len, reverse=True)
         self._types.update({ending.lower(): media_type.lower() for ending, media_type in (mimetypes or {}).items()})
-        if charset is not None:
-            try:
-                codecs.lookup(charset)
-            except (LookupError, TypeError):  # "none" was sent as the charset of every text file
-                raise ValueError(f"charset {charset!r} names no character encoding (None: no charset)") from None
         self.charset = charset
         self.trusted_files = trusted_files
         self.content_disposition = content_disposition

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 from urllib.parse import quote, unquote_to_bytes
 
 from . import http
-from .bodies import BodyCache
+from .bodies import ENTRY_BYTES, BodyCache
 from .cache import CacheBackend
 from .content import ContentPolicy
 from .deadline import checked_seconds
@@ -237,9 +237,9 @@ class MiddlewareCore:
             raise TypeError(f"key_for_path must be a plain function: it makes {made}, and the middleware "
                             "calls it without awaiting")
         if (made := async_kind(authorize)) and (made != "a coroutine" or not self.awaits_authorize):
+            awaited = "" if self.awaits_authorize else " (the ASGI middleware awaits a coroutine)"
             raise TypeError(f"authorize must be a plain function: it makes {made}, and {type(self).__name__} "
-                            "needs a true or false answer" + ("" if self.awaits_authorize else
-                                                               " (the ASGI middleware awaits a coroutine)"))
+                            f"needs a true or false answer{awaited}")
         self.key_for_path = key_for_path
         self.allow_app_reproxy = allow_app_reproxy
         self.authorize = authorize
@@ -438,7 +438,8 @@ def _refuse_unusable(*, cache_control: object, charset: object, nginx_location: 
         ("retry_after_seconds", retry_after_seconds, _is_count(retry_after_seconds, 0),
          "a whole number of seconds >= 0"),
         ("path_cache_entries", path_cache_entries, _is_count(path_cache_entries, 1), "a whole number >= 1"),
-        ("body_cache_bytes", body_cache_bytes, _is_count(body_cache_bytes, 0), "a whole number of bytes >= 0"),
+        ("body_cache_bytes", body_cache_bytes, _is_count(body_cache_bytes, 0) and not 0 < body_cache_bytes <= ENTRY_BYTES,
+         f"0 (none kept) or a whole number of bytes > {ENTRY_BYTES} (each body's entry counts as many)"),
         ("body_cache_file_bytes", body_cache_file_bytes, _is_count(body_cache_file_bytes, 0),
          "a whole number of bytes >= 0"),  # checked even while body_cache_bytes keeps the cache off
     ]

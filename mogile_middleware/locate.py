@@ -103,13 +103,14 @@ class Location:
         return Location, (self.key, self.paths, self.etag, self.length, self.complete)
 
 
-def etag_for(paths: tuple[str, ...]) -> str:
-    """A strong ETag naming this version of the file: its fid, read from a replica's path."""
-    fid = _fid_of(paths[0]) if paths else None
-    if fid is not None:
-        return f"fid-{fid}"
-    # Paths not shaped like mogstored's: name the version by the set of its URLs.
-    return "paths-" + hashlib.sha1(" ".join(sorted(paths)).encode()).hexdigest()[:16]
+def etag_for(paths: tuple[str, ...], fid: int | None = None) -> str:
+    """A strong ETag naming this version of the file: its fid, read from a replica's path; of
+    paths not shaped like mogstored's, the set of its URLs and the ``fid`` the tracker gave (URLs
+    that name the key alone are the same for every version)."""
+    named = _fid_of(paths[0]) if paths else None
+    if named is not None:
+        return f"fid-{named}"
+    return "paths-" + hashlib.sha1(" ".join([*sorted(paths), f"fid={fid}"]).encode()).hexdigest()[:16]
 
 
 def _fid_of(path: str) -> int | None:
@@ -261,7 +262,8 @@ class Locator:
         etag = etag_for(paths)
         # No class of the domain keeps more copies than listed: complete, whatever its class.
         copies = yield from self._class_copies_steps()
-        if not self.with_length and len(paths) >= min(PATH_COUNT, max(copies.values(), default=PATH_COUNT)):
+        if not self.with_length and etag.startswith("fid-") \
+                and len(paths) >= min(PATH_COUNT, max(copies.values(), default=PATH_COUNT)):
             return Location(key, paths, etag)
         try:
             info = yield ("file_info", key)
@@ -271,9 +273,10 @@ class Locator:
             return None
         copies = yield from self._class_copies_steps(info.cls)
         complete = len(paths) >= min(PATH_COUNT, copies.get(info.cls, PATH_COUNT))
-        # Paths that name no fid keep their own ETag: named by file_info's fid, they could be the
-        # version before it (an overwrite between the two answers), and the body cache keeps fids.
-        return Location(key, paths, etag, info.length, complete)
+        # Paths that name no fid are not named "fid-" by file_info's fid: they could be the version
+        # before it (an overwrite between the two answers), whose bytes the body cache would keep.
+        return Location(key, paths, etag if etag.startswith("fid-") else etag_for(paths, info.fid), info.length,
+                        complete)
 
     def _class_copies_steps(self, cls: str | None = None) -> Steps[dict[str, int]]:
         """How many copies each class of the domain keeps, asked of the trackers every

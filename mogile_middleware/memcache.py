@@ -130,6 +130,8 @@ class MemcachedBackend:
                version: bytes | None | object) -> None:
         if keep_seconds <= 0:
             return  # memcached would read an expiry of 0 as "keep forever"
+        if isinstance(value, Location) and not value.etag.startswith("fid-"):
+            return  # its URLs name no fid: never read back as a replica's (see _location)
         expire = min(math.ceil(keep_seconds), MAX_EXPIRE_SECONDS)
         name, data = self._memcached_key(key), self._encode(key, value, stored_at)
         # noreply=False: wait for memcached's answer, so a failed store raises instead of vanishing.

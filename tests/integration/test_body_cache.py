@@ -230,38 +230,50 @@ def test_get_file_data_reads_a_transfer_cut_midway_from_the_next_replica(tracker
 
 
 @pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
-def test_replicas_whose_urls_name_no_fid_are_neither_named_by_the_fid_nor_kept(flavour: str) -> None:
+def test_replicas_whose_urls_name_no_fid_are_named_by_their_version_and_never_kept(flavour: str) -> None:
     # Labelled with file_info's fid, such paths could be the version before it (an overwrite
     # between the two answers): the old bytes were served, and kept, under the new version's ETag.
+    # Named by their URLs alone, a version of URLs that name the key kept the ETag of the last.
     got: list[str] = []
+    fid = [9]
 
     class Counting(_WholeNode):
         def do_GET(self) -> None:  # noqa: N802
             got.append(self.path)
             super().do_GET()
 
+    def reply(line: bytes) -> bytes:
+        command = line.split()[0]
+        if command == b"get_paths":
+            return f"OK paths=1&path1={rewritten}\r\n".encode()
+        if command == b"file_info":
+            return f"OK fid={fid[0]}&domain=testdom&class=thumb&key=k&length={len(SMALL)}&devcount=1\r\n".encode()
+        return b"OK domains=1&domain1=testdom&domain1classes=1&domain1class1name=thumb&domain1class1mindevcount=1\r\n"
+
+    def etags() -> list[str]:
+        """The ETags of two GETs of the key from a new middleware, each answered with its bytes."""
+        options = {"domain": "testdom", "trackers": [scripted.tracker], "body_cache_bytes": 1 << 20}
+        if flavour == "wsgi":
+            from webtest import TestApp
+
+            app = TestApp(MogileFSMiddleware(None, **options))
+            answers = [(reply.status_int, reply.body, reply.headers["ETag"]) for reply in
+                       (app.get("/mogilefs/k"), app.get("/mogilefs/k"))]
+        else:
+            middleware = ASGIMiddleware(None, **options)
+            answers = [(status, body, headers[b"etag"].decode()) for status, headers, body in
+                       (_asgi_answer(middleware, "/mogilefs/k") for _ in range(2))]
+        assert [(status, body) for status, body, _ in answers] == [(200, SMALL)] * 2
+        return [etag for _, _, etag in answers]
+
     with _node(Counting) as url:
         rewritten = url.replace(".fid", ".bin?v=1")
-        replies = {b"get_paths": f"OK paths=1&path1={rewritten}\r\n".encode(),
-                   b"file_info": f"OK fid=9&domain=testdom&class=thumb&key=k&length={len(SMALL)}&devcount=1\r\n"
-                                 .encode(),
-                   b"get_domains": b"OK domains=1&domain1=testdom&domain1classes=1&domain1class1name=thumb"
-                                   b"&domain1class1mindevcount=2\r\n"}
-        scripted = ScriptedTracker(lambda line: replies[line.split()[0]])
+        scripted = ScriptedTracker(reply)
         try:
-            options = {"domain": "testdom", "trackers": [scripted.tracker], "body_cache_bytes": 1 << 20}
-            if flavour == "wsgi":
-                from webtest import TestApp
-
-                app = TestApp(MogileFSMiddleware(None, **options))
-                answers = [(reply.status_int, reply.body, reply.headers["ETag"]) for reply in
-                           (app.get("/mogilefs/k"), app.get("/mogilefs/k"))]
-            else:
-                middleware = ASGIMiddleware(None, **options)
-                answers = [(status, body, headers[b"etag"].decode()) for status, headers, body in
-                           (_asgi_answer(middleware, "/mogilefs/k") for _ in range(2))]
+            first = etags()
+            fid[0] = 10  # overwritten: the same URLs, another fid
+            second = etags()
         finally:
             scripted.stop()
-    assert [(status, body) for status, body, _ in answers] == [(200, SMALL)] * 2
-    assert all(etag.startswith('"paths-') for _, _, etag in answers), answers
-    assert len(got) == 2  # each from the node: a version not named by a fid is not kept
+    assert first[0] == first[1] and first[0].startswith('"paths-') and second[0] != first[0], (first, second)
+    assert len(got) == 4  # each from the node: a version not named by a fid is not kept

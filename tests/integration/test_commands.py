@@ -588,8 +588,8 @@ def test_upload_recursive_names_each_file_that_makes_no_key_and_stores_nothing(c
 @pytest.mark.parametrize("argv", [("upload", "-r", "up/", ""), ("upload", "up", ""), ("get", "up/", "-r", "-o", ""),
                                   ("get", "up", "-o", "")], ids=["upload-r", "upload", "get-r", "get"])
 def test_an_empty_path_is_a_usage_error_not_the_current_directory(cli: Run, argv: tuple[str, ...],
-                                                                   monkeypatch: pytest.MonkeyPatch,
-                                                                   tmp_path: Path) -> None:
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
     # An unset variable made upload -r store the working directory, and get -r write into it.
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")

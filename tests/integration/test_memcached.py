@@ -81,6 +81,14 @@ def test_a_location_and_no_such_key_come_back_equal(backend: MemcachedBackend) -
         backend.set("other", "paths of other", 1.0, 60)
 
 
+def test_a_location_whose_urls_name_no_fid_is_not_kept(backend: MemcachedBackend,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    # Never read back (an entry's URLs must be replica URLs of its fid), it was stored anyway,
+    # and every request for the key logged an invalid entry before asking the trackers.
+    rewritten = Location("k", ("http://10.0.0.1:7500/files/k?v=1",), "paths-f1c93728eb3e0a43", 5, True)
+    backend.set("k", rewritten, 1700000000.5, 60)
+    assert backend.get("k") is None and "invalid" not in caplog.text
+
 def test_an_entry_expires_after_keep_seconds(backend: MemcachedBackend) -> None:
     backend.set("brief", LOCATION, time.time(), 1)
     assert backend.get("brief") is not None

@@ -214,7 +214,7 @@ def test_a_repeated_asgi_request_counts_one_cache_hit_as_its_location_changes(de
 
 
 def test_a_key_cached_as_missing_counts_one_hit_per_request_as_in_wsgi(devmogile: DevMogileFS,
-                                                                        counts: Counts) -> None:
+                                                                       counts: Counts) -> None:
     # The ASGI middleware counted a hit as it looked for a warm answer, then another as it answered.
     async def app(scope: dict, receive: object, send: object) -> None:
         raise AssertionError("not reached")
@@ -298,16 +298,27 @@ def test_the_metrics_directory_made_for_gunicorn_goes_when_it_exits(devmogile: D
     assert not made.exists()
 
 
-def test_a_taken_metrics_port_leaves_gunicorn_serving(devmogile: DevMogileFS, tmp_path: Path) -> None:
+def test_a_taken_metrics_port_is_served_once_free_and_gunicorn_serves_meanwhile(devmogile: DevMogileFS,
+                                                                                tmp_path: Path) -> None:
     # The master died at start (and a USR2 upgrade always failed: the old master holds the port).
     Client(DOMAIN, devmogile.trackers).store_content("a.txt", CONTENT, "avatar")
     args = ["-c", str(REPO / "examples" / "gunicorn_metrics.py"), "--paste", str(REPO / "examples" / "metrics.ini"),
             "--paste-global", f"mogile_domain={DOMAIN}", "--paste-global", f"mogile_trackers={devmogile.trackers[0]}"]
-    with socket.create_server(("127.0.0.1", 0)) as taken:
-        env = {"TMPDIR": str(tmp_path), "METRICS_PORT": str(taken.getsockname()[1])}
-        with run_gunicorn(env, workers=1, app=None, extra_args=args) as server:
-            assert get(server.port, "/mogilefs/a.txt") == CONTENT
-            assert scrape(server.port)[("mogile_middleware_served_bytes_total", ())] == len(CONTENT)
+    taken = socket.create_server(("127.0.0.1", 0))
+    metrics_port = taken.getsockname()[1]
+    env = {"TMPDIR": str(tmp_path), "METRICS_PORT": str(metrics_port)}
+    with taken, run_gunicorn(env, workers=1, app=None, extra_args=args) as server:
+        assert get(server.port, "/mogilefs/a.txt") == CONTENT
+        taken.close()  # as the old master exits after an upgrade
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                samples = scrape(metrics_port)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the metrics port was never served once free"
+                time.sleep(0.2)
+        assert samples[("mogile_middleware_served_bytes_total", ())] == len(CONTENT)
     assert not list(tmp_path.glob("mogile-metrics-*"))
 
 

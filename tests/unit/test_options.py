@@ -25,6 +25,8 @@ BAD_OPTIONS = [
     pytest.param({"retry_after_seconds": -1}, "retry_after_seconds", id="retry-after-negative"),
     pytest.param({"path_cache_entries": 0}, "path_cache_entries", id="no-cache-entries"),
     pytest.param({"body_cache_bytes": -1}, "body_cache_bytes", id="body-cache-negative"),
+    # Each body's entry counts 100 bytes: a cache this small keeps nothing at all.
+    pytest.param({"body_cache_bytes": 100}, "body_cache_bytes", id="body-cache-too-small-to-keep-any"),
     pytest.param({"body_cache_file_bytes": -1}, "body_cache_file_bytes", id="body-cache-file-negative-while-off"),
     pytest.param({"trackers": "127.0.0.1:7001;127.0.0.1:7002"}, "127.0.0.1:7001;127.0.0.1:7002",
                  id="trackers-run-together"),
