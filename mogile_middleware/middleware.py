@@ -174,13 +174,13 @@ class _ReadAhead:
 
     def __init__(self, body: Iterable[bytes]) -> None:
         self._body = body
-        self._rest = iter(body)
         try:
+            self._rest = iter(body)
             self._first = [next(self._rest)]
         except StopIteration:
             self._first = []
         except BaseException:
-            self.close()
+            self.close()  # PEP 3333: whatever happened
             raise
 
     def __iter__(self) -> Iterator[bytes]:

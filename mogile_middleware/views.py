@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,6 +35,15 @@ SERVE_HEADER_LOWER = SERVE_HEADER.lower()
 _PROOF = secrets.token_urlsafe(16)
 
 
+def _new_proof() -> None:
+    """A worker forked from a process that made one (gunicorn ``--preload``) makes its own."""
+    global _PROOF
+    _PROOF = secrets.token_urlsafe(16)
+
+
+os.register_at_fork(after_in_child=_new_proof)
+
+
 def serve_header(key: str, filename: str | None = None) -> tuple[str, str]:
     """The header with which a view of the wrapped application has the middleware answer with
     ``key``'s file (a download named ``filename``, when given), after its own permission checks:
@@ -47,8 +57,8 @@ def served_file(value: str) -> tuple[str, str | None] | None:
     :func:`serve_header` did not make in this process (copied from another server's answer)."""
     fields = dict(parse_qsl(value, keep_blank_values=True))
     if not hmac.compare_digest(fields.get("proof", "").encode(), _PROOF.encode()):
-        log.warning("%s not made by serve_header in this process, removed from the application's answer "
-                    "(a view passing on another server's headers?): %r", SERVE_HEADER, value[:200])
+        log.warning("%s for %r not made by serve_header in this process, removed from the application's "
+                    "answer (a view passing on another server's headers?)", SERVE_HEADER, fields.get("key", "")[:200])
         return None
     return fields.get("key", ""), fields.get("filename") or None
 

@@ -194,10 +194,10 @@ def _local_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argpars
             code = run(args)
             sys.stdout.flush()  # here, where a closed pipe is caught, rather than at exit
             return code
-        except BrokenPipeError:
-            _detach_stdout()
-            return 0
         except OSError as error:
+            if isinstance(error, BrokenPipeError) and error.filename in (None, "stdout"):
+                _detach_stdout()  # stdout's reader has gone (not that of -o FIFO): nothing to say
+                return 0
             print(f"mogile-middleware: {printable(_describe(error))}", file=sys.stderr)
             if error.filename == "stdout" and not isinstance(sys.stdout, _ClosedStream):
                 _detach_stdout()  # what its buffer holds would fail again at exit (exit 120)
@@ -458,12 +458,13 @@ class _Output:
 
 
 @contextmanager
-def _named(name: str) -> Iterator[None]:
-    """Inside the block, an OSError that names no file names ``name``."""
+def _named(name: str, *, instead: bool = False) -> Iterator[None]:
+    """Inside the block, an OSError that names no file names ``name``; with ``instead``, whatever
+    file it named (a temporary one: the user knows the path they gave)."""
     try:
         yield
     except OSError as error:
-        if error.filename is not None or error.errno is None:
+        if error.errno is None or error.filename is not None and not instead:
             raise
         raise type(error)(error.errno, error.strerror, name) from None
 
@@ -503,18 +504,17 @@ def _replacing(path: Path) -> Iterator[_Output]:
             yield output
         return
     real = Path(os.path.realpath(path))
-    try:
+    with _named(str(path), instead=True):
         stem = os.fsdecode(os.fsencode(real.name)[:_PART_STEM_BYTES])  # a name of 255 bytes too
         handle = tempfile.NamedTemporaryFile(dir=real.parent, prefix=f".{stem}.", suffix=".part", delete=False)
-    except OSError as error:  # name the user's path, not the temporary file's
-        raise type(error)(error.errno, error.strerror, str(path)) from None
     try:
         with _written(handle, str(path)) as output:
             yield output
-        # The file's own permissions (not its setuid bits), or as open() would create it: not
-        # private like a temporary file.
-        os.chmod(handle.name, mode & 0o777 if mode is not None else 0o666 & ~_umask())
-        os.replace(handle.name, real)
+        with _named(str(path), instead=True):
+            # The file's own permissions (not its setuid bits), or as open() would create it: not
+            # private like a temporary file.
+            os.chmod(handle.name, mode & 0o777 if mode is not None else 0o666 & ~_umask())
+            os.replace(handle.name, real)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise

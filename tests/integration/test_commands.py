@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import io
 import os
 import random
@@ -570,6 +571,44 @@ def test_a_write_error_names_the_output(devmogile: DevMogileFS, tmp_path: Path) 
         with open("/dev/full", "wb") as full:  # stdout buffered, its rest flushed again at exit: exit 120
             assert get(key, "-", stdout=full) == (1, "mogile-middleware: stdout: No space left on device\n")
 
+
+
+def test_an_output_fifo_whose_reader_left_is_an_error_naming_it(cli: Run, tmp_path: Path) -> None:
+    # Taken for stdout's reader gone (| head): exit 0, not a word.
+    assert cli("upload", "big", str(_file(tmp_path / "big.bin", 2_000_000))).code == 0
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def read_a_little() -> None:
+        with open(fifo, "rb") as reader:
+            reader.read(10)
+
+    reading = threading.Thread(target=read_a_little)
+    reading.start()
+    done = cli("get", "big", "-o", str(fifo))
+    reading.join(10)
+    assert (done.code, done.err) == (1, f"mogile-middleware: {fifo}: Broken pipe\n")
+
+
+def test_a_rename_that_fails_names_the_output_not_the_temporary_file(cli: Run, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    assert cli("upload", "small", str(_file(tmp_path / "small.bin", 100))).code == 0
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"before")
+
+    def busy(source: str, destination: object) -> None:
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), source)  # as a read-only bind mount answers
+
+    monkeypatch.setattr(os, "replace", busy)
+    done = cli("get", "small", "-o", str(target))
+    assert (done.code, done.err) == (1, f"mogile-middleware: {target}: Device or resource busy\n")
+    assert target.read_bytes() == b"before"
+    assert [name for name in os.listdir(tmp_path) if name.endswith(".part")] == []
+
+
+def _file(path: Path, size: int) -> Path:
+    path.write_bytes(random.Random(size).randbytes(size))
+    return path
 
 def test_upload_recursive_names_each_file_that_makes_no_key_and_stores_nothing(cli: Run, tmp_path: Path) -> None:
     # It stopped at the first such file with "key contains the control byte", naming no file.

@@ -14,6 +14,7 @@ import string
 import subprocess
 import sys
 import math
+import os
 import time
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -32,6 +33,7 @@ from integration.test_asgi import run
 from integration.test_proxies import SERVERS, serving
 
 from mogile_middleware import BadKeyError, Client, MogileFSMiddleware, serve_header
+from mogile_middleware.views import served_file
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.signing import BAD_SIGNATURE, EXPIRED, UNSIGNED, URLSigner
@@ -400,6 +402,40 @@ def test_a_wsgi_view_may_start_its_answer_on_its_first_iteration(stored: DevMogi
     assert (answer.body, answer.headers["Content-Disposition"]) == (FILES["private/doc.txt"], 'attachment; filename="doc.txt"')
     assert app.get("/page").body == b"one, two" and closed == ["/download", "/page"]
 
+
+
+def test_a_lazy_body_whose_iteration_fails_at_once_is_still_closed(stored: DevMogileFS) -> None:
+    # PEP 3333: close() is called whatever happened; iter() of the body was outside its guard.
+    closed: list[bool] = []
+
+    class Failing:
+        def __iter__(self) -> Iterator[bytes]:
+            raise RuntimeError("the application failed")
+
+        def close(self) -> None:
+            closed.append(True)
+
+    middleware = MogileFSMiddleware(lambda environ, start_response: Failing(), domain=DOMAIN,
+                                    trackers=stored.trackers)
+    with pytest.raises(RuntimeError, match="the application failed"):
+        middleware({"PATH_INFO": "/page", "REQUEST_METHOD": "GET"}, lambda status, headers: None)
+    assert closed == [True]
+
+
+def test_a_worker_forked_from_its_master_makes_its_own_serve_header_proof() -> None:
+    # Under gunicorn --preload every worker held the master's proof: a header one worker made,
+    # copied into another's answer, was obeyed there.
+    parents = serve_header("plain.txt")[1]
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(writer, f"{serve_header('plain.txt')[1]} {served_file(parents) is None}".encode())
+        os._exit(0)
+    os.close(writer)
+    childs, parents_refused = os.read(reader, 4096).decode().split()
+    os.waitpid(child, 0)
+    os.close(reader)
+    assert (served_file(childs), parents_refused, served_file(parents)) == (None, "True", ("plain.txt", None))
 
 def asgi_call(app: Any, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     """GET ``path`` from the ASGI ``app`` on an event loop of its own."""
