@@ -32,7 +32,7 @@ from .tracker import Address, TrackerPool
 
 #: What mogilefsd leaves free on every device (its ``min_free_space`` default), in MB.
 MIN_FREE_MB = 100
-#: Storage nodes asked at once.
+#: Trackers, and storage nodes, asked at once.
 _NODES_AT_ONCE = 16
 
 
@@ -80,7 +80,12 @@ class Health:
 def check(trackers: list[Address], domain: str, *, timeout: float = 3.0) -> Health:
     """The health of the MogileFS behind ``trackers``, for ``domain``."""
     health = Health(domain=domain)
-    answering = [address for address in trackers if _ask_tracker(address, timeout, health)]
+    # At once: hung trackers cost one timeout in all, not one each.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(trackers), _NODES_AT_ONCE))) as pool:
+        health.trackers = list(pool.map(lambda address: _tracker_health(address, timeout), trackers))
+    health.problems += [f"tracker {tracker.address} does not answer: {tracker.error}"
+                        for tracker in health.trackers if not tracker.reachable]
+    answering = [address for address, tracker in zip(trackers, health.trackers) if tracker.reachable]
     if not answering:
         health.problems.append("no tracker answered")
         return health
@@ -110,7 +115,7 @@ def check(trackers: list[Address], domain: str, *, timeout: float = 3.0) -> Heal
     return health
 
 
-def _ask_tracker(address: Address, timeout: float, health: Health) -> bool:
+def _tracker_health(address: Address, timeout: float) -> TrackerHealth:
     """``noop`` on a connection of its own: reachable, and how fast."""
     pool = TrackerPool([address], connect_timeout=timeout, io_timeout=timeout, dead_seconds=0)
     name = f"{address[0]}:{address[1]}"
@@ -120,14 +125,11 @@ def _ask_tracker(address: Address, timeout: float, health: Health) -> bool:
         pool.request("noop")
         rtt_ms = (time.perf_counter() - start) * 1000
     except MogileFSError as error:
-        reason = str(error).rpartition(f"{name}: ")[2]  # the pool's message names the tracker already
-        health.trackers.append(TrackerHealth(name, False, error=reason))
-        health.problems.append(f"tracker {name} does not answer: {reason}")
-        return False
+        # The pool's message names the tracker already.
+        return TrackerHealth(name, False, error=str(error).rpartition(f"{name}: ")[2])
     finally:
         pool.close()
-    health.trackers.append(TrackerHealth(name, True, round(rtt_ms, 3)))
-    return True
+    return TrackerHealth(name, True, round(rtt_ms, 3))
 
 
 def _read_hosts(reply: Reply, health: Health) -> None:
