@@ -572,7 +572,6 @@ def test_a_write_error_names_the_output(devmogile: DevMogileFS, tmp_path: Path) 
             assert get(key, "-", stdout=full) == (1, "mogile-middleware: stdout: No space left on device\n")
 
 
-
 def test_an_output_fifo_whose_reader_left_is_an_error_naming_it(cli: Run, tmp_path: Path) -> None:
     # Taken for stdout's reader gone (| head): exit 0, not a word.
     assert cli("upload", "big", str(_file(tmp_path / "big.bin", 2_000_000))).code == 0
@@ -609,6 +608,7 @@ def test_a_rename_that_fails_names_the_output_not_the_temporary_file(cli: Run, t
 def _file(path: Path, size: int) -> Path:
     path.write_bytes(random.Random(size).randbytes(size))
     return path
+
 
 def test_upload_recursive_names_each_file_that_makes_no_key_and_stores_nothing(cli: Run, tmp_path: Path) -> None:
     # It stopped at the first such file with "key contains the control byte", naming no file.

@@ -64,7 +64,6 @@ def test_no_tracker_answering_is_a_problem(capsys: pytest.CaptureFixture[str]) -
     assert code == 1 and err[-1] == "mogile-middleware: check: no tracker answered"
 
 
-
 def test_hung_trackers_are_asked_at_once(devmogile: DevMogileFS, capsys: pytest.CaptureFixture[str]) -> None:
     # One after the other, three hung trackers cost three timeouts before the report.
     hung = [SilentServer() for _ in range(3)]
@@ -82,6 +81,7 @@ def test_hung_trackers_are_asked_at_once(devmogile: DevMogileFS, capsys: pytest.
     assert [line.split()[:2] for line in listed] == [*([f"127.0.0.1:{server.port}", "FAILED"] for server in hung),
                                                      [devmogile.trackers[0], "OK"]]
     assert took < 2.5, took  # one timeout of 1 s, not three
+
 
 def test_a_hung_storage_node_the_trackers_call_writeable_is_a_problem(capsys: pytest.CaptureFixture[str]) -> None:
     """mogilefsd goes on calling a stopped (SIGSTOP) mogstored writeable: check asks the node itself."""

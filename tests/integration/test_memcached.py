@@ -89,6 +89,7 @@ def test_a_location_whose_urls_name_no_fid_is_not_kept(backend: MemcachedBackend
     backend.set("k", rewritten, 1700000000.5, 60)
     assert backend.get("k") is None and "invalid" not in caplog.text
 
+
 def test_an_entry_expires_after_keep_seconds(backend: MemcachedBackend) -> None:
     backend.set("brief", LOCATION, time.time(), 1)
     assert backend.get("brief") is not None

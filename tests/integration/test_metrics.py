@@ -227,6 +227,7 @@ def test_a_key_cached_as_missing_counts_one_hit_per_request_as_in_wsgi(devmogile
         wsgi.get("/mogilefs/missing", status=404)
     assert (counts("path_cache_misses_total"), counts("path_cache_hits_total")) == (2, 4)
 
+
 def scrape(port: int, path: str = "/metrics") -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of a ``/metrics`` page: (name, sorted labels) → value."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)

@@ -403,7 +403,6 @@ def test_a_wsgi_view_may_start_its_answer_on_its_first_iteration(stored: DevMogi
     assert app.get("/page").body == b"one, two" and closed == ["/download", "/page"]
 
 
-
 def test_a_lazy_body_whose_iteration_fails_at_once_is_still_closed(stored: DevMogileFS) -> None:
     # PEP 3333: close() is called whatever happened; iter() of the body was outside its guard.
     closed: list[bool] = []
@@ -436,6 +435,7 @@ def test_a_worker_forked_from_its_master_makes_its_own_serve_header_proof() -> N
     os.waitpid(child, 0)
     os.close(reader)
     assert (served_file(childs), parents_refused, served_file(parents)) == (None, "True", ("plain.txt", None))
+
 
 def asgi_call(app: Any, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     """GET ``path`` from the ASGI ``app`` on an event loop of its own."""
@@ -476,6 +476,7 @@ def test_the_asgi_middleware_keeps_no_view_answer_with_its_users_cookies(stored:
         assert (status, headers["set-cookie"], body) == (200, f"session=secret-{user}", b"")
         assert headers["x-reproxy-url"].startswith("http://")
     assert b"secret" not in repr(middleware._encoded_answers._entries).encode()
+
 
 def test_the_starlette_example_serves_a_private_file_to_its_endpoint(stored: DevMogileFS,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
