@@ -42,7 +42,11 @@ def append_line(path: str, line: str | None = None) -> None:
 
 
 def view_answer(path: str, user: str | None, query: str) -> tuple[int, list[tuple[str, str]], bytes]:
-    """The tiny app's answer to ``path``: ``/view/<key>`` serves the key to the allowed user."""
+    """The tiny app's answer to ``path``: ``/view/<key>`` serves the key to the allowed user;
+    ``/forwarded`` passes on another server's answer, with a serve header made elsewhere."""
+    if path == "/forwarded":
+        return 200, [("Content-Type", "text/plain"), ("X-Mogile-Middleware-Serve", "key=private%2Fdoc.txt&proof=x"),
+                     ("X-Mogile-Middleware-Serve", "key=plain.txt")], b"the upstream's page\n"
     if not path.startswith("/view/"):
         return 200, [("Content-Type", "text/plain")], b"hello from the app\n"
     if user != "allowed":

@@ -259,6 +259,19 @@ def test_a_view_serves_a_key_after_its_own_check(server: Server) -> None:
     assert missing.status == 404 and not any(name in missing.headers for name in FILE_HEADERS)
 
 
+
+def test_a_serve_header_made_elsewhere_is_removed_on_the_socket(server: Server) -> None:
+    """An application passing on another server's answer, serve headers and all: its own answer,
+    without them, each header once (read off the socket)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /forwarded HTTP/1.1\r\nHost: media\r\nConnection: close\r\n\r\n")
+        reply, _ = read_http_reply(sock, "GET")
+    names = [name for name, _ in reply.fields]
+    assert reply.status == 200 and b"the upstream's page\n" in reply.body  # chunked by uvicorn
+    assert FILES["plain.txt"] not in reply.body and FILES["private/doc.txt"] not in reply.body
+    assert "x-mogile-middleware-serve" not in names and len(names) == len(set(names)), reply.fields
+    assert not any(name in names for name in FILE_HEADERS)
+
 @pytest.mark.parametrize("target, headers, status", [
     pytest.param(signed_url("plain.txt"), {}, 200, id="signed"),
     pytest.param("/mogilefs/plain.txt", {}, 403, id="unsigned"),
