@@ -98,15 +98,14 @@ class MogileFSMiddleware(MiddlewareCore):
         raw_path = scope.get("raw_path")
         variants = self._warm_answers.variants(raw_path)  # None for paths the app answers
         inputs = None
-        held = None  # the path cache's location for a kept answer's key, once asked
         if variants is not None:
             inputs = _inputs(scope)
             kept = variants.get(inputs)
-            if kept is not None:
-                held = self.locator.cached(kept.key)
-                if held is kept.location:
-                    await self._send(kept.answer, send, receive, scope)
-                    return
+            if kept is not None and kept.holds():  # sent here: no coroutine, nothing decided anew
+                metrics.recorder.request(kept.mode, kept.answer.status)
+                await send({"type": "http.response.start", "status": kept.status, "headers": kept.headers.copy()})
+                await send({"type": "http.response.body", "body": kept.body})
+                return
         path = _path_info(scope)
         if not path.startswith(self.path_prefix):
             await self._pass(scope, receive, send)
@@ -119,13 +118,21 @@ class MogileFSMiddleware(MiddlewareCore):
             answer = http.FORBIDDEN
         else:
             # A warm reproxy answer needs nothing awaited: decided here, without a coroutine of its own.
-            # The same request made the same key: asked once, the cache counts one hit.
-            location = held or self.locator.cached(key)
+            location = self.locator.cached(key)
             warm = None if location is None else self.reproxy_answer(environ, location)
             if warm is not None and raw_path and self._answers_repeat:
-                self._warm_answers.keep(raw_path, inputs or _inputs(scope), _WarmAnswer(key, location, warm))
+                self._keep(raw_path, inputs or _inputs(scope), warm, location)  # type: ignore[arg-type]
             answer = warm or await self._answer(environ, key, location)
         await self._send(answer, send, receive, scope)
+
+    def _keep(self, raw_path: bytes, inputs: tuple[Any, ...], answer: Answer, location: Location) -> None:
+        """Keep ``answer``, decided from ``location``, for the same request while the path cache holds it."""
+        holds = self.locator.holding(location)
+        if holds is not None:
+            status, headers = self._encoded_answers.start(answer)
+            body = b"" if inputs[0] == "HEAD" else answer.body  # a GET's headers, no body
+            warm = _WarmAnswer(holds, answer, answer.reproxy or "serve", status, headers, body)
+            self._warm_answers.keep(raw_path, inputs, warm)
 
     async def respond_with(self, scope: Scope, receive: Receive, send: Send, key: str, *,
                            filename: str | None = None) -> None:
@@ -392,13 +399,13 @@ def _inputs(scope: Scope) -> tuple[Any, ...]:
     """All that the decisions read of a request but its raw path (:func:`_path_info`,
     :func:`_environ`), ``path`` among them: which of its answers kept for the raw path
     (:class:`_WarmAnswers`) is its own."""
-    inputs = [scope["method"], scope["path"], scope.get("root_path", ""), scope.get("query_string"),
-              (scope.get("client") or ("",))[0]]
+    inputs = (scope["method"], scope["path"], scope.get("root_path", ""), scope.get("query_string"),
+              (scope.get("client") or ("",))[0])
     for name, value in scope.get("headers", ()):
         lowered = name.lower()
         if lowered in _READ_HEADERS:
             inputs += (lowered, b"" if lowered in _PRESENCE_ONLY else value)
-    return tuple(inputs)
+    return inputs
 
 
 def _without_reproxy_headers(send: Send) -> Send:
@@ -445,11 +452,15 @@ class _EncodedAnswers:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _WarmAnswer:
-    """An answer decided from ``location``, the path cache's for ``key``: good while it holds it."""
+    """An answer decided from a location of the path cache, good while ``holds()``: the answer,
+    how it is served (for the metrics), and its messages' status code, encoded headers and body."""
 
-    key: str
-    location: Location
+    holds: Callable[[], bool]
     answer: Answer
+    mode: str
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
 
 
 class _WarmAnswers:
@@ -465,10 +476,9 @@ class _WarmAnswers:
         self._max_variants = max_variants
         self._max_bytes = max_bytes
         self._by_path: dict[bytes, dict[tuple[Any, ...], _WarmAnswer]] = {}
-
-    def variants(self, raw_path: bytes | None) -> dict[tuple[Any, ...], _WarmAnswer] | None:
-        """The answers kept for ``raw_path`` by :func:`_inputs`, or ``None``."""
-        return self._by_path.get(raw_path)  # type: ignore[arg-type]
+        #: The answers kept for a raw path by :func:`_inputs`, or ``None``.
+        self.variants: Callable[[bytes | None], dict[tuple[Any, ...], _WarmAnswer] | None] = \
+            self._by_path.get  # type: ignore[assignment]
 
     def keep(self, raw_path: bytes, inputs: tuple[Any, ...], warm: _WarmAnswer) -> None:
         """Keep ``warm`` for the request of ``raw_path`` and ``inputs``, unless they are too long

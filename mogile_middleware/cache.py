@@ -83,6 +83,9 @@ class MemoryCache:
         self._lock = threading.Lock()
         # key -> (value, stored_at, expires_at), in the order stored: one tuple, handed out as it is.
         self._entries: dict[str, tuple[Any, float, float]] = {}
+        #: The entry of a key as it is stored, expired or not (as :meth:`get`, without the lock),
+        #: for a caller that checks the time itself.
+        self.stored: Callable[[str], tuple[Any, float, float] | None] = self._entries.get
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -367,6 +370,24 @@ class AsyncPathCache(PathCache[V]):
                 metrics.recorder.cache_hit()  # (fresh: _fresh inlined on this hot path)
                 return entry[0]
         return None
+
+    def holding(self, key: str, value: V) -> Callable[[], bool] | None:
+        """A check cheaper than :meth:`cached`, for answers decided from ``value``: true (a hit
+        counted) while the in-process backend holds ``value`` for ``key`` fresh, as it does now;
+        ``None`` if it does not now."""
+        entry = self._backend.get(key) if self._in_process else None
+        if entry is None or entry[0] is not value or not self._fresh(entry):
+            return None
+        stored, clock = self._backend.stored, self._clock  # type: ignore[attr-defined]
+        stored_at, fresh_until = entry[1], min(entry[2], entry[1] + self._ttl_of(value))
+
+        def holds() -> bool:
+            if stored(key) is entry and stored_at <= clock() < fresh_until:
+                metrics.recorder.cache_hit()
+                return True
+            return False
+
+        return holds
 
     async def get(self, key: str) -> V:  # type: ignore[override]
         """The value for ``key``: the cached one while fresh, else looked up."""

@@ -316,6 +316,11 @@ class AsyncLocator(Locator):
         location = self.paths.cached(self._entry_prefix + key)  # type: ignore[attr-defined]
         return location if location is not None and location.key == key else None
 
+    def holding(self, location: Location) -> Callable[[], bool] | None:
+        """A check, cheaper than :meth:`cached`, that the in-process cache still holds ``location``
+        fresh (see :meth:`~mogile_middleware.cache.AsyncPathCache.holding`); ``None`` if it does not now."""
+        return self.paths.holding(self._entry_prefix + location.key, location)  # type: ignore[attr-defined]
+
     async def locate(self, key: str) -> Location:  # type: ignore[override]
         """As :meth:`Locator.locate`, awaited."""
         entry = self._entry_prefix + key

@@ -166,3 +166,37 @@ def test_a_warm_in_process_entry_is_had_without_awaiting() -> None:
         await slow.get("k")
         assert slow.cached("k") is None  # a backend with I/O is never asked on the loop
     asyncio.run(scenario())
+
+
+def test_the_check_of_a_held_value_fails_once_the_cache_forgets_replaces_or_outlives_it() -> None:
+    """What an answer decided from a cached value is kept by: true while that very entry is the
+    cache's and fresh; no check for a value the cache does not hold now."""
+    async def scenario() -> None:
+        lookup, clock = Lookup(), Clock()
+        cache = make(lookup, clock)
+        value = await cache.get("k")
+        assert cache.holding("k", "".join(["k@", "1"])) is None  # equal, but not the one held
+        assert cache.holding("other", value) is None
+        holds = cache.holding("k", value)
+        assert holds is not None and holds() and holds()
+        clock.now += 9.9
+        assert holds()
+        clock.now += 0.1
+        assert not holds()  # stale: get() decides, with stale-if-error
+        assert cache.holding("k", value) is None
+        clock.now -= 10
+        replaced = cache.holding("k", value)
+        assert replaced is not None and replaced()
+        again = await cache.refresh("k", value)
+        assert again == "k@2" and not replaced()
+        forgotten = cache.holding("k", again)
+        assert forgotten is not None and forgotten()
+        await cache.ainvalidate("k")
+        assert not forgotten()
+        held = cache.holding("k", await cache.get("k"))
+        assert held is not None and held() and not forgotten()
+        clock.now -= 1_000  # a clock set back: the entry is no longer known to be fresh
+        assert not held()
+        slow = make(lookup, clock, backend=SlowBackend(clock))
+        assert slow.holding("k", await slow.get("k")) is None  # a backend with I/O is never asked on the loop
+    asyncio.run(scenario())
