@@ -359,6 +359,8 @@ class AsyncPathCache(PathCache[V]):
         super().__init__(lookup, **options)  # type: ignore[arg-type]
         self._async_lookup = lookup
         self._in_process = isinstance(self._backend, MemoryCache)
+        # What holding() reads: a MemoryCache's own entries, its times on this cache's clock.
+        self._holdable = type(self._backend) is MemoryCache and self._backend._clock is self._clock
 
     def cached(self, key: str) -> V | None:
         """The fresh value of ``key`` if the in-process backend holds one, without awaiting (the
@@ -374,8 +376,8 @@ class AsyncPathCache(PathCache[V]):
     def holding(self, key: str, value: V) -> Callable[[], bool] | None:
         """A check cheaper than :meth:`cached`, for answers decided from ``value``: true (a hit
         counted) while the in-process backend holds ``value`` for ``key`` fresh, as it does now;
-        ``None`` if it does not now."""
-        entry = self._backend.get(key) if self._in_process else None
+        ``None`` if it does not now, or if the backend is not a :class:`MemoryCache` on this clock."""
+        entry = self._backend.get(key) if self._holdable else None
         if entry is None or entry[0] is not value or not self._fresh(entry):
             return None
         stored, clock = self._backend.stored, self._clock  # type: ignore[attr-defined]

@@ -199,4 +199,8 @@ def test_the_check_of_a_held_value_fails_once_the_cache_forgets_replaces_or_outl
         assert not held()
         slow = make(lookup, clock, backend=SlowBackend(clock))
         assert slow.holding("k", await slow.get("k")) is None  # a backend with I/O is never asked on the loop
+        own_clock = make(lookup, clock, backend=MemoryCache(clock=Clock()))
+        assert own_clock.holding("k", await own_clock.get("k")) is None  # its expiry times are on another clock
+        same_clock = make(lookup, clock, backend=MemoryCache(clock=clock))
+        assert same_clock.holding("k", await same_clock.get("k")) is not None
     asyncio.run(scenario())
