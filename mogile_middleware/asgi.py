@@ -102,7 +102,7 @@ class MogileFSMiddleware(MiddlewareCore):
             inputs = _inputs(scope)
             kept = variants.get(inputs)
             if kept is not None and kept.holds():  # sent here: no coroutine, nothing decided anew
-                metrics.recorder.request(kept.mode, kept.answer.status)
+                metrics.recorder.request(kept.mode, kept.status_line)
                 await send({"type": "http.response.start", "status": kept.status, "headers": kept.headers.copy()})
                 await send({"type": "http.response.body", "body": kept.body})
                 return
@@ -131,7 +131,7 @@ class MogileFSMiddleware(MiddlewareCore):
         if holds is not None:
             status, headers = self._encoded_answers.start(answer)
             body = b"" if inputs[0] == "HEAD" else answer.body  # a GET's headers, no body
-            warm = _WarmAnswer(holds, answer, answer.reproxy or "serve", status, headers, body)
+            warm = _WarmAnswer(holds, answer.reproxy or "serve", answer.status, status, headers, body)
             self._warm_answers.keep(raw_path, inputs, warm)
 
     async def respond_with(self, scope: Scope, receive: Receive, send: Send, key: str, *,
@@ -452,12 +452,13 @@ class _EncodedAnswers:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _WarmAnswer:
-    """An answer decided from a location of the path cache, good while ``holds()``: the answer,
-    how it is served (for the metrics), and its messages' status code, encoded headers and body."""
+    """An answer decided from a location of the path cache, good while ``holds()``: how it is
+    served and its status line (for the metrics), and its messages' status code, encoded headers
+    and body."""
 
     holds: Callable[[], bool]
-    answer: Answer
     mode: str
+    status_line: str
     status: int
     headers: list[tuple[bytes, bytes]]
     body: bytes

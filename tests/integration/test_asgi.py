@@ -23,7 +23,6 @@ from wiretools import PatternFile, pattern_md5
 from mogile_middleware import AsyncClient, Client
 from mogile_middleware import MogileFSMiddleware as WSGIMiddleware
 from mogile_middleware.asgi import MogileFSMiddleware, _inputs, _WarmAnswer, _WarmAnswers
-from mogile_middleware.http import Answer
 from mogile_middleware.devserver import DevMogileFS
 
 pytest.importorskip("uvicorn", reason="uvicorn is installed by the test command ('.[dev]')")
@@ -572,7 +571,7 @@ def test_the_applications_own_decisions_are_asked_for_every_request(devmogile: D
 
 def test_answers_kept_are_bounded_in_paths_and_in_requests_of_a_path() -> None:
     """A client asking for many files, or for one with ever other headers, grows no memory."""
-    warm = _WarmAnswer(lambda: True, Answer("200 OK", []), "serve", 200, [], b"")
+    warm = _WarmAnswer(lambda: True, "serve", "200 OK", 200, [], b"")
     kept = _WarmAnswers(max_paths=100, max_variants=4)
     paths = [b"/mogilefs/%d" % n for n in range(1000)]
     for path in paths:
