@@ -8,6 +8,7 @@ stale-if-error, and replacing a value found outdated.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -202,8 +203,12 @@ class PathCache(Generic[V]):
     def _outdate_lookup(self, key: str) -> None:
         """Keep a lookup of ``key`` in progress from storing its value."""
         with self._lock:
-            # Later requests must not join that lookup either: they start a new one.
-            flight = self._flights.pop(key, None)
+            self._outdate_flight(key)
+
+    def _outdate_flight(self, key: str) -> None:
+        """:meth:`_outdate_lookup`, the lock held: later requests must not join that lookup
+        either, they start a new one."""
+        flight = self._flights.pop(key, None)
         if flight is not None:
             with flight.lock:
                 flight.invalidated = True
@@ -349,6 +354,35 @@ class _AsyncFlight:
         self.invalidated = False
 
 
+def _followed(done: asyncio.Future[Any]) -> asyncio.Future[Any]:
+    """``done`` as a future of the running loop: itself, or, for a lookup led on another thread's
+    loop (one middleware shared by threads, each running its own), a future given its outcome."""
+    loop = asyncio.get_running_loop()
+    if done.get_loop() is loop:
+        return done
+    follower = loop.create_future()
+
+    def settle(source: asyncio.Future[Any]) -> None:  # on this loop
+        if follower.done():
+            return
+        if source.cancelled():
+            follower.set_result(_UNSET)  # as a leader's cancelled task: look up for ourselves
+        elif source.exception() is not None:
+            follower.set_exception(source.exception())  # type: ignore[arg-type]
+        else:
+            follower.set_result(source.result())
+
+    def relay(source: asyncio.Future[Any]) -> None:  # on the leader's loop
+        with contextlib.suppress(RuntimeError):  # this loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, source)
+
+    try:
+        done.get_loop().call_soon_threadsafe(done.add_done_callback, relay)
+    except RuntimeError:  # the leader's loop closed meanwhile
+        follower.set_result(_UNSET)
+    return follower
+
+
 class AsyncPathCache(PathCache[V]):
     """:class:`PathCache` for asyncio: ``lookup`` is a coroutine, and concurrent misses of a key on
     the event loop await one lookup. A backend with I/O (memcached) is asked from a thread, so the
@@ -420,12 +454,15 @@ class AsyncPathCache(PathCache[V]):
                        recheck: bool = True) -> V:
         with self._lock:  # invalidate() may run in another thread (a sync client's listener)
             flight = self._flights.get(key)
+            if flight is not None and not flight.done.get_loop().is_running():
+                self._outdate_flight(key)  # its loop stopped mid-lookup: it would never end
+                flight = None
             leading = flight is None
             if leading:
                 flight = self._flights[key] = _AsyncFlight()  # type: ignore[assignment]
         if not leading:
             try:
-                value = await within(self._wait_seconds, asyncio.shield(flight.done))
+                value = await within(self._wait_seconds, asyncio.shield(_followed(flight.done)))
             except asyncio.TimeoutError:
                 cause = TrackerUnavailableError(f"no answer for {key!r} within {self._wait_seconds} s")
                 return self._stale_value(key, await self._backend_call(self._backend.get, key), cause)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -204,3 +205,84 @@ def test_the_check_of_a_held_value_fails_once_the_cache_forgets_replaces_or_outl
         same_clock = make(lookup, clock, backend=MemoryCache(clock=clock))
         assert same_clock.holding("k", await same_clock.get("k")) is not None
     asyncio.run(scenario())
+
+
+class ThreadWatchedCache(MemoryCache):
+    """A MemoryCache that tells when a thread of a given name has asked it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.asked = threading.Event()
+
+    def get(self, key: str) -> Any:
+        if threading.current_thread().name == self.name:
+            self.asked.set()
+        return super().get(key)
+
+
+def test_a_lookup_under_way_on_another_threads_loop_is_joined() -> None:
+    """One middleware shared by threads, each running its own loop: a miss of a key being looked
+    up on another loop awaits that lookup, its value or its error, as on the same loop."""
+    calls: list[str] = []
+    started, release = threading.Event(), threading.Event()
+
+    async def lookup(key: str, previous: str | None) -> str:
+        calls.append(key)
+        started.set()
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        if key == "bad":
+            raise ValueError("the tracker said no")
+        return f"{key}@{len(calls)}"
+
+    backend = ThreadWatchedCache("follower")
+    cache = AsyncPathCache(lookup, backend=backend, ttl_seconds=10, stale_seconds=30)
+    results: dict[str, Any] = {}
+
+    def ask(name: str, key: str) -> None:
+        try:
+            results[name] = asyncio.run(asyncio.wait_for(cache.get(key), 10))
+        except Exception as error:
+            results[name] = error
+
+    for key in ("k", "bad"):
+        started.clear(), release.clear(), backend.asked.clear()
+        leader = threading.Thread(target=ask, args=(f"leader {key}", key), name="leader")
+        leader.start()
+        assert started.wait(5)
+        follower = threading.Thread(target=ask, args=(f"follower {key}", key), name="follower")
+        follower.start()
+        assert backend.asked.wait(5)
+        time.sleep(0.1)  # the follower waits on the leader's lookup, which goes on until released
+        release.set()
+        leader.join(10), follower.join(10)
+    assert results["leader k"] == results["follower k"] == "k@1"
+    assert isinstance(results["follower bad"], ValueError) and isinstance(results["leader bad"], ValueError)
+    assert calls == ["k", "bad"]  # one lookup each
+
+
+def test_a_lookup_left_on_a_stopped_loop_does_not_hold_up_another() -> None:
+    """A loop stopped mid-lookup (a server stopped abruptly) leaves its lookup unfinished: the
+    next loop's request looks the key up itself, at once."""
+    calls: list[str] = []
+
+    async def lookup(key: str, previous: str | None) -> str:
+        calls.append(key)
+        if len(calls) == 1:
+            await asyncio.sleep(3600)
+        return f"{key}@{len(calls)}"
+
+    cache = AsyncPathCache(lookup, ttl_seconds=10, stale_seconds=30)
+    stopped = asyncio.new_event_loop()
+    abandoned = stopped.create_task(cache.get("k"))
+    stopped.run_until_complete(asyncio.sleep(0.05))  # the lookup is under way when the loop stops
+    try:
+        started = time.monotonic()
+        assert asyncio.run(asyncio.wait_for(cache.get("k"), 5)) == "k@2"
+        assert time.monotonic() - started < 1
+    finally:
+        abandoned.cancel()
+        stopped.run_until_complete(asyncio.gather(abandoned, return_exceptions=True))
+        stopped.close()
+    assert cache.cached("k") == "k@2"  # what the abandoned lookup left behind is not kept
