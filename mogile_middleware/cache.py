@@ -369,6 +369,7 @@ def _followed(done: asyncio.Future[Any]) -> asyncio.Future[Any]:
             follower.set_result(_UNSET)  # as a leader's cancelled task: look up for ourselves
         elif source.exception() is not None:
             follower.set_exception(source.exception())  # type: ignore[arg-type]
+            follower.exception()  # retrieved: no "never retrieved" warning when the wait timed out
         else:
             follower.set_result(source.result())
 
