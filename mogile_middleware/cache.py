@@ -354,6 +354,10 @@ class _AsyncFlight:
         self.invalidated = False
 
 
+#: How often a request awaiting a lookup led on another thread's loop checks that loop still runs.
+LEADER_CHECK_SECONDS = 0.25
+
+
 def _followed(done: asyncio.Future[Any]) -> asyncio.Future[Any]:
     """``done`` as a future of the running loop: itself, or, for a lookup led on another thread's
     loop (one middleware shared by threads, each running its own), a future given its outcome."""
@@ -377,10 +381,19 @@ def _followed(done: asyncio.Future[Any]) -> asyncio.Future[Any]:
         with contextlib.suppress(RuntimeError):  # this loop closed meanwhile: nobody waits
             loop.call_soon_threadsafe(settle, source)
 
+    def watch() -> None:  # on this loop: a leader's loop that stops mid-lookup never answers
+        if not follower.done():
+            if leader.is_running():
+                loop.call_later(LEADER_CHECK_SECONDS, watch)
+            else:
+                follower.set_result(_UNSET)
+
+    leader = done.get_loop()
     try:
-        done.get_loop().call_soon_threadsafe(done.add_done_callback, relay)
+        leader.call_soon_threadsafe(done.add_done_callback, relay)
     except RuntimeError:  # the leader's loop closed meanwhile
         follower.set_result(_UNSET)
+    loop.call_later(LEADER_CHECK_SECONDS, watch)
     return follower
 
 

@@ -286,3 +286,50 @@ def test_a_lookup_left_on_a_stopped_loop_does_not_hold_up_another() -> None:
         stopped.run_until_complete(asyncio.gather(abandoned, return_exceptions=True))
         stopped.close()
     assert cache.cached("k") == "k@2"  # what the abandoned lookup left behind is not kept
+
+
+def test_a_request_awaiting_a_loop_that_stops_mid_lookup_looks_the_key_up_itself() -> None:
+    """The loop leading a lookup stops while another thread's request awaits it: that request
+    does not wait out ``wait_seconds`` (then a 503, or stale paths), it looks the key up."""
+    calls: list[str] = []
+
+    async def lookup(key: str, previous: str | None) -> str:
+        calls.append(key)
+        if len(calls) == 1:
+            await asyncio.sleep(3600)
+        return f"{key}@{len(calls)}"
+
+    backend = ThreadWatchedCache("follower")
+    cache = AsyncPathCache(lookup, backend=backend, ttl_seconds=10, stale_seconds=30)
+    leading = asyncio.new_event_loop()
+    leader = threading.Thread(target=leading.run_forever)
+    leader.start()
+    asyncio.run_coroutine_threadsafe(cache.get("k"), leading)
+    result: dict[str, Any] = {}
+
+    def follow() -> None:
+        started = time.monotonic()
+        result["value"] = asyncio.run(asyncio.wait_for(cache.get("k"), 5))
+        result["seconds"] = time.monotonic() - started
+
+    try:
+        for _ in range(500):
+            if calls:
+                break
+            time.sleep(0.01)
+        follower = threading.Thread(target=follow, name="follower")
+        follower.start()
+        assert backend.asked.wait(5)
+        time.sleep(0.1)  # the follower awaits the leader's lookup
+        leading.call_soon_threadsafe(leading.stop)
+        follower.join(10)
+        assert result.get("value") == "k@2" and result["seconds"] < 2
+    finally:
+        if leader.is_alive():
+            leading.call_soon_threadsafe(leading.stop)
+            leader.join(10)
+        pending = asyncio.all_tasks(leading)
+        for task in pending:
+            task.cancel()
+        leading.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        leading.close()
