@@ -262,17 +262,23 @@ def test_a_lookup_under_way_on_another_threads_loop_is_joined() -> None:
     assert calls == ["k", "bad"]  # one lookup each
 
 
+class FirstLookupHangs:
+    """A lookup whose first call never ends (its loop stops under it); the later ones answer."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def __call__(self, key: str, previous: str | None) -> str:
+        self.calls.append(key)
+        if len(self.calls) == 1:
+            await asyncio.sleep(3600)
+        return f"{key}@{len(self.calls)}"
+
+
 def test_a_lookup_left_on_a_stopped_loop_does_not_hold_up_another() -> None:
     """A loop stopped mid-lookup (a server stopped abruptly) leaves its lookup unfinished: the
     next loop's request looks the key up itself, at once."""
-    calls: list[str] = []
-
-    async def lookup(key: str, previous: str | None) -> str:
-        calls.append(key)
-        if len(calls) == 1:
-            await asyncio.sleep(3600)
-        return f"{key}@{len(calls)}"
-
+    lookup = FirstLookupHangs()
     cache = AsyncPathCache(lookup, ttl_seconds=10, stale_seconds=30)
     stopped = asyncio.new_event_loop()
     abandoned = stopped.create_task(cache.get("k"))
@@ -291,14 +297,7 @@ def test_a_lookup_left_on_a_stopped_loop_does_not_hold_up_another() -> None:
 def test_a_request_awaiting_a_loop_that_stops_mid_lookup_looks_the_key_up_itself() -> None:
     """The loop leading a lookup stops while another thread's request awaits it: that request
     does not wait out ``wait_seconds`` (then a 503, or stale paths), it looks the key up."""
-    calls: list[str] = []
-
-    async def lookup(key: str, previous: str | None) -> str:
-        calls.append(key)
-        if len(calls) == 1:
-            await asyncio.sleep(3600)
-        return f"{key}@{len(calls)}"
-
+    lookup = FirstLookupHangs()
     backend = ThreadWatchedCache("follower")
     cache = AsyncPathCache(lookup, backend=backend, ttl_seconds=10, stale_seconds=30)
     leading = asyncio.new_event_loop()
@@ -314,7 +313,7 @@ def test_a_request_awaiting_a_loop_that_stops_mid_lookup_looks_the_key_up_itself
 
     try:
         for _ in range(500):
-            if calls:
+            if lookup.calls:
                 break
             time.sleep(0.01)
         follower = threading.Thread(target=follow, name="follower")
