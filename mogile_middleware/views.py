@@ -32,15 +32,17 @@ SERVE_HEADER_LOWER = SERVE_HEADER.lower()
 #: What shows that a :data:`SERVE_HEADER` value was made by :func:`serve_header` in this process
 #: (where the middleware runs), made anew at each start: an application that passes on the
 #: headers of another server's answer (a proxying view) cannot be made to serve any key.
-_PROOF = secrets.token_urlsafe(16)
+_PROOF = ""
 
 
 def _new_proof() -> None:
-    """A worker forked from a process that made one (gunicorn ``--preload``) makes its own."""
+    """Make :data:`_PROOF`: at import, and in a worker forked from a process that made one
+    (gunicorn ``--preload``), its own."""
     global _PROOF
     _PROOF = secrets.token_urlsafe(16)
 
 
+_new_proof()
 os.register_at_fork(after_in_child=_new_proof)
 
 
