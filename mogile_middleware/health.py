@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .exceptions import MogileFSError, StorageError
-from .protocol import Reply, parse_domains
+from .protocol import Reply, parse_domains, whole_number
 from .storage import Target
 from .tracker import Address, TrackerPool
 
@@ -150,8 +150,8 @@ def _read_devices(reply: Reply, health: Health) -> None:
             host=names.get(hostid, f"host {hostid}"),
             status=reply[f"dev{n}_status"],
             observed=reply[f"dev{n}_observed_state"],
-            mb_total=_megabytes(reply[f"dev{n}_mb_total"]),
-            mb_free=_megabytes(reply[f"dev{n}_mb_free"]),
+            mb_total=whole_number(reply[f"dev{n}_mb_total"]),
+            mb_free=whole_number(reply[f"dev{n}_mb_free"]),
         )
         health.devices.append(device)
         where = f"dev{device.devid} on {device.host}"
@@ -200,7 +200,3 @@ def _why_silent(url: str, timeout: float) -> str | None:
 def _writeable(device: DeviceHealth) -> bool:
     return device.status == "alive" and device.observed == "writeable" and (
         device.mb_free is None or device.mb_free >= MIN_FREE_MB)
-
-
-def _megabytes(value: str) -> int | None:
-    return int(value) if value.isdigit() else None

@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from .cache import AsyncPathCache, CacheBackend, PathCache, entry_key
 from .client import Client
@@ -27,7 +28,7 @@ log = logging.getLogger("mogile_middleware")
 
 T = TypeVar("T")
 
-_FID_PATH = re.compile(r"/0*(\d+)\.fid$")
+_FID_PATH = re.compile(r"/0*([0-9]{1,20})\.fid$")
 _URL_SAFE = re.compile(r"[!-~]+")  # printable ASCII, no blank
 
 #: How many replica URLs are asked of the tracker: enough for failover.
@@ -405,12 +406,19 @@ async def arun_steps(steps: Steps[T], call: Callable[..., Awaitable[Any]]) -> T:
 
 
 def is_clean_url(url: str) -> bool:
-    """True for an http(s) URL that can go into a header as it is (no blank, no control byte)."""
-    return url.startswith(("http://", "https://")) and _URL_SAFE.fullmatch(url) is not None
+    """True for an ``http://`` URL, of a host and a port in range, that can go into a header as it
+    is (no blank, no control byte): what storage nodes serve and reproxying proxies fetch."""
+    if not url.startswith("http://") or _URL_SAFE.fullmatch(url) is None:
+        return False
+    try:
+        parts = urlsplit(url)
+        return bool(parts.hostname) and parts.port != 0  # .port: a ValueError when out of range
+    except ValueError:  # a port that is no number, a bracketed host that is no IPv6 address
+        return False
 
 
 def _usable(url: str) -> bool:
     if is_clean_url(url):
         return True
-    log.warning("ignoring a replica URL that cannot go into a header: %r", url)
+    log.warning("ignoring a replica URL that is not a clean http:// URL of a storage node: %r", url)
     return False

@@ -59,9 +59,9 @@ FORMAT = 1
 _CHANGED = "changed"
 #: The version :meth:`MemcachedBackend._store` stores over whatever memcached holds.
 _ANY = object()
-_ETAG = re.compile(r"fid-(\d{1,20})|paths-[0-9a-f]{16}")
+_ETAG = re.compile(r"fid-([0-9]{1,20})|paths-[0-9a-f]{16}")
 #: A replica URL as MogileFS makes them: a device directory and the fid's file, no query or fragment.
-_REPLICA_URL = re.compile(r"http://[^?#]+/dev\d+(?:/\d+)*/0*(\d+)\.fid")
+_REPLICA_URL = re.compile(r"http://[^?#]+/dev[0-9]+(?:/[0-9]+)*/0*([0-9]{1,20})\.fid")
 
 
 class InvalidEntry(ValueError):

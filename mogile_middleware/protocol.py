@@ -22,7 +22,11 @@ ArgValue = str | bytes | int | None
 
 _FORBIDDEN_KEY_BYTES = (b"\x00", b"\r", b"\n")
 #: What no key served on the web may hold: the middleware answers 400 to a path with any of them.
-CONTROL_CHARACTERS = frozenset(chr(c) for c in [*range(0x20), 0x7F])
+CONTROL_CHARACTERS = frozenset(chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)])
+#: A number in a tracker's reply: ASCII digits (``str.isdigit`` takes ``²`` too, which ``int``
+#: refuses), 20 at most (a 64-bit one), so that a garbled reply is a ProtocolError, never a
+#: ValueError or a long ``int()``.
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,20}")
 
 
 def to_bytes(text: str | bytes) -> bytes:
@@ -195,10 +199,15 @@ class Reply(dict[str, str]):
 
     def number(self, name: str) -> int:
         """The argument ``name`` as a whole number."""
-        value = self[name]
-        if not value.isdigit():
-            raise ProtocolError(f"the tracker's reply has {name}={value!r}, not a number")
-        return int(value)
+        value = whole_number(self[name])
+        if value is None:
+            raise ProtocolError(f"the tracker's reply has {name}={self[name][:80]!r}, not a number")
+        return value
+
+
+def whole_number(text: str) -> int | None:
+    """``text`` as a number of a tracker's reply (up to 20 ASCII digits); ``None`` for anything else."""
+    return int(text) if _WHOLE_NUMBER.fullmatch(text) else None
 
 
 def parse_reply(line: bytes) -> Reply:

@@ -119,6 +119,9 @@ def test_an_outage_of_the_trackers_is_logged_once_per_interval_not_per_request(
         pytest.param(b"HELLO\r\n", id="unknown-reply"),
         pytest.param(b"OK " + b"a" * (5 * 1024 * 1024) + b"\r\n", id="oversized-line"),
         pytest.param(b"OK paths=two\r\n", id="bad-number"),
+        pytest.param(b"OK paths=%C2%B2\r\n", id="superscript-digit"),  # isdigit(), but not for int()
+        pytest.param(b"OK paths=" + b"9" * 5000 + b"\r\n", id="5000-digit-number"),  # past int()'s 4300
+        pytest.param(b"OK paths=1&path1=http://127.0.0.1:1/dev1/" + b"1" * 5000 + b".fid\r\n", id="5000-digit-fid"),
         pytest.param(b"OK paths=1\r\n", id="missing-path"),
         pytest.param(None, id="disconnect"),
     ],

@@ -38,6 +38,8 @@ HOSTILE: list[tuple[str, str, str, dict[str, str], set[int]]] = [
     ("tab", "GET", "/mogilefs/a\tb", {}, BAD),
     ("escape", "GET", "/mogilefs/a\x1b[31m", {}, BAD),
     ("del", "GET", "/mogilefs/a\x7f", {}, BAD),
+    ("c1-next-line", "GET", "/mogilefs/a\xc2\x85b", {}, BAD),  # U+0085 in UTF-8
+    ("c1-csi", "GET", "/mogilefs/a\xc2\x9b31m", {}, BAD),
     ("overlong-256", "GET", "/mogilefs/" + "k" * 256, {}, BAD),
     ("overlong-10000", "GET", "/mogilefs/" + "k" * 10000, {}, BAD),
     ("invalid-utf8-ff", "GET", "/mogilefs/\xff", {}, BAD),
@@ -183,10 +185,12 @@ def test_the_wrapped_app_cannot_send_reproxy_headers(devmogile: DevMogileFS, hea
     assert allowed.get("/page").headers[header] == "http://10.0.0.5:7500/secret"
 
 
-def test_replica_urls_that_cannot_go_into_a_header_are_dropped(devmogile: DevMogileFS, stored: Client) -> None:
+def test_replica_urls_no_proxy_could_fetch_are_dropped(devmogile: DevMogileFS, stored: Client) -> None:
     class Hostile(Client):
         def get_paths(self, key, *args, **kwargs):
-            return ["http://10.0.0.5:7500/a\r\nX-Evil: 1", "http://x/ y", *super().get_paths(key)]
+            return ["http://10.0.0.5:7500/a\r\nX-Evil: 1", "http://x/ y", "http://10.0.0.5:99999/1.fid",
+                    "http://10.0.0.5:abc/1.fid", "http://10.0.0.5:0/1.fid", "http://[::1/1.fid", "http:///1.fid",
+                    "https://10.0.0.5/1.fid", *super().get_paths(key)]
 
     app = TestApp(MogileFSMiddleware(wrapped_app, client=Hostile(DOMAIN, devmogile.trackers), reproxy="perlbal"))
     urls = app.get("/mogilefs/plain.txt").headers["X-REPROXY-URL"].split(" ")
