@@ -183,12 +183,13 @@ class PathCache(Generic[V]):
 
     def refresh(self, key: str, outdated: V) -> V:
         """The value for ``key`` looked up anew because ``outdated`` proved wrong (e.g. every replica
-        it names is gone), unless another thread has already replaced it."""
+        it names is gone), unless another thread has already replaced it. While no tracker answers,
+        the :class:`TrackerUnavailableError` is raised and ``outdated`` kept for later requests:
+        stale paths that failed once (a node restarting) may answer the next time."""
         entry = self._safely(self._backend.get, key)
-        if entry is not None:
-            if entry[0] != outdated and self._fresh(entry):
-                return entry[0]
-            self.invalidate(key)
+        if self._replaces(entry, outdated):
+            return entry[0]  # type: ignore[index]
+        self._outdate_lookup(key)  # begun before the change, it may find ``outdated`` again
         return self._refresh(key, outdated)
 
     def _fresh(self, entry: tuple[Any, float]) -> bool:
@@ -245,7 +246,7 @@ class PathCache(Generic[V]):
     def _join(self, key: str, flight: _Flight, previous: V | None, recheck: bool) -> V:
         if not flight.done.wait(self._wait_seconds):
             cause = TrackerUnavailableError(f"no answer for {key!r} within {self._wait_seconds} s")
-            return self._stale_or_raise(key, cause)
+            return self._stale_or_raise(key, cause, previous)
         if flight.error is not None:
             raise flight.error
         if flight.value is _UNSET:  # the leader was interrupted (e.g. a killed greenlet): try again
@@ -269,14 +270,14 @@ class PathCache(Generic[V]):
     def _fetch(self, key: str, flight: _Flight, previous: V | None) -> V:
         # Another thread may have stored a fresh value between our miss and our taking the lead.
         entry, version = self._watched(key)
-        if entry is not None and self._fresh(entry):
-            return entry[0]
+        if self._replaces(entry, previous):
+            return entry[0]  # type: ignore[index]
         with self._lock:
             self.lookups += 1
         try:
             value = self._lookup(key, previous if entry is None else entry[0])
         except TrackerUnavailableError as error:
-            return self._stale_or_raise(key, error)
+            return self._stale_or_raise(key, error, previous)
         keep = self._looked_up(value)
         if keep:
             with flight.lock:
@@ -312,14 +313,22 @@ class PathCache(Generic[V]):
         # With no time to live nothing is stored, so nothing is served stale either.
         return ttl + self._stale_seconds if ttl > 0 else 0.0
 
-    def _stale_or_raise(self, key: str, error: TrackerUnavailableError) -> V:
-        return self._stale_value(key, self._safely(self._backend.get, key), error)
+    def _replaces(self, entry: tuple[Any, float] | None, outdated: V | None) -> bool:
+        """True when ``entry`` is fresh and not the value a refresh found ``outdated``: found by
+        another thread or process meanwhile, it is the answer, with no lookup."""
+        return entry is not None and self._fresh(entry) and (outdated is None or entry[0] != outdated)
 
-    def _stale_value(self, key: str, entry: tuple[Any, float] | None, error: TrackerUnavailableError) -> V:
-        """``entry``'s value while every tracker is down, if within the stale window; else ``error``."""
+    def _stale_or_raise(self, key: str, error: TrackerUnavailableError, outdated: V | None = None) -> V:
+        return self._stale_value(key, self._safely(self._backend.get, key), error, outdated)
+
+    def _stale_value(self, key: str, entry: tuple[Any, float] | None, error: TrackerUnavailableError,
+                     outdated: V | None = None) -> V:
+        """``entry``'s value while every tracker is down, if within the stale window and not the
+        one a refresh found ``outdated``; else ``error``."""
         # Another process's backend may keep longer than we would: serve only within our window.
         ttl = 0.0 if entry is None else self._ttl_of(entry[0])
-        if entry is None or ttl <= 0 or self._clock() - entry[1] >= ttl + self._stale_seconds:
+        if (entry is None or ttl <= 0 or self._clock() - entry[1] >= ttl + self._stale_seconds
+                or outdated is not None and entry[0] == outdated):
             raise error
         with self._lock:
             first = key not in self._stale_keys
@@ -451,10 +460,9 @@ class AsyncPathCache(PathCache[V]):
     async def refresh(self, key: str, outdated: V) -> V:  # type: ignore[override]
         """As :meth:`PathCache.refresh`, awaited."""
         entry = await self._backend_call(self._backend.get, key)
-        if entry is not None:
-            if entry[0] != outdated and self._fresh(entry):
-                return entry[0]
-            await self.ainvalidate(key)
+        if self._replaces(entry, outdated):
+            return entry[0]  # type: ignore[index]
+        self._outdate_lookup(key)
         return await self._refresh(key, outdated)
 
     async def ainvalidate(self, key: str) -> None:
@@ -479,7 +487,7 @@ class AsyncPathCache(PathCache[V]):
                 value = await within(self._wait_seconds, asyncio.shield(_followed(flight.done)))
             except asyncio.TimeoutError:
                 cause = TrackerUnavailableError(f"no answer for {key!r} within {self._wait_seconds} s")
-                return self._stale_value(key, await self._backend_call(self._backend.get, key), cause)
+                return self._stale_value(key, await self._backend_call(self._backend.get, key), cause, previous)
             if value is _UNSET:  # the leader's task was cancelled (its client went away): look up for ourselves
                 return await self._refresh(key, previous)
             if not (recheck and self._versioned):
@@ -505,13 +513,13 @@ class AsyncPathCache(PathCache[V]):
 
     async def _fetch_async(self, key: str, flight: _AsyncFlight, previous: V | None) -> V:
         entry, version = await self._backend_call(self._watched, key) or (None, _UNSET)
-        if entry is not None and self._fresh(entry):
-            return entry[0]
+        if self._replaces(entry, previous):
+            return entry[0]  # type: ignore[index]
         self.lookups += 1
         try:
             value = await self._async_lookup(key, previous if entry is None else entry[0])
         except TrackerUnavailableError as error:
-            return self._stale_value(key, await self._backend_call(self._backend.get, key), error)
+            return self._stale_value(key, await self._backend_call(self._backend.get, key), error, previous)
         keep = self._looked_up(value)
         if keep:
             await self._backend_call(self._store_unless_invalidated, flight, key, value, keep, version)

@@ -264,8 +264,10 @@ class MiddlewareCore:
             else None
         )
         # Bodies are served whenever some client may not be a trusted proxy: then the length is needed.
+        # So it is in a shared cache, whose other sites may serve bodies from the entries stored here.
+        with_length = reproxy is None or self.trusted_proxies is not None or cache_backend is not None
         self.locator = self.locator_class(
-            client, with_length=reproxy is None or self.trusted_proxies is not None, cache_backend=cache_backend,
+            client, with_length=with_length, cache_backend=cache_backend,
             path_cache_seconds=path_cache_seconds, path_cache_entries=path_cache_entries,
             missing_seconds=missing_seconds,
             replicating_seconds=replicating_seconds, stale_seconds=stale_seconds,

@@ -25,6 +25,7 @@ from wiretools import TEN, CountingRelay, KeptAliveNode, ScriptedTracker, Silent
 from mogile_middleware import Client, StorageError, UnknownKeyError, UploadError, core
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.downnodes import down_nodes
 from mogile_middleware.middleware import MogileFSMiddleware
 from mogile_middleware.tracker import TrackerConnection
 
@@ -154,6 +155,22 @@ def test_a_tracker_that_misspeaks_is_passed_over_and_cached_paths_outlive_it(dev
     finally:
         garbled.stop()
         relay.stop()
+
+
+def test_paths_whose_node_failed_once_in_an_outage_are_served_once_it_is_back(devmogile: DevMogileFS) -> None:
+    """While no tracker answers, a storage node that fails one request (restarting) costs that
+    request a 503; the next ones, once it is back, are served from the paths still cached."""
+    Client(DOMAIN, devmogile.trackers).store_content("restarting.txt", BODY, cls="thumb")
+    app = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, devmogile.trackers, io_timeout=1))
+    assert call(app, "GET", "/mogilefs/restarting.txt", {})[::2] == (200, BODY)
+    [url] = Client(DOMAIN, devmogile.trackers).get_paths("restarting.txt")
+    [node] = [node for node in devmogile.nodes if f":{node.port}/" in url]
+    devmogile.stop_tracker()
+    node.stop()
+    assert call(app, "GET", "/mogilefs/restarting.txt", {})[0] == 503
+    node.start()
+    down_nodes.clear()  # its refusal is not held against it: as once the down time has passed
+    assert call(app, "GET", "/mogilefs/restarting.txt", {})[::2] == (200, BODY)
 
 
 class _HalfBody(BaseHTTPRequestHandler):

@@ -475,6 +475,29 @@ def test_the_site_answers_from_a_shared_cache_and_without_it(devmogile: DevMogil
     assert second.get("/").body == b"app\n"
 
 
+def test_a_site_reproxying_for_anyone_stores_entries_a_serving_site_can_use(devmogile: DevMogileFS,
+                                                                             memcached: MemcachedServer) -> None:
+    """A site that needs no length (reproxy without trusted_proxies) still keeps it in a shared
+    cache: a site serving bodies from the same entries asks no tracker, not even while all are down."""
+    writer = Client(DOMAIN, devmogile.trackers)
+    writer.store_content("hello.txt", BODY, cls="avatar")
+    assert len(eventually(lambda: writer.get_paths("hello.txt"), lambda paths: len(paths) == 2)) == 2
+
+    def site(**options: Any) -> tuple[TestApp, MogileFSMiddleware]:
+        middleware = MogileFSMiddleware(hello, domain=DOMAIN, trackers=devmogile.trackers,
+                                        cache_backend=MemcachedBackend(memcached.address), **options)
+        return TestApp(middleware), middleware
+
+    (reproxying, _), (serving, serving_middleware) = site(reproxy="perlbal"), site()
+    assert reproxying.get("/mogilefs/hello.txt").headers["X-REPROXY-URL"]
+    devmogile.stop_tracker()
+    try:
+        assert serving.get("/mogilefs/hello.txt").body == BODY
+        assert serving_middleware.locator.paths.lookups == 0
+    finally:
+        devmogile.start_tracker()
+
+
 # Under asyncio: the event loop never waits on memcached, which a write or a relocation marks.
 
 T = TypeVar("T")

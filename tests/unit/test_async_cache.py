@@ -122,6 +122,20 @@ def test_invalidate_and_refresh() -> None:
     asyncio.run(scenario())
 
 
+def test_a_refresh_while_trackers_are_down_keeps_the_outdated_value() -> None:
+    """As with the blocking cache: the refresh fails, the next request still gets the value, stale."""
+    async def scenario() -> None:
+        lookup, clock = Lookup(), Clock()
+        cache = make(lookup, clock)
+        first = await cache.get("k")
+        clock.now += 20
+        lookup.error = TrackerUnavailableError("no tracker answered")
+        with pytest.raises(TrackerUnavailableError):
+            await cache.refresh("k", first)
+        assert await cache.get("k") == first
+    asyncio.run(scenario())
+
+
 class SlowBackend:
     """A backend with I/O, as memcached is: records the thread of every call."""
 

@@ -362,6 +362,23 @@ def test_invalidate_drops_what_stale_if_error_would_serve(lookup: Lookup, clock:
         cache.get("k")
 
 
+@pytest.mark.parametrize("elapsed", [pytest.param(0, id="fresh"), pytest.param(TTL + STALE / 2, id="stale")])
+def test_a_refresh_while_trackers_are_down_keeps_the_outdated_value(lookup: Lookup, clock: Clock,
+                                                                    elapsed: float) -> None:
+    """The refresh fails, but the value it found outdated stays for the next requests: replicas that
+    failed once (a node restarting) may answer again, and the trackers are not there to say otherwise."""
+    cache = make_cache(lookup, clock)
+    first = cache.get("k")
+    clock.advance(elapsed)
+    lookup.error = down = TrackerUnavailableError("no tracker answered")
+    with pytest.raises(TrackerUnavailableError) as raised:
+        cache.refresh("k", first)
+    assert raised.value is down
+    assert cache.get("k") == first
+    lookup.error = None
+    assert version(cache.refresh("k", first)) != version(first)
+
+
 @pytest.mark.parametrize("request_meanwhile", [pytest.param(False, id="quiet"), pytest.param(True, id="busy")])
 def test_invalidate_during_a_lookup_is_not_undone(clock: Clock, request_meanwhile: bool) -> None:
     lookup = Lookup(hold=1)
