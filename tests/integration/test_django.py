@@ -244,6 +244,17 @@ def test_names_with_control_characters_are_refused_as_the_middleware_would_not_s
     assert list(get_client().keys("")) == []
 
 
+def test_a_name_that_is_not_utf8_is_refused_as_no_url_names_it(mogile: DevMogileFS) -> None:
+    """A file name os.listdir gives for bytes that are not UTF-8 (as collectstatic copies one):
+    it was saved, never served, and its url() raised UnicodeEncodeError."""
+    storage = MogileFSStorage()
+    with pytest.raises(SuspiciousFileOperation, match="not UTF-8"):
+        storage.save("uni/bad\udcff.txt", ContentFile(b"x"))
+    assert list(get_client().keys("")) == []
+    with pytest.raises(SuspiciousFileOperation, match="not UTF-8"):
+        storage.url("uni/bad\udcff.txt")
+
+
 def test_a_relative_media_url_links_and_serves_below_the_script_prefix(mogile: DevMogileFS) -> None:
     """As Django reads a relative MEDIA_URL: a site under /app (SCRIPT_NAME, FORCE_SCRIPT_NAME or
     ASGI's root_path) links its files at /app/media/..., and serves them there."""
@@ -260,16 +271,29 @@ def test_a_relative_media_url_links_and_serves_below_the_script_prefix(mogile: D
 
 
 @pytest.mark.parametrize("allow_overwrite", BOTH_SAVES)
-def test_names_are_saved_normalised_as_the_file_system_storage_saves_them(mogile: DevMogileFS, tmp_path: Path,
-                                                                          allow_overwrite: bool) -> None:
+@pytest.mark.parametrize(("name", "content_name"), [
+    pytest.param("a//b/x.txt", None, id="double-slash"),
+    pytest.param("./dot.txt", None, id="dot-first"),
+    pytest.param("q/./r//dot.txt", None, id="dot-and-double-slash"),
+    # Django reads backslashes as slashes, and saves a content's name when the name is None.
+    pytest.param("norm\\\\dbl.txt", None, id="double-backslash"),
+    pytest.param("norm\\.\\dot.txt", None, id="backslash-dot"),
+    pytest.param(None, "norm//cn.txt", id="content-name-double-slash"),
+    pytest.param(None, "norm/./cn.txt", id="content-name-dot"),
+])
+def test_names_are_saved_normalised_as_the_file_system_storage_saves_them(
+        mogile: DevMogileFS, tmp_path: Path, allow_overwrite: bool, name: str | None, content_name: str | None) -> None:
     """A URL with ``//`` or ``/./`` reaches the application normalised (by the browser, or nginx):
     the file must be saved under the name that URL asks for."""
     storage = MogileFSStorage(allow_overwrite=allow_overwrite)
-    files = FileSystemStorage(location=tmp_path)
-    for name in ("a//b/x.txt", "./dot.txt", "q/./r//dot.txt"):
-        saved = storage.save(name, ContentFile(b"x"))
-        assert saved == files.save(name, ContentFile(b"x"))
-        assert storage.exists(saved) and storage.url(saved) == settings.MOGILEFS_MEDIA_URL + saved
+    saved = storage.save(name, ContentFile(b"x", name=content_name))
+    assert saved == FileSystemStorage(location=tmp_path).save(name, ContentFile(b"x", name=content_name))
+    assert storage.exists(saved) and storage.url(saved) == settings.MOGILEFS_MEDIA_URL + saved
+
+
+@pytest.mark.parametrize("allow_overwrite", BOTH_SAVES)
+def test_absolute_and_parent_names_are_refused(mogile: DevMogileFS, allow_overwrite: bool) -> None:
+    storage = MogileFSStorage(allow_overwrite=allow_overwrite)
     for name in ("/abs.txt", "a/../b.txt", "a/./"):
         with pytest.raises(SuspiciousFileOperation):
             storage.save(name, ContentFile(b"x"))
@@ -285,13 +309,38 @@ def test_text_content_is_stored_as_utf8_as_djangos_own_storages_take_it(mogile: 
         assert file.read() == "héllo, text".encode()
 
 
-def test_listdir(mogile: DevMogileFS) -> None:
+def test_listdir_and_the_directories_that_exist(mogile: DevMogileFS) -> None:
     storage = MogileFSStorage()
     for name in ["docs/a.txt", "docs/sub/b.txt", "docs/sub/c.txt", "top.txt"]:
         storage.save(name, ContentFile(b"x"))
+    get_client().store_content(TEMPORARY_PREFIX + "0" * 32, b"a save in progress")
     assert storage.listdir("") == (["docs"], ["top.txt"])
     assert storage.listdir("docs") == storage.listdir("/docs/") == (["sub"], ["a.txt"])
     assert storage.listdir("empty") == ([], [])
+    # As FileSystemStorage answers for directories: collectstatic --clear clears what exists.
+    assert [storage.exists(name) for name in ("", "docs", "docs/sub", "doc", "docs/su", "empty")] == [
+        True, True, True, False, False, False]
+
+
+def test_collectstatic_clear_replaces_every_file_but_saves_in_progress(mogile: DevMogileFS, tmp_path: Path) -> None:
+    """``collectstatic --clear`` asks whether the root exists (it raised) and clears only the
+    directories that exist (it left every file in one), but not another process's save."""
+    for source, names in (("old", ["old.txt", "css/a.css", "img/icons/b.png"]), ("new", ["new.txt", "css/c.css"])):
+        for name in names:
+            (tmp_path / source / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / source / name).write_bytes(name.encode())
+    static = {"BACKEND": "mogile_middleware.contrib.django.MogileFSStorage", "OPTIONS": {"media_url": "/static/"}}
+    in_progress = TEMPORARY_PREFIX + "0" * 32
+    with override_settings(INSTALLED_APPS=[*settings.INSTALLED_APPS, "django.contrib.staticfiles"],
+                           STORAGES={**settings.STORAGES, "staticfiles": static}, STATIC_URL="/static/"):
+        with override_settings(STATICFILES_DIRS=[tmp_path / "old"]):
+            call_command("collectstatic", "--noinput", verbosity=0)
+        assert sorted(get_client().keys("")) == ["css/a.css", "img/icons/b.png", "old.txt"]
+        get_client().store_content(in_progress, b"another process's save")
+        with override_settings(STATICFILES_DIRS=[tmp_path / "new"]):
+            call_command("collectstatic", "--noinput", "--clear", verbosity=0)
+    assert sorted(get_client().keys("")) == [in_progress, "css/c.css", "new.txt"]
+    assert get_client().get_file_data("css/c.css") == b"css/c.css"
 
 
 def test_url_quotes_spaces_and_non_ascii_and_is_served(app: TestApp) -> None:
@@ -301,6 +350,15 @@ def test_url_quotes_spaces_and_non_ascii_and_is_served(app: TestApp) -> None:
     assert url == "/media/with%20space/caf%C3%A9%20%E6%97%A5%E6%9C%AC.png"
     assert app.get(url).body == b"pixels"
     assert MogileFSStorage(media_url="https://cdn.example/files/").url("a b") == "https://cdn.example/files/a%20b"
+
+
+def test_a_storage_of_another_domain_needs_its_own_media_url(mogile: DevMogileFS) -> None:
+    """The wrapped application serves MOGILEFS_MEDIA_URL from MOGILEFS_DOMAIN: a link there to a
+    key of another domain would give that domain's file of the same name, or a 404."""
+    with pytest.raises(ImproperlyConfigured, match="'other'.*media_url.*middleware of that domain"):
+        MogileFSStorage(domain="other").url("a.png")
+    assert MogileFSStorage(domain="other", media_url="/other/").url("a.png") == "/other/a.png"
+    assert MogileFSStorage(domain=DOMAIN).url("a.png") == "/media/a.png"
 
 
 def test_available_name_is_suffixed(mogile: DevMogileFS) -> None:

@@ -23,7 +23,7 @@ from django.utils.encoding import filepath_to_uri
 
 from ...client import Client
 from ...exceptions import BadKeyError, KeyExistsError, MogileFSError, UnknownKeyError
-from ...protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_key
+from ...protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_key, check_url_key
 from ...storage import SeekableBody
 from ...signing import URLSigner
 from ...tracker import Address
@@ -62,10 +62,10 @@ def _source_of(content: File) -> File | Iterator[bytes]:
     return (chunk.encode("utf-8") if isinstance(chunk, str) else chunk for chunk in content.chunks())
 
 
-def _normalised(name: str | None) -> str | None:
+def _normalised(name: str) -> str:
     """``name`` without empty and ``.`` directories; an absolute name, ``..`` and the file name
     itself are left for Django to judge."""
-    if not isinstance(name, str) or name.startswith("/") or ("//" not in name and "./" not in name):
+    if name.startswith("/") or ("//" not in name and "./" not in name):
         return name
     *directories, file_name = name.split("/")
     return "/".join([*(part for part in directories if part not in ("", ".")), file_name])
@@ -131,12 +131,10 @@ class MogileFSStorage(Storage):
         return get_uploader(self._domain, self._trackers)
 
     def save(self, name: str | None, content: Any, max_length: int | None = None) -> str:
-        """Django's save, with ``max_length`` kept for :meth:`_save`, which Django does not give it,
-        and the name normalised as ``FileSystemStorage`` does (``a//b/./c.txt`` is saved as
-        ``a/b/c.txt``): a browser or proxy would normalise the URL of the other key and miss it."""
+        """Django's save, with ``max_length`` kept for :meth:`_save`, which Django does not give it."""
         token = _max_length.set(max_length)
         try:
-            return super().save(_normalised(name), content, max_length=max_length)
+            return super().save(name, content, max_length=max_length)
         finally:
             _max_length.reset(token)
 
@@ -149,7 +147,7 @@ class MogileFSStorage(Storage):
         warning names it when the trackers cannot delete it either).
         """
         with _checked_key():
-            check_key(name)  # before uploading, not at the rename
+            check_url_key(name)  # before uploading, not at the rename; a name that is not UTF-8 is never served
             if not CONTROL_CHARACTERS.isdisjoint(name):  # stored, but never served: the middleware answers 400
                 raise SuspiciousFileOperation(f"the file name {name!r} holds control characters")
             if self.allow_overwrite:
@@ -206,16 +204,26 @@ class MogileFSStorage(Storage):
             return SeekableBody(paths, timeout=self.client.storage_timeout)
 
     def exists(self, name: str) -> bool:
-        """True if the key exists; false for a name longer than any key, so that Django's
+        """True if the key exists, or keys are under ``name`` (a directory :meth:`listdir` lists),
+        or for the root ``""``, as ``FileSystemStorage`` answers: ``collectstatic --clear`` clears
+        only what exists. False for a name longer than any key, so that Django's
         ``get_available_name`` shortens it to the field's ``max_length``, as for files on disk."""
+        if name == "":
+            return True
         with _checked_key():
-            if len(check_key(name, length=False)) > MAX_KEY_BYTES:
+            length = len(check_key(name, length=False))
+            if length > MAX_KEY_BYTES:
                 return False
             try:
                 self.client.file_info(name)
             except UnknownKeyError:
-                return False
+                return length < MAX_KEY_BYTES and self._holds_keys(name)  # else name + "/" fits no key
         return True
+
+    def _holds_keys(self, directory: str) -> bool:
+        """Whether a key starts with ``directory`` and a slash: the first key listed answers, so a
+        miss costs one ``list_keys``."""
+        return next(self.client.keys(directory + "/"), None) is not None
 
     def delete(self, name: str) -> None:
         """Delete the key; a name that does not exist is not an error, as in Django's storages."""
@@ -231,20 +239,36 @@ class MogileFSStorage(Storage):
                 raise FileNotFoundError(f"no MogileFS key {name!r}") from None
 
     def url(self, name: str | None) -> str:
-        """The media URL followed by the name, percent-encoded as UTF-8; with ``MOGILEFS_SIGNING_KEY``,
-        signed for ``MOGILEFS_URL_EXPIRES`` seconds (as django-storages' S3 ``querystring_auth``)."""
-        media_url = self._media_url or conf.media_url()
+        """The media URL followed by the name, percent-encoded as UTF-8 (``SuspiciousFileOperation``
+        for a name no URL names, as the middleware's); with ``MOGILEFS_SIGNING_KEY``, signed for
+        ``MOGILEFS_URL_EXPIRES`` seconds (as django-storages' S3 ``querystring_auth``)."""
+        media_url = self._served_media_url()
         if conf.script_relative(media_url):  # as Django's relative MEDIA_URL: below the request's script prefix
             media_url = get_script_prefix() + media_url
-        path = filepath_to_uri(name or "").lstrip("/")  # None: the media URL, as FileSystemStorage gives
+        with _checked_key():
+            key = check_url_key(name) if name else ""  # None: the media URL, as FileSystemStorage gives
+        path = filepath_to_uri(key).lstrip("/")
         secrets, expires_in = conf.signing_key(), conf.url_expires()  # both checked, even when unsigned
         if secrets is None or not path:
             return media_url + path
         return f"{media_url}{path}?{URLSigner(secrets, self._domain or conf.domain()).query(unquote(path), expires_in)}"
 
+    def _served_media_url(self) -> str:
+        """The storage's ``media_url``, else ``MOGILEFS_MEDIA_URL``, which the wrapped application
+        serves from ``MOGILEFS_DOMAIN`` only: a link there to a key of another domain would be wrong."""
+        if self._media_url is not None:
+            return self._media_url
+        if self._domain is not None and self._domain != conf.domain():
+            raise ImproperlyConfigured(
+                f"{type(self).__name__} of domain {self._domain!r} has no 'media_url' option: MOGILEFS_MEDIA_URL "
+                f"serves MOGILEFS_DOMAIN ({conf.domain()!r}); give the storage its own media_url, served by a "
+                "middleware of that domain")
+        return conf.media_url()
+
     def listdir(self, path: str) -> tuple[list[str], list[str]]:
         """The "directories" and files right under ``path``: MogileFS has flat keys, so every key
-        under the prefix is listed, and the parts between slashes play the directories."""
+        under the prefix is listed, and the parts between slashes play the directories. The root
+        hides the saves in progress (``TEMPORARY_PREFIX``), which ``collectstatic --clear`` would delete."""
         prefix = path.strip("/") + "/" if path.strip("/") else ""
         directories: set[str] = set()
         files: list[str] = []
@@ -254,11 +278,17 @@ class MogileFSStorage(Storage):
                 directories.add(head)
             else:
                 files.append(head)
+        if not prefix:
+            directories.discard(TEMPORARY_PREFIX.rstrip("/"))
         return sorted(directories), files
 
     def get_available_name(self, name: str, max_length: int | None = None) -> str:
-        """Django's, shortened to fit a key as well when ``max_length`` lets Django shorten it: a
-        field's ``max_length`` counts characters, and 100 of them may be 400 bytes of UTF-8."""
+        """Django's, for the name normalised as ``FileSystemStorage`` saves it (``a//b/./c.txt`` as
+        ``a/b/c.txt``: a browser or proxy would normalise the URL of the other key and miss it), and
+        shortened to fit a key as well when ``max_length`` lets Django shorten it: a field's
+        ``max_length`` counts characters, and 100 of them may be 400 bytes of UTF-8."""
+        # Every save's name passes here, a content's name too; backslashes are slashes, as Django reads them.
+        name = _normalised(str(name).replace("\\", "/"))
         available = super().get_available_name(name, max_length=max_length)
         while max_length is not None:
             with _checked_key():
