@@ -38,6 +38,7 @@ from .client import (
     delete_request,
     file_info_of,
     file_info_request,
+    first_page,
     get_paths_request,
     keys_page_of,
     list_keys_request,
@@ -48,7 +49,7 @@ from .client import (
     update_class_request,
 )
 from .exceptions import BadKeyError, NoneMatchError, StorageError, UnknownKeyError, named_errors
-from .protocol import Reply, check_key, key_bytes, to_text
+from .protocol import Reply, check_key, key_bytes, to_bytes, to_text
 from .storage import LengthMismatchError
 from .upload import (
     BYTES_LIKE,
@@ -137,12 +138,13 @@ class AsyncClient(ClientBase):
 
     async def keys(self, prefix: str | bytes = "") -> AsyncIterator[str]:
         """Every key starting with ``prefix`` (text or bytes; exactly, unlike ``list_keys``), page by page."""
-        prefix = to_text(key_bytes(prefix, "prefix"))
-        listed, after = prefix, None  # the next pages by listed_prefix(prefix)
+        raw_prefix = key_bytes(prefix, "prefix")  # compared as bytes: it may end inside a character
+        prefix = to_text(raw_prefix)
+        listed, after = first_page(prefix)  # the next pages by listed_prefix(prefix)
         while True:
             page = (await self._list_page(listed, after, self.keys_page))[0]
             for key in page:
-                if key.startswith(prefix):
+                if to_bytes(key).startswith(raw_prefix):
                     yield key
             listed = listed_prefix(prefix)
             after, passed = next_page(prefix, listed, page, self.keys_page)

@@ -123,10 +123,33 @@ def keys_page_of(reply: Reply) -> tuple[list[str], str | None]:
 _PERL_METACHARACTERS = re.compile(r"[\\.^$|?*+()\[\]{}]")
 
 
+#: A last character that a key may go on with more bytes: SQLite reads a byte from 0xC0 up and
+#: every continuation byte (0x80 to 0xBF) after it as one character.
+_OPEN_LAST_CHARACTER = re.compile(rb"[\xc0-\xff][\x80-\xbf]*\Z")
+
+
+def _bytewise_prefix(prefix: str) -> str:
+    """``prefix`` without such a last character (``b"mc/\\xc3"``, the start of "é"; "é" too, which a
+    key that is not UTF-8 may follow with ``\\x80``): a tracker on SQLite reads a ``LIKE``
+    pattern as UTF-8, and would match no key going on with it."""
+    return to_text(_OPEN_LAST_CHARACTER.sub(b"", to_bytes(prefix)))
+
+
 def listed_prefix(prefix: str) -> str:
     """The prefix :meth:`Client.keys` lists its second and later pages by: ``prefix`` up to its
-    first regular expression metacharacter, so that the tracker takes their ``after``."""
-    return _PERL_METACHARACTERS.split(prefix, 1)[0]
+    first regular expression metacharacter, so that the tracker takes their ``after``, and
+    without a last character an SQLite tracker would not match (:func:`_bytewise_prefix`)."""
+    return _PERL_METACHARACTERS.split(_bytewise_prefix(prefix), 1)[0]
+
+
+def first_page(prefix: str) -> tuple[str, str | None]:
+    """The prefix and the ``after`` :meth:`Client.keys` lists its first page by: ``prefix`` itself;
+    or, when an SQLite tracker would not match it, :func:`listed_prefix` after ``prefix`` with its
+    last byte one less, below every key starting with ``prefix`` and above most keys that do not."""
+    if _bytewise_prefix(prefix) == prefix:
+        return prefix, None
+    raw = to_bytes(prefix)  # ends with a byte from 0x80 up: one less is still a byte
+    return listed_prefix(prefix), to_text(raw[:-1] + bytes([raw[-1] - 1]))
 
 
 class NextPage(NamedTuple):
@@ -344,11 +367,12 @@ class Client(ClientBase):
 
     def keys(self, prefix: str | bytes = "") -> Iterator[str]:
         """Every key starting with ``prefix`` (text or bytes; exactly, unlike ``list_keys``), page by page."""
-        prefix = to_text(key_bytes(prefix, "prefix"))
-        listed, after = prefix, None  # the next pages by listed_prefix(prefix)
+        raw_prefix = key_bytes(prefix, "prefix")  # compared as bytes: it may end inside a character
+        prefix = to_text(raw_prefix)
+        listed, after = first_page(prefix)  # the next pages by listed_prefix(prefix)
         while True:
             page = self._list_page(listed, after, self.keys_page)[0]
-            yield from (key for key in page if key.startswith(prefix))
+            yield from (key for key in page if to_bytes(key).startswith(raw_prefix))
             listed = listed_prefix(prefix)
             after, passed = next_page(prefix, listed, page, self.keys_page)
             if passed is not None and self._exists(passed):

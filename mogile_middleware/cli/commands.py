@@ -230,10 +230,16 @@ class _ClosedStream(io.TextIOBase):
         self._closed()
 
 
-def _describe(error: OSError | StorageError) -> str:
+def _describe(error: OSError | StorageError | BadKeyError) -> str:
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
         return f"{error.filename}: {error.strerror}"
     return str(error)
+
+
+def _skipped(key: str, reason: str) -> None:
+    """Name on stderr a listed key the command passes over, and why. A tracker may hold keys this
+    client refuses to send (over 255 bytes, CR, LF: stored by other clients); the others go on."""
+    print(f"mogile-middleware: {printable(key)!r}: {printable(reason)}: skipped", file=sys.stderr)
 
 
 def _detach_stdout() -> None:
@@ -363,8 +369,8 @@ def _get(args: argparse.Namespace, client: Client) -> int:
 
 def _get_recursive(args: argparse.Namespace, client: Client) -> int:
     """Every key under the prefix into a file under ``-o DIR``; a key that would not name a file
-    inside it (``..``, an empty segment, a backslash, a control character), or none of whose
-    replicas answered, is skipped, named, and exit 1."""
+    inside it (``..``, an empty segment, a NUL), that the client refuses to send (see
+    :func:`_skipped`), or none of whose replicas answered, is skipped, named, and exit 1."""
     if args.output in (None, "-"):
         print("mogile-middleware: get --recursive: give the directory to write to with -o DIR", file=sys.stderr)
         return 2
@@ -385,8 +391,9 @@ def _get_recursive(args: argparse.Namespace, client: Client) -> int:
         except UnknownKeyError:  # deleted since it was listed
             continue
         except (FileExistsError, IsADirectoryError, NotADirectoryError,  # "a" and "a/b" both keys
-                StorageError) as error:  # no replica of this key answered: the others may
-            print(f"mogile-middleware: {printable(key)!r}: {printable(_describe(error))}: skipped", file=sys.stderr)
+                StorageError,  # no replica of this key answered: the others may
+                BadKeyError) as error:
+            _skipped(key, _describe(error))
             skipped += 1
             continue
         print(f"{target.stat().st_size}\t{printable(key)}", flush=True)
@@ -406,13 +413,19 @@ def _download(client: Client, key: str) -> Iterator[tuple[int | None, Iterator[b
             chunks.close()
 
 
+#: What no file name here holds, besides the "/" a key's segments are split at: NUL, and the
+#: backslash where it also separates directories (Windows).
+_NOT_IN_FILE_NAMES = ("\0", os.sep) if os.sep != "/" else ("\0",)
+
+
 def _file_name_parts(rest: str, *, after_slash: bool) -> list[str] | None:
     """The path segments of a key after the prefix, or None if they would not name a file inside
-    the directory: a key is written by whoever stored it, and may be hostile."""
+    the directory: a key is written by whoever stored it, and may be hostile. Any other name is
+    kept as it is (a tab, a byte that is not UTF-8): ``upload --recursive`` stores such files."""
     if rest.startswith("/") and not after_slash:  # prefix "photos", key "photos/a.jpg"
         rest = rest[1:]
     parts = rest.split("/")
-    if not rest or "\\" in rest or not rest.isprintable() or any(part in ("", ".", "..") for part in parts):
+    if any(part in ("", ".", "..") for part in parts) or any(byte in rest for byte in _NOT_IN_FILE_NAMES):
         return None
     return parts
 
@@ -537,6 +550,9 @@ def _add_ls_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _ls(args: argparse.Namespace, client: Client) -> int:
+    """Print the keys under the prefix; with ``--long``, each with its size and class, and exit 1
+    if a key could not be asked about (see :func:`_skipped`)."""
+    skipped = 0
     for key in client.keys(args.prefix):
         if not args.long:
             print(printable(key))
@@ -545,8 +561,12 @@ def _ls(args: argparse.Namespace, client: Client) -> int:
             info = client.file_info(key)
         except UnknownKeyError:  # deleted since it was listed
             continue
+        except BadKeyError as error:
+            _skipped(key, str(error))
+            skipped += 1
+            continue
         print(f"{info.length}\t{printable(info.cls)}\t{printable(key)}")
-    return 0
+    return 1 if skipped else 0
 
 
 def _add_key_argument(parser: argparse.ArgumentParser) -> None:
@@ -590,8 +610,9 @@ def _paths(args: argparse.Namespace, client: Client) -> int:
 
 def _rm(args: argparse.Namespace, client: Client) -> int:
     """Delete the keys given, then (with ``--prefix``) those listed under it, once confirmed (a
-    prefix no key starts with is said, and not an error). A key that does not exist is reported
-    and the others still deleted; exit 3 then."""
+    prefix no key starts with is said, and not an error). A key that does not exist (exit 3), or
+    that the client refuses to send (exit 1, see :func:`_skipped`), is reported and the others
+    still deleted."""
     if not args.keys and args.prefix is None:
         print("mogile-middleware: rm: give keys, or --prefix PREFIX", file=sys.stderr)
         return 2
@@ -604,14 +625,17 @@ def _rm(args: argparse.Namespace, client: Client) -> int:
             print("mogile-middleware: rm: nothing deleted", file=sys.stderr)
             return 1
         keys += listed
-    missing = 0
+    missing = skipped = 0
     for key in keys:
         try:
             client.delete(key)
         except UnknownKeyError as error:
             print(f"mogile-middleware: {printable(str(error))}", file=sys.stderr)
             missing += 1
-    return 3 if missing else 0
+        except BadKeyError as error:
+            _skipped(key, str(error))
+            skipped += 1
+    return 1 if skipped else 3 if missing else 0
 
 
 def _confirmed(question: str, yes: bool) -> bool:

@@ -73,6 +73,8 @@ class FileIndex:
             info = self.client.file_info(key)
         except UnknownKeyError:
             return ""
+        except BadKeyError as error:  # a key the tracker holds but the client never sends (over 255 bytes, LF)
+            return f"<li>{html.escape(printable(key))}, not served: {html.escape(str(error))}</li>"
         about = f"{info.length} bytes, class {html.escape(info.cls)}"
         try:
             href = html.escape(file_path(self.prefix, check_url_key(key), script_name))

@@ -27,11 +27,14 @@ from typing import Any
 import pytest
 from conftest import DOMAIN
 from integration._memcached import start_memcached
+from integration._wire_client import LineClient, upload
+from webob import Request
 from wiretools import ScriptedTracker
 
 from mogile_middleware import Client
 from mogile_middleware.cache import entry_key
 from mogile_middleware.cli import main
+from mogile_middleware.cli.serve import FileIndex
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.exceptions import StorageError
 from mogile_middleware.memcache import MemcachedBackend
@@ -948,10 +951,10 @@ def test_get_recursive_writes_the_keys_under_a_prefix_and_never_outside(cli: Run
     result = cli("get", "site", "-o", str(target), "--recursive")
     assert result.code == 1  # some keys named no file inside the directory
     assert sorted(str(path.relative_to(target)) for path in target.rglob("*") if path.is_file()) == [
-        "img/logo.png", "index.html"]
+        "a\\\\b", "img/logo.png", "index.html"]  # a backslash is a file name's own on POSIX
     assert (target / "img" / "logo.png").read_bytes() == contents["site/img/logo.png"]
-    assert not (tmp_path / "escape.txt").exists() and result.err.count("skipped") == 3
-    assert result.lines == [f"{256 * 300}\tsite/img/logo.png", "9\tsite/index.html"]
+    assert not (tmp_path / "escape.txt").exists() and result.err.count("skipped") == 2
+    assert result.lines == ["4\tsite/a\\\\\\\\b", f"{256 * 300}\tsite/img/logo.png", "9\tsite/index.html"]
     assert cli("get", "site/", "--recursive").code == 2  # no directory given
 
 
@@ -992,3 +995,66 @@ def test_get_recursive_skips_a_key_that_is_also_a_directory_and_goes_on(cli: Run
     result = cli("get", "tree/", "-o", str(tmp_path / "out"), "--recursive")
     assert result.code == 1 and result.lines == ["6\ttree/a", "6\ttree/c"]
     assert result.err.startswith("mogile-middleware: 'tree/a/b': ") and result.err.endswith(": skipped\n")
+
+
+def test_get_recursive_fetches_every_file_name_upload_recursive_stores(cli: Run, tmp_path: Path) -> None:
+    # A tab (a legal byte of a POSIX file name) was stored, then skipped as naming no file.
+    root = tmp_path / "tree"
+    for name in ("a\tb", "bell\x07", "sub/c\\d", os.fsdecode(b"not-utf8-\xff")):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(name.encode("utf-8", "surrogateescape"))
+    assert cli("upload", "up/", str(root), "--recursive").code == 0
+    fetched = cli("get", "up/", "-o", str(tmp_path / "out"), "--recursive")
+    assert (fetched.code, fetched.err) == (0, "")
+    assert contents(tmp_path / "out", "") == contents(root, "")
+
+
+# -- keys the client refuses ------------------------------------------------------------------
+
+#: Keys a tracker holds that this client never sends (a line feed, over 255 bytes): stored by the
+#: Perl tools or another client. The key after them is one the client takes.
+REFUSED_KEYS = {"odd/a\nb": "key contains the control byte b'\\\\n'",
+                "odd/" + "k" * 296: "key is 300 bytes long; MogileFS keys hold at most 255"}
+
+
+@pytest.fixture
+def refused_keys(devmogile: DevMogileFS) -> list[str]:
+    """The messages naming each of :data:`REFUSED_KEYS`, stored through the raw tracker protocol
+    before ``odd/z`` (stored by the client)."""
+    with LineClient(devmogile.tracker_address) as tracker:
+        for key in REFUSED_KEYS:
+            assert upload(tracker, DOMAIN, key, b"odd", "thumb") == b"OK \r\n"
+    Client(DOMAIN, devmogile.trackers).store_content("odd/z", b"z", cls="thumb")
+    return [f"mogile-middleware: {printable(key)!r}: {problem}: skipped" for key, problem in REFUSED_KEYS.items()]
+
+
+def test_ls_long_names_each_key_the_client_refuses_and_lists_the_others(cli: Run, refused_keys: list[str]) -> None:
+    # It printed nothing at all, exit 1.
+    listed = cli("ls", "--long", "odd/")
+    assert (listed.code, listed.lines, listed.err.splitlines()) == (1, ["1\tthumb\todd/z"], refused_keys)
+
+
+def test_rm_prefix_names_each_key_the_client_refuses_and_deletes_the_others(cli: Run, devmogile: DevMogileFS,
+                                                                            refused_keys: list[str]) -> None:
+    # It stopped at the first, leaving the keys after it.
+    deleted = cli("rm", "--prefix", "odd/", "--yes")
+    assert (deleted.code, deleted.err.splitlines()) == (1, refused_keys)
+    assert list(Client(DOMAIN, devmogile.trackers).keys("odd/")) == list(REFUSED_KEYS)
+
+
+def test_get_recursive_names_each_key_the_client_refuses_and_fetches_the_others(cli: Run, tmp_path: Path,
+                                                                                refused_keys: list[str]) -> None:
+    # It stopped at the long one: the keys after it were never fetched.
+    fetched = cli("get", "odd/", "-o", str(tmp_path / "out"), "--recursive")
+    assert (fetched.code, fetched.lines, fetched.err.splitlines()) == (1, ["1\todd/z"], refused_keys)
+    assert os.listdir(tmp_path / "out") == ["z"]
+
+
+def test_the_serve_index_names_each_key_the_client_refuses_and_lists_the_others(devmogile: DevMogileFS,
+                                                                                refused_keys: list[str]) -> None:
+    # The whole page was a 503 naming the first.
+    with contextlib.closing(Client(DOMAIN, devmogile.trackers)) as client:
+        page = Request.blank("/").get_response(FileIndex(client, "/mogilefs/", 10))
+    assert page.status_int == 200 and '<li><a href="/mogilefs/odd/z">odd/z</a> 1 bytes, class thumb</li>' in page.text
+    assert "<li>odd/a\\nb, not served: key contains the control byte b&#x27;\\n&#x27;</li>" in page.text
+    assert f"<li>odd/{'k' * 296}, not served: key is 300 bytes long;" in page.text
