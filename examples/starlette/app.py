@@ -49,7 +49,7 @@ async def private_file(request: Request) -> Response:
 def public_key(path: str) -> str | None:
     """The key of a path under ``/mogilefs/``, or None (404) for the private files: only the
     endpoint :func:`private_file` sends those, to a client showing the token."""
-    return None if path.startswith("private/") else path
+    return None if path.lower().startswith("private/") else path  # lower(): MySQL finds keys whatever their case
 
 
 app = Starlette(routes=[Route("/", homepage), Route("/private/{name:path}", private_file)])

@@ -58,7 +58,7 @@ MOGILEFS_CACHE_CONTROL = "public, max-age=3600"
 def public_key(path: str) -> str | None:
     """The key of a path under MOGILEFS_MEDIA_URL, or None (404) for the private files: only the
     view ``gallery.views.private_file`` sends those, to logged-in users."""
-    return None if path.startswith("private/") else path
+    return None if path.lower().startswith("private/") else path  # lower(): MySQL finds keys whatever their case
 
 
 MOGILEFS_MIDDLEWARE_OPTIONS = {"key_for_path": public_key}
