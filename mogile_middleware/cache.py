@@ -123,12 +123,13 @@ class MemoryCache:
 class _Flight:
     """One lookup in progress: its waiters block on ``done``, then read its outcome."""
 
-    __slots__ = ("done", "lock", "invalidated", "value", "error")
+    __slots__ = ("done", "lock", "invalidated", "outdated", "value", "error")
 
-    def __init__(self) -> None:
+    def __init__(self, outdated: Any = None) -> None:
         self.done = threading.Event()
         self.lock = threading.Lock()  # makes "not invalidated, so store" atomic against invalidate()
         self.invalidated = False
+        self.outdated = outdated  # the value whose failure a refresh looks up for, if any
         self.value: Any = _UNSET
         self.error: Exception | None = None
 
@@ -186,10 +187,12 @@ class PathCache(Generic[V]):
         it names is gone), unless another thread has already replaced it. While no tracker answers,
         the :class:`TrackerUnavailableError` is raised and ``outdated`` kept for later requests:
         stale paths that failed once (a node restarting) may answer the next time."""
-        entry = self._safely(self._backend.get, key)
+        entry, version = self._watched(key)
         if self._replaces(entry, outdated):
             return entry[0]  # type: ignore[index]
-        self._outdate_lookup(key)  # begun before the change, it may find ``outdated`` again
+        self._outdate_lookup(key, outdated)
+        if entry is not None and entry[0] == outdated:
+            self._safely(self._expire, key, entry, version)
         return self._refresh(key, outdated)
 
     def _fresh(self, entry: tuple[Any, float]) -> bool:
@@ -201,10 +204,27 @@ class PathCache(Generic[V]):
         self._safely(self._backend.delete, key)
         self._invalidated()
 
-    def _outdate_lookup(self, key: str) -> None:
-        """Keep a lookup of ``key`` in progress from storing its value."""
+    def _outdate_lookup(self, key: str, refreshed: Any = None) -> None:
+        """Keep a lookup of ``key`` in progress from storing its value: begun before a change, it
+        may find the old version. With ``refreshed``, not a refresh's of that value: the
+        requests it failed for all join that one lookup."""
         with self._lock:
-            self._outdate_flight(key)
+            flight = self._flights.get(key)
+            if flight is not None and (refreshed is None or flight.outdated != refreshed):
+                self._outdate_flight(key)
+
+    def _expire(self, key: str, entry: tuple[Any, float], version: Any) -> None:
+        """Keep ``entry`` for stale serving only: stored as if its time to live had passed, so that
+        requests miss it and join the refresh's lookup, and as a new version, which no lookup begun
+        before stores over (in memcached)."""
+        ttl = self._ttl_of(entry[0])
+        now = self._clock()
+        stored_at = min(entry[1], now - ttl)
+        keep = stored_at + ttl + self._stale_seconds - now
+        if keep > 0:
+            self._store(key, entry[0], keep, version, stored_at)
+        else:
+            self._backend.delete(key)
 
     def _outdate_flight(self, key: str) -> None:
         """:meth:`_outdate_lookup`, the lock held: later requests must not join that lookup
@@ -228,7 +248,7 @@ class PathCache(Generic[V]):
             flight = self._flights.get(key)
             leading = flight is None
             if flight is None:
-                flight = self._flights[key] = _Flight()
+                flight = self._flights[key] = _Flight(previous)
         if not leading:
             return self._join(key, flight, previous, recheck)
         try:
@@ -247,6 +267,8 @@ class PathCache(Generic[V]):
         if not flight.done.wait(self._wait_seconds):
             cause = TrackerUnavailableError(f"no answer for {key!r} within {self._wait_seconds} s")
             return self._stale_or_raise(key, cause, previous)
+        if isinstance(flight.error, TrackerUnavailableError):  # a refresh's: what it found outdated, we did not
+            return self._stale_or_raise(key, flight.error, previous)
         if flight.error is not None:
             raise flight.error
         if flight.value is _UNSET:  # the leader was interrupted (e.g. a killed greenlet): try again
@@ -297,12 +319,13 @@ class PathCache(Generic[V]):
             return self._safely(self._backend.get, key), _UNVERSIONED
         return self._safely(get_versioned, key) or (None, _UNSET)
 
-    def _store(self, key: str, value: V, keep: float, version: Any) -> None:
+    def _store(self, key: str, value: V, keep: float, version: Any, stored_at: float | None = None) -> None:
         """Keep what a lookup found, unless the backend's entry changed since it began (``version``)."""
+        stored_at = self._clock() if stored_at is None else stored_at
         if version is _UNVERSIONED:
-            self._backend.set(key, value, self._clock(), keep)
+            self._backend.set(key, value, stored_at, keep)
         elif version is not _UNSET:
-            self._backend.set_if_unchanged(key, value, self._clock(), keep, version)  # type: ignore[attr-defined]
+            self._backend.set_if_unchanged(key, value, stored_at, keep, version)  # type: ignore[attr-defined]
 
     def _looked_up(self, value: Any) -> float:
         """Seconds to keep a value a tracker just gave (0: not at all); the outage, if any, is over."""
@@ -355,12 +378,13 @@ class PathCache(Generic[V]):
 class _AsyncFlight:
     """One lookup in progress on an event loop: its waiters await ``done``."""
 
-    __slots__ = ("done", "lock", "invalidated")
+    __slots__ = ("done", "lock", "invalidated", "outdated")
 
-    def __init__(self) -> None:
+    def __init__(self, outdated: Any = None) -> None:
         self.done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.lock = threading.Lock()  # what PathCache.invalidate takes (never held across an await)
         self.invalidated = False
+        self.outdated = outdated  # as _Flight's
 
 
 #: How often a request awaiting a lookup led on another thread's loop checks that loop still runs.
@@ -459,10 +483,12 @@ class AsyncPathCache(PathCache[V]):
 
     async def refresh(self, key: str, outdated: V) -> V:  # type: ignore[override]
         """As :meth:`PathCache.refresh`, awaited."""
-        entry = await self._backend_call(self._backend.get, key)
+        entry, version = await self._backend_call(self._watched, key) or (None, _UNSET)
         if self._replaces(entry, outdated):
             return entry[0]  # type: ignore[index]
-        self._outdate_lookup(key)
+        self._outdate_lookup(key, outdated)
+        if entry is not None and entry[0] == outdated:
+            await self._backend_call(self._expire, key, entry, version)
         return await self._refresh(key, outdated)
 
     async def ainvalidate(self, key: str) -> None:
@@ -481,13 +507,15 @@ class AsyncPathCache(PathCache[V]):
                 flight = None
             leading = flight is None
             if leading:
-                flight = self._flights[key] = _AsyncFlight()  # type: ignore[assignment]
+                flight = self._flights[key] = _AsyncFlight(previous)  # type: ignore[assignment]
         if not leading:
             try:
                 value = await within(self._wait_seconds, asyncio.shield(_followed(flight.done)))
             except asyncio.TimeoutError:
                 cause = TrackerUnavailableError(f"no answer for {key!r} within {self._wait_seconds} s")
                 return self._stale_value(key, await self._backend_call(self._backend.get, key), cause, previous)
+            except TrackerUnavailableError as error:  # a refresh's: what it found outdated, we did not
+                return self._stale_value(key, await self._backend_call(self._backend.get, key), error, previous)
             if value is _UNSET:  # the leader's task was cancelled (its client went away): look up for ourselves
                 return await self._refresh(key, previous)
             if not (recheck and self._versioned):

@@ -28,7 +28,7 @@ from .. import health
 from ..client import Client, FileInfo
 from ..deadline import checked_seconds
 from ..exceptions import BadKeyError, StorageError, UnknownKeyError
-from ..protocol import check_key
+from ..protocol import check_key, to_bytes, to_text
 from ..storage import open_replica, resumed_chunks
 from ..tracker import Address, parse_trackers
 from ..upload import Uploader, remaining_size
@@ -375,8 +375,15 @@ def _get_recursive(args: argparse.Namespace, client: Client) -> int:
         print("mogile-middleware: get --recursive: give the directory to write to with -o DIR", file=sys.stderr)
         return 2
     root, skipped = Path(args.output), 0
-    for key in client.keys(args.key):
-        parts = _file_name_parts(key[len(args.key):], after_slash=args.key.endswith("/"))
+    prefix = to_bytes(args.key)  # keys match it byte for byte: it may end inside a character
+    for key in client.keys(prefix):
+        try:
+            check_key(key)  # before any directory is made for it
+        except BadKeyError as error:
+            _skipped(key, str(error))
+            skipped += 1
+            continue
+        parts = _file_name_parts(to_text(to_bytes(key)[len(prefix):]), after_slash=args.key.endswith("/"))
         if parts is None:
             print(f"mogile-middleware: {printable(key)!r} names no file under {printable(str(root))}: skipped",
                   file=sys.stderr)
@@ -391,8 +398,7 @@ def _get_recursive(args: argparse.Namespace, client: Client) -> int:
         except UnknownKeyError:  # deleted since it was listed
             continue
         except (FileExistsError, IsADirectoryError, NotADirectoryError,  # "a" and "a/b" both keys
-                StorageError,  # no replica of this key answered: the others may
-                BadKeyError) as error:
+                StorageError) as error:  # no replica of this key answered: the others may
             _skipped(key, _describe(error))
             skipped += 1
             continue

@@ -326,19 +326,13 @@ def test_keys_pages_in_the_trackers_byte_order_through_keys_that_are_not_utf8(cl
 
 @both_flavours
 @pytest.mark.parametrize(("prefix", "expected"), [
-    pytest.param(b"mc/\xc3", ["mc/É", "mc/é", *(f"mc/é{n:02d}" for n in range(12)), "mc/é\udc80"],
-                 id="ending-inside-a-character"),
-    pytest.param("mc/é", ["mc/é", *(f"mc/é{n:02d}" for n in range(12)), "mc/é\udc80"],
-                 id="ending-with-a-character-a-key-goes-on"),
+    pytest.param(b"mc/\xc3", ["mc/É", "mc/é", *(f"mc/é{n:02d}" for n in range(12))], id="ending-inside-a-character"),
+    pytest.param("mc/é", ["mc/é", *(f"mc/é{n:02d}" for n in range(12))], id="ending-with-a-character"),
 ])
-def test_keys_pages_through_a_prefix_the_tracker_reads_as_another_character(client: Client,
-                                                                            monkeypatch: pytest.MonkeyPatch,
-                                                                            prefix: str | bytes,
-                                                                            expected: list[str]) -> None:
-    """SQLite reads a ``LIKE`` pattern as UTF-8, and a byte from 0xC0 up with every continuation
-    byte after it as one character: by a prefix ending inside "é" it matched no key, and by "é",
-    not "é" followed by the byte 0x80. The keys before the prefix's are not asked for (a page of 10
-    here): the two pages hold the prefix's 15 or 14 keys."""
+def test_keys_pages_through_a_prefix_ending_inside_a_character(client: Client, monkeypatch: pytest.MonkeyPatch,
+                                                              prefix: str | bytes, expected: list[str]) -> None:
+    """SQLite reads a ``LIKE`` pattern as UTF-8: by a prefix ending inside "é" it matched no key.
+    The keys before the prefix's are not asked for (a page of 10 here): two pages hold its 14 or 13."""
     monkeypatch.setattr(ClientBase, "keys_page", 10)
     for name in dict.fromkeys([*(f"mc/{n:02d}" for n in range(12)), "mc/z", "md/é", "mc/É", *expected]):
         client.store_content(name, b"x", cls="thumb")

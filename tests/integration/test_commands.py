@@ -1009,11 +1009,24 @@ def test_get_recursive_fetches_every_file_name_upload_recursive_stores(cli: Run,
     assert contents(tmp_path / "out", "") == contents(root, "")
 
 
+def test_get_recursive_cuts_a_prefix_ending_inside_a_character_as_bytes(cli: Run, devmogile: DevMogileFS,
+                                                                          tmp_path: Path) -> None:
+    # Cut as text, both keys were written to "a.txt", the second over the first.
+    client = Client(DOMAIN, devmogile.trackers)
+    for key in ("mc/éa.txt", "mc/Éa.txt"):
+        client.store_content(key, key.encode(), cls="thumb")
+    fetched = cli("get", os.fsdecode(b"mc/\xc3"), "-o", str(tmp_path / "out"), "--recursive")
+    assert (fetched.code, fetched.err) == (0, "")
+    assert contents(tmp_path / "out", "") == {os.fsdecode(b"\x89a.txt"): "mc/Éa.txt".encode(),
+                                              os.fsdecode(b"\xa9a.txt"): "mc/éa.txt".encode()}
+
+
 # -- keys the client refuses ------------------------------------------------------------------
 
 #: Keys a tracker holds that this client never sends (a line feed, over 255 bytes): stored by the
 #: Perl tools or another client. The key after them is one the client takes.
 REFUSED_KEYS = {"odd/a\nb": "key contains the control byte b'\\\\n'",
+                "odd/" + "d" * 300 + "/f": "key is 306 bytes long; MogileFS keys hold at most 255",  # a directory
                 "odd/" + "k" * 296: "key is 300 bytes long; MogileFS keys hold at most 255"}
 
 

@@ -122,6 +122,23 @@ def test_invalidate_and_refresh() -> None:
     asyncio.run(scenario())
 
 
+def test_requests_whose_replicas_failed_and_those_meanwhile_share_one_refresh() -> None:
+    """As with the blocking cache: one lookup for every request that found the paths dead, and for
+    a request arriving meanwhile."""
+    async def scenario() -> None:
+        lookup, clock = Lookup(), Clock()
+        cache = make(lookup, clock)
+        first = await cache.get("k")
+        lookup.gate = asyncio.Event()
+        tasks = [asyncio.create_task(cache.refresh("k", first)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        tasks.append(asyncio.create_task(cache.get("k")))
+        await asyncio.sleep(0.01)
+        lookup.gate.set()
+        assert await asyncio.gather(*tasks) == ["k@2"] * 4 and lookup.calls == 2
+    asyncio.run(scenario())
+
+
 def test_a_refresh_while_trackers_are_down_keeps_the_outdated_value() -> None:
     """As with the blocking cache: the refresh fails, the next request still gets the value, stale."""
     async def scenario() -> None:

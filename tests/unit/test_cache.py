@@ -379,6 +379,23 @@ def test_a_refresh_while_trackers_are_down_keeps_the_outdated_value(lookup: Look
     assert version(cache.refresh("k", first)) != version(first)
 
 
+def test_requests_whose_replicas_failed_and_those_meanwhile_share_one_refresh(clock: Clock) -> None:
+    """Every request that found the same paths dead waits for one lookup, and so does a request
+    arriving meanwhile, rather than be given the dead paths."""
+    lookup = Lookup(hold=2)
+    cache = make_cache(lookup, clock)
+    first = cache.get("k")
+    thread, outcome = start_thread(lambda: cache.refresh("k", first))
+    assert lookup.entered.wait(2)
+    others = [start_thread(lambda: cache.refresh("k", first)), start_thread(lambda: cache.get("k"))]
+    time.sleep(0.1)
+    lookup.release.set()
+    for waiting, _ in [(thread, outcome), *others]:
+        waiting.join(5)
+    assert lookup.calls == 2
+    assert [version(result) for result in [*outcome, *(result for _, got in others for result in got)]] == ["v2"] * 3
+
+
 @pytest.mark.parametrize("request_meanwhile", [pytest.param(False, id="quiet"), pytest.param(True, id="busy")])
 def test_invalidate_during_a_lookup_is_not_undone(clock: Clock, request_meanwhile: bool) -> None:
     lookup = Lookup(hold=1)
