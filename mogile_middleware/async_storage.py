@@ -44,6 +44,7 @@ from .storage import (
     Target,
     content_length,
     cut_midway,
+    put_pieces,
     is_interim,
     parse_head,
     range_header,
@@ -609,10 +610,12 @@ class AsyncPutStream:
             raise LengthMismatchError(f"PUT {self.url}: more than the {self._length} bytes announced", self.url)
         try:
             if self._length is None:
-                connection.write(b"%X\r\n" % size, data, b"\r\n")
-            else:
-                connection.write(data)
-            await within(self._timeout, connection.drain())
+                connection.write(b"%X\r\n" % size)
+            for piece in put_pieces(data):  # each taken within the timeout, whatever the whole's size
+                connection.write(piece)
+                await within(self._timeout, connection.drain())
+            if self._length is None:
+                connection.write(b"\r\n")
         except asyncio.TimeoutError:
             self.abort()
             raise StorageError(f"PUT {self.url} stalled: the node took nothing for {self._timeout:g}s",

@@ -31,6 +31,16 @@ T = TypeVar("T")
 
 #: Bytes moved per read or write: large enough for throughput, small enough to stay flat.
 CHUNK_SIZE = 64 * 1024
+#: The most of a PUT's body sent at once: each piece must reach the node within the timeout (a
+#: blocking ``sendall``'s is a deadline for all it is given), so a write of any size goes on as
+#: long as the node takes 256 KiB per timeout.
+PUT_PIECE_SIZE = 256 * 1024
+
+
+def put_pieces(data: bytes | bytearray | memoryview) -> Iterator[memoryview]:
+    """``data`` in pieces of at most :data:`PUT_PIECE_SIZE` bytes, each sent within the timeout."""
+    view = memoryview(data)
+    return (view[start:start + PUT_PIECE_SIZE] for start in range(0, len(view), PUT_PIECE_SIZE))
 
 
 #: A replica that failed after this long (or half the timeout) marks its node down (:mod:`.downnodes`).
@@ -570,10 +580,10 @@ class PutStream:
         try:
             if self._chunked:
                 sock.sendall(b"%X\r\n" % len(data))
-                sock.sendall(data)
+            for piece in put_pieces(data):
+                sock.sendall(piece)
+            if self._chunked:
                 sock.sendall(b"\r\n")
-            else:
-                sock.sendall(data)
         except OSError as error:
             self.abort()
             raise StorageError(f"PUT {self.url} dropped: {error or type(error).__name__}", self.url) from error

@@ -139,9 +139,10 @@ def committing(key: str, size: int, changed: Callable[[], None]) -> Iterator[Non
             raise UploadError(f"upload of {key!r} failed: the tracker failed create_close ({error}), maybe after "
                               f"dropping the key's old version") from error
         raise upload_failed(key, error) from error
-    except BaseException:  # interrupted (Ctrl-C, a cancelled task): create_close may have been carried out
+    except BaseException as interruption:  # interrupted (Ctrl-C, a cancelled task): create_close may have been carried out
         metrics.recorder.upload("unknown", size)
         changed()
+        interruption.upload_outcome_unknown = key  # type: ignore[attr-defined] # for the command line to say
         raise
     metrics.recorder.upload("stored", size)
     changed()
@@ -291,7 +292,9 @@ class NewFile(io.RawIOBase):
         """
         self._checkClosed()
         self._check_not_sent()
-        start = None if remaining_size(fileobj) is None else fileobj.tell()
+        # Sent again from ``start`` on the next node: only when it is the whole body, not when
+        # write() sent bytes before it (they went to the node that failed).
+        start = None if self.size or remaining_size(fileobj) is None else fileobj.tell()
         dropped: list[str] = []  # by the nodes tried, for the error when none is left
         while True:
             stream = self._stream or self._open_stream(dropped)

@@ -85,6 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mogile-middleware: {printable(message)}", file=sys.stderr)
         return 3 if isinstance(error, UnknownKeyError) else 1
     except KeyboardInterrupt as stopped:
+        key = getattr(stopped, "upload_outcome_unknown", None)
+        if key is not None:  # stopped once the tracker was asked to point the key at the new data
+            print(f"mogile-middleware: stopped while the upload of {printable(key)!r} was being committed: the key "
+                  "may or may not point at the new data", file=sys.stderr)
         return 128 + getattr(stopped, "signal", signal.SIGINT)
 
 

@@ -40,6 +40,7 @@ from mogile_middleware.exceptions import StorageError
 from mogile_middleware.memcache import MemcachedBackend
 from mogile_middleware.cli.progress import ProgressBar, human_size, printable
 from mogile_middleware.storage import ReplicaResponse
+from mogile_middleware.tracker import TrackerPool
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -925,6 +926,32 @@ def test_sigterm_during_get_leaves_neither_a_partial_file_nor_a_changed_one(
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert list(target.parent.iterdir()) == [target] and target.read_bytes() == b"previous"
+
+
+def test_sigterm_while_an_upload_is_committed_says_the_key_may_point_at_the_new_data(
+    cli: Run, devmogile: DevMogileFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It exited 143 without a word, the key holding the new data.
+    original = TrackerPool.request
+
+    def stopped_at_create_close(pool: TrackerPool, command: str, *args: Any, **kwargs: Any) -> Any:
+        answer = original(pool, command, *args, **kwargs)
+        if command == "create_close":
+            os.kill(os.getpid(), signal.SIGTERM)  # the answer is on its way when the command is stopped
+            time.sleep(1)
+        return answer
+
+    monkeypatch.setattr(TrackerPool, "request", stopped_at_create_close)
+    (tmp_path / "new").write_bytes(b"new data")
+    previous = signal.signal(signal.SIGTERM, lambda signal_number, frame: None)
+    try:
+        stopped = cli("upload", "committed", str(tmp_path / "new"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.code == 128 + signal.SIGTERM
+    assert stopped.err == ("mogile-middleware: stopped while the upload of 'committed' was being committed: the key "
+                           "may or may not point at the new data\n")
+    assert Client(DOMAIN, devmogile.trackers).get_file_data("committed") == b"new data"  # here, it does
 
 
 def test_check_refuses_a_timeout_it_cannot_use_and_reports_a_full_disk_in_one_line(devmogile: DevMogileFS) -> None:

@@ -9,6 +9,8 @@ import concurrent.futures
 import hashlib
 import io
 import os
+import re
+import socket
 import threading
 import time
 import tracemalloc
@@ -20,7 +22,7 @@ from typing import Any, BinaryIO
 import pytest
 from conftest import DOMAIN
 from integration._async_facade import Flavour, both_flavours, flavour  # noqa: F401 (a fixture)
-from wiretools import PatternFile, ScriptedTracker, pattern_md5
+from wiretools import LoopbackServer, PatternFile, ScriptedTracker, SilentServer, pattern_md5
 
 from mogile_middleware import (
     Admin,
@@ -262,6 +264,90 @@ def test_a_new_file_takes_no_more_bytes_once_write_from_sent_the_body(client: Cl
             with pytest.raises(ValueError, match="write_from sent the whole body"):
                 more()
     assert client.get_file_data("doc") == b"whole"
+
+
+def test_bytes_written_before_write_from_are_never_dropped_on_another_node(devmogile: DevMogileFS) -> None:
+    """write() then write_from(), the first node silent: only write_from's bytes could be sent to
+    the next node, so the upload fails, and the key keeps its data (it held the rest alone)."""
+    upstream = TrackerConnection(devmogile.tracker_address, 1.0, 5.0)
+    silent = SilentServer()
+
+    def first_node_silent(line: bytes) -> bytes:
+        reply = upstream.roundtrip(line)
+        if line.startswith(b"create_open"):
+            reply = re.sub(rb"path_1=[^&\r]*", f"path_1=http://127.0.0.1:{silent.port}/dev1/0.fid".encode(), reply)
+        return reply
+
+    relay = ScriptedTracker(first_node_silent)
+    try:
+        Client(DOMAIN, devmogile.trackers).store_content("mixed", b"old data", "avatar")
+        upload = Client(DOMAIN, [relay.tracker], storage_timeout=0.5).new_file("mixed", "avatar")
+        upload.write(b"header,")
+        with pytest.raises(UploadError, match="'mixed'"):
+            upload.write_from(io.BytesIO(b"body"))
+    finally:
+        relay.stop()
+        silent.stop()
+        upstream.close()
+    assert Client(DOMAIN, devmogile.trackers).get_file_data("mixed") == b"old data"
+
+
+class _SteadyNode(LoopbackServer):
+    """A storage node taking the first ``slow_bytes`` of a PUT's body at ``rate`` bytes/s through a
+    small receive buffer (a slow link), the rest at once, then answering 201; ``received`` keeps
+    the MD5 of each body."""
+
+    def __init__(self, rate: int, slow_bytes: int) -> None:
+        self.rate = rate
+        self.slow_bytes = slow_bytes
+        self.received: list[str] = []
+        super().__init__()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # taken on by accepted ones
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as reader:
+            head = b"".join(iter(reader.readline, b"\r\n")).lower()
+            md5 = hashlib.md5()
+            if b"transfer-encoding: chunked" in head:
+                while size := int(reader.readline(), 16):
+                    self._take(reader, size, md5)
+                    reader.readline()
+                reader.readline()
+            else:
+                self._take(reader, int(head.split(b"content-length:")[1].split(b"\r\n")[0]), md5)
+            self.received.append(md5.hexdigest())
+            conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+
+    def _take(self, reader: BinaryIO, size: int, md5: Any) -> None:
+        while size:
+            piece = reader.read1(min(size, 64 * 1024))  # type: ignore[attr-defined]
+            md5.update(piece)
+            size -= len(piece)
+            if self.slow_bytes > 0:
+                self.slow_bytes -= len(piece)
+                time.sleep(len(piece) / self.rate)
+
+
+@both_flavours
+def test_one_large_write_goes_on_while_the_node_takes_it_steadily(flavour: Flavour) -> None:
+    """12 MiB written at once, to a node taking its first 8 MiB at 8 MiB/s, with a storage timeout
+    of 0.5 s: the timeout bounds each piece the node takes, not the whole write (it failed at 0.5 s)."""
+    node = _SteadyNode(rate=8 * MIB, slow_bytes=8 * MIB)
+    fid_path = f"http://127.0.0.1:{node.port}/dev1/0/000/000/0000000007.fid"
+    tracker = ScriptedTracker(lambda line: f"OK fid=7&dev_count=1&devid_1=1&path_1={fid_path}\r\n".encode()
+                              if line.startswith(b"create_open") else b"OK \r\n")
+    data = os.urandom(12 * MIB)
+    try:
+        client = flavour.Client(DOMAIN, [tracker.tracker], storage_timeout=0.5)
+        if flavour.name == "sync":
+            with client.new_file("big", size=len(data)) as upload:
+                upload.write(data)
+        else:
+            assert client.store_file("big", _async_chunks([data])) == len(data)
+    finally:
+        tracker.stop()
+        node.stop()
+    assert node.received == [hashlib.md5(data).hexdigest()]
 
 
 def test_a_new_file_closed_or_aborted_takes_no_more_bytes(client: Client) -> None:
