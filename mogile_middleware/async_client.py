@@ -141,14 +141,17 @@ class AsyncClient(ClientBase):
         raw_prefix = key_bytes(prefix, "prefix")  # compared as bytes: it may end inside a character
         prefix = to_text(raw_prefix)
         listed, after = first_page(prefix)  # the next pages by listed_prefix(prefix)
+        alone = prefix if after is not None and await self._exists(prefix) else None  # see first_page
+        if alone is not None:
+            yield alone
         while True:
             page = (await self._list_page(listed, after, self.keys_page))[0]
             for key in page:
-                if to_bytes(key).startswith(raw_prefix):
+                if key != alone and to_bytes(key).startswith(raw_prefix):
                     yield key
             listed = listed_prefix(prefix)
             after, passed = next_page(prefix, listed, page, self.keys_page)
-            if passed is not None and await self._exists(passed):
+            if passed is not None and passed != alone and await self._exists(passed):
                 yield passed
             if after is None:
                 return

@@ -191,7 +191,7 @@ class PathCache(Generic[V]):
         if self._replaces(entry, outdated):
             return entry[0]  # type: ignore[index]
         self._outdate_lookup(key, outdated)
-        if entry is not None and entry[0] == outdated:
+        if entry is not None and entry[0] == outdated and self._fresh(entry):  # (an expired one stays as it is)
             self._safely(self._expire, key, entry, version)
         return self._refresh(key, outdated)
 
@@ -217,6 +217,8 @@ class PathCache(Generic[V]):
         """Keep ``entry`` for stale serving only: stored as if its time to live had passed, so that
         requests miss it and join the refresh's lookup, and as a new version, which no lookup begun
         before stores over (in memcached)."""
+        if version is _UNVERSIONED and (self._backend.get(key) or (None, None))[:2] != entry[:2]:
+            return  # replaced meanwhile (a backend without versions cannot refuse the store)
         ttl = self._ttl_of(entry[0])
         now = self._clock()
         stored_at = min(entry[1], now - ttl)
@@ -487,7 +489,7 @@ class AsyncPathCache(PathCache[V]):
         if self._replaces(entry, outdated):
             return entry[0]  # type: ignore[index]
         self._outdate_lookup(key, outdated)
-        if entry is not None and entry[0] == outdated:
+        if entry is not None and entry[0] == outdated and self._fresh(entry):
             await self._backend_call(self._expire, key, entry, version)
         return await self._refresh(key, outdated)
 

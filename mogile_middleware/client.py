@@ -13,7 +13,6 @@ sharing it sees the change at once.
 
 from __future__ import annotations
 
-import codecs
 import functools
 import inspect
 import logging
@@ -124,28 +123,32 @@ def keys_page_of(reply: Reply) -> tuple[list[str], str | None]:
 _PERL_METACHARACTERS = re.compile(r"[\\.^$|?*+()\[\]{}]")
 
 
-def _whole_characters(prefix: str) -> str:
-    """``prefix`` without the character it ends inside of (``b"mc/\\xc3"``, the start of "é"): a
-    tracker on SQLite reads a ``LIKE`` pattern as UTF-8, and matches no key by such a prefix."""
-    raw = to_bytes(prefix)
-    decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
-    decoder.decode(raw, final=False)
-    pending = len(decoder.getstate()[0])  # the bytes of an unfinished last character
-    return to_text(raw[:-pending]) if pending else prefix
+#: A last character that a key may go on with more bytes: SQLite reads a byte from 0xC0 up and
+#: every continuation byte (0x80 to 0xBF) after it as one character.
+_OPEN_LAST_CHARACTER = re.compile(rb"[\xc0-\xff][\x80-\xbf]*\Z")
+
+
+def _bytewise_prefix(prefix: str) -> str:
+    """``prefix`` without such a last character (``b"mc/\\xc3"``, the start of "é"; "é" too, which a
+    key that is not UTF-8 may follow with ``\\x80``): a tracker on SQLite reads a ``LIKE``
+    pattern as UTF-8, and would match no key going on with it."""
+    return to_text(_OPEN_LAST_CHARACTER.sub(b"", to_bytes(prefix)))
 
 
 def listed_prefix(prefix: str) -> str:
     """The prefix :meth:`Client.keys` lists its second and later pages by: ``prefix`` up to its
     first regular expression metacharacter, so that the tracker takes their ``after``, and
-    without a last character it ends inside of (:func:`_whole_characters`)."""
-    return _PERL_METACHARACTERS.split(_whole_characters(prefix), 1)[0]
+    without a last character an SQLite tracker would not match (:func:`_bytewise_prefix`)."""
+    return _PERL_METACHARACTERS.split(_bytewise_prefix(prefix), 1)[0]
 
 
 def first_page(prefix: str) -> tuple[str, str | None]:
     """The prefix and the ``after`` :meth:`Client.keys` lists its first page by: ``prefix`` itself;
-    or, when it ends inside a character, :func:`listed_prefix` after ``prefix`` with its last byte
-    one less, below every key starting with ``prefix`` and above most keys that do not."""
-    if _whole_characters(prefix) == prefix:
+    or, when an SQLite tracker would not match it, :func:`listed_prefix` after ``prefix`` with its
+    last byte one less, below every key starting with ``prefix`` and above most keys that do not
+    (a tracker comparing keys as text, MySQL's, may place the key equal to the prefix no later
+    than that ``after``: :meth:`Client.keys` asks for it alone)."""
+    if _bytewise_prefix(prefix) == prefix:
         return prefix, None
     raw = to_bytes(prefix)  # ends with a byte from 0x80 up: one less is still a byte
     return listed_prefix(prefix), to_text(raw[:-1] + bytes([raw[-1] - 1]))
@@ -369,12 +372,15 @@ class Client(ClientBase):
         raw_prefix = key_bytes(prefix, "prefix")  # compared as bytes: it may end inside a character
         prefix = to_text(raw_prefix)
         listed, after = first_page(prefix)  # the next pages by listed_prefix(prefix)
+        alone = prefix if after is not None and self._exists(prefix) else None  # see first_page
+        if alone is not None:
+            yield alone
         while True:
             page = self._list_page(listed, after, self.keys_page)[0]
-            yield from (key for key in page if to_bytes(key).startswith(raw_prefix))
+            yield from (key for key in page if key != alone and to_bytes(key).startswith(raw_prefix))
             listed = listed_prefix(prefix)
             after, passed = next_page(prefix, listed, page, self.keys_page)
-            if passed is not None and self._exists(passed):
+            if passed is not None and passed != alone and self._exists(passed):
                 yield passed
             if after is None:
                 return

@@ -140,9 +140,9 @@ def committing(key: str, size: int, changed: Callable[[], None]) -> Iterator[Non
                               f"dropping the key's old version") from error
         raise upload_failed(key, error) from error
     except BaseException as interruption:  # interrupted (Ctrl-C, a cancelled task): create_close may have been carried out
+        interruption.upload_outcome_unknown = key  # type: ignore[attr-defined] # for the command line to say
         metrics.recorder.upload("unknown", size)
         changed()
-        interruption.upload_outcome_unknown = key  # type: ignore[attr-defined] # for the command line to say
         raise
     metrics.recorder.upload("stored", size)
     changed()

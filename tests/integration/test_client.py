@@ -326,20 +326,43 @@ def test_keys_pages_in_the_trackers_byte_order_through_keys_that_are_not_utf8(cl
 
 @both_flavours
 @pytest.mark.parametrize(("prefix", "expected"), [
-    pytest.param(b"mc/\xc3", ["mc/É", "mc/é", *(f"mc/é{n:02d}" for n in range(12))], id="ending-inside-a-character"),
-    pytest.param("mc/é", ["mc/é", *(f"mc/é{n:02d}" for n in range(12))], id="ending-with-a-character"),
+    pytest.param(b"mc/\xc3", ["mc/É", "mc/é", *(f"mc/é{n:02d}" for n in range(12)), "mc/é\udc80"],
+                 id="ending-inside-a-character"),
+    pytest.param("mc/é", ["mc/é", *(f"mc/é{n:02d}" for n in range(12)), "mc/é\udc80"],
+                 id="ending-with-a-character-a-key-goes-on"),
 ])
-def test_keys_pages_through_a_prefix_ending_inside_a_character(client: Client, monkeypatch: pytest.MonkeyPatch,
-                                                              prefix: str | bytes, expected: list[str]) -> None:
-    """SQLite reads a ``LIKE`` pattern as UTF-8: by a prefix ending inside "é" it matched no key.
-    The keys before the prefix's are not asked for (a page of 10 here): two pages hold its 14 or 13."""
+def test_keys_pages_through_a_prefix_the_tracker_reads_as_another_character(client: Client,
+                                                                            monkeypatch: pytest.MonkeyPatch,
+                                                                            prefix: str | bytes,
+                                                                            expected: list[str]) -> None:
+    """SQLite reads a ``LIKE`` pattern as UTF-8, and a byte from 0xC0 up with every continuation
+    byte after it as one character: by a prefix ending inside "é" it matched no key, and by "é",
+    not "é" followed by the byte 0x80. The keys before the prefix's are not asked for (a page of 10
+    here): the two pages hold the prefix's 15 or 14 keys, and the key equal to the prefix is asked
+    alone (a tracker comparing keys as text may not list it after the page's start)."""
     monkeypatch.setattr(ClientBase, "keys_page", 10)
     for name in dict.fromkeys([*(f"mc/{n:02d}" for n in range(12)), "mc/z", "md/é", "mc/É", *expected]):
         client.store_content(name, b"x", cls="thumb")
     requests: list[str] = []
     for cls in (Client, AsyncClient):
         monkeypatch.setattr(cls, "_ask", _counted(cls._ask, requests))
-    assert list(client.keys(prefix)) == expected and requests == ["list_keys", "list_keys"]
+    assert list(client.keys(prefix)) == expected and requests == ["file_info", "list_keys", "list_keys"]
+
+
+@both_flavours
+def test_keys_asks_alone_for_the_key_equal_to_a_prefix_listed_from_below_it(flavour: Flavour) -> None:
+    """mogilefsd on MySQL compares keys as text: "é" and "è" may be equal, so a page listed after
+    the prefix with its last byte one less ("mc/è") leaves out the key equal to it ("mc/é")."""
+    def text_collating(line: bytes) -> bytes:
+        if line.startswith(b"file_info"):
+            return b"OK fid=7&domain=d&class=c&key=mc/%C3%A9&length=1&devcount=1\r\n"
+        return b"OK key_count=1&key_1=mc/%C3%A9x&next_after=mc/%C3%A9x\r\n"  # after=mc/è: not mc/é itself
+
+    tracker = ScriptedTracker(text_collating)
+    try:
+        assert list(flavour.Client("d", [tracker.tracker]).keys("mc/é")) == ["mc/é", "mc/éx"]
+    finally:
+        tracker.stop()
 
 
 def _counted(ask: Callable[..., Any], requests: list[str]) -> Callable[..., Any]:

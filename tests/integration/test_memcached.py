@@ -169,6 +169,31 @@ def test_the_lookup_after_a_change_is_stored_at_once(backend: MemcachedBackend) 
     assert async_cache.lookups == 1 and cache.get(key) == location(3, key) and cache.lookups == 2
 
 
+def test_refreshes_of_the_same_failed_paths_share_one_lookup_whose_finding_is_kept(backend: MemcachedBackend) -> None:
+    """Two requests found the same replicas dead: the second joins the first's lookup, and what it
+    found is stored (the second re-storing the dead paths as expired made the first's store fail)."""
+    key, entered, release = "refreshed", threading.Event(), threading.Event()
+    found = iter([location(1, key), location(2, key), location(3, key)])
+
+    def lookup(key: str, previous: Location | None) -> Location:
+        value = next(found)
+        if value == location(2, key):
+            entered.set()
+            release.wait(5)
+        return value
+
+    cache = PathCache(lookup, backend=backend, ttl_seconds=60)
+    dead = cache.get(key)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(cache.refresh, key, dead)
+        assert entered.wait(5)
+        second = pool.submit(cache.refresh, key, dead)
+        time.sleep(0.2)
+        release.set()
+        assert first.result(5) == second.result(5) == location(2, key)
+    assert cache.lookups == 2 and cache.get(key) == location(2, key) and cache.lookups == 2
+
+
 @pytest.mark.parametrize("flavour", ["sync", "async"])
 def test_a_request_after_a_change_does_not_join_a_lookup_begun_before_it(backend: MemcachedBackend,
                                                                          flavour: str) -> None:

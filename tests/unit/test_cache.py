@@ -105,6 +105,23 @@ class PausingBackend(MemoryCache):
         return super().get(key)
 
 
+class ReadThenPausingBackend(MemoryCache):
+    """A backend whose first get() once ``armed`` reads the entry, then waits for ``resume``."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock=clock)
+        self.armed = False
+        self.paused = threading.Event()
+        self.resume = threading.Event()
+
+    def get(self, key: str) -> tuple[Any, float] | None:
+        entry = super().get(key)
+        if self.armed and not self.paused.is_set():
+            self.paused.set()
+            self.resume.wait(5)
+        return entry
+
+
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
@@ -394,6 +411,21 @@ def test_requests_whose_replicas_failed_and_those_meanwhile_share_one_refresh(cl
         waiting.join(5)
     assert lookup.calls == 2
     assert [version(result) for result in [*outcome, *(result for _, got in others for result in got)]] == ["v2"] * 3
+
+
+def test_a_refresh_never_puts_back_the_failed_value_over_the_one_found_meanwhile(lookup: Lookup, clock: Clock) -> None:
+    """A refresh that read the failed value before another refresh replaced it leaves the new value
+    in place (re-stored as expired over it, it cost a lookup, and stale serving the dead paths)."""
+    backend = ReadThenPausingBackend(clock)
+    cache = make_cache(lookup, clock, backend=backend)
+    dead = cache.get("k")
+    backend.armed = True
+    thread, late = start_thread(lambda: cache.refresh("k", dead))
+    assert backend.paused.wait(2)
+    replaced = cache.refresh("k", dead)
+    backend.resume.set()
+    thread.join(5)
+    assert late == [replaced] and version(replaced) == "v2" and lookup.calls == 2
 
 
 @pytest.mark.parametrize("request_meanwhile", [pytest.param(False, id="quiet"), pytest.param(True, id="busy")])
