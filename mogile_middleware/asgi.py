@@ -304,10 +304,13 @@ async def _send_body(key: str, upstream: AsyncReplicaResponse, send: Send, progr
             sent += len(chunk)
         sending = True
         await send({"type": "http.response.body", "body": b""})
-    except (OSError, StorageError) as error:
-        if sending and isinstance(error, OSError):
-            return  # the server's word that the client has gone (ASGI 2.4): nothing to say
-        log.error("transfer of %r from %r cut midway: %r", key, upstream.url, error)
+    except Exception as error:
+        # The server's word that the client has gone: an OSError (ASGI 2.4), or uvloop's RuntimeError
+        # of a closed transport (uvicorn's httptools protocol with a request pipelined behind).
+        if sending and isinstance(error, (OSError, RuntimeError)):
+            return
+        if isinstance(error, (OSError, StorageError)):
+            log.error("transfer of %r from %r cut midway: %r", key, upstream.url, error)
         raise
     finally:
         metrics.recorder.bytes_served(sent)

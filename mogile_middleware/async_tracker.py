@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .deadline import readable_now, time_left, within
-from .exceptions import ProtocolError
+from .exceptions import ProtocolError, TrackerUnavailableError
 from .protocol import ArgValue, Reply, parse_reply
 from .tracker import MAX_REPLY_BYTES, Address, Dial, Step, StepRunner, TakeIdle, TrackerPoolBase, kept_if_answered
 
@@ -133,7 +133,13 @@ class AsyncTrackerPool(TrackerPoolBase):
         cancelled request closes the connection it was using.
         """
         connections = self._connections()
-        async with connections.slots:
+        try:  # a wait for a slot counts against io_timeout: requests of departed clients queue no one for long
+            await within(self.io_timeout, connections.slots.acquire())
+        except asyncio.TimeoutError:
+            raise TrackerUnavailableError(
+                f"no tracker asked: the event loop's {self.max_connections} tracker requests in flight took "
+                f"longer than io_timeout ({self.io_timeout:g} s)") from None
+        try:
             runner = StepRunner(self.steps(command, args, tracker))
             try:
                 for step in runner:
@@ -144,6 +150,8 @@ class AsyncTrackerPool(TrackerPoolBase):
             finally:
                 runner.close()
             return runner.value
+        finally:
+            connections.slots.release()
 
     async def _carry_out(self, connections: _LoopConnections, step: Step) -> object:
         if isinstance(step, TakeIdle):

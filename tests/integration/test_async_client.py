@@ -75,6 +75,35 @@ def test_a_hundred_concurrent_requests_share_a_bounded_number_of_connections(rel
     assert 1 <= relay.connections <= pool.max_connections
 
 
+def test_a_request_waits_for_a_connection_no_longer_than_io_timeout() -> None:
+    """One connection per loop, a tracker answering each request in 0.6 s, io_timeout 1 s: the
+    third request, still without a connection after 1 s, fails as if no tracker answered, instead
+    of queuing behind the others (those of clients long gone, in a server) for 1.8 s."""
+    tracker = ScriptedTracker(lambda line: (time.sleep(0.6), ok(line))[1])
+    pool = AsyncTrackerPool([tracker.tracker], io_timeout=1)
+    pool.max_connections = 1
+    client = AsyncClient(DOMAIN, pool=pool)
+
+    async def timed() -> tuple[float, Exception | None]:
+        started = time.monotonic()
+        try:
+            await client.get_paths("k")
+        except TrackerUnavailableError as error:
+            return time.monotonic() - started, error
+        return time.monotonic() - started, None
+
+    async def main() -> list[tuple[float, Exception | None]]:
+        return await asyncio.gather(*(timed() for _ in range(3)))
+
+    try:
+        outcomes = asyncio.run(main())
+    finally:
+        tracker.stop()
+    assert [error is None for _, error in outcomes] == [True, True, False]
+    assert "requests in flight took longer than io_timeout" in str(outcomes[2][1])
+    assert max(took for took, _ in outcomes) < 1.5
+
+
 def test_a_cancelled_request_closes_its_connection() -> None:
     replies = iter([b""])  # the first request gets silence, the next ones an answer
     tracker = ScriptedTracker(lambda line: next(replies, ok(line)))
