@@ -113,7 +113,7 @@ class MogileFSMiddleware(MiddlewareCore):
         environ = _environ(scope, path)
         key = self.key_for(environ, path[len(self.path_prefix):])
         if not isinstance(key, str):
-            answer: Answer | Streamed = key
+            answer: Answer | Streamed | None = key
         elif self.authorize is not None and not await _allows(self.authorize, scope, key):
             answer = http.FORBIDDEN
         else:
@@ -122,7 +122,9 @@ class MogileFSMiddleware(MiddlewareCore):
             warm = None if location is None else self.reproxy_answer(environ, location)
             if warm is not None and raw_path and self._answers_repeat:
                 self._keep(raw_path, inputs or _inputs(scope), warm, location)  # type: ignore[arg-type]
-            answer = warm or await self._answer(environ, key, location)
+            answer = warm or await _unless_gone(self._answer(environ, key, location), receive)
+            if answer is None:
+                return  # the client went away meanwhile: its lookup and its replica were given up
         await self._send(answer, send, receive, scope)
 
     def _keep(self, raw_path: bytes, inputs: tuple[Any, ...], answer: Answer, location: Location) -> None:
@@ -314,6 +316,22 @@ async def _send_body(key: str, upstream: AsyncReplicaResponse, send: Send, progr
         raise
     finally:
         metrics.recorder.bytes_served(sent)
+
+
+async def _unless_gone(answering: Awaitable[Answer | Streamed], receive: Receive) -> Answer | Streamed | None:
+    """``answering``'s answer, or ``None`` when the client goes away (``http.disconnect``) first:
+    its lookup and the replica it opens are then given up, rather than go on for nobody, holding
+    the loop's tracker connections from the clients still there."""
+    work = asyncio.ensure_future(answering)
+    leaving = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({work, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        leaving.cancel()
+        if not work.done():
+            work.cancel()
+    await asyncio.gather(work, leaving, return_exceptions=True)
+    return None if work.cancelled() else work.result()
 
 
 async def _disconnected(receive: Receive) -> None:

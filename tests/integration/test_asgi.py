@@ -18,7 +18,7 @@ from integration._slow_clients import node_connections, read_first_bytes, slow_d
 from integration._wire_client import read_http_reply
 from integration.test_hostile import call
 from integration.test_middleware import wrapped_app
-from wiretools import PatternFile, pattern_md5
+from wiretools import PatternFile, SilentServer, pattern_md5
 
 from mogile_middleware import AsyncClient, Client
 from mogile_middleware import MogileFSMiddleware as WSGIMiddleware
@@ -278,6 +278,35 @@ def test_a_head_error_answer_has_the_gets_headers_and_no_body(path: str) -> None
     start, end = run(asgi, http_scope(path, "HEAD"), [])
     assert start["status"] == status and end["body"] == b""
     assert start["headers"] == run(asgi, http_scope(path), [])[0]["headers"]
+
+
+def test_a_client_gone_while_its_file_is_looked_up_ends_the_request_and_the_lookup() -> None:
+    """A tracker that does not answer, a client that leaves after 50 ms: the request ends then,
+    with nothing sent, and its lookup is given up (it went on for nobody for io_timeout, holding
+    one of the loop's tracker connections from the clients still there)."""
+    silent = SilentServer()
+    middleware = MogileFSMiddleware(Recorder(), domain=DOMAIN, trackers=[silent.tracker], io_timeout=5)
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(0.05)
+        return {"type": "http.disconnect"}
+
+    async def request() -> tuple[float, int]:
+        started = time.monotonic()
+        await middleware(http_scope("/mogilefs/any.txt"), receive, send)
+        took = time.monotonic() - started
+        await asyncio.sleep(0.01)  # the cancelled lookup's task ends
+        return took, len(asyncio.all_tasks())
+
+    try:
+        took, tasks = asyncio.run(request())
+    finally:
+        silent.stop()
+    assert took < 1 and sent == [] and tasks == 1
 
 
 @pytest.mark.parametrize("gone", [
