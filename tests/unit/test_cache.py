@@ -89,27 +89,12 @@ class LaxBackend(MemoryCache):
 
 
 class PausingBackend(MemoryCache):
-    """A backend whose first get() once ``armed`` waits for ``resume``, then answers "not there"."""
+    """A backend whose first get() once ``armed`` waits for ``resume``, then answers "not there",
+    or, ``read_first``, the entry it read before waiting."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, *, read_first: bool = False) -> None:
         super().__init__(clock=clock)
-        self.armed = False
-        self.paused = threading.Event()
-        self.resume = threading.Event()
-
-    def get(self, key: str) -> tuple[Any, float] | None:
-        if self.armed and not self.paused.is_set():
-            self.paused.set()
-            self.resume.wait(5)
-            return None
-        return super().get(key)
-
-
-class ReadThenPausingBackend(MemoryCache):
-    """A backend whose first get() once ``armed`` reads the entry, then waits for ``resume``."""
-
-    def __init__(self, clock: Clock) -> None:
-        super().__init__(clock=clock)
+        self.read_first = read_first
         self.armed = False
         self.paused = threading.Event()
         self.resume = threading.Event()
@@ -119,6 +104,7 @@ class ReadThenPausingBackend(MemoryCache):
         if self.armed and not self.paused.is_set():
             self.paused.set()
             self.resume.wait(5)
+            return entry if self.read_first else None
         return entry
 
 
@@ -416,7 +402,7 @@ def test_requests_whose_replicas_failed_and_those_meanwhile_share_one_refresh(cl
 def test_a_refresh_never_puts_back_the_failed_value_over_the_one_found_meanwhile(lookup: Lookup, clock: Clock) -> None:
     """A refresh that read the failed value before another refresh replaced it leaves the new value
     in place (re-stored as expired over it, it cost a lookup, and stale serving the dead paths)."""
-    backend = ReadThenPausingBackend(clock)
+    backend = PausingBackend(clock, read_first=True)
     cache = make_cache(lookup, clock, backend=backend)
     dead = cache.get("k")
     backend.armed = True
