@@ -335,8 +335,14 @@ async def _unless_gone(answering: Awaitable[Answer | Streamed], receive: Receive
 
 
 async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
+    """Return once the client has gone (``http.disconnect``). Past the request's body ASGI has
+    ``receive`` wait for that; one that answers again at once can tell nothing, and is not asked
+    again (asked in a loop, it would never let the event loop run anything else)."""
+    message = await receive()
+    while message.get("more_body", False):  # the rest of the request's body
+        message = await receive()
+    if message["type"] != "http.disconnect" and (await receive())["type"] != "http.disconnect":
+        await asyncio.get_running_loop().create_future()  # never done: cancelled with the request
 
 
 def _path_info(scope: Scope) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -307,6 +308,28 @@ def test_a_client_gone_while_its_file_is_looked_up_ends_the_request_and_the_look
     finally:
         silent.stop()
     assert took < 1 and sent == [] and tasks == 1
+
+
+@pytest.mark.parametrize("mode", [{}, {"reproxy": "perlbal"}], ids=["serve", "reproxy"])
+def test_a_receive_answering_at_once_past_the_body_is_not_asked_in_a_loop(devmogile: DevMogileFS,
+                                                                          mode: dict[str, str]) -> None:
+    """ASGI has ``receive`` wait for the disconnect past the body; one that answers at once, over
+    and over, kept the event loop from running the request at all."""
+    Client(DOMAIN, devmogile.trackers).store_content("a.txt", b"the file", cls="thumb")
+    middleware = MogileFSMiddleware(Recorder(), domain=DOMAIN, trackers=devmogile.trackers, **mode)
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request"}
+
+    thread = threading.Thread(target=asyncio.run, args=(middleware(http_scope("/mogilefs/a.txt"), receive, send),),
+                              daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive() and sent[0]["status"] == 200
 
 
 @pytest.mark.parametrize("gone", [
