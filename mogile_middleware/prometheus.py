@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app, multiprocess
 
 from . import metrics
+from .http import METHOD_NOT_ALLOWED
 from .middleware import StartResponse, WSGIApp
 
 #: Tracker round trips are milliseconds; a timeout is seconds.
@@ -131,7 +132,8 @@ def registry() -> CollectorRegistry:
 
 
 class MetricsEndpoint:
-    """Answers ``GET path`` with the metrics in Prometheus' text format; passes the rest to ``app``.
+    """Answers ``GET path`` (and ``HEAD``) with the metrics in Prometheus' text format, any other
+    method there with a 405; passes the other paths to ``app``.
 
     Put it behind a proxy rule or on an internal port: it shows the trackers' addresses and the
     site's traffic to whoever can reach it.
@@ -145,9 +147,13 @@ class MetricsEndpoint:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("PATH_INFO") == self.path:
-            if environ.get("REQUEST_METHOD") == "HEAD":  # a GET's headers, without the body (RFC 9110 9.3.2)
+            method = environ.get("REQUEST_METHOD")
+            if method == "HEAD":  # a GET's headers, without the body (RFC 9110 9.3.2)
                 self._exposition({**environ, "REQUEST_METHOD": "GET"}, start_response)
                 return []
+            if method != "GET":  # prometheus_client's own 405 and OPTIONS leave out HEAD
+                start_response(METHOD_NOT_ALLOWED.status, METHOD_NOT_ALLOWED.headers.copy())
+                return [METHOD_NOT_ALLOWED.body]
             return self._exposition(environ, start_response)
         return self.app(environ, start_response)
 

@@ -323,7 +323,7 @@ def test_a_taken_metrics_port_is_served_once_free_and_gunicorn_serves_meanwhile(
     assert not list(tmp_path.glob("mogile-metrics-*"))
 
 
-def test_the_metrics_filter_answers_head_as_get_without_the_body(counts: Counts) -> None:
+def test_the_metrics_filter_answers_head_as_get_and_other_methods_405(counts: Counts) -> None:
     from webtest import TestApp
 
     from mogile_middleware.prometheus import MetricsEndpoint
@@ -331,6 +331,9 @@ def test_the_metrics_filter_answers_head_as_get_without_the_body(counts: Counts)
     app = TestApp(MetricsEndpoint(lambda environ, start_response: []))
     got, head = app.get("/metrics"), app.head("/metrics")
     assert head.status_int == 200 and head.body == b"" and head.headers["Content-Type"] == got.headers["Content-Type"]
+    for method in ("POST", "DELETE", "OPTIONS"):  # prometheus_client's answers left HEAD out of Allow
+        refused = app.request("/metrics", method=method, expect_errors=True)
+        assert (refused.status_int, refused.headers["Allow"]) == (405, "GET, HEAD")
 
 
 def test_the_django_view_answers_with_the_metrics(devmogile: DevMogileFS, counts: Counts) -> None:
