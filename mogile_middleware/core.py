@@ -193,6 +193,9 @@ class MiddlewareCore:
                          perlbal_cache_seconds=perlbal_cache_seconds, retry_after_seconds=retry_after_seconds,
                          path_cache_entries=path_cache_entries, body_cache_bytes=body_cache_bytes,
                          body_cache_file_bytes=body_cache_file_bytes)
+        _refuse_mistyped(require_proxy_header=require_proxy_header, trusted_files=trusted_files,
+                         allow_app_reproxy=allow_app_reproxy, key_for_path=key_for_path, authorize=authorize,
+                         cache_backend=cache_backend, mimetypes=mimetypes)
         for name, seconds in [("path_cache_seconds", path_cache_seconds), ("missing_seconds", missing_seconds),
                               ("replicating_seconds", replicating_seconds), ("stale_seconds", stale_seconds)]:
             checked_seconds(name, seconds, zero=True)
@@ -445,6 +448,32 @@ def _refuse_unusable(*, cache_control: object, charset: object, nginx_location: 
         ("body_cache_file_bytes", body_cache_file_bytes, _is_count(body_cache_file_bytes, 0),
          "a whole number of bytes >= 0"),  # checked even while body_cache_bytes keeps the cache off
     ]
+    _refuse_invalid(checks)
+
+
+def _refuse_mistyped(*, require_proxy_header: object, trusted_files: object, allow_app_reproxy: object,
+                     key_for_path: object, authorize: object, cache_backend: object, mimetypes: object) -> None:
+    """Raise ValueError naming the first option of another kind than it must be: a switch that is
+    not True or False (a string "no" would be true), a function that is not one, a cache backend
+    without ``get``, ``set`` and ``delete``, types that are not a mapping. Each would otherwise
+    fail at every request, or weaken what it guards."""
+    checks = [
+        *((name, value, isinstance(value, bool), "True or False") for name, value in [
+            ("require_proxy_header", require_proxy_header), ("trusted_files", trusted_files),
+            ("allow_app_reproxy", allow_app_reproxy)]),
+        *((name, value, value is None or callable(value), "a function, or None") for name, value in [
+            ("key_for_path", key_for_path), ("authorize", authorize)]),
+        ("cache_backend", cache_backend,
+         cache_backend is None or all(callable(getattr(cache_backend, method, None)) for method in ("get", "set", "delete")),
+         "an object with get, set and delete (a CacheBackend), or None"),
+        ("mimetypes", mimetypes, mimetypes is None or isinstance(mimetypes, Mapping),
+         "a mapping of extensions to types, or None"),
+    ]
+    _refuse_invalid(checks)
+
+
+def _refuse_invalid(checks: list[tuple[str, object, bool, str]]) -> None:
+    """Raise ValueError for the first ``(name, value, valid, expected)`` that is not valid."""
     for name, value, valid, expected in checks:
         if not valid:
             raise ValueError(f"{name} must be {expected}, not {value!r}")
@@ -468,11 +497,18 @@ def parse_trusted_proxies(proxies: Iterable[str]) -> tuple[ipaddress.IPv4Network
     parsed: list[ipaddress.IPv4Network | ipaddress.IPv6Network | str] = []
     for proxy in proxies:
         try:
-            parsed.append(UNIX_SOCKET if proxy == UNIX_SOCKET else ipaddress.ip_network(proxy, strict=False))
+            parsed.append(UNIX_SOCKET if proxy == UNIX_SOCKET else _as_ipv4(ipaddress.ip_network(proxy, strict=False)))
         except ValueError as error:
             raise ValueError(
                 f"trusted proxy {proxy!r} is not an address, a network or {UNIX_SOCKET!r}: {error}") from None
     return tuple(parsed)
+
+
+def _as_ipv4(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An IPv4-mapped network (``::ffff:10.0.0.1``, as a dual-stack bind shows a peer) as the IPv4
+    one: peers are compared as IPv4, so the mapped form would match none."""
+    mapped = network.network_address.ipv4_mapped if network.version == 6 and network.prefixlen >= 96 else None
+    return network if mapped is None else ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
 
 
 def _node_reads_alike(range_header: str, length: int | None) -> bool:

@@ -256,7 +256,7 @@ def _add_upload_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``upload``."""
     _write_options(parser)
     parser.add_argument("key", metavar="KEY", help="key to store under; with --recursive, the prefix of the keys")
-    parser.add_argument("source", metavar="FILE", type=_path_argument,
+    parser.add_argument("source", metavar="FILE", type=path_argument,
                         help="file to store, - for stdin; with --recursive, a directory")
     parser.add_argument("--class", dest="cls", metavar="CLASS", help="MogileFS class (default: the domain's default)")
     parser.add_argument(
@@ -265,7 +265,7 @@ def _add_upload_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _path_argument(value: str) -> str:
+def path_argument(value: str) -> str:
     """A path given on the command line. An empty one (an unset variable) is refused: taken for
     the current directory, ``upload -r`` stored all of it and ``get -r`` wrote into it."""
     if not value:
@@ -337,7 +337,7 @@ def _add_get_arguments(parser: argparse.ArgumentParser) -> None:
     connection_options(parser)
     parser.add_argument("key", metavar="KEY", help="key to fetch (with --recursive: the prefix of the keys)")
     parser.add_argument(
-        "-o", "--output", metavar="FILE", type=_path_argument,
+        "-o", "--output", metavar="FILE", type=path_argument,
         help="write to FILE, replaced only once the whole content has arrived; - for stdout, also for a "
              "binary file on a terminal (default: stdout, text only on a terminal); with --recursive, the directory",
     )

@@ -16,6 +16,7 @@ import zlib
 from ..client import Client
 from ..devserver import DevMogileFS
 from ..middleware import WSGIApp
+from .commands import path_argument
 from .gunicorn import add_server_arguments, can_listen, load_gunicorn, serve_until_stopped, trusted_proxies
 from .serve import file_path, index_app
 
@@ -59,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the demo's options to ``parser``: the web server's, and where to keep the data."""
     add_server_arguments(parser)
     parser.add_argument(
-        "--data", metavar="DIR", help="MogileFS data directory, kept between runs (default: a temporary one)"
+        "--data", metavar="DIR", type=path_argument,
+        help="MogileFS data directory, kept between runs (default: a temporary one)"
     )
 
 

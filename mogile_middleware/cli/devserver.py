@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 from ..devserver import DevMogileFS
+from .commands import path_argument
 from .signals import on_stop_signal
 
 
@@ -79,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PORT,PORT",
         help="one storage node (and device) per port (default: 7500,7502)",
     )
-    parser.add_argument("--data", metavar="DIR", help="data directory, kept between runs (default: a temporary one)")
+    parser.add_argument("--data", metavar="DIR", type=path_argument,
+                        help="data directory, kept between runs (default: a temporary one)")
     parser.add_argument("--domain", dest="domains", action=_DomainLayout, metavar="DOMAIN", help="create this domain")
     parser.add_argument(
         "--class",

@@ -767,6 +767,16 @@ def test_devserver_names_a_data_directory_it_cannot_use(tmp_path: Path) -> None:
     assert process.stderr == f"devserver: cannot start: {tmp_path / 'a-file'}: File exists\n"
 
 
+@pytest.mark.parametrize("command", ["devserver", "demo"])
+def test_an_empty_data_directory_is_a_usage_error(command: str, tmp_path: Path) -> None:
+    # It was taken for the current directory, where the tracker's and the nodes' files were made.
+    process = subprocess.run([sys.executable, "-m", "mogile_middleware", command, "--data", ""],
+                             capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                             env=subprocess_env())
+    assert process.returncode == 2 and "argument --data: an empty path" in process.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_devserver_refuses_a_data_directory_another_one_runs_on(tmp_path: Path) -> None:
     # The second registered its own nodes' ports in the shared metadata: the first one's tracker
     # then sent every client to them, and failed every upload and read once they stopped.

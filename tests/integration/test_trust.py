@@ -31,6 +31,8 @@ def reproxied(sock: socket.socket) -> bool:
 @pytest.mark.parametrize(("trusted", "over_ipv6", "over_unix"), [
     pytest.param("127.0.0.1", True, False, id="ipv4-only"),
     pytest.param("127.0.0.1,unix", True, True, id="with-the-unix-socket"),
+    # Written as a dual-stack bind shows the peer: it matched no peer at all.
+    pytest.param("::ffff:127.0.0.1", True, False, id="written-ipv4-mapped"),
 ])
 def test_ipv4_mapped_peers_and_the_unix_socket(devmogile: DevMogileFS, tmp_path: Path, trusted: str,
                                                over_ipv6: bool, over_unix: bool) -> None:

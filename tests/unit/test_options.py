@@ -47,6 +47,14 @@ BAD_OPTIONS = [
     pytest.param({"prefix": "/files/?a=1"}, "prefix", id="prefix-with-a-query"),
     pytest.param({"prefix": "/files#top/"}, "prefix", id="prefix-with-a-fragment"),
     pytest.param({"prefix": "/%FF/"}, "prefix", id="prefix-escaping-no-utf8"),
+    # A switch given as text ("no" is true) weakened what it guards; the others failed at every request.
+    pytest.param({"trusted_files": "no"}, "trusted_files", id="trusted-files-text"),
+    pytest.param({"allow_app_reproxy": "no"}, "allow_app_reproxy", id="allow-app-reproxy-text"),
+    pytest.param({"require_proxy_header": 1}, "require_proxy_header", id="require-proxy-header-number"),
+    pytest.param({"key_for_path": "site.urls:key_for"}, "key_for_path", id="key-for-path-text"),
+    pytest.param({"authorize": "site.auth:allows"}, "authorize", id="authorize-text"),
+    pytest.param({"cache_backend": "127.0.0.1:11211"}, "cache_backend", id="cache-backend-address"),
+    pytest.param({"mimetypes": [".txt", "text/plain"]}, "mimetypes", id="mimetypes-list"),
 ]
 
 

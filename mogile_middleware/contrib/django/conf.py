@@ -239,8 +239,8 @@ def reproxy() -> str | None:
     """``MOGILEFS_REPROXY`` if set, else ``"perlbal"`` when the classic ``SERVE_WITH_PERLBAL`` is on."""
     if hasattr(settings, "MOGILEFS_REPROXY"):
         return validated("MOGILEFS_REPROXY", settings.MOGILEFS_REPROXY, _reproxy_mode)
-    perlbal = validated("SERVE_WITH_PERLBAL", getattr(settings, "SERVE_WITH_PERLBAL", None) or False, flag)
-    return "perlbal" if perlbal else None
+    perlbal = getattr(settings, "SERVE_WITH_PERLBAL", None)  # None: as if unset; 0 and "" are refused
+    return "perlbal" if perlbal is not None and validated("SERVE_WITH_PERLBAL", perlbal, flag) else None
 
 
 def configured(make: Callable[[], T]) -> T:
