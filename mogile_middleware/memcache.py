@@ -35,6 +35,7 @@ from pymemcache.exceptions import MemcacheError, MemcacheIllegalInputError
 
 from .deadline import checked_seconds
 from .locate import Location, is_clean_url
+from .tracker import is_host
 
 log = logging.getLogger("mogile_middleware")
 
@@ -276,20 +277,22 @@ def _node(server: tuple[str, int] | str) -> str:
     return "%s:%s" % server if isinstance(server, tuple) else server
 
 
-#: What separates servers in a list, and is never part of a host: one server of "a:1,b:2" was
-#: host "a:1,b" (port 2), which no lookup finds, and the shared cache was off.
-_SEPARATORS = frozenset(",; \t\r\n")
+#: The port of a memcached server given without one, as pymemcache takes it.
+MEMCACHED_PORT = 11211
 
 
 def _server(spec: str) -> tuple[str, int] | str:
     """A memcached server as pymemcache takes it: ``host:port`` (port 11211 by default), or the
-    path of a unix socket; ValueError naming ``spec`` when its port is not one."""
+    path of a unix socket; ValueError naming ``spec`` when its host or port is not one. pymemcache
+    reads "a:1,b:2" as host "a:1,b", "::1" as host ":" and a URL as a host: no lookup finds them,
+    and the shared cache was off at every request."""
+    if spec.count(":") > 1 and not spec.startswith("[") and is_host(spec):  # "::1", as a tracker may be written
+        return spec, MEMCACHED_PORT
     try:
         server = normalize_server_spec(spec)
     except ValueError:
         server = None
-    if server is None or isinstance(server, tuple) and not (
-            server[0] and 0 < server[1] < 65536 and _SEPARATORS.isdisjoint(server[0])):  # "a:1,b:2": two
+    if server is None or isinstance(server, tuple) and not (is_host(server[0]) and 0 < server[1] < 65536):
         raise ValueError(f"memcached server {spec!r} is not host:port or a unix socket path")
     return server
 

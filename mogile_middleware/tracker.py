@@ -85,10 +85,15 @@ def parse_address(tracker: str | Address) -> Address:
                 host, port = text, str(DEFAULT_PORT)
     bracketed = host.startswith("[") and host.endswith("]")
     name = host[1:-1] if bracketed else host
-    named = _is_ipv6(name) if bracketed else bool(_HOST_NAME.fullmatch(name)) or _is_ipv6(name)
+    named = _is_ipv6(name) if bracketed else is_host(name)
     if not port.isdigit() or not 0 < int(port) < 65536 or not named:
         raise ValueError(f"tracker address {tracker!r} is not host:port")
     return name, int(port)
+
+
+def is_host(name: str) -> bool:
+    """True for a host name, an IPv4 address or an IPv6 one (without brackets)."""
+    return bool(_HOST_NAME.fullmatch(name)) or _is_ipv6(name)
 
 
 def _is_ipv6(text: str) -> bool:

@@ -863,6 +863,11 @@ SETTINGS_ERRORS = [
     pytest.param("MOGILEFS_SIGNING_KEY", 42, lambda: MogileFSStorage().url("a"), id="signing-key-number-storage"),
     pytest.param("MOGILEFS_URL_EXPIRES", -5, lambda: MogileFSStorage().url("a"), id="url-expires-negative"),
     pytest.param("MOGILEFS_URL_EXPIRES", 0, lambda: MogileFSStorage().url("a"), id="url-expires-zero"),
+    # Past the clocks: a bare ValueError from wrap_wsgi, or from every url() of a started site.
+    pytest.param("MOGILEFS_URL_EXPIRES", float("inf"), lambda: MogileFSStorage().url("a"), id="url-expires-infinite"),
+    pytest.param("MOGILEFS_CLIENT_OPTIONS", {"io_timeout": 1e10}, _wrap, id="client-io-timeout-past-the-clocks"),
+    pytest.param("MOGILEFS_CLIENT_OPTIONS", {"dead_seconds": float("nan")}, _wrap, id="client-dead-seconds-nan"),
+    pytest.param("MOGILEFS_PATH_CACHE_SECONDS", float("inf"), _wrap, id="path-cache-seconds-infinite"),
     pytest.param("MOGILEFS_CLIENT_OPTIONS", {"connect_timeout": 0}, _wrap, id="client-connect-timeout-zero"),
     pytest.param("MOGILEFS_CLIENT_OPTIONS", {"storage_timeout": 0}, lambda: MogileFSStorage().exists("a"),
                  id="client-storage-timeout-zero-storage"),

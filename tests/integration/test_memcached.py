@@ -276,6 +276,11 @@ def test_keys_memcached_could_not_hold_work_and_stay_distinct(backend: Memcached
     assert [backend.get(key) for key in keys] == [(location(number, key), 1.0) for number, key in enumerate(keys)]
 
 
+def test_servers_are_written_as_trackers_are() -> None:
+    backend = MemcachedBackend(["::1", "[::1]:11212", "cache.example", "10.0.0.9:11213"])
+    assert backend.servers == [("::1", 11211), ("::1", 11212), ("cache.example", 11211), ("10.0.0.9", 11213)]
+
+
 def test_a_prefix_memcached_cannot_take_is_refused() -> None:
     with pytest.raises(ValueError, match="prefix"):
         MemcachedBackend(prefix="my site:")
@@ -284,6 +289,8 @@ def test_a_prefix_memcached_cannot_take_is_refused() -> None:
 @pytest.mark.parametrize(("options", "named"), [
     ({"servers": "127.0.0.1:99999"}, "127.0.0.1:99999"), ({"servers": ["127.0.0.1:11211", "cache:abc"]}, "cache:abc"),
     ({"timeout": 0}, "timeout"), ({"connect_timeout": -1}, "connect_timeout"),
+    # Read by pymemcache as hosts "http://127.0.0.1" and "127.0.0.1:11211": the cache was off at every request.
+    ({"servers": "http://127.0.0.1:11211"}, "http://127.0.0.1:11211"), ({"servers": "127.0.0.1:11211:3"}, "11211:3"),
 ])
 def test_servers_and_timeouts_no_request_could_use_are_refused(options: dict[str, object], named: str) -> None:
     with pytest.raises(ValueError, match=named):

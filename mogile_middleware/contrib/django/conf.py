@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
+from ...deadline import checked_seconds
 from ...middleware import REPROXY_MODES, MogileFSMiddleware, parse_trusted_proxies
 from ...tracker import Address, parse_trackers
 
@@ -164,9 +165,7 @@ def _header_value(value: object) -> str:
 
 
 def _seconds(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"expected a number of seconds >= 0, got {value!r}")
-    return value
+    return checked_seconds("it", value, zero=True)  # type: ignore[arg-type]
 
 
 def _secrets(value: object) -> Any:
@@ -184,9 +183,7 @@ def signing_key() -> Any:
 
 
 def _positive_seconds(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"expected a number of seconds > 0, got {value!r}")
-    return value
+    return checked_seconds("it", value)  # type: ignore[arg-type]
 
 
 def url_expires() -> float:
