@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import DOMAIN
 from integration._gunicorn import REPO, run_gunicorn
-from integration._wire_client import free_port
+from integration._wire_client import free_port, read_http_reply
 from integration.test_asgi import http_scope, run
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -274,6 +274,11 @@ def test_gunicorn_with_two_workers_sums_both_in_every_scrape(devmogile: DevMogil
             misses = samples[("mogile_middleware_path_cache_misses_total", ())]
             assert hits + misses == requests and 1 <= misses <= 2  # one lookup per worker at most
             assert samples[("mogile_middleware_path_cache_entries", ())] == misses  # the live workers' sum
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:  # read raw: each header once
+            sock.sendall(b"POST /metrics HTTP/1.1\r\nHost: m\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            refused, _ = read_http_reply(sock, "POST")
+        names = [name.lower() for name, _ in refused.fields]
+        assert (refused.status, refused.headers["allow"], len(names)) == (405, "GET, HEAD", len(set(names)))
         old_workers = set(server.worker_pids())
         os.kill(server.pid, signal.SIGHUP)  # gunicorn reads its settings again and replaces the workers
         deadline = time.monotonic() + 20
