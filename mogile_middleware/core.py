@@ -396,8 +396,9 @@ class MiddlewareCore:
 
 def _url_prefix(prefix: str) -> tuple[str, str]:
     """``prefix`` with a slash at either end, as text and as PEP 3333 gives a path; a ValueError
-    for one no request path could start with (a query, a fragment, escapes of bytes not UTF-8)."""
-    if not isinstance(prefix, str) or "?" in prefix or "#" in prefix:
+    for one no request path could start with (a query, a fragment, an empty segment as in a URL's
+    ``//``, escapes of bytes not UTF-8)."""
+    if not isinstance(prefix, str) or "?" in prefix or "#" in prefix or "//" in prefix.strip("/"):
         raise ValueError(f"prefix must be a URL path such as '/mogilefs/', not {prefix!r}")
     raw = unquote_to_bytes("/" + prefix.strip("/") + "/" if prefix.strip("/") else "/")
     try:

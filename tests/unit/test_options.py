@@ -47,6 +47,8 @@ BAD_OPTIONS = [
     pytest.param({"prefix": "/files/?a=1"}, "prefix", id="prefix-with-a-query"),
     pytest.param({"prefix": "/files#top/"}, "prefix", id="prefix-with-a-fragment"),
     pytest.param({"prefix": "/%FF/"}, "prefix", id="prefix-escaping-no-utf8"),
+    # A URL where a path belongs (as a PasteDeploy ini may have it) is a prefix no request matches.
+    pytest.param({"prefix": "http://media.example.com/m/"}, "prefix", id="prefix-url"),
     # A switch given as text ("no" is true) weakened what it guards; the others failed at every request.
     pytest.param({"trusted_files": "no"}, "trusted_files", id="trusted-files-text"),
     pytest.param({"allow_app_reproxy": "no"}, "allow_app_reproxy", id="allow-app-reproxy-text"),
