@@ -318,8 +318,8 @@ def test_listdir_and_the_directories_that_exist(mogile: DevMogileFS) -> None:
     assert storage.listdir("docs") == storage.listdir("/docs/") == (["sub"], ["a.txt"])
     assert storage.listdir("empty") == ([], [])
     # As FileSystemStorage answers for directories: collectstatic --clear clears what exists.
-    assert [storage.exists(name) for name in ("", "docs", "docs/sub", "doc", "docs/su", "empty")] == [
-        True, True, True, False, False, False]
+    assert [storage.exists(name) for name in ("", "docs", "docs/", "docs/sub", "doc", "docs/su", "empty", "empty/")] == [
+        True, True, True, True, False, False, False, False]
 
 
 def test_collectstatic_clear_replaces_every_file_but_saves_in_progress(mogile: DevMogileFS, tmp_path: Path) -> None:

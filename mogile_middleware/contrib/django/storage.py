@@ -204,9 +204,9 @@ class MogileFSStorage(Storage):
             return SeekableBody(paths, timeout=self.client.storage_timeout)
 
     def exists(self, name: str) -> bool:
-        """True if the key exists, or keys are under ``name`` (a directory :meth:`listdir` lists),
-        or for the root ``""``, as ``FileSystemStorage`` answers: ``collectstatic --clear`` clears
-        only what exists. False for a name longer than any key, so that Django's
+        """True if the key exists, or keys are under ``name`` (a directory :meth:`listdir` lists, its
+        final slash given or not), or for the root ``""``, as ``FileSystemStorage`` answers:
+        ``collectstatic --clear`` clears only what exists. False for a name longer than any key, so that Django's
         ``get_available_name`` shortens it to the field's ``max_length``, as for files on disk."""
         if name == "":
             return True
@@ -217,13 +217,14 @@ class MogileFSStorage(Storage):
             try:
                 self.client.file_info(name)
             except UnknownKeyError:
-                return length < MAX_KEY_BYTES and self._holds_keys(name)  # else name + "/" fits no key
+                directory = name if name.endswith("/") else name + "/"
+                return len(directory.encode()) <= MAX_KEY_BYTES and self._holds_keys(directory)
         return True
 
     def _holds_keys(self, directory: str) -> bool:
-        """Whether a key starts with ``directory`` and a slash: the first key listed answers, so a
-        miss costs one ``list_keys``."""
-        return next(self.client.keys(directory + "/"), None) is not None
+        """Whether a key starts with ``directory`` (ending with a slash): the first key listed
+        answers, so a miss costs one ``list_keys``."""
+        return next(self.client.keys(directory), None) is not None
 
     def delete(self, name: str) -> None:
         """Delete the key; a name that does not exist is not an error, as in Django's storages."""
