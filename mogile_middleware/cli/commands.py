@@ -391,10 +391,10 @@ def _get_recursive(args: argparse.Namespace, client: Client) -> int:
             continue
         target = root.joinpath(*parts)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with _download(client, key) as (length, chunks), ProgressBar(length, sys.stderr, label=key) as bar, \
-                    _replacing(target) as out:
-                _copy(b"", chunks, out, bar)
+            with _download(client, key) as (length, chunks), ProgressBar(length, sys.stderr, label=key) as bar:
+                target.parent.mkdir(parents=True, exist_ok=True)  # once a replica answers
+                with _replacing(target) as out:
+                    _copy(b"", chunks, out, bar)
         except UnknownKeyError:  # deleted since it was listed
             continue
         except (FileExistsError, IsADirectoryError, NotADirectoryError,  # "a" and "a/b" both keys

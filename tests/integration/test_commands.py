@@ -998,14 +998,15 @@ def test_get_recursive_writes_the_keys_under_a_prefix_and_never_outside(cli: Run
 def test_get_recursive_names_a_key_no_replica_serves_and_goes_on(cli: Run, devmogile: DevMogileFS,
                                                                  tmp_path: Path) -> None:
     # It stopped at the first such key, naming the prefix: the keys after it were never fetched.
+    # Its directory is not made either: nothing is written for it.
     client = Client(DOMAIN, devmogile.trackers)
-    for key in ("tree/a", "tree/b", "tree/c"):
+    for key in ("tree/a", "tree/b/gone", "tree/c"):
         client.store_content(key, key.encode(), cls="thumb")
-    for url in client.get_paths("tree/b"):  # its only replica gone from its node
+    for url in client.get_paths("tree/b/gone"):  # its only replica gone from its node
         urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=5).close()
     result = cli("get", "tree/", "-o", str(tmp_path / "out"), "--recursive")
     assert result.code == 1 and result.lines == ["6\ttree/a", "6\ttree/c"]
-    assert result.err.startswith("mogile-middleware: 'tree/b': ") and result.err.endswith(": skipped\n")
+    assert result.err.startswith("mogile-middleware: 'tree/b/gone': ") and result.err.endswith(": skipped\n")
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["a", "c"]
 
 
