@@ -60,6 +60,7 @@ from .upload import (
     destinations,
     in_bytes,
     no_storage_node,
+    opening,
     pieces_of,
     remaining_size,
     upload_failed,
@@ -193,9 +194,9 @@ class AsyncClient(ClientBase):
         check_key(key)
         fileobj = _body(key, fileobj)
         size = None if isinstance(fileobj, AsyncIterable) else remaining_size(fileobj)
-        opening = create_open_args(self.domain, key, cls, size)
-        with named_errors(opening, self.domain):
-            reply, tracker = await self.pool.request("create_open", opening)
+        args = create_open_args(self.domain, key, cls, size)
+        with opening(args, self.domain):
+            reply, tracker = await self.pool.request("create_open", args)
         try:
             destination, stored, md5 = await self._put(key, fileobj, destinations(reply), size)
         except BaseException:

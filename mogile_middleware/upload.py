@@ -82,6 +82,18 @@ def create_open_args(domain: str, key: str, cls: str | None, size: int | None) -
     return {"domain": domain, "key": key, "class": None if cls == "default" else cls, "multi_dest": 1, "size": size}
 
 
+@contextlib.contextmanager
+def opening(args: dict[str, ArgValue], domain: str) -> Iterator[None]:
+    """Around ``create_open`` with ``args``: its tracker errors named, and a refusal (no device to
+    write to, an unknown class, no tracker answering) counted as a failed upload of no bytes."""
+    try:
+        with named_errors(args, domain):
+            yield
+    except MogileFSError:
+        metrics.recorder.upload("failed", 0)
+        raise
+
+
 def destinations(reply: Reply) -> list[tuple[str, str]]:
     """``(devid, path)`` pairs of a ``create_open`` reply, with or without ``multi_dest``."""
     if "dev_count" in reply:
@@ -228,9 +240,9 @@ class NewFile(io.RawIOBase):
         self._verify_checksum = verify_checksum
         self._timeout = storage_timeout
         self._on_change = on_change
-        opening = create_open_args(domain, key, cls, size)
-        with named_errors(opening, domain):
-            reply, self._tracker = pool.request("create_open", opening)
+        args = create_open_args(domain, key, cls, size)
+        with opening(args, domain):
+            reply, self._tracker = pool.request("create_open", args)
         self.fid = reply["fid"]
         self._destinations = destinations(reply)
         self._devid = self._path = ""

@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from webtest import TestApp
 
-from mogile_middleware import Client, MogileFSMiddleware, metrics
+from mogile_middleware import AsyncClient, Client, MogileFSMiddleware, UnregClassError, metrics
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.prometheus import PrometheusRecorder
@@ -157,6 +157,26 @@ def test_changes_dead_trackers_failovers_and_stale_paths(devmogile: DevMogileFS,
     devmogile.stop_tracker()
     assert app.get("/mogilefs/a.txt").body == CONTENT[:10]
     assert counts("path_cache_stale_total") == 1
+
+
+async def _store_refused(client: AsyncClient) -> None:
+    try:
+        await client.store_content("a.txt", CONTENT, "no-such-class")
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("store", [
+    pytest.param(lambda trackers: Client(DOMAIN, trackers).store_content("a.txt", CONTENT, "no-such-class"), id="sync"),
+    pytest.param(lambda trackers: asyncio.run(_store_refused(AsyncClient(DOMAIN, trackers))), id="asyncio"),
+])
+def test_an_upload_the_tracker_refuses_to_open_is_counted_as_failed(devmogile: DevMogileFS, counts: Counts,
+                                                                    store: Callable[[list[str]], object]) -> None:
+    """As when no device can take a file: every upload fails at ``create_open``, and an alert on
+    failed uploads must see it."""
+    with pytest.raises(UnregClassError):
+        store(devmogile.trackers)
+    assert counts("uploads_total", outcome="failed") == 1 and counts("uploaded_bytes_total") == 0
 
 
 def test_the_asgi_middleware_counts_the_same_events(devmogile: DevMogileFS, counts: Counts) -> None:
