@@ -34,22 +34,20 @@ from .cache import CacheBackend
 from .client import (
     ClientBase,
     FileInfo,
+    KeyListing,
     Request,
     delete_request,
     file_info_of,
     file_info_request,
-    first_page,
     get_paths_request,
     keys_page_of,
     list_keys_request,
-    listed_prefix,
-    next_page,
     paths_of,
     rename_request,
     update_class_request,
 )
 from .exceptions import BadKeyError, NoneMatchError, StorageError, UnknownKeyError, named_errors
-from .protocol import Reply, check_key, key_bytes, to_bytes, to_text
+from .protocol import Reply, check_key, key_bytes, to_text
 from .storage import LengthMismatchError
 from .upload import (
     BYTES_LIKE,
@@ -139,23 +137,18 @@ class AsyncClient(ClientBase):
 
     async def keys(self, prefix: str | bytes = "") -> AsyncIterator[str]:
         """Every key starting with ``prefix`` (text or bytes; exactly, unlike ``list_keys``), page by page."""
-        raw_prefix = key_bytes(prefix, "prefix")  # compared as bytes: it may end inside a character
-        prefix = to_text(raw_prefix)
-        listed, after = first_page(prefix)  # the next pages by listed_prefix(prefix)
-        alone = prefix if after is not None and await self._exists(prefix) else None  # see first_page
+        prefix = to_text(key_bytes(prefix, "prefix"))  # it may end inside a character
+        listing = KeyListing(prefix, self.keys_page)
+        alone = prefix if listing.after is not None and await self._exists(prefix) else None  # see first_page
         if alone is not None:
             yield alone
-        while True:
-            page = (await self._list_page(listed, after, self.keys_page))[0]
-            for key in page:
-                if key != alone and to_bytes(key).startswith(raw_prefix):
+        while not listing.done:
+            found, passed = listing.take((await self._list_page(listing.listed, listing.after, self.keys_page))[0])
+            for key in found:
+                if key != alone:
                     yield key
-            listed = listed_prefix(prefix)
-            after, passed = next_page(prefix, listed, page, self.keys_page)
             if passed is not None and passed != alone and await self._exists(passed):
                 yield passed
-            if after is None:
-                return
 
     async def _exists(self, key: str) -> bool:
         try:

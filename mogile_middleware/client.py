@@ -155,24 +155,22 @@ def first_page(prefix: str) -> tuple[str, str | None]:
 
 
 class NextPage(NamedTuple):
-    """Where :meth:`Client.keys` goes on after a page: the ``after`` of the next page (``None``
+    """Where a listing in byte order goes on after a page: the ``after`` of the next page (``None``
     when none follows), and a key that page passes over, to ask for alone (``None`` when none)."""
 
     after: str | None
     passed: str | None = None
 
 
-def next_page(prefix: str, listed: str, page: list[str], page_size: int) -> NextPage:
-    """Where the listing by ``listed`` goes on after ``page`` (of at most ``page_size`` keys).
+def next_page(prefix: str, listed: str, page: list[str]) -> NextPage:
+    """Where the listing by ``listed`` goes on after the full ``page``, its keys in byte order.
 
-    Keys come in bytewise order (a key that is not UTF-8 holds surrogates, which Python would
-    sort elsewhere), so those that start with ``prefix`` come together: a page that ends past them
-    ends the listing. The tracker matches ``listed`` whatever its case (SQL ``LIKE``), so a page
-    may also end on a key that does not start with ``listed`` exactly, before those that do: the
-    listing goes on from ``listed`` itself, which passes over a key equal to it."""
-    if len(page) < page_size:
-        return NextPage(None)
-    last = max(page, key=to_bytes)
+    Those that start with ``prefix`` come together (a key that is not UTF-8 holds surrogates, which
+    Python would sort elsewhere: bytes are compared), so a page that ends past them ends the
+    listing. The tracker matches ``listed`` whatever its case (SQL ``LIKE``), so a page may also
+    end on a key that does not start with ``listed`` exactly, before those that do: the listing
+    goes on from ``listed`` itself, which passes over a key equal to it."""
+    last = page[-1]
     raw_last, raw_prefix, raw_listed = to_bytes(last), to_bytes(prefix), to_bytes(listed)
     if raw_last > raw_prefix and not raw_last.startswith(raw_prefix):
         return NextPage(None)
@@ -181,6 +179,47 @@ def next_page(prefix: str, listed: str, page: list[str], page_size: int) -> Next
     if raw_last < raw_listed:
         return NextPage(listed, listed if listed == prefix else None)
     return NextPage(None)
+
+
+class KeyListing:
+    """Where :meth:`Client.keys` stands in its listing of the keys that start with ``prefix``: the
+    ``list_keys`` to ask next (by ``listed``, after ``after``) until ``done``, and the keys of
+    each page to give.
+
+    mogilefsd pages by ``dkey > after ORDER BY dkey`` in its database's order: bytes on SQLite,
+    the column's collation on MySQL, which ignores case, so that keys in another case come among
+    the prefix's own. Pages are read in byte order until one shows otherwise (a key at or below one
+    listed before); from then on each goes on from the last key of the page before, spelled as
+    ``listed`` is: mogilefsd requires ``after`` to start so, and the collation reads it as that key.
+    """
+
+    def __init__(self, prefix: str, page_size: int) -> None:
+        self.prefix, self._raw_prefix, self._page_size = prefix, to_bytes(prefix), page_size
+        self.listed, self.after = first_page(prefix)
+        self.done = False
+        self._collated = False
+        self._highest = b""  # the highest key listed so far, as bytes
+
+    def take(self, page: list[str]) -> tuple[list[str], str | None]:
+        """The keys of ``page`` that start with the prefix, and a key the listing passes over, to
+        ask for alone (``None`` when none); the next request is set."""
+        raw = [to_bytes(key) for key in page]
+        self._collated = self._collated or any(earlier >= later for earlier, later in zip([self._highest, *raw], raw))
+        self.listed = listed_prefix(self.prefix)
+        passed = None
+        if len(page) < self._page_size:
+            self.done = True
+        elif self._collated:
+            self.after = self._collated_after(page[-1])
+        else:
+            self.after, passed = next_page(self.prefix, self.listed, page)
+            self.done = self.after is None
+        self._highest = max([self._highest, *raw])
+        return [key for key, raw_key in zip(page, raw) if raw_key.startswith(self._raw_prefix)], passed
+
+    def _collated_after(self, key: str) -> str:
+        """``key``, a key the tracker matched to ``listed`` whatever its case, spelled as ``listed``."""
+        return self.listed + key[len(self.listed):]
 
 
 class ClientBase:
@@ -369,21 +408,16 @@ class Client(ClientBase):
 
     def keys(self, prefix: str | bytes = "") -> Iterator[str]:
         """Every key starting with ``prefix`` (text or bytes; exactly, unlike ``list_keys``), page by page."""
-        raw_prefix = key_bytes(prefix, "prefix")  # compared as bytes: it may end inside a character
-        prefix = to_text(raw_prefix)
-        listed, after = first_page(prefix)  # the next pages by listed_prefix(prefix)
-        alone = prefix if after is not None and self._exists(prefix) else None  # see first_page
+        prefix = to_text(key_bytes(prefix, "prefix"))  # it may end inside a character
+        listing = KeyListing(prefix, self.keys_page)
+        alone = prefix if listing.after is not None and self._exists(prefix) else None  # see first_page
         if alone is not None:
             yield alone
-        while True:
-            page = self._list_page(listed, after, self.keys_page)[0]
-            yield from (key for key in page if key != alone and to_bytes(key).startswith(raw_prefix))
-            listed = listed_prefix(prefix)
-            after, passed = next_page(prefix, listed, page, self.keys_page)
+        while not listing.done:
+            found, passed = listing.take(self._list_page(listing.listed, listing.after, self.keys_page)[0])
+            yield from (key for key in found if key != alone)
             if passed is not None and passed != alone and self._exists(passed):
                 yield passed
-            if after is None:
-                return
 
     def _exists(self, key: str) -> bool:
         try:

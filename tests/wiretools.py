@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from urllib.parse import parse_qs
 
+from mogile_middleware.protocol import format_err, format_ok, parse_request
+
 #: What a scripted tracker does with one request line: reply bytes, or None to hang up. A reply
 #: without a line end is sent and then the connection is closed; b"" says nothing and waits.
 Script = Callable[[bytes], "bytes | None"]
@@ -156,6 +158,36 @@ def files_tracker(files: dict[str, tuple[int, int, list[str]]]) -> ScriptedTrack
             return ("OK paths=%d&" % len(urls) + "&".join(f"path{n}={url}" for n, url in enumerate(urls, 1))
                     + "\r\n").encode()
         return f"OK fid={fid}&domain=testdom&class=thumb&key={key}&length={length}&devcount={len(urls)}\r\n".encode()
+    return ScriptedTracker(script)
+
+
+def collating_tracker(keys: list[str], *, most_requests: int = 50) -> ScriptedTracker:
+    """A tracker listing ``keys`` as mogilefsd 2.73 on MySQL with its default collation, which
+    ignores case: ``list_keys`` selects ``dkey LIKE 'prefix%' AND dkey > after ORDER BY dkey``,
+    each compared in lower case, and refuses an ``after`` that does not match ``/^prefix/``;
+    ``file_info`` finds a key whatever its case. A client that asks more than ``most_requests``
+    times (one going round in circles) is refused."""
+    asked = [0]
+
+    def script(line: bytes) -> bytes:
+        command, args = parse_request(line.rstrip(b"\r\n")) or ("", {})
+        asked[0] += 1
+        if asked[0] > most_requests:
+            return format_err("too_many_requests")
+        if command == "file_info":
+            if args["key"].lower() not in {key.lower() for key in keys}:
+                return format_err("unknown_key")
+            return format_ok({"fid": 1, "domain": "d", "class": "default", "key": args["key"], "length": 1,
+                              "devcount": 1})
+        prefix, after = args.get("prefix", ""), args.get("after", "")
+        if prefix and after and not re.match(prefix, after):
+            return format_err("after_mismatch")
+        rows = sorted((key for key in keys if key.lower().startswith(prefix.lower()) and key.lower() > after.lower()),
+                      key=str.lower)[:int(args.get("limit") or 1000)]
+        if not rows:
+            return format_err("none_match")
+        return format_ok({"key_count": len(rows), "next_after": max(rows),
+                          **{f"key_{number}": key for number, key in enumerate(rows, 1)}})
     return ScriptedTracker(script)
 
 

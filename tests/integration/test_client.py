@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from conftest import DOMAIN
 from integration._async_facade import Flavour, both_flavours, flavour  # noqa: F401 (a fixture)
-from wiretools import TEN, CountingRelay, KeptAliveNode, ScriptedTracker, files_tracker, honest
+from wiretools import TEN, CountingRelay, KeptAliveNode, ScriptedTracker, collating_tracker, files_tracker, honest
 
 from mogile_middleware import (
     Admin,
@@ -361,6 +361,29 @@ def test_keys_asks_alone_for_the_key_equal_to_a_prefix_listed_from_below_it(flav
     tracker = ScriptedTracker(text_collating)
     try:
         assert list(flavour.Client("d", [tracker.tracker]).keys("mc/é")) == ["mc/é", "mc/éx"]
+    finally:
+        tracker.stop()
+
+
+@both_flavours
+@pytest.mark.parametrize(("keys", "prefix"), [
+    # The byte order of a page's keys was taken for the tracker's: the next page started after the
+    # page's highest key in bytes, and gave keys of this one again.
+    pytest.param(["up/a1", "up/B2", "up/c3", "up/D4", "up/e5", "up/F6", "up/g7", "up/H8"], "up/", id="mixed-cases"),
+    # The page ended on a key in another case, past the prefix's in bytes: the listing ended there.
+    pytest.param(["Ph/a1", "ph/a2", "Ph/a3", "Ph/a4", "Ph/a5", "Ph/a6", "Ph/a7"], "Ph/", id="ending-in-another-case"),
+    # A page of keys in another case only, below the prefix in bytes: the next page, after the
+    # prefix itself, began the listing again, page after page without end.
+    pytest.param([*(f"CSS/{n:02d}" for n in range(7)), "css/zz"], "css/", id="other-cases-first"),
+])
+def test_keys_pages_through_a_tracker_that_orders_keys_whatever_their_case(
+        flavour: Flavour, keys: list[str], prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mogilefsd on MySQL orders and compares keys by the column's collation, which ignores case:
+    every key that starts with the prefix exactly comes once, in the tracker's order."""
+    monkeypatch.setattr(ClientBase, "keys_page", 3)
+    tracker = collating_tracker(keys)
+    try:
+        assert list(flavour.Client("d", [tracker.tracker]).keys(prefix)) == [key for key in keys if key.startswith(prefix)]
     finally:
         tracker.stop()
 
