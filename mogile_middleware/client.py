@@ -34,7 +34,9 @@ log = logging.getLogger("mogile_middleware")
 
 @dataclass(frozen=True)
 class FileInfo:
-    """What the tracker knows of a key (``file_info``); ``checksum`` only for classes that keep one."""
+    """What the tracker knows of a key (``file_info``); ``checksum`` (``"MD5:..."``) only for a file
+    of a class that keeps checksums, once the tracker has one: ``None`` for a file stored without
+    until a replication computes it (mogilefsd says ``MISSING``)."""
 
     key: str
     fid: int
@@ -70,6 +72,11 @@ def file_info_request(key: str) -> Request:
     return Request("file_info", {"key": key})
 
 
+#: What mogilefsd 2.73's ``file_info`` gives as the checksum of a file of a class that keeps them,
+#: stored without one (``cmd_file_info``).
+_NO_CHECKSUM = "MISSING"
+
+
 def file_info_of(reply: Reply) -> FileInfo:
     """The :class:`FileInfo` of a ``file_info`` reply."""
     return FileInfo(
@@ -79,7 +86,7 @@ def file_info_of(reply: Reply) -> FileInfo:
         cls=reply["class"],
         domain=reply["domain"],
         devcount=reply.number("devcount"),
-        checksum=reply.get("checksum"),
+        checksum=None if reply.get("checksum") == _NO_CHECKSUM else reply.get("checksum"),
     )
 
 

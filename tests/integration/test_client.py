@@ -528,6 +528,11 @@ def test_admin_creates_domains_and_classes(devmogile: DevMogileFS, flavour: Flav
     client = flavour.Client("photos", devmogile.trackers)
     client.store_content("p.jpg", b"jpeg", cls="original")
     assert client.file_info("p.jpg").checksum == "MD5:" + hashlib.md5(b"jpeg").hexdigest()
+    # One copy: no replication computes the checksum a file was stored without.
+    admin.create_class("photos", "single", 1, hashtype="MD5")
+    with Client("photos", devmogile.trackers).new_file("q.jpg", "single", checksum=False) as new:
+        new.write(b"jpeg")
+    assert client.file_info("q.jpg").checksum is None  # not mogilefsd's placeholder, MISSING
 
 
 @both_flavours
