@@ -85,6 +85,11 @@ def encode_request(command: str, args: Mapping[str, ArgValue] | None = None) -> 
 
 #: What a request argument may hold unescaped (the bytes ``quote_plus`` never changes).
 _UNESCAPED_TEXT = re.compile(r"[A-Za-z0-9_.~-]*")
+#: A byte escaped as mogilefsd reads one (``decode_url_args``): ``int()`` alone also takes ``%+1``.
+_ESCAPED_BYTE = re.compile(rb"%([0-9A-Fa-f]{2})")
+#: The byte of each two hex digits, in either case.
+_HEX_BYTES = {bytes([high, low]): bytes([int(bytes([high, low]), 16)])
+              for high in b"0123456789abcdefABCDEF" for low in b"0123456789abcdefABCDEF"}
 #: ``quote_plus`` as a table over bytes read as latin-1: one ``str.translate`` escapes a value.
 _ESCAPES = {byte: "+" if byte == 0x20 else f"%{byte:02X}" for byte in range(256)
             if not _UNESCAPED_TEXT.fullmatch(chr(byte))}
@@ -119,21 +124,9 @@ def _arg_bytes(value: str | bytes | int) -> bytes:
 
 
 def _unescape(data: bytes) -> bytes:
-    """mogilefsd's unescaping: ``+`` is a space, ``%XX`` (either case) a byte, a lone ``%`` stays."""
-    data = data.replace(b"+", b" ")
-    if b"%" not in data:
-        return data
-    parts = data.split(b"%")
-    out = bytearray(parts[0])
-    for part in parts[1:]:
-        try:
-            if len(part) < 2:
-                raise ValueError
-            out.append(int(part[:2], 16))
-            out += part[2:]
-        except ValueError:
-            out += b"%" + part
-    return bytes(out)
+    """mogilefsd's unescaping: ``+`` is a space, then ``%`` and two hex digits (either case) a
+    byte; any other ``%`` stays."""
+    return _ESCAPED_BYTE.sub(lambda escape: _HEX_BYTES[escape[1]], data.replace(b"+", b" "))
 
 
 def decode_args(data: bytes) -> dict[str, str]:

@@ -161,6 +161,7 @@ def test_request_encoding_matches_the_captured_client_lines() -> None:
         pytest.param(b"domain=testdom&key=enc/a=b", {"domain": "testdom", "key": "enc/a"}, id="raw-equals-cuts"),
         pytest.param(b"key=enc/a&b&noverify=1", {"key": "enc/a", "b": "", "noverify": "1"}, id="raw-amp-splits"),
         pytest.param(b"key=enc/100%", {"key": "enc/100%"}, id="lone-percent"),
+        pytest.param(b"key=a%+1b%1+c%-1", {"key": "a% 1b%1 c%-1"}, id="percent-with-no-two-hex-digits"),
         pytest.param(b"key=enc/caf%c3%a9", {"key": "enc/café"}, id="lower-hex"),
         pytest.param(b"key=enc/caf\xc3\xa9", {"key": "enc/café"}, id="raw-utf8"),
         pytest.param(b"key=enc/caf\xe9", {"key": "enc/caf\udce9"}, id="raw-latin1-is-another-key"),
