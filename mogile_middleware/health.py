@@ -7,14 +7,16 @@ a one-line reason:
 * a tracker that does not answer;
 * a domain the trackers do not know;
 * a host or device the trackers mark ``down``;
-* an ``alive`` device the trackers cannot reach (observed ``unreachable``) or cannot write to;
-* an ``alive`` device whose storage node does not answer HTTP within the timeout, which the
-  trackers may not have noticed (mogilefsd goes on calling a hung mogstored writeable);
+* a device files are read from (``alive``, or set aside: ``readonly``, ``drain``) that the
+  trackers cannot reach (observed ``unreachable``), or whose storage node does not answer HTTP
+  within the timeout, which the trackers may not have noticed (mogilefsd goes on calling a hung
+  mogstored writeable);
+* an ``alive`` device the trackers cannot write to;
 * a device with less free space than mogilefsd keeps unused (``min_free_space``, 100 MB);
 * a class keeping more copies than there are writeable devices on distinct hosts.
 
 Hosts and devices an operator retired (``dead``) or set aside (``readonly``, ``drain``) are
-reported, not counted as problems.
+reported; only those files are still read from count when they cannot be reached.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ from .tracker import Address, TrackerPool
 MIN_FREE_MB = 100
 #: Trackers, and storage nodes, asked at once.
 _NODES_AT_ONCE = 16
+#: The states of the hosts and devices mogilefsd reads files from (``DeviceState.pm``, ``Host.pm``):
+#: one it cannot reach there leaves its files to their other copies, or to none.
+_READ_HOSTS = ("alive", "readonly")
+_READ_DEVICES = ("alive", "readonly", "drain")
 
 
 @dataclass(frozen=True)
@@ -157,8 +163,8 @@ def _read_devices(reply: Reply, health: Health) -> None:
         where = f"dev{device.devid} on {device.host}"
         if device.status == "down":
             health.problems.append(f"{where} is down")
-        elif device.status == "alive" and device.observed == "unreachable":
-            health.problems.append(f"{where} is alive but the trackers cannot reach it")
+        elif device.status in _READ_DEVICES and device.observed == "unreachable":
+            health.problems.append(f"{where} is {device.status} but the trackers cannot reach it")
         elif device.status == "alive" and device.observed == "readable":
             health.problems.append(f"{where} is alive but cannot be written to")
         if device.status == "alive" and device.mb_free is not None and device.mb_free < MIN_FREE_MB:
@@ -167,11 +173,12 @@ def _read_devices(reply: Reply, health: Health) -> None:
 
 
 def _ask_storage_nodes(health: Health, timeout: float) -> None:
-    """A problem for each device the trackers call reachable whose node does not answer a ``HEAD``
-    of its usage file (any status is an answer), as ``mogadm check`` asks them."""
-    addresses = {host.name: host.address for host in health.hosts if host.status == "alive"}
+    """A problem for each device files are read from that the trackers call reachable, whose node
+    does not answer a ``HEAD`` of its usage file (any status is an answer), as ``mogadm check``
+    asks them."""
+    addresses = {host.name: host.address for host in health.hosts if host.status in _READ_HOSTS}
     asked = [device for device in health.devices
-             if device.status == "alive" and device.observed != "unreachable" and device.host in addresses]
+             if device.status in _READ_DEVICES and device.observed != "unreachable" and device.host in addresses]
     urls = [f"http://{addresses[device.host]}/dev{device.devid}/usage" for device in asked]
     with ThreadPoolExecutor(max_workers=max(1, min(len(urls), _NODES_AT_ONCE))) as pool:
         reasons = list(pool.map(lambda url: _why_silent(url, timeout), urls))

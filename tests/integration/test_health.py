@@ -83,8 +83,17 @@ def test_hung_trackers_are_asked_at_once(devmogile: DevMogileFS, capsys: pytest.
     assert took < 2.5, took  # one timeout of 1 s, not three
 
 
-def test_a_hung_storage_node_the_trackers_call_writeable_is_a_problem(capsys: pytest.CaptureFixture[str]) -> None:
-    """mogilefsd goes on calling a stopped (SIGSTOP) mogstored writeable: check asks the node itself."""
+_SILENT = "(127.0.0.1:{port}) does not answer HTTP: timed out"
+
+
+@pytest.mark.parametrize(("status", "observed", "problem"), [
+    ("alive", "writeable", _SILENT), ("readonly", "writeable", _SILENT), ("drain", "writeable", _SILENT),
+    ("readonly", "unreachable", "is readonly but the trackers cannot reach it"), ("dead", "writeable", None),
+])
+def test_a_hung_storage_node_the_trackers_call_writeable_is_a_problem(
+        capsys: pytest.CaptureFixture[str], status: str, observed: str, problem: str | None) -> None:
+    """mogilefsd goes on calling a stopped (SIGSTOP) mogstored writeable: check asks the node itself,
+    for every device files are read from: one set aside (readonly, drain) too, not a retired one."""
     hung, answering = SilentServer(), _NotFound()
     hosts = {1: ("store1", hung.port), 2: ("store2", answering.port)}
     replies = {
@@ -95,15 +104,15 @@ def test_a_hung_storage_node_the_trackers_call_writeable_is_a_problem(capsys: py
             f"host{n}_hostid={n}&host{n}_hostname={name}&host{n}_hostip=127.0.0.1&host{n}_http_port={port}"
             f"&host{n}_status=alive" for n, (name, port) in hosts.items()) + "\r\n").encode(),
         b"get_devices": ("OK devices=2&" + "&".join(
-            f"dev{n}_devid={n}&dev{n}_hostid={n}&dev{n}_status=alive&dev{n}_observed_state=writeable"
+            f"dev{n}_devid={n}&dev{n}_hostid={n}&dev{n}_status={status if n == 1 else 'alive'}"
+            f"&dev{n}_observed_state={observed if n == 1 else 'writeable'}"
             f"&dev{n}_mb_total=100000&dev{n}_mb_free=90000" for n in hosts) + "\r\n").encode(),
     }
     tracker = ScriptedTracker(lambda line: replies[line.split()[0]])
     try:
         code, _, err = run_check(capsys, "--trackers", tracker.tracker, "--domain", DOMAIN, "--timeout", "0.5")
-        assert code == 1
-        assert err == [f"mogile-middleware: check: dev1 on store1 (127.0.0.1:{hung.port}) does not answer HTTP: "
-                       "timed out"]
+        assert (code, err) == ((1, ["mogile-middleware: check: dev1 on store1 " + problem.format(port=hung.port)])
+                               if problem else (0, []))
     finally:
         tracker.stop()
         hung.stop()
