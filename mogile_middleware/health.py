@@ -13,7 +13,8 @@ a one-line reason:
   mogstored writeable);
 * an ``alive`` device the trackers cannot write to;
 * a device with less free space than mogilefsd keeps unused (``min_free_space``, 100 MB);
-* a class keeping more copies than there are writeable devices on distinct hosts.
+* a class keeping more copies than there are writeable devices on distinct hosts (a device whose
+  node does not answer is not).
 
 Hosts and devices an operator retired (``dead``) or set aside (``readonly``, ``drain``) are
 reported; only those files are still read from count when they cannot be reached.
@@ -111,9 +112,10 @@ def check(trackers: list[Address], domain: str, *, timeout: float = 3.0) -> Heal
     _read_hosts(hosts, health)
     _read_devices(devices, health)
     health.devices.sort(key=lambda device: device.devid)
-    _ask_storage_nodes(health, timeout)
+    silent = _ask_storage_nodes(health, timeout)
     alive_hosts = {host.name for host in health.hosts if host.status == "alive"}
-    writeable_hosts = {device.host for device in health.devices if device.host in alive_hosts and _writeable(device)}
+    writeable_hosts = {device.host for device in health.devices
+                       if device.host in alive_hosts and _writeable(device) and device.devid not in silent}
     for name, copies in health.classes.items():
         if copies > len(writeable_hosts):
             health.problems.append(f"class {name!r} keeps {copies} copies, but only {len(writeable_hosts)} "
@@ -172,20 +174,23 @@ def _read_devices(reply: Reply, health: Health) -> None:
                                    f"MogileFS leaves unused: it takes no new files")
 
 
-def _ask_storage_nodes(health: Health, timeout: float) -> None:
+def _ask_storage_nodes(health: Health, timeout: float) -> set[int]:
     """A problem for each device files are read from that the trackers call reachable, whose node
     does not answer a ``HEAD`` of its usage file (any status is an answer), as ``mogadm check``
-    asks them."""
+    asks them; their devids."""
     addresses = {host.name: host.address for host in health.hosts if host.status in _READ_HOSTS}
     asked = [device for device in health.devices
              if device.status in _READ_DEVICES and device.observed != "unreachable" and device.host in addresses]
     urls = [f"http://{addresses[device.host]}/dev{device.devid}/usage" for device in asked]
     with ThreadPoolExecutor(max_workers=max(1, min(len(urls), _NODES_AT_ONCE))) as pool:
         reasons = list(pool.map(lambda url: _why_silent(url, timeout), urls))
+    silent: set[int] = set()
     for device, reason in zip(asked, reasons):
         if reason is not None:
+            silent.add(device.devid)
             health.problems.append(f"dev{device.devid} on {device.host} ({addresses[device.host]}) "
                                    f"does not answer HTTP: {reason}")
+    return silent
 
 
 def _why_silent(url: str, timeout: float) -> str | None:

@@ -93,13 +93,14 @@ _SILENT = "(127.0.0.1:{port}) does not answer HTTP: timed out"
 def test_a_hung_storage_node_the_trackers_call_writeable_is_a_problem(
         capsys: pytest.CaptureFixture[str], status: str, observed: str, problem: str | None) -> None:
     """mogilefsd goes on calling a stopped (SIGSTOP) mogstored writeable: check asks the node itself,
-    for every device files are read from: one set aside (readonly, drain) too, not a retired one."""
+    for every device files are read from: one set aside (readonly, drain) too, not a retired one.
+    A device whose node does not answer takes no copy of a class either."""
     hung, answering = SilentServer(), _NotFound()
     hosts = {1: ("store1", hung.port), 2: ("store2", answering.port)}
     replies = {
         b"noop": b"OK \r\n",
         b"get_domains": b"OK domains=1&domain1=testdom&domain1classes=1&domain1class1name=thumb"
-                        b"&domain1class1mindevcount=1\r\n",
+                        b"&domain1class1mindevcount=2\r\n",
         b"get_hosts": ("OK hosts=2&" + "&".join(
             f"host{n}_hostid={n}&host{n}_hostname={name}&host{n}_hostip=127.0.0.1&host{n}_http_port={port}"
             f"&host{n}_status=alive" for n, (name, port) in hosts.items()) + "\r\n").encode(),
@@ -111,8 +112,9 @@ def test_a_hung_storage_node_the_trackers_call_writeable_is_a_problem(
     tracker = ScriptedTracker(lambda line: replies[line.split()[0]])
     try:
         code, _, err = run_check(capsys, "--trackers", tracker.tracker, "--domain", DOMAIN, "--timeout", "0.5")
-        assert (code, err) == ((1, ["mogile-middleware: check: dev1 on store1 " + problem.format(port=hung.port)])
-                               if problem else (0, []))
+        problems = [f"dev1 on store1 {problem.format(port=hung.port)}"] if problem else []
+        assert code == 1 and err == [f"mogile-middleware: check: {line}" for line in [
+            *problems, "class 'thumb' keeps 2 copies, but only 1 host(s) have a writeable device"]]
     finally:
         tracker.stop()
         hung.stop()
