@@ -217,8 +217,8 @@ class MogileFSStorage(Storage):
             try:
                 self.client.file_info(name)
             except UnknownKeyError:
-                directory = name if name.endswith("/") else name + "/"
-                return len(directory.encode()) <= MAX_KEY_BYTES and self._holds_keys(directory)
+                slash = "" if name.endswith("/") else "/"
+                return length + len(slash) <= MAX_KEY_BYTES and self._holds_keys(name + slash)
         return True
 
     def _holds_keys(self, directory: str) -> bool:
