@@ -44,6 +44,7 @@ from .client import (
     list_keys_request,
     paths_of,
     rename_request,
+    stored_key_request,
     update_class_request,
 )
 from .exceptions import BadKeyError, NoneMatchError, StorageError, UnknownKeyError, named_errors
@@ -151,11 +152,11 @@ class AsyncClient(ClientBase):
                 yield passed
 
     async def _exists(self, key: str) -> bool:
+        """Whether a key spelled exactly so exists."""
         try:
-            await self.file_info(key)
+            return (await self._ask(stored_key_request(key))).get("fid_dkey") == key
         except (UnknownKeyError, BadKeyError):  # BadKeyError: a prefix no key could equal
             return False
-        return True
 
     async def read_file(self, key: str) -> AsyncReplicaResponse:
         """The body of the first replica that answers, to read and then ``aclose``."""

@@ -66,6 +66,13 @@ def paths_of(reply: Reply) -> list[str]:
     return [reply[f"path{n}"] for n in range(1, reply.number("paths") + 1)]
 
 
+def stored_key_request(key: str) -> Request:
+    """``file_debug`` for ``key`` (checked), whose ``fid_dkey`` spells the key as stored: a tracker
+    on MySQL finds a key whatever its case, and its ``file_info`` gives the key as asked."""
+    check_key(key)
+    return Request("file_debug", {"key": key})
+
+
 def file_info_request(key: str) -> Request:
     """``file_info`` for ``key`` (checked)."""
     check_key(key)
@@ -198,6 +205,8 @@ class KeyListing:
     the prefix's own. Pages are read in byte order until one shows otherwise (a key at or below one
     listed before); from then on each goes on from the last key of the page before, spelled as
     ``listed`` is: mogilefsd requires ``after`` to start so, and the collation reads it as that key.
+    A page in byte order too that ends on a key in another case past the prefix's in bytes would
+    end a listing in byte order: the page after that key so spelled tells the orders apart first.
     """
 
     def __init__(self, prefix: str, page_size: int) -> None:
@@ -206,10 +215,19 @@ class KeyListing:
         self.done = False
         self._collated = False
         self._highest = b""  # the highest key listed so far, as bytes
+        self._telling: set[str] | None = None  # the page before a page that tells the orders apart
 
     def take(self, page: list[str]) -> tuple[list[str], str | None]:
         """The keys of ``page`` that start with the prefix, and a key the listing passes over, to
         ask for alone (``None`` when none); the next request is set."""
+        if self._telling is not None:
+            # In byte order, the keys after the last one so spelled begin with the page's own; in
+            # a collation, with keys after all of them.
+            before, self._telling = self._telling, None
+            if not page or page[0] in before:
+                self.done = True
+                return [], None
+            self._collated = True
         raw = [to_bytes(key) for key in page]
         self._collated = self._collated or any(earlier >= later for earlier, later in zip([self._highest, *raw], raw))
         self.listed = listed_prefix(self.prefix)
@@ -221,8 +239,18 @@ class KeyListing:
         else:
             self.after, passed = next_page(self.prefix, self.listed, page)
             self.done = self.after is None
+            if self.done:
+                self._tell_orders_apart(page)
         self._highest = max([self._highest, *raw])
         return [key for key, raw_key in zip(page, raw) if raw_key.startswith(self._raw_prefix)], passed
+
+    def _tell_orders_apart(self, page: list[str]) -> None:
+        """Ask after the last key of ``page``, which ends a listing in byte order, spelled as
+        ``listed`` when it is in another case, if that spelling is not below the page's first key:
+        whether the next page begins with keys of this one tells byte order from a collation."""
+        after = self._collated_after(page[-1])
+        if after != page[-1] and to_bytes(page[0]) <= to_bytes(after):
+            self.after, self.done, self._telling = after, False, set(page)
 
     def _collated_after(self, key: str) -> str:
         """``key``, a key the tracker matched to ``listed`` whatever its case, spelled as ``listed``."""
@@ -427,11 +455,11 @@ class Client(ClientBase):
                 yield passed
 
     def _exists(self, key: str) -> bool:
+        """Whether a key spelled exactly so exists."""
         try:
-            self.file_info(key)
+            return self._ask(stored_key_request(key)).get("fid_dkey") == key
         except (UnknownKeyError, BadKeyError):  # BadKeyError: a prefix no key could equal
             return False
-        return True
 
     def close(self) -> None:
         """Close the kept-open tracker connections."""

@@ -165,8 +165,9 @@ def collating_tracker(keys: list[str], *, most_requests: int = 50) -> ScriptedTr
     """A tracker listing ``keys`` as mogilefsd 2.73 on MySQL with its default collation, which
     ignores case: ``list_keys`` selects ``dkey LIKE 'prefix%' AND dkey > after ORDER BY dkey``,
     each compared in lower case, and refuses an ``after`` that does not match ``/^prefix/``;
-    ``file_info`` finds a key whatever its case. A client that asks more than ``most_requests``
-    times (one going round in circles) is refused."""
+    ``file_info`` and ``file_debug`` find a key whatever its case, the first giving it as asked,
+    the second as stored. A client that asks more than ``most_requests`` times (one going round in
+    circles) is refused."""
     asked = [0]
 
     def script(line: bytes) -> bytes:
@@ -174,11 +175,14 @@ def collating_tracker(keys: list[str], *, most_requests: int = 50) -> ScriptedTr
         asked[0] += 1
         if asked[0] > most_requests:
             return format_err("too_many_requests")
-        if command == "file_info":
-            if args["key"].lower() not in {key.lower() for key in keys}:
+        if command in ("file_info", "file_debug"):
+            stored = [key for key in keys if key.lower() == args["key"].lower()]
+            if not stored:
                 return format_err("unknown_key")
-            return format_ok({"fid": 1, "domain": "d", "class": "default", "key": args["key"], "length": 1,
-                              "devcount": 1})
+            if command == "file_info":  # the key as asked
+                return format_ok({"fid": 1, "domain": "d", "class": "default", "key": args["key"], "length": 1,
+                                  "devcount": 1})
+            return format_ok({"fid_fid": 1, "fid_dkey": stored[0]})
         prefix, after = args.get("prefix", ""), args.get("after", "")
         if prefix and after and not re.match(prefix, after):
             return format_err("after_mismatch")

@@ -313,6 +313,18 @@ def test_keys_gives_the_key_equal_to_the_prefix_after_a_page_of_other_cases(clie
 
 
 @both_flavours
+def test_keys_ends_after_a_page_ending_past_the_prefixs_keys_in_byte_order(client: Client,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The page ends on a key in another case that a tracker ordering keys whatever their case
+    could follow with the prefix's own: the page after it so spelled begins with this page's keys,
+    so the listing ends, each key given once."""
+    monkeypatch.setattr(ClientBase, "keys_page", 3)
+    for name in ["Photos/a1", "Photos/b2", "photos/a3", "photos/a4"]:
+        client.store_content(name, b"x", cls="thumb")
+    assert list(client.keys("Photos/")) == ["Photos/a1", "Photos/b2"]
+
+
+@both_flavours
 def test_keys_pages_in_the_trackers_byte_order_through_keys_that_are_not_utf8(client: Client,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A byte that is no UTF-8 comes back as a surrogate, which Python sorts below most emoji where
@@ -346,7 +358,7 @@ def test_keys_pages_through_a_prefix_the_tracker_reads_as_another_character(clie
     requests: list[str] = []
     for cls in (Client, AsyncClient):
         monkeypatch.setattr(cls, "_ask", _counted(cls._ask, requests))
-    assert list(client.keys(prefix)) == expected and requests == ["file_info", "list_keys", "list_keys"]
+    assert list(client.keys(prefix)) == expected and requests == ["file_debug", "list_keys", "list_keys"]
 
 
 @both_flavours
@@ -354,8 +366,8 @@ def test_keys_asks_alone_for_the_key_equal_to_a_prefix_listed_from_below_it(flav
     """mogilefsd on MySQL compares keys as text: "é" and "è" may be equal, so a page listed after
     the prefix with its last byte one less ("mc/è") leaves out the key equal to it ("mc/é")."""
     def text_collating(line: bytes) -> bytes:
-        if line.startswith(b"file_info"):
-            return b"OK fid=7&domain=d&class=c&key=mc/%C3%A9&length=1&devcount=1\r\n"
+        if line.startswith(b"file_debug"):
+            return b"OK fid_fid=7&fid_dmid=1&fid_dkey=mc/%C3%A9&fid_length=1&fid_classid=1&fid_devcount=1\r\n"
         return b"OK key_count=1&key_1=mc/%C3%A9x&next_after=mc/%C3%A9x\r\n"  # after=mc/è: not mc/é itself
 
     tracker = ScriptedTracker(text_collating)
@@ -375,6 +387,13 @@ def test_keys_asks_alone_for_the_key_equal_to_a_prefix_listed_from_below_it(flav
     # A page of keys in another case only, below the prefix in bytes: the next page, after the
     # prefix itself, began the listing again, page after page without end.
     pytest.param([*(f"CSS/{n:02d}" for n in range(7)), "css/zz"], "css/", id="other-cases-first"),
+    # A page in byte order too, ending on a key in another case past the prefix's in bytes, as
+    # would end a listing in byte order.
+    pytest.param(["Photos/a1", "Photos/a2", "photos/a3", "Photos/a4", "Photos/a5"], "Photos/",
+                 id="a-page-in-byte-order-too"),
+    # The key equal to the prefix, asked for alone, was found in another case and given as asked.
+    pytest.param(["CSS/", "CSS/00", "CSS/01", "CSS/02", "css/zz"], "css/", id="the-prefix-in-another-case"),
+    pytest.param(["MC/É", "mc/éx"], "mc/é", id="the-prefix-in-another-case-listed-from-below-it"),
 ])
 def test_keys_pages_through_a_tracker_that_orders_keys_whatever_their_case(
         flavour: Flavour, keys: list[str], prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
