@@ -19,6 +19,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from . import metrics
 from .deadline import within
 from .exceptions import TrackerUnavailableError
+from .throttle import ThrottledLog
 
 V = TypeVar("V")
 T = TypeVar("T")
@@ -27,6 +28,8 @@ log = logging.getLogger("mogile_middleware")
 
 #: Seconds between two warnings about a failing backend, so an outage does not flood the log.
 BACKEND_WARNING_INTERVAL = 60.0
+#: Seconds between two warnings about paths served stale: an outage serves every cached key so.
+STALE_WARNING_INTERVAL = 10.0
 
 #: Marks a flight whose leader ended without a value or an exception of its own.
 _UNSET: Any = object()
@@ -160,8 +163,10 @@ class PathCache(Generic[V]):
         self._versioned = hasattr(self._backend, "get_versioned")
         self._lock = threading.Lock()
         self._flights: dict[str, _Flight] = {}
-        self._stale_keys: set[str] = set()  # keys already warned about in the current outage
-        self._backend_warned_at = float("-inf")
+        self._stale_log = ThrottledLog(log, logging.WARNING, "serving stale paths for %r: %r", STALE_WARNING_INTERVAL,
+                                       "requests", clock=clock)
+        self._backend_log = ThrottledLog(log, logging.WARNING, "path cache backend failed, asking the trackers "
+                                         "instead: %r", BACKEND_WARNING_INTERVAL, "failures", clock=clock)
         self.lookups = 0
 
     @property
@@ -174,7 +179,7 @@ class PathCache(Generic[V]):
         try:
             entry = self._backend.get(key)
         except Exception as error:  # a broken shared cache must not take the site down with it
-            self._backend_failed(error)
+            self._backend_log.event(error)
             entry = None
         if entry is not None and 0 <= self._clock() - entry[1] < self._ttl_of(entry[0]):  # (inlined _fresh: hot path)
             metrics.recorder.cache_hit()
@@ -330,10 +335,7 @@ class PathCache(Generic[V]):
             self._backend.set_if_unchanged(key, value, stored_at, keep, version)  # type: ignore[attr-defined]
 
     def _looked_up(self, value: Any) -> float:
-        """Seconds to keep a value a tracker just gave (0: not at all); the outage, if any, is over."""
-        if self._stale_keys:
-            with self._lock:
-                self._stale_keys.clear()
+        """Seconds to keep a value a tracker just gave (0: not at all)."""
         ttl = self._ttl_of(value)
         # With no time to live nothing is stored, so nothing is served stale either.
         return ttl + self._stale_seconds if ttl > 0 else 0.0
@@ -355,11 +357,7 @@ class PathCache(Generic[V]):
         if (entry is None or ttl <= 0 or self._clock() - entry[1] >= ttl + self._stale_seconds
                 or outdated is not None and entry[0] == outdated):
             raise error
-        with self._lock:
-            first = key not in self._stale_keys
-            self._stale_keys.add(key)
-        if first:
-            log.warning("serving stale paths for %r: %r", key, error)
+        self._stale_log.event(key, error)
         metrics.recorder.cache_stale()
         return entry[0]
 
@@ -367,14 +365,8 @@ class PathCache(Generic[V]):
         try:
             return method(*args)
         except Exception as error:  # as in get(): a miss, or a value left unstored
-            self._backend_failed(error)
+            self._backend_log.event(error)
             return None
-
-    def _backend_failed(self, error: Exception) -> None:
-        now = self._clock()
-        if now - self._backend_warned_at >= BACKEND_WARNING_INTERVAL:
-            self._backend_warned_at = now
-            log.warning("path cache backend failed, asking the trackers instead: %r", error)
 
 
 class _AsyncFlight:

@@ -16,7 +16,6 @@ import inspect
 import ipaddress
 import logging
 import re
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import quote, unquote_to_bytes
@@ -38,6 +37,7 @@ from .http import Answer, FileRequest
 from .protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_url_key
 from .responders import NginxReproxy, PerlbalReproxy, Representation, Reproxy
 from .signing import BAD_SIGNATURE, EXPIRED, UNSIGNED, Secret, URLSigner
+from .throttle import ThrottledLog
 from .views import SERVE_HEADER_LOWER
 
 log = logging.getLogger("mogile_middleware")
@@ -248,7 +248,8 @@ class MiddlewareCore:
         self.authorize = authorize
         self.signer = None if signing_key is None else URLSigner(signing_key, client.domain)
         self.unavailable = http.service_unavailable(retry_after_seconds)
-        self._outage_log = _OutageLog()
+        self._outage_log = ThrottledLog(log, logging.ERROR, "no tracker answered for %r: %r", OUTAGE_LOG_INTERVAL,
+                                        "requests")
         extra = [("X-Content-Type-Options", "nosniff")]
         if cache_control or private:
             extra.append(("Cache-Control", cache_control or "private"))
@@ -335,7 +336,7 @@ class MiddlewareCore:
         if isinstance(error, BadKeyError):  # key_for_path made a key the tracker cannot hold
             return http.error(400, str(error))
         if isinstance(error, TrackerUnavailableError):
-            self._outage_log.failed(key, error)
+            self._outage_log.event(key, error)
             return self.unavailable
         if isinstance(error, KeyChangingError):  # in a second, the writer may have paused
             log.warning("cannot locate %r: %s", key, error)
@@ -405,25 +406,6 @@ def _url_prefix(prefix: str) -> tuple[str, str]:
         return raw.decode("utf-8"), raw.decode("latin-1")
     except UnicodeDecodeError:
         raise ValueError(f"prefix must be UTF-8 once percent-decoded, not {prefix!r}") from None
-
-
-class _OutageLog:
-    """The log of requests no tracker answered: one line at most per :data:`OUTAGE_LOG_INTERVAL`,
-    each counting the failures since the line before (threads racing may miscount one); failures
-    after the last line are counted in the next one. The metrics count every 503."""
-
-    def __init__(self) -> None:
-        self._logged_at = float("-inf")
-        self._left_out = 0
-
-    def failed(self, key: str, error: MogileFSError) -> None:
-        now = time.monotonic()
-        if now - self._logged_at < OUTAGE_LOG_INTERVAL:
-            self._left_out += 1
-            return
-        left_out, self._left_out, self._logged_at = self._left_out, 0, now
-        log.error("no tracker answered for %r: %r%s", key, error,
-                  f" ({left_out} more requests since the last line like this)" if left_out else "")
 
 
 def _refuse_unusable(*, cache_control: object, charset: object, nginx_location: object,

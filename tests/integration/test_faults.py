@@ -22,7 +22,7 @@ from integration.test_hostile import call
 from integration.test_middleware import BODY, wrapped_app
 from wiretools import TEN, CountingRelay, KeptAliveNode, ScriptedTracker, SilentServer, files_tracker, honest
 
-from mogile_middleware import Client, StorageError, UnknownKeyError, UploadError, core
+from mogile_middleware import Client, StorageError, UnknownKeyError, UploadError, cache, core
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.downnodes import down_nodes
@@ -110,6 +110,28 @@ def test_an_outage_of_the_trackers_is_logged_once_per_interval_not_per_request(
     assert len(lines) == 2, lines
     assert lines[0].startswith("no tracker answered for 'load/0'") and "more requests" not in lines[0]
     assert lines[1].startswith("no tracker answered for 'load/5'")
+    assert lines[1].endswith("(4 more requests since the last line like this)")
+
+
+def test_paths_served_stale_are_logged_once_per_interval_not_per_key(
+        devmogile: DevMogileFS, stored: Client, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An outage serves every cached key stale: one line at once, the next once the interval has
+    passed, counting those left out (it was a line per key, thousands per worker)."""
+    monkeypatch.setattr(cache, "STALE_WARNING_INTERVAL", 0.5)
+    app = MogileFSMiddleware(wrapped_app, domain=DOMAIN, trackers=devmogile.trackers, path_cache_seconds=0.2,
+                             connect_timeout=0.2)
+    for n in range(6):
+        assert call(app, "GET", f"/mogilefs/load/{n}", {})[0] == 200
+    devmogile.stop_tracker()
+    time.sleep(0.3)  # past the paths' time: served stale
+    caplog.set_level(logging.WARNING, logger="mogile_middleware")
+    assert [call(app, "GET", f"/mogilefs/load/{n}", {})[0] for n in range(5)] == [200] * 5
+    time.sleep(0.6)
+    assert call(app, "GET", "/mogilefs/load/5", {})[0] == 200
+    lines = [record.getMessage() for record in caplog.records if "serving stale paths" in record.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("serving stale paths for 'load/0'") and "more requests" not in lines[0]
+    assert lines[1].startswith("serving stale paths for 'load/5'")
     assert lines[1].endswith("(4 more requests since the last line like this)")
 
 
