@@ -191,12 +191,13 @@ class AsyncClient(ClientBase):
         args = create_open_args(self.domain, key, cls, size)
         with opening(args, self.domain):
             reply, tracker = await self.pool.request("create_open", args)
+            fid, targets = reply["fid"], destinations(reply)
         try:
-            destination, stored, md5 = await self._put(key, fileobj, destinations(reply), size)
+            destination, stored, md5 = await self._put(key, fileobj, targets, size)
         except BaseException:
             metrics.recorder.upload("failed", 0)
             raise
-        close = create_close_args(self.domain, key, reply["fid"], destination, stored, md5, verify_checksum)
+        close = create_close_args(self.domain, key, fid, destination, stored, md5, verify_checksum)
         changed: list[str] = []
         try:
             with committing(key, stored, lambda: changed.append(key)):

@@ -84,8 +84,9 @@ def create_open_args(domain: str, key: str, cls: str | None, size: int | None) -
 
 @contextlib.contextmanager
 def opening(args: dict[str, ArgValue], domain: str) -> Iterator[None]:
-    """Around ``create_open`` with ``args``: its tracker errors named, and a refusal (no device to
-    write to, an unknown class, no tracker answering) counted as a failed upload of no bytes."""
+    """Around ``create_open`` with ``args`` and the reading of its reply: its tracker errors named,
+    and a refusal (no device to write to, an unknown class, no tracker answering, a reply without
+    a destination) counted as a failed upload of no bytes."""
     try:
         with named_errors(args, domain):
             yield
@@ -243,8 +244,8 @@ class NewFile(io.RawIOBase):
         args = create_open_args(domain, key, cls, size)
         with opening(args, domain):
             reply, self._tracker = pool.request("create_open", args)
-        self.fid = reply["fid"]
-        self._destinations = destinations(reply)
+            self.fid = reply["fid"]
+            self._destinations = destinations(reply)
         self._devid = self._path = ""
         self._reset_body()
         self._opened = True

@@ -22,8 +22,9 @@ from integration.test_asgi import http_scope, run
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from webtest import TestApp
+from wiretools import ScriptedTracker
 
-from mogile_middleware import AsyncClient, Client, MogileFSMiddleware, UnregClassError, metrics
+from mogile_middleware import AsyncClient, Client, MogileFSMiddleware, ProtocolError, UnregClassError, metrics
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.prometheus import PrometheusRecorder
@@ -170,12 +171,22 @@ async def _store_refused(client: AsyncClient) -> None:
     pytest.param(lambda trackers: Client(DOMAIN, trackers).store_content("a.txt", CONTENT, "no-such-class"), id="sync"),
     pytest.param(lambda trackers: asyncio.run(_store_refused(AsyncClient(DOMAIN, trackers))), id="asyncio"),
 ])
+@pytest.mark.parametrize("refusal", ["unknown-class", "reply-without-destination"])
 def test_an_upload_the_tracker_refuses_to_open_is_counted_as_failed(devmogile: DevMogileFS, counts: Counts,
-                                                                    store: Callable[[list[str]], object]) -> None:
+                                                                    store: Callable[[list[str]], object],
+                                                                    refusal: str) -> None:
     """As when no device can take a file: every upload fails at ``create_open``, and an alert on
     failed uploads must see it."""
-    with pytest.raises(UnregClassError):
-        store(devmogile.trackers)
+    if refusal == "unknown-class":
+        with pytest.raises(UnregClassError):
+            store(devmogile.trackers)
+    else:
+        tracker = ScriptedTracker(lambda line: b"OK fid=7\r\n")
+        try:
+            with pytest.raises(ProtocolError):
+                store([tracker.tracker])
+        finally:
+            tracker.stop()
     assert counts("uploads_total", outcome="failed") == 1 and counts("uploaded_bytes_total") == 0
 
 
