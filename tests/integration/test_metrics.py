@@ -171,7 +171,7 @@ async def _store_refused(client: AsyncClient) -> None:
     pytest.param(lambda trackers: Client(DOMAIN, trackers).store_content("a.txt", CONTENT, "no-such-class"), id="sync"),
     pytest.param(lambda trackers: asyncio.run(_store_refused(AsyncClient(DOMAIN, trackers))), id="asyncio"),
 ])
-@pytest.mark.parametrize("refusal", ["unknown-class", "reply-without-destination"])
+@pytest.mark.parametrize("refusal", ["unknown-class", "reply-without-destination", "reply-without-file-number"])
 def test_an_upload_the_tracker_refuses_to_open_is_counted_as_failed(devmogile: DevMogileFS, counts: Counts,
                                                                     store: Callable[[list[str]], object],
                                                                     refusal: str) -> None:
@@ -181,7 +181,10 @@ def test_an_upload_the_tracker_refuses_to_open_is_counted_as_failed(devmogile: D
         with pytest.raises(UnregClassError):
             store(devmogile.trackers)
     else:
-        tracker = ScriptedTracker(lambda line: b"OK fid=7\r\n")
+        # The asyncio client sent the whole body to the destination before it read the file number.
+        reply = (b"OK fid=7\r\n" if refusal == "reply-without-destination"
+                 else f"OK devid=1&path={devmogile.nodes[0].url}/dev1/0/000/000/0000000099.fid\r\n".encode())
+        tracker = ScriptedTracker(lambda line: reply)
         try:
             with pytest.raises(ProtocolError):
                 store([tracker.tracker])
