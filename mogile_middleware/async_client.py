@@ -140,7 +140,7 @@ class AsyncClient(ClientBase):
         """Every key starting with ``prefix`` (text or bytes; exactly, unlike ``list_keys``), page by page."""
         prefix = to_text(key_bytes(prefix, "prefix"))  # it may end inside a character
         listing = KeyListing(prefix, self.keys_page)
-        alone = prefix if listing.after is not None and await self._exists(prefix) else None  # see first_page
+        alone = listing.kept(await self._stored(prefix)) if listing.after is not None else None  # see first_page
         if alone is not None:
             yield alone
         while not listing.done:
@@ -148,15 +148,16 @@ class AsyncClient(ClientBase):
             for key in found:
                 if key != alone:
                     yield key
-            if passed is not None and passed != alone and await self._exists(passed):
-                yield passed
+            stored = None if passed is None else listing.kept(await self._stored(passed))
+            if stored is not None and stored != alone:
+                yield stored
 
-    async def _exists(self, key: str) -> bool:
-        """Whether a key spelled exactly so exists."""
+    async def _stored(self, key: str) -> str | None:
+        """The key the tracker finds for ``key``, as stored (on MySQL, maybe in another case), or None."""
         try:
-            return (await self._ask(stored_key_request(key))).get("fid_dkey") == key
+            return (await self._ask(stored_key_request(key)))["fid_dkey"]
         except (UnknownKeyError, BadKeyError):  # BadKeyError: a prefix no key could equal
-            return False
+            return None
 
     async def read_file(self, key: str) -> AsyncReplicaResponse:
         """The body of the first replica that answers, to read and then ``aclose``."""

@@ -206,7 +206,8 @@ class KeyListing:
     listed before); from then on each goes on from the last key of the page before, spelled as
     ``listed`` is: mogilefsd requires ``after`` to start so, and the collation reads it as that key.
     A page in byte order too that ends on a key in another case past the prefix's in bytes would
-    end a listing in byte order: the page after that key so spelled tells the orders apart first.
+    end a listing in byte order: the page after that key so spelled, by the same prefix, tells the
+    orders apart first.
     """
 
     def __init__(self, prefix: str, page_size: int) -> None:
@@ -220,9 +221,8 @@ class KeyListing:
     def take(self, page: list[str]) -> tuple[list[str], str | None]:
         """The keys of ``page`` that start with the prefix, and a key the listing passes over, to
         ask for alone (``None`` when none); the next request is set."""
-        if self._telling is not None:
-            # In byte order, the keys after the last one so spelled begin with the page's own; in
-            # a collation, with keys after all of them.
+        asked_by, asked_after = self.listed, self.after
+        if self._telling is not None:  # see _tell_orders_apart
             before, self._telling = self._telling, None
             if not page or page[0] in before:
                 self.done = True
@@ -240,17 +240,23 @@ class KeyListing:
             self.after, passed = next_page(self.prefix, self.listed, page)
             self.done = self.after is None
             if self.done:
-                self._tell_orders_apart(page)
+                self._tell_orders_apart(page, asked_by, asked_after)
         self._highest = max([self._highest, *raw])
         return [key for key, raw_key in zip(page, raw) if raw_key.startswith(self._raw_prefix)], passed
 
-    def _tell_orders_apart(self, page: list[str]) -> None:
-        """Ask after the last key of ``page``, which ends a listing in byte order, spelled as
-        ``listed`` when it is in another case, if that spelling is not below the page's first key:
-        whether the next page begins with keys of this one tells byte order from a collation."""
+    def _tell_orders_apart(self, page: list[str], asked_by: str, asked_after: str | None) -> None:
+        """Ask after the last key of ``page`` (asked by the prefix ``asked_by``, after
+        ``asked_after``), which ends a listing in byte order, spelled as ``listed`` when it is in
+        another case: in byte order, the keys after that spelling, by the same prefix and not below
+        ``asked_after``, begin with keys of this page; in a collation, with keys after all of them.
+        The whole prefix a first page may be asked by is no ``after``'s mogilefsd takes."""
         after = self._collated_after(page[-1])
-        if after != page[-1] and to_bytes(page[0]) <= to_bytes(after):
+        if asked_by == self.listed and after != page[-1] and to_bytes(asked_after or "") <= to_bytes(after):
             self.after, self.done, self._telling = after, False, set(page)
+
+    def kept(self, stored: str | None) -> str | None:
+        """``stored``, a key as stored, if it starts with the prefix."""
+        return stored if stored is not None and to_bytes(stored).startswith(self._raw_prefix) else None
 
     def _collated_after(self, key: str) -> str:
         """``key``, a key the tracker matched to ``listed`` whatever its case, spelled as ``listed``."""
@@ -445,21 +451,22 @@ class Client(ClientBase):
         """Every key starting with ``prefix`` (text or bytes; exactly, unlike ``list_keys``), page by page."""
         prefix = to_text(key_bytes(prefix, "prefix"))  # it may end inside a character
         listing = KeyListing(prefix, self.keys_page)
-        alone = prefix if listing.after is not None and self._exists(prefix) else None  # see first_page
+        alone = listing.kept(self._stored(prefix)) if listing.after is not None else None  # see first_page
         if alone is not None:
             yield alone
         while not listing.done:
             found, passed = listing.take(self._list_page(listing.listed, listing.after, self.keys_page)[0])
             yield from (key for key in found if key != alone)
-            if passed is not None and passed != alone and self._exists(passed):
-                yield passed
+            stored = None if passed is None else listing.kept(self._stored(passed))
+            if stored is not None and stored != alone:
+                yield stored
 
-    def _exists(self, key: str) -> bool:
-        """Whether a key spelled exactly so exists."""
+    def _stored(self, key: str) -> str | None:
+        """The key the tracker finds for ``key``, as stored (on MySQL, maybe in another case), or None."""
         try:
-            return self._ask(stored_key_request(key)).get("fid_dkey") == key
+            return self._ask(stored_key_request(key))["fid_dkey"]
         except (UnknownKeyError, BadKeyError):  # BadKeyError: a prefix no key could equal
-            return False
+            return None
 
     def close(self) -> None:
         """Close the kept-open tracker connections."""
