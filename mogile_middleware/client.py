@@ -182,16 +182,19 @@ def next_page(prefix: str, listed: str, page: list[str]) -> NextPage:
     Those that start with ``prefix`` come together (a key that is not UTF-8 holds surrogates, which
     Python would sort elsewhere: bytes are compared), so a page that ends past them ends the
     listing. The tracker matches ``listed`` whatever its case (SQL ``LIKE``), so a page may also
-    end on a key that does not start with ``listed`` exactly, before those that do: the listing
-    goes on from ``listed`` itself, which passes over a key equal to it."""
+    end on a key that does not start with ``listed`` exactly, before those that do. The listing
+    goes on from below the prefix's keys: from ``listed`` itself, which passes over a key equal to
+    it, or, when ``listed`` is the prefix cut short, from the prefix without its last character,
+    which skips the keys between the two."""
     last = page[-1]
     raw_last, raw_prefix, raw_listed = to_bytes(last), to_bytes(prefix), to_bytes(listed)
     if raw_last > raw_prefix and not raw_last.startswith(raw_prefix):
         return NextPage(None)
+    below = prefix[:-1] if listed != prefix else None  # below every key starting with the prefix
     if raw_last.startswith(raw_listed):
-        return NextPage(last)
+        return NextPage(last if below is None else max(last, below, key=to_bytes))
     if raw_last < raw_listed:
-        return NextPage(listed, listed if listed == prefix else None)
+        return NextPage(listed, listed) if below is None else NextPage(below)
     return NextPage(None)
 
 

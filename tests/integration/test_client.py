@@ -297,6 +297,12 @@ def test_keys_pages_through_prefixes_the_tracker_matches_loosely(client: Client,
     for cls in (Client, AsyncClient):
         monkeypatch.setattr(cls, "_ask", _counted(cls._ask, requests))
     assert list(client.keys("(x")) == brackets and requests == ["list_keys", "list_keys"]
+    # "v1.0/" lists its next pages by "v1": from below "v1.0/", not through every "v1-old/" key.
+    versions = [f"v1.0/{n:02d}" for n in range(3)]
+    for name in [*(f"V1.0/{n:02d}" for n in range(10)), *versions, *(f"v1-old/{n:02d}" for n in range(30))]:
+        client.store_content(name, b"x", cls="thumb")
+    requests.clear()
+    assert list(client.keys("v1.0/")) == versions and requests == ["list_keys", "list_keys"]
 
 
 @both_flavours
