@@ -249,12 +249,15 @@ class KeyListing:
 
     def _tell_orders_apart(self, page: list[str], asked_by: str, asked_after: str | None) -> None:
         """Ask after the last key of ``page`` (asked by the prefix ``asked_by``, after
-        ``asked_after``), which ends a listing in byte order, spelled as ``listed`` when it is in
-        another case: in byte order, the keys after that spelling, by the same prefix and not below
-        ``asked_after``, begin with keys of this page; in a collation, with keys after all of them.
-        The whole prefix a first page may be asked by is no ``after``'s mogilefsd takes."""
-        after = self._collated_after(page[-1])
-        if asked_by == self.listed and after != page[-1] and to_bytes(asked_after or "") <= to_bytes(after):
+        ``asked_after``), which ends a listing in byte order, spelled as the prefix is (as
+        ``listed`` when it does not start with the prefix in any case): in byte order, the keys
+        after that spelling, by the same prefix and not below ``asked_after``, begin with keys of
+        this page; in a collation, with keys after all of them. The whole prefix a first page may
+        be asked by is no ``after``'s mogilefsd takes."""
+        last = page[-1]
+        spelling = self.prefix if last[:len(self.prefix)].lower() == self.prefix.lower() else self.listed
+        after = spelling + last[len(spelling):]
+        if asked_by == self.listed and after != last and to_bytes(asked_after or "") <= to_bytes(after):
             self.after, self.done, self._telling = after, False, set(page)
 
     def kept(self, stored: str | None) -> str | None:

@@ -408,6 +408,9 @@ def test_keys_asks_alone_for_the_key_equal_to_a_prefix_listed_from_below_it(flav
     # would end a listing in byte order.
     pytest.param(["Photos/a1", "Photos/a2", "photos/a3", "Photos/a4", "Photos/a5"], "Photos/",
                  id="a-page-in-byte-order-too"),
+    # The same, in another case past the prefix cut before its "+": the page after it was not asked.
+    pytest.param(["ab+C0", "ab+C1", "ab+C2", "ab+C3", "ab+C4", "ab+c5", "ab+C6", "ab+C7"], "ab+C",
+                 id="another-case-past-the-cut"),
     # The key equal to the prefix, asked for alone, was found in another case and given as asked.
     pytest.param(["CSS/", "CSS/00", "CSS/01", "CSS/02", "css/zz"], "css/", id="the-prefix-in-another-case"),
     pytest.param(["MC/É", "mc/éx"], "mc/é", id="the-prefix-in-another-case-listed-from-below-it"),
