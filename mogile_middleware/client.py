@@ -185,7 +185,7 @@ def next_page(prefix: str, listed: str, page: list[str]) -> NextPage:
     end on a key that does not start with ``listed`` exactly, before those that do. The listing
     goes on from below the prefix's keys: from ``listed`` itself, which passes over a key equal to
     it, or, when ``listed`` is the prefix cut short, from the prefix without its last character,
-    which skips the keys between the two."""
+    which skips the keys between the cut and it."""
     last = page[-1]
     raw_last, raw_prefix, raw_listed = to_bytes(last), to_bytes(prefix), to_bytes(listed)
     if raw_last > raw_prefix and not raw_last.startswith(raw_prefix):
