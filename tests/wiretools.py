@@ -161,14 +161,20 @@ def files_tracker(files: dict[str, tuple[int, int, list[str]]]) -> ScriptedTrack
     return ScriptedTracker(script)
 
 
-def collating_tracker(keys: list[str], *, most_requests: int = 50) -> ScriptedTracker:
-    """A tracker listing ``keys`` as mogilefsd 2.73 on MySQL with its default collation, which
-    ignores case: ``list_keys`` selects ``dkey LIKE 'prefix%' AND dkey > after ORDER BY dkey``,
-    each compared in lower case, and refuses an ``after`` that does not match ``/^prefix/``;
-    ``file_info`` and ``file_debug`` find a key whatever its case, the first giving it as asked,
-    the second as stored. A client that asks more than ``most_requests`` times (one going round in
-    circles) is refused."""
+def collating_tracker(keys: list[str], *, weigh: Callable[[str], str] = str.lower, pad_space: bool = False,
+                      most_requests: int = 50) -> ScriptedTracker:
+    """A tracker listing ``keys`` as mogilefsd 2.73 on MySQL with a collation that reads each
+    character as ``weigh`` gives it (the default collations ignore case, most accents too) and,
+    with ``pad_space``, ignores trailing spaces in comparisons (not in ``LIKE``): ``list_keys``
+    selects ``dkey LIKE 'prefix%' AND dkey > after ORDER BY dkey``, and refuses an ``after`` that
+    does not match ``/^prefix/``; ``file_info`` and ``file_debug`` find a key equal to the one
+    asked, the first giving it as asked, the second as stored. A client that asks more than
+    ``most_requests`` times (one going round in circles) is refused."""
     asked = [0]
+
+    def weight(key: str) -> str:
+        weighed = weigh(key)
+        return weighed.rstrip(" ") if pad_space else weighed
 
     def script(line: bytes) -> bytes:
         command, args = parse_request(line.rstrip(b"\r\n")) or ("", {})
@@ -176,7 +182,7 @@ def collating_tracker(keys: list[str], *, most_requests: int = 50) -> ScriptedTr
         if asked[0] > most_requests:
             return format_err("too_many_requests")
         if command in ("file_info", "file_debug"):
-            stored = [key for key in keys if key.lower() == args["key"].lower()]
+            stored = [key for key in keys if weight(key) == weight(args["key"])]
             if not stored:
                 return format_err("unknown_key")
             if command == "file_info":  # the key as asked
@@ -186,8 +192,8 @@ def collating_tracker(keys: list[str], *, most_requests: int = 50) -> ScriptedTr
         prefix, after = args.get("prefix", ""), args.get("after", "")
         if prefix and after and not re.match(prefix, after):
             return format_err("after_mismatch")
-        rows = sorted((key for key in keys if key.lower().startswith(prefix.lower()) and key.lower() > after.lower()),
-                      key=str.lower)[:int(args.get("limit") or 1000)]
+        rows = sorted((key for key in keys if weigh(key).startswith(weigh(prefix)) and weight(key) > weight(after)),
+                      key=weight)[:int(args.get("limit") or 1000)]
         if not rows:
             return format_err("none_match")
         return format_ok({"key_count": len(rows), "next_after": max(rows),
