@@ -399,9 +399,12 @@ def _url_prefix(prefix: str) -> tuple[str, str]:
     """``prefix`` with a slash at either end, as text and as PEP 3333 gives a path; a ValueError
     for what is not a path of this site (a query, a fragment, an empty segment: a URL given where
     a path belongs) or escapes bytes that are not UTF-8."""
-    raw = unquote_to_bytes("/" + prefix.strip("/") + "/" if prefix.strip("/") else "/") if isinstance(prefix, str) else None
-    if raw is None or "?" in prefix or "#" in prefix or b"//" in raw:
-        raise ValueError(f"prefix must be a URL path such as '/mogilefs/', not {prefix!r}")
+    refused = ValueError(f"prefix must be a URL path such as '/mogilefs/', not {prefix!r}")
+    if not isinstance(prefix, str) or "?" in prefix or "#" in prefix:
+        raise refused
+    raw = unquote_to_bytes("/" + prefix.strip("/") + "/" if prefix.strip("/") else "/")
+    if b"//" in raw:
+        raise refused
     try:
         return raw.decode("utf-8"), raw.decode("latin-1")
     except UnicodeDecodeError:

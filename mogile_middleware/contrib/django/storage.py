@@ -206,8 +206,9 @@ class MogileFSStorage(Storage):
     def exists(self, name: str) -> bool:
         """True if the key exists, or keys are under ``name`` (a directory :meth:`listdir` lists, its
         final slash given or not), or for the root ``""``, as ``FileSystemStorage`` answers:
-        ``collectstatic --clear`` clears only what exists. False for a name longer than any key, so that Django's
-        ``get_available_name`` shortens it to the field's ``max_length``, as for files on disk."""
+        ``collectstatic --clear`` clears only what exists. False for a name longer than any key,
+        so that Django's ``get_available_name`` shortens it to the field's ``max_length``, as for
+        files on disk."""
         if name == "":
             return True
         with _checked_key():
