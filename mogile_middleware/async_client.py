@@ -191,7 +191,7 @@ class AsyncClient(ClientBase):
         size = None if isinstance(fileobj, AsyncIterable) else remaining_size(fileobj)
         args = create_open_args(self.domain, key, cls, size)
         with opening(args, self.domain):
-            reply, tracker = await self.pool.request("create_open", args)
+            reply = (await self.pool.request("create_open", args))[0]
             fid, targets = reply["fid"], destinations(reply)
         try:
             destination, stored, md5 = await self._put(key, fileobj, targets, size)
@@ -202,7 +202,7 @@ class AsyncClient(ClientBase):
         changed: list[str] = []
         try:
             with committing(key, stored, lambda: changed.append(key)):
-                await self.pool.request("create_close", close, tracker=tracker)
+                await self.pool.request("create_close", close)
         finally:
             await self._tell(*changed)
         return stored

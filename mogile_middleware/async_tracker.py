@@ -124,8 +124,6 @@ class AsyncTrackerPool(TrackerPoolBase):
         self,
         command: str,
         args: Mapping[str, ArgValue] | None = None,
-        *,
-        tracker: Address | None = None,
     ) -> tuple[Reply, Address]:
         """Send ``command`` and return the decoded ``OK`` arguments and the tracker that answered.
 
@@ -140,7 +138,7 @@ class AsyncTrackerPool(TrackerPoolBase):
                 f"no tracker asked: the event loop's {self.max_connections} tracker requests in flight took "
                 f"longer than io_timeout ({self.io_timeout:g} s)") from None
         try:
-            runner = StepRunner(self.steps(command, args, tracker))
+            runner = StepRunner(self.steps(command, args))
             try:
                 for step in runner:
                     try:

@@ -23,7 +23,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping
 from typing import Any, NamedTuple, Protocol, Union
 
 from . import metrics
@@ -281,14 +281,14 @@ class TrackerPoolBase:
         """Close the idle connections to ``address`` (a pool's own bookkeeping)."""
         raise NotImplementedError
 
-    def steps(self, command: str, args: Mapping[str, ArgValue] | None, tracker: Address | None) -> Steps:
+    def steps(self, command: str, args: Mapping[str, ArgValue] | None) -> Steps:
         """The steps of one request (see :meth:`TrackerPool.request`), for a pool to carry out."""
         line = encode_request(command, args)
         retry_midway = command in IDEMPOTENT_COMMANDS
         may_take_long = command in ANSWERED_AFTER_STORAGE
         seconds = self.io_timeout + _verifying_seconds(command, args)
-        candidates: Sequence[Address] = [tracker] if tracker is not None else self.live_trackers()
-        if tracker is None and len(candidates) < len(self.addresses):
+        candidates = self.live_trackers()
+        if len(candidates) < len(self.addresses):
             for address in self.addresses:
                 if address not in candidates:
                     metrics.recorder.tracker_skipped(self._names[address])
@@ -300,7 +300,7 @@ class TrackerPoolBase:
         queue, deferred = list(candidates), set()
         while queue:
             address = queue.pop(0)
-            if tracker is None and address in self._dead_until:
+            if address in self._dead_until:
                 not_back = yield from self._probe_steps(address, alone=address not in deferred)
                 if not_back is _ASKED_BY_ANOTHER:  # the other trackers first, then ask it too
                     deferred.add(address)
@@ -455,19 +455,18 @@ class TrackerPool(TrackerPoolBase):
         self,
         command: str,
         args: Mapping[str, ArgValue] | None = None,
-        *,
-        tracker: Address | None = None,
     ) -> tuple[Reply, Address]:
         """Send ``command`` and return the decoded ``OK`` arguments and the tracker that answered.
 
-        With ``tracker``, only that tracker is asked (``create_close`` must reach the tracker that
-        answered ``create_open``). Raises the :class:`TrackerError` for an ``ERR`` reply and
+        Any tracker may answer any command, ``create_close`` too: mogilefsd keeps an open upload in
+        its database, not in the tracker that answered ``create_open``. Raises the
+        :class:`TrackerError` for an ``ERR`` reply and
         :class:`TrackerUnavailableError` when no tracker answered (refused, late, closed, or sent
         garbage); :class:`OutcomeUnknownError` when a command that is not safe to repeat was sent
         and got no reply.
         """
         self._check_fork()
-        runner = StepRunner(self.steps(command, args, tracker))
+        runner = StepRunner(self.steps(command, args))
         try:
             for step in runner:
                 try:

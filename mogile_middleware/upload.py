@@ -243,7 +243,7 @@ class NewFile(io.RawIOBase):
         self._on_change = on_change
         args = create_open_args(domain, key, cls, size)
         with opening(args, domain):
-            reply, self._tracker = pool.request("create_open", args)
+            reply = pool.request("create_open", args)[0]
             self.fid = reply["fid"]
             self._destinations = destinations(reply)
         self._devid = self._path = ""
@@ -359,7 +359,6 @@ class NewFile(io.RawIOBase):
                 "create_close",
                 create_close_args(self._domain, self.key, self.fid, (self._devid, self._path), self.size,
                                   None if self._md5 is None else self._md5.hexdigest(), self._verify_checksum),
-                tracker=self._tracker,
             )
 
     def _changed(self) -> None:

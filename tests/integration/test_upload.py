@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 import pytest
 from conftest import DOMAIN
 from integration._async_facade import Flavour, both_flavours, flavour  # noqa: F401 (a fixture)
-from wiretools import LoopbackServer, PatternFile, ScriptedTracker, SilentServer, pattern_md5
+from wiretools import CountingRelay, LoopbackServer, PatternFile, ScriptedTracker, SilentServer, pattern_md5
 
 from mogile_middleware import (
     Admin,
@@ -190,6 +190,27 @@ def test_storage_nodes_dying_midway_leave_no_key(flavour: Flavour, client: Clien
         node.start()
     with pytest.raises(UnknownKeyError):
         client.file_info("half")
+
+
+@both_flavours
+def test_a_tracker_gone_during_the_put_leaves_the_upload_to_another(flavour: Flavour, devmogile: DevMogileFS) -> None:
+    """Two tracker addresses in front of one tracker, as two mogilefsd share one database: the
+    one that answered ``create_open`` goes away during the PUT (a restart), the other closes the
+    upload."""
+    first, second = CountingRelay(devmogile.tracker_address), CountingRelay(devmogile.tracker_address)
+    client = flavour.Client(DOMAIN, [first.tracker, second.tracker])
+
+    def chunks() -> Iterator[bytes]:
+        yield b"a" * MIB
+        first.stop()
+        yield b"b" * MIB
+
+    try:
+        assert store(flavour, client, "restarted", chunks(), "thumb") == 2 * MIB
+        assert client.get_file_data("restarted") == b"a" * MIB + b"b" * MIB
+    finally:
+        client.close()
+        second.stop()
 
 
 class _ShortFile(io.RawIOBase):
