@@ -158,9 +158,9 @@ class PerlbalReproxy(Reproxy):
 
     def headers(self, location: Location) -> Headers:
         """Type, ETag, the replicas, and the length Perlbal should get (when known)."""
-        described = self.representation.headers(location)
         # Accept-Ranges: Perlbal passes on none of the node's headers but its Content-* ones.
-        headers = [*described, ("Accept-Ranges", "bytes"), ("Content-Length", "0"), ("X-REPROXY-URL", location.urls)]
+        described = [*self.representation.headers(location), ("Accept-Ranges", "bytes")]
+        headers = [*described, ("Content-Length", "0"), ("X-REPROXY-URL", location.urls)]
         if self.cache_for_seconds:
             # A cache hit gets only the headers named here: all of the file's (its sandbox, nosniff...).
             names = " ".join(name for name, _ in described)

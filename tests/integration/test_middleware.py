@@ -296,7 +296,7 @@ def test_perlbal_answer(devmogile: DevMogileFS, client: Client) -> None:
 def test_perlbal_cache_for_and_expected_size(devmogile: DevMogileFS, client: Client) -> None:
     app, _, _ = make(devmogile, reproxy="perlbal", perlbal_cache_seconds=30, trusted_proxies=["127.0.0.1"])
     response = app.get(url("plain.txt"), extra_environ={"REMOTE_ADDR": "127.0.0.1"})
-    assert response.headers["X-REPROXY-CACHE-FOR"] == "30; Content-Type ETag X-Content-Type-Options"
+    assert response.headers["X-REPROXY-CACHE-FOR"] == "30; Content-Type ETag X-Content-Type-Options Accept-Ranges"
     assert response.headers["X-REPROXY-EXPECTED-SIZE"] == str(len(BODY))
     # One range of a known length: the size of the part, so that Perlbal refuses a short replica.
     for header, expected in [("bytes=0-1", "2"), ("bytes=30-", str(len(BODY) - 30)), ("bytes=3-9999", str(len(BODY) - 3))]:

@@ -357,6 +357,7 @@ def test_perlbal_answers_cached_keys_without_the_application(server: str, devmog
         # A cache hit carries only the headers that X-REPROXY-CACHE-FOR names: every one of the file's.
         assert (answer.headers["Content-Type"], answer.headers["ETag"]) == ("image/jpeg", answers[0].headers["ETag"])
         assert answer.headers["X-Content-Type-Options"] == "nosniff"
+        assert answer.headers["Accept-Ranges"] == "bytes"
 
 
 def test_perlbals_cache_keeps_an_uploads_sandbox(server: str, devmogile: DevMogileFS, tmp_path: Path) -> None:
