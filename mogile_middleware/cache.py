@@ -146,14 +146,16 @@ class PathCache(Generic[V]):
     (0: never stored), or ``ttl_for(value)`` when given, and ``stale_seconds`` more while every
     tracker is unavailable. A request waits ``wait_seconds`` at most for another thread's lookup
     of the same key. ``clock`` is wall time because a shared backend compares ``stored_at``
-    across hosts.
+    across hosts. ``on_change(key)`` is told of each change of a key the cache learns of: its
+    :meth:`invalidate`, or the mark another process left in a shared backend in its place.
     """
 
     def __init__(self, lookup: Callable[[str, V | None], V], *, backend: CacheBackend | None = None,
                  ttl_seconds: float = 60.0, stale_seconds: float = 300.0, max_entries: int = 10_000,
                  clock: Callable[[], float] = time.time, wait_seconds: float = 10.0,
-                 ttl_for: Callable[[V], float] | None = None) -> None:
+                 ttl_for: Callable[[V], float] | None = None, on_change: Callable[[str], None] | None = None) -> None:
         self._lookup = lookup
+        self._on_change = on_change
         self._backend: CacheBackend = backend if backend is not None else MemoryCache(max_entries, clock)
         # How long a value stays fresh: one call on the hot path, whichever way it is given.
         self._ttl_of: Callable[[V], float] = ttl_for if ttl_for is not None else lambda value: ttl_seconds
@@ -207,7 +209,7 @@ class PathCache(Generic[V]):
         """Forget ``key``, and keep a lookup already in progress from storing its outdated value."""
         self._outdate_lookup(key)
         self._safely(self._backend.delete, key)
-        self._invalidated()
+        self._invalidated(key)
 
     def _outdate_lookup(self, key: str, refreshed: Any = None) -> None:
         """Keep a lookup of ``key`` in progress from storing its value: begun before a change, it
@@ -241,10 +243,21 @@ class PathCache(Generic[V]):
             with flight.lock:
                 flight.invalidated = True
 
-    def _invalidated(self) -> None:
-        """Count an invalidation, and the in-process cache's size after it."""
+    def _invalidated(self, key: str) -> None:
+        """Tell of the change of ``key``; count an invalidation, and the in-process cache's size after it."""
+        self._changed(key)
         metrics.recorder.cache_invalidated()
         self._report_size()
+
+    def _changed(self, key: str) -> None:
+        if self._on_change is not None:
+            self._on_change(key)
+
+    def _told_of_change(self, key: str, entry: tuple[Any, float] | None, version: Any) -> None:
+        """Tell of the change of ``key`` when a versioned backend holds something for it that is no
+        entry: another process's mark of a change (or an entry that could not be read)."""
+        if entry is None and version is not None and version is not _UNSET and version is not _UNVERSIONED:
+            self._changed(key)
 
     def _report_size(self) -> None:
         if isinstance(self._backend, MemoryCache):
@@ -301,6 +314,7 @@ class PathCache(Generic[V]):
         entry, version = self._watched(key)
         if self._replaces(entry, previous):
             return entry[0]  # type: ignore[index]
+        self._told_of_change(key, entry, version)
         with self._lock:
             self.lookups += 1
         try:
@@ -490,7 +504,7 @@ class AsyncPathCache(PathCache[V]):
         plain :meth:`~PathCache.invalidate` stays for a synchronous writer's thread."""
         self._outdate_lookup(key)
         await self._backend_call(self._backend.delete, key)
-        self._invalidated()
+        self._invalidated(key)
 
     async def _refresh(self, key: str, previous: V | None = None, *,  # type: ignore[override]
                        recheck: bool = True) -> V:
@@ -537,6 +551,7 @@ class AsyncPathCache(PathCache[V]):
         entry, version = await self._backend_call(self._watched, key) or (None, _UNSET)
         if self._replaces(entry, previous):
             return entry[0]  # type: ignore[index]
+        self._told_of_change(key, entry, version)
         self.lookups += 1
         try:
             value = await self._async_lookup(key, previous if entry is None else entry[0])

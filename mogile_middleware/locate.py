@@ -40,9 +40,10 @@ CLASSES_SECONDS = 300.0
 #: unknown (measured on MogileFS 2.73 with SQLite: a median of 9 ms, up to 0.2 s, and up to 1.1 s
 #: under 30 overwrites a second); a key that existed a moment ago is asked again over 0.8 s.
 SETTLING_PAUSES = (0.02, 0.08, 0.2, 0.5)
-#: Seconds a key whose lookup found it changing still counts as existing (see :meth:`Locator._lookup_steps`).
+#: Seconds a key seen changing still counts as existing (see :meth:`Locator._lookup_steps`): found
+#: changing by a lookup, written by the middleware's client, or marked changed in a shared cache.
 CHANGING_SECONDS = 10.0
-#: Keys remembered as changing, at most (then all are forgotten).
+#: Keys remembered as changed, at most (then all are forgotten).
 CHANGING_KEYS = 1000
 
 
@@ -146,10 +147,10 @@ class Locator:
         self._entry_prefix = "" if cache_backend is None else entry_key(client.domain, "")
         self._copies: dict[str, int] = {}
         self._copies_until = 0.0
-        self._changing: dict[str, float] = {}  # key -> when a lookup last found it changing
+        self._changed: dict[str, float] = {}  # cache entry -> when its key was last seen changing
         self.paths: PathCache[Location | None] = self.path_cache_class(
             self._lookup, backend=cache_backend, ttl_seconds=path_cache_seconds, stale_seconds=stale_seconds,
-            max_entries=path_cache_entries, ttl_for=self._seconds_for,
+            max_entries=path_cache_entries, ttl_for=self._seconds_for, on_change=self._note_changed,
         )
         client.add_change_listener(self.changed)
 
@@ -211,12 +212,13 @@ class Locator:
     def _lookup_steps(self, entry: str, previous: Location | None) -> Steps[Location | None]:
         """The lookup of a cache entry's key, as the calls it needs (see :func:`run_steps`).
 
-        A key caught mid-overwrite (it existed a moment ago, changed between two answers, or kept
-        changing through a lookup in the last :data:`CHANGING_SECONDS`) is asked again after each
-        of the :data:`SETTLING_PAUSES`; a key never seen is missing at once.
+        A key caught mid-overwrite (it existed a moment ago, changed between two answers, or was
+        seen changing in the last :data:`CHANGING_SECONDS`: through a lookup, a write of the
+        client, another process's mark in a shared cache) is asked again after each of the
+        :data:`SETTLING_PAUSES`; a key never seen is missing at once.
         """
         key = entry[len(self._entry_prefix):]
-        existed = previous is not None and previous.key == key or self._changed_lately(key)
+        existed = previous is not None and previous.key == key or self._changed_lately(entry)
         pauses = iter(SETTLING_PAUSES)
         listed_no_replica = False
         while True:
@@ -238,19 +240,20 @@ class Locator:
             pause = next(pauses, None)
             if pause is None:
                 if changing:
-                    self._note_changing(key)
+                    self._note_changed(entry)
                     raise KeyChangingError(f"{key!r} kept changing during its lookup")
                 return None
             yield ("pause", pause)
 
-    def _note_changing(self, key: str) -> None:
-        """Remember that ``key`` kept changing: a lookup that fails forgets its last known value."""
-        if len(self._changing) >= CHANGING_KEYS:
-            self._changing.clear()  # at once: many keys changing together is a rare storm
-        self._changing[key] = time.monotonic()
+    def _note_changed(self, entry: str) -> None:
+        """Remember that the key of ``entry`` changed: the cache then forgets its last known value
+        (dropped, or a lookup failed because the key kept changing)."""
+        if len(self._changed) >= CHANGING_KEYS:
+            self._changed.clear()  # at once: many keys changing together is a rare storm
+        self._changed[entry] = time.monotonic()
 
-    def _changed_lately(self, key: str) -> bool:
-        noted = self._changing.get(key)
+    def _changed_lately(self, entry: str) -> bool:
+        noted = self._changed.get(entry)
         return noted is not None and time.monotonic() - noted < CHANGING_SECONDS
 
     def _ask_steps(self, key: str) -> Steps[Location | None]:

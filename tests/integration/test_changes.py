@@ -9,11 +9,13 @@ duplicated headers are invisible to WSGI-level tests.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import CLASSES, DOMAIN
@@ -189,6 +191,11 @@ def test_an_unknown_key_costs_one_tracker_call(mogile: DevMogileFS, tmp_path: Pa
         assert len(count_file.read_text().splitlines()) == 1
 
 
+def answered(server: GunicornServer, path: str) -> tuple[int, bytes]:
+    reply = ask(server, path)
+    return reply.status, reply.body
+
+
 def key_unknown(client: Client, key: str) -> bool:
     try:
         client.get_paths(key)
@@ -209,15 +216,83 @@ def test_a_request_amid_an_outside_overwrite_gets_the_new_file_not_a_404(gapped:
         old_urls = writer.get_paths("hot.png")
         writer.store_content("hot.png", b"two", cls="avatar")
         wait_until_gone(old_urls)
-        overwrite = threading.Thread(target=writer.store_content, args=("hot.png", b"three", "avatar"))
-        overwrite.start()
-        try:
-            assert eventually(lambda: key_unknown(watcher, "hot.png"), bool, timeout=5, every=0.005)
-            amid = ask(server, "/mogilefs/hot.png")
-        finally:
-            overwrite.join(10)
-        assert (amid.status, amid.body) == (200, b"three")
+        amid = overwritten_amid(writer, watcher, "hot.png", b"three", lambda: answered(server, "/mogilefs/hot.png"))
+        assert amid == (200, b"three")
         assert ask(server, "/mogilefs/hot.png").body == b"three"
+
+
+def overwritten_amid(writer: Client, watcher: Client, key: str, content: bytes,
+                     asked: Callable[[], tuple[int, bytes]]) -> tuple[int, bytes]:
+    """What ``asked`` answers while ``writer`` overwrites ``key`` with ``content`` and the tracker,
+    amid that overwrite, does not know the key."""
+    overwrite = threading.Thread(target=writer.store_content, args=(key, content, "avatar"))
+    overwrite.start()
+    try:
+        assert eventually(lambda: key_unknown(watcher, key), bool, timeout=5, every=0.005)
+        return asked()
+    finally:
+        overwrite.join(10)
+
+
+@pytest.mark.parametrize("workers", SERVERS)
+def test_a_key_marked_changed_in_memcached_is_not_missing_amid_another_overwrite(gapped: DevMogileFS,
+                                                                                 workers: tuple[str, int]) -> None:
+    """A writer sharing memcached left its mark where the key's location was; a request amid
+    another writer's overwrite then asks again rather than answer (and keep) a 404."""
+    writer, watcher = Client(DOMAIN, gapped.trackers), Client(DOMAIN, gapped.trackers)
+    with start_memcached() as memcached, serve(gapped, workers, MOGILE_MEMCACHED=memcached.address) as server:
+        marking = Client(DOMAIN, gapped.trackers, cache_backend=MemcachedBackend(memcached.address))
+        marking.store_content("hot.png", b"one", cls="avatar")
+        assert ask(server, "/mogilefs/hot.png").body == b"one"
+        marking.store_content("hot.png", b"two", cls="avatar")
+        amid = overwritten_amid(writer, watcher, "hot.png", b"three", lambda: answered(server, "/mogilefs/hot.png"))
+        assert amid == (200, b"three")
+        assert ask(server, "/mogilefs/hot.png").body == b"three"
+
+
+@pytest.mark.parametrize("kind", ["wsgi", "asgi"])
+def test_a_key_written_by_the_middlewares_own_client_is_not_missing_amid_another_overwrite(gapped: DevMogileFS,
+                                                                                          kind: str) -> None:
+    """The middleware's own write drops the key's location; a request amid another writer's
+    overwrite then asks again rather than answer (and keep) a 404."""
+    from mogile_middleware import asgi
+    from mogile_middleware.middleware import MogileFSMiddleware
+
+    writer, watcher = Client(DOMAIN, gapped.trackers), Client(DOMAIN, gapped.trackers)
+    writer.store_content("own.txt", b"one", cls="avatar")
+    if kind == "wsgi":
+        middleware = MogileFSMiddleware(lambda environ, start_response: [], domain=DOMAIN, trackers=gapped.trackers)
+        write = middleware.client.store_content
+
+        def get() -> tuple[int, bytes]:
+            answer = middleware.answer({"REQUEST_METHOD": "GET"}, "own.txt")
+            return int(answer.status[:3]), b"".join(answer.body)
+    else:
+        asgi_middleware = asgi.MogileFSMiddleware(lambda scope, receive, send: None, domain=DOMAIN,
+                                                  trackers=gapped.trackers)
+
+        def write(key: str, content: bytes, cls: str) -> None:
+            asyncio.run(asgi_middleware.client.store_content(key, content, cls))
+
+        def get() -> tuple[int, bytes]:
+            sent: list[dict[str, Any]] = []
+
+            async def receive() -> dict[str, Any]:
+                return {"type": "http.request", "body": b"", "more_body": False} if not sent else \
+                    await asyncio.sleep(3600)
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+
+            asyncio.run(asyncio.wait_for(asgi_middleware(
+                {"type": "http", "method": "GET", "path": "/mogilefs/own.txt", "raw_path": b"/mogilefs/own.txt",
+                 "query_string": b"", "headers": [], "client": ("10.0.0.9", 5000), "root_path": ""},
+                receive, send), 10))
+            return sent[0]["status"], b"".join(message.get("body", b"") for message in sent[1:])
+
+    assert get() == (200, b"one")
+    write("own.txt", b"two", "avatar")
+    assert overwritten_amid(writer, watcher, "own.txt", b"three", get) == (200, b"three")
 
 
 @pytest.mark.parametrize("workers", SERVERS)
