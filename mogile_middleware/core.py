@@ -377,6 +377,9 @@ class MiddlewareCore:
             # A HEAD ignores a Range (RFC 9110 14.2), which the proxy would send on to the node;
             # storage nodes check no If-Range: serve those here.
             return False
+        if_match = environ.get("HTTP_IF_MATCH")
+        if if_match is not None and not http.etag_matches(if_match, location.etag, weak=False):
+            return False  # a 412 decided from the cached version: serve mode confirms it first
         if self.require_proxy_header and not responder.proxy_asks(environ.get(responder.request_header, "")):
             return False
         if responder.fell_back(environ):

@@ -171,15 +171,19 @@ class Locator:
 
     def with_length_of(self, location: Location) -> Location:
         """``location`` with its length, asked of the trackers when it was located without one."""
-        if location.length is not None:
-            return location
+        return location if location.length is not None else self.confirmed(location)
+
+    def confirmed(self, location: Location) -> Location:
+        """``location`` (with its length) if the trackers still name its version, else the key
+        located anew: an answer that names the version, as a 412 or a 416 does, must not name an
+        old one."""
         try:
             info = self.client.file_info(location.key)
         except UnknownKeyError:  # deleted, or amid an overwrite: relocating tells which
             info = None
         if info is None or f"fid-{info.fid}" != location.etag:  # overwritten meanwhile
             return self.relocate(location)
-        return location.with_length(info.length)
+        return location if location.length is not None else location.with_length(info.length)
 
     def cache_key(self, key: str) -> str:
         """The key under which the path cache's backend keeps the location of ``key``."""
@@ -340,15 +344,17 @@ class AsyncLocator(Locator):
 
     async def with_length_of(self, location: Location) -> Location:  # type: ignore[override]
         """As :meth:`Locator.with_length_of`, awaited."""
-        if location.length is not None:
-            return location
+        return location if location.length is not None else await self.confirmed(location)
+
+    async def confirmed(self, location: Location) -> Location:  # type: ignore[override]
+        """As :meth:`Locator.confirmed`, awaited."""
         try:
             info = await self.client.file_info(location.key)
-        except UnknownKeyError:  # deleted, or amid an overwrite: relocating tells which
+        except UnknownKeyError:
             info = None
-        if info is None or f"fid-{info.fid}" != location.etag:  # overwritten meanwhile
+        if info is None or f"fid-{info.fid}" != location.etag:
             return await self.relocate(location)
-        return location.with_length(info.length)
+        return location if location.length is not None else location.with_length(info.length)
 
     async def _lookup(self, entry: str, previous: Location | None) -> Location | None:  # type: ignore[override]
         return await arun_steps(self._lookup_steps(entry, previous), self._call)

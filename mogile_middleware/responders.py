@@ -303,21 +303,35 @@ def kept_answer(request: FileRequest, plan: FilePlan, part: bytes) -> Answer:
     return Answer(plan.status, plan.headers, part)
 
 
+#: The refusals that name the version they were decided for: 412 (``If-Match``) and 416 (its length).
+_NAMING_THE_VERSION = ("412", "416")
+
+
+def _planned(request: FileRequest, location: Location, representation: Representation) -> Answer | FilePlan:
+    """:func:`http.file_plan <mogile_middleware.http.file_plan>` for the version at ``location``."""
+    assert location.length is not None
+    return http.file_plan(request, location.etag, location.length, representation.headers(location))
+
+
 def serve_steps(request: FileRequest, location: Location, representation: Representation,
                 bodies: BodyCache | None = None) -> Steps[Any]:
     """Serve mode's decisions, for both middlewares (driven by :func:`~mogile_middleware.locate.run_steps`
     or ``arun_steps``): the replica open before anything is sent, and the trackers asked once more
-    when its replicas are gone. Returns a complete :class:`Answer`, or the location, the plan and
-    the open replica, or instead of it the planned bytes of a file ``bodies`` keeps (read whole
-    from a replica the first time). A replica that failed is not tried again: when the trackers
+    when its replicas are gone, or before a 412 or a 416 decided from the cached version. Returns
+    a complete :class:`Answer`, or the location, the plan and the open replica, or instead of it
+    the planned bytes of a file ``bodies`` keeps (read whole from a replica the first time). A replica that failed is not tried again: when the trackers
     name no other, the answer is a 502 at once, not after another storage timeout."""
     failed: set[str] = set()
     for attempt in range(2):
         if attempt:
             location = yield ("relocate", location)
         location = yield ("with_length_of", location)
-        assert location.length is not None
-        plan = http.file_plan(request, location.etag, location.length, representation.headers(location))
+        plan = _planned(request, location, representation)
+        if not attempt and isinstance(plan, Answer) and plan.status[:3] in _NAMING_THE_VERSION:
+            # Decided from a cached version: the trackers confirm it first. (Not a 304, as often
+            # asked as a file is: one for up to path_cache_seconds after a change.)
+            location = yield ("confirmed", location)
+            plan = _planned(request, location, representation)
         if isinstance(plan, Answer):
             return plan
         paths = [path for path in location.paths if path not in failed]

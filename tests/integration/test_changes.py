@@ -10,6 +10,7 @@ duplicated headers are invisible to WSGI-level tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -166,6 +167,39 @@ def test_outside_overwrite_and_delete_heal_in_serve_mode(mogile: DevMogileFS, wo
         for _ in range(2 * workers[1]):
             for method, headers in [("GET", {}), ("HEAD", {}), ("GET", {"Range": "bytes=0-1"})]:
                 assert_clean_error(ask(server, "/mogilefs/photo.png", method, headers), 404, method)
+
+
+@pytest.mark.parametrize("workers", SERVERS)
+@pytest.mark.parametrize("mode", ["serve", "nginx"])
+def test_a_412_or_416_is_decided_by_the_current_version_not_the_cached_one(mogile: DevMogileFS,
+                                                                          workers: tuple[str, int], mode: str) -> None:
+    """Another process made the file longer: a range past the cached length and an If-Match of
+    the new version get the new file, not a 416 or 412 of the old one (nor through nginx)."""
+    writer = Client(DOMAIN, mogile.trackers)
+    writer.store_content("grown.txt", b"1" * 100, cls="thumb")
+    reproxy = {} if mode == "serve" else {"MOGILE_REPROXY": "nginx", "MOGILE_TRUSTED_PROXIES": "127.0.0.1"}
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(serve(mogile, workers, **reproxy))
+        front: Any = server if mode == "serve" else stack.enter_context(run_nginx_front(server.port))
+
+        def get(headers: dict[str, str] | None = None) -> HTTPReply:
+            return ask(front, "/mogilefs/grown.txt", headers=headers)
+
+        assert get().status == 200  # its location cached
+        writer.store_content("grown.txt", b"2" * 200, cls="thumb")
+        etag = f'"fid-{writer.file_info("grown.txt").fid}"'
+        matched = get({"If-Match": etag})
+        assert (matched.status, matched.headers["etag"], matched.body) == (200, etag, b"2" * 200)
+        writer.store_content("grown.txt", b"3" * 300, cls="thumb")
+        etag = f'"fid-{writer.file_info("grown.txt").fid}"'
+        ranged = get({"Range": "bytes=250-299"})
+        assert (ranged.status, ranged.headers["content-range"], ranged.body) == (206, "bytes 250-299/300", b"3" * 50)
+        writer.store_content("grown.txt", b"4" * 400, cls="thumb")
+        etag = f'"fid-{writer.file_info("grown.txt").fid}"'
+        past = get({"Range": "bytes=400-"})
+        assert_clean_error(past, 416)
+        assert (past.headers["content-range"], past.headers["etag"]) == ("bytes */400", etag)
+        assert_clean_error(get({"If-Match": '"fid-1"'}), 412)
 
 
 @pytest.mark.parametrize("workers", SERVERS)
