@@ -171,8 +171,8 @@ def test_outside_overwrite_and_delete_heal_in_serve_mode(mogile: DevMogileFS, wo
 
 @pytest.mark.parametrize("workers", SERVERS)
 @pytest.mark.parametrize("mode", ["serve", "nginx"])
-def test_a_412_or_416_is_decided_by_the_current_version_not_the_cached_one(mogile: DevMogileFS,
-                                                                          workers: tuple[str, int], mode: str) -> None:
+def test_a_412_or_416_is_decided_by_the_current_version_not_the_cached_one(
+        mogile: DevMogileFS, workers: tuple[str, int], mode: str) -> None:
     """Another process made the file longer: a range past the cached length and an If-Match of
     the new version get the new file, not a 416 or 412 of the old one (nor through nginx)."""
     writer = Client(DOMAIN, mogile.trackers)
@@ -285,8 +285,8 @@ def test_a_key_marked_changed_in_memcached_is_not_missing_amid_another_overwrite
 
 
 @pytest.mark.parametrize("kind", ["wsgi", "asgi"])
-def test_a_key_written_by_the_middlewares_own_client_is_not_missing_amid_another_overwrite(gapped: DevMogileFS,
-                                                                                          kind: str) -> None:
+def test_a_key_written_by_the_middlewares_own_client_is_not_missing_amid_another_overwrite(
+        gapped: DevMogileFS, kind: str) -> None:
     """The middleware's own write drops the key's location; a request amid another writer's
     overwrite then asks again rather than answer (and keep) a 404."""
     from mogile_middleware import asgi
