@@ -373,10 +373,12 @@ class TrackerPoolBase:
             try:
                 return (yield Ask(connection, line, deadline))
             except (OSError, ProtocolError) as error:
+                late = time.monotonic() >= deadline  # too slow, not closed: a new connection would be no faster
+                if late and not may_take_long:
+                    self.mark_dead(address)
                 if not retry_midway:
                     raise _SentAndLost() from error
-                if time.monotonic() >= deadline:  # too slow, not closed: a new connection would be no faster
-                    self.mark_dead(address)
+                if late:
                     raise TimeoutError(f"no reply within {seconds:g}s") from error
                 # The tracker may close kept-open connections at any time: try once on a new one.
         # mogilefsd closes a new connection too, when one of its workers misspoke to another client

@@ -272,6 +272,26 @@ def test_a_create_close_past_its_deadline_leaves_the_tracker_alive(flavour: Flav
 
 
 @both_flavours
+def test_a_command_unsafe_to_repeat_left_unanswered_on_a_kept_connection_marks_the_tracker_dead(
+        flavour: Flavour) -> None:
+    """A tracker that hangs (SIGSTOP) costs io_timeout once: a delete that waited for it on a
+    kept-open connection marks it dead, so the next one goes to the other tracker at once."""
+    first, second = ScriptedTracker(ok), ScriptedTracker(ok)
+    try:
+        pool = flavour.TrackerPool([first.tracker, second.tracker], io_timeout=0.3, dead_seconds=5)
+        assert pool.request("noop")[1] == first.address  # its connection kept open
+        first.script = lambda line: b""
+        with pytest.raises(OutcomeUnknownError, match="may or may not"):
+            pool.request("delete", {"key": "k"})
+        started = time.monotonic()
+        assert pool.request("delete", {"key": "k"})[1] == second.address
+        assert time.monotonic() - started < 0.2
+    finally:
+        first.stop()
+        second.stop()
+
+
+@both_flavours
 def test_a_tracker_that_never_answers_costs_the_io_timeout_then_the_next_one_answers(tracker: ScriptedTracker,
                                                                                      flavour: Flavour) -> None:
     silent = ScriptedTracker(lambda line: b"")
