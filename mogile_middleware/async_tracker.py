@@ -18,13 +18,23 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 
 from .deadline import readable_now, time_left, within
 from .exceptions import ProtocolError, TrackerUnavailableError
 from .protocol import ArgValue, Reply, parse_reply
-from .tracker import MAX_REPLY_BYTES, Address, Dial, Step, StepRunner, TakeIdle, TrackerPoolBase, kept_if_answered
+from .tracker import (
+    ANSWERED_AFTER_STORAGE,
+    MAX_REPLY_BYTES,
+    Address,
+    Dial,
+    Step,
+    StepRunner,
+    TakeIdle,
+    TrackerPoolBase,
+    kept_if_answered,
+)
 
 
 class AsyncTrackerConnection:
@@ -54,14 +64,25 @@ class AsyncTrackerConnection:
     async def roundtrip(self, request: bytes, deadline: float) -> bytes:
         """Send one request line and return the reply line, whole by ``deadline`` (a
         :func:`time.monotonic` time), else :class:`TimeoutError`; raises on EOF or an oversized line."""
+        return await self._by(deadline, self._roundtrip(request))
+
+    async def reply(self, deadline: float) -> bytes:
+        """The reply line to the request sent last, as :meth:`roundtrip` reads it."""
+        return await self._by(deadline, self._reply())
+
+    @staticmethod
+    async def _by(deadline: float, reading: Awaitable[bytes]) -> bytes:
         try:
-            return await within(time_left(deadline), self._roundtrip(request))
+            return await within(time_left(deadline), reading)
         except asyncio.TimeoutError:  # not an OSError before Python 3.11
             raise TimeoutError("timed out") from None
 
     async def _roundtrip(self, request: bytes) -> bytes:
         self._writer.write(request)
         await self._writer.drain()
+        return await self._reply()
+
+    async def _reply(self) -> bytes:
         try:
             return await self._reader.readuntil(b"\n")
         except asyncio.LimitOverrunError:
@@ -89,7 +110,8 @@ class AsyncTrackerPool(TrackerPoolBase):
 
     The arguments are :class:`~mogile_middleware.tracker.TrackerPool`'s. At most
     :attr:`max_connections` requests are in flight at once per event loop, each on its own
-    connection (so at most that many connections per tracker and loop); the others wait their turn.
+    connection (so at most that many connections per tracker and loop, besides those of requests
+    given up, each kept until its reply or its deadline); the others wait their turn.
     """
 
     #: Requests in flight at once per event loop (set it on a pool before its first request).
@@ -99,6 +121,7 @@ class AsyncTrackerPool(TrackerPoolBase):
         super()._reset()
         self._lock = threading.Lock()  # guards _loops: loops in other threads may share the pool
         self._loops: dict[asyncio.AbstractEventLoop, _LoopConnections] = {}
+        self._listening: set[asyncio.Task[None]] = set()  # see _listen
 
     def _connections(self) -> _LoopConnections:
         """The running loop's connections (a loop seen for the first time forgets the closed ones)."""
@@ -142,7 +165,7 @@ class AsyncTrackerPool(TrackerPoolBase):
             try:
                 for step in runner:
                     try:
-                        runner.result = await self._carry_out(connections, step)
+                        runner.result = await self._carry_out(connections, step, command)
                     except Exception as error:
                         runner.error = error
             finally:
@@ -151,12 +174,12 @@ class AsyncTrackerPool(TrackerPoolBase):
         finally:
             connections.slots.release()
 
-    async def _carry_out(self, connections: _LoopConnections, step: Step) -> object:
+    async def _carry_out(self, connections: _LoopConnections, step: Step, command: str) -> object:
         if isinstance(step, TakeIdle):
             return self._take_idle(connections, step.address)
         if isinstance(step, Dial):
             return await AsyncTrackerConnection.open(step.address, self.connect_timeout)
-        return await self._roundtrip(connections, step.connection, step.line, step.deadline)
+        return await self._roundtrip(connections, step.connection, step.line, step.deadline, command)
 
     @staticmethod
     def _take_idle(connections: _LoopConnections, address: Address) -> AsyncTrackerConnection | None:
@@ -169,10 +192,35 @@ class AsyncTrackerPool(TrackerPoolBase):
         return None
 
     async def _roundtrip(self, connections: _LoopConnections, connection: AsyncTrackerConnection, line: bytes,
-                         deadline: float | None) -> Reply:
+                         deadline: float | None, command: str) -> Reply:
+        due = time.monotonic() + self.io_timeout if deadline is None else deadline
+        try:
+            reply = await connection.roundtrip(line, due)
+        except asyncio.CancelledError:
+            listening = asyncio.ensure_future(self._listen(connection, due, command))
+            self._listening.add(listening)
+            listening.add_done_callback(self._listening.discard)
+            raise
+        except BaseException:
+            connection.close()
+            raise
         with kept_if_answered(connection, lambda kept: connections.idle.setdefault(kept.address, []).append(kept)):
-            return parse_reply(await connection.roundtrip(
-                line, time.monotonic() + self.io_timeout if deadline is None else deadline))
+            return parse_reply(reply)
+
+    async def _listen(self, connection: AsyncTrackerConnection, due: float, command: str) -> None:
+        """Wait for the reply to a request given up (its task cancelled: the client left) until its
+        deadline, then close the connection: a tracker that misses it is marked dead as if it had
+        been waited for. Where clients or a front proxy give up sooner than ``io_timeout``, a hung
+        tracker would otherwise be asked by every request and never left for another."""
+        try:
+            await connection.reply(due)
+        except TimeoutError:
+            if command not in ANSWERED_AFTER_STORAGE:
+                self.mark_dead(connection.address)
+        except (OSError, ProtocolError):
+            pass  # it answered, if only by closing: alive
+        finally:
+            connection.close()
 
     async def aclose(self) -> None:
         """Close the running loop's idle connections (connections in use stay until their request ends)."""

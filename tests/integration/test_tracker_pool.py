@@ -3,6 +3,7 @@ scripted trackers: reuse, failover, faults."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import socket
@@ -16,6 +17,7 @@ from integration._async_facade import Flavour, both_flavours, flavour  # noqa: F
 from wiretools import ScriptedTracker, ok
 
 from mogile_middleware import Client
+from mogile_middleware.async_tracker import AsyncTrackerPool
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.exceptions import OutcomeUnknownError, TrackerUnavailableError, UnknownKeyError
 from mogile_middleware.tracker import IDLE_SECONDS, VERIFIED_BYTES_PER_SECOND, TrackerPool, parse_address, parse_trackers
@@ -289,6 +291,29 @@ def test_a_command_unsafe_to_repeat_left_unanswered_on_a_kept_connection_marks_t
     finally:
         first.stop()
         second.stop()
+
+
+@pytest.mark.parametrize("command", ["get_paths", "delete"])
+def test_requests_given_up_sooner_than_io_timeout_still_mark_a_silent_tracker_dead(command: str) -> None:
+    """Clients or a front proxy that give up sooner than io_timeout cancel every lookup of an
+    ASGI server: the hung tracker's silence is heard all the same, so later requests go to the
+    other tracker instead of each waiting for the hung one until given up."""
+    silent, answering = ScriptedTracker(lambda line: b""), ScriptedTracker(ok)
+
+    async def scenario() -> tuple[tuple[str, int], list[tuple[str, int]]]:
+        pool = AsyncTrackerPool([silent.tracker, answering.tracker], io_timeout=0.3, dead_seconds=5)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(pool.request(command, {"key": "k"}), 0.05)
+        await asyncio.sleep(0.4)  # past the deadline the request had
+        _, tracker = await asyncio.wait_for(pool.request(command, {"key": "k"}), 0.2)
+        return tracker, pool.live_trackers()
+
+    try:
+        assert asyncio.run(scenario()) == (answering.address, [answering.address])
+        assert silent.connections == 1
+    finally:
+        silent.stop()
+        answering.stop()
 
 
 @both_flavours
