@@ -421,6 +421,25 @@ def test_an_idempotent_command_cut_midway_is_retried_on_a_new_connection(flavour
 
 
 @both_flavours
+def test_an_update_class_cut_midway_is_sent_again_as_setting_a_class_twice_changes_nothing(
+        flavour: Flavour) -> None:
+    calls = []
+
+    def hang_up_once(line: bytes) -> bytes | None:
+        calls.append(line)
+        return None if len(calls) == 2 else b"OK \r\n"
+
+    server = ScriptedTracker(hang_up_once)
+    try:
+        pool = flavour.TrackerPool([server.tracker])
+        pool.request("noop")
+        assert pool.request("update_class", {"key": "k", "class": "thumb"})[0] == {}
+        assert sum(line.startswith(b"update_class") for line in calls) == 2
+    finally:
+        server.stop()
+
+
+@both_flavours
 def test_a_non_idempotent_command_cut_midway_is_not_repeated(flavour: Flavour) -> None:
     calls = []
 
