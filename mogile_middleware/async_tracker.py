@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .deadline import readable_now, time_left, within
@@ -64,25 +64,14 @@ class AsyncTrackerConnection:
     async def roundtrip(self, request: bytes, deadline: float) -> bytes:
         """Send one request line and return the reply line, whole by ``deadline`` (a
         :func:`time.monotonic` time), else :class:`TimeoutError`; raises on EOF or an oversized line."""
-        return await self._by(deadline, self._roundtrip(request))
-
-    async def reply(self, deadline: float) -> bytes:
-        """The reply line to the request sent last, as :meth:`roundtrip` reads it."""
-        return await self._by(deadline, self._reply())
-
-    @staticmethod
-    async def _by(deadline: float, reading: Awaitable[bytes]) -> bytes:
         try:
-            return await within(time_left(deadline), reading)
+            return await within(time_left(deadline), self._roundtrip(request))
         except asyncio.TimeoutError:  # not an OSError before Python 3.11
             raise TimeoutError("timed out") from None
 
     async def _roundtrip(self, request: bytes) -> bytes:
         self._writer.write(request)
         await self._writer.drain()
-        return await self._reply()
-
-    async def _reply(self) -> bytes:
         try:
             return await self._reader.readuntil(b"\n")
         except asyncio.LimitOverrunError:
@@ -99,10 +88,12 @@ class AsyncTrackerConnection:
 
 @dataclass
 class _LoopConnections:
-    """The connections of one event loop: idle ones per tracker, and the requests in flight."""
+    """The connections of one event loop: idle ones per tracker, the requests in flight, and per
+    tracker the connection of a request given up, with the timer that hears whether it was answered."""
 
     slots: asyncio.Semaphore
     idle: dict[Address, list[AsyncTrackerConnection]] = field(default_factory=dict)
+    given_up: dict[Address, tuple[AsyncTrackerConnection, asyncio.TimerHandle]] = field(default_factory=dict)
 
 
 class AsyncTrackerPool(TrackerPoolBase):
@@ -110,8 +101,8 @@ class AsyncTrackerPool(TrackerPoolBase):
 
     The arguments are :class:`~mogile_middleware.tracker.TrackerPool`'s. At most
     :attr:`max_connections` requests are in flight at once per event loop, each on its own
-    connection (so at most that many connections per tracker and loop, besides those of requests
-    given up, each kept until its reply or its deadline); the others wait their turn.
+    connection (so at most that many connections per tracker and loop, and one of a request given
+    up, kept until its deadline); the others wait their turn.
     """
 
     #: Requests in flight at once per event loop (set it on a pool before its first request).
@@ -121,7 +112,6 @@ class AsyncTrackerPool(TrackerPoolBase):
         super()._reset()
         self._lock = threading.Lock()  # guards _loops: loops in other threads may share the pool
         self._loops: dict[asyncio.AbstractEventLoop, _LoopConnections] = {}
-        self._listening: set[asyncio.Task[None]] = set()  # see _listen
 
     def _connections(self) -> _LoopConnections:
         """The running loop's connections (a loop seen for the first time forgets the closed ones)."""
@@ -151,7 +141,8 @@ class AsyncTrackerPool(TrackerPoolBase):
         """Send ``command`` and return the decoded ``OK`` arguments and the tracker that answered.
 
         As :meth:`TrackerPool.request <mogile_middleware.tracker.TrackerPool.request>`. A
-        cancelled request closes the connection it was using.
+        cancelled request frees its place at once; its connection is closed, or kept until its
+        deadline to hear whether the tracker answers (see :meth:`_hear_at_deadline`).
         """
         connections = self._connections()
         try:  # a wait for a slot counts against io_timeout: requests of departed clients queue no one for long
@@ -197,9 +188,10 @@ class AsyncTrackerPool(TrackerPoolBase):
         try:
             reply = await connection.roundtrip(line, due)
         except asyncio.CancelledError:
-            listening = asyncio.ensure_future(self._listen(connection, due, command))
-            self._listening.add(listening)
-            listening.add_done_callback(self._listening.discard)
+            if command in ANSWERED_AFTER_STORAGE or connection.address in connections.given_up:
+                connection.close()
+            else:
+                self._hear_at_deadline(connections, connection, due)
             raise
         except BaseException:
             connection.close()
@@ -207,25 +199,31 @@ class AsyncTrackerPool(TrackerPoolBase):
         with kept_if_answered(connection, lambda kept: connections.idle.setdefault(kept.address, []).append(kept)):
             return parse_reply(reply)
 
-    async def _listen(self, connection: AsyncTrackerConnection, due: float, command: str) -> None:
-        """Wait for the reply to a request given up (its task cancelled: the client left) until its
-        deadline, then close the connection: a tracker that misses it is marked dead as if it had
-        been waited for. Where clients or a front proxy give up sooner than ``io_timeout``, a hung
-        tracker would otherwise be asked by every request and never left for another."""
-        try:
-            await connection.reply(due)
-        except TimeoutError:
-            if command not in ANSWERED_AFTER_STORAGE:
+    def _hear_at_deadline(self, connections: _LoopConnections, connection: AsyncTrackerConnection,
+                          due: float) -> None:
+        """Keep the connection of a request given up (its task cancelled: the client left) until
+        its deadline, then close it: a tracker that sent nothing by then is marked dead, as if the
+        request had waited. Where clients or a front proxy give up sooner than ``io_timeout``, a
+        hung tracker would otherwise be asked by every request and never left for another. One
+        such connection per tracker is evidence enough: the others are closed at once."""
+        def heard() -> None:
+            del connections.given_up[connection.address]
+            if not connection.is_stale():  # nothing came, not even a close
                 self.mark_dead(connection.address)
-        except (OSError, ProtocolError):
-            pass  # it answered, if only by closing: alive
-        finally:
             connection.close()
 
+        hearing = asyncio.get_running_loop().call_later(max(0.0, due - time.monotonic()), heard)
+        connections.given_up[connection.address] = connection, hearing
+
     async def aclose(self) -> None:
-        """Close the running loop's idle connections (connections in use stay until their request ends)."""
+        """Close the running loop's idle connections and those of requests given up (connections in
+        use stay until their request ends)."""
         connections = self._connections()
         idle = [connection for kept in connections.idle.values() for connection in kept]
         connections.idle.clear()
+        for connection, hearing in connections.given_up.values():
+            hearing.cancel()
+            idle.append(connection)
+        connections.given_up.clear()
         for connection in idle:
             connection.close()

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from .cache import AsyncPathCache, CacheBackend, PathCache, entry_key
 from .client import Client
-from .exceptions import KeyChangingError, MogileFSError, StorageError, UnknownKeyError
+from .exceptions import KeyChangingError, MogileFSError, StorageError, TrackerUnavailableError, UnknownKeyError
 from .protocol import parse_domains
 
 log = logging.getLogger("mogile_middleware")
@@ -43,6 +43,9 @@ SETTLING_PAUSES = (0.02, 0.08, 0.2, 0.5)
 #: Seconds a key seen changing still counts as existing (see :meth:`Locator._lookup_steps`): found
 #: changing by a lookup, written by the middleware's client, or marked changed in a shared cache.
 CHANGING_SECONDS = 10.0
+#: Seconds a location the trackers confirmed is taken as the key's for an answer that names the
+#: version (412, 416) without asking them again (see :meth:`Locator._confirmed_steps`).
+CONFIRMED_SECONDS = 1.0
 #: Keys remembered as changed, at most (then all are forgotten).
 CHANGING_KEYS = 1000
 
@@ -174,16 +177,9 @@ class Locator:
         return location if location.length is not None else self.confirmed(location)
 
     def confirmed(self, location: Location) -> Location:
-        """``location`` (with its length) if the trackers still name its version, else the key
-        located anew: an answer that names the version, as a 412 or a 416 does, must not name an
-        old one."""
-        try:
-            info = self.client.file_info(location.key)
-        except UnknownKeyError:  # deleted, or amid an overwrite: relocating tells which
-            info = None
-        if info is None or f"fid-{info.fid}" != location.etag:  # overwritten meanwhile
-            return self.relocate(location)
-        return location if location.length is not None else location.with_length(info.length)
+        """``location`` confirmed (see :meth:`_confirmed_steps`): an answer that names the version,
+        as a 412 or a 416 does, must not name an old one."""
+        return run_steps(self._confirmed_steps(location), self._call)
 
     def cache_key(self, key: str) -> str:
         """The key under which the path cache's backend keeps the location of ``key``."""
@@ -206,12 +202,43 @@ class Locator:
         return run_steps(self._lookup_steps(entry, previous), self._call)
 
     def _call(self, name: str, *args: Any) -> Any:
-        """One call a step asks for: ``get_paths``, ``file_info``, ``classes`` or ``pause``."""
+        """One call a step asks for: ``get_paths``, ``file_info``, ``classes``, ``relocate`` or ``pause``."""
         if name == "classes":
             return self.client.pool.request("get_domains")[0]
         if name == "pause":
             return time.sleep(*args)
+        if name == "relocate":
+            return self.relocate(*args)
         return getattr(self.client, name)(*args)
+
+    def _confirmed_steps(self, location: Location) -> Steps[Location]:
+        """``location`` with its length once ``file_info`` names its version, else the key located
+        anew (with its length; :class:`KeyChangingError` if it changed again meanwhile). A location
+        confirmed in the last :data:`CONFIRMED_SECONDS` is taken as it is: requests that a client
+        makes refused at will cost a tracker call per key and second at most. While no tracker
+        answers, one with its length stays as it is, as cached paths are served."""
+        if _confirmed_lately(location):
+            return location
+        for relocated in (False, True):
+            try:
+                info = yield ("file_info", location.key)
+            except UnknownKeyError:  # deleted, or amid an overwrite: relocating tells which
+                info = None
+            except TrackerUnavailableError:
+                if location.length is None:
+                    raise
+                return location
+            if info is not None and _names_version(location, info.fid):
+                if location.length is None:
+                    location = location.with_length(info.length)
+                break
+            if relocated:
+                raise KeyChangingError(f"{location.key!r} changed again before its length was known")
+            location = yield ("relocate", location)
+            if location.length is not None:  # just looked up, with its length
+                break
+        location.remember(_CONFIRMED, time.monotonic())
+        return location
 
     def _lookup_steps(self, entry: str, previous: Location | None) -> Steps[Location | None]:
         """The lookup of a cache entry's key, as the calls it needs (see :func:`run_steps`).
@@ -348,13 +375,7 @@ class AsyncLocator(Locator):
 
     async def confirmed(self, location: Location) -> Location:  # type: ignore[override]
         """As :meth:`Locator.confirmed`, awaited."""
-        try:
-            info = await self.client.file_info(location.key)
-        except UnknownKeyError:
-            info = None
-        if info is None or f"fid-{info.fid}" != location.etag:
-            return await self.relocate(location)
-        return location if location.length is not None else location.with_length(info.length)
+        return await arun_steps(self._confirmed_steps(location), self._call)
 
     async def _lookup(self, entry: str, previous: Location | None) -> Location | None:  # type: ignore[override]
         return await arun_steps(self._lookup_steps(entry, previous), self._call)
@@ -364,7 +385,23 @@ class AsyncLocator(Locator):
             return (await self.client.pool.request("get_domains"))[0]
         if name == "pause":
             return await asyncio.sleep(*args)
+        if name == "relocate":
+            return await self.relocate(*args)
         return await getattr(self.client, name)(*args)
+
+
+#: The key under which a location's :attr:`~Location.memo` keeps when the trackers confirmed it.
+_CONFIRMED = object()
+
+
+def _confirmed_lately(location: Location) -> bool:
+    confirmed = None if location.memo is None else location.memo.get(_CONFIRMED)
+    return confirmed is not None and time.monotonic() - confirmed < CONFIRMED_SECONDS
+
+
+def _names_version(location: Location, fid: int) -> bool:
+    """True if ``location`` is the version of the key that is the file ``fid``."""
+    return location.etag == (f"fid-{fid}" if location.etag.startswith("fid-") else etag_for(location.paths, fid))
 
 
 def _foreign(location: Location, key: str) -> Location:

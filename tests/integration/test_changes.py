@@ -24,12 +24,13 @@ from integration._gunicorn import GunicornServer, run_gunicorn, run_uvicorn
 from integration._memcached import start_memcached
 from integration._proxies import run_nginx_front, run_perlbal_front
 from integration._wire_client import HTTPReply, eventually, free_port, http_request, read_http_reply
+from wiretools import ScriptedTracker
 
 from mogile_middleware import Client
 from mogile_middleware.client import FileInfo
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.exceptions import UnknownKeyError
-from mogile_middleware.locate import SETTLING_PAUSES
+from mogile_middleware.locate import CONFIRMED_SECONDS, SETTLING_PAUSES
 from mogile_middleware.memcache import MemcachedBackend
 
 pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
@@ -173,33 +174,106 @@ def test_outside_overwrite_and_delete_heal_in_serve_mode(mogile: DevMogileFS, wo
 @pytest.mark.parametrize("mode", ["serve", "nginx"])
 def test_a_412_or_416_is_decided_by_the_current_version_not_the_cached_one(
         mogile: DevMogileFS, workers: tuple[str, int], mode: str) -> None:
-    """Another process made the file longer: a range past the cached length and an If-Match of
+    """Another process made each file longer: a range past the cached length and an If-Match of
     the new version get the new file, not a 416 or 412 of the old one (nor through nginx)."""
     writer = Client(DOMAIN, mogile.trackers)
-    writer.store_content("grown.txt", b"1" * 100, cls="thumb")
+    keys = ["matched.txt", "ranged.txt", "past.txt"]
+    for key in keys:
+        writer.store_content(key, b"1" * 100, cls="thumb")
     reproxy = {} if mode == "serve" else {"MOGILE_REPROXY": "nginx", "MOGILE_TRUSTED_PROXIES": "127.0.0.1"}
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(serve(mogile, workers, **reproxy))
         front: Any = server if mode == "serve" else stack.enter_context(run_nginx_front(server.port))
 
-        def get(headers: dict[str, str] | None = None) -> HTTPReply:
-            return ask(front, "/mogilefs/grown.txt", headers=headers)
+        def get(key: str, headers: dict[str, str] | None = None) -> HTTPReply:
+            return ask(front, f"/mogilefs/{key}", headers=headers)
 
-        assert get().status == 200  # its location cached
-        writer.store_content("grown.txt", b"2" * 200, cls="thumb")
-        etag = f'"fid-{writer.file_info("grown.txt").fid}"'
-        matched = get({"If-Match": etag})
-        assert (matched.status, matched.headers["etag"], matched.body) == (200, etag, b"2" * 200)
-        writer.store_content("grown.txt", b"3" * 300, cls="thumb")
-        etag = f'"fid-{writer.file_info("grown.txt").fid}"'
-        ranged = get({"Range": "bytes=250-299"})
-        assert (ranged.status, ranged.headers["content-range"], ranged.body) == (206, "bytes 250-299/300", b"3" * 50)
-        writer.store_content("grown.txt", b"4" * 400, cls="thumb")
-        etag = f'"fid-{writer.file_info("grown.txt").fid}"'
-        past = get({"Range": "bytes=400-"})
+        for key in keys:
+            assert get(key).status == 200  # its location cached
+            writer.store_content(key, b"2" * 200, cls="thumb")
+        etags = {key: f'"fid-{writer.file_info(key).fid}"' for key in keys}
+        matched = get("matched.txt", {"If-Match": etags["matched.txt"]})
+        assert (matched.status, matched.headers["etag"], matched.body) == (200, etags["matched.txt"], b"2" * 200)
+        ranged = get("ranged.txt", {"Range": "bytes=150-199"})
+        assert (ranged.status, ranged.headers["content-range"], ranged.body) == (206, "bytes 150-199/200", b"2" * 50)
+        past = get("past.txt", {"Range": "bytes=200-"})
         assert_clean_error(past, 416)
-        assert (past.headers["content-range"], past.headers["etag"]) == ("bytes */400", etag)
-        assert_clean_error(get({"If-Match": '"fid-1"'}), 412)
+        assert (past.headers["content-range"], past.headers["etag"]) == ("bytes */200", etags["past.txt"])
+        assert_clean_error(get("past.txt", {"If-Match": '"fid-1"'}), 412)
+
+
+def test_refusals_a_client_asks_for_cost_one_tracker_call_per_key_and_second(mogile: DevMogileFS) -> None:
+    """412 and 416 are a client's to ask for at will: their confirmation is not asked again
+    within a second, as the path cache keeps other answers from asking the trackers."""
+    from mogile_middleware.middleware import MogileFSMiddleware
+
+    class CountingClient(Client):
+        asked = 0
+
+        def file_info(self, key: str) -> FileInfo:  # type: ignore[override]
+            CountingClient.asked += 1
+            return super().file_info(key)
+
+    Client(DOMAIN, mogile.trackers).store_content("asked.txt", b"x" * 10, cls="thumb")
+    middleware = MogileFSMiddleware(lambda environ, start_response: [], client=CountingClient(DOMAIN, mogile.trackers))
+    assert middleware.answer({"REQUEST_METHOD": "GET"}, "asked.txt").status.startswith("200")
+    looked_up = CountingClient.asked
+    for _ in range(20):
+        refused = middleware.answer({"REQUEST_METHOD": "GET", "HTTP_RANGE": "bytes=10-"}, "asked.txt")
+        assert refused.status.startswith("416")
+        assert middleware.answer({"REQUEST_METHOD": "GET", "HTTP_IF_MATCH": '"x"'}, "asked.txt").status.startswith("412")
+    assert CountingClient.asked == looked_up + 1
+    time.sleep(CONFIRMED_SECONDS)
+    assert middleware.answer({"REQUEST_METHOD": "GET", "HTTP_RANGE": "bytes=10-"}, "asked.txt").status.startswith("416")
+    assert CountingClient.asked == looked_up + 2
+
+
+def test_a_refusal_for_a_version_its_urls_name_is_confirmed_without_locating_the_key_anew() -> None:
+    """Replica URLs a rewriting layer made name no fid: file_info's fid confirms their version all the same."""
+    from mogile_middleware.middleware import MogileFSMiddleware
+
+    def reply(line: bytes) -> bytes:
+        if line.startswith(b"get_paths"):
+            return b"OK paths=1&path1=http://127.0.0.1:1/files/k.bin\r\n"
+        if line.startswith(b"file_info"):
+            return b"OK fid=7&domain=testdom&class=thumb&key=k&length=10&devcount=1\r\n"
+        return b"OK domains=1&domain1=testdom&domain1classes=1&domain1class1name=thumb&domain1class1mindevcount=1\r\n"
+
+    tracker = ScriptedTracker(reply)
+    try:
+        middleware = MogileFSMiddleware(lambda environ, start_response: [], domain=DOMAIN, trackers=[tracker.tracker])
+        assert middleware.answer({"REQUEST_METHOD": "GET", "HTTP_RANGE": "bytes=10-"}, "k").status.startswith("416")
+    finally:
+        tracker.stop()
+    commands = [line.split()[0] for line in tracker.requests]
+    assert (commands.count(b"get_paths"), commands.count(b"file_info")) == (1, 2)
+
+
+def test_with_no_tracker_answering_412_and_416_are_decided_from_the_cached_paths(mogile: DevMogileFS) -> None:
+    from mogile_middleware.middleware import MogileFSMiddleware
+
+    Client(DOMAIN, mogile.trackers).store_content("kept.txt", b"x" * 10, cls="thumb")
+    middleware = MogileFSMiddleware(lambda environ, start_response: [], domain=DOMAIN, trackers=mogile.trackers)
+    assert middleware.answer({"REQUEST_METHOD": "GET"}, "kept.txt").status.startswith("200")
+    mogile.stop_tracker()
+    assert middleware.answer({"REQUEST_METHOD": "GET", "HTTP_RANGE": "bytes=10-"}, "kept.txt").status.startswith("416")
+    assert middleware.answer({"REQUEST_METHOD": "GET", "HTTP_IF_MATCH": '"x"'}, "kept.txt").status.startswith("412")
+
+
+def test_an_if_match_of_a_new_version_is_served_where_lengths_are_not_learned(devmogile: DevMogileFS) -> None:
+    """nginx mode with every client trusted learns no length of a file with all its copies: the
+    key located anew after another process's overwrite is served with the length file_info gives."""
+    from mogile_middleware.middleware import MogileFSMiddleware
+
+    writer = Client(DOMAIN, devmogile.trackers)
+    writer.store_content("unmeasured.txt", b"old", cls="avatar")
+    middleware = MogileFSMiddleware(lambda environ, start_response: [], domain=DOMAIN, trackers=devmogile.trackers,
+                                    reproxy="nginx")
+    assert middleware.answer({"REQUEST_METHOD": "GET"}, "unmeasured.txt").reproxy == "nginx"
+    writer.store_content("unmeasured.txt", b"the new version", cls="avatar")
+    etag = f'"fid-{writer.file_info("unmeasured.txt").fid}"'
+    answer = middleware.answer({"REQUEST_METHOD": "GET", "HTTP_IF_MATCH": etag}, "unmeasured.txt")
+    assert (answer.status, b"".join(answer.body)) == ("200 OK", b"the new version")
 
 
 @pytest.mark.parametrize("workers", SERVERS)
