@@ -319,8 +319,9 @@ def serve_steps(request: FileRequest, location: Location, representation: Repres
     or ``arun_steps``): the replica open before anything is sent, and the trackers asked once more
     when its replicas are gone, or before a 412 or a 416 decided from the cached version. Returns
     a complete :class:`Answer`, or the location, the plan and the open replica, or instead of it
-    the planned bytes of a file ``bodies`` keeps (read whole from a replica the first time). A replica that failed is not tried again: when the trackers
-    name no other, the answer is a 502 at once, not after another storage timeout."""
+    the planned bytes of a file ``bodies`` keeps (read whole from a replica the first time). A
+    replica that failed is not tried again: when the trackers name no other, the answer is a 502
+    at once, not after another storage timeout."""
     failed: set[str] = set()
     for attempt in range(2):
         if attempt:
