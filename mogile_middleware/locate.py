@@ -213,13 +213,14 @@ class Locator:
 
     def _confirmed_steps(self, location: Location) -> Steps[Location]:
         """``location`` with its length once ``file_info`` names its version, else the key located
-        anew (with its length; :class:`KeyChangingError` if it changed again meanwhile). A location
-        confirmed in the last :data:`CONFIRMED_SECONDS` is taken as it is: requests that a client
-        makes refused at will cost a tracker call per key and second at most. While no tracker
-        answers, one with its length stays as it is, as cached paths are served."""
+        anew until ``file_info`` names the version found (:class:`KeyChangingError` if it kept
+        changing). A location confirmed in the last :data:`CONFIRMED_SECONDS` is taken as it is:
+        requests that a client makes refused at will cost a tracker call per key and second at
+        most. While no tracker answers, one with its length stays as it is, as cached paths are
+        served."""
         if _confirmed_lately(location):
             return location
-        for relocated in (False, True):
+        for _ in range(3):
             try:
                 info = yield ("file_info", location.key)
             except UnknownKeyError:  # deleted, or amid an overwrite: relocating tells which
@@ -228,17 +229,15 @@ class Locator:
                 if location.length is None:
                     raise
                 return location
+            if info is None or not _names_version(location, info.fid):
+                # Maybe the paths another request found: asked again unless they name this version.
+                location = yield ("relocate", location)
             if info is not None and _names_version(location, info.fid):
                 if location.length is None:
                     location = location.with_length(info.length)
-                break
-            if relocated:
-                raise KeyChangingError(f"{location.key!r} changed again before its length was known")
-            location = yield ("relocate", location)
-            if location.length is not None:  # just looked up, with its length
-                break
-        location.remember(_CONFIRMED, time.monotonic())
-        return location
+                location.remember(_CONFIRMED, time.monotonic())
+                return location
+        raise KeyChangingError(f"{location.key!r} kept changing while its version was confirmed")
 
     def _lookup_steps(self, entry: str, previous: Location | None) -> Steps[Location | None]:
         """The lookup of a cache entry's key, as the calls it needs (see :func:`run_steps`).

@@ -228,6 +228,36 @@ def test_refusals_a_client_asks_for_cost_one_tracker_call_per_key_and_second(mog
     assert CountingClient.asked == looked_up + 2
 
 
+def test_a_refusal_names_the_version_the_trackers_name_not_one_another_request_found(devmogile: DevMogileFS) -> None:
+    """While a request confirms its cached version, another request finds a newer one and a third
+    is written: the answer is the third's, not the one the other request left in the cache."""
+    from mogile_middleware.middleware import MogileFSMiddleware
+
+    writer = Client(DOMAIN, devmogile.trackers)
+    writer.store_content("raced.txt", b"1" * 100, cls="thumb")
+    meanwhile: list[Callable[[], object]] = []
+
+    class Interleaved(Client):
+        def file_info(self, key: str) -> FileInfo:  # type: ignore[override]
+            if meanwhile:
+                meanwhile.pop()()
+            return super().file_info(key)
+
+    middleware = MogileFSMiddleware(lambda environ, start_response: [],
+                                    client=Interleaved(DOMAIN, devmogile.trackers))
+    assert middleware.answer({"REQUEST_METHOD": "GET"}, "raced.txt").status.startswith("200")
+    cached = middleware.locator.locate("raced.txt")
+
+    def other_writes_and_requests() -> None:
+        writer.store_content("raced.txt", b"2" * 200, cls="thumb")
+        middleware.locator.relocate(cached)  # another request finds the second version
+        writer.store_content("raced.txt", b"3" * 300, cls="thumb")
+
+    meanwhile.append(other_writes_and_requests)
+    answer = middleware.answer({"REQUEST_METHOD": "GET", "HTTP_RANGE": "bytes=300-"}, "raced.txt")
+    assert answer.status.startswith("416") and ("Content-Range", "bytes */300") in answer.headers
+
+
 def test_a_refusal_for_a_version_its_urls_name_is_confirmed_without_locating_the_key_anew() -> None:
     """Replica URLs a rewriting layer made name no fid: file_info's fid confirms their version all the same."""
     from mogile_middleware.middleware import MogileFSMiddleware
