@@ -316,6 +316,26 @@ def test_requests_given_up_sooner_than_io_timeout_still_mark_a_silent_tracker_de
         answering.stop()
 
 
+def test_a_tracker_that_answers_a_request_given_up_stays_alive() -> None:
+    def late(line: bytes) -> bytes:
+        time.sleep(0.1)
+        return ok(line)
+
+    slow = ScriptedTracker(late)
+
+    async def scenario() -> list[tuple[str, int]]:
+        pool = AsyncTrackerPool([slow.tracker], io_timeout=0.3, dead_seconds=5)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(pool.request("get_paths", {"key": "k"}), 0.05)
+        await asyncio.sleep(0.4)  # past the deadline the request had
+        return pool.live_trackers()
+
+    try:
+        assert asyncio.run(scenario()) == [slow.address]
+    finally:
+        slow.stop()
+
+
 @both_flavours
 def test_a_tracker_that_never_answers_costs_the_io_timeout_then_the_next_one_answers(tracker: ScriptedTracker,
                                                                                      flavour: Flavour) -> None:
