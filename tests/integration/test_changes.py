@@ -171,19 +171,20 @@ def test_outside_overwrite_and_delete_heal_in_serve_mode(mogile: DevMogileFS, wo
 
 
 @pytest.mark.parametrize("workers", SERVERS)
-@pytest.mark.parametrize("mode", ["serve", "nginx"])
+@pytest.mark.parametrize("mode", ["serve", "nginx", "perlbal"])
 def test_a_412_or_416_is_decided_by_the_current_version_not_the_cached_one(
         mogile: DevMogileFS, workers: tuple[str, int], mode: str) -> None:
     """Another process made each file longer: a range past the cached length and an If-Match of
-    the new version get the new file, not a 416 or 412 of the old one (nor through nginx)."""
+    the new version get the new file, not a 416 or 412 of the old one (nor through a proxy)."""
     writer = Client(DOMAIN, mogile.trackers)
     keys = ["matched.txt", "ranged.txt", "past.txt"]
     for key in keys:
         writer.store_content(key, b"1" * 100, cls="thumb")
-    reproxy = {} if mode == "serve" else {"MOGILE_REPROXY": "nginx", "MOGILE_TRUSTED_PROXIES": "127.0.0.1"}
+    reproxy = {} if mode == "serve" else {"MOGILE_REPROXY": mode, "MOGILE_TRUSTED_PROXIES": "127.0.0.1"}
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(serve(mogile, workers, **reproxy))
-        front: Any = server if mode == "serve" else stack.enter_context(run_nginx_front(server.port))
+        run_front = run_nginx_front if mode == "nginx" else run_perlbal_front
+        front: Any = server if mode == "serve" else stack.enter_context(run_front(server.port))
 
         def get(key: str, headers: dict[str, str] | None = None) -> HTTPReply:
             return ask(front, f"/mogilefs/{key}", headers=headers)
