@@ -67,8 +67,10 @@ _ASKED_BY_ANOTHER = "another request is asking whether it is back"
 
 #: The port of a tracker given without one: mogilefsd's.
 DEFAULT_PORT = 7001
-#: A host name or an IPv4 address: letters, digits, dots, hyphens and underscores.
-_HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")
+#: A host name or an IPv4 address: labels of 1 to 63 letters, digits, hyphens and underscores
+#: joined by dots (a final dot allowed), 253 characters at most. The resolver refuses an empty or
+#: longer label with a UnicodeError, not an OSError: "tracker1..example.com" is refused here.
+_HOST_NAME = re.compile(r"(?!.{254})[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*\.?")
 
 
 def parse_address(tracker: str | Address) -> Address:
