@@ -355,10 +355,19 @@ def test_url_quotes_spaces_and_non_ascii_and_is_served(app: TestApp) -> None:
 def test_a_storage_of_another_domain_needs_its_own_media_url(mogile: DevMogileFS) -> None:
     """The wrapped application serves MOGILEFS_MEDIA_URL from MOGILEFS_DOMAIN: a link there to a
     key of another domain would give that domain's file of the same name, or a 404."""
-    with pytest.raises(ImproperlyConfigured, match="'other'.*media_url.*middleware of that domain"):
+    with pytest.raises(ImproperlyConfigured, match="'other'.*media_url.*middleware of its domain"):
         MogileFSStorage(domain="other").url("a.png")
     assert MogileFSStorage(domain="other", media_url="/other/").url("a.png") == "/other/a.png"
     assert MogileFSStorage(domain=DOMAIN).url("a.png") == "/media/a.png"
+
+
+def test_a_storage_of_other_trackers_needs_its_own_media_url(mogile: DevMogileFS) -> None:
+    """A domain of the same name on another MogileFS: MOGILEFS_MEDIA_URL would answer 404, or that
+    MogileFS's file of the same key. One tracker in common, in any order, is the same MogileFS."""
+    with pytest.raises(ImproperlyConfigured, match="none of MOGILEFS_TRACKERS.*media_url"):
+        MogileFSStorage(trackers="127.0.0.1:1").url("a.png")
+    assert MogileFSStorage(trackers="127.0.0.1:1", media_url="/elsewhere/").url("a.png") == "/elsewhere/a.png"
+    assert MogileFSStorage(trackers=["127.0.0.1:1", *mogile.trackers]).url("a.png") == "/media/a.png"
 
 
 def test_available_name_is_suffixed(mogile: DevMogileFS) -> None:

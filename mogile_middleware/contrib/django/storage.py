@@ -257,15 +257,20 @@ class MogileFSStorage(Storage):
 
     def _served_media_url(self) -> str:
         """The storage's ``media_url``, else ``MOGILEFS_MEDIA_URL``, which the wrapped application
-        serves from ``MOGILEFS_DOMAIN`` only: a link there to a key of another domain would be wrong."""
+        serves from ``MOGILEFS_DOMAIN`` on ``MOGILEFS_TRACKERS`` only: a link there to a key of
+        another domain, or of a MogileFS with none of those trackers, would be wrong."""
         if self._media_url is not None:
             return self._media_url
         if self._domain is not None and self._domain != conf.domain():
-            raise ImproperlyConfigured(
-                f"{type(self).__name__} of domain {self._domain!r} has no 'media_url' option: MOGILEFS_MEDIA_URL "
-                f"serves MOGILEFS_DOMAIN ({conf.domain()!r}); give the storage its own media_url, served by a "
-                "middleware of that domain")
-        return conf.media_url()
+            elsewhere = f"of domain {self._domain!r}"
+        elif self._trackers is not None and set(self._trackers).isdisjoint(conf.trackers()):
+            elsewhere = "with none of MOGILEFS_TRACKERS among its trackers"
+        else:
+            return conf.media_url()
+        raise ImproperlyConfigured(
+            f"{type(self).__name__} {elsewhere} has no 'media_url' option: MOGILEFS_MEDIA_URL serves "
+            f"MOGILEFS_DOMAIN ({conf.domain()!r}) from MOGILEFS_TRACKERS; give the storage its own media_url, "
+            "served by a middleware of its domain and trackers")
 
     def listdir(self, path: str) -> tuple[list[str], list[str]]:
         """The "directories" and files right under ``path``: MogileFS has flat keys, so every key
