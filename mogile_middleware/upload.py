@@ -161,6 +161,13 @@ def committing(key: str, size: int, changed: Callable[[], None]) -> Iterator[Non
     changed()
 
 
+def may_have_stored(error: BaseException) -> bool:
+    """True if the upload that raised ``error`` may have pointed its key at the new data: the
+    answer to ``create_close`` was lost, or the upload was interrupted while it was committed.
+    Any other failure left the key as it was."""
+    return isinstance(error, UploadOutcomeUnknownError) or hasattr(error, "upload_outcome_unknown")
+
+
 def content_bytes(key: str, data: object) -> bytes | bytearray | memoryview:
     """``data`` for ``store_content`` of ``key`` if it is bytes-like; a TypeError otherwise. Text is
     neither encoded for the caller nor taken for the path of a file to send."""

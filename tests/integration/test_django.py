@@ -38,7 +38,7 @@ from integration._memcached import start_memcached
 from PIL import Image
 from webtest import TestApp, Upload
 
-from mogile_middleware import Client, TrackerUnavailableError
+from mogile_middleware import Client, TrackerUnavailableError, Uploader, UploadError, UploadOutcomeUnknownError
 from mogile_middleware.cli import main
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.async_client import AsyncClient
@@ -468,6 +468,39 @@ def test_a_temporary_key_the_trackers_could_not_delete_is_named_with_how_to_dele
     assert repr(temporary) in warning and command == f"mogile-middleware rm {temporary}"
     assert main(["--trackers", ",".join(mogile.trackers), "--domain", DOMAIN, *command.split()[1:]]) == 0
     assert get_client().list_keys(TEMPORARY_PREFIX) == []
+
+
+def test_a_failed_upload_names_the_file_saved_and_warns_of_no_temporary_key(
+        mogile: DevMogileFS, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """No storage node took the upload, so no temporary key was stored: nothing to delete, and no
+    warning sending the operator after a key that does not exist (with the trackers down too)."""
+    for node in mogile.nodes:
+        node.stop()
+
+    def unavailable(self: Client, *args: Any) -> None:
+        raise TrackerUnavailableError("every tracker failed")
+
+    monkeypatch.setattr(Client, "delete", unavailable)
+    with pytest.raises(UploadError, match=r"^save of 'photos/refused\.jpg' failed: no storage node took '\.mogile-upload/"):
+        MogileFSStorage().save("photos/refused.jpg", ContentFile(b"never stored"))
+    assert not [record for record in caplog.records if "temporary key" in record.getMessage()]
+    assert get_client().list_keys(TEMPORARY_PREFIX) == []
+
+
+def test_an_upload_whose_outcome_is_unknown_leaves_no_temporary_key(mogile: DevMogileFS,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tracker may have stored the temporary key when its answer to create_close was lost."""
+    upload = Uploader.upload
+
+    def stored_unanswered(self: Uploader, key: str, *args: Any, **kwargs: Any) -> None:
+        upload(self, key, *args, **kwargs)
+        raise UploadOutcomeUnknownError(f"upload of {key!r}: the answer to create_close was lost")
+
+    monkeypatch.setattr(Uploader, "upload", stored_unanswered)
+    with pytest.raises(UploadOutcomeUnknownError, match="^save of 'lost.txt' failed: upload of '.mogile-upload/"):
+        MogileFSStorage().save("lost.txt", ContentFile(b"stored"))
+    assert get_client().list_keys(TEMPORARY_PREFIX) == []
+    assert not MogileFSStorage().exists("lost.txt")
 
 
 class _NoAlternativeStorage(MogileFSStorage):

@@ -22,12 +22,12 @@ from django.utils.deconstruct import deconstructible
 from django.utils.encoding import filepath_to_uri
 
 from ...client import Client
-from ...exceptions import BadKeyError, KeyExistsError, MogileFSError, UnknownKeyError
+from ...exceptions import BadKeyError, KeyExistsError, MogileFSError, UnknownKeyError, UploadError
 from ...protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_key, check_url_key
 from ...storage import SeekableBody
 from ...signing import URLSigner
 from ...tracker import Address
-from ...upload import Uploader
+from ...upload import Uploader, may_have_stored
 from . import conf
 from .clients import get_client, get_uploader
 
@@ -143,8 +143,9 @@ class MogileFSStorage(Storage):
 
         Without ``allow_overwrite`` the upload goes to a temporary key, renamed to ``name`` only if
         nobody took it since Django checked (else to the next available name), so that concurrent
-        saves of one name all keep their files. The temporary key is deleted on any failure (a
-        warning names it when the trackers cannot delete it either).
+        saves of one name all keep their files. The temporary key is deleted on any failure that
+        may have left it (a warning names it when the trackers cannot delete it either); a failed
+        upload's error names the file saved.
         """
         with _checked_key():
             check_url_key(name)  # before uploading, not at the rename; a name that is not UTF-8 is never served
@@ -156,6 +157,13 @@ class MogileFSStorage(Storage):
             temporary = TEMPORARY_PREFIX + uuid.uuid4().hex
             try:
                 self._uploader.upload(temporary, _source_of(content), self.mogile_class)
+            except BaseException as error:
+                if may_have_stored(error):
+                    self._delete_temporary(temporary)
+                if isinstance(error, UploadError):
+                    raise type(error)(f"save of {name!r} failed: {error}") from error
+                raise
+            try:
                 return self._rename_to_available(temporary, name)
             except BaseException:
                 self._delete_temporary(temporary)
