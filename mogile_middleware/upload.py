@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import BinaryIO, Protocol, Union
+from typing import BinaryIO, Protocol, TypeVar, Union
 
 from . import metrics
 from .exceptions import (
@@ -122,10 +122,14 @@ def no_storage_node(key: str, failures: list[str]) -> UploadError:
     return UploadError(f"no storage node took {key!r}: " + "; ".join(failures or ["no destination"]))
 
 
-#: The errors of ``create_close`` mogilefsd may answer once it has dropped the key's old file, which
-#: it does before recording the new one: a database error ("failure") or a ``file_stored`` hook's
-#: veto (``MogileFS::Worker::Query::cmd_create_close``). Its other refusals come before any change.
-_FAILED_AFTER_DROPPING_OLD = frozenset({"failure", "plugin_aborted"})
+#: The errors of ``create_close`` mogilefsd may answer after it changed the key
+#: (``MogileFS::Worker::Query::cmd_create_close``): it drops the old file, records the new one and
+#: queues its replication, and any of those steps dying is a "failure"; a ``file_stored`` hook's
+#: veto comes last and deletes the new file. Its other refusals come before any change.
+_FAILED_AFTER_CHANGING = frozenset({"failure", "plugin_aborted"})
+#: The attribute :func:`committing` sets, to the key, on an error that leaves the key's version unknown.
+_OUTCOME_UNKNOWN = "upload_outcome_unknown"
+E = TypeVar("E", bound=BaseException)
 
 
 @contextlib.contextmanager
@@ -133,39 +137,52 @@ def committing(key: str, size: int, changed: Callable[[], None]) -> Iterator[Non
     """Around the end of an upload of ``size`` bytes (the PUT, then ``create_close``): ``changed()``
     once the key points, or may point, at the new data (also when interrupted); a failure becomes
     an :class:`UploadError`, or an :class:`UploadOutcomeUnknownError` when ``create_close``'s
-    answer was lost."""
+    answer was lost. What may have left the key at the new data is marked for :func:`may_have_stored`."""
     try:
         yield
     except MogileFSError as error:
         if _answer_lost(error):
-            metrics.recorder.upload("unknown", size)
-            changed()
-            raise UploadOutcomeUnknownError(
-                f"upload of {key!r}: the answer to create_close was lost, so the key may or may "
-                f"not point at the new data ({error})"
-            ) from error
+            raise _outcome_unknown(key, size, changed, UploadOutcomeUnknownError(
+                f"upload of {key!r}: the answer to create_close was lost, so the key may or may not point at the "
+                f"new data ({error})")) from error
+        if isinstance(error, TrackerError) and error.code in _FAILED_AFTER_CHANGING:
+            raise _outcome_unknown(key, size, changed, UploadError(
+                f"upload of {key!r} failed: the tracker failed create_close ({error}), maybe after dropping the "
+                f"key's old version or recording the new one"), "failed") from error
         metrics.recorder.upload("failed", size)
         if isinstance(error, UploadError):
             raise
-        if isinstance(error, TrackerError) and error.code in _FAILED_AFTER_DROPPING_OLD:
-            changed()
-            raise UploadError(f"upload of {key!r} failed: the tracker failed create_close ({error}), maybe after "
-                              f"dropping the key's old version") from error
         raise upload_failed(key, error) from error
     except BaseException as interruption:  # interrupted (Ctrl-C, a cancelled task): create_close may have been carried out
-        interruption.upload_outcome_unknown = key  # type: ignore[attr-defined] # for the command line to say
-        metrics.recorder.upload("unknown", size)
-        changed()
+        _outcome_unknown(key, size, changed, interruption)
         raise
     metrics.recorder.upload("stored", size)
-    changed()
+    _tell_changed(key, changed)
+
+
+def _outcome_unknown(key: str, size: int, changed: Callable[[], None], error: E, outcome: str = "unknown") -> E:
+    """``error`` marked with ``key`` (for :func:`may_have_stored` and the command line to say), once
+    the metrics and ``changed()`` were told: the key may point at the new data."""
+    setattr(error, _OUTCOME_UNKNOWN, key)
+    metrics.recorder.upload(outcome, size)
+    _tell_changed(key, changed)
+    return error
+
+
+def _tell_changed(key: str, changed: Callable[[], None]) -> None:
+    """``changed()``; an interruption meanwhile is marked with ``key``, whose new data may be stored."""
+    try:
+        changed()
+    except BaseException as interruption:
+        setattr(interruption, _OUTCOME_UNKNOWN, key)
+        raise
 
 
 def may_have_stored(error: BaseException) -> bool:
-    """True if the upload that raised ``error`` may have pointed its key at the new data: the
-    answer to ``create_close`` was lost, or the upload was interrupted while it was committed.
-    Any other failure left the key as it was."""
-    return isinstance(error, UploadOutcomeUnknownError) or hasattr(error, "upload_outcome_unknown")
+    """True if the upload that raised ``error`` may have pointed its key at the new data (the
+    answer to ``create_close`` lost or a failure, or the commit interrupted). Any other failure
+    left the key as it was."""
+    return hasattr(error, _OUTCOME_UNKNOWN)
 
 
 def content_bytes(key: str, data: object) -> bytes | bytearray | memoryview:

@@ -38,7 +38,9 @@ from integration._memcached import start_memcached
 from PIL import Image
 from webtest import TestApp, Upload
 
-from mogile_middleware import Client, TrackerUnavailableError, Uploader, UploadError, UploadOutcomeUnknownError
+from mogile_middleware import (
+    Client, OutcomeUnknownError, TrackerError, TrackerUnavailableError, UploadError, UploadOutcomeUnknownError,
+)
 from mogile_middleware.cli import main
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.async_client import AsyncClient
@@ -48,8 +50,10 @@ from mogile_middleware.contrib.django.storage import TEMPORARY_PREFIX
 from mogile_middleware.views import WRAPPED_BY
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.memcache import MemcachedBackend
+from mogile_middleware.tracker import TrackerConnection
 
 from integration.test_client import _scripted_open, dropping_node  # noqa: F401 (a fixture)
+from wiretools import ScriptedTracker
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "djangosite"
 
@@ -368,6 +372,8 @@ def test_a_storage_of_other_trackers_needs_its_own_media_url(mogile: DevMogileFS
         MogileFSStorage(trackers="127.0.0.1:1").url("a.png")
     assert MogileFSStorage(trackers="127.0.0.1:1", media_url="/elsewhere/").url("a.png") == "/elsewhere/a.png"
     assert MogileFSStorage(trackers=["127.0.0.1:1", *mogile.trackers]).url("a.png") == "/media/a.png"
+    with override_settings(MOGILEFS_TRACKERS=["Tracker1.Example.com:7001"]):  # DNS names know no case, nor a final dot
+        assert MogileFSStorage(trackers="tracker1.example.com.").url("a.png") == "/media/a.png"
 
 
 def test_available_name_is_suffixed(mogile: DevMogileFS) -> None:
@@ -487,20 +493,49 @@ def test_a_failed_upload_names_the_file_saved_and_warns_of_no_temporary_key(
     assert get_client().list_keys(TEMPORARY_PREFIX) == []
 
 
-def test_an_upload_whose_outcome_is_unknown_leaves_no_temporary_key(mogile: DevMogileFS,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """The tracker may have stored the temporary key when its answer to create_close was lost."""
-    upload = Uploader.upload
+@pytest.mark.parametrize(("reply", "error", "cause"), [
+    (b"ERR failure Operation+failed\r\n", UploadError, TrackerError),
+    (None, UploadOutcomeUnknownError, OutcomeUnknownError),  # the connection closed: the answer lost
+], ids=["failure", "answer-lost"])
+def test_a_create_close_that_may_have_stored_leaves_no_temporary_key(
+        mogile: DevMogileFS, reply: bytes | None, error: type[UploadError], cause: type[Exception]) -> None:
+    """mogilefsd answers ``ERR failure`` when a step of create_close dies, also once it recorded
+    the key (queuing its replication); an answer lost says nothing either: the temporary key may
+    be stored, and is deleted. The error names the file and keeps the tracker's as its cause."""
+    upstream = TrackerConnection(mogile.tracker_address, 1.0, 5.0)
 
-    def stored_unanswered(self: Uploader, key: str, *args: Any, **kwargs: Any) -> None:
-        upload(self, key, *args, **kwargs)
-        raise UploadOutcomeUnknownError(f"upload of {key!r}: the answer to create_close was lost")
+    def stored_then(line: bytes) -> bytes | None:
+        answer = upstream.roundtrip(line)
+        return reply if line.startswith(b"create_close") else answer
 
-    monkeypatch.setattr(Uploader, "upload", stored_unanswered)
-    with pytest.raises(UploadOutcomeUnknownError, match="^save of 'lost.txt' failed: upload of '.mogile-upload/"):
-        MogileFSStorage().save("lost.txt", ContentFile(b"stored"))
-    assert get_client().list_keys(TEMPORARY_PREFIX) == []
-    assert not MogileFSStorage().exists("lost.txt")
+    relay = ScriptedTracker(stored_then)
+    try:
+        storage = MogileFSStorage(trackers=relay.tracker)
+        with pytest.raises(error, match="^save of 'recorded.txt' failed: upload of '.mogile-upload/") as raised:
+            storage.save("recorded.txt", ContentFile(b"stored all the same"))
+        assert isinstance(raised.value.__cause__, cause)
+        assert get_client().list_keys(TEMPORARY_PREFIX) == [] and not storage.exists("recorded.txt")
+    finally:
+        relay.stop()
+        upstream.close()
+
+
+def test_a_save_interrupted_once_stored_leaves_no_temporary_key(mogile: DevMogileFS,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while the stored key's change is told (to memcached, say): it is deleted on the way out."""
+    told = Client._changed
+
+    def interrupted_once(client: Client, *keys: str | bytes) -> Any:
+        if any(str(key).startswith(TEMPORARY_PREFIX) for key in keys) and not interrupted:
+            interrupted.append(keys)
+            raise KeyboardInterrupt
+        return told(client, *keys)
+
+    interrupted: list[Any] = []
+    monkeypatch.setattr(Client, "_changed", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        MogileFSStorage().save("interrupted.txt", ContentFile(b"stored"))
+    assert interrupted and get_client().list_keys(TEMPORARY_PREFIX) == []
 
 
 class _NoAlternativeStorage(MogileFSStorage):

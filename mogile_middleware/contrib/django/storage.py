@@ -6,7 +6,7 @@ import io
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from typing import Any
@@ -69,6 +69,11 @@ def _normalised(name: str) -> str:
         return name
     *directories, file_name = name.split("/")
     return "/".join([*(part for part in directories if part not in ("", ".")), file_name])
+
+
+def _hosts(trackers: Iterable[Address]) -> set[Address]:
+    """Tracker addresses as DNS compares their names: without case or a final dot."""
+    return {(host.lower().rstrip("."), port) for host, port in trackers}
 
 
 @contextmanager
@@ -160,8 +165,10 @@ class MogileFSStorage(Storage):
             except BaseException as error:
                 if may_have_stored(error):
                     self._delete_temporary(temporary)
-                if isinstance(error, UploadError):
-                    raise type(error)(f"save of {name!r} failed: {error}") from error
+                if isinstance(error, UploadError):  # the same error and cause (a TrackerError's code...), naming the file
+                    renamed = type(error)(f"save of {name!r} failed: {error}")
+                    renamed.__dict__.update(error.__dict__)
+                    raise renamed from error.__cause__
                 raise
             try:
                 return self._rename_to_available(temporary, name)
@@ -271,7 +278,7 @@ class MogileFSStorage(Storage):
             return self._media_url
         if self._domain is not None and self._domain != conf.domain():
             elsewhere = f"of domain {self._domain!r}"
-        elif self._trackers is not None and set(self._trackers).isdisjoint(conf.trackers()):
+        elif self._trackers is not None and _hosts(self._trackers).isdisjoint(_hosts(conf.trackers())):
             elsewhere = "with none of MOGILEFS_TRACKERS among its trackers"
         else:
             return conf.media_url()
