@@ -89,7 +89,7 @@ def parse_address(tracker: str | Address) -> Address:
     bracketed = host.startswith("[") and host.endswith("]")
     name = host[1:-1] if bracketed else host
     named = _is_ipv6(name) if bracketed else is_host(name)
-    if not port.isdigit() or not 0 < int(port) < 65536 or not named:
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536 or not named:
         raise ValueError(f"tracker address {tracker!r} is not host:port")
     return name, int(port)
 
@@ -100,10 +100,13 @@ def is_host(name: str) -> bool:
 
 
 def _is_ipv6(text: str) -> bool:
+    """True for an IPv6 address, with a zone (``fe80::1%eth0``) the resolver takes as a host name."""
     try:
-        return isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address)
+        address = ipaddress.ip_address(text)
     except ValueError:
         return False
+    zone = address.scope_id if isinstance(address, ipaddress.IPv6Address) else ""
+    return zone is None or bool(zone and _HOST_NAME.fullmatch(zone))
 
 
 def parse_trackers(trackers: str | Iterable[str | Address]) -> list[Address]:
