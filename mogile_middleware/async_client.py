@@ -62,6 +62,7 @@ from .upload import (
     opening,
     pieces_of,
     remaining_size,
+    telling,
     upload_failed,
 )
 
@@ -204,7 +205,8 @@ class AsyncClient(ClientBase):
             with committing(key, stored, lambda: changed.append(key)):
                 await self.pool.request("create_close", close)
         finally:
-            await self._tell(*changed)
+            with telling(key):
+                await self._tell(*changed)
         return stored
 
     async def _put(self, key: str, body: Body, targets: list[tuple[str, str]], size: int | None

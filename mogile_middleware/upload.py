@@ -127,9 +127,9 @@ def no_storage_node(key: str, failures: list[str]) -> UploadError:
 #: queues its replication, and any of those steps dying is a "failure"; a ``file_stored`` hook's
 #: veto comes last and deletes the new file. Its other refusals come before any change.
 _FAILED_AFTER_CHANGING = frozenset({"failure", "plugin_aborted"})
-#: The attribute :func:`committing` sets, to the key, on an error that leaves the key's version unknown.
+#: The attribute set, to the key, on an error raised once the key may point at the new data.
 _OUTCOME_UNKNOWN = "upload_outcome_unknown"
-E = TypeVar("E", bound=BaseException)
+_E = TypeVar("_E", bound=BaseException)
 
 
 @contextlib.contextmanager
@@ -142,11 +142,11 @@ def committing(key: str, size: int, changed: Callable[[], None]) -> Iterator[Non
         yield
     except MogileFSError as error:
         if _answer_lost(error):
-            raise _outcome_unknown(key, size, changed, UploadOutcomeUnknownError(
+            raise _may_be_stored(key, size, changed, UploadOutcomeUnknownError(
                 f"upload of {key!r}: the answer to create_close was lost, so the key may or may not point at the "
                 f"new data ({error})")) from error
         if isinstance(error, TrackerError) and error.code in _FAILED_AFTER_CHANGING:
-            raise _outcome_unknown(key, size, changed, UploadError(
+            raise _may_be_stored(key, size, changed, UploadError(
                 f"upload of {key!r} failed: the tracker failed create_close ({error}), maybe after dropping the "
                 f"key's old version or recording the new one"), "failed") from error
         metrics.recorder.upload("failed", size)
@@ -154,25 +154,29 @@ def committing(key: str, size: int, changed: Callable[[], None]) -> Iterator[Non
             raise
         raise upload_failed(key, error) from error
     except BaseException as interruption:  # interrupted (Ctrl-C, a cancelled task): create_close may have been carried out
-        _outcome_unknown(key, size, changed, interruption)
+        _may_be_stored(key, size, changed, interruption)
         raise
     metrics.recorder.upload("stored", size)
-    _tell_changed(key, changed)
+    with telling(key):
+        changed()
 
 
-def _outcome_unknown(key: str, size: int, changed: Callable[[], None], error: E, outcome: str = "unknown") -> E:
+def _may_be_stored(key: str, size: int, changed: Callable[[], None], error: _E, outcome: str = "unknown") -> _E:
     """``error`` marked with ``key`` (for :func:`may_have_stored` and the command line to say), once
     the metrics and ``changed()`` were told: the key may point at the new data."""
     setattr(error, _OUTCOME_UNKNOWN, key)
     metrics.recorder.upload(outcome, size)
-    _tell_changed(key, changed)
+    with telling(key):
+        changed()
     return error
 
 
-def _tell_changed(key: str, changed: Callable[[], None]) -> None:
-    """``changed()``; an interruption meanwhile is marked with ``key``, whose new data may be stored."""
+@contextlib.contextmanager
+def telling(key: str) -> Iterator[None]:
+    """Around telling others that ``key`` changed: an interruption meanwhile (Ctrl-C, a cancelled
+    task) is marked with ``key``, whose new data may be stored."""
     try:
-        changed()
+        yield
     except BaseException as interruption:
         setattr(interruption, _OUTCOME_UNKNOWN, key)
         raise
@@ -182,7 +186,7 @@ def may_have_stored(error: BaseException) -> bool:
     """True if the upload that raised ``error`` may have pointed its key at the new data (the
     answer to ``create_close`` lost or a failure, or the commit interrupted). Any other failure
     left the key as it was."""
-    return hasattr(error, _OUTCOME_UNKNOWN)
+    return isinstance(error, UploadOutcomeUnknownError) or hasattr(error, _OUTCOME_UNKNOWN)
 
 
 def content_bytes(key: str, data: object) -> bytes | bytearray | memoryview:

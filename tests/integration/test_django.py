@@ -524,6 +524,7 @@ def test_a_save_interrupted_once_stored_leaves_no_temporary_key(mogile: DevMogil
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C while the stored key's change is told (to memcached, say): it is deleted on the way out."""
     told = Client._changed
+    interrupted: list[Any] = []
 
     def interrupted_once(client: Client, *keys: str | bytes) -> Any:
         if any(str(key).startswith(TEMPORARY_PREFIX) for key in keys) and not interrupted:
@@ -531,7 +532,6 @@ def test_a_save_interrupted_once_stored_leaves_no_temporary_key(mogile: DevMogil
             raise KeyboardInterrupt
         return told(client, *keys)
 
-    interrupted: list[Any] = []
     monkeypatch.setattr(Client, "_changed", interrupted_once)
     with pytest.raises(KeyboardInterrupt):
         MogileFSStorage().save("interrupted.txt", ContentFile(b"stored"))

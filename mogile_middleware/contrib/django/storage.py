@@ -71,7 +71,7 @@ def _normalised(name: str) -> str:
     return "/".join([*(part for part in directories if part not in ("", ".")), file_name])
 
 
-def _hosts(trackers: Iterable[Address]) -> set[Address]:
+def _as_dns_compares(trackers: Iterable[Address]) -> set[Address]:
     """Tracker addresses as DNS compares their names: without case or a final dot."""
     return {(host.lower().rstrip("."), port) for host, port in trackers}
 
@@ -168,7 +168,7 @@ class MogileFSStorage(Storage):
                 if isinstance(error, UploadError):  # the same error and cause (a TrackerError's code...), naming the file
                     renamed = type(error)(f"save of {name!r} failed: {error}")
                     renamed.__dict__.update(error.__dict__)
-                    raise renamed from error.__cause__
+                    raise renamed.with_traceback(error.__traceback__) from error.__cause__
                 raise
             try:
                 return self._rename_to_available(temporary, name)
@@ -278,7 +278,7 @@ class MogileFSStorage(Storage):
             return self._media_url
         if self._domain is not None and self._domain != conf.domain():
             elsewhere = f"of domain {self._domain!r}"
-        elif self._trackers is not None and _hosts(self._trackers).isdisjoint(_hosts(conf.trackers())):
+        elif self._trackers is not None and _as_dns_compares(self._trackers).isdisjoint(_as_dns_compares(conf.trackers())):
             elsewhere = "with none of MOGILEFS_TRACKERS among its trackers"
         else:
             return conf.media_url()
