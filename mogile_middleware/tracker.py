@@ -100,13 +100,19 @@ def is_host(name: str) -> bool:
 
 
 def _is_ipv6(text: str) -> bool:
-    """True for an IPv6 address, with a zone (``fe80::1%eth0``) the resolver takes as a host name."""
+    """True for an IPv6 address, with a zone (``fe80::1%eth0``) the resolver takes: it encodes the
+    whole text as a host name, whose labels IDNA holds to 63 characters (else a UnicodeError)."""
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
         return False
     zone = address.scope_id if isinstance(address, ipaddress.IPv6Address) else ""
-    return zone is None or bool(zone and _HOST_NAME.fullmatch(zone))
+    if zone is None:
+        return True
+    try:
+        return bool(zone and _HOST_NAME.fullmatch(zone) and text.encode("idna"))
+    except UnicodeError:
+        return False
 
 
 def parse_trackers(trackers: str | Iterable[str | Address]) -> list[Address]:

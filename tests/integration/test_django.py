@@ -514,6 +514,7 @@ def test_a_create_close_that_may_have_stored_leaves_no_temporary_key(
         with pytest.raises(error, match="^save of 'recorded.txt' failed: upload of '.mogile-upload/") as raised:
             storage.save("recorded.txt", ContentFile(b"stored all the same"))
         assert isinstance(raised.value.__cause__, cause)
+        assert any(entry.path.name == "upload.py" for entry in raised.traceback)  # where the upload failed
         assert get_client().list_keys(TEMPORARY_PREFIX) == [] and not storage.exists("recorded.txt")
     finally:
         relay.stop()

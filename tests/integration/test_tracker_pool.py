@@ -565,7 +565,8 @@ def test_tracker_addresses(text: str, expected: tuple[str, int]) -> None:
 @pytest.mark.parametrize("text", ["10.0.0.1:7001;10.0.0.2:7001", "10.0.0.1:7001:7002", "http://tracker:7001",
                                   "[tracker]:7001", "tracker:0", ":7001", "a b:7001",
                                   "tracker1..example.com:7001", ".tracker:7001", "t" * 64 + ".example.com:7001",
-                                  "t." * 127 + "com:7001", "fe80::1%eth0..1", "tracker:\u0663"])
+                                  "t." * 127 + "com:7001", "fe80::1%eth0..1", "[::1%" + "e" * 60 + "]:7001",
+                                  "tracker:\u0663"])
 def test_a_tracker_address_that_names_no_host_and_port_is_refused(text: str) -> None:
     """Two addresses run together would otherwise load, and then answer every request with a 503;
     a name with an empty or over-long label fails at connect with a UnicodeError, which no tracker
