@@ -87,8 +87,9 @@ def _prefix(value: str) -> str:
     return value.strip()
 
 
-def _charset(value: str) -> str | None:
-    """The charset of text types; empty or ``none``: none (as ``reproxy = none``)."""
+def _none_or_text(value: str) -> str | None:
+    """An option that may be None (``charset``, ``content_disposition``): empty or ``none``, as
+    ``reproxy = none``; else the text."""
     name = value.strip()
     return None if name.lower() in ("", "none") else name
 
@@ -111,7 +112,8 @@ _SPECIAL: Mapping[str, Callable[[str], Any]] = {
     "signing_key": _secrets,
     "mimetypes": _mimetypes,
     "prefix": _prefix,
-    "charset": _charset,
+    "charset": _none_or_text,
+    "content_disposition": _none_or_text,
 }
 
 #: Converters by the middleware's annotation of an argument (``X | None`` reads as ``X``).

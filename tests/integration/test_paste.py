@@ -155,6 +155,13 @@ def test_an_empty_charset_means_none(tmp_path: Path) -> None:
     assert load_filter(tmp_path, GOOD + "\ncharset = ISO-8859-1").representation.policy.charset == "ISO-8859-1"
 
 
+def test_content_disposition_none_is_the_default(tmp_path: Path) -> None:
+    """No ini file can write Python's None: "none" was refused, by a message that offered None."""
+    assert load_filter(tmp_path, GOOD + "\ncontent_disposition = none").representation.policy.content_disposition is None
+    assert load_filter(tmp_path, GOOD + "\ncontent_disposition = attachment").representation.policy.content_disposition \
+        == "attachment"
+
+
 def test_private_file_options_reach_the_middleware(tmp_path: Path) -> None:
     middleware = load_filter(tmp_path, GOOD + """
 signing_key = new-secret
