@@ -1,7 +1,7 @@
 """What a browser does with a stored file: its type, its charset, and whether it may run script.
 
 The type comes from the extension of the key's last segment through a fixed table (Python's own
-``mimetypes`` data, a few web types it lacks, and the site's additions), never from anything
+``mimetypes`` data, a few web types it lacks or spells differently by version, and the site's additions), never from anything
 else in the key. Users' files are kept from running script on the site's origin: HTML, SVG and
 XML answers carry ``Content-Security-Policy: sandbox``, and JavaScript is sent as text, so a
 ``<script src>`` pointing at an upload cannot use it. A site whose MogileFS holds only its own
@@ -29,6 +29,13 @@ _MORE_TYPES = {
     ".xhtml": "application/xhtml+xml", ".xz": "application/x-xz", ".Z": "application/x-compress",
     ".zst": "application/zstd",
 }
+#: The types Python 3.10 to 3.13 disagree on, as one of them has each (JavaScript as RFC 9239 and
+#: 3.12 spell it), so that hosts running different Pythons send a file with the same type.
+_AGREED_TYPES = {
+    ".avif": "image/avif", ".bmp": "image/bmp", ".js": "text/javascript", ".markdown": "text/markdown",
+    ".n3": "text/n3", ".nq": "application/n-quads", ".nt": "application/n-triples", ".rst": "text/x-rst",
+    ".rtf": "application/rtf", ".srt": "text/plain", ".trig": "application/trig", ".vtt": "text/vtt",
+}
 
 #: Types a browser runs script in when it opens them as a page.
 _DOCUMENT_TYPES = frozenset({"text/html", "application/xhtml+xml", "image/svg+xml", "text/xml", "application/xml",
@@ -49,7 +56,7 @@ DISPOSITIONS = (None, "inline", "attachment")
 def _standard_types() -> dict[str, str]:
     """Python's own table (not the machine's ``/etc/mime.types``), so every host agrees."""
     table = mimetypes.MimeTypes()
-    return {**table.types_map[False], **table.types_map[True], **_MORE_TYPES}
+    return {**table.types_map[False], **table.types_map[True], **_MORE_TYPES, **_AGREED_TYPES}
 
 
 class ContentPolicy:
