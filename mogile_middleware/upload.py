@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import io
@@ -130,6 +131,8 @@ _FAILED_AFTER_CHANGING = frozenset({"failure", "plugin_aborted"})
 #: The attribute set, to the key, on an error raised once the key may point at the new data.
 _OUTCOME_UNKNOWN = "upload_outcome_unknown"
 _E = TypeVar("_E", bound=BaseException)
+#: The errors asyncio raises anew for another: Python 3.10's TimeoutError is asyncio's own.
+_ASYNCIO_ENDINGS = (asyncio.CancelledError, asyncio.TimeoutError, TimeoutError)
 
 
 @contextlib.contextmanager
@@ -185,8 +188,17 @@ def telling(key: str) -> Iterator[None]:
 def may_have_stored(error: BaseException) -> bool:
     """True if the upload that raised ``error`` may have pointed its key at the new data (the
     answer to ``create_close`` lost or a failure, or the commit interrupted). Any other failure
-    left the key as it was."""
-    return isinstance(error, UploadOutcomeUnknownError) or hasattr(error, _OUTCOME_UNKNOWN)
+    left the key as it was. A cancellation or timeout asyncio raised anew is read through to the
+    one the upload raised: Python 3.10 gives a task awaiting a cancelled one a new CancelledError,
+    and a timeout ends its task with a TimeoutError from it."""
+    link: BaseException | None = error
+    for _ in range(4):  # a few links at most (a timeout from a cancellation from the upload's)
+        if isinstance(link, UploadOutcomeUnknownError) or hasattr(link, _OUTCOME_UNKNOWN):
+            return True
+        if not isinstance(link, _ASYNCIO_ENDINGS):
+            return False
+        link = link.__cause__ or link.__context__
+    return False
 
 
 def content_bytes(key: str, data: object) -> bytes | bytearray | memoryview:

@@ -327,6 +327,25 @@ def test_listeners_run_to_their_end_when_the_call_is_cancelled_meanwhile(devmogi
     assert asyncio.run(main()) and heard == ["k"]
 
 
+def test_a_timeout_while_listeners_run_says_the_key_may_be_stored(devmogile: DevMogileFS) -> None:
+    """asyncio.wait_for ends the call with a TimeoutError of its own, raised from the call's."""
+    async def main() -> bool:
+        async def slow(key: str) -> None:
+            await asyncio.sleep(2.0)  # the upload itself takes far less than the timeout
+
+        client = AsyncClient(DOMAIN, devmogile.trackers, on_change=slow)
+        try:
+            await asyncio.wait_for(client.store_content("k", b"x", cls="thumb"), timeout=1.0)
+        except asyncio.TimeoutError as timeout:
+            await asyncio.sleep(1.2)  # the listener runs to its end
+            return may_have_stored(timeout)
+        finally:
+            await client.aclose()
+        return False
+
+    assert asyncio.run(main())
+
+
 def test_an_awaited_read_that_gives_none_is_refused_and_stores_nothing(devmogile: DevMogileFS) -> None:
     class NotReady:
         async def read(self, size: int) -> None:
