@@ -135,8 +135,8 @@ def _options() -> dict[str, Callable[[str], Any]]:
 
 
 def _servers(value: str) -> list[str]:
-    """``host:port`` items separated by commas, spaces or lines, as ``trackers`` are."""
-    return value.replace(",", " ").split()
+    """``host:port`` items separated by commas, spaces or lines, as ``trackers`` are; ``none``: none."""
+    return [] if value.strip().lower() == "none" else value.replace(",", " ").split()
 
 
 #: Every option the filter takes, with the converter from its ini string.
@@ -144,6 +144,9 @@ OPTIONS: Mapping[str, Callable[[str], Any]] = _options()
 
 #: The options that together give the middleware's ``cache_backend``.
 CACHE_BACKEND_OPTIONS = ("memcached_servers", "memcached_secret")
+#: Text options for which ``none``, as ``reproxy = none`` says it, could only mean no value, but
+#: would be taken as the text: a ``Cache-Control: none`` instead of ``private``, a guessable secret.
+_NONE_REFUSED = ("cache_control", "signing_key", "memcached_secret")
 
 
 def filter_factory(global_conf: Mapping[str, str], **local_conf: str) -> Callable[[WSGIApp], MogileFSMiddleware]:
@@ -158,6 +161,8 @@ def filter_factory(global_conf: Mapping[str, str], **local_conf: str) -> Callabl
                          f"the options are: {', '.join(sorted(OPTIONS))}")
     options: dict[str, Any] = {}
     for name, value in local_conf.items():
+        if name in _NONE_REFUSED and value.strip().lower() == "none":
+            raise ValueError(f"mogile_middleware option {name}: 'none' is no value of it; leave the option out")
         try:
             options[name] = OPTIONS[name](value)
         except ValueError as error:

@@ -189,8 +189,9 @@ def may_have_stored(error: BaseException) -> bool:
     """True if the upload that raised ``error`` may have pointed its key at the new data (the
     answer to ``create_close`` lost or a failure, or the commit interrupted). Any other failure
     left the key as it was. A cancellation or timeout asyncio raised anew is read through to the
-    one the upload raised: Python 3.10 gives a task awaiting a cancelled one a new CancelledError,
-    and a timeout ends its task with a TimeoutError from it."""
+    one the upload raised (``wait_for``'s TimeoutError; Python 3.10's CancelledError for a task
+    awaiting a cancelled one, outside an ``except`` block). Where asyncio links none to it (a task
+    cancelled while in ``wait_for`` before 3.12, a TaskGroup, ``shield``), ask the upload's own task."""
     link: BaseException | None = error
     for _ in range(4):  # a few links at most (a timeout from a cancellation from the upload's)
         if isinstance(link, UploadOutcomeUnknownError) or hasattr(link, _OUTCOME_UNKNOWN):

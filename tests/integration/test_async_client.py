@@ -330,13 +330,17 @@ def test_listeners_run_to_their_end_when_the_call_is_cancelled_meanwhile(devmogi
 def test_a_timeout_while_listeners_run_says_the_key_may_be_stored(devmogile: DevMogileFS) -> None:
     """asyncio.wait_for ends the call with a TimeoutError of its own, raised from the call's."""
     async def main() -> bool:
+        started = asyncio.Event()
+
         async def slow(key: str) -> None:
+            started.set()
             await asyncio.sleep(2.0)  # the upload itself takes far less than the timeout
 
         client = AsyncClient(DOMAIN, devmogile.trackers, on_change=slow)
         try:
             await asyncio.wait_for(client.store_content("k", b"x", cls="thumb"), timeout=1.0)
         except asyncio.TimeoutError as timeout:
+            assert started.is_set()  # the timeout came while the listener ran, the key stored
             await asyncio.sleep(1.2)  # the listener runs to its end
             return may_have_stored(timeout)
         finally:

@@ -155,6 +155,13 @@ def test_an_empty_charset_means_none(tmp_path: Path) -> None:
     assert load_filter(tmp_path, GOOD + "\ncharset = ISO-8859-1").representation.policy.charset == "ISO-8859-1"
 
 
+@pytest.mark.parametrize("name", ["cache_control", "signing_key", "memcached_secret"])
+def test_none_is_refused_where_it_would_be_taken_as_text(tmp_path: Path, name: str) -> None:
+    """``Cache-Control: none`` replaced a private file's ``private``; a secret "none" is guessed."""
+    with pytest.raises(ValueError, match=f"option {name}: 'none' is no value of it; leave the option out"):
+        load_filter(tmp_path, GOOD + f"\nmemcached_servers = 127.0.0.1:1\n{name} = None")
+
+
 def test_content_disposition_none_is_the_default(tmp_path: Path) -> None:
     """No ini file can write Python's None: "none" was refused, by a message that offered None."""
     assert load_filter(tmp_path, GOOD + "\ncontent_disposition = none").representation.policy.content_disposition is None
@@ -212,6 +219,8 @@ def test_memcached_servers_build_a_shared_cache_backend() -> None:
         filter_factory({}, domain="media", trackers="127.0.0.1:7001", memcached_servers="10.0.0.5:11211;10.0.0.6:11212")
     empty = filter_factory({}, domain="media", trackers="127.0.0.1:7001", memcached_servers="")
     assert empty.keywords["cache_backend"] is None  # the in-process cache
+    none = filter_factory({}, domain="media", trackers="127.0.0.1:7001", memcached_servers="none")
+    assert none.keywords["cache_backend"] is None  # not the memcached of host "none"
     signed = filter_factory({}, domain="media", trackers="127.0.0.1:7001", memcached_servers="10.0.0.5:11211",
                             memcached_secret="s3cret").keywords["cache_backend"]
     assert signed._signature(b"x") and not backend._signature(b"x")
