@@ -1,11 +1,11 @@
 """What a browser does with a stored file: its type, its charset, and whether it may run script.
 
 The type comes from the extension of the key's last segment through a fixed table (Python's own
-``mimetypes`` data, a few web types it lacks or spells differently by version, and the site's additions), never from anything
-else in the key. Users' files are kept from running script on the site's origin: HTML, SVG and
-XML answers carry ``Content-Security-Policy: sandbox``, and JavaScript is sent as text, so a
-``<script src>`` pointing at an upload cannot use it. A site whose MogileFS holds only its own
-assets turns that off with ``trusted_files``.
+``mimetypes`` data, a few web types it lacks or spells differently by version, and the site's
+additions), never from anything else in the key. Users' files are kept from running script on
+the site's origin: HTML, SVG and XML answers carry ``Content-Security-Policy: sandbox``, and
+JavaScript is sent as text, so a ``<script src>`` pointing at an upload cannot use it. A site
+whose MogileFS holds only its own assets turns that off with ``trusted_files``.
 """
 
 from __future__ import annotations
