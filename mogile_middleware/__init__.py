@@ -1,10 +1,11 @@
-"""mogile_middleware: put files stored in MogileFS on the web from any WSGI application.
+"""mogile_middleware: put files stored in MogileFS on the web from any WSGI or ASGI application.
 
-The public names: :class:`MogileFSMiddleware` (serve or reproxy files under a URL prefix),
-:class:`Client` (a Python 3 tracker client with pymogile's method names), :class:`Uploader`
-(writes keys with a class from any source), :func:`serve_header` (a view's answer that the
-middleware replaces with a key's file), :class:`Admin`,
-:class:`FileInfo`, the path cache backends and the exceptions. The embedded development MogileFS lives in
+The public names: :class:`MogileFSMiddleware` (the WSGI middleware: serve or reproxy files under
+a URL prefix; the ASGI one is :class:`mogile_middleware.asgi.MogileFSMiddleware`),
+:class:`Client` and :class:`AsyncClient` (Python 3 tracker clients with pymogile's method
+names), :class:`Uploader` (writes keys with a class from any source), :func:`serve_header` (a
+view's answer that the middleware replaces with a key's file), :class:`Admin`, :class:`FileInfo`,
+the path cache backends and the exceptions. The embedded development MogileFS lives in
 :mod:`mogile_middleware.devserver`.
 """
 

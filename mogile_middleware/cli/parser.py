@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of ``mogile-middleware`` with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="mogile-middleware",
-        description="Serve files stored in MogileFS from WSGI applications, and work with MogileFS.",
+        description="Serve files stored in MogileFS from WSGI and ASGI applications, and work with MogileFS.",
         epilog=commands.EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
