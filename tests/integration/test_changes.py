@@ -510,6 +510,58 @@ def test_after_a_lookup_the_key_kept_changing_through_one_unknown_key_is_not_mis
     assert answer.status == "200 OK" and b"".join(answer.body) == b"busy"
 
 
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_key_seen_changing_only_at_the_last_answer_is_asked_once_more_at_once(mogile: DevMogileFS,
+                                                                                  flavour: str) -> None:
+    """A key deleted and written anew during a lookup: unknown for a while, then get_paths and
+    file_info naming different versions at the last answer. The next two agree: the file, not a 503."""
+    import dataclasses
+
+    from mogile_middleware.async_client import AsyncClient
+    from mogile_middleware.locate import AsyncLocator, Locator
+
+    Client(DOMAIN, mogile.trackers).store_content("reborn.txt", b"reborn", cls="thumb")
+    # One answer per ask: a change first (the key exists), unknown until the last pause, a change again.
+    script = ["changed", *["unknown"] * (len(SETTLING_PAUSES) - 1), "changed"]
+
+    def unless_unknown(key: str) -> None:
+        if script and script[0] == "unknown":
+            script.pop(0)
+            raise UnknownKeyError("unknown_key", key)
+
+    def as_scripted(info: FileInfo) -> FileInfo:
+        return dataclasses.replace(info, fid=info.fid + 1) if script and script.pop(0) == "changed" else info
+
+    if flavour == "sync":
+        class Scripted(Client):
+            def get_paths(self, key: str, *args: Any, **kwargs: Any) -> list[str]:
+                unless_unknown(key)
+                return super().get_paths(key, *args, **kwargs)
+
+            def file_info(self, key: str) -> FileInfo:  # type: ignore[override]
+                return as_scripted(super().file_info(key))
+
+        location = Locator(Scripted(DOMAIN, mogile.trackers), with_length=True).locate("reborn.txt")
+    else:
+        class AsyncScripted(AsyncClient):
+            async def get_paths(self, key: str, *args: Any, **kwargs: Any) -> list[str]:
+                unless_unknown(key)
+                return await super().get_paths(key, *args, **kwargs)
+
+            async def file_info(self, key: str) -> FileInfo:  # type: ignore[override]
+                return as_scripted(await super().file_info(key))
+
+        async def located() -> Any:
+            client = AsyncScripted(DOMAIN, mogile.trackers)
+            try:
+                return await AsyncLocator(client, with_length=True).locate("reborn.txt")
+            finally:
+                await client.aclose()
+
+        location = asyncio.run(located())
+    assert not script and location.length == len(b"reborn") and location.paths
+
+
 def test_with_missing_seconds_0_a_deleted_key_is_asked_again_briefly_only_once(mogile: DevMogileFS) -> None:
     """Nothing is kept of a key found missing, its expired location included: the next request asks once."""
     from mogile_middleware.middleware import MogileFSMiddleware
