@@ -321,17 +321,30 @@ async def _send_body(key: str, upstream: AsyncReplicaResponse, send: Send, progr
 async def _unless_gone(answering: Awaitable[Answer | Streamed], receive: Receive) -> Answer | Streamed | None:
     """``answering``'s answer, or ``None`` when the client goes away (``http.disconnect``) first:
     its lookup and the replica it opens are then given up, rather than go on for nobody, holding
-    the loop's tracker connections from the clients still there."""
+    the loop's tracker connections from the clients still there. When the request's own task is
+    cancelled meanwhile, a replica opened for the answer nobody takes is closed."""
     work = asyncio.ensure_future(answering)
     leaving = asyncio.ensure_future(_disconnected(receive))
     try:
         await asyncio.wait({work, leaving}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
         leaving.cancel()
         if not work.done():
             work.cancel()
-    await asyncio.gather(work, leaving, return_exceptions=True)
+        await asyncio.gather(work, leaving, return_exceptions=True)
+    except BaseException:
+        leaving.cancel()
+        work.cancel()
+        work.add_done_callback(_close_unclaimed)
+        raise
     return None if work.cancelled() else work.result()
+
+
+def _close_unclaimed(work: asyncio.Future[Answer | Streamed]) -> None:
+    """Close the replica that ``work``'s answer holds open, if any: nobody will send it."""
+    if not work.cancelled() and work.exception() is None:
+        answer = work.result()
+        if isinstance(answer, tuple) and isinstance(answer[2], AsyncReplicaResponse):
+            answer[2].close()
 
 
 async def _disconnected(receive: Receive) -> None:

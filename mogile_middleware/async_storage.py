@@ -441,11 +441,16 @@ class AsyncReplicaResponse:
         if connection is not None:
             connection.close(reusable)
 
+    def close(self) -> None:
+        """As :meth:`aclose`, without waiting for the socket to be closed (where nothing can be
+        awaited, as in a callback)."""
+        self._end(reusable=self._remaining == 0)
+
     async def aclose(self) -> None:
         """Close the connection at once, unless no body is left (a HEAD or a 204: then it is kept
         for the next request to the node); closing again does nothing."""
         connection = self._connection
-        self._end(reusable=self._remaining == 0)
+        self.close()
         if connection is not None and self._remaining != 0:
             await connection.wait_closed()
 

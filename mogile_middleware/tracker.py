@@ -313,8 +313,13 @@ class TrackerPoolBase:
         while queue:
             address = queue.pop(0)
             if address in self._dead_until:
-                not_back = yield from self._probe_steps(address, alone=address not in deferred)
-                if not_back is _ASKED_BY_ANOTHER:  # the other trackers first, then ask it too
+                # Another request asking it already: the other trackers first. Then ask it too,
+                # not to fail a request it may answer, if it was marked dead long ago (nothing
+                # needed it since: the others answered); not if its dead time has just ended, as
+                # every dead_seconds while every tracker hangs: the one request asking is enough.
+                alone = address not in deferred or self._dead_lately(address)
+                not_back = yield from self._probe_steps(address, alone=alone)
+                if not_back is _ASKED_BY_ANOTHER and address not in deferred:
                     deferred.add(address)
                     queue.append(address)
                     continue
@@ -339,6 +344,11 @@ class TrackerPoolBase:
             finally:
                 metrics.recorder.tracker_call(self._names.get(address) or _describe(address), command, time.monotonic() - started, outcome)
         raise TrackerUnavailableError("no tracker answered: " + "; ".join(failures))
+
+    def _dead_lately(self, address: Address) -> bool:
+        """True if ``address`` is marked dead, or its dead time ended less than ``dead_seconds`` ago."""
+        until = self._dead_until.get(address)
+        return until is not None and self._clock() - until < self.dead_seconds
 
     def _probe_steps(self, address: Address, alone: bool) -> Generator[Step, Any, str | None]:
         """Whether a tracker whose dead time has passed is back: ``None`` once it answered a

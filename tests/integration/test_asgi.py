@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import socket
 import threading
 import time
@@ -309,6 +310,44 @@ def test_a_client_gone_while_its_file_is_looked_up_ends_the_request_and_the_look
     finally:
         silent.stop()
     assert took < 1 and sent == [] and silent.connections == 2
+
+
+def test_a_request_task_cancelled_as_its_replica_opens_leaves_no_storage_connection_open(
+        devmogile: DevMogileFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request's task cancelled from outside (a timeout middleware, a cancel scope, the server)
+    in the turn of the loop its replica opened: the storage connection is closed, not kept open
+    for nobody until the process ends."""
+    from mogile_middleware import asgi
+
+    client = Client(DOMAIN, devmogile.trackers)
+    client.store_file("cancelled.bin", PatternFile(4 * MIB), cls="thumb")
+    node_port = storage_port(client, "cancelled.bin")
+    middleware = MogileFSMiddleware(Recorder(), domain=DOMAIN, trackers=devmogile.trackers)
+    requests: list[asyncio.Future[None]] = []
+    opened = asgi.open_replica
+
+    async def open_then_cancelled(*args: Any, **kwargs: Any) -> Any:
+        replica = await opened(*args, **kwargs)
+        requests[-1].cancel()
+        return replica
+
+    monkeypatch.setattr(asgi, "open_replica", open_then_cancelled)
+
+    async def receive() -> dict[str, Any]:
+        return await asyncio.sleep(3600)  # the client stays
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    async def cancelled_requests() -> int:
+        for _ in range(3):
+            requests.append(asyncio.ensure_future(middleware(http_scope("/mogilefs/cancelled.bin"), receive, send)))
+            with pytest.raises(asyncio.CancelledError):
+                await requests[-1]
+        await asyncio.sleep(0.2)
+        return node_connections(node_port, os.getpid())
+
+    assert asyncio.run(cancelled_requests()) == 0
 
 
 @pytest.mark.parametrize("mode", [{}, {"reproxy": "perlbal"}], ids=["serve", "reproxy"])

@@ -511,8 +511,8 @@ def test_after_a_lookup_the_key_kept_changing_through_one_unknown_key_is_not_mis
 
 
 @pytest.mark.parametrize("flavour", ["sync", "async"])
-def test_a_key_seen_changing_only_at_the_last_answer_is_asked_once_more_at_once(mogile: DevMogileFS,
-                                                                                  flavour: str) -> None:
+def test_a_key_seen_changing_only_at_the_last_answer_is_asked_once_more_at_once(
+        mogile: DevMogileFS, flavour: str) -> None:
     """A key deleted and written anew during a lookup: unknown for a while, then get_paths and
     file_info naming different versions at the last answer. The next two agree: the file, not a 503."""
     import dataclasses

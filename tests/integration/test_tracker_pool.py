@@ -259,6 +259,46 @@ def test_failover_to_a_tracker_another_request_is_asking_fails_no_request(flavou
 
 
 @both_flavours
+def test_with_every_tracker_hung_the_requests_meanwhile_leave_the_asking_to_one(flavour: Flavour) -> None:
+    """Every tracker hangs: when a tracker's dead time ends, one request asks whether it is back
+    (a noop, up to connect_timeout); the requests meanwhile give up on it at once, as while it was
+    marked dead (cached paths are then served at once), rather than each dial a noop of its own."""
+    clock, asked = FakeClock(), threading.Event()
+
+    def hanging(line: bytes) -> bytes:
+        if line == b"noop\r\n":
+            asked.set()
+        return b""  # no reply, ever
+
+    hung = ScriptedTracker(hanging)
+    try:
+        pool = flavour.TrackerPool([hung.tracker], connect_timeout=1.0, dead_seconds=5, clock=clock)
+        pool.mark_dead(hung.address)
+        clock.now += 5
+        outcome: list[str] = []
+
+        def request() -> None:
+            try:
+                pool.request("get_paths", {"key": "k"})
+            except TrackerUnavailableError as error:
+                outcome.append(str(error))
+
+        asking = threading.Thread(target=request)
+        asking.start()
+        assert asked.wait(5)
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(TrackerUnavailableError, match="another request is asking whether it is back"):
+                pool.request("get_paths", {"key": "k"})
+            assert time.monotonic() - started < 0.3
+        asking.join(5)
+        assert len(outcome) == 1 and "still no answer" in outcome[0]
+        assert hung.requests == [b"noop\r\n"]
+    finally:
+        hung.stop()
+
+
+@both_flavours
 def test_a_create_close_past_its_deadline_leaves_the_tracker_alive(flavour: Flavour) -> None:
     """mogilefsd answers create_close once it has checked the file on the storage node: a slow
     node makes it late, which says nothing of the tracker."""
