@@ -275,7 +275,7 @@ class Locator:
                     # a write after a delete): the next two, asked at once, most likely agree.
                     asked_at_once = True
                     continue
-                if changing:
+                if changing or asked_at_once:  # a key just seen changing is not called missing
                     self._note_changed(entry)
                     raise KeyChangingError(f"{key!r} kept changing during its lookup")
                 return None

@@ -310,19 +310,24 @@ class TrackerPoolBase:
             )
         failures: list[str] = []
         queue, deferred = list(candidates), set()
+        failed_over = False  # whether a tracker taken for alive failed this request
         while queue:
             address = queue.pop(0)
             if address in self._dead_until:
                 # Another request asking it already: the other trackers first. Then ask it too,
-                # not to fail a request it may answer, if it was marked dead long ago (nothing
-                # needed it since: the others answered); not if its dead time has just ended, as
-                # every dead_seconds while every tracker hangs: the one request asking is enough.
-                alone = address not in deferred or self._dead_lately(address)
+                # not to fail a request it may answer, if one of them failed this request (a
+                # tracker going down) or if it was marked dead long ago (nothing needed it since);
+                # not if its dead time has just ended, as every dead_seconds while every tracker
+                # hangs: the one request asking is enough.
+                alone = address not in deferred or self._dead_lately(address) and not failed_over
                 not_back = yield from self._probe_steps(address, alone=alone)
-                if not_back is _ASKED_BY_ANOTHER and address not in deferred:
-                    deferred.add(address)
-                    queue.append(address)
-                    continue
+                if not_back is _ASKED_BY_ANOTHER:
+                    if address in deferred:  # given up, as while it was marked dead
+                        metrics.recorder.tracker_skipped(self._names[address])
+                    else:
+                        deferred.add(address)
+                        queue.append(address)
+                        continue
                 if not_back:
                     failures.append(f"{_describe(address)}: {not_back}")
                     continue
@@ -340,6 +345,7 @@ class TrackerPoolBase:
                     "it may or may not have been carried out"
                 ) from lost.__cause__
             except (OSError, ProtocolError) as error:  # an idempotent command: the next tracker may answer
+                failed_over = True
                 failures.append(f"{_describe(address)}: {error or type(error).__name__}")
             finally:
                 metrics.recorder.tracker_call(self._names.get(address) or _describe(address), command, time.monotonic() - started, outcome)

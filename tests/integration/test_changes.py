@@ -29,7 +29,7 @@ from wiretools import ScriptedTracker
 from mogile_middleware import Client
 from mogile_middleware.client import FileInfo
 from mogile_middleware.devserver import DevMogileFS
-from mogile_middleware.exceptions import UnknownKeyError
+from mogile_middleware.exceptions import KeyChangingError, UnknownKeyError
 from mogile_middleware.locate import CONFIRMED_SECONDS, SETTLING_PAUSES
 from mogile_middleware.memcache import MemcachedBackend
 
@@ -511,10 +511,13 @@ def test_after_a_lookup_the_key_kept_changing_through_one_unknown_key_is_not_mis
 
 
 @pytest.mark.parametrize("flavour", ["sync", "async"])
+@pytest.mark.parametrize("then", ["agreeing", "unknown"])
 def test_a_key_seen_changing_only_at_the_last_answer_is_asked_once_more_at_once(
-        mogile: DevMogileFS, flavour: str) -> None:
+        mogile: DevMogileFS, flavour: str, then: str) -> None:
     """A key deleted and written anew during a lookup: unknown for a while, then get_paths and
-    file_info naming different versions at the last answer. The next two agree: the file, not a 503."""
+    file_info naming different versions at the last answer. It is asked once more at once: when
+    the two answers agree, the file, not a 503; when it is unknown again, a 503 to try again (a
+    key just seen changing is not called missing), and the next lookup finds it."""
     import dataclasses
 
     from mogile_middleware.async_client import AsyncClient
@@ -522,7 +525,7 @@ def test_a_key_seen_changing_only_at_the_last_answer_is_asked_once_more_at_once(
 
     Client(DOMAIN, mogile.trackers).store_content("reborn.txt", b"reborn", cls="thumb")
     # One answer per ask: a change first (the key exists), unknown until the last pause, a change again.
-    script = ["changed", *["unknown"] * (len(SETTLING_PAUSES) - 1), "changed"]
+    script = ["changed", *["unknown"] * (len(SETTLING_PAUSES) - 1), "changed", *["unknown"] * (then == "unknown")]
 
     def unless_unknown(key: str) -> None:
         if script and script[0] == "unknown":
@@ -531,6 +534,12 @@ def test_a_key_seen_changing_only_at_the_last_answer_is_asked_once_more_at_once(
 
     def as_scripted(info: FileInfo) -> FileInfo:
         return dataclasses.replace(info, fid=info.fid + 1) if script and script.pop(0) == "changed" else info
+
+    def locate_after_503(locate: Callable[[str], Any]) -> Any:
+        if then == "unknown":
+            with pytest.raises(KeyChangingError):
+                locate("reborn.txt")
+        return locate("reborn.txt")
 
     if flavour == "sync":
         class Scripted(Client):
@@ -541,7 +550,7 @@ def test_a_key_seen_changing_only_at_the_last_answer_is_asked_once_more_at_once(
             def file_info(self, key: str) -> FileInfo:  # type: ignore[override]
                 return as_scripted(super().file_info(key))
 
-        location = Locator(Scripted(DOMAIN, mogile.trackers), with_length=True).locate("reborn.txt")
+        location = locate_after_503(Locator(Scripted(DOMAIN, mogile.trackers), with_length=True).locate)
     else:
         class AsyncScripted(AsyncClient):
             async def get_paths(self, key: str, *args: Any, **kwargs: Any) -> list[str]:
@@ -551,14 +560,13 @@ def test_a_key_seen_changing_only_at_the_last_answer_is_asked_once_more_at_once(
             async def file_info(self, key: str) -> FileInfo:  # type: ignore[override]
                 return as_scripted(await super().file_info(key))
 
-        async def located() -> Any:
-            client = AsyncScripted(DOMAIN, mogile.trackers)
-            try:
-                return await AsyncLocator(client, with_length=True).locate("reborn.txt")
-            finally:
-                await client.aclose()
-
-        location = asyncio.run(located())
+        loop, client = asyncio.new_event_loop(), AsyncScripted(DOMAIN, mogile.trackers)
+        try:
+            locator = AsyncLocator(client, with_length=True)
+            location = locate_after_503(lambda key: loop.run_until_complete(locator.locate(key)))
+        finally:
+            loop.run_until_complete(client.aclose())
+            loop.close()
     assert not script and location.length == len(b"reborn") and location.paths
 
 

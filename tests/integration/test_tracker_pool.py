@@ -16,7 +16,7 @@ from conftest import DOMAIN
 from integration._async_facade import Flavour, both_flavours, flavour  # noqa: F401 (a fixture)
 from wiretools import ScriptedTracker, ok
 
-from mogile_middleware import Client
+from mogile_middleware import Client, metrics
 from mogile_middleware.async_tracker import AsyncTrackerPool
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.exceptions import OutcomeUnknownError, TrackerUnavailableError, UnknownKeyError
@@ -212,9 +212,16 @@ def slow_noop(asked: threading.Event) -> Callable[[bytes], bytes]:
 
 
 @both_flavours
-def test_while_one_request_asks_whether_a_tracker_is_back_the_others_try_the_next_first(flavour: Flavour) -> None:
+@pytest.mark.parametrize("other_killed", [False, True], ids=["other alive", "other killed"])
+def test_while_one_request_asks_whether_a_tracker_is_back_the_others_try_the_next_first(
+        flavour: Flavour, other_killed: bool) -> None:
+    """A tracker's dead time has just ended and one request asks whether it is back: another
+    request goes to the other tracker at once; if that one refuses (killed), it asks the first
+    one too rather than fail."""
     clock, asked = FakeClock(), threading.Event()
     returning, other = ScriptedTracker(slow_noop(asked)), ScriptedTracker(ok)
+    if other_killed:
+        other.stop()
     try:
         pool = flavour.TrackerPool([returning.tracker, other.tracker], connect_timeout=2, dead_seconds=5,
                                    clock=clock)
@@ -225,11 +232,11 @@ def test_while_one_request_asks_whether_a_tracker_is_back_the_others_try_the_nex
         asking.start()
         assert asked.wait(5)
         started = time.monotonic()
-        assert pool.request("get_paths", {"key": "k"})[1] == other.address
-        assert time.monotonic() - started < 0.3
+        assert pool.request("get_paths", {"key": "k"})[1] == (returning if other_killed else other).address
+        assert other_killed or time.monotonic() - started < 0.3
         asking.join(5)
         assert outcome == [returning.address]
-        assert len(returning.requests) == 2  # the noop, then the first request's get_paths
+        assert other_killed or len(returning.requests) == 2  # the noop, then the first request's get_paths
     finally:
         returning.stop()
         other.stop()
@@ -270,7 +277,13 @@ def test_with_every_tracker_hung_the_requests_meanwhile_leave_the_asking_to_one(
             asked.set()
         return b""  # no reply, ever
 
-    hung = ScriptedTracker(hanging)
+    class Skips(metrics.Recorder):
+        count = 0
+
+        def tracker_skipped(self, tracker: str) -> None:
+            Skips.count += 1
+
+    hung, previous = ScriptedTracker(hanging), metrics.use(Skips())
     try:
         pool = flavour.TrackerPool([hung.tracker], connect_timeout=1.0, dead_seconds=5, clock=clock)
         pool.mark_dead(hung.address)
@@ -294,7 +307,9 @@ def test_with_every_tracker_hung_the_requests_meanwhile_leave_the_asking_to_one(
         asking.join(5)
         assert len(outcome) == 1 and "still no answer" in outcome[0]
         assert hung.requests == [b"noop\r\n"]
+        assert Skips.count == 3  # counted as skipped, as while it was marked dead
     finally:
+        metrics.use(previous)
         hung.stop()
 
 
