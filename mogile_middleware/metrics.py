@@ -27,7 +27,8 @@ class Recorder:
         refused, timed out, cut or garbled; the next tracker is tried when that is safe)."""
 
     def tracker_skipped(self, tracker: str) -> None:
-        """A request skipped ``tracker`` because it is marked dead."""
+        """A request skipped ``tracker`` because it is marked dead, or because another request is
+        asking whether it is back."""
 
     def cache_hit(self) -> None:
         """The path cache answered with fresh paths."""

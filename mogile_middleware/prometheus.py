@@ -42,8 +42,8 @@ class PrometheusRecorder(metrics.Recorder):
         self._tracker_seconds = _Children(Histogram(
             "tracker_call_seconds", "Tracker command round trips", ["command"],
             namespace=namespace, registry=registry, buckets=TRACKER_SECONDS_BUCKETS))
-        self._tracker_skips = _Children(counter("dead_tracker_skips", "Requests that skipped a tracker marked dead",
-                                                ["tracker"]))
+        self._tracker_skips = _Children(counter(
+            "dead_tracker_skips", "Requests that skipped a tracker marked dead, or being asked if back", ["tracker"]))
         self._cache_hits = counter("path_cache_hits", "Path cache answers with fresh paths")
         self._cache_misses = counter("path_cache_misses", "Path cache misses (the trackers are asked)")
         self._cache_stale = counter("path_cache_stale", "Stale paths served while no tracker answered")
