@@ -214,11 +214,19 @@ class PathCache(Generic[V]):
     def _outdate_lookup(self, key: str, refreshed: Any = None) -> None:
         """Keep a lookup of ``key`` in progress from storing its value: begun before a change, it
         may find the old version. With ``refreshed``, not a refresh's of that value: the
-        requests it failed for all join that one lookup."""
-        with self._lock:
-            flight = self._flights.get(key)
-            if flight is not None and (refreshed is None or flight.outdated != refreshed):
-                self._outdate_flight(key)
+        requests it failed for all join that one lookup. The lookup's lock is waited for (a store
+        in progress) with the cache's own lock not held: made before gevent patched (gunicorn
+        ``--preload``), that one is the thread's, and another greenlet taking it would stop the worker."""
+        while (flight := self._flights.get(key)) is not None:
+            if refreshed is not None and flight.outdated == refreshed:
+                return
+            with flight.lock:
+                with self._lock:
+                    if self._flights.get(key) is not flight:
+                        continue  # ended meanwhile: the lookup in progress now, if any
+                    del self._flights[key]  # later requests start a new lookup
+                flight.invalidated = True
+            return
 
     def _expire(self, key: str, entry: tuple[Any, float], version: Any) -> None:
         """Keep ``entry`` for stale serving only: stored as if its time to live had passed, so that
@@ -234,14 +242,6 @@ class PathCache(Generic[V]):
             self._store(key, entry[0], keep, version, stored_at)
         else:
             self._backend.delete(key)
-
-    def _outdate_flight(self, key: str) -> None:
-        """:meth:`_outdate_lookup`, the lock held: later requests must not join that lookup
-        either, they start a new one."""
-        flight = self._flights.pop(key, None)
-        if flight is not None:
-            with flight.lock:
-                flight.invalidated = True
 
     def _invalidated(self, key: str) -> None:
         """Tell of the change of ``key``; count an invalidation, and the in-process cache's size after it."""
@@ -511,7 +511,10 @@ class AsyncPathCache(PathCache[V]):
         with self._lock:  # invalidate() may run in another thread (a sync client's listener)
             flight = self._flights.get(key)
             if flight is not None and not flight.done.get_loop().is_running():
-                self._outdate_flight(key)  # its loop stopped mid-lookup: it would never end
+                # Its loop stopped mid-lookup: it would never end. Nothing of it runs meanwhile, so
+                # its lock is not needed (taken here, under the cache's, it would invert their order).
+                del self._flights[key]
+                flight.invalidated = True
                 flight = None
             leading = flight is None
             if leading:

@@ -458,7 +458,6 @@ class Uploader:
         self.checksums = checksums
         self._hashtypes: dict[str, str] = {}
         self._hashtypes_asked = 0.0
-        self._lock = threading.Lock()
 
     def upload(self, key: str, source: Source, cls: str | None = None, *, progress: Progress | None = None,
                verify_checksum: bool | None = None) -> int:
@@ -497,11 +496,14 @@ class Uploader:
         """True if the tracker keeps checksums for ``cls`` (asked every ``CLASSES_SECONDS``, and
         again for a class not seen)."""
         name = cls or "default"
-        with self._lock:
-            if name not in self._hashtypes or time.monotonic() - self._hashtypes_asked > CLASSES_SECONDS:
-                self._hashtypes = self._class_hashtypes()
-                self._hashtypes_asked = time.monotonic()
-            return self._hashtypes.get(name, "NONE") != "NONE"
+        hashtypes = self._hashtypes
+        if name not in hashtypes or time.monotonic() - self._hashtypes_asked > CLASSES_SECONDS:
+            # Asked under no lock: under gevent, a lock made before it patched (gunicorn --preload)
+            # is the thread's, and one held while the tracker answers would stop the whole worker.
+            # Uploads that find the answer old at once ask at once too.
+            hashtypes = self._hashtypes = self._class_hashtypes()
+            self._hashtypes_asked = time.monotonic()
+        return hashtypes.get(name, "NONE") != "NONE"
 
     def _class_hashtypes(self) -> dict[str, str]:
         domains = parse_domains(self.client.pool.request("get_domains")[0])

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import http.client
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -121,6 +123,66 @@ def test_greenlets_share_the_kept_alive_node_connections(devmogile: DevMogileFS,
         # its worker has closed the connection the pool had no room for).
         kept = eventually(lambda: node_connections(node_port), lambda n: n <= IDLE_PER_NODE, timeout=5)
         assert 1 <= kept <= IDLE_PER_NODE
+
+
+#: A path cache made before gevent patches (as the application of ``gunicorn --preload`` is), its
+#: backend's stores waiting on gevent (as memcached's I/O does once patched): a lookup of "a"
+#: storing, an invalidation of "a" meanwhile, then a lookup of "b" by a third greenlet.
+INVALIDATED_AMID_A_STORE = """
+import time
+from mogile_middleware.cache import MemoryCache, PathCache
+
+class SlowStores(MemoryCache):
+    def set(self, *args):
+        time.sleep(0.3)
+        super().set(*args)
+
+cache = PathCache(lambda key, previous: key.upper(), backend=SlowStores())
+from gevent import monkey
+monkey.patch_all()
+import gevent
+storing = gevent.spawn(cache.get, "a")
+gevent.sleep(0.1)
+invalidating = gevent.spawn(cache.invalidate, "a")
+gevent.sleep(0.05)
+other = gevent.spawn(cache.get, "b")
+gevent.joinall([storing, invalidating, other], timeout=5)
+print(storing.value, other.value, invalidating.successful())
+"""
+
+
+def test_an_invalidation_amid_a_store_stops_no_other_greenlet_of_a_preloaded_worker() -> None:
+    """The cache's own lock, made before gevent patched, is the thread's: an invalidation waiting
+    for a lookup's store must not hold it, or the next greenlet to take it stops the whole worker."""
+    run = subprocess.run([sys.executable, "-c", INVALIDATED_AMID_A_STORE], capture_output=True, text=True,
+                         timeout=20)
+    assert run.stdout.split() == ["A", "B", "True"], run.stderr
+
+
+#: An uploader made before gevent patches (as the Django storage's is when ``gunicorn --preload``
+#: imports the application), then two uploads at once, each asking the tracker first which classes
+#: keep checksums.
+UPLOADS_AT_ONCE = """
+import sys
+from mogile_middleware import Client, Uploader
+
+uploader = Uploader(Client(sys.argv[1], sys.argv[2:]))
+from gevent import monkey
+monkey.patch_all()
+import gevent
+uploads = [gevent.spawn(uploader.upload, f"at-once-{n}.txt", b"at once", "thumb") for n in range(2)]
+gevent.joinall(uploads, timeout=10)
+print(*(upload.value for upload in uploads))
+"""
+
+
+def test_uploads_at_once_stop_no_greenlet_of_a_preloaded_worker(devmogile: DevMogileFS) -> None:
+    """An upload waiting for the tracker holds no lock of the uploader's: made before gevent
+    patched, that one is the thread's, and the next upload taking it would stop the whole worker."""
+    run = subprocess.run([sys.executable, "-c", UPLOADS_AT_ONCE, DOMAIN, *devmogile.trackers], capture_output=True,
+                         text=True, timeout=30)
+    assert run.stdout.split() == ["7", "7"], run.stderr
+    assert Client(DOMAIN, devmogile.trackers).get_file_data("at-once-1.txt") == b"at once"
 
 
 def memcached_connections_made(port: int) -> int:
