@@ -508,17 +508,17 @@ class AsyncPathCache(PathCache[V]):
 
     async def _refresh(self, key: str, previous: V | None = None, *,  # type: ignore[override]
                        recheck: bool = True) -> V:
-        with self._lock:  # invalidate() may run in another thread (a sync client's listener)
-            flight = self._flights.get(key)
-            if flight is not None and not flight.done.get_loop().is_running():
-                # Its loop stopped mid-lookup: it would never end. Nothing of it runs meanwhile, so
-                # its lock is not needed (taken here, under the cache's, it would invert their order).
-                del self._flights[key]
-                flight.invalidated = True
-                flight = None
-            leading = flight is None
-            if leading:
-                flight = self._flights[key] = _AsyncFlight(previous)  # type: ignore[assignment]
+        while True:
+            with self._lock:  # invalidate() may run in another thread (a sync client's listener)
+                flight = self._flights.get(key)
+                if flight is None or flight.done.get_loop().is_running():
+                    leading = flight is None
+                    if leading:
+                        flight = self._flights[key] = _AsyncFlight(previous)  # type: ignore[assignment]
+                    break
+            # Its loop stopped mid-lookup: it would never end. Outdated as invalidate() does, with
+            # the cache's lock not held while a store of it in a thread may end.
+            self._outdate_lookup(key)
         if not leading:
             try:
                 value = await within(self._wait_seconds, asyncio.shield(_followed(flight.done)))

@@ -185,6 +185,39 @@ def test_uploads_at_once_stop_no_greenlet_of_a_preloaded_worker(devmogile: DevMo
     assert Client(DOMAIN, devmogile.trackers).get_file_data("at-once-1.txt") == b"at once"
 
 
+#: The Django storage imported and made before gevent patches (``gunicorn --preload``), then two
+#: saves of one name at once, each asking the tracker whether the name is taken before renaming.
+SAVES_AT_ONCE = """
+import sys
+import django
+from django.conf import settings
+
+settings.configure(MOGILEFS_DOMAIN=sys.argv[1], MOGILEFS_TRACKERS=sys.argv[2:], MOGILEFS_MEDIA_URL="/media/")
+django.setup()
+from django.core.files.base import ContentFile
+from mogile_middleware.contrib.django.storage import MogileFSStorage
+
+storage = MogileFSStorage()
+from gevent import monkey
+monkey.patch_all()
+import gevent
+saves = [gevent.spawn(storage.save, "same.txt", ContentFile(b"saved")) for _ in range(2)]
+gevent.joinall(saves, timeout=10)
+print(*sorted(str(save.value) for save in saves))
+"""
+
+
+def test_saves_at_once_stop_no_greenlet_of_a_preloaded_django_worker(devmogile: DevMogileFS) -> None:
+    """A Django save renaming onto its name holds no lock made at import: that one would be the
+    thread's, and the next save taking it while the first waits for the tracker would stop the worker."""
+    pytest.importorskip("django", reason="Django is installed by the test command ('.[dev]')")
+    run = subprocess.run([sys.executable, "-c", SAVES_AT_ONCE, DOMAIN, *devmogile.trackers], capture_output=True,
+                         text=True, timeout=30)
+    first, second = run.stdout.split() or ["", ""]
+    assert first == "same.txt" and second.startswith("same_") and second.endswith(".txt"), run.stderr
+    assert Client(DOMAIN, devmogile.trackers).get_file_data(second) == b"saved"
+
+
 def memcached_connections_made(port: int) -> int:
     """memcached's count of the connections it has accepted since it started."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:

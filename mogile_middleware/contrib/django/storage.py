@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -39,8 +40,16 @@ TEMPORARY_PREFIX = ".mogile-upload/"
 
 #: The ``max_length`` of the save in progress, for the name taken instead of one found taken.
 _max_length: ContextVar[int | None] = ContextVar("max_length", default=None)
-#: Held while a save checks a name and renames onto it: the threads of a process never race for one.
-_renaming = threading.Lock()
+#: Held while a save checks a name and renames onto it, so that the threads of a process never
+#: race for one: one per process, made on first use (see :func:`_renaming`).
+_renaming_locks: dict[int, threading.Lock] = {}
+
+
+def _renaming() -> threading.Lock:
+    """This process's lock for renames onto a name. Made on first use, not at import: under
+    gunicorn ``--preload`` a gevent worker patches after the import, so a lock made then would be
+    the thread's, and a save waiting for the tracker under it would stop the whole worker."""
+    return _renaming_locks.setdefault(os.getpid(), threading.Lock())
 
 
 #: Django's own ``chunks()``, which read the file from its start: a file read so may be read again.
@@ -182,7 +191,7 @@ class MogileFSStorage(Storage):
         while True:
             # Asked again: the name may have been taken during the upload, and mogilefsd 2.73 answers a
             # rename onto a taken key twice, which costs some other request its tracker connection.
-            with _renaming:
+            with _renaming():
                 if not self.exists(candidate):
                     try:
                         self.client.rename(temporary, candidate)
