@@ -420,11 +420,17 @@ def _environ(scope: Scope, path: str) -> dict[str, Any]:
         "QUERY_STRING": query.split(b"#", 1)[0].decode("latin-1") if query else "",
         "REMOTE_ADDR": (scope.get("client") or ("",))[0],
     }
+    repeated: dict[str, list[str]] = {}  # joined once: a client may repeat a header thousands of times
     for name, value in scope.get("headers", ()):
         key = _READ_HEADERS.get(name.lower())
         if key is not None:
             text = value.decode("latin-1")
-            environ[key] = f"{environ[key]}, {text}" if key in environ else text
+            if key in environ:
+                repeated.setdefault(key, [environ[key]]).append(text)
+            else:
+                environ[key] = text
+    for key, values in repeated.items():
+        environ[key] = ", ".join(values)
     return environ
 
 
@@ -439,13 +445,13 @@ def _inputs(scope: Scope) -> tuple[Any, ...]:
     """All that the decisions read of a request but its raw path (:func:`_path_info`,
     :func:`_environ`), ``path`` among them: which of its answers kept for the raw path
     (:class:`_WarmAnswers`) is its own."""
-    inputs = (scope["method"], scope["path"], scope.get("root_path", ""), scope.get("query_string"),
-              (scope.get("client") or ("",))[0])
+    inputs = [scope["method"], scope["path"], scope.get("root_path", ""), scope.get("query_string"),
+              (scope.get("client") or ("",))[0]]
     for name, value in scope.get("headers", ()):
         lowered = name.lower()
         if lowered in _READ_HEADERS:
             inputs += (lowered, b"" if lowered in _PRESENCE_ONLY else value)
-    return inputs
+    return tuple(inputs)  # made once: a client may repeat a header thousands of times
 
 
 def _without_reproxy_headers(send: Send) -> Send:

@@ -607,6 +607,25 @@ def test_a_repeated_proxy_request_gets_the_same_header_fields_each_once_through_
             field for field in first.fields if field[0] != "date"]
 
 
+@pytest.mark.parametrize(("options", "header"), [
+    ({"MOGILE_REPROXY": "perlbal", "MOGILE_TRUSTED_PROXIES": "127.0.0.1"}, b"X-Forwarded-For: 192.0.2.1"),
+    ({}, b'If-None-Match: "other"')], ids=["reproxy, warm", "serve"])
+def test_a_header_repeated_100000_times_is_read_in_one_pass(devmogile: DevMogileFS, options: dict[str, str],
+                                                             header: bytes) -> None:
+    """uvicorn's httptools parser takes a request head of any size: a client repeating a header
+    the decisions read is answered at once, not after minutes of the worker's event loop
+    joining the values one by one."""
+    Client(DOMAIN, devmogile.trackers).store_content("many.txt", b"many", cls="thumb")
+    request = b"GET /mogilefs/many.txt HTTP/1.1\r\nHost: media\r\nX-Proxy-Capabilities: reproxy-file\r\n"
+    with run_uvicorn({"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": devmogile.trackers[0], **options}) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            for repeats in (1, 100_000):  # the first makes the path warm (its answer kept)
+                sock.sendall(request + (header + b"\r\n") * repeats + b"\r\n")
+                reply, rest = read_http_reply(sock, "GET")
+                assert reply.status == 200 and rest == b""
+                assert ("x-reproxy-url" in reply.headers) == bool(options)
+
+
 def test_a_kept_answer_lasts_as_long_as_the_path_cache_holds_its_location(devmogile: DevMogileFS) -> None:
     writer = Client(DOMAIN, devmogile.trackers)
     writer.store_content("a.txt", b"one", cls="thumb")
