@@ -147,8 +147,14 @@ class MogileFSMiddleware(MiddlewareCore):
                         "headers": [(name.lower().encode("latin-1"), value.encode("latin-1"))]})
             await send({"type": "http.response.body", "body": b""})
             return
-        await self._send(await self._file_answer_for_view(scope, served_file(value)), send, receive,  # type: ignore[arg-type]
-                         scope, recurring=False)
+        await self._send_for_view(scope, receive, send, served_file(value))  # type: ignore[arg-type]
+
+    async def _send_for_view(self, scope: Scope, receive: Receive, send: Send, served: tuple[str, str | None],
+                             cookies: list[str] | None = None) -> None:
+        """Send the file a view asked for, unless its client goes away while it is looked up or opened."""
+        answer = await _unless_gone(self._file_answer_for_view(scope, served, cookies), receive)
+        if answer is not None:
+            await self._send(answer, send, receive, scope, recurring=False)
 
     async def _file_answer_for_view(self, scope: Scope, served: tuple[str, str | None],
                                     cookies: list[str] | None = None) -> Answer | Streamed:
@@ -216,8 +222,7 @@ class MogileFSMiddleware(MiddlewareCore):
 
         await self.app({**scope, WRAPPED_BY: self}, receive, filtered)
         if asked:
-            await self._send(await self._file_answer_for_view(scope, asked[0], cookies), send, receive, scope,
-                             recurring=False)
+            await self._send_for_view(scope, receive, send, asked[0], cookies)
 
     async def _answer(self, environ: dict[str, Any], key: str, location: Location | None) -> Answer | Streamed:
         """The answer for ``key`` (at ``location`` when the cache held it): decided, with its replica open."""

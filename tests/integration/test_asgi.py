@@ -26,6 +26,7 @@ from mogile_middleware import AsyncClient, Client
 from mogile_middleware import MogileFSMiddleware as WSGIMiddleware
 from mogile_middleware.asgi import MogileFSMiddleware, _inputs, _WarmAnswer, _WarmAnswers
 from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.views import serve_header
 
 pytest.importorskip("uvicorn", reason="uvicorn is installed by the test command ('.[dev]')")
 
@@ -282,12 +283,21 @@ def test_a_head_error_answer_has_the_gets_headers_and_no_body(path: str) -> None
     assert start["headers"] == run(asgi, http_scope(path), [])[0]["headers"]
 
 
-def test_a_client_gone_while_its_file_is_looked_up_ends_the_request_and_the_lookup() -> None:
+async def serving_view(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """An application's view answering with the file named by its path's last part."""
+    name, value = serve_header(scope["path"].rsplit("/", 1)[1])
+    await send({"type": "http.response.start", "status": 200, "headers": [(name.lower().encode(), value.encode())]})
+    await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.mark.parametrize("asked", ["under the prefix", "by a view", "with respond_with"])
+def test_a_client_gone_while_its_file_is_looked_up_ends_the_request_and_the_lookup(asked: str) -> None:
     """A tracker that does not answer, a client that leaves after 50 ms: the request ends then,
     with nothing sent, and its lookup is given up, so that it holds none of the loop's tracker
-    requests in flight from the clients still there (here one at most: the next request asks)."""
+    requests in flight from the clients still there (here one at most: the next request asks).
+    The same for a file an application's view asks for."""
     silent = SilentServer()
-    middleware = MogileFSMiddleware(Recorder(), domain=DOMAIN, trackers=[silent.tracker], io_timeout=5)
+    middleware = MogileFSMiddleware(serving_view, domain=DOMAIN, trackers=[silent.tracker], io_timeout=5)
     middleware.client.pool.max_connections = 1
     sent: list[dict[str, Any]] = []
 
@@ -298,11 +308,17 @@ def test_a_client_gone_while_its_file_is_looked_up_ends_the_request_and_the_look
         await asyncio.sleep(0.05)
         return {"type": "http.disconnect"}
 
+    async def request(key: str) -> None:
+        if asked == "with respond_with":
+            await middleware.respond_with(http_scope("/files/" + key), receive, send, key)
+        else:
+            await middleware(http_scope(("/mogilefs/" if asked == "under the prefix" else "/files/") + key), receive, send)
+
     async def requests() -> float:
         started = time.monotonic()
-        await middleware(http_scope("/mogilefs/any.txt"), receive, send)
+        await request("any.txt")
         took = time.monotonic() - started
-        await middleware(http_scope("/mogilefs/other.txt"), receive, send)
+        await request("other.txt")
         return took
 
     try:
