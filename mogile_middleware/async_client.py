@@ -57,9 +57,9 @@ from .upload import (
     create_close_args,
     create_open_args,
     destinations,
-    in_bytes,
     no_storage_node,
     opening,
+    piece_bytes,
     pieces_of,
     remaining_size,
     telling,
@@ -222,7 +222,7 @@ class AsyncClient(ClientBase):
                 failures.append(str(error))
                 continue
             try:
-                stored, md5 = await _send(stream, body)
+                stored, md5 = await _send(key, stream, body)
                 await stream.finish()
                 return destination, stored, md5
             except StorageError as error:
@@ -256,11 +256,11 @@ def _body(key: str, source: object) -> Body:
                     f"of bytes, not {type(source).__name__}")
 
 
-async def _send(stream: AsyncPutStream, body: Body) -> tuple[int, str]:
-    """Write every chunk of ``body`` to ``stream``: the number of bytes and their MD5 (hex)."""
+async def _send(key: str, stream: AsyncPutStream, body: Body) -> tuple[int, str]:
+    """Write every chunk of ``body``, the upload of ``key``, to ``stream``: the number of bytes and their MD5 (hex)."""
     digest, stored = hashlib.md5(), 0
     async for piece in _chunks(body):
-        chunk = in_bytes(piece)
+        chunk = piece_bytes(key, piece)
         await stream.write(chunk)
         digest.update(chunk)
         stored += len(chunk)

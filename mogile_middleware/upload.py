@@ -211,6 +211,14 @@ def content_bytes(key: str, data: object) -> bytes | bytearray | memoryview:
     return data
 
 
+def piece_bytes(key: str, data: object) -> bytes | bytearray | memoryview:
+    """A piece of the upload of ``key`` as :func:`in_bytes` gives it; a TypeError, before a byte
+    of it is sent, if it is not bytes-like (text, a number, an ``array``)."""
+    if not isinstance(data, BYTES_LIKE):
+        raise TypeError(f"upload of {key!r} takes bytes, not {type(data).__name__}")
+    return in_bytes(data)
+
+
 def in_bytes(data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
     """``data`` as a buffer whose length counts bytes: a memoryview of wider items (an ``array``'s)
     cast to bytes, where its length would count the items."""
@@ -314,9 +322,7 @@ class NewFile(io.RawIOBase):
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
         self._checkClosed()  # closed or aborted: nothing more goes to the node
         self._check_not_sent()
-        if not isinstance(data, BYTES_LIKE):  # before a byte of it is sent
-            raise TypeError(f"upload of {self.key!r} takes bytes, not {type(data).__name__}")
-        data = in_bytes(data)
+        data = piece_bytes(self.key, data)
         try:
             self._send(self._stream or self._open_stream(), data)
         except StorageError as error:
@@ -360,7 +366,8 @@ class NewFile(io.RawIOBase):
                 stream.finish()
                 self._put_done = True
                 return self.size
-            except StorageError as error:
+            except StorageError as error:  # the node's, or the source's (a replica read midway)
+                stream.abort()
                 self._stream = None
                 dropped.append(str(error))
                 if start is None or not self._destinations or isinstance(error, LengthMismatchError):

@@ -33,6 +33,7 @@ from ..storage import open_replica, resumed_chunks
 from ..tracker import Address, parse_trackers
 from ..upload import Uploader, remaining_size
 from .progress import ProgressBar, printable
+from .signals import InterruptibleReader
 
 if TYPE_CHECKING:
     from ..memcache import MemcachedBackend
@@ -283,7 +284,9 @@ def _upload(args: argparse.Namespace, client: Client) -> int:
             with open(path, "rb") as source:
                 _store(uploader, key, source, args.cls)
     elif args.source == "-":
-        _store(uploader, args.key, sys.stdin.buffer, args.cls)
+        # Not the buffered stdin: its read of a quiet pipe waits for the whole piece, with a
+        # SIGTERM that came between two of its system calls unheard meanwhile.
+        _store(uploader, args.key, InterruptibleReader(sys.stdin.buffer.raw), args.cls)  # type: ignore[arg-type]
     else:
         with open(args.source, "rb") as source:
             _store(uploader, args.key, source, args.cls)

@@ -522,6 +522,33 @@ def test_the_entry_point_streams_stdin_and_sets_exit_codes(devmogile: DevMogileF
     assert run("ls").stdout == b""
 
 
+def test_an_upload_from_a_pipe_whose_writer_went_quiet_stops_on_sigterm(devmogile: DevMogileFS) -> None:
+    """SIGTERM as stdin's bytes flow, its writer then quiet but there (a stalled ssh, tail -f):
+    the command stops at once (143), the key untouched, rather than wait for bytes that may never
+    come to fill a buffered read. Five times, as the signal lands anywhere in the copying."""
+    env = subprocess_env(MOGILEFS_TRACKERS=devmogile.trackers[0], MOGILEFS_DOMAIN=DOMAIN)
+    piece = b"x" * 65536
+    for _ in range(5):
+        reading, writing = os.pipe()
+        upload = subprocess.Popen([sys.executable, "-m", "mogile_middleware", "upload", "quiet", "-"], stdin=reading,
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        os.close(reading)
+        try:
+            flowing = time.monotonic() + 1.5  # the command starts, then reads as fast as it can
+            while time.monotonic() < flowing:
+                os.write(writing, piece)
+            upload.send_signal(signal.SIGTERM)
+            assert upload.wait(timeout=10) == 128 + signal.SIGTERM
+            assert upload.stderr is not None and upload.stderr.read() == b""
+        finally:
+            os.close(writing)
+            upload.kill()
+            upload.wait()
+            if upload.stderr is not None:
+                upload.stderr.close()
+    assert Client(DOMAIN, devmogile.trackers).list_keys("quiet") == []
+
+
 # -- progress bar -----------------------------------------------------------------------------
 
 

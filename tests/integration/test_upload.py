@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 import pytest
 from conftest import DOMAIN
 from integration._async_facade import Flavour, both_flavours, flavour  # noqa: F401 (a fixture)
+from integration._slow_clients import node_connections
 from wiretools import CountingRelay, LoopbackServer, PatternFile, ScriptedTracker, SilentServer, pattern_md5
 
 from mogile_middleware import (
@@ -29,6 +30,7 @@ from mogile_middleware import (
     AsyncClient,
     Client,
     MemoryCache,
+    StorageError,
     UnknownKeyError,
     UnregClassError,
     UploadError,
@@ -409,6 +411,46 @@ def test_the_asyncio_store_file_refuses_what_it_cannot_send_naming_it(devmogile:
 
     assert asyncio.run(refused_then_bytes()) == b"old"
     assert Client(DOMAIN, devmogile.trackers).get_file_data("doc") == b"new"
+
+
+@both_flavours
+@pytest.mark.parametrize("odd", ["text", 7, array.array("i", [1, 2])], ids=["str", "int", "array"])
+def test_a_chunk_that_is_not_bytes_is_refused_naming_it_and_the_key_keeps_its_data(flavour: Flavour, client: Client,
+                                                                                    odd: object) -> None:
+    """Nothing of it is sent: not the zero bytes ``bytes(7)`` makes, nor an array's bytes counted as items."""
+    store(flavour, client, "doc", b"old", "thumb")
+    with pytest.raises(TypeError, match=f"upload of 'doc' takes bytes, not {type(odd).__name__}"):
+        store(flavour, client, "doc", [b"new ", odd], "thumb")  # type: ignore[list-item]
+    assert client.get_file_data("doc") == b"old"
+
+
+class _ReplicaCutMidway(io.RawIOBase):
+    """A source read from another key's replica, which breaks after its first piece."""
+
+    def __init__(self) -> None:
+        self.pieces = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        self.pieces += 1
+        if self.pieces > 1:
+            raise StorageError("http://10.0.0.9:7500/dev1/0/000/000/0000000042.fid: connection reset", "")
+        return b"a" * 100_000
+
+
+@both_flavours
+def test_a_source_failing_with_a_storage_error_leaves_no_put_open(flavour: Flavour, client: Client,
+                                                                   devmogile: DevMogileFS) -> None:
+    """A copy from another key (``store_file(key, client.read_file(other))``) whose replica breaks
+    midway: the upload fails naming it, the key keeps its data, and the PUT to the node is dropped
+    at once, not held open, its body half sent, for as long as the exception lives."""
+    store(flavour, client, "copy", b"old", "thumb")
+    with pytest.raises(UploadError, match="connection reset") as failed:
+        store(flavour, client, "copy", _ReplicaCutMidway(), "thumb")
+    assert sum(node_connections(node.port, os.getpid()) for node in devmogile.nodes) == 0
+    assert failed.value is not None and client.get_file_data("copy") == b"old"
 
 
 @both_flavours
