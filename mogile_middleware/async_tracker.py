@@ -145,12 +145,16 @@ class AsyncTrackerPool(TrackerPoolBase):
         deadline to hear whether the tracker answers (see :meth:`_hear_at_deadline`).
         """
         connections = self._connections()
-        try:  # a wait for a slot counts against io_timeout: requests of departed clients queue no one for long
-            await within(self.io_timeout, connections.slots.acquire())
+        # A wait for a slot lasts as long as a request in flight takes to leave a silent tracker for
+        # the next: a burst queued behind requests held by a hung tracker is answered by another
+        # one, and requests of departed clients queue no one for long.
+        waiting = self.io_timeout + self.connect_timeout
+        try:
+            await within(waiting, connections.slots.acquire())
         except asyncio.TimeoutError:
             raise TrackerUnavailableError(
                 f"no tracker asked: the event loop's {self.max_connections} tracker requests in flight took "
-                f"longer than io_timeout ({self.io_timeout:g} s)") from None
+                f"longer than io_timeout and connect_timeout ({waiting:g} s)") from None
         try:
             runner = StepRunner(self.steps(command, args))
             try:

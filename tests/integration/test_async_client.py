@@ -22,7 +22,7 @@ from integration._async_facade import LoopThread
 from integration._slow_clients import node_connections, storage_port
 from integration._wire_client import eventually
 from integration.test_deadlines import ScriptedServer, answer_first_then_drip
-from wiretools import CountingRelay, ScriptedTracker, ok
+from wiretools import CountingRelay, ScriptedTracker, SilentServer, ok
 
 from mogile_middleware import AsyncClient, BadKeyError, Client, TrackerUnavailableError, UnknownKeyError
 from mogile_middleware.async_tracker import AsyncTrackerPool
@@ -76,12 +76,13 @@ def test_a_hundred_concurrent_requests_share_a_bounded_number_of_connections(rel
     assert 1 <= relay.connections <= pool.max_connections
 
 
-def test_a_request_waits_for_a_connection_no_longer_than_io_timeout() -> None:
-    """One connection per loop, a tracker answering each request in 0.6 s, io_timeout 1 s: the
-    third request, still without a connection after 1 s, fails as if no tracker answered, instead
-    of queuing behind the others (those of clients long gone, in a server) for 1.8 s."""
+def test_a_request_waits_for_a_connection_no_longer_than_io_timeout_and_connect_timeout() -> None:
+    """One connection per loop, a tracker answering each request in 0.6 s, io_timeout 1 s and
+    connect_timeout 0.1 s: the third request, still without a connection after 1.1 s, fails as if
+    no tracker answered, instead of queuing behind the others (those of clients long gone, in a
+    server) for 1.8 s."""
     tracker = ScriptedTracker(lambda line: (time.sleep(0.6), ok(line))[1])
-    pool = AsyncTrackerPool([tracker.tracker], io_timeout=1)
+    pool = AsyncTrackerPool([tracker.tracker], io_timeout=1, connect_timeout=0.1)
     pool.max_connections = 1
     client = AsyncClient(DOMAIN, pool=pool)
 
@@ -101,8 +102,28 @@ def test_a_request_waits_for_a_connection_no_longer_than_io_timeout() -> None:
     finally:
         tracker.stop()
     assert [error is None for _, error in outcomes] == [True, True, False]
-    assert "requests in flight took longer than io_timeout" in str(outcomes[2][1])
+    assert "requests in flight took longer than io_timeout and connect_timeout (1.1 s)" in str(outcomes[2][1])
     assert max(took for took, _ in outcomes) < 1.5
+
+
+def test_requests_queued_behind_those_a_silent_tracker_holds_are_answered_by_the_next() -> None:
+    """The first tracker accepts and answers nothing, the second answers at once; one connection
+    per loop, three lookups at once: the first leaves the silent tracker after io_timeout, and the
+    two queued behind it, which waited that long, are answered by the second tracker too."""
+    silent, answering = SilentServer(), ScriptedTracker(ok)
+    pool = AsyncTrackerPool([silent.tracker, answering.tracker], io_timeout=0.5, connect_timeout=0.3)
+    pool.max_connections = 1
+    client = AsyncClient(DOMAIN, pool=pool)
+
+    async def main() -> list[list[str]]:
+        return await asyncio.gather(*(client.get_paths(f"k{number}") for number in range(3)))
+
+    try:
+        answers = asyncio.run(main())
+    finally:
+        silent.stop()
+        answering.stop()
+    assert [len(paths) for paths in answers] == [1, 1, 1]
 
 
 def test_a_cancelled_request_closes_its_connection() -> None:
