@@ -250,8 +250,8 @@ class MogileFSMiddleware(MiddlewareCore):
         """One step of :func:`~mogile_middleware.responders.serve_steps`: ask the locator, or open or
         read a replica."""
         if name == "open_replica":
-            paths, method, byte_range, length = args
-            return await open_replica(paths, method=method, byte_range=byte_range, length=length,
+            paths, method, byte_range, size = args
+            return await open_replica(paths, method=method, byte_range=byte_range, size=size,
                                       timeout=self.storage_timeout)
         if name == "read_replica":
             paths, length = args

@@ -505,13 +505,12 @@ async def open_replica(
     *,
     method: str = "GET",
     byte_range: tuple[int, int] | None = None,
-    length: int | None = None,
+    size: int | None = None,
     timeout: float = 10.0,
 ) -> AsyncReplicaResponse:
     """Open the first of ``urls`` that answers as asked (:meth:`~.storage.ReplicaFailures.accepts`:
-    a body of ``length`` bytes, when given), trying the next on a refusal, an error, another answer
-    or a bad URL; a
-    node that did not answer lately is not asked (:mod:`.downnodes`).
+    of a file of ``size`` bytes, when given), trying the next on a refusal, an error, another
+    answer or a bad URL; a node that did not answer lately is not asked (:mod:`.downnodes`).
 
     ``byte_range`` is an absolute, inclusive ``(first, last)`` pair sent as ``Range``: storage
     nodes answer suffix ranges (``bytes=-N``) wrongly, so callers resolve them first. Raises
@@ -534,7 +533,7 @@ async def open_replica(
             continue
         finally:
             down_nodes.done(url)
-        if failures.accepts(url, replica.status, replica.headers, byte_range, length):
+        if failures.accepts(url, replica.status, replica.headers, byte_range, size):
             return replica
         await replica.aclose()
     raise failures.error(urls)
@@ -544,7 +543,7 @@ async def read_replica(urls: Sequence[str], *, length: int | None = None, timeou
     """As :func:`mogile_middleware.storage.read_replica`, awaited."""
     remaining = list(urls)
     while True:
-        replica = await open_replica(remaining, length=length, timeout=timeout)
+        replica = await open_replica(remaining, size=length, timeout=timeout)
         try:
             return b"".join([chunk async for chunk in replica.chunks()])
         except StorageError as error:

@@ -286,8 +286,8 @@ class Serve:
     def _call(self, name: str, *args: Any) -> Any:
         """One step of :func:`serve_steps`: ask the locator, or open or read a replica."""
         if name == "open_replica":
-            paths, method, byte_range, length = args
-            return open_replica(paths, method=method, byte_range=byte_range, length=length,
+            paths, method, byte_range, size = args
+            return open_replica(paths, method=method, byte_range=byte_range, size=size,
                                 timeout=self.storage_timeout)
         if name == "read_replica":
             paths, length = args
@@ -348,7 +348,7 @@ def serve_steps(request: FileRequest, location: Location, representation: Repres
                 if plan.byte_range is not None:
                     body = body[plan.byte_range[0]:plan.byte_range[1] + 1]
                 return location, plan, body
-            upstream = yield ("open_replica", paths, request.method, plan.byte_range, plan.length)
+            upstream = yield ("open_replica", paths, request.method, plan.byte_range, location.length)
         except StorageError as error:
             failed.update(paths)
             then = "" if attempt else ", asking the trackers again"

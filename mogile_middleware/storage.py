@@ -313,12 +313,12 @@ def open_replica(
     *,
     method: str = "GET",
     byte_range: tuple[int, int] | None = None,
-    length: int | None = None,
+    size: int | None = None,
     timeout: float = 10.0,
     pool: NodePool = nodes,
 ) -> ReplicaResponse:
-    """Open the first of ``urls`` that answers as asked (:meth:`ReplicaFailures.accepts`: a body of
-    ``length`` bytes, when given), trying the next on a refusal, an error or another answer; a node
+    """Open the first of ``urls`` that answers as asked (:meth:`ReplicaFailures.accepts`: of a file
+    of ``size`` bytes, when given), trying the next on a refusal, an error or another answer; a node
     that did not answer lately is not asked (:mod:`.downnodes`). Connections come from ``pool``
     and go back to it once a response was read to its end.
 
@@ -343,7 +343,7 @@ def open_replica(
             continue
         finally:
             down_nodes.done(url)
-        if failures.accepts(url, replica.status, replica.headers, byte_range, length):
+        if failures.accepts(url, replica.status, replica.headers, byte_range, size):
             return replica
         replica.close()
     raise failures.error(urls)
@@ -355,7 +355,7 @@ def read_replica(urls: Sequence[str], *, length: int | None = None, timeout: flo
     that sends it all (:func:`open_replica`, then the next replica when a transfer is cut midway)."""
     remaining = list(urls)
     while True:
-        replica = open_replica(remaining, length=length, timeout=timeout, pool=pool)
+        replica = open_replica(remaining, size=length, timeout=timeout, pool=pool)
         try:
             return b"".join(replica.iter_chunks())
         except (OSError, StorageError) as error:
@@ -383,8 +383,7 @@ def resumed_chunks(replica: ReplicaResponse, urls: Sequence[str], *, timeout: fl
                 remaining = cut_midway(remaining, current.url, error)
             if current is not replica:
                 current.close()
-            current = open_replica(remaining, byte_range=(done, total - 1), length=total - done, timeout=timeout,
-                                   pool=pool)
+            current = open_replica(remaining, byte_range=(done, total - 1), size=total, timeout=timeout, pool=pool)
     finally:
         if current is not replica:
             current.close()
@@ -448,8 +447,8 @@ class SeekableBody(io.RawIOBase):
     def _reopen(self) -> None:
         """A replica's body from the position on (the transfer left midway is closed)."""
         self._drop_transfer()
-        self._replica = open_replica(self._urls, byte_range=(self._position, self.length - 1),
-                                     length=self.length - self._position, timeout=self._timeout, pool=self._pool)
+        self._replica = open_replica(self._urls, byte_range=(self._position, self.length - 1), size=self.length,
+                                     timeout=self._timeout, pool=self._pool)
         self._transfer_at = self._position
 
     def _drop_transfer(self) -> None:
@@ -502,18 +501,22 @@ class ReplicaFailures:
         metrics.recorder.replica_failover()
 
     def accepts(self, url: str, status: int, headers: Mapping[str, str], byte_range: tuple[int, int] | None,
-                expected: int | None) -> bool:
+                size: int | None) -> bool:
         """True for the answer asked for, with a ``Content-Length`` (storage nodes always send
-        one), the ``expected`` one when given: a 200, or for ``byte_range`` a 206 of that range (or
-        a 200 of the whole file, when the range is all of it); else noted as a failure."""
+        one): a 200, or for ``byte_range`` a 206 of that range (or a 200 of the whole file, when
+        the range is all of it), of a file of ``size`` bytes when given (a replica of another
+        length is another file, whatever part of it is asked); else noted as a failure."""
         down_nodes.answered(url)
         length = content_length(headers)
         if byte_range is None:
-            answered = status == 200
+            answered, expected = status == 200, size
         else:
             first, last = byte_range
-            answered = (status == 206 and headers.get("content-range", "").startswith(f"bytes {first}-{last}/")
-                        or status == 200 and first == 0 and length == last + 1)
+            part = f"bytes {first}-{last}/"
+            told = headers.get("content-range", "")
+            answered = (status == 206 and told.startswith(part) and (size is None or told == f"{part}{size}")
+                        or status == 200 and first == 0 and size in (None, last + 1))
+            expected = last - first + 1
         if answered and length is not None and (expected is None or length == expected):
             return True
         self.last_status = status

@@ -212,17 +212,19 @@ def content_bytes(key: str, data: object) -> bytes | bytearray | memoryview:
 
 
 def piece_bytes(key: str, data: object) -> bytes | bytearray | memoryview:
-    """A piece of the upload of ``key`` as :func:`in_bytes` gives it; a TypeError, before a byte
-    of it is sent, if it is not bytes-like (text, a number, an ``array``)."""
-    if not isinstance(data, BYTES_LIKE):
-        raise TypeError(f"upload of {key!r} takes bytes, not {type(data).__name__}")
-    return in_bytes(data)
-
-
-def in_bytes(data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
-    """``data`` as a buffer whose length counts bytes: a memoryview of wider items (an ``array``'s)
-    cast to bytes, where its length would count the items."""
-    return data.cast("B") if isinstance(data, memoryview) and data.itemsize != 1 else data
+    """A piece of the upload of ``key`` as bytes to send: bytes, or a view in bytes of any other
+    buffer (a memoryview, an ``array``, an ``mmap``), whose length would count its items; a
+    TypeError, before a byte of it is sent, for what is not one (text, a number) or is not
+    contiguous."""
+    if isinstance(data, (bytes, bytearray)):
+        return data
+    try:
+        view = memoryview(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"upload of {key!r} takes bytes, not {type(data).__name__}") from None
+    if not view.c_contiguous:
+        raise TypeError(f"upload of {key!r} takes contiguous bytes, not a non-contiguous {type(data).__name__}")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
 def pieces_of(fileobj: BinaryIO, size: int) -> Iterator[bytes]:
@@ -360,7 +362,7 @@ class NewFile(io.RawIOBase):
             stream = self._stream or self._open_stream(dropped)
             try:
                 for chunk in pieces_of(fileobj, READ_SIZE):
-                    self._send(stream, in_bytes(chunk))
+                    self._send(stream, piece_bytes(self.key, chunk))
                     if progress is not None:
                         progress(self.size)
                 stream.finish()

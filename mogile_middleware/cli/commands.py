@@ -284,9 +284,7 @@ def _upload(args: argparse.Namespace, client: Client) -> int:
             with open(path, "rb") as source:
                 _store(uploader, key, source, args.cls)
     elif args.source == "-":
-        # Not the buffered stdin: its read of a quiet pipe waits for the whole piece, with a
-        # SIGTERM that came between two of its system calls unheard meanwhile.
-        _store(uploader, args.key, InterruptibleReader(sys.stdin.buffer.raw), args.cls)  # type: ignore[arg-type]
+        _store(uploader, args.key, _stdin(), args.cls)
     else:
         with open(args.source, "rb") as source:
             _store(uploader, args.key, source, args.cls)
@@ -313,6 +311,15 @@ def _store(uploader: Uploader, key: str, source: BinaryIO, cls: str | None) -> N
     with ProgressBar(remaining_size(source), sys.stderr, label=key) as bar:
         size = uploader.upload(key, source, cls, progress=bar.update)
     print(f"{size}\t{printable(key)}", flush=True)  # flushed: a later failure must not hide what was stored
+
+
+def _stdin() -> BinaryIO:
+    """stdin's bytes: its file read by :class:`InterruptibleReader`, not through its buffer,
+    whose read of a quiet pipe waits for the whole piece, a SIGTERM that came between two of its
+    system calls unheard meanwhile (stdin in memory, as a caller may set it, is read as it is)."""
+    buffered = sys.stdin.buffer
+    raw = getattr(buffered, "raw", None)
+    return InterruptibleReader(raw) if isinstance(raw, io.FileIO) else buffered  # type: ignore[return-value]
 
 
 def _files_under(root: Path) -> Iterator[tuple[Path, str]]:

@@ -29,15 +29,30 @@ def on_stop_signal(handler: Callable[[int, FrameType | None], Any]) -> Iterator[
 class InterruptibleReader:
     """A raw file (stdin's) read one system call at a time, none waiting more than
     :data:`WAIT_SECONDS`: a stop signal that lands between two reads, which the interpreter acts
-    on only once the next returns, is heard even while the writer of a pipe is quiet."""
+    on only once the next returns, is heard even while the writer of a pipe is quiet. A read
+    gathers pieces up to its size, as a buffered one does (a pipe gives 64 KiB at a time), or
+    what came before a wait that long."""
 
     def __init__(self, file: io.RawIOBase) -> None:
         self._file = file
 
-    def read(self, size: int) -> bytes | None:
-        while not select.select([self._file], [], [], WAIT_SECONDS)[0]:
-            pass  # a signal that came meanwhile is acted on here
-        return self._file.read(size)
+    def read(self, size: int) -> bytes | bytearray | None:
+        buffer = bytearray(size)
+        gathered = 0
+        with memoryview(buffer) as view:
+            while gathered < size:
+                if not select.select([self._file], [], [], WAIT_SECONDS)[0]:
+                    if gathered:
+                        break  # quiet that long: what came so far
+                    continue  # a signal that came meanwhile is acted on here
+                count = self._file.readinto(view[gathered:])
+                if not count:  # the end (or, from a non-blocking file, nothing after all)
+                    if not gathered:
+                        return None if count is None else b""
+                    break
+                gathered += count
+        del buffer[gathered:]
+        return buffer
 
     def fileno(self) -> int:
         return self._file.fileno()

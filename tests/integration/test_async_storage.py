@@ -154,7 +154,7 @@ def test_failover_past_refused_404_wrong_length_and_bad_urls(urls: dict[str, str
     tried = [refused_url(), urls["missing"], urls["other"], *bad, urls["content"]]
 
     async def main() -> tuple[str, bytes]:
-        replica = await open_replica(tried, length=len(CONTENT), timeout=5)
+        replica = await open_replica(tried, size=len(CONTENT), timeout=5)
         return replica.url, await read_all(replica)
 
     assert run(main()) == (urls["content"], CONTENT)
@@ -164,7 +164,7 @@ def test_all_replicas_failing_is_a_storage_error_naming_each(urls: dict[str, str
     bad = [param.values[0] for param in BAD_URLS]
     refused = refused_url()
     with pytest.raises(StorageError, match="no replica answered") as raised:
-        run(open_replica([refused, urls["other"], urls["missing"], *bad], length=len(CONTENT), timeout=5))
+        run(open_replica([refused, urls["other"], urls["missing"], *bad], size=len(CONTENT), timeout=5))
     message = str(raised.value)
     assert f"{refused}: " in message
     assert f"{urls['missing']}: HTTP 404" in message

@@ -398,17 +398,22 @@ def test_a_nodes_interim_answer_is_read_past_and_its_connection_serves_the_next_
                  b"Content-Length: 2\r\n\r\n01", id="206-of-another-range"),
     pytest.param("bytes=2-3", b"HTTP/1.0 206 Partial Content\r\nContent-Length: 2\r\n\r\n01",
                  id="206-without-content-range"),
+    pytest.param("bytes=2-3", b"HTTP/1.0 206 Partial Content\r\nContent-Range: bytes 2-3/9\r\n"
+                 b"Content-Length: 2\r\n\r\nxy", id="206-of-a-file-of-another-length"),
+    pytest.param("bytes=0-8", b"HTTP/1.0 200 OK\r\nContent-Length: 9\r\n\r\n012345678",
+                 id="200-of-a-file-of-another-length"),
 ])
 def test_a_replica_answering_other_than_asked_is_passed_over(getter: Getter, byte_range: str | None,
                                                              wrong: bytes) -> None:
     """Only a 200 answers a GET and only a 206 of that range a Range, each with one length:
     anything else was taken as the file (a 204's empty body under the file's length, another
-    range's bytes under this one's Content-Range). (A length that is not one number the
-    middleware refused already, as not the file's.)"""
+    range's bytes under this one's Content-Range, a part of a replica of another length, damaged
+    or replaced behind the tracker's back). (A length that is not one number the middleware
+    refused already, as not the file's.)"""
     bad, good = KeptAliveNode(lambda head: wrong), KeptAliveNode(honest)
     tracker = files_tracker({"k": (9, 10, [bad.url(9), good.url(9)])})
     try:
-        expected = (206, b"23") if byte_range else (200, TEN)
+        expected = (206, TEN[int(byte_range[6]):int(byte_range[-1]) + 1]) if byte_range else (200, TEN)
         assert getter(tracker.tracker)("/mogilefs/k", byte_range) == expected
         assert len(bad.requests) == 1 and len(good.requests) == 1
     finally:
