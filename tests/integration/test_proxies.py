@@ -346,6 +346,22 @@ def test_perlbal_passes_over_a_truncated_replica_for_a_range_too(server: str, de
         assert (ranged.status, ranged.start) == (206, PHOTO[10:41])
 
 
+def test_nginx_passes_over_a_replica_too_short_for_a_range(server: str, devmogile: DevMogileFS,
+                                                           tmp_path: Path) -> None:
+    """A range past the end of a truncated first replica: that node's 416 sends nginx to the
+    second replica, as a 404 or a 5xx does (the application answers a range past the file's
+    end itself, so a node's 416 is a damaged replica's)."""
+    Client(DOMAIN, devmogile.trackers).store_content("photos/4.jpg", PHOTO, cls="avatar")
+    with serving(devmogile, server, "nginx", tmp_path) as stack:
+        first_port = reproxy_ports(stack, "/mogilefs/photos/4.jpg")[0]
+        node = next(node for node in devmogile.nodes if node.port == first_port)
+        [path] = [urlsplit(url).path for url in Client(DOMAIN, devmogile.trackers).get_paths("photos/4.jpg")
+                  if urlsplit(url).port == first_port]
+        (node.docroot / path.lstrip("/")).write_bytes(PHOTO[:20])
+        ranged = stack.get("/mogilefs/photos/4.jpg", {"Range": "bytes=30-40"})
+        assert (ranged.status, ranged.start) == (206, PHOTO[30:41])
+
+
 def test_perlbal_answers_cached_keys_without_the_application(server: str, devmogile: DevMogileFS,
                                                             tmp_path: Path) -> None:
     Client(DOMAIN, devmogile.trackers).store_content("photos/2.jpg", PHOTO, cls="avatar")
