@@ -32,7 +32,7 @@ from . import http, metrics
 from .cache import evict_oldest
 from .async_client import AsyncClient
 from .async_storage import AsyncReplicaResponse, open_replica, read_replica
-from .core import MiddlewareCore, is_internal_header, is_reproxy_header
+from .core import MiddlewareCore, authorize_answer, is_internal_header, is_reproxy_header
 from .exceptions import MogileFSError, StorageError
 from .http import Answer, FileRequest, Headers
 from .locate import AsyncLocator, Location, arun_steps
@@ -549,8 +549,7 @@ class _WarmAnswers:
 
 
 async def _allows(authorize: Callable[[Scope, str], Any], scope: Scope, key: str) -> bool:
-    """``authorize(scope, key)``, awaited when it is a coroutine function."""
+    """``authorize(scope, key)``, awaited when it is a coroutine function: what that gives, as a
+    plain function's answer (see :func:`~mogile_middleware.core.authorize_answer`)."""
     allowed = authorize(scope, key)
-    if inspect.isasyncgen(allowed):
-        raise TypeError("authorize answered an async generator: the middleware needs a true or false answer")
-    return bool(await allowed if inspect.isawaitable(allowed) else allowed)
+    return authorize_answer(await allowed if inspect.isawaitable(allowed) else allowed, "ASGI")

@@ -264,6 +264,7 @@ async def _send(key: str, stream: AsyncPutStream, body: Body) -> tuple[int, str]
         await stream.write(chunk)
         digest.update(chunk)
         stored += len(chunk)
+        del chunk  # a view of the source's buffer, which it may resize or close once asked for more
     return stored, digest.hexdigest()
 
 

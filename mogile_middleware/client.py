@@ -295,6 +295,8 @@ class ClientBase:
     ) -> None:
         if not domain:
             raise ValueError("a MogileFS domain is required")
+        if not isinstance(domain, str):
+            raise ValueError(f"domain must be a domain's name, not {domain!r}")
         self.domain = domain
         self.pool = pool or self.pool_class(
             trackers, connect_timeout=connect_timeout, io_timeout=io_timeout, dead_seconds=dead_seconds

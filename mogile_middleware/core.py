@@ -63,6 +63,17 @@ _FORBIDDEN = {reason: http.error(403, reason) for reason in (UNSIGNED, BAD_SIGNA
 OUTAGE_LOG_INTERVAL = 10.0
 
 
+def authorize_answer(allowed: object, middleware: str) -> bool:
+    """``authorize``'s answer for ``middleware`` (its name, for the error): one still to await or
+    to iterate (a coroutine handed on without ``await``, an async generator) is refused, closed,
+    never taken for a yes."""
+    if inspect.isawaitable(allowed) or inspect.isasyncgen(allowed):
+        getattr(allowed, "close", lambda: None)()  # a coroutine not awaited: no warning that it never was
+        raise TypeError(f"authorize answered {type(allowed).__name__}: the {middleware} middleware needs a true "
+                        "or false answer")
+    return bool(allowed)
+
+
 def async_kind(function: Any) -> str | None:
     """``"a coroutine"`` or ``"an async generator"`` if that is what calling ``function`` makes
     (a partial of it, or an object whose ``__call__`` does, too), else ``None``: either, not

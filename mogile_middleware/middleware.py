@@ -19,7 +19,6 @@ can reach the application directly. The options are :class:`~mogile_middleware.c
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable, Iterable, Iterator
 from functools import cached_property
 from typing import Any
@@ -30,6 +29,7 @@ from .core import (
     REPROXY_MODES,
     UNIX_SOCKET,
     MiddlewareCore,
+    authorize_answer,
     is_internal_header,
     is_reproxy_header,
     parse_trusted_proxies,
@@ -158,14 +158,8 @@ class MogileFSMiddleware(MiddlewareCore):
 
 
 def _allows(authorize: Callable[[dict[str, Any], str], Any], environ: dict[str, Any], key: str) -> bool:
-    """``authorize(environ, key)``; an answer to await (from a function that hands on a
-    coroutine) is refused, never taken for a yes."""
-    allowed = authorize(environ, key)
-    if inspect.isawaitable(allowed) or inspect.isasyncgen(allowed):
-        getattr(allowed, "close", lambda: None)()  # a coroutine not awaited: no warning that it never was
-        raise TypeError(f"authorize answered {type(allowed).__name__}: the WSGI middleware needs a true or "
-                        "false answer")
-    return bool(allowed)
+    """``authorize(environ, key)`` (see :func:`~mogile_middleware.core.authorize_answer`)."""
+    return authorize_answer(authorize(environ, key), "WSGI")
 
 
 class _ReadAhead:

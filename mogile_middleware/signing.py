@@ -16,7 +16,7 @@ import hmac
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 #: The only query a signed URL has.
 _QUERY = re.compile(r"expires=([1-9][0-9]{0,11})&signature=([A-Za-z0-9_-]{43})")  # one spelling per time
@@ -38,6 +38,8 @@ class URLSigner:
 
     def __init__(self, secrets: Secret | Sequence[Secret], domain: str,
                  clock: Callable[[], float] = time.time) -> None:
+        if not isinstance(secrets, (str, bytes, Iterable)):
+            raise ValueError(f"signing_key must be a string or bytes, or a list of them, not {secrets!r}")
         given = [secrets] if isinstance(secrets, (str, bytes)) else list(secrets)
         if not given or any(not secret for secret in given):
             raise ValueError("signing_key must be a non-empty string or bytes, or a list of them")

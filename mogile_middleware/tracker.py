@@ -117,6 +117,8 @@ def _is_ipv6(text: str) -> bool:
 
 def parse_trackers(trackers: str | Iterable[str | Address]) -> list[Address]:
     """Tracker addresses from a list or a whitespace- or comma-separated string."""
+    if not isinstance(trackers, (str, Iterable)):
+        raise ValueError(f"trackers must be host:port addresses, in a list or a string, not {trackers!r}")
     items = trackers.replace(",", " ").split() if isinstance(trackers, str) else list(trackers)
     addresses = [parse_address(item) for item in items]
     if not addresses:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import math
 import select
 import signal
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -31,7 +33,8 @@ class InterruptibleReader:
     :data:`WAIT_SECONDS`: a stop signal that lands between two reads, which the interpreter acts
     on only once the next returns, is heard even while the writer of a pipe is quiet. A read
     gathers pieces up to its size, as a buffered one does (a pipe gives 64 KiB at a time), or
-    what came before a wait that long."""
+    what came within that long of its first bytes: a slow writer's bytes still go on (a storage
+    node drops a PUT that sends nothing for a while)."""
 
     def __init__(self, file: io.RawIOBase) -> None:
         self._file = file
@@ -39,17 +42,21 @@ class InterruptibleReader:
     def read(self, size: int) -> bytes | bytearray | None:
         buffer = bytearray(size)
         gathered = 0
+        due = math.inf  # once bytes came: when what came so far goes, however slowly more comes
         with memoryview(buffer) as view:
             while gathered < size:
-                if not select.select([self._file], [], [], WAIT_SECONDS)[0]:
-                    if gathered:
-                        break  # quiet that long: what came so far
+                wait = min(WAIT_SECONDS, due - time.monotonic())
+                if wait <= 0:
+                    break
+                if not select.select([self._file], [], [], wait)[0]:
                     continue  # a signal that came meanwhile is acted on here
                 count = self._file.readinto(view[gathered:])
                 if not count:  # the end (or, from a non-blocking file, nothing after all)
                     if not gathered:
                         return None if count is None else b""
                     break
+                if not gathered:
+                    due = time.monotonic() + WAIT_SECONDS
                 gathered += count
         del buffer[gathered:]
         return buffer

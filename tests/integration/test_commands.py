@@ -33,6 +33,7 @@ from wiretools import ScriptedTracker
 
 from mogile_middleware import Client
 from mogile_middleware.cache import entry_key
+from mogile_middleware.cli.signals import InterruptibleReader
 from mogile_middleware.cli import main
 from mogile_middleware.cli.serve import FileIndex
 from mogile_middleware.devserver import DevMogileFS
@@ -547,6 +548,32 @@ def test_an_upload_from_a_pipe_whose_writer_went_quiet_stops_on_sigterm(devmogil
             if upload.stderr is not None:
                 upload.stderr.close()
     assert Client(DOMAIN, devmogile.trackers).list_keys("quiet") == []
+
+
+def test_stdin_read_while_its_writer_drips_goes_on_with_what_came() -> None:
+    """A slow but steady writer (an ``ssh`` on a thin line): a read of stdin for the upload gives
+    what came within half a second of its first bytes, rather than wait for the whole piece or
+    for a pause that never comes while the storage node drops the PUT that sends it nothing."""
+    reading, writing = os.pipe()
+    stop = threading.Event()
+
+    def drip() -> None:  # for 4 s at most, then the end
+        ends = time.monotonic() + 4
+        while not stop.wait(0.05) and time.monotonic() < ends:
+            os.write(writing, b"0123456789")
+        os.close(writing)
+
+    writer = threading.Thread(target=drip)
+    writer.start()
+    try:
+        with open(reading, "rb", buffering=0) as raw:
+            started = time.monotonic()
+            piece = InterruptibleReader(raw).read(1024 * 1024)
+            took = time.monotonic() - started
+    finally:
+        stop.set()
+        writer.join()
+    assert took < 3 and 0 < len(piece) < 600 and set(bytes(piece)) <= set(b"0123456789")
 
 
 # -- progress bar -----------------------------------------------------------------------------

@@ -464,6 +464,20 @@ def test_configuration_errors_are_clear() -> None:
         MogileFSMiddleware(wrapped_app, client=Client("d", ["127.0.0.1:7001"]), io_timeout=2)
 
 
+@pytest.mark.parametrize(("option", "named"), [
+    ({"domain": 123}, "domain must be"), ({"trackers": 7001}, "trackers must be"),
+    ({"signing_key": 5}, "signing_key must be"), ({"mimetypes": {5: "image/heic"}}, "mimetypes maps"),
+    ({"mimetypes": {b".heic": "image/heic"}}, "mimetypes maps")], ids=["domain", "trackers", "signing_key",
+                                                                      "mimetypes-number", "mimetypes-bytes"])
+def test_an_option_of_another_kind_is_a_value_error_naming_it(option: dict[str, object], named: str) -> None:
+    """Not a TypeError from deep inside, nor (a domain that is a number) a 502 at every request."""
+    from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
+
+    for middleware in (MogileFSMiddleware, ASGIMiddleware):
+        with pytest.raises(ValueError, match=named):
+            middleware(wrapped_app, **{"domain": "d", "trackers": ["127.0.0.1:7001"], **option})  # type: ignore[arg-type]
+
+
 def test_a_mapped_key_the_tracker_cannot_hold_is_a_400(devmogile: DevMogileFS) -> None:
     app, _, counting = make(devmogile, key_for_path=lambda path: "x" * 200 + path)
     app.get("/mogilefs/" + "y" * 100, status=400)

@@ -599,9 +599,20 @@ def test_a_wsgi_authorize_that_hands_on_a_coroutine_serves_nothing(stored: DevMo
                                            authorize=hands_on_a_generator))
     with pytest.raises(TypeError, match="authorize answered async_generator"):
         generated.get("/mogilefs/plain.txt")
-    with pytest.raises(TypeError, match="authorize answered an async generator"):
+    with pytest.raises(TypeError, match="authorize answered async_generator: the ASGI middleware needs"):
         asgi_call(ASGIMiddleware(None, domain=DOMAIN, trackers=stored.trackers, authorize=hands_on_a_generator),
                   "/mogilefs/plain.txt")
+
+
+def test_an_async_authorize_that_hands_on_a_coroutine_serves_nothing(stored: DevMogileFS) -> None:
+    async def hands_on(scope: dict, key: str) -> Any:
+        return _refuse(scope, key)  # an await forgotten: the coroutine it made was a true answer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the coroutine is closed: no "never awaited" warning
+        with pytest.raises(TypeError, match="authorize answered coroutine: the ASGI middleware needs"):
+            asgi_call(ASGIMiddleware(None, domain=DOMAIN, trackers=stored.trackers, authorize=hands_on),
+                      "/mogilefs/plain.txt")
 
 
 @pytest.mark.parametrize("server_name", SERVERS)

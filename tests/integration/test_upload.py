@@ -593,3 +593,21 @@ def test_chunks_of_items_wider_than_a_byte_are_counted_in_bytes(flavour: Flavour
     chunks = [memoryview(numbers), numbers, mapped]
     assert store(flavour, client, "numbers", chunks, "thumb") == 2 * len(numbers.tobytes()) + 5
     assert client.get_file_data("numbers") == numbers.tobytes() * 2 + b"mmap!"
+
+
+@both_flavours
+def test_a_source_may_resize_or_close_its_buffer_once_asked_for_the_next_chunk(flavour: Flavour,
+                                                                               client: Client) -> None:
+    """The upload holds no view of a chunk once it asks for the next: an array grown, an mmap closed."""
+    def refilled() -> Iterator[Any]:
+        numbers = array.array("i", [1, 2])
+        yield numbers
+        numbers.append(3)
+        yield numbers
+        with mmap.mmap(-1, 4) as mapped:
+            mapped.write(b"last")
+            yield mapped
+
+    expected = array.array("i", [1, 2]).tobytes() + array.array("i", [1, 2, 3]).tobytes() + b"last"
+    assert store(flavour, client, "refilled", refilled(), "thumb") == len(expected)
+    assert client.get_file_data("refilled") == expected
