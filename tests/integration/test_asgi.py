@@ -627,7 +627,7 @@ def test_a_repeated_proxy_request_gets_the_same_header_fields_each_once_through_
     ({"MOGILE_REPROXY": "perlbal", "MOGILE_TRUSTED_PROXIES": "127.0.0.1"}, b"X-Forwarded-For: 192.0.2.1"),
     ({}, b'If-None-Match: "other"')], ids=["reproxy, warm", "serve"])
 def test_a_header_repeated_100000_times_is_read_in_one_pass(devmogile: DevMogileFS, options: dict[str, str],
-                                                             header: bytes) -> None:
+                                                            header: bytes) -> None:
     """uvicorn's httptools parser takes a request head of any size: a client repeating a header
     the decisions read is answered at once, not after minutes of the worker's event loop
     joining the values one by one."""

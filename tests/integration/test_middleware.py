@@ -467,8 +467,8 @@ def test_configuration_errors_are_clear() -> None:
 @pytest.mark.parametrize(("option", "named"), [
     ({"domain": 123}, "domain must be"), ({"trackers": 7001}, "trackers must be"),
     ({"signing_key": 5}, "signing_key must be"), ({"mimetypes": {5: "image/heic"}}, "mimetypes maps"),
-    ({"mimetypes": {b".heic": "image/heic"}}, "mimetypes maps")], ids=["domain", "trackers", "signing_key",
-                                                                      "mimetypes-number", "mimetypes-bytes"])
+    ({"mimetypes": {b".heic": "image/heic"}}, "mimetypes maps"),
+], ids=["domain", "trackers", "signing_key", "mimetypes-number", "mimetypes-bytes"])
 def test_an_option_of_another_kind_is_a_value_error_naming_it(option: dict[str, object], named: str) -> None:
     """Not a TypeError from deep inside, nor (a domain that is a number) a 502 at every request."""
     from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware

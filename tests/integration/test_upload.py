@@ -419,7 +419,7 @@ def test_the_asyncio_store_file_refuses_what_it_cannot_send_naming_it(devmogile:
                                             (memoryview(b"abcd")[::2], "not a non-contiguous memoryview")],
                          ids=["str", "int", "non-contiguous"])
 def test_a_chunk_that_is_not_bytes_is_refused_naming_it_and_the_key_keeps_its_data(flavour: Flavour, client: Client,
-                                                                                    odd: object, named: str) -> None:
+                                                                                   odd: object, named: str) -> None:
     """Nothing of it is sent: not the zero bytes ``bytes(7)`` makes."""
     store(flavour, client, "doc", b"old", "thumb")
     with pytest.raises(TypeError, match=f"upload of 'doc' takes .*{named}"):
@@ -445,7 +445,7 @@ class _ReplicaCutMidway(io.RawIOBase):
 
 @both_flavours
 def test_a_source_failing_with_a_storage_error_leaves_no_put_open(flavour: Flavour, client: Client,
-                                                                   devmogile: DevMogileFS) -> None:
+                                                                  devmogile: DevMogileFS) -> None:
     """A copy from another key (``store_file(key, client.read_file(other))``) whose replica breaks
     midway: the upload fails naming it, the key keeps its data, and the PUT to the node is dropped
     at once, not held open, its body half sent, for as long as the exception lives."""
