@@ -77,7 +77,8 @@ class ContentPolicy:
             raise ValueError(f"content_disposition must be one of {DISPOSITIONS}, not {content_disposition!r}")
         for ending, media_type in (mimetypes or {}).items():
             # A bare type: the charset is the policy's, and the sandbox knows types by their name.
-            if not isinstance(ending, str) or not ending.startswith(".") or not isinstance(media_type, str) or not _MEDIA_TYPE.fullmatch(media_type):
+            if not (isinstance(ending, str) and ending.startswith(".") and isinstance(media_type, str)
+                    and _MEDIA_TYPE.fullmatch(media_type)):
                 raise ValueError(f"mimetypes maps a name ending like '.webp' to a type like 'image/webp' "
                                  f"(no parameters), not {ending!r} to {media_type!r}")
         self._types = {ending.lower(): media_type for ending, media_type in _standard_types().items()}
