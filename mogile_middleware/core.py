@@ -68,10 +68,16 @@ def authorize_answer(allowed: object, middleware: str) -> bool:
     to iterate (a coroutine handed on without ``await``, an async generator) is refused, closed,
     never taken for a yes."""
     if inspect.isawaitable(allowed) or inspect.isasyncgen(allowed):
-        getattr(allowed, "close", lambda: None)()  # a coroutine not awaited: no warning that it never was
-        raise TypeError(f"authorize answered {type(allowed).__name__}: the {middleware} middleware needs a true "
-                        "or false answer")
+        raise wrong_answer("authorize", allowed, f"the {middleware} middleware needs a true or false answer")
     return bool(allowed)
+
+
+def wrong_answer(name: str, answer: object, needs: str) -> TypeError:
+    """The error for the answer of the application's function ``name``, not what the middleware
+    ``needs``. One still to await or to iterate is closed: no warning says it never was."""
+    if inspect.isawaitable(answer) or inspect.isasyncgen(answer):
+        getattr(answer, "close", lambda: None)()
+    return TypeError(f"{name} answered {type(answer).__name__}: {needs}")
 
 
 def async_kind(function: Any) -> str | None:
@@ -373,6 +379,8 @@ class MiddlewareCore:
             return _CONTROL
         if self.key_for_path is not None:
             path = self.key_for_path(path)  # type: ignore[assignment]
+            if path is not None and not isinstance(path, str):
+                raise wrong_answer("key_for_path", path, "the middleware needs a key (str) or None")
         if not path:
             return http.NOT_FOUND
         if (len(path) if path.isascii() else len(path.encode("utf-8"))) > MAX_KEY_BYTES:

@@ -7,7 +7,9 @@ client; then through real Perlbal and nginx. Property tests of the signatures ru
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import http.client
 import socket
 import string
@@ -581,6 +583,16 @@ def test_a_class_whose_instances_are_async_is_a_plain_authorize() -> None:
     MogileFSMiddleware(None, domain=DOMAIN, trackers=["127.0.0.1:7001"], authorize=_AsyncCall)
 
 
+@contextlib.contextmanager
+def no_coroutine_left_unawaited() -> Iterator[None]:
+    """Fail if a coroutine made in the block is freed unawaited and unclosed (Python warns then)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+        gc.collect()  # the coroutine, held by the error's traceback, is freed here
+    assert [str(warning.message) for warning in caught if warning.category is RuntimeWarning] == []
+
+
 def test_a_wsgi_authorize_that_hands_on_a_coroutine_serves_nothing(stored: DevMogileFS) -> None:
     from webtest import TestApp
 
@@ -591,8 +603,7 @@ def test_a_wsgi_authorize_that_hands_on_a_coroutine_serves_nothing(stored: DevMo
         return _refusing_generator(environ, key)
 
     app = TestApp(MogileFSMiddleware(None, domain=DOMAIN, trackers=stored.trackers, authorize=hands_on))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the coroutine is closed: no "never awaited" warning
+    with no_coroutine_left_unawaited():
         with pytest.raises(TypeError, match="authorize answered coroutine: the WSGI middleware needs"):
             app.get("/mogilefs/plain.txt")
     generated = TestApp(MogileFSMiddleware(None, domain=DOMAIN, trackers=stored.trackers,
@@ -608,11 +619,27 @@ def test_an_async_authorize_that_hands_on_a_coroutine_serves_nothing(stored: Dev
     async def hands_on(scope: dict, key: str) -> Any:
         return _refuse(scope, key)  # an await forgotten: the coroutine it made was a true answer
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the coroutine is closed: no "never awaited" warning
+    with no_coroutine_left_unawaited():
         with pytest.raises(TypeError, match="authorize answered coroutine: the ASGI middleware needs"):
             asgi_call(ASGIMiddleware(None, domain=DOMAIN, trackers=stored.trackers, authorize=hands_on),
                       "/mogilefs/plain.txt")
+
+
+def test_a_key_for_path_that_answers_no_str_is_an_error_naming_it(stored: DevMogileFS) -> None:
+    # Bytes for a key got as far as the answer, and failed there with an AttributeError.
+    from webtest import TestApp
+
+    def hands_on(path: str) -> Any:
+        return _refuse(None, path)
+
+    for key_for_path, kind in ((str.encode, "bytes"), (hands_on, "coroutine")):
+        wsgi = TestApp(MogileFSMiddleware(None, domain=DOMAIN, trackers=stored.trackers, key_for_path=key_for_path))
+        asgi = ASGIMiddleware(None, domain=DOMAIN, trackers=stored.trackers, key_for_path=key_for_path)
+        with no_coroutine_left_unawaited():
+            with pytest.raises(TypeError, match=f"key_for_path answered {kind}: the middleware needs a key"):
+                wsgi.get("/mogilefs/plain.txt")
+            with pytest.raises(TypeError, match=f"key_for_path answered {kind}: the middleware needs a key"):
+                asgi_call(asgi, "/mogilefs/plain.txt")
 
 
 @pytest.mark.parametrize("server_name", SERVERS)
