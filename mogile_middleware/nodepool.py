@@ -131,7 +131,7 @@ class NodePool(IdlePool["NodeConnection"]):
 
     def usable(self, connection: NodeConnection) -> bool:
         # Readable while idle: the node closed it (or sent something unasked).
-        return not readable_now(connection.sock)
+        return not connection.closed and not readable_now(connection.sock)
 
     def discard(self, connection: NodeConnection) -> None:
         connection.close()

@@ -193,6 +193,13 @@ class NodeConnection:
         """Bytes received on this connection so far."""
         return self._reader.received
 
+    @property
+    def closed(self) -> bool:
+        """True once its socket is closed. The garbage collector may close it, then give the
+        connection to the pool, when it frees a response read to its end and left open in a
+        reference cycle (a Django model and its file)."""
+        return self.sock.fileno() < 0
+
     def close(self) -> None:
         """Close the socket; the connection is not used again."""
         self._reader.close()

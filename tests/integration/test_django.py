@@ -318,6 +318,8 @@ def test_listdir_and_the_directories_that_exist(mogile: DevMogileFS) -> None:
     for name in ["docs/a.txt", "docs/sub/b.txt", "docs/sub/c.txt", "top.txt"]:
         storage.save(name, ContentFile(b"x"))
     get_client().store_content(TEMPORARY_PREFIX + "0" * 32, b"a save in progress")
+    for odd in ("/abs.txt", "docs//odd.txt", "docs/"):  # another client's keys, which no saved name is
+        get_client().store_content(odd, b"x")
     assert storage.listdir("") == (["docs"], ["top.txt"])
     assert storage.listdir("docs") == storage.listdir("/docs/") == (["sub"], ["a.txt"])
     assert storage.listdir("empty") == ([], [])
@@ -341,9 +343,10 @@ def test_collectstatic_clear_replaces_every_file_but_saves_in_progress(mogile: D
             call_command("collectstatic", "--noinput", verbosity=0)
         assert sorted(get_client().keys("")) == ["css/a.css", "img/icons/b.png", "old.txt"]
         get_client().store_content(in_progress, b"another process's save")
+        get_client().store_content("css//legacy.css", b"another client's key")  # a directory "" recursed for ever
         with override_settings(STATICFILES_DIRS=[tmp_path / "new"]):
             call_command("collectstatic", "--noinput", "--clear", verbosity=0)
-    assert sorted(get_client().keys("")) == [in_progress, "css/c.css", "new.txt"]
+    assert sorted(get_client().keys("")) == [in_progress, "css//legacy.css", "css/c.css", "new.txt"]
     assert get_client().get_file_data("css/c.css") == b"css/c.css"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import io
 import os
 import socket
@@ -89,6 +90,20 @@ def test_a_connection_the_node_closed_while_idle_is_not_used(node: StorageNode) 
     node.stop()  # closes every connection, as a restarted mogstored would
     node.start()
     assert read_all(node, pool) == BODY
+
+
+def test_a_connection_the_garbage_collector_closed_is_not_used(node: StorageNode) -> None:
+    # A Django model and its file refer to each other: a file read to its end and left open is
+    # freed by the collector, which closed its socket, then gave the connection to the pool, and
+    # the next read from that node failed.
+    pool = NodePool()
+    for _ in range(3):
+        replica = open_replica([url(node)], pool=pool)
+        assert b"".join(replica.iter_chunks()) == BODY
+        replica.cycle = replica  # type: ignore[attr-defined]
+        del replica
+        gc.collect()
+        assert read_all(node, pool) == BODY
 
 
 def test_idle_connections_are_bounded_per_node(node: StorageNode) -> None:

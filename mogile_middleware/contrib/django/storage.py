@@ -299,12 +299,16 @@ class MogileFSStorage(Storage):
     def listdir(self, path: str) -> tuple[list[str], list[str]]:
         """The "directories" and files right under ``path``: MogileFS has flat keys, so every key
         under the prefix is listed, and the parts between slashes play the directories. The root
-        hides the saves in progress (``TEMPORARY_PREFIX``), which ``collectstatic --clear`` would delete."""
+        hides the saves in progress (``TEMPORARY_PREFIX``), which ``collectstatic --clear`` would delete.
+        A key with an empty part (``css//a.css``, ``/a.css``, ``css/``) is left out: no saved name
+        is one, and ``""`` for a directory sent ``collectstatic --clear`` round the same one for ever."""
         prefix = path.strip("/") + "/" if path.strip("/") else ""
         directories: set[str] = set()
         files: list[str] = []
         for key in self.client.keys(prefix):
             head, slash, _ = key[len(prefix):].partition("/")
+            if not head:
+                continue
             if slash:
                 directories.add(head)
             else:
