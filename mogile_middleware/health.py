@@ -22,7 +22,6 @@ reported; only those files are still read from count when they cannot be reached
 
 from __future__ import annotations
 
-import http.client
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,7 @@ from typing import Any
 
 from .exceptions import MogileFSError, StorageError
 from .protocol import Reply, parse_domains, whole_number
-from .storage import Target
+from .storage import NodeConnection, Target
 from .tracker import Address, TrackerPool
 
 #: What mogilefsd leaves free on every device (its ``min_free_space`` default), in MB.
@@ -194,14 +193,15 @@ def _ask_storage_nodes(health: Health, timeout: float) -> set[int]:
 
 
 def _why_silent(url: str, timeout: float) -> str | None:
-    """``None`` once the node of ``url`` answers a ``HEAD`` within ``timeout``, else why not."""
+    """``None`` once the node of ``url`` answers a ``HEAD`` within ``timeout``, its whole
+    response head however slowly it trickles in, else why not."""
+    deadline = time.monotonic() + timeout
     connection = None
     try:
         target = Target(url)
-        connection = http.client.HTTPConnection(target.host, target.port, timeout=timeout)
-        connection.request("HEAD", target.path)
-        connection.getresponse()
-    except (OSError, http.client.HTTPException, StorageError, ValueError) as error:
+        connection = NodeConnection(target.node, timeout)
+        connection.exchange(target.request_head("HEAD", {}), url, deadline, timeout)
+    except (OSError, StorageError, ValueError) as error:
         return str(error) or type(error).__name__
     finally:
         if connection is not None:

@@ -63,6 +63,9 @@ IDLE_SECONDS = 30.0
 _NOOP = encode_request("noop", None)
 #: What :meth:`TrackerPoolBase._probe_steps` says of a tracker another request is asking already.
 _ASKED_BY_ANOTHER = "another request is asking whether it is back"
+#: The outcome of a call its caller gave up (an ASGI client that left): none to count, as no
+#: answer, error or failure was seen.
+_ABANDONED = "abandoned"
 
 
 #: The port of a tracker given without one: mogilefsd's.
@@ -341,6 +344,9 @@ class TrackerPoolBase:
             except TrackerError:
                 outcome = "error"
                 raise
+            except GeneratorExit:
+                outcome = _ABANDONED
+                raise
             except _SentAndLost as lost:
                 raise OutcomeUnknownError(
                     f"{_describe(address)} failed after '{command}' was sent ({lost.__cause__}); "
@@ -350,7 +356,9 @@ class TrackerPoolBase:
                 failed_over = True
                 failures.append(f"{_describe(address)}: {error or type(error).__name__}")
             finally:
-                metrics.recorder.tracker_call(self._names.get(address) or _describe(address), command, time.monotonic() - started, outcome)
+                if outcome is not _ABANDONED:
+                    metrics.recorder.tracker_call(self._names.get(address) or _describe(address), command,
+                                                  time.monotonic() - started, outcome)
         raise TrackerUnavailableError("no tracker answered: " + "; ".join(failures))
 
     def _dead_lately(self, address: Address) -> bool:
@@ -384,8 +392,12 @@ class TrackerPoolBase:
             outcome = "failed"
             self.mark_dead(address)
             return f"still no answer ({error or type(error).__name__})"
+        except GeneratorExit:
+            outcome = _ABANDONED
+            raise
         finally:
-            metrics.recorder.tracker_call(self._names[address], "noop", time.monotonic() - started, outcome)
+            if outcome is not _ABANDONED:
+                metrics.recorder.tracker_call(self._names[address], "noop", time.monotonic() - started, outcome)
             if alone:
                 with self._probing_lock:
                     self._probing.discard(address)

@@ -86,16 +86,34 @@ def test_hung_trackers_are_asked_at_once(devmogile: DevMogileFS, capsys: pytest.
 _SILENT = "(127.0.0.1:{port}) does not answer HTTP: timed out"
 
 
-@pytest.mark.parametrize(("status", "observed", "problem"), [
-    ("alive", "writeable", _SILENT), ("readonly", "writeable", _SILENT), ("drain", "writeable", _SILENT),
-    ("readonly", "unreachable", "is readonly but the trackers cannot reach it"), ("dead", "writeable", None),
+class _Trickling(LoopbackServer):
+    """A storage node that sends its answer a byte every 0.2 s (an overloaded one)."""
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\nX-Padding: " + b"." * 40 + b"\r\n\r\n":
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+
+@pytest.mark.parametrize(("status", "observed", "problem", "node"), [
+    ("alive", "writeable", _SILENT, SilentServer), ("readonly", "writeable", _SILENT, SilentServer),
+    ("drain", "writeable", _SILENT, SilentServer),
+    ("readonly", "unreachable", "is readonly but the trackers cannot reach it", SilentServer),
+    ("dead", "writeable", None, SilentServer),
+    ("alive", "writeable", _SILENT, _Trickling),  # called healthy after all its bytes came, 0.5 s apart at most
 ])
 def test_a_hung_storage_node_the_trackers_call_writeable_is_a_problem(
-        capsys: pytest.CaptureFixture[str], status: str, observed: str, problem: str | None) -> None:
+        capsys: pytest.CaptureFixture[str], status: str, observed: str, problem: str | None,
+        node: type[LoopbackServer]) -> None:
     """mogilefsd goes on calling a stopped (SIGSTOP) mogstored writeable: check asks the node itself,
     for every device files are read from: one set aside (readonly, drain) too, not a retired one.
     A device whose node does not answer takes no copy of a class either."""
-    hung, answering = SilentServer(), _NotFound()
+    hung, answering = node(), _NotFound()
     hosts = {1: ("store1", hung.port), 2: ("store2", answering.port)}
     replies = {
         b"noop": b"OK \r\n",

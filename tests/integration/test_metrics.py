@@ -22,9 +22,10 @@ from integration.test_asgi import http_scope, run
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from webtest import TestApp
-from wiretools import ScriptedTracker
+from wiretools import ScriptedTracker, SilentServer
 
-from mogile_middleware import AsyncClient, Client, MogileFSMiddleware, ProtocolError, UnregClassError, metrics
+from mogile_middleware import (AsyncClient, Client, MogileFSMiddleware, ProtocolError, TrackerUnavailableError,
+                               UnregClassError, metrics)
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.prometheus import PrometheusRecorder
@@ -124,6 +125,34 @@ def test_asking_whether_a_dead_tracker_is_back_is_counted_as_a_noop(counts: Coun
     app.get("/mogilefs/b.txt", status=503)  # asked whether it is back: refused again
     assert counts("tracker_calls_total", tracker=dead, command="get_paths", outcome="failed") == 1
     assert counts("tracker_calls_total", tracker=dead, command="noop", outcome="failed") == 1
+
+
+def test_a_tracker_call_its_caller_gave_up_is_not_counted(counts: Counts) -> None:
+    # An ASGI client that left while a slow tracker was asked made the call "failed", and one
+    # that left while a hung tracker was asked whether it is back made the noop "ok".
+    slow = ScriptedTracker(lambda line: (time.sleep(0.5), b"ERR unknown_key unknown_key\r\n")[1])
+    hung = SilentServer()
+
+    async def leave(client: AsyncClient) -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(client.get_paths("a.txt"), 0.1)
+
+    async def calls() -> None:
+        await leave(AsyncClient(DOMAIN, [slow.tracker]))
+        dead_soon = AsyncClient(DOMAIN, [hung.tracker], io_timeout=0.3, connect_timeout=0.3, dead_seconds=0.2)
+        with pytest.raises(TrackerUnavailableError):
+            await dead_soon.get_paths("a.txt")  # no answer: marked dead
+        await asyncio.sleep(0.3)
+        await leave(dead_soon)  # left while it is asked whether it is back
+
+    try:
+        asyncio.run(calls())
+    finally:
+        slow.stop()
+        hung.stop()
+    assert counts("tracker_calls_total", tracker=slow.tracker) == 0
+    assert counts("tracker_calls_total", tracker=hung.tracker, command="get_paths", outcome="failed") == 1
+    assert counts("tracker_calls_total", tracker=hung.tracker, command="noop") == 0
 
 
 def test_changes_dead_trackers_failovers_and_stale_paths(devmogile: DevMogileFS, counts: Counts) -> None:
