@@ -112,20 +112,24 @@ class MogileFSMiddleware(MiddlewareCore):
             return
         environ = _environ(scope, path)
         key = self.key_for(environ, path[len(self.path_prefix):])
-        if not isinstance(key, str):
-            answer: Answer | Streamed | None = key
-        elif self.authorize is not None and not await _allows(self.authorize, scope, key):
-            answer = http.FORBIDDEN
-        else:
-            # A warm reproxy answer needs nothing awaited: decided here, without a coroutine of its own.
-            location = self.locator.cached(key)
-            warm = None if location is None else self.reproxy_answer(environ, location)
-            if warm is not None and raw_path and self._answers_repeat:
-                self._keep(raw_path, inputs or _inputs(scope), warm, location)  # type: ignore[arg-type]
-            answer = warm or await _unless_gone(self._answer(environ, key, location), receive)
-            if answer is None:
-                return  # the client went away meanwhile: its lookup and its replica were given up
-        await self._send(answer, send, receive, scope)
+        watch = _Watch(receive)
+        try:
+            if not isinstance(key, str):
+                answer: Answer | Streamed | None = key
+            elif self.authorize is not None and not await _allows(self.authorize, scope, key):
+                answer = http.FORBIDDEN
+            else:
+                # A warm reproxy answer needs nothing awaited: decided here, without a coroutine of its own.
+                location = self.locator.cached(key)
+                warm = None if location is None else self.reproxy_answer(environ, location)
+                if warm is not None and raw_path and self._answers_repeat:
+                    self._keep(raw_path, inputs or _inputs(scope), warm, location)  # type: ignore[arg-type]
+                answer = warm or await _unless_gone(self._answer(environ, key, location), watch)
+                if answer is None:
+                    return  # the client went away meanwhile: its lookup and its replica were given up
+            await self._send(answer, send, watch, scope)
+        finally:
+            await watch.end()
 
     def _keep(self, raw_path: bytes, inputs: tuple[Any, ...], answer: Answer, location: Location) -> None:
         """Keep ``answer``, decided from ``location``, for the same request while the path cache holds it."""
@@ -152,9 +156,13 @@ class MogileFSMiddleware(MiddlewareCore):
     async def _send_for_view(self, scope: Scope, receive: Receive, send: Send, served: tuple[str, str | None],
                              cookies: list[str] | None = None) -> None:
         """Send the file a view asked for, unless its client goes away while it is looked up or opened."""
-        answer = await _unless_gone(self._file_answer_for_view(scope, served, cookies), receive)
-        if answer is not None:
-            await self._send(answer, send, receive, scope, recurring=False)
+        watch = _Watch(receive)
+        try:
+            answer = await _unless_gone(self._file_answer_for_view(scope, served, cookies), watch)
+            if answer is not None:
+                await self._send(answer, send, watch, scope, recurring=False)
+        finally:
+            await watch.end()
 
     async def _file_answer_for_view(self, scope: Scope, served: tuple[str, str | None],
                                     cookies: list[str] | None = None) -> Answer | Streamed:
@@ -168,7 +176,7 @@ class MogileFSMiddleware(MiddlewareCore):
         status, headers, upstream, key = answer
         return status, view_headers(status, headers, filename, cookies or ()), upstream, key
 
-    async def _send(self, answer: Answer | Streamed, send: Send, receive: Receive, scope: Scope, *,
+    async def _send(self, answer: Answer | Streamed, send: Send, watch: _Watch, scope: Scope, *,
                     recurring: bool = True) -> None:
         """Send ``answer``. The encoded form of a ``recurring`` one is kept for the next time; not
         that of a view's, made for one request (with its user's cookies)."""
@@ -193,7 +201,7 @@ class MogileFSMiddleware(MiddlewareCore):
             return
         try:
             await send(start)
-            await _stream(key, upstream, send, receive, self.client_timeout)
+            await _stream(key, upstream, send, watch.gone, self.client_timeout)
         finally:
             await upstream.aclose()
 
@@ -259,17 +267,16 @@ class MogileFSMiddleware(MiddlewareCore):
         return await getattr(self.locator, name)(*args)
 
 
-async def _stream(key: str, upstream: AsyncReplicaResponse, send: Send, receive: Receive,
+async def _stream(key: str, upstream: AsyncReplicaResponse, send: Send, gone: asyncio.Future[None],
                   client_timeout: float) -> None:
-    """Send the body of ``key`` chunk by chunk until it ends, the client goes away, or
+    """Send the body of ``key`` chunk by chunk until it ends, the client is ``gone``, or
     ``client_timeout`` passes without a piece read or sent (a client that stopped taking them
     would hold the storage connection for as long as it keeps its own open)."""
     progress = _Progress(asyncio.get_running_loop().time)
     sending = asyncio.ensure_future(_send_body(key, upstream, send, progress))
-    leaving = asyncio.ensure_future(_disconnected(receive))
     try:
         while (idle := progress.clock() - progress.at) < client_timeout:
-            done, _ = await asyncio.wait({sending, leaving}, timeout=client_timeout - idle,
+            done, _ = await asyncio.wait({sending, gone}, timeout=client_timeout - idle,
                                          return_when=asyncio.FIRST_COMPLETED)
             if done:
                 break
@@ -277,10 +284,9 @@ async def _stream(key: str, upstream: AsyncReplicaResponse, send: Send, receive:
             log.warning("transfer of %r ended: nothing read or sent for %g s (a client taking nothing)",
                         key, client_timeout)
     finally:
-        leaving.cancel()
         if not sending.done():
             sending.cancel()  # the client left, or stopped reading: stop reading the node
-    await asyncio.gather(sending, leaving, return_exceptions=True)
+    await asyncio.gather(sending, return_exceptions=True)
     if sending.done() and not sending.cancelled() and sending.exception() is not None:
         raise sending.exception()  # type: ignore[misc] # a transfer cut midway: the server closes short
 
@@ -323,25 +329,25 @@ async def _send_body(key: str, upstream: AsyncReplicaResponse, send: Send, progr
         metrics.recorder.bytes_served(sent)
 
 
-async def _unless_gone(answering: Awaitable[Answer | Streamed], receive: Receive) -> Answer | Streamed | None:
-    """``answering``'s answer, or ``None`` when the client goes away (``http.disconnect``) first:
-    its lookup and the replica it opens are then given up, rather than go on for nobody, holding
-    the loop's tracker connections from the clients still there. When the request's own task is
-    cancelled meanwhile, a replica opened for the answer nobody takes is closed."""
+async def _unless_gone(answering: Awaitable[Answer | Streamed], watch: _Watch) -> Answer | Streamed | None:
+    """``answering``'s answer, or ``None`` once the client has gone (``http.disconnect``), even
+    if the answer is ready too: its lookup and the replica it opens are then given up, rather than
+    go on for nobody, holding the loop's tracker connections from the clients still there. When
+    the request's own task is cancelled meanwhile, a replica opened for the answer nobody takes
+    is closed."""
     work = asyncio.ensure_future(answering)
-    leaving = asyncio.ensure_future(_disconnected(receive))
     try:
-        await asyncio.wait({work, leaving}, return_when=asyncio.FIRST_COMPLETED)
-        leaving.cancel()
-        if not work.done():
-            work.cancel()
-        await asyncio.gather(work, leaving, return_exceptions=True)
+        await asyncio.wait({work, watch.gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not watch.gone.done():
+            return work.result()
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
     except BaseException:
-        leaving.cancel()
         work.cancel()
         work.add_done_callback(_close_unclaimed)
         raise
-    return None if work.cancelled() else work.result()
+    _close_unclaimed(work)
+    return None
 
 
 def _close_unclaimed(work: asyncio.Future[Answer | Streamed]) -> None:
@@ -350,6 +356,31 @@ def _close_unclaimed(work: asyncio.Future[Answer | Streamed]) -> None:
         answer = work.result()
         if isinstance(answer, tuple) and isinstance(answer[2], AsyncReplicaResponse):
             answer[2].close()
+
+
+class _Watch:
+    """A request's one watch for its client going away, from the lookup to the body's last byte.
+    A second would miss a disconnect a server tells once (hypercorn), and under granian a
+    ``receive`` cancelled midway makes the next one tell of a disconnect for a client still there."""
+
+    __slots__ = ("_receive", "_gone")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._gone: asyncio.Future[None] | None = None
+
+    @property
+    def gone(self) -> asyncio.Future[None]:
+        """Done once the client has gone: the watch starts when first asked."""
+        if self._gone is None:
+            self._gone = asyncio.ensure_future(_disconnected(self._receive))
+        return self._gone
+
+    async def end(self) -> None:
+        """Stop watching: the request is answered."""
+        if self._gone is not None:
+            self._gone.cancel()
+            await asyncio.gather(self._gone, return_exceptions=True)
 
 
 async def _disconnected(receive: Receive) -> None:

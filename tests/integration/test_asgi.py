@@ -366,6 +366,103 @@ def test_a_request_task_cancelled_as_its_replica_opens_leaves_no_storage_connect
     assert asyncio.run(cancelled_requests()) == 0
 
 
+def served_body(devmogile: DevMogileFS, asked: str, receive: Any) -> tuple[bytes, bytes]:
+    """The body a client of 2 MiB reading 256 KiB every 20 ms gets, whose server's ``receive`` is
+    ``receive``; and the file's whole."""
+    content = bytes(range(256)) * (8 * 1024)
+    Client(DOMAIN, devmogile.trackers).store_content("watched.bin", content, cls="thumb")
+    middleware = MogileFSMiddleware(serving_view, domain=DOMAIN, trackers=devmogile.trackers)
+    body = bytearray()
+
+    async def send(message: dict[str, Any]) -> None:
+        body.extend(message.get("body", b""))
+        await asyncio.sleep(0.02)
+
+    path = ("/mogilefs/" if asked == "under the prefix" else "/files/") + "watched.bin"
+    asyncio.run(asyncio.wait_for(middleware(http_scope(path), receive, send), 10))
+    return bytes(body), content
+
+
+@pytest.mark.parametrize("asked", ["under the prefix", "by a view"])
+def test_a_receive_cancelled_while_it_waits_does_not_cut_the_download(devmogile: DevMogileFS, asked: str) -> None:
+    """Under granian (2.8) a ``receive`` cancelled while it waits makes the next one tell of a
+    disconnect for a client still there: the watch of the lookup, cancelled once the replica was
+    open, then a second one for the body, cut downloads short, with nothing logged. One watch
+    serves the request from its lookup to its last byte."""
+    cancelled = False
+    requested = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal cancelled, requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        if cancelled:
+            return {"type": "http.disconnect"}
+        try:
+            return await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+
+    body, content = served_body(devmogile, asked, receive)
+    assert body == content
+
+
+@pytest.mark.parametrize("asked", ["under the prefix", "by a view"])
+def test_a_disconnect_told_once_as_the_file_opens_ends_its_transfer(devmogile: DevMogileFS, asked: str) -> None:
+    """hypercorn and daphne tell of a disconnect once: one the watch of the lookup took, or was
+    waiting for as the replica opened, was lost, and the whole file was read for nobody."""
+    calls = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        if calls == 2:
+            await asyncio.sleep(0.2)  # the client leaves as its file begins
+            return {"type": "http.disconnect"}
+        return await asyncio.sleep(3600)
+
+    body, content = served_body(devmogile, asked, receive)
+    assert 0 < len(body) < len(content) // 2
+
+
+@pytest.mark.parametrize("asked", ["under the prefix", "by a view"])
+def test_a_disconnect_told_once_in_the_turn_the_replica_opens_sends_nothing(
+        devmogile: DevMogileFS, monkeypatch: pytest.MonkeyPatch, asked: str) -> None:
+    """The watch and the lookup both done when the request looks again: the client has gone, and
+    its replica is closed, where the file was sent for nobody."""
+    from mogile_middleware import asgi
+
+    left: list[asyncio.Future[None]] = []
+    opened = asgi.open_replica
+
+    async def open_as_the_client_leaves(*args: Any, **kwargs: Any) -> Any:
+        replica = await opened(*args, **kwargs)
+        left[0].set_result(None)
+        return replica
+
+    monkeypatch.setattr(asgi, "open_replica", open_as_the_client_leaves)
+    calls = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            left.append(asyncio.get_running_loop().create_future())
+            return {"type": "http.request", "body": b"", "more_body": False}
+        if calls == 2:
+            await left[0]
+            return {"type": "http.disconnect"}
+        return await asyncio.sleep(3600)
+
+    body, _ = served_body(devmogile, asked, receive)
+    assert body == b"" and node_connections(storage_port(Client(DOMAIN, devmogile.trackers), "watched.bin"),
+                                            os.getpid()) == 0
+
+
 @pytest.mark.parametrize("mode", [{}, {"reproxy": "perlbal"}], ids=["serve", "reproxy"])
 def test_a_receive_answering_at_once_past_the_body_is_not_asked_in_a_loop(devmogile: DevMogileFS,
                                                                           mode: dict[str, str]) -> None:
