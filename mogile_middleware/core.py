@@ -379,7 +379,7 @@ class MiddlewareCore:
             return _CONTROL
         if self.key_for_path is not None:
             path = self.key_for_path(path)  # type: ignore[assignment]
-            if path is not None and not isinstance(path, str):
+            if path and not isinstance(path, str):  # no key, falsy: 404, as None
                 raise wrong_answer("key_for_path", path, "the middleware needs a key (str) or None")
         if not path:
             return http.NOT_FOUND

@@ -22,20 +22,25 @@ reported; only those files are still read from count when they cannot be reached
 
 from __future__ import annotations
 
+import io
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .deadline import DeadlineReader
 from .exceptions import MogileFSError, StorageError
 from .protocol import Reply, parse_domains, whole_number
-from .storage import NodeConnection, Target
+from .storage import Target
 from .tracker import Address, TrackerPool
 
 #: What mogilefsd leaves free on every device (its ``min_free_space`` default), in MB.
 MIN_FREE_MB = 100
 #: Trackers, and storage nodes, asked at once.
 _NODES_AT_ONCE = 16
+#: The longest status line read from a storage node (``HTTP/1.1 404 Not Found`` is 22 bytes).
+_STATUS_LINE_BYTES = 256
 #: The states of the hosts and devices mogilefsd reads files from (``DeviceState.pm``, ``Host.pm``):
 #: one it cannot reach there leaves its files to their other copies, or to none.
 _READ_HOSTS = ("alive", "readonly")
@@ -193,19 +198,19 @@ def _ask_storage_nodes(health: Health, timeout: float) -> set[int]:
 
 
 def _why_silent(url: str, timeout: float) -> str | None:
-    """``None`` once the node of ``url`` answers a ``HEAD`` within ``timeout``, its whole
-    response head however slowly it trickles in, else why not."""
+    """``None`` once the node of ``url`` answers a ``HEAD`` with a status line within ``timeout``,
+    however slowly it trickles in, else why not."""
     deadline = time.monotonic() + timeout
-    connection = None
     try:
         target = Target(url)
-        connection = NodeConnection(target.node, timeout)
-        connection.exchange(target.request_head("HEAD", {}), url, deadline, timeout)
+        with socket.create_connection(target.node, timeout=timeout) as sock:
+            sock.sendall(target.request_head("HEAD", {}))
+            with io.BufferedReader(DeadlineReader(sock, deadline)) as reader:
+                status_line = reader.readline(_STATUS_LINE_BYTES)
     except (OSError, StorageError, ValueError) as error:
         return str(error) or type(error).__name__
-    finally:
-        if connection is not None:
-            connection.close()
+    if not status_line.startswith(b"HTTP/"):
+        return f"no HTTP status line: {status_line[:80]!r}" if status_line else "closed without an answer"
     return None
 
 

@@ -367,16 +367,16 @@ def test_a_request_task_cancelled_as_its_replica_opens_leaves_no_storage_connect
 
 
 def served_body(devmogile: DevMogileFS, asked: str, receive: Any) -> tuple[bytes, bytes]:
-    """The body a client of 2 MiB reading 256 KiB every 20 ms gets, whose server's ``receive`` is
-    ``receive``; and the file's whole."""
-    content = bytes(range(256)) * (8 * 1024)
+    """The body of a file of 4 MiB that a client reading a piece every 50 ms gets, whose server's
+    ``receive`` is ``receive``; and the file's whole."""
+    content = bytes(range(256)) * (16 * 1024)
     Client(DOMAIN, devmogile.trackers).store_content("watched.bin", content, cls="thumb")
     middleware = MogileFSMiddleware(serving_view, domain=DOMAIN, trackers=devmogile.trackers)
     body = bytearray()
 
     async def send(message: dict[str, Any]) -> None:
         body.extend(message.get("body", b""))
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
 
     path = ("/mogilefs/" if asked == "under the prefix" else "/files/") + "watched.bin"
     asyncio.run(asyncio.wait_for(middleware(http_scope(path), receive, send), 10))
@@ -426,7 +426,7 @@ def test_a_disconnect_told_once_as_the_file_opens_ends_its_transfer(devmogile: D
         return await asyncio.sleep(3600)
 
     body, content = served_body(devmogile, asked, receive)
-    assert 0 < len(body) < len(content) // 2
+    assert len(body) < len(content) // 2
 
 
 @pytest.mark.parametrize("asked", ["under the prefix", "by a view"])

@@ -114,20 +114,7 @@ def test_a_hung_storage_node_the_trackers_call_writeable_is_a_problem(
     for every device files are read from: one set aside (readonly, drain) too, not a retired one.
     A device whose node does not answer takes no copy of a class either."""
     hung, answering = node(), _NotFound()
-    hosts = {1: ("store1", hung.port), 2: ("store2", answering.port)}
-    replies = {
-        b"noop": b"OK \r\n",
-        b"get_domains": b"OK domains=1&domain1=testdom&domain1classes=1&domain1class1name=thumb"
-                        b"&domain1class1mindevcount=2\r\n",
-        b"get_hosts": ("OK hosts=2&" + "&".join(
-            f"host{n}_hostid={n}&host{n}_hostname={name}&host{n}_hostip=127.0.0.1&host{n}_http_port={port}"
-            f"&host{n}_status=alive" for n, (name, port) in hosts.items()) + "\r\n").encode(),
-        b"get_devices": ("OK devices=2&" + "&".join(
-            f"dev{n}_devid={n}&dev{n}_hostid={n}&dev{n}_status={status if n == 1 else 'alive'}"
-            f"&dev{n}_observed_state={observed if n == 1 else 'writeable'}"
-            f"&dev{n}_mb_total=100000&dev{n}_mb_free=90000" for n in hosts) + "\r\n").encode(),
-    }
-    tracker = ScriptedTracker(lambda line: replies[line.split()[0]])
+    tracker = _tracker_of({1: ("store1", hung.port), 2: ("store2", answering.port)}, status, observed)
     try:
         code, _, err = run_check(capsys, "--trackers", tracker.tracker, "--domain", DOMAIN, "--timeout", "0.5")
         problems = [f"dev1 on store1 {problem.format(port=hung.port)}"] if problem else []
@@ -139,13 +126,50 @@ def test_a_hung_storage_node_the_trackers_call_writeable_is_a_problem(
         answering.stop()
 
 
+def _tracker_of(hosts: dict[int, tuple[str, int]], status: str = "alive", observed: str = "writeable") -> ScriptedTracker:
+    """A tracker of one class of 2 copies, and of the ``hosts`` by number (name, HTTP port) with a
+    device each, the first one ``status`` and ``observed`` so."""
+    replies = {
+        b"noop": b"OK \r\n",
+        b"get_domains": b"OK domains=1&domain1=testdom&domain1classes=1&domain1class1name=thumb"
+                        b"&domain1class1mindevcount=2\r\n",
+        b"get_hosts": (f"OK hosts={len(hosts)}&" + "&".join(
+            f"host{n}_hostid={n}&host{n}_hostname={name}&host{n}_hostip=127.0.0.1&host{n}_http_port={port}"
+            f"&host{n}_status=alive" for n, (name, port) in hosts.items()) + "\r\n").encode(),
+        b"get_devices": (f"OK devices={len(hosts)}&" + "&".join(
+            f"dev{n}_devid={n}&dev{n}_hostid={n}&dev{n}_status={status if n == 1 else 'alive'}"
+            f"&dev{n}_observed_state={observed if n == 1 else 'writeable'}"
+            f"&dev{n}_mb_total=100000&dev{n}_mb_free=90000" for n in hosts) + "\r\n").encode(),
+    }
+    return ScriptedTracker(lambda line: replies[line.split()[0]])
+
+
 class _NotFound(LoopbackServer):
     """A storage node that answers 404 to every request (an answer all the same)."""
+
+    head = b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n"
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             conn.recv(65536)
-            conn.sendall(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            conn.sendall(self.head)
+
+
+class _Chunked(_NotFound):
+    """A storage node whose answer the middleware would refuse to read a file from."""
+
+    head = b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+
+
+def test_a_storage_node_that_answers_in_any_way_answers(capsys: pytest.CaptureFixture[str]) -> None:
+    nodes = [_Chunked(), _NotFound()]
+    tracker = _tracker_of({n: (f"store{n}", node.port) for n, node in enumerate(nodes, 1)})
+    try:
+        assert run_check(capsys, "--trackers", tracker.tracker, "--domain", DOMAIN, "--timeout", "0.5")[::2] == (0, [])
+    finally:
+        tracker.stop()
+        for node in nodes:
+            node.stop()
 
 
 def test_a_stopped_storage_node_is_reported_with_what_it_leaves_short(

@@ -640,6 +640,13 @@ def test_a_key_for_path_that_answers_no_str_is_an_error_naming_it(stored: DevMog
                 wsgi.get("/mogilefs/plain.txt")
             with pytest.raises(TypeError, match=f"key_for_path answered {kind}: the middleware needs a key"):
                 asgi_call(asgi, "/mogilefs/plain.txt")
+    # No key, as "avatars/" in path and path[8:] answers: a 404, as None is.
+    for nothing in (False, b"", 0):
+        wsgi = TestApp(MogileFSMiddleware(None, domain=DOMAIN, trackers=stored.trackers,
+                                          key_for_path=lambda path, nothing=nothing: nothing))
+        assert wsgi.get("/mogilefs/plain.txt", status=404).status_int == 404
+        assert asgi_call(ASGIMiddleware(None, domain=DOMAIN, trackers=stored.trackers,
+                                        key_for_path=lambda path, nothing=nothing: nothing), "/mogilefs/plain.txt")[0] == 404
 
 
 @pytest.mark.parametrize("server_name", SERVERS)
