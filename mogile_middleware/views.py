@@ -82,7 +82,15 @@ def view_headers(status: str, headers: Headers, filename: str | None, cookies: S
     return [*kept, *(("Set-Cookie", cookie) for cookie in cookies)] if cookies else kept
 
 
+#: What a GET asks of a file and a request of another method does not (RFC 9110 13.1, 14.2): a
+#: view answering a POST with a file sends it whole, without a 206, 304 or 412.
+_GET_ONLY = frozenset(("HTTP_RANGE", "HTTP_IF_RANGE", "HTTP_IF_MATCH", "HTTP_IF_NONE_MATCH",
+                       "HTTP_IF_MODIFIED_SINCE", "HTTP_IF_UNMODIFIED_SINCE"))
+
+
 def as_view_request(environ: Mapping[str, Any]) -> Mapping[str, Any]:
-    """A view's request, of any method, asking for the file as a GET (or a HEAD) would."""
-    method = environ.get("REQUEST_METHOD", "GET")
-    return environ if method in ("GET", "HEAD") else {**environ, "REQUEST_METHOD": "GET"}
+    """A view's request, of any method, asking for the file as a GET (or a HEAD) would: another
+    method's ``Range`` and preconditions are not the file's, and it gets the file whole."""
+    if environ.get("REQUEST_METHOD", "GET") in ("GET", "HEAD"):
+        return environ
+    return {**{name: value for name, value in environ.items() if name not in _GET_ONLY}, "REQUEST_METHOD": "GET"}

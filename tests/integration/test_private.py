@@ -365,6 +365,11 @@ def test_wsgi_respond_with_answers_alone_or_through_the_middleware_that_wraps_it
     for app in (TestApp(middleware), TestApp(view)):  # the view wrapped by its middleware, then alone
         answer = app.post("/download")  # a view may serve on any method: the file as for a GET
         assert answer.body == FILES["private/doc.txt"]
+        # Whole: a POST's Range and preconditions are not the file's (RFC 9110 13.1, 14.2).
+        etag = app.get("/download").headers["ETag"]
+        for asked in ({"Range": "bytes=0-9"}, {"If-None-Match": etag}, {"If-Match": '"another"'}):
+            whole = app.post("/download", headers=asked)
+            assert (whole.status_int, whole.body) == (200, FILES["private/doc.txt"])
         assert answer.headers["Content-Disposition"] == 'attachment; filename="doc.txt"'
         assert answer.headers["Cache-Control"] == "private"
         reproxied = app.get("/download", extra_environ={"REMOTE_ADDR": "10.0.0.1"})
@@ -458,9 +463,10 @@ def test_a_worker_forked_from_its_master_makes_its_own_serve_header_proof() -> N
     assert (served_file(childs), parents_refused, served_file(parents)) == (None, "True", ("plain.txt", None))
 
 
-def asgi_call(app: Any, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    """GET ``path`` from the ASGI ``app`` on an event loop of its own."""
-    scope = {"type": "http", "method": "GET", "path": path, "raw_path": quote(path).encode(), "query_string": b"",
+def asgi_call(app: Any, path: str, headers: dict[str, str] | None = None,
+              method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    """``method`` (GET) ``path`` of the ASGI ``app`` on an event loop of its own."""
+    scope = {"type": "http", "method": method, "path": path, "raw_path": quote(path).encode(), "query_string": b"",
              "root_path": "", "client": ("127.0.0.1", 5000), "http_version": "1.1", "scheme": "http",
              "server": ("127.0.0.1", 8000),
              "headers": [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]}
@@ -478,6 +484,8 @@ def test_asgi_respond_with_answers_alone_or_through_the_middleware_that_wraps_it
         status, headers, body = asgi_call(app, "/download")
         assert (status, body, headers["cache-control"]) == (200, FILES["naïve/résumé.pdf"], "private")
         assert "x-mogile-middleware-serve" not in headers
+        for asked in ({"Range": "bytes=0-9"}, {"If-None-Match": headers["etag"]}, {"If-Match": '"another"'}):
+            assert asgi_call(app, "/download", asked, "POST")[::2] == (200, FILES["naïve/résumé.pdf"])
 
 
 def test_the_asgi_middleware_keeps_no_view_answer_with_its_users_cookies(stored: DevMogileFS) -> None:
