@@ -334,16 +334,19 @@ class NewFile(io.RawIOBase):
 
     def _send(self, stream: PutStream, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` while another thread adds it to the checksum; both are done on return."""
-        if self._md5 is None or len(data) < CHUNK_SIZE:  # a small piece costs more to hand over
-            stream.write(data)
-            if self._md5 is not None:
-                self._md5.update(data)
-        else:
-            hashing = hasher().submit(self._md5.update, data)
+        hashing = None
+        if self._md5 is not None and len(data) >= CHUNK_SIZE:  # a small piece costs more to hand over
             try:
-                stream.write(data)
-            finally:
+                hashing = hasher().submit(self._md5.update, data)
+            except RuntimeError:  # the interpreter is exiting, and its thread pools take no more work
+                pass
+        try:
+            stream.write(data)
+        finally:
+            if hashing is not None:
                 hashing.result()
+        if self._md5 is not None and hashing is None:
+            self._md5.update(data)
         self.size += len(data)
 
     def write_from(self, fileobj: BinaryIO, progress: Progress | None = None) -> int:

@@ -12,6 +12,8 @@ import mmap
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -84,6 +86,33 @@ def test_64_mib_with_a_class_streams_in_flat_memory(flavour: Flavour, client: Cl
     assert info.checksum == f"MD5:{pattern_md5(64 * MIB)}"
     if progress:
         assert seen[-1] == 64 * MIB and seen == sorted(seen) and len(seen) > 100
+
+
+_UPLOAD_AS_THE_MAIN_THREAD_ENDS = """
+import sys, threading, time
+from mogile_middleware import Client, Uploader
+
+def pieces():
+    for _ in range(8):
+        time.sleep(0.05)  # a source that trickles: a socket, a pipe
+        yield bytes(range(256)) * 4096
+
+def upload():
+    Uploader(Client(sys.argv[1], sys.argv[2:])).upload("late.bin", pieces(), cls="original")
+    print("stored")
+
+threading.Thread(target=upload).start()
+"""
+
+
+def test_an_upload_in_a_thread_goes_on_as_the_main_thread_ends(devmogile: DevMogileFS, client: Client) -> None:
+    # Python waits for the thread, but no longer takes work on its thread pools: the MD5 of each
+    # piece, handed to one, raised RuntimeError (a worker's uploads in flight as gunicorn stops it).
+    done = subprocess.run([sys.executable, "-c", _UPLOAD_AS_THE_MAIN_THREAD_ENDS, DOMAIN, *devmogile.trackers],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "stored\n", "")
+    data = bytes(range(256)) * 4096 * 8
+    assert Client(DOMAIN, devmogile.trackers).file_info("late.bin").checksum == f"MD5:{hashlib.md5(data).hexdigest()}"
 
 
 @pytest.mark.parametrize(
