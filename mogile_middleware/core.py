@@ -34,6 +34,7 @@ from .exceptions import (
     UnknownKeyError,
 )
 from .http import Answer, FileRequest
+from .locate import is_clean_url
 from .protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_url_key
 from .responders import NginxReproxy, PerlbalReproxy, Representation, Reproxy
 from .signing import BAD_SIGNATURE, EXPIRED, UNSIGNED, Secret, URLSigner
@@ -222,8 +223,8 @@ class MiddlewareCore:
         if private and perlbal_cache_seconds:
             raise ValueError("perlbal_cache_seconds lets Perlbal answer repeated requests without asking the "
                              "middleware, which would skip authorize and signing_key")
-        if perlbal_fallback_url is not None and not re.fullmatch(r"http://[!-~]+", perlbal_fallback_url):
-            raise ValueError(f"perlbal_fallback_url must be an http:// URL, not {perlbal_fallback_url!r}")
+        if perlbal_fallback_url is not None and not is_clean_url(perlbal_fallback_url):
+            raise ValueError(f"perlbal_fallback_url must be an http:// URL of a host and port, not {perlbal_fallback_url!r}")
         timeouts = {name: value for name, value in [("connect_timeout", connect_timeout), ("io_timeout", io_timeout),
                                                     ("dead_seconds", dead_seconds)] if value is not None}
         if client is None:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from .nodepool import Node
+from .tracker import describe_address
 
 log = logging.getLogger("mogile_middleware")
 
@@ -74,8 +75,8 @@ class DownNodes:
             self._until[node] = time.monotonic() + self.seconds
             self._asking.discard(node)
         if not marked:
-            log.warning("storage node %s:%d failed (%s): not asked for %gs", *node, str(error) or type(error).__name__,
-                        self.seconds)
+            log.warning("storage node %s failed (%s): not asked for %gs", describe_address(*node),
+                        str(error) or type(error).__name__, self.seconds)
 
     def answered(self, url: str) -> None:
         """The node of ``url`` answered: it is up."""

@@ -33,7 +33,7 @@ from .deadline import DeadlineReader
 from .exceptions import MogileFSError, StorageError
 from .protocol import Reply, parse_domains, whole_number
 from .storage import Target
-from .tracker import Address, TrackerPool
+from .tracker import Address, TrackerPool, describe_address
 
 #: What mogilefsd leaves free on every device (its ``min_free_space`` default), in MB.
 MIN_FREE_MB = 100
@@ -130,7 +130,7 @@ def check(trackers: list[Address], domain: str, *, timeout: float = 3.0) -> Heal
 def _tracker_health(address: Address, timeout: float) -> TrackerHealth:
     """``noop`` on a connection of its own: reachable, and how fast."""
     pool = TrackerPool([address], connect_timeout=timeout, io_timeout=timeout, dead_seconds=0)
-    name = f"{address[0]}:{address[1]}"
+    name = describe_address(*address)
     try:
         pool.request("noop")  # the connection, made once
         start = time.perf_counter()
@@ -147,7 +147,8 @@ def _tracker_health(address: Address, timeout: float) -> TrackerHealth:
 def _read_hosts(reply: Reply, health: Health) -> None:
     for n in range(1, reply.number("hosts") + 1):
         host = HostHealth(reply[f"host{n}_hostid"], reply[f"host{n}_hostname"],
-                          f"{reply[f'host{n}_hostip']}:{reply[f'host{n}_http_port']}", reply[f"host{n}_status"])
+                          describe_address(reply[f"host{n}_hostip"], reply[f"host{n}_http_port"]),
+                          reply[f"host{n}_status"])
         health.hosts.append(host)
         if host.status == "down":
             health.problems.append(f"host {host.name} is down")

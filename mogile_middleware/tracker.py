@@ -270,7 +270,7 @@ class TrackerPoolBase:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.addresses = parse_trackers(trackers)
-        self._names = {address: _describe(address) for address in self.addresses}
+        self._names = {address: describe_address(*address) for address in self.addresses}
         self.connect_timeout = checked_seconds("connect_timeout", connect_timeout)
         self.io_timeout = checked_seconds("io_timeout", io_timeout)
         self.dead_seconds = checked_seconds("dead_seconds", dead_seconds, zero=True)
@@ -334,7 +334,7 @@ class TrackerPoolBase:
                         queue.append(address)
                         continue
                 if not_back:
-                    failures.append(f"{_describe(address)}: {not_back}")
+                    failures.append(f"{describe_address(*address)}: {not_back}")
                     continue
             started, outcome = time.monotonic(), "failed"
             try:
@@ -349,15 +349,15 @@ class TrackerPoolBase:
                 raise
             except _SentAndLost as lost:
                 raise OutcomeUnknownError(
-                    f"{_describe(address)} failed after '{command}' was sent ({lost.__cause__}); "
+                    f"{describe_address(*address)} failed after '{command}' was sent ({lost.__cause__}); "
                     "it may or may not have been carried out"
                 ) from lost.__cause__
             except (OSError, ProtocolError) as error:  # an idempotent command: the next tracker may answer
                 failed_over = True
-                failures.append(f"{_describe(address)}: {error or type(error).__name__}")
+                failures.append(f"{describe_address(*address)}: {error or type(error).__name__}")
             finally:
                 if outcome is not _ABANDONED:
-                    metrics.recorder.tracker_call(self._names.get(address) or _describe(address), command,
+                    metrics.recorder.tracker_call(self._names.get(address) or describe_address(*address), command,
                                                   time.monotonic() - started, outcome)
         raise TrackerUnavailableError("no tracker answered: " + "; ".join(failures))
 
@@ -448,7 +448,7 @@ class TrackerPoolBase:
                 closes_allowed -= 1
 
     def _describe(self) -> str:
-        return ", ".join(_describe(address) for address in self.addresses)
+        return ", ".join(describe_address(*address) for address in self.addresses)
 
 
 def _verifying_seconds(command: str, args: Mapping[str, ArgValue] | None) -> float:
@@ -552,6 +552,6 @@ class _SentAndLost(Exception):
     """A non-idempotent request was sent and its connection failed before the reply."""
 
 
-def _describe(address: Address) -> str:
-    host, port = address
+def describe_address(host: str, port: int | str) -> str:
+    """``host:port``, an IPv6 address in brackets (RFC 3986), as ``--trackers`` and URLs write it."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 from ..devserver import DevMogileFS
+from ..tracker import is_host
 from .commands import path_argument
 from .signals import on_stop_signal
 
@@ -67,10 +68,19 @@ class _DomainLayout(argparse.Action):
         setattr(namespace, self.dest, domains)
 
 
+def _ipv4_host(text: str) -> str:
+    """An argparse ``type``: a host name or an IPv4 address, as the development MogileFS listens on."""
+    if ":" in text or not is_host(text):
+        raise argparse.ArgumentTypeError(f"an IPv4 address or a host name, not {text!r}: the development "
+                                         "MogileFS listens on IPv4 only")
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the development server's options to ``parser`` (standalone or a sub-command's)."""
     parser.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on and to put in paths (default: %(default)s)"
+        "--host", default="127.0.0.1", type=_ipv4_host,
+        help="IPv4 address to listen on and to put in paths (default: %(default)s)"
     )
     parser.add_argument("--port", type=_port, default=7001, help="tracker port (default: %(default)s)")
     parser.add_argument(

@@ -17,22 +17,20 @@ from typing import Any
 
 from ..core import REPROXY_MODES, parse_trusted_proxies
 from ..middleware import WSGIApp
+from ..tracker import describe_address, is_host
 
 #: Who may get reproxy answers unless ``--trusted-proxy`` says otherwise: a proxy on this machine.
 LOOPBACK = ("127.0.0.1", "::1")
 
 
-def host_port(host: str, port: int) -> str:
-    """``host:port``, an IPv6 host in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _bind_address(text: str) -> tuple[str, int]:
+    """An argparse ``type``: ``HOST:PORT`` as a pair, an IPv6 host in brackets (``[::1]:8000``)."""
     host, _, port = text.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not host or not port.isdigit() or int(port) > 65535:
+    bracketed = host.startswith("[") and host.endswith("]")
+    name = host[1:-1] if bracketed else host
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535 or not is_host(name) or (":" in name) != bracketed:
         raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}")
-    return host, int(port)
+    return name, int(port)
 
 
 def positive(text: str) -> int:
@@ -102,7 +100,7 @@ def can_listen(command: str, bind: tuple[str, int]) -> bool:
             reason = (exc.strerror or str(exc)).split(" (while attempting", 1)[0]
         else:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        print(f"{command}: cannot listen on {host_port(host, port)}: {reason}", file=sys.stderr)
+        print(f"{command}: cannot listen on {describe_address(host, port)}: {reason}", file=sys.stderr)
         return False
     return True
 
@@ -119,9 +117,9 @@ def serve_until_stopped(
     """
 
     def when_ready(arbiter: Any) -> None:
-        announce("http://" + host_port(*arbiter.LISTENERS[0].getsockname()[:2]))
+        announce("http://" + describe_address(*arbiter.LISTENERS[0].getsockname()[:2]))
 
-    settings: dict[str, Any] = {"bind": [host_port(*bind)], "workers": workers, "when_ready": when_ready}
+    settings: dict[str, Any] = {"bind": [describe_address(*bind)], "workers": workers, "when_ready": when_ready}
     try:
         _gunicorn_master(base, settings, make_app).run()
     except SystemExit as stop:  # how gunicorn's master, and each forked worker, always end

@@ -812,6 +812,14 @@ def test_devserver_names_the_address_it_cannot_listen_on() -> None:
     assert f"devserver: cannot start: cannot listen on 127.0.0.1:{port}: Address already in use" in process.stderr
 
 
+def test_an_ipv6_host_for_the_development_mogilefs_is_a_usage_error() -> None:
+    # It failed to start, saying it could not listen on "::1:7500".
+    process = subprocess.run([sys.executable, "-m", "mogile_middleware", "devserver", "--host", "::1"],
+                             capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert process.returncode == 2
+    assert "argument --host: an IPv4 address or a host name, not '::1'" in process.stderr
+
+
 def test_devserver_names_a_data_directory_it_cannot_use(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_bytes(b"")
     command = ["devserver", "--data", str(tmp_path / "a-file"), "--port", "0", "--storage-ports", "0"]

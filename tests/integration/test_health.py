@@ -59,6 +59,26 @@ def test_a_dead_tracker_and_an_unknown_domain_are_one_line_each(
     assert f"{dead}  FAILED" in out and "2 problem(s)" in out
 
 
+def test_an_ipv6_tracker_is_named_as_trackers_are_given(capsys: pytest.CaptureFixture[str]) -> None:
+    # Named ::1:port (which --trackers refuses), its error repeated the pool's whole message.
+    dead = f"[::1]:{refused_port()}"
+    code, out, err = run_check(capsys, "--trackers", dead, "--domain", DOMAIN, "--timeout", "1", "--json")
+    assert code == 1 and json.loads(out)["trackers"][0]["address"] == dead
+    assert err[0].startswith(f"mogile-middleware: check: tracker {dead} does not answer: [Errno ")
+    assert "no tracker answered" not in err[0]
+
+
+def test_a_storage_node_at_an_ipv6_address_is_asked_there(capsys: pytest.CaptureFixture[str]) -> None:
+    # http://::1:port/dev1/usage is no URL: every such node was called silent, its URL "bad".
+    port = refused_port()
+    tracker = _tracker_of({1: ("store1", port)}, ip="::1")
+    try:
+        _, _, err = run_check(capsys, "--trackers", tracker.tracker, "--domain", DOMAIN, "--timeout", "0.5")
+    finally:
+        tracker.stop()
+    assert err[0].startswith(f"mogile-middleware: check: dev1 on store1 ([::1]:{port}) does not answer HTTP: [Errno ")
+
+
 def test_no_tracker_answering_is_a_problem(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_check(capsys, "--trackers", f"127.0.0.1:{refused_port()}", "--domain", DOMAIN, "--timeout", "1")
     assert code == 1 and err[-1] == "mogile-middleware: check: no tracker answered"
@@ -126,15 +146,16 @@ def test_a_hung_storage_node_the_trackers_call_writeable_is_a_problem(
         answering.stop()
 
 
-def _tracker_of(hosts: dict[int, tuple[str, int]], status: str = "alive", observed: str = "writeable") -> ScriptedTracker:
-    """A tracker of one class of 2 copies, and of the ``hosts`` by number (name, HTTP port) with a
-    device each, the first one ``status`` and ``observed`` so."""
+def _tracker_of(hosts: dict[int, tuple[str, int]], status: str = "alive", observed: str = "writeable",
+                ip: str = "127.0.0.1") -> ScriptedTracker:
+    """A tracker of one class of 2 copies, and of the ``hosts`` by number (name, HTTP port) at
+    ``ip`` with a device each, the first one ``status`` and ``observed`` so."""
     replies = {
         b"noop": b"OK \r\n",
         b"get_domains": b"OK domains=1&domain1=testdom&domain1classes=1&domain1class1name=thumb"
                         b"&domain1class1mindevcount=2\r\n",
         b"get_hosts": (f"OK hosts={len(hosts)}&" + "&".join(
-            f"host{n}_hostid={n}&host{n}_hostname={name}&host{n}_hostip=127.0.0.1&host{n}_http_port={port}"
+            f"host{n}_hostid={n}&host{n}_hostname={name}&host{n}_hostip={ip}&host{n}_http_port={port}"
             f"&host{n}_status=alive" for n, (name, port) in hosts.items()) + "\r\n").encode(),
         b"get_devices": (f"OK devices={len(hosts)}&" + "&".join(
             f"dev{n}_devid={n}&dev{n}_hostid={n}&dev{n}_status={status if n == 1 else 'alive'}"

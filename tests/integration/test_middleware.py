@@ -346,8 +346,9 @@ def test_perlbal_fallback_url_comes_last_and_its_request_is_served(devmogile: De
     assert served.body == BODY and "X-REPROXY-URL" not in served.headers
     for query in ("?xmogilefs-fallback", "?v=2&amogilefs-fallback"):  # another parameter: reproxied
         assert "X-REPROXY-URL" in app.get(url("café/日本.css") + query, extra_environ=proxy).headers
-    with pytest.raises(ValueError, match="perlbal_fallback_url"):
-        make(devmogile, reproxy="perlbal", perlbal_fallback_url="10.0.0.5:8000")
+    for wrong in ("10.0.0.5:8000", "http://[::1", "http://::1:8000", "http://10.0.0.5:80000"):  # sent to Perlbal as given
+        with pytest.raises(ValueError, match="perlbal_fallback_url must be an http:// URL of a host and port"):
+            make(devmogile, reproxy="perlbal", perlbal_fallback_url=wrong)
 
 
 def test_a_client_marking_its_request_as_perlbals_fallback_is_still_reproxied(devmogile: DevMogileFS,

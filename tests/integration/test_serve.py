@@ -207,6 +207,16 @@ def test_what_stops_it_starting_is_one_line_and_exit_1(stored: DevMogileFS, tmp_
     assert "Unknown error" not in done.stderr
 
 
+@pytest.mark.parametrize("bind", ["[::1", "::1:8000", "[127.0.0.1]:8000", ":8000", "host:８０００"])
+def test_a_bind_address_that_is_no_host_and_port_is_a_usage_error(capsys: pytest.CaptureFixture[str],
+                                                                   bind: str) -> None:
+    # "[::1" was taken for the host "[:" and port 1, and failed as a name the resolver did not know.
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve", "--trackers", "127.0.0.1:7001", "--domain", DOMAIN, "--bind", bind])
+    assert stopped.value.code == 2
+    assert f"--bind: not HOST:PORT: {bind!r}" in capsys.readouterr().err
+
+
 def test_without_gunicorn_it_says_what_to_install(monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "gunicorn.app.base", None)  # makes the import fail as if not installed
