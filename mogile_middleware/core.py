@@ -39,7 +39,7 @@ from .protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_url_key
 from .responders import NginxReproxy, PerlbalReproxy, Representation, Reproxy
 from .signing import BAD_SIGNATURE, EXPIRED, UNSIGNED, Secret, URLSigner
 from .throttle import ThrottledLog
-from .views import SERVE_HEADER_LOWER
+from .views import NOT_REPROXIED, SERVE_HEADER_LOWER
 
 log = logging.getLogger("mogile_middleware")
 
@@ -224,7 +224,7 @@ class MiddlewareCore:
             raise ValueError("perlbal_cache_seconds lets Perlbal answer repeated requests without asking the "
                              "middleware, which would skip authorize and signing_key")
         if perlbal_fallback_url is not None and not is_clean_url(perlbal_fallback_url):
-            raise ValueError(f"perlbal_fallback_url must be an http:// URL of a host and port, not {perlbal_fallback_url!r}")
+            raise ValueError(f"perlbal_fallback_url must be an http:// URL of a host (and a port in range), not {perlbal_fallback_url!r}")
         timeouts = {name: value for name, value in [("connect_timeout", connect_timeout), ("io_timeout", io_timeout),
                                                     ("dead_seconds", dead_seconds)] if value is not None}
         if client is None:
@@ -390,6 +390,8 @@ class MiddlewareCore:
 
     def _may_reproxy(self, environ: Environ, responder: Reproxy, location: Any) -> bool:
         """True if this request may see storage URLs: from a trusted proxy that can reproxy."""
+        if NOT_REPROXIED in environ:
+            return False
         ranged = environ.get("HTTP_RANGE")
         if ranged is not None and (environ.get("REQUEST_METHOD") == "HEAD"
                                    or not http.if_range_holds(environ.get("HTTP_IF_RANGE"), location.etag)

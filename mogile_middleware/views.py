@@ -88,9 +88,18 @@ _GET_ONLY = frozenset(("HTTP_RANGE", "HTTP_IF_RANGE", "HTTP_IF_MATCH", "HTTP_IF_
                        "HTTP_IF_MODIFIED_SINCE", "HTTP_IF_UNMODIFIED_SINCE"))
 
 
+#: In a view's request of another method that came with a ``Range``: its file is served, not
+#: reproxied, since the proxy would send that ``Range`` on to the storage node.
+NOT_REPROXIED = "mogile_middleware.not_reproxied"
+
+
 def as_view_request(environ: Mapping[str, Any]) -> Mapping[str, Any]:
     """A view's request, of any method, asking for the file as a GET (or a HEAD) would: another
     method's ``Range`` and preconditions are not the file's, and it gets the file whole."""
     if environ.get("REQUEST_METHOD", "GET") in ("GET", "HEAD"):
         return environ
-    return {**{name: value for name, value in environ.items() if name not in _GET_ONLY}, "REQUEST_METHOD": "GET"}
+    request = {name: value for name, value in environ.items() if name not in _GET_ONLY}
+    request["REQUEST_METHOD"] = "GET"
+    if "HTTP_RANGE" in environ:
+        request[NOT_REPROXIED] = True
+    return request

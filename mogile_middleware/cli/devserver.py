@@ -71,8 +71,8 @@ class _DomainLayout(argparse.Action):
 def _ipv4_host(text: str) -> str:
     """An argparse ``type``: a host name or an IPv4 address, as the development MogileFS listens on."""
     if ":" in text or not is_host(text):
-        raise argparse.ArgumentTypeError(f"an IPv4 address or a host name, not {text!r}: the development "
-                                         "MogileFS listens on IPv4 only")
+        ipv6 = ": the development MogileFS listens on IPv4 only" if ":" in text else ""
+        raise argparse.ArgumentTypeError(f"an IPv4 address or a host name, not {text!r}{ipv6}")
     return text
 
 

@@ -347,7 +347,7 @@ def test_perlbal_fallback_url_comes_last_and_its_request_is_served(devmogile: De
     for query in ("?xmogilefs-fallback", "?v=2&amogilefs-fallback"):  # another parameter: reproxied
         assert "X-REPROXY-URL" in app.get(url("café/日本.css") + query, extra_environ=proxy).headers
     for wrong in ("10.0.0.5:8000", "http://[::1", "http://::1:8000", "http://10.0.0.5:80000"):  # sent to Perlbal as given
-        with pytest.raises(ValueError, match="perlbal_fallback_url must be an http:// URL of a host and port"):
+        with pytest.raises(ValueError, match=r"perlbal_fallback_url must be an http:// URL of a host \(and a port in range\)"):
             make(devmogile, reproxy="perlbal", perlbal_fallback_url=wrong)
 
 

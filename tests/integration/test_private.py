@@ -370,6 +370,9 @@ def test_wsgi_respond_with_answers_alone_or_through_the_middleware_that_wraps_it
         for asked in ({"Range": "bytes=0-9"}, {"If-None-Match": etag}, {"If-Match": '"another"'}):
             whole = app.post("/download", headers=asked)
             assert (whole.status_int, whole.body) == (200, FILES["private/doc.txt"])
+        # Served to a proxy too: it would send the Range on to the storage node.
+        whole = app.post("/download", headers={"Range": "bytes=0-9"}, extra_environ={"REMOTE_ADDR": "10.0.0.1"})
+        assert (whole.status_int, whole.body, "X-REPROXY-URL" in whole.headers) == (200, FILES["private/doc.txt"], False)
         assert answer.headers["Content-Disposition"] == 'attachment; filename="doc.txt"'
         assert answer.headers["Cache-Control"] == "private"
         reproxied = app.get("/download", extra_environ={"REMOTE_ADDR": "10.0.0.1"})
