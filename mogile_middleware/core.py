@@ -224,7 +224,8 @@ class MiddlewareCore:
             raise ValueError("perlbal_cache_seconds lets Perlbal answer repeated requests without asking the "
                              "middleware, which would skip authorize and signing_key")
         if perlbal_fallback_url is not None and not is_clean_url(perlbal_fallback_url):
-            raise ValueError(f"perlbal_fallback_url must be an http:// URL of a host (and a port in range), not {perlbal_fallback_url!r}")
+            raise ValueError("perlbal_fallback_url must be an http:// URL of a host (and a port in range), "
+                             f"not {perlbal_fallback_url!r}")
         timeouts = {name: value for name, value in [("connect_timeout", connect_timeout), ("io_timeout", io_timeout),
                                                     ("dead_seconds", dead_seconds)] if value is not None}
         if client is None:
