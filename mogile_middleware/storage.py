@@ -302,13 +302,15 @@ class ReplicaResponse(io.RawIOBase):
 
     def close(self) -> None:
         """Close the response; its connection is kept for reuse if the body was read to its end
-        and the node keeps it alive, else closed."""
-        if not self.closed:
-            if self._reusable and self._remaining == 0:
-                self._pool.give(self.node, self._connection)
-            else:
-                self._connection.close()
+        and the node keeps it alive, else closed. The response is marked closed first: an
+        exception raised meanwhile (a signal's) never has the connection given twice."""
+        if self.closed:
+            return
         super().close()
+        if self._reusable and self._remaining == 0:
+            self._pool.give(self.node, self._connection)
+        else:
+            self._connection.close()
 
     @property
     def node(self) -> Node:

@@ -9,10 +9,12 @@ import gc
 import io
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,6 +106,30 @@ def test_a_connection_the_garbage_collector_closed_is_not_used(node: StorageNode
         del replica
         gc.collect()
         assert read_all(node, pool) == BODY
+
+
+def test_an_exception_raised_as_a_response_closes_never_pools_its_connection_twice(node: StorageNode) -> None:
+    # A signal handler's exception (Ctrl-C, a SIGALRM timeout) raised in the pool's give() left
+    # the response open: closed again (by its finalizer), it gave the same connection twice, and
+    # two reads at once shared one socket, one of them getting the other's bytes.
+    pool = NodePool()
+    replica = open_replica([url(node)], pool=pool)
+    assert b"".join(replica.iter_chunks()) == BODY
+
+    def interrupt(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is IdlePool._unused.__code__:
+            sys.settrace(None)
+            raise KeyboardInterrupt  # where a signal handler may raise: a call in give()
+
+    sys.settrace(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            replica.close()
+    finally:
+        sys.settrace(None)
+    replica.close()
+    first, second = open_replica([url(node)], pool=pool), open_replica([url(node)], pool=pool)
+    assert b"".join(first.iter_chunks()) == BODY and b"".join(second.iter_chunks()) == BODY
 
 
 def test_idle_connections_are_bounded_per_node(node: StorageNode) -> None:
