@@ -22,8 +22,6 @@ aiohttp reached two thirds of their speed, h11 and httpx less than half.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import threading
 import time
 from collections import deque
@@ -34,7 +32,7 @@ from typing import cast
 from .deadline import within
 from .downnodes import down_nodes
 from .exceptions import StorageError
-from .nodepool import IdlePool, Node
+from .nodepool import IdlePool, Node, end_orphaned
 from .storage import (
     CHUNK_SIZE,
     MAX_HEAD,
@@ -299,12 +297,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self._transport is None:
             return
         if self._loop.is_closed():
-            # Its loop can close it no more: end the TCP connection; the socket closes when collected
-            # (uvloop has closed it with the loop, and gives no socket then).
-            sock = self._transport.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            end_orphaned(self._transport)
         else:
             self._transport.abort()
 

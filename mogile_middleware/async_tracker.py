@@ -16,12 +16,14 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .deadline import readable_now, time_left, within
+from .nodepool import end_orphaned
 from .exceptions import ProtocolError, TrackerUnavailableError
 from .protocol import ArgValue, Reply, parse_reply
 from .tracker import (
@@ -44,6 +46,7 @@ class AsyncTrackerConnection:
         self.address = address
         self._reader = reader
         self._writer = writer
+        self._loop = asyncio.get_running_loop()
 
     @classmethod
     async def open(cls, address: Address, connect_timeout: float) -> AsyncTrackerConnection:
@@ -83,7 +86,10 @@ class AsyncTrackerConnection:
 
     def close(self) -> None:
         """Close the connection; it is not used again."""
-        self._writer.close()
+        if self._loop.is_closed():
+            end_orphaned(self._writer.transport)
+        else:
+            self._writer.close()
 
 
 @dataclass
@@ -118,11 +124,15 @@ class AsyncTrackerPool(TrackerPoolBase):
         loop = asyncio.get_running_loop()
         with self._lock:
             connections = self._loops.get(loop)
-            if connections is None:
-                # A closed loop's transports cannot be closed any more: drop them, their sockets close on collection.
-                self._loops = {other: kept for other, kept in self._loops.items() if not other.is_closed()}
-                connections = self._loops[loop] = _LoopConnections(asyncio.Semaphore(self.max_connections))
-            return connections
+            if connections is not None:
+                return connections
+            closed = [kept for other, kept in self._loops.items() if other.is_closed()]
+            self._loops = {other: kept for other, kept in self._loops.items() if not other.is_closed()}
+            connections = self._loops[loop] = _LoopConnections(asyncio.Semaphore(self.max_connections))
+        for kept in closed:  # ended now, not when the collector frees them
+            for connection in [*itertools.chain(*kept.idle.values()), *(given for given, _ in kept.given_up.values())]:
+                connection.close()
+        return connections
 
     def _drop_idle(self, address: Address) -> None:
         """Close the running loop's idle connections to ``address`` (other loops' are not touched)."""

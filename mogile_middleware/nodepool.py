@@ -10,11 +10,13 @@ and that the node keeps open, comes back; one that failed or was left mid-body i
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .deadline import readable_now
 
@@ -139,3 +141,12 @@ class NodePool(IdlePool["NodeConnection"]):
 
 #: The pool of this process, used by :func:`~mogile_middleware.storage.open_replica`.
 nodes = NodePool()
+
+
+def end_orphaned(transport: Any) -> None:
+    """End the TCP connection of an asyncio ``transport`` whose event loop is closed and can close
+    it no more; the socket closes when collected (uvloop closed it with the loop, and gives none)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)

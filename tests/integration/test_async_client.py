@@ -7,6 +7,8 @@ deadlines. Plain test functions that run ``asyncio.run`` (no pytest plugin neede
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import socket
 import sys
 import tempfile
@@ -48,6 +50,21 @@ def test_one_thousand_get_paths_open_one_connection(relay: CountingRelay) -> Non
 
     asyncio.run(main())
     assert relay.connections == 1
+
+
+def test_the_connections_of_closed_event_loops_are_ended(devmogile: DevMogileFS) -> None:
+    # Dropped when the next loop came, they stayed open until the garbage collector ran: one
+    # more per asyncio.run of a program that asks a tracker in each (uvloop closes them itself).
+    asyncio.run(AsyncClient(DOMAIN, devmogile.trackers).store_content("hot", b"x", cls="thumb"))
+    client = AsyncClient(DOMAIN, devmogile.trackers)
+    tracker_port = int(devmogile.trackers[0].rpartition(":")[2])
+    gc.disable()
+    try:
+        for _ in range(20):
+            assert asyncio.run(client.get_paths("hot"))
+        assert node_connections(tracker_port, os.getpid()) <= 2  # the last loop's, and one ending
+    finally:
+        gc.enable()
 
 
 def test_each_event_loop_has_its_own_connections(relay: CountingRelay) -> None:
