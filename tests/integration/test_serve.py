@@ -209,7 +209,7 @@ def test_what_stops_it_starting_is_one_line_and_exit_1(stored: DevMogileFS, tmp_
 
 @pytest.mark.parametrize("bind", ["[::1", "::1:8000", "[127.0.0.1]:8000", ":8000", "host:８０００"])
 def test_a_bind_address_that_is_no_host_and_port_is_a_usage_error(capsys: pytest.CaptureFixture[str],
-                                                                   bind: str) -> None:
+                                                                  bind: str) -> None:
     # "[::1" was taken for the host "[:" and port 1, and failed as a name the resolver did not know.
     with pytest.raises(SystemExit) as stopped:
         main(["serve", "--trackers", "127.0.0.1:7001", "--domain", DOMAIN, "--bind", bind])
