@@ -334,7 +334,7 @@ class TrackerPoolBase:
                         queue.append(address)
                         continue
                 if not_back:
-                    failures.append(f"{describe_address(*address)}: {not_back}")
+                    failures.append(f"{self._names[address]}: {not_back}")
                     continue
             started, outcome = time.monotonic(), "failed"
             try:
@@ -349,16 +349,15 @@ class TrackerPoolBase:
                 raise
             except _SentAndLost as lost:
                 raise OutcomeUnknownError(
-                    f"{describe_address(*address)} failed after '{command}' was sent ({lost.__cause__}); "
+                    f"{self._names[address]} failed after '{command}' was sent ({lost.__cause__}); "
                     "it may or may not have been carried out"
                 ) from lost.__cause__
             except (OSError, ProtocolError) as error:  # an idempotent command: the next tracker may answer
                 failed_over = True
-                failures.append(f"{describe_address(*address)}: {error or type(error).__name__}")
+                failures.append(f"{self._names[address]}: {error or type(error).__name__}")
             finally:
                 if outcome is not _ABANDONED:
-                    metrics.recorder.tracker_call(self._names.get(address) or describe_address(*address), command,
-                                                  time.monotonic() - started, outcome)
+                    metrics.recorder.tracker_call(self._names[address], command, time.monotonic() - started, outcome)
         raise TrackerUnavailableError("no tracker answered: " + "; ".join(failures))
 
     def _dead_lately(self, address: Address) -> bool:
@@ -448,7 +447,7 @@ class TrackerPoolBase:
                 closes_allowed -= 1
 
     def _describe(self) -> str:
-        return ", ".join(describe_address(*address) for address in self.addresses)
+        return ", ".join(self._names.values())
 
 
 def _verifying_seconds(command: str, args: Mapping[str, ArgValue] | None) -> float:
