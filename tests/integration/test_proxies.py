@@ -418,6 +418,17 @@ def test_perlbals_cache_never_answers_for_a_view(server: str, devmogile: DevMogi
     assert refused.status == 403 and b"alice" not in refused.start
 
 
+def test_a_view_answering_a_post_with_a_range_sends_the_file_whole(through: Stack) -> None:
+    """The POST's Range is not the file's (RFC 9110 14.2): the application sends the whole file
+    itself, since the proxy would pass that Range on to the storage node."""
+    path = "/view/sizes/65537.mp4"
+    earlier = len(through.app_requests(path))
+    answer = through.get(path, {"X-Test-User": "allowed", "Range": "bytes=0-9"}, method="POST")
+    assert (answer.status, answer.length, answer.md5) == (200, 65537, pattern_md5(65537))
+    assert "Content-Range" not in answer.headers
+    assert through.app_requests(path)[earlier:] == [("200", 65537)]
+
+
 @pytest.mark.parametrize("front", sorted(FRONTS))
 def test_only_the_proxy_gets_reproxy_headers(server: str, front: str, devmogile: DevMogileFS, tmp_path: Path) -> None:
     Client(DOMAIN, devmogile.trackers).store_content("photos/3.jpg", PHOTO, cls="avatar")
