@@ -322,6 +322,13 @@ def test_listdir_and_the_directories_that_exist(mogile: DevMogileFS) -> None:
         get_client().store_content(odd, b"x")
     assert storage.listdir("") == (["docs"], ["top.txt"])
     assert storage.listdir("docs") == storage.listdir("/docs/") == (["sub"], ["a.txt"])
+    # Read as FileSystemStorage reads a directory's name.
+    assert storage.listdir("./docs") == storage.listdir("docs//sub/..") == (["sub"], ["a.txt"])
+    assert storage.listdir("docs//sub") == storage.listdir("docs/./sub/") == ([], ["b.txt", "c.txt"])
+    assert storage.listdir(".") == storage.listdir("docs/..") == (["docs"], ["top.txt"])
+    for outside in ("..", "../docs", "docs/../.."):
+        with pytest.raises(SuspiciousFileOperation, match="outside the storage"):
+            storage.listdir(outside)
     assert storage.listdir("empty") == ([], [])
     # As FileSystemStorage answers for directories: collectstatic --clear clears what exists.
     assert [storage.exists(name) for name in ("", "docs", "docs/", "docs/sub", "doc", "docs/su", "empty", "empty/")] == [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import posixpath
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -301,8 +302,13 @@ class MogileFSStorage(Storage):
         under the prefix is listed, and the parts between slashes play the directories. The root
         hides the saves in progress (``TEMPORARY_PREFIX``), which ``collectstatic --clear`` would delete.
         A key with an empty part (``css//a.css``, ``/a.css``, ``css/``) is left out: no saved name
-        is one, and ``""`` for a directory sent ``collectstatic --clear`` round the same one for ever."""
-        prefix = path.strip("/") + "/" if path.strip("/") else ""
+        is one, and ``""`` for a directory sent ``collectstatic --clear`` round the same one for ever.
+        ``path`` is read as ``FileSystemStorage`` reads it: ``./a`` and ``a//b`` are ``a`` and ``a/b``,
+        and one above the root is refused."""
+        directory = posixpath.normpath(path.strip("/") or ".")
+        if directory == ".." or directory.startswith("../"):
+            raise SuspiciousFileOperation(f"{path!r} is outside the storage")
+        prefix = "" if directory == "." else directory + "/"
         directories: set[str] = set()
         files: list[str] = []
         for key in self.client.keys(prefix):
