@@ -35,6 +35,7 @@ from pymemcache.exceptions import MemcacheError, MemcacheIllegalInputError
 
 from .deadline import checked_seconds
 from .locate import Location, is_clean_url
+from .throttle import ThrottledLog
 from .tracker import is_host
 
 log = logging.getLogger("mogile_middleware")
@@ -42,6 +43,8 @@ log = logging.getLogger("mogile_middleware")
 #: Seconds a server that failed is skipped, so a dead memcached costs one connect attempt per client
 #: this often rather than one per request.
 DEAD_SECONDS = 5.0
+#: Seconds between log lines of invalid entries found (each line counts those left out since).
+INVALID_WARNING_INTERVAL = 60.0
 #: Idle clients kept for the next request (more are made while more requests run at once).
 MAX_IDLE_CLIENTS = 32
 
@@ -101,6 +104,9 @@ class MemcachedBackend:
         self._idle: list[HashClient] = []
         #: Until when a server marked dead is not asked again for a mark (see :meth:`delete`).
         self._asked_dead_until: dict[str, float] = {}
+        # Sites signing with different secrets over one memcached find each other's entries on every read.
+        self._invalid_log = ThrottledLog(log, logging.WARNING, "ignoring an invalid memcached entry for %r: %r",
+                                         INVALID_WARNING_INTERVAL, "invalid entries")
 
     def get(self, key: str) -> tuple[Location | None, float] | None:
         """``(location, stored_at)`` for ``key``, or None if memcached holds no valid entry for it
@@ -160,7 +166,7 @@ class MemcachedBackend:
         try:
             entry = self._decode(key, data)
         except InvalidEntry as error:
-            log.warning("ignoring an invalid memcached entry for %r: %r", key, str(error))
+            self._invalid_log.event(key, str(error))
             return None
         return None if entry[0] is _CHANGED else entry  # type: ignore[return-value]
 

@@ -25,7 +25,7 @@ from pymemcache.client.rendezvous import RendezvousHash
 from pymemcache.exceptions import MemcacheError
 from webtest import TestApp
 
-from mogile_middleware import AsyncClient, Client
+from mogile_middleware import AsyncClient, Client, memcache
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.cache import AsyncPathCache, PathCache, entry_key
 from mogile_middleware.devserver import DevMogileFS
@@ -401,6 +401,24 @@ def test_a_forged_entry_is_a_miss_and_runs_nothing(backend: MemcachedBackend, sh
     assert "invalid memcached entry" in caplog.text
     backend.set("k", location(3, "k"), time.time(), 60)  # what a lookup finds replaces it
     assert backend.get("k")[0] == location(3, "k")  # type: ignore[index]
+
+
+def test_invalid_entries_are_logged_a_line_at_a_time(shared_memcached: MemcachedServer,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Sites with different secrets over one memcached read each other's entries on every request:
+    one line, then one per interval counting those left out."""
+    monkeypatch.setattr(memcache, "INVALID_WARNING_INTERVAL", 0.5)
+    other_site, backend = MemcachedBackend(shared_memcached.address, secret="theirs"), MemcachedBackend(
+        shared_memcached.address, secret="ours")
+    other_site.set("theirs", LOCATION, time.time(), 60)
+    for _ in range(5):
+        assert backend.get("theirs") is None
+    time.sleep(0.6)
+    assert backend.get("theirs") is None
+    lines = [record.getMessage() for record in caplog.records if "invalid memcached entry" in record.getMessage()]
+    assert len(lines) == 2 and "signature does not match" in lines[0]
+    assert lines[1].endswith("(4 more invalid entries since the last line like this)")
 
 
 def test_a_secret_signs_every_entry(shared_memcached: MemcachedServer) -> None:
