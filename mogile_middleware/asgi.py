@@ -32,12 +32,20 @@ from . import http, metrics
 from .cache import evict_oldest
 from .async_client import AsyncClient
 from .async_storage import AsyncReplicaResponse, open_replica, read_replica
-from .core import MiddlewareCore, authorize_answer, is_internal_header, is_reproxy_header
+from .core import (
+    MiddlewareCore,
+    authorize_answer,
+    is_internal_header,
+    is_reproxy_header,
+    mark_reproxied,
+    reproxy_marks,
+)
 from .exceptions import MogileFSError, StorageError
 from .http import Answer, FileRequest, Headers
 from .locate import AsyncLocator, Location, arun_steps
 from .responders import kept_answer, serve_steps
 from .views import (
+    REPROXIED,
     SERVE_HEADER_LOWER,
     WRAPPED_BY,
     as_view_request,
@@ -103,6 +111,8 @@ class MogileFSMiddleware(MiddlewareCore):
             kept = variants.get(inputs)
             if kept is not None and kept.holds():  # sent here: no coroutine, nothing decided anew
                 metrics.recorder.request(kept.mode, kept.status_line)
+                if REPROXIED in scope and kept.mode != "serve":
+                    mark_reproxied(scope)
                 await send({"type": "http.response.start", "status": kept.status, "headers": kept.headers.copy()})
                 await send({"type": "http.response.body", "body": kept.body})
                 return
@@ -182,6 +192,8 @@ class MogileFSMiddleware(MiddlewareCore):
         that of a view's, made for one request (with its user's cookies)."""
         if isinstance(answer, Answer):
             metrics.recorder.request(answer.reproxy or "serve", answer.status)
+            if answer.reproxy:
+                mark_reproxied(scope)
             if recurring:
                 status, headers = self._encoded_answers.start(answer)
                 headers = headers.copy()  # a server may change the list it gets, and the encoded list is kept
@@ -210,6 +222,7 @@ class MogileFSMiddleware(MiddlewareCore):
         when it answered with :data:`~mogile_middleware.views.SERVE_HEADER`, the file it asks for."""
         asked: list[tuple[str, str | None]] = []
         cookies: list[str] = []
+        reproxied = reproxy_marks(scope)
 
         async def filtered(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -223,7 +236,7 @@ class MogileFSMiddleware(MiddlewareCore):
                         cookies.extend(value.decode("latin-1") for name, value in headers
                                        if name.lower() == b"set-cookie")
                         return
-                    message = _internal_headers_removed(message, keep_reproxy=self.allow_app_reproxy)
+                    message = _internal_headers_removed(message, keep_reproxy=self.allow_app_reproxy or bool(reproxied))
             elif asked:
                 return  # the body of the answer the file replaces
             await send(message)

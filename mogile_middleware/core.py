@@ -16,7 +16,7 @@ import inspect
 import ipaddress
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import quote, unquote_to_bytes
 
@@ -39,7 +39,7 @@ from .protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_url_key
 from .responders import NginxReproxy, PerlbalReproxy, Representation, Reproxy
 from .signing import BAD_SIGNATURE, EXPIRED, UNSIGNED, Secret, URLSigner
 from .throttle import ThrottledLog
-from .views import NOT_REPROXIED, SERVE_HEADER_LOWER
+from .views import NOT_REPROXIED, REPROXIED, SERVE_HEADER_LOWER
 
 log = logging.getLogger("mogile_middleware")
 
@@ -560,6 +560,19 @@ def is_reproxy_header(name: str) -> bool:
     of nginx's ``X-Accel-*`` only the redirect fetches)."""
     lowered = name.lower()
     return lowered.startswith("x-reproxy") or lowered == "x-accel-redirect"
+
+
+def mark_reproxied(request: Mapping[str, Any]) -> None:
+    """Tell the middlewares around that the reproxy headers of ``request``'s answer (a WSGI
+    environ, an ASGI scope) are a middleware's own (see :data:`~mogile_middleware.views.REPROXIED`)."""
+    marks = request.get(REPROXIED)
+    if marks is not None:
+        marks.append(True)
+
+
+def reproxy_marks(request: MutableMapping[str, Any]) -> list[bool]:
+    """The marks of :func:`mark_reproxied` for ``request``, which a middleware is passing on."""
+    return request.setdefault(REPROXIED, [])
 
 
 def is_internal_header(name: str) -> bool:

@@ -32,7 +32,9 @@ from .core import (
     authorize_answer,
     is_internal_header,
     is_reproxy_header,
+    mark_reproxied,
     parse_trusted_proxies,
+    reproxy_marks,
 )
 from .exceptions import MogileFSError
 from .http import Answer
@@ -110,6 +112,8 @@ class MogileFSMiddleware(MiddlewareCore):
     def _send(self, answer: Answer | StreamedAnswer, start_response: StartResponse,
               environ: dict[str, Any]) -> Iterable[bytes]:
         metrics.recorder.request(answer.reproxy or "serve", answer.status)
+        if answer.reproxy:
+            mark_reproxied(environ)
         if isinstance(answer, Answer):
             # A copy: answers are shared between requests, and a server may change the list it gets.
             start_response(answer.status, answer.headers.copy())
@@ -126,6 +130,7 @@ class MogileFSMiddleware(MiddlewareCore):
         """The application's answer, without the reproxy headers only the middleware may send; or,
         when it answered with :data:`~mogile_middleware.views.SERVE_HEADER`, the file it asks for."""
         environ[WRAPPED_BY] = self
+        reproxied = reproxy_marks(environ)
         asked: list[tuple[str, str | None]] = []
         cookies: list[str] = []
         started = False
@@ -142,7 +147,7 @@ class MogileFSMiddleware(MiddlewareCore):
                         raise RuntimeError(f"{SERVE_HEADER} must be sent before the application returns its body")
                     return _discard
                 headers = [(name, value) for name, value in headers if name.lower() != SERVE_HEADER_LOWER
-                           and (self.allow_app_reproxy or not is_reproxy_header(name))]
+                           and (self.allow_app_reproxy or reproxied or not is_reproxy_header(name))]
             return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
 
         body_returned = False

@@ -25,6 +25,11 @@ log = logging.getLogger("mogile_middleware")
 #: Where a middleware marks the requests it passes to its application (the WSGI environ, a copy
 #: of the ASGI scope): an answer with :data:`SERVE_HEADER` will be turned into a file's.
 WRAPPED_BY = "mogile_middleware.wrapped_by"
+#: Where the first middleware that passes a request on puts a list (in the WSGI environ, or the
+#: ASGI scope, whose copies share it), marked by any middleware that answers the request with
+#: reproxy headers: those are a middleware's own, which the middlewares around it let through
+#: (two stacked for two prefixes), where an application's are dropped.
+REPROXIED = "mogile_middleware.reproxied"
 #: The header by which the wrapped application asks for a key's file (see :func:`serve_header`);
 #: never sent on.
 SERVE_HEADER = "X-Mogile-Middleware-Serve"

@@ -491,6 +491,62 @@ def test_asgi_respond_with_answers_alone_or_through_the_middleware_that_wraps_it
             assert asgi_call(app, "/download", asked, "POST")[::2] == (200, FILES["naïve/résumé.pdf"])
 
 
+#: The header a proxy fetches the file by, in each reproxy mode.
+REPROXY_HEADER = {"perlbal": "x-reproxy-url", "nginx": "x-accel-redirect"}
+
+
+@pytest.mark.parametrize("reproxy", sorted(REPROXY_HEADER))
+def test_stacked_wsgi_middlewares_let_each_others_reproxy_answers_through(stored: DevMogileFS, reproxy: str) -> None:
+    """Two prefixes, each with options of its own, one middleware around the other: the inner
+    one's answers and views' files reach the proxy reproxied, not as empty 200s with the file's
+    headers; the application's own reproxy headers are still dropped."""
+    from webtest import TestApp
+
+    def app(environ: dict, start_response: Any) -> Any:
+        if environ["PATH_INFO"] == "/view/inner":
+            return inner.respond_with(environ, start_response, "plain.txt")
+        if environ["PATH_INFO"] == "/view/outer":  # not the middleware that wraps the view
+            return outer.respond_with(environ, start_response, "plain.txt")
+        start_response("200 OK", [("Content-Type", "text/plain"), ("X-Reproxy-URL", "http://10.0.0.5/secret"),
+                                  ("X-Accel-Redirect", "/internal")])
+        return [b"app"]
+
+    options = {"domain": DOMAIN, "trackers": stored.trackers, "reproxy": reproxy, "trusted_proxies": ["10.0.0.1"]}
+    inner = MogileFSMiddleware(app, prefix="/thumbs/", **options)
+    outer = MogileFSMiddleware(inner, prefix="/originals/", **options)
+    client = TestApp(outer, extra_environ={"REMOTE_ADDR": "10.0.0.1"})
+    for path in ("/thumbs/plain.txt", "/originals/plain.txt", "/view/inner", "/view/outer"):
+        answer = client.get(path)
+        assert (answer.status_int, answer.body) == (200, b""), path
+        assert REPROXY_HEADER[reproxy] in {name.lower() for name in answer.headers}, path
+    page = client.get("/page")
+    assert page.body == b"app" and not {"x-reproxy-url", "x-accel-redirect"} & {name.lower() for name in page.headers}
+
+
+@pytest.mark.parametrize("reproxy", sorted(REPROXY_HEADER))
+def test_stacked_asgi_middlewares_let_each_others_reproxy_answers_through(stored: DevMogileFS, reproxy: str) -> None:
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["path"] == "/view/inner":
+            return await inner.respond_with(scope, receive, send, "plain.txt")
+        if scope["path"] == "/view/outer":
+            return await outer.respond_with(scope, receive, send, "plain.txt")
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/plain"), (b"x-reproxy-url", b"http://10.0.0.5/secret"),
+            (b"x-accel-redirect", b"/internal")]})
+        await send({"type": "http.response.body", "body": b"app"})
+
+    options = {"domain": DOMAIN, "trackers": stored.trackers, "reproxy": reproxy, "trusted_proxies": ["127.0.0.1"]}
+    inner = ASGIMiddleware(app, prefix="/thumbs/", **options)
+    outer = ASGIMiddleware(inner, prefix="/originals/", **options)
+    # Three times each: looked up, then decided from the path cache (and kept), then (under the
+    # prefixes) the kept answer.
+    for path in ("/thumbs/plain.txt", "/originals/plain.txt", "/view/inner", "/view/outer") * 3:
+        status, headers, body = asgi_call(outer, path)
+        assert (status, body, REPROXY_HEADER[reproxy] in headers) == (200, b"", True), path
+    status, headers, body = asgi_call(outer, "/page")
+    assert body == b"app" and not {"x-reproxy-url", "x-accel-redirect"} & set(headers)
+
+
 def test_the_asgi_middleware_keeps_no_view_answer_with_its_users_cookies(stored: DevMogileFS) -> None:
     # Each was kept, encoded, among the answers that recur (4096 of them): users' session
     # cookies in memory, and the reproxy answers worth keeping pushed out.
