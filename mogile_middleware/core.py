@@ -35,7 +35,7 @@ from .exceptions import (
 )
 from .http import Answer, FileRequest
 from .locate import is_clean_url
-from .protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_url_key
+from .protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_linked_path, check_url_key
 from .responders import NginxReproxy, PerlbalReproxy, Representation, Reproxy
 from .signing import BAD_SIGNATURE, EXPIRED, UNSIGNED, Secret, URLSigner
 from .throttle import ThrottledLog
@@ -317,7 +317,7 @@ class MiddlewareCore:
         key = check_url_key(key)
         if self.key_for_path is not None and path is None:
             raise ValueError("with key_for_path, url_for needs the path that maps to the key")
-        named = key if path is None else path
+        named = check_linked_path(key if path is None else path)
         url = quote(self.prefix + named, safe="/")
         return url if self.signer is None else f"{url}?{self.signer.query(named, expires_in)}"
 

@@ -75,6 +75,18 @@ def check_url_key(key: str | bytes) -> str:
         raise BadKeyError(f"key {to_text(raw)!r} is not UTF-8: no URL names it") from None
 
 
+def check_linked_path(path: str) -> str:
+    """Return a URL path's text (a key, or what ``key_for_path`` maps to one), or raise
+    :class:`BadKeyError` if a segment is ``.`` or ``..``: clients remove those from a URL (RFC 3986,
+    5.2.4), so a link to it would name another key."""
+    if "." in path:
+        for segment in path.split("/"):
+            if segment in (".", ".."):
+                raise BadKeyError(f"{path!r} has a {segment!r} segment, which clients remove from a URL: "
+                                  f"its link would name another key")
+    return path
+
+
 def encode_request(command: str, args: Mapping[str, ArgValue] | None = None) -> bytes:
     """The request line for ``command`` with ``args`` (``None`` values are left out)."""
     pairs = [f"{_escaped_name(name)}={_escaped_value(value)}" for name, value in (args or {}).items()

@@ -23,7 +23,7 @@ from webob.exc import HTTPNotFound, HTTPServiceUnavailable
 from ..client import Client
 from ..exceptions import BadKeyError, MogileFSError, UnknownKeyError, UnregDomainError
 from ..middleware import MogileFSMiddleware, WSGIApp
-from ..protocol import check_url_key
+from ..protocol import check_linked_path, check_url_key
 from ..tracker import Address
 from .commands import connection_options
 from .gunicorn import add_server_arguments, can_listen, load_gunicorn, positive, serve_until_stopped, trusted_proxies
@@ -77,9 +77,13 @@ class FileIndex:
             return f"<li>{html.escape(printable(key))}, not served: {html.escape(str(error))}</li>"
         about = f"{info.length} bytes, class {html.escape(info.cls)}"
         try:
-            href = html.escape(file_path(self.prefix, check_url_key(key), script_name))
+            name = check_url_key(key)
         except BadKeyError:  # bytes that are not UTF-8: named, escaped, with no link (no URL serves it)
             return f"<li>{html.escape(printable(key))} {about}, not served: not UTF-8</li>"
+        try:
+            href = html.escape(file_path(self.prefix, check_linked_path(name), script_name))
+        except BadKeyError:  # a browser would ask for another key
+            return f"<li>{html.escape(key)} {about}, not linked: a dot segment</li>"
         return f'<li><a href="{href}">{html.escape(key)}</a> {about}</li>'
 
 

@@ -259,6 +259,15 @@ def test_a_name_that_is_not_utf8_is_refused_as_no_url_names_it(mogile: DevMogile
         storage.url("uni/bad\udcff.txt")
 
 
+def test_no_url_is_given_for_a_key_with_a_dot_segment(mogile: DevMogileFS) -> None:
+    """Another client's key ``a/../b.txt``: a browser would ask for ``b.txt``, another key."""
+    storage = MogileFSStorage()
+    for name in ("a/../b.txt", "./b.txt", "a/.", "..", "a/./b.txt"):
+        with pytest.raises(SuspiciousFileOperation, match="segment, which clients remove from a URL"):
+            storage.url(name)
+    assert storage.url("a/.b/c..txt") == "/media/a/.b/c..txt"
+
+
 def test_a_relative_media_url_links_and_serves_below_the_script_prefix(mogile: DevMogileFS) -> None:
     """As Django reads a relative MEDIA_URL: a site under /app (SCRIPT_NAME, FORCE_SCRIPT_NAME or
     ASGI's root_path) links its files at /app/media/..., and serves them there."""

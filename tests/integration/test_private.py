@@ -161,6 +161,22 @@ def test_a_key_that_is_not_utf8_is_refused_where_a_url_or_a_view_would_name_it(k
         serve_header(key)
 
 
+def test_no_url_is_given_for_a_path_with_a_dot_segment() -> None:
+    """A browser asks for ``/mogilefs/b.txt`` when linked to ``/mogilefs/a/../b.txt``: another key."""
+    plain = MogileFSMiddleware(lambda e, s: [], domain=DOMAIN, trackers=["127.0.0.1:1"])
+    mapped = MogileFSMiddleware(lambda e, s: [], domain=DOMAIN, trackers=["127.0.0.1:1"], signing_key=SECRET,
+                                key_for_path=lambda request, path: path.upper())
+    for named in ("a/../b.txt", "./b.txt", "a/.", ".."):
+        with pytest.raises(BadKeyError, match="segment, which clients remove from a URL"):
+            plain.url_for(named)
+        with pytest.raises(BadKeyError, match="segment, which clients remove from a URL"):
+            mapped.url_for("B.TXT", path=named)
+    # A key a view serves needs no URL of its own.
+    assert served_file(serve_header("a/../b.txt")[1]) == ("a/../b.txt", None)
+    assert plain.url_for("a/.b/c..txt") == "/mogilefs/a/.b/c..txt"
+    assert mapped.url_for("A/../B.TXT", path="a.b").startswith("/mogilefs/a.b?")
+
+
 @pytest.mark.parametrize("key", [key for key in FILES if not key.startswith("private/")])
 def test_a_signed_url_serves_its_key(server: Server, key: str) -> None:
     answer = server.get(signed_url(key))

@@ -136,12 +136,14 @@ def test_the_index_lists_a_key_no_url_serves_without_a_link(devmogile: DevMogile
     try:
         client.store_content("a.txt", b"a", "thumb")
         client.store_content(b"b\xff.bin", b"bb", "thumb")
+        client.store_content("c/../a.txt", b"ccc", "thumb")  # a browser would ask for a.txt
         page = Request.blank("/").get_response(FileIndex(client, "/mogilefs/", 10))
     finally:
         client.close()
     assert page.status_int == 200
     assert '<li><a href="/mogilefs/a.txt">a.txt</a> 1 bytes, class thumb</li>' in page.text
     assert "<li>b\\xff.bin 2 bytes, class thumb, not served: not UTF-8</li>" in page.text
+    assert "<li>c/../a.txt 3 bytes, class thumb, not linked: a dot segment</li>" in page.text
 
 
 @pytest.mark.parametrize(("prefix", "sent"), [("/media/", "/media/"), ("/m%C3%A9dias/", "/m%C3%A9dias/"),

@@ -25,7 +25,7 @@ from django.utils.encoding import filepath_to_uri
 
 from ...client import Client
 from ...exceptions import BadKeyError, KeyExistsError, MogileFSError, UnknownKeyError, UploadError
-from ...protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_key, check_url_key
+from ...protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_key, check_linked_path, check_url_key
 from ...storage import SeekableBody
 from ...signing import URLSigner
 from ...tracker import Address
@@ -273,7 +273,9 @@ class MogileFSStorage(Storage):
         if conf.script_relative(media_url):  # as Django's relative MEDIA_URL: below the request's script prefix
             media_url = get_script_prefix() + media_url
         with _checked_key():
-            key = check_url_key(name) if name else ""  # None: the media URL, as FileSystemStorage gives
+            # None: the media URL, as FileSystemStorage gives; a name of another client's with a
+            # "." or ".." segment is linked by no URL (Django's own names never have one).
+            key = check_linked_path(check_url_key(name)) if name else ""
         path = filepath_to_uri(key).lstrip("/")
         secrets, expires_in = conf.signing_key(), conf.url_expires()  # both checked, even when unsigned
         if secrets is None or not path:
