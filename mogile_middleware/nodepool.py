@@ -145,8 +145,9 @@ nodes = NodePool()
 
 def end_orphaned(transport: Any) -> None:
     """End the TCP connection of an asyncio ``transport`` whose event loop is closed and can close
-    it no more; the socket closes when collected (uvloop closed it with the loop, and gives none)."""
+    it no more; the socket closes when collected. uvloop closed it with the loop: it gives none, or
+    one it kept for an earlier caller, which takes no ``shutdown`` (a TypeError)."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, TypeError):
             sock.shutdown(socket.SHUT_RDWR)
