@@ -274,8 +274,9 @@ class MogileFSStorage(Storage):
             media_url = get_script_prefix() + media_url
         with _checked_key():
             # None: the media URL, as FileSystemStorage gives; a name of another client's with a
-            # "." or ".." segment is linked by no URL (Django's own names never have one).
-            key = check_linked_path(check_url_key(name)) if name else ""
+            # "." or ".." segment is linked by no URL (Django's own names never have one), and
+            # filepath_to_uri reads backslashes as slashes.
+            key = check_linked_path(check_url_key(name).replace("\\", "/")) if name else ""
         path = filepath_to_uri(key).lstrip("/")
         secrets, expires_in = conf.signing_key(), conf.url_expires()  # both checked, even when unsigned
         if secrets is None or not path:
