@@ -611,6 +611,9 @@ class AsyncPutStream:
             for piece in put_pieces(data):  # each taken within the timeout, whatever the whole's size
                 connection.write(piece)
                 await within(self._timeout, connection.drain())
+                # drain() waits only for a full buffer: a node taking each piece at once would
+                # leave the loop's other tasks no turn until the whole body is sent.
+                await asyncio.sleep(0)
             if self._length is None:
                 connection.write(b"\r\n")
         except asyncio.TimeoutError:
