@@ -40,6 +40,7 @@ from .storage import (
     NO_BODY,
     ReplicaFailures,
     Target,
+    body_follows,
     content_length,
     cut_midway,
     put_pieces,
@@ -240,6 +241,14 @@ class _Connection(asyncio.BufferedProtocol):
         if data:  # the start of the body
             self._unread(data)
         return status, headers
+
+    async def await_data(self, url: str) -> None:
+        """Return once bytes past the head have come (left to read); a :class:`StorageError` if
+        the node closes first."""
+        piece = await self.read(SMALL_PIECE_SIZE)
+        if not piece:
+            raise StorageError(f"{url} closed the connection after its head, before its body", url)
+        self._unread(piece)
 
     def _unread(self, data: bytes) -> None:
         """Put ``data`` back in front of what is buffered."""
@@ -463,20 +472,24 @@ async def _exchange(target: Target, request: bytes, method: str, timeout: float)
     closed before any answer (the node may have closed it while it was idle)."""
     connection = await _Connection.open(target, kept=True)
     try:
-        status, headers = await _ask(connection, target.url, request)
+        status, headers = await _ask(connection, target.url, request, method)
     except (OSError, StorageError):
         if not connection.reused or connection.received:
             raise
         connection = await _Connection.open(target)
-        status, headers = await _ask(connection, target.url, request)
+        status, headers = await _ask(connection, target.url, request, method)
     return AsyncReplicaResponse(target.url, connection, status, headers, method=method, timeout=timeout)
 
 
-async def _ask(connection: _Connection, url: str, request: bytes) -> tuple[int, dict[str, str]]:
+async def _ask(connection: _Connection, url: str, request: bytes, method: str) -> tuple[int, dict[str, str]]:
+    """Send ``request``; the status and headers of its answer, and for a GET the body's first bytes
+    come too (:func:`~mogile_middleware.storage.body_follows`), left to read."""
     try:
         connection.write(request)
         await connection.drain()
         status, headers = await connection.read_head(url)
+        if body_follows(method, status, headers):
+            await connection.await_data(url)
     except BaseException:
         connection.abort()
         raise
@@ -490,7 +503,7 @@ async def _request(url: str, method: str, headers: Mapping[str, str], timeout: f
         return await within(timeout, _exchange(target, target.request_head(method, headers, keep_alive=True), method,
                                                 timeout))
     except asyncio.TimeoutError:
-        raise StorageError(f"no status line and headers within {timeout:g}s", url) from None
+        raise StorageError(f"no status line and headers, or no body after them, within {timeout:g}s", url) from None
 
 
 async def open_replica(

@@ -142,6 +142,13 @@ def content_length(headers: Mapping[str, str]) -> int | None:
     return None if value is None else int(value)
 
 
+def body_follows(method: str, status: int, headers: Mapping[str, str]) -> bool:
+    """True if the answer to a GET has a body, whose first bytes are then awaited with its head:
+    a node that sends its head, then fails or hangs, is passed over as one that fails before it,
+    before an answer built on it is promised."""
+    return method == "GET" and status not in NO_BODY and bool(content_length(headers))
+
+
 def is_interim(url: str, status: int) -> bool:
     """True for a 1xx status, whose head the final answer follows (RFC 9110 15.2: a client reads
     past them, expected or not); a switch of protocols, as no GET asks for, is a :class:`StorageError`."""
@@ -162,11 +169,12 @@ class NodeConnection:
         self._reader = DeadlineReader(self.sock)
         self._buffer = memoryview(bytearray(_HEAD_READ))
 
-    def exchange(self, request: bytes, url: str, deadline: float, read_timeout: float
+    def exchange(self, request: bytes, url: str, deadline: float, read_timeout: float, method: str
                  ) -> tuple[int, dict[str, str], bool, bytes]:
-        """Send ``request``; the status, headers and keep-alive of the response, all arrived by
-        ``deadline`` however slowly they trickle in, and the start of its body that came with
-        them. Each read of the body may then wait ``read_timeout``."""
+        """Send ``request`` (of ``method``); the status, headers and keep-alive of the response,
+        all arrived by ``deadline`` however slowly they trickle in, and the start of its body that
+        came with them (for a GET, some by the deadline too: :func:`body_follows`). Each later read of
+        the body may then wait ``read_timeout``."""
         self._reader.set_deadline(deadline)
         self.sock.sendall(request)
         data = b""
@@ -184,6 +192,11 @@ class NodeConnection:
             data = data[end + 4:]
             if not is_interim(url, status):
                 break
+        if not data and body_follows(method, status, headers):
+            count = self._reader.readinto(self._buffer)
+            if not count:
+                raise StorageError(f"{url} closed the connection after its head, before its body", url)
+            data = bytes(self._buffer[:count])
         self._reader.deadline = None
         self.sock.settimeout(read_timeout)
         return status, headers, keep_alive, data
@@ -217,14 +230,15 @@ def _get(url: str, method: str, headers: dict[str, str], timeout: float, pool: N
     if kept is not None:
         received = kept.received
         try:
-            return ReplicaResponse(url, kept, *kept.exchange(request, url, deadline, timeout), method, pool)
+            return ReplicaResponse(url, kept, *kept.exchange(request, url, deadline, timeout, method), method, pool)
         except (OSError, StorageError):
             kept.close()
             if kept.received > received:  # the node answered, wrongly: not asked again
                 raise
     connection = NodeConnection(target.node, time_left(deadline))
     try:
-        return ReplicaResponse(url, connection, *connection.exchange(request, url, deadline, timeout), method, pool)
+        return ReplicaResponse(url, connection, *connection.exchange(request, url, deadline, timeout, method), method,
+                               pool)
     except BaseException:
         connection.close()
         raise
@@ -612,7 +626,7 @@ class PutStream:
         self._connection = None
         try:
             end = b"0\r\n\r\n" if self._chunked else b""
-            status, *_ = connection.exchange(end, self.url, time.monotonic() + self._timeout, self._timeout)
+            status, *_ = connection.exchange(end, self.url, time.monotonic() + self._timeout, self._timeout, "PUT")
         except (OSError, StorageError) as error:
             raise StorageError(f"PUT {self.url} failed: {error or type(error).__name__}", self.url) from error
         finally:

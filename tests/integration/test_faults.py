@@ -423,6 +423,23 @@ def test_a_replica_answering_other_than_asked_is_passed_over(getter: Getter, byt
 
 
 @pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
+@pytest.mark.parametrize("closes", [True, False], ids=["closed-after-its-head", "silent-after-its-head"])
+def test_a_replica_failing_between_its_head_and_its_body_is_passed_over(getter: Getter, closes: bool) -> None:
+    """The answer was decided on the head alone: the body's first read failed after it, a 500
+    under gunicorn (a 200 cut short under uvicorn) though another replica held the file."""
+    bad = KeptAliveNode(lambda head: b"HTTP/1.0 200 OK\r\nContent-Length: 10\r\n\r\n", closes=closes)
+    good = KeptAliveNode(honest)
+    tracker = files_tracker({"k": (9, 10, [bad.url(9), good.url(9)])})
+    try:
+        assert getter(tracker.tracker)("/mogilefs/k") == (200, TEN)
+        assert len(bad.requests) == 1 and len(good.requests) == 1
+    finally:
+        tracker.stop()
+        bad.stop()
+        good.stop()
+
+
+@pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
 def test_a_range_of_the_whole_file_may_be_answered_with_all_of_it(getter: Getter) -> None:
     """RFC 9110 lets a server ignore a Range: a 200 of the whole file is the range ``bytes=0-``
     (a browser's first request for a video) asks for."""
