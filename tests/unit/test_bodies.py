@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -62,3 +63,17 @@ def test_threads_putting_at_once_keep_the_count_exact() -> None:
 def test_negative_sizes_are_refused() -> None:
     with pytest.raises(ValueError, match="body cache sizes"):
         BodyCache(-1)
+
+
+def test_room_for_a_large_body_among_many_small_ones_is_made_in_one_pass() -> None:
+    """Dropping the oldest body by a lookup of the first one each time took a time growing with the
+    square of the number dropped: 6.5 s here, all of it on an ASGI server's event loop."""
+    count = 200_000
+    bodies = BodyCache(count * (1 + ENTRY_BYTES), max_file_bytes=16 * 1024 * 1024)
+    for fid in range(count):
+        bodies.put(f"fid-{fid}", b"x")
+    started = time.perf_counter()
+    bodies.put("fid-large", bytes(10 * 1024 * 1024))
+    assert time.perf_counter() - started < 1.0  # 0.03 s in one pass
+    assert bodies.size <= bodies.max_bytes
+    assert [bodies.get(etag) is not None for etag in ("fid-0", f"fid-{count - 1}", "fid-large")] == [False, True, True]
