@@ -569,10 +569,14 @@ class AsyncPathCache(PathCache[V]):
         return value
 
     def _store_unless_invalidated(self, flight: _AsyncFlight, key: str, value: V, keep: float, version: Any) -> None:
-        """:meth:`_store`, unless the key was invalidated meanwhile (atomic against invalidate())."""
-        with flight.lock:
-            if not flight.invalidated:
-                self._store(key, value, keep, version)
+        """:meth:`_store` (in a thread), unless the key was invalidated meanwhile; invalidated while
+        it stores, the key is dropped again after, since the change's own drop may have come first.
+        The flight's lock is not held across the store: the event loop takes it to invalidate."""
+        if flight.invalidated:
+            return
+        self._store(key, value, keep, version)
+        if flight.invalidated:
+            self._backend.delete(key)
 
     async def _backend_call(self, method: Callable[..., T], *args: Any) -> T | None:
         if self._in_process:

@@ -59,9 +59,10 @@ def start_memcached() -> Iterator[MemcachedServer]:
 
 
 @contextmanager
-def writes_delayed(server: MemcachedServer, seconds: float) -> Iterator[str]:
-    """A relay to ``server`` that holds every ``set`` command ``seconds`` before passing it on, as a
-    memcached on a host that stalls; reads pass at once. Yields its address (``host:port``)."""
+def writes_delayed(server: MemcachedServer, seconds: float, commands: tuple[bytes, ...] = (b"set ",)) -> Iterator[str]:
+    """A relay to ``server`` that holds every ``set`` command (every one of ``commands``) ``seconds``
+    before passing it on, as a memcached on a host that stalls; reads pass at once. Yields its
+    address (``host:port``)."""
     listener = socket.create_server(("127.0.0.1", 0))
     sockets: list[socket.socket] = [listener]
     threads: list[threading.Thread] = []
@@ -76,7 +77,7 @@ def writes_delayed(server: MemcachedServer, seconds: float) -> Iterator[str]:
     def pump(source: socket.socket, sink: socket.socket, delayed: bool) -> None:
         try:
             while data := source.recv(65536):
-                if delayed and data.startswith(b"set "):
+                if delayed and data.startswith(commands):
                     time.sleep(seconds)
                 sink.sendall(data)
         except OSError:

@@ -662,6 +662,29 @@ def test_a_relocation_marks_the_change_without_stalling_the_event_loop(devmogile
     assert second[0] == 404 and stall < STALL, (second, stall)
 
 
+def test_a_change_made_while_a_lookups_store_waits_on_memcached_does_not_stall_the_event_loop(
+        devmogile: DevMogileFS, memcached: MemcachedServer) -> None:
+    """The change waited on the lock the store held in its thread for all of memcached's answer."""
+    Client(DOMAIN, devmogile.trackers).store_content("k.txt", BODY, cls="thumb")
+    with writes_delayed(memcached, 0.4, commands=(b"add ", b"cas ")) as address:
+        middleware = ASGIMiddleware(hello_asgi, domain=DOMAIN, trackers=devmogile.trackers,
+                                    cache_backend=MemcachedBackend(address, timeout=2))
+
+        async def read_and_write() -> tuple[tuple[int, bytes], float, tuple[int, bytes]]:
+            try:
+                reading = asyncio.ensure_future(asgi_get(middleware, "/mogilefs/k.txt"))
+                await asyncio.sleep(0.15)  # its lookup found the file; its store waits on memcached
+                _, stall = await longest_stall(middleware.client.store_content("k.txt", b"new", cls="thumb"))
+                return await reading, stall, await asgi_get(middleware, "/mogilefs/k.txt")
+            finally:
+                await middleware.client.aclose()
+
+        read, stall, after = asyncio.run(read_and_write())
+    assert read[0] == 200 and read[1] in (BODY, b"new")  # served after the write: either version, whole
+    assert stall < STALL, stall
+    assert after == (200, b"new")
+
+
 # Two gunicorn workers, one cache.
 
 def lines(path: Path) -> list[str]:

@@ -185,6 +185,38 @@ def test_a_backend_with_io_is_asked_from_a_thread_never_the_loop() -> None:
     assert threads and loop_thread not in threads
 
 
+class StallingBackend(SlowBackend):
+    """A backend with I/O whose stores wait until ``resume`` is set (memcached on a stalling host)."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.storing, self.resume = threading.Event(), threading.Event()
+
+    def set(self, key: str, value: Any, stored_at: float, keep_seconds: float) -> None:
+        self.storing.set()
+        self.resume.wait(5)
+        super().set(key, value, stored_at, keep_seconds)
+
+
+def test_a_change_while_a_lookups_store_waits_neither_stalls_the_loop_nor_leaves_the_old_value() -> None:
+    """The change waited on the event loop for the lock the store held in its thread."""
+    async def scenario() -> float:
+        lookup, clock = Lookup(), Clock()
+        backend = StallingBackend(clock)
+        cache = make(lookup, clock, backend=backend)
+        getting = asyncio.ensure_future(cache.get("k"))
+        await asyncio.to_thread(backend.storing.wait, 5)  # the lookup's value is being stored
+        started = time.monotonic()
+        await cache.ainvalidate("k")
+        took = time.monotonic() - started
+        backend.resume.set()
+        assert await getting == "k@1"
+        assert await cache.get("k") == "k@2"  # the value the store left after the change is dropped
+        return took
+
+    assert asyncio.run(scenario()) < 1
+
+
 def test_a_warm_in_process_entry_is_had_without_awaiting() -> None:
     async def scenario() -> None:
         lookup, clock = Lookup(), Clock()
