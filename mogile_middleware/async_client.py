@@ -18,7 +18,7 @@ import hashlib
 import inspect
 import io
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-from typing import BinaryIO, Union
+from typing import Any, BinaryIO, Union
 
 from . import metrics
 from .async_storage import (
@@ -49,9 +49,10 @@ from .client import (
 )
 from .exceptions import BadKeyError, NoneMatchError, StorageError, UnknownKeyError, named_errors
 from .protocol import Reply, check_key, key_bytes, to_text
-from .storage import LengthMismatchError
+from .storage import LengthMismatchError, put_pieces
 from .upload import (
     BYTES_LIKE,
+    buffer_file,
     committing,
     content_bytes,
     create_close_args,
@@ -171,7 +172,7 @@ class AsyncClient(ClientBase):
 
     async def store_content(self, key: str, data: bytes, cls: str | None = None) -> int:
         """Store ``data`` (bytes) under ``key``; return the number of bytes stored."""
-        return await self.store_file(key, io.BytesIO(content_bytes(key, data)), cls)
+        return await self.store_file(key, buffer_file(key, content_bytes(key, data)), cls)
 
     async def store_file(self, key: str, fileobj: Body | bytes, cls: str | None = None, *,
                          verify_checksum: bool = False) -> int:
@@ -246,7 +247,7 @@ def _body(key: str, source: object) -> Body:
     """What :meth:`AsyncClient.store_file` sends of ``source`` (bytes as a file); a TypeError, before
     the tracker is asked anything, for what it cannot send."""
     if isinstance(source, BYTES_LIKE):
-        return io.BytesIO(source)
+        return buffer_file(key, source)
     read = getattr(source, "read", None)
     if inspect.iscoroutinefunction(read):  # Starlette's UploadFile, aiofiles: read awaited, sent once
         return _read_awaited(read)
@@ -260,12 +261,18 @@ async def _send(key: str, stream: AsyncPutStream, body: Body) -> tuple[int, str]
     """Write every chunk of ``body``, the upload of ``key``, to ``stream``: the number of bytes and their MD5 (hex)."""
     digest, stored = hashlib.md5(), 0
     async for piece in _chunks(body):
-        chunk = piece_bytes(key, piece)
-        await stream.write(chunk)
-        digest.update(chunk)
-        stored += len(chunk)
-        del chunk  # a view of the source's buffer, which it may resize or close once asked for more
+        stored += await _send_piece(stream, digest, piece_bytes(key, piece))
     return stored, digest.hexdigest()
+
+
+async def _send_piece(stream: AsyncPutStream, digest: Any, chunk: bytes | bytearray | memoryview) -> int:
+    """Send ``chunk`` and add it to ``digest``, a part at a time (hashed whole, a chunk of 64 MiB
+    held the event loop 0.15 s); its length. Its views of the source's buffer end with the call:
+    the source may resize or close that buffer once asked for more."""
+    for part in put_pieces(chunk):
+        await stream.write(part)
+        digest.update(part)
+    return len(chunk)
 
 
 async def _chunks(body: Body) -> AsyncIterator[bytes]:
