@@ -49,7 +49,7 @@ from .client import (
 )
 from .exceptions import BadKeyError, NoneMatchError, StorageError, UnknownKeyError, named_errors
 from .protocol import Reply, check_key, key_bytes, to_text
-from .storage import LengthMismatchError, put_pieces
+from .storage import PUT_PIECE_SIZE, LengthMismatchError, put_pieces
 from .upload import (
     BYTES_LIKE,
     buffer_file,
@@ -172,7 +172,7 @@ class AsyncClient(ClientBase):
 
     async def store_content(self, key: str, data: bytes, cls: str | None = None) -> int:
         """Store ``data`` (bytes) under ``key``; return the number of bytes stored."""
-        return await self.store_file(key, buffer_file(key, content_bytes(key, data)), cls)
+        return await self.store_file(key, content_bytes(key, data), cls)
 
     async def store_file(self, key: str, fileobj: Body | bytes, cls: str | None = None, *,
                          verify_checksum: bool = False) -> int:
@@ -189,6 +189,9 @@ class AsyncClient(ClientBase):
         no checksum.
         """
         check_key(key)
+        if isinstance(fileobj, BYTES_LIKE):  # read where it is, and let go of once stored or failed
+            with buffer_file(key, fileobj) as body:
+                return await self.store_file(key, body, cls, verify_checksum=verify_checksum)
         fileobj = _body(key, fileobj)
         size = None if isinstance(fileobj, AsyncIterable) else remaining_size(fileobj)
         args = create_open_args(self.domain, key, cls, size)
@@ -244,10 +247,8 @@ class AsyncClient(ClientBase):
 
 
 def _body(key: str, source: object) -> Body:
-    """What :meth:`AsyncClient.store_file` sends of ``source`` (bytes as a file); a TypeError, before
-    the tracker is asked anything, for what it cannot send."""
-    if isinstance(source, BYTES_LIKE):
-        return buffer_file(key, source)
+    """What :meth:`AsyncClient.store_file` sends of ``source``; a TypeError, before the tracker is
+    asked anything, for what it cannot send."""
     read = getattr(source, "read", None)
     if inspect.iscoroutinefunction(read):  # Starlette's UploadFile, aiofiles: read awaited, sent once
         return _read_awaited(read)
@@ -269,7 +270,7 @@ async def _send_piece(stream: AsyncPutStream, digest: Any, chunk: bytes | bytear
     """Send ``chunk`` and add it to ``digest``, a part at a time (hashed whole, a chunk of 64 MiB
     held the event loop 0.15 s); its length. Its views of the source's buffer end with the call:
     the source may resize or close that buffer once asked for more."""
-    for part in put_pieces(chunk):
+    for part in put_pieces(chunk) if len(chunk) > PUT_PIECE_SIZE else (chunk,):
         await stream.write(part)
         digest.update(part)
     return len(chunk)

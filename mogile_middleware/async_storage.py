@@ -612,8 +612,9 @@ class AsyncPutStream:
         if not data:
             return
         # A copy of a mutable buffer: the transport may keep what it could not send yet, and the
-        # caller may fill the same buffer again once this returns.
-        data = data if isinstance(data, bytes) else bytes(data)
+        # caller may fill the same buffer again once this returns (a view of bytes needs none).
+        if not isinstance(data, bytes) and not (isinstance(data, memoryview) and isinstance(data.obj, bytes)):
+            data = bytes(data)
         size = len(data)
         if self._length is not None and self._written + size > self._length:
             self.abort()

@@ -569,13 +569,14 @@ class AsyncPathCache(PathCache[V]):
         return value
 
     def _store_unless_invalidated(self, flight: _AsyncFlight, key: str, value: V, keep: float, version: Any) -> None:
-        """:meth:`_store` (in a thread), unless the key was invalidated meanwhile; invalidated while
-        it stores, the key is dropped again after, since the change's own drop may have come first.
-        The flight's lock is not held across the store: the event loop takes it to invalidate."""
+        """:meth:`_store` (in a thread), unless the key was invalidated meanwhile. The flight's lock
+        is not held across the store: the event loop takes it to invalidate. Invalidated while it
+        stores, the key of a backend without versions is dropped again after, since the change's
+        drop may have come first; a versioned one refuses a store begun before the change's mark."""
         if flight.invalidated:
             return
         self._store(key, value, keep, version)
-        if flight.invalidated:
+        if flight.invalidated and version is _UNVERSIONED:
             self._backend.delete(key)
 
     async def _backend_call(self, method: Callable[..., T], *args: Any) -> T | None:

@@ -256,6 +256,11 @@ class _BufferFile(io.RawIOBase):
         self._position += len(piece)
         return len(piece)
 
+    def close(self) -> None:
+        """Release the buffer: while viewed, a ``bytearray`` cannot be resized nor an ``mmap`` closed."""
+        super().close()
+        self._view.release()
+
 
 def buffer_file(key: str, data: bytes | bytearray | memoryview) -> BinaryIO:
     """A seekable file of ``data``'s bytes, the upload of ``key``: bytes in an ``io.BytesIO``, which
@@ -522,7 +527,8 @@ class Uploader:
             with open(source, "rb") as fileobj:
                 return self.upload(key, fileobj, cls, progress=progress, verify_checksum=verify_checksum)
         if isinstance(source, BYTES_LIKE):
-            source = buffer_file(key, source)
+            with buffer_file(key, source) as fileobj:
+                return self.upload(key, fileobj, cls, progress=progress, verify_checksum=verify_checksum)
         readable = hasattr(source, "read")
         if isinstance(source, io.TextIOBase) or not readable and not isinstance(source, Iterable):
             raise TypeError(f"upload of {key!r} takes bytes, a path, a file opened in binary mode or "

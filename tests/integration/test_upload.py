@@ -119,6 +119,8 @@ def test_an_upload_in_a_thread_goes_on_as_the_main_thread_ends(devmogile: DevMog
     "make_source",
     [
         pytest.param(lambda data, tmp: data, id="bytes"),
+        pytest.param(lambda data, tmp: bytearray(data), id="bytearray"),
+        pytest.param(lambda data, tmp: memoryview(array.array("i", data)), id="memoryview-of-ints"),
         pytest.param(lambda data, tmp: _written(tmp / "file.bin", data), id="path-str"),
         pytest.param(lambda data, tmp: Path(_written(tmp / "file.bin", data)), id="pathlike"),
         pytest.param(lambda data, tmp: io.BytesIO(data), id="file-object"),
@@ -205,6 +207,24 @@ def test_a_large_upload_hashed_beside_its_sending_passes_the_trackers_check(clie
 def test_an_unknown_class_names_the_class_and_the_domain(flavour: Flavour, client: Client) -> None:
     with pytest.raises(UnregClassError, match="'portrait'.*'testdom'"):
         store(flavour, client, "k", b"x", "portrait")
+
+
+@both_flavours
+def test_a_buffer_is_the_callers_again_once_its_upload_failed(flavour: Flavour, client: Client) -> None:
+    """Read where it is, through a view that outlived a failed upload in the error's frames: a
+    bytearray could not grow while the error was kept, nor an mmap be closed."""
+    data = bytearray(b"x" * 1000)
+    with pytest.raises(UnregClassError):
+        if flavour.name == "sync":
+            Uploader(client).upload("k", data, "portrait")
+        else:
+            client.store_file("k", data, "portrait")
+    data.extend(b"more")  # the error is still kept, with its traceback
+    with mmap.mmap(-1, 4) as mapped, memoryview(mapped) as view, pytest.raises(UnregClassError):
+        if flavour.name == "sync":
+            Uploader(client).upload("k", view, "portrait")
+        else:
+            client.store_content("k", view, "portrait")
 
 
 @both_flavours

@@ -217,6 +217,53 @@ def test_a_change_while_a_lookups_store_waits_neither_stalls_the_loop_nor_leaves
     assert asyncio.run(scenario()) < 1
 
 
+class VersionedStallingBackend:
+    """A shared backend with versions, as memcached's, whose stores wait until ``resume`` is set."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, Any] = {}
+        self.version = self.deletes = 0
+        self.storing, self.resume = threading.Event(), threading.Event()
+
+    def get(self, key: str) -> Any:
+        return self.entries.get(key)
+
+    def get_versioned(self, key: str) -> tuple[Any, int]:
+        return self.entries.get(key), self.version
+
+    def set(self, key: str, value: Any, stored_at: float, keep_seconds: float) -> None:
+        self.entries[key] = (value, stored_at)
+        self.version += 1
+
+    def set_if_unchanged(self, key: str, value: Any, stored_at: float, keep_seconds: float, version: int) -> None:
+        self.storing.set()
+        self.resume.wait(5)
+        if version == self.version:
+            self.set(key, value, stored_at, keep_seconds)
+
+    def delete(self, key: str) -> None:  # in memcached, a mark of a change every host reads
+        self.deletes += 1
+        self.entries.pop(key, None)
+        self.version += 1
+
+
+def test_a_refresh_while_a_lookups_store_waits_on_a_shared_backend_marks_no_change() -> None:
+    """A refresh is no change of the key: a store it outdated was followed by a drop, in memcached
+    a mark of a change that every host read as one."""
+    async def scenario() -> tuple[int, Any]:
+        backend = VersionedStallingBackend()
+        cache = AsyncPathCache(Lookup(), backend=backend)
+        getting = asyncio.ensure_future(cache.get("k"))
+        await asyncio.to_thread(backend.storing.wait, 5)
+        refreshing = asyncio.ensure_future(cache.refresh("k", "k@0"))  # replicas of an older value failed
+        await asyncio.sleep(0.1)
+        backend.resume.set()
+        await asyncio.gather(getting, refreshing)
+        return backend.deletes, backend.entries["k"][0]
+
+    assert asyncio.run(scenario()) == (0, "k@1")
+
+
 def test_a_warm_in_process_entry_is_had_without_awaiting() -> None:
     async def scenario() -> None:
         lookup, clock = Lookup(), Clock()
