@@ -39,7 +39,7 @@ from .protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_linked_path, chec
 from .responders import NginxReproxy, PerlbalReproxy, Representation, Reproxy
 from .signing import BAD_SIGNATURE, EXPIRED, UNSIGNED, Secret, URLSigner
 from .throttle import ThrottledLog
-from .views import NOT_REPROXIED, REPROXIED, SERVE_HEADER_LOWER
+from .views import FOR_VIEW, NOT_REPROXIED, REPROXIED, SERVE_HEADER_LOWER
 
 log = logging.getLogger("mogile_middleware")
 
@@ -345,8 +345,18 @@ class MiddlewareCore:
         if responder is not None and self._may_reproxy(environ, responder, location):
             return responder.answer(location, environ.get("HTTP_IF_MATCH"), environ.get("HTTP_IF_NONE_MATCH"),
                                     environ.get("HTTP_RANGE"),
-                                    _request_target(environ) if responder.wants_target else "")
+                                    self._fallback_target(environ) if responder.wants_target else "")
         return None
+
+    def _fallback_target(self, environ: Environ) -> str:
+        """The request target that Perlbal's fallback request asks again, or ``""`` for none. That
+        request carries ``Host`` and ``Range`` alone (no cookie): an answer that depends on who
+        asks (a view's, or one ``authorize`` allowed) gets none, since the application would judge
+        another request, and might answer it with a login page, which Perlbal would send under
+        this answer's headers."""
+        if FOR_VIEW in environ or self.authorize is not None:
+            return ""
+        return _request_target(environ)
 
     def error_answer(self, error: MogileFSError, key: str) -> Answer:
         """The answer for a lookup that failed: 404, 400, 503 or 502 (logged)."""

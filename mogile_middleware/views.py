@@ -98,13 +98,20 @@ _GET_ONLY = frozenset(("HTTP_RANGE", "HTTP_IF_RANGE", "HTTP_IF_MATCH", "HTTP_IF_
 NOT_REPROXIED = "mogile_middleware.not_reproxied"
 
 
+#: In a view's request: its answer depends on who asks, which Perlbal's request of the fallback
+#: URL does not tell (it sends ``Host`` and ``Range`` alone), so that answer names no fallback URL.
+FOR_VIEW = "mogile_middleware.for_view"
+
+
 def as_view_request(environ: Mapping[str, Any]) -> Mapping[str, Any]:
-    """A view's request, of any method, asking for the file as a GET (or a HEAD) would: another
-    method's ``Range`` and preconditions are not the file's, and it gets the file whole."""
+    """A view's request (marked :data:`FOR_VIEW`), of any method, asking for the file as a GET (or
+    a HEAD) would: another method's ``Range`` and preconditions are not the file's, and it gets
+    the file whole."""
     if environ.get("REQUEST_METHOD", "GET") in ("GET", "HEAD"):
-        return environ
+        return {**environ, FOR_VIEW: True}
     request = {name: value for name, value in environ.items() if name not in _GET_ONLY}
     request["REQUEST_METHOD"] = "GET"
+    request[FOR_VIEW] = True
     if "HTTP_RANGE" in environ:
         request[NOT_REPROXIED] = True
     return request

@@ -686,3 +686,27 @@ def test_through_perlbal_the_fallback_url_heals_an_outside_change_in_one_request
         assert front_get(perlbal.port, "/mogilefs/song.mp3").status == 503  # Perlbal's own: 404 is a failure
         for _ in range(3):
             assert front_get(perlbal.port, "/mogilefs/song.mp3").status == 404
+
+
+@pytest.mark.parametrize("workers", SERVERS)
+def test_perlbal_is_given_no_fallback_url_for_an_answer_that_depends_on_who_asks(mogile: DevMogileFS,
+                                                                                 workers: tuple[str, int]) -> None:
+    """Perlbal's fallback request carries ``Host`` and ``Range`` alone: a view asked again so would
+    judge a request without its user (here refused; a login page would be sent as the file)."""
+    writer = Client(DOMAIN, mogile.trackers)
+    writer.store_content("private/song.mp3", b"old tune", cls="thumb")
+    allowed = {"X-Test-User": "allowed"}
+    port = free_port()
+    with serve(mogile, workers, port=port, MOGILE_REPROXY="perlbal", MOGILE_TRUSTED_PROXIES="127.0.0.1",
+               MOGILE_PERLBAL_FALLBACK_URL=f"http://127.0.0.1:{port}") as server, \
+            run_perlbal_front(server.port) as perlbal:
+        fallback = f"http://127.0.0.1:{port}/mogilefs/private/song.mp3?mogilefs-fallback"
+        assert http_request(f"http://127.0.0.1:{port}/mogilefs/private/song.mp3").headers[
+            "x-reproxy-url"].endswith(" " + fallback)
+        viewed = http_request(f"http://127.0.0.1:{port}/view/private/song.mp3", headers=allowed)
+        assert "fallback" not in viewed.headers["x-reproxy-url"]
+        assert front_get(perlbal.port, "/view/private/song.mp3", allowed).body == b"old tune"
+        old_urls = writer.get_paths("private/song.mp3")
+        writer.store_content("private/song.mp3", b"new tune", cls="thumb")
+        wait_until_gone(old_urls)
+        assert front_get(perlbal.port, "/view/private/song.mp3", allowed).status == 503  # Perlbal's, as without one

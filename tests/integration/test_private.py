@@ -165,7 +165,7 @@ def test_no_url_is_given_for_a_path_with_a_dot_segment() -> None:
     """A browser asks for ``/mogilefs/b.txt`` when linked to ``/mogilefs/a/../b.txt``: another key."""
     plain = MogileFSMiddleware(lambda e, s: [], domain=DOMAIN, trackers=["127.0.0.1:1"])
     mapped = MogileFSMiddleware(lambda e, s: [], domain=DOMAIN, trackers=["127.0.0.1:1"], signing_key=SECRET,
-                                key_for_path=lambda request, path: path.upper())
+                                key_for_path=lambda path: path.upper())
     for named in ("a/../b.txt", "./b.txt", "a/.", ".."):
         with pytest.raises(BadKeyError, match="segment, which clients remove from a URL"):
             plain.url_for(named)
@@ -505,6 +505,20 @@ def test_asgi_respond_with_answers_alone_or_through_the_middleware_that_wraps_it
         assert "x-mogile-middleware-serve" not in headers
         for asked in ({"Range": "bytes=0-9"}, {"If-None-Match": headers["etag"]}, {"If-Match": '"another"'}):
             assert asgi_call(app, "/download", asked, "POST")[::2] == (200, FILES["naïve/résumé.pdf"])
+
+
+def test_an_answer_authorize_allowed_names_no_perlbal_fallback_url(stored: DevMogileFS) -> None:
+    """Perlbal's fallback request carries no cookie: the application would judge another request."""
+    from webtest import TestApp
+
+    options = {"domain": DOMAIN, "trackers": stored.trackers, "reproxy": "perlbal", "trusted_proxies": ["10.0.0.1"],
+               "perlbal_fallback_url": "http://10.0.0.5:8000"}
+    fallback = "http://10.0.0.5:8000/mogilefs/plain.txt?mogilefs-fallback"
+    for decided_by, named in (({}, True), ({"authorize": lambda request, key: True}, False),
+                              ({"key_for_path": lambda path: path}, True)):
+        app = TestApp(MogileFSMiddleware(lambda e, s: [], **options, **decided_by),
+                      extra_environ={"REMOTE_ADDR": "10.0.0.1"})
+        assert (fallback in app.get("/mogilefs/plain.txt").headers["X-REPROXY-URL"].split()) is named, decided_by
 
 
 #: The header a proxy fetches the file by, in each reproxy mode.
