@@ -416,14 +416,16 @@ class SeekableBody(io.RawIOBase):
     """The body of a file at ``urls`` (its replicas), read from the first that answers, and
     seekable: a read elsewhere than where the transfer is opens a replica again from there (a
     ``Range``) of the same version (the same URLs), and so does a transfer cut midway, from the
-    next replica. ``length`` is known from the first answer."""
+    next replica. ``length`` is known from the first answer; given (the tracker's), a replica of
+    another length is passed over."""
 
-    def __init__(self, urls: Sequence[str], *, timeout: float = 10.0, pool: NodePool = nodes) -> None:
+    def __init__(self, urls: Sequence[str], *, length: int | None = None, timeout: float = 10.0,
+                 pool: NodePool = nodes) -> None:
         super().__init__()
         self._urls = list(urls)
         self._timeout = timeout
         self._pool = pool
-        self._replica: ReplicaResponse | None = open_replica(self._urls, timeout=timeout, pool=pool)
+        self._replica: ReplicaResponse | None = open_replica(self._urls, size=length, timeout=timeout, pool=pool)
         self.length: int = self._replica.length  # type: ignore[assignment] # accepts() requires one
         self._position = 0  # where the next read starts
         self._transfer_at = 0  # where the open transfer is

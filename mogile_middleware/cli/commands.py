@@ -29,7 +29,7 @@ from ..client import Client, FileInfo
 from ..deadline import checked_seconds
 from ..exceptions import BadKeyError, StorageError, UnknownKeyError
 from ..protocol import check_key, to_bytes, to_text
-from ..storage import open_replica, resumed_chunks
+from ..storage import SeekableBody, open_replica, resumed_chunks
 from ..tracker import Address, parse_trackers
 from ..upload import Uploader, remaining_size
 from .progress import ProgressBar, printable
@@ -278,7 +278,7 @@ def _upload(args: argparse.Namespace, client: Client) -> int:
     uploader = Uploader(client)
     if args.recursive:
         files = [(path, args.key + relative) for path, relative in _files_under(Path(args.source))]
-        if _bad_keys(files):
+        if _unstorable(files):
             return 1
         for path, key in files:
             with open(path, "rb") as source:
@@ -291,18 +291,22 @@ def _upload(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
-def _bad_keys(files: list[tuple[Path, str]]) -> int:
-    """How many of the ``(file, key)`` pairs make a key no tracker takes, each named on stderr
-    (before anything is stored: the tree is stored whole or not at all)."""
+def _unstorable(files: list[tuple[Path, str]]) -> int:
+    """How many of the ``(file, key)`` pairs make a key no tracker takes or name a file that
+    cannot be read, each named on stderr (before anything is stored: the tree is stored whole or
+    not at all)."""
     bad = 0
     for path, key in files:
         try:
             check_key(key)
+            reason = None if os.access(path, os.R_OK) else os.strerror(errno.EACCES)
         except BadKeyError as error:
-            print(f"mogile-middleware: {printable(str(path))}: {error}", file=sys.stderr)
+            reason = str(error)
+        if reason is not None:
+            print(f"mogile-middleware: {printable(str(path))}: {reason}", file=sys.stderr)
             bad += 1
     if bad:
-        print(f"mogile-middleware: nothing stored: {bad} file name(s) make no key", file=sys.stderr)
+        print(f"mogile-middleware: nothing stored: {bad} file(s) make no key or cannot be read", file=sys.stderr)
     return bad
 
 
@@ -310,7 +314,17 @@ def _store(uploader: Uploader, key: str, source: BinaryIO, cls: str | None) -> N
     """Upload ``source`` under ``key`` with a progress bar, then print the key and its size."""
     with ProgressBar(remaining_size(source), sys.stderr, label=key) as bar:
         size = uploader.upload(key, source, cls, progress=bar.update)
-    print(f"{size}\t{printable(key)}", flush=True)  # flushed: a later failure must not hide what was stored
+    _report(f"{size}\t{printable(key)}")
+
+
+def _report(line: str) -> None:
+    """Print a line of what was done, flushed (a later failure must not hide it). Once stdout's
+    reader has gone (``| head -1``), the lines go nowhere and the work goes on: a tree was left
+    half stored or fetched, with exit 0."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        _detach_stdout()
 
 
 def _stdin() -> BinaryIO:
@@ -359,6 +373,9 @@ def _add_get_arguments(parser: argparse.ArgumentParser) -> None:
 def _get(args: argparse.Namespace, client: Client) -> int:
     if args.recursive:
         return _get_recursive(args, client)
+    if args.output is not None and args.output.endswith(("/", "/.")) and not os.path.isdir(args.output):
+        # pathlib reads "file.txt/" as "file.txt", and replaced that file (cp refuses it too)
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), args.output)
     to_terminal = args.output in (None, "-") and sys.stdout.isatty()  # where a bar would draw over the text
     with _download(client, args.key) as (length, chunks), \
             ProgressBar(None if to_terminal else length, sys.stderr, label=args.key) as bar:
@@ -385,6 +402,7 @@ def _get_recursive(args: argparse.Namespace, client: Client) -> int:
         print("mogile-middleware: get --recursive: give the directory to write to with -o DIR", file=sys.stderr)
         return 2
     root, skipped = Path(args.output), 0
+    written: set[Path] = set()  # "col/x" and "colx" both name x under the prefix "col"
     prefix = to_bytes(args.key)  # keys match it byte for byte: it may end inside a character
     for key in client.keys(prefix):
         try:
@@ -400,6 +418,10 @@ def _get_recursive(args: argparse.Namespace, client: Client) -> int:
             skipped += 1
             continue
         target = root.joinpath(*parts)
+        if target in written:
+            _skipped(key, f"its file {printable(str(target))} holds another key's, written before")
+            skipped += 1
+            continue
         try:
             with _download(client, key) as (length, chunks), ProgressBar(length, sys.stderr, label=key) as bar:
                 target.parent.mkdir(parents=True, exist_ok=True)  # once a replica answers
@@ -412,16 +434,20 @@ def _get_recursive(args: argparse.Namespace, client: Client) -> int:
             _skipped(key, _describe(error))
             skipped += 1
             continue
-        print(f"{target.stat().st_size}\t{printable(key)}", flush=True)
+        written.add(target)
+        _report(f"{target.stat().st_size}\t{printable(key)}")
     return 1 if skipped else 0
 
 
 @contextmanager
 def _download(client: Client, key: str) -> Iterator[tuple[int | None, Iterator[bytes]]]:
     """The length of ``key``'s file and its body chunk by chunk, the rest from the next replica
-    when a transfer is cut midway (:func:`~mogile_middleware.storage.resumed_chunks`)."""
+    when a transfer is cut midway (:func:`~mogile_middleware.storage.resumed_chunks`). Only a
+    replica of the length the tracker records is read: one cut short on its disk was written
+    whole-looking."""
+    length = client.file_info(key).length
     paths = client.get_paths(key)
-    with open_replica(paths, timeout=client.storage_timeout) as body:
+    with open_replica(paths, size=length, timeout=client.storage_timeout) as body:
         chunks = resumed_chunks(body, paths, timeout=client.storage_timeout)
         try:
             yield body.length, chunks
@@ -640,7 +666,7 @@ def _rm(args: argparse.Namespace, client: Client) -> int:
         elif not _confirmed(f"delete the {len(listed)} key(s) starting with {printable(args.prefix)!r}", args.yes):
             print("mogile-middleware: rm: nothing deleted", file=sys.stderr)
             return 1
-        keys += listed
+        keys = list(dict.fromkeys(keys + listed))  # a key given and listed is deleted once
     missing = skipped = 0
     for key in keys:
         try:
@@ -675,9 +701,11 @@ def _add_cp_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _cp(args: argparse.Namespace, client: Client) -> int:
     """Stream FROM's content into TO, which points at it only once the whole copy is stored."""
-    cls = args.cls or client.file_info(args.key).cls
-    with client.read_file(args.key) as source:
-        _store(Uploader(client), args.to, source, cls)  # type: ignore[arg-type]
+    info = client.file_info(args.key)
+    # Read as get reads: a replica of the tracker's length, resumed from the next when cut midway,
+    # and rewound when a destination node drops the copy.
+    with SeekableBody(client.get_paths(args.key), length=info.length, timeout=client.storage_timeout) as source:
+        _store(Uploader(client), args.to, source, args.cls or info.cls)  # type: ignore[arg-type]
     return 0
 
 

@@ -15,6 +15,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -29,7 +30,7 @@ from conftest import DOMAIN
 from integration._memcached import start_memcached
 from integration._wire_client import LineClient, upload
 from webob import Request
-from wiretools import ScriptedTracker
+from wiretools import ScriptedTracker, files_tracker
 
 from mogile_middleware import Client
 from mogile_middleware.cache import entry_key
@@ -401,8 +402,7 @@ def test_get_resumes_from_the_byte_it_broke_at_and_refuses_a_range_answered_from
         threading.Thread(target=server.serve_forever, daemon=True).start()
     urls = [f"http://127.0.0.1:{server.server_address[1]}/dev{n}/0/000/000/0000000009.fid"
             for n, server in enumerate(servers, 1)]
-    paths = "&".join(f"path{n}={url}" for n, url in enumerate(urls, 1))
-    tracker = ScriptedTracker(lambda line: f"OK paths=3&{paths}\r\n".encode())
+    tracker = files_tracker({"k": (9, len(RESUMED), urls)})
     try:
         target = tmp_path / "resumed.bin"
         assert main(["get", "--trackers", tracker.tracker, "--domain", DOMAIN, "k", "-o", str(target)]) == 0
@@ -1171,3 +1171,85 @@ def test_the_serve_index_names_each_key_the_client_refuses_and_lists_the_others(
     assert page.status_int == 200 and '<li><a href="/mogilefs/odd/z">odd/z</a> 1 bytes, class thumb</li>' in page.text
     assert "<li>odd/a\\nb, not served: key contains the control byte b&#x27;\\n&#x27;</li>" in page.text
     assert f"<li>odd/{'k' * 296}, not served: key is 300 bytes long;" in page.text
+
+
+def test_a_recursive_command_goes_on_when_the_reader_of_its_lines_leaves(devmogile: DevMogileFS,
+                                                                         tmp_path: Path) -> None:
+    """``| head -1``: the lines of what was done are not the work, which stopped at the second file
+    with exit 0, the tree half stored or fetched."""
+    source = tmp_path / "many"
+    source.mkdir()
+    for number in range(30):
+        (source / f"{number:02d}.txt").write_bytes(b"%d" % number)
+    env = subprocess_env(MOGILEFS_TRACKERS=devmogile.trackers[0], MOGILEFS_DOMAIN=DOMAIN)
+    command = f"{sys.executable} -m mogile_middleware"
+    for run in (f"{command} upload many/ {source} -r", f"{command} get many/ -o {tmp_path / 'out'} -r"):
+        done = subprocess.run(["bash", "-c", f"{run} | head -1 >/dev/null; exit ${{PIPESTATUS[0]}}"], env=env,
+                              capture_output=True, timeout=120)
+        assert (done.returncode, done.stderr) == (0, b""), run
+    assert len(list(Client(DOMAIN, devmogile.trackers).keys("many/"))) == 30
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [f"{number:02d}.txt" for number in range(30)]
+
+
+def test_get_recursive_never_writes_two_keys_into_one_file(cli: Run, devmogile: DevMogileFS, tmp_path: Path) -> None:
+    """Under the prefix "col", "col/x" and "colx" both name the file x: the second replaced the first."""
+    client = Client(DOMAIN, devmogile.trackers)
+    client.store_content("col/x", b"first", cls="thumb")
+    client.store_content("colx", b"second", cls="thumb")
+    result = cli("get", "col", "-o", str(tmp_path / "out"), "--recursive")
+    assert result.code == 1 and "'colx': its file" in result.err and "holds another key's" in result.err
+    assert (tmp_path / "out" / "x").read_bytes() == b"first"
+
+
+def test_get_to_a_path_ending_with_a_slash_needs_a_directory(cli: Run, devmogile: DevMogileFS, tmp_path: Path) -> None:
+    """pathlib reads "file.txt/" as "file.txt": that file was replaced (cp refuses)."""
+    Client(DOMAIN, devmogile.trackers).store_content("b", b"new", cls="thumb")
+    (tmp_path / "file.txt").write_bytes(b"keep me")
+    for output in (tmp_path / "file.txt", tmp_path / "new"):
+        for ending in ("/", "/."):
+            result = cli("get", "b", "-o", f"{output}{ending}")
+            assert result.code == 1 and "Not a directory" in result.err, ending
+    assert (tmp_path / "file.txt").read_bytes() == b"keep me" and not (tmp_path / "new").exists()
+
+
+def test_rm_deletes_a_key_given_and_listed_under_the_prefix_once(cli: Run, devmogile: DevMogileFS) -> None:
+    client = Client(DOMAIN, devmogile.trackers)
+    for key in ("dup/1", "dup/2"):
+        client.store_content(key, b"x", cls="thumb")
+    result = cli("rm", "dup/1", "--prefix", "dup/", "--yes")
+    assert (result.code, result.err) == (0, "")  # it said "no key 'dup/1'", exit 3
+    assert list(client.keys("dup/")) == []
+
+
+def test_get_and_cp_pass_over_a_replica_cut_short_on_its_disk(cli: Run, devmogile: DevMogileFS,
+                                                             tmp_path: Path) -> None:
+    """A replica whose file is shorter than the tracker's length was fetched as the whole file."""
+    client = Client(DOMAIN, devmogile.trackers)
+    body = bytes(range(256)) * 400
+    client.store_content("cut", body, cls="avatar")  # two replicas
+    first = client.get_paths("cut")[0]
+    damaged = next(node for node in devmogile.nodes if first.startswith(node.url))
+    replica = damaged.docroot / first.split("/", 3)[3]
+    replica.write_bytes(body[:5000])
+    for _ in range(4):  # whichever replica the tracker names first
+        assert (cli("get", "cut", "-o", str(tmp_path / "got")).code, (tmp_path / "got").read_bytes()) == (0, body)
+        assert cli("cp", "cut", "copy").code == 0 and client.get_file_data("copy") == body
+
+
+def test_upload_recursive_names_each_file_it_cannot_read_and_stores_nothing(devmogile: DevMogileFS) -> None:
+    """It stopped at the first, the files before it stored and those after it not tried. Run so
+    that the file's mode refuses it: as root (who may read anything), without the capabilities
+    that pass over a file's mode."""
+    with tempfile.TemporaryDirectory() as scratch:
+        tree = Path(scratch, "tree")
+        tree.mkdir()
+        for name in ("a.txt", "m.txt", "z.txt"):
+            (tree / name).write_bytes(name.encode())
+        (tree / "m.txt").chmod(0)
+        modes_apply = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+        env = subprocess_env(MOGILEFS_TRACKERS=devmogile.trackers[0], MOGILEFS_DOMAIN=DOMAIN)
+        done = subprocess.run([*modes_apply, sys.executable, "-m", "mogile_middleware", "upload", "t/", str(tree),
+                               "-r"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert f"{tree / 'm.txt'}: Permission denied\n" in done.stderr and "nothing stored" in done.stderr
+    assert list(Client(DOMAIN, devmogile.trackers).keys("t/")) == []
