@@ -440,8 +440,8 @@ def test_a_large_chunk_is_hashed_a_part_at_a_time(devmogile: DevMogileFS) -> Non
         yield chunk
 
     async def store() -> tuple[int, float]:
-        return await longest_stall(AsyncClient(DOMAIN, devmogile.trackers).store_file("big", one_chunk(),
-                                                                                    cls="thumb"))
+        client = AsyncClient(DOMAIN, devmogile.trackers)
+        return await longest_stall(client.store_file("big", one_chunk(), cls="thumb"))
 
     stored, stall = asyncio.run(store())
     assert stored == len(chunk) and stall < 0.12, stall

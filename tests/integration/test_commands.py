@@ -1222,7 +1222,7 @@ def test_rm_deletes_a_key_given_and_listed_under_the_prefix_once(cli: Run, devmo
 
 
 def test_get_and_cp_pass_over_a_replica_cut_short_on_its_disk(cli: Run, devmogile: DevMogileFS,
-                                                             tmp_path: Path) -> None:
+                                                              tmp_path: Path) -> None:
     """A replica whose file is shorter than the tracker's length was fetched as the whole file."""
     client = Client(DOMAIN, devmogile.trackers)
     body = bytes(range(256)) * 400
