@@ -165,15 +165,15 @@ class PerlbalReproxy(Reproxy):
             # A cache hit gets only the headers named here: all of the file's (its sandbox, nosniff...).
             names = " ".join(name for name, _ in described)
             headers.append(("X-REPROXY-CACHE-FOR", f"{self.cache_for_seconds}; {names}"))
-        if location.length is not None and self.fallback_url is None:
-            # Perlbal refuses a body of another length, so the fallback could not bring a new version.
+        if location.length is not None:
             headers.append(("X-REPROXY-EXPECTED-SIZE", str(location.length)))
         return headers
 
     def for_request(self, headers: Headers, location: Location, range_header: str | None, target: str) -> Headers:
         """For one range, ``X-REPROXY-EXPECTED-SIZE`` of the part the node will send (a range is
         reproxied only when the node reads it as the middleware does); with the fallback URL of
-        ``target`` last, when it can go into the header."""
+        ``target`` last, when it can go into the header, and then no expected size: Perlbal refuses
+        a body of another length, so the fallback could not bring a new version."""
         part = None
         if range_header is not None and location.length is not None:
             part = http.byte_range(range_header, location.length)
@@ -183,7 +183,8 @@ class PerlbalReproxy(Reproxy):
         if target and _URL_SAFE.fullmatch(target):
             separator = "&" if "?" in target else "?"
             fallback = f"{self.fallback_url}{target}{separator}{FALLBACK_MARK}"
-            headers = [(name, f"{value} {fallback}" if name == "X-REPROXY-URL" else value) for name, value in headers]
+            headers = [(name, f"{value} {fallback}" if name == "X-REPROXY-URL" else value) for name, value in headers
+                       if name != "X-REPROXY-EXPECTED-SIZE"]
         return headers
 
 

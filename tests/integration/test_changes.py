@@ -704,7 +704,7 @@ def test_perlbal_is_given_no_fallback_url_for_an_answer_that_depends_on_who_asks
         assert http_request(f"http://127.0.0.1:{port}/mogilefs/private/song.mp3").headers[
             "x-reproxy-url"].endswith(" " + fallback)
         viewed = http_request(f"http://127.0.0.1:{port}/view/private/song.mp3", headers=allowed)
-        assert "fallback" not in viewed.headers["x-reproxy-url"]
+        assert "fallback" not in viewed.headers["x-reproxy-url"] and viewed.headers["x-reproxy-expected-size"] == "8"
         assert front_get(perlbal.port, "/view/private/song.mp3", allowed).body == b"old tune"
         old_urls = writer.get_paths("private/song.mp3")
         writer.store_content("private/song.mp3", b"new tune", cls="thumb")

@@ -518,7 +518,10 @@ def test_an_answer_authorize_allowed_names_no_perlbal_fallback_url(stored: DevMo
                               ({"key_for_path": lambda path: path}, True)):
         app = TestApp(MogileFSMiddleware(lambda e, s: [], **options, **decided_by),
                       extra_environ={"REMOTE_ADDR": "10.0.0.1"})
-        assert (fallback in app.get("/mogilefs/plain.txt").headers["X-REPROXY-URL"].split()) is named, decided_by
+        headers = app.get("/mogilefs/plain.txt").headers
+        assert (fallback in headers["X-REPROXY-URL"].split()) is named, decided_by
+        # Without one, Perlbal is told the length: it passes over a replica cut short.
+        assert headers.get("X-REPROXY-EXPECTED-SIZE") == (None if named else str(len(FILES["plain.txt"])))
 
 
 #: The header a proxy fetches the file by, in each reproxy mode.
