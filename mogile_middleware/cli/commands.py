@@ -445,14 +445,24 @@ def _download(client: Client, key: str) -> Iterator[tuple[int | None, Iterator[b
     when a transfer is cut midway (:func:`~mogile_middleware.storage.resumed_chunks`). Only a
     replica of the length the tracker records is read: one cut short on its disk was written
     whole-looking."""
-    length = client.file_info(key).length
-    paths = client.get_paths(key)
-    with open_replica(paths, size=length, timeout=client.storage_timeout) as body:
+    paths, info = _version(client, key)
+    with open_replica(paths, size=info.length, timeout=client.storage_timeout) as body:
         chunks = resumed_chunks(body, paths, timeout=client.storage_timeout)
         try:
             yield body.length, chunks
         finally:
             chunks.close()
+
+
+def _version(client: Client, key: str) -> tuple[list[str], FileInfo]:
+    """The replica URLs of ``key`` and what ``file_info`` says of the same version: both asked
+    again once when the paths name another fid (the key was replaced between the questions; its
+    replicas would all seem of the wrong length)."""
+    for _ in range(2):
+        paths, info = client.get_paths(key), client.file_info(key)
+        if all(path.endswith(f"/{info.fid:010d}.fid") for path in paths):
+            break
+    return paths, info
 
 
 #: What no file name here holds, besides the "/" a key's segments are split at: NUL, and the
@@ -701,10 +711,10 @@ def _add_cp_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _cp(args: argparse.Namespace, client: Client) -> int:
     """Stream FROM's content into TO, which points at it only once the whole copy is stored."""
-    info = client.file_info(args.key)
+    paths, info = _version(client, args.key)
     # Read as get reads: a replica of the tracker's length, resumed from the next when cut midway,
     # and rewound when a destination node drops the copy.
-    with SeekableBody(client.get_paths(args.key), length=info.length, timeout=client.storage_timeout) as source:
+    with SeekableBody(paths, length=info.length, timeout=client.storage_timeout) as source:
         _store(Uploader(client), args.to, source, args.cls or info.cls)  # type: ignore[arg-type]
     return 0
 

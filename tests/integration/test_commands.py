@@ -30,7 +30,7 @@ from conftest import DOMAIN
 from integration._memcached import start_memcached
 from integration._wire_client import LineClient, upload
 from webob import Request
-from wiretools import ScriptedTracker, files_tracker
+from wiretools import TEN, KeptAliveNode, ScriptedTracker, files_tracker, honest
 
 from mogile_middleware import Client
 from mogile_middleware.cache import entry_key
@@ -1253,3 +1253,29 @@ def test_upload_recursive_names_each_file_it_cannot_read_and_stores_nothing(devm
     assert done.returncode == 1, done.stderr
     assert f"{tree / 'm.txt'}: Permission denied\n" in done.stderr and "nothing stored" in done.stderr
     assert list(Client(DOMAIN, devmogile.trackers).keys("t/")) == []
+
+
+def test_get_reads_the_version_a_key_has_when_it_changes_between_two_questions(tmp_path: Path) -> None:
+    """Replaced between ``get_paths`` and ``file_info``: every replica seemed of the wrong length,
+    "no replica answered", exit 1, for a key in good health."""
+    node = KeptAliveNode(lambda head: b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 3\r\n\r\nold"
+                         if b"/0000000001.fid" in head else honest(head))
+    asked: list[bytes] = []
+
+    def tracker_script(line: bytes) -> bytes:
+        command = line.partition(b" ")[0]
+        asked.append(command)
+        if command == b"get_paths":  # the old version first, the new one after
+            return f"OK paths=1&path1={node.url(1 if asked.count(command) == 1 else 2)}\r\n".encode()
+        if command == b"file_info":
+            return b"OK fid=2&domain=testdom&class=thumb&key=k&length=10&devcount=1\r\n"
+        return b"OK \r\n"
+
+    tracker = ScriptedTracker(tracker_script)
+    try:
+        target = tmp_path / "k"
+        assert main(["get", "--trackers", tracker.tracker, "--domain", DOMAIN, "k", "-o", str(target)]) == 0
+        assert target.read_bytes() == TEN
+    finally:
+        tracker.stop()
+        node.stop()
