@@ -386,13 +386,14 @@ class PathCache(Generic[V]):
 class _AsyncFlight:
     """One lookup in progress on an event loop: its waiters await ``done``."""
 
-    __slots__ = ("done", "lock", "invalidated", "outdated")
+    __slots__ = ("done", "lock", "invalidated", "outdated", "stored")
 
     def __init__(self, outdated: Any = None) -> None:
         self.done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.lock = threading.Lock()  # what PathCache.invalidate takes (never held across an await)
         self.invalidated = False
         self.outdated = outdated  # as _Flight's
+        self.stored: asyncio.Future[None] | None = None  # made as its store begins, done when it ends
 
 
 #: How often a request awaiting a lookup led on another thread's loop checks that loop still runs.
@@ -494,7 +495,14 @@ class AsyncPathCache(PathCache[V]):
         entry, version = await self._backend_call(self._watched, key) or (None, _UNSET)
         if self._replaces(entry, outdated):
             return entry[0]  # type: ignore[index]
+        storing = self._flights.get(key)
         self._outdate_lookup(key, outdated)
+        if isinstance(storing, _AsyncFlight) and storing.invalidated and storing.stored is not None:
+            # A store begun before we outdated it lands first, or it would beat ours to the version
+            # both found: the value we found wrong would be kept fresh (awaited, where a lock was
+            # waited for on the loop).
+            await asyncio.wait({_followed(storing.stored)}, timeout=self._wait_seconds)
+            entry, version = await self._backend_call(self._watched, key) or (None, _UNSET)
         if entry is not None and entry[0] == outdated and self._fresh(entry):
             await self._backend_call(self._expire, key, entry, version)
         return await self._refresh(key, outdated)
@@ -562,7 +570,11 @@ class AsyncPathCache(PathCache[V]):
             return self._stale_value(key, await self._backend_call(self._backend.get, key), error, previous)
         keep = self._looked_up(value)
         if keep:
-            await self._backend_call(self._store_unless_invalidated, flight, key, value, keep, version)
+            flight.stored = asyncio.get_running_loop().create_future()
+            try:
+                await self._backend_call(self._store_unless_invalidated, flight, key, value, keep, version)
+            finally:
+                flight.stored.set_result(None)
         elif entry is not None:  # as in PathCache._fetch
             await self._backend_call(self._backend.delete, key)
         self._report_size()
@@ -572,7 +584,8 @@ class AsyncPathCache(PathCache[V]):
         """:meth:`_store` (in a thread), unless the key was invalidated meanwhile. The flight's lock
         is not held across the store: the event loop takes it to invalidate. Invalidated while it
         stores, the key of a backend without versions is dropped again after, since the change's
-        drop may have come first; a versioned one refuses a store begun before the change's mark."""
+        drop may have come first; a versioned one refuses a store begun before the change's mark
+        (and a refresh waits for ``flight.stored`` before it reads the version)."""
         if flight.invalidated:
             return
         self._store(key, value, keep, version)

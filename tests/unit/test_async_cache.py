@@ -264,6 +264,41 @@ def test_a_refresh_while_a_lookups_store_waits_on_a_shared_backend_marks_no_chan
     assert asyncio.run(scenario()) == (0, "k@1")
 
 
+class OrderedStoresBackend(VersionedStallingBackend):
+    """The shared backend whose first store is slow, and any later one reaches it after the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stores = 0
+        self.first_done = threading.Event()
+
+    def set_if_unchanged(self, key: str, value: Any, stored_at: float, keep_seconds: float, version: int) -> None:
+        self.stores += 1
+        if self.stores == 1:
+            super().set_if_unchanged(key, value, stored_at, keep_seconds, version)
+            self.first_done.set()
+            return
+        self.first_done.wait(5)
+        if version == self.version:
+            self.set(key, value, stored_at, keep_seconds)
+
+
+def test_a_refresh_is_not_undone_by_the_store_of_a_lookup_begun_before_it() -> None:
+    """The lookup stored the paths the refresh found wrong, and the refresh's were refused: both
+    had found the same version of the entry, and the first store won."""
+    async def scenario() -> tuple[str, Any]:
+        backend, lookup = OrderedStoresBackend(), Lookup()
+        cache = AsyncPathCache(lookup, backend=backend)
+        getting = asyncio.ensure_future(cache.get("k"))  # finds "k@1", stored slowly
+        await asyncio.to_thread(backend.storing.wait, 5)
+        asyncio.get_running_loop().call_later(0.2, backend.resume.set)
+        refreshed = await cache.refresh("k", "k@1")  # every replica of "k@1" failed
+        await getting
+        return refreshed, backend.entries["k"][0]
+
+    assert asyncio.run(scenario()) == ("k@2", "k@2")
+
+
 def test_a_warm_in_process_entry_is_had_without_awaiting() -> None:
     async def scenario() -> None:
         lookup, clock = Lookup(), Clock()
