@@ -393,7 +393,7 @@ class _AsyncFlight:
         self.lock = threading.Lock()  # what PathCache.invalidate takes (never held across an await)
         self.invalidated = False
         self.outdated = outdated  # as _Flight's
-        self.stored: asyncio.Future[None] | None = None  # made as its store begins, done when it ends
+        self.stored: asyncio.Future[Any] | None = None  # the store, once begun (in a thread)
 
 
 #: How often a request awaiting a lookup led on another thread's loop checks that loop still runs.
@@ -570,11 +570,13 @@ class AsyncPathCache(PathCache[V]):
             return self._stale_value(key, await self._backend_call(self._backend.get, key), error, previous)
         keep = self._looked_up(value)
         if keep:
-            flight.stored = asyncio.get_running_loop().create_future()
+            store = flight.stored = asyncio.ensure_future(
+                self._backend_call(self._store_unless_invalidated, flight, key, value, keep, version))
             try:
-                await self._backend_call(self._store_unless_invalidated, flight, key, value, keep, version)
-            finally:
-                flight.stored.set_result(None)
+                await asyncio.shield(store)
+            except asyncio.CancelledError:  # its thread goes on: the flight stays, for a refresh to await
+                await asyncio.wait({store})
+                raise
         elif entry is not None:  # as in PathCache._fetch
             await self._backend_call(self._backend.delete, key)
         self._report_size()

@@ -299,6 +299,29 @@ def test_a_refresh_is_not_undone_by_the_store_of_a_lookup_begun_before_it() -> N
     assert asyncio.run(scenario()) == ("k@2", "k@2")
 
 
+@pytest.mark.parametrize("cancelled_first", [True, False], ids=["before-the-refresh", "as-the-refresh-waits"])
+def test_a_refresh_is_not_undone_by_the_store_of_a_lookup_whose_task_was_cancelled(cancelled_first: bool) -> None:
+    """Its client gone, the lookup's task ends, but its store goes on in a thread: it stored the
+    paths the refresh found wrong, after the refresh's."""
+    async def scenario() -> tuple[str, Any]:
+        backend, lookup = OrderedStoresBackend(), Lookup()
+        cache = AsyncPathCache(lookup, backend=backend)
+        getting = asyncio.ensure_future(cache.get("k"))
+        await asyncio.to_thread(backend.storing.wait, 5)
+        if cancelled_first:
+            getting.cancel()
+            await asyncio.sleep(0)
+        refreshing = asyncio.ensure_future(cache.refresh("k", "k@1"))
+        await asyncio.sleep(0.1)
+        getting.cancel()
+        asyncio.get_running_loop().call_later(0.2, backend.resume.set)
+        refreshed = await refreshing
+        await asyncio.gather(getting, return_exceptions=True)
+        return refreshed, backend.entries["k"][0]
+
+    assert asyncio.run(scenario()) == ("k@2", "k@2")
+
+
 def test_a_warm_in_process_entry_is_had_without_awaiting() -> None:
     async def scenario() -> None:
         lookup, clock = Lookup(), Clock()
