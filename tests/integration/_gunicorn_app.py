@@ -5,8 +5,10 @@ Configured by environment variables: MOGILE_DOMAIN, MOGILE_TRACKERS, MOGILE_REPR
 MOGILE_MEMCACHED (servers), MOGILE_TRUSTED_PROXIES (comma separated), MOGILE_PERLBAL_CACHE_SECONDS,
 MOGILE_REQUIRE_PROXY_HEADER ("1"), MOGILE_CACHE_CONTROL, MOGILE_CONTENT_DISPOSITION ("attachment" or "inline"),
 MOGILE_PATH_CACHE_SECONDS, MOGILE_PERLBAL_FALLBACK_URL, MOGILE_IO_TIMEOUT, MOGILE_SIGNING_KEY (blank separated),
-MOGILE_AUTHORIZE ("1": keys under ``private/`` refused), MOGILE_BODY_CACHE_BYTES, MOGILE_CLIENT_TIMEOUT, and the counters MOGILE_COUNT_FILE (a line per tracker
-get_paths) and MOGILE_APP_HITS_FILE (a line per request the tiny app answers); each line is a PID.
+MOGILE_AUTHORIZE ("1": keys under ``private/`` refused), MOGILE_BODY_CACHE_BYTES, MOGILE_CLIENT_TIMEOUT,
+MOGILE_INNER_PREFIX (a second middleware, under that prefix, inside the first), and the counters
+MOGILE_COUNT_FILE (a line per tracker get_paths) and MOGILE_APP_HITS_FILE (a line per request the
+tiny app answers); each line is a PID.
 For uvicorn, whose access log has no byte count, MOGILE_ACCESS_LOG names a file that gets gunicorn's
 ``%(m)s %(U)s %(s)s %(B)s`` line for each request (see :class:`AccessLog`).
 
@@ -140,7 +142,11 @@ def middleware_options(env: Mapping[str, str]) -> dict[str, Any]:
 
 def make_app() -> MogileFSMiddleware:
     env = os.environ
-    return MogileFSMiddleware(hello, **client_options(env, Client, CountingClient), **middleware_options(env))
+    app = hello
+    if env.get("MOGILE_INNER_PREFIX"):  # a middleware of its own under that prefix, inside the other
+        app = MogileFSMiddleware(hello, prefix=env["MOGILE_INNER_PREFIX"], **client_options(env, Client, CountingClient),
+                                 **middleware_options(env))
+    return MogileFSMiddleware(app, **client_options(env, Client, CountingClient), **middleware_options(env))
 
 
 async def hello_asgi(scope, receive, send):
@@ -206,7 +212,11 @@ def make_asgi_app() -> Any:
     from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 
     env = os.environ
-    app = ASGIMiddleware(hello_asgi, **client_options(env, AsyncClient, AsyncCountingClient), **middleware_options(env))
+    app = hello_asgi
+    if env.get("MOGILE_INNER_PREFIX"):
+        app = ASGIMiddleware(hello_asgi, prefix=env["MOGILE_INNER_PREFIX"],
+                             **client_options(env, AsyncClient, AsyncCountingClient), **middleware_options(env))
+    app = ASGIMiddleware(app, **client_options(env, AsyncClient, AsyncCountingClient), **middleware_options(env))
     return AccessLog(app, env["MOGILE_ACCESS_LOG"]) if env.get("MOGILE_ACCESS_LOG") else app
 
 

@@ -407,6 +407,21 @@ def test_nginx_asking_again_passes_a_views_headers_on_once(server: str, devmogil
         assert all(value == "private" for name, value in again.fields if name.lower() == "cache-control")
 
 
+@pytest.mark.parametrize("front", sorted(FRONTS))
+def test_a_middleware_inside_another_is_reproxied_through_the_proxy(server: str, front: str, devmogile: DevMogileFS,
+                                                                   tmp_path: Path) -> None:
+    """Two prefixes, a middleware each, one inside the other: the outer one took the inner one's
+    reproxy headers for the application's and dropped them, and the client got an empty file."""
+    Client(DOMAIN, devmogile.trackers).store_content("photos/4.jpg", PHOTO, cls="avatar")
+    with serving(devmogile, server, front, tmp_path, MOGILE_INNER_PREFIX="/thumbs/") as stack:
+        for path in ("/thumbs/photos/4.jpg", "/mogilefs/photos/4.jpg"):
+            reply = stack.get_fields(path)
+            names = [name.lower() for name, _ in reply.fields]
+            assert (reply.status, hashlib.md5(reply.body).hexdigest()) == (200, PHOTO_MD5), path
+            assert len(names) == len(set(names)), reply.fields
+            assert stack.app_requests(path) == [("200", 0)]  # the proxy fetched it
+
+
 def test_perlbals_cache_never_answers_for_a_view(server: str, devmogile: DevMogileFS, tmp_path: Path) -> None:
     """A view checks who asks each time: its file is not left in Perlbal's cache for the next client."""
     Client(DOMAIN, devmogile.trackers).store_content("private/invoice.txt", b"alice's invoice", cls="avatar")
