@@ -28,6 +28,7 @@ from .. import health
 from ..client import Client, FileInfo
 from ..deadline import checked_seconds
 from ..exceptions import BadKeyError, StorageError, UnknownKeyError
+from ..locate import etag_for
 from ..protocol import check_key, to_bytes, to_text
 from ..storage import SeekableBody, open_replica, resumed_chunks
 from ..tracker import Address, parse_trackers
@@ -460,7 +461,8 @@ def _version(client: Client, key: str) -> tuple[list[str], FileInfo]:
     replicas would all seem of the wrong length)."""
     for _ in range(2):
         paths, info = client.get_paths(key), client.file_info(key)
-        if all(path.endswith(f"/{info.fid:010d}.fid") for path in paths):
+        named = etag_for(tuple(paths))  # "fid-N" from a path shaped like mogstored's
+        if not named.startswith("fid-") or named == f"fid-{info.fid}":
             break
     return paths, info
 
