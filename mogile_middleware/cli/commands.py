@@ -338,16 +338,28 @@ def _stdin() -> BinaryIO:
 
 
 def _files_under(root: Path) -> Iterator[tuple[Path, str]]:
-    """Every regular file under ``root`` with its path relative to it in POSIX form, sorted per directory."""
+    """Every regular file under ``root`` with its path relative to it in POSIX form, sorted per
+    directory. What is passed over is named on stderr: a FIFO or a socket (which would block or
+    fail), and a link to a directory (not followed, as a loop of them would never end)."""
     if not root.is_dir():
         root.stat()  # a path that is not there says so (FileNotFoundError) rather than "not a directory"
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(root))
     for directory, subdirectories, names in os.walk(root, onerror=_reraise):
         subdirectories.sort()
+        for name in subdirectories:
+            if os.path.islink(os.path.join(directory, name)):
+                _passed_over(Path(directory, name), "a link to a directory")
         for name in sorted(names):
             path = Path(directory, name)
-            if path.is_file():  # not a FIFO or a socket, which would block or fail
+            if path.is_file():
                 yield path, path.relative_to(root).as_posix()
+            else:
+                _passed_over(path, "not a regular file")
+
+
+def _passed_over(path: Path, reason: str) -> None:
+    """Name on stderr a file ``upload --recursive`` does not store, and why."""
+    print(f"mogile-middleware: {printable(str(path))}: {reason}: skipped", file=sys.stderr)
 
 
 def _reraise(error: OSError) -> None:

@@ -682,6 +682,19 @@ def test_upload_recursive_names_each_file_that_makes_no_key_and_stores_nothing(c
     assert cli("ls", "up/").out == b""
 
 
+def test_upload_recursive_names_what_it_passes_over(cli: Run, tmp_path: Path) -> None:
+    # A FIFO and a link to a directory were passed over without a word: the tree seemed stored whole.
+    root = tmp_path / "tree"
+    (root / "real").mkdir(parents=True)
+    (root / "real" / "a.txt").write_bytes(b"a")
+    (root / "loop").symlink_to(root)
+    os.mkfifo(root / "pipe")
+    done = cli("upload", "-r", "up/", str(root))
+    assert done.code == 0 and done.out == b"1\tup/real/a.txt\n"
+    assert done.err == (f"mogile-middleware: {root}/loop: a link to a directory: skipped\n"
+                        f"mogile-middleware: {root}/pipe: not a regular file: skipped\n")
+
+
 @pytest.mark.parametrize("argv", [("upload", "-r", "up/", ""), ("upload", "up", ""), ("get", "up/", "-r", "-o", ""),
                                   ("get", "up", "-o", "")], ids=["upload-r", "upload", "get-r", "get"])
 def test_an_empty_path_is_a_usage_error_not_the_current_directory(cli: Run, argv: tuple[str, ...],
