@@ -645,8 +645,20 @@ def _add_rm_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``rm``."""
     _write_options(parser)
     parser.add_argument("keys", metavar="KEY", nargs="*", help="keys to delete")
-    parser.add_argument("--prefix", help="delete every key starting with PREFIX (asks first, unless --yes)")
-    parser.add_argument("-y", "--yes", action="store_true", help="do not ask before deleting by --prefix")
+    listed = parser.add_mutually_exclusive_group()
+    listed.add_argument("--prefix", type=_prefix_argument,
+                        help="delete every key starting with PREFIX (asks first, unless --yes)")
+    listed.add_argument("--all", dest="prefix", action="store_const", const="",
+                        help="delete every key of the domain (asks first, unless --yes)")
+    parser.add_argument("-y", "--yes", action="store_true", help="do not ask before deleting by --prefix or --all")
+
+
+def _prefix_argument(value: str) -> str:
+    """The prefix of the keys ``rm`` deletes. An empty one (an unset variable) is refused: it
+    named every key of the domain, and with ``--yes`` deleted them all without a word."""
+    if not value:
+        raise argparse.ArgumentTypeError("an empty prefix (give --all to delete every key of the domain)")
+    return value
 
 
 def _all_paths(client: Client, info: FileInfo) -> list[str]:
@@ -680,14 +692,15 @@ def _rm(args: argparse.Namespace, client: Client) -> int:
     that the client refuses to send (exit 1, see :func:`_skipped`), is reported and the others
     still deleted."""
     if not args.keys and args.prefix is None:
-        print("mogile-middleware: rm: give keys, or --prefix PREFIX", file=sys.stderr)
+        print("mogile-middleware: rm: give keys, --prefix PREFIX or --all", file=sys.stderr)
         return 2
     keys = list(args.keys)
     if args.prefix is not None:
         listed = list(client.keys(args.prefix))
+        which = f"starting with {printable(args.prefix)!r}" if args.prefix else f"of the domain {printable(client.domain)!r}"
         if not listed:  # nothing to ask about
-            print(f"mogile-middleware: rm: no key starts with {printable(args.prefix)!r}", file=sys.stderr)
-        elif not _confirmed(f"delete the {len(listed)} key(s) starting with {printable(args.prefix)!r}", args.yes):
+            print(f"mogile-middleware: rm: no key {which}", file=sys.stderr)
+        elif not _confirmed(f"delete the {len(listed)} key(s) {which}", args.yes):
             print("mogile-middleware: rm: nothing deleted", file=sys.stderr)
             return 1
         keys = list(dict.fromkeys(keys + listed))  # a key given and listed is deleted once

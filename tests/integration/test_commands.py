@@ -935,8 +935,26 @@ def test_rm_by_prefix_asks_first_unless_yes(cli: Run, devmogile: DevMogileFS, mo
     assert cli("rm").code == 2
     monkeypatch.setattr("sys.stdin", io.StringIO(""))  # no terminal, and yet nothing to ask about
     nothing = cli("rm", "--prefix", "logs")
-    assert (nothing.code, nothing.err) == (0, "mogile-middleware: rm: no key starts with 'logs'\n")
+    assert (nothing.code, nothing.err) == (0, "mogile-middleware: rm: no key starting with 'logs'\n")
     assert list(client.keys("")) == ["keep"]
+
+
+def test_rm_deletes_every_key_only_with_all(cli: Run, devmogile: DevMogileFS, monkeypatch: pytest.MonkeyPatch,
+                                            capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    # An empty --prefix (an unset variable in a script) deleted the whole domain with --yes.
+    client = Client(DOMAIN, devmogile.trackers)
+    for key in ("a", "b/c"):
+        client.store_content(key, b"x", cls="thumb")
+    with pytest.raises(SystemExit) as exited:
+        cli("rm", "--prefix", "", "--yes")
+    assert exited.value.code == 2 and b"an empty prefix (give --all" in capsysbinary.readouterr().err
+    with pytest.raises(SystemExit):
+        cli("rm", "--prefix", "a", "--all", "--yes")
+    assert sorted(client.keys("")) == ["a", "b/c"]
+    monkeypatch.setattr("sys.stdin", TerminalInput("y\n"))
+    asked = cli("rm", "--all")
+    assert asked.code == 0 and "delete the 2 key(s) of the domain 'testdom'? [y/N]" in asked.err
+    assert list(client.keys("")) == []
 
 
 class TerminalInput(io.StringIO):
