@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import django
 import pytest
@@ -535,6 +536,60 @@ def test_a_create_close_that_may_have_stored_leaves_no_temporary_key(
         assert isinstance(raised.value.__cause__, cause)
         assert any(entry.path.name == "upload.py" for entry in raised.traceback)  # where the upload failed
         assert get_client().list_keys(TEMPORARY_PREFIX) == [] and not storage.exists("recorded.txt")
+    finally:
+        relay.stop()
+        upstream.close()
+
+
+@pytest.mark.parametrize(("carried_out", "lost_answers"), [(True, 1), (False, 1), (False, 3)],
+                         ids=["carried-out", "not-carried-out", "never-carried-out"])
+def test_a_rename_whose_answer_was_lost_is_told_by_the_temporary_key(mogile: DevMogileFS, carried_out: bool,
+                                                                     lost_answers: int) -> None:
+    """A save whose rename answer was lost raised, though the tracker had renamed the file: the
+    name held it, with no row pointing at it, and the next save of the name took another one."""
+    upstream = TrackerConnection(mogile.tracker_address, 1.0, 5.0)
+    lost: list[bytes] = []
+
+    def losing_renames(line: bytes) -> bytes | None:
+        if line.startswith(b"rename ") and len(lost) < lost_answers:
+            lost.append(line)
+            if carried_out:
+                upstream.roundtrip(line)
+            return None
+        return upstream.roundtrip(line)
+
+    relay = ScriptedTracker(losing_renames)
+    try:
+        storage = MogileFSStorage(trackers=relay.tracker)
+        if lost_answers > 2:
+            with pytest.raises(UploadError, match="^save of 'lost.txt' failed: the answers to 3 renames were lost"):
+                storage.save("lost.txt", ContentFile(b"content"))
+            assert not storage.exists("lost.txt")
+        else:
+            assert storage.save("lost.txt", ContentFile(b"content")) == "lost.txt"
+            assert get_client().get_file_data("lost.txt") == b"content"
+        assert len(lost) == lost_answers and get_client().list_keys(TEMPORARY_PREFIX) == []
+    finally:
+        relay.stop()
+        upstream.close()
+
+
+def test_a_rename_whose_outcome_cannot_be_known_says_the_name_may_hold_the_file(mogile: DevMogileFS) -> None:
+    upstream = TrackerConnection(mogile.tracker_address, 1.0, 5.0)
+
+    def silent_after_the_rename(line: bytes) -> bytes | None:
+        if line.startswith(b"rename "):
+            upstream.roundtrip(line)
+            return None
+        if line.startswith(b"file_info ") and TEMPORARY_PREFIX.encode() in unquote_to_bytes(line):
+            return None
+        return upstream.roundtrip(line)
+
+    relay = ScriptedTracker(silent_after_the_rename)
+    try:
+        with pytest.raises(UploadOutcomeUnknownError, match="^save of 'unknown.txt': the answer to its rename was lost"):
+            MogileFSStorage(trackers=relay.tracker).save("unknown.txt", ContentFile(b"content"))
+        assert get_client().get_file_data("unknown.txt") == b"content"
     finally:
         relay.stop()
         upstream.close()

@@ -24,7 +24,8 @@ from django.utils.deconstruct import deconstructible
 from django.utils.encoding import filepath_to_uri
 
 from ...client import Client
-from ...exceptions import BadKeyError, KeyExistsError, MogileFSError, UnknownKeyError, UploadError
+from ...exceptions import (BadKeyError, KeyExistsError, MogileFSError, OutcomeUnknownError, UnknownKeyError, UploadError,
+                           UploadOutcomeUnknownError)
 from ...protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_key, check_linked_path, check_url_key
 from ...storage import SeekableBody
 from ...signing import URLSigner
@@ -38,6 +39,9 @@ log = logging.getLogger("mogile_middleware")
 #: Where a save uploads before renaming to its name: ``TEMPORARY_PREFIX`` + 32 hex digits, so
 #: that a name of any allowed length still has a temporary key.
 TEMPORARY_PREFIX = ".mogile-upload/"
+
+#: How many renames of a save may lose their answer, not carried out, before the save fails.
+_RENAMES_WITHOUT_ANSWER = 2
 
 #: The ``max_length`` of the save in progress, for the name taken instead of one found taken.
 _max_length: ContextVar[int | None] = ContextVar("max_length", default=None)
@@ -187,8 +191,9 @@ class MogileFSStorage(Storage):
                 raise
 
     def _rename_to_available(self, temporary: str, name: str) -> str:
-        """Rename ``temporary`` to ``name``, or to the next available name while the one tried is taken."""
-        candidate = name
+        """Rename ``temporary`` to ``name``, or to the next available name while the one tried is
+        taken. A rename whose answer was lost is told by whether ``temporary`` is still there."""
+        candidate, lost = name, 0
         while True:
             # Asked again: the name may have been taken during the upload, and mogilefsd 2.73 answers a
             # rename onto a taken key twice, which costs some other request its tracker connection.
@@ -199,9 +204,30 @@ class MogileFSStorage(Storage):
                         return candidate
                     except KeyExistsError:
                         pass  # taken by another process between the two requests
+                    except OutcomeUnknownError as error:
+                        if self._renamed(temporary, candidate, error):
+                            return candidate
+                        lost += 1
+                        if lost > _RENAMES_WITHOUT_ANSWER:
+                            raise UploadError(f"save of {name!r} failed: the answers to {lost} renames were lost, "
+                                              f"none carried out") from error
+                        continue  # not carried out: the name is asked about again
             taken, candidate = candidate, self.get_available_name(name, max_length=_max_length.get())
             if candidate == taken:  # a get_available_name that offers the taken name would loop forever
                 raise FileExistsError(f"MogileFS key {taken!r} is taken and no other name is available")
+
+    def _renamed(self, temporary: str, candidate: str, lost: OutcomeUnknownError) -> bool:
+        """Whether the rename of ``temporary`` to ``candidate`` whose answer was ``lost`` was carried
+        out: the temporary key, which no one else renames, is gone. Raises if that cannot be known."""
+        try:
+            self.client.file_info(temporary)
+        except UnknownKeyError:
+            return True
+        except MogileFSError as error:
+            raise UploadOutcomeUnknownError(
+                f"save of {candidate!r}: the answer to its rename was lost ({lost}) and the trackers cannot "
+                f"say whether it was carried out ({error}): the key may hold the file") from error
+        return False
 
     def _delete_temporary(self, key: str) -> None:
         """Delete a save's temporary key; one never written (or already renamed) is not an error."""
