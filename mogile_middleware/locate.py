@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from .cache import AsyncPathCache, CacheBackend, PathCache, entry_key
-from .client import Client
+from .client import Client, FileInfo
 from .exceptions import KeyChangingError, MogileFSError, StorageError, TrackerUnavailableError, UnknownKeyError
 from .protocol import parse_domains
 
@@ -116,6 +116,19 @@ def etag_for(paths: tuple[str, ...], fid: int | None = None) -> str:
     if named is not None:
         return f"fid-{named}"
     return "paths-" + hashlib.sha1(" ".join([*sorted(paths), f"fid={fid}"]).encode()).hexdigest()[:16]
+
+
+def current_version(client: Client, key: str) -> tuple[list[str], FileInfo]:
+    """The replica URLs of ``key`` and what ``file_info`` says of the same version, for a reader
+    that passes over a replica of another length: both asked again once when the paths name
+    another fid (the key was replaced between the questions; its replicas would all seem of the
+    wrong length)."""
+    for _ in range(2):
+        paths, info = client.get_paths(key), client.file_info(key)
+        named = etag_for(tuple(paths))  # "fid-N" from a path shaped like mogstored's
+        if not named.startswith("fid-") or named == f"fid-{info.fid}":
+            break
+    return paths, info
 
 
 def _fid_of(path: str) -> int | None:

@@ -28,7 +28,7 @@ from .. import health
 from ..client import Client, FileInfo
 from ..deadline import checked_seconds
 from ..exceptions import BadKeyError, StorageError, UnknownKeyError
-from ..locate import etag_for
+from ..locate import current_version
 from ..protocol import check_key, to_bytes, to_text
 from ..storage import SeekableBody, open_replica, resumed_chunks
 from ..tracker import Address, parse_trackers
@@ -458,25 +458,13 @@ def _download(client: Client, key: str) -> Iterator[tuple[int | None, Iterator[b
     when a transfer is cut midway (:func:`~mogile_middleware.storage.resumed_chunks`). Only a
     replica of the length the tracker records is read: one cut short on its disk was written
     whole-looking."""
-    paths, info = _version(client, key)
+    paths, info = current_version(client, key)
     with open_replica(paths, size=info.length, timeout=client.storage_timeout) as body:
         chunks = resumed_chunks(body, paths, timeout=client.storage_timeout)
         try:
             yield body.length, chunks
         finally:
             chunks.close()
-
-
-def _version(client: Client, key: str) -> tuple[list[str], FileInfo]:
-    """The replica URLs of ``key`` and what ``file_info`` says of the same version: both asked
-    again once when the paths name another fid (the key was replaced between the questions; its
-    replicas would all seem of the wrong length)."""
-    for _ in range(2):
-        paths, info = client.get_paths(key), client.file_info(key)
-        named = etag_for(tuple(paths))  # "fid-N" from a path shaped like mogstored's
-        if not named.startswith("fid-") or named == f"fid-{info.fid}":
-            break
-    return paths, info
 
 
 #: What no file name here holds, besides the "/" a key's segments are split at: NUL, and the
@@ -738,7 +726,7 @@ def _add_cp_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _cp(args: argparse.Namespace, client: Client) -> int:
     """Stream FROM's content into TO, which points at it only once the whole copy is stored."""
-    paths, info = _version(client, args.key)
+    paths, info = current_version(client, args.key)
     # Read as get reads: a replica of the tracker's length, resumed from the next when cut midway,
     # and rewound when a destination node drops the copy.
     with SeekableBody(paths, length=info.length, timeout=client.storage_timeout) as source:

@@ -240,6 +240,19 @@ def test_an_opened_file_reads_what_is_asked_and_seeks_anywhere(mogile: DevMogile
             file.seek(-1)
 
 
+def test_an_opened_file_passes_over_a_replica_cut_short_on_its_disk(mogile: DevMogileFS) -> None:
+    """A replica whose file is shorter than the tracker's length was read as the whole file."""
+    body = bytes(range(256)) * 400
+    storage = MogileFSStorage(mogile_class="avatar")  # two replicas
+    name = storage.save("cut.bin", ContentFile(body))
+    first = get_client().get_paths(name)[0]
+    damaged = next(node for node in mogile.nodes if first.startswith(node.url))
+    (damaged.docroot / first.split("/", 3)[3]).write_bytes(body[:5000])
+    for _ in range(4):  # whichever replica the tracker names first
+        with storage.open(name) as file:
+            assert (file.size, file.read()) == (len(body), body)
+
+
 def test_names_with_control_characters_are_refused_as_the_middleware_would_not_serve_them(
         mogile: DevMogileFS) -> None:
     storage = MogileFSStorage()

@@ -26,6 +26,7 @@ from django.utils.encoding import filepath_to_uri
 from ...client import Client
 from ...exceptions import (BadKeyError, KeyExistsError, MogileFSError, OutcomeUnknownError, UnknownKeyError, UploadError,
                            UploadOutcomeUnknownError)
+from ...locate import current_version
 from ...protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_key, check_linked_path, check_url_key
 from ...storage import SeekableBody
 from ...signing import URLSigner
@@ -244,15 +245,16 @@ class MogileFSStorage(Storage):
         return MogileFSFile(self, name, mode)
 
     def _read(self, name: str, mode: str) -> SeekableBody:
-        """The body of the key ``name``, streamed from the first replica that answers."""
+        """The body of the key ``name``, streamed from the first replica that answers of the
+        length the tracker records (one cut short on its disk is passed over, as ``get`` does)."""
         if mode != "rb":
             raise ValueError(f"MogileFS files are opened with mode 'rb' only, not {mode!r}")
         with _checked_key():
             try:
-                paths = self.client.get_paths(name)
+                paths, info = current_version(self.client, name)
             except UnknownKeyError:
                 raise FileNotFoundError(f"no MogileFS key {name!r}") from None
-            return SeekableBody(paths, timeout=self.client.storage_timeout)
+            return SeekableBody(paths, length=info.length, timeout=self.client.storage_timeout)
 
     def exists(self, name: str) -> bool:
         """True if the key exists, or keys are under ``name`` (a directory :meth:`listdir` lists, its
