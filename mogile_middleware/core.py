@@ -35,7 +35,7 @@ from .exceptions import (
 )
 from .http import Answer, FileRequest
 from .locate import is_clean_url
-from .protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_linked_path, check_url_key
+from .protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_linked_path, check_url_key, local_link
 from .responders import NginxReproxy, PerlbalReproxy, Representation, Reproxy
 from .signing import BAD_SIGNATURE, EXPIRED, UNSIGNED, Secret, URLSigner
 from .throttle import ThrottledLog
@@ -318,7 +318,7 @@ class MiddlewareCore:
         if self.key_for_path is not None and path is None:
             raise ValueError("with key_for_path, url_for needs the path that maps to the key")
         named = check_linked_path(key if path is None else path)
-        url = quote(self.prefix + named, safe="/")
+        url = local_link(quote(self.prefix + named, safe="/"))
         return url if self.signer is None else f"{url}?{self.signer.query(named, expires_in)}"
 
     def _signed_query(self, query: str) -> str:

@@ -87,6 +87,13 @@ def check_linked_path(path: str) -> str:
     return path
 
 
+def local_link(path: str) -> str:
+    """A percent-encoded URL path with a leading ``//`` written ``/%2F``: a browser reads
+    ``//name/...`` as a link to the host ``name`` (a key ``/name/...`` under the prefix ``/``).
+    Servers decode both to the same path."""
+    return "/%2F" + path[2:] if path.startswith("//") else path
+
+
 def encode_request(command: str, args: Mapping[str, ArgValue] | None = None) -> bytes:
     """The request line for ``command`` with ``args`` (``None`` values are left out)."""
     pairs = [f"{_escaped_name(name)}={_escaped_value(value)}" for name, value in (args or {}).items()

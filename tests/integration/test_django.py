@@ -276,10 +276,29 @@ def test_a_name_that_is_not_utf8_is_refused_as_no_url_names_it(mogile: DevMogile
 def test_no_url_is_given_for_a_key_with_a_dot_segment(mogile: DevMogileFS) -> None:
     """Another client's key ``a/../b.txt``: a browser would ask for ``b.txt``, another key."""
     storage = MogileFSStorage()
-    for name in ("a/../b.txt", "./b.txt", "a/.", "..", "a/./b.txt", "a\\..\\b.txt", "x\\.\\y.txt"):
+    for name in ("a/../b.txt", "./b.txt", "a/.", "..", "a/./b.txt"):
         with pytest.raises(SuspiciousFileOperation, match="segment, which clients remove from a URL"):
             storage.url(name)
     assert storage.url("a/.b/c..txt") == "/media/a/.b/c..txt"
+    assert storage.url("a\\..\\b.txt") == "/media/a%5C..%5Cb.txt"  # no browser reads an escaped backslash
+
+
+def test_a_url_names_the_key_as_it_is_with_its_backslashes_and_leading_slash(app: TestApp) -> None:
+    """Another client's ``dj\\report.txt`` and ``/secret.txt`` were linked (and signed) as
+    ``dj/report.txt`` and ``secret.txt``: a link served another key's file."""
+    client = get_client()
+    names = ("dj\\report.txt", "dj/report.txt", "/secret.txt", "secret.txt", "//a.txt", "a.txt")
+    for name in names:
+        client.store_content(name, name.encode(), cls="thumb")
+    for signing_key in (None, "s3cret"):
+        with with_settings(MOGILEFS_SIGNING_KEY=signing_key):
+            storage = MogileFSStorage()
+            for name in names:
+                assert app.get(storage.url(name)).body == name.encode(), (signing_key, name)
+    with with_settings(MOGILEFS_MEDIA_URL="/"):
+        assert MogileFSStorage().url("/evil.example/x.png") == "/%2Fevil.example/x.png"  # not the host evil.example
+    with with_settings(MOGILEFS_MEDIA_URL="//cdn.example/"):
+        assert MogileFSStorage().url("/x.png") == "//cdn.example//x.png"
 
 
 def test_a_relative_media_url_links_and_serves_below_the_script_prefix(mogile: DevMogileFS) -> None:

@@ -151,6 +151,20 @@ def test_url_for_signs_as_the_middleware_checks() -> None:
     assert plain.url_for("café.txt".encode()) == "/mogilefs/caf%C3%A9.txt"
 
 
+def test_a_url_under_the_prefix_slash_never_names_another_host(stored: DevMogileFS) -> None:
+    """The key ``/evil.example/x.png`` under the prefix ``/`` was linked as ``//evil.example/x.png``:
+    a browser asks the host ``evil.example`` for it, and for a signed link sends it the token."""
+    from webtest import TestApp
+
+    Client(DOMAIN, stored.trackers).store_content("/evil.example/x.png", b"ours", "thumb")
+    for signing_key in (None, SECRET):
+        middleware = MogileFSMiddleware(lambda e, s: [], domain=DOMAIN, trackers=stored.trackers, prefix="/",
+                                        signing_key=signing_key)
+        url = middleware.url_for("/evil.example/x.png")
+        assert url.startswith("/%2Fevil.example/x.png")
+        assert TestApp(middleware).get(url).body == b"ours"
+
+
 @pytest.mark.parametrize("key", ["x\udcff", b"x\xff"], ids=["surrogate-escaped", "bytes"])
 def test_a_key_that_is_not_utf8_is_refused_where_a_url_or_a_view_would_name_it(key: str | bytes) -> None:
     # The middleware answers a path that is not UTF-8 with a 400: no URL serves such a key.

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote
 
 import django
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
@@ -21,13 +21,12 @@ from django.core.files.storage import Storage
 from django.core.files.uploadedfile import InMemoryUploadedFile
 from django.urls import get_script_prefix
 from django.utils.deconstruct import deconstructible
-from django.utils.encoding import filepath_to_uri
 
 from ...client import Client
 from ...exceptions import (BadKeyError, KeyExistsError, MogileFSError, OutcomeUnknownError, UnknownKeyError, UploadError,
                            UploadOutcomeUnknownError)
 from ...locate import current_version
-from ...protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_key, check_linked_path, check_url_key
+from ...protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_key, check_linked_path, check_url_key, local_link
 from ...storage import SeekableBody
 from ...signing import URLSigner
 from ...tracker import Address
@@ -40,6 +39,10 @@ log = logging.getLogger("mogile_middleware")
 #: Where a save uploads before renaming to its name: ``TEMPORARY_PREFIX`` + 32 hex digits, so
 #: that a name of any allowed length still has a temporary key.
 TEMPORARY_PREFIX = ".mogile-upload/"
+
+#: What a name's URL leaves unescaped, as Django's ``filepath_to_uri``, which also turns backslashes
+#: into slashes: in a key, a backslash is a character of its name.
+_URI_SAFE = "/~!*()'"
 
 #: How many renames of a save may lose their answer, not carried out, before the save fails.
 _RENAMES_WITHOUT_ANSWER = 2
@@ -302,14 +305,16 @@ class MogileFSStorage(Storage):
             media_url = get_script_prefix() + media_url
         with _checked_key():
             # None: the media URL, as FileSystemStorage gives; a name of another client's with a
-            # "." or ".." segment is linked by no URL (Django's own names never have one), and
-            # filepath_to_uri reads backslashes as slashes.
-            key = check_linked_path(check_url_key(name).replace("\\", "/")) if name else ""
-        path = filepath_to_uri(key).lstrip("/")
+            # "." or ".." segment is linked by no URL (Django's own names never have one). A key is
+            # named as it is: a backslash or a leading slash (another client's) is part of it.
+            key = check_linked_path(check_url_key(name)) if name else ""
+        link = media_url + quote(key, safe=_URI_SAFE)
+        if not media_url.startswith("//"):  # a media URL of "/": a key "/host/x" must not name a host
+            link = local_link(link)
         secrets, expires_in = conf.signing_key(), conf.url_expires()  # both checked, even when unsigned
-        if secrets is None or not path:
-            return media_url + path
-        return f"{media_url}{path}?{URLSigner(secrets, self._domain or conf.domain()).query(unquote(path), expires_in)}"
+        if secrets is None or not key:
+            return link
+        return f"{link}?{URLSigner(secrets, self._domain or conf.domain()).query(key, expires_in)}"
 
     def _served_media_url(self) -> str:
         """The storage's ``media_url``, else ``MOGILEFS_MEDIA_URL``, which the wrapped application
