@@ -82,8 +82,8 @@ class FileIndex:
             return f"<li>{html.escape(printable(key))} {about}, not served: not UTF-8</li>"
         try:
             href = html.escape(file_path(self.prefix, check_linked_path(name), script_name))
-        except BadKeyError:  # a browser would ask for another key
-            return f"<li>{html.escape(key)} {about}, not linked: a dot segment</li>"
+        except BadKeyError as error:  # a browser would ask for another key, or the middleware answer 400
+            return f"<li>{html.escape(printable(key))} {about}, not linked: {html.escape(str(error))}</li>"
         return f'<li><a href="{href}">{html.escape(key)}</a> {about}</li>'
 
 

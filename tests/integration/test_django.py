@@ -281,6 +281,8 @@ def test_no_url_is_given_for_a_key_with_a_dot_segment(mogile: DevMogileFS) -> No
             storage.url(name)
     assert storage.url("a/.b/c..txt") == "/media/a/.b/c..txt"
     assert storage.url("a\\..\\b.txt") == "/media/a%5C..%5Cb.txt"  # no browser reads an escaped backslash
+    with pytest.raises(SuspiciousFileOperation, match="control character"):
+        storage.url("another\x7fclient's.txt")  # the middleware answers its link with a 400
 
 
 def test_a_url_names_the_key_as_it_is_with_its_backslashes_and_leading_slash(app: TestApp) -> None:

@@ -185,6 +185,8 @@ def test_no_url_is_given_for_a_path_with_a_dot_segment() -> None:
             plain.url_for(named)
         with pytest.raises(BadKeyError, match="segment, which clients remove from a URL"):
             mapped.url_for("B.TXT", path=named)
+    with pytest.raises(BadKeyError, match="control character '\\\\t', which the middleware answers with a 400"):
+        plain.url_for("a\tb.txt")  # its link was answered 400
     # A key a view serves needs no URL of its own.
     assert served_file(serve_header("a/../b.txt")[1]) == ("a/../b.txt", None)
     assert plain.url_for("a/.b/c..txt") == "/mogilefs/a/.b/c..txt"
