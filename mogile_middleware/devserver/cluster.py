@@ -47,7 +47,7 @@ class DevMogileFS:
     default) leave an overwritten key unknown between its old file and its new one, as mogilefsd
     does for a moment.
 
-    ``tracker_idle_timeout`` (60 s), ``tracker_line_timeout`` (10 s) and ``tracker_max_connections``
+    ``tracker_idle_timeout`` (none), ``tracker_line_timeout`` (10 s) and ``tracker_max_connections``
     (200) are the tracker's ``idle_timeout``, ``line_timeout`` and ``max_connections``
     (see :class:`~.tracker_server.TrackerServer`).
     """
@@ -63,7 +63,7 @@ class DevMogileFS:
         domains: Mapping[str, Mapping[str, int]] | None = None,
         replication_delay: float = 0.0,
         overwrite_gap: float = 0.0,
-        tracker_idle_timeout: float = 60.0,
+        tracker_idle_timeout: float | None = None,
         tracker_line_timeout: float = 10.0,
         tracker_max_connections: int = 200,
     ) -> None:

@@ -117,7 +117,8 @@ def create_close(ctx: Context, args: dict[str, str]) -> Reply:
     if checksum and perl_true(args.get("checksumverify")):
         actual = f"MD5:{httpstore.md5_hex(path)}"
         if actual != checksum:
-            raise fail("checksum_mismatch", f"Expected: {checksum}; actual: {actual}; path: {path}")
+            expected_checksum = f"Checksum[f={fid};{checksum.replace(':', '=', 1)}]"  # as Perl prints the object
+            raise fail("checksum_mismatch", f"Expected: {expected_checksum}; actual: {actual}; path: {path}")
     if ctx.overwrite_gap:
         _drop_overwritten(ctx, dmid, key)
     old_fid, old_devids = ctx.store.store_file(fid, dmid, key, size, temp.classid, devid)

@@ -56,6 +56,8 @@ ERROR_TEXTS = {
     "unreg_domain": "Domain name invalid/not found",
 }
 
+#: 2**63: no 64-bit signed integer reaches it.
+_INT64_LIMIT = 2**63
 _PERL_NUMBER = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)")
 
 Reply = Mapping[str, str | int] | None
@@ -90,9 +92,16 @@ def perl_true(value: str | None) -> bool:
 
 
 def perl_int(value: str | None) -> int:
-    """An argument as a Perl number, truncated: its leading number, or 0 (``"12abc"`` is 12)."""
+    """An argument as a Perl number, truncated: its leading number, or 0 (``"12abc"`` is 12). One
+    beyond a 64-bit integer (``1e999``, which Perl reads as infinity) is the largest one of its
+    sign, which compares as Perl's does with any count, id or limit (SQLite holds no larger)."""
     match = _PERL_NUMBER.match(value or "")
-    return int(float(match.group(1))) if match else 0
+    if not match:
+        return 0
+    number = float(match.group(1))
+    if abs(number) < _INT64_LIMIT:
+        return int(number)
+    return _INT64_LIMIT - 1 if number > 0 else 1 - _INT64_LIMIT
 
 
 def require_domain(ctx: Context, args: Mapping[str, str]) -> int:

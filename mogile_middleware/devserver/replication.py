@@ -5,7 +5,7 @@ the dropped data is gone), which makes tests deterministic. With a delay, :class
 does it that many seconds later on a :class:`~.scheduler.Scheduler` thread, as mogilefsd's
 replicate and delete jobs do. Copies that could not be made, for want of a live device, are made
 by :class:`Repairer` once a device comes back. Copies go over HTTP, streamed from a node holding
-the file to a live device on a host that holds no copy yet.
+the file to a live device, on a host that holds no copy yet while there is one.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ log = logging.getLogger(__name__)
 
 
 def replicate(ctx: Context, fid: int) -> None:
-    """Copy ``fid`` to more live devices (one per host) until its class's mindevcount is met, or
-    drop the copies beyond it (a class that keeps fewer: mogilefsd's "too happy" files)."""
+    """Copy ``fid`` to more live devices until its class's mindevcount is met, or drop the copies
+    beyond it (a class that keeps fewer: mogilefsd's "too happy" files). As ``MultipleHosts()``
+    places them: one per host holding none, then, with no such host left to take one, on other
+    devices of the hosts holding one (mogilefsd's "desperate" devices)."""
     store = ctx.store
     row = store.file_by_fid(fid)
     if row is None:
@@ -41,19 +43,22 @@ def replicate(ctx: Context, fid: int) -> None:
             store.remove_replica(fid, device.devid)
             remove_data(ctx, fid, [device.devid])
         return
-    live = ctx.monitor.live_devices()
     used_hosts = {device.hostid for device in holders}
-    targets = [device for device in live if device.hostid not in used_hosts]
-    random.shuffle(targets)
+    held = {device.devid for device in holders}
     count = len(holders)
-    for target in targets:
-        if count >= cls.mindevcount or not sources:
-            return
-        if target.hostid in used_hosts:
-            continue
-        if _copy(ctx, fid, row.length, sources[0], target, cls.hashtype is not None):
-            used_hosts.add(target.hostid)
-            count += 1
+    for desperate in (False, True):
+        targets = [device for device in ctx.monitor.live_devices()
+                   if device.devid not in held and (desperate or device.hostid not in used_hosts)]
+        random.shuffle(targets)
+        for target in targets:
+            if count >= cls.mindevcount or not sources:
+                return
+            if not desperate and target.hostid in used_hosts:
+                continue
+            if _copy(ctx, fid, row.length, sources[0], target, cls.hashtype is not None):
+                used_hosts.add(target.hostid)
+                held.add(target.devid)
+                count += 1
 
 
 def _copy(ctx: Context, fid: int, length: int, source: DeviceRow, target: DeviceRow, hashed: bool) -> bool:

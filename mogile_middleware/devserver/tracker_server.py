@@ -4,10 +4,11 @@ For development and tests only, not a replacement for mogilefsd. Framing is mogi
 ends at ``\n`` (one ``\r`` before it is dropped, a ``\r`` elsewhere stays in the line), empty
 lines get no reply, pipelined lines get one reply each in order, nothing is answered before the
 line end arrives. Lines starting with ``!`` are admin lines answered with lines ending in ``.``.
-A connection is closed on a line longer than :data:`MAX_LINE`, after ``idle_timeout`` without a
-line, or when a line is not complete ``line_timeout`` after its first byte; connections beyond
-``max_connections`` are closed at once (see :class:`TrackerServer`). Nothing a client sends can
-stop the server. Storage is reached only over HTTP, so external storage nodes can be registered too.
+A connection is closed on a line longer than :data:`MAX_LINE`, after ``idle_timeout`` (if one
+is set) without a line, or when a line is not complete, or a reply not read, ``line_timeout``
+after it began; connections beyond ``max_connections`` are closed at once (see
+:class:`TrackerServer`). Nothing a client sends can stop the server. Storage is reached only
+over HTTP, so external storage nodes can be registered too.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class _Connection(socketserver.BaseRequestHandler):
                     if len(line) > MAX_LINE:
                         return
                     if line:
-                        sock.settimeout(tracker.idle_timeout)  # a client not reading its replies is cut too
+                        sock.settimeout(tracker.line_timeout)  # a client not reading its replies is cut too
                         sock.sendall(tracker.answer(line))
                 if len(pending) > MAX_LINE:
                     return
@@ -102,11 +103,11 @@ class TrackerServer(BackgroundServer):
         the deletion of dropped data are delayed, as mogilefsd's background jobs do.
     :param overwrite_gap: seconds (0: none) between dropping the file an overwrite replaces and
         recording the new one, during which the key is unknown, as in mogilefsd's ``create_close``.
-    :param idle_timeout: seconds a connection may wait between lines (or take to read a reply)
-        before it is closed; 60 by default, so a client keeping a connection open between
-        requests sends at least one request a minute.
-    :param line_timeout: seconds a line may take from its first byte to its line end; 10 by
-        default, so half-sent lines do not hold a thread each.
+    :param idle_timeout: seconds a connection may wait between lines before it is closed; none
+        by default, as mogilefsd closes no idle connection: MogileFS::Client keeps one open
+        between requests, and dies on its next one when it was closed.
+    :param line_timeout: seconds a line may take from its first byte to its line end, and a reply
+        to be read; 10 by default, so half-sent lines and unread replies do not hold a thread each.
     :param max_connections: connections served at once (one thread each); 200 by default. Any
         more are closed as soon as they are accepted, so the client fails over to another
         tracker; connections already served are not affected.
@@ -120,11 +121,11 @@ class TrackerServer(BackgroundServer):
         *,
         replication_delay: float = 0.0,
         overwrite_gap: float = 0.0,
-        idle_timeout: float = 60.0,
+        idle_timeout: float | None = None,
         line_timeout: float = 10.0,
         max_connections: int = 200,
     ) -> None:
-        if idle_timeout <= 0 or line_timeout <= 0:
+        if (idle_timeout is not None and idle_timeout <= 0) or line_timeout <= 0:
             raise ValueError(f"timeouts must be positive: idle {idle_timeout}, line {line_timeout}")
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1: {max_connections}")

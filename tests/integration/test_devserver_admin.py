@@ -170,6 +170,20 @@ def test_a_host_marked_down_is_not_used(client: LineClient) -> None:
     assert client.call("create_open", domain=DOMAIN, key="k").startswith(b"ERR no_devices ")
 
 
+def test_a_second_copy_goes_to_another_device_of_the_host_when_no_other_host_takes_it(
+        devmogile: DevMogileFS, client: LineClient) -> None:
+    """As mogilefsd's ``MultipleHosts()``: with no other host to take a copy, another device of a
+    host holding one does. A two-copy file on a one-host MogileFS kept one copy for good."""
+    client.ok("create_device", devid=3, hostname="stor1")
+    (devmogile.nodes[0].docroot / "dev3").mkdir()
+    client.ok("update_host", host="stor2", status="down")
+    client.ok("clear_cache")
+    assert upload(client, DOMAIN, "one-host", b"data", "avatar") == b"OK \r\n"
+    assert client.ok("file_info", domain=DOMAIN, key="one-host", devices=1)["devids"] in ("1,3", "3,1")
+    assert upload(client, DOMAIN, "one-copy", b"data", "thumb") == b"OK \r\n"
+    assert client.ok("file_info", domain=DOMAIN, key="one-copy")["devcount"] == "1"
+
+
 def test_hosts_and_devices_survive_a_restart(tmp_path: Path) -> None:
     with DevMogileFS(data_dir=tmp_path, domains={DOMAIN: CLASSES}) as mogile, LineClient(mogile.tracker_address) as c:
         c.ok("create_host", host="extra", ip="127.0.0.1", port=7600, getport=7601, altmask="10.0.0.0/8")

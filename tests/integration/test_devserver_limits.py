@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +176,29 @@ def test_an_idle_connection_is_closed_after_the_idle_timeout(mogile_with: Mogile
         assert client.silent_for(0.6)  # longer than the line timeout: an idle connection is not cut by it
         assert client.closed_within(3)
         assert 0.9 < time.monotonic() - answered < 3
+
+
+def test_an_idle_connection_is_kept_open_as_mogilefsd_keeps_it(mogile_with: MogileFactory) -> None:
+    """It was closed after a minute without a request: MogileFS::Client, which keeps its connection
+    between requests, died on the next one ("socket closed on read")."""
+    mogile = mogile_with(tracker_line_timeout=0.3)
+    assert mogile.tracker.idle_timeout is None
+    with LineClient(mogile.tracker_address) as client:
+        assert client.ask("noop") == b"OK \r\n"
+        assert client.silent_for(1.5)
+        assert client.ask("noop") == b"OK \r\n"
+
+
+def test_a_client_not_reading_its_replies_is_cut_after_the_line_timeout(mogile_with: MogileFactory) -> None:
+    mogile = mogile_with(tracker_line_timeout=0.5)
+    threads_before = threading.active_count()
+    with socket.create_connection(mogile.tracker_address, timeout=0.2) as sock:
+        with suppress(OSError):  # until the tracker stops reading: it waits to write a reply
+            for _ in range(10_000):
+                sock.sendall(b"get_domains\r\n" * 100)
+        stuck = time.monotonic()
+        threads = eventually(threading.active_count, lambda count: count <= threads_before, timeout=5)
+        assert threads <= threads_before and time.monotonic() - stuck < 3  # its thread gone, unread
 
 
 def test_connections_beyond_the_bound_are_closed_at_once(mogile_with: MogileFactory) -> None:
