@@ -219,12 +219,17 @@ class MogileFSMiddleware(MiddlewareCore):
 
     async def _pass(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The application's answer, without the reproxy headers only the middleware may send; or,
-        when it answered with :data:`~mogile_middleware.views.SERVE_HEADER`, the file it asks for."""
+        when it answered with :data:`~mogile_middleware.views.SERVE_HEADER`, the file it asks for,
+        sent once its answer ends (what it does after, as Starlette's background tasks, comes after
+        the file). The application gets the server's scope, marked as this middleware's while it
+        runs: what it writes there (a router's ``route``, ``state``) reaches the middlewares outside."""
         asked: list[tuple[str, str | None]] = []
         cookies: list[str] = []
+        sent = False
         reproxied = reproxy_marks(scope)
 
         async def filtered(message: Message) -> None:
+            nonlocal sent
             if message["type"] == "http.response.start":
                 headers = message.get("headers", ())
                 if not isinstance(headers, (list, tuple)):  # any iterable of pairs: read once
@@ -237,12 +242,23 @@ class MogileFSMiddleware(MiddlewareCore):
                                        if name.lower() == b"set-cookie")
                         return
                     message = _internal_headers_removed(message, keep_reproxy=self.allow_app_reproxy or bool(reproxied))
-            elif asked:
-                return  # the body of the answer the file replaces
+            elif asked:  # the body of the answer the file replaces
+                if not sent and message["type"] == "http.response.body" and not message.get("more_body"):
+                    sent = True
+                    await self._send_for_view(scope, receive, send, asked[0], cookies)
+                return
             await send(message)
 
-        await self.app({**scope, WRAPPED_BY: self}, receive, filtered)
-        if asked:
+        outer = scope.get(WRAPPED_BY)  # a middleware of this package around this one
+        scope[WRAPPED_BY] = self
+        try:
+            await self.app(scope, receive, filtered)
+        finally:
+            if outer is None:
+                scope.pop(WRAPPED_BY, None)
+            else:
+                scope[WRAPPED_BY] = outer
+        if asked and not sent:  # an answer that never ended
             await self._send_for_view(scope, receive, send, asked[0], cookies)
 
     async def _answer(self, environ: dict[str, Any], key: str, location: Location | None) -> Answer | Streamed:

@@ -7,6 +7,7 @@ client; then through real Perlbal and nginx. Property tests of the signatures ru
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import gc
@@ -632,6 +633,64 @@ def test_the_starlette_example_serves_a_private_file_to_its_endpoint(stored: Dev
     for headers in ({}, {"Authorization": f"Bearer {TOKEN}"}):
         status, _, body = asgi_call(app, "/mogilefs/private/doc.txt", headers)
         assert status == 404 and FILES["private/doc.txt"] not in body
+
+
+def test_a_starlette_view_s_file_is_sent_before_its_background_tasks_run(stored: DevMogileFS) -> None:
+    """The file went out once the whole application returned: after a response's background
+    tasks (a slow one held every download; a failing one made it a 500)."""
+    from starlette.applications import Starlette
+    from starlette.background import BackgroundTask
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    events: list[Any] = []
+
+    def failing_audit() -> None:
+        events.append("background")
+        raise RuntimeError("the audit log is down")
+
+    async def download(request: Any) -> Response:
+        return Response(headers=dict([serve_header("plain.txt")]), background=BackgroundTask(failing_audit))
+
+    app = ASGIMiddleware(Starlette(routes=[Route("/download", download)]), domain=DOMAIN, trackers=stored.trackers)
+    scope = {"type": "http", "method": "GET", "path": "/download", "raw_path": b"/download", "query_string": b"",
+             "root_path": "", "headers": [], "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    incoming = [{"type": "http.request"}]
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0) if incoming else await asyncio.sleep(3600)
+
+    async def send(message: dict[str, Any]) -> None:
+        events.append(message)
+
+    with pytest.raises(RuntimeError, match="the audit log is down"):  # as it reaches the server without the middleware
+        asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
+    assert events[0]["status"] == 200 and events[-1] == "background"
+    assert b"".join(event.get("body", b"") for event in events[1:-1]) == FILES["plain.txt"]
+    assert not events[-2].get("more_body")  # the whole file, then the task
+
+
+def test_what_a_starlette_router_writes_in_the_scope_reaches_the_middlewares_outside(stored: DevMogileFS) -> None:
+    """The application got a copy of the scope: an outer middleware reading the matched route
+    (a metrics middleware's label, ``request.state`` under daphne) found nothing."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def item(request: Any) -> PlainTextResponse:
+        request.state.user = "alice"
+        return PlainTextResponse(request.path_params["number"])
+
+    inner = ASGIMiddleware(Starlette(routes=[Route("/items/{number}", item)]), domain=DOMAIN,
+                           trackers=stored.trackers)
+    seen: list[Any] = []
+
+    async def outer(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await inner(scope, receive, send)
+        seen.append((scope.get("path_params"), scope.get("state", {}).get("user"), "mogile_middleware.wrapped_by" in scope))
+
+    status, _, body = asgi_call(outer, "/items/7")
+    assert (status, body) == (200, b"7") and seen == [({"number": "7"}, "alice", False)]
 
 
 def test_perlbals_fallback_request_keeps_its_signature(stored: DevMogileFS) -> None:
