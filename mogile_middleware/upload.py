@@ -289,7 +289,7 @@ def remaining_size(fileobj: BinaryIO) -> int | None:
         position = fileobj.tell()
         end = fileobj.seek(0, io.SEEK_END)  # no copy, unlike BytesIO.getbuffer()
         fileobj.seek(position)
-        return end - position
+        return max(end - position, 0)  # a file positioned past its end has nothing left
     except (AttributeError, OSError, ValueError):
         return None
 
@@ -373,6 +373,9 @@ class NewFile(io.RawIOBase):
         except StorageError as error:
             self.abort()
             raise upload_failed(self.key, error) from error
+        except BaseException:  # Ctrl-C midway: part of the piece may have gone, never to be committed
+            self.abort()
+            raise
         return len(data)
 
     def _send(self, stream: PutStream, data: bytes | bytearray | memoryview) -> None:
@@ -394,7 +397,9 @@ class NewFile(io.RawIOBase):
 
     def write_from(self, fileobj: BinaryIO, progress: Progress | None = None) -> int:
         """Copy ``fileobj`` to its end and finish the PUT, trying the next destination if a node
-        refuses or drops it (rewinding ``fileobj``, which must then be seekable).
+        refuses or drops it (rewinding ``fileobj``, which must then be seekable). Any other
+        failure (of the source, of ``progress``, Ctrl-C) drops the upload before it is raised: a
+        ``close()`` after it, as in a ``finally``, commits nothing.
 
         ``progress`` is called with the bytes sent so far after each chunk.
         """
@@ -424,6 +429,9 @@ class NewFile(io.RawIOBase):
                            else upload_failed(self.key, error)) from error
                 fileobj.seek(start)
                 self._reset_body()
+            except BaseException:  # the part sent must never be committed
+                self.abort()
+                raise
 
     def _check_not_sent(self) -> None:
         """A ValueError once :meth:`write_from` has finished the PUT: the node has the whole body."""
@@ -431,11 +439,16 @@ class NewFile(io.RawIOBase):
             raise ValueError(f"upload of {self.key!r}: write_from sent the whole body; close the file to commit it")
 
     def write_chunks(self, chunks: Iterable[bytes], progress: Progress | None = None) -> int:
-        """Write every chunk of ``chunks`` (e.g. Django's ``File.chunks()``); see :meth:`write_from`."""
-        for chunk in chunks:
-            self.write(chunk)
-            if progress is not None:
-                progress(self.size)
+        """Write every chunk of ``chunks`` (e.g. Django's ``File.chunks()``); see :meth:`write_from`,
+        also for a failure midway."""
+        try:
+            for chunk in chunks:
+                self.write(chunk)
+                if progress is not None:
+                    progress(self.size)
+        except BaseException:
+            self.abort()
+            raise
         return self.size
 
     def close(self) -> None:

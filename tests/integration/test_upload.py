@@ -4,6 +4,7 @@ promises from the asyncio client's ``store_content`` and ``store_file``."""
 from __future__ import annotations
 
 import array
+import errno
 import asyncio
 import concurrent.futures
 import hashlib
@@ -17,7 +18,7 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -330,6 +331,15 @@ def test_a_source_with_only_read_is_sent_once(flavour: Flavour, client: Client) 
     assert client.get_file_data("read-only") == data
 
 
+@both_flavours
+def test_a_file_positioned_past_its_end_stores_nothing_left_in_it(flavour: Flavour, client: Client) -> None:
+    # Its size was announced as -7 (Content-Length: -7 to the node), and the upload failed.
+    source = io.BytesIO(b"abc")
+    source.seek(10)
+    assert store(flavour, client, "past-the-end", source, "thumb") == 0
+    assert client.get_file_data("past-the-end") == b""
+
+
 def test_a_new_file_takes_no_more_bytes_once_write_from_sent_the_body(client: Client) -> None:
     with client.new_file("doc", cls="thumb") as file:
         file.write_from(io.BytesIO(b"whole"))
@@ -421,6 +431,54 @@ def test_one_large_write_goes_on_while_the_node_takes_it_steadily(flavour: Flavo
         tracker.stop()
         node.stop()
     assert node.received == [hashlib.md5(data).hexdigest()]
+
+
+class _FailingAfter(io.RawIOBase):
+    """A source whose read fails once ``good`` bytes were read, as a disk or a network share can."""
+
+    def __init__(self, good: int) -> None:
+        super().__init__()
+        self.left = good
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.left <= 0:
+            raise OSError(errno.EIO, "read failed midway")
+        count = min(len(buffer), self.left)
+        buffer[:count] = b"x" * count
+        self.left -= count
+        return count
+
+
+def _chunks_failing_after(count: int) -> Iterator[bytes]:
+    yield from [b"y" * MIB] * count
+    raise OSError(errno.EIO, "read failed midway")
+
+
+def _progress_failing(sent: int) -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("write", [
+    pytest.param(lambda file: file.write_from(_FailingAfter(3 * MIB)), id="source-fails"),
+    pytest.param(lambda file: file.write_chunks(_chunks_failing_after(3)), id="chunks-fail"),
+    pytest.param(lambda file: file.write_from(io.BytesIO(b"z" * 3 * MIB), progress=_progress_failing), id="ctrl-c"),
+    pytest.param(lambda file: file.write_chunks([b"z" * MIB] * 3, progress=_progress_failing), id="chunks-ctrl-c"),
+])
+def test_a_new_file_closed_after_its_body_failed_midway_commits_nothing(client: Client,
+                                                                       write: Callable[[Any], Any]) -> None:
+    """pymogile's ``try: write ... finally: close()``: the close finished the PUT of what had been
+    sent, and the key pointed at the first megabytes."""
+    client.store_content("kept", b"the old version", cls="thumb")
+    file = client.new_file("kept", cls="thumb")
+    with pytest.raises((OSError, KeyboardInterrupt)):
+        try:
+            write(file)
+        finally:
+            file.close()
+    assert client.get_file_data("kept") == b"the old version"
 
 
 def test_a_new_file_closed_or_aborted_takes_no_more_bytes(client: Client) -> None:
