@@ -19,6 +19,7 @@ wrapped application untouched, except that its responses may not carry reproxy h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -220,16 +221,17 @@ class MogileFSMiddleware(MiddlewareCore):
     async def _pass(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The application's answer, without the reproxy headers only the middleware may send; or,
         when it answered with :data:`~mogile_middleware.views.SERVE_HEADER`, the file it asks for,
-        sent once its answer ends (what it does after, as Starlette's background tasks, comes after
-        the file). The application gets the server's scope, marked as this middleware's while it
-        runs: what it writes there (a router's ``route``, ``state``) reaches the middlewares outside."""
+        sent from when its answer ends, beside what it does after (Starlette's background tasks,
+        Django's ``request_finished``), and whole before an error it raises then. The application
+        gets the server's scope, marked as this middleware's while it runs: what it writes there (a
+        router's ``route``, ``state``) reaches the middlewares outside."""
         asked: list[tuple[str, str | None]] = []
         cookies: list[str] = []
-        sent = False
+        transfer: asyncio.Future[None] | None = None
         reproxied = reproxy_marks(scope)
 
         async def filtered(message: Message) -> None:
-            nonlocal sent
+            nonlocal transfer
             if message["type"] == "http.response.start":
                 headers = message.get("headers", ())
                 if not isinstance(headers, (list, tuple)):  # any iterable of pairs: read once
@@ -243,9 +245,8 @@ class MogileFSMiddleware(MiddlewareCore):
                         return
                     message = _internal_headers_removed(message, keep_reproxy=self.allow_app_reproxy or bool(reproxied))
             elif asked:  # the body of the answer the file replaces
-                if not sent and message["type"] == "http.response.body" and not message.get("more_body"):
-                    sent = True
-                    await self._send_for_view(scope, receive, send, asked[0], cookies)
+                if transfer is None and message["type"] == "http.response.body" and not message.get("more_body"):
+                    transfer = asyncio.ensure_future(self._send_for_view(scope, receive, send, asked[0], cookies))
                 return
             await send(message)
 
@@ -253,12 +254,21 @@ class MogileFSMiddleware(MiddlewareCore):
         scope[WRAPPED_BY] = self
         try:
             await self.app(scope, receive, filtered)
+        except BaseException as error:
+            if transfer is not None:
+                if isinstance(error, asyncio.CancelledError):
+                    transfer.cancel()
+                with contextlib.suppress(BaseException):  # the application's error is the one raised
+                    await transfer
+            raise
         finally:
             if outer is None:
                 scope.pop(WRAPPED_BY, None)
             else:
                 scope[WRAPPED_BY] = outer
-        if asked and not sent:  # an answer that never ended
+        if transfer is not None:
+            await transfer
+        elif asked:  # an answer that never ended
             await self._send_for_view(scope, receive, send, asked[0], cookies)
 
     async def _answer(self, environ: dict[str, Any], key: str, location: Location | None) -> Answer | Streamed:

@@ -22,11 +22,11 @@ from .protocol import check_url_key
 
 log = logging.getLogger("mogile_middleware")
 
-#: Where a middleware marks the requests it passes to its application (the WSGI environ, a copy
-#: of the ASGI scope): an answer with :data:`SERVE_HEADER` will be turned into a file's.
+#: Where a middleware marks the requests it passes to its application (the WSGI environ, the ASGI
+#: scope while the application runs): an answer with :data:`SERVE_HEADER` will be turned into a file's.
 WRAPPED_BY = "mogile_middleware.wrapped_by"
 #: Where the first middleware that passes a request on puts a list (in the WSGI environ, or the
-#: ASGI scope, whose copies share it), marked by any middleware that answers the request with
+#: ASGI scope, which the copies other middlewares make of it share), marked by any middleware that answers the request with
 #: reproxy headers: those are a middleware's own, which the middlewares around it let through
 #: (two stacked for two prefixes), where an application's are dropped.
 REPROXIED = "mogile_middleware.reproxied"

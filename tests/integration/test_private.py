@@ -34,8 +34,9 @@ from integration._gunicorn import run_gunicorn, run_uvicorn
 from integration._wire_client import read_http_reply
 from integration.test_asgi import run
 from integration.test_proxies import SERVERS, serving
+from wiretools import KeptAliveNode, files_tracker
 
-from mogile_middleware import BadKeyError, Client, MogileFSMiddleware, serve_header
+from mogile_middleware import BadKeyError, Client, MogileFSMiddleware, StorageError, serve_header
 from mogile_middleware.views import served_file
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.devserver import DevMogileFS
@@ -635,24 +636,19 @@ def test_the_starlette_example_serves_a_private_file_to_its_endpoint(stored: Dev
         assert status == 404 and FILES["private/doc.txt"] not in body
 
 
-def test_a_starlette_view_s_file_is_sent_before_its_background_tasks_run(stored: DevMogileFS) -> None:
-    """The file went out once the whole application returned: after a response's background
-    tasks (a slow one held every download; a failing one made it a 500)."""
+def _starlette_download(trackers: list[str], key: str, events: list[Any], background: Any) -> Any:
+    """A Starlette application whose ``/download`` answers with ``key``'s file and runs ``background``
+    after, wrapped by the middleware on ``trackers``, called; each message it sends is added to ``events``."""
     from starlette.applications import Starlette
     from starlette.background import BackgroundTask
     from starlette.responses import Response
     from starlette.routing import Route
 
-    events: list[Any] = []
-
-    def failing_audit() -> None:
-        events.append("background")
-        raise RuntimeError("the audit log is down")
-
     async def download(request: Any) -> Response:
-        return Response(headers=dict([serve_header("plain.txt")]), background=BackgroundTask(failing_audit))
+        return Response(headers=dict([serve_header(key)]), background=BackgroundTask(background))
 
-    app = ASGIMiddleware(Starlette(routes=[Route("/download", download)]), domain=DOMAIN, trackers=stored.trackers)
+    app = ASGIMiddleware(Starlette(routes=[Route("/download", download)]), domain=DOMAIN, trackers=trackers,
+                         storage_timeout=2)
     scope = {"type": "http", "method": "GET", "path": "/download", "raw_path": b"/download", "query_string": b"",
              "root_path": "", "headers": [], "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
     incoming = [{"type": "http.request"}]
@@ -663,11 +659,39 @@ def test_a_starlette_view_s_file_is_sent_before_its_background_tasks_run(stored:
     async def send(message: dict[str, Any]) -> None:
         events.append(message)
 
+    return asyncio.wait_for(app(scope, receive, send), 10)
+
+
+def test_a_starlette_view_s_file_is_not_held_by_its_background_tasks(stored: DevMogileFS) -> None:
+    """The file went out once the whole application returned: after a response's background
+    tasks (a slow one held every download; a failing one made it a 500)."""
+    events: list[Any] = []
+
+    async def audit_once_the_file_is_sent() -> None:
+        while not any(event["type"] == "http.response.body" and not event.get("more_body") for event in events):
+            await asyncio.sleep(0.01)  # as a slow task: the file goes out meanwhile
+        events.append("background")
+        raise RuntimeError("the audit log is down")
+
     with pytest.raises(RuntimeError, match="the audit log is down"):  # as it reaches the server without the middleware
-        asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
+        asyncio.run(_starlette_download(stored.trackers, "plain.txt", events, audit_once_the_file_is_sent))
     assert events[0]["status"] == 200 and events[-1] == "background"
     assert b"".join(event.get("body", b"") for event in events[1:-1]) == FILES["plain.txt"]
-    assert not events[-2].get("more_body")  # the whole file, then the task
+
+
+def test_a_transfer_cut_midway_leaves_the_application_s_work_after_its_answer_done() -> None:
+    """A replica failing midway raised its error into the application's send: Starlette's
+    background tasks (and Django's request_finished) never ran."""
+    node = KeptAliveNode(lambda head: b"HTTP/1.0 200 OK\r\nContent-Length: 10\r\n\r\n01234", closes=True)
+    tracker = files_tracker({"cut": (9, 10, [node.url(9)])})
+    events: list[Any] = []
+    try:
+        with pytest.raises(StorageError):  # to the server, which cuts the answer short
+            asyncio.run(_starlette_download([tracker.tracker], "cut", events, lambda: events.append("background")))
+    finally:
+        tracker.stop()
+        node.stop()
+    assert "background" in events and [event for event in events if event != "background"][0]["status"] == 200
 
 
 def test_what_a_starlette_router_writes_in_the_scope_reaches_the_middlewares_outside(stored: DevMogileFS) -> None:
