@@ -575,22 +575,27 @@ def test_a_create_close_that_may_have_stored_leaves_no_temporary_key(
         upstream.close()
 
 
-@pytest.mark.parametrize(("carried_out", "lost_answers"), [(True, 1), (False, 1), (False, 3)],
-                         ids=["carried-out", "not-carried-out", "never-carried-out"])
-def test_a_rename_whose_answer_was_lost_is_told_by_the_temporary_key(mogile: DevMogileFS, carried_out: bool,
+@pytest.mark.parametrize(("carried_out", "lost_answers"), [("at once", 1), ("late", 1), ("never", 1), ("never", 3)],
+                         ids=["carried-out", "carried-out-late", "not-carried-out", "never-carried-out"])
+def test_a_rename_whose_answer_was_lost_is_told_by_the_temporary_key(mogile: DevMogileFS, carried_out: str,
                                                                      lost_answers: int) -> None:
     """A save whose rename answer was lost raised, though the tracker had renamed the file: the
-    name held it, with no row pointing at it, and the next save of the name took another one."""
+    name held it, with no row pointing at it, and the next save of the name took another one.
+    Late: the tracker carries it out after the temporary key was found still there."""
     upstream = TrackerConnection(mogile.tracker_address, 1.0, 5.0)
     lost: list[bytes] = []
 
     def losing_renames(line: bytes) -> bytes | None:
         if line.startswith(b"rename ") and len(lost) < lost_answers:
             lost.append(line)
-            if carried_out:
+            if carried_out == "at once":
                 upstream.roundtrip(line)
             return None
-        return upstream.roundtrip(line)
+        answer = upstream.roundtrip(line)
+        asks_for_the_temporary_key = line.startswith(b"file_info ") and TEMPORARY_PREFIX.encode() in unquote_to_bytes(line)
+        if carried_out == "late" and asks_for_the_temporary_key:
+            upstream.roundtrip(lost[0])
+        return answer
 
     relay = ScriptedTracker(losing_renames)
     try:

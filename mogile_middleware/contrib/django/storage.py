@@ -196,8 +196,9 @@ class MogileFSStorage(Storage):
 
     def _rename_to_available(self, temporary: str, name: str) -> str:
         """Rename ``temporary`` to ``name``, or to the next available name while the one tried is
-        taken. A rename whose answer was lost is told by whether ``temporary`` is still there."""
-        candidate, lost = name, 0
+        taken. A rename whose answer was lost is told by whether ``temporary`` is still there, and
+        one carried out late (after that) by the name that holds the temporary key's fid."""
+        candidate, unanswered, fid = name, [], 0
         while True:
             # Asked again: the name may have been taken during the upload, and mogilefsd 2.73 answers a
             # rename onto a taken key twice, which costs some other request its tracker connection.
@@ -208,30 +209,45 @@ class MogileFSStorage(Storage):
                         return candidate
                     except KeyExistsError:
                         pass  # taken by another process between the two requests
+                    except UnknownKeyError:
+                        if not unanswered:
+                            raise
+                        return self._renamed_late(unanswered, fid, name)
                     except OutcomeUnknownError as error:
-                        if self._renamed(temporary, candidate, error):
+                        fid = self._fid_left(temporary, candidate, error)
+                        if fid is None:  # carried out
                             return candidate
-                        lost += 1
-                        if lost > _RENAMES_WITHOUT_ANSWER:
-                            raise UploadError(f"save of {name!r} failed: the answers to {lost} renames were lost, "
-                                              f"none carried out") from error
+                        unanswered.append(candidate)
+                        if len(unanswered) > _RENAMES_WITHOUT_ANSWER:
+                            raise UploadError(f"save of {name!r} failed: the answers to {len(unanswered)} renames "
+                                              f"were lost, none carried out") from error
                         continue  # not carried out: the name is asked about again
             taken, candidate = candidate, self.get_available_name(name, max_length=_max_length.get())
             if candidate == taken:  # a get_available_name that offers the taken name would loop forever
                 raise FileExistsError(f"MogileFS key {taken!r} is taken and no other name is available")
 
-    def _renamed(self, temporary: str, candidate: str, lost: OutcomeUnknownError) -> bool:
-        """Whether the rename of ``temporary`` to ``candidate`` whose answer was ``lost`` was carried
-        out: the temporary key, which no one else renames, is gone. Raises if that cannot be known."""
+    def _fid_left(self, temporary: str, candidate: str, lost: OutcomeUnknownError) -> int | None:
+        """The fid of ``temporary`` if a rename of it to ``candidate`` whose answer was ``lost`` left
+        it there, else None: the rename was carried out (no one else renames a temporary key).
+        Raises if the trackers cannot say."""
         try:
-            self.client.file_info(temporary)
+            return self.client.file_info(temporary).fid
         except UnknownKeyError:
-            return True
+            return None
         except MogileFSError as error:
             raise UploadOutcomeUnknownError(
                 f"save of {candidate!r}: the answer to its rename was lost ({lost}) and the trackers cannot "
                 f"say whether it was carried out ({error}): the key may hold the file") from error
-        return False
+
+    def _renamed_late(self, unanswered: list[str], fid: int, name: str) -> str:
+        """The name, of those whose rename's answer was lost, that the temporary key (``fid``) went
+        to after it was found still there (a tracker slow to carry the rename out)."""
+        for candidate in unanswered:
+            with suppress(UnknownKeyError):
+                if self.client.file_info(candidate).fid == fid:
+                    return candidate
+        raise UploadError(f"save of {name!r} failed: its temporary key went while the answers to its renames "
+                          f"were lost, to none of {unanswered!r}")
 
     def _delete_temporary(self, key: str) -> None:
         """Delete a save's temporary key; one never written (or already renamed) is not an error."""
