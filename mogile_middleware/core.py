@@ -35,7 +35,7 @@ from .exceptions import (
 )
 from .http import Answer, FileRequest
 from .locate import is_clean_url
-from .protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_linked_path, check_url_key, local_link
+from .protocol import MAX_KEY_BYTES, check_linked_path, check_url_key, has_control_character, local_link
 from .responders import NginxReproxy, PerlbalReproxy, Representation, Reproxy
 from .signing import BAD_SIGNATURE, EXPIRED, UNSIGNED, Secret, URLSigner
 from .throttle import ThrottledLog
@@ -387,7 +387,7 @@ class MiddlewareCore:
 
     def _key(self, path: str) -> str | Answer:
         """The key for the (decoded) URL path after the prefix, or the 404 or 400 answer for a bad one."""
-        if not path.isprintable() and not CONTROL_CHARACTERS.isdisjoint(path):  # printable: none (fast)
+        if has_control_character(path):
             return _CONTROL
         if self.key_for_path is not None:
             path = self.key_for_path(path)  # type: ignore[assignment]

@@ -75,12 +75,18 @@ def check_url_key(key: str | bytes) -> str:
         raise BadKeyError(f"key {to_text(raw)!r} is not UTF-8: no URL names it") from None
 
 
+def has_control_character(text: str) -> bool:
+    """True if ``text`` holds a control character (C0, DEL, C1): the middleware answers a path
+    with one with a 400."""
+    return not text.isprintable() and not CONTROL_CHARACTERS.isdisjoint(text)  # printable: none (fast)
+
+
 def check_linked_path(path: str) -> str:
     """Return a URL path's text (a key, or what ``key_for_path`` maps to one), or raise
     :class:`BadKeyError` if a segment is ``.`` or ``..``: clients remove those from a URL (RFC 3986,
     5.2.4), so a link to it would name another key; or if it holds a control character, since
     the middleware answers such a path with a 400."""
-    if not path.isprintable() and not CONTROL_CHARACTERS.isdisjoint(path):  # printable: none (fast)
+    if has_control_character(path):
         control = next(character for character in path if character in CONTROL_CHARACTERS)
         raise BadKeyError(f"{path!r} holds the control character {control!r}, which the middleware answers "
                           f"with a 400: no link serves it")

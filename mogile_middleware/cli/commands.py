@@ -354,7 +354,8 @@ def _files_under(root: Path) -> Iterator[tuple[Path, str]]:
             if path.is_file():
                 yield path, path.relative_to(root).as_posix()
             else:
-                _passed_over(path, "not a regular file")
+                _passed_over(path, "a link to nothing" if path.is_symlink() and not path.exists() else
+                             "not a regular file")
 
 
 def _passed_over(path: Path, reason: str) -> None:

@@ -44,20 +44,20 @@ def replicate(ctx: Context, fid: int) -> None:
             remove_data(ctx, fid, [device.devid])
         return
     used_hosts = {device.hostid for device in holders}
-    held = {device.devid for device in holders}
+    tried = {device.devid for device in holders}  # and those a copy failed to, tried no more this time
     count = len(holders)
     for desperate in (False, True):
         targets = [device for device in ctx.monitor.live_devices()
-                   if device.devid not in held and (desperate or device.hostid not in used_hosts)]
+                   if device.devid not in tried and (desperate or device.hostid not in used_hosts)]
         random.shuffle(targets)
         for target in targets:
             if count >= cls.mindevcount or not sources:
                 return
             if not desperate and target.hostid in used_hosts:
                 continue
+            tried.add(target.devid)
             if _copy(ctx, fid, row.length, sources[0], target, cls.hashtype is not None):
                 used_hosts.add(target.hostid)
-                held.add(target.devid)
                 count += 1
 
 

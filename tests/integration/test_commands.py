@@ -688,10 +688,12 @@ def test_upload_recursive_names_what_it_passes_over(cli: Run, tmp_path: Path) ->
     (root / "real").mkdir(parents=True)
     (root / "real" / "a.txt").write_bytes(b"a")
     (root / "loop").symlink_to(root)
+    (root / "nowhere").symlink_to(root / "gone")
     os.mkfifo(root / "pipe")
     done = cli("upload", "-r", "up/", str(root))
     assert done.code == 0 and done.out == b"1\tup/real/a.txt\n"
     assert done.err == (f"mogile-middleware: {root}/loop: a link to a directory: skipped\n"
+                        f"mogile-middleware: {root}/nowhere: a link to nothing: skipped\n"
                         f"mogile-middleware: {root}/pipe: not a regular file: skipped\n")
 
 

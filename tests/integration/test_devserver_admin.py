@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import CLASSES, DOMAIN
@@ -182,6 +183,22 @@ def test_a_second_copy_goes_to_another_device_of_the_host_when_no_other_host_tak
     assert client.ok("file_info", domain=DOMAIN, key="one-host", devices=1)["devids"] in ("1,3", "3,1")
     assert upload(client, DOMAIN, "one-copy", b"data", "thumb") == b"OK \r\n"
     assert client.ok("file_info", domain=DOMAIN, key="one-copy")["devcount"] == "1"
+
+
+def test_a_device_a_copy_failed_to_is_not_tried_again_in_the_same_pass(client: LineClient,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """As mogilefsd's ``$failed``: a node that hangs costs one copy timeout, not one per pass over the devices."""
+    from mogile_middleware.devserver import replication
+
+    tried: list[int] = []
+
+    def failing_copy(ctx: Any, fid: int, length: int, source: Any, target: Any, hashed: bool) -> bool:
+        tried.append(target.devid)
+        return False
+
+    monkeypatch.setattr(replication, "_copy", failing_copy)
+    assert upload(client, DOMAIN, "one-copy-made", b"data", "avatar") == b"OK \r\n"
+    assert len(tried) == 1 and client.ok("file_info", domain=DOMAIN, key="one-copy-made")["devcount"] == "1"
 
 
 def test_hosts_and_devices_survive_a_restart(tmp_path: Path) -> None:

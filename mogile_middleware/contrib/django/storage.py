@@ -26,7 +26,8 @@ from ...client import Client
 from ...exceptions import (BadKeyError, KeyExistsError, MogileFSError, OutcomeUnknownError, UnknownKeyError, UploadError,
                            UploadOutcomeUnknownError)
 from ...locate import current_version
-from ...protocol import CONTROL_CHARACTERS, MAX_KEY_BYTES, check_key, check_linked_path, check_url_key, local_link
+from ...protocol import (MAX_KEY_BYTES, check_key, check_linked_path, check_url_key, has_control_character,
+                         local_link)
 from ...storage import SeekableBody
 from ...signing import URLSigner
 from ...tracker import Address
@@ -172,7 +173,7 @@ class MogileFSStorage(Storage):
         """
         with _checked_key():
             check_url_key(name)  # before uploading, not at the rename; a name that is not UTF-8 is never served
-            if not CONTROL_CHARACTERS.isdisjoint(name):  # stored, but never served: the middleware answers 400
+            if has_control_character(name):  # stored, but never served: the middleware answers 400
                 raise SuspiciousFileOperation(f"the file name {name!r} holds control characters")
             if self.allow_overwrite:
                 self._uploader.upload(name, _source_of(content), self.mogile_class)
