@@ -16,6 +16,10 @@ Headers = list[tuple[str, str]]
 #: RFC 9110's reason phrases where older Pythons' ``HTTPStatus`` still has RFC 7231's.
 _PHRASES = {416: "Range Not Satisfiable"}
 
+#: The longest entity-tag list read, in characters: a longer one names no version. Clients send
+#: a few tags; a server may take headers of megabytes (uvicorn's httptools), and reading each tag
+#: of such a list took a worker's event loop 0.1 s of Python per request, or seconds.
+MAX_ENTITY_TAG_LIST = 16384
 _ENTITY_TAG = re.compile(r'(?:W/)?"([^"]*)"[ \t]*(?:,|$)')
 #: Blanks and the commas of empty elements, which a list may have anywhere (RFC 9110 5.6.1.2).
 _LIST_GAP = re.compile(r"[ \t,]*")
@@ -100,6 +104,8 @@ def etag_matches(header: str | None, etag: str, *, weak: bool) -> bool:
     header = header.strip()
     if header == "*":
         return True
+    if f'"{etag}"' not in header or len(header) > MAX_ENTITY_TAG_LIST:
+        return False  # no tag is the etag (a quick look: a list may be megabytes long), or too long a list
     position = _LIST_GAP.match(header).end()  # type: ignore[union-attr] # it matches anything
     while position < len(header):
         match = _ENTITY_TAG.match(header, position)
