@@ -392,8 +392,18 @@ class AsyncLocator(Locator):
         return location if location.length is not None else await self.confirmed(location)
 
     async def confirmed(self, location: Location) -> Location:  # type: ignore[override]
-        """As :meth:`Locator.confirmed`, awaited."""
-        return await arun_steps(self._confirmed_steps(location), self._call)
+        """As :meth:`Locator.confirmed`, awaited; the requests of an event loop that need the same
+        location confirmed at once share one confirmation (each made its own: tracker calls a
+        client could multiply at will with refused requests)."""
+        if _confirmed_lately(location):
+            return location
+        loop = asyncio.get_running_loop()
+        flight = None if location.memo is None else location.memo.get(_CONFIRMING)
+        if flight is None or flight.done() or flight.get_loop() is not loop:
+            flight = location.remember(_CONFIRMING, loop.create_task(
+                arun_steps(self._confirmed_steps(location), self._call)))
+            flight.add_done_callback(_retrieved)
+        return await asyncio.shield(flight)  # a request that goes away leaves it to the others
 
     async def _lookup(self, entry: str, previous: Location | None) -> Location | None:  # type: ignore[override]
         return await arun_steps(self._lookup_steps(entry, previous), self._call)
@@ -410,6 +420,14 @@ class AsyncLocator(Locator):
 
 #: The key under which a location's :attr:`~Location.memo` keeps when the trackers confirmed it.
 _CONFIRMED = object()
+#: The key under which it keeps the confirmation an event loop's requests await.
+_CONFIRMING = object()
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """Take a finished shared task's error, which the requests that awaited it may all have left."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _confirmed_lately(location: Location) -> bool:

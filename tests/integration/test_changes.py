@@ -27,10 +27,11 @@ from integration._wire_client import HTTPReply, eventually, free_port, http_requ
 from wiretools import ScriptedTracker
 
 from mogile_middleware import Client
+from mogile_middleware.async_client import AsyncClient
 from mogile_middleware.client import FileInfo
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.exceptions import KeyChangingError, UnknownKeyError
-from mogile_middleware.locate import CONFIRMED_SECONDS, SETTLING_PAUSES
+from mogile_middleware.locate import CONFIRMED_SECONDS, SETTLING_PAUSES, AsyncLocator, Location
 from mogile_middleware.memcache import MemcachedBackend
 
 pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
@@ -227,6 +228,39 @@ def test_refusals_a_client_asks_for_cost_one_tracker_call_per_key_and_second(mog
     time.sleep(CONFIRMED_SECONDS)
     assert middleware.answer({"REQUEST_METHOD": "GET", "HTTP_RANGE": "bytes=10-"}, "asked.txt").status.startswith("416")
     assert CountingClient.asked == looked_up + 2
+
+
+def test_refusals_asked_at_once_on_an_event_loop_share_one_confirmation(mogile: DevMogileFS) -> None:
+    """Under uvicorn each of the requests a confirmation was in flight for made its own: 30
+    clients asking for 416s at once cost 30 tracker calls, taking the other requests' connections."""
+
+    class SlowCountingClient(AsyncClient):
+        asked = 0
+
+        async def file_info(self, key: str) -> FileInfo:  # type: ignore[override]
+            SlowCountingClient.asked += 1
+            await asyncio.sleep(0.1)  # a tracker slow to answer: the others come meanwhile
+            return await super().file_info(key)
+
+    Client(DOMAIN, mogile.trackers).store_content("shared.txt", b"x" * 10, cls="thumb")
+
+    async def confirm_at_once() -> list[Location]:
+        client = SlowCountingClient(DOMAIN, mogile.trackers)
+        try:
+            locator = AsyncLocator(client, with_length=True)
+            location = await locator.locate("shared.txt")
+            before = SlowCountingClient.asked
+            waiting = [asyncio.ensure_future(locator.confirmed(location)) for _ in range(30)]
+            await asyncio.sleep(0.02)
+            waiting.pop().cancel()  # a client gone leaves the confirmation to the others
+            confirmed = await asyncio.gather(*waiting)
+            assert SlowCountingClient.asked == before + 1
+            return confirmed
+        finally:
+            await client.aclose()
+
+    confirmed = asyncio.run(confirm_at_once())
+    assert len(confirmed) == 29 and all(location.length == 10 for location in confirmed)
 
 
 def test_a_refusal_names_the_version_the_trackers_name_not_one_another_request_found(devmogile: DevMogileFS) -> None:
@@ -520,8 +554,7 @@ def test_a_key_seen_changing_only_at_the_last_answer_is_asked_once_more_at_once(
     key just seen changing is not called missing), and the next lookup finds it."""
     import dataclasses
 
-    from mogile_middleware.async_client import AsyncClient
-    from mogile_middleware.locate import AsyncLocator, Locator
+    from mogile_middleware.locate import Locator
 
     Client(DOMAIN, mogile.trackers).store_content("reborn.txt", b"reborn", cls="thumb")
     # One answer per ask: a change first (the key exists), unknown until the last pause, a change again.
