@@ -24,8 +24,9 @@ import dataclasses
 import inspect
 import logging
 import re
+import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -555,20 +556,30 @@ def _start_of(answer: Answer) -> tuple[int, list[tuple[bytes, bytes]]]:
 
 
 class _EncodedAnswers:
-    """The ASGI form of answers that recur (reproxy answers, errors), encoded once each."""
+    """The ASGI form of answers that recur (reproxy answers, errors), encoded once each, kept
+    while the answer lives: one made for a single request (a 304, a 416) goes with it (held here,
+    4096 of them, about 2 KB each, outlived their requests)."""
 
     def __init__(self, max_entries: int = 4096) -> None:
         self._max_entries = max_entries
-        self._entries: dict[int, tuple[Answer, int, list[tuple[bytes, bytes]]]] = {}
+        self._entries: dict[int, tuple[weakref.ref[Answer], int, list[tuple[bytes, bytes]]]] = {}
 
     def start(self, answer: Answer) -> tuple[int, list[tuple[bytes, bytes]]]:
         """The status code and the encoded headers of ``answer``."""
-        entry = self._entries.get(id(answer))
-        if entry is None or entry[0] is not answer:  # the answer itself is held: its id is not reused
+        number = id(answer)
+        entry = self._entries.get(number)
+        if entry is None or entry[0]() is not answer:
             if len(self._entries) >= self._max_entries:
                 evict_oldest(self._entries)
-            entry = self._entries[id(answer)] = (answer, *_start_of(answer))
+            gone = partial(self._forget, number)
+            entry = self._entries[number] = (weakref.ref(answer, gone), *_start_of(answer))
         return entry[1], entry[2]
+
+    def _forget(self, number: int, reference: weakref.ref[Answer]) -> None:
+        """Drop the entry of an answer that has gone (unless the number now names another's)."""
+        entry = self._entries.get(number)
+        if entry is not None and entry[0] is reference:
+            del self._entries[number]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -617,6 +617,39 @@ def test_the_asgi_middleware_keeps_no_view_answer_with_its_users_cookies(stored:
     assert b"secret" not in repr(middleware._encoded_answers._entries).encode()
 
 
+def test_answers_made_for_one_request_are_not_kept_once_sent(stored: DevMogileFS) -> None:
+    """The encoded form of every answer was kept with the answer, recurring or not: 4096 416s
+    or 304s (each made for its request) held about 8 MB of a worker for good."""
+    import tracemalloc
+
+    middleware = ASGIMiddleware(lambda scope, receive, send: None, domain=DOMAIN, trackers=stored.trackers)
+
+    async def refused(count: int) -> None:
+        for number in range(count):
+            scope = {"type": "http", "method": "GET", "path": "/mogilefs/plain.txt", "raw_path": b"/mogilefs/plain.txt",
+                     "query_string": b"", "root_path": "", "client": ("127.0.0.1", 5000),
+                     "headers": [(b"range", f"bytes={10_000 + number}-".encode())]}
+            sent: list[dict[str, Any]] = []
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+
+            await middleware(scope, lambda: asyncio.sleep(3600), send)
+            assert sent[0]["status"] == 416
+
+    async def measured() -> int:
+        await refused(50)  # the connections, the location and the recurring answers, made
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            await refused(2000)
+            return tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+
+    assert asyncio.run(measured()) < 400_000  # bytes kept after 2000 answers: it was about 4 MB
+
+
 def test_the_starlette_example_serves_a_private_file_to_its_endpoint(stored: DevMogileFS,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOGILEFS_DOMAIN", DOMAIN)
