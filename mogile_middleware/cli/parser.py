@@ -19,6 +19,7 @@ from .. import __version__
 from ..exceptions import MogileFSError, TrackerUnavailableError, UnknownKeyError
 from ..tracker import DEFAULT_PORT
 from . import commands, demo, devserver, serve
+from .progress import UNSHOWABLE
 from .progress import printable
 from .signals import on_stop_signal
 
@@ -69,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 # for the life of the process
     for stream in (sys.stdout, sys.stderr):  # a key the locale cannot show is escaped, not a traceback
         if isinstance(stream, io.TextIOWrapper):
-            stream.reconfigure(errors="backslashreplace")
+            stream.reconfigure(errors=UNSHOWABLE)
     parser = build_parser()
     args = parser.parse_args(argv)
     commands.resolve_connection_options(parser, args)

@@ -7,6 +7,7 @@ list of keys.
 
 from __future__ import annotations
 
+import codecs
 import os
 import time
 from collections.abc import Callable
@@ -20,7 +21,11 @@ DEFAULT_COLUMNS = 80
 
 
 def _escapes() -> dict[int, str]:
-    table = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+    """Each escape names one thing: ``\\xNN`` a control character below 0x80 (C0, DEL) or, from
+    0x80, a byte that is not UTF-8; ``\\uNNNN`` a character (C1, and any the locale cannot show,
+    see :func:`escape_unshowable`); a backslash is doubled."""
+    table = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)}
+    table.update({code: f"\\u{code:04x}" for code in range(0x80, 0xA0)})  # C1: U+0085 is not the byte 0x85
     # A backslash doubled: no key shows as another's escapes (a key "\\xff" is not the byte 0xff).
     table.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r", ord("\\"): "\\\\"})
     # A byte that is not UTF-8 arrives as a surrogate escape (see protocol): shown as that byte,
@@ -31,6 +36,24 @@ def _escapes() -> dict[int, str]:
 
 
 _ESCAPES = _escapes()
+
+
+#: The name of the error handler :func:`escape_unshowable` is registered under.
+UNSHOWABLE = "mogile-middleware-escape"
+
+
+def escape_unshowable(error: UnicodeError) -> tuple[str, int]:
+    """Write the characters the locale cannot show as ``\\uNNNN`` (``\\UNNNNNNNN``), even below
+    0x100, where Python's ``backslashreplace`` writes ``\\xe9``: how :func:`printable` shows the
+    byte 0xE9 that is not UTF-8, another key."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    unshown = error.object[error.start:error.end]
+    escapes = (f"\\u{ord(char):04x}" if ord(char) <= 0xFFFF else f"\\U{ord(char):08x}" for char in unshown)
+    return "".join(escapes), error.end
+
+
+codecs.register_error(UNSHOWABLE, escape_unshowable)
 
 
 def printable(text: str) -> str:

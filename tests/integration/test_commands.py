@@ -421,7 +421,7 @@ def test_get_resumes_from_the_byte_it_broke_at_and_refuses_a_range_answered_from
 #: A key a tracker accepts (no NUL, CR or LF) that would recolour a terminal, ring its bell, break
 #: the columns of ``ls --long``, and end with a byte that is not UTF-8 (a raw CSI to some terminals).
 HOSTILE_KEY = "red\x1b[31m bell\x07 tab\t del\x7f c1\x9b café \udc9b"
-ESCAPED_KEY = "red\\x1b[31m bell\\x07 tab\\t del\\x7f c1\\x9b café \\x9b"
+ESCAPED_KEY = "red\\x1b[31m bell\\x07 tab\\t del\\x7f c1\\u009b café \\x9b"  # the C1 character, then the byte
 RAW_CONTROLS = [b"\x1b", b"\x07", b"\t", b"\x7f", b"\xc2\x9b", b"\x9b", b"\r"]
 
 
@@ -474,7 +474,9 @@ def test_printable_escapes_controls_and_doubles_backslashes() -> None:
     assert printable("日本語 café ☃") == "日本語 café ☃"  # printable Unicode as it is
     # A key holding a backslash never shows as another key's escape (as GNU ls --escape shows it).
     assert printable("\\x1b") == "\\\\x1b" and printable("\\xff") != printable("\udcff")
-    assert printable("\x00\x1f\x7f\x80\x9f\xa0") == "\\x00\\x1f\\x7f\\x80\\x9f\xa0"
+    assert printable("\x00\x1f\x7f\x80\x9f\xa0") == "\\x00\\x1f\\x7f\\u0080\\u009f\xa0"
+    # C1's U+0085 and the byte 0x85 that is not UTF-8 were both \x85: two keys shown as one.
+    assert (printable("a\x85"), printable("a\udc85")) == ("a\\u0085", "a\\x85")
     assert printable("\n\r\t") == "\\n\\r\\t"
     assert printable("\udcff") == "\\xff"  # an undecodable byte, as the protocol keeps it
 
@@ -592,9 +594,10 @@ def test_a_key_the_locale_cannot_show_is_printed_escaped(devmogile: DevMogileFS,
     for key in ("caf\u00e9/menu.txt", "caf\u00e9/carte.txt"):
         stored = run("upload", key, str(source))
         assert (stored.returncode, stored.stderr) == (0, b"")
-        assert stored.stdout == f"4\t{key.encode('ascii', 'backslashreplace').decode()}\n".encode()
+        # as \u00e9: backslashreplace's \xe9 is how the byte 0xE9 that is not UTF-8 shows, another key
+        assert stored.stdout == b"4\t" + key.replace("\u00e9", "\\u00e9").encode() + b"\n"
     fetched = run("get", "caf\u00e9/", "-r", "-o", str(tmp_path / "out"))
-    assert (fetched.returncode, fetched.stdout.count(b"\\xe9")) == (0, 2), fetched.stderr
+    assert (fetched.returncode, fetched.stdout.count(b"\\u00e9")) == (0, 2), fetched.stderr
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["carte.txt", "menu.txt"]
 
 
