@@ -19,7 +19,6 @@ wrapped application untouched, except that its responses may not carry reproxy h
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import inspect
 import logging
@@ -259,8 +258,13 @@ class MogileFSMiddleware(MiddlewareCore):
             if transfer is not None:
                 if isinstance(error, asyncio.CancelledError):
                     transfer.cancel()
-                with contextlib.suppress(BaseException):  # the application's error is the one raised
-                    await transfer
+                try:
+                    await asyncio.wait({transfer})  # the file sent (or cut) before the application's error
+                except asyncio.CancelledError:  # this request's own: it ends the transfer too
+                    transfer.cancel()
+                    raise
+                if not transfer.cancelled():
+                    transfer.exception()  # taken: the application's error is the one raised
             raise
         finally:
             if outer is None:
@@ -579,7 +583,7 @@ class _EncodedAnswers:
         """Drop the entry of an answer that has gone (unless the number now names another's)."""
         entry = self._entries.get(number)
         if entry is not None and entry[0] is reference:
-            del self._entries[number]
+            self._entries.pop(number, None)  # unless another thread's eviction took it meanwhile
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

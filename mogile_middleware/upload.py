@@ -409,29 +409,29 @@ class NewFile(io.RawIOBase):
         # write() sent bytes before it (they went to the node that failed).
         start = None if self.size or remaining_size(fileobj) is None else fileobj.tell()
         dropped: list[str] = []  # by the nodes tried, for the error when none is left
-        while True:
-            stream = self._stream or self._open_stream(dropped)
-            try:
-                for chunk in pieces_of(fileobj, READ_SIZE):
-                    self._send(stream, piece_bytes(self.key, chunk))
-                    if progress is not None:
-                        progress(self.size)
-                stream.finish()
-                self._put_done = True
-                return self.size
-            except StorageError as error:  # the node's, or the source's (a replica read midway)
-                stream.abort()
-                self._stream = None
-                dropped.append(str(error))
-                if start is None or not self._destinations or isinstance(error, LengthMismatchError):
-                    self.abort()
-                    raise (no_storage_node(self.key, dropped) if len(dropped) > 1
-                           else upload_failed(self.key, error)) from error
-                fileobj.seek(start)
-                self._reset_body()
-            except BaseException:  # the part sent must never be committed
-                self.abort()
-                raise
+        try:
+            while True:
+                stream = self._stream or self._open_stream(dropped)
+                try:
+                    for chunk in pieces_of(fileobj, READ_SIZE):
+                        self._send(stream, piece_bytes(self.key, chunk))
+                        if progress is not None:
+                            progress(self.size)
+                    stream.finish()
+                    self._put_done = True
+                    return self.size
+                except StorageError as error:  # the node's, or the source's (a replica read midway)
+                    stream.abort()
+                    self._stream = None
+                    dropped.append(str(error))
+                    if start is None or not self._destinations or isinstance(error, LengthMismatchError):
+                        raise (no_storage_node(self.key, dropped) if len(dropped) > 1
+                               else upload_failed(self.key, error)) from error
+                    fileobj.seek(start)
+                    self._reset_body()
+        except BaseException:  # what was sent, if anything, must never be committed
+            self.abort()
+            raise
 
     def _check_not_sent(self) -> None:
         """A ValueError once :meth:`write_from` has finished the PUT: the node has the whole body."""

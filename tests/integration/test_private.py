@@ -669,9 +669,10 @@ def test_the_starlette_example_serves_a_private_file_to_its_endpoint(stored: Dev
         assert status == 404 and FILES["private/doc.txt"] not in body
 
 
-def _starlette_download(trackers: list[str], key: str, events: list[Any], background: Any) -> Any:
+def _starlette_download(trackers: list[str], key: str, events: list[Any], background: Any, pace: float = 0) -> Any:
     """A Starlette application whose ``/download`` answers with ``key``'s file and runs ``background``
-    after, wrapped by the middleware on ``trackers``, called; each message it sends is added to ``events``."""
+    after, wrapped by the middleware on ``trackers``, called (a coroutine); each message it sends is
+    added to ``events``, ``pace`` seconds after it came."""
     from starlette.applications import Starlette
     from starlette.background import BackgroundTask
     from starlette.responses import Response
@@ -690,9 +691,10 @@ def _starlette_download(trackers: list[str], key: str, events: list[Any], backgr
         return incoming.pop(0) if incoming else await asyncio.sleep(3600)
 
     async def send(message: dict[str, Any]) -> None:
+        await asyncio.sleep(pace)
         events.append(message)
 
-    return asyncio.wait_for(app(scope, receive, send), 10)
+    return app(scope, receive, send)
 
 
 def test_a_starlette_view_s_file_is_not_held_by_its_background_tasks(stored: DevMogileFS) -> None:
@@ -707,7 +709,8 @@ def test_a_starlette_view_s_file_is_not_held_by_its_background_tasks(stored: Dev
         raise RuntimeError("the audit log is down")
 
     with pytest.raises(RuntimeError, match="the audit log is down"):  # as it reaches the server without the middleware
-        asyncio.run(_starlette_download(stored.trackers, "plain.txt", events, audit_once_the_file_is_sent))
+        asyncio.run(asyncio.wait_for(_starlette_download(stored.trackers, "plain.txt", events,
+                                                         audit_once_the_file_is_sent), 10))
     assert events[0]["status"] == 200 and events[-1] == "background"
     assert b"".join(event.get("body", b"") for event in events[1:-1]) == FILES["plain.txt"]
 
@@ -720,11 +723,34 @@ def test_a_transfer_cut_midway_leaves_the_application_s_work_after_its_answer_do
     events: list[Any] = []
     try:
         with pytest.raises(StorageError):  # to the server, which cuts the answer short
-            asyncio.run(_starlette_download([tracker.tracker], "cut", events, lambda: events.append("background")))
+            asyncio.run(asyncio.wait_for(_starlette_download([tracker.tracker], "cut", events,
+                                                             lambda: events.append("background")), 10))
     finally:
         tracker.stop()
         node.stop()
     assert "background" in events and [event for event in events if event != "background"][0]["status"] == 200
+
+
+def test_a_request_cancelled_while_its_file_goes_out_after_the_application_failed_ends_cancelled(
+        stored: DevMogileFS) -> None:
+    """The application's error was raised instead: a server's cancellation (its shutdown, its
+    timeout) went unnoticed, and the counts of asyncio.timeout and TaskGroup with it."""
+    events: list[Any] = []
+
+    def failing_audit() -> None:
+        raise RuntimeError("the audit log is down")
+
+    async def cancelled_midway() -> asyncio.Task[Any]:
+        request = asyncio.ensure_future(_starlette_download(stored.trackers, "plain.txt", events, failing_audit,
+                                                            pace=0.2))
+        while not events:  # the file's head sent, its body 0.2 s away, the application failed
+            await asyncio.sleep(0.01)
+        request.cancel()
+        await asyncio.wait({request}, timeout=10)
+        return request
+
+    request = asyncio.run(cancelled_midway())
+    assert request.cancelled(), request.exception()
 
 
 def test_what_a_starlette_router_writes_in_the_scope_reaches_the_middlewares_outside(stored: DevMogileFS) -> None:

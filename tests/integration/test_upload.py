@@ -461,11 +461,24 @@ def _progress_failing(sent: int) -> None:
     raise KeyboardInterrupt
 
 
+def _interrupted_connecting(file: Any) -> Any:
+    """``file`` whose first connection to a storage node is interrupted (Ctrl-C), the next not."""
+    connect = file._open_stream
+
+    def interrupted_once(*args: Any) -> Any:
+        file._open_stream = connect
+        raise KeyboardInterrupt
+
+    file._open_stream = interrupted_once
+    return file
+
+
 @pytest.mark.parametrize("write", [
     pytest.param(lambda file: file.write_from(_FailingAfter(3 * MIB)), id="source-fails"),
     pytest.param(lambda file: file.write_chunks(_chunks_failing_after(3)), id="chunks-fail"),
     pytest.param(lambda file: file.write_from(io.BytesIO(b"z" * 3 * MIB), progress=_progress_failing), id="ctrl-c"),
     pytest.param(lambda file: file.write_chunks([b"z" * MIB] * 3, progress=_progress_failing), id="chunks-ctrl-c"),
+    pytest.param(lambda file: _interrupted_connecting(file).write_from(io.BytesIO(b"z")), id="ctrl-c-connecting"),
 ])
 def test_a_new_file_closed_after_its_body_failed_midway_commits_nothing(client: Client,
                                                                        write: Callable[[Any], Any]) -> None:

@@ -215,9 +215,10 @@ class MogileFSStorage(Storage):
                             raise
                         return self._renamed_late(unanswered, fid, name)
                     except OutcomeUnknownError as error:
-                        fid = self._fid_left(temporary, candidate, error)
-                        if fid is None:  # carried out
-                            return candidate
+                        left = self._fid_left(temporary, candidate, error)
+                        if left is None:  # carried out: this rename, or one whose answer was lost before
+                            return self._renamed_late([*unanswered, candidate], fid, name) if unanswered else candidate
+                        fid = left
                         unanswered.append(candidate)
                         if len(unanswered) > _RENAMES_WITHOUT_ANSWER:
                             raise UploadError(f"save of {name!r} failed: the answers to {len(unanswered)} renames "
@@ -242,7 +243,7 @@ class MogileFSStorage(Storage):
 
     def _renamed_late(self, unanswered: list[str], fid: int, name: str) -> str:
         """The name, of those whose rename's answer was lost, that the temporary key (``fid``) went
-        to after it was found still there (a tracker slow to carry the rename out)."""
+        to: a rename carried out after the key was found still there (a tracker slow with it)."""
         for candidate in unanswered:
             with suppress(UnknownKeyError):
                 if self.client.file_info(candidate).fid == fid:
