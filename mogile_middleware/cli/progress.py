@@ -21,16 +21,12 @@ DEFAULT_COLUMNS = 80
 
 
 def _escapes() -> dict[int, str]:
-    """Each escape names one thing: ``\\xNN`` a control character below 0x80 (C0, DEL) or, from
-    0x80, a byte that is not UTF-8; ``\\uNNNN`` a character (C1, and any the locale cannot show,
-    see :func:`escape_unshowable`); a backslash is doubled."""
+    """The escapes of :func:`printable` that are not ``\\uNNNN`` (see :func:`_code_point`)."""
     table = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)}
-    table.update({code: f"\\u{code:04x}" for code in range(0x80, 0xA0)})  # C1: U+0085 is not the byte 0x85
     # A backslash doubled: no key shows as another's escapes (a key "\\xff" is not the byte 0xff).
     table.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r", ord("\\"): "\\\\"})
     # A byte that is not UTF-8 arrives as a surrogate escape (see protocol): shown as that byte,
     # never written raw (a lone 0x9B is CSI to some terminals).
-    table.update({code: f"\\u{code:04x}" for code in range(0xD800, 0xE000)})
     table.update({0xDC00 + byte: f"\\x{byte:02x}" for byte in range(0x80, 0x100)})
     return table
 
@@ -38,30 +34,39 @@ def _escapes() -> dict[int, str]:
 _ESCAPES = _escapes()
 
 
+def _code_point(char: str) -> str:
+    """``\\uNNNN`` (``\\UNNNNNNNN``): a character by its code point, even below 0x100, where
+    ``\\xNN`` is a byte that is not UTF-8."""
+    code = ord(char)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
 #: The name of the error handler :func:`escape_unshowable` is registered under.
 UNSHOWABLE = "mogile-middleware-escape"
 
 
 def escape_unshowable(error: UnicodeError) -> tuple[str, int]:
-    """Write the characters the locale cannot show as ``\\uNNNN`` (``\\UNNNNNNNN``), even below
-    0x100, where Python's ``backslashreplace`` writes ``\\xe9``: how :func:`printable` shows the
-    byte 0xE9 that is not UTF-8, another key."""
+    """Write the characters the locale cannot show by their code points (Python's
+    ``backslashreplace`` writes ``\\xe9``: how :func:`printable` shows the byte 0xE9 that is
+    not UTF-8, another key)."""
     if not isinstance(error, UnicodeEncodeError):
         raise error
-    unshown = error.object[error.start:error.end]
-    escapes = (f"\\u{ord(char):04x}" if ord(char) <= 0xFFFF else f"\\U{ord(char):08x}" for char in unshown)
-    return "".join(escapes), error.end
+    return "".join(map(_code_point, error.object[error.start:error.end])), error.end
 
 
 codecs.register_error(UNSHOWABLE, escape_unshowable)
 
 
 def printable(text: str) -> str:
-    """``text`` with its control characters (C0, DEL, C1) and undecodable bytes as escapes
-    (``\\n``, ``\\x1b``), and its backslashes doubled: a key or a tracker's message then cannot
-    recolour the terminal, move its cursor, forge a line of output or pass for another key.
-    Printable Unicode is kept as it is."""
-    return text.translate(_ESCAPES)
+    """``text`` safe to show, each escape naming one thing: ``\\n``, ``\\t``, ``\\r``; ``\\xNN``
+    a control character below 0x80 or, from 0x80, a byte that is not UTF-8; ``\\uNNNN`` any
+    other character not printable (a C1 control, a bidirectional or zero-width one, a blank
+    other than the space); a backslash doubled. A key or a tracker's message then cannot
+    recolour the terminal, move its cursor, forge a line of output, reorder what follows or pass
+    for another key. Printable Unicode is kept as it is."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(_ESCAPES.get(ord(char)) or (char if char.isprintable() else _code_point(char)) for char in text)
 
 
 def human_size(count: float) -> str:

@@ -474,9 +474,12 @@ def test_printable_escapes_controls_and_doubles_backslashes() -> None:
     assert printable("日本語 café ☃") == "日本語 café ☃"  # printable Unicode as it is
     # A key holding a backslash never shows as another key's escape (as GNU ls --escape shows it).
     assert printable("\\x1b") == "\\\\x1b" and printable("\\xff") != printable("\udcff")
-    assert printable("\x00\x1f\x7f\x80\x9f\xa0") == "\\x00\\x1f\\x7f\\u0080\\u009f\xa0"
+    assert printable("\x00\x1f\x7f\x80\x9f\xa1") == "\\x00\\x1f\\x7f\\u0080\\u009f\xa1"
     # C1's U+0085 and the byte 0x85 that is not UTF-8 were both \x85: two keys shown as one.
     assert (printable("a\x85"), printable("a\udc85")) == ("a\\u0085", "a\\x85")
+    # Nor does a key show as another through an invisible or reordering character, or a blank
+    # that is not the space (a zero-width space, a right-to-left override, a no-break space).
+    assert printable("a\u200bb \u202ec\xa0d") == "a\\u200bb \\u202ec\\u00a0d"
     assert printable("\n\r\t") == "\\n\\r\\t"
     assert printable("\udcff") == "\\xff"  # an undecodable byte, as the protocol keeps it
 
