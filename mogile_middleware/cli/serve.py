@@ -84,7 +84,7 @@ class FileIndex:
             href = html.escape(file_path(self.prefix, check_linked_path(name), script_name))
         except BadKeyError as error:  # a browser would ask for another key, or the middleware answer 400
             return f"<li>{html.escape(printable(key))} {about}, not linked: {html.escape(str(error))}</li>"
-        return f'<li><a href="{href}">{html.escape(key)}</a> {about}</li>'
+        return f'<li><a href="{href}">{html.escape(printable(key))}</a> {about}</li>'
 
 
 def index_app(client: Client, prefix: str, reproxy: str | None, trusted: Sequence[str],

@@ -138,11 +138,13 @@ def test_the_index_lists_a_key_no_url_serves_without_a_link(devmogile: DevMogile
         client.store_content(b"b\xff.bin", b"bb", "thumb")
         client.store_content("c/../a.txt", b"ccc", "thumb")  # a browser would ask for a.txt
         client.store_content("d\tx.txt", b"dddd", "thumb")  # the middleware answers 400
+        client.store_content("e\u202etxt.exe", b"eeeee", "thumb")  # shown as exe.txt, but for its escape
         page = Request.blank("/").get_response(FileIndex(client, "/mogilefs/", 10))
     finally:
         client.close()
     assert page.status_int == 200
     assert '<li><a href="/mogilefs/a.txt">a.txt</a> 1 bytes, class thumb</li>' in page.text
+    assert '<a href="/mogilefs/e%E2%80%AEtxt.exe">e\\u202etxt.exe</a> 5 bytes' in page.text
     assert "<li>b\\xff.bin 2 bytes, class thumb, not served: not UTF-8</li>" in page.text
     assert ("<li>c/../a.txt 3 bytes, class thumb, not linked: &#x27;c/../a.txt&#x27; has a &#x27;..&#x27; segment, "
             "which clients remove from a URL: its link would name another key</li>") in page.text
