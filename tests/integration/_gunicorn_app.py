@@ -14,7 +14,8 @@ For uvicorn, whose access log has no byte count, MOGILE_ACCESS_LOG names a file 
 
 The tiny app answers ``/view/<key>`` with the key's file through :func:`serve_header`, as a view
 that checked who asks would, when the request has ``X-Test-User: allowed`` (``?download=NAME``:
-as a download of that name), renewing a session cookie; without it, the app's own 403.
+as a download of that name), renewing a session cookie; without it, the app's own 403. Under
+uvicorn, ``?until=PATH`` keeps it at work after its answer until the file ``PATH`` exists (20 s at most).
 
 ``make_reproxying_app()`` is a stand-in for the middleware behind nginx, naming storage nodes the
 test runs itself: MOGILE_REPLICA_URLS (blank separated).
@@ -22,6 +23,7 @@ test runs itself: MOGILE_REPLICA_URLS (blank separated).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Mapping
 from http import HTTPStatus
@@ -159,10 +161,16 @@ async def hello_asgi(scope, receive, send):
     if hits := os.environ.get("MOGILE_APP_HITS_FILE"):
         append_line(hits)
     user = next((value.decode() for name, value in scope["headers"] if name == b"x-test-user"), None)
-    status, headers, body = view_answer(scope["path"], user, scope["query_string"].decode("latin-1"))
+    query = scope["query_string"].decode("latin-1")
+    status, headers, body = view_answer(scope["path"], user, query)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(name.lower().encode(), value.encode()) for name, value in headers]})
     await send({"type": "http.response.body", "body": body})
+    if until := parse_qs(query).get("until"):  # work after its answer (a background task) until that file is made
+        for _ in range(400):
+            if os.path.exists(until[0]):
+                break
+            await asyncio.sleep(0.05)
 
 
 class AccessLog:

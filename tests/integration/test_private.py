@@ -296,6 +296,25 @@ def test_a_view_serves_a_key_after_its_own_check(server: Server) -> None:
 
 
 
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_a_view_s_file_arrives_while_the_application_is_still_at_work_after_its_answer(
+        stored: DevMogileFS, tmp_path: Path, parser: str) -> None:
+    """Off uvicorn's socket: the file went out only once the application returned (after
+    Starlette's background tasks); the application here works until the test has read it all."""
+    released = tmp_path / "read"
+    env = {"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": stored.trackers[0]}
+    with run_uvicorn(env, extra_args=["--http", parser]) as running:
+        try:
+            with socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
+                sock.sendall(f"GET /view/plain.txt?until={quote(str(released))} HTTP/1.1\r\nHost: t\r\n"
+                             "X-Test-User: allowed\r\n\r\n".encode())
+                reply, _ = read_http_reply(sock, "GET", timeout=10)
+        finally:
+            released.touch()
+    assert (reply.status, reply.body) == (200, FILES["plain.txt"])
+    assert [value for name, value in reply.fields if name.lower() == "content-length"] == [str(len(FILES["plain.txt"]))]
+
+
 def test_a_serve_header_made_elsewhere_is_removed_on_the_socket(server: Server) -> None:
     """An application passing on another server's answer, serve headers and all: its own answer,
     without them, each header once (read off the socket)."""
