@@ -165,6 +165,8 @@ class PathCache(Generic[V]):
         self._versioned = hasattr(self._backend, "get_versioned")
         self._lock = threading.Lock()
         self._flights: dict[str, _Flight] = {}
+        self._size_lock = threading.Lock()
+        self._reported_size = 0  # the in-process cache's keys, as last told to the metrics
         self._stale_log = ThrottledLog(log, logging.WARNING, "serving stale paths for %r: %r", STALE_WARNING_INTERVAL,
                                        "requests", clock=clock)
         self._backend_log = ThrottledLog(log, logging.WARNING, "path cache backend failed, asking the trackers "
@@ -260,8 +262,14 @@ class PathCache(Generic[V]):
             self._changed(key)
 
     def _report_size(self) -> None:
+        """Tell the metrics how many keys the in-process cache gained or lost since it last told:
+        the gauge sums every cache of the process (each of two stacked middlewares has one)."""
         if isinstance(self._backend, MemoryCache):
-            metrics.recorder.cache_size(len(self._backend))
+            with self._size_lock:
+                size = len(self._backend)
+                change, self._reported_size = size - self._reported_size, size
+            if change:
+                metrics.recorder.cache_resized(change)
 
     def _refresh(self, key: str, previous: V | None = None, *, recheck: bool = True) -> V:
         with self._lock:

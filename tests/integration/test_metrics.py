@@ -85,6 +85,22 @@ def test_serve_mode_counts_requests_bytes_tracker_calls_and_the_cache(devmogile:
     assert counts("path_cache_entries") == 2
 
 
+def test_path_cache_entries_sums_the_caches_of_middlewares_stacked(devmogile: DevMogileFS, counts: Counts) -> None:
+    """Each cache set the gauge to its own size: the last to store a key hid the others'."""
+    client = Client(DOMAIN, devmogile.trackers)
+    for key in ("a.txt", "b.txt", "c.txt"):
+        client.store_content(key, CONTENT, "avatar")
+    inner = MogileFSMiddleware(not_found, domain=DOMAIN, trackers=devmogile.trackers, prefix="/b/")
+    app = TestApp(MogileFSMiddleware(inner, domain=DOMAIN, trackers=devmogile.trackers, prefix="/a/"))
+    for key in ("a.txt", "b.txt", "c.txt"):
+        app.get(f"/a/{key}")
+    app.get("/b/a.txt")
+    assert counts("path_cache_entries") == 4
+    client.delete("b.txt")
+    app.get("/b/b.txt", status=404)
+    assert counts("path_cache_entries") == 5  # a key found missing is kept too, for a few seconds
+
+
 def test_the_body_cache_counts_hits_misses_and_the_bytes_it_serves(devmogile: DevMogileFS, counts: Counts) -> None:
     Client(DOMAIN, devmogile.trackers).store_content("a.txt", CONTENT, "avatar")
     app = TestApp(MogileFSMiddleware(not_found, domain=DOMAIN, trackers=devmogile.trackers, body_cache_bytes=1 << 20))
