@@ -4,7 +4,9 @@ Each worker counts in files under ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_clien
 mode), and every scrape sums them, whichever worker or port answers it. The directory is made
 here when the environment gives none (and removed when gunicorn exits), and emptied at start
 when it does: counts of an earlier run must not be added to this one's. Only at start: gunicorn
-reads this file again on SIGHUP, and the counts go on across that reload.
+reads this file again on SIGHUP, and the counts go on across that reload; and not in the new
+master of a USR2 upgrade (``GUNICORN_PID`` names the old one), whose workers still count there,
+so the counts go on across it too (in a directory made here, they start afresh).
 """
 
 import os
@@ -18,8 +20,9 @@ from pathlib import Path
 if not os.environ.get("MOGILE_METRICS_DIR_READY"):  # this master's first reading of the file
     os.environ["MOGILE_METRICS_DIR_READY"] = "1"
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
-            stale.unlink()
+        if not os.environ.get("GUNICORN_PID"):  # emptied, its files unlinked, the old master's workers counted in vain
+            for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+                stale.unlink()
     else:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mogile-metrics-")
         os.environ["MOGILE_METRICS_DIR_MADE"] = "1"

@@ -198,11 +198,7 @@ class AsyncClient(ClientBase):
         with opening(args, self.domain):
             reply = (await self.pool.request("create_open", args))[0]
             fid, targets = reply["fid"], destinations(reply)
-        try:
-            destination, stored, md5 = await self._put(key, fileobj, targets, size)
-        except BaseException:
-            metrics.recorder.upload("failed", 0)
-            raise
+        destination, stored, md5 = await self._put(key, fileobj, targets, size)
         close = create_close_args(self.domain, key, fid, destination, stored, md5, verify_checksum)
         changed: list[str] = []
         try:
@@ -216,29 +212,36 @@ class AsyncClient(ClientBase):
     async def _put(self, key: str, body: Body, targets: list[tuple[str, str]], size: int | None
                    ) -> tuple[tuple[str, str], int, str]:
         """PUT ``body`` whole to the first of ``targets`` that takes it: the destination, the size
-        and the MD5 (hex) of what was sent. A body that cannot be rewound is sent only once."""
+        and the MD5 (hex) of what was sent. A body that cannot be rewound is sent only once. A
+        failure counts as an upload failed, of the bytes the PUT tried last took (as the blocking
+        client counts it)."""
         start = None if isinstance(body, AsyncIterable) or remaining_size(body) is None else body.tell()
         failures: list[str] = []
-        for destination in targets:
-            try:
-                stream = await AsyncPutStream.open(destination[1], length=size, timeout=self.storage_timeout)
-            except StorageError as error:
-                failures.append(str(error))
-                continue
-            try:
-                stored, md5 = await _send(key, stream, body)
-                await stream.finish()
-                return destination, stored, md5
-            except StorageError as error:
-                stream.abort()
-                if start is None or isinstance(error, LengthMismatchError):
-                    raise upload_failed(key, error) from error
-                failures.append(str(error))
-                body.seek(start)  # type: ignore[union-attr]  # start is set: a file object
-            except BaseException:
-                stream.abort()
-                raise
-        raise no_storage_node(key, failures)
+        written = 0
+        try:
+            for destination in targets:
+                try:
+                    stream = await AsyncPutStream.open(destination[1], length=size, timeout=self.storage_timeout)
+                except StorageError as error:
+                    failures.append(str(error))
+                    continue
+                try:
+                    stored, md5 = await _send(key, stream, body)
+                    await stream.finish()
+                    return destination, stored, md5
+                except BaseException as error:
+                    written = stream.written
+                    stream.abort()
+                    if not isinstance(error, StorageError):
+                        raise
+                    if start is None or isinstance(error, LengthMismatchError):
+                        raise upload_failed(key, error) from error
+                    failures.append(str(error))
+                    body.seek(start)  # type: ignore[union-attr]  # start is set: a file object
+            raise no_storage_node(key, failures)
+        except BaseException:
+            metrics.recorder.upload("failed", written)
+            raise
 
     async def aclose(self) -> None:
         """Close the running event loop's kept-open tracker and storage node connections."""

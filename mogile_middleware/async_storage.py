@@ -642,6 +642,11 @@ class AsyncPutStream:
             raise
         self._written += size
 
+    @property
+    def written(self) -> int:
+        """The bytes of the body written so far."""
+        return self._written
+
     async def finish(self) -> None:
         """End the body and check that the node stored it (2xx), its answer's head read within
         ``timeout`` (its body, if any, is not read: the connection is closed)."""

@@ -9,8 +9,10 @@ import http.client
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from webtest import TestApp
 from wiretools import ScriptedTracker, SilentServer
 
 from mogile_middleware import (AsyncClient, Client, MogileFSMiddleware, ProtocolError, TrackerUnavailableError,
-                               UnregClassError, metrics)
+                               UnregClassError, Uploader, metrics)
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.prometheus import PrometheusRecorder
@@ -238,6 +240,37 @@ def test_an_upload_the_tracker_refuses_to_open_is_counted_as_failed(devmogile: D
     assert counts("uploads_total", outcome="failed") == 1 and counts("uploaded_bytes_total") == 0
 
 
+def _chunks_then_failure() -> Iterator[bytes]:
+    yield from [b"x" * 1024 * 1024] * 3
+    raise OSError("the source failed")
+
+
+async def _async_chunks_then_failure() -> AsyncIterator[bytes]:
+    for chunk in _chunks_then_failure():
+        yield chunk
+
+
+async def _store_failing(client: AsyncClient) -> None:
+    try:
+        await client.store_file("a.txt", _async_chunks_then_failure(), "avatar")
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("store", [
+    pytest.param(lambda trackers: Uploader(Client(DOMAIN, trackers)).upload("a.txt", _chunks_then_failure(), "avatar"),
+                 id="sync"),
+    pytest.param(lambda trackers: asyncio.run(_store_failing(AsyncClient(DOMAIN, trackers))), id="asyncio"),
+])
+def test_an_upload_failing_midway_counts_the_bytes_it_sent(devmogile: DevMogileFS, counts: Counts,
+                                                           store: Callable[[list[str]], object]) -> None:
+    # The asyncio client counted none: uploaded_bytes_total is "the bytes they sent".
+    with pytest.raises(OSError, match="the source failed"):
+        store(devmogile.trackers)
+    assert counts("uploads_total", outcome="failed") == 1
+    assert counts("uploaded_bytes_total") == 3 * 1024 * 1024
+
+
 def test_the_asgi_middleware_counts_the_same_events(devmogile: DevMogileFS, counts: Counts) -> None:
     Client(DOMAIN, devmogile.trackers).store_content("a.txt", CONTENT, "avatar")
 
@@ -368,6 +401,21 @@ def test_gunicorn_with_two_workers_sums_both_in_every_scrape(devmogile: DevMogil
         samples = scrape(master_port)
         assert samples[("mogile_middleware_requests_total", (("mode", "serve"), ("status", "200")))] == requests + 1
     assert list(multiproc.glob("counter_*.db"))  # a directory the environment gave stays, with the counts
+
+
+def test_the_new_master_of_a_usr2_upgrade_leaves_the_old_workers_counts(tmp_path: Path) -> None:
+    """gunicorn starts the new master with its first environment and GUNICORN_PID: the settings
+    took it for a first start and emptied the directory the old master's workers still wrote to."""
+    multiproc = tmp_path / "prometheus"
+    multiproc.mkdir()
+    counted = multiproc / "counter_4242.db"
+    for upgrade, kept in (({"GUNICORN_PID": "4242"}, True), ({}, False)):
+        counted.write_bytes(b"an old worker's counts")
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(multiproc), **upgrade}
+        env.pop("MOGILE_METRICS_DIR_READY", None)
+        subprocess.run([sys.executable, "-c", "import runpy, sys; runpy.run_path(sys.argv[1])",
+                        str(REPO / "examples" / "gunicorn_metrics.py")], env=env, check=True, timeout=60)
+        assert counted.exists() is kept
 
 
 def test_the_metrics_directory_made_for_gunicorn_goes_when_it_exits(devmogile: DevMogileFS, tmp_path: Path) -> None:
