@@ -575,8 +575,8 @@ def test_a_create_close_that_may_have_stored_leaves_no_temporary_key(
         upstream.close()
 
 
-@pytest.mark.parametrize(("carried_out", "lost_answers"), [("at once", 1), ("late", 1), ("late", 2), ("never", 1),
-                                                         ("never", 3)],
+@pytest.mark.parametrize(("carried_out", "lost_answers"),
+                         [("at once", 1), ("late", 1), ("late", 2), ("never", 1), ("never", 3)],
                          ids=["carried-out", "carried-out-late", "carried-out-late-then-another-lost",
                               "not-carried-out", "never-carried-out"])
 def test_a_rename_whose_answer_was_lost_is_told_by_the_temporary_key(mogile: DevMogileFS, carried_out: str,

@@ -481,7 +481,7 @@ def _interrupted_connecting(file: Any) -> Any:
     pytest.param(lambda file: _interrupted_connecting(file).write_from(io.BytesIO(b"z")), id="ctrl-c-connecting"),
 ])
 def test_a_new_file_closed_after_its_body_failed_midway_commits_nothing(client: Client,
-                                                                       write: Callable[[Any], Any]) -> None:
+                                                                        write: Callable[[Any], Any]) -> None:
     """pymogile's ``try: write ... finally: close()``: the close finished the PUT of what had been
     sent, and the key pointed at the first megabytes."""
     client.store_content("kept", b"the old version", cls="thumb")
