@@ -16,6 +16,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -402,7 +403,7 @@ class AsyncLocator(Locator):
         if flight is None or flight.done() or flight.get_loop() is not loop:
             flight = location.remember(_CONFIRMING, loop.create_task(
                 arun_steps(self._confirmed_steps(location), self._call)))
-            flight.add_done_callback(_retrieved)
+            flight.add_done_callback(partial(_landed, location))
         return await asyncio.shield(flight)  # a request that goes away leaves it to the others
 
     async def _lookup(self, entry: str, previous: Location | None) -> Location | None:  # type: ignore[override]
@@ -424,10 +425,14 @@ _CONFIRMED = object()
 _CONFIRMING = object()
 
 
-def _retrieved(task: asyncio.Task[Any]) -> None:
-    """Take a finished shared task's error, which the requests that awaited it may all have left."""
-    if not task.cancelled():
-        task.exception()
+def _landed(location: Location, flight: asyncio.Task[Any]) -> None:
+    """Forget the finished confirmation of ``location`` (a failed one would hold its error's frames
+    as long as the location is cached), and take its error, which the requests that awaited it
+    may all have left."""
+    if location.memo is not None and location.memo.get(_CONFIRMING) is flight:
+        del location.memo[_CONFIRMING]
+    if not flight.cancelled():
+        flight.exception()
 
 
 def _confirmed_lately(location: Location) -> bool:

@@ -255,6 +255,8 @@ def test_refusals_asked_at_once_on_an_event_loop_share_one_confirmation(mogile: 
             waiting.pop().cancel()  # a client gone leaves the confirmation to the others
             confirmed = await asyncio.gather(*waiting)
             assert SlowCountingClient.asked == before + 1
+            await asyncio.sleep(0)
+            assert not [kept for kept in (location.memo or {}).values() if isinstance(kept, asyncio.Task)]  # let go
             return confirmed
         finally:
             await client.aclose()
