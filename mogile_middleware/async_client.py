@@ -238,6 +238,7 @@ class AsyncClient(ClientBase):
                         raise upload_failed(key, error) from error
                     failures.append(str(error))
                     body.seek(start)  # type: ignore[union-attr]  # start is set: a file object
+                    written = 0  # sent again from the start
             raise no_storage_node(key, failures)
         except BaseException:
             metrics.recorder.upload("failed", written)

@@ -13,6 +13,7 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -123,6 +124,12 @@ class MemoryCache:
             self._entries.pop(key, None)
 
 
+
+#: The in-process caches of the process (a backend given to two path caches counted once), whose
+#: keys the ``path_cache_entries`` gauge sums; a cache dropped with its middleware leaves it.
+_IN_PROCESS: weakref.WeakSet[MemoryCache] = weakref.WeakSet()
+_IN_PROCESS_LOCK = threading.Lock()
+
 class _Flight:
     """One lookup in progress: its waiters block on ``done``, then read its outcome."""
 
@@ -157,6 +164,9 @@ class PathCache(Generic[V]):
         self._lookup = lookup
         self._on_change = on_change
         self._backend: CacheBackend = backend if backend is not None else MemoryCache(max_entries, clock)
+        if isinstance(self._backend, MemoryCache):
+            with _IN_PROCESS_LOCK:
+                _IN_PROCESS.add(self._backend)
         # How long a value stays fresh: one call on the hot path, whichever way it is given.
         self._ttl_of: Callable[[V], float] = ttl_for if ttl_for is not None else lambda value: ttl_seconds
         self._stale_seconds = stale_seconds
@@ -165,8 +175,6 @@ class PathCache(Generic[V]):
         self._versioned = hasattr(self._backend, "get_versioned")
         self._lock = threading.Lock()
         self._flights: dict[str, _Flight] = {}
-        self._size_lock = threading.Lock()
-        self._reported_size = 0  # the in-process cache's keys, as last told to the metrics
         self._stale_log = ThrottledLog(log, logging.WARNING, "serving stale paths for %r: %r", STALE_WARNING_INTERVAL,
                                        "requests", clock=clock)
         self._backend_log = ThrottledLog(log, logging.WARNING, "path cache backend failed, asking the trackers "
@@ -262,14 +270,12 @@ class PathCache(Generic[V]):
             self._changed(key)
 
     def _report_size(self) -> None:
-        """Tell the metrics how many keys the in-process cache gained or lost since it last told:
-        the gauge sums every cache of the process (each of two stacked middlewares has one)."""
+        """Tell the metrics how many keys the in-process caches of the process hold, all of them:
+        each of two stacked middlewares has its own, and one set its size alone over the other's."""
         if isinstance(self._backend, MemoryCache):
-            with self._size_lock:
-                size = len(self._backend)
-                change, self._reported_size = size - self._reported_size, size
-            if change:
-                metrics.recorder.cache_resized(change)
+            with _IN_PROCESS_LOCK:
+                entries = sum(len(cache) for cache in _IN_PROCESS)
+            metrics.recorder.cache_size(entries)
 
     def _refresh(self, key: str, previous: V | None = None, *, recheck: bool = True) -> V:
         with self._lock:

@@ -429,10 +429,10 @@ def _landed(location: Location, flight: asyncio.Task[Any]) -> None:
     """Forget the finished confirmation of ``location`` (a failed one would hold its error's frames
     as long as the location is cached), and take its error, which the requests that awaited it
     may all have left."""
-    if location.memo is not None and location.memo.get(_CONFIRMING) is flight:
-        del location.memo[_CONFIRMING]
     if not flight.cancelled():
         flight.exception()
+    if location.memo is not None and location.memo.get(_CONFIRMING) is flight:
+        location.memo.pop(_CONFIRMING, None)  # unless another event loop's flight replaced it meanwhile
 
 
 def _confirmed_lately(location: Location) -> bool:

@@ -42,9 +42,9 @@ class Recorder:
     def cache_invalidated(self) -> None:
         """A key was dropped from the path cache (it changed, or its replicas were gone)."""
 
-    def cache_resized(self, change: int) -> None:
-        """An in-process path cache now holds ``change`` keys more (or fewer, below 0); every cache
-        of the process tells its own (a shared backend tells none)."""
+    def cache_size(self, entries: int) -> None:
+        """The in-process path caches of the process now hold ``entries`` keys in all (a shared
+        backend reports none)."""
 
     def body_cache(self, hit: bool) -> None:
         """The body cache was asked for a small file's bytes: kept (``hit``), or to be read from a node."""

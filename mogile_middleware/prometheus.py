@@ -81,8 +81,8 @@ class PrometheusRecorder(metrics.Recorder):
     def cache_invalidated(self) -> None:
         self._cache_invalidations.inc()
 
-    def cache_resized(self, change: int) -> None:
-        self._cache_entries.inc(change)
+    def cache_size(self, entries: int) -> None:
+        self._cache_entries.set(entries)
 
     def body_cache(self, hit: bool) -> None:
         self._body_cache[hit,].inc()

@@ -57,16 +57,24 @@ def escape_unshowable(error: UnicodeError) -> tuple[str, int]:
 codecs.register_error(UNSHOWABLE, escape_unshowable)
 
 
+#: Printable to ``str.isprintable`` but invisible, or blank though not a space: a key with one
+#: would show as a key without it, or with a space (Unicode's default-ignorable marks, variation
+#: selectors, the Hangul fillers, the blank braille cell).
+_INVISIBLE = frozenset(map(chr, (0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, *range(0x180B, 0x1810), 0x2800, 0x3164,
+                                 *range(0xFE00, 0xFE10), 0xFFA0, *range(0xE0100, 0xE01F0))))
+
+
 def printable(text: str) -> str:
     """``text`` safe to show, each escape naming one thing: ``\\n``, ``\\t``, ``\\r``; ``\\xNN``
     a control character below 0x80 or, from 0x80, a byte that is not UTF-8; ``\\uNNNN`` any
-    other character not printable (a C1 control, a bidirectional or zero-width one, a blank
-    other than the space); a backslash doubled. A key or a tracker's message then cannot
+    other character not printable or invisible (a C1 control, a bidirectional or zero-width
+    one, a variation selector, a blank other than the space); a backslash doubled. A key or a tracker's message then cannot
     recolour the terminal, move its cursor, forge a line of output, reorder what follows or pass
     for another key. Printable Unicode is kept as it is."""
-    if text.isprintable() and "\\" not in text:
+    if text.isprintable() and "\\" not in text and _INVISIBLE.isdisjoint(text):
         return text
-    return "".join(_ESCAPES.get(ord(char)) or (char if char.isprintable() else _code_point(char)) for char in text)
+    return "".join(_ESCAPES.get(ord(char)) or (char if char.isprintable() and char not in _INVISIBLE
+                                               else _code_point(char)) for char in text)
 
 
 def human_size(count: float) -> str:

@@ -15,7 +15,8 @@ For uvicorn, whose access log has no byte count, MOGILE_ACCESS_LOG names a file 
 The tiny app answers ``/view/<key>`` with the key's file through :func:`serve_header`, as a view
 that checked who asks would, when the request has ``X-Test-User: allowed`` (``?download=NAME``:
 as a download of that name), renewing a session cookie; without it, the app's own 403. Under
-uvicorn, ``?until=PATH`` keeps it at work after its answer until the file ``PATH`` exists (20 s at most).
+uvicorn, ``?until=PATH`` keeps it at work after its answer until the file ``PATH`` exists (20 s at
+most), having made ``PATH.working``.
 
 ``make_reproxying_app()`` is a stand-in for the middleware behind nginx, naming storage nodes the
 test runs itself: MOGILE_REPLICA_URLS (blank separated).
@@ -167,6 +168,7 @@ async def hello_asgi(scope, receive, send):
                 "headers": [(name.lower().encode(), value.encode()) for name, value in headers]})
     await send({"type": "http.response.body", "body": body})
     if until := parse_qs(query).get("until"):  # work after its answer (a background task) until that file is made
+        append_line(until[0] + ".working")
         for _ in range(400):
             if os.path.exists(until[0]):
                 break

@@ -480,6 +480,8 @@ def test_printable_escapes_controls_and_doubles_backslashes() -> None:
     # Nor does a key show as another through an invisible or reordering character, or a blank
     # that is not the space (a zero-width space, a right-to-left override, a no-break space).
     assert printable("a\u200bb \u202ec\xa0d") == "a\\u200bb \\u202ec\\u00a0d"
+    # Nor those str.isprintable takes for printable: a grapheme joiner, a Hangul filler (blank).
+    assert printable("a\u034fb c\u3164d") == "a\\u034fb c\\u3164d"
     assert printable("\n\r\t") == "\\n\\r\\t"
     assert printable("\udcff") == "\\xff"  # an undecodable byte, as the protocol keeps it
 

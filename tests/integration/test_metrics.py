@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import io
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ import pytest
 from conftest import DOMAIN
 from integration._gunicorn import REPO, run_gunicorn
 from integration._wire_client import free_port, read_http_reply
+from integration.test_client import _scripted_open, dropping_node  # noqa: F401 (a fixture)
 from integration.test_asgi import http_scope, run
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -27,7 +29,7 @@ from webtest import TestApp
 from wiretools import ScriptedTracker, SilentServer
 
 from mogile_middleware import (AsyncClient, Client, MogileFSMiddleware, ProtocolError, TrackerUnavailableError,
-                               UnregClassError, Uploader, metrics)
+                               UnregClassError, Uploader, UploadError, metrics)
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.prometheus import PrometheusRecorder
@@ -94,13 +96,19 @@ def test_path_cache_entries_sums_the_caches_of_middlewares_stacked(devmogile: De
         client.store_content(key, CONTENT, "avatar")
     inner = MogileFSMiddleware(not_found, domain=DOMAIN, trackers=devmogile.trackers, prefix="/b/")
     app = TestApp(MogileFSMiddleware(inner, domain=DOMAIN, trackers=devmogile.trackers, prefix="/a/"))
-    for key in ("a.txt", "b.txt", "c.txt"):
+    app.get("/a/a.txt")
+    others = counts("path_cache_entries") - 1  # the caches of other middlewares alive in this process
+    for key in ("b.txt", "c.txt"):
         app.get(f"/a/{key}")
     app.get("/b/a.txt")
-    assert counts("path_cache_entries") == 4
+    assert counts("path_cache_entries") - others == 4
     client.delete("b.txt")
     app.get("/b/b.txt", status=404)
-    assert counts("path_cache_entries") == 5  # a key found missing is kept too, for a few seconds
+    assert counts("path_cache_entries") - others == 5  # a key found missing is kept too, for a few seconds
+    shared = MogileFSMiddleware(not_found, domain=DOMAIN, trackers=devmogile.trackers, prefix="/s/",
+                                cache_backend=inner.locator.paths.backend)  # the inner one's cache: counted once
+    TestApp(shared).get("/s/c.txt")
+    assert counts("path_cache_entries") - others == 6
 
 
 def test_the_body_cache_counts_hits_misses_and_the_bytes_it_serves(devmogile: DevMogileFS, counts: Counts) -> None:
@@ -271,6 +279,33 @@ def test_an_upload_failing_midway_counts_the_bytes_it_sent(devmogile: DevMogileF
     assert counts("uploaded_bytes_total") == 3 * 1024 * 1024
 
 
+async def _store_to(client: AsyncClient, source: io.BytesIO) -> None:
+    try:
+        await client.store_file("a.txt", source, "avatar")
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("store", [
+    pytest.param(lambda trackers, source: Client(DOMAIN, trackers).store_file("a.txt", source, "avatar"), id="sync"),
+    pytest.param(lambda trackers, source: asyncio.run(_store_to(AsyncClient(DOMAIN, trackers), source)), id="asyncio"),
+])
+def test_an_upload_sent_again_then_refused_counts_what_the_last_node_took(
+        counts: Counts, dropping_node: str, store: Callable[[list[str], io.BytesIO], object]) -> None:
+    """The first node drops the PUT midway, the next refuses it: the asyncio client counted the
+    bytes the first took, the blocking one none (it starts again from the first byte)."""
+    refusing = socket.create_server(("127.0.0.1", 0))
+    refusing_url = f"http://127.0.0.1:{refusing.getsockname()[1]}"
+    refusing.close()
+    tracker = _scripted_open([dropping_node + "/dev1", refusing_url + "/dev2"])
+    try:
+        with pytest.raises(UploadError):
+            store([tracker.tracker], io.BytesIO(b"x" * 2 * 1024 * 1024))
+    finally:
+        tracker.stop()
+    assert counts("uploads_total", outcome="failed") == 1 and counts("uploaded_bytes_total") == 0
+
+
 def test_the_asgi_middleware_counts_the_same_events(devmogile: DevMogileFS, counts: Counts) -> None:
     Client(DOMAIN, devmogile.trackers).store_content("a.txt", CONTENT, "avatar")
 
@@ -413,6 +448,8 @@ def test_the_new_master_of_a_usr2_upgrade_leaves_the_old_workers_counts(tmp_path
         counted.write_bytes(b"an old worker's counts")
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(multiproc), **upgrade}
         env.pop("MOGILE_METRICS_DIR_READY", None)
+        if not upgrade:
+            env.pop("GUNICORN_PID", None)
         subprocess.run([sys.executable, "-c", "import runpy, sys; runpy.run_path(sys.argv[1])",
                         str(REPO / "examples" / "gunicorn_metrics.py")], env=env, check=True, timeout=60)
         assert counted.exists() is kept

@@ -309,6 +309,7 @@ def test_a_view_s_file_arrives_while_the_application_is_still_at_work_after_its_
                 sock.sendall(f"GET /view/plain.txt?until={quote(str(released))} HTTP/1.1\r\nHost: t\r\n"
                              "X-Test-User: allowed\r\n\r\n".encode())
                 reply, _ = read_http_reply(sock, "GET", timeout=10)
+            assert Path(f"{released}.working").exists() and not released.exists()  # the file came meanwhile
         finally:
             released.touch()
     assert (reply.status, reply.body) == (200, FILES["plain.txt"])
