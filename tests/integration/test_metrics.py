@@ -69,6 +69,7 @@ def test_serve_mode_counts_requests_bytes_tracker_calls_and_the_cache(devmogile:
     Client(DOMAIN, devmogile.trackers).store_content("a.txt", CONTENT, "avatar")
     app = TestApp(MogileFSMiddleware(not_found, domain=DOMAIN, trackers=devmogile.trackers, prefix="/m/"))
     assert app.get("/m/a.txt").body == CONTENT
+    others = counts("path_cache_entries") - 1  # the caches of other middlewares alive in this process
     assert app.get("/m/a.txt").body == CONTENT
     app.head("/m/a.txt")
     app.get("/m/a.txt", headers={"Range": "bytes=0-9"}, status=206)
@@ -86,7 +87,7 @@ def test_serve_mode_counts_requests_bytes_tracker_calls_and_the_cache(devmogile:
     assert counts("tracker_calls_total", tracker=tracker, command="get_paths", outcome="error") == 1  # unknown_key
     assert counts("tracker_call_seconds_count", command="get_paths") == counts(
         "tracker_calls_total", tracker=tracker, command="get_paths", outcome="ok") + 1
-    assert counts("path_cache_entries") == 2
+    assert counts("path_cache_entries") - others == 2
 
 
 def test_path_cache_entries_sums_the_caches_of_middlewares_stacked(devmogile: DevMogileFS, counts: Counts) -> None:
