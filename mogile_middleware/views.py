@@ -26,9 +26,9 @@ log = logging.getLogger("mogile_middleware")
 #: scope while the application runs): an answer with :data:`SERVE_HEADER` will be turned into a file's.
 WRAPPED_BY = "mogile_middleware.wrapped_by"
 #: Where the first middleware that passes a request on puts a list (in the WSGI environ, or the
-#: ASGI scope, which the copies other middlewares make of it share), marked by any middleware that answers the request with
-#: reproxy headers: those are a middleware's own, which the middlewares around it let through
-#: (two stacked for two prefixes), where an application's are dropped.
+#: ASGI scope, which the copies other middlewares make of it share), marked by any middleware that
+#: answers the request with reproxy headers: those are a middleware's own, which the middlewares
+#: around it let through (two stacked for two prefixes), where an application's are dropped.
 REPROXIED = "mogile_middleware.reproxied"
 #: The header by which the wrapped application asks for a key's file (see :func:`serve_header`);
 #: never sent on.

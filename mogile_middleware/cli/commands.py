@@ -686,7 +686,8 @@ def _rm(args: argparse.Namespace, client: Client) -> int:
     keys = list(args.keys)
     if args.prefix is not None:
         listed = list(client.keys(args.prefix))
-        which = f"starting with {printable(args.prefix)!r}" if args.prefix else f"of the domain {printable(client.domain)!r}"
+        which = (f"starting with {printable(args.prefix)!r}" if args.prefix
+                 else f"of the domain {printable(client.domain)!r}")
         if not listed:  # nothing to ask about
             print(f"mogile-middleware: rm: no key {which}", file=sys.stderr)
         elif not _confirmed(f"delete the {len(listed)} key(s) {which}", args.yes):

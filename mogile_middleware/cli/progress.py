@@ -68,9 +68,9 @@ def printable(text: str) -> str:
     """``text`` safe to show, each escape naming one thing: ``\\n``, ``\\t``, ``\\r``; ``\\xNN``
     a control character below 0x80 or, from 0x80, a byte that is not UTF-8; ``\\uNNNN`` any
     other character not printable or invisible (a C1 control, a bidirectional or zero-width
-    one, a variation selector, a blank other than the space); a backslash doubled. A key or a tracker's message then cannot
-    recolour the terminal, move its cursor, forge a line of output, reorder what follows or pass
-    for another key. Printable Unicode is kept as it is."""
+    one, a variation selector, a blank other than the space); a backslash doubled. A key or a
+    tracker's message then cannot recolour the terminal, move its cursor, forge a line of output,
+    reorder what follows or pass for another key. Printable Unicode is kept as it is."""
     if text.isprintable() and "\\" not in text and _INVISIBLE.isdisjoint(text):
         return text
     return "".join(_ESCAPES.get(ord(char)) or (char if char.isprintable() and char not in _INVISIBLE

@@ -23,8 +23,8 @@ from django.urls import get_script_prefix
 from django.utils.deconstruct import deconstructible
 
 from ...client import Client
-from ...exceptions import (BadKeyError, KeyExistsError, MogileFSError, OutcomeUnknownError, UnknownKeyError, UploadError,
-                           UploadOutcomeUnknownError)
+from ...exceptions import (BadKeyError, KeyExistsError, MogileFSError, OutcomeUnknownError, UnknownKeyError,
+                           UploadError, UploadOutcomeUnknownError)
 from ...locate import current_version
 from ...protocol import (MAX_KEY_BYTES, check_key, check_linked_path, check_url_key, has_control_character,
                          local_link)
