@@ -26,6 +26,9 @@ _LIST_GAP = re.compile(r"[ \t,]*")
 _BYTE_RANGE = re.compile(r"(\d*)-(\d*)")
 #: The one spelling of a range a storage node reads (Perlbal 1.80's, which mogstored serves with).
 _NODE_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+#: Optional whitespace around a field's value (RFC 9110 5.6.3): spaces and tabs, not the other
+#: blanks ``str.strip`` takes (latin-1's no-break space and NEL are a client's obs-text).
+_OWS = " \t"
 #: Digits enough for any file's length (below 2**63): a longer position is past every end.
 _POSITION_DIGITS = 19
 
@@ -101,7 +104,7 @@ def etag_matches(header: str | None, etag: str, *, weak: bool) -> bool:
     (``*`` names any); ``weak`` compares as ``If-None-Match`` does, ignoring ``W/``."""
     if header is None:
         return False
-    header = header.strip()
+    header = header.strip(_OWS)
     if header == "*":
         return True
     if f'"{etag}"' not in header or len(header) > MAX_ENTITY_TAG_LIST:
@@ -120,7 +123,7 @@ def etag_matches(header: str | None, etag: str, *, weak: bool) -> bool:
 def if_range_holds(header: str | None, etag: str) -> bool:
     """True without ``If-Range``, or when it is the strong entity-tag ``etag`` itself: a list, ``*``,
     a weak tag or a date (files have no ``Last-Modified``) hold for no version (RFC 9110 13.1.5)."""
-    return header is None or header.strip() == f'"{etag}"'
+    return header is None or header.strip(_OWS) == f'"{etag}"'
 
 
 def storage_node_range(header: str | None, size: int) -> tuple[int, int, int]:
@@ -132,7 +135,7 @@ def storage_node_range(header: str | None, size: int) -> tuple[int, int, int]:
     if match is None or match.group(0) == "bytes=-":
         return 200, 0, size - 1
     first, last = (_position(digits) for digits in match.groups())
-    if first is not None and last is not None and first > last or first is None and last == 0:
+    if _reversed(*match.groups()) or first is None and last == 0:
         return 416, 0, 0
     if first is not None and size <= first:
         return 416, 0, 0
@@ -146,9 +149,9 @@ def byte_range(header: str | None, length: int) -> tuple[int, int] | None | bool
     if header is None:
         return None
     unit, _, ranges = header.partition("=")
-    if unit.strip().lower() != "bytes" or "," in ranges:
+    if unit.strip(_OWS).lower() != "bytes" or "," in ranges:
         return None
-    match = _BYTE_RANGE.fullmatch(ranges.strip())
+    match = _BYTE_RANGE.fullmatch(ranges.strip(_OWS))
     if match is None or match.groups() == ("", ""):
         return None
     first, last = (_position(digits) for digits in match.groups())
@@ -156,7 +159,7 @@ def byte_range(header: str | None, length: int) -> tuple[int, int] | None | bool
         if not last:
             return False
         return (max(length - last, 0), length - 1) if length else None  # no 206 can hold 0 bytes
-    if last is not None and last < first:
+    if _reversed(*match.groups()):
         return None
     if first >= length:
         return False
@@ -170,6 +173,15 @@ def _position(digits: str) -> int | None:
         return None
     significant = digits.lstrip("0") or "0"
     return int(significant) if len(significant) <= _POSITION_DIGITS else 10 ** _POSITION_DIGITS
+
+
+def _reversed(first: str, last: str) -> bool:
+    """True if both positions are given and the last comes before the first, however many digits
+    each has (past :data:`_POSITION_DIGITS`, :func:`_position` makes them alike)."""
+    if not first or not last:
+        return False
+    first, last = first.lstrip("0"), last.lstrip("0")
+    return (len(last), last) < (len(first), first)
 
 
 def precondition_answer(if_match: str | None, if_none_match: str | None, etag: str,

@@ -40,10 +40,11 @@ MAX_REPLY_BYTES = 4 * 1024 * 1024
 #: Commands whose repetition changes nothing a client sees, so a failure midway can be retried
 #: elsewhere. ``create_open`` only reserves a file number: mogilefsd purges one never closed an
 #: hour later (``Worker/Delete.pm``), so an upload is not lost to a tracker that hangs.
-#: ``update_class`` to the class a file has already answers ``OK`` (``cmd_updateclass``).
+#: ``updateclass`` (a file's class, what ``update_class`` sends) to the class the file already has
+#: answers ``OK`` (``cmd_updateclass``); the admin's ``update_class`` sets a class's copies to the same.
 IDEMPOTENT_COMMANDS = frozenset(
     {"noop", "get_paths", "file_info", "file_debug", "list_keys", "list_fids", "get_domains",
-     "get_hosts", "get_devices", "server_settings", "create_open", "update_class"}
+     "get_hosts", "get_devices", "server_settings", "create_open", "updateclass", "update_class"}
 )
 #: Commands whose answer waits on a storage node (mogilefsd checks the new file's size there, and
 #: its MD5 when asked to): a tracker that misses their deadline is not marked dead for it.

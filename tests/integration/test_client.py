@@ -238,6 +238,25 @@ def test_an_upload_goes_to_the_next_tracker_when_the_first_never_answers(devmogi
 
 
 @both_flavours
+def test_a_class_change_whose_answer_is_lost_is_asked_of_the_next_tracker(devmogile: DevMogileFS,
+                                                                          flavour: Flavour) -> None:
+    """Setting a file's class twice sets it once (README: retried on the next tracker): it used to
+    raise OutcomeUnknownError with the class unchanged."""
+    client = flavour.Client(DOMAIN, devmogile.trackers)
+    cutting = ScriptedTracker(lambda line: None)  # closes the connection on every request
+    moving = flavour.Client(DOMAIN, [cutting.tracker, *devmogile.trackers])
+    try:
+        client.store_content("moving", b"data", cls="thumb")
+        moving.update_class("moving", "avatar")
+        assert client.file_info("moving").cls == "avatar"
+        assert cutting.requests and all(line.startswith(b"updateclass ") for line in cutting.requests)
+    finally:
+        for closed in (client, moving):
+            closed.close()
+        cutting.stop()
+
+
+@both_flavours
 @pytest.mark.parametrize("wrong", [
     pytest.param(b"HTTP/1.0 206 Partial Content\r\nContent-Range: bytes 0-9/20\r\nContent-Length: 10\r\n\r\n" + TEN,
                  id="206-to-a-get"),

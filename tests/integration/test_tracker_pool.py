@@ -508,8 +508,9 @@ def test_an_update_class_cut_midway_is_sent_again_as_setting_a_class_twice_chang
     try:
         pool = flavour.TrackerPool([server.tracker])
         pool.request("noop")
-        assert pool.request("update_class", {"key": "k", "class": "thumb"})[0] == {}
-        assert sum(line.startswith(b"update_class") for line in calls) == 2
+        # The command Client.update_class sends (cmd_updateclass), not the admin's update_class.
+        assert pool.request("updateclass", {"domain": "d", "key": "k", "class": "thumb"})[0] == {}
+        assert sum(line.startswith(b"updateclass ") for line in calls) == 2
     finally:
         server.stop()
 

@@ -29,6 +29,11 @@ def plan(length: int = 100, **request: str) -> Answer | FilePlan:
     pytest.param('"a", , "fid-42"', False, True, id="empty-element"),
     pytest.param(', "fid-42",', True, True, id="empty-first-and-last"),
     pytest.param(" , ,", True, False, id="only-empty-elements"),
+    pytest.param(' \t"fid-42"\t ', False, True, id="blanks-around"),
+    # Optional whitespace is spaces and tabs (RFC 9110 5.6.3): a no-break space or a NEL
+    # (latin-1's 0xA0 and 0x85) is a client's obs-text, part of the value.
+    pytest.param('"fid-42"\xa0', True, False, id="no-break-space-after"),
+    pytest.param('\x85"fid-42"', True, False, id="nel-before"),
 ])
 def test_etag_matching(header: str, weak: bool, expected: bool) -> None:
     assert http.etag_matches(header, ETAG, weak=weak) is expected
@@ -66,6 +71,12 @@ def test_an_entity_tag_list_longer_than_any_client_sends_names_no_version() -> N
     pytest.param("bytes=" + "0" * 5000 + "7-8", 100, (7, 8), id="leading-zeros"),
     pytest.param("bytes=0-1,5-6", 100, None, id="several-ignored"),
     pytest.param("bytes=5-1", 100, None, id="reversed-ignored"),
+    pytest.param("bytes=99999999999999999999-19999999999999999999", 100, None, id="huge-reversed-ignored"),
+    pytest.param("bytes=" + "2" * 5000 + "-0" + "1" * 5000, 100, None, id="huger-reversed-ignored"),
+    pytest.param("bytes=0-1\t", 100, (0, 1), id="tab-after"),
+    pytest.param("bytes=0-1\xa0", 100, None, id="no-break-space-after"),
+    pytest.param("\xa0bytes=0-1", 100, None, id="no-break-space-before"),
+    pytest.param("\x85bytes=0-1", 100, None, id="nel-before"),
     pytest.param("bytes=-", 100, None, id="no-numbers"),
     pytest.param("items=0-1", 100, None, id="other-unit"),
     pytest.param("bytes=a-b", 100, None, id="not-numbers"),
@@ -83,6 +94,8 @@ def test_byte_range(header: str | None, length: int, expected: object) -> None:
     pytest.param("bytes=5-1", (416, 0, 0), id="reversed"),
     pytest.param("bytes=100-", (416, 0, 0), id="past-the-end"),
     pytest.param("bytes=" + "9" * 5000 + "-", (416, 0, 0), id="huge-first"),
+    pytest.param("bytes=00099999999999999999999-19999999999999999999", (416, 0, 0), id="huge-reversed"),
+    pytest.param("bytes=0-" + "9" * 5000, (206, 0, 99), id="huge-last"),
     pytest.param("bytes=-", (200, 0, 99), id="no-numbers"),
     pytest.param("BYTES=0-9", (200, 0, 99), id="unit-in-capitals"),
     pytest.param("bytes= 0-9", (200, 0, 99), id="blank"),
@@ -148,6 +161,7 @@ def test_unsatisfiable_range_is_416_with_the_length_and_no_cache_control() -> No
     pytest.param("*", False, id="star"),
     pytest.param('"fid-41", "fid-42"', False, id="list"),
     pytest.param(' "fid-42" ', True, id="blanks-around"),
+    pytest.param('"fid-42"\xa0', False, id="no-break-space-is-not-a-blank"),
 ])
 def test_if_range(if_range: str, ranged: bool) -> None:
     answer = plan(range="bytes=0-9", if_range=if_range)
