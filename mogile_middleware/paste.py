@@ -152,9 +152,12 @@ _NONE_REFUSED = ("cache_control", "signing_key", "memcached_secret")
 def filter_factory(global_conf: Mapping[str, str], **local_conf: str) -> Callable[[WSGIApp], MogileFSMiddleware]:
     """Convert the ``[filter:...]`` options and return the filter wrapping the next application.
 
-    Raises ``ValueError`` naming the option for an unknown, missing or malformed one.
-    ``global_conf`` (the ini's ``[DEFAULT]`` values and ``here``) holds no options.
+    Raises ``ValueError`` naming the option for an unknown, missing or malformed one. A global
+    value named as an option (``[DEFAULT]``, gunicorn's ``--paste-global``, ``loadapp``'s
+    ``global_conf``, a section's ``set name = value``) is that option's: PasteDeploy drops the
+    section's own value of a global's name and hands the global here instead.
     """
+    local_conf = {**{name: value for name, value in global_conf.items() if name in OPTIONS}, **local_conf}
     unknown = sorted(set(local_conf) - set(OPTIONS))
     if unknown:
         raise ValueError(f"unknown mogile_middleware option(s) {', '.join(unknown)}; "

@@ -160,11 +160,12 @@ class MetricsEndpoint:
 
 def filter_factory(global_conf: dict[str, str], **local_conf: str) -> Any:
     """PasteDeploy: ``[filter:metrics]`` with ``use = egg:mogile_middleware#metrics`` (``path``
-    optional); ``ValueError`` for another option or a path that is not one, at load time."""
+    optional; a global ``path`` is the option, as in :func:`mogile_middleware.paste.filter_factory`);
+    ``ValueError`` for another option or a path that is not one, at load time."""
     unknown = sorted(set(local_conf) - {"path"})
     if unknown:
         raise ValueError(f"unknown metrics option(s) {', '.join(unknown)}; the option is: path")
-    path = _metrics_path(local_conf.get("path", "/metrics"))
+    path = _metrics_path(local_conf.get("path", global_conf.get("path", "/metrics")))
     return lambda app: MetricsEndpoint(app, path=path)
 
 

@@ -533,3 +533,13 @@ def test_the_metrics_filter_refuses_at_load_what_no_request_could_reach(options:
 
     with pytest.raises(ValueError, match=named):
         filter_factory({}, **options)
+
+
+def test_a_global_path_is_the_metrics_filters_path(tmp_path: Path) -> None:
+    """PasteDeploy drops a section's own value of a global's name: the filter served /metrics."""
+    from paste.deploy import loadfilter
+
+    ini = tmp_path / "metrics.ini"
+    ini.write_text("[DEFAULT]\npath = /stats\n[filter:metrics]\nuse = egg:mogile_middleware#metrics\npath = /own\n")
+    endpoint = loadfilter(f"config:{ini}", name="metrics")(lambda environ, start_response: [])
+    assert endpoint.path == "/stats"

@@ -147,6 +147,20 @@ body_cache_file_bytes = 65536
     assert (middleware.bodies.max_bytes, middleware.bodies.max_file_bytes) == (8 * 1024 * 1024, 64 * 1024)
 
 
+@pytest.mark.parametrize("where", ["default", "global_conf", "set"])
+def test_a_global_named_as_an_option_is_that_option(tmp_path: Path, where: str) -> None:
+    """PasteDeploy drops a section's own value of a name that is also global ([DEFAULT],
+    --paste-global): the filter fell back to its default prefix, the global unread, and a global
+    ``domain`` made the section's ``domain`` "required"."""
+    ini = tmp_path / "filter.ini"
+    default = "[DEFAULT]\nprefix = /static/\ndomain = photos\n" if where == "default" else ""
+    own = "set prefix = /static/\nset domain = photos\n" if where == "set" else "prefix = /files/\ndomain = media\n"
+    ini.write_text(f"{default}[filter:mogile]\nuse = egg:mogile_middleware\n{own}trackers = 127.0.0.1:7001\n")
+    given = {"prefix": "/static/", "domain": "photos"} if where == "global_conf" else None
+    middleware = loadfilter(f"config:{ini}", name="mogile", global_conf=given)(lambda environ, start_response: [])
+    assert (middleware.prefix, middleware.client.domain) == ("/static/", "photos")
+
+
 def test_an_empty_charset_means_none(tmp_path: Path) -> None:
     middleware = load_filter(tmp_path, GOOD + "\ncharset =")
     assert middleware.representation.policy.charset is None
