@@ -98,6 +98,9 @@ class MemcachedBackend:
         self.connect_timeout = checked_seconds("connect_timeout", connect_timeout)
         self.timeout = checked_seconds("timeout", timeout)
         self._given = client
+        if secret is not None and (not isinstance(secret, (str, bytes)) or not secret):
+            given = "an empty one" if isinstance(secret, (str, bytes)) else type(secret).__name__  # never the secret
+            raise ValueError(f"secret must be a non-empty string or bytes (None for unsigned entries), not {given}")
         self._secret = secret.encode() if isinstance(secret, str) else secret
         self._pid = os.getpid()
         self._lock = threading.Lock()

@@ -62,14 +62,21 @@ def _callable(value: str) -> Callable[..., Any]:
 def _memcached(servers: list[str] | None, secret: str | None) -> MemcachedBackend | None:
     """A shared path cache in memcached on ``host:port`` ``servers``; none: the in-process cache."""
     if not servers:
-        if secret:
+        if secret is not None:
             raise ValueError("memcached_secret signs the entries of memcached_servers, which is not set")
         return None
     try:
         from .memcache import MemcachedBackend  # pymemcache is an optional extra
     except ImportError as error:
         raise ValueError(f"needs pymemcache: pip install 'mogile_middleware[memcached]' ({error})") from error
-    return MemcachedBackend(servers, secret=secret or None)
+    return MemcachedBackend(servers, secret=secret)
+
+
+def _secret(value: str) -> str:
+    """The secret signing memcached's entries; an empty one, which would sign nothing, is refused."""
+    if not value:
+        raise ValueError("no secret given (leave the option out for unsigned entries)")
+    return value
 
 
 def _secrets(value: str) -> list[str]:
@@ -131,7 +138,7 @@ def _options() -> dict[str, Callable[[str], Any]]:
         if name in _NOT_OPTIONS:
             continue
         options[name] = _SPECIAL.get(name) or _BY_TYPE[str(parameter.annotation).removesuffix(" | None")]
-    return {**options, "memcached_servers": _servers, "memcached_secret": str}
+    return {**options, "memcached_servers": _servers, "memcached_secret": _secret}
 
 
 def _servers(value: str) -> list[str]:

@@ -146,8 +146,12 @@ def _memcached(text: str) -> MemcachedBackend | None:
         from ..memcache import MemcachedBackend  # pymemcache is an optional extra
     except ImportError:
         raise argparse.ArgumentTypeError("needs pymemcache: pip install 'mogile_middleware[memcached]'") from None
+    secret = os.environ.get("MOGILEFS_MEMCACHED_SECRET")
+    if secret == "":  # set to nothing, as a template whose value is missing leaves it: no signing meant
+        raise argparse.ArgumentTypeError("MOGILEFS_MEMCACHED_SECRET is set but empty: give the site's secret, "
+                                         "or unset it for unsigned entries")
     try:
-        return MemcachedBackend(text, secret=os.environ.get("MOGILEFS_MEMCACHED_SECRET") or None)
+        return MemcachedBackend(text, secret=secret)
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
 

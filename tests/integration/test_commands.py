@@ -199,6 +199,16 @@ def test_writes_sign_their_marks_with_the_sites_memcached_secret(cli: Run, tmp_p
         assert "invalid memcached entry" not in caplog.text  # signed as the site signs its own
 
 
+def test_an_empty_memcached_secret_is_a_usage_error_before_any_write(monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Set to nothing (a template's missing value), it signed nothing: marks a signing site ignores."""
+    monkeypatch.setenv("MOGILEFS_MEMCACHED_SECRET", "")
+    with pytest.raises(SystemExit) as stopped:  # no tracker asked: none listens on port 1
+        main(["rm", "k", "--trackers", "127.0.0.1:1", "--domain", DOMAIN, "--memcached", "127.0.0.1:11211"])
+    assert stopped.value.code == 2
+    assert "--memcached: MOGILEFS_MEMCACHED_SECRET is set but empty" in capsys.readouterr().err
+
+
 def test_a_write_told_to_an_unreachable_memcached_stands_and_says_so_in_one_line(devmogile: DevMogileFS,
                                                                                    tmp_path: Path) -> None:
     env = subprocess_env(MOGILEFS_TRACKERS=devmogile.trackers[0], MOGILEFS_DOMAIN=DOMAIN)

@@ -436,6 +436,13 @@ def test_a_secret_signs_every_entry(shared_memcached: MemcachedServer) -> None:
     assert signed.get("signed") is None
 
 
+@pytest.mark.parametrize(("secret", "named"), [("", "an empty one"), (b"", "an empty one"), (42, "int")])
+def test_a_secret_that_signs_nothing_is_refused(secret: object, named: str) -> None:
+    """An empty secret used to sign nothing, silently: entries anyone could forge."""
+    with pytest.raises(ValueError, match=f"secret must be a non-empty string or bytes .*not {named}$"):
+        MemcachedBackend("127.0.0.1:1", secret=secret)  # type: ignore[arg-type]
+
+
 def test_two_domains_on_one_memcached_each_get_their_own_bytes(tmp_path: Path,
                                                                shared_memcached: MemcachedServer) -> None:
     with DevMogileFS(tmp_path / "mogdata", domains={"photos": {"one": 1}, "music": {"one": 1}}) as mogile:
