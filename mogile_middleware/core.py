@@ -514,7 +514,7 @@ def _is_count(value: object, minimum: int) -> bool:
 def parse_trusted_proxies(proxies: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network | str, ...]:
     """Addresses and networks (``"10.0.0.0/24"``, ``"::1"``), and :data:`UNIX_SOCKET` for the peer of
     a unix socket; raises ``ValueError`` naming a bad one."""
-    if isinstance(proxies, str):
+    if isinstance(proxies, (str, bytes, bytearray)):  # each character (each byte's number) taken for an address
         raise ValueError(f"expected a list of addresses or networks, not the string {proxies!r}")
     parsed: list[ipaddress.IPv4Network | ipaddress.IPv6Network | str] = []
     for proxy in proxies:

@@ -81,7 +81,12 @@ def parse_address(tracker: str | Address) -> Address:
     """``"host:port"`` (or ``"host"``, port 7001; ``"[::1]:7001"``, or ``"::1"`` with no port) as a
     ``(host, port)`` pair; a ValueError for anything else (a URL, two addresses run together)."""
     if isinstance(tracker, tuple):
+        if len(tracker) != 2 or not isinstance(tracker[0], str) or isinstance(tracker[1], bool) \
+                or not isinstance(tracker[1], (int, str)):
+            raise ValueError(f"tracker address {tracker!r} is not a (host, port) pair")
         host, port = tracker[0], str(tracker[1])
+    elif not isinstance(tracker, str):
+        raise ValueError(f"tracker address {tracker!r} is not a host:port string or a (host, port) pair")
     else:
         text = tracker.strip()
         if text.count(":") > 1 and not text.startswith("["):  # an IPv6 address: its colons are its own
@@ -121,8 +126,10 @@ def _is_ipv6(text: str) -> bool:
 
 def parse_trackers(trackers: str | Iterable[str | Address]) -> list[Address]:
     """Tracker addresses from a list or a whitespace- or comma-separated string."""
-    if not isinstance(trackers, (str, Iterable)):
+    if not isinstance(trackers, (str, Iterable)) or isinstance(trackers, (bytes, bytearray)):
         raise ValueError(f"trackers must be host:port addresses, in a list or a string, not {trackers!r}")
+    if isinstance(trackers, tuple) and len(trackers) == 2 and isinstance(trackers[1], int):
+        raise ValueError(f"trackers {trackers!r}: a lone (host, port) pair; give a list of them")
     items = trackers.replace(",", " ").split() if isinstance(trackers, str) else list(trackers)
     addresses = [parse_address(item) for item in items]
     if not addresses:

@@ -637,6 +637,22 @@ def test_tracker_lists() -> None:
         parse_trackers("")
     with pytest.raises(ValueError, match="not host:port"):
         parse_trackers(["a:b"])
+    assert parse_trackers([("a", 1), ("b", "2"), "c:3"]) == [("a", 1), ("b", 2), ("c", 3)]
+
+
+@pytest.mark.parametrize(("trackers", "named"), [
+    pytest.param(("127.0.0.1", 7001), r"\('127.0.0.1', 7001\): a lone \(host, port\) pair", id="lone-pair"),
+    pytest.param([7001], "address 7001 is not a host:port string", id="number"),
+    pytest.param(b"127.0.0.1:7001", "not b'127.0.0.1:7001'", id="bytes"),
+    pytest.param([b"127.0.0.1:7001"], "address b'127.0.0.1:7001' is not a host:port string", id="bytes-in-a-list"),
+    pytest.param([("127.0.0.1",)], r"address \('127.0.0.1',\) is not a \(host, port\) pair", id="short-pair"),
+    pytest.param([("127.0.0.1", 7001.0)], r"is not a \(host, port\) pair", id="float-port"),
+    pytest.param([("127.0.0.1", True)], r"is not a \(host, port\) pair", id="bool-port"),
+])
+def test_trackers_of_another_type_are_refused_naming_them(trackers: object, named: str) -> None:
+    """They raised AttributeError, TypeError or IndexError from inside the parsing, naming nothing."""
+    with pytest.raises(ValueError, match=named):
+        parse_trackers(trackers)  # type: ignore[arg-type]
 
 
 @both_flavours

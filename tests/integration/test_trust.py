@@ -64,7 +64,7 @@ def test_spoofable_or_idle_reproxy_is_warned_about_at_start(caplog: pytest.LogCa
     assert any(warned in message for message in messages) if warned else not messages
 
 
-@pytest.mark.parametrize("proxies", [["10.0.0.300"], ["unix:/tmp/x"], "10.0.0.1"])
+@pytest.mark.parametrize("proxies", [["10.0.0.300"], ["unix:/tmp/x"], "10.0.0.1", b"10.0.0.1", bytearray(b"10.0.0.1")])
 def test_a_bad_trusted_proxy_is_refused_naming_it(proxies: object) -> None:
     with pytest.raises(ValueError, match="10.0.0|unix"):
         MogileFSMiddleware(lambda environ, start_response: [], domain=DOMAIN, trackers="127.0.0.1:1",
