@@ -262,6 +262,10 @@ class MiddlewareCore:
             awaited = "" if self.awaits_authorize else " (the ASGI middleware awaits a coroutine)"
             raise TypeError(f"authorize must be a plain function: it makes {made}, and {type(self).__name__} "
                             f"needs a true or false answer{awaited}")
+        # One taking other arguments would fail every request with a 500.
+        _refuse_invalid([(name, value, value is None or _takes(value, count), f"a function of {taking}, or None")
+                         for name, value, count, taking in [("key_for_path", key_for_path, 1, "the path"),
+                                                            ("authorize", authorize, 2, "the request and the key")]])
         self.key_for_path = key_for_path
         self.allow_app_reproxy = allow_app_reproxy
         self.authorize = authorize
@@ -492,6 +496,20 @@ def _refuse_mistyped(*, require_proxy_header: object, trusted_files: object, all
          "a mapping of extensions to types, or None"),
     ]
     _refuse_invalid(checks)
+
+
+def _takes(function: Callable[..., Any], count: int) -> bool:
+    """True if ``function`` can be called with ``count`` arguments, or Python cannot tell (a
+    builtin without a signature)."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return True
+    try:
+        signature.bind(*range(count))
+    except TypeError:
+        return False
+    return True
 
 
 def _refuse_invalid(checks: list[tuple[str, object, bool, str]]) -> None:

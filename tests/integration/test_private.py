@@ -856,9 +856,17 @@ def test_neither_middleware_takes_an_async_generator_for_an_answer() -> None:
             middleware(None, domain=DOMAIN, trackers=["127.0.0.1:7001"], authorize=_refusing_generator)
 
 
+class _AsyncInstances:
+    def __init__(self, request: Any, key: str) -> None:
+        self.key = key
+
+    async def __call__(self) -> bool:
+        return False
+
+
 def test_a_class_whose_instances_are_async_is_a_plain_authorize() -> None:
     # Calling the class makes an instance (a true answer of its own): nothing to await, not refused.
-    MogileFSMiddleware(None, domain=DOMAIN, trackers=["127.0.0.1:7001"], authorize=_AsyncCall)
+    MogileFSMiddleware(None, domain=DOMAIN, trackers=["127.0.0.1:7001"], authorize=_AsyncInstances)
 
 
 @contextlib.contextmanager

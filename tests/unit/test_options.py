@@ -3,6 +3,7 @@ a 503 or a broken header at every request."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -56,6 +57,13 @@ BAD_OPTIONS = [
     pytest.param({"require_proxy_header": 1}, "require_proxy_header", id="require-proxy-header-number"),
     pytest.param({"key_for_path": "site.urls:key_for"}, "key_for_path", id="key-for-path-text"),
     pytest.param({"authorize": "site.auth:allows"}, "authorize", id="authorize-text"),
+    # A function taking other arguments loaded, then failed every request with a 500.
+    pytest.param({"key_for_path": lambda environ, path: path}, "key_for_path must be a function of the path",
+                 id="key-for-path-of-two"),
+    pytest.param({"authorize": lambda request: True}, "authorize must be a function of the request and the key",
+                 id="authorize-of-one"),
+    pytest.param({"authorize": lambda request, key, user: True}, "authorize", id="authorize-of-three"),
+    pytest.param({"authorize": lambda *, request, key: True}, "authorize", id="authorize-keyword-only"),
     pytest.param({"cache_backend": "127.0.0.1:11211"}, "cache_backend", id="cache-backend-address"),
     pytest.param({"mimetypes": [".txt", "text/plain"]}, "mimetypes", id="mimetypes-list"),
 ]
@@ -84,6 +92,23 @@ def test_usable_edge_values_are_taken() -> None:
                                     missing_seconds=0, retry_after_seconds=0, dead_seconds=0,
                                     cache_control="public, max-age=60", charset=None)
     assert middleware.client.pool.addresses == [("127.0.0.1", 65535)]
+
+
+class _Allows:
+    def __call__(self, request: object, key: str, *rest: object) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("middleware", [MogileFSMiddleware, ASGIMiddleware], ids=["wsgi", "asgi"])
+def test_functions_that_take_their_arguments_are_taken_however_they_spell_them(middleware: type) -> None:
+    def of_any(*args: object, **kwargs: object) -> bool:
+        return True
+
+    for key_for_path, authorize in [(str.lower, _Allows()), (lambda path, prefix="": path, of_any),
+                                    (functools.partial(lambda scheme, path: path, "s"), lambda request, key=None: True)]:
+        made = middleware(lambda *args: None, domain="media", trackers="127.0.0.1:7001", key_for_path=key_for_path,
+                          authorize=authorize)
+        assert made.key_for_path is key_for_path and made.authorize is authorize
 
 
 @pytest.mark.parametrize("middleware", [MogileFSMiddleware, ASGIMiddleware], ids=["wsgi", "asgi"])
