@@ -33,7 +33,7 @@ from ..protocol import check_key, to_bytes, to_text
 from ..storage import SeekableBody, open_replica, resumed_chunks
 from ..tracker import Address, parse_trackers
 from ..upload import Uploader, remaining_size
-from .progress import ProgressBar, printable
+from .progress import ProgressBar, printable, quoted
 from .signals import InterruptibleReader
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ def _command(body: Callable[[argparse.Namespace, Client], int]) -> Callable[[arg
             key = getattr(args, "key", None)
             if key is None or not isinstance(key, str):
                 raise
-            raise StorageError(f"{key!r}: {error}", error.url, error.status) from error
+            raise StorageError(f"'{key}': {error}", error.url, error.status) from error  # printable when printed
         finally:
             client.close()
 
@@ -196,6 +196,9 @@ def _local_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argpars
         for name in ("stdin", "stdout"):
             if getattr(sys, name) is None:  # closed when the command started
                 setattr(sys, name, _ClosedStream(name))
+        given = sys.stdout
+        if not isinstance(given, _ClosedStream):
+            sys.stdout = _NamedStdout(given)  # type: ignore[assignment]
         try:
             code = run(args)
             sys.stdout.flush()  # here, where a closed pipe is caught, rather than at exit
@@ -205,11 +208,41 @@ def _local_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argpars
                 _detach_stdout()  # stdout's reader has gone (not that of -o FIFO): nothing to say
                 return 0
             print(f"mogile-middleware: {printable(_describe(error))}", file=sys.stderr)
-            if error.filename == "stdout" and not isinstance(sys.stdout, _ClosedStream):
+            if error.filename == "stdout" and not isinstance(given, _ClosedStream):
                 _detach_stdout()  # what its buffer holds would fail again at exit (exit 120)
             return 1
+        finally:
+            sys.stdout = given
 
     return guarded
+
+
+class _NamedStdout:
+    """stdout, whose failures to take lines name it (``stdout: No space left on device``), as
+    those of ``-o`` name the file: unnamed, after an upload, it read as a full storage node."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as error:
+            raise _of_stdout(error) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as error:
+            raise _of_stdout(error) from None
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
+
+
+def _of_stdout(error: OSError) -> OSError:
+    """``error`` (of its class: a closed pipe stays one) naming stdout, unless it names a file already."""
+    return error if error.filename is not None else type(error)(error.errno, error.strerror, "stdout")
 
 
 class _ClosedStream(io.TextIOBase):
@@ -245,7 +278,7 @@ def _describe(error: OSError | StorageError | BadKeyError) -> str:
 def _skipped(key: str, reason: str) -> None:
     """Name on stderr a listed key the command passes over, and why. A tracker may hold keys this
     client refuses to send (over 255 bytes, CR, LF: stored by other clients); the others go on."""
-    print(f"mogile-middleware: {printable(key)!r}: {printable(reason)}: skipped", file=sys.stderr)
+    print(f"mogile-middleware: {quoted(key)}: {printable(reason)}: skipped", file=sys.stderr)
 
 
 def _detach_stdout() -> None:
@@ -431,7 +464,7 @@ def _get_recursive(args: argparse.Namespace, client: Client) -> int:
             continue
         parts = _file_name_parts(to_text(to_bytes(key)[len(prefix):]), after_slash=args.key.endswith("/"))
         if parts is None:
-            print(f"mogile-middleware: {printable(key)!r} names no file under {printable(str(root))}: skipped",
+            print(f"mogile-middleware: {quoted(key)} names no file under {printable(str(root))}: skipped",
                   file=sys.stderr)
             skipped += 1
             continue
@@ -690,8 +723,8 @@ def _rm(args: argparse.Namespace, client: Client) -> int:
     keys = list(args.keys)
     if args.prefix is not None:
         listed = list(client.keys(args.prefix))
-        which = (f"starting with {printable(args.prefix)!r}" if args.prefix
-                 else f"of the domain {printable(client.domain)!r}")
+        which = (f"starting with {quoted(args.prefix)}" if args.prefix
+                 else f"of the domain {quoted(client.domain)}")
         if not listed:  # nothing to ask about
             print(f"mogile-middleware: rm: no key {which}", file=sys.stderr)
         elif not _confirmed(f"delete the {len(listed)} key(s) {which}", args.yes):

@@ -19,8 +19,7 @@ from .. import __version__
 from ..exceptions import MogileFSError, TrackerUnavailableError, UnknownKeyError
 from ..tracker import DEFAULT_PORT
 from . import commands, demo, devserver, serve
-from .progress import UNSHOWABLE
-from .progress import printable
+from .progress import UNSHOWABLE, printable, quoted
 from .signals import on_stop_signal
 
 #: name → (one-line help, add_arguments, run)
@@ -88,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as stopped:
         key = getattr(stopped, "upload_outcome_unknown", None)
         if key is not None:  # stopped once the tracker was asked to point the key at the new data
-            print(f"mogile-middleware: stopped while the upload of {printable(key)!r} was being committed: the key "
+            print(f"mogile-middleware: stopped while the upload of {quoted(key)} was being committed: the key "
                   "may or may not point at the new data", file=sys.stderr)
         return 128 + getattr(stopped, "signal", signal.SIGINT)
 

@@ -77,6 +77,11 @@ def printable(text: str) -> str:
                                                else _code_point(char)) for char in text)
 
 
+def quoted(text: str) -> str:
+    """``text`` in quotes, :func:`printable`, as a line of messages names a key (as ``ls`` shows it)."""
+    return f"'{printable(text)}'"
+
+
 def human_size(count: float) -> str:
     """``count`` bytes in binary units, for people: ``512 B``, ``1.5 KiB``, ``12.0 MiB``."""
     unit = 0

@@ -1,4 +1,4 @@
-"""Signal handling shared by the foreground commands, for which SIGINT and SIGTERM both mean "stop"."""
+"""Signal handling shared by the foreground commands, for which SIGINT, SIGTERM and SIGHUP all mean "stop"."""
 
 from __future__ import annotations
 
@@ -12,15 +12,18 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: Ctrl-C, a kill, and the terminal or the ssh session going away.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: The longest a read of :class:`InterruptibleReader` waits in one system call.
 WAIT_SECONDS = 0.5
 
 
 @contextmanager
 def on_stop_signal(handler: Callable[[int, FrameType | None], Any]) -> Iterator[None]:
-    """Call ``handler`` on SIGINT and SIGTERM inside the block; the previous handlers come back after it."""
-    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    """Call ``handler`` on the stop signals inside the block; the previous handlers come back after
+    it. One ignored when the command started stays ignored: ``nohup`` ignores SIGHUP, a shell
+    SIGINT for a job it starts in the background."""
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:

@@ -646,6 +646,15 @@ def test_a_write_error_names_the_output(devmogile: DevMogileFS, tmp_path: Path) 
         assert limited == (1, f"mogile-middleware: {target}: File too large\n") and not list(target.parent.iterdir())
         with open("/dev/full", "wb") as full:  # stdout buffered, its rest flushed again at exit: exit 120
             assert get(key, "-", stdout=full) == (1, "mogile-middleware: stdout: No space left on device\n")
+    # The other commands' lines too: after an upload, "No space left on device" read as a full node.
+    source = tmp_path / "source.txt"
+    source.write_bytes(b"content")
+    for command in (["upload", "stored", str(source)], ["ls"], ["info", "small"]):
+        with open("/dev/full", "wb") as full:
+            done = subprocess.run([sys.executable, "-m", "mogile_middleware", *command], env=env, stdout=full,
+                                  stderr=subprocess.PIPE, text=True, timeout=20, check=False)
+        assert (done.returncode, done.stderr) == (1, "mogile-middleware: stdout: No space left on device\n")
+    assert Client(DOMAIN, devmogile.trackers).get_file_data("stored") == b"content"
 
 
 def test_an_output_fifo_whose_reader_left_is_an_error_naming_it(cli: Run, tmp_path: Path) -> None:
@@ -1032,23 +1041,42 @@ def test_get_writes_through_a_link_keeps_a_files_mode_and_writes_a_pipe_as_it_is
     assert sorted(path.name for path in tmp_path.iterdir()) == ["fifo", "link", "private.txt", "target.txt"]
 
 
-def test_sigterm_during_get_leaves_neither_a_partial_file_nor_a_changed_one(
-    cli: Run, tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+def test_a_stop_signal_during_get_leaves_neither_a_partial_file_nor_a_changed_one(
+    cli: Run, tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: signal.Signals
 ) -> None:
+    # SIGHUP (the terminal or the ssh session gone) left a hidden .part file of what had come.
     assert cli("upload", "big", str(tree / "assets/img/logo.bin")).code == 0
-    interrupt_after_the_first_piece(monkeypatch, lambda replica: os.kill(os.getpid(), signal.SIGTERM))
+    interrupt_after_the_first_piece(monkeypatch, lambda replica: os.kill(os.getpid(), stop))
     target = previous_file(tmp_path)
 
     def ignored(signal_number: int, frame: object) -> None:  # outside the command: the test runs on
         pass
 
-    previous = signal.signal(signal.SIGTERM, ignored)
+    previous = signal.signal(stop, ignored)
     try:
-        assert cli("get", "big", "-o", str(target)).code == 128 + signal.SIGTERM
-        assert signal.getsignal(signal.SIGTERM) is ignored  # the command's handler went with it
+        assert cli("get", "big", "-o", str(target)).code == 128 + stop
+        assert signal.getsignal(stop) is ignored  # the command's handler went with it
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(stop, previous)
     assert list(target.parent.iterdir()) == [target] and target.read_bytes() == b"previous"
+
+
+def test_a_stop_signal_ignored_when_the_command_starts_stays_ignored(
+    cli: Run, tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``nohup`` ignores SIGHUP, a shell SIGINT for a job it starts in the background: the command
+    must not take them back."""
+    assert cli("upload", "big", str(tree / "assets/img/logo.bin")).code == 0
+    interrupt_after_the_first_piece(monkeypatch, lambda replica: os.kill(os.getpid(), signal.SIGHUP))
+    target = previous_file(tmp_path)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert cli("get", "big", "-o", str(target)).code == 0
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert target.read_bytes() == (tree / "assets/img/logo.bin").read_bytes()
 
 
 def test_sigterm_while_an_upload_is_committed_says_the_key_may_point_at_the_new_data(
@@ -1087,7 +1115,7 @@ def test_check_refuses_a_timeout_it_cannot_use_and_reports_a_full_disk_in_one_li
         written = subprocess.run([sys.executable, "-m", "mogile_middleware", "check", "--json"], env=env,
                                  stdout=full, stderr=subprocess.PIPE, timeout=20, check=False)
     assert written.returncode == 1 and written.stderr.decode().splitlines() == [
-        "mogile-middleware: [Errno 28] No space left on device"]
+        "mogile-middleware: stdout: No space left on device"]
 
 
 def test_get_recursive_writes_the_keys_under_a_prefix_and_never_outside(cli: Run, devmogile: DevMogileFS,
@@ -1189,7 +1217,9 @@ def refused_keys(devmogile: DevMogileFS) -> list[str]:
         for key in REFUSED_KEYS:
             assert upload(tracker, DOMAIN, key, b"odd", "thumb") == b"OK \r\n"
     Client(DOMAIN, devmogile.trackers).store_content("odd/z", b"z", cls="thumb")
-    return [f"mogile-middleware: {printable(key)!r}: {problem}: skipped" for key, problem in REFUSED_KEYS.items()]
+    # Quoted as ls shows them: printable and repr together doubled every backslash of an escape,
+    # "odd/a\\nb" in the message naming the key ls shows as "odd/a\nb".
+    return [f"mogile-middleware: '{printable(key)}': {problem}: skipped" for key, problem in REFUSED_KEYS.items()]
 
 
 def test_ls_long_names_each_key_the_client_refuses_and_lists_the_others(cli: Run, refused_keys: list[str]) -> None:
