@@ -185,17 +185,20 @@ def named(error: TrackerError, args: Mapping[str, object], domain: str) -> Track
     domain (``ERR unknown_key unknown_key``)."""
     key = args.get("key", args.get("from_key"))
     if isinstance(error, UnknownKeyError) and key is not None:
-        text = f"no key {key!r} in domain {domain!r}"
+        naming = ("no key {key} in domain {domain}", {"key": key, "domain": domain})
     elif isinstance(error, KeyExistsError) and "to_key" in args:
-        text = f"key {args['to_key']!r} exists already in domain {domain!r}"
+        naming = ("key {key} exists already in domain {domain}", {"key": args["to_key"], "domain": domain})
     elif isinstance(error, (UnregDomainError, DomainNotFoundError)):
-        text = f"no domain {domain!r} on the trackers"
+        naming = ("no domain {domain} on the trackers", {"domain": domain})
     elif isinstance(error, (UnregClassError, ClassNotFoundError)) and args.get("class") is not None:
-        text = f"class {args['class']!r} is not registered in domain {domain!r}"
+        naming = ("class {cls} is not registered in domain {domain}", {"cls": args["class"], "domain": domain})
     else:
         return error
-    described = type(error)(error.code, text)
+    template, names = naming
+    described = type(error)(error.code, template.format_map({name: repr(value) for name, value in names.items()}))
     described.text = error.text
+    #: The message's words and what they name, for a program that shows names its own way (the command line).
+    described.naming = naming  # type: ignore[attr-defined]
     return described
 
 

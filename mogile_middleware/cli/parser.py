@@ -79,10 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with on_stop_signal(_stop):  # SIGTERM too unwinds, so no command leaves a partial file
             return args.run(args)
     except MogileFSError as error:
-        message = str(error)
+        message = _shown(error)
         if isinstance(error, TrackerUnavailableError) and getattr(getattr(args, "trackers", None), "port_assumed", False):
             message += f" (no port given: {DEFAULT_PORT} assumed)"
-        print(f"mogile-middleware: {printable(message)}", file=sys.stderr)
+        print(f"mogile-middleware: {message}", file=sys.stderr)
         return 3 if isinstance(error, UnknownKeyError) else 1
     except KeyboardInterrupt as stopped:
         key = getattr(stopped, "upload_outcome_unknown", None)
@@ -90,6 +90,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"mogile-middleware: stopped while the upload of {quoted(key)} was being committed: the key "
                   "may or may not point at the new data", file=sys.stderr)
         return 128 + getattr(stopped, "signal", signal.SIGINT)
+
+
+def _shown(error: MogileFSError) -> str:
+    """``error``'s message, printable; the keys, classes and domains it names quoted as ``ls``
+    shows them (its own message gives their ``repr``, whose escapes printable would escape again)."""
+    naming = getattr(error, "naming", None)
+    if naming is None:
+        return printable(str(error))
+    template, names = naming
+    return f"{printable(getattr(error, 'code', ''))}: " + template.format_map(
+        {name: quoted(str(value)) for name, value in names.items()})
 
 
 class _Stopped(KeyboardInterrupt):

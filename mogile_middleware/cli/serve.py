@@ -21,7 +21,7 @@ from webob.dec import wsgify
 from webob.exc import HTTPNotFound, HTTPServiceUnavailable
 
 from ..client import Client
-from ..exceptions import BadKeyError, MogileFSError, UnknownKeyError, UnregDomainError
+from ..exceptions import BadKeyError, MogileFSError, UnknownKeyError, UnregDomainError, named
 from ..middleware import MogileFSMiddleware, WSGIApp
 from ..protocol import check_linked_path, check_url_key
 from ..tracker import Address
@@ -138,6 +138,6 @@ def _check_domain(domain: str, trackers: Sequence[Address]) -> None:
     try:
         client.list_keys(limit=1)
     except UnregDomainError as error:  # the tracker does not say which domain
-        raise type(error)(error.code, f"no domain {domain!r} on the trackers") from None
+        raise named(error, {}, domain) from None
     finally:
         client.close()
