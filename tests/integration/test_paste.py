@@ -104,8 +104,8 @@ GOOD = "domain = media\ntrackers = 127.0.0.1:7001"
                      id="secret-without-memcached"),
         pytest.param(GOOD + "\nmemcached_servers = :11211", r"':11211'", id="memcached-without-host"),
         # An empty secret signed nothing, silently: entries anyone could forge.
-        pytest.param(GOOD + "\nmemcached_servers = 127.0.0.1:1\nmemcached_secret =", r"option memcached_secret: no secret",
-                     id="empty-memcached-secret"),
+        pytest.param(GOOD + "\nmemcached_servers = 127.0.0.1:1\nmemcached_secret =",
+                     r"option memcached_secret: no secret", id="empty-memcached-secret"),
         pytest.param(GOOD + "\nmemcached_secret =", r"option memcached_secret: no secret",
                      id="empty-memcached-secret-without-memcached"),
         pytest.param(GOOD + "\nbody_cache_file_bytes = -1", r"body_cache_file_bytes", id="negative-body-file-size"),
