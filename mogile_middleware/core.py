@@ -501,8 +501,8 @@ def _refuse_mistyped(*, require_proxy_header: object, trusted_files: object, all
 def _takes(function: Callable[..., Any], count: int) -> bool:
     """True if ``function`` can be called with ``count`` arguments, or Python cannot tell (a
     builtin without a signature)."""
-    try:
-        signature = inspect.signature(function)
+    try:  # a decorator's wrapper is what is called, not the function it wraps (which may take more)
+        signature = inspect.signature(function, follow_wrapped=False)
     except (TypeError, ValueError):
         return True
     try:

@@ -11,6 +11,7 @@ they come from trackers and file names, and may hold control characters.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import io
 import itertools
@@ -207,7 +208,8 @@ def _local_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argpars
             if isinstance(error, BrokenPipeError) and error.filename in (None, "stdout"):
                 _detach_stdout()  # stdout's reader has gone (not that of -o FIFO): nothing to say
                 return 0
-            print(f"mogile-middleware: {printable(_describe(error))}", file=sys.stderr)
+            with contextlib.suppress(OSError):  # stderr gone with the terminal: the exit code says it
+                print(f"mogile-middleware: {printable(_describe(error))}", file=sys.stderr)
             if error.filename == "stdout" and not isinstance(given, _ClosedStream):
                 _detach_stdout()  # what its buffer holds would fail again at exit (exit 120)
             return 1
@@ -241,8 +243,11 @@ class _NamedStdout:
 
 
 def _of_stdout(error: OSError) -> OSError:
-    """``error`` (of its class: a closed pipe stays one) naming stdout, unless it names a file already."""
-    return error if error.filename is not None else type(error)(error.errno, error.strerror, "stdout")
+    """``error`` (of its class: a closed pipe stays one) naming stdout, unless it names a file
+    already or has no number to name (``io.UnsupportedOperation``)."""
+    if error.filename is not None or error.errno is None:
+        return error
+    return type(error)(error.errno, error.strerror, "stdout")
 
 
 class _ClosedStream(io.TextIOBase):

@@ -145,15 +145,23 @@ class ProgressBar:
             return DEFAULT_COLUMNS
 
     def _draw(self, line: str) -> None:
-        self.stream.write("\r" + line.ljust(self._width))
-        self.stream.flush()
+        self._write("\r" + line.ljust(self._width))
         self._width = len(line)
 
     def close(self) -> None:
         """Clear the bar, leaving the cursor where the line began."""
         if self._width:
-            self.stream.write("\r" + " " * self._width + "\r")
+            self._write("\r" + " " * self._width + "\r")
+            self._width = 0
+
+    def _write(self, text: str) -> None:
+        """Show ``text``; a terminal that has gone (EIO once the ssh session closed) ends the bar,
+        not the transfer, nor the way out of one stopped by SIGHUP."""
+        try:
+            self.stream.write(text)
             self.stream.flush()
+        except OSError:
+            self._enabled = False
             self._width = 0
 
     def __enter__(self) -> ProgressBar:

@@ -1065,6 +1065,52 @@ def test_a_stop_signal_during_get_leaves_neither_a_partial_file_nor_a_changed_on
     assert list(target.parent.iterdir()) == [target] and target.read_bytes() == b"previous"
 
 
+#: ``get`` with a progress bar, its pieces slowed, its exit code written where the test reads it.
+_SLOW_GET = """
+import sys, time
+import mogile_middleware.cli.commands as commands
+from mogile_middleware.cli.parser import main
+fetched = commands.resumed_chunks
+def slowly(*args, **kwargs):
+    for chunk in fetched(*args, **kwargs):
+        time.sleep(0.05)
+        yield chunk
+commands.resumed_chunks = slowly
+code = main(sys.argv[2:])
+open(sys.argv[1], "w").write(str(code))
+sys.exit(code)
+"""
+
+
+def test_a_get_whose_terminal_goes_away_stops_as_for_sighup(devmogile: DevMogileFS, tmp_path: Path) -> None:
+    """The terminal closed (an ssh session gone): SIGHUP, then the progress bar's last write failed
+    with EIO, which replaced the stop: a traceback (to nowhere) and exit 1."""
+    import fcntl
+    import pty
+    import termios
+
+    Client(DOMAIN, devmogile.trackers).store_content("big", os.urandom(2_000_000))
+    target, code = tmp_path / "out" / "big.bin", tmp_path / "code"
+    target.parent.mkdir()
+    controller, terminal = pty.openpty()
+
+    def own_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    env = subprocess_env(MOGILEFS_TRACKERS=devmogile.trackers[0], MOGILEFS_DOMAIN=DOMAIN)
+    with subprocess.Popen([sys.executable, "-c", _SLOW_GET, str(code), "get", "big", "-o", str(target)], env=env,
+                          stdin=terminal, stdout=terminal, stderr=terminal, preexec_fn=own_terminal) as getting:
+        os.close(terminal)
+        deadline = time.monotonic() + 20
+        shown = b""
+        while b"%" not in shown and time.monotonic() < deadline:  # the bar is drawn: the transfer is on
+            shown += os.read(controller, 4096)
+        os.close(controller)
+        assert getting.wait(timeout=20) == 128 + signal.SIGHUP
+    assert code.read_text() == str(128 + signal.SIGHUP) and os.listdir(target.parent) == []
+
+
 def test_a_stop_signal_ignored_when_the_command_starts_stays_ignored(
     cli: Run, tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1099,13 +1145,14 @@ def test_sigterm_while_an_upload_is_committed_says_the_key_may_point_at_the_new_
     (tmp_path / "new").write_bytes(b"new data")
     previous = signal.signal(signal.SIGTERM, lambda signal_number, frame: None)
     try:
-        stopped = cli("upload", "committed", str(tmp_path / "new"))
+        stopped = cli("upload", "commit\\ted", str(tmp_path / "new"))
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert stopped.code == 128 + signal.SIGTERM
-    assert stopped.err == ("mogile-middleware: stopped while the upload of 'committed' was being committed: the key "
-                           "may or may not point at the new data\n")
-    assert Client(DOMAIN, devmogile.trackers).get_file_data("committed") == b"new data"  # here, it does
+    # The key as ls shows it (its backslash doubled), not escaped again by repr.
+    assert stopped.err == ("mogile-middleware: stopped while the upload of 'commit\\\\ted' was being committed: the "
+                           "key may or may not point at the new data\n")
+    assert Client(DOMAIN, devmogile.trackers).get_file_data("commit\\ted") == b"new data"  # here, it does
 
 
 def test_check_refuses_a_timeout_it_cannot_use_and_reports_a_full_disk_in_one_line(devmogile: DevMogileFS) -> None:

@@ -4,6 +4,7 @@ a 503 or a broken header at every request."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -104,8 +105,19 @@ def test_functions_that_take_their_arguments_are_taken_however_they_spell_them(m
     def of_any(*args: object, **kwargs: object) -> bool:
         return True
 
+    def as_user(check: Callable[[object, str, str], bool]) -> Callable[[object, str], bool]:
+        @functools.wraps(check)  # the wrapper is what is called: the signature of the function is more
+        def wrapper(request: object, key: str) -> bool:
+            return check(request, key, "alice")
+        return wrapper
+
+    @as_user
+    def allowed_for(request: object, key: str, user: str) -> bool:
+        return True
+
     for key_for_path, authorize in [(str.lower, _Allows()), (lambda path, prefix="": path, of_any),
-                                    (functools.partial(lambda scheme, path: path, "s"), lambda request, key=None: True)]:
+                                    (functools.partial(lambda scheme, path: path, "s"), lambda request, key=None: True),
+                                    (str.strip, allowed_for)]:
         made = middleware(lambda *args: None, domain="media", trackers="127.0.0.1:7001", key_for_path=key_for_path,
                           authorize=authorize)
         assert made.key_for_path is key_for_path and made.authorize is authorize
