@@ -213,7 +213,10 @@ class MogileFSMiddleware(MiddlewareCore):
             await send({"type": "http.response.body", "body": upstream})
             return
         try:
-            await send(start)
+            try:
+                await send(start)
+            except (OSError, RuntimeError):  # the client has gone, as :func:`_send_body` reads it
+                return
             await _stream(key, upstream, send, watch.gone, self.client_timeout)
         finally:
             await upstream.aclose()
