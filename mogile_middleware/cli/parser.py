@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The package's warnings (a shared cache that could not be told) as the command's own lines.
     logging.basicConfig(format=f"{parser.prog}: %(message)s", level=logging.WARNING)
     try:
-        with on_stop_signal(_stop):  # SIGTERM too unwinds, so no command leaves a partial file
+        with on_stop_signal(_stop):  # SIGTERM and SIGHUP too unwind, so no command leaves a partial file
             return args.run(args)
     except MogileFSError as error:
         message = _shown(error)
@@ -104,7 +104,7 @@ def _shown(error: MogileFSError) -> str:
 
 
 class _Stopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM, raised where the command was, so that it cleans up on its way out."""
+    """A stop signal (SIGINT, SIGTERM, SIGHUP), raised where the command was, so that it cleans up on its way out."""
 
     def __init__(self, signal_number: int) -> None:
         super().__init__()
