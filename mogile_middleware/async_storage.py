@@ -257,14 +257,6 @@ class _Connection(asyncio.BufferedProtocol):
             self._start = 0
         self._pieces.appendleft(data)
 
-    async def skip(self, size: int) -> None:
-        """Read and drop ``size`` bytes; EOFError if the connection ends first."""
-        while size > 0:
-            piece = await self.read(size)
-            if not piece:
-                raise EOFError(f"the connection ended {size} bytes short")
-            size -= len(piece)
-
     def write(self, *data: bytes) -> None:
         """Queue ``data`` for sending (the pieces in one system call where the transport can)."""
         if self._transport is None or self._transport.is_closing():
@@ -669,7 +661,7 @@ class AsyncPutStream:
         except asyncio.TimeoutError:
             connection.abort()
             raise StorageError(f"PUT {self.url} failed: no answer within {self._timeout:g}s", self.url) from None
-        except (OSError, EOFError) as error:  # EOFError: IncompleteReadError, the answer cut
+        except (OSError, StorageError) as error:
             connection.abort()
             raise StorageError(f"PUT {self.url} failed: {error or type(error).__name__}", self.url) from error
         except BaseException:

@@ -17,7 +17,7 @@ import io
 import re
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -231,9 +231,10 @@ def _get(url: str, method: str, headers: dict[str, str], timeout: float, pool: N
         received = kept.received
         try:
             return ReplicaResponse(url, kept, *kept.exchange(request, url, deadline, timeout, method), method, pool)
-        except (OSError, StorageError):
+        except BaseException as error:
             kept.close()
-            if kept.received > received:  # the node answered, wrongly: not asked again
+            # Asked again on a fresh connection only if the node may have closed this one unanswered.
+            if not isinstance(error, (OSError, StorageError)) or kept.received > received:
                 raise
     connection = NodeConnection(target.node, time_left(deadline))
     try:
@@ -388,7 +389,7 @@ def read_replica(urls: Sequence[str], *, length: int | None = None, timeout: flo
 
 
 def resumed_chunks(replica: ReplicaResponse, urls: Sequence[str], *, timeout: float = 10.0,
-                   pool: NodePool = nodes) -> Iterator[bytes]:
+                   pool: NodePool = nodes) -> Generator[bytes, None, None]:
     """The body of ``replica``, opened from ``urls``, chunk by chunk; when its transfer is cut
     midway, the rest of it from the next of ``urls`` (a ``Range`` from the first byte not yet
     read), so that a long download ends whole. ``replica`` stays the caller's to close."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import socket
 import subprocess
 import sys
@@ -658,6 +659,14 @@ def test_a_puts_answer_comes_within_the_timeout(nodes, kind: str, answer: Callab
     with pytest.raises(StorageError):
         _put(kind, node.url, b"hello", timeout=1)
     assert time.monotonic() - started < 2.5
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_put_its_node_ends_unanswered_fails_naming_the_put(nodes, kind: str) -> None:
+    """What an upload's error lists for each node that failed it, the same from both streams."""
+    node = nodes(lambda conn: conn.shutdown(socket.SHUT_WR))
+    with pytest.raises(StorageError, match=rf"^PUT {re.escape(node.url)} failed: .*closed the connection"):
+        _put(kind, node.url, b"hello", timeout=2)
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])

@@ -23,7 +23,7 @@ from mogile_middleware.async_storage import open_replica as async_open_replica
 from mogile_middleware.devserver.storage_node import StorageNode
 from mogile_middleware.nodepool import IdlePool, NodePool
 from mogile_middleware.exceptions import StorageError
-from mogile_middleware.storage import SeekableBody, open_replica
+from mogile_middleware.storage import NodeConnection, SeekableBody, open_replica
 from wiretools import TEN, KeptAliveNode, LoopbackServer, honest
 
 BODY = bytes(range(256)) * 1024  # 256 KiB: more than one read
@@ -130,6 +130,28 @@ def test_an_exception_raised_as_a_response_closes_never_pools_its_connection_twi
     replica.close()
     first, second = open_replica([url(node)], pool=pool), open_replica([url(node)], pool=pool)
     assert b"".join(first.iter_chunks()) == BODY and b"".join(second.iter_chunks()) == BODY
+
+
+def test_an_exception_raised_as_a_kept_connection_is_asked_closes_it(node: StorageNode) -> None:
+    # Ctrl-C or a gevent.Timeout while a reused connection waits for the node's answer: closed at
+    # once, as a fresh one is, not left open for as long as the error (and its frames) is kept.
+    pool = NodePool()
+    assert read_all(node, pool) == BODY
+    assert settle(node.port, 1) == 1
+
+    def interrupt(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is NodeConnection.exchange.__code__:
+            sys.settrace(None)
+            raise KeyboardInterrupt
+
+    sys.settrace(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt) as interrupted:
+            open_replica([url(node)], pool=pool)
+    finally:
+        sys.settrace(None)
+    assert settle(node.port, 0) == 0, interrupted  # the error and its frames still kept
+    assert read_all(node, pool) == BODY
 
 
 def test_idle_connections_are_bounded_per_node(node: StorageNode) -> None:
