@@ -129,7 +129,8 @@ class AsyncClient(ClientBase):
 
     async def list_keys(self, prefix: str = "", after: str | None = None, limit: int | None = None) -> list[str]:
         """Up to ``limit`` (at most 1000) keys starting with ``prefix`` whatever its case (the
-        tracker's SQL ``LIKE``; :meth:`keys` matches it exactly), in byte order, after ``after``."""
+        tracker's SQL ``LIKE``; :meth:`keys` matches it exactly), after ``after``, in the tracker's
+        order (bytes on SQLite, the column's collation on MySQL)."""
         return (await self._list_page(prefix, after, limit))[0]
 
     async def _list_page(self, prefix: str, after: str | None, limit: int | None) -> tuple[list[str], str | None]:
@@ -174,7 +175,7 @@ class AsyncClient(ClientBase):
         """Store ``data`` (bytes) under ``key``; return the number of bytes stored."""
         return await self.store_file(key, content_bytes(key, data), cls)
 
-    async def store_file(self, key: str, fileobj: Body | bytes, cls: str | None = None, *,
+    async def store_file(self, key: str, fileobj: Body | bytes | bytearray | memoryview, cls: str | None = None, *,
                          verify_checksum: bool = False) -> int:
         """Store the rest of ``fileobj`` (read in the event loop, chunk by chunk; a ``read`` that
         is a coroutine function, as Starlette's ``UploadFile`` has, is awaited), bytes, or every
@@ -182,8 +183,9 @@ class AsyncClient(ClientBase):
 
         As :meth:`Client.store_file <mogile_middleware.client.Client.store_file>`: a seekable
         ``fileobj`` is sent again to the next destination if a node drops the PUT; any failure
-        before ``create_close`` is an :class:`UploadError` and leaves the key as it was; a lost
-        answer to ``create_close`` is an :class:`UploadOutcomeUnknownError`. Unlike it,
+        before ``create_close`` leaves the key as it was (the storage nodes' is an
+        :class:`UploadError`; the tracker's refusals and the source's own errors are raised as they
+        are); a lost answer to ``create_close`` is an :class:`UploadOutcomeUnknownError`. Unlike it,
         ``verify_checksum`` asks the tracker to check the MD5 whatever the class (this client does
         not ask for the classes): mogilefsd then reads the file back even for a class that keeps
         no checksum.

@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
 import time
 from collections.abc import Mapping
@@ -33,6 +32,7 @@ from .tracker import (
     Dial,
     Step,
     StepRunner,
+    IdleTrackerConnections,
     TakeIdle,
     TrackerPoolBase,
     kept_if_answered,
@@ -98,7 +98,7 @@ class _LoopConnections:
     tracker the connection of a request given up, with the timer that hears whether it was answered."""
 
     slots: asyncio.Semaphore
-    idle: dict[Address, list[AsyncTrackerConnection]] = field(default_factory=dict)
+    idle: IdleTrackerConnections[AsyncTrackerConnection]
     given_up: dict[Address, tuple[AsyncTrackerConnection, asyncio.TimerHandle]] = field(default_factory=dict)
 
 
@@ -128,10 +128,12 @@ class AsyncTrackerPool(TrackerPoolBase):
                 return connections
             closed = [kept for other, kept in self._loops.items() if other.is_closed()]
             self._loops = {other: kept for other, kept in self._loops.items() if not other.is_closed()}
-            connections = self._loops[loop] = _LoopConnections(asyncio.Semaphore(self.max_connections))
+            connections = self._loops[loop] = _LoopConnections(asyncio.Semaphore(self.max_connections),
+                                                               IdleTrackerConnections(self._clock))
         for kept in closed:  # ended now, not when the collector frees them
-            for connection in [*itertools.chain(*kept.idle.values()), *(given for given, _ in kept.given_up.values())]:
-                connection.close()
+            kept.idle.close()
+            for given, _ in kept.given_up.values():
+                given.close()
         return connections
 
     def _drop_idle(self, address: Address) -> None:
@@ -140,8 +142,7 @@ class AsyncTrackerPool(TrackerPoolBase):
             idle = self._connections().idle
         except RuntimeError:  # no running loop: no connection of ours to close
             return
-        for connection in idle.pop(address, []):
-            connection.close()
+        idle.drop(address)
 
     async def request(
         self,
@@ -181,20 +182,10 @@ class AsyncTrackerPool(TrackerPoolBase):
 
     async def _carry_out(self, connections: _LoopConnections, step: Step, command: str) -> object:
         if isinstance(step, TakeIdle):
-            return self._take_idle(connections, step.address)
+            return connections.idle.take(step.address)
         if isinstance(step, Dial):
             return await AsyncTrackerConnection.open(step.address, self.connect_timeout)
         return await self._roundtrip(connections, step.connection, step.line, step.deadline, command)
-
-    @staticmethod
-    def _take_idle(connections: _LoopConnections, address: Address) -> AsyncTrackerConnection | None:
-        idle = connections.idle.get(address, [])
-        while idle:
-            connection = idle.pop()
-            if not connection.is_stale():
-                return connection
-            connection.close()
-        return None
 
     async def _roundtrip(self, connections: _LoopConnections, connection: AsyncTrackerConnection, line: bytes,
                          deadline: float | None, command: str) -> Reply:
@@ -210,7 +201,7 @@ class AsyncTrackerPool(TrackerPoolBase):
         except BaseException:
             connection.close()
             raise
-        with kept_if_answered(connection, lambda kept: connections.idle.setdefault(kept.address, []).append(kept)):
+        with kept_if_answered(connection, lambda kept: connections.idle.give(kept.address, kept)):
             return parse_reply(reply)
 
     def _hear_at_deadline(self, connections: _LoopConnections, connection: AsyncTrackerConnection,
@@ -233,11 +224,8 @@ class AsyncTrackerPool(TrackerPoolBase):
         """Close the running loop's idle connections and those of requests given up (connections in
         use stay until their request ends)."""
         connections = self._connections()
-        idle = [connection for kept in connections.idle.values() for connection in kept]
-        connections.idle.clear()
-        for connection, hearing in connections.given_up.values():
+        connections.idle.close()
+        given_up, connections.given_up = connections.given_up, {}
+        for connection, hearing in given_up.values():
             hearing.cancel()
-            idle.append(connection)
-        connections.given_up.clear()
-        for connection in idle:
             connection.close()

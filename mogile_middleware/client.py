@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import re
 from collections.abc import Awaitable, Iterable, Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from .cache import CacheBackend, entry_key
 from .deadline import checked_seconds
 from .exceptions import BadKeyError, NoneMatchError, UnknownKeyError, named_errors
 from .protocol import ArgValue, Reply, check_key, key_bytes, parse_domains, to_bytes, to_text
+from .nodepool import nodes
 from .storage import ReplicaResponse, open_replica, read_replica
 from .tracker import Address, TrackerPool, TrackerPoolBase
 from .upload import ChangeListener, NewFile, Uploader, content_bytes
@@ -409,14 +411,20 @@ class Client(ClientBase):
                        verify_checksum=verify_checksum, storage_timeout=self.storage_timeout,
                        on_change=self._changed)
 
-    def store_file(self, key: str, fileobj: BinaryIO, cls: str | None = None, *,
+    def store_file(self, key: str, fileobj: BinaryIO | bytes | Iterable[bytes], cls: str | None = None, *,
                    verify_checksum: bool = False) -> int:
-        """Store the rest of ``fileobj`` under ``key``; return the number of bytes stored.
+        """Store the rest of ``fileobj`` (a file opened in binary mode), bytes, or every chunk of an
+        iterable under ``key``; return the number of bytes stored.
 
         A seekable ``fileobj`` is sent again to the next storage node if one drops the PUT.
         ``verify_checksum`` asks the tracker to check the stored file's MD5 before committing, for
-        classes that keep checksums.
+        classes that keep checksums. A path is refused (``TypeError``), as by
+        :meth:`AsyncClient.store_file <mogile_middleware.async_client.AsyncClient.store_file>`: text
+        passed on from a request is never read as a local file. :class:`~.upload.Uploader` opens paths.
         """
+        if isinstance(fileobj, (str, os.PathLike)):
+            raise TypeError(f"store_file of {key!r} takes bytes, a file opened in binary mode or an iterable of "
+                            f"bytes, not {type(fileobj).__name__} (Uploader.upload opens a path)")
         return self._uploader.upload(key, fileobj, cls, verify_checksum=verify_checksum)
 
     def store_content(self, key: str, data: bytes, cls: str | None = None) -> int:
@@ -446,7 +454,8 @@ class Client(ClientBase):
 
     def list_keys(self, prefix: str = "", after: str | None = None, limit: int | None = None) -> list[str]:
         """Up to ``limit`` (at most 1000) keys starting with ``prefix`` whatever its case (the
-        tracker's SQL ``LIKE``; :meth:`keys` matches it exactly), in byte order, after ``after``."""
+        tracker's SQL ``LIKE``; :meth:`keys` matches it exactly), after ``after``, in the tracker's
+        order (bytes on SQLite, the column's collation on MySQL)."""
         return self._list_page(prefix, after, limit)[0]
 
     def _list_page(self, prefix: str, after: str | None, limit: int | None) -> tuple[list[str], str | None]:
@@ -477,8 +486,11 @@ class Client(ClientBase):
             return None
 
     def close(self) -> None:
-        """Close the kept-open tracker connections."""
+        """Close the kept-open tracker connections and the process's idle storage node connections
+        (those in use close as their responses do), as :meth:`AsyncClient.aclose
+        <mogile_middleware.async_client.AsyncClient.aclose>` does the event loop's."""
         self.pool.close()
+        nodes.close()
 
 
 class Admin:

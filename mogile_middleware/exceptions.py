@@ -51,7 +51,8 @@ class KeyChangingError(MogileFSError):
 
 
 class UploadError(MogileFSError):
-    """An upload did not complete; the key was not pointed at the new data."""
+    """An upload did not complete; the key keeps its old data, unless the message says that the
+    tracker failed ``create_close`` itself (it may have dropped the old data or recorded the new)."""
 
 
 class UploadOutcomeUnknownError(UploadError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Literal
 
 Headers = list[tuple[str, str]]
 
@@ -142,7 +143,7 @@ def storage_node_range(header: str | None, size: int) -> tuple[int, int, int]:
     return 206, first or 0, size - 1 if last is None or last >= size else last
 
 
-def byte_range(header: str | None, length: int) -> tuple[int, int] | None | bool:
+def byte_range(header: str | None, length: int) -> tuple[int, int] | Literal[False] | None:
     """The one range ``header`` asks of ``length`` bytes as ``(first, last)``; ``None`` to send the
     whole file (no header, an invalid one, or several ranges, which RFC 9110 lets a server
     ignore); ``False`` when the range is unsatisfiable (416)."""

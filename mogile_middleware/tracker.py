@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Mapping
-from typing import Any, NamedTuple, Protocol, Union
+from typing import Any, NamedTuple, Protocol, TypeVar, Union
 
 from . import metrics
 from .exceptions import OutcomeUnknownError, ProtocolError, TrackerError, TrackerUnavailableError
@@ -56,10 +56,10 @@ VERIFIED_BYTES_PER_SECOND = 16 * 1024 * 1024
 #: New connections on which a command safe to repeat is sent again when the tracker closes one
 #: before its reply (mogilefsd does, to an unrelated request, after a rename onto a taken key).
 CLOSED_RETRIES = 2
-#: Seconds a blocking pool keeps a connection unused (:class:`~.nodepool.IdlePool`: the one used
-#: last is taken first). A steady load of any number of threads goes on reusing its own, while
-#: those a burst opened (hundreds of gevent greenlets) sink unused and are closed as the pool is
-#: next used. The asyncio pool has at most ``max_connections`` per event loop.
+#: Seconds a pool keeps a connection unused (:class:`~.nodepool.IdlePool`: the one used last is
+#: taken first). A steady load of any number of threads goes on reusing its own, while those a
+#: burst opened (hundreds of gevent greenlets) sink unused and are closed as the pool is next used;
+#: a connection a firewall dropped while idle is not the one a request waits on.
 IDLE_SECONDS = 30.0
 _NOOP = encode_request("noop", None)
 #: What :meth:`TrackerPoolBase._probe_steps` says of a tracker another request is asking already.
@@ -486,7 +486,7 @@ class TrackerPool(TrackerPoolBase):
     def _reset(self) -> None:
         super()._reset()
         self._pid = os.getpid()
-        self._idle = _IdleConnections(per_node=None, idle_seconds=IDLE_SECONDS, clock=self._clock)
+        self._idle: IdleTrackerConnections[TrackerConnection] = IdleTrackerConnections(self._clock)
 
     def _check_fork(self) -> None:
         # Sockets inherited through fork() are shared with the parent: forget them, never use them.
@@ -544,14 +544,24 @@ class TrackerPool(TrackerPoolBase):
         self._idle.close()
 
 
-class _IdleConnections(IdlePool[TrackerConnection]):
-    """A blocking pool's idle connections, per tracker: as many as the requests at once needed,
-    until unused for :data:`IDLE_SECONDS`."""
+class _TrackerConnection(_Closeable, Protocol):
+    def is_stale(self) -> bool: ...
 
-    def usable(self, connection: TrackerConnection) -> bool:
+
+T = TypeVar("T", bound=_TrackerConnection)
+
+
+class IdleTrackerConnections(IdlePool[T]):
+    """A pool's idle connections (a blocking pool's, or an event loop's), per tracker: as many as
+    the requests at once needed, until unused for :data:`IDLE_SECONDS`."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__(per_node=None, idle_seconds=IDLE_SECONDS, clock=clock)
+
+    def usable(self, connection: T) -> bool:
         return not connection.is_stale()
 
-    def discard(self, connection: TrackerConnection) -> None:
+    def discard(self, connection: T) -> None:
         connection.close()
 
 

@@ -532,8 +532,9 @@ class Uploader:
         """Store ``source`` under ``key`` in class ``cls``; return the number of bytes stored.
 
         ``verify_checksum`` overrides ``verify_checksums`` for this upload. Raises
-        :class:`UploadError` (the key keeps its old data), :class:`UploadOutcomeUnknownError` or
-        :class:`UnregClassError`.
+        :class:`UploadError` (the key keeps its old data, unless the message says otherwise),
+        :class:`UploadOutcomeUnknownError`, the tracker's refusal of ``create_open``
+        (:class:`UnregClassError`, ``NoDevicesError``, ``TrackerUnavailableError``) or the source's own error.
         """
         check_key(key)  # before asking the tracker anything
         if isinstance(source, (str, os.PathLike)):

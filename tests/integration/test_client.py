@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 from conftest import DOMAIN
 from integration._async_facade import Flavour, both_flavours, flavour  # noqa: F401 (a fixture)
+from integration._slow_clients import node_connections
+from integration._wire_client import eventually
 from wiretools import TEN, CountingRelay, KeptAliveNode, ScriptedTracker, collating_tracker, files_tracker, honest
 
 from mogile_middleware import (
@@ -277,6 +279,25 @@ def test_a_replica_whose_answer_is_not_the_whole_file_is_passed_over(flavour: Fl
     finally:
         client.close()
         for server in (tracker, bad, good):
+            server.stop()
+
+
+@both_flavours
+def test_close_closes_the_idle_connections_to_trackers_and_storage_nodes(flavour: Flavour) -> None:
+    """``close()`` and ``aclose()`` end the same connections: the blocking one left the storage
+    node's open."""
+    node = KeptAliveNode(honest)
+    tracker = files_tracker({"k": (9, 10, [node.url(9)])})
+    client = flavour.Client(DOMAIN, [tracker.tracker])
+    try:
+        assert client.get_file_data("k") == TEN
+        assert (node_connections(node.port), node_connections(tracker.port)) == (1, 1)
+        client.close()
+        connections = eventually(lambda: (node_connections(node.port), node_connections(tracker.port)),
+                                 lambda counts: counts == (0, 0))
+        assert connections == (0, 0)
+    finally:
+        for server in (tracker, node):
             server.stop()
 
 

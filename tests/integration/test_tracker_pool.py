@@ -129,11 +129,14 @@ def test_a_bursts_connections_serve_the_next_and_close_once_unused_for_a_while()
         tracker.stop()
 
 
-def test_the_idle_connections_of_a_tracker_no_longer_asked_close_once_unused_for_a_while() -> None:
+@both_flavours
+def test_the_idle_connections_of_a_tracker_no_longer_asked_close_once_unused_for_a_while(flavour: Flavour) -> None:
+    """Under asyncio too: they stayed open for good, and one a firewall dropped meanwhile was
+    waited on for io_timeout, then its tracker marked dead."""
     clock = FakeClock()
     first, second = OpenCounting(ok), OpenCounting(ok)
     try:
-        pool = TrackerPool([first.tracker, second.tracker], clock=clock)
+        pool = flavour.TrackerPool([first.tracker, second.tracker], clock=clock)
         pool.mark_dead(first.address)
         assert pool.request("noop")[1] == second.address
         assert second.open_eventually(1) == 1

@@ -510,6 +510,19 @@ def test_a_new_file_closed_or_aborted_takes_no_more_bytes(client: Client) -> Non
         client.file_info("other")
 
 
+@both_flavours
+@pytest.mark.parametrize("as_path", [str, Path], ids=["str", "Path"])
+def test_store_file_refuses_a_path_rather_than_read_a_local_file(flavour: Flavour, devmogile: DevMogileFS,
+                                                                 tmp_path: Path, as_path: Callable) -> None:
+    """Text a view passes on (a form field) is never read as a file of the server's."""
+    secret = as_path(_written(tmp_path / "secret.txt", b"the server's own file"))
+    client = flavour.Client(DOMAIN, devmogile.trackers)
+    client.store_content("doc", b"old", "thumb")
+    with pytest.raises(TypeError, match=f"store_file of 'doc' takes .*not {type(secret).__name__}"):
+        client.store_file("doc", secret, "thumb")
+    assert client.get_file_data("doc") == b"old"
+
+
 @pytest.mark.parametrize("source", [
     pytest.param(lambda tmp: _written(tmp / "file.bin", b"data"), id="path"),
     pytest.param(lambda tmp: [b"chunk"], id="list"),
