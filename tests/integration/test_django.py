@@ -316,6 +316,9 @@ def test_a_relative_media_url_links_and_serves_below_the_script_prefix(mogile: D
         assert MogileFSStorage().url(name) == "/media/sub/path.txt"  # a site at the root
         site = TestApp(wrap_wsgi(get_wsgi_application()), extra_environ={"SCRIPT_NAME": "/app"})
         assert site.get("/media/sub/path.txt").body == b"below the script prefix"  # the URL /app/media/...
+        with with_settings(FORCE_SCRIPT_NAME="/app"):  # Django's ASGI handler takes it off the path
+            served = asgi_get(wrap_asgi(get_asgi_application()), "/app/media/sub/path.txt")
+        assert (served[0], served[2]) == (200, b"below the script prefix")
 
 
 @pytest.mark.parametrize("allow_overwrite", BOTH_SAVES)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from ...asgi import ASGIApp, MogileFSMiddleware
+from typing import Any
+
+from django.conf import settings
+
+from ...asgi import ASGIApp, MogileFSMiddleware, Receive, Scope, Send
 from ...async_client import AsyncClient
 from . import conf
 from .clients import get_client
@@ -27,8 +31,23 @@ def wrap_asgi(application: ASGIApp) -> MogileFSMiddleware:
     options = conf.middleware_options()
     if client.cache_backend is not None:
         options["cache_backend"] = client.cache_backend
+    forced = settings.FORCE_SCRIPT_NAME
     # One per call, in practice one per process: its tracker connections are kept per event loop.
-    middleware = conf.configured(lambda: MogileFSMiddleware(
+    middleware = conf.configured(lambda: (MogileFSMiddleware if forced is None else _ScriptNamed)(
         application, client=AsyncClient(conf.domain(), conf.trackers(), **conf.client_options()), **options))
+    if forced is not None:
+        middleware.script_name = forced  # type: ignore[attr-defined]
     client.add_change_listener(middleware.locator.forget)
     return middleware
+
+
+class _ScriptNamed(MogileFSMiddleware):
+    """The middleware under ``FORCE_SCRIPT_NAME``, which Django's ASGI handler takes off every
+    path in place of the server's ``root_path`` (and starts its links with): so does the middleware."""
+
+    script_name = ""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> Any:
+        if scope["type"] == "http":
+            scope["root_path"] = self.script_name  # Django reads the setting, never this
+        await super().__call__(scope, receive, send)
