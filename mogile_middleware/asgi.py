@@ -456,7 +456,26 @@ def _path_info(scope: Scope) -> str:
         path = given.partition("#")[0]
     if not path.startswith("/"):
         path = _ABSOLUTE_FORM.sub("", path, 1)
-    return path[len(root):] if root and path.startswith(root) else path
+    return _below(path, root)
+
+
+def _below(path: str, root: str) -> str:
+    """``path`` less the mount point ``root`` if it starts with it, as Starlette's routing reads
+    it: followed by a ``/`` (``/m`` does not start ``/mogilefs/...``)."""
+    if root and path.startswith(root) and (root.endswith("/") or path[len(root):len(root) + 1] in ("", "/")):
+        return path[len(root):]
+    return path
+
+
+def _mount_point(scope: Scope) -> str:
+    """The part of ``root_path`` that requests name themselves, as ``SCRIPT_NAME`` is under a WSGI
+    server: a router's mount point (Starlette's ``Mount`` keeps the server's root path as
+    ``app_root_path``), not the server's own root path, which uvicorn adds to every path it
+    receives and hypercorn and daphne take off when a path has it. Perlbal's fallback request
+    names it again, straight to the server."""
+    root = scope.get("root_path", "")
+    server_root = scope.get("app_root_path", root)
+    return root[len(server_root):] if root.startswith(server_root) else root
 
 
 def _names_alike(target: str, path: str, given: str, root: str) -> bool:
@@ -498,7 +517,7 @@ def _environ(scope: Scope, path: str) -> dict[str, Any]:
         query = b""  # h11 and daphne cut "/a#x?q" at the "?": a "?" after the "#" is the fragment's (RFC 3986, 3.5)
     environ: dict[str, Any] = {
         "REQUEST_METHOD": scope["method"],
-        "SCRIPT_NAME": _as_wsgi(scope.get("root_path", "")),
+        "SCRIPT_NAME": _as_wsgi(_mount_point(scope)),
         "PATH_INFO": path,
         "QUERY_STRING": query.split(b"#", 1)[0].decode("latin-1") if query else "",
         "REMOTE_ADDR": (scope.get("client") or ("",))[0],

@@ -11,13 +11,13 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import pytest
 from conftest import DOMAIN
 from integration._gunicorn import run_uvicorn
 from integration._slow_clients import node_connections, read_first_bytes, slow_downloads, storage_port, thread_count
-from integration._wire_client import read_http_reply
+from integration._wire_client import free_port, read_http_reply
 from integration.test_hostile import call
 from integration.test_middleware import wrapped_app
 from wiretools import PatternFile, SilentServer, pattern_md5
@@ -139,6 +139,32 @@ def test_a_mount_point_beyond_ascii_through_uvicorn(devmogile: DevMogileFS) -> N
     assert (reply.status, reply.body, reply.headers["etag"]) == (200, b"hello", '"fid-1"')
 
 
+@pytest.mark.parametrize(("app", "target"), [
+    pytest.param("_gunicorn_app:make_asgi_app", "/mogilefs/hello.txt", id="the-server's-root-path"),
+    pytest.param("_gunicorn_app:make_mounted_asgi_app", "/m%C3%A9dias/mogilefs/hello.txt", id="and-a-mount-point"),
+])
+def test_perlbals_fallback_request_reaches_the_file_under_uvicorns_root_path(devmogile: DevMogileFS, app: str,
+                                                                            target: str) -> None:
+    """uvicorn --root-path /app (behind a front that takes /app off) adds /app to every path it
+    receives: the fallback URL named it too, and Perlbal's request reached /app/app/..., not the file."""
+    pytest.importorskip("starlette", reason="starlette is installed by the test command ('.[dev]')")
+    Client(DOMAIN, devmogile.trackers).store_content("hello.txt", b"hello", cls="thumb")
+    port = free_port()
+    env = {"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": devmogile.trackers[0], "MOGILE_REPROXY": "perlbal",
+           "MOGILE_TRUSTED_PROXIES": "127.0.0.1", "MOGILE_PERLBAL_FALLBACK_URL": f"http://127.0.0.1:{port}"}
+    with run_uvicorn(env, app=app, extra_args=["--root-path", "/app"], port=port):
+        def get(request_target: str, *headers: str) -> Any:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall("\r\n".join([f"GET {request_target} HTTP/1.1", "Host: media", *headers, "", ""]).encode())
+                return read_http_reply(sock, "GET")[0]
+
+        reproxied = get(target, "X-Proxy-Capabilities: reproxy-file")
+        fallback = urlsplit(reproxied.headers["x-reproxy-url"].split()[-1])
+        assert (fallback.netloc, fallback.path) == (f"127.0.0.1:{port}", target)
+        served = get(f"{fallback.path}?{fallback.query}")  # as Perlbal asks it, without the capability
+        assert (served.status, served.body) == (200, b"hello")
+
+
 def test_a_fastapi_app_under_uvicorn_keeps_its_routes_lifespan_and_private_endpoint(devmogile: DevMogileFS) -> None:
     """FastAPI's add_middleware, on the socket: files under the prefix, the app's JSON route with
     its lifespan's state, and its endpoint answering with a private file behind a dependency."""
@@ -177,7 +203,8 @@ def test_a_mount_point_beyond_ascii_is_below_the_prefix(devmogile: DevMogileFS) 
     # Starlette's Mount("/médias", ...) gives root_path as text, the path's bytes come raw: the
     # mount point was never taken off, and every file went to the application.
     Client(DOMAIN, devmogile.trackers).store_content("a.txt", b"mounted", cls="thumb")
-    scope = {**http_scope("/médias/mogilefs/a.txt"), "raw_path": b"/m%C3%A9dias/mogilefs/a.txt", "root_path": "/médias"}
+    scope = {**http_scope("/médias/mogilefs/a.txt"), "raw_path": b"/m%C3%A9dias/mogilefs/a.txt", "root_path": "/médias",
+             "app_root_path": ""}
     served = run(MogileFSMiddleware(Recorder(), domain=DOMAIN, trackers=devmogile.trackers), scope, [])
     assert (served[0]["status"], b"".join(message.get("body", b"") for message in served)) == (200, b"mounted")
     perlbal = MogileFSMiddleware(Recorder(), domain=DOMAIN, trackers=devmogile.trackers, reproxy="perlbal",
@@ -191,11 +218,14 @@ def test_a_mount_point_beyond_ascii_is_below_the_prefix(devmogile: DevMogileFS) 
     pytest.param(b"/mogilefs/a%23b.txt#frag", "/mogilefs/a#b.txt#frag", "", id="fragment-kept-by-h11"),
     pytest.param(b"/m/mogilefs/a%23b.txt", "/mogilefs/a#b.txt", "/m", id="mount-point-off-the-path"),
     pytest.param(b"/mogilefs/a%23b.txt", "/mogilefs/a#b.txt", "", id="as-uvicorn-gives-it"),
+    pytest.param(b"/mogilefs/a%23b.txt", "/mogilefs/a#b.txt", "/m", id="a-root-path-not-followed-by-a-slash"),
 ])
 def test_the_raw_path_is_read_where_the_server_or_a_router_gave_the_same_path(devmogile: DevMogileFS, raw: bytes,
                                                                                path: str, root: str) -> None:
     # h11 and daphne keep a fragment in the path, Starlette before 0.33 takes the mount point off
     # it: neither is a rewrite. Read as one, the first lost its encoded '#', the second its prefix.
+    # A root path /m that a front took off (hypercorn, daphne --root-path /m) is not the start of
+    # /mogilefs/, as Starlette routes it: read so, the file was asked as "ogilefs/a#b.txt".
     Client(DOMAIN, devmogile.trackers).store_content("a#b.txt", b"hash", cls="thumb")
     middleware = MogileFSMiddleware(Recorder(), domain=DOMAIN, trackers=devmogile.trackers)
     sent = run(middleware, {**http_scope("/"), "raw_path": raw, "path": path, "root_path": root}, [])
