@@ -357,8 +357,9 @@ class MiddlewareCore:
         request carries ``Host`` and ``Range`` alone (no cookie): an answer that depends on who
         asks (a view's, or one ``authorize`` allowed) gets none, since the application would judge
         another request, and might answer it with a login page, which Perlbal would send under
-        this answer's headers."""
-        if FOR_VIEW in environ or self.authorize is not None:
+        this answer's headers. Nor does a request whose ``If-Match`` names the version it must
+        get: the fallback serves the version current then."""
+        if FOR_VIEW in environ or self.authorize is not None or "HTTP_IF_MATCH" in environ:
             return ""
         return _request_target(environ)
 

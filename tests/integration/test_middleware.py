@@ -351,6 +351,23 @@ def test_perlbal_fallback_url_comes_last_and_its_request_is_served(devmogile: De
             make(devmogile, reproxy="perlbal", perlbal_fallback_url=wrong)
 
 
+def test_a_request_naming_its_version_with_if_match_gets_no_perlbal_fallback_url(devmogile: DevMogileFS,
+                                                                              client: Client) -> None:
+    """The fallback serves the version current then, under this answer's ETag: once an overwrite's
+    old files were gone, an If-Match naming the old version got the new bytes (RFC 9110, 13.1.1:
+    a 412). Without the fallback, Perlbal answers 503, and the client asks again."""
+    app, _, _ = make(devmogile, reproxy="perlbal", trusted_proxies=["127.0.0.1"],
+                     perlbal_fallback_url="http://10.0.0.5:8000/")
+    proxy = {"REMOTE_ADDR": "127.0.0.1"}
+    etag = app.get(url("plain.txt"), extra_environ=proxy).headers["ETag"]
+    for if_match in (etag, f'"other", {etag}'):
+        response = app.get(url("plain.txt"), headers={"If-Match": if_match}, extra_environ=proxy)
+        assert sorted(response.headers["X-REPROXY-URL"].split(" ")) == sorted(client.get_paths("plain.txt"))
+        assert response.headers["X-REPROXY-EXPECTED-SIZE"] == str(len(BODY))
+    assert "8000" in app.get(url("plain.txt"), headers={"If-None-Match": '"other"'}, extra_environ=proxy).headers[
+        "X-REPROXY-URL"]  # any version but that one will do
+
+
 def test_a_client_marking_its_request_as_perlbals_fallback_is_still_reproxied(devmogile: DevMogileFS,
                                                                               client: Client) -> None:
     """Perlbal adds X-Forwarded-For and X-Proxy-Capabilities to every request it forwards, and
