@@ -101,6 +101,9 @@ class MogileFSMiddleware(MiddlewareCore):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan, websocket: nothing of the middleware's
+            if scope["type"] == "lifespan":
+                await self.app(scope, receive, self._closing_at_shutdown(send))
+                return
             websocket = scope["type"] == "websocket" and not self.allow_app_reproxy
             await self.app(scope, receive, _without_reproxy_headers(send) if websocket else send)
             return
@@ -141,6 +144,21 @@ class MogileFSMiddleware(MiddlewareCore):
             await self._send(answer, send, watch, scope)
         finally:
             await watch.end()
+
+    def _closing_at_shutdown(self, send: Send) -> Send:
+        """``send`` for the application's lifespan: once it has shut down, the event loop's idle
+        tracker and storage node connections are closed before the server hears it (they stayed
+        open until the process ended, or the next loop's first request, with a ResourceWarning
+        each under ``python -X dev`` and a test client's lifespan)."""
+        async def sent(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                try:
+                    await self.client.aclose()
+                finally:
+                    await send(message)
+            else:
+                await send(message)
+        return sent
 
     def _keep(self, raw_path: bytes, inputs: tuple[Any, ...], answer: Answer, location: Location) -> None:
         """Keep ``answer``, decided from ``location``, for the same request while the path cache holds it."""

@@ -95,6 +95,38 @@ def test_lifespan_and_websockets_reach_the_app_untouched(wrapped: tuple[MogileFS
     assert recorder.scopes[0] is lifespan and recorder.scopes[1] is websocket
 
 
+def test_the_apps_shutdown_closes_the_event_loops_tracker_and_storage_connections(devmogile: DevMogileFS) -> None:
+    """They stayed open until the process ended: a ResourceWarning each under ``python -X dev``
+    and at the end of every test client's lifespan."""
+    client = Client(DOMAIN, devmogile.trackers)
+    client.store_content("a.txt", b"served", cls="thumb")
+    tracker_port, node_port = int(devmogile.trackers[0].rsplit(":", 1)[1]), storage_port(client, "a.txt")
+    client.close()
+    middleware = MogileFSMiddleware(Recorder(), domain=DOMAIN, trackers=devmogile.trackers)
+
+    def open_now() -> tuple[int, int]:
+        return node_connections(tracker_port, os.getpid()), node_connections(node_port, os.getpid())
+
+    async def lifespan() -> list[tuple[int, int]]:
+        incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        outgoing: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+        running = asyncio.create_task(middleware(scope, incoming.get, outgoing.put))
+        await incoming.put({"type": "lifespan.startup"})
+        assert (await outgoing.get())["type"] == "lifespan.startup.complete"
+        sent: list[dict[str, Any]] = []
+        await middleware(http_scope("/mogilefs/a.txt"), get_receive(), _append_to(sent))
+        assert b"".join(message.get("body", b"") for message in sent) == b"served"
+        counts = [open_now()]
+        await incoming.put({"type": "lifespan.shutdown"})
+        assert (await outgoing.get())["type"] == "lifespan.shutdown.complete"
+        await running
+        await asyncio.sleep(0.1)  # the transports' closing callbacks
+        return [*counts, open_now()]
+
+    assert asyncio.run(asyncio.wait_for(lifespan(), 10)) == [(1, 1), (0, 0)]
+
+
 def test_other_paths_reach_the_app_without_its_reproxy_headers(wrapped: tuple[MogileFSMiddleware, Recorder]) -> None:
     middleware, recorder = wrapped
     start, body = run(middleware, http_scope("/app/page"), [])
