@@ -474,23 +474,27 @@ def _path_info(scope: Scope) -> str:
         path = given.partition("#")[0]
     if not path.startswith("/"):
         path = _ABSOLUTE_FORM.sub("", path, 1)
-    return _below(path, root)
+    below = _below(path, root)
+    if below is None and "app_root_path" in scope:  # without the server's root path: a mount point's
+        below = _below(path, _as_wsgi(_mount_point(scope)))
+    return path if below is None else below
 
 
-def _below(path: str, root: str) -> str:
-    """``path`` less the mount point ``root`` if it starts with it, as Starlette's routing reads
-    it: followed by a ``/`` (``/m`` does not start ``/mogilefs/...``)."""
-    if root and path.startswith(root) and (root.endswith("/") or path[len(root):len(root) + 1] in ("", "/")):
+def _below(path: str, root: str) -> str | None:
+    """``path`` less the mount point ``root`` (``""``: all of it), or ``None`` if it does not start
+    with it as Starlette's routing reads it: followed by a ``/`` (``/m`` does not start ``/mogilefs/``)."""
+    if path.startswith(root) and (not root or path[len(root):len(root) + 1] in ("", "/")):
         return path[len(root):]
-    return path
+    return None
 
 
 def _mount_point(scope: Scope) -> str:
-    """The part of ``root_path`` that requests name themselves, as ``SCRIPT_NAME`` is under a WSGI
-    server: a router's mount point (Starlette's ``Mount`` keeps the server's root path as
-    ``app_root_path``), not the server's own root path, which uvicorn adds to every path it
-    receives and hypercorn and daphne take off when a path has it. Perlbal's fallback request
-    names it again, straight to the server."""
+    """The part of ``root_path`` that a request names again to reach the middleware (as
+    ``SCRIPT_NAME`` under a WSGI server; Perlbal's fallback request does): the mount point of
+    Starlette's ``Mount``, which keeps the server's root path as ``app_root_path``, but not the
+    server's own root path, which uvicorn adds to every path it receives (hypercorn and daphne
+    take paths with or without it). Under another router, whose mount point is not told apart, the
+    middleware is taken as wrapping the whole application."""
     root = scope.get("root_path", "")
     server_root = scope.get("app_root_path", root)
     return root[len(server_root):] if root.startswith(server_root) else root
@@ -565,8 +569,8 @@ def _inputs(scope: Scope) -> tuple[Any, ...]:
     """All that the decisions read of a request but its raw path (:func:`_path_info`,
     :func:`_environ`), ``path`` among them: which of its answers kept for the raw path
     (:class:`_WarmAnswers`) is its own."""
-    inputs = [scope["method"], scope["path"], scope.get("root_path", ""), scope.get("query_string"),
-              (scope.get("client") or ("",))[0]]
+    inputs = [scope["method"], scope["path"], scope.get("root_path", ""), scope.get("app_root_path"),
+              scope.get("query_string"), (scope.get("client") or ("",))[0]]
     for name, value in scope.get("headers", ()):
         lowered = name.lower()
         if lowered in _READ_HEADERS:

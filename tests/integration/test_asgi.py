@@ -244,6 +244,15 @@ def test_a_mount_point_beyond_ascii_is_below_the_prefix(devmogile: DevMogileFS) 
     reproxied = run(perlbal, scope, [])[0]
     # Perlbal's fallback asks for the same URL: the mount point's UTF-8, percent-encoded.
     assert b" http://10.0.0.7:8000/m%C3%A9dias/mogilefs/a.txt?" in dict(reproxied["headers"])[b"x-reproxy-url"]
+    # The same request under a server root path /app, which uvicorn adds again: an answer of its own.
+    under_root = {**scope, "path": "/app/médias/mogilefs/a.txt", "raw_path": b"/app/m%C3%A9dias/mogilefs/a.txt",
+                  "root_path": "/app/médias", "app_root_path": "/app"}
+    elsewhere = {**under_root, "app_root_path": "/app/médias"}  # the middleware wrapping the application
+    reproxied_under_root, reproxied_elsewhere = run(perlbal, under_root, [])[0], run(perlbal, elsewhere, [])[0]
+    assert dict(reproxied_under_root["headers"])[b"x-reproxy-url"].endswith(
+        b" http://10.0.0.7:8000/m%C3%A9dias/mogilefs/a.txt?mogilefs-fallback")
+    assert dict(reproxied_elsewhere["headers"])[b"x-reproxy-url"].endswith(
+        b" http://10.0.0.7:8000/mogilefs/a.txt?mogilefs-fallback")
 
 
 @pytest.mark.parametrize(("raw", "path", "root"), [
@@ -251,16 +260,22 @@ def test_a_mount_point_beyond_ascii_is_below_the_prefix(devmogile: DevMogileFS) 
     pytest.param(b"/m/mogilefs/a%23b.txt", "/mogilefs/a#b.txt", "/m", id="mount-point-off-the-path"),
     pytest.param(b"/mogilefs/a%23b.txt", "/mogilefs/a#b.txt", "", id="as-uvicorn-gives-it"),
     pytest.param(b"/mogilefs/a%23b.txt", "/mogilefs/a#b.txt", "/m", id="a-root-path-not-followed-by-a-slash"),
+    pytest.param(b"/mogilefs/a%23b.txt", "/mogilefs/a#b.txt", "/", id="a-root-path-of-a-slash"),
+    pytest.param(b"/files/mogilefs/a%23b.txt", "/files/mogilefs/a#b.txt", "/app/files",
+                 id="a-mount-point-without-the-servers-root-path"),
 ])
 def test_the_raw_path_is_read_where_the_server_or_a_router_gave_the_same_path(devmogile: DevMogileFS, raw: bytes,
                                                                                path: str, root: str) -> None:
     # h11 and daphne keep a fragment in the path, Starlette before 0.33 takes the mount point off
     # it: neither is a rewrite. Read as one, the first lost its encoded '#', the second its prefix.
-    # A root path /m that a front took off (hypercorn, daphne --root-path /m) is not the start of
-    # /mogilefs/, as Starlette routes it: read so, the file was asked as "ogilefs/a#b.txt".
+    # A root path /m or / that a front took off (hypercorn, daphne --root-path) is not the start of
+    # /mogilefs/, as Starlette routes it: read so, the file was asked as "ogilefs/a#b.txt". Under
+    # Starlette's Mount("/files") (app_root_path: the server's root path), a path without the
+    # server's /app (as hypercorn and daphne give Perlbal's fallback request) is below /files.
     Client(DOMAIN, devmogile.trackers).store_content("a#b.txt", b"hash", cls="thumb")
     middleware = MogileFSMiddleware(Recorder(), domain=DOMAIN, trackers=devmogile.trackers)
-    sent = run(middleware, {**http_scope("/"), "raw_path": raw, "path": path, "root_path": root}, [])
+    mounted = {"app_root_path": "/app"} if root == "/app/files" else {}
+    sent = run(middleware, {**http_scope("/"), "raw_path": raw, "path": path, "root_path": root, **mounted}, [])
     assert (sent[0]["status"], b"".join(message.get("body", b"") for message in sent)) == (200, b"hash")
 
 

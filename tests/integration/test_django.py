@@ -316,9 +316,12 @@ def test_a_relative_media_url_links_and_serves_below_the_script_prefix(mogile: D
         assert MogileFSStorage().url(name) == "/media/sub/path.txt"  # a site at the root
         site = TestApp(wrap_wsgi(get_wsgi_application()), extra_environ={"SCRIPT_NAME": "/app"})
         assert site.get("/media/sub/path.txt").body == b"below the script prefix"  # the URL /app/media/...
-        with with_settings(FORCE_SCRIPT_NAME="/app"):  # Django's ASGI handler takes it off the path
-            served = asgi_get(wrap_asgi(get_asgi_application()), "/app/media/sub/path.txt")
-        assert (served[0], served[2]) == (200, b"below the script prefix")
+        # Django's ASGI handler takes FORCE_SCRIPT_NAME off the path, or else the server's root path
+        # ("" is not set, as Django reads it; a "/" at its end is not the path's).
+        for forced, root_path in [("/app", ""), ("/app/", "/app"), ("", "/app")]:
+            with with_settings(FORCE_SCRIPT_NAME=forced):
+                served = asgi_get(wrap_asgi(get_asgi_application()), "/app/media/sub/path.txt", root_path=root_path)
+            assert (served[0], served[2]) == (200, b"below the script prefix"), forced
 
 
 @pytest.mark.parametrize("allow_overwrite", BOTH_SAVES)
@@ -900,7 +903,8 @@ def test_client_options_reach_the_storages_and_both_middlewares(mogile: DevMogil
 # -- the wrapped ASGI application ---------------------------------------------------------------
 
 
-def asgi_get(middleware: ASGIMiddleware, path: str, client: str = "127.0.0.1") -> tuple[int, dict[str, str], bytes]:
+def asgi_get(middleware: ASGIMiddleware, path: str, client: str = "127.0.0.1",
+             root_path: str = "") -> tuple[int, dict[str, str], bytes]:
     """GET ``path`` from ``middleware`` on an event loop of its own: the status, headers and body."""
     sent: list[dict[str, Any]] = []
 
@@ -913,7 +917,7 @@ def asgi_get(middleware: ASGIMiddleware, path: str, client: str = "127.0.0.1") -
 
     async def get() -> None:
         scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
-                 "root_path": "", "headers": [(b"host", b"testserver")], "client": (client, 50000)}
+                 "root_path": root_path, "headers": [(b"host", b"testserver")], "client": (client, 50000)}
         try:
             await asyncio.wait_for(middleware(scope, receive, send), 10)
         finally:

@@ -31,12 +31,12 @@ def wrap_asgi(application: ASGIApp) -> MogileFSMiddleware:
     options = conf.middleware_options()
     if client.cache_backend is not None:
         options["cache_backend"] = client.cache_backend
-    forced = settings.FORCE_SCRIPT_NAME
+    forced = settings.FORCE_SCRIPT_NAME  # as Django's handler reads it: "" is not set
     # One per call, in practice one per process: its tracker connections are kept per event loop.
-    middleware = conf.configured(lambda: (MogileFSMiddleware if forced is None else _ScriptNamed)(
+    middleware = conf.configured(lambda: (_ScriptNamed if forced else MogileFSMiddleware)(
         application, client=AsyncClient(conf.domain(), conf.trackers(), **conf.client_options()), **options))
-    if forced is not None:
-        middleware.script_name = forced  # type: ignore[attr-defined]
+    if forced:
+        middleware.script_name = forced.rstrip("/")  # type: ignore[attr-defined]
     client.add_change_listener(middleware.locator.forget)
     return middleware
 
@@ -48,6 +48,6 @@ class _ScriptNamed(MogileFSMiddleware):
     script_name = ""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> Any:
-        if scope["type"] == "http":
-            scope["root_path"] = self.script_name  # Django reads the setting, never this
+        if scope["type"] == "http":  # Django reads the setting, never this: the server's scope is left as it is
+            scope = {**scope, "root_path": self.script_name}
         await super().__call__(scope, receive, send)
