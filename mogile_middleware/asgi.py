@@ -32,7 +32,7 @@ from urllib.parse import unquote_to_bytes
 from . import http, metrics
 from .cache import evict_oldest
 from .async_client import AsyncClient
-from .async_storage import AsyncReplicaResponse, open_replica, read_replica
+from .async_storage import AsyncResumedReplica, open_replica, read_replica
 from .core import (
     MiddlewareCore,
     authorize_answer,
@@ -45,6 +45,7 @@ from .exceptions import MogileFSError, StorageError
 from .http import Answer, FileRequest, Headers
 from .locate import AsyncLocator, Location, arun_steps
 from .responders import kept_answer, serve_steps
+from .storage import Resumption
 from .views import (
     REPROXIED,
     SERVE_HEADER_LOWER,
@@ -71,7 +72,7 @@ _READ_HEADERS = {name.encode(): "HTTP_" + name.upper().replace("-", "_") for nam
 _PRESENCE_ONLY = frozenset((b"x-forwarded-for", b"x-reproxy-failed"))
 #: An answer made for one request: status, headers, the open replica its body comes from or the
 #: body itself (a file the body cache keeps; empty for HEAD), and the key (for the log).
-Streamed = tuple[str, Headers, AsyncReplicaResponse | bytes, str]
+Streamed = tuple[str, Headers, AsyncResumedReplica | bytes, str]
 _SERVE = SERVE_HEADER_LOWER.encode("latin-1")
 #: The scheme and authority of an absolute-form target (``GET http://host/path``), which a server
 #: must accept (RFC 9112, 3.2.2) and daphne and hypercorn pass on as the path.
@@ -317,7 +318,9 @@ class MogileFSMiddleware(MiddlewareCore):
         if request.method == "HEAD":
             await upstream.aclose()
             return Answer(plan.status, plan.headers)
-        return plan.status, plan.headers, upstream, location.key
+        resumed = AsyncResumedReplica(upstream, Resumption(location.paths, plan.byte_range, location.length),
+                                      timeout=self.storage_timeout)
+        return plan.status, plan.headers, resumed, location.key
 
     async def _call(self, name: str, *args: Any) -> Any:
         """One step of :func:`~mogile_middleware.responders.serve_steps`: ask the locator, or open or
@@ -332,7 +335,7 @@ class MogileFSMiddleware(MiddlewareCore):
         return await getattr(self.locator, name)(*args)
 
 
-async def _stream(key: str, upstream: AsyncReplicaResponse, send: Send, gone: asyncio.Future[None],
+async def _stream(key: str, upstream: AsyncResumedReplica, send: Send, gone: asyncio.Future[None],
                   client_timeout: float) -> None:
     """Send the body of ``key`` chunk by chunk until it ends, the client is ``gone``, or
     ``client_timeout`` passes without a piece read or sent (a client that stopped taking them
@@ -369,7 +372,7 @@ class _Progress:
         self.at = self.clock()
 
 
-async def _send_body(key: str, upstream: AsyncReplicaResponse, send: Send, progress: _Progress) -> None:
+async def _send_body(key: str, upstream: AsyncResumedReplica, send: Send, progress: _Progress) -> None:
     sent = 0
     sending = False  # whether an error comes from send (the client's side) or the node
     try:
@@ -419,7 +422,7 @@ def _close_unclaimed(work: asyncio.Future[Answer | Streamed]) -> None:
     """Close the replica that ``work``'s answer holds open, if any: nobody will send it."""
     if not work.cancelled() and work.exception() is None:
         answer = work.result()
-        if isinstance(answer, tuple) and isinstance(answer[2], AsyncReplicaResponse):
+        if isinstance(answer, tuple) and isinstance(answer[2], AsyncResumedReplica):
             answer[2].close()
 
 

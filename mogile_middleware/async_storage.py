@@ -22,6 +22,7 @@ aiohttp reached two thirds of their speed, h11 and httpx less than half.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import deque
@@ -39,6 +40,7 @@ from .storage import (
     LengthMismatchError,
     NO_BODY,
     ReplicaFailures,
+    Resumption,
     Target,
     body_follows,
     content_length,
@@ -49,8 +51,10 @@ from .storage import (
     range_header,
 )
 
+log = logging.getLogger("mogile_middleware")
+
 __all__ = ["BODY_CHUNK_SIZE", "CHUNK_SIZE", "GROW_AFTER_BYTES", "SMALL_PIECE_SIZE", "AsyncPutStream",
-           "AsyncReplicaResponse", "open_replica"]
+           "AsyncReplicaResponse", "AsyncResumedReplica", "open_replica"]
 
 #: The most a connection reads at once (as uvloop's own reads), and so the largest piece of a
 #: body a read returns, reached by a reader that keeps up past :data:`GROW_AFTER_BYTES` and asks
@@ -548,6 +552,44 @@ async def read_replica(urls: Sequence[str], *, length: int | None = None, timeou
             remaining = cut_midway(remaining, replica.url, error)
         finally:
             await replica.aclose()
+
+
+class AsyncResumedReplica:
+    """As :class:`~mogile_middleware.storage.ResumedReplica`, awaited: the body of an open
+    ``replica`` that goes on from a replica again when its transfer is cut midway."""
+
+    def __init__(self, replica: AsyncReplicaResponse, resumption: Resumption, *, timeout: float = 10.0) -> None:
+        self.replica = replica
+        self._resumption = resumption
+        self._timeout = timeout
+
+    @property
+    def url(self) -> str:
+        return self.replica.url
+
+    async def chunks(self, size: int = BODY_CHUNK_SIZE) -> AsyncIterator[bytes]:
+        """Yield the body in chunks of at most ``size`` bytes; raise once it cannot go on."""
+        done = 0
+        while True:
+            try:
+                async for chunk in self.replica.chunks(size):
+                    done += len(chunk)
+                    yield chunk
+                return
+            except (OSError, StorageError) as error:
+                urls, part = self._resumption.after(self.replica.url, done, error)
+                log.warning("transfer from %r cut midway after %d bytes (%r): going on from a replica again",
+                            self.replica.url, done, error)
+            await self.replica.aclose()
+            self.replica = await open_replica(urls, byte_range=part, size=self._resumption.size, timeout=self._timeout)
+
+    def close(self) -> None:
+        """As :meth:`aclose`, without waiting for the socket to be closed."""
+        self.replica.close()
+
+    async def aclose(self) -> None:
+        """Close the storage connection of the replica read now."""
+        await self.replica.aclose()
 
 
 class AsyncPutStream:

@@ -20,7 +20,7 @@ from .exceptions import StorageError
 from .bodies import BodyCache
 from .http import Answer, FilePlan, FileRequest, Headers
 from .locate import Location, Locator, Steps, run_steps
-from .storage import CHUNK_SIZE, ReplicaResponse, open_replica, read_replica
+from .storage import CHUNK_SIZE, ResumedReplica, Resumption, open_replica, read_replica
 
 log = logging.getLogger("mogile_middleware")
 
@@ -228,11 +228,13 @@ class NginxReproxy(Reproxy):
 class ReplicaBody:
     """The body of an open replica, chunk by chunk; closing it closes the storage connection.
 
-    A transfer cut midway raises, so the server closes the connection short of
-    ``Content-Length`` instead of presenting a truncated file as complete.
+    A transfer cut midway goes on from a replica again (:class:`~.storage.ResumedReplica`: a
+    client that took nothing for 30 s had its transfer closed by mogstored); when it cannot, it
+    raises, so the server closes the connection short of ``Content-Length`` instead of
+    presenting a truncated file as complete.
     """
 
-    def __init__(self, key: str, upstream: ReplicaResponse) -> None:
+    def __init__(self, key: str, upstream: ResumedReplica) -> None:
         self._key = key
         self._upstream = upstream
 
@@ -282,7 +284,9 @@ class Serve:
         if request.method == "HEAD":
             upstream.close()
             return Answer(plan.status, plan.headers)
-        return StreamedAnswer(plan.status, plan.headers, ReplicaBody(location.key, upstream))
+        resumed = ResumedReplica(upstream, Resumption(location.paths, plan.byte_range, location.length),
+                                 timeout=self.storage_timeout)
+        return StreamedAnswer(plan.status, plan.headers, ReplicaBody(location.key, resumed))
 
     def _call(self, name: str, *args: Any) -> Any:
         """One step of :func:`serve_steps`: ask the locator, or open or read a replica."""

@@ -14,10 +14,11 @@ the same reader, within the timeout, past any 1xx, and its body is never read.
 from __future__ import annotations
 
 import io
+import logging
 import re
 import socket
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -28,6 +29,7 @@ from .exceptions import StorageError
 from .nodepool import Node, NodePool, nodes
 
 T = TypeVar("T")
+log = logging.getLogger("mogile_middleware")
 
 #: Bytes moved per read or write: large enough for throughput, small enough to stay flat.
 CHUNK_SIZE = 64 * 1024
@@ -388,29 +390,70 @@ def read_replica(urls: Sequence[str], *, length: int | None = None, timeout: flo
             replica.close()
 
 
-def resumed_chunks(replica: ReplicaResponse, urls: Sequence[str], *, timeout: float = 10.0,
-                   pool: NodePool = nodes) -> Generator[bytes, None, None]:
-    """The body of ``replica``, opened from ``urls``, chunk by chunk; when its transfer is cut
-    midway, the rest of it from the next of ``urls`` (a ``Range`` from the first byte not yet
-    read), so that a long download ends whole. ``replica`` stays the caller's to close."""
-    total, done, remaining, current = replica.length, 0, list(urls), replica
-    try:
+#: How many times one body cut midway goes on from a replica again (each time after more of it came).
+RESUMES = 16
+
+
+class Resumption:
+    """Where the rest of a body cut midway comes from: the other replicas of ``urls`` first, then
+    the one cut (mogstored closes a connection whose reader took nothing for 30 s, and the node
+    still serves), for the part of ``byte_range`` left (all of a file of ``size`` bytes without
+    one). The replicas of one fid hold the same bytes. Only after more of the body came since the
+    last time, at most :data:`RESUMES` times: a node cutting every transfer at once ends it."""
+
+    def __init__(self, urls: Sequence[str], byte_range: tuple[int, int] | None, size: int | None) -> None:
+        self.urls = list(urls)
+        self.size = size
+        self._first, self._last = byte_range or (0, None if size is None else size - 1)
+        self._resumed_at = -1
+        self._resumes = 0
+
+    def after(self, url: str, done: int, error: BaseException) -> tuple[list[str], tuple[int, int]]:
+        """The replicas to open, and the range left, once ``url`` was cut with ``done`` bytes of
+        the body read; the :class:`StorageError` that ends the transfer when it cannot go on."""
+        metrics.recorder.replica_failover()
+        if self._last is None or self._resumes == RESUMES or done <= self._resumed_at:
+            raise StorageError(f"{url} was cut midway: {error or type(error).__name__}", url) from error
+        self._resumes += 1
+        self._resumed_at = done
+        return [other for other in self.urls if other != url] + [url], (self._first + done, self._last)
+
+
+class ResumedReplica:
+    """The body of an open ``replica`` that goes on from a replica again when its transfer is cut
+    midway (:class:`Resumption`), so that a long download ends whole. ``url`` is the replica read now."""
+
+    def __init__(self, replica: ReplicaResponse, resumption: Resumption, *, timeout: float = 10.0,
+                 pool: NodePool = nodes) -> None:
+        self.replica = replica
+        self._resumption = resumption
+        self._timeout = timeout
+        self._pool = pool
+
+    @property
+    def url(self) -> str:
+        return self.replica.url
+
+    def iter_chunks(self, size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        """Yield the body in chunks of at most ``size`` bytes; raise once it cannot go on."""
+        done = 0
         while True:
             try:
-                for chunk in current.iter_chunks():
+                for chunk in self.replica.iter_chunks(size):
                     done += len(chunk)
                     yield chunk
                 return
             except (OSError, StorageError) as error:
-                if total is None:  # no length: where the rest starts is unknown
-                    raise
-                remaining = cut_midway(remaining, current.url, error)
-            if current is not replica:
-                current.close()
-            current = open_replica(remaining, byte_range=(done, total - 1), size=total, timeout=timeout, pool=pool)
-    finally:
-        if current is not replica:
-            current.close()
+                urls, part = self._resumption.after(self.replica.url, done, error)
+                log.warning("transfer from %r cut midway after %d bytes (%r): going on from a replica again",
+                            self.replica.url, done, error)
+            self.replica.close()
+            self.replica = open_replica(urls, byte_range=part, size=self._resumption.size, timeout=self._timeout,
+                                        pool=self._pool)
+
+    def close(self) -> None:
+        """Close the storage connection of the replica read now."""
+        self.replica.close()
 
 
 class SeekableBody(io.RawIOBase):

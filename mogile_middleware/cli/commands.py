@@ -31,7 +31,7 @@ from ..deadline import checked_seconds
 from ..exceptions import BadKeyError, StorageError, UnknownKeyError
 from ..locate import current_version
 from ..protocol import check_key, to_bytes, to_text
-from ..storage import SeekableBody, open_replica, resumed_chunks
+from ..storage import ResumedReplica, Resumption, SeekableBody, open_replica
 from ..tracker import Address, parse_trackers
 from ..upload import Uploader, remaining_size
 from .progress import ProgressBar, printable, quoted
@@ -497,17 +497,17 @@ def _get_recursive(args: argparse.Namespace, client: Client) -> int:
 
 @contextmanager
 def _download(client: Client, key: str) -> Iterator[tuple[int | None, Iterator[bytes]]]:
-    """The length of ``key``'s file and its body chunk by chunk, the rest from the next replica
-    when a transfer is cut midway (:func:`~mogile_middleware.storage.resumed_chunks`). Only a
+    """The length of ``key``'s file and its body chunk by chunk, the rest from a replica again
+    when a transfer is cut midway (:class:`~mogile_middleware.storage.ResumedReplica`). Only a
     replica of the length the tracker records is read: one cut short on its disk was written
     whole-looking."""
     paths, info = current_version(client, key)
     with open_replica(paths, size=info.length, timeout=client.storage_timeout) as body:
-        chunks = resumed_chunks(body, paths, timeout=client.storage_timeout)
+        resumed = ResumedReplica(body, Resumption(paths, None, info.length), timeout=client.storage_timeout)
         try:
-            yield body.length, chunks
+            yield body.length, resumed.iter_chunks()
         finally:
-            chunks.close()
+            resumed.close()
 
 
 #: What no file name here holds, besides the "/" a key's segments are split at: NUL, and the

@@ -88,6 +88,7 @@ def run_nginx_front(backend_port: int) -> Iterator[Proxy]:
                                            "server 127.0.0.1:8000;": f"server 127.0.0.1:{backend_port};"})
     with tempfile.TemporaryDirectory(prefix="nginx-") as directory:
         prefix = Path(directory)
+        prefix.chmod(0o755)  # nginx's workers (nobody, under root) go through it to write tmp/proxy
         (prefix / "nginx.conf").write_text(config)
         (prefix / "tmp").mkdir()  # the config's temp paths are relative to the prefix
         # -e: the log goes to stderr from the start, before the config's error_log is read.

@@ -176,7 +176,7 @@ def test_a_mount_point_beyond_ascii_through_uvicorn(devmogile: DevMogileFS) -> N
     pytest.param("_gunicorn_app:make_mounted_asgi_app", "/m%C3%A9dias/mogilefs/hello.txt", id="and-a-mount-point"),
 ])
 def test_perlbals_fallback_request_reaches_the_file_under_uvicorns_root_path(devmogile: DevMogileFS, app: str,
-                                                                            target: str) -> None:
+                                                                             target: str) -> None:
     """uvicorn --root-path /app (behind a front that takes /app off) adds /app to every path it
     receives: the fallback URL named it too, and Perlbal's request reached /app/app/..., not the file."""
     pytest.importorskip("starlette", reason="starlette is installed by the test command ('.[dev]')")

@@ -318,17 +318,23 @@ def test_get_keeps_the_old_file_when_the_transfer_breaks(
     cli: Run, tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert cli("upload", "big", str(tree / "assets/img/logo.bin")).code == 0
+    original, opened = ReplicaResponse.iter_chunks, []
 
-    def broken(replica: ReplicaResponse) -> None:
-        raise StorageError("connection reset midway", replica.url)
+    def breaking(self: ReplicaResponse, size: int = 65536) -> Iterator[bytes]:
+        """The first transfer breaks after a piece; asked again, the replica breaks before any."""
+        opened.append(self.url)
+        if len(opened) == 1:
+            yield next(original(self, size))
+        raise StorageError("connection reset midway", self.url)
 
-    interrupt_after_the_first_piece(monkeypatch, broken)
+    monkeypatch.setattr(ReplicaResponse, "iter_chunks", breaking)
     target = previous_file(tmp_path)
     result = cli("get", "big", "-o", str(target))
     assert result.code == 1
     assert re.fullmatch(r"mogile-middleware: 'big': http://\S+\.fid was cut midway: connection reset midway\n",
                         result.err)
     assert list(target.parent.iterdir()) == [target] and target.read_bytes() == b"previous"
+    assert len(opened) == 2  # a replica asked again, once: no byte came from it
 
 
 def test_get_reads_the_rest_from_the_next_replica_when_a_transfer_breaks(
@@ -1068,14 +1074,14 @@ def test_a_stop_signal_during_get_leaves_neither_a_partial_file_nor_a_changed_on
 #: ``get`` with a progress bar, its pieces slowed, its exit code written where the test reads it.
 _SLOW_GET = """
 import sys, time
-import mogile_middleware.cli.commands as commands
 from mogile_middleware.cli.parser import main
-fetched = commands.resumed_chunks
+from mogile_middleware.storage import ResumedReplica
+fetched = ResumedReplica.iter_chunks
 def slowly(*args, **kwargs):
     for chunk in fetched(*args, **kwargs):
         time.sleep(0.05)
         yield chunk
-commands.resumed_chunks = slowly
+ResumedReplica.iter_chunks = slowly
 code = main(sys.argv[2:])
 open(sys.argv[1], "w").write(str(code))
 sys.exit(code)

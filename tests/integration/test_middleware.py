@@ -352,7 +352,7 @@ def test_perlbal_fallback_url_comes_last_and_its_request_is_served(devmogile: De
 
 
 def test_a_request_naming_its_version_with_if_match_gets_no_perlbal_fallback_url(devmogile: DevMogileFS,
-                                                                              client: Client) -> None:
+                                                                                 client: Client) -> None:
     """The fallback serves the version current then, under this answer's ETag: once an overwrite's
     old files were gone, an If-Match naming the old version got the new bytes (RFC 9110, 13.1.1:
     a 412). Without the fallback, Perlbal answers 503, and the client asks again."""

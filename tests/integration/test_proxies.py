@@ -19,6 +19,7 @@ import http.client
 import http.server
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
@@ -331,6 +332,30 @@ def test_a_stopped_first_replica_is_skipped(server: str, front: str, devmogile: 
         assert (ranged.status, ranged.start) == (206, PHOTO[:10])
         # The middleware's cached answer still names the stopped node first: the proxy moved on.
         assert reproxy_ports(stack, "/mogilefs/photos/1.jpg") == ports
+
+
+def test_a_client_pausing_longer_than_the_nodes_idle_timeout_gets_all_of_the_file_through_nginx(
+        server: str, devmogile: DevMogileFS, tmp_path: Path) -> None:
+    """mogstored closes a connection it could send nothing on for 30 s: when nginx read the node
+    at its client's pace (proxy_max_temp_file_size 0), a client that paused got its download cut,
+    as nginx cannot ask for the rest. nginx now takes the file at the node's pace."""
+    size = 16 * 1024 * 1024
+    Client(DOMAIN, devmogile.trackers).store_file("paused.mp4", PatternFile(size), cls="thumb")
+    for node in devmogile.nodes:  # as mogstored, with a shorter wait
+        node.stop()
+        node.idle_timeout = 0.5
+        node.start()
+    with serving(devmogile, server, "nginx", tmp_path) as stack:
+        with socket.create_connection(("127.0.0.1", stack.proxy_port), timeout=10) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.sendall(b"GET /mogilefs/paused.mp4 HTTP/1.1\r\nHost: media\r\nConnection: close\r\n\r\n")
+            received = sock.recv(64 * 1024)
+            time.sleep(3)  # the client reads nothing
+            while piece := sock.recv(1024 * 1024):
+                received += piece
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and f"content-length: {size}".encode() in head.lower()
+    assert len(body) == size and hashlib.md5(body).hexdigest() == pattern_md5(size)
 
 
 def test_perlbal_passes_over_a_truncated_replica_for_a_range_too(server: str, devmogile: DevMogileFS,
