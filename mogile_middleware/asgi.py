@@ -311,7 +311,7 @@ class MogileFSMiddleware(MiddlewareCore):
         opened = await arun_steps(serve_steps(request, location, self.representation, self.bodies), self._call)
         if isinstance(opened, Answer):
             return opened
-        _, plan, upstream = opened
+        location, plan, upstream = opened  # with its length, or the version the trackers name now
         if isinstance(upstream, bytes):
             kept = kept_answer(request, plan, upstream)
             return kept.status, kept.headers, kept.body, location.key

@@ -460,8 +460,8 @@ class SeekableBody(io.RawIOBase):
     """The body of a file at ``urls`` (its replicas), read from the first that answers, and
     seekable: a read elsewhere than where the transfer is opens a replica again from there (a
     ``Range``) of the same version (the same URLs), and so does a transfer cut midway, from the
-    next replica. ``length`` is known from the first answer; given (the tracker's), a replica of
-    another length is passed over."""
+    other replicas, then the one cut (:class:`Resumption`). ``length`` is known from the first
+    answer; given (the tracker's), a replica of another length is passed over."""
 
     def __init__(self, urls: Sequence[str], *, length: int | None = None, timeout: float = 10.0,
                  pool: NodePool = nodes) -> None:
@@ -473,6 +473,8 @@ class SeekableBody(io.RawIOBase):
         self.length: int = self._replica.length  # type: ignore[assignment] # accepts() requires one
         self._position = 0  # where the next read starts
         self._transfer_at = 0  # where the open transfer is
+        self._resumption = Resumption(self._urls, None, self.length)
+        self._received = 0  # in all: what a transfer cut must have added to for another
 
     def readable(self) -> bool:
         return True
@@ -497,7 +499,7 @@ class SeekableBody(io.RawIOBase):
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         """Read from the position into ``buffer``: from the open transfer when it is there, else
-        from a replica opened there; a transfer cut midway goes on from the next replica."""
+        from a replica opened there; a transfer cut midway goes on from a replica again."""
         self._checkClosed()  # type: ignore[attr-defined]
         while self._position < self.length:
             if self._replica is None or self._transfer_at != self._position:
@@ -505,11 +507,13 @@ class SeekableBody(io.RawIOBase):
             try:
                 count = self._replica.readinto(buffer)  # type: ignore[union-attr]
             except (OSError, StorageError) as error:
-                self._urls = cut_midway(self._urls, self._replica.url, error)  # type: ignore[union-attr]
+                url = self._replica.url  # type: ignore[union-attr]
+                self._urls, _ = self._resumption.after(url, self._received, error)
                 self._drop_transfer()
                 continue
             self._position += count
             self._transfer_at += count
+            self._received += count
             return count
         return 0
 

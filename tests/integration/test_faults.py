@@ -266,24 +266,29 @@ def test_a_transfer_cut_midway_ends_short_and_is_logged_with_its_key(caplog: pyt
 
 @pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
 @pytest.mark.parametrize("byte_range", [None, (1_000_003, 30_000_000)], ids=["whole", "range"])
+@pytest.mark.parametrize("reproxy", [None, "nginx"], ids=["serve-mode", "nginx-asking-again"])
 def test_a_client_pausing_longer_than_the_nodes_idle_timeout_still_gets_the_whole_body(
-        devmogile: DevMogileFS, flavour: str, byte_range: tuple[int, int] | None) -> None:
+        devmogile: DevMogileFS, flavour: str, byte_range: tuple[int, int] | None, reproxy: str | None) -> None:
     """mogstored closes a connection it could send nothing on for 30 s (seen on 2.73: a reader
     pausing 35 s got 3 MB of 40 MiB): a client that paused (a video player with enough buffered)
-    had its download closed short. The rest now comes from the replica again, with a Range."""
+    had its download closed short. The rest now comes from the replica again, with a Range. (nginx
+    asking again once every replica failed gets the body, of a location looked up anew.)"""
     data = os.urandom(32 * 1024 * 1024)  # more than the kernel's buffers between node and middleware
-    Client(DOMAIN, devmogile.trackers).store_content("paused.bin", data, cls="thumb")  # one replica
+    Client(DOMAIN, devmogile.trackers).store_content("paused.bin", data, cls="avatar")
     for node in devmogile.nodes:  # as mogstored, with a shorter wait
         node.stop()
         node.idle_timeout = 0.5
         node.start()
     first, last = byte_range or (0, len(data) - 1)
     headers = {"Range": f"bytes={first}-{last}"} if byte_range else {}
+    options: dict[str, Any] = {}
+    if reproxy:
+        options, headers = {"reproxy": reproxy}, {**headers, "X-Reproxy-Failed": "1"}
     if flavour == "wsgi":
-        app = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, devmogile.trackers))
+        app = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, devmogile.trackers), **options)
         environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/mogilefs/paused.bin", "SCRIPT_NAME": "",
                    "QUERY_STRING": "", "REMOTE_ADDR": "127.0.0.1", "SERVER_NAME": "localhost", "SERVER_PORT": "80",
-                   **{"HTTP_" + name.upper(): value for name, value in headers.items()}}
+                   **{"HTTP_" + name.upper().replace("-", "_"): value for name, value in headers.items()}}
         result = app(environ, lambda status, response_headers, exc_info=None: None)
         chunks = iter(result)
         try:
@@ -293,7 +298,7 @@ def test_a_client_pausing_longer_than_the_nodes_idle_timeout_still_gets_the_whol
         finally:
             result.close()
     else:
-        asgi = ASGIMiddleware(Recorder(), domain=DOMAIN, trackers=devmogile.trackers)
+        asgi = ASGIMiddleware(Recorder(), domain=DOMAIN, trackers=devmogile.trackers, **options)
         pieces: list[bytes] = []
 
         async def send(message: dict[str, Any]) -> None:

@@ -154,6 +154,25 @@ def test_an_exception_raised_as_a_kept_connection_is_asked_closes_it(node: Stora
     assert read_all(node, pool) == BODY
 
 
+def test_a_seekable_body_paused_longer_than_its_nodes_idle_timeout_goes_on_from_the_same_replica(
+        tmp_path: Path) -> None:
+    """What cp and Django's open() read: a file with one replica ended at the node's idle cut."""
+    data = os.urandom(32 * 1024 * 1024)  # more than the kernel's buffers hold
+    (tmp_path / "dev1").mkdir()
+    (tmp_path / "dev1" / "big.fid").write_bytes(data)
+    storage = StorageNode(tmp_path, host="127.0.0.1", port=0, idle_timeout=0.5)
+    storage.start()
+    try:
+        body = SeekableBody([f"http://127.0.0.1:{storage.port}/dev1/big.fid"], length=len(data))
+        read = body.read(65536)
+        time.sleep(2)  # the node's send waits, then it closes
+        read += body.read()
+        body.close()
+    finally:
+        storage.stop()
+    assert read == data
+
+
 def test_idle_connections_are_bounded_per_node(node: StorageNode) -> None:
     pool = NodePool(per_node=2)
     replicas = [open_replica([url(node)], pool=pool) for _ in range(4)]
