@@ -354,7 +354,7 @@ def test_a_client_pausing_longer_than_the_nodes_idle_timeout_gets_all_of_the_fil
             while piece := sock.recv(1024 * 1024):
                 received += piece
     head, _, body = received.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 ") and f"content-length: {size}".encode() in head.lower()
+    assert head.split(b" ", 2)[1] == b"200" and f"content-length: {size}".encode() in head.lower()
     assert len(body) == size and hashlib.md5(body).hexdigest() == pattern_md5(size)
 
 
