@@ -22,7 +22,6 @@ aiohttp reached two thirds of their speed, h11 and httpx less than half.
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import time
 from collections import deque
@@ -50,8 +49,6 @@ from .storage import (
     parse_head,
     range_header,
 )
-
-log = logging.getLogger("mogile_middleware")
 
 __all__ = ["BODY_CHUNK_SIZE", "CHUNK_SIZE", "GROW_AFTER_BYTES", "SMALL_PIECE_SIZE", "AsyncPutStream",
            "AsyncReplicaResponse", "AsyncResumedReplica", "open_replica"]
@@ -578,8 +575,6 @@ class AsyncResumedReplica:
                 return
             except (OSError, StorageError) as error:
                 urls, part = self._resumption.after(self.replica.url, done, error)
-                log.warning("transfer from %r cut midway after %d bytes (%r): going on from a replica again",
-                            self.replica.url, done, error)
             await self.replica.aclose()
             self.replica = await open_replica(urls, byte_range=part, size=self._resumption.size, timeout=self._timeout)
 

@@ -416,6 +416,7 @@ class Resumption:
             raise StorageError(f"{url} was cut midway: {error or type(error).__name__}", url) from error
         self._resumes += 1
         self._resumed_at = done
+        log.warning("transfer from %r cut midway after %d bytes (%r): going on from a replica again", url, done, error)
         return [other for other in self.urls if other != url] + [url], (self._first + done, self._last)
 
 
@@ -445,8 +446,6 @@ class ResumedReplica:
                 return
             except (OSError, StorageError) as error:
                 urls, part = self._resumption.after(self.replica.url, done, error)
-                log.warning("transfer from %r cut midway after %d bytes (%r): going on from a replica again",
-                            self.replica.url, done, error)
             self.replica.close()
             self.replica = open_replica(urls, byte_range=part, size=self._resumption.size, timeout=self._timeout,
                                         pool=self._pool)
