@@ -43,7 +43,7 @@ from .core import (
 )
 from .exceptions import MogileFSError, StorageError
 from .http import Answer, FileRequest, Headers
-from .locate import AsyncLocator, Location, arun_steps
+from .locate import AsyncLocator, Location, arun_steps, names_a_fid
 from .responders import kept_answer, serve_steps
 from .storage import Resumption
 from .views import (
@@ -318,8 +318,8 @@ class MogileFSMiddleware(MiddlewareCore):
         if request.method == "HEAD":
             await upstream.aclose()
             return Answer(plan.status, plan.headers)
-        resumed = AsyncResumedReplica(upstream, Resumption(location.paths, plan.byte_range, location.length),
-                                      timeout=self.storage_timeout)
+        resumption = Resumption(location.paths, plan.byte_range, location.length, same_bytes=names_a_fid(location.paths))
+        resumed = AsyncResumedReplica(upstream, resumption, timeout=self.storage_timeout)
         return plan.status, plan.headers, resumed, location.key
 
     async def _call(self, name: str, *args: Any) -> Any:

@@ -132,6 +132,12 @@ def current_version(client: Client, key: str) -> tuple[list[str], FileInfo]:
     return paths, info
 
 
+def names_a_fid(paths: Sequence[str]) -> bool:
+    """True if replica URLs name their fid (mogstored's shape): every replica, now or later, holds
+    the same bytes. URLs that name the key alone may serve another version by the next request."""
+    return bool(paths) and _fid_of(paths[0]) is not None
+
+
 def _fid_of(path: str) -> int | None:
     match = _FID_PATH.search(path)
     return int(match.group(1)) if match else None

@@ -19,7 +19,7 @@ from .content import ContentPolicy
 from .exceptions import StorageError
 from .bodies import BodyCache
 from .http import Answer, FilePlan, FileRequest, Headers
-from .locate import Location, Locator, Steps, run_steps
+from .locate import Location, Locator, Steps, names_a_fid, run_steps
 from .storage import CHUNK_SIZE, ResumedReplica, Resumption, open_replica, read_replica
 
 log = logging.getLogger("mogile_middleware")
@@ -284,8 +284,8 @@ class Serve:
         if request.method == "HEAD":
             upstream.close()
             return Answer(plan.status, plan.headers)
-        resumed = ResumedReplica(upstream, Resumption(location.paths, plan.byte_range, location.length),
-                                 timeout=self.storage_timeout)
+        resumption = Resumption(location.paths, plan.byte_range, location.length, same_bytes=names_a_fid(location.paths))
+        resumed = ResumedReplica(upstream, resumption, timeout=self.storage_timeout)
         return StreamedAnswer(plan.status, plan.headers, ReplicaBody(location.key, resumed))
 
     def _call(self, name: str, *args: Any) -> Any:

@@ -398,12 +398,16 @@ class Resumption:
     """Where the rest of a body cut midway comes from: the other replicas of ``urls`` first, then
     the one cut (mogstored closes a connection whose reader took nothing for 30 s, and the node
     still serves), for the part of ``byte_range`` left (all of a file of ``size`` bytes without
-    one). The replicas of one fid hold the same bytes. Only after more of the body came since the
-    last time, at most :data:`RESUMES` times: a node cutting every transfer at once ends it."""
+    one). The replicas of one fid hold the same bytes; URLs that do not name one (``same_bytes``
+    false: they name the key alone) may serve another version by then, so a cut ends the
+    transfer. Only after more of the body came since the last time, at most :data:`RESUMES`
+    times: a node cutting every transfer at once ends it."""
 
-    def __init__(self, urls: Sequence[str], byte_range: tuple[int, int] | None, size: int | None) -> None:
+    def __init__(self, urls: Sequence[str], byte_range: tuple[int, int] | None, size: int | None, *,
+                 same_bytes: bool = True) -> None:
         self.urls = list(urls)
         self.size = size
+        self._same_bytes = same_bytes
         self._first, self._last = byte_range or (0, None if size is None else size - 1)
         self._resumed_at = -1
         self._resumes = 0
@@ -412,7 +416,7 @@ class Resumption:
         """The replicas to open, and the range left, once ``url`` was cut with ``done`` bytes of
         the body read; the :class:`StorageError` that ends the transfer when it cannot go on."""
         metrics.recorder.replica_failover()
-        if self._last is None or self._resumes == RESUMES or done <= self._resumed_at:
+        if not self._same_bytes or self._last is None or self._resumes == RESUMES or done <= self._resumed_at:
             raise StorageError(f"{url} was cut midway: {error or type(error).__name__}", url) from error
         self._resumes += 1
         self._resumed_at = done

@@ -29,7 +29,7 @@ from .. import health
 from ..client import Client, FileInfo
 from ..deadline import checked_seconds
 from ..exceptions import BadKeyError, StorageError, UnknownKeyError
-from ..locate import current_version
+from ..locate import current_version, names_a_fid
 from ..protocol import check_key, to_bytes, to_text
 from ..storage import ResumedReplica, Resumption, SeekableBody, open_replica
 from ..tracker import Address, parse_trackers
@@ -503,7 +503,8 @@ def _download(client: Client, key: str) -> Iterator[tuple[int | None, Iterator[b
     whole-looking."""
     paths, info = current_version(client, key)
     with open_replica(paths, size=info.length, timeout=client.storage_timeout) as body:
-        resumed = ResumedReplica(body, Resumption(paths, None, info.length), timeout=client.storage_timeout)
+        resumption = Resumption(paths, None, info.length, same_bytes=names_a_fid(paths))
+        resumed = ResumedReplica(body, resumption, timeout=client.storage_timeout)
         try:
             yield body.length, resumed.iter_chunks()
         finally:

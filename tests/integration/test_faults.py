@@ -241,6 +241,16 @@ def one_file_tracker(node_port: int, key: str, length: int) -> ScriptedTracker:
     return files_tracker({key: (9, length, [f"http://127.0.0.1:{node_port}/dev1/0/000/000/0000000009.fid"])})
 
 
+def _cut_short(flavour: str, tracker: str) -> None:
+    """GET ``/mogilefs/cut.bin`` of the WSGI or the ASGI middleware over ``tracker``: its body
+    raises, so that the server closes the connection short of ``Content-Length``."""
+    with pytest.raises(StorageError):
+        if flavour == "wsgi":
+            call(MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker])), "GET", "/mogilefs/cut.bin", {})
+        else:
+            run(ASGIMiddleware(Recorder(), domain=DOMAIN, trackers=[tracker]), http_scope("/mogilefs/cut.bin"), [])
+
+
 @pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
 def test_a_transfer_cut_midway_ends_short_and_is_logged_with_its_key(caplog: pytest.LogCaptureFixture,
                                                                       flavour: str) -> None:
@@ -248,14 +258,7 @@ def test_a_transfer_cut_midway_ends_short_and_is_logged_with_its_key(caplog: pyt
     threading.Thread(target=node.serve_forever, daemon=True).start()
     tracker = one_file_tracker(node.server_address[1], "cut.bin", 1000000)
     try:
-        if flavour == "wsgi":
-            app = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker.tracker]))
-            with pytest.raises(Exception):  # the server then closes the connection short of Content-Length
-                call(app, "GET", "/mogilefs/cut.bin", {})
-        else:
-            asgi = ASGIMiddleware(Recorder(), domain=DOMAIN, trackers=[tracker.tracker])
-            with pytest.raises(StorageError):  # as in WSGI: the server closes short
-                run(asgi, http_scope("/mogilefs/cut.bin"), [])
+        _cut_short(flavour, tracker.tracker)
         assert any("cut midway" in record.getMessage() and "'cut.bin'" in record.getMessage()
                    for record in caplog.records)
     finally:
@@ -315,6 +318,50 @@ def test_a_client_pausing_longer_than_the_nodes_idle_timeout_still_gets_the_whol
         asyncio.run(asyncio.wait_for(asgi(scope, receive, send), 30))
         body = b"".join(pieces)
     assert len(body) == last - first + 1 and body == data[first:last + 1]
+
+
+class _CutThenRanges(BaseHTTPRequestHandler):
+    """A node that cuts a whole-file GET of its 1,000,000 bytes after 70,000, and answers ranges
+    whole; ``ranges`` keeps the Range of each request."""
+
+    ranges: list[str | None] = []
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.ranges.append(self.headers.get("Range"))
+        if self.ranges[-1]:
+            first = int(self.ranges[-1].removeprefix("bytes=").split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {first}-999999/1000000")
+            self.send_header("Content-Length", str(1000000 - first))
+            self.end_headers()
+            self.wfile.write(b"y" * (1000000 - first))  # another version by now
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", "1000000")
+        self.end_headers()
+        self.wfile.write(b"x" * 70000)
+        self.wfile.flush()
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
+def test_a_transfer_cut_from_urls_naming_no_fid_is_not_resumed(flavour: str) -> None:
+    """URLs that name the key alone, not mogstored's .fid paths, may serve another version by the
+    next request: the rest asked for with a Range joined two versions under one ETag."""
+    _CutThenRanges.ranges = []
+    node = ThreadingHTTPServer(("127.0.0.1", 0), _CutThenRanges)
+    threading.Thread(target=node.serve_forever, daemon=True).start()
+    tracker = files_tracker({"cut.bin": (9, 1000000, [f"http://127.0.0.1:{node.server_address[1]}/files/cut.bin"])})
+    try:
+        _cut_short(flavour, tracker.tracker)
+    finally:
+        tracker.stop()
+        node.shutdown()
+        node.server_close()
+    assert _CutThenRanges.ranges == [None]
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
