@@ -339,23 +339,46 @@ def test_a_client_pausing_longer_than_the_nodes_idle_timeout_gets_all_of_the_fil
     """mogstored closes a connection it could send nothing on for 30 s: when nginx read the node
     at its client's pace (proxy_max_temp_file_size 0), a client that paused got its download cut,
     as nginx cannot ask for the rest. nginx now takes the file at the node's pace."""
-    size = 16 * 1024 * 1024
-    Client(DOMAIN, devmogile.trackers).store_file("paused.mp4", PatternFile(size), cls="thumb")
-    for node in devmogile.nodes:  # as mogstored, with a shorter wait
+    with serving(paused_file_store(devmogile), server, "nginx", tmp_path) as stack:
+        assert_whole_after_a_pause(stack.proxy_port)
+
+
+def test_a_client_pausing_longer_than_the_nodes_idle_timeout_gets_all_of_the_file_in_serve_mode(
+        server: str, devmogile: DevMogileFS, tmp_path: Path) -> None:
+    """Off the server's socket: the middleware goes on from the replica (a Range from the byte it
+    broke at) once the node closed the connection it could send nothing on."""
+    env = {"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": paused_file_store(devmogile).trackers[0]}
+    with logged_server(server, env, tmp_path / "access.log") as app:
+        assert_whole_after_a_pause(app.port)
+
+
+#: The file a paused client downloads: more than the kernel's buffers between the node and it.
+PAUSED_SIZE = 16 * 1024 * 1024
+
+
+def paused_file_store(devmogile: DevMogileFS) -> DevMogileFS:
+    """``devmogile`` holding ``paused.mp4`` (:data:`PAUSED_SIZE`, one replica), its nodes closing
+    a connection they could send nothing on for 0.5 s, as mogstored does after 30 s."""
+    Client(DOMAIN, devmogile.trackers).store_file("paused.mp4", PatternFile(PAUSED_SIZE), cls="thumb")
+    for node in devmogile.nodes:
         node.stop()
         node.idle_timeout = 0.5
         node.start()
-    with serving(devmogile, server, "nginx", tmp_path) as stack:
-        with socket.create_connection(("127.0.0.1", stack.proxy_port), timeout=10) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-            sock.sendall(b"GET /mogilefs/paused.mp4 HTTP/1.1\r\nHost: media\r\nConnection: close\r\n\r\n")
-            received = sock.recv(64 * 1024)
-            time.sleep(3)  # the client reads nothing
-            while piece := sock.recv(1024 * 1024):
-                received += piece
+    return devmogile
+
+
+def assert_whole_after_a_pause(port: int) -> None:
+    """GET ``paused.mp4`` from ``port``, read nothing for 3 s after the first piece, then the rest: all of it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(b"GET /mogilefs/paused.mp4 HTTP/1.1\r\nHost: media\r\nConnection: close\r\n\r\n")
+        received = sock.recv(64 * 1024)
+        time.sleep(3)  # the client reads nothing
+        while piece := sock.recv(1024 * 1024):
+            received += piece
     head, _, body = received.partition(b"\r\n\r\n")
-    assert head.split(b" ", 2)[1] == b"200" and f"content-length: {size}".encode() in head.lower()
-    assert len(body) == size and hashlib.md5(body).hexdigest() == pattern_md5(size)
+    assert head.split(b" ", 2)[1] == b"200" and f"content-length: {PAUSED_SIZE}".encode() in head.lower()
+    assert len(body) == PAUSED_SIZE and hashlib.md5(body).hexdigest() == pattern_md5(PAUSED_SIZE)
 
 
 def test_perlbal_passes_over_a_truncated_replica_for_a_range_too(server: str, devmogile: DevMogileFS,
