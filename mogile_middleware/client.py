@@ -25,8 +25,8 @@ from typing import Any, BinaryIO, NamedTuple
 from .cache import CacheBackend, entry_key
 from .deadline import checked_seconds
 from .exceptions import BadKeyError, NoneMatchError, UnknownKeyError, named_errors
-from .protocol import ArgValue, Reply, check_key, key_bytes, parse_domains, to_bytes, to_text
 from .nodepool import nodes
+from .protocol import ArgValue, Reply, check_key, key_bytes, parse_domains, to_bytes, to_text
 from .storage import ReplicaResponse, open_replica, read_replica
 from .tracker import Address, TrackerPool, TrackerPoolBase
 from .upload import ChangeListener, NewFile, Uploader, content_bytes

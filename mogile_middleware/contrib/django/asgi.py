@@ -32,11 +32,11 @@ def wrap_asgi(application: ASGIApp) -> MogileFSMiddleware:
     if client.cache_backend is not None:
         options["cache_backend"] = client.cache_backend
     forced = settings.FORCE_SCRIPT_NAME  # as Django's handler reads it: "" is not set
+    if forced:
+        options["script_name"] = forced.rstrip("/")
     # One per call, in practice one per process: its tracker connections are kept per event loop.
     middleware = conf.configured(lambda: (_ScriptNamed if forced else MogileFSMiddleware)(
         application, client=AsyncClient(conf.domain(), conf.trackers(), **conf.client_options()), **options))
-    if forced:
-        middleware.script_name = forced.rstrip("/")  # type: ignore[attr-defined]
     client.add_change_listener(middleware.locator.forget)
     return middleware
 
@@ -45,7 +45,9 @@ class _ScriptNamed(MogileFSMiddleware):
     """The middleware under ``FORCE_SCRIPT_NAME``, which Django's ASGI handler takes off every
     path in place of the server's ``root_path`` (and starts its links with): so does the middleware."""
 
-    script_name = ""
+    def __init__(self, app: ASGIApp, *, script_name: str, **options: Any) -> None:
+        super().__init__(app, **options)
+        self.script_name = script_name
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> Any:
         if scope["type"] == "http":  # Django reads the setting, never this: the server's scope is left as it is
