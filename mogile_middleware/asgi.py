@@ -308,7 +308,8 @@ class MogileFSMiddleware(MiddlewareCore):
 
     async def _serve(self, request: FileRequest, location: Location) -> Answer | Streamed:
         """Serve mode: :func:`~mogile_middleware.responders.serve_steps`, awaited."""
-        opened = await arun_steps(serve_steps(request, location, self.representation, self.bodies), self._call)
+        opened = await arun_steps(serve_steps(request, location, self.representation, self.unanswered, self.bodies),
+                                  self._call)
         if isinstance(opened, Answer):
             return opened
         location, plan, upstream = opened  # with its length, or the version the trackers name now

@@ -37,18 +37,15 @@ from .client import (
     KeyListing,
     Request,
     delete_request,
-    file_info_of,
     file_info_request,
     get_paths_request,
-    keys_page_of,
     list_keys_request,
-    paths_of,
     rename_request,
     stored_key_request,
     update_class_request,
 )
 from .exceptions import BadKeyError, NoneMatchError, StorageError, UnknownKeyError, named_errors
-from .protocol import Reply, check_key, key_bytes, to_text
+from .protocol import check_key, key_bytes, to_text
 from .storage import PUT_PIECE_SIZE, LengthMismatchError, put_pieces
 from .upload import (
     BYTES_LIKE,
@@ -87,10 +84,11 @@ class AsyncClient(ClientBase):
     pool: AsyncTrackerPool
     awaits_listeners = True
 
-    async def _ask(self, request: Request) -> Reply:
+    async def _ask(self, request: Request) -> Any:
+        """``request``'s reply, as it reads it."""
         try:
             with named_errors(request.args, self.domain):
-                return (await self.pool.request(request.command, self._args(request)))[0]
+                return (await self.pool.request(request.command, self._args(request), request.read))[0]
         finally:
             if request.changes:
                 await self._tell(*request.changes)
@@ -109,11 +107,11 @@ class AsyncClient(ClientBase):
     async def get_paths(self, key: str, noverify: bool = True, zone: str | None = None,
                         pathcount: int = 2) -> list[str]:
         """The URLs of the key's replicas, in the tracker's order (try them in that order)."""
-        return paths_of(await self._ask(get_paths_request(key, noverify, zone, pathcount)))
+        return await self._ask(get_paths_request(key, noverify, zone, pathcount))
 
     async def file_info(self, key: str) -> FileInfo:
         """The key's fid, length, class and replica count."""
-        return file_info_of(await self._ask(file_info_request(key)))
+        return await self._ask(file_info_request(key))
 
     async def delete(self, key: str) -> None:
         """Delete ``key`` (raises :class:`UnknownKeyError` if it does not exist)."""
@@ -135,7 +133,7 @@ class AsyncClient(ClientBase):
 
     async def _list_page(self, prefix: str, after: str | None, limit: int | None) -> tuple[list[str], str | None]:
         try:
-            return keys_page_of(await self._ask(list_keys_request(prefix, after, limit)))
+            return await self._ask(list_keys_request(prefix, after, limit))
         except NoneMatchError:
             return [], None
 
@@ -158,7 +156,7 @@ class AsyncClient(ClientBase):
     async def _stored(self, key: str) -> str | None:
         """The key the tracker finds for ``key``, as stored (on MySQL, maybe in another case), or None."""
         try:
-            return (await self._ask(stored_key_request(key)))["fid_dkey"]
+            return await self._ask(stored_key_request(key))
         except (UnknownKeyError, BadKeyError):  # BadKeyError: a prefix no key could equal
             return None
 

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .deadline import readable_now, time_left, within
 from .nodepool import end_orphaned
@@ -30,6 +31,7 @@ from .tracker import (
     MAX_REPLY_BYTES,
     Address,
     Dial,
+    ReadReply,
     Step,
     StepRunner,
     IdleTrackerConnections,
@@ -148,8 +150,10 @@ class AsyncTrackerPool(TrackerPoolBase):
         self,
         command: str,
         args: Mapping[str, ArgValue] | None = None,
-    ) -> tuple[Reply, Address]:
-        """Send ``command`` and return the decoded ``OK`` arguments and the tracker that answered.
+        read: ReadReply | None = None,
+    ) -> tuple[Any, Address]:
+        """Send ``command`` and return the decoded ``OK`` arguments (as ``read`` reads them) and
+        the tracker that answered.
 
         As :meth:`TrackerPool.request <mogile_middleware.tracker.TrackerPool.request>`. A
         cancelled request frees its place at once; its connection is closed, or kept until its
@@ -167,7 +171,7 @@ class AsyncTrackerPool(TrackerPoolBase):
                 f"no tracker asked: the event loop's {self.max_connections} tracker requests in flight took "
                 f"longer than io_timeout and connect_timeout ({waiting:g} s)") from None
         try:
-            runner = StepRunner(self.steps(command, args))
+            runner = StepRunner(self.steps(command, args, read))
             try:
                 for step in runner:
                     try:

@@ -28,7 +28,7 @@ from .exceptions import BadKeyError, NoneMatchError, UnknownKeyError, named_erro
 from .nodepool import nodes
 from .protocol import ArgValue, Reply, check_key, key_bytes, parse_domains, to_bytes, to_text
 from .storage import ReplicaResponse, open_replica, read_replica
-from .tracker import Address, TrackerPool, TrackerPoolBase
+from .tracker import Address, ReadReply, TrackerPool, TrackerPoolBase
 from .upload import ChangeListener, NewFile, Uploader, content_bytes
 
 log = logging.getLogger("mogile_middleware")
@@ -50,17 +50,21 @@ class FileInfo:
 
 
 class Request(NamedTuple):
-    """A command of a client: its name, its arguments (the domain aside) and the keys it may change."""
+    """A command of a client: its name, its arguments (the domain aside), the keys it may change
+    and what its caller reads from the reply (read within the request, so that a tracker whose
+    reply cannot be read is passed over for the next, as one that closes is)."""
 
     command: str
     args: dict[str, ArgValue]
     changes: tuple[str, ...] = ()
+    read: ReadReply | None = None
 
 
 def get_paths_request(key: str, noverify: bool = True, zone: str | None = None, pathcount: int = 2) -> Request:
     """``get_paths`` for ``key`` (checked: a :class:`BadKeyError` before anything is sent)."""
     check_key(key)
-    return Request("get_paths", {"key": key, "noverify": 1 if noverify else 0, "zone": zone, "pathcount": pathcount})
+    return Request("get_paths", {"key": key, "noverify": 1 if noverify else 0, "zone": zone, "pathcount": pathcount},
+                   read=paths_of)
 
 
 def paths_of(reply: Reply) -> list[str]:
@@ -72,13 +76,18 @@ def stored_key_request(key: str) -> Request:
     """``file_debug`` for ``key`` (checked), whose ``fid_dkey`` spells the key as stored: a tracker
     on MySQL finds a key whatever its case, and its ``file_info`` gives the key as asked."""
     check_key(key)
-    return Request("file_debug", {"key": key})
+    return Request("file_debug", {"key": key}, read=stored_key_of)
+
+
+def stored_key_of(reply: Reply) -> str:
+    """The key as stored, of a ``file_debug`` reply."""
+    return reply["fid_dkey"]
 
 
 def file_info_request(key: str) -> Request:
     """``file_info`` for ``key`` (checked)."""
     check_key(key)
-    return Request("file_info", {"key": key})
+    return Request("file_info", {"key": key}, read=file_info_of)
 
 
 #: What mogilefsd 2.73's ``file_info`` gives as the checksum of a file of a class that keeps them,
@@ -126,7 +135,7 @@ def list_keys_request(prefix: str = "", after: str | None = None, limit: int | N
             key_bytes(text, what)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a whole number >= 1 (the tracker gives 1000 at most), not {limit!r}")
-    return Request("list_keys", {"prefix": prefix or None, "after": after, "limit": limit})
+    return Request("list_keys", {"prefix": prefix or None, "after": after, "limit": limit}, read=keys_page_of)
 
 
 def keys_page_of(reply: Reply) -> tuple[list[str], str | None]:
@@ -385,20 +394,21 @@ class Client(ClientBase):
         """One uploader for store_file and store_content: it remembers which classes keep checksums."""
         return Uploader(self, verify_checksums=False)
 
-    def _ask(self, request: Request) -> Reply:
+    def _ask(self, request: Request) -> Any:
+        """``request``'s reply, as it reads it."""
         try:
             with named_errors(request.args, self.domain):
-                return self.pool.request(request.command, self._args(request))[0]
+                return self.pool.request(request.command, self._args(request), request.read)[0]
         finally:
             self._changed(*request.changes)
 
     def get_paths(self, key: str, noverify: bool = True, zone: str | None = None, pathcount: int = 2) -> list[str]:
         """The URLs of the key's replicas, in the tracker's order (try them in that order)."""
-        return paths_of(self._ask(get_paths_request(key, noverify, zone, pathcount)))
+        return self._ask(get_paths_request(key, noverify, zone, pathcount))
 
     def file_info(self, key: str) -> FileInfo:
         """The key's fid, length, class and replica count."""
-        return file_info_of(self._ask(file_info_request(key)))
+        return self._ask(file_info_request(key))
 
     def new_file(self, key: str, cls: str | None = None, *, size: int | None = None, checksum: bool = True,
                  verify_checksum: bool = False) -> NewFile:
@@ -460,7 +470,7 @@ class Client(ClientBase):
 
     def _list_page(self, prefix: str, after: str | None, limit: int | None) -> tuple[list[str], str | None]:
         try:
-            return keys_page_of(self._ask(list_keys_request(prefix, after, limit)))
+            return self._ask(list_keys_request(prefix, after, limit))
         except NoneMatchError:
             return [], None
 
@@ -481,7 +491,7 @@ class Client(ClientBase):
     def _stored(self, key: str) -> str | None:
         """The key the tracker finds for ``key``, as stored (on MySQL, maybe in another case), or None."""
         try:
-            return self._ask(stored_key_request(key))["fid_dkey"]
+            return self._ask(stored_key_request(key))
         except (UnknownKeyError, BadKeyError):  # BadKeyError: a prefix no key could equal
             return None
 
@@ -512,6 +522,6 @@ class Admin:
 
     def get_domains(self) -> dict[str, dict[str, int]]:
         """Every domain with its classes and their ``mindevcount``."""
-        domains = parse_domains(self.pool.request("get_domains")[0])
+        domains = self.pool.request("get_domains", None, parse_domains)[0]
         return {domain: {cls: mindevcount for cls, (mindevcount, _) in classes.items()}
                 for domain, classes in domains.items()}

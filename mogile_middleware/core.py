@@ -273,6 +273,9 @@ class MiddlewareCore:
         self.unavailable = http.service_unavailable(retry_after_seconds)
         self._outage_log = ThrottledLog(log, logging.ERROR, "no tracker answered for %r: %r", OUTAGE_LOG_INTERVAL,
                                         "requests")
+        #: Serve mode's requests that no replica answered (a 502), logged as an outage is.
+        self.unanswered = ThrottledLog(log, logging.ERROR, "no replica of %r answered: %r", OUTAGE_LOG_INTERVAL,
+                                       "requests")
         extra = [("X-Content-Type-Options", "nosniff")]
         if cache_control or private:
             extra.append(("Cache-Control", cache_control or "private"))

@@ -102,7 +102,7 @@ def check(trackers: list[Address], domain: str, *, timeout: float = 3.0) -> Heal
         return health
     pool = TrackerPool(answering, connect_timeout=timeout, io_timeout=timeout)
     try:
-        domains = parse_domains(pool.request("get_domains")[0])
+        domains = pool.request("get_domains", None, parse_domains)[0]
         hosts = pool.request("get_hosts")[0]
         devices = pool.request("get_devices")[0]
     except MogileFSError as error:

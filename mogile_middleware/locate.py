@@ -224,7 +224,7 @@ class Locator:
     def _call(self, name: str, *args: Any) -> Any:
         """One call a step asks for: ``get_paths``, ``file_info``, ``classes``, ``relocate`` or ``pause``."""
         if name == "classes":
-            return self.client.pool.request("get_domains")[0]
+            return self.client.pool.request("get_domains", None, parse_domains)[0]
         if name == "pause":
             return time.sleep(*args)
         if name == "relocate":
@@ -344,7 +344,7 @@ class Locator:
         if time.monotonic() < self._copies_until and (cls is None or cls in self._copies):
             return self._copies
         try:
-            domains = parse_domains((yield ("classes",)))
+            domains = yield ("classes",)
         except MogileFSError as error:
             log.warning("cannot learn the classes of %r: %r", self.client.domain, error)
             return {}  # unknown: a short path is trusted only briefly
@@ -417,7 +417,7 @@ class AsyncLocator(Locator):
 
     async def _call(self, name: str, *args: Any) -> Any:  # type: ignore[override]
         if name == "classes":
-            return (await self.client.pool.request("get_domains"))[0]
+            return (await self.client.pool.request("get_domains", None, parse_domains))[0]
         if name == "pause":
             return await asyncio.sleep(*args)
         if name == "relocate":

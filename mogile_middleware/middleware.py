@@ -65,7 +65,8 @@ class MogileFSMiddleware(MiddlewareCore):
     @cached_property
     def serve(self) -> Serve:
         """Serve mode: the body streamed from a storage node."""
-        return Serve(self.locator, self.representation, storage_timeout=self.storage_timeout, bodies=self.bodies)
+        return Serve(self.locator, self.representation, storage_timeout=self.storage_timeout,
+                     unanswered=self.unanswered, bodies=self.bodies)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")

@@ -21,6 +21,7 @@ from .bodies import BodyCache
 from .http import Answer, FilePlan, FileRequest, Headers
 from .locate import Location, Locator, Steps, names_a_fid, run_steps
 from .storage import CHUNK_SIZE, ResumedReplica, Resumption, open_replica, read_replica
+from .throttle import ThrottledLog
 
 log = logging.getLogger("mogile_middleware")
 
@@ -267,15 +268,17 @@ class Serve:
     """
 
     def __init__(self, locator: Locator, representation: Representation, *, storage_timeout: float,
-                 bodies: BodyCache | None = None) -> None:
+                 unanswered: ThrottledLog, bodies: BodyCache | None = None) -> None:
         self.locator = locator
         self.representation = representation
         self.storage_timeout = storage_timeout
+        self.unanswered = unanswered
         self.bodies = bodies
 
     def answer(self, request: FileRequest, location: Location) -> Answer | StreamedAnswer:
         """The answer to ``request``; raises the locator's errors (no such key, no tracker)."""
-        opened = run_steps(serve_steps(request, location, self.representation, self.bodies), self._call)
+        opened = run_steps(serve_steps(request, location, self.representation, self.unanswered, self.bodies),
+                           self._call)
         if isinstance(opened, Answer):
             return opened
         location, plan, upstream = opened
@@ -318,7 +321,7 @@ def _planned(request: FileRequest, location: Location, representation: Represent
     return http.file_plan(request, location.etag, location.length, representation.headers(location))
 
 
-def serve_steps(request: FileRequest, location: Location, representation: Representation,
+def serve_steps(request: FileRequest, location: Location, representation: Representation, unanswered: ThrottledLog,
                 bodies: BodyCache | None = None) -> Steps[Any]:
     """Serve mode's decisions, for both middlewares (driven by :func:`~mogile_middleware.locate.run_steps`
     or ``arun_steps``): the replica open before anything is sent, and the trackers asked once more
@@ -326,8 +329,10 @@ def serve_steps(request: FileRequest, location: Location, representation: Repres
     a complete :class:`Answer`, or the location, the plan and the open replica, or instead of it
     the planned bytes of a file ``bodies`` keeps (read whole from a replica the first time). A
     replica that failed is not tried again: when the trackers name no other, the answer is a 502
-    at once, not after another storage timeout."""
+    at once, not after another storage timeout, told to ``unanswered`` (a node down fails every
+    request for its files: one line per interval, not one per request)."""
     failed: set[str] = set()
+    error: StorageError | None = None
     for attempt in range(2):
         if attempt:
             location = yield ("relocate", location)
@@ -342,7 +347,6 @@ def serve_steps(request: FileRequest, location: Location, representation: Repres
             return plan
         paths = [path for path in location.paths if path not in failed]
         if not paths:
-            log.error("no replica of %r answered, and the trackers name no other", location.key)
             break
         try:
             if bodies is not None and bodies.keeps(location.etag, location.length):
@@ -354,10 +358,10 @@ def serve_steps(request: FileRequest, location: Location, representation: Repres
                     body = body[plan.byte_range[0]:plan.byte_range[1] + 1]
                 return location, plan, body
             upstream = yield ("open_replica", paths, request.method, plan.byte_range, location.length)
-        except StorageError as error:
+        except StorageError as failure:
             failed.update(paths)
-            then = "" if attempt else ", asking the trackers again"
-            (log.error if attempt else log.warning)("no replica of %r answered%s: %r", location.key, then, error)
+            error = failure
             continue
         return location, plan, upstream
+    unanswered.event(location.key, error or "the trackers name none")
     return http.BAD_GATEWAY

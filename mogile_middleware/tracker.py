@@ -206,8 +206,13 @@ class Ask(NamedTuple):
 #: What a pool carries out for :meth:`TrackerPoolBase.steps`: the only I/O of a request.
 Step = Union[TakeIdle, Dial, Ask]
 
-#: The steps of one request, ending with its reply and the tracker that answered.
-Steps = Generator[Step, Any, "tuple[Reply, Address]"]
+#: What a command's caller reads from its reply (:func:`~mogile_middleware.client.paths_of`...),
+#: within the request: a reply it cannot read is a tracker misspeaking, passed over as one that
+#: closes is.
+ReadReply = Callable[[Reply], Any]
+
+#: The steps of one request, ending with its reply (as read) and the tracker that answered.
+Steps = Generator[Step, Any, "tuple[Any, Address]"]
 
 
 class StepRunner:
@@ -221,7 +226,7 @@ class StepRunner:
         self._steps = steps
         self.result: Any = None
         self.error: Exception | None = None
-        self.value: tuple[Reply, Address]  # set when the steps end
+        self.value: tuple[Any, Address]  # set when the steps end
 
     def __iter__(self) -> StepRunner:
         return self
@@ -306,7 +311,7 @@ class TrackerPoolBase:
         """Close the idle connections to ``address`` (a pool's own bookkeeping)."""
         raise NotImplementedError
 
-    def steps(self, command: str, args: Mapping[str, ArgValue] | None) -> Steps:
+    def steps(self, command: str, args: Mapping[str, ArgValue] | None, read: ReadReply | None = None) -> Steps:
         """The steps of one request (see :meth:`TrackerPool.request`), for a pool to carry out."""
         line = encode_request(command, args)
         retry_midway = command in IDEMPOTENT_COMMANDS
@@ -346,7 +351,7 @@ class TrackerPoolBase:
                     continue
             started, outcome = time.monotonic(), "failed"
             try:
-                reply = yield from self._steps_on(address, line, retry_midway, may_take_long, seconds)
+                reply = yield from self._steps_on(address, line, retry_midway, may_take_long, seconds, read)
                 outcome = "ok"
                 return reply, address
             except TrackerError:
@@ -411,16 +416,16 @@ class TrackerPoolBase:
         self._dead_until.pop(address, None)
         return None
 
-    def _steps_on(self, address: Address, line: bytes, retry_midway: bool,
-                  may_take_long: bool, seconds: float) -> Generator[Step, Any, Reply]:
-        """One request to one tracker, its reply due within ``seconds``: on a pooled connection,
-        else on a new one."""
+    def _steps_on(self, address: Address, line: bytes, retry_midway: bool, may_take_long: bool,
+                  seconds: float, read: ReadReply | None) -> Generator[Step, Any, Any]:
+        """One request to one tracker, its reply due within ``seconds`` and read by ``read``: on a
+        pooled connection, else on a new one."""
         deadline = None
         connection = yield TakeIdle(address)
         if connection is not None:
             deadline = time.monotonic() + seconds
             try:
-                return (yield Ask(connection, line, deadline))
+                return _read((yield Ask(connection, line, deadline)), read)
             except (OSError, ProtocolError) as error:
                 late = time.monotonic() >= deadline  # too slow, not closed: a new connection would be no faster
                 if late and not may_take_long:
@@ -442,7 +447,7 @@ class TrackerPoolBase:
             if deadline is None:
                 deadline = time.monotonic() + seconds
             try:
-                return (yield Ask(connection, line, deadline))
+                return _read((yield Ask(connection, line, deadline)), read)
             except (OSError, ProtocolError) as error:
                 # A tracker that accepts and never answers is skipped. One that closes a new
                 # connection or cuts its reply is alive: only this request fails there.
@@ -456,6 +461,11 @@ class TrackerPoolBase:
 
     def _describe(self) -> str:
         return ", ".join(self._names.values())
+
+
+def _read(reply: Reply, read: ReadReply | None) -> Any:
+    """``reply`` as ``read`` reads it (a :class:`ProtocolError` if it cannot), or as it came."""
+    return reply if read is None else read(reply)
 
 
 def _verifying_seconds(command: str, args: Mapping[str, ArgValue] | None) -> float:
@@ -506,18 +516,20 @@ class TrackerPool(TrackerPoolBase):
         self,
         command: str,
         args: Mapping[str, ArgValue] | None = None,
-    ) -> tuple[Reply, Address]:
-        """Send ``command`` and return the decoded ``OK`` arguments and the tracker that answered.
+        read: ReadReply | None = None,
+    ) -> tuple[Any, Address]:
+        """Send ``command`` and return the decoded ``OK`` arguments (as ``read`` reads them) and
+        the tracker that answered.
 
         Any tracker may answer any command, ``create_close`` too: mogilefsd keeps an open upload in
         its database, not in the tracker that answered ``create_open``. Raises the
         :class:`TrackerError` for an ``ERR`` reply and
         :class:`TrackerUnavailableError` when no tracker answered (refused, late, closed, or sent
-        garbage); :class:`OutcomeUnknownError` when a command that is not safe to repeat was sent
-        and got no reply.
+        garbage or a reply ``read`` cannot read); :class:`OutcomeUnknownError` when a command that
+        is not safe to repeat was sent and got no reply it could read.
         """
         self._check_fork()
-        runner = StepRunner(self.steps(command, args))
+        runner = StepRunner(self.steps(command, args, read))
         try:
             for step in runner:
                 try:

@@ -576,5 +576,5 @@ class Uploader:
         return hashtypes.get(name, "NONE") != "NONE"
 
     def _class_hashtypes(self) -> dict[str, str]:
-        domains = parse_domains(self.client.pool.request("get_domains")[0])
+        domains = self.client.pool.request("get_domains", None, parse_domains)[0]
         return {cls: hashtype for cls, (_, hashtype) in domains.get(self.client.domain, {}).items()}

@@ -393,6 +393,30 @@ class _TenBytes(BaseHTTPRequestHandler):
 
 
 @pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
+def test_requests_no_replica_answered_are_logged_once_per_interval_not_per_request(
+        getter: Getter, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node down fails every request for its files (502): the first is logged at once, in one
+    line, the next ones only once the interval has passed, counting those left out."""
+    monkeypatch.setattr(core, "OUTAGE_LOG_INTERVAL", 0.5)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tracker = one_file_tracker(port, "k", 10)
+    get = getter(tracker.tracker)
+    caplog.set_level(logging.INFO, logger="mogile_middleware")
+    try:
+        assert [get("/mogilefs/k")[0] for _ in range(5)] == [502] * 5
+        time.sleep(0.6)
+        assert get("/mogilefs/k")[0] == 502
+    finally:
+        tracker.stop()
+    lines = [record.getMessage() for record in caplog.records if "replica" in record.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("no replica of 'k' answered: ") and "[Errno 111]" in lines[0]
+    assert lines[1].endswith("(4 more requests since the last line like this)")
+
+
+@pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
 def test_a_node_that_refuses_at_once_is_asked_again_at_once(getter: Getter) -> None:
     """A refusal costs nothing: a node restarting is asked by the next request, not passed by."""
     with socket.socket() as probe:

@@ -151,6 +151,24 @@ def test_a_skip_is_counted_when_every_tracker_is_marked_dead(counts: Counts) -> 
     assert counts("dead_tracker_skips_total", tracker=dead) == 1
 
 
+def test_a_tracker_whose_reply_cannot_be_read_is_counted_failed_and_the_next_one_answers(
+        devmogile: DevMogileFS, counts: Counts) -> None:
+    Client(DOMAIN, devmogile.trackers).store_content("a.txt", CONTENT, "avatar")
+    garbled = ScriptedTracker(lambda line: b"OK paths=x\r\n")
+    try:
+        trackers = [garbled.tracker, *devmogile.trackers]
+        assert TestApp(MogileFSMiddleware(not_found, domain=DOMAIN, trackers=trackers)).get("/mogilefs/a.txt").body \
+            == CONTENT
+        sent = run(ASGIMiddleware(not_found, domain=DOMAIN, trackers=trackers), http_scope("/mogilefs/a.txt"),
+                   [{"type": "http.request"}])
+        assert sent[0]["status"] == 200 and b"".join(message.get("body", b"") for message in sent[1:]) == CONTENT
+    finally:
+        garbled.stop()
+    assert counts("tracker_calls_total", tracker=garbled.tracker, command="get_paths", outcome="ok") == 0
+    assert counts("tracker_calls_total", tracker=garbled.tracker, command="get_paths", outcome="failed") == 2
+    assert counts("tracker_calls_total", tracker=devmogile.trackers[0], command="get_paths", outcome="ok") == 2
+
+
 def test_asking_whether_a_dead_tracker_is_back_is_counted_as_a_noop(counts: Counts) -> None:
     dead = f"127.0.0.1:{free_port()}"
     app = TestApp(MogileFSMiddleware(not_found, client=Client(DOMAIN, [dead], dead_seconds=0)))

@@ -580,6 +580,27 @@ def test_a_tracker_that_misspeaks_is_passed_over_for_a_command_safe_to_repeat(re
 
 
 @both_flavours
+@pytest.mark.parametrize("reply", [b"OK paths=x\r\n", b"OK paths=2&path1=http://n/dev1/0/000/000/0000000009.fid\r\n",
+                                   b"OK \r\n"], ids=["not-a-number", "a-path-short", "empty"])
+def test_a_tracker_whose_reply_cannot_be_read_is_passed_over_for_the_next(reply: bytes, flavour: Flavour) -> None:
+    # An OK line its caller cannot read is a tracker misspeaking: every request failed with it.
+    garbled = ScriptedTracker(lambda line: reply)
+    good = ScriptedTracker(lambda line: b"OK paths=1&path1=http://n/dev1/0/000/000/0000000001.fid\r\n")
+    try:
+        client = flavour.Client(DOMAIN, [garbled.tracker, good.tracker], io_timeout=2)
+        for turn in (1, 2):  # not marked dead: asked first each time, as a tracker that cuts its reply is
+            assert client.get_paths("k") == ["http://n/dev1/0/000/000/0000000001.fid"]
+            assert len(garbled.requests) >= turn
+        garbled.stop()
+        with pytest.raises(TrackerUnavailableError, match=f"no tracker answered: {garbled.tracker}: .*{good.tracker}: "
+                                                          "the tracker's reply has no 'key'"):
+            client.file_info("k")  # a reply for get_paths
+    finally:
+        garbled.stop()
+        good.stop()
+
+
+@both_flavours
 def test_an_error_reply_keeps_the_connection(tracker: ScriptedTracker, flavour: Flavour) -> None:
     tracker.script = lambda line: b"ERR unknown_key unknown_key\r\n"
     pool = flavour.TrackerPool([tracker.tracker])

@@ -180,9 +180,9 @@ def test_the_tracker_verifies_checksums_where_the_class_keeps_them(client: Clien
     requests: list[str] = []
     real_request = client.pool.request
 
-    def recording(command, args=None, **kwargs):
+    def recording(command, args=None, *more):
         requests.append(command + " " + " ".join(f"{k}={v}" for k, v in (args or {}).items() if v is not None))
-        return real_request(command, args, **kwargs)
+        return real_request(command, args, *more)
 
     client.pool.request = recording  # type: ignore[method-assign]
     uploader = Uploader(client)
