@@ -31,6 +31,7 @@ from django.core.files.storage import FileSystemStorage
 from django.core.management import call_command
 from django.core.wsgi import get_wsgi_application
 from django.db.migrations.writer import MigrationWriter
+from django.templatetags.static import static as static_url
 from django.test import override_settings
 from django.urls import clear_script_prefix, set_script_prefix
 from django.utils.module_loading import import_string
@@ -385,26 +386,52 @@ def test_listdir_and_the_directories_that_exist(mogile: DevMogileFS) -> None:
         True, True, True, True, False, False, False, False]
 
 
-def test_collectstatic_clear_replaces_every_file_but_saves_in_progress(mogile: DevMogileFS, tmp_path: Path) -> None:
-    """``collectstatic --clear`` asks whether the root exists (it raised) and clears only the
-    directories that exist (it left every file in one), but not another process's save."""
+def test_collectstatic_clear_replaces_every_file_of_its_location_and_nothing_else(
+        app: TestApp, tmp_path: Path) -> None:
+    """``collectstatic --clear`` into a storage with a ``location`` clears what is under it: it asks
+    whether the root exists (it raised) and clears only the directories that exist (it left every
+    file in one). Without a location it cleared the whole domain: every uploaded file."""
     for source, names in (("old", ["old.txt", "css/a.css", "img/icons/b.png"]), ("new", ["new.txt", "css/c.css"])):
         for name in names:
             (tmp_path / source / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / source / name).write_bytes(name.encode())
-    static = {"BACKEND": "mogile_middleware.contrib.django.MogileFSStorage", "OPTIONS": {"media_url": "/static/"}}
+    uploaded = MogileFSStorage().save("css/upload.png", ContentFile(b"a user's upload"))
+    static = {"BACKEND": "mogile_middleware.contrib.django.MogileFSStorage", "OPTIONS": {"location": "static"}}
     in_progress = TEMPORARY_PREFIX + "0" * 32
     with override_settings(INSTALLED_APPS=[*settings.INSTALLED_APPS, "django.contrib.staticfiles"],
                            STORAGES={**settings.STORAGES, "staticfiles": static}, STATIC_URL="/static/"):
         with override_settings(STATICFILES_DIRS=[tmp_path / "old"]):
             call_command("collectstatic", "--noinput", verbosity=0)
-        assert sorted(get_client().keys("")) == ["css/a.css", "img/icons/b.png", "old.txt"]
+        assert sorted(get_client().keys("static/")) == ["static/css/a.css", "static/img/icons/b.png", "static/old.txt"]
         get_client().store_content(in_progress, b"another process's save")
-        get_client().store_content("css//legacy.css", b"another client's key")  # a directory "" recursed for ever
+        get_client().store_content("static/css//legacy.css", b"another client's key")  # "" recursed for ever
         with override_settings(STATICFILES_DIRS=[tmp_path / "new"]):
             call_command("collectstatic", "--noinput", "--clear", verbosity=0)
-    assert sorted(get_client().keys("")) == [in_progress, "css//legacy.css", "css/c.css", "new.txt"]
-    assert get_client().get_file_data("css/c.css") == b"css/c.css"
+        assert app.get(static_url("css/c.css")).body == b"css/c.css"
+    assert sorted(get_client().keys("")) == [
+        in_progress, uploaded, "static/css//legacy.css", "static/css/c.css", "static/new.txt"]
+    assert app.get(MogileFSStorage().url(uploaded)).body == b"a user's upload"
+
+
+def test_a_location_keeps_the_storages_names_under_a_directory_of_keys(app: TestApp) -> None:
+    storage = MogileFSStorage(location="/site assets/")
+    name = storage.save("a b.txt", ContentFile(b"asset"))
+    assert name == "a b.txt" and get_client().get_file_data("site assets/a b.txt") == b"asset"
+    assert storage.exists("a b.txt") and not MogileFSStorage().exists("a b.txt")
+    assert storage.size(name) == 5 and storage.open(name).read() == b"asset"
+    assert storage.url(name) == "/media/site%20assets/a%20b.txt" and storage.url(None) == "/media/site%20assets/"
+    assert app.get(storage.url(name)).body == b"asset"
+    taken = storage.save("a b.txt", ContentFile(b"again"))
+    assert taken != name and storage.open(taken).read() == b"again"  # the name is taken within the location
+    assert storage.listdir("") == ([], sorted([name, taken]))
+    # A name fits a key with the location before it.
+    long = storage.save("n" * 300 + ".txt", ContentFile(b"long"), max_length=250)
+    assert len(("site assets/" + long).encode()) <= 255 and storage.size(long) == 4
+    storage.delete(name)
+    assert not storage.exists(name) and MogileFSStorage().exists("site assets")
+    for location in ("a//b", "../up", "a/./b", "a\tb", 5, "x" * 254):
+        with pytest.raises(ImproperlyConfigured, match="MogileFSStorage option 'location'"):
+            MogileFSStorage(location=location)
 
 
 def test_url_quotes_spaces_and_non_ascii_and_is_served(app: TestApp) -> None:
@@ -1063,6 +1090,7 @@ SETTINGS_ERRORS = [
     pytest.param("MOGILEFS_SIGNING_KEY", 42, lambda: MogileFSStorage().url("a"), id="signing-key-number-storage"),
     pytest.param("MOGILEFS_URL_EXPIRES", -5, lambda: MogileFSStorage().url("a"), id="url-expires-negative"),
     pytest.param("MOGILEFS_URL_EXPIRES", 0, lambda: MogileFSStorage().url("a"), id="url-expires-zero"),
+    pytest.param("MOGILEFS_URL_EXPIRES", 0, _wrap, id="url-expires-zero-at-start-up"),
     # Past the clocks: a bare ValueError from wrap_wsgi, or from every url() of a started site.
     pytest.param("MOGILEFS_URL_EXPIRES", float("inf"), lambda: MogileFSStorage().url("a"), id="url-expires-infinite"),
     pytest.param("MOGILEFS_CLIENT_OPTIONS", {"io_timeout": 1e10}, _wrap, id="client-io-timeout-past-the-clocks"),

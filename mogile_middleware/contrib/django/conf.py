@@ -272,4 +272,5 @@ def middleware_options() -> dict[str, Any]:
         value = getattr(settings, name, None)
         if value is not None:
             options[argument] = validated(name, value, check)
+    url_expires()  # not the middleware's, but refused at start-up rather than by every url() of the site
     return options

@@ -90,6 +90,19 @@ def _normalised(name: str) -> str:
     return "/".join([*(part for part in directories if part not in ("", ".")), file_name])
 
 
+def _keys_start(location: object) -> str:
+    """``location`` as the start of its keys: ``"static/"`` for ``"static"`` (or ``"/static/"``),
+    ``""`` for ``""``; a ``ValueError`` for one that no URL links to, or that leaves no key room."""
+    if not isinstance(location, str):
+        raise TypeError(f"expected a string, got {location!r}")
+    directory = location.strip("/")
+    if not directory:
+        return ""
+    if "" in directory.split("/"):
+        raise ValueError(f"expected a directory of keys such as 'static', without empty parts, got {location!r}")
+    return check_linked_path(check_url_key(directory + "/x"))[:-1]
+
+
 def _as_dns_compares(trackers: Iterable[Address]) -> set[Address]:
     """Tracker addresses as DNS compares their names: without case or a final dot."""
     return {(host.lower().rstrip("."), port) for host, port in trackers}
@@ -111,9 +124,12 @@ class MogileFSStorage(Storage):
     As in the classic django-storages backend the class belongs to the storage: set
     ``mogile_class`` on a subclass, or give it as an option (``STORAGES``' ``OPTIONS``).
     ``domain``, ``trackers`` and ``media_url`` default to the ``MOGILEFS_*`` settings, read at
-    each call. ``allow_overwrite`` reuses a taken name (the key gets the new data) instead of
-    Django's suffixing, as ``FileSystemStorage`` does; without it a save never replaces a file,
-    not even one saved under the same name at the same moment.
+    each call. ``location`` keeps the storage's names under a directory of keys (``static``: the
+    name ``app.js`` is the key ``static/app.js``), as ``FileSystemStorage``'s keeps them under a
+    directory: without one, the storage's root is the whole domain. ``allow_overwrite`` reuses a
+    taken name (the key gets the new data) instead of Django's suffixing, as ``FileSystemStorage``
+    does; without it a save never replaces a file, not even one saved under the same name at the
+    same moment.
     """
 
     mogile_class: str | None = None
@@ -125,6 +141,7 @@ class MogileFSStorage(Storage):
         domain: str | None = None,
         trackers: str | list[str] | None = None,
         media_url: str | None = None,
+        location: str | None = None,
         allow_overwrite: bool = False,
         **unknown: Any,
     ) -> None:
@@ -140,6 +157,8 @@ class MogileFSStorage(Storage):
         self._domain: str | None = option("domain", domain, conf.text)
         self._trackers: tuple[Address, ...] | None = option("trackers", trackers, conf.tracker_addresses)
         self._media_url: str | None = option("media_url", media_url, conf.url_prefix)
+        #: The keys' start: the location and a slash, or nothing.
+        self._keys_start: str = option("location", location, _keys_start) or ""
         self.allow_overwrite: bool = option("allow_overwrite", allow_overwrite, conf.flag)
         # Django before 5.1 never asks is_name_available: suffixing the same name would loop forever.
         if self.allow_overwrite and django.VERSION < (5, 1):
@@ -172,11 +191,12 @@ class MogileFSStorage(Storage):
         upload's error names the file saved.
         """
         with _checked_key():
-            check_url_key(name)  # before uploading, not at the rename; a name that is not UTF-8 is never served
+            # Before uploading, not at the rename; a name that is not UTF-8 is never served.
+            check_url_key(self._key(name))
             if has_control_character(name):  # stored, but never served: the middleware answers 400
                 raise SuspiciousFileOperation(f"the file name {name!r} holds control characters")
             if self.allow_overwrite:
-                self._uploader.upload(name, _source_of(content), self.mogile_class)
+                self._uploader.upload(self._key(name), _source_of(content), self.mogile_class)
                 return name
             temporary = TEMPORARY_PREFIX + uuid.uuid4().hex
             try:
@@ -206,7 +226,7 @@ class MogileFSStorage(Storage):
             with _renaming():
                 if not self.exists(candidate):
                     try:
-                        self.client.rename(temporary, candidate)
+                        self.client.rename(temporary, self._key(candidate))
                         return candidate
                     except KeyExistsError:
                         pass  # taken by another process between the two requests
@@ -246,7 +266,7 @@ class MogileFSStorage(Storage):
         to: a rename carried out after the key was found still there (a tracker slow with it)."""
         for candidate in unanswered:
             with suppress(UnknownKeyError):
-                if self.client.file_info(candidate).fid == fid:
+                if self.client.file_info(self._key(candidate)).fid == fid:
                     return candidate
         raise UploadError(f"save of {name!r} failed: its temporary key went while the answers to its renames "
                           f"were lost, to none of {unanswered!r}")
@@ -261,6 +281,12 @@ class MogileFSStorage(Storage):
             log.warning("could not delete the temporary key %r of a failed save: %r; once the trackers answer, "
                         "delete it with: mogile-middleware rm %s", key, error, key)
 
+    def _key(self, name: str) -> str:
+        """The key of the name ``name``: under the storage's ``location``."""
+        if not isinstance(name, str):  # as the client refuses it
+            raise TypeError(f"a key is a str, not {type(name).__name__}")
+        return self._keys_start + name
+
     def _open(self, name: str, mode: str = "rb") -> File:
         """A read-only file streamed from the first replica that answers, seekable (see :class:`MogileFSFile`)."""
         return MogileFSFile(self, name, mode)
@@ -272,7 +298,7 @@ class MogileFSStorage(Storage):
             raise ValueError(f"MogileFS files are opened with mode 'rb' only, not {mode!r}")
         with _checked_key():
             try:
-                paths, info = current_version(self.client, name)
+                paths, info = current_version(self.client, self._key(name))
             except UnknownKeyError:
                 raise FileNotFoundError(f"no MogileFS key {name!r}") from None
             return SeekableBody(paths, length=info.length, timeout=self.client.storage_timeout)
@@ -285,15 +311,16 @@ class MogileFSStorage(Storage):
         files on disk."""
         if name == "":
             return True
+        key = self._key(name)
         with _checked_key():
-            length = len(check_key(name, length=False))
+            length = len(check_key(key, length=False))
             if length > MAX_KEY_BYTES:
                 return False
             try:
-                self.client.file_info(name)
+                self.client.file_info(key)
             except UnknownKeyError:
-                slash = "" if name.endswith("/") else "/"
-                return length + len(slash) <= MAX_KEY_BYTES and self._holds_keys(name + slash)
+                slash = "" if key.endswith("/") else "/"
+                return length + len(slash) <= MAX_KEY_BYTES and self._holds_keys(key + slash)
         return True
 
     def _holds_keys(self, directory: str) -> bool:
@@ -304,13 +331,13 @@ class MogileFSStorage(Storage):
     def delete(self, name: str) -> None:
         """Delete the key; a name that does not exist is not an error, as in Django's storages."""
         with _checked_key(), suppress(UnknownKeyError):
-            self.client.delete(name)
+            self.client.delete(self._key(name))
 
     def size(self, name: str) -> int:
         """The file's length in bytes, from the tracker."""
         with _checked_key():
             try:
-                return self.client.file_info(name).length
+                return self.client.file_info(self._key(name)).length
             except UnknownKeyError:
                 raise FileNotFoundError(f"no MogileFS key {name!r}") from None
 
@@ -325,8 +352,8 @@ class MogileFSStorage(Storage):
             # None: the media URL, as FileSystemStorage gives; a name of another client's with a
             # "." or ".." segment is linked by no URL (Django's own names never have one). A key is
             # named as it is: a backslash or a leading slash (another client's) is part of it.
-            key = check_linked_path(check_url_key(name)) if name else ""
-        link = media_url + quote(key, safe=_URI_SAFE)
+            key = check_linked_path(check_url_key(self._key(name))) if name else ""
+        link = media_url + quote(key or self._keys_start, safe=_URI_SAFE)
         if not media_url.startswith("//"):  # a media URL of "/": a key "/host/x" must not name a host
             link = local_link(link)
         secrets, expires_in = conf.signing_key(), conf.url_expires()  # both checked, even when unsigned
@@ -362,7 +389,7 @@ class MogileFSStorage(Storage):
         directory = posixpath.normpath(path.strip("/") or ".")
         if directory == ".." or directory.startswith("../"):
             raise SuspiciousFileOperation(f"{path!r} is outside the storage")
-        prefix = "" if directory == "." else directory + "/"
+        prefix = self._keys_start + ("" if directory == "." else directory + "/")
         directories: set[str] = set()
         files: list[str] = []
         for key in self.client.keys(prefix):
@@ -373,7 +400,7 @@ class MogileFSStorage(Storage):
                 directories.add(head)
             else:
                 files.append(head)
-        if not prefix:
+        if not prefix:  # the domain's root
             directories.discard(TEMPORARY_PREFIX.rstrip("/"))
         return sorted(directories), files
 
@@ -387,7 +414,7 @@ class MogileFSStorage(Storage):
         available = super().get_available_name(name, max_length=max_length)
         while max_length is not None:
             with _checked_key():
-                excess = len(check_key(available, length=False)) - MAX_KEY_BYTES
+                excess = len(check_key(self._key(available), length=False)) - MAX_KEY_BYTES
             if excess <= 0:
                 break
             max_length = len(available) - -(-excess // 4)  # a character is 4 bytes at most: shorter each time
