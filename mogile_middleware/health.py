@@ -79,7 +79,9 @@ class Health:
 
     trackers: list[TrackerHealth] = field(default_factory=list)
     domain: str = ""
-    classes: dict[str, int] = field(default_factory=dict)
+    #: The domain's classes and their copies; ``None`` when unknown (no tracker said, or the domain
+    #: is not registered): not a domain without classes.
+    classes: dict[str, int] | None = None
     hosts: list[HostHealth] = field(default_factory=list)
     devices: list[DeviceHealth] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -110,9 +112,10 @@ def check(trackers: list[Address], domain: str, *, timeout: float = 3.0) -> Heal
         return health
     finally:
         pool.close()
-    if domain not in domains:
+    if domain in domains:
+        health.classes = {name: copies for name, (copies, _) in sorted(domains[domain].items())}
+    else:
         health.problems.append(f"domain {domain!r} is not registered")
-    health.classes = {name: copies for name, (copies, _) in sorted(domains.get(domain, {}).items())}
     _read_hosts(hosts, health)
     _read_devices(devices, health)
     health.devices.sort(key=lambda device: device.devid)
@@ -120,7 +123,7 @@ def check(trackers: list[Address], domain: str, *, timeout: float = 3.0) -> Heal
     alive_hosts = {host.name for host in health.hosts if host.status == "alive"}
     writeable_hosts = {device.host for device in health.devices
                        if device.host in alive_hosts and _writeable(device) and device.devid not in silent}
-    for name, copies in health.classes.items():
+    for name, copies in (health.classes or {}).items():
         if copies > len(writeable_hosts):
             health.problems.append(f"class {name!r} keeps {copies} copies, but only {len(writeable_hosts)} "
                                    f"host(s) have a writeable device")

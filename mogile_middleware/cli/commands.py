@@ -825,8 +825,12 @@ def _print_health(report: health.Health) -> None:
     for tracker in report.trackers:
         state = f"OK  {tracker.rtt_ms:.2f} ms" if tracker.reachable else f"FAILED  {tracker.error}"
         print(f"  {tracker.address}  {printable(state)}")
-    classes = ", ".join(f"{name} ({copies} cop{'y' if copies == 1 else 'ies'})" for name, copies in report.classes.items())
-    print(f"domain {printable(report.domain)}: {printable(classes) or 'no classes'}")
+    if report.classes is None:
+        classes = "classes unknown"
+    else:
+        classes = ", ".join(f"{name} ({copies} cop{'y' if copies == 1 else 'ies'})"
+                            for name, copies in report.classes.items()) or "no classes"
+    print(f"domain {printable(report.domain)}: {printable(classes)}")
     print("hosts:")
     for host in report.hosts:
         print(f"  [{host.hostid}] {printable(host.name)}  {host.address}  {host.status}")

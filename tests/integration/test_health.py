@@ -56,7 +56,7 @@ def test_a_dead_tracker_and_an_unknown_domain_are_one_line_each(
     assert code == 1
     assert err == [f"mogile-middleware: check: tracker {dead} does not answer: [Errno 111] Connection refused",
                    "mogile-middleware: check: domain 'nosuch' is not registered"]
-    assert f"{dead}  FAILED" in out and "2 problem(s)" in out
+    assert f"{dead}  FAILED" in out and "2 problem(s)" in out and "domain nosuch: classes unknown" in out
 
 
 def test_an_ipv6_tracker_is_named_as_trackers_are_given(capsys: pytest.CaptureFixture[str]) -> None:
@@ -80,8 +80,11 @@ def test_a_storage_node_at_an_ipv6_address_is_asked_there(capsys: pytest.Capture
 
 
 def test_no_tracker_answering_is_a_problem(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run_check(capsys, "--trackers", f"127.0.0.1:{refused_port()}", "--domain", DOMAIN, "--timeout", "1")
+    arguments = ["--trackers", f"127.0.0.1:{refused_port()}", "--domain", DOMAIN, "--timeout", "1"]
+    code, out, err = run_check(capsys, *arguments)
     assert code == 1 and err[-1] == "mogile-middleware: check: no tracker answered"
+    assert f"domain {DOMAIN}: classes unknown" in out  # not "no classes": nobody said
+    assert json.loads(run_check(capsys, *arguments, "--json")[1])["classes"] is None
 
 
 def test_hung_trackers_are_asked_at_once(devmogile: DevMogileFS, capsys: pytest.CaptureFixture[str]) -> None:
