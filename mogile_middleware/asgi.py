@@ -127,7 +127,7 @@ class MogileFSMiddleware(MiddlewareCore):
             return
         environ = _environ(scope, path)
         key = self.key_for(environ, path[len(self.path_prefix):])
-        watch = _Watch(receive)
+        watch = _Watch(receive, scope)
         try:
             if not isinstance(key, str):
                 answer: Answer | Streamed | None = key
@@ -186,7 +186,7 @@ class MogileFSMiddleware(MiddlewareCore):
     async def _send_for_view(self, scope: Scope, receive: Receive, send: Send, served: tuple[str, str | None],
                              cookies: list[str] | None = None) -> None:
         """Send the file a view asked for, unless its client goes away while it is looked up or opened."""
-        watch = _Watch(receive)
+        watch = _Watch(receive, scope)
         try:
             answer = await _unless_gone(self._file_answer_for_view(scope, served, cookies), watch)
             if answer is not None:
@@ -403,7 +403,10 @@ async def _unless_gone(answering: Awaitable[Answer | Streamed], watch: _Watch) -
     if the answer is ready too: its lookup and the replica it opens are then given up, rather than
     go on for nobody, holding the loop's tracker connections from the clients still there. When
     the request's own task is cancelled meanwhile, a replica opened for the answer nobody takes
-    is closed."""
+    is closed. A client that waits for a ``100 Continue`` is not watched until the answer starts
+    (see :attr:`_Watch.from_the_start`)."""
+    if not watch.from_the_start:
+        return await answering
     work = asyncio.ensure_future(answering)
     try:
         await asyncio.wait({work, watch.gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -432,11 +435,15 @@ class _Watch:
     A second would miss a disconnect a server tells once (hypercorn), and under granian a
     ``receive`` cancelled midway makes the next one tell of a disconnect for a client still there."""
 
-    __slots__ = ("_receive", "_gone")
+    __slots__ = ("_receive", "_gone", "from_the_start")
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, scope: Scope) -> None:
         self._receive = receive
         self._gone: asyncio.Future[None] | None = None
+        #: Whether the client may be watched before the answer starts: not one that sent
+        #: ``Expect`` (``100-continue``), since uvicorn answers the first ``receive`` with a
+        #: ``100 Continue``, even to an HTTP/1.0 request, and Perlbal takes that for the answer.
+        self.from_the_start = not any(name == b"expect" for name, _ in scope["headers"])
 
     @property
     def gone(self) -> asyncio.Future[None]:

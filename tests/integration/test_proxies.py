@@ -294,6 +294,19 @@ def test_an_unknown_key_is_the_applications_404(through: Stack) -> None:
     assert through.get("/mogilefs/sizes/none.mp4").status == 404
 
 
+def test_a_client_expecting_100_continue_gets_the_answer(through: Stack) -> None:
+    """Perlbal passes ``Expect: 100-continue`` on in an HTTP/1.0 request, and took the ``100
+    Continue`` uvicorn sent when the middleware first asked whether the client was still there
+    for the answer: its client got that and a closed connection, for every key not looked up yet."""
+    for n in range(3):
+        assert through.get(f"/mogilefs/sizes/none-{n}-{time.monotonic()}.mp4", {"Expect": "100-continue"}).status == 404
+    answer = through.get("/mogilefs/sizes/65537.mp4", {"Expect": "100-continue", "Range": "bytes=1-2"})
+    assert (answer.status, answer.start) == (206, pattern_bytes(1, 2))
+    with socket.create_connection(("127.0.0.1", through.backend_port), timeout=10) as sock:
+        sock.sendall(b"GET /mogilefs/sizes/none.mp4 HTTP/1.0\r\nExpect: 100-continue\r\n\r\n")
+        assert sock.recv(13) in (b"HTTP/1.1 404 ", b"HTTP/1.0 404 ")  # no 100 to an HTTP/1.0 client
+
+
 def test_a_fragment_in_the_request_target_is_not_part_of_the_key(through: Stack) -> None:
     """No browser sends one, but both proxies pass it on (and uvicorn keeps it in the path)."""
     reply = get_with(through.proxy_port, "/mogilefs/sizes/1.mp4#frag", {})
