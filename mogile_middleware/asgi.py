@@ -443,7 +443,7 @@ class _Watch:
         #: Whether the client may be watched before the answer starts: not one that sent
         #: ``Expect`` (``100-continue``), since uvicorn answers the first ``receive`` with a
         #: ``100 Continue``, even to an HTTP/1.0 request, and Perlbal takes that for the answer.
-        self.from_the_start = not any(name == b"expect" for name, _ in scope["headers"])
+        self.from_the_start = not any(name == b"expect" for name, _ in scope.get("headers", ()))
 
     @property
     def gone(self) -> asyncio.Future[None]:

@@ -54,8 +54,8 @@ from .upload import (
     content_bytes,
     create_close_args,
     create_open_args,
-    destinations,
     no_storage_node,
+    opened_file,
     opening,
     piece_bytes,
     pieces_of,
@@ -196,8 +196,7 @@ class AsyncClient(ClientBase):
         size = None if isinstance(fileobj, AsyncIterable) else remaining_size(fileobj)
         args = create_open_args(self.domain, key, cls, size)
         with opening(args, self.domain):
-            reply = (await self.pool.request("create_open", args))[0]
-            fid, targets = reply["fid"], destinations(reply)
+            fid, targets = (await self.pool.request("create_open", args, opened_file))[0]
         destination, stored, md5 = await self._put(key, fileobj, targets, size)
         close = create_close_args(self.domain, key, fid, destination, stored, md5, verify_checksum)
         changed: list[str] = []

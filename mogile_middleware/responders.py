@@ -361,6 +361,8 @@ def serve_steps(request: FileRequest, location: Location, representation: Repres
         except StorageError as failure:
             failed.update(paths)
             error = failure
+            if not attempt:  # the file may have been overwritten or deleted elsewhere, its old files gone
+                log.info("no replica of %r answered, asking the trackers again: %r", location.key, failure)
             continue
         return location, plan, upstream
     unanswered.event(location.key, error or "the trackers name none")

@@ -425,7 +425,7 @@ class TrackerPoolBase:
         if connection is not None:
             deadline = time.monotonic() + seconds
             try:
-                return _read((yield Ask(connection, line, deadline)), read)
+                reply = yield Ask(connection, line, deadline)
             except (OSError, ProtocolError) as error:
                 late = time.monotonic() >= deadline  # too slow, not closed: a new connection would be no faster
                 if late and not may_take_long:
@@ -435,6 +435,8 @@ class TrackerPoolBase:
                 if late:
                     raise TimeoutError(f"no reply within {seconds:g}s") from error
                 # The tracker may close kept-open connections at any time: try once on a new one.
+            else:
+                return _read(reply, read, retry_midway)
         # mogilefsd closes a new connection too, when one of its workers misspoke to another client
         # (a rename onto a taken key): a command safe to repeat is sent on a few more.
         closes_allowed = CLOSED_RETRIES if retry_midway else 0
@@ -447,7 +449,7 @@ class TrackerPoolBase:
             if deadline is None:
                 deadline = time.monotonic() + seconds
             try:
-                return _read((yield Ask(connection, line, deadline)), read)
+                reply = yield Ask(connection, line, deadline)
             except (OSError, ProtocolError) as error:
                 # A tracker that accepts and never answers is skipped. One that closes a new
                 # connection or cuts its reply is alive: only this request fails there.
@@ -458,14 +460,26 @@ class TrackerPoolBase:
                 if not closes_allowed or not isinstance(error, ConnectionError) or time.monotonic() >= deadline:
                     raise
                 closes_allowed -= 1
+            else:
+                return _read(reply, read, retry_midway)
 
     def _describe(self) -> str:
         return ", ".join(self._names.values())
 
 
-def _read(reply: Reply, read: ReadReply | None) -> Any:
-    """``reply`` as ``read`` reads it (a :class:`ProtocolError` if it cannot), or as it came."""
-    return reply if read is None else read(reply)
+def _read(reply: Reply, read: ReadReply | None, retry_midway: bool) -> Any:
+    """``reply`` as ``read`` reads it, or as it came. A whole reply it cannot read (a
+    :class:`ProtocolError`) is the tracker misspeaking, not a connection closed: the request is not
+    sent there again; a command safe to repeat goes to the next tracker, any other was carried
+    out or not."""
+    if read is None:
+        return reply
+    try:
+        return read(reply)
+    except ProtocolError as error:
+        if not retry_midway:
+            raise _SentAndLost() from error
+        raise
 
 
 def _verifying_seconds(command: str, args: Mapping[str, ArgValue] | None) -> float:

@@ -96,11 +96,14 @@ def opening(args: dict[str, ArgValue], domain: str) -> Iterator[None]:
         raise
 
 
-def destinations(reply: Reply) -> list[tuple[str, str]]:
-    """``(devid, path)`` pairs of a ``create_open`` reply, with or without ``multi_dest``."""
+def opened_file(reply: Reply) -> tuple[str, list[tuple[str, str]]]:
+    """The fid of a ``create_open`` reply and its ``(devid, path)`` destinations, with or without
+    ``multi_dest``."""
     if "dev_count" in reply:
-        return [(reply[f"devid_{n}"], reply[f"path_{n}"]) for n in range(1, reply.number("dev_count") + 1)]
-    return [(reply["devid"], reply["path"])]
+        targets = [(reply[f"devid_{n}"], reply[f"path_{n}"]) for n in range(1, reply.number("dev_count") + 1)]
+    else:
+        targets = [(reply["devid"], reply["path"])]
+    return reply["fid"], targets
 
 
 def create_close_args(domain: str, key: str, fid: str, destination: tuple[str, str], size: int,
@@ -337,9 +340,7 @@ class NewFile(io.RawIOBase):
         self._on_change = on_change
         args = create_open_args(domain, key, cls, size)
         with opening(args, domain):
-            reply = pool.request("create_open", args)[0]
-            self.fid = reply["fid"]
-            self._destinations = destinations(reply)
+            self.fid, self._destinations = pool.request("create_open", args, opened_file)[0]
         self._devid = self._path = ""
         self._reset_body()
         self._opened = True

@@ -95,6 +95,14 @@ def test_lifespan_and_websockets_reach_the_app_untouched(wrapped: tuple[MogileFS
     assert recorder.scopes[0] is lifespan and recorder.scopes[1] is websocket
 
 
+def test_a_request_scope_without_headers_is_answered(wrapped: tuple[MogileFSMiddleware, Recorder]) -> None:
+    """As a hand-made scope (a test client's, another middleware's) may be."""
+    middleware, _ = wrapped
+    scope = http_scope("/mogilefs/a.txt")
+    del scope["headers"]
+    assert run(middleware, scope, [{"type": "http.request"}])[0]["status"] == 503  # no tracker at 127.0.0.1:1
+
+
 def test_the_apps_shutdown_closes_the_event_loops_tracker_and_storage_connections(devmogile: DevMogileFS) -> None:
     """They stayed open until the process ended: a ResourceWarning each under ``python -X dev``
     and at the end of every test client's lifespan."""

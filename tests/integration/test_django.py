@@ -429,7 +429,7 @@ def test_a_location_keeps_the_storages_names_under_a_directory_of_keys(app: Test
     assert len(("site assets/" + long).encode()) <= 255 and storage.size(long) == 4
     storage.delete(name)
     assert not storage.exists(name) and MogileFSStorage().exists("site assets")
-    for location in ("a//b", "../up", "a/./b", "a\tb", 5, "x" * 254):
+    for location in ("a//b", "../up", "a/./b", "a\tb", 5, "x" * 254, TEMPORARY_PREFIX, TEMPORARY_PREFIX + "a"):
         with pytest.raises(ImproperlyConfigured, match="MogileFSStorage option 'location'"):
             MogileFSStorage(location=location)
 

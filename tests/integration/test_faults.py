@@ -410,10 +410,39 @@ def test_requests_no_replica_answered_are_logged_once_per_interval_not_per_reque
         assert get("/mogilefs/k")[0] == 502
     finally:
         tracker.stop()
-    lines = [record.getMessage() for record in caplog.records if "replica" in record.getMessage()]
+    lines = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert len(lines) == 2, lines
     assert lines[0].startswith("no replica of 'k' answered: ") and "[Errno 111]" in lines[0]
     assert lines[1].endswith("(4 more requests since the last line like this)")
+
+
+@pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
+def test_replicas_gone_with_an_overwrite_elsewhere_are_asked_for_again_and_noted_at_info(
+        getter: Getter, caplog: pytest.LogCaptureFixture) -> None:
+    files: dict[str, tuple[int, int, list[str]]] = {}
+
+    class Overwritten(_TenBytes):
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path.endswith("09.fid"):  # the old version: deleted once another client overwrote the key
+                files["k"] = (10, 10, [url.replace("09.fid", "10.fid") for url in files["k"][2]])
+                self.send_error(404)
+            else:
+                super().do_GET()
+
+    node = ThreadingHTTPServer(("127.0.0.1", 0), Overwritten)
+    threading.Thread(target=node.serve_forever, daemon=True).start()
+    files["k"] = (9, 10, [f"http://127.0.0.1:{node.server_address[1]}/dev1/0/000/000/0000000009.fid"])
+    tracker = files_tracker(files)
+    caplog.set_level(logging.INFO, logger="mogile_middleware")
+    try:
+        assert getter(tracker.tracker)("/mogilefs/k") == (200, TEN)
+    finally:
+        tracker.stop()
+        node.shutdown()
+        node.server_close()
+    lines = [record for record in caplog.records if "replica" in record.getMessage()]
+    assert [(record.levelname, record.getMessage()[:55]) for record in lines] == [
+        ("INFO", "no replica of 'k' answered, asking the trackers again: ")]
 
 
 @pytest.mark.parametrize("flavour", ["wsgi", "asgi"])

@@ -588,9 +588,11 @@ def test_a_tracker_whose_reply_cannot_be_read_is_passed_over_for_the_next(reply:
     good = ScriptedTracker(lambda line: b"OK paths=1&path1=http://n/dev1/0/000/000/0000000001.fid\r\n")
     try:
         client = flavour.Client(DOMAIN, [garbled.tracker, good.tracker], io_timeout=2)
-        for turn in (1, 2):  # not marked dead: asked first each time, as a tracker that cuts its reply is
+        for turn in (1, 2, 3):  # not marked dead: asked first each time, as a tracker that cuts its reply is
             assert client.get_paths("k") == ["http://n/dev1/0/000/000/0000000001.fid"]
-            assert len(garbled.requests) >= turn
+            # Once: not asked again on a new connection, as if it had closed the one kept open
+            # (which left one more connection open to it per request).
+            assert (len(garbled.requests), garbled.connections) == (turn, 1)
         garbled.stop()
         with pytest.raises(TrackerUnavailableError, match=f"no tracker answered: {garbled.tracker}: .*{good.tracker}: "
                                                           "the tracker's reply has no 'key'"):
@@ -598,6 +600,26 @@ def test_a_tracker_whose_reply_cannot_be_read_is_passed_over_for_the_next(reply:
     finally:
         garbled.stop()
         good.stop()
+
+
+@both_flavours
+def test_an_upload_goes_to_the_next_tracker_when_create_opens_reply_cannot_be_read(
+        devmogile: DevMogileFS, flavour: Flavour) -> None:
+    def misspeaking_to_create_open(line: bytes) -> bytes:
+        if line.startswith(b"create_open "):
+            return b"OK devid=1&path=http://n/dev1/0/000/000/0000000001.fid\r\n"  # no fid
+        with socket.create_connection(devmogile.tracker_address) as sock, sock.makefile("rb") as replies:
+            sock.sendall(line)  # any other command as the tracker answers it
+            return replies.readline()
+
+    garbled = ScriptedTracker(misspeaking_to_create_open)
+    try:
+        client = flavour.Client(DOMAIN, [garbled.tracker, *devmogile.trackers], io_timeout=2)
+        client.store_content("opened", b"stored", cls="thumb")
+        assert client.get_file_data("opened") == b"stored"
+        assert [line.split()[0] for line in garbled.requests] == [b"create_open", b"create_close", b"get_paths"]
+    finally:
+        garbled.stop()
 
 
 @both_flavours

@@ -100,6 +100,8 @@ def _keys_start(location: object) -> str:
         return ""
     if "" in directory.split("/"):
         raise ValueError(f"expected a directory of keys such as 'static', without empty parts, got {location!r}")
+    if (directory + "/").startswith(TEMPORARY_PREFIX):
+        raise ValueError(f"{TEMPORARY_PREFIX!r} holds the saves in progress, not a storage's files")
     return check_linked_path(check_url_key(directory + "/x"))[:-1]
 
 
