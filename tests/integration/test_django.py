@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import io
+import os
 import random
 import re
 import sys
@@ -411,6 +412,32 @@ def test_collectstatic_clear_replaces_every_file_of_its_location_and_nothing_els
     assert sorted(get_client().keys("")) == [
         in_progress, uploaded, "static/css//legacy.css", "static/css/c.css", "static/new.txt"]
     assert app.get(MogileFSStorage().url(uploaded)).body == b"a user's upload"
+
+
+def test_collectstatic_again_passes_over_the_files_that_did_not_change(mogile: DevMogileFS, tmp_path: Path) -> None:
+    """Without the stored files' time, every run deleted each file and stored it anew: missing
+    meanwhile, a 404 for the site's pages."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("same.css", "changed.js"):
+        (source / name).write_bytes(b"first " + name.encode())
+        os.utime(source / name, (time.time() - 60, time.time() - 60))
+    static = {"BACKEND": "mogile_middleware.contrib.django.MogileFSStorage", "OPTIONS": {"location": "static"}}
+    with override_settings(INSTALLED_APPS=[*settings.INSTALLED_APPS, "django.contrib.staticfiles"],
+                           STORAGES={**settings.STORAGES, "staticfiles": static}, STATICFILES_DIRS=[source],
+                           STATIC_URL="/static/"):
+        call_command("collectstatic", "--noinput", verbosity=0)
+        fids = {key: get_client().file_info(key).fid for key in ("static/same.css", "static/changed.js")}
+        stored = MogileFSStorage(location="static").get_modified_time("same.css")
+        assert stored.tzinfo is not None and abs(stored.timestamp() - time.time()) < 60
+        (source / "changed.js").write_bytes(b"second")
+        os.utime(source / "changed.js", (time.time() + 5, time.time() + 5))  # after it was stored
+        call_command("collectstatic", "--noinput", verbosity=0)
+    assert get_client().file_info("static/same.css").fid == fids["static/same.css"]  # not deleted and stored again
+    assert get_client().file_info("static/changed.js").fid != fids["static/changed.js"]
+    assert get_client().get_file_data("static/changed.js") == b"second"
+    with pytest.raises(FileNotFoundError):
+        MogileFSStorage(location="static").get_modified_time("none.css")
 
 
 def test_a_location_keeps_the_storages_names_under_a_directory_of_keys(app: TestApp) -> None:

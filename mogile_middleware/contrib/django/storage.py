@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import io
 import logging
 import os
@@ -11,10 +12,12 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
 
 import django
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files import File
 from django.core.files.storage import Storage
@@ -23,12 +26,12 @@ from django.urls import get_script_prefix
 from django.utils.deconstruct import deconstructible
 
 from ...client import Client
-from ...exceptions import (BadKeyError, KeyExistsError, MogileFSError, OutcomeUnknownError, UnknownKeyError,
-                           UploadError, UploadOutcomeUnknownError)
+from ...exceptions import (BadKeyError, KeyExistsError, MogileFSError, OutcomeUnknownError, StorageError,
+                           UnknownKeyError, UploadError, UploadOutcomeUnknownError)
 from ...locate import current_version
 from ...protocol import (MAX_KEY_BYTES, check_key, check_linked_path, check_url_key, has_control_character,
                          local_link)
-from ...storage import SeekableBody
+from ...storage import SeekableBody, open_replica
 from ...signing import URLSigner
 from ...tracker import Address
 from ...upload import Uploader, may_have_stored
@@ -304,6 +307,28 @@ class MogileFSStorage(Storage):
             except UnknownKeyError:
                 raise FileNotFoundError(f"no MogileFS key {name!r}") from None
             return SeekableBody(paths, length=info.length, timeout=self.client.storage_timeout)
+
+    def get_modified_time(self, name: str) -> datetime:
+        """When the file was stored, as a replica's ``Last-Modified`` tells (a ``HEAD`` of the first
+        that answers): ``collectstatic`` then passes over the files that did not change, as on
+        disk, where it deleted and stored every file anew, each missing meanwhile (a 404).
+        ``NotImplementedError`` when the storage node tells none, an ``OSError`` when no replica
+        answers (``collectstatic`` then stores the file again)."""
+        with _checked_key():
+            try:
+                paths, info = current_version(self.client, self._key(name))
+            except UnknownKeyError:
+                raise FileNotFoundError(f"no MogileFS key {name!r}") from None
+        try:
+            with open_replica(paths, method="HEAD", size=info.length, timeout=self.client.storage_timeout) as replica:
+                stamp = replica.headers.get("last-modified")
+        except StorageError as error:
+            raise OSError(f"no replica of {name!r} told its time: {error}") from error
+        try:
+            seconds = email.utils.parsedate_to_datetime(stamp or "").timestamp()
+        except (TypeError, ValueError):
+            raise NotImplementedError(f"the storage node told no time for {name!r}: {stamp!r}") from None
+        return datetime.fromtimestamp(seconds, tz=timezone.utc if settings.USE_TZ else None)
 
     def exists(self, name: str) -> bool:
         """True if the key exists, or keys are under ``name`` (a directory :meth:`listdir` lists, its
