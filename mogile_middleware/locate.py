@@ -36,6 +36,9 @@ _URL_SAFE = re.compile(r"[!-~]+")  # printable ASCII, no blank
 PATH_COUNT = 2
 #: Seconds the copy counts of the domain's classes are reused before being asked again.
 CLASSES_SECONDS = 300.0
+#: Seconds the trackers are not asked the classes again after they could not say: meanwhile a
+#: lookup costs no failing request more, and logs nothing more.
+CLASSES_RETRY_SECONDS = 10.0
 #: Seconds waited before each new ask about a key caught mid-overwrite. mogilefsd's ``create_close``
 #: drops the old file before it records the new one, in separate statements, so meanwhile the key is
 #: unknown (measured on MogileFS 2.73 with SQLite: a median of 9 ms, up to 0.2 s, and up to 1.1 s
@@ -170,6 +173,7 @@ class Locator:
         self._entry_prefix = "" if cache_backend is None else entry_key(client.domain, "")
         self._copies: dict[str, int] = {}
         self._copies_until = 0.0
+        self._classes_retry_at = 0.0
         self._changed: dict[str, float] = {}  # cache entry -> when its key was last seen changing
         self.paths: PathCache[Location | None] = self.path_cache_class(
             self._lookup, backend=cache_backend, ttl_seconds=path_cache_seconds, stale_seconds=stale_seconds,
@@ -340,14 +344,19 @@ class Locator:
 
     def _class_copies_steps(self, cls: str | None = None) -> Steps[dict[str, int]]:
         """How many copies each class of the domain keeps, asked of the trackers every
-        :data:`CLASSES_SECONDS` and when ``cls`` is new to us; empty while they cannot say."""
-        if time.monotonic() < self._copies_until and (cls is None or cls in self._copies):
+        :data:`CLASSES_SECONDS` and when ``cls`` is new to us. When they cannot say, the counts
+        last known (none at first: a short path is then trusted only briefly), for
+        :data:`CLASSES_RETRY_SECONDS` before they are asked again."""
+        now = time.monotonic()
+        if now < self._copies_until and (cls is None or cls in self._copies) or now < self._classes_retry_at:
             return self._copies
         try:
             domains = yield ("classes",)
         except MogileFSError as error:
-            log.warning("cannot learn the classes of %r: %r", self.client.domain, error)
-            return {}  # unknown: a short path is trusted only briefly
+            self._classes_retry_at = time.monotonic() + CLASSES_RETRY_SECONDS
+            log.warning("cannot learn the classes of %r (asked again in %g s): %r", self.client.domain,
+                        CLASSES_RETRY_SECONDS, error)
+            return self._copies
         self._copies = {name: copies for name, (copies, _) in domains.get(self.client.domain, {}).items()}
         self._copies_until = time.monotonic() + CLASSES_SECONDS
         if cls is not None:

@@ -316,6 +316,54 @@ def test_a_refusal_for_a_version_its_urls_name_is_confirmed_without_locating_the
     assert (commands.count(b"get_paths"), commands.count(b"file_info")) == (1, 2)
 
 
+def test_trackers_that_cannot_tell_the_classes_are_asked_again_only_after_a_pause(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A failing ``get_domains`` costs one request and one warning per pause, not per lookup;
+    the copy counts learned before are kept meanwhile: a one-copy file stays complete, located
+    with ``get_paths`` alone where no length is needed (Perlbal mode, every client trusted)."""
+    from mogile_middleware import locate
+    from mogile_middleware.middleware import MogileFSMiddleware
+
+    domains_answer = [b"ERR failure Database+unavailable\r\n"]
+
+    def reply(line: bytes) -> bytes:
+        if line.startswith(b"get_paths"):
+            return b"OK paths=1&path1=http://127.0.0.1:1/dev1/0/000/000/0000000007.fid\r\n"
+        if line.startswith(b"file_info"):
+            return b"OK fid=7&domain=testdom&class=thumb&key=k&length=10&devcount=1\r\n"
+        return domains_answer[0]
+
+    def located(key: str) -> Location:
+        middleware.locator.forget(key)
+        return middleware.locator.locate(key)
+
+    def asked(command: bytes) -> int:
+        return sum(line.split()[0] == command for line in tracker.requests)
+
+    monkeypatch.setattr(locate, "CLASSES_RETRY_SECONDS", 0.3)
+    monkeypatch.setattr(locate, "CLASSES_SECONDS", 0.3)
+    tracker = ScriptedTracker(reply)
+    try:
+        middleware = MogileFSMiddleware(lambda environ, start_response: [], domain=DOMAIN, trackers=[tracker.tracker],
+                                        reproxy="perlbal")
+        assert not any(located(f"k{n}").complete for n in range(5))  # one copy of an unknown class: replicating
+        assert asked(b"get_domains") == 1
+        warned = ("cannot learn the classes of 'testdom' (asked again in 0.3 s): "
+                  "TrackerError('failure: Database unavailable')")
+        assert [record.message for record in caplog.records].count(warned) == 1
+        time.sleep(0.4)
+        domains_answer[0] = (b"OK domains=1&domain1=testdom&domain1classes=1&domain1class1name=thumb"
+                             b"&domain1class1mindevcount=1\r\n")
+        assert located("k").complete and asked(b"get_domains") == 2
+        time.sleep(0.4)  # the counts are due to be asked again
+        domains_answer[0] = b"ERR failure Database+unavailable\r\n"
+        file_infos = asked(b"file_info")
+        assert located("k").complete and located("k2").complete
+        assert (asked(b"get_domains"), asked(b"file_info")) == (3, file_infos)
+    finally:
+        tracker.stop()
+
+
 def test_with_no_tracker_answering_412_and_416_are_decided_from_the_cached_paths(mogile: DevMogileFS) -> None:
     from mogile_middleware.middleware import MogileFSMiddleware
 
