@@ -23,10 +23,11 @@ import logging
 import math
 import os
 import re
+import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 from pymemcache.client.base import Client, check_key_helper, normalize_server_spec
 from pymemcache.client.hash import HashClient
@@ -40,6 +41,8 @@ from .tracker import is_host
 
 log = logging.getLogger("mogile_middleware")
 
+T = TypeVar("T")
+
 #: Seconds a server that failed is skipped, so a dead memcached costs one connect attempt per client
 #: this often rather than one per request.
 DEAD_SECONDS = 5.0
@@ -47,6 +50,10 @@ DEAD_SECONDS = 5.0
 INVALID_WARNING_INTERVAL = 60.0
 #: Idle clients kept for the next request (more are made while more requests run at once).
 MAX_IDLE_CLIENTS = 32
+#: The most one call reads from a server: memcached's largest item by default (1 MiB), and the
+#: lines around it. An entry takes a few hundred bytes; a larger item under its key is read, and
+#: found invalid. pymemcache reads a line until its end, however long.
+MAX_REPLY_BYTES = 1024 * 1024 + 1024
 
 #: memcached reads a larger expiry as a Unix timestamp, so longer keeps are cut to this (30 days).
 MAX_EXPIRE_SECONDS = 30 * 24 * 3600
@@ -104,7 +111,7 @@ class MemcachedBackend:
         self._secret = secret.encode() if isinstance(secret, str) else secret
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._idle: list[HashClient] = []
+        self._idle: list[tuple[HashClient, _Deadline]] = []
         #: Until when a server marked dead is not asked again for a mark (see :meth:`delete`).
         self._asked_dead_until: dict[str, float] = {}
         # Sites signing with different secrets over one memcached find each other's entries on every read.
@@ -219,8 +226,11 @@ class MemcachedBackend:
             if time.monotonic() < self._asked_dead_until.get(node, 0.0):
                 raise skipped
             self._asked_dead_until[node] = time.monotonic() + DEAD_SECONDS
-        direct = Client(servers[node], connect_timeout=self.connect_timeout, timeout=self.timeout, no_delay=True)
+        deadline = _Deadline(self.timeout)
+        direct = Client(servers[node], connect_timeout=self.connect_timeout, timeout=self.timeout, no_delay=True,
+                        socket_module=_BoundedSockets(deadline))
         try:
+            deadline.start()
             direct.set(name, mark, expire=CHANGED_MARK_SECONDS, noreply=False)
         finally:
             direct.close()
@@ -244,20 +254,104 @@ class MemcachedBackend:
             if os.getpid() != self._pid:
                 # A forked child shares its parent's sockets: start afresh, never touch the inherited ones.
                 self._pid, self._idle = os.getpid(), []
-            client = self._idle.pop() if self._idle else None
-        if client is None:
+            idle = self._idle.pop() if self._idle else None
+        if idle is None:
+            deadline = _Deadline(self.timeout)
             # retry_attempts=0 marks a failing server dead at once, for DEAD_SECONDS.
             client = HashClient(self.servers, hasher=_EveryServer, connect_timeout=self.connect_timeout,
-                                timeout=self.timeout, no_delay=True, retry_attempts=0, dead_timeout=DEAD_SECONDS)
+                                timeout=self.timeout, no_delay=True, retry_attempts=0, dead_timeout=DEAD_SECONDS,
+                                socket_module=_BoundedSockets(deadline))
+        else:
+            client, deadline = idle
         try:
+            deadline.start()
             yield client
         finally:
             with self._lock:
                 kept = os.getpid() == self._pid and len(self._idle) < MAX_IDLE_CLIENTS
                 if kept:
-                    self._idle.append(client)
+                    self._idle.append((client, deadline))
             if not kept:
                 client.close()
+
+
+class _Deadline:
+    """When the call a client makes now must have ended (``timeout`` after :meth:`start`), and
+    how much it read meanwhile."""
+
+    __slots__ = ("timeout", "at", "received")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.at = 0.0
+        self.received = 0
+
+    def start(self) -> None:
+        self.at, self.received = time.monotonic() + self.timeout, 0
+
+
+class _BoundedSockets:
+    """pymemcache's ``socket_module``: the :mod:`socket` module, but for connections whose calls
+    end by one ``deadline`` (pymemcache's ``timeout`` bounds each read alone: a server sending a
+    byte at a time, or bytes with no line end, held a worker for as long as it went on)."""
+
+    def __init__(self, deadline: _Deadline) -> None:
+        self.deadline = deadline
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(socket, name)
+
+    def socket(self, *args: Any) -> _BoundedSocket:
+        # socket.socket as it is now: gevent's once it patched the module, whenever this was imported.
+        return _BoundedSocket(socket.socket(*args), self.deadline)
+
+
+class _BoundedSocket:
+    """A connection to a memcached server that gives up when its call's deadline passes, or once
+    the call has read more than :data:`MAX_REPLY_BYTES` (an OSError: pymemcache then closes it,
+    and the client marks the server dead, as one that does not answer). Its errors name the server."""
+
+    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
+        self._sock = sock
+        self._deadline = deadline
+        self._server = "memcached"
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def connect(self, address: Any) -> None:
+        self._server = f"memcached at {address if isinstance(address, str) else _node(address[:2])}"
+        try:
+            self._sock.connect(address)
+        except OSError as error:
+            raise self._named(error) from None
+
+    def recv(self, size: int) -> bytes:
+        data = self._by_deadline(self._sock.recv, size)
+        self._deadline.received += len(data)
+        if self._deadline.received > MAX_REPLY_BYTES:
+            raise OSError(f"{self._server} sent over {MAX_REPLY_BYTES} bytes for one call")
+        return data
+
+    def sendall(self, data: bytes) -> None:
+        self._by_deadline(self._sock.sendall, data)
+
+    def _by_deadline(self, call: Callable[[Any], T], argument: Any) -> T:
+        left = self._deadline.at - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            self._sock.settimeout(left)
+            return call(argument)
+        except TimeoutError:
+            raise TimeoutError(f"{self._server} did not answer within {self._deadline.timeout:g} s") from None
+        except OSError as error:
+            raise self._named(error) from None
+
+    def _named(self, error: OSError) -> OSError:
+        """``error`` (of the same class: ``ConnectionRefusedError``...) naming the server."""
+        named = f"{self._server}: {error.strerror or error}"
+        return TimeoutError(named) if error.errno is None else OSError(error.errno, named)
 
 
 class _EveryServer(RendezvousHash):

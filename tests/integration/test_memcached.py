@@ -486,6 +486,66 @@ def test_a_silent_memcached_costs_one_timeout_then_is_skipped() -> None:
         assert time.monotonic() - started < 0.2
 
 
+#: How each server of ``babbling_memcached`` answers, and what a call to it ends with, and within how long.
+BABBLES = {"trickling": ((b"V", 0.1), "did not answer within 0.3 s", 0.6),
+           "endless": ((b"x" * 65536, 0.0), f"sent over {memcache.MAX_REPLY_BYTES} bytes for one call", 0.2)}
+
+
+@pytest.fixture(params=sorted(BABBLES))
+def babbling_memcached(request: pytest.FixtureRequest) -> Iterator[tuple[str, str, float]]:
+    """The address of a server that answers every call without end, for 10 s at most: a byte
+    every 0.1 s (trickling), or bytes with no line end as fast as they go (endless); and what a
+    call to it ends with, within how many seconds."""
+    (piece, pause), error, seconds = BABBLES[request.param]
+    stop = threading.Event()
+
+    def babble(connection: socket.socket) -> None:
+        with connection:
+            try:
+                connection.recv(4096)
+                ends = time.monotonic() + 10
+                while not stop.is_set() and time.monotonic() < ends:
+                    connection.sendall(piece)
+                    time.sleep(pause)
+            except OSError:
+                pass  # the client gave up
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(0.1)
+
+        def accept() -> None:
+            while not stop.is_set():
+                try:
+                    threading.Thread(target=babble, args=(server.accept()[0],), daemon=True).start()
+                except TimeoutError:
+                    pass
+
+        accepting = threading.Thread(target=accept, daemon=True)
+        accepting.start()
+        try:
+            yield f"127.0.0.1:{server.getsockname()[1]}", error, seconds
+        finally:
+            stop.set()
+            accepting.join()
+
+
+@pytest.mark.parametrize("call", ["get", "delete"])
+def test_a_memcached_answering_without_end_costs_one_timeout_then_is_skipped(
+        babbling_memcached: tuple[str, str, float], call: str) -> None:
+    """``timeout`` bounds a whole call, not each read of it (pymemcache's own), and what it reads
+    is bounded too: a reader and a writer's mark give up in time, and the server counts as down."""
+    address, error, seconds = babbling_memcached
+    backend = MemcachedBackend(address, timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(DOWN, match=f"^memcached at {address} {error}$"):
+        getattr(backend, call)("key")
+    assert time.monotonic() - started < seconds
+    started = time.monotonic()
+    with pytest.raises(DOWN):
+        backend.get("key")  # marked dead: no connection, no wait
+    assert time.monotonic() - started < 0.1
+
+
 def test_a_writer_marks_a_change_on_a_server_it_took_for_dead_once_it_is_back(memcached: MemcachedServer) -> None:
     """Other hosts may read that server again already: without the mark they would serve the old version."""
     with start_memcached() as second:
@@ -509,6 +569,16 @@ def test_the_path_cache_asks_the_lookup_while_memcached_is_down(memcached: Memca
     assert [cache.get("a") for _ in range(3)] == [location(7, "a")] * 3 and cache.lookups == 1
     memcached.stop()
     assert [cache.get("a") for _ in range(3)] == [location(7, "a")] * 3 and cache.lookups == 4
+
+
+def test_the_warning_of_a_memcached_down_names_it(caplog: pytest.LogCaptureFixture) -> None:
+    """With several servers, the one down is told apart."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{unused.getsockname()[1]}"
+    cache = PathCache(lambda key, previous: location(7, key), backend=MemcachedBackend(closed))
+    assert cache.get("a") == location(7, "a")
+    assert f"memcached at {closed}: Connection refused" in caplog.text
 
 
 def test_the_site_answers_from_a_shared_cache_and_without_it(devmogile: DevMogileFS,
