@@ -62,6 +62,10 @@ _FORBIDDEN = {reason: http.error(403, reason) for reason in (UNSIGNED, BAD_SIGNA
 #: Seconds between two lines about requests no tracker answered: an outage fails every request,
 #: and the log says so once per this time, counting those it left out, not once per request.
 OUTAGE_LOG_INTERVAL = 10.0
+#: Seconds a signed link that expired may still open its file for a trusted proxy's request after
+#: every replica it was given failed (``examples/nginx.conf`` waits 5 s for each): the client's
+#: request came with the link valid.
+FALLBACK_GRACE_SECONDS = 60.0
 
 
 def authorize_answer(allowed: object, middleware: str) -> bool:
@@ -311,7 +315,7 @@ class MiddlewareCore:
         if self.signer is not None:
             # What the URL names is signed: no signed URL names a path that is not UTF-8.
             refusal = self.signer.refusal(decoded if isinstance(decoded, str) else "", self._signed_query(
-                environ.get("QUERY_STRING", "")))
+                environ.get("QUERY_STRING", "")), grace=FALLBACK_GRACE_SECONDS if self._fell_back(environ) else 0.0)
             if refusal is not None:
                 return _FORBIDDEN[refusal]
         return self._key(decoded) if isinstance(decoded, str) else decoded
@@ -406,6 +410,12 @@ class MiddlewareCore:
         if (len(path) if path.isascii() else len(path.encode("utf-8"))) > MAX_KEY_BYTES:
             return _TOO_LONG
         return path
+
+    def _fell_back(self, environ: Environ) -> bool:
+        """True for a trusted proxy's request after every replica it was given failed."""
+        responder = self.reproxy_responder
+        return responder is not None and responder.fell_back(environ) and (
+            self.trusted_proxies is None or self._is_trusted(environ.get("REMOTE_ADDR", "")))
 
     def _may_reproxy(self, environ: Environ, responder: Reproxy, location: Any) -> bool:
         """True if this request may see storage URLs: from a trusted proxy that can reproxy."""

@@ -59,8 +59,9 @@ class URLSigner:
                              f"({LATEST_EXPIRY})")
         return f"expires={expires}&signature={self._signature(self._secrets[0], key, expires)}"
 
-    def refusal(self, key: str, query: str) -> str | None:
-        """``None`` when ``query`` is a valid, unexpired signature for ``key``; else the reason to refuse."""
+    def refusal(self, key: str, query: str, *, grace: float = 0.0) -> str | None:
+        """``None`` when ``query`` is a valid signature for ``key``, unexpired (or expired less
+        than ``grace`` seconds ago); else the reason to refuse."""
         match = _QUERY.fullmatch(query)
         if match is None:
             return UNSIGNED if not query else BAD_SIGNATURE
@@ -70,7 +71,7 @@ class URLSigner:
             valid |= hmac.compare_digest(self._signature(secret, key, expires), signature)
         if not valid:
             return BAD_SIGNATURE
-        return EXPIRED if expires < self._clock() else None
+        return EXPIRED if expires < self._clock() - grace else None
 
     def _signature(self, secret: bytes, key: str, expires: int) -> str:
         message = b"%s%s\n%s\n%d" % (_SCHEME, self._domain, key.encode("utf-8"), expires)

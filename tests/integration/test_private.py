@@ -37,6 +37,7 @@ from integration.test_proxies import SERVERS, serving
 from wiretools import KeptAliveNode, files_tracker
 
 from mogile_middleware import BadKeyError, Client, MogileFSMiddleware, StorageError, serve_header
+from mogile_middleware.core import FALLBACK_GRACE_SECONDS
 from mogile_middleware.views import served_file
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.devserver import DevMogileFS
@@ -249,6 +250,39 @@ def test_a_query_after_a_fragment_is_the_fragments_also_without_a_raw_path(store
              "client": ("127.0.0.1", 5000), "http_version": "1.1", "scheme": "http", "headers": []}
     assert run(middleware, scope, [{"type": "http.request"}])[0]["status"] == 403
     assert run(middleware, {**scope, "path": path}, [{"type": "http.request"}])[0]["status"] == 200
+
+
+@pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
+def test_a_link_that_expired_while_the_proxy_tried_the_replicas_opens_its_file_when_it_asks_again(
+        stored: DevMogileFS, flavour: str) -> None:
+    """nginx asks again with X-Reproxy-Failed once every replica failed (examples/nginx.conf waits
+    5 s for each): a link valid when the client asked may have expired meanwhile. That request, from
+    a trusted proxy, still opens the file for a while; a client's own request, an untrusted one and
+    a link expired longer ago do not."""
+    def status(target: str, failed: bool, client: str) -> tuple[int, bytes]:
+        path, _, query = target.partition("?")
+        headers = [(b"x-reproxy-failed", b"1")] if failed else []
+        scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(),
+                 "query_string": query.encode(), "root_path": "", "client": (client, 5000), "http_version": "1.1",
+                 "scheme": "http", "headers": headers}
+        if flavour == "asgi":
+            sent = run(ASGIMiddleware(None, **options), scope, [{"type": "http.request"}])
+            return sent[0]["status"], b"".join(message.get("body", b"") for message in sent[1:])
+        from webtest import TestApp
+
+        answer = TestApp(MogileFSMiddleware(None, **options)).get(
+            target, headers={"X-Reproxy-Failed": "1"} if failed else {}, extra_environ={"REMOTE_ADDR": client},
+            expect_errors=True)
+        return answer.status_int, answer.body
+
+    options = {"domain": DOMAIN, "trackers": stored.trackers, "signing_key": SECRET, "reproxy": "nginx",
+               "trusted_proxies": ["127.0.0.1"]}
+    lately = signed_url("plain.txt", expires_in=10, clock=time.time() - 20)
+    long_ago = signed_url("plain.txt", expires_in=10, clock=time.time() - 10 - FALLBACK_GRACE_SECONDS - 10)
+    assert status(lately, True, "127.0.0.1") == (200, FILES["plain.txt"])
+    for target, failed, client in ((lately, False, "127.0.0.1"), (lately, True, "192.0.2.1"),
+                                   (long_ago, True, "127.0.0.1")):
+        assert status(target, failed, client) == (403, f"403 Forbidden\n{EXPIRED}\n".encode()), (target, failed, client)
 
 
 def test_head_ranges_and_revalidation_with_a_valid_signature(server: Server) -> None:
