@@ -80,8 +80,9 @@ def _secret(value: str) -> str:
 
 
 def _secrets(value: str) -> list[str]:
-    """Signing secrets, one per line or separated by spaces: the first signs, each verifies."""
-    secrets = aslist(value)
+    """Signing secrets, one per line: the first signs, each verifies. Spaces are a secret's own: a
+    passphrase split at them would be several short secrets, each of which opens every file."""
+    secrets = [line.strip() for line in value.splitlines() if line.strip()]
     if not secrets:
         raise ValueError("no secret given")
     return secrets

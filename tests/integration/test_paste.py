@@ -202,6 +202,14 @@ authorize = operator:contains
     assert only_new.refusal("a.txt", middleware.url_for("a.txt").partition("?")[2]) is None
 
 
+def test_a_passphrase_is_one_secret_not_one_per_word(tmp_path: Path) -> None:
+    """Split at its spaces, each word of it opened every file."""
+    middleware = load_filter(tmp_path, GOOD + "\nsigning_key = correct horse battery staple")
+    for secret, opens in (("horse", False), ("correct horse battery staple", True)):
+        query = URLSigner(secret, "media").query("a.txt", 60)
+        assert (middleware.key_for({"QUERY_STRING": query}, "a.txt") == "a.txt") is opens, secret
+
+
 def test_numbers_and_flags_are_typed_before_the_middleware_sees_them() -> None:
     make_filter = filter_factory(
         {"here": "/ignored"}, domain="media", trackers="127.0.0.1:7001", require_proxy_header="off",
