@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import os
+import unicodedata
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -49,7 +50,10 @@ async def private_file(request: Request) -> Response:
 def public_key(path: str) -> str | None:
     """The key of a path under ``/mogilefs/``, or None (404) for the private files: only the
     endpoint :func:`private_file` sends those, to a client showing the token."""
-    return None if path.lower().startswith("private/") else path  # lower(): MySQL finds keys whatever their case
+    # MySQL's collations find a key whatever its case and accents ("PRÍVATE/a.txt" is "private/a.txt"):
+    # compare the path so folded, as near as one can (README: Private files).
+    folded = unicodedata.normalize("NFKD", path).encode("ascii", "ignore").decode("ascii").lower()
+    return None if folded.startswith("private/") else path
 
 
 app = Starlette(routes=[Route("/", homepage), Route("/private/{name:path}", private_file)])

@@ -704,6 +704,22 @@ def test_answers_made_for_one_request_are_not_kept_once_sent(stored: DevMogileFS
     assert asyncio.run(measured()) < 400_000  # bytes kept after 2000 answers: it was about 4 MB
 
 
+@pytest.mark.parametrize("path", ["private/a.txt", "PRIVATE/a.txt", "pr\u00edvate/a.txt", "PR\u00cdVATE/a.txt",
+                                  "pri\u0301vate/a.txt", "\uff50rivate/a.txt"])
+def test_both_examples_keep_the_private_keys_whatever_the_case_and_accents(
+        monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """mogilefsd on MySQL finds "private/a.txt" by any of these paths (utf8mb4_0900_ai_ci)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2]))
+    try:
+        from examples.djangosite.djangosite.settings import public_key as djangos
+        from examples.starlette.app import public_key as starlettes
+
+        assert djangos(path) is None and starlettes(path) is None
+        assert djangos("privately/a.txt") == starlettes("privately/a.txt") == "privately/a.txt"
+    finally:  # the app was made with this test's environment: a test of it imports it anew
+        sys.modules.pop("examples.starlette.app", None)
+
+
 def test_the_starlette_example_serves_a_private_file_to_its_endpoint(stored: DevMogileFS,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOGILEFS_DOMAIN", DOMAIN)

@@ -6,6 +6,7 @@ otherwise.
 """
 
 import os
+import unicodedata
 from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -58,7 +59,10 @@ MOGILEFS_CACHE_CONTROL = "public, max-age=3600"
 def public_key(path: str) -> str | None:
     """The key of a path under MOGILEFS_MEDIA_URL, or None (404) for the private files: only the
     view ``gallery.views.private_file`` sends those, to logged-in users."""
-    return None if path.lower().startswith("private/") else path  # lower(): MySQL finds keys whatever their case
+    # MySQL's collations find a key whatever its case and accents ("PRÍVATE/a.txt" is "private/a.txt"):
+    # compare the path so folded, as near as one can (README: Private files).
+    folded = unicodedata.normalize("NFKD", path).encode("ascii", "ignore").decode("ascii").lower()
+    return None if folded.startswith("private/") else path
 
 
 MOGILEFS_MIDDLEWARE_OPTIONS = {"key_for_path": public_key}
