@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
@@ -448,6 +449,15 @@ class AsyncReplicaResponse:
         self.close()
         if connection is not None and self._remaining != 0:
             await connection.wait_closed()
+
+    def __del__(self) -> None:
+        # Dropped open (no aclose, no async with): its connection ends with it, as a blocking
+        # response's socket does, rather than stay open to the node for as long as the loop runs.
+        connection = self._connection
+        if connection is not None:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            self._connection = None
+            connection.abort()
 
     async def __aenter__(self) -> AsyncReplicaResponse:
         return self

@@ -348,6 +348,34 @@ def test_event_loops_one_after_another_leave_no_storage_connection_open(devmogil
     assert eventually(lambda: node_connections(port), lambda count: count <= 1) <= 1  # the last loop's, at most
 
 
+@pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+def test_a_body_dropped_unclosed_ends_its_storage_connection(devmogile: DevMogileFS,
+                                                             new_loop: Callable[[], Any]) -> None:
+    """A ``read_file`` body read in part and dropped without ``aclose`` (as a blocking one may be)
+    ends its connection to the node once it is collected, with a ResourceWarning; it stayed open."""
+    Client(DOMAIN, devmogile.trackers).store_content("big", os.urandom(4 * 1024 * 1024), cls="thumb")
+    port = storage_port(Client(DOMAIN, devmogile.trackers), "big")
+    client = AsyncClient(DOMAIN, devmogile.trackers, storage_timeout=0.5)
+
+    async def read_a_part_of_each() -> None:
+        for _ in range(5):
+            body = await client.read_file("big")
+            assert len(await body.read(1000)) == 1000
+        del body
+        await asyncio.sleep(1)  # the read timeout's timer, which holds each body, has run
+        gc.collect()
+        await asyncio.sleep(0.1)
+        assert node_connections(port, os.getpid()) == 0
+
+    loop = new_loop()
+    try:
+        with pytest.warns(ResourceWarning, match="unclosed <AsyncReplicaResponse 200 "):
+            loop.run_until_complete(read_a_part_of_each())
+        loop.run_until_complete(client.aclose())
+    finally:
+        loop.close()
+
+
 def test_listeners_run_to_their_end_when_the_call_is_cancelled_meanwhile(devmogile: DevMogileFS) -> None:
     """The key was stored: the cancellation says it may have been (as a blocking client's Ctrl-C)."""
     heard: list[str] = []
