@@ -414,8 +414,11 @@ class MiddlewareCore:
     def _fell_back(self, environ: Environ) -> bool:
         """True for a trusted proxy's request after every replica it was given failed."""
         responder = self.reproxy_responder
-        return responder is not None and responder.fell_back(environ) and (
-            self.trusted_proxies is None or self._is_trusted(environ.get("REMOTE_ADDR", "")))
+        return responder is not None and responder.fell_back(environ) and self._from_trusted(environ)
+
+    def _from_trusted(self, environ: Environ) -> bool:
+        """True if the request comes from a trusted proxy (from anyone without ``trusted_proxies``)."""
+        return self.trusted_proxies is None or self._is_trusted(environ.get("REMOTE_ADDR", ""))
 
     def _may_reproxy(self, environ: Environ, responder: Reproxy, location: Any) -> bool:
         """True if this request may see storage URLs: from a trusted proxy that can reproxy."""
@@ -435,7 +438,7 @@ class MiddlewareCore:
             return False
         if responder.fell_back(environ):
             return False  # every URL the proxy was given failed: serve it, looking the key up anew
-        return self.trusted_proxies is None or self._is_trusted(environ.get("REMOTE_ADDR", ""))
+        return self._from_trusted(environ)
 
     def _address_is_trusted(self, remote_addr: str) -> bool:
         if not remote_addr:  # a unix socket's peer has no address
