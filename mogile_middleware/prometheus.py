@@ -9,6 +9,8 @@ answers ``GET /metrics`` in front of any WSGI application, and is the PasteDeplo
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -127,8 +129,33 @@ def registry() -> CollectorRegistry:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return REGISTRY
     collected = CollectorRegistry()
-    multiprocess.MultiProcessCollector(collected)
+    _LiveWorkersCollector(collected)
     return collected
+
+
+class _LiveWorkersCollector(multiprocess.MultiProcessCollector):
+    """Every worker's files summed, the live gauges of the processes that are gone left out: only
+    gunicorn's ``child_exit`` hook drops them (``examples/gunicorn_metrics.py``), and a worker that
+    uvicorn replaced, or one killed under a server without the hook, stayed in the sum for good."""
+
+    def collect(self) -> Iterable[Any]:
+        for gauge in glob.glob(os.path.join(self._path, "gauge_live*_*.db")):
+            pid = os.path.basename(gauge)[:-len(".db")].rpartition("_")[2]
+            if pid.isdigit() and not _running(int(pid)):
+                with contextlib.suppress(FileNotFoundError):  # another worker's scrape was first
+                    multiprocess.mark_process_dead(int(pid), self._path)
+        return super().collect()
+
+
+def _running(pid: int) -> bool:
+    """True if the process ``pid`` exists (on this host: the directory is the server's own)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
 
 
 class MetricsEndpoint:

@@ -464,6 +464,30 @@ def test_gunicorn_with_two_workers_sums_both_in_every_scrape(devmogile: DevMogil
     assert list(multiproc.glob("counter_*.db"))  # a directory the environment gave stays, with the counts
 
 
+def test_a_worker_gone_without_gunicorns_hook_leaves_the_path_cache_entries(tmp_path: Path) -> None:
+    """A worker uvicorn replaced, or one killed under a server without ``child_exit``, kept its
+    path cache entries in the sum for good, and the sum crept up with each."""
+    multiproc = tmp_path / "prometheus"
+    multiproc.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(multiproc)}
+    recorded = "from mogile_middleware.prometheus import PrometheusRecorder; PrometheusRecorder().cache_size({})"
+    subprocess.run([sys.executable, "-c", recorded.format(7)], env=env, check=True, timeout=60)  # gone
+    with subprocess.Popen([sys.executable, "-c", recorded.format(5) + "; print(flush=True); input()"], env=env,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as living:
+        try:
+            assert living.stdout is not None and living.stdout.readline() == "\n"  # its gauge is written
+            scraped = subprocess.run(
+                [sys.executable, "-c", "from prometheus_client import generate_latest; "
+                 "from mogile_middleware.prometheus import registry; print(generate_latest(registry()).decode())"],
+                env=env, check=True, timeout=60, capture_output=True, text=True).stdout
+        finally:
+            living.communicate("", timeout=60)
+    samples = {sample.name: sample.value for family in text_string_to_metric_families(scraped)
+               for sample in family.samples}
+    assert samples["mogile_middleware_path_cache_entries"] == 5
+    assert len(list(multiproc.glob("gauge_livesum_*.db"))) == 1
+
+
 def test_the_new_master_of_a_usr2_upgrade_leaves_the_old_workers_counts(tmp_path: Path) -> None:
     """gunicorn starts the new master with its first environment and GUNICORN_PID: the settings
     took it for a first start and emptied the directory the old master's workers still wrote to."""
