@@ -151,6 +151,21 @@ def test_a_source_of_another_kind_is_refused_naming_it_and_the_key_keeps_its_dat
     assert client.get_file_data("doc") == b"old"
 
 
+def test_a_wsgi_body_cut_short_is_refused_when_its_announced_length_is_given(devmogile: DevMogileFS) -> None:
+    """The README's recipe for a request body: gunicorn's ``wsgi.input`` of a client that left
+    reads short, then ``b""``, with no error; given the request's length, the upload refuses it."""
+    from gunicorn.http.body import Body, LengthReader
+    from gunicorn.http.unreader import IterUnreader
+
+    client = Client(DOMAIN, devmogile.trackers)
+    client.store_content("avatar.png", b"the old picture", cls="thumb")
+    left_midway = Body(LengthReader(IterUnreader([b"x" * 50_000]), 100_000))  # Content-Length: 100000
+    with pytest.raises(UploadError, match="50000 of the 100000 bytes announced"):
+        with client.new_file("avatar.png", cls="thumb", size=100_000) as upload:
+            upload.write_from(left_midway)
+    assert client.get_file_data("avatar.png") == b"the old picture"
+
+
 def test_a_new_file_written_text_is_a_type_error_and_the_bytes_around_it_go_through(client: Client) -> None:
     with client.new_file("doc", cls="thumb") as file:
         file.write(b"bytes, ")
