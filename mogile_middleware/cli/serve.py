@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
                          args.index_keys)
 
     def announce(url: str) -> None:
-        print(f"files {url}{file_path(args.prefix, '')}")
+        print(f"files {url}{file_path(args.prefix, '')}<key>")  # a pattern: the prefix alone names no file
         print(f"page {url}/", flush=True)  # last, where it is seen
 
     return serve_until_stopped(base, args.bind, args.workers, make_app, announce)

@@ -60,7 +60,7 @@ def stored(devmogile: DevMogileFS) -> DevMogileFS:
 
 
 class Served(NamedTuple):
-    """A running ``serve``: its process, its base URL and the URL it announced for the files."""
+    """A running ``serve``: its process, its base URL and the URL it announced for the files (less ``<key>``)."""
 
     process: subprocess.Popen[str]
     base: str
@@ -78,7 +78,9 @@ def serving(tmp_path: Path, *options: str, env: dict[str, str] | None = None) ->
     try:
         files, page = read_until(stdout_lines(process), "page ", timeout=START_SECONDS)
         assert files.startswith("files http://127.0.0.1:") and page.startswith("page http://127.0.0.1:"), (files, page)
-        yield Served(process, page.removeprefix("page ").removesuffix("/"), files.removeprefix("files "))
+        assert files.endswith("<key>"), files  # what it prints is no link that answers 404
+        yield Served(process, page.removeprefix("page ").removesuffix("/"),
+                     files.removeprefix("files ").removesuffix("<key>"))
     finally:
         with suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
