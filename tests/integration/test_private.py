@@ -31,7 +31,7 @@ from conftest import CLASSES, DOMAIN
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from integration._gunicorn import run_gunicorn, run_uvicorn
-from integration._wire_client import read_http_reply
+from integration._wire_client import raw_http, read_http_reply
 from integration.test_asgi import run
 from integration.test_proxies import SERVERS, serving
 from wiretools import KeptAliveNode, files_tracker
@@ -283,6 +283,28 @@ def test_a_link_that_expired_while_the_proxy_tried_the_replicas_opens_its_file_w
     for target, failed, client in ((lately, False, "127.0.0.1"), (lately, True, "192.0.2.1"),
                                    (long_ago, True, "127.0.0.1")):
         assert status(target, failed, client) == (403, f"403 Forbidden\n{EXPIRED}\n".encode()), (target, failed, client)
+
+
+@pytest.mark.parametrize("run", [run_gunicorn, run_uvicorn], ids=["gunicorn", "uvicorn"])
+def test_a_proxys_request_again_of_a_link_expired_meanwhile_is_answered_through_the_server(
+        stored: DevMogileFS, run: Any) -> None:
+    """Read off the socket: the file with each header once for the proxy's request again, a
+    bare 403 for the client's own."""
+    env = {"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": stored.trackers[0], "MOGILE_SIGNING_KEY": SECRET,
+           "MOGILE_REPROXY": "nginx", "MOGILE_TRUSTED_PROXIES": "127.0.0.1"}
+    target = signed_url("plain.txt", expires_in=10, clock=time.time() - 20)
+    with run(env) as running:
+        for mark, status in (("X-Reproxy-Failed: 1\r\n", 200), ("", 403)):
+            reply = raw_http(running.port, f"GET {target} HTTP/1.1\r\nHost: media\r\n{mark}Connection: close\r\n\r\n"
+                             .encode())
+            names = [name for name, _ in reply.fields]
+            assert (reply.status, len(names)) == (status, len(set(names))), reply
+            if status == 200:
+                assert reply.body == FILES["plain.txt"] and reply.headers["cache-control"] == "private"
+                assert "x-accel-redirect" not in reply.headers  # asked again: served, not sent back to the replicas
+            else:
+                assert reply.body == f"403 Forbidden\n{EXPIRED}\n".encode()
+                assert not any(name in reply.headers for name in FILE_HEADERS)
 
 
 def test_head_ranges_and_revalidation_with_a_valid_signature(server: Server) -> None:
