@@ -556,6 +556,24 @@ def test_a_name_taken_during_the_upload_is_not_renamed_onto(mogile: DevMogileFS,
         assert (mine.read(), theirs.read()) == (b"mine", b"saved meanwhile")
 
 
+class _FreedMeanwhileStorage(MogileFSStorage):
+    """Where another request deletes the name a save found taken before the save asks for another."""
+
+    def get_available_name(self, name: str, max_length: int | None = None) -> str:
+        self.delete(name)
+        return super().get_available_name(name, max_length)
+
+
+def test_a_name_freed_after_it_was_found_taken_is_saved_to(mogile: DevMogileFS) -> None:
+    """Django's get_available_name offers the name found taken once it is free again: the save takes it."""
+    storage = _FreedMeanwhileStorage()
+    name = storage.save("freed.txt", _ContentTakingItsName(b"mine", "freed.txt"))
+    assert name == "freed.txt"
+    with storage.open(name) as file:
+        assert file.read() == b"mine"
+    assert get_client().list_keys(TEMPORARY_PREFIX) == []
+
+
 class _BrokenContent(ContentFile):
     """Content whose reading fails after the first chunk, as an interrupted request body would."""
 

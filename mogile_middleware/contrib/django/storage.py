@@ -50,6 +50,10 @@ _URI_SAFE = "/~!*()'"
 
 #: How many renames of a save may lose their answer, not carried out, before the save fails.
 _RENAMES_WITHOUT_ANSWER = 2
+#: How many times in a row a save takes ``get_available_name``'s offer of the name it found taken:
+#: one freed meanwhile (another request deleted it) is free when asked again, while a
+#: ``get_available_name`` that keeps offering a taken name would make the save loop forever.
+_TAKEN_NAME_OFFERS = 10
 
 #: The ``max_length`` of the save in progress, for the name taken instead of one found taken.
 _max_length: ContextVar[int | None] = ContextVar("max_length", default=None)
@@ -224,7 +228,7 @@ class MogileFSStorage(Storage):
         """Rename ``temporary`` to ``name``, or to the next available name while the one tried is
         taken. A rename whose answer was lost is told by whether ``temporary`` is still there, and
         one carried out late (after that) by the name that holds the temporary key's fid."""
-        candidate, unanswered, fid = name, [], 0
+        candidate, unanswered, fid, offered_again = name, [], 0, 0
         while True:
             # Asked again: the name may have been taken during the upload, and mogilefsd 2.73 answers a
             # rename onto a taken key twice, which costs some other request its tracker connection.
@@ -250,7 +254,8 @@ class MogileFSStorage(Storage):
                                               f"were lost, none carried out") from error
                         continue  # not carried out: the name is asked about again
             taken, candidate = candidate, self.get_available_name(name, max_length=_max_length.get())
-            if candidate == taken:  # a get_available_name that offers the taken name would loop forever
+            offered_again = offered_again + 1 if candidate == taken else 0
+            if offered_again > _TAKEN_NAME_OFFERS:
                 raise FileExistsError(f"MogileFS key {taken!r} is taken and no other name is available")
 
     def _fid_left(self, temporary: str, candidate: str, lost: OutcomeUnknownError) -> int | None:
