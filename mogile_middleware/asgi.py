@@ -236,7 +236,7 @@ class MogileFSMiddleware(MiddlewareCore):
                 await send(start)
             except (OSError, RuntimeError):  # the client has gone, as :func:`_send_body` reads it
                 return
-            await _stream(key, upstream, send, watch.gone, self.client_timeout)
+            await _stream(key, upstream, send, watch, self.client_timeout)
         finally:
             await upstream.aclose()
 
@@ -336,16 +336,17 @@ class MogileFSMiddleware(MiddlewareCore):
         return await getattr(self.locator, name)(*args)
 
 
-async def _stream(key: str, upstream: AsyncResumedReplica, send: Send, gone: asyncio.Future[None],
+async def _stream(key: str, upstream: AsyncResumedReplica, send: Send, watch: _Watch,
                   client_timeout: float) -> None:
-    """Send the body of ``key`` chunk by chunk until it ends, the client is ``gone``, or
-    ``client_timeout`` passes without a piece read or sent (a client that stopped taking them
-    would hold the storage connection for as long as it keeps its own open)."""
+    """Send the body of ``key`` chunk by chunk until it ends, the client is gone (raising what
+    ``receive`` raised instead, if it did), or ``client_timeout`` passes without a piece read or
+    sent (a client that stopped taking them would hold the storage connection for as long as it
+    keeps its own open)."""
     progress = _Progress(asyncio.get_running_loop().time)
     sending = asyncio.ensure_future(_send_body(key, upstream, send, progress))
     try:
         while (idle := progress.clock() - progress.at) < client_timeout:
-            done, _ = await asyncio.wait({sending, gone}, timeout=client_timeout - idle,
+            done, _ = await asyncio.wait({sending, watch.gone}, timeout=client_timeout - idle,
                                          return_when=asyncio.FIRST_COMPLETED)
             if done:
                 break
@@ -358,6 +359,8 @@ async def _stream(key: str, upstream: AsyncResumedReplica, send: Send, gone: asy
     await asyncio.gather(sending, return_exceptions=True)
     if sending.done() and not sending.cancelled() and sending.exception() is not None:
         raise sending.exception()  # type: ignore[misc] # a transfer cut midway: the server closes short
+    if sending.cancelled():
+        watch.raise_what_receive_raised()
 
 
 class _Progress:
@@ -399,12 +402,13 @@ async def _send_body(key: str, upstream: AsyncResumedReplica, send: Send, progre
 
 
 async def _unless_gone(answering: Awaitable[Answer | Streamed], watch: _Watch) -> Answer | Streamed | None:
-    """``answering``'s answer, or ``None`` once the client has gone (``http.disconnect``), even
-    if the answer is ready too: its lookup and the replica it opens are then given up, rather than
-    go on for nobody, holding the loop's tracker connections from the clients still there. When
-    the request's own task is cancelled meanwhile, a replica opened for the answer nobody takes
-    is closed. A client that waits for a ``100 Continue`` is not watched until the answer starts
-    (see :attr:`_Watch.from_the_start`)."""
+    """``answering``'s answer, or ``None`` once the client has gone (``http.disconnect``; what
+    ``receive`` raised instead, if it did, is raised), even if the answer is ready too: its
+    lookup and the replica it opens are then given up, rather than go on for nobody, holding the
+    loop's tracker connections from the clients still there. When the request's own task is
+    cancelled meanwhile, a replica opened for the answer nobody takes is closed. A client that
+    waits for a ``100 Continue`` is not watched until the answer starts (see
+    :attr:`_Watch.from_the_start`)."""
     if not watch.from_the_start:
         return await answering
     work = asyncio.ensure_future(answering)
@@ -414,6 +418,7 @@ async def _unless_gone(answering: Awaitable[Answer | Streamed], watch: _Watch) -
             return work.result()
         work.cancel()
         await asyncio.gather(work, return_exceptions=True)
+        watch.raise_what_receive_raised()
     except BaseException:
         work.cancel()
         work.add_done_callback(_close_unclaimed)
@@ -451,6 +456,13 @@ class _Watch:
         if self._gone is None:
             self._gone = asyncio.ensure_future(_disconnected(self._receive))
         return self._gone
+
+    def raise_what_receive_raised(self) -> None:
+        """Raise what ``receive`` raised while watched, if it did: not a client going away but an
+        error of a middleware in front, its own to answer (a body limit's, a 413, before the answer starts)."""
+        gone = self._gone
+        if gone is not None and gone.done() and not gone.cancelled() and gone.exception() is not None:
+            raise gone.exception()  # type: ignore[misc]
 
     async def end(self) -> None:
         """Stop watching: the request is answered."""

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -451,12 +452,16 @@ def test_a_request_task_cancelled_as_its_replica_opens_leaves_no_storage_connect
     assert asyncio.run(cancelled_requests()) == 0
 
 
-def served_body(devmogile: DevMogileFS, asked: str, receive: Any) -> tuple[bytes, bytes]:
+def served_body(devmogile: DevMogileFS, asked: str, receive: Any,
+                in_front: Callable[[Any, float], Any] | None = None) -> tuple[bytes, bytes]:
     """The body of a file of 4 MiB that a client reading a piece every 50 ms gets, whose server's
-    ``receive`` is ``receive``; and the file's whole."""
+    ``receive`` is ``receive``, or behind ``in_front`` (:func:`body_limit`) refusing after 0.2 s;
+    and the file's whole."""
     content = bytes(range(256)) * (16 * 1024)
     Client(DOMAIN, devmogile.trackers).store_content("watched.bin", content, cls="thumb")
-    middleware = MogileFSMiddleware(serving_view, domain=DOMAIN, trackers=devmogile.trackers)
+    middleware: Any = MogileFSMiddleware(serving_view, domain=DOMAIN, trackers=devmogile.trackers)
+    if in_front:
+        middleware = in_front(middleware, 0.2)
     body = bytearray()
 
     async def send(message: dict[str, Any]) -> None:
@@ -546,6 +551,64 @@ def test_a_disconnect_told_once_in_the_turn_the_replica_opens_sends_nothing(
     body, _ = served_body(devmogile, asked, receive)
     assert body == b"" and node_connections(storage_port(Client(DOMAIN, devmogile.trackers), "watched.bin"),
                                             os.getpid()) == 0
+
+
+class _BodyTooLarge(Exception):
+    """What a body limit in front raises from ``receive`` (Starlette's ``RequestBodyLimitMiddleware``)."""
+
+
+def body_limit(app: Any, refuse_after: float) -> Any:
+    """``app`` behind a body limit as Starlette's: its ``receive`` raises :class:`_BodyTooLarge`
+    ``refuse_after`` seconds past the request's first body message, and the limit answers 413
+    when that reaches it before the answer started."""
+    async def limited(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        calls = 0
+        started = False
+
+        async def receive_with_limit() -> dict[str, Any]:
+            nonlocal calls
+            calls += 1
+            if calls == 1 and refuse_after:
+                return {"type": "http.request", "body": b"x" * 1000, "more_body": True}
+            await asyncio.sleep(refuse_after)
+            raise _BodyTooLarge
+
+        async def send_started(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await app(scope, receive_with_limit, send_started)
+        except _BodyTooLarge:
+            if started:
+                raise
+            await send({"type": "http.response.start", "status": 413, "headers": []})
+            await send({"type": "http.response.body", "body": b"Content Too Large"})
+    return limited
+
+
+@pytest.mark.parametrize("asked", ["under the prefix", "by a view"])
+def test_a_body_refused_by_a_limit_in_front_as_the_file_is_looked_up_gets_the_limits_answer(asked: str) -> None:
+    """What ``receive`` raises is not a client going away: it reaches the middleware in front,
+    whose answer goes out (a 413), where nothing was sent and uvicorn answered 500."""
+    silent = SilentServer()  # a lookup that never ends: only the limit can answer
+    middleware = MogileFSMiddleware(serving_view, domain=DOMAIN, trackers=[silent.tracker], io_timeout=5)
+    try:
+        sent = run(body_limit(middleware, 0), http_scope(("/mogilefs/" if asked == "under the prefix" else "/files/")
+                                                         + "any.txt"), [])
+    finally:
+        silent.stop()
+    assert [message.get("status") for message in sent] == [413, None]
+
+
+@pytest.mark.parametrize("asked", ["under the prefix", "by a view"])
+def test_a_body_refused_by_a_limit_in_front_midway_through_the_file_ends_it_with_the_error(
+        devmogile: DevMogileFS, asked: str) -> None:
+    """Once the answer started the limit raises again, for the server to close the connection
+    short: the transfer stops, and the error is not taken for a client gone (the body was cut with nothing said)."""
+    with pytest.raises(_BodyTooLarge):
+        served_body(devmogile, asked, None, body_limit)
 
 
 @pytest.mark.parametrize("mode", [{}, {"reproxy": "perlbal"}], ids=["serve", "reproxy"])
