@@ -38,6 +38,7 @@ from django.urls import clear_script_prefix, set_script_prefix
 from django.utils.module_loading import import_string
 from integration._gunicorn import run_uvicorn
 from integration._memcached import start_memcached
+from integration._slow_clients import node_connections, storage_port
 from PIL import Image
 from webtest import TestApp, Upload
 
@@ -1085,8 +1086,8 @@ def test_wrap_asgi_under_uvicorn(lingering_mogile: DevMogileFS) -> None:
     pytest.importorskip("uvicorn", reason="uvicorn is installed by the test command ('.[dev]')")
     Client(DOMAIN, lingering_mogile.trackers).store_content("news.txt", b"old news", cls="thumb")
     env = {"MOGILEFS_DOMAIN": DOMAIN, "MOGILEFS_TRACKERS": lingering_mogile.trackers[0]}
-    # Django's ASGI handler answers only HTTP: no lifespan.
-    with run_uvicorn(env, app="_django_asgi_app:make_app", extra_args=["--lifespan", "off"]) as server:
+    # Django's ASGI handler answers only HTTP: wrap_asgi answers the lifespan (uvicorn stopped at start up).
+    with run_uvicorn(env, app="_django_asgi_app:make_app", extra_args=["--lifespan", "on"]) as server:
         assert _request(server.port, "GET", "/media/news.txt") == (200, "text/plain; charset=utf-8", b"old news")
         assert _request(server.port, "GET", "/media/news.txt")[2] == b"old news"  # now from the path cache
         assert _request(server.port, "GET", "/") == (200, "text/plain", b"hello from django\n")
@@ -1094,6 +1095,46 @@ def test_wrap_asgi_under_uvicorn(lingering_mogile: DevMogileFS) -> None:
         assert _request(server.port, "GET", "/media/nothing.txt")[0] == 404
         assert _request(server.port, "POST", "/save/news.txt", b"fresh news") == (200, "text/plain", b"news.txt")
         assert _request(server.port, "GET", "/media/news.txt")[2] == b"fresh news"
+
+
+def test_wrap_asgi_closes_the_event_loops_connections_at_shutdown(lingering_mogile: DevMogileFS) -> None:
+    """Django's ASGI handler refuses the lifespan: wrap_asgi answers it, so that the middleware
+    closes its idle tracker and storage connections at shutdown (they stayed open to the end of
+    the process, a ResourceWarning each under ``python -X dev``)."""
+    client = Client(DOMAIN, lingering_mogile.trackers)
+    client.store_content("closing.txt", b"served", cls="thumb")
+    tracker_port, node_port = int(lingering_mogile.trackers[0].rsplit(":", 1)[1]), storage_port(client, "closing.txt")
+    client.close()
+    with with_settings(MOGILEFS_TRACKERS=lingering_mogile.trackers):
+        middleware = wrap_asgi(get_asgi_application())
+
+    def open_now() -> tuple[int, int]:
+        return node_connections(tracker_port, os.getpid()), node_connections(node_port, os.getpid())
+
+    async def lifespan() -> list[Any]:
+        incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        outgoing: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        running = asyncio.create_task(middleware({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}},
+                                                 incoming.get, outgoing.put))
+        await incoming.put({"type": "lifespan.startup"})
+        started = (await outgoing.get())["type"]
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/media/closing.txt", "raw_path": b"/media/closing.txt",
+                 "query_string": b"", "root_path": "", "headers": [], "client": ("127.0.0.1", 50000)}
+        await middleware(scope, asyncio.Event().wait, send)
+        counts = [open_now()]
+        await incoming.put({"type": "lifespan.shutdown"})
+        ended = (await outgoing.get())["type"]
+        await running
+        await asyncio.sleep(0.1)  # the transports' closing callbacks
+        return [started, b"".join(message.get("body", b"") for message in sent), *counts, ended, open_now()]
+
+    assert asyncio.run(asyncio.wait_for(lifespan(), 10)) == [
+        "lifespan.startup.complete", b"served", (1, 1), "lifespan.shutdown.complete", (0, 0)]
 
 
 # -- configuration errors -----------------------------------------------------------------------

@@ -6,7 +6,7 @@ from typing import Any
 
 from django.conf import settings
 
-from ...asgi import ASGIApp, MogileFSMiddleware, Receive, Scope, Send
+from ...asgi import ASGIApp, Message, MogileFSMiddleware, Receive, Scope, Send
 from ...async_client import AsyncClient
 from . import conf
 from .clients import get_client
@@ -36,9 +36,35 @@ def wrap_asgi(application: ASGIApp) -> MogileFSMiddleware:
         options["script_name"] = forced.rstrip("/")
     # One per call, in practice one per process: its tracker connections are kept per event loop.
     middleware = conf.configured(lambda: (_ScriptNamed if forced else MogileFSMiddleware)(
-        application, client=AsyncClient(conf.domain(), conf.trackers(), **conf.client_options()), **options))
+        _answering_lifespan(application), client=AsyncClient(conf.domain(), conf.trackers(), **conf.client_options()), **options))
     client.add_change_listener(middleware.locator.forget)
     return middleware
+
+
+def _answering_lifespan(application: ASGIApp) -> ASGIApp:
+    """``application``, the lifespan protocol answered for it when it refuses it as Django's handler
+    does (``ValueError`` before reading a message): at shutdown, the middleware closes the event
+    loop's tracker and storage connections, which stayed open to the end of the process."""
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await application(scope, receive, send)
+            return
+        read = False
+
+        async def reading() -> Message:
+            nonlocal read
+            read = True
+            return await receive()
+
+        try:
+            await application(scope, reading, send)
+        except ValueError:
+            if read:
+                raise
+            while (await receive())["type"] != "lifespan.shutdown":  # lifespan.startup
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+    return app
 
 
 class _ScriptNamed(MogileFSMiddleware):
