@@ -41,6 +41,7 @@ from .client import (
     get_paths_request,
     list_keys_request,
     rename_request,
+    same_version,
     stored_key_request,
     update_class_request,
 )
@@ -160,14 +161,24 @@ class AsyncClient(ClientBase):
         except (UnknownKeyError, BadKeyError):  # BadKeyError: a prefix no key could equal
             return None
 
+    async def current_version(self, key: str) -> tuple[list[str], FileInfo]:
+        """As :meth:`Client.current_version <mogile_middleware.client.Client.current_version>`."""
+        paths, info = await self.get_paths(key), await self.file_info(key)
+        if not same_version(paths, info):
+            paths, info = await self.get_paths(key), await self.file_info(key)
+        return paths, info
+
     async def read_file(self, key: str) -> AsyncReplicaResponse:
-        """The body of the first replica that answers, to read and then ``aclose``."""
-        return await open_replica(await self.get_paths(key), timeout=self.storage_timeout)
+        """The body of the first replica that answers of the length the tracker records, to read
+        and then ``aclose``: one cut short on its disk is passed over (:meth:`current_version`)."""
+        paths, info = await self.current_version(key)
+        return await open_replica(paths, size=info.length, timeout=self.storage_timeout)
 
     async def get_file_data(self, key: str) -> bytes:
-        """The whole content of ``key`` (for small files; use :meth:`read_file` to stream), from the
-        next replica when a transfer is cut midway."""
-        return await read_replica(await self.get_paths(key), timeout=self.storage_timeout)
+        """The whole content of ``key`` (for small files; use :meth:`read_file` to stream), from a
+        replica of the length the tracker records, and the next when a transfer is cut midway."""
+        paths, info = await self.current_version(key)
+        return await read_replica(paths, length=info.length, timeout=self.storage_timeout)
 
     async def store_content(self, key: str, data: bytes, cls: str | None = None) -> int:
         """Store ``data`` (bytes) under ``key``; return the number of bytes stored."""

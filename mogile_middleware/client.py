@@ -26,7 +26,7 @@ from .cache import CacheBackend, entry_key
 from .deadline import checked_seconds
 from .exceptions import BadKeyError, NoneMatchError, UnknownKeyError, named_errors
 from .nodepool import nodes
-from .protocol import ArgValue, Reply, check_key, key_bytes, parse_domains, to_bytes, to_text
+from .protocol import ArgValue, Reply, check_key, fid_of, key_bytes, parse_domains, to_bytes, to_text
 from .storage import ReplicaResponse, open_replica, read_replica
 from .tracker import Address, ReadReply, TrackerPool, TrackerPoolBase
 from .upload import ChangeListener, NewFile, Uploader, content_bytes
@@ -93,6 +93,13 @@ def file_info_request(key: str) -> Request:
 #: What mogilefsd 2.73's ``file_info`` gives as the checksum of a file of a class that keeps them,
 #: stored without one (``cmd_file_info``).
 _NO_CHECKSUM = "MISSING"
+
+
+def same_version(paths: list[str], info: FileInfo) -> bool:
+    """False if ``paths`` name a fid other than ``info``'s: the key was replaced between the two
+    questions, and each of its replicas would seem of the wrong length."""
+    named = fid_of(paths[0]) if paths else None
+    return named is None or named == info.fid
 
 
 def file_info_of(reply: Reply) -> FileInfo:
@@ -441,14 +448,25 @@ class Client(ClientBase):
         """Store ``data`` (bytes) under ``key``; return the number of bytes stored."""
         return self._uploader.upload(key, content_bytes(key, data), cls)
 
+    def current_version(self, key: str) -> tuple[list[str], FileInfo]:
+        """The replica URLs of ``key`` and its :meth:`file_info`, of the same version: both asked
+        again once when the paths name another fid (:func:`same_version`)."""
+        paths, info = self.get_paths(key), self.file_info(key)
+        if not same_version(paths, info):
+            paths, info = self.get_paths(key), self.file_info(key)
+        return paths, info
+
     def read_file(self, key: str) -> ReplicaResponse:
-        """A streaming, closeable file object over the first replica that answers."""
-        return open_replica(self.get_paths(key), timeout=self.storage_timeout)
+        """A streaming, closeable file object over the first replica that answers of the length
+        the tracker records: one cut short on its disk is passed over (:meth:`current_version`)."""
+        paths, info = self.current_version(key)
+        return open_replica(paths, size=info.length, timeout=self.storage_timeout)
 
     def get_file_data(self, key: str) -> bytes:
-        """The whole content of ``key`` (for small files; use :meth:`read_file` to stream), from the
-        next replica when a transfer is cut midway."""
-        return read_replica(self.get_paths(key), timeout=self.storage_timeout)
+        """The whole content of ``key`` (for small files; use :meth:`read_file` to stream), from a
+        replica of the length the tracker records, and the next when a transfer is cut midway."""
+        paths, info = self.current_version(key)
+        return read_replica(paths, length=info.length, timeout=self.storage_timeout)
 
     def delete(self, key: str) -> None:
         """Delete ``key`` (raises :class:`UnknownKeyError` if it does not exist)."""

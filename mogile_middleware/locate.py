@@ -21,15 +21,14 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from .cache import AsyncPathCache, CacheBackend, PathCache, entry_key
-from .client import Client, FileInfo
+from .client import Client
 from .exceptions import KeyChangingError, MogileFSError, StorageError, TrackerUnavailableError, UnknownKeyError
-from .protocol import parse_domains
+from .protocol import fid_of, parse_domains
 
 log = logging.getLogger("mogile_middleware")
 
 T = TypeVar("T")
 
-_FID_PATH = re.compile(r"/0*([0-9]{1,20})\.fid$")
 _URL_SAFE = re.compile(r"[!-~]+")  # printable ASCII, no blank
 
 #: How many replica URLs are asked of the tracker: enough for failover.
@@ -116,34 +115,16 @@ def etag_for(paths: tuple[str, ...], fid: int | None = None) -> str:
     """A strong ETag naming this version of the file: its fid, read from a replica's path; of
     paths not shaped like mogstored's, the set of its URLs and the ``fid`` the tracker gave (URLs
     that name the key alone are the same for every version)."""
-    named = _fid_of(paths[0]) if paths else None
+    named = fid_of(paths[0]) if paths else None
     if named is not None:
         return f"fid-{named}"
     return "paths-" + hashlib.sha1(" ".join([*sorted(paths), f"fid={fid}"]).encode()).hexdigest()[:16]
 
 
-def current_version(client: Client, key: str) -> tuple[list[str], FileInfo]:
-    """The replica URLs of ``key`` and what ``file_info`` says of the same version, for a reader
-    that passes over a replica of another length: both asked again once when the paths name
-    another fid (the key was replaced between the questions; its replicas would all seem of the
-    wrong length)."""
-    for _ in range(2):
-        paths, info = client.get_paths(key), client.file_info(key)
-        named = etag_for(tuple(paths))  # "fid-N" from a path shaped like mogstored's
-        if not named.startswith("fid-") or named == f"fid-{info.fid}":
-            break
-    return paths, info
-
-
 def names_a_fid(paths: Sequence[str]) -> bool:
     """True if replica URLs name their fid (mogstored's shape): every replica, now or later, holds
     the same bytes. URLs that name the key alone may serve another version by the next request."""
-    return bool(paths) and _fid_of(paths[0]) is not None
-
-
-def _fid_of(path: str) -> int | None:
-    match = _FID_PATH.search(path)
-    return int(match.group(1)) if match else None
+    return bool(paths) and fid_of(paths[0]) is not None
 
 
 class Locator:

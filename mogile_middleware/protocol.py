@@ -27,6 +27,14 @@ CONTROL_CHARACTERS = frozenset(chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)
 #: refuses), 20 at most (a 64-bit one), so that a garbled reply is a ProtocolError, never a
 #: ValueError or a long ``int()``.
 _WHOLE_NUMBER = re.compile(r"[0-9]{1,20}")
+#: The end of a replica URL shaped like mogstored's, which names its fid (``.../0000000123.fid``).
+_FID_PATH = re.compile(r"/0*([0-9]{1,20})\.fid$")
+
+
+def fid_of(url: str) -> int | None:
+    """The fid a replica URL names (mogstored's shape: ``.../0000000123.fid``), else None."""
+    match = _FID_PATH.search(url)
+    return int(match.group(1)) if match else None
 
 
 def to_bytes(text: str | bytes) -> bytes:

@@ -29,7 +29,7 @@ from .. import health
 from ..client import Client, FileInfo
 from ..deadline import checked_seconds
 from ..exceptions import BadKeyError, StorageError, UnknownKeyError
-from ..locate import current_version, names_a_fid
+from ..locate import names_a_fid
 from ..protocol import check_key, to_bytes, to_text
 from ..storage import ResumedReplica, Resumption, SeekableBody, open_replica
 from ..tracker import Address, parse_trackers
@@ -501,7 +501,7 @@ def _download(client: Client, key: str) -> Iterator[tuple[int | None, Iterator[b
     when a transfer is cut midway (:class:`~mogile_middleware.storage.ResumedReplica`). Only a
     replica of the length the tracker records is read: one cut short on its disk was written
     whole-looking."""
-    paths, info = current_version(client, key)
+    paths, info = client.current_version(key)
     with open_replica(paths, size=info.length, timeout=client.storage_timeout) as body:
         resumption = Resumption(paths, None, info.length, same_bytes=names_a_fid(paths))
         resumed = ResumedReplica(body, resumption, timeout=client.storage_timeout)
@@ -771,7 +771,7 @@ def _add_cp_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _cp(args: argparse.Namespace, client: Client) -> int:
     """Stream FROM's content into TO, which points at it only once the whole copy is stored."""
-    paths, info = current_version(client, args.key)
+    paths, info = client.current_version(args.key)
     # Read as get reads: a replica of the tracker's length, resumed from the next when cut midway,
     # and rewound when a destination node drops the copy.
     with SeekableBody(paths, length=info.length, timeout=client.storage_timeout) as source:

@@ -4,6 +4,7 @@ embedded MogileFS over real sockets."""
 from __future__ import annotations
 
 import array
+import asyncio
 import hashlib
 import inspect
 import io
@@ -201,6 +202,43 @@ def test_new_file_streams_and_commits_on_close(client: Client) -> None:
             received.update(chunk)
     assert received.hexdigest() == digest.hexdigest()
     assert client.file_info("streamed.bin").length == 64 * 65536
+
+
+def cut_short_on_its_disk(devmogile: DevMogileFS, key: str, body: bytes) -> None:
+    """Store ``body`` under ``key`` in two replicas, then cut the tracker's first one short on its node's disk."""
+    Client(DOMAIN, devmogile.trackers).store_content(key, body, cls="avatar")
+    first = Client(DOMAIN, devmogile.trackers).get_paths(key)[0]
+    damaged = next(node for node in devmogile.nodes if first.startswith(node.url))
+    (damaged.docroot / first.split("/", 3)[3]).write_bytes(body[:5000])
+
+
+@both_flavours
+def test_a_replica_cut_short_on_its_disk_is_passed_over(client: Client, devmogile: DevMogileFS) -> None:
+    """It was read as the whole file, as pymogile reads it: 5000 bytes of 102400, no error."""
+    body = bytes(range(256)) * 400
+    cut_short_on_its_disk(devmogile, "cut", body)
+    assert [client.get_file_data("cut") for _ in range(4)] == [body] * 4  # whichever replica comes first
+
+
+def test_a_replica_cut_short_on_its_disk_is_not_opened(devmogile: DevMogileFS) -> None:
+    """As above, for the bodies of ``read_file``."""
+    body = bytes(range(256)) * 400
+    cut_short_on_its_disk(devmogile, "cut", body)
+    client, async_client = Client(DOMAIN, devmogile.trackers), AsyncClient(DOMAIN, devmogile.trackers)
+
+    async def read_async() -> bytes:
+        opened = await async_client.read_file("cut")
+        try:
+            return b"".join([chunk async for chunk in opened.chunks()])
+        finally:
+            await opened.aclose()
+            await async_client.aclose()
+
+    for _ in range(4):
+        with client.read_file("cut") as opened:
+            assert b"".join(opened.iter_chunks()) == body
+    client.close()
+    assert [asyncio.run(read_async()) for _ in range(4)] == [body] * 4
 
 
 def test_an_exception_inside_new_file_leaves_no_key(client: Client) -> None:

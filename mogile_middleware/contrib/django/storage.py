@@ -28,7 +28,6 @@ from django.utils.deconstruct import deconstructible
 from ...client import Client
 from ...exceptions import (BadKeyError, KeyExistsError, MogileFSError, OutcomeUnknownError, StorageError,
                            UnknownKeyError, UploadError, UploadOutcomeUnknownError)
-from ...locate import current_version
 from ...protocol import (MAX_KEY_BYTES, check_key, check_linked_path, check_url_key, has_control_character,
                          local_link)
 from ...storage import SeekableBody, open_replica
@@ -308,7 +307,7 @@ class MogileFSStorage(Storage):
             raise ValueError(f"MogileFS files are opened with mode 'rb' only, not {mode!r}")
         with _checked_key():
             try:
-                paths, info = current_version(self.client, self._key(name))
+                paths, info = self.client.current_version(self._key(name))
             except UnknownKeyError:
                 raise FileNotFoundError(f"no MogileFS key {name!r}") from None
             return SeekableBody(paths, length=info.length, timeout=self.client.storage_timeout)
@@ -321,7 +320,7 @@ class MogileFSStorage(Storage):
         answers (``collectstatic`` then stores the file again)."""
         with _checked_key():
             try:
-                paths, info = current_version(self.client, self._key(name))
+                paths, info = self.client.current_version(self._key(name))
             except UnknownKeyError:
                 raise FileNotFoundError(f"no MogileFS key {name!r}") from None
         try:
