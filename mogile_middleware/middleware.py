@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 
 from . import http, metrics
@@ -134,11 +134,16 @@ class MogileFSMiddleware(MiddlewareCore):
         reproxied = reproxy_marks(environ)
         asked: list[tuple[str, str | None]] = []
         cookies: list[str] = []
-        started = False
+        started = given = False  # the application called start_response; the server's was called
+        #: Given to the server when the file's answer replaces one it was given (PEP 3333's
+        #: ``exc_info``, with which the application replaced it), else empty.
+        replacing: list[Any] = []
 
         def filtered(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            nonlocal started
-            started = True
+            nonlocal started, given
+            # A call again, with exc_info, replaces the answer before (PEP 3333): the file asked for too.
+            asked.clear()
+            cookies.clear()
             if any(is_internal_header(name) for name, _ in headers):
                 asked.extend(filter(None, (served_file(value) for name, value in headers
                                            if name.lower() == SERVE_HEADER_LOWER)))
@@ -146,9 +151,12 @@ class MogileFSMiddleware(MiddlewareCore):
                     cookies.extend(value for name, value in headers if name.lower() == "set-cookie")
                     if body_returned:
                         raise RuntimeError(f"{SERVE_HEADER} must be sent before the application returns its body")
+                    replacing[:] = [exc_info] if given else []
+                    started = True
                     return _discard
                 headers = [(name, value) for name, value in headers if name.lower() != SERVE_HEADER_LOWER
                            and (self.allow_app_reproxy or reproxied or not is_reproxy_header(name))]
+            started = given = True
             return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
 
         body_returned = False
@@ -160,6 +168,8 @@ class MogileFSMiddleware(MiddlewareCore):
             return body
         if hasattr(body, "close"):
             body.close()
+        if replacing:  # the server was given the application's answer first
+            start_response = partial(_replace, start_response, replacing[0])
         return self._send(self._file_answer_for_view(environ, asked[0], cookies), start_response, environ)
 
 
@@ -191,6 +201,11 @@ class _ReadAhead:
         close = getattr(self._body, "close", None)
         if close is not None:
             close()
+
+
+def _replace(start_response: StartResponse, exc_info: Any, status: str, headers: list[tuple[str, str]]) -> Any:
+    """``start_response`` of an answer replacing the one the server was given, with ``exc_info``."""
+    return start_response(status, headers, exc_info)
 
 
 def _discard(data: bytes) -> None:

@@ -542,6 +542,52 @@ def test_a_wsgi_view_may_start_its_answer_on_its_first_iteration(stored: DevMogi
     assert app.get("/page").body == b"one, two" and closed == ["/download", "/page"]
 
 
+class StrictServer:
+    """A server's ``start_response`` as gunicorn's: a second call needs ``exc_info``, which is
+    raised again once the headers were sent."""
+
+    def __init__(self) -> None:
+        self.status: str | None = None
+        self.headers: list[tuple[str, str]] = []
+
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        if exc_info is None and self.status is not None:
+            raise AssertionError("Response headers already set!")
+        self.status, self.headers = status, headers
+        return lambda data: None
+
+    def get(self, app: Any, path: str) -> tuple[str | None, bytes]:
+        body = app({"REQUEST_METHOD": "GET", "PATH_INFO": path, "SERVER_NAME": "localhost", "SERVER_PORT": "80",
+                    "REMOTE_ADDR": "10.0.0.9", "wsgi.url_scheme": "http"}, self.start_response)
+        try:
+            return self.status, b"".join(body)
+        finally:
+            getattr(body, "close", lambda: None)()
+
+
+@pytest.mark.parametrize("replaced", ["the file by an error", "an answer by the file"])
+def test_a_wsgi_answer_replaced_with_exc_info_is_the_one_sent(stored: DevMogileFS, replaced: str) -> None:
+    """PEP 3333: an application calls start_response again, with exc_info, to replace its answer
+    before any of it was sent. An error page replacing a file asked for got gunicorn's 500
+    ("Response headers already set!"), and the file was sent anyway under a lenient server; a
+    file asked for in place of an answer started got the same 500."""
+    def view(environ: dict, start_response: Any) -> list[bytes]:
+        first, then = [serve_header("private/doc.txt")], [("Content-Type", "text/plain")]
+        start_response("200 OK", first if replaced == "the file by an error" else then)
+        try:
+            raise ValueError("the view failed after its answer started")
+        except ValueError:
+            start_response("503 Service Unavailable", then if replaced == "the file by an error" else first,
+                           sys.exc_info())
+        return [b"the view's error page"]
+
+    status, body = StrictServer().get(MogileFSMiddleware(view, domain=DOMAIN, trackers=stored.trackers), "/v")
+    if replaced == "the file by an error":
+        assert (status, body) == ("503 Service Unavailable", b"the view's error page")
+    else:
+        assert (status, body) == ("200 OK", FILES["private/doc.txt"])
+
+
 def test_a_lazy_body_whose_iteration_fails_at_once_is_still_closed(stored: DevMogileFS) -> None:
     # PEP 3333: close() is called whatever happened; iter() of the body was outside its guard.
     closed: list[bool] = []
