@@ -36,7 +36,8 @@ def wrap_asgi(application: ASGIApp) -> MogileFSMiddleware:
         options["script_name"] = forced.rstrip("/")
     # One per call, in practice one per process: its tracker connections are kept per event loop.
     middleware = conf.configured(lambda: (_ScriptNamed if forced else MogileFSMiddleware)(
-        _answering_lifespan(application), client=AsyncClient(conf.domain(), conf.trackers(), **conf.client_options()), **options))
+        _answering_lifespan(application), client=AsyncClient(conf.domain(), conf.trackers(), **conf.client_options()),
+        **options))
     client.add_change_listener(middleware.locator.forget)
     return middleware
 
