@@ -617,7 +617,8 @@ def test_an_upload_goes_to_the_next_tracker_when_create_opens_reply_cannot_be_re
         client = flavour.Client(DOMAIN, [garbled.tracker, *devmogile.trackers], io_timeout=2)
         client.store_content("opened", b"stored", cls="thumb")
         assert client.get_file_data("opened") == b"stored"
-        assert [line.split()[0] for line in garbled.requests] == [b"create_open", b"create_close", b"get_paths"]
+        assert [line.split()[0] for line in garbled.requests] == [b"create_open", b"create_close", b"get_paths",
+                                                                  b"file_info"]
     finally:
         garbled.stop()
 
