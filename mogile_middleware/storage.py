@@ -114,7 +114,9 @@ def parse_head(url: str, head: bytes) -> tuple[int, dict[str, str], bool]:
     status_line, *lines = head.decode("latin-1").split("\r\n")
     version, _, rest = status_line.partition(" ")
     status = rest[:3]
-    if not version.startswith("HTTP/1.") or not (status.isascii() and status.isdigit()) or rest[3:4] not in ("", " "):
+    # RFC 9112 2.3 and 4: "HTTP/1." and a digit, then a status code from 100 to 599 (RFC 9110 15).
+    if (len(version) != 8 or not version.startswith("HTTP/1.") or not version[7].isdigit()
+            or not (status.isascii() and status.isdigit() and "100" <= status <= "599") or rest[3:4] not in ("", " ")):
         raise StorageError(f"{url} sent no HTTP/1.x status line: {status_line[:80]!r}", url)
     headers: dict[str, str] = {}
     for line in lines:
@@ -134,7 +136,8 @@ def parse_head(url: str, head: bytes) -> tuple[int, dict[str, str], bool]:
             raise StorageError(f"{url} sent Content-Length: {headers['content-length'][:80]!r}", url)
         headers["content-length"] = length
     connection = {token.strip() for token in headers.get("connection", "").lower().split(",")}
-    keep_alive = "keep-alive" in connection if version == "HTTP/1.0" else "close" not in connection
+    # RFC 9112 9.3: "close" ends it whatever else is listed; HTTP/1.0 keeps it only if asked.
+    keep_alive = "close" not in connection and (version != "HTTP/1.0" or "keep-alive" in connection)
     return int(status), headers, keep_alive
 
 

@@ -440,6 +440,46 @@ def test_a_kept_connection_answered_wrongly_is_not_asked_again_on_a_new_one() ->
         node.stop()
 
 
+def test_a_connection_the_node_says_it_closes_is_not_asked_again() -> None:
+    """RFC 9112 9.3: ``close`` among the connection options ends the connection whatever else is
+    listed. An HTTP/1.0 answer with ``Connection: keep-alive, close`` was kept, and the next
+    request sent on a connection the node was closing (here it keeps it: counted)."""
+    node = KeptAliveNode(lambda head: b"HTTP/1.0 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 10\r\n\r\n"
+                         + TEN)
+    pool = NodePool()
+
+    async def read_twice() -> list[bytes]:
+        try:
+            return [await aread_all(node.url(9)) for _ in range(2)]
+        finally:
+            close_idle_connections()
+
+    try:
+        for _ in range(2):
+            with open_replica([node.url(9)], pool=pool) as replica:
+                assert replica.read() == TEN
+        assert asyncio.run(read_twice()) == [TEN, TEN]
+        assert node.connections == 4
+    finally:
+        pool.close()
+        node.stop()
+
+
+@pytest.mark.parametrize("status_line", [b"HTTP/1.1 099 Low", b"HTTP/1.1 000 None", b"HTTP/1.1 600 High",
+                                         b"HTTP/1.Z 200 OK", b"HTTP/1.10 200 OK"])
+def test_a_status_line_of_no_http_1_answer_is_refused(status_line: bytes) -> None:
+    """RFC 9112 4 and RFC 9110 15: ``HTTP/1.`` and one digit, then a code from 100 to 599. A code
+    below 100 was read past as a 1xx, and the answer after it taken for the node's."""
+    node = KeptAliveNode(lambda head: status_line + b"\r\n\r\n" + honest(head))
+    try:
+        with pytest.raises(StorageError, match="no HTTP/1.x status line"):
+            open_replica([node.url(9)], pool=NodePool())
+        with pytest.raises(StorageError, match="no HTTP/1.x status line"):
+            asyncio.run(aread_all(node.url(9)))
+    finally:
+        node.stop()
+
+
 def test_a_seekable_body_reads_elsewhere_with_a_range_and_goes_on_from_the_next_replica() -> None:
     cut = KeptAliveNode(lambda head: b"HTTP/1.0 200 OK\r\nContent-Length: 10\r\n\r\n0123", closes=True)
     whole = KeptAliveNode(honest)
