@@ -105,8 +105,9 @@ def check(trackers: list[Address], domain: str, *, timeout: float = 3.0) -> Heal
     pool = TrackerPool(answering, connect_timeout=timeout, io_timeout=timeout)
     try:
         domains = pool.request("get_domains", None, parse_domains)[0]
-        hosts = pool.request("get_hosts")[0]
-        devices = pool.request("get_devices")[0]
+        # Read as they come: a reply that cannot be read is a problem of the report, as no reply is.
+        _read_hosts(pool.request("get_hosts")[0], health)
+        _read_devices(pool.request("get_devices")[0], health)
     except MogileFSError as error:
         health.problems.append(f"the trackers could not say how the cluster is: {error}")
         return health
@@ -116,8 +117,6 @@ def check(trackers: list[Address], domain: str, *, timeout: float = 3.0) -> Heal
         health.classes = {name: copies for name, (copies, _) in sorted(domains[domain].items())}
     else:
         health.problems.append(f"domain {domain!r} is not registered")
-    _read_hosts(hosts, health)
-    _read_devices(devices, health)
     health.devices.sort(key=lambda device: device.devid)
     silent = _ask_storage_nodes(health, timeout)
     alive_hosts = {host.name for host in health.hosts if host.status == "alive"}

@@ -168,6 +168,24 @@ def _tracker_of(hosts: dict[int, tuple[str, int]], status: str = "alive", observ
     return ScriptedTracker(lambda line: replies[line.split()[0]])
 
 
+@pytest.mark.parametrize("reply", [b"get_hosts", b"get_devices"])
+def test_a_host_or_device_list_that_cannot_be_read_is_a_problem_of_the_report(
+        capsys: pytest.CaptureFixture[str], reply: bytes) -> None:
+    """It ended the command with one line and no report: ``--json`` printed nothing for a script to read."""
+    tracker = _tracker_of({1: ("store1", refused_port())})
+    answer = tracker.script
+    tracker.script = lambda line: (b"OK hosts=1&host1_hostid=1\r\n" if reply == b"get_hosts" else
+                                   b"OK devices=1&dev1_devid=abc\r\n") if line.split()[0] == reply else answer(line)
+    try:
+        code, out, err = run_check(capsys, "--trackers", tracker.tracker, "--domain", DOMAIN, "--json")
+    finally:
+        tracker.stop()
+    report = json.loads(out)
+    assert code == 1 and report["trackers"][0]["reachable"]
+    assert [problem.split(":")[0] for problem in report["problems"]] == ["the trackers could not say how the cluster is"]
+    assert err[-1].startswith("mogile-middleware: check: the trackers could not say how the cluster is: ")
+
+
 class _NotFound(LoopbackServer):
     """A storage node that answers 404 to every request (an answer all the same)."""
 
