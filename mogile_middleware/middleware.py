@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator
-from functools import cached_property, partial
+from functools import cached_property
 from typing import Any
 
 from . import http, metrics
@@ -135,9 +135,6 @@ class MogileFSMiddleware(MiddlewareCore):
         asked: list[tuple[str, str | None]] = []
         cookies: list[str] = []
         started = given = False  # the application called start_response; the server's was called
-        #: Given to the server when the file's answer replaces one it was given (PEP 3333's
-        #: ``exc_info``, with which the application replaced it), else empty.
-        replacing: list[Any] = []
 
         def filtered(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             nonlocal started, given
@@ -151,7 +148,9 @@ class MogileFSMiddleware(MiddlewareCore):
                     cookies.extend(value for name, value in headers if name.lower() == "set-cookie")
                     if body_returned:
                         raise RuntimeError(f"{SERVE_HEADER} must be sent before the application returns its body")
-                    replacing[:] = [exc_info] if given else []
+                    if given:  # gunicorn adds the headers of an answer replacing one it holds to that one's
+                        raise RuntimeError(f"{SERVE_HEADER} must come in the application's first start_response, "
+                                           "not replace an answer the server was given")
                     started = True
                     return _discard
                 headers = [(name, value) for name, value in headers if name.lower() != SERVE_HEADER_LOWER
@@ -168,8 +167,6 @@ class MogileFSMiddleware(MiddlewareCore):
             return body
         if hasattr(body, "close"):
             body.close()
-        if replacing:  # the server was given the application's answer first
-            start_response = partial(_replace, start_response, replacing[0])
         return self._send(self._file_answer_for_view(environ, asked[0], cookies), start_response, environ)
 
 
@@ -201,11 +198,6 @@ class _ReadAhead:
         close = getattr(self._body, "close", None)
         if close is not None:
             close()
-
-
-def _replace(start_response: StartResponse, exc_info: Any, status: str, headers: list[tuple[str, str]]) -> Any:
-    """``start_response`` of an answer replacing the one the server was given, with ``exc_info``."""
-    return start_response(status, headers, exc_info)
 
 
 def _discard(data: bytes) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
@@ -65,9 +66,25 @@ def hello(environ, start_response):
     if hits := os.environ.get("MOGILE_APP_HITS_FILE"):
         append_line(hits)
     path = environ["PATH_INFO"].encode("latin-1").decode("utf-8")
+    if path.startswith("/replaced/"):
+        return replaced(path[len("/replaced/"):], start_response)
     status, headers, body = view_answer(path, environ.get("HTTP_X_TEST_USER"), environ.get("QUERY_STRING", ""))
     start_response(f"{status} {HTTPStatus(status).phrase}", headers)
     return [body]
+
+
+def replaced(key: str, start_response: Any) -> list[bytes]:
+    """``/replaced/<key>``: an answer started, then replaced by ``key``'s file with ``exc_info``
+    (PEP 3333); ``/replaced/error/<key>``: the file asked for, then replaced by an error page."""
+    error = key.startswith("error/")
+    file_headers = [serve_header(key[len("error/"):] if error else key)]
+    page_headers = [("Content-Type", "text/plain"), ("Content-Length", "19")]
+    start_response("200 OK", file_headers if error else page_headers)
+    try:
+        raise ValueError("the view failed after its answer started")
+    except ValueError:
+        start_response("503 Service Unavailable", page_headers if error else file_headers, sys.exc_info())
+    return [b"the view's own page"]
 
 
 def refuse_private(request: Any, key: str) -> bool:

@@ -569,8 +569,9 @@ class StrictServer:
 def test_a_wsgi_answer_replaced_with_exc_info_is_the_one_sent(stored: DevMogileFS, replaced: str) -> None:
     """PEP 3333: an application calls start_response again, with exc_info, to replace its answer
     before any of it was sent. An error page replacing a file asked for got gunicorn's 500
-    ("Response headers already set!"), and the file was sent anyway under a lenient server; a
-    file asked for in place of an answer started got the same 500."""
+    ("Response headers already set!"), and the file was sent anyway under a lenient server. A
+    file asked for in place of an answer the server was given is refused with an error that
+    says so: gunicorn adds a replacing answer's headers to the first one's (two Content-Lengths)."""
     def view(environ: dict, start_response: Any) -> list[bytes]:
         first, then = [serve_header("private/doc.txt")], [("Content-Type", "text/plain")]
         start_response("200 OK", first if replaced == "the file by an error" else then)
@@ -581,11 +582,25 @@ def test_a_wsgi_answer_replaced_with_exc_info_is_the_one_sent(stored: DevMogileF
                            sys.exc_info())
         return [b"the view's error page"]
 
-    status, body = StrictServer().get(MogileFSMiddleware(view, domain=DOMAIN, trackers=stored.trackers), "/v")
+    middleware = MogileFSMiddleware(view, domain=DOMAIN, trackers=stored.trackers)
     if replaced == "the file by an error":
-        assert (status, body) == ("503 Service Unavailable", b"the view's error page")
+        assert StrictServer().get(middleware, "/v") == ("503 Service Unavailable", b"the view's error page")
     else:
-        assert (status, body) == ("200 OK", FILES["private/doc.txt"])
+        with pytest.raises(RuntimeError, match="must come in the application's first start_response"):
+            StrictServer().get(middleware, "/v")
+
+
+def test_a_wsgi_answer_replaced_with_exc_info_is_read_off_gunicorns_socket(stored: DevMogileFS) -> None:
+    """As above, through gunicorn, read off the socket: each header once, and neither the error
+    page nor gunicorn's 500 for a file asked for too late carries a header of the file."""
+    with run_gunicorn({"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": stored.trackers[0]}) as running:
+        for path, status in (("/replaced/error/plain.txt", 503), ("/replaced/plain.txt", 500)):
+            reply = raw_http(running.port, f"GET {path} HTTP/1.1\r\nHost: media\r\nConnection: close\r\n\r\n".encode())
+            names = [name for name, _ in reply.fields]
+            assert (reply.status, len(names)) == (status, len(set(names))), reply
+            assert not any(name in reply.headers for name in FILE_HEADERS)
+            if status == 503:
+                assert reply.body == b"the view's own page"
 
 
 def test_a_lazy_body_whose_iteration_fails_at_once_is_still_closed(stored: DevMogileFS) -> None:
