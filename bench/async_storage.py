@@ -66,7 +66,7 @@ async def raw_candidate() -> tuple[Fetch, Callable[[], Awaitable[None]]]:
 
 
 async def module_candidate() -> tuple[Fetch, Callable[[], Awaitable[None]]]:
-    """An asyncio protocol and a head parser of our own: mogile_middleware.async_storage itself."""
+    """A non-blocking socket and a head parser of our own: mogile_middleware.async_storage itself."""
     async def fetch(url: str) -> int:
         total = 0
         async with await open_replica([url], timeout=TIMEOUT) as replica:
@@ -156,7 +156,7 @@ async def _nothing() -> None:
 
 CANDIDATES: dict[str, Callable[[], Awaitable[tuple[Fetch, Callable[[], Awaitable[None]]]]]] = {
     "raw socket (baseline)": raw_candidate,
-    "asyncio protocol + own parser": module_candidate,
+    "non-blocking socket + own parser": module_candidate,
     "h11 over asyncio streams": h11_candidate,
     "httpx.AsyncClient": httpx_candidate,
     "aiohttp": aiohttp_candidate,

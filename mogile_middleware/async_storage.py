@@ -13,27 +13,27 @@ threads); one closed early, or whose task is cancelled, closes it. ::
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
 Storage nodes (mogstored's Perlbal, the development node) answer plain HTTP/1.x and give every
-body a ``Content-Length``; none chunks a response. So an asyncio protocol and a status-line-and-
-headers parser are all this needs: ``python -m bench.async_storage`` measured them against h11,
-httpx and aiohttp on the development node; none was faster at small GETs, and on a 256 MiB body
-aiohttp reached two thirds of their speed, h11 and httpx less than half.
+body a ``Content-Length``; none chunks a response. So a non-blocking socket and a status-line-
+and-headers parser are all this needs: ``python -m bench.async_storage`` measured them against
+h11, httpx and aiohttp on the development node; none was faster at small GETs (aiohttp and h11
+half their speed, httpx a fifth), and on a 256 MiB body aiohttp reached a third of
+their speed, h11 and httpx less (an asyncio protocol of the same parser: two thirds).
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 import warnings
-from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
-from typing import cast
 
-from .deadline import within
+from .deadline import readable_now, within
 from .downnodes import down_nodes
 from .exceptions import StorageError
-from .nodepool import IdlePool, Node, end_orphaned
+from .nodepool import IdlePool, Node
 from .storage import (
     CHUNK_SIZE,
     MAX_HEAD,
@@ -54,66 +54,61 @@ from .storage import (
 __all__ = ["BODY_CHUNK_SIZE", "CHUNK_SIZE", "GROW_AFTER_BYTES", "SMALL_PIECE_SIZE", "AsyncPutStream",
            "AsyncReplicaResponse", "AsyncResumedReplica", "open_replica"]
 
-#: The most a connection reads at once (as uvloop's own reads), and so the largest piece of a
-#: body a read returns, reached by a reader that keeps up past :data:`GROW_AFTER_BYTES` and asks
-#: for that much: under uvicorn a 256 MiB download took about a third less of the worker's CPU
-#: than in 64 KiB pieces. A client that stops reading past that point holds one such piece more
-#: in the server (about 450 KiB in all, where one that stops earlier holds 300).
+#: The largest piece of a body a read takes, reached by a reader that keeps up past
+#: :data:`GROW_AFTER_BYTES` and asks for that much: under uvicorn a 256 MiB download took about a
+#: third less of the worker's CPU than in 64 KiB pieces. A client that stops reading past that
+#: point holds one such piece more in the server (about 450 KiB in all, where one that stops
+#: earlier holds 300).
 BODY_CHUNK_SIZE = 256 * 1024
-#: A connection's reads until :data:`GROW_AFTER_BYTES`, and every read made while its reader is
-#: busy elsewhere (sending to a client): a slow client holds about one piece in the server's
-#: buffers and one unread here (200 slow clients under uvicorn: 54 MiB, where 256 KiB pieces
-#: from the start cost 116 MiB).
+#: A connection's reads until :data:`GROW_AFTER_BYTES`, and every read of a reader that was away
+#: longer than :data:`KEEPING_UP_SECONDS` (sending to a slow client): a slow client holds about one
+#: piece in the server's buffers (200 slow clients under uvicorn: 54 MiB, where 256 KiB pieces from
+#: the start cost 116 MiB).
 SMALL_PIECE_SIZE = CHUNK_SIZE
 #: Bytes read on a connection for a response before its reads may grow. Until the kernel's
 #: buffers towards a client are full, sending to it takes no time, however slowly it reads; by
 #: default Linux lets them grow to 10 MiB (4 MiB to send, 6 MiB to receive), and on loopback a
 #: client reading nothing took 4 MiB.
 GROW_AFTER_BYTES = 16 * 1024 * 1024
-
-#: Where storage node connections read (see :meth:`_Connection.get_buffer`): one per thread.
-_read_buffer = threading.local()
+#: A reader asking again within this long of its last piece keeps up: its next piece may be
+#: twice as large. Under uvicorn, 99 in 100 reads of a 256 MiB download came within 0.2 ms.
+KEEPING_UP_SECONDS = 0.001
 
 
 class _Silent(Exception):
     """Raised in a waiting read by a response's watchdog: no data within the read timeout."""
 
 
-class _Connection(asyncio.BufferedProtocol):
-    """One connection to a storage node, as an asyncio protocol: each read is copied once out of
-    the thread's read buffer and handed to the reader as it is (a stream reader copies every byte
-    in and out of its buffer: a third of the CPU of a large transfer). Reading pauses while a
-    piece waits unread, so a slow reader slows the node. Past :data:`GROW_AFTER_BYTES`, a read
-    made while the reader waits for it may take twice as much as the last could, up to what the
-    reader asked for; one made while it is busy elsewhere is small, so a connection holds one
-    small piece unread at most.
+class _Connection:
+    """One connection to a storage node, on a non-blocking socket read and written directly. A
+    read takes what the kernel holds, in one copy into the bytes handed on, and waits for the
+    socket only when it holds nothing: a download that keeps up takes no turn of the event loop
+    per piece (a transport's reads took a turn each, with two copies and a pause and resume of
+    reading: a fifth more of uvicorn's CPU on a 256 MiB download). Nothing is read before the
+    reader asks, so a slow reader slows the node. Past :data:`GROW_AFTER_BYTES`, a reader that
+    keeps up gets pieces twice as large as the last, up to what it asks for; one that was away
+    gets small ones again.
 
     The single place connections are made and ended, so a pool can take over :meth:`open` and
     :meth:`close` (``reusable`` tells it whether the last response was read to its end).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, node: Node) -> None:
         self._loop = loop
-        self.node: Node = ("", 0)
+        self._sock = sock
+        self.node = node
         #: Whether it was kept from an earlier response, and whether anything came on it since.
         self.reused = self.received = False
         #: Whether the node keeps the connection open after the last response head read.
         self.keep_alive = False
-        self._transport: asyncio.Transport | None = None
-        self._pieces: deque[bytes] = deque()
-        self._start = 0  # how much of the first piece was read
-        self._reading_paused = False
-        #: Bytes read since the request was sent; the size of the buffer last offered to the loop,
-        #: and the most the reader waiting asked for (see :meth:`get_buffer`).
+        self._held = b""  # read with a head, not yet taken: the start of a body
+        self._held_from = 0
+        #: Bytes read since the request was sent; the size of the last piece, and when it was read.
         self._bytes_read = 0
         self._piece_size = SMALL_PIECE_SIZE
-        self._wanted = SMALL_PIECE_SIZE
+        self._read_at = 0.0
         self._eof = False
-        self._error: BaseException | None = None
-        self._data_waiter: asyncio.Future[None] | None = None
-        self._writing_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
-        self._closed: asyncio.Future[None] = loop.create_future()
+        self._waiter: asyncio.Future[None] | None = None
 
     @classmethod
     async def open(cls, target: Target, *, kept: bool = False) -> _Connection:
@@ -125,103 +120,72 @@ class _Connection(asyncio.BufferedProtocol):
             connection.reused, connection.received = True, False
             connection._bytes_read = 0  # a new response: small pieces first
             return connection
-        _, connection = await loop.create_connection(lambda: cls(loop), target.host, target.port)
-        connection.node = target.node
-        return connection
-
-    # -- the protocol's side ------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        # The loop reads into it and calls buffer_updated at once: one buffer per thread serves
-        # every connection, and what a connection holds is the bytes it read, never more.
-        buffer = getattr(_read_buffer, "view", None)
-        if buffer is None:
-            buffer = _read_buffer.view = memoryview(bytearray(BODY_CHUNK_SIZE))
-        # A reader waiting for this read keeps up: a larger piece, fewer turns of the loop per
-        # byte. One busy elsewhere gets a small piece, the most a connection leaves unread.
-        waiting = self._data_waiter is not None and not self._data_waiter.done()
-        if waiting and self._bytes_read >= GROW_AFTER_BYTES:
-            self._piece_size = min(2 * self._piece_size, BODY_CHUNK_SIZE, max(self._wanted, SMALL_PIECE_SIZE))
-        else:
-            self._piece_size = SMALL_PIECE_SIZE
-        return buffer[:self._piece_size]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._bytes_read += nbytes
-        self.data_received(bytes(_read_buffer.view[:nbytes]))
-
-    def data_received(self, data: bytes) -> None:
-        self.received = True
-        self._pieces.append(data)
-        if not self._reading_paused and self._transport is not None:
-            self._reading_paused = True
-            self._transport.pause_reading()
-        self._wake_reader()
-
-    def eof_received(self) -> bool:
-        self._eof = True
-        self._wake_reader()
-        return False  # the transport closes itself
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._eof = True
-        if exc is not None and self._error is None:
-            self._error = exc
-        self._wake_reader()
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_exception(exc or ConnectionResetError("connection lost"))
-        if not self._closed.done():
-            self._closed.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._writing_paused = True
-
-    def resume_writing(self) -> None:
-        self._writing_paused = False
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
+        return cls(loop, await _connect(loop, target.host, target.port), target.node)
 
     def interrupt(self, error: BaseException) -> None:
-        """Make a read waiting for data raise ``error`` (unless data came first in this turn of the loop)."""
-        if self._data_waiter is not None and not self._data_waiter.done():
-            self._data_waiter.set_exception(error)
-
-    def _wake_reader(self) -> None:
-        if self._data_waiter is not None and not self._data_waiter.done():
-            self._data_waiter.set_result(None)
-
-    # -- the reader's and writer's side -------------------------------------------------------
+        """Make a read waiting for data raise ``error``."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(error)
 
     async def read(self, limit: int) -> bytes:
-        """The next piece of at most ``limit`` bytes, as it arrived; ``b""`` once the node closed.
-        Raises what ended the connection, or what :meth:`interrupt` gave."""
-        while not self._pieces:
-            if self._error is not None:
-                raise self._error
-            if self._eof:
-                return b""
-            self._wanted = limit
-            self._data_waiter = self._loop.create_future()
+        """The next piece of at most ``limit`` bytes, as the kernel holds it; ``b""`` once the node
+        closed. Raises what ended the connection, or what :meth:`interrupt` gave."""
+        if self._held:
+            return self._take_held(limit)
+        if self._eof:
+            return b""
+        now = time.perf_counter()  # not the loop's clock: uvloop's stands still within a turn
+        if self._bytes_read >= GROW_AFTER_BYTES and now - self._read_at < KEEPING_UP_SECONDS:
+            self._piece_size = min(2 * self._piece_size, BODY_CHUNK_SIZE, max(limit, SMALL_PIECE_SIZE))
+        else:
+            self._piece_size = SMALL_PIECE_SIZE
+        while True:
             try:
-                await self._data_waiter
-            finally:
-                self._data_waiter = None
-        piece, start = self._pieces[0], self._start
-        if start == 0 and len(piece) <= limit:
-            self._pieces.popleft()
-        else:  # a part of a larger piece: one copy of that part, however many parts it takes
-            end = min(start + limit, len(piece))
-            piece, self._start = piece[start:end], end
-            if end == len(self._pieces[0]):
-                self._pieces.popleft()
-                self._start = 0
-        if self._reading_paused and not self._pieces and self._transport is not None:
-            self._reading_paused = False
-            self._transport.resume_reading()
+                piece = self._sock.recv(min(limit, self._piece_size))
+                break
+            except (BlockingIOError, InterruptedError):
+                await self._readable()
+        self._read_at = time.perf_counter()
+        if piece:
+            self.received = True
+            self._bytes_read += len(piece)
+        else:
+            self._eof = True
         return piece
+
+    async def _readable(self) -> None:
+        """Wait until the socket has something to read (or was closed by the node)."""
+        waiter = self._waiter = self._loop.create_future()
+        self._loop.add_reader(self._sock.fileno(), _settle, waiter)
+        try:
+            await waiter
+        finally:
+            self._stop_waiting()
+
+    def _stop_waiting(self) -> None:
+        """Stop watching the socket for a read that waits no more (before it is closed: its
+        number may be a new socket's next)."""
+        if self._waiter is not None:
+            self._waiter = None
+            if not self._loop.is_closed():
+                self._loop.remove_reader(self._sock.fileno())
+
+    def _take_held(self, limit: int) -> bytes:
+        """At most ``limit`` bytes of those held: one copy of each part taken, however many parts."""
+        held, start = self._held, self._held_from
+        if start == 0 and len(held) <= limit:
+            self._held = b""
+            return held
+        end = min(start + limit, len(held))
+        if end == len(held):
+            self._held, self._held_from = b"", 0
+        else:
+            self._held_from = end
+        return held[start:end]
+
+    def _unread(self, data: bytes) -> None:
+        """Put ``data`` back in front of what is held."""
+        self._held, self._held_from = data + self._held[self._held_from:], 0
 
     async def read_head(self, url: str) -> tuple[int, dict[str, str]]:
         """The status and headers (names lower-cased) of the next final response (past any 1xx)."""
@@ -252,60 +216,64 @@ class _Connection(asyncio.BufferedProtocol):
             raise StorageError(f"{url} closed the connection after its head, before its body", url)
         self._unread(piece)
 
-    def _unread(self, data: bytes) -> None:
-        """Put ``data`` back in front of what is buffered."""
-        if self._start:
-            self._pieces[0] = self._pieces[0][self._start:]
-            self._start = 0
-        self._pieces.appendleft(data)
-
-    def write(self, *data: bytes) -> None:
-        """Queue ``data`` for sending (the pieces in one system call where the transport can)."""
-        if self._transport is None or self._transport.is_closing():
-            raise ConnectionResetError("connection lost")
-        self._transport.writelines(data) if len(data) > 1 else self._transport.write(data[0])
-
-    async def drain(self) -> None:
-        """Wait until the transport's buffer is low again."""
-        if self._error is not None:
-            raise self._error
-        if self._transport is None or self._transport.is_closing():
-            await asyncio.sleep(0)  # let connection_lost say why, as a stream writer does
-            raise ConnectionResetError("connection lost")
-        if self._writing_paused:
-            self._drain_waiter = self._loop.create_future()
-            try:
-                await self._drain_waiter
-            finally:
-                self._drain_waiter = None
+    async def send(self, data: bytes | memoryview) -> None:
+        """Send ``data``, waiting while the node takes none."""
+        await self._loop.sock_sendall(self._sock, data)
 
     def close(self, reusable: bool = False) -> None:
-        """End the connection (its socket is closed on the next turn of the event loop), or with
-        ``reusable`` (its last response was read to the end) keep it for the next request to its
-        node if it is still open and the node keeps it alive."""
-        if self._transport is None:
-            return
+        """End the connection, or with ``reusable`` (its last response was read to the end) keep
+        it for the next request to its node if it is still open and the node keeps it alive."""
         if reusable and self.usable():
             _idle_connections(self._loop).give(self.node, self)
         else:
-            self._transport.close()
+            self.abort()
 
     def usable(self) -> bool:
-        """True if a new request may be sent: open, kept alive, nothing unread."""
-        return (self.keep_alive and not self._pieces and not self._eof and self._error is None
-                and self._transport is not None and not self._transport.is_closing())
+        """True if a new request may be sent: open, kept alive, nothing unread or unasked for."""
+        return (self.keep_alive and not self._held and not self._eof and self._sock.fileno() >= 0
+                and not readable_now(self._sock))
 
     def abort(self) -> None:
-        """End the connection at once, dropping whatever is still to be sent."""
-        if self._transport is None:
+        """End the connection at once (a read waiting on it raises ConnectionAbortedError)."""
+        if self._sock.fileno() < 0:
             return
-        if self._loop.is_closed():
-            end_orphaned(self._transport)
-        else:
-            self._transport.abort()
+        self.interrupt(ConnectionAbortedError("connection closed"))
+        self._stop_waiting()
+        self._sock.close()
 
-    async def wait_closed(self) -> None:
-        await asyncio.shield(self._closed)
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """A connected non-blocking socket to the first address of ``host`` that takes one, as
+    ``loop.create_connection`` would make (Nagle's algorithm off)."""
+    try:  # an address, as trackers give them, is read at once: a name is looked up in a thread
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    errors: list[OSError] = []
+    for family, kind, proto, _, address in addresses:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_connect(sock, address)
+        except OSError as error:
+            sock.close()
+            errors.append(error)
+        except BaseException:
+            sock.close()
+            raise
+        else:
+            return sock
+    if not errors:
+        raise OSError(f"no address for {host!r}")
+    if len({str(error) for error in errors}) == 1:
+        raise errors[0]
+    raise OSError(f"Multiple exceptions: {', '.join(str(error) for error in errors)}")
 
 
 class _IdleConnections(IdlePool[_Connection]):
@@ -438,17 +406,13 @@ class AsyncReplicaResponse:
             connection.close(reusable)
 
     def close(self) -> None:
-        """As :meth:`aclose`, without waiting for the socket to be closed (where nothing can be
-        awaited, as in a callback)."""
+        """Close the connection at once, unless no body is left (a HEAD or a 204: then it is kept
+        for the next request to the node); closing again does nothing."""
         self._end(reusable=self._remaining == 0)
 
     async def aclose(self) -> None:
-        """Close the connection at once, unless no body is left (a HEAD or a 204: then it is kept
-        for the next request to the node); closing again does nothing."""
-        connection = self._connection
+        """As :meth:`close`, for ``async with`` and callers that await it."""
         self.close()
-        if connection is not None and self._remaining != 0:
-            await connection.wait_closed()
 
     def __del__(self) -> None:
         # Dropped open (no aclose, no async with): its connection ends with it, as a blocking
@@ -488,8 +452,7 @@ async def _ask(connection: _Connection, url: str, request: bytes, method: str) -
     """Send ``request``; the status and headers of its answer, and for a GET the body's first bytes
     come too (:func:`~mogile_middleware.storage.body_follows`), left to read."""
     try:
-        connection.write(request)
-        await connection.drain()
+        await connection.send(request)
         status, headers = await connection.read_head(url)
         if body_follows(method, status, headers):
             await connection.await_data(url)
@@ -589,7 +552,7 @@ class AsyncResumedReplica:
             self.replica = await open_replica(urls, byte_range=part, size=self._resumption.size, timeout=self._timeout)
 
     def close(self) -> None:
-        """As :meth:`aclose`, without waiting for the socket to be closed."""
+        """As :meth:`aclose`, where nothing can be awaited (as in a callback)."""
         self.replica.close()
 
     async def aclose(self) -> None:
@@ -624,8 +587,7 @@ class AsyncPutStream:
         async def connect() -> _Connection:
             connection = await _Connection.open(target)
             try:
-                connection.write(request)
-                await connection.drain()
+                await connection.send(request)
             except BaseException:
                 connection.abort()
                 raise
@@ -650,25 +612,20 @@ class AsyncPutStream:
         connection = self._open_connection()
         if not data:
             return
-        # A copy of a mutable buffer: the transport may keep what it could not send yet, and the
-        # caller may fill the same buffer again once this returns (a view of bytes needs none).
-        if not isinstance(data, bytes) and not (isinstance(data, memoryview) and isinstance(data.obj, bytes)):
-            data = bytes(data)
         size = len(data)
         if self._length is not None and self._written + size > self._length:
             self.abort()
             raise LengthMismatchError(f"PUT {self.url}: more than the {self._length} bytes announced", self.url)
         try:
             if self._length is None:
-                connection.write(b"%X\r\n" % size)
+                await within(self._timeout, connection.send(b"%X\r\n" % size))
             for piece in put_pieces(data):  # each taken within the timeout, whatever the whole's size
-                connection.write(piece)
-                await within(self._timeout, connection.drain())
-                # drain() waits only for a full buffer: a node taking each piece at once would
-                # leave the loop's other tasks no turn until the whole body is sent.
+                await within(self._timeout, connection.send(piece))
+                # A send waits only while the node takes nothing: a node taking each piece at once
+                # would leave the loop's other tasks no turn until the whole body is sent.
                 await asyncio.sleep(0)
             if self._length is None:
-                connection.write(b"\r\n")
+                await within(self._timeout, connection.send(b"\r\n"))
         except asyncio.TimeoutError:
             self.abort()
             raise StorageError(f"PUT {self.url} stalled: the node took nothing for {self._timeout:g}s",
@@ -698,8 +655,7 @@ class AsyncPutStream:
 
         async def answer() -> int:
             if self._length is None:
-                connection.write(b"0\r\n\r\n")
-            await connection.drain()
+                await connection.send(b"0\r\n\r\n")
             status, _ = await connection.read_head(self.url)
             return status
 
@@ -714,11 +670,7 @@ class AsyncPutStream:
         except BaseException:
             connection.abort()
             raise
-        # Never kept (the request said Connection: close), and its answer is all that was wanted:
-        # what the transport still holds is not waited on (close() would wait to send it to a
-        # node that answered early and reads no more).
-        connection.abort()
-        await connection.wait_closed()
+        connection.abort()  # never kept: the request said Connection: close
         if not 200 <= status < 300:
             raise StorageError(f"PUT {self.url} answered HTTP {status}", self.url, status)
 

@@ -118,6 +118,15 @@ def test_get_reads_the_whole_file(urls: dict[str, str]) -> None:
     assert replica.headers["content-length"] == str(len(CONTENT))  # names lower-cased
 
 
+def test_a_node_named_by_host_name_is_read(urls: dict[str, str]) -> None:
+    url = urls["content"].replace("127.0.0.1", "localhost")
+
+    async def main() -> bytes:
+        return await read_all(await open_replica([url], timeout=5))
+
+    assert run(main()) == CONTENT
+
+
 def test_get_a_range_reads_those_bytes(urls: dict[str, str]) -> None:
     async def main() -> tuple[AsyncReplicaResponse, bytes, bytes]:
         replica = await open_replica([urls["content"]], byte_range=(1000, 70999), timeout=5)
@@ -429,6 +438,34 @@ def test_a_task_cancelled_while_reading_closes_the_connection(nodes) -> None:
     assert b"".join(run(main())) == b"x" * 1000
 
 
+@pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+def test_a_response_closed_while_a_read_waits_ends_that_read(
+        nodes, urls: dict[str, str], new_loop: Callable[[], Any]) -> None:
+    """Closed from elsewhere (a callback, another task) while a read waits on the node: the read
+    raises StorageError at once rather than at its timeout, the connection closes, and the loop's
+    next response is read as usual."""
+    node = nodes(endless_node)
+
+    async def main() -> bytes:
+        replica = await open_replica([node.url], timeout=30)
+        assert await replica.read(1000) == b"x" * 1000
+        reading = asyncio.ensure_future(replica.read(100))
+        await asyncio.sleep(0.1)  # waiting for the rest of the body
+        replica.close()
+        started = time.monotonic()
+        with pytest.raises(StorageError, match=re.escape(node.url)):
+            await reading
+        assert time.monotonic() - started < 1
+        assert await eventually_async(lambda: node.open == 0)
+        return await read_all(await open_replica([urls["content"]], timeout=5))
+
+    loop = new_loop()
+    try:
+        assert loop.run_until_complete(asyncio.wait_for(main(), 30)) == CONTENT
+    finally:
+        loop.close()
+
+
 def test_a_body_read_slowly_is_not_read_ahead(nodes) -> None:
     size = 64 * 1024 * 1024
     block = memoryview(bytes(1024 * 1024))  # sent again and again: the node allocates nothing
@@ -445,7 +482,7 @@ def test_a_body_read_slowly_is_not_read_ahead(nodes) -> None:
         async with await open_replica([node.url], timeout=10) as replica:
             async for chunk in replica.chunks():
                 pieces.append(len(chunk))
-                await asyncio.sleep(0.001)  # slower than the node sends
+                await asyncio.sleep(0.002)  # slower than the node sends
         return pieces
 
     tracemalloc.start()
@@ -487,7 +524,7 @@ def test_a_reader_that_keeps_up_gets_larger_pieces_past_the_first_16_mib(nodes, 
             async for chunk in replica.chunks():
                 sizes.append(len(chunk))
                 if sum(sizes) > slow_after:
-                    await asyncio.sleep(0.001)  # slower than the node sends
+                    await asyncio.sleep(0.002)  # slower than the node sends
         return sizes
 
     async def main() -> list[list[int]]:
