@@ -16,8 +16,8 @@ Storage nodes (mogstored's Perlbal, the development node) answer plain HTTP/1.x 
 body a ``Content-Length``; none chunks a response. So a non-blocking socket and a status-line-
 and-headers parser are all this needs: ``python -m bench.async_storage`` measured them against
 h11, httpx and aiohttp on the development node; none was faster at small GETs (aiohttp and h11
-half their speed, httpx a fifth), and on a 256 MiB body aiohttp reached a third of
-their speed, h11 and httpx less (an asyncio protocol of the same parser: two thirds).
+about half their speed, httpx a fifth), and on a 256 MiB body none reached a third of it (the
+same parser over an asyncio protocol, as this module had it before: two thirds at most).
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
+from typing import Any
 
 from .deadline import readable_now, within
 from .downnodes import down_nodes
@@ -82,12 +83,12 @@ class _Silent(Exception):
 class _Connection:
     """One connection to a storage node, on a non-blocking socket read and written directly. A
     read takes what the kernel holds, in one copy into the bytes handed on, and waits for the
-    socket only when it holds nothing: a download that keeps up takes no turn of the event loop
-    per piece (a transport's reads took a turn each, with two copies and a pause and resume of
-    reading: a fifth more of uvicorn's CPU on a 256 MiB download). Nothing is read before the
-    reader asks, so a slow reader slows the node. Past :data:`GROW_AFTER_BYTES`, a reader that
-    keeps up gets pieces twice as large as the last, up to what it asks for; one that was away
-    gets small ones again.
+    socket only when it holds nothing: each piece costs the event loop one turn, given to its
+    other tasks, and no wait for the socket while the node keeps up (a transport's reads took
+    two copies and a pause and resume of reading each: a tenth more of uvicorn's CPU on a 256 MiB
+    download). Nothing is read before the reader asks, so a slow reader slows the node. Past
+    :data:`GROW_AFTER_BYTES`, a reader that keeps up gets pieces twice as large as the last, up
+    to what it asks for; one that was away gets small ones again.
 
     The single place connections are made and ended, so a pool can take over :meth:`open` and
     :meth:`close` (``reusable`` tells it whether the last response was read to its end).
@@ -109,6 +110,7 @@ class _Connection:
         self._read_at = 0.0
         self._eof = False
         self._waiter: asyncio.Future[None] | None = None
+        self._unwatch: Callable[[int], Any] = loop.remove_reader
 
     @classmethod
     async def open(cls, target: Target, *, kept: bool = False) -> _Connection:
@@ -123,7 +125,7 @@ class _Connection:
         return cls(loop, await _connect(loop, target.host, target.port), target.node)
 
     def interrupt(self, error: BaseException) -> None:
-        """Make a read waiting for data raise ``error``."""
+        """Make a read or send waiting on the socket raise ``error``."""
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(error)
 
@@ -139,12 +141,13 @@ class _Connection:
             self._piece_size = min(2 * self._piece_size, BODY_CHUNK_SIZE, max(limit, SMALL_PIECE_SIZE))
         else:
             self._piece_size = SMALL_PIECE_SIZE
+        await asyncio.sleep(0)  # the loop's other tasks get a turn: a node that keeps up would leave them none
         while True:
             try:
                 piece = self._sock.recv(min(limit, self._piece_size))
                 break
             except (BlockingIOError, InterruptedError):
-                await self._readable()
+                await self._ready(self._loop.add_reader, self._loop.remove_reader)
         self._read_at = time.perf_counter()
         if piece:
             self.received = True
@@ -153,22 +156,26 @@ class _Connection:
             self._eof = True
         return piece
 
-    async def _readable(self) -> None:
-        """Wait until the socket has something to read (or was closed by the node)."""
+    async def _ready(self, watch: Callable[..., Any], unwatch: Callable[[int], Any]) -> None:
+        """Wait until the socket can be read or written, as ``watch`` (the loop's ``add_reader``
+        or ``add_writer``) tells; ``unwatch`` ends the watch."""
+        if self._waiter is not None:
+            raise RuntimeError(f"a read or send on the connection to {self.node} waits already")
         waiter = self._waiter = self._loop.create_future()
-        self._loop.add_reader(self._sock.fileno(), _settle, waiter)
+        self._unwatch = unwatch
+        watch(self._sock.fileno(), _settle, waiter)
         try:
             await waiter
         finally:
             self._stop_waiting()
 
     def _stop_waiting(self) -> None:
-        """Stop watching the socket for a read that waits no more (before it is closed: its
-        number may be a new socket's next)."""
+        """Stop watching the socket for a read or send that waits no more (before it is closed:
+        its number may be a new socket's next)."""
         if self._waiter is not None:
             self._waiter = None
             if not self._loop.is_closed():
-                self._loop.remove_reader(self._sock.fileno())
+                self._unwatch(self._sock.fileno())
 
     def _take_held(self, limit: int) -> bytes:
         """At most ``limit`` bytes of those held: one copy of each part taken, however many parts."""
@@ -218,7 +225,12 @@ class _Connection:
 
     async def send(self, data: bytes | memoryview) -> None:
         """Send ``data``, waiting while the node takes none."""
-        await self._loop.sock_sendall(self._sock, data)
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self._sock.send(view):]
+            except (BlockingIOError, InterruptedError):
+                await self._ready(self._loop.add_writer, self._loop.remove_writer)
 
     def close(self, reusable: bool = False) -> None:
         """End the connection, or with ``reusable`` (its last response was read to the end) keep
@@ -234,7 +246,7 @@ class _Connection:
                 and not readable_now(self._sock))
 
     def abort(self) -> None:
-        """End the connection at once (a read waiting on it raises ConnectionAbortedError)."""
+        """End the connection at once (a read or send waiting on it raises ConnectionAbortedError)."""
         if self._sock.fileno() < 0:
             return
         self.interrupt(ConnectionAbortedError("connection closed"))
@@ -358,6 +370,8 @@ class AsyncReplicaResponse:
             return b""
         if self._connection is None:
             raise ValueError(f"read of the closed response from {self.url}")
+        if self._reading:
+            raise RuntimeError(f"read of the response from {self.url} while another read of it waits")
         connection = self._connection
         loop = self._loop
         if loop is None:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,24 @@ def run(coroutine: Coroutine[Any, Any, Any], seconds: float = 30) -> Any:
         return await asyncio.wait_for(coroutine, seconds)
 
     return asyncio.run(bounded())
+
+
+def run_on(new_loop: Callable[[], asyncio.AbstractEventLoop], coroutine: Coroutine[Any, Any, Any],
+           seconds: float = 30) -> Any:
+    """:func:`run` on a loop of ``new_loop`` (asyncio's or uvloop's)."""
+    loop = new_loop()
+    try:
+        return loop.run_until_complete(asyncio.wait_for(coroutine, seconds))
+    finally:
+        loop.close()
+
+
+async def ends_at_once(waiting: Awaitable[Any], match: str) -> None:
+    """``waiting``, ended from elsewhere, raises StorageError (matching ``match``) within a second."""
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=match):
+        await waiting
+    assert time.monotonic() - started < 1
 
 
 def eventually(condition: Callable[[], bool], seconds: float = 2.0) -> bool:
@@ -254,6 +272,18 @@ def endless_node(conn: socket.socket) -> None:
     conn.sendall(RESPONSE_HEAD % 10_000_000 + b"x" * 1000)
 
 
+def fast_node(size: int) -> Callable[[socket.socket], None]:
+    """A node sending a body of ``size`` zero bytes as fast as the client takes it."""
+    block = memoryview(bytes(1024 * 1024))  # sent again and again: the node allocates nothing
+
+    def send(conn: socket.socket) -> None:
+        conn.sendall(RESPONSE_HEAD % size)
+        for _ in range(size // len(block)):
+            conn.sendall(block)
+
+    return send
+
+
 def test_a_node_dripping_its_head_costs_the_timeout_then_the_next_replica_answers(nodes) -> None:
     dripping, good = nodes(dripping_node), nodes(good_node)
 
@@ -452,30 +482,77 @@ def test_a_response_closed_while_a_read_waits_ends_that_read(
         reading = asyncio.ensure_future(replica.read(100))
         await asyncio.sleep(0.1)  # waiting for the rest of the body
         replica.close()
-        started = time.monotonic()
-        with pytest.raises(StorageError, match=re.escape(node.url)):
-            await reading
-        assert time.monotonic() - started < 1
+        await ends_at_once(reading, re.escape(node.url))
         assert await eventually_async(lambda: node.open == 0)
         return await read_all(await open_replica([urls["content"]], timeout=5))
 
-    loop = new_loop()
-    try:
-        assert loop.run_until_complete(asyncio.wait_for(main(), 30)) == CONTENT
-    finally:
-        loop.close()
+    assert run_on(new_loop, main()) == CONTENT
+
+
+def test_a_second_read_while_one_waits_is_refused_and_the_first_goes_on(nodes) -> None:
+    def two_parts(conn: socket.socket) -> None:
+        conn.sendall(RESPONSE_HEAD % 20 + b"x" * 10)
+        time.sleep(0.3)
+        conn.sendall(b"y" * 10)
+
+    node = nodes(two_parts)
+
+    async def main() -> bytes:
+        async with await open_replica([node.url], timeout=5) as replica:
+            assert await replica.read(100) == b"x" * 10
+            first = asyncio.ensure_future(replica.read(100))
+            await asyncio.sleep(0.05)  # waiting for the node
+            with pytest.raises(RuntimeError, match="another read"):
+                await replica.read(100)
+            return await first
+
+    assert run(main()) == b"y" * 10
+
+
+@pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+def test_a_node_that_keeps_up_leaves_the_loops_other_tasks_their_turns(nodes, new_loop: Callable[[], Any]) -> None:
+    """Each piece read gives the event loop a turn, also when the next one is there already."""
+    node = nodes(fast_node(16 * 1024 * 1024))
+
+    async def main() -> list[int]:
+        turns = 0
+
+        async def other_task() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        other = asyncio.ensure_future(other_task())
+        seen = []  # the other task's turns as each piece came
+        async with await open_replica([node.url], timeout=10) as replica:
+            await asyncio.sleep(0.5)  # megabytes wait in the kernel's buffers
+            async for _ in replica.chunks():
+                seen.append(turns)
+        other.cancel()
+        return seen
+
+    seen = run_on(new_loop, main(), 60)
+    assert len(seen) > 100
+    assert all(later > earlier for earlier, later in zip(seen, seen[1:]))
+
+
+def test_interim_answers_without_end_cost_the_timeout(nodes) -> None:
+    def flood(conn: socket.socket) -> None:
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n" * 1000)
+
+    node = nodes(flood)
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="within 1s"):
+        run(open_replica([node.url], timeout=1))
+    assert time.monotonic() - started < 2.5
 
 
 def test_a_body_read_slowly_is_not_read_ahead(nodes) -> None:
     size = 64 * 1024 * 1024
-    block = memoryview(bytes(1024 * 1024))  # sent again and again: the node allocates nothing
-
-    def fast_node(conn: socket.socket) -> None:
-        conn.sendall(RESPONSE_HEAD % size)
-        for _ in range(size // len(block)):
-            conn.sendall(block)
-
-    node = nodes(fast_node)
+    node = nodes(fast_node(size))
 
     async def main() -> list[int]:
         pieces = []
@@ -533,11 +610,7 @@ def test_a_reader_that_keeps_up_gets_larger_pieces_past_the_first_16_mib(nodes, 
         finally:
             close_idle_connections()
 
-    loop = new_loop()
-    try:
-        fast, turning = loop.run_until_complete(asyncio.wait_for(main(), 60))
-    finally:
-        loop.close()
+    fast, turning = run_on(new_loop, main(), 60)
     assert len(connections) == 1  # the second response came on the connection the first left open
     for sizes in (fast, turning):
         assert sum(sizes) == size
@@ -550,6 +623,31 @@ def test_a_reader_that_keeps_up_gets_larger_pieces_past_the_first_16_mib(nodes, 
 
 
 # -- PUT --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+def test_a_put_aborted_while_its_write_waits_ends_that_write(
+        nodes, urls: dict[str, str], new_loop: Callable[[], Any]) -> None:
+    """Aborted from elsewhere while a write waits for a node that takes nothing: the write raises
+    StorageError at once rather than at its timeout, and the loop's next connection (perhaps on
+    the same descriptor number) is read as usual."""
+    node = nodes(lambda conn: time.sleep(1.5))  # takes the request head, then reads nothing
+
+    async def main() -> bytes:
+        put = await AsyncPutStream.open(node.url, length=1 << 30, timeout=10)
+
+        async def write() -> None:
+            for _ in range(1024):
+                await put.write(b"y" * (1 << 20))
+
+        writing = asyncio.ensure_future(write())
+        await asyncio.sleep(0.5)  # the kernel's buffers are full: the write waits
+        assert not writing.done()
+        put.abort()
+        await ends_at_once(writing, "dropped")
+        return await read_all(await open_replica([urls["content"]], timeout=5))
+
+    assert run_on(new_loop, main()) == CONTENT
+
 
 def node_url(mogile: DevMogileFS, path: str) -> str:
     return f"{mogile.nodes[0].url}/dev1/7/777/777/{path}"
