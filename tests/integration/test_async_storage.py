@@ -530,6 +530,7 @@ def test_a_node_that_keeps_up_leaves_the_loops_other_tasks_their_turns(nodes, ne
             async for _ in replica.chunks():
                 seen.append(turns)
         other.cancel()
+        await asyncio.gather(other, return_exceptions=True)
         return seen
 
     seen = run_on(new_loop, main(), 60)
