@@ -115,7 +115,7 @@ def parse_head(url: str, head: bytes) -> tuple[int, dict[str, str], bool]:
     version, _, rest = status_line.partition(" ")
     status = rest[:3]
     # RFC 9112 2.3 and 4: "HTTP/1." and a digit, then a status code from 100 to 599 (RFC 9110 15).
-    if (len(version) != 8 or not version.startswith("HTTP/1.") or not version[7].isdigit()
+    if (len(version) != 8 or not version.startswith("HTTP/1.") or version[7] not in "0123456789"
             or not (status.isascii() and status.isdigit() and "100" <= status <= "599") or rest[3:4] not in ("", " ")):
         raise StorageError(f"{url} sent no HTTP/1.x status line: {status_line[:80]!r}", url)
     headers: dict[str, str] = {}

@@ -466,7 +466,7 @@ def test_a_connection_the_node_says_it_closes_is_not_asked_again() -> None:
 
 
 @pytest.mark.parametrize("status_line", [b"HTTP/1.1 099 Low", b"HTTP/1.1 000 None", b"HTTP/1.1 600 High",
-                                         b"HTTP/1.Z 200 OK", b"HTTP/1.10 200 OK"])
+                                         b"HTTP/1.Z 200 OK", b"HTTP/1.10 200 OK", b"HTTP/1.\xb2 200 OK"])
 def test_a_status_line_of_no_http_1_answer_is_refused(status_line: bytes) -> None:
     """RFC 9112 4 and RFC 9110 15: ``HTTP/1.`` and one digit, then a code from 100 to 599. A code
     below 100 was read past as a 1xx, and the answer after it taken for the node's."""
