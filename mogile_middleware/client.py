@@ -26,7 +26,7 @@ from .cache import CacheBackend, entry_key
 from .deadline import checked_seconds
 from .exceptions import BadKeyError, NoneMatchError, UnknownKeyError, named_errors
 from .nodepool import nodes
-from .protocol import ArgValue, Reply, check_key, fid_of, key_bytes, parse_domains, to_bytes, to_text
+from .protocol import ArgValue, Reply, check_any_key, check_key, fid_of, key_bytes, parse_domains, to_bytes, to_text
 from .storage import ReplicaResponse, open_replica, read_replica
 from .tracker import Address, ReadReply, TrackerPool, TrackerPoolBase
 from .upload import ChangeListener, NewFile, Uploader, content_bytes
@@ -62,7 +62,7 @@ class Request(NamedTuple):
 
 def get_paths_request(key: str, noverify: bool = True, zone: str | None = None, pathcount: int = 2) -> Request:
     """``get_paths`` for ``key`` (checked: a :class:`BadKeyError` before anything is sent)."""
-    check_key(key)
+    check_any_key(key)
     return Request("get_paths", {"key": key, "noverify": 1 if noverify else 0, "zone": zone, "pathcount": pathcount},
                    read=paths_of)
 
@@ -75,7 +75,7 @@ def paths_of(reply: Reply) -> list[str]:
 def stored_key_request(key: str) -> Request:
     """``file_debug`` for ``key`` (checked), whose ``fid_dkey`` spells the key as stored: a tracker
     on MySQL finds a key whatever its case, and its ``file_info`` gives the key as asked."""
-    check_key(key)
+    check_any_key(key)
     return Request("file_debug", {"key": key}, read=stored_key_of)
 
 
@@ -86,7 +86,7 @@ def stored_key_of(reply: Reply) -> str:
 
 def file_info_request(key: str) -> Request:
     """``file_info`` for ``key`` (checked)."""
-    check_key(key)
+    check_any_key(key)
     return Request("file_info", {"key": key}, read=file_info_of)
 
 
@@ -117,20 +117,20 @@ def file_info_of(reply: Reply) -> FileInfo:
 
 def delete_request(key: str) -> Request:
     """``delete`` of ``key`` (checked), which changes it."""
-    check_key(key)
+    check_any_key(key)
     return Request("delete", {"key": key}, (key,))
 
 
 def rename_request(from_key: str, to_key: str) -> Request:
-    """``rename`` of ``from_key`` to ``to_key`` (both checked), which changes both."""
-    check_key(from_key)
+    """``rename`` of ``from_key`` to ``to_key`` (checked, ``to_key`` as a key to create), which changes both."""
+    check_any_key(from_key)
     check_key(to_key)
     return Request("rename", {"from_key": from_key, "to_key": to_key}, (from_key, to_key))
 
 
 def update_class_request(key: str, cls: str) -> Request:
     """``updateclass`` of ``key`` (checked) to class ``cls``."""
-    check_key(key)
+    check_any_key(key)
     return Request("updateclass", {"key": key, "class": cls})
 
 

@@ -374,7 +374,7 @@ class MiddlewareCore:
         """The answer for a lookup that failed: 404, 400, 503 or 502 (logged)."""
         if isinstance(error, UnknownKeyError):
             return http.NOT_FOUND
-        if isinstance(error, BadKeyError):  # key_for_path made a key the tracker cannot hold
+        if isinstance(error, BadKeyError):  # key_for_path made a key no tracker holds (not UTF-8 text)
             return http.error(400, str(error))
         if isinstance(error, TrackerUnavailableError):
             self._outage_log.event(key, error)

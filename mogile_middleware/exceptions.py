@@ -16,8 +16,8 @@ class MogileFSError(Exception):
 
 
 class BadKeyError(MogileFSError, ValueError):
-    """A key the client refuses to send: empty, over 255 bytes, holding NUL, CR or LF, or text
-    UTF-8 cannot encode (also a ``list_keys`` prefix)."""
+    """A key the client refuses to send: empty, or text UTF-8 cannot encode (also a ``list_keys``
+    prefix); as a key to create (stored, renamed to), also one over 255 bytes or holding NUL, CR or LF."""
 
 
 class ProtocolError(MogileFSError):

@@ -56,16 +56,27 @@ def key_bytes(text: str | bytes, what: str = "key") -> bytes:
         raise BadKeyError(f"{what} holds {error.object[error.start]!r}, which is not UTF-8 text") from None
 
 
-def check_key(key: str | bytes, *, length: bool = True) -> bytes:
-    """Return the key's bytes, or raise :class:`BadKeyError` if a tracker must never see it (a
-    TypeError if it is not text or bytes at all); with ``length`` false, whatever its length."""
+def check_any_key(key: str | bytes) -> bytes:
+    """Return the bytes of a key to ask about, or raise :class:`BadKeyError` if no tracker holds
+    it (empty, or text UTF-8 cannot encode); a TypeError if it is not text or bytes at all. Any
+    other key may be another client's: on SQLite, mogilefsd 2.73 stores keys over 255 bytes and
+    keys with line breaks, which the protocol's encoding carries."""
     if not isinstance(key, (str, bytes)):
         raise TypeError(f"a key is a str, not {type(key).__name__}")
     raw = key_bytes(key)
     if not raw:
         raise BadKeyError("empty key")
+    return raw
+
+
+def check_key(key: str | bytes, *, length: bool = True) -> bytes:
+    """Return the bytes of a key to create, or raise as :func:`check_any_key` does, and
+    :class:`BadKeyError` for one over 255 bytes (MySQL's ``dkey VARCHAR(255)`` cuts it short or
+    refuses it; not with ``length`` false) or with NUL, CR or LF (no URL serves it, and line-based
+    tools, ``moglistkeys`` among them, would split it)."""
+    raw = check_any_key(key)
     if length and len(raw) > MAX_KEY_BYTES:
-        raise BadKeyError(f"key is {len(raw)} bytes long; MogileFS keys hold at most {MAX_KEY_BYTES}")
+        raise BadKeyError(f"key is {len(raw)} bytes long, over the {MAX_KEY_BYTES} of MogileFS's schema")
     for forbidden in _FORBIDDEN_KEY_BYTES:
         if forbidden in raw:
             raise BadKeyError(f"key contains the control byte {forbidden!r}")

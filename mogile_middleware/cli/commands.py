@@ -281,8 +281,7 @@ def _describe(error: OSError | StorageError | BadKeyError) -> str:
 
 
 def _skipped(key: str, reason: str) -> None:
-    """Name on stderr a listed key the command passes over, and why. A tracker may hold keys this
-    client refuses to send (over 255 bytes, CR, LF: stored by other clients); the others go on."""
+    """Name on stderr a key the command passes over, and why; the others go on."""
     print(f"mogile-middleware: {quoted(key)}: {printable(reason)}: skipped", file=sys.stderr)
 
 
@@ -452,8 +451,8 @@ def _get(args: argparse.Namespace, client: Client) -> int:
 
 def _get_recursive(args: argparse.Namespace, client: Client) -> int:
     """Every key under the prefix into a file under ``-o DIR``; a key that would not name a file
-    inside it (``..``, an empty segment, a NUL), that the client refuses to send (see
-    :func:`_skipped`), or none of whose replicas answered, is skipped, named, and exit 1."""
+    inside it (``..``, an empty segment, a NUL, a segment over 255 bytes), or none of whose
+    replicas answered, is skipped, named (see :func:`_skipped`), and exit 1."""
     if args.output in (None, "-"):
         print("mogile-middleware: get --recursive: give the directory to write to with -o DIR", file=sys.stderr)
         return 2
@@ -461,12 +460,6 @@ def _get_recursive(args: argparse.Namespace, client: Client) -> int:
     written: set[Path] = set()  # "col/x" and "colx" both name x under the prefix "col"
     prefix = to_bytes(args.key)  # keys match it byte for byte: it may end inside a character
     for key in client.keys(prefix):
-        try:
-            check_key(key)  # before any directory is made for it
-        except BadKeyError as error:
-            _skipped(key, str(error))
-            skipped += 1
-            continue
         parts = _file_name_parts(to_text(to_bytes(key)[len(prefix):]), after_slash=args.key.endswith("/"))
         if parts is None:
             print(f"mogile-middleware: {quoted(key)} names no file under {printable(str(root))}: skipped",
@@ -514,16 +507,20 @@ def _download(client: Client, key: str) -> Iterator[tuple[int | None, Iterator[b
 #: What no file name here holds, besides the "/" a key's segments are split at: NUL, and the
 #: backslash where it also separates directories (Windows).
 _NOT_IN_FILE_NAMES = ("\0", os.sep) if os.sep != "/" else ("\0",)
+#: The longest file name (bytes) Linux file systems take.
+_NAME_MAX = 255
 
 
 def _file_name_parts(rest: str, *, after_slash: bool) -> list[str] | None:
     """The path segments of a key after the prefix, or None if they would not name a file inside
     the directory: a key is written by whoever stored it, and may be hostile. Any other name is
-    kept as it is (a tab, a byte that is not UTF-8): ``upload --recursive`` stores such files."""
+    kept as it is (a tab, a line feed, a byte that is not UTF-8): ``upload --recursive`` stores
+    most such files, and the Perl tools the rest."""
     if rest.startswith("/") and not after_slash:  # prefix "photos", key "photos/a.jpg"
         rest = rest[1:]
     parts = rest.split("/")
-    if any(part in ("", ".", "..") for part in parts) or any(byte in rest for byte in _NOT_IN_FILE_NAMES):
+    if (any(part in ("", ".", "..") or len(to_bytes(part)) > _NAME_MAX for part in parts)
+            or any(byte in rest for byte in _NOT_IN_FILE_NAMES)):
         return None
     return parts
 
@@ -648,9 +645,7 @@ def _add_ls_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _ls(args: argparse.Namespace, client: Client) -> int:
-    """Print the keys under the prefix; with ``--long``, each with its size and class, and exit 1
-    if a key could not be asked about (see :func:`_skipped`)."""
-    skipped = 0
+    """Print the keys under the prefix; with ``--long``, each with its size and class."""
     for key in client.keys(args.prefix):
         if not args.long:
             print(printable(key))
@@ -659,12 +654,8 @@ def _ls(args: argparse.Namespace, client: Client) -> int:
             info = client.file_info(key)
         except UnknownKeyError:  # deleted since it was listed
             continue
-        except BadKeyError as error:
-            _skipped(key, str(error))
-            skipped += 1
-            continue
         print(f"{info.length}\t{printable(info.cls)}\t{printable(key)}")
-    return 1 if skipped else 0
+    return 0
 
 
 def _add_key_argument(parser: argparse.ArgumentParser) -> None:
@@ -721,7 +712,7 @@ def _paths(args: argparse.Namespace, client: Client) -> int:
 def _rm(args: argparse.Namespace, client: Client) -> int:
     """Delete the keys given, then (with ``--prefix``) those listed under it, once confirmed (a
     prefix no key starts with is said, and not an error). A key that does not exist (exit 3), or
-    that the client refuses to send (exit 1, see :func:`_skipped`), is reported and the others
+    that no key can be (exit 1: an empty one, see :func:`_skipped`), is reported and the others
     still deleted."""
     if not args.keys and args.prefix is None:
         print("mogile-middleware: rm: give keys, --prefix PREFIX or --all", file=sys.stderr)

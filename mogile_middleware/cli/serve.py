@@ -73,13 +73,11 @@ class FileIndex:
             info = self.client.file_info(key)
         except UnknownKeyError:
             return ""
-        except BadKeyError as error:  # a key the tracker holds but the client never sends (over 255 bytes, LF)
-            return f"<li>{html.escape(printable(key))}, not served: {html.escape(str(error))}</li>"
         about = f"{info.length} bytes, class {html.escape(info.cls)}"
         try:
             name = check_url_key(key)
-        except BadKeyError:  # bytes that are not UTF-8: named, escaped, with no link (no URL serves it)
-            return f"<li>{html.escape(printable(key))} {about}, not served: not UTF-8</li>"
+        except BadKeyError as error:  # not UTF-8, over 255 bytes, NUL, CR, LF: named, with no link (no URL serves it)
+            return f"<li>{html.escape(printable(key))} {about}, not served: {html.escape(str(error))}</li>"
         try:
             href = html.escape(file_path(self.prefix, check_linked_path(name), script_name))
         except BadKeyError as error:  # a browser would ask for another key, or the middleware answer 400

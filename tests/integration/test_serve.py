@@ -147,7 +147,8 @@ def test_the_index_lists_a_key_no_url_serves_without_a_link(devmogile: DevMogile
     assert page.status_int == 200
     assert '<li><a href="/mogilefs/a.txt">a.txt</a> 1 bytes, class thumb</li>' in page.text
     assert '<a href="/mogilefs/e%E2%80%AEtxt.exe">e\\u202etxt.exe</a> 5 bytes' in page.text
-    assert "<li>b\\xff.bin 2 bytes, class thumb, not served: not UTF-8</li>" in page.text
+    assert ("<li>b\\xff.bin 2 bytes, class thumb, not served: key &#x27;b\\udcff.bin&#x27; is not UTF-8: no URL "
+            "names it</li>") in page.text
     assert ("<li>c/../a.txt 3 bytes, class thumb, not linked: &#x27;c/../a.txt&#x27; has a &#x27;..&#x27; segment, "
             "which clients remove from a URL: its link would name another key</li>") in page.text
     assert ("<li>d\\tx.txt 4 bytes, class thumb, not linked: &#x27;d\\tx.txt&#x27; holds the control character "
