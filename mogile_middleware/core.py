@@ -50,7 +50,7 @@ REPROXY_MODES = (None, "perlbal", "nginx")
 #: In ``trusted_proxies``: the peer of a unix socket (an empty ``REMOTE_ADDR``).
 UNIX_SOCKET = "unix"
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 5.6.2
-_NGINX_LOCATION = re.compile(r"[/@][!-~]*")
+_NGINX_LOCATION = re.compile(r"/[!-~]*|@[!-~]+")  # a path, or a named location: "@" and a name
 _NOT_UTF8 = http.error(400, "The file name is not valid UTF-8.")
 _CONTROL = http.error(400, "The file name contains control characters.")
 _TOO_LONG = http.error(400, f"The file name is longer than {MAX_KEY_BYTES} bytes.")

@@ -20,6 +20,7 @@ BAD_OPTIONS = [
     pytest.param({"mimetypes": {".txt": "text/plain\r\nX: y"}}, "mimetypes", id="mimetype-line-break"),
     pytest.param({"reproxy": "nginx", "nginx_location": "reproxy"}, "nginx_location", id="nginx-location-relative"),
     pytest.param({"reproxy": "nginx", "nginx_location": "/re proxy"}, "nginx_location", id="nginx-location-blank"),
+    pytest.param({"reproxy": "nginx", "nginx_location": "@"}, "nginx_location", id="nginx-location-unnamed"),
     pytest.param({"reproxy": "perlbal", "perlbal_cache_seconds": -30}, "perlbal_cache_seconds",
                  id="perlbal-cache-negative"),
     pytest.param({"reproxy": "perlbal", "perlbal_cache_seconds": 1.5}, "perlbal_cache_seconds",
