@@ -578,6 +578,8 @@ def _node_reads_alike(range_header: str, length: int | None) -> bool:
     """
     if range_header.count("=") > 1:  # Range fields joined: nginx sends the node the first alone
         return False
+    if len(range_header) > http.MAX_RANGE:  # not read here: the node sends all of a list, which it never reads
+        return "," in range_header
     size = _ANY_LENGTH if length is None else length
     status, first, last = http.storage_node_range(range_header, size)
     ours = http.byte_range(range_header, size)
