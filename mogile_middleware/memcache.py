@@ -112,8 +112,6 @@ class MemcachedBackend:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._idle: list[tuple[HashClient, _Deadline]] = []
-        #: Until when a server marked dead is not asked again for a mark (see :meth:`delete`).
-        self._asked_dead_until: dict[str, float] = {}
         # Sites signing with different secrets over one memcached find each other's entries on every read.
         self._invalid_log = ThrottledLog(log, logging.WARNING, "ignoring an invalid memcached entry for %r: %r",
                                          INVALID_WARNING_INTERVAL, "invalid entries")
@@ -209,23 +207,18 @@ class MemcachedBackend:
         the mark of the change, a miss for every reader that no lookup begun before can replace
         (a lookup that began before the change but ended after it would bring the old version
         back for every process and host). A server this process marked dead is asked all the
-        same, at most once per :data:`DEAD_SECONDS`: it may be back, and a mark not left lets
-        other hosts serve the old version."""
+        same, each time: it may be back, and a mark not left lets every host serve the old
+        version (while it is down, a mark costs the writer up to ``timeout``)."""
         name, mark = self._memcached_key(key), self._encode(key, _CHANGED, time.time())
         with self._client() as client:
             try:
                 client.set(name, mark, expire=CHANGED_MARK_SECONDS, noreply=False)
                 return
-            except MemcacheError as error:  # the key's server is marked dead
+            except MemcacheError:  # the key's server is marked dead: ask it directly
                 if self._given is not None:
                     raise
-                skipped = error
         servers = {_node(server): server for server in self.servers}
         node = RendezvousHash(list(servers)).get_node(name)  # the key's server, as HashClient hashes
-        with self._lock:
-            if time.monotonic() < self._asked_dead_until.get(node, 0.0):
-                raise skipped
-            self._asked_dead_until[node] = time.monotonic() + DEAD_SECONDS
         deadline = _Deadline(self.timeout)
         direct = Client(servers[node], connect_timeout=self.connect_timeout, timeout=self.timeout, no_delay=True,
                         socket_module=_BoundedSockets(deadline))
@@ -234,8 +227,6 @@ class MemcachedBackend:
             direct.set(name, mark, expire=CHANGED_MARK_SECONDS, noreply=False)
         finally:
             direct.close()
-        with self._lock:
-            self._asked_dead_until.pop(node, None)  # it is back: the next mark may ask it as well
 
     def _memcached_key(self, key: str) -> str:
         # memcached keys are at most 250 bytes of ASCII without blanks or control characters, while
