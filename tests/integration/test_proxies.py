@@ -250,6 +250,14 @@ def test_a_range_the_storage_node_reads_otherwise_gets_206_and_those_bytes(throu
     assert answer.start == pattern_bytes(first, last)
 
 
+@pytest.mark.parametrize("range_header", ["bytes=" + "0" * 1100 + "5-9", "bytes=" + ",".join(["5-9"] * 300)],
+                         ids=["zero-padded", "a-list"])
+def test_a_range_too_long_to_read_gets_all_of_the_file(through: Stack, range_header: str) -> None:
+    answer = through.get("/mogilefs/sizes/65537.mp4", {"Range": range_header})
+    assert (answer.status, answer.length, answer.md5) == (200, 65537, pattern_md5(65537))
+    assert "Content-Range" not in answer.headers
+
+
 def test_an_invalid_range_is_ignored_not_the_storage_nodes_416(through: Stack) -> None:
     answer = through.get("/mogilefs/sizes/65537.mp4", {"Range": "bytes=9-0"})
     assert (answer.status, answer.length, answer.start) == (200, 65537, pattern_bytes(0, 1023))
