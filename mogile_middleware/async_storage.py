@@ -23,6 +23,7 @@ same parser over an asyncio protocol, as this module had it before: two thirds a
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -44,6 +45,7 @@ from .storage import (
     Resumption,
     Target,
     body_follows,
+    byte_view,
     content_length,
     cut_midway,
     put_pieces,
@@ -124,10 +126,12 @@ class _Connection:
             return connection
         return cls(loop, await _connect(loop, target.host, target.port), target.node)
 
-    def interrupt(self, error: BaseException) -> None:
-        """Make a read or send waiting on the socket raise ``error``."""
+    def interrupt(self, error: BaseException) -> bool:
+        """Make a read or send waiting on the socket raise ``error``; False if none waits (yet)."""
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(error)
+            return True
+        return False
 
     async def read(self, limit: int) -> bytes:
         """The next piece of at most ``limit`` bytes, as the kernel holds it; ``b""`` once the node
@@ -298,18 +302,22 @@ class _IdleConnections(IdlePool[_Connection]):
         connection.abort()
 
 
-#: Each event loop's idle connections; a loop seen for the first time ends the closed loops'.
+#: Each event loop's idle connections; a loop seen for the first time ends the closed loops',
+#: and in a forked child those of the parent's loops (shared sockets, closed in the child only).
 _idle_by_loop: dict[asyncio.AbstractEventLoop, _IdleConnections] = {}
 _idle_by_loop_lock = threading.Lock()
+_idle_by_loop_pid = os.getpid()
 
 
 def _idle_connections(loop: asyncio.AbstractEventLoop) -> _IdleConnections:
+    global _idle_by_loop_pid
     idle = _idle_by_loop.get(loop)
     if idle is None:
         with _idle_by_loop_lock:
-            closed = [_idle_by_loop.pop(other) for other in list(_idle_by_loop) if other.is_closed()]
+            forked, _idle_by_loop_pid = _idle_by_loop_pid != os.getpid(), os.getpid()
+            ended = [_idle_by_loop.pop(other) for other in list(_idle_by_loop) if forked or other.is_closed()]
             idle = _idle_by_loop.setdefault(loop, _IdleConnections())
-        for pool in closed:
+        for pool in ended:
             pool.close()
     return idle
 
@@ -354,8 +362,10 @@ class AsyncReplicaResponse:
             return  # the next read arms it again
         if self._loop.time() < self._deadline:
             self._watchdog = self._loop.call_at(self._deadline, self._watch)
-        else:
-            self._connection.interrupt(_Silent())
+        elif not self._connection.interrupt(_Silent()):
+            # The read has not begun to wait (it is giving the loop its turn, or its data came in
+            # this turn): once it waits, it is stopped; once it has its data, this does nothing.
+            self._watchdog = self._loop.call_soon(self._watch)
 
     async def read(self, size: int = BODY_CHUNK_SIZE) -> bytes:
         """At most ``size`` bytes of the body, waiting up to ``timeout`` for them; ``b""`` at its end.
@@ -546,6 +556,7 @@ class AsyncResumedReplica:
         self.replica = replica
         self._resumption = resumption
         self._timeout = timeout
+        self._closed = False
 
     @property
     def url(self) -> str:
@@ -561,17 +572,24 @@ class AsyncResumedReplica:
                     yield chunk
                 return
             except (OSError, StorageError) as error:
+                if self._closed:  # by close() from a callback or another task: no cut to go on from
+                    raise
                 urls, part = self._resumption.after(self.replica.url, done, error)
             await self.replica.aclose()
-            self.replica = await open_replica(urls, byte_range=part, size=self._resumption.size, timeout=self._timeout)
+            replica = await open_replica(urls, byte_range=part, size=self._resumption.size, timeout=self._timeout)
+            self.replica = replica
+            if self._closed:  # meanwhile
+                replica.close()
 
     def close(self) -> None:
-        """As :meth:`aclose`, where nothing can be awaited (as in a callback)."""
+        """As :meth:`aclose`, where nothing can be awaited (as in a callback): a read waiting
+        meanwhile raises as a closed response's does, and the transfer does not go on."""
+        self._closed = True
         self.replica.close()
 
     async def aclose(self) -> None:
         """Close the storage connection of the replica read now."""
-        await self.replica.aclose()
+        self.close()
 
 
 class AsyncPutStream:
@@ -624,6 +642,7 @@ class AsyncPutStream:
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send the next piece of the body."""
         connection = self._open_connection()
+        data = byte_view(data)
         if not data:
             return
         size = len(data)

@@ -6,9 +6,12 @@ nodes for the misbehaving ones. No pytest plugin: every test runs its coroutine 
 
 from __future__ import annotations
 
+import array
 import asyncio
 import itertools
+import os
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -29,12 +32,14 @@ from mogile_middleware.async_storage import (
     SMALL_PIECE_SIZE,
     AsyncPutStream,
     AsyncReplicaResponse,
+    AsyncResumedReplica,
     close_idle_connections,
     open_replica,
+    read_replica,
 )
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.exceptions import StorageError
-from mogile_middleware.storage import PUT_PIECE_SIZE, PutStream, Target
+from mogile_middleware.storage import PUT_PIECE_SIZE, PutStream, Resumption, Target
 
 CONTENT = bytes(range(256)) * 400 + b"the end"  # 102,407 bytes: more than one chunk
 OTHER = b"another file, another length"
@@ -489,6 +494,99 @@ def test_a_response_closed_while_a_read_waits_ends_that_read(
     assert run_on(new_loop, main()) == CONTENT
 
 
+LOOPS = pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+
+
+@LOOPS
+def test_a_read_begun_as_the_loop_stalls_past_its_timeout_keeps_that_timeout(nodes, new_loop: Callable[[], Any]) -> None:
+    """The watchdog came due in the turn the read gave the loop before it waited, found no read
+    waiting, and stopped: the read then waited on a silent node with no timeout at all."""
+    node = nodes(endless_node)
+    go = asyncio.Event()
+
+    async def reader(replica: AsyncReplicaResponse) -> None:
+        await go.wait()
+        with pytest.raises(StorageError, match="sent nothing for 0.2s"):
+            await replica.read(100)
+
+    async def staller() -> None:
+        await asyncio.sleep(0.1)
+        time.sleep(0.15)  # the loop stalls (another request's work) as the first read's deadline passes
+        go.set()
+
+    async def blocker() -> None:
+        await go.wait()
+        time.sleep(0.3)  # and again, right behind the read
+
+    async def main() -> None:
+        async with await open_replica([node.url], timeout=0.2) as replica:
+            assert await replica.read(1000) == b"x" * 1000  # the deadline: 0.2 s from now
+            await asyncio.gather(reader(replica), staller(), blocker())
+
+    run_on(new_loop, main(), seconds=3)
+
+
+@LOOPS
+def test_a_resumed_transfer_closed_while_it_waits_ends_and_goes_on_from_no_replica(
+        nodes, new_loop: Callable[[], Any]) -> None:
+    """Closed from a callback while its read waited, it took the close for a transfer cut midway
+    and went on from a replica again (a second GET, the rest of the body read)."""
+    node = nodes(endless_node)
+
+    async def main() -> None:
+        replica = await open_replica([node.url], size=10_000_000, timeout=30)
+        resumed = AsyncResumedReplica(replica, Resumption([node.url], None, 10_000_000), timeout=30)
+        chunks = resumed.chunks()
+        assert await chunks.__anext__() == b"x" * 1000
+        asyncio.get_running_loop().call_later(0.1, resumed.close)  # while the next read waits
+        await ends_at_once(chunks.__anext__(), "connection closed")
+        with pytest.raises(ValueError, match="closed"):
+            await resumed.replica.read(1)
+
+    run_on(new_loop, main())
+    assert node.connections == 1
+
+
+def kept_alive_node(conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+
+
+def test_a_child_forked_while_a_loop_was_open_ends_its_copies_of_that_loops_kept_connections(nodes) -> None:
+    """The child kept them for its whole life: the node never saw the parent close its own."""
+    node = nodes(kept_alive_node)
+    loop = asyncio.new_event_loop()
+    assert loop.run_until_complete(read_replica([node.url], length=5, timeout=5)) == b"hello"  # kept
+    child_ready, child_may_end = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a loop of its own, which ends what it kept too
+        code = 1
+        try:
+            async def own() -> bytes:
+                try:
+                    return await read_replica([node.url], length=5, timeout=5)
+                finally:
+                    close_idle_connections()
+            code = 0 if asyncio.run(own()) == b"hello" else 1
+            os.write(child_ready[1], b"x")
+            select.select([child_may_end[0]], [], [], 10)
+        finally:
+            os._exit(code)
+    try:
+        assert select.select([child_ready[0]], [], [], 10)[0]
+
+        async def close() -> None:
+            close_idle_connections()  # the parent ends its kept connection
+        loop.run_until_complete(close())
+        assert eventually(lambda: node.open == 0)  # while the child lives
+    finally:
+        os.write(child_may_end[1], b"x")
+        _, status = os.waitpid(pid, 0)
+        loop.close()
+        for end in (*child_ready, *child_may_end):
+            os.close(end)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_a_second_read_while_one_waits_is_refused_and_the_first_goes_on(nodes) -> None:
     def two_parts(conn: socket.socket) -> None:
         conn.sendall(RESPONSE_HEAD % 20 + b"x" * 10)
@@ -669,6 +767,31 @@ def test_put_stores_the_body_byte_exact(mogile: DevMogileFS, with_length: bool) 
         return await read_all(await open_replica([url], timeout=5))
 
     assert run(main()) == CONTENT
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("with_length", [pytest.param(True, id="content-length"), pytest.param(False, id="chunked")])
+def test_a_view_of_wider_items_is_put_as_its_bytes(mogile: DevMogileFS, kind: str, with_length: bool) -> None:
+    """Its length counted items: a quarter of an ``array('i')``'s bytes, so that the PUT was refused
+    as longer than announced, or its chunk announced a quarter of what it held."""
+    url = node_url(mogile, f"wide-{kind}-{with_length}.fid")
+    data = memoryview(array.array("i", range(30_000)))
+    length = data.nbytes if with_length else None
+    if kind == "sync":
+        put = PutStream(url, length=length, timeout=5)
+        put.write(data)
+        put.finish()
+    else:
+        async def main() -> None:
+            stream = await AsyncPutStream.open(url, length=length, timeout=5)
+            await stream.write(data)
+            await stream.finish()
+        run(main())
+
+    async def read() -> bytes:
+        return await read_all(await open_replica([url], timeout=5))
+
+    assert run(read()) == data.tobytes()
 
 
 @pytest.mark.parametrize("with_length", [pytest.param(True, id="content-length"), pytest.param(False, id="chunked")])
