@@ -100,6 +100,7 @@ class _Connection:
         self._loop = loop
         self._sock = sock
         self.node = node
+        self._pid = os.getpid()  # open at a fork, it is each process's: kept by neither
         #: Whether it was kept from an earlier response, and whether anything came on it since.
         self.reused = self.received = False
         #: Whether the node keeps the connection open after the last response head read.
@@ -247,7 +248,7 @@ class _Connection:
     def usable(self) -> bool:
         """True if a new request may be sent: open, kept alive, nothing unread or unasked for."""
         return (self.keep_alive and not self._held and not self._eof and self._sock.fileno() >= 0
-                and not readable_now(self._sock))
+                and self._pid == os.getpid() and not readable_now(self._sock))
 
     def abort(self) -> None:
         """End the connection at once (a read or send waiting on it raises ConnectionAbortedError)."""

@@ -132,8 +132,9 @@ class NodePool(IdlePool["NodeConnection"]):
     """Idle kept-alive connections of the WSGI side, shared by threads."""
 
     def usable(self, connection: NodeConnection) -> bool:
-        # Readable while idle: the node closed it (or sent something unasked).
-        return not connection.closed and not readable_now(connection.sock)
+        # Readable while idle: the node closed it (or sent something unasked). Made in another
+        # process (open at a fork, closed on both sides): the other's too, answers would cross.
+        return connection.pid == os.getpid() and not connection.closed and not readable_now(connection.sock)
 
     def discard(self, connection: NodeConnection) -> None:
         connection.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import socket
 import time
@@ -27,6 +28,7 @@ from .deadline import DeadlineReader, time_left
 from .downnodes import down_nodes
 from .exceptions import StorageError
 from .nodepool import Node, NodePool, nodes
+from .protocol import fid_of
 
 T = TypeVar("T")
 log = logging.getLogger("mogile_middleware")
@@ -175,6 +177,8 @@ class NodeConnection:
 
     def __init__(self, node: Node, timeout: float) -> None:
         self.node = node
+        #: The process that made it: one open at a fork is each process's, and kept by neither.
+        self.pid = os.getpid()
         self.sock = socket.create_connection(node, timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._reader = DeadlineReader(self.sock)
@@ -473,7 +477,9 @@ class SeekableBody(io.RawIOBase):
     seekable: a read elsewhere than where the transfer is opens a replica again from there (a
     ``Range``) of the same version (the same URLs), and so does a transfer cut midway, from the
     other replicas, then the one cut (:class:`Resumption`). ``length`` is known from the first
-    answer; given (the tracker's), a replica of another length is passed over."""
+    answer; given (the tracker's), a replica of another length is passed over. URLs that name no
+    fid may serve another version by the next request: a cut ends the transfer, and a replica
+    opened again must have the ``Last-Modified`` of the first."""
 
     def __init__(self, urls: Sequence[str], *, length: int | None = None, timeout: float = 10.0,
                  pool: NodePool = nodes) -> None:
@@ -485,7 +491,10 @@ class SeekableBody(io.RawIOBase):
         self.length: int = self._replica.length  # type: ignore[assignment] # accepts() requires one
         self._position = 0  # where the next read starts
         self._transfer_at = 0  # where the open transfer is
-        self._resumption = Resumption(self._urls, None, self.length)
+        same_bytes = fid_of(self._urls[0]) is not None
+        self._resumption = Resumption(self._urls, None, self.length, same_bytes=same_bytes)
+        #: What a replica opened again must say of its version, for URLs naming no fid.
+        self._version = None if same_bytes else self._replica.headers.get("last-modified")
         self._received = 0  # in all: what a transfer cut must have added to for another
 
     def readable(self) -> bool:
@@ -532,8 +541,13 @@ class SeekableBody(io.RawIOBase):
     def _reopen(self) -> None:
         """A replica's body from the position on (the transfer left midway is closed)."""
         self._drop_transfer()
-        self._replica = open_replica(self._urls, byte_range=(self._position, self.length - 1), size=self.length,
-                                     timeout=self._timeout, pool=self._pool)
+        replica = open_replica(self._urls, byte_range=(self._position, self.length - 1), size=self.length,
+                               timeout=self._timeout, pool=self._pool)
+        if self._version is not None and replica.headers.get("last-modified") != self._version:
+            replica.close()
+            raise StorageError(f"{replica.url} holds another version since it was opened (Last-Modified: "
+                               f"{replica.headers.get('last-modified')!r}, not {self._version!r})", replica.url)
+        self._replica = replica
         self._transfer_at = self._position
 
     def _drop_transfer(self) -> None:
@@ -548,9 +562,10 @@ class SeekableBody(io.RawIOBase):
 
 
 def cut_midway(urls: list[str], url: str, error: BaseException) -> list[str]:
-    """The replicas after ``url``, whose transfer was cut by ``error``; raises when none is left."""
+    """The replicas but ``url``, whose transfer was cut by ``error``; raises when none is left.
+    Those listed before it too: one that did not answer lately is asked last, after it (:mod:`.downnodes`)."""
     metrics.recorder.replica_failover()
-    rest = urls[urls.index(url) + 1:]
+    rest = [other for other in urls if other != url]
     if not rest:
         raise StorageError(f"{url} was cut midway: {error or type(error).__name__}", url) from error
     return rest

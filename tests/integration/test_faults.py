@@ -27,6 +27,7 @@ from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.downnodes import down_nodes
 from mogile_middleware.middleware import MogileFSMiddleware
+from mogile_middleware.storage import SeekableBody, read_replica
 from mogile_middleware.tracker import TrackerConnection
 
 
@@ -362,6 +363,83 @@ def test_a_transfer_cut_from_urls_naming_no_fid_is_not_resumed(flavour: str) -> 
         node.shutdown()
         node.server_close()
     assert _CutThenRanges.ranges == [None]
+
+
+def _serving(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    node = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=node.serve_forever, daemon=True).start()
+    return node
+
+
+def test_a_seekable_body_cut_from_urls_naming_no_fid_is_not_resumed() -> None:
+    """As in serve mode: the rest asked for with a Range joined two versions (the Django
+    storage's open(), the command line's cp)."""
+    _CutThenRanges.ranges = []
+    node = _serving(_CutThenRanges)
+    try:
+        body = SeekableBody([f"http://127.0.0.1:{node.server_address[1]}/files/cut.bin"], length=1000000, timeout=5)
+        with pytest.raises(StorageError, match="cut midway"):
+            body.read()
+    finally:
+        node.shutdown()
+        node.server_close()
+    assert _CutThenRanges.ranges == [None]
+
+
+class _Rewritten(BaseHTTPRequestHandler):
+    """A file at a URL naming no fid, replaced by another version of its length after the first GET."""
+
+    gets = 0
+
+    def do_GET(self) -> None:  # noqa: N802
+        type(self).gets += 1
+        first = int((self.headers.get("Range") or "bytes=0-").removeprefix("bytes=").split("-")[0])
+        self.send_response(206 if first else 200)
+        if first:
+            self.send_header("Content-Range", f"bytes {first}-99/100")
+        self.send_header("Content-Length", str(100 - first))
+        self.send_header("Last-Modified", f"Mon, 07 Dec 2026 10:00:0{min(self.gets, 2)} GMT")
+        self.end_headers()
+        self.wfile.write((b"a" if self.gets == 1 else b"b") * (100 - first))
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_seekable_body_at_urls_naming_no_fid_is_not_read_again_from_another_version() -> None:
+    _Rewritten.gets = 0
+    node = _serving(_Rewritten)
+    try:
+        body = SeekableBody([f"http://127.0.0.1:{node.server_address[1]}/files/k.bin"], length=100, timeout=5)
+        assert body.read(10) == b"a" * 10
+        body.seek(50)  # opens it again there
+        with pytest.raises(StorageError, match="another version"):
+            body.read(10)
+    finally:
+        node.shutdown()
+        node.server_close()
+
+
+class _Whole(_HalfBody):
+    def do_GET(self) -> None:  # noqa: N802
+        self._headers()
+        self.wfile.write(b"x" * 1000000)
+
+
+def test_a_body_read_whole_goes_on_from_a_replica_listed_before_the_one_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node that failed once is asked last once its mark has run out: the replica listed after
+    the one cut, it was never asked, and get_file_data and the body cache failed (a 502)."""
+    whole, cut = _serving(_Whole), _serving(_HalfBody)
+    urls = [f"http://127.0.0.1:{node.server_address[1]}/dev1/0/000/000/0000000007.fid" for node in (whole, cut)]
+    monkeypatch.setattr(down_nodes, "seconds", 0.05)
+    down_nodes.failed(urls[0], TimeoutError("timed out"))
+    time.sleep(0.1)
+    try:
+        assert read_replica(urls, length=1000000, timeout=5) == b"x" * 1000000
+    finally:
+        for node in (whole, cut):
+            node.shutdown()
+            node.server_close()
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])

@@ -159,11 +159,11 @@ def test_a_seekable_body_paused_longer_than_its_nodes_idle_timeout_goes_on_from_
     """What cp and Django's open() read: a file with one replica ended at the node's idle cut."""
     data = os.urandom(32 * 1024 * 1024)  # more than the kernel's buffers hold
     (tmp_path / "dev1").mkdir()
-    (tmp_path / "dev1" / "big.fid").write_bytes(data)
+    (tmp_path / "dev1" / "0000000001.fid").write_bytes(data)  # its fid named: the same bytes by the next request
     storage = StorageNode(tmp_path, host="127.0.0.1", port=0, idle_timeout=0.5)
     storage.start()
     try:
-        body = SeekableBody([f"http://127.0.0.1:{storage.port}/dev1/big.fid"], length=len(data))
+        body = SeekableBody([f"http://127.0.0.1:{storage.port}/dev1/0000000001.fid"], length=len(data))
         read = body.read(65536)
         time.sleep(2)  # the node's send waits, then it closes
         read += body.read()
@@ -248,6 +248,26 @@ def test_a_forked_child_opens_connections_of_its_own(node: StorageNode) -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert read_all(node, pool) == BODY  # the parent's connection is still good
+
+
+def test_a_response_open_at_a_fork_is_kept_by_the_process_that_made_it_alone(node: StorageNode) -> None:
+    """Read to its end but left open (a reference cycle) at the fork, then closed in each process:
+    both kept it, and shared one connection, each able to get the other's answers."""
+    pool = NodePool()
+    replica = open_replica([url(node)], pool=pool)
+    assert replica.read() == BODY
+    pid = os.fork()
+    if pid == 0:  # the child: its copy is closed, not kept
+        code = 1
+        try:
+            replica.close()
+            code = 0 if pool.take(("127.0.0.1", node.port)) is None and read_all(node, pool) == BODY else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    replica.close()
+    assert read_all(node, pool) == BODY  # on the connection the parent made and kept
 
 
 class ClosingAfterOneAnswer(LoopbackServer):
