@@ -380,9 +380,10 @@ class PathCache(Generic[V]):
                      outdated: V | None = None) -> V:
         """``entry``'s value while every tracker is down, if within the stale window and not the
         one a refresh found ``outdated``; else ``error``."""
-        # Another process's backend may keep longer than we would: serve only within our window.
+        # Another process's backend may keep longer than we would: serve only within our window,
+        # which an entry stored ahead of the clock (stepped back, or another host's) is not in.
         ttl = 0.0 if entry is None else self._ttl_of(entry[0])
-        if (entry is None or ttl <= 0 or self._clock() - entry[1] >= ttl + self._stale_seconds
+        if (entry is None or ttl <= 0 or not 0 <= self._clock() - entry[1] < ttl + self._stale_seconds
                 or outdated is not None and entry[0] == outdated):
             raise error
         self._stale_log.event(key, error)
