@@ -36,6 +36,10 @@ STALE_WARNING_INTERVAL = 10.0
 _UNSET: Any = object()
 #: The version of an entry in a backend that keeps none (see :meth:`PathCache._watched`).
 _UNVERSIONED: Any = object()
+#: How long an entry is kept that is stored only over one no request may be answered from any
+#: more (neither fresh nor stale): a delete would be, in memcached, the mark of a change, after
+#: which every process asks the trackers again and again before it takes a key for missing.
+_SPENT_KEEP_SECONDS = 1.0
 
 
 def entry_key(domain: str, key: str) -> str:
@@ -248,10 +252,7 @@ class PathCache(Generic[V]):
         now = self._clock()
         stored_at = min(entry[1], now - ttl)
         keep = stored_at + ttl + self._stale_seconds - now
-        if keep > 0:
-            self._store(key, entry[0], keep, version, stored_at)
-        else:
-            self._backend.delete(key)
+        self._store(key, entry[0], keep if keep > 0 else _SPENT_KEEP_SECONDS, version, stored_at)
 
     def _invalidated(self, key: str) -> None:
         """Tell of the change of ``key``; count an invalidation, and the in-process cache's size after it."""
@@ -341,7 +342,7 @@ class PathCache(Generic[V]):
                 if not flight.invalidated:
                     self._safely(self._store, key, value, keep, version)
         elif entry is not None:  # an old value would be served stale, and taken as the last known
-            self._safely(self._backend.delete, key)
+            self._safely(self._store, key, value, _SPENT_KEEP_SECONDS, version)
         self._report_size()
         return value
 
@@ -593,7 +594,7 @@ class AsyncPathCache(PathCache[V]):
                 await asyncio.wait({store})
                 raise
         elif entry is not None:  # as in PathCache._fetch
-            await self._backend_call(self._backend.delete, key)
+            await self._backend_call(self._store, key, value, _SPENT_KEEP_SECONDS, version)
         self._report_size()
         return value
 

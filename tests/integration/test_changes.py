@@ -653,8 +653,18 @@ def test_a_key_seen_changing_only_at_the_last_answer_is_asked_once_more_at_once(
     assert not script and location.length == len(b"reborn") and location.paths
 
 
-def test_with_missing_seconds_0_a_deleted_key_is_asked_again_briefly_only_once(mogile: DevMogileFS) -> None:
-    """Nothing is kept of a key found missing, its expired location included: the next request asks once."""
+@pytest.mark.parametrize("shared", [False, True], ids=["in-process", "memcached"])
+def test_with_missing_seconds_0_a_deleted_key_is_asked_again_briefly_only_once(
+        mogile: DevMogileFS, shared: bool) -> None:
+    """Nothing is kept of a key found missing, its expired location included: the next request
+    asks once. In memcached its location was dropped with the mark of a change, and for 30 s
+    each request of every process asked again through the pauses of a key being replaced (0.8 s)."""
+    with contextlib.ExitStack() as stack:
+        backend = MemcachedBackend(stack.enter_context(start_memcached()).address) if shared else None
+        _missing_once(mogile, backend)
+
+
+def _missing_once(mogile: DevMogileFS, backend: MemcachedBackend | None) -> None:
     from mogile_middleware.middleware import MogileFSMiddleware
 
     class CountingClient(Client):
@@ -667,7 +677,7 @@ def test_with_missing_seconds_0_a_deleted_key_is_asked_again_briefly_only_once(m
     writer = Client(DOMAIN, mogile.trackers)
     writer.store_content("brief.txt", b"soon gone", cls="thumb")
     middleware = MogileFSMiddleware(lambda environ, start_response: [], missing_seconds=0, path_cache_seconds=0.5,
-                                    client=CountingClient(DOMAIN, mogile.trackers))
+                                    client=CountingClient(DOMAIN, mogile.trackers), cache_backend=backend)
     answer = middleware.answer({"REQUEST_METHOD": "GET"}, "brief.txt")
     assert answer.status == "200 OK" and b"".join(answer.body) == b"soon gone"
     old_urls = writer.get_paths("brief.txt")
