@@ -335,6 +335,8 @@ class PathCache(Generic[V]):
         try:
             value = self._lookup(key, previous if entry is None else entry[0])
         except TrackerUnavailableError as error:
+            # Those who joined serve stale what each may: a refresh, not the value it found outdated.
+            flight.error = error
             return self._stale_or_raise(key, error, previous)
         keep = self._looked_up(value)
         if keep:
@@ -410,6 +412,18 @@ class _AsyncFlight:
         self.invalidated = False
         self.outdated = outdated  # as _Flight's
         self.stored: asyncio.Future[Any] | None = None  # the store, once begun (in a thread)
+
+
+def _settle(done: asyncio.Future[Any], outcome: Any) -> None:
+    """End a lookup's ``done`` with ``outcome`` (an exception is raised to those awaiting it),
+    unless it has ended already (with the trackers' failure, before its leader's stale value)."""
+    if done.done():
+        return
+    if isinstance(outcome, Exception):
+        done.set_exception(outcome)
+        done.exception()  # retrieved: no "never retrieved" warning when nobody waits
+    else:
+        done.set_result(outcome)
 
 
 #: How often a request awaiting a lookup led on another thread's loop checks that loop still runs.
@@ -560,14 +574,13 @@ class AsyncPathCache(PathCache[V]):
         try:
             value = await self._fetch_async(key, flight, previous)  # type: ignore[arg-type]
         except Exception as error:
-            flight.done.set_exception(error)
-            flight.done.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            _settle(flight.done, error)
             raise
         except BaseException:
-            flight.done.set_result(_UNSET)
+            _settle(flight.done, _UNSET)
             raise
         else:
-            flight.done.set_result(value)
+            _settle(flight.done, value)
             return value
         finally:
             with self._lock:
@@ -583,6 +596,7 @@ class AsyncPathCache(PathCache[V]):
         try:
             value = await self._async_lookup(key, previous if entry is None else entry[0])
         except TrackerUnavailableError as error:
+            _settle(flight.done, error)  # as in PathCache._fetch: those who joined serve stale what each may
             return self._stale_value(key, await self._backend_call(self._backend.get, key), error, previous)
         keep = self._looked_up(value)
         if keep:

@@ -500,3 +500,43 @@ def test_a_request_awaiting_a_loop_that_stops_mid_lookup_looks_the_key_up_itself
             task.cancel()
         leading.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         leading.close()
+
+
+def test_a_refresh_that_joins_a_lookup_begun_after_it_is_not_given_the_value_it_found_outdated() -> None:
+    """The trackers down, a request's lookup that began as a refresh awaited its store serves the
+    outdated value stale to itself; the refresh, joining it, was given it too (a 502, not a 503)."""
+    down = TrackerUnavailableError("no tracker answered")
+    calls = 0
+
+    async def scenario() -> None:
+        clock, gate = Clock(), asyncio.Event()
+
+        async def lookup(key: str, previous: str | None) -> str:
+            nonlocal calls
+            calls += 1
+            if calls == 2:  # the plain request's lookup, in flight as the refresh comes
+                await gate.wait()
+                return "v1"  # the tracker still names the replicas that failed
+            if calls > 2:
+                await asyncio.sleep(0.01)  # a tracker that fails after a moment
+                raise down
+            return "v1"
+
+        cache = AsyncPathCache(lookup, clock=clock, ttl_seconds=10, stale_seconds=300)
+        first = await cache.get("k")
+        clock.now += 11  # expired: kept for stale serving
+        plain = asyncio.ensure_future(cache.get("k"))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+        async def later_request() -> str:
+            await asyncio.sleep(0)
+            return await cache.get("k")
+
+        gate.set()  # the plain lookup ends, its store queued; the trackers then go down
+        refreshed, got_later = await asyncio.gather(cache.refresh("k", first), later_request(),
+                                                    return_exceptions=True)
+        assert await plain == "v1" and got_later == "v1"
+        assert refreshed is down
+
+    asyncio.run(scenario())

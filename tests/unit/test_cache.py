@@ -383,6 +383,42 @@ def test_a_refresh_while_trackers_are_down_keeps_the_outdated_value(lookup: Look
     assert version(cache.refresh("k", first)) != version(first)
 
 
+class PausingAtExpiry(MemoryCache):
+    """Pauses once as a refresh stores the value it found outdated as expired, until ``resume``."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock=clock)
+        self.clock = clock
+        self.paused = threading.Event()
+        self.resume = threading.Event()
+
+    def set(self, key: str, value: Any, stored_at: float, keep_seconds: float) -> None:
+        super().set(key, value, stored_at, keep_seconds)
+        if self.clock() - stored_at >= TTL and not self.paused.is_set():
+            self.paused.set()
+            self.resume.wait(5)
+
+
+def test_a_refresh_that_joins_a_lookup_begun_after_it_is_not_given_the_value_it_found_outdated(clock: Clock) -> None:
+    """The trackers down, a request's lookup that began as a refresh outdated its value serves that
+    value stale to itself; the refresh, joining it, was given it too (a 502 where a 503 is due)."""
+    lookup = Lookup(delay=1.0)  # the time the refresh has to join it
+    backend = PausingAtExpiry(clock)
+    cache = make_cache(lookup, clock, backend=backend)
+    first = cache.get("k")
+    lookup.error = down = TrackerUnavailableError("no tracker answered")
+    refreshing, refreshed = start_thread(lambda: cache.refresh("k", first))
+    assert backend.paused.wait(5)  # the outdated value stored as expired, the refresh not looking up yet
+    getting, got = start_thread(lambda: cache.get("k"))
+    deadline = time.monotonic() + 5
+    while lookup.calls < 2 and time.monotonic() < deadline:  # the request's lookup, which the refresh joins
+        time.sleep(0.01)
+    backend.resume.set()
+    refreshing.join(5)
+    getting.join(5)
+    assert refreshed == [down] and got == [first] and lookup.calls == 2
+
+
 def test_requests_whose_replicas_failed_and_those_meanwhile_share_one_refresh(clock: Clock) -> None:
     """Every request that found the same paths dead waits for one lookup, and so does a request
     arriving meanwhile, rather than be given the dead paths."""
