@@ -117,15 +117,28 @@ class MemoryCache:
         """Keep ``value`` for ``keep_seconds`` from now, evicting the entries stored longest ago."""
         entry = (value, stored_at, self._clock() + keep_seconds)
         with self._lock:
-            self._entries.pop(key, None)  # stored again: last in the order of eviction
-            self._entries[key] = entry
-            if len(self._entries) > self._max_entries:
-                evict_oldest(self._entries)
+            self._put(key, entry)
 
     def delete(self, key: str) -> None:
         """Forget ``key``."""
         with self._lock:
             self._entries.pop(key, None)
+
+    def set_if_holding(self, key: str, entry: tuple[Any, float, float], value: Any, stored_at: float,
+                       keep_seconds: float) -> None:
+        """:meth:`set`, only if ``key``'s entry is still ``entry`` (as :meth:`get` gave it): not
+        if it was dropped or stored again since."""
+        replacement = (value, stored_at, self._clock() + keep_seconds)
+        with self._lock:
+            if self._entries.get(key) is entry:
+                self._put(key, replacement)
+
+    def _put(self, key: str, entry: tuple[Any, float, float]) -> None:
+        """Store ``entry`` (the lock held), evicting the entries stored longest ago."""
+        self._entries.pop(key, None)  # stored again: last in the order of eviction
+        self._entries[key] = entry
+        if len(self._entries) > self._max_entries:
+            evict_oldest(self._entries)
 
 
 
@@ -246,13 +259,17 @@ class PathCache(Generic[V]):
         """Keep ``entry`` for stale serving only: stored as if its time to live had passed, so that
         requests miss it and join the refresh's lookup, and as a new version, which no lookup begun
         before stores over (in memcached)."""
-        if version is _UNVERSIONED and (self._backend.get(key) or (None, None))[:2] != entry[:2]:
-            return  # replaced meanwhile (a backend without versions cannot refuse the store)
         ttl = self._ttl_of(entry[0])
         now = self._clock()
         stored_at = min(entry[1], now - ttl)
         keep = stored_at + ttl + self._stale_seconds - now
-        self._store(key, entry[0], keep if keep > 0 else _SPENT_KEEP_SECONDS, version, stored_at)
+        keep = keep if keep > 0 else _SPENT_KEEP_SECONDS
+        if isinstance(self._backend, MemoryCache):  # unless replaced meanwhile, checked as it stores
+            self._backend.set_if_holding(key, entry, entry[0], stored_at, keep)  # type: ignore[arg-type]
+        elif version is _UNVERSIONED and (self._backend.get(key) or (None, None))[:2] != entry[:2]:
+            return  # replaced meanwhile (a backend without versions cannot refuse the store)
+        else:
+            self._store(key, entry[0], keep, version, stored_at)
 
     def _invalidated(self, key: str) -> None:
         """Tell of the change of ``key``; count an invalidation, and the in-process cache's size after it."""

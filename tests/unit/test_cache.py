@@ -392,9 +392,10 @@ class PausingAtExpiry(MemoryCache):
         self.paused = threading.Event()
         self.resume = threading.Event()
 
-    def set(self, key: str, value: Any, stored_at: float, keep_seconds: float) -> None:
-        super().set(key, value, stored_at, keep_seconds)
-        if self.clock() - stored_at >= TTL and not self.paused.is_set():
+    def set_if_holding(self, key: str, entry: tuple[Any, float, float], value: Any, stored_at: float,
+                       keep_seconds: float) -> None:
+        super().set_if_holding(key, entry, value, stored_at, keep_seconds)
+        if not self.paused.is_set():
             self.paused.set()
             self.resume.wait(5)
 
@@ -417,6 +418,41 @@ def test_a_refresh_that_joins_a_lookup_begun_after_it_is_not_given_the_value_it_
     refreshing.join(5)
     getting.join(5)
     assert refreshed == [down] and got == [first] and lookup.calls == 2
+
+
+class InvalidatedAfterGet(MemoryCache):
+    """Has ``cache.invalidate(key)`` run once right after its ``armed_get``-th read, which it
+    answers with the entry it read before."""
+
+    def __init__(self, clock: Clock, armed_get: int) -> None:
+        super().__init__(clock=clock)
+        self.cache: PathCache[list[str]] | None = None
+        self.gets = 0
+        self.armed_get = armed_get
+
+    def get(self, key: str) -> tuple[Any, float, float] | None:
+        entry = super().get(key)
+        self.gets += 1
+        if self.gets == self.armed_get and self.cache is not None:
+            self.cache.invalidate(key)  # another thread's, between this read and what follows it
+        return entry
+
+
+def test_an_invalidation_amid_a_refresh_storing_the_outdated_value_as_expired_stands(clock: Clock) -> None:
+    """The refresh read the entry, checked it was still the one it found failing, then stored it
+    as expired: an invalidation between the check and the store was undone, and the value came
+    back to be served stale while the trackers were down."""
+    lookup = Lookup()
+    backend = InvalidatedAfterGet(clock, armed_get=4)  # the first get (two reads), the refresh, its check
+    cache = make_cache(lookup, clock, backend=backend)
+    first = cache.get("k")
+    backend.cache = cache
+    lookup.error = down = TrackerUnavailableError("no tracker answered")
+    with pytest.raises(TrackerUnavailableError):
+        cache.refresh("k", first)
+    with pytest.raises(TrackerUnavailableError) as raised:
+        cache.get("k")  # nothing stale left to serve: the key was invalidated
+    assert raised.value is down
 
 
 def test_requests_whose_replicas_failed_and_those_meanwhile_share_one_refresh(clock: Clock) -> None:
