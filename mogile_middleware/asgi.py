@@ -43,7 +43,8 @@ from .core import (
 )
 from .exceptions import MogileFSError, StorageError
 from .http import Answer, FileRequest, Headers
-from .locate import AsyncLocator, Location, arun_steps, names_a_fid
+from .locate import AsyncLocator, Location, arun_steps
+from .protocol import names_a_fid
 from .responders import kept_answer, serve_steps
 from .storage import Resumption
 from .views import (

@@ -121,12 +121,6 @@ def etag_for(paths: tuple[str, ...], fid: int | None = None) -> str:
     return "paths-" + hashlib.sha1(" ".join([*sorted(paths), f"fid={fid}"]).encode()).hexdigest()[:16]
 
 
-def names_a_fid(paths: Sequence[str]) -> bool:
-    """True if replica URLs name their fid (mogstored's shape): every replica, now or later, holds
-    the same bytes. URLs that name the key alone may serve another version by the next request."""
-    return bool(paths) and fid_of(paths[0]) is not None
-
-
 class Locator:
     """key → :class:`Location` through a :class:`PathCache` and the client's trackers.
 

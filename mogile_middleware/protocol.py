@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from .exceptions import BadKeyError, ProtocolError, tracker_error
 
@@ -35,6 +35,12 @@ def fid_of(url: str) -> int | None:
     """The fid a replica URL names (mogstored's shape: ``.../0000000123.fid``), else None."""
     match = _FID_PATH.search(url)
     return int(match.group(1)) if match else None
+
+
+def names_a_fid(paths: Sequence[str]) -> bool:
+    """True if replica URLs name their fid (mogstored's shape): every replica, now or later, holds
+    the same bytes. URLs that name the key alone may serve another version by the next request."""
+    return bool(paths) and fid_of(paths[0]) is not None
 
 
 def to_bytes(text: str | bytes) -> bytes:

@@ -19,7 +19,8 @@ from .content import ContentPolicy
 from .exceptions import StorageError
 from .bodies import BodyCache
 from .http import Answer, FilePlan, FileRequest, Headers
-from .locate import Location, Locator, Steps, names_a_fid, run_steps
+from .locate import Location, Locator, Steps, run_steps
+from .protocol import names_a_fid
 from .storage import CHUNK_SIZE, ResumedReplica, Resumption, open_replica, read_replica
 from .throttle import ThrottledLog
 

@@ -28,7 +28,7 @@ from .deadline import DeadlineReader, time_left
 from .downnodes import down_nodes
 from .exceptions import StorageError
 from .nodepool import Node, NodePool, nodes
-from .protocol import fid_of
+from .protocol import names_a_fid
 
 T = TypeVar("T")
 log = logging.getLogger("mogile_middleware")
@@ -491,7 +491,7 @@ class SeekableBody(io.RawIOBase):
         self.length: int = self._replica.length  # type: ignore[assignment] # accepts() requires one
         self._position = 0  # where the next read starts
         self._transfer_at = 0  # where the open transfer is
-        same_bytes = fid_of(self._urls[0]) is not None
+        same_bytes = names_a_fid(self._urls)
         self._resumption = Resumption(self._urls, None, self.length, same_bytes=same_bytes)
         #: What a replica opened again must say of its version, for URLs naming no fid.
         self._version = None if same_bytes else self._replica.headers.get("last-modified")

@@ -38,7 +38,7 @@ from .exceptions import (
     named_errors,
 )
 from .protocol import ArgValue, Reply, check_key, parse_domains
-from .storage import CHUNK_SIZE, LengthMismatchError, PutStream
+from .storage import CHUNK_SIZE, LengthMismatchError, PutStream, byte_view
 from .tracker import TrackerPool
 
 #: What :meth:`Uploader.upload` stores: bytes, a path, a binary file object or chunks of bytes.
@@ -227,7 +227,7 @@ def piece_bytes(key: str, data: object) -> bytes | bytearray | memoryview:
         raise TypeError(f"upload of {key!r} takes bytes, not {type(data).__name__}") from None
     if not view.c_contiguous:
         raise TypeError(f"upload of {key!r} takes contiguous bytes, not a non-contiguous {type(data).__name__}")
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    return byte_view(view)
 
 
 class _BufferFile(io.RawIOBase):

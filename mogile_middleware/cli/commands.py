@@ -29,8 +29,7 @@ from .. import health
 from ..client import Client, FileInfo
 from ..deadline import checked_seconds
 from ..exceptions import BadKeyError, StorageError, UnknownKeyError
-from ..locate import names_a_fid
-from ..protocol import check_key, to_bytes, to_text
+from ..protocol import check_key, names_a_fid, to_bytes, to_text
 from ..storage import ResumedReplica, Resumption, SeekableBody, open_replica
 from ..tracker import Address, parse_trackers
 from ..upload import Uploader, remaining_size
