@@ -13,6 +13,7 @@ the same reader, within the timeout, past any 1xx, and its body is never read.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -229,7 +230,12 @@ class NodeConnection:
         return self.sock.fileno() < 0
 
     def close(self) -> None:
-        """Close the socket; the connection is not used again."""
+        """Close the socket; the connection is not used again. A read waiting on it in another
+        thread ends at once (it would wait out its timeout): this process's end is shut down
+        first, but not one made before a fork, which the other process may still be reading."""
+        if self.pid == os.getpid():
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
         self._reader.close()
         self.sock.close()
 
@@ -316,7 +322,8 @@ class ReplicaResponse(io.RawIOBase):
             raise StorageError(f"{self.url} sent nothing for {self._connection.sock.gettimeout():g}s",
                                self.url) from None
         except OSError as error:
-            raise StorageError(f"{self.url} dropped the connection: {error}", self.url) from error
+            raise self._closed_error() or StorageError(f"{self.url} dropped the connection: {error}",
+                                                       self.url) from error
 
     def _limit(self, size: int) -> int:
         """How much of the body the next read may take: at most ``size``, 0 once it was all read."""
@@ -326,9 +333,14 @@ class ReplicaResponse(io.RawIOBase):
         """Count ``count`` bytes read; a read of none before the announced length is a :class:`StorageError`."""
         if self._remaining is not None:
             if not count:
-                raise StorageError(f"{self.url} ended {self._remaining} bytes short of its length", self.url)
+                raise self._closed_error() or StorageError(
+                    f"{self.url} ended {self._remaining} bytes short of its length", self.url)
             self._remaining -= count
         return count
+
+    def _closed_error(self) -> StorageError | None:
+        """What a read ended by :meth:`close` (from another thread) raises; ``None`` while open."""
+        return StorageError(f"{self.url}: the response was closed", self.url) if self.closed else None
 
     def close(self) -> None:
         """Close the response; its connection is kept for reuse if the body was read to its end
@@ -447,6 +459,7 @@ class ResumedReplica:
         self._resumption = resumption
         self._timeout = timeout
         self._pool = pool
+        self._closed = False
 
     @property
     def url(self) -> str:
@@ -462,13 +475,19 @@ class ResumedReplica:
                     yield chunk
                 return
             except (OSError, StorageError) as error:
+                if self._closed:  # by close() from another thread: no cut to go on from
+                    raise
                 urls, part = self._resumption.after(self.replica.url, done, error)
             self.replica.close()
             self.replica = open_replica(urls, byte_range=part, size=self._resumption.size, timeout=self._timeout,
                                         pool=self._pool)
+            if self._closed:  # meanwhile
+                self.replica.close()
 
     def close(self) -> None:
-        """Close the storage connection of the replica read now."""
+        """Close the storage connection of the replica read now; a read waiting on it in another
+        thread raises at once, and the transfer does not go on."""
+        self._closed = True
         self.replica.close()
 
 
@@ -523,13 +542,15 @@ class SeekableBody(io.RawIOBase):
         from a replica opened there; a transfer cut midway goes on from a replica again."""
         self._checkClosed()  # type: ignore[attr-defined]
         while self._position < self.length:
-            if self._replica is None or self._transfer_at != self._position:
-                self._reopen()
+            replica = self._replica
+            if replica is None or self._transfer_at != self._position:
+                replica = self._reopen()
             try:
-                count = self._replica.readinto(buffer)  # type: ignore[union-attr]
+                count = replica.readinto(buffer)
             except (OSError, StorageError) as error:
-                url = self._replica.url  # type: ignore[union-attr]
-                self._urls, _ = self._resumption.after(url, self._received, error)
+                if self.closed:  # by close() from another thread: no cut to go on from
+                    raise
+                self._urls, _ = self._resumption.after(replica.url, self._received, error)
                 self._drop_transfer()
                 continue
             self._position += count
@@ -538,7 +559,7 @@ class SeekableBody(io.RawIOBase):
             return count
         return 0
 
-    def _reopen(self) -> None:
+    def _reopen(self) -> ReplicaResponse:
         """A replica's body from the position on (the transfer left midway is closed)."""
         self._drop_transfer()
         replica = open_replica(self._urls, byte_range=(self._position, self.length - 1), size=self.length,
@@ -549,16 +570,20 @@ class SeekableBody(io.RawIOBase):
                                f"{replica.headers.get('last-modified')!r}, not {self._version!r})", replica.url)
         self._replica = replica
         self._transfer_at = self._position
+        if self.closed:  # from another thread, meanwhile
+            self._drop_transfer()
+        return replica
 
     def _drop_transfer(self) -> None:
-        if self._replica is not None:
-            self._replica.close()
-            self._replica = None
+        replica, self._replica = self._replica, None
+        if replica is not None:
+            replica.close()
 
     def close(self) -> None:
-        """Close the open transfer, if any."""
-        self._drop_transfer()
+        """Close the open transfer, if any; a read waiting on it in another thread raises at
+        once, and opens no replica again."""
         super().close()
+        self._drop_transfer()
 
 
 def cut_midway(urls: list[str], url: str, error: BaseException) -> list[str]:

@@ -18,6 +18,7 @@ import pytest
 from conftest import DOMAIN
 from integration._async_facade import LoopThread
 from integration.test_asgi import Recorder, http_scope, run
+from integration.test_async_storage import ScriptedNode, endless_node, eventually
 from integration.test_hostile import call
 from integration.test_middleware import BODY, wrapped_app
 from wiretools import TEN, CountingRelay, KeptAliveNode, ScriptedTracker, SilentServer, files_tracker, honest
@@ -27,7 +28,7 @@ from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.downnodes import down_nodes
 from mogile_middleware.middleware import MogileFSMiddleware
-from mogile_middleware.storage import SeekableBody, read_replica
+from mogile_middleware.storage import ResumedReplica, Resumption, SeekableBody, open_replica, read_replica
 from mogile_middleware.tracker import TrackerConnection
 
 
@@ -418,6 +419,54 @@ def test_a_seekable_body_at_urls_naming_no_fid_is_not_read_again_from_another_ve
     finally:
         node.shutdown()
         node.server_close()
+
+
+TEN_MB = 10_000_000  # what endless_node announces
+
+
+@pytest.fixture
+def waiting_node() -> Iterator[ScriptedNode]:
+    """A node that announces 10 MB, sends the first 1000 bytes, then waits."""
+    node = ScriptedNode(endless_node)
+    yield node
+    node.stop()
+
+
+def _response(url: str) -> tuple[Callable[[], None], Callable[[], Any]]:
+    """``read_file``'s response: how to close it, and its next read."""
+    replica = open_replica([url], size=TEN_MB, timeout=5)
+    assert replica.read(1000) == b"x" * 1000
+    return replica.close, lambda: replica.read(100)
+
+
+def _resumed(url: str) -> tuple[Callable[[], None], Callable[[], Any]]:
+    """Serve mode's transfer, which goes on from a replica again when cut."""
+    resumed = ResumedReplica(open_replica([url], size=TEN_MB, timeout=5), Resumption([url], None, TEN_MB), timeout=5)
+    chunks = resumed.iter_chunks()
+    assert next(chunks) == b"x" * 1000
+    return resumed.close, lambda: next(chunks)
+
+
+def _seekable(url: str) -> tuple[Callable[[], None], Callable[[], Any]]:
+    """The Django storage's file, which opens a replica again when cut."""
+    body = SeekableBody([url], length=TEN_MB, timeout=5)
+    assert body.read(1000) == b"x" * 1000
+    return body.close, lambda: body.read(100)
+
+
+@pytest.mark.parametrize("opened", [_response, _resumed, _seekable], ids=["response", "resumed", "seekable"])
+def test_a_body_closed_from_another_thread_ends_the_read_waiting_on_it_and_asks_no_replica_again(
+        waiting_node: ScriptedNode, opened: Callable[[str], tuple[Callable[[], None], Callable[[], Any]]]) -> None:
+    """The read waited out its timeout; then the resumed transfer and the seekable body took the
+    close for a cut and asked the node again, a transfer nobody would close."""
+    close, read_next = opened(waiting_node.url)
+    threading.Timer(0.2, close).start()
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="the response was closed"):
+        read_next()
+    assert time.monotonic() - started < 2
+    assert waiting_node.connections == 1
+    assert eventually(lambda: waiting_node.open == 0)
 
 
 class _Whole(_HalfBody):

@@ -270,6 +270,23 @@ def test_a_response_open_at_a_fork_is_kept_by_the_process_that_made_it_alone(nod
     assert read_all(node, pool) == BODY  # on the connection the parent made and kept
 
 
+def test_a_response_open_mid_body_at_a_fork_and_closed_by_the_child_is_read_whole_by_the_parent(
+        node: StorageNode) -> None:
+    """A close shuts the connection down (a read waiting in another thread ends at once), but not
+    one made before a fork, whose transfer the other process may be reading."""
+    replica = open_replica([url(node)], pool=NodePool())
+    first = replica.read(1000)
+    pid = os.fork()
+    if pid == 0:  # the child: its copy is closed
+        try:
+            replica.close()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert first + replica.read() == BODY
+
+
 class ClosingAfterOneAnswer(LoopbackServer):
     """A node that keeps a connection alive after its first answer, then closes it when the next
     request arrives, unanswered: the race a kept-alive connection can lose."""
