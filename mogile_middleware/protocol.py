@@ -188,7 +188,7 @@ def decode_args(data: bytes) -> dict[str, str]:
     """Decode ``k=v&k=v`` as mogilefsd does.
 
     Empty pairs are skipped, a raw ``=`` inside a value cuts the value, a repeated name joins its
-    values with NUL.
+    values with NUL, or without when the value so far is false to Perl (``""`` or ``"0"``).
     """
     args: dict[str, str] = {}
     for pair in data.split(b"&"):
@@ -197,7 +197,8 @@ def decode_args(data: bytes) -> dict[str, str]:
         fields = pair.split(b"=")
         name = to_text(_unescape(fields[0]))
         value = to_text(_unescape(fields[1])) if len(fields) > 1 else ""
-        args[name] = f"{args[name]}\x00{value}" if args.get(name) else value
+        so_far = args.get(name, "")
+        args[name] = f"{so_far}\x00{value}" if so_far not in ("", "0") else so_far + value
     return args
 
 

@@ -169,6 +169,10 @@ def test_request_encoding_matches_the_captured_client_lines() -> None:
         pytest.param(b"key=a%0D%0Anoop", {"key": "a\r\nnoop"}, id="encoded-crlf-stays-in-key"),
         pytest.param(b"&&key=x&", {"key": "x"}, id="empty-pairs"),
         pytest.param(b"domain=testdom key=x", {"domain": "testdom key"}, id="space-not-separator"),
+        # mogilefsd 2.73 echoes a noop's repeated callid so: 'a\0' + '1', '0' + '1', '' + '1'.
+        pytest.param(b"callid=a&callid=1", {"callid": "a\x001"}, id="repeated-name-joined-with-nul"),
+        pytest.param(b"callid=0&callid=1", {"callid": "01"}, id="repeated-after-a-0-joined-as-is"),
+        pytest.param(b"callid=&callid=1", {"callid": "1"}, id="repeated-after-empty"),
     ],
 )
 def test_request_args_decode_as_mogilefsd_does(args: bytes, expected: dict) -> None:
