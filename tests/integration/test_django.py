@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote_to_bytes, urlsplit
 
 import django
 import pytest
@@ -441,6 +441,23 @@ def test_collectstatic_again_passes_over_the_files_that_did_not_change(mogile: D
         MogileFSStorage(location="static").get_modified_time("none.css")
 
 
+def test_the_modified_time_is_the_earliest_replicas_as_later_copies_are_dated_when_made(mogile: DevMogileFS) -> None:
+    """mogilefsd copies a file to its other devices later (a second later, or months after a
+    device failed), each copy dated when made: the time of whichever replica the tracker listed
+    first made collectstatic pass over a file changed since its upload, once in two runs."""
+    name = MogileFSStorage(mogile_class="avatar").save("app.js", ContentFile(b"v1"))
+    paths = get_client().get_paths(name)
+    assert len(paths) == 2
+    stored = int(time.time()) - 100
+    for made, url in zip((stored, stored + 3600), paths):
+        (replica,) = mogile.data_dir.glob("stor*" + urlsplit(url).path)  # type: ignore[union-attr]
+        os.utime(replica, (made, made))
+    assert {MogileFSStorage().get_modified_time(name).timestamp() for _ in range(12)} == {stored}
+    (replica,) = mogile.data_dir.glob("stor*" + urlsplit(paths[0]).path)  # type: ignore[union-attr]
+    replica.unlink()  # one replica gone: the other's time
+    assert MogileFSStorage().get_modified_time(name).timestamp() == stored + 3600
+
+
 def test_a_location_keeps_the_storages_names_under_a_directory_of_keys(app: TestApp) -> None:
     storage = MogileFSStorage(location="/site assets/")
     name = storage.save("a b.txt", ContentFile(b"asset"))
@@ -573,6 +590,23 @@ def test_a_name_freed_after_it_was_found_taken_is_saved_to(mogile: DevMogileFS) 
     with storage.open(name) as file:
         assert file.read() == b"mine"
     assert get_client().list_keys(TEMPORARY_PREFIX) == []
+
+
+class _Decrypting(File):
+    """A file whose ``read()`` of its own gives other bytes than the file it holds (here, with
+    its ``#`` lines left out), read through by Django's ``chunks()``."""
+
+    def read(self, size: int = -1) -> bytes:
+        return b"".join(line for line in self.file.read(size).splitlines(True) if not line.startswith(b"#"))
+
+
+def test_a_file_reading_other_bytes_than_it_holds_stores_what_it_reads(mogile: DevMogileFS, tmp_path: Path) -> None:
+    """As FileSystemStorage stores it: the upload, given the file it holds, announced its length
+    and sent what read() gave, and the storage node refused the save (an UploadError)."""
+    held = b"#the key\nthe text\n"
+    on_disk = FileSystemStorage(location=tmp_path).save("a.txt", _Decrypting(io.BytesIO(held), "a.txt"))
+    name = MogileFSStorage().save("a.txt", _Decrypting(io.BytesIO(held), "a.txt"))
+    assert get_client().get_file_data(name) == (tmp_path / on_disk).read_bytes() == b"the text\n"
 
 
 class _BrokenContent(ContentFile):

@@ -22,6 +22,7 @@ from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files import File
 from django.core.files.storage import Storage
 from django.core.files.uploadedfile import InMemoryUploadedFile
+from django.core.files.utils import FileProxyMixin
 from django.urls import get_script_prefix
 from django.utils.deconstruct import deconstructible
 
@@ -70,21 +71,34 @@ def _renaming() -> threading.Lock:
 
 #: Django's own ``chunks()``, which read the file from its start: a file read so may be read again.
 _READING_CHUNKS = (File.chunks, InMemoryUploadedFile.chunks)
+#: What an upload calls on a file given whole, which must be Django's, passed to the file it holds.
+_PROXIED_METHODS = ("read", "readinto", "seek", "tell", "seekable")
 
 
 def _source_of(content: File) -> File | Iterator[bytes]:
     """``content`` itself, from its start, when it is a seekable file of bytes read by Django's own
-    ``chunks()`` (an uploaded file, in memory or spooled to disk, a ``ContentFile``, a ``File``
-    over an open file): an upload sends it again to the next storage node when one drops it midway.
-    Else its chunks (a ``chunks()`` of its own decides what is stored), text ones as UTF-8:
-    Django's ``ContentFile`` holds either, and its own storages take both."""
+    ``chunks()`` and methods (an uploaded file, in memory or spooled to disk, a ``ContentFile``, a
+    ``File`` over an open file): an upload sends it again to the next storage node when one drops
+    it midway. Else its chunks (a ``chunks()`` or ``read()`` of its own decides what is stored),
+    text ones as UTF-8: Django's ``ContentFile`` holds either, and its own storages take both."""
+    kind = type(content)
     try:
-        if type(content).chunks in _READING_CHUNKS and content.seekable() and isinstance(content.read(0), bytes):
+        if kind.chunks in _READING_CHUNKS \
+                and all(getattr(kind, name, None) is getattr(FileProxyMixin, name) for name in _PROXIED_METHODS) \
+                and content.seekable() and isinstance(content.read(0), bytes):
             content.seek(0)  # as chunks() reads it
             return content
     except (AttributeError, OSError, ValueError):  # a file object with read() alone, as chunks() takes it
         pass
     return (chunk.encode("utf-8") if isinstance(chunk, str) else chunk for chunk in content.chunks())
+
+
+def _http_date_seconds(stamp: str | None) -> float | None:
+    """The time an HTTP date (a ``Last-Modified``) names, or ``None`` for none or a malformed one."""
+    try:
+        return email.utils.parsedate_to_datetime(stamp or "").timestamp()
+    except (TypeError, ValueError):
+        return None
 
 
 def _normalised(name: str) -> str:
@@ -313,26 +327,33 @@ class MogileFSStorage(Storage):
             return SeekableBody(paths, length=info.length, timeout=self.client.storage_timeout)
 
     def get_modified_time(self, name: str) -> datetime:
-        """When the file was stored, as a replica's ``Last-Modified`` tells (a ``HEAD`` of the first
-        that answers): ``collectstatic`` then passes over the files that did not change, as on
-        disk, where it deleted and stored every file anew, each missing meanwhile (a 404).
-        ``NotImplementedError`` when the storage node tells none, an ``OSError`` when no replica
+        """When the file was stored: the earliest ``Last-Modified`` of its replicas (a ``HEAD`` of
+        each), as mogilefsd copies a file to its other devices later (a second later, or months
+        later when a device failed), each copy dated when it was made. ``collectstatic`` then
+        passes over the files that did not change, as on disk (it deleted and stored every file
+        anew, each missing meanwhile: a 404), and not over one changed since its upload.
+        ``NotImplementedError`` when no storage node tells a time, an ``OSError`` when no replica
         answers (``collectstatic`` then stores the file again)."""
         with _checked_key():
             try:
                 paths, info = self.client.current_version(self._key(name))
             except UnknownKeyError:
                 raise FileNotFoundError(f"no MogileFS key {name!r}") from None
-        try:
-            with open_replica(paths, method="HEAD", size=info.length, timeout=self.client.storage_timeout) as replica:
-                stamp = replica.headers.get("last-modified")
-        except StorageError as error:
+        stamps: list[str | None] = []
+        error: StorageError | None = None
+        for path in paths:
+            try:
+                with open_replica([path], method="HEAD", size=info.length,
+                                  timeout=self.client.storage_timeout) as replica:
+                    stamps.append(replica.headers.get("last-modified"))
+            except StorageError as failure:
+                error = failure
+        if not stamps:
             raise OSError(f"no replica of {name!r} told its time: {error}") from error
-        try:
-            seconds = email.utils.parsedate_to_datetime(stamp or "").timestamp()
-        except (TypeError, ValueError):
-            raise NotImplementedError(f"the storage node told no time for {name!r}: {stamp!r}") from None
-        return datetime.fromtimestamp(seconds, tz=timezone.utc if settings.USE_TZ else None)
+        seconds = [when for stamp in stamps if (when := _http_date_seconds(stamp)) is not None]
+        if not seconds:
+            raise NotImplementedError(f"the storage nodes told no time for {name!r}: {stamps!r}")
+        return datetime.fromtimestamp(min(seconds), tz=timezone.utc if settings.USE_TZ else None)
 
     def exists(self, name: str) -> bool:
         """True if the key exists, or keys are under ``name`` (a directory :meth:`listdir` lists, its
