@@ -106,8 +106,9 @@ class MogileFSMiddleware(MiddlewareCore):
             if scope["type"] == "lifespan":
                 await self.app(scope, receive, self._closing_at_shutdown(send))
                 return
-            websocket = scope["type"] == "websocket" and not self.allow_app_reproxy
-            await self.app(scope, receive, _without_reproxy_headers(send) if websocket else send)
+            if scope["type"] == "websocket":
+                send = _internal_headers_filtered(send, self.allow_app_reproxy)
+            await self.app(scope, receive, send)
             return
         raw_path = scope.get("raw_path")
         variants = self._warm_answers.variants(raw_path)  # None for paths the app answers
@@ -495,7 +496,7 @@ def _path_info(scope: Scope) -> str:
         if path != given and not _names_alike(target, path, given, root):
             path = given  # rewritten by a middleware in front, which changes the path, never the raw path
     else:
-        path = given.partition("#")[0]
+        path = given  # a "#" in it is a decoded %23, part of the key, as in WSGI's PATH_INFO
     if not path.startswith("/"):
         path = _ABSOLUTE_FORM.sub("", path, 1)
     below = _below(path, root)
@@ -529,9 +530,18 @@ def _names_alike(target: str, path: str, given: str, root: str) -> bool:
     ``path`` decoded), as servers and routers make it: with the fragment (h11, daphne), without
     the mount point (Starlette before 0.33), or with replacement characters for bytes that are
     not UTF-8 (then only the raw bytes say what was asked). Else a middleware rewrote it."""
-    if given == _unquoted(target.partition("?")[0]) or not _is_utf8(path):
+    whole = _unquoted(target.partition("?")[0])  # with a fragment
+    if not _is_utf8(whole):  # as the server could give it
+        whole, path = _replaced(whole), _replaced(path)
+    if given == whole:
         return True
     return bool(root) and path.startswith(root) and path[len(root):] == given
+
+
+def _replaced(path: str) -> str:
+    """A WSGI path whose bytes are not all UTF-8 as a server gives it in ``path`` (in WSGI form):
+    each byte that is not with U+FFFD, the replacement character."""
+    return _as_wsgi(path.encode("latin-1").decode("utf-8", "replace"))
 
 
 def _unquoted(path: str) -> str:
@@ -583,10 +593,10 @@ def _environ(scope: Scope, path: str) -> dict[str, Any]:
 
 
 def _kept_a_fragment(scope: Scope) -> bool:
-    """True if the server kept the target's fragment in the path, as :func:`_path_info` reads it
-    (in the raw path; without one, in ``path``), where it should have dropped it."""
+    """True if the server kept the target's fragment in the raw path, where it should have dropped
+    it (without a raw path nothing tells: a "#" in ``path`` is a decoded ``%23``, as WSGI reads it)."""
     raw = scope.get("raw_path")
-    return b"#" in raw if raw else "#" in scope["path"]
+    return bool(raw) and b"#" in raw
 
 
 def _inputs(scope: Scope) -> tuple[Any, ...]:
@@ -602,11 +612,12 @@ def _inputs(scope: Scope) -> tuple[Any, ...]:
     return tuple(inputs)  # made once: a client may repeat a header thousands of times
 
 
-def _without_reproxy_headers(send: Send) -> Send:
+def _internal_headers_filtered(send: Send, keep_reproxy: bool) -> Send:
     """``send`` for an application's websocket: its handshake answers (``websocket.accept``, a
-    denial's ``websocket.http.response.start``) go out without reproxy headers, as its HTTP answers do."""
+    denial's ``websocket.http.response.start``) go out without the headers only the middleware
+    may send, as its HTTP answers do: a serve header, and the reproxy headers unless ``keep_reproxy``."""
     async def filtered(message: Message) -> None:
-        await send(_internal_headers_removed(message) if message.get("headers") else message)
+        await send(_internal_headers_removed(message, keep_reproxy=keep_reproxy) if message.get("headers") else message)
     return filtered
 
 

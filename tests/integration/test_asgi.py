@@ -288,6 +288,23 @@ def test_the_raw_path_is_read_where_the_server_or_a_router_gave_the_same_path(de
     assert (sent[0]["status"], b"".join(message.get("body", b"") for message in sent)) == (200, b"hash")
 
 
+def test_without_a_raw_path_a_hash_in_the_path_is_the_keys(devmogile: DevMogileFS) -> None:
+    # raw_path is optional in ASGI: path is then decoded, its "#" a %23 (as url_for writes a
+    # key's), part of the key as in WSGI's PATH_INFO. Taken for a fragment, another key's file
+    # was served, and a signed link's query was dropped (a 403).
+    client = Client(DOMAIN, devmogile.trackers)
+    client.store_content("report", b"another file", cls="thumb")
+    client.store_content("report#2.pdf", b"the report", cls="thumb")
+    for options in ({}, {"signing_key": "s3cret"}):
+        middleware = MogileFSMiddleware(Recorder(), domain=DOMAIN, trackers=devmogile.trackers, **options)
+        path, _, query = middleware.url_for("report#2.pdf").partition("?")
+        assert path == "/mogilefs/report%232.pdf"
+        scope = {**http_scope(path), "query_string": query.encode()}
+        del scope["raw_path"]
+        sent = run(middleware, scope, [])
+        assert (sent[0]["status"], b"".join(message.get("body", b"") for message in sent)) == (200, b"the report")
+
+
 def test_a_path_rewritten_by_a_middleware_in_front_is_the_one_answered(devmogile: DevMogileFS) -> None:
     # A middleware in front changes scope["path"] (as Starlette's routing and Django read it),
     # never the raw path, which the server received: the rewrite was ignored, a rule that sends
@@ -306,6 +323,12 @@ def test_a_path_rewritten_by_a_middleware_in_front_is_the_one_answered(devmogile
     assert kept["status"] == 200 and b"x-reproxy-url" in dict(kept["headers"])
     denied = run(middleware, rewritten("/mogilefs/hello.txt", "/denied"), [])[0]
     assert denied["status"] == 201 and recorder.scopes[-1]["path"] == "/denied"
+    # A raw path not UTF-8 was taken as never rewritten, whatever the path: a server gives it with
+    # replacement characters, and a rewrite only otherwise.
+    assert run(middleware, rewritten("/files/hello.txt%FF", "/mogilefs/hello.txt"), [])[0]["status"] == 200
+    assert run(middleware, rewritten("/mogilefs/hello.txt%FF", "/denied"), [])[0]["status"] == 201
+    as_given = run(middleware, rewritten("/mogilefs/hello.txt%FF", "/mogilefs/hello.txt\ufffd"), [])
+    assert (as_given[0]["status"], as_given[1]["body"]) == (400, b"400 Bad Request\nThe file name is not valid UTF-8.\n")
 
 
 def test_a_method_other_than_get_or_head_is_405_without_the_app(wrapped: tuple[MogileFSMiddleware,
@@ -319,20 +342,24 @@ def test_a_method_other_than_get_or_head_is_405_without_the_app(wrapped: tuple[M
 #: An application's handshake headers: one of its own, and the reproxy headers only the middleware may send.
 HANDSHAKE_HEADERS = [(b"sec-websocket-protocol", b"chat"), (b"x-accel-redirect", b"/internal"),
                      (b"x-reproxy-url", b"http://10.0.0.5/secret")]
+#: A serve header, whose proof no client may see, whatever the options.
+SERVE = tuple(part.encode("latin-1") for part in serve_header("a.txt"))
 
 
 async def websocket_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """Accepts a websocket with :data:`HANDSHAKE_HEADERS`, or under ``/deny`` refuses it with an HTTP answer."""
     await receive()
     if scope["path"] == "/deny":
-        await send({"type": "websocket.http.response.start", "status": 403, "headers": HANDSHAKE_HEADERS})
+        await send({"type": "websocket.http.response.start", "status": 403, "headers": [*HANDSHAKE_HEADERS, SERVE]})
         await send({"type": "websocket.http.response.body", "body": b"no"})
     else:
-        await send({"type": "websocket.accept", "headers": HANDSHAKE_HEADERS})
+        await send({"type": "websocket.accept", "headers": [*HANDSHAKE_HEADERS, SERVE]})
 
 
 @pytest.mark.parametrize("path", ["/chat", "/deny"])
 def test_an_apps_websocket_handshake_goes_out_without_reproxy_headers(path: str) -> None:
+    """Nor a serve header, with allow_app_reproxy too: it told the client the process's proof,
+    which a proxying view passing on another server's headers would then obey."""
     websocket = {"type": "websocket", "path": path, "raw_path": path.encode(), "headers": []}
     middleware = MogileFSMiddleware(websocket_app, domain=DOMAIN, trackers=["127.0.0.1:1"])
     handshake = run(middleware, websocket, [{"type": "websocket.connect"}])[0]
