@@ -314,8 +314,11 @@ class MiddlewareCore:
         decoded = path if path.isascii() else self._decoded(path)
         if self.signer is not None:
             # What the URL names is signed: no signed URL names a path that is not UTF-8.
-            refusal = self.signer.refusal(decoded if isinstance(decoded, str) else "", self._signed_query(
-                environ.get("QUERY_STRING", "")), grace=FALLBACK_GRACE_SECONDS if self._fell_back(environ) else 0.0)
+            fell_back = self._fell_back(environ)
+            query = environ.get("QUERY_STRING", "")
+            refusal = self.signer.refusal(decoded if isinstance(decoded, str) else "",
+                                          self._signed_query(query) if fell_back else query,
+                                          grace=FALLBACK_GRACE_SECONDS if fell_back else 0.0)
             if refusal is not None:
                 return _FORBIDDEN[refusal]
         return self._key(decoded) if isinstance(decoded, str) else decoded
@@ -333,7 +336,9 @@ class MiddlewareCore:
         return url if self.signer is None else f"{url}?{self.signer.query(named, expires_in)}"
 
     def _signed_query(self, query: str) -> str:
-        """The query as :meth:`url_for` made it: without the mark of Perlbal's fallback request."""
+        """The query of a trusted proxy's request after every replica failed as :meth:`url_for`
+        made it: without the mark of Perlbal's fallback request (from anyone else, the mark is a
+        parameter the signature does not cover)."""
         if isinstance(self.reproxy_responder, PerlbalReproxy) and self.reproxy_responder.fallback_url:
             unmarked = self.reproxy_responder.unmarked(query)
             return query if unmarked is None else unmarked

@@ -940,6 +940,16 @@ def test_perlbals_fallback_request_keeps_its_signature(stored: DevMogileFS) -> N
     assert fallback == f"http://127.0.0.1:8000{url}&mogilefs-fallback"  # what Perlbal asks when every replica failed
     assert app.get(fallback.removeprefix("http://127.0.0.1:8000")).body == FILES["plain.txt"]
     app.get("/mogilefs/plain.txt?mogilefs-fallback", status=403)
+    # The mark is Perlbal's alone: from a client, or through Perlbal, it is a parameter the
+    # signature does not cover (it was taken off whoever sent it).
+    trusting = TestApp(MogileFSMiddleware(lambda e, s: [], domain=DOMAIN, trackers=stored.trackers, reproxy="perlbal",
+                                          signing_key=SECRET, perlbal_fallback_url="http://127.0.0.1:8000",
+                                          trusted_proxies=["10.0.0.1"]))
+    marked = f"{url}&mogilefs-fallback"
+    assert trusting.get(marked, extra_environ={"REMOTE_ADDR": "10.0.0.1"}).body == FILES["plain.txt"]
+    trusting.get(marked, extra_environ={"REMOTE_ADDR": "192.0.2.7"}, status=403)
+    trusting.get(marked, headers={"X-Forwarded-For": "192.0.2.7", "X-Proxy-Capabilities": "reproxy-file"},
+                 extra_environ={"REMOTE_ADDR": "10.0.0.1"}, status=403)
 
 
 def test_an_async_authorize_is_awaited(stored: DevMogileFS) -> None:
