@@ -322,12 +322,13 @@ def _upload(args: argparse.Namespace, client: Client) -> int:
         if _unstorable(files):
             return 1
         for path, key in files:
-            with open(path, "rb") as source:
+            with open(path, "rb") as source, _named(str(path)):  # a read that fails names the file
                 _store(uploader, key, source, args.cls)
     elif args.source == "-":
-        _store(uploader, args.key, _stdin(), args.cls)
+        with _named("stdin"):
+            _store(uploader, args.key, _stdin(), args.cls)
     else:
-        with open(args.source, "rb") as source:
+        with open(args.source, "rb") as source, _named(args.source):
             _store(uploader, args.key, source, args.cls)
     return 0
 
@@ -610,6 +611,8 @@ def _replacing(path: Path) -> Iterator[_Output]:
         with _written(open(path, "wb"), str(path)) as output:  # noqa: SIM115 # closed by _written
             yield output
         return
+    if mode is not None and not os.access(path, os.W_OK):  # the directory would let it be replaced
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
     real = Path(os.path.realpath(path))
     with _named(str(path), instead=True):
         stem = os.fsdecode(os.fsencode(real.name)[:_PART_STEM_BYTES])  # a name of 255 bytes too

@@ -1050,6 +1050,35 @@ def test_get_writes_through_a_link_keeps_a_files_mode_and_writes_a_pipe_as_it_is
     assert sorted(path.name for path in tmp_path.iterdir()) == ["fifo", "link", "private.txt", "target.txt"]
 
 
+def test_get_refuses_a_file_it_may_not_write_as_cp_does(devmogile: DevMogileFS, tmp_path: Path) -> None:
+    """A read-only file was replaced all the same (a new file renamed over it, which the
+    directory alone allows): cp, curl -o and a shell's > refuse it. Run so that the file's mode
+    refuses it: as root, without the capabilities that pass over a file's mode."""
+    Client(DOMAIN, devmogile.trackers).store_content("doc", b"the content")
+    (tmp_path / "out").mkdir()
+    kept = tmp_path / "out" / "kept.txt"
+    kept.write_bytes(b"old")
+    kept.chmod(0o444)
+    modes_apply = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    env = subprocess_env(MOGILEFS_TRACKERS=devmogile.trackers[0], MOGILEFS_DOMAIN=DOMAIN)
+    done = subprocess.run([*modes_apply, sys.executable, "-m", "mogile_middleware", "get", "doc", "-o", str(kept)],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (1, f"mogile-middleware: {kept}: Permission denied\n")
+    assert kept.read_bytes() == b"old" and list(kept.parent.iterdir()) == [kept]
+
+
+def test_upload_names_a_file_whose_read_fails(cli: Run, tmp_path: Path) -> None:
+    """Its error named nothing ("[Errno 5] Input/output error"): with --recursive, which file
+    failed was not told. /proc/self/mem, whose first page no process maps, fails as a disk would."""
+    assert cli("upload", "k", "/proc/self/mem") == Result(1, b"", "mogile-middleware: /proc/self/mem: Input/output error\n")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a").write_bytes(b"1")
+    (tree / "b").symlink_to("/proc/self/mem")
+    done = cli("upload", "p/", str(tree), "--recursive")
+    assert (done.code, done.err) == (1, f"mogile-middleware: {tree / 'b'}: Input/output error\n")
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
 def test_a_stop_signal_during_get_leaves_neither_a_partial_file_nor_a_changed_one(
     cli: Run, tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: signal.Signals
