@@ -1070,11 +1070,12 @@ def test_get_refuses_a_file_it_may_not_write_as_cp_does(devmogile: DevMogileFS, 
 def test_upload_names_a_file_whose_read_fails(cli: Run, tmp_path: Path) -> None:
     """Its error named nothing ("[Errno 5] Input/output error"): with --recursive, which file
     failed was not told. /proc/self/mem, whose first page no process maps, fails as a disk would."""
-    assert cli("upload", "k", "/proc/self/mem") == Result(1, b"", "mogile-middleware: /proc/self/mem: Input/output error\n")
+    failing = "/proc/self/mem"
+    assert cli("upload", "k", failing) == Result(1, b"", f"mogile-middleware: {failing}: Input/output error\n")
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "a").write_bytes(b"1")
-    (tree / "b").symlink_to("/proc/self/mem")
+    (tree / "b").symlink_to(failing)
     done = cli("upload", "p/", str(tree), "--recursive")
     assert (done.code, done.err) == (1, f"mogile-middleware: {tree / 'b'}: Input/output error\n")
 
