@@ -42,10 +42,10 @@ class Rate:
         return result.rate
 
 
-def cpu_note(server: Rate, baseline: Rate, name: str = "gunicorn") -> str:
-    """The CPU per request of the servers (``name``'s workers) behind two rates, as a note."""
-    return (f"{name} workers' CPU {Spread.of(server.cpu_per_request).median:.0f} µs/request against "
-            f"{Spread.of(baseline.cpu_per_request).median:.0f} µs")
+def cpu_note(server: list[float], baseline: list[float], name: str = "gunicorn") -> str:
+    """The CPU per request (µs) of two servers (``name``'s workers), as a note."""
+    return (f"{name} workers' CPU {Spread.of(server).median:.0f} µs/request against "
+            f"{Spread.of(baseline).median:.0f} µs")
 
 
 def throughput(name: str, baseline_label: str, samples: dict[str, list[float]], value: str, baseline: str,

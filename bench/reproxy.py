@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -49,7 +51,8 @@ def reproxy(cluster: Cluster, repeat: int) -> list[Figure]:
             return Rate(via(service), workdir, connections=FRONT_CONNECTIONS, seconds=FRONT_SECONDS, close=close,
                         cpu=server.cpu_seconds if server else None)
 
-        straight_figure = straight("2. reproxy under gunicorn", wrapped, ceiling, twin, workdir, repeat, "gunicorn")
+        straight_figure = straight("2. reproxy under gunicorn", [{"bare": ceiling, "wrapped": wrapped, "twin": twin}],
+                                   workdir, repeat * STRAIGHT_RUNS, "gunicorn")
         front = {"ceiling": proxied("ceiling", ceiling), "reproxy": proxied("reproxy", wrapped),
                  "cached": proxied("cached"), "direct": proxied("direct"),
                  "cached, closing": proxied("cached", close=True), "direct, closing": proxied("direct", close=True)}
@@ -59,7 +62,7 @@ def reproxy(cluster: Cluster, repeat: int) -> list[Figure]:
     return [
         straight_figure,
         throughput("5a. via Perlbal, no reproxy cache", "ceiling app", front_rates, "reproxy", "ceiling", 0.95,
-                   note=cpu_note(front["reproxy"], front["ceiling"])),
+                   note=cpu_note(front["reproxy"].cpu_per_request, front["ceiling"].cpu_per_request)),
         throughput("5b. via Perlbal, reproxy cache", "Perlbal → node", front_rates, "cached", "direct", 0.9,
                    note="keep-alive clients, as in the other rows; Perlbal 1.80 writes a cache hit's headers "
                         "and body uncorked, so each waits ~40 ms for the client's delayed ACK (Nagle)"),
@@ -78,15 +81,23 @@ ASGI_WORKERS = 1
 def asgi_reproxy(cluster: Cluster, repeat: int) -> Figure:
     """8b. The ASGI middleware under a uvicorn worker, against an ASGI app sending the same
     headers under the same uvicorn; the note adds the floor of any middleware
-    (:func:`~bench.apps.lookup_asgi_middleware`) against the same app."""
+    (:func:`~bench.apps.lookup_asgi_middleware`) against the same app. Each repetition starts
+    its servers anew: one worker process runs faster or slower than another of the same app,
+    by up to a tenth for a whole run, which the repetitions then average out."""
     headers = asyncio.run(_asgi_headers(cluster))
-    with servers.uvicorn(cluster.workdir, "ceiling", constant_env(headers), ASGI_WORKERS) as ceiling, \
-            servers.uvicorn(cluster.workdir, "twin", constant_env(headers), ASGI_WORKERS) as twin, \
-            servers.uvicorn(cluster.workdir, "reproxy", cluster.middleware_env(**PERLBAL_OPTIONS),
-                            ASGI_WORKERS) as wrapped, \
-            servers.uvicorn(cluster.workdir, "lookup", lookup_env(headers, SMALL_PATH), ASGI_WORKERS) as floor:
-        return straight("8b. reproxy under uvicorn", wrapped, ceiling, twin, cluster.workdir, repeat, "uvicorn",
-                        floor)
+    return straight("8b. reproxy under uvicorn", _asgi_servers(cluster, headers, repeat), cluster.workdir,
+                    STRAIGHT_RUNS, "uvicorn")
+
+
+def _asgi_servers(cluster: Cluster, headers: Headers, repeat: int) -> Iterator[dict[str, servers.Server]]:
+    """8b's servers, started anew for each of ``repeat`` rounds (stopped as the next is asked for)."""
+    for _ in range(repeat):
+        with servers.uvicorn(cluster.workdir, "ceiling", constant_env(headers), ASGI_WORKERS) as ceiling, \
+                servers.uvicorn(cluster.workdir, "twin", constant_env(headers), ASGI_WORKERS) as twin, \
+                servers.uvicorn(cluster.workdir, "reproxy", cluster.middleware_env(**PERLBAL_OPTIONS),
+                                ASGI_WORKERS) as wrapped, \
+                servers.uvicorn(cluster.workdir, "lookup", lookup_env(headers, SMALL_PATH), ASGI_WORKERS) as floor:
+            yield {"bare": ceiling, "wrapped": wrapped, "twin": twin, "floor": floor}
 
 
 async def _asgi_headers(cluster: Cluster) -> Headers:
@@ -98,24 +109,29 @@ async def _asgi_headers(cluster: Cluster) -> Headers:
         await middleware.client.aclose()
 
 
-def straight(name: str, wrapped: servers.Server, bare: servers.Server, twin: servers.Server, workdir: Path,
-             repeat: int, server_name: str, floor: servers.Server | None = None) -> Figure:
-    """wrk straight to the middleware's server against the bare app's, held to ``ratio >= 0.95``.
-    In the same turns, for the note: ``twin``, a second server of the bare app, whose ratio against
-    the first is what the figure can tell apart on the machine; with ``floor``, that server's ratio."""
-    servers_measured = {"bare": bare, "wrapped": wrapped, "twin": twin, **({"floor": floor} if floor else {})}
-    rates = {which: Rate(server.url(SMALL_PATH), workdir, connections=STRAIGHT_CONNECTIONS, seconds=STRAIGHT_SECONDS,
-                         cpu=server.cpu_seconds)
-             for which, server in servers_measured.items()}
-    samples = interleaved(repeat * STRAIGHT_RUNS, rates)
+def straight(name: str, rounds: Iterable[Mapping[str, servers.Server]], workdir: Path, runs: int,
+             server_name: str) -> Figure:
+    """wrk straight to the middleware's server (``wrapped``) against the bare app's (``bare``),
+    ``runs`` times each in every round of servers, held to ``ratio >= 0.95``. In the same turns,
+    for the note: ``twin``, a second server of the bare app, whose ratio against the first is
+    what the figure can tell apart on the machine; with ``floor``, that server's ratio."""
+    samples: dict[str, list[float]] = defaultdict(list)
+    cpu: dict[str, list[float]] = defaultdict(list)
+    for started in rounds:
+        rates = {which: Rate(server.url(SMALL_PATH), workdir, connections=STRAIGHT_CONNECTIONS,
+                             seconds=STRAIGHT_SECONDS, cpu=server.cpu_seconds)
+                 for which, server in started.items()}
+        for which, values in interleaved(runs, rates).items():
+            samples[which] += values
+            cpu[which] += rates[which].cpu_per_request
 
     def against_bare(which: str) -> str:
         ratio = Spread.of(ratios(samples[which], samples["bare"]))
         return (f"ratio {ratio.median:.3g} [{ratio.low:.3g}–{ratio.high:.3g}], "
-                f"{Spread.of(rates[which].cpu_per_request).median:.0f} µs/request")
+                f"{Spread.of(cpu[which]).median:.0f} µs/request")
 
-    note = (cpu_note(rates["wrapped"], rates["bare"], server_name)
+    note = (cpu_note(cpu["wrapped"], cpu["bare"], server_name)
             + f"; a second server of the bare app (what the figure tells apart): {against_bare('twin')}")
-    if floor:
+    if "floor" in samples:
         note += f"; a middleware answering from a dict by path (the floor of any): {against_bare('floor')}"
     return throughput(name, "bare app, same headers", samples, "wrapped", "bare", 0.95, note=note)
