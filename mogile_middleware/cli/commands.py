@@ -205,12 +205,12 @@ def _local_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argpars
             return code
         except OSError as error:
             if isinstance(error, BrokenPipeError) and error.filename in (None, "stdout"):
-                _detach_stdout()  # stdout's reader has gone (not that of -o FIFO): nothing to say
+                detach_stdout()  # stdout's reader has gone (not that of -o FIFO): nothing to say
                 return 0
             with contextlib.suppress(OSError):  # stderr gone with the terminal: the exit code says it
                 print(f"mogile-middleware: {printable(_describe(error))}", file=sys.stderr)
             if error.filename == "stdout" and not isinstance(given, _ClosedStream):
-                _detach_stdout()  # what its buffer holds would fail again at exit (exit 120)
+                detach_stdout()  # what its buffer holds would fail again at exit (exit 120)
             return 1
         finally:
             sys.stdout = given
@@ -284,7 +284,7 @@ def _skipped(key: str, reason: str) -> None:
     print(f"mogile-middleware: {quoted(key)}: {printable(reason)}: skipped", file=sys.stderr)
 
 
-def _detach_stdout() -> None:
+def detach_stdout() -> None:
     """Point stdout at the null device, so the flush at exit does not fail on the closed pipe again."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
@@ -366,7 +366,7 @@ def _report(line: str) -> None:
     try:
         print(line, flush=True)
     except BrokenPipeError:
-        _detach_stdout()
+        detach_stdout()
 
 
 def _stdin() -> BinaryIO:

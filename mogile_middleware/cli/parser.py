@@ -8,12 +8,14 @@ does not exist).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import IO
 
 from .. import __version__
 from ..exceptions import MogileFSError, TrackerUnavailableError, UnknownKeyError
@@ -47,7 +49,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``mogile-middleware`` with every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mogile-middleware",
         description="Serve files stored in MogileFS from WSGI and ASGI applications, and work with MogileFS.",
         epilog=commands.EPILOG,
@@ -71,7 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors=UNSHOWABLE)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except OSError as error:  # stdout did not take --help or --version
+        return _unwritten(error)
     commands.resolve_connection_options(parser, args)
     # The package's warnings (a shared cache that could not be told) as the command's own lines.
     logging.basicConfig(format=f"{parser.prog}: %(message)s", level=logging.WARNING)
@@ -90,6 +95,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"mogile-middleware: stopped while the upload of {quoted(key)} was being committed: the key "
                   "may or may not point at the new data", file=sys.stderr)
         return 128 + getattr(stopped, "signal", signal.SIGINT)
+
+
+def _unwritten(error: OSError) -> int:
+    """The exit status when stdout did not take what ``--help`` or ``--version`` wrote: 1, the
+    error named as ``ls --help > /dev/full`` names it, or 0 when its reader has gone (``| head``)."""
+    if not isinstance(error, BrokenPipeError):
+        with contextlib.suppress(OSError):
+            print(f"mogile-middleware: stdout: {error.strerror}", file=sys.stderr)
+    commands.detach_stdout()  # what its buffer holds would fail again at exit
+    return 0 if isinstance(error, BrokenPipeError) else 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but for a failure to write help or a version to stdout, which it passed
+    over (exit 0)."""
+
+    def _print_message(self, message: str, file: IO[str] | None = None) -> None:
+        if message and file is sys.stdout:
+            file.write(message)
+            file.flush()
+        else:
+            super()._print_message(message, file)
 
 
 def _shown(error: MogileFSError) -> str:

@@ -666,6 +666,15 @@ def test_a_write_error_names_the_output(devmogile: DevMogileFS, tmp_path: Path) 
     assert Client(DOMAIN, devmogile.trackers).get_file_data("stored") == b"content"
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["ls", "--help"]])
+def test_help_or_a_version_that_stdout_does_not_take_is_an_error_naming_it(argv: list[str]) -> None:
+    # As ls --help > /dev/full fails: argparse passed over the write's failure, exit 0.
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run([sys.executable, "-m", "mogile_middleware", *argv], env=subprocess_env(), stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=20, check=False)
+    assert (done.returncode, done.stderr) == (1, "mogile-middleware: stdout: No space left on device\n")
+
+
 def test_an_output_fifo_whose_reader_left_is_an_error_naming_it(cli: Run, tmp_path: Path) -> None:
     # Taken for stdout's reader gone (| head): exit 0, not a word.
     assert cli("upload", "big", str(_file(tmp_path / "big.bin", 2_000_000))).code == 0
