@@ -363,7 +363,9 @@ class _EveryServer(RendezvousHash):
 
     def get_node(self, key: str) -> str | None:
         node = super().get_node(key)
-        return None if node in self._dead else node
+        if node in self._dead:  # named, where pymemcache says "All servers seem to be down right now"
+            raise MemcacheError(f"memcached at {node} failed lately: not asked again for up to {DEAD_SECONDS:g} s")
+        return node
 
 
 def _node(server: tuple[str, int] | str) -> str:
@@ -386,7 +388,7 @@ def _server(spec: str) -> tuple[str, int] | str:
         server = normalize_server_spec(spec)
     except ValueError:
         server = None
-    if server is None or isinstance(server, tuple) and not (is_host(server[0]) and 0 < server[1] < 65536):
+    if not server or isinstance(server, tuple) and not (is_host(server[0]) and 0 < server[1] < 65536):
         raise ValueError(f"memcached server {spec!r} is not host:port or a unix socket path")
     return server
 

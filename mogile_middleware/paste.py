@@ -74,9 +74,16 @@ def _memcached(servers: list[str] | None, secret: str | None) -> MemcachedBacken
 
 def _secret(value: str) -> str:
     """The secret signing memcached's entries; an empty one, which would sign nothing, is refused."""
-    if not value:
+    secret = _text(value)
+    if not secret:
         raise ValueError("no secret given (leave the option out for unsigned entries)")
-    return value
+    return secret
+
+
+def _text(value: str) -> str:
+    """A text option without the line break before a value written on the next line, which the
+    ini file keeps (``domain =`` then ``media`` below it was the domain "\nmedia")."""
+    return value.strip()
 
 
 def _secrets(value: str) -> list[str]:
@@ -125,7 +132,7 @@ _SPECIAL: Mapping[str, Callable[[str], Any]] = {
 }
 
 #: Converters by the middleware's annotation of an argument (``X | None`` reads as ``X``).
-_BY_TYPE: Mapping[str, Callable[[str], Any]] = {"str": str, "float": float, "int": asint, "bool": asbool}
+_BY_TYPE: Mapping[str, Callable[[str], Any]] = {"str": _text, "float": float, "int": asint, "bool": asbool}
 
 #: The middleware's arguments that an ini file cannot give as such (``memcached_servers`` gives
 #: ``cache_backend``), or that the WSGI middleware ignores (``client_timeout``: the server writes the body).

@@ -582,9 +582,13 @@ def test_the_warning_of_a_memcached_down_names_it(caplog: pytest.LogCaptureFixtu
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         closed = f"127.0.0.1:{unused.getsockname()[1]}"
-    cache = PathCache(lambda key, previous: location(7, key), backend=MemcachedBackend(closed))
+    backend = MemcachedBackend(closed)
+    cache = PathCache(lambda key, previous: location(7, key), backend=backend)
     assert cache.get("a") == location(7, "a")
     assert f"memcached at {closed}: Connection refused" in caplog.text
+    # Then marked down, it was "All servers seem to be down right now", whichever was.
+    with pytest.raises(MemcacheError, match=f"^memcached at {closed} failed lately: not asked again for up to 5 s$"):
+        backend.get("a")
 
 
 def test_the_site_answers_from_a_shared_cache_and_without_it(devmogile: DevMogileFS,

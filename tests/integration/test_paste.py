@@ -252,6 +252,14 @@ def test_memcached_servers_build_a_shared_cache_backend() -> None:
     signed = filter_factory({}, domain="media", trackers="127.0.0.1:7001", memcached_servers="10.0.0.5:11211",
                             memcached_secret="s3cret").keywords["cache_backend"]
     assert signed._signature(b"x") and not backend._signature(b"x")
+    # A value on the line after its name keeps the line break before it: the domain "\nmedia", no
+    # request served (502), and a secret no other process signs with.
+    below = filter_factory({}, domain="\nmedia", trackers="127.0.0.1:7001", memcached_servers="10.0.0.5:11211",
+                           memcached_secret="\ns3cret").keywords
+    assert below["domain"] == "media" and below["cache_backend"]._signature(b"x") == signed._signature(b"x")
+    for spec in ("unix:", "unix: 10.0.0.5:11211"):  # a socket of no path: every lookup failed, naming no server
+        with pytest.raises(ValueError, match="'unix:' is not host:port or a unix socket path"):
+            filter_factory({}, domain="media", trackers="127.0.0.1:7001", memcached_servers=spec)
 
 
 @pytest.fixture
