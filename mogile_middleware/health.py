@@ -1,10 +1,11 @@
 """A MogileFS health check, as ``mogadm check`` does it: what an operator alerts on.
 
-:func:`check` asks every tracker (reachable? round-trip time of a ``noop``), then one that
-answered for the domain and its classes, the hosts and the devices, and lists the problems, each
-a one-line reason:
+:func:`check` asks every tracker (reachable? round-trip time of a ``noop``; then ``get_domains``,
+which asks its database), then one that answered both for the domain and its classes, the hosts
+and the devices, and lists the problems, each a one-line reason:
 
-* a tracker that does not answer;
+* a tracker that does not answer, or answers ``noop`` but not ``get_domains`` (a tracker whose
+  database is down or hung answers ``noop``);
 * a domain the trackers do not know;
 * a host or device the trackers mark ``down``;
 * a device files are read from (``alive``, or set aside: ``readonly``, ``drain``) that the
@@ -96,11 +97,13 @@ def check(trackers: list[Address], domain: str, *, timeout: float = 3.0) -> Heal
     # At once: hung trackers cost one timeout in all, not one each.
     with ThreadPoolExecutor(max_workers=max(1, min(len(trackers), _NODES_AT_ONCE))) as pool:
         health.trackers = list(pool.map(lambda address: _tracker_health(address, timeout), trackers))
-    health.problems += [f"tracker {tracker.address} does not answer: {tracker.error}"
-                        for tracker in health.trackers if not tracker.reachable]
-    answering = [address for address, tracker in zip(trackers, health.trackers) if tracker.reachable]
+    health.problems += [f"tracker {tracker.address} does not answer: {tracker.error}" if not tracker.reachable
+                        else f"tracker {tracker.address} answers noop but not {tracker.error}"
+                        for tracker in health.trackers if tracker.error]
+    answering = [address for address, tracker in zip(trackers, health.trackers) if not tracker.error]
     if not answering:
-        health.problems.append("no tracker answered")
+        if not any(tracker.reachable for tracker in health.trackers):
+            health.problems.append("no tracker answered")
         return health
     pool = TrackerPool(answering, connect_timeout=timeout, io_timeout=timeout)
     try:
@@ -130,20 +133,26 @@ def check(trackers: list[Address], domain: str, *, timeout: float = 3.0) -> Heal
 
 
 def _tracker_health(address: Address, timeout: float) -> TrackerHealth:
-    """``noop`` on a connection of its own: reachable, and how fast."""
+    """``noop`` on a connection of its own: reachable, and how fast; then ``get_domains``, which
+    ``noop`` leaves out: the tracker's database (the error then says ``get_domains: ...``)."""
     pool = TrackerPool([address], connect_timeout=timeout, io_timeout=timeout, dead_seconds=0)
     name = describe_address(*address)
+    asked = "noop"
     try:
-        pool.request("noop")  # the connection, made once
+        pool.request(asked)  # the connection, made once
         start = time.perf_counter()
-        pool.request("noop")
-        rtt_ms = (time.perf_counter() - start) * 1000
+        pool.request(asked)
+        rtt_ms = round((time.perf_counter() - start) * 1000, 3)
+        asked = "get_domains"
+        pool.request(asked)
     except MogileFSError as error:
-        # The pool's message names the tracker already.
-        return TrackerHealth(name, False, error=str(error).rpartition(f"{name}: ")[2])
+        said = str(error).rpartition(f"{name}: ")[2]  # the pool's message names the tracker already
+        if asked == "noop":
+            return TrackerHealth(name, False, error=said)
+        return TrackerHealth(name, True, rtt_ms, error=f"{asked}: {said}")
     finally:
         pool.close()
-    return TrackerHealth(name, True, round(rtt_ms, 3))
+    return TrackerHealth(name, True, rtt_ms)
 
 
 def _read_hosts(reply: Reply, health: Health) -> None:

@@ -816,7 +816,7 @@ def _check(args: argparse.Namespace) -> int:
 def _print_health(report: health.Health) -> None:
     print("trackers:")
     for tracker in report.trackers:
-        state = f"OK  {tracker.rtt_ms:.2f} ms" if tracker.reachable else f"FAILED  {tracker.error}"
+        state = f"FAILED  {tracker.error}" if tracker.error else f"OK  {tracker.rtt_ms:.2f} ms"
         print(f"  {tracker.address}  {printable(state)}")
     if report.classes is None:
         classes = "classes unknown"

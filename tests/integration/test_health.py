@@ -59,6 +59,32 @@ def test_a_dead_tracker_and_an_unknown_domain_are_one_line_each(
     assert f"{dead}  FAILED" in out and "2 problem(s)" in out and "domain nosuch: classes unknown" in out
 
 
+@pytest.mark.parametrize("fails", ["refuses", "hangs"])
+def test_a_tracker_that_answers_noop_but_not_its_database_is_named(
+        devmogile: DevMogileFS, capsys: pytest.CaptureFixture[str], fails: str) -> None:
+    """A tracker whose database is down or hung answers noop: it was listed OK, and the report
+    asked of it failed over to the other tracker silently (all well) or ended without naming it."""
+    def script(line: bytes) -> bytes | None:
+        if line.startswith(b"noop"):
+            return b"OK \r\n"
+        if fails == "hangs":
+            time.sleep(1.5)
+            return None
+        return b"ERR dberror Database+is+unavailable\r\n"
+
+    broken = ScriptedTracker(script)
+    try:
+        code, out, err = run_check(capsys, "--trackers", f"{broken.tracker},{devmogile.trackers[0]}", "--domain",
+                                   DOMAIN, "--timeout", "0.5")
+    finally:
+        broken.stop()
+    said = "dberror: Database is unavailable" if fails == "refuses" else "no reply within 0.5s"
+    assert (code, err) == (1, [f"mogile-middleware: check: tracker {broken.tracker} answers noop but not "
+                               f"get_domains: {said}"])
+    assert f"{broken.tracker}  FAILED  get_domains: {said}" in out and f"{devmogile.trackers[0]}  OK" in out
+    assert "thumb (1 copy)" in out and out.count("  alive  writeable  ") == 2  # from the tracker that answers
+
+
 def test_an_ipv6_tracker_is_named_as_trackers_are_given(capsys: pytest.CaptureFixture[str]) -> None:
     # Named ::1:port (which --trackers refuses), its error repeated the pool's whole message.
     dead = f"[::1]:{refused_port()}"
