@@ -233,6 +233,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if not self.server.docroot.joinpath(path.relative_to(self.server.docroot).parts[0]).is_dir():
             self._page(404, "Base directory does not exist", close=True)
             return
+        declared = self.headers.get("Content-Length", "").strip()
+        if declared.startswith("-") and declared[1:].isdigit():  # taken for an empty body, a file stored
+            self._page(400, f"Content-length of {int(declared)} is invalid.", close=True)
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

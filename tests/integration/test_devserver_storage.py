@@ -192,6 +192,15 @@ def test_http_1_0_closes_unless_keep_alive_is_asked(node: StorageNode) -> None:
         assert first.headers["connection"] == "keep-alive" and second.body == CONTENT
 
 
+def test_a_put_of_a_negative_length_is_refused_as_mogstored_refuses_it(node: StorageNode) -> None:
+    # It stored an empty file (200). mogstored 2.73: "400 Bad request", the length named.
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+        sock.sendall(b"PUT /dev2/0/000/000/0000000098.fid HTTP/1.0\r\nContent-Length: -1\r\n\r\n")
+        reply, _ = read_http_reply(sock, "PUT")
+    assert (reply.status, reply.body) == (400, b"<h1>400 - Bad request</h1>\nContent-length of -1 is invalid.")
+    assert not (node.docroot / "dev2/0/000/000/0000000098.fid").exists()
+
+
 def test_a_put_cut_midway_leaves_no_file(node: StorageNode) -> None:
     target = node.docroot / "dev2/0/000/000/0000000099.fid"
     with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
