@@ -287,8 +287,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             remaining -= len(chunk)
 
     def do_DELETE(self) -> None:
-        """Remove a file: 204, or 404 when there is none."""
+        """Remove a file: 204, or 404 when there is none; as mogstored, a path ending in ``/`` or
+        naming a directory is refused (400)."""
         path = self._local_path()
+        if self.path.split("?", 1)[0].endswith("/"):
+            self._page(400, "Invalid filename", close=True)
+            return
+        if path is not None and path.is_dir():
+            self._page(400, "Is a directory", close=True)
+            return
         try:
             if path is None or not path.is_file():
                 raise FileNotFoundError(self.path)

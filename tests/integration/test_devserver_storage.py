@@ -151,6 +151,11 @@ def test_delete_and_mkcol(node: StorageNode) -> None:
     assert http_request(url, "DELETE").status == 404
     assert http_request(url).status == 404
     assert http_request(f"{node.url}/dev2/newdir/", "MKCOL").status == 400
+    # A directory, as mogstored 2.73 answers (it was a 404, as for no file).
+    for target, reason in (("/dev2/0/", "Invalid filename"), ("/dev2", "Is a directory")):
+        refused = http_request(node.url + target, "DELETE")
+        assert (refused.status, refused.body) == (400, f"<h1>400 - Bad request</h1>\n{reason}".encode())
+    assert (node.docroot / "dev2/0").is_dir()
 
 
 def test_keep_alive_serves_pipelined_requests_on_one_connection(node: StorageNode) -> None:
