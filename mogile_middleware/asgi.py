@@ -232,6 +232,8 @@ class MogileFSMiddleware(MiddlewareCore):
         if isinstance(upstream, bytes):
             await send(start)
             await send({"type": "http.response.body", "body": upstream})
+            if upstream:
+                metrics.recorder.bytes_served(len(upstream))  # handed to the server whole
             return
         try:
             try:

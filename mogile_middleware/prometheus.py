@@ -10,7 +10,9 @@ answers ``GET /metrics`` in front of any WSGI application, and is the PasteDeplo
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -21,9 +23,28 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from . import metrics
 from .http import METHOD_NOT_ALLOWED
 from .middleware import StartResponse, WSGIApp
+from .throttle import ThrottledLog
 
 #: Tracker round trips are milliseconds; a timeout is seconds.
 TRACKER_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+log = logging.getLogger("mogile_middleware")
+#: Events a metric file could not take (``PROMETHEUS_MULTIPROC_DIR`` a worker may not write, or
+#: removed), logged once a minute at most: the request goes on.
+_unrecorded = ThrottledLog(log, logging.WARNING, "metrics not recorded: %r", 60.0, "events")
+
+
+def _never_raising(method: Callable[..., None]) -> Callable[..., None]:
+    """``method`` of an event, which the request path calls and which must not raise: a metric file
+    it cannot write (prometheus_client opens one per process and metric, at its first use) drops
+    the event, where the error failed the request."""
+    @functools.wraps(method)
+    def recorded(self: PrometheusRecorder, *args: Any) -> None:
+        try:
+            method(self, *args)
+        except OSError as error:
+            _unrecorded.event(error)
+    return recorded
 
 
 class PrometheusRecorder(metrics.Recorder):
@@ -58,40 +79,52 @@ class PrometheusRecorder(metrics.Recorder):
         self._uploads = _Children(counter("uploads", "Uploads, by outcome (stored, failed, unknown)", ["outcome"]))
         self._uploaded_bytes = counter("uploaded_bytes", "Bytes sent by uploads")
 
+    @_never_raising
     def request(self, mode: str, status: str) -> None:
         self._requests[mode, status].inc()
 
+    @_never_raising
     def bytes_served(self, count: int) -> None:
         self._bytes_served.inc(count)
 
+    @_never_raising
     def tracker_call(self, tracker: str, command: str, seconds: float, outcome: str) -> None:
         self._tracker_calls[tracker, command, outcome].inc()
         self._tracker_seconds[command,].observe(seconds)
 
+    @_never_raising
     def tracker_skipped(self, tracker: str) -> None:
         self._tracker_skips[tracker,].inc()
 
+    @_never_raising
     def cache_hit(self) -> None:
         self._cache_hits.inc()
 
+    @_never_raising
     def cache_miss(self) -> None:
         self._cache_misses.inc()
 
+    @_never_raising
     def cache_stale(self) -> None:
         self._cache_stale.inc()
 
+    @_never_raising
     def cache_invalidated(self) -> None:
         self._cache_invalidations.inc()
 
+    @_never_raising
     def cache_size(self, entries: int) -> None:
         self._cache_entries.set(entries)
 
+    @_never_raising
     def body_cache(self, hit: bool) -> None:
         self._body_cache[hit,].inc()
 
+    @_never_raising
     def replica_failover(self) -> None:
         self._failovers.inc()
 
+    @_never_raising
     def upload(self, outcome: str, size: int) -> None:
         self._uploads[outcome,].inc()
         self._uploaded_bytes.inc(size)

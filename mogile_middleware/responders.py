@@ -284,7 +284,10 @@ class Serve:
             return opened
         location, plan, upstream = opened
         if isinstance(upstream, bytes):
-            return kept_answer(request, plan, upstream)
+            kept = kept_answer(request, plan, upstream)
+            if kept.body:
+                metrics.recorder.bytes_served(len(kept.body))  # handed to the server whole
+            return kept
         if request.method == "HEAD":
             upstream.close()
             return Answer(plan.status, plan.headers)
@@ -305,10 +308,10 @@ class Serve:
 
 
 def kept_answer(request: FileRequest, plan: FilePlan, part: bytes) -> Answer:
-    """The answer with ``part``, the planned bytes of a file the body cache holds."""
+    """The answer with ``part``, the planned bytes of a file the body cache holds (counted served
+    by the caller, as it hands them on: a client may have gone meanwhile)."""
     if request.method == "HEAD":
         return Answer(plan.status, plan.headers)
-    metrics.recorder.bytes_served(len(part))
     return Answer(plan.status, plan.headers, part)
 
 

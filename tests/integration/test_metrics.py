@@ -130,6 +130,19 @@ def test_the_body_cache_counts_hits_misses_and_the_bytes_it_serves(devmogile: De
     assert counts("requests_total", mode="serve", status="200") == 2
 
 
+def test_asgi_counts_a_kept_body_only_once_it_is_sent(devmogile: DevMogileFS, counts: Counts) -> None:
+    """A client gone as its answer from the body cache was decided got nothing, and its request
+    was not counted, but the bytes were, as if served."""
+    Client(DOMAIN, devmogile.trackers).store_content("a.txt", CONTENT, "avatar")
+    middleware = ASGIMiddleware(None, domain=DOMAIN, trackers=devmogile.trackers, body_cache_bytes=1 << 20)
+    assert run(middleware, http_scope("/mogilefs/a.txt"), [{"type": "http.request"}])[1]["body"] == CONTENT
+    gone = run(middleware, http_scope("/mogilefs/a.txt"), [{"type": "http.request"}, {"type": "http.disconnect"}])
+    assert gone == [] and counts("body_cache_lookups_total", result="hit") == 1
+    assert counts("served_bytes_total") == len(CONTENT) and counts("requests_total") == 1
+    run(middleware, http_scope("/mogilefs/a.txt", "HEAD"), [{"type": "http.request"}])
+    assert counts("served_bytes_total") == len(CONTENT) and counts("requests_total") == 2  # HEAD sends none
+
+
 def test_reproxy_answers_are_counted_by_proxy(devmogile: DevMogileFS, counts: Counts) -> None:
     Client(DOMAIN, devmogile.trackers).store_content("a.txt", CONTENT, "avatar")
     for mode in ("perlbal", "nginx"):
@@ -486,6 +499,29 @@ def test_a_worker_gone_without_gunicorns_hook_leaves_the_path_cache_entries(tmp_
                for sample in family.samples}
     assert samples["mogile_middleware_path_cache_entries"] == 5
     assert len(list(multiproc.glob("gauge_livesum_*.db"))) == 1
+
+
+def test_a_metrics_directory_gone_drops_the_events_not_the_requests(devmogile: DevMogileFS, tmp_path: Path) -> None:
+    """prometheus_client opens a metric's file at its first use in a process: with the directory
+    removed (a tmp cleaner) or not writable by the worker (gunicorn --user), the request failed."""
+    Client(DOMAIN, devmogile.trackers).store_content("a.txt", b"x" * 100, cls="thumb")
+    multiproc = tmp_path / "prometheus"
+    multiproc.mkdir()
+    script = (
+        "import shutil, sys\n"
+        "from webtest import TestApp\n"
+        "from mogile_middleware import MogileFSMiddleware\n"
+        "from mogile_middleware.prometheus import record\n"
+        "record()\n"
+        "shutil.rmtree(sys.argv[1])\n"
+        "app = MogileFSMiddleware(None, domain=sys.argv[2], trackers=[sys.argv[3]])\n"
+        "for _ in range(2):\n"
+        "    print(TestApp(app).get('/mogilefs/a.txt').body.decode())\n")
+    done = subprocess.run([sys.executable, "-c", script, str(multiproc), DOMAIN, devmogile.trackers[0]],
+                          env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(multiproc)}, capture_output=True,
+                          text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "x" * 100 + "\n" + "x" * 100 + "\n"), done.stderr
+    assert done.stderr.count("metrics not recorded: FileNotFoundError") == 1  # once a minute at most
 
 
 def test_the_new_master_of_a_usr2_upgrade_leaves_the_old_workers_counts(tmp_path: Path) -> None:
