@@ -310,6 +310,15 @@ _idle_by_loop_lock = threading.Lock()
 _idle_by_loop_pid = os.getpid()
 
 
+def _new_idle_by_loop_lock() -> None:
+    """A forked child's own lock: a thread of the parent may have held it at the fork."""
+    global _idle_by_loop_lock
+    _idle_by_loop_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_idle_by_loop_lock)
+
+
 def _idle_connections(loop: asyncio.AbstractEventLoop) -> _IdleConnections:
     global _idle_by_loop_pid
     idle = _idle_by_loop.get(loop)
@@ -395,7 +404,9 @@ class AsyncReplicaResponse:
             chunk = await connection.read(size if self._remaining is None else min(size, self._remaining))
         except _Silent:
             self._end()
-            raise StorageError(f"{self.url} sent nothing for {self._timeout:g}s", self.url) from None
+            silent = StorageError(f"{self.url} sent nothing for {self._timeout:g}s", self.url)
+            down_nodes.failed(self.url, silent)  # it made the reader wait, as one silent before its head
+            raise silent from None
         except OSError as error:
             self._end()
             raise StorageError(f"{self.url} dropped the connection: {error or type(error).__name__}",

@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -52,6 +53,7 @@ class IdlePool(Generic[C]):
         self._idle: dict[Node, list[tuple[float, C]]] = {}
         self._pid = os.getpid()
         self._swept_at = clock()
+        _pools.add(self)
 
     def usable(self, connection: C) -> bool:
         raise NotImplementedError
@@ -126,6 +128,19 @@ class IdlePool(Generic[C]):
                 for _, connection in connections:
                     self.discard(connection)
             self._idle = {}
+
+
+#: Every pool, whose lock a forked child makes anew: a thread of the parent may have held it at
+#: the fork, and the child's first request waited for it for ever.
+_pools: weakref.WeakSet[IdlePool[Any]] = weakref.WeakSet()
+
+
+def _new_locks() -> None:
+    for pool in list(_pools):
+        pool._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_locks)
 
 
 class NodePool(IdlePool["NodeConnection"]):

@@ -319,8 +319,9 @@ class ReplicaResponse(io.RawIOBase):
         try:
             return receive(into)
         except TimeoutError:
-            raise StorageError(f"{self.url} sent nothing for {self._connection.sock.gettimeout():g}s",
-                               self.url) from None
+            silent = StorageError(f"{self.url} sent nothing for {self._connection.sock.gettimeout():g}s", self.url)
+            down_nodes.failed(self.url, silent)  # it made the reader wait, as one silent before its head
+            raise silent from None
         except OSError as error:
             raise self._closed_error() or StorageError(f"{self.url} dropped the connection: {error}",
                                                        self.url) from error

@@ -758,6 +758,25 @@ def test_a_node_that_did_not_answer_is_passed_by_for_a_while(getter: Getter) -> 
         live.server_close()
 
 
+@pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
+def test_a_node_that_stalls_midway_is_passed_by_for_a_while(getter: Getter) -> None:
+    """Silent for the storage timeout after its head and half the body (a disk stalling on reads),
+    it made every request wait that long: a read's timeout did not mark it down, as a node
+    silent before its head is."""
+    stalling = KeptAliveNode(lambda head: b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 10\r\n\r\n01234")
+    live = KeptAliveNode(honest)
+    tracker = files_tracker({"two": (9, 10, [stalling.url(9), live.url(9)])})
+    try:
+        get = getter(tracker.tracker)
+        for _ in range(3):
+            assert get("/mogilefs/two") == (200, b"0123456789")
+        assert len(stalling.requests) == 1
+    finally:
+        tracker.stop()
+        stalling.stop()
+        live.stop()
+
+
 def test_the_tracker_dying_between_open_and_close_leaves_no_key(devmogile: DevMogileFS) -> None:
     client = Client(DOMAIN, devmogile.trackers)
     with pytest.raises(UploadError):
