@@ -35,6 +35,7 @@ from typing import Any
 from .deadline import readable_now, within
 from .downnodes import down_nodes
 from .exceptions import StorageError
+from .forking import new_lock_in_child
 from .nodepool import IdlePool, Node
 from .storage import (
     CHUNK_SIZE,
@@ -307,16 +308,8 @@ class _IdleConnections(IdlePool[_Connection]):
 #: and in a forked child those of the parent's loops (shared sockets, closed in the child only).
 _idle_by_loop: dict[asyncio.AbstractEventLoop, _IdleConnections] = {}
 _idle_by_loop_lock = threading.Lock()
+new_lock_in_child(globals(), "_idle_by_loop_lock")
 _idle_by_loop_pid = os.getpid()
-
-
-def _new_idle_by_loop_lock() -> None:
-    """A forked child's own lock: a thread of the parent may have held it at the fork."""
-    global _idle_by_loop_lock
-    _idle_by_loop_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_new_idle_by_loop_lock)
 
 
 def _idle_connections(loop: asyncio.AbstractEventLoop) -> _IdleConnections:

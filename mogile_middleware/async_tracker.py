@@ -121,6 +121,12 @@ class AsyncTrackerPool(TrackerPoolBase):
         self._lock = threading.Lock()  # guards _loops: loops in other threads may share the pool
         self._loops: dict[asyncio.AbstractEventLoop, _LoopConnections] = {}
 
+    def renew_after_fork(self) -> None:
+        # The parent's loops' connections stay as they are: ending them here would take their
+        # sockets out of the parent's epoll instance, which the child shares.
+        super().renew_after_fork()
+        self._lock = threading.Lock()
+
     def _connections(self) -> _LoopConnections:
         """The running loop's connections (a loop seen for the first time forgets the closed ones)."""
         loop = asyncio.get_running_loop()

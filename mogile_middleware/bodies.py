@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 
 from . import metrics
+from .forking import renew_in_child
 
 #: What a kept body costs besides its bytes (its entry, its ETag, the bytes object's header),
 #: counted with them: 500,000 empty files cost 45 MiB, and counted as nothing, were all kept.
@@ -30,6 +31,7 @@ class BodyCache:
         self.size = 0
         self._bodies: dict[str, bytes] = {}
         self._lock = threading.Lock()  # for puts only: a get is one dict lookup
+        renew_in_child(self)
 
     def keeps(self, etag: str, length: int) -> bool:
         """True if a file of ``length`` bytes and this ``etag`` is kept here once read."""
@@ -64,3 +66,6 @@ class BodyCache:
             dropped.append(old)
         for old in dropped:
             del self._bodies[old]
+
+    def renew_after_fork(self) -> None:
+        self._lock = threading.Lock()

@@ -20,6 +20,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from . import metrics
 from .deadline import within
 from .exceptions import TrackerUnavailableError
+from .forking import new_lock_in_child, renew_in_child
 from .throttle import ThrottledLog
 
 V = TypeVar("V")
@@ -95,6 +96,7 @@ class MemoryCache:
         #: The entry of a key as it is stored, expired or not (as :meth:`get`, without the lock),
         #: for a caller that checks the time itself.
         self.stored: Callable[[str], tuple[Any, float, float] | None] = self._entries.get
+        renew_in_child(self)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -140,12 +142,16 @@ class MemoryCache:
         if len(self._entries) > self._max_entries:
             evict_oldest(self._entries)
 
+    def renew_after_fork(self) -> None:
+        self._lock = threading.Lock()
+
 
 
 #: The in-process caches of the process (a backend given to two path caches counted once), whose
 #: keys the ``path_cache_entries`` gauge sums; a cache dropped with its middleware leaves it.
 _IN_PROCESS: weakref.WeakSet[MemoryCache] = weakref.WeakSet()
 _IN_PROCESS_LOCK = threading.Lock()
+new_lock_in_child(globals(), "_IN_PROCESS_LOCK")
 
 class _Flight:
     """One lookup in progress: its waiters block on ``done``, then read its outcome."""
@@ -197,6 +203,7 @@ class PathCache(Generic[V]):
         self._backend_log = ThrottledLog(log, logging.WARNING, "path cache backend failed, asking the trackers "
                                          "instead: %r", BACKEND_WARNING_INTERVAL, "failures", clock=clock)
         self.lookups = 0
+        renew_in_child(self)
 
     @property
     def backend(self) -> CacheBackend:
@@ -231,6 +238,12 @@ class PathCache(Generic[V]):
 
     def _fresh(self, entry: tuple[Any, float]) -> bool:
         return 0 <= self._clock() - entry[1] < self._ttl_of(entry[0])
+
+    def renew_after_fork(self) -> None:
+        # The lookups in progress are the parent's threads': none ends here, and a request of the
+        # child for one of their keys waited for it, then failed (each request, for good).
+        self._lock = threading.Lock()
+        self._flights = {}
 
     def invalidate(self, key: str) -> None:
         """Forget ``key``, and keep a lookup already in progress from storing its outdated value."""

@@ -14,12 +14,12 @@ another failure renews it. Per process, shared by threads and event loops.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
+from .forking import renew_in_child
 from .nodepool import Node
 from .tracker import describe_address
 
@@ -37,6 +37,7 @@ class DownNodes:
         self._until: dict[Node, float] = {}
         self._asking: set[Node] = set()
         self._lock = threading.Lock()
+        renew_in_child(self)
 
     def ordered(self, urls: Sequence[str]) -> Sequence[str]:
         """``urls``, those on nodes marked down last (where the others answer, none is asked)."""
@@ -98,7 +99,7 @@ class DownNodes:
             self._until.clear()
             self._asking.clear()
 
-    def _forget_asking(self) -> None:
+    def renew_after_fork(self) -> None:
         # In a forked child no request is asking anything, whatever the parent's threads were doing.
         self._lock = threading.Lock()
         self._asking = set()
@@ -114,4 +115,3 @@ def _node(url: str) -> Node | None:
 
 #: The marks of this process, used by both sides' ``open_replica``.
 down_nodes = DownNodes()
-os.register_at_fork(after_in_child=down_nodes._forget_asking)

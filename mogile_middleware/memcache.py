@@ -35,6 +35,7 @@ from pymemcache.client.rendezvous import RendezvousHash
 from pymemcache.exceptions import MemcacheError, MemcacheIllegalInputError
 
 from .deadline import checked_seconds
+from .forking import renew_in_child
 from .locate import Location, is_clean_url
 from .throttle import ThrottledLog
 from .tracker import is_host
@@ -112,6 +113,7 @@ class MemcachedBackend:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._idle: list[tuple[HashClient, _Deadline]] = []
+        renew_in_child(self)
         # Sites signing with different secrets over one memcached find each other's entries on every read.
         self._invalid_log = ThrottledLog(log, logging.WARNING, "ignoring an invalid memcached entry for %r: %r",
                                          INVALID_WARNING_INTERVAL, "invalid entries")
@@ -233,6 +235,11 @@ class MemcachedBackend:
         # MogileFS keys can be longer and hold any of them: a digest fits every key.
         return self.prefix + hashlib.sha1(key.encode("utf-8")).hexdigest()
 
+    def renew_after_fork(self) -> None:
+        # The parent's sockets are shared with it: start afresh, never touch the inherited ones.
+        self._lock = threading.Lock()
+        self._pid, self._idle = os.getpid(), []
+
     @contextlib.contextmanager
     def _client(self) -> Iterator[Any]:
         """A client for one call, used by nobody else meanwhile: HashClient's bookkeeping of failed
@@ -242,9 +249,6 @@ class MemcachedBackend:
             yield self._given
             return
         with self._lock:
-            if os.getpid() != self._pid:
-                # A forked child shares its parent's sockets: start afresh, never touch the inherited ones.
-                self._pid, self._idle = os.getpid(), []
             idle = self._idle.pop() if self._idle else None
         if idle is None:
             deadline = _Deadline(self.timeout)

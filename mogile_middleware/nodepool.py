@@ -15,11 +15,11 @@ import os
 import socket
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .deadline import readable_now
+from .forking import renew_in_child
 
 if TYPE_CHECKING:
     from .storage import NodeConnection
@@ -53,7 +53,7 @@ class IdlePool(Generic[C]):
         self._idle: dict[Node, list[tuple[float, C]]] = {}
         self._pid = os.getpid()
         self._swept_at = clock()
-        _pools.add(self)
+        renew_in_child(self)
 
     def usable(self, connection: C) -> bool:
         raise NotImplementedError
@@ -129,18 +129,8 @@ class IdlePool(Generic[C]):
                     self.discard(connection)
             self._idle = {}
 
-
-#: Every pool, whose lock a forked child makes anew: a thread of the parent may have held it at
-#: the fork, and the child's first request waited for it for ever.
-_pools: weakref.WeakSet[IdlePool[Any]] = weakref.WeakSet()
-
-
-def _new_locks() -> None:
-    for pool in list(_pools):
-        pool._lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_new_locks)
+    def renew_after_fork(self) -> None:
+        self._lock = threading.Lock()
 
 
 class NodePool(IdlePool["NodeConnection"]):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import ipaddress
-import os
 import re
 import socket
 import threading
@@ -29,6 +28,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar, Union
 from . import metrics
 from .exceptions import OutcomeUnknownError, ProtocolError, TrackerError, TrackerUnavailableError
 from .deadline import DeadlineReader, checked_seconds, readable_now
+from .forking import renew_in_child
 from .nodepool import IdlePool
 from .protocol import ArgValue, Reply, encode_request, parse_reply
 
@@ -289,12 +289,18 @@ class TrackerPoolBase:
         self.dead_seconds = checked_seconds("dead_seconds", dead_seconds, zero=True)
         self._clock = clock
         self._reset()
+        renew_in_child(self)
 
     def _reset(self) -> None:
         """Start with no tracker marked dead (and, in a pool, no connection)."""
         # A tracker stays here after its dead time, until it answers again (see _probe_steps).
         self._dead_until: dict[Address, float] = {}
         self._probing: set[Address] = set()
+        self._probing_lock = threading.Lock()
+
+    def renew_after_fork(self) -> None:
+        # A tracker the parent's threads were asking whether it is back is asked by nobody here.
+        self._probing = set()
         self._probing_lock = threading.Lock()
 
     def live_trackers(self) -> list[Address]:
@@ -509,13 +515,11 @@ class TrackerPool(TrackerPoolBase):
 
     def _reset(self) -> None:
         super()._reset()
-        self._pid = os.getpid()
         self._idle: IdleTrackerConnections[TrackerConnection] = IdleTrackerConnections(self._clock)
 
-    def _check_fork(self) -> None:
+    def renew_after_fork(self) -> None:
         # Sockets inherited through fork() are shared with the parent: forget them, never use them.
-        if os.getpid() != self._pid:
-            self._reset()
+        self._reset()
 
     def _drop_idle(self, address: Address) -> None:
         self._idle.drop(address)
@@ -542,7 +546,6 @@ class TrackerPool(TrackerPoolBase):
         garbage or a reply ``read`` cannot read); :class:`OutcomeUnknownError` when a command that
         is not safe to repeat was sent and got no reply it could read.
         """
-        self._check_fork()
         runner = StepRunner(self.steps(command, args, read))
         try:
             for step in runner:

@@ -37,6 +37,7 @@ from .exceptions import (
     UploadOutcomeUnknownError,
     named_errors,
 )
+from .forking import new_lock_in_child
 from .protocol import ArgValue, Reply, check_key, parse_domains
 from .storage import CHUNK_SIZE, LengthMismatchError, PutStream, byte_view
 from .tracker import TrackerPool
@@ -63,6 +64,7 @@ CLASSES_SECONDS = 300.0
 
 _hasher: tuple[int, ThreadPoolExecutor] | None = None
 _hasher_lock = threading.Lock()
+new_lock_in_child(globals(), "_hasher_lock")
 
 
 def hasher() -> ThreadPoolExecutor:

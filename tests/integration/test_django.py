@@ -23,6 +23,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 import django
 import pytest
 from conftest import CLASSES, DOMAIN
+from forks import children_failing, holding
 from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
@@ -49,6 +50,7 @@ from mogile_middleware.cli import main
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.async_client import AsyncClient
 from mogile_middleware.cache import entry_key
+from mogile_middleware.contrib.django import clients
 from mogile_middleware.contrib.django import MogileFSStorage, close_clients, get_client, wrap_asgi, wrap_wsgi
 from mogile_middleware.contrib.django.storage import TEMPORARY_PREFIX
 from mogile_middleware.views import WRAPPED_BY
@@ -1249,3 +1251,7 @@ STORAGE_OPTION_ERRORS = [
 def test_wrong_storage_option(options: dict[str, object], named: str) -> None:
     with pytest.raises(ImproperlyConfigured, match=named):
         MogileFSStorage(**options)
+
+
+def test_a_child_forked_while_a_thread_gets_the_shared_client_can_get_it(mogile: DevMogileFS) -> None:
+    assert children_failing(holding(clients._lock), get_client) == 0

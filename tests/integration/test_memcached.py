@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import pytest
 from conftest import DOMAIN
+from forks import children_failing, holding
 from integration._gunicorn import run_gunicorn
 from integration._memcached import MemcachedServer, start_memcached, writes_delayed
 from integration._wire_client import eventually, http_request
@@ -363,6 +364,11 @@ def test_a_forked_child_uses_its_own_connection(backend: MemcachedBackend) -> No
     parent_ok = all(backend.get("parent") == (parent, 1.0) for _ in range(300))
     _, status = os.waitpid(pid, 0)
     assert parent_ok and os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_child_forked_while_a_thread_takes_a_connection_can_take_one(backend: MemcachedBackend) -> None:
+    backend.set("child", location(2, "child"), 1.0, 60)
+    assert children_failing(holding(backend._lock), lambda: backend.get("child")) == 0
 
 
 # Entries that cannot be forged or mixed up.

@@ -8,7 +8,6 @@ import contextlib
 import gc
 import io
 import os
-import signal
 import socket
 import sys
 import threading
@@ -286,46 +285,6 @@ def test_a_response_open_mid_body_at_a_fork_and_closed_by_the_child_is_read_whol
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert first + replica.read() == BODY
-
-
-class _NeverUsable:
-    """A kept connection the pool takes out and discards (its process is none)."""
-
-    pid = 0
-    closed = False
-
-    def close(self) -> None:
-        pass
-
-
-def test_a_child_forked_while_a_thread_uses_the_pool_can_use_its_own() -> None:
-    """The lock a thread of the parent held at the fork was copied held: the child's first take()
-    waited for it for ever (about one child in two, forked while the thread used the pool)."""
-    pool = NodePool()
-    stop = threading.Event()
-
-    def churn() -> None:
-        while not stop.is_set():
-            pool.give(("127.0.0.1", 1), _NeverUsable())  # type: ignore[arg-type]
-            pool.take(("127.0.0.1", 1))
-
-    thread = threading.Thread(target=churn, daemon=True)
-    thread.start()
-    hung = 0
-    try:
-        for _ in range(20):
-            time.sleep(0.005)
-            pid = os.fork()
-            if pid == 0:  # the child: a hung take() dies of its alarm
-                signal.alarm(2)
-                pool.take(("127.0.0.1", 2))
-                os._exit(0)
-            _, status = os.waitpid(pid, 0)
-            hung += os.WIFSIGNALED(status)
-    finally:
-        stop.set()
-        thread.join(5)
-    assert hung == 0
 
 
 class ClosingAfterOneAnswer(LoopbackServer):

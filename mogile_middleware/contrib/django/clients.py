@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ...client import Client
+from ...forking import new_lock_in_child
 from ...tracker import Address, parse_trackers
 from ...upload import Uploader
 from . import conf
@@ -22,6 +23,7 @@ from . import conf
 Trackers = str | Iterable[str | Address] | None
 
 _lock = threading.Lock()
+new_lock_in_child(globals(), "_lock")
 _shared: dict[tuple[Any, ...], tuple[Client, Uploader]] = {}
 
 
