@@ -94,7 +94,9 @@ class Location:
         return Location(self.key, self.paths, self.etag, length, self.complete)
 
     def _facts(self) -> tuple[Any, ...]:
-        return self.key, self.urls, self.etag, self.length, self.complete
+        # Not the length: the version's (a fid's bytes never change), known or not. A copy given
+        # it to be served was taken, when its replicas failed, for newer paths than those cached.
+        return self.key, self.urls, self.etag, self.complete
 
     def __eq__(self, other: object) -> bool:
         return self._facts() == other._facts() if isinstance(other, Location) else NotImplemented

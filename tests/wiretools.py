@@ -146,7 +146,7 @@ class KeptAliveNode(LoopbackServer):
 def files_tracker(files: dict[str, tuple[int, int, list[str]]]) -> ScriptedTracker:
     """A tracker that knows ``files``: key → its fid, its length and the URLs of its replicas."""
     def script(line: bytes) -> bytes:
-        command, _, args = line.partition(b" ")
+        command, _, args = line.rstrip(b"\r\n").partition(b" ")
         if command == b"get_domains":
             return (b"OK domains=1&domain1=testdom&domain1classes=1&domain1class1name=thumb"
                     b"&domain1class1mindevcount=1\r\n")

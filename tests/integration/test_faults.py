@@ -573,6 +573,29 @@ def test_replicas_gone_with_an_overwrite_elsewhere_are_asked_for_again_and_noted
 
 
 @pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
+def test_nginx_asking_again_gets_the_file_from_the_replicas_the_trackers_name_now(getter: Getter) -> None:
+    """Located without its length (nginx mode, no trusted proxy), the file's version was confirmed
+    before it was served, and that copy, with its length, was taken for another request's newer
+    paths: the old ones were tried again and the request was a 502 until they expired."""
+    with socket.socket() as gone:
+        gone.bind(("127.0.0.1", 0))
+        old_url = f"http://127.0.0.1:{gone.getsockname()[1]}/dev1/0/000/000/0000000009.fid"
+    node = ThreadingHTTPServer(("127.0.0.1", 0), _TenBytes)
+    threading.Thread(target=node.serve_forever, daemon=True).start()
+    files = {"k": (9, 10, [old_url])}
+    tracker = files_tracker(files)
+    try:
+        get = getter(tracker.tracker, reproxy="nginx")
+        assert get("/mogilefs/k")[0] == 200  # X-Accel-Redirect to the old replica, now cached
+        files["k"] = (9, 10, [f"http://127.0.0.1:{node.server_address[1]}/dev2/0/000/000/0000000009.fid"])
+        assert get("/mogilefs/k", headers={"X-Reproxy-Failed": "1"}) == (200, TEN)
+    finally:
+        tracker.stop()
+        node.shutdown()
+        node.server_close()
+
+
+@pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
 def test_a_node_that_refuses_at_once_is_asked_again_at_once(getter: Getter) -> None:
     """A refusal costs nothing: a node restarting is asked by the next request, not passed by."""
     with socket.socket() as probe:
@@ -602,25 +625,26 @@ def getter(flavour: str) -> Iterator[Getter]:
     """``getter(tracker)``: :func:`_getter` of the test's ``flavour``; the ASGI middleware's
     requests all on one event loop, as under a server."""
     loop = LoopThread() if flavour == "asgi" else None
-    yield lambda tracker: _getter(tracker, loop)
+    yield lambda tracker, **options: _getter(tracker, loop, **options)
     if loop is not None:
         loop.stop()
 
 
-def _getter(tracker: str, loop: LoopThread | None) -> Callable[..., tuple[int, bytes]]:
+def _getter(tracker: str, loop: LoopThread | None, **options: Any) -> Callable[..., tuple[int, bytes]]:
     """GET a path of the WSGI middleware, or with ``loop`` of the ASGI one on it, over
-    ``tracker``, with a ``Range`` if given: status and body."""
+    ``tracker`` and with ``options``, with a ``Range`` and ``headers`` if given: status and body."""
     if loop is None:
-        app = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker]), storage_timeout=0.3)
+        app = MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker]), storage_timeout=0.3, **options)
 
-        def get_wsgi(path: str, byte_range: str | None = None) -> tuple[int, bytes]:
-            status, _, body = call(app, "GET", path, {"Range": byte_range} if byte_range else {})
+        def get_wsgi(path: str, byte_range: str | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+            status, _, body = call(app, "GET", path, {**({"Range": byte_range} if byte_range else {}), **(headers or {})})
             return status, body
         return get_wsgi
-    asgi = ASGIMiddleware(Recorder(), domain=DOMAIN, trackers=[tracker], storage_timeout=0.3)
+    asgi = ASGIMiddleware(Recorder(), domain=DOMAIN, trackers=[tracker], storage_timeout=0.3, **options)
 
-    def get(path: str, byte_range: str | None = None) -> tuple[int, bytes]:
-        scope = {**http_scope(path), "headers": [(b"range", byte_range.encode())] if byte_range else []}
+    def get(path: str, byte_range: str | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        given = {**({"Range": byte_range} if byte_range else {}), **(headers or {})}
+        scope = {**http_scope(path), "headers": [(name.lower().encode(), value.encode()) for name, value in given.items()]}
         sent: list[dict[str, Any]] = []
         incoming = [{"type": "http.request", "body": b""}]
 
