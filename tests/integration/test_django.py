@@ -1255,3 +1255,17 @@ def test_wrong_storage_option(options: dict[str, object], named: str) -> None:
 
 def test_a_child_forked_while_a_thread_gets_the_shared_client_can_get_it(mogile: DevMogileFS) -> None:
     assert children_failing(holding(clients._lock), get_client) == 0
+
+
+def test_a_file_a_view_served_is_not_kept_by_djangos_cache_for_the_next_client(mogile: DevMogileFS) -> None:
+    """serve()'s response went through the view's cache_page before the middleware made it private:
+    kept, it was answered to the next client whatever its API key (the view never ran), and by
+    another worker as an empty 200 (the serve header of another process is dropped)."""
+    from integration._django_cached_urls import API_KEY
+
+    MogileFSStorage().save("reports/q3.pdf", ContentFile(b"%PDF q3"))
+    cache = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "cached-views"}}
+    with with_settings(ROOT_URLCONF="integration._django_cached_urls", CACHES=cache):
+        app = TestApp(wrap_wsgi(get_wsgi_application()))
+        assert app.get("/token/reports/q3.pdf", headers={"X-Api-Key": API_KEY}).body == b"%PDF q3"
+        assert app.get("/token/reports/q3.pdf", headers={"X-Api-Key": "guess"}, status=403).body == b"no such key\n"

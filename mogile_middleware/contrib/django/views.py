@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.http import HttpRequest, HttpResponse
+from django.utils.cache import patch_cache_control
 
 from ...views import WRAPPED_BY, serve_header
 from ...exceptions import BadKeyError
@@ -29,4 +30,7 @@ def serve(request: HttpRequest, name: str, *, filename: str | None = None) -> Ht
         raise SuspiciousFileOperation(f"{name!r} cannot be a MogileFS key: {error}") from None
     response = HttpResponse()
     response[header] = value
+    # For Django's cache (cache_page, the per-site middleware), which sees it before the middleware:
+    # kept, it was the answer to the next client of the URL, the view and its checks never run.
+    patch_cache_control(response, private=True)
     return response
