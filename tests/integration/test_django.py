@@ -1269,3 +1269,27 @@ def test_a_file_a_view_served_is_not_kept_by_djangos_cache_for_the_next_client(m
         app = TestApp(wrap_wsgi(get_wsgi_application()))
         assert app.get("/token/reports/q3.pdf", headers={"X-Api-Key": API_KEY}).body == b"%PDF q3"
         assert app.get("/token/reports/q3.pdf", headers={"X-Api-Key": "guess"}, status=403).body == b"no such key\n"
+
+
+@pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
+def test_a_storage_listing_the_trackers_otherwise_drops_the_paths_the_middleware_cached(
+        lingering_mogile: DevMogileFS, flavour: str) -> None:
+    """A storage whose ``trackers`` are some of MOGILEFS_TRACKERS, or the same in another order,
+    links its files under MOGILEFS_MEDIA_URL, and has a shared client of its own: the middleware
+    heard of its saves only when its paths expired (a file saved after a 404 stayed one, an
+    overwritten one kept its old bytes)."""
+    tracker = lingering_mogile.trackers[0]
+    with with_settings(MOGILEFS_TRACKERS=[tracker, "127.0.0.1:1"]):
+        if flavour == "wsgi":
+            app = TestApp(wrap_wsgi(get_wsgi_application()))
+            get = lambda path: app.get(path, expect_errors=True).body  # noqa: E731
+        else:
+            middleware = wrap_asgi(get_asgi_application())
+            get = lambda path: asgi_get(middleware, path)[2]  # noqa: E731
+        storage = MogileFSStorage(trackers=[tracker], allow_overwrite=True)
+        url = storage.url("notes/today.txt")
+        assert b"404" in get(url)
+        storage.save("notes/today.txt", ContentFile(b"first"))
+        assert get(url) == b"first"
+        storage.save("notes/today.txt", ContentFile(b"second"))
+        assert get(url) == b"second"

@@ -9,7 +9,7 @@ from django.conf import settings
 from ...asgi import ASGIApp, Message, MogileFSMiddleware, Receive, Scope, Send
 from ...async_client import AsyncClient
 from . import conf
-from .clients import get_client
+from .clients import get_client, listen_to_media_changes
 
 
 def wrap_asgi(application: ASGIApp) -> MogileFSMiddleware:
@@ -20,9 +20,9 @@ def wrap_asgi(application: ASGIApp) -> MogileFSMiddleware:
     With ``MOGILEFS_MEMCACHED_SERVERS`` the middleware caches paths in the memcached of the shared
     client (asked from a thread, so the event loop never waits on it).
 
-    Storages are synchronous and write through the shared blocking client, so the middleware's
-    locator listens to that client too: a save drops the cached paths of its key before it
-    returns. Django runs a synchronous view in a thread of its own, so the listener runs there,
+    Storages are synchronous and write through the shared blocking clients, so the middleware's
+    locator listens to those of its domain and trackers too: a save drops the cached paths of its
+    key before it returns. Django runs a synchronous view in a thread of its own, so the listener runs there,
     not on the event loop; it only marks the key's lookup in flight as outdated (under the path
     cache's locks) and deletes the entry from the backend, which is thread-safe (the in-process
     cache takes a lock, the memcached backend has a connection per thread).
@@ -38,7 +38,7 @@ def wrap_asgi(application: ASGIApp) -> MogileFSMiddleware:
     middleware = conf.configured(lambda: (_ScriptNamed if forced else MogileFSMiddleware)(
         _answering_lifespan(application), client=AsyncClient(conf.domain(), conf.trackers(), **conf.client_options()),
         **options))
-    client.add_change_listener(middleware.locator.forget)
+    listen_to_media_changes(middleware.locator.forget)
     return middleware
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from ...client import Client
 from ...forking import new_lock_in_child
 from ...tracker import Address, parse_trackers
-from ...upload import Uploader
+from ...upload import ChangeListener, Uploader
 from . import conf
 
 #: Tracker addresses as ``Client`` takes them: ``"host:port"`` strings or ``(host, port)`` pairs.
@@ -25,6 +25,8 @@ Trackers = str | Iterable[str | Address] | None
 _lock = threading.Lock()
 new_lock_in_child(globals(), "_lock")
 _shared: dict[tuple[Any, ...], tuple[Client, Uploader]] = {}
+#: The listeners of :func:`listen_to_media_changes`, with the domain and trackers they listen to.
+_listening: list[tuple[str, set[Address], ChangeListener]] = []
 
 
 def _get(domain: str | None, trackers: Trackers) -> tuple[Client, Uploader]:
@@ -35,8 +37,38 @@ def _get(domain: str | None, trackers: Trackers) -> tuple[Client, Uploader]:
         if key not in _shared:
             domain, addresses, servers, options = key
             client = Client(domain, addresses, cache_backend=conf.memcached_backend(servers), **dict(options))
+            for listener in _listeners_of(client):
+                client.add_change_listener(listener)
             _shared[key] = client, Uploader(client)
         return _shared[key]
+
+
+def as_dns_compares(trackers: Iterable[Address]) -> set[Address]:
+    """Tracker addresses as DNS compares their names: without case or a final dot."""
+    return {(host.lower().rstrip("."), port) for host, port in trackers}
+
+
+def listen_to_media_changes(listener: ChangeListener, besides: Client | None = None) -> None:
+    """Tell ``listener`` of every key written, renamed or deleted through a shared client of
+    ``MOGILEFS_DOMAIN`` on any of ``MOGILEFS_TRACKERS`` (``besides`` that one), made before or
+    after: a storage listing some of those trackers, or all in another order, has a client of its
+    own, and links its files under ``MOGILEFS_MEDIA_URL`` all the same."""
+    listening = (conf.domain(), as_dns_compares(conf.trackers()), listener)
+    with _lock:
+        _listening.append(listening)
+        clients = [client for client, _ in _shared.values() if client is not besides and _concerns(listening, client)]
+    for client in clients:
+        client.add_change_listener(listener)
+
+
+def _listeners_of(client: Client) -> list[ChangeListener]:
+    """The listeners of :func:`listen_to_media_changes` that ``client``'s changes concern."""
+    return [listening[2] for listening in _listening if _concerns(listening, client)]
+
+
+def _concerns(listening: tuple[str, set[Address], ChangeListener], client: Client) -> bool:
+    domain, trackers, _ = listening
+    return client.domain == domain and not trackers.isdisjoint(as_dns_compares(client.pool.addresses))
 
 
 def get_client(domain: str | None = None, trackers: Trackers = None) -> Client:
@@ -55,5 +87,6 @@ def close_clients() -> None:
     with _lock:
         clients = [client for client, _ in _shared.values()]
         _shared.clear()
+        _listening.clear()
     for client in clients:
         client.close()

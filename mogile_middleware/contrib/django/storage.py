@@ -9,7 +9,7 @@ import os
 import posixpath
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from datetime import datetime, timezone
@@ -36,7 +36,7 @@ from ...signing import URLSigner
 from ...tracker import Address
 from ...upload import Uploader, may_have_stored
 from . import conf
-from .clients import get_client, get_uploader
+from .clients import as_dns_compares, get_client, get_uploader
 
 log = logging.getLogger("mogile_middleware")
 
@@ -123,11 +123,6 @@ def _keys_start(location: object) -> str:
     if (directory + "/").startswith(TEMPORARY_PREFIX):
         raise ValueError(f"{TEMPORARY_PREFIX!r} holds the saves in progress, not a storage's files")
     return check_linked_path(check_url_key(directory + "/x"))[:-1]
-
-
-def _as_dns_compares(trackers: Iterable[Address]) -> set[Address]:
-    """Tracker addresses as DNS compares their names: without case or a final dot."""
-    return {(host.lower().rstrip("."), port) for host, port in trackers}
 
 
 @contextmanager
@@ -421,7 +416,7 @@ class MogileFSStorage(Storage):
             return self._media_url
         if self._domain is not None and self._domain != conf.domain():
             elsewhere = f"of domain {self._domain!r}"
-        elif self._trackers is not None and _as_dns_compares(self._trackers).isdisjoint(_as_dns_compares(conf.trackers())):
+        elif self._trackers is not None and as_dns_compares(self._trackers).isdisjoint(as_dns_compares(conf.trackers())):
             elsewhere = "with none of MOGILEFS_TRACKERS among its trackers"
         else:
             return conf.media_url()

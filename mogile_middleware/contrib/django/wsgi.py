@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from ...middleware import MogileFSMiddleware, WSGIApp
 from . import conf
-from .clients import get_client
+from .clients import get_client, listen_to_media_changes
 
 
 def wrap_wsgi(application: WSGIApp) -> MogileFSMiddleware:
     """Wrap Django's WSGI application so that requests under ``MOGILEFS_MEDIA_URL`` get files from
-    the ``MOGILEFS_DOMAIN`` domain, with the shared client so saves drop cached paths.
+    the ``MOGILEFS_DOMAIN`` domain, with the shared client so saves drop cached paths (also those
+    of a storage that lists some of ``MOGILEFS_TRACKERS``, or all in another order).
 
     ``application = wrap_wsgi(get_wsgi_application())``; the settings are read by this call.
     With ``MOGILEFS_MEMCACHED_SERVERS`` the middleware caches paths in the memcached from which
@@ -19,4 +20,6 @@ def wrap_wsgi(application: WSGIApp) -> MogileFSMiddleware:
     options = conf.middleware_options()
     if client.cache_backend is not None:
         options["cache_backend"] = client.cache_backend
-    return conf.configured(lambda: MogileFSMiddleware(application, client=client, **options))
+    middleware = conf.configured(lambda: MogileFSMiddleware(application, client=client, **options))
+    listen_to_media_changes(middleware.locator.changed, besides=client)  # which it listens to already
+    return middleware
