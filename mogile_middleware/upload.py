@@ -19,7 +19,9 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -53,6 +55,8 @@ Progress = Callable[[int], None]
 #: Called with a key that now points, or may point, at new data (for the asyncio client, it may be
 #: a coroutine function).
 ChangeListener = Callable[[str], Union[None, Awaitable[None]]]
+
+log = logging.getLogger("mogile_middleware")
 
 #: What :meth:`NewFile.write_from` reads at a time: large enough that handing each piece to the
 #: hashing thread costs little beside hashing and sending it, small enough to keep memory flat.
@@ -307,6 +311,11 @@ def _answer_lost(error: MogileFSError) -> bool:
 class NewFile(io.RawIOBase):
     """A writable file for a new key; closing it commits the key, an exception inside ``with`` aborts.
 
+    A close while an exception other than the one handled when the file was made is on its way
+    (the ``with`` of an io wrapper, which closes the file it wraps whatever happened, ending in
+    error; a ``finally`` after a failed write) aborts, as does the close of a wrapper dropped
+    unclosed; a warning says so, and the exception goes on.
+
     Bytes are streamed to the first storage node of ``create_open``'s destinations that accepts
     the connection; :meth:`write_from` can also rewind a seekable source and fall back to the next
     destination when a node drops the PUT midway. ``on_change`` is called with the key once
@@ -340,6 +349,8 @@ class NewFile(io.RawIOBase):
         self._verify_checksum = verify_checksum
         self._timeout = storage_timeout
         self._on_change = on_change
+        self._handled_at_start = sys.exc_info()[1]  # made in an except clause: no failure of its writing
+        self._abandoned = False
         args = create_open_args(domain, key, cls, size)
         with opening(args, domain):
             self.fid, self._destinations = pool.request("create_open", args, opened_file)[0]
@@ -455,13 +466,25 @@ class NewFile(io.RawIOBase):
         return self.size
 
     def close(self) -> None:
-        """Finish the PUT and ``create_close`` the key with its size and MD5 checksum (if computed)."""
+        """Finish the PUT and ``create_close`` the key with its size and MD5 checksum (if computed);
+        abort instead when closed amid an error, or by a wrapper dropped unclosed (see the class doc)."""
         if self.closed:
+            return
+        failing = sys.exc_info()[1]
+        if self._abandoned or failing is not None and failing is not self._handled_at_start:
+            self.abort()
+            log.warning("%r not stored: its file was %s", self.key,
+                        "dropped unclosed" if self._abandoned else f"closed while {failing!r} was raised")
             return
         try:
             self._commit()
         finally:
             super().close()
+
+    def _dealloc_warn(self, source: object) -> None:
+        # What an io wrapper being finalized, never closed (dropped after an error), tells the file
+        # it wraps before closing it: that close gives up.
+        self._abandoned = True
 
     def _commit(self) -> None:
         with committing(self.key, self.size, self._changed):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import array
 import errno
+import gc
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import io
 import mmap
@@ -507,6 +509,63 @@ def test_a_new_file_closed_after_its_body_failed_midway_commits_nothing(client: 
         finally:
             file.close()
     assert client.get_file_data("kept") == b"the old version"
+
+
+@pytest.mark.parametrize("wrapped", [
+    pytest.param(lambda file: io.TextIOWrapper(file, encoding="utf-8", newline=""), id="text"),
+    pytest.param(lambda file: io.TextIOWrapper(io.BufferedWriter(file), encoding="utf-8", newline=""),
+                 id="text-buffered"),
+    pytest.param(io.BufferedWriter, id="buffered"),
+    pytest.param(contextlib.closing, id="closing"),
+])
+def test_a_new_file_in_a_wrapper_ending_in_error_commits_nothing(client: Client, wrapped: Callable[[Any], Any],
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A wrapper closes the file it wraps, its ``with`` ending in error too: the key held the rows
+    written before the failure."""
+    client.store_content("report.csv", b"the old version", cls="thumb")
+    with pytest.raises(ZeroDivisionError):  # the failure itself, not another
+        with wrapped(client.new_file("report.csv", cls="thumb")) as out:
+            out.write("a,b\r\n" if isinstance(out, io.TextIOBase) else b"a,b\r\n")
+            1 / 0
+    assert client.get_file_data("report.csv") == b"the old version"
+    assert "'report.csv' not stored: its file was closed while ZeroDivisionError" in caplog.text
+
+
+def test_a_new_file_in_a_wrapper_dropped_unclosed_commits_nothing(client: Client) -> None:
+    client.store_content("report.csv", b"the old version", cls="thumb")
+
+    def write() -> None:
+        out = io.TextIOWrapper(io.BufferedWriter(client.new_file("report.csv", cls="thumb")), encoding="utf-8")
+        out.write("a,b\n")
+        raise ZeroDivisionError  # out is dropped unclosed with the traceback, after the handler
+
+    with contextlib.suppress(ZeroDivisionError):
+        write()
+    gc.collect()
+    assert client.get_file_data("report.csv") == b"the old version"
+
+
+def test_a_new_file_closed_in_a_finally_after_its_source_failed_commits_nothing(client: Client) -> None:
+    """pymogile's ``try: write ... finally: close()``, the source failing between writes."""
+    client.store_content("kept", b"the old version", cls="thumb")
+    file = client.new_file("kept", cls="thumb")
+    with pytest.raises(OSError, match="read failed midway"):
+        try:
+            for chunk in _chunks_failing_after(2):
+                file.write(chunk)
+        finally:
+            file.close()
+    assert client.get_file_data("kept") == b"the old version"
+
+
+def test_a_new_file_made_and_closed_in_an_except_clause_commits(client: Client) -> None:
+    """The exception handled when the file was made is no failure of its writing."""
+    try:
+        client.get_file_data("made-on-a-miss")
+    except UnknownKeyError:
+        with io.TextIOWrapper(client.new_file("made-on-a-miss", cls="thumb"), encoding="utf-8") as out:
+            out.write("default\n")
+    assert client.get_file_data("made-on-a-miss") == b"default\n"
 
 
 def test_a_new_file_closed_or_aborted_takes_no_more_bytes(client: Client) -> None:
