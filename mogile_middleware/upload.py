@@ -296,10 +296,11 @@ def remaining_size(fileobj: BinaryIO) -> int | None:
         if not fileobj.seekable():
             return None
         position = fileobj.tell()
-        end = fileobj.seek(0, io.SEEK_END)  # no copy, unlike BytesIO.getbuffer()
+        fileobj.seek(0, io.SEEK_END)  # no copy, unlike BytesIO.getbuffer()
+        end = fileobj.tell()  # not what seek() returned: many a file object's (paramiko's) returns None
         fileobj.seek(position)
         return max(end - position, 0)  # a file positioned past its end has nothing left
-    except (AttributeError, OSError, ValueError):
+    except (AttributeError, OSError, TypeError, ValueError):
         return None
 
 
@@ -351,6 +352,8 @@ class NewFile(io.RawIOBase):
         self._on_change = on_change
         self._handled_at_start = sys.exc_info()[1]  # made in an except clause: no failure of its writing
         self._abandoned = False
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise ValueError(f"size must be a whole number of bytes >= 0, or None when unknown, not {size!r}")
         args = create_open_args(domain, key, cls, size)
         with opening(args, domain):
             self.fid, self._destinations = pool.request("create_open", args, opened_file)[0]

@@ -357,6 +357,29 @@ def test_a_file_positioned_past_its_end_stores_nothing_left_in_it(flavour: Flavo
     assert client.get_file_data("past-the-end") == b""
 
 
+class _SeekAnswersNone(io.BytesIO):
+    """A file whose ``seek`` returns None, as paramiko's ``SFTPFile`` and many a wrapper's does."""
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> None:  # type: ignore[override]
+        super().seek(offset, whence)
+
+
+@both_flavours
+def test_a_file_whose_seek_returns_nothing_is_stored_whole(flavour: Flavour, client: Client) -> None:
+    """Its size was read from seek()'s answer: a TypeError, and nothing stored."""
+    source = _SeekAnswersNone(b"header,rows\n" * 1000)
+    source.seek(7)
+    assert store(flavour, client, "sftp.csv", source, "thumb") == 12_000 - 7
+    assert client.get_file_data("sftp.csv") == (b"header,rows\n" * 1000)[7:]
+
+
+@pytest.mark.parametrize("size", [-1, 3.0, True, "3"])
+def test_a_size_that_is_no_count_of_bytes_is_refused_before_the_tracker_is_asked(size: object) -> None:
+    client = Client(DOMAIN, ["127.0.0.1:1"])  # nobody there: asking would be a TrackerUnavailableError
+    with pytest.raises(ValueError, match=f"size must be a whole number of bytes >= 0.*not {re.escape(repr(size))}"):
+        client.new_file("sized", size=size)  # type: ignore[arg-type]
+
+
 def test_a_new_file_takes_no_more_bytes_once_write_from_sent_the_body(client: Client) -> None:
     with client.new_file("doc", cls="thumb") as file:
         file.write_from(io.BytesIO(b"whole"))
