@@ -37,6 +37,7 @@ from pymemcache.exceptions import MemcacheError, MemcacheIllegalInputError
 from .deadline import checked_seconds
 from .forking import renew_in_child
 from .locate import Location, is_clean_url
+from .signing import secrets_given
 from .throttle import ThrottledLog
 from .tracker import is_host
 
@@ -67,6 +68,8 @@ MAX_CLOCK_AHEAD_SECONDS = 24 * 3600
 CHANGED_MARK_SECONDS = 30
 #: The version of the entry format, first in every entry.
 FORMAT = 1
+#: The hex digits of a signature, before the entry it signs.
+SIGNATURE_LENGTH = 64
 #: In place of a location: the entry marks the key changed at its time (see :meth:`MemcachedBackend.delete`).
 _CHANGED = "changed"
 #: The version :meth:`MemcachedBackend._store` stores over whatever memcached holds.
@@ -87,13 +90,14 @@ class MemcachedBackend:
     ``servers`` are ``host:port`` strings (a list, or one string separated by commas or spaces).
     Errors reach :class:`~mogile_middleware.cache.PathCache`, which treats them as misses; a failed
     server is skipped for :data:`DEAD_SECONDS`. ``secret`` (bytes or text, the same on every host)
-    signs the entries. A ready pymemcache ``client`` is used as given, and must then be safe to
-    share between the threads (and forks) of the application.
+    signs the entries; a list of them rotates it: the first signs, each verifies. A ready
+    pymemcache ``client`` is used as given, and must then be safe to share between the threads
+    (and forks) of the application.
     """
 
     def __init__(self, servers: str | Sequence[str] = "127.0.0.1:11211", *, prefix: str = "mogile:",
                  connect_timeout: float = 0.2, timeout: float = 0.5, client: Any = None,
-                 secret: str | bytes | None = None) -> None:
+                 secret: str | bytes | Sequence[str | bytes] | None = None) -> None:
         items = servers.replace(",", " ").split() if isinstance(servers, str) else list(servers)
         if client is None and not items:
             raise ValueError("no memcached server given")
@@ -106,10 +110,9 @@ class MemcachedBackend:
         self.connect_timeout = checked_seconds("connect_timeout", connect_timeout)
         self.timeout = checked_seconds("timeout", timeout)
         self._given = client
-        if secret is not None and (not isinstance(secret, (str, bytes)) or not secret):
-            given = "an empty one" if isinstance(secret, (str, bytes)) else type(secret).__name__  # never the secret
-            raise ValueError(f"secret must be a non-empty string or bytes (None for unsigned entries), not {given}")
-        self._secret = secret.encode() if isinstance(secret, str) else secret
+        # A site changing its secret gives the new one second everywhere, then first, then alone: its
+        # processes never meet entries they cannot read, each a lookup and a change to them.
+        self._secrets = [] if secret is None else secrets_given("secret", secret)
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._idle: list[tuple[HashClient, _Deadline]] = []
@@ -181,10 +184,12 @@ class MemcachedBackend:
         return None if entry[0] is _CHANGED else entry  # type: ignore[return-value]
 
     def _decode(self, key: str, data: bytes) -> tuple[Location | str | None, float]:
-        signature = self._signature(b"")
-        if signature:
-            signature, data = data[:len(signature)], data[len(signature):]
-            if not hmac.compare_digest(signature, self._signature(data)):
+        if self._secrets:
+            signature, data = data[:SIGNATURE_LENGTH], data[SIGNATURE_LENGTH:]
+            valid = False
+            for secret in self._secrets:  # every one, so the time taken does not say which matched
+                valid |= hmac.compare_digest(signature, _signature(secret, data))
+            if not valid:
                 raise InvalidEntry("its signature does not match")
         try:
             version, stored_for, stored_at, located = json.loads(data)
@@ -201,8 +206,8 @@ class MemcachedBackend:
         return (None if located is None else _location(located)), stored_at
 
     def _signature(self, payload: bytes) -> bytes:
-        """64 hex digits of HMAC-SHA256 over ``payload`` (nothing without a secret)."""
-        return hmac.new(self._secret, payload, hashlib.sha256).hexdigest().encode() if self._secret else b""
+        """The first secret's signature of ``payload`` (nothing without a secret)."""
+        return _signature(self._secrets[0], payload) if self._secrets else b""
 
     def delete(self, key: str) -> None:
         """Forget ``key``, which a process changed: in its place, for :data:`CHANGED_MARK_SECONDS`,
@@ -370,6 +375,11 @@ class _EveryServer(RendezvousHash):
         if node in self._dead:  # named, where pymemcache says "All servers seem to be down right now"
             raise MemcacheError(f"memcached at {node} failed lately: not asked again for up to {DEAD_SECONDS:g} s")
         return node
+
+
+def _signature(secret: bytes, payload: bytes) -> bytes:
+    """:data:`SIGNATURE_LENGTH` hex digits of HMAC-SHA256 over ``payload``."""
+    return hmac.new(secret, payload, hashlib.sha256).hexdigest().encode()
 
 
 def _node(server: tuple[str, int] | str) -> str:

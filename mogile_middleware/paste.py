@@ -59,7 +59,7 @@ def _callable(value: str) -> Callable[..., Any]:
     return found
 
 
-def _memcached(servers: list[str] | None, secret: str | None) -> MemcachedBackend | None:
+def _memcached(servers: list[str] | None, secret: list[str] | None) -> MemcachedBackend | None:
     """A shared path cache in memcached on ``host:port`` ``servers``; none: the in-process cache."""
     if not servers:
         if secret is not None:
@@ -72,14 +72,6 @@ def _memcached(servers: list[str] | None, secret: str | None) -> MemcachedBacken
     return MemcachedBackend(servers, secret=secret)
 
 
-def _secret(value: str) -> str:
-    """The secret signing memcached's entries; an empty one, which would sign nothing, is refused."""
-    secret = _text(value)
-    if not secret:
-        raise ValueError("no secret given (leave the option out for unsigned entries)")
-    return secret
-
-
 def _text(value: str) -> str:
     """A text option without the line break before a value written on the next line, which the
     ini file keeps (``domain =`` then ``media`` below it was the domain "\nmedia")."""
@@ -88,7 +80,7 @@ def _text(value: str) -> str:
 
 def _secrets(value: str) -> list[str]:
     """Signing secrets, one per line: the first signs, each verifies. Spaces are a secret's own: a
-    passphrase split at them would be several short secrets, each of which opens every file."""
+    passphrase split at them would be several short secrets, each of which would do."""
     secrets = [line.strip() for line in value.splitlines() if line.strip()]
     if not secrets:
         raise ValueError("no secret given")
@@ -146,7 +138,7 @@ def _options() -> dict[str, Callable[[str], Any]]:
         if name in _NOT_OPTIONS:
             continue
         options[name] = _SPECIAL.get(name) or _BY_TYPE[str(parameter.annotation).removesuffix(" | None")]
-    return {**options, "memcached_servers": _servers, "memcached_secret": _secret}
+    return {**options, "memcached_servers": _servers, "memcached_secret": _secrets}
 
 
 def _servers(value: str) -> list[str]:

@@ -33,19 +33,26 @@ EXPIRED = "The link has expired."
 Secret = str | bytes
 
 
+def secrets_given(name: str, secrets: object) -> list[bytes]:
+    """``secrets``, one string or bytes or a list of them (the first signs, each verifies), as
+    bytes; a ValueError naming the option ``name`` and what was wrong, never a secret."""
+    given = [secrets] if isinstance(secrets, (str, bytes)) else list(secrets) if isinstance(secrets, Iterable) else None
+    if given is None or any(not isinstance(secret, (str, bytes)) for secret in given):
+        wrong = type(secrets).__name__ if given is None else \
+            next(f"a list holding {type(secret).__name__}" for secret in given if not isinstance(secret, (str, bytes)))
+        raise ValueError(f"{name} must be a non-empty string or bytes, or a list of them, not {wrong}")
+    if not given or not all(given):
+        raise ValueError(f"{name} must be a non-empty string or bytes, or a list of them, not "
+                         f"{'an empty list' if not given else 'an empty one'}")
+    return [secret.encode("utf-8") if isinstance(secret, str) else secret for secret in given]
+
+
 class URLSigner:
     """Signs and checks the query of a URL path in ``domain`` with ``secrets`` (one, or several for rotation)."""
 
     def __init__(self, secrets: Secret | Sequence[Secret], domain: str,
                  clock: Callable[[], float] = time.time) -> None:
-        if not isinstance(secrets, (str, bytes, Iterable)):
-            raise ValueError(f"signing_key must be a string or bytes, or a list of them, not {secrets!r}")
-        given = [secrets] if isinstance(secrets, (str, bytes)) else list(secrets)
-        if not given or any(not secret for secret in given):
-            raise ValueError("signing_key must be a non-empty string or bytes, or a list of them")
-        if any(not isinstance(secret, (str, bytes)) for secret in given):
-            raise ValueError(f"signing_key must be strings or bytes, not {given!r}")
-        self._secrets = [secret.encode("utf-8") if isinstance(secret, str) else secret for secret in given]
+        self._secrets = secrets_given("signing_key", secrets)
         self._domain = domain.encode("utf-8")
         self._clock = clock
 

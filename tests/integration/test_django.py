@@ -1293,3 +1293,13 @@ def test_a_storage_listing_the_trackers_otherwise_drops_the_paths_the_middleware
         assert get(url) == b"first"
         storage.save("notes/today.txt", ContentFile(b"second"))
         assert get(url) == b"second"
+
+
+def test_the_memcached_secret_may_be_several_the_first_signing(mogile: DevMogileFS) -> None:
+    from mogile_middleware.memcache import MemcachedBackend
+
+    with with_settings(MOGILEFS_MEMCACHED_SERVERS=["127.0.0.1:1"], MOGILEFS_MEMCACHED_SECRET=["new", "old"]):
+        backend = get_client().cache_backend
+    old = MemcachedBackend("127.0.0.1:1", secret="old")
+    assert backend._decode("k", old._encode("k", None, 1.0)) == (None, 1.0)
+    assert backend._signature(b"x") == MemcachedBackend("127.0.0.1:1", secret="new")._signature(b"x")

@@ -448,10 +448,32 @@ def test_a_secret_signs_every_entry(shared_memcached: MemcachedServer) -> None:
     assert signed.get("signed") is None
 
 
-@pytest.mark.parametrize(("secret", "named"), [("", "an empty one"), (b"", "an empty one"), (42, "int")])
+@pytest.mark.parametrize(("first", "second"), [
+    pytest.param("old", ["old", "new"], id="the new one given second"),
+    pytest.param(["old", "new"], ["new", "old"], id="then first"),
+    pytest.param(["new", "old"], "new", id="then alone"),
+])
+def test_sites_changing_their_secret_step_by_step_read_each_others_entries(
+        devmogile: DevMogileFS, shared_memcached: MemcachedServer, first: object, second: object) -> None:
+    """Two secrets at once, each process's entries were invalid to the other: every request was a
+    lookup, whose finding replaced the other's, and every 404 waited for the key to settle."""
+    Client(DOMAIN, devmogile.trackers).store_content("rotated.txt", b"kept", "thumb")
+    prefix = f"rotation-{os.urandom(4).hex()}:"  # none of the other cases' entries
+    sites = [TestApp(MogileFSMiddleware(hello, domain=DOMAIN, trackers=devmogile.trackers, cache_backend=MemcachedBackend(
+        shared_memcached.address, prefix=prefix, secret=secret))) for secret in (first, second)]
+    for _ in range(3):
+        for site in sites:
+            assert site.get("/mogilefs/rotated.txt").body == b"kept"
+            site.get("/mogilefs/missing.txt", status=404)
+    assert sum(site.app.locator.paths.lookups for site in sites) == 2  # each key's first request
+
+
+@pytest.mark.parametrize(("secret", "named"), [("", "an empty one"), (b"", "an empty one"), (42, "int"),
+                                               ([], "an empty list"), (["new", ""], "an empty one"),
+                                               (["new", 42], "a list holding int")])
 def test_a_secret_that_signs_nothing_is_refused(secret: object, named: str) -> None:
     """An empty secret used to sign nothing, silently: entries anyone could forge."""
-    with pytest.raises(ValueError, match=f"secret must be a non-empty string or bytes .*not {named}$"):
+    with pytest.raises(ValueError, match=f"secret must be a non-empty string or bytes, or a list of them, not {named}$"):
         MemcachedBackend("127.0.0.1:1", secret=secret)  # type: ignore[arg-type]
 
 

@@ -257,6 +257,11 @@ def test_memcached_servers_build_a_shared_cache_backend() -> None:
     below = filter_factory({}, domain="\nmedia", trackers="127.0.0.1:7001", memcached_servers="10.0.0.5:11211",
                            memcached_secret="\ns3cret").keywords
     assert below["domain"] == "media" and below["cache_backend"]._signature(b"x") == signed._signature(b"x")
+    # Secrets one per line: the first signs, each verifies (a site changing its secret).
+    rotating = filter_factory({}, domain="media", trackers="127.0.0.1:7001", memcached_servers="10.0.0.5:11211",
+                              memcached_secret="\nn3w s3cret\ns3cret").keywords["cache_backend"]
+    assert rotating._signature(b"x") != signed._signature(b"x")
+    assert rotating._decode("k", signed._encode("k", None, 1.0)) == (None, 1.0)
     for spec in ("unix:", "unix: 10.0.0.5:11211"):  # a socket of no path: every lookup failed, naming no server
         with pytest.raises(ValueError, match="'unix:' is not host:port or a unix socket path"):
             filter_factory({}, domain="media", trackers="127.0.0.1:7001", memcached_servers=spec)

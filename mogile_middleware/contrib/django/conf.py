@@ -124,7 +124,7 @@ def memcached_servers() -> tuple[str, ...]:
 
 def memcached_backend(servers: tuple[str, ...]) -> MemcachedBackend | None:
     """The shared path cache on ``servers`` (from :func:`memcached_servers`), signed with
-    ``MOGILEFS_MEMCACHED_SECRET`` when set, or None for none."""
+    ``MOGILEFS_MEMCACHED_SECRET`` (or secrets, the first signing) when set, or None for none."""
     if not servers:
         if getattr(settings, "MOGILEFS_MEMCACHED_SECRET", None) is not None:
             raise ImproperlyConfigured("MOGILEFS_MEMCACHED_SECRET signs the entries of MOGILEFS_MEMCACHED_SERVERS, "
@@ -139,7 +139,7 @@ def memcached_backend(servers: tuple[str, ...]) -> MemcachedBackend | None:
     secret = getattr(settings, "MOGILEFS_MEMCACHED_SECRET", None)
     try:
         return MemcachedBackend(servers, secret=None if secret is None else validated(
-            "MOGILEFS_MEMCACHED_SECRET", secret, text))
+            "MOGILEFS_MEMCACHED_SECRET", secret, _secrets))
     except ValueError as error:
         raise ImproperlyConfigured(f"MOGILEFS_MEMCACHED_SERVERS: {list(servers)!r}: {error}") from None
 
