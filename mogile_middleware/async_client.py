@@ -51,6 +51,7 @@ from .storage import PUT_PIECE_SIZE, LengthMismatchError, put_pieces
 from .upload import (
     BYTES_LIKE,
     buffer_file,
+    checked_size,
     committing,
     content_bytes,
     create_close_args,
@@ -185,7 +186,7 @@ class AsyncClient(ClientBase):
         return await self.store_file(key, content_bytes(key, data), cls)
 
     async def store_file(self, key: str, fileobj: Body | bytes | bytearray | memoryview, cls: str | None = None, *,
-                         verify_checksum: bool = False) -> int:
+                         verify_checksum: bool = False, size: int | None = None) -> int:
         """Store the rest of ``fileobj`` (read in the event loop, chunk by chunk; a ``read`` that
         is a coroutine function, as Starlette's ``UploadFile`` has, is awaited), bytes, or every
         chunk of an async iterable under ``key``; return the number of bytes stored.
@@ -197,14 +198,17 @@ class AsyncClient(ClientBase):
         are); a lost answer to ``create_close`` is an :class:`UploadOutcomeUnknownError`. Unlike it,
         ``verify_checksum`` asks the tracker to check the MD5 whatever the class (this client does
         not ask for the classes): mogilefsd then reads the file back even for a class that keeps
-        no checksum.
+        no checksum. ``size`` is the number of bytes the body must hold (an ASGI request's
+        ``Content-Length``): one that ends short, or goes on past it, is refused and the key kept.
         """
         check_key(key)
+        checked_size(size)
         if isinstance(fileobj, BYTES_LIKE):  # read where it is, and let go of once stored or failed
             with buffer_file(key, fileobj) as body:
-                return await self.store_file(key, body, cls, verify_checksum=verify_checksum)
+                return await self.store_file(key, body, cls, verify_checksum=verify_checksum, size=size)
         fileobj = _body(key, fileobj)
-        size = None if isinstance(fileobj, AsyncIterable) else remaining_size(fileobj)
+        if size is None and not isinstance(fileobj, AsyncIterable):
+            size = remaining_size(fileobj)
         args = create_open_args(self.domain, key, cls, size)
         with opening(args, self.domain):
             fid, targets = (await self.pool.request("create_open", args, opened_file))[0]

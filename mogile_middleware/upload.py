@@ -304,6 +304,13 @@ def remaining_size(fileobj: BinaryIO) -> int | None:
         return None
 
 
+def checked_size(size: int | None) -> int | None:
+    """``size``, the number of bytes an upload announces (None: unknown); else a ValueError naming it."""
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise ValueError(f"size must be a whole number of bytes >= 0, or None when unknown, not {size!r}")
+    return size
+
+
 def _answer_lost(error: MogileFSError) -> bool:
     """True if a request reached a tracker but no usable answer came back: it may have been carried out."""
     return isinstance(error, (OutcomeUnknownError, ProtocolError))
@@ -352,8 +359,7 @@ class NewFile(io.RawIOBase):
         self._on_change = on_change
         self._handled_at_start = sys.exc_info()[1]  # made in an except clause: no failure of its writing
         self._abandoned = False
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
-            raise ValueError(f"size must be a whole number of bytes >= 0, or None when unknown, not {size!r}")
+        checked_size(size)
         args = create_open_args(domain, key, cls, size)
         with opening(args, domain):
             self.fid, self._destinations = pool.request("create_open", args, opened_file)[0]

@@ -168,6 +168,29 @@ def test_a_wsgi_body_cut_short_is_refused_when_its_announced_length_is_given(dev
     assert client.get_file_data("avatar.png") == b"the old picture"
 
 
+@pytest.mark.parametrize(("sent", "refused"), [(50_000, "50000 of the 100000 bytes announced"),
+                                               (150_000, "more than the 100000 bytes announced")])
+def test_an_asgi_body_other_than_its_announced_length_is_refused_when_given(devmogile: DevMogileFS, sent: int,
+                                                                            refused: str) -> None:
+    """A raw ASGI app's receive loop ending at ``http.disconnect`` gives a body cut short, no error."""
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(sent // 10_000):
+            yield b"x" * 10_000
+
+    async def upload() -> bytes:
+        client = AsyncClient(DOMAIN, devmogile.trackers)
+        try:
+            await client.store_content("avatar.png", b"the old picture", cls="thumb")
+            with pytest.raises(UploadError, match=refused):
+                await client.store_file("avatar.png", body(), cls="thumb", size=100_000)
+            assert await client.store_file("whole.png", body(), cls="thumb", size=sent) == sent
+            return await client.get_file_data("avatar.png")
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(upload()) == b"the old picture"
+
+
 def test_a_new_file_written_text_is_a_type_error_and_the_bytes_around_it_go_through(client: Client) -> None:
     with client.new_file("doc", cls="thumb") as file:
         file.write(b"bytes, ")
