@@ -16,9 +16,10 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app, multiprocess
+from prometheus_client.metrics_core import Metric
 
 from . import metrics
 from .http import METHOD_NOT_ALLOWED
@@ -29,6 +30,7 @@ from .throttle import ThrottledLog
 TRACKER_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 log = logging.getLogger("mogile_middleware")
+T = TypeVar("T")
 #: Events a metric file could not take (``PROMETHEUS_MULTIPROC_DIR`` a worker may not write, or
 #: removed), logged once a minute at most: the request goes on.
 _unrecorded = ThrottledLog(log, logging.WARNING, "metrics not recorded: %r", 60.0, "events")
@@ -51,8 +53,16 @@ class PrometheusRecorder(metrics.Recorder):
     """Every event as a ``prometheus_client`` counter, histogram or gauge named ``<namespace>_...``."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY, namespace: str = "mogile_middleware") -> None:
+        # Registered once all are made: an unlabelled metric opens its file as it is made in
+        # multiprocess mode, and one that failed left the others registered, to be made again.
+        made: list[Any] = []
+
         def counter(name: str, documentation: str, labels: Iterable[str] = ()) -> Counter:
-            return Counter(name, documentation, labels, namespace=namespace, registry=registry)
+            return metric(Counter(name, documentation, labels, namespace=namespace, registry=None))
+
+        def metric(made_one: T) -> T:
+            made.append(made_one)
+            return made_one
 
         # Label lookups cost more than the increment: each combination's child is looked up once.
         self._requests = _Children(counter("requests", "Requests under the prefix, by how they were answered "
@@ -62,22 +72,24 @@ class PrometheusRecorder(metrics.Recorder):
         self._tracker_calls = _Children(counter("tracker_calls", "Tracker commands, by tracker, command and "
                                                 "outcome (ok, error: an ERR reply, failed: no usable reply)",
                                                 ["tracker", "command", "outcome"]))
-        self._tracker_seconds = _Children(Histogram(
+        self._tracker_seconds = _Children(metric(Histogram(
             "tracker_call_seconds", "Tracker command round trips", ["command"],
-            namespace=namespace, registry=registry, buckets=TRACKER_SECONDS_BUCKETS))
+            namespace=namespace, registry=None, buckets=TRACKER_SECONDS_BUCKETS)))
         self._tracker_skips = _Children(counter(
             "dead_tracker_skips", "Requests that skipped a tracker marked dead, or being asked if back", ["tracker"]))
         self._cache_hits = counter("path_cache_hits", "Path cache answers with fresh paths")
         self._cache_misses = counter("path_cache_misses", "Path cache misses (the trackers are asked)")
         self._cache_stale = counter("path_cache_stale", "Stale paths served while no tracker answered")
         self._cache_invalidations = counter("path_cache_invalidations", "Keys dropped from the path cache")
-        self._cache_entries = Gauge("path_cache_entries", "Keys in the in-process path cache",
-                                    namespace=namespace, registry=registry, multiprocess_mode="livesum")
+        self._cache_entries = metric(Gauge("path_cache_entries", "Keys in the in-process path cache",
+                                           namespace=namespace, registry=None, multiprocess_mode="livesum"))
         self._body_cache = _Children(counter("body_cache_lookups", "Body cache lookups, by result (hit, miss)",
                                              ["result"]), lambda hit: ("hit" if hit else "miss",))
         self._failovers = counter("replica_failovers", "Replicas that failed, so the next was asked")
         self._uploads = _Children(counter("uploads", "Uploads, by outcome (stored, failed, unknown)", ["outcome"]))
         self._uploaded_bytes = counter("uploaded_bytes", "Bytes sent by uploads")
+        for each in made:
+            registry.register(each)
 
     @_never_raising
     def request(self, mode: str, status: str) -> None:
@@ -147,29 +159,68 @@ _started: PrometheusRecorder | None = None
 _starting = threading.Lock()
 
 
-def record() -> PrometheusRecorder:
-    """Count every event of this process in the default registry from now on (idempotent)."""
+def record() -> PrometheusRecorder | None:
+    """Count every event of this process in the default registry from now on (idempotent). A
+    process that cannot write ``PROMETHEUS_MULTIPROC_DIR`` (removed, another user's) counts
+    nothing, with a warning, and goes on: None (a worker started so failed to boot)."""
     global _started
     with _starting:
         if _started is None:
-            _started = PrometheusRecorder()
+            try:
+                _started = PrometheusRecorder()
+            except OSError as error:
+                log.warning("metrics not recorded by this process: %r", error)
+                return None
         metrics.use(_started)
         return _started
 
 
 def registry() -> CollectorRegistry:
     """The registry to expose: every worker's metrics when ``PROMETHEUS_MULTIPROC_DIR`` is set, else this process's."""
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
         return REGISTRY
-    collected = CollectorRegistry()
-    _LiveWorkersCollector(collected)
+    collected = _SummedRegistry()
+    _LiveWorkersCollector(collected, directory)
     return collected
+
+
+class _SummedRegistry(CollectorRegistry):
+    """A registry whose collector names its metrics only as it reads the files of the moment: a
+    scrape asking for some by name (``name[]=...``) is answered from what it collects, where
+    prometheus_client's looks them up among the names known as the collector was registered,
+    none (an empty answer)."""
+
+    def restricted_registry(self, names: Iterable[str]) -> Any:
+        return _Restricted(self, set(names))
+
+
+class _Restricted:
+    """The samples of ``registry`` named ``names``."""
+
+    def __init__(self, registry: CollectorRegistry, names: set[str]) -> None:
+        self._registry = registry
+        self._names = names
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._registry.collect():
+            samples = [sample for sample in family.samples if sample.name in self._names]
+            if samples:
+                restricted = Metric(family.name, family.documentation, family.type, family.unit)
+                restricted.samples = samples
+                yield restricted
 
 
 class _LiveWorkersCollector(multiprocess.MultiProcessCollector):
     """Every worker's files summed, the live gauges of the processes that are gone left out: only
     gunicorn's ``child_exit`` hook drops them (``examples/gunicorn_metrics.py``), and a worker that
-    uvicorn replaced, or one killed under a server without the hook, stayed in the sum for good."""
+    uvicorn replaced, or one killed under a server without the hook, stayed in the sum for good.
+    A directory removed sums nothing, where prometheus_client's collector raised, and a worker
+    started meanwhile failed to boot."""
+
+    def __init__(self, registry: CollectorRegistry, path: str) -> None:  # not the parent's, which checks the directory
+        self._path = path
+        registry.register(self)
 
     def collect(self) -> Iterable[Any]:
         for gauge in glob.glob(os.path.join(self._path, "gauge_live*_*.db")):

@@ -9,6 +9,7 @@ import gc
 import http.client
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -460,6 +461,11 @@ def test_gunicorn_with_two_workers_sums_both_in_every_scrape(devmogile: DevMogil
             misses = samples[("mogile_middleware_path_cache_misses_total", ())]
             assert hits + misses == requests and 1 <= misses <= 2  # one lookup per worker at most
             assert samples[("mogile_middleware_path_cache_entries", ())] == misses  # the live workers' sum
+        # A scrape asking for metrics by name: their samples, where prometheus_client's registry
+        # knew only the names of the files there as it was made (the master's: none).
+        for port in (server.port, master_port):
+            assert scrape(port, "/metrics?name[]=mogile_middleware_served_bytes_total") == {
+                ("mogile_middleware_served_bytes_total", ()): requests * len(CONTENT)}
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:  # read raw: each header once
             sock.sendall(b"POST /metrics HTTP/1.1\r\nHost: m\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             refused, _ = read_http_reply(sock, "POST")
@@ -522,6 +528,31 @@ def test_a_metrics_directory_gone_drops_the_events_not_the_requests(devmogile: D
                           text=True, timeout=60)
     assert (done.returncode, done.stdout) == (0, "x" * 100 + "\n" + "x" * 100 + "\n"), done.stderr
     assert done.stderr.count("metrics not recorded: FileNotFoundError") == 1  # once a minute at most
+
+
+def test_a_worker_started_once_the_metrics_directory_is_gone_serves(devmogile: DevMogileFS, tmp_path: Path) -> None:
+    """Its metrics failed as they were made: the worker did not boot, and gunicorn stopped, the
+    site down (under uvicorn --workers, the worker was started again and again)."""
+    Client(DOMAIN, devmogile.trackers).store_content("a.txt", CONTENT, "avatar")
+    multiproc = tmp_path / "prometheus"
+    multiproc.mkdir()
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(multiproc), "METRICS_PORT": "0"}
+    args = ["-c", str(REPO / "examples" / "gunicorn_metrics.py"), "--paste", str(REPO / "examples" / "metrics.ini"),
+            "--paste-global", f"mogile_domain={DOMAIN}", "--paste-global", f"mogile_trackers={devmogile.trackers[0]}"]
+    with run_gunicorn(env, workers=2, app=None, extra_args=args) as server:
+        assert get(server.port, "/mogilefs/a.txt") == CONTENT
+        first = set(server.worker_pids())
+        shutil.rmtree(multiproc)  # a tmp cleaner
+        for pid in first:
+            os.kill(pid, signal.SIGKILL)  # replaced, as by --max-requests, a timeout or the OOM killer
+        deadline = time.monotonic() + 30
+        while len(set(server.worker_pids()) - first) < 2:
+            assert time.monotonic() < deadline and server.worker_pids(), "the workers were not replaced"
+            time.sleep(0.1)
+        for _ in range(4):  # both new workers, most likely
+            assert get(server.port, "/mogilefs/a.txt") == CONTENT
+        assert scrape(server.port) == {}  # nothing to sum, and no error
+        assert server.worker_pids()
 
 
 def test_the_new_master_of_a_usr2_upgrade_leaves_the_old_workers_counts(tmp_path: Path) -> None:
