@@ -119,7 +119,7 @@ def check(trackers: list[Address], domain: str, *, timeout: float = 3.0) -> Heal
     if domain in domains:
         health.classes = {name: copies for name, (copies, _) in sorted(domains[domain].items())}
     else:
-        health.problems.append(f"domain {domain!r} is not registered")
+        health.problems.append(f"domain '{domain}' is not registered")  # as it is: a shower escapes it
     health.devices.sort(key=lambda device: device.devid)
     silent = _ask_storage_nodes(health, timeout)
     alive_hosts = {host.name for host in health.hosts if host.status == "alive"}
@@ -127,7 +127,7 @@ def check(trackers: list[Address], domain: str, *, timeout: float = 3.0) -> Heal
                        if device.host in alive_hosts and _writeable(device) and device.devid not in silent}
     for name, copies in (health.classes or {}).items():
         if copies > len(writeable_hosts):
-            health.problems.append(f"class {name!r} keeps {copies} copies, but only {len(writeable_hosts)} "
+            health.problems.append(f"class '{name}' keeps {copies} copies, but only {len(writeable_hosts)} "
                                    f"host(s) have a writeable device")
     return health
 

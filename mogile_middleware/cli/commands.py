@@ -33,7 +33,7 @@ from ..protocol import check_key, names_a_fid, to_bytes, to_text
 from ..storage import ResumedReplica, Resumption, SeekableBody, open_replica
 from ..tracker import Address, parse_trackers
 from ..upload import Uploader, remaining_size
-from .progress import ProgressBar, printable, quoted
+from .progress import ProgressBar, printable, quoted, shown
 from .signals import InterruptibleReader
 
 if TYPE_CHECKING:
@@ -735,7 +735,7 @@ def _rm(args: argparse.Namespace, client: Client) -> int:
         try:
             client.delete(key)
         except UnknownKeyError as error:
-            print(f"mogile-middleware: {printable(str(error))}", file=sys.stderr)
+            print(f"mogile-middleware: {shown(error)}", file=sys.stderr)
             missing += 1
         except BadKeyError as error:
             _skipped(key, str(error))
@@ -825,12 +825,14 @@ def _print_health(report: health.Health) -> None:
                             for name, copies in report.classes.items()) or "no classes"
     print(f"domain {printable(report.domain)}: {printable(classes)}")
     print("hosts:")
-    for host in report.hosts:
-        print(f"  [{host.hostid}] {printable(host.name)}  {host.address}  {host.status}")
+    for host in report.hosts:  # all the trackers' words, any of which may hold an escape sequence
+        print(f"  [{printable(host.hostid)}] {printable(host.name)}  {printable(host.address)}  "
+              f"{printable(host.status)}")
     print("devices:")
     for device in report.devices:
         space = "" if device.mb_free is None else f"  {device.mb_free / 1024:.1f} of {(device.mb_total or 0) / 1024:.1f} GiB free"
-        print(f"  [dev{device.devid}] {printable(device.host)}  {device.status}  {device.observed or 'not yet seen'}{space}")
+        print(f"  [dev{device.devid}] {printable(device.host)}  {printable(device.status)}  "
+              f"{printable(device.observed or 'not yet seen')}{space}")
     print(f"{len(report.problems)} problem(s)" if report.problems else "all well")
 
 

@@ -21,7 +21,7 @@ from .. import __version__
 from ..exceptions import MogileFSError, TrackerUnavailableError, UnknownKeyError
 from ..tracker import DEFAULT_PORT
 from . import commands, demo, devserver, serve
-from .progress import UNSHOWABLE, printable, quoted
+from .progress import UNSHOWABLE, quoted, shown
 from .signals import on_stop_signal
 
 #: name → (one-line help, add_arguments, run)
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with on_stop_signal(_stop):  # SIGTERM and SIGHUP too unwind, so no command leaves a partial file
             return args.run(args)
     except MogileFSError as error:
-        message = _shown(error)
+        message = shown(error)
         if isinstance(error, TrackerUnavailableError) and getattr(getattr(args, "trackers", None), "port_assumed", False):
             message += f" (no port given: {DEFAULT_PORT} assumed)"
         print(f"mogile-middleware: {message}", file=sys.stderr)
@@ -117,17 +117,6 @@ class _Parser(argparse.ArgumentParser):
             file.flush()
         else:
             super()._print_message(message, file)
-
-
-def _shown(error: MogileFSError) -> str:
-    """``error``'s message, printable; the keys, classes and domains it names quoted as ``ls``
-    shows them (its own message gives their ``repr``, whose escapes printable would escape again)."""
-    naming = getattr(error, "naming", None)
-    if naming is None:
-        return printable(str(error))
-    template, names = naming
-    return f"{printable(getattr(error, 'code', ''))}: " + template.format_map(
-        {name: quoted(str(value)) for name, value in names.items()})
 
 
 class _Stopped(KeyboardInterrupt):

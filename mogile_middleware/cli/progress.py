@@ -1,5 +1,5 @@
 """A one-line progress bar for transfers on a terminal: percentage, bytes and rate; and
-:func:`printable`, which makes text from the network safe to show there.
+:func:`printable` (:func:`quoted`, :func:`shown`), which makes text from the network safe to show there.
 
 Used by the ``upload`` and ``get`` subcommands on stderr, so their stdout stays the data or the
 list of keys.
@@ -80,6 +80,17 @@ def printable(text: str) -> str:
 def quoted(text: str) -> str:
     """``text`` in quotes, :func:`printable`, as a line of messages names a key (as ``ls`` shows it)."""
     return f"'{printable(text)}'"
+
+
+def shown(error: Exception) -> str:
+    """``error``'s message, printable; the keys, classes and domains a package error names quoted
+    as ``ls`` shows them (its own message gives their ``repr``, whose escapes printable would escape again)."""
+    naming = getattr(error, "naming", None)
+    if naming is None:
+        return printable(str(error))
+    template, names = naming
+    return f"{printable(getattr(error, 'code', ''))}: " + template.format_map(
+        {name: quoted(str(value)) for name, value in names.items()})
 
 
 def human_size(count: float) -> str:

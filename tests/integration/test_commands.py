@@ -233,7 +233,8 @@ def test_an_unknown_key_is_exit_code_3_naming_the_key(cli: Run) -> None:
         assert result.err == f"mogile-middleware: unknown_key: no key 'no/such' in domain '{DOMAIN}'\n"
     # Named as ls shows it: the escapes of repr were escaped again, "a\\\\b" for the key ls shows "a\\b".
     for key, shown in (("a\\b", "a\\\\b"), ("tab\tx", "tab\\tx"), ("caf\u00e9\u202e", "caf\u00e9\\u202e")):
-        assert cli("get", key).err == f"mogile-middleware: unknown_key: no key '{shown}' in domain '{DOMAIN}'\n"
+        for command in ("get", "rm"):  # rm escaped the repr again
+            assert cli(command, key).err == f"mogile-middleware: unknown_key: no key '{shown}' in domain '{DOMAIN}'\n"
 
 
 def test_an_unknown_class_names_the_class_and_the_domain(cli: Run, tree: Path) -> None:

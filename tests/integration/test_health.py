@@ -194,6 +194,19 @@ def _tracker_of(hosts: dict[int, tuple[str, int]], status: str = "alive", observ
     return ScriptedTracker(lambda line: replies[line.split()[0]])
 
 
+def test_what_the_trackers_say_reaches_the_terminal_escaped_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """A device's states were printed as the tracker sent them (a terminal's title set, a bell),
+    and a domain named in a problem line was escaped twice (its repr, escaped again)."""
+    tracker = _tracker_of({1: ("store1", refused_port())}, status="alive%07", observed="writeable%1B]0;owned%07")
+    try:
+        _, out, err = run_check(capsys, "--trackers", tracker.tracker, "--domain", "a\tb", "--timeout", "0.5")
+    finally:
+        tracker.stop()
+    assert "\x1b" not in out and "\x07" not in out
+    assert "  [dev1] store1  alive\\x07  writeable\\x1b]0;owned\\x07" in out
+    assert "mogile-middleware: check: domain 'a\\tb' is not registered" in err
+
+
 @pytest.mark.parametrize("reply", [b"get_hosts", b"get_devices"])
 def test_a_host_or_device_list_that_cannot_be_read_is_a_problem_of_the_report(
         capsys: pytest.CaptureFixture[str], reply: bytes) -> None:
