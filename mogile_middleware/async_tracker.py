@@ -102,6 +102,9 @@ class _LoopConnections:
     slots: asyncio.Semaphore
     idle: IdleTrackerConnections[AsyncTrackerConnection]
     given_up: dict[Address, tuple[AsyncTrackerConnection, asyncio.TimerHandle]] = field(default_factory=dict)
+    #: Whether :meth:`AsyncTrackerPool.aclose` closed them, and no request began since: the requests
+    #: it left in flight (a server's shutdown cancels them after the lifespan's) keep no connection.
+    closed: bool = False
 
 
 class AsyncTrackerPool(TrackerPoolBase):
@@ -166,6 +169,7 @@ class AsyncTrackerPool(TrackerPoolBase):
         deadline to hear whether the tracker answers (see :meth:`_hear_at_deadline`).
         """
         connections = self._connections()
+        connections.closed = False
         # A wait for a slot lasts as long as a request in flight takes to leave a silent tracker for
         # the next: a burst queued behind requests held by a hung tracker is answered by another
         # one, and requests of departed clients queue no one for long.
@@ -203,7 +207,7 @@ class AsyncTrackerPool(TrackerPoolBase):
         try:
             reply = await connection.roundtrip(line, due)
         except asyncio.CancelledError:
-            if command in ANSWERED_AFTER_STORAGE or connection.address in connections.given_up:
+            if command in ANSWERED_AFTER_STORAGE or connection.address in connections.given_up or connections.closed:
                 connection.close()
             else:
                 self._hear_at_deadline(connections, connection, due)
@@ -211,7 +215,8 @@ class AsyncTrackerPool(TrackerPoolBase):
         except BaseException:
             connection.close()
             raise
-        with kept_if_answered(connection, lambda kept: connections.idle.give(kept.address, kept)):
+        with kept_if_answered(connection, lambda kept: kept.close() if connections.closed
+                              else connections.idle.give(kept.address, kept)):
             return parse_reply(reply)
 
     def _hear_at_deadline(self, connections: _LoopConnections, connection: AsyncTrackerConnection,
@@ -231,9 +236,10 @@ class AsyncTrackerPool(TrackerPoolBase):
         connections.given_up[connection.address] = connection, hearing
 
     async def aclose(self) -> None:
-        """Close the running loop's idle connections and those of requests given up (connections in
-        use stay until their request ends)."""
+        """Close the running loop's idle connections and those of requests given up; connections in
+        use are closed as their requests end, until another request begins."""
         connections = self._connections()
+        connections.closed = True
         connections.idle.close()
         given_up, connections.given_up = connections.given_up, {}
         for connection, hearing in given_up.values():

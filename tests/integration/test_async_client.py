@@ -175,6 +175,30 @@ def test_a_cancelled_request_closes_its_connection() -> None:
         tracker.stop()
 
 
+def test_requests_cancelled_after_the_pool_closed_leave_no_connection_open() -> None:
+    """A server's shutdown closes the pool (the lifespan), then the requests it cancelled end: the
+    first kept its connection to hear the tracker by its deadline, a timer of a loop about to close."""
+    silent = SilentServer()
+
+    async def main() -> None:
+        pool = AsyncTrackerPool([silent.tracker], io_timeout=10)
+        waiting = [asyncio.create_task(pool.request("noop")) for _ in range(3)]
+        while silent.connections < 3:
+            await asyncio.sleep(0.01)
+        await pool.aclose()
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+
+    try:
+        asyncio.run(main())
+        for conn in silent._open:  # each closed by the client: its request, then the end (not a timeout)
+            conn.settimeout(2)
+            assert conn.recv(4096) == b"noop\r\n" and conn.recv(4096) == b""
+    finally:
+        silent.stop()
+
+
 def test_a_dead_tracker_is_skipped_until_its_dead_time_passes(monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
