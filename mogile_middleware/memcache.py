@@ -254,6 +254,8 @@ class MemcachedBackend:
             yield self._given
             return
         with self._lock:
+            if os.getpid() != self._pid:  # forked with no at-fork hook run (uWSGI's default): as renew_after_fork
+                self._pid, self._idle = os.getpid(), []
             idle = self._idle.pop() if self._idle else None
         if idle is None:
             deadline = _Deadline(self.timeout)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import ipaddress
+import os
 import re
 import socket
 import threading
@@ -515,11 +516,17 @@ class TrackerPool(TrackerPoolBase):
 
     def _reset(self) -> None:
         super()._reset()
+        self._pid = os.getpid()
         self._idle: IdleTrackerConnections[TrackerConnection] = IdleTrackerConnections(self._clock)
 
     def renew_after_fork(self) -> None:
         # Sockets inherited through fork() are shared with the parent: forget them, never use them.
         self._reset()
+
+    def _check_fork(self) -> None:
+        # A fork that ran no at-fork hook (uWSGI's, by default) is seen at the first request.
+        if os.getpid() != self._pid:
+            self._reset()
 
     def _drop_idle(self, address: Address) -> None:
         self._idle.drop(address)
@@ -546,6 +553,7 @@ class TrackerPool(TrackerPoolBase):
         garbage or a reply ``read`` cannot read); :class:`OutcomeUnknownError` when a command that
         is not safe to repeat was sent and got no reply it could read.
         """
+        self._check_fork()
         runner = StepRunner(self.steps(command, args, read))
         try:
             for step in runner:

@@ -319,10 +319,12 @@ def _answer_lost(error: MogileFSError) -> bool:
 class NewFile(io.RawIOBase):
     """A writable file for a new key; closing it commits the key, an exception inside ``with`` aborts.
 
-    A close while an exception other than the one handled when the file was made is on its way
-    (the ``with`` of an io wrapper, which closes the file it wraps whatever happened, ending in
-    error; a ``finally`` after a failed write) aborts, as does the close of a wrapper dropped
-    unclosed; a warning says so, and the exception goes on.
+    A ``close()`` while an exception other than the one handled when the file was made is being
+    handled does not commit either: the ``with`` of an io wrapper, which closes the file it wraps
+    whatever happened, ending in error, or a ``finally`` after a failed write, would point the key
+    at part of the data. It aborts and raises :class:`UploadError` (that exception its context);
+    a generator's end (``GeneratorExit``) is no failure, and the file's own ``with`` commits as its
+    block ends well. The close of a wrapper dropped unclosed aborts, with a warning.
 
     Bytes are streamed to the first storage node of ``create_open``'s destinations that accepts
     the connection; :meth:`write_from` can also rewind a seekable source and fall back to the next
@@ -479,16 +481,23 @@ class NewFile(io.RawIOBase):
         abort instead when closed amid an error, or by a wrapper dropped unclosed (see the class doc)."""
         if self.closed:
             return
-        failing = sys.exc_info()[1]
-        if self._abandoned or failing is not None and failing is not self._handled_at_start:
+        if self._abandoned:
             self.abort()
-            log.warning("%r not stored: its file was %s", self.key,
-                        "dropped unclosed" if self._abandoned else f"closed while {failing!r} was raised")
+            log.warning("%r not stored: its file was dropped unclosed", self.key)
             return
+        failing = sys.exc_info()[1]
+        if failing is not None and failing is not self._handled_at_start and not isinstance(failing, GeneratorExit):
+            self.abort()
+            raise UploadError(f"{self.key!r} was not stored: its file was closed while {failing!r} was being "
+                              "handled (its own with, or a close after the except clause, commits it)")
+        self._close_committing()
+
+    def _close_committing(self) -> None:
         try:
             self._commit()
         finally:
             super().close()
+            self._handled_at_start = None
 
     def _dealloc_warn(self, source: object) -> None:
         # What an io wrapper being finalized, never closed (dropped after an error), tells the file
@@ -517,12 +526,13 @@ class NewFile(io.RawIOBase):
         if self._opened and not self.closed:
             metrics.recorder.upload("failed", self.size)
         super().close()
+        self._handled_at_start = None  # and its traceback's frames
 
     def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
         if exc_type is not None:
             self.abort()
-        else:
-            self.close()
+        elif not self.closed:  # its block ended well, whatever is handled around it (an ExitStack's suppress)
+            self._close_committing()
 
     def __del__(self) -> None:
         # An abandoned file must never commit half its data: dropping it aborts.

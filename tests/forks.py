@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import threading
@@ -48,3 +49,9 @@ def holding(lock: ContextManager[object]) -> Callable[[], None]:
         with lock:
             time.sleep(0.001)
     return hold
+
+
+def fork_without_hooks() -> int:
+    """``fork()`` as a server written in C makes it (uWSGI, unless ``--py-call-osafterfork``):
+    no ``os.register_at_fork`` hook runs in the child. Called with the GIL held throughout."""
+    return ctypes.PyDLL(None).fork()

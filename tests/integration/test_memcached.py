@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import pytest
 from conftest import DOMAIN
-from forks import children_failing, holding
+from forks import children_failing, fork_without_hooks, holding
 from integration._gunicorn import run_gunicorn
 from integration._memcached import MemcachedServer, start_memcached, writes_delayed
 from integration._wire_client import eventually, http_request
@@ -353,11 +353,20 @@ def test_threads_share_a_backend(backend: MemcachedBackend) -> None:
     assert failures == []
 
 
-def test_a_forked_child_uses_its_own_connection(backend: MemcachedBackend) -> None:
+@pytest.mark.parametrize("fork", [os.fork, fork_without_hooks], ids=["os.fork", "without-hooks"])
+def test_a_forked_child_uses_its_own_connection(backend: MemcachedBackend, shared_memcached: MemcachedServer,
+                                                fork: Callable[[], int]) -> None:
     parent, child = location(1, "parent"), location(2, "child")
     backend.set("parent", parent, 1.0, 60)
     backend.set("child", child, 1.0, 60)  # the parent's connection is open before the fork
-    pid = os.fork()
+    stats = MemcacheClient(shared_memcached.address)
+    opened = stats.stats()[b"total_connections"]
+    pid = fork()
+    if pid == 0:  # the child's first call opens a connection of its own (stats' aside)
+        ok = backend.get("child") == (child, 1.0) and stats.stats()[b"total_connections"] == opened + 1
+        os._exit(0 if ok else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    pid = fork()
     if pid == 0:  # the child: a shared socket would mix its replies with the parent's
         ok = all(backend.get("child") == (child, 1.0) for _ in range(300))
         os._exit(0 if ok else 1)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pytest
 from conftest import DOMAIN
 from integration._async_facade import Flavour, both_flavours, flavour  # noqa: F401 (a fixture)
+from forks import fork_without_hooks
 from wiretools import ScriptedTracker, ok
 
 from mogile_middleware import Client, metrics
@@ -634,10 +635,11 @@ def test_an_error_reply_keeps_the_connection(tracker: ScriptedTracker, flavour: 
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
-def test_a_forked_child_opens_its_own_connection(tracker: ScriptedTracker) -> None:
+@pytest.mark.parametrize("fork", [os.fork, fork_without_hooks], ids=["os.fork", "without-hooks"])
+def test_a_forked_child_opens_its_own_connection(tracker: ScriptedTracker, fork: Callable[[], int]) -> None:
     pool = TrackerPool([tracker.tracker])
     pool.request("noop")
-    pid = os.fork()
+    pid = fork()
     if pid == 0:  # child: must not touch the parent's socket
         try:
             pool.request("noop")

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -564,17 +564,17 @@ def test_a_new_file_closed_after_its_body_failed_midway_commits_nothing(client: 
     pytest.param(io.BufferedWriter, id="buffered"),
     pytest.param(contextlib.closing, id="closing"),
 ])
-def test_a_new_file_in_a_wrapper_ending_in_error_commits_nothing(client: Client, wrapped: Callable[[Any], Any],
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_a_new_file_in_a_wrapper_ending_in_error_commits_nothing(client: Client, wrapped: Callable[[Any], Any]) -> None:
     """A wrapper closes the file it wraps, its ``with`` ending in error too: the key held the rows
     written before the failure."""
     client.store_content("report.csv", b"the old version", cls="thumb")
-    with pytest.raises(ZeroDivisionError):  # the failure itself, not another
+    with pytest.raises(UploadError, match="'report.csv' was not stored: its file was closed while "
+                                          "ZeroDivisionError") as raised:
         with wrapped(client.new_file("report.csv", cls="thumb")) as out:
             out.write("a,b\r\n" if isinstance(out, io.TextIOBase) else b"a,b\r\n")
             1 / 0
+    assert isinstance(raised.value.__context__, ZeroDivisionError)  # the failure, in the traceback
     assert client.get_file_data("report.csv") == b"the old version"
-    assert "'report.csv' not stored: its file was closed while ZeroDivisionError" in caplog.text
 
 
 def test_a_new_file_in_a_wrapper_dropped_unclosed_commits_nothing(client: Client) -> None:
@@ -595,13 +595,76 @@ def test_a_new_file_closed_in_a_finally_after_its_source_failed_commits_nothing(
     """pymogile's ``try: write ... finally: close()``, the source failing between writes."""
     client.store_content("kept", b"the old version", cls="thumb")
     file = client.new_file("kept", cls="thumb")
-    with pytest.raises(OSError, match="read failed midway"):
+    with pytest.raises(UploadError, match="not stored") as raised:
         try:
             for chunk in _chunks_failing_after(2):
                 file.write(chunk)
         finally:
             file.close()
+    assert isinstance(raised.value.__context__, OSError)
     assert client.get_file_data("kept") == b"the old version"
+
+
+def test_a_new_file_closed_in_an_except_clause_of_another_failure_is_refused_aloud(client: Client) -> None:
+    client.store_content("kept", b"the old version", cls="thumb")
+    file = client.new_file("kept", cls="thumb")
+    file.write(b"the new version")
+    try:
+        {}["missing"]
+    except KeyError:
+        with pytest.raises(UploadError, match="closed while KeyError"):
+            file.close()
+    assert client.get_file_data("kept") == b"the old version"
+
+
+@contextlib.contextmanager
+def _report(client: Client) -> Iterator[Any]:
+    """A file the block writes to, which records a ValueError of the block instead of raising it."""
+    with client.new_file("report.txt", cls="thumb") as file:
+        try:
+            yield file
+        except ValueError as error:
+            file.write(f"failed: {error}".encode())
+
+
+def _sink(file: Any) -> Generator[None, bytes, None]:
+    try:
+        while True:
+            file.write((yield))
+    finally:
+        file.close()
+
+
+@pytest.mark.parametrize("write", [
+    pytest.param(lambda client: _in_an_exit_stack(client), id="exit-stack-suppressing"),
+    pytest.param(lambda client: _in_a_context_manager(client), id="context-manager-handling"),
+    pytest.param(lambda client: _to_a_generator(client), id="generator-closed"),
+])
+def test_a_new_file_whose_block_ends_well_commits_whatever_is_handled_around_it(
+        client: Client, write: Callable[[Client], None]) -> None:
+    write(client)
+    assert client.get_file_data("report.txt") == b"failed: 42"
+
+
+def _in_an_exit_stack(client: Client) -> None:
+    with contextlib.ExitStack() as stack:  # its callbacks run while the suppressed error is handled
+        file = stack.enter_context(client.new_file("report.txt", cls="thumb"))
+        stack.enter_context(contextlib.suppress(KeyError))
+        file.write(b"failed: 42")
+        raise KeyError(42)
+
+
+def _in_a_context_manager(client: Client) -> None:
+    with _report(client):
+        raise ValueError(42)
+
+
+def _to_a_generator(client: Client) -> None:
+    sink = _sink(client.new_file("report.txt", cls="thumb"))
+    next(sink)
+    sink.send(b"failed: ")
+    sink.send(b"42")
+    sink.close()  # GeneratorExit: its end, no failure
 
 
 def test_a_new_file_made_and_closed_in_an_except_clause_commits(client: Client) -> None:
