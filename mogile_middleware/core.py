@@ -227,7 +227,8 @@ class MiddlewareCore:
         if private and perlbal_cache_seconds:
             raise ValueError("perlbal_cache_seconds lets Perlbal answer repeated requests without asking the "
                              "middleware, which would skip authorize and signing_key")
-        if perlbal_fallback_url is not None and not is_clean_url(perlbal_fallback_url):
+        if perlbal_fallback_url is not None and not (isinstance(perlbal_fallback_url, str)
+                                                     and is_clean_url(perlbal_fallback_url)):
             raise ValueError("perlbal_fallback_url must be an http:// URL of a host (and a port in range), "
                              f"not {perlbal_fallback_url!r}")
         timeouts = {name: value for name, value in [("connect_timeout", connect_timeout), ("io_timeout", io_timeout),
@@ -239,7 +240,8 @@ class MiddlewareCore:
         elif timeouts or domain or trackers:
             given = [*timeouts, *(["domain"] if domain else []), *(["trackers"] if trackers else [])]
             raise ValueError(f"{', '.join(given)}: the given client has its own; set them on it")
-        elif inspect.iscoroutinefunction(getattr(client, "get_paths", None)) != \
+        elif not all(callable(getattr(client, method, None)) for method in ("get_paths", "add_change_listener")) \
+                or inspect.iscoroutinefunction(client.get_paths) != \
                 inspect.iscoroutinefunction(self.client_class.get_paths):
             raise TypeError(f"{type(self).__module__}.{type(self).__name__} needs a client of class "
                             f"{self.client_class.__name__} (or one with its methods), not {type(client).__name__}")
@@ -556,8 +558,13 @@ def parse_trusted_proxies(proxies: Iterable[str]) -> tuple[ipaddress.IPv4Network
     a unix socket; raises ``ValueError`` naming a bad one."""
     if isinstance(proxies, (str, bytes, bytearray)):  # each character (each byte's number) taken for an address
         raise ValueError(f"expected a list of addresses or networks, not the string {proxies!r}")
+    if not isinstance(proxies, Iterable):
+        raise ValueError(f"expected a list of addresses or networks, not {type(proxies).__name__}")
     parsed: list[ipaddress.IPv4Network | ipaddress.IPv6Network | str] = []
     for proxy in proxies:
+        if not isinstance(proxy, str):  # ip_network() takes a number, or 4 bytes, for an address
+            raise ValueError(f"trusted proxy {proxy!r} is not an address, a network or {UNIX_SOCKET!r}: "
+                             f"a {type(proxy).__name__}, not text")
         try:
             parsed.append(UNIX_SOCKET if proxy == UNIX_SOCKET else _as_ipv4(ipaddress.ip_network(proxy, strict=False)))
         except ValueError as error:

@@ -16,7 +16,7 @@ import hmac
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 #: The only query a signed URL has.
 _QUERY = re.compile(r"expires=([1-9][0-9]{0,11})&signature=([A-Za-z0-9_-]{43})")  # one spelling per time
@@ -36,7 +36,9 @@ Secret = str | bytes
 def secrets_given(name: str, secrets: object) -> list[bytes]:
     """``secrets``, one string or bytes or a list of them (the first signs, each verifies), as
     bytes; a ValueError naming the option ``name`` and what was wrong, never a secret."""
-    given = [secrets] if isinstance(secrets, (str, bytes)) else list(secrets) if isinstance(secrets, Iterable) else None
+    # A list or a tuple, in order (the first signs): not a set, nor a mapping's keys.
+    given = [secrets] if isinstance(secrets, (str, bytes)) else \
+        list(secrets) if isinstance(secrets, (list, tuple)) else None
     if given is None or any(not isinstance(secret, (str, bytes)) for secret in given):
         wrong = type(secrets).__name__ if given is None else \
             next(f"a list holding {type(secret).__name__}" for secret in given if not isinstance(secret, (str, bytes)))

@@ -488,7 +488,17 @@ def test_configuration_errors_are_clear() -> None:
     ({"domain": 123}, "domain must be"), ({"trackers": 7001}, "trackers must be"),
     ({"signing_key": 5}, "signing_key must be"), ({"mimetypes": {5: "image/heic"}}, "mimetypes maps"),
     ({"mimetypes": {b".heic": "image/heic"}}, "mimetypes maps"),
-], ids=["domain", "trackers", "signing_key", "mimetypes-number", "mimetypes-bytes"])
+    # A mapping's keys, or a set's members in no order, were taken for the secrets (the first signs).
+    ({"signing_key": {"s3cret": 1}}, "signing_key must be .* not dict"),
+    ({"signing_key": {"new", "old"}}, "signing_key must be .* not set"),
+    # An AttributeError or a TypeError naming none; a number or 4 bytes was taken for an address.
+    ({"reproxy": "perlbal", "perlbal_fallback_url": 8000}, "perlbal_fallback_url must be an http:// URL"),
+    ({"trusted_proxies": 10}, "expected a list of addresses or networks, not int"),
+    ({"trusted_proxies": [5]}, "trusted proxy 5 is not an address.*not text"),
+    ({"trusted_proxies": [b"abcd"]}, "trusted proxy b'abcd' is not an address.*not text"),
+], ids=["domain", "trackers", "signing_key", "mimetypes-number", "mimetypes-bytes", "signing_key-dict",
+        "signing_key-set", "perlbal_fallback_url-number", "trusted_proxies-number", "trusted_proxies-number-item",
+        "trusted_proxies-bytes-item"])
 def test_an_option_of_another_kind_is_a_value_error_naming_it(option: dict[str, object], named: str) -> None:
     """Not a TypeError from deep inside, nor (a domain that is a number) a 502 at every request."""
     from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
@@ -496,6 +506,13 @@ def test_an_option_of_another_kind_is_a_value_error_naming_it(option: dict[str, 
     for middleware in (MogileFSMiddleware, ASGIMiddleware):
         with pytest.raises(ValueError, match=named):
             middleware(wrapped_app, **{"domain": "d", "trackers": ["127.0.0.1:7001"], **option})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("client", [object(), "127.0.0.1:7001"], ids=["object", "address"])
+def test_a_client_that_is_no_client_is_a_type_error_naming_what_it_needs(client: object) -> None:
+    """An AttributeError from inside the locator: no get_paths answered as a blocking client would."""
+    with pytest.raises(TypeError, match="needs a client of class Client .* not (object|str)"):
+        MogileFSMiddleware(wrapped_app, client=client)  # type: ignore[arg-type]
 
 
 def test_a_mapped_key_the_tracker_cannot_hold_is_a_400(devmogile: DevMogileFS) -> None:
