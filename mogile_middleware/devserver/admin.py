@@ -1,12 +1,16 @@
 """The namespace and maintenance commands of the development tracker: domains, classes, noop, caches.
 
 create_domain / delete_domain, create_class / update_class / delete_class, get_domains, noop,
-clear_cache and replicate_now, with mogilefsd's validation order, error codes and reply fields.
+clear_cache and replicate_now, with mogilefsd's validation order, error codes and reply fields;
+sleep, and what mogadm asks of an fsck or a rebalance, which this MogileFS never runs (their
+status, answered as mogilefsd answers before any).
 Every class uses the ``MultipleHosts()`` replication policy; ``hashtype`` may be ``MD5`` or
 ``NONE``. Hosts and devices are in :mod:`.hosts`, server settings in :mod:`.settings`.
 """
 
 from __future__ import annotations
+
+import time
 
 from .dispatch import CommandError, Context, Handler, Reply, perl_int, perl_true
 from .metadata import DEFAULT_CLASS
@@ -128,6 +132,38 @@ def replicate_now(ctx: Context, args: dict[str, str]) -> Reply:
     return {"count": ctx.work.replicate_now(ctx)}
 
 
+def sleep(ctx: Context, args: dict[str, str]) -> Reply:
+    """Answer after ``duration`` whole seconds (10 when none or 0), as mogilefsd does: what a
+    client's timeouts are tried with (``MogileFS::Client->sleep``)."""
+    time.sleep(max(perl_int(args.get("duration")) or 10, 0))
+    return None
+
+
+def fsck_status(ctx: Context, args: dict[str, str]) -> Reply:
+    """An fsck that never ran (this MogileFS has none), as mogilefsd answers before its first:
+    ``mogadm fsck status`` reads it."""
+    return {"running": 0, "policy_only": 0, "host": "", "start_time": 0, "stop_time": 0, "end_fid": 0,
+            "max_fid_checked": 0, "max_logid": 0, "current_time": int(time.time())}
+
+
+def fsck_getlog(ctx: Context, args: dict[str, str]) -> Reply:
+    """No fsck log: this MogileFS checks no file."""
+    return {"row_count": 0}
+
+
+def fsck_clearlog(ctx: Context, args: dict[str, str]) -> Reply:
+    return None
+
+
+def rebalance_status(ctx: Context, args: dict[str, str]) -> Reply:
+    """mogilefsd's answer with no rebalance set up, which this MogileFS never has."""
+    raise CommandError("no_rebal_state", "No available rebalance status")
+
+
+def rebalance_test(ctx: Context, args: dict[str, str]) -> Reply:
+    raise CommandError("no_rebal_policy", "No rebalance policy available")
+
+
 ADMIN_COMMANDS: dict[str, Handler] = {
     "noop": noop,
     "create_domain": create_domain,
@@ -138,4 +174,10 @@ ADMIN_COMMANDS: dict[str, Handler] = {
     "get_domains": get_domains,
     "clear_cache": clear_cache,
     "replicate_now": replicate_now,
+    "sleep": sleep,
+    "fsck_status": fsck_status,
+    "fsck_getlog": fsck_getlog,
+    "fsck_clearlog": fsck_clearlog,
+    "rebalance_status": rebalance_status,
+    "rebalance_test": rebalance_test,
 }

@@ -305,3 +305,16 @@ def test_odd_arguments_get_ok_or_err_and_the_connection_stays(command: str, clie
 def test_setting_values_are_normalised_as_mogilefsd_does(key: str, value: str | None, stored: str | None) -> None:
     clean = cleaner_for(key)
     assert clean is not None and clean(value) == stored
+
+
+def test_mogadm_asks_of_fsck_and_rebalance_as_of_a_mogilefsd_that_never_ran_them(client: LineClient) -> None:
+    """mogilefsd 2.73's answers before any fsck or rebalance: ``mogadm fsck status`` said "can't get
+    fsck status" (exit 1), and ``MogileFS::Client->sleep`` failed, on an unknown command."""
+    status = client.ask("fsck_status")
+    assert status.startswith(b"OK ") and b"running=0" in status and b"max_fid_checked=0" in status
+    assert client.ask("fsck_getlog") == b"OK row_count=0\r\n"
+    assert client.ask("fsck_clearlog") == b"OK \r\n"
+    assert client.ask("rebalance_status") == b"ERR no_rebal_state No+available+rebalance+status\r\n"
+    assert client.ask("rebalance_test") == b"ERR no_rebal_policy No+rebalance+policy+available\r\n"
+    started = time.monotonic()
+    assert client.ask("sleep duration=1") == b"OK \r\n" and time.monotonic() - started >= 1
