@@ -4,7 +4,8 @@
 held, and the child's first request waited for it for ever; work those threads had begun (a
 lookup other requests wait for, a tracker being asked whether it is back) is never finished in
 the child. An object registered with :func:`renew_in_child` gets its ``renew_after_fork()``
-called in every child forked while it lives, before anything else runs there.
+called in every child forked while it lives, as ``os.fork()`` returns there (a fork made in C,
+as uWSGI's by default, runs no such hook: process-number checks stay where sockets are kept).
 """
 
 from __future__ import annotations
