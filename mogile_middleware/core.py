@@ -564,7 +564,7 @@ def parse_trusted_proxies(proxies: Iterable[str]) -> tuple[ipaddress.IPv4Network
     for proxy in proxies:
         if not isinstance(proxy, str):  # ip_network() takes a number, or 4 bytes, for an address
             raise ValueError(f"trusted proxy {proxy!r} is not an address, a network or {UNIX_SOCKET!r}: "
-                             f"a {type(proxy).__name__}, not text")
+                             f"not text but {type(proxy).__name__}")
         try:
             parsed.append(UNIX_SOCKET if proxy == UNIX_SOCKET else _as_ipv4(ipaddress.ip_network(proxy, strict=False)))
         except ValueError as error:
