@@ -199,11 +199,14 @@ class AsyncClient(ClientBase):
         ``verify_checksum`` asks the tracker to check the MD5 whatever the class (this client does
         not ask for the classes): mogilefsd then reads the file back even for a class that keeps
         no checksum. ``size`` is the number of bytes the body must hold (an ASGI request's
-        ``Content-Length``): one that ends short, or goes on past it, is refused and the key kept.
+        ``Content-Length``): one that ends short, or goes on past it, is refused and the key kept
+        (bytes of another length, a ValueError, before the tracker is asked).
         """
         check_key(key)
         checked_size(size)
         if isinstance(fileobj, BYTES_LIKE):  # read where it is, and let go of once stored or failed
+            if size is not None and size != (held := memoryview(fileobj).nbytes):  # known before asking the tracker
+                raise ValueError(f"size={size} announced for {key!r}, but the content holds {held} bytes")
             with buffer_file(key, fileobj) as body:
                 return await self.store_file(key, body, cls, verify_checksum=verify_checksum, size=size)
         fileobj = _body(key, fileobj)

@@ -191,6 +191,36 @@ def test_an_asgi_body_other_than_its_announced_length_is_refused_when_given(devm
     assert asyncio.run(upload()) == b"the old picture"
 
 
+@pytest.mark.parametrize("content", [b"abc", bytearray(b"abc"), memoryview(b"xabcx")[1:4]])
+def test_bytes_other_than_the_announced_size_are_refused_before_the_tracker_is_asked(
+        devmogile: DevMogileFS, content: bytes | bytearray | memoryview) -> None:
+    """Bytes tell their length: no fid is reserved for an upload that cannot match it."""
+    upstream = TrackerConnection(devmogile.tracker_address, 1.0, 5.0)
+    asked: list[bytes] = []
+
+    def recorded(line: bytes) -> bytes:
+        asked.append(line.split(b" ")[0])
+        return upstream.roundtrip(line)
+
+    async def upload(client: AsyncClient) -> bytes:
+        try:
+            with pytest.raises(ValueError, match=r"size=5 announced for 'avatar.png', but the content holds 3 bytes"):
+                await client.store_file("avatar.png", content, cls="thumb", size=5)
+            assert asked == []
+            assert await client.store_file("avatar.png", content, cls="thumb", size=3) == 3
+            return await client.get_file_data("avatar.png")
+        finally:
+            await client.aclose()
+
+    relay = ScriptedTracker(recorded)
+    try:
+        assert asyncio.run(upload(AsyncClient(DOMAIN, [relay.tracker]))) == b"abc"
+    finally:
+        relay.stop()
+        upstream.close()
+    assert asked.count(b"create_open") == 1
+
+
 def test_a_new_file_written_text_is_a_type_error_and_the_bytes_around_it_go_through(client: Client) -> None:
     with client.new_file("doc", cls="thumb") as file:
         file.write(b"bytes, ")
