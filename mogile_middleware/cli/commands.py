@@ -305,6 +305,9 @@ def _add_upload_arguments(parser: argparse.ArgumentParser) -> None:
         "-r", "--recursive", action="store_true",
         help="store every file under the directory as KEY + its relative path (end KEY with / for a folder)",
     )
+    parser.add_argument("--top-level", action="store_true",
+                        help="with --recursive and an empty KEY (''), store the tree at the top of the domain "
+                             "(an empty KEY is refused otherwise: an unset variable)")
 
 
 def path_argument(value: str) -> str:
@@ -316,6 +319,12 @@ def path_argument(value: str) -> str:
 
 
 def _upload(args: argparse.Namespace, client: Client) -> int:
+    if args.top_level != (args.recursive and not args.key):
+        # An unset variable stored the tree at the top of the domain, over the keys there.
+        wrong = ("--top-level goes with --recursive and an empty KEY ('')" if args.top_level else
+                 "an empty KEY (give --top-level to store the tree at the top of the domain)")
+        print(f"mogile-middleware: upload: {wrong}", file=sys.stderr)
+        return 2
     uploader = Uploader(client)
     if args.recursive:
         files = [(path, args.key + relative) for path, relative in _files_under(Path(args.source))]
@@ -395,8 +404,17 @@ def _files_under(root: Path) -> Iterator[tuple[Path, str]]:
             if path.is_file():
                 yield path, path.relative_to(root).as_posix()
             else:
-                _passed_over(path, "a link to nothing" if path.is_symlink() and not path.exists() else
-                             "not a regular file")
+                _passed_over(path, _not_stored_because(path))
+
+
+def _not_stored_because(path: Path) -> str:
+    """Why ``upload --recursive`` passes over ``path``, which is no regular file nor one linked to."""
+    if path.is_symlink():
+        try:
+            path.stat()
+        except OSError as error:  # Path.exists() is False for a loop too
+            return "a loop of links" if error.errno == errno.ELOOP else "a link to nothing"
+    return "not a regular file"
 
 
 def _passed_over(path: Path, reason: str) -> None:
@@ -602,6 +620,8 @@ def _replacing(path: Path) -> Iterator[_Output]:
     try:
         mode: int | None = path.stat().st_mode
     except FileNotFoundError:
+        if path.is_symlink():  # cp refuses it too: the file would be made wherever the link points
+            raise FileNotFoundError(errno.ENOENT, "a link to nothing, not written through", str(path)) from None
         mode = None
     except OSError as error:
         raise type(error)(error.errno, error.strerror, str(path)) from None
@@ -614,9 +634,16 @@ def _replacing(path: Path) -> Iterator[_Output]:
     if mode is not None and not os.access(path, os.W_OK):  # the directory would let it be replaced
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
     real = Path(os.path.realpath(path))
-    with _named(str(path), instead=True):
-        stem = os.fsdecode(os.fsencode(real.name)[:_PART_STEM_BYTES])  # a name of 255 bytes too
-        handle = tempfile.NamedTemporaryFile(dir=real.parent, prefix=f".{stem}.", suffix=".part", delete=False)
+    stem = os.fsdecode(os.fsencode(real.name)[:_PART_STEM_BYTES])  # a name of 255 bytes too
+    try:
+        with _named(str(path), instead=True):
+            handle = tempfile.NamedTemporaryFile(dir=real.parent, prefix=f".{stem}.", suffix=".part", delete=False)
+    except PermissionError as error:
+        if mode is None:
+            raise
+        # The file is writable (checked above): the directory, where it is made anew, is not.
+        directory = real.parent if path.is_symlink() else path.parent
+        raise PermissionError(error.errno, f"{error.strerror} (to make {path} anew there)", str(directory)) from None
     try:
         with _written(handle, str(path)) as output:
             yield output

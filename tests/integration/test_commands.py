@@ -735,12 +735,29 @@ def test_upload_recursive_names_what_it_passes_over(cli: Run, tmp_path: Path) ->
     (root / "real" / "a.txt").write_bytes(b"a")
     (root / "loop").symlink_to(root)
     (root / "nowhere").symlink_to(root / "gone")
+    (root / "cycle").symlink_to(root / "cycle")  # named "a link to nothing" too
     os.mkfifo(root / "pipe")
     done = cli("upload", "-r", "up/", str(root))
     assert done.code == 0 and done.out == b"1\tup/real/a.txt\n"
     assert done.err == (f"mogile-middleware: {root}/loop: a link to a directory: skipped\n"
+                        f"mogile-middleware: {root}/cycle: a loop of links: skipped\n"
                         f"mogile-middleware: {root}/nowhere: a link to nothing: skipped\n"
                         f"mogile-middleware: {root}/pipe: not a regular file: skipped\n")
+
+
+def test_upload_recursive_to_an_empty_key_needs_top_level(cli: Run, tmp_path: Path) -> None:
+    """An unset variable as KEY stored the tree at the top of the domain, over the keys there."""
+    Client(DOMAIN, [os.environ["MOGILEFS_TRACKERS"]]).store_content("index.html", b"precious")
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "index.html").write_bytes(b"new")
+    assert cli("upload", "-r", "", str(tmp_path / "tree")) == Result(
+        2, b"", "mogile-middleware: upload: an empty KEY (give --top-level to store the tree at the top of the domain)\n")
+    assert cli("get", "index.html").out == b"precious"
+    for wrong in (("-r", "up/"), ("",)):
+        assert cli("upload", "--top-level", *wrong, str(tmp_path / "tree")) == Result(
+            2, b"", "mogile-middleware: upload: --top-level goes with --recursive and an empty KEY ('')\n")
+    assert cli("upload", "-r", "--top-level", "", str(tmp_path / "tree")) == Result(0, b"3\tindex.html\n", "")
+    assert cli("get", "index.html").out == b"new"
 
 
 @pytest.mark.parametrize("argv", [("upload", "-r", "up/", ""), ("upload", "up", ""), ("get", "up/", "-r", "-o", ""),
@@ -1048,6 +1065,7 @@ def test_get_writes_through_a_link_keeps_a_files_mode_and_writes_a_pipe_as_it_is
     private.chmod(0o600)
     assert cli("get", "doc", "-o", str(private)).code == 0
     assert private.read_bytes() == b"the content" and private.stat().st_mode & 0o777 == 0o600
+    (tmp_path / "target.txt").write_bytes(b"old")
     (tmp_path / "link").symlink_to(tmp_path / "target.txt")
     assert cli("get", "doc", "-o", str(tmp_path / "link")).code == 0
     assert (tmp_path / "link").is_symlink() and (tmp_path / "target.txt").read_bytes() == b"the content"
@@ -1074,6 +1092,42 @@ def test_get_refuses_a_file_it_may_not_write_as_cp_does(devmogile: DevMogileFS, 
     done = subprocess.run([*modes_apply, sys.executable, "-m", "mogile_middleware", "get", "doc", "-o", str(kept)],
                           env=env, capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (1, f"mogile-middleware: {kept}: Permission denied\n")
+    assert kept.read_bytes() == b"old" and list(kept.parent.iterdir()) == [kept]
+
+
+def test_get_refuses_to_write_through_a_link_to_nothing_as_cp_does(cli: Run, devmogile: DevMogileFS,
+                                                                   tmp_path: Path) -> None:
+    """The file was made where the link pointed, out of ``-o DIR`` for ``get -r``."""
+    client = Client(DOMAIN, devmogile.trackers)
+    client.store_content("doc", b"the content")
+    client.store_content("tree/x", b"x")
+    tmp_path = tmp_path / "work"
+    (tmp_path / "out").mkdir(parents=True)
+    (tmp_path / "out" / "x").symlink_to(tmp_path / "outside")
+    refused = f"mogile-middleware: {tmp_path}/out/x: a link to nothing, not written through\n"
+    for argv in (("get", "doc", "-o", str(tmp_path / "out" / "x")), ("get", "-r", "tree/", "-o", str(tmp_path / "out"))):
+        assert (cli(*argv).code, cli(*argv).err) == (1, refused)
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(tmp_path / "out") == ["x"]
+
+
+def test_get_names_the_directory_when_it_alone_refuses_the_new_file(devmogile: DevMogileFS, tmp_path: Path) -> None:
+    """The file, writable, was named ("f: Permission denied"): it is made anew in its directory,
+    which must be writable too. Run as root without the capabilities that pass over modes."""
+    Client(DOMAIN, devmogile.trackers).store_content("doc", b"the content")
+    (tmp_path / "out").mkdir()
+    kept = tmp_path / "out" / "kept.txt"
+    kept.write_bytes(b"old")
+    kept.chmod(0o666)
+    kept.parent.chmod(0o555)
+    modes_apply = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    env = subprocess_env(MOGILEFS_TRACKERS=devmogile.trackers[0], MOGILEFS_DOMAIN=DOMAIN)
+    try:
+        done = subprocess.run([*modes_apply, sys.executable, "-m", "mogile_middleware", "get", "doc", "-o", str(kept)],
+                              env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        kept.parent.chmod(0o755)
+    assert (done.returncode, done.stderr) == (
+        1, f"mogile-middleware: {kept.parent}: Permission denied (to make {kept} anew there)\n")
     assert kept.read_bytes() == b"old" and list(kept.parent.iterdir()) == [kept]
 
 
