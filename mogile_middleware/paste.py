@@ -162,7 +162,8 @@ def filter_factory(global_conf: Mapping[str, str], **local_conf: str) -> Callabl
     Raises ``ValueError`` naming the option for an unknown, missing or malformed one. A global
     value named as an option (``[DEFAULT]``, gunicorn's ``--paste-global``, ``loadapp``'s
     ``global_conf``) is that option's, as a section's ``set name = value`` is: PasteDeploy drops
-    the section's own value of a global's name and hands the global here instead.
+    the section's own value of a global's name and hands the global here instead. One it leaves
+    (a ``get``, or a name the section both sets and gives) wins: it was written in the section.
     """
     local_conf = {**{name: value for name, value in global_conf.items() if name in OPTIONS}, **local_conf}
     unknown = sorted(set(local_conf) - set(OPTIONS))

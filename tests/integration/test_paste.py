@@ -167,6 +167,18 @@ def test_a_global_named_as_an_option_is_that_option(tmp_path: Path, where: str) 
     assert (middleware.prefix, middleware.client.domain) == ("/static/", "photos")
 
 
+@pytest.mark.parametrize("own", ["prefix = /files/", "get prefix = files_prefix"])
+def test_what_the_section_writes_wins_over_a_global_of_the_name_that_pastedeploy_passes_on(
+        tmp_path: Path, own: str) -> None:
+    """The README said a section's ``set`` beat what the section gives itself; PasteDeploy passes
+    both, and the section's own word wins (as a ``get`` of another global does)."""
+    ini = tmp_path / "filter.ini"
+    ini.write_text(f"[DEFAULT]\nfiles_prefix = /files/\n[filter:mogile]\nuse = egg:mogile_middleware\n"
+                   f"set prefix = /static/\n{own}\ndomain = media\ntrackers = 127.0.0.1:7001\n")
+    middleware = loadfilter(f"config:{ini}", name="mogile")(lambda environ, start_response: [])
+    assert middleware.prefix == "/files/"
+
+
 def test_an_empty_charset_means_none(tmp_path: Path) -> None:
     middleware = load_filter(tmp_path, GOOD + "\ncharset =")
     assert middleware.representation.policy.charset is None
