@@ -479,6 +479,11 @@ def test_a_location_keeps_the_storages_names_under_a_directory_of_keys(app: Test
     for location in ("a//b", "../up", "a/./b", "a\tb", 5, "x" * 254, TEMPORARY_PREFIX, TEMPORARY_PREFIX + "a"):
         with pytest.raises(ImproperlyConfigured, match="MogileFSStorage option 'location'"):
             MogileFSStorage(location=location)
+    # The location as given, not with a file name made up after it ('../up/x').
+    for location, named in (("../up", "'../up' has a '..' segment"), ("static/..", "'static/..' has a '..' segment"),
+                            ("x" * 254, f"'{'x' * 254}' leaves no room for a file name in a key of 255 bytes at most")):
+        with pytest.raises(ImproperlyConfigured, match=re.escape(named)):
+            MogileFSStorage(location=location)
 
 
 def test_url_quotes_spaces_and_non_ascii_and_is_served(app: TestApp) -> None:

@@ -122,7 +122,10 @@ def _keys_start(location: object) -> str:
         raise ValueError(f"expected a directory of keys such as 'static', without empty parts, got {location!r}")
     if (directory + "/").startswith(TEMPORARY_PREFIX):
         raise ValueError(f"{TEMPORARY_PREFIX!r} holds the saves in progress, not a storage's files")
-    return check_linked_path(check_url_key(directory + "/x"))[:-1]
+    check_linked_path(check_url_key(directory))  # its errors name the location as given
+    if len(directory.encode()) + len("/x") > MAX_KEY_BYTES:
+        raise ValueError(f"{location!r} leaves no room for a file name in a key of {MAX_KEY_BYTES} bytes at most")
+    return directory + "/"
 
 
 @contextmanager
