@@ -191,6 +191,47 @@ def test_an_asgi_body_other_than_its_announced_length_is_refused_when_given(devm
     assert asyncio.run(upload()) == b"the old picture"
 
 
+def test_the_readmes_asgi_receive_loop_keeps_the_key_when_a_chunked_upload_is_cut_short(devmogile: DevMogileFS) -> None:
+    """uvicorn's messages for a chunked PUT whose client left mid-chunk: no length to hold the body
+    to, so the README's loop raises at ``http.disconnect``; one that just ended there stored the
+    66,536 bytes that came over the old file."""
+    messages = [{"type": "http.request", "body": b"A" * 65_536, "more_body": True},
+                {"type": "http.request", "body": b"A" * 1_000, "more_body": True}, {"type": "http.disconnect"}]
+
+    async def upload(raising: bool) -> bytes:
+        pending = iter(messages)
+        client = AsyncClient(DOMAIN, devmogile.trackers)
+
+        async def receive() -> dict[str, object]:
+            return next(pending)
+
+        async def body() -> AsyncIterator[bytes]:  # the README's, but for the loop that just ends
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not raising:
+                        return
+                    raise ConnectionResetError("the client left during the upload")
+                yield message.get("body", b"")
+                if not message.get("more_body", False):
+                    return
+
+        try:
+            await client.store_content("avatar.png", b"the old picture", cls="thumb")
+            headers = [(b"transfer-encoding", b"chunked")]  # scope["headers"]
+            length = dict(headers).get(b"content-length")
+            try:
+                await client.store_file("avatar.png", body(), cls="thumb", size=int(length) if length else None)
+            except ConnectionResetError:
+                pass
+            return await client.get_file_data("avatar.png")
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(upload(raising=True)) == b"the old picture"
+    assert asyncio.run(upload(raising=False)) == b"A" * 66_536
+
+
 @pytest.mark.parametrize("content", [b"abc", bytearray(b"abc"), memoryview(b"xabcx")[1:4]])
 def test_bytes_other_than_the_announced_size_are_refused_before_the_tracker_is_asked(
         devmogile: DevMogileFS, content: bytes | bytearray | memoryview) -> None:
