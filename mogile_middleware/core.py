@@ -249,7 +249,7 @@ class MiddlewareCore:
         self.client = client
         #: The URL path under which keys are served, as text (percent-escapes decoded), and as a
         #: request's path holds it (PEP 3333: its UTF-8 bytes as latin-1) to be matched against.
-        self.prefix, self.path_prefix = _url_prefix(prefix)
+        self.prefix, self.path_prefix = url_prefix(prefix)
         self.trusted_proxies = None if trusted_proxies is None else parse_trusted_proxies(trusted_proxies)
         self._trust_unix_socket = self.trusted_proxies is not None and UNIX_SOCKET in self.trusted_proxies
         # The few proxy addresses recur on every request: decide each once (bounded for the rest).
@@ -459,16 +459,20 @@ class MiddlewareCore:
         return any(address in network for network in self.trusted_proxies or () if network != UNIX_SOCKET)
 
 
-def _url_prefix(prefix: str) -> tuple[str, str]:
-    """``prefix`` with a slash at either end, as text and as PEP 3333 gives a path; a ValueError
-    for what is not a path of this site (a query, a fragment, an empty segment: a URL given where
-    a path belongs) or escapes bytes that are not UTF-8."""
+def url_prefix(prefix: str) -> tuple[str, str]:
+    """``prefix`` with a slash at either end, as text (percent-escapes decoded) and as PEP 3333
+    gives a path; a ValueError for what is not a path of this site (a query, a fragment, an empty
+    segment: a URL given where a path belongs), whose links clients would change (a ``.`` or
+    ``..`` segment, which they remove), or that escapes bytes that are not UTF-8."""
     refused = ValueError(f"prefix must be a URL path such as '/mogilefs/', not {prefix!r}")
     if not isinstance(prefix, str) or "?" in prefix or "#" in prefix:
         raise refused
     raw = unquote_to_bytes("/" + prefix.strip("/") + "/" if prefix.strip("/") else "/")
     if b"//" in raw:
         raise refused
+    if any(segment in (b".", b"..") for segment in raw.split(b"/")):
+        raise ValueError(f"prefix must be a URL path such as '/mogilefs/', not {prefix!r}: clients remove "
+                         f"its '.' and '..' segments from a link")
     try:
         return raw.decode("utf-8"), raw.decode("latin-1")
     except UnicodeDecodeError:

@@ -14,13 +14,14 @@ import html
 import inspect
 import itertools
 from collections.abc import Sequence
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 from webob import Request, Response
 from webob.dec import wsgify
 from webob.exc import HTTPNotFound, HTTPServiceUnavailable
 
 from ..client import Client
+from ..core import url_prefix
 from ..exceptions import BadKeyError, MogileFSError, UnknownKeyError, UnregDomainError, named
 from ..middleware import MogileFSMiddleware, WSGIApp
 from ..protocol import check_linked_path, check_url_key
@@ -46,7 +47,7 @@ class FileIndex:
 
     def __init__(self, client: Client, prefix: str, limit: int) -> None:
         self.client = client
-        self.prefix = prefix
+        self.prefix = url_prefix(prefix)[0]  # decoded, as the middleware reads it
         self.limit = limit
 
     @wsgify
@@ -94,9 +95,13 @@ def index_app(client: Client, prefix: str, reproxy: str | None, trusted: Sequenc
 
 
 def _prefix(text: str) -> str:
-    text = unquote(text)  # given percent-encoded or not, as the middleware reads it
-    name = text.strip("/")
-    if not name or text != f"/{name}/":  # as the middleware would write it, and not /, where the index is
+    """``--prefix`` as given, percent-encoded or not (the middleware decodes it, once), if the
+    middleware takes it, as it would write it, and not ``/``, where the index is."""
+    try:
+        decoded = url_prefix(text)[0]
+    except ValueError as error:  # refused here, not in each worker as it boots
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if decoded == "/" or not (text.startswith("/") and text.endswith("/")):
         raise argparse.ArgumentTypeError(f"not /NAME/: {text!r}")
     return text
 
@@ -123,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
                          args.index_keys)
 
     def announce(url: str) -> None:
-        print(f"files {url}{file_path(args.prefix, '')}<key>")  # a pattern: the prefix alone names no file
+        print(f"files {url}{file_path(url_prefix(args.prefix)[0], '')}<key>")  # a pattern: the prefix names no file
         print(f"page {url}/", flush=True)  # last, where it is seen
 
     return serve_until_stopped(base, args.bind, args.workers, make_app, announce)

@@ -156,7 +156,8 @@ def test_the_index_lists_a_key_no_url_serves_without_a_link(devmogile: DevMogile
 
 
 @pytest.mark.parametrize(("prefix", "sent"), [("/media/", "/media/"), ("/m%C3%A9dias/", "/m%C3%A9dias/"),
-                                            ("/médias/", "/m%C3%A9dias/")])
+                                            ("/médias/", "/m%C3%A9dias/"),
+                                            ("/a%2541/", "/a%2541/")])  # decoded twice, every link was a 404
 def test_a_prefix_moves_the_files_and_the_links(stored: DevMogileFS, tmp_path: Path, prefix: str, sent: str) -> None:
     env = subprocess_env(MOGILEFS_TRACKERS=stored.trackers[0], MOGILEFS_DOMAIN=DOMAIN)  # from the environment
     with serving(tmp_path, "--prefix", prefix, env=env) as (_, base, files):
@@ -216,6 +217,21 @@ def test_what_stops_it_starting_is_one_line_and_exit_1(stored: DevMogileFS, tmp_
     assert (done.returncode, done.stdout) == (1, ""), done.stderr
     assert done.stderr.startswith(expected) and done.stderr.count("\n") == 1, done.stderr
     assert "Unknown error" not in done.stderr
+
+
+@pytest.mark.parametrize(("prefix", "refused"), [
+    ("/a?b/", "prefix must be a URL path such as '/mogilefs/', not '/a?b/'"),
+    ("/a//b/", "prefix must be a URL path such as '/mogilefs/', not '/a//b/'"),
+    ("/a/../", "prefix must be a URL path such as '/mogilefs/', not '/a/../': clients remove its '.' and '..' "
+               "segments from a link"),
+    ("mogilefs/", "not /NAME/: 'mogilefs/'"), ("/", "not /NAME/: '/'")])
+def test_a_prefix_the_middleware_refuses_is_a_usage_error(capsys: pytest.CaptureFixture[str], prefix: str,
+                                                         refused: str) -> None:
+    # It was refused by each worker as it booted: a traceback, gunicorn's "Worker failed to boot", exit 3.
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve", "--trackers", "127.0.0.1:1", "--domain", DOMAIN, "--prefix", prefix])  # taken: no tracker
+    assert stopped.value.code == 2
+    assert f"--prefix: {refused}\n" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bind", ["[::1", "::1:8000", "[127.0.0.1]:8000", ":8000", "host:８０００"])

@@ -53,6 +53,9 @@ BAD_OPTIONS = [
     # A URL where a path belongs (as a PasteDeploy ini may have it) is a prefix no request matches.
     pytest.param({"prefix": "http://media.example.com/m/"}, "prefix", id="prefix-url"),
     pytest.param({"prefix": "/m/%2F/"}, "prefix", id="prefix-empty-segment-escaped"),
+    # Clients remove dot segments from a URL: no link under it reaches the middleware.
+    pytest.param({"prefix": "/a/../"}, "clients remove its '.' and '..' segments", id="prefix-dot-dot-segment"),
+    pytest.param({"prefix": "/%2e/"}, "clients remove its '.' and '..' segments", id="prefix-dot-segment-escaped"),
     # A switch given as text ("no" is true) weakened what it guards; the others failed at every request.
     pytest.param({"trusted_files": "no"}, "trusted_files", id="trusted-files-text"),
     pytest.param({"allow_app_reproxy": "no"}, "allow_app_reproxy", id="allow-app-reproxy-text"),
