@@ -19,7 +19,7 @@ from .signals import on_stop_signal
 
 def _port(text: str) -> int:
     """A TCP port: 0 (a free one) to 65535."""
-    if not text.strip().isdigit() or not 0 <= int(text) < 65536:
+    if not (text.strip().isascii() and text.strip().isdigit()) or not 0 <= int(text) < 65536:
         raise argparse.ArgumentTypeError(f"not a port: {text!r}")
     return int(text)
 
@@ -62,7 +62,7 @@ class _DomainLayout(argparse.Action):
             name, _, count = str(values).partition("=")
             if not domains:
                 parser.error("--class needs a --domain before it")
-            if not name or not count.isdigit() or int(count) < 1:
+            if not name or not (count.isascii() and count.isdigit()) or int(count) < 1:
                 parser.error(f"--class wants NAME=MINDEVCOUNT with MINDEVCOUNT >= 1, not {values!r}")
             domains[list(domains)[-1]][name] = int(count)
         setattr(namespace, self.dest, domains)

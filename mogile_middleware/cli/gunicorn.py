@@ -35,7 +35,7 @@ def _bind_address(text: str) -> tuple[str, int]:
 
 def positive(text: str) -> int:
     """An argparse ``type``: a whole number from 1."""
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:  # str.isdigit takes "²", which int() refuses
         raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
     return int(text)
 

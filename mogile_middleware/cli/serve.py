@@ -60,7 +60,8 @@ class FileIndex:
         except MogileFSError as error:  # the trackers went away since start-up: say so, not a traceback
             return HTTPServiceUnavailable(str(error))
         domain = html.escape(self.client.domain)
-        more = f"<p>Only the first {self.limit} keys are listed.</p>\n" if len(keys) > self.limit else ""
+        first = "the first key is" if self.limit == 1 else f"the first {self.limit} keys are"
+        more = f"<p>Only {first} listed.</p>\n" if len(keys) > self.limit else ""
         page = (
             f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>MogileFS domain {domain}</title></head>\n'
             f"<body><h1>Files in MogileFS domain {domain}</h1>\n<ul>\n" + "\n".join(items) + f"\n</ul>\n{more}"

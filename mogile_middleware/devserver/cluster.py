@@ -118,6 +118,8 @@ class DevMogileFS:
     def _start(self) -> None:
         data_dir = self._requested_data_dir or Path(tempfile.mkdtemp(prefix="mogile-dev-"))
         self.data_dir = data_dir
+        if data_dir.exists() and not data_dir.is_dir():  # mkdir's "File exists" would not say what is wrong
+            raise NotADirectoryError(errno.ENOTDIR, "the data directory is a file", str(data_dir))
         data_dir.mkdir(parents=True, exist_ok=True)
         self._lock = _locked(data_dir)
         self.store = MetadataStore(data_dir / "tracker" / "mogilefs.sqlite3")

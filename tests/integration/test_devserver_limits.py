@@ -285,3 +285,10 @@ def test_keep_alive_requests_slower_than_the_head_timeout_work(node: StorageNode
             reply, pending = read_http_reply(sock, "GET", pending)
             assert (reply.status, reply.body) == (200, b"hello")
             assert reply.headers["keep-alive"] == "timeout=2, max=100"
+
+
+def test_a_data_directory_that_is_a_file_is_named_as_such(tmp_path: Path) -> None:
+    """mkdir said "File exists", which reads as no error at all."""
+    (tmp_path / "afile").write_bytes(b"")
+    with pytest.raises(NotADirectoryError, match=f"the data directory is a file: '{tmp_path}/afile'"):
+        DevMogileFS(tmp_path / "afile").start()

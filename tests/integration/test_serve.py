@@ -155,6 +155,16 @@ def test_the_index_lists_a_key_no_url_serves_without_a_link(devmogile: DevMogile
             "&#x27;\\t&#x27;, which the middleware answers with a 400: no link serves it</li>") in page.text
 
 
+def test_an_index_of_one_key_says_so_in_the_singular(stored: DevMogileFS) -> None:
+    # "Only the first 1 keys are listed."
+    client = Client(DOMAIN, stored.trackers)
+    try:
+        page = Request.blank("/").get_response(FileIndex(client, "/mogilefs/", 1)).text
+    finally:
+        client.close()
+    assert "<p>Only the first key is listed.</p>" in page
+
+
 @pytest.mark.parametrize(("prefix", "sent"), [("/media/", "/media/"), ("/m%C3%A9dias/", "/m%C3%A9dias/"),
                                             ("/médias/", "/m%C3%A9dias/"),
                                             ("/a%2541/", "/a%2541/")])  # decoded twice, every link was a 404
@@ -232,6 +242,16 @@ def test_a_prefix_the_middleware_refuses_is_a_usage_error(capsys: pytest.Capture
         main(["serve", "--trackers", "127.0.0.1:1", "--domain", DOMAIN, "--prefix", prefix])  # taken: no tracker
     assert stopped.value.code == 2
     assert f"--prefix: {refused}\n" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("count", ["0", "-1", "x", "²", "١"])  # "²" failed in int(), "١" was taken for 1
+def test_a_count_that_is_no_whole_number_in_ascii_digits_is_a_usage_error(capsys: pytest.CaptureFixture[str],
+                                                                        count: str) -> None:
+    for option in ("--index-keys", "--workers"):
+        with pytest.raises(SystemExit) as stopped:
+            main(["serve", "--trackers", "127.0.0.1:1", "--domain", DOMAIN, option, count])
+        assert stopped.value.code == 2
+        assert f"{option}: not a positive number: {count!r}\n" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bind", ["[::1", "::1:8000", "[127.0.0.1]:8000", ":8000", "host:８０００"])
