@@ -236,7 +236,7 @@ def test_what_stops_it_starting_is_one_line_and_exit_1(stored: DevMogileFS, tmp_
                "segments from a link"),
     ("mogilefs/", "not /NAME/: 'mogilefs/'"), ("/", "not /NAME/: '/'")])
 def test_a_prefix_the_middleware_refuses_is_a_usage_error(capsys: pytest.CaptureFixture[str], prefix: str,
-                                                         refused: str) -> None:
+                                                          refused: str) -> None:
     # It was refused by each worker as it booted: a traceback, gunicorn's "Worker failed to boot", exit 3.
     with pytest.raises(SystemExit) as stopped:
         main(["serve", "--trackers", "127.0.0.1:1", "--domain", DOMAIN, "--prefix", prefix])  # taken: no tracker
@@ -246,7 +246,7 @@ def test_a_prefix_the_middleware_refuses_is_a_usage_error(capsys: pytest.Capture
 
 @pytest.mark.parametrize("count", ["0", "-1", "x", "²", "١"])  # "²" failed in int(), "١" was taken for 1
 def test_a_count_that_is_no_whole_number_in_ascii_digits_is_a_usage_error(capsys: pytest.CaptureFixture[str],
-                                                                        count: str) -> None:
+                                                                         count: str) -> None:
     for option in ("--index-keys", "--workers"):
         with pytest.raises(SystemExit) as stopped:
             main(["serve", "--trackers", "127.0.0.1:1", "--domain", DOMAIN, option, count])
