@@ -245,8 +245,8 @@ def test_a_prefix_the_middleware_refuses_is_a_usage_error(capsys: pytest.Capture
 
 
 @pytest.mark.parametrize("count", ["0", "-1", "x", "²", "١"])  # "²" failed in int(), "١" was taken for 1
-def test_a_count_that_is_no_whole_number_in_ascii_digits_is_a_usage_error(capsys: pytest.CaptureFixture[str],
-                                                                         count: str) -> None:
+def test_a_count_that_is_no_whole_number_in_ascii_digits_is_a_usage_error(
+        capsys: pytest.CaptureFixture[str], count: str) -> None:
     for option in ("--index-keys", "--workers"):
         with pytest.raises(SystemExit) as stopped:
             main(["serve", "--trackers", "127.0.0.1:1", "--domain", DOMAIN, option, count])
