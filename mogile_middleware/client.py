@@ -26,7 +26,8 @@ from .cache import CacheBackend, entry_key
 from .deadline import checked_seconds
 from .exceptions import BadKeyError, NoneMatchError, UnknownKeyError, named_errors
 from .nodepool import nodes
-from .protocol import ArgValue, Reply, check_any_key, check_key, fid_of, key_bytes, parse_domains, to_bytes, to_text
+from .protocol import (ArgValue, Reply, check_any_key, check_key, fid_of, has_control_character, key_bytes,
+                       parse_domains, to_bytes, to_text)
 from .storage import ReplicaResponse, open_replica, read_replica
 from .tracker import Address, ReadReply, TrackerPool, TrackerPoolBase
 from .upload import ChangeListener, NewFile, Uploader, content_bytes
@@ -522,24 +523,69 @@ class Client(ClientBase):
 
 
 class Admin:
-    """Administrative tracker commands: domains and classes (what ``mogadm`` does)."""
+    """Administrative tracker commands: domains and classes (what ``mogadm domain`` and ``mogadm
+    class`` do). Names and counts are checked before anything is sent; the tracker's refusals
+    name the domain and the class they are about."""
 
     def __init__(self, trackers: str | Iterable[str | Address] = (), *, pool: TrackerPool | None = None) -> None:
         self.pool = pool or TrackerPool(trackers)
 
     def create_domain(self, domain: str) -> None:
         """Create ``domain`` (raises :class:`DomainExistsError` if it exists)."""
-        self.pool.request("create_domain", {"domain": domain})
+        self._ask("create_domain", {"domain": _admin_name("domain", domain)})
+
+    def delete_domain(self, domain: str) -> None:
+        """Delete ``domain``, which must hold no files and no classes but ``default``."""
+        self._ask("delete_domain", {"domain": _admin_name("domain", domain)})
 
     def create_class(self, domain: str, cls: str, mindevcount: int, *, hashtype: str | None = None) -> None:
         """Create class ``cls`` in ``domain`` keeping ``mindevcount`` replicas (``hashtype="MD5"``
         makes the tracker keep checksums)."""
-        self.pool.request(
-            "create_class", {"domain": domain, "class": cls, "mindevcount": mindevcount, "hashtype": hashtype}
-        )
+        self._ask("create_class", _class_args(domain, cls, mindevcount, hashtype))
+
+    def update_class(self, domain: str, cls: str, mindevcount: int, *, hashtype: str | None = None) -> None:
+        """Set the ``mindevcount`` of class ``cls`` in ``domain`` (and its ``hashtype``, if given)."""
+        self._ask("update_class", _class_args(domain, cls, mindevcount, hashtype))
+
+    def delete_class(self, domain: str, cls: str) -> None:
+        """Delete class ``cls`` of ``domain``, which must hold no files (never ``default``)."""
+        self._ask("delete_class", {"domain": _admin_name("domain", domain), "class": _admin_name("class", cls)})
 
     def get_domains(self) -> dict[str, dict[str, int]]:
         """Every domain with its classes and their ``mindevcount``."""
         domains = self.pool.request("get_domains", None, parse_domains)[0]
         return {domain: {cls: mindevcount for cls, (mindevcount, _) in classes.items()}
                 for domain, classes in domains.items()}
+
+    def _ask(self, command: str, args: dict[str, ArgValue]) -> None:
+        with named_errors(args, str(args["domain"])):
+            self.pool.request(command, args)
+
+
+#: The largest ``mindevcount``: MogileFS's schema keeps it in a ``TINYINT UNSIGNED``.
+MAX_MINDEVCOUNT = 255
+
+
+def _admin_name(what: str, name: object) -> str:
+    """A domain or class name to send: text of UTF-8 without control characters (a NUL or a
+    newline makes a name no tool shows or asks for whole)."""
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be text, not {type(name).__name__}")
+    refused = ValueError(f"{what} must be a name without control characters, not {name!r}")
+    if not name or has_control_character(name):
+        raise refused
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: the escape of a byte that is not UTF-8
+        raise refused from None
+    return name
+
+
+def _class_args(domain: str, cls: str, mindevcount: int, hashtype: str | None) -> dict[str, ArgValue]:
+    """The arguments of ``create_class`` and ``update_class``, checked."""
+    if isinstance(mindevcount, bool) or not isinstance(mindevcount, int) or not 1 <= mindevcount <= MAX_MINDEVCOUNT:
+        raise ValueError(f"mindevcount must be a whole number from 1 to {MAX_MINDEVCOUNT}, not {mindevcount!r}")
+    if hashtype is not None and not isinstance(hashtype, str):
+        raise TypeError(f"hashtype must be text such as 'MD5', not {type(hashtype).__name__}")
+    return {"domain": _admin_name("domain", domain), "class": _admin_name("class", cls), "mindevcount": mindevcount,
+            "hashtype": hashtype}

@@ -193,6 +193,14 @@ def named(error: TrackerError, args: Mapping[str, object], domain: str) -> Track
         naming = ("no domain {domain} on the trackers", {"domain": domain})
     elif isinstance(error, (UnregClassError, ClassNotFoundError)) and args.get("class") is not None:
         naming = ("class {cls} is not registered in domain {domain}", {"cls": args["class"], "domain": domain})
+    elif isinstance(error, DomainExistsError):
+        naming = ("domain {domain} exists already", {"domain": domain})
+    elif isinstance(error, ClassExistsError) and args.get("class") is not None:
+        naming = ("class {cls} exists already in domain {domain}", {"cls": args["class"], "domain": domain})
+    elif error.code in ("domain_has_files", "domain_has_classes"):
+        naming = (f"domain {{domain}} still has {error.code.rpartition('_')[2]}", {"domain": domain})
+    elif error.code == "class_has_files" and args.get("class") is not None:
+        naming = ("class {cls} of domain {domain} still has files", {"cls": args["class"], "domain": domain})
     else:
         return error
     template, names = naming

@@ -10,6 +10,7 @@ decoded from UTF-8 with ``surrogateescape``, so that any stored byte string roun
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Mapping, Sequence
 
@@ -279,6 +280,22 @@ def parse_reply(line: bytes) -> Reply:
     raise ProtocolError(f"not a tracker reply: {line[:80]!r}")
 
 
+def _mindevcount(reply: Reply, name: str) -> int:
+    """A class's ``mindevcount`` in a ``get_domains`` reply. mogilefsd stores what ``create_class``
+    was given as a number: ``1.5`` (kept as such: a class wants replicas until it has at least
+    that many) or ``1e+30``. One such class, made by any client, must not make the whole listing
+    unreadable."""
+    if (count := whole_number(reply[name])) is not None:
+        return count
+    try:
+        number = float(reply[name])
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
+        raise ProtocolError(f"the tracker's reply has {name}={reply[name][:80]!r}, not a number")
+    return math.ceil(number)
+
+
 def parse_domains(reply: Reply) -> dict[str, dict[str, tuple[int, str]]]:
     """A ``get_domains`` reply as ``{domain: {class: (mindevcount, hashtype)}}``."""
     domains: dict[str, dict[str, tuple[int, str]]] = {}
@@ -286,7 +303,7 @@ def parse_domains(reply: Reply) -> dict[str, dict[str, tuple[int, str]]]:
         prefix = f"domain{d}"
         domains[reply[prefix]] = {
             reply[f"{prefix}class{c}name"]: (
-                reply.number(f"{prefix}class{c}mindevcount"),
+                _mindevcount(reply, f"{prefix}class{c}mindevcount"),
                 reply.get(f"{prefix}class{c}hashtype") or "NONE",
             )
             for c in range(1, reply.number(f"{prefix}classes") + 1)

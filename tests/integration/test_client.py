@@ -9,6 +9,7 @@ import hashlib
 import inspect
 import io
 import logging
+import re
 import socket
 import threading
 import time
@@ -700,6 +701,72 @@ def test_admin_creates_domains_and_classes(devmogile: DevMogileFS, flavour: Flav
     with Client("photos", devmogile.trackers).new_file("q.jpg", "single", checksum=False) as new:
         new.write(b"jpeg")
     assert client.file_info("q.jpg").checksum is None  # not mogilefsd's placeholder, MISSING
+
+
+def test_admin_updates_and_deletes_classes_and_domains_and_names_what_the_tracker_refuses(
+        devmogile: DevMogileFS) -> None:
+    """It had no delete nor update, and its errors named nothing ("domain_exists: That domain already exists")."""
+    admin = Admin(devmogile.trackers)
+    admin.create_domain("photos")
+    admin.create_class("photos", "original", 2)
+    admin.update_class("photos", "original", 3, hashtype="MD5")
+    assert admin.get_domains()["photos"] == {"default": 2, "original": 3}
+    Client("photos", devmogile.trackers).store_content("p.jpg", b"jpeg", cls="original")
+    refusals = [
+        (lambda: admin.create_domain("photos"), "domain_exists: domain 'photos' exists already"),
+        (lambda: admin.create_class("photos", "original", 1),
+         "class_exists: class 'original' exists already in domain 'photos'"),
+        (lambda: admin.delete_class("photos", "original"),
+         "class_has_files: class 'original' of domain 'photos' still has files"),
+        (lambda: admin.delete_domain("photos"), "domain_has_files: domain 'photos' still has files"),
+        (lambda: admin.update_class("photos", "none", 1),
+         "class_not_found: class 'none' is not registered in domain 'photos'"),
+        (lambda: admin.delete_domain("nowhere"), "domain_not_found: no domain 'nowhere' on the trackers"),
+    ]
+    for refused, message in refusals:
+        with pytest.raises(TrackerError) as raised:
+            refused()
+        assert str(raised.value) == message
+    Client("photos", devmogile.trackers).delete("p.jpg")
+    admin.delete_class("photos", "original")
+    admin.delete_domain("photos")
+    assert "photos" not in admin.get_domains()
+
+
+@pytest.mark.parametrize(("call", "error", "message"), [
+    (lambda admin: admin.create_class("d", "c", 1.5), ValueError, "mindevcount must be a whole number from 1 to 255, "
+                                                                  "not 1.5"),
+    (lambda admin: admin.create_class("d", "c", 10 ** 30), ValueError, "from 1 to 255, not 1000000000000000000000"),
+    (lambda admin: admin.update_class("d", "c", True), ValueError, "not True"),
+    (lambda admin: admin.create_class("d", "c", 0), ValueError, "not 0"),
+    (lambda admin: admin.create_domain(5), TypeError, "domain must be text, not int"),
+    (lambda admin: admin.create_domain("a\x00b"), ValueError, "domain must be a name without control characters"),
+    (lambda admin: admin.create_class("d", "b\udcff", 1), ValueError, "class must be a name without control"),
+    (lambda admin: admin.delete_class("d", ""), ValueError, "class must be a name"),
+    (lambda admin: admin.create_class("d", "c", 1, hashtype=5), TypeError, "hashtype must be text"),
+])
+def test_admin_refuses_what_no_tracker_should_be_sent(call: Callable[[Admin], None], error: type[Exception],
+                                                      message: str) -> None:
+    """A float reached the encoder (``AttributeError``); 10**30 was stored as ``1e+30``, and the
+    listing of every domain failed after it; a NUL or ``5`` made a domain."""
+    tracker = ScriptedTracker(lambda line: pytest.fail(f"sent {line!r}"))
+    try:
+        with pytest.raises(error, match=re.escape(message)):
+            call(Admin([tracker.tracker]))
+    finally:
+        tracker.stop()
+
+
+@pytest.mark.parametrize(("stored", "read"), [("1e%2B30", int(1e30)), ("1.5", 2), ("3", 3)])
+def test_a_class_count_the_tracker_stored_as_a_float_leaves_the_listing_readable(stored: str, read: int) -> None:
+    """mogilefsd keeps what ``create_class`` was given: another client's ``1e+30`` made every
+    listing fail ("no tracker answered"), this client's uploads and caches with it."""
+    reply = f"OK domains=1&domain1=d&domain1classes=1&domain1class1name=c&domain1class1mindevcount={stored}\r\n"
+    tracker = ScriptedTracker(lambda line: reply.encode())
+    try:
+        assert Admin([tracker.tracker]).get_domains() == {"d": {"c": read}}
+    finally:
+        tracker.stop()
 
 
 @both_flavours
