@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import pytest
 from conftest import DOMAIN
-from forks import children_failing, fork_without_hooks, holding
+from forks import children_failing, exit_code, fork_without_hooks, holding
 from integration._gunicorn import run_gunicorn
 from integration._memcached import MemcachedServer, start_memcached, writes_delayed
 from integration._wire_client import eventually, http_request
@@ -365,14 +365,13 @@ def test_a_forked_child_uses_its_own_connection(backend: MemcachedBackend, share
     if pid == 0:  # the child's first call opens a connection of its own (stats' aside)
         ok = backend.get("child") == (child, 1.0) and stats.stats()[b"total_connections"] == opened + 1
         os._exit(0 if ok else 1)
-    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert exit_code(pid) == 0
     pid = fork()
     if pid == 0:  # the child: a shared socket would mix its replies with the parent's
         ok = all(backend.get("child") == (child, 1.0) for _ in range(300))
         os._exit(0 if ok else 1)
     parent_ok = all(backend.get("parent") == (parent, 1.0) for _ in range(300))
-    _, status = os.waitpid(pid, 0)
-    assert parent_ok and os.waitstatus_to_exitcode(status) == 0
+    assert parent_ok and exit_code(pid) == 0
 
 
 def test_a_child_forked_while_a_thread_takes_a_connection_can_take_one(backend: MemcachedBackend) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 from conftest import DOMAIN
 from integration._async_facade import Flavour, both_flavours, flavour  # noqa: F401 (a fixture)
-from forks import fork_without_hooks
+from forks import exit_code, fork_without_hooks
 from wiretools import ScriptedTracker, ok
 
 from mogile_middleware import Client, metrics
@@ -643,9 +643,10 @@ def test_a_forked_child_opens_its_own_connection(tracker: ScriptedTracker, fork:
     if pid == 0:  # child: must not touch the parent's socket
         try:
             pool.request("noop")
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
+        except BaseException:
+            os._exit(1)
+        os._exit(0)
+    assert exit_code(pid) == 0
     pool.request("noop")
     assert tracker.connections == 2  # the parent's one, kept, and the child's own
 
