@@ -904,7 +904,7 @@ def test_devserver_names_a_data_directory_it_cannot_use(tmp_path: Path) -> None:
     process = subprocess.run([sys.executable, "-m", "mogile_middleware", *command], capture_output=True, text=True,
                              timeout=30, cwd=REPO)
     assert process.returncode == 1
-    assert process.stderr == f"devserver: cannot start: {tmp_path / 'a-file'}: File exists\n"
+    assert process.stderr == f"devserver: cannot start: {tmp_path / 'a-file'}: the data directory is a file\n"
 
 
 @pytest.mark.parametrize("command", ["devserver", "demo"])
