@@ -19,9 +19,10 @@ from .signals import on_stop_signal
 
 def _port(text: str) -> int:
     """A TCP port: 0 (a free one) to 65535."""
-    if not (text.strip().isascii() and text.strip().isdigit()) or not 0 <= int(text) < 65536:
+    digits = text.strip()
+    if not (digits.isascii() and digits.isdigit()) or not 0 <= int(digits) < 65536:
         raise argparse.ArgumentTypeError(f"not a port: {text!r}")
-    return int(text)
+    return int(digits)
 
 
 def _ports(text: str) -> list[int]:
