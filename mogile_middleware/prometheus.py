@@ -18,8 +18,12 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app, multiprocess
-from prometheus_client.metrics_core import Metric
+try:
+    from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app, multiprocess
+    from prometheus_client.metrics_core import Metric
+except ModuleNotFoundError as error:  # the optional extra, named as the memcached options name theirs
+    raise ModuleNotFoundError(f"mogile_middleware.prometheus needs prometheus_client: "
+                              f"pip install 'mogile_middleware[prometheus]' ({error})", name=error.name) from error
 
 from . import metrics
 from .http import METHOD_NOT_ALLOWED

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import http.client
+import importlib
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -639,6 +641,19 @@ def test_the_django_view_answers_with_the_metrics(devmogile: DevMogileFS, counts
     assert response["Content-Type"].startswith("text/plain")
     names = {family.name for family in text_string_to_metric_families(response.content.decode())}
     assert "mogile_middleware_requests" in names
+    named = view(RequestFactory().get("/metrics", {"name[]": ["mogile_middleware_served_bytes_total"]}))
+    samples = [sample.name for family in text_string_to_metric_families(named.content.decode())
+               for sample in family.samples]
+    assert samples == ["mogile_middleware_served_bytes_total"]  # as the filter and the master's port answer
+    refused = view(RequestFactory().post("/metrics"))
+    assert (refused.status_code, refused["Allow"]) == (405, "GET, HEAD")
+
+
+def test_without_the_extra_the_import_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "mogile_middleware.prometheus")
+    with pytest.raises(ModuleNotFoundError, match=re.escape("pip install 'mogile_middleware[prometheus]'")):
+        importlib.import_module("mogile_middleware.prometheus")
 
 
 @pytest.mark.parametrize(("options", "named"), [

@@ -8,11 +8,17 @@ host). Needs the ``prometheus`` extra.
 from __future__ import annotations
 
 from django.http import HttpRequest, HttpResponse
+from django.views.decorators.http import require_safe
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ...prometheus import registry
 
 
+@require_safe
 def view(request: HttpRequest) -> HttpResponse:
-    """Every worker's metrics in Prometheus' text format."""
-    return HttpResponse(generate_latest(registry()), content_type=CONTENT_TYPE_LATEST)
+    """Every worker's metrics in Prometheus' text format, those named by ``name[]`` if the scrape
+    names some (as prometheus_client's own endpoints do); a 405 for a method other than GET and HEAD."""
+    exposed = registry()
+    names = request.GET.getlist("name[]")
+    return HttpResponse(generate_latest(exposed.restricted_registry(names) if names else exposed),
+                        content_type=CONTENT_TYPE_LATEST)
