@@ -621,5 +621,9 @@ class Uploader:
         return hashtypes.get(name, "NONE") != "NONE"
 
     def _class_hashtypes(self) -> dict[str, str]:
-        domains = self.client.pool.request("get_domains", None, parse_domains)[0]
+        try:
+            domains = self.client.pool.request("get_domains", None, parse_domains)[0]
+        except MogileFSError:  # no tracker answering: an upload failed, as at create_open
+            metrics.recorder.upload("failed", 0)
+            raise
         return {cls: hashtype for cls, (_, hashtype) in domains.get(self.client.domain, {}).items()}

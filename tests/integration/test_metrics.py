@@ -290,6 +290,25 @@ def test_an_upload_the_tracker_refuses_to_open_is_counted_as_failed(devmogile: D
     assert counts("uploads_total", outcome="failed") == 1 and counts("uploaded_bytes_total") == 0
 
 
+async def _store_unanswered(client: AsyncClient) -> None:
+    try:
+        await client.store_content("a.txt", CONTENT, "avatar")
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("store", [
+    pytest.param(lambda trackers: Client(DOMAIN, trackers).store_content("a.txt", CONTENT, "avatar"), id="client"),
+    pytest.param(lambda trackers: Uploader(Client(DOMAIN, trackers)).upload("a.txt", CONTENT, "avatar"),
+                 id="uploader"),  # which asks first whether the class keeps checksums
+    pytest.param(lambda trackers: asyncio.run(_store_unanswered(AsyncClient(DOMAIN, trackers))), id="asyncio"),
+])
+def test_an_upload_no_tracker_answers_is_counted_as_failed(counts: Counts, store: Callable[[list[str]], object]) -> None:
+    with pytest.raises(TrackerUnavailableError):
+        store([f"127.0.0.1:{free_port()}"])
+    assert counts("uploads_total", outcome="failed") == 1 and counts("uploaded_bytes_total") == 0
+
+
 def _chunks_then_failure() -> Iterator[bytes]:
     yield from [b"x" * 1024 * 1024] * 3
     raise OSError("the source failed")
