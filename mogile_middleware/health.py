@@ -1,11 +1,13 @@
 """A MogileFS health check, as ``mogadm check`` does it: what an operator alerts on.
 
-:func:`check` asks every tracker (reachable? round-trip time of a ``noop``; then ``get_domains``,
-which asks its database), then one that answered both for the domain and its classes, the hosts
-and the devices, and lists the problems, each a one-line reason:
+:func:`check` asks every tracker, each on a connection of its own, and takes the domain and its
+classes, the hosts and the devices from the first that told them; it lists the problems, each a
+one-line reason:
 
-* a tracker that does not answer, or answers ``noop`` but not ``get_domains`` (a tracker whose
-  database is down or hung answers ``noop``);
+* a tracker that does not answer, or answers ``noop`` but not what it is asked next: the
+  cluster as it sees it (``get_domains``, ``get_hosts``, ``get_devices``), then a read of its
+  database (``list_fids`` of one file): mogilefsd answers the others from its memory, so a
+  tracker whose database is down or hung answers them all;
 * a domain the trackers do not know;
 * a host or device the trackers mark ``down``;
 * a device files are read from (``alive``, or set aside: ``readonly``, ``drain``) that the
@@ -26,6 +28,7 @@ from __future__ import annotations
 import io
 import socket
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -34,7 +37,7 @@ from .deadline import DeadlineReader
 from .exceptions import MogileFSError, StorageError
 from .protocol import Reply, parse_domains, whole_number
 from .storage import Target
-from .tracker import Address, TrackerPool, describe_address
+from .tracker import Address, TrackerPool, describe_address, parse_trackers
 
 #: What mogilefsd leaves free on every device (its ``min_free_space`` default), in MB.
 MIN_FREE_MB = 100
@@ -91,36 +94,30 @@ class Health:
         return asdict(self)
 
 
-def check(trackers: list[Address], domain: str, *, timeout: float = 3.0) -> Health:
-    """The health of the MogileFS behind ``trackers``, for ``domain``."""
+def check(trackers: str | Iterable[str | Address], domain: str, *, timeout: float = 3.0) -> Health:
+    """The health of the MogileFS behind ``trackers`` (as :class:`~mogile_middleware.Client` takes
+    them: ``"host:port"``, ``(host, port)``), for ``domain``."""
+    addresses = parse_trackers(trackers)
     health = Health(domain=domain)
     # At once: hung trackers cost one timeout in all, not one each.
-    with ThreadPoolExecutor(max_workers=max(1, min(len(trackers), _NODES_AT_ONCE))) as pool:
-        health.trackers = list(pool.map(lambda address: _tracker_health(address, timeout), trackers))
+    with ThreadPoolExecutor(max_workers=max(1, min(len(addresses), _NODES_AT_ONCE))) as pool:
+        asked = list(pool.map(lambda address: _tracker_health(address, timeout), addresses))
+    health.trackers = [tracker for tracker, _ in asked]
     health.problems += [f"tracker {tracker.address} does not answer: {tracker.error}" if not tracker.reachable
                         else f"tracker {tracker.address} answers noop but not {tracker.error}"
                         for tracker in health.trackers if tracker.error]
-    answering = [address for address, tracker in zip(trackers, health.trackers) if not tracker.error]
-    if not answering:
+    told = [cluster for _, cluster in asked if cluster is not None]
+    if not told:
         if not any(tracker.reachable for tracker in health.trackers):
             health.problems.append("no tracker answered")
         return health
-    pool = TrackerPool(answering, connect_timeout=timeout, io_timeout=timeout)
-    try:
-        domains = pool.request("get_domains", None, parse_domains)[0]
-        # Read as they come: a reply that cannot be read is a problem of the report, as no reply is.
-        _read_hosts(pool.request("get_hosts")[0], health)
-        _read_devices(pool.request("get_devices")[0], health)
-    except MogileFSError as error:
-        health.problems.append(f"the trackers could not say how the cluster is: {error}")
-        return health
-    finally:
-        pool.close()
+    domains, health.hosts, health.devices = told[0]
     if domain in domains:
         health.classes = {name: copies for name, (copies, _) in sorted(domains[domain].items())}
     else:
         health.problems.append(f"domain '{domain}' is not registered")  # as it is: a shower escapes it
     health.devices.sort(key=lambda device: device.devid)
+    health.problems += _said_problems(health)
     silent = _ask_storage_nodes(health, timeout)
     alive_hosts = {host.name for host in health.hosts if host.status == "alive"}
     writeable_hosts = {device.host for device in health.devices
@@ -132,62 +129,78 @@ def check(trackers: list[Address], domain: str, *, timeout: float = 3.0) -> Heal
     return health
 
 
-def _tracker_health(address: Address, timeout: float) -> TrackerHealth:
-    """``noop`` on a connection of its own: reachable, and how fast; then ``get_domains``, which
-    ``noop`` leaves out: the tracker's database (the error then says ``get_domains: ...``)."""
+#: The domains, hosts and devices as one tracker told them.
+_Cluster = tuple[dict[str, dict[str, tuple[int, str]]], list[HostHealth], list[DeviceHealth]]
+
+
+def _tracker_health(address: Address, timeout: float) -> tuple[TrackerHealth, _Cluster | None]:
+    """``noop`` on a connection of its own: reachable, and how fast; then the cluster as the
+    tracker sees it (``None`` unless it told all of it), then a read of its database (the error
+    names the request that failed or could not be read)."""
     pool = TrackerPool([address], connect_timeout=timeout, io_timeout=timeout, dead_seconds=0)
     name = describe_address(*address)
     asked = "noop"
+    cluster: _Cluster | None = None
     try:
         pool.request(asked)  # the connection, made once
         start = time.perf_counter()
         pool.request(asked)
         rtt_ms = round((time.perf_counter() - start) * 1000, 3)
         asked = "get_domains"
-        pool.request(asked)
+        domains = pool.request(asked, None, parse_domains)[0]
+        asked = "get_hosts"
+        hosts = pool.request(asked, None, _hosts)[0]
+        asked = "get_devices"
+        devices = pool.request(asked, None, lambda reply: _devices(reply, hosts))[0]
+        cluster = domains, hosts, devices
+        asked = "list_fids (its database)"
+        pool.request("list_fids", {"from": 0, "to": 1})
     except MogileFSError as error:
         said = str(error).rpartition(f"{name}: ")[2]  # the pool's message names the tracker already
         if asked == "noop":
-            return TrackerHealth(name, False, error=said)
-        return TrackerHealth(name, True, rtt_ms, error=f"{asked}: {said}")
+            return TrackerHealth(name, False, error=said), None
+        return TrackerHealth(name, True, rtt_ms, error=f"{asked}: {said}"), cluster
     finally:
         pool.close()
-    return TrackerHealth(name, True, rtt_ms)
+    return TrackerHealth(name, True, rtt_ms), cluster
 
 
-def _read_hosts(reply: Reply, health: Health) -> None:
-    for n in range(1, reply.number("hosts") + 1):
-        host = HostHealth(reply[f"host{n}_hostid"], reply[f"host{n}_hostname"],
-                          describe_address(reply[f"host{n}_hostip"], reply[f"host{n}_http_port"]),
-                          reply[f"host{n}_status"])
-        health.hosts.append(host)
-        if host.status == "down":
-            health.problems.append(f"host {host.name} is down")
+def _hosts(reply: Reply) -> list[HostHealth]:
+    return [HostHealth(reply[f"host{n}_hostid"], reply[f"host{n}_hostname"],
+                       describe_address(reply[f"host{n}_hostip"], reply[f"host{n}_http_port"]),
+                       reply[f"host{n}_status"])
+            for n in range(1, reply.number("hosts") + 1)]
 
 
-def _read_devices(reply: Reply, health: Health) -> None:
-    names = {host.hostid: host.name for host in health.hosts}
-    for n in range(1, reply.number("devices") + 1):
-        hostid = reply[f"dev{n}_hostid"]
-        device = DeviceHealth(
-            devid=reply.number(f"dev{n}_devid"),
-            host=names.get(hostid, f"host {hostid}"),
-            status=reply[f"dev{n}_status"],
-            observed=reply[f"dev{n}_observed_state"],
-            mb_total=whole_number(reply[f"dev{n}_mb_total"]),
-            mb_free=whole_number(reply[f"dev{n}_mb_free"]),
-        )
-        health.devices.append(device)
+def _devices(reply: Reply, hosts: list[HostHealth]) -> list[DeviceHealth]:
+    names = {host.hostid: host.name for host in hosts}
+    return [DeviceHealth(devid=reply.number(f"dev{n}_devid"),
+                         host=names.get(reply[f"dev{n}_hostid"], f"host {reply[f'dev{n}_hostid']}"),
+                         status=reply[f"dev{n}_status"],
+                         observed=reply[f"dev{n}_observed_state"],
+                         mb_total=whole_number(reply[f"dev{n}_mb_total"]),
+                         mb_free=whole_number(reply[f"dev{n}_mb_free"]))
+            for n in range(1, reply.number("devices") + 1)]
+
+
+def _said_problems(health: Health) -> list[str]:
+    """The problems the trackers' lists of hosts and devices show. A device on a host the operator
+    set aside (``readonly``) takes no new files by that choice: neither it nor its free space is one."""
+    problems = [f"host {host.name} is down" for host in health.hosts if host.status == "down"]
+    written_hosts = {host.name for host in health.hosts if host.status == "alive"}
+    for device in health.devices:
         where = f"dev{device.devid} on {device.host}"
         if device.status == "down":
-            health.problems.append(f"{where} is down")
+            problems.append(f"{where} is down")
         elif device.status in _READ_DEVICES and device.observed == "unreachable":
-            health.problems.append(f"{where} is {device.status} but the trackers cannot reach it")
-        elif device.status == "alive" and device.observed == "readable":
-            health.problems.append(f"{where} is alive but cannot be written to")
-        if device.status == "alive" and device.mb_free is not None and device.mb_free < MIN_FREE_MB:
-            health.problems.append(f"{where} has {device.mb_free} MB free, under the {MIN_FREE_MB} MB "
-                                   f"MogileFS leaves unused: it takes no new files")
+            problems.append(f"{where} is {device.status} but the trackers cannot reach it")
+        elif device.status == "alive" and device.observed == "readable" and device.host in written_hosts:
+            problems.append(f"{where} is alive but cannot be written to")
+        if device.status == "alive" and device.host in written_hosts and device.mb_free is not None \
+                and device.mb_free < MIN_FREE_MB:
+            problems.append(f"{where} has {device.mb_free} MB free, under the {MIN_FREE_MB} MB "
+                            f"MogileFS leaves unused: it takes no new files")
+    return problems
 
 
 def _ask_storage_nodes(health: Health, timeout: float) -> set[int]:

@@ -830,14 +830,24 @@ def _seconds(text: str) -> float:
 def _check(args: argparse.Namespace) -> int:
     """Print the health report; each problem also as one line on stderr; exit 1 if there is any."""
     report = health.check(args.trackers, args.domain, timeout=args.timeout)
-    if args.json:
-        json.dump(report.as_dict(), sys.stdout, indent=2)
-        print()
-    else:
-        _print_health(report)
+    unprinted: OSError | None = None
+    try:
+        if args.json:
+            json.dump(report.as_dict(), sys.stdout, indent=2)
+            print()
+        else:
+            _print_health(report)
+        sys.stdout.flush()
+    except OSError as error:  # the problems are said and decide the exit status all the same
+        unprinted = error
     for problem in report.problems:
         print(f"mogile-middleware: check: {printable(problem)}", file=sys.stderr)
-    return 1 if report.problems else 0
+    if unprinted is None:
+        return 1 if report.problems else 0
+    if isinstance(unprinted, BrokenPipeError) and report.problems:  # `check | head` with problems: exit 1
+        detach_stdout()
+        return 1
+    raise unprinted
 
 
 def _print_health(report: health.Health) -> None:

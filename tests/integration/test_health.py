@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import shlex
 import socket
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import DOMAIN
@@ -12,6 +17,7 @@ from wiretools import LoopbackServer, ScriptedTracker, SilentServer
 
 from mogile_middleware.cli import main
 from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.health import check
 
 
 def run_check(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, list[str]]:
@@ -190,6 +196,7 @@ def _tracker_of(hosts: dict[int, tuple[str, int]], status: str = "alive", observ
             f"dev{n}_devid={n}&dev{n}_hostid={n}&dev{n}_status={status if n == 1 else 'alive'}"
             f"&dev{n}_observed_state={observed if n == 1 else 'writeable'}"
             f"&dev{n}_mb_total=100000&dev{n}_mb_free=90000" for n in hosts) + "\r\n").encode(),
+        b"list_fids": b"OK fid_count=0\r\n",
     }
     return ScriptedTracker(lambda line: replies[line.split()[0]])
 
@@ -220,9 +227,87 @@ def test_a_host_or_device_list_that_cannot_be_read_is_a_problem_of_the_report(
     finally:
         tracker.stop()
     report = json.loads(out)
-    assert code == 1 and report["trackers"][0]["reachable"]
-    assert [problem.split(":")[0] for problem in report["problems"]] == ["the trackers could not say how the cluster is"]
-    assert err[-1].startswith("mogile-middleware: check: the trackers could not say how the cluster is: ")
+    assert code == 1 and report["trackers"][0]["reachable"] and report["classes"] is None
+    unread = "no 'host1_hostname'" if reply == b"get_hosts" else "dev1_devid='abc', not a number"
+    assert report["problems"] == [f"tracker {tracker.tracker} answers noop but not {reply.decode()}: "
+                                  f"the tracker's reply has {unread}"]
+    assert err[-1] == f"mogile-middleware: check: {report['problems'][0]}"
+
+
+@pytest.mark.parametrize("fails", ["get_hosts", "get_devices", "list_fids"])
+def test_a_tracker_failing_after_noop_is_named_though_another_tells_the_cluster(
+        devmogile: DevMogileFS, capsys: pytest.CaptureFixture[str], fails: str) -> None:
+    """A tracker that answered noop and get_domains was listed OK, and the report it did not give
+    was asked of the next tracker silently: all well, exit 0. mogilefsd answers everything but
+    list_fids from its memory, so a tracker whose database is down answers all the rest."""
+    forward = _Forwarding(devmogile.trackers[0], refuse=fails)
+    try:
+        code, out, err = run_check(capsys, "--trackers", f"{forward.tracker},{devmogile.trackers[0]}",
+                                   "--domain", DOMAIN, "--timeout", "0.5")
+    finally:
+        forward.stop()
+    asked = "list_fids (its database)" if fails == "list_fids" else fails
+    assert (code, err) == (1, [f"mogile-middleware: check: tracker {forward.tracker} answers noop but not "
+                               f"{asked}: dberror: Database is unavailable"])
+    assert "thumb (1 copy)" in out and out.count("  alive  writeable  ") == 2
+
+
+class _Forwarding(ScriptedTracker):
+    """A tracker that passes each request line on to ``tracker`` and sends back its reply, but
+    answers ``refuse`` with a database error."""
+
+    def __init__(self, tracker: str, refuse: str) -> None:
+        host, _, port = tracker.rpartition(":")
+        self._upstream = socket.create_connection((host, int(port)))
+        self._lock = threading.Lock()
+        super().__init__(lambda line: b"ERR dberror Database+is+unavailable\r\n" if line.split()[0] == refuse.encode()
+                         else self._ask(line))
+
+    def _ask(self, line: bytes) -> bytes:
+        with self._lock:
+            self._upstream.sendall(line + b"\r\n")
+            reply = b""
+            while not reply.endswith(b"\r\n"):
+                reply += self._upstream.recv(65536)
+            return reply
+
+    def stop(self) -> None:
+        super().stop()
+        self._upstream.close()
+
+
+def test_a_device_of_a_host_set_readonly_is_no_problem_of_its_own(capsys: pytest.CaptureFixture[str]) -> None:
+    """mogilefsd observes the devices of a host marked readonly as readable: each was reported as
+    an alive device that cannot be written to, for what the operator chose."""
+    node = _NotFound()
+    tracker = _tracker_of({1: ("store1", node.port)}, observed="readable")
+    replies = {b"get_hosts": tracker.script(b"get_hosts").replace(b"host1_status=alive", b"host1_status=readonly")}
+    answer = tracker.script
+    tracker.script = lambda line: replies.get(line.split()[0]) or answer(line)
+    try:
+        code, _, err = run_check(capsys, "--trackers", tracker.tracker, "--domain", DOMAIN, "--timeout", "0.5")
+    finally:
+        tracker.stop()
+        node.stop()
+    assert (code, err) == (1, ["mogile-middleware: check: class 'thumb' keeps 2 copies, but only 0 host(s) have "
+                               "a writeable device"])
+
+
+def test_check_takes_trackers_as_client_does(devmogile: DevMogileFS) -> None:
+    assert check(devmogile.trackers, DOMAIN).problems == []  # ["host:port"]: a TypeError
+    assert check(",".join(devmogile.trackers), DOMAIN).trackers[0].address == devmogile.trackers[0]
+
+
+def test_a_reader_of_the_report_that_leaves_early_does_not_hide_the_problems(tmp_path: Path) -> None:
+    """``check | head -1`` exited 0 without a problem line: a monitor reading only the exit status
+    saw all well."""
+    command = [sys.executable, "-m", "mogile_middleware", "check", "--trackers", f"127.0.0.1:{refused_port()}",
+               "--domain", DOMAIN, "--timeout", "1"]
+    for reader in ("head -c 1", "true"):
+        run = subprocess.run(f"{shlex.join(command)} 2>{tmp_path / 'err'} | {reader}; exit ${{PIPESTATUS[0]}}",
+                             shell=True, executable="/bin/bash", capture_output=True, timeout=60)
+        assert run.returncode == 1
+        assert (tmp_path / "err").read_text().endswith("mogile-middleware: check: no tracker answered\n")
 
 
 class _NotFound(LoopbackServer):
