@@ -815,7 +815,8 @@ def _add_check_arguments(parser: argparse.ArgumentParser) -> None:
     connection_options(parser)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--timeout", type=_seconds, default=3.0, metavar="SECONDS",
-                        help="connect and answer timeout per tracker (default: 3)")
+                        help="timeout of each connection and each answer of a tracker or storage node; trackers "
+                             "and nodes are asked at once, each tracker six requests in turn (default: 3)")
 
 
 def _seconds(text: str) -> float:
