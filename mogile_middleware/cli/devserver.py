@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import threading
+import time
 from typing import Any
 
 from ..devserver import DevMogileFS
@@ -121,8 +121,10 @@ def run(args: argparse.Namespace) -> int:
         domains=args.domains,
         replication_delay=args.replication_delay,
     )
-    stopping = threading.Event()
-    with on_stop_signal(lambda signum, frame: stopping.set()):
+    # A list, not an Event: a handler setting an Event could wait for the lock the main thread's
+    # wait on it holds, for ever.
+    stop_signals: list[int] = []
+    with on_stop_signal(lambda signum, frame: stop_signals.append(signum)):
         try:
             try:
                 mogile.start()
@@ -134,8 +136,8 @@ def run(args: argparse.Namespace) -> int:
             for number, node in enumerate(mogile.nodes, 1):
                 print(f"storage dev{number} {node.url} (docroot {node.docroot})")
             print(f"data {mogile.data_dir}", flush=True)
-            while not stopping.wait(0.2):
-                pass
+            while not stop_signals:
+                time.sleep(0.2)
             return 0
         finally:
             mogile.stop()

@@ -12,12 +12,19 @@ import logging
 import socket
 import socketserver
 import threading
+import time
 from typing import Any
+
+from ..throttle import ThrottledLog
 
 log = logging.getLogger(__name__)
 
 #: Size of every read and write when bodies are streamed: memory stays flat with file size.
 CHUNK_SIZE = 64 * 1024
+#: The longest a stop waits for a server's loop and its thread to end.
+STOP_SECONDS = 5.0
+#: Connections refused while full are logged once per this many seconds, counting the others.
+REFUSALS_LOG_INTERVAL = 10.0
 
 
 class TrackingThreadingMixIn(socketserver.ThreadingMixIn):
@@ -36,6 +43,10 @@ class TrackingThreadingMixIn(socketserver.ThreadingMixIn):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+        # Written by the accepting thread: a line per refusal filled a stderr nobody read, and the
+        # write that then waited stopped the accepting, and the server's stop.
+        self._refusals = ThrottledLog(log, logging.WARNING, "%d connections open: refusing %s", REFUSALS_LOG_INTERVAL,
+                                      "refusals")
         super().__init__(*args, **kwargs)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -45,7 +56,7 @@ class TrackingThreadingMixIn(socketserver.ThreadingMixIn):
             if not full:
                 self._connections.add(request)
         if full:
-            log.warning("%d connections open: refusing %s", self.max_connections, client_address)
+            self._refusals.event(self.max_connections, client_address)
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
@@ -114,9 +125,14 @@ class BackgroundServer:
         if server is None:
             return
         self._server = self._thread = None
-        server.shutdown()
+        # shutdown() waits for the serving loop to come round, which one stuck in a write (a full
+        # stderr pipe) never does: the socket is closed after STOP_SECONDS all the same.
+        shutting_down = threading.Thread(target=server.shutdown, name=f"stop:{self.port}", daemon=True)
+        shutting_down.start()
+        deadline = time.monotonic() + STOP_SECONDS
+        shutting_down.join(timeout=STOP_SECONDS)
         server.server_close()
         if isinstance(server, TrackingThreadingMixIn):
             server.close_connections()
         if thread is not None:
-            thread.join(timeout=5)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))

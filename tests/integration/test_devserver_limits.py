@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 from integration._wire_client import LineClient, eventually, read_http_reply, upload
 
 from mogile_middleware.devserver import DevMogileFS, StorageNode
+from mogile_middleware.devserver.netutil import STOP_SECONDS
 from mogile_middleware.protocol import encode_request
 
 DOMAIN = "testdom"
@@ -220,6 +222,53 @@ def test_connections_beyond_the_bound_are_closed_at_once(mogile_with: MogileFact
     assert threads <= threads_before + 2
     with LineClient(mogile.tracker_address) as client:  # room again
         assert client.ask("noop") == b"OK \r\n"
+
+
+def test_refused_connections_are_logged_once_in_a_while(mogile_with: MogileFactory,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A line per refusal, written by the accepting thread, filled a stderr nobody read: the
+    write that then waited stopped the tracker's accepting, and its stop, for good."""
+    mogile = mogile_with(tracker_max_connections=5, tracker_idle_timeout=30, tracker_line_timeout=30)
+    sockets = open_sockets(mogile.tracker_address, 5)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mogile_middleware.devserver.netutil"):
+            surplus = open_sockets(mogile.tracker_address, 40)
+            assert len(closing_times(surplus, 3, enough=40)) == 40
+            close_all(surplus)
+    finally:
+        close_all(sockets)
+    assert [record.getMessage()[:42] for record in caplog.records] == ["5 connections open: refusing ('127.0.0.1',"]
+
+
+def test_a_stop_returns_while_the_accepting_thread_is_stuck(mogile_with: MogileFactory) -> None:
+    """A write that never returns on the thread that accepts (a log line to a full stderr pipe):
+    the servers' stop waited for it, and SIGINT and SIGTERM stopped nothing."""
+    mogile = mogile_with(tracker_max_connections=1, tracker_idle_timeout=30, tracker_line_timeout=30)
+    written = threading.Event()
+    released = threading.Event()
+
+    class FullPipe(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            written.set()
+            released.wait(30)
+
+    stuck = FullPipe()
+    netutil = logging.getLogger("mogile_middleware.devserver.netutil")
+    netutil.addHandler(stuck)
+    sockets = open_sockets(mogile.tracker_address, 2)  # the second one is refused: a line written
+    try:
+        assert written.wait(5)
+        tracker, address = mogile.tracker, mogile.tracker_address
+        assert tracker is not None
+        start = time.monotonic()
+        tracker.stop()
+        assert time.monotonic() - start < STOP_SECONDS * 2 + 3
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(address, timeout=1).close()
+    finally:
+        released.set()
+        netutil.removeHandler(stuck)
+        close_all(sockets)
 
 
 def test_a_kept_open_connection_sending_slowly_keeps_working(mogile_with: MogileFactory) -> None:
