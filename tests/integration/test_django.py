@@ -674,13 +674,17 @@ def test_a_failed_upload_names_the_file_saved_and_warns_of_no_temporary_key(
 def test_a_create_close_that_may_have_stored_leaves_no_temporary_key(
         mogile: DevMogileFS, reply: bytes | None, error: type[UploadError], cause: type[Exception]) -> None:
     """mogilefsd answers ``ERR failure`` when a step of create_close dies, also once it recorded
-    the key (queuing its replication); an answer lost says nothing either: the temporary key may
-    be stored, and is deleted. The error names the file and keeps the tracker's as its cause."""
+    the key (queuing its replication); an answer lost, with the upload not carried out, says
+    nothing either: the temporary key may be stored, and is deleted. The error names the file and
+    keeps the tracker's as its cause."""
     upstream = TrackerConnection(mogile.tracker_address, 1.0, 5.0)
 
     def stored_then(line: bytes) -> bytes | None:
-        answer = upstream.roundtrip(line)
-        return reply if line.startswith(b"create_close") else answer
+        if line.startswith(b"create_close"):
+            if reply is not None:  # failed after recording the key: recorded
+                upstream.roundtrip(line)
+            return reply
+        return upstream.roundtrip(line)
 
     relay = ScriptedTracker(stored_then)
     try:
@@ -693,6 +697,34 @@ def test_a_create_close_that_may_have_stored_leaves_no_temporary_key(
     finally:
         relay.stop()
         upstream.close()
+
+
+@pytest.mark.parametrize("delay", [0.0, 1.0], ids=["carried-out", "carried-out-late"])
+def test_a_save_whose_create_close_answer_was_lost_is_told_by_its_temporary_key(mogile: DevMogileFS,
+                                                                               delay: float) -> None:
+    """mogilefsd 2.73 closes the connection of the request a query worker serves after another
+    process's rename onto a taken key (a stray OK), then carries that request out: concurrent
+    saves of one name from several processes failed (5 of 160 against 2.73), deleting a file
+    that was stored, or, carried out after the delete, leaving its temporary key behind."""
+    upstream = TrackerConnection(mogile.tracker_address, 1.0, 5.0)
+    late = TrackerConnection(mogile.tracker_address, 1.0, 5.0)
+
+    def losing_the_answer(line: bytes) -> bytes | None:
+        if line.startswith(b"create_close"):
+            threading.Timer(delay, late.roundtrip, [line]).start()
+            return None
+        return upstream.roundtrip(line)
+
+    relay = ScriptedTracker(losing_the_answer)
+    try:
+        storage = MogileFSStorage(trackers=relay.tracker)
+        assert storage.save("kept.txt", ContentFile(b"stored after all")) == "kept.txt"
+        assert storage.open("kept.txt").read() == b"stored after all"
+        assert get_client().list_keys(TEMPORARY_PREFIX) == []
+    finally:
+        relay.stop()
+        upstream.close()
+        late.close()
 
 
 @pytest.mark.parametrize(("carried_out", "lost_answers"),

@@ -8,12 +8,13 @@ import logging
 import os
 import posixpath
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import quote
 
 import django
@@ -48,6 +49,8 @@ TEMPORARY_PREFIX = ".mogile-upload/"
 #: into slashes: in a key, a backslash is a character of its name.
 _URI_SAFE = "/~!*()'"
 
+#: How long a save whose ``create_close`` answer was lost looks for its temporary key.
+_LOST_CLOSE_SECONDS = 5.0
 #: How many renames of a save may lose their answer, not carried out, before the save fails.
 _RENAMES_WITHOUT_ANSWER = 2
 #: How many times in a row a save takes ``get_available_name``'s offer of the name it found taken:
@@ -221,19 +224,47 @@ class MogileFSStorage(Storage):
             temporary = TEMPORARY_PREFIX + uuid.uuid4().hex
             try:
                 self._uploader.upload(temporary, _source_of(content), self.mogile_class)
+            except UploadOutcomeUnknownError as error:
+                if not self._stored_after_all(temporary):
+                    self._failed(name, temporary, error)
             except BaseException as error:
-                if may_have_stored(error):
-                    self._delete_temporary(temporary)
-                if isinstance(error, UploadError):  # the same error and cause (a TrackerError's code...), naming the file
-                    renamed = type(error)(f"save of {name!r} failed: {error}")
-                    renamed.__dict__.update(error.__dict__)
-                    raise renamed.with_traceback(error.__traceback__) from error.__cause__
-                raise
+                self._failed(name, temporary, error)
             try:
                 return self._rename_to_available(temporary, name)
             except BaseException:
                 self._delete_temporary(temporary)
                 raise
+
+    def _stored_after_all(self, temporary: str) -> bool:
+        """Whether the upload to ``temporary`` whose ``create_close`` answer was lost was carried
+        out: the key is this save's alone, there only if it was. mogilefsd 2.73 may carry it out a
+        moment later (the query worker it kills for another request's stray reply, as a rename
+        onto a taken key sends one, finishes its request first), so it is asked for up to
+        :data:`_LOST_CLOSE_SECONDS`; False also when the trackers cannot say."""
+        deadline = time.monotonic() + _LOST_CLOSE_SECONDS
+        pause = 0.1
+        while True:
+            try:
+                self.client.file_info(temporary)
+                return True
+            except UnknownKeyError:
+                if time.monotonic() + pause > deadline:
+                    return False
+                time.sleep(pause)
+                pause = min(2 * pause, 1.0)
+            except MogileFSError:
+                return False
+
+    def _failed(self, name: str, temporary: str, error: BaseException) -> NoReturn:
+        """Raise the error of the failed upload of the save of ``name`` to ``temporary``, naming the
+        file, once the temporary key is deleted if the upload may have stored it."""
+        if may_have_stored(error):
+            self._delete_temporary(temporary)
+        if isinstance(error, UploadError):  # the same error and cause (a TrackerError's code...), naming the file
+            renamed = type(error)(f"save of {name!r} failed: {error}")
+            renamed.__dict__.update(error.__dict__)
+            raise renamed.with_traceback(error.__traceback__) from error.__cause__
+        raise error
 
     def _rename_to_available(self, temporary: str, name: str) -> str:
         """Rename ``temporary`` to ``name``, or to the next available name while the one tried is
