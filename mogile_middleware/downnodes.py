@@ -40,10 +40,18 @@ class DownNodes:
         renew_in_child(self)
 
     def ordered(self, urls: Sequence[str]) -> Sequence[str]:
-        """``urls``, those on nodes marked down last (where the others answer, none is asked)."""
+        """``urls``, those on nodes marked down last (where the others answer, none is asked), and
+        those being asked again by another request. A node whose mark has run out is in its place
+        again: last until it answered, a node back up got no reads for good wherever another
+        replica answered, its mark never cleared."""
         if not self._until:  # the usual case, at no cost
             return urls
-        return sorted(urls, key=lambda url: _node(url) in self._until)
+        now = time.monotonic()
+        return sorted(urls, key=lambda url: self._passed_by(_node(url), now))
+
+    def _passed_by(self, node: Node | None, now: float) -> bool:
+        until = self._until.get(node)  # type: ignore[arg-type]
+        return until is not None and (now < until or node in self._asking)
 
     def may_ask(self, url: str) -> bool:
         """False while the node of ``url`` is marked down, or is being asked again by another

@@ -11,7 +11,7 @@ OTHER = "http://10.0.0.2:7500/dev2/0/000/000/0000000001.fid"
 SAME_NODE = "http://10.0.0.1:7500/dev3/0/000/000/0000000007.fid"
 
 
-def test_a_failed_node_is_passed_by_and_tried_last_until_it_answers() -> None:
+def test_a_failed_node_is_passed_by_and_tried_last_while_marked() -> None:
     down = DownNodes(seconds=60)
     assert down.may_ask(HUNG) and down.ordered([HUNG, OTHER]) == [HUNG, OTHER]
     down.failed(HUNG, TimeoutError("timed out"))
@@ -34,6 +34,18 @@ def test_once_its_mark_runs_out_one_request_at_a_time_asks_it_again() -> None:
     assert not down.may_ask(HUNG)
     down.answered(HUNG)
     assert down.may_ask(HUNG) and down.may_ask(SAME_NODE)  # up: every request asks it
+
+
+def test_once_its_mark_runs_out_a_node_is_in_its_place_again() -> None:
+    """It stayed last until it answered: wherever another replica answered it was never asked,
+    and a node back up got no reads from the process for good."""
+    down = DownNodes(seconds=0)
+    down.failed(HUNG, TimeoutError())
+    assert down.ordered([HUNG, OTHER]) == [HUNG, OTHER]
+    assert down.may_ask(HUNG)  # this request asks it: the others pass it by meanwhile
+    assert down.ordered([SAME_NODE, OTHER]) == [OTHER, SAME_NODE]
+    down.answered(HUNG)
+    assert down.ordered([SAME_NODE, OTHER]) == [SAME_NODE, OTHER]
 
 
 def test_a_forked_child_is_asking_no_node() -> None:
