@@ -256,16 +256,18 @@ def test_changes_dead_trackers_failovers_and_stale_paths(devmogile: DevMogileFS,
     assert counts("path_cache_stale_total") == 1
 
 
-async def _store_refused(client: AsyncClient) -> None:
+async def _store_content(client: AsyncClient, cls: str) -> None:
+    """``store_content`` of :data:`CONTENT` in ``cls``, the client's connections closed after."""
     try:
-        await client.store_content("a.txt", CONTENT, "no-such-class")
+        await client.store_content("a.txt", CONTENT, cls)
     finally:
         await client.aclose()
 
 
 @pytest.mark.parametrize("store", [
     pytest.param(lambda trackers: Client(DOMAIN, trackers).store_content("a.txt", CONTENT, "no-such-class"), id="sync"),
-    pytest.param(lambda trackers: asyncio.run(_store_refused(AsyncClient(DOMAIN, trackers))), id="asyncio"),
+    pytest.param(lambda trackers: asyncio.run(_store_content(AsyncClient(DOMAIN, trackers), "no-such-class")),
+                 id="asyncio"),
 ])
 @pytest.mark.parametrize("refusal", ["unknown-class", "reply-without-destination", "reply-without-file-number"])
 def test_an_upload_the_tracker_refuses_to_open_is_counted_as_failed(devmogile: DevMogileFS, counts: Counts,
@@ -290,18 +292,11 @@ def test_an_upload_the_tracker_refuses_to_open_is_counted_as_failed(devmogile: D
     assert counts("uploads_total", outcome="failed") == 1 and counts("uploaded_bytes_total") == 0
 
 
-async def _store_unanswered(client: AsyncClient) -> None:
-    try:
-        await client.store_content("a.txt", CONTENT, "avatar")
-    finally:
-        await client.aclose()
-
-
 @pytest.mark.parametrize("store", [
     pytest.param(lambda trackers: Client(DOMAIN, trackers).store_content("a.txt", CONTENT, "avatar"), id="client"),
     pytest.param(lambda trackers: Uploader(Client(DOMAIN, trackers)).upload("a.txt", CONTENT, "avatar"),
                  id="uploader"),  # which asks first whether the class keeps checksums
-    pytest.param(lambda trackers: asyncio.run(_store_unanswered(AsyncClient(DOMAIN, trackers))), id="asyncio"),
+    pytest.param(lambda trackers: asyncio.run(_store_content(AsyncClient(DOMAIN, trackers), "avatar")), id="asyncio"),
 ])
 def test_an_upload_no_tracker_answers_is_counted_as_failed(counts: Counts, store: Callable[[list[str]], object]) -> None:
     with pytest.raises(TrackerUnavailableError):
