@@ -39,6 +39,7 @@ from .client import (
     delete_request,
     file_info_request,
     get_paths_request,
+    keys_prefix,
     list_keys_request,
     rename_request,
     same_version,
@@ -46,7 +47,7 @@ from .client import (
     update_class_request,
 )
 from .exceptions import BadKeyError, NoneMatchError, StorageError, UnknownKeyError, named_errors
-from .protocol import check_key, key_bytes, to_text
+from .protocol import check_key
 from .storage import PUT_PIECE_SIZE, LengthMismatchError, put_pieces
 from .upload import (
     BYTES_LIKE,
@@ -139,9 +140,9 @@ class AsyncClient(ClientBase):
         except NoneMatchError:
             return [], None
 
-    async def keys(self, prefix: str | bytes = "") -> AsyncIterator[str]:
+    async def keys(self, prefix: str | bytes | None = "") -> AsyncIterator[str]:
         """Every key starting with ``prefix`` (text or bytes; exactly, unlike ``list_keys``), page by page."""
-        prefix = to_text(key_bytes(prefix, "prefix"))  # it may end inside a character
+        prefix = keys_prefix(prefix)
         listing = KeyListing(prefix, self.keys_page)
         alone = listing.kept(await self._stored(prefix)) if listing.after is not None else None  # see first_page
         if alone is not None:

@@ -146,6 +146,16 @@ def list_keys_request(prefix: str = "", after: str | None = None, limit: int | N
     return Request("list_keys", {"prefix": prefix or None, "after": after, "limit": limit}, read=keys_page_of)
 
 
+def keys_prefix(prefix: str | bytes | None) -> str:
+    """The ``prefix`` of :meth:`Client.keys` as text (bytes may end inside a character); ``None``,
+    which ``list_keys`` and pymogile take for no prefix, is none."""
+    if prefix is None:
+        return ""
+    if not isinstance(prefix, (str, bytes)):
+        raise TypeError(f"a prefix is a str, not {type(prefix).__name__}")
+    return to_text(key_bytes(prefix, "prefix"))
+
+
 def keys_page_of(reply: Reply) -> tuple[list[str], str | None]:
     """The keys of a ``list_keys`` reply and the ``after`` value of the next page."""
     return [reply[f"key_{n}"] for n in range(1, reply.number("key_count") + 1)], reply.get("next_after")
@@ -493,9 +503,9 @@ class Client(ClientBase):
         except NoneMatchError:
             return [], None
 
-    def keys(self, prefix: str | bytes = "") -> Iterator[str]:
+    def keys(self, prefix: str | bytes | None = "") -> Iterator[str]:
         """Every key starting with ``prefix`` (text or bytes; exactly, unlike ``list_keys``), page by page."""
-        prefix = to_text(key_bytes(prefix, "prefix"))  # it may end inside a character
+        prefix = keys_prefix(prefix)
         listing = KeyListing(prefix, self.keys_page)
         alone = listing.kept(self._stored(prefix)) if listing.after is not None else None  # see first_page
         if alone is not None:

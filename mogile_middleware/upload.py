@@ -535,9 +535,12 @@ class NewFile(io.RawIOBase):
             self._close_committing()
 
     def __del__(self) -> None:
-        # An abandoned file must never commit half its data: dropping it aborts.
+        # An abandoned file must never commit half its data: dropping it aborts, and says so
+        # (pymogile's files committed as they were collected: a program relying on that loses them).
         if not self.closed:
             self.abort()
+            if self._opened:
+                log.warning("%r not stored: its file was dropped unclosed", self.key)
 
 
 class UploadClient(Protocol):

@@ -384,6 +384,9 @@ def test_keys_pages_through_every_key(client: Client) -> None:
     assert client.list_keys("many/", after=names[9], limit=10) == names[10:20]
     assert list(client.keys("many/")) == names
     assert list(client.keys(b"many/")) == names  # a prefix as bytes, as keys may be
+    assert list(client.keys(None)) == list(client.keys("")) != []  # as list_keys and pymogile take it
+    with pytest.raises(TypeError, match="a prefix is a str, not int"):
+        list(client.keys(5))
     for limit in (0, -1, 2.5, True):  # mogilefsd would read 0 as 1000 and -1 as every key
         with pytest.raises(ValueError, match="limit must be a whole number >= 1"):
             client.list_keys("many/", limit=limit)

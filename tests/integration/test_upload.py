@@ -662,6 +662,17 @@ def test_a_new_file_in_a_wrapper_dropped_unclosed_commits_nothing(client: Client
     assert client.get_file_data("report.csv") == b"the old version"
 
 
+def test_a_new_file_dropped_unclosed_commits_nothing_and_says_so(client: Client,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """pymogile's files committed as they were collected, and its tests store files so: here
+    nothing is stored, and that went unsaid."""
+    client.new_file("spam.txt", cls="thumb").write(b"SPAM")
+    gc.collect()
+    assert "'spam.txt' not stored: its file was dropped unclosed" in caplog.messages
+    with pytest.raises(UnknownKeyError):
+        client.file_info("spam.txt")
+
+
 def test_a_new_file_closed_in_a_finally_after_its_source_failed_commits_nothing(client: Client) -> None:
     """pymogile's ``try: write ... finally: close()``, the source failing between writes."""
     client.store_content("kept", b"the old version", cls="thumb")
