@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 from .cache import CacheBackend, entry_key
 from .deadline import checked_seconds
-from .exceptions import BadKeyError, NoneMatchError, UnknownKeyError, named_errors
+from .exceptions import BadKeyError, NoneMatchError, ProtocolError, UnknownKeyError, named_errors
 from .nodepool import nodes
 from .protocol import (ArgValue, Reply, check_any_key, check_key, fid_of, has_control_character, key_bytes,
                        parse_domains, to_bytes, to_text)
@@ -86,9 +86,18 @@ def stored_key_of(reply: Reply) -> str:
 
 
 def file_info_request(key: str) -> Request:
-    """``file_info`` for ``key`` (checked)."""
-    check_any_key(key)
-    return Request("file_info", {"key": key}, read=file_info_of)
+    """``file_info`` for ``key`` (checked). mogilefsd answers with the key as asked: an answer
+    about another key (a tracker, or something in front of it, answering another request) is a
+    :class:`ProtocolError`, so that the next tracker is asked, rather than another file served."""
+    asked = to_text(check_any_key(key))
+
+    def read(reply: Reply) -> FileInfo:
+        info = file_info_of(reply)
+        if info.key != asked:
+            raise ProtocolError(f"the tracker's file_info of {asked!r} is about {info.key!r}")
+        return info
+
+    return Request("file_info", {"key": key}, read=read)
 
 
 #: What mogilefsd 2.73's ``file_info`` gives as the checksum of a file of a class that keeps them,
@@ -97,10 +106,9 @@ _NO_CHECKSUM = "MISSING"
 
 
 def same_version(paths: list[str], info: FileInfo) -> bool:
-    """False if ``paths`` name a fid other than ``info``'s: the key was replaced between the two
-    questions, and each of its replicas would seem of the wrong length."""
-    named = fid_of(paths[0]) if paths else None
-    return named is None or named == info.fid
+    """False if any of ``paths`` names a fid other than ``info``'s: the key was replaced between
+    the two questions (or the tracker mixes files), and such a replica would be another file's."""
+    return all(fid_of(path) in (None, info.fid) for path in paths)
 
 
 def file_info_of(reply: Reply) -> FileInfo:

@@ -33,6 +33,8 @@ _URL_SAFE = re.compile(r"[!-~]+")  # printable ASCII, no blank
 
 #: How many replica URLs are asked of the tracker: enough for failover.
 PATH_COUNT = 2
+#: The longest replica URL taken from a tracker (mogstored's are about 60 characters).
+MAX_REPLICA_URL = 2048
 #: Seconds the copy counts of the domain's classes are reused before being asked again.
 CLASSES_SECONDS = 300.0
 #: Seconds the trackers are not asked the classes again after they could not say: meanwhile a
@@ -297,7 +299,7 @@ class Locator:
         """The location from ``get_paths`` (and ``file_info`` when needed); ``None`` if the two
         answers name different versions, or ``file_info`` no longer knows the key."""
         listed = yield ("get_paths", key, True, None, PATH_COUNT)
-        paths = tuple(path for path in listed if _usable(path))
+        paths = _replicas(key, listed)
         if not paths:
             raise StorageError(f"the tracker knows no live replica of {key!r}")
         etag = etag_for(paths)
@@ -496,8 +498,27 @@ def is_clean_url(url: str) -> bool:
         return False
 
 
-def _usable(url: str) -> bool:
-    if is_clean_url(url):
-        return True
-    log.warning("ignoring a replica URL that is not a clean http:// URL of a storage node: %r", url)
-    return False
+def _replicas(key: str, listed: list[str]) -> tuple[str, ...]:
+    """The replica URLs of ``key`` a ``get_paths`` answer gives that may be used: clean ones
+    (:func:`is_replica_url`) naming the fid the first names, :data:`PATH_COUNT` at most. A tracker
+    lists no more than it was asked for; one that lists more, or mixes files, misspeaks: each of
+    its URLs would be tried in turn (each a ``storage_timeout`` when silent) and go into the
+    reproxy headers, and the ETag, read from the first, would name another file's bytes."""
+    usable = []
+    for url in listed:
+        if is_replica_url(url):
+            usable.append(url)
+        else:
+            log.warning("ignoring a replica URL that is not a clean http:// URL of a storage node: %r", url[:200])
+    named = fid_of(usable[0]) if usable else None
+    same = tuple(url for url in usable if fid_of(url) == named)
+    if len(same) < len(usable):
+        log.warning("ignoring replica URLs of %r that name another file than %r", key, same[0])
+    return same[:PATH_COUNT]
+
+
+def is_replica_url(url: str) -> bool:
+    """True for a replica URL as storage nodes give them: clean (:func:`is_clean_url`), no longer
+    than :data:`MAX_REPLICA_URL`, without a fragment (never sent) or a user (``http://a@b/``, whose
+    host proxies may read otherwise)."""
+    return len(url) <= MAX_REPLICA_URL and "#" not in url and "@" not in url and is_clean_url(url)

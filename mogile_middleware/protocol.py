@@ -33,8 +33,9 @@ _FID_PATH = re.compile(r"/0*([0-9]{1,20})\.fid$")
 
 
 def fid_of(url: str) -> int | None:
-    """The fid a replica URL names (mogstored's shape: ``.../0000000123.fid``), else None."""
-    match = _FID_PATH.search(url)
+    """The fid a replica URL names by its path (mogstored's shape: ``.../0000000123.fid``), else
+    None: not by a query or fragment, which name nothing a storage node reads."""
+    match = _FID_PATH.search(url.partition("#")[0].partition("?")[0])
     return int(match.group(1)) if match else None
 
 

@@ -109,6 +109,7 @@ def test_bad_replica_urls_from_a_tracker_are_skipped(devmogile: DevMogileFS) -> 
             paths[-1] = "http://127.0.0.1:1/dev1/0/000/000/0000000001.fid"  # nothing listens there
             replies[b"get_paths"] = ("OK paths=4&" + "&".join(f"path{n}={p}" for n, p in enumerate(paths, 1))
                                      + "\r\n").encode()
+            replies[b"file_info"] = replies[b"file_info"].replace(b"key=good.txt", b"key=other.txt")
             assert ask(server, "other.txt").status == 502
     finally:
         tracker.stop()

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import pytest
 from conftest import CLASSES, DOMAIN
@@ -329,8 +330,9 @@ def test_trackers_that_cannot_tell_the_classes_are_asked_again_only_after_a_paus
     def reply(line: bytes) -> bytes:
         if line.startswith(b"get_paths"):
             return b"OK paths=1&path1=http://127.0.0.1:1/dev1/0/000/000/0000000007.fid\r\n"
-        if line.startswith(b"file_info"):
-            return b"OK fid=7&domain=testdom&class=thumb&key=k&length=10&devcount=1\r\n"
+        if line.startswith(b"file_info"):  # about the key asked, as mogilefsd answers
+            key = parse_qs(line.split()[1].decode())["key"][0]
+            return f"OK fid=7&domain=testdom&class=thumb&key={key}&length=10&devcount=1\r\n".encode()
         return domains_answer[0]
 
     def located(key: str) -> Location:

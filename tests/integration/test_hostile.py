@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from integration.test_middleware import BODY, CountingClient, wrapped_app
 from webtest import TestApp
-from wiretools import ScriptedTracker
+from wiretools import TEN, KeptAliveNode, ScriptedTracker, files_tracker, honest
 
 from mogile_middleware import Client
 from mogile_middleware.devserver import DevMogileFS
@@ -293,3 +293,65 @@ def test_a_trackers_text_cannot_forge_a_log_line(caplog: pytest.LogCaptureFixtur
     messages = [record.getMessage() for record in caplog.records]
     assert any("forged" in message for message in messages)
     assert not any("\n" in message or "\r" in message for message in messages)
+
+
+@pytest.mark.parametrize("mode", ["perlbal", "nginx", None])
+def test_a_tracker_listing_more_replicas_than_asked_for_is_read_for_two(mode: str | None) -> None:
+    """mogilefsd lists as many as asked for (two): 1,000 from a misspeaking tracker went into
+    the reproxy headers (53 KB, or 1,000 headers), and serve mode tried each (a storage_timeout
+    each when silent, until gunicorn killed the worker: a 500)."""
+    node = KeptAliveNode(lambda head: b"HTTP/1.0 500 Oops\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n")
+    urls = [f"http://127.0.0.1:{node.port}/dev{n}/0/000/000/0000000001.fid" for n in range(1, 1001)]
+    tracker = files_tracker({"k": (1, 10, urls)})
+    try:
+        app = TestApp(MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker.tracker]), reproxy=mode))
+        proxy = {"X-Proxy-Capabilities": "reproxy-file", "X-Sendfile-Type": "X-Accel-Redirect"}
+        reply = app.get("/mogilefs/k", headers=proxy, expect_errors=True)
+    finally:
+        tracker.stop()
+        node.stop()
+    if mode == "perlbal":
+        assert reply.headers["X-REPROXY-URL"].split() == urls[:2]
+    elif mode == "nginx":
+        assert [reply.headers.get(name) for name in ("X-Reproxy-URL", "X-Reproxy-URL-2", "X-Reproxy-URL-3")] == \
+            [*urls[:2], None]
+    else:
+        assert reply.status_int == 502 and len(node.requests) == 2
+
+
+@pytest.mark.parametrize("listed", [
+    pytest.param(["/0000000001.fid", "/0000000002.fid"], id="another-fid-listed-second"),
+    pytest.param(["/0000000002.fid#/0000000001.fid"], id="a-fid-in-the-fragment"),
+    pytest.param(["/0000000002.fid?/0000000001.fid"], id="a-fid-in-the-query"),
+])
+def test_a_replica_of_another_file_is_never_served_under_the_first_ones_etag(listed: list[str]) -> None:
+    """The ETag was read from the first URL alone, and from its query or fragment too, which no
+    node reads: fid 2's bytes were served under ETag "fid-1", and a later If-None-Match "fid-1"
+    got a 304 for them."""
+    node = KeptAliveNode(lambda head: b"HTTP/1.0 500 Oops\r\nContent-Length: 0\r\n\r\n" if b"0000000001.fid" in
+                         head.split(b"?")[0] else b"HTTP/1.0 200 OK\r\nContent-Length: 10\r\n\r\n9876543210")
+    tracker = files_tracker({"k": (1, 10, [f"http://127.0.0.1:{node.port}/dev1/0/000/000{path}" for path in listed])})
+    try:
+        app = TestApp(MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker.tracker])))
+        reply = app.get("/mogilefs/k", expect_errors=True)
+    finally:
+        tracker.stop()
+        node.stop()
+    assert b"9876543210" not in reply.body and reply.status_int in (502, 503)
+
+
+def test_a_file_info_about_another_key_is_not_taken_for_the_keys() -> None:
+    """A tracker answering another request (or a proxy in front of it mixing them up): the key
+    was served with the other file's ETag and bytes."""
+    node = KeptAliveNode(honest)
+    url = f"http://127.0.0.1:{node.port}/dev1/0/000/000/0000000002.fid"
+    knowing_the_other = files_tracker({"other.txt": (2, 10, [url])})
+    knowing_the_other.stop()  # its script answers through the tracker below
+    tracker = ScriptedTracker(lambda line: knowing_the_other.script(line.replace(b"key=asked.txt", b"key=other.txt")))
+    try:
+        app = TestApp(MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker.tracker])))
+        reply = app.get("/mogilefs/asked.txt", expect_errors=True)
+    finally:
+        tracker.stop()
+        node.stop()
+    assert reply.status_int == 503 and "ETag" not in reply.headers and reply.body != TEN
