@@ -700,8 +700,8 @@ def test_a_create_close_that_may_have_stored_leaves_no_temporary_key(
 
 
 @pytest.mark.parametrize("delay", [0.0, 1.0], ids=["carried-out", "carried-out-late"])
-def test_a_save_whose_create_close_answer_was_lost_is_told_by_its_temporary_key(mogile: DevMogileFS,
-                                                                               delay: float) -> None:
+def test_a_save_whose_create_close_answer_was_lost_is_told_by_its_temporary_key(
+        mogile: DevMogileFS, delay: float) -> None:
     """mogilefsd 2.73 closes the connection of the request a query worker serves after another
     process's rename onto a taken key (a stray OK), then carries that request out: concurrent
     saves of one name from several processes failed (5 of 160 against 2.73), deleting a file

@@ -295,6 +295,18 @@ def test_a_trackers_text_cannot_forge_a_log_line(caplog: pytest.LogCaptureFixtur
     assert not any("\n" in message or "\r" in message for message in messages)
 
 
+def _answer_of(tracker: ScriptedTracker, node: KeptAliveNode, path: str, **options: Any) -> Any:
+    """The answer to a GET of ``path``, from a trusted proxy, of a middleware asking ``tracker``;
+    the tracker and the node stopped after."""
+    try:
+        app = TestApp(MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker.tracker]), **options))
+        proxy = {"X-Proxy-Capabilities": "reproxy-file", "X-Sendfile-Type": "X-Accel-Redirect"}
+        return app.get(path, headers=proxy, expect_errors=True)
+    finally:
+        tracker.stop()
+        node.stop()
+
+
 @pytest.mark.parametrize("mode", ["perlbal", "nginx", None])
 def test_a_tracker_listing_more_replicas_than_asked_for_is_read_for_two(mode: str | None) -> None:
     """mogilefsd lists as many as asked for (two): 1,000 from a misspeaking tracker went into
@@ -302,14 +314,7 @@ def test_a_tracker_listing_more_replicas_than_asked_for_is_read_for_two(mode: st
     each when silent, until gunicorn killed the worker: a 500)."""
     node = KeptAliveNode(lambda head: b"HTTP/1.0 500 Oops\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n")
     urls = [f"http://127.0.0.1:{node.port}/dev{n}/0/000/000/0000000001.fid" for n in range(1, 1001)]
-    tracker = files_tracker({"k": (1, 10, urls)})
-    try:
-        app = TestApp(MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker.tracker]), reproxy=mode))
-        proxy = {"X-Proxy-Capabilities": "reproxy-file", "X-Sendfile-Type": "X-Accel-Redirect"}
-        reply = app.get("/mogilefs/k", headers=proxy, expect_errors=True)
-    finally:
-        tracker.stop()
-        node.stop()
+    reply = _answer_of(files_tracker({"k": (1, 10, urls)}), node, "/mogilefs/k", reproxy=mode)
     if mode == "perlbal":
         assert reply.headers["X-REPROXY-URL"].split() == urls[:2]
     elif mode == "nginx":
@@ -331,12 +336,7 @@ def test_a_replica_of_another_file_is_never_served_under_the_first_ones_etag(lis
     node = KeptAliveNode(lambda head: b"HTTP/1.0 500 Oops\r\nContent-Length: 0\r\n\r\n" if b"0000000001.fid" in
                          head.split(b"?")[0] else b"HTTP/1.0 200 OK\r\nContent-Length: 10\r\n\r\n9876543210")
     tracker = files_tracker({"k": (1, 10, [f"http://127.0.0.1:{node.port}/dev1/0/000/000{path}" for path in listed])})
-    try:
-        app = TestApp(MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker.tracker])))
-        reply = app.get("/mogilefs/k", expect_errors=True)
-    finally:
-        tracker.stop()
-        node.stop()
+    reply = _answer_of(tracker, node, "/mogilefs/k")
     assert b"9876543210" not in reply.body and reply.status_int in (502, 503)
 
 
@@ -348,10 +348,5 @@ def test_a_file_info_about_another_key_is_not_taken_for_the_keys() -> None:
     knowing_the_other = files_tracker({"other.txt": (2, 10, [url])})
     knowing_the_other.stop()  # its script answers through the tracker below
     tracker = ScriptedTracker(lambda line: knowing_the_other.script(line.replace(b"key=asked.txt", b"key=other.txt")))
-    try:
-        app = TestApp(MogileFSMiddleware(wrapped_app, client=Client(DOMAIN, [tracker.tracker])))
-        reply = app.get("/mogilefs/asked.txt", expect_errors=True)
-    finally:
-        tracker.stop()
-        node.stop()
+    reply = _answer_of(tracker, node, "/mogilefs/asked.txt")
     assert reply.status_int == 503 and "ETag" not in reply.headers and reply.body != TEN

@@ -662,8 +662,8 @@ def test_a_new_file_in_a_wrapper_dropped_unclosed_commits_nothing(client: Client
     assert client.get_file_data("report.csv") == b"the old version"
 
 
-def test_a_new_file_dropped_unclosed_commits_nothing_and_says_so(client: Client,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_a_new_file_dropped_unclosed_commits_nothing_and_says_so(
+        client: Client, caplog: pytest.LogCaptureFixture) -> None:
     """pymogile's files committed as they were collected, and its tests store files so: here
     nothing is stored, and that went unsaid."""
     client.new_file("spam.txt", cls="thumb").write(b"SPAM")
