@@ -41,6 +41,7 @@ from .client import (
     get_paths_request,
     keys_prefix,
     list_keys_request,
+    of_version,
     rename_request,
     same_version,
     stored_key_request,
@@ -168,7 +169,7 @@ class AsyncClient(ClientBase):
         paths, info = await self.get_paths(key), await self.file_info(key)
         if not same_version(paths, info):
             paths, info = await self.get_paths(key), await self.file_info(key)
-        return paths, info
+        return of_version(key, paths, info), info
 
     async def read_file(self, key: str) -> AsyncReplicaResponse:
         """The body of the first replica that answers of the length the tracker records, to read

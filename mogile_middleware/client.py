@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 from .cache import CacheBackend, entry_key
 from .deadline import checked_seconds
-from .exceptions import BadKeyError, NoneMatchError, ProtocolError, UnknownKeyError, named_errors
+from .exceptions import BadKeyError, KeyChangingError, NoneMatchError, ProtocolError, UnknownKeyError, named_errors
 from .nodepool import nodes
 from .protocol import (ArgValue, Reply, check_any_key, check_key, fid_of, has_control_character, key_bytes,
                        parse_domains, to_bytes, to_text)
@@ -62,15 +62,27 @@ class Request(NamedTuple):
 
 
 def get_paths_request(key: str, noverify: bool = True, zone: str | None = None, pathcount: int = 2) -> Request:
-    """``get_paths`` for ``key`` (checked: a :class:`BadKeyError` before anything is sent)."""
+    """``get_paths`` for ``key`` (checked: a :class:`BadKeyError` before anything is sent), read
+    for as many paths as mogilefsd lists at most (``pathcount``, 2 at least): each is tried in
+    turn, a ``storage_timeout`` each when silent."""
     check_any_key(key)
+    at_most = max(pathcount, 2) if isinstance(pathcount, int) else None
     return Request("get_paths", {"key": key, "noverify": 1 if noverify else 0, "zone": zone, "pathcount": pathcount},
-                   read=paths_of)
+                   read=lambda reply: paths_of(reply)[:at_most])
 
 
 def paths_of(reply: Reply) -> list[str]:
     """The replica URLs of a ``get_paths`` reply, in the tracker's order."""
     return [reply[f"path{n}"] for n in range(1, reply.number("paths") + 1)]
+
+
+def of_version(key: str, paths: list[str], info: FileInfo) -> list[str]:
+    """Those of ``paths`` that may be replicas of ``info``'s version (naming its fid, or none);
+    :class:`KeyChangingError` if none is (see :func:`same_version`)."""
+    kept = [path for path in paths if fid_of(path) in (None, info.fid)]
+    if paths and not kept:
+        raise KeyChangingError(f"the replicas of {key!r} name other versions than its file_info, asked twice")
+    return kept
 
 
 def stored_key_request(key: str) -> Request:
@@ -86,14 +98,15 @@ def stored_key_of(reply: Reply) -> str:
 
 
 def file_info_request(key: str) -> Request:
-    """``file_info`` for ``key`` (checked). mogilefsd answers with the key as asked: an answer
-    about another key (a tracker, or something in front of it, answering another request) is a
+    """``file_info`` for ``key`` (checked). mogilefsd answers with the key as asked (as
+    ``fid:<fid>`` under the FilePaths plugin, which renames it so): an answer about another key
+    (a tracker, or something in front of it, answering another request) is a
     :class:`ProtocolError`, so that the next tracker is asked, rather than another file served."""
     asked = to_text(check_any_key(key))
 
     def read(reply: Reply) -> FileInfo:
         info = file_info_of(reply)
-        if info.key != asked:
+        if info.key != asked and info.key != f"fid:{info.fid}":
             raise ProtocolError(f"the tracker's file_info of {asked!r} is about {info.key!r}")
         return info
 
@@ -257,6 +270,7 @@ class KeyListing:
         self._collated = False
         self._highest = b""  # the highest key listed so far, as bytes
         self._telling: set[str] | None = None  # the page before a page that tells the orders apart
+        self._asked = {(self.listed, self.after)}  # one request a page: a tracker repeating pages is told
 
     def take(self, page: list[str]) -> tuple[list[str], str | None]:
         """The keys of ``page`` that start with the prefix, and a key the listing passes over, to
@@ -281,6 +295,11 @@ class KeyListing:
             self.done = self.after is None
             if self.done:
                 self._tell_orders_apart(page, asked_by, asked_after)
+        if not self.done:
+            if (self.listed, self.after) in self._asked:  # a listing that would never end
+                raise ProtocolError(f"the tracker's pages of the keys starting with {self.prefix!r} do not move on: "
+                                    f"the keys after {self.after!r} were asked for already")
+            self._asked.add((self.listed, self.after))
         self._highest = max([self._highest, *raw])
         return [key for key, raw_key in zip(page, raw) if raw_key.startswith(self._raw_prefix)], passed
 
@@ -473,7 +492,7 @@ class Client(ClientBase):
         paths, info = self.get_paths(key), self.file_info(key)
         if not same_version(paths, info):
             paths, info = self.get_paths(key), self.file_info(key)
-        return paths, info
+        return of_version(key, paths, info), info
 
     def read_file(self, key: str) -> ReplicaResponse:
         """A streaming, closeable file object over the first replica that answers of the length

@@ -521,4 +521,4 @@ def is_replica_url(url: str) -> bool:
     """True for a replica URL as storage nodes give them: clean (:func:`is_clean_url`), no longer
     than :data:`MAX_REPLICA_URL`, without a fragment (never sent) or a user (``http://a@b/``, whose
     host proxies may read otherwise)."""
-    return len(url) <= MAX_REPLICA_URL and "#" not in url and "@" not in url and is_clean_url(url)
+    return len(url) <= MAX_REPLICA_URL and "#" not in url and is_clean_url(url) and "@" not in urlsplit(url).netloc

@@ -15,11 +15,12 @@ import glob
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 try:
-    from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app, multiprocess
+    from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram,
+                                   generate_latest, make_wsgi_app, multiprocess)
     from prometheus_client.metrics_core import Metric
 except ModuleNotFoundError as error:  # the optional extra, named as the memcached options name theirs
     raise ModuleNotFoundError(f"mogile_middleware.prometheus needs prometheus_client: "
@@ -187,6 +188,13 @@ def registry() -> CollectorRegistry:
     collected = _SummedRegistry()
     _LiveWorkersCollector(collected, directory)
     return collected
+
+
+def exposition(names: Sequence[str] = ()) -> tuple[bytes, str]:
+    """:func:`registry`'s metrics in Prometheus' text format, those ``names`` name alone if any
+    (a scrape's ``name[]``), and their content type."""
+    exposed = registry()
+    return generate_latest(exposed.restricted_registry(names) if names else exposed), CONTENT_TYPE_LATEST
 
 
 class _SummedRegistry(CollectorRegistry):

@@ -17,7 +17,7 @@ from integration._gunicorn import GunicornServer, run_gunicorn, run_uvicorn
 from integration._memcached import start_memcached
 from integration._wire_client import HTTPReply, read_http_reply
 from pymemcache.client.base import Client as MemcacheClient
-from wiretools import ScriptedTracker
+from wiretools import files_tracker
 
 from mogile_middleware import Client
 from mogile_middleware.cache import entry_key
@@ -94,23 +94,15 @@ def test_bad_replica_urls_from_a_tracker_are_skipped(devmogile: DevMogileFS) -> 
     [good] = client.get_paths("good.txt")
     fid = int(good.rsplit("/", 1)[1].split(".")[0])
     bad = ["http://127.0.0.1:99999/dev1/x.fid", "http://127.0.0.1:abc/dev1/x.fid", "http://[::1/dev1/x.fid"]
-    paths = [*bad, good]
-    replies = {
-        b"get_paths": ("OK paths=4&" + "&".join(f"path{n}={p}" for n, p in enumerate(paths, 1)) + "\r\n").encode(),
-        b"file_info": f"OK fid={fid}&domain={DOMAIN}&class=thumb&key=good.txt&length=10&devcount=1\r\n".encode(),
-        b"get_domains": f"OK domains=1&domain1={DOMAIN}&domain1classes=1&domain1class1name=thumb"
-                        f"&domain1class1mindevcount=1\r\n".encode(),
-    }
-    tracker = ScriptedTracker(lambda line: replies[line.split()[0]])
+    files = {f"good{n}.txt": (fid, 10, [url, good]) for n, url in enumerate(bad)}
+    nothing_listens = "http://127.0.0.1:1/dev1/0/000/000/0000000001.fid"
+    files["other.txt"] = (1, 10, [bad[0], nothing_listens])
+    tracker = files_tracker(files)
     try:
         with run_gunicorn({"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": tracker.tracker}) as server:
-            reply = ask(server, "good.txt")
-            assert (reply.status, reply.body) == (200, b"good bytes")
-            paths[-1] = "http://127.0.0.1:1/dev1/0/000/000/0000000001.fid"  # nothing listens there
-            replies[b"get_paths"] = ("OK paths=4&" + "&".join(f"path{n}={p}" for n, p in enumerate(paths, 1))
-                                     + "\r\n").encode()
-            replies[b"file_info"] = replies[b"file_info"].replace(b"key=good.txt", b"key=other.txt")
-            assert ask(server, "other.txt").status == 502
+            for key in files:
+                reply = ask(server, key)
+                assert (reply.status, reply.body) == ((502, reply.body) if key == "other.txt" else (200, b"good bytes"))
     finally:
         tracker.stop()
 

@@ -22,7 +22,7 @@ import pytest
 from conftest import DOMAIN
 from integration._async_facade import Flavour, both_flavours, flavour  # noqa: F401 (a fixture)
 from integration._slow_clients import node_connections
-from integration._wire_client import LineClient, eventually, upload
+from integration._wire_client import LineClient, eventually, free_port, upload
 from wiretools import TEN, CountingRelay, KeptAliveNode, ScriptedTracker, collating_tracker, files_tracker, honest
 
 from mogile_middleware import (
@@ -38,7 +38,7 @@ from mogile_middleware import (
 from mogile_middleware.cache import entry_key
 from mogile_middleware.client import ClientBase, Request
 from mogile_middleware.devserver import DevMogileFS
-from mogile_middleware.exceptions import TrackerError, UnregClassError, UnregDomainError
+from mogile_middleware.exceptions import ProtocolError, StorageError, TrackerError, UnregClassError, UnregDomainError
 
 AWKWARD_KEYS = [
     "with space.txt",
@@ -935,3 +935,57 @@ def test_a_file_read_as_wide_items_is_stored_as_its_bytes(devmogile: DevMogileFS
     client = Client(DOMAIN, devmogile.trackers)
     assert client.store_file("wide", Wide(), cls="thumb") == 1000
     assert client.get_file_data("wide") == array.array("I", range(250)).tobytes()
+
+
+@both_flavours
+def test_a_replica_of_another_fid_is_never_read_as_the_keys(flavour: Flavour) -> None:
+    """A tracker listing a replica of fid 8 after fid 7's, which failed: read_file, get_file_data,
+    ``get``, ``cp`` and the Django storage gave fid 8's bytes as the key's, and ``cp`` stored them."""
+    other = KeptAliveNode(lambda head: b"HTTP/1.0 200 OK\r\nContent-Length: 10\r\n\r\nOTHER-FILE")
+    dead = f"http://127.0.0.1:{free_port()}/dev1/0/000/000/0000000007.fid"
+    tracker = files_tracker({"k": (7, 10, [dead, other.url(8)])})
+    try:
+        client = flavour.Client(DOMAIN, [tracker.tracker])
+        for read in (client.get_file_data, lambda key: client.read_file(key).read()):
+            with pytest.raises(StorageError, match="0000000007.fid"):
+                read("k")
+        assert other.requests == []
+    finally:
+        tracker.stop()
+        other.stop()
+
+
+@both_flavours
+def test_a_tracker_listing_more_paths_than_asked_for_is_read_for_as_many(flavour: Flavour) -> None:
+    """Each listed path was tried in turn: 1,000 silent nodes cost 1,000 storage timeouts."""
+    failing = KeptAliveNode(lambda head: b"HTTP/1.0 500 Oops\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n")
+    urls = [failing.url(7).replace("/dev1/", f"/dev{n}/") for n in range(1, 101)]
+    tracker = files_tracker({"k": (7, 10, urls)})
+    try:
+        client = flavour.Client(DOMAIN, [tracker.tracker])
+        assert client.get_paths("k") == urls[:2] and client.get_paths("k", pathcount=3) == urls[:3]
+        with pytest.raises(StorageError):
+            client.get_file_data("k")
+        assert len(failing.requests) == 2
+    finally:
+        tracker.stop()
+        failing.stop()
+
+
+@both_flavours
+def test_a_listing_whose_pages_do_not_move_on_ends(flavour: Flavour) -> None:
+    """A tracker giving the same full page again: keys(), ls, rm --prefix, get -r and Django's
+    listdir asked for ever (rm's memory growing 11 MB/s), the page's keys given each time."""
+    page = [f"p/{n:04d}" for n in range(Client.keys_page)]  # a full page: more may follow
+    answer = (f"OK key_count={len(page)}&next_after={page[-1]}&"
+              + "&".join(f"key_{n}={key}" for n, key in enumerate(page, 1)) + "\r\n").encode()
+    # The tenth request is refused: a client that would ask for ever fails the test instead.
+    tracker = ScriptedTracker(lambda line: answer if len(tracker.requests) < 10 else b"ERR failure enough\r\n")
+    try:
+        client = flavour.Client(DOMAIN, [tracker.tracker])
+        given: list[str] = []
+        with pytest.raises(ProtocolError, match="do not move on"):
+            given.extend(client.keys("p/"))
+        assert given == page and len(tracker.requests) <= 3
+    finally:
+        tracker.stop()

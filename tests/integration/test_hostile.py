@@ -15,6 +15,7 @@ from wiretools import TEN, KeptAliveNode, ScriptedTracker, files_tracker, honest
 
 from mogile_middleware import Client
 from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.locate import is_replica_url
 from mogile_middleware.middleware import MogileFSMiddleware
 
 OK, MISSING, BAD = {200}, {404}, {400}
@@ -340,13 +341,31 @@ def test_a_replica_of_another_file_is_never_served_under_the_first_ones_etag(lis
     assert b"9876543210" not in reply.body and reply.status_int in (502, 503)
 
 
-def test_a_file_info_about_another_key_is_not_taken_for_the_keys() -> None:
+@pytest.mark.parametrize(("answered_for", "status"), [("other.txt", 503), ("fid:2", 200)],
+                         ids=["another-key", "the-filepaths-plugins-name"])
+def test_a_file_info_about_another_key_is_not_taken_for_the_keys(answered_for: str, status: int) -> None:
     """A tracker answering another request (or a proxy in front of it mixing them up): the key
-    was served with the other file's ETag and bytes."""
+    was served with the other file's ETag and bytes. The FilePaths plugin names every key
+    ``fid:<fid>`` in file_info's answer: that one is the key's."""
     node = KeptAliveNode(honest)
     url = f"http://127.0.0.1:{node.port}/dev1/0/000/000/0000000002.fid"
-    knowing_the_other = files_tracker({"other.txt": (2, 10, [url])})
+    knowing_the_other = files_tracker({answered_for: (2, 10, [url])})
     knowing_the_other.stop()  # its script answers through the tracker below
-    tracker = ScriptedTracker(lambda line: knowing_the_other.script(line.replace(b"key=asked.txt", b"key=other.txt")))
+    asked, told = b"key=asked.txt", f"key={answered_for}".encode()
+    tracker = ScriptedTracker(lambda line: knowing_the_other.script(line.replace(asked, told)))
     reply = _answer_of(tracker, node, "/mogilefs/asked.txt")
-    assert reply.status_int == 503 and "ETag" not in reply.headers and reply.body != TEN
+    assert reply.status_int == status and (reply.body == TEN) is (status == 200)
+    assert ("ETag" in reply.headers) is (status == 200)
+
+
+@pytest.mark.parametrize(("url", "usable"), [
+    ("http://10.0.0.1:7500/dev1/0/000/000/0000000001.fid", True),
+    ("http://[fe80::1%25eth0]:7500/dev1/0/000/000/0000000001.fid", True),
+    ("http://lb/@store1/dev1/0/000/000/0000000001.fid", True),  # an @ in the path names no user
+    ("http://10.0.0.1:7500/dev1/0/000/000/0000000001.fid?signature=abc", True),
+    ("http://user@10.0.0.1:7500/dev1/0/000/000/0000000001.fid", False),
+    ("http://10.0.0.1:7500/dev1/0/000/000/0000000002.fid#/0000000001.fid", False),
+    ("http://10.0.0.1:7500/" + "d" * 2048 + "/0000000001.fid", False),
+])
+def test_replica_urls_as_storage_nodes_give_them_are_usable(url: str, usable: bool) -> None:
+    assert is_replica_url(url) is usable

@@ -663,11 +663,14 @@ def test_the_django_view_answers_with_the_metrics(devmogile: DevMogileFS, counts
     assert (refused.status_code, refused["Allow"]) == (405, "GET, HEAD")
 
 
-def test_without_the_extra_the_import_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("module", ["mogile_middleware.prometheus", "mogile_middleware.contrib.django.metrics"])
+def test_without_the_extra_the_import_names_it(monkeypatch: pytest.MonkeyPatch, module: str) -> None:
+    pytest.importorskip("django")
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # as if it were not installed
     monkeypatch.delitem(sys.modules, "mogile_middleware.prometheus")
+    monkeypatch.delitem(sys.modules, "mogile_middleware.contrib.django.metrics", raising=False)
     with pytest.raises(ModuleNotFoundError, match=re.escape("pip install 'mogile_middleware[prometheus]'")):
-        importlib.import_module("mogile_middleware.prometheus")
+        importlib.import_module(module)
 
 
 @pytest.mark.parametrize(("options", "named"), [

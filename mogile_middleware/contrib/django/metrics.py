@@ -9,16 +9,13 @@ from __future__ import annotations
 
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.http import require_safe
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ...prometheus import registry
+from ...prometheus import exposition
 
 
 @require_safe
 def view(request: HttpRequest) -> HttpResponse:
     """Every worker's metrics in Prometheus' text format, those named by ``name[]`` if the scrape
     names some (as prometheus_client's own endpoints do); a 405 for a method other than GET and HEAD."""
-    exposed = registry()
-    names = request.GET.getlist("name[]")
-    return HttpResponse(generate_latest(exposed.restricted_registry(names) if names else exposed),
-                        content_type=CONTENT_TYPE_LATEST)
+    body, content_type = exposition(request.GET.getlist("name[]"))
+    return HttpResponse(body, content_type=content_type)
