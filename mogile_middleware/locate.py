@@ -499,11 +499,10 @@ def is_clean_url(url: str) -> bool:
 
 
 def _replicas(key: str, listed: list[str]) -> tuple[str, ...]:
-    """The replica URLs of ``key`` a ``get_paths`` answer gives that may be used: clean ones
-    (:func:`is_replica_url`) naming the fid the first names, :data:`PATH_COUNT` at most. A tracker
-    lists no more than it was asked for; one that lists more, or mixes files, misspeaks: each of
-    its URLs would be tried in turn (each a ``storage_timeout`` when silent) and go into the
-    reproxy headers, and the ETag, read from the first, would name another file's bytes."""
+    """The replica URLs of ``key`` a ``get_paths`` answer gives that may be used (the client reads
+    as many as it asked for): clean ones (:func:`is_replica_url`) naming the fid the first names.
+    A tracker that mixes files misspeaks: the ETag, read from the first, would name another
+    file's bytes."""
     usable = []
     for url in listed:
         if is_replica_url(url):
@@ -514,7 +513,7 @@ def _replicas(key: str, listed: list[str]) -> tuple[str, ...]:
     same = tuple(url for url in usable if fid_of(url) == named)
     if len(same) < len(usable):
         log.warning("ignoring replica URLs of %r that name another file than %r", key, same[0])
-    return same[:PATH_COUNT]
+    return same
 
 
 def is_replica_url(url: str) -> bool:

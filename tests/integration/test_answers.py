@@ -181,3 +181,25 @@ def test_a_forged_memcached_entry_is_a_miss_through_gunicorn(devmogile: DevMogil
     for reply in (first, second):
         assert reply.status == 200 and "169.254" not in reply.headers["x-reproxy-url"]
         assert reply.headers["x-reproxy-url"].endswith(".fid")
+
+
+@pytest.mark.parametrize("mode", ["perlbal", "nginx"])
+@pytest.mark.parametrize("serving", sorted(SERVERS))
+def test_the_reproxy_headers_name_as_many_replicas_as_were_asked_for(serving: str, mode: str) -> None:
+    """A tracker listing five replicas of a key asked for two: all went into the headers (one
+    X-REPROXY-URL of five, or X-Reproxy-URL-2 to -5), as they reach a proxy on the wire."""
+    urls = [f"http://127.0.0.1:{7500 + n}/dev{n}/0/000/000/0000000001.fid" for n in range(1, 6)]
+    tracker = files_tracker({"k.txt": (1, 10, urls)})
+    env = {"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": tracker.tracker, "MOGILE_REPROXY": mode,
+           "MOGILE_TRUSTED_PROXIES": "127.0.0.1"}
+    proxy = {"X-Proxy-Capabilities": "reproxy-file"} if mode == "perlbal" else {"X-Sendfile-Type": "X-Accel-Redirect"}
+    try:
+        with SERVERS[serving](env) as server:
+            reply = ask(server, "k.txt", proxy)
+    finally:
+        tracker.stop()
+    reproxied = [(name.lower(), value) for name, value in reply.fields if name.lower().startswith("x-reproxy-url")]
+    if mode == "perlbal":
+        assert reproxied == [("x-reproxy-url", " ".join(urls[:2]))]
+    else:
+        assert reproxied == [("x-reproxy-url", urls[0]), ("x-reproxy-url-2", urls[1])]
