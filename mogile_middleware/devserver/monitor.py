@@ -6,7 +6,8 @@ and ``create_open`` quickly and comes back once it answers again. An answer make
 ``writeable`` (``readable`` when its state forbids writing) and gives its disk figures; no answer
 makes it ``unreachable`` once its host has answered before (never-reached hosts leave it blank,
 as there). Devices in a state the monitor skips (down, dead, or on such a host) keep what was
-last observed. A device seen becoming writeable triggers ``on_recovery``.
+last observed. A device seen becoming writeable triggers ``on_recovery``, and so does one seen
+writeable again after a round skipped it (marked down, then alive): its missing copies are made.
 
 Knowingly unlike mogilefsd, a node answering HTTP for the device directory but with no usage file
 (a plain web server docroot added with ``add_storage_node``) counts as writeable, without figures;
@@ -78,6 +79,7 @@ class DeviceMonitor:
         self._on_recovery = on_recovery
         self._interval = interval
         self._seen: dict[int, Observation] = {}
+        self._skipped: set[int] = set()  # devices the last round did not look at
         self._reached_hosts: set[int] = set()
         self._round = threading.Lock()  # one round at a time: the thread's, or one a command asked for
         self._stop = threading.Event()
@@ -91,7 +93,11 @@ class DeviceMonitor:
                 if may_read(device.status, device.host_status):
                     before = self._seen.get(device.devid, Observation())
                     after = self._observe(device, before)
-                    recovered |= after.state == "writeable" and before.state != "writeable"
+                    back = before.state != "writeable" or device.devid in self._skipped
+                    recovered |= after.state == "writeable" and back
+                    self._skipped.discard(device.devid)
+                else:
+                    self._skipped.add(device.devid)
         if recovered and self._on_recovery is not None:
             self._on_recovery()
 

@@ -171,6 +171,23 @@ def test_a_host_marked_down_is_not_used(client: LineClient) -> None:
     assert client.call("create_open", domain=DOMAIN, key="k").startswith(b"ERR no_devices ")
 
 
+@pytest.mark.parametrize(("command", "which", "field"), [
+    ("set_state", {"host": "stor2", "device": 2}, "state"),
+    ("update_host", {"host": "stor2"}, "status"),
+], ids=["device", "host"])
+def test_copies_missed_while_marked_down_are_made_once_marked_alive(
+        client: LineClient, command: str, which: dict[str, Any], field: str) -> None:
+    """As mogilefsd retries a copy that found no device: a two-copy file stored while the other
+    device (or its host) was down gets its second copy once it is alive again."""
+    client.ok(command, **which, **{field: "down"})
+    assert upload(client, DOMAIN, "while-down", b"data", "avatar") == b"OK \r\n"
+    assert client.ok("file_info", domain=DOMAIN, key="while-down")["devcount"] == "1"
+    client.ok(command, **which, **{field: "alive"})
+    devcount = eventually(lambda: client.ok("file_info", domain=DOMAIN, key="while-down")["devcount"],
+                          lambda count: count == "2")
+    assert devcount == "2"
+
+
 def test_a_second_copy_goes_to_another_device_of_the_host_when_no_other_host_takes_it(
         devmogile: DevMogileFS, client: LineClient) -> None:
     """As mogilefsd's ``MultipleHosts()``: with no other host to take a copy, another device of a
