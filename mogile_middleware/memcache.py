@@ -37,6 +37,7 @@ from pymemcache.exceptions import MemcacheError, MemcacheIllegalInputError
 from .deadline import checked_seconds
 from .forking import renew_in_child
 from .locate import Location, is_clean_url
+from .protocol import to_bytes
 from .signing import secrets_given
 from .throttle import ThrottledLog
 from .tracker import is_host
@@ -237,8 +238,8 @@ class MemcachedBackend:
 
     def _memcached_key(self, key: str) -> str:
         # memcached keys are at most 250 bytes of ASCII without blanks or control characters, while
-        # MogileFS keys can be longer and hold any of them: a digest fits every key.
-        return self.prefix + hashlib.sha1(key.encode("utf-8")).hexdigest()
+        # MogileFS keys can be longer and hold any of them (any bytes): a digest fits every key.
+        return self.prefix + hashlib.sha1(to_bytes(key)).hexdigest()
 
     def renew_after_fork(self) -> None:
         # The parent's sockets are shared with it: start afresh, never touch the inherited ones.

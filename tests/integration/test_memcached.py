@@ -276,11 +276,16 @@ def test_a_mark_asks_a_server_taken_for_dead_each_time_and_is_left_once_it_is_ba
     assert reader.get("k") is None
 
 
-def test_keys_memcached_could_not_hold_work_and_stay_distinct(backend: MemcachedBackend) -> None:
-    keys = ["with spaces in it", " leading blank", "ünïcødé/файл.png", "tab\there", "k" * 255, "k" * 253 + "é"]
+def test_keys_memcached_could_not_hold_work_and_stay_distinct(backend: MemcachedBackend,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    keys = ["with spaces in it", " leading blank", "ünïcødé/файл.png", "tab\there", "k" * 255, "k" * 253 + "é",
+            "caf\udce9", "caf\udce8"]  # the last two not UTF-8 (b"caf\xe9"), as clients give such keys
     for number, key in enumerate(keys):
         backend.set(key, location(number, key), 1.0, 60)
     assert [backend.get(key) for key in keys] == [(location(number, key), 1.0) for number, key in enumerate(keys)]
+    for key in keys:
+        backend.delete(key)
+    assert [backend.get(key) for key in keys] == [None] * len(keys) and not caplog.records
 
 
 def test_servers_are_written_as_trackers_are() -> None:
