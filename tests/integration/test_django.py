@@ -26,11 +26,13 @@ from conftest import CLASSES, DOMAIN
 from forks import children_failing, holding
 from django.conf import settings
 from django.core.asgi import get_asgi_application
+from django.core.checks import run_checks
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files.base import ContentFile, File
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.files.storage import FileSystemStorage
 from django.core.management import call_command
+from django.core.management.base import SystemCheckError
 from django.core.wsgi import get_wsgi_application
 from django.db.migrations.writer import MigrationWriter
 from django.templatetags.static import static as static_url
@@ -455,6 +457,9 @@ def test_the_modified_time_is_the_earliest_replicas_as_later_copies_are_dated_wh
         (replica,) = mogile.data_dir.glob("stor*" + urlsplit(url).path)  # type: ignore[union-attr]
         os.utime(replica, (made, made))
     assert {MogileFSStorage().get_modified_time(name).timestamp() for _ in range(12)} == {stored}
+    assert MogileFSStorage().get_created_time(name).timestamp() == stored  # a file stored is never changed
+    with pytest.raises(NotImplementedError):
+        MogileFSStorage().get_accessed_time(name)  # MogileFS keeps no time of reads
     (replica,) = mogile.data_dir.glob("stor*" + urlsplit(paths[0]).path)  # type: ignore[union-attr]
     replica.unlink()  # one replica gone: the other's time
     assert MogileFSStorage().get_modified_time(name).timestamp() == stored + 3600
@@ -1274,6 +1279,17 @@ def test_wrong_or_missing_setting(name: str, value: object, call: Callable[[], o
         call()
 
 
+@pytest.mark.parametrize(("name", "value", "call"), SETTINGS_ERRORS)
+def test_manage_py_check_names_a_wrong_or_missing_setting(name: str, value: object, call: Callable[[], object]) -> None:
+    """Before a deploy, where it was found at the first request or save."""
+    with with_settings(**{name: value}), pytest.raises(SystemCheckError, match=re.escape(name)):
+        call_command("check")
+
+
+def test_manage_py_check_passes_the_example_sites_settings() -> None:
+    assert [message for message in run_checks() if message.id.startswith("mogile_middleware.")] == []
+
+
 STORAGE_OPTION_ERRORS = [
     pytest.param({"bucket": "media"}, "'bucket'", id="unknown"),
     pytest.param({"mogile_class": ""}, "'mogile_class'", id="class-empty"),
@@ -1288,6 +1304,10 @@ STORAGE_OPTION_ERRORS = [
 def test_wrong_storage_option(options: dict[str, object], named: str) -> None:
     with pytest.raises(ImproperlyConfigured, match=named):
         MogileFSStorage(**options)
+    thumbs = {"BACKEND": "gallery.storage.AvatarStorage", "OPTIONS": options}  # a subclass too
+    with override_settings(STORAGES={**settings.STORAGES, "thumbs": thumbs}), \
+            pytest.raises(SystemCheckError, match=re.escape("STORAGES['thumbs']") + ".*" + named):
+        call_command("check")
 
 
 def test_a_child_forked_while_a_thread_gets_the_shared_client_can_get_it(mogile: DevMogileFS) -> None:

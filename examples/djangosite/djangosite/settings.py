@@ -21,6 +21,7 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "gallery",
+    "mogile_middleware.contrib.django",  # manage.py check reads the MOGILEFS_* settings
 ]
 
 MIDDLEWARE = [

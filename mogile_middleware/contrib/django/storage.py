@@ -384,6 +384,11 @@ class MogileFSStorage(Storage):
             raise NotImplementedError(f"the storage nodes told no time for {name!r}: {stamps!r}")
         return datetime.fromtimestamp(min(seconds), tz=timezone.utc if settings.USE_TZ else None)
 
+    def get_created_time(self, name: str) -> datetime:
+        """:meth:`get_modified_time`: a file is never changed once stored (storing its name again
+        stores a new file), so it was created when it was stored."""
+        return self.get_modified_time(name)
+
     def exists(self, name: str) -> bool:
         """True if the key exists, or keys are under ``name`` (a directory :meth:`listdir` lists, its
         final slash given or not), or for the root ``""``, as ``FileSystemStorage`` answers:

@@ -16,10 +16,16 @@ def wrap_wsgi(application: WSGIApp) -> MogileFSMiddleware:
     With ``MOGILEFS_MEMCACHED_SERVERS`` the middleware caches paths in the memcached from which
     the client's writes drop them.
     """
+    middleware = configured_middleware(application)
+    listen_to_media_changes(middleware.locator.changed, besides=middleware.client)  # which it listens to already
+    return middleware
+
+
+def configured_middleware(application: WSGIApp) -> MogileFSMiddleware:
+    """The middleware the settings describe around ``application``, with the shared client,
+    listening to no other client (as ``manage.py check`` builds it)."""
     client = get_client()
     options = conf.middleware_options()
     if client.cache_backend is not None:
         options["cache_backend"] = client.cache_backend
-    middleware = conf.configured(lambda: MogileFSMiddleware(application, client=client, **options))
-    listen_to_media_changes(middleware.locator.changed, besides=client)  # which it listens to already
-    return middleware
+    return conf.configured(lambda: MogileFSMiddleware(application, client=client, **options))
