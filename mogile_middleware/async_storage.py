@@ -49,6 +49,7 @@ from .storage import (
     byte_view,
     content_length,
     cut_midway,
+    put_dropped,
     put_pieces,
     is_interim,
     parse_head,
@@ -669,8 +670,9 @@ class AsyncPutStream:
             raise StorageError(f"PUT {self.url} stalled: the node took nothing for {self._timeout:g}s",
                                self.url) from None
         except OSError as error:
+            failure = put_dropped(self.url, connection._sock, error)
             self.abort()
-            raise StorageError(f"PUT {self.url} dropped: {error or type(error).__name__}", self.url) from error
+            raise failure from error
         except BaseException:
             self.abort()
             raise

@@ -715,8 +715,9 @@ class PutStream:
             if self._chunked:
                 sock.sendall(b"\r\n")
         except OSError as error:
+            failure = put_dropped(self.url, sock, error)
             self.abort()
-            raise StorageError(f"PUT {self.url} dropped: {error or type(error).__name__}", self.url) from error
+            raise failure from error
         self._written += len(data)
 
     def finish(self) -> None:
@@ -743,3 +744,17 @@ class PutStream:
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.close()
+
+
+def put_dropped(url: str, sock: socket.socket, error: OSError) -> StorageError:
+    """The error of a PUT whose body the node stopped taking: its own answer when it sent one
+    before closing (a 507 when its disk is full, 500, 403), read without waiting, as RFC 9112 9.5
+    has a client sending a body watch for; else what the connection gave."""
+    try:
+        status_line = sock.recv(MAX_HEAD, socket.MSG_DONTWAIT).partition(b"\r\n")[0]
+        status = parse_head(url, status_line)[0] if status_line else 0
+    except (OSError, StorageError):
+        status = 0
+    if status < 200:
+        return StorageError(f"PUT {url} dropped: {error or type(error).__name__}", url)
+    return StorageError(f"PUT {url} answered HTTP {status} before taking all of the body", url, status)

@@ -963,6 +963,22 @@ def test_a_put_refused_is_told_by_its_status_whatever_its_body(nodes, kind: str)
     assert time.monotonic() - started < 1
 
 
+def refusing_at_once(conn: socket.socket) -> None:
+    """mogstored with a full disk: its refusal before the body, then the connection closed unread."""
+    conn.sendall(b"HTTP/1.0 507 Insufficient Storage\r\nContent-Length: 0\r\n\r\n")
+    conn.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_put_refused_before_its_body_is_told_by_its_status_not_the_broken_pipe(nodes, kind: str) -> None:
+    """RFC 9112 9.5: a client sending a body watches for an early answer. The node's 507 read as a
+    broken pipe, which sent its operators looking for a network fault rather than a full disk."""
+    node = nodes(refusing_at_once)
+    with pytest.raises(StorageError, match="answered HTTP 507 before taking all of the body") as raised:
+        _put(kind, node.url, b"x" * (16 * 1024 * 1024), timeout=5)
+    assert raised.value.status == 507
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_a_put_finished_or_aborted_takes_nothing_more(nodes, kind: str) -> None:
     """The blocking PUT answered a write or a finish after its end with a socket's error."""
