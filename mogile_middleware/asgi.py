@@ -75,6 +75,8 @@ _PRESENCE_ONLY = frozenset((b"x-forwarded-for", b"x-reproxy-failed"))
 #: body itself (a file the body cache keeps; empty for HEAD), and the key (for the log).
 Streamed = tuple[str, Headers, AsyncResumedReplica | bytes, str]
 _SERVE = SERVE_HEADER_LOWER.encode("latin-1")
+#: The status of a request whose client went away before its answer: nginx's "client closed request".
+CLIENT_GONE = 499
 #: The scheme and authority of an absolute-form target (``GET http://host/path``), which a server
 #: must accept (RFC 9112, 3.2.2) and daphne and hypercorn pass on as the path.
 _ABSOLUTE_FORM = re.compile(r"\A[A-Za-z][A-Za-z0-9+.-]*://[^/]*")
@@ -142,8 +144,9 @@ class MogileFSMiddleware(MiddlewareCore):
                 if warm is not None and raw_path and self._answers_repeat:
                     self._keep(raw_path, inputs or _inputs(scope), warm, location)  # type: ignore[arg-type]
                 answer = warm or await _unless_gone(self._answer(environ, key, location), watch)
-                if answer is None:
-                    return  # the client went away meanwhile: its lookup and its replica were given up
+                if answer is None:  # the client went away meanwhile: its lookup and its replica were given up
+                    await _answer_gone(send)
+                    return
             await self._send(answer, send, watch, scope)
         finally:
             await watch.end()
@@ -191,7 +194,9 @@ class MogileFSMiddleware(MiddlewareCore):
         watch = _Watch(receive, scope)
         try:
             answer = await _unless_gone(self._file_answer_for_view(scope, served, cookies), watch)
-            if answer is not None:
+            if answer is None:
+                await _answer_gone(send)
+            else:
                 await self._send(answer, send, watch, scope, recurring=False)
         finally:
             await watch.end()
@@ -429,6 +434,18 @@ async def _unless_gone(answering: Awaitable[Answer | Streamed], watch: _Watch) -
         raise
     _close_unclaimed(work)
     return None
+
+
+async def _answer_gone(send: Send) -> None:
+    """Answer a request whose client went away before its answer with nginx's 499, "client
+    closed request", which nobody reads (a server drops it, or raises): a middleware in front that
+    waits for an answer (Starlette's ``BaseHTTPMiddleware``) gets one, rather than raise "No
+    response returned" into the server's log."""
+    try:
+        await send({"type": "http.response.start", "status": CLIENT_GONE, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+    except (OSError, RuntimeError):  # the server's word that the client has gone, as _send_body reads it
+        pass
 
 
 def _close_unclaimed(work: asyncio.Future[Answer | Streamed]) -> None:

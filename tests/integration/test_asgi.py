@@ -406,9 +406,9 @@ async def serving_view(scope: dict[str, Any], receive: Any, send: Any) -> None:
 @pytest.mark.parametrize("asked", ["under the prefix", "by a view", "with respond_with"])
 def test_a_client_gone_while_its_file_is_looked_up_ends_the_request_and_the_lookup(asked: str) -> None:
     """A tracker that does not answer, a client that leaves after 50 ms: the request ends then,
-    with nothing sent, and its lookup is given up, so that it holds none of the loop's tracker
-    requests in flight from the clients still there (here one at most: the next request asks).
-    The same for a file an application's view asks for."""
+    answered 499 (which nobody reads), and its lookup is given up, so that it holds none of the
+    loop's tracker requests in flight from the clients still there (here one at most: the next
+    request asks). The same for a file an application's view asks for."""
     silent = SilentServer()
     middleware = MogileFSMiddleware(serving_view, domain=DOMAIN, trackers=[silent.tracker], io_timeout=5)
     middleware.client.pool.max_connections = 1
@@ -438,7 +438,59 @@ def test_a_client_gone_while_its_file_is_looked_up_ends_the_request_and_the_look
         took = asyncio.run(requests())
     finally:
         silent.stop()
-    assert took < 1 and sent == [] and silent.connections == 2
+    gone = [{"type": "http.response.start", "status": 499, "headers": []}, {"type": "http.response.body", "body": b""}]
+    assert took < 1 and sent == gone * 2 and silent.connections == 2
+
+
+def test_a_server_raising_at_the_answer_to_a_client_gone_is_no_error() -> None:
+    """ASGI 2.4: a server may raise an OSError when sent anything for a client gone (uvloop's
+    transports a RuntimeError); the request still ends quietly."""
+    silent = SilentServer()
+    middleware = MogileFSMiddleware(Recorder(), domain=DOMAIN, trackers=[silent.tracker], io_timeout=5)
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(0.05)
+        return {"type": "http.disconnect"}
+
+    try:
+        for error in (OSError("the client has gone"), RuntimeError("unable to perform operation on closed transport")):
+            async def send(message: dict[str, Any]) -> None:
+                raise error
+            asyncio.run(middleware(http_scope("/mogilefs/any.txt"), receive, send))
+    finally:
+        silent.stop()
+
+
+def test_a_client_gone_while_its_file_is_looked_up_is_no_error_in_starlettes_base_http_middleware() -> None:
+    """Starlette's ``BaseHTTPMiddleware`` in front raised "No response returned" for a request
+    answered with nothing, which uvicorn logged as an exception in the application each time."""
+    from starlette.applications import Starlette
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    silent = SilentServer()
+    statuses: list[int] = []
+
+    async def dispatch(request: Any, call_next: Any) -> Any:
+        response = await call_next(request)
+        statuses.append(response.status_code)
+        return response
+
+    app = Starlette()
+    app.add_middleware(MogileFSMiddleware, domain=DOMAIN, trackers=[silent.tracker], io_timeout=5)
+    app.add_middleware(BaseHTTPMiddleware, dispatch=dispatch)
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(0.05)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass  # as uvicorn drops what is sent to a client gone
+
+    try:
+        asyncio.run(app(http_scope("/mogilefs/any.txt"), receive, send))
+    finally:
+        silent.stop()
+    assert statuses == [499]
 
 
 def test_a_request_task_cancelled_as_its_replica_opens_leaves_no_storage_connection_open(
