@@ -76,6 +76,12 @@ class CacheBackend(Protocol):
         """
 
 
+def is_cache_backend(value: object) -> bool:
+    """True for an object with the methods of a :class:`CacheBackend` (a server's address given in
+    its place would turn every drop of a changed key into a logged error)."""
+    return all(callable(getattr(value, method, None)) for method in ("get", "set", "delete"))
+
+
 class MemoryCache:
     """An in-process :class:`CacheBackend` bounded to ``max_entries`` keys, thread-safe.
 

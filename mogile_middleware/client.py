@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NamedTuple
 
-from .cache import CacheBackend, entry_key
+from .cache import CacheBackend, entry_key, is_cache_backend
 from .deadline import checked_seconds
 from .exceptions import BadKeyError, KeyChangingError, NoneMatchError, ProtocolError, UnknownKeyError, named_errors
 from .nodepool import nodes
@@ -66,7 +66,9 @@ def get_paths_request(key: str, noverify: bool = True, zone: str | None = None, 
     for as many paths as mogilefsd lists at most (``pathcount``, 2 at least): each is tried in
     turn, a ``storage_timeout`` each when silent."""
     check_any_key(key)
-    at_most = max(pathcount, 2) if isinstance(pathcount, int) else None
+    if isinstance(pathcount, bool) or not isinstance(pathcount, int) or pathcount < 1:
+        raise ValueError(f"pathcount must be a whole number >= 1, not {pathcount!r}")
+    at_most = max(pathcount, 2)
     return Request("get_paths", {"key": key, "noverify": 1 if noverify else 0, "zone": zone, "pathcount": pathcount},
                    read=lambda reply: paths_of(reply)[:at_most])
 
@@ -353,6 +355,11 @@ class ClientBase:
             raise ValueError("a MogileFS domain is required")
         if not isinstance(domain, str):
             raise ValueError(f"domain must be a domain's name, not {domain!r}")
+        if pool is not None and not isinstance(pool, self.pool_class):
+            raise ValueError(f"pool must be a {self.pool_class.__name__}, or None, not {pool!r}")
+        if cache_backend is not None and not is_cache_backend(cache_backend):
+            raise ValueError(f"cache_backend must be an object with get, set and delete (a CacheBackend, such as "
+                             f"MemcachedBackend), or None, not {cache_backend!r}")
         self.domain = domain
         self.pool = pool or self.pool_class(
             trackers, connect_timeout=connect_timeout, io_timeout=io_timeout, dead_seconds=dead_seconds
@@ -368,6 +375,8 @@ class ClientBase:
     def add_change_listener(self, listener: ChangeListener) -> None:
         """Call ``listener`` with every key this client writes, renames or deletes, also when the
         tracker's answer was lost (the key may have changed). A listener that raises is logged."""
+        if not callable(listener):
+            raise TypeError(f"a change listener is a function of the key, not {listener!r}")
         if inspect.iscoroutinefunction(listener) and not self.awaits_listeners:
             raise TypeError(f"{type(self).__name__} calls its change listeners without awaiting them: "
                             f"{listener!r} is a coroutine function (the asyncio client awaits them)")

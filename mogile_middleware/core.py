@@ -22,7 +22,7 @@ from urllib.parse import quote, unquote_to_bytes
 
 from . import http
 from .bodies import ENTRY_BYTES, BodyCache
-from .cache import CacheBackend
+from .cache import CacheBackend, is_cache_backend
 from .content import ContentPolicy
 from .deadline import checked_seconds
 from .exceptions import (
@@ -215,6 +215,8 @@ class MiddlewareCore:
                          perlbal_cache_seconds=perlbal_cache_seconds, retry_after_seconds=retry_after_seconds,
                          path_cache_entries=path_cache_entries, body_cache_bytes=body_cache_bytes,
                          body_cache_file_bytes=body_cache_file_bytes)
+        if not callable(app):
+            raise ValueError(f"app must be the application to wrap, not {app!r}")
         _refuse_mistyped(require_proxy_header=require_proxy_header, trusted_files=trusted_files,
                          allow_app_reproxy=allow_app_reproxy, key_for_path=key_for_path, authorize=authorize,
                          cache_backend=cache_backend, mimetypes=mimetypes)
@@ -333,6 +335,8 @@ class MiddlewareCore:
         key = check_url_key(key)
         if self.key_for_path is not None and path is None:
             raise ValueError("with key_for_path, url_for needs the path that maps to the key")
+        if path is not None and not isinstance(path, str):
+            raise TypeError(f"path must be the text of a URL path after the prefix, not {type(path).__name__}")
         named = check_linked_path(key if path is None else path)
         url = local_link(quote(self.prefix + named, safe="/"))
         return url if self.signer is None else f"{url}?{self.signer.query(named, expires_in)}"
@@ -517,8 +521,7 @@ def _refuse_mistyped(*, require_proxy_header: object, trusted_files: object, all
             ("allow_app_reproxy", allow_app_reproxy)]),
         *((name, value, value is None or callable(value), "a function, or None") for name, value in [
             ("key_for_path", key_for_path), ("authorize", authorize)]),
-        ("cache_backend", cache_backend,
-         cache_backend is None or all(callable(getattr(cache_backend, method, None)) for method in ("get", "set", "delete")),
+        ("cache_backend", cache_backend, cache_backend is None or is_cache_backend(cache_backend),
          "an object with get, set and delete (a CacheBackend), or None"),
         ("mimetypes", mimetypes, mimetypes is None or isinstance(mimetypes, Mapping),
          "a mapping of extensions to types, or None"),
@@ -561,9 +564,9 @@ def parse_trusted_proxies(proxies: Iterable[str]) -> tuple[ipaddress.IPv4Network
     """Addresses and networks (``"10.0.0.0/24"``, ``"::1"``), and :data:`UNIX_SOCKET` for the peer of
     a unix socket; raises ``ValueError`` naming a bad one."""
     if isinstance(proxies, (str, bytes, bytearray)):  # each character (each byte's number) taken for an address
-        raise ValueError(f"expected a list of addresses or networks, not the string {proxies!r}")
+        raise ValueError(f"trusted_proxies must be a list of addresses or networks, not the string {proxies!r}")
     if not isinstance(proxies, Iterable):
-        raise ValueError(f"expected a list of addresses or networks, not {type(proxies).__name__}")
+        raise ValueError(f"trusted_proxies must be a list of addresses or networks, not {type(proxies).__name__}")
     parsed: list[ipaddress.IPv4Network | ipaddress.IPv6Network | str] = []
     for proxy in proxies:
         if not isinstance(proxy, str):  # ip_network() takes a number, or 4 bytes, for an address

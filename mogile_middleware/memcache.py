@@ -26,7 +26,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from pymemcache.client.base import Client, check_key_helper, normalize_server_spec
@@ -99,10 +99,14 @@ class MemcachedBackend:
     def __init__(self, servers: str | Sequence[str] = "127.0.0.1:11211", *, prefix: str = "mogile:",
                  connect_timeout: float = 0.2, timeout: float = 0.5, client: Any = None,
                  secret: str | bytes | Sequence[str | bytes] | None = None) -> None:
+        if isinstance(servers, (bytes, bytearray)) or not isinstance(servers, (str, Iterable)):
+            raise ValueError(f"servers must be host:port text or a list of them, not {servers!r}")
         items = servers.replace(",", " ").split() if isinstance(servers, str) else list(servers)
         if client is None and not items:
             raise ValueError("no memcached server given")
         self.servers = [_server(item) for item in items]
+        if not isinstance(prefix, str):
+            raise ValueError(f"prefix must be text, not {prefix!r}")
         self.prefix = prefix
         try:  # a bad prefix would otherwise turn every request into a logged miss
             check_key_helper(self._memcached_key(""), allow_unicode_keys=False)
@@ -399,6 +403,8 @@ def _server(spec: str) -> tuple[str, int] | str:
     path of a unix socket; ValueError naming ``spec`` when its host or port is not one. pymemcache
     reads "a:1,b:2" as host "a:1,b", "::1" as host ":" and a URL as a host: no lookup finds them,
     and the shared cache was off at every request."""
+    if not isinstance(spec, str):
+        raise ValueError(f"memcached server {spec!r} is not host:port text")
     if spec.count(":") > 1 and not spec.startswith("[") and is_host(spec):  # "::1", as a tracker may be written
         return spec, MEMCACHED_PORT
     try:

@@ -57,7 +57,10 @@ def to_text(data: bytes) -> str:
 
 def key_bytes(text: str | bytes, what: str = "key") -> bytes:
     """The bytes of a key or of the start of keys (``what``); :class:`BadKeyError` for text UTF-8
-    cannot hold (a lone surrogate, which no file name or URL decodes to)."""
+    cannot hold (a lone surrogate, which no file name or URL decodes to), a TypeError for neither
+    text nor bytes."""
+    if not isinstance(text, (str, bytes)):
+        raise TypeError(f"{what} must be a str or bytes, not {type(text).__name__}")
     try:
         return to_bytes(text)
     except UnicodeEncodeError as error:

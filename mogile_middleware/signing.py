@@ -60,7 +60,7 @@ class URLSigner:
 
     def query(self, key: str, expires_in: float) -> str:
         """The query string that opens the path ``key`` for ``expires_in`` seconds from now."""
-        if not 0 < expires_in < math.inf:
+        if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)) or not 0 < expires_in < math.inf:
             raise ValueError(f"expires_in must be a number of seconds > 0, not {expires_in!r}")
         expires = math.ceil(self._clock() + expires_in)  # whole seconds, never shorter than asked
         if expires > LATEST_EXPIRY:

@@ -569,6 +569,11 @@ class Uploader:
     def __init__(self, client: UploadClient, *, verify_checksums: bool = True, checksums: str = "always") -> None:
         if checksums not in ("kept", "always"):
             raise ValueError(f"checksums must be 'kept' or 'always', not {checksums!r}")
+        if not isinstance(verify_checksums, bool):
+            raise ValueError(f"verify_checksums must be True or False, not {verify_checksums!r}")
+        if not (isinstance(getattr(client, "pool", None), TrackerPool) and callable(getattr(client, "new_file", None))):
+            raise TypeError(f"an Uploader writes through a blocking Client (AsyncClient stores files itself: "
+                            f"store_file, store_content), not {client!r}")
         self.client = client
         self.verify_checksums = verify_checksums
         self.checksums = checksums
@@ -585,6 +590,8 @@ class Uploader:
         (:class:`UnregClassError`, ``NoDevicesError``, ``TrackerUnavailableError``) or the source's own error.
         """
         check_key(key)  # before asking the tracker anything
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be a function of the bytes sent, not {progress!r}")
         if isinstance(source, (str, os.PathLike)):
             with open(source, "rb") as fileobj:
                 return self.upload(key, fileobj, cls, progress=progress, verify_checksum=verify_checksum)

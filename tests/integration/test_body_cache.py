@@ -256,11 +256,11 @@ def test_replicas_whose_urls_name_no_fid_are_named_by_their_version_and_never_ke
         if flavour == "wsgi":
             from webtest import TestApp
 
-            app = TestApp(MogileFSMiddleware(None, **options))
+            app = TestApp(MogileFSMiddleware(wrapped_app, **options))
             answers = [(reply.status_int, reply.body, reply.headers["ETag"]) for reply in
                        (app.get("/mogilefs/k"), app.get("/mogilefs/k"))]
         else:
-            middleware = ASGIMiddleware(None, **options)
+            middleware = ASGIMiddleware(wrapped_app, **options)
             answers = [(status, body, headers[b"etag"].decode()) for status, headers, body in
                        (_asgi_answer(middleware, "/mogilefs/k") for _ in range(2))]
         assert [(status, body) for status, body, _ in answers] == [(200, SMALL)] * 2

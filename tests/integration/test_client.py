@@ -596,6 +596,33 @@ def test_the_blocking_client_refuses_a_listener_it_could_not_await(devmogile: De
 
 
 @both_flavours
+def test_arguments_of_another_kind_are_refused_at_once_naming_them(flavour: Flavour) -> None:
+    """A memcached address given as the cache backend was taken, and every write then only logged
+    that it could not drop the key's paths: other processes kept serving its old version."""
+    tracker = ScriptedTracker(lambda line: b"OK key_count=0\r\n")
+    try:
+        for options, named in [({"cache_backend": "127.0.0.1:11211"}, "cache_backend must be"),
+                               ({"on_change": "reload"}, "change listener is a function"),
+                               ({"pool": "127.0.0.1:7001"}, "pool must be")]:
+            with pytest.raises((TypeError, ValueError), match=named):
+                flavour.Client(DOMAIN, [tracker.tracker], **options)
+        client = flavour.Client(DOMAIN, [tracker.tracker])
+        with pytest.raises(TypeError, match="change listener is a function"):
+            client.add_change_listener(None)
+        for call, named in [(lambda: client.get_paths("k", pathcount=float("nan")), "pathcount must be"),
+                            (lambda: client.get_paths("k", pathcount="2"), "pathcount must be"),
+                            (lambda: client.list_keys(42), "prefix must be a str or bytes, not int"),
+                            (lambda: client.list_keys("a", after=42), "after must be a str or bytes, not int")]:
+            with pytest.raises((TypeError, ValueError), match=named):
+                result = call()
+                if inspect.isawaitable(result):
+                    asyncio.run(result)
+        assert tracker.requests == []
+    finally:
+        tracker.stop()
+
+
+@both_flavours
 def test_change_listeners_hear_every_write_rename_and_delete(devmogile: DevMogileFS, flavour: Flavour) -> None:
     changed: list[str] = []
     also_changed: list[str] = []

@@ -27,6 +27,7 @@ from integration._gunicorn import REPO, run_gunicorn
 from integration._wire_client import free_port, read_http_reply
 from integration.test_client import _scripted_open, dropping_node  # noqa: F401 (a fixture)
 from integration.test_asgi import http_scope, run
+from integration.test_middleware import wrapped_app
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from webtest import TestApp
@@ -134,13 +135,15 @@ def test_the_body_cache_counts_hits_misses_and_the_bytes_it_serves(devmogile: De
 
 
 def test_asgi_counts_a_kept_body_only_once_it_is_sent(devmogile: DevMogileFS, counts: Counts) -> None:
-    """A client gone as its answer from the body cache was decided got nothing, and its request
-    was not counted, but the bytes were, as if served."""
+    """A client gone as its answer from the body cache was decided got none of it (the 499 nobody
+    reads), and its request was not counted, but the bytes were, as if served."""
     Client(DOMAIN, devmogile.trackers).store_content("a.txt", CONTENT, "avatar")
-    middleware = ASGIMiddleware(None, domain=DOMAIN, trackers=devmogile.trackers, body_cache_bytes=1 << 20)
+    middleware = ASGIMiddleware(wrapped_app, domain=DOMAIN, trackers=devmogile.trackers, body_cache_bytes=1 << 20)
     assert run(middleware, http_scope("/mogilefs/a.txt"), [{"type": "http.request"}])[1]["body"] == CONTENT
     gone = run(middleware, http_scope("/mogilefs/a.txt"), [{"type": "http.request"}, {"type": "http.disconnect"}])
-    assert gone == [] and counts("body_cache_lookups_total", result="hit") == 1
+    assert gone == [{"type": "http.response.start", "status": 499, "headers": []},
+                    {"type": "http.response.body", "body": b""}]
+    assert counts("body_cache_lookups_total", result="hit") == 1
     assert counts("served_bytes_total") == len(CONTENT) and counts("requests_total") == 1
     run(middleware, http_scope("/mogilefs/a.txt", "HEAD"), [{"type": "http.request"}])
     assert counts("served_bytes_total") == len(CONTENT) and counts("requests_total") == 2  # HEAD sends none
@@ -425,7 +428,7 @@ def test_a_key_cached_as_missing_counts_one_hit_per_request_as_in_wsgi(devmogile
     middleware = ASGIMiddleware(app, domain=DOMAIN, trackers=devmogile.trackers)
     for _ in range(3):
         assert run(middleware, http_scope("/mogilefs/missing"), [{"type": "http.request"}])[0]["status"] == 404
-    wsgi = TestApp(MogileFSMiddleware(None, domain=DOMAIN, trackers=devmogile.trackers))
+    wsgi = TestApp(MogileFSMiddleware(wrapped_app, domain=DOMAIN, trackers=devmogile.trackers))
     for _ in range(3):
         wsgi.get("/mogilefs/missing", status=404)
     assert (counts("path_cache_misses_total"), counts("path_cache_hits_total")) == (2, 4)
@@ -536,7 +539,7 @@ def test_a_metrics_directory_gone_drops_the_events_not_the_requests(devmogile: D
         "from mogile_middleware.prometheus import record\n"
         "record()\n"
         "shutil.rmtree(sys.argv[1])\n"
-        "app = MogileFSMiddleware(None, domain=sys.argv[2], trackers=[sys.argv[3]])\n"
+        "app = MogileFSMiddleware(lambda environ, start_response: [], domain=sys.argv[2], trackers=[sys.argv[3]])\n"
         "for _ in range(2):\n"
         "    print(TestApp(app).get('/mogilefs/a.txt').body.decode())\n")
     done = subprocess.run([sys.executable, "-c", script, str(multiproc), DOMAIN, devmogile.trackers[0]],

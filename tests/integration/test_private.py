@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from integration._gunicorn import run_gunicorn, run_uvicorn
 from integration._wire_client import raw_http, read_http_reply
 from integration.test_asgi import run
+from integration.test_middleware import wrapped_app
 from integration.test_proxies import SERVERS, serving
 from wiretools import KeptAliveNode, files_tracker
 
@@ -138,9 +139,9 @@ def test_a_signed_url_lasts_at_least_what_was_asked_and_has_one_spelling() -> No
     assert url_signer.refusal("a.txt", query.replace("expires=", "expires=0")) is not None  # the same time, spelt again
     with pytest.raises(ValueError, match="latest time a signed URL holds"):
         url_signer.query("a.txt", 1e12)  # a URL nothing would verify
-    for never in (0, -1, math.inf, math.nan):
+    for never in (0, -1, math.inf, math.nan, None, "600", True):  # True was a link of a second
         with pytest.raises(ValueError, match="expires_in"):
-            url_signer.query("a.txt", never)
+            url_signer.query("a.txt", never)  # type: ignore[arg-type]
 
 
 def test_url_for_signs_as_the_middleware_checks() -> None:
@@ -152,6 +153,9 @@ def test_url_for_signs_as_the_middleware_checks() -> None:
     plain = MogileFSMiddleware(lambda e, s: [], domain=DOMAIN, trackers=["127.0.0.1:1"])
     assert plain.url_for("a&b=c?.txt") == "/mogilefs/a%26b%3Dc%3F.txt"
     assert plain.url_for("café.txt".encode()) == "/mogilefs/caf%C3%A9.txt"
+    for path in (42, b"a.txt"):  # an AttributeError from deep inside
+        with pytest.raises(TypeError, match="path must be the text of a URL path"):
+            plain.url_for("a.txt", path=path)  # type: ignore[arg-type]
 
 
 def test_a_url_under_the_prefix_slash_never_names_another_host(stored: DevMogileFS) -> None:
@@ -244,7 +248,7 @@ def test_anything_but_the_exact_signed_url_is_refused_without_asking_a_tracker(s
 
 def test_without_a_raw_path_a_link_signed_for_a_key_opens_no_key_with_more_after_a_hash(stored: DevMogileFS) -> None:
     # raw_path is optional in ASGI: a "#" in the decoded path is then a %23, part of the key.
-    middleware = ASGIMiddleware(None, domain=DOMAIN, trackers=stored.trackers, signing_key=SECRET)
+    middleware = ASGIMiddleware(wrapped_app, domain=DOMAIN, trackers=stored.trackers, signing_key=SECRET)
     path, _, query = signed_url("plain.txt").partition("?")
     scope = {"type": "http", "method": "GET", "path": f"{path}#x", "query_string": query.encode(), "root_path": "",
              "client": ("127.0.0.1", 5000), "http_version": "1.1", "scheme": "http", "headers": []}
@@ -266,11 +270,11 @@ def test_a_link_that_expired_while_the_proxy_tried_the_replicas_opens_its_file_w
                  "query_string": query.encode(), "root_path": "", "client": (client, 5000), "http_version": "1.1",
                  "scheme": "http", "headers": headers}
         if flavour == "asgi":
-            sent = run(ASGIMiddleware(None, **options), scope, [{"type": "http.request"}])
+            sent = run(ASGIMiddleware(wrapped_app, **options), scope, [{"type": "http.request"}])
             return sent[0]["status"], b"".join(message.get("body", b"") for message in sent[1:])
         from webtest import TestApp
 
-        answer = TestApp(MogileFSMiddleware(None, **options)).get(
+        answer = TestApp(MogileFSMiddleware(wrapped_app, **options)).get(
             target, headers={"X-Reproxy-Failed": "1"} if failed else {}, extra_environ={"REMOTE_ADDR": client},
             expect_errors=True)
         return answer.status_int, answer.body
@@ -959,7 +963,7 @@ def test_an_async_authorize_is_awaited(stored: DevMogileFS) -> None:
         asked.append((scope["path"], key))
         return dict(scope["headers"]).get(b"x-test-user") == b"allowed"
 
-    middleware = ASGIMiddleware(None, domain=DOMAIN, trackers=stored.trackers, authorize=authorize)
+    middleware = ASGIMiddleware(wrapped_app, domain=DOMAIN, trackers=stored.trackers, authorize=authorize)
     assert asgi_call(middleware, "/mogilefs/plain.txt")[0] == 403
     assert asgi_call(middleware, "/mogilefs/plain.txt", {"X-Test-User": "allowed"})[2] == FILES["plain.txt"]
     assert asked == [("/mogilefs/plain.txt", "plain.txt")] * 2
@@ -985,18 +989,18 @@ def test_the_wsgi_middleware_refuses_an_authorize_it_would_not_await(refuse: Any
     # Never awaited, the coroutine it made was a true answer: every file was served to everyone.
     with pytest.raises(TypeError, match="authorize must be a plain function: it makes a coroutine, and "
                                         "MogileFSMiddleware needs a true or false answer"):
-        MogileFSMiddleware(None, domain=DOMAIN, trackers=["127.0.0.1:7001"], authorize=refuse)
-    ASGIMiddleware(None, domain=DOMAIN, trackers=["127.0.0.1:7001"], authorize=refuse)  # which awaits it
+        MogileFSMiddleware(wrapped_app, domain=DOMAIN, trackers=["127.0.0.1:7001"], authorize=refuse)
+    ASGIMiddleware(wrapped_app, domain=DOMAIN, trackers=["127.0.0.1:7001"], authorize=refuse)  # which awaits it
     for middleware in (MogileFSMiddleware, ASGIMiddleware):  # neither awaits key_for_path
         with pytest.raises(TypeError, match="key_for_path must be a plain function: it makes a coroutine"):
-            middleware(None, domain=DOMAIN, trackers=["127.0.0.1:7001"], key_for_path=refuse)
+            middleware(wrapped_app, domain=DOMAIN, trackers=["127.0.0.1:7001"], key_for_path=refuse)
 
 
 def test_neither_middleware_takes_an_async_generator_for_an_answer() -> None:
     # Neither a coroutine to await nor a false value: the generator served every file.
     for middleware in (MogileFSMiddleware, ASGIMiddleware):
         with pytest.raises(TypeError, match="authorize must be a plain function: it makes an async generator"):
-            middleware(None, domain=DOMAIN, trackers=["127.0.0.1:7001"], authorize=_refusing_generator)
+            middleware(wrapped_app, domain=DOMAIN, trackers=["127.0.0.1:7001"], authorize=_refusing_generator)
 
 
 class _AsyncInstances:
@@ -1009,7 +1013,7 @@ class _AsyncInstances:
 
 def test_a_class_whose_instances_are_async_is_a_plain_authorize() -> None:
     # Calling the class makes an instance (a true answer of its own): nothing to await, not refused.
-    MogileFSMiddleware(None, domain=DOMAIN, trackers=["127.0.0.1:7001"], authorize=_AsyncInstances)
+    MogileFSMiddleware(wrapped_app, domain=DOMAIN, trackers=["127.0.0.1:7001"], authorize=_AsyncInstances)
 
 
 @contextlib.contextmanager
@@ -1031,16 +1035,16 @@ def test_a_wsgi_authorize_that_hands_on_a_coroutine_serves_nothing(stored: DevMo
     def hands_on_a_generator(environ: dict, key: str) -> Any:
         return _refusing_generator(environ, key)
 
-    app = TestApp(MogileFSMiddleware(None, domain=DOMAIN, trackers=stored.trackers, authorize=hands_on))
+    app = TestApp(MogileFSMiddleware(wrapped_app, domain=DOMAIN, trackers=stored.trackers, authorize=hands_on))
     with no_coroutine_left_unawaited():
         with pytest.raises(TypeError, match="authorize answered coroutine: the WSGI middleware needs"):
             app.get("/mogilefs/plain.txt")
-    generated = TestApp(MogileFSMiddleware(None, domain=DOMAIN, trackers=stored.trackers,
+    generated = TestApp(MogileFSMiddleware(wrapped_app, domain=DOMAIN, trackers=stored.trackers,
                                            authorize=hands_on_a_generator))
     with pytest.raises(TypeError, match="authorize answered async_generator"):
         generated.get("/mogilefs/plain.txt")
     with pytest.raises(TypeError, match="authorize answered async_generator: the ASGI middleware needs"):
-        asgi_call(ASGIMiddleware(None, domain=DOMAIN, trackers=stored.trackers, authorize=hands_on_a_generator),
+        asgi_call(ASGIMiddleware(wrapped_app, domain=DOMAIN, trackers=stored.trackers, authorize=hands_on_a_generator),
                   "/mogilefs/plain.txt")
 
 
@@ -1050,7 +1054,7 @@ def test_an_async_authorize_that_hands_on_a_coroutine_serves_nothing(stored: Dev
 
     with no_coroutine_left_unawaited():
         with pytest.raises(TypeError, match="authorize answered coroutine: the ASGI middleware needs"):
-            asgi_call(ASGIMiddleware(None, domain=DOMAIN, trackers=stored.trackers, authorize=hands_on),
+            asgi_call(ASGIMiddleware(wrapped_app, domain=DOMAIN, trackers=stored.trackers, authorize=hands_on),
                       "/mogilefs/plain.txt")
 
 
@@ -1062,8 +1066,8 @@ def test_a_key_for_path_that_answers_no_str_is_an_error_naming_it(stored: DevMog
         return _refuse(None, path)
 
     for key_for_path, kind in ((str.encode, "bytes"), (hands_on, "coroutine")):
-        wsgi = TestApp(MogileFSMiddleware(None, domain=DOMAIN, trackers=stored.trackers, key_for_path=key_for_path))
-        asgi = ASGIMiddleware(None, domain=DOMAIN, trackers=stored.trackers, key_for_path=key_for_path)
+        wsgi = TestApp(MogileFSMiddleware(wrapped_app, domain=DOMAIN, trackers=stored.trackers, key_for_path=key_for_path))
+        asgi = ASGIMiddleware(wrapped_app, domain=DOMAIN, trackers=stored.trackers, key_for_path=key_for_path)
         with no_coroutine_left_unawaited():
             with pytest.raises(TypeError, match=f"key_for_path answered {kind}: the middleware needs a key"):
                 wsgi.get("/mogilefs/plain.txt")
@@ -1071,10 +1075,10 @@ def test_a_key_for_path_that_answers_no_str_is_an_error_naming_it(stored: DevMog
                 asgi_call(asgi, "/mogilefs/plain.txt")
     # No key, as "avatars/" in path and path[8:] answers: a 404, as None is.
     for nothing in (False, b"", 0):
-        wsgi = TestApp(MogileFSMiddleware(None, domain=DOMAIN, trackers=stored.trackers,
+        wsgi = TestApp(MogileFSMiddleware(wrapped_app, domain=DOMAIN, trackers=stored.trackers,
                                           key_for_path=lambda path, nothing=nothing: nothing))
         assert wsgi.get("/mogilefs/plain.txt", status=404).status_int == 404
-        assert asgi_call(ASGIMiddleware(None, domain=DOMAIN, trackers=stored.trackers,
+        assert asgi_call(ASGIMiddleware(wrapped_app, domain=DOMAIN, trackers=stored.trackers,
                                         key_for_path=lambda path, nothing=nothing: nothing), "/mogilefs/plain.txt")[0] == 404
 
 

@@ -949,6 +949,21 @@ def test_checksums_must_be_kept_or_always(client: Client) -> None:
         Uploader(client, checksums="never")
 
 
+def test_an_uploader_refuses_at_once_what_would_fail_at_its_upload(devmogile: DevMogileFS) -> None:
+    """``Uploader(None)`` and an ``AsyncClient`` failed at the upload (an AttributeError, a
+    coroutine never awaited), ``verify_checksums="no"`` was true, and a progress that is no
+    function failed after the first chunk was sent."""
+    for client in (None, "127.0.0.1:7001", AsyncClient(DOMAIN, devmogile.trackers)):
+        with pytest.raises(TypeError, match="writes through a blocking Client"):
+            Uploader(client)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="verify_checksums must be True or False"):
+        Uploader(Client(DOMAIN, devmogile.trackers), verify_checksums="no")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="progress must be a function"):
+        Uploader(Client(DOMAIN, devmogile.trackers)).upload("k", b"data", progress="bar")  # type: ignore[arg-type]
+    with pytest.raises(UnknownKeyError):
+        Client(DOMAIN, devmogile.trackers).file_info("k")
+
+
 def test_a_forked_child_hashes_its_uploads_on_threads_of_its_own(client: Client) -> None:
     data = os.urandom(3 * 1024 * 1024)
     Uploader(client).upload("before-fork", data, cls="original")  # the parent's hashing threads run
