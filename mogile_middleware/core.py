@@ -471,6 +471,8 @@ def url_prefix(prefix: str) -> tuple[str, str]:
     refused = ValueError(f"prefix must be a URL path such as '/mogilefs/', not {prefix!r}")
     if not isinstance(prefix, str) or "?" in prefix or "#" in prefix:
         raise refused
+    if not prefix.strip():  # taken for "/", it would leave the application no request
+        raise ValueError(f"prefix must be a URL path such as '/mogilefs/' ('/' for every path), not {prefix!r}")
     raw = unquote_to_bytes("/" + prefix.strip("/") + "/" if prefix.strip("/") else "/")
     if b"//" in raw:
         raise refused

@@ -494,13 +494,14 @@ def test_configuration_errors_are_clear() -> None:
     ({"signing_key": ["s3cret", 5]}, "^signing_key must be .* not a list holding int$"),  # the list, secret and all, was shown
     # An AttributeError or a TypeError naming none; a number or 4 bytes was taken for an address.
     ({"reproxy": "perlbal", "perlbal_fallback_url": 8000}, "perlbal_fallback_url must be an http:// URL"),
+    ({"prefix": ""}, r"prefix must be a URL path such as '/mogilefs/' \('/' for every path\), not ''"),
     ({"trusted_proxies": 10}, "trusted_proxies must be a list of addresses or networks, not int"),
     ({"trusted_proxies": "10.0.0.1"}, "trusted_proxies must be .* not the string '10.0.0.1'"),
     ({"trusted_proxies": [5]}, "trusted proxy 5 is not an address.*not text"),
     ({"trusted_proxies": [b"abcd"]}, "trusted proxy b'abcd' is not an address.*not text"),
 ], ids=["domain", "trackers", "signing_key", "mimetypes-number", "mimetypes-bytes", "signing_key-dict",
-        "signing_key-set", "signing_key-list-holding-a-number", "perlbal_fallback_url-number", "trusted_proxies-number",
-        "trusted_proxies-string", "trusted_proxies-number-item",
+        "signing_key-set", "signing_key-list-holding-a-number", "perlbal_fallback_url-number", "prefix-empty",
+        "trusted_proxies-number", "trusted_proxies-string", "trusted_proxies-number-item",
         "trusted_proxies-bytes-item"])
 def test_an_option_of_another_kind_is_a_value_error_naming_it(option: dict[str, object], named: str) -> None:
     """Not a TypeError from deep inside, nor (a domain that is a number) a 502 at every request."""
