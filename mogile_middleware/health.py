@@ -97,6 +97,8 @@ class Health:
 def check(trackers: str | Iterable[str | Address], domain: str, *, timeout: float = 3.0) -> Health:
     """The health of the MogileFS behind ``trackers`` (as :class:`~mogile_middleware.Client` takes
     them: ``"host:port"``, ``(host, port)``), for ``domain``."""
+    if not isinstance(domain, str) or not domain:
+        raise ValueError(f"domain must be a domain's name, not {domain!r}")
     addresses = parse_trackers(trackers)
     health = Health(domain=domain)
     # At once: hung trackers cost one timeout in all, not one each.

@@ -296,6 +296,9 @@ def test_a_device_of_a_host_set_readonly_is_no_problem_of_its_own(capsys: pytest
 def test_check_takes_trackers_as_client_does(devmogile: DevMogileFS) -> None:
     assert check(devmogile.trackers, DOMAIN).problems == []  # ["host:port"]: a TypeError
     assert check(",".join(devmogile.trackers), DOMAIN).trackers[0].address == devmogile.trackers[0]
+    for domain in (None, b"testdom", ""):  # a report for the domain None
+        with pytest.raises(ValueError, match="domain must be a domain's name"):
+            check(devmogile.trackers, domain)  # type: ignore[arg-type]
 
 
 def test_a_reader_of_the_report_that_leaves_early_does_not_hide_the_problems(tmp_path: Path) -> None:
