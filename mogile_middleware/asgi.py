@@ -317,7 +317,8 @@ class MogileFSMiddleware(MiddlewareCore):
 
     async def _serve(self, request: FileRequest, location: Location) -> Answer | Streamed:
         """Serve mode: :func:`~mogile_middleware.responders.serve_steps`, awaited."""
-        opened = await arun_steps(serve_steps(request, location, self.representation, self.unanswered, self.bodies),
+        opened = await arun_steps(serve_steps(request, location, self.representation, self.unanswered,
+                                                     self.asked_again, self.bodies),
                                   self._call)
         if isinstance(opened, Answer):
             return opened

@@ -284,6 +284,10 @@ class MiddlewareCore:
         #: Serve mode's requests that no replica answered (a 502), logged as an outage is.
         self.unanswered = ThrottledLog(log, logging.ERROR, "no replica of %r answered: %r", OUTAGE_LOG_INTERVAL,
                                        "requests")
+        #: Serve mode's requests whose cached replicas failed, asking the trackers again (the file
+        #: changed elsewhere, or its nodes are down: then every request for it, logged as one).
+        self.asked_again = ThrottledLog(log, logging.INFO, "no replica of %r answered, asking the trackers again: %r",
+                                        OUTAGE_LOG_INTERVAL, "requests")
         extra = [("X-Content-Type-Options", "nosniff")]
         if cache_control or private:
             extra.append(("Cache-Control", cache_control or "private"))

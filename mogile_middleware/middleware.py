@@ -66,7 +66,7 @@ class MogileFSMiddleware(MiddlewareCore):
     def serve(self) -> Serve:
         """Serve mode: the body streamed from a storage node."""
         return Serve(self.locator, self.representation, storage_timeout=self.storage_timeout,
-                     unanswered=self.unanswered, bodies=self.bodies)
+                     unanswered=self.unanswered, asked_again=self.asked_again, bodies=self.bodies)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")

@@ -269,16 +269,17 @@ class Serve:
     """
 
     def __init__(self, locator: Locator, representation: Representation, *, storage_timeout: float,
-                 unanswered: ThrottledLog, bodies: BodyCache | None = None) -> None:
+                 unanswered: ThrottledLog, asked_again: ThrottledLog, bodies: BodyCache | None = None) -> None:
         self.locator = locator
         self.representation = representation
         self.storage_timeout = storage_timeout
-        self.unanswered = unanswered
+        self.unanswered, self.asked_again = unanswered, asked_again
         self.bodies = bodies
 
     def answer(self, request: FileRequest, location: Location) -> Answer | StreamedAnswer:
         """The answer to ``request``; raises the locator's errors (no such key, no tracker)."""
-        opened = run_steps(serve_steps(request, location, self.representation, self.unanswered, self.bodies),
+        opened = run_steps(serve_steps(request, location, self.representation, self.unanswered, self.asked_again,
+                                            self.bodies),
                            self._call)
         if isinstance(opened, Answer):
             return opened
@@ -326,7 +327,7 @@ def _planned(request: FileRequest, location: Location, representation: Represent
 
 
 def serve_steps(request: FileRequest, location: Location, representation: Representation, unanswered: ThrottledLog,
-                bodies: BodyCache | None = None) -> Steps[Any]:
+                asked_again: ThrottledLog, bodies: BodyCache | None = None) -> Steps[Any]:
     """Serve mode's decisions, for both middlewares (driven by :func:`~mogile_middleware.locate.run_steps`
     or ``arun_steps``): the replica open before anything is sent, and the trackers asked once more
     when its replicas are gone, or before a 412 or a 416 decided from the cached version. Returns
@@ -334,7 +335,8 @@ def serve_steps(request: FileRequest, location: Location, representation: Repres
     the planned bytes of a file ``bodies`` keeps (read whole from a replica the first time). A
     replica that failed is not tried again: when the trackers name no other, the answer is a 502
     at once, not after another storage timeout, told to ``unanswered`` (a node down fails every
-    request for its files: one line per interval, not one per request)."""
+    request for its files: one line per interval, not one per request); asking again is told to
+    ``asked_again``, as often."""
     failed: set[str] = set()
     error: StorageError | None = None
     for attempt in range(2):
@@ -366,7 +368,7 @@ def serve_steps(request: FileRequest, location: Location, representation: Repres
             failed.update(paths)
             error = failure
             if not attempt:  # the file may have been overwritten or deleted elsewhere, its old files gone
-                log.info("no replica of %r answered, asking the trackers again: %r", location.key, failure)
+                asked_again.event(location.key, failure)
             continue
         return location, plan, upstream
     unanswered.event(location.key, error or "the trackers name none")

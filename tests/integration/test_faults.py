@@ -539,6 +539,9 @@ def test_requests_no_replica_answered_are_logged_once_per_interval_not_per_reque
     assert len(lines) == 2, lines
     assert lines[0].startswith("no replica of 'k' answered: ") and "[Errno 111]" in lines[0]
     assert lines[1].endswith("(4 more requests since the last line like this)")
+    # Each asked the trackers again first: at INFO, as often (it was a line per request).
+    again = [record.getMessage() for record in caplog.records if "asking the trackers again" in record.getMessage()]
+    assert len(again) == 2 and again[1].endswith("(4 more requests since the last line like this)"), again
 
 
 @pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
