@@ -398,15 +398,16 @@ def _node(server: tuple[str, int] | str) -> str:
 MEMCACHED_PORT = 11211
 
 
-def _server(spec: str) -> tuple[str, int] | str:
+def _server(spec: str | tuple[str, int]) -> tuple[str, int] | str:
     """A memcached server as pymemcache takes it: ``host:port`` (port 11211 by default), or the
     path of a unix socket; ValueError naming ``spec`` when its host or port is not one. pymemcache
     reads "a:1,b:2" as host "a:1,b", "::1" as host ":" and a URL as a host: no lookup finds them,
     and the shared cache was off at every request."""
-    if not isinstance(spec, str):
-        raise ValueError(f"memcached server {spec!r} is not host:port text")
-    if spec.count(":") > 1 and not spec.startswith("[") and is_host(spec):  # "::1", as a tracker may be written
-        return spec, MEMCACHED_PORT
+    pair = isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], int)
+    if not (isinstance(spec, str) or pair):
+        raise ValueError(f"memcached server {spec!r} is not host:port text (or a (host, port) pair)")
+    if isinstance(spec, str) and spec.count(":") > 1 and not spec.startswith("[") and is_host(spec):
+        return spec, MEMCACHED_PORT  # "::1", as a tracker may be written
     try:
         server = normalize_server_spec(spec)
     except ValueError:

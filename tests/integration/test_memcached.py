@@ -305,7 +305,8 @@ def test_a_prefix_memcached_cannot_take_is_refused() -> None:
     ({"servers": "http://127.0.0.1:11211"}, "http://127.0.0.1:11211"), ({"servers": "127.0.0.1:11211:3"}, "11211:3"),
     # An AttributeError or a TypeError naming nothing; bytes were read as a list of numbers.
     ({"servers": None}, "servers must be"), ({"servers": b"127.0.0.1:11211"}, "servers must be"),
-    ({"servers": [None]}, "server None is not"), ({"prefix": None}, "prefix must be text"),
+    ({"servers": [None]}, "server None is not"), ({"servers": [("127.0.0.1", "11211")]}, "is not host:port"),
+    ({"prefix": None}, "prefix must be text"),
     ({"prefix": b"site:"}, "prefix must be text"),
 ])
 def test_servers_and_timeouts_no_request_could_use_are_refused(options: dict[str, object], named: str) -> None:
