@@ -76,7 +76,7 @@ _PRESENCE_ONLY = frozenset((b"x-forwarded-for", b"x-reproxy-failed"))
 Streamed = tuple[str, Headers, AsyncResumedReplica | bytes, str]
 _SERVE = SERVE_HEADER_LOWER.encode("latin-1")
 #: The status of a request whose client went away before its answer: nginx's "client closed request".
-CLIENT_GONE = 499
+_CLIENT_GONE = 499
 #: The scheme and authority of an absolute-form target (``GET http://host/path``), which a server
 #: must accept (RFC 9112, 3.2.2) and daphne and hypercorn pass on as the path.
 _ABSOLUTE_FORM = re.compile(r"\A[A-Za-z][A-Za-z0-9+.-]*://[^/]*")
@@ -317,9 +317,8 @@ class MogileFSMiddleware(MiddlewareCore):
 
     async def _serve(self, request: FileRequest, location: Location) -> Answer | Streamed:
         """Serve mode: :func:`~mogile_middleware.responders.serve_steps`, awaited."""
-        opened = await arun_steps(serve_steps(request, location, self.representation, self.unanswered,
-                                                     self.asked_again, self.bodies),
-                                  self._call)
+        steps = serve_steps(request, location, self.representation, self.unanswered, self.asked_again, self.bodies)
+        opened = await arun_steps(steps, self._call)
         if isinstance(opened, Answer):
             return opened
         location, plan, upstream = opened  # with its length, or the version the trackers name now
@@ -443,7 +442,7 @@ async def _answer_gone(send: Send) -> None:
     waits for an answer (Starlette's ``BaseHTTPMiddleware``) gets one, rather than raise "No
     response returned" into the server's log."""
     try:
-        await send({"type": "http.response.start", "status": CLIENT_GONE, "headers": []})
+        await send({"type": "http.response.start", "status": _CLIENT_GONE, "headers": []})
         await send({"type": "http.response.body", "body": b""})
     except (OSError, RuntimeError):  # the server's word that the client has gone, as _send_body reads it
         pass

@@ -278,9 +278,8 @@ class Serve:
 
     def answer(self, request: FileRequest, location: Location) -> Answer | StreamedAnswer:
         """The answer to ``request``; raises the locator's errors (no such key, no tracker)."""
-        opened = run_steps(serve_steps(request, location, self.representation, self.unanswered, self.asked_again,
-                                            self.bodies),
-                           self._call)
+        steps = serve_steps(request, location, self.representation, self.unanswered, self.asked_again, self.bodies)
+        opened = run_steps(steps, self._call)
         if isinstance(opened, Answer):
             return opened
         location, plan, upstream = opened

@@ -33,7 +33,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         if isinstance(backend, type) and issubclass(backend, MogileFSStorage):
             try:
                 made = backend(**storage.get("OPTIONS", {}))
-                made.client  # noqa: B018 (read for its settings: domain, trackers, client options, memcached)
+                made.client  # read for its settings: domain, trackers, client options, memcached
                 made.url(None)  # the media URL, the signing key and the links' lifetime
             except ImproperlyConfigured as error:
                 errors.append(Error(str(error), obj=f"STORAGES[{alias!r}]", id="mogile_middleware.E002"))
