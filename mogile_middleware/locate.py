@@ -24,6 +24,7 @@ from .cache import AsyncPathCache, CacheBackend, PathCache, entry_key
 from .client import Client
 from .exceptions import KeyChangingError, MogileFSError, StorageError, TrackerUnavailableError, UnknownKeyError
 from .protocol import fid_of, parse_domains
+from .tracker import is_url_authority
 
 log = logging.getLogger("mogile_middleware")
 
@@ -492,9 +493,8 @@ def is_clean_url(url: str) -> bool:
     if not url.startswith("http://") or _URL_SAFE.fullmatch(url) is None:
         return False
     try:
-        parts = urlsplit(url)
-        return bool(parts.hostname) and parts.port != 0  # .port: a ValueError when out of range
-    except ValueError:  # a port that is no number, a bracketed host that is no IPv6 address
+        return is_url_authority(urlsplit(url).netloc)
+    except ValueError:  # a bracket left open
         return False
 
 

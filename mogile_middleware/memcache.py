@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from pymemcache.client.base import Client, check_key_helper, normalize_server_spec
+from pymemcache.client.base import Client, check_key_helper
 from pymemcache.client.hash import HashClient
 from pymemcache.client.rendezvous import RendezvousHash
 from pymemcache.exceptions import MemcacheError, MemcacheIllegalInputError
@@ -40,7 +40,7 @@ from .locate import Location, is_clean_url
 from .protocol import to_bytes
 from .signing import secrets_given
 from .throttle import ThrottledLog
-from .tracker import is_host
+from .tracker import describe_address, host_port, split_address
 
 log = logging.getLogger("mogile_middleware")
 
@@ -327,7 +327,7 @@ class _BoundedSocket:
         return getattr(self._sock, name)
 
     def connect(self, address: Any) -> None:
-        self._server = f"memcached at {address if isinstance(address, str) else _node(address[:2])}"
+        self._server = f"memcached at {address if isinstance(address, str) else describe_address(*address[:2])}"
         try:
             self._sock.connect(address)
         except OSError as error:
@@ -380,7 +380,8 @@ class _EveryServer(RendezvousHash):
     def get_node(self, key: str) -> str | None:
         node = super().get_node(key)
         if node in self._dead:  # named, where pymemcache says "All servers seem to be down right now"
-            raise MemcacheError(f"memcached at {node} failed lately: not asked again for up to {DEAD_SECONDS:g} s")
+            raise MemcacheError(f"memcached at {_shown(node)} failed lately: not asked again for up to "
+                                f"{DEAD_SECONDS:g} s")
         return node
 
 
@@ -394,27 +395,36 @@ def _node(server: tuple[str, int] | str) -> str:
     return "%s:%s" % server if isinstance(server, tuple) else server
 
 
+def _shown(node: str) -> str:
+    """A server as :func:`_node` names it, written as servers are given (an IPv6 address in brackets)."""
+    if node.startswith("/"):  # a unix socket's path
+        return node
+    host, _, port = node.rpartition(":")
+    return describe_address(host, port)
+
+
 #: The port of a memcached server given without one, as pymemcache takes it.
 MEMCACHED_PORT = 11211
 
 
 def _server(spec: str | tuple[str, int]) -> tuple[str, int] | str:
-    """A memcached server as pymemcache takes it: ``host:port`` (port 11211 by default), or the
-    path of a unix socket; ValueError naming ``spec`` when its host or port is not one. pymemcache
-    reads "a:1,b:2" as host "a:1,b", "::1" as host ":" and a URL as a host: no lookup finds them,
-    and the shared cache was off at every request."""
-    pair = isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], int)
-    if not (isinstance(spec, str) or pair):
-        raise ValueError(f"memcached server {spec!r} is not host:port text (or a (host, port) pair)")
-    if isinstance(spec, str) and spec.count(":") > 1 and not spec.startswith("[") and is_host(spec):
-        return spec, MEMCACHED_PORT  # "::1", as a tracker may be written
-    try:
-        server = normalize_server_spec(spec)
-    except ValueError:
-        server = None
-    if not server or isinstance(server, tuple) and not (is_host(server[0]) and 0 < server[1] < 65536):
-        raise ValueError(f"memcached server {spec!r} is not host:port or a unix socket path")
-    return server
+    """A memcached server as pymemcache takes it: ``host:port`` (port 11211 by default; an IPv6
+    address bare or in brackets, as trackers are written), a ``(host, port)`` pair, or the path of
+    a unix socket; ValueError naming ``spec`` for anything else. pymemcache reads "a:1,b:2" as host
+    "a:1,b", "::1" as host ":", "2001:db8::1:11212" as that address's port and a URL as a host: no
+    lookup finds them, and the shared cache was off at every request."""
+    if isinstance(spec, str) and spec.startswith("/"):
+        return spec
+    if isinstance(spec, str):
+        address = split_address(spec.strip(), MEMCACHED_PORT)
+    elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], int) \
+            and not isinstance(spec[1], bool):
+        address = host_port(spec[0], str(spec[1]))
+    else:
+        address = None
+    if address is None:
+        raise ValueError(f"memcached server {spec!r} is not host:port, a (host, port) pair or a unix socket path")
+    return address
 
 
 def _location(fields: object) -> Location:

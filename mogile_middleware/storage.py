@@ -30,6 +30,7 @@ from .downnodes import down_nodes
 from .exceptions import StorageError
 from .nodepool import Node, NodePool, nodes
 from .protocol import names_a_fid
+from .tracker import is_url_authority
 
 T = TypeVar("T")
 log = logging.getLogger("mogile_middleware")
@@ -85,6 +86,8 @@ class Target:
             raise StorageError(f"bad storage URL {url!r}: {error}", url) from None
         if parts.scheme != "http" or not parts.hostname:
             raise StorageError(f"not an http:// storage URL: {url!r}", url)
+        if not is_url_authority(parts.netloc):  # "[::1]x:7500" is read as the host ::1
+            raise StorageError(f"bad storage URL {url!r}: its host and port", url)
         if port == 0:
             raise StorageError(f"bad storage URL {url!r}: port 0", url)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")

@@ -85,23 +85,50 @@ def parse_address(tracker: str | Address) -> Address:
         if len(tracker) != 2 or not isinstance(tracker[0], str) or isinstance(tracker[1], bool) \
                 or not isinstance(tracker[1], (int, str)):
             raise ValueError(f"tracker address {tracker!r} is not a (host, port) pair")
-        host, port = tracker[0], str(tracker[1])
+        address = host_port(tracker[0], str(tracker[1]))
     elif not isinstance(tracker, str):
         raise ValueError(f"tracker address {tracker!r} is not a host:port string or a (host, port) pair")
     else:
-        text = tracker.strip()
-        if text.count(":") > 1 and not text.startswith("["):  # an IPv6 address: its colons are its own
-            host, port = text, str(DEFAULT_PORT)
-        else:
-            host, sep, port = text.rpartition(":") if not text.endswith("]") else ("", "", "")
-            if not sep:
-                host, port = text, str(DEFAULT_PORT)
+        address = split_address(tracker.strip(), DEFAULT_PORT)
+    if address is None:
+        raise ValueError(f"tracker address {tracker!r} is not host:port")
+    return address
+
+
+def split_address(text: str, default_port: int) -> Address | None:
+    """``"host:port"``, ``"host"`` (``default_port``), ``"[::1]:port"``, ``"[::1]"`` or a bare IPv6
+    address (its colons are its own: no port is read from it) as a ``(host, port)`` pair, the host
+    without brackets; None for anything else."""
+    if text.count(":") > 1 and not text.startswith("["):
+        host, port = text, str(default_port)
+    else:
+        host, sep, port = text.rpartition(":") if not text.endswith("]") else ("", "", "")
+        if not sep:
+            host, port = text, str(default_port)
+    return host_port(host, port)
+
+
+def host_port(host: str, port: str) -> Address | None:
+    """``(host, port)`` for a host name, an IPv4 address or an IPv6 one (bracketed or not) and a
+    port from 1 to 65535 in ASCII digits; None otherwise."""
     bracketed = host.startswith("[") and host.endswith("]")
     name = host[1:-1] if bracketed else host
     named = _is_ipv6(name) if bracketed else is_host(name)
     if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536 or not named:
-        raise ValueError(f"tracker address {tracker!r} is not host:port")
+        return None
     return name, int(port)
+
+
+def is_url_authority(netloc: str) -> bool:
+    """True for a URL's ``host``, ``host:port``, ``[IPv6]`` or ``[IPv6]:port`` exactly (RFC 3986
+    3.2.2), a zone written ``%25``: Python's ``urlsplit`` reads ``[::1]x:7500`` and ``[::1]]:7500``
+    as the host ``::1``, which is not the host the URL names (nginx refuses it)."""
+    host, sep, port = netloc.rpartition(":") if not netloc.endswith("]") else ("", "", "")
+    if not sep:
+        host, port = netloc, "80"
+    if ":" in host and not host.startswith("["):
+        return False  # an IPv6 address in a URL is bracketed
+    return host_port(host.replace("%25", "%"), port) is not None
 
 
 def is_host(name: str) -> bool:
@@ -607,5 +634,8 @@ class _SentAndLost(Exception):
 
 
 def describe_address(host: str, port: int | str) -> str:
-    """``host:port``, an IPv6 address in brackets (RFC 3986), as ``--trackers`` and URLs write it."""
+    """``host:port``, an IPv6 address in brackets (RFC 3986), as ``--trackers`` and URLs write it
+    (once: a tracker's ``hostip`` may be stored with them, as mogilefsd builds URLs from it)."""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DOMAIN
+from integration._wire_client import LineClient
 from wiretools import LoopbackServer, ScriptedTracker, SilentServer
 
 from mogile_middleware.cli import main
@@ -291,6 +292,14 @@ def test_a_device_of_a_host_set_readonly_is_no_problem_of_its_own(capsys: pytest
         node.stop()
     assert (code, err) == (1, ["mogile-middleware: check: class 'thumb' keeps 2 copies, but only 0 host(s) have "
                                "a writeable device"])
+
+
+def test_a_host_whose_address_is_stored_in_brackets_is_named_with_one_pair(devmogile: DevMogileFS) -> None:
+    """mogilefsd builds a replica's URL from the host's address as stored, so an IPv6 host is
+    registered as ``[::1]``: check wrote ``[[::1]]:7500`` and found its devices dead."""
+    with LineClient(devmogile.tracker_address) as tracker:
+        tracker.ok("create_host", host="six", ip="[::1]", port=7500)
+    assert "[::1]:7500" in [host.address for host in check(devmogile.trackers, DOMAIN).hosts]
 
 
 def test_check_takes_trackers_as_client_does(devmogile: DevMogileFS) -> None:

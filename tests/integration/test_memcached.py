@@ -307,6 +307,9 @@ def test_a_prefix_memcached_cannot_take_is_refused() -> None:
     ({"servers": None}, "servers must be"), ({"servers": b"127.0.0.1:11211"}, "servers must be"),
     ({"servers": [None]}, "server None is not"), ({"servers": [("127.0.0.1", "11211")]}, "is not host:port"),
     ({"prefix": None}, "prefix must be text"),
+    # An IPv6 address's last group was read as the port, and text around brackets was dropped.
+    ({"servers": "2001:db8::1:11212"}, "2001:db8::1:11212"), ({"servers": "[::1]]:11211"}, r"\[::1\]\]:11211"),
+    ({"servers": "[cache.example]:11211"}, r"\[cache.example\]:11211"),
     ({"prefix": b"site:"}, "prefix must be text"),
 ])
 def test_servers_and_timeouts_no_request_could_use_are_refused(options: dict[str, object], named: str) -> None:
