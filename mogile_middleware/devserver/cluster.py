@@ -68,6 +68,9 @@ class DevMogileFS:
         tracker_max_connections: int = 200,
     ) -> None:
         check_delays(replication_delay, overwrite_gap)
+        if not isinstance(host, str) or ":" in host:  # its URLs and trackers write host:port
+            raise ValueError(f"host must be an IPv4 address or a host name, not {host!r}: the development "
+                             "MogileFS listens on IPv4 only")
         self.host = host
         self.replication_delay = replication_delay
         self.overwrite_gap = overwrite_gap

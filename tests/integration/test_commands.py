@@ -901,6 +901,8 @@ def test_an_ipv6_host_for_the_development_mogilefs_is_a_usage_error() -> None:
                              capture_output=True, text=True, timeout=30, cwd=REPO)
     assert process.returncode == 2
     assert "argument --host: an IPv4 address or a host name, not '::1'" in process.stderr
+    with pytest.raises(ValueError, match="listens on IPv4 only"):  # DevMogileFS too, before it binds
+        DevMogileFS(host="::1")
 
 
 def test_devserver_names_a_data_directory_it_cannot_use(tmp_path: Path) -> None:
