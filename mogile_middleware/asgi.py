@@ -68,6 +68,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 _READ_HEADERS = {name.encode(): "HTTP_" + name.upper().replace("-", "_") for name in (
     "range", "if-range", "if-match", "if-none-match", "x-proxy-capabilities", "x-sendfile-type", "x-reproxy-failed",
     "x-forwarded-for")}
+#: Each read header's name, as one object for every request that has it (kept answers hold it).
+_READ_NAMES = {name: name for name in _READ_HEADERS}
 #: The request headers of which only the presence decides (whether a request is a proxy's
 #: fallback): a warm answer is kept whatever their value, which a proxy's X-Forwarded-For varies by client.
 _PRESENCE_ONLY = frozenset((b"x-forwarded-for", b"x-reproxy-failed"))
@@ -625,9 +627,9 @@ def _inputs(scope: Scope) -> tuple[Any, ...]:
     inputs = [scope["method"], scope["path"], scope.get("root_path", ""), scope.get("app_root_path"),
               scope.get("query_string"), (scope.get("client") or ("",))[0]]
     for name, value in scope.get("headers", ()):
-        lowered = name.lower()
-        if lowered in _READ_HEADERS:
-            inputs += (lowered, b"" if lowered in _PRESENCE_ONLY else value)
+        read = _READ_NAMES.get(name.lower())
+        if read is not None:
+            inputs += (read, b"" if read in _PRESENCE_ONLY else value)
     return tuple(inputs)  # made once: a client may repeat a header thousands of times
 
 
@@ -698,12 +700,21 @@ class _WarmAnswer:
     body: bytes
 
 
+#: What a header of a kept request counts beside its name and value: its two slots in the inputs
+#: and its value's object (a header repeated with no value, which has no length, held 32 MiB at
+#: the bounds where one with a long value holds 17).
+_HEADER_BYTES = 32
+#: The inputs of every request before its headers' (:func:`_inputs`).
+_FIXED_INPUTS = 6
+
+
 class _WarmAnswers:
     """The answers decided from the path cache's locations, by the request's raw path, then by
     the rest of what the decisions read (:func:`_inputs`). The same request again, as a proxy
     sends it for a popular file, is answered without deciding anew while the path cache holds
     the location it was decided from. At most ``max_paths`` paths of ``max_variants`` requests,
-    each of ``max_bytes`` at most (path, query, headers): a client's long headers are not kept.
+    each of ``max_bytes`` at most (path, query, headers, each header counting :data:`_HEADER_BYTES`
+    more): a client's long headers, or many of them, are not kept.
     """
 
     def __init__(self, max_paths: int = 2048, max_variants: int = 4, max_bytes: int = 256) -> None:
@@ -719,7 +730,9 @@ class _WarmAnswers:
         """Keep ``warm`` for the request of ``raw_path`` and ``inputs``, unless they are too long
         (the path counted once, as the raw path: ``inputs[1]``, the server's, is the same but for
         a rewrite)."""
-        if len(raw_path) + sum(len(item) for item in (inputs[0], *inputs[2:]) if item) > self._max_bytes:
+        headers = max(0, len(inputs) - _FIXED_INPUTS) // 2
+        if len(raw_path) + sum(len(item) for item in (inputs[0], *inputs[2:]) if item) \
+                + headers * _HEADER_BYTES > self._max_bytes:
             return
         variants = self._by_path.get(raw_path)
         if variants is None:

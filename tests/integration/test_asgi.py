@@ -1053,6 +1053,11 @@ def test_answers_kept_are_bounded_in_paths_and_in_requests_of_a_path() -> None:
     longer = {**scope, "headers": [(b"range", b"bytes=0-" + b"9" * 60)]}
     kept.keep(scope["raw_path"], _inputs(longer), warm)
     assert _inputs(longer) not in (kept.variants(scope["raw_path"]) or {})
+    # A header repeated with no value has no length, but holds memory (32 MiB at the bounds, not 17).
+    for empties, is_kept in ((2, True), (40, False)):
+        repeated = {**http_scope("/mogilefs/empty-%d" % empties), "headers": [(b"range", b"")] * empties}
+        kept.keep(repeated["raw_path"], _inputs(repeated), warm)
+        assert (kept.variants(repeated["raw_path"]) is not None) is is_kept
 
 
 def test_the_readmes_starlette_stack_answers_cross_origin_ranges_for_its_host_only(devmogile: DevMogileFS) -> None:
