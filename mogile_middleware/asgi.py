@@ -700,12 +700,10 @@ class _WarmAnswer:
     body: bytes
 
 
-#: What a header of a kept request counts beside its name and value: its two slots in the inputs
-#: and its value's object (a header repeated with no value, which has no length, held 32 MiB at
-#: the bounds where one with a long value holds 17).
-_HEADER_BYTES = 32
-#: The inputs of every request before its headers' (:func:`_inputs`).
-_FIXED_INPUTS = 6
+#: The most inputs of a kept request (:func:`_inputs`): six, then a name and a value for each
+#: header read, as many as there are (a header repeated with no value, which has no length, held
+#: 32 MiB at the bounds where one with a long value holds 17).
+_MOST_INPUTS = 6 + 2 * len(_READ_HEADERS)
 
 
 class _WarmAnswers:
@@ -713,8 +711,8 @@ class _WarmAnswers:
     the rest of what the decisions read (:func:`_inputs`). The same request again, as a proxy
     sends it for a popular file, is answered without deciding anew while the path cache holds
     the location it was decided from. At most ``max_paths`` paths of ``max_variants`` requests,
-    each of ``max_bytes`` at most (path, query, headers, each header counting :data:`_HEADER_BYTES`
-    more): a client's long headers, or many of them, are not kept.
+    each of ``max_bytes`` at most (path, query, headers) and with no more headers than are read
+    (:data:`_MOST_INPUTS`): a client's long headers, or many, are not kept.
     """
 
     def __init__(self, max_paths: int = 2048, max_variants: int = 4, max_bytes: int = 256) -> None:
@@ -730,9 +728,8 @@ class _WarmAnswers:
         """Keep ``warm`` for the request of ``raw_path`` and ``inputs``, unless they are too long
         (the path counted once, as the raw path: ``inputs[1]``, the server's, is the same but for
         a rewrite)."""
-        headers = max(0, len(inputs) - _FIXED_INPUTS) // 2
-        if len(raw_path) + sum(len(item) for item in (inputs[0], *inputs[2:]) if item) \
-                + headers * _HEADER_BYTES > self._max_bytes:
+        if len(inputs) > _MOST_INPUTS or \
+                len(raw_path) + sum(len(item) for item in (inputs[0], *inputs[2:]) if item) > self._max_bytes:
             return
         variants = self._by_path.get(raw_path)
         if variants is None:

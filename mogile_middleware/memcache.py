@@ -410,9 +410,12 @@ MEMCACHED_PORT = 11211
 def _server(spec: str | tuple[str, int]) -> tuple[str, int] | str:
     """A memcached server as pymemcache takes it: ``host:port`` (port 11211 by default; an IPv6
     address bare or in brackets, as trackers are written), a ``(host, port)`` pair, or the path of
-    a unix socket; ValueError naming ``spec`` for anything else. pymemcache reads "a:1,b:2" as host
-    "a:1,b", "::1" as host ":", "2001:db8::1:11212" as that address's port and a URL as a host: no
-    lookup finds them, and the shared cache was off at every request."""
+    a unix socket (``unix:`` before it or not); ValueError naming ``spec`` for anything else.
+    pymemcache reads "a:1,b:2" as host "a:1,b", "::1" as host ":", "2001:db8::1:11212" as that
+    address's port and a URL as a host: no lookup finds them, and the shared cache was off at
+    every request."""
+    if isinstance(spec, str) and spec.startswith("unix:/"):  # pymemcache's spelling, and Django's
+        spec = spec[len("unix:"):]
     if isinstance(spec, str) and spec.startswith("/"):
         return spec
     if isinstance(spec, str):

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from . import metrics
-from .deadline import DeadlineReader, time_left
+from .deadline import DeadlineReader, readable_now, time_left
 from .downnodes import down_nodes
 from .exceptions import StorageError
 from .nodepool import Node, NodePool, nodes
@@ -753,10 +753,10 @@ def put_dropped(url: str, sock: socket.socket, error: OSError) -> StorageError:
     """The error of a PUT whose body the node stopped taking: its own answer when it sent one
     before closing (a 507 when its disk is full, 500, 403), read without waiting, as RFC 9112 9.5
     has a client sending a body watch for; else what the connection gave."""
-    try:
-        status_line = sock.recv(MAX_HEAD, socket.MSG_DONTWAIT).partition(b"\r\n")[0]
+    try:  # a socket with a timeout waits for data before any recv: asked first whether it has some
+        status_line = sock.recv(MAX_HEAD, socket.MSG_DONTWAIT).partition(b"\r\n")[0] if readable_now(sock) else b""
         status = parse_head(url, status_line)[0] if status_line else 0
-    except (OSError, StorageError):
+    except (OSError, StorageError, ValueError):
         status = 0
     if status < 200:
         return StorageError(f"PUT {url} dropped: {error or type(error).__name__}", url)

@@ -715,7 +715,7 @@ def _prefix_argument(value: str) -> str:
 
 def _all_paths(client: Client, info: FileInfo) -> list[str]:
     """The URLs of every replica of the key (the tracker gives two unless asked for more)."""
-    return client.get_paths(info.key, pathcount=info.devcount)
+    return client.get_paths(info.key, pathcount=max(info.devcount, 1))  # none left: still ask (a file lost)
 
 
 def _info(args: argparse.Namespace, client: Client) -> int:

@@ -1058,6 +1058,12 @@ def test_answers_kept_are_bounded_in_paths_and_in_requests_of_a_path() -> None:
         repeated = {**http_scope("/mogilefs/empty-%d" % empties), "headers": [(b"range", b"")] * empties}
         kept.keep(repeated["raw_path"], _inputs(repeated), warm)
         assert (kept.variants(repeated["raw_path"]) is not None) is is_kept
+    # What a proxy sends for a browser's revalidation of a range, of a path of 90 characters: kept.
+    proxied = {**http_scope("/mogilefs/" + "p" * 80), "headers": [
+        (b"x-proxy-capabilities", b"reproxy-file"), (b"x-forwarded-for", b"203.0.113.9"),
+        (b"if-none-match", b'"fid-1234567"'), (b"range", b"bytes=0-1023")]}
+    kept.keep(proxied["raw_path"], _inputs(proxied), warm)
+    assert kept.variants(proxied["raw_path"]) == {_inputs(proxied): warm}
 
 
 def test_the_readmes_starlette_stack_answers_cross_origin_ranges_for_its_host_only(devmogile: DevMogileFS) -> None:

@@ -980,6 +980,16 @@ def test_a_put_refused_before_its_body_is_told_by_its_status_not_the_broken_pipe
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_put_the_node_stops_reading_fails_after_one_timeout(nodes, kind: str) -> None:
+    """Looking for the node's early answer, the blocking PUT waited a second timeout for it."""
+    node = nodes(lambda conn: time.sleep(3))  # takes the head, then reads nothing
+    started = time.monotonic()
+    with pytest.raises(StorageError):
+        _put(kind, node.url, b"x" * (64 * 1024 * 1024), timeout=1)
+    assert time.monotonic() - started < 1.8
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
 def test_a_put_finished_or_aborted_takes_nothing_more(nodes, kind: str) -> None:
     """The blocking PUT answered a write or a finish after its end with a socket's error."""
     node = nodes(lambda conn: conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"))

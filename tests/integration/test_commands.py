@@ -895,6 +895,19 @@ def test_devserver_names_the_address_it_cannot_listen_on() -> None:
     assert f"devserver: cannot start: cannot listen on 127.0.0.1:{port}: Address already in use" in process.stderr
 
 
+def test_info_and_paths_of_a_file_that_lost_every_copy(cli: Run, devmogile: DevMogileFS) -> None:
+    """What an operator looks at first: both failed (exit 1, "pathcount must be a whole number")."""
+    client = Client(DOMAIN, devmogile.trackers)
+    client.store_content("lost.bin", b"data", "thumb")
+    devid = int(client.get_paths("lost.bin")[0].split("/")[3][len("dev"):])  # http://host:port/devN/...
+    with LineClient(devmogile.tracker_address) as tracker:
+        tracker.ok("set_state", host=f"stor{devid}", device=devid, state="dead")
+    info = cli("info", "lost.bin")
+    assert info.code == 0 and dict(line.split(None, 1) for line in info.lines)["devcount"] == "0"
+    paths = cli("paths", "lost.bin")
+    assert (paths.code, paths.lines) == (0, [])
+
+
 def test_an_ipv6_host_for_the_development_mogilefs_is_a_usage_error() -> None:
     # It failed to start, saying it could not listen on "::1:7500".
     process = subprocess.run([sys.executable, "-m", "mogile_middleware", "devserver", "--host", "::1"],

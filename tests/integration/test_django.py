@@ -1290,6 +1290,22 @@ def test_manage_py_check_passes_the_example_sites_settings() -> None:
     assert [message for message in run_checks() if message.id.startswith("mogile_middleware.")] == []
 
 
+def test_manage_py_check_passes_what_wrap_asgi_alone_takes_and_other_storages_failing_to_import(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An async ``authorize`` (wrap_wsgi refuses it) was an error, and a storage whose module fails
+    to import (django-storages' S3 without boto3) ended the check with a traceback."""
+    async def authorize(scope: Any, key: str) -> bool:
+        return True
+
+    (tmp_path / "broken_storage.py").write_text(
+        "from django.core.exceptions import ImproperlyConfigured\nraise ImproperlyConfigured('boto3 is missing')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    other = {"BACKEND": "broken_storage.S3Storage"}
+    with override_settings(MOGILEFS_MIDDLEWARE_OPTIONS={"authorize": authorize},
+                           STORAGES={**settings.STORAGES, "s3": other}):
+        assert [message for message in run_checks() if message.id.startswith("mogile_middleware.")] == []
+
+
 STORAGE_OPTION_ERRORS = [
     pytest.param({"bucket": "media"}, "'bucket'", id="unknown"),
     pytest.param({"mogile_class": ""}, "'mogile_class'", id="class-empty"),

@@ -291,6 +291,10 @@ def test_keys_memcached_could_not_hold_work_and_stay_distinct(backend: Memcached
 def test_servers_are_written_as_trackers_are() -> None:
     backend = MemcachedBackend(["::1", "[::1]:11212", "cache.example", "10.0.0.9:11213"])
     assert backend.servers == [("::1", 11211), ("::1", 11212), ("cache.example", 11211), ("10.0.0.9", 11213)]
+    # A unix socket as Django's PyMemcacheCache and pymemcache write it, or its path alone.
+    assert MemcachedBackend("unix:/run/memcached.sock /run/other.sock").servers == ["/run/memcached.sock",
+                                                                                   "/run/other.sock"]
+    assert MemcachedBackend(backend.servers).servers == backend.servers
 
 
 def test_a_prefix_memcached_cannot_take_is_refused() -> None:

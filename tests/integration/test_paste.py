@@ -275,7 +275,7 @@ def test_memcached_servers_build_a_shared_cache_backend() -> None:
     assert rotating._signature(b"x") != signed._signature(b"x")
     assert rotating._decode("k", signed._encode("k", None, 1.0)) == (None, 1.0)
     for spec in ("unix:", "unix: 10.0.0.5:11211"):  # a socket of no path: every lookup failed, naming no server
-        with pytest.raises(ValueError, match="'unix:' is not host:port or a unix socket path"):
+        with pytest.raises(ValueError, match="'unix:' is not host:port, a \\(host, port\\) pair or a unix socket path"):
             filter_factory({}, domain="media", trackers="127.0.0.1:7001", memcached_servers=spec)
 
 

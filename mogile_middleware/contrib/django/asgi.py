@@ -27,6 +27,14 @@ def wrap_asgi(application: ASGIApp) -> MogileFSMiddleware:
     cache's locks) and deletes the entry from the backend, which is thread-safe (the in-process
     cache takes a lock, the memcached backend has a connection per thread).
     """
+    middleware = configured_middleware(application)
+    listen_to_media_changes(middleware.locator.forget)
+    return middleware
+
+
+def configured_middleware(application: ASGIApp) -> MogileFSMiddleware:
+    """The middleware the settings describe around ``application``, listening to no client (as
+    ``manage.py check`` builds it)."""
     client = get_client()
     options = conf.middleware_options()
     if client.cache_backend is not None:
@@ -35,11 +43,9 @@ def wrap_asgi(application: ASGIApp) -> MogileFSMiddleware:
     if forced:
         options["script_name"] = forced.rstrip("/")
     # One per call, in practice one per process: its tracker connections are kept per event loop.
-    middleware = conf.configured(lambda: (_ScriptNamed if forced else MogileFSMiddleware)(
+    return conf.configured(lambda: (_ScriptNamed if forced else MogileFSMiddleware)(
         _answering_lifespan(application), client=AsyncClient(conf.domain(), conf.trackers(), **conf.client_options()),
         **options))
-    listen_to_media_changes(middleware.locator.forget)
-    return middleware
 
 
 def _answering_lifespan(application: ASGIApp) -> ASGIApp:
