@@ -1290,20 +1290,34 @@ def test_manage_py_check_passes_the_example_sites_settings() -> None:
     assert [message for message in run_checks() if message.id.startswith("mogile_middleware.")] == []
 
 
-def test_manage_py_check_passes_what_wrap_asgi_alone_takes_and_other_storages_failing_to_import(
+def test_manage_py_check_takes_what_wrap_asgi_alone_takes_and_warns_of_a_storage_it_cannot_import(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An async ``authorize`` (wrap_wsgi refuses it) was an error, and a storage whose module fails
-    to import (django-storages' S3 without boto3) ended the check with a traceback."""
+    to import (django-storages' S3 without boto3, or a typo in the project's own) ended the check
+    with a traceback."""
     async def authorize(scope: Any, key: str) -> bool:
+        return True
+
+    async def of_the_scope_alone(scope: Any) -> bool:
         return True
 
     (tmp_path / "broken_storage.py").write_text(
         "from django.core.exceptions import ImproperlyConfigured\nraise ImproperlyConfigured('boto3 is missing')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     other = {"BACKEND": "broken_storage.S3Storage"}
+
+    def ours() -> list[Any]:
+        return [message for message in run_checks() if message.id.startswith("mogile_middleware.")]
+
     with override_settings(MOGILEFS_MIDDLEWARE_OPTIONS={"authorize": authorize},
                            STORAGES={**settings.STORAGES, "s3": other}):
-        assert [message for message in run_checks() if message.id.startswith("mogile_middleware.")] == []
+        (warning,) = ours()
+        assert (warning.id, warning.obj) == ("mogile_middleware.W001", "STORAGES['s3']")
+        assert "boto3 is missing" in warning.msg
+    with override_settings(MOGILEFS_MIDDLEWARE_OPTIONS={"authorize": of_the_scope_alone}):
+        (error,) = ours()  # each wrapper's own reason: an ASGI project's is not the WSGI one's
+        assert error.id == "mogile_middleware.E001"
+        assert "wrap_wsgi: " in error.msg and "wrap_asgi: " in error.msg and "of the request and the key" in error.msg
 
 
 STORAGE_OPTION_ERRORS = [

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
-from django.core.checks import CheckMessage, Error
+from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
@@ -15,25 +15,31 @@ from . import asgi, wsgi
 from .storage import MogileFSStorage
 
 
-def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """An error for settings that neither ``wrap_wsgi`` nor ``wrap_asgi`` takes
-    (``mogile_middleware.E001``), and one for each MogileFS storage of ``STORAGES`` whose options or
-    settings its saves and ``url()`` would refuse (``mogile_middleware.E002``)."""
-    errors = []
-    refusals = []
-    for configured_middleware in (wsgi.configured_middleware, asgi.configured_middleware):
+    (``mogile_middleware.E001``), one for each MogileFS storage of ``STORAGES`` whose options or
+    settings its saves and ``url()`` would refuse (``mogile_middleware.E002``), and a warning for
+    a storage whose backend cannot be imported, which may be one (``mogile_middleware.W001``)."""
+    messages: list[checks.CheckMessage] = []
+    refusals: dict[str, str] = {}
+    for name, configured_middleware in (("wrap_wsgi", wsgi.configured_middleware),
+                                        ("wrap_asgi", asgi.configured_middleware)):
         try:
             configured_middleware(_never_called)
             break
         except ImproperlyConfigured as error:  # an async authorize is one wrap_asgi alone takes
-            refusals.append(error)
+            refusals[name] = str(error)
     else:
-        errors.append(Error(str(refusals[0]), hint="as wrap_wsgi and wrap_asgi read the settings",
-                            id="mogile_middleware.E001"))
+        said = refusals["wrap_wsgi"] if len(set(refusals.values())) == 1 else \
+            "; ".join(f"{name}: {text}" for name, text in refusals.items())  # an ASGI project's error is the second
+        messages.append(checks.Error(said, hint="as wrap_wsgi and wrap_asgi read the settings",
+                                     id="mogile_middleware.E001"))
     for alias, storage in getattr(settings, "STORAGES", {}).items():
         try:
             backend = import_string(storage["BACKEND"])
-        except Exception:  # another storage's module failing (boto3 missing): Django's own error, at its first use
+        except Exception as error:  # its own module's error (another storage's: boto3 missing, say)
+            messages.append(checks.Warning(f"its backend cannot be imported: {error!r}",
+                                           obj=f"STORAGES[{alias!r}]", id="mogile_middleware.W001"))
             continue
         if isinstance(backend, type) and issubclass(backend, MogileFSStorage):
             try:
@@ -41,8 +47,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 made.client  # read for its settings: domain, trackers, client options, memcached
                 made.url(None)  # the media URL, the signing key and the links' lifetime
             except ImproperlyConfigured as error:
-                errors.append(Error(str(error), obj=f"STORAGES[{alias!r}]", id="mogile_middleware.E002"))
-    return errors
+                messages.append(checks.Error(str(error), obj=f"STORAGES[{alias!r}]", id="mogile_middleware.E002"))
+    return messages
 
 
 def _never_called(*args: Any) -> Any:
