@@ -292,8 +292,8 @@ def test_servers_are_written_as_trackers_are() -> None:
     backend = MemcachedBackend(["::1", "[::1]:11212", "cache.example", "10.0.0.9:11213"])
     assert backend.servers == [("::1", 11211), ("::1", 11212), ("cache.example", 11211), ("10.0.0.9", 11213)]
     # A unix socket as Django's PyMemcacheCache and pymemcache write it, or its path alone.
-    assert MemcachedBackend("unix:/run/memcached.sock /run/other.sock").servers == ["/run/memcached.sock",
-                                                                                   "/run/other.sock"]
+    sockets = MemcachedBackend("unix:/run/memcached.sock /run/other.sock").servers
+    assert sockets == ["/run/memcached.sock", "/run/other.sock"]
     assert MemcachedBackend(backend.servers).servers == backend.servers
 
 
