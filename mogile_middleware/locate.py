@@ -488,8 +488,9 @@ async def arun_steps(steps: Steps[T], call: Callable[..., Awaitable[Any]]) -> T:
 
 
 def is_clean_url(url: str) -> bool:
-    """True for an ``http://`` URL, of a host and a port in range, that can go into a header as it
-    is (no blank, no control byte): what storage nodes serve and reproxying proxies fetch."""
+    """True for an ``http://`` URL whose authority is a host and a port in range and nothing else
+    (:func:`~.tracker.is_url_authority`: no user, nothing around brackets), that can go into a
+    header as it is (no blank, no control byte): what storage nodes serve and reproxying proxies fetch."""
     if not url.startswith("http://") or _URL_SAFE.fullmatch(url) is None:
         return False
     try:
@@ -517,7 +518,7 @@ def _replicas(key: str, listed: list[str]) -> tuple[str, ...]:
 
 
 def is_replica_url(url: str) -> bool:
-    """True for a replica URL as storage nodes give them: clean (:func:`is_clean_url`), no longer
-    than :data:`MAX_REPLICA_URL`, without a fragment (never sent) or a user (``http://a@b/``, whose
-    host proxies may read otherwise)."""
-    return len(url) <= MAX_REPLICA_URL and "#" not in url and is_clean_url(url) and "@" not in urlsplit(url).netloc
+    """True for a replica URL as storage nodes give them: clean (:func:`is_clean_url`, which
+    refuses a user, ``http://a@b/``, whose host proxies may read otherwise), no longer than
+    :data:`MAX_REPLICA_URL`, without a fragment (never sent)."""
+    return len(url) <= MAX_REPLICA_URL and "#" not in url and is_clean_url(url)
