@@ -376,6 +376,10 @@ class NewFile(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
+    def readinto(self, buffer: Any) -> int:
+        """Refused, as a file opened ``"wb"`` refuses it (``RawIOBase`` raised NotImplementedError)."""
+        raise io.UnsupportedOperation(f"read of {self.key!r}, a new file: it is written, not read")
+
     def _open_stream(self, failures: list[str] | None = None) -> PutStream:
         """Start the PUT on the next destination that accepts it; ``failures`` (of the destinations
         tried before, which the error names too) grows with each that refuses."""

@@ -65,7 +65,8 @@ exit codes:
      an unknown class or domain, a local file could not be read or written
   2  usage error: a bad or missing option (--trackers, --domain)
   3  no such key
-  130, 143  stopped by Ctrl-C (SIGINT) or SIGTERM, leaving no partial file
+  130, 143, 129  stopped by Ctrl-C (SIGINT), SIGTERM or SIGHUP (the terminal
+     or the ssh session gone), leaving no partial file
 """
 
 

@@ -1185,6 +1185,15 @@ def test_a_stop_signal_during_get_leaves_neither_a_partial_file_nor_a_changed_on
     assert list(target.parent.iterdir()) == [target] and target.read_bytes() == b"previous"
 
 
+def test_the_help_gives_the_exit_code_of_each_stop_signal() -> None:
+    # SIGHUP's 129 was missing from it, though the command exits so.
+    done = subprocess.run([sys.executable, "-m", "mogile_middleware", "--help"], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=20, check=True)
+    exit_codes = done.stdout.partition("exit codes:")[2]
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        assert re.search(rf"\b{128 + stop}\b.*\b{stop.name}\b", exit_codes, re.DOTALL), stop.name
+
+
 #: ``get`` with a progress bar, its pieces slowed, its exit code written where the test reads it.
 _SLOW_GET = """
 import sys, time

@@ -271,6 +271,16 @@ def test_a_new_file_written_text_is_a_type_error_and_the_bytes_around_it_go_thro
     assert client.get_file_data("doc") == b"bytes, more bytes"
 
 
+def test_a_new_file_refuses_reads_as_a_file_opened_for_writing_does(client: Client) -> None:
+    with client.new_file("doc", cls="thumb") as file:
+        file.write(b"written")
+        for read in (file.read, file.readline, lambda: file.readinto(bytearray(4))):
+            with pytest.raises(io.UnsupportedOperation, match="read of 'doc', a new file"):
+                read()  # NotImplementedError, which no caller of a file expects
+        file.write(b" whole")
+    assert client.get_file_data("doc") == b"written whole"
+
+
 @both_flavours
 def test_store_content_takes_bytes_and_never_text_for_a_path(flavour: Flavour, client: Client,
                                                              tmp_path: Path) -> None:
