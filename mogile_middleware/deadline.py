@@ -53,11 +53,36 @@ async def within(seconds: float, awaitable: Awaitable[T]) -> T:
     """``await awaitable``, or :class:`asyncio.TimeoutError` after ``seconds``. A cancellation
     that lands as ``awaitable`` finishes still cancels, where ``asyncio.wait_for`` before Python
     3.12 returns the result and drops it (CPython gh-86296), so that a cancelled call would run
-    on; Python 3.10 has only ``wait_for``."""
+    on: ``awaitable`` is awaited in the caller's task, which a timer cancels."""
     if sys.version_info >= (3, 11):
         async with asyncio.timeout(seconds):  # a timer, rather than the task per call of wait_for
             return await awaitable
-    return await asyncio.wait_for(awaitable, seconds)
+    return await _within_timer(seconds, awaitable)
+
+
+async def _within_timer(seconds: float, awaitable: Awaitable[T]) -> T:
+    """:func:`within` on Python 3.10, which has no ``asyncio.timeout``: the task is cancelled by
+    a timer, and that cancellation, once delivered, is the timeout."""
+    task = asyncio.current_task()
+    if task is None:
+        raise RuntimeError("within() is awaited outside a task")
+    cancel = task.cancel
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        cancel()
+
+    timer = asyncio.get_running_loop().call_later(seconds, expire)
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if expired:
+            raise asyncio.TimeoutError from None
+        raise
+    finally:
+        timer.cancel()
 
 
 class DeadlineReader(io.RawIOBase):

@@ -10,7 +10,6 @@ import asyncio
 import gc
 import os
 import socket
-import sys
 import tempfile
 import time
 import tracemalloc
@@ -312,7 +311,6 @@ def test_a_file_a_starlette_app_received_is_stored_as_it_is_read(devmogile: DevM
     assert asyncio.run(main()) == (len(data), data)
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="Python 3.10's asyncio.wait_for may drop a cancellation")
 def test_a_cancelled_call_never_runs_on(devmogile: DevMogileFS) -> None:
     """Cancelled at every turn of the event loop in turn, a call ends cancelled: never with its
     result, as when a cancellation lands just as the tracker's reply arrives."""
