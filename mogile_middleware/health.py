@@ -30,7 +30,7 @@ import socket
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .deadline import DeadlineReader
@@ -75,6 +75,9 @@ class DeviceHealth:
     observed: str
     mb_total: int | None
     mb_free: int | None
+    #: Whether its storage node answered a ``HEAD`` of its usage file; ``None`` where it was not
+    #: asked (a device no file is read from, or one the trackers cannot reach).
+    answers_http: bool | None = None
 
 
 @dataclass
@@ -120,10 +123,10 @@ def check(trackers: str | Iterable[str | Address], domain: str, *, timeout: floa
         health.problems.append(f"domain '{domain}' is not registered")  # as it is: a shower escapes it
     health.devices.sort(key=lambda device: device.devid)
     health.problems += _said_problems(health)
-    silent = _ask_storage_nodes(health, timeout)
+    _ask_storage_nodes(health, timeout)
     alive_hosts = {host.name for host in health.hosts if host.status == "alive"}
     writeable_hosts = {device.host for device in health.devices
-                       if device.host in alive_hosts and _writeable(device) and device.devid not in silent}
+                       if device.host in alive_hosts and _writeable(device) and device.answers_http is not False}
     for name, copies in (health.classes or {}).items():
         if copies > len(writeable_hosts):
             health.problems.append(f"class '{name}' keeps {copies} copies, but only {len(writeable_hosts)} "
@@ -205,23 +208,22 @@ def _said_problems(health: Health) -> list[str]:
     return problems
 
 
-def _ask_storage_nodes(health: Health, timeout: float) -> set[int]:
-    """A problem for each device files are read from that the trackers call reachable, whose node
-    does not answer a ``HEAD`` of its usage file (any status is an answer), as ``mogadm check``
-    asks them; their devids."""
+def _ask_storage_nodes(health: Health, timeout: float) -> None:
+    """Ask the node of each device files are read from that the trackers call reachable for a
+    ``HEAD`` of its usage file (any status is an answer), as ``mogadm check`` asks them: its
+    ``answers_http``, and a problem for each that does not answer."""
     addresses = {host.name: host.address for host in health.hosts if host.status in _READ_HOSTS}
     asked = [device for device in health.devices
              if device.status in _READ_DEVICES and device.observed != "unreachable" and device.host in addresses]
     urls = [f"http://{addresses[device.host]}/dev{device.devid}/usage" for device in asked]
     with ThreadPoolExecutor(max_workers=max(1, min(len(urls), _NODES_AT_ONCE))) as pool:
         reasons = list(pool.map(lambda url: _why_silent(url, timeout), urls))
-    silent: set[int] = set()
     for device, reason in zip(asked, reasons):
         if reason is not None:
-            silent.add(device.devid)
             health.problems.append(f"dev{device.devid} on {device.host} ({addresses[device.host]}) "
                                    f"does not answer HTTP: {reason}")
-    return silent
+    answered = {device.devid: reason is None for device, reason in zip(asked, reasons)}
+    health.devices = [replace(device, answers_http=answered.get(device.devid)) for device in health.devices]
 
 
 def _why_silent(url: str, timeout: float) -> str | None:

@@ -870,8 +870,9 @@ def _print_health(report: health.Health) -> None:
     print("devices:")
     for device in report.devices:
         space = "" if device.mb_free is None else f"  {device.mb_free / 1024:.1f} of {(device.mb_total or 0) / 1024:.1f} GiB free"
+        silent = "  does not answer HTTP" if device.answers_http is False else ""  # as mogadm marks it
         print(f"  [dev{device.devid}] {printable(device.host)}  {printable(device.status)}  "
-              f"{printable(device.observed or 'not yet seen')}{space}")
+              f"{printable(device.observed or 'not yet seen')}{space}{silent}")
     print(f"{len(report.problems)} problem(s)" if report.problems else "all well")
 
 

@@ -53,6 +53,7 @@ def test_json_reports_the_same_for_scripts(devmogile: DevMogileFS, capsys: pytes
     assert len(report["hosts"]) == 2 and {host["status"] for host in report["hosts"]} == {"alive"}
     devices = report["devices"]
     assert [device["observed"] for device in devices] == ["writeable", "writeable"]
+    assert [device["answers_http"] for device in devices] == [True, True]
     assert all(0 < device["mb_free"] <= device["mb_total"] for device in devices)
 
 
@@ -172,10 +173,13 @@ def test_a_hung_storage_node_the_trackers_call_writeable_is_a_problem(
     hung, answering = node(), _NotFound()
     tracker = _tracker_of({1: ("store1", hung.port), 2: ("store2", answering.port)}, status, observed)
     try:
-        code, _, err = run_check(capsys, "--trackers", tracker.tracker, "--domain", DOMAIN, "--timeout", "0.5")
+        code, out, err = run_check(capsys, "--trackers", tracker.tracker, "--domain", DOMAIN, "--timeout", "0.5")
         problems = [f"dev1 on store1 {problem.format(port=hung.port)}"] if problem else []
         assert code == 1 and err == [f"mogile-middleware: check: {line}" for line in [
             *problems, "class 'thumb' keeps 2 copies, but only 1 host(s) have a writeable device"]]
+        # The device's line says it too: the trackers' words alone read as a healthy device.
+        rows = [line for line in out.splitlines() if line.startswith("  [dev")]
+        assert [row.endswith("does not answer HTTP") for row in rows] == [problem == _SILENT, False]
     finally:
         tracker.stop()
         hung.stop()
