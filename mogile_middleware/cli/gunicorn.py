@@ -65,7 +65,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=positive, default=2, help="gunicorn worker processes (default: %(default)s)")
     parser.add_argument(
         "--reproxy", type=_reproxy_mode, default=None, metavar="{none,perlbal,nginx}",
-        help="answer a trusted proxy with reproxy headers for Perlbal or nginx instead of the bodies (default: none)",
+        help="answer a trusted proxy with reproxy headers for Perlbal or nginx instead of the bodies, when it "
+             "sends Perlbal's X-Proxy-Capabilities or nginx's X-Sendfile-Type (default: none)",
     )
     parser.add_argument(
         "--trusted-proxy", dest="trusted_proxies", action="append", type=_trusted_proxy, metavar="ADDRESS",

@@ -90,9 +90,10 @@ class FileIndex:
 def index_app(client: Client, prefix: str, reproxy: str | None, trusted: Sequence[str],
               index_keys: int = INDEX_KEYS) -> MogileFSMiddleware:
     """The served application: the :class:`FileIndex` of ``client``'s domain, with the middleware
-    answering under ``prefix`` (reproxy answers for the ``trusted`` proxies only)."""
+    answering under ``prefix`` (reproxy answers for the ``trusted`` proxies only, when they send
+    the proxy's own header: a browser on the proxy's machine gets the files)."""
     return MogileFSMiddleware(FileIndex(client, prefix, index_keys), client=client, prefix=prefix,
-                              reproxy=reproxy, trusted_proxies=trusted)
+                              reproxy=reproxy, trusted_proxies=trusted, require_proxy_header=True)
 
 
 def _prefix(text: str) -> str:

@@ -195,14 +195,18 @@ def test_perlbal_reproxy_reaches_trusted_proxies_only(stored: DevMogileFS, tmp_p
     content = FILES["café menu.txt"]
     path = "/mogilefs/" + quote("café menu.txt")
     with serving(tmp_path, *connection(stored), "--reproxy", "perlbal", *trust) as (_, base, _):
-        direct = http_request(base + path)
-        assert direct.status == 200
-        if reproxied:  # this client, on loopback, may be the proxy: it is sent to the storage nodes
-            assert direct.body == b"" and direct.headers["content-type"] == "text/plain; charset=utf-8"
-            replicas = direct.headers["x-reproxy-url"].split()
+        # A browser on the proxy's machine gets the file: it sent an empty body and storage URLs.
+        browser = http_request(base + path)
+        assert (browser.status, browser.body) == (200, content)
+        assert not [name for name in browser.headers if name.startswith("x-reproxy")]
+        asking = http_request(base + path, headers={"X-Proxy-Capabilities": "reproxy-file"})
+        assert asking.status == 200
+        if reproxied:  # this client, on loopback and asking as Perlbal does, may be the proxy
+            assert asking.body == b"" and asking.headers["content-type"] == "text/plain; charset=utf-8"
+            replicas = asking.headers["x-reproxy-url"].split()
             assert replicas and all(http_request(url).body == content for url in replicas)
         else:
-            assert direct.body == content and not [name for name in direct.headers if name.startswith("x-reproxy")]
+            assert asking.body == content and not [name for name in asking.headers if name.startswith("x-reproxy")]
         with run_perlbal_front(int(base.rpartition(":")[2])) as perlbal:  # what a user behind Perlbal sees
             proxied = http_request(f"http://127.0.0.1:{perlbal.port}{path}")
         assert (proxied.status, proxied.body) == (200, content)
