@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -53,36 +53,35 @@ async def within(seconds: float, awaitable: Awaitable[T]) -> T:
     """``await awaitable``, or :class:`asyncio.TimeoutError` after ``seconds``. A cancellation
     that lands as ``awaitable`` finishes still cancels, where ``asyncio.wait_for`` before Python
     3.12 returns the result and drops it (CPython gh-86296), so that a cancelled call would run
-    on: ``awaitable`` is awaited in the caller's task, which a timer cancels."""
+    on; so does one that lands with the timeout."""
     if sys.version_info >= (3, 11):
         async with asyncio.timeout(seconds):  # a timer, rather than the task per call of wait_for
             return await awaitable
-    return await _within_timer(seconds, awaitable)
+    return await _within_task(seconds, awaitable)
 
 
-async def _within_timer(seconds: float, awaitable: Awaitable[T]) -> T:
-    """:func:`within` on Python 3.10, which has no ``asyncio.timeout``: the task is cancelled by
-    a timer, and that cancellation, once delivered, is the timeout."""
-    task = asyncio.current_task()
-    if task is None:
-        raise RuntimeError("within() is awaited outside a task")
-    cancel = task.cancel
-    expired = False
-
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        cancel()
-
-    timer = asyncio.get_running_loop().call_later(seconds, expire)
+async def _within_task(seconds: float, awaitable: Awaitable[T]) -> T:
+    """:func:`within` on Python 3.10, which has no ``asyncio.timeout``: ``awaitable`` runs as a
+    task of its own, as ``wait_for`` runs it, but a cancellation of the caller always re-raises
+    (a timer cancelling the caller's task could not tell another cancellation from its own)."""
+    inner = asyncio.ensure_future(awaitable)
+    inner.add_done_callback(_outcome_seen)
     try:
-        return await awaitable
+        done, _ = await asyncio.wait((inner,), timeout=seconds)
     except asyncio.CancelledError:
-        if expired:
-            raise asyncio.TimeoutError from None
+        inner.cancel()
         raise
-    finally:
-        timer.cancel()
+    if not done:
+        inner.cancel()
+        await asyncio.wait((inner,))  # its cancellation run to its end before the caller goes on
+        raise asyncio.TimeoutError
+    return inner.result()
+
+
+def _outcome_seen(task: asyncio.Future[Any]) -> None:
+    """Mark the exception of a task nobody may ask for as seen: asyncio would log it as lost."""
+    if not task.cancelled():
+        task.exception()
 
 
 class DeadlineReader(io.RawIOBase):

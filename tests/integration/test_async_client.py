@@ -339,6 +339,37 @@ def test_a_cancelled_call_never_runs_on(devmogile: DevMogileFS) -> None:
     assert asyncio.run(main()) == []
 
 
+def test_a_call_cancelled_as_its_tracker_times_out_ends_cancelled(devmogile: DevMogileFS) -> None:
+    """A cancellation landing in the loop turn the first tracker's deadline passes (the loop was
+    busy) ends the call cancelled: it neither asked the next tracker nor raised a timeout."""
+    silent = SilentServer()
+
+    async def main() -> list[str]:
+        ended = []
+        for _ in range(3):
+            client = AsyncClient(DOMAIN, [silent.tracker, devmogile.trackers[0]], io_timeout=0.3)
+            call = asyncio.ensure_future(client.get_paths("stored"))
+            await asyncio.sleep(0.05)  # waiting for the silent tracker
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.05, time.sleep, 0.35)  # the loop busy past the deadline
+            loop.call_later(0.3, call.cancel)  # run in the same turn as the deadline's timer
+            try:
+                await call
+                ended.append("with the next tracker's answer")
+            except asyncio.CancelledError:
+                ended.append("cancelled")
+            except Exception as error:
+                ended.append(type(error).__name__)
+            await client.aclose()
+        return ended
+
+    Client(DOMAIN, devmogile.trackers).store_content("stored", b"content")
+    try:
+        assert asyncio.run(main()) == ["cancelled"] * 3
+    finally:
+        silent.stop()
+
+
 def test_a_connection_the_tracker_closed_while_the_loop_was_busy_is_not_used(tmp_path: Path) -> None:
     with DevMogileFS(data_dir=tmp_path, domains={DOMAIN: {"thumb": 1}}, tracker_idle_timeout=0.2) as mogile:
         async def main() -> None:
