@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -57,31 +57,42 @@ async def within(seconds: float, awaitable: Awaitable[T]) -> T:
     if sys.version_info >= (3, 11):
         async with asyncio.timeout(seconds):  # a timer, rather than the task per call of wait_for
             return await awaitable
-    return await _within_task(seconds, awaitable)
+    return await _within_timer(seconds, awaitable)
 
 
-async def _within_task(seconds: float, awaitable: Awaitable[T]) -> T:
-    """:func:`within` on Python 3.10, which has no ``asyncio.timeout``: ``awaitable`` runs as a
-    task of its own, as ``wait_for`` runs it, but a cancellation of the caller always re-raises
-    (a timer cancelling the caller's task could not tell another cancellation from its own)."""
-    inner = asyncio.ensure_future(awaitable)
-    inner.add_done_callback(_outcome_seen)
+async def _within_timer(seconds: float, awaitable: Awaitable[T]) -> T:
+    """:func:`within` on Python 3.10, which has no ``asyncio.timeout``: ``awaitable`` is awaited
+    in the caller's task (what it got is never dropped: a slot, a connection, a reply), which a
+    timer cancels. 3.10 counts no cancellations, so one from elsewhere in the same loop turn is
+    told from the timer's by the task's state (3.10's, which no later release changes): before
+    the timer's, the task is cancelled already; after it, it has replaced the timer's message."""
+    task = asyncio.current_task()
+    if task is None:
+        raise RuntimeError("within() is awaited outside a task")
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        waiter = task._fut_waiter  # type: ignore[union-attr]
+        if task._must_cancel or (waiter is not None and waiter.cancelled()):  # type: ignore[union-attr]
+            return  # cancelled by another already: that cancellation ends the call
+        expired = True
+        task._cancel_message = _DEADLINE  # type: ignore[union-attr]
+        task.cancel(_DEADLINE)  # type: ignore[union-attr]
+
+    timer = asyncio.get_running_loop().call_later(seconds, expire)
     try:
-        done, _ = await asyncio.wait((inner,), timeout=seconds)
+        return await awaitable
     except asyncio.CancelledError:
-        inner.cancel()
+        if expired and task._cancel_message is _DEADLINE:  # no cancellation came after the timer's
+            raise asyncio.TimeoutError from None
         raise
-    if not done:
-        inner.cancel()
-        await asyncio.wait((inner,))  # its cancellation run to its end before the caller goes on
-        raise asyncio.TimeoutError
-    return inner.result()
+    finally:
+        timer.cancel()
 
 
-def _outcome_seen(task: asyncio.Future[Any]) -> None:
-    """Mark the exception of a task nobody may ask for as seen: asyncio would log it as lost."""
-    if not task.cancelled():
-        task.exception()
+#: The message of a deadline's cancellation on Python 3.10, to tell it from another's.
+_DEADLINE = "deadline passed"
 
 
 class DeadlineReader(io.RawIOBase):

@@ -370,6 +370,56 @@ def test_a_call_cancelled_as_its_tracker_times_out_ends_cancelled(devmogile: Dev
         silent.stop()
 
 
+def test_a_request_cancelled_as_it_gets_the_connection_leaves_it_to_the_next() -> None:
+    """One connection at most: a request waiting for it, cancelled in one of the loop turns
+    around the moment the request holding it ends, leaves it free (a connection's place lost
+    for good would leave every later request waiting for one until its timeout)."""
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        gate = asyncio.Event()
+
+        async def tracker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while line := await reader.readline():
+                if line.startswith(b"slow"):
+                    await gate.wait()
+                writer.write(b"OK \r\n")
+                await writer.drain()
+            writer.close()
+
+        def after_turns(turns: int, then: Callable[[], Any]) -> None:
+            if turns:
+                loop.call_soon(after_turns, turns - 1, then)
+            else:
+                then()
+
+        server = await asyncio.start_server(tracker, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()[:2]
+        next_requests = []
+        for turns in range(4):
+            gate.clear()
+            pool = AsyncTrackerPool([address], connect_timeout=0.5, io_timeout=0.5)
+            pool.max_connections = 1
+            holding = asyncio.ensure_future(pool.request("slow"))
+            await asyncio.sleep(0.05)
+            waiting = asyncio.ensure_future(pool.request("fast"))
+            await asyncio.sleep(0.05)
+            gate.set()
+            holding.add_done_callback(lambda _, turns=turns: after_turns(turns, waiting.cancel))
+            await asyncio.wait({holding, waiting})
+            try:
+                await pool.request("next")
+                next_requests.append("answered")
+            except TrackerUnavailableError as error:
+                next_requests.append(str(error))
+            await pool.aclose()
+        server.close()
+        await server.wait_closed()
+        return next_requests
+
+    assert asyncio.run(main()) == ["answered"] * 4
+
+
 def test_a_connection_the_tracker_closed_while_the_loop_was_busy_is_not_used(tmp_path: Path) -> None:
     with DevMogileFS(data_dir=tmp_path, domains={DOMAIN: {"thumb": 1}}, tracker_idle_timeout=0.2) as mogile:
         async def main() -> None:
