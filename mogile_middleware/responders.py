@@ -262,7 +262,8 @@ class Serve:
     """Serve mode: the body streamed from a storage node, opened before the answer is started.
 
     304, 412 and 416 ask no storage node, HEAD only asks one whether the file is there (with a
-    HEAD, no body). When no replica of a location answers, the trackers
+    HEAD, no body; with ``bodies``, a small file not yet kept is read and kept, as for a GET).
+    When no replica of a location answers, the trackers
     are asked once more (the key may have been overwritten or deleted by another process, whose
     old files are gone): the new version is served, or a 404; a 502 only when the replicas the
     trackers name now fail too.
