@@ -123,12 +123,9 @@ def is_url_authority(netloc: str) -> bool:
     """True for a URL's ``host``, ``host:port``, ``[IPv6]`` or ``[IPv6]:port`` exactly (RFC 3986
     3.2.2), a zone written ``%25``: Python's ``urlsplit`` reads ``[::1]x:7500`` and ``[::1]]:7500``
     as the host ``::1``, which is not the host the URL names (nginx refuses it)."""
-    host, sep, port = netloc.rpartition(":") if not netloc.endswith("]") else ("", "", "")
-    if not sep:
-        host, port = netloc, "80"
-    if ":" in host and not host.startswith("["):
+    if netloc.count(":") > 1 and not netloc.startswith("["):
         return False  # an IPv6 address in a URL is bracketed
-    return host_port(host.replace("%25", "%"), port) is not None
+    return split_address(netloc.replace("%25", "%"), 80) is not None
 
 
 def is_host(name: str) -> bool:
