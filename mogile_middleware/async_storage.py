@@ -654,7 +654,7 @@ class AsyncPutStream:
         size = len(data)
         if self._length is not None and self._written + size > self._length:
             self.abort()
-            raise LengthMismatchError(f"PUT {self.url}: more than the {self._length} bytes announced", self.url)
+            raise LengthMismatchError.longer(self.url, self._length)
         try:
             if self._length is None:
                 await within(self._timeout, connection.send(b"%X\r\n" % size))
@@ -689,8 +689,7 @@ class AsyncPutStream:
         connection = self._open_connection()
         if self._length is not None and self._written != self._length:
             self.abort()
-            raise LengthMismatchError(f"PUT {self.url}: {self._written} of the {self._length} bytes announced written",
-                               self.url)
+            raise LengthMismatchError.shorter(self.url, self._written, self._length)
         self._connection = None
 
         async def answer() -> int:

@@ -353,7 +353,7 @@ class ClientBase:
     ) -> None:
         if not domain:
             raise ValueError("a MogileFS domain is required")
-        if not isinstance(domain, str):
+        if not isinstance(domain, str) or has_control_character(domain):
             raise ValueError(f"domain must be a domain's name, not {domain!r}")
         if pool is not None and not isinstance(pool, self.pool_class):
             raise ValueError(f"pool must be a {self.pool_class.__name__}, or None, not {pool!r}")

@@ -51,6 +51,14 @@ REPROXY_MODES = (None, "perlbal", "nginx")
 UNIX_SOCKET = "unix"
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 5.6.2
 _NGINX_LOCATION = re.compile(r"/[!-~]*|@[!-~]+")  # a path, or a named location: "@" and a name
+_CACHE_DIRECTIVE = rf'{_TOKEN.pattern}(?:=(?:{_TOKEN.pattern}|"(?:[\t !#-\[\]-~]|\\[\t -~])*"))?'
+#: A Cache-Control field value (RFC 9111 5.2): directives, each a token with an optional token or
+#: quoted-string argument, separated by commas.
+_CACHE_CONTROL = re.compile(rf"{_CACHE_DIRECTIVE}(?:[ \t]*,[ \t]*{_CACHE_DIRECTIVE})*")
+#: The options that only some reproxy modes use: with another, a warning says they are ignored.
+_REPROXY_OPTIONS = {"trusted_proxies": ("perlbal", "nginx"), "require_proxy_header": ("perlbal", "nginx"),
+                    "perlbal_cache_seconds": ("perlbal",), "perlbal_fallback_url": ("perlbal",),
+                    "nginx_location": ("nginx",)}
 _NOT_UTF8 = http.error(400, "The file name is not valid UTF-8.")
 _CONTROL = http.error(400, "The file name contains control characters.")
 _TOO_LONG = http.error(400, f"The file name is longer than {MAX_KEY_BYTES} bytes.")
@@ -196,7 +204,7 @@ class MiddlewareCore:
         cache_backend: CacheBackend | None = None,
         body_cache_bytes: int = 0,
         body_cache_file_bytes: int = 256 * 1024,
-        nginx_location: str = "/reproxy",
+        nginx_location: str = NginxReproxy.DEFAULT_LOCATION,
         perlbal_cache_seconds: int | None = None,
         perlbal_fallback_url: str | None = None,
         storage_timeout: float = 10.0,
@@ -263,6 +271,12 @@ class MiddlewareCore:
                         ", whatever proxy header it sends" if require_proxy_header else "")
         elif reproxy is not None and not self.trusted_proxies:
             log.warning("reproxy=%r with no trusted proxy: every request is served, none reproxied", reproxy)
+        given = {"trusted_proxies": trusted_proxies is not None, "require_proxy_header": require_proxy_header,
+                 "perlbal_cache_seconds": bool(perlbal_cache_seconds), "perlbal_fallback_url": bool(perlbal_fallback_url),
+                 "nginx_location": nginx_location != NginxReproxy.DEFAULT_LOCATION}
+        if unused := [f"{name} (for reproxy={' or '.join(map(repr, _REPROXY_OPTIONS[name]))})"
+                      for name, set_ in given.items() if set_ and reproxy not in _REPROXY_OPTIONS[name]]:
+            log.warning("reproxy=%r: %s ignored", reproxy, ", ".join(unused))
         if made := async_kind(key_for_path):
             raise TypeError(f"key_for_path must be a plain function: it makes {made}, and the middleware "
                             "calls it without awaiting")
@@ -471,7 +485,8 @@ def url_prefix(prefix: str) -> tuple[str, str]:
     """``prefix`` with a slash at either end, as text (percent-escapes decoded) and as PEP 3333
     gives a path; a ValueError for what is not a path of this site (a query, a fragment, an empty
     segment: a URL given where a path belongs), whose links clients would change (a ``.`` or
-    ``..`` segment, which they remove), or that escapes bytes that are not UTF-8."""
+    ``..`` segment, which they remove), that escapes bytes that are not UTF-8, or that holds a
+    control character (a tab, a line break: a request's path with one is answered with a 400)."""
     refused = ValueError(f"prefix must be a URL path such as '/mogilefs/', not {prefix!r}")
     if not isinstance(prefix, str) or "?" in prefix or "#" in prefix:
         raise refused
@@ -484,19 +499,24 @@ def url_prefix(prefix: str) -> tuple[str, str]:
         raise ValueError(f"prefix must be a URL path such as '/mogilefs/', not {prefix!r}: clients remove "
                          f"its '.' and '..' segments from a link")
     try:
-        return raw.decode("utf-8"), raw.decode("latin-1")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"prefix must be UTF-8 once percent-decoded, not {prefix!r}") from None
+    if has_control_character(text):
+        raise refused
+    return text, raw.decode("latin-1")
 
 
 def _refuse_unusable(*, cache_control: object, charset: object, nginx_location: object,
                      perlbal_cache_seconds: object, retry_after_seconds: object, path_cache_entries: object,
                      body_cache_bytes: object, body_cache_file_bytes: object) -> None:
     """Raise ValueError naming the first option no request could use: a header value that is not
-    printable ASCII (a line break would end the header), a location nginx would not take, a
-    count below what it counts."""
+    one (a line break would end the header; a comment after a Cache-Control's directives would
+    make caches ignore them), a location nginx would not take, a count below what it counts."""
     checks = [
-        ("cache_control", cache_control, cache_control is None or _is_header_value(cache_control), "a header value"),
+        ("cache_control", cache_control,
+         cache_control is None or isinstance(cache_control, str) and bool(_CACHE_CONTROL.fullmatch(cache_control)),
+         "directives such as 'public, max-age=3600' (RFC 9111 5.2)"),
         ("charset", charset, charset is None or isinstance(charset, str) and bool(_TOKEN.fullmatch(charset)),
          "a charset name such as 'utf-8', or None"),
         ("nginx_location", nginx_location,
@@ -554,11 +574,6 @@ def _refuse_invalid(checks: list[tuple[str, object, bool, str]]) -> None:
     for name, value, valid, expected in checks:
         if not valid:
             raise ValueError(f"{name} must be {expected}, not {value!r}")
-
-
-def _is_header_value(value: object) -> bool:
-    """True for a string a header line can carry as it is: printable ASCII, no blank at either end."""
-    return isinstance(value, str) and value.isascii() and value.isprintable() and value.strip() == value != ""
 
 
 def _is_count(value: object, minimum: int) -> bool:

@@ -201,12 +201,13 @@ class NginxReproxy(Reproxy):
 
     name = "nginx"
     request_header = "HTTP_X_SENDFILE_TYPE"
+    DEFAULT_LOCATION = "/reproxy"
 
     def fell_back(self, environ: dict[str, Any]) -> bool:
         """True for nginx's request with ``X-Reproxy-Failed``, sent by ``examples/nginx.conf``."""
         return "HTTP_X_REPROXY_FAILED" in environ
 
-    def __init__(self, representation: Representation, *, location: str = "/reproxy") -> None:
+    def __init__(self, representation: Representation, *, location: str = DEFAULT_LOCATION) -> None:
         super().__init__(representation)
         self.location = location
 

@@ -670,6 +670,18 @@ class LengthMismatchError(StorageError):
     """A PUT body that is not the length announced: the source's doing, so no other node would
     take it either."""
 
+    @classmethod
+    def longer(cls, url: str, length: int) -> LengthMismatchError:
+        """The error of a body that went on past its announced ``length``."""
+        return cls(f"PUT {url}: the source gave more than the {length} bytes announced (a file that grew while "
+                   f"read?)", url)
+
+    @classmethod
+    def shorter(cls, url: str, written: int, length: int) -> LengthMismatchError:
+        """The error of a body that ended after ``written`` of its announced ``length``."""
+        return cls(f"PUT {url}: the source ended after {written} of the {length} bytes announced (a body cut "
+                   f"short, a file that shrank while read or whose size is not its length?)", url)
+
 
 class PutStream:
     """A PUT to a storage node whose body is written piece by piece.
@@ -709,7 +721,7 @@ class PutStream:
             return
         if self._length is not None and self._written + len(data) > self._length:
             self.abort()
-            raise LengthMismatchError(f"PUT {self.url}: more than the {self._length} bytes announced", self.url)
+            raise LengthMismatchError.longer(self.url, self._length)
         try:
             if self._chunked:
                 sock.sendall(b"%X\r\n" % len(data))
@@ -729,8 +741,7 @@ class PutStream:
         connection = self._open_connection()
         if self._length is not None and self._written != self._length:  # the node would wait for the rest
             self.abort()
-            raise LengthMismatchError(f"PUT {self.url}: {self._written} of the {self._length} bytes announced written",
-                               self.url)
+            raise LengthMismatchError.shorter(self.url, self._written, self._length)
         self._connection = None
         try:
             end = b"0\r\n\r\n" if self._chunked else b""

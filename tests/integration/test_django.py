@@ -1226,6 +1226,9 @@ SETTINGS_ERRORS = [
     pytest.param("MOGILEFS_DOMAIN", MISSING, _wrap, id="domain-missing"),
     pytest.param("MOGILEFS_DOMAIN", "", _wrap, id="domain-empty"),
     pytest.param("MOGILEFS_DOMAIN", 42, lambda: MogileFSStorage().exists("a"), id="domain-not-text-storage"),
+    # Read from a secrets file with its line break: every request was a 502.
+    pytest.param("MOGILEFS_DOMAIN", "media\n", _wrap, id="domain-line-break"),
+    pytest.param("MOGILEFS_DOMAIN", "media\n", lambda: MogileFSStorage().exists("a"), id="domain-line-break-storage"),
     pytest.param("MOGILEFS_TRACKERS", MISSING, _wrap, id="trackers-missing"),
     pytest.param("MOGILEFS_TRACKERS", [], _wrap, id="trackers-empty"),
     pytest.param("MOGILEFS_TRACKERS", ["127.0.0.1:port"], _wrap, id="trackers-bad-port"),
@@ -1266,6 +1269,7 @@ SETTINGS_ERRORS = [
     pytest.param("MOGILEFS_MEDIA_URL", "https://media.example.com/", _wrap, id="media-url-at-the-root"),
     pytest.param("MOGILEFS_MIDDLEWARE_OPTIONS", {"retry_after_seconds": -1}, _wrap, id="middleware-option-value"),
     pytest.param("MOGILEFS_CACHE_CONTROL", "public\nmax-age=60", _wrap, id="cache-control-line-break"),
+    pytest.param("MOGILEFS_CACHE_CONTROL", "max-age=60 # a minute", _wrap, id="cache-control-comment"),
     pytest.param("MOGILEFS_MEMCACHED_SERVERS", 11211, _wrap, id="memcached-number"),
     pytest.param("MOGILEFS_MEMCACHED_SECRET", "s3cret", _wrap, id="memcached-secret-without-servers"),
     pytest.param("MOGILEFS_MEMCACHED_SERVERS", ["127.0.0.1:port"], lambda: MogileFSStorage().exists("a"),

@@ -426,9 +426,11 @@ class _LongFile(_ShortFile):
 @both_flavours
 def test_a_file_shorter_or_longer_than_its_size_fails_naming_it_and_the_key_keeps_its_data(
         flavour: Flavour, client: Client) -> None:
-    """The node would wait for the rest until storage_timeout: the PUT is dropped at once instead."""
+    """The node would wait for the rest until storage_timeout: the PUT is dropped at once instead,
+    and the error names the source, not the node, as the cause (a file that changed size while read)."""
     store(flavour, client, "doc", b"old", "thumb")
-    for source, problem in ((_ShortFile(), "1000 of the 3000 bytes announced"), (_LongFile(), "more than the 1000")):
+    for source, problem in ((_ShortFile(), "the source ended after 1000 of the 3000 bytes announced"),
+                            (_LongFile(), "the source gave more than the 1000 bytes announced")):
         with pytest.raises(UploadError, match=problem):
             store(flavour, client, "doc", source, "thumb")
         assert source.reads_from_start == 1  # the source's fault: no other node is tried

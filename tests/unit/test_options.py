@@ -16,6 +16,9 @@ from mogile_middleware.deadline import MAX_SECONDS
 BAD_OPTIONS = [
     pytest.param({"cache_control": "public\r\nSet-Cookie: a=b"}, "cache_control", id="cache-control-line-break"),
     pytest.param({"cache_control": 3600}, "cache_control", id="cache-control-number"),
+    # An ini file has no comments after a value: caches would take the directives for invalid.
+    pytest.param({"cache_control": "public, max-age=3600   # one hour"}, "cache_control", id="cache-control-comment"),
+    pytest.param({"cache_control": "public; max-age=60"}, "cache_control", id="cache-control-semicolons"),
     pytest.param({"charset": "utf-8\n"}, "charset", id="charset-line-break"),
     pytest.param({"mimetypes": {".txt": "text/plain\r\nX: y"}}, "mimetypes", id="mimetype-line-break"),
     pytest.param({"reproxy": "nginx", "nginx_location": "reproxy"}, "nginx_location", id="nginx-location-relative"),
@@ -50,6 +53,11 @@ BAD_OPTIONS = [
     pytest.param({"prefix": "/files/?a=1"}, "prefix", id="prefix-with-a-query"),
     pytest.param({"prefix": "/files#top/"}, "prefix", id="prefix-with-a-fragment"),
     pytest.param({"prefix": "/%FF/"}, "prefix", id="prefix-escaping-no-utf8"),
+    # A path holding a control character is answered with a 400: no request would reach the files.
+    pytest.param({"prefix": "/media/\n/photos/"}, "prefix", id="prefix-two-lines"),
+    pytest.param({"prefix": "/a%09b/"}, "prefix", id="prefix-escaped-tab"),
+    # Each lookup would be refused by the tracker: a 502 at every request.
+    pytest.param({"domain": "media\n"}, "domain", id="domain-line-break"),
     # A URL where a path belongs (as a PasteDeploy ini may have it) is a prefix no request matches.
     pytest.param({"prefix": "http://media.example.com/m/"}, "prefix", id="prefix-url"),
     pytest.param({"prefix": "/m/%2F/"}, "prefix", id="prefix-empty-segment-escaped"),
@@ -97,6 +105,39 @@ def test_usable_edge_values_are_taken() -> None:
                                     missing_seconds=0, retry_after_seconds=0, dead_seconds=0,
                                     cache_control="public, max-age=60", charset=None)
     assert middleware.client.pool.addresses == [("127.0.0.1", 65535)]
+
+
+@pytest.mark.parametrize("cache_control", ['no-cache="Set-Cookie, Set-Cookie2"', "public,max-age=60",
+                                           "private, max-age=0, must-revalidate", 'x-note="a \\"b\\""'])
+def test_every_form_of_cache_control_directives_is_taken(cache_control: str) -> None:
+    made = MogileFSMiddleware(lambda *args: None, domain="media", trackers="127.0.0.1:7001", cache_control=cache_control)
+    assert ("Cache-Control", cache_control) in made.representation.extra_headers
+
+
+@pytest.mark.parametrize("middleware", [MogileFSMiddleware, ASGIMiddleware], ids=["wsgi", "asgi"])
+@pytest.mark.parametrize(("options", "ignored"), [
+    ({"perlbal_cache_seconds": 30}, "reproxy=None: perlbal_cache_seconds (for reproxy='perlbal') ignored"),
+    ({"reproxy": "nginx", "trusted_proxies": ["10.0.0.1"], "perlbal_fallback_url": "http://10.0.0.1/"},
+     "reproxy='nginx': perlbal_fallback_url (for reproxy='perlbal') ignored"),
+    ({"reproxy": "perlbal", "trusted_proxies": ["10.0.0.1"], "nginx_location": "@files"},
+     "reproxy='perlbal': nginx_location (for reproxy='nginx') ignored"),
+    ({"trusted_proxies": ["10.0.0.1"], "require_proxy_header": True},
+     "reproxy=None: trusted_proxies (for reproxy='perlbal' or 'nginx'), require_proxy_header (for reproxy='perlbal' "
+     "or 'nginx') ignored"),
+])
+def test_an_option_of_another_reproxy_mode_is_said_to_be_ignored(middleware: type, options: dict[str, Any],
+                                                                 ignored: str, caplog: pytest.LogCaptureFixture) -> None:
+    middleware(lambda *args: None, domain="media", trackers="127.0.0.1:7001", **options)
+    assert [record.getMessage() for record in caplog.records] == [ignored]
+
+
+def test_options_of_the_reproxy_mode_given_are_not_said_to_be_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    MogileFSMiddleware(lambda *args: None, domain="media", trackers="127.0.0.1:7001", reproxy="perlbal",
+                       trusted_proxies=["10.0.0.1"], require_proxy_header=True, perlbal_cache_seconds=30,
+                       perlbal_fallback_url="http://10.0.0.1/", nginx_location="/reproxy")
+    MogileFSMiddleware(lambda *args: None, domain="media", trackers="127.0.0.1:7001", reproxy="nginx",
+                       trusted_proxies=["10.0.0.1"], nginx_location="@files", perlbal_cache_seconds=0)
+    assert caplog.records == []
 
 
 class _Allows:

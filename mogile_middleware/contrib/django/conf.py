@@ -16,6 +16,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from ...deadline import checked_seconds
 from ...middleware import REPROXY_MODES, MogileFSMiddleware, parse_trusted_proxies
+from ...protocol import has_control_character
 from ...tracker import Address, parse_trackers
 
 if TYPE_CHECKING:
@@ -53,9 +54,10 @@ def validated(name: str, value: object, check: Callable[[Any], T]) -> T:
 
 
 def text(value: object) -> str:
-    """A non-empty string (a domain, a class)."""
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"expected a non-empty string, got {value!r}")
+    """A non-empty string without control characters (a domain, a class: one read from a file with
+    its line break would be refused by the tracker at every request)."""
+    if not isinstance(value, str) or not value or has_control_character(value):
+        raise ValueError(f"expected a non-empty string without control characters, got {value!r}")
     return value
 
 
