@@ -298,7 +298,8 @@ def detach_stdout() -> None:
 def _add_upload_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``upload``."""
     _write_options(parser)
-    parser.add_argument("key", metavar="KEY", help="key to store under; with --recursive, the prefix of the keys")
+    parser.add_argument("key", metavar="KEY", help="key to store under (ending in /: a folder, to which the file's "
+                                                   "name is added, as cp does); with --recursive, the prefix of the keys")
     parser.add_argument("source", metavar="FILE", type=path_argument,
                         help="file to store, - for stdin; with --recursive, a directory")
     parser.add_argument("--class", dest="cls", metavar="CLASS", help="MogileFS class (default: the domain's default)")
@@ -331,22 +332,47 @@ def _upload(args: argparse.Namespace, client: Client) -> int:
         files = [(path, args.key + relative) for path, relative in _files_under(Path(args.source))]
         if _unstorable(files):
             return 1
+        changed = 0
         for path, key in files:
-            with open(path, "rb") as source, _named(str(path)):  # a read that fails names the file
+            try:
+                source = _open_regular(path)
+            except OSError as error:  # gone since the tree was read, or no longer a regular file
+                print(f"mogile-middleware: {printable(_describe(error))}: skipped", file=sys.stderr)
+                changed += 1
+                continue
+            with source, _named(str(path)):  # a read that fails names the file
                 _store(uploader, key, source, args.cls)
+        if changed:
+            print(f"mogile-middleware: {changed} file(s) changed since the tree was read: not stored", file=sys.stderr)
+            return 1
     elif args.source == "-":
+        if args.key.endswith("/"):  # stored under the folder's own name, which no file of it names
+            print("mogile-middleware: upload: KEY ends with / (a folder), and stdin has no name to add: give the "
+                  "whole key", file=sys.stderr)
+            return 2
         with _named("stdin"):
             _store(uploader, args.key, _stdin(), args.cls)
     else:
+        key = args.key + Path(os.path.abspath(args.source)).name if args.key.endswith("/") else args.key
         with open(args.source, "rb") as source, _named(args.source):
-            _store(uploader, args.key, source, args.cls)
+            _store(uploader, key, source, args.cls)
     return 0
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """``path`` opened to be read, or an OSError naming it if it is no longer a regular file (a
+    file of a tree may change once the tree is read: a FIFO opened so would wait for a writer)."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # no effect on a regular file's reads
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise OSError(errno.EINVAL, "no longer a regular file", str(path))
+    return os.fdopen(descriptor, "rb")
 
 
 def _unstorable(files: list[tuple[Path, str]]) -> int:
     """How many of the ``(file, key)`` pairs make a key no tracker takes or name a file that
-    cannot be read, each named on stderr (before anything is stored: the tree is stored whole or
-    not at all)."""
+    cannot be read, each named on stderr (before anything is stored: then nothing is; a file
+    that changes later is passed over, named)."""
     bad = 0
     for path, key in files:
         try:
@@ -476,6 +502,8 @@ def _get_recursive(args: argparse.Namespace, client: Client) -> int:
         print("mogile-middleware: get --recursive: give the directory to write to with -o DIR", file=sys.stderr)
         return 2
     root, skipped = Path(args.output), 0
+    if root.exists() and not root.is_dir():  # else every key would be fetched, then refused
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(root))
     written: set[Path] = set()  # "col/x" and "colx" both name x under the prefix "col"
     prefix = to_bytes(args.key)  # keys match it byte for byte: it may end inside a character
     for key in client.keys(prefix):

@@ -72,6 +72,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a key the locale cannot show is escaped, not a traceback
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors=UNSHOWABLE)
+    given = sys.stderr
+    sys.stderr = _UnfailingStderr(given)  # type: ignore[assignment]
+    try:
+        return _run(argv)
+    finally:
+        sys.stderr = given
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` and run its command; return the exit code."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -105,6 +115,28 @@ def _unwritten(error: OSError) -> int:
             print(f"mogile-middleware: stdout: {error.strerror}", file=sys.stderr)
     commands.detach_stdout()  # what its buffer holds would fail again at exit
     return 0 if isinstance(error, BrokenPipeError) else 1
+
+
+class _UnfailingStderr:
+    """stderr, whose failures (its reader gone, its disk full) lose the message rather than stop
+    the command midway: an ``rm`` of several keys stopped at its first message, exit 0, the rest
+    kept. The exit code still tells how the command ended."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:
+            return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError):
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
 
 
 class _Parser(argparse.ArgumentParser):

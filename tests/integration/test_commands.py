@@ -35,7 +35,7 @@ from wiretools import TEN, KeptAliveNode, ScriptedTracker, files_tracker, honest
 from mogile_middleware import Client
 from mogile_middleware.cache import entry_key
 from mogile_middleware.cli.signals import InterruptibleReader
-from mogile_middleware.cli import main
+from mogile_middleware.cli import commands, main
 from mogile_middleware.cli.serve import FileIndex
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.exceptions import StorageError
@@ -639,6 +639,35 @@ def test_with_stderr_closed_an_error_never_lands_in_stdout(devmogile: DevMogileF
     assert (done.returncode, done.stdout) == (3, b"")
 
 
+@pytest.mark.parametrize("stderr", ["reader gone", "/dev/full"])
+def test_a_failing_stderr_loses_the_messages_not_the_work_or_the_exit_code(devmogile: DevMogileFS,
+                                                                          stderr: str) -> None:
+    """An rm of several keys stopped at its first message (a missing key), exit 0, the rest kept;
+    a check of a dead tracker said exit 0."""
+    client = Client(DOMAIN, devmogile.trackers)
+    client.store_content("present", b"x")
+    env = subprocess_env(MOGILEFS_TRACKERS=devmogile.trackers[0], MOGILEFS_DOMAIN=DOMAIN)
+
+    def run(*argv: str) -> int:
+        if stderr == "/dev/full":
+            with open(stderr, "w") as full:
+                return subprocess.run([sys.executable, "-m", "mogile_middleware", *argv], env=env, stderr=full,
+                                      stdout=subprocess.DEVNULL, timeout=20, check=False).returncode
+        reader, writer = os.pipe()
+        os.close(reader)
+        try:
+            return subprocess.run([sys.executable, "-m", "mogile_middleware", *argv], env=env, stderr=writer,
+                                  stdout=subprocess.DEVNULL, timeout=20, check=False).returncode
+        finally:
+            os.close(writer)
+
+    assert run("rm", "absent", "present") == 3
+    assert list(client.keys()) == []
+    with socket.socket() as unheard:  # bound, not listening: connections to it are refused
+        unheard.bind(("127.0.0.1", 0))
+        assert run("check", "--trackers", "127.0.0.1:%d" % unheard.getsockname()[1]) == 1
+
+
 def test_a_write_error_names_the_output(devmogile: DevMogileFS, tmp_path: Path) -> None:
     # A full disk said "[Errno 28] No space left on device", naming nothing (/dev/full: every write
     # is ENOSPC; a file size limit makes a file too large at its first kilobyte).
@@ -748,6 +777,48 @@ def test_upload_recursive_names_what_it_passes_over(cli: Run, tmp_path: Path) ->
                         f"mogile-middleware: {root}/cycle: a loop of links: skipped\n"
                         f"mogile-middleware: {root}/nowhere: a link to nothing: skipped\n"
                         f"mogile-middleware: {root}/pipe: not a regular file: skipped\n")
+
+
+def test_upload_recursive_passes_over_a_file_changed_once_the_tree_was_read_and_stores_the_rest(
+        cli: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process changes the tree while it is stored: a file gone or made a directory stopped
+    the upload there (the files after it never tried), and one made a FIFO waited for a writer forever."""
+    root = tmp_path / "tree"
+    root.mkdir()
+    for name in "abcde":
+        (root / name).write_bytes(name.encode())
+    checked = commands._unstorable
+
+    def then_changed(files: list[tuple[Path, str]]) -> int:  # between the listing and the uploads
+        bad = checked(files)
+        (root / "b").unlink()
+        (root / "c").unlink()
+        (root / "c").mkdir()
+        (root / "d").unlink()
+        os.mkfifo(root / "d")
+        return bad
+
+    monkeypatch.setattr(commands, "_unstorable", then_changed)
+    done = cli("upload", "-r", "up/", str(root))
+    assert (done.code, done.out) == (1, b"1\tup/a\n1\tup/e\n")
+    assert done.err == (f"mogile-middleware: {root}/b: No such file or directory: skipped\n"
+                        f"mogile-middleware: {root}/c: no longer a regular file: skipped\n"
+                        f"mogile-middleware: {root}/d: no longer a regular file: skipped\n"
+                        "mogile-middleware: 3 file(s) changed since the tree was read: not stored\n")
+
+
+def test_upload_of_a_file_to_a_folder_key_adds_the_files_name_as_cp_does(cli: Run, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file was stored under the key "up/" itself, which get -r then refused as naming no file."""
+    (tmp_path / "small.txt").write_bytes(b"small")
+    monkeypatch.chdir(tmp_path)
+    assert cli("upload", "up/", "small.txt").out == b"5\tup/small.txt\n"
+    assert cli("upload", "up/", str(tmp_path / "small.txt")).out == b"5\tup/small.txt\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"piped")))
+    refused = cli("upload", "up/", "-")
+    assert (refused.code, refused.err) == (2, "mogile-middleware: upload: KEY ends with / (a folder), and stdin has "
+                                              "no name to add: give the whole key\n")
+    assert cli("ls", "up").out == b"up/small.txt\n"
 
 
 def test_upload_recursive_to_an_empty_key_needs_top_level(cli: Run, tmp_path: Path) -> None:
@@ -1313,6 +1384,18 @@ def test_get_recursive_writes_the_keys_under_a_prefix_and_never_outside(cli: Run
     assert not (tmp_path / "escape.txt").exists() and result.err.count("skipped") == 2
     assert result.lines == ["4\tsite/a\\\\\\\\b", f"{256 * 300}\tsite/img/logo.png", "9\tsite/index.html"]
     assert cli("get", "site/", "--recursive").code == 2  # no directory given
+
+
+def test_get_recursive_into_a_file_refuses_it_before_fetching_any_key(cli: Run, devmogile: DevMogileFS,
+                                                                     tmp_path: Path) -> None:
+    """Each key was fetched, then skipped with "File exists", a line per key."""
+    client = Client(DOMAIN, devmogile.trackers)
+    for name in ("a", "b", "c"):
+        client.store_content(f"g/{name}", b"x")
+    (tmp_path / "afile").write_bytes(b"kept")
+    done = cli("get", "g/", "-r", "-o", str(tmp_path / "afile"))
+    assert (done.code, done.out, done.err) == (1, b"", f"mogile-middleware: {tmp_path}/afile: Not a directory\n")
+    assert (tmp_path / "afile").read_bytes() == b"kept"
 
 
 def test_get_recursive_names_a_key_no_replica_serves_and_goes_on(cli: Run, devmogile: DevMogileFS,
