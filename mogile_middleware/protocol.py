@@ -21,7 +21,7 @@ MAX_KEY_BYTES = 255
 
 ArgValue = str | bytes | int | None
 
-_FORBIDDEN_KEY_BYTES = (b"\x00", b"\r", b"\n")
+_FORBIDDEN_KEY_BYTES = {b"\x00": "NUL", b"\r": "CR", b"\n": "LF"}
 #: What no key served on the web may hold: the middleware answers 400 to a path with any of them.
 CONTROL_CHARACTERS = frozenset(chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)])
 #: A number in a tracker's reply: ASCII digits (``str.isdigit`` takes ``²`` too, which ``int``
@@ -88,9 +88,9 @@ def check_key(key: str | bytes, *, length: bool = True) -> bytes:
     raw = check_any_key(key)
     if length and len(raw) > MAX_KEY_BYTES:
         raise BadKeyError(f"key is {len(raw)} bytes long, over the {MAX_KEY_BYTES} of MogileFS's schema")
-    for forbidden in _FORBIDDEN_KEY_BYTES:
-        if forbidden in raw:
-            raise BadKeyError(f"key contains the control byte {forbidden!r}")
+    for forbidden, name in _FORBIDDEN_KEY_BYTES.items():
+        if forbidden in raw:  # named, not as a repr: a line of the CLI escapes its backslash again
+            raise BadKeyError(f"key contains the control byte {name}")
     return raw
 
 

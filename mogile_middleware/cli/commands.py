@@ -482,7 +482,7 @@ def _get(args: argparse.Namespace, client: Client) -> int:
         first = next(chunks, b"")
         if args.output in (None, "-"):
             if args.output is None and sys.stdout.isatty() and _binary(first):
-                print(f"mogile-middleware: {printable(args.key)} is binary: not written to the terminal "
+                print(f"mogile-middleware: {quoted(args.key)} is binary: not written to the terminal "
                       f"(-o FILE writes it to a file, -o - here anyway)", file=sys.stderr)
                 return 1
             stdout = _Output(sys.stdout.buffer, "stdout")
