@@ -1247,6 +1247,7 @@ SETTINGS_ERRORS = [
     pytest.param("MOGILEFS_PATH_CACHE_SECONDS", "60", _wrap, id="path-cache-string"),
     pytest.param("MOGILEFS_NGINX_LOCATION", "reproxy", _wrap, id="nginx-location-relative"),
     pytest.param("MOGILEFS_MIDDLEWARE_OPTIONS", ["stale_seconds"], _wrap, id="options-not-dict"),
+    pytest.param("MOGILEFS_MIDDLEWARE_OPTIONS", [], _wrap, id="options-empty-list"),
     pytest.param("MOGILEFS_MIDDLEWARE_OPTIONS", {"no_such": 1}, _wrap, id="options-unknown"),
     pytest.param("MOGILEFS_MIDDLEWARE_OPTIONS", {"reproxy": "nginx"}, _wrap, id="options-own-setting"),
     pytest.param("MOGILEFS_MIDDLEWARE_OPTIONS", {"io_timeout": 3}, _wrap, id="options-client-timeout"),

@@ -254,8 +254,8 @@ def configured(make: Callable[[], T]) -> T:
 
 def middleware_options() -> dict[str, Any]:
     """The :class:`MogileFSMiddleware` arguments the settings give, besides the client."""
-    options = validated("MOGILEFS_MIDDLEWARE_OPTIONS", getattr(settings, "MOGILEFS_MIDDLEWARE_OPTIONS", None) or {},
-                        _extra_options)
+    given = getattr(settings, "MOGILEFS_MIDDLEWARE_OPTIONS", None)  # an empty list is no dict either
+    options = {} if given is None else validated("MOGILEFS_MIDDLEWARE_OPTIONS", given, _extra_options)
     if "cache_backend" in options and memcached_servers():
         raise ImproperlyConfigured(
             "MOGILEFS_MIDDLEWARE_OPTIONS: 'cache_backend' and MOGILEFS_MEMCACHED_SERVERS both choose the path cache; "
