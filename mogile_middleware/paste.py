@@ -1,8 +1,8 @@
 """PasteDeploy filter factory: ``use = egg:mogile_middleware`` in a ``[filter:...]`` section.
 
-The options are the keyword arguments of :class:`MogileFSMiddleware` (``memcached_servers`` and
-``memcached_secret`` give ``cache_backend``), given as strings in the ini file and converted here,
-so that a mistake fails when the application is loaded.
+The options are the keyword arguments of :class:`MogileFSMiddleware` (``memcached_servers``,
+``memcached_secret`` and ``memcached_prefix`` give ``cache_backend``), given as strings in the
+ini file and converted here, so that a mistake fails when the application is loaded.
 """
 
 from __future__ import annotations
@@ -59,17 +59,19 @@ def _callable(value: str) -> Callable[..., Any]:
     return found
 
 
-def _memcached(servers: list[str] | None, secret: list[str] | None) -> MemcachedBackend | None:
+def _memcached(servers: list[str] | None, secret: list[str] | None, prefix: str | None) -> MemcachedBackend | None:
     """A shared path cache in memcached on ``host:port`` ``servers``; none: the in-process cache."""
     if not servers:
         if secret is not None:
             raise ValueError("memcached_secret signs the entries of memcached_servers, which is not set")
+        if prefix is not None:
+            raise ValueError("memcached_prefix starts the keys of memcached_servers, which is not set")
         return None
     try:
         from .memcache import MemcachedBackend  # pymemcache is an optional extra
     except ImportError as error:
         raise ValueError(f"needs pymemcache: pip install 'mogile_middleware[memcached]' ({error})") from error
-    return MemcachedBackend(servers, secret=secret)
+    return MemcachedBackend(servers, secret=secret, **({} if prefix is None else {"prefix": prefix}))
 
 
 def _text(value: str) -> str:
@@ -138,7 +140,7 @@ def _options() -> dict[str, Callable[[str], Any]]:
         if name in _NOT_OPTIONS:
             continue
         options[name] = _SPECIAL.get(name) or _BY_TYPE[str(parameter.annotation).removesuffix(" | None")]
-    return {**options, "memcached_servers": _servers, "memcached_secret": _secrets}
+    return {**options, "memcached_servers": _servers, "memcached_secret": _secrets, "memcached_prefix": _text}
 
 
 def _servers(value: str) -> list[str]:
@@ -150,7 +152,7 @@ def _servers(value: str) -> list[str]:
 OPTIONS: Mapping[str, Callable[[str], Any]] = _options()
 
 #: The options that together give the middleware's ``cache_backend``.
-CACHE_BACKEND_OPTIONS = ("memcached_servers", "memcached_secret")
+CACHE_BACKEND_OPTIONS = ("memcached_servers", "memcached_secret", "memcached_prefix")
 #: Text options for which ``none``, as ``reproxy = none`` says it, could only mean no value, but
 #: would be taken as the text: a ``Cache-Control: none`` instead of ``private``, a guessable secret.
 _NONE_REFUSED = ("cache_control", "signing_key", "memcached_secret")
@@ -182,7 +184,7 @@ def filter_factory(global_conf: Mapping[str, str], **local_conf: str) -> Callabl
         try:
             options["cache_backend"] = _memcached(*(options.pop(name, None) for name in CACHE_BACKEND_OPTIONS))
         except ValueError as error:
-            raise ValueError(f"mogile_middleware option memcached_servers: {error}") from error
+            raise ValueError(f"mogile_middleware options {', '.join(CACHE_BACKEND_OPTIONS)}: {error}") from error
     for name in REQUIRED:
         if not options.get(name):
             raise ValueError(f"mogile_middleware option {name} is required")

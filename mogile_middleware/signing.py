@@ -43,9 +43,9 @@ def secrets_given(name: str, secrets: object) -> list[bytes]:
         wrong = type(secrets).__name__ if given is None else \
             next(f"a list holding {type(secret).__name__}" for secret in given if not isinstance(secret, (str, bytes)))
         raise ValueError(f"{name} must be a non-empty string or bytes, or a list of them, not {wrong}")
-    if not given or not all(given):
+    if not given or not all(secret.strip() for secret in given):  # blanks alone: a template left unfilled
         raise ValueError(f"{name} must be a non-empty string or bytes, or a list of them, not "
-                         f"{'an empty list' if not given else 'an empty one'}")
+                         f"{'an empty list' if not given else 'an empty one, or one of blanks only'}")
     return [secret.encode("utf-8") if isinstance(secret, str) else secret for secret in given]
 
 

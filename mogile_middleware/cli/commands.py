@@ -139,8 +139,8 @@ def resolve_connection_options(parser: argparse.ArgumentParser, args: argparse.N
 
 def _memcached(text: str) -> MemcachedBackend | None:
     """The shared path cache on the ``host:port`` servers of ``text``, its entries signed with
-    ``$MOGILEFS_MEMCACHED_SECRET`` when set (never an option: ``ps`` shows a command's arguments);
-    none for an empty ``text``."""
+    ``$MOGILEFS_MEMCACHED_SECRET`` when set (never an option: ``ps`` shows a command's arguments),
+    its keys starting with ``$MOGILEFS_MEMCACHED_PREFIX`` when set; none for an empty ``text``."""
     if not text.strip():
         return None
     try:
@@ -151,8 +151,9 @@ def _memcached(text: str) -> MemcachedBackend | None:
     if secret == "":  # set to nothing, as a template whose value is missing leaves it: no signing meant
         raise argparse.ArgumentTypeError("MOGILEFS_MEMCACHED_SECRET is set but empty: give the site's secret, "
                                          "or unset it for unsigned entries")
+    prefix = os.environ.get("MOGILEFS_MEMCACHED_PREFIX")
     try:
-        return MemcachedBackend(text, secret=secret)
+        return MemcachedBackend(text, secret=secret, **({} if prefix is None else {"prefix": prefix}))
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
 
@@ -164,7 +165,8 @@ def _write_options(parser: argparse.ArgumentParser) -> None:
         "--memcached", default=os.environ.get("MOGILEFS_MEMCACHED", ""), metavar="HOST:PORT,...", type=_memcached,
         help="drop the changed keys from the middleware's path cache in these memcached servers, so every "
              "process sharing it sees the change at once (default: $MOGILEFS_MEMCACHED; empty: none), "
-             "signed with $MOGILEFS_MEMCACHED_SECRET when set (the middleware's memcached_secret)",
+             "signed with $MOGILEFS_MEMCACHED_SECRET when set (the middleware's memcached_secret), its keys "
+             "starting with $MOGILEFS_MEMCACHED_PREFIX when set (its memcached_prefix)",
     )
 
 

@@ -1273,6 +1273,7 @@ SETTINGS_ERRORS = [
     pytest.param("MOGILEFS_CACHE_CONTROL", "max-age=60 # a minute", _wrap, id="cache-control-comment"),
     pytest.param("MOGILEFS_MEMCACHED_SERVERS", 11211, _wrap, id="memcached-number"),
     pytest.param("MOGILEFS_MEMCACHED_SECRET", "s3cret", _wrap, id="memcached-secret-without-servers"),
+    pytest.param("MOGILEFS_MEMCACHED_PREFIX", "staging:", _wrap, id="memcached-prefix-without-servers"),
     pytest.param("MOGILEFS_MEMCACHED_SERVERS", ["127.0.0.1:port"], lambda: MogileFSStorage().exists("a"),
                  id="memcached-bad-port-storage"),
 ]
@@ -1289,6 +1290,14 @@ def test_manage_py_check_names_a_wrong_or_missing_setting(name: str, value: obje
     """Before a deploy, where it was found at the first request or save."""
     with with_settings(**{name: value}), pytest.raises(SystemCheckError, match=re.escape(name)):
         call_command("check")
+
+
+def test_a_memcached_prefix_memcached_cannot_take_is_named_by_its_setting() -> None:
+    with with_settings(MOGILEFS_MEMCACHED_SERVERS=["127.0.0.1:1"], MOGILEFS_MEMCACHED_PREFIX="two words"):
+        with pytest.raises(ImproperlyConfigured, match="MOGILEFS_MEMCACHED_PREFIX: prefix 'two words' cannot start"):
+            _wrap()
+        with pytest.raises(SystemCheckError, match="MOGILEFS_MEMCACHED_PREFIX"):
+            call_command("check")
 
 
 def test_manage_py_check_passes_the_example_sites_settings() -> None:

@@ -30,7 +30,9 @@ from mogile_middleware import AsyncClient, Client, memcache
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.cache import AsyncPathCache, PathCache, entry_key
 from mogile_middleware.devserver import DevMogileFS
+from mogile_middleware.cli import main
 from mogile_middleware.memcache import MemcachedBackend
+from mogile_middleware.paste import filter_factory
 from mogile_middleware.middleware import MogileFSMiddleware
 from mogile_middleware.locate import Location
 
@@ -493,8 +495,12 @@ def test_sites_changing_their_secret_step_by_step_read_each_others_entries(
     assert sum(site.app.locator.paths.lookups for site in sites) == 2  # each key's first request
 
 
-@pytest.mark.parametrize(("secret", "named"), [("", "an empty one"), (b"", "an empty one"), (42, "int"),
-                                               ([], "an empty list"), (["new", ""], "an empty one"),
+@pytest.mark.parametrize(("secret", "named"), [("", "an empty one, or one of blanks only"),
+                                               (b"", "an empty one, or one of blanks only"), (42, "int"),
+                                               ([], "an empty list"), (["new", ""], "an empty one, or one of blanks only"),
+                                               # as a settings template left unfilled has it
+                                               (" ", "an empty one, or one of blanks only"),
+                                               (["new", b"\n"], "an empty one, or one of blanks only"),
                                                (["new", 42], "a list holding int")])
 def test_a_secret_that_signs_nothing_is_refused(secret: object, named: str) -> None:
     """An empty secret used to sign nothing, silently: entries anyone could forge."""
@@ -863,3 +869,29 @@ def test_two_gunicorn_workers_share_one_lookup(devmogile: DevMogileFS, memcached
         replies = [http_request(url) for _ in range(5)]
         assert {(reply.status, reply.body) for reply in replies} == {(200, BODY)}
         assert len(lines(counts)) == 6, "without memcached, each request asks the tracker"
+
+
+def test_sites_of_two_mogilefs_with_one_domain_name_keep_apart_in_one_memcached_by_their_prefixes(
+        devmogile: DevMogileFS, tmp_path: Path, memcached: MemcachedServer, monkeypatch: pytest.MonkeyPatch,
+        capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    """Entries are keyed by domain and key: staging's site answered production's file, and one
+    MogileFS's key that the other has not, with a 200."""
+    with DevMogileFS(data_dir=tmp_path / "staging", storage_nodes=1, domains={DOMAIN: {"thumb": 1}}) as staging:
+        Client(DOMAIN, devmogile.trackers).store_content("logo.png", b"production")
+        Client(DOMAIN, devmogile.trackers).store_content("only-in-production.png", b"x")
+        Client(DOMAIN, staging.trackers).store_content("logo.png", b"staging")
+        sites = {name: TestApp(filter_factory({}, domain=DOMAIN, trackers=mogile.trackers[0], reproxy="none",
+                                              memcached_servers=memcached.address,
+                                              memcached_prefix=f"{name}:")(hello))
+                 for name, mogile in [("production", devmogile), ("staging", staging)]}
+        assert sites["production"].get("/mogilefs/logo.png").body == b"production"
+        assert sites["production"].get("/mogilefs/only-in-production.png").body == b"x"
+        assert sites["staging"].get("/mogilefs/logo.png").body == b"staging"
+        assert sites["staging"].get("/mogilefs/only-in-production.png", status=404)
+        # The CLI marks a change under the same prefix as the site it writes for.
+        monkeypatch.setenv("MOGILEFS_MEMCACHED_PREFIX", "staging:")
+        assert main(["rm", "--trackers", staging.trackers[0], "--domain", DOMAIN, "--memcached", memcached.address,
+                     "logo.png"]) == 0
+        capsysbinary.readouterr()
+        assert sites["staging"].get("/mogilefs/logo.png", status=404)
+        assert sites["production"].get("/mogilefs/logo.png").body == b"production"

@@ -102,6 +102,10 @@ GOOD = "domain = media\ntrackers = 127.0.0.1:7001"
         pytest.param(GOOD + "\nstorage_timeout = inf", r"storage_timeout .*inf", id="infinite-timeout"),
         pytest.param(GOOD + "\nmemcached_secret = s3cret", r"memcached_secret .* memcached_servers, which is not set",
                      id="secret-without-memcached"),
+        pytest.param(GOOD + "\nmemcached_prefix = staging:", r"memcached_prefix .* memcached_servers, which is not set",
+                     id="prefix-without-memcached"),
+        pytest.param(GOOD + "\nmemcached_servers = 127.0.0.1:1\nmemcached_prefix = two words",
+                     r"prefix 'two words' cannot start a memcached key", id="memcached-prefix-with-a-space"),
         pytest.param(GOOD + "\nmemcached_servers = :11211", r"':11211'", id="memcached-without-host"),
         # An empty secret signed nothing, silently: entries anyone could forge.
         pytest.param(GOOD + "\nmemcached_servers = 127.0.0.1:1\nmemcached_secret =",

@@ -126,11 +126,13 @@ def memcached_servers() -> tuple[str, ...]:
 
 def memcached_backend(servers: tuple[str, ...]) -> MemcachedBackend | None:
     """The shared path cache on ``servers`` (from :func:`memcached_servers`), signed with
-    ``MOGILEFS_MEMCACHED_SECRET`` (or secrets, the first signing) when set, or None for none."""
+    ``MOGILEFS_MEMCACHED_SECRET`` (or secrets, the first signing) when set, its keys starting
+    with ``MOGILEFS_MEMCACHED_PREFIX`` when set, or None for none."""
     if not servers:
-        if getattr(settings, "MOGILEFS_MEMCACHED_SECRET", None) is not None:
-            raise ImproperlyConfigured("MOGILEFS_MEMCACHED_SECRET signs the entries of MOGILEFS_MEMCACHED_SERVERS, "
-                                       "which is not set")
+        for name, does in [("MOGILEFS_MEMCACHED_SECRET", "signs the entries"),
+                           ("MOGILEFS_MEMCACHED_PREFIX", "starts the keys")]:
+            if getattr(settings, name, None) is not None:
+                raise ImproperlyConfigured(f"{name} {does} of MOGILEFS_MEMCACHED_SERVERS, which is not set")
         return None
     try:
         from ...memcache import MemcachedBackend  # pymemcache is an optional extra
@@ -139,10 +141,13 @@ def memcached_backend(servers: tuple[str, ...]) -> MemcachedBackend | None:
             f"MOGILEFS_MEMCACHED_SERVERS needs pymemcache: pip install 'mogile_middleware[memcached]' ({error})"
         ) from error
     secret = getattr(settings, "MOGILEFS_MEMCACHED_SECRET", None)
+    prefix = getattr(settings, "MOGILEFS_MEMCACHED_PREFIX", None)
+    secrets = None if secret is None else validated("MOGILEFS_MEMCACHED_SECRET", secret, _secrets)
     try:
-        return MemcachedBackend(servers, secret=None if secret is None else validated(
-            "MOGILEFS_MEMCACHED_SECRET", secret, _secrets))
+        return MemcachedBackend(servers, secret=secrets, **({} if prefix is None else {"prefix": prefix}))
     except ValueError as error:
+        if str(error).startswith("prefix "):
+            raise ImproperlyConfigured(f"MOGILEFS_MEMCACHED_PREFIX: {error}") from None
         raise ImproperlyConfigured(f"MOGILEFS_MEMCACHED_SERVERS: {list(servers)!r}: {error}") from None
 
 
