@@ -92,8 +92,9 @@ def index_app(client: Client, prefix: str, reproxy: str | None, trusted: Sequenc
     """The served application: the :class:`FileIndex` of ``client``'s domain, with the middleware
     answering under ``prefix`` (reproxy answers for the ``trusted`` proxies only, when they send
     the proxy's own header: a browser on the proxy's machine gets the files)."""
-    return MogileFSMiddleware(FileIndex(client, prefix, index_keys), client=client, prefix=prefix,
-                              reproxy=reproxy, trusted_proxies=trusted, require_proxy_header=True)
+    proxies = {} if reproxy is None else {"trusted_proxies": trusted, "require_proxy_header": True}
+    return MogileFSMiddleware(FileIndex(client, prefix, index_keys), client=client, prefix=prefix, reproxy=reproxy,
+                              **proxies)
 
 
 def _prefix(text: str) -> str:

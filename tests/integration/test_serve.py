@@ -129,6 +129,8 @@ def test_serve_answers_files_and_the_index_then_stops_on_sigterm(stored: DevMogi
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0, (tmp_path / "stderr.txt").read_text()[-2000:]
         assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a gunicorn worker outlived serve"
+    # Serve mode was given the proxies' options, and said at start that it ignored them.
+    assert "ignored" not in (tmp_path / "stderr.txt").read_text()
 
 
 def test_the_index_lists_a_key_no_url_serves_without_a_link(devmogile: DevMogileFS) -> None:
