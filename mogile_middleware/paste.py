@@ -42,8 +42,9 @@ def _reproxy(value: str) -> str | None:
 
 
 def _networks(value: str) -> list[str]:
-    """Addresses or networks (or ``unix``), one per line or separated by spaces, checked here to fail early."""
-    networks = aslist(value)
+    """Addresses or networks (or ``unix``) separated by commas, spaces or lines, as ``trackers``
+    are, checked here to fail early."""
+    networks = value.replace(",", " ").split()
     parse_trusted_proxies(networks)
     return networks
 

@@ -131,7 +131,7 @@ trackers =
 prefix = /files
 reproxy = Perlbal
 trusted_proxies = 10.0.0.0/24
-    192.168.1.7
+    192.168.1.7, ::1
 require_proxy_header = yes
 key_for_path = posixpath:basename
 perlbal_cache_seconds = 30
@@ -145,7 +145,8 @@ body_cache_file_bytes = 65536
 """)
     assert middleware.client.pool.addresses == [("10.0.0.1", 7001), ("10.0.0.2", 7001), ("10.0.0.3", 7001)]
     assert (middleware.prefix, middleware.reproxy, middleware.require_proxy_header) == ("/files/", "perlbal", True)
-    assert middleware.trusted_proxies == (ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("192.168.1.7"))
+    assert middleware.trusted_proxies == (ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("192.168.1.7"),
+                                          ipaddress.ip_network("::1"))  # separated as trackers are
     assert middleware.key_for_path is posixpath.basename
     assert isinstance(middleware.reproxy_responder, PerlbalReproxy)
     assert middleware.reproxy_responder.cache_for_seconds == 30
