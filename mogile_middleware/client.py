@@ -481,8 +481,8 @@ class Client(ClientBase):
         iterable under ``key``; return the number of bytes stored.
 
         A seekable ``fileobj`` is sent again to the next storage node if one drops the PUT.
-        ``verify_checksum`` asks the tracker to check the stored file's MD5 before committing, for
-        classes that keep checksums. A path is refused (``TypeError``), as by
+        ``verify_checksum`` asks the tracker to check the stored file's MD5 before committing,
+        whatever the class. A path is refused (``TypeError``), as by
         :meth:`AsyncClient.store_file <mogile_middleware.async_client.AsyncClient.store_file>`: text
         passed on from a request is never read as a local file. :class:`~.upload.Uploader` opens paths.
         """

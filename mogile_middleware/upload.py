@@ -588,7 +588,9 @@ class Uploader:
                verify_checksum: bool | None = None) -> int:
         """Store ``source`` under ``key`` in class ``cls``; return the number of bytes stored.
 
-        ``verify_checksum`` overrides ``verify_checksums`` for this upload. Raises
+        ``verify_checksum`` overrides ``verify_checksums`` for this upload: ``True`` asks the
+        tracker to check the MD5 whatever the class (mogilefsd then reads the file back even for a
+        class that keeps no checksum), ``False`` never. Raises
         :class:`UploadError` (the key keeps its old data, unless the message says otherwise),
         :class:`UploadOutcomeUnknownError`, the tracker's refusal of ``create_open``
         (:class:`UnregClassError`, ``NoDevicesError``, ``TrackerUnavailableError``) or the source's own error.
@@ -606,13 +608,14 @@ class Uploader:
         if isinstance(source, io.TextIOBase) or not readable and not isinstance(source, Iterable):
             raise TypeError(f"upload of {key!r} takes bytes, a path, a file opened in binary mode or "
                             f"an iterable of bytes, not {type(source).__name__}")
-        verify = self.verify_checksums if verify_checksum is None else verify_checksum
-        kept = (verify or self.checksums == "kept") and self._keeps_checksums(cls)
+        # Asked for this upload: whatever the class, as mogilefsd checks it (and AsyncClient asks).
+        verify = verify_checksum is True or verify_checksum is None and self.verify_checksums \
+            and self._keeps_checksums(cls)
         upload = self.client.new_file(
             key, cls,
             size=remaining_size(source) if readable else None,  # type: ignore[arg-type]
-            checksum=self.checksums == "always" or kept,
-            verify_checksum=verify and kept,
+            checksum=verify or self.checksums == "always" or self._keeps_checksums(cls),
+            verify_checksum=verify,
         )
         with upload:
             if readable:
