@@ -234,7 +234,7 @@ class MiddlewareCore:
         checked_seconds("storage_timeout", storage_timeout)
         checked_seconds("client_timeout", client_timeout)
         private = authorize is not None or signing_key is not None
-        if private and perlbal_cache_seconds:
+        if private and perlbal_cache_seconds and reproxy == "perlbal":
             raise ValueError("perlbal_cache_seconds lets Perlbal answer repeated requests without asking the "
                              "middleware, which would skip authorize and signing_key")
         if perlbal_fallback_url is not None and not (isinstance(perlbal_fallback_url, str)
@@ -503,7 +503,8 @@ def url_prefix(prefix: str) -> tuple[str, str]:
     except UnicodeDecodeError:
         raise ValueError(f"prefix must be UTF-8 once percent-decoded, not {prefix!r}") from None
     if has_control_character(text):
-        raise refused
+        raise ValueError(f"prefix must be a URL path such as '/mogilefs/', not {prefix!r}: it holds a control "
+                         f"character, and a request's path with one is answered with a 400")
     return text, raw.decode("latin-1")
 
 

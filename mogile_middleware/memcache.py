@@ -105,13 +105,7 @@ class MemcachedBackend:
         if client is None and not items:
             raise ValueError("no memcached server given")
         self.servers = [_server(item) for item in items]
-        if not isinstance(prefix, str):
-            raise ValueError(f"prefix must be text, not {prefix!r}")
-        self.prefix = prefix
-        try:  # a bad prefix would otherwise turn every request into a logged miss
-            check_key_helper(self._memcached_key(""), allow_unicode_keys=False)
-        except MemcacheIllegalInputError as error:
-            raise ValueError(f"prefix {prefix!r} cannot start a memcached key: {error}") from error
+        self.prefix = checked_prefix(prefix)
         self.connect_timeout = checked_seconds("connect_timeout", connect_timeout)
         self.timeout = checked_seconds("timeout", timeout)
         self._given = client
@@ -280,6 +274,18 @@ class MemcachedBackend:
                     self._idle.append((client, deadline))
             if not kept:
                 client.close()
+
+
+def checked_prefix(prefix: object) -> str:
+    """``prefix`` if it can start the memcached key of every entry, else a ValueError naming it
+    (one that cannot would turn every request into a logged miss)."""
+    if not isinstance(prefix, str):
+        raise ValueError(f"prefix must be text, not {prefix!r}")
+    try:
+        check_key_helper(prefix + hashlib.sha1(b"").hexdigest(), allow_unicode_keys=False)
+    except MemcacheIllegalInputError as error:
+        raise ValueError(f"prefix {prefix!r} cannot start a memcached key: {error}") from error
+    return prefix
 
 
 class _Deadline:

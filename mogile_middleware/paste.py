@@ -61,18 +61,35 @@ def _callable(value: str) -> Callable[..., Any]:
 
 
 def _memcached(servers: list[str] | None, secret: list[str] | None, prefix: str | None) -> MemcachedBackend | None:
-    """A shared path cache in memcached on ``host:port`` ``servers``; none: the in-process cache."""
+    """A shared path cache in memcached on ``host:port`` ``servers``; none: the in-process cache.
+    A ValueError names the option at fault."""
     if not servers:
-        if secret is not None:
-            raise ValueError("memcached_secret signs the entries of memcached_servers, which is not set")
-        if prefix is not None:
-            raise ValueError("memcached_prefix starts the keys of memcached_servers, which is not set")
+        for name, value, does in [("memcached_secret", secret, "signs the entries"),
+                                  ("memcached_prefix", prefix, "starts the keys")]:
+            if value is not None:
+                raise ValueError(f"mogile_middleware option {name} {does} of memcached_servers, which is not set")
         return None
     try:
-        from .memcache import MemcachedBackend  # pymemcache is an optional extra
+        from .memcache import MemcachedBackend, checked_prefix  # pymemcache is an optional extra
     except ImportError as error:
-        raise ValueError(f"needs pymemcache: pip install 'mogile_middleware[memcached]' ({error})") from error
-    return MemcachedBackend(servers, secret=secret, **({} if prefix is None else {"prefix": prefix}))
+        raise ValueError(f"mogile_middleware option memcached_servers needs pymemcache: "
+                         f"pip install 'mogile_middleware[memcached]' ({error})") from error
+    try:
+        checked = {} if prefix is None else {"prefix": checked_prefix(prefix)}
+    except ValueError as error:
+        raise ValueError(f"mogile_middleware option memcached_prefix: {error}") from error
+    try:
+        return MemcachedBackend(servers, secret=secret, **checked)
+    except ValueError as error:
+        raise ValueError(f"mogile_middleware option memcached_servers: {error}") from error
+
+
+def _memcached_prefix(value: str) -> str:
+    """The start of the shared cache's memcached keys; left empty, a template's unfilled value."""
+    prefix = value.strip()
+    if not prefix:
+        raise ValueError("no prefix given (leave the option out for the default, 'mogile:')")
+    return prefix
 
 
 def _text(value: str) -> str:
@@ -141,7 +158,8 @@ def _options() -> dict[str, Callable[[str], Any]]:
         if name in _NOT_OPTIONS:
             continue
         options[name] = _SPECIAL.get(name) or _BY_TYPE[str(parameter.annotation).removesuffix(" | None")]
-    return {**options, "memcached_servers": _servers, "memcached_secret": _secrets, "memcached_prefix": _text}
+    return {**options, "memcached_servers": _servers, "memcached_secret": _secrets,
+            "memcached_prefix": _memcached_prefix}
 
 
 def _servers(value: str) -> list[str]:
@@ -156,7 +174,7 @@ OPTIONS: Mapping[str, Callable[[str], Any]] = _options()
 CACHE_BACKEND_OPTIONS = ("memcached_servers", "memcached_secret", "memcached_prefix")
 #: Text options for which ``none``, as ``reproxy = none`` says it, could only mean no value, but
 #: would be taken as the text: a ``Cache-Control: none`` instead of ``private``, a guessable secret.
-_NONE_REFUSED = ("cache_control", "signing_key", "memcached_secret")
+_NONE_REFUSED = ("cache_control", "signing_key", "memcached_secret", "memcached_prefix")
 
 
 def filter_factory(global_conf: Mapping[str, str], **local_conf: str) -> Callable[[WSGIApp], MogileFSMiddleware]:
@@ -182,10 +200,7 @@ def filter_factory(global_conf: Mapping[str, str], **local_conf: str) -> Callabl
         except ValueError as error:
             raise ValueError(f"mogile_middleware option {name}: {error}") from error
     if any(name in options for name in CACHE_BACKEND_OPTIONS):
-        try:
-            options["cache_backend"] = _memcached(*(options.pop(name, None) for name in CACHE_BACKEND_OPTIONS))
-        except ValueError as error:
-            raise ValueError(f"mogile_middleware options {', '.join(CACHE_BACKEND_OPTIONS)}: {error}") from error
+        options["cache_backend"] = _memcached(*(options.pop(name, None) for name in CACHE_BACKEND_OPTIONS))
     for name in REQUIRED:
         if not options.get(name):
             raise ValueError(f"mogile_middleware option {name} is required")

@@ -28,9 +28,9 @@ from typing import IO, TYPE_CHECKING, BinaryIO, NoReturn
 from .. import health
 from ..client import Client, FileInfo
 from ..deadline import checked_seconds
-from ..exceptions import BadKeyError, StorageError, UnknownKeyError
+from ..exceptions import BadKeyError, StorageError, UnknownKeyError, UploadError
 from ..protocol import check_key, names_a_fid, to_bytes, to_text
-from ..storage import ResumedReplica, Resumption, SeekableBody, open_replica
+from ..storage import LengthMismatchError, ResumedReplica, Resumption, SeekableBody, open_replica
 from ..tracker import Address, parse_trackers
 from ..upload import Uploader, remaining_size
 from .progress import ProgressBar, printable, quoted, shown
@@ -144,16 +144,22 @@ def _memcached(text: str) -> MemcachedBackend | None:
     if not text.strip():
         return None
     try:
-        from ..memcache import MemcachedBackend  # pymemcache is an optional extra
+        from ..memcache import MemcachedBackend, checked_prefix  # pymemcache is an optional extra
     except ImportError:
         raise argparse.ArgumentTypeError("needs pymemcache: pip install 'mogile_middleware[memcached]'") from None
-    secret = os.environ.get("MOGILEFS_MEMCACHED_SECRET")
-    if secret == "":  # set to nothing, as a template whose value is missing leaves it: no signing meant
-        raise argparse.ArgumentTypeError("MOGILEFS_MEMCACHED_SECRET is set but empty: give the site's secret, "
-                                         "or unset it for unsigned entries")
-    prefix = os.environ.get("MOGILEFS_MEMCACHED_PREFIX")
+    secret, prefix = os.environ.get("MOGILEFS_MEMCACHED_SECRET"), os.environ.get("MOGILEFS_MEMCACHED_PREFIX")
+    # Set to nothing, as a template whose value is missing leaves it: no signing, or the default, meant.
+    for name, value, unset in [("MOGILEFS_MEMCACHED_SECRET", secret, "unsigned entries"),
+                               ("MOGILEFS_MEMCACHED_PREFIX", prefix, "the default prefix")]:
+        if value is not None and not value.strip():
+            raise argparse.ArgumentTypeError(f"{name} is set but empty: give the site's value, or unset it for "
+                                             f"{unset}")
     try:
-        return MemcachedBackend(text, secret=secret, **({} if prefix is None else {"prefix": prefix}))
+        checked = {} if prefix is None else {"prefix": checked_prefix(prefix)}
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"MOGILEFS_MEMCACHED_PREFIX: {error}") from None
+    try:
+        return MemcachedBackend(text, secret=secret, **checked)
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
 
@@ -343,7 +349,15 @@ def _upload(args: argparse.Namespace, client: Client) -> int:
                 changed += 1
                 continue
             with source, _named(str(path)):  # a read that fails names the file
-                _store(uploader, key, source, args.cls)
+                try:
+                    _store(uploader, key, source, args.cls)
+                except UploadError as error:
+                    if not isinstance(error.__cause__, LengthMismatchError):
+                        raise
+                    # A log still being written: the key keeps what it held.
+                    print(f"mogile-middleware: {printable(str(path))}: its size changed while it was read: skipped",
+                          file=sys.stderr)
+                    changed += 1
         if changed:
             print(f"mogile-middleware: {changed} file(s) changed since the tree was read: not stored", file=sys.stderr)
             return 1
@@ -496,6 +510,17 @@ def _get(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def _check_directory(root: Path) -> None:
+    """Raise the OSError naming ``root`` if no directory is or can be made there: a file, a link
+    to nothing, a loop of links, a file on its way (``file/sub``)."""
+    try:
+        if not stat.S_ISDIR(os.stat(root).st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(root))
+    except FileNotFoundError:
+        if os.path.islink(root):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(root)) from None
+
+
 def _get_recursive(args: argparse.Namespace, client: Client) -> int:
     """Every key under the prefix into a file under ``-o DIR``; a key that would not name a file
     inside it (``..``, an empty segment, a NUL, a segment over 255 bytes), or none of whose
@@ -504,8 +529,7 @@ def _get_recursive(args: argparse.Namespace, client: Client) -> int:
         print("mogile-middleware: get --recursive: give the directory to write to with -o DIR", file=sys.stderr)
         return 2
     root, skipped = Path(args.output), 0
-    if root.exists() and not root.is_dir():  # else every key would be fetched, then refused
-        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(root))
+    _check_directory(root)  # before any key is fetched, to be refused by it
     written: set[Path] = set()  # "col/x" and "colx" both name x under the prefix "col"
     prefix = to_bytes(args.key)  # keys match it byte for byte: it may end inside a character
     for key in client.keys(prefix):

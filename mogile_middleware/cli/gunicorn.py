@@ -80,6 +80,15 @@ def trusted_proxies(args: argparse.Namespace) -> Sequence[str]:
     return args.trusted_proxies or LOOPBACK
 
 
+def trust_without_reproxy(command: str, args: argparse.Namespace) -> bool:
+    """True, said on one line of stderr, for ``--trusted-proxy`` without ``--reproxy``: serve mode
+    trusts no proxy, so it would be ignored."""
+    if args.trusted_proxies and args.reproxy is None:
+        print(f"{command}: --trusted-proxy goes with --reproxy (serve mode trusts no proxy)", file=sys.stderr)
+        return True
+    return False
+
+
 def load_gunicorn(command: str) -> Any:
     """gunicorn's ``BaseApplication``, or ``None`` when gunicorn is missing, having said on one line
     of stderr, prefixed with ``command``, which extra installs it."""

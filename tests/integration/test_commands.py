@@ -33,6 +33,7 @@ from webob import Request
 from wiretools import TEN, KeptAliveNode, ScriptedTracker, files_tracker, honest
 
 from mogile_middleware import Client
+from mogile_middleware import upload as upload_module
 from mogile_middleware.cache import entry_key
 from mogile_middleware.cli.signals import InterruptibleReader
 from mogile_middleware.cli import commands, main
@@ -199,14 +200,22 @@ def test_writes_sign_their_marks_with_the_sites_memcached_secret(cli: Run, tmp_p
         assert "invalid memcached entry" not in caplog.text  # signed as the site signs its own
 
 
-def test_an_empty_memcached_secret_is_a_usage_error_before_any_write(monkeypatch: pytest.MonkeyPatch,
-                                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    """Set to nothing (a template's missing value), it signed nothing: marks a signing site ignores."""
-    monkeypatch.setenv("MOGILEFS_MEMCACHED_SECRET", "")
+@pytest.mark.parametrize(("name", "value", "problem"), [
+    ("MOGILEFS_MEMCACHED_SECRET", "", "MOGILEFS_MEMCACHED_SECRET is set but empty"),
+    ("MOGILEFS_MEMCACHED_SECRET", "  ", "MOGILEFS_MEMCACHED_SECRET is set but empty"),
+    # Marks under keys no site reads: sites keep the old paths until they expire.
+    ("MOGILEFS_MEMCACHED_PREFIX", "", "MOGILEFS_MEMCACHED_PREFIX is set but empty"),
+    ("MOGILEFS_MEMCACHED_PREFIX", "two words", "MOGILEFS_MEMCACHED_PREFIX: prefix 'two words' cannot start"),
+])
+def test_an_empty_memcached_secret_or_prefix_is_a_usage_error_before_any_write(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str, value: str,
+        problem: str) -> None:
+    """Set to nothing (a template's missing value), a secret signed nothing: marks a signing site ignores."""
+    monkeypatch.setenv(name, value)
     with pytest.raises(SystemExit) as stopped:  # no tracker asked: none listens on port 1
         main(["rm", "k", "--trackers", "127.0.0.1:1", "--domain", DOMAIN, "--memcached", "127.0.0.1:11211"])
     assert stopped.value.code == 2
-    assert "--memcached: MOGILEFS_MEMCACHED_SECRET is set but empty" in capsys.readouterr().err
+    assert f"--memcached: {problem}" in capsys.readouterr().err
 
 
 def test_a_write_told_to_an_unreachable_memcached_stands_and_says_so_in_one_line(devmogile: DevMogileFS,
@@ -807,6 +816,30 @@ def test_upload_recursive_passes_over_a_file_changed_once_the_tree_was_read_and_
                         "mogile-middleware: 3 file(s) changed since the tree was read: not stored\n")
 
 
+def test_upload_recursive_passes_over_a_file_whose_size_changes_while_read_and_stores_the_rest(
+        cli: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A log still being written stopped the upload there, the files after it never tried."""
+    root = tmp_path / "logs"
+    root.mkdir()
+    for name in ("a.log", "b.log", "c.log"):
+        (root / name).write_bytes(name.encode() * 100)
+    sized, growing = upload_module.remaining_size, (root / "b.log").stat().st_ino
+
+    def grown_since(source: Any) -> int | None:  # b.log grows by 10 bytes once its size is read
+        size = sized(source)
+        if os.fstat(source.fileno()).st_ino == growing:
+            with open(root / "b.log", "ab") as appending:
+                appending.write(b"0123456789")
+        return size
+
+    monkeypatch.setattr(upload_module, "remaining_size", grown_since)
+    done = cli("upload", "-r", "logs/", str(root))
+    assert (done.code, done.out) == (1, b"500\tlogs/a.log\n500\tlogs/c.log\n")
+    assert done.err == (f"mogile-middleware: {root}/b.log: its size changed while it was read: skipped\n"
+                        "mogile-middleware: 1 file(s) changed since the tree was read: not stored\n")
+    assert cli("ls", "logs/").out == b"logs/a.log\nlogs/c.log\n"
+
+
 def test_upload_of_a_file_to_a_folder_key_adds_the_files_name_as_cp_does(cli: Run, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The file was stored under the key "up/" itself, which get -r then refused as naming no file."""
@@ -1393,9 +1426,13 @@ def test_get_recursive_into_a_file_refuses_it_before_fetching_any_key(cli: Run, 
     for name in ("a", "b", "c"):
         client.store_content(f"g/{name}", b"x")
     (tmp_path / "afile").write_bytes(b"kept")
-    done = cli("get", "g/", "-r", "-o", str(tmp_path / "afile"))
-    assert (done.code, done.out, done.err) == (1, b"", f"mogile-middleware: {tmp_path}/afile: Not a directory\n")
-    assert (tmp_path / "afile").read_bytes() == b"kept"
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for output, error in [("afile", "Not a directory"), ("afile/sub", "Not a directory"),
+                          ("dangling", "Not a directory"), ("loop", "Too many levels of symbolic links")]:
+        done = cli("get", "g/", "-r", "-o", str(tmp_path / output))
+        assert (done.code, done.out, done.err) == (1, b"", f"mogile-middleware: {tmp_path}/{output}: {error}\n")
+    assert (tmp_path / "afile").read_bytes() == b"kept" and not (tmp_path / "nowhere").exists()
 
 
 def test_get_recursive_names_a_key_no_replica_serves_and_goes_on(cli: Run, devmogile: DevMogileFS,

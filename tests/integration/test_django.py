@@ -1292,11 +1292,18 @@ def test_manage_py_check_names_a_wrong_or_missing_setting(name: str, value: obje
         call_command("check")
 
 
-def test_a_memcached_prefix_memcached_cannot_take_is_named_by_its_setting() -> None:
-    with with_settings(MOGILEFS_MEMCACHED_SERVERS=["127.0.0.1:1"], MOGILEFS_MEMCACHED_PREFIX="two words"):
-        with pytest.raises(ImproperlyConfigured, match="MOGILEFS_MEMCACHED_PREFIX: prefix 'two words' cannot start"):
+@pytest.mark.parametrize(("name", "value", "problem"), [
+    ("MOGILEFS_MEMCACHED_PREFIX", "two words", "prefix 'two words' cannot start"),
+    ("MOGILEFS_MEMCACHED_PREFIX", "", "expected a non-empty string"),
+    # A template left unfilled: it was blamed on MOGILEFS_MEMCACHED_SERVERS.
+    ("MOGILEFS_MEMCACHED_SECRET", "   ", "expected a non-empty string"),
+    ("MOGILEFS_MEMCACHED_SECRET", ["new", " "], "expected a non-empty string"),
+])
+def test_a_memcached_setting_no_server_could_use_is_named(name: str, value: object, problem: str) -> None:
+    with with_settings(MOGILEFS_MEMCACHED_SERVERS=["127.0.0.1:1"], **{name: value}):
+        with pytest.raises(ImproperlyConfigured, match=f"{name}: {problem}"):
             _wrap()
-        with pytest.raises(SystemCheckError, match="MOGILEFS_MEMCACHED_PREFIX"):
+        with pytest.raises(SystemCheckError, match=name):
             call_command("check")
 
 

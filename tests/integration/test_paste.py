@@ -105,7 +105,15 @@ GOOD = "domain = media\ntrackers = 127.0.0.1:7001"
         pytest.param(GOOD + "\nmemcached_prefix = staging:", r"memcached_prefix .* memcached_servers, which is not set",
                      id="prefix-without-memcached"),
         pytest.param(GOOD + "\nmemcached_servers = 127.0.0.1:1\nmemcached_prefix = two words",
-                     r"prefix 'two words' cannot start a memcached key", id="memcached-prefix-with-a-space"),
+                     r"option memcached_prefix: prefix 'two words' cannot start a memcached key",
+                     id="memcached-prefix-with-a-space"),
+        # A template's value left unfilled: keys no writer marking the default prefix would reach.
+        pytest.param(GOOD + "\nmemcached_servers = 127.0.0.1:1\nmemcached_prefix =",
+                     r"option memcached_prefix: no prefix given", id="empty-memcached-prefix"),
+        pytest.param(GOOD + "\nmemcached_servers = 127.0.0.1:1\nmemcached_prefix = none",
+                     r"option memcached_prefix: 'none' is no value", id="memcached-prefix-none"),
+        pytest.param(GOOD + "\nmemcached_servers = 127.0.0.1:x", r"option memcached_servers: .*127\.0\.0\.1:x",
+                     id="memcached-bad-port"),
         pytest.param(GOOD + "\nmemcached_servers = :11211", r"':11211'", id="memcached-without-host"),
         # An empty secret signed nothing, silently: entries anyone could forge.
         pytest.param(GOOD + "\nmemcached_servers = 127.0.0.1:1\nmemcached_secret =",

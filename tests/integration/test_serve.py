@@ -215,6 +215,16 @@ def test_perlbal_reproxy_reaches_trusted_proxies_only(stored: DevMogileFS, tmp_p
         assert not [name for name in proxied.headers if name.startswith("x-reproxy")]
 
 
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_a_trusted_proxy_without_reproxy_is_refused_before_anything_starts(command: str) -> None:
+    """Serve mode trusts no proxy: the address was dropped without a word."""
+    connection = ["--trackers", "127.0.0.1:1", "--domain", DOMAIN] if command == "serve" else []  # none asked
+    done = subprocess.run([sys.executable, "-m", "mogile_middleware", command, "--trusted-proxy", "10.0.0.2",
+                           *connection], capture_output=True, text=True, timeout=30, check=False)
+    assert (done.returncode, done.stdout, done.stderr) == (
+        2, "", f"{command}: --trusted-proxy goes with --reproxy (serve mode trusts no proxy)\n")
+
+
 @pytest.mark.parametrize("problem", ["domain", "tracker", "port", "host"])
 def test_what_stops_it_starting_is_one_line_and_exit_1(stored: DevMogileFS, tmp_path: Path, problem: str) -> None:
     with unused_address() as nobody, socket.create_server(("127.0.0.1", 0)) as taken:

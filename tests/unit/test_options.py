@@ -131,6 +131,19 @@ def test_an_option_of_another_reproxy_mode_is_said_to_be_ignored(middleware: typ
     assert [record.getMessage() for record in caplog.records] == [ignored]
 
 
+def test_perlbal_cache_seconds_ignored_in_another_mode_is_no_hole_in_private_files() -> None:
+    """Refused with signing_key or authorize in every mode, though only Perlbal's answers use it:
+    one settings file could not serve a site in serve mode and one behind Perlbal."""
+    for reproxy in (None, "nginx"):
+        made = MogileFSMiddleware(lambda *args: None, domain="media", trackers="127.0.0.1:7001", reproxy=reproxy,
+                                  trusted_proxies=["10.0.0.1"] if reproxy else None, perlbal_cache_seconds=30,
+                                  signing_key="s3cret")
+        assert made.signer is not None
+    with pytest.raises(ValueError, match="perlbal_cache_seconds lets Perlbal answer"):
+        MogileFSMiddleware(lambda *args: None, domain="media", trackers="127.0.0.1:7001", reproxy="perlbal",
+                           perlbal_cache_seconds=30, signing_key="s3cret")
+
+
 def test_options_of_the_reproxy_mode_given_are_not_said_to_be_ignored(caplog: pytest.LogCaptureFixture) -> None:
     MogileFSMiddleware(lambda *args: None, domain="media", trackers="127.0.0.1:7001", reproxy="perlbal",
                        trusted_proxies=["10.0.0.1"], require_proxy_header=True, perlbal_cache_seconds=30,

@@ -135,7 +135,7 @@ def memcached_backend(servers: tuple[str, ...]) -> MemcachedBackend | None:
                 raise ImproperlyConfigured(f"{name} {does} of MOGILEFS_MEMCACHED_SERVERS, which is not set")
         return None
     try:
-        from ...memcache import MemcachedBackend  # pymemcache is an optional extra
+        from ...memcache import MemcachedBackend, checked_prefix  # pymemcache is an optional extra
     except ImportError as error:
         raise ImproperlyConfigured(
             f"MOGILEFS_MEMCACHED_SERVERS needs pymemcache: pip install 'mogile_middleware[memcached]' ({error})"
@@ -143,11 +143,11 @@ def memcached_backend(servers: tuple[str, ...]) -> MemcachedBackend | None:
     secret = getattr(settings, "MOGILEFS_MEMCACHED_SECRET", None)
     prefix = getattr(settings, "MOGILEFS_MEMCACHED_PREFIX", None)
     secrets = None if secret is None else validated("MOGILEFS_MEMCACHED_SECRET", secret, _secrets)
+    checked = {} if prefix is None else {
+        "prefix": validated("MOGILEFS_MEMCACHED_PREFIX", prefix, lambda value: checked_prefix(text(value)))}
     try:
-        return MemcachedBackend(servers, secret=secrets, **({} if prefix is None else {"prefix": prefix}))
+        return MemcachedBackend(servers, secret=secrets, **checked)
     except ValueError as error:
-        if str(error).startswith("prefix "):
-            raise ImproperlyConfigured(f"MOGILEFS_MEMCACHED_PREFIX: {error}") from None
         raise ImproperlyConfigured(f"MOGILEFS_MEMCACHED_SERVERS: {list(servers)!r}: {error}") from None
 
 
@@ -177,7 +177,7 @@ def _seconds(value: object) -> float:
 
 def _secrets(value: object) -> Any:
     if not isinstance(value, (str, bytes, list, tuple)) or not value or any(
-            not isinstance(secret, (str, bytes)) or not secret for secret in
+            not isinstance(secret, (str, bytes)) or not secret.strip() for secret in
             ([value] if isinstance(value, (str, bytes)) else value)):
         raise ValueError(f"expected a non-empty string or bytes, or a list of them, got {type(value).__name__}")
     return value
