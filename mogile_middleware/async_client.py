@@ -199,9 +199,10 @@ class AsyncClient(ClientBase):
         :class:`UploadError`; the tracker's refusals and the source's own errors are raised as they
         are); a lost answer to ``create_close`` is an :class:`UploadOutcomeUnknownError`;
         ``verify_checksum`` asks the tracker to check the MD5 whatever the class: mogilefsd then
-        reads the file back even for a class that keeps no checksum. ``size`` is the number of bytes the body must hold (an ASGI request's
-        ``Content-Length``): one that ends short, or goes on past it, is refused and the key kept
-        (bytes of another length, a ValueError, before the tracker is asked).
+        reads the file back even for a class that keeps no checksum. ``size`` is the number of
+        bytes the body must hold (an ASGI request's ``Content-Length``): one that ends short, or
+        goes on past it, is refused and the key kept (bytes of another length, a ValueError,
+        before the tracker is asked).
         """
         check_key(key)
         checked_size(size)

@@ -340,24 +340,7 @@ def _upload(args: argparse.Namespace, client: Client) -> int:
         files = [(path, args.key + relative) for path, relative in _files_under(Path(args.source))]
         if _unstorable(files):
             return 1
-        changed = 0
-        for path, key in files:
-            try:
-                source = _open_regular(path)
-            except OSError as error:  # gone since the tree was read, or no longer a regular file
-                print(f"mogile-middleware: {printable(_describe(error))}: skipped", file=sys.stderr)
-                changed += 1
-                continue
-            with source, _named(str(path)):  # a read that fails names the file
-                try:
-                    _store(uploader, key, source, args.cls)
-                except UploadError as error:
-                    if not isinstance(error.__cause__, LengthMismatchError):
-                        raise
-                    # A log still being written: the key keeps what it held.
-                    print(f"mogile-middleware: {printable(str(path))}: its size changed while it was read: skipped",
-                          file=sys.stderr)
-                    changed += 1
+        changed = sum(not _store_unchanged(uploader, path, key, args.cls) for path, key in files)
         if changed:
             print(f"mogile-middleware: {changed} file(s) changed since the tree was read: not stored", file=sys.stderr)
             return 1
@@ -373,6 +356,27 @@ def _upload(args: argparse.Namespace, client: Client) -> int:
         with open(args.source, "rb") as source, _named(args.source):
             _store(uploader, key, source, args.cls)
     return 0
+
+
+def _store_unchanged(uploader: Uploader, path: Path, key: str, cls: str | None) -> bool:
+    """Store a file of a tree read before; False, said on stderr, if it changed meanwhile: gone,
+    no longer a regular file, or its size changing while read (a log being written: the key
+    keeps what it held)."""
+    try:
+        source = _open_regular(path)
+    except OSError as error:
+        print(f"mogile-middleware: {printable(_describe(error))}: skipped", file=sys.stderr)
+        return False
+    with source, _named(str(path)):  # a read that fails names the file
+        try:
+            _store(uploader, key, source, cls)
+        except UploadError as error:
+            if not isinstance(error.__cause__, LengthMismatchError):
+                raise
+            print(f"mogile-middleware: {printable(str(path))}: its size changed while it was read: skipped",
+                  file=sys.stderr)
+            return False
+    return True
 
 
 def _open_regular(path: Path) -> BinaryIO:

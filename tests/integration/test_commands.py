@@ -649,8 +649,7 @@ def test_with_stderr_closed_an_error_never_lands_in_stdout(devmogile: DevMogileF
 
 
 @pytest.mark.parametrize("stderr", ["reader gone", "/dev/full"])
-def test_a_failing_stderr_loses_the_messages_not_the_work_or_the_exit_code(devmogile: DevMogileFS,
-                                                                          stderr: str) -> None:
+def test_a_failing_stderr_loses_the_messages_not_the_work_or_the_exit_code(devmogile: DevMogileFS, stderr: str) -> None:
     """An rm of several keys stopped at its first message (a missing key), exit 0, the rest kept;
     a check of a dead tracker said exit 0."""
     client = Client(DOMAIN, devmogile.trackers)

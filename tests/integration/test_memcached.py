@@ -495,12 +495,12 @@ def test_sites_changing_their_secret_step_by_step_read_each_others_entries(
     assert sum(site.app.locator.paths.lookups for site in sites) == 2  # each key's first request
 
 
-@pytest.mark.parametrize(("secret", "named"), [("", "an empty one, or one of blanks only"),
-                                               (b"", "an empty one, or one of blanks only"), (42, "int"),
-                                               ([], "an empty list"), (["new", ""], "an empty one, or one of blanks only"),
-                                               # as a settings template left unfilled has it
-                                               (" ", "an empty one, or one of blanks only"),
-                                               (["new", b"\n"], "an empty one, or one of blanks only"),
+EMPTY = "an empty one, or one of blanks only"
+
+
+@pytest.mark.parametrize(("secret", "named"), [("", EMPTY), (b"", EMPTY), (42, "int"), ([], "an empty list"),
+                                               (["new", ""], EMPTY),
+                                               (" ", EMPTY), (["new", b"\n"], EMPTY),  # a template left unfilled
                                                (["new", 42], "a list holding int")])
 def test_a_secret_that_signs_nothing_is_refused(secret: object, named: str) -> None:
     """An empty secret used to sign nothing, silently: entries anyone could forge."""

@@ -312,8 +312,8 @@ def test_the_tracker_verifies_checksums_where_the_class_keeps_them(client: Clien
     Uploader(client, checksums="kept").upload("skipped", b"without", cls="thumb")
     # Asked for one upload: whatever the class, as mogilefsd checks it (it was dropped for "thumb").
     client.store_file("asked", b"asked for", cls="thumb", verify_checksum=True)
-    Uploader(client, checksums="kept", verify_checksums=False).upload("asked too", b"asked", cls="thumb",
-                                                                       verify_checksum=True)
+    asking = Uploader(client, checksums="kept", verify_checksums=False)
+    asking.upload("asked too", b"asked", cls="thumb", verify_checksum=True)
     closes = [line for line in requests if line.startswith("create_close")]
     assert f"checksum=MD5:{hashlib.md5(b'asked for').hexdigest()} checksumverify=1" in closes[3]
     assert f"checksum=MD5:{hashlib.md5(b'asked').hexdigest()} checksumverify=1" in closes[4]
