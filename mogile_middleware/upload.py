@@ -609,8 +609,8 @@ class Uploader:
             raise TypeError(f"upload of {key!r} takes bytes, a path, a file opened in binary mode or "
                             f"an iterable of bytes, not {type(source).__name__}")
         # Asked for this upload: whatever the class, as mogilefsd checks it (and AsyncClient asks).
-        verify = verify_checksum is True or verify_checksum is None and self.verify_checksums \
-            and self._keeps_checksums(cls)
+        verify = bool(verify_checksum) if verify_checksum is not None else \
+            self.verify_checksums and self._keeps_checksums(cls)
         upload = self.client.new_file(
             key, cls,
             size=remaining_size(source) if readable else None,  # type: ignore[arg-type]

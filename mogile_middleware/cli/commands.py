@@ -515,14 +515,18 @@ def _get(args: argparse.Namespace, client: Client) -> int:
 
 
 def _check_directory(root: Path) -> None:
-    """Raise the OSError naming ``root`` if no directory is or can be made there: a file, a link
-    to nothing, a loop of links, a file on its way (``file/sub``)."""
-    try:
-        if not stat.S_ISDIR(os.stat(root).st_mode):
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(root))
-    except FileNotFoundError:
-        if os.path.islink(root):
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(root)) from None
+    """Raise the OSError naming ``root``, or the part of it at fault, if no directory is or can be
+    made there: a file, a loop of links, a file or a link to nothing on its way (``file/sub``)."""
+    for path in (root, *root.parents):  # up to the first part that is there
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            if os.path.islink(path):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)) from None
+            continue
+        if not stat.S_ISDIR(mode):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+        return
 
 
 def _get_recursive(args: argparse.Namespace, client: Client) -> int:

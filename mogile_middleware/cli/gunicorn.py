@@ -84,7 +84,8 @@ def trust_without_reproxy(command: str, args: argparse.Namespace) -> bool:
     """True, said on one line of stderr, for ``--trusted-proxy`` without ``--reproxy``: serve mode
     trusts no proxy, so it would be ignored."""
     if args.trusted_proxies and args.reproxy is None:
-        print(f"{command}: --trusted-proxy goes with --reproxy (serve mode trusts no proxy)", file=sys.stderr)
+        print(f"{command}: --trusted-proxy goes with --reproxy perlbal or nginx (serve mode trusts no proxy)",
+              file=sys.stderr)
         return True
     return False
 

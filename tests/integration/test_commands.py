@@ -1427,11 +1427,15 @@ def test_get_recursive_into_a_file_refuses_it_before_fetching_any_key(cli: Run, 
     (tmp_path / "afile").write_bytes(b"kept")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
-    for output, error in [("afile", "Not a directory"), ("afile/sub", "Not a directory"),
-                          ("dangling", "Not a directory"), ("loop", "Too many levels of symbolic links")]:
+    for output, at_fault, error in [("afile", "afile", "Not a directory"), ("afile/sub", "afile/sub", "Not a directory"),
+                                    ("dangling", "dangling", "Not a directory"),
+                                    ("dangling/sub", "dangling", "Not a directory"),
+                                    ("loop", "loop", "Too many levels of symbolic links")]:
         done = cli("get", "g/", "-r", "-o", str(tmp_path / output))
-        assert (done.code, done.out, done.err) == (1, b"", f"mogile-middleware: {tmp_path}/{output}: {error}\n")
+        assert (done.code, done.out, done.err) == (1, b"", f"mogile-middleware: {tmp_path}/{at_fault}: {error}\n")
     assert (tmp_path / "afile").read_bytes() == b"kept" and not (tmp_path / "nowhere").exists()
+    made = cli("get", "g/", "-r", "-o", str(tmp_path / "new" / "deeper"))  # a directory to make is made
+    assert made.code == 0 and sorted(path.name for path in (tmp_path / "new" / "deeper").iterdir()) == ["a", "b", "c"]
 
 
 def test_get_recursive_names_a_key_no_replica_serves_and_goes_on(cli: Run, devmogile: DevMogileFS,

@@ -222,7 +222,7 @@ def test_a_trusted_proxy_without_reproxy_is_refused_before_anything_starts(comma
     done = subprocess.run([sys.executable, "-m", "mogile_middleware", command, "--trusted-proxy", "10.0.0.2",
                            *connection], capture_output=True, text=True, timeout=30, check=False)
     assert (done.returncode, done.stdout, done.stderr) == (
-        2, "", f"{command}: --trusted-proxy goes with --reproxy (serve mode trusts no proxy)\n")
+        2, "", f"{command}: --trusted-proxy goes with --reproxy perlbal or nginx (serve mode trusts no proxy)\n")
 
 
 @pytest.mark.parametrize("problem", ["domain", "tracker", "port", "host"])

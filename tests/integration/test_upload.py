@@ -314,9 +314,11 @@ def test_the_tracker_verifies_checksums_where_the_class_keeps_them(client: Clien
     client.store_file("asked", b"asked for", cls="thumb", verify_checksum=True)
     asking = Uploader(client, checksums="kept", verify_checksums=False)
     asking.upload("asked too", b"asked", cls="thumb", verify_checksum=True)
+    client.store_file("asked so", b"asked so", cls="thumb", verify_checksum=1)  # type: ignore[arg-type] # as AsyncClient
     closes = [line for line in requests if line.startswith("create_close")]
     assert f"checksum=MD5:{hashlib.md5(b'asked for').hexdigest()} checksumverify=1" in closes[3]
     assert f"checksum=MD5:{hashlib.md5(b'asked').hexdigest()} checksumverify=1" in closes[4]
+    assert f"checksum=MD5:{hashlib.md5(b'asked so').hexdigest()} checksumverify=1" in closes[5]
     assert f"checksum=MD5:{hashlib.md5(b'with checksum').hexdigest()} checksumverify=1" in closes[0]
     assert f"checksum=MD5:{hashlib.md5(b'always').hexdigest()}" in closes[1] and "checksumverify" not in closes[1]
     # checksums="kept": a class that keeps no checksum gets none (the tracker would drop it).

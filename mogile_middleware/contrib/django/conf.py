@@ -179,7 +179,8 @@ def _secrets(value: object) -> Any:
     if not isinstance(value, (str, bytes, list, tuple)) or not value or any(
             not isinstance(secret, (str, bytes)) or not secret.strip() for secret in
             ([value] if isinstance(value, (str, bytes)) else value)):
-        raise ValueError(f"expected a non-empty string or bytes, or a list of them, got {type(value).__name__}")
+        raise ValueError(f"expected a non-empty string or bytes (blanks alone are empty), or a list of them, got "
+                         f"{type(value).__name__}")
     return value
 
 
