@@ -37,6 +37,11 @@ STALE_WARNING_INTERVAL = 10.0
 _UNSET: Any = object()
 #: The version of an entry in a backend that keeps none (see :meth:`PathCache._watched`).
 _UNVERSIONED: Any = object()
+#: How long a request waits for another's refresh of an expired entry before it is answered from
+#: that entry, within its stale window, as the refresh would be once it failed: a tracker that
+#: hangs holds the one request that asked it (``io_timeout``), not every request for a hot key
+#: (under a threaded worker, every thread, and with them the application's other pages).
+STALE_AFTER_SECONDS = 0.1
 #: How long an entry is kept that is stored only over one no request may be answered from any
 #: more (neither fresh nor stale): a delete would be, in memcached, the mark of a change, after
 #: which every process asks the trackers again and again before it takes a key for missing.
@@ -335,7 +340,12 @@ class PathCache(Generic[V]):
             flight.done.set()
 
     def _join(self, key: str, flight: _Flight, previous: V | None, recheck: bool) -> V:
-        if not flight.done.wait(self._wait_seconds):
+        patience = self._patience(previous)
+        if patience and not flight.done.wait(patience):
+            stale = self._stale_meanwhile(key, self._safely(self._backend.get, key), flight.outdated)
+            if stale is not _UNSET:
+                return stale
+        if not flight.done.wait(self._wait_seconds - patience):
             cause = TrackerUnavailableError(f"no answer for {key!r} within {self._wait_seconds} s")
             return self._stale_or_raise(key, cause, previous)
         if isinstance(flight.error, TrackerUnavailableError):  # a refresh's: what it found outdated, we did not
@@ -411,6 +421,21 @@ class PathCache(Generic[V]):
         """True when ``entry`` is fresh and not the value a refresh found ``outdated``: found by
         another thread or process meanwhile, it is the answer, with no lookup."""
         return entry is not None and self._fresh(entry) and (outdated is None or entry[0] != outdated)
+
+    def _patience(self, previous: V | None) -> float:
+        """How long a request joining a refresh waits before :meth:`_stale_meanwhile`: none for one
+        that found ``previous`` outdated, which no stale value answers."""
+        return 0.0 if previous is not None else min(STALE_AFTER_SECONDS, self._wait_seconds)
+
+    def _stale_meanwhile(self, key: str, entry: tuple[Any, float] | None, outdated: Any) -> V | Any:
+        """``entry``'s value, within its stale window, for a request whose refresh has taken
+        :data:`STALE_AFTER_SECONDS` so far, unless it is the value the refresh found ``outdated``
+        (replicas that failed); else :data:`_UNSET` (the request waits on)."""
+        try:
+            return self._stale_value(key, entry, TrackerUnavailableError(
+                f"no answer for {key!r} within {STALE_AFTER_SECONDS} s yet"), outdated)
+        except TrackerUnavailableError:
+            return _UNSET
 
     def _stale_or_raise(self, key: str, error: TrackerUnavailableError, outdated: V | None = None) -> V:
         return self._stale_value(key, self._safely(self._backend.get, key), error, outdated)
@@ -594,8 +619,13 @@ class AsyncPathCache(PathCache[V]):
             # the cache's lock not held while a store of it in a thread may end.
             self._outdate_lookup(key)
         if not leading:
+            followed, patience = _followed(flight.done), self._patience(previous)
+            if patience and not (await asyncio.wait({followed}, timeout=patience))[0]:
+                stale = self._stale_meanwhile(key, await self._backend_call(self._backend.get, key), flight.outdated)
+                if stale is not _UNSET:
+                    return stale  # type: ignore[no-any-return]
             try:
-                value = await within(self._wait_seconds, asyncio.shield(_followed(flight.done)))
+                value = await within(self._wait_seconds - patience, asyncio.shield(followed))
             except asyncio.TimeoutError:
                 cause = TrackerUnavailableError(f"no answer for {key!r} within {self._wait_seconds} s")
                 return self._stale_value(key, await self._backend_call(self._backend.get, key), cause, previous)

@@ -90,6 +90,24 @@ def test_stale_paths_while_the_trackers_are_down_then_fresh_ones() -> None:
     asyncio.run(scenario())
 
 
+def test_requests_joining_a_refresh_that_hangs_get_the_expired_value_rather_than_wait_it_out() -> None:
+    """As in a thread: a tracker that hangs held every request for a hot key until it timed out."""
+    async def scenario() -> None:
+        lookup, clock = Lookup(), Clock()
+        cache = make(lookup, clock)
+        assert await cache.get("k") == "k@1"
+        clock.now += 11  # expired, within the stale window
+        lookup.gate = asyncio.Event()
+        leader = asyncio.create_task(cache.get("k"))
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        assert await asyncio.gather(*(cache.get("k") for _ in range(8))) == ["k@1"] * 8
+        assert time.monotonic() - started < 1.0 and not leader.done()
+        lookup.gate.set()
+        assert await leader == "k@2" and await cache.get("k") == "k@2" and lookup.calls == 2
+    asyncio.run(scenario())
+
+
 def test_a_cancelled_leader_lets_its_waiters_look_up_for_themselves() -> None:
     async def scenario() -> None:
         lookup, clock = Lookup(), Clock()

@@ -455,6 +455,41 @@ def test_an_invalidation_amid_a_refresh_storing_the_outdated_value_as_expired_st
     assert raised.value is down
 
 
+def test_requests_joining_a_refresh_that_hangs_get_the_expired_paths_rather_than_wait_it_out(clock: Clock) -> None:
+    """A tracker that hangs held every request for a hot key until the refresh timed out (5 s, a
+    gthread worker's every thread): only the request that asked it waits."""
+    lookup = Lookup(hold=2)
+    cache = make_cache(lookup, clock)
+    first = cache.get("k")
+    clock.advance(TTL + 1)  # expired, within the stale window
+    leader, led = start_thread(lambda: cache.get("k"))
+    assert lookup.entered.wait(2)
+    started = time.monotonic()
+    joined = [start_thread(lambda: cache.get("k")) for _ in range(8)]
+    for thread, _ in joined:
+        thread.join(2)
+    waited = time.monotonic() - started
+    assert [got for _, outcome in joined for got in outcome] == [first] * 8 and waited < 1.0
+    lookup.release.set()
+    leader.join(5)
+    assert version(led[0]) == "v2" and lookup.calls == 2 and cache.get("k") == led[0]
+
+
+def test_a_request_joining_the_first_lookup_of_a_key_waits_for_it(clock: Clock) -> None:
+    """With nothing known of the key there is nothing to answer meanwhile."""
+    lookup = Lookup(hold=1)
+    cache = make_cache(lookup, clock)
+    leader, led = start_thread(lambda: cache.get("k"))
+    assert lookup.entered.wait(2)
+    joiner, joined = start_thread(lambda: cache.get("k"))
+    time.sleep(0.3)  # past the patience for a stale value
+    assert joined == []
+    lookup.release.set()
+    for thread in (leader, joiner):
+        thread.join(5)
+    assert joined == led and version(led[0]) == "v1" and lookup.calls == 1
+
+
 def test_requests_whose_replicas_failed_and_those_meanwhile_share_one_refresh(clock: Clock) -> None:
     """Every request that found the same paths dead waits for one lookup, and so does a request
     arriving meanwhile, rather than be given the dead paths."""
