@@ -15,8 +15,11 @@ from . import metrics
 from .forking import renew_in_child
 
 #: What a kept body costs besides its bytes (its entry, its ETag, the bytes object's header),
-#: counted with them: 500,000 empty files cost 45 MiB, and counted as nothing, were all kept.
-ENTRY_BYTES = 100
+#: counted with them: 500,000 empty files cost 45 MiB, and counted as nothing, were all kept;
+#: on 64-bit CPython 3.11 bodies of 1 to 10 bytes cost up to 178 more each (tracemalloc, the
+#: dict's slots included, which double as it grows), where 100 were counted: a cache of tiny
+#: files held 1.4 times its size.
+ENTRY_BYTES = 192
 
 
 class BodyCache:
@@ -30,7 +33,8 @@ class BodyCache:
         self.max_file_bytes = min(max_file_bytes, max_bytes - ENTRY_BYTES)
         self.size = 0
         self._bodies: dict[str, bytes] = {}
-        self._lock = threading.Lock()  # for puts only: a get is one dict lookup
+        self._filling: set[str] = set()
+        self._lock = threading.Lock()  # for puts and claims only: a get is one dict lookup
         renew_in_child(self)
 
     def keeps(self, etag: str, length: int) -> bool:
@@ -42,6 +46,21 @@ class BodyCache:
         body = self._bodies.get(etag)
         metrics.recorder.body_cache(body is not None)
         return body
+
+    def claim(self, etag: str) -> bool:
+        """True for the one request that reads this version whole to keep it, until it releases
+        it (:meth:`release`); the others meanwhile stream it: 300 requests at once for a new file
+        read it 300 times into memory that ``max_bytes`` does not bound."""
+        with self._lock:
+            if etag in self._filling:
+                return False
+            self._filling.add(etag)
+            return True
+
+    def release(self, etag: str) -> None:
+        """End the :meth:`claim` of this version, kept or not."""
+        with self._lock:
+            self._filling.discard(etag)
 
     def put(self, etag: str, body: bytes) -> None:
         """Keep ``body`` as this version's, dropping the oldest bodies to stay within ``max_bytes``."""
@@ -69,3 +88,4 @@ class BodyCache:
 
     def renew_after_fork(self) -> None:
         self._lock = threading.Lock()
+        self._filling = set()  # the claims of the parent's threads, which the child never ends

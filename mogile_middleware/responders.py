@@ -356,11 +356,16 @@ def serve_steps(request: FileRequest, location: Location, representation: Repres
         if not paths:
             break
         try:
+            body = None
             if bodies is not None and bodies.keeps(location.etag, location.length):
                 body = bodies.get(location.etag)
-                if body is None:
-                    body = yield ("read_replica", paths, location.length)
+                if body is None and bodies.claim(location.etag):  # else read by another request: streamed
+                    try:
+                        body = yield ("read_replica", paths, location.length)
+                    finally:
+                        bodies.release(location.etag)
                     bodies.put(location.etag, body)
+            if body is not None:
                 if plan.byte_range is not None:
                     body = body[plan.byte_range[0]:plan.byte_range[1] + 1]
                 return location, plan, body

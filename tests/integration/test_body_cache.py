@@ -277,3 +277,31 @@ def test_replicas_whose_urls_name_no_fid_are_named_by_their_version_and_never_ke
             scripted.stop()
     assert first[0] == first[1] and first[0].startswith('"paths-') and second[0] != first[0], (first, second)
     assert len(got) == 4  # each from the node: a version not named by a fid is not kept
+
+
+@pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
+def test_a_file_another_request_is_reading_to_keep_is_streamed_meanwhile(env: dict[str, str], flavour: str) -> None:
+    """Each request for a file not yet kept read it whole: 300 at once for a new 256 KiB file held
+    23 MiB in a worker whose cache was 1 MiB."""
+    options = {"domain": DOMAIN, "trackers": [env["MOGILE_TRACKERS"]], "body_cache_bytes": 1 << 20}
+    if flavour == "wsgi":
+        app = MogileFSMiddleware(wrapped_app, **options)
+
+        def get() -> tuple[int, dict[str, str], bytes]:
+            status, headers, body = call(app, "GET", "/mogilefs/small.bin", {})
+            return status, {name.title(): value for name, value in headers}, body
+    else:
+        app = ASGIMiddleware(wrapped_app, **options)
+
+        def get() -> tuple[int, dict[str, str], bytes]:
+            status, headers, body = _asgi_answer(app, "/mogilefs/small.bin")
+            return status, {name.decode().title(): value.decode() for name, value in headers.items()}, body
+
+    etag = Client(DOMAIN, [env["MOGILE_TRACKERS"]]).file_info("small.bin").fid
+    assert app.bodies.claim(f"fid-{etag}")  # as a request reading it whole does
+    assert [get()[::2] for _ in range(2)] == [(200, SMALL)] * 2
+    assert app.bodies.get(f"fid-{etag}") is None  # streamed, not read whole and kept
+    app.bodies.release(f"fid-{etag}")
+    status, headers, body = get()
+    assert (status, body, headers["Etag"]) == (200, SMALL, f'"fid-{etag}"')
+    assert app.bodies.get(f"fid-{etag}") == SMALL

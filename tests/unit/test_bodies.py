@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import tracemalloc
 
 import pytest
 
@@ -77,3 +79,19 @@ def test_room_for_a_large_body_among_many_small_ones_is_made_in_one_pass() -> No
     assert time.perf_counter() - started < 1.0  # 0.03 s in one pass
     assert bodies.size <= bodies.max_bytes
     assert [bodies.get(etag) is not None for etag in ("fid-0", f"fid-{count - 1}", "fid-large")] == [False, True, True]
+
+
+@pytest.mark.parametrize("size", [1, 10, 50])
+def test_a_cache_of_tiny_bodies_stays_within_its_bytes(size: int) -> None:
+    """Each was counted with 100 bytes besides its own, where it costs up to 178 more: a cache of
+    tiny files (tracking pixels, small JSON) held 1.4 times its size."""
+    tracemalloc.start()
+    try:
+        bodies = BodyCache(4 * 1024 * 1024)
+        before = tracemalloc.get_traced_memory()[0]
+        for number in range(60_000):
+            bodies.put(f"fid-{10_000_000 + number}", os.urandom(size))  # an ETag made per request
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(bodies._bodies) < 60_000 and held <= bodies.max_bytes
