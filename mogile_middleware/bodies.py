@@ -50,7 +50,7 @@ class BodyCache:
     def claim(self, etag: str) -> bool:
         """True for the one request that reads this version whole to keep it, until it releases
         it (:meth:`release`); the others meanwhile stream it: 300 requests at once for a new file
-        read it 300 times into memory that ``max_bytes`` does not bound."""
+        read it 300 times whole, into memory that ``max_bytes`` does not bound."""
         with self._lock:
             if etag in self._filling:
                 return False
