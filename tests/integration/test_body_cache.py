@@ -79,6 +79,33 @@ def test_kept_answers_are_the_streamed_ones_byte_for_byte(env: dict[str, str], r
         assert ask(keeping, "small.bin").body == SMALL
 
 
+def test_requests_at_once_for_a_file_not_yet_kept_get_the_streamed_answers(
+        devmogile: DevMogileFS, env: dict[str, str], run: Callable[..., Any]) -> None:
+    """One reads it whole to keep it while the others stream it: every answer, whichever way it
+    was made, is the one streaming gives, header for header, over a real server."""
+    content = os.urandom(200 * 1024)
+    Client(DOMAIN, devmogile.trackers).store_content("burst.bin", content, cls="avatar")
+    requests = [("GET", {}), ("GET", {"Range": "bytes=1000-99999"}), ("HEAD", {})] * 8
+    with run(env) as streaming, run({**env, **KEPT}) as keeping:
+        expected = {index: seen(ask(streaming, "burst.bin", method, headers))
+                    for index, (method, headers) in enumerate(requests[:3])}
+        answers: dict[int, HTTPReply] = {}
+
+        def one(index: int) -> None:
+            answers[index] = ask(keeping, "burst.bin", *requests[index])
+
+        threads = [threading.Thread(target=one, args=(index,)) for index in range(len(requests))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert len(answers) == len(requests)
+    for index, reply in answers.items():
+        assert seen(reply) == expected[index % 3], requests[index]
+        assert max(Counter(name.lower() for name, _ in reply.fields).values()) == 1
+    assert answers[0].body == content
+
+
 def test_a_kept_file_needs_no_storage_node_and_a_large_one_is_streamed(
         devmogile: DevMogileFS, env: dict[str, str], run: Callable[..., Any]) -> None:
     with run({**env, **KEPT}) as server:
