@@ -229,7 +229,7 @@ class AsyncTrackerPool(TrackerPoolBase):
         def heard() -> None:
             del connections.given_up[connection.address]
             if not connection.is_stale():  # nothing came, not even a close
-                self.mark_dead(connection.address)
+                self.mark_dead(connection.address, TimeoutError("no reply to a request given up"))
             connection.close()
 
         hearing = asyncio.get_running_loop().call_later(max(0.0, due - time.monotonic()), heard)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import ipaddress
+import logging
 import os
 import re
 import socket
@@ -34,6 +35,8 @@ from .nodepool import IdlePool
 from .protocol import ArgValue, Reply, encode_request, parse_reply
 
 Address = tuple[str, int]
+
+log = logging.getLogger("mogile_middleware")
 
 #: A reply longer than this is refused (1000 listed keys of 255 bytes, each up to 3x escaped).
 MAX_REPLY_BYTES = 4 * 1024 * 1024
@@ -333,10 +336,16 @@ class TrackerPoolBase:
         now = self._clock()
         return [address for address in self.addresses if self._dead_until.get(address, 0.0) <= now]
 
-    def mark_dead(self, address: Address) -> None:
-        """Skip ``address`` for ``dead_seconds`` and drop its idle connections."""
+    def mark_dead(self, address: Address, error: BaseException | None = None) -> None:
+        """Skip ``address`` for ``dead_seconds`` and drop its idle connections. One of several
+        trackers is logged, with ``error``, once until it answers again (a lone tracker's failure
+        is each request's error, which its caller reports)."""
+        marked = address in self._dead_until
         self._dead_until[address] = self._clock() + self.dead_seconds
         self._drop_idle(address)
+        if not marked and len(self.addresses) > 1:
+            reason = "" if error is None else f" ({error or type(error).__name__})"
+            log.warning("tracker %s failed%s: not asked for %gs", self._names[address], reason, self.dead_seconds)
 
     def _drop_idle(self, address: Address) -> None:
         """Close the idle connections to ``address`` (a pool's own bookkeeping)."""
@@ -433,7 +442,7 @@ class TrackerPoolBase:
             outcome = "error"  # an answer all the same
         except (OSError, ProtocolError) as error:
             outcome = "failed"
-            self.mark_dead(address)
+            self.mark_dead(address, error)
             return f"still no answer ({error or type(error).__name__})"
         except GeneratorExit:
             outcome = _ABANDONED
@@ -460,7 +469,7 @@ class TrackerPoolBase:
             except (OSError, ProtocolError) as error:
                 late = time.monotonic() >= deadline  # too slow, not closed: a new connection would be no faster
                 if late and not may_take_long:
-                    self.mark_dead(address)
+                    self.mark_dead(address, error)
                 if not retry_midway:
                     raise _SentAndLost() from error
                 if late:
@@ -474,8 +483,8 @@ class TrackerPoolBase:
         while True:
             try:
                 connection = yield Dial(address)
-            except OSError:
-                self.mark_dead(address)
+            except OSError as error:
+                self.mark_dead(address, error)
                 raise
             if deadline is None:
                 deadline = time.monotonic() + seconds
@@ -485,7 +494,7 @@ class TrackerPoolBase:
                 # A tracker that accepts and never answers is skipped. One that closes a new
                 # connection or cuts its reply is alive: only this request fails there.
                 if isinstance(error, TimeoutError) and not may_take_long:
-                    self.mark_dead(address)
+                    self.mark_dead(address, error)
                 if not retry_midway:
                     raise _SentAndLost() from error
                 if not closes_allowed or not isinstance(error, ConnectionError) or time.monotonic() >= deadline:

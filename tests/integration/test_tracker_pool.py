@@ -205,6 +205,41 @@ def test_whether_a_hung_tracker_is_back_is_asked_with_a_noop_within_the_connect_
         hung.stop()
 
 
+@both_flavours
+def test_one_of_two_trackers_failing_is_logged_once_per_outage(tracker: ScriptedTracker, flavour: Flavour,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Requests pass a failed tracker by without an error: its marking is the one sign in the log,
+    named with its failure, and not repeated while it stays down; a lone tracker's failure is the
+    request's own error, and logs nothing here."""
+    clock = FakeClock()
+    flaky = ScriptedTracker(lambda line: b"")  # accepts, never answers
+    try:
+        pool = flavour.TrackerPool([flaky.tracker, tracker.tracker], connect_timeout=0.1, io_timeout=0.3,
+                                   dead_seconds=5, clock=clock)
+
+        def warnings() -> list[str]:
+            return [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+
+        with caplog.at_level("WARNING", logger="mogile_middleware"):
+            assert pool.request("get_paths", {"key": "k"})[1] == tracker.address
+            assert warnings() == [f"tracker {flaky.tracker} failed (timed out): not asked for 5s"]
+            clock.now += 5  # asked again, still hung
+            assert pool.request("get_paths", {"key": "k"})[1] == tracker.address
+            assert flaky.requests[-1] == b"noop\r\n" and len(warnings()) == 1
+            flaky.script = ok
+            clock.now += 5
+            assert pool.request("get_paths", {"key": "k"})[1] == flaky.address
+            flaky.script = lambda line: b""  # down again: a new outage
+            assert pool.request("get_paths", {"key": "k"})[1] == tracker.address
+            assert len(warnings()) == 2
+            lone = flavour.TrackerPool([f"127.0.0.1:{free_port()}"], dead_seconds=5, clock=clock)
+            with pytest.raises(TrackerUnavailableError, match="no tracker answered"):
+                lone.request("noop")
+            assert len(warnings()) == 2
+    finally:
+        flaky.stop()
+
+
 def slow_noop(asked: threading.Event) -> Callable[[bytes], bytes]:
     """A tracker script answering every line, a noop only after 0.5 s (``asked`` set meanwhile)."""
     def script(line: bytes) -> bytes:
