@@ -324,12 +324,12 @@ class TrackerPoolBase:
         # A tracker stays here after its dead time, until it answers again (see _probe_steps).
         self._dead_until: dict[Address, float] = {}
         self._probing: set[Address] = set()
-        self._probing_lock = threading.Lock()
+        self._table_lock = threading.Lock()  # for _probing, and for a tracker's first marking
 
     def renew_after_fork(self) -> None:
         # A tracker the parent's threads were asking whether it is back is asked by nobody here.
         self._probing = set()
-        self._probing_lock = threading.Lock()
+        self._table_lock = threading.Lock()
 
     def live_trackers(self) -> list[Address]:
         """The trackers not marked dead now, in the configured order."""
@@ -340,8 +340,9 @@ class TrackerPoolBase:
         """Skip ``address`` for ``dead_seconds`` and drop its idle connections. One of several
         trackers is logged, with ``error``, once until it answers again (a lone tracker's failure
         is each request's error, which its caller reports)."""
-        marked = address in self._dead_until
-        self._dead_until[address] = self._clock() + self.dead_seconds
+        with self._table_lock:  # threads failing on one tracker at once: one of them logs it
+            marked = address in self._dead_until
+            self._dead_until[address] = self._clock() + self.dead_seconds
         self._drop_idle(address)
         if not marked and len(self.addresses) > 1:
             reason = "" if error is None else f" ({error or type(error).__name__})"
@@ -430,7 +431,7 @@ class TrackerPoolBase:
             metrics.recorder.tracker_skipped(self._names[address])
             return "marked dead"
         if alone:
-            with self._probing_lock:
+            with self._table_lock:
                 if address in self._probing:
                     return _ASKED_BY_ANOTHER
                 self._probing.add(address)
@@ -451,7 +452,7 @@ class TrackerPoolBase:
             if outcome is not _ABANDONED:
                 metrics.recorder.tracker_call(self._names[address], "noop", time.monotonic() - started, outcome)
             if alone:
-                with self._probing_lock:
+                with self._table_lock:
                     self._probing.discard(address)
         self._dead_until.pop(address, None)
         return None
