@@ -445,7 +445,8 @@ class Client(ClientBase):
 
     @functools.cached_property
     def _uploader(self) -> Uploader:
-        """One uploader for store_file and store_content: it remembers which classes keep checksums."""
+        """The uploader of store_file and store_content: each file's MD5 goes with it, checked by
+        the tracker only when the call asks (``verify_checksum``), so no class is looked up."""
         return Uploader(self, verify_checksums=False)
 
     def _ask(self, request: Request) -> Any:
