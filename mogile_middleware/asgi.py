@@ -44,9 +44,7 @@ from .core import (
 from .exceptions import MogileFSError, StorageError
 from .http import Answer, FileRequest, Headers
 from .locate import AsyncLocator, Location, arun_steps
-from .protocol import names_a_fid
-from .responders import kept_answer, serve_steps
-from .storage import Resumption
+from .responders import serve_step_caller, serve_steps
 from .views import (
     REPROXIED,
     SERVE_HEADER_LOWER,
@@ -320,31 +318,17 @@ class MogileFSMiddleware(MiddlewareCore):
     async def _serve(self, request: FileRequest, location: Location) -> Answer | Streamed:
         """Serve mode: :func:`~mogile_middleware.responders.serve_steps`, awaited."""
         steps = serve_steps(request, location, self.representation, self.unanswered, self.asked_again, self.bodies)
-        opened = await arun_steps(steps, self._call)
+        opened = await arun_steps(steps, self._serve_step)
         if isinstance(opened, Answer):
             return opened
-        location, plan, upstream = opened  # with its length, or the version the trackers name now
-        if isinstance(upstream, bytes):
-            kept = kept_answer(request, plan, upstream)
-            return kept.status, kept.headers, kept.body, location.key
-        if request.method == "HEAD":
-            await upstream.aclose()
-            return Answer(plan.status, plan.headers)
-        resumption = Resumption(location.paths, plan.byte_range, location.length, same_bytes=names_a_fid(location.paths))
-        resumed = AsyncResumedReplica(upstream, resumption, timeout=self.storage_timeout)
-        return plan.status, plan.headers, resumed, location.key
+        body = opened.body if opened.resumption is None else \
+            AsyncResumedReplica(opened.body, opened.resumption, timeout=self.storage_timeout)
+        return opened.plan.status, opened.plan.headers, body, opened.key
 
-    async def _call(self, name: str, *args: Any) -> Any:
-        """One step of :func:`~mogile_middleware.responders.serve_steps`: ask the locator, or open or
-        read a replica."""
-        if name == "open_replica":
-            paths, method, byte_range, size = args
-            return await open_replica(paths, method=method, byte_range=byte_range, size=size,
-                                      timeout=self.storage_timeout)
-        if name == "read_replica":
-            paths, length = args
-            return await read_replica(paths, length=length, timeout=self.storage_timeout)
-        return await getattr(self.locator, name)(*args)
+    @cached_property
+    def _serve_step(self) -> Callable[..., Awaitable[Any]]:
+        """What carries out serve mode's steps, awaited."""
+        return serve_step_caller(self.locator, open_replica, read_replica, self.storage_timeout)
 
 
 async def _stream(key: str, upstream: AsyncResumedReplica, send: Send, watch: _Watch,

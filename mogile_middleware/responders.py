@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from . import http, metrics
 from .content import ContentPolicy
@@ -40,6 +40,16 @@ class StreamedAnswer:
     body: ReplicaBody
     #: As :attr:`Answer.reproxy <mogile_middleware.http.Answer>`: the body is this answer's own.
     reproxy: ClassVar[None] = None
+
+
+class OpenedFile(NamedTuple):
+    """What serve mode sends of a file, once decided: the plan's status and headers, and its bytes,
+    the body cache's (``resumption`` None) or a replica open, with where to go on if it is cut."""
+
+    key: str
+    plan: FilePlan
+    body: Any  # bytes, or a replica response of the blocking or the asyncio side
+    resumption: Resumption | None
 
 
 class Representation:
@@ -272,49 +282,38 @@ class Serve:
 
     def __init__(self, locator: Locator, representation: Representation, *, storage_timeout: float,
                  unanswered: ThrottledLog, asked_again: ThrottledLog, bodies: BodyCache | None = None) -> None:
-        self.locator = locator
         self.representation = representation
         self.storage_timeout = storage_timeout
         self.unanswered, self.asked_again = unanswered, asked_again
         self.bodies = bodies
+        self._serve_step = serve_step_caller(locator, open_replica, read_replica, storage_timeout)
 
     def answer(self, request: FileRequest, location: Location) -> Answer | StreamedAnswer:
         """The answer to ``request``; raises the locator's errors (no such key, no tracker)."""
         steps = serve_steps(request, location, self.representation, self.unanswered, self.asked_again, self.bodies)
-        opened = run_steps(steps, self._call)
+        opened = run_steps(steps, self._serve_step)
         if isinstance(opened, Answer):
             return opened
-        location, plan, upstream = opened
-        if isinstance(upstream, bytes):
-            kept = kept_answer(request, plan, upstream)
-            if kept.body:
-                metrics.recorder.bytes_served(len(kept.body))  # handed to the server whole
-            return kept
-        if request.method == "HEAD":
-            upstream.close()
-            return Answer(plan.status, plan.headers)
-        resumption = Resumption(location.paths, plan.byte_range, location.length, same_bytes=names_a_fid(location.paths))
-        resumed = ResumedReplica(upstream, resumption, timeout=self.storage_timeout)
-        return StreamedAnswer(plan.status, plan.headers, ReplicaBody(location.key, resumed))
+        if opened.resumption is None:  # kept bytes
+            metrics.recorder.bytes_served(len(opened.body))  # handed to the server whole
+            return Answer(opened.plan.status, opened.plan.headers, opened.body)
+        resumed = ResumedReplica(opened.body, opened.resumption, timeout=self.storage_timeout)
+        return StreamedAnswer(opened.plan.status, opened.plan.headers, ReplicaBody(opened.key, resumed))
 
-    def _call(self, name: str, *args: Any) -> Any:
-        """One step of :func:`serve_steps`: ask the locator, or open or read a replica."""
+
+def serve_step_caller(locator: Any, open_replica: Callable[..., Any], read_replica: Callable[..., Any],
+                      timeout: float) -> Callable[..., Any]:
+    """What carries out :func:`serve_steps`' steps with one side's functions (blocking, or asyncio
+    ones whose calls are awaited): ask ``locator``, or open or read a replica."""
+    def call(name: str, *args: Any) -> Any:
         if name == "open_replica":
             paths, method, byte_range, size = args
-            return open_replica(paths, method=method, byte_range=byte_range, size=size,
-                                timeout=self.storage_timeout)
+            return open_replica(paths, method=method, byte_range=byte_range, size=size, timeout=timeout)
         if name == "read_replica":
             paths, length = args
-            return read_replica(paths, length=length, timeout=self.storage_timeout)
-        return getattr(self.locator, name)(*args)
-
-
-def kept_answer(request: FileRequest, plan: FilePlan, part: bytes) -> Answer:
-    """The answer with ``part``, the planned bytes of a file the body cache holds (counted served
-    by the caller, as it hands them on: a client may have gone meanwhile)."""
-    if request.method == "HEAD":
-        return Answer(plan.status, plan.headers)
-    return Answer(plan.status, plan.headers, part)
+            return read_replica(paths, length=length, timeout=timeout)
+        return getattr(locator, name)(*args)
+    return call
 
 
 #: The refusals that name the version they were decided for: 412 (``If-Match``) and 416 (its length).
@@ -332,8 +331,8 @@ def serve_steps(request: FileRequest, location: Location, representation: Repres
     """Serve mode's decisions, for both middlewares (driven by :func:`~mogile_middleware.locate.run_steps`
     or ``arun_steps``): the replica open before anything is sent, and the trackers asked once more
     when its replicas are gone, or before a 412 or a 416 decided from the cached version. Returns
-    a complete :class:`Answer`, or the location, the plan and the open replica, or instead of it
-    the planned bytes of a file ``bodies`` keeps (read whole from a replica the first time). A
+    a complete :class:`Answer` (a HEAD's too), or an :class:`OpenedFile`: the open replica, or
+    instead of it the planned bytes of a file ``bodies`` keeps (read whole from a replica the first time). A
     replica that failed is not tried again: when the trackers name no other, the answer is a 502
     at once, not after another storage timeout, told to ``unanswered`` (a node down fails every
     request for its files: one line per interval, not one per request); asking again is told to
@@ -366,9 +365,11 @@ def serve_steps(request: FileRequest, location: Location, representation: Repres
                         bodies.release(location.etag)
                     bodies.put(location.etag, body)
             if body is not None:
+                if request.method == "HEAD":
+                    return Answer(plan.status, plan.headers)
                 if plan.byte_range is not None:
                     body = body[plan.byte_range[0]:plan.byte_range[1] + 1]
-                return location, plan, body
+                return OpenedFile(location.key, plan, body, None)
             upstream = yield ("open_replica", paths, request.method, plan.byte_range, location.length)
         except StorageError as failure:
             failed.update(paths)
@@ -376,6 +377,11 @@ def serve_steps(request: FileRequest, location: Location, representation: Repres
             if not attempt:  # the file may have been overwritten or deleted elsewhere, its old files gone
                 asked_again.event(location.key, failure)
             continue
-        return location, plan, upstream
+        if request.method == "HEAD":  # the file is there: that is all a HEAD asks
+            upstream.close()
+            return Answer(plan.status, plan.headers)
+        same_bytes = names_a_fid(location.paths)
+        return OpenedFile(location.key, plan, upstream,
+                          Resumption(location.paths, plan.byte_range, location.length, same_bytes=same_bytes))
     unanswered.event(location.key, error or "the trackers name none")
     return http.BAD_GATEWAY
