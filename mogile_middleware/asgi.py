@@ -13,7 +13,8 @@ are asked through an :class:`~mogile_middleware.async_client.AsyncClient`, and b
 from storage nodes at the client's pace (each chunk is sent before the next is read). A client
 that goes away, or a cancelled task, closes the storage node's connection. Everything that is
 not an HTTP request under the prefix (``lifespan``, ``websocket``, other paths) goes to the
-wrapped application untouched, except that its responses may not carry reproxy headers.
+wrapped application untouched, except that its responses may not carry reproxy headers, and
+that the lifespan's shutdown closes the client's idle connections before the server hears of it.
 """
 
 from __future__ import annotations
