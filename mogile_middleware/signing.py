@@ -58,18 +58,18 @@ class URLSigner:
         self._domain = domain.encode("utf-8")
         self._clock = clock
 
-    def query(self, key: str, expires_in: float) -> str:
-        """The query string that opens the path ``key`` for ``expires_in`` seconds from now."""
+    def query(self, path: str, expires_in: float) -> str:
+        """The query string that opens ``path`` for ``expires_in`` seconds from now."""
         if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)) or not 0 < expires_in < math.inf:
             raise ValueError(f"expires_in must be a number of seconds > 0, not {expires_in!r}")
         expires = math.ceil(self._clock() + expires_in)  # whole seconds, never shorter than asked
         if expires > LATEST_EXPIRY:
             raise ValueError(f"expires_in {expires_in!r} ends after the latest time a signed URL holds "
                              f"({LATEST_EXPIRY})")
-        return f"expires={expires}&signature={self._signature(self._secrets[0], key, expires)}"
+        return f"expires={expires}&signature={self._signature(self._secrets[0], path, expires)}"
 
-    def refusal(self, key: str, query: str, *, grace: float = 0.0) -> str | None:
-        """``None`` when ``query`` is a valid signature for ``key``, unexpired (or expired less
+    def refusal(self, path: str, query: str, *, grace: float = 0.0) -> str | None:
+        """``None`` when ``query`` is a valid signature for ``path``, unexpired (or expired less
         than ``grace`` seconds ago); else the reason to refuse."""
         match = _QUERY.fullmatch(query)
         if match is None:
@@ -77,12 +77,12 @@ class URLSigner:
         expires, signature = int(match[1]), match[2]
         valid = False
         for secret in self._secrets:  # every one, so the time taken does not say which matched
-            valid |= hmac.compare_digest(self._signature(secret, key, expires), signature)
+            valid |= hmac.compare_digest(self._signature(secret, path, expires), signature)
         if not valid:
             return BAD_SIGNATURE
         return EXPIRED if expires < self._clock() - grace else None
 
-    def _signature(self, secret: bytes, key: str, expires: int) -> str:
-        message = b"%s%s\n%s\n%d" % (_SCHEME, self._domain, key.encode("utf-8"), expires)
+    def _signature(self, secret: bytes, path: str, expires: int) -> str:
+        message = b"%s%s\n%s\n%d" % (_SCHEME, self._domain, path.encode("utf-8"), expires)
         digest = hmac.new(secret, message, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
