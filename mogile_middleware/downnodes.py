@@ -42,8 +42,8 @@ class DownNodes:
     def ordered(self, urls: Sequence[str]) -> Sequence[str]:
         """``urls``, those on nodes marked down last (where the others answer, none is asked), and
         those being asked again by another request. A node whose mark has run out is in its place
-        again: last until it answered, a node back up got no reads for good wherever another
-        replica answered, its mark never cleared."""
+        again: kept last until it answered, a node back up would get no reads for good wherever
+        another replica answers, and its mark would never be cleared."""
         if not self._until:  # the usual case, at no cost
             return urls
         now = time.monotonic()
