@@ -338,13 +338,15 @@ class TrackerPoolBase:
 
     def mark_dead(self, address: Address, error: BaseException | None = None) -> None:
         """Skip ``address`` for ``dead_seconds`` and drop its idle connections. One of several
-        trackers is logged, with ``error``, once until it answers again (a lone tracker's failure
-        is each request's error, which its caller reports)."""
+        trackers is logged, with ``error``, once an outage (a lone tracker's failure is each
+        request's error, which its caller reports): not again while it is asked as its dead time
+        ends, but again if it was left unasked longer, as the other trackers answered (it may have
+        been back meanwhile)."""
         with self._table_lock:  # threads failing on one tracker at once: one of them logs it
-            marked = address in self._dead_until
+            known = self._dead_lately(address)
             self._dead_until[address] = self._clock() + self.dead_seconds
         self._drop_idle(address)
-        if not marked and len(self.addresses) > 1:
+        if not known and len(self.addresses) > 1:
             reason = "" if error is None else f" ({error or type(error).__name__})"
             log.warning("tracker %s failed%s: not asked for %gs", self._names[address], reason, self.dead_seconds)
 
@@ -443,8 +445,9 @@ class TrackerPoolBase:
             outcome = "error"  # an answer all the same
         except (OSError, ProtocolError) as error:
             outcome = "failed"
+            still = "still " if self._dead_lately(address) else ""
             self.mark_dead(address, error)
-            return f"still no answer ({error or type(error).__name__})"
+            return f"{still}no answer ({error or type(error).__name__})"
         except GeneratorExit:
             outcome = _ABANDONED
             raise

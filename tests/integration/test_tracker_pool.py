@@ -240,6 +240,33 @@ def test_one_of_two_trackers_failing_is_logged_once_per_outage(tracker: Scripted
         flaky.stop()
 
 
+@both_flavours
+def test_a_tracker_left_unasked_since_its_outage_is_logged_when_found_down_again(flavour: Flavour,
+                                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Both trackers fail, then come back; the first answers, so the second is not asked for a
+    minute. When both fail again, so is the second: a new outage, logged, and not "still" down."""
+    clock = FakeClock()
+    first, second = ScriptedTracker(lambda line: b""), ScriptedTracker(lambda line: b"")
+    try:
+        pool = flavour.TrackerPool([first.tracker, second.tracker], connect_timeout=0.1, io_timeout=0.3,
+                                   dead_seconds=5, clock=clock)
+        with caplog.at_level("WARNING", logger="mogile_middleware"):
+            with pytest.raises(TrackerUnavailableError):
+                pool.request("get_paths", {"key": "k"})
+            first.script = second.script = ok
+            clock.now += 5
+            assert pool.request("get_paths", {"key": "k"})[1] == first.address
+            clock.now += 60
+            first.script = second.script = lambda line: b""
+            with pytest.raises(TrackerUnavailableError, match=f"{second.tracker}: no answer"):
+                pool.request("get_paths", {"key": "k"})
+        logged = [record.getMessage().split(" failed")[0] for record in caplog.records if record.levelname == "WARNING"]
+        assert logged == [f"tracker {first.tracker}", f"tracker {second.tracker}"] * 2
+    finally:
+        first.stop()
+        second.stop()
+
+
 def slow_noop(asked: threading.Event) -> Callable[[bytes], bytes]:
     """A tracker script answering every line, a noop only after 0.5 s (``asked`` set meanwhile)."""
     def script(line: bytes) -> bytes:
