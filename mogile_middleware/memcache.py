@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from pymemcache.client.base import Client, check_key_helper
 from pymemcache.client.hash import HashClient
 from pymemcache.client.rendezvous import RendezvousHash
-from pymemcache.exceptions import MemcacheError, MemcacheIllegalInputError
+from pymemcache.exceptions import MemcacheError, MemcacheIllegalInputError, MemcacheUnexpectedCloseError
 
 from .deadline import checked_seconds
 from .forking import renew_in_child
@@ -341,6 +341,8 @@ class _BoundedSocket:
 
     def recv(self, size: int) -> bytes:
         data = self._by_deadline(self._sock.recv, size)
+        if not data:  # the error pymemcache raises then, named
+            raise MemcacheUnexpectedCloseError(f"{self._server} closed the connection")
         self._deadline.received += len(data)
         if self._deadline.received > MAX_REPLY_BYTES:
             raise OSError(f"{self._server} sent over {MAX_REPLY_BYTES} bytes for one call")

@@ -650,6 +650,15 @@ def test_the_warning_of_a_memcached_down_names_it(caplog: pytest.LogCaptureFixtu
         backend.get("a")
 
 
+def test_the_warning_of_a_memcached_gone_while_connected_names_it(memcached: MemcachedServer,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    cache = PathCache(lambda key, previous: location(7, key), backend=MemcachedBackend(memcached.address))
+    assert cache.get("a") == location(7, "a")  # a connection kept open
+    memcached.stop()
+    assert cache.get("a") == location(7, "a")
+    assert f"memcached at {memcached.address} closed the connection" in caplog.text
+
+
 def test_the_site_answers_from_a_shared_cache_and_without_it(devmogile: DevMogileFS,
                                                              memcached: MemcachedServer) -> None:
     Client(DOMAIN, devmogile.trackers).store_content("hello.txt", BODY, cls="thumb")
