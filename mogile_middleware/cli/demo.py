@@ -17,8 +17,8 @@ from ..client import Client
 from ..devserver import DevMogileFS
 from ..middleware import WSGIApp
 from .commands import path_argument
-from .gunicorn import (add_server_arguments, can_listen, load_gunicorn, serve_until_stopped, trust_without_reproxy,
-                       trusted_proxies)
+from .gunicorn import (add_server_arguments, can_listen, load_gunicorn, log_as_gunicorn, serve_until_stopped,
+                       trust_without_reproxy, trusted_proxies)
 from .serve import file_path, index_app
 
 DOMAIN = "demo"
@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     # The port is checked first, so a taken one is one line of error rather than a started cluster and gunicorn's retries.
     if base is None or not can_listen("demo", args.bind):
         return 1
+    log_as_gunicorn()
     master = os.getpid()
     mogile = DevMogileFS(args.data, domains={DOMAIN: CLASSES})
     # SIGINT and SIGTERM unwind through the finally below until gunicorn installs its own handlers

@@ -9,6 +9,7 @@ extra: it is imported only when a command runs.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -99,6 +100,16 @@ def load_gunicorn(command: str) -> Any:
         print(f"{command}: gunicorn is missing: pip install 'mogile_middleware[gunicorn]'", file=sys.stderr)
         return None
     return BaseApplication
+
+
+def log_as_gunicorn() -> None:
+    """The package's warnings in gunicorn's format for its own lines (time, process, level), as a
+    server's log rather than as a command's messages (gunicorn must have loaded)."""
+    from gunicorn.glogging import Logger
+
+    formatter = logging.Formatter(Logger.error_fmt, Logger.datefmt)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)
 
 
 def can_listen(command: str, bind: tuple[str, int]) -> bool:

@@ -27,7 +27,7 @@ from ..middleware import MogileFSMiddleware, WSGIApp
 from ..protocol import check_linked_path, check_url_key
 from ..tracker import Address
 from .commands import connection_options
-from .gunicorn import (add_server_arguments, can_listen, load_gunicorn, positive, serve_until_stopped,
+from .gunicorn import (add_server_arguments, can_listen, load_gunicorn, log_as_gunicorn, positive, serve_until_stopped,
                        trust_without_reproxy, trusted_proxies)
 from .progress import printable
 
@@ -127,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     base = load_gunicorn("serve")
     if base is None or not can_listen("serve", args.bind):
         return 1
+    log_as_gunicorn()
     _check_domain(args.domain, args.trackers)
 
     def make_app() -> WSGIApp:

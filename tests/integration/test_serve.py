@@ -180,6 +180,23 @@ def test_a_prefix_moves_the_files_and_the_links(stored: DevMogileFS, tmp_path: P
         assert f'<a href="{sent}{quote("café menu.txt")}">' in page and "Only the first" not in page
 
 
+def test_the_packages_warnings_are_logged_as_gunicorn_logs_its_own(stored: DevMogileFS, tmp_path: Path) -> None:
+    """A tracker down of two: said by the master (which checks the domain) and by the worker that
+    met it, each with the time, its process and the level, as gunicorn's lines around them."""
+    with socket.socket() as down:
+        down.bind(("127.0.0.1", 0))
+        trackers = f"127.0.0.1:{down.getsockname()[1]},{stored.trackers[0]}"
+        with serving(tmp_path, "--trackers", trackers, "--domain", DOMAIN) as (process, base, files):
+            assert http_request(f"{files}docs/readme.txt").status == 200
+            workers = child_pids(process.pid)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=15) == 0
+    line = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}\] \[(\d+)\] \[WARNING\] tracker "
+                      rf"{re.escape(trackers.split(',')[0])} failed \(\[Errno 111\] Connection refused\): not asked for 5s")
+    logged = [int(match[1]) for match in map(line.fullmatch, (tmp_path / "stderr.txt").read_text().splitlines()) if match]
+    assert logged == [process.pid, *workers]
+
+
 def test_the_index_says_when_the_trackers_have_gone(stored: DevMogileFS, tmp_path: Path) -> None:
     with serving(tmp_path, *connection(stored)) as (_, base, _):
         assert http_request(f"{base}/").status == 200
