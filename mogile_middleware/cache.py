@@ -433,7 +433,7 @@ class PathCache(Generic[V]):
         (replicas that failed); else :data:`_UNSET` (the request waits on)."""
         try:
             return self._stale_value(key, entry, TrackerUnavailableError(
-                f"no answer for {key!r} within {STALE_AFTER_SECONDS} s yet"), outdated)
+                f"its lookup has taken over {STALE_AFTER_SECONDS} s so far"), outdated)
         except TrackerUnavailableError:
             return _UNSET
 
