@@ -191,8 +191,9 @@ def test_the_packages_warnings_are_logged_as_gunicorn_logs_its_own(stored: DevMo
             workers = child_pids(process.pid)
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=15) == 0
+    down_tracker = re.escape(trackers.split(",")[0])
     line = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}\] \[(\d+)\] \[WARNING\] tracker "
-                      rf"{re.escape(trackers.split(',')[0])} failed \(\[Errno 111\] Connection refused\): not asked for 5s")
+                      rf"{down_tracker} failed \(\[Errno 111\] Connection refused\): not asked for 5s")
     logged = [int(match[1]) for match in map(line.fullmatch, (tmp_path / "stderr.txt").read_text().splitlines()) if match]
     assert logged == [process.pid, *workers]
 

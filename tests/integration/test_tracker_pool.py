@@ -241,8 +241,8 @@ def test_one_of_two_trackers_failing_is_logged_once_per_outage(tracker: Scripted
 
 
 @both_flavours
-def test_a_tracker_left_unasked_since_its_outage_is_logged_when_found_down_again(flavour: Flavour,
-                                                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_a_tracker_left_unasked_since_its_outage_is_logged_when_found_down_again(
+        flavour: Flavour, caplog: pytest.LogCaptureFixture) -> None:
     """Both trackers fail, then come back; the first answers, so the second is not asked for a
     minute. When both fail again, so is the second: a new outage, logged, and not "still" down."""
     clock = FakeClock()
