@@ -332,11 +332,11 @@ def serve_steps(request: FileRequest, location: Location, representation: Repres
     or ``arun_steps``): the replica open before anything is sent, and the trackers asked once more
     when its replicas are gone, or before a 412 or a 416 decided from the cached version. Returns
     a complete :class:`Answer` (a HEAD's too), or an :class:`OpenedFile`: the open replica, or
-    instead of it the planned bytes of a file ``bodies`` keeps (read whole from a replica the first time). A
-    replica that failed is not tried again: when the trackers name no other, the answer is a 502
-    at once, not after another storage timeout, told to ``unanswered`` (a node down fails every
-    request for its files: one line per interval, not one per request); asking again is told to
-    ``asked_again``, as often."""
+    instead of it the planned bytes of a file ``bodies`` keeps (read whole from a replica the
+    first time). A replica that failed is not tried again: when the trackers name no other, the
+    answer is a 502 at once, not after another storage timeout, told to ``unanswered`` (a node
+    down fails every request for its files: one line per interval, not one per request); asking
+    again is told to ``asked_again``, as often."""
     failed: set[str] = set()
     error: StorageError | None = None
     for attempt in range(2):
