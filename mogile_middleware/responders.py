@@ -295,7 +295,8 @@ class Serve:
         if isinstance(opened, Answer):
             return opened
         if opened.resumption is None:  # kept bytes
-            metrics.recorder.bytes_served(len(opened.body))  # handed to the server whole
+            if opened.body:
+                metrics.recorder.bytes_served(len(opened.body))  # handed to the server whole
             return Answer(opened.plan.status, opened.plan.headers, opened.body)
         resumed = ResumedReplica(opened.body, opened.resumption, timeout=self.storage_timeout)
         return StreamedAnswer(opened.plan.status, opened.plan.headers, ReplicaBody(opened.key, resumed))

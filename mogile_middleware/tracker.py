@@ -66,6 +66,9 @@ CLOSED_RETRIES = 2
 #: a connection a firewall dropped while idle is not the one a request waits on.
 IDLE_SECONDS = 30.0
 _NOOP = encode_request("noop", None)
+#: A tracker found failing again within this long of its dead time's end (or ``dead_seconds``,
+#: if longer) is still down, not down anew: its outage is logged once, however short ``dead_seconds``.
+SAME_OUTAGE_SECONDS = 5.0
 #: What :meth:`TrackerPoolBase._probe_steps` says of a tracker another request is asking already.
 _ASKED_BY_ANOTHER = "another request is asking whether it is back"
 #: The outcome of a call its caller gave up (an ASGI client that left): none to count, as no
@@ -339,16 +342,17 @@ class TrackerPoolBase:
     def mark_dead(self, address: Address, error: BaseException | None = None) -> None:
         """Skip ``address`` for ``dead_seconds`` and drop its idle connections. One of several
         trackers is logged, with ``error``, once an outage (a lone tracker's failure is each
-        request's error, which its caller reports): not again while it is asked as its dead time
-        ends, but again if it was left unasked longer, as the other trackers answered (it may have
-        been back meanwhile)."""
+        request's error, which its caller reports): not again while it fails as it is asked again
+        (:meth:`_still_down`), but again once it was left unasked longer, the other trackers
+        answering (it may have been back meanwhile)."""
         with self._table_lock:  # threads failing on one tracker at once: one of them logs it
-            known = self._dead_lately(address)
+            known = self._still_down(address)
             self._dead_until[address] = self._clock() + self.dead_seconds
         self._drop_idle(address)
-        if not known and len(self.addresses) > 1:
+        if not known and len(self._names) > 1:  # several trackers, not one named twice
             reason = "" if error is None else f" ({error or type(error).__name__})"
-            log.warning("tracker %s failed%s: not asked for %gs", self._names[address], reason, self.dead_seconds)
+            skipped = f": not asked for {self.dead_seconds:g}s" if self.dead_seconds else ""
+            log.warning("tracker %s failed%s%s", self._names[address], reason, skipped)
 
     def _drop_idle(self, address: Address) -> None:
         """Close the idle connections to ``address`` (a pool's own bookkeeping)."""
@@ -416,6 +420,12 @@ class TrackerPoolBase:
                     metrics.recorder.tracker_call(self._names[address], command, time.monotonic() - started, outcome)
         raise TrackerUnavailableError("no tracker answered: " + "; ".join(failures))
 
+    def _still_down(self, address: Address) -> bool:
+        """True if ``address`` is marked dead, or its dead time ended less than
+        :data:`SAME_OUTAGE_SECONDS` (or ``dead_seconds``) ago: failing now, it has not been back."""
+        until = self._dead_until.get(address)
+        return until is not None and self._clock() - until < max(self.dead_seconds, SAME_OUTAGE_SECONDS)
+
     def _dead_lately(self, address: Address) -> bool:
         """True if ``address`` is marked dead, or its dead time ended less than ``dead_seconds`` ago."""
         until = self._dead_until.get(address)
@@ -445,7 +455,7 @@ class TrackerPoolBase:
             outcome = "error"  # an answer all the same
         except (OSError, ProtocolError) as error:
             outcome = "failed"
-            still = "still " if self._dead_lately(address) else ""
+            still = "still " if self._still_down(address) else ""
             self.mark_dead(address, error)
             return f"{still}no answer ({error or type(error).__name__})"
         except GeneratorExit:

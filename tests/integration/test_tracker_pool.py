@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import resource
 import socket
 import threading
@@ -824,3 +825,34 @@ def test_a_verified_create_close_may_take_the_time_to_read_the_file_back(flavour
     finally:
         pool.close()
         tracker.stop()
+
+
+@both_flavours
+@pytest.mark.parametrize("dead_seconds", [0, 5])
+def test_a_tracker_refusing_every_request_is_logged_once_however_short_its_dead_time(
+        tracker: ScriptedTracker, flavour: Flavour, caplog: pytest.LogCaptureFixture, dead_seconds: float) -> None:
+    """With dead_seconds=0 it is asked by every request: one line for its outage, not one each."""
+    clock = FakeClock()
+    with socket.socket() as down:
+        down.bind(("127.0.0.1", 0))
+        refused = f"127.0.0.1:{down.getsockname()[1]}"
+        pool = flavour.TrackerPool([refused, tracker.tracker], dead_seconds=dead_seconds, clock=clock)
+        with caplog.at_level("WARNING", logger="mogile_middleware"):
+            for _ in range(50):
+                assert pool.request("noop")[1] == tracker.address
+                clock.now += 0.2
+    skipped = f": not asked for {dead_seconds}s" if dead_seconds else ""
+    logged = [record.getMessage() for record in caplog.records]
+    assert len(logged) == 1 and re.fullmatch(rf"tracker {refused} failed \(\[Errno 111\] .*\){skipped}", logged[0])
+
+
+@both_flavours
+def test_one_tracker_named_twice_is_no_second_tracker_to_log_a_failover_to(
+        flavour: Flavour, caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as down:
+        down.bind(("127.0.0.1", 0))
+        refused = f"127.0.0.1:{down.getsockname()[1]}"
+        pool = flavour.TrackerPool([refused, refused], dead_seconds=5, clock=FakeClock())
+        with caplog.at_level("WARNING", logger="mogile_middleware"), pytest.raises(TrackerUnavailableError):
+            pool.request("noop")
+    assert caplog.records == []
