@@ -235,9 +235,7 @@ class MemcachedBackend:
             direct.close()
 
     def _memcached_key(self, key: str) -> str:
-        # memcached keys are at most 250 bytes of ASCII without blanks or control characters, while
-        # MogileFS keys can be longer and hold any of them (any bytes): a digest fits every key.
-        return self.prefix + hashlib.sha1(to_bytes(key)).hexdigest()
+        return _key_of(self.prefix, key)
 
     def renew_after_fork(self) -> None:
         # The parent's sockets are shared with it: start afresh, never touch the inherited ones.
@@ -282,10 +280,17 @@ def checked_prefix(prefix: object) -> str:
     if not isinstance(prefix, str):
         raise ValueError(f"prefix must be text, not {prefix!r}")
     try:
-        check_key_helper(prefix + hashlib.sha1(b"").hexdigest(), allow_unicode_keys=False)
+        check_key_helper(_key_of(prefix, ""), allow_unicode_keys=False)
     except MemcacheIllegalInputError as error:
         raise ValueError(f"prefix {prefix!r} cannot start a memcached key: {error}") from error
     return prefix
+
+
+def _key_of(prefix: str, key: str) -> str:
+    """The memcached key of ``key``'s entry. memcached keys are at most 250 bytes of ASCII without
+    blanks or control characters, while MogileFS keys can be longer and hold any of them (any
+    bytes): a digest fits every key."""
+    return prefix + hashlib.sha1(to_bytes(key)).hexdigest()
 
 
 class _Deadline:

@@ -24,9 +24,14 @@ if TYPE_CHECKING:
 REQUIRED = ("domain", "trackers")
 
 
+def _items(value: str) -> list[str]:
+    """The items of a list option, separated by commas, spaces or lines."""
+    return value.replace(",", " ").split()
+
+
 def _trackers(value: str) -> list[str]:
     """``host:port`` addresses, one per line or separated by spaces or commas, checked here to fail early."""
-    addresses = value.replace(",", " ").split()
+    addresses = _items(value)
     if addresses:  # none: "is required" below
         parse_trackers(addresses)
     return addresses
@@ -44,7 +49,7 @@ def _reproxy(value: str) -> str | None:
 def _networks(value: str) -> list[str]:
     """Addresses or networks (or ``unix``) separated by commas, spaces or lines, as ``trackers``
     are, checked here to fail early."""
-    networks = value.replace(",", " ").split()
+    networks = _items(value)
     parse_trusted_proxies(networks)
     return networks
 
@@ -164,7 +169,7 @@ def _options() -> dict[str, Callable[[str], Any]]:
 
 def _servers(value: str) -> list[str]:
     """``host:port`` items separated by commas, spaces or lines, as ``trackers`` are; ``none``: none."""
-    return [] if value.strip().lower() == "none" else value.replace(",", " ").split()
+    return [] if value.strip().lower() == "none" else _items(value)
 
 
 #: Every option the filter takes, with the converter from its ini string.

@@ -17,8 +17,7 @@ from ..client import Client
 from ..devserver import DevMogileFS
 from ..middleware import WSGIApp
 from .commands import path_argument
-from .gunicorn import (add_server_arguments, can_listen, load_gunicorn, log_as_gunicorn, serve_until_stopped,
-                       trust_without_reproxy, trusted_proxies)
+from .gunicorn import add_server_arguments, prepare, serve_until_stopped, trusted_proxies
 from .serve import file_path, index_app
 
 DOMAIN = "demo"
@@ -68,13 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Store the sample files and serve them until SIGINT or SIGTERM; 0 on a clean stop, 1 if it cannot start."""
-    if trust_without_reproxy("demo", args):
-        return 2
-    base = load_gunicorn("demo")
-    # The port is checked first, so a taken one is one line of error rather than a started cluster and gunicorn's retries.
-    if base is None or not can_listen("demo", args.bind):
-        return 1
-    log_as_gunicorn()
+    base, refused = prepare("demo", args)
+    if base is None:
+        return refused
     master = os.getpid()
     mogile = DevMogileFS(args.data, domains={DOMAIN: CLASSES})
     # SIGINT and SIGTERM unwind through the finally below until gunicorn installs its own handlers

@@ -81,7 +81,22 @@ def trusted_proxies(args: argparse.Namespace) -> Sequence[str]:
     return args.trusted_proxies or LOOPBACK
 
 
-def trust_without_reproxy(command: str, args: argparse.Namespace) -> bool:
+def prepare(command: str, args: argparse.Namespace) -> tuple[Any, int]:
+    """gunicorn's ``BaseApplication`` for ``command`` (``serve``, ``demo``) and 0, once it may
+    start (its ``--trusted-proxy`` goes with ``--reproxy``, gunicorn is there, ``--bind`` is free),
+    the package's log then set as gunicorn's; else ``None`` and its exit code, having said why on
+    one line of stderr: checked before anything starts, so a taken port is one line of error
+    rather than a started cluster and gunicorn's retries."""
+    if _trust_without_reproxy(command, args):
+        return None, 2
+    base = _load_gunicorn(command)
+    if base is None or not _can_listen(command, args.bind):
+        return None, 1
+    _log_as_gunicorn()
+    return base, 0
+
+
+def _trust_without_reproxy(command: str, args: argparse.Namespace) -> bool:
     """True, said on one line of stderr, for ``--trusted-proxy`` without ``--reproxy``: serve mode
     trusts no proxy, so it would be ignored."""
     if args.trusted_proxies and args.reproxy is None:
@@ -91,7 +106,7 @@ def trust_without_reproxy(command: str, args: argparse.Namespace) -> bool:
     return False
 
 
-def load_gunicorn(command: str) -> Any:
+def _load_gunicorn(command: str) -> Any:
     """gunicorn's ``BaseApplication``, or ``None`` when gunicorn is missing, having said on one line
     of stderr, prefixed with ``command``, which extra installs it."""
     try:
@@ -102,7 +117,7 @@ def load_gunicorn(command: str) -> Any:
     return BaseApplication
 
 
-def log_as_gunicorn() -> None:
+def _log_as_gunicorn() -> None:
     """The package's warnings in gunicorn's format for its own lines (time, process, level), as a
     server's log rather than as a command's messages (gunicorn must have loaded)."""
     from gunicorn.glogging import Logger
@@ -112,7 +127,7 @@ def log_as_gunicorn() -> None:
         handler.setFormatter(formatter)
 
 
-def can_listen(command: str, bind: tuple[str, int]) -> bool:
+def _can_listen(command: str, bind: tuple[str, int]) -> bool:
     """True if ``bind`` is free to listen on; else False, having said why on one line of stderr."""
     host, port = bind
     try:
@@ -130,7 +145,7 @@ def can_listen(command: str, bind: tuple[str, int]) -> bool:
 def serve_until_stopped(
     base: Any, bind: tuple[str, int], workers: int, make_app: Callable[[], WSGIApp], announce: Callable[[str], None]
 ) -> int:
-    """Run a gunicorn master (``base`` is :func:`load_gunicorn`'s) on ``bind`` with ``workers``
+    """Run a gunicorn master (``base`` is :func:`prepare`'s) on ``bind`` with ``workers``
     until SIGINT or SIGTERM; its exit status.
 
     Each worker builds its own application with ``make_app`` after the fork, so no tracker

@@ -27,8 +27,7 @@ from ..middleware import MogileFSMiddleware, WSGIApp
 from ..protocol import check_linked_path, check_url_key
 from ..tracker import Address
 from .commands import connection_options
-from .gunicorn import (add_server_arguments, can_listen, load_gunicorn, log_as_gunicorn, positive, serve_until_stopped,
-                       trust_without_reproxy, trusted_proxies)
+from .gunicorn import add_server_arguments, positive, prepare, serve_until_stopped, trusted_proxies
 from .progress import printable
 
 #: The middleware's own default, so that ``serve`` serves where an application would.
@@ -122,12 +121,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve the domain until SIGINT or SIGTERM; 0 on a clean stop, 1 if it cannot start."""
-    if trust_without_reproxy("serve", args):
-        return 2
-    base = load_gunicorn("serve")
-    if base is None or not can_listen("serve", args.bind):
-        return 1
-    log_as_gunicorn()
+    base, refused = prepare("serve", args)
+    if base is None:
+        return refused
     _check_domain(args.domain, args.trackers)
 
     def make_app() -> WSGIApp:
