@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import hashlib
 import io
 import itertools
 import json
@@ -20,7 +21,7 @@ import os
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO, NoReturn
@@ -496,21 +497,20 @@ def _get(args: argparse.Namespace, client: Client) -> int:
     if args.output is not None and args.output.endswith(("/", "/.")) and not os.path.isdir(args.output):
         # pathlib reads "file.txt/" as "file.txt", and replaced that file (cp refuses it too)
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), args.output)
-    to_terminal = args.output in (None, "-") and sys.stdout.isatty()  # where a bar would draw over the text
+    if args.output not in (None, "-"):
+        _fetch_into(client, args.key, Path(args.output))
+        return 0
+    to_terminal = sys.stdout.isatty()  # where a bar would draw over the text
     with _download(client, args.key) as (length, chunks), \
             ProgressBar(None if to_terminal else length, sys.stderr, label=args.key) as bar:
         first = next(chunks, b"")
-        if args.output in (None, "-"):
-            if args.output is None and sys.stdout.isatty() and _binary(first):
-                print(f"mogile-middleware: {quoted(args.key)} is binary: not written to the terminal "
-                      f"(-o FILE writes it to a file, -o - here anyway)", file=sys.stderr)
-                return 1
-            stdout = _Output(sys.stdout.buffer, "stdout")
-            _copy(first, chunks, stdout, bar)
-            stdout.flush()
-        else:
-            with _replacing(Path(args.output)) as target:
-                _copy(first, chunks, target, bar)
+        if args.output is None and to_terminal and _binary(first):
+            print(f"mogile-middleware: {quoted(args.key)} is binary: not written to the terminal "
+                  f"(-o FILE writes it to a file, -o - here anyway)", file=sys.stderr)
+            return 1
+        stdout = _Output(sys.stdout.buffer, "stdout")
+        _copy(first, chunks, stdout, bar)
+        stdout.flush()
     return 0
 
 
@@ -553,10 +553,7 @@ def _get_recursive(args: argparse.Namespace, client: Client) -> int:
             skipped += 1
             continue
         try:
-            with _download(client, key) as (length, chunks), ProgressBar(length, sys.stderr, label=key) as bar:
-                target.parent.mkdir(parents=True, exist_ok=True)  # once a replica answers
-                with _replacing(target) as out:
-                    _copy(b"", chunks, out, bar)
+            _fetch_into(client, key, target, make_directory=True)
         except UnknownKeyError:  # deleted since it was listed
             continue
         except (FileExistsError, IsADirectoryError, NotADirectoryError,  # "a" and "a/b" both keys
@@ -569,20 +566,77 @@ def _get_recursive(args: argparse.Namespace, client: Client) -> int:
     return 1 if skipped else 0
 
 
+def _fetch_into(client: Client, key: str, target: Path, *, make_directory: bool = False) -> None:
+    """Write ``key``'s file to ``target``, put in place only once whole (and its directory made,
+    with ``make_directory``, once a replica answers). Bytes that do not match the checksum the
+    tracker keeps are said, and read again from the replicas not read yet."""
+    rotted: list[str] = []
+    while True:
+        try:
+            with _download(client, key, passing_over=rotted) as (length, chunks), \
+                    ProgressBar(length, sys.stderr, label=key) as bar:
+                if make_directory:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                with _replacing(target) as out:
+                    _copy(b"", chunks, out, bar)
+            return
+        except _ChecksumMismatch as error:
+            if not error.unread:
+                raise
+            print(f"mogile-middleware: {quoted(key)}: {printable(str(error))}: read again from another replica",
+                  file=sys.stderr)
+            rotted += error.read
+
+
 @contextmanager
-def _download(client: Client, key: str) -> Iterator[tuple[int | None, Iterator[bytes]]]:
+def _download(client: Client, key: str, *,
+              passing_over: Sequence[str] = ()) -> Iterator[tuple[int | None, Iterator[bytes]]]:
     """The length of ``key``'s file and its body chunk by chunk, the rest from a replica again
-    when a transfer is cut midway (:class:`~mogile_middleware.storage.ResumedReplica`). Only a
-    replica of the length the tracker records is read: one cut short on its disk was written
-    whole-looking."""
+    when a transfer is cut midway (:class:`~mogile_middleware.storage.ResumedReplica`), checked
+    against the MD5 the tracker keeps (:func:`_checked`). Only a replica of the length the
+    tracker records is read: one cut short on its disk was written whole-looking. The replicas
+    ``passing_over`` are not asked."""
     paths, info = client.current_version(key)
+    paths = [url for url in paths if url not in passing_over]
     with open_replica(paths, size=info.length, timeout=client.storage_timeout) as body:
         resumption = Resumption(paths, None, info.length, same_bytes=names_a_fid(paths))
         resumed = ResumedReplica(body, resumption, timeout=client.storage_timeout)
         try:
-            yield body.length, resumed.iter_chunks()
+            yield body.length, _checked(resumed, info.checksum, paths)
         finally:
             resumed.close()
+
+
+class _ChecksumMismatch(StorageError):
+    """The bytes of the replicas ``read`` do not match the file's checksum; ``unread`` are the others."""
+
+    def __init__(self, message: str, read: list[str], unread: list[str]) -> None:
+        super().__init__(message, read[0])
+        self.read = read
+        self.unread = unread
+
+
+def _checked(resumed: ResumedReplica, checksum: str | None, paths: list[str]) -> Iterator[bytes]:
+    """The chunks of ``resumed``; when the tracker keeps the file's MD5 (``checksum``), a
+    :class:`_ChecksumMismatch` if the bytes do not match it, raised after the last chunk: before
+    the file written is put in place, so a replica that rotted on its disk (the same length,
+    other bytes) leaves no file, as a transfer cut short does."""
+    if checksum is None or not checksum.startswith(_MD5):
+        yield from resumed.iter_chunks()
+        return
+    digest, read = hashlib.md5(usedforsecurity=False), [resumed.url]
+    for chunk in resumed.iter_chunks():
+        digest.update(chunk)
+        if resumed.url != read[-1]:  # going on from another replica after a cut
+            read.append(resumed.url)
+        yield chunk
+    if digest.hexdigest() != checksum[len(_MD5):].lower():
+        raise _ChecksumMismatch(f"the content read from {', '.join(read)} does not match its checksum {checksum} "
+                                f"(MD5:{digest.hexdigest()} read)", read, [url for url in paths if url not in read])
+
+
+#: How mogilefsd writes an MD5 checksum (``file_info``): ``MD5:`` and 32 hexadecimal digits.
+_MD5 = "MD5:"
 
 
 #: What no file name here holds, besides the "/" a key's segments are split at: NUL, and the
@@ -941,7 +995,8 @@ def _print_health(report: health.Health) -> None:
 #: name → (one-line help, add_arguments, run), merged into :data:`cli.SUBCOMMANDS`.
 SUBCOMMANDS: dict[str, Subcommand] = {
     "upload": ("store a file, stdin or a directory tree under keys", _add_upload_arguments, _command(_upload)),
-    "get": ("write a key's content to a file or stdout", _add_get_arguments, _command(_get)),
+    "get": ("write a key's content to a file or stdout, checked against its MD5 where the tracker keeps one",
+            _add_get_arguments, _command(_get)),
     "ls": ("list the keys, or those starting with a prefix", _add_ls_arguments, _command(_ls)),
     "info": ("show a key's fid, length, class, replicas, checksum and paths", _add_key_argument, _command(_info)),
     "paths": ("print the URLs of a key's replicas, one a line", _add_key_argument, _command(_paths)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
+import hashlib
 import io
 import os
 import random
@@ -32,7 +33,7 @@ from integration._wire_client import LineClient, upload
 from webob import Request
 from wiretools import TEN, KeptAliveNode, ScriptedTracker, files_tracker, honest
 
-from mogile_middleware import Client
+from mogile_middleware import Admin, Client
 from mogile_middleware import upload as upload_module
 from mogile_middleware.cache import entry_key
 from mogile_middleware.cli.signals import InterruptibleReader
@@ -1615,6 +1616,42 @@ def test_get_and_cp_pass_over_a_replica_cut_short_on_its_disk(cli: Run, devmogil
     for _ in range(4):  # whichever replica the tracker names first
         assert (cli("get", "cut", "-o", str(tmp_path / "got")).code, (tmp_path / "got").read_bytes()) == (0, body)
         assert cli("cp", "cut", "copy").code == 0 and client.get_file_data("copy") == body
+
+
+def test_get_reads_past_a_replica_whose_bytes_differ_from_the_checksum_and_refuses_when_none_match(
+        cli: Run, devmogile: DevMogileFS, tmp_path: Path) -> None:
+    """A replica that rotted on its disk (its length unchanged) was written as the file."""
+    client = Client(DOMAIN, devmogile.trackers)
+    Admin(devmogile.trackers).create_class(DOMAIN, "summed", 2, hashtype="MD5")
+    body = bytes(range(256)) * 400
+    for key in ("rotted", "sound"):
+        client.store_content(key, body, cls="summed")
+    replicas = client.get_paths("rotted")
+
+    def rot(url: str) -> None:
+        node = next(node for node in devmogile.nodes if url.startswith(node.url))
+        (node.docroot / url.split("/", 3)[3]).write_bytes(body[:5000] + b"X" + body[5001:])
+
+    rot(replicas[0])
+    sums = (hashlib.md5(body).hexdigest(), hashlib.md5(body[:5000] + b"X" + body[5001:]).hexdigest())
+    said = set()
+    for _ in range(20):  # whichever replica the tracker names first: the rotted one about every other time
+        got = cli("get", "rotted", "-o", str(tmp_path / "got"))
+        assert (got.code, (tmp_path / "got").read_bytes()) == (0, body)
+        said.add(got.err)
+    assert said == {"", f"mogile-middleware: 'rotted': the content read from {replicas[0]} does not match its "
+                        f"checksum MD5:{sums[0]} (MD5:{sums[1]} read): read again from another replica\n"}
+    rot(replicas[1])
+    (tmp_path / "got").write_bytes(b"before")
+    (tmp_path / "tree").mkdir()
+    refused = cli("get", "rotted", "-o", str(tmp_path / "got"))
+    assert refused.code == 1 and (tmp_path / "got").read_bytes() == b"before"
+    assert refused.err.count("does not match its checksum") == 2
+    assert cli("get", "rotted").code == 1  # to stdout: written, and said
+    listed = cli("get", "", "-r", "-o", str(tmp_path / "tree"))
+    assert listed.code == 1 and "'rotted': the content read from" in listed.err
+    assert sorted(path.name for path in (tmp_path / "tree").iterdir()) == ["sound"]
+    assert (tmp_path / "tree" / "sound").read_bytes() == body and not list(tmp_path.glob("**/.*.part"))
 
 
 def test_upload_recursive_names_each_file_it_cannot_read_and_stores_nothing(devmogile: DevMogileFS) -> None:
