@@ -788,20 +788,36 @@ def _add_ls_arguments(parser: argparse.ArgumentParser) -> None:
     connection_options(parser)
     parser.add_argument("prefix", metavar="PREFIX", nargs="?", default="", help="list only keys starting with it")
     parser.add_argument("-l", "--long", action="store_true", help="print size<TAB>class<TAB>key")
+    parser.add_argument("-0", "--null", action="store_true",
+                        help="end each key with a NUL byte, not a line feed, and print it as it is, without escapes "
+                             "(for xargs -0)")
 
 
 def _ls(args: argparse.Namespace, client: Client) -> int:
-    """Print the keys under the prefix; with ``--long``, each with its size and class."""
+    """Print the keys under the prefix; with ``--long``, each with its size and class. One a
+    line, with escapes (a key may hold a line feed or a backslash); with ``--null`` as they are,
+    each ended by a NUL: what another command takes back. A key holding a NUL itself (the Perl
+    client stores one) is then named on stderr and passed over, exit 1."""
+    raw, skipped = _Output(sys.stdout.buffer, "stdout") if args.null else None, 0
     for key in client.keys(args.prefix):
-        if not args.long:
-            print(printable(key))
+        if raw is not None and "\0" in key:
+            _skipped(key, "it holds a NUL, which ends a key with --null")
+            skipped += 1
             continue
-        try:
-            info = client.file_info(key)
-        except UnknownKeyError:  # deleted since it was listed
-            continue
-        print(f"{info.length}\t{printable(info.cls)}\t{printable(key)}")
-    return 0
+        fields = [key]
+        if args.long:
+            try:
+                info = client.file_info(key)
+            except UnknownKeyError:  # deleted since it was listed
+                continue
+            fields = [str(info.length), info.cls, key]
+        if raw is None:
+            print("\t".join(map(printable, fields)))
+        else:
+            raw.write(to_bytes("\t".join(fields)) + b"\0")
+    if raw is not None:
+        raw.flush()
+    return 1 if skipped else 0
 
 
 def _add_key_argument(parser: argparse.ArgumentParser) -> None:

@@ -1527,6 +1527,21 @@ def test_ls_long_lists_keys_the_client_does_not_create(cli: Run, odd_keys: list[
     assert listed.lines == [f"3\tthumb\t{printable(key)}" for key in odd_keys] + ["1\tthumb\todd/z"]
 
 
+def test_ls_null_prints_keys_as_they_are_for_another_command_and_names_one_holding_a_nul(
+        cli: Run, devmogile: DevMogileFS, odd_keys: list[str]) -> None:
+    """Escaped one a line, a key with a line feed or a backslash came back to no command as it is."""
+    Client(DOMAIN, devmogile.trackers).store_content("odd/back\\slash", b"bs", cls="thumb")
+    with LineClient(devmogile.tracker_address) as tracker:
+        assert upload(tracker, DOMAIN, "odd/nul\0key", b"nul", "thumb") == b"OK \r\n"
+    keys = sorted([*odd_keys, "odd/back\\slash", "odd/z"])
+    listed = cli("ls", "--null", "odd/")
+    assert listed.code == 1 and listed.out == b"".join(key.encode() + b"\0" for key in keys)
+    assert listed.err == "mogile-middleware: 'odd/nul\\x00key': it holds a NUL, which ends a key with --null: skipped\n"
+    long_listed = cli("ls", "-0l", "odd/")
+    assert long_listed.out.split(b"\0")[:2] == [b"3\tthumb\todd/a\nb", b"2\tthumb\todd/back\\slash"]
+    assert [cli("info", key.decode()).code for key in listed.out.split(b"\0")[:2]] == [0, 0]
+
+
 def test_rm_prefix_deletes_keys_the_client_does_not_create(cli: Run, devmogile: DevMogileFS,
                                                            odd_keys: list[str]) -> None:
     # It named them on stderr as keys it would not send, left them, and exited 1.
