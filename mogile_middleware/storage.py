@@ -526,6 +526,11 @@ class SeekableBody(io.RawIOBase):
     def seekable(self) -> bool:
         return True
 
+    @property
+    def url(self) -> str | None:
+        """The replica read now (``None`` between transfers)."""
+        return None if self._replica is None else self._replica.url
+
     def tell(self) -> int:
         self._checkClosed()  # type: ignore[attr-defined]
         return self._position

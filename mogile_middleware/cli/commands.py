@@ -29,7 +29,7 @@ from typing import IO, TYPE_CHECKING, BinaryIO, NoReturn
 from .. import health
 from ..client import Client, FileInfo
 from ..deadline import checked_seconds
-from ..exceptions import BadKeyError, StorageError, UnknownKeyError, UploadError
+from ..exceptions import BadKeyError, MogileFSError, StorageError, UnknownKeyError, UploadError
 from ..protocol import check_key, names_a_fid, to_bytes, to_text
 from ..storage import LengthMismatchError, ResumedReplica, Resumption, SeekableBody, open_replica
 from ..tracker import Address, parse_trackers
@@ -187,7 +187,7 @@ def _command(body: Callable[[argparse.Namespace, Client], int]) -> Callable[[arg
         client = Client(args.domain, args.trackers, cache_backend=getattr(args, "memcached", None))
         try:
             return body(args, client)
-        except StorageError as error:  # the replicas it names: the key too
+        except (StorageError, _ChecksumMismatch) as error:  # the replicas it names: the key too
             key = getattr(args, "key", None)
             if key is None or not isinstance(key, str):
                 raise
@@ -283,7 +283,7 @@ class _ClosedStream(io.TextIOBase):
         self._closed()
 
 
-def _describe(error: OSError | StorageError | BadKeyError) -> str:
+def _describe(error: OSError | MogileFSError) -> str:
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
         return f"{error.filename}: {error.strerror}"
     return str(error)
@@ -557,7 +557,7 @@ def _get_recursive(args: argparse.Namespace, client: Client) -> int:
         except UnknownKeyError:  # deleted since it was listed
             continue
         except (FileExistsError, IsADirectoryError, NotADirectoryError,  # "a" and "a/b" both keys
-                StorageError) as error:  # no replica of this key answered: the others may
+                StorageError, _ChecksumMismatch) as error:  # no replica answered, or matched: the other keys may
             _skipped(key, _describe(error))
             skipped += 1
             continue
@@ -568,17 +568,27 @@ def _get_recursive(args: argparse.Namespace, client: Client) -> int:
 
 def _fetch_into(client: Client, key: str, target: Path, *, make_directory: bool = False) -> None:
     """Write ``key``'s file to ``target``, put in place only once whole (and its directory made,
-    with ``make_directory``, once a replica answers). Bytes that do not match the checksum the
-    tracker keeps are said, and read again from the replicas not read yet."""
+    with ``make_directory``, once a replica answers), from replicas whose bytes match the
+    checksum the tracker keeps (:func:`_past_rotted_replicas`)."""
+    def fetch(rotted: list[str]) -> None:
+        with _download(client, key, passing_over=rotted) as (length, chunks), \
+                ProgressBar(length, sys.stderr, label=key) as bar:
+            if make_directory:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            with _replacing(target) as out:
+                _copy(b"", chunks, out, bar)
+
+    _past_rotted_replicas(key, fetch)
+
+
+def _past_rotted_replicas(key: str, attempt: Callable[[list[str]], None]) -> None:
+    """``attempt(rotted)``, again while it finds the bytes of a replica not to match the file's
+    checksum (:class:`_ChecksumMismatch`) and others are left: each such replica is named on
+    stderr and added to ``rotted``, which the next attempt does not ask."""
     rotted: list[str] = []
     while True:
         try:
-            with _download(client, key, passing_over=rotted) as (length, chunks), \
-                    ProgressBar(length, sys.stderr, label=key) as bar:
-                if make_directory:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                with _replacing(target) as out:
-                    _copy(b"", chunks, out, bar)
+            attempt(rotted)
             return
         except _ChecksumMismatch as error:
             if not error.unread:
@@ -588,51 +598,85 @@ def _fetch_into(client: Client, key: str, target: Path, *, make_directory: bool 
             rotted += error.read
 
 
+def _replicas(client: Client, key: str, passing_over: Sequence[str]) -> tuple[list[str], FileInfo]:
+    """The replica URLs of ``key`` but ``passing_over``, and its ``file_info``, of the same version."""
+    paths, info = client.current_version(key)
+    return [url for url in paths if url not in passing_over], info
+
+
 @contextmanager
 def _download(client: Client, key: str, *,
               passing_over: Sequence[str] = ()) -> Iterator[tuple[int | None, Iterator[bytes]]]:
     """The length of ``key``'s file and its body chunk by chunk, the rest from a replica again
     when a transfer is cut midway (:class:`~mogile_middleware.storage.ResumedReplica`), checked
-    against the MD5 the tracker keeps (:func:`_checked`). Only a replica of the length the
-    tracker records is read: one cut short on its disk was written whole-looking. The replicas
-    ``passing_over`` are not asked."""
-    paths, info = client.current_version(key)
-    paths = [url for url in paths if url not in passing_over]
+    against the MD5 the tracker keeps (:class:`_ChecksumCheck`). Only a replica of the length
+    the tracker records is read: one cut short on its disk was written whole-looking. The
+    replicas ``passing_over`` are not asked."""
+    paths, info = _replicas(client, key, passing_over)
     with open_replica(paths, size=info.length, timeout=client.storage_timeout) as body:
         resumption = Resumption(paths, None, info.length, same_bytes=names_a_fid(paths))
         resumed = ResumedReplica(body, resumption, timeout=client.storage_timeout)
         try:
-            yield body.length, _checked(resumed, info.checksum, paths)
+            yield body.length, _checked(resumed, _ChecksumCheck.of(info.checksum, paths))
         finally:
             resumed.close()
 
 
-class _ChecksumMismatch(StorageError):
-    """The bytes of the replicas ``read`` do not match the file's checksum; ``unread`` are the others."""
+def _checked(resumed: ResumedReplica, check: _ChecksumCheck | None) -> Iterator[bytes]:
+    """The chunks of ``resumed``, then ``check``'s verdict, before the file written is put in place."""
+    for chunk in resumed.iter_chunks():
+        if check is not None:
+            check.add(chunk, resumed.url)
+        yield chunk
+    if check is not None:
+        check.verify()
+
+
+class _ChecksumMismatch(MogileFSError):
+    """The bytes of the replicas ``read`` do not match the file's checksum; ``unread`` are the others.
+    Not a :class:`StorageError`, which an upload reading them takes for a destination's and sends
+    again to the next."""
 
     def __init__(self, message: str, read: list[str], unread: list[str]) -> None:
-        super().__init__(message, read[0])
+        super().__init__(message)
+        self.url, self.status = read[0], None
         self.read = read
         self.unread = unread
 
 
-def _checked(resumed: ResumedReplica, checksum: str | None, paths: list[str]) -> Iterator[bytes]:
-    """The chunks of ``resumed``; when the tracker keeps the file's MD5 (``checksum``), a
-    :class:`_ChecksumMismatch` if the bytes do not match it, raised after the last chunk: before
-    the file written is put in place, so a replica that rotted on its disk (the same length,
-    other bytes) leaves no file, as a transfer cut short does."""
-    if checksum is None or not checksum.startswith(_MD5):
-        yield from resumed.iter_chunks()
-        return
-    digest, read = hashlib.md5(usedforsecurity=False), [resumed.url]
-    for chunk in resumed.iter_chunks():
-        digest.update(chunk)
-        if resumed.url != read[-1]:  # going on from another replica after a cut
-            read.append(resumed.url)
-        yield chunk
-    if digest.hexdigest() != checksum[len(_MD5):].lower():
-        raise _ChecksumMismatch(f"the content read from {', '.join(read)} does not match its checksum {checksum} "
-                                f"(MD5:{digest.hexdigest()} read)", read, [url for url in paths if url not in read])
+class _ChecksumCheck:
+    """The MD5 of a file's bytes as they are read, in order, against ``checksum``, the tracker's:
+    a replica that rotted on its disk (the same length, other bytes) raises a :class:`_ChecksumMismatch`
+    before what was read is put in place (a file written, a copy stored), as a transfer cut short does."""
+
+    def __init__(self, checksum: str, paths: list[str]) -> None:
+        self._checksum = checksum
+        self._paths = paths
+        self._digest = hashlib.md5(usedforsecurity=False)
+        self._read: list[str] = []  # the replicas the bytes came from, in order
+
+    @classmethod
+    def of(cls, checksum: str | None, paths: list[str]) -> _ChecksumCheck | None:
+        """The check of a file of ``checksum`` at ``paths``; ``None`` if the tracker keeps no MD5 of it."""
+        return cls(checksum, paths) if checksum is not None and checksum.startswith(_MD5) else None
+
+    def restart(self) -> None:
+        """Forget the bytes added: the file is read again from its start."""
+        self._digest, self._read = hashlib.md5(usedforsecurity=False), []
+
+    def add(self, data: bytes | memoryview, url: str) -> None:
+        """``data``, the next bytes of the file, read from the replica at ``url``."""
+        self._digest.update(data)
+        if not self._read or self._read[-1] != url:
+            self._read.append(url)
+
+    def verify(self) -> None:
+        """Raise the :class:`_ChecksumMismatch` naming the replicas read if the bytes added do not match."""
+        read = self._digest.hexdigest()
+        if read != self._checksum[len(_MD5):].lower():
+            raise _ChecksumMismatch(f"the content read from {', '.join(self._read)} does not match its checksum "
+                                    f"{self._checksum} (MD5:{read} read)", self._read,
+                                    [url for url in self._paths if url not in self._read])
 
 
 #: How mogilefsd writes an MD5 checksum (``file_info``): ``MD5:`` and 32 hexadecimal digits.
@@ -924,12 +968,41 @@ def _add_cp_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _cp(args: argparse.Namespace, client: Client) -> int:
     """Stream FROM's content into TO, which points at it only once the whole copy is stored."""
-    paths, info = client.current_version(args.key)
-    # Read as get reads: a replica of the tracker's length, resumed from the next when cut midway,
-    # and rewound when a destination node drops the copy.
-    with SeekableBody(paths, length=info.length, timeout=client.storage_timeout) as source:
-        _store(Uploader(client), args.to, source, args.cls or info.cls)  # type: ignore[arg-type]
+    def copy(rotted: list[str]) -> None:
+        paths, info = _replicas(client, args.key, rotted)
+        # Read as get reads: a replica of the tracker's length, resumed from the next when cut
+        # midway, checked against the tracker's MD5, and rewound when a destination node drops the copy.
+        with _CheckedBody(paths, length=info.length, timeout=client.storage_timeout,
+                          check=_ChecksumCheck.of(info.checksum, paths)) as source:
+            _store(Uploader(client), args.to, source, args.cls or info.cls)  # type: ignore[arg-type]
+
+    _past_rotted_replicas(args.key, copy)
     return 0
+
+
+class _CheckedBody(SeekableBody):
+    """A :class:`~mogile_middleware.storage.SeekableBody` whose bytes, read in order from the
+    start (again after a rewind), go to ``check``: its last read raises instead of giving the
+    last bytes when they do not match, so an upload reading it stores nothing."""
+
+    def __init__(self, urls: list[str], *, length: int, timeout: float, check: _ChecksumCheck | None) -> None:
+        super().__init__(urls, length=length, timeout=timeout)
+        self._check = check
+        self._checked = 0  # the bytes the check has, from the start
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        at = self.tell()
+        count = super().readinto(buffer)
+        if self._check is not None and count:
+            if at == 0:  # rewound, or the first read
+                self._check.restart()
+                self._checked = 0
+            if at == self._checked:
+                self._check.add(memoryview(buffer)[:count], self.url)  # type: ignore[arg-type]
+                self._checked += count
+                if self._checked == self.length:
+                    self._check.verify()
+        return count
 
 
 def _add_mv_arguments(parser: argparse.ArgumentParser) -> None:

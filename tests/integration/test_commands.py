@@ -33,7 +33,7 @@ from integration._wire_client import LineClient, upload
 from webob import Request
 from wiretools import TEN, KeptAliveNode, ScriptedTracker, files_tracker, honest
 
-from mogile_middleware import Admin, Client
+from mogile_middleware import Admin, Client, MogileFSError
 from mogile_middleware import upload as upload_module
 from mogile_middleware.cache import entry_key
 from mogile_middleware.cli.signals import InterruptibleReader
@@ -1656,7 +1656,18 @@ def test_get_reads_past_a_replica_whose_bytes_differ_from_the_checksum_and_refus
         said.add(got.err)
     assert said == {"", f"mogile-middleware: 'rotted': the content read from {replicas[0]} does not match its "
                         f"checksum MD5:{sums[0]} (MD5:{sums[1]} read): read again from another replica\n"}
+    said = set()
+    for number in range(20):  # and so for cp, whose upload would have stored the rotted bytes with their MD5
+        copied = cli("cp", "rotted", f"copy{number}")
+        assert (copied.code, client.get_file_data(f"copy{number}")) == (0, body)
+        said.add(copied.err)
+    assert said == {"", f"mogile-middleware: 'rotted': the content read from {replicas[0]} does not match its "
+                        f"checksum MD5:{sums[0]} (MD5:{sums[1]} read): read again from another replica\n"}
+    client.store_content("copy0", b"before", cls="summed")
     rot(replicas[1])
+    refused = cli("cp", "rotted", "copy0")
+    assert refused.code == 1 and refused.err.count("does not match its checksum") == 2
+    assert client.get_file_data("copy0") == b"before"
     (tmp_path / "got").write_bytes(b"before")
     (tmp_path / "tree").mkdir()
     refused = cli("get", "rotted", "-o", str(tmp_path / "got"))
@@ -1665,8 +1676,33 @@ def test_get_reads_past_a_replica_whose_bytes_differ_from_the_checksum_and_refus
     assert cli("get", "rotted").code == 1  # to stdout: written, and said
     listed = cli("get", "", "-r", "-o", str(tmp_path / "tree"))
     assert listed.code == 1 and "'rotted': the content read from" in listed.err
-    assert sorted(path.name for path in (tmp_path / "tree").iterdir()) == ["sound"]
+    written = sorted(path.name for path in (tmp_path / "tree").iterdir())
+    assert written == sorted([*(f"copy{number}" for number in range(20)), "sound"])
     assert (tmp_path / "tree" / "sound").read_bytes() == body and not list(tmp_path.glob("**/.*.part"))
+
+
+def test_cp_checks_a_copy_sent_again_from_the_start_as_a_whole(devmogile: DevMogileFS) -> None:
+    """A destination node that drops the copy has it sent again to the next, read again from the
+    start: the check must start again with it, or every such copy is refused."""
+    client = Client(DOMAIN, devmogile.trackers)
+    Admin(devmogile.trackers).create_class(DOMAIN, "summed", 1, hashtype="MD5")
+    body = bytes(range(256)) * 400
+    client.store_content("sound", body, cls="summed")
+    paths, info = client.current_version("sound")
+    with commands._CheckedBody(paths, length=len(body), timeout=5,
+                                check=commands._ChecksumCheck.of(info.checksum, paths)) as source:
+        first = source.read(70000)  # one piece, and the first destination dropped it
+        assert first and body.startswith(first) and len(first) < len(body)
+        source.seek(0)
+        assert source.read() == body
+    node = next(node for node in devmogile.nodes if paths[0].startswith(node.url))
+    (node.docroot / paths[0].split("/", 3)[3]).write_bytes(body[:-1] + b"X")
+    with commands._CheckedBody(paths, length=len(body), timeout=5,
+                                check=commands._ChecksumCheck.of(info.checksum, paths)) as source:
+        assert body.startswith(source.read(70000))
+        source.seek(0)
+        with pytest.raises(MogileFSError, match="does not match its checksum"):
+            source.read()
 
 
 def test_upload_recursive_names_each_file_it_cannot_read_and_stores_nothing(devmogile: DevMogileFS) -> None:
