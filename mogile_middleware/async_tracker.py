@@ -16,9 +16,10 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +106,34 @@ class _LoopConnections:
     #: Whether :meth:`AsyncTrackerPool.aclose` closed them, and no request began since: the requests
     #: it left in flight (a server's shutdown cancels them after the lifespan's) keep no connection.
     closed: bool = False
+    #: :func:`_closed_at_shutdown` of these, held for the loop's life.
+    ending: AsyncGenerator[None, None] | None = None
+
+    def close(self) -> None:
+        """Close the idle connections and those of requests given up."""
+        self.idle.close()
+        given_up, self.given_up = self.given_up, {}
+        for connection, hearing in given_up.values():
+            hearing.cancel()
+            connection.close()
+
+    def close_at_shutdown(self) -> None:
+        """Have the running loop's shutdown close these (see :func:`_closed_at_shutdown`)."""
+        self.ending = _closed_at_shutdown(self)
+        with contextlib.suppress(StopIteration):  # run to its yield: nothing there awaits
+            self.ending.asend(None).send(None)
+
+
+async def _closed_at_shutdown(connections: _LoopConnections) -> AsyncGenerator[None, None]:
+    """Suspended for the life of the loop that started it, an async generator: the loop's
+    shutdown (``shutdown_asyncgens``, which ``asyncio.run``, uvloop's, anyio's and test runners'
+    call before closing it) closes ``connections``, while the loop still can. Left open, each
+    was left to the collector, with a ResourceWarning for its transport and its socket."""
+    try:
+        yield
+    finally:
+        connections.close()
+        await asyncio.sleep(0)  # the transports' closing, scheduled by close(), runs before the loop ends
 
 
 class AsyncTrackerPool(TrackerPoolBase):
@@ -141,10 +170,9 @@ class AsyncTrackerPool(TrackerPoolBase):
             self._loops = {other: kept for other, kept in self._loops.items() if not other.is_closed()}
             connections = self._loops[loop] = _LoopConnections(asyncio.Semaphore(self.max_connections),
                                                                IdleTrackerConnections(self._clock))
-        for kept in closed:  # ended now, not when the collector frees them
-            kept.idle.close()
-            for given, _ in kept.given_up.values():
-                given.close()
+        connections.close_at_shutdown()
+        for kept in closed:  # a loop closed without its shutdown: ended now, not when the collector frees them
+            kept.close()
         return connections
 
     def _drop_idle(self, address: Address) -> None:
@@ -240,8 +268,4 @@ class AsyncTrackerPool(TrackerPoolBase):
         use are closed as their requests end, until another request begins."""
         connections = self._connections()
         connections.closed = True
-        connections.idle.close()
-        given_up, connections.given_up = connections.given_up, {}
-        for connection, hearing in given_up.values():
-            hearing.cancel()
-            connection.close()
+        connections.close()

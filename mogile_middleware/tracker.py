@@ -24,6 +24,7 @@ import re
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterable, Mapping
 from typing import Any, NamedTuple, Protocol, TypeVar, Union
 
@@ -565,6 +566,9 @@ class TrackerPool(TrackerPoolBase):
         super()._reset()
         self._pid = os.getpid()
         self._idle: IdleTrackerConnections[TrackerConnection] = IdleTrackerConnections(self._clock)
+        # A pool dropped unclosed (with its middleware, an application made per test) closes its
+        # idle connections as it goes: left to the collector, each warned of an unclosed socket.
+        weakref.finalize(self, self._idle.close)
 
     def renew_after_fork(self) -> None:
         # Sockets inherited through fork() are shared with the parent: forget them, never use them.

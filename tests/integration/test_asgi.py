@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import os
 import socket
 import threading
 import time
+import warnings
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import anyio
 import pytest
+import uvloop
 from conftest import DOMAIN
 from integration._gunicorn import run_uvicorn
 from integration._slow_clients import node_connections, read_first_bytes, slow_downloads, storage_port, thread_count
@@ -78,6 +82,35 @@ def http_scope(path: str, method: str = "GET") -> dict[str, Any]:
     """The scope of a request for ``path`` (percent-encoded), as uvicorn makes it."""
     return {"type": "http", "method": method, "path": unquote(path), "raw_path": path.encode(), "query_string": b"",
             "headers": [], "client": ("10.0.0.9", 5000), "root_path": ""}
+
+
+@pytest.mark.parametrize("runner", ["asyncio", "uvloop", "anyio"])
+def test_a_loop_ended_as_runners_end_one_closes_its_tracker_connections_with_it(devmogile: DevMogileFS,
+                                                                                runner: str) -> None:
+    """A loop per test or per request (pytest-asyncio, Starlette's TestClient outside ``with``, one
+    ``asyncio.run`` after another) left its tracker connection to the collector, which warned of an
+    unclosed transport and socket: a suite with ``filterwarnings = error`` failed on them."""
+    middleware = MogileFSMiddleware(Recorder(), domain=DOMAIN, trackers=devmogile.trackers)
+    tracker_port = int(devmogile.trackers[0].rpartition(":")[2])
+
+    async def get(app: MogileFSMiddleware, path: str) -> int:
+        sent: list[dict[str, Any]] = []
+        await app(http_scope(path), get_receive(), _append_to(sent))
+        return sent[0]["status"]
+
+    run = {"asyncio": asyncio.run, "uvloop": uvloop.run, "anyio": lambda coroutine: anyio.run(lambda: coroutine)}[runner]
+    gc.disable()  # what the collector would close is not closed by it here
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            for number in range(5):  # a key not found: the tracker is asked each time
+                assert run(get(middleware, f"/mogilefs/missing{number}")) == 404
+                assert node_connections(tracker_port, os.getpid()) == 0
+            del middleware
+            gc.collect()
+    finally:
+        gc.enable()
+    assert [str(warning.message)[:40] for warning in caught if warning.category is ResourceWarning] == []
 
 
 @pytest.fixture
