@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mimetypes
 import re
+import unicodedata
 from collections.abc import Mapping
 from urllib.parse import quote
 
@@ -40,13 +41,21 @@ _AGREED_TYPES = {
 #: Types a browser runs script in when it opens them as a page.
 _DOCUMENT_TYPES = frozenset({"text/html", "application/xhtml+xml", "image/svg+xml", "text/xml", "application/xml",
                              "text/xsl"})
-#: Types a browser runs as a script from ``<script src>``.
-_SCRIPT_TYPES = frozenset({"application/javascript", "text/javascript", "application/ecmascript",
-                           "application/x-javascript", "text/ecmascript"})
+#: Types a browser runs as a script from ``<script src>``, whatever ``nosniff`` says: every
+#: "JavaScript MIME type essence" of the WHATWG MIME Sniffing standard (a site's ``mimetypes`` may
+#: name any of them).
+_SCRIPT_TYPES = frozenset({
+    "application/ecmascript", "application/javascript", "application/x-ecmascript", "application/x-javascript",
+    "text/ecmascript", "text/javascript", "text/javascript1.0", "text/javascript1.1", "text/javascript1.2",
+    "text/javascript1.3", "text/javascript1.4", "text/javascript1.5", "text/jscript", "text/livescript",
+    "text/x-ecmascript", "text/x-javascript"})
 #: Text types outside ``text/*`` that get a charset.
 _TEXT_TYPES = frozenset({"application/javascript", "application/json", "application/xml", "application/ld+json",
                          "application/manifest+json"})
 
+#: The Unicode categories of characters a file name never shows: controls, formats (bidirectional
+#: overrides, zero-width characters) and line and paragraph separators.
+_UNSHOWN = frozenset({"Cc", "Cf", "Zl", "Zp"})
 #: A type and subtype (RFC 9110 tokens), without parameters.
 _MEDIA_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 DEFAULT = "application/octet-stream"
@@ -117,8 +126,10 @@ class ContentPolicy:
 
 def content_disposition(disposition: str, key: str) -> str:
     """``Content-Disposition`` naming the key's last segment (RFC 6266): an ASCII ``filename`` for
-    old clients and the exact name as UTF-8 in ``filename*`` (RFC 8187)."""
-    name = key.rpartition("/")[2] or "download"
+    old clients and the exact name as UTF-8 in ``filename*`` (RFC 8187), without the characters no
+    file name shows (controls, line breaks, the bidirectional overrides that make ``x\u202egnp.exe``
+    read as ``xexe.png``), which a view's ``filename`` may hold."""
+    name = "".join(char for char in key.rpartition("/")[2] if unicodedata.category(char) not in _UNSHOWN) or "download"
     fallback = "".join(c if " " <= c <= "~" and c not in '"\\%' else "_" for c in name)
     value = f'{disposition}; filename="{fallback}"'
     if fallback != name:

@@ -78,6 +78,14 @@ def test_site_types_come_first_longest_ending_first() -> None:
     assert policy.media_type("A.AVIF") == "image/x-avif"
 
 
+@pytest.mark.parametrize("media_type", ["text/x-javascript", "application/x-ecmascript", "text/jscript",
+                                        "text/livescript", "text/javascript1.5", "text/x-ecmascript"])
+def test_every_type_a_browser_runs_as_a_script_is_sent_as_text(media_type: str) -> None:
+    """Browsers run each of the standard's JavaScript types from ``<script src>``, ``nosniff`` or not."""
+    assert dict(ContentPolicy(mimetypes={".run": media_type}).headers("a.run"))["Content-Type"] == \
+        "text/plain; charset=utf-8"
+
+
 def test_a_site_type_written_in_capitals_gets_the_sandbox_of_its_type() -> None:
     policy = ContentPolicy(mimetypes={".page": "TEXT/HTML", ".run": "Application/JavaScript"})
     assert dict(policy.headers("a.page")) == {"Content-Type": "text/html; charset=utf-8",
@@ -99,6 +107,9 @@ def test_bad_site_types_are_refused(mapping: dict[str, str]) -> None:
     pytest.param('a"b\\c%d.txt', "attachment; filename=\"a_b_c_d.txt\"; filename*=UTF-8''a%22b%5Cc%25d.txt",
                  id="quotes-and-percent"),
     pytest.param("dir/", 'attachment; filename="download"', id="no-name"),
+    pytest.param('report\r\nX-Header: y\u2028.pdf', "attachment; filename=\"reportX-Header: y.pdf\"", id="line-breaks"),
+    pytest.param("invoice\u202egnp.exe", "attachment; filename=\"invoicegnp.exe\"", id="bidirectional-override"),
+    pytest.param("\x07\u200b", 'attachment; filename="download"', id="nothing-shown"),
 ])
 def test_content_disposition_names_the_file_for_every_client(key: str, expected: str) -> None:
     assert content_disposition("attachment", key) == expected
