@@ -639,7 +639,7 @@ class _ChecksumMismatch(MogileFSError):
 
     def __init__(self, message: str, read: list[str], unread: list[str]) -> None:
         super().__init__(message)
-        self.url, self.status = read[0], None
+        self.url, self.status = read[0] if read else "", None
         self.read = read
         self.unread = unread
 
