@@ -582,20 +582,25 @@ def _fetch_into(client: Client, key: str, target: Path, *, make_directory: bool 
 
 
 def _past_rotted_replicas(key: str, attempt: Callable[[list[str]], None]) -> None:
-    """``attempt(rotted)``, again while it finds the bytes of a replica not to match the file's
-    checksum (:class:`_ChecksumMismatch`) and others are left: each such replica is named on
-    stderr and added to ``rotted``, which the next attempt does not ask."""
+    """``attempt(passing_over)``, again while the bytes it read do not match the file's checksum
+    (:class:`_ChecksumMismatch`, named on stderr) and a replica is left that may hold them: one
+    whose own bytes differ is passed over from then on; when a transfer cut midway had gone on
+    from another, the bytes came from several and any of them may differ, so once no replica is
+    left that no attempt read, each of those is read again on its own."""
     rotted: list[str] = []
+    suspects: list[str] = []  # read with another when the bytes differed: each to be read alone
     while True:
         try:
-            attempt(rotted)
+            attempt(rotted + suspects)
             return
         except _ChecksumMismatch as error:
-            if not error.unread:
-                raise
+            (suspects if len(error.read) > 1 else rotted).extend(error.read)
+            if not error.unread:  # every replica left has been read
+                if not suspects:
+                    raise
+                suspects.pop(0)  # the next attempt reads it alone: every other is passed over
             print(f"mogile-middleware: {quoted(key)}: {printable(str(error))}: read again from another replica",
                   file=sys.stderr)
-            rotted += error.read
 
 
 def _replicas(client: Client, key: str, passing_over: Sequence[str]) -> tuple[list[str], FileInfo]:

@@ -1681,6 +1681,32 @@ def test_get_reads_past_a_replica_whose_bytes_differ_from_the_checksum_and_refus
     assert (tmp_path / "tree" / "sound").read_bytes() == body and not list(tmp_path.glob("**/.*.part"))
 
 
+@pytest.mark.parametrize("rotted_at", [10, 900_000], ids=["before-the-cut", "after-the-cut"])
+def test_get_reads_each_replica_alone_when_bytes_that_differ_came_from_two(
+        cli: Run, devmogile: DevMogileFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rotted_at: int) -> None:
+    """A transfer cut midway goes on from the other replica: with one of them rotted, the file
+    read from both differed, no replica was left unread, and the sound one was never read whole."""
+    client = Client(DOMAIN, devmogile.trackers)
+    Admin(devmogile.trackers).create_class(DOMAIN, "summed", 2, hashtype="MD5")
+    body = random.Random(3).randbytes(1_000_000)
+    client.store_content("cut", body, cls="summed")
+    url = client.get_paths("cut")[0]
+    node = next(node for node in devmogile.nodes if url.startswith(node.url))
+    (node.docroot / url.split("/", 3)[3]).write_bytes(body[:rotted_at] + b"X" + body[rotted_at + 1:])
+    cuts = [1]
+
+    def cut_once(replica: ReplicaResponse) -> None:
+        if cuts:
+            cuts.pop()
+            raise StorageError("connection reset midway", replica.url)
+
+    interrupt_after_the_first_piece(monkeypatch, cut_once)
+    for _ in range(4):  # whichever replica is read first, and cut
+        cuts[:] = [1]
+        got = cli("get", "cut", "-o", str(tmp_path / "got"))
+        assert (got.code, (tmp_path / "got").read_bytes()) == (0, body), got.err
+
+
 def test_cp_checks_a_copy_sent_again_from_the_start_as_a_whole(devmogile: DevMogileFS) -> None:
     """A destination node that drops the copy has it sent again to the next, read again from the
     start: the check must start again with it, or every such copy is refused."""
