@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 from collections.abc import AsyncGenerator, Mapping
@@ -108,9 +109,15 @@ class _LoopConnections:
     closed: bool = False
     #: :func:`_closed_at_shutdown` of these, held for the loop's life.
     ending: AsyncGenerator[None, None] | None = None
+    #: The process that made them: a child forked while the loop ran has its copy of the loop.
+    made_in: int = field(default_factory=os.getpid)
 
     def close(self) -> None:
-        """Close the idle connections and those of requests given up."""
+        """Close the idle connections and those of requests given up; in a child forked since,
+        none: closing there would take their sockets out of the epoll instance it shares with the
+        parent, which still uses them (they are forgotten)."""
+        if os.getpid() != self.made_in:
+            return
         self.idle.close()
         given_up, self.given_up = self.given_up, {}
         for connection, hearing in given_up.values():

@@ -69,7 +69,7 @@ class IdlePool(Generic[C]):
             # and a lock made before monkey-patching (gunicorn --preload) is the thread's, so one
             # of them taking it meanwhile would stop the whole worker.
             with self._lock:
-                self._forget_parents()
+                self.forget_parents()
                 idle = self._idle.get(node)
                 if not idle:
                     return None
@@ -82,7 +82,7 @@ class IdlePool(Generic[C]):
         """Keep ``connection`` (idle, its last response read to the end) for the next request to ``node``."""
         now = self._clock()
         with self._lock:
-            self._forget_parents()
+            self.forget_parents()
             idle = self._idle.setdefault(node, [])
             idle.append((now, connection))
             dropped = self._unused(idle, now)
@@ -119,9 +119,10 @@ class IdlePool(Generic[C]):
             for _, connection in connections:
                 self.discard(connection)
 
-    def _forget_parents(self) -> None:
-        # In a forked child the parent's connections are shared sockets: never used, and closed
-        # here only in this process (the parent's stay open).
+    def forget_parents(self) -> None:
+        """In a forked child, close its copies of the parent's connections, shared sockets never
+        used here (the parent's stay open). Without the lock, which another thread of the parent
+        may have held at the fork: in an at-fork hook no other thread runs."""
         if self._pid != os.getpid():
             self._pid = os.getpid()
             for connections in self._idle.values():

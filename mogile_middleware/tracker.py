@@ -568,16 +568,19 @@ class TrackerPool(TrackerPoolBase):
         self._idle: IdleTrackerConnections[TrackerConnection] = IdleTrackerConnections(self._clock)
         # A pool dropped unclosed (with its middleware, an application made per test) closes its
         # idle connections as it goes: left to the collector, each warned of an unclosed socket.
-        weakref.finalize(self, self._idle.close)
+        self._closing = weakref.finalize(self, self._idle.close)
 
     def renew_after_fork(self) -> None:
-        # Sockets inherited through fork() are shared with the parent: forget them, never use them.
+        # Sockets inherited through fork() are shared with the parent: never used, and this
+        # process's copies closed (the closer of the parent's kept them for the child's life).
+        self._closing.detach()
+        self._idle.forget_parents()
         self._reset()
 
     def _check_fork(self) -> None:
         # A fork that ran no at-fork hook (uWSGI's, by default) is seen at the first request.
         if os.getpid() != self._pid:
-            self._reset()
+            self.renew_after_fork()
 
     def _drop_idle(self, address: Address) -> None:
         self._idle.drop(address)

@@ -78,6 +78,28 @@ def test_the_connections_of_closed_event_loops_are_ended(devmogile: DevMogileFS,
         gc.enable()
 
 
+def test_a_child_forked_in_a_running_loop_leaves_the_parents_connections_alone(relay: CountingRelay) -> None:
+    """The child's copy of the loop ends as the parent's would: closing its connections there took
+    their sockets out of the epoll instance both share, and the parent's next call waited for a
+    reply it could no longer hear (``io_timeout``), then marked the tracker dead."""
+    client = AsyncClient(DOMAIN, [relay.tracker])
+
+    async def main() -> str | float:
+        assert await client.get_paths("hot")
+        child = os.fork()
+        if child == 0:
+            return "child"  # its asyncio.run ends its copy of the loop
+        os.waitpid(child, 0)
+        started = time.monotonic()
+        assert await asyncio.wait_for(client.get_paths("hot"), 3)
+        return time.monotonic() - started
+
+    answered = asyncio.run(main())
+    if answered == "child":
+        os._exit(0)
+    assert answered < 1 and relay.connections == 1  # the parent's, still its own
+
+
 def test_each_event_loop_has_its_own_connections(relay: CountingRelay) -> None:
     client = AsyncClient(DOMAIN, [relay.tracker])
     other = LoopThread()

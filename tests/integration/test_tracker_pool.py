@@ -15,6 +15,7 @@ from collections.abc import Callable
 import pytest
 from conftest import DOMAIN
 from integration._async_facade import Flavour, both_flavours, flavour  # noqa: F401 (a fixture)
+from integration._slow_clients import node_connections
 from forks import exit_code, fork_without_hooks
 from wiretools import ScriptedTracker, ok
 
@@ -706,9 +707,10 @@ def test_a_forked_child_opens_its_own_connection(tracker: ScriptedTracker, fork:
     if pid == 0:  # child: must not touch the parent's socket
         try:
             pool.request("noop")
+            # Its copy of the parent's socket closed (a pool's closer kept it for the child's life).
+            os._exit(0 if node_connections(int(tracker.tracker.rpartition(":")[2]), os.getpid()) == 1 else 2)
         except BaseException:
             os._exit(1)
-        os._exit(0)
     assert exit_code(pid) == 0
     pool.request("noop")
     assert tracker.connections == 2  # the parent's one, kept, and the child's own
