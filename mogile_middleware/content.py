@@ -53,9 +53,11 @@ _SCRIPT_TYPES = frozenset({
 _TEXT_TYPES = frozenset({"application/javascript", "application/json", "application/xml", "application/ld+json",
                          "application/manifest+json"})
 
-#: The Unicode categories of characters a file name never shows: controls, formats (bidirectional
-#: overrides, zero-width characters) and line and paragraph separators.
-_UNSHOWN = frozenset({"Cc", "Cf", "Zl", "Zp"})
+#: The Unicode categories of characters no file name holds: controls, line and paragraph separators.
+_BREAKS = frozenset({"Cc", "Zl", "Zp"})
+#: The characters that reorder or mark the direction of what follows them (Unicode's bidirectional
+#: formatting characters): a name holding them shows another order than its own.
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 #: A type and subtype (RFC 9110 tokens), without parameters.
 _MEDIA_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 DEFAULT = "application/octet-stream"
@@ -126,10 +128,11 @@ class ContentPolicy:
 
 def content_disposition(disposition: str, key: str) -> str:
     """``Content-Disposition`` naming the key's last segment (RFC 6266): an ASCII ``filename`` for
-    old clients and the exact name as UTF-8 in ``filename*`` (RFC 8187), without the characters no
-    file name shows (controls, line breaks, the bidirectional overrides that make ``x\u202egnp.exe``
-    read as ``xexe.png``), which a view's ``filename`` may hold."""
-    name = "".join(char for char in key.rpartition("/")[2] if unicodedata.category(char) not in _UNSHOWN) or "download"
+    old clients and the exact name as UTF-8 in ``filename*`` (RFC 8187), without the controls and
+    line breaks a view's ``filename`` may hold, nor the bidirectional controls that make
+    ``x\u202egnp.exe`` read as ``xexe.png`` (the joiners of Persian words and of emoji stay)."""
+    name = "".join(char for char in key.rpartition("/")[2]
+                   if char not in _BIDI_CONTROLS and unicodedata.category(char) not in _BREAKS) or "download"
     fallback = "".join(c if " " <= c <= "~" and c not in '"\\%' else "_" for c in name)
     value = f'{disposition}; filename="{fallback}"'
     if fallback != name:

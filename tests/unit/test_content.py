@@ -109,7 +109,9 @@ def test_bad_site_types_are_refused(mapping: dict[str, str]) -> None:
     pytest.param("dir/", 'attachment; filename="download"', id="no-name"),
     pytest.param('report\r\nX-Header: y\u2028.pdf', "attachment; filename=\"reportX-Header: y.pdf\"", id="line-breaks"),
     pytest.param("invoice\u202egnp.exe", "attachment; filename=\"invoicegnp.exe\"", id="bidirectional-override"),
-    pytest.param("\x07\u200b", 'attachment; filename="download"', id="nothing-shown"),
+    pytest.param("\x07\u2066", 'attachment; filename="download"', id="nothing-shown"),
+    pytest.param("می\u200cخواهم.txt", "attachment; filename=\"________.txt\"; "
+                 "filename*=UTF-8''%D9%85%DB%8C%E2%80%8C%D8%AE%D9%88%D8%A7%D9%87%D9%85.txt", id="joiner-kept"),
 ])
 def test_content_disposition_names_the_file_for_every_client(key: str, expected: str) -> None:
     assert content_disposition("attachment", key) == expected
