@@ -64,8 +64,9 @@ class CacheBackend(Protocol):
     """Where cached values live: in process (:class:`MemoryCache`) or shared (e.g. memcached)."""
 
     def get(self, key: str) -> tuple[Any, ...] | None:
-        """``(value, stored_at, ...)`` (wall-clock seconds) for ``key``, or None if not kept: a
-        tuple whose first two items are these (a backend may keep more beside them)."""
+        """``(value, stored_at, ...)`` for ``key`` (``stored_at`` on the path cache's clock: wall
+        time for a shared backend), or None if not kept: a tuple whose first two items are these (a
+        backend may keep more beside them)."""
 
     def set(self, key: str, value: Any, stored_at: float, keep_seconds: float) -> None:
         """Keep ``value`` for ``key`` at most ``keep_seconds``."""
@@ -96,7 +97,7 @@ class MemoryCache:
     for since.
     """
 
-    def __init__(self, max_entries: int = 10_000, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
         if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
             raise ValueError(f"max_entries must be a whole number >= 1, not {max_entries!r}")
         self._max_entries = max_entries
@@ -186,18 +187,26 @@ class PathCache(Generic[V]):
     lookup can doubt an answer that contradicts it. Its value is served ``ttl_seconds``
     (0: never stored), or ``ttl_for(value)`` when given, and ``stale_seconds`` more while every
     tracker is unavailable. A request waits ``wait_seconds`` at most for another thread's lookup
-    of the same key. ``clock`` is wall time because a shared backend compares ``stored_at``
-    across hosts. ``on_change(key)`` is told of each change of a key the cache learns of: its
+    of the same key. ``clock`` (by default) is wall time for a shared backend, which compares
+    ``stored_at`` across hosts, and monotonic time for an in-process one, whose entries a step of
+    the wall clock (NTP) would age by an hour, or make younger, at once (an hour without serving
+    them stale). ``on_change(key)`` is told of each change of a key the cache learns of: its
     :meth:`invalidate`, or the mark another process left in a shared backend in its place.
     """
 
     def __init__(self, lookup: Callable[[str, V | None], V], *, backend: CacheBackend | None = None,
                  ttl_seconds: float = 60.0, stale_seconds: float = 300.0, max_entries: int = 10_000,
-                 clock: Callable[[], float] = time.time, wait_seconds: float = 10.0,
+                 clock: Callable[[], float] | None = None, wait_seconds: float = 10.0,
                  ttl_for: Callable[[V], float] | None = None, on_change: Callable[[str], None] | None = None) -> None:
         self._lookup = lookup
         self._on_change = on_change
-        self._backend: CacheBackend = backend if backend is not None else MemoryCache(max_entries, clock)
+        self._backend: CacheBackend = backend if backend is not None else \
+            MemoryCache(max_entries, clock or time.monotonic)
+        # The warnings' intervals are the clock's given (tests pass a fake one), else monotonic:
+        # wall time stepped back an hour silenced them for the hour.
+        interval_clock = clock or time.monotonic
+        if clock is None:
+            clock = time.monotonic if isinstance(self._backend, MemoryCache) else time.time
         if isinstance(self._backend, MemoryCache):
             with _IN_PROCESS_LOCK:
                 _IN_PROCESS.add(self._backend)
@@ -210,9 +219,9 @@ class PathCache(Generic[V]):
         self._lock = threading.Lock()
         self._flights: dict[str, _Flight] = {}
         self._stale_log = ThrottledLog(log, logging.WARNING, "serving stale paths for %r: %r", STALE_WARNING_INTERVAL,
-                                       "requests", clock=clock)
+                                       "requests", clock=interval_clock)
         self._backend_log = ThrottledLog(log, logging.WARNING, "path cache backend failed, asking the trackers "
-                                         "instead: %r", BACKEND_WARNING_INTERVAL, "failures", clock=clock)
+                                         "instead: %r", BACKEND_WARNING_INTERVAL, "failures", clock=interval_clock)
         self.lookups = 0
         renew_in_child(self)
 

@@ -63,6 +63,9 @@ MAX_EXPIRE_SECONDS = 30 * 24 * 3600
 #: An entry stored further ahead of this host's clock than this (a day) is invalid: it would stay
 #: fresh for ever.
 MAX_CLOCK_AHEAD_SECONDS = 24 * 3600
+#: An entry stored further ahead of this host's clock than this is logged: hosts whose clocks NTP
+#: keeps agree within milliseconds, and a skew stretches or ends the freshness of every entry.
+CLOCKS_APART_SECONDS = 1.0
 
 #: How long the mark of a changed key stays: longer than a lookup takes (the trackers' connect
 #: and I/O timeouts), so that no lookup begun before the change can store what it found.
@@ -119,6 +122,9 @@ class MemcachedBackend:
         # Sites signing with different secrets over one memcached find each other's entries on every read.
         self._invalid_log = ThrottledLog(log, logging.WARNING, "ignoring an invalid memcached entry for %r: %r",
                                          INVALID_WARNING_INTERVAL, "invalid entries")
+        self._ahead_log = ThrottledLog(log, logging.WARNING, "the memcached entry for %r was stored %.1f s ahead of "
+                                       "this host's clock: the clocks of the hosts sharing memcached differ (see the "
+                                       "README on clocks)", INVALID_WARNING_INTERVAL, "entries stored ahead")
 
     def get(self, key: str) -> tuple[Location | None, float] | None:
         """``(location, stored_at)`` for ``key``, or None if memcached holds no valid entry for it
@@ -198,8 +204,11 @@ class MemcachedBackend:
             raise InvalidEntry(f"not an entry of this format: {error!r}") from None
         if version != FORMAT or stored_for != key or stored_at is None:
             raise InvalidEntry("another format, or stored for another key")
-        if not (math.isfinite(stored_at) and stored_at < time.time() + MAX_CLOCK_AHEAD_SECONDS):
+        ahead = stored_at - time.time()
+        if not (math.isfinite(stored_at) and ahead < MAX_CLOCK_AHEAD_SECONDS):
             raise InvalidEntry(f"stored at an impossible time: {stored_at!r}")  # it would never grow old
+        if ahead > CLOCKS_APART_SECONDS:
+            self._ahead_log.event(key, ahead)
         if located == _CHANGED:
             return _CHANGED, stored_at
         return (None if located is None else _location(located)), stored_at

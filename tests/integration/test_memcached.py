@@ -460,6 +460,19 @@ def test_invalid_entries_are_logged_a_line_at_a_time(shared_memcached: Memcached
     assert lines[1].endswith("(4 more invalid entries since the last line like this)")
 
 
+def test_an_entry_stored_ahead_of_this_hosts_clock_is_logged(backend: MemcachedBackend,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Hosts whose clocks differ by more than ``path_cache_seconds`` miss on each other's every
+    entry, each lookup storing over the other's (twice the tracker calls of no memcached), and
+    nothing said so."""
+    backend.set("ahead", LOCATION, time.time() + 30, 60)  # a host 30 s ahead
+    backend.set("same", LOCATION, time.time() + 0.01, 60)  # one NTP keeps with this host's
+    assert backend.get("ahead") is not None and backend.get("same") is not None
+    lines = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(lines) == 1 and lines[0].startswith("the memcached entry for 'ahead' was stored ")
+    assert " s ahead of this host's clock: the clocks of the hosts sharing memcached differ" in lines[0]
+
+
 def test_a_secret_signs_every_entry(shared_memcached: MemcachedServer) -> None:
     signed = MemcachedBackend(shared_memcached.address, secret="s3cret")
     unsigned = MemcachedBackend(shared_memcached.address)

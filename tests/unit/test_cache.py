@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -324,6 +327,44 @@ def test_stale_paths_are_warned_of_once_per_interval_counting_those_left_out(
     assert len(warnings_in(caplog)) == 2
     assert "'b'" in warnings_in(caplog)[1]
     assert warnings_in(caplog)[1].endswith("(5 more requests since the last line like this)")
+
+
+STEPPED_CLOCK = """
+import json, logging, time
+real, offset = time.time, [0.0]
+time.time = lambda: real() + offset[0]  # the wall clock, as NTP steps it
+from mogile_middleware import cache
+from mogile_middleware.exceptions import TrackerUnavailableError
+cache.STALE_WARNING_INTERVAL = 0.2
+lines = []
+logging.getLogger("mogile_middleware").addHandler(logging.Handler())
+logging.getLogger("mogile_middleware").handlers[0].emit = lambda record: lines.append(record.getMessage())
+answers = iter(["v1"])
+
+def lookup(key, previous):
+    for answer in answers:
+        return answer
+    raise TrackerUnavailableError("no tracker answered")
+
+paths = cache.PathCache(lookup, ttl_seconds=0.2, stale_seconds=300)
+served = [paths.get("k")]
+for step in (0, -3600, 7200):  # as it was, an hour back, an hour ahead
+    offset[0] += step
+    time.sleep(0.3)  # fresh no longer, and the warning's interval past
+    try:
+        served.append(paths.get("k"))
+    except TrackerUnavailableError:
+        served.append(None)
+print(json.dumps([served, len(lines)]))
+"""
+
+
+def test_a_step_of_the_wall_clock_leaves_the_in_process_cache_as_it_was() -> None:
+    """Stepped back an hour, entries were stored ahead of the clock and served no longer while the
+    trackers were down, and the warnings' intervals lasted the hour; stepped forward, the entries
+    had aged an hour at once. Its entries never leave the process: monotonic time reckons them."""
+    done = subprocess.run([sys.executable, "-c", STEPPED_CLOCK], capture_output=True, text=True, timeout=30)
+    assert json.loads(done.stdout) == [["v1", "v1", "v1", "v1"], 3], done.stderr
 
 
 def test_unknown_key_is_not_cached(lookup: Lookup, clock: Clock) -> None:
