@@ -164,11 +164,11 @@ class AsyncClient(ClientBase):
         except (UnknownKeyError, BadKeyError):  # BadKeyError: a prefix no key could equal
             return None
 
-    async def current_version(self, key: str) -> tuple[list[str], FileInfo]:
+    async def current_version(self, key: str, pathcount: int = 2) -> tuple[list[str], FileInfo]:
         """As :meth:`Client.current_version <mogile_middleware.client.Client.current_version>`."""
-        paths, info = await self.get_paths(key), await self.file_info(key)
+        paths, info = await self.get_paths(key, pathcount=pathcount), await self.file_info(key)
         if not same_version(paths, info):
-            paths, info = await self.get_paths(key), await self.file_info(key)
+            paths, info = await self.get_paths(key, pathcount=pathcount), await self.file_info(key)
         return of_version(key, paths, info), info
 
     async def read_file(self, key: str) -> AsyncReplicaResponse:

@@ -496,12 +496,13 @@ class Client(ClientBase):
         """Store ``data`` (bytes) under ``key``; return the number of bytes stored."""
         return self._uploader.upload(key, content_bytes(key, data), cls)
 
-    def current_version(self, key: str) -> tuple[list[str], FileInfo]:
-        """The replica URLs of ``key`` and its :meth:`file_info`, of the same version: both asked
-        again once when the paths name another fid (:func:`same_version`)."""
-        paths, info = self.get_paths(key), self.file_info(key)
+    def current_version(self, key: str, pathcount: int = 2) -> tuple[list[str], FileInfo]:
+        """The replica URLs of ``key`` (``pathcount`` at most, as :meth:`get_paths`) and its
+        :meth:`file_info`, of the same version: both asked again once when the paths name another
+        fid (:func:`same_version`)."""
+        paths, info = self.get_paths(key, pathcount=pathcount), self.file_info(key)
         if not same_version(paths, info):
-            paths, info = self.get_paths(key), self.file_info(key)
+            paths, info = self.get_paths(key, pathcount=pathcount), self.file_info(key)
         return of_version(key, paths, info), info
 
     def read_file(self, key: str) -> ReplicaResponse:

@@ -594,6 +594,8 @@ def _past_rotted_replicas(key: str, attempt: Callable[[list[str]], None]) -> Non
             attempt(rotted + suspects)
             return
         except _ChecksumMismatch as error:
+            if not error.read:  # an empty file: its checksum is wrong, not a replica
+                raise
             (suspects if len(error.read) > 1 else rotted).extend(error.read)
             if not error.unread:  # every replica left has been read
                 if not suspects:
@@ -604,8 +606,10 @@ def _past_rotted_replicas(key: str, attempt: Callable[[list[str]], None]) -> Non
 
 
 def _replicas(client: Client, key: str, passing_over: Sequence[str]) -> tuple[list[str], FileInfo]:
-    """The replica URLs of ``key`` but ``passing_over``, and its ``file_info``, of the same version."""
-    paths, info = client.current_version(key)
+    """The replica URLs of ``key`` but ``passing_over``, and its ``file_info``, of the same
+    version: two at most besides those, as the trackers list two by default (a third copy
+    was never read when both listed differed)."""
+    paths, info = client.current_version(key, pathcount=len(passing_over) + 2)
     return [url for url in paths if url not in passing_over], info
 
 
@@ -672,16 +676,17 @@ class _ChecksumCheck:
     def add(self, data: bytes | memoryview, url: str) -> None:
         """``data``, the next bytes of the file, read from the replica at ``url``."""
         self._digest.update(data)
-        if not self._read or self._read[-1] != url:
+        if data and (not self._read or self._read[-1] != url):
             self._read.append(url)
 
     def verify(self) -> None:
-        """Raise the :class:`_ChecksumMismatch` naming the replicas read if the bytes added do not match."""
-        read = self._digest.hexdigest()
-        if read != self._checksum[len(_MD5):].lower():
-            raise _ChecksumMismatch(f"the content read from {', '.join(self._read)} does not match its checksum "
-                                    f"{self._checksum} (MD5:{read} read)", self._read,
-                                    [url for url in self._paths if url not in self._read])
+        """Raise the :class:`_ChecksumMismatch` naming the replicas read (each once: a transfer
+        cut twice may go back to the first) if the bytes added do not match."""
+        digest, read = self._digest.hexdigest(), list(dict.fromkeys(self._read))
+        if digest != self._checksum[len(_MD5):].lower():
+            raise _ChecksumMismatch(f"the content read from {', '.join(read) or 'no replica (an empty file)'} does "
+                                    f"not match its checksum {self._checksum} (MD5:{digest} read)", read,
+                                    [url for url in self._paths if url not in read])
 
 
 #: How mogilefsd writes an MD5 checksum (``file_info``): ``MD5:`` and 32 hexadecimal digits.
@@ -998,7 +1003,7 @@ class _CheckedBody(SeekableBody):
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         at = self.tell()
         count = super().readinto(buffer)
-        if self._check is not None and count:
+        if self._check is not None and (count or not self.length):  # an empty file is checked too
             if at == 0:  # rewound, or the first read
                 self._check.restart()
                 self._checked = 0

@@ -1681,11 +1681,14 @@ def test_get_reads_past_a_replica_whose_bytes_differ_from_the_checksum_and_refus
     assert (tmp_path / "tree" / "sound").read_bytes() == body and not list(tmp_path.glob("**/.*.part"))
 
 
+@pytest.mark.parametrize("cuts", [1, 2], ids=["cut-once", "cut-twice"])
 @pytest.mark.parametrize("rotted_at", [10, 900_000], ids=["before-the-cut", "after-the-cut"])
 def test_get_reads_each_replica_alone_when_bytes_that_differ_came_from_two(
-        cli: Run, devmogile: DevMogileFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rotted_at: int) -> None:
+        cli: Run, devmogile: DevMogileFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rotted_at: int,
+        cuts: int) -> None:
     """A transfer cut midway goes on from the other replica: with one of them rotted, the file
-    read from both differed, no replica was left unread, and the sound one was never read whole."""
+    read from both differed, no replica was left unread, and the sound one was never read whole;
+    cut twice, it went back to the first, named twice, and no replica was left to read at all."""
     client = Client(DOMAIN, devmogile.trackers)
     Admin(devmogile.trackers).create_class(DOMAIN, "summed", 2, hashtype="MD5")
     body = random.Random(3).randbytes(1_000_000)
@@ -1693,18 +1696,54 @@ def test_get_reads_each_replica_alone_when_bytes_that_differ_came_from_two(
     url = client.get_paths("cut")[0]
     node = next(node for node in devmogile.nodes if url.startswith(node.url))
     (node.docroot / url.split("/", 3)[3]).write_bytes(body[:rotted_at] + b"X" + body[rotted_at + 1:])
-    cuts = [1]
+    left = [0]
 
-    def cut_once(replica: ReplicaResponse) -> None:
-        if cuts:
-            cuts.pop()
+    def cut(replica: ReplicaResponse) -> None:
+        if left[0]:
+            left[0] -= 1
             raise StorageError("connection reset midway", replica.url)
 
-    interrupt_after_the_first_piece(monkeypatch, cut_once)
+    interrupt_after_the_first_piece(monkeypatch, cut)
     for _ in range(4):  # whichever replica is read first, and cut
-        cuts[:] = [1]
+        left[0] = cuts
         got = cli("get", "cut", "-o", str(tmp_path / "got"))
         assert (got.code, (tmp_path / "got").read_bytes()) == (0, body), got.err
+        assert all(line.count(url) <= 1 for line in got.err.splitlines())
+
+
+def test_get_asks_for_the_replicas_the_trackers_did_not_list_when_those_listed_differ(tmp_path: Path) -> None:
+    """The trackers list two replicas unless asked for more: of three, the third, sound, was never read."""
+    with DevMogileFS(data_dir=tmp_path / "data", storage_nodes=3, domains={DOMAIN: {}}) as mogile:
+        Admin(mogile.trackers).create_class(DOMAIN, "summed", 3, hashtype="MD5")
+        client = Client(DOMAIN, mogile.trackers)
+        body = bytes(range(256)) * 400
+        client.store_content("three", body, cls="summed")
+        env = subprocess_env(MOGILEFS_TRACKERS=mogile.trackers[0], MOGILEFS_DOMAIN=DOMAIN)
+        for attempt in range(6):  # the tracker lists the replicas in any order: rot those it lists first
+            for url in client.get_paths("three")[:2]:
+                node = next(node for node in mogile.nodes if url.startswith(node.url))
+                (node.docroot / url.split("/", 3)[3]).write_bytes(body[:-1] + b"X")
+            done = subprocess.run([sys.executable, "-m", "mogile_middleware", "get", "three", "-o",
+                                   str(tmp_path / "got")], env=env, capture_output=True, timeout=60)
+            assert (done.returncode, (tmp_path / "got").read_bytes()) == (0, body), done.stderr
+            for url in client.get_paths("three", pathcount=3):  # sound again, for the next round
+                node = next(node for node in mogile.nodes if url.startswith(node.url))
+                (node.docroot / url.split("/", 3)[3]).write_bytes(body)
+
+
+def test_get_and_cp_of_an_empty_file_whose_checksum_is_wrong_end_at_once(devmogile: DevMogileFS,
+                                                                         tmp_path: Path) -> None:
+    """No bytes to blame a replica for: ``get`` read the same replicas again, without end (run
+    apart, so that it cannot hang the suite), and ``cp`` checked nothing."""
+    Admin(devmogile.trackers).create_class(DOMAIN, "summed", 2, hashtype="MD5")
+    with LineClient(devmogile.tracker_address) as tracker:
+        assert upload(tracker, DOMAIN, "empty", b"", "summed", checksum="MD5:" + "0" * 32) == b"OK \r\n"
+    env = subprocess_env(MOGILEFS_TRACKERS=devmogile.trackers[0], MOGILEFS_DOMAIN=DOMAIN)
+    for command in (["get", "empty", "-o", str(tmp_path / "got")], ["cp", "empty", "copy"]):
+        refused = subprocess.run([sys.executable, "-m", "mogile_middleware", *command], env=env, capture_output=True,
+                                 text=True, timeout=30)
+        assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+        assert "'empty': the content read from no replica (an empty file) does not match" in refused.stderr
 
 
 def test_cp_checks_a_copy_sent_again_from_the_start_as_a_whole(devmogile: DevMogileFS) -> None:
