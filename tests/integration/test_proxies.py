@@ -557,6 +557,10 @@ POLICY_CASES = [
         "Content-Disposition": 'attachment; filename="na_ve r_sum_.pdf"; '
                                "filename*=UTF-8''na%C3%AFve%20r%C3%A9sum%C3%A9.pdf",
     }, id="non-ascii-name"),
+    # A right-to-left override would show the name as "invoiceexe.png": left out of both names.
+    pytest.param("invoice\u202egnp.exe", {"Content-Type": "application/octet-stream", "Content-Security-Policy": None,
+                                          "Content-Disposition": 'attachment; filename="invoicegnp.exe"'},
+                 id="bidirectional-override"),
 ]
 
 
