@@ -26,7 +26,7 @@ from conftest import CLASSES, DOMAIN
 from forks import children_failing, holding
 from django.conf import settings
 from django.core.asgi import get_asgi_application
-from django.core.checks import run_checks
+from django.core.checks import WARNING, run_checks
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files.base import ContentFile, File
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -1339,6 +1339,21 @@ def test_manage_py_check_takes_what_wrap_asgi_alone_takes_and_warns_of_a_storage
         (error,) = ours()  # each wrapper's own reason: an ASGI project's is not the WSGI one's
         assert error.id == "mogile_middleware.E001"
         assert "wrap_wsgi: " in error.msg and "wrap_asgi: " in error.msg and "of the request and the key" in error.msg
+
+
+def test_manage_py_check_warns_of_a_mogilefs_storage_named_where_django_ignores_it() -> None:
+    """Django 5.1 dropped ``DEFAULT_FILE_STORAGE``: a project migrating from django-storages that
+    changed that line alone saved its files on the local disk, and the check said nothing."""
+    if django.VERSION < (5, 1):  # the setting still works there (and may not be set beside STORAGES)
+        pytest.skip("Django reads DEFAULT_FILE_STORAGE before 5.1")
+    path = "mogile_middleware.contrib.django.MogileFSStorage"
+    with override_settings(DEFAULT_FILE_STORAGE=path):
+        (warning,) = [message for message in run_checks() if message.id.startswith("mogile_middleware.")]
+    assert (warning.id, warning.obj, warning.level) == ("mogile_middleware.W002", "DEFAULT_FILE_STORAGE", WARNING)
+    assert warning.msg.startswith(f"DEFAULT_FILE_STORAGE names {path}, but Django ")
+    assert "STORAGES['default']" in warning.hint
+    with override_settings(DEFAULT_FILE_STORAGE="django.core.files.storage.FileSystemStorage"):  # not ours to say
+        assert [message for message in run_checks() if message.id.startswith("mogile_middleware.")] == []
 
 
 STORAGE_OPTION_ERRORS = [

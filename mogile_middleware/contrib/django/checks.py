@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import django
 from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
@@ -19,7 +20,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     """An error for settings that neither ``wrap_wsgi`` nor ``wrap_asgi`` takes
     (``mogile_middleware.E001``), one for each MogileFS storage of ``STORAGES`` whose options or
     settings its saves and ``url()`` would refuse (``mogile_middleware.E002``), and a warning for
-    a storage whose backend cannot be imported, which may be one (``mogile_middleware.W001``)."""
+    a storage whose backend cannot be imported, which may be one (``mogile_middleware.W001``),
+    and for a MogileFS storage named where Django ignores it (``mogile_middleware.W002``)."""
     messages: list[checks.CheckMessage] = []
     refusals: dict[str, str] = {}
     for name, configured_middleware in (("wrap_wsgi", wsgi.configured_middleware),
@@ -34,6 +36,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             "; ".join(f"{name}: {text}" for name, text in refusals.items())  # an ASGI project's error is the second
         messages.append(checks.Error(said, hint="as wrap_wsgi and wrap_asgi read the settings",
                                      id="mogile_middleware.E001"))
+    messages += _ignored_storage_setting()
     for alias, storage in getattr(settings, "STORAGES", {}).items():
         try:
             backend = import_string(storage["BACKEND"])
@@ -49,6 +52,25 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             except ImproperlyConfigured as error:
                 messages.append(checks.Error(str(error), obj=f"STORAGES[{alias!r}]", id="mogile_middleware.E002"))
     return messages
+
+
+def _ignored_storage_setting() -> list[checks.CheckMessage]:
+    """A warning (``mogile_middleware.W002``) for ``DEFAULT_FILE_STORAGE`` naming a MogileFS
+    storage on Django 5.1 or later, which ignore the setting: a project that changed that line
+    alone saved its files on the local disk, ``wrap_wsgi`` serving the old ones as before."""
+    path = getattr(settings, "DEFAULT_FILE_STORAGE", None)
+    if not isinstance(path, str) or django.VERSION < (5, 1):
+        return []
+    try:
+        backend = import_string(path)
+    except Exception:  # not one of ours, whatever it is
+        return []
+    if not (isinstance(backend, type) and issubclass(backend, MogileFSStorage)):
+        return []
+    return [checks.Warning(f"DEFAULT_FILE_STORAGE names {path}, but Django {django.get_version()} ignores the "
+                           "setting: files are saved by STORAGES['default'] instead",
+                           hint=f"set STORAGES['default'] to {{'BACKEND': {path!r}}} and remove DEFAULT_FILE_STORAGE",
+                           obj="DEFAULT_FILE_STORAGE", id="mogile_middleware.W002")]
 
 
 def _never_called(*args: Any) -> Any:
