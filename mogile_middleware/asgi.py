@@ -88,6 +88,7 @@ class MogileFSMiddleware(MiddlewareCore):
 
     client_class = AsyncClient
     locator_class = AsyncLocator
+    client: AsyncClient
     awaits_authorize = True
 
     @cached_property

@@ -175,7 +175,7 @@ def keys_prefix(prefix: str | bytes | None) -> str:
     if prefix is None:
         return ""
     if not isinstance(prefix, (str, bytes)):
-        raise TypeError(f"a prefix is a str, not {type(prefix).__name__}")
+        raise TypeError(f"a prefix is a str or bytes, not {type(prefix).__name__}")
     return to_text(key_bytes(prefix, "prefix"))
 
 
@@ -476,8 +476,8 @@ class Client(ClientBase):
                        verify_checksum=verify_checksum, storage_timeout=self.storage_timeout,
                        on_change=self._changed)
 
-    def store_file(self, key: str, fileobj: BinaryIO | bytes | Iterable[bytes], cls: str | None = None, *,
-                   verify_checksum: bool = False) -> int:
+    def store_file(self, key: str, fileobj: BinaryIO | bytes | bytearray | memoryview | Iterable[bytes],
+                   cls: str | None = None, *, verify_checksum: bool = False) -> int:
         """Store the rest of ``fileobj`` (a file opened in binary mode), bytes, or every chunk of an
         iterable under ``key``; return the number of bytes stored.
 

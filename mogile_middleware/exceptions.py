@@ -91,8 +91,9 @@ class UnregDomainError(TrackerError):
     """The domain is not registered on the tracker (``unreg_domain``): check the domain name."""
 
 
-class DomainNotFoundError(TrackerError):
-    """An admin command named a domain that does not exist (``domain_not_found``)."""
+class DomainNotFoundError(UnregDomainError):
+    """An admin command named a domain that does not exist (``domain_not_found``): an
+    :class:`UnregDomainError` of another name, caught alike."""
 
 
 class DomainExistsError(TrackerError):
@@ -103,8 +104,9 @@ class UnregClassError(TrackerError):
     """The class is not registered in the domain (``unreg_class``): create it first."""
 
 
-class ClassNotFoundError(TrackerError):
-    """The class does not exist in the domain (``class_not_found``)."""
+class ClassNotFoundError(UnregClassError):
+    """The class does not exist in the domain (``class_not_found``, as ``updateclass`` and
+    ``update_class`` say it): an :class:`UnregClassError` of another name, caught alike."""
 
 
 class ClassExistsError(TrackerError):
@@ -189,9 +191,9 @@ def named(error: TrackerError, args: Mapping[str, object], domain: str) -> Track
         naming = ("no key {key} in domain {domain}", {"key": key, "domain": domain})
     elif isinstance(error, KeyExistsError) and "to_key" in args:
         naming = ("key {key} exists already in domain {domain}", {"key": args["to_key"], "domain": domain})
-    elif isinstance(error, (UnregDomainError, DomainNotFoundError)):
+    elif isinstance(error, UnregDomainError):  # DomainNotFoundError too
         naming = ("no domain {domain} on the trackers", {"domain": domain})
-    elif isinstance(error, (UnregClassError, ClassNotFoundError)) and args.get("class") is not None:
+    elif isinstance(error, UnregClassError) and args.get("class") is not None:  # ClassNotFoundError too
         naming = ("class {cls} is not registered in domain {domain}", {"cls": args["class"], "domain": domain})
     elif isinstance(error, DomainExistsError):
         naming = ("domain {domain} exists already", {"domain": domain})

@@ -61,6 +61,7 @@ class MogileFSMiddleware(MiddlewareCore):
 
     client_class = Client
     locator_class = Locator
+    client: Client
 
     @cached_property
     def serve(self) -> Serve:

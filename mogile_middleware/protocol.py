@@ -73,7 +73,7 @@ def check_any_key(key: str | bytes) -> bytes:
     other key may be another client's: on SQLite, mogilefsd 2.73 stores keys over 255 bytes and
     keys with line breaks, which the protocol's encoding carries."""
     if not isinstance(key, (str, bytes)):
-        raise TypeError(f"a key is a str, not {type(key).__name__}")
+        raise TypeError(f"a key is a str or bytes, not {type(key).__name__}")
     raw = key_bytes(key)
     if not raw:
         raise BadKeyError("empty key")

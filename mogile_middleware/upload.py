@@ -467,7 +467,7 @@ class NewFile(io.RawIOBase):
         if self._put_done:
             raise ValueError(f"upload of {self.key!r}: write_from sent the whole body; close the file to commit it")
 
-    def write_chunks(self, chunks: Iterable[bytes], progress: Progress | None = None) -> int:
+    def write_chunks(self, chunks: Iterable[bytes | bytearray | memoryview], progress: Progress | None = None) -> int:
         """Write every chunk of ``chunks`` (e.g. Django's ``File.chunks()``); see :meth:`write_from`,
         also for a failure midway."""
         try:

@@ -175,7 +175,7 @@ def test_a_key_that_is_not_text_is_a_type_error_before_anything_is_sent(flavour:
         client = flavour.Client(DOMAIN, [tracker.tracker])
         for call in (client.get_paths, client.file_info, client.delete, lambda key: client.rename("ok", key),
                      lambda key: client.store_content(key, b"x")):
-            with pytest.raises(TypeError, match=f"a key is a str, not {type(key).__name__}"):
+            with pytest.raises(TypeError, match=f"a key is a str or bytes, not {type(key).__name__}"):
                 call(key)
         assert tracker.requests == [] and tracker.connections == 0
     finally:
@@ -201,7 +201,8 @@ def test_unknown_class_names_the_class_and_the_domain(client: Client) -> None:
     with pytest.raises(UnknownKeyError, match="^unknown_key: no key 'k' in domain 'testdom'$"):
         client.file_info("k")
     client.store_content("k", b"x", cls="thumb")
-    with pytest.raises(TrackerError, match="class 'nosuch' is not registered in domain 'testdom'") as raised:
+    # mogilefsd's code is another (class_not_found): the exception is caught as every unknown class is.
+    with pytest.raises(UnregClassError, match="class 'nosuch' is not registered in domain 'testdom'") as raised:
         client.update_class("k", "nosuch")
     assert raised.value.code in ("unreg_class", "class_not_found")
 
@@ -385,7 +386,7 @@ def test_keys_pages_through_every_key(client: Client) -> None:
     assert list(client.keys("many/")) == names
     assert list(client.keys(b"many/")) == names  # a prefix as bytes, as keys may be
     assert list(client.keys(None)) == list(client.keys("")) != []  # as list_keys and pymogile take it
-    with pytest.raises(TypeError, match="a prefix is a str, not int"):
+    with pytest.raises(TypeError, match="a prefix is a str or bytes, not int"):
         list(client.keys(5))
     for limit in (0, -1, 2.5, True):  # mogilefsd would read 0 as 1000 and -1 as every key
         with pytest.raises(ValueError, match="limit must be a whole number >= 1"):
@@ -757,6 +758,11 @@ def test_admin_updates_and_deletes_classes_and_domains_and_names_what_the_tracke
         with pytest.raises(TrackerError) as raised:
             refused()
         assert str(raised.value) == message
+    # Another code than the commands' for an unknown class or domain: caught as theirs are.
+    with pytest.raises(UnregClassError):
+        admin.update_class("photos", "none", 1)
+    with pytest.raises(UnregDomainError):
+        admin.delete_domain("nowhere")
     Client("photos", devmogile.trackers).delete("p.jpg")
     admin.delete_class("photos", "original")
     admin.delete_domain("photos")
