@@ -402,7 +402,7 @@ def test_collectstatic_clear_replaces_every_file_of_its_location_and_nothing_els
             (tmp_path / source / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / source / name).write_bytes(name.encode())
     uploaded = MogileFSStorage().save("css/upload.png", ContentFile(b"a user's upload"))
-    static = {"BACKEND": "mogile_middleware.contrib.django.MogileFSStorage", "OPTIONS": {"location": "static"}}
+    static = {"BACKEND": "integration._django_static_storage.StaticStorage"}
     in_progress = TEMPORARY_PREFIX + "0" * 32
     with override_settings(INSTALLED_APPS=[*settings.INSTALLED_APPS, "django.contrib.staticfiles"],
                            STORAGES={**settings.STORAGES, "staticfiles": static}, STATIC_URL="/static/"):
@@ -427,7 +427,7 @@ def test_collectstatic_again_passes_over_the_files_that_did_not_change(mogile: D
     for name in ("same.css", "changed.js"):
         (source / name).write_bytes(b"first " + name.encode())
         os.utime(source / name, (time.time() - 60, time.time() - 60))
-    static = {"BACKEND": "mogile_middleware.contrib.django.MogileFSStorage", "OPTIONS": {"location": "static"}}
+    static = {"BACKEND": "integration._django_static_storage.StaticStorage"}
     with override_settings(INSTALLED_APPS=[*settings.INSTALLED_APPS, "django.contrib.staticfiles"],
                            STORAGES={**settings.STORAGES, "staticfiles": static}, STATICFILES_DIRS=[source],
                            STATIC_URL="/static/"):
@@ -1394,6 +1394,7 @@ def test_a_file_a_view_served_is_not_kept_by_djangos_cache_for_the_next_client(m
         assert app.get("/token/reports/q3.pdf", headers={"X-Api-Key": "guess"}, status=403).body == b"no such key\n"
 
 
+@overwriting
 @pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
 def test_a_storage_listing_the_trackers_otherwise_drops_the_paths_the_middleware_cached(
         lingering_mogile: DevMogileFS, flavour: str) -> None:

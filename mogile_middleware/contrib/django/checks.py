@@ -69,7 +69,8 @@ def _ignored_storage_setting() -> list[checks.CheckMessage]:
         return []
     return [checks.Warning(f"DEFAULT_FILE_STORAGE names {path}, but Django {django.get_version()} ignores the "
                            "setting: files are saved by STORAGES['default'] instead",
-                           hint=f"set STORAGES['default'] to {{'BACKEND': {path!r}}} and remove DEFAULT_FILE_STORAGE",
+                           hint=f"name {{'BACKEND': {path!r}}} as STORAGES['default'] (keeping STORAGES' other "
+                                "entries, 'staticfiles' among them) and remove DEFAULT_FILE_STORAGE",
                            obj="DEFAULT_FILE_STORAGE", id="mogile_middleware.W002")]
 
 

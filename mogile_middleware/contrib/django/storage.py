@@ -335,7 +335,7 @@ class MogileFSStorage(Storage):
 
     def _key(self, name: str) -> str:
         """The key of the name ``name``: under the storage's ``location``."""
-        if not isinstance(name, str):  # as the client refuses it
+        if not isinstance(name, str):  # a Django name is text (the client takes bytes too)
             raise TypeError(f"a key is a str, not {type(name).__name__}")
         return self._keys_start + name
 
