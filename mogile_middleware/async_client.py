@@ -48,7 +48,7 @@ from .client import (
     update_class_request,
 )
 from .exceptions import BadKeyError, NoneMatchError, StorageError, UnknownKeyError, named_errors
-from .protocol import check_key
+from .protocol import Key, as_text, check_key
 from .storage import PUT_PIECE_SIZE, LengthMismatchError, put_pieces
 from .upload import (
     BYTES_LIKE,
@@ -108,40 +108,40 @@ class AsyncClient(ClientBase):
         """As the blocking client's, from a thread: the event loop never waits on a shared cache."""
         await asyncio.to_thread(super()._drop_shared_entry, backend, key)
 
-    async def get_paths(self, key: str, noverify: bool = True, zone: str | None = None,
+    async def get_paths(self, key: Key, noverify: bool = True, zone: str | None = None,
                         pathcount: int = 2) -> list[str]:
         """The URLs of the key's replicas, in the tracker's order (try them in that order)."""
         return await self._ask(get_paths_request(key, noverify, zone, pathcount))
 
-    async def file_info(self, key: str) -> FileInfo:
+    async def file_info(self, key: Key) -> FileInfo:
         """The key's fid, length, class and replica count."""
         return await self._ask(file_info_request(key))
 
-    async def delete(self, key: str) -> None:
+    async def delete(self, key: Key) -> None:
         """Delete ``key`` (raises :class:`UnknownKeyError` if it does not exist)."""
         await self._ask(delete_request(key))
 
-    async def rename(self, from_key: str, to_key: str) -> None:
+    async def rename(self, from_key: Key, to_key: Key) -> None:
         """Rename ``from_key`` to ``to_key`` (raises :class:`KeyExistsError` if that exists)."""
         await self._ask(rename_request(from_key, to_key))
 
-    async def update_class(self, key: str, cls: str) -> None:
+    async def update_class(self, key: Key, cls: str) -> None:
         """Move ``key`` to class ``cls`` (the tracker then adjusts its replica count)."""
         await self._ask(update_class_request(key, cls))
 
-    async def list_keys(self, prefix: str = "", after: str | None = None, limit: int | None = None) -> list[str]:
+    async def list_keys(self, prefix: Key = "", after: Key | None = None, limit: int | None = None) -> list[str]:
         """Up to ``limit`` (at most 1000) keys starting with ``prefix`` whatever its case (the
         tracker's SQL ``LIKE``; :meth:`keys` matches it exactly), after ``after``, in the tracker's
         order (bytes on SQLite, the column's collation on MySQL)."""
         return (await self._list_page(prefix, after, limit))[0]
 
-    async def _list_page(self, prefix: str, after: str | None, limit: int | None) -> tuple[list[str], str | None]:
+    async def _list_page(self, prefix: Key, after: Key | None, limit: int | None) -> tuple[list[str], str | None]:
         try:
             return await self._ask(list_keys_request(prefix, after, limit))
         except NoneMatchError:
             return [], None
 
-    async def keys(self, prefix: str | bytes | None = "") -> AsyncIterator[str]:
+    async def keys(self, prefix: Key | None = "") -> AsyncIterator[str]:
         """Every key starting with ``prefix`` (text or bytes; exactly, unlike ``list_keys``), page by page."""
         prefix = keys_prefix(prefix)
         listing = KeyListing(prefix, self.keys_page)
@@ -164,30 +164,31 @@ class AsyncClient(ClientBase):
         except (UnknownKeyError, BadKeyError):  # BadKeyError: a prefix no key could equal
             return None
 
-    async def current_version(self, key: str, pathcount: int = 2) -> tuple[list[str], FileInfo]:
+    async def current_version(self, key: Key, pathcount: int = 2) -> tuple[list[str], FileInfo]:
         """As :meth:`Client.current_version <mogile_middleware.client.Client.current_version>`."""
         paths, info = await self.get_paths(key, pathcount=pathcount), await self.file_info(key)
         if not same_version(paths, info):
             paths, info = await self.get_paths(key, pathcount=pathcount), await self.file_info(key)
         return of_version(key, paths, info), info
 
-    async def read_file(self, key: str) -> AsyncReplicaResponse:
+    async def read_file(self, key: Key) -> AsyncReplicaResponse:
         """The body of the first replica that answers of the length the tracker records, to read
         and then ``aclose``: one cut short on its disk is passed over (:meth:`current_version`)."""
         paths, info = await self.current_version(key)
         return await open_replica(paths, size=info.length, timeout=self.storage_timeout)
 
-    async def get_file_data(self, key: str) -> bytes:
+    async def get_file_data(self, key: Key) -> bytes:
         """The whole content of ``key`` (for small files; use :meth:`read_file` to stream), from a
         replica of the length the tracker records, and the next when a transfer is cut midway."""
         paths, info = await self.current_version(key)
         return await read_replica(paths, length=info.length, timeout=self.storage_timeout)
 
-    async def store_content(self, key: str, data: bytes, cls: str | None = None) -> int:
+    async def store_content(self, key: Key, data: bytes, cls: str | None = None) -> int:
         """Store ``data`` (bytes) under ``key``; return the number of bytes stored."""
+        key = as_text(key)
         return await self.store_file(key, content_bytes(key, data), cls)
 
-    async def store_file(self, key: str, fileobj: Body | bytes | bytearray | memoryview, cls: str | None = None, *,
+    async def store_file(self, key: Key, fileobj: Body | bytes | bytearray | memoryview, cls: str | None = None, *,
                          verify_checksum: bool = False, size: int | None = None) -> int:
         """Store the rest of ``fileobj`` (read in the event loop, chunk by chunk; a ``read`` that
         is a coroutine function, as Starlette's ``UploadFile`` has, is awaited), bytes, or every
@@ -204,6 +205,7 @@ class AsyncClient(ClientBase):
         goes on past it, is refused and the key kept (bytes of another length, a ValueError,
         before the tracker is asked).
         """
+        key = as_text(key)
         check_key(key)
         checked_size(size)
         if isinstance(fileobj, BYTES_LIKE):  # read where it is, and let go of once stored or failed

@@ -26,8 +26,8 @@ from .cache import CacheBackend, entry_key, is_cache_backend
 from .deadline import checked_seconds
 from .exceptions import BadKeyError, KeyChangingError, NoneMatchError, ProtocolError, UnknownKeyError, named_errors
 from .nodepool import nodes
-from .protocol import (ArgValue, Reply, check_any_key, check_key, fid_of, has_control_character, key_bytes,
-                       parse_domains, to_bytes, to_text)
+from .protocol import (ArgValue, Key, Reply, as_text, check_any_key, check_key, fid_of, has_control_character,
+                       key_bytes, parse_domains, to_bytes, to_text)
 from .storage import ReplicaResponse, open_replica, read_replica
 from .tracker import Address, ReadReply, TrackerPool, TrackerPoolBase
 from .upload import ChangeListener, NewFile, Uploader, content_bytes
@@ -61,7 +61,7 @@ class Request(NamedTuple):
     read: ReadReply | None = None
 
 
-def get_paths_request(key: str, noverify: bool = True, zone: str | None = None, pathcount: int = 2) -> Request:
+def get_paths_request(key: Key, noverify: bool = True, zone: str | None = None, pathcount: int = 2) -> Request:
     """``get_paths`` for ``key`` (checked: a :class:`BadKeyError` before anything is sent), read
     for as many paths as mogilefsd lists at most (``pathcount``, 2 at least): each is tried in
     turn, a ``storage_timeout`` each when silent."""
@@ -78,7 +78,7 @@ def paths_of(reply: Reply) -> list[str]:
     return [reply[f"path{n}"] for n in range(1, reply.number("paths") + 1)]
 
 
-def of_version(key: str, paths: list[str], info: FileInfo) -> list[str]:
+def of_version(key: Key, paths: list[str], info: FileInfo) -> list[str]:
     """Those of ``paths`` that may be replicas of ``info``'s version (naming its fid, or none);
     :class:`KeyChangingError` if none is (see :func:`same_version`)."""
     kept = [path for path in paths if fid_of(path) in (None, info.fid)]
@@ -99,7 +99,7 @@ def stored_key_of(reply: Reply) -> str:
     return reply["fid_dkey"]
 
 
-def file_info_request(key: str) -> Request:
+def file_info_request(key: Key) -> Request:
     """``file_info`` for ``key`` (checked). mogilefsd answers with the key as asked (as
     ``fid:<fid>`` under the FilePaths plugin, which renames it so): an answer about another key
     (a tracker, or something in front of it, answering another request) is a
@@ -139,26 +139,26 @@ def file_info_of(reply: Reply) -> FileInfo:
     )
 
 
-def delete_request(key: str) -> Request:
+def delete_request(key: Key) -> Request:
     """``delete`` of ``key`` (checked), which changes it."""
     check_any_key(key)
-    return Request("delete", {"key": key}, (key,))
+    return Request("delete", {"key": key}, (as_text(key),))
 
 
-def rename_request(from_key: str, to_key: str) -> Request:
+def rename_request(from_key: Key, to_key: Key) -> Request:
     """``rename`` of ``from_key`` to ``to_key`` (checked, ``to_key`` as a key to create), which changes both."""
     check_any_key(from_key)
     check_key(to_key)
-    return Request("rename", {"from_key": from_key, "to_key": to_key}, (from_key, to_key))
+    return Request("rename", {"from_key": from_key, "to_key": to_key}, (as_text(from_key), as_text(to_key)))
 
 
-def update_class_request(key: str, cls: str) -> Request:
+def update_class_request(key: Key, cls: str) -> Request:
     """``updateclass`` of ``key`` (checked) to class ``cls``."""
     check_any_key(key)
     return Request("updateclass", {"key": key, "class": cls})
 
 
-def list_keys_request(prefix: str = "", after: str | None = None, limit: int | None = None) -> Request:
+def list_keys_request(prefix: Key = "", after: Key | None = None, limit: int | None = None) -> Request:
     """``list_keys`` starting with ``prefix``, after ``after``; a ``ValueError`` for a ``limit``
     below 1, which mogilefsd would read as 1000 (0) or as no limit at all (a negative one)."""
     for what, text in (("prefix", prefix), ("after", after)):
@@ -169,7 +169,7 @@ def list_keys_request(prefix: str = "", after: str | None = None, limit: int | N
     return Request("list_keys", {"prefix": prefix or None, "after": after, "limit": limit}, read=keys_page_of)
 
 
-def keys_prefix(prefix: str | bytes | None) -> str:
+def keys_prefix(prefix: Key | None) -> str:
     """The ``prefix`` of :meth:`Client.keys` as text (bytes may end inside a character); ``None``,
     which ``list_keys`` and pymogile take for no prefix, is none."""
     if prefix is None:
@@ -457,26 +457,26 @@ class Client(ClientBase):
         finally:
             self._changed(*request.changes)
 
-    def get_paths(self, key: str, noverify: bool = True, zone: str | None = None, pathcount: int = 2) -> list[str]:
+    def get_paths(self, key: Key, noverify: bool = True, zone: str | None = None, pathcount: int = 2) -> list[str]:
         """The URLs of the key's replicas, in the tracker's order (try them in that order)."""
         return self._ask(get_paths_request(key, noverify, zone, pathcount))
 
-    def file_info(self, key: str) -> FileInfo:
+    def file_info(self, key: Key) -> FileInfo:
         """The key's fid, length, class and replica count."""
         return self._ask(file_info_request(key))
 
-    def new_file(self, key: str, cls: str | None = None, *, size: int | None = None, checksum: bool = True,
+    def new_file(self, key: Key, cls: str | None = None, *, size: int | None = None, checksum: bool = True,
                  verify_checksum: bool = False) -> NewFile:
         """A writable file for ``key``; the key points at the bytes once it is closed.
 
         ``checksum=False`` sends no MD5 checksum (the tracker still checks the size);
         ``verify_checksum`` asks the tracker to check the stored file's MD5 before committing.
         """
-        return NewFile(self.pool, self.domain, key, cls, size=size, checksum=checksum,
+        return NewFile(self.pool, self.domain, as_text(key), cls, size=size, checksum=checksum,
                        verify_checksum=verify_checksum, storage_timeout=self.storage_timeout,
                        on_change=self._changed)
 
-    def store_file(self, key: str, fileobj: BinaryIO | bytes | bytearray | memoryview | Iterable[bytes],
+    def store_file(self, key: Key, fileobj: BinaryIO | bytes | bytearray | memoryview | Iterable[bytes],
                    cls: str | None = None, *, verify_checksum: bool = False) -> int:
         """Store the rest of ``fileobj`` (a file opened in binary mode), bytes, or every chunk of an
         iterable under ``key``; return the number of bytes stored.
@@ -490,13 +490,14 @@ class Client(ClientBase):
         if isinstance(fileobj, (str, os.PathLike)):
             raise TypeError(f"store_file of {key!r} takes bytes, a file opened in binary mode or an iterable of "
                             f"bytes, not {type(fileobj).__name__} (Uploader.upload opens a path)")
-        return self._uploader.upload(key, fileobj, cls, verify_checksum=verify_checksum)
+        return self._uploader.upload(as_text(key), fileobj, cls, verify_checksum=verify_checksum)
 
-    def store_content(self, key: str, data: bytes, cls: str | None = None) -> int:
+    def store_content(self, key: Key, data: bytes, cls: str | None = None) -> int:
         """Store ``data`` (bytes) under ``key``; return the number of bytes stored."""
+        key = as_text(key)
         return self._uploader.upload(key, content_bytes(key, data), cls)
 
-    def current_version(self, key: str, pathcount: int = 2) -> tuple[list[str], FileInfo]:
+    def current_version(self, key: Key, pathcount: int = 2) -> tuple[list[str], FileInfo]:
         """The replica URLs of ``key`` (``pathcount`` at most, as :meth:`get_paths`) and its
         :meth:`file_info`, of the same version: both asked again once when the paths name another
         fid (:func:`same_version`)."""
@@ -505,43 +506,43 @@ class Client(ClientBase):
             paths, info = self.get_paths(key, pathcount=pathcount), self.file_info(key)
         return of_version(key, paths, info), info
 
-    def read_file(self, key: str) -> ReplicaResponse:
+    def read_file(self, key: Key) -> ReplicaResponse:
         """A streaming, closeable file object over the first replica that answers of the length
         the tracker records: one cut short on its disk is passed over (:meth:`current_version`)."""
         paths, info = self.current_version(key)
         return open_replica(paths, size=info.length, timeout=self.storage_timeout)
 
-    def get_file_data(self, key: str) -> bytes:
+    def get_file_data(self, key: Key) -> bytes:
         """The whole content of ``key`` (for small files; use :meth:`read_file` to stream), from a
         replica of the length the tracker records, and the next when a transfer is cut midway."""
         paths, info = self.current_version(key)
         return read_replica(paths, length=info.length, timeout=self.storage_timeout)
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: Key) -> None:
         """Delete ``key`` (raises :class:`UnknownKeyError` if it does not exist)."""
         self._ask(delete_request(key))
 
-    def rename(self, from_key: str, to_key: str) -> None:
+    def rename(self, from_key: Key, to_key: Key) -> None:
         """Rename ``from_key`` to ``to_key`` (raises :class:`KeyExistsError` if that exists)."""
         self._ask(rename_request(from_key, to_key))
 
-    def update_class(self, key: str, cls: str) -> None:
+    def update_class(self, key: Key, cls: str) -> None:
         """Move ``key`` to class ``cls`` (the tracker then adjusts its replica count)."""
         self._ask(update_class_request(key, cls))
 
-    def list_keys(self, prefix: str = "", after: str | None = None, limit: int | None = None) -> list[str]:
+    def list_keys(self, prefix: Key = "", after: Key | None = None, limit: int | None = None) -> list[str]:
         """Up to ``limit`` (at most 1000) keys starting with ``prefix`` whatever its case (the
         tracker's SQL ``LIKE``; :meth:`keys` matches it exactly), after ``after``, in the tracker's
         order (bytes on SQLite, the column's collation on MySQL)."""
         return self._list_page(prefix, after, limit)[0]
 
-    def _list_page(self, prefix: str, after: str | None, limit: int | None) -> tuple[list[str], str | None]:
+    def _list_page(self, prefix: Key, after: Key | None, limit: int | None) -> tuple[list[str], str | None]:
         try:
             return self._ask(list_keys_request(prefix, after, limit))
         except NoneMatchError:
             return [], None
 
-    def keys(self, prefix: str | bytes | None = "") -> Iterator[str]:
+    def keys(self, prefix: Key | None = "") -> Iterator[str]:
         """Every key starting with ``prefix`` (text or bytes; exactly, unlike ``list_keys``), page by page."""
         prefix = keys_prefix(prefix)
         listing = KeyListing(prefix, self.keys_page)

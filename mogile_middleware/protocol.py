@@ -67,7 +67,18 @@ def key_bytes(text: str | bytes, what: str = "key") -> bytes:
         raise BadKeyError(f"{what} holds {error.object[error.start]!r}, which is not UTF-8 text") from None
 
 
-def check_any_key(key: str | bytes) -> bytes:
+#: A key as the clients take it: text, or its bytes.
+Key = str | bytes
+
+
+def as_text(key: Key) -> str:
+    """``key`` as text, its bytes that are not UTF-8 as surrogate escapes (as ``list_keys`` gives
+    such keys back): what the clients pass on of a key given as bytes. Anything else is left as
+    it is, for the checks to refuse."""
+    return to_text(key) if isinstance(key, bytes) else key
+
+
+def check_any_key(key: Key) -> bytes:
     """Return the bytes of a key to ask about, or raise :class:`BadKeyError` if no tracker holds
     it (empty, or text UTF-8 cannot encode); a TypeError if it is not text or bytes at all. Any
     other key may be another client's: on SQLite, mogilefsd 2.73 stores keys over 255 bytes and
