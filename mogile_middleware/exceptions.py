@@ -182,15 +182,20 @@ def tracker_error(code: str, text: str) -> TrackerError:
     return _ERRORS_BY_CODE.get(code, TrackerError)(code, text)
 
 
+def _text(key: object) -> object:
+    """A key given as bytes as the text it names (bytes not UTF-8 as surrogate escapes)."""
+    return key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else key
+
+
 def named(error: TrackerError, args: Mapping[str, object], domain: str) -> TrackerError:
     """``error`` (of the same class, code and ``text``) with a message naming what it is about,
     from the arguments of the command it answers: the tracker's words name no key, class or
     domain (``ERR unknown_key unknown_key``)."""
-    key = args.get("key", args.get("from_key"))
+    key, to_key = (_text(args.get(name)) for name in ("key" if "key" in args else "from_key", "to_key"))
     if isinstance(error, UnknownKeyError) and key is not None:
         naming = ("no key {key} in domain {domain}", {"key": key, "domain": domain})
-    elif isinstance(error, KeyExistsError) and "to_key" in args:
-        naming = ("key {key} exists already in domain {domain}", {"key": args["to_key"], "domain": domain})
+    elif isinstance(error, KeyExistsError) and to_key is not None:
+        naming = ("key {key} exists already in domain {domain}", {"key": to_key, "domain": domain})
     elif isinstance(error, UnregDomainError):  # DomainNotFoundError too
         naming = ("no domain {domain} on the trackers", {"domain": domain})
     elif isinstance(error, UnregClassError) and args.get("class") is not None:  # ClassNotFoundError too

@@ -213,9 +213,16 @@ def test_errors_name_the_key_they_are_about(client: Client) -> None:
     for call, key in [(lambda: client.get_paths("gone/1"), "gone/1"),
                       (lambda: client.delete("gone/2"), "gone/2"),
                       (lambda: client.rename("gone/3", "other"), "gone/3"),
-                      (lambda: client.read_file("gone/4"), "gone/4")]:
+                      (lambda: client.read_file("gone/4"), "gone/4"),
+                      # Given as bytes, named as the text they are (it read b'gone/5').
+                      (lambda: client.delete(b"gone/5"), "gone/5"),
+                      (lambda: client.file_info(b"gone/6"), "gone/6")]:
         with pytest.raises(UnknownKeyError, match=f"^unknown_key: no key '{key}' in domain 'testdom'$"):
             call()
+    client.store_content("taken", b"x", cls="thumb")
+    client.store_content("source", b"y", cls="thumb")
+    with pytest.raises(KeyExistsError, match="^key_exists: key 'taken' exists already in domain 'testdom'$"):
+        client.rename(b"source", b"taken")
 
 
 @both_flavours
