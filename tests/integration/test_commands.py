@@ -1755,7 +1755,7 @@ def test_cp_checks_a_copy_sent_again_from_the_start_as_a_whole(devmogile: DevMog
     client.store_content("sound", body, cls="summed")
     paths, info = client.current_version("sound")
     with commands._CheckedBody(paths, length=len(body), timeout=5,
-                                check=commands._ChecksumCheck.of(info.checksum, paths)) as source:
+                               check=commands._ChecksumCheck.of(info.checksum, paths)) as source:
         first = source.read(70000)  # one piece, and the first destination dropped it
         assert first and body.startswith(first) and len(first) < len(body)
         source.seek(0)
@@ -1763,7 +1763,7 @@ def test_cp_checks_a_copy_sent_again_from_the_start_as_a_whole(devmogile: DevMog
     node = next(node for node in devmogile.nodes if paths[0].startswith(node.url))
     (node.docroot / paths[0].split("/", 3)[3]).write_bytes(body[:-1] + b"X")
     with commands._CheckedBody(paths, length=len(body), timeout=5,
-                                check=commands._ChecksumCheck.of(info.checksum, paths)) as source:
+                               check=commands._ChecksumCheck.of(info.checksum, paths)) as source:
         assert body.startswith(source.read(70000))
         source.seek(0)
         with pytest.raises(MogileFSError, match="does not match its checksum"):

@@ -461,7 +461,7 @@ def test_invalid_entries_are_logged_a_line_at_a_time(shared_memcached: Memcached
 
 
 def test_an_entry_stored_ahead_of_this_hosts_clock_is_logged(backend: MemcachedBackend,
-                                                           caplog: pytest.LogCaptureFixture) -> None:
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     """Hosts whose clocks differ by more than ``path_cache_seconds`` miss on each other's every
     entry, each lookup storing over the other's (twice the tracker calls of no memcached), and
     nothing said so."""
