@@ -220,8 +220,14 @@ def named(error: TrackerError, args: Mapping[str, object], domain: str) -> Track
 
 @contextlib.contextmanager
 def named_errors(args: Mapping[str, object], domain: str) -> Iterator[None]:
-    """Around a command with ``args`` in ``domain``: its tracker errors :func:`named`."""
+    """Around a command with ``args`` in ``domain``: its tracker errors :func:`named`, and a lost
+    answer naming the key whose state it leaves unknown (the tracker's address alone did not)."""
     try:
         yield
     except TrackerError as error:
         raise named(error, args, domain) from None
+    except OutcomeUnknownError as error:
+        key = _text(args.get("key", args.get("from_key")))
+        if key is None:
+            raise
+        raise type(error)(f"key {key!r} in domain {domain!r}: {error}") from error.__cause__

@@ -38,7 +38,8 @@ from mogile_middleware import (
 from mogile_middleware.cache import entry_key
 from mogile_middleware.client import ClientBase, Request
 from mogile_middleware.devserver import DevMogileFS
-from mogile_middleware.exceptions import ProtocolError, StorageError, TrackerError, UnregClassError, UnregDomainError
+from mogile_middleware.exceptions import (OutcomeUnknownError, ProtocolError, StorageError, TrackerError, UnregClassError,
+                                          UnregDomainError)
 
 AWKWARD_KEYS = [
     "with space.txt",
@@ -319,6 +320,20 @@ def test_an_upload_goes_to_the_next_tracker_when_the_first_never_answers(devmogi
     finally:
         client.close()
         silent.stop()
+
+
+@both_flavours
+def test_a_delete_whose_answer_is_lost_names_the_key_whose_state_it_leaves_unknown(flavour: Flavour) -> None:
+    """Logged, it named the tracker alone: which file may or may not be gone, no line said."""
+    cutting = ScriptedTracker(lambda line: None)  # closes the connection on every request
+    client = flavour.Client(DOMAIN, [cutting.tracker])
+    try:
+        with pytest.raises(OutcomeUnknownError, match=f"^key 'old/report.pdf' in domain '{DOMAIN}': "
+                                                      f"{cutting.tracker} failed after 'delete' was sent"):
+            client.delete(b"old/report.pdf")
+    finally:
+        client.close()
+        cutting.stop()
 
 
 @both_flavours
