@@ -487,10 +487,11 @@ class Client(ClientBase):
         :meth:`AsyncClient.store_file <mogile_middleware.async_client.AsyncClient.store_file>`: text
         passed on from a request is never read as a local file. :class:`~.upload.Uploader` opens paths.
         """
+        key = as_text(key)
         if isinstance(fileobj, (str, os.PathLike)):
             raise TypeError(f"store_file of {key!r} takes bytes, a file opened in binary mode or an iterable of "
                             f"bytes, not {type(fileobj).__name__} (Uploader.upload opens a path)")
-        return self._uploader.upload(as_text(key), fileobj, cls, verify_checksum=verify_checksum)
+        return self._uploader.upload(key, fileobj, cls, verify_checksum=verify_checksum)
 
     def store_content(self, key: Key, data: bytes, cls: str | None = None) -> int:
         """Store ``data`` (bytes) under ``key``; return the number of bytes stored."""

@@ -227,7 +227,11 @@ def named_errors(args: Mapping[str, object], domain: str) -> Iterator[None]:
     except TrackerError as error:
         raise named(error, args, domain) from None
     except OutcomeUnknownError as error:
-        key = _text(args.get("key", args.get("from_key")))
-        if key is None:
-            raise
-        raise type(error)(f"key {key!r} in domain {domain!r}: {error}") from error.__cause__
+        key, to_key = _text(args.get("key", args.get("from_key"))), _text(args.get("to_key"))
+        if key is not None:  # the same error, its traceback kept, its message naming the keys
+            names = {"key": key, "to_key": to_key, "domain": domain}
+            template = ("key {key}" if to_key is None else "keys {key} and {to_key}") + " in domain {domain}: " + \
+                str(error).replace("{", "{{").replace("}", "}}")
+            error.args = (template.format_map({name: repr(value) for name, value in names.items()}),)
+            error.naming = (template, names)  # type: ignore[attr-defined] # as named() gives it
+        raise

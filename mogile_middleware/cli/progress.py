@@ -89,8 +89,9 @@ def shown(error: Exception) -> str:
     if naming is None:
         return printable(str(error))
     template, names = naming
-    return f"{printable(getattr(error, 'code', ''))}: " + template.format_map(
-        {name: quoted(str(value)) for name, value in names.items()})
+    code = getattr(error, "code", None)  # a tracker's error code; a lost answer has none
+    return (f"{printable(code)}: " if code else "") + template.format_map(
+        {name: quoted(str(value)) for name, value in names.items() if value is not None})
 
 
 def human_size(count: float) -> str:

@@ -331,6 +331,9 @@ def test_a_delete_whose_answer_is_lost_names_the_key_whose_state_it_leaves_unkno
         with pytest.raises(OutcomeUnknownError, match=f"^key 'old/report.pdf' in domain '{DOMAIN}': "
                                                       f"{cutting.tracker} failed after 'delete' was sent"):
             client.delete(b"old/report.pdf")
+        with pytest.raises(OutcomeUnknownError, match=f"^keys 'a' and 'b' in domain '{DOMAIN}': "
+                                                      f"{cutting.tracker} failed after 'rename' was sent"):
+            client.rename("a", "b")
     finally:
         client.close()
         cutting.stop()

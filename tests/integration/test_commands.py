@@ -488,6 +488,19 @@ def test_keys_with_control_characters_are_printed_escaped(cli: Run, devmogile: D
     assert_no_raw_controls(terminal.getvalue().encode(), allowed=b"\r")  # the bar's own, to redraw
 
 
+def test_a_lost_answer_names_the_key_as_other_lines_do(cli: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key's escapes were escaped again (``'a\\\\tb'``), as they are not elsewhere."""
+    cutting = ScriptedTracker(lambda line: None)  # closes the connection on every request
+    monkeypatch.setenv("MOGILEFS_TRACKERS", cutting.tracker)
+    try:
+        lost = cli("rm", "a\tb")
+    finally:
+        cutting.stop()
+    assert lost.code == 1
+    assert lost.err.startswith(f"mogile-middleware: key 'a\\tb' in domain '{DOMAIN}': {cutting.tracker} failed after "
+                               "'delete' was sent")
+
+
 def test_a_hostile_trackers_keys_cannot_forge_lines(capsysbinary: pytest.CaptureFixture[bytes]) -> None:
     def script(line: bytes) -> bytes:
         if line.startswith(b"list_keys"):
