@@ -182,16 +182,27 @@ def tracker_error(code: str, text: str) -> TrackerError:
     return _ERRORS_BY_CODE.get(code, TrackerError)(code, text)
 
 
+def _keys(args: Mapping[str, object]) -> tuple[object, object]:
+    """The key a command is about (``key``, or a rename's ``from_key``) and a rename's ``to_key``,
+    ``None`` where there is none, each given as bytes named as text."""
+    return _text(args.get("key", args.get("from_key"))), _text(args.get("to_key"))
+
+
 def _text(key: object) -> object:
     """A key given as bytes as the text it names (bytes not UTF-8 as surrogate escapes)."""
     return key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else key
+
+
+def _said(template: str, names: Mapping[str, object]) -> str:
+    """``template`` naming ``names`` as messages name them (their ``repr``)."""
+    return template.format_map({name: repr(value) for name, value in names.items()})
 
 
 def named(error: TrackerError, args: Mapping[str, object], domain: str) -> TrackerError:
     """``error`` (of the same class, code and ``text``) with a message naming what it is about,
     from the arguments of the command it answers: the tracker's words name no key, class or
     domain (``ERR unknown_key unknown_key``)."""
-    key, to_key = (_text(args.get(name)) for name in ("key" if "key" in args else "from_key", "to_key"))
+    key, to_key = _keys(args)
     if isinstance(error, UnknownKeyError) and key is not None:
         naming = ("no key {key} in domain {domain}", {"key": key, "domain": domain})
     elif isinstance(error, KeyExistsError) and to_key is not None:
@@ -211,7 +222,7 @@ def named(error: TrackerError, args: Mapping[str, object], domain: str) -> Track
     else:
         return error
     template, names = naming
-    described = type(error)(error.code, template.format_map({name: repr(value) for name, value in names.items()}))
+    described = type(error)(error.code, _said(template, names))
     described.text = error.text
     #: The message's words and what they name, for a program that shows names its own way (the command line).
     described.naming = naming  # type: ignore[attr-defined]
@@ -227,11 +238,11 @@ def named_errors(args: Mapping[str, object], domain: str) -> Iterator[None]:
     except TrackerError as error:
         raise named(error, args, domain) from None
     except OutcomeUnknownError as error:
-        key, to_key = _text(args.get("key", args.get("from_key"))), _text(args.get("to_key"))
+        key, to_key = _keys(args)
         if key is not None:  # the same error, its traceback kept, its message naming the keys
-            names = {"key": key, "to_key": to_key, "domain": domain}
+            names = {"key": key, "domain": domain} if to_key is None else {"key": key, "to_key": to_key, "domain": domain}
             template = ("key {key}" if to_key is None else "keys {key} and {to_key}") + " in domain {domain}: " + \
                 str(error).replace("{", "{{").replace("}", "}}")
-            error.args = (template.format_map({name: repr(value) for name, value in names.items()}),)
+            error.args = (_said(template, names),)
             error.naming = (template, names)  # type: ignore[attr-defined] # as named() gives it
         raise

@@ -91,7 +91,7 @@ def shown(error: Exception) -> str:
     template, names = naming
     code = getattr(error, "code", None)  # a tracker's error code; a lost answer has none
     return (f"{printable(code)}: " if code else "") + template.format_map(
-        {name: quoted(str(value)) for name, value in names.items() if value is not None})
+        {name: quoted(str(value)) for name, value in names.items()})
 
 
 def human_size(count: float) -> str:
