@@ -15,6 +15,9 @@ import threading
 import weakref
 from typing import Any, Protocol
 
+if not hasattr(os, "register_at_fork"):  # Windows: no fork(), and no hooks of one
+    raise ImportError("mogile_middleware runs on POSIX systems only: this Python has no os.register_at_fork")
+
 
 class Renewable(Protocol):
     def renew_after_fork(self) -> None:
