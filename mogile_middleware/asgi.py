@@ -628,10 +628,10 @@ def _internal_headers_filtered(send: Send, keep_reproxy: bool) -> Send:
     return filtered
 
 
-def _internal_headers_removed(message: Message, *, keep_reproxy: bool = False) -> Message:
+def _internal_headers_removed(message: Message, *, keep_reproxy: bool) -> Message:
     """``message`` with its ``headers`` (any iterable of pairs) less those only the middleware may
-    send: a :data:`~mogile_middleware.views.SERVE_HEADER` not made by ``serve_header`` here, and
-    the reproxy headers unless ``keep_reproxy``."""
+    send: a :data:`~mogile_middleware.views.SERVE_HEADER`, and the reproxy headers unless
+    ``keep_reproxy``."""
     return {**message, "headers": [(name, value) for name, value in message["headers"] if name.lower() != _SERVE
                                    and (keep_reproxy or not is_reproxy_header(name.decode("latin-1")))]}
 

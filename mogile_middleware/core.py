@@ -417,9 +417,8 @@ class MiddlewareCore:
 
     @staticmethod
     def _decoded(raw_path: str) -> str | Answer:
-        """The URL path after the prefix as the characters it names, or the 400 answer if not UTF-8."""
-        if raw_path.isascii():  # the bytes are the characters (the usual case)
-            return raw_path
+        """The URL path after the prefix, not ASCII, as the characters it names, or the 400 answer
+        if not UTF-8."""
         try:
             # PEP 3333 gives PATH_INFO as the raw bytes decoded as latin-1.
             return raw_path.encode("latin-1").decode("utf-8")
@@ -666,5 +665,5 @@ def reproxy_marks(request: MutableMapping[str, Any]) -> list[bool]:
 def is_internal_header(name: str) -> bool:
     """True for the reproxy headers and :data:`~mogile_middleware.views.SERVE_HEADER`: what the
     application's answers are checked for."""
-    lowered = name.lower()
+    lowered = name.lower()  # as is_reproxy_header reads it, without a second call for each header passed on
     return lowered.startswith("x-reproxy") or lowered in ("x-accel-redirect", SERVE_HEADER_LOWER)

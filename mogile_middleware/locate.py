@@ -191,7 +191,7 @@ class Locator:
 
     def forget(self, key: str) -> None:
         """Drop the cached location of ``key`` (it was written, renamed or deleted)."""
-        self.paths.invalidate(self._entry_prefix + key)
+        self.paths.invalidate(self.cache_key(key))
 
     def changed(self, key: str) -> None:
         """The listener of the client's changes: :meth:`forget`."""
@@ -353,7 +353,7 @@ class AsyncLocator(Locator):
     async def aforget(self, key: str) -> None:
         """As :meth:`~Locator.forget`, awaited: a shared cache is asked from a thread.
         :meth:`~Locator.forget` stays for a synchronous writer's thread."""
-        await self.paths.ainvalidate(self._entry_prefix + key)  # type: ignore[attr-defined]
+        await self.paths.ainvalidate(self.cache_key(key))  # type: ignore[attr-defined]
 
     async def changed(self, key: str) -> None:  # type: ignore[override]
         """The listener of the client's changes: :meth:`aforget`."""

@@ -29,10 +29,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from pymemcache.client.base import Client, check_key_helper
-from pymemcache.client.hash import HashClient
-from pymemcache.client.rendezvous import RendezvousHash
-from pymemcache.exceptions import MemcacheError, MemcacheIllegalInputError, MemcacheUnexpectedCloseError
+try:
+    from pymemcache.client.base import Client, check_key_helper
+    from pymemcache.client.hash import HashClient
+    from pymemcache.client.rendezvous import RendezvousHash
+    from pymemcache.exceptions import MemcacheError, MemcacheIllegalInputError, MemcacheUnexpectedCloseError
+except ModuleNotFoundError as error:  # the optional extra, which the options using this module name
+    raise ModuleNotFoundError(f"mogile_middleware.memcache needs pymemcache: "
+                              f"pip install 'mogile_middleware[memcached]' ({error})", name=error.name) from error
 
 from .deadline import checked_seconds
 from .forking import renew_in_child

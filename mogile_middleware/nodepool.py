@@ -1,10 +1,11 @@
-"""Kept-alive connections to storage nodes, reused by the next request to the same node.
+"""Kept-alive connections to storage nodes (and, through :class:`IdlePool`, to trackers),
+reused by the next request to the same node.
 
 A connection to a storage node costs a TCP handshake and, on the node, a new client (mogstored's
 Perlbal keeps HTTP/1.1 clients alive for 30 s). :class:`IdlePool` keeps the idle ones of each
 node: bounded in number and age, thread-safe, and empty again in a forked child (a gunicorn
-worker never uses its master's sockets); :class:`NodePool` is the WSGI side's, and the asyncio
-side keeps one per event loop. Only a connection whose response was read to its end,
+worker never uses its master's sockets); :class:`NodePool` is the WSGI side's, the asyncio side
+keeps one per event loop, and the tracker pools keep theirs in one too. Only a connection whose response was read to its end,
 and that the node keeps open, comes back; one that failed or was left mid-body is closed.
 """
 

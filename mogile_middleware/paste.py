@@ -13,7 +13,11 @@ import pkgutil
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from paste.deploy.converters import asbool, asint, aslist
+try:
+    from paste.deploy.converters import asbool, asint, aslist
+except ModuleNotFoundError as error:  # the optional extra
+    raise ModuleNotFoundError(f"mogile_middleware.paste needs PasteDeploy: "
+                              f"pip install 'mogile_middleware[paste]' ({error})", name=error.name) from error
 
 from .middleware import REPROXY_MODES, MogileFSMiddleware, WSGIApp, parse_trusted_proxies
 from .tracker import parse_trackers
@@ -77,8 +81,7 @@ def _memcached(servers: list[str] | None, secret: list[str] | None, prefix: str 
     try:
         from .memcache import MemcachedBackend, checked_prefix  # pymemcache is an optional extra
     except ImportError as error:
-        raise ValueError(f"mogile_middleware option memcached_servers needs pymemcache: "
-                         f"pip install 'mogile_middleware[memcached]' ({error})") from error
+        raise ValueError(f"mogile_middleware option memcached_servers: {error}") from error
     try:
         checked = {} if prefix is None else {"prefix": checked_prefix(prefix)}
     except ValueError as error:

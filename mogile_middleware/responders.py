@@ -281,7 +281,7 @@ class Serve:
     """
 
     def __init__(self, locator: Locator, representation: Representation, *, storage_timeout: float,
-                 unanswered: ThrottledLog, asked_again: ThrottledLog, bodies: BodyCache | None = None) -> None:
+                 unanswered: ThrottledLog, asked_again: ThrottledLog, bodies: BodyCache | None) -> None:
         self.representation = representation
         self.storage_timeout = storage_timeout
         self.unanswered, self.asked_again = unanswered, asked_again
@@ -328,7 +328,7 @@ def _planned(request: FileRequest, location: Location, representation: Represent
 
 
 def serve_steps(request: FileRequest, location: Location, representation: Representation, unanswered: ThrottledLog,
-                asked_again: ThrottledLog, bodies: BodyCache | None = None) -> Steps[Any]:
+                asked_again: ThrottledLog, bodies: BodyCache | None) -> Steps[Any]:
     """Serve mode's decisions, for both middlewares (driven by :func:`~mogile_middleware.locate.run_steps`
     or ``arun_steps``): the replica open before anything is sent, and the trackers asked once more
     when its replicas are gone, or before a 412 or a 416 decided from the cached version. Returns

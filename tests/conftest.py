@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,13 @@ def devmogile(tmp_path: Path) -> Iterator[DevMogileFS]:
     """A running tracker with two storage nodes, domain ``testdom`` and classes avatar/thumb."""
     with DevMogileFS(data_dir=tmp_path / "mogdata", storage_nodes=2, domains={DOMAIN: CLASSES}) as mogile:
         yield mogile
+
+
+@pytest.fixture
+def without_pymemcache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if the ``memcached`` extra were not installed: ``mogile_middleware.memcache`` does not import."""
+    monkeypatch.setitem(sys.modules, "pymemcache.client.base", None)
+    monkeypatch.delitem(sys.modules, "mogile_middleware.memcache", raising=False)
 
 
 def require_program(program: str, package: str) -> str:

@@ -146,8 +146,8 @@ def _memcached(text: str) -> MemcachedBackend | None:
         return None
     try:
         from ..memcache import MemcachedBackend, checked_prefix  # pymemcache is an optional extra
-    except ImportError:
-        raise argparse.ArgumentTypeError("needs pymemcache: pip install 'mogile_middleware[memcached]'") from None
+    except ImportError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     secret, prefix = os.environ.get("MOGILEFS_MEMCACHED_SECRET"), os.environ.get("MOGILEFS_MEMCACHED_PREFIX")
     # Set to nothing, as a template whose value is missing leaves it: no signing, or the default, meant.
     for name, value, unset in [("MOGILEFS_MEMCACHED_SECRET", secret, "unsigned entries"),

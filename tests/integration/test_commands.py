@@ -274,13 +274,13 @@ def test_a_dead_tracker_fails_fast(capsys: pytest.CaptureFixture[str]) -> None:
     assert err.startswith("mogile-middleware: no tracker answered") and err.count("\n") == 1
 
 
-def test_memcached_without_pymemcache_is_a_one_line_usage_error(monkeypatch: pytest.MonkeyPatch,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setitem(sys.modules, "mogile_middleware.memcache", None)  # as if pymemcache were missing
+@pytest.mark.usefixtures("without_pymemcache")
+def test_memcached_without_pymemcache_is_a_one_line_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as stopped:
         main(["rm", "k", "--trackers", "127.0.0.1:7001", "--domain", DOMAIN, "--memcached", "127.0.0.1:11211"])
     assert stopped.value.code == 2
-    assert "--memcached: needs pymemcache: pip install 'mogile_middleware[memcached]'\n" in capsys.readouterr().err
+    assert ("--memcached: mogile_middleware.memcache needs pymemcache: pip install 'mogile_middleware[memcached]' "
+            "(import of pymemcache.client.base halted; None in sys.modules)\n") in capsys.readouterr().err
 
 
 def test_a_missing_domain_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

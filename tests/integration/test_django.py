@@ -969,6 +969,15 @@ def test_the_middleware_cache_is_chosen_by_one_setting_only(mogile: DevMogileFS)
             _wrap()
 
 
+@pytest.mark.usefixtures("mogile", "without_pymemcache")
+def test_the_memcached_setting_without_pymemcache_names_the_extra() -> None:
+    with with_settings(MOGILEFS_MEMCACHED_SERVERS="127.0.0.1:11211"):
+        with pytest.raises(ImproperlyConfigured, match=re.escape(
+                "MOGILEFS_MEMCACHED_SERVERS: mogile_middleware.memcache needs pymemcache: "
+                "pip install 'mogile_middleware[memcached]'")):
+            _wrap()
+
+
 def test_other_paths_reach_django(app: TestApp) -> None:
     assert "<form" in app.get("/").text
     app.get("/nothing-here/", status=404)

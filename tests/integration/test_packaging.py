@@ -3,6 +3,8 @@ benchmark and its results, the examples), and a wheel built from it the whole pa
 
 from __future__ import annotations
 
+import importlib
+import re
 import shutil
 import subprocess
 import sys
@@ -70,3 +72,14 @@ def test_importing_it_where_there_is_no_fork_says_it_needs_posix() -> None:
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1] == ("ImportError: mogile_middleware runs on POSIX systems only: "
                                             "this Python has no os.register_at_fork")
+
+
+@pytest.mark.parametrize(("module", "needs", "extra"), [("mogile_middleware.memcache", "pymemcache.client.base", "memcached"),
+                                                       ("mogile_middleware.paste", "paste.deploy.converters", "paste")])
+def test_a_module_of_an_extra_not_installed_names_the_extra(monkeypatch: pytest.MonkeyPatch, module: str, needs: str,
+                                                            extra: str) -> None:
+    monkeypatch.setitem(sys.modules, needs, None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    with pytest.raises(ModuleNotFoundError, match=re.escape(f"pip install 'mogile_middleware[{extra}]'")) as refused:
+        importlib.import_module(module)
+    assert str(refused.value).startswith(f"{module} needs ")

@@ -8,6 +8,7 @@ import inspect
 import ipaddress
 import operator
 import posixpath
+import re
 import subprocess
 import sys
 import time
@@ -256,6 +257,13 @@ def test_every_string_keyword_of_the_middleware_is_an_option() -> None:
     """All but the ASGI middleware's ``client_timeout``, which a WSGI server makes its own."""
     keywords = set(inspect.signature(MogileFSMiddleware).parameters)
     assert set(OPTIONS) - set(CACHE_BACKEND_OPTIONS) == keywords - {"app", "client", "cache_backend", "client_timeout"}
+
+
+@pytest.mark.usefixtures("without_pymemcache")
+def test_memcached_servers_without_pymemcache_name_the_extra() -> None:
+    with pytest.raises(ValueError, match=re.escape("mogile_middleware option memcached_servers: mogile_middleware.memcache"
+                                                   " needs pymemcache: pip install 'mogile_middleware[memcached]'")):
+        filter_factory({}, domain="media", trackers="127.0.0.1:7001", memcached_servers="127.0.0.1:11211")
 
 
 def test_memcached_servers_build_a_shared_cache_backend() -> None:

@@ -137,9 +137,7 @@ def memcached_backend(servers: tuple[str, ...]) -> MemcachedBackend | None:
     try:
         from ...memcache import MemcachedBackend, checked_prefix  # pymemcache is an optional extra
     except ImportError as error:
-        raise ImproperlyConfigured(
-            f"MOGILEFS_MEMCACHED_SERVERS needs pymemcache: pip install 'mogile_middleware[memcached]' ({error})"
-        ) from error
+        raise ImproperlyConfigured(f"MOGILEFS_MEMCACHED_SERVERS: {error}") from error
     secret = getattr(settings, "MOGILEFS_MEMCACHED_SECRET", None)
     prefix = getattr(settings, "MOGILEFS_MEMCACHED_PREFIX", None)
     secrets = None if secret is None else validated("MOGILEFS_MEMCACHED_SECRET", secret, _secrets)

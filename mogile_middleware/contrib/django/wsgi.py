@@ -17,7 +17,7 @@ def wrap_wsgi(application: WSGIApp) -> MogileFSMiddleware:
     the client's writes drop them.
     """
     middleware = configured_middleware(application)
-    listen_to_media_changes(middleware.locator.changed, besides=middleware.client)  # which it listens to already
+    listen_to_media_changes(middleware.locator.forget, besides=middleware.client)  # which it listens to already
     return middleware
 
 
