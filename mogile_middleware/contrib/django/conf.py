@@ -80,7 +80,7 @@ def tracker_addresses(value: object) -> tuple[Address, ...]:
     return tuple(parse_trackers(_host_ports(value)))
 
 
-def url_prefix(value: object) -> str:
+def folder_url(value: object) -> str:
     """A URL ending with ``/``: ``"/media/"``, ``"https://cdn.example/media/"``, or, as Django's
     ``MEDIA_URL`` may be, a path relative to the site's script prefix: ``"media/"``."""
     parts = urlsplit(value) if isinstance(value, str) else None
@@ -114,7 +114,7 @@ def trackers() -> tuple[Address, ...]:
 
 def media_url() -> str:
     """``MOGILEFS_MEDIA_URL``: where the files are on the web, and the middleware's prefix."""
-    return validated("MOGILEFS_MEDIA_URL", _required("MOGILEFS_MEDIA_URL"), url_prefix)
+    return validated("MOGILEFS_MEDIA_URL", _required("MOGILEFS_MEDIA_URL"), folder_url)
 
 
 def memcached_servers() -> tuple[str, ...]:

@@ -179,7 +179,7 @@ class MogileFSStorage(Storage):
             self.mogile_class = option("mogile_class", mogile_class, conf.text)
         self._domain: str | None = option("domain", domain, conf.text)
         self._trackers: tuple[Address, ...] | None = option("trackers", trackers, conf.tracker_addresses)
-        self._media_url: str | None = option("media_url", media_url, conf.url_prefix)
+        self._media_url: str | None = option("media_url", media_url, conf.folder_url)
         #: The keys' start: the location and a slash, or nothing.
         self._keys_start: str = option("location", location, _keys_start) or ""
         self.allow_overwrite: bool = option("allow_overwrite", allow_overwrite, conf.flag)
