@@ -5,8 +5,9 @@ A connection to a storage node costs a TCP handshake and, on the node, a new cli
 Perlbal keeps HTTP/1.1 clients alive for 30 s). :class:`IdlePool` keeps the idle ones of each
 node: bounded in number and age, thread-safe, and empty again in a forked child (a gunicorn
 worker never uses its master's sockets); :class:`NodePool` is the WSGI side's, the asyncio side
-keeps one per event loop, and the tracker pools keep theirs in one too. Only a connection whose response was read to its end,
-and that the node keeps open, comes back; one that failed or was left mid-body is closed.
+keeps one per event loop, and the tracker pools keep theirs in one too. Only a connection whose
+response was read to its end, and that the node keeps open, comes back; one that failed or was
+left mid-body is closed.
 """
 
 from __future__ import annotations
