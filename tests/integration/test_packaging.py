@@ -63,7 +63,8 @@ def test_a_wheel_built_from_the_sdist_holds_the_package_alone(sdist: Path, tmp_p
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
     assert _files(ROOT / "mogile_middleware") <= names  # every module, and py.typed
-    assert {name.split("/", 1)[0] for name in names} == {"mogile_middleware", "-".join(wheel.name.split("-")[:2]) + ".dist-info"}
+    dist_info = "-".join(wheel.name.split("-")[:2]) + ".dist-info"
+    assert {name.split("/", 1)[0] for name in names} == {"mogile_middleware", dist_info}
 
 
 def test_importing_it_where_there_is_no_fork_says_it_needs_posix() -> None:
@@ -74,8 +75,9 @@ def test_importing_it_where_there_is_no_fork_says_it_needs_posix() -> None:
                                             "this Python has no os.register_at_fork")
 
 
-@pytest.mark.parametrize(("module", "needs", "extra"), [("mogile_middleware.memcache", "pymemcache.client.base", "memcached"),
-                                                       ("mogile_middleware.paste", "paste.deploy.converters", "paste")])
+@pytest.mark.parametrize(("module", "needs", "extra"), [
+    ("mogile_middleware.memcache", "pymemcache.client.base", "memcached"),
+    ("mogile_middleware.paste", "paste.deploy.converters", "paste")])
 def test_a_module_of_an_extra_not_installed_names_the_extra(monkeypatch: pytest.MonkeyPatch, module: str, needs: str,
                                                             extra: str) -> None:
     monkeypatch.setitem(sys.modules, needs, None)  # as if it were not installed

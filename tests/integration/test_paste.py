@@ -261,8 +261,9 @@ def test_every_string_keyword_of_the_middleware_is_an_option() -> None:
 
 @pytest.mark.usefixtures("without_pymemcache")
 def test_memcached_servers_without_pymemcache_name_the_extra() -> None:
-    with pytest.raises(ValueError, match=re.escape("mogile_middleware option memcached_servers: mogile_middleware.memcache"
-                                                   " needs pymemcache: pip install 'mogile_middleware[memcached]'")):
+    named = ("mogile_middleware option memcached_servers: mogile_middleware.memcache needs pymemcache: "
+             "pip install 'mogile_middleware[memcached]'")
+    with pytest.raises(ValueError, match=re.escape(named)):
         filter_factory({}, domain="media", trackers="127.0.0.1:7001", memcached_servers="127.0.0.1:11211")
 
 
