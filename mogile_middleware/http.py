@@ -116,14 +116,14 @@ def etag_matches(header: str | None, etag: str, *, weak: bool) -> bool:
     if f'"{etag}"' not in header or _listed_length(header) > MAX_ENTITY_TAG_LIST:
         return False  # no tag is the etag (a quick look: a list may be megabytes long), or too long a list
     position = _LIST_GAP.match(header).end()  # type: ignore[union-attr] # it matches anything
+    named = False
     while position < len(header):
         match = _ENTITY_TAG.match(header, position)
         if match is None:
-            return False  # not a list of entity-tags: it names nothing
-        if match.group(1) == etag and (weak or not match.group(0).startswith("W/")):
-            return True
+            return False  # not a list of entity-tags: it names nothing, whichever of its tags come first
+        named = named or (match.group(1) == etag and (weak or not match.group(0).startswith("W/")))
         position = _LIST_GAP.match(header, match.end()).end()  # type: ignore[union-attr]
-    return False
+    return named
 
 
 def _listed_length(header: str) -> int:

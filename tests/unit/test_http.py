@@ -24,6 +24,11 @@ def plan(length: int = 100, **request: str) -> Answer | FilePlan:
     pytest.param('"fid-4"', True, False, id="other"),
     pytest.param("fid-42", True, False, id="unquoted"),
     pytest.param('"fid-42" garbage', True, False, id="garbage-after"),
+    # A list that is not one names nothing, whatever it names before its fault (RFC 9110 13.1.1-2:
+    # "*" or tags, not both), so the answer does not hang on the order of its elements.
+    pytest.param('"fid-42", *', True, False, id="tag-then-star"),
+    pytest.param('*, "fid-42"', True, False, id="star-then-tag"),
+    pytest.param('"fid-42", garbage', False, False, id="garbage-element-after"),
     pytest.param("", True, False, id="empty"),
     # Empty elements are ignored wherever they are (RFC 9110 5.6.1.2).
     pytest.param('"a", , "fid-42"', False, True, id="empty-element"),
