@@ -552,16 +552,16 @@ def test_a_stopped_memcached_fails_fast(memcached: MemcachedServer) -> None:
 def test_a_silent_memcached_costs_one_timeout_then_is_skipped() -> None:
     # It accepts connections (the kernel's backlog) but never answers, like a hung memcached.
     with socket.create_server(("127.0.0.1", 0)) as silent:
-        backend = MemcachedBackend(f"127.0.0.1:{silent.getsockname()[1]}", timeout=0.3)
+        backend = MemcachedBackend(f"127.0.0.1:{silent.getsockname()[1]}", timeout=1.0)
         started = time.monotonic()
         with pytest.raises(DOWN):
             backend.get("key")
-        assert 0.25 < time.monotonic() - started < 1.0
+        assert 0.95 < time.monotonic() - started < 3.0
         started = time.monotonic()
         for _ in range(20):  # marked dead: no connection, no wait
             with pytest.raises(DOWN):
                 backend.set("key", LOCATION, 1.0, 60)
-        assert time.monotonic() - started < 0.2
+        assert time.monotonic() - started < 0.5  # not one timeout more
 
 
 #: How each server of ``babbling_memcached`` answers, and what a call to it ends with, and within how long.

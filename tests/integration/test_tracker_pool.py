@@ -175,7 +175,7 @@ def test_every_tracker_dead_raises_at_once_without_dialling(flavour: Flavour) ->
     started = time.monotonic()
     with pytest.raises(TrackerUnavailableError, match="marked dead"):
         pool.request("noop")
-    assert time.monotonic() - started < 0.05
+    assert time.monotonic() - started < 0.5  # marked dead: no connection tried
 
 
 @both_flavours
@@ -371,7 +371,7 @@ def test_with_every_tracker_hung_the_requests_meanwhile_leave_the_asking_to_one(
             started = time.monotonic()
             with pytest.raises(TrackerUnavailableError, match="another request is asking whether it is back"):
                 pool.request("get_paths", {"key": "k"})
-            assert time.monotonic() - started < 0.3
+            assert time.monotonic() - started < 0.5  # no connect_timeout waited
         asking.join(5)
         assert len(outcome) == 1 and "still no answer" in outcome[0]
         assert hung.requests == [b"noop\r\n"]
@@ -403,14 +403,14 @@ def test_a_command_unsafe_to_repeat_left_unanswered_on_a_kept_connection_marks_t
     kept-open connection marks it dead, so the next one goes to the other tracker at once."""
     first, second = ScriptedTracker(ok), ScriptedTracker(ok)
     try:
-        pool = flavour.TrackerPool([first.tracker, second.tracker], io_timeout=0.3, dead_seconds=5)
+        pool = flavour.TrackerPool([first.tracker, second.tracker], io_timeout=1.0, dead_seconds=5)
         assert pool.request("noop")[1] == first.address  # its connection kept open
         first.script = lambda line: b""
         with pytest.raises(OutcomeUnknownError, match="may or may not"):
             pool.request("delete", {"key": "k"})
         started = time.monotonic()
         assert pool.request("delete", {"key": "k"})[1] == second.address
-        assert time.monotonic() - started < 0.2
+        assert time.monotonic() - started < 0.5  # no io_timeout waited
     finally:
         first.stop()
         second.stop()
@@ -464,14 +464,14 @@ def test_a_tracker_that_never_answers_costs_the_io_timeout_then_the_next_one_ans
                                                                                      flavour: Flavour) -> None:
     silent = ScriptedTracker(lambda line: b"")
     try:
-        pool = flavour.TrackerPool([silent.tracker, tracker.tracker], io_timeout=0.3)
+        pool = flavour.TrackerPool([silent.tracker, tracker.tracker], io_timeout=1.0)
         started = time.monotonic()
         assert pool.request("get_paths", {"key": "k"})[1] == tracker.address
-        assert 0.3 <= time.monotonic() - started < 2
+        assert 1.0 <= time.monotonic() - started < 3
         # and it is now skipped
         started = time.monotonic()
         pool.request("get_paths", {"key": "k"})
-        assert time.monotonic() - started < 0.2
+        assert time.monotonic() - started < 0.5  # no io_timeout waited
     finally:
         silent.stop()
 
