@@ -569,7 +569,8 @@ def _get_recursive(args: argparse.Namespace, client: Client) -> int:
 def _fetch_into(client: Client, key: str, target: Path, *, make_directory: bool = False) -> None:
     """Write ``key``'s file to ``target``, put in place only once whole (and its directory made,
     with ``make_directory``, once a replica answers), from replicas whose bytes match the
-    checksum the tracker keeps (:func:`_past_rotted_replicas`)."""
+    checksum the tracker keeps (:func:`_past_rotted_replicas`). A device or a pipe, written as it
+    is (``/dev/stdout``), is read into once, as stdout is: bytes written there are not taken back."""
     def fetch(rotted: list[str]) -> None:
         with _download(client, key, passing_over=rotted) as (length, chunks), \
                 ProgressBar(length, sys.stderr, label=key) as bar:
@@ -578,7 +579,14 @@ def _fetch_into(client: Client, key: str, target: Path, *, make_directory: bool 
             with _replacing(target) as out:
                 _copy(b"", chunks, out, bar)
 
-    _past_rotted_replicas(key, fetch)
+    try:
+        in_place = not stat.S_ISREG(target.stat().st_mode)
+    except OSError:  # none yet, or none there can be: _replacing names why
+        in_place = False
+    if in_place:
+        fetch([])
+    else:
+        _past_rotted_replicas(key, fetch)
 
 
 def _past_rotted_replicas(key: str, attempt: Callable[[list[str]], None]) -> None:

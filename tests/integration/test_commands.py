@@ -10,6 +10,7 @@ import io
 import os
 import random
 import resource
+import select
 import re
 import signal
 import socket
@@ -21,6 +22,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -1646,6 +1648,35 @@ def test_get_and_cp_pass_over_a_replica_cut_short_on_its_disk(cli: Run, devmogil
         assert cli("cp", "cut", "copy").code == 0 and client.get_file_data("copy") == body
 
 
+@contextmanager
+def _drained(pipe: Path) -> Iterator[bytearray]:
+    """The bytes written to the named ``pipe`` by the block, by however many writers one after another."""
+    reading, taken, ended = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK), bytearray(), threading.Event()
+
+    def drain() -> None:
+        while True:
+            select.select([reading], [], [], 0.05)
+            try:
+                piece = os.read(reading, 1 << 16)
+            except BlockingIOError:  # a writer, nothing written yet
+                continue
+            if piece:
+                taken.extend(piece)
+            elif ended.is_set():
+                return
+            else:  # no writer now, maybe one again
+                time.sleep(0.01)
+
+    draining = threading.Thread(target=drain, daemon=True)
+    draining.start()
+    try:
+        yield taken
+    finally:
+        ended.set()
+        draining.join(10)
+        os.close(reading)
+
+
 def test_get_reads_past_a_replica_whose_bytes_differ_from_the_checksum_and_refuses_when_none_match(
         cli: Run, devmogile: DevMogileFS, tmp_path: Path) -> None:
     """A replica that rotted on its disk (its length unchanged) was written as the file."""
@@ -1669,6 +1700,17 @@ def test_get_reads_past_a_replica_whose_bytes_differ_from_the_checksum_and_refus
         said.add(got.err)
     assert said == {"", f"mogile-middleware: 'rotted': the content read from {replicas[0]} does not match its "
                         f"checksum MD5:{sums[0]} (MD5:{sums[1]} read): read again from another replica\n"}
+    # A pipe (as -o /dev/stdout is) is written as it is: the rotted bytes are out, and exit 1 says
+    # so, as to stdout (read again, the file followed them, exit 0).
+    os.mkfifo(tmp_path / "pipe")
+    outcomes = set()
+    for _ in range(20):
+        with _drained(tmp_path / "pipe") as taken:
+            piped = cli("get", "rotted", "-o", str(tmp_path / "pipe"))
+        assert len(taken) == len(body) and (piped.code, taken == body) in {(0, True), (1, False)}
+        assert ("does not match its checksum" in piped.err) == (piped.code == 1)
+        outcomes.add(piped.code)
+    assert outcomes == {0, 1}  # whichever replica the tracker names first
     said = set()
     for number in range(20):  # and so for cp, whose upload would have stored the rotted bytes with their MD5
         copied = cli("cp", "rotted", f"copy{number}")
