@@ -200,11 +200,10 @@ class PathCache(Generic[V]):
                  ttl_for: Callable[[V], float] | None = None, on_change: Callable[[str], None] | None = None) -> None:
         self._lookup = lookup
         self._on_change = on_change
-        self._backend: CacheBackend = backend if backend is not None else \
-            MemoryCache(max_entries, clock or time.monotonic)
         # The warnings' intervals are the clock's given (tests pass a fake one), else monotonic:
         # wall time stepped back an hour silenced them for the hour.
         interval_clock = clock or time.monotonic
+        self._backend: CacheBackend = backend if backend is not None else MemoryCache(max_entries, interval_clock)
         if clock is None:
             clock = time.monotonic if isinstance(self._backend, MemoryCache) else time.time
         if isinstance(self._backend, MemoryCache):

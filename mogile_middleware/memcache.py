@@ -26,6 +26,7 @@ import re
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -122,6 +123,9 @@ class MemcachedBackend:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._idle: list[tuple[HashClient, _Deadline]] = []
+        # Dropped, it closes its idle connections: left to the collector, each warned (a backend
+        # made per test failed a suite run with ``filterwarnings = error``).
+        weakref.finalize(self, _close_all, self._idle)
         renew_in_child(self)
         # Sites signing with different secrets over one memcached find each other's entries on every read.
         self._invalid_log = ThrottledLog(log, logging.WARNING, "ignoring an invalid memcached entry for %r: %r",
@@ -253,7 +257,8 @@ class MemcachedBackend:
     def renew_after_fork(self) -> None:
         # The parent's sockets are shared with it: start afresh, never touch the inherited ones.
         self._lock = threading.Lock()
-        self._pid, self._idle = os.getpid(), []
+        self._pid = os.getpid()
+        _close_all(self._idle)  # its copies: the parent's connections stay open
 
     @contextlib.contextmanager
     def _client(self) -> Iterator[Any]:
@@ -265,7 +270,8 @@ class MemcachedBackend:
             return
         with self._lock:
             if os.getpid() != self._pid:  # forked with no at-fork hook run (uWSGI's default): as renew_after_fork
-                self._pid, self._idle = os.getpid(), []
+                self._pid = os.getpid()
+                _close_all(self._idle)
             idle = self._idle.pop() if self._idle else None
         if idle is None:
             deadline = _Deadline(self.timeout)
@@ -285,6 +291,13 @@ class MemcachedBackend:
                     self._idle.append((client, deadline))
             if not kept:
                 client.close()
+
+
+def _close_all(idle: list[tuple[HashClient, _Deadline]]) -> None:
+    """Close the idle clients' connections (a process's own copies of their sockets) and forget them."""
+    for client, _ in idle:
+        client.close()
+    idle.clear()
 
 
 def checked_prefix(prefix: object) -> str:

@@ -99,6 +99,7 @@ def test_a_loop_ended_as_runners_end_one_closes_its_tracker_connections_with_it(
         return sent[0]["status"]
 
     run = {"asyncio": asyncio.run, "uvloop": uvloop.run, "anyio": lambda coroutine: anyio.run(lambda: coroutine)}[runner]
+    gc.collect()  # what earlier tests left is collected, and warned of, before
     gc.disable()  # what the collector would close is not closed by it here
     try:
         with warnings.catch_warnings(record=True) as caught:

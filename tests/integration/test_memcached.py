@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import pickle
@@ -10,6 +11,7 @@ import signal
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -370,6 +372,23 @@ def test_threads_share_a_backend(backend: MemcachedBackend) -> None:
     for thread in threads:
         thread.join(30)
     assert failures == []
+
+
+def test_a_backend_dropped_closes_its_connections_unwarned(shared_memcached: MemcachedServer) -> None:
+    """A backend made for each test (an application factory's) left its connections to the
+    collector, a ResourceWarning each: a suite with ``filterwarnings = error`` failed on them."""
+    stats = MemcacheClient(shared_memcached.address)
+    backend = MemcachedBackend(shared_memcached.address)
+    with ThreadPoolExecutor(3) as pool:  # a connection each, kept idle after
+        list(pool.map(lambda _: backend.set("key", LOCATION, 1.0, 60), range(30)))
+    opened = stats.stats()[b"curr_connections"]
+    gc.collect()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        del backend
+        gc.collect()
+    assert [str(warning.message)[:40] for warning in caught if warning.category is ResourceWarning] == []
+    assert eventually(lambda: stats.stats()[b"curr_connections"], lambda now: now < opened) < opened
 
 
 @pytest.mark.parametrize("fork", [os.fork, fork_without_hooks], ids=["os.fork", "without-hooks"])

@@ -65,6 +65,7 @@ def test_a_middleware_dropped_unclosed_closes_its_tracker_connections_unwarned(d
     """An application made for each test (Flask's app factory) leaves its middleware to the
     collector: its idle tracker connections warned of an unclosed socket each, which a suite with
     ``filterwarnings = error`` fails on."""
+    gc.collect()  # what earlier tests left is collected, and warned of, before
     gc.disable()  # a middleware is in cycles of its own: the collector, not the reference count, drops it
     try:
         with warnings.catch_warnings(record=True) as caught:
