@@ -170,7 +170,8 @@ class MiddlewareCore:
         verifies); anything else is a 403 without any tracker call.
 
     With ``authorize`` or ``signing_key`` and no ``cache_control``, files are sent with
-    ``Cache-Control: private``, so that shared caches keep them for no one else.
+    ``Cache-Control: private``, so that shared caches keep them for no one else; with
+    ``authorize``, a ``cache_control`` that lets them is refused.
     """
 
     #: The client made from ``domain`` and ``trackers``, and the locator over it.
@@ -234,6 +235,9 @@ class MiddlewareCore:
         checked_seconds("storage_timeout", storage_timeout)
         checked_seconds("client_timeout", client_timeout)
         private = authorize is not None or signing_key is not None
+        if authorize is not None and cache_control and not _kept_from_shared_caches(cache_control):
+            raise ValueError(f"cache_control {cache_control!r} lets a shared cache give a file authorize allowed one "
+                             "request to every other: add private (or no-cache, or no-store)")
         if private and perlbal_cache_seconds and reproxy == "perlbal":
             raise ValueError("perlbal_cache_seconds lets Perlbal answer repeated requests without asking the "
                              "middleware, which would skip authorize and signing_key")
@@ -533,6 +537,14 @@ def _refuse_unusable(*, cache_control: object, charset: object, nginx_location: 
          "a whole number of bytes >= 0"),  # checked even while body_cache_bytes keeps the cache off
     ]
     _refuse_invalid(checks)
+
+
+def _kept_from_shared_caches(cache_control: str) -> bool:
+    """True if a ``Cache-Control`` value lets no shared cache answer another request with what it
+    stored without asking (RFC 9111 5.2.2): ``no-store``, or ``private`` or ``no-cache`` without
+    field names (``private="Set-Cookie"`` keeps only that field from them)."""
+    directives = {directive.strip().lower() for directive in cache_control.split(",")}
+    return not directives.isdisjoint(("private", "no-store", "no-cache"))
 
 
 def _refuse_mistyped(*, require_proxy_header: object, trusted_files: object, allow_app_reproxy: object,

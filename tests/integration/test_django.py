@@ -1339,15 +1339,30 @@ def test_manage_py_check_takes_what_wrap_asgi_alone_takes_and_warns_of_a_storage
     def ours() -> list[Any]:
         return [message for message in run_checks() if message.id.startswith("mogile_middleware.")]
 
+    private = {"MOGILEFS_CACHE_CONTROL": "private, max-age=3600"}  # authorize refuses the example site's public one
     with override_settings(MOGILEFS_MIDDLEWARE_OPTIONS={"authorize": authorize},
-                           STORAGES={**settings.STORAGES, "s3": other}):
+                           STORAGES={**settings.STORAGES, "s3": other}, **private):
         (warning,) = ours()
         assert (warning.id, warning.obj) == ("mogile_middleware.W001", "STORAGES['s3']")
         assert "boto3 is missing" in warning.msg
-    with override_settings(MOGILEFS_MIDDLEWARE_OPTIONS={"authorize": of_the_scope_alone}):
+    with override_settings(MOGILEFS_MIDDLEWARE_OPTIONS={"authorize": of_the_scope_alone}, **private):
         (error,) = ours()  # each wrapper's own reason: an ASGI project's is not the WSGI one's
         assert error.id == "mogile_middleware.E001"
         assert "wrap_wsgi: " in error.msg and "wrap_asgi: " in error.msg and "of the request and the key" in error.msg
+
+
+def test_manage_py_check_names_a_cache_control_that_would_share_authorized_files() -> None:
+    def authorize(environ: Any, key: str) -> bool:
+        return True
+
+    with override_settings(MOGILEFS_MIDDLEWARE_OPTIONS={"authorize": authorize},
+                           MOGILEFS_CACHE_CONTROL="public, max-age=3600"):
+        (error,) = [message for message in run_checks() if message.id.startswith("mogile_middleware.")]
+        assert error.id == "mogile_middleware.E001"
+        assert error.msg.startswith("MOGILEFS_CACHE_CONTROL: cache_control 'public, max-age=3600' lets a shared cache")
+    with override_settings(MOGILEFS_MIDDLEWARE_OPTIONS={"authorize": authorize},
+                           MOGILEFS_CACHE_CONTROL="private, max-age=3600"):
+        assert [message for message in run_checks() if message.id.startswith("mogile_middleware.")] == []
 
 
 def test_manage_py_check_warns_of_a_mogilefs_storage_named_where_django_ignores_it() -> None:

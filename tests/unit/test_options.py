@@ -144,6 +144,33 @@ def test_perlbal_cache_seconds_ignored_in_another_mode_is_no_hole_in_private_fil
                            perlbal_cache_seconds=30, signing_key="s3cret")
 
 
+@pytest.mark.parametrize("middleware", [MogileFSMiddleware, ASGIMiddleware], ids=["wsgi", "asgi"])
+@pytest.mark.parametrize("cache_control", ["public, max-age=60", "max-age=60", 'private="Set-Cookie", max-age=60',
+                                           'no-cache="Set-Cookie"'])
+def test_authorize_refuses_a_cache_control_that_lets_shared_caches_keep_its_files(middleware: type,
+                                                                                  cache_control: str) -> None:
+    """A shared cache would answer every other request with the file one request was allowed."""
+    with pytest.raises(ValueError, match="lets a shared cache give a file authorize allowed one request to every other"):
+        middleware(lambda *args: None, domain="media", trackers="127.0.0.1:7001", cache_control=cache_control,
+                   authorize=lambda request, key: True)
+
+
+@pytest.mark.parametrize("cache_control", ["private, max-age=60", "PRIVATE", "no-store", "public, no-cache",
+                                           'no-store, private="Set-Cookie"'])
+def test_authorize_takes_a_cache_control_that_keeps_its_files_from_shared_caches(cache_control: str) -> None:
+    made = MogileFSMiddleware(lambda *args: None, domain="media", trackers="127.0.0.1:7001",
+                              cache_control=cache_control, authorize=lambda request, key: True)
+    assert ("Cache-Control", cache_control) in made.representation.extra_headers
+
+
+def test_signed_urls_may_be_kept_by_shared_caches() -> None:
+    """A shared cache keys what it keeps by the URL, signature included: a site may let its CDN
+    keep signed files (for their max-age, past the link's expiry: see the README)."""
+    made = MogileFSMiddleware(lambda *args: None, domain="media", trackers="127.0.0.1:7001",
+                              cache_control="public, max-age=60", signing_key="s3cret")
+    assert ("Cache-Control", "public, max-age=60") in made.representation.extra_headers
+
+
 def test_options_of_the_reproxy_mode_given_are_not_said_to_be_ignored(caplog: pytest.LogCaptureFixture) -> None:
     MogileFSMiddleware(lambda *args: None, domain="media", trackers="127.0.0.1:7001", reproxy="perlbal",
                        trusted_proxies=["10.0.0.1"], require_proxy_header=True, perlbal_cache_seconds=30,
