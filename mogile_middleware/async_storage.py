@@ -23,12 +23,13 @@ same parser over an asyncio protocol, as this module had it before: two thirds a
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
 import threading
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -36,7 +37,7 @@ from .deadline import readable_now, within
 from .downnodes import down_nodes
 from .exceptions import StorageError
 from .forking import new_lock_in_child
-from .nodepool import IdlePool, Node
+from .nodepool import IdlePool, Node, close_at_loop_end, connect
 from .storage import (
     CHUNK_SIZE,
     MAX_HEAD,
@@ -127,7 +128,7 @@ class _Connection:
             connection.reused, connection.received = True, False
             connection._bytes_read = 0  # a new response: small pieces first
             return connection
-        return cls(loop, await _connect(loop, target.host, target.port), target.node)
+        return cls(loop, await connect(target.host, target.port), target.node)
 
     def interrupt(self, error: BaseException) -> bool:
         """Make a read or send waiting on the socket raise ``error``; False if none waits (yet)."""
@@ -266,37 +267,11 @@ def _settle(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-async def _connect(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
-    """A connected non-blocking socket to the first address of ``host`` that takes one, as
-    ``loop.create_connection`` would make (Nagle's algorithm off)."""
-    try:  # an address, as trackers give them, is read at once: a name is looked up in a thread
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
-    except socket.gaierror:
-        addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    errors: list[OSError] = []
-    for family, kind, proto, _, address in addresses:
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await loop.sock_connect(sock, address)
-        except OSError as error:
-            sock.close()
-            errors.append(error)
-        except BaseException:
-            sock.close()
-            raise
-        else:
-            return sock
-    if not errors:
-        raise OSError(f"no address for {host!r}")
-    if len({str(error) for error in errors}) == 1:
-        raise errors[0]
-    raise OSError(f"Multiple exceptions: {', '.join(str(error) for error in errors)}")
-
-
 class _IdleConnections(IdlePool[_Connection]):
     """The kept-alive connections of one event loop (its one thread takes the pool's lock uncontended)."""
+
+    #: :func:`~mogile_middleware.nodepool.close_at_loop_end` of these, held for the loop's life.
+    ending: AsyncGenerator[None, None] | None = None
 
     def usable(self, connection: _Connection) -> bool:
         return connection.usable()
@@ -305,8 +280,9 @@ class _IdleConnections(IdlePool[_Connection]):
         connection.abort()
 
 
-#: Each event loop's idle connections; a loop seen for the first time ends the closed loops',
-#: and in a forked child those of the parent's loops (shared sockets, closed in the child only).
+#: Each event loop's idle connections, closed at its shutdown; a loop seen for the first time
+#: ends those of loops closed without one, and in a forked child those of the parent's loops
+#: (shared sockets, closed in the child only).
 _idle_by_loop: dict[asyncio.AbstractEventLoop, _IdleConnections] = {}
 _idle_by_loop_lock = threading.Lock()
 new_lock_in_child(globals(), "_idle_by_loop_lock")
@@ -320,10 +296,21 @@ def _idle_connections(loop: asyncio.AbstractEventLoop) -> _IdleConnections:
         with _idle_by_loop_lock:
             forked, _idle_by_loop_pid = _idle_by_loop_pid != os.getpid(), os.getpid()
             ended = [_idle_by_loop.pop(other) for other in list(_idle_by_loop) if forked or other.is_closed()]
-            idle = _idle_by_loop.setdefault(loop, _IdleConnections())
+            made = _IdleConnections()
+            idle = _idle_by_loop.setdefault(loop, made)
+        if idle is made and loop is asyncio._get_running_loop():
+            idle.ending = close_at_loop_end(functools.partial(_ended, loop, idle))
         for pool in ended:
             pool.close()
     return idle
+
+
+def _ended(loop: asyncio.AbstractEventLoop, idle: _IdleConnections) -> None:
+    """Close ``idle``, the connections of ``loop``, at its shutdown."""
+    with _idle_by_loop_lock:
+        if _idle_by_loop.get(loop) is idle:
+            del _idle_by_loop[loop]
+    idle.close()
 
 
 def close_idle_connections() -> None:

@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import threading
 import time
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .deadline import readable_now, time_left, within
-from .nodepool import end_orphaned
+from .nodepool import close_at_loop_end, connect, end_orphaned
 from .exceptions import ProtocolError, TrackerUnavailableError
 from .protocol import ArgValue, Reply, parse_reply
 from .tracker import (
@@ -54,11 +53,14 @@ class AsyncTrackerConnection:
 
     @classmethod
     async def open(cls, address: Address, connect_timeout: float) -> AsyncTrackerConnection:
-        """Connect to ``address`` within ``connect_timeout`` seconds."""
+        """Connect to ``address``, its name looked up and each of its addresses tried within
+        ``connect_timeout`` seconds (see :func:`~mogile_middleware.nodepool.connect`)."""
+        sock = await connect(*address, connect_timeout)
         try:
-            reader, writer = await within(connect_timeout, asyncio.open_connection(*address, limit=MAX_REPLY_BYTES))
-        except asyncio.TimeoutError:  # not an OSError before Python 3.11
-            raise TimeoutError(f"no connection within {connect_timeout:g}s") from None
+            reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_REPLY_BYTES)
+        except BaseException:
+            sock.close()
+            raise
         return cls(address, reader, writer)
 
     def is_stale(self) -> bool:
@@ -107,7 +109,7 @@ class _LoopConnections:
     #: Whether :meth:`AsyncTrackerPool.aclose` closed them, and no request began since: the requests
     #: it left in flight (a server's shutdown cancels them after the lifespan's) keep no connection.
     closed: bool = False
-    #: :func:`_closed_at_shutdown` of these, held for the loop's life.
+    #: :func:`~mogile_middleware.nodepool.close_at_loop_end` of these, held for the loop's life.
     ending: AsyncGenerator[None, None] | None = None
     #: The process that made them: a child forked while the loop ran has its copy of the loop.
     made_in: int = field(default_factory=os.getpid)
@@ -123,24 +125,6 @@ class _LoopConnections:
         for connection, hearing in given_up.values():
             hearing.cancel()
             connection.close()
-
-    def close_at_shutdown(self) -> None:
-        """Have the running loop's shutdown close these (see :func:`_closed_at_shutdown`)."""
-        self.ending = _closed_at_shutdown(self)
-        with contextlib.suppress(StopIteration):  # run to its yield: nothing there awaits
-            self.ending.asend(None).send(None)
-
-
-async def _closed_at_shutdown(connections: _LoopConnections) -> AsyncGenerator[None, None]:
-    """Suspended for the life of the loop that started it, an async generator: the loop's
-    shutdown (``shutdown_asyncgens``, which ``asyncio.run``, uvloop's, anyio's and test runners'
-    call before closing it) closes ``connections``, while the loop still can. Left open, each
-    was left to the collector, with a ResourceWarning for its transport and its socket."""
-    try:
-        yield
-    finally:
-        connections.close()
-        await asyncio.sleep(0)  # the transports' closing, scheduled by close(), runs before the loop ends
 
 
 class AsyncTrackerPool(TrackerPoolBase):
@@ -177,7 +161,7 @@ class AsyncTrackerPool(TrackerPoolBase):
             self._loops = {other: kept for other, kept in self._loops.items() if not other.is_closed()}
             connections = self._loops[loop] = _LoopConnections(asyncio.Semaphore(self.max_connections),
                                                                IdleTrackerConnections(self._clock))
-        connections.close_at_shutdown()
+        connections.ending = close_at_loop_end(connections.close)
         for kept in closed:  # a loop closed without its shutdown: ended now, not when the collector frees them
             kept.close()
         return connections

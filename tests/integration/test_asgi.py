@@ -85,18 +85,26 @@ def http_scope(path: str, method: str = "GET") -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("runner", ["asyncio", "uvloop", "anyio"])
-def test_a_loop_ended_as_runners_end_one_closes_its_tracker_connections_with_it(devmogile: DevMogileFS,
-                                                                                runner: str) -> None:
+def test_a_loop_ended_as_runners_end_one_closes_its_tracker_and_storage_connections_with_it(
+        devmogile: DevMogileFS, runner: str) -> None:
     """A loop per test or per request (pytest-asyncio, Starlette's TestClient outside ``with``, one
     ``asyncio.run`` after another) left its tracker connection to the collector, which warned of an
-    unclosed transport and socket: a suite with ``filterwarnings = error`` failed on them."""
+    unclosed transport and socket: a suite with ``filterwarnings = error`` failed on them. Its
+    storage connections stayed open until another loop came: in a ``gunicorn --preload`` master
+    that asked once at start, for its whole life, and in every worker forked from it."""
     middleware = MogileFSMiddleware(Recorder(), domain=DOMAIN, trackers=devmogile.trackers)
-    tracker_port = int(devmogile.trackers[0].rpartition(":")[2])
+    client = Client(DOMAIN, devmogile.trackers)
+    client.store_content("kept.txt", b"served", cls="thumb")
+    tracker_port, node_port = int(devmogile.trackers[0].rpartition(":")[2]), storage_port(client, "kept.txt")
+    client.close()
 
     async def get(app: MogileFSMiddleware, path: str) -> int:
         sent: list[dict[str, Any]] = []
         await app(http_scope(path), get_receive(), _append_to(sent))
         return sent[0]["status"]
+
+    async def both(app: MogileFSMiddleware, number: int) -> tuple[int, int]:
+        return await get(app, f"/mogilefs/missing{number}"), await get(app, "/mogilefs/kept.txt")
 
     run = {"asyncio": asyncio.run, "uvloop": uvloop.run, "anyio": lambda coroutine: anyio.run(lambda: coroutine)}[runner]
     gc.collect()  # what earlier tests left is collected, and warned of, before
@@ -105,8 +113,8 @@ def test_a_loop_ended_as_runners_end_one_closes_its_tracker_connections_with_it(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ResourceWarning)
             for number in range(5):  # a key not found: the tracker is asked each time
-                assert run(get(middleware, f"/mogilefs/missing{number}")) == 404
-                assert node_connections(tracker_port, os.getpid()) == 0
+                assert run(both(middleware, number)) == (404, 200)
+                assert (node_connections(tracker_port, os.getpid()), node_connections(node_port, os.getpid())) == (0, 0)
             del middleware
             gc.collect()
     finally:

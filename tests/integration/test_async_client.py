@@ -27,7 +27,7 @@ from integration.test_deadlines import ScriptedServer, answer_first_then_drip
 from integration.test_memcached import longest_stall
 from wiretools import CountingRelay, ScriptedTracker, SilentServer, ok
 
-from mogile_middleware import AsyncClient, BadKeyError, Client, TrackerUnavailableError, UnknownKeyError
+from mogile_middleware import AsyncClient, BadKeyError, Client, TrackerUnavailableError, UnknownKeyError, async_tracker
 from mogile_middleware.async_tracker import AsyncTrackerPool
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.upload import may_have_stored
@@ -227,13 +227,13 @@ def test_a_dead_tracker_is_skipped_until_its_dead_time_passes(monkeypatch: pytes
     tracker = ScriptedTracker(ok)
     now = [0.0]
     dials: list[tuple[str, int]] = []
-    real_open_connection = asyncio.open_connection
+    connect = async_tracker.connect
 
-    def counting_open_connection(host, port, **kwargs):
+    async def counting_connect(host: str, port: int, timeout: float | None = None) -> socket.socket:
         dials.append((host, port))
-        return real_open_connection(host, port, **kwargs)
+        return await connect(host, port, timeout)
 
-    monkeypatch.setattr(asyncio, "open_connection", counting_open_connection)
+    monkeypatch.setattr(async_tracker, "connect", counting_connect)
     pool = AsyncTrackerPool([dead, tracker.tracker], dead_seconds=30, clock=lambda: now[0])
 
     async def main(requests: int) -> None:

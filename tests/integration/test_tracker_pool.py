@@ -207,6 +207,64 @@ def test_whether_a_hung_tracker_is_back_is_asked_with_a_noop_within_the_connect_
         hung.stop()
 
 
+@pytest.fixture
+def named_tracker(tracker: ScriptedTracker, monkeypatch: pytest.MonkeyPatch):
+    """``tracker.test:7001``, a name the resolver gives two addresses: first one whose listener's
+    queue is full, so that a connect there never hears back (as from an address nothing routes),
+    then ``tracker``'s."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        with socket.create_connection(full.getsockname()):  # its one place in the queue taken
+            addresses = [full.getsockname(), tracker.address]
+            resolve = socket.getaddrinfo
+
+            def resolved(host: str, port: int, *args: object, flags: int = 0, **kwargs: object) -> list[object]:
+                if host != "tracker.test":
+                    return resolve(host, port, *args, flags=flags, **kwargs)  # type: ignore[arg-type]
+                if flags & socket.AI_NUMERICHOST:
+                    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+                return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", address) for address in addresses]
+
+            monkeypatch.setattr(socket, "getaddrinfo", resolved)
+            yield "tracker.test:7001"
+
+
+@both_flavours
+def test_each_address_of_a_tracker_name_gets_the_connect_timeout(named_tracker: str, tracker: ScriptedTracker,
+                                                                 flavour: Flavour) -> None:
+    """As ``socket.create_connection`` gives each: the asyncio pool gave the whole name one
+    connect_timeout, so a name whose first address never answered (round robin, an IPv6 address
+    nothing routes) was a 503 for good where the blocking pool reached its second address."""
+    pool = flavour.TrackerPool([named_tracker], connect_timeout=0.5, io_timeout=1, dead_seconds=5)
+    started = time.monotonic()
+    assert pool.request("get_paths", {"key": "k"})[1] == ("tracker.test", 7001)
+    assert 0.5 <= time.monotonic() - started < 1.5  # the first address was given its time
+    assert pool.request("get_paths", {"key": "k"})[1] == ("tracker.test", 7001)
+    assert tracker.connections == 1
+
+
+def test_the_asyncio_pool_bounds_a_names_lookup_by_the_connect_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """And says that the name was not found in time: the tracker's host was not the one to look at."""
+    resolve = socket.getaddrinfo
+
+    def slow(host: str, *args: object, **kwargs: object) -> object:
+        if host == "tracker.test" and not kwargs.get("flags", 0) & socket.AI_NUMERICHOST:  # type: ignore[operator]
+            time.sleep(1.5)
+        return resolve(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    pool = AsyncTrackerPool(["tracker.test:7001"], connect_timeout=0.3, io_timeout=1)
+
+    async def failing() -> float:
+        started = time.monotonic()
+        with pytest.raises(TrackerUnavailableError, match=r"no address for 'tracker.test' within 0.3s"):
+            await pool.request("noop")
+        return time.monotonic() - started
+
+    assert asyncio.run(failing()) < 1.2  # (asyncio.run waits for the lookup's thread to end)
+
+
 @both_flavours
 def test_one_of_two_trackers_failing_is_logged_once_per_outage(tracker: ScriptedTracker, flavour: Flavour,
                                                                caplog: pytest.LogCaptureFixture) -> None:
