@@ -540,11 +540,13 @@ def _refuse_unusable(*, cache_control: object, charset: object, nginx_location: 
 
 
 def _kept_from_shared_caches(cache_control: str) -> bool:
-    """True if a ``Cache-Control`` value lets no shared cache answer another request with what it
-    stored without asking (RFC 9111 5.2.2): ``no-store``, or ``private`` or ``no-cache`` without
-    field names (``private="Set-Cookie"`` keeps only that field from them)."""
-    directives = {directive.strip().lower() for directive in cache_control.split(",")}
-    return not directives.isdisjoint(("private", "no-store", "no-cache"))
+    """True if a valid ``Cache-Control`` value lets no shared cache answer another request with
+    what it stored without asking (RFC 9111 5.2.2): ``private`` or ``no-cache`` without field
+    names (``private="Set-Cookie"`` keeps only that field from them), or ``no-store`` without
+    ``must-understand`` (which lets a cache that knows the status store it)."""
+    directives = [match.group().lower() for match in re.finditer(_CACHE_DIRECTIVE, cache_control)]
+    return not {"private", "no-cache"}.isdisjoint(directives) or (
+        "no-store" in directives and "must-understand" not in directives)
 
 
 def _refuse_mistyped(*, require_proxy_header: object, trusted_files: object, allow_app_reproxy: object,

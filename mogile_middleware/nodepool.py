@@ -208,9 +208,10 @@ async def connect(host: str, port: int, timeout: float | None = None) -> socket.
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await _bounded(timeout, loop.sock_connect(sock, address))
-        except (OSError, asyncio.TimeoutError) as error:
+        except (OSError, asyncio.TimeoutError) as error:  # within()'s, an OSError from Python 3.11, says nothing
             sock.close()
-            errors.append(error if isinstance(error, OSError) else TimeoutError(f"no connection within {timeout:g}s"))
+            errors.append(TimeoutError(f"no connection within {timeout:g}s") if isinstance(error, asyncio.TimeoutError)
+                          and not error.args else error)
         except BaseException:
             sock.close()
             raise

@@ -244,6 +244,16 @@ def test_each_address_of_a_tracker_name_gets_the_connect_timeout(named_tracker: 
     assert tracker.connections == 1
 
 
+def test_the_asyncio_pool_says_a_tracker_did_not_take_the_connection_in_time() -> None:
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        with socket.create_connection(full.getsockname()):  # its one place in the queue taken
+            pool = AsyncTrackerPool([full.getsockname()], connect_timeout=0.3, io_timeout=1)
+            with pytest.raises(TrackerUnavailableError, match=r"127\.0\.0\.1:\d+: no connection within 0.3s"):
+                asyncio.run(pool.request("noop"))
+
+
 def test_the_asyncio_pool_bounds_a_names_lookup_by_the_connect_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     """And says that the name was not found in time: the tracker's host was not the one to look at."""
     resolve = socket.getaddrinfo

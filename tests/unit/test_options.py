@@ -146,7 +146,8 @@ def test_perlbal_cache_seconds_ignored_in_another_mode_is_no_hole_in_private_fil
 
 @pytest.mark.parametrize("middleware", [MogileFSMiddleware, ASGIMiddleware], ids=["wsgi", "asgi"])
 @pytest.mark.parametrize("cache_control", ["public, max-age=60", "max-age=60", 'private="Set-Cookie", max-age=60',
-                                           'no-cache="Set-Cookie"'])
+                                           'no-cache="Set-Cookie"', 'private="Set-Cookie,no-store,X-A", max-age=60',
+                                           'ext="a, no-cache, b", public', "must-understand, no-store, max-age=600"])
 def test_authorize_refuses_a_cache_control_that_lets_shared_caches_keep_its_files(middleware: type,
                                                                                   cache_control: str) -> None:
     """A shared cache would answer every other request with the file one request was allowed."""
@@ -156,7 +157,7 @@ def test_authorize_refuses_a_cache_control_that_lets_shared_caches_keep_its_file
 
 
 @pytest.mark.parametrize("cache_control", ["private, max-age=60", "PRIVATE", "no-store", "public, no-cache",
-                                           'no-store, private="Set-Cookie"'])
+                                           'no-store, private="Set-Cookie"', 'x-note="a, b",private'])
 def test_authorize_takes_a_cache_control_that_keeps_its_files_from_shared_caches(cache_control: str) -> None:
     made = MogileFSMiddleware(lambda *args: None, domain="media", trackers="127.0.0.1:7001",
                               cache_control=cache_control, authorize=lambda request, key: True)
