@@ -1127,6 +1127,27 @@ def test_asgi_settings_reach_the_middleware(mogile: DevMogileFS) -> None:
         wrap_asgi(get_asgi_application())
 
 
+def test_wrap_asgi_runs_the_authorize_wrap_wsgi_takes_where_django_runs_synchronous_code(mogile: DevMogileFS) -> None:
+    """One that asks the database: on the event loop, Django refused it (SynchronousOnlyOperation,
+    a 500) where wrap_wsgi served the same settings."""
+    from django.db import connection
+
+    MogileFSStorage().save("mine.png", ContentFile(b"pixels"))
+
+    def authorize(request: Any, key: str) -> bool:
+        with connection.cursor() as cursor:  # refused on an event loop
+            cursor.execute("SELECT 1")
+        return key == "mine.png"
+
+    with with_settings(MOGILEFS_MIDDLEWARE_OPTIONS={"authorize": authorize}, MOGILEFS_CACHE_CONTROL=MISSING):
+        middleware = wrap_asgi(get_asgi_application())
+        wsgi = TestApp(wrap_wsgi(get_wsgi_application()))
+    assert asgi_get(middleware, "/media/mine.png")[::2] == (200, b"pixels")
+    assert asgi_get(middleware, "/media/other.png")[0] == 403
+    assert wsgi.get("/media/mine.png").body == b"pixels"
+    assert wsgi.get("/media/other.png", status=403)
+
+
 @overwriting
 def test_a_storage_save_drops_the_asgi_middlewares_cached_paths(lingering_mogile: DevMogileFS) -> None:
     middleware = wrap_asgi(get_asgi_application())
