@@ -30,12 +30,33 @@ _MORE_TYPES = {
     ".xhtml": "application/xhtml+xml", ".xz": "application/x-xz", ".Z": "application/x-compress",
     ".zst": "application/zstd",
 }
-#: The types Python 3.10 to 3.13 disagree on, as one of them has each (JavaScript as RFC 9239 and
-#: 3.12 spell it), so that hosts running different Pythons send a file with the same type.
+#: The types Pythons from 3.10 on disagree on, as one of them has each (JavaScript as RFC 9239
+#: and 3.12 spell it; those 3.14 adds, the audio and video types among them, as it spells them;
+#: those it renames as 3.10 to 3.13 spell them), so that hosts running different Pythons send a
+#: file with the same type.
 _AGREED_TYPES = {
-    ".avif": "image/avif", ".bmp": "image/bmp", ".js": "text/javascript", ".markdown": "text/markdown",
-    ".n3": "text/n3", ".nq": "application/n-quads", ".nt": "application/n-triples", ".rst": "text/x-rst",
-    ".rtf": "application/rtf", ".srt": "text/plain", ".trig": "application/trig", ".vtt": "text/vtt",
+    ".7z": "application/x-7z-compressed", ".apk": "application/vnd.android.package-archive",
+    ".avi": "video/x-msvideo", ".avif": "image/avif", ".bmp": "image/bmp", ".cjs": "text/javascript",
+    ".deb": "application/x-debian-package",
+    ".docx": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    ".emf": "image/emf", ".eot": "application/vnd.ms-fontobject", ".epub": "application/epub+zip",
+    ".fits": "image/fits", ".flac": "audio/flac", ".g3": "image/g3fax", ".glb": "model/gltf-binary",
+    ".gltf": "model/gltf+json", ".jp2": "image/jp2", ".jpm": "image/jpm", ".jpx": "image/jpx",
+    ".js": "text/javascript", ".m4a": "audio/mp4", ".m4v": "video/x-m4v", ".markdown": "text/markdown",
+    ".mk3d": "video/matroska-3d", ".mka": "audio/matroska", ".mkv": "video/matroska", ".n3": "text/n3",
+    ".nq": "application/n-quads", ".nt": "application/n-triples",
+    ".odg": "application/vnd.oasis.opendocument.graphics", ".odp": "application/vnd.oasis.opendocument.presentation",
+    ".ods": "application/vnd.oasis.opendocument.spreadsheet", ".odt": "application/vnd.oasis.opendocument.text",
+    ".ogg": "audio/ogg", ".ogv": "video/ogg", ".ogx": "application/ogg", ".otf": "font/otf",
+    ".php": "application/x-httpd-php",
+    ".pptx": "application/vnd.openxmlformats-officedocument.presentationml.presentation",
+    ".rar": "application/vnd.rar", ".rpm": "application/x-rpm", ".rst": "text/x-rst", ".rtf": "application/rtf",
+    ".srt": "text/plain", ".stl": "model/stl", ".t38": "image/t38", ".texi": "application/x-texinfo",
+    ".texinfo": "application/x-texinfo", ".tfx": "image/tiff-fx", ".toml": "application/toml",
+    ".trig": "application/trig", ".ttf": "font/ttf", ".vtt": "text/vtt", ".wav": "audio/x-wav",
+    ".weba": "audio/webm", ".wmf": "image/wmf", ".wmv": "video/x-ms-wmv",
+    ".xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet", ".yaml": "application/yaml",
+    ".yml": "application/yaml",
 }
 
 #: Types a browser runs script in when it opens them as a page.
