@@ -52,7 +52,7 @@ from mogile_middleware.cli import main
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.async_client import AsyncClient
 from mogile_middleware.cache import entry_key
-from mogile_middleware.contrib.django import clients
+from mogile_middleware.contrib.django import clients, cycle
 from mogile_middleware.contrib.django import MogileFSStorage, close_clients, get_client, wrap_asgi, wrap_wsgi
 from mogile_middleware.contrib.django.storage import TEMPORARY_PREFIX
 from mogile_middleware.views import WRAPPED_BY
@@ -1066,6 +1066,18 @@ def test_client_options_reach_the_storages_and_both_middlewares(mogile: DevMogil
 def asgi_get(middleware: ASGIMiddleware, path: str, client: str = "127.0.0.1",
              root_path: str = "") -> tuple[int, dict[str, str], bytes]:
     """GET ``path`` from ``middleware`` on an event loop of its own: the status, headers and body."""
+    async def get() -> tuple[int, dict[str, str], bytes]:
+        try:
+            return await asyncio.wait_for(asgi_answer(middleware, path, client, root_path), 10)
+        finally:
+            await middleware.client.aclose()  # this loop's tracker connections
+
+    return asyncio.run(get())
+
+
+async def asgi_answer(middleware: ASGIMiddleware, path: str, client: str = "127.0.0.1",
+                      root_path: str = "") -> tuple[int, dict[str, str], bytes]:
+    """GET ``path`` from ``middleware`` on the running event loop: the status, headers and body."""
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -1075,15 +1087,9 @@ def asgi_get(middleware: ASGIMiddleware, path: str, client: str = "127.0.0.1",
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    async def get() -> None:
-        scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
-                 "root_path": root_path, "headers": [(b"host", b"testserver")], "client": (client, 50000)}
-        try:
-            await asyncio.wait_for(middleware(scope, receive, send), 10)
-        finally:
-            await middleware.client.aclose()  # this loop's tracker connections
-
-    asyncio.run(get())
+    scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": root_path, "headers": [(b"host", b"testserver")], "client": (client, 50000)}
+    await middleware(scope, receive, send)
     headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in sent[0]["headers"]}
     return sent[0]["status"], headers, b"".join(message.get("body", b"") for message in sent[1:])
 
@@ -1146,6 +1152,67 @@ def test_wrap_asgi_runs_the_authorize_wrap_wsgi_takes_where_django_runs_synchron
     assert asgi_get(middleware, "/media/other.png")[0] == 403
     assert wsgi.get("/media/mine.png").body == b"pixels"
     assert wsgi.get("/media/other.png", status=403)
+
+
+def test_a_plain_authorize_runs_between_closings_of_old_database_connections(
+        mogile: DevMogileFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As Django closes them around a view (``request_started``, ``request_finished``): outside a
+    request, a connection a database restart broke failed every file until a view ran in that
+    thread, and under ASGI for good."""
+    MogileFSStorage().save("mine.png", ContentFile(b"pixels"))
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(cycle, "close_old_connections", lambda: calls.append(("closing", threading.get_ident())))
+
+    def authorize(request: Any, key: str) -> bool:
+        calls.append(("authorize", threading.get_ident()))
+        return True
+
+    with with_settings(MOGILEFS_MIDDLEWARE_OPTIONS={"authorize": authorize}, MOGILEFS_CACHE_CONTROL=MISSING):
+        served = [TestApp(wrap_wsgi(get_wsgi_application())).get("/media/mine.png").body,
+                  asgi_get(wrap_asgi(get_asgi_application()), "/media/mine.png")[2]]
+    assert served == [b"pixels", b"pixels"]
+    assert [name for name, _ in calls] == ["closing", "authorize", "closing"] * 2
+    assert len({thread for _, thread in calls[:3]}) == len({thread for _, thread in calls[3:]}) == 1
+
+
+def test_the_plain_authorize_of_concurrent_asgi_requests_runs_at_once(mogile: DevMogileFS) -> None:
+    """Each in a thread of its own, as Django runs synchronous views: in asgiref's one thread for
+    code outside a request, a slow one held up every file of the process."""
+    MogileFSStorage().save("mine.png", ContentFile(b"pixels"))
+
+    def authorize(scope: Any, key: str) -> bool:
+        time.sleep(0.5)
+        return True
+
+    with with_settings(MOGILEFS_MIDDLEWARE_OPTIONS={"authorize": authorize}, MOGILEFS_CACHE_CONTROL=MISSING):
+        middleware = wrap_asgi(get_asgi_application())
+
+    async def four() -> tuple[list[int], float]:
+        started = time.monotonic()
+        try:
+            answers = await asyncio.gather(*(asgi_answer(middleware, "/media/mine.png") for _ in range(4)))
+        finally:
+            await middleware.client.aclose()
+        return [status for status, _, _ in answers], time.monotonic() - started
+
+    statuses, took = asyncio.run(four())
+    assert statuses == [200] * 4 and took < 1.5  # one after another: 2 s
+
+
+def test_wrap_asgi_awaits_what_a_plain_authorize_gives_when_it_is_awaitable(mogile: DevMogileFS) -> None:
+    """A decorator's wrapper of a coroutine function, or a lambda calling one: as before it ran in a
+    thread, where the coroutine came back unawaited (a 500 for every file)."""
+    MogileFSStorage().save("mine.png", ContentFile(b"pixels"))
+
+    async def allowed(key: str) -> bool:
+        await asyncio.sleep(0)
+        return key == "mine.png"
+
+    with with_settings(MOGILEFS_MIDDLEWARE_OPTIONS={"authorize": lambda scope, key: allowed(key)},
+                       MOGILEFS_CACHE_CONTROL=MISSING):
+        middleware = wrap_asgi(get_asgi_application())
+    assert asgi_get(middleware, "/media/mine.png")[0] == 200
+    assert asgi_get(middleware, "/media/other.png")[0] == 403
 
 
 @overwriting

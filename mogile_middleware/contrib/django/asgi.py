@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from ...asgi import ASGIApp, Message, MogileFSMiddleware, Receive, Scope, Send
@@ -12,6 +11,7 @@ from ...async_client import AsyncClient
 from ...core import async_kind
 from . import conf
 from .clients import get_client, listen_to_media_changes
+from .cycle import in_a_thread_of_its_own
 
 
 def wrap_asgi(application: ASGIApp) -> MogileFSMiddleware:
@@ -28,7 +28,8 @@ def wrap_asgi(application: ASGIApp) -> MogileFSMiddleware:
     not on the event loop; it only marks the key's lookup in flight as outdated (under the path
     cache's locks) and deletes the entry from the backend, which is thread-safe (the in-process
     cache takes a lock, the memcached backend has a connection per thread). A plain ``authorize``
-    runs there too (``sync_to_async``): Django's ORM refuses the event loop.
+    runs as a synchronous view does (:func:`~.cycle.in_a_thread_of_its_own`): Django's ORM refuses
+    the event loop.
     """
     middleware = configured_middleware(application)
     listen_to_media_changes(middleware.locator.forget)
@@ -49,10 +50,8 @@ def configured_middleware(application: ASGIApp) -> MogileFSMiddleware:
     middleware = conf.configured(lambda: (_ScriptNamed if forced else MogileFSMiddleware)(
         _answering_lifespan(application), client=AsyncClient(conf.domain(), conf.trackers(), **conf.client_options()),
         **options))
-    if middleware.authorize is not None and not async_kind(middleware.authorize):
-        # The one wrap_wsgi takes: Django's ORM refuses the event loop (SynchronousOnlyOperation), so
-        # it runs where Django runs a synchronous view, checked first as it is.
-        middleware.authorize = sync_to_async(middleware.authorize)
+    if middleware.authorize is not None and not async_kind(middleware.authorize):  # checked as it was given
+        middleware.authorize = in_a_thread_of_its_own(middleware.authorize)
     return middleware
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ...middleware import MogileFSMiddleware, WSGIApp
 from . import conf
 from .clients import get_client, listen_to_media_changes
+from .cycle import in_request_cycle
 
 
 def wrap_wsgi(application: WSGIApp) -> MogileFSMiddleware:
@@ -14,7 +15,8 @@ def wrap_wsgi(application: WSGIApp) -> MogileFSMiddleware:
 
     ``application = wrap_wsgi(get_wsgi_application())``; the settings are read by this call.
     With ``MOGILEFS_MEMCACHED_SERVERS`` the middleware caches paths in the memcached from which
-    the client's writes drop them.
+    the client's writes drop them. ``authorize`` runs between the closings of old database
+    connections Django makes around a view (:func:`~.cycle.in_request_cycle`).
     """
     middleware = configured_middleware(application)
     listen_to_media_changes(middleware.locator.forget, besides=middleware.client)  # which it listens to already
@@ -28,4 +30,7 @@ def configured_middleware(application: WSGIApp) -> MogileFSMiddleware:
     options = conf.middleware_options()
     if client.cache_backend is not None:
         options["cache_backend"] = client.cache_backend
-    return conf.configured(lambda: MogileFSMiddleware(application, client=client, **options))
+    middleware = conf.configured(lambda: MogileFSMiddleware(application, client=client, **options))
+    if middleware.authorize is not None:  # checked as it was given
+        middleware.authorize = in_request_cycle(middleware.authorize)
+    return middleware
