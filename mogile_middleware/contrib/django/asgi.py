@@ -11,7 +11,7 @@ from ...async_client import AsyncClient
 from ...core import async_kind
 from . import conf
 from .clients import get_client, listen_to_media_changes
-from .cycle import in_a_thread_of_its_own
+from .cycle import off_the_event_loop
 
 
 def wrap_asgi(application: ASGIApp) -> MogileFSMiddleware:
@@ -28,7 +28,7 @@ def wrap_asgi(application: ASGIApp) -> MogileFSMiddleware:
     not on the event loop; it only marks the key's lookup in flight as outdated (under the path
     cache's locks) and deletes the entry from the backend, which is thread-safe (the in-process
     cache takes a lock, the memcached backend has a connection per thread). A plain ``authorize``
-    runs as a synchronous view does (:func:`~.cycle.in_a_thread_of_its_own`): Django's ORM refuses
+    runs as a synchronous view does (:func:`~.cycle.off_the_event_loop`): Django's ORM refuses
     the event loop.
     """
     middleware = configured_middleware(application)
@@ -51,7 +51,7 @@ def configured_middleware(application: ASGIApp) -> MogileFSMiddleware:
         _answering_lifespan(application), client=AsyncClient(conf.domain(), conf.trackers(), **conf.client_options()),
         **options))
     if middleware.authorize is not None and not async_kind(middleware.authorize):  # checked as it was given
-        middleware.authorize = in_a_thread_of_its_own(middleware.authorize)
+        middleware.authorize = off_the_event_loop(middleware.authorize)
     return middleware
 
 

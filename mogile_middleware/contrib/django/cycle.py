@@ -28,7 +28,7 @@ def in_request_cycle(authorize: Authorize) -> Authorize:
     return authorized
 
 
-def in_a_thread_of_its_own(authorize: Authorize) -> Callable[[Any, str], Any]:
+def off_the_event_loop(authorize: Authorize) -> Callable[[Any, str], Any]:
     """``authorize`` as :func:`in_request_cycle`, awaited in one of asgiref's pool threads, calls
     side by side as Django's ASGI handler runs synchronous views (on the event loop, the ORM
     refuses it; in asgiref's one thread for code outside a request, a slow one held up every
