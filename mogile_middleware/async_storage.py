@@ -37,7 +37,8 @@ from .deadline import readable_now, within
 from .downnodes import down_nodes
 from .exceptions import StorageError
 from .forking import new_lock_in_child
-from .nodepool import IdlePool, Node, close_at_loop_end, connect
+from .loopnet import close_at_loop_end, connect
+from .nodepool import IdlePool, Node
 from .storage import (
     CHUNK_SIZE,
     MAX_HEAD,
@@ -270,7 +271,7 @@ def _settle(waiter: asyncio.Future[None]) -> None:
 class _IdleConnections(IdlePool[_Connection]):
     """The kept-alive connections of one event loop (its one thread takes the pool's lock uncontended)."""
 
-    #: :func:`~mogile_middleware.nodepool.close_at_loop_end` of these, held for the loop's life.
+    #: :func:`~mogile_middleware.loopnet.close_at_loop_end` of these, held for the loop's life.
     ending: AsyncGenerator[None, None] | None = None
 
     def usable(self, connection: _Connection) -> bool:

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .deadline import readable_now, time_left, within
-from .nodepool import close_at_loop_end, connect, end_orphaned
+from .loopnet import close_at_loop_end, connect
+from .nodepool import end_orphaned
 from .exceptions import ProtocolError, TrackerUnavailableError
 from .protocol import ArgValue, Reply, parse_reply
 from .tracker import (
@@ -54,7 +55,7 @@ class AsyncTrackerConnection:
     @classmethod
     async def open(cls, address: Address, connect_timeout: float) -> AsyncTrackerConnection:
         """Connect to ``address``, its name looked up and each of its addresses tried within
-        ``connect_timeout`` seconds (see :func:`~mogile_middleware.nodepool.connect`)."""
+        ``connect_timeout`` seconds (see :func:`~mogile_middleware.loopnet.connect`)."""
         sock = await connect(*address, connect_timeout)
         try:
             reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_REPLY_BYTES)
@@ -109,7 +110,7 @@ class _LoopConnections:
     #: Whether :meth:`AsyncTrackerPool.aclose` closed them, and no request began since: the requests
     #: it left in flight (a server's shutdown cancels them after the lifespan's) keep no connection.
     closed: bool = False
-    #: :func:`~mogile_middleware.nodepool.close_at_loop_end` of these, held for the loop's life.
+    #: :func:`~mogile_middleware.loopnet.close_at_loop_end` of these, held for the loop's life.
     ending: AsyncGenerator[None, None] | None = None
     #: The process that made them: a child forked while the loop ran has its copy of the loop.
     made_in: int = field(default_factory=os.getpid)

@@ -31,9 +31,9 @@ _MORE_TYPES = {
     ".zst": "application/zstd",
 }
 #: The types Pythons from 3.10 on disagree on, as one of them has each (JavaScript as RFC 9239
-#: and 3.12 spell it; those 3.14 adds, the audio and video types among them, as it spells them;
-#: those it renames as 3.10 to 3.13 spell them), so that hosts running different Pythons send a
-#: file with the same type.
+#: and 3.12 spell it, ``.cjs`` too, which 3.14 calls ``application/node``; those 3.14 adds, the
+#: audio and video types among them, as it spells them; those it renames as 3.10 to 3.13 spell
+#: them), so that hosts running different Pythons send a file with the same type.
 _AGREED_TYPES = {
     ".7z": "application/x-7z-compressed", ".apk": "application/vnd.android.package-archive",
     ".avi": "video/x-msvideo", ".avif": "image/avif", ".bmp": "image/bmp", ".cjs": "text/javascript",

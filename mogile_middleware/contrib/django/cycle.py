@@ -1,18 +1,25 @@
 """A plain ``authorize`` of the settings, run as Django runs a synchronous view: off the event loop
-under ASGI, calls side by side in threads, between the closings of old database connections
+under ASGI, calls side by side in threads of their own, between the closings of old database connections
 Django's request signals make (a connection broken by a database restart, or older than
 ``CONN_MAX_AGE``)."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections
 
+from ...loopnet import close_at_loop_end
+
 Authorize = Callable[[Any, str], Any]
+#: Calls of a plain ``authorize`` an event loop runs at once; more wait for a thread.
+THREADS = 32
 
 
 def in_request_cycle(authorize: Authorize) -> Authorize:
@@ -29,14 +36,26 @@ def in_request_cycle(authorize: Authorize) -> Authorize:
 
 
 def off_the_event_loop(authorize: Authorize) -> Callable[[Any, str], Any]:
-    """``authorize`` as :func:`in_request_cycle`, awaited in one of asgiref's pool threads, calls
-    side by side as Django's ASGI handler runs synchronous views (on the event loop, the ORM
-    refuses it; in asgiref's one thread for code outside a request, a slow one held up every
-    file; a thread made per call, as Django's handler makes, cost 0.3 ms more); an awaitable it
-    gives is awaited on the loop."""
-    run = sync_to_async(in_request_cycle(authorize), thread_sensitive=False)
+    """``authorize`` as :func:`in_request_cycle`, awaited in threads of its own, up to
+    :data:`THREADS` calls side by side, as Django's ASGI handler runs synchronous views (on the
+    event loop, the ORM refuses it; in asgiref's one thread for code outside a request, a slow one
+    held up every file; in the loop's default executor, which looks tracker names up and asks
+    memcached, slow ones held those up; a thread made per call, as Django's handler makes, cost
+    0.3 ms more); an awaitable it gives is awaited on the loop. The threads are the event loop's,
+    ended with it (a forked worker's loop makes its own)."""
+    checked = in_request_cycle(authorize)
+    runs: dict[asyncio.AbstractEventLoop, tuple[Callable[[Any, str], Awaitable[Any]], object]] = {}
+
+    def ended(loop: asyncio.AbstractEventLoop, threads: ThreadPoolExecutor) -> None:
+        runs.pop(loop, None)
+        threads.shutdown(wait=False)
 
     async def authorized(scope: Any, key: str) -> Any:
-        allowed = await run(scope, key)
+        loop = asyncio.get_running_loop()
+        if loop not in runs:
+            threads = ThreadPoolExecutor(THREADS, thread_name_prefix="authorize")
+            runs[loop] = (sync_to_async(checked, thread_sensitive=False, executor=threads),
+                          close_at_loop_end(functools.partial(ended, loop, threads)))
+        allowed = await runs[loop][0](scope, key)
         return await allowed if inspect.isawaitable(allowed) else allowed
     return authorized
