@@ -1265,10 +1265,14 @@ def _request(port: int, method: str, path: str, body: bytes | None = None) -> tu
 
 @overwriting
 def test_wrap_asgi_under_uvicorn(lingering_mogile: DevMogileFS) -> None:
-    """``tests/integration/_django_asgi_app.py`` under uvicorn: files, Django's pages, and a save in
-    a view (in Django's thread for synchronous views) that the next request sees."""
+    """``tests/integration/_django_asgi_app.py`` under uvicorn: files, with an ``authorize`` asking
+    the database (a 500 for every file, ``SynchronousOnlyOperation``, when it ran on the event
+    loop), Django's pages, and a save in a view (in Django's thread for synchronous views) that the
+    next request sees."""
     pytest.importorskip("uvicorn", reason="uvicorn is installed by the test command ('.[dev]')")
-    Client(DOMAIN, lingering_mogile.trackers).store_content("news.txt", b"old news", cls="thumb")
+    client = Client(DOMAIN, lingering_mogile.trackers)
+    client.store_content("news.txt", b"old news", cls="thumb")
+    client.store_content("private/plans.txt", b"plans", cls="thumb")
     env = {"MOGILEFS_DOMAIN": DOMAIN, "MOGILEFS_TRACKERS": lingering_mogile.trackers[0]}
     # Django's ASGI handler answers only HTTP: wrap_asgi answers the lifespan (uvicorn stopped at start up).
     with run_uvicorn(env, app="_django_asgi_app:make_app", extra_args=["--lifespan", "on"]) as server:
@@ -1277,6 +1281,7 @@ def test_wrap_asgi_under_uvicorn(lingering_mogile: DevMogileFS) -> None:
         assert _request(server.port, "GET", "/") == (200, "text/plain", b"hello from django\n")
         assert _request(server.port, "GET", "/nothing-here/")[0] == 404
         assert _request(server.port, "GET", "/media/nothing.txt")[0] == 404
+        assert _request(server.port, "GET", "/media/private/plans.txt")[0] == 403
         assert _request(server.port, "POST", "/save/news.txt", b"fresh news") == (200, "text/plain", b"news.txt")
         assert _request(server.port, "GET", "/media/news.txt")[2] == b"fresh news"
 

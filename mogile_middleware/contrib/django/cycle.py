@@ -1,7 +1,7 @@
 """A plain ``authorize`` of the settings, run as Django runs a synchronous view: off the event loop
-under ASGI, calls side by side in threads of their own, between the closings of old database connections
-Django's request signals make (a connection broken by a database restart, or older than
-``CONN_MAX_AGE``)."""
+under ASGI, calls side by side in threads of their own, between the closings of old database
+connections Django's request signals make (a connection broken by a database restart, or older
+than ``CONN_MAX_AGE``)."""
 
 from __future__ import annotations
 
