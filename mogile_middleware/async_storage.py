@@ -23,21 +23,18 @@ same parser over an asyncio protocol, as this module had it before: two thirds a
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import socket
-import threading
 import time
 import warnings
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 from .deadline import readable_now, within
 from .downnodes import down_nodes
 from .exceptions import StorageError
-from .forking import new_lock_in_child
-from .loopnet import close_at_loop_end, connect
+from .loopnet import PerLoop, connect
 from .nodepool import IdlePool, Node
 from .storage import (
     CHUNK_SIZE,
@@ -271,9 +268,6 @@ def _settle(waiter: asyncio.Future[None]) -> None:
 class _IdleConnections(IdlePool[_Connection]):
     """The kept-alive connections of one event loop (its one thread takes the pool's lock uncontended)."""
 
-    #: :func:`~mogile_middleware.loopnet.close_at_loop_end` of these, held for the loop's life.
-    ending: AsyncGenerator[None, None] | None = None
-
     def usable(self, connection: _Connection) -> bool:
         return connection.usable()
 
@@ -281,37 +275,9 @@ class _IdleConnections(IdlePool[_Connection]):
         connection.abort()
 
 
-#: Each event loop's idle connections, closed at its shutdown; a loop seen for the first time
-#: ends those of loops closed without one, and in a forked child those of the parent's loops
-#: (shared sockets, closed in the child only).
-_idle_by_loop: dict[asyncio.AbstractEventLoop, _IdleConnections] = {}
-_idle_by_loop_lock = threading.Lock()
-new_lock_in_child(globals(), "_idle_by_loop_lock")
-_idle_by_loop_pid = os.getpid()
-
-
-def _idle_connections(loop: asyncio.AbstractEventLoop) -> _IdleConnections:
-    global _idle_by_loop_pid
-    idle = _idle_by_loop.get(loop)
-    if idle is None:
-        with _idle_by_loop_lock:
-            forked, _idle_by_loop_pid = _idle_by_loop_pid != os.getpid(), os.getpid()
-            ended = [_idle_by_loop.pop(other) for other in list(_idle_by_loop) if forked or other.is_closed()]
-            made = _IdleConnections()
-            idle = _idle_by_loop.setdefault(loop, made)
-        if idle is made and loop is asyncio._get_running_loop():
-            idle.ending = close_at_loop_end(functools.partial(_ended, loop, idle))
-        for pool in ended:
-            pool.close()
-    return idle
-
-
-def _ended(loop: asyncio.AbstractEventLoop, idle: _IdleConnections) -> None:
-    """Close ``idle``, the connections of ``loop``, at its shutdown."""
-    with _idle_by_loop_lock:
-        if _idle_by_loop.get(loop) is idle:
-            del _idle_by_loop[loop]
-    idle.close()
+#: An event loop's idle connections, closed at its shutdown (in a forked child, those of the
+#: parent's loops are closed in the child only: their sockets are shared).
+_idle_connections = PerLoop(_IdleConnections, _IdleConnections.close).of
 
 
 def close_idle_connections() -> None:

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .deadline import readable_now, time_left, within
-from .loopnet import close_at_loop_end, connect
+from .loopnet import PerLoop, connect
 from .nodepool import end_orphaned
 from .exceptions import ProtocolError, TrackerUnavailableError
 from .protocol import ArgValue, Reply, parse_reply
@@ -110,8 +109,6 @@ class _LoopConnections:
     #: Whether :meth:`AsyncTrackerPool.aclose` closed them, and no request began since: the requests
     #: it left in flight (a server's shutdown cancels them after the lifespan's) keep no connection.
     closed: bool = False
-    #: :func:`~mogile_middleware.loopnet.close_at_loop_end` of these, held for the loop's life.
-    ending: AsyncGenerator[None, None] | None = None
     #: The process that made them: a child forked while the loop ran has its copy of the loop.
     made_in: int = field(default_factory=os.getpid)
 
@@ -142,30 +139,14 @@ class AsyncTrackerPool(TrackerPoolBase):
 
     def _reset(self) -> None:
         super()._reset()
-        self._lock = threading.Lock()  # guards _loops: loops in other threads may share the pool
-        self._loops: dict[asyncio.AbstractEventLoop, _LoopConnections] = {}
+        self._loops = PerLoop(self._new_loop_connections, _LoopConnections.close)
 
-    def renew_after_fork(self) -> None:
-        # The parent's loops' connections stay as they are: ending them here would take their
-        # sockets out of the parent's epoll instance, which the child shares.
-        super().renew_after_fork()
-        self._lock = threading.Lock()
+    def _new_loop_connections(self) -> _LoopConnections:
+        return _LoopConnections(asyncio.Semaphore(self.max_connections), IdleTrackerConnections(self._clock))
 
     def _connections(self) -> _LoopConnections:
-        """The running loop's connections (a loop seen for the first time forgets the closed ones)."""
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            connections = self._loops.get(loop)
-            if connections is not None:
-                return connections
-            closed = [kept for other, kept in self._loops.items() if other.is_closed()]
-            self._loops = {other: kept for other, kept in self._loops.items() if not other.is_closed()}
-            connections = self._loops[loop] = _LoopConnections(asyncio.Semaphore(self.max_connections),
-                                                               IdleTrackerConnections(self._clock))
-        connections.ending = close_at_loop_end(connections.close)
-        for kept in closed:  # a loop closed without its shutdown: ended now, not when the collector frees them
-            kept.close()
-        return connections
+        """The running loop's connections."""
+        return self._loops.of(asyncio.get_running_loop())
 
     def _drop_idle(self, address: Address) -> None:
         """Close the running loop's idle connections to ``address`` (other loops' are not touched)."""

@@ -1,20 +1,80 @@
 """The asyncio side's connections to trackers and storage nodes: made by :func:`connect` (each
-address of a name given its time), and closed with their event loop (:func:`close_at_loop_end`)."""
+address of a name given its time), and kept per event loop, ended with it (:class:`PerLoop`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import os
 import socket
+import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from .deadline import within
+from .forking import renew_in_child
 
 T = TypeVar("T")
 
 
-def close_at_loop_end(close: Callable[[], object]) -> AsyncGenerator[None, None]:
+class PerLoop(Generic[T]):
+    """One ``T`` for each event loop, made by ``make`` when the loop first asks, and given to
+    ``end`` at the loop's shutdown (see :func:`_close_at_loop_end`); a loop closed without one
+    has its ``T`` ended when another loop first asks, as a forked child ends those of its
+    parent's loops (``end`` does there what is safe in a child). What the asyncio side keeps per
+    loop (connections, threads) is thus neither used by another loop nor kept past its own."""
+
+    def __init__(self, make: Callable[[], T], end: Callable[[T], object]) -> None:
+        self._make = make
+        self._end = end
+        self._lock = threading.Lock()  # loops in other threads may share one
+        #: Each loop's ``T``, the async generator that ends it (held for the loop's life) and the
+        #: process that made it.
+        self._kept: dict[asyncio.AbstractEventLoop, tuple[T, AsyncGenerator[None, None] | None, int]] = {}
+        self._pid = os.getpid()
+        renew_in_child(self)
+
+    def renew_after_fork(self) -> None:
+        self._lock = threading.Lock()
+
+    def of(self, loop: asyncio.AbstractEventLoop) -> T:
+        """``loop``'s ``T``, made now if it has none (ended at its shutdown if it is the running loop)."""
+        kept = self._kept.get(loop)
+        if kept is not None:
+            return kept[0]
+        with self._lock:
+            forked, self._pid = self._pid != os.getpid(), os.getpid()
+            ended = [self._dropped(other) for other in list(self._kept) if forked or other.is_closed()]
+            value = self._make()
+            ending = None
+            if loop is asyncio._get_running_loop():
+                ending = _close_at_loop_end(functools.partial(self._ended, loop, value))
+            self._kept[loop] = value, ending, os.getpid()
+        for other in ended:
+            self._end(other)
+        return value
+
+    def _ended(self, loop: asyncio.AbstractEventLoop, value: T) -> None:
+        """End ``value``, the ``T`` of ``loop``, at its shutdown."""
+        with self._lock:
+            if self._kept.get(loop, (None,))[0] is value:
+                self._dropped(loop)
+        self._end(value)
+
+    def _dropped(self, loop: asyncio.AbstractEventLoop) -> T:
+        value, _, made_in = self._kept.pop(loop)
+        if made_in != os.getpid():  # collected, an asyncio transport of it would leave the parent's epoll too
+            _inherited.append(value)
+        return value
+
+
+#: What a forked child drops of its parent's loops, kept for the child's life: an asyncio
+#: transport collected is closed, which takes its socket out of the epoll instance both share.
+_inherited: list[object] = []
+
+
+def _close_at_loop_end(close: Callable[[], object]) -> AsyncGenerator[None, None]:
     """Have the running event loop's shutdown call ``close`` while the loop still can: what it
     returns, held for the loop's life, is an async generator waiting at its ``yield``, which the
     loop's ``shutdown_asyncgens`` (called by ``asyncio.run``, uvloop's, anyio's and test runners'

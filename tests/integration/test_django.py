@@ -1224,6 +1224,27 @@ def test_wrap_asgi_awaits_what_a_plain_authorize_gives_when_it_is_awaitable(mogi
     assert asgi_get(middleware, "/media/other.png")[0] == 403
 
 
+def test_the_threads_of_a_plain_authorize_end_with_their_event_loop(mogile: DevMogileFS) -> None:
+    """At its shutdown, or, for a loop closed without one (``run_until_complete``, then ``close``),
+    when the next loop asks: those of such loops were kept for the process's life."""
+    MogileFSStorage().save("mine.png", ContentFile(b"pixels"))
+    with with_settings(MOGILEFS_MIDDLEWARE_OPTIONS={"authorize": lambda scope, key: True},
+                       MOGILEFS_CACHE_CONTROL=MISSING):
+        middleware = wrap_asgi(get_asgi_application())
+
+    def threads() -> list[threading.Thread]:
+        return [thread for thread in threading.enumerate() if thread.name.startswith("authorize")]
+
+    loop = asyncio.new_event_loop()
+    assert loop.run_until_complete(asgi_answer(middleware, "/media/mine.png"))[0] == 200
+    loop.close()  # without shutdown_asyncgens
+    assert threads()
+    assert asyncio.run(asgi_answer(middleware, "/media/mine.png"))[0] == 200
+    for thread in threads():
+        thread.join(2)
+    assert not threads()
+
+
 @overwriting
 def test_a_storage_save_drops_the_asgi_middlewares_cached_paths(lingering_mogile: DevMogileFS) -> None:
     middleware = wrap_asgi(get_asgi_application())

@@ -104,7 +104,7 @@ def _tracker_pool() -> tuple[Callable[[], object], Callable[[], object]]:
 def _async_tracker_pool() -> tuple[Callable[[], object], Callable[[], object]]:
     pool = AsyncTrackerPool([NOWHERE], dead_seconds=0)
     # A loop's first request takes the pool's lock for a moment: held here as long as a thread may.
-    return holding(pool._lock), _refused(lambda: asyncio.run(pool.request("noop")))
+    return holding(pool._loops._lock), _refused(lambda: asyncio.run(pool.request("noop")))
 
 
 def _upload_hashers() -> tuple[Callable[[], object], Callable[[], object]]:

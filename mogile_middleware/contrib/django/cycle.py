@@ -15,9 +15,11 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections
 
-from ...loopnet import close_at_loop_end
+from ...loopnet import PerLoop
 
 Authorize = Callable[[Any, str], Any]
+#: An event loop's runner of a plain ``authorize`` in threads of its own, and the threads.
+_Run = tuple[Callable[[Any, str], Awaitable[Any]], ThreadPoolExecutor]
 #: Calls of a plain ``authorize`` an event loop runs at once; more wait for a thread.
 THREADS = 32
 
@@ -35,7 +37,7 @@ def in_request_cycle(authorize: Authorize) -> Authorize:
     return authorized
 
 
-def off_the_event_loop(authorize: Authorize) -> Callable[[Any, str], Any]:
+def off_the_event_loop(authorize: Authorize) -> Callable[[Any, str], Awaitable[Any]]:
     """``authorize`` as :func:`in_request_cycle`, awaited in threads of its own, up to
     :data:`THREADS` calls side by side, as Django's ASGI handler runs synchronous views (on the
     event loop, the ORM refuses it; in asgiref's one thread for code outside a request, a slow one
@@ -43,19 +45,18 @@ def off_the_event_loop(authorize: Authorize) -> Callable[[Any, str], Any]:
     memcached, slow ones held those up; a thread made per call, as Django's handler makes, cost
     0.3 ms more); an awaitable it gives is awaited on the loop. The threads are the event loop's,
     ended with it (a forked worker's loop makes its own)."""
-    checked = in_request_cycle(authorize)
-    runs: dict[asyncio.AbstractEventLoop, tuple[Callable[[Any, str], Awaitable[Any]], object]] = {}
-
-    def ended(loop: asyncio.AbstractEventLoop, threads: ThreadPoolExecutor) -> None:
-        runs.pop(loop, None)
-        threads.shutdown(wait=False)
+    runs = PerLoop(functools.partial(_in_threads, in_request_cycle(authorize)), _ended)
 
     async def authorized(scope: Any, key: str) -> Any:
-        loop = asyncio.get_running_loop()
-        if loop not in runs:
-            threads = ThreadPoolExecutor(THREADS, thread_name_prefix="authorize")
-            runs[loop] = (sync_to_async(checked, thread_sensitive=False, executor=threads),
-                          close_at_loop_end(functools.partial(ended, loop, threads)))
-        allowed = await runs[loop][0](scope, key)
+        allowed = await runs.of(asyncio.get_running_loop())[0](scope, key)
         return await allowed if inspect.isawaitable(allowed) else allowed
     return authorized
+
+
+def _in_threads(authorize: Authorize) -> _Run:
+    threads = ThreadPoolExecutor(THREADS, thread_name_prefix="authorize")
+    return sync_to_async(authorize, thread_sensitive=False, executor=threads), threads
+
+
+def _ended(run: _Run) -> None:
+    run[1].shutdown(wait=False)
