@@ -266,7 +266,8 @@ class AsyncClient(ClientBase):
             raise
 
     async def aclose(self) -> None:
-        """Close the running event loop's kept-open tracker and storage node connections."""
+        """Close the running event loop's kept-open tracker connections and its idle storage node
+        connections, which every client on the loop shares."""
         await self.pool.aclose()
         close_idle_connections()
 
