@@ -115,7 +115,7 @@ class _LoopConnections:
     def close(self) -> None:
         """Close the idle connections and those of requests given up; in a child forked since,
         none: closing there would take their sockets out of the epoll instance it shares with the
-        parent, which still uses them (they are forgotten)."""
+        parent, which still uses them (they are kept there, unused)."""
         if os.getpid() != self.made_in:
             return
         self.idle.close()

@@ -1,5 +1,6 @@
-"""The asyncio side's connections to trackers and storage nodes: made by :func:`connect` (each
-address of a name given its time), and kept per event loop, ended with it (:class:`PerLoop`)."""
+"""What the asyncio side keeps per event loop: connections to trackers and storage nodes, made by
+:func:`connect` (each address of a name given its time), and threads, kept and ended with their
+loop by :class:`PerLoop`."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ class PerLoop(Generic[T]):
     """One ``T`` for each event loop, made by ``make`` when the loop first asks, and given to
     ``end`` at the loop's shutdown (see :func:`_close_at_loop_end`); a loop closed without one
     has its ``T`` ended when another loop first asks, as a forked child ends those of its
-    parent's loops (``end`` does there what is safe in a child). What the asyncio side keeps per
-    loop (connections, threads) is thus neither used by another loop nor kept past its own."""
+    parent's loops: ``end`` must do there only what is safe in a child (closing a plain socket,
+    not an asyncio transport or a lock the parent's threads take). What the asyncio side keeps
+    per loop is thus neither used by another loop nor kept past its own."""
 
     def __init__(self, make: Callable[[], T], end: Callable[[T], object]) -> None:
         self._make = make
@@ -44,6 +46,9 @@ class PerLoop(Generic[T]):
         if kept is not None:
             return kept[0]
         with self._lock:
+            kept = self._kept.get(loop)
+            if kept is not None:  # made by another thread meanwhile
+                return kept[0]
             forked, self._pid = self._pid != os.getpid(), os.getpid()
             ended = [self._dropped(other) for other in list(self._kept) if forked or other.is_closed()]
             value = self._make()
@@ -63,14 +68,15 @@ class PerLoop(Generic[T]):
         self._end(value)
 
     def _dropped(self, loop: asyncio.AbstractEventLoop) -> T:
-        value, _, made_in = self._kept.pop(loop)
-        if made_in != os.getpid():  # collected, an asyncio transport of it would leave the parent's epoll too
-            _inherited.append(value)
-        return value
+        kept = self._kept.pop(loop)
+        if kept[2] != os.getpid():
+            _inherited.append(kept)
+        return kept[0]
 
 
 #: What a forked child drops of its parent's loops, kept for the child's life: an asyncio
-#: transport collected is closed, which takes its socket out of the epoll instance both share.
+#: transport collected is closed, which takes its socket out of the epoll instance both share,
+#: and a loop's ending collected wakes the parent's loop.
 _inherited: list[object] = []
 
 

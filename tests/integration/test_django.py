@@ -5,6 +5,7 @@ ASGI application (in process, and a tiny project under a real uvicorn)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import http.client
 import io
 import os
@@ -24,6 +25,7 @@ import django
 import pytest
 from conftest import CLASSES, DOMAIN
 from forks import children_failing, holding
+from integration._async_facade import LoopThread
 from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.core.checks import WARNING, run_checks
@@ -1243,6 +1245,27 @@ def test_the_threads_of_a_plain_authorize_end_with_their_event_loop(mogile: DevM
     for thread in threads():
         thread.join(2)
     assert not threads()
+
+
+def test_a_child_forked_while_the_parent_starts_an_authorize_thread_answers_its_files(mogile: DevMogileFS) -> None:
+    """A worker forked from a process whose loop was starting one of its threads for a plain
+    ``authorize``: its first file ended the parent's threads, and waited for ever for their lock."""
+    MogileFSStorage().save("mine.png", ContentFile(b"pixels"))
+    with with_settings(MOGILEFS_MIDDLEWARE_OPTIONS={"authorize": lambda scope, key: True},
+                       MOGILEFS_CACHE_CONTROL=MISSING):
+        middleware = wrap_asgi(get_asgi_application())
+    parents_loop = LoopThread()
+    try:
+        assert parents_loop.run(asgi_answer(middleware, "/media/mine.png"))[0] == 200
+        threads = next(thing for thing in gc.get_objects() if type(thing) is ThreadPoolExecutor  # not a lazy object's
+                       and thing._thread_name_prefix.startswith("authorize"))
+
+        def first_file() -> None:
+            assert asyncio.run(asgi_answer(middleware, "/media/mine.png"))[0] == 200
+
+        assert children_failing(holding(threads._shutdown_lock), first_file, children=5) == 0
+    finally:
+        parents_loop.stop()
 
 
 @overwriting

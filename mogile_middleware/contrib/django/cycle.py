@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import os
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -18,8 +19,9 @@ from django.db import close_old_connections
 from ...loopnet import PerLoop
 
 Authorize = Callable[[Any, str], Any]
-#: An event loop's runner of a plain ``authorize`` in threads of its own, and the threads.
-_Run = tuple[Callable[[Any, str], Awaitable[Any]], ThreadPoolExecutor]
+#: An event loop's runner of a plain ``authorize`` in threads of its own, the threads, and the
+#: process that made them.
+_Run = tuple[Callable[[Any, str], Awaitable[Any]], ThreadPoolExecutor, int]
 #: Calls of a plain ``authorize`` an event loop runs at once; more wait for a thread.
 THREADS = 32
 
@@ -55,8 +57,12 @@ def off_the_event_loop(authorize: Authorize) -> Callable[[Any, str], Awaitable[A
 
 def _in_threads(authorize: Authorize) -> _Run:
     threads = ThreadPoolExecutor(THREADS, thread_name_prefix="authorize")
-    return sync_to_async(authorize, thread_sensitive=False, executor=threads), threads
+    return sync_to_async(authorize, thread_sensitive=False, executor=threads), threads, os.getpid()
 
 
 def _ended(run: _Run) -> None:
-    run[1].shutdown(wait=False)
+    """End the threads, unless this is a child forked since, which has none of them (and whose
+    copy of their lock a thread of the parent starting one held for ever)."""
+    _, threads, made_in = run
+    if made_in == os.getpid():
+        threads.shutdown(wait=False)
