@@ -191,9 +191,10 @@ class MogileFSMiddleware(MiddlewareCore):
         await self._send_for_view(scope, receive, send, served_file(value))  # type: ignore[arg-type]
 
     async def _send_for_view(self, scope: Scope, receive: Receive, send: Send, served: tuple[str, str | None],
-                             cookies: list[str] | None = None) -> None:
-        """Send the file a view asked for, unless its client goes away while it is looked up or opened."""
-        watch = _Watch(receive, scope)
+                             cookies: list[str] | None = None, told: _Told | None = None) -> None:
+        """Send the file a view asked for, unless its client goes away while it is looked up or
+        opened; ``told`` says whether the application was told its client went away."""
+        watch = _Watch(receive, scope, told)
         try:
             answer = await _unless_gone(self._file_answer_for_view(scope, served, cookies), watch)
             if answer is None:
@@ -262,6 +263,13 @@ class MogileFSMiddleware(MiddlewareCore):
         cookies: list[str] = []
         transfer: asyncio.Future[None] | None = None
         reproxied = reproxy_marks(scope)
+        told = _Told()
+
+        async def received() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                told.tell()
+            return message
 
         async def filtered(message: Message) -> None:
             nonlocal transfer
@@ -279,14 +287,14 @@ class MogileFSMiddleware(MiddlewareCore):
                     message = _internal_headers_removed(message, keep_reproxy=self.allow_app_reproxy or bool(reproxied))
             elif asked:  # the body of the answer the file replaces
                 if transfer is None and message["type"] == "http.response.body" and not message.get("more_body"):
-                    transfer = asyncio.ensure_future(self._send_for_view(scope, receive, send, asked[0], cookies))
+                    transfer = asyncio.ensure_future(self._send_for_view(scope, receive, send, asked[0], cookies, told))
                 return
             await send(message)
 
         outer = scope.get(WRAPPED_BY)  # a middleware of this package around this one
         scope[WRAPPED_BY] = self
         try:
-            await self.app(scope, receive, filtered)
+            await self.app(scope, received, filtered)
         except BaseException as error:
             if transfer is not None:
                 if isinstance(error, asyncio.CancelledError):
@@ -307,7 +315,7 @@ class MogileFSMiddleware(MiddlewareCore):
         if transfer is not None:
             await transfer
         elif asked:  # an answer that never ended
-            await self._send_for_view(scope, receive, send, asked[0], cookies)
+            await self._send_for_view(scope, receive, send, asked[0], cookies, told)
 
     async def _answer(self, environ: dict[str, Any], key: str, location: Location | None) -> Answer | Streamed:
         """The answer for ``key`` (at ``location`` when the cache held it): decided, with its replica open."""
@@ -444,15 +452,42 @@ def _close_unclaimed(work: asyncio.Future[Answer | Streamed]) -> None:
             answer[2].close()
 
 
+class _Told:
+    """Whether an application was told that its client went away: hypercorn and daphne tell it
+    once, so the middleware's watch of the file its view answered with would never hear it
+    (Django 5's handler listens for it beside the view, and took it as the view ended)."""
+
+    __slots__ = ("told", "_then")
+
+    def __init__(self) -> None:
+        self.told = False
+        self._then: list[Callable[[], object]] = []
+
+    def tell(self) -> None:
+        self.told = True
+        for then in self._then:
+            then()
+        self._then.clear()
+
+    def then(self, call: Callable[[], object]) -> None:
+        """Have ``call()`` made once told (now, if it was)."""
+        if self.told:
+            call()
+        else:
+            self._then.append(call)
+
+
 class _Watch:
     """A request's one watch for its client going away, from the lookup to the body's last byte.
     A second would miss a disconnect a server tells once (hypercorn), and under granian a
-    ``receive`` cancelled midway makes the next one tell of a disconnect for a client still there."""
+    ``receive`` cancelled midway makes the next one tell of a disconnect for a client still there.
+    With ``told``, a disconnect the application was told counts too."""
 
-    __slots__ = ("_receive", "_gone", "from_the_start")
+    __slots__ = ("_receive", "_told", "_gone", "from_the_start")
 
-    def __init__(self, receive: Receive, scope: Scope) -> None:
+    def __init__(self, receive: Receive, scope: Scope, told: _Told | None = None) -> None:
         self._receive = receive
+        self._told = told
         self._gone: asyncio.Future[None] | None = None
         #: Whether the client may be watched before the answer starts: not one that sent
         #: ``Expect`` (``100-continue``), since uvicorn answers the first ``receive`` with a
@@ -464,6 +499,8 @@ class _Watch:
         """Done once the client has gone: the watch starts when first asked."""
         if self._gone is None:
             self._gone = asyncio.ensure_future(_disconnected(self._receive))
+            if self._told is not None:
+                self._told.then(self._gone.cancel)  # done too: the client has gone
         return self._gone
 
     def raise_what_receive_raised(self) -> None:

@@ -574,13 +574,13 @@ def test_a_request_task_cancelled_as_its_replica_opens_leaves_no_storage_connect
 
 
 def served_body(devmogile: DevMogileFS, asked: str, receive: Any,
-                in_front: Callable[[Any, float], Any] | None = None) -> tuple[bytes, bytes]:
+                in_front: Callable[[Any, float], Any] | None = None, view: Any = serving_view) -> tuple[bytes, bytes]:
     """The body of a file of 4 MiB that a client reading a piece every 50 ms gets, whose server's
     ``receive`` is ``receive``, or behind ``in_front`` (:func:`body_limit`) refusing after 0.2 s;
     and the file's whole."""
     content = bytes(range(256)) * (16 * 1024)
     Client(DOMAIN, devmogile.trackers).store_content("watched.bin", content, cls="thumb")
-    middleware: Any = MogileFSMiddleware(serving_view, domain=DOMAIN, trackers=devmogile.trackers)
+    middleware: Any = MogileFSMiddleware(view, domain=DOMAIN, trackers=devmogile.trackers)
     if in_front:
         middleware = in_front(middleware, 0.2)
     body = bytearray()
@@ -673,6 +673,37 @@ def test_a_disconnect_told_once_in_the_turn_the_replica_opens_sends_nothing(
     assert body == b"" and node_connections(storage_port(Client(DOMAIN, devmogile.trackers), "watched.bin"),
                                             os.getpid()) == 0
 
+
+
+async def listening_view(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A view answering with a file as Django 5's handler runs one: a task of its own listens for
+    the client's disconnect meanwhile, and for a while after the answer ends."""
+    await receive()  # the request's body
+    listening = asyncio.ensure_future(receive())
+    await serving_view(scope, receive, send)
+    await asyncio.sleep(0.5)
+    listening.cancel()
+
+
+def test_a_disconnect_told_once_to_the_application_ends_its_views_transfer(devmogile: DevMogileFS) -> None:
+    """hypercorn and daphne tell the first to ask, once: the application's listener took it, and
+    the whole file was read from the node for nobody."""
+    waiting: list[asyncio.Future[dict[str, Any]]] = []
+
+    async def receive() -> dict[str, Any]:
+        if not waiting:
+            asyncio.get_running_loop().call_later(0.2, leave)  # as the file begins
+            waiting.append(asyncio.get_running_loop().create_future())
+            return {"type": "http.request", "body": b"", "more_body": False}
+        waiting.append(asyncio.get_running_loop().create_future())
+        return await waiting[-1]
+
+    def leave() -> None:
+        first = next(waiter for waiter in waiting[1:] if not waiter.done())
+        first.set_result({"type": "http.disconnect"})
+
+    body, content = served_body(devmogile, "by a view", receive, view=listening_view)
+    assert len(body) < len(content) // 2
 
 class _BodyTooLarge(Exception):
     """What a body limit in front raises from ``receive`` (Starlette's ``RequestBodyLimitMiddleware``)."""
