@@ -191,10 +191,9 @@ class MogileFSMiddleware(MiddlewareCore):
         await self._send_for_view(scope, receive, send, served_file(value))  # type: ignore[arg-type]
 
     async def _send_for_view(self, scope: Scope, receive: Receive, send: Send, served: tuple[str, str | None],
-                             cookies: list[str] | None = None, told: _Told | None = None) -> None:
-        """Send the file a view asked for, unless its client goes away while it is looked up or
-        opened; ``told`` says whether the application was told its client went away."""
-        watch = _Watch(receive, scope, told)
+                             cookies: list[str] | None = None) -> None:
+        """Send the file a view asked for, unless its client goes away while it is looked up or opened."""
+        watch = _Watch(receive, scope)
         try:
             answer = await _unless_gone(self._file_answer_for_view(scope, served, cookies), watch)
             if answer is None:
@@ -263,13 +262,7 @@ class MogileFSMiddleware(MiddlewareCore):
         cookies: list[str] = []
         transfer: asyncio.Future[None] | None = None
         reproxied = reproxy_marks(scope)
-        told = _Told()
-
-        async def received() -> Message:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                told.tell()
-            return message
+        shared = _SharedReceive(receive)
 
         async def filtered(message: Message) -> None:
             nonlocal transfer
@@ -287,14 +280,19 @@ class MogileFSMiddleware(MiddlewareCore):
                     message = _internal_headers_removed(message, keep_reproxy=self.allow_app_reproxy or bool(reproxied))
             elif asked:  # the body of the answer the file replaces
                 if transfer is None and message["type"] == "http.response.body" and not message.get("more_body"):
-                    transfer = asyncio.ensure_future(self._send_for_view(scope, receive, send, asked[0], cookies, told))
+                    transfer = asyncio.ensure_future(
+                        self._send_for_view(scope, shared.for_watch, send, asked[0], cookies))
                 return
             await send(message)
 
         outer = scope.get(WRAPPED_BY)  # a middleware of this package around this one
         scope[WRAPPED_BY] = self
         try:
-            await self.app(scope, received, filtered)
+            try:
+                await self.app(scope, shared.for_app, filtered)
+            finally:
+                shared.returned = True
+                shared.changed()
         except BaseException as error:
             if transfer is not None:
                 if isinstance(error, asyncio.CancelledError):
@@ -315,7 +313,7 @@ class MogileFSMiddleware(MiddlewareCore):
         if transfer is not None:
             await transfer
         elif asked:  # an answer that never ended
-            await self._send_for_view(scope, receive, send, asked[0], cookies, told)
+            await self._send_for_view(scope, shared.for_watch, send, asked[0], cookies)
 
     async def _answer(self, environ: dict[str, Any], key: str, location: Location | None) -> Answer | Streamed:
         """The answer for ``key`` (at ``location`` when the cache held it): decided, with its replica open."""
@@ -452,42 +450,101 @@ def _close_unclaimed(work: asyncio.Future[Answer | Streamed]) -> None:
             answer[2].close()
 
 
-class _Told:
-    """Whether an application was told that its client went away: hypercorn and daphne tell it
-    once, so the middleware's watch of the file its view answered with would never hear it
-    (Django 5's handler listens for it beside the view, and took it as the view ended)."""
+class _SharedReceive:
+    """The server's ``receive``, read by an application and, once its view answered with a file, by
+    the middleware's watch of that file's transfer: the request's messages go to the application
+    alone, in order, and a disconnect, which hypercorn and daphne tell once, to both and to every
+    later call (Django 5's handler listens for it beside the view; an application's task may read
+    to it after the answer). The watch reads only while the application does not, and the
+    application waits for what the watch's read brings; the watch stops while two messages it
+    read wait for the application, until the application has returned: then it reads past the
+    request's body, keeping its last two."""
 
-    __slots__ = ("told", "_then")
+    __slots__ = ("_receive", "_app_reads", "_watch_reads", "_kept", "_last", "_changed", "returned")
 
-    def __init__(self) -> None:
-        self.told = False
-        self._then: list[Callable[[], object]] = []
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._app_reads = 0  # the application's reads in flight
+        self._watch_reads = False  # whether the watch's read is in flight
+        self._kept: list[Message] = []  # what the watch read, for the application
+        #: The disconnect, or what ``receive`` raised in a read of the watch's: for every call from then on.
+        self._last: Message | BaseException | None = None
+        self._changed: asyncio.Future[None] | None = None  # the wake-up of those waiting
+        #: Whether the application has returned.
+        self.returned = False
 
-    def tell(self) -> None:
-        self.told = True
-        for then in self._then:
-            then()
-        self._then.clear()
+    async def for_app(self) -> Message:
+        """The next message of the request, for the application."""
+        while True:
+            if self._kept:
+                self.changed()
+                return self._kept.pop(0)
+            if self._last is not None:
+                return self._told()
+            if not self._watch_reads:
+                break
+            await self._wait()
+        self._app_reads += 1
+        try:
+            message = await self._receive()
+        finally:
+            self._app_reads -= 1
+            self.changed()
+        if message["type"] == "http.disconnect":
+            self._last = message
+        return message
 
-    def then(self, call: Callable[[], object]) -> None:
-        """Have ``call()`` made once told (now, if it was)."""
-        if self.told:
-            call()
-        else:
-            self._then.append(call)
+    async def for_watch(self) -> Message:
+        """The disconnect, once told, or what ``receive`` raised: never a message of the request's."""
+        while True:
+            if self._last is not None:
+                return self._told()
+            if self._app_reads or (len(self._kept) >= 2 and not self.returned):
+                await self._wait()
+                continue
+            self._watch_reads = True
+            try:
+                message = await self._receive()
+            except asyncio.CancelledError:
+                raise
+            except BaseException as error:
+                self._last = error
+                raise
+            finally:
+                self._watch_reads = False
+                self.changed()
+            if message["type"] == "http.disconnect":
+                self._last = message
+                return message
+            self._kept.append(message)
+            del self._kept[:-2]
+
+    def changed(self) -> None:
+        """Have those waiting look again (a message came or was taken, the application returned)."""
+        changed, self._changed = self._changed, None
+        if changed is not None and not changed.done():
+            changed.set_result(None)
+
+    async def _wait(self) -> None:
+        if self._changed is None:
+            self._changed = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._changed)  # one waiter cancelled leaves it to the others
+
+    def _told(self) -> Message:
+        if isinstance(self._last, BaseException):
+            raise self._last
+        return dict(self._last)  # type: ignore[arg-type]
 
 
 class _Watch:
     """A request's one watch for its client going away, from the lookup to the body's last byte.
     A second would miss a disconnect a server tells once (hypercorn), and under granian a
-    ``receive`` cancelled midway makes the next one tell of a disconnect for a client still there.
-    With ``told``, a disconnect the application was told counts too."""
+    ``receive`` cancelled midway makes the next one tell of a disconnect for a client still there."""
 
-    __slots__ = ("_receive", "_told", "_gone", "from_the_start")
+    __slots__ = ("_receive", "_gone", "from_the_start")
 
-    def __init__(self, receive: Receive, scope: Scope, told: _Told | None = None) -> None:
+    def __init__(self, receive: Receive, scope: Scope) -> None:
         self._receive = receive
-        self._told = told
         self._gone: asyncio.Future[None] | None = None
         #: Whether the client may be watched before the answer starts: not one that sent
         #: ``Expect`` (``100-continue``), since uvicorn answers the first ``receive`` with a
@@ -499,8 +556,6 @@ class _Watch:
         """Done once the client has gone: the watch starts when first asked."""
         if self._gone is None:
             self._gone = asyncio.ensure_future(_disconnected(self._receive))
-            if self._told is not None:
-                self._told.then(self._gone.cancel)  # done too: the client has gone
         return self._gone
 
     def raise_what_receive_raised(self) -> None:

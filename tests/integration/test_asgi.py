@@ -674,7 +674,6 @@ def test_a_disconnect_told_once_in_the_turn_the_replica_opens_sends_nothing(
                                             os.getpid()) == 0
 
 
-
 async def listening_view(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """A view answering with a file as Django 5's handler runs one: a task of its own listens for
     the client's disconnect meanwhile, and for a while after the answer ends."""
@@ -704,6 +703,49 @@ def test_a_disconnect_told_once_to_the_application_ends_its_views_transfer(devmo
 
     body, content = served_body(devmogile, "by a view", receive, view=listening_view)
     assert len(body) < len(content) // 2
+
+
+def test_an_applications_own_reader_gets_the_request_and_the_disconnect_beside_its_views_transfer(
+        devmogile: DevMogileFS) -> None:
+    """The watch of the file a view answered with read the server's ``receive`` beside the
+    application's own reader (here a task reading to the client's end, from before the answer to
+    after it): it took parts of the request's body, and under hypercorn and daphne, which tell a
+    disconnect once, the disconnect too, for which the application's task then waited for ever."""
+    parts = [b"a", b"b", b"c"]
+    waiting: list[asyncio.Future[dict[str, Any]]] = []
+
+    async def receive() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        if parts:
+            if len(parts) == 3:
+                loop.call_later(0.4, leave)
+            await asyncio.sleep(0.1)
+            part = parts.pop(0)
+            return {"type": "http.request", "body": part, "more_body": bool(parts)}
+        waiting.append(loop.create_future())
+        return await waiting[-1]
+
+    def leave() -> None:  # told to the first waiting, once
+        next(waiter for waiter in waiting if not waiter.done()).set_result({"type": "http.disconnect"})
+
+    got: list[str] = []
+
+    async def view(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def read_to_the_end() -> None:
+            while True:
+                message = await receive()
+                got.append(message["type"] + " " + message.get("body", b"").decode())
+                if message["type"] == "http.disconnect":
+                    return
+        reading = asyncio.ensure_future(read_to_the_end())
+        await asyncio.sleep(0.15)  # a part of the body read
+        await serving_view(scope, receive, send)
+        await asyncio.wait_for(reading, 2)
+
+    body, content = served_body(devmogile, "by a view", receive, view=view)
+    assert got == ["http.request a", "http.request b", "http.request c", "http.disconnect "]
+    assert len(body) < len(content) // 2
+
 
 class _BodyTooLarge(Exception):
     """What a body limit in front raises from ``receive`` (Starlette's ``RequestBodyLimitMiddleware``)."""
