@@ -188,20 +188,21 @@ class MogileFSMiddleware(MiddlewareCore):
                         "headers": [(name.lower().encode("latin-1"), value.encode("latin-1"))]})
             await send({"type": "http.response.body", "body": b""})
             return
-        await self._send_for_view(scope, receive, send, served_file(value))  # type: ignore[arg-type]
-
-    async def _send_for_view(self, scope: Scope, receive: Receive, send: Send, served: tuple[str, str | None],
-                             cookies: list[str] | None = None) -> None:
-        """Send the file a view asked for, unless its client goes away while it is looked up or opened."""
         watch = _Watch(receive, scope)
         try:
-            answer = await _unless_gone(self._file_answer_for_view(scope, served, cookies), watch)
-            if answer is None:
-                await _answer_gone(send)
-            else:
-                await self._send(answer, send, watch, scope, recurring=False)
+            await self._send_for_view(scope, send, served_file(value), watch)  # type: ignore[arg-type]
         finally:
             await watch.end()
+
+    async def _send_for_view(self, scope: Scope, send: Send, served: tuple[str, str | None], watch: _Watch,
+                             cookies: list[str] | None = None) -> None:
+        """Send the file a view asked for, unless its client goes away (as ``watch`` sees it) while
+        it is looked up or opened."""
+        answer = await _unless_gone(self._file_answer_for_view(scope, served, cookies), watch)
+        if answer is None:
+            await _answer_gone(send)
+        else:
+            await self._send(answer, send, watch, scope, recurring=False)
 
     async def _file_answer_for_view(self, scope: Scope, served: tuple[str, str | None],
                                     cookies: list[str] | None = None) -> Answer | Streamed:
@@ -263,9 +264,10 @@ class MogileFSMiddleware(MiddlewareCore):
         transfer: asyncio.Future[None] | None = None
         reproxied = reproxy_marks(scope)
         shared = _SharedReceive(receive)
+        watch: _Watch | None = None  # of the file's transfer; it watches on while the application runs
 
         async def filtered(message: Message) -> None:
-            nonlocal transfer
+            nonlocal transfer, watch
             if message["type"] == "http.response.start":
                 headers = message.get("headers", ())
                 if not isinstance(headers, (list, tuple)):  # any iterable of pairs: read once
@@ -280,8 +282,8 @@ class MogileFSMiddleware(MiddlewareCore):
                     message = _internal_headers_removed(message, keep_reproxy=self.allow_app_reproxy or bool(reproxied))
             elif asked:  # the body of the answer the file replaces
                 if transfer is None and message["type"] == "http.response.body" and not message.get("more_body"):
-                    transfer = asyncio.ensure_future(
-                        self._send_for_view(scope, shared.for_watch, send, asked[0], cookies))
+                    watch = _Watch(shared.for_watch, scope)
+                    transfer = asyncio.ensure_future(self._send_for_view(scope, send, asked[0], watch, cookies))
                 return
             await send(message)
 
@@ -290,30 +292,31 @@ class MogileFSMiddleware(MiddlewareCore):
         try:
             try:
                 await self.app(scope, shared.for_app, filtered)
+            except BaseException as error:
+                if transfer is not None:
+                    if isinstance(error, asyncio.CancelledError):
+                        transfer.cancel()
+                    try:
+                        await asyncio.wait({transfer})  # the file sent (or cut) before the application's error
+                    except asyncio.CancelledError:  # this request's own: it ends the transfer too
+                        transfer.cancel()
+                        raise
+                    if not transfer.cancelled():
+                        transfer.exception()  # taken: the application's error is the one raised
+                raise
             finally:
-                shared.returned = True
-                shared.changed()
-        except BaseException as error:
+                if outer is None:
+                    scope.pop(WRAPPED_BY, None)
+                else:
+                    scope[WRAPPED_BY] = outer
             if transfer is not None:
-                if isinstance(error, asyncio.CancelledError):
-                    transfer.cancel()
-                try:
-                    await asyncio.wait({transfer})  # the file sent (or cut) before the application's error
-                except asyncio.CancelledError:  # this request's own: it ends the transfer too
-                    transfer.cancel()
-                    raise
-                if not transfer.cancelled():
-                    transfer.exception()  # taken: the application's error is the one raised
-            raise
+                await transfer
+            elif asked:  # an answer that never ended
+                watch = _Watch(shared.for_watch, scope)
+                await self._send_for_view(scope, send, asked[0], watch, cookies)
         finally:
-            if outer is None:
-                scope.pop(WRAPPED_BY, None)
-            else:
-                scope[WRAPPED_BY] = outer
-        if transfer is not None:
-            await transfer
-        elif asked:  # an answer that never ended
-            await self._send_for_view(scope, shared.for_watch, send, asked[0], cookies)
+            if watch is not None:
+                await watch.end()
 
     async def _answer(self, environ: dict[str, Any], key: str, location: Location | None) -> Answer | Streamed:
         """The answer for ``key`` (at ``location`` when the cache held it): decided, with its replica open."""
@@ -452,33 +455,43 @@ def _close_unclaimed(work: asyncio.Future[Answer | Streamed]) -> None:
 
 class _SharedReceive:
     """The server's ``receive``, read by an application and, once its view answered with a file, by
-    the middleware's watch of that file's transfer: the request's messages go to the application
-    alone, in order, and a disconnect, which hypercorn and daphne tell once, to both and to every
-    later call (Django 5's handler listens for it beside the view; an application's task may read
-    to it after the answer). The watch reads only while the application does not, and the
-    application waits for what the watch's read brings; the watch stops while two messages it
-    read wait for the application, until the application has returned: then it reads past the
-    request's body, keeping its last two."""
+    the middleware's watch of that file's transfer, which reads on while the application runs:
+    the request's messages go to the application alone, in order, and a disconnect, which
+    hypercorn and daphne tell once, to both and to every later call (Django 5's handler listens
+    for it beside the view; an application's task may read to it after the answer). The watch
+    reads only while the application does not, and the application waits for what the watch's
+    read brings. The watch keeps two messages for the application: an application that reads
+    after its answer takes them before the watch reads on; past those, for one that does not
+    (working on after its answer), the rest of the body is lost, and the application, if it reads
+    later, is told of a disconnect rather than given a body with a hole. Past the body, a
+    ``receive`` that answers at once with anything but a disconnect tells nothing, and the watch
+    asks it no more (asked in a loop, it would never let the event loop run anything else)."""
 
-    __slots__ = ("_receive", "_app_reads", "_watch_reads", "_kept", "_last", "_changed", "returned")
+    __slots__ = ("_receive", "_app_calls", "_app_reads", "_watch_reads", "_kept", "_lost", "_body_read", "_quiet",
+                 "_last", "_changed")
 
     def __init__(self, receive: Receive) -> None:
         self._receive = receive
-        self._app_reads = 0  # the application's reads in flight
+        self._app_calls = 0  # the application's calls so far
+        self._app_reads = 0  # its reads in flight
         self._watch_reads = False  # whether the watch's read is in flight
         self._kept: list[Message] = []  # what the watch read, for the application
+        self._lost = False  # whether the watch dropped a message the application did not take
+        self._body_read = False  # whether the request's body has come to its end
+        self._quiet = False  # whether the watch asks no more
         #: The disconnect, or what ``receive`` raised in a read of the watch's: for every call from then on.
         self._last: Message | BaseException | None = None
         self._changed: asyncio.Future[None] | None = None  # the wake-up of those waiting
-        #: Whether the application has returned.
-        self.returned = False
 
     async def for_app(self) -> Message:
         """The next message of the request, for the application."""
+        self._app_calls += 1
         while True:
             if self._kept:
-                self.changed()
+                self._change()
                 return self._kept.pop(0)
+            if self._lost:
+                return {"type": "http.disconnect"}
             if self._last is not None:
                 return self._told()
             if not self._watch_reads:
@@ -489,19 +502,20 @@ class _SharedReceive:
             message = await self._receive()
         finally:
             self._app_reads -= 1
-            self.changed()
-        if message["type"] == "http.disconnect":
-            self._last = message
+            self._change()
+        self._read(message)
         return message
 
     async def for_watch(self) -> Message:
         """The disconnect, once told, or what ``receive`` raised: never a message of the request's."""
+        calls = self._app_calls
         while True:
             if self._last is not None:
                 return self._told()
-            if self._app_reads or (len(self._kept) >= 2 and not self.returned):
+            if self._app_reads or self._quiet or (len(self._kept) == 2 and self._app_calls > calls):
                 await self._wait()
                 continue
+            past_body = self._body_read
             self._watch_reads = True
             try:
                 message = await self._receive()
@@ -512,15 +526,25 @@ class _SharedReceive:
                 raise
             finally:
                 self._watch_reads = False
-                self.changed()
-            if message["type"] == "http.disconnect":
-                self._last = message
+                self._change()
+            self._read(message)
+            if self._last is not None:
                 return message
-            self._kept.append(message)
-            del self._kept[:-2]
+            if self._lost or len(self._kept) == 2:
+                self._kept.clear()
+                self._lost = True
+            else:
+                self._kept.append(message)
+            self._quiet = past_body
 
-    def changed(self) -> None:
-        """Have those waiting look again (a message came or was taken, the application returned)."""
+    def _read(self, message: Message) -> None:
+        if message["type"] == "http.disconnect":
+            self._last = message
+        elif not message.get("more_body", False):
+            self._body_read = True
+
+    def _change(self) -> None:
+        """Have those waiting look again."""
         changed, self._changed = self._changed, None
         if changed is not None and not changed.done():
             changed.set_result(None)

@@ -747,6 +747,93 @@ def test_an_applications_own_reader_gets_the_request_and_the_disconnect_beside_i
     assert len(body) < len(content) // 2
 
 
+def a_body_then_leaving(parts: int, leave_after: float) -> Any:
+    """A server's ``receive`` (as uvicorn's) with a body of ``parts`` pieces there at once, then
+    a disconnect for every call once the client leaves, ``leave_after`` seconds after the first."""
+    left: list[asyncio.Future[None]] = []
+    pieces = [f"part {number}".encode() for number in range(parts)]
+
+    async def receive() -> dict[str, Any]:
+        if not left:
+            left.append(asyncio.get_running_loop().create_future())
+            asyncio.get_running_loop().call_later(leave_after, left[0].set_result, None)
+        if pieces:
+            return {"type": "http.request", "body": pieces.pop(0), "more_body": bool(pieces)}
+        await left[0]
+        return {"type": "http.disconnect"}
+    return receive
+
+
+def test_a_client_leaving_a_post_whose_view_runs_on_ends_its_file(devmogile: DevMogileFS) -> None:
+    """A view answering a POST with a file without reading its body, then working on (a
+    background task): the watch stopped at the body's first pieces, kept for the application,
+    so saw no disconnect until the application returned, and the whole file was read for nobody."""
+    async def view(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await serving_view(scope, receive, send)
+        await asyncio.sleep(4)
+
+    body, content = served_body(devmogile, "by a view", a_body_then_leaving(5, 0.3), view=view)
+    assert len(body) < len(content) // 2
+
+
+def test_a_view_reading_the_body_after_its_answer_gets_it_whole_or_a_disconnect(devmogile: DevMogileFS) -> None:
+    """The watch of the file reads past the body the application leaves: what it cannot keep for
+    the application is lost, and the application is told of a disconnect, not given the rest of
+    the body as if it were whole (an upload stored short)."""
+    got: list[dict[str, Any]] = []
+
+    async def view(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await serving_view(scope, receive, send)
+        await asyncio.sleep(0.2)  # the watch has read on
+        while not got or got[-1]["type"] != "http.disconnect":
+            got.append(await receive())
+
+    served_body(devmogile, "by a view", a_body_then_leaving(5, 0.5), view=view)
+    bodies = [message["body"] for message in got[:-1]]
+    assert bodies == [f"part {number}".encode() for number in range(len(bodies))] and got[-1]["type"] == "http.disconnect"
+
+
+def test_a_view_reading_the_body_after_its_answer_under_granian_gets_no_false_disconnect(
+        devmogile: DevMogileFS) -> None:
+    """Under granian a ``receive`` cancelled while it waits makes the next one tell of a disconnect
+    for a client still there: the watch's, cancelled as the file ended, made the application's
+    next read say the client had gone, its body cut short. The watch reads on while the
+    application runs."""
+    pieces = [b"late 0", b"late 1", b"late 2"]
+    cancelled = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal cancelled
+        if cancelled:
+            return {"type": "http.disconnect"}
+        try:
+            await asyncio.sleep(0.6)  # the pieces come slowly, after the small file was sent
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        if pieces:
+            return {"type": "http.request", "body": pieces.pop(0), "more_body": bool(pieces)}
+        return await asyncio.sleep(3600)
+
+    got: list[bytes] = []
+
+    async def view(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await serving_view(scope, receive, send)
+        await asyncio.sleep(0.3)  # the file sent meanwhile, the watch's read in flight
+        while True:
+            message = await receive()
+            got.append(message.get("body", b"disconnect"))
+            if not message.get("more_body", False):
+                return
+
+    Client(DOMAIN, devmogile.trackers).store_content("small.txt", b"small", cls="thumb")
+    middleware = MogileFSMiddleware(view, domain=DOMAIN, trackers=devmogile.trackers)
+    sent: list[dict[str, Any]] = []
+    asyncio.run(asyncio.wait_for(middleware(http_scope("/files/small.txt"), receive, _append_to(sent)), 10))
+    assert b"".join(message.get("body", b"") for message in sent[1:]) == b"small"
+    assert got == [b"late 0", b"late 1", b"late 2"]
+
+
 class _BodyTooLarge(Exception):
     """What a body limit in front raises from ``receive`` (Starlette's ``RequestBodyLimitMiddleware``)."""
 
@@ -805,13 +892,16 @@ def test_a_body_refused_by_a_limit_in_front_midway_through_the_file_ends_it_with
         served_body(devmogile, asked, None, body_limit)
 
 
+@pytest.mark.parametrize("asked", ["under the prefix", "by a view"])
 @pytest.mark.parametrize("mode", [{}, {"reproxy": "perlbal"}], ids=["serve", "reproxy"])
 def test_a_receive_answering_at_once_past_the_body_is_not_asked_in_a_loop(devmogile: DevMogileFS,
-                                                                          mode: dict[str, str]) -> None:
+                                                                          mode: dict[str, str], asked: str) -> None:
     """ASGI has ``receive`` wait for the disconnect past the body; one that answers at once, over
     and over, kept the event loop from running the request at all."""
     Client(DOMAIN, devmogile.trackers).store_content("a.txt", b"the file", cls="thumb")
-    middleware = MogileFSMiddleware(Recorder(), domain=DOMAIN, trackers=devmogile.trackers, **mode)
+    view = asked == "by a view"
+    middleware = MogileFSMiddleware(serving_view if view else Recorder(), domain=DOMAIN, trackers=devmogile.trackers,
+                                    **mode)
     sent: list[dict[str, Any]] = []
 
     async def send(message: dict[str, Any]) -> None:
@@ -820,8 +910,8 @@ def test_a_receive_answering_at_once_past_the_body_is_not_asked_in_a_loop(devmog
     async def receive() -> dict[str, Any]:
         return {"type": "http.request"}
 
-    thread = threading.Thread(target=asyncio.run, args=(middleware(http_scope("/mogilefs/a.txt"), receive, send),),
-                              daemon=True)
+    path = "/files/a.txt" if view else "/mogilefs/a.txt"
+    thread = threading.Thread(target=asyncio.run, args=(middleware(http_scope(path), receive, send),), daemon=True)
     thread.start()
     thread.join(10)
     assert not thread.is_alive() and sent[0]["status"] == 200
