@@ -455,48 +455,55 @@ def _close_unclaimed(work: asyncio.Future[Answer | Streamed]) -> None:
 
 class _SharedReceive:
     """The server's ``receive``, read by an application and, once its view answered with a file, by
-    the middleware's watch of that file's transfer, which reads on while the application runs:
+    the middleware's watch of that file's transfer, which watches on while the application runs:
     the request's messages go to the application alone, in order, and a disconnect, which
     hypercorn and daphne tell once, to both and to every later call (Django 5's handler listens
     for it beside the view; an application's task may read to it after the answer). The watch
-    reads only while the application does not, and the application waits for what the watch's
-    read brings. The watch keeps two messages for the application: an application that reads
-    after its answer takes them before the watch reads on; past those, for one that does not
-    (working on after its answer), the rest of the body is lost, and the application, if it reads
-    later, is told of a disconnect rather than given a body with a hole. Past the body, a
-    ``receive`` that answers at once with anything but a disconnect tells nothing, and the watch
-    asks it no more (asked in a loop, it would never let the event loop run anything else)."""
+    reads only while the application does not; an application reading meanwhile waits for what
+    the watch's read brings, and takes it before the watch reads on. Otherwise the watch keeps
+    two messages for the application: past those, the rest of the body is lost, and the
+    application's later reads are told of a disconnect, not given a body with a hole. What
+    ``receive`` raises to the watch (a body limit in front) is raised to every later call too.
+    Past the body, a ``receive`` that
+    answers at once with anything but a disconnect tells nothing, and the watch asks it no more
+    (asked in a loop, it would never let the event loop run anything else)."""
 
-    __slots__ = ("_receive", "_app_calls", "_app_reads", "_watch_reads", "_kept", "_lost", "_body_read", "_quiet",
-                 "_last", "_changed")
+    __slots__ = ("_receive", "_app_reads", "_app_waits", "_watch_reads", "_kept", "_lost", "_error", "_body_read",
+                 "_quiet", "_last", "_changed")
 
     def __init__(self, receive: Receive) -> None:
         self._receive = receive
-        self._app_calls = 0  # the application's calls so far
-        self._app_reads = 0  # its reads in flight
+        self._app_reads = 0  # the application's reads in flight
+        self._app_waits = 0  # its calls waiting for the watch's read
         self._watch_reads = False  # whether the watch's read is in flight
         self._kept: list[Message] = []  # what the watch read, for the application
         self._lost = False  # whether the watch dropped a message the application did not take
+        self._error: BaseException | None = None  # what receive raised to the watch, for every later call
         self._body_read = False  # whether the request's body has come to its end
-        self._quiet = False  # whether the watch asks no more
-        #: The disconnect, or what ``receive`` raised in a read of the watch's: for every call from then on.
-        self._last: Message | BaseException | None = None
+        self._quiet = False  # whether the watch reads no more
+        self._last: Message | None = None  # the disconnect, for every call from then on
         self._changed: asyncio.Future[None] | None = None  # the wake-up of those waiting
 
     async def for_app(self) -> Message:
         """The next message of the request, for the application."""
-        self._app_calls += 1
         while True:
             if self._kept:
                 self._change()
                 return self._kept.pop(0)
+            if self._error is not None:
+                raise self._error
             if self._lost:
                 return {"type": "http.disconnect"}
             if self._last is not None:
-                return self._told()
+                return dict(self._last)
             if not self._watch_reads:
                 break
-            await self._wait()
+            self._app_waits += 1
+            try:
+                await self._wait()
+            finally:
+                self._app_waits -= 1
+                self._change()
         self._app_reads += 1
         try:
             message = await self._receive()
@@ -508,11 +515,12 @@ class _SharedReceive:
 
     async def for_watch(self) -> Message:
         """The disconnect, once told, or what ``receive`` raised: never a message of the request's."""
-        calls = self._app_calls
         while True:
+            if self._error is not None:
+                raise self._error
             if self._last is not None:
-                return self._told()
-            if self._app_reads or self._quiet or (len(self._kept) == 2 and self._app_calls > calls):
+                return dict(self._last)
+            if self._app_reads or self._quiet or (self._kept and self._app_waits):
                 await self._wait()
                 continue
             past_body = self._body_read
@@ -522,7 +530,7 @@ class _SharedReceive:
             except asyncio.CancelledError:
                 raise
             except BaseException as error:
-                self._last = error
+                self._error = error
                 raise
             finally:
                 self._watch_reads = False
@@ -531,8 +539,7 @@ class _SharedReceive:
             if self._last is not None:
                 return message
             if self._lost or len(self._kept) == 2:
-                self._kept.clear()
-                self._lost = True
+                self._kept, self._lost = [], True
             else:
                 self._kept.append(message)
             self._quiet = past_body
@@ -553,11 +560,6 @@ class _SharedReceive:
         if self._changed is None:
             self._changed = asyncio.get_running_loop().create_future()
         await asyncio.shield(self._changed)  # one waiter cancelled leaves it to the others
-
-    def _told(self) -> Message:
-        if isinstance(self._last, BaseException):
-            raise self._last
-        return dict(self._last)  # type: ignore[arg-type]
 
 
 class _Watch:

@@ -747,9 +747,10 @@ def test_an_applications_own_reader_gets_the_request_and_the_disconnect_beside_i
     assert len(body) < len(content) // 2
 
 
-def a_body_then_leaving(parts: int, leave_after: float) -> Any:
-    """A server's ``receive`` (as uvicorn's) with a body of ``parts`` pieces there at once, then
-    a disconnect for every call once the client leaves, ``leave_after`` seconds after the first."""
+def a_body_then_leaving(parts: int, leave_after: float, gap: float = 0) -> Any:
+    """A server's ``receive`` (as uvicorn's) with a body of ``parts`` pieces, each ``gap`` seconds
+    after the one before, then a disconnect for every call once the client leaves, ``leave_after``
+    seconds after the first call."""
     left: list[asyncio.Future[None]] = []
     pieces = [f"part {number}".encode() for number in range(parts)]
 
@@ -758,6 +759,9 @@ def a_body_then_leaving(parts: int, leave_after: float) -> Any:
             left.append(asyncio.get_running_loop().create_future())
             asyncio.get_running_loop().call_later(leave_after, left[0].set_result, None)
         if pieces:
+            await asyncio.sleep(gap)
+            if left[0].done():
+                return {"type": "http.disconnect"}
             return {"type": "http.request", "body": pieces.pop(0), "more_body": bool(pieces)}
         await left[0]
         return {"type": "http.disconnect"}
@@ -773,6 +777,22 @@ def test_a_client_leaving_a_post_whose_view_runs_on_ends_its_file(devmogile: Dev
         await asyncio.sleep(4)
 
     body, content = served_body(devmogile, "by a view", a_body_then_leaving(5, 0.3), view=view)
+    assert len(body) < len(content) // 2
+
+
+@pytest.mark.parametrize("then", ["returns", "works on"])
+def test_a_client_leaving_a_view_that_read_once_after_its_answer_ends_its_file(devmogile: DevMogileFS,
+                                                                               then: str) -> None:
+    """One read after the answer made the watch wait, for good, for the application to take the
+    body's pieces it kept: it saw no disconnect, and the whole file was read for nobody."""
+    async def view(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await serving_view(scope, receive, send)
+        await asyncio.sleep(0.1)  # the watch has begun
+        await receive()
+        if then == "works on":
+            await asyncio.sleep(4)
+
+    body, content = served_body(devmogile, "by a view", a_body_then_leaving(20, 0.4, gap=0.05), view=view)
     assert len(body) < len(content) // 2
 
 
