@@ -464,9 +464,9 @@ class _SharedReceive:
     two messages for the application: past those, the rest of the body is lost, and the
     application's later reads are told of a disconnect, not given a body with a hole. What
     ``receive`` raises to the watch (a body limit in front) is raised to every later call too.
-    Past the body, a ``receive`` that
-    answers at once with anything but a disconnect tells nothing, and the watch asks it no more
-    (asked in a loop, it would never let the event loop run anything else)."""
+    Past the body, a ``receive`` that answers at once with anything but a disconnect tells
+    nothing, and the watch asks it no more (asked in a loop, it would never let the event loop
+    run anything else)."""
 
     __slots__ = ("_receive", "_app_reads", "_app_waits", "_watch_reads", "_kept", "_lost", "_error", "_body_read",
                  "_quiet", "_last", "_changed")
