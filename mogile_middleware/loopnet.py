@@ -34,7 +34,6 @@ class PerLoop(Generic[T]):
         #: Each loop's ``T``, the async generator that ends it (held for the loop's life) and the
         #: process that made it.
         self._kept: dict[asyncio.AbstractEventLoop, tuple[T, AsyncGenerator[None, None] | None, int]] = {}
-        self._pid = os.getpid()
         renew_in_child(self)
 
     def renew_after_fork(self) -> None:
@@ -49,8 +48,8 @@ class PerLoop(Generic[T]):
             kept = self._kept.get(loop)
             if kept is not None:  # made by another thread meanwhile
                 return kept[0]
-            forked, self._pid = self._pid != os.getpid(), os.getpid()
-            ended = [self._dropped(other) for other in list(self._kept) if forked or other.is_closed()]
+            ended = [self._dropped(other) for other, (_, _, made_in) in list(self._kept.items())
+                     if made_in != os.getpid() or other.is_closed()]
             value = self._make()
             ending = None
             if loop is asyncio._get_running_loop():
