@@ -77,7 +77,8 @@ def test_importing_it_where_there_is_no_fork_says_it_needs_posix() -> None:
 
 @pytest.mark.parametrize(("module", "needs", "extra"), [
     ("mogile_middleware.memcache", "pymemcache.client.base", "memcached"),
-    ("mogile_middleware.paste", "paste.deploy.converters", "paste")])
+    ("mogile_middleware.paste", "paste.deploy.converters", "paste"),
+    ("mogile_middleware.contrib.django", "django", "django")])
 def test_a_module_of_an_extra_not_installed_names_the_extra(monkeypatch: pytest.MonkeyPatch, module: str, needs: str,
                                                             extra: str) -> None:
     monkeypatch.setitem(sys.modules, needs, None)  # as if it were not installed

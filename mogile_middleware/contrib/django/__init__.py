@@ -18,6 +18,14 @@ private file through :func:`serve`; with ``MOGILEFS_SIGNING_KEY``, ``url()`` giv
 expiring URLs and the middleware answers no other.
 """
 
+import importlib
+
+try:
+    importlib.import_module("django")
+except ModuleNotFoundError as error:  # the optional extra
+    raise ModuleNotFoundError(f"mogile_middleware.contrib.django needs Django: "
+                              f"pip install 'mogile_middleware[django]' ({error})", name=error.name) from error
+
 from .asgi import wrap_asgi
 from .clients import close_clients, get_client
 from .storage import MogileFSStorage

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from django.conf import settings
@@ -13,8 +14,12 @@ from . import conf
 from .clients import get_client, listen_to_media_changes
 from .cycle import off_the_event_loop
 
+#: Django's ASGI application, as any typing of it is taken: django-stubs give it a ``dict`` scope
+#: and a ``send`` of any mapping, which a stricter :data:`~mogile_middleware.asgi.ASGIApp` refuses.
+DjangoASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
-def wrap_asgi(application: ASGIApp) -> MogileFSMiddleware:
+
+def wrap_asgi(application: DjangoASGIApp) -> MogileFSMiddleware:
     """Wrap Django's ASGI application as :func:`~.wsgi.wrap_wsgi` wraps the WSGI one: the same
     settings, the same answers, with an :class:`~mogile_middleware.async_client.AsyncClient`.
 
@@ -36,7 +41,7 @@ def wrap_asgi(application: ASGIApp) -> MogileFSMiddleware:
     return middleware
 
 
-def configured_middleware(application: ASGIApp) -> MogileFSMiddleware:
+def configured_middleware(application: DjangoASGIApp) -> MogileFSMiddleware:
     """The middleware the settings describe around ``application``, listening to no client (as
     ``manage.py check`` builds it)."""
     client = get_client()
@@ -55,7 +60,7 @@ def configured_middleware(application: ASGIApp) -> MogileFSMiddleware:
     return middleware
 
 
-def _answering_lifespan(application: ASGIApp) -> ASGIApp:
+def _answering_lifespan(application: DjangoASGIApp) -> ASGIApp:
     """``application``, the lifespan protocol answered for it when it refuses it as Django's handler
     does (``ValueError`` before reading a message): at shutdown, the middleware closes the event
     loop's tracker and storage connections, which stayed open to the end of the process."""
