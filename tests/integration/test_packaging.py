@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", ".hypothesis", ".mypy_cache", "__pycache__", "*.egg-info",
                                     "build", "dist")
 #: What running the examples leaves behind in a checkout.
-LEFT_BEHIND = ("examples/tmp/", "examples/nginx.pid")
+LEFT_BEHIND = ("examples/tmp/", "examples/nginx.pid", "examples/djangosite/db.sqlite3")
 
 
 def _build(kind: str, source: Path, into: Path) -> Path:
