@@ -11,8 +11,8 @@ from collections.abc import Callable
 class ThrottledLog:
     """Log ``message`` (``%``-formatted with an event's arguments) at ``level`` for the first event
     at once, then at most once per ``interval`` seconds, counting the events left out since the
-    line before as ``counted`` (threads racing may miscount one); those after the last line are
-    counted in the next one. ``clock`` tells the seconds."""
+    line before as ``counted``, with the seconds since it (threads racing may miscount one); those
+    after the last line are counted in the next one. ``clock`` tells the seconds."""
 
     def __init__(self, log: logging.Logger, level: int, message: str, interval: float, counted: str, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -26,6 +26,8 @@ class ThrottledLog:
         if now - self._logged_at < self._interval:
             self._left_out += 1
             return
-        left_out, self._left_out, self._logged_at = self._left_out, 0, now
+        left_out, self._left_out, logged_at, self._logged_at = self._left_out, 0, self._logged_at, now
+        # The span told: the events counted may be those of an earlier flood, minutes before this one.
         self._log.log(self._level, self._message + "%s", *args,
-                      f" ({left_out} more {self._counted} since the last line like this)" if left_out else "")
+                      f" ({left_out} more {self._counted} in the {now - logged_at:.0f} s since the last line like this)"
+                      if left_out else "")

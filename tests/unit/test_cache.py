@@ -326,7 +326,8 @@ def test_stale_paths_are_warned_of_once_per_interval_counting_those_left_out(
     cache.get("b")
     assert len(warnings_in(caplog)) == 2
     assert "'b'" in warnings_in(caplog)[1]
-    assert warnings_in(caplog)[1].endswith("(5 more requests since the last line like this)")
+    assert warnings_in(caplog)[1].endswith(
+        f"(5 more requests in the {STALE_WARNING_INTERVAL:.0f} s since the last line like this)")
 
 
 STEPPED_CLOCK = """
