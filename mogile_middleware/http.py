@@ -157,13 +157,15 @@ def storage_node_range(header: str | None, size: int) -> tuple[int, int, int]:
 def byte_range(header: str | None, length: int) -> tuple[int, int] | Literal[False] | None:
     """The one range ``header`` asks of ``length`` bytes as ``(first, last)``; ``None`` to send the
     whole file (no header, an invalid one, or several ranges, which RFC 9110 lets a server
-    ignore, or one over :data:`MAX_RANGE` long); ``False`` when the range is unsatisfiable (416)."""
+    ignore, or one over :data:`MAX_RANGE` long); ``False`` when the range is unsatisfiable (416).
+    Empty elements of the list are no ranges (RFC 9110 5.6.1.2): ``bytes=0-1,`` asks for one."""
     if header is None or len(header) > MAX_RANGE:
         return None
     unit, _, ranges = header.partition("=")
-    if unit.strip(_OWS).lower() != "bytes" or "," in ranges:
+    listed = [element for element in ranges.split(",") if element.strip(_OWS)]
+    if unit.strip(_OWS).lower() != "bytes" or len(listed) != 1:
         return None
-    match = _BYTE_RANGE.fullmatch(ranges.strip(_OWS))
+    match = _BYTE_RANGE.fullmatch(listed[0].strip(_OWS))
     if match is None or match.groups() == ("", ""):
         return None
     first, last = (_position(digits) for digits in match.groups())

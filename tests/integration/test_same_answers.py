@@ -46,7 +46,7 @@ HEADERS = (
     ("If-Range: ETAG", "Range: bytes=0-1"), ('If-Range: "other"', "Range: bytes=0-1"),
     ("If-Range: W/ETAG", "Range: bytes=0-1"), ("If-Range: Sun, 06 Nov 2094 08:49:37 GMT", "Range: bytes=0-1"),
     ("If-Range: *", "Range: bytes=0-1"), ('If-Range: "other", ETAG', "Range: bytes=0-1"),
-    ('If-None-Match: "other", , ETAG',), ("Range: bytes= 0-1",),
+    ('If-None-Match: "other", , ETAG',), ("Range: bytes= 0-1",), ("Range: bytes=0-1,",),
     ("If-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT",), ("If-Modified-Since: garbage",),
     ("If-Unmodified-Since: Sun, 06 Nov 1994 08:49:37 GMT",), ("Range: bytes=0-1", "If-None-Match: *"),
     ("X-Proxy-Capabilities: reproxy-file",), ("X-Sendfile-Type: X-Accel-Redirect",),

@@ -88,6 +88,11 @@ def test_repeated_lines_are_read_alike_at_the_limit_however_a_server_joins_them(
     pytest.param("bytes=" + "0" * (http.MAX_RANGE - 9) + "7-8", 100, (7, 8), id="longest-read"),
     pytest.param("bytes=" + "0" * (http.MAX_RANGE - 8) + "7-8", 100, None, id="too-long-ignored"),
     pytest.param("bytes=0-1,5-6", 100, None, id="several-ignored"),
+    # Empty list elements are none (RFC 9110 5.6.1.2): one range, as a client's list builder may end it.
+    pytest.param("bytes=0-1,", 100, (0, 1), id="trailing-comma"),
+    pytest.param("bytes= , 90-\t,", 100, (90, 99), id="empty-elements"),
+    pytest.param("bytes=,", 100, None, id="only-empty-elements"),
+    pytest.param("bytes=0-1, ,5-6", 100, None, id="several-among-empty"),
     pytest.param("bytes=5-1", 100, None, id="reversed-ignored"),
     pytest.param("bytes=99999999999999999999-19999999999999999999", 100, None, id="huge-reversed-ignored"),
     pytest.param("bytes=" + "2" * 500 + "-0" + "1" * 500, 100, None, id="huger-reversed-ignored"),
