@@ -706,6 +706,41 @@ def test_a_create_close_that_may_have_stored_leaves_no_temporary_key(
         upstream.close()
 
 
+@overwriting
+@pytest.mark.parametrize(("content", "stored"), [
+    (lambda: ContentFile(b"ours"), b"ours"),
+    (lambda: _Decrypting(io.BytesIO(b"ours"), "a.png"), b"theirs"),  # its own read(), once: no second upload
+], ids=["read-again", "read-once"])
+def test_an_overwrite_failed_by_another_saves_close_is_uploaded_again(
+        mogile: DevMogileFS, content: Callable[[], File], stored: bytes) -> None:
+    """mogilefsd 2.73 answers ``ERR failure`` to one of two saves of a key closing at once (both
+    drop the old file, and the second drop is refused), the key holding the other's file: 1 save
+    in 13 of 16 workers thumbnailing one image failed with a 500 against it."""
+    upstream = TrackerConnection(mogile.tracker_address, 1.0, 5.0)
+    closes = []
+
+    def beaten_once(line: bytes) -> bytes | None:
+        if line.startswith(b"create_close"):
+            closes.append(line)
+            if len(closes) == 1:  # another save's close of the key won: it holds their file, not ours
+                get_client().store_content("thumbs/a.png", b"theirs")
+                return b"ERR failure Operation+failed\r\n"
+        return upstream.roundtrip(line)
+
+    relay = ScriptedTracker(beaten_once)
+    try:
+        storage = MogileFSStorage(trackers=relay.tracker, allow_overwrite=True)
+        if stored == b"ours":
+            assert storage.save("thumbs/a.png", content()) == "thumbs/a.png"
+        else:
+            with pytest.raises(UploadError, match="failed create_close"):
+                storage.save("thumbs/a.png", content())
+        assert (len(closes), get_client().get_file_data("thumbs/a.png")) == (2 if stored == b"ours" else 1, stored)
+    finally:
+        relay.stop()
+        upstream.close()
+
+
 @pytest.mark.parametrize("delay", [0.0, 1.0], ids=["carried-out", "carried-out-late"])
 def test_a_save_whose_create_close_answer_was_lost_is_told_by_its_temporary_key(
         mogile: DevMogileFS, delay: float) -> None:

@@ -29,7 +29,7 @@ from django.utils.deconstruct import deconstructible
 
 from ...client import Client
 from ...exceptions import (BadKeyError, KeyExistsError, MogileFSError, OutcomeUnknownError, StorageError,
-                           UnknownKeyError, UploadError, UploadOutcomeUnknownError)
+                           TrackerError, UnknownKeyError, UploadError, UploadOutcomeUnknownError)
 from ...protocol import (MAX_KEY_BYTES, check_key, check_linked_path, check_url_key, has_control_character,
                          local_link)
 from ...storage import SeekableBody, open_replica
@@ -51,6 +51,8 @@ _URI_SAFE = "/~!*()'"
 
 #: How long a save whose ``create_close`` answer was lost looks for its temporary key.
 _LOST_CLOSE_SECONDS = 5.0
+#: Uploads of a save with ``allow_overwrite`` at most (see :meth:`MogileFSStorage._overwrite`).
+_OVERWRITE_ATTEMPTS = 3
 #: How many renames of a save may lose their answer, not carried out, before the save fails.
 _RENAMES_WITHOUT_ANSWER = 2
 #: How many times in a row a save takes ``get_available_name``'s offer of the name it found taken:
@@ -219,7 +221,7 @@ class MogileFSStorage(Storage):
             if has_control_character(name):  # stored, but never served: the middleware answers 400
                 raise SuspiciousFileOperation(f"the file name {name!r} holds control characters")
             if self.allow_overwrite:
-                self._uploader.upload(self._key(name), _source_of(content), self.mogile_class)
+                self._overwrite(name, content)
                 return name
             temporary = TEMPORARY_PREFIX + uuid.uuid4().hex
             try:
@@ -234,6 +236,22 @@ class MogileFSStorage(Storage):
             except BaseException:
                 self._delete_temporary(temporary)
                 raise
+
+    def _overwrite(self, name: str, content: File) -> None:
+        """Upload ``content`` to the key ``name``, over its file. Of two saves of one key closing at
+        once, mogilefsd 2.73 fails one (``ERR failure``: both drop the old file, and the second drop
+        is refused), the key holding the other's: a file read from its start is uploaded again,
+        :data:`_OVERWRITE_ATTEMPTS` times in all, so that each save either stores its own or raises."""
+        for attempt in range(1, _OVERWRITE_ATTEMPTS + 1):
+            source = _source_of(content)
+            try:
+                self._uploader.upload(self._key(name), source, self.mogile_class)
+                return
+            except UploadError as error:
+                refused = error.__cause__
+                if source is not content or attempt == _OVERWRITE_ATTEMPTS \
+                        or not (isinstance(refused, TrackerError) and refused.code == "failure"):
+                    raise
 
     def _stored_after_all(self, temporary: str) -> bool:
         """Whether the upload to ``temporary`` whose ``create_close`` answer was lost was carried
