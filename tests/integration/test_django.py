@@ -364,6 +364,18 @@ def test_absolute_and_parent_names_are_refused(mogile: DevMogileFS, allow_overwr
 
 
 @pytest.mark.parametrize("allow_overwrite", BOTH_SAVES)
+def test_a_name_among_the_saves_in_progress_is_refused(mogile: DevMogileFS, allow_overwrite: bool) -> None:
+    """A file saved there was listed by no listdir() and deleted as a save left behind."""
+    storage = MogileFSStorage(allow_overwrite=allow_overwrite)
+    for name in (TEMPORARY_PREFIX + "report.pdf", "./" + TEMPORARY_PREFIX + "0" * 32):
+        with pytest.raises(SuspiciousFileOperation, match="holds the saves in progress"):
+            storage.save(name, ContentFile(b"x"))
+    assert get_client().list_keys(TEMPORARY_PREFIX) == []
+    assert MogileFSStorage(location="docs").save(TEMPORARY_PREFIX + "a.txt", ContentFile(b"x")) == \
+        TEMPORARY_PREFIX + "a.txt"  # docs/.mogile-upload/a.txt
+
+
+@pytest.mark.parametrize("allow_overwrite", BOTH_SAVES)
 def test_text_content_is_stored_as_utf8_as_djangos_own_storages_take_it(mogile: DevMogileFS,
                                                                         allow_overwrite: bool) -> None:
     storage = MogileFSStorage(mogile_class="thumb", allow_overwrite=allow_overwrite)

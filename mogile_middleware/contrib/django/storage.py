@@ -220,6 +220,9 @@ class MogileFSStorage(Storage):
             check_url_key(self._key(name))
             if has_control_character(name):  # stored, but never served: the middleware answers 400
                 raise SuspiciousFileOperation(f"the file name {name!r} holds control characters")
+            if self._key(name).startswith(TEMPORARY_PREFIX):  # listed by no listdir(), deleted as a save left behind
+                raise SuspiciousFileOperation(f"the file name {name!r} is under {TEMPORARY_PREFIX!r}, "
+                                              f"which holds the saves in progress")
             if self.allow_overwrite:
                 self._overwrite(name, content)
                 return name
