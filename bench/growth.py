@@ -72,12 +72,16 @@ class FilledCache:
                 if number % 10_000 == 0:
                     deadline.check()
                 location = stored_location(number)
-                backend.set(locator.cache_key(location.key), location, time.time(), CACHE_SECONDS)
+                # Stored at the in-process cache's time, the monotonic clock's.
+                backend.set(locator.cache_key(location.key), location, time.monotonic(), CACHE_SECONDS)
             self.bytes = tracemalloc.get_traced_memory()[0] - before
         finally:
             tracemalloc.stop()
         if len(backend) != size:  # type: ignore[arg-type]
             raise RuntimeError(f"the path cache kept {len(backend)} of {size} entries")
+        locator.paths.get(locator.cache_key(location.key))  # the last one filled in: fresh, no lookup
+        if locator.paths.lookups:  # else every request below asks the tracker, for hours
+            raise RuntimeError("the path cache takes the entries filled in for stale: it asked the tracker")
 
     def answered_bytes(self, count: int) -> float:
         """Bytes a reproxy answer adds to an entry (the headers the responders keep beside it), over ``count``."""
