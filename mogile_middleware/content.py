@@ -4,8 +4,9 @@ The type comes from the extension of the key's last segment through a fixed tabl
 ``mimetypes`` data, a few web types it lacks or spells differently by version, and the site's
 additions), never from anything else in the key. Users' files are kept from running script on
 the site's origin: HTML, SVG and XML answers carry ``Content-Security-Policy: sandbox``, and
-JavaScript is sent as text, so a ``<script src>`` pointing at an upload cannot use it. A site
-whose MogileFS holds only its own assets turns that off with ``trusted_files``.
+JavaScript and CSS are sent as text, so a ``<script src>`` or a stylesheet link pointing at an
+upload cannot use it. A site whose MogileFS holds only its own assets turns that off with
+``trusted_files``.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ _SCRIPT_TYPES = frozenset({
     "text/ecmascript", "text/javascript", "text/javascript1.0", "text/javascript1.1", "text/javascript1.2",
     "text/javascript1.3", "text/javascript1.4", "text/javascript1.5", "text/jscript", "text/livescript",
     "text/x-ecmascript", "text/x-javascript"})
+#: What a page loads as its own code, sent as text when not trusted: scripts, and stylesheets,
+#: which a ``<link rel=stylesheet>`` applies only as ``text/css`` under ``nosniff`` (an uploaded
+#: one would get around a ``style-src 'self'`` policy, to restyle the page or read it by selectors).
+_CODE_TYPES = _SCRIPT_TYPES | {"text/css"}
 #: Text types outside ``text/*`` that get a charset.
 _TEXT_TYPES = frozenset({"application/javascript", "application/json", "application/xml", "application/ld+json",
                          "application/manifest+json"})
@@ -97,8 +102,8 @@ class ContentPolicy:
     :param mimetypes: extra extensions (or name endings such as ``".tar.gz"``) → types; they take
         precedence over the table.
     :param charset: added to text types (``text/*``, JavaScript, JSON, XML); ``None``: none.
-    :param trusted_files: serve HTML, SVG, XML and JavaScript as they are, for a MogileFS holding
-        only the site's own assets (never users' uploads).
+    :param trusted_files: serve HTML, SVG, XML, JavaScript and CSS as they are, for a MogileFS
+        holding only the site's own assets (never users' uploads).
     :param content_disposition: ``"attachment"`` (download, with the key's file name),
         ``"inline"`` (with the file name), or ``None`` (no header).
     """
@@ -134,8 +139,8 @@ class ContentPolicy:
         media_type = self.media_type(key)
         headers: Headers = []
         if not self.trusted_files:
-            if media_type in _SCRIPT_TYPES:
-                media_type = "text/plain"  # readable as text, never run as a script of the site
+            if media_type in _CODE_TYPES:
+                media_type = "text/plain"  # readable as text, never run or applied as the site's code
             elif media_type in _DOCUMENT_TYPES or media_type.endswith("+xml"):
                 headers.append(("Content-Security-Policy", "sandbox"))
         if self.charset and (media_type.startswith("text/") or media_type in _TEXT_TYPES

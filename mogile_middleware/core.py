@@ -128,9 +128,9 @@ class MiddlewareCore:
     :param cache_control: a ``Cache-Control`` value for files (e.g. ``"public, max-age=3600"``).
     :param mimetypes: extensions (or name endings) → types, before the standard table.
     :param charset: the charset of text types (``None``: none sent).
-    :param trusted_files: the MogileFS holds only the site's own assets: serve HTML, SVG, XML
-        and JavaScript as they are. By default, users' files cannot run script on the site: HTML,
-        SVG and XML get ``Content-Security-Policy: sandbox``, JavaScript is sent as text.
+    :param trusted_files: the MogileFS holds only the site's own assets: serve HTML, SVG, XML,
+        JavaScript and CSS as they are. By default, users' files cannot run script on the site:
+        HTML, SVG and XML get ``Content-Security-Policy: sandbox``, JavaScript and CSS are sent as text.
     :param content_disposition: ``"attachment"`` or ``"inline"`` with the key's file name
         (RFC 6266), or ``None`` (no header).
     :param path_cache_seconds: how long a key's paths are reused without asking a tracker.

@@ -17,7 +17,7 @@ from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.middleware import MogileFSMiddleware
 
 BODY = b"0123456789abcdefghijklmnopqrstuvwxyz\n"
-KEYS = ["plain.txt", "with space.png", "100%.jpg", "a+b.gif", "x&y=z.txt", "café/日本.css", "dir/sub/file"]
+KEYS = ["plain.txt", "with space.png", "100%.jpg", "a+b.gif", "x&y=z.txt", "café/日本.csv", "dir/sub/file"]
 
 
 def wrapped_app(environ, start_response):
@@ -93,7 +93,7 @@ def test_serve_mode_returns_the_bytes(devmogile: DevMogileFS, client: Client, ke
 
 @pytest.mark.parametrize(
     ("key", "content_type"),
-    [("with space.png", "image/png"), ("café/日本.css", "text/css; charset=utf-8"),
+    [("with space.png", "image/png"), ("café/日本.csv", "text/csv; charset=utf-8"),
      ("dir/sub/file", "application/octet-stream")],
 )
 def test_content_type_comes_from_the_extension(devmogile: DevMogileFS, client: Client, key: str,
@@ -360,15 +360,15 @@ def test_perlbal_fallback_url_comes_last_and_its_request_is_served(devmogile: De
     app, _, _ = make(devmogile, reproxy="perlbal", trusted_proxies=["127.0.0.1"],
                      perlbal_fallback_url="http://10.0.0.5:8000/")
     proxy = {"REMOTE_ADDR": "127.0.0.1"}
-    response = app.get(url("café/日本.css") + "?v=2", extra_environ=proxy)
+    response = app.get(url("café/日本.csv") + "?v=2", extra_environ=proxy)
     *replicas, fallback = response.headers["X-REPROXY-URL"].split(" ")
-    assert sorted(replicas) == sorted(client.get_paths("café/日本.css"))
-    assert fallback == "http://10.0.0.5:8000" + url("café/日本.css") + "?v=2&mogilefs-fallback"
+    assert sorted(replicas) == sorted(client.get_paths("café/日本.csv"))
+    assert fallback == "http://10.0.0.5:8000" + url("café/日本.csv") + "?v=2&mogilefs-fallback"
     assert "X-REPROXY-EXPECTED-SIZE" not in response.headers  # it would refuse a new version's length
     served = app.get(fallback[len("http://10.0.0.5:8000"):], extra_environ=proxy)
     assert served.body == BODY and "X-REPROXY-URL" not in served.headers
     for query in ("?xmogilefs-fallback", "?v=2&amogilefs-fallback"):  # another parameter: reproxied
-        assert "X-REPROXY-URL" in app.get(url("café/日本.css") + query, extra_environ=proxy).headers
+        assert "X-REPROXY-URL" in app.get(url("café/日本.csv") + query, extra_environ=proxy).headers
     for wrong in ("10.0.0.5:8000", "http://[::1", "http://::1:8000", "http://10.0.0.5:80000"):  # sent to Perlbal as given
         with pytest.raises(ValueError, match=r"perlbal_fallback_url must be an http:// URL of a host \(and a port in range\)"):
             make(devmogile, reproxy="perlbal", perlbal_fallback_url=wrong)
@@ -435,11 +435,11 @@ def test_nginx_fallback_request_is_served(devmogile: DevMogileFS, client: Client
 
 def test_nginx_answer(devmogile: DevMogileFS, client: Client) -> None:
     app, _, _ = make(devmogile, reproxy="nginx", nginx_location="/internal-reproxy")
-    response = app.get(url("café/日本.css"))
+    response = app.get(url("café/日本.csv"))
     assert response.headers["X-Accel-Redirect"] == "/internal-reproxy"
     urls = [response.headers["X-Reproxy-URL"], response.headers["X-Reproxy-URL-2"]]
-    assert sorted(urls) == sorted(client.get_paths("café/日本.css"))
-    assert response.headers["Content-Type"] == "text/css; charset=utf-8"
+    assert sorted(urls) == sorted(client.get_paths("café/日本.csv"))
+    assert response.headers["Content-Type"] == "text/csv; charset=utf-8"
 
 
 @pytest.mark.parametrize("reproxy", ["perlbal", "nginx"])

@@ -35,6 +35,7 @@ def test_media_type_comes_from_the_last_segments_extension(key: str, media_type:
     pytest.param("feed.atom", "application/atom+xml; charset=utf-8", True, id="other-xml"),
     pytest.param("evil.js", "text/plain; charset=utf-8", False, id="javascript-as-text"),
     pytest.param("evil.mjs", "text/plain; charset=utf-8", False, id="module-as-text"),
+    pytest.param("evil.css", "text/plain; charset=utf-8", False, id="stylesheet-as-text"),
     pytest.param("notes.txt", "text/plain; charset=utf-8", False, id="text"),
     pytest.param("data.json", "application/json; charset=utf-8", False, id="json"),
     pytest.param("photo.jpg", "image/jpeg", False, id="image"),
@@ -50,6 +51,7 @@ def test_trusted_files_are_served_as_they_are() -> None:
     policy = ContentPolicy(trusted_files=True)
     assert policy.headers("app.js") == [("Content-Type", "text/javascript; charset=utf-8")]
     assert policy.headers("index.html") == [("Content-Type", "text/html; charset=utf-8")]
+    assert policy.headers("site.css") == [("Content-Type", "text/css; charset=utf-8")]
 
 
 @pytest.mark.parametrize(("key", "content_type"), [
