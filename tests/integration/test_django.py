@@ -367,7 +367,7 @@ def test_absolute_and_parent_names_are_refused(mogile: DevMogileFS, allow_overwr
 def test_a_name_among_the_saves_in_progress_is_refused(mogile: DevMogileFS, allow_overwrite: bool) -> None:
     """A file saved there was listed by no listdir() and deleted as a save left behind."""
     storage = MogileFSStorage(allow_overwrite=allow_overwrite)
-    for name in (TEMPORARY_PREFIX + "report.pdf", "./" + TEMPORARY_PREFIX + "0" * 32):
+    for name in (TEMPORARY_PREFIX + "report.pdf", "./" + TEMPORARY_PREFIX + "0" * 32, ".Mogile-Upload/a.txt"):
         with pytest.raises(SuspiciousFileOperation, match="holds the saves in progress"):
             storage.save(name, ContentFile(b"x"))
     assert get_client().list_keys(TEMPORARY_PREFIX) == []
@@ -718,11 +718,21 @@ def test_a_create_close_that_may_have_stored_leaves_no_temporary_key(
         upstream.close()
 
 
+def _piped(data: bytes) -> File:
+    """A file of ``data`` read from a pipe: once, as it cannot seek."""
+    read, write = os.pipe()
+    os.write(write, data)
+    os.close(write)
+    return File(os.fdopen(read, "rb"))
+
+
 @overwriting
 @pytest.mark.parametrize(("content", "stored"), [
     (lambda: ContentFile(b"ours"), b"ours"),
-    (lambda: _Decrypting(io.BytesIO(b"ours"), "a.png"), b"theirs"),  # its own read(), once: no second upload
-], ids=["read-again", "read-once"])
+    (lambda: ContentFile("ours"), b"ours"),
+    (lambda: _Decrypting(io.BytesIO(b"ours"), "a.png"), b"ours"),  # its own read(), over a seekable file
+    (lambda: _piped(b"ours"), b"theirs"),  # given once: no second upload
+], ids=["bytes", "text", "own-read", "piped"])
 def test_an_overwrite_failed_by_another_saves_close_is_uploaded_again(
         mogile: DevMogileFS, content: Callable[[], File], stored: bytes) -> None:
     """mogilefsd 2.73 answers ``ERR failure`` to one of two saves of a key closing at once (both
@@ -742,11 +752,12 @@ def test_an_overwrite_failed_by_another_saves_close_is_uploaded_again(
     relay = ScriptedTracker(beaten_once)
     try:
         storage = MogileFSStorage(trackers=relay.tracker, allow_overwrite=True)
-        if stored == b"ours":
-            assert storage.save("thumbs/a.png", content()) == "thumbs/a.png"
-        else:
-            with pytest.raises(UploadError, match="failed create_close"):
-                storage.save("thumbs/a.png", content())
+        with content() as file:
+            if stored == b"ours":
+                assert storage.save("thumbs/a.png", file) == "thumbs/a.png"
+            else:
+                with pytest.raises(UploadError, match="failed create_close"):
+                    storage.save("thumbs/a.png", file)
         assert (len(closes), get_client().get_file_data("thumbs/a.png")) == (2 if stored == b"ours" else 1, stored)
     finally:
         relay.stop()

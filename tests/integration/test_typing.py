@@ -14,8 +14,9 @@ USER_FILES = ("examples/starlette/app.py", "examples/djangosite/djangosite/asgi.
 
 
 def test_the_examples_entry_points_pass_mypy_strict(tmp_path: Path) -> None:
-    # --follow-imports=silent: the package is read for its types, and only the user's files judged.
-    checked = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent",
+    # --follow-imports=silent: the package is read for its types, and only the user's files judged;
+    # --config-file= : no configuration of the machine's (~/.config/mypy/config) applies.
+    checked = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--config-file=",
                               f"--cache-dir={tmp_path}", *USER_FILES], cwd=ROOT, capture_output=True, text=True,
                              timeout=300)
     assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-2000:]

@@ -98,6 +98,15 @@ def _source_of(content: File) -> File | Iterator[bytes]:
     return (chunk.encode("utf-8") if isinstance(chunk, str) else chunk for chunk in content.chunks())
 
 
+def _given_again(content: File) -> bool:
+    """Whether ``content`` gives its bytes whole again: a seekable file read by Django's own
+    ``chunks()``, which start from its start (bytes or text, whatever its ``read()``)."""
+    try:
+        return type(content).chunks in _READING_CHUNKS and bool(content.seekable())
+    except (AttributeError, OSError, ValueError):  # a file object with read() alone; a closed one
+        return False
+
+
 def _http_date_seconds(stamp: str | None) -> float | None:
     """The time an HTTP date (a ``Last-Modified``) names, or ``None`` for none or a malformed one."""
     try:
@@ -220,7 +229,9 @@ class MogileFSStorage(Storage):
             check_url_key(self._key(name))
             if has_control_character(name):  # stored, but never served: the middleware answers 400
                 raise SuspiciousFileOperation(f"the file name {name!r} holds control characters")
-            if self._key(name).startswith(TEMPORARY_PREFIX):  # listed by no listdir(), deleted as a save left behind
+            # Listed by no listdir(), and deleted as a save left behind: trackers may list keys by a
+            # prefix whatever its case (mogilefsd on SQLite, the development one), so any case.
+            if self._key(name).lower().startswith(TEMPORARY_PREFIX):
                 raise SuspiciousFileOperation(f"the file name {name!r} is under {TEMPORARY_PREFIX!r}, "
                                               f"which holds the saves in progress")
             if self.allow_overwrite:
@@ -243,16 +254,16 @@ class MogileFSStorage(Storage):
     def _overwrite(self, name: str, content: File) -> None:
         """Upload ``content`` to the key ``name``, over its file. Of two saves of one key closing at
         once, mogilefsd 2.73 fails one (``ERR failure``: both drop the old file, and the second drop
-        is refused), the key holding the other's: a file read from its start is uploaded again,
-        :data:`_OVERWRITE_ATTEMPTS` times in all, so that each save either stores its own or raises."""
+        is refused), the key holding the other's: content that gives itself whole again
+        (:func:`_given_again`) is uploaded again, :data:`_OVERWRITE_ATTEMPTS` times in all, so
+        that each save either stores its own or raises."""
         for attempt in range(1, _OVERWRITE_ATTEMPTS + 1):
-            source = _source_of(content)
             try:
-                self._uploader.upload(self._key(name), source, self.mogile_class)
+                self._uploader.upload(self._key(name), _source_of(content), self.mogile_class)
                 return
             except UploadError as error:
                 refused = error.__cause__
-                if source is not content or attempt == _OVERWRITE_ATTEMPTS \
+                if attempt == _OVERWRITE_ATTEMPTS or not _given_again(content) \
                         or not (isinstance(refused, TrackerError) and refused.code == "failure"):
                     raise
 
