@@ -80,6 +80,15 @@ _READING_CHUNKS = (File.chunks, InMemoryUploadedFile.chunks)
 _PROXIED_METHODS = ("read", "readinto", "seek", "tell", "seekable")
 
 
+def _given_again(content: File) -> bool:
+    """Whether ``content`` gives its bytes whole again: a seekable file read by Django's own
+    ``chunks()``, which start from its start (bytes or text, whatever its ``read()``)."""
+    try:
+        return type(content).chunks in _READING_CHUNKS and bool(content.seekable())
+    except (AttributeError, OSError, ValueError):  # a file object with read() alone; a closed one
+        return False
+
+
 def _source_of(content: File) -> File | Iterator[bytes]:
     """``content`` itself, from its start, when it is a seekable file of bytes read by Django's own
     ``chunks()`` and methods (an uploaded file, in memory or spooled to disk, a ``ContentFile``, a
@@ -88,23 +97,14 @@ def _source_of(content: File) -> File | Iterator[bytes]:
     text ones as UTF-8: Django's ``ContentFile`` holds either, and its own storages take both."""
     kind = type(content)
     try:
-        if kind.chunks in _READING_CHUNKS \
+        if _given_again(content) \
                 and all(getattr(kind, name, None) is getattr(FileProxyMixin, name) for name in _PROXIED_METHODS) \
-                and content.seekable() and isinstance(content.read(0), bytes):
+                and isinstance(content.read(0), bytes):
             content.seek(0)  # as chunks() reads it
             return content
     except (AttributeError, OSError, ValueError):  # a file object with read() alone, as chunks() takes it
         pass
     return (chunk.encode("utf-8") if isinstance(chunk, str) else chunk for chunk in content.chunks())
-
-
-def _given_again(content: File) -> bool:
-    """Whether ``content`` gives its bytes whole again: a seekable file read by Django's own
-    ``chunks()``, which start from its start (bytes or text, whatever its ``read()``)."""
-    try:
-        return type(content).chunks in _READING_CHUNKS and bool(content.seekable())
-    except (AttributeError, OSError, ValueError):  # a file object with read() alone; a closed one
-        return False
 
 
 def _http_date_seconds(stamp: str | None) -> float | None:
