@@ -588,14 +588,18 @@ class Admin:
         """Delete ``domain``, which must hold no files and no classes but ``default``."""
         self._ask("delete_domain", {"domain": _admin_name("domain", domain)})
 
-    def create_class(self, domain: str, cls: str, mindevcount: int, *, hashtype: str | None = None) -> None:
+    def create_class(self, domain: str, cls: str, mindevcount: int, *, hashtype: str | None = None,
+                     replpolicy: str | None = None) -> None:
         """Create class ``cls`` in ``domain`` keeping ``mindevcount`` replicas (``hashtype="MD5"``
-        makes the tracker keep checksums)."""
-        self._ask("create_class", _class_args(domain, cls, mindevcount, hashtype))
+        makes the tracker keep checksums; ``replpolicy``, as ``mogadm class add --replpolicy``,
+        places them otherwise than the tracker's default, ``MultipleHosts()``)."""
+        self._ask("create_class", _class_args(domain, cls, mindevcount, hashtype, replpolicy))
 
-    def update_class(self, domain: str, cls: str, mindevcount: int, *, hashtype: str | None = None) -> None:
-        """Set the ``mindevcount`` of class ``cls`` in ``domain`` (and its ``hashtype``, if given)."""
-        self._ask("update_class", _class_args(domain, cls, mindevcount, hashtype))
+    def update_class(self, domain: str, cls: str, mindevcount: int, *, hashtype: str | None = None,
+                     replpolicy: str | None = None) -> None:
+        """Set the ``mindevcount`` of class ``cls`` in ``domain`` (and its ``hashtype`` and
+        ``replpolicy``, if given)."""
+        self._ask("update_class", _class_args(domain, cls, mindevcount, hashtype, replpolicy))
 
     def delete_class(self, domain: str, cls: str) -> None:
         """Delete class ``cls`` of ``domain``, which must hold no files (never ``default``)."""
@@ -631,11 +635,13 @@ def _admin_name(what: str, name: object) -> str:
     return name
 
 
-def _class_args(domain: str, cls: str, mindevcount: int, hashtype: str | None) -> dict[str, ArgValue]:
+def _class_args(domain: str, cls: str, mindevcount: int, hashtype: str | None,
+                replpolicy: str | None) -> dict[str, ArgValue]:
     """The arguments of ``create_class`` and ``update_class``, checked."""
     if isinstance(mindevcount, bool) or not isinstance(mindevcount, int) or not 1 <= mindevcount <= MAX_MINDEVCOUNT:
         raise ValueError(f"mindevcount must be a whole number from 1 to {MAX_MINDEVCOUNT}, not {mindevcount!r}")
     if hashtype is not None and not isinstance(hashtype, str):
         raise TypeError(f"hashtype must be text such as 'MD5', not {type(hashtype).__name__}")
     return {"domain": _admin_name("domain", domain), "class": _admin_name("class", cls), "mindevcount": mindevcount,
-            "hashtype": hashtype}
+            "hashtype": hashtype,
+            "replpolicy": None if replpolicy is None else _admin_name("replpolicy", replpolicy)}

@@ -759,6 +759,22 @@ def test_admin_creates_domains_and_classes(devmogile: DevMogileFS, flavour: Flav
     assert client.file_info("q.jpg").checksum is None  # not mogilefsd's placeholder, MISSING
 
 
+def test_admin_sends_a_replication_policy_as_mogadm_does(devmogile: DevMogileFS) -> None:
+    """``mogadm class add --replpolicy``: the development tracker places copies as ``MultipleHosts()``
+    alone, and refuses another policy as mogilefsd refuses one it has no module for."""
+    admin = Admin(devmogile.trackers)
+    admin.create_class(DOMAIN, "spread", 2, replpolicy="MultipleHosts()")
+    admin.update_class(DOMAIN, "spread", 3, replpolicy="MultipleHosts()")
+    assert admin.get_domains()[DOMAIN]["spread"] == 3
+    for change in (lambda: admin.create_class(DOMAIN, "devices", 2, replpolicy="MultipleDevices()"),
+                   lambda: admin.update_class(DOMAIN, "spread", 2, replpolicy="MultipleDevices()")):
+        with pytest.raises(TrackerError) as refused:
+            change()
+        assert refused.value.code == "invalid_replpolicy"
+    assert admin.get_domains()[DOMAIN]["spread"] == 3
+    assert "devices" not in admin.get_domains()[DOMAIN]
+
+
 def test_admin_updates_and_deletes_classes_and_domains_and_names_what_the_tracker_refuses(
         devmogile: DevMogileFS) -> None:
     """It had no delete nor update, and its errors named nothing ("domain_exists: That domain already exists")."""
@@ -805,6 +821,8 @@ def test_admin_updates_and_deletes_classes_and_domains_and_names_what_the_tracke
     (lambda admin: admin.create_class("d", "b\udcff", 1), ValueError, "class must be a name without control"),
     (lambda admin: admin.delete_class("d", ""), ValueError, "class must be a name"),
     (lambda admin: admin.create_class("d", "c", 1, hashtype=5), TypeError, "hashtype must be text"),
+    (lambda admin: admin.update_class("d", "c", 1, replpolicy=3), TypeError, "replpolicy must be text, not int"),
+    (lambda admin: admin.create_class("d", "c", 1, replpolicy="A()\r\nB"), ValueError, "replpolicy must be a name without"),
 ])
 def test_admin_refuses_what_no_tracker_should_be_sent(call: Callable[[Admin], None], error: type[Exception],
                                                       message: str) -> None:
