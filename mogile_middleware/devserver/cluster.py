@@ -15,6 +15,7 @@ import errno
 import fcntl
 import os
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
@@ -126,12 +127,15 @@ class DevMogileFS:
         data_dir.mkdir(parents=True, exist_ok=True)
         self._lock = _locked(data_dir)
         self.store = MetadataStore(data_dir / "tracker" / "mogilefs.sqlite3")
+        # Paths name a node by its address, as mogilefsd names a host by its ``--ip``: a proxy
+        # fetching a name needs a resolver of its own (nginx's ``proxy_pass $variable`` has none).
+        node_address = socket.gethostbyname(self.host)
         for number, port in enumerate(self._storage_ports, 1):
             node = StorageNode(data_dir / f"stor{number}", self.host, port)
             (node.docroot / f"dev{number}").mkdir(parents=True, exist_ok=True)  # a device is a directory
             self.nodes.append(node)
             node.start()
-            self.store.register_device(number, f"stor{number}", self.host, node.port)
+            self.store.register_device(number, f"stor{number}", node_address, node.port)
         self.tracker = TrackerServer(
             self.store,
             self.host,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from conftest import DOMAIN
@@ -1035,6 +1036,16 @@ def test_an_ipv6_host_for_the_development_mogilefs_is_a_usage_error() -> None:
     assert "argument --host: an IPv4 address or a host name, not '::1'" in process.stderr
     with pytest.raises(ValueError, match="listens on IPv4 only"):  # DevMogileFS too, before it binds
         DevMogileFS(host="::1")
+
+
+def test_a_development_mogilefs_on_a_host_name_names_its_nodes_by_address() -> None:
+    """As mogilefsd names hosts by the address they were added with: paths naming ``localhost``
+    were reproxied by no nginx without a ``resolver``, and the application streamed every file."""
+    with DevMogileFS(host="localhost", domains={DOMAIN: {}}) as mogile:
+        client = Client(DOMAIN, mogile.trackers)
+        client.store_content("named.txt", b"by address")
+        paths = client.get_paths("named.txt")
+    assert len(paths) == 2 and {urlsplit(path).hostname for path in paths} == {"127.0.0.1"}
 
 
 def test_devserver_names_a_data_directory_it_cannot_use(tmp_path: Path) -> None:
