@@ -16,6 +16,8 @@ one (:mod:`mogile_middleware.async_tracker`) share one copy of it.
 
 from __future__ import annotations
 
+import codecs
+import errno
 import io
 import ipaddress
 import logging
@@ -38,6 +40,14 @@ from .protocol import ArgValue, Reply, encode_request, parse_reply
 Address = tuple[str, int]
 
 log = logging.getLogger("mogile_middleware")
+
+#: Failures of this process, not of the tracker asked: out of file descriptors (a worker with many
+#: downloads open) or memory. The tracker is not marked dead for them, which made every request
+#: fail for ``dead_seconds`` after the shortage ended.
+_OWN_SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# getaddrinfo loads the idna codec on its first use, which a process out of file descriptors
+# could not do: its threads then met "unknown encoding: idna" (a 500). Loaded here instead.
+codecs.lookup("idna")
 
 #: A reply longer than this is refused (1000 listed keys of 255 bytes, each up to 3x escaped).
 MAX_REPLY_BYTES = 4 * 1024 * 1024
@@ -345,7 +355,10 @@ class TrackerPoolBase:
         trackers is logged, with ``error``, once an outage (a lone tracker's failure is each
         request's error, which its caller reports): not again while it fails as it is asked again
         (:meth:`_still_down`), but again once it was left unasked longer, the other trackers
-        answering (it may have been back meanwhile)."""
+        answering (it may have been back meanwhile). Not for a shortage of this process's own
+        (:data:`_OWN_SHORTAGES`)."""
+        if isinstance(error, OSError) and error.errno in _OWN_SHORTAGES:
+            return
         with self._table_lock:  # threads failing on one tracker at once: one of them logs it
             known = self._still_down(address)
             self._dead_until[address] = self._clock() + self.dead_seconds

@@ -8,6 +8,8 @@ import logging
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -84,6 +86,52 @@ def test_every_tracker_down_answers_503_within_the_connect_timeout(devmogile: De
         started = time.monotonic()
         assert call(app, "GET", f"/mogilefs/load/{n}", {})[0] == 503
         assert time.monotonic() - started < 0.6
+
+
+#: A process out of file descriptors asks the tracker, then again once it has them back.
+_SHORT_OF_DESCRIPTORS = """
+import asyncio, os, resource, sys
+from mogile_middleware import AsyncClient, Client, TrackerUnavailableError
+
+def short_then_back(ask):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    held = []
+    try:
+        while True:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+    try:
+        ask()
+        short = "answered"
+    except TrackerUnavailableError as error:
+        short = str(error)
+    finally:
+        for fd in held:
+            os.close(fd)
+    try:
+        return short, f"{len(ask())} paths"
+    except TrackerUnavailableError as error:
+        return short, str(error)
+
+domain, tracker = sys.argv[1:]
+client, loop, async_client = Client(domain, [tracker]), asyncio.new_event_loop(), AsyncClient(domain, [tracker])
+print(*short_then_back(lambda: client.get_paths("load/0")), sep="\\n")
+print(*short_then_back(lambda: loop.run_until_complete(async_client.get_paths("load/0"))), sep="\\n")
+"""
+
+
+def test_a_process_out_of_file_descriptors_marks_no_tracker_dead(devmogile: DevMogileFS, stored: Client) -> None:
+    """Its failure is its own: the tracker was skipped for ``dead_seconds`` after the shortage
+    ended ("every tracker is marked dead"), and every request of the worker failed meanwhile."""
+    process = subprocess.run([sys.executable, "-c", _SHORT_OF_DESCRIPTORS, DOMAIN, *devmogile.trackers],
+                             capture_output=True, text=True, timeout=60)
+    assert process.returncode == 0, process.stderr
+    lines = process.stdout.splitlines()
+    assert len(lines) == 4
+    for short, after in (lines[:2], lines[2:]):
+        assert short.startswith("no tracker answered: ") and "Too many open files" in short
+        assert after == "2 paths"
 
 
 @pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
