@@ -541,7 +541,7 @@ def _get_recursive(args: argparse.Namespace, client: Client) -> int:
     written: set[Path] = set()  # "col/x" and "colx" both name x under the prefix "col"
     prefix = to_bytes(args.key)  # keys match it byte for byte: it may end inside a character
     for key in client.keys(prefix):
-        parts = _file_name_parts(to_text(to_bytes(key)[len(prefix):]), after_slash=args.key.endswith("/"))
+        parts = _file_name_parts(_local_name(to_bytes(key)[len(prefix):]), after_slash=args.key.endswith("/"))
         if parts is None:
             print(f"mogile-middleware: {quoted(key)} names no file under {printable(str(root))}: skipped",
                   file=sys.stderr)
@@ -708,6 +708,17 @@ _NOT_IN_FILE_NAMES = ("\0", os.sep) if os.sep != "/" else ("\0",)
 _NAME_MAX = 255
 
 
+def _local_name(data: bytes) -> str:
+    """Key bytes as a file name, as ``upload --recursive`` made a key of one: its text in the
+    locale's encoding, or its bytes where that cannot hold the text (``LC_ALL=C``: ASCII)."""
+    text = to_text(data)
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        return os.fsdecode(data)
+    return text
+
+
 def _file_name_parts(rest: str, *, after_slash: bool) -> list[str] | None:
     """The path segments of a key after the prefix, or None if they would not name a file inside
     the directory: a key is written by whoever stored it, and may be hostile. Any other name is
@@ -716,7 +727,7 @@ def _file_name_parts(rest: str, *, after_slash: bool) -> list[str] | None:
     if rest.startswith("/") and not after_slash:  # prefix "photos", key "photos/a.jpg"
         rest = rest[1:]
     parts = rest.split("/")
-    if (any(part in ("", ".", "..") or len(to_bytes(part)) > _NAME_MAX for part in parts)
+    if (any(part in ("", ".", "..") or len(os.fsencode(part)) > _NAME_MAX for part in parts)
             or any(byte in rest for byte in _NOT_IN_FILE_NAMES)):
         return None
     return parts

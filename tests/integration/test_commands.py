@@ -1517,6 +1517,24 @@ def test_get_recursive_fetches_every_file_name_upload_recursive_stores(cli: Run,
     assert contents(tmp_path / "out", "") == contents(root, "")
 
 
+def test_get_recursive_writes_file_names_byte_for_byte_under_an_ascii_locale(devmogile: DevMogileFS,
+                                                                             tmp_path: Path) -> None:
+    """Under ``LC_ALL=C`` without UTF-8 mode, Python's file names are ASCII with escapes: the
+    names were encoded for it from UTF-8 text, and ``café.txt`` ended the run in a traceback."""
+    root, out = tmp_path / "tree", tmp_path / "out"
+    root.mkdir()
+    for name in (b"caf\xc3\xa9.txt", b"\xe6\x97\xa5.txt", b"not-utf8-\xff"):
+        (root / os.fsdecode(name)).write_bytes(name)
+    env = subprocess_env(LC_ALL="C", PYTHONUTF8="0", PYTHONIOENCODING="", MOGILEFS_TRACKERS=devmogile.trackers[0],
+                         MOGILEFS_DOMAIN=DOMAIN)
+    for command in (["upload", "up/", str(root), "--recursive"], ["get", "up/", "-o", str(out), "--recursive"]):
+        process = subprocess.run([sys.executable, "-X", "utf8=0", "-m", "mogile_middleware", *command], env=env,
+                                 capture_output=True, timeout=60, cwd=REPO)
+        assert (process.returncode, process.stderr) == (0, b"")
+    assert contents(out, "") == contents(root, "")
+    assert sorted(os.listdir(os.fsencode(out))) == sorted(os.listdir(os.fsencode(root)))
+
+
 def test_get_recursive_cuts_a_prefix_ending_inside_a_character_as_bytes(cli: Run, devmogile: DevMogileFS,
                                                                           tmp_path: Path) -> None:
     # Cut as text, both keys were written to "a.txt", the second over the first.
