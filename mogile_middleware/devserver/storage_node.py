@@ -13,6 +13,7 @@ byte (so a half-sent request cannot hold a thread).
 from __future__ import annotations
 
 import email.utils
+import errno
 import http.server
 import io
 import logging
@@ -32,6 +33,9 @@ from . import diskusage
 from .netutil import CHUNK_SIZE, BackgroundServer, TrackingThreadingMixIn
 
 log = logging.getLogger(__name__)
+
+#: Write errors of a full disk (or quota), logged as a warning: the client sees its PUT dropped.
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 _REASONS = {
     200: "OK",
@@ -248,7 +252,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             with os.fdopen(fd, "wb") as out:
                 self._receive_body(out)
         except (_BodyCut, OSError, ValueError) as exc:
-            log.debug("PUT %r abandoned: %r", self.path, exc)
+            if isinstance(exc, OSError) and exc.errno in _DISK_FULL:  # the node's failure, not the client's
+                log.warning("PUT %r not stored: %s", self.path, exc)
+            else:
+                log.debug("PUT %r abandoned: %r", self.path, exc)
             _discard(temp_name)
             self.close_connection = True  # the client is gone or sent garbage: no answer
             return

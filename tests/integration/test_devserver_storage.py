@@ -5,6 +5,8 @@ from __future__ import annotations
 import http.client
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,6 +130,38 @@ def test_put_chunked_and_without_body(node: StorageNode) -> None:
     empty = b"PUT /dev1/0/000/000/6666666666.fid HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     assert raw_http(node.port, empty).status == 200
     assert http_request(f"{node.url}/dev1/0/000/000/6666666666.fid").headers["content-length"] == "0"
+
+
+#: A storage node whose files may not grow past 64 KiB (``RLIMIT_FSIZE``: as a full disk, a write
+#: error of its own) takes a PUT of 1 MiB.
+_NODE_OUT_OF_ROOM = """
+import http.client, logging, os, resource, signal, sys
+from mogile_middleware.devserver import StorageNode
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
+os.mkdir(os.path.join(sys.argv[1], "dev1"))
+node = StorageNode(sys.argv[1])
+node.start()
+connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=10)
+try:
+    connection.request("PUT", "/dev1/0/000/000/0000000001.fid", b"x" * (1 << 20))
+    connection.getresponse()
+except OSError:
+    pass
+node.stop()
+"""
+
+
+def test_a_put_the_node_has_no_room_for_is_logged_as_its_failure(tmp_path: Path) -> None:
+    """It was logged at DEBUG as a client gone away: the uploader said "Broken pipe", and nothing
+    said the node's disk was full."""
+    process = subprocess.run([sys.executable, "-c", _NODE_OUT_OF_ROOM, str(tmp_path)], capture_output=True,
+                             text=True, timeout=60)
+    assert process.returncode == 0, process.stderr
+    assert "WARNING PUT '/dev1/0/000/000/0000000001.fid' not stored: [Errno 27] File too large" in process.stderr
+    assert list((tmp_path / "dev1").rglob("*")) == [tmp_path / "dev1/0", tmp_path / "dev1/0/000",
+                                                    tmp_path / "dev1/0/000/000"]  # no file, no part left
 
 
 def test_put_under_a_device_directory_the_node_lacks_is_404(node: StorageNode) -> None:
