@@ -532,6 +532,9 @@ def test_a_storage_of_other_trackers_needs_its_own_media_url(mogile: DevMogileFS
     assert MogileFSStorage(trackers=["127.0.0.1:1", *mogile.trackers]).url("a.png") == "/media/a.png"
     with override_settings(MOGILEFS_TRACKERS=["Tracker1.Example.com:7001"]):  # DNS names know no case, nor a final dot
         assert MogileFSStorage(trackers="tracker1.example.com.").url("a.png") == "/media/a.png"
+    for settings, same in (("[::1]:7001", "[0:0:0:0:0:0:0:1]:7001"), ("10.0.0.1:7001", "[::ffff:10.0.0.1]:7001")):
+        with override_settings(MOGILEFS_TRACKERS=[settings]):  # one address, written another way
+            assert MogileFSStorage(trackers=same).url("a.png") == "/media/a.png"
 
 
 def test_available_name_is_suffixed(mogile: DevMogileFS) -> None:

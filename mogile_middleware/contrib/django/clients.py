@@ -9,6 +9,7 @@ for every process and host that shares it.
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -44,8 +45,17 @@ def _get(domain: str | None, trackers: Trackers) -> tuple[Client, Uploader]:
 
 
 def as_dns_compares(trackers: Iterable[Address]) -> set[Address]:
-    """Tracker addresses as DNS compares their names: without case or a final dot."""
-    return {(host.lower().rstrip("."), port) for host, port in trackers}
+    """Tracker addresses as DNS compares their names (without case or a final dot), and IP
+    addresses however written (``0:0:0:0:0:0:0:1`` is ``::1``, ``::ffff:10.0.0.1`` is ``10.0.0.1``)."""
+    return {(_compared_host(host), port) for host, port in trackers}
+
+
+def _compared_host(host: str) -> str:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower().rstrip(".")
+    return str(getattr(address, "ipv4_mapped", None) or address)
 
 
 def listen_to_media_changes(listener: ChangeListener, besides: Client | None = None) -> None:
