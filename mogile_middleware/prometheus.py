@@ -161,6 +161,7 @@ class _Children(dict):  # type: ignore[type-arg]
 
 
 _started: PrometheusRecorder | None = None
+_refused = False  # the process could not start counting: said once, not by every middleware made
 _starting = threading.Lock()
 
 
@@ -168,14 +169,17 @@ def record() -> PrometheusRecorder | None:
     """Count every event of this process in the default registry from now on (idempotent). A
     process that cannot write ``PROMETHEUS_MULTIPROC_DIR`` (removed, another user's) counts
     nothing, with a warning, and goes on: None (a worker started so failed to boot)."""
-    global _started
+    global _started, _refused
     with _starting:
-        if _started is None:
+        if _started is None and not _refused:
             try:
                 _started = PrometheusRecorder()
             except OSError as error:
-                log.warning("metrics not recorded by this process: %r", error)
-                return None
+                _refused = True
+                log.warning("metrics not recorded by this process: PROMETHEUS_MULTIPROC_DIR=%r cannot be written "
+                            "(%r)", os.environ.get("PROMETHEUS_MULTIPROC_DIR"), error)
+        if _started is None:
+            return None
         metrics.use(_started)
         return _started
 

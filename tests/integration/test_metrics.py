@@ -549,6 +549,19 @@ def test_a_metrics_directory_gone_drops_the_events_not_the_requests(devmogile: D
     assert done.stderr.count("metrics not recorded: FileNotFoundError") == 1  # once a minute at most
 
 
+def test_a_process_that_cannot_count_says_once_which_directory_it_cannot_write(tmp_path: Path) -> None:
+    """Each middleware of a stack (the metrics filter and the file filter) said it again, and
+    neither named the directory: ``PermissionError(13, 'Permission denied')`` alone."""
+    gone = tmp_path / "prometheus"
+    script = "from mogile_middleware.prometheus import record\nprint(record(), record())\n"
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(gone)},
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "None None\n"), done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"metrics not recorded by this process: PROMETHEUS_MULTIPROC_DIR={str(gone)!r} cannot "
+                           "be written (FileNotFoundError(")
+
+
 def test_a_worker_started_once_the_metrics_directory_is_gone_serves(devmogile: DevMogileFS, tmp_path: Path) -> None:
     """Its metrics failed as they were made: the worker did not boot, and gunicorn stopped, the
     site down (under uvicorn --workers, the worker was started again and again)."""
