@@ -8,6 +8,7 @@ list of keys.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -73,6 +74,9 @@ def printable(text: str) -> str:
     reorder what follows or pass for another key. Printable Unicode is kept as it is."""
     if text.isprintable() and "\\" not in text and _INVISIBLE.isdisjoint(text):
         return text
+    with contextlib.suppress(UnicodeEncodeError):  # a lone surrogate escapes no byte
+        # UTF-8 bytes a file name's decoding escaped (LC_ALL=C: ASCII) read as their characters.
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape")
     return "".join(_ESCAPES.get(ord(char)) or (char if char.isprintable() and char not in _INVISIBLE
                                                else _code_point(char)) for char in text)
 

@@ -1520,17 +1520,23 @@ def test_get_recursive_fetches_every_file_name_upload_recursive_stores(cli: Run,
 def test_get_recursive_writes_file_names_byte_for_byte_under_an_ascii_locale(devmogile: DevMogileFS,
                                                                              tmp_path: Path) -> None:
     """Under ``LC_ALL=C`` without UTF-8 mode, Python's file names are ASCII with escapes: the
-    names were encoded for it from UTF-8 text, and ``café.txt`` ended the run in a traceback."""
+    names were encoded for it from UTF-8 text, and ``café.txt`` ended the run in a traceback. The
+    upload names each key as ``ls`` does (it showed the bytes of ``é`` as bytes that are not UTF-8)."""
     root, out = tmp_path / "tree", tmp_path / "out"
     root.mkdir()
     for name in (b"caf\xc3\xa9.txt", b"\xe6\x97\xa5.txt", b"not-utf8-\xff"):
         (root / os.fsdecode(name)).write_bytes(name)
     env = subprocess_env(LC_ALL="C", PYTHONUTF8="0", PYTHONIOENCODING="", MOGILEFS_TRACKERS=devmogile.trackers[0],
                          MOGILEFS_DOMAIN=DOMAIN)
-    for command in (["upload", "up/", str(root), "--recursive"], ["get", "up/", "-o", str(out), "--recursive"]):
+    listed = []
+    for command in (["upload", "up/", str(root), "--recursive"], ["get", "up/", "-o", str(out), "--recursive"],
+                    ["ls", "up/"]):
         process = subprocess.run([sys.executable, "-X", "utf8=0", "-m", "mogile_middleware", *command], env=env,
                                  capture_output=True, timeout=60, cwd=REPO)
         assert (process.returncode, process.stderr) == (0, b"")
+        listed.append(sorted(line.rpartition(b"\t")[2] for line in process.stdout.splitlines()))
+    assert listed[0] == listed[1] == listed[2] == sorted([b"up/caf\\u00e9.txt", b"up/not-utf8-\\xff",
+                                                              b"up/\\u65e5.txt"])
     assert contents(out, "") == contents(root, "")
     assert sorted(os.listdir(os.fsencode(out))) == sorted(os.listdir(os.fsencode(root)))
 
