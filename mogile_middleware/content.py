@@ -14,7 +14,7 @@ from __future__ import annotations
 import mimetypes
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from urllib.parse import quote
 
 Headers = list[tuple[str, str]]
@@ -102,14 +102,15 @@ class ContentPolicy:
     :param mimetypes: extra extensions (or name endings such as ``".tar.gz"``) → types; they take
         precedence over the table.
     :param charset: added to text types (``text/*``, JavaScript, JSON, XML); ``None``: none.
-    :param trusted_files: serve HTML, SVG, XML, JavaScript and CSS as they are, for a MogileFS
-        holding only the site's own assets (never users' uploads).
+    :param trusted_files: serve HTML, SVG, XML, JavaScript and CSS as they are: ``True`` for a
+        MogileFS holding only the site's own assets (never users' uploads), or the key prefixes
+        under which only the site writes (``["static/"]``).
     :param content_disposition: ``"attachment"`` (download, with the key's file name),
         ``"inline"`` (with the file name), or ``None`` (no header).
     """
 
     def __init__(self, *, mimetypes: Mapping[str, str] | None = None, charset: str | None = "utf-8",
-                 trusted_files: bool = False, content_disposition: str | None = None) -> None:
+                 trusted_files: bool | Sequence[str] = False, content_disposition: str | None = None) -> None:
         if content_disposition not in DISPOSITIONS:
             raise ValueError(f"content_disposition must be one of {DISPOSITIONS}, not {content_disposition!r}")
         for ending, media_type in (mimetypes or {}).items():
@@ -122,7 +123,9 @@ class ContentPolicy:
         self._endings = sorted((ending.lower() for ending in mimetypes or {}), key=len, reverse=True)
         self._types.update({ending.lower(): media_type.lower() for ending, media_type in (mimetypes or {}).items()})
         self.charset = charset
-        self.trusted_files = trusted_files
+        #: Keys starting with one of these are the site's own ("": every key).
+        self.trusted_prefixes: tuple[str, ...] = (
+            ("",) if trusted_files is True else () if trusted_files is False else tuple(trusted_files))
         self.content_disposition = content_disposition
 
     def media_type(self, key: str) -> str:
@@ -138,7 +141,7 @@ class ContentPolicy:
         """``Content-Type`` and, as the policy says, ``Content-Security-Policy`` and ``Content-Disposition``."""
         media_type = self.media_type(key)
         headers: Headers = []
-        if not self.trusted_files:
+        if not key.startswith(self.trusted_prefixes):
             if media_type in _CODE_TYPES:
                 media_type = "text/plain"  # readable as text, never run or applied as the site's code
             elif media_type in _DOCUMENT_TYPES or media_type.endswith("+xml"):

@@ -128,9 +128,10 @@ class MiddlewareCore:
     :param cache_control: a ``Cache-Control`` value for files (e.g. ``"public, max-age=3600"``).
     :param mimetypes: extensions (or name endings) → types, before the standard table.
     :param charset: the charset of text types (``None``: none sent).
-    :param trusted_files: the MogileFS holds only the site's own assets: serve HTML, SVG, XML,
-        JavaScript and CSS as they are. By default, users' files cannot run script on the site:
-        HTML, SVG and XML get ``Content-Security-Policy: sandbox``, JavaScript and CSS are sent as text.
+    :param trusted_files: the MogileFS holds only the site's own assets (``True``), or does under
+        these key prefixes (``["static/"]``): serve HTML, SVG, XML, JavaScript and CSS there as
+        they are. Elsewhere, users' files cannot run script on the site: HTML, SVG and XML get
+        ``Content-Security-Policy: sandbox``, JavaScript and CSS are sent as text.
     :param content_disposition: ``"attachment"`` or ``"inline"`` with the key's file name
         (RFC 6266), or ``None`` (no header).
     :param path_cache_seconds: how long a key's paths are reused without asking a tracker.
@@ -195,7 +196,7 @@ class MiddlewareCore:
         cache_control: str | None = None,
         mimetypes: Mapping[str, str] | None = None,
         charset: str | None = "utf-8",
-        trusted_files: bool = False,
+        trusted_files: bool | Sequence[str] = False,
         content_disposition: str | None = None,
         path_cache_seconds: float = 10.0,
         path_cache_entries: int = 10_000,
@@ -557,8 +558,11 @@ def _refuse_mistyped(*, require_proxy_header: object, trusted_files: object, all
     fail at every request, or weaken what it guards."""
     checks = [
         *((name, value, isinstance(value, bool), "True or False") for name, value in [
-            ("require_proxy_header", require_proxy_header), ("trusted_files", trusted_files),
-            ("allow_app_reproxy", allow_app_reproxy)]),
+            ("require_proxy_header", require_proxy_header), ("allow_app_reproxy", allow_app_reproxy)]),
+        ("trusted_files", trusted_files, isinstance(trusted_files, bool) or (
+            isinstance(trusted_files, (list, tuple)) and all(isinstance(prefix, str) and prefix
+                                                             for prefix in trusted_files)),
+         "True, False or a list of key prefixes such as ['static/'] (True trusts every key)"),
         *((name, value, value is None or callable(value), "a function, or None") for name, value in [
             ("key_for_path", key_for_path), ("authorize", authorize)]),
         ("cache_backend", cache_backend, cache_backend is None or is_cache_backend(cache_backend),

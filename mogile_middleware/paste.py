@@ -137,6 +137,16 @@ def _mimetypes(value: str) -> dict[str, str]:
     return {ending: media_type for ending, _, media_type in pairs}
 
 
+def _trusted_files(value: str) -> bool | list[str]:
+    """``true`` or ``false``, or key prefixes separated by spaces or lines (``static/ assets/``)."""
+    switch = value.strip().lower()
+    return bool(asbool(switch)) if switch in _SWITCH_WORDS else list(aslist(value))
+
+
+#: The words ``asbool`` reads, which a switch that may also be a list is taken for.
+_SWITCH_WORDS = frozenset(("true", "yes", "on", "y", "t", "1", "false", "no", "off", "n", "f", "0"))
+
+
 #: Converters of the options whose type alone does not say how to read them.
 _SPECIAL: Mapping[str, Callable[[str], Any]] = {
     "trackers": _trackers,
@@ -149,6 +159,7 @@ _SPECIAL: Mapping[str, Callable[[str], Any]] = {
     "prefix": _prefix,
     "charset": _none_or_text,
     "content_disposition": _none_or_text,
+    "trusted_files": _trusted_files,
 }
 
 #: Converters by the middleware's annotation of an argument (``X | None`` reads as ``X``).

@@ -433,6 +433,20 @@ def test_collectstatic_clear_replaces_every_file_of_its_location_and_nothing_els
     assert app.get(MogileFSStorage().url(uploaded)).body == b"a user's upload"
 
 
+def test_static_files_beside_uploads_keep_their_types_where_trusted(mogile: DevMogileFS) -> None:
+    """The README's static storage: its scripts and stylesheets were sent as text, which browsers
+    neither run nor apply, unless every user's upload was trusted with them."""
+    static = MogileFSStorage(location="static")
+    for name in ("app.js", "site.css"):
+        static.save(name, ContentFile(b"/* the site's */"))
+        MogileFSStorage().save(name, ContentFile(b"/* a user's */"))
+    with with_settings(MOGILEFS_MIDDLEWARE_OPTIONS={"trusted_files": ["static/"]}):
+        app = TestApp(wrap_wsgi(get_wsgi_application()), lint=True)
+    for name, media_type in (("app.js", "text/javascript"), ("site.css", "text/css")):
+        assert app.get(static.url(name)).headers["Content-Type"] == f"{media_type}; charset=utf-8"
+        assert app.get(MogileFSStorage().url(name)).headers["Content-Type"] == "text/plain; charset=utf-8"
+
+
 def test_collectstatic_again_passes_over_the_files_that_did_not_change(mogile: DevMogileFS, tmp_path: Path) -> None:
     """Without the stored files' time, every run deleted each file and stored it anew: missing
     meanwhile, a 404 for the site's pages."""
@@ -532,8 +546,8 @@ def test_a_storage_of_other_trackers_needs_its_own_media_url(mogile: DevMogileFS
     assert MogileFSStorage(trackers=["127.0.0.1:1", *mogile.trackers]).url("a.png") == "/media/a.png"
     with override_settings(MOGILEFS_TRACKERS=["Tracker1.Example.com:7001"]):  # DNS names know no case, nor a final dot
         assert MogileFSStorage(trackers="tracker1.example.com.").url("a.png") == "/media/a.png"
-    for settings, same in (("[::1]:7001", "[0:0:0:0:0:0:0:1]:7001"), ("10.0.0.1:7001", "[::ffff:10.0.0.1]:7001")):
-        with override_settings(MOGILEFS_TRACKERS=[settings]):  # one address, written another way
+    for listed, same in (("[::1]:7001", "[0:0:0:0:0:0:0:1]:7001"), ("10.0.0.1:7001", "[::ffff:10.0.0.1]:7001")):
+        with override_settings(MOGILEFS_TRACKERS=[listed]):  # one address, written another way
             assert MogileFSStorage(trackers=same).url("a.png") == "/media/a.png"
 
 

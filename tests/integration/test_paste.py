@@ -152,6 +152,8 @@ io_timeout = 3
 dead_seconds = 30
 body_cache_bytes = 8388608
 body_cache_file_bytes = 65536
+trusted_files = static/
+    themes/
 """)
     assert middleware.client.pool.addresses == [("10.0.0.1", 7001), ("10.0.0.2", 7001), ("10.0.0.3", 7001)]
     assert (middleware.prefix, middleware.reproxy, middleware.require_proxy_header) == ("/files/", "perlbal", True)
@@ -166,6 +168,7 @@ body_cache_file_bytes = 65536
     assert (pool.connect_timeout, pool.io_timeout, pool.dead_seconds) == (0.25, 3.0, 30.0)
     assert middleware.bodies is not None
     assert (middleware.bodies.max_bytes, middleware.bodies.max_file_bytes) == (8 * 1024 * 1024, 64 * 1024)
+    assert middleware.representation.policy.trusted_prefixes == ("static/", "themes/")
 
 
 @pytest.mark.parametrize("where", ["default", "global_conf", "set"])
@@ -242,6 +245,7 @@ def test_numbers_and_flags_are_typed_before_the_middleware_sees_them() -> None:
         {"here": "/ignored"}, domain="media", trackers="127.0.0.1:7001", require_proxy_header="off",
         path_cache_seconds="1.5", stale_seconds="30", perlbal_cache_seconds="60", retry_after_seconds="3",
         storage_timeout="4", cache_control="no-cache", nginx_location="/internal", reproxy="none",
+        trusted_files="Yes",
     )
     assert isinstance(make_filter, functools.partial)
     typed = {name: (value, type(value)) for name, value in make_filter.keywords.items()}
@@ -249,7 +253,7 @@ def test_numbers_and_flags_are_typed_before_the_middleware_sees_them() -> None:
         "domain": ("media", str), "trackers": (["127.0.0.1:7001"], list), "require_proxy_header": (False, bool),
         "path_cache_seconds": (1.5, float), "stale_seconds": (30.0, float), "perlbal_cache_seconds": (60, int),
         "retry_after_seconds": (3, int), "storage_timeout": (4.0, float), "cache_control": ("no-cache", str),
-        "nginx_location": ("/internal", str), "reproxy": (None, type(None)),
+        "nginx_location": ("/internal", str), "reproxy": (None, type(None)), "trusted_files": (True, bool),
     }
 
 

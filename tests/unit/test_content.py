@@ -54,6 +54,23 @@ def test_trusted_files_are_served_as_they_are() -> None:
     assert policy.headers("site.css") == [("Content-Type", "text/css; charset=utf-8")]
 
 
+@pytest.mark.parametrize(("key", "content_type", "sandboxed"), [
+    pytest.param("static/app.js", "text/javascript; charset=utf-8", False, id="script-of-the-site"),
+    pytest.param("themes/dark/site.css", "text/css; charset=utf-8", False, id="stylesheet-of-the-site"),
+    pytest.param("static/page.html", "text/html; charset=utf-8", False, id="page-of-the-site"),
+    pytest.param("uploads/static/app.js", "text/plain; charset=utf-8", False, id="script-elsewhere"),
+    pytest.param("staticfile.js", "text/plain; charset=utf-8", False, id="script-beside-the-prefix"),
+    pytest.param("avatars/x.svg", "image/svg+xml; charset=utf-8", True, id="image-elsewhere"),
+])
+def test_files_under_trusted_prefixes_alone_are_served_as_they_are(key: str, content_type: str,
+                                                                   sandboxed: bool) -> None:
+    """Static files beside users' uploads: trusting all of them, the site's own scripts had to be
+    sent as text (which browsers neither run nor apply), or every upload trusted."""
+    headers = dict(ContentPolicy(trusted_files=["static/", "themes/"]).headers(key))
+    assert headers["Content-Type"] == content_type
+    assert (headers.get("Content-Security-Policy") == "sandbox") is sandboxed
+
+
 @pytest.mark.parametrize(("key", "content_type"), [
     ("app.js", "text/plain; charset=utf-8"),  # every Python: RFC 9239's text/javascript, sent as text
     ("photo.avif", "image/avif"),  # Python 3.10 has none: application/octet-stream

@@ -66,6 +66,9 @@ BAD_OPTIONS = [
     pytest.param({"prefix": "/%2e/"}, "clients remove its '.' and '..' segments", id="prefix-dot-segment-escaped"),
     # A switch given as text ("no" is true) weakened what it guards; the others failed at every request.
     pytest.param({"trusted_files": "no"}, "trusted_files", id="trusted-files-text"),
+    pytest.param({"trusted_files": "static/"}, "trusted_files", id="trusted-files-one-prefix-as-text"),
+    pytest.param({"trusted_files": ["static/", ""]}, "trusted_files", id="trusted-files-empty-prefix"),
+    pytest.param({"trusted_files": [b"static/"]}, "trusted_files", id="trusted-files-bytes"),
     pytest.param({"allow_app_reproxy": "no"}, "allow_app_reproxy", id="allow-app-reproxy-text"),
     pytest.param({"require_proxy_header": 1}, "require_proxy_header", id="require-proxy-header-number"),
     pytest.param({"key_for_path": "site.urls:key_for"}, "key_for_path", id="key-for-path-text"),
