@@ -21,6 +21,7 @@ import django
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files import File
+from django.core.files.base import ContentFile
 from django.core.files.storage import Storage
 from django.core.files.uploadedfile import InMemoryUploadedFile
 from django.core.files.utils import FileProxyMixin
@@ -208,7 +209,11 @@ class MogileFSStorage(Storage):
         return get_uploader(self._domain, self._trackers)
 
     def save(self, name: str | None, content: Any, max_length: int | None = None) -> str:
-        """Django's save, with ``max_length`` kept for :meth:`_save`, which Django does not give it."""
+        """Django's save, with ``max_length`` kept for :meth:`_save`, which Django does not give it;
+        ``content`` may also be bytes or text, as the old MogileFS backend's ``save(name, raw_contents)``
+        took it (Django's ``File`` of them failed with an ``AttributeError``: no ``read``)."""
+        if isinstance(content, (bytes, str)):
+            content = ContentFile(content)
         token = _max_length.set(max_length)
         try:
             return super().save(name, content, max_length=max_length)
