@@ -1603,6 +1603,11 @@ def test_manage_py_check_warns_of_a_mogilefs_storage_named_where_django_ignores_
     assert "STORAGES['default']" in warning.hint
     with override_settings(DEFAULT_FILE_STORAGE="django.core.files.storage.FileSystemStorage"):  # not ours to say
         assert [message for message in run_checks() if message.id.startswith("mogile_middleware.")] == []
+    old = "storages.backends.mogile.MogileFSStorage"  # the old backend, kept: files went to the disk, unsaid
+    with override_settings(DEFAULT_FILE_STORAGE=old):
+        (warning,) = [message for message in run_checks() if message.id.startswith("mogile_middleware.")]
+    assert warning.msg.startswith(f"DEFAULT_FILE_STORAGE names {old}, but Django ")
+    assert warning.hint.startswith(f"name {{'BACKEND': {path!r}}} as STORAGES['default']")
 
 
 STORAGE_OPTION_ERRORS = [

@@ -56,20 +56,25 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
 
 def _ignored_storage_setting() -> list[checks.CheckMessage]:
     """A warning (``mogile_middleware.W002``) for ``DEFAULT_FILE_STORAGE`` naming a MogileFS
-    storage on Django 5.1 or later, which ignore the setting: a project that changed that line
-    alone saved its files on the local disk, ``wrap_wsgi`` serving the old ones as before."""
+    storage (this package's, or the old backend's, ``storages.backends.mogile.MogileFSStorage``)
+    on Django 5.1 or later, which ignore the setting: a project that changed that line alone, or
+    kept it, saved its files on the local disk, ``wrap_wsgi`` serving the old ones as before."""
     path = getattr(settings, "DEFAULT_FILE_STORAGE", None)
     if not isinstance(path, str) or django.VERSION < (5, 1):
         return []
     try:
         backend = import_string(path)
-    except Exception:  # not one of ours, whatever it is
-        return []
-    if not (isinstance(backend, type) and issubclass(backend, MogileFSStorage)):
+    except Exception:  # gone (the old backend, which django-storages dropped), or another's
+        backend = None
+    if isinstance(backend, type) and issubclass(backend, MogileFSStorage):
+        meant = path
+    elif "mogile" in path.lower():
+        meant = "mogile_middleware.contrib.django.MogileFSStorage"
+    else:
         return []
     return [checks.Warning(f"DEFAULT_FILE_STORAGE names {path}, but Django {django.get_version()} ignores the "
                            "setting: files are saved by STORAGES['default'] instead",
-                           hint=f"name {{'BACKEND': {path!r}}} as STORAGES['default'] (keeping STORAGES' other "
+                           hint=f"name {{'BACKEND': {meant!r}}} as STORAGES['default'] (keeping STORAGES' other "
                                 "entries, 'staticfiles' among them) and remove DEFAULT_FILE_STORAGE",
                            obj="DEFAULT_FILE_STORAGE", id="mogile_middleware.W002")]
 
