@@ -822,7 +822,8 @@ def test_admin_updates_and_deletes_classes_and_domains_and_names_what_the_tracke
     (lambda admin: admin.delete_class("d", ""), ValueError, "class must be a name"),
     (lambda admin: admin.create_class("d", "c", 1, hashtype=5), TypeError, "hashtype must be text"),
     (lambda admin: admin.update_class("d", "c", 1, replpolicy=3), TypeError, "replpolicy must be text, not int"),
-    (lambda admin: admin.create_class("d", "c", 1, replpolicy="A()\r\nB"), ValueError, "replpolicy must be a name without"),
+    (lambda admin: admin.create_class("d", "c", 1, replpolicy="A()\r\nB"), ValueError,
+     "replpolicy must be a name without"),
 ])
 def test_admin_refuses_what_no_tracker_should_be_sent(call: Callable[[Admin], None], error: type[Exception],
                                                       message: str) -> None:
