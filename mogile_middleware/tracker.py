@@ -173,7 +173,12 @@ def parse_trackers(trackers: str | Iterable[str | Address]) -> list[Address]:
     if isinstance(trackers, tuple) and len(trackers) == 2 and isinstance(trackers[1], int):
         raise ValueError(f"trackers {trackers!r}: a lone (host, port) pair; give a list of them")
     items = trackers.replace(",", " ").split() if isinstance(trackers, str) else list(trackers)
-    addresses = [parse_address(item) for item in items]
+    try:
+        addresses = [parse_address(item) for item in items]
+    except ValueError as error:
+        if isinstance(trackers, str) and len(items) > 1:  # "host: 7001" is two items, neither an address
+            raise ValueError(f"{error} (in {trackers!r}, whose commas and spaces separate addresses)") from None
+        raise
     if not addresses:
         raise ValueError("no tracker address given")
     return addresses

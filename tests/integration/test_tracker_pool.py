@@ -820,6 +820,9 @@ def test_tracker_lists() -> None:
         parse_trackers("")
     with pytest.raises(ValueError, match="not host:port"):
         parse_trackers(["a:b"])
+    with pytest.raises(ValueError, match=r"^tracker address 'a:' is not host:port \(in 'a: 7001', whose commas and "
+                                         r"spaces separate addresses\)$"):
+        parse_trackers("a: 7001")  # "a:" named alone, which the list did not hold
     assert parse_trackers([("a", 1), ("b", "2"), "c:3"]) == [("a", 1), ("b", 2), ("c", 3)]
 
 
