@@ -30,7 +30,7 @@ from .protocol import (ArgValue, Key, Reply, as_text, check_any_key, check_key, 
                        key_bytes, parse_domains, to_bytes, to_text)
 from .storage import ReplicaResponse, open_replica, read_replica
 from .tracker import Address, ReadReply, TrackerPool, TrackerPoolBase
-from .upload import ChangeListener, NewFile, Uploader, content_bytes
+from .upload import ChangeListener, NewFile, Uploader, content_bytes, sendable
 
 log = logging.getLogger("mogile_middleware")
 
@@ -488,9 +488,10 @@ class Client(ClientBase):
         passed on from a request is never read as a local file. :class:`~.upload.Uploader` opens paths.
         """
         key = as_text(key)
-        if isinstance(fileobj, (str, os.PathLike)):
+        path = isinstance(fileobj, (str, os.PathLike))
+        if path or not sendable(fileobj):
             raise TypeError(f"store_file of {key!r} takes bytes, a file opened in binary mode or an iterable of "
-                            f"bytes, not {type(fileobj).__name__} (Uploader.upload opens a path)")
+                            f"bytes, not {type(fileobj).__name__}" + (" (Uploader.upload opens a path)" if path else ""))
         return self._uploader.upload(key, fileobj, cls, verify_checksum=verify_checksum)
 
     def store_content(self, key: Key, data: bytes, cls: str | None = None) -> int:

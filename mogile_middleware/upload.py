@@ -220,6 +220,13 @@ def content_bytes(key: str, data: object) -> bytes | bytearray | memoryview:
     return data
 
 
+def sendable(source: object) -> bool:
+    """True for what an upload sends as it is: bytes, a file opened in binary mode (anything with
+    a ``read``), an iterable of bytes; not a file opened as text, nor a number."""
+    return isinstance(source, BYTES_LIKE) or not isinstance(source, io.TextIOBase) and (
+        hasattr(source, "read") or isinstance(source, Iterable))
+
+
 def piece_bytes(key: str, data: object) -> bytes | bytearray | memoryview:
     """A piece of the upload of ``key`` as bytes to send: bytes, or a view in bytes of any other
     buffer (a memoryview, an ``array``, an ``mmap``), whose length would count its items; a
@@ -604,10 +611,10 @@ class Uploader:
         if isinstance(source, BYTES_LIKE):
             with buffer_file(key, source) as fileobj:
                 return self.upload(key, fileobj, cls, progress=progress, verify_checksum=verify_checksum)
-        readable = hasattr(source, "read")
-        if isinstance(source, io.TextIOBase) or not readable and not isinstance(source, Iterable):
+        if not sendable(source):
             raise TypeError(f"upload of {key!r} takes bytes, a path, a file opened in binary mode or "
                             f"an iterable of bytes, not {type(source).__name__}")
+        readable = hasattr(source, "read")
         # Asked for this upload: whatever the class, as mogilefsd checks it (and AsyncClient asks).
         verify = bool(verify_checksum) if verify_checksum is not None else \
             self.verify_checksums and self._keeps_checksums(cls)

@@ -808,6 +808,16 @@ def test_store_file_refuses_a_path_rather_than_read_a_local_file(flavour: Flavou
     assert client.get_file_data("doc") == b"old"
 
 
+@pytest.mark.parametrize("given", [io.StringIO("text"), 5, None], ids=["text-file", "number", "none"])
+def test_store_file_names_what_it_takes_for_what_it_cannot_send(client: Client, given: object) -> None:
+    """Its message was the Uploader's, offering "a path", which store_file then refused."""
+    with pytest.raises(TypeError, match=re.escape(f"store_file of 'doc' takes bytes, a file opened in binary mode or "
+                                                  f"an iterable of bytes, not {type(given).__name__}") + "$"):
+        client.store_file("doc", given)  # type: ignore[arg-type]
+    with pytest.raises(UnknownKeyError):
+        client.file_info("doc")
+
+
 @pytest.mark.parametrize("source", [
     pytest.param(lambda tmp: _written(tmp / "file.bin", b"data"), id="path"),
     pytest.param(lambda tmp: [b"chunk"], id="list"),
