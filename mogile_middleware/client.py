@@ -458,7 +458,8 @@ class Client(ClientBase):
             self._changed(*request.changes)
 
     def get_paths(self, key: Key, noverify: bool = True, zone: str | None = None, pathcount: int = 2) -> list[str]:
-        """The URLs of the key's replicas, in the tracker's order (try them in that order)."""
+        """The URLs of the key's replicas, in the tracker's order (try them in that order):
+        ``pathcount`` at most, but 2 at least, as mogilefsd lists them."""
         return self._ask(get_paths_request(key, noverify, zone, pathcount))
 
     def file_info(self, key: Key) -> FileInfo:
