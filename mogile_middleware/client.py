@@ -613,6 +613,10 @@ class Admin:
         return {domain: {cls: mindevcount for cls, (mindevcount, _) in classes.items()}
                 for domain, classes in domains.items()}
 
+    def close(self) -> None:
+        """Close the kept-open tracker connection, as :meth:`Client.close` does."""
+        self.pool.close()
+
     def _ask(self, command: str, args: dict[str, ArgValue]) -> None:
         with named_errors(args, str(args["domain"])):
             self.pool.request(command, args)

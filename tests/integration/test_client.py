@@ -837,6 +837,26 @@ def test_admin_refuses_what_no_tracker_should_be_sent(call: Callable[[Admin], No
         tracker.stop()
 
 
+def test_admin_closes_its_tracker_connection_as_a_client_does() -> None:
+    """It had no close: its connection stayed open until the collector took the object."""
+    class Tracker(ScriptedTracker):
+        left = threading.Event()
+
+        def _serve(self, conn: socket.socket) -> None:
+            super()._serve(conn)  # until the client closes
+            self.left.set()
+
+    tracker = Tracker(lambda line: b"OK domains=1&domain1=d&domain1classes=0\r\n")
+    try:
+        admin = Admin([tracker.tracker])
+        assert admin.get_domains() == {"d": {}}
+        assert not tracker.left.wait(0.2)  # kept open for the next command
+        admin.close()
+        assert tracker.left.wait(5)
+    finally:
+        tracker.stop()
+
+
 @pytest.mark.parametrize(("stored", "read"), [("1e%2B30", int(1e30)), ("1.5", 2), ("3", 3)])
 def test_a_class_count_the_tracker_stored_as_a_float_leaves_the_listing_readable(stored: str, read: int) -> None:
     """mogilefsd keeps what ``create_class`` was given: another client's ``1e+30`` made every
