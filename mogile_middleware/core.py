@@ -29,6 +29,7 @@ from .exceptions import (
     BadKeyError,
     KeyChangingError,
     MogileFSError,
+    StorageError,
     TrackerError,
     TrackerUnavailableError,
     UnknownKeyError,
@@ -65,6 +66,8 @@ _TOO_LONG = http.error(400, f"The file name is longer than {MAX_KEY_BYTES} bytes
 #: The length of a file not known yet, as a range is read: past any range a client asks of it.
 _ANY_LENGTH = 2 ** 63
 _TRACKER_REFUSED = http.error(502, "The tracker refused to look the file up.")
+_NO_REPLICA_LISTED = http.error(502, "The trackers list no replica of this file.")
+_TRACKER_GARBLED = http.error(502, "The tracker's answer could not be read.")
 _BEING_REPLACED = http.error(503, "The file is being replaced.", [("Retry-After", "1")])
 _FORBIDDEN = {reason: http.error(403, reason) for reason in (UNSIGNED, BAD_SIGNATURE, EXPIRED)}
 #: Seconds between two lines about requests no tracker answered: an outage fails every request,
@@ -305,6 +308,9 @@ class MiddlewareCore:
                                        "requests")
         #: Serve mode's requests whose cached replicas failed, asking the trackers again (the file
         #: changed elsewhere, or its nodes are down: then every request for it, logged as one).
+        #: Lookups that failed otherwise (no live replica listed, a tracker's garbage): a file whose
+        #: devices all died fails every request for it, logged as an outage is.
+        self._lookup_failed = ThrottledLog(log, logging.ERROR, "cannot locate %r: %r", OUTAGE_LOG_INTERVAL, "requests")
         self.asked_again = ThrottledLog(log, logging.INFO, "no replica of %r answered, asking the trackers again: %r",
                                         OUTAGE_LOG_INTERVAL, "requests")
         extra = [("X-Content-Type-Options", "nosniff")]
@@ -416,9 +422,11 @@ class MiddlewareCore:
         if isinstance(error, KeyChangingError):  # in a second, the writer may have paused
             log.warning("cannot locate %r: %s", key, error)
             return _BEING_REPLACED
-        log.error("cannot locate %r: %r", key, error)  # garbage from a tracker, no live replica listed
-        # A tracker's refusal (a domain it does not know) is no replica's failure.
-        return _TRACKER_REFUSED if isinstance(error, TrackerError) else http.BAD_GATEWAY
+        self._lookup_failed.event(key, error)
+        if isinstance(error, StorageError):  # no live replica listed: none was asked
+            return _NO_REPLICA_LISTED
+        # A tracker's refusal (a domain it does not know), or its garbage, is no replica's failure.
+        return _TRACKER_REFUSED if isinstance(error, TrackerError) else _TRACKER_GARBLED
 
     @staticmethod
     def _decoded(raw_path: str) -> str | Answer:

@@ -108,6 +108,21 @@ def test_bad_replica_urls_from_a_tracker_are_skipped(devmogile: DevMogileFS) -> 
 
 
 @pytest.mark.parametrize("run", [run_gunicorn, run_uvicorn], ids=["gunicorn", "uvicorn"])
+def test_a_file_the_tracker_lists_no_replica_of_is_a_plain_502_saying_so(run) -> None:
+    """After its only device was marked dead, mogilefsd 2.73 answers ``paths=0``: the answer said
+    that no replica answered, though none had been asked."""
+    tracker = files_tracker({"lost.txt": (7, 10, [])})
+    try:
+        with run({"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": tracker.tracker}) as server:
+            replies = [ask(server, "lost.txt") for _ in range(3)]
+    finally:
+        tracker.stop()
+    for reply in replies:
+        assert (reply.status, reply.body) == (502, b"502 Bad Gateway\nThe trackers list no replica of this file.\n")
+        assert reply.headers["cache-control"] == "no-store" and "etag" not in reply.headers
+
+
+@pytest.mark.parametrize("run", [run_gunicorn, run_uvicorn], ids=["gunicorn", "uvicorn"])
 def test_a_domain_the_tracker_does_not_know_is_one_plain_502(devmogile: DevMogileFS, run) -> None:
     with run({"MOGILE_DOMAIN": "misspelt", "MOGILE_TRACKERS": devmogile.trackers[0]}) as server:
         reply = ask(server, "a.txt")

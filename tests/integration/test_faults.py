@@ -287,6 +287,28 @@ def test_a_key_listed_without_replicas_amid_an_overwrite_is_asked_again(devmogil
         upstream.close()
 
 
+@pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
+def test_a_file_listed_without_replicas_is_logged_as_an_outage_is(caplog: pytest.LogCaptureFixture,
+                                                                  flavour: str) -> None:
+    """mogilefsd lists no replica of a file whose devices were all marked dead, for good: each
+    request for it wrote an ERROR line."""
+    tracker = files_tracker({"lost.txt": (7, 10, [])})
+    try:
+        client = Client(DOMAIN, [tracker.tracker])
+        with caplog.at_level(logging.ERROR, logger="mogile_middleware"):
+            if flavour == "wsgi":
+                app = MogileFSMiddleware(wrapped_app, client=client)
+                statuses = [call(app, "GET", "/mogilefs/lost.txt", {})[0] for _ in range(20)]
+            else:
+                asgi = ASGIMiddleware(wrapped_app, domain=DOMAIN, trackers=[tracker.tracker])
+                statuses = [run(asgi, http_scope("/mogilefs/lost.txt"), [])[0]["status"] for _ in range(20)]
+    finally:
+        tracker.stop()
+    assert statuses == [502] * 20
+    assert [record.getMessage() for record in caplog.records] == [
+        "cannot locate 'lost.txt': StorageError(\"the tracker knows no live replica of 'lost.txt'\")"]
+
+
 def one_file_tracker(node_port: int, key: str, length: int) -> ScriptedTracker:
     """A tracker that knows one file, ``key`` of ``length`` bytes (fid 9), on the node at ``node_port``."""
     return files_tracker({key: (9, length, [f"http://127.0.0.1:{node_port}/dev1/0/000/000/0000000009.fid"])})
