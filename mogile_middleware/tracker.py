@@ -41,13 +41,29 @@ Address = tuple[str, int]
 
 log = logging.getLogger("mogile_middleware")
 
+# getaddrinfo loads the idna codec on its first use, which a process out of file descriptors
+# could not do: its threads then met "unknown encoding: idna" (a 500). Loaded here instead.
+codecs.lookup("idna")
+
 #: Failures of this process, not of the tracker asked: out of file descriptors (a worker with many
 #: downloads open) or memory. The tracker is not marked dead for them, which made every request
 #: fail for ``dead_seconds`` after the shortage ended.
 _OWN_SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-# getaddrinfo loads the idna codec on its first use, which a process out of file descriptors
-# could not do: its threads then met "unknown encoding: idna" (a 500). Loaded here instead.
-codecs.lookup("idna")
+
+
+def _own_shortage(error: BaseException | None) -> bool:
+    """True if ``error`` is :data:`_OWN_SHORTAGES`'s, or came while this process can open no file:
+    a tracker's name then fails to resolve (``/etc/hosts`` unread) with a resolver's code instead."""
+    if not isinstance(error, OSError):
+        return False
+    if error.errno in _OWN_SHORTAGES:
+        return True
+    try:
+        os.close(os.open(os.devnull, os.O_RDONLY))
+    except OSError as opening:
+        return opening.errno in _OWN_SHORTAGES
+    return False
+
 
 #: A reply longer than this is refused (1000 listed keys of 255 bytes, each up to 3x escaped).
 MAX_REPLY_BYTES = 4 * 1024 * 1024
@@ -361,8 +377,8 @@ class TrackerPoolBase:
         request's error, which its caller reports): not again while it fails as it is asked again
         (:meth:`_still_down`), but again once it was left unasked longer, the other trackers
         answering (it may have been back meanwhile). Not for a shortage of this process's own
-        (:data:`_OWN_SHORTAGES`)."""
-        if isinstance(error, OSError) and error.errno in _OWN_SHORTAGES:
+        (:func:`_own_shortage`)."""
+        if _own_shortage(error):
             return
         with self._table_lock:  # threads failing on one tracker at once: one of them logs it
             known = self._still_down(address)
