@@ -161,25 +161,28 @@ class _Children(dict):  # type: ignore[type-arg]
 
 
 _started: PrometheusRecorder | None = None
-_refused = False  # the process could not start counting: said once, not by every middleware made
+#: The process that said it could not start counting: once, not by every middleware made (a child
+#: forked from it says so again, or counts: the directory may be there by then).
+_refused_in: int | None = None
 _starting = threading.Lock()
 
 
 def record() -> PrometheusRecorder | None:
     """Count every event of this process in the default registry from now on (idempotent). A
     process that cannot write ``PROMETHEUS_MULTIPROC_DIR`` (removed, another user's) counts
-    nothing, with a warning, and goes on: None (a worker started so failed to boot)."""
-    global _started, _refused
+    nothing, with one warning, and goes on: None (a worker started so failed to boot); a later
+    call, or one in a child forked from it, counts once the directory takes its files."""
+    global _started, _refused_in
     with _starting:
-        if _started is None and not _refused:
+        if _started is None:
             try:
                 _started = PrometheusRecorder()
             except OSError as error:
-                _refused = True
-                log.warning("metrics not recorded by this process: PROMETHEUS_MULTIPROC_DIR=%r cannot be written "
-                            "(%r)", os.environ.get("PROMETHEUS_MULTIPROC_DIR"), error)
-        if _started is None:
-            return None
+                if _refused_in != os.getpid():
+                    _refused_in = os.getpid()
+                    log.warning("metrics not recorded by this process: PROMETHEUS_MULTIPROC_DIR=%r cannot be "
+                                "written (%r)", os.environ.get("PROMETHEUS_MULTIPROC_DIR"), error)
+                return None
         metrics.use(_started)
         return _started
 

@@ -553,10 +553,19 @@ def test_a_process_that_cannot_count_says_once_which_directory_it_cannot_write(t
     """Each middleware of a stack (the metrics filter and the file filter) said it again, and
     neither named the directory: ``PermissionError(13, 'Permission denied')`` alone."""
     gone = tmp_path / "prometheus"
-    script = "from mogile_middleware.prometheus import record\nprint(record(), record())\n"
-    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(gone)},
-                          capture_output=True, text=True, timeout=60)
-    assert (done.returncode, done.stdout) == (0, "None None\n"), done.stderr
+    # Made once the process has tried (a worker forked after a cleaner's work was undone): it counts.
+    script = ("import os, sys\n"
+              "from mogile_middleware.prometheus import record\n"
+              "refused = record(), record()\n"
+              "os.mkdir(sys.argv[1])\n"
+              "child = os.fork()\n"
+              "if child == 0:\n"
+              "    os._exit(0 if record() is not None else 1)\n"
+              "print(*refused, os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]), record() is not None)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(gone)],
+                          env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(gone)}, capture_output=True, text=True,
+                          timeout=60)
+    assert (done.returncode, done.stdout) == (0, "None None 0 True\n"), done.stderr
     [line] = done.stderr.splitlines()
     assert line.startswith(f"metrics not recorded by this process: PROMETHEUS_MULTIPROC_DIR={str(gone)!r} cannot "
                            "be written (FileNotFoundError(")
