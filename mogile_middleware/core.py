@@ -66,8 +66,7 @@ _TOO_LONG = http.error(400, f"The file name is longer than {MAX_KEY_BYTES} bytes
 #: The length of a file not known yet, as a range is read: past any range a client asks of it.
 _ANY_LENGTH = 2 ** 63
 _TRACKER_REFUSED = http.error(502, "The tracker refused to look the file up.")
-_NO_REPLICA_LISTED = http.error(502, "The trackers list no replica of this file.")
-_TRACKER_GARBLED = http.error(502, "The tracker's answer could not be read.")
+_NO_REPLICA_LISTED = http.error(502, "The trackers list no usable replica of this file.")
 _BEING_REPLACED = http.error(503, "The file is being replaced.", [("Retry-After", "1")])
 _FORBIDDEN = {reason: http.error(403, reason) for reason in (UNSIGNED, BAD_SIGNATURE, EXPIRED)}
 #: Seconds between two lines about requests no tracker answered: an outage fails every request,
@@ -425,8 +424,8 @@ class MiddlewareCore:
         self._lookup_failed.event(key, error)
         if isinstance(error, StorageError):  # no live replica listed: none was asked
             return _NO_REPLICA_LISTED
-        # A tracker's refusal (a domain it does not know), or its garbage, is no replica's failure.
-        return _TRACKER_REFUSED if isinstance(error, TrackerError) else _TRACKER_GARBLED
+        # A tracker's refusal (a domain it does not know) is no replica's failure.
+        return _TRACKER_REFUSED if isinstance(error, TrackerError) else http.BAD_GATEWAY
 
     @staticmethod
     def _decoded(raw_path: str) -> str | Answer:

@@ -118,7 +118,8 @@ def test_a_file_the_tracker_lists_no_replica_of_is_a_plain_502_saying_so(run) ->
     finally:
         tracker.stop()
     for reply in replies:
-        assert (reply.status, reply.body) == (502, b"502 Bad Gateway\nThe trackers list no replica of this file.\n")
+        assert reply.status == 502
+        assert reply.body == b"502 Bad Gateway\nThe trackers list no usable replica of this file.\n"
         assert reply.headers["cache-control"] == "no-store" and "etag" not in reply.headers
 
 
