@@ -143,8 +143,9 @@ def _trusted_files(value: str) -> bool | list[str]:
     return bool(asbool(switch)) if switch in _SWITCH_WORDS else list(aslist(value))
 
 
-#: The words ``asbool`` reads, which a switch that may also be a list is taken for.
-_SWITCH_WORDS = frozenset(("true", "yes", "on", "y", "t", "1", "false", "no", "off", "n", "f", "0"))
+#: The words of a switch that may also be a list of prefixes: ``asbool``'s but its single
+#: letters, which are prefixes too (``t`` taken for true would trust every key).
+_SWITCH_WORDS = frozenset(("true", "yes", "on", "1", "false", "no", "off", "0"))
 
 
 #: Converters of the options whose type alone does not say how to read them.

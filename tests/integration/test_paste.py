@@ -153,7 +153,7 @@ dead_seconds = 30
 body_cache_bytes = 8388608
 body_cache_file_bytes = 65536
 trusted_files = static/
-    themes/
+    themes/ t
 """)
     assert middleware.client.pool.addresses == [("10.0.0.1", 7001), ("10.0.0.2", 7001), ("10.0.0.3", 7001)]
     assert (middleware.prefix, middleware.reproxy, middleware.require_proxy_header) == ("/files/", "perlbal", True)
@@ -168,7 +168,8 @@ trusted_files = static/
     assert (pool.connect_timeout, pool.io_timeout, pool.dead_seconds) == (0.25, 3.0, 30.0)
     assert middleware.bodies is not None
     assert (middleware.bodies.max_bytes, middleware.bodies.max_file_bytes) == (8 * 1024 * 1024, 64 * 1024)
-    assert middleware.representation.policy.trusted_prefixes == ("static/", "themes/")
+    # "t" alone is a prefix too, never asbool's "true" (it would trust every key).
+    assert middleware.representation.policy.trusted_prefixes == ("static/", "themes/", "t")
 
 
 @pytest.mark.parametrize("where", ["default", "global_conf", "set"])
