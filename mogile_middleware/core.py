@@ -305,11 +305,11 @@ class MiddlewareCore:
         #: Serve mode's requests that no replica answered (a 502), logged as an outage is.
         self.unanswered = ThrottledLog(log, logging.ERROR, "no replica of %r answered: %r", OUTAGE_LOG_INTERVAL,
                                        "requests")
-        #: Serve mode's requests whose cached replicas failed, asking the trackers again (the file
-        #: changed elsewhere, or its nodes are down: then every request for it, logged as one).
-        #: Lookups that failed otherwise (no live replica listed, a tracker's garbage): a file whose
+        #: Lookups that failed otherwise (no live replica listed, a tracker's refusal): a file whose
         #: devices all died fails every request for it, logged as an outage is.
         self._lookup_failed = ThrottledLog(log, logging.ERROR, "cannot locate %r: %r", OUTAGE_LOG_INTERVAL, "requests")
+        #: Serve mode's requests whose cached replicas failed, asking the trackers again (the file
+        #: changed elsewhere, or its nodes are down: then every request for it, logged as one).
         self.asked_again = ThrottledLog(log, logging.INFO, "no replica of %r answered, asking the trackers again: %r",
                                         OUTAGE_LOG_INTERVAL, "requests")
         extra = [("X-Content-Type-Options", "nosniff")]
