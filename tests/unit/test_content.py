@@ -41,10 +41,14 @@ def test_media_type_comes_from_the_last_segments_extension(key: str, media_type:
     pytest.param("photo.jpg", "image/jpeg", False, id="image"),
 ])
 def test_users_files_cannot_run_script_by_default(key: str, content_type: str, sandboxed: bool) -> None:
-    headers = dict(POLICY.headers(key))
-    assert headers["Content-Type"] == content_type
-    assert (headers.get("Content-Security-Policy") == "sandbox") is sandboxed
-    assert "Content-Disposition" not in headers
+    assert described(POLICY, key) == (content_type, sandboxed)
+    assert "Content-Disposition" not in dict(POLICY.headers(key))
+
+
+def described(policy: ContentPolicy, key: str) -> tuple[str, bool]:
+    """The type ``policy`` gives ``key``'s answer, and whether it sandboxes it."""
+    headers = dict(policy.headers(key))
+    return headers["Content-Type"], headers.get("Content-Security-Policy") == "sandbox"
 
 
 def test_trusted_files_are_served_as_they_are() -> None:
@@ -66,9 +70,7 @@ def test_files_under_trusted_prefixes_alone_are_served_as_they_are(key: str, con
                                                                    sandboxed: bool) -> None:
     """Static files beside users' uploads: trusting all of them, the site's own scripts had to be
     sent as text (which browsers neither run nor apply), or every upload trusted."""
-    headers = dict(ContentPolicy(trusted_files=["static/", "themes/"]).headers(key))
-    assert headers["Content-Type"] == content_type
-    assert (headers.get("Content-Security-Policy") == "sandbox") is sandboxed
+    assert described(ContentPolicy(trusted_files=["static/", "themes/"]), key) == (content_type, sandboxed)
 
 
 @pytest.mark.parametrize(("key", "content_type"), [
