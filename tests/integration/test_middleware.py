@@ -440,6 +440,9 @@ def test_nginx_answer(devmogile: DevMogileFS, client: Client) -> None:
     urls = [response.headers["X-Reproxy-URL"], response.headers["X-Reproxy-URL-2"]]
     assert sorted(urls) == sorted(client.get_paths("café/日本.csv"))
     assert response.headers["Content-Type"] == "text/csv; charset=utf-8"
+    # A cache between nginx and the application keeps it for these alone: never for nginx's
+    # request after every replica failed (it got the empty answer again), nor for another client.
+    assert response.headers["Vary"] == "X-Sendfile-Type, X-Reproxy-Failed, Range, If-Range"
 
 
 @pytest.mark.parametrize("reproxy", ["perlbal", "nginx"])

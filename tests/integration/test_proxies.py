@@ -217,6 +217,7 @@ def test_every_size_arrives_exact_and_is_fetched_by_the_proxy(through: Stack) ->
         assert answer.headers["Content-Length"] == str(size)
         assert answer.headers["Content-Type"] == "video/mp4"  # the application's, not the node's text/plain
         assert answer.headers["X-Content-Type-Options"] == "nosniff"
+        assert "Vary" not in answer.headers  # what chose nginx's answer is nginx's own
         assert through.app_requests(path) == [("200", 0)]  # the application sent headers only
 
 
