@@ -478,13 +478,15 @@ class Client(ClientBase):
                        on_change=self._changed)
 
     def store_file(self, key: Key, fileobj: BinaryIO | bytes | bytearray | memoryview | Iterable[bytes],
-                   cls: str | None = None, *, verify_checksum: bool = False) -> int:
+                   cls: str | None = None, *, verify_checksum: bool = False, size: int | None = None) -> int:
         """Store the rest of ``fileobj`` (a file opened in binary mode), bytes, or every chunk of an
         iterable under ``key``; return the number of bytes stored.
 
         A seekable ``fileobj`` is sent again to the next storage node if one drops the PUT.
         ``verify_checksum`` asks the tracker to check the stored file's MD5 before committing,
-        whatever the class. A path is refused (``TypeError``), as by
+        whatever the class. ``size`` is the number of bytes the body must hold: give a WSGI
+        request's ``Content-Length`` with ``wsgi.input``, which a server may end short without an
+        error when the client leaves (see :meth:`.Uploader.upload`). A path is refused (``TypeError``), as by
         :meth:`AsyncClient.store_file <mogile_middleware.async_client.AsyncClient.store_file>`: text
         passed on from a request is never read as a local file. :class:`~.upload.Uploader` opens paths.
         """
@@ -493,7 +495,7 @@ class Client(ClientBase):
         if path or not sendable(fileobj):
             raise TypeError(f"store_file of {key!r} takes bytes, a file opened in binary mode or an iterable of "
                             f"bytes, not {type(fileobj).__name__}" + (" (Uploader.upload opens a path)" if path else ""))
-        return self._uploader.upload(key, fileobj, cls, verify_checksum=verify_checksum)
+        return self._uploader.upload(key, fileobj, cls, verify_checksum=verify_checksum, size=size)
 
     def store_content(self, key: Key, data: bytes, cls: str | None = None) -> int:
         """Store ``data`` (bytes) under ``key``; return the number of bytes stored."""

@@ -592,25 +592,31 @@ class Uploader:
         self._hashtypes_asked = 0.0
 
     def upload(self, key: str, source: Source, cls: str | None = None, *, progress: Progress | None = None,
-               verify_checksum: bool | None = None) -> int:
+               verify_checksum: bool | None = None, size: int | None = None) -> int:
         """Store ``source`` under ``key`` in class ``cls``; return the number of bytes stored.
 
         ``verify_checksum`` overrides ``verify_checksums`` for this upload: ``True`` asks the
         tracker to check the MD5 whatever the class (mogilefsd then reads the file back even for a
-        class that keeps no checksum), ``False`` never. Raises
+        class that keeps no checksum), ``False`` never. ``size`` is the number of bytes the source
+        must hold (a request's ``Content-Length``): one that ends short, or goes on past it, is
+        refused and the key kept (bytes of another length, a ValueError, before the tracker is
+        asked). Raises
         :class:`UploadError` (the key keeps its old data, unless the message says otherwise),
         :class:`UploadOutcomeUnknownError`, the tracker's refusal of ``create_open``
         (:class:`UnregClassError`, ``NoDevicesError``, ``TrackerUnavailableError``) or the source's own error.
         """
         check_key(key)  # before asking the tracker anything
+        checked_size(size)
         if progress is not None and not callable(progress):
             raise TypeError(f"progress must be a function of the bytes sent, not {progress!r}")
         if isinstance(source, (str, os.PathLike)):
             with open(source, "rb") as fileobj:
-                return self.upload(key, fileobj, cls, progress=progress, verify_checksum=verify_checksum)
+                return self.upload(key, fileobj, cls, progress=progress, verify_checksum=verify_checksum, size=size)
         if isinstance(source, BYTES_LIKE):
+            if size is not None and size != (held := memoryview(source).nbytes):  # known before asking the tracker
+                raise ValueError(f"size={size} announced for {key!r}, but the content holds {held} bytes")
             with buffer_file(key, source) as fileobj:
-                return self.upload(key, fileobj, cls, progress=progress, verify_checksum=verify_checksum)
+                return self.upload(key, fileobj, cls, progress=progress, verify_checksum=verify_checksum, size=size)
         if not sendable(source):
             raise TypeError(f"upload of {key!r} takes bytes, a path, a file opened in binary mode or "
                             f"an iterable of bytes, not {type(source).__name__}")
@@ -620,7 +626,7 @@ class Uploader:
             self.verify_checksums and self._keeps_checksums(cls)
         upload = self.client.new_file(
             key, cls,
-            size=remaining_size(source) if readable else None,  # type: ignore[arg-type]
+            size=size if size is not None or not readable else remaining_size(source),  # type: ignore[arg-type]
             checksum=verify or self.checksums == "always" or self._keeps_checksums(cls),
             verify_checksum=verify,
         )

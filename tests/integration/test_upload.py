@@ -161,11 +161,23 @@ def test_a_wsgi_body_cut_short_is_refused_when_its_announced_length_is_given(dev
 
     client = Client(DOMAIN, devmogile.trackers)
     client.store_content("avatar.png", b"the old picture", cls="thumb")
-    left_midway = Body(LengthReader(IterUnreader([b"x" * 50_000]), 100_000))  # Content-Length: 100000
+    def left_midway() -> Body:
+        return Body(LengthReader(IterUnreader([b"x" * 50_000]), 100_000))  # Content-Length: 100000
+
     with pytest.raises(UploadError, match="50000 of the 100000 bytes announced"):
         with client.new_file("avatar.png", cls="thumb", size=100_000) as upload:
-            upload.write_from(left_midway)
+            upload.write_from(left_midway())
+    # store_file takes the length too, as AsyncClient's does: without it, half the picture was stored.
+    with pytest.raises(UploadError, match="50000 of the 100000 bytes announced"):
+        client.store_file("avatar.png", left_midway(), cls="thumb", size=100_000)
     assert client.get_file_data("avatar.png") == b"the old picture"
+    assert client.store_file("whole.png", left_midway(), cls="thumb", size=50_000) == 50_000
+
+
+def test_bytes_other_than_the_size_given_to_store_file_are_refused_before_the_tracker_is_asked() -> None:
+    client = Client(DOMAIN, ["127.0.0.1:1"])  # nobody there: asking would be a TrackerUnavailableError
+    with pytest.raises(ValueError, match=r"size=5 announced for 'avatar.png', but the content holds 3 bytes"):
+        client.store_file("avatar.png", b"abc", size=5)
 
 
 @pytest.mark.parametrize(("sent", "refused"), [(50_000, "50000 of the 100000 bytes announced"),
