@@ -53,6 +53,7 @@ from .storage import PUT_PIECE_SIZE, LengthMismatchError, put_pieces
 from .upload import (
     BYTES_LIKE,
     buffer_file,
+    check_announced,
     checked_size,
     committing,
     content_bytes,
@@ -210,8 +211,7 @@ class AsyncClient(ClientBase):
         check_key(key)
         checked_size(size)
         if isinstance(fileobj, BYTES_LIKE):  # read where it is, and let go of once stored or failed
-            if size is not None and size != (held := memoryview(fileobj).nbytes):  # known before asking the tracker
-                raise ValueError(f"size={size} announced for {key!r}, but the content holds {held} bytes")
+            check_announced(key, size, fileobj)
             with buffer_file(key, fileobj) as body:
                 return await self.store_file(key, body, cls, verify_checksum=verify_checksum, size=size)
         fileobj = _body(key, fileobj)

@@ -311,6 +311,13 @@ def remaining_size(fileobj: BinaryIO) -> int | None:
         return None
 
 
+def check_announced(key: str, size: int | None, data: bytes | bytearray | memoryview) -> None:
+    """A ValueError, before the tracker is asked (which would reserve a fid), for bytes of
+    another length than the ``size`` announced for them."""
+    if size is not None and size != (held := memoryview(data).nbytes):
+        raise ValueError(f"size={size} announced for {key!r}, but the content holds {held} bytes")
+
+
 def checked_size(size: int | None) -> int | None:
     """``size``, the number of bytes an upload announces (None: unknown); else a ValueError naming it."""
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
@@ -613,8 +620,7 @@ class Uploader:
             with open(source, "rb") as fileobj:
                 return self.upload(key, fileobj, cls, progress=progress, verify_checksum=verify_checksum, size=size)
         if isinstance(source, BYTES_LIKE):
-            if size is not None and size != (held := memoryview(source).nbytes):  # known before asking the tracker
-                raise ValueError(f"size={size} announced for {key!r}, but the content holds {held} bytes")
+            check_announced(key, size, source)
             with buffer_file(key, source) as fileobj:
                 return self.upload(key, fileobj, cls, progress=progress, verify_checksum=verify_checksum, size=size)
         if not sendable(source):
