@@ -140,11 +140,12 @@ def _mimetypes(value: str) -> dict[str, str]:
 def _trusted_files(value: str) -> bool | list[str]:
     """``true`` or ``false``, or key prefixes separated by spaces or lines (``static/ assets/``)."""
     switch = value.strip().lower()
+    if switch in ("y", "t", "n", "f"):  # asbool's letters, or a prefix: either reading trusts what the other does not
+        raise ValueError(f"{value.strip()!r} is ambiguous: write true or false, or key prefixes such as static/")
     return bool(asbool(switch)) if switch in _SWITCH_WORDS else list(aslist(value))
 
 
-#: The words of a switch that may also be a list of prefixes: ``asbool``'s but its single
-#: letters, which are prefixes too (``t`` taken for true would trust every key).
+#: The words of a switch that may also be a list of prefixes.
 _SWITCH_WORDS = frozenset(("true", "yes", "on", "1", "false", "no", "off", "0"))
 
 

@@ -229,10 +229,9 @@ class NginxReproxy(Reproxy):
     def headers(self, location: Location) -> Headers:
         """Type, ETag, the internal location and one header per replica, and the request headers
         that chose this answer over the file's body: a cache between nginx and the application
-        (its own ``proxy_cache`` aside, which reads the client's headers) kept it for nginx's
-        request after every replica failed, which then got it again (an empty file), and for a
-        client reaching the cache without nginx (storage URLs). nginx drops ``Vary`` at
-        ``X-Accel-Redirect``: clients never see it."""
+        kept it for nginx's request after every replica failed, which then got it again (an
+        empty file), and for a client reaching the cache without nginx (storage URLs). nginx
+        drops ``Vary`` at ``X-Accel-Redirect``: clients never see it."""
         urls = [("X-Reproxy-URL" if n == 1 else f"X-Reproxy-URL-{n}", url)
                 for n, url in enumerate(location.paths, 1)]
         return [

@@ -311,6 +311,23 @@ def remaining_size(fileobj: BinaryIO) -> int | None:
         return None
 
 
+class _AtMost:
+    """The first ``size`` bytes of a stream that cannot tell its length: a WSGI request's body,
+    which must not be read past its ``Content-Length`` (PEP 3333: a server may hand on its socket,
+    where the client waits for an answer, or sends its next request)."""
+
+    def __init__(self, stream: BinaryIO, size: int) -> None:
+        self._stream = stream
+        self._left = size
+
+    def read(self, size: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        piece = self._stream.read(self._left if size is None or size < 0 else min(size, self._left))
+        self._left -= len(piece or b"")
+        return piece
+
+
 def check_announced(key: str, size: int | None, data: bytes | bytearray | memoryview) -> None:
     """A ValueError, before the tracker is asked (which would reserve a fid), for bytes of
     another length than the ``size`` announced for them."""
@@ -605,9 +622,9 @@ class Uploader:
         ``verify_checksum`` overrides ``verify_checksums`` for this upload: ``True`` asks the
         tracker to check the MD5 whatever the class (mogilefsd then reads the file back even for a
         class that keeps no checksum), ``False`` never. ``size`` is the number of bytes the source
-        must hold (a request's ``Content-Length``): one that ends short, or goes on past it, is
-        refused and the key kept (bytes of another length, a ValueError, before the tracker is
-        asked). Raises
+        must hold (a request's ``Content-Length``): one that ends short is refused and the key kept,
+        a stream is read no further (a WSGI request's body must not be), and bytes or a file of
+        another length are a ValueError before the tracker is asked. Raises
         :class:`UploadError` (the key keeps its old data, unless the message says otherwise),
         :class:`UploadOutcomeUnknownError`, the tracker's refusal of ``create_open``
         (:class:`UnregClassError`, ``NoDevicesError``, ``TrackerUnavailableError``) or the source's own error.
@@ -627,6 +644,12 @@ class Uploader:
             raise TypeError(f"upload of {key!r} takes bytes, a path, a file opened in binary mode or "
                             f"an iterable of bytes, not {type(source).__name__}")
         readable = hasattr(source, "read")
+        if size is not None and readable:
+            held = remaining_size(source)  # type: ignore[arg-type]
+            if held is None:
+                source = _AtMost(source, size)  # type: ignore[arg-type]
+            elif held != size:  # known before asking the tracker
+                raise ValueError(f"size={size} announced for {key!r}, but the file holds {held} bytes from where it is")
         # Asked for this upload: whatever the class, as mogilefsd checks it (and AsyncClient asks).
         verify = bool(verify_checksum) if verify_checksum is not None else \
             self.verify_checksums and self._keeps_checksums(cls)

@@ -125,6 +125,8 @@ GOOD = "domain = media\ntrackers = 127.0.0.1:7001"
         pytest.param(GOOD + "\nbody_cache_file_bytes = -1", r"body_cache_file_bytes", id="negative-body-file-size"),
         pytest.param("domain = media\ntrackers = 10.0.0.1:7001;10.0.0.2:7001", r"option trackers: .*10\.0\.0\.1:7001;",
                      id="trackers-run-together"),
+        # asbool's "f" (false) or the prefix "f": as true, "t" trusted every key.
+        pytest.param(GOOD + "\ntrusted_files = F", r"option trusted_files: 'F' is ambiguous", id="trusted-files-letter"),
     ],
 )
 def test_a_bad_configuration_fails_at_load_time_naming_the_option(tmp_path: Path, options: str, message: str) -> None:
@@ -153,7 +155,7 @@ dead_seconds = 30
 body_cache_bytes = 8388608
 body_cache_file_bytes = 65536
 trusted_files = static/
-    themes/ t
+    themes/
 """)
     assert middleware.client.pool.addresses == [("10.0.0.1", 7001), ("10.0.0.2", 7001), ("10.0.0.3", 7001)]
     assert (middleware.prefix, middleware.reproxy, middleware.require_proxy_header) == ("/files/", "perlbal", True)
@@ -168,8 +170,7 @@ trusted_files = static/
     assert (pool.connect_timeout, pool.io_timeout, pool.dead_seconds) == (0.25, 3.0, 30.0)
     assert middleware.bodies is not None
     assert (middleware.bodies.max_bytes, middleware.bodies.max_file_bytes) == (8 * 1024 * 1024, 64 * 1024)
-    # "t" alone is a prefix too, never asbool's "true" (it would trust every key).
-    assert middleware.representation.policy.trusted_prefixes == ("static/", "themes/", "t")
+    assert middleware.representation.policy.trusted_prefixes == ("static/", "themes/")
 
 
 @pytest.mark.parametrize("where", ["default", "global_conf", "set"])

@@ -161,6 +161,7 @@ def test_a_wsgi_body_cut_short_is_refused_when_its_announced_length_is_given(dev
 
     client = Client(DOMAIN, devmogile.trackers)
     client.store_content("avatar.png", b"the old picture", cls="thumb")
+
     def left_midway() -> Body:
         return Body(LengthReader(IterUnreader([b"x" * 50_000]), 100_000))  # Content-Length: 100000
 
@@ -174,10 +175,26 @@ def test_a_wsgi_body_cut_short_is_refused_when_its_announced_length_is_given(dev
     assert client.store_file("whole.png", left_midway(), cls="thumb", size=50_000) == 50_000
 
 
-def test_bytes_other_than_the_size_given_to_store_file_are_refused_before_the_tracker_is_asked() -> None:
+def test_bytes_or_a_file_other_than_the_size_given_to_store_file_are_refused_before_the_tracker_is_asked() -> None:
     client = Client(DOMAIN, ["127.0.0.1:1"])  # nobody there: asking would be a TrackerUnavailableError
     with pytest.raises(ValueError, match=r"size=5 announced for 'avatar.png', but the content holds 3 bytes"):
         client.store_file("avatar.png", b"abc", size=5)
+    longer = io.BytesIO(b"0123456789")
+    longer.seek(2)
+    with pytest.raises(ValueError, match=r"size=5 announced for 'avatar.png', but the file holds 8 bytes from where"):
+        client.store_file("avatar.png", longer, size=5)
+
+
+def test_a_stream_given_its_size_is_read_no_further(client: Client) -> None:
+    """wsgiref's ``wsgi.input`` is the client's socket, which PEP 3333 forbids reading past
+    ``CONTENT_LENGTH``: the upload waited there for bytes the client, awaiting its answer, never sent."""
+    ours, clients = socket.socketpair()
+    with ours, clients, ours.makefile("rb") as body:
+        clients.sendall(b"0123456789" + b"the next request")  # and the client waits for its answer
+        ours.settimeout(10)  # a read past the body would wait for more, then fail the test
+        assert client.store_file("body.bin", body, cls="thumb", size=10) == 10
+        assert body.read(16) == b"the next request"
+    assert client.get_file_data("body.bin") == b"0123456789"
 
 
 @pytest.mark.parametrize(("sent", "refused"), [(50_000, "50000 of the 100000 bytes announced"),
