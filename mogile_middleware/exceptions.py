@@ -219,6 +219,9 @@ def named(error: TrackerError, args: Mapping[str, object], domain: str) -> Track
         naming = (f"domain {{domain}} still has {error.code.rpartition('_')[2]}", {"domain": domain})
     elif error.code == "class_has_files" and args.get("class") is not None:
         naming = ("class {cls} of domain {domain} still has files", {"cls": args["class"], "domain": domain})
+    elif error.code == "invalid_replpolicy" and args.get("replpolicy") is not None:
+        naming = ("the trackers have no replication policy {policy}, for class {cls} of domain {domain}",
+                  {"policy": args["replpolicy"], "cls": args.get("class"), "domain": domain})
     else:
         return error
     template, names = naming

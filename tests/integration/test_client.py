@@ -771,6 +771,8 @@ def test_admin_sends_a_replication_policy_as_mogadm_does(devmogile: DevMogileFS)
         with pytest.raises(TrackerError) as refused:
             change()
         assert refused.value.code == "invalid_replpolicy"
+        assert re.fullmatch(rf"invalid_replpolicy: the trackers have no replication policy 'MultipleDevices\(\)', for "
+                            rf"class '(devices|spread)' of domain '{DOMAIN}'", str(refused.value))
     assert admin.get_domains()[DOMAIN]["spread"] == 3
     assert "devices" not in admin.get_domains()[DOMAIN]
 

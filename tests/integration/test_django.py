@@ -383,9 +383,9 @@ def test_text_content_is_stored_as_utf8_as_djangos_own_storages_take_it(mogile: 
     with storage.open(name) as file:
         assert file.read() == "héllo, text".encode()
     # As the old MogileFS backend's save(name, raw_contents): Django's File of them had no read().
-    for raw in (b"raw bytes", "raw t\u00e9xt"):
+    for raw in (b"raw bytes", bytearray(b"raw bytearray"), memoryview(b"raw view"), "raw t\u00e9xt"):
         with storage.open(storage.save("docs/raw.txt", raw)) as file:
-            assert file.read() == (raw.encode() if isinstance(raw, str) else raw)
+            assert file.read() == (raw.encode() if isinstance(raw, str) else bytes(raw))
 
 
 def test_listdir_and_the_directories_that_exist(mogile: DevMogileFS) -> None:

@@ -212,8 +212,8 @@ class MogileFSStorage(Storage):
         """Django's save, with ``max_length`` kept for :meth:`_save`, which Django does not give it;
         ``content`` may also be bytes or text, as the old MogileFS backend's ``save(name, raw_contents)``
         took it (Django's ``File`` of them failed with an ``AttributeError``: no ``read``)."""
-        if isinstance(content, (bytes, str)):
-            content = ContentFile(content)
+        if isinstance(content, (bytes, bytearray, memoryview, str)):
+            content = ContentFile(content if isinstance(content, str) else bytes(content))
         token = _max_length.set(max_length)
         try:
             return super().save(name, content, max_length=max_length)
