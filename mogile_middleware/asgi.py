@@ -63,6 +63,8 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+#: What a server running another event loop than asyncio's (trio) is told, at startup or per request.
+ASYNCIO_NEEDED = "mogile_middleware.asgi needs asyncio's event loop (or uvloop), not trio's"
 #: The request headers the shared decisions read, by their ASGI name, as CGI names them.
 _READ_HEADERS = {name.encode(): "HTTP_" + name.upper().replace("-", "_") for name in (
     "range", "if-range", "if-match", "if-none-match", "x-proxy-capabilities", "x-sendfile-type", "x-reproxy-failed",
@@ -157,9 +159,12 @@ class MogileFSMiddleware(MiddlewareCore):
         """``send`` for the application's lifespan: once it has shut down, the event loop's idle
         tracker and storage node connections are closed before the server hears it (they stayed
         open until the process ended, or the next loop's first request, with a ResourceWarning
-        each under ``python -X dev`` and a test client's lifespan)."""
+        each under ``python -X dev`` and a test client's lifespan). A startup on another event
+        loop than asyncio's (trio) fails, naming the need, before any request."""
         async def sent(message: Message) -> None:
-            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            if message["type"] == "lifespan.startup.complete" and _running_loop() is None:
+                await send({"type": "lifespan.startup.failed", "message": ASYNCIO_NEEDED})
+            elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 try:
                     await self.client.aclose()
                 finally:
@@ -567,9 +572,13 @@ class _Watch:
     A second would miss a disconnect a server tells once (hypercorn), and under granian a
     ``receive`` cancelled midway makes the next one tell of a disconnect for a client still there."""
 
-    __slots__ = ("_receive", "_gone", "from_the_start")
+    __slots__ = ("_loop", "_receive", "_gone", "from_the_start")
 
     def __init__(self, receive: Receive, scope: Scope) -> None:
+        loop = _running_loop()
+        if loop is None:  # before any coroutine of the request's is made, never to be awaited
+            raise RuntimeError(ASYNCIO_NEEDED)
+        self._loop = loop
         self._receive = receive
         self._gone: asyncio.Future[None] | None = None
         #: Whether the client may be watched before the answer starts: not one that sent
@@ -581,7 +590,7 @@ class _Watch:
     def gone(self) -> asyncio.Future[None]:
         """Done once the client has gone: the watch starts when first asked."""
         if self._gone is None:
-            self._gone = asyncio.ensure_future(_disconnected(self._receive))
+            self._gone = self._loop.create_task(_disconnected(self._receive))
         return self._gone
 
     def raise_what_receive_raised(self) -> None:
@@ -596,6 +605,14 @@ class _Watch:
         if self._gone is not None:
             self._gone.cancel()
             await asyncio.gather(self._gone, return_exceptions=True)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The asyncio event loop running this task, or ``None`` under another (trio's)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 async def _disconnected(receive: Receive) -> None:

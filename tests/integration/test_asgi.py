@@ -138,6 +138,52 @@ def test_lifespan_and_websockets_reach_the_app_untouched(wrapped: tuple[MogileFS
     assert recorder.scopes[0] is lifespan and recorder.scopes[1] is websocket
 
 
+class _Pending:
+    """What a server's ``receive`` awaits while nothing has come: a suspension of the task."""
+
+    def __await__(self) -> Any:
+        yield "pending"
+
+
+def without_asyncio(app: Any, scope: dict[str, Any], incoming: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run ``app`` as a loop that is not asyncio's (trio's) does, up to its first wait for a
+    message that does not come; the messages it sent."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0) if incoming else await _Pending()
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    running = app(scope, receive, send)
+    try:
+        assert running.send(None) == "pending"
+    except StopIteration:
+        pass
+    finally:
+        running.close()
+    return sent
+
+
+def test_a_loop_not_asyncios_fails_the_startup_and_each_files_request_naming_the_need(
+        wrapped: tuple[MogileFSMiddleware, Recorder]) -> None:
+    """Under trio (``hypercorn -k trio``, anyio's trio backend) the server starts, and each file's
+    request failed deep in asyncio ("no running event loop", a coroutine never awaited)."""
+    middleware, recorder = wrapped
+    lifespan = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    assert without_asyncio(middleware, lifespan, [{"type": "lifespan.startup"}]) == [
+        {"type": "lifespan.startup.failed", "message": "mogile_middleware.asgi needs asyncio's event loop (or uvloop), "
+                                                       "not trio's"}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a coroutine never awaited
+        with pytest.raises(RuntimeError, match="^mogile_middleware.asgi needs asyncio's event loop"):
+            without_asyncio(middleware, http_scope("/mogilefs/a.txt"), [{"type": "http.request"}])
+        gc.collect()
+    assert without_asyncio(middleware, http_scope("/elsewhere"), [{"type": "http.request"}])[0]["status"] == 201
+    assert recorder.scopes[-1]["path"] == "/elsewhere"
+
+
 def test_a_request_scope_without_headers_is_answered(wrapped: tuple[MogileFSMiddleware, Recorder]) -> None:
     """As a hand-made scope (a test client's, another middleware's) may be."""
     middleware, _ = wrapped
