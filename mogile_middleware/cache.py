@@ -158,6 +158,66 @@ class MemoryCache:
         self._lock = threading.Lock()
 
 
+class _Standby:
+    """A shared backend with an in-process stand-in: what a call that fails (memcached down, or
+    skipped for a few seconds after) would have stored is kept in this process meanwhile, as
+    without a shared backend, instead of every request asking the trackers; a key's stand-in
+    entry is dropped once the shared backend answers for it again. Failures are logged, never raised."""
+
+    def __init__(self, shared: CacheBackend, max_entries: int, failures: ThrottledLog) -> None:
+        self.shared = shared
+        self._memory = MemoryCache(max_entries)
+        self._failures = failures
+
+    def get(self, key: str) -> tuple[Any, ...] | None:
+        try:
+            entry = self.shared.get(key)
+        except Exception as error:
+            self._failures.event(error)
+            return self._memory.get(key)
+        self._answered(key)
+        return entry
+
+    def set(self, key: str, value: Any, stored_at: float, keep_seconds: float) -> None:
+        try:
+            self.shared.set(key, value, stored_at, keep_seconds)
+        except Exception as error:
+            self._failures.event(error)
+            self._memory.set(key, value, stored_at, keep_seconds)
+
+    def delete(self, key: str) -> None:
+        self._memory.delete(key)
+        try:
+            self.shared.delete(key)
+        except Exception as error:
+            self._failures.event(error)
+
+    def _answered(self, key: str) -> None:
+        """The shared backend answered for ``key``: its entry, if any, is the one to go by."""
+        if len(self._memory):
+            self._memory.delete(key)
+
+
+class _VersionedStandby(_Standby):
+    """:class:`_Standby` of a backend with versions: an entry read from the stand-in has none (as
+    one memcached does not hold), so a store after it asks the shared backend first."""
+
+    def get_versioned(self, key: str) -> tuple[tuple[Any, ...] | None, Any]:
+        try:
+            found = self.shared.get_versioned(key)  # type: ignore[attr-defined]
+        except Exception as error:
+            self._failures.event(error)
+            return self._memory.get(key), None
+        self._answered(key)
+        return found  # type: ignore[no-any-return]
+
+    def set_if_unchanged(self, key: str, value: Any, stored_at: float, keep_seconds: float, version: Any) -> None:
+        try:
+            self.shared.set_if_unchanged(key, value, stored_at, keep_seconds, version)  # type: ignore[attr-defined]
+        except Exception as error:
+            self._failures.event(error)
+            self._memory.set(key, value, stored_at, keep_seconds)
+
 
 #: The in-process caches of the process (a backend given to two path caches counted once), whose
 #: keys the ``path_cache_entries`` gauge sums; a cache dropped with its middleware leaves it.
@@ -203,7 +263,14 @@ class PathCache(Generic[V]):
         # The warnings' intervals are the clock's given (tests pass a fake one), else monotonic:
         # wall time stepped back an hour silenced them for the hour.
         interval_clock = clock or time.monotonic
-        self._backend: CacheBackend = backend if backend is not None else MemoryCache(max_entries, interval_clock)
+        self._backend_log = ThrottledLog(log, logging.WARNING, "path cache backend failed, keeping paths in this "
+                                         "process meanwhile: %r", BACKEND_WARNING_INTERVAL, "failures",
+                                         clock=interval_clock)
+        self._given: CacheBackend = backend if backend is not None else MemoryCache(max_entries, interval_clock)
+        self._backend: CacheBackend = self._given
+        if not isinstance(self._given, MemoryCache):
+            standby = _VersionedStandby if hasattr(self._given, "get_versioned") else _Standby
+            self._backend = standby(self._given, max_entries, self._backend_log)
         if clock is None:
             clock = time.monotonic if isinstance(self._backend, MemoryCache) else time.time
         if isinstance(self._backend, MemoryCache):
@@ -219,15 +286,13 @@ class PathCache(Generic[V]):
         self._flights: dict[str, _Flight] = {}
         self._stale_log = ThrottledLog(log, logging.WARNING, "serving stale paths for %r: %r", STALE_WARNING_INTERVAL,
                                        "requests", clock=interval_clock)
-        self._backend_log = ThrottledLog(log, logging.WARNING, "path cache backend failed, asking the trackers "
-                                         "instead: %r", BACKEND_WARNING_INTERVAL, "failures", clock=interval_clock)
         self.lookups = 0
         renew_in_child(self)
 
     @property
     def backend(self) -> CacheBackend:
-        """Where the values are kept."""
-        return self._backend
+        """Where the values are kept (a shared backend's stand-in aside)."""
+        return self._given
 
     def get(self, key: str) -> V:
         """The value for ``key``: the cached one while fresh, else looked up (see the class doc)."""

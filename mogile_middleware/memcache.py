@@ -97,8 +97,8 @@ class MemcachedBackend:
     key") in memcached, shared by gunicorn workers and application hosts.
 
     ``servers`` are ``host:port`` strings (a list, or one string separated by commas or spaces).
-    Errors reach :class:`~mogile_middleware.cache.PathCache`, which treats them as misses; a failed
-    server is skipped for :data:`DEAD_SECONDS`. ``secret`` (bytes or text, the same on every host)
+    Errors reach :class:`~mogile_middleware.cache.PathCache`, which keeps what it finds in process
+    meanwhile; a failed server is skipped for :data:`DEAD_SECONDS`. ``secret`` (bytes or text, the same on every host)
     signs the entries; a list of them rotates it: the first signs, each verifies. A ready
     pymemcache ``client`` is used as given, and must then be safe to share between the threads
     (and forks) of the application.

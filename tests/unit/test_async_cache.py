@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import pytest
+from unit.test_cache import Restarting
 
 from mogile_middleware.cache import AsyncPathCache, MemoryCache
 from mogile_middleware.exceptions import TrackerUnavailableError, UnknownKeyError
@@ -556,5 +557,21 @@ def test_a_refresh_that_joins_a_lookup_begun_after_it_is_not_given_the_value_it_
                                                     return_exceptions=True)
         assert await plain == "v1" and got_later == "v1"
         assert refreshed is down
+
+    asyncio.run(scenario())
+
+
+def test_while_a_shared_backend_fails_tasks_share_what_the_process_looked_up() -> None:
+    """As the blocking cache: one lookup for the key while memcached is skipped, not one per request."""
+
+    async def scenario() -> None:
+        lookup, clock, shared = Lookup(), Clock(), Restarting()
+        cache = make(lookup, clock, backend=shared)
+        assert await cache.get("k") == "k@1"
+        shared.down = True
+        assert [await cache.get("k") for _ in range(5)] == ["k@2"] * 5
+        assert set(await asyncio.gather(*(cache.get("j") for _ in range(20)))) == {"j@3"}
+        await cache.ainvalidate("k")
+        assert await cache.get("k") == "k@4" and lookup.calls == cache.lookups == 4
 
     asyncio.run(scenario())

@@ -84,6 +84,30 @@ class FailingBackend(MemoryCache):
         super().delete(key)
 
 
+class Restarting:
+    """A shared cache kept outside the process, failing while ``down``, as a memcached restarting."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[Any, float]] = {}
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise ConnectionRefusedError("memcached down")
+
+    def get(self, key: str) -> tuple[Any, float] | None:
+        self._check()
+        return self.entries.get(key)
+
+    def set(self, key: str, value: Any, stored_at: float, keep_seconds: float) -> None:
+        self._check()
+        self.entries[key] = (value, stored_at)
+
+    def delete(self, key: str) -> None:
+        self._check()
+        self.entries.pop(key, None)
+
+
 class LaxBackend(MemoryCache):
     """A shared cache that keeps values longer than asked, as memcached rounding expiry up does."""
 
@@ -721,6 +745,31 @@ def test_failing_backend_never_breaks_get(
     cache.get("k")
     cache.invalidate("k")
     assert len(warnings_in(caplog)) == 2
+
+
+def test_while_a_shared_backend_fails_the_process_keeps_what_it_looks_up_until_it_answers_again(
+        lookup: Lookup, clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    """A memcached restarting (skipped for 5 s after) had every request ask the trackers: a
+    lookup per request, not per key, in every process at once."""
+    shared = Restarting()
+    cache = make_cache(lookup, clock, backend=shared)
+    assert cache.backend is shared
+    assert version(cache.get("k")) == "v1"
+    shared.down = True
+    assert [version(cache.get("k")) for _ in range(5)] == ["v2"] * 5
+    clock.advance(TTL + 1)  # expired, with the trackers down too: served stale from the process
+    lookup.error = TrackerUnavailableError("no tracker answered")
+    assert version(cache.get("k")) == "v2"
+    lookup.error = None
+    shared.down = False  # back, with another process's newer entry: the one to go by
+    shared.entries["k"] = (["http://10.0.0.5:7500/dev1/k?v=9"], clock())
+    assert version(cache.get("k")) == "v9"
+    shared.down = True  # what the process kept meanwhile was dropped once the shared cache answered for the key
+    assert [version(cache.get("k")) for _ in range(2)] == ["v4"] * 2
+    cache.invalidate("k")  # a change this process made
+    assert version(cache.get("k")) == "v5"
+    assert warnings_in(caplog)[0] == ("path cache backend failed, keeping paths in this process meanwhile: "
+                                      "ConnectionRefusedError('memcached down')")
 
 
 def test_failing_backend_with_trackers_down_raises_the_tracker_error(lookup: Lookup, clock: Clock) -> None:
