@@ -30,6 +30,10 @@ log = logging.getLogger("mogile_middleware")
 
 #: Seconds between two warnings about a failing backend, so an outage does not flood the log.
 BACKEND_WARNING_INTERVAL = 60.0
+#: How long what a lookup found stays fresh in process while the shared backend fails: a lookup
+#: per key, process and second, not per request, and a change another process marks in memcached
+#: meanwhile reaches this one within a second.
+STANDBY_SECONDS = 1.0
 #: Seconds between two warnings about paths served stale: an outage serves every cached key so.
 STALE_WARNING_INTERVAL = 10.0
 
@@ -160,14 +164,18 @@ class MemoryCache:
 
 class _Standby:
     """A shared backend with an in-process stand-in: what a call that fails (memcached down, or
-    skipped for a few seconds after) would have stored is kept in this process meanwhile, as
-    without a shared backend, instead of every request asking the trackers; a key's stand-in
-    entry is dropped once the shared backend answers for it again. Failures are logged, never raised."""
+    skipped for a few seconds after) would have stored is kept in this process meanwhile, fresh
+    for :data:`STANDBY_SECONDS` at most, instead of every request asking the trackers; a key's
+    stand-in entry is dropped once the shared backend answers for it again. Failures are
+    logged, never raised."""
 
-    def __init__(self, shared: CacheBackend, max_entries: int, failures: ThrottledLog) -> None:
+    def __init__(self, shared: CacheBackend, max_entries: int, failures: ThrottledLog,
+                 ttl_of: Callable[[Any], float], clock: Callable[[], float]) -> None:
         self.shared = shared
         self._memory = MemoryCache(max_entries)
         self._failures = failures
+        self._ttl_of = ttl_of
+        self._clock = clock
 
     def get(self, key: str) -> tuple[Any, ...] | None:
         try:
@@ -183,7 +191,7 @@ class _Standby:
             self.shared.set(key, value, stored_at, keep_seconds)
         except Exception as error:
             self._failures.event(error)
-            self._memory.set(key, value, stored_at, keep_seconds)
+            self._keep(key, value, stored_at, keep_seconds)
 
     def delete(self, key: str) -> None:
         self._memory.delete(key)
@@ -196,6 +204,13 @@ class _Standby:
         """The shared backend answered for ``key``: its entry, if any, is the one to go by."""
         if len(self._memory):
             self._memory.delete(key)
+
+    def _keep(self, key: str, value: Any, stored_at: float, keep_seconds: float) -> None:
+        """Keep ``value`` in process, as stored :data:`STANDBY_SECONDS` before its time to live
+        ends at most: a change another process marks in the shared backend meanwhile cannot be
+        read (a failed memcached server stays skipped a few seconds after it is back)."""
+        fresh_until = self._clock() + STANDBY_SECONDS
+        self._memory.set(key, value, min(stored_at, fresh_until - self._ttl_of(value)), keep_seconds)
 
 
 class _VersionedStandby(_Standby):
@@ -216,7 +231,7 @@ class _VersionedStandby(_Standby):
             self.shared.set_if_unchanged(key, value, stored_at, keep_seconds, version)  # type: ignore[attr-defined]
         except Exception as error:
             self._failures.event(error)
-            self._memory.set(key, value, stored_at, keep_seconds)
+            self._keep(key, value, stored_at, keep_seconds)
 
 
 #: The in-process caches of the process (a backend given to two path caches counted once), whose
@@ -267,17 +282,17 @@ class PathCache(Generic[V]):
                                          "process meanwhile: %r", BACKEND_WARNING_INTERVAL, "failures",
                                          clock=interval_clock)
         self._given: CacheBackend = backend if backend is not None else MemoryCache(max_entries, interval_clock)
-        self._backend: CacheBackend = self._given
-        if not isinstance(self._given, MemoryCache):
-            standby = _VersionedStandby if hasattr(self._given, "get_versioned") else _Standby
-            self._backend = standby(self._given, max_entries, self._backend_log)
         if clock is None:
-            clock = time.monotonic if isinstance(self._backend, MemoryCache) else time.time
-        if isinstance(self._backend, MemoryCache):
-            with _IN_PROCESS_LOCK:
-                _IN_PROCESS.add(self._backend)
+            clock = time.monotonic if isinstance(self._given, MemoryCache) else time.time
         # How long a value stays fresh: one call on the hot path, whichever way it is given.
         self._ttl_of: Callable[[V], float] = ttl_for if ttl_for is not None else lambda value: ttl_seconds
+        self._backend: CacheBackend = self._given
+        if isinstance(self._given, MemoryCache):
+            with _IN_PROCESS_LOCK:
+                _IN_PROCESS.add(self._given)
+        else:
+            standby = _VersionedStandby if hasattr(self._given, "get_versioned") else _Standby
+            self._backend = standby(self._given, max_entries, self._backend_log, self._ttl_of, clock)
         self._stale_seconds = stale_seconds
         self._clock = clock
         self._wait_seconds = wait_seconds

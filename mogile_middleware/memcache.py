@@ -51,8 +51,8 @@ log = logging.getLogger("mogile_middleware")
 
 T = TypeVar("T")
 
-#: Seconds a server that failed is skipped, so a dead memcached costs one connect attempt per client
-#: this often rather than one per request.
+#: Seconds a server that failed is skipped (up to twice this: see ``_EveryServer``), so a dead
+#: memcached costs one connect attempt per client this often rather than one per request.
 DEAD_SECONDS = 5.0
 #: Seconds between log lines of invalid entries found (each line counts those left out since).
 INVALID_WARNING_INTERVAL = 60.0
@@ -98,10 +98,10 @@ class MemcachedBackend:
 
     ``servers`` are ``host:port`` strings (a list, or one string separated by commas or spaces).
     Errors reach :class:`~mogile_middleware.cache.PathCache`, which keeps what it finds in process
-    meanwhile; a failed server is skipped for :data:`DEAD_SECONDS`. ``secret`` (bytes or text, the same on every host)
-    signs the entries; a list of them rotates it: the first signs, each verifies. A ready
-    pymemcache ``client`` is used as given, and must then be safe to share between the threads
-    (and forks) of the application.
+    meanwhile; a failed server is skipped for :data:`DEAD_SECONDS` to twice that. ``secret``
+    (bytes or text, the same on every host) signs the entries; a list of them rotates it: the
+    first signs, each verifies. A ready pymemcache ``client`` is used as given, and must then be
+    safe to share between the threads (and forks) of the application.
     """
 
     def __init__(self, servers: str | Sequence[str] = "127.0.0.1:11211", *, prefix: str = "mogile:",
@@ -419,8 +419,10 @@ class _EveryServer(RendezvousHash):
     def get_node(self, key: str) -> str | None:
         node = super().get_node(key)
         if node in self._dead:  # named, where pymemcache says "All servers seem to be down right now"
+            # pymemcache looks for servers back once DEAD_SECONDS have passed since it last looked:
+            # a server marked dead just after a look waits for the next but one.
             raise MemcacheError(f"memcached at {_shown(node)} failed lately: not asked again for up to "
-                                f"{DEAD_SECONDS:g} s")
+                                f"{2 * DEAD_SECONDS:g} s")
         return node
 
 
