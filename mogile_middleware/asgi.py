@@ -161,10 +161,19 @@ class MogileFSMiddleware(MiddlewareCore):
         open until the process ended, or the next loop's first request, with a ResourceWarning
         each under ``python -X dev`` and a test client's lifespan). A startup on another event
         loop than asyncio's (trio) fails, naming the need, before any request."""
+        failed = False
+
         async def sent(message: Message) -> None:
+            nonlocal failed
+            if failed:  # the application's own report of the error raised below: the server knows
+                return
             if message["type"] == "lifespan.startup.complete" and _running_loop() is None:
+                failed = True
                 await send({"type": "lifespan.startup.failed", "message": ASYNCIO_NEEDED})
-            elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                # Raised into the application, whose lifespan then ends, as a server told of a
+                # failed startup awaits (Starlette's test client waited for ever).
+                raise RuntimeError(ASYNCIO_NEEDED)
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 try:
                     await self.client.aclose()
                 finally:

@@ -19,6 +19,8 @@ from urllib.parse import unquote, urlsplit
 import anyio
 import pytest
 import uvloop
+from starlette.applications import Starlette
+from starlette.routing import Mount
 from conftest import DOMAIN
 from integration._gunicorn import run_uvicorn
 from integration._slow_clients import node_connections, read_first_bytes, slow_downloads, storage_port, thread_count
@@ -145,9 +147,10 @@ class _Pending:
         yield "pending"
 
 
-def without_asyncio(app: Any, scope: dict[str, Any], incoming: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def without_asyncio(app: Any, scope: dict[str, Any],
+                    incoming: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], BaseException | None]:
     """Run ``app`` as a loop that is not asyncio's (trio's) does, up to its first wait for a
-    message that does not come; the messages it sent."""
+    message that does not come: the messages it sent, and what it raised, if it did."""
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -161,27 +164,33 @@ def without_asyncio(app: Any, scope: dict[str, Any], incoming: list[dict[str, An
         assert running.send(None) == "pending"
     except StopIteration:
         pass
+    except Exception as error:
+        return sent, error
     finally:
         running.close()
-    return sent
+    return sent, None
 
 
-def test_a_loop_not_asyncios_fails_the_startup_and_each_files_request_naming_the_need(
-        wrapped: tuple[MogileFSMiddleware, Recorder]) -> None:
+@pytest.mark.parametrize("framework", ["bare", "starlette"])
+def test_a_loop_not_asyncios_fails_the_startup_and_each_files_request_naming_the_need(framework: str) -> None:
     """Under trio (``hypercorn -k trio``, anyio's trio backend) the server starts, and each file's
-    request failed deep in asyncio ("no running event loop", a coroutine never awaited)."""
-    middleware, recorder = wrapped
+    request failed deep in asyncio ("no running event loop", a coroutine never awaited). The
+    application's lifespan ends with the error: Starlette's test client waited for it for ever."""
+    recorder = Recorder()
+    app = recorder if framework == "bare" else Starlette(routes=[Mount("/", recorder)])
+    middleware = MogileFSMiddleware(app, domain=DOMAIN, trackers=["127.0.0.1:1"])
     lifespan = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
-    assert without_asyncio(middleware, lifespan, [{"type": "lifespan.startup"}]) == [
-        {"type": "lifespan.startup.failed", "message": "mogile_middleware.asgi needs asyncio's event loop (or uvloop), "
-                                                       "not trio's"}]
+    sent, error = without_asyncio(middleware, lifespan, [{"type": "lifespan.startup"}])
+    needed = "mogile_middleware.asgi needs asyncio's event loop (or uvloop), not trio's"
+    assert sent == [{"type": "lifespan.startup.failed", "message": needed}]
+    assert isinstance(error, RuntimeError) and str(error) == needed
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a coroutine never awaited
-        with pytest.raises(RuntimeError, match="^mogile_middleware.asgi needs asyncio's event loop"):
-            without_asyncio(middleware, http_scope("/mogilefs/a.txt"), [{"type": "http.request"}])
+        sent, error = without_asyncio(middleware, http_scope("/mogilefs/a.txt"), [{"type": "http.request"}])
+        assert sent == [] and isinstance(error, RuntimeError) and str(error) == needed
         gc.collect()
-    assert without_asyncio(middleware, http_scope("/elsewhere"), [{"type": "http.request"}])[0]["status"] == 201
-    assert recorder.scopes[-1]["path"] == "/elsewhere"
+    sent, error = without_asyncio(middleware, http_scope("/elsewhere"), [{"type": "http.request"}])
+    assert error is None and sent[0]["status"] == 201 and recorder.scopes[-1]["path"] == "/elsewhere"
 
 
 def test_a_request_scope_without_headers_is_answered(wrapped: tuple[MogileFSMiddleware, Recorder]) -> None:
