@@ -178,39 +178,38 @@ class _Standby:
         self._clock = clock
 
     def get(self, key: str) -> tuple[Any, ...] | None:
-        try:
-            entry = self.shared.get(key)
-        except Exception as error:
-            self._failures.event(error)
-            return self._memory.get(key)
-        self._answered(key)
-        return entry
+        answered, entry = self._ask(self.shared.get, key)
+        return entry if answered else self._kept(key)
 
     def set(self, key: str, value: Any, stored_at: float, keep_seconds: float) -> None:
-        try:
-            self.shared.set(key, value, stored_at, keep_seconds)
-        except Exception as error:
-            self._failures.event(error)
-            self._keep(key, value, stored_at, keep_seconds)
+        if not self._ask(self.shared.set, key, value, stored_at, keep_seconds)[0]:
+            self._memory.set(key, value, stored_at, keep_seconds)
 
     def delete(self, key: str) -> None:
         self._memory.delete(key)
+        self._ask(self.shared.delete, key)
+
+    def _ask(self, method: Callable[..., T], key: str, *args: Any) -> tuple[bool, T | None]:
+        """``(True, method(key, *args))`` when the shared backend answers, and its entry for
+        ``key``, if any, is the one to go by from then on; else ``(False, None)``, logged."""
         try:
-            self.shared.delete(key)
+            answer = method(key, *args)
         except Exception as error:
             self._failures.event(error)
-
-    def _answered(self, key: str) -> None:
-        """The shared backend answered for ``key``: its entry, if any, is the one to go by."""
+            return False, None
         if len(self._memory):
             self._memory.delete(key)
+        return True, answer
 
-    def _keep(self, key: str, value: Any, stored_at: float, keep_seconds: float) -> None:
-        """Keep ``value`` in process, as stored :data:`STANDBY_SECONDS` before its time to live
-        ends at most: a change another process marks in the shared backend meanwhile cannot be
-        read (a failed memcached server stays skipped a few seconds after it is back)."""
-        fresh_until = self._clock() + STANDBY_SECONDS
-        self._memory.set(key, value, min(stored_at, fresh_until - self._ttl_of(value)), keep_seconds)
+    def _kept(self, key: str) -> tuple[Any, ...] | None:
+        """The stand-in entry of ``key``; past :data:`STANDBY_SECONDS`, as if its time to live had
+        just ended (served stale within its own window): a change another process marks in the
+        shared backend meanwhile cannot be read, even once a failed server is back but skipped."""
+        entry = self._memory.get(key)
+        if entry is None:
+            return None
+        now, ttl = self._clock(), self._ttl_of(entry[0])
+        return (entry[0], now - ttl) if STANDBY_SECONDS <= now - entry[1] < ttl else entry
 
 
 class _VersionedStandby(_Standby):
@@ -218,20 +217,13 @@ class _VersionedStandby(_Standby):
     one memcached does not hold), so a store after it asks the shared backend first."""
 
     def get_versioned(self, key: str) -> tuple[tuple[Any, ...] | None, Any]:
-        try:
-            found = self.shared.get_versioned(key)  # type: ignore[attr-defined]
-        except Exception as error:
-            self._failures.event(error)
-            return self._memory.get(key), None
-        self._answered(key)
-        return found  # type: ignore[no-any-return]
+        answered, found = self._ask(self.shared.get_versioned, key)  # type: ignore[attr-defined]
+        return found if answered else (self._kept(key), None)  # type: ignore[return-value]
 
     def set_if_unchanged(self, key: str, value: Any, stored_at: float, keep_seconds: float, version: Any) -> None:
-        try:
-            self.shared.set_if_unchanged(key, value, stored_at, keep_seconds, version)  # type: ignore[attr-defined]
-        except Exception as error:
-            self._failures.event(error)
-            self._keep(key, value, stored_at, keep_seconds)
+        set_if_unchanged = self.shared.set_if_unchanged  # type: ignore[attr-defined]
+        if not self._ask(set_if_unchanged, key, value, stored_at, keep_seconds, version)[0]:
+            self._memory.set(key, value, stored_at, keep_seconds)
 
 
 #: The in-process caches of the process (a backend given to two path caches counted once), whose
