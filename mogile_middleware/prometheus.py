@@ -176,6 +176,10 @@ def record() -> PrometheusRecorder | None:
     with _starting:
         if _started is None:
             try:
+                if os.environ.get("PROMETHEUS_MULTIPROC_DIR") == "":
+                    # prometheus_client's multiprocess mode all the same: its files in the working
+                    # directory, which no scrape sums (registry() takes it for unset).
+                    raise NotADirectoryError("set but empty: name a directory, or unset it")
                 _started = PrometheusRecorder()
             except OSError as error:
                 if _refused_in != os.getpid():

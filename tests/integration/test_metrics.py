@@ -571,6 +571,18 @@ def test_a_process_that_cannot_count_says_once_which_directory_it_cannot_write(t
                            "be written (FileNotFoundError(")
 
 
+def test_an_empty_metrics_directory_is_refused_not_taken_for_the_working_directory(tmp_path: Path) -> None:
+    """prometheus_client takes the variable set, empty too, for its multiprocess mode: each worker
+    wrote its files where it ran, and a scrape, which took it for unset, showed one worker's counts."""
+    script = ("from mogile_middleware.prometheus import record\n"
+              "print(record(), record())\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": ""})
+    assert (done.returncode, done.stdout, list(tmp_path.iterdir())) == (0, "None None\n", []), done.stderr
+    assert done.stderr.splitlines() == ["metrics not recorded by this process: PROMETHEUS_MULTIPROC_DIR='' cannot be "
+                                        "written (NotADirectoryError('set but empty: name a directory, or unset it'))"]
+
+
 def test_a_worker_started_once_the_metrics_directory_is_gone_serves(devmogile: DevMogileFS, tmp_path: Path) -> None:
     """Its metrics failed as they were made: the worker did not boot, and gunicorn stopped, the
     site down (under uvicorn --workers, the worker was started again and again)."""
