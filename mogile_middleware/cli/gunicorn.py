@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -83,14 +84,15 @@ def trusted_proxies(args: argparse.Namespace) -> Sequence[str]:
 
 def prepare(command: str, args: argparse.Namespace) -> tuple[Any, int]:
     """gunicorn's ``BaseApplication`` for ``command`` (``serve``, ``demo``) and 0, once it may
-    start (its ``--trusted-proxy`` goes with ``--reproxy``, gunicorn is there, ``--bind`` is free),
+    start (its ``--trusted-proxy`` goes with ``--reproxy``, gunicorn is there, ``--bind`` is free,
+    there is a temporary directory),
     the package's log then set as gunicorn's; else ``None`` and its exit code, having said why on
     one line of stderr: checked before anything starts, so a taken port is one line of error
     rather than a started cluster and gunicorn's retries."""
     if _trust_without_reproxy(command, args):
         return None, 2
     base = _load_gunicorn(command)
-    if base is None or not _can_listen(command, args.bind):
+    if base is None or not _can_listen(command, args.bind) or not _has_temporary_directory(command):
         return None, 1
     _log_as_gunicorn()
     return base, 0
@@ -138,6 +140,18 @@ def _can_listen(command: str, bind: tuple[str, int]) -> bool:
         else:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
         print(f"{command}: cannot listen on {describe_address(host, port)}: {reason}", file=sys.stderr)
+        return False
+    return True
+
+
+def _has_temporary_directory(command: str) -> bool:
+    """True if there is a temporary directory for gunicorn's workers' files (``TMPDIR``, ``/tmp``...);
+    else False, having said which were tried on one line of stderr: gunicorn's master announced
+    its address, then stopped with a traceback."""
+    try:
+        tempfile.gettempdir()
+    except OSError as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
         return False
     return True
 

@@ -266,6 +266,22 @@ def test_what_stops_it_starting_is_one_line_and_exit_1(stored: DevMogileFS, tmp_
     assert "Unknown error" not in done.stderr
 
 
+def test_no_temporary_directory_for_the_workers_is_one_line_and_exit_1(stored: DevMogileFS, tmp_path: Path) -> None:
+    """gunicorn's workers keep a file there (as under a read-only root with TMPDIR missing): the
+    master announced the site's address, then stopped with a traceback and exit status 255."""
+    # No temporary directory cannot be made for root, who may write anywhere: tempfile says so as it would.
+    script = ("import errno, sys, tempfile\n"
+              "def none():\n"
+              "    raise FileNotFoundError(errno.ENOENT, \"No usable temporary directory found in ['/gone']\")\n"
+              "tempfile.gettempdir = none\n"
+              "from mogile_middleware.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", script, *connection(stored), "serve", "--bind", "127.0.0.1:0"],
+                          capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=START_SECONDS)
+    assert (done.returncode, done.stdout, done.stderr) == (
+        1, "", "serve: [Errno 2] No usable temporary directory found in ['/gone']\n")
+
+
 @pytest.mark.parametrize(("prefix", "refused"), [
     ("/a?b/", "prefix must be a URL path such as '/mogilefs/', not '/a?b/'"),
     ("/a//b/", "prefix must be a URL path such as '/mogilefs/', not '/a//b/'"),
