@@ -258,7 +258,8 @@ class PathCache(Generic[V]):
     ``stored_at`` across hosts, and monotonic time for an in-process one, whose entries a step of
     the wall clock (NTP) would age by an hour, or make younger, at once (an hour without serving
     them stale). ``on_change(key)`` is told of each change of a key the cache learns of: its
-    :meth:`invalidate`, or the mark another process left in a shared backend in its place.
+    :meth:`invalidate`, or the mark another process left in a shared backend in its place. While
+    a shared backend fails, what is looked up is kept in process a second (see :class:`_Standby`).
     """
 
     def __init__(self, lookup: Callable[[str, V | None], V], *, backend: CacheBackend | None = None,

@@ -85,10 +85,9 @@ def trusted_proxies(args: argparse.Namespace) -> Sequence[str]:
 def prepare(command: str, args: argparse.Namespace) -> tuple[Any, int]:
     """gunicorn's ``BaseApplication`` for ``command`` (``serve``, ``demo``) and 0, once it may
     start (its ``--trusted-proxy`` goes with ``--reproxy``, gunicorn is there, ``--bind`` is free,
-    there is a temporary directory),
-    the package's log then set as gunicorn's; else ``None`` and its exit code, having said why on
-    one line of stderr: checked before anything starts, so a taken port is one line of error
-    rather than a started cluster and gunicorn's retries."""
+    a temporary directory is there), the package's log then set as gunicorn's; else ``None`` and
+    its exit code, having said why on one line of stderr: checked before anything starts, so a
+    taken port is one line of error rather than a started cluster and gunicorn's retries."""
     if _trust_without_reproxy(command, args):
         return None, 2
     base = _load_gunicorn(command)
