@@ -172,7 +172,7 @@ class _Standby:
     def __init__(self, shared: CacheBackend, max_entries: int, failures: ThrottledLog,
                  ttl_of: Callable[[Any], float], clock: Callable[[], float]) -> None:
         self.shared = shared
-        self._memory = MemoryCache(max_entries)
+        self._memory = MemoryCache(max_entries, clock)  # the clock of the times stored
         self._failures = failures
         self._ttl_of = ttl_of
         self._clock = clock
