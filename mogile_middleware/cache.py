@@ -511,7 +511,10 @@ class PathCache(Generic[V]):
     def _stale_meanwhile(self, key: str, entry: tuple[Any, float] | None, outdated: Any) -> V | Any:
         """``entry``'s value, within its stale window, for a request whose refresh has taken
         :data:`STALE_AFTER_SECONDS` so far, unless it is the value the refresh found ``outdated``
-        (replicas that failed); else :data:`_UNSET` (the request waits on)."""
+        (replicas that failed); else :data:`_UNSET` (the request waits on). A fresh entry (the
+        lookup's, stored as it ends) is answered as it is, not logged and counted as stale."""
+        if self._replaces(entry, outdated):
+            return entry[0]  # type: ignore[index]
         try:
             return self._stale_value(key, entry, TrackerUnavailableError(
                 f"its lookup has taken over {STALE_AFTER_SECONDS} s so far"), outdated)

@@ -44,6 +44,8 @@ def time_left(deadline: float, now: float | None = None) -> float:
 
 def readable_now(sock: socket.socket) -> bool:
     """True if ``sock`` has something to read (or was closed by its peer), without waiting."""
+    if not hasattr(select, "poll"):  # removed by eventlet's monkey-patching, whose select() knows no 1023 limit
+        return bool(select.select([sock], [], [], 0)[0])
     poll = select.poll()  # not select(): descriptors past 1023 are common in a busy worker
     poll.register(sock, select.POLLIN)
     return bool(poll.poll(0))

@@ -544,6 +544,25 @@ def test_requests_joining_a_refresh_that_hangs_get_the_expired_paths_rather_than
     assert version(led[0]) == "v2" and lookup.calls == 2 and cache.get("k") == led[0]
 
 
+def test_a_request_joining_a_lookup_whose_fresh_value_is_stored_meanwhile_is_no_stale_answer(
+        clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    """Another process stored the key's paths (or the lookup stored them as it ended) while the
+    request waited: answered with them, it was logged and counted as served stale under load."""
+    lookup = Lookup(hold=1)
+    backend = MemoryCache(clock=clock)
+    cache = make_cache(lookup, clock, backend=backend)
+    leader, _ = start_thread(lambda: cache.get("k"))
+    assert lookup.entered.wait(2)
+    joiner, joined = start_thread(lambda: cache.get("k"))
+    time.sleep(0.03)  # joined, within its patience for a stale value
+    fresh = ["http://10.0.0.7:7500/dev3/k?v=other"]
+    backend.set("k", fresh, clock(), TTL + STALE)
+    joiner.join(2)
+    assert joined == [fresh] and "serving stale" not in caplog.text
+    lookup.release.set()
+    leader.join(5)
+
+
 def test_a_request_joining_the_first_lookup_of_a_key_waits_for_it(clock: Clock) -> None:
     """With nothing known of the key there is nothing to answer meanwhile."""
     lookup = Lookup(hold=1)
