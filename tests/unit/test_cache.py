@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from mogile_middleware import cache as cache_module
 from mogile_middleware.cache import STALE_WARNING_INTERVAL, STANDBY_SECONDS, MemoryCache, PathCache
 from mogile_middleware.exceptions import TrackerUnavailableError, UnknownKeyError
 
@@ -545,19 +546,20 @@ def test_requests_joining_a_refresh_that_hangs_get_the_expired_paths_rather_than
 
 
 def test_a_request_joining_a_lookup_whose_fresh_value_is_stored_meanwhile_is_no_stale_answer(
-        clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+        clock: Clock, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another process stored the key's paths (or the lookup stored them as it ended) while the
     request waited: answered with them, it was logged and counted as served stale under load."""
+    monkeypatch.setattr(cache_module, "STALE_AFTER_SECONDS", 0.5)  # stored well within it, on a slow host too
     lookup = Lookup(hold=1)
     backend = MemoryCache(clock=clock)
     cache = make_cache(lookup, clock, backend=backend)
     leader, _ = start_thread(lambda: cache.get("k"))
     assert lookup.entered.wait(2)
     joiner, joined = start_thread(lambda: cache.get("k"))
-    time.sleep(0.03)  # joined, within its patience for a stale value
+    time.sleep(0.05)  # joined, within its patience for a stale value
     fresh = ["http://10.0.0.7:7500/dev3/k?v=other"]
     backend.set("k", fresh, clock(), TTL + STALE)
-    joiner.join(2)
+    joiner.join(3)
     assert joined == [fresh] and "serving stale" not in caplog.text
     lookup.release.set()
     leader.join(5)
