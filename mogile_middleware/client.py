@@ -357,6 +357,9 @@ class ClientBase:
             raise ValueError(f"domain must be a domain's name, not {domain!r}")
         if pool is not None and not isinstance(pool, self.pool_class):
             raise ValueError(f"pool must be a {self.pool_class.__name__}, or None, not {pool!r}")
+        if pool is not None:
+            _refuse_beside_pool(pool, trackers, connect_timeout=connect_timeout, io_timeout=io_timeout,
+                                dead_seconds=dead_seconds)
         if cache_backend is not None and not is_cache_backend(cache_backend):
             raise ValueError(f"cache_backend must be an object with get, set and delete (a CacheBackend, such as "
                              f"MemcachedBackend), or None, not {cache_backend!r}")
@@ -424,6 +427,15 @@ async def _awaited(started: Awaitable[Any], listener: ChangeListener, key: str) 
         _listener_failed(listener, key, error)
 
 
+def _refuse_beside_pool(pool: TrackerPoolBase, trackers: object, **options: float) -> None:
+    """A ValueError naming the tracker options given with a shared ``pool`` (``options`` other
+    than :class:`ClientBase`'s defaults), which the pool's own would override in silence."""
+    defaults = inspect.signature(ClientBase.__init__).parameters
+    given = ["trackers"] * bool(trackers) + [name for name, value in options.items() if value != defaults[name].default]
+    if given:
+        raise ValueError(f"{', '.join(given)}: the given pool has its own; set them on its {type(pool).__name__}")
+
+
 class Client(ClientBase):
     """A MogileFS client for one domain.
 
@@ -433,7 +445,8 @@ class Client(ClientBase):
     :param io_timeout: seconds to wait for a tracker's reply.
     :param dead_seconds: how long a tracker that failed is skipped; then a ``noop`` asks whether it is back.
     :param storage_timeout: seconds for connects and reads on storage nodes.
-    :param pool: a :class:`TrackerPool` to share (then the three tracker options are ignored).
+    :param pool: a :class:`TrackerPool` to share, which has its trackers and the three tracker
+        options (given here too, they are a ``ValueError``).
     :param on_change: the first change listener (see :meth:`add_change_listener`).
     :param cache_backend: a path cache shared with the middleware of other processes and hosts
         (e.g. :class:`~mogile_middleware.memcache.MemcachedBackend`): every key this client
@@ -582,6 +595,8 @@ class Admin:
     name the domain and the class they are about."""
 
     def __init__(self, trackers: str | Iterable[str | Address] = (), *, pool: TrackerPool | None = None) -> None:
+        if pool is not None:
+            _refuse_beside_pool(pool, trackers)
         self.pool = pool or TrackerPool(trackers)
 
     def create_domain(self, domain: str) -> None:

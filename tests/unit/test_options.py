@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
-from mogile_middleware import AsyncClient, Client, MemoryCache, MogileFSMiddleware
+from mogile_middleware import Admin, AsyncClient, Client, MemoryCache, MogileFSMiddleware
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
+from mogile_middleware.async_tracker import AsyncTrackerPool
 from mogile_middleware.deadline import MAX_SECONDS
+from mogile_middleware.tracker import TrackerPool
 
 BAD_OPTIONS = [
     pytest.param({"cache_control": "public\r\nSet-Cookie: a=b"}, "cache_control", id="cache-control-line-break"),
@@ -218,6 +220,16 @@ def test_a_client_given_with_a_domain_or_trackers_is_refused_naming_them(middlew
         "media", "127.0.0.1:7001")
     with pytest.raises(ValueError, match="domain, trackers: the given client has its own"):
         middleware(lambda *args: None, client=client, domain="other", trackers="10.0.0.1:7001")
+
+
+@pytest.mark.parametrize("client", [Client, AsyncClient, Admin])
+def test_a_pool_given_with_trackers_or_timeouts_is_refused_naming_them(client: type) -> None:
+    pool = AsyncTrackerPool("127.0.0.1:7001") if client is AsyncClient else TrackerPool("127.0.0.1:7001")
+    arguments, options, named = ((), {}, "trackers") if client is Admin else (
+        ("media",), {"io_timeout": 0.5}, "trackers, io_timeout")
+    with pytest.raises(ValueError, match=f"{named}: the given pool has its own"):
+        client(*arguments, "10.0.0.1:7001", pool=pool, **options)
+    assert client(*arguments, pool=pool).pool is pool
 
 
 @pytest.mark.parametrize("max_entries", [0, -1, "10", True])
