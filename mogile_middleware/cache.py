@@ -117,6 +117,9 @@ class MemoryCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __repr__(self) -> str:
+        return f"<MemoryCache holding {len(self)} of at most {self._max_entries} entries>"
+
     def get(self, key: str) -> tuple[Any, float, float] | None:
         """``(value, stored_at, expires_at)`` for ``key`` unless missing or expired.
 

@@ -375,6 +375,9 @@ class ClientBase:
         if cache_backend is not None:
             self.add_change_listener(functools.partial(self._drop_shared_entry, cache_backend))
 
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} of domain {self.domain!r} via {self.pool!r}>"
+
     def add_change_listener(self, listener: ChangeListener) -> None:
         """Call ``listener`` with every key this client writes, renames or deletes, also when the
         tracker's answer was lost (the key may have changed). A listener that raises is logged."""
@@ -598,6 +601,9 @@ class Admin:
         if pool is not None:
             _refuse_beside_pool(pool, trackers)
         self.pool = pool or TrackerPool(trackers)
+
+    def __repr__(self) -> str:
+        return f"<Admin via {self.pool!r}>"
 
     def create_domain(self, domain: str) -> None:
         """Create ``domain`` (raises :class:`DomainExistsError` if it exists)."""

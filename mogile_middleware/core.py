@@ -339,6 +339,10 @@ class MiddlewareCore:
             replicating_seconds=replicating_seconds, stale_seconds=stale_seconds,
         )
 
+    def __repr__(self) -> str:
+        mode = f"reproxy={self.reproxy!r}" if self.reproxy else "serving bodies"
+        return f"<{type(self).__name__} of {self.prefix!r}, {mode}, through {self.client!r}>"
+
     def key_for(self, environ: Environ, path: str) -> str | Answer:
         """The key of the URL ``path`` after the prefix, or the 405, 400, 404 or 403 (signature) answer."""
         if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):

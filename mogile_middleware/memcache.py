@@ -134,6 +134,11 @@ class MemcachedBackend:
                                        "this host's clock: the clocks of the hosts sharing memcached differ (see the "
                                        "README on clocks)", INVALID_WARNING_INTERVAL, "entries stored ahead")
 
+    def __repr__(self) -> str:
+        servers = "through the client given" if self._given is not None else ", ".join(
+            server if isinstance(server, str) else describe_address(*server) for server in self.servers)
+        return f"<MemcachedBackend {servers}, prefix {self.prefix!r}{', signed' if self._secrets else ''}>"
+
     def get(self, key: str) -> tuple[Location | None, float] | None:
         """``(location, stored_at)`` for ``key``, or None if memcached holds no valid entry for it
         (or the mark of a change)."""

@@ -354,6 +354,9 @@ class TrackerPoolBase:
         self._reset()
         renew_in_child(self)
 
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {', '.join(self._names.values())}>"
+
     def _reset(self) -> None:
         """Start with no tracker marked dead (and, in a pool, no connection)."""
         # A tracker stays here after its dead time, until it answers again (see _probe_steps).

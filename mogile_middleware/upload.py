@@ -615,6 +615,9 @@ class Uploader:
         self._hashtypes: dict[str, str] = {}
         self._hashtypes_asked = 0.0
 
+    def __repr__(self) -> str:
+        return f"<Uploader through {self.client!r}>"
+
     def upload(self, key: str, source: Source, cls: str | None = None, *, progress: Progress | None = None,
                verify_checksum: bool | None = None, size: int | None = None) -> int:
         """Store ``source`` under ``key`` in class ``cls``; return the number of bytes stored.
