@@ -162,8 +162,20 @@ def is_url_authority(netloc: str) -> bool:
 
 
 def is_host(name: str) -> bool:
-    """True for a host name, an IPv4 address or an IPv6 one (without brackets)."""
+    """True for a host name, an IPv4 address or an IPv6 one (without brackets). Digits and dots
+    alone are an IPv4 address the resolver reads (``127.0.0.1``, as ``inet_aton``: ``127.1`` too),
+    never a name: ``999.1.1.1`` failed at each connection, the name of no host."""
+    if name.rstrip(".").replace(".", "").isdigit() and name.isascii():
+        return _is_ipv4(name)
     return bool(_HOST_NAME.fullmatch(name)) or _is_ipv6(name)
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        socket.inet_aton(text)
+    except OSError:
+        return False
+    return True
 
 
 def _is_ipv6(text: str) -> bool:

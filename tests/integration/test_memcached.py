@@ -313,6 +313,7 @@ def test_a_prefix_memcached_cannot_take_is_refused() -> None:
     ({"timeout": 0}, "timeout"), ({"connect_timeout": -1}, "connect_timeout"),
     # Read by pymemcache as hosts "http://127.0.0.1" and "127.0.0.1:11211": the cache was off at every request.
     ({"servers": "http://127.0.0.1:11211"}, "http://127.0.0.1:11211"), ({"servers": "127.0.0.1:11211:3"}, "11211:3"),
+    ({"servers": "10.0.0.300"}, "10.0.0.300"),
     # An AttributeError or a TypeError naming nothing; bytes were read as a list of numbers.
     ({"servers": None}, "servers must be"), ({"servers": b"127.0.0.1:11211"}, "servers must be"),
     ({"servers": [None]}, "server None is not"), ({"servers": [("127.0.0.1", "11211")]}, "is not host:port"),

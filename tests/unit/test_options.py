@@ -52,6 +52,8 @@ BAD_OPTIONS = [
     pytest.param({"trackers": ["127.0.0.1:99999"]}, "127.0.0.1:99999", id="tracker-port-out-of-range"),
     pytest.param({"trackers": "127.0.0.1:0"}, "127.0.0.1:0", id="tracker-port-zero"),
     pytest.param({"trackers": "http://127.0.0.1:7001"}, "http://127.0.0.1:7001", id="tracker-url"),
+    # Digits and dots are an address to the resolver, never a name: no host answers this one.
+    pytest.param({"trackers": "999.1.1.1:7001"}, "999.1.1.1:7001", id="tracker-no-ipv4-address"),
     pytest.param({"prefix": "/files/?a=1"}, "prefix", id="prefix-with-a-query"),
     pytest.param({"prefix": "/files#top/"}, "prefix", id="prefix-with-a-fragment"),
     pytest.param({"prefix": "/%FF/"}, "prefix", id="prefix-escaping-no-utf8"),
