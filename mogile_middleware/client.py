@@ -18,7 +18,8 @@ import inspect
 import logging
 import os
 import re
-from collections.abc import Awaitable, Iterable, Iterator
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NamedTuple
 
@@ -380,13 +381,16 @@ class ClientBase:
 
     def add_change_listener(self, listener: ChangeListener) -> None:
         """Call ``listener`` with every key this client writes, renames or deletes, also when the
-        tracker's answer was lost (the key may have changed). A listener that raises is logged."""
+        tracker's answer was lost (the key may have changed). A listener that raises is logged;
+        a :class:`WeakListener` whose object is gone is dropped."""
         if not callable(listener):
             raise TypeError(f"a change listener is a function of the key, not {listener!r}")
-        if inspect.iscoroutinefunction(listener) and not self.awaits_listeners:
+        function = listener.method if isinstance(listener, WeakListener) else listener
+        if inspect.iscoroutinefunction(function) and not self.awaits_listeners:
             raise TypeError(f"{type(self).__name__} calls its change listeners without awaiting them: "
-                            f"{listener!r} is a coroutine function (the asyncio client awaits them)")
-        self._change_listeners = (*self._change_listeners, listener)  # a new tuple: _changed reads a snapshot
+                            f"{function!r} is a coroutine function (the asyncio client awaits them)")
+        # A new tuple: _changed reads a snapshot.
+        self._change_listeners = (*(kept for kept in self._change_listeners if not gone(kept)), listener)
 
     def _changed(self, *keys: str | bytes) -> list[Awaitable[None]]:
         """Tell every change listener that ``keys`` were (or may have been) written, renamed or
@@ -416,6 +420,33 @@ class ClientBase:
 
     def _args(self, request: Request) -> dict[str, ArgValue]:
         return {"domain": self.domain, **request.args}
+
+
+class WeakListener:
+    """A change listener calling ``method`` while its object lives, without keeping it alive: a
+    middleware made for a while on a client shared for longer (by an application factory, a test
+    suite, Django's shared clients) goes with its path cache when dropped. Then it does nothing."""
+
+    def __init__(self, method: Callable[[str], Any]) -> None:
+        self._method = weakref.WeakMethod(method)
+        self._name = repr(method)
+
+    @property
+    def method(self) -> Callable[[str], Any] | None:
+        """The method, or None once its object is gone."""
+        return self._method()
+
+    def __call__(self, key: str) -> Any:
+        method = self._method()
+        return None if method is None else method(key)
+
+    def __repr__(self) -> str:
+        return f"<WeakListener of {self._name}{', gone' if gone(self) else ''}>"
+
+
+def gone(listener: object) -> bool:
+    """True for a :class:`WeakListener` whose object is gone: a listener to drop."""
+    return isinstance(listener, WeakListener) and listener.method is None
 
 
 def _listener_failed(listener: ChangeListener, key: str, error: Exception) -> None:

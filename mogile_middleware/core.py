@@ -267,6 +267,7 @@ class MiddlewareCore:
         #: The URL path under which keys are served, as text (percent-escapes decoded), and as a
         #: request's path holds it (PEP 3333: its UTF-8 bytes as latin-1) to be matched against.
         self.prefix, self.path_prefix = url_prefix(prefix)
+        _refuse_shadowing(self.prefix, self.path_prefix, app)
         self.trusted_proxies = None if trusted_proxies is None else parse_trusted_proxies(trusted_proxies)
         self._trust_unix_socket = self.trusted_proxies is not None and UNIX_SOCKET in self.trusted_proxies
         # The few proxy addresses recur on every request: decide each once (bounded for the rest).
@@ -635,6 +636,19 @@ def _as_ipv4(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> ipaddres
     one: peers are compared as IPv4, so the mapped form would match none."""
     mapped = network.network_address.ipv4_mapped if network.version == 6 and network.prefixlen >= 96 else None
     return network if mapped is None else ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+
+
+def _refuse_shadowing(prefix: str, path_prefix: str, app: Any) -> None:
+    """A ValueError when ``app`` is a middleware (or one wrapped by middlewares of this package)
+    whose prefix lies under ``prefix``: every request of its prefix would be answered here, its
+    ``authorize`` and its domain skipped."""
+    while isinstance(app, MiddlewareCore):
+        if app.path_prefix == path_prefix:
+            raise ValueError(f"prefix {prefix!r} is the prefix of the middleware it wraps, which would never be asked")
+        if app.path_prefix.startswith(path_prefix):
+            raise ValueError(f"prefix {prefix!r} holds the prefix {app.prefix!r} of the middleware it wraps, which "
+                             "would never be asked: wrap this one in that one (the longer prefix outside)")
+        app = app.app
 
 
 def _node_reads_alike(range_header: str, length: int | None) -> bool:

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from .cache import AsyncPathCache, CacheBackend, PathCache, entry_key
-from .client import Client
+from .client import Client, WeakListener
 from .exceptions import KeyChangingError, MogileFSError, StorageError, TrackerUnavailableError, UnknownKeyError
 from .protocol import fid_of, parse_domains
 from .tracker import is_url_authority
@@ -159,7 +159,7 @@ class Locator:
             self._lookup, backend=cache_backend, ttl_seconds=path_cache_seconds, stale_seconds=stale_seconds,
             max_entries=path_cache_entries, ttl_for=self._seconds_for, on_change=self._note_changed,
         )
-        client.add_change_listener(self.changed)
+        client.add_change_listener(WeakListener(self.changed))
 
     def locate(self, key: str) -> Location:
         """The location of ``key``; raises :class:`UnknownKeyError`, or the tracker's errors."""

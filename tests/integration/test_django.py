@@ -14,6 +14,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -1139,6 +1140,22 @@ def test_client_options_reach_the_storages_and_both_middlewares(mogile: DevMogil
         pool = client.pool
         assert (pool.connect_timeout, pool.io_timeout, pool.dead_seconds, client.storage_timeout) == (0.25, 3, 30, 4)
     assert wsgi.storage_timeout == asgi.storage_timeout == 4
+
+
+def test_wrapped_applications_dropped_go_with_their_path_caches(mogile: DevMogileFS) -> None:
+    """A test suite or an application factory wraps the application again and again: each one's
+    path cache stayed alive, listening to the shared clients' saves, until the process ended."""
+    site = TestApp(wrap_wsgi(get_wsgi_application()), lint=True)
+    dropped = [weakref.ref(wrap(application()).locator) for wrap, application in
+               [(wrap_wsgi, get_wsgi_application), (wrap_asgi, get_asgi_application)] * 3]
+    gc.collect()
+    assert [locator() for locator in dropped] == [None] * 6
+    storage = MogileFSStorage()
+    storage.save("dropped.txt", ContentFile(b"old"))
+    assert site.get("/media/dropped.txt").body == b"old"
+    storage.delete("dropped.txt")
+    storage.save("dropped.txt", ContentFile(b"new"))  # the living one still hears of saves
+    assert site.get("/media/dropped.txt").body == b"new"
 
 
 # -- the wrapped ASGI application ---------------------------------------------------------------

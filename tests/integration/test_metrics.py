@@ -122,6 +122,28 @@ def test_path_cache_entries_sums_the_caches_of_middlewares_stacked(devmogile: De
         gc.enable()
 
 
+def test_middlewares_dropped_from_a_shared_client_go_with_their_caches(devmogile: DevMogileFS, counts: Counts) -> None:
+    """An application factory or a test suite makes middlewares on the process's one client: each
+    dropped one's path cache stayed alive through the client's listeners, counted in the gauge."""
+    client = Client(DOMAIN, devmogile.trackers)
+    client.store_content("a.txt", CONTENT, "avatar")
+    kept = TestApp(MogileFSMiddleware(not_found, client=client, prefix="/kept/"))
+    kept.get("/kept/a.txt")
+    gc.collect()
+    kept.get("/kept/missing-first", status=404)  # a cache storing a key sets the gauge
+    before = counts("path_cache_entries")  # this one's entries, and those of other middlewares alive
+    for number in range(20):
+        dropped = TestApp(MogileFSMiddleware(not_found, client=client, prefix="/m/"))
+        dropped.get("/m/a.txt")
+        dropped.get(f"/m/missing-{number}", status=404)
+    del dropped
+    gc.collect()
+    kept.get("/kept/missing", status=404)
+    assert counts("path_cache_entries") == before + 1
+    client.store_content("a.txt", b"new", "avatar")  # the living middleware still hears of writes
+    assert kept.get("/kept/a.txt").body == b"new"
+
+
 def test_the_body_cache_counts_hits_misses_and_the_bytes_it_serves(devmogile: DevMogileFS, counts: Counts) -> None:
     Client(DOMAIN, devmogile.trackers).store_content("a.txt", CONTENT, "avatar")
     app = TestApp(MogileFSMiddleware(not_found, domain=DOMAIN, trackers=devmogile.trackers, body_cache_bytes=1 << 20))

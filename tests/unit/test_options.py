@@ -4,6 +4,7 @@ a 503 or a broken header at every request."""
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -222,6 +223,27 @@ def test_a_client_given_with_a_domain_or_trackers_is_refused_naming_them(middlew
         "media", "127.0.0.1:7001")
     with pytest.raises(ValueError, match="domain, trackers: the given client has its own"):
         middleware(lambda *args: None, client=client, domain="other", trackers="10.0.0.1:7001")
+
+
+@pytest.mark.parametrize("middleware", [MogileFSMiddleware, ASGIMiddleware], ids=["wsgi", "asgi"])
+@pytest.mark.parametrize(("outer", "inner", "error"), [
+    ("/media/", "/media/private/", "prefix '/media/' holds the prefix '/media/private/' of the middleware it wraps"),
+    ("/", "/thumbs/", "prefix '/' holds the prefix '/thumbs/'"),
+    ("/media/", "/media/", "prefix '/media/' is the prefix of the middleware it wraps"),
+])
+def test_a_middleware_refuses_to_wrap_one_it_would_answer_for(middleware: type, outer: str, inner: str,
+                                                               error: str) -> None:
+    """Its requests would all be answered outside: the inner one's ``authorize`` skipped, and
+    the outer one's domain asked for its keys."""
+    options = {"domain": "media", "trackers": "127.0.0.1:7001"}
+    private = middleware(lambda *args: None, prefix=inner, authorize=lambda request, key: False, **options)
+    with pytest.raises(ValueError, match=re.escape(error)):
+        middleware(private, prefix=outer, **options)
+    between = middleware(private, prefix="/other/", **options)
+    with pytest.raises(ValueError, match="of the middleware it wraps, which would never be asked"):
+        middleware(between, prefix=outer, **options)
+    assert middleware(middleware(lambda *args: None, prefix=outer, **options), prefix=inner + "more/",
+                      **options).app.prefix == outer  # the longer prefix outside
 
 
 @pytest.mark.parametrize("client", [Client, AsyncClient, Admin])

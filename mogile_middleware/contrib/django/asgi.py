@@ -9,6 +9,7 @@ from django.conf import settings
 
 from ...asgi import ASGIApp, Message, MogileFSMiddleware, Receive, Scope, Send
 from ...async_client import AsyncClient
+from ...client import WeakListener
 from ...core import async_kind
 from . import conf
 from .clients import get_client, listen_to_media_changes
@@ -37,7 +38,7 @@ def wrap_asgi(application: DjangoASGIApp) -> MogileFSMiddleware:
     the event loop.
     """
     middleware = configured_middleware(application)
-    listen_to_media_changes(middleware.locator.forget)
+    listen_to_media_changes(WeakListener(middleware.locator.forget))
     return middleware
 
 

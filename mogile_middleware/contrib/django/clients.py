@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from ...client import Client
+from ...client import Client, gone
 from ...forking import new_lock_in_child
 from ...tracker import Address, parse_trackers
 from ...upload import ChangeListener, Uploader
@@ -65,7 +65,7 @@ def listen_to_media_changes(listener: ChangeListener, besides: Client | None = N
     own, and links its files under ``MOGILEFS_MEDIA_URL`` all the same."""
     listening = (conf.domain(), as_dns_compares(conf.trackers()), listener)
     with _lock:
-        _listening.append(listening)
+        _listening[:] = [*(kept for kept in _listening if not gone(kept[2])), listening]
         clients = [client for client, _ in _shared.values() if client is not besides and _concerns(listening, client)]
     for client in clients:
         client.add_change_listener(listener)

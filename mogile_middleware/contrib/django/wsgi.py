@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ...client import WeakListener
 from ...middleware import MogileFSMiddleware, WSGIApp
 from . import conf
 from .clients import get_client, listen_to_media_changes
@@ -19,7 +20,8 @@ def wrap_wsgi(application: WSGIApp) -> MogileFSMiddleware:
     connections Django makes around a view (:func:`~.cycle.in_request_cycle`).
     """
     middleware = configured_middleware(application)
-    listen_to_media_changes(middleware.locator.forget, besides=middleware.client)  # which it listens to already
+    # Besides its own client, which it listens to already.
+    listen_to_media_changes(WeakListener(middleware.locator.forget), besides=middleware.client)
     return middleware
 
 
