@@ -232,7 +232,7 @@ def test_a_client_given_with_a_domain_or_trackers_is_refused_naming_them(middlew
     ("/media/", "/media/", "prefix '/media/' is the prefix of the middleware it wraps"),
 ])
 def test_a_middleware_refuses_to_wrap_one_it_would_answer_for(middleware: type, outer: str, inner: str,
-                                                               error: str) -> None:
+                                                              error: str) -> None:
     """Its requests would all be answered outside: the inner one's ``authorize`` skipped, and
     the outer one's domain asked for its keys."""
     options = {"domain": "media", "trackers": "127.0.0.1:7001"}
