@@ -625,8 +625,9 @@ class Client(ClientBase):
 
 class Admin:
     """Administrative tracker commands: domains and classes (what ``mogadm domain`` and ``mogadm
-    class`` do). Names and counts are checked before anything is sent; the tracker's refusals
-    name the domain and the class they are about."""
+    class`` do) on ``trackers`` (as :class:`Client` takes them) or a shared ``pool``, not both.
+    Names and counts are checked before anything is sent; the tracker's refusals name the domain
+    and the class they are about."""
 
     def __init__(self, trackers: str | Iterable[str | Address] = (), *, pool: TrackerPool | None = None) -> None:
         if pool is not None:

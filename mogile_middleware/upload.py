@@ -592,13 +592,14 @@ class UploadClient(Protocol):
 class Uploader:
     """Store keys with a chosen class from bytes, a path, a file object or an iterable of chunks.
 
-    Bytes are streamed, never held whole; the size and MD5 checksum go with ``create_close``, the
-    checksum computed as the bytes are sent. With ``checksums="kept"`` it is computed only where
-    the key's class keeps checksums (its ``hashtype``): a tracker drops the checksum of a class
-    that keeps none, and MD5 costs about as much CPU as the sending. With ``verify_checksums`` the
-    tracker is asked to check the stored file's MD5 whenever the class keeps checksums. Files are
-    made by ``client.new_file``, so the client's change listeners hear of every key written (a
-    path cache drops it).
+    Files go through ``client`` (a blocking :class:`~mogile_middleware.client.Client`). Bytes are
+    streamed, never held whole; the size and MD5 checksum go with ``create_close``, the checksum
+    computed as the bytes are sent (``checksums="always"``, the default). With
+    ``checksums="kept"`` it is computed only where the key's class keeps checksums (its
+    ``hashtype``): a tracker drops the checksum of a class that keeps none, and MD5 costs about as
+    much CPU as the sending. With ``verify_checksums`` the tracker is asked to check the stored
+    file's MD5 whenever the class keeps checksums. Files are made by ``client.new_file``, so the
+    client's change listeners hear of every key written (a path cache drops it).
     """
 
     def __init__(self, client: UploadClient, *, verify_checksums: bool = True, checksums: str = "always") -> None:
