@@ -45,7 +45,7 @@ from .core import (
 from .exceptions import MogileFSError, StorageError
 from .http import Answer, FileRequest, Headers
 from .locate import AsyncLocator, Location, arun_steps
-from .responders import Representation, serve_step_caller, serve_steps
+from .responders import serve_step_caller, serve_steps
 from .views import (
     REPROXIED,
     SERVE_HEADER_LOWER,
@@ -336,14 +336,13 @@ class MogileFSMiddleware(MiddlewareCore):
         """The answer for ``key`` (at ``location`` when the cache held it): decided, with its replica open."""
         try:
             location = location or await self.locator.locate(key)
-            return self.reproxy_answer(environ, location) or await self._serve(
-                self.request_of(environ), location, self.representation_for(environ))
+            return self.reproxy_answer(environ, location) or await self._serve(self.request_of(environ), location)
         except MogileFSError as error:
             return self.error_answer(error, key)
 
-    async def _serve(self, request: FileRequest, location: Location, representation: Representation) -> Answer | Streamed:
+    async def _serve(self, request: FileRequest, location: Location) -> Answer | Streamed:
         """Serve mode: :func:`~mogile_middleware.responders.serve_steps`, awaited."""
-        steps = serve_steps(request, location, representation, self.unanswered, self.asked_again, self.bodies)
+        steps = serve_steps(request, location, self.representation, self.unanswered, self.asked_again, self.bodies)
         opened = await arun_steps(steps, self._serve_step)
         if isinstance(opened, Answer):
             return opened

@@ -324,9 +324,6 @@ class MiddlewareCore:
         policy = ContentPolicy(mimetypes=mimetypes, charset=charset, trusted_files=trusted_files,
                                content_disposition=content_disposition)
         self.representation = Representation(policy, extra)
-        # nginx mode: the body answered after every replica failed says which headers chose it (below).
-        self._fallback_representation = Representation(policy, [*extra, ("Vary", NginxReproxy.VARY)]) \
-            if reproxy == "nginx" else None
         self.reproxy_responder: Reproxy | None = (
             PerlbalReproxy(self.representation, cache_for_seconds=perlbal_cache_seconds,
                            fallback_url=perlbal_fallback_url) if reproxy == "perlbal"
@@ -396,18 +393,6 @@ class MiddlewareCore:
                 and self.reproxy_responder.fell_back(environ):
             return dataclasses.replace(request, range=None)
         return request
-
-    def representation_for(self, environ: Environ) -> Representation:
-        """The headers of a file's answer served here to this request. nginx's request after every
-        replica failed gets the ``Vary`` of the reproxy answers (which ``examples/nginx.conf``
-        keeps from clients): a cache between nginx and the application kept that body for
-        nginx's next requests, and gave it to them for as long as it kept it, whatever version
-        the key held then."""
-        fallback, responder = self._fallback_representation, self.reproxy_responder
-        if fallback is not None and responder is not None and responder.fell_back(environ) \
-                and self._from_trusted(environ):
-            return fallback
-        return self.representation
 
     def reproxy_answer(self, environ: Environ, location: Any) -> Answer | None:
         """The answer that sends a trusted proxy to the replicas, or ``None``: serve the body."""

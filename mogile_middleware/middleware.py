@@ -66,8 +66,8 @@ class MogileFSMiddleware(MiddlewareCore):
     @cached_property
     def serve(self) -> Serve:
         """Serve mode: the body streamed from a storage node."""
-        return Serve(self.locator, storage_timeout=self.storage_timeout, unanswered=self.unanswered,
-                     asked_again=self.asked_again, bodies=self.bodies)
+        return Serve(self.locator, self.representation, storage_timeout=self.storage_timeout,
+                     unanswered=self.unanswered, asked_again=self.asked_again, bodies=self.bodies)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -88,8 +88,7 @@ class MogileFSMiddleware(MiddlewareCore):
         """The answer with ``key``'s file for this request: reproxied, served, 304, 206, or the error."""
         try:
             location = self.locator.locate(key)
-            return self.reproxy_answer(environ, location) or self.serve.answer(
-                self.request_of(environ), location, self.representation_for(environ))
+            return self.reproxy_answer(environ, location) or self.serve.answer(self.request_of(environ), location)
         except MogileFSError as error:
             return self.error_answer(error, key)
 

@@ -226,20 +226,18 @@ class NginxReproxy(Reproxy):
         """True if ``X-Sendfile-Type`` says nginx reproxies."""
         return value.lower() == "x-accel-redirect"
 
-    #: The request headers that choose between this answer and the file's body: a cache between
-    #: nginx and the application kept either for the other's requests (nginx's request after
-    #: every replica failed got this one again, an empty file). nginx drops ``Vary`` at
-    #: ``X-Accel-Redirect``: clients never see it.
-    VARY = "X-Sendfile-Type, X-Reproxy-Failed, Range, If-Range"
-
     def headers(self, location: Location) -> Headers:
-        """Type, ETag, the internal location and one header per replica, and :data:`VARY`."""
+        """Type, ETag, the internal location and one header per replica, and the request headers
+        that chose this answer over the file's body: a cache between nginx and the application
+        kept it for nginx's request after every replica failed, which then got it again (an
+        empty file), and for a client reaching the cache without nginx (storage URLs). nginx
+        drops ``Vary`` at ``X-Accel-Redirect``: clients never see it."""
         urls = [("X-Reproxy-URL" if n == 1 else f"X-Reproxy-URL-{n}", url)
                 for n, url in enumerate(location.paths, 1)]
         return [
             *self.representation.headers(location),
             ("Content-Length", "0"),
-            ("Vary", self.VARY),
+            ("Vary", "X-Sendfile-Type, X-Reproxy-Failed, Range, If-Range"),
             ("X-Accel-Redirect", self.location),
             *urls,
         ]
@@ -287,17 +285,17 @@ class Serve:
     trackers name now fail too.
     """
 
-    def __init__(self, locator: Locator, *, storage_timeout: float, unanswered: ThrottledLog,
-                 asked_again: ThrottledLog, bodies: BodyCache | None) -> None:
+    def __init__(self, locator: Locator, representation: Representation, *, storage_timeout: float,
+                 unanswered: ThrottledLog, asked_again: ThrottledLog, bodies: BodyCache | None) -> None:
+        self.representation = representation
         self.storage_timeout = storage_timeout
         self.unanswered, self.asked_again = unanswered, asked_again
         self.bodies = bodies
         self._serve_step = serve_step_caller(locator, open_replica, read_replica, storage_timeout)
 
-    def answer(self, request: FileRequest, location: Location, representation: Representation) -> Answer | StreamedAnswer:
-        """The answer to ``request``, with the headers of ``representation``; raises the
-        locator's errors (no such key, no tracker)."""
-        steps = serve_steps(request, location, representation, self.unanswered, self.asked_again, self.bodies)
+    def answer(self, request: FileRequest, location: Location) -> Answer | StreamedAnswer:
+        """The answer to ``request``; raises the locator's errors (no such key, no tracker)."""
+        steps = serve_steps(request, location, self.representation, self.unanswered, self.asked_again, self.bodies)
         opened = run_steps(steps, self._serve_step)
         if isinstance(opened, Answer):
             return opened

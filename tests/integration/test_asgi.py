@@ -1149,24 +1149,6 @@ KINDS = {"perlbal": {(200, True), (200, False), (201, False), (206, False), (304
 OPTIONS = {"perlbal": {"perlbal_fallback_url": "http://10.0.0.7:8000"}, "nginx": {"require_proxy_header": True}}
 
 
-@pytest.mark.parametrize(("headers", "client", "vary"), [
-    ([(b"x-sendfile-type", b"X-Accel-Redirect"), (b"x-reproxy-failed", b"1")], PROXY, True),
-    ([(b"range", b"bytes=-5")], PROXY, False), ([(b"x-reproxy-failed", b"1")], "192.0.2.9", False)],
-    ids=["fallback", "suffix-range", "untrusted"])
-def test_the_body_nginx_gets_after_every_replica_failed_says_what_chose_it(
-        devmogile: DevMogileFS, headers: list[tuple[bytes, bytes]], client: str, vary: bool) -> None:
-    """As the WSGI middleware's (``test_middleware.py``): a cache between nginx and the
-    application gave the body served after every replica failed to nginx's next requests."""
-    Client(DOMAIN, devmogile.trackers).store_content("a.txt", b"0123456789", cls="thumb")
-    app = MogileFSMiddleware(Recorder(), domain=DOMAIN, trackers=devmogile.trackers, reproxy="nginx",
-                             trusted_proxies=[PROXY])
-    sent = run(app, variant_scope(headers=headers, client=client), [])
-    body = b"".join(message.get("body", b"") for message in sent[1:])
-    assert (sent[0]["status"], body) in ((200, b"0123456789"), (206, b"56789"))
-    varies = [value for name, value in sent[0]["headers"] if name == b"vary"]
-    assert varies == ([b"X-Sendfile-Type, X-Reproxy-Failed, Range, If-Range"] if vary else [])
-
-
 def variant_scope(method: str = "GET", headers: list[tuple[bytes, bytes]] | None = None, client: str = PROXY,
                   query: bytes = b"", path: str = "/mogilefs/a.txt", root: str = "") -> dict[str, Any]:
     return {**http_scope(path, method), "headers": headers or [], "client": (client, 5000), "query_string": query,
