@@ -92,9 +92,10 @@ def test_a_location_whose_urls_name_no_fid_is_not_kept(backend: MemcachedBackend
                                                        caplog: pytest.LogCaptureFixture) -> None:
     # Never read back (an entry's URLs must be replica URLs of its fid), it was stored anyway,
     # and every request for the key logged an invalid entry before asking the trackers.
-    rewritten = Location("k", ("http://10.0.0.1:7500/files/k?v=1",), "paths-f1c93728eb3e0a43", 5, True)
-    backend.set("k", rewritten, 1700000000.5, 60)
-    assert backend.get("k") is None and "invalid" not in caplog.text
+    rewritten = Location("no-fid", ("http://10.0.0.1:7500/files/k?v=1",), "paths-f1c93728eb3e0a43", 5, True)
+    backend.set("no-fid", rewritten, 1700000000.5, 60)
+    assert backend.get_versioned("no-fid") == (None, None)  # nothing in memcached under its name
+    assert "invalid" not in caplog.text
 
 
 def test_an_entry_expires_after_keep_seconds(backend: MemcachedBackend) -> None:
