@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -55,3 +57,11 @@ def require_program(program: str, package: str) -> str:
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+def require_module(name: str) -> ModuleType:
+    """The module ``name``; without it the test (or, called at import, the file) fails in CI
+    (``CI=true``) and skips elsewhere, as :func:`require_program`."""
+    if os.environ.get("CI") == "true":
+        return importlib.import_module(name)
+    return pytest.importorskip(name, reason=f"{name} is installed by the test command ('.[dev]')")

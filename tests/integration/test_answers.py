@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from conftest import DOMAIN
+from conftest import DOMAIN, require_module
 from integration._gunicorn import GunicornServer, run_gunicorn, run_uvicorn
 from integration._memcached import start_memcached
 from integration._wire_client import HTTPReply, read_http_reply
@@ -24,7 +24,7 @@ from mogile_middleware.cache import entry_key
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.memcache import MemcachedBackend
 
-pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
+require_module("gunicorn")
 
 FILES = {
     "data:text/html,x.png": "image/png",

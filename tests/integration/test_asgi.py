@@ -21,7 +21,7 @@ import pytest
 import uvloop
 from starlette.applications import Starlette
 from starlette.routing import Mount
-from conftest import DOMAIN
+from conftest import DOMAIN, require_module
 from integration._gunicorn import run_uvicorn
 from integration._slow_clients import node_connections, read_first_bytes, slow_downloads, storage_port, thread_count
 from integration._wire_client import free_port, read_http_reply
@@ -35,7 +35,7 @@ from mogile_middleware.asgi import MogileFSMiddleware, _inputs, _WarmAnswer, _Wa
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.views import serve_header
 
-pytest.importorskip("uvicorn", reason="uvicorn is installed by the test command ('.[dev]')")
+require_module("uvicorn")
 
 MIB = 1024 * 1024
 
@@ -265,7 +265,7 @@ def test_a_rewrite_in_front_is_followed_through_uvicorn(devmogile: DevMogileFS) 
 def test_a_mount_point_beyond_ascii_through_uvicorn(devmogile: DevMogileFS) -> None:
     """Starlette's Mount("/médias") under uvicorn: the file answered off the socket, each header once.
     (uvicorn's own --root-path takes ASCII only: it encodes it so.)"""
-    pytest.importorskip("starlette", reason="starlette is installed by the test command ('.[dev]')")
+    require_module("starlette")
     Client(DOMAIN, devmogile.trackers).store_content("hello.txt", b"hello", cls="thumb")
     with run_uvicorn({"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": devmogile.trackers[0]},
                      app="_gunicorn_app:make_mounted_asgi_app") as server:
@@ -285,7 +285,7 @@ def test_perlbals_fallback_request_reaches_the_file_under_uvicorns_root_path(dev
                                                                              target: str) -> None:
     """uvicorn --root-path /app (behind a front that takes /app off) adds /app to every path it
     receives: the fallback URL named it too, and Perlbal's request reached /app/app/..., not the file."""
-    pytest.importorskip("starlette", reason="starlette is installed by the test command ('.[dev]')")
+    require_module("starlette")
     Client(DOMAIN, devmogile.trackers).store_content("hello.txt", b"hello", cls="thumb")
     port = free_port()
     env = {"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": devmogile.trackers[0], "MOGILE_REPROXY": "perlbal",
@@ -306,7 +306,7 @@ def test_perlbals_fallback_request_reaches_the_file_under_uvicorns_root_path(dev
 def test_a_fastapi_app_under_uvicorn_keeps_its_routes_lifespan_and_private_endpoint(devmogile: DevMogileFS) -> None:
     """FastAPI's add_middleware, on the socket: files under the prefix, the app's JSON route with
     its lifespan's state, and its endpoint answering with a private file behind a dependency."""
-    pytest.importorskip("fastapi", reason="fastapi is installed by the test command ('.[dev]')")
+    require_module("fastapi")
     from integration._fastapi_app import TOKEN
 
     client = Client(DOMAIN, devmogile.trackers)
@@ -1348,7 +1348,7 @@ def test_answers_kept_are_bounded_in_paths_and_in_requests_of_a_path() -> None:
 
 def test_the_readmes_starlette_stack_answers_cross_origin_ranges_for_its_host_only(devmogile: DevMogileFS) -> None:
     """The README's order: GZip inside the middleware, CORS and TrustedHost outside it."""
-    pytest.importorskip("starlette", reason="starlette is installed by the test command ('.[dev]')")
+    require_module("starlette")
     from starlette.applications import Starlette
     from starlette.middleware.cors import CORSMiddleware
     from starlette.middleware.gzip import GZipMiddleware

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import uvloop
-from conftest import DOMAIN
+from conftest import DOMAIN, require_module
 from integration._async_facade import LoopThread
 from integration._slow_clients import node_connections, storage_port
 from integration._wire_client import eventually
@@ -315,7 +315,7 @@ def test_a_coroutine_listener_is_awaited_before_the_change_returns(devmogile: De
 
 
 def test_a_file_a_starlette_app_received_is_stored_as_it_is_read(devmogile: DevMogileFS) -> None:
-    starlette = pytest.importorskip("starlette.datastructures", reason="starlette is installed by '.[dev]'")
+    starlette = require_module("starlette.datastructures")
     data = bytes(range(256)) * 1000  # several pieces
 
     async def main() -> tuple[int, bytes]:

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from conftest import DOMAIN
+from conftest import DOMAIN, require_module
 from integration._gunicorn import GunicornServer, run_gunicorn, run_uvicorn
 from integration._wire_client import HTTPReply, read_http_reply
 from integration.test_hostile import call
@@ -27,7 +27,7 @@ from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.middleware import MogileFSMiddleware
 
-pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
+require_module("gunicorn")
 
 SMALL = bytes(range(256)) * 40  # 10,240 bytes: kept
 LARGE = os.urandom(300 * 1024)  # over the default body_cache_file_bytes (256 KiB): streamed

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
-from conftest import CLASSES, DOMAIN
+from conftest import CLASSES, DOMAIN, require_module
 from integration._gunicorn import GunicornServer, run_gunicorn, run_uvicorn
 from integration._memcached import start_memcached
 from integration._proxies import run_nginx_front, run_perlbal_front
@@ -35,7 +35,7 @@ from mogile_middleware.exceptions import KeyChangingError, UnknownKeyError
 from mogile_middleware.locate import CONFIRMED_SECONDS, SETTLING_PAUSES, AsyncLocator, Location
 from mogile_middleware.memcache import MemcachedBackend
 
-pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
+require_module("gunicorn")
 
 #: Seconds the development tracker waits before replicating and before deleting old files.
 DELAY = 0.5

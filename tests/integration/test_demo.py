@@ -20,12 +20,13 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from conftest import require_module
 from integration._wire_client import free_port, http_request
 
 from mogile_middleware.cli import main
 from mogile_middleware.cli.demo import sample_files
 
-pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
+require_module("gunicorn")
 
 REPO = Path(__file__).resolve().parents[2]
 CONTENT_TYPES = {".png": "image/png", ".mp4": "video/mp4", ".txt": "text/plain; charset=utf-8"}

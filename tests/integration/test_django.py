@@ -24,7 +24,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 import django
 import pytest
-from conftest import CLASSES, DOMAIN
+from conftest import CLASSES, DOMAIN, require_module
 from forks import children_failing, holding
 from integration._async_facade import LoopThread
 from django.conf import settings
@@ -1409,7 +1409,7 @@ def test_wrap_asgi_under_uvicorn(lingering_mogile: DevMogileFS) -> None:
     the database (a 500 for every file, ``SynchronousOnlyOperation``, when it ran on the event
     loop), Django's pages, and a save in a view (in Django's thread for synchronous views) that the
     next request sees."""
-    pytest.importorskip("uvicorn", reason="uvicorn is installed by the test command ('.[dev]')")
+    require_module("uvicorn")
     client = Client(DOMAIN, lingering_mogile.trackers)
     client.store_content("news.txt", b"old news", cls="thumb")
     client.store_content("private/plans.txt", b"plans", cls="thumb")

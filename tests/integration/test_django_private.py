@@ -27,7 +27,7 @@ from pathlib import Path
 from urllib.parse import quote, urlencode
 
 import pytest
-from conftest import CLASSES, DOMAIN, require_program
+from conftest import CLASSES, DOMAIN, require_module, require_program
 from integration._gunicorn import HERE, REPO, run_gunicorn
 from integration._proxies import run_perlbal_front
 from integration._wire_client import HTTPReply, read_http_reply
@@ -35,7 +35,7 @@ from integration._wire_client import HTTPReply, read_http_reply
 from mogile_middleware import Client
 from mogile_middleware.devserver import DevMogileFS
 
-pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
+require_module("gunicorn")
 
 EXAMPLE = REPO / "examples" / "djangosite"
 #: Seconds for each ``manage.py`` command.

@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import DOMAIN
+from conftest import DOMAIN, require_module
 from integration._gunicorn import run_gunicorn
 from integration._slow_clients import node_connections, read_first_bytes, slow_downloads, storage_port, thread_count
 from integration._wire_client import eventually, read_http_reply
@@ -26,8 +26,8 @@ from mogile_middleware import Client
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.nodepool import IDLE_PER_NODE
 
-pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
-pytest.importorskip("gevent", reason="gevent is installed by the test command ('.[dev]')")
+require_module("gunicorn")
+require_module("gevent")
 
 MIB = 1024 * 1024
 #: Twice what a stalled client and the worker's send buffer hold (4 MiB at most, tcp_wmem), so
@@ -210,7 +210,7 @@ print(*sorted(str(save.value) for save in saves))
 def test_saves_at_once_stop_no_greenlet_of_a_preloaded_django_worker(devmogile: DevMogileFS) -> None:
     """A Django save renaming onto its name holds no lock made at import: that one would be the
     thread's, and the next save taking it while the first waits for the tracker would stop the worker."""
-    pytest.importorskip("django", reason="Django is installed by the test command ('.[dev]')")
+    require_module("django")
     run = subprocess.run([sys.executable, "-c", SAVES_AT_ONCE, DOMAIN, *devmogile.trackers], capture_output=True,
                          text=True, timeout=30)
     first, second = run.stdout.split() or ["", ""]

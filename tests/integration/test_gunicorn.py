@@ -8,14 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import DOMAIN
+from conftest import DOMAIN, require_module
 from integration._gunicorn import GunicornServer, run_gunicorn
 from wiretools import PatternFile, pattern_md5
 
 from mogile_middleware import Client
 from mogile_middleware.devserver import DevMogileFS
 
-pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
+require_module("gunicorn")
 
 SIZE = 256 * 1024 * 1024
 MIB = 1024 * 1024

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from conftest import DOMAIN
+from conftest import DOMAIN, require_module
 from forks import children_failing, exit_code, fork_without_hooks, holding
 from integration._gunicorn import run_gunicorn
 from integration._memcached import MemcachedServer, start_memcached, writes_delayed
@@ -887,7 +887,7 @@ def lines(path: Path) -> list[str]:
 
 def test_two_gunicorn_workers_share_one_lookup(devmogile: DevMogileFS, memcached: MemcachedServer,
                                                tmp_path: Path) -> None:
-    pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
+    require_module("gunicorn")
     Client(DOMAIN, devmogile.trackers).store_content("shared.txt", BODY, cls="thumb")
     counts, hits, access = tmp_path / "get_paths", tmp_path / "app_hits", tmp_path / "access.log"
     env = {"MOGILE_DOMAIN": DOMAIN, "MOGILE_TRACKERS": devmogile.trackers[0], "MOGILE_MEMCACHED": memcached.address,

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import DOMAIN
+from conftest import DOMAIN, require_module
 from integration._gunicorn import REPO, run_gunicorn
 from integration._wire_client import free_port, read_http_reply
 from integration.test_client import _scripted_open, dropping_node  # noqa: F401 (a fixture)
@@ -698,7 +698,7 @@ def test_the_metrics_filter_answers_head_as_get_and_other_methods_405(counts: Co
 
 
 def test_the_django_view_answers_with_the_metrics(devmogile: DevMogileFS, counts: Counts) -> None:
-    pytest.importorskip("django")
+    require_module("django")
     from django.conf import settings
 
     if not settings.configured:
@@ -724,7 +724,7 @@ def test_the_django_view_answers_with_the_metrics(devmogile: DevMogileFS, counts
 
 @pytest.mark.parametrize("module", ["mogile_middleware.prometheus", "mogile_middleware.contrib.django.metrics"])
 def test_without_the_extra_the_import_names_it(monkeypatch: pytest.MonkeyPatch, module: str) -> None:
-    pytest.importorskip("django")
+    require_module("django")
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # as if it were not installed
     monkeypatch.delitem(sys.modules, "mogile_middleware.prometheus")
     monkeypatch.delitem(sys.modules, "mogile_middleware.contrib.django.metrics", raising=False)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import DOMAIN
+from conftest import DOMAIN, require_module
 from integration._wire_client import free_port
 from paste.deploy import loadapp, loadfilter
 from webtest import TestApp
@@ -311,7 +311,7 @@ def test_memcached_servers_build_a_shared_cache_backend() -> None:
 @pytest.fixture
 def gunicorn_paste(devmogile: DevMogileFS, tmp_path: Path) -> Iterator[int]:
     """``gunicorn --paste examples/pipeline.ini`` from the repository root; yields its port."""
-    pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
+    require_module("gunicorn")
     port = free_port()
     globals_ = [arg for name, value in overrides(devmogile).items() for arg in ("--paste-global", f"{name}={value}")]
     log = tmp_path / "gunicorn.log"

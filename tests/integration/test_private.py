@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from conftest import CLASSES, DOMAIN
+from conftest import CLASSES, DOMAIN, require_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from integration._gunicorn import run_gunicorn, run_uvicorn
@@ -44,7 +44,7 @@ from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.signing import BAD_SIGNATURE, EXPIRED, UNSIGNED, URLSigner
 
-pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
+require_module("gunicorn")
 
 SECRET, OLD_SECRET = "signing-secret-2026", "signing-secret-2025"
 FILES = {

@@ -27,7 +27,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import pytest
-from conftest import CLASSES, DOMAIN
+from conftest import CLASSES, DOMAIN, require_module
 from integration._gunicorn import GunicornServer, run_gunicorn, run_uvicorn
 from integration._gunicorn_app import APP_PAGES, STAND_IN_ETAG
 from integration._proxies import (
@@ -42,7 +42,7 @@ from wiretools import PatternFile, pattern_md5
 from mogile_middleware import Client
 from mogile_middleware.devserver import DevMogileFS
 
-pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
+require_module("gunicorn")
 
 MIB = 1024 * 1024
 #: Empty, one byte, either side of the 64 KiB chunks, and far beyond any proxy buffer.

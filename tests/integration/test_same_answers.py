@@ -12,16 +12,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from conftest import DOMAIN
+from conftest import DOMAIN, require_module
 from integration._gunicorn import run_daphne, run_gunicorn, run_uvicorn
 from integration._wire_client import HTTPReply, free_port, raw_http
 
 from mogile_middleware import Client
 from mogile_middleware.devserver import DevMogileFS
 
-pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
-pytest.importorskip("uvicorn", reason="uvicorn is installed by the test command ('.[dev]')")
-pytest.importorskip("daphne", reason="daphne is installed by the test command ('.[dev]')")
+require_module("gunicorn")
+require_module("uvicorn")
+require_module("daphne")
 
 FILES = {"a.txt": b"0123456789", "empty.txt": b"", "dir/b.bin": bytes(range(256)), "café.txt": b"cafe",
          " a.txt": b"leading space"}

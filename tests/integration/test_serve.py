@@ -18,7 +18,7 @@ from typing import NamedTuple
 from urllib.parse import quote
 
 import pytest
-from conftest import DOMAIN
+from conftest import DOMAIN, require_module
 from webob import Request
 from integration._proxies import run_perlbal_front
 from integration._wire_client import http_request
@@ -30,7 +30,7 @@ from mogile_middleware.cli import main
 from mogile_middleware.cli.serve import FileIndex
 from mogile_middleware.devserver import DevMogileFS
 
-pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
+require_module("gunicorn")
 
 COMMAND = [sys.executable, "-m", "mogile_middleware"]
 #: Seconds for the command to check the trackers, start gunicorn and announce its address.

@@ -7,14 +7,14 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import DOMAIN
+from conftest import DOMAIN, require_module
 from integration._gunicorn import run_gunicorn
 from integration._wire_client import free_port, read_http_reply
 
 from mogile_middleware import Client, MogileFSMiddleware
 from mogile_middleware.devserver import DevMogileFS
 
-pytest.importorskip("gunicorn", reason="gunicorn is installed by the test command ('.[dev]')")
+require_module("gunicorn")
 
 REQUEST = b"GET /mogilefs/photo.png HTTP/1.1\r\nHost: media\r\nConnection: close\r\n\r\n"
 

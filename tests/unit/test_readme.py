@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import require_module
 
 import mogile_middleware
 from mogile_middleware import AsyncClient, Client, asgi, middleware
@@ -38,7 +39,7 @@ def django_settings() -> list[str]:
 
 
 def paste_options() -> list[str]:
-    pytest.importorskip("paste.deploy", reason="PasteDeploy is installed by the test command ('.[dev]')")
+    require_module("paste.deploy")
     from mogile_middleware import paste
 
     return list(paste.OPTIONS)
