@@ -39,6 +39,7 @@ from .locate import is_clean_url
 from .protocol import MAX_KEY_BYTES, check_linked_path, check_url_key, has_control_character, local_link
 from .responders import NginxReproxy, PerlbalReproxy, Representation, Reproxy
 from .signing import BAD_SIGNATURE, EXPIRED, UNSIGNED, Secret, URLSigner
+from .storage import OwnShortageError
 from .throttle import ThrottledLog
 from .views import FOR_VIEW, NOT_REPROXIED, REPROXIED, SERVE_HEADER_LOWER
 
@@ -415,13 +416,16 @@ class MiddlewareCore:
         return _request_target(environ)
 
     def error_answer(self, error: MogileFSError, key: str) -> Answer:
-        """The answer for a lookup that failed: 404, 400, 503 or 502 (logged)."""
+        """The answer for a lookup or a serving that failed: 404, 400, 503 or 502 (logged)."""
         if isinstance(error, UnknownKeyError):
             return http.NOT_FOUND
         if isinstance(error, BadKeyError):  # key_for_path made a key no tracker holds (not UTF-8 text)
             return http.error(400, str(error))
         if isinstance(error, TrackerUnavailableError):
             self._outage_log.event(key, error)
+            return self.unavailable
+        if isinstance(error, OwnShortageError):  # out of file descriptors, no node failed: come back
+            self.unanswered.event(key, error)
             return self.unavailable
         if isinstance(error, KeyChangingError):  # in a second, the writer may have paused
             log.warning("cannot locate %r: %s", key, error)

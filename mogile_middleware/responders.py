@@ -21,7 +21,7 @@ from .bodies import BodyCache
 from .http import Answer, FilePlan, FileRequest, Headers
 from .locate import Location, Locator, Steps, run_steps
 from .protocol import names_a_fid
-from .storage import CHUNK_SIZE, ResumedReplica, Resumption, open_replica, read_replica
+from .storage import CHUNK_SIZE, OwnShortageError, ResumedReplica, Resumption, open_replica, read_replica
 from .throttle import ThrottledLog
 
 log = logging.getLogger("mogile_middleware")
@@ -389,5 +389,7 @@ def serve_steps(request: FileRequest, location: Location, representation: Repres
         same_bytes = names_a_fid(location.paths)
         return OpenedFile(location.key, plan, upstream,
                           Resumption(location.paths, plan.byte_range, location.length, same_bytes=same_bytes))
+    if isinstance(error, OwnShortageError):
+        raise error  # no node failed: the middleware's 503
     unanswered.event(location.key, error or "the trackers name none")
     return http.BAD_GATEWAY

@@ -30,7 +30,7 @@ from .downnodes import down_nodes
 from .exceptions import StorageError
 from .nodepool import Node, NodePool, nodes
 from .protocol import names_a_fid
-from .tracker import is_url_authority
+from .tracker import is_url_authority, own_shortage
 
 T = TypeVar("T")
 log = logging.getLogger("mogile_middleware")
@@ -619,17 +619,25 @@ class ReplicaFailures:
         self.lines: list[str] = []
         self.last_status: int | None = None
         self._slow = min(SLOW_FAILURE_SECONDS, timeout / 2)
+        # This process's own shortage (out of file descriptors) when it is all that failed.
+        self._shortage: OSError | None = None
+        self._nodes_failed = False
 
     def may_ask(self, url: str) -> bool:
         """True unless the node of ``url`` is marked down (then noted as a failure)."""
         if down_nodes.may_ask(url):
             return True
         self.lines.append(f"{url}: not asked, its node failed lately (again in {down_nodes.seconds_down(url):.1f}s)")
+        self._nodes_failed = True
         return False
 
     def failed(self, url: str, error: BaseException, seconds: float) -> None:
         """``url`` could not be asked (refused, timed out, a bad URL), which took ``seconds``."""
         self.lines.append(f"{url}: {error or type(error).__name__}")
+        if own_shortage(error):
+            self._shortage = error  # type: ignore[assignment]
+        else:
+            self._nodes_failed = True
         if seconds >= self._slow:
             down_nodes.failed(url, error)
         metrics.recorder.replica_failover()
@@ -653,6 +661,7 @@ class ReplicaFailures:
             expected = last - first + 1
         if answered and length is not None and (expected is None or length == expected):
             return True
+        self._nodes_failed = True
         self.last_status = status
         if not answered:
             told = f" ({headers['content-range']})" if "content-range" in headers else ""
@@ -666,9 +675,18 @@ class ReplicaFailures:
         return False
 
     def error(self, urls: Sequence[str]) -> StorageError:
-        """The error naming every failure."""
-        return StorageError("no replica answered: " + ("; ".join(self.lines) or "no paths"),
-                            urls[0] if urls else "", self.last_status)
+        """The error naming every failure: an :class:`OwnShortageError` when no node failed."""
+        kind = OwnShortageError if self._shortage is not None and not self._nodes_failed else StorageError
+        error = kind("no replica answered: " + ("; ".join(self.lines) or "no paths"), urls[0] if urls else "",
+                     self.last_status)
+        if kind is OwnShortageError:
+            error.__cause__ = self._shortage
+        return error
+
+
+class OwnShortageError(StorageError):
+    """No replica could be asked because this process could open no connection (out of file
+    descriptors): no node failed, and an answer says to come back rather than that nodes did."""
 
 
 class LengthMismatchError(StorageError):

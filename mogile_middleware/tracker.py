@@ -51,7 +51,7 @@ codecs.lookup("idna")
 _OWN_SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-def _own_shortage(error: BaseException | None) -> bool:
+def own_shortage(error: BaseException | None) -> bool:
     """True if ``error`` is :data:`_OWN_SHORTAGES`'s, or came while this process can open no file:
     a tracker's name then fails to resolve (``/etc/hosts`` unread) with a resolver's code instead."""
     if not isinstance(error, OSError):
@@ -392,8 +392,8 @@ class TrackerPoolBase:
         request's error, which its caller reports): not again while it fails as it is asked again
         (:meth:`_still_down`), but again once it was left unasked longer, the other trackers
         answering (it may have been back meanwhile). Not for a shortage of this process's own
-        (:func:`_own_shortage`)."""
-        if _own_shortage(error):
+        (:func:`own_shortage`)."""
+        if own_shortage(error):
             return
         with self._table_lock:  # threads failing on one tracker at once: one of them logs it
             known = self._still_down(address)

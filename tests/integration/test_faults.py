@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
@@ -26,7 +27,7 @@ from integration.test_hostile import call
 from integration.test_middleware import BODY, wrapped_app
 from wiretools import TEN, CountingRelay, KeptAliveNode, ScriptedTracker, SilentServer, files_tracker, honest
 
-from mogile_middleware import Client, StorageError, UnknownKeyError, UploadError, cache, core
+from mogile_middleware import Client, StorageError, UnknownKeyError, UploadError, async_storage, cache, core, nodepool
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.downnodes import down_nodes
@@ -140,6 +141,48 @@ def test_a_process_out_of_file_descriptors_marks_no_tracker_dead(devmogile: DevM
         if not named:  # no file of Python's own named
             assert short == f"no tracker answered: {tracker}: [Errno 24] Too many open files"
         assert after == "2 paths"
+
+
+@pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
+def test_a_process_out_of_file_descriptors_for_the_nodes_answers_503_not_502(
+        devmogile: DevMogileFS, stored: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        flavour: str) -> None:
+    """No node failed, so no 502 ("the upstream answered wrongly"): the worker could open no
+    connection to any, and says when to come back, as when it can reach no tracker."""
+    options = {"domain": DOMAIN, "trackers": devmogile.trackers}
+    wsgi, asgi = MogileFSMiddleware(wrapped_app, **options), ASGIMiddleware(Recorder(), **options)
+    paths = stored.get_paths("load/0")
+    nodes = {f"127.0.0.1:{url.split(':')[2].split('/')[0]}" for url in paths}
+    shortage = OSError(errno.EMFILE, "Too many open files")
+
+    def get() -> tuple[int, dict[str, str]]:
+        if flavour == "wsgi":
+            status, headers, _ = call(wsgi, "GET", "/mogilefs/load/0", {})
+            return status, dict(headers)
+        sent = run(asgi, http_scope("/mogilefs/load/0"), [])
+        return sent[0]["status"], {name.decode(): value.decode() for name, value in sent[0]["headers"]}
+
+    assert get()[0] == 200  # the paths kept, the tracker connection idle
+    nodepool.nodes.close()  # no idle node connection to take
+    connect, create_connection = async_storage.connect, socket.create_connection
+
+    async def connect_short(host: str, port: int, timeout: float | None = None) -> socket.socket:
+        if f"{host}:{port}" in nodes:
+            raise shortage
+        return await connect(host, port, timeout)
+
+    def create_connection_short(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+        if f"{address[0]}:{address[1]}" in nodes:
+            raise shortage
+        return create_connection(address, *args, **kwargs)
+
+    monkeypatch.setattr(async_storage, "connect", connect_short)
+    monkeypatch.setattr(socket, "create_connection", create_connection_short)
+    status, headers = get()
+    assert (status, headers["Retry-After" if flavour == "wsgi" else "retry-after"]) == (503, "5")
+    assert "Too many open files" in caplog.text
+    monkeypatch.undo()
+    assert get()[0] == 200  # and nothing marked down meanwhile
 
 
 @pytest.mark.parametrize("flavour", ["wsgi", "asgi"])
