@@ -29,8 +29,9 @@ from typing import BinaryIO
 from urllib.parse import unquote
 
 from ..http import storage_node_range
+from ..throttle import ThrottledLog
 from . import diskusage
-from .netutil import CHUNK_SIZE, BackgroundServer, TrackingThreadingMixIn
+from .netutil import CHUNK_SIZE, REFUSALS_LOG_INTERVAL, BackgroundServer, TrackingThreadingMixIn
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ _REASONS = {
     404: "Not Found",
     416: "Request range not satisfiable",
     500: "Internal Server Error",
+    507: "Insufficient Storage",
 }
 _DEVICE_DIRECTORY = re.compile(r"dev\d+")
 
@@ -176,15 +178,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self._is_usage_file(path):
             try:
                 diskusage.refresh(path.parent)
-            except OSError:
-                log.warning("cannot write %r", str(path), exc_info=True)
+            except OSError as error:  # a full disk: the figures of now, which the file could not take
+                self.server.usage_unwritten.event(str(path), error)
+                usage = diskusage.format_usage(diskusage.measure(path.parent))
+                self._send_file(io.BytesIO(usage), len(usage), time.time())
+                return
         try:
             stream = path.open("rb")
         except OSError:
             self._page(404)
             return
         with stream:
-            self._send_file(stream, os.fstat(stream.fileno()))
+            stat = os.fstat(stream.fileno())
+            self._send_file(stream, stat.st_size, stat.st_mtime)
 
     do_HEAD = do_GET
 
@@ -198,9 +204,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             and directory.is_dir()
         )
 
-    def _send_file(self, stream: BinaryIO, stat: os.stat_result) -> None:
-        size = stat.st_size
-        last_modified = email.utils.formatdate(stat.st_mtime, usegmt=True)
+    def _send_file(self, stream: BinaryIO, size: int, modified: float) -> None:
+        last_modified = email.utils.formatdate(modified, usegmt=True)
         common: list[tuple[str, str | int]] = [("Last-Modified", last_modified), ("Accept-Ranges", "bytes")]
         if self.headers.get("If-Modified-Since") == last_modified:
             self._start(304, common)
@@ -244,7 +249,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        except OSError:
+        except OSError as error:
+            if error.errno in _DISK_FULL:  # no room for a directory or a file's inode
+                log.warning("PUT %r not stored: %s", self.path, error)
+                self._page(507, close=True)
+                return
             log.warning("cannot write under %r", str(path.parent), exc_info=True)
             self._page(500, close=True)
             return
@@ -252,11 +261,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             with os.fdopen(fd, "wb") as out:
                 self._receive_body(out)
         except (_BodyCut, OSError, ValueError) as exc:
+            _discard(temp_name)
             if isinstance(exc, OSError) and exc.errno in _DISK_FULL:  # the node's failure, not the client's
                 log.warning("PUT %r not stored: %s", self.path, exc)
-            else:
-                log.debug("PUT %r abandoned: %r", self.path, exc)
-            _discard(temp_name)
+                self._page(507, close=True)  # read by the client before the body it still sends
+                return
+            log.debug("PUT %r abandoned: %r", self.path, exc)
             self.close_connection = True  # the client is gone or sent garbage: no answer
             return
         try:
@@ -332,6 +342,9 @@ class _HTTPServer(TrackingThreadingMixIn, http.server.HTTPServer):
         self.docroot = docroot
         self.idle_timeout = idle_timeout
         self.head_timeout = head_timeout
+        # The tracker asks for each device's usage file twice a second: one line per 10 s at most.
+        self.usage_unwritten = ThrottledLog(log, logging.WARNING, "cannot write %r: %s", REFUSALS_LOG_INTERVAL,
+                                            "usage files")
         super().__init__(address, _Handler)
 
 

@@ -8,6 +8,7 @@ directories, and that no argument makes the tracker fail or drop the connection.
 from __future__ import annotations
 
 import http.server
+import errno
 import os
 import sqlite3
 import threading
@@ -68,6 +69,29 @@ def test_usage_file_is_rewritten_only_when_older_than_ten_seconds(tmp_path: Path
     assert usage.read_bytes().split(b"\n")[1:3] == first.split(b"\n")[1:3]  # device and disk
     assert diskusage.parse_usage(usage.read_bytes()) is not None
     assert [path.name for path in tmp_path.iterdir()] == [diskusage.USAGE_FILE]
+
+
+def test_a_usage_file_the_full_disk_cannot_take_is_answered_with_the_figures_of_now(
+        devmogile: DevMogileFS, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """It served the figures of before the disk filled (``check``: "3 MB free" on a full device),
+    logging a traceback at each of the tracker's two requests a second."""
+    node = devmogile.nodes[0]
+    usage = node.docroot / "dev1" / diskusage.USAGE_FILE
+    http_request(f"{node.url}/dev1/usage")
+    usage.write_bytes(b"available: 999999\ntotal: 1000000\nused: 1\n")  # what the disk held before
+    old = time.time() - diskusage.REFRESH_SECONDS - 1
+    os.utime(usage, (old, old))
+
+    def full(directory: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(diskusage, "refresh", full)
+    for _ in range(3):
+        reply = http_request(f"{node.url}/dev1/usage")
+        assert reply.status == 200 and b"disk: " + str(node.docroot / "dev1").encode() in reply.body
+        assert diskusage.parse_usage(reply.body) != (1, 1000000)
+    assert [record.getMessage() for record in caplog.records if "usage" in record.getMessage()] == [
+        f"cannot write {str(usage)!r}: [Errno 28] No space left on device"]
 
 
 def test_storage_node_serves_usage_of_device_directories_only(devmogile: DevMogileFS) -> None:

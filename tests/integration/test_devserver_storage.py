@@ -135,7 +135,7 @@ def test_put_chunked_and_without_body(node: StorageNode) -> None:
 #: A storage node whose files may not grow past 64 KiB (``RLIMIT_FSIZE``: as a full disk, a write
 #: error of its own) takes a PUT of 1 MiB.
 _NODE_OUT_OF_ROOM = """
-import http.client, logging, os, resource, signal, sys
+import logging, os, resource, signal, socket, sys
 from mogile_middleware.devserver import StorageNode
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -143,22 +143,24 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
 os.mkdir(os.path.join(sys.argv[1], "dev1"))
 node = StorageNode(sys.argv[1])
 node.start()
-connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=10)
+connection = socket.create_connection(("127.0.0.1", node.port), timeout=10)
+connection.sendall(b"PUT /dev1/0/000/000/0000000001.fid HTTP/1.0\\r\\nContent-Length: 1048576\\r\\n\\r\\n")
 try:
-    connection.request("PUT", "/dev1/0/000/000/0000000001.fid", b"x" * (1 << 20))
-    connection.getresponse()
-except OSError:
+    connection.sendall(b"x" * (1 << 20))
+except OSError:  # the node answered and closed before taking it all
     pass
+print(connection.makefile("rb").readline().decode().strip())
 node.stop()
 """
 
 
-def test_a_put_the_node_has_no_room_for_is_logged_as_its_failure(tmp_path: Path) -> None:
-    """It was logged at DEBUG as a client gone away: the uploader said "Broken pipe", and nothing
-    said the node's disk was full."""
+def test_a_put_the_node_has_no_room_for_is_answered_507_and_logged_as_its_failure(tmp_path: Path) -> None:
+    """It was logged at DEBUG as a client gone away, and the connection closed without an answer:
+    the uploader said "Broken pipe", and nothing said the node's disk was full."""
     process = subprocess.run([sys.executable, "-c", _NODE_OUT_OF_ROOM, str(tmp_path)], capture_output=True,
                              text=True, timeout=60)
     assert process.returncode == 0, process.stderr
+    assert process.stdout.strip() == "HTTP/1.0 507 Insufficient Storage"
     assert "WARNING PUT '/dev1/0/000/000/0000000001.fid' not stored: [Errno 27] File too large" in process.stderr
     assert list((tmp_path / "dev1").rglob("*")) == [tmp_path / "dev1/0", tmp_path / "dev1/0/000",
                                                     tmp_path / "dev1/0/000/000"]  # no file, no part left
