@@ -18,6 +18,7 @@ import inspect
 import logging
 import os
 import re
+import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Any, BinaryIO, NamedTuple
 from .cache import CacheBackend, entry_key, is_cache_backend
 from .deadline import checked_seconds
 from .exceptions import BadKeyError, KeyChangingError, NoneMatchError, ProtocolError, UnknownKeyError, named_errors
+from .forking import new_lock_in_child
 from .nodepool import nodes
 from .protocol import (ArgValue, Key, Reply, as_text, check_any_key, check_key, fid_of, has_control_character,
                        key_bytes, parse_domains, to_bytes, to_text)
@@ -328,6 +330,18 @@ class KeyListing:
         return self.listed + key[len(self.listed):]
 
 
+#: Held while a client's change listeners are replaced (by middlewares made in several threads).
+_LISTENERS_LOCK = threading.Lock()
+new_lock_in_child(globals(), "_LISTENERS_LOCK")
+
+
+class _Default(float):
+    """The default of a client's tracker option: the number, told apart from one given (refused
+    beside a ``pool``, which has its own)."""
+
+    __slots__ = ()
+
+
 class ClientBase:
     """What :class:`Client` and :class:`~mogile_middleware.async_client.AsyncClient` share: the
     arguments, the tracker pool (of the class ``pool_class``) and the change listeners (see
@@ -344,9 +358,9 @@ class ClientBase:
         domain: str,
         trackers: str | Iterable[str | Address] = (),
         *,
-        connect_timeout: float = 1.0,
-        io_timeout: float = 5.0,
-        dead_seconds: float = 5.0,
+        connect_timeout: float = _Default(1.0),
+        io_timeout: float = _Default(5.0),
+        dead_seconds: float = _Default(5.0),
         storage_timeout: float = 10.0,
         pool: TrackerPoolBase | None = None,
         on_change: ChangeListener | None = None,
@@ -365,9 +379,9 @@ class ClientBase:
             raise ValueError(f"cache_backend must be an object with get, set and delete (a CacheBackend, such as "
                              f"MemcachedBackend), or None, not {cache_backend!r}")
         self.domain = domain
-        self.pool = pool or self.pool_class(
-            trackers, connect_timeout=connect_timeout, io_timeout=io_timeout, dead_seconds=dead_seconds
-        )
+        self.pool = pool or self.pool_class(trackers, **{  # plain numbers, whether given or not
+            name: float(value) if isinstance(value, _Default) else value for name, value in
+            [("connect_timeout", connect_timeout), ("io_timeout", io_timeout), ("dead_seconds", dead_seconds)]})
         self.storage_timeout = checked_seconds("storage_timeout", storage_timeout)
         self.cache_backend = cache_backend
         self._change_listeners: tuple[ChangeListener, ...] = ()
@@ -389,8 +403,8 @@ class ClientBase:
         if inspect.iscoroutinefunction(function) and not self.awaits_listeners:
             raise TypeError(f"{type(self).__name__} calls its change listeners without awaiting them: "
                             f"{function!r} is a coroutine function (the asyncio client awaits them)")
-        # A new tuple: _changed reads a snapshot.
-        self._change_listeners = (*(kept for kept in self._change_listeners if not gone(kept)), listener)
+        with _LISTENERS_LOCK:  # a new tuple, which _changed reads as a snapshot: none added meanwhile is lost
+            self._change_listeners = (*(kept for kept in self._change_listeners if not gone(kept)), listener)
 
     def _changed(self, *keys: str | bytes) -> list[Awaitable[None]]:
         """Tell every change listener that ``keys`` were (or may have been) written, renamed or
@@ -462,10 +476,9 @@ async def _awaited(started: Awaitable[Any], listener: ChangeListener, key: str) 
 
 
 def _refuse_beside_pool(pool: TrackerPoolBase, trackers: object, **options: float) -> None:
-    """A ValueError naming the tracker options given with a shared ``pool`` (``options`` other
-    than :class:`ClientBase`'s defaults), which the pool's own would override in silence."""
-    defaults = inspect.signature(ClientBase.__init__).parameters
-    given = ["trackers"] * bool(trackers) + [name for name, value in options.items() if value != defaults[name].default]
+    """A ValueError naming the tracker options given with a shared ``pool`` (whatever their
+    value), which the pool's own would override in silence."""
+    given = ["trackers"] * bool(trackers) + [name for name, value in options.items() if not isinstance(value, _Default)]
     if given:
         raise ValueError(f"{', '.join(given)}: the given pool has its own; set them on its {type(pool).__name__}")
 
@@ -630,6 +643,8 @@ class Admin:
     and the class they are about."""
 
     def __init__(self, trackers: str | Iterable[str | Address] = (), *, pool: TrackerPool | None = None) -> None:
+        if pool is not None and not isinstance(pool, TrackerPool):
+            raise ValueError(f"pool must be a TrackerPool, or None, not {pool!r}")
         if pool is not None:
             _refuse_beside_pool(pool, trackers)
         self.pool = pool or TrackerPool(trackers)

@@ -16,7 +16,7 @@ import inspect
 import ipaddress
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import quote, unquote_to_bytes
 
@@ -642,17 +642,33 @@ def _as_ipv4(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> ipaddres
     return network if mapped is None else ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
 
 
+def wrapped_middlewares(app: Any) -> Iterator[MiddlewareCore]:
+    """The middlewares of this package that ``app`` is or wraps, outermost first: through each
+    one's ``app``, and what ``__wrapped__`` names (the metrics endpoint's, Django's lifespan answerer's)."""
+    for _ in range(_MAX_WRAPPERS):
+        if isinstance(app, MiddlewareCore):
+            yield app
+            app = app.app
+        else:
+            app = getattr(app, "__wrapped__", None)
+        if app is None:
+            return
+
+
+#: How deep :func:`wrapped_middlewares` looks: a ``__wrapped__`` may name its own object.
+_MAX_WRAPPERS = 64
+
+
 def _refuse_shadowing(prefix: str, path_prefix: str, app: Any) -> None:
-    """A ValueError when ``app`` is a middleware (or one wrapped by middlewares of this package)
-    whose prefix lies under ``prefix``: every request of its prefix would be answered here, its
+    """A ValueError when ``app`` is or wraps a middleware whose prefix lies under ``prefix``
+    (:func:`wrapped_middlewares`): every request of its prefix would be answered here, its
     ``authorize`` and its domain skipped."""
-    while isinstance(app, MiddlewareCore):
-        if app.path_prefix == path_prefix:
+    for inner in wrapped_middlewares(app):
+        if inner.path_prefix == path_prefix:
             raise ValueError(f"prefix {prefix!r} is the prefix of the middleware it wraps, which would never be asked")
-        if app.path_prefix.startswith(path_prefix):
-            raise ValueError(f"prefix {prefix!r} holds the prefix {app.prefix!r} of the middleware it wraps, which "
+        if inner.path_prefix.startswith(path_prefix):
+            raise ValueError(f"prefix {prefix!r} holds the prefix {inner.prefix!r} of the middleware it wraps, which "
                              "would never be asked: wrap this one in that one (the longer prefix outside)")
-        app = app.app
 
 
 def _node_reads_alike(range_header: str, length: int | None) -> bool:

@@ -274,7 +274,7 @@ class MetricsEndpoint:
     """
 
     def __init__(self, app: WSGIApp, *, path: str = "/metrics") -> None:
-        self.app = app
+        self.app = self.__wrapped__ = app  # (__wrapped__: what a middleware around it finds inside)
         self.path = _metrics_path(path)
         self._exposition = make_wsgi_app(registry())
         record()

@@ -11,6 +11,7 @@ import io
 import logging
 import re
 import socket
+import sys
 import threading
 import time
 import unicodedata
@@ -36,7 +37,7 @@ from mogile_middleware import (
     UploadError,
 )
 from mogile_middleware.cache import entry_key
-from mogile_middleware.client import ClientBase, Request
+from mogile_middleware.client import ClientBase, Request, WeakListener
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.exceptions import (OutcomeUnknownError, ProtocolError, StorageError, TrackerError, UnregClassError,
                                           UnregDomainError)
@@ -619,6 +620,42 @@ def test_the_blocking_client_refuses_a_listener_it_could_not_await(devmogile: De
         client.add_change_listener(listener)
     with pytest.raises(TypeError, match="coroutine function"):
         Client(DOMAIN, devmogile.trackers, on_change=listener)
+
+
+def test_middlewares_made_in_several_threads_on_one_client_all_hear_of_its_changes() -> None:
+    """Each added its listener by replacing the client's tuple of them: one made at the same
+    time as another could be lost, its middleware then serving the old paths of a key written."""
+    class Locator:  # as a middleware's, heard through a weak listener
+        def __init__(self, heard: list[int], number: int) -> None:
+            self.heard, self.number = heard, number
+
+        def changed(self, key: str) -> None:
+            self.heard.append(self.number)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can
+    try:
+        for _ in range(100):
+            client = Client(DOMAIN, "127.0.0.1:7001")
+            heard: list[int] = []
+            locators = [Locator(heard, number) for number in range(28)]
+            for locator in locators[:20]:  # the middlewares made before
+                client.add_change_listener(WeakListener(locator.changed))
+            started = threading.Barrier(8)
+
+            def add(locator: Locator) -> None:
+                started.wait(5)
+                client.add_change_listener(WeakListener(locator.changed))
+
+            threads = [threading.Thread(target=add, args=(locator,)) for locator in locators[20:]]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(10)
+            client._changed("k")
+            assert sorted(heard) == list(range(28))
+    finally:
+        sys.setswitchinterval(interval)
 
 
 @both_flavours

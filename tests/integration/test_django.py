@@ -1142,6 +1142,15 @@ def test_client_options_reach_the_storages_and_both_middlewares(mogile: DevMogil
     assert wsgi.storage_timeout == asgi.storage_timeout == 4
 
 
+def test_an_application_wrapped_already_is_refused(mogile: DevMogileFS) -> None:
+    """The outer middleware answered every request of the inner one's prefix (the same) itself,
+    and the error blamed MOGILEFS_MEDIA_URL, or none came (ASGI)."""
+    for wrap, application in [(wrap_wsgi, get_wsgi_application), (wrap_asgi, get_asgi_application)]:
+        with pytest.raises(ImproperlyConfigured, match=f"{wrap.__name__}: the application given is wrapped by the "
+                                                        "MogileFS middleware already"):
+            wrap(wrap(application()))
+
+
 def test_wrapped_applications_dropped_go_with_their_path_caches(mogile: DevMogileFS) -> None:
     """A test suite or an application factory wraps the application again and again: each one's
     path cache stayed alive, listening to the shared clients' saves, until the process ended."""
@@ -1153,9 +1162,10 @@ def test_wrapped_applications_dropped_go_with_their_path_caches(mogile: DevMogil
     storage = MogileFSStorage()
     storage.save("dropped.txt", ContentFile(b"old"))
     assert site.get("/media/dropped.txt").body == b"old"
-    storage.delete("dropped.txt")
-    storage.save("dropped.txt", ContentFile(b"new"))  # the living one still hears of saves
-    assert site.get("/media/dropped.txt").body == b"new"
+    locator = site.app.locator
+    assert locator.paths.backend.get(locator.cache_key("dropped.txt")) is not None
+    storage.delete("dropped.txt")  # the living one still hears of changes
+    assert locator.paths.backend.get(locator.cache_key("dropped.txt")) is None
 
 
 # -- the wrapped ASGI application ---------------------------------------------------------------

@@ -37,7 +37,7 @@ from mogile_middleware import (AsyncClient, Client, MogileFSMiddleware, TrackerU
                                UnregClassError, Uploader, UploadError, metrics)
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
 from mogile_middleware.devserver import DevMogileFS
-from mogile_middleware.prometheus import PrometheusRecorder
+from mogile_middleware.prometheus import MetricsEndpoint, PrometheusRecorder
 
 CONTENT = b"metrics " * 1000
 
@@ -140,8 +140,18 @@ def test_middlewares_dropped_from_a_shared_client_go_with_their_caches(devmogile
     gc.collect()
     kept.get("/kept/missing", status=404)
     assert counts("path_cache_entries") == before + 1
+    locator = kept.app.locator
+    assert locator.paths.backend.get(locator.cache_key("a.txt")) is not None
     client.store_content("a.txt", b"new", "avatar")  # the living middleware still hears of writes
-    assert kept.get("/kept/a.txt").body == b"new"
+    assert locator.paths.backend.get(locator.cache_key("a.txt")) is None
+
+
+def test_a_middleware_refuses_to_wrap_one_it_would_answer_for_through_the_metrics_endpoint() -> None:
+    """Its private files were served to anyone: ``/media/`` answered ``/media/private/`` itself."""
+    options = {"domain": DOMAIN, "trackers": "127.0.0.1:7001"}
+    private = MogileFSMiddleware(not_found, prefix="/media/private/", authorize=lambda request, key: False, **options)
+    with pytest.raises(ValueError, match="holds the prefix '/media/private/' of the middleware it wraps"):
+        MogileFSMiddleware(MetricsEndpoint(private), prefix="/media/", **options)
 
 
 def test_the_body_cache_counts_hits_misses_and_the_bytes_it_serves(devmogile: DevMogileFS, counts: Counts) -> None:

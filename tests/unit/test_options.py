@@ -254,6 +254,11 @@ def test_a_pool_given_with_trackers_or_timeouts_is_refused_naming_them(client: t
     with pytest.raises(ValueError, match=f"{named}: the given pool has its own"):
         client(*arguments, "10.0.0.1:7001", pool=pool, **options)
     assert client(*arguments, pool=pool).pool is pool
+    if client is not Admin:  # given, if at the default, it would be ignored as well
+        with pytest.raises(ValueError, match="io_timeout: the given pool has its own"):
+            client(*arguments, pool=pool, io_timeout=5.0)
+    with pytest.raises(ValueError, match="pool must be a"):
+        client(*arguments, pool="127.0.0.1:7001")
 
 
 @pytest.mark.parametrize("max_entries", [0, -1, "10", True])

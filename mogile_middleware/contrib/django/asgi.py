@@ -37,6 +37,7 @@ def wrap_asgi(application: DjangoASGIApp) -> MogileFSMiddleware:
     runs as a synchronous view does (:func:`~.cycle.off_the_event_loop`): Django's ORM refuses
     the event loop.
     """
+    conf.refuse_wrapped(application, "wrap_asgi")
     middleware = configured_middleware(application)
     listen_to_media_changes(WeakListener(middleware.locator.forget))
     return middleware
@@ -84,6 +85,7 @@ def _answering_lifespan(application: DjangoASGIApp) -> ASGIApp:
             while (await receive())["type"] != "lifespan.shutdown":  # lifespan.startup
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
+    app.__wrapped__ = application  # type: ignore[attr-defined]  # (what a middleware around it finds inside)
     return app
 
 
