@@ -1146,8 +1146,8 @@ def test_an_application_wrapped_already_is_refused(mogile: DevMogileFS) -> None:
     """The outer middleware answered every request of the inner one's prefix (the same) itself,
     and the error blamed MOGILEFS_MEDIA_URL, or none came (ASGI)."""
     for wrap, application in [(wrap_wsgi, get_wsgi_application), (wrap_asgi, get_asgi_application)]:
-        with pytest.raises(ImproperlyConfigured, match=f"{wrap.__name__}: the application given is wrapped by the "
-                                                        "MogileFS middleware already"):
+        refusal = f"{wrap.__name__}: the application given is wrapped by the MogileFS middleware already"
+        with pytest.raises(ImproperlyConfigured, match=refusal):
             wrap(wrap(application()))
 
 
