@@ -99,8 +99,8 @@ class MemcachedBackend:
     ``servers`` are ``host:port`` (port 11211 when left out), ``(host, port)`` pairs or unix socket
     paths: a list, or one string separated by commas or spaces. Entries are stored under
     ``prefix`` and the key; ``connect_timeout`` and ``timeout`` bound each connect and each call
-    (seconds). Errors reach :class:`~mogile_middleware.cache.PathCache`, which keeps what it finds in process
-    meanwhile; a failed server is skipped for :data:`DEAD_SECONDS` to twice that. ``secret``
+    (seconds). Errors reach :class:`~mogile_middleware.cache.PathCache`, which keeps what it finds
+    in process meanwhile; a failed server is skipped for :data:`DEAD_SECONDS` to twice that. ``secret``
     (bytes or text, the same on every host) signs the entries; a list of them rotates it: the
     first signs, each verifies. A ready pymemcache ``client`` is used as given, and must then be
     safe to share between the threads (and forks) of the application.
