@@ -770,6 +770,10 @@ class PutStream:
             end = b"0\r\n\r\n" if self._chunked else b""
             status, *_ = connection.exchange(end, self.url, time.monotonic() + self._timeout, self._timeout, "PUT")
         except (OSError, StorageError) as error:
+            # The whole body in the socket's buffers, the node may have answered it before taking it all.
+            answered = put_dropped(self.url, connection.sock, error) if isinstance(error, OSError) else None
+            if answered is not None and answered.status is not None:
+                raise answered from error
             raise StorageError(f"PUT {self.url} failed: {error or type(error).__name__}", self.url) from error
         finally:
             connection.close()

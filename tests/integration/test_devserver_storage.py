@@ -135,8 +135,10 @@ def test_put_chunked_and_without_body(node: StorageNode) -> None:
 #: A storage node whose files may not grow past 64 KiB (``RLIMIT_FSIZE``: as a full disk, a write
 #: error of its own) takes a PUT of 1 MiB.
 _NODE_OUT_OF_ROOM = """
-import logging, os, resource, signal, socket, sys
+import logging, os, resource, signal, socket, sys, time
+from mogile_middleware import StorageError
 from mogile_middleware.devserver import StorageNode
+from mogile_middleware.storage import PutStream
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
@@ -150,6 +152,14 @@ try:
 except OSError:  # the node answered and closed before taking it all
     pass
 print(connection.makefile("rb").readline().decode().strip())
+# A body the socket's buffers hold whole: the node's answer came before the client ended it.
+put = PutStream(f"{node.url}/dev1/0/000/000/0000000002.fid", length=200_000)
+put.write(b"x" * 200_000)
+time.sleep(0.5)  # the node has answered and closed
+try:
+    put.finish()
+except StorageError as error:
+    print(error)
 node.stop()
 """
 
@@ -160,7 +170,9 @@ def test_a_put_the_node_has_no_room_for_is_answered_507_and_logged_as_its_failur
     process = subprocess.run([sys.executable, "-c", _NODE_OUT_OF_ROOM, str(tmp_path)], capture_output=True,
                              text=True, timeout=60)
     assert process.returncode == 0, process.stderr
-    assert process.stdout.strip() == "HTTP/1.0 507 Insufficient Storage"
+    raw, through_the_client = process.stdout.splitlines()
+    assert raw == "HTTP/1.0 507 Insufficient Storage"
+    assert through_the_client.endswith("/0000000002.fid answered HTTP 507 before taking all of the body")
     assert "WARNING PUT '/dev1/0/000/000/0000000001.fid' not stored: [Errno 27] File too large" in process.stderr
     assert list((tmp_path / "dev1").rglob("*")) == [tmp_path / "dev1/0", tmp_path / "dev1/0/000",
                                                     tmp_path / "dev1/0/000/000"]  # no file, no part left

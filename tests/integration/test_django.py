@@ -49,7 +49,8 @@ from PIL import Image
 from webtest import TestApp, Upload
 
 from mogile_middleware import (
-    Client, OutcomeUnknownError, TrackerError, TrackerUnavailableError, UploadError, UploadOutcomeUnknownError,
+    Client, MogileFSMiddleware, OutcomeUnknownError, TrackerError, TrackerUnavailableError, UploadError,
+    UploadOutcomeUnknownError,
 )
 from mogile_middleware.cli import main
 from mogile_middleware.asgi import MogileFSMiddleware as ASGIMiddleware
@@ -58,6 +59,7 @@ from mogile_middleware.cache import entry_key
 from mogile_middleware.contrib.django import clients, cycle
 from mogile_middleware.contrib.django import MogileFSStorage, close_clients, get_client, wrap_asgi, wrap_wsgi
 from mogile_middleware.contrib.django.storage import TEMPORARY_PREFIX
+from mogile_middleware.core import wrapped_middlewares
 from mogile_middleware.views import WRAPPED_BY
 from mogile_middleware.devserver import DevMogileFS
 from mogile_middleware.memcache import MemcachedBackend
@@ -1143,12 +1145,15 @@ def test_client_options_reach_the_storages_and_both_middlewares(mogile: DevMogil
 
 
 def test_an_application_wrapped_already_is_refused(mogile: DevMogileFS) -> None:
-    """The outer middleware answered every request of the inner one's prefix (the same) itself,
-    and the error blamed MOGILEFS_MEDIA_URL, or none came (ASGI)."""
-    for wrap, application in [(wrap_wsgi, get_wsgi_application), (wrap_asgi, get_asgi_application)]:
-        refusal = f"{wrap.__name__}: the application given is wrapped by the MogileFS middleware already"
-        with pytest.raises(ImproperlyConfigured, match=refusal):
+    """The outer middleware answered every request of the inner one's prefix (the same) itself
+    (ASGI: without a word); one of another prefix inside is the order the README gives."""
+    options = {"domain": DOMAIN, "trackers": mogile.trackers, "prefix": "/avatars/"}
+    for wrap, application, middleware in [(wrap_wsgi, get_wsgi_application, MogileFSMiddleware),
+                                          (wrap_asgi, get_asgi_application, ASGIMiddleware)]:
+        with pytest.raises(ImproperlyConfigured, match="prefix '/media/' is the prefix of the middleware it wraps"):
             wrap(wrap(application()))
+        wrapped = wrap(middleware(application(), **options))
+        assert [inner.prefix for inner in wrapped_middlewares(wrapped)] == ["/media/", "/avatars/"]
 
 
 def test_wrapped_applications_dropped_go_with_their_path_caches(mogile: DevMogileFS) -> None:

@@ -37,7 +37,6 @@ def wrap_asgi(application: DjangoASGIApp) -> MogileFSMiddleware:
     runs as a synchronous view does (:func:`~.cycle.off_the_event_loop`): Django's ORM refuses
     the event loop.
     """
-    conf.refuse_wrapped(application, "wrap_asgi")
     middleware = configured_middleware(application)
     listen_to_media_changes(WeakListener(middleware.locator.forget))
     return middleware

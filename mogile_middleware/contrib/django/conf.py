@@ -14,7 +14,6 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from ...core import wrapped_middlewares
 from ...deadline import checked_seconds
 from ...middleware import REPROXY_MODES, MogileFSMiddleware, parse_trusted_proxies
 from ...protocol import has_control_character
@@ -245,13 +244,6 @@ def reproxy() -> str | None:
         return validated("MOGILEFS_REPROXY", settings.MOGILEFS_REPROXY, _reproxy_mode)
     perlbal = getattr(settings, "SERVE_WITH_PERLBAL", None)  # None: as if unset; 0 and "" are refused
     return "perlbal" if perlbal is not None and validated("SERVE_WITH_PERLBAL", perlbal, flag) else None
-
-
-def refuse_wrapped(application: Any, wrap: str) -> None:
-    """``ImproperlyConfigured`` when ``application`` is wrapped by the middleware already: the
-    outer one would answer every request under ``MOGILEFS_MEDIA_URL`` itself."""
-    if next(wrapped_middlewares(application), None) is not None:
-        raise ImproperlyConfigured(f"{wrap}: the application given is wrapped by the MogileFS middleware already")
 
 
 def configured(make: Callable[[], T]) -> T:

@@ -19,7 +19,6 @@ def wrap_wsgi(application: WSGIApp) -> MogileFSMiddleware:
     the client's writes drop them. ``authorize`` runs between the closings of old database
     connections Django makes around a view (:func:`~.cycle.in_request_cycle`).
     """
-    conf.refuse_wrapped(application, "wrap_wsgi")
     middleware = configured_middleware(application)
     # Besides its own client, which it listens to already.
     listen_to_media_changes(WeakListener(middleware.locator.forget), besides=middleware.client)
