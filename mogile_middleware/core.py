@@ -650,7 +650,10 @@ def wrapped_middlewares(app: Any) -> Iterator[MiddlewareCore]:
             yield app
             app = app.app
         else:
-            app = getattr(app, "__wrapped__", None)
+            try:
+                app = getattr(app, "__wrapped__", None)
+            except Exception:  # a proxy that reads nothing yet (werkzeug's LocalProxy outside a request)
+                return
         if app is None:
             return
 

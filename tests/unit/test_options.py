@@ -245,6 +245,15 @@ def test_a_middleware_refuses_to_wrap_one_it_would_answer_for(middleware: type, 
     assert middleware(middleware(lambda *args: None, prefix=outer, **options), prefix=inner + "more/",
                       **options).app.prefix == outer  # the longer prefix outside
 
+    class Unbound:  # as werkzeug's LocalProxy outside a request: every attribute an error
+        def __call__(self, *args: Any) -> None:
+            pass
+
+        def __getattr__(self, name: str) -> Any:
+            raise RuntimeError("working outside of request context")
+
+    assert middleware(Unbound(), prefix=outer, **options).prefix == outer
+
 
 @pytest.mark.parametrize("client", [Client, AsyncClient, Admin])
 def test_a_pool_given_with_trackers_or_timeouts_is_refused_naming_them(client: type) -> None:
