@@ -14,7 +14,8 @@ def test_a_client_shows_its_domain_and_trackers() -> None:
     client = Client("media", "10.0.0.1:7001 [2001:db8::1]:7001")
     assert repr(client) == CLIENT
     assert repr(Uploader(client)) == f"<Uploader through {CLIENT}>"
-    assert repr(AsyncClient("thumbs", "10.0.0.2")) == "<AsyncClient of domain 'thumbs' via <AsyncTrackerPool 10.0.0.2:7001>>"
+    assert repr(AsyncClient("thumbs", "10.0.0.2")) == (
+        "<AsyncClient of domain 'thumbs' via <AsyncTrackerPool 10.0.0.2:7001>>")
     assert repr(Admin("10.0.0.1:7001")) == "<Admin via <TrackerPool 10.0.0.1:7001>>"
 
 
